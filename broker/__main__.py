@@ -1,0 +1,50 @@
+"""Command line of the broker: ``python -m broker --bind tcp://127.0.0.1:5555``.
+
+Prints ``fedptr-broker listening on ENDPOINT`` once bound (a ``*`` port is resolved), then
+routes until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from broker.router import Broker, BrokerConfig
+from fedptr import limits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fedptr-broker", description=__doc__)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint to bind; tcp://HOST:* picks a free port")
+    p.add_argument("--max-message-bytes", type=int, default=limits.MAX_MESSAGE_BYTES, help="largest frame accepted")
+    p.add_argument("--max-peers", type=int, default=limits.BROKER_MAX_PEERS, help="most registered names")
+    p.add_argument("--hwm", type=int, default=100_000, help="messages queued per peer before sends are refused")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s broker %(levelname)s %(message)s")
+    broker = Broker(
+        BrokerConfig(bind=args.bind, max_message_bytes=args.max_message_bytes, max_peers=args.max_peers, hwm=args.hwm)
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"fedptr-broker listening on {broker.endpoint}", flush=True)
+    try:
+        broker.serve()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

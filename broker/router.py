@@ -1,0 +1,188 @@
+"""The broker's routing loop: a tight synchronous ROUTER loop that swaps envelope names.
+
+A peer's message ``[identity, PROTOCOL, command, dest, rid, *body]`` goes out as
+``[dest_identity, PROTOCOL, command, source_name, rid, *body]``; body frames are passed on as
+the same zmq frames, never copied or decoded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import zmq
+
+from fedptr import limits, wire
+
+log = logging.getLogger("fedptr.broker")
+
+
+@dataclass
+class BrokerConfig:
+    """What the broker's command line sets."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    max_message_bytes: int = limits.MAX_MESSAGE_BYTES
+    max_peers: int = limits.BROKER_MAX_PEERS
+    hwm: int = 100_000
+
+
+@dataclass
+class RoutingTable:
+    """Names to identities and back; `workers` holds the names registered as workers."""
+
+    by_name: dict[bytes, bytes] = field(default_factory=dict)
+    by_identity: dict[bytes, bytes] = field(default_factory=dict)
+    workers: set[bytes] = field(default_factory=set)
+
+    def add(self, name: bytes, identity: bytes, role: bytes) -> None:
+        self.by_name[name] = identity
+        self.by_identity[identity] = name
+        if role == wire.ROLE_WORKER:
+            self.workers.add(name)
+
+    def remove_identity(self, identity: bytes) -> bytes | None:
+        name = self.by_identity.pop(identity, None)
+        if name is not None:
+            self.by_name.pop(name, None)
+            self.workers.discard(name)
+        return name
+
+
+class Broker:
+    """Owns the ROUTER socket and the routing table; `serve()` runs until `stop()` or a signal."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        self.sock.setsockopt(zmq.SNDHWM, config.hwm)
+        self.sock.setsockopt(zmq.RCVHWM, config.hwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(config.bind)
+        self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.table = RoutingTable()
+        self.dropped = 0
+        self.routed = 0
+        self._running = False
+
+    # --- loop --------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Route until `stop()`. Each wake drains every queued message before polling again."""
+        self._running = True
+        sock = self.sock
+        recv = sock.recv_multipart
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while self._running:
+            if not poller.poll(200):
+                continue
+            for _ in range(10_000):
+                try:
+                    frames = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.handle(frames)
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    # --- one message -------------------------------------------------------------------
+    def handle(self, frames: list[zmq.Frame]) -> None:
+        """Route or answer one message; garbage is dropped with a (rate-limited) log line."""
+        if len(frames) < 1 + wire.ENVELOPE_FRAMES or frames[1].bytes != wire.PROTOCOL:
+            self._drop(frames, "not a fedptr envelope")
+            return
+        identity = frames[0].bytes
+        command = frames[2].bytes
+        if command == wire.REQUEST or command == wire.REPLY:
+            self._route(frames, identity, command)
+        elif command == wire.REGISTER:
+            self._register(frames, identity)
+        elif command == wire.LIST:
+            names = sorted(self.table.workers)
+            self._send([identity, wire.PROTOCOL, wire.LIST, b"", frames[4], *names])
+        elif command == wire.DISCONNECT:
+            name = self.table.remove_identity(identity)
+            log.info("peer %r disconnected", name)
+        else:
+            self._drop(frames, f"unknown command {command!r}")
+
+    def _route(self, frames: list[zmq.Frame], identity: bytes, command: bytes) -> None:
+        source = self.table.by_identity.get(identity)
+        if source is None:
+            if command == wire.REQUEST:
+                self._error(identity, frames[3].bytes, frames[4], wire.REASON_NOT_REGISTERED, "register first")
+            else:
+                self._drop(frames, "reply from an unregistered peer")
+            return
+        dest = frames[3].bytes
+        dest_identity = self.table.by_name.get(dest)
+        if dest_identity is None:
+            if command == wire.REQUEST:
+                self._error(identity, dest, frames[4], wire.REASON_UNKNOWN_NAME, "no such worker")
+            else:
+                log.info("reply for %r dropped: no such peer", dest)
+            return
+        frames[0] = dest_identity  # type: ignore[call-overload]
+        frames[3] = source  # type: ignore[call-overload]
+        reason = self._send(frames)
+        if reason is None:
+            self.routed += 1
+        elif command == wire.REQUEST:
+            self._error(identity, dest, frames[4], reason, "worker unreachable")
+
+    def _register(self, frames: list[zmq.Frame], identity: bytes) -> None:
+        name = frames[3].bytes
+        rid = frames[4]
+        role = frames[5].bytes if len(frames) > 5 else b""
+        if not wire.valid_name(name) or role not in wire.ROLES:
+            self._error(identity, name, rid, wire.REASON_BAD_NAME, "bad name or role")
+            return
+        holder = self.table.by_name.get(name)
+        if holder is not None and holder != identity:
+            # A restarted peer reclaims its name once the old connection is gone.
+            if self._send([holder, wire.PROTOCOL, wire.PING, b"", b""]) is None:
+                log.warning("refused %r: name taken", name)
+                self._error(identity, name, rid, wire.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
+                return
+            self.table.remove_identity(holder)
+        if holder is None and len(self.table.by_name) >= self.config.max_peers:
+            self._error(identity, name, rid, wire.REASON_FULL, "broker has too many peers")
+            return
+        old = self.table.by_identity.get(identity)
+        if old is not None and old != name:
+            self.table.remove_identity(identity)
+        self.table.add(name, identity, role)
+        log.info("registered %s %r", role.decode(), name)
+        self._send([identity, wire.PROTOCOL, wire.ACCEPTED, name, rid])
+
+    def _send(self, frames: list[zmq.Frame | bytes]) -> bytes | None:
+        """Send without blocking. Returns None, or the reason it failed; a vanished peer is forgotten."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return None
+        except zmq.ZMQError as e:
+            peer = bytes(frames[0])
+            if e.errno == errno.EHOSTUNREACH:
+                name = self.table.remove_identity(peer)
+                log.warning("peer %r is gone; forgot it", name)
+                return wire.REASON_LOST
+            if e.errno == errno.EAGAIN:
+                log.warning("peer %r is not reading (queue full); message refused", self.table.by_identity.get(peer))
+                return wire.REASON_OVERLOADED
+            raise
+
+    def _error(self, identity: bytes, name: bytes, rid: zmq.Frame | bytes, reason: bytes, text: str) -> None:
+        self._send([identity, wire.PROTOCOL, wire.BROKER_ERROR, name, rid, reason, text.encode()])
+
+    def _drop(self, frames: list[zmq.Frame], why: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % limits.BROKER_LOG_EVERY == 0:
+            log.warning("dropped garbage message (%s); %d dropped so far", why, self.dropped)

@@ -1,0 +1,219 @@
+"""The asyncio client: `connect`, `Client`, `Worker` and the store listing type `ObjectInfo`."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedptr import limits, wire
+from fedptr.errors import ConsumedPointerError, ProtocolError
+from fedptr.link import Link
+from fedptr.pointer import Pointer
+from fedptr.tensors import from_raw, to_raw
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object in a worker's store, as `Worker.objects()` reports it.
+
+    `kind` is ``"tensor"`` (with `shape`, `dtype` and, for small tensors, `preview` values),
+    ``"pointer"`` (with `location` and `id_at_location`) or ``"failed"`` (an operation's result
+    that failed; `dtype` holds the error type)."""
+
+    owner: str
+    obj_id: int
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    preview: list[Any] | None
+    location: str
+    id_at_location: int
+
+    def __repr__(self) -> str:
+        if self.kind == "pointer":
+            return f"[PointerTensor | {self.owner}:{self.obj_id} -> {self.location}:{self.id_at_location}]"
+        if self.kind == "failed":
+            return f"<failed: {self.dtype}>"
+        if self.preview is not None:
+            values = torch.tensor(self.preview, dtype=_preview_dtype(self.dtype)).reshape(self.shape)
+            return repr(values)
+        return f"tensor(<{list(self.shape)} {self.dtype}>)"
+
+
+def _preview_dtype(name: str) -> torch.dtype:
+    from fedptr.tensors import DTYPE_BY_NAME
+
+    return DTYPE_BY_NAME.get(name, torch.float64)
+
+
+class Worker:
+    """A named worker, seen from a client. Cheap to create; `client.worker(name)` gives one."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name}>"
+
+    async def send(self, x: torch.Tensor | Pointer) -> Pointer:
+        """Store `x` on this worker and return a pointer to it.
+
+        A tensor is copied there. A pointer is itself sent (a pointer to a pointer): the data
+        does not move, and the pointer passed in is consumed, as its object now belongs to this
+        worker's entry."""
+        client = self._client
+        new_id = client._new_id()
+        if isinstance(x, Pointer):
+            x._check_alive()
+            if x._client is not client:
+                raise ValueError("that pointer belongs to another client")
+            if x.location == self.name:
+                raise ValueError(f"{x!r} already points to an object on {self.name!r}")
+            await x  # the object must exist before another worker refers to it
+            x._owned = False
+            try:
+                await client._call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location))
+            except BaseException:
+                x._owned = True
+                raise
+        elif isinstance(x, torch.Tensor):
+            await client._call(self.name, wire.Put(new_id, to_raw(x)))
+        else:
+            raise TypeError(f"can send a tensor or a Pointer, not {type(x).__name__}")
+        return Pointer(client, self.name, new_id)
+
+    async def objects(self) -> dict[int, ObjectInfo]:
+        """This worker's store: object id -> ObjectInfo, once this client's earlier operations settled."""
+        await self._client._settle()
+        reply = await self._client._call(self.name, wire.ListObjects())
+        if not isinstance(reply, wire.ObjectsReply):
+            raise ProtocolError(f"expected ObjectsReply, got {type(reply).__name__}")
+        return {
+            r.obj_id: ObjectInfo(
+                self.name, r.obj_id, r.kind, tuple(r.shape), r.dtype, r.preview, r.location, r.id_at_location
+            )
+            for r in reply.rows
+        }
+
+    async def clear(self) -> None:
+        """Delete everything in this worker's store (pointers delete their objects down the chain)."""
+        await self._client._settle()
+        await self._client._call(self.name, wire.Clear())
+
+
+class Client:
+    """A connection to a fedptr broker. Get one from `fedptr.connect` or `local_cluster(...).client`."""
+
+    def __init__(self, link: Link, timeout: float = limits.CALL_TIMEOUT_S) -> None:
+        self._link = link
+        self.timeout = timeout
+        """Deadline, in seconds, of every call this client makes."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._outstanding: set[asyncio.Future[wire.Message]] = set()
+        self._deletes: dict[str, list[int]] = defaultdict(list)
+        self._flush_scheduled = False
+        self._open = True
+
+    @property
+    def name(self) -> str:
+        """This client's registered name."""
+        return self._link.name
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this client's socket has received so far (every frame, envelope included)."""
+        return self._link.bytes_received
+
+    def worker(self, name: str) -> Worker:
+        """The worker registered as `name` (not checked until it is used)."""
+        return Worker(self, name)
+
+    async def workers(self) -> list[str]:
+        """Names of the workers registered with the broker, sorted."""
+        return await self._link.list_workers(self.timeout)
+
+    # --- for Pointer and Worker --------------------------------------------------------
+    def _new_id(self) -> int:
+        return secrets.randbits(63)
+
+    async def _call(self, dest: str, msg: wire.Message) -> wire.Message:
+        self._flush_deletes()
+        return await self._link.request(dest, msg, self.timeout)
+
+    def _issue_op(self, location: str, op: str, args: list[wire.Value], kwargs: dict[str, wire.Value]) -> Pointer:
+        result_id = self._new_id()
+        fut = self._link.request_nowait(location, wire.Op(result_id, op, args, kwargs), self.timeout)
+        self._outstanding.add(fut)
+        fut.add_done_callback(self._op_settled)
+        return Pointer(self, location, result_id, fut)
+
+    def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
+        self._outstanding.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # reported to whoever awaits the pointer; never "unretrieved"
+
+    async def _settle(self) -> None:
+        """Wait until every operation this client issued has settled (ok or failed)."""
+        self._flush_deletes()
+        if self._outstanding:
+            await asyncio.wait(list(self._outstanding))
+
+    def _handed_over(self, reply: wire.Message) -> torch.Tensor | Pointer:
+        if isinstance(reply, wire.TensorReply):
+            return from_raw(reply.tensor)
+        if isinstance(reply, wire.PointerReply):
+            return Pointer(self, reply.location, reply.id_at_location)
+        raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
+
+    def _release(self, location: str, obj_id: int) -> None:
+        """Queue the deletion of a dropped pointer's object; deletions go out batched, unawaited."""
+        if not self._open:
+            return
+        self._deletes[location].append(obj_id)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if threading.get_ident() == self._thread:
+                self._loop.call_soon(self._flush_deletes)
+            else:
+                self._loop.call_soon_threadsafe(self._flush_deletes)
+
+    def _flush_deletes(self) -> None:
+        self._flush_scheduled = False
+        if not self._deletes or not self._open:
+            return
+        batches, self._deletes = self._deletes, defaultdict(list)
+        for location, ids in batches.items():
+            for i in range(0, len(ids), limits.MAX_CONTAINER_LEN):
+                self._link.notify(location, wire.Delete(ids[i : i + limits.MAX_CONTAINER_LEN]))
+
+    async def _close(self) -> None:
+        self._flush_deletes()
+        self._open = False
+        await self._link.aclose()
+
+
+__all__ = ["Client", "ConsumedPointerError", "ObjectInfo", "Pointer", "Worker", "connect"]
+
+
+@asynccontextmanager
+async def connect(address: str, *, timeout: float = limits.CALL_TIMEOUT_S) -> AsyncIterator[Client]:
+    """Connect to the broker at `address` and yield a `Client`; `timeout` is every call's deadline (s).
+
+    Raises DeadlineExceeded when the broker does not answer within the connect timeout."""
+    link = Link(address, f"client-{secrets.token_hex(6)}", wire.ROLE_CLIENT)
+    await link.__aenter__()
+    client = Client(link, timeout)
+    try:
+        yield client
+    finally:
+        await client._close()

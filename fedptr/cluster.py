@@ -1,0 +1,148 @@
+"""`local_cluster`: a broker and one node process per name on this machine, for tests and demos.
+
+Processes die with their parent (Linux PR_SET_PDEATHSIG), so even a crashed or killed client
+leaves nothing running; on a normal exit each gets SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from fedptr import limits
+from fedptr.client import Client, connect
+from fedptr.errors import DeadlineExceeded, FedptrError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Cluster:
+    """A running local cluster: `client` is connected, `address` is the broker's, and `pids`
+    maps ``"broker"`` and each worker name to its process id."""
+
+    client: Client
+    address: str
+    pids: dict[str, int]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(repr=False)
+
+    def log(self, name: str) -> str:
+        """What process `name` (``"broker"`` or a worker) has logged so far."""
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+def start_process(args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start `python args...` with stderr (and stdout unless given) appended to `log_path`."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            stdout=stdout if stdout is not None else log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = limits.CLUSTER_STOP_GRACE_S) -> None:
+    """SIGTERM each running process, wait up to `grace` seconds in all, then SIGKILL the rest."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+async def start_broker(bind: str, log_path: Path, timeout: float, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a broker bound to `bind` and return it with the endpoint it bound (a ``*`` port resolved)."""
+    proc = start_process(["-m", "broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
+    except TimeoutError:
+        stop_processes([proc])
+        raise DeadlineExceeded("broker", timeout, ["broker"]) from None
+    text = line.decode().strip()
+    if not text.startswith("fedptr-broker listening on "):
+        stop_processes([proc])
+        raise FedptrError(f"broker did not start: {text!r}; see {log_path}")
+    return proc, text.rsplit(" ", 1)[1]
+
+
+async def wait_registered(
+    client: Client, names: Sequence[str], processes: Mapping[str, subprocess.Popen[bytes]], log_dir: Path, timeout: float
+) -> None:
+    """Return once every name is registered; raise if a process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        registered = set(await client.workers())
+        missing = [n for n in names if n not in registered]
+        if not missing:
+            return
+        for name, proc in processes.items():
+            if proc.poll() is not None:
+                log = (log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise FedptrError(f"process {name!r} exited with status {proc.returncode}:\n{log}")
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(missing[0], timeout, missing)
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def local_cluster(
+    names: Sequence[str],
+    *,
+    transport: Literal["tcp", "ipc"] = "tcp",
+    call_timeout: float = limits.CALL_TIMEOUT_S,
+    start_timeout: float = limits.CLUSTER_START_TIMEOUT_S,
+    node_args: Mapping[str, Sequence[str]] | None = None,
+    broker_args: Sequence[str] = (),
+    log_dir: str | os.PathLike[str] | None = None,
+) -> AsyncIterator[Cluster]:
+    """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
+
+    `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
+    directory. `node_args` adds command-line flags per worker name. Every process is stopped on
+    exit, on errors too. Raises DeadlineExceeded if the cluster is not up within `start_timeout`
+    seconds, or FedptrError (with the process's log) if a process dies while starting."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"worker names must be unique: {list(names)}")
+    async with AsyncExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedptr-"))
+        logs = Path(log_dir) if log_dir is not None else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/broker.sock"
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        stack.callback(lambda: stop_processes(list(reversed(processes.values()))))
+        processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, broker_args)
+        for name in names:
+            extra = list((node_args or {}).get(name, ()))
+            processes[name] = start_process(["-m", "nodes", "--name", name, "--broker", address, *extra], logs / f"{name}.log")
+        client = await stack.enter_async_context(connect(address, timeout=call_timeout))
+        await wait_registered(client, names, processes, logs, start_timeout)
+        yield Cluster(client, address, {n: p.pid for n, p in processes.items()}, logs, processes)

@@ -1,0 +1,72 @@
+"""Every knob of fedptr in one place: timeouts, sizes and pool bounds, each with its unit.
+
+Processes take their defaults from here; the broker and node command lines override some of
+them with flags of the same name.
+"""
+
+from __future__ import annotations
+
+# --- deadlines (seconds) -----------------------------------------------------------------
+CALL_TIMEOUT_S = 30.0
+"""Default deadline of one awaited client call (send, get, move, an operation, objects)."""
+
+CONNECT_TIMEOUT_S = 10.0
+"""Deadline for registering with the broker."""
+
+HOP_MARGIN_S = 0.25
+"""Time a forwarding node keeps for itself: the next hop gets the caller's budget minus this,
+so the error of the deepest hop reaches the caller before the caller's own deadline fires."""
+
+MIN_HOP_BUDGET_S = 0.05
+"""Smallest budget a forwarded request is given, however little the caller had left."""
+
+CLUSTER_START_TIMEOUT_S = 60.0
+"""Deadline for a local cluster's processes to start and register (torch import included)."""
+
+CLUSTER_STOP_GRACE_S = 5.0
+"""After SIGTERM, how long a local cluster waits for a process before it sends SIGKILL."""
+
+# --- sizes (bytes / counts) --------------------------------------------------------------
+MAX_HEADER_BYTES = 1 << 20
+"""Largest msgpack header a decoder accepts (1 MiB)."""
+
+MAX_MESSAGE_BYTES = 4 << 30
+"""Largest single frame a socket accepts (ZMQ_MAXMSGSIZE), 4 GiB."""
+
+MAX_FRAMES = 4096
+"""Most frames one message may carry (header plus tensor buffers)."""
+
+MAX_NDIM = 32
+"""Most dimensions a tensor on the wire may have."""
+
+MAX_CONTAINER_LEN = 65536
+"""Longest msgpack array or map in a header."""
+
+MAX_STR_BYTES = 4096
+"""Longest msgpack string in a header (names, op names, error messages are cut to this)."""
+
+MAX_NAME_BYTES = 64
+"""Longest worker or client name."""
+
+PREVIEW_NUMEL = 16
+"""Tensors up to this many elements show their values in `objects()`; larger ones show shape only."""
+
+# --- node execution ----------------------------------------------------------------------
+NODE_POOL_SIZE = 64
+"""Most torch computations one node runs or waits on at once (asyncio-pool size)."""
+
+NODE_MAX_FORWARDS = 10000
+"""Most forwarded requests a node keeps waiting at once; past it requests are refused as Overloaded."""
+
+OFFLOAD_NUMEL = 1 << 16
+"""Computations whose inputs hold more elements than this run in a thread, off the event loop."""
+
+OFFLOAD_THREADS = 2
+"""Threads for offloaded torch work (this machine has 2 cores)."""
+
+# --- broker ------------------------------------------------------------------------------
+BROKER_MAX_PEERS = 10000
+"""Most registered names (workers and clients) a broker keeps."""
+
+BROKER_LOG_EVERY = 1000
+"""The broker logs the 1st and then every Nth dropped garbage message, so a flood cannot flood the log."""

@@ -1,0 +1,276 @@
+"""One peer's connection to the broker: a DEALER socket, a reader task and a writer task.
+
+Both the client and the node use it. Requests are correlated with replies by request id; each
+has a deadline timer, so every request future settles (reply, typed error or DeadlineExceeded).
+Outgoing messages queue in order and the writer task sends whatever has accumulated in one go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from fedptr import limits, wire
+from fedptr.errors import (
+    DeadlineExceeded,
+    FedptrError,
+    LostWorkerError,
+    OverloadedError,
+    ProtocolError,
+    RegistrationRefused,
+    UnknownWorkerError,
+)
+from fedptr.failures import error_from_failure
+
+log = logging.getLogger("fedptr.link")
+
+RequestHandler = Callable[[str, bytes, wire.Decoded], Awaitable[None]]
+"""Called with (source name, request id, decoded request) for every request a peer receives.
+It is awaited by the reader, so it must not wait on replies (that would stall the reader)."""
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[wire.Message]
+    dest: str
+    timer: asyncio.TimerHandle
+
+
+class Link:
+    """A registered connection to the broker under `name` with role worker or client.
+
+    Use as an async context manager. `handler` receives incoming requests (nodes only)."""
+
+    def __init__(
+        self,
+        address: str,
+        name: str,
+        role: bytes,
+        handler: RequestHandler | None = None,
+        *,
+        connect_timeout: float = limits.CONNECT_TIMEOUT_S,
+    ) -> None:
+        self.address = address
+        self.name = name
+        self.role = role
+        self.handler = handler
+        self.connect_timeout = connect_timeout
+        self.bytes_received = 0
+        """Bytes of every frame this link has received (for tests that check what reached it)."""
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, _Pending] = {}
+        self._outbox: collections.deque[list[bytes | memoryview]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Link:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.address)
+        self._sock = sock
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._tasks = [self._group.create_task(self._reader()), self._group.create_task(self._writer())]
+        try:
+            await self._register()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Say goodbye to the broker, fail every pending request, and stop both tasks."""
+        if self._closed:
+            return
+        self._closed = True
+        assert self._sock is not None and self._group is not None
+        # Whatever is queued (deletes of dropped pointers, say) still goes out, then goodbye.
+        self._outbox.append([wire.PROTOCOL, wire.DISCONNECT, b"", b"\0" * 8])
+        with contextlib.suppress(zmq.ZMQError):
+            while self._outbox:
+                zmq.Socket.send_multipart(self._sock, self._outbox.popleft(), zmq.NOBLOCK, copy=False)
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await self._group.__aexit__(None, None, None)
+        finally:
+            for rid in list(self._pending):
+                self._settle(rid, error=LostWorkerError(self._pending[rid].dest))
+            self._sock.close(linger=0)
+
+    async def _register(self) -> None:
+        rid = self._next_rid()
+        fut = self._track(rid, self.name, self.connect_timeout)
+        self._push([wire.PROTOCOL, wire.REGISTER, self.name.encode(), rid, self.role])
+        try:
+            await fut
+        except DeadlineExceeded as e:
+            raise DeadlineExceeded("broker", self.connect_timeout, ["broker at " + self.address]) from e
+
+    # --- requests ----------------------------------------------------------------------
+    def request_nowait(self, dest: str, msg: wire.Message, timeout: float) -> asyncio.Future[wire.Message]:
+        """Queue a request to `dest` and return the future of its reply, which settles by `timeout` s."""
+        body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
+        rid = self._next_rid()
+        fut = self._track(rid, dest, timeout)
+        self._push([wire.PROTOCOL, wire.REQUEST, dest.encode(), rid, *body])
+        return fut
+
+    async def request(self, dest: str, msg: wire.Message, timeout: float) -> wire.Message:
+        """Send a request to `dest` and return its reply; raises the typed error of a failure."""
+        return await self.request_nowait(dest, msg, timeout)
+
+    def notify(self, dest: str, msg: wire.Message) -> None:
+        """Queue a request that expects no reply (a Delete)."""
+        self._push([wire.PROTOCOL, wire.REQUEST, dest.encode(), b"\0" * 8, *wire.encode(msg)])
+
+    def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
+        """Queue the reply to request `rid` from `dest`."""
+        if rid == b"\0" * 8:
+            return
+        self._push([wire.PROTOCOL, wire.REPLY, dest.encode(), rid, *wire.encode(msg)])
+
+    async def list_workers(self, timeout: float) -> list[str]:
+        """Names of the workers registered with the broker."""
+        rid = self._next_rid()
+        fut = self._track(rid, "broker", timeout)
+        self._push([wire.PROTOCOL, wire.LIST, b"", rid])
+        reply = await fut
+        assert isinstance(reply, _NameList)
+        return reply.names
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet settled."""
+        return len(self._pending)
+
+    # --- internals ---------------------------------------------------------------------
+    def _next_rid(self) -> bytes:
+        return wire.request_id_bytes(next(self._ids))
+
+    def _track(self, rid: bytes, dest: str, timeout: float) -> asyncio.Future[wire.Message]:
+        if self._closed:
+            raise LostWorkerError(dest, [dest])
+        fut: asyncio.Future[wire.Message] = self._loop.create_future()
+        timer = self._loop.call_later(timeout, self._expire, rid, timeout)
+        self._pending[rid] = _Pending(fut, dest, timer)
+        return fut
+
+    def _expire(self, rid: bytes, timeout: float) -> None:
+        p = self._pending.get(rid)
+        if p is not None:
+            self._settle(rid, error=DeadlineExceeded(p.dest, timeout, [p.dest]))
+
+    def _settle(self, rid: bytes, result: wire.Message | None = None, error: FedptrError | None = None) -> None:
+        p = self._pending.pop(rid, None)
+        if p is None:
+            return
+        p.timer.cancel()
+        if p.future.done():
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            assert result is not None
+            p.future.set_result(result)
+
+    def _push(self, frames: list[bytes | memoryview]) -> None:
+        self._outbox.append(frames)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        outbox = self._outbox
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while outbox:
+                await sock.send_multipart(outbox.popleft(), copy=False)
+
+    async def _reader(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            self.bytes_received += sum(len(f) for f in frames)
+            try:
+                await self._dispatch(frames)
+            except ProtocolError as e:
+                log.warning("%s dropped a malformed message: %s", self.name, e)
+
+    async def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < wire.ENVELOPE_FRAMES or frames[0].bytes != wire.PROTOCOL:
+            raise ProtocolError("not a fedptr envelope")
+        command = frames[1].bytes
+        rid = frames[3].bytes
+        if command == wire.REPLY:
+            p = self._pending.get(rid)
+            if p is None:
+                return  # late reply to a request that already timed out
+            try:
+                reply = wire.decode(frames[4:]).message
+            except ProtocolError as e:
+                self._settle(rid, error=e)
+                return
+            if isinstance(reply, wire.Failure):
+                self._settle(rid, error=error_from_failure(reply))
+            else:
+                self._settle(rid, result=reply)
+        elif command == wire.REQUEST:
+            if self.handler is None:
+                raise ProtocolError("clients take no requests")
+            source = frames[2].bytes.decode()
+            await self.handler(source, rid, wire.decode(frames[4:]))
+        elif command == wire.ACCEPTED:
+            self._settle(rid, result=wire.Ok())
+        elif command == wire.LIST:
+            self._settle(rid, result=_NameList([f.bytes.decode() for f in frames[4:]]))
+        elif command == wire.BROKER_ERROR:
+            self._settle(rid, error=_broker_error(frames))
+        elif command == wire.PING:
+            return
+        else:
+            raise ProtocolError(f"unknown command {command!r}")
+
+
+@dataclass(frozen=True)
+class _NameList(wire.Message):
+    """The broker's answer to LIST (never on the wire as a body)."""
+
+    names: list[str]
+
+
+def _broker_error(frames: list[zmq.Frame]) -> FedptrError:
+    name = frames[2].bytes.decode(errors="replace")
+    reason = frames[4].bytes if len(frames) > 4 else b""
+    text = frames[5].bytes.decode(errors="replace") if len(frames) > 5 else ""
+    if reason == wire.REASON_LOST:
+        return LostWorkerError(name)
+    if reason == wire.REASON_OVERLOADED:
+        return OverloadedError(name, "the broker's queue to it is full")
+    if reason in (wire.REASON_UNKNOWN_NAME,):
+        return UnknownWorkerError(name)
+    if reason in (wire.REASON_NAME_TAKEN, wire.REASON_BAD_NAME, wire.REASON_FULL):
+        return RegistrationRefused(f"broker refused {name!r}: {text}")
+    return ProtocolError(f"broker error for {name!r}: {reason!r} {text}")

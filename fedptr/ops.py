@@ -1,0 +1,34 @@
+"""The allow-list of remote operations, shared by the client (to name them) and the node (to run them).
+
+Every name is a method of `torch.Tensor` (the node calls ``torch.Tensor.<name>(first, *rest)``)
+except the few in TORCH_FUNCTIONS, which take a list of tensors first and run as ``torch.<name>``.
+Nothing outside these sets is ever looked up by name.
+"""
+
+from __future__ import annotations
+
+ARITHMETIC = (
+    "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "neg",
+    "abs", "matmul", "mm", "bmm", "dot", "outer", "maximum", "minimum",
+    "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__rmatmul__", "__rpow__",
+    "__rfloordiv__", "__rmod__",
+)  # fmt: skip
+COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not")
+REDUCTIONS = (
+    "sum", "mean", "prod", "amax", "amin", "argmax", "argmin", "std", "var", "norm", "all", "any",
+    "cumsum", "logsumexp",
+)  # fmt: skip
+RESHAPING = (
+    "reshape", "view", "flatten", "squeeze", "unsqueeze", "t", "transpose", "permute",
+    "contiguous", "clone", "expand", "repeat", "flip", "narrow", "index_select", "diagonal",
+)  # fmt: skip
+ELEMENTWISE = (
+    "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "square", "sin", "cos", "tanh", "sigmoid",
+    "relu", "clamp", "floor", "ceil", "round", "sign", "reciprocal", "softmax", "log_softmax",
+)  # fmt: skip
+CONVERSIONS = ("float", "double", "half", "bfloat16", "int", "long", "bool")
+TORCH_FUNCTIONS = ("cat", "stack", "where")
+
+TENSOR_METHODS: frozenset[str] = frozenset(ARITHMETIC + COMPARISONS + REDUCTIONS + RESHAPING + ELEMENTWISE + CONVERSIONS)
+ALLOWED: frozenset[str] = TENSOR_METHODS | frozenset(TORCH_FUNCTIONS)
+"""Every operation name a node accepts."""

@@ -1,0 +1,59 @@
+"""Command line of a worker node: ``python -m nodes --name bob --broker tcp://127.0.0.1:5555``.
+
+Registers under the name, prints ``fedptr-node NAME ready`` and serves until SIGINT or SIGTERM.
+Exits with status 3 when the broker refuses the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from fedptr import limits, wire
+from fedptr.errors import FedptrError
+from fedptr.link import Link
+from nodes.node import Node, NodeConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fedptr-node", description=__doc__)
+    p.add_argument("--name", required=True, help="the worker's unique name (letters, digits, -_.)")
+    p.add_argument("--broker", required=True, help="the broker's address, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--pool-size", type=int, default=limits.NODE_POOL_SIZE, help="concurrent computations")
+    p.add_argument("--max-forwards", type=int, default=limits.NODE_MAX_FORWARDS, help="requests waiting at once")
+    p.add_argument("--offload-numel", type=int, default=limits.OFFLOAD_NUMEL, help="elements above which ops run on a thread")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = Node(args.name, NodeConfig(args.pool_size, args.max_forwards, args.offload_numel))
+    try:
+        async with Link(args.broker, args.name, wire.ROLE_WORKER, node.handle) as link:
+            node.link = link
+            print(f"fedptr-node {args.name} ready", flush=True)
+            try:
+                await stop.wait()
+            finally:
+                await node.aclose()
+    except FedptrError as e:
+        print(f"fedptr-node {args.name}: {e}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s node {args.name} %(levelname)s %(message)s")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""A worker node: answers requests on its object store, computing here or forwarding down a chain.
+
+Every request is handled in two phases. At receipt, synchronously and in arrival order, the
+store is updated (result entries created, entries popped, forwards queued), so pipelined
+requests from a client always see the effects of the ones before them. The slow part (a
+computation, waiting for the next hop) then finishes in a task; computations run in a bounded
+asyncio-pool, big ones on a thread so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from asyncio_pool import AioPool
+
+from fedptr import limits, wire
+from fedptr.errors import FedptrError, LocationMismatchError, OverloadedError, RemoteError
+from fedptr.failures import failure_from_error, with_hop
+from fedptr.link import Link
+from fedptr.ops import ALLOWED
+from fedptr.tensors import dtype_name, from_raw, to_raw
+from nodes import ops
+from nodes.store import Entry, Store
+
+log = logging.getLogger("fedptr.node")
+
+
+@dataclass
+class NodeConfig:
+    """What the node's command line sets."""
+
+    pool_size: int = limits.NODE_POOL_SIZE
+    max_forwards: int = limits.NODE_MAX_FORWARDS
+    offload_numel: int = limits.OFFLOAD_NUMEL
+
+
+def _hop_budget(budget: float) -> float:
+    return max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
+
+
+def _new_id() -> int:
+    return secrets.randbits(63)
+
+
+def _refs(value: Any, found: set[int]) -> None:
+    if type(value) is wire.Ref:
+        found.add(value.obj_id)
+    elif type(value) is list:
+        for v in value:
+            _refs(v, found)
+    elif type(value) is dict:
+        for v in value.values():
+            _refs(v, found)
+
+
+def _rewrite(value: Any, ids: dict[int, int]) -> Any:
+    """`value` with each reference replaced by the id of the object one hop down."""
+    if type(value) is wire.Ref:
+        return wire.Ref(ids[value.obj_id])
+    if type(value) is list:
+        return [_rewrite(v, ids) for v in value]
+    if type(value) is dict:
+        return {k: _rewrite(v, ids) for k, v in value.items()}
+    return value
+
+
+def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
+    """`value` with references replaced by stored tensors and inline buffers by tensors."""
+    t = type(value)
+    if t is wire.Ref:
+        return tensors[value.obj_id]
+    if t is wire.RawTensor:
+        return from_raw(value)
+    if t is list:
+        return [_materialize(v, tensors) for v in value]
+    if t is dict:
+        return {k: _materialize(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _numel(values: Any) -> int:
+    return sum(v.numel() for v in values if isinstance(v, torch.Tensor))
+
+
+class Node:
+    """The request handlers of one worker. `link` is set once registered."""
+
+    def __init__(self, name: str, config: NodeConfig | None = None) -> None:
+        self.name = name
+        self.config = config or NodeConfig()
+        self.store = Store()
+        self.link: Link | None = None
+        self._pool = AioPool(size=self.config.pool_size)
+        self._executor = ThreadPoolExecutor(limits.OFFLOAD_THREADS, thread_name_prefix="torch")
+        self._background: set[asyncio.Task[None]] = set()
+        self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], Awaitable[None]]] = {
+            wire.Put: self._put,
+            wire.PutPointer: self._put_pointer,
+            wire.Op: self._op,
+            wire.Get: self._get,
+            wire.Move: self._move,
+            wire.Delete: self._delete,
+            wire.ListObjects: self._list,
+            wire.Clear: self._clear,
+        }
+
+    async def aclose(self) -> None:
+        """Cancel waiting work and stop the thread pool."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._pool.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- dispatch ----------------------------------------------------------------------
+    async def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
+        """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
+        msg = decoded.message
+        budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
+        handler = self._handlers.get(type(msg))
+        try:
+            if handler is None:
+                raise PermissionError(f"{type(msg).__name__} is not a request")
+            await handler(source, rid, msg, budget)
+        except Exception as e:
+            self._reply_error(source, rid, e)
+
+    def _reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
+        assert self.link is not None
+        self.link.reply(dest, rid, msg)
+
+    def _reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
+        self._reply(dest, rid, failure_from_error(e, self.name))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        if len(self._background) >= self.config.max_forwards:
+            coro.close()  # type: ignore[attr-defined]
+            raise OverloadedError(self.name, f"{len(self._background)} requests already waiting")
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]:
+        assert self.link is not None
+        return self.link.request_nowait(dest, msg, _hop_budget(budget))
+
+    def _delete_downstream(self, entries: list[Entry]) -> None:
+        by_location: dict[str, list[int]] = defaultdict(list)
+        for entry in entries:
+            if entry.location is not None:
+                by_location[entry.location].append(entry.remote_id)
+        assert self.link is not None
+        for location, ids in by_location.items():
+            for i in range(0, len(ids), limits.MAX_CONTAINER_LEN):
+                self.link.notify(location, wire.Delete(ids[i : i + limits.MAX_CONTAINER_LEN]))
+
+    # --- store requests ----------------------------------------------------------------
+    async def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
+        tensor = from_raw(msg.tensor)
+        self.store.add(msg.obj_id, Entry.tensor(tensor))
+        self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
+
+    async def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
+        if not wire.valid_name(msg.location.encode()):
+            raise ValueError(f"bad worker name {msg.location!r}")
+        self.store.add(msg.obj_id, Entry.pointer(msg.location, msg.id_at_location, settled=True))
+        self._reply(source, rid, wire.Ok())
+
+    async def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
+        popped = [e for e in (self.store.entries.pop(i, None) for i in msg.obj_ids) if e is not None]
+        self._delete_downstream(popped)
+
+    async def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
+        popped = list(self.store.entries.values())
+        self.store.entries.clear()
+        self._delete_downstream(popped)
+        self._reply(source, rid, wire.Ok())
+
+    async def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
+        snapshot = dict(self.store.entries)
+
+        async def answer() -> None:
+            pending = [e.done for e in snapshot.values() if not e.done.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=_hop_budget(budget))
+            rows = [e.row(i) for i, e in snapshot.items() if e.done.done() or e.is_pointer]
+            self._reply(source, rid, wire.ObjectsReply(rows))
+
+        self._spawn(answer())
+
+    # --- operations --------------------------------------------------------------------
+    async def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
+        try:
+            entries = self._operands(msg)
+        except Exception as e:
+            failed = Entry.tensor()
+            failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
+            with contextlib.suppress(KeyError):
+                self.store.add(msg.result_id, failed)
+            raise
+        location = next((e.location for e in entries.values()), None)
+        if location is None:
+            result = Entry.tensor()
+            self.store.add(msg.result_id, result)
+            await self._pool.spawn(self._compute(source, rid, msg, entries, result))
+            return
+        ptr = Entry.pointer(location, _new_id(), settled=False)
+        self.store.add(msg.result_id, ptr)
+        ids = {i: e.remote_id for i, e in entries.items()}
+        nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
+        self._spawn(self._relay(source, rid, self._forward(location, nested, budget), ptr))
+
+    def _operands(self, msg: wire.Op) -> dict[int, Entry]:
+        if msg.op not in ALLOWED:
+            raise PermissionError(f"operation {msg.op!r} is not allowed")
+        ids: set[int] = set()
+        _refs(msg.args, ids)
+        _refs(msg.kwargs, ids)
+        entries = {i: self.store.get(i) for i in ids}
+        locations = {e.location or self.name for e in entries.values()}
+        if len(locations) > 1:
+            a, b = sorted(locations)[:2]
+            raise LocationMismatchError(f"operands live on different workers: {a!r} and {b!r}")
+        for e in entries.values():
+            if e.is_pointer and e.done.done() and e.done.exception() is not None:
+                raise e.done.exception()  # type: ignore[misc]
+        return entries
+
+    async def _compute(
+        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry
+    ) -> None:
+        try:
+            tensors: dict[int, torch.Tensor] = {}
+            for i, e in entries.items():
+                value = await e.done
+                assert value is not None
+                tensors[i] = value
+            args = _materialize(msg.args, tensors)
+            kwargs = _materialize(msg.kwargs, tensors)
+            if _numel(tensors.values()) > self.config.offload_numel:
+                value = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, lambda: ops.run(msg.op, args, kwargs)
+                )
+            else:
+                value = ops.run(msg.op, args, kwargs)
+            result.done.set_result(value)
+            self._reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+        except Exception as e:
+            err = e if isinstance(e, FedptrError) else _remote(e, self.name)
+            if not result.done.done():
+                result.done.set_exception(err)
+            self._reply_error(source, rid, err)
+
+    async def _relay(self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr: Entry) -> None:
+        try:
+            reply = await forwarded
+        except FedptrError as e:
+            err = with_hop(e, self.name)
+            ptr.done.set_exception(err)
+            self._reply_error(source, rid, err)
+            return
+        ptr.done.set_result(None)
+        self._reply(source, rid, reply)
+
+    # --- handing objects over ----------------------------------------------------------
+    async def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
+        entry = self.store.pop(msg.obj_id)
+
+        async def answer() -> None:
+            try:
+                async with asyncio.timeout(budget):
+                    value = await asyncio.shield(entry.done)
+            except TimeoutError:
+                self._reply_error(source, rid, RemoteError("TimeoutError", "object never settled", self.name, [self.name]))
+                return
+            except FedptrError as e:
+                self._delete_downstream([entry])
+                self._reply_error(source, rid, e)
+                return
+            if entry.location is not None:
+                self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
+            else:
+                assert value is not None
+                self._reply(source, rid, wire.TensorReply(to_raw(value)))
+
+        self._spawn(answer())
+
+    async def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
+        entry = self.store.pop(msg.obj_id)
+        if msg.dest == self.name and entry.location is None:
+            self.store.add(msg.new_id, entry)
+            self._reply(source, rid, wire.Ok())
+            return
+
+        async def answer() -> None:
+            try:
+                if entry.location is not None:
+                    hop: asyncio.Future[wire.Message] = self._forward(
+                        entry.location, wire.Move(entry.remote_id, msg.dest, msg.new_id), budget
+                    )
+                else:
+                    value = await entry.done
+                    assert value is not None
+                    hop = self._forward(msg.dest, wire.Put(msg.new_id, to_raw(value)), budget)
+            except FedptrError as e:
+                self.store.entries.setdefault(msg.obj_id, entry)
+                self._reply_error(source, rid, e)
+                return
+            try:
+                await hop
+            except FedptrError as e:
+                # Nothing was handed over: the object stays here, under its id.
+                self.store.entries.setdefault(msg.obj_id, entry)
+                self._reply_error(source, rid, with_hop(e, self.name))
+                return
+            self._reply(source, rid, wire.Ok())
+
+        self._spawn(answer())
+
+
+def _remote(e: BaseException, worker: str) -> RemoteError:
+    return RemoteError(type(e).__name__, str(e), worker, [worker])
