@@ -1,0 +1,60 @@
+"""Shared fixtures: one real cluster (broker + worker processes) for the whole session.
+
+Starting a node imports torch (about 1.5 s and 220 MB), so tests share the cluster and every
+test starts from empty stores: the autouse fixture clears all workers after each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import pytest_asyncio
+
+import fedptr
+
+WORKERS = ["bob", "alice", "carol", "dave", "erin"]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def cluster() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(WORKERS, call_timeout=20.0) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster: fedptr.Cluster) -> fedptr.Client:
+    return cluster.client
+
+
+@pytest.fixture
+def bob(client: fedptr.Client) -> fedptr.Worker:
+    return client.worker("bob")
+
+
+@pytest.fixture
+def alice(client: fedptr.Client) -> fedptr.Worker:
+    return client.worker("alice")
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _clean_stores(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    yield
+    if "cluster" in request.fixturenames:
+        c: fedptr.Cluster = request.getfixturevalue("cluster")
+        for name in WORKERS:
+            await c.client.worker(name).clear()
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; returns its last value.
+
+    For effects that travel asynchronously by design: deletes cascade hop by hop unanswered."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if await condition():
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)

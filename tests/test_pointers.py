@@ -1,0 +1,238 @@
+"""Pointer behaviour across real processes: chains, move, concurrency, garbage collection, errors, dtypes."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import pytest
+import torch
+
+import fedptr
+from tests.conftest import eventually
+
+CHAIN = ["bob", "alice", "carol", "dave", "erin"]
+
+
+async def all_empty(client: fedptr.Client) -> bool:
+    return all([await client.worker(n).objects() == {} for n in CHAIN])
+
+
+async def test_chain_five_hops_deep(client: fedptr.Client) -> None:
+    x = torch.arange(6.0)
+    p = await client.worker(CHAIN[0]).send(x)
+    for name in CHAIN[1:]:
+        p = await p.send(client.worker(name))
+    assert p.location == "erin"
+    y = (p * 2 + 1).sum()
+    await y
+    # the result sits on bob, with a pointer to it at each hop
+    for name in CHAIN[1:]:
+        kinds = sorted(i.kind for i in (await client.worker(name).objects()).values())
+        assert kinds == ["pointer", "pointer"], name
+    bob_tensors = [i for i in (await client.worker("bob").objects()).values() if i.kind == "tensor"]
+    assert sorted(i.preview for i in bob_tensors) == sorted([x.tolist(), [36.0]])  # type: ignore[type-var]
+    value = y
+    for expected_location in ["dave", "carol", "alice", "bob"]:
+        got = await value.get()
+        assert isinstance(got, fedptr.Pointer) and got.location == expected_location
+        value = got
+    assert torch.equal(await value.get(), torch.tensor(36.0))
+    del p
+    gc.collect()
+    assert await eventually(lambda: all_empty(client))
+
+
+async def test_move_sends_bytes_worker_to_worker(client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    x = torch.randn(1 << 20)  # 4 MiB
+    p = await bob.send(x)
+    before = client.bytes_received
+    q = await p.move(alice)
+    received = client.bytes_received - before
+    assert received < 4096, f"the client received {received} bytes during a move of 4 MiB"
+    assert q.location == "alice"
+    assert await bob.objects() == {}
+    with pytest.raises(fedptr.ConsumedPointerError):
+        await p.get()
+    assert torch.equal(await q.get(), x)
+
+
+async def test_move_to_current_location_is_a_noop(bob: fedptr.Worker) -> None:
+    p = await bob.send(torch.ones(3))
+    assert await p.move(bob) is p
+    assert torch.equal(await p.get(), torch.ones(3))
+
+
+async def test_move_of_a_pointer_moves_the_data_at_the_end(bob: fedptr.Worker, alice: fedptr.Worker, client: fedptr.Client) -> None:
+    carol = client.worker("carol")
+    p = await (await bob.send(torch.tensor([7, 8]))).send(alice)
+    q = await p.move(carol)
+    assert q.location == "carol"
+    assert await bob.objects() == {} and await alice.objects() == {}
+    assert torch.equal(await q.get(), torch.tensor([7, 8]))
+
+
+async def test_thousand_concurrent_operations(bob: fedptr.Worker) -> None:
+    base = await bob.send(torch.arange(4))
+    results = await asyncio.gather(*[(base + i).get() for i in range(1000)])
+    for i, r in enumerate(results):
+        assert torch.equal(r, torch.arange(4) + i)  # type: ignore[arg-type]
+
+
+async def test_pipelined_chain_of_dependent_ops(bob: fedptr.Worker) -> None:
+    y = await bob.send(torch.zeros(3))
+    for _ in range(100):
+        y = y + 1
+    assert torch.equal(await y.get(), torch.full((3,), 100.0))
+
+
+async def test_dropped_pointers_leave_nothing_behind(client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    start = await (await bob.send(torch.zeros(2))).send(alice)
+    y = start
+    for _ in range(1000):
+        y = y + 1  # 1000 intermediate results, each dropped as soon as the next exists
+    await y
+
+    async def only_start_and_result() -> bool:
+        return len(await bob.objects()) == 2 and len(await alice.objects()) == 2
+
+    assert await eventually(only_start_and_result)
+    assert torch.equal(await (await y.get()).get(), torch.full((2,), 1000.0))  # type: ignore[union-attr]
+    del start, y
+    gc.collect()
+    assert await eventually(lambda: all_empty(client))
+
+
+async def test_remote_error_is_typed_and_node_keeps_serving(bob: fedptr.Worker) -> None:
+    a = await bob.send(torch.ones(2, 3))
+    b = await bob.send(torch.ones(4, 5))
+    bad = a @ b
+    with pytest.raises(fedptr.RemoteError) as info:
+        await bad
+    err = info.value
+    assert err.remote_type == "RuntimeError"
+    assert "shapes cannot be multiplied" in err.remote_message
+    assert err.worker == "bob" and err.path == ["bob"]
+    # a later step of the pipeline fails with the original error
+    with pytest.raises(fedptr.RemoteError) as later:
+        await (bad + 1).sum().get()
+    assert later.value.remote_type == "RuntimeError" and "shapes cannot be multiplied" in later.value.remote_message
+    assert torch.equal(await (a + 1).get(), torch.full((2, 3), 2.0))
+
+
+async def test_remote_error_names_the_hop(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    p = await (await bob.send(torch.ones(2, 3))).send(alice)
+    with pytest.raises(fedptr.RemoteError) as info:
+        await p.reshape(7)
+    assert info.value.worker == "bob" and info.value.path == ["alice", "bob"]
+
+
+async def test_disallowed_operation_is_refused(bob: fedptr.Worker) -> None:
+    p = await bob.send(torch.ones(2))
+    with pytest.raises(fedptr.RemoteError) as info:
+        await fedptr.pointer.remote_call("__reduce_ex__", (p, 2))
+    assert info.value.remote_type == "PermissionError"
+    with pytest.raises(TypeError):
+        torch.nn.functional.conv1d(p, p)  # type: ignore[arg-type]
+
+
+async def test_unknown_worker_fails_fast(client: fedptr.Client) -> None:
+    start = time.monotonic()
+    with pytest.raises(fedptr.UnknownWorkerError) as info:
+        await client.worker("nobody").send(torch.ones(1))
+    assert time.monotonic() - start < 1.0
+    assert info.value.worker == "nobody"
+
+
+async def test_unknown_worker_down_a_chain_names_the_hop(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    p = await bob.send(fedptr.Pointer(client, "ghost", 12345))
+    start = time.monotonic()
+    with pytest.raises(fedptr.UnknownWorkerError) as info:
+        await (p + 1)
+    assert time.monotonic() - start < 1.0
+    assert info.value.worker == "ghost" and info.value.path == ["bob", "ghost"]
+
+
+async def test_operands_on_different_workers(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    a = await bob.send(torch.ones(2))
+    b = await alice.send(torch.ones(2))
+    with pytest.raises(fedptr.LocationMismatchError, match="'bob' and 'alice'"):
+        a + b
+
+
+async def test_consumed_pointer_raises(bob: fedptr.Worker) -> None:
+    p = await bob.send(torch.ones(2))
+    await p.get()
+    with pytest.raises(fedptr.ConsumedPointerError):
+        await p.get()
+    with pytest.raises(fedptr.ConsumedPointerError):
+        p + 1
+
+
+async def test_torch_function_and_methods(bob: fedptr.Worker) -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    p = await bob.send(x)
+    checks = {
+        "torch.add": (torch.add(p, p), x + x),
+        "matmul": (p @ p.t(), x @ x.t()),
+        "mean": (p.mean(dim=0), x.mean(dim=0)),
+        "neg-abs": (abs(-p), x.abs()),
+        "rsub": (10 - p, 10 - x),
+        "rdiv": (1 / (p + 1), 1 / (x + 1)),
+        "pow": (p**2, x**2),
+        "cmp": (p >= 3, x >= 3),
+        "cat": (torch.cat([p, p], dim=0), torch.cat([x, x])),
+        "local operand": (p * torch.tensor([1.0, 2.0, 3.0]), x * torch.tensor([1.0, 2.0, 3.0])),
+        "reshape": (p.reshape(3, 2).sum(1), x.reshape(3, 2).sum(1)),
+    }
+    for name, (remote, local) in checks.items():
+        got = await remote.get()
+        assert torch.equal(got, local), name  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(5, 3, dtype=torch.float32),
+        torch.randn(4, dtype=torch.float64),
+        torch.randn(7, dtype=torch.bfloat16),
+        torch.arange(-5, 5, dtype=torch.int64),
+        torch.arange(200, dtype=torch.uint8),
+        torch.tensor([True, False, True]),
+        torch.tensor(3.25),
+        torch.zeros(0, 4),
+        torch.arange(12.0).reshape(3, 4).t(),
+        torch.arange(20).reshape(4, 5)[:, 1::2],
+    ],
+    ids=["float32", "float64", "bfloat16", "int64", "uint8", "bool", "0-d", "empty", "transposed", "strided"],
+)
+async def test_dtypes_and_layouts_round_trip(bob: fedptr.Worker, x: torch.Tensor) -> None:
+    p = await bob.send(x)
+    info = (await bob.objects())[p.id_at_location]
+    assert info.shape == tuple(x.shape)
+    back = await p.get()
+    assert isinstance(back, torch.Tensor)
+    assert back.dtype == x.dtype and back.shape == x.shape
+    assert torch.equal(back, x)
+
+
+async def test_64_mib_tensor(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    x = torch.randn(16 << 20)  # 64 MiB of float32
+    p = await bob.send(x)
+    q = await p.move(alice)
+    s = await (q * 2).sum().get()
+    assert torch.allclose(s, (x * 2).sum())  # type: ignore[arg-type]
+    back = await q.get()
+    assert torch.equal(back, x)  # type: ignore[arg-type]
+
+
+async def test_clear_deletes_down_the_chain(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    p = await (await bob.send(torch.ones(2))).send(alice)
+    p._owned = False  # clear() below deletes it; the pointer must not delete twice
+    await alice.clear()
+    assert await eventually(lambda: all_empty(alice._client))
+
+
+async def test_workers_lists_registered_names(client: fedptr.Client) -> None:
+    assert await client.workers() == sorted(CHAIN)
