@@ -48,10 +48,11 @@ class Cluster:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
 
-def start_process(args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+def start_process(
+    args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `python args...` with stderr (and stdout unless given) appended to `log_path`."""
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, *args],
             stdout=stdout if stdout is not None else log,
@@ -60,8 +61,6 @@ def start_process(args: Sequence[str], log_path: Path, stdout: int | IO[bytes] |
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             start_new_session=True,
         )
-    finally:
-        log.close()
 
 
 def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = limits.CLUSTER_STOP_GRACE_S) -> None:
@@ -78,7 +77,9 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = 
             p.wait()
 
 
-async def start_broker(bind: str, log_path: Path, timeout: float, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+async def start_broker(
+    bind: str, log_path: Path, timeout: float, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start a broker bound to `bind` and return it with the endpoint it bound (a ``*`` port resolved)."""
     proc = start_process(["-m", "broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -95,7 +96,11 @@ async def start_broker(bind: str, log_path: Path, timeout: float, extra: Sequenc
 
 
 async def wait_registered(
-    client: Client, names: Sequence[str], processes: Mapping[str, subprocess.Popen[bytes]], log_dir: Path, timeout: float
+    client: Client,
+    names: Sequence[str],
+    processes: Mapping[str, subprocess.Popen[bytes]],
+    log_dir: Path,
+    timeout: float,
 ) -> None:
     """Return once every name is registered; raise if a process exits first or time runs out."""
     deadline = time.monotonic() + timeout
@@ -142,7 +147,9 @@ async def local_cluster(
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, broker_args)
         for name in names:
             extra = list((node_args or {}).get(name, ()))
-            processes[name] = start_process(["-m", "nodes", "--name", name, "--broker", address, *extra], logs / f"{name}.log")
+            processes[name] = start_process(
+                ["-m", "nodes", "--name", name, "--broker", address, *extra], logs / f"{name}.log"
+            )
         client = await stack.enter_async_context(connect(address, timeout=call_timeout))
         await wait_registered(client, names, processes, logs, start_timeout)
         yield Cluster(client, address, {n: p.pid for n, p in processes.items()}, logs, processes)

@@ -54,9 +54,7 @@ class DeadlineExceeded(FedptrError, TimeoutError):
         self.worker = worker
         self.seconds = seconds
         self.path = list(path or [worker])
-        super().__init__(
-            f"no answer from worker {worker!r} within {seconds:.3g} s (path {' -> '.join(self.path)})"
-        )
+        super().__init__(f"no answer from worker {worker!r} within {seconds:.3g} s (path {' -> '.join(self.path)})")
 
 
 class ProtocolError(FedptrError):

@@ -229,7 +229,7 @@ class Link:
             if p is None:
                 return  # late reply to a request that already timed out
             try:
-                reply = wire.decode(frames[4:]).message
+                reply = wire.decode(frames[4:]).message  # type: ignore[arg-type]  # zmq.Frame is a buffer
             except ProtocolError as e:
                 self._settle(rid, error=e)
                 return
@@ -241,7 +241,13 @@ class Link:
             if self.handler is None:
                 raise ProtocolError("clients take no requests")
             source = frames[2].bytes.decode()
-            await self.handler(source, rid, wire.decode(frames[4:]))
+            try:
+                decoded = wire.decode(frames[4:])  # type: ignore[arg-type]  # zmq.Frame is a buffer
+            except ProtocolError as e:
+                log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
+                self.reply(source, rid, wire.Failure("protocol", "", str(e)[:500], self.name, [self.name]))
+                return
+            await self.handler(source, rid, decoded)
         elif command == wire.ACCEPTED:
             self._settle(rid, result=wire.Ok())
         elif command == wire.LIST:

@@ -29,6 +29,8 @@ ELEMENTWISE = (
 CONVERSIONS = ("float", "double", "half", "bfloat16", "int", "long", "bool")
 TORCH_FUNCTIONS = ("cat", "stack", "where")
 
-TENSOR_METHODS: frozenset[str] = frozenset(ARITHMETIC + COMPARISONS + REDUCTIONS + RESHAPING + ELEMENTWISE + CONVERSIONS)
+TENSOR_METHODS: frozenset[str] = frozenset(
+    ARITHMETIC + COMPARISONS + REDUCTIONS + RESHAPING + ELEMENTWISE + CONVERSIONS
+)
 ALLOWED: frozenset[str] = TENSOR_METHODS | frozenset(TORCH_FUNCTIONS)
 """Every operation name a node accepts."""

@@ -74,7 +74,7 @@ def _method(op: str) -> Callable[..., Pointer]:
 class Pointer:
     """A pointer to object `id_at_location` on worker `location`."""
 
-    __slots__ = ("_client", "_location", "_id", "_done", "_owned", "__weakref__")
+    __slots__ = ("__weakref__", "_client", "_done", "_id", "_location", "_owned")
 
     def __init__(
         self, client: Client, location: str, id_at_location: int, done: asyncio.Future[wire.Message] | None = None

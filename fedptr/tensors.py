@@ -62,7 +62,7 @@ def to_raw(t: torch.Tensor) -> RawTensor:
         t = t.contiguous()
     flat = t.reshape(-1).view(torch.uint8)
     # numpy keeps `flat` (and so the tensor's storage) alive for as long as the view lives.
-    return RawTensor(name, tuple(t.shape), memoryview(flat.numpy()))
+    return RawTensor(name, tuple(t.shape), memoryview(flat.numpy()))  # type: ignore[arg-type]
 
 
 def from_raw(raw: RawTensor) -> torch.Tensor:

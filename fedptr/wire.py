@@ -6,7 +6,7 @@ it for the envelope constants alone, so it must stay light.
 A message on a socket is a list of frames::
 
     [PROTOCOL, command, name, request_id, header, buffer_0, buffer_1, ...]
-     `---------- envelope (broker reads) --´ `------- body (broker never reads) -------´
+     `---------- envelope (broker reads) --' `------- body (broker never reads) -------'
 
 * ``PROTOCOL`` names the protocol and its version (``b"FPTR1"``).
 * ``command`` is one byte: register, request, reply, list, broker error, disconnect.
@@ -28,12 +28,15 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeAlias, Union
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import msgpack
 
 from fedptr import limits
 from fedptr.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # bytes, memoryview, zmq.Frame, numpy arrays
 
 PROTOCOL = b"FPTR1"
 """Protocol name and version, the first frame of every message."""
@@ -118,12 +121,6 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 """The dtypes that may travel, with their item sizes in bytes. Anything else is refused."""
 
 
-class Buffer(Protocol):
-    """Anything exposing the buffer protocol (bytes, memoryview, zmq.Frame, numpy arrays)."""
-
-    def __buffer__(self, flags: int, /) -> memoryview: ...
-
-
 @dataclass(frozen=True, slots=True)
 class RawTensor:
     """A tensor as bytes: dtype name, shape and a C-contiguous buffer of exactly the right size."""
@@ -148,8 +145,7 @@ class RawTensor:
         expected = math.prod(self.shape) * itemsize
         if expected != self.data.nbytes:
             raise ProtocolError(
-                f"tensor buffer holds {self.data.nbytes} bytes but {self.dtype}{list(self.shape)} "
-                f"needs {expected}"
+                f"tensor buffer holds {self.data.nbytes} bytes but {self.dtype}{list(self.shape)} needs {expected}"
             )
 
 
@@ -164,7 +160,7 @@ _EXT_TENSOR = 1
 _EXT_REF = 2
 _INT64 = struct.Struct("<q")
 
-Value: TypeAlias = Union[None, bool, int, float, str, RawTensor, Ref, list["Value"], dict[str, "Value"]]
+Value: TypeAlias = bool | int | float | str | RawTensor | Ref | list["Value"] | dict[str, "Value"] | None
 """What an operation argument may be: plain scalars, strings, lists, str-keyed maps,
 references to stored objects and inline tensors. Tuples encode as lists."""
 
@@ -436,7 +432,7 @@ class Decoded:
     budget_ms: int
 
 
-def decode(frames: Sequence[Buffer | bytes | memoryview]) -> Decoded:
+def decode(frames: Sequence[Buffer]) -> Decoded:
     """Decode body frames (header then buffers) into a message.
 
     Raises ProtocolError on anything malformed: bad msgpack, limits exceeded, unknown kind,
@@ -446,7 +442,7 @@ def decode(frames: Sequence[Buffer | bytes | memoryview]) -> Decoded:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.MAX_FRAMES}")
-    header = memoryview(frames[0])  # type: ignore[arg-type]
+    header = memoryview(frames[0])
     if header.nbytes > limits.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {header.nbytes} bytes exceeds {limits.MAX_HEADER_BYTES}")
     used: set[int] = set()
@@ -464,7 +460,7 @@ def decode(frames: Sequence[Buffer | bytes | memoryview]) -> Decoded:
             if type(index) is not int or not 1 <= index < len(frames) or index in used:
                 raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
             used.add(index)
-            return RawTensor(meta[0], tuple(meta[1]), memoryview(frames[index]))  # type: ignore[arg-type]
+            return RawTensor(meta[0], tuple(meta[1]), memoryview(frames[index]))
         raise ProtocolError(f"unknown extension type {code}")
 
     try:

@@ -24,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--broker", required=True, help="the broker's address, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--pool-size", type=int, default=limits.NODE_POOL_SIZE, help="concurrent computations")
     p.add_argument("--max-forwards", type=int, default=limits.NODE_MAX_FORWARDS, help="requests waiting at once")
-    p.add_argument("--offload-numel", type=int, default=limits.OFFLOAD_NUMEL, help="elements above which ops run on a thread")
+    p.add_argument(
+        "--offload-numel", type=int, default=limits.OFFLOAD_NUMEL, help="elements above which ops run on a thread"
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 

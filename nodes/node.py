@@ -235,9 +235,7 @@ class Node:
                 raise e.done.exception()  # type: ignore[misc]
         return entries
 
-    async def _compute(
-        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry
-    ) -> None:
+    async def _compute(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry) -> None:
         try:
             tensors: dict[int, torch.Tensor] = {}
             for i, e in entries.items():
@@ -280,7 +278,9 @@ class Node:
                 async with asyncio.timeout(budget):
                     value = await asyncio.shield(entry.done)
             except TimeoutError:
-                self._reply_error(source, rid, RemoteError("TimeoutError", "object never settled", self.name, [self.name]))
+                self._reply_error(
+                    source, rid, RemoteError("TimeoutError", "object never settled", self.name, [self.name])
+                )
                 return
             except FedptrError as e:
                 self._delete_downstream([entry])

@@ -44,7 +44,9 @@ async def test_chain_five_hops_deep(client: fedptr.Client) -> None:
     assert await eventually(lambda: all_empty(client))
 
 
-async def test_move_sends_bytes_worker_to_worker(client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+async def test_move_sends_bytes_worker_to_worker(
+    client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker
+) -> None:
     x = torch.randn(1 << 20)  # 4 MiB
     p = await bob.send(x)
     before = client.bytes_received
@@ -64,7 +66,9 @@ async def test_move_to_current_location_is_a_noop(bob: fedptr.Worker) -> None:
     assert torch.equal(await p.get(), torch.ones(3))
 
 
-async def test_move_of_a_pointer_moves_the_data_at_the_end(bob: fedptr.Worker, alice: fedptr.Worker, client: fedptr.Client) -> None:
+async def test_move_of_a_pointer_moves_the_data_at_the_end(
+    bob: fedptr.Worker, alice: fedptr.Worker, client: fedptr.Client
+) -> None:
     carol = client.worker("carol")
     p = await (await bob.send(torch.tensor([7, 8]))).send(alice)
     q = await p.move(carol)
@@ -87,7 +91,9 @@ async def test_pipelined_chain_of_dependent_ops(bob: fedptr.Worker) -> None:
     assert torch.equal(await y.get(), torch.full((3,), 100.0))
 
 
-async def test_dropped_pointers_leave_nothing_behind(client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+async def test_dropped_pointers_leave_nothing_behind(
+    client: fedptr.Client, bob: fedptr.Worker, alice: fedptr.Worker
+) -> None:
     start = await (await bob.send(torch.zeros(2))).send(alice)
     y = start
     for _ in range(1000):

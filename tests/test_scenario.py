@@ -7,7 +7,9 @@ import torch
 import fedptr
 
 
-async def stores(bob: fedptr.Worker, alice: fedptr.Worker) -> tuple[dict[int, fedptr.ObjectInfo], dict[int, fedptr.ObjectInfo]]:
+async def stores(
+    bob: fedptr.Worker, alice: fedptr.Worker
+) -> tuple[dict[int, fedptr.ObjectInfo], dict[int, fedptr.ObjectInfo]]:
     return await bob.objects(), await alice.objects()
 
 

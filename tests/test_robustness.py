@@ -1,0 +1,156 @@
+"""Bad input at the real broker and a real node: both drop it, say why, and keep serving."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import msgpack
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+import fedptr
+from fedptr import wire
+
+
+def raw_socket(address: str) -> zmq.asyncio.Socket:
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> list[bytes]:
+    assert await sock.poll(int(timeout * 1000)), "no answer"
+    return await sock.recv_multipart()
+
+
+async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = wire.ROLE_CLIENT) -> list[bytes]:
+    await sock.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\1" * 8, role])
+    return await recv(sock)
+
+
+async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
+    sock = raw_socket(cluster.address)
+    rng = random.Random(7)
+    garbage: list[list[bytes]] = [
+        [b""],
+        [b"hello"],
+        [wire.PROTOCOL],
+        [wire.PROTOCOL, b"Z", b"bob", b"\0" * 8],
+        [b"FPTR9", wire.REQUEST, b"bob", b"\0" * 8, b"x"],
+    ]
+    garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(2000)]
+    for frames in garbage:
+        await sock.send_multipart(frames)
+    # unregistered senders get a clear refusal, not silence
+    await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", b"\2" * 8, b"body"])
+    reply = await recv(sock)
+    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_NOT_REGISTERED
+    sock.close()
+    assert torch.equal(await (await bob.send(torch.ones(2))).get(), torch.ones(2))
+    assert "dropped garbage message" in cluster.log("broker")
+
+
+async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
+    sock = raw_socket(cluster.address)
+    assert (await register(sock, b"fuzzer"))[1] == wire.ACCEPTED
+    rng = random.Random(11)
+    bodies: list[list[bytes]] = [
+        [b"\xc1"],
+        [msgpack.packb([wire.Put.KIND, 0, 1, msgpack.ExtType(1, msgpack.packb(["float32", [4], 1]))]), b"\0" * 3],
+        [msgpack.packb([wire.Op.KIND, 0, 1, "__class__", [], {}])],
+        [msgpack.packb([wire.Ok.KIND, 0])],  # a reply kind sent as a request
+        [msgpack.packb([wire.Get.KIND, 0, 424242])],  # no such object
+    ]
+    bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(500)]
+    for i, body in enumerate(bodies):
+        await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", wire.request_id_bytes(i + 1), *body])
+    answers: dict[bytes, list[bytes]] = {}
+    while len(answers) < len(bodies):
+        frames = await recv(sock)
+        answers[frames[3]] = frames
+    for frames in answers.values():
+        assert frames[1] == wire.REPLY
+        assert isinstance(wire.decode(frames[4:]).message, wire.Failure)
+    sock.close()
+    assert torch.equal(await (await bob.send(torch.ones(3))).get(), torch.ones(3))
+
+
+async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
+    sock = raw_socket(cluster.address)
+    reply = await register(sock, b"bob", wire.ROLE_WORKER)
+    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_NAME_TAKEN
+    reply = await register(sock, b"bad name!", wire.ROLE_WORKER)
+    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_BAD_NAME
+    sock.close()
+
+
+async def test_second_node_with_a_taken_name_exits(cluster: fedptr.Cluster) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nodes", "--name", "bob", "--broker", cluster.address],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3
+    assert b"taken" in proc.stderr
+
+
+def test_broker_imports_neither_torch_nor_nodes() -> None:
+    code = "import sys, broker.__main__; bad = {'torch', 'nodes'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_local_cluster_stops_every_process() -> None:
+    async with fedptr.local_cluster(["solo"], transport="ipc") as c:
+        pids = dict(c.pids)
+        assert set(pids) == {"broker", "solo"}
+        assert await c.client.workers() == ["solo"]
+    for name, pid in pids.items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped: no such process any more
+        assert name
+
+
+async def test_local_cluster_stops_every_process_on_error() -> None:
+    pids: dict[str, int] = {}
+    with pytest.raises(RuntimeError, match="boom"):
+        async with fedptr.local_cluster(["solo"], transport="ipc") as c:
+            pids = dict(c.pids)
+            raise RuntimeError("boom")
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_cluster_dies_with_a_killed_parent(tmp_path: object) -> None:
+    script = (
+        "import asyncio, os, fedptr\n"
+        "async def main():\n"
+        "    async with fedptr.local_cluster(['solo'], transport='ipc') as c:\n"
+        "        print(' '.join(str(p) for p in c.pids.values()), flush=True)\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    import time
+
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+    assert not alive, f"processes {alive} outlived their killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,206 @@
+"""The pure wire protocol: round trips of every message type, validation, zero copy, garbage."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedptr import limits, wire
+from fedptr.errors import ProtocolError
+from fedptr.tensors import from_raw, to_raw
+
+
+def raw(t: torch.Tensor) -> wire.RawTensor:
+    return to_raw(t)
+
+
+SAMPLES: list[wire.Message] = [
+    wire.Put(1, raw(torch.arange(6.0).reshape(2, 3))),
+    wire.PutPointer(2, "bob", 3),
+    wire.Op(
+        4,
+        "add",
+        [wire.Ref(1), 2.5, None, True, "x", [1, [2, 3]], raw(torch.ones(2))],
+        {"dim": 0, "keep": {"a": wire.Ref(9)}},
+    ),
+    wire.Get(5),
+    wire.Move(6, "alice", 7),
+    wire.Delete([1, 2, 3]),
+    wire.ListObjects(),
+    wire.Clear(),
+    wire.Ok([2, 3], "float32"),
+    wire.Ok(),
+    wire.TensorReply(raw(torch.tensor([True, False]))),
+    wire.PointerReply("bob", 8),
+    wire.Failure("remote", "RuntimeError", "shapes", "bob", ["alice", "bob"]),
+    wire.ObjectsReply(
+        [wire.ObjectRow(1, "tensor", [2], "int64", [1, 2], "", 0), wire.ObjectRow(2, "pointer", [], "", None, "bob", 1)]
+    ),
+]
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, wire.RawTensor) and isinstance(b, wire.RawTensor):
+        return (a.dtype, a.shape, bytes(a.data)) == (b.dtype, b.shape, bytes(b.data))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, wire.Message) and type(a) is type(b):
+        return all(same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return a == b
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(m) for m in SAMPLES} == set(wire.MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: wire.Message) -> None:
+    frames = wire.encode(msg, budget_ms=1234)
+    decoded = wire.decode([bytes(f) for f in frames])
+    assert decoded.budget_ms == 1234
+    assert same(decoded.message, msg)
+
+
+def test_header_carries_kind_and_budget_first() -> None:
+    header = msgpack.unpackb(wire.encode(wire.Get(5), budget_ms=7)[0])
+    assert header == [wire.Get.KIND, 7, 5]
+
+
+def test_unknown_trailing_fields_are_ignored() -> None:
+    header = msgpack.packb([wire.Get.KIND, 0, 5, "a field from a newer peer"])
+    assert wire.decode([header]).message == wire.Get(5)
+
+
+def test_missing_fields_take_defaults_or_fail() -> None:
+    assert wire.decode([msgpack.packb([wire.Ok.KIND, 0])]).message == wire.Ok()
+    with pytest.raises(ProtocolError, match="lacks field"):
+        wire.decode([msgpack.packb([wire.Move.KIND, 0, 1])])
+
+
+def test_64_mib_tensor_is_not_copied() -> None:
+    t = torch.randn(16 << 20)
+    frames = wire.encode(wire.Put(1, to_raw(t)))
+    buf = frames[1]
+    assert isinstance(buf, memoryview) and buf.nbytes == 64 << 20
+    assert np.frombuffer(buf, dtype=np.uint8).ctypes.data == t.data_ptr()  # same memory as the tensor
+    decoded = wire.decode(frames).message
+    assert isinstance(decoded, wire.Put)
+    back = from_raw(decoded.tensor)
+    assert back.data_ptr() == t.data_ptr()  # the received tensor wraps the frame's memory
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "nbytes", "match"),
+    [
+        ("float32", [3], 11, "needs 12"),
+        ("object", [1], 8, "not allowed"),
+        ("float32", [-1], 0, "bad tensor shape"),
+        ("float32", [1] * (limits.MAX_NDIM + 1), 4, "dims"),
+    ],
+)
+def test_tensor_validation(dtype: str, shape: list[int], nbytes: int, match: str) -> None:
+    meta = msgpack.packb([dtype, shape, 1])
+    header = msgpack.packb([wire.Put.KIND, 0, 1, msgpack.ExtType(1, meta)])
+    with pytest.raises(ProtocolError, match=match):
+        wire.decode([header, b"\0" * nbytes])
+
+
+def test_buffer_frames_must_match_the_header() -> None:
+    frames = wire.encode(SAMPLES[0])
+    with pytest.raises(ProtocolError, match="not referenced"):
+        wire.decode([*frames, b"extra"])
+    with pytest.raises(ProtocolError, match="missing or reused"):
+        wire.decode(frames[:1])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        msgpack.packb([999, 0]),
+        msgpack.packb([wire.Get.KIND, 0, "not an int"]),
+        msgpack.packb([wire.Get.KIND, -5, 1]),
+        msgpack.packb({"kind": 1}),
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [{"k": object.__class__.__name__}], {1: 2}], strict_types=False),
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [msgpack.ExtType(9, b"")], {}]),
+        msgpack.packb([wire.Get.KIND, 0, 1]) + b"trailing",
+        b"\xc1",
+        b"",
+        msgpack.packb("x" * (limits.MAX_STR_BYTES + 1)),
+    ],
+)
+def test_bad_headers_raise_protocol_error(header: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode([header])
+
+
+def test_deep_nesting_is_refused() -> None:
+    nested: list[object] = [1]
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(ProtocolError):
+        wire.decode([msgpack.packb([wire.Op.KIND, 0, 1, "add", nested, {}])])
+
+
+def test_oversized_header_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        wire.decode([b"\x90" * (limits.MAX_HEADER_BYTES + 1)])
+
+
+def test_request_ids() -> None:
+    assert wire.request_id_int(wire.request_id_bytes(42)) == 42
+    with pytest.raises(ProtocolError):
+        wire.request_id_int(b"short")
+
+
+def test_names() -> None:
+    assert wire.valid_name(b"bob-1.a_b")
+    assert not wire.valid_name(b"")
+    assert not wire.valid_name(b"bob smith")
+    assert not wire.valid_name(b"x" * (limits.MAX_NAME_BYTES + 1))
+
+
+def test_wire_module_imports_no_sockets_asyncio_or_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, fedptr.wire; bad = {'zmq', 'asyncio', 'torch'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=256), min_size=1, max_size=5))
+def test_garbage_frames_raise_only_protocol_error(frames: list[bytes]) -> None:
+    with contextlib.suppress(ProtocolError):
+        wire.decode(frames)
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 30), st.lists(json_like, max_size=6))
+def test_structured_garbage_raises_only_protocol_error(kind: int, fields: list[object]) -> None:
+    header = msgpack.packb([kind, 0, *fields])
+    with contextlib.suppress(ProtocolError):
+        wire.decode([header])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 8))
+def test_mutated_messages_raise_only_protocol_error(noise: bytes, which: int) -> None:
+    frames = [bytes(f) for f in wire.encode(SAMPLES[which % len(SAMPLES)])]
+    frames[0] = frames[0][: len(noise)] + noise
+    with contextlib.suppress(ProtocolError):
+        wire.decode(frames)
