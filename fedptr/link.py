@@ -12,11 +12,10 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
-import zmq.asyncio
 
 from fedptr import limits, wire
 from fedptr.errors import (
@@ -32,9 +31,14 @@ from fedptr.failures import error_from_failure
 
 log = logging.getLogger("fedptr.link")
 
-RequestHandler = Callable[[str, bytes, wire.Decoded], Awaitable[None]]
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_DRAIN_BATCH = 256
+"""Messages handled per read callback before other callbacks get a turn."""
+
+RequestHandler = Callable[[str, bytes, wire.Decoded], None]
 """Called with (source name, request id, decoded request) for every request a peer receives.
-It is awaited by the reader, so it must not wait on replies (that would stall the reader)."""
+It runs inside the socket's read callback, so it must not block; slow work goes to tasks."""
 
 
 @dataclass
@@ -65,12 +69,13 @@ class Link:
         self.connect_timeout = connect_timeout
         self.bytes_received = 0
         """Bytes of every frame this link has received (for tests that check what reached it)."""
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
         self._outbox: collections.deque[list[bytes | memoryview]] = collections.deque()
-        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._paused = False
+        self._drain_scheduled = False
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -78,16 +83,17 @@ class Link:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Link:
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.connect(self.address)
         self._sock = sock
+        self._loop.add_reader(sock.FD, self._drain)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
-        self._tasks = [self._group.create_task(self._reader()), self._group.create_task(self._writer())]
+        self._tasks = [self._group.create_task(self._writer())]
         try:
             await self._register()
         except BaseException:
@@ -108,7 +114,8 @@ class Link:
         self._outbox.append([wire.PROTOCOL, wire.DISCONNECT, b"", b"\0" * 8])
         with contextlib.suppress(zmq.ZMQError):
             while self._outbox:
-                zmq.Socket.send_multipart(self._sock, self._outbox.popleft(), zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(self._outbox.popleft(), zmq.NOBLOCK, copy=False)
+        self._loop.remove_reader(self._sock.FD)
         for task in self._tasks:
             task.cancel()
         try:
@@ -194,32 +201,84 @@ class Link:
             assert result is not None
             p.future.set_result(result)
 
+    # --- socket I/O --------------------------------------------------------------------
+    # The socket is a plain zmq socket used only with NOBLOCK and driven by the event loop
+    # through zmq's FD. That FD is edge-triggered and any socket call may consume an edge, so
+    # after every send or receive we re-check zmq.EVENTS ourselves (`_drain`).
+    def pause_reading(self) -> None:
+        """Stop taking messages off the socket (backpressure: zmq queues them, then the sender's)."""
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        """Take messages off the socket again."""
+        if self._paused:
+            self._paused = False
+            self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
     def _push(self, frames: list[bytes | memoryview]) -> None:
-        self._outbox.append(frames)
-        self._wake.set()
+        """Send now if nothing is queued ahead of `frames`; else queue behind the rest, in order."""
+        if self._outbox:
+            self._outbox.append(frames)
+            return
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._outbox.append(frames)
+            self._writable.set()
+        # the send may have consumed a read edge of the FD
+        if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
+            self._schedule_drain()
+
+    def _drain(self) -> None:
+        """Handle what the socket holds, a bounded number at a time so timers still run in a flood."""
+        self._drain_scheduled = False
+        sock = self._sock
+        if self._closed or sock is None:
+            return
+        for _ in range(_DRAIN_BATCH):
+            if self._paused:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.bytes_received += sum(len(f) for f in frames)
+            try:
+                self._dispatch(frames)
+            except ProtocolError as e:
+                log.warning("%s dropped a malformed message: %s", self.name, e)
+        events = sock.getsockopt(zmq.EVENTS)
+        if events & _POLLIN:
+            self._schedule_drain()
+        if events & _POLLOUT and self._outbox:
+            self._writable.set()
 
     async def _writer(self) -> None:
+        """Sends what `_push` could not send at once (the broker's queue for us was full)."""
         sock = self._sock
         assert sock is not None
         outbox = self._outbox
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self._writable.wait()
+            self._writable.clear()
             while outbox:
-                await sock.send_multipart(outbox.popleft(), copy=False)
+                try:
+                    sock.send_multipart(outbox[0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                outbox.popleft()
+            self._drain()
+            if outbox:
+                await asyncio.sleep(0.001)  # the FD wakes us for reads only; poll for room to write
+                self._writable.set()
 
-    async def _reader(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            self.bytes_received += sum(len(f) for f in frames)
-            try:
-                await self._dispatch(frames)
-            except ProtocolError as e:
-                log.warning("%s dropped a malformed message: %s", self.name, e)
-
-    async def _dispatch(self, frames: list[zmq.Frame]) -> None:
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < wire.ENVELOPE_FRAMES or frames[0].bytes != wire.PROTOCOL:
             raise ProtocolError("not a fedptr envelope")
         command = frames[1].bytes
@@ -247,7 +306,7 @@ class Link:
                 log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
                 self.reply(source, rid, wire.Failure("protocol", "", str(e)[:500], self.name, [self.name]))
                 return
-            await self.handler(source, rid, decoded)
+            self.handler(source, rid, decoded)
         elif command == wire.ACCEPTED:
             self._settle(rid, result=wire.Ok())
         elif command == wire.LIST:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +102,7 @@ class Node:
         self._pool = AioPool(size=self.config.pool_size)
         self._executor = ThreadPoolExecutor(limits.OFFLOAD_THREADS, thread_name_prefix="torch")
         self._background: set[asyncio.Task[None]] = set()
-        self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], Awaitable[None]]] = {
+        self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
             wire.Op: self._op,
@@ -122,7 +122,7 @@ class Node:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- dispatch ----------------------------------------------------------------------
-    async def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
+    def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
         msg = decoded.message
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
@@ -130,7 +130,7 @@ class Node:
         try:
             if handler is None:
                 raise PermissionError(f"{type(msg).__name__} is not a request")
-            await handler(source, rid, msg, budget)
+            handler(source, rid, msg, budget)
         except Exception as e:
             self._reply_error(source, rid, e)
 
@@ -141,9 +141,9 @@ class Node:
     def _reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         self._reply(dest, rid, failure_from_error(e, self.name))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         if len(self._background) >= self.config.max_forwards:
-            coro.close()  # type: ignore[attr-defined]
+            coro.close()
             raise OverloadedError(self.name, f"{len(self._background)} requests already waiting")
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -164,28 +164,28 @@ class Node:
                 self.link.notify(location, wire.Delete(ids[i : i + limits.MAX_CONTAINER_LEN]))
 
     # --- store requests ----------------------------------------------------------------
-    async def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
+    def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
         tensor = from_raw(msg.tensor)
         self.store.add(msg.obj_id, Entry.tensor(tensor))
         self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
-    async def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
+    def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not wire.valid_name(msg.location.encode()):
             raise ValueError(f"bad worker name {msg.location!r}")
         self.store.add(msg.obj_id, Entry.pointer(msg.location, msg.id_at_location, settled=True))
         self._reply(source, rid, wire.Ok())
 
-    async def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
+    def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
         popped = [e for e in (self.store.entries.pop(i, None) for i in msg.obj_ids) if e is not None]
         self._delete_downstream(popped)
 
-    async def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
+    def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
         popped = list(self.store.entries.values())
         self.store.entries.clear()
         self._delete_downstream(popped)
         self._reply(source, rid, wire.Ok())
 
-    async def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
+    def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
         snapshot = dict(self.store.entries)
 
         async def answer() -> None:
@@ -198,7 +198,7 @@ class Node:
         self._spawn(answer())
 
     # --- operations --------------------------------------------------------------------
-    async def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
+    def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
         try:
             entries = self._operands(msg)
         except Exception as e:
@@ -211,7 +211,14 @@ class Node:
         if location is None:
             result = Entry.tensor()
             self.store.add(msg.result_id, result)
-            await self._pool.spawn(self._compute(source, rid, msg, entries, result))
+            settled = all(e.done.done() for e in entries.values())
+            if settled and not any(e.done.exception() for e in entries.values()):
+                tensors = {i: e.done.result() for i, e in entries.items()}
+                if _numel(tensors.values()) <= self.config.offload_numel:
+                    # the common case: small inputs, all present; no task, no thread
+                    self._finish(source, rid, result, lambda: self._run(msg, tensors))  # type: ignore[arg-type]
+                    return
+            self._compute_later(self._compute(source, rid, msg, entries, result))
             return
         ptr = Entry.pointer(location, _new_id(), settled=False)
         self.store.add(msg.result_id, ptr)
@@ -235,28 +242,54 @@ class Node:
                 raise e.done.exception()  # type: ignore[misc]
         return entries
 
-    async def _compute(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry) -> None:
+    def _compute_later(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the bounded pool; past its size, stop reading requests until it drains."""
+        done = self._pool.spawn_n(coro)
+        if len(self._pool) >= self.config.pool_size and self.link is not None:
+            self.link.pause_reading()
+        done.add_done_callback(self._computed)
+
+    def _computed(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            done.exception()
+        if len(self._pool) < self.config.pool_size and self.link is not None:
+            self.link.resume_reading()
+
+    def _run(self, msg: wire.Op, tensors: dict[int, torch.Tensor]) -> torch.Tensor:
+        return ops.run(msg.op, _materialize(msg.args, tensors), _materialize(msg.kwargs, tensors))
+
+    def _finish(self, source: str, rid: bytes, result: Entry, compute: Callable[[], torch.Tensor]) -> None:
+        try:
+            value = compute()
+        except Exception as e:
+            self._fail(source, rid, result, e)
+            return
+        result.done.set_result(value)
+        self._reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+
+    def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
+        err = e if isinstance(e, FedptrError) else _remote(e, self.name)
+        if not result.done.done():
+            result.done.set_exception(err)
+        self._reply_error(source, rid, err)
+
+    async def _compute(
+        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry
+    ) -> None:
+        """The slow path: wait for inputs still being computed, and run big work on a thread."""
         try:
             tensors: dict[int, torch.Tensor] = {}
             for i, e in entries.items():
                 value = await e.done
                 assert value is not None
                 tensors[i] = value
-            args = _materialize(msg.args, tensors)
-            kwargs = _materialize(msg.kwargs, tensors)
             if _numel(tensors.values()) > self.config.offload_numel:
-                value = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, lambda: ops.run(msg.op, args, kwargs)
-                )
+                value = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, msg, tensors)
+                self._finish(source, rid, result, lambda: value)
             else:
-                value = ops.run(msg.op, args, kwargs)
-            result.done.set_result(value)
-            self._reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+                self._finish(source, rid, result, lambda: self._run(msg, tensors))
         except Exception as e:
-            err = e if isinstance(e, FedptrError) else _remote(e, self.name)
-            if not result.done.done():
-                result.done.set_exception(err)
-            self._reply_error(source, rid, err)
+            self._fail(source, rid, result, e)
 
     async def _relay(self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr: Entry) -> None:
         try:
@@ -270,7 +303,7 @@ class Node:
         self._reply(source, rid, reply)
 
     # --- handing objects over ----------------------------------------------------------
-    async def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
+    def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
         entry = self.store.pop(msg.obj_id)
 
         async def answer() -> None:
@@ -294,7 +327,7 @@ class Node:
 
         self._spawn(answer())
 
-    async def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
+    def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
         entry = self.store.pop(msg.obj_id)
         if msg.dest == self.name and entry.location is None:
             self.store.add(msg.new_id, entry)
