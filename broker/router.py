@@ -10,10 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
 from fedptr import limits, wire
+from fedptr.errors import ProtocolError
+from fedptr.zio import recv_frames, send_frames
 
 log = logging.getLogger("fedptr.broker")
 
@@ -74,7 +77,6 @@ class Broker:
         """Route until `stop()`. Each wake drains every queued message before polling again."""
         self._running = True
         sock = self.sock
-        recv = sock.recv_multipart
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         while self._running:
@@ -82,7 +84,7 @@ class Broker:
                 continue
             for _ in range(10_000):
                 try:
-                    frames = recv(zmq.NOBLOCK, copy=False)
+                    frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES)
                 except zmq.Again:
                     break
                 self.handle(frames)
@@ -94,15 +96,18 @@ class Broker:
         self.sock.close(linger=0)
 
     # --- one message -------------------------------------------------------------------
-    def handle(self, frames: list[zmq.Frame]) -> None:
-        """Route or answer one message; garbage is dropped with a (rate-limited) log line."""
-        if len(frames) < 1 + wire.ENVELOPE_FRAMES or frames[1].bytes != wire.PROTOCOL:
+    def handle(self, frames: list[Any]) -> None:
+        """Route or answer one message: ``[identity, PROTOCOL, command, name, rid]`` as bytes, then
+        the body as zmq frames. Garbage is dropped with a (rate-limited) log line."""
+        if len(frames) < 1 + wire.ENVELOPE_FRAMES or frames[1] != wire.PROTOCOL:
             self._drop(frames, "not a fedptr envelope")
             return
-        identity = frames[0].bytes
-        command = frames[2].bytes
+        identity = frames[0]
+        command = frames[2]
         if command == wire.REQUEST or command == wire.REPLY:
-            self._route(frames, identity, command)
+            self._route(frames, identity)
+        elif command == wire.BATCH:
+            self._route_batch(frames, identity)
         elif command == wire.REGISTER:
             self._register(frames, identity)
         elif command == wire.LIST:
@@ -112,36 +117,73 @@ class Broker:
             name = self.table.remove_identity(identity)
             log.info("peer %r disconnected", name)
         else:
-            self._drop(frames, f"unknown command {command!r}")
+            self._drop(frames, f"unknown command {command[:8]!r}")
 
-    def _route(self, frames: list[zmq.Frame], identity: bytes, command: bytes) -> None:
-        source = self.table.by_identity.get(identity)
+    def _destination(self, identity: bytes, source: bytes | None, message: list[Any]) -> bytes | None:
+        """Rewrite `message` (``[command, name, rid, *body]``) for delivery: its command and rid as
+        bytes and its name set to the source. Returns the destination's identity, or None after
+        answering (a request to an unknown name) or dropping it."""
+        command, dest, rid = bytes(message[0]), bytes(message[1]), bytes(message[2])
+        if command != wire.REQUEST and command != wire.REPLY:
+            self._drop(message, f"command {command[:8]!r} in a routed message")
+            return None
         if source is None:
             if command == wire.REQUEST:
-                self._error(identity, frames[3].bytes, frames[4], wire.REASON_NOT_REGISTERED, "register first")
+                self._error(identity, dest, rid, wire.REASON_NOT_REGISTERED, "register first")
             else:
-                self._drop(frames, "reply from an unregistered peer")
-            return
-        dest = frames[3].bytes
+                self._drop(message, "reply from an unregistered peer")
+            return None
         dest_identity = self.table.by_name.get(dest)
         if dest_identity is None:
             if command == wire.REQUEST:
-                self._error(identity, dest, frames[4], wire.REASON_UNKNOWN_NAME, "no such worker")
+                self._error(identity, dest, rid, wire.REASON_UNKNOWN_NAME, "no such worker")
             else:
                 log.info("reply for %r dropped: no such peer", dest)
+            return None
+        message[0], message[1], message[2] = command, source, rid
+        return dest_identity
+
+    def _route(self, frames: list[Any], identity: bytes) -> None:
+        message = frames[2:]
+        dest_identity = self._destination(identity, self.table.by_identity.get(identity), message)
+        if dest_identity is not None:
+            self._deliver(identity, dest_identity, [message])
+
+    def _route_batch(self, frames: list[Any], identity: bytes) -> None:
+        try:
+            messages = wire.unpack_batch(frames[3], frames[4:])
+        except ProtocolError as e:
+            self._drop(frames, str(e))
             return
-        frames[0] = dest_identity  # type: ignore[call-overload]
-        frames[3] = source  # type: ignore[call-overload]
+        source = self.table.by_identity.get(identity)
+        by_dest: dict[bytes, list[list[Any]]] = {}
+        for message in messages:
+            dest_identity = self._destination(identity, source, message)
+            if dest_identity is not None:
+                by_dest.setdefault(dest_identity, []).append(message)
+        for dest_identity, batch in by_dest.items():
+            self._deliver(identity, dest_identity, batch)
+
+    def _deliver(self, identity: bytes, dest_identity: bytes, messages: list[list[Any]]) -> None:
+        """Send `messages` to one peer, as a batch when there are several; on failure, tell the
+        sender of each request why."""
+        if len(messages) == 1:
+            frames = [dest_identity, wire.PROTOCOL, *messages[0]]
+        else:
+            frames = [dest_identity, *wire.pack_batch(messages)]
+        dest = self.table.by_identity.get(dest_identity, b"?")
         reason = self._send(frames)
         if reason is None:
-            self.routed += 1
-        elif command == wire.REQUEST:
-            self._error(identity, dest, frames[4], reason, "worker unreachable")
+            self.routed += len(messages)
+            return
+        for m in messages:
+            if m[0] == wire.REQUEST:
+                self._error(identity, dest, m[2], reason, "worker unreachable")
 
-    def _register(self, frames: list[zmq.Frame], identity: bytes) -> None:
-        name = frames[3].bytes
+    def _register(self, frames: list[Any], identity: bytes) -> None:
+        name = frames[3]
         rid = frames[4]
-        role = frames[5].bytes if len(frames) > 5 else b""
+        role = bytes(frames[5]) if len(frames) > 5 else b""
         if not wire.valid_name(name) or role not in wire.ROLES:
             self._error(identity, name, rid, wire.REASON_BAD_NAME, "bad name or role")
             return
@@ -163,10 +205,10 @@ class Broker:
         log.info("registered %s %r", role.decode(), name)
         self._send([identity, wire.PROTOCOL, wire.ACCEPTED, name, rid])
 
-    def _send(self, frames: list[zmq.Frame | bytes]) -> bytes | None:
+    def _send(self, frames: list[Any]) -> bytes | None:
         """Send without blocking. Returns None, or the reason it failed; a vanished peer is forgotten."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, frames)
             return None
         except zmq.ZMQError as e:
             peer = bytes(frames[0])
@@ -179,10 +221,10 @@ class Broker:
                 return wire.REASON_OVERLOADED
             raise
 
-    def _error(self, identity: bytes, name: bytes, rid: zmq.Frame | bytes, reason: bytes, text: str) -> None:
+    def _error(self, identity: bytes, name: bytes, rid: bytes, reason: bytes, text: str) -> None:
         self._send([identity, wire.PROTOCOL, wire.BROKER_ERROR, name, rid, reason, text.encode()])
 
-    def _drop(self, frames: list[zmq.Frame], why: str) -> None:
+    def _drop(self, frames: list[Any], why: str) -> None:
         self.dropped += 1
         if self.dropped == 1 or self.dropped % limits.BROKER_LOG_EVERY == 0:
             log.warning("dropped garbage message (%s); %d dropped so far", why, self.dropped)

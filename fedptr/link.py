@@ -14,6 +14,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -28,6 +29,7 @@ from fedptr.errors import (
     UnknownWorkerError,
 )
 from fedptr.failures import error_from_failure
+from fedptr.zio import recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
 
@@ -72,7 +74,8 @@ class Link:
         self._sock: zmq.Socket[bytes] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
-        self._outbox: collections.deque[list[bytes | memoryview]] = collections.deque()
+        self._outbox: collections.deque[list[Any]] = collections.deque()
+        self._batch: list[list[Any]] | None = None
         self._writable = asyncio.Event()
         self._paused = False
         self._drain_scheduled = False
@@ -83,7 +86,7 @@ class Link:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Link:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -111,10 +114,11 @@ class Link:
         self._closed = True
         assert self._sock is not None and self._group is not None
         # Whatever is queued (deletes of dropped pointers, say) still goes out, then goodbye.
+        self._flush_batch()
         self._outbox.append([wire.PROTOCOL, wire.DISCONNECT, b"", b"\0" * 8])
         with contextlib.suppress(zmq.ZMQError):
             while self._outbox:
-                self._sock.send_multipart(self._outbox.popleft(), zmq.NOBLOCK, copy=False)
+                send_frames(self._sock, self._outbox.popleft())
         self._loop.remove_reader(self._sock.FD)
         for task in self._tasks:
             task.cancel()
@@ -128,7 +132,7 @@ class Link:
     async def _register(self) -> None:
         rid = self._next_rid()
         fut = self._track(rid, self.name, self.connect_timeout)
-        self._push([wire.PROTOCOL, wire.REGISTER, self.name.encode(), rid, self.role])
+        self._push_frames([wire.PROTOCOL, wire.REGISTER, self.name.encode(), rid, self.role])
         try:
             await fut
         except DeadlineExceeded as e:
@@ -140,7 +144,7 @@ class Link:
         body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
         rid = self._next_rid()
         fut = self._track(rid, dest, timeout)
-        self._push([wire.PROTOCOL, wire.REQUEST, dest.encode(), rid, *body])
+        self._push([wire.REQUEST, dest.encode(), rid, *body])
         return fut
 
     async def request(self, dest: str, msg: wire.Message, timeout: float) -> wire.Message:
@@ -149,19 +153,19 @@ class Link:
 
     def notify(self, dest: str, msg: wire.Message) -> None:
         """Queue a request that expects no reply (a Delete)."""
-        self._push([wire.PROTOCOL, wire.REQUEST, dest.encode(), b"\0" * 8, *wire.encode(msg)])
+        self._push([wire.REQUEST, dest.encode(), b"\0" * 8, *wire.encode(msg)])
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Queue the reply to request `rid` from `dest`."""
         if rid == b"\0" * 8:
             return
-        self._push([wire.PROTOCOL, wire.REPLY, dest.encode(), rid, *wire.encode(msg)])
+        self._push([wire.REPLY, dest.encode(), rid, *wire.encode(msg)])
 
     async def list_workers(self, timeout: float) -> list[str]:
         """Names of the workers registered with the broker."""
         rid = self._next_rid()
         fut = self._track(rid, "broker", timeout)
-        self._push([wire.PROTOCOL, wire.LIST, b"", rid])
+        self._push_frames([wire.PROTOCOL, wire.LIST, b"", rid])
         reply = await fut
         assert isinstance(reply, _NameList)
         return reply.names
@@ -220,19 +224,34 @@ class Link:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
-    def _push(self, frames: list[bytes | memoryview]) -> None:
-        """Send now if nothing is queued ahead of `frames`; else queue behind the rest, in order."""
+    def _push(self, message: list[Any]) -> None:
+        """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once; the
+        ones that follow within the same event-loop turn go out together as one BATCH."""
+        if self._batch is not None:
+            self._batch.append(message)
+            return
+        self._push_frames([wire.PROTOCOL, *message])
+        self._batch = []
+        self._loop.call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self._push_frames([wire.PROTOCOL, *batch[0]] if len(batch) == 1 else wire.pack_batch(batch))
+
+    def _push_frames(self, frames: list[Any]) -> None:
+        """Send a whole multipart now, or queue it behind what is already waiting, in order."""
         if self._outbox:
             self._outbox.append(frames)
             return
         assert self._sock is not None
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
         except zmq.Again:
             self._outbox.append(frames)
             self._writable.set()
         # the send may have consumed a read edge of the FD
-        if self._sock.getsockopt(zmq.EVENTS) & _POLLIN:
+        if int(self._sock.getsockopt(zmq.EVENTS)) & _POLLIN:
             self._schedule_drain()
 
     def _drain(self) -> None:
@@ -245,15 +264,21 @@ class Link:
             if self._paused:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, wire.ENVELOPE_FRAMES)
             except zmq.Again:
                 break
             self.bytes_received += sum(len(f) for f in frames)
             try:
-                self._dispatch(frames)
+                if len(frames) < wire.ENVELOPE_FRAMES or frames[0] != wire.PROTOCOL:
+                    raise ProtocolError("not a fedptr envelope")
+                if frames[1] == wire.BATCH:
+                    for m in wire.unpack_batch(frames[2], frames[3:]):
+                        self._dispatch(bytes(m[0]), bytes(m[1]), bytes(m[2]), m[3:])
+                else:
+                    self._dispatch(frames[1], frames[2], frames[3], frames[4:])
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)
-        events = sock.getsockopt(zmq.EVENTS)
+        events = int(sock.getsockopt(zmq.EVENTS))
         if events & _POLLIN:
             self._schedule_drain()
         if events & _POLLOUT and self._outbox:
@@ -269,7 +294,7 @@ class Link:
             self._writable.clear()
             while outbox:
                 try:
-                    sock.send_multipart(outbox[0], zmq.NOBLOCK, copy=False)
+                    send_frames(sock, outbox[0])
                 except zmq.Again:
                     break
                 outbox.popleft()
@@ -278,17 +303,14 @@ class Link:
                 await asyncio.sleep(0.001)  # the FD wakes us for reads only; poll for room to write
                 self._writable.set()
 
-    def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < wire.ENVELOPE_FRAMES or frames[0].bytes != wire.PROTOCOL:
-            raise ProtocolError("not a fedptr envelope")
-        command = frames[1].bytes
-        rid = frames[3].bytes
+    def _dispatch(self, command: bytes, name: bytes, rid: bytes, body: list[Any]) -> None:
+        """Act on one message from the broker: `name` is its source (or the name it concerns)."""
         if command == wire.REPLY:
             p = self._pending.get(rid)
             if p is None:
                 return  # late reply to a request that already timed out
             try:
-                reply = wire.decode(frames[4:]).message  # type: ignore[arg-type]  # zmq.Frame is a buffer
+                reply = wire.decode(body).message
             except ProtocolError as e:
                 self._settle(rid, error=e)
                 return
@@ -299,9 +321,9 @@ class Link:
         elif command == wire.REQUEST:
             if self.handler is None:
                 raise ProtocolError("clients take no requests")
-            source = frames[2].bytes.decode()
+            source = name.decode()
             try:
-                decoded = wire.decode(frames[4:])  # type: ignore[arg-type]  # zmq.Frame is a buffer
+                decoded = wire.decode(body)
             except ProtocolError as e:
                 log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
                 self.reply(source, rid, wire.Failure("protocol", "", str(e)[:500], self.name, [self.name]))
@@ -310,9 +332,9 @@ class Link:
         elif command == wire.ACCEPTED:
             self._settle(rid, result=wire.Ok())
         elif command == wire.LIST:
-            self._settle(rid, result=_NameList([f.bytes.decode() for f in frames[4:]]))
+            self._settle(rid, result=_NameList([bytes(f).decode() for f in body]))
         elif command == wire.BROKER_ERROR:
-            self._settle(rid, error=_broker_error(frames))
+            self._settle(rid, error=_broker_error(name, body))
         elif command == wire.PING:
             return
         else:
@@ -326,10 +348,10 @@ class _NameList(wire.Message):
     names: list[str]
 
 
-def _broker_error(frames: list[zmq.Frame]) -> FedptrError:
-    name = frames[2].bytes.decode(errors="replace")
-    reason = frames[4].bytes if len(frames) > 4 else b""
-    text = frames[5].bytes.decode(errors="replace") if len(frames) > 5 else ""
+def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
+    name = name_bytes.decode(errors="replace")
+    reason = bytes(body[0]) if body else b""
+    text = bytes(body[1]).decode(errors="replace") if len(body) > 1 else ""
     if reason == wire.REASON_LOST:
         return LostWorkerError(name)
     if reason == wire.REASON_OVERLOADED:

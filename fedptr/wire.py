@@ -23,9 +23,11 @@ A message on a socket is a list of frames::
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import math
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
@@ -61,7 +63,13 @@ PING = b"H"
 name someone else claims: if the holder's connection is gone the send fails and the name is
 free again (a restarted node takes its name back)."""
 
-COMMANDS = frozenset({REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, PING})
+BATCH = b"B"
+"""Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``
+where each message is ``[command, name, request_id, *body]`` and `counts` holds each one's
+frame count (little-endian uint16). The broker splits a batch, routes each message, and
+re-batches per destination."""
+
+COMMANDS = frozenset({REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, PING, BATCH})
 
 ROLE_WORKER = b"worker"
 ROLE_CLIENT = b"client"
@@ -94,6 +102,36 @@ def request_id_int(b: bytes) -> int:
     if len(b) != REQUEST_ID_BYTES:
         raise ProtocolError(f"request id must be {REQUEST_ID_BYTES} bytes, got {len(b)}")
     return int(_RID.unpack(b)[0])
+
+
+def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
+    counts = array.array("H", [len(m) for m in messages])
+    if sys.byteorder != "little":
+        counts.byteswap()
+    frames: list[Any] = [PROTOCOL, BATCH, counts.tobytes()]
+    for m in messages:
+        frames.extend(m)
+    return frames
+
+
+def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[list[Any]]:
+    """Split the frames after a BATCH's counts frame into messages; raises ProtocolError when the
+    counts do not describe the frames exactly or a message has fewer than 3 frames."""
+    if len(counts) % 2:
+        raise ProtocolError("batch counts must be uint16s")
+    sizes = array.array("H")
+    sizes.frombytes(counts)
+    if sys.byteorder != "little":
+        sizes.byteswap()
+    if sum(sizes) != len(frames) or any(n < ENVELOPE_FRAMES - 1 for n in sizes):
+        raise ProtocolError("batch counts do not match its frames")
+    out: list[list[Any]] = []
+    i = 0
+    for n in sizes:
+        out.append(list(frames[i : i + n]))
+        i += n
+    return out
 
 
 def valid_name(name: bytes) -> bool:

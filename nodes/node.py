@@ -273,9 +273,7 @@ class Node:
             result.done.set_exception(err)
         self._reply_error(source, rid, err)
 
-    async def _compute(
-        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry
-    ) -> None:
+    async def _compute(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry) -> None:
         """The slow path: wait for inputs still being computed, and run big work on a thread."""
         try:
             tensors: dict[int, torch.Tensor] = {}

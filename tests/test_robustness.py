@@ -73,10 +73,13 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
     answers: dict[bytes, list[bytes]] = {}
     while len(answers) < len(bodies):
         frames = await recv(sock)
-        answers[frames[3]] = frames
-    for frames in answers.values():
-        assert frames[1] == wire.REPLY
-        assert isinstance(wire.decode(frames[4:]).message, wire.Failure)
+        # replies may come one by one or batched: each message is [command, name, rid, *body]
+        batch = wire.unpack_batch(frames[2], frames[3:]) if frames[1] == wire.BATCH else [frames[1:]]
+        for message in batch:
+            answers[message[2]] = message
+    for message in answers.values():
+        assert message[0] == wire.REPLY
+        assert isinstance(wire.decode(message[3:]).message, wire.Failure)
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(3))).get(), torch.ones(3))
 

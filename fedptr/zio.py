@@ -1,0 +1,40 @@
+"""Fast multipart send and receive on non-blocking zmq sockets, for the broker's and links' hot paths.
+
+pyzmq's `send_multipart`/`recv_multipart` wrap every frame in enum arithmetic and option
+lookups that cost several microseconds per message; these call the Cython backend directly with
+plain integer flags. Envelope frames (small) are received as bytes; later frames as zero-copy
+`zmq.Frame`s, so a tensor's buffer is never copied on receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+from zmq.backend import Socket as _Backend
+
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_send = _Backend.send
+_recv = _Backend.recv
+_get = _Backend.get
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+    """Send `frames` as one message without blocking; raises zmq.Again when the queue is full
+    (only before the first frame: zmq accepts the rest of a message once it took the first)."""
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], _NOBLOCK | _SNDMORE, False)
+    _send(sock, frames[last], _NOBLOCK, False)
+
+
+def recv_frames(sock: zmq.Socket[Any], copied: int) -> list[Any]:
+    """Receive one message without blocking: its first `copied` frames as bytes, the rest as
+    zmq.Frame (zero copy). Raises zmq.Again when nothing is waiting."""
+    frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv(sock, _NOBLOCK, len(frames) < copied))
+    return frames
