@@ -33,7 +33,7 @@ import fedptr
 from fedptr.cluster import start_process, stop_processes
 
 sys.path.insert(0, str(Path(__file__).parent))
-import baselines  # noqa: E402
+import baselines
 
 HERE = Path(__file__).parent
 MIB = 1 << 20
@@ -435,7 +435,11 @@ def main() -> None:
     p.add_argument("--logs", default="/tmp/fedptr-bench-logs")
     args = p.parse_args()
     figures = asyncio.run(run(args))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.platform()}"
+    )
+    command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
     Path(args.out).write_text(json.dumps({"machine": machine, "figures": figures}, indent=1))
     rows = report(figures)
     header = ("what", "fedptr", "baseline (same run)", "ratio", "target")
@@ -446,7 +450,7 @@ def main() -> None:
         lines = [
             "# Benchmarks",
             "",
-            f"Machine: {machine}. Loopback tcp. Command: `.venv/bin/python bench/run.py{' --quick' if args.quick else ''}`.",
+            f"Machine: {machine}. Loopback tcp. Command: `{command}`.",
             f"Date: {time.strftime('%Y-%m-%d')}. Medians over all rounds; baselines interleaved in the same run.",
             "",
             "| " + " | ".join(header) + " |",
