@@ -104,7 +104,7 @@ class Broker:
             return
         identity = frames[0]
         command = frames[2]
-        if command == wire.REQUEST or command == wire.REPLY:
+        if command == wire.REQUEST or command == wire.REPLY or command == wire.CHUNK:
             self._route(frames, identity)
         elif command == wire.BATCH:
             self._route_batch(frames, identity)
@@ -124,7 +124,7 @@ class Broker:
         bytes and its name set to the source. Returns the destination's identity, or None after
         answering (a request to an unknown name) or dropping it."""
         command, dest, rid = bytes(message[0]), bytes(message[1]), bytes(message[2])
-        if command != wire.REQUEST and command != wire.REPLY:
+        if command != wire.REQUEST and command != wire.REPLY and command != wire.CHUNK:
             self._drop(message, f"command {command[:8]!r} in a routed message")
             return None
         if source is None:

@@ -48,6 +48,18 @@ MAX_STR_BYTES = 4096
 MAX_NAME_BYTES = 64
 """Longest worker or client name."""
 
+STREAM_THRESHOLD_BYTES = 4 << 20
+"""Buffer frames larger than this (4 MiB) travel as a stream of chunks, not as one frame."""
+
+STREAM_CHUNK_BYTES = 1 << 20
+"""Size of one chunk of a streamed buffer (1 MiB)."""
+
+STREAM_MAX_BYTES = 16 << 30
+"""Most bytes of partly received streams one peer keeps at once (16 GiB); more is refused."""
+
+STREAM_TIMEOUT_S = 60.0
+"""A partly received stream with no new chunk for this long is dropped (its sender died)."""
+
 PREVIEW_NUMEL = 16
 """Tensors up to this many elements show their values in `objects()`; larger ones show shape only."""
 

@@ -29,6 +29,7 @@ from fedptr.errors import (
     UnknownWorkerError,
 )
 from fedptr.failures import error_from_failure
+from fedptr.streams import Reassembly, split
 from fedptr.zio import recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
@@ -76,6 +77,7 @@ class Link:
         self._pending: dict[bytes, _Pending] = {}
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
+        self._reassembly = Reassembly()
         self._writable = asyncio.Event()
         self._paused = False
         self._drain_scheduled = False
@@ -226,7 +228,13 @@ class Link:
 
     def _push(self, message: list[Any]) -> None:
         """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once; the
-        ones that follow within the same event-loop turn go out together as one BATCH."""
+        ones that follow within the same event-loop turn go out together as one BATCH. A message
+        with a large buffer streams it as chunks first, each its own multipart."""
+        if len(message) > 4 and any(memoryview(f).nbytes > limits.STREAM_THRESHOLD_BYTES for f in message[4:]):
+            self._flush_batch()
+            for part in split(message):
+                self._push_frames([wire.PROTOCOL, *part])
+            return
         if self._batch is not None:
             self._batch.append(message)
             return
@@ -305,11 +313,17 @@ class Link:
 
     def _dispatch(self, command: bytes, name: bytes, rid: bytes, body: list[Any]) -> None:
         """Act on one message from the broker: `name` is its source (or the name it concerns)."""
+        if command == wire.CHUNK:
+            if len(body) != 2:
+                raise ProtocolError("a chunk has an info frame and a data frame")
+            self._reassembly.add(name, rid, bytes(body[0]), body[1])
+            return
         if command == wire.REPLY:
             p = self._pending.get(rid)
-            if p is None:
-                return  # late reply to a request that already timed out
             try:
+                body = self._reassembly.complete(command, name, rid, body)
+                if p is None:
+                    return  # late reply to a request that already timed out
                 reply = wire.decode(body).message
             except ProtocolError as e:
                 self._settle(rid, error=e)
@@ -323,7 +337,7 @@ class Link:
                 raise ProtocolError("clients take no requests")
             source = name.decode()
             try:
-                decoded = wire.decode(body)
+                decoded = wire.decode(self._reassembly.complete(command, name, rid, body))
             except ProtocolError as e:
                 log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
                 self.reply(source, rid, wire.Failure("protocol", "", str(e)[:500], self.name, [self.name]))

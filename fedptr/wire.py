@@ -69,7 +69,17 @@ where each message is ``[command, name, request_id, *body]`` and `counts` holds 
 frame count (little-endian uint16). The broker splits a batch, routes each message, and
 re-batches per destination."""
 
-COMMANDS = frozenset({REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, PING, BATCH})
+CHUNK = b"C"
+"""A slice of one large buffer frame of the REQUEST or REPLY that follows it:
+``[PROTOCOL, CHUNK, name, request_id, info, data]``, info = CHUNK_INFO. The broker routes each
+chunk as it arrives, so a large tensor streams through it; the message itself then carries an
+empty frame where that buffer goes, and the receiver puts the reassembled buffer there."""
+
+CHUNK_INFO = struct.Struct("<cIQQ")
+"""command of the message the chunk belongs to (1 byte), its body frame index (uint32),
+the chunk's offset and the buffer's total size in bytes (uint64 each)."""
+
+COMMANDS = frozenset({REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, PING, BATCH, CHUNK})
 
 ROLE_WORKER = b"worker"
 ROLE_CLIENT = b"client"

@@ -150,7 +150,10 @@ class Node:
         task.add_done_callback(self._background.discard)
 
     def _forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]:
+        """Send `msg` one hop on; its future settles by the caller's budget less a margin."""
         assert self.link is not None
+        if self.link.in_flight >= self.config.max_forwards:
+            raise OverloadedError(self.name, f"{self.link.in_flight} forwarded requests already waiting")
         return self.link.request_nowait(dest, msg, _hop_budget(budget))
 
     def _delete_downstream(self, entries: list[Entry]) -> None:
@@ -224,7 +227,12 @@ class Node:
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
-        self._spawn(self._relay(source, rid, self._forward(location, nested, budget), ptr))
+        try:
+            forwarded = self._forward(location, nested, budget)
+        except FedptrError as e:
+            ptr.done.set_exception(e)
+            raise
+        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, ptr))
 
     def _operands(self, msg: wire.Op) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
@@ -289,41 +297,37 @@ class Node:
         except Exception as e:
             self._fail(source, rid, result, e)
 
-    async def _relay(self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr: Entry) -> None:
-        try:
-            reply = await forwarded
-        except FedptrError as e:
-            err = with_hop(e, self.name)
+    def _relayed(self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr: Entry) -> None:
+        error = forwarded.exception()
+        if error is not None:
+            err = with_hop(error, self.name)
             ptr.done.set_exception(err)
             self._reply_error(source, rid, err)
-            return
-        ptr.done.set_result(None)
-        self._reply(source, rid, reply)
+        else:
+            ptr.done.set_result(None)
+            self._reply(source, rid, forwarded.result())
 
     # --- handing objects over ----------------------------------------------------------
     def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
         entry = self.store.pop(msg.obj_id)
 
-        async def answer() -> None:
-            try:
-                async with asyncio.timeout(budget):
-                    value = await asyncio.shield(entry.done)
-            except TimeoutError:
-                self._reply_error(
-                    source, rid, RemoteError("TimeoutError", "object never settled", self.name, [self.name])
-                )
-                return
-            except FedptrError as e:
+        def answer(done: asyncio.Future[torch.Tensor | None]) -> None:
+            error = done.exception()
+            if error is not None:
                 self._delete_downstream([entry])
-                self._reply_error(source, rid, e)
-                return
-            if entry.location is not None:
+                self._reply_error(source, rid, error)
+            elif entry.location is not None:
                 self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
             else:
+                value = done.result()
                 assert value is not None
                 self._reply(source, rid, wire.TensorReply(to_raw(value)))
 
-        self._spawn(answer())
+        # An entry always settles: computations end, and forwards carry the link's deadline.
+        if entry.done.done():
+            answer(entry.done)
+        else:
+            entry.done.add_done_callback(answer)
 
     def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
         entry = self.store.pop(msg.obj_id)

@@ -1,0 +1,125 @@
+"""Streaming of large buffer frames as chunks, and their reassembly at the receiver (no sockets).
+
+A message whose body holds a buffer larger than `limits.STREAM_THRESHOLD_BYTES` is sent as
+chunk messages (zero-copy slices of the buffer) followed by the message with an empty frame in
+the buffer's place. The receiver copies each chunk into one preallocated buffer as it arrives,
+so neither the broker nor the receiver ever holds the whole buffer twice, and the broker
+forwards chunks while later ones are still arriving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedptr import limits, wire
+from fedptr.errors import ProtocolError
+
+
+def split(
+    message: list[Any], threshold: int = limits.STREAM_THRESHOLD_BYTES, chunk: int = limits.STREAM_CHUNK_BYTES
+) -> list[list[Any]]:
+    """`message` (``[command, name, rid, *body]``) as the messages to send in order: a CHUNK per
+    slice of each large body frame, then the message with those frames emptied. A message with
+    no large frame comes back alone and unchanged."""
+    command, name, rid = message[0], message[1], message[2]
+    out: list[list[Any]] = []
+    rest = list(message)
+    for i in range(4, len(message)):  # body frame 0 is the header, never large
+        view = memoryview(message[i])
+        total = view.nbytes
+        if total <= threshold:
+            continue
+        view = view.cast("B")
+        for offset in range(0, total, chunk):
+            info = wire.CHUNK_INFO.pack(command, i - 3, offset, total)
+            out.append([wire.CHUNK, name, rid, info, view[offset : offset + chunk]])
+        rest[i] = b""
+    out.append(rest)
+    return out
+
+
+@dataclass
+class _Partial:
+    buffers: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+    touched: float = 0.0
+
+
+class Reassembly:
+    """Partly received streams, keyed by (command, source, request id)."""
+
+    def __init__(self, max_bytes: int = limits.STREAM_MAX_BYTES, timeout: float = limits.STREAM_TIMEOUT_S) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._partials: dict[tuple[bytes, bytes, bytes], _Partial] = {}
+        self._bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for streams not yet complete."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._partials)
+
+    def add(self, source: bytes, rid: bytes, info: bytes, data: Any) -> None:
+        """Copy one chunk into place. Raises ProtocolError for a malformed or oversized chunk."""
+        self.purge()
+        if len(info) != wire.CHUNK_INFO.size:
+            raise ProtocolError("bad chunk info")
+        command, index, offset, total = wire.CHUNK_INFO.unpack(info)
+        if command not in (wire.REQUEST, wire.REPLY) or not 1 <= index < limits.MAX_FRAMES:
+            raise ProtocolError("chunk for a bad command or frame")
+        view = memoryview(data).cast("B")
+        if total > limits.MAX_MESSAGE_BYTES or offset + view.nbytes > total:
+            raise ProtocolError("chunk outside its buffer")
+        key = (command, source, rid)
+        partial = self._partials.get(key)
+        if partial is None:
+            partial = self._partials[key] = _Partial()
+        buf = partial.buffers.get(index)
+        if buf is None:
+            if self._bytes + total > self.max_bytes:
+                self.drop(key)
+                raise ProtocolError(f"streams in progress would exceed {self.max_bytes} bytes")
+            buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)  # no zero-fill
+            partial.received[index] = 0
+            self._bytes += total
+        elif len(buf) != total:
+            raise ProtocolError("chunk disagrees on its buffer's size")
+        buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+        partial.received[index] += view.nbytes
+        partial.touched = time.monotonic()
+
+    def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
+        """`body` with reassembled buffers in place of their empty frames (unchanged when no
+        stream preceded it). Raises ProtocolError when a stream is incomplete."""
+        if not self._partials:
+            return body
+        partial = self._partials.pop((command, source, rid), None)
+        if partial is None:
+            return body
+        self._bytes -= sum(len(b) for b in partial.buffers.values())
+        body = list(body)
+        for index, buf in partial.buffers.items():
+            if index >= len(body) or partial.received[index] != len(buf) or len(body[index]):
+                raise ProtocolError("a streamed buffer is incomplete or misplaced")
+            body[index] = memoryview(buf)  # type: ignore[arg-type]
+        return body
+
+    def drop(self, key: tuple[bytes, bytes, bytes]) -> None:
+        partial = self._partials.pop(key, None)
+        if partial is not None:
+            self._bytes -= sum(len(b) for b in partial.buffers.values())
+
+    def purge(self) -> None:
+        """Drop streams that saw no chunk for `timeout` seconds (their sender died mid-way)."""
+        if not self._partials:
+            return
+        cutoff = time.monotonic() - self.timeout
+        for key in [k for k, p in self._partials.items() if p.touched < cutoff]:
+            self.drop(key)
