@@ -134,6 +134,11 @@ class Client:
         """Bytes this client's socket has received so far (every frame, envelope included)."""
         return self._link.bytes_received
 
+    @property
+    def link(self) -> Link:
+        """The connection to the broker (its counters show what was sent and received)."""
+        return self._link
+
     def worker(self, name: str) -> Worker:
         """The worker registered as `name` (not checked until it is used)."""
         return Worker(self, name)

@@ -72,6 +72,10 @@ class Link:
         self.connect_timeout = connect_timeout
         self.bytes_received = 0
         """Bytes of every frame this link has received (for tests that check what reached it)."""
+        self.messages_sent = 0
+        """Requests and replies handed to the socket (a batch counts each message)."""
+        self.multiparts_sent = 0
+        """zmq multipart messages sent (a batch counts once)."""
         self._sock: zmq.Socket[bytes] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
@@ -230,6 +234,7 @@ class Link:
         """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once; the
         ones that follow within the same event-loop turn go out together as one BATCH. A message
         with a large buffer streams it as chunks first, each its own multipart."""
+        self.messages_sent += 1
         if len(message) > 4 and any(memoryview(f).nbytes > limits.STREAM_THRESHOLD_BYTES for f in message[4:]):
             self._flush_batch()
             for part in split(message):
@@ -249,6 +254,7 @@ class Link:
 
     def _push_frames(self, frames: list[Any]) -> None:
         """Send a whole multipart now, or queue it behind what is already waiting, in order."""
+        self.multiparts_sent += 1
         if self._outbox:
             self._outbox.append(frames)
             return

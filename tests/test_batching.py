@@ -1,0 +1,57 @@
+"""Batching: messages issued within one event-loop turn travel together and each settles on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import fedptr
+
+
+async def test_ops_issued_together_share_multiparts(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.arange(3))
+    link = client.link
+    messages, multiparts = link.messages_sent, link.multiparts_sent
+    ys = [x + i for i in range(200)]  # one loop turn
+    results = await asyncio.gather(*[y.get() for y in ys])  # the gets start together too
+    assert all(torch.equal(r, torch.arange(3) + i) for i, r in enumerate(results))  # type: ignore[arg-type]
+    sent = link.messages_sent - messages
+    packed = link.multiparts_sent - multiparts
+    assert sent == 400  # 200 ops + 200 gets
+    assert packed < sent / 4, f"{sent} messages went out in {packed} multiparts"
+
+
+async def test_lone_message_is_sent_at_once(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(1))
+    before = client.link.multiparts_sent
+    y = x + 1  # no await: it must already be on the socket, not waiting for the loop
+    assert client.link.multiparts_sent == before + 1
+    await y
+
+
+async def test_errors_inside_a_batch_stay_with_their_request(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    alice = client.worker("alice")
+    results = await asyncio.gather(
+        bob.send(torch.ones(1)),
+        client.worker("ghost").send(torch.ones(1)),
+        alice.send(torch.ones(2)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], fedptr.Pointer) and results[0].location == "bob"
+    assert isinstance(results[1], fedptr.UnknownWorkerError) and results[1].worker == "ghost"
+    assert isinstance(results[2], fedptr.Pointer) and results[2].location == "alice"
+
+
+async def test_failure_mid_pipeline_fails_every_later_step(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(2, 2))
+    steps = [x + 1]
+    steps.append(steps[-1].reshape(5))  # fails: 4 elements
+    for _ in range(10):
+        steps.append(steps[-1] * 2)
+    await steps[0]
+    for step in steps[1:]:
+        with pytest.raises(fedptr.RemoteError) as info:
+            await step
+        assert info.value.remote_type == "RuntimeError" and "invalid for input of size 4" in info.value.remote_message
