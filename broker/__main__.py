@@ -22,6 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=limits.MAX_MESSAGE_BYTES, help="largest frame accepted")
     p.add_argument("--max-peers", type=int, default=limits.BROKER_MAX_PEERS, help="most registered names")
     p.add_argument("--hwm", type=int, default=100_000, help="messages queued per peer before sends are refused")
+    p.add_argument(
+        "--heartbeat-ms", type=int, default=int(limits.HEARTBEAT_INTERVAL_S * 1000), help="heartbeat interval"
+    )
+    p.add_argument("--liveness", type=int, default=limits.HEARTBEAT_LIVENESS, help="missed beats before a peer is dead")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -30,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s broker %(levelname)s %(message)s")
     broker = Broker(
-        BrokerConfig(bind=args.bind, max_message_bytes=args.max_message_bytes, max_peers=args.max_peers, hwm=args.hwm)
+        BrokerConfig(
+            bind=args.bind,
+            max_message_bytes=args.max_message_bytes,
+            max_peers=args.max_peers,
+            hwm=args.hwm,
+            heartbeat_s=args.heartbeat_ms / 1000,
+            liveness=args.liveness,
+        )
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

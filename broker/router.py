@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ class BrokerConfig:
     max_message_bytes: int = limits.MAX_MESSAGE_BYTES
     max_peers: int = limits.BROKER_MAX_PEERS
     hwm: int = 100_000
+    heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S
+    liveness: int = limits.HEARTBEAT_LIVENESS
 
 
 @dataclass
@@ -38,19 +41,27 @@ class RoutingTable:
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
     workers: set[bytes] = field(default_factory=set)
+    heard: dict[bytes, float] = field(default_factory=dict)
+    """Registered identity -> when the broker last received anything from it (monotonic s)."""
 
-    def add(self, name: bytes, identity: bytes, role: bytes) -> None:
+    def add(self, name: bytes, identity: bytes, role: bytes, now: float) -> None:
         self.by_name[name] = identity
         self.by_identity[identity] = name
+        self.heard[identity] = now
         if role == wire.ROLE_WORKER:
             self.workers.add(name)
 
     def remove_identity(self, identity: bytes) -> bytes | None:
         name = self.by_identity.pop(identity, None)
+        self.heard.pop(identity, None)
         if name is not None:
             self.by_name.pop(name, None)
             self.workers.discard(name)
         return name
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        """Lengths of every table: after peers leave they return to their baseline."""
+        return len(self.by_name), len(self.by_identity), len(self.workers), len(self.heard)
 
 
 class Broker:
@@ -71,6 +82,8 @@ class Broker:
         self.dropped = 0
         self.routed = 0
         self._running = False
+        self._now = time.monotonic()
+        self._next_beat = self._now
 
     # --- loop --------------------------------------------------------------------------
     def serve(self) -> None:
@@ -79,15 +92,40 @@ class Broker:
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        beat_ms = max(1, int(self.config.heartbeat_s * 1000))
+        heard = self.table.heard
         while self._running:
-            if not poller.poll(200):
-                continue
-            for _ in range(10_000):
-                try:
-                    frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES)
-                except zmq.Again:
-                    break
-                self.handle(frames)
+            if poller.poll(beat_ms):
+                self._now = time.monotonic()
+                for _ in range(10_000):
+                    try:
+                        frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES)
+                    except zmq.Again:
+                        break
+                    if frames[0] in heard:
+                        heard[frames[0]] = self._now
+                    self.handle(frames)
+            self._now = time.monotonic()
+            if self._now >= self._next_beat:
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """Beat every peer; forget (and announce) those silent for `liveness` intervals."""
+        self._next_beat = self._now + self.config.heartbeat_s
+        deadline = self._now - self.config.heartbeat_s * self.config.liveness
+        for identity in [i for i, t in self.table.heard.items() if t < deadline]:
+            self._forget(identity, "its heartbeats stopped")
+        for identity in list(self.table.heard):
+            self._send([identity, wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY])
+
+    def _forget(self, identity: bytes, why: str) -> None:
+        """Drop a peer and tell every other peer, so calls waiting on it fail at once."""
+        name = self.table.remove_identity(identity)
+        if name is None:
+            return
+        log.warning("peer %r is gone: %s", name, why)
+        for other in list(self.table.by_identity):
+            self._send([other, wire.PROTOCOL, wire.LOST, name, wire.NO_REPLY])
 
     def stop(self) -> None:
         self._running = False
@@ -114,8 +152,11 @@ class Broker:
             names = sorted(self.table.workers)
             self._send([identity, wire.PROTOCOL, wire.LIST, b"", frames[4], *names])
         elif command == wire.DISCONNECT:
-            name = self.table.remove_identity(identity)
-            log.info("peer %r disconnected", name)
+            self._forget(identity, "it disconnected")
+        elif command == wire.HEARTBEAT:
+            if identity not in self.table.by_identity:
+                # a peer we forgot (it was stopped, or this broker restarted): ask it to register
+                self._error(identity, b"", wire.NO_REPLY, wire.REASON_NOT_REGISTERED, "register again")
         else:
             self._drop(frames, f"unknown command {command[:8]!r}")
 
@@ -131,7 +172,7 @@ class Broker:
             if command == wire.REQUEST:
                 self._error(identity, dest, rid, wire.REASON_NOT_REGISTERED, "register first")
             else:
-                self._drop(message, "reply from an unregistered peer")
+                self._error(identity, dest, wire.NO_REPLY, wire.REASON_NOT_REGISTERED, "register again")
             return None
         dest_identity = self.table.by_name.get(dest)
         if dest_identity is None:
@@ -190,7 +231,7 @@ class Broker:
         holder = self.table.by_name.get(name)
         if holder is not None and holder != identity:
             # A restarted peer reclaims its name once the old connection is gone.
-            if self._send([holder, wire.PROTOCOL, wire.PING, b"", b""]) is None:
+            if self._send([holder, wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY]) is None:
                 log.warning("refused %r: name taken", name)
                 self._error(identity, name, rid, wire.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
@@ -201,7 +242,7 @@ class Broker:
         old = self.table.by_identity.get(identity)
         if old is not None and old != name:
             self.table.remove_identity(identity)
-        self.table.add(name, identity, role)
+        self.table.add(name, identity, role, self._now)
         log.info("registered %s %r", role.decode(), name)
         self._send([identity, wire.PROTOCOL, wire.ACCEPTED, name, rid])
 
@@ -213,8 +254,7 @@ class Broker:
         except zmq.ZMQError as e:
             peer = bytes(frames[0])
             if e.errno == errno.EHOSTUNREACH:
-                name = self.table.remove_identity(peer)
-                log.warning("peer %r is gone; forgot it", name)
+                self._forget(peer, "its connection closed")
                 return wire.REASON_LOST
             if e.errno == errno.EAGAIN:
                 log.warning("peer %r is not reading (queue full); message refused", self.table.by_identity.get(peer))

@@ -211,11 +211,20 @@ __all__ = ["Client", "ConsumedPointerError", "ObjectInfo", "Pointer", "Worker", 
 
 
 @asynccontextmanager
-async def connect(address: str, *, timeout: float = limits.CALL_TIMEOUT_S) -> AsyncIterator[Client]:
-    """Connect to the broker at `address` and yield a `Client`; `timeout` is every call's deadline (s).
+async def connect(
+    address: str,
+    *,
+    timeout: float = limits.CALL_TIMEOUT_S,
+    heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
+    liveness: int = limits.HEARTBEAT_LIVENESS,
+) -> AsyncIterator[Client]:
+    """Connect to the broker at `address` and yield a `Client`.
 
-    Raises DeadlineExceeded when the broker does not answer within the connect timeout."""
-    link = Link(address, f"client-{secrets.token_hex(6)}", wire.ROLE_CLIENT)
+    `timeout` is every call's deadline (s). The client beats every `heartbeat_s` seconds when
+    idle and takes the broker for dead after `liveness` silent intervals: waiting calls then fail
+    with LostWorkerError and the client registers again once a broker answers. Raises
+    DeadlineExceeded when the broker does not answer within the connect timeout."""
+    link = Link(address, f"client-{secrets.token_hex(6)}", wire.ROLE_CLIENT, heartbeat_s=heartbeat_s, liveness=liveness)
     await link.__aenter__()
     client = Client(link, timeout)
     try:

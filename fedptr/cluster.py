@@ -42,10 +42,33 @@ class Cluster:
     pids: dict[str, int]
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(repr=False)
+    broker_args: list[str] = field(default_factory=list, repr=False)
+    node_args: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def log(self, name: str) -> str:
         """What process `name` (``"broker"`` or a worker) has logged so far."""
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to process `name` (for fault tests: SIGKILL, SIGSTOP, SIGCONT)."""
+        self.processes[name].send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.processes[name].wait()
+
+    def start_node(self, name: str) -> None:
+        """Start worker `name` again (after it died), with the flags it had."""
+        self.processes[name] = start_process(
+            ["-m", "nodes", "--name", name, "--broker", self.address, *self.node_args[name]],
+            self.log_dir / f"{name}.log",
+        )
+        self.pids[name] = self.processes[name].pid
+
+    async def restart_broker(self, timeout: float = limits.CLUSTER_START_TIMEOUT_S) -> None:
+        """Start a new broker on the same address (after the old one died)."""
+        proc, address = await start_broker(self.address, self.log_dir / "broker.log", timeout, self.broker_args)
+        assert address == self.address, (address, self.address)
+        self.processes["broker"] = proc
+        self.pids["broker"] = proc.pid
 
 
 def start_process(
@@ -128,12 +151,15 @@ async def local_cluster(
     node_args: Mapping[str, Sequence[str]] | None = None,
     broker_args: Sequence[str] = (),
     log_dir: str | os.PathLike[str] | None = None,
+    heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
+    liveness: int = limits.HEARTBEAT_LIVENESS,
 ) -> AsyncIterator[Cluster]:
     """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
     directory. `node_args` adds command-line flags per worker name. Every process is stopped on
-    exit, on errors too. Raises DeadlineExceeded if the cluster is not up within `start_timeout`
+    exit, on errors too. `heartbeat_s` and `liveness` apply to every process and the client (a
+    dead worker is noticed within their product). Raises DeadlineExceeded if the cluster is not up within `start_timeout`
     seconds, or FedptrError (with the process's log) if a process dies while starting."""
     if len(set(names)) != len(names):
         raise ValueError(f"worker names must be unique: {list(names)}")
@@ -144,12 +170,17 @@ async def local_cluster(
         bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/broker.sock"
         processes: dict[str, subprocess.Popen[bytes]] = {}
         stack.callback(lambda: stop_processes(list(reversed(processes.values()))))
-        processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, broker_args)
+        beat = ["--heartbeat-ms", str(max(1, int(heartbeat_s * 1000))), "--liveness", str(liveness)]
+        all_broker_args = [*beat, *broker_args]
+        all_node_args = {name: [*beat, *(node_args or {}).get(name, ())] for name in names}
+        processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
         for name in names:
-            extra = list((node_args or {}).get(name, ()))
             processes[name] = start_process(
-                ["-m", "nodes", "--name", name, "--broker", address, *extra], logs / f"{name}.log"
+                ["-m", "nodes", "--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log"
             )
-        client = await stack.enter_async_context(connect(address, timeout=call_timeout))
+        client = await stack.enter_async_context(
+            connect(address, timeout=call_timeout, heartbeat_s=heartbeat_s, liveness=liveness)
+        )
         await wait_registered(client, names, processes, logs, start_timeout)
-        yield Cluster(client, address, {n: p.pid for n, p in processes.items()}, logs, processes)
+        pids = {n: p.pid for n, p in processes.items()}
+        yield Cluster(client, address, pids, logs, processes, all_broker_args, all_node_args)

@@ -26,6 +26,12 @@ CLUSTER_START_TIMEOUT_S = 60.0
 CLUSTER_STOP_GRACE_S = 5.0
 """After SIGTERM, how long a local cluster waits for a process before it sends SIGKILL."""
 
+HEARTBEAT_INTERVAL_S = 1.0
+"""A peer or broker that sent nothing for this long sends a heartbeat."""
+
+HEARTBEAT_LIVENESS = 3
+"""Missed heartbeat intervals after which the other side is taken for dead (Paranoid Pirate's 3)."""
+
 # --- sizes (bytes / counts) --------------------------------------------------------------
 MAX_HEADER_BYTES = 1 << 20
 """Largest msgpack header a decoder accepts (1 MiB)."""

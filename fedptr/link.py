@@ -36,6 +36,8 @@ log = logging.getLogger("fedptr.link")
 
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
+_REREGISTER = b"\xff" * 8
+"""Request id of the registrations a link repeats on its own."""
 _DRAIN_BATCH = 256
 """Messages handled per read callback before other callbacks get a turn."""
 
@@ -64,12 +66,18 @@ class Link:
         handler: RequestHandler | None = None,
         *,
         connect_timeout: float = limits.CONNECT_TIMEOUT_S,
+        heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
+        liveness: int = limits.HEARTBEAT_LIVENESS,
     ) -> None:
         self.address = address
         self.name = name
         self.role = role
         self.handler = handler
         self.connect_timeout = connect_timeout
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.reregistrations = 0
+        """Times this link registered again (after a broker restart, or after being forgotten)."""
         self.bytes_received = 0
         """Bytes of every frame this link has received (for tests that check what reached it)."""
         self.messages_sent = 0
@@ -82,6 +90,9 @@ class Link:
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
         self._reassembly = Reassembly()
+        self._registered = False
+        self._last_heard = 0.0
+        self._last_sent = 0.0
         self._writable = asyncio.Event()
         self._paused = False
         self._drain_scheduled = False
@@ -103,11 +114,14 @@ class Link:
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._tasks = [self._group.create_task(self._writer())]
+        self._last_heard = self._last_sent = self._loop.time()
         try:
             await self._register()
         except BaseException:
             await self.aclose()
             raise
+        self._registered = True
+        self._tasks.append(self._group.create_task(self._heartbeat()))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -255,6 +269,7 @@ class Link:
     def _push_frames(self, frames: list[Any]) -> None:
         """Send a whole multipart now, or queue it behind what is already waiting, in order."""
         self.multiparts_sent += 1
+        self._last_sent = self._loop.time()
         if self._outbox:
             self._outbox.append(frames)
             return
@@ -282,6 +297,7 @@ class Link:
             except zmq.Again:
                 break
             self.bytes_received += sum(len(f) for f in frames)
+            self._last_heard = self._loop.time()
             try:
                 if len(frames) < wire.ENVELOPE_FRAMES or frames[0] != wire.PROTOCOL:
                     raise ProtocolError("not a fedptr envelope")
@@ -317,6 +333,29 @@ class Link:
                 await asyncio.sleep(0.001)  # the FD wakes us for reads only; poll for room to write
                 self._writable.set()
 
+    async def _heartbeat(self) -> None:
+        """Beat when idle; take the broker for dead after `liveness` silent intervals, fail what
+        waits on it, and keep registering again until a broker (the same or a new one) accepts."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            now = self._loop.time()
+            if now - self._last_heard > self.heartbeat_s * self.liveness and self._registered:
+                log.warning(
+                    "%s: no word from the broker for %.1f s; registering again", self.name, now - self._last_heard
+                )
+                self._registered = False
+                for rid in list(self._pending):
+                    self._settle(rid, error=LostWorkerError(self._pending[rid].dest, ["broker"]))
+            if not self._registered:
+                self._push_frames([wire.PROTOCOL, wire.REGISTER, self.name.encode(), _REREGISTER, self.role])
+            elif now - self._last_sent >= self.heartbeat_s:
+                self._push_frames([wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY])
+
+    def _lost(self, name: str) -> None:
+        """Fail every request waiting on `name`, which the broker says is gone."""
+        for rid in [r for r, p in self._pending.items() if p.dest == name]:
+            self._settle(rid, error=LostWorkerError(name))
+
     def _dispatch(self, command: bytes, name: bytes, rid: bytes, body: list[Any]) -> None:
         """Act on one message from the broker: `name` is its source (or the name it concerns)."""
         if command == wire.CHUNK:
@@ -350,12 +389,22 @@ class Link:
                 return
             self.handler(source, rid, decoded)
         elif command == wire.ACCEPTED:
+            if rid == _REREGISTER:
+                self._registered = True
+                self.reregistrations += 1
+                log.warning("%s registered again", self.name)
             self._settle(rid, result=wire.Ok())
         elif command == wire.LIST:
             self._settle(rid, result=_NameList([bytes(f).decode() for f in body]))
         elif command == wire.BROKER_ERROR:
+            if body and bytes(body[0]) == wire.REASON_NOT_REGISTERED:
+                self._registered = False  # the broker forgot us; the heartbeat task registers again
+            if rid == _REREGISTER:
+                log.warning("%s: registering again was refused: %s", self.name, _broker_error(name, body))
             self._settle(rid, error=_broker_error(name, body))
-        elif command == wire.PING:
+        elif command == wire.LOST:
+            self._lost(name.decode())
+        elif command == wire.HEARTBEAT:
             return
         else:
             raise ProtocolError(f"unknown command {command!r}")
@@ -374,6 +423,8 @@ def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
     text = bytes(body[1]).decode(errors="replace") if len(body) > 1 else ""
     if reason == wire.REASON_LOST:
         return LostWorkerError(name)
+    if reason == wire.REASON_NOT_REGISTERED:
+        return LostWorkerError(name or "broker", ["broker"])
     if reason == wire.REASON_OVERLOADED:
         return OverloadedError(name, "the broker's queue to it is full")
     if reason in (wire.REASON_UNKNOWN_NAME,):

@@ -58,10 +58,12 @@ BROKER_ERROR = b"E"
 """broker -> peer: the broker could not do what the message asked; body ``[reason, text]``."""
 DISCONNECT = b"D"
 """peer -> broker: the peer is leaving; the broker forgets its name."""
-PING = b"H"
-"""broker -> peer: a liveness probe; peers ignore it. The broker sends one to the holder of a
-name someone else claims: if the holder's connection is gone the send fails and the name is
-free again (a restarted node takes its name back)."""
+HEARTBEAT = b"H"
+"""Either way: "I am alive", sent when nothing else was sent for a heartbeat interval. Any
+message counts as a beat; a peer silent for `liveness` intervals is taken for dead."""
+LOST = b"X"
+"""broker -> every peer: the peer `name` is gone (it disconnected or its heartbeats stopped);
+requests waiting on it fail with LostWorkerError."""
 
 BATCH = b"B"
 """Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``
@@ -79,7 +81,9 @@ CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
-COMMANDS = frozenset({REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, PING, BATCH, CHUNK})
+COMMANDS = frozenset(
+    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK}
+)
 
 ROLE_WORKER = b"worker"
 ROLE_CLIENT = b"client"
@@ -93,6 +97,9 @@ REASON_BAD_NAME = b"bad-name"
 REASON_FULL = b"full"
 REASON_OVERLOADED = b"overloaded"
 REASON_LOST = b"lost"
+
+NO_REPLY = b"\0" * 8
+"""Request id of messages that expect no answer (Delete notices, heartbeats, broker notices)."""
 
 ENVELOPE_FRAMES = 4
 """Frames before the body: protocol, command, name, request id."""

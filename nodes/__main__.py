@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--offload-numel", type=int, default=limits.OFFLOAD_NUMEL, help="elements above which ops run on a thread"
     )
+    p.add_argument(
+        "--heartbeat-ms", type=int, default=int(limits.HEARTBEAT_INTERVAL_S * 1000), help="heartbeat interval"
+    )
+    p.add_argument(
+        "--liveness", type=int, default=limits.HEARTBEAT_LIVENESS, help="missed beats before the broker is dead"
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -38,7 +44,14 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     node = Node(args.name, NodeConfig(args.pool_size, args.max_forwards, args.offload_numel))
     try:
-        async with Link(args.broker, args.name, wire.ROLE_WORKER, node.handle) as link:
+        async with Link(
+            args.broker,
+            args.name,
+            wire.ROLE_WORKER,
+            node.handle,
+            heartbeat_s=args.heartbeat_ms / 1000,
+            liveness=args.liveness,
+        ) as link:
             node.link = link
             print(f"fedptr-node {args.name} ready", flush=True)
             try:

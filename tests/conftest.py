@@ -41,7 +41,7 @@ def alice(client: fedptr.Client) -> fedptr.Worker:
 @pytest_asyncio.fixture(autouse=True)
 async def _clean_stores(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     yield
-    if "cluster" in request.fixturenames:
+    if "cluster" in request.fixturenames and request.node.get_closest_marker("destructive") is None:
         c: fedptr.Cluster = request.getfixturevalue("cluster")
         for name in WORKERS:
             await c.client.worker(name).clear()

@@ -1,0 +1,144 @@
+"""The fault suite: SIGKILL and SIGSTOP on nodes and the broker, with 100 ms x 3 heartbeats.
+
+Each test runs its own cluster (marked destructive). A Checker records every call and asserts
+it settled before its deadline with a correct result or a typed fedptr error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import torch
+
+import fedptr
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.destructive
+
+BEAT_S = 0.1
+LIVENESS = 3
+DETECT_S = BEAT_S * LIVENESS
+CALL_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Checker:
+    """Every call: how long it took and how it ended."""
+
+    calls: list[tuple[str, float, object]] = field(default_factory=list)
+
+    async def call(self, what: str, aw: Awaitable[Any]) -> object:
+        t0 = time.monotonic()
+        try:
+            result: object = await aw
+        except fedptr.FedptrError as e:
+            result = e
+        except Exception as e:  # anything else is a bug: recorded so the check fails
+            result = ("untyped", e)
+        self.calls.append((what, time.monotonic() - t0, result))
+        return result
+
+    def check(self) -> None:
+        assert self.calls
+        for what, took, result in self.calls:
+            assert took < CALL_TIMEOUT_S + 0.5, f"{what} took {took:.2f} s"
+            assert not (isinstance(result, tuple) and result[0] == "untyped"), f"{what}: {result}"
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def cluster() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(
+        ["bob", "alice"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS
+    ) as c:
+        yield c
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_killed_node_fails_pending_calls_fast_and_comes_back(cluster: fedptr.Cluster) -> None:
+    client = cluster.client
+    bob, alice = client.worker("bob"), client.worker("alice")
+    keep = await alice.send(torch.ones(2))
+    x = await bob.send(torch.arange(4.0))
+    via_alice = await (await bob.send(torch.ones(3))).send(alice)
+    checker = Checker()
+    cluster.signal("bob", signal.SIGSTOP)  # so the calls below are surely pending when it dies
+    direct = [asyncio.ensure_future(checker.call(f"op {i}", x + i)) for i in range(20)]
+    chained = asyncio.ensure_future(checker.call("chained op", via_alice * 2))
+    await asyncio.sleep(0.05)
+    killed_at = time.monotonic()
+    cluster.signal("bob", signal.SIGKILL)
+    await asyncio.gather(*direct, chained)
+    detected = time.monotonic() - killed_at
+    checker.check()
+    assert detected < DETECT_S + 0.5, f"lost worker noticed after {detected:.2f} s"
+    for _, _, result in checker.calls[:-1]:
+        assert isinstance(result, fedptr.LostWorkerError) and result.worker == "bob"
+    chain_error = next(r for w, _, r in checker.calls if w == "chained op")
+    assert isinstance(chain_error, fedptr.LostWorkerError)
+    assert chain_error.path == ["alice", "bob"]
+    # the other worker and the client carry on
+    assert torch.equal(await (keep + 1).get(), torch.full((2,), 2.0))  # type: ignore[arg-type]
+    # a node that comes back under the same name is accepted again
+    cluster.start_node("bob")
+    assert await eventually(lambda: _registered(client, "bob"), timeout=30)
+    assert torch.equal(await (await bob.send(torch.ones(1))).get(), torch.ones(1))
+
+
+async def _registered(client: fedptr.Client, name: str) -> bool:
+    return name in await client.workers()
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_stopped_node_gives_typed_errors_then_recovers(cluster: fedptr.Cluster) -> None:
+    client = cluster.client
+    bob = client.worker("bob")
+    x = await bob.send(torch.arange(3.0))
+    cluster.signal("bob", signal.SIGSTOP)
+    checker = Checker()
+    result = await checker.call("op on a stopped node", x + 1)
+    checker.check()
+    assert isinstance(result, (fedptr.LostWorkerError, fedptr.DeadlineExceeded))
+    cluster.signal("bob", signal.SIGCONT)
+    assert await eventually(lambda: _registered(client, "bob"), timeout=10)
+    # the data lived on at the node: the old pointer works again
+    assert torch.equal(await (x * 2).get(), torch.arange(3.0) * 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_broker_restart_everyone_reregisters_and_pointers_survive(cluster: fedptr.Cluster) -> None:
+    client = cluster.client
+    bob, alice = client.worker("bob"), client.worker("alice")
+    x = await bob.send(torch.arange(5.0))
+    p = await (await alice.send(torch.ones(2))).send(bob)
+    checker = Checker()
+    cluster.signal("broker", signal.SIGKILL)
+    in_flight = asyncio.ensure_future(checker.call("op while the broker is down", x + 1))
+    await asyncio.sleep(DETECT_S * 2)
+    await cluster.restart_broker()
+    await in_flight
+    assert await eventually(lambda: _all_registered(client), timeout=10)
+    checker.check()
+    assert all(isinstance(r, (fedptr.Pointer, fedptr.FedptrError)) for _, _, r in checker.calls)
+    assert torch.equal(await (x + 1).get(), torch.arange(5.0) + 1)  # type: ignore[arg-type]
+    assert torch.equal(await _get2(p + 1), torch.full((2,), 2.0))  # type: ignore[arg-type]
+    assert client.link.reregistrations >= 1
+
+
+async def _get2(p: fedptr.Pointer) -> object:
+    inner = await p.get()
+    assert isinstance(inner, fedptr.Pointer)
+    return await inner.get()
+
+
+async def _all_registered(client: fedptr.Client) -> bool:
+    try:
+        return await client.workers() == ["alice", "bob"]
+    except fedptr.FedptrError:
+        return False
