@@ -159,8 +159,9 @@ async def local_cluster(
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
     directory. `node_args` adds command-line flags per worker name. Every process is stopped on
     exit, on errors too. `heartbeat_s` and `liveness` apply to every process and the client (a
-    dead worker is noticed within their product). Raises DeadlineExceeded if the cluster is not up within `start_timeout`
-    seconds, or FedptrError (with the process's log) if a process dies while starting."""
+    dead worker is noticed within their product). Raises DeadlineExceeded if the cluster is not
+    up within `start_timeout` seconds, or FedptrError (with the process's log) if a process dies
+    while starting."""
     if len(set(names)) != len(names):
         raise ValueError(f"worker names must be unique: {list(names)}")
     async with AsyncExitStack() as stack:
