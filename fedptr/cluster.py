@@ -55,13 +55,22 @@ class Cluster:
         if sig == signal.SIGKILL:
             self.processes[name].wait()
 
-    def start_node(self, name: str) -> None:
-        """Start worker `name` again (after it died), with the flags it had."""
-        self.processes[name] = start_process(
-            ["-m", "nodes", "--name", name, "--broker", self.address, *self.node_args[name]],
-            self.log_dir / f"{name}.log",
-        )
-        self.pids[name] = self.processes[name].pid
+    async def start_node(self, name: str, timeout: float = limits.CLUSTER_START_TIMEOUT_S) -> None:
+        """Start worker `name` again (after it died), with the flags it had; returns once the
+        new process says it registered."""
+        log_path = self.log_dir / f"{name}.log"
+        ready = f"fedptr-node {name} ready"
+        before = log_path.read_text(errors="replace").count(ready)
+        proc = start_process(["-m", "nodes", "--name", name, "--broker", self.address, *self.node_args[name]], log_path)
+        self.processes[name] = proc
+        self.pids[name] = proc.pid
+        deadline = time.monotonic() + timeout
+        while log_path.read_text(errors="replace").count(ready) <= before:
+            if proc.poll() is not None:
+                raise FedptrError(f"{name} exited with status {proc.returncode}: {self.log(name)[-2000:]}")
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(name, timeout, [name])
+            await asyncio.sleep(0.02)
 
     async def restart_broker(self, timeout: float = limits.CLUSTER_START_TIMEOUT_S) -> None:
         """Start a new broker on the same address (after the old one died)."""

@@ -76,6 +76,12 @@ NODE_POOL_SIZE = 64
 NODE_MAX_FORWARDS = 10000
 """Most forwarded requests a node keeps waiting at once; past it requests are refused as Overloaded."""
 
+REPLY_CACHE_SIZE = 10_000
+"""Recent replies a node keeps, so a replayed request is answered from memory, not run twice."""
+
+REPLY_CACHE_MAX_TENSOR_BYTES = 1 << 16
+"""Tensor replies larger than this are not kept; a replay of such a Get is refused instead."""
+
 OFFLOAD_NUMEL = 1 << 16
 """Computations whose inputs hold more elements than this run in a thread, off the event loop."""
 

@@ -150,13 +150,22 @@ class Link:
             self._sock.close(linger=0)
 
     async def _register(self) -> None:
-        rid = self._next_rid()
-        fut = self._track(rid, self.name, self.connect_timeout)
-        self._push_frames([wire.PROTOCOL, wire.REGISTER, self.name.encode(), rid, self.role])
-        try:
-            await fut
-        except DeadlineExceeded as e:
-            raise DeadlineExceeded("broker", self.connect_timeout, ["broker at " + self.address]) from e
+        """Register; a taken name is tried again until the connect timeout, since the broker
+        frees the name of a dead peer within a heartbeat liveness (a restarted node)."""
+        deadline = self._loop.time() + self.connect_timeout
+        while True:
+            rid = self._next_rid()
+            fut = self._track(rid, self.name, max(0.001, deadline - self._loop.time()))
+            self._push_frames([wire.PROTOCOL, wire.REGISTER, self.name.encode(), rid, self.role])
+            try:
+                await fut
+                return
+            except DeadlineExceeded as e:
+                raise DeadlineExceeded("broker", self.connect_timeout, ["broker at " + self.address]) from e
+            except _NameTaken:
+                if self._loop.time() + self.heartbeat_s > deadline:
+                    raise RegistrationRefused(f"name {self.name!r} is taken") from None
+                await asyncio.sleep(self.heartbeat_s)
 
     # --- requests ----------------------------------------------------------------------
     def request_nowait(self, dest: str, msg: wire.Message, timeout: float) -> asyncio.Future[wire.Message]:
@@ -410,6 +419,10 @@ class Link:
             raise ProtocolError(f"unknown command {command!r}")
 
 
+class _NameTaken(RegistrationRefused):
+    """The broker refused a registration because the name is registered to a live peer."""
+
+
 @dataclass(frozen=True)
 class _NameList(wire.Message):
     """The broker's answer to LIST (never on the wire as a body)."""
@@ -429,6 +442,8 @@ def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
         return OverloadedError(name, "the broker's queue to it is full")
     if reason in (wire.REASON_UNKNOWN_NAME,):
         return UnknownWorkerError(name)
-    if reason in (wire.REASON_NAME_TAKEN, wire.REASON_BAD_NAME, wire.REASON_FULL):
+    if reason == wire.REASON_NAME_TAKEN:
+        return _NameTaken(f"broker refused {name!r}: {text}")
+    if reason in (wire.REASON_BAD_NAME, wire.REASON_FULL):
         return RegistrationRefused(f"broker refused {name!r}: {text}")
     return ProtocolError(f"broker error for {name!r}: {reason!r} {text}")

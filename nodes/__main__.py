@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--liveness", type=int, default=limits.HEARTBEAT_LIVENESS, help="missed beats before the broker is dead"
     )
+    p.add_argument("--store", default=None, help="persist objects in this directory (restored at start)")
+    p.add_argument("--max-store-bytes", type=int, default=0, help="cap on stored tensor bytes (0: none)")
+    p.add_argument(
+        "--register-timeout", type=float, default=limits.CONNECT_TIMEOUT_S, help="seconds to get the name (s)"
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -42,7 +47,10 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = Node(args.name, NodeConfig(args.pool_size, args.max_forwards, args.offload_numel))
+    node = Node(
+        args.name,
+        NodeConfig(args.pool_size, args.max_forwards, args.offload_numel, args.max_store_bytes, args.store),
+    )
     try:
         async with Link(
             args.broker,
@@ -51,6 +59,7 @@ async def serve(args: argparse.Namespace) -> int:
             node.handle,
             heartbeat_s=args.heartbeat_ms / 1000,
             liveness=args.liveness,
+            connect_timeout=args.register_timeout,
         ) as link:
             node.link = link
             print(f"fedptr-node {args.name} ready", flush=True)

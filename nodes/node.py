@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from fedptr.link import Link
 from fedptr.ops import ALLOWED
 from fedptr.tensors import dtype_name, from_raw, to_raw
 from nodes import ops
+from nodes.durable import DurableStore
 from nodes.store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
@@ -41,6 +42,10 @@ class NodeConfig:
     pool_size: int = limits.NODE_POOL_SIZE
     max_forwards: int = limits.NODE_MAX_FORWARDS
     offload_numel: int = limits.OFFLOAD_NUMEL
+    max_store_bytes: int = 0
+    """Cap on the bytes of tensors stored here (0: no cap)."""
+    store_dir: str | None = None
+    """Where objects are persisted (None: memory only)."""
 
 
 def _hop_budget(budget: float) -> float:
@@ -97,11 +102,19 @@ class Node:
     def __init__(self, name: str, config: NodeConfig | None = None) -> None:
         self.name = name
         self.config = config or NodeConfig()
-        self.store = Store()
+        durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
+        self.store = Store(self.config.max_store_bytes, durable)
+        restored = self.store.restore()
+        if restored:
+            log.info("restored %d objects from %s", restored, self.config.store_dir)
         self.link: Link | None = None
         self._pool = AioPool(size=self.config.pool_size)
         self._executor = ThreadPoolExecutor(limits.OFFLOAD_THREADS, thread_name_prefix="torch")
         self._background: set[asyncio.Task[None]] = set()
+        # at-most-once: replies by (source, request id), and requests still being answered
+        self._replies: OrderedDict[tuple[str, bytes], wire.Message] = OrderedDict()
+        self._answering: set[tuple[str, bytes]] = set()
+        self.replayed = 0
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
@@ -125,6 +138,17 @@ class Node:
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
         msg = decoded.message
+        if rid != wire.NO_REPLY:
+            key = (source, rid)
+            if key in self._answering:
+                return  # a replay of a request still running: its one reply answers both
+            cached = self._replies.get(key)
+            if cached is not None:
+                self.replayed += 1
+                assert self.link is not None
+                self.link.reply(source, rid, cached)
+                return
+            self._answering.add(key)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
         try:
@@ -137,6 +161,13 @@ class Node:
     def _reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         assert self.link is not None
         self.link.reply(dest, rid, msg)
+        key = (dest, rid)
+        self._answering.discard(key)
+        if isinstance(msg, wire.TensorReply) and msg.tensor.nbytes > limits.REPLY_CACHE_MAX_TENSOR_BYTES:
+            msg = wire.Failure("remote", "ReplayRefused", "the object was handed over already", self.name, [self.name])
+        self._replies[key] = msg
+        if len(self._replies) > limits.REPLY_CACHE_SIZE:
+            self._replies.popitem(last=False)
 
     def _reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         self._reply(dest, rid, failure_from_error(e, self.name))
@@ -169,23 +200,29 @@ class Node:
     # --- store requests ----------------------------------------------------------------
     def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
         tensor = from_raw(msg.tensor)
-        self.store.add(msg.obj_id, Entry.tensor(tensor))
+        entry = Entry.tensor(tensor)
+        self.store.add(msg.obj_id, entry)
+        try:
+            self.store.commit(msg.obj_id, entry, tensor)
+        except Exception:
+            self.store.discard(msg.obj_id)
+            raise
         self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not wire.valid_name(msg.location.encode()):
             raise ValueError(f"bad worker name {msg.location!r}")
-        self.store.add(msg.obj_id, Entry.pointer(msg.location, msg.id_at_location, settled=True))
+        entry = Entry.pointer(msg.location, msg.id_at_location, settled=True)
+        self.store.add(msg.obj_id, entry)
+        self.store.commit(msg.obj_id, entry)
         self._reply(source, rid, wire.Ok())
 
     def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
-        popped = [e for e in (self.store.entries.pop(i, None) for i in msg.obj_ids) if e is not None]
+        popped = [e for e in (self.store.discard(i) for i in msg.obj_ids) if e is not None]
         self._delete_downstream(popped)
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
-        popped = list(self.store.entries.values())
-        self.store.entries.clear()
-        self._delete_downstream(popped)
+        self._delete_downstream(self.store.clear())
         self._reply(source, rid, wire.Ok())
 
     def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
@@ -219,7 +256,7 @@ class Node:
                 tensors = {i: e.done.result() for i, e in entries.items()}
                 if _numel(tensors.values()) <= self.config.offload_numel:
                     # the common case: small inputs, all present; no task, no thread
-                    self._finish(source, rid, result, lambda: self._run(msg, tensors))  # type: ignore[arg-type]
+                    self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))  # type: ignore[arg-type]
                     return
             self._compute_later(self._compute(source, rid, msg, entries, result))
             return
@@ -232,7 +269,7 @@ class Node:
         except FedptrError as e:
             ptr.done.set_exception(e)
             raise
-        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, ptr))
+        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
 
     def _operands(self, msg: wire.Op) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
@@ -266,9 +303,12 @@ class Node:
     def _run(self, msg: wire.Op, tensors: dict[int, torch.Tensor]) -> torch.Tensor:
         return ops.run(msg.op, _materialize(msg.args, tensors), _materialize(msg.kwargs, tensors))
 
-    def _finish(self, source: str, rid: bytes, result: Entry, compute: Callable[[], torch.Tensor]) -> None:
+    def _finish(
+        self, source: str, rid: bytes, result_id: int, result: Entry, compute: Callable[[], torch.Tensor]
+    ) -> None:
         try:
             value = compute()
+            self.store.commit(result_id, result, value)
         except Exception as e:
             self._fail(source, rid, result, e)
             return
@@ -291,14 +331,21 @@ class Node:
                 tensors[i] = value
             if _numel(tensors.values()) > self.config.offload_numel:
                 value = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, msg, tensors)
-                self._finish(source, rid, result, lambda: value)
+                self._finish(source, rid, msg.result_id, result, lambda: value)
             else:
-                self._finish(source, rid, result, lambda: self._run(msg, tensors))
+                self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
         except Exception as e:
             self._fail(source, rid, result, e)
 
-    def _relayed(self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr: Entry) -> None:
+    def _relayed(
+        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
+    ) -> None:
         error = forwarded.exception()
+        if error is None and self.store.entries.get(ptr_id) is ptr:
+            try:
+                self.store.commit(ptr_id, ptr)
+            except OSError as e:
+                error = e
         if error is not None:
             err = with_hop(error, self.name)
             ptr.done.set_exception(err)
@@ -333,6 +380,8 @@ class Node:
         entry = self.store.pop(msg.obj_id)
         if msg.dest == self.name and entry.location is None:
             self.store.add(msg.new_id, entry)
+            if entry.done.done() and entry.done.exception() is None:
+                self.store.commit(msg.new_id, entry, entry.done.result())
             self._reply(source, rid, wire.Ok())
             return
 
@@ -347,14 +396,14 @@ class Node:
                     assert value is not None
                     hop = self._forward(msg.dest, wire.Put(msg.new_id, to_raw(value)), budget)
             except FedptrError as e:
-                self.store.entries.setdefault(msg.obj_id, entry)
+                self.store.put_back(msg.obj_id, entry)
                 self._reply_error(source, rid, e)
                 return
             try:
                 await hop
             except FedptrError as e:
                 # Nothing was handed over: the object stays here, under its id.
-                self.store.entries.setdefault(msg.obj_id, entry)
+                self.store.put_back(msg.obj_id, entry)
                 self._reply_error(source, rid, with_hop(e, self.name))
                 return
             self._reply(source, rid, wire.Ok())

@@ -9,13 +9,14 @@ stopped it; a dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from fedptr import limits
 from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow
+from nodes.durable import DurableStore
 
 
 @dataclass(eq=False)
@@ -68,13 +69,33 @@ def _retrieve(fut: asyncio.Future[torch.Tensor | None]) -> None:
         fut.exception()
 
 
-@dataclass
 class Store:
-    """Objects by id."""
+    """Objects by id, with a byte budget for local tensors and, optionally, a copy on disk.
 
-    entries: dict[int, Entry] = field(default_factory=dict)
+    `commit` is called once an object's value exists and before it is acknowledged: it charges
+    the tensor's bytes against `max_bytes` (raising StoreFull) and writes it to the durable
+    store, so every acknowledged object survives a crash of the node."""
+
+    def __init__(self, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
+        self.entries: dict[int, Entry] = {}
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.durable = durable
+        self._charged: dict[int, int] = {}
 
     def __len__(self) -> int:
+        return len(self.entries)
+
+    def restore(self) -> int:
+        """Load what the durable store holds; returns how many objects came back."""
+        if self.durable is None:
+            return 0
+        for obj_id, value in self.durable.load().items():
+            if isinstance(value, tuple):
+                self.entries[obj_id] = Entry.pointer(value[0], value[1], settled=True)
+            else:
+                self.entries[obj_id] = Entry.tensor(value)
+                self._charge(obj_id, value)
         return len(self.entries)
 
     def add(self, obj_id: int, entry: Entry) -> None:
@@ -83,6 +104,25 @@ class Store:
             raise KeyError(f"object id {obj_id} already exists")
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
+
+    def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | None = None) -> None:
+        """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
+        exists, before it is acknowledged. Raises StoreFull past the byte budget."""
+        if entry.location is not None:
+            if self.durable is not None:
+                self.durable.save_pointer(obj_id, entry.location, entry.remote_id)
+            return
+        assert value is not None
+        self._charge(obj_id, value)
+        if self.durable is not None:
+            self.durable.save_tensor(obj_id, value)
+
+    def _charge(self, obj_id: int, value: torch.Tensor) -> None:
+        nbytes = value.numel() * value.element_size()
+        if self.max_bytes and self.bytes + nbytes > self.max_bytes:
+            raise StoreFull(f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
+        self.bytes += nbytes
+        self._charged[obj_id] = self._charged.get(obj_id, 0) + nbytes
 
     def get(self, obj_id: int) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFound."""
@@ -93,10 +133,37 @@ class Store:
 
     def pop(self, obj_id: int) -> Entry:
         """Remove and return the entry under `obj_id`; raises ObjectNotFound."""
-        try:
-            return self.entries.pop(obj_id)
-        except KeyError:
-            raise ObjectNotFound(f"no object {obj_id}") from None
+        entry = self.discard(obj_id)
+        if entry is None:
+            raise ObjectNotFound(f"no object {obj_id}")
+        return entry
+
+    def discard(self, obj_id: int) -> Entry | None:
+        """Remove the entry under `obj_id` if there is one (and its bytes, and its copy on disk)."""
+        entry = self.entries.pop(obj_id, None)
+        if entry is not None:
+            self.bytes -= self._charged.pop(obj_id, 0)
+            if self.durable is not None:
+                self.durable.remove(obj_id)
+        return entry
+
+    def put_back(self, obj_id: int, entry: Entry) -> None:
+        """Return a popped entry under its id (a hand-over failed), unless the id was reused."""
+        if obj_id not in self.entries:
+            self.entries[obj_id] = entry
+            if entry.done.done() and entry.done.exception() is None:
+                self.commit(obj_id, entry, entry.done.result())
+
+    def clear(self) -> list[Entry]:
+        """Remove everything; returns what was removed."""
+        removed = list(self.entries.values())
+        for obj_id in list(self.entries):
+            self.discard(obj_id)
+        return removed
+
+
+class StoreFull(MemoryError):
+    """Raised when storing an object would exceed the node's --max-store-bytes."""
 
 
 class ObjectNotFound(LookupError):

@@ -86,8 +86,7 @@ async def test_killed_node_fails_pending_calls_fast_and_comes_back(cluster: fedp
     # the other worker and the client carry on
     assert torch.equal(await (keep + 1).get(), torch.full((2,), 2.0))  # type: ignore[arg-type]
     # a node that comes back under the same name is accepted again
-    cluster.start_node("bob")
-    assert await eventually(lambda: _registered(client, "bob"), timeout=30)
+    await cluster.start_node("bob")
     assert torch.equal(await (await bob.send(torch.ones(1))).get(), torch.ones(1))
 
 
@@ -142,3 +141,29 @@ async def _all_registered(client: fedptr.Client) -> bool:
         return await client.workers() == ["alice", "bob"]
     except fedptr.FedptrError:
         return False
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_durable_store_survives_kill_9(tmp_path: object) -> None:
+    store = str(tmp_path)
+    async with fedptr.local_cluster(
+        ["bob", "alice"],
+        call_timeout=CALL_TIMEOUT_S,
+        heartbeat_s=BEAT_S,
+        liveness=LIVENESS,
+        node_args={"bob": ["--store", store]},
+    ) as c:
+        bob, alice = c.client.worker("bob"), c.client.worker("alice")
+        acked = {}
+        for i in range(20):
+            p = await bob.send(torch.full((3,), float(i)))
+            acked[i] = p
+        y = acked[3] * 10
+        await y
+        chain = await (await alice.send(torch.ones(2))).send(bob)  # a pointer entry on bob
+        c.signal("bob", signal.SIGKILL)
+        await c.start_node("bob")
+        for i, p in acked.items():
+            assert torch.equal(await (p + 0).get(), torch.full((3,), float(i)))  # type: ignore[arg-type]
+        assert torch.equal(await y.get(), torch.full((3,), 30.0))  # type: ignore[arg-type]
+        assert torch.equal(await _get2(chain + 1), torch.full((2,), 2.0))  # type: ignore[arg-type]

@@ -95,7 +95,7 @@ async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
 
 async def test_second_node_with_a_taken_name_exits(cluster: fedptr.Cluster) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "nodes", "--name", "bob", "--broker", cluster.address],
+        [sys.executable, "-m", "nodes", "--name", "bob", "--broker", cluster.address, "--register-timeout", "1"],
         capture_output=True,
         timeout=60,
     )

@@ -1,0 +1,57 @@
+"""Store bounds and at-most-once replies, on a real node started with a byte cap."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import torch
+
+import fedptr
+from fedptr import wire
+from fedptr.tensors import to_raw
+from tests.test_robustness import raw_socket, recv, register
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def capped() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(["capped"], node_args={"capped": ["--max-store-bytes", "4096"]}) as c:
+        yield c
+
+
+async def test_store_cap_refuses_with_a_clear_error(capped: fedptr.Cluster) -> None:
+    w = capped.client.worker("capped")
+    small = await w.send(torch.zeros(512))  # 2 KiB
+    with pytest.raises(fedptr.RemoteError) as info:
+        await w.send(torch.zeros(1024))  # 4 KiB more: over the cap
+    assert info.value.remote_type == "StoreFull" and "4096" in info.value.remote_message
+    with pytest.raises(fedptr.RemoteError) as op_info:
+        await (small.reshape(2, 256) @ torch.zeros(256, 300))  # a 2400-byte result: over the cap
+    assert op_info.value.remote_type == "StoreFull"
+    assert torch.equal(await (small + 1).get(), torch.ones(512))  # type: ignore[arg-type]
+    del small
+    await w.clear()
+    await w.send(torch.zeros(1000))  # the bytes were released
+
+
+async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) -> None:
+    sock = raw_socket(capped.address)
+    assert (await register(sock, b"replayer"))[1] == wire.ACCEPTED
+    rid = wire.request_id_bytes(99)
+    put = [wire.PROTOCOL, wire.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3))))]
+    op = [wire.PROTOCOL, wire.REQUEST, b"capped", wire.request_id_bytes(100)]
+    op += wire.encode(wire.Op(778, "add", [wire.Ref(777), 1.0], {}))
+    replies = []
+    for frames in (put, put, op, op):  # each sent twice, as a retry after a lost reply would be
+        await sock.send_multipart(frames)  # type: ignore[arg-type]
+        replies.append(await recv(sock))
+    oks = [wire.decode(r[4:]).message for r in replies]
+    assert all(isinstance(m, wire.Ok) for m in oks), oks  # no "object id already exists"
+    w = capped.client.worker("capped")
+    objects = await w.objects()
+    assert sorted(objects) == [777, 778]  # the replayed op ran once: one result
+    sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"capped", wire.NO_REPLY, *wire.encode(wire.Delete([777, 778]))])
+    sock.close()
