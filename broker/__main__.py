@@ -14,6 +14,7 @@ from types import FrameType
 
 from broker.router import Broker, BrokerConfig
 from fedptr import limits
+from fedptr.security import needs_keys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heartbeat-ms", type=int, default=int(limits.HEARTBEAT_INTERVAL_S * 1000), help="heartbeat interval"
     )
     p.add_argument("--liveness", type=int, default=limits.HEARTBEAT_LIVENESS, help="missed beats before a peer is dead")
+    p.add_argument("--curve-secret", default=None, help="the broker's .key_secret file: turns CURVE on")
+    p.add_argument("--allow", default=None, help="directory of allowed public keys (NAME.key binds NAME)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp bind without keys")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -33,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s broker %(levelname)s %(message)s")
+    if needs_keys(args.bind) and not args.curve_secret and not args.insecure:
+        print(f"refusing to bind {args.bind} without keys (--curve-secret, --allow) or --insecure", file=sys.stderr)
+        return 2
+    if bool(args.curve_secret) != bool(args.allow):
+        print("--curve-secret and --allow go together", file=sys.stderr)
+        return 2
     broker = Broker(
         BrokerConfig(
             bind=args.bind,
@@ -41,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             hwm=args.hwm,
             heartbeat_s=args.heartbeat_ms / 1000,
             liveness=args.liveness,
+            curve_secret=args.curve_secret,
+            allow=args.allow,
         )
     )
 

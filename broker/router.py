@@ -14,12 +14,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from fedptr import limits, wire
 from fedptr.errors import ProtocolError
+from fedptr.security import allowed_keys
 from fedptr.zio import recv_frames, send_frames
 
 log = logging.getLogger("fedptr.broker")
+
+
+class _DenialLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """pyzmq's authenticator logs refusals at debug level; every refusal must be seen."""
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        text = str(msg) % args if args else str(msg)
+        self.log(logging.WARNING if "DENIED" in text else logging.DEBUG, "ZAP: %s", text, **kwargs)
 
 
 @dataclass
@@ -32,6 +44,10 @@ class BrokerConfig:
     hwm: int = 100_000
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S
     liveness: int = limits.HEARTBEAT_LIVENESS
+    curve_secret: str | None = None
+    """The broker's ``.key_secret`` file: with it, only CURVE peers whose keys are in `allow` get in."""
+    allow: str | None = None
+    """Directory of allowed public keys; ``NAME.key`` binds the worker name NAME to its key."""
 
 
 @dataclass
@@ -76,6 +92,11 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, config.hwm)
         self.sock.setsockopt(zmq.RCVHWM, config.hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.bound_keys: dict[bytes, bytes] | None = None
+        self._auth: ThreadAuthenticator | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        if config.curve_secret:
+            self._secure(config.curve_secret, config.allow or "")
         self.sock.bind(config.bind)
         self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.table = RoutingTable()
@@ -84,6 +105,25 @@ class Broker:
         self._running = False
         self._now = time.monotonic()
         self._next_beat = self._now
+        self._registering_key = b""
+
+    def _secure(self, secret_file: str, allow: str) -> None:
+        public, secret = zmq.auth.load_certificate(secret_file)
+        if secret is None:
+            raise ValueError(f"{secret_file} holds no secret key")
+        self._auth = ThreadAuthenticator(self.ctx, log=_DenialLog(log))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=allow)
+        self.sock.curve_server = True
+        self.sock.curve_publickey = public
+        self.sock.curve_secretkey = secret
+        self.bound_keys = allowed_keys(allow)
+        # zmq refuses a peer without a key (or with the wrong mechanism) before ZAP sees it;
+        # the monitor socket is how those refusals reach the log.
+        failed = (
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        )
+        self._monitor = self.sock.get_monitor_socket(failed)
 
     # --- loop --------------------------------------------------------------------------
     def serve(self) -> None:
@@ -92,22 +132,44 @@ class Broker:
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         beat_ms = max(1, int(self.config.heartbeat_s * 1000))
         heard = self.table.heard
         while self._running:
             if poller.poll(beat_ms):
                 self._now = time.monotonic()
+                self._log_refusals()
                 for _ in range(10_000):
                     try:
-                        frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES)
+                        frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES if self.bound_keys is None else 0)
                     except zmq.Again:
                         break
+                    if self.bound_keys is not None:
+                        frames = self._with_key(frames)
                     if frames[0] in heard:
                         heard[frames[0]] = self._now
-                    self.handle(frames)
+                    try:
+                        self.handle(frames)
+                    except Exception:  # a bug must not take the broker down: log it, keep routing
+                        log.exception("failed to handle a message; dropped it")
             self._now = time.monotonic()
             if self._now >= self._next_beat:
                 self._heartbeat()
+
+    def _log_refusals(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            log.warning("refused a connection from %s: handshake failed (%s)", event["endpoint"], event["event"])
+
+    def _with_key(self, frames: list[Any]) -> list[Any]:
+        """Secure mode: envelope frames as bytes, and the sender's authenticated key noted for a
+        REGISTER (the only message where it matters: names are bound to keys there)."""
+        key = frames[1].get("User-Id").encode() if len(frames) > 2 else b""
+        envelope = [bytes(f) for f in frames[: 1 + wire.ENVELOPE_FRAMES]]
+        if len(envelope) > 2 and envelope[2] == wire.REGISTER:
+            self._registering_key = key
+        return envelope + frames[1 + wire.ENVELOPE_FRAMES :]
 
     def _heartbeat(self) -> None:
         """Beat every peer; forget (and announce) those silent for `liveness` intervals."""
@@ -132,6 +194,11 @@ class Broker:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
 
     # --- one message -------------------------------------------------------------------
     def handle(self, frames: list[Any]) -> None:
@@ -228,6 +295,10 @@ class Broker:
         if not wire.valid_name(name) or role not in wire.ROLES:
             self._error(identity, name, rid, wire.REASON_BAD_NAME, "bad name or role")
             return
+        if self.bound_keys is not None and not self._key_may_claim(name, role):
+            log.warning("refused %r: its key is not the one bound to that name", name)
+            self._error(identity, name, rid, wire.REASON_FORBIDDEN, "this key may not use that name")
+            return
         holder = self.table.by_name.get(name)
         if holder is not None and holder != identity:
             # A restarted peer reclaims its name once the old connection is gone.
@@ -245,6 +316,15 @@ class Broker:
         self.table.add(name, identity, role, self._now)
         log.info("registered %s %r", role.decode(), name)
         self._send([identity, wire.PROTOCOL, wire.ACCEPTED, name, rid])
+
+    def _key_may_claim(self, name: bytes, role: bytes) -> bool:
+        """A worker name needs the key bound to it; a client name must not be a bound name
+        unless the key is the bound one."""
+        assert self.bound_keys is not None
+        bound = self.bound_keys.get(name)
+        if bound is None:
+            return role == wire.ROLE_CLIENT
+        return bound == self._registering_key
 
     def _send(self, frames: list[Any]) -> bytes | None:
         """Send without blocking. Returns None, or the reason it failed; a vanished peer is forgotten."""

@@ -17,6 +17,7 @@ from fedptr import limits, wire
 from fedptr.errors import ConsumedPointerError, ProtocolError
 from fedptr.link import Link
 from fedptr.pointer import Pointer
+from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
 
@@ -217,14 +218,24 @@ async def connect(
     timeout: float = limits.CALL_TIMEOUT_S,
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
     liveness: int = limits.HEARTBEAT_LIVENESS,
+    curve: CurveKeys | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at `address` and yield a `Client`.
 
     `timeout` is every call's deadline (s). The client beats every `heartbeat_s` seconds when
     idle and takes the broker for dead after `liveness` silent intervals: waiting calls then fail
-    with LostWorkerError and the client registers again once a broker answers. Raises
-    DeadlineExceeded when the broker does not answer within the connect timeout."""
-    link = Link(address, f"client-{secrets.token_hex(6)}", wire.ROLE_CLIENT, heartbeat_s=heartbeat_s, liveness=liveness)
+    with LostWorkerError and the client registers again once a broker answers. `curve` (see
+    `fedptr.security.CurveKeys.load`) encrypts and authenticates the connection. Raises
+    DeadlineExceeded when the broker does not answer within the connect timeout (a broker that
+    refuses our key never answers), RegistrationRefused when it refuses the name."""
+    link = Link(
+        address,
+        f"client-{secrets.token_hex(6)}",
+        wire.ROLE_CLIENT,
+        heartbeat_s=heartbeat_s,
+        liveness=liveness,
+        curve=curve,
+    )
     await link.__aenter__()
     client = Client(link, timeout)
     try:

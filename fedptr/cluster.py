@@ -23,6 +23,7 @@ from typing import IO, Literal
 from fedptr import limits
 from fedptr.client import Client, connect
 from fedptr.errors import DeadlineExceeded, FedptrError
+from fedptr.security import CurveKeys, generate
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,6 +45,8 @@ class Cluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(repr=False)
     broker_args: list[str] = field(default_factory=list, repr=False)
     node_args: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    keys_dir: Path | None = None
+    """With ``curve=True``: the key pairs (NAME.key, NAME.key_secret) of broker, nodes and client."""
 
     def log(self, name: str) -> str:
         """What process `name` (``"broker"`` or a worker) has logged so far."""
@@ -162,13 +165,16 @@ async def local_cluster(
     log_dir: str | os.PathLike[str] | None = None,
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
     liveness: int = limits.HEARTBEAT_LIVENESS,
+    curve: bool = False,
 ) -> AsyncIterator[Cluster]:
     """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
     directory. `node_args` adds command-line flags per worker name. Every process is stopped on
     exit, on errors too. `heartbeat_s` and `liveness` apply to every process and the client (a
-    dead worker is noticed within their product). Raises DeadlineExceeded if the cluster is not
+    dead worker is noticed within their product). `curve` makes fresh CURVE keys for the broker,
+    every node and the client (in `Cluster.keys_dir`) and turns authentication on. Raises
+    DeadlineExceeded if the cluster is not
     up within `start_timeout` seconds, or FedptrError (with the process's log) if a process dies
     while starting."""
     if len(set(names)) != len(names):
@@ -181,16 +187,32 @@ async def local_cluster(
         processes: dict[str, subprocess.Popen[bytes]] = {}
         stack.callback(lambda: stop_processes(list(reversed(processes.values()))))
         beat = ["--heartbeat-ms", str(max(1, int(heartbeat_s * 1000))), "--liveness", str(liveness)]
-        all_broker_args = [*beat, *broker_args]
-        all_node_args = {name: [*beat, *(node_args or {}).get(name, ())] for name in names}
+        keys = Path(tmp) / "keys"
+        client_keys: CurveKeys | None = None
+        secure: dict[str, list[str]] = {name: [] for name in ["broker", *names]}
+        if curve:
+            generate(keys, "broker")
+            for name in [*names, "client"]:
+                generate(keys, name)
+            secure["broker"] = ["--curve-secret", str(keys / "broker.key_secret"), "--allow", str(keys)]
+            for name in names:
+                secure[name] = [
+                    "--curve-secret",
+                    str(keys / f"{name}.key_secret"),
+                    "--broker-key",
+                    str(keys / "broker.key"),
+                ]
+            client_keys = CurveKeys.load(keys / "client.key_secret", keys / "broker.key")
+        all_broker_args = [*beat, *secure["broker"], *broker_args]
+        all_node_args = {name: [*beat, *secure[name], *(node_args or {}).get(name, ())] for name in names}
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
         for name in names:
             processes[name] = start_process(
                 ["-m", "nodes", "--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log"
             )
         client = await stack.enter_async_context(
-            connect(address, timeout=call_timeout, heartbeat_s=heartbeat_s, liveness=liveness)
+            connect(address, timeout=call_timeout, heartbeat_s=heartbeat_s, liveness=liveness, curve=client_keys)
         )
         await wait_registered(client, names, processes, logs, start_timeout)
         pids = {n: p.pid for n, p in processes.items()}
-        yield Cluster(client, address, pids, logs, processes, all_broker_args, all_node_args)
+        yield Cluster(client, address, pids, logs, processes, all_broker_args, all_node_args, keys)

@@ -29,6 +29,7 @@ from fedptr.errors import (
     UnknownWorkerError,
 )
 from fedptr.failures import error_from_failure
+from fedptr.security import CurveKeys
 from fedptr.streams import Reassembly, split
 from fedptr.zio import recv_frames, send_frames
 
@@ -68,6 +69,7 @@ class Link:
         connect_timeout: float = limits.CONNECT_TIMEOUT_S,
         heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
         liveness: int = limits.HEARTBEAT_LIVENESS,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.address = address
         self.name = name
@@ -76,6 +78,7 @@ class Link:
         self.connect_timeout = connect_timeout
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
+        self.curve = curve
         self.reregistrations = 0
         """Times this link registered again (after a broker restart, or after being forgotten)."""
         self.bytes_received = 0
@@ -108,6 +111,8 @@ class Link:
         sock.setsockopt(zmq.MAXMSGSIZE, limits.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.address)
         self._sock = sock
         self._loop.add_reader(sock.FD, self._drain)
@@ -444,6 +449,6 @@ def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
         return UnknownWorkerError(name)
     if reason == wire.REASON_NAME_TAKEN:
         return _NameTaken(f"broker refused {name!r}: {text}")
-    if reason in (wire.REASON_BAD_NAME, wire.REASON_FULL):
+    if reason in (wire.REASON_BAD_NAME, wire.REASON_FULL, wire.REASON_FORBIDDEN):
         return RegistrationRefused(f"broker refused {name!r}: {text}")
     return ProtocolError(f"broker error for {name!r}: {reason!r} {text}")

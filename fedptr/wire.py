@@ -96,6 +96,7 @@ REASON_NOT_REGISTERED = b"not-registered"
 REASON_BAD_NAME = b"bad-name"
 REASON_FULL = b"full"
 REASON_OVERLOADED = b"overloaded"
+REASON_FORBIDDEN = b"forbidden"
 REASON_LOST = b"lost"
 
 NO_REPLY = b"\0" * 8

@@ -34,7 +34,7 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
 def recv_frames(sock: zmq.Socket[Any], copied: int) -> list[Any]:
     """Receive one message without blocking: its first `copied` frames as bytes, the rest as
     zmq.Frame (zero copy). Raises zmq.Again when nothing is waiting."""
-    frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
+    frames: list[Any] = [_recv(sock, _NOBLOCK, copied > 0)]
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock, _NOBLOCK, len(frames) < copied))
     return frames

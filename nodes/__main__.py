@@ -15,6 +15,7 @@ import sys
 from fedptr import limits, wire
 from fedptr.errors import FedptrError
 from fedptr.link import Link
+from fedptr.security import CurveKeys
 from nodes.node import Node, NodeConfig
 
 
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--register-timeout", type=float, default=limits.CONNECT_TIMEOUT_S, help="seconds to get the name (s)"
     )
+    p.add_argument("--curve-secret", default=None, help="this node's .key_secret file (CURVE)")
+    p.add_argument("--broker-key", default=None, help="the broker's public .key file (CURVE)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -60,6 +63,7 @@ async def serve(args: argparse.Namespace) -> int:
             heartbeat_s=args.heartbeat_ms / 1000,
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
+            curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
         ) as link:
             node.link = link
             print(f"fedptr-node {args.name} ready", flush=True)

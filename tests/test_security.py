@@ -1,0 +1,102 @@
+"""CURVE with an allow-list (Ironhouse): wrong key, no key and a spoofed name are refused and logged."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+import zmq
+import zmq.asyncio
+
+import fedptr
+from fedptr import wire
+from fedptr.security import CurveKeys, generate, needs_keys
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secure() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(["bob", "alice"], curve=True) as c:
+        yield c
+
+
+def dealer(address: str, keys: CurveKeys | None) -> zmq.asyncio.Socket:
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(address)
+    return sock
+
+
+async def try_register(sock: zmq.asyncio.Socket, name: bytes, role: bytes) -> list[bytes] | None:
+    await sock.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\1" * 8, role])
+    if await sock.poll(1000):
+        return list(await sock.recv_multipart())
+    return None
+
+
+async def test_keyed_cluster_runs_the_walkthrough_ops(secure: fedptr.Cluster) -> None:
+    bob, alice = secure.client.worker("bob"), secure.client.worker("alice")
+    p = await (await bob.send(torch.tensor([1, 2, 3]))).send(alice)
+    y = p + p
+    inner = await y.get()
+    assert isinstance(inner, fedptr.Pointer)
+    assert torch.equal(await inner.get(), torch.tensor([2, 4, 6]))  # type: ignore[arg-type]
+
+
+async def test_no_key_is_refused_and_logged(secure: fedptr.Cluster) -> None:
+    sock = dealer(secure.address, None)
+    assert await try_register(sock, b"client-nokey", wire.ROLE_CLIENT) is None
+    sock.close()
+    assert await eventually(lambda: _logged(secure, "handshake failed"))
+
+
+async def test_wrong_key_is_refused_and_logged(secure: fedptr.Cluster, tmp_path: Path) -> None:
+    generate(tmp_path, "stranger")
+    assert secure.keys_dir is not None
+    keys = CurveKeys.load(tmp_path / "stranger.key_secret", secure.keys_dir / "broker.key")
+    sock = dealer(secure.address, keys)
+    assert await try_register(sock, b"client-stranger", wire.ROLE_CLIENT) is None
+    sock.close()
+    assert await eventually(lambda: _logged(secure, "DENIED"))
+
+
+async def test_spoofed_name_is_refused_and_logged(secure: fedptr.Cluster) -> None:
+    assert secure.keys_dir is not None
+    keys = CurveKeys.load(secure.keys_dir / "client.key_secret", secure.keys_dir / "broker.key")
+    sock = dealer(secure.address, keys)
+    for name, role in ((b"bob", wire.ROLE_WORKER), (b"carol", wire.ROLE_WORKER), (b"alice", wire.ROLE_CLIENT)):
+        reply = await try_register(sock, name, role)
+        assert reply is not None and reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_FORBIDDEN, name
+    sock.close()
+    assert await eventually(lambda: _logged(secure, "its key is not the one bound to that name"))
+    assert await secure.client.workers() == ["alice", "bob"]
+
+
+async def _logged(cluster: fedptr.Cluster, text: str) -> bool:
+    await asyncio.sleep(0)
+    return text in cluster.log("broker")
+
+
+def test_public_bind_needs_keys() -> None:
+    assert needs_keys("tcp://0.0.0.0:5555") and needs_keys("tcp://10.1.2.3:5555")
+    assert not needs_keys("tcp://127.0.0.1:5555") and not needs_keys("ipc:///tmp/x") and not needs_keys("tcp://[::1]:1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker", "--bind", "tcp://0.0.0.0:*"], capture_output=True, timeout=30
+    )
+    assert proc.returncode == 2 and b"without keys" in proc.stderr
+
+
+def test_keys_command_writes_a_pair(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "fedptr.cli", "keys", str(tmp_path), "carol"], check=True)
+    assert (tmp_path / "carol.key").exists() and (tmp_path / "carol.key_secret").exists()
+    assert (tmp_path / "carol.key_secret").stat().st_mode & 0o077 == 0
