@@ -52,6 +52,8 @@ class _Pending:
     future: asyncio.Future[wire.Message]
     dest: str
     timer: asyncio.TimerHandle
+    message: list[Any] | None = None
+    """The request as sent, kept so that one the broker refused undelivered can be sent again."""
 
 
 class Link:
@@ -94,6 +96,7 @@ class Link:
         self._batch: list[list[Any]] | None = None
         self._reassembly = Reassembly()
         self._registered = False
+        self._unsent: list[bytes] = []
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._writable = asyncio.Event()
@@ -178,7 +181,9 @@ class Link:
         body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
         rid = self._next_rid()
         fut = self._track(rid, dest, timeout)
-        self._push([wire.REQUEST, dest.encode(), rid, *body])
+        message = [wire.REQUEST, dest.encode(), rid, *body]
+        self._pending[rid].message = message
+        self._push(message)
         return fut
 
     async def request(self, dest: str, msg: wire.Message, timeout: float) -> wire.Message:
@@ -351,9 +356,12 @@ class Link:
         """Beat when idle; take the broker for dead after `liveness` silent intervals, fail what
         waits on it, and keep registering again until a broker (the same or a new one) accepts."""
         while True:
+            slept_from = self._loop.time()
             await asyncio.sleep(self.heartbeat_s)
+            self._drain()  # beats may sit unread if this loop was busy; read them before judging
             now = self._loop.time()
-            if now - self._last_heard > self.heartbeat_s * self.liveness and self._registered:
+            stalled = now - slept_from > 2 * self.heartbeat_s  # our own loop was blocked: no verdict
+            if now - self._last_heard > self.heartbeat_s * self.liveness and self._registered and not stalled:
                 log.warning(
                     "%s: no word from the broker for %.1f s; registering again", self.name, now - self._last_heard
                 )
@@ -407,12 +415,26 @@ class Link:
                 self._registered = True
                 self.reregistrations += 1
                 log.warning("%s registered again", self.name)
+                unsent, self._unsent = self._unsent, []
+                for r in unsent:
+                    pending = self._pending.get(r)
+                    if pending is not None and pending.message is not None:
+                        self._push(pending.message)
             self._settle(rid, result=wire.Ok())
         elif command == wire.LIST:
             self._settle(rid, result=_NameList([bytes(f).decode() for f in body]))
         elif command == wire.BROKER_ERROR:
             if body and bytes(body[0]) == wire.REASON_NOT_REGISTERED:
-                self._registered = False  # the broker forgot us; the heartbeat task registers again
+                # The broker forgot us (we were silent too long, or it restarted) and delivered
+                # nothing: register again and resend the request then. Safe, as it never arrived.
+                pending = self._pending.get(rid)
+                if pending is not None and pending.message is not None:
+                    self._unsent.append(rid)
+                if self._registered:
+                    self._registered = False
+                    self._push_frames([wire.PROTOCOL, wire.REGISTER, self.name.encode(), _REREGISTER, self.role])
+                if pending is not None and pending.message is not None:
+                    return
             if rid == _REREGISTER:
                 log.warning("%s: registering again was refused: %s", self.name, _broker_error(name, body))
             self._settle(rid, error=_broker_error(name, body))

@@ -19,7 +19,7 @@ from fedptr import wire
 from fedptr.security import CurveKeys, generate, needs_keys
 from tests.conftest import eventually
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -44,6 +44,7 @@ async def try_register(sock: zmq.asyncio.Socket, name: bytes, role: bytes) -> li
     return None
 
 
+@MODULE_LOOP
 async def test_keyed_cluster_runs_the_walkthrough_ops(secure: fedptr.Cluster) -> None:
     bob, alice = secure.client.worker("bob"), secure.client.worker("alice")
     p = await (await bob.send(torch.tensor([1, 2, 3]))).send(alice)
@@ -53,6 +54,7 @@ async def test_keyed_cluster_runs_the_walkthrough_ops(secure: fedptr.Cluster) ->
     assert torch.equal(await inner.get(), torch.tensor([2, 4, 6]))  # type: ignore[arg-type]
 
 
+@MODULE_LOOP
 async def test_no_key_is_refused_and_logged(secure: fedptr.Cluster) -> None:
     sock = dealer(secure.address, None)
     assert await try_register(sock, b"client-nokey", wire.ROLE_CLIENT) is None
@@ -60,6 +62,7 @@ async def test_no_key_is_refused_and_logged(secure: fedptr.Cluster) -> None:
     assert await eventually(lambda: _logged(secure, "handshake failed"))
 
 
+@MODULE_LOOP
 async def test_wrong_key_is_refused_and_logged(secure: fedptr.Cluster, tmp_path: Path) -> None:
     generate(tmp_path, "stranger")
     assert secure.keys_dir is not None
@@ -70,6 +73,7 @@ async def test_wrong_key_is_refused_and_logged(secure: fedptr.Cluster, tmp_path:
     assert await eventually(lambda: _logged(secure, "DENIED"))
 
 
+@MODULE_LOOP
 async def test_spoofed_name_is_refused_and_logged(secure: fedptr.Cluster) -> None:
     assert secure.keys_dir is not None
     keys = CurveKeys.load(secure.keys_dir / "client.key_secret", secure.keys_dir / "broker.key")
