@@ -218,6 +218,12 @@ class Broker:
         elif command == wire.LIST:
             names = sorted(self.table.workers)
             self._send([identity, wire.PROTOCOL, wire.LIST, b"", frames[4], *names])
+        elif command == wire.STATS:
+            peers, identities, workers, heard = self.table.sizes()
+            stats = {"peers": peers, "identities": identities, "workers": workers, "heard": heard}
+            stats |= {"routed": self.routed, "dropped": self.dropped}
+            counters = [f"{k}={v}".encode() for k, v in stats.items()]
+            self._send([identity, wire.PROTOCOL, wire.STATS, b"", frames[4], *counters])
         elif command == wire.DISCONNECT:
             self._forget(identity, "it disconnected")
         elif command == wire.HEARTBEAT:

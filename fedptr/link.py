@@ -209,6 +209,15 @@ class Link:
         assert isinstance(reply, _NameList)
         return reply.names
 
+    async def broker_stats(self, timeout: float) -> dict[str, int]:
+        """The broker's counters: table sizes, messages routed and dropped."""
+        rid = self._next_rid()
+        fut = self._track(rid, "broker", timeout)
+        self._push_frames([wire.PROTOCOL, wire.STATS, b"", rid])
+        reply = await fut
+        assert isinstance(reply, _NameList)
+        return {k: int(v) for k, v in (item.split("=", 1) for item in reply.names)}
+
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet settled."""
@@ -421,7 +430,7 @@ class Link:
                     if pending is not None and pending.message is not None:
                         self._push(pending.message)
             self._settle(rid, result=wire.Ok())
-        elif command == wire.LIST:
+        elif command == wire.LIST or command == wire.STATS:
             self._settle(rid, result=_NameList([bytes(f).decode() for f in body]))
         elif command == wire.BROKER_ERROR:
             if body and bytes(body[0]) == wire.REASON_NOT_REGISTERED:

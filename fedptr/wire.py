@@ -81,8 +81,12 @@ CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
+STATS = b"S"
+"""peer -> broker: the broker's counters; the answer's body is ``name=value`` frames
+(table sizes, messages routed and dropped), for operators and leak tests."""
+
 COMMANDS = frozenset(
-    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK}
+    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, STATS}
 )
 
 ROLE_WORKER = b"worker"

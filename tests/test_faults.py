@@ -167,3 +167,55 @@ async def test_durable_store_survives_kill_9(tmp_path: object) -> None:
             assert torch.equal(await (p + 0).get(), torch.full((3,), float(i)))  # type: ignore[arg-type]
         assert torch.equal(await y.get(), torch.full((3,), 30.0))  # type: ignore[arg-type]
         assert torch.equal(await _get2(chain + 1), torch.full((2,), 2.0))  # type: ignore[arg-type]
+
+
+CHAIN = ["bob", "alice", "carol", "dave", "erin"]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_kills_mid_chain_transfer_and_move_settle_and_lose_nothing() -> None:
+    async with fedptr.local_cluster(CHAIN, call_timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS) as c:
+        client = c.client
+        w = {n: client.worker(n) for n in CHAIN}
+        baseline = await client.link.broker_stats(5)
+        checker = Checker()
+
+        # a 5-hop chain loses its middle hop while an op is on the way
+        p = await w["bob"].send(torch.ones(3))
+        for name in CHAIN[1:]:
+            p = await p.send(w[name])
+        c.signal("carol", signal.SIGSTOP)
+        op = asyncio.ensure_future(checker.call("op down a 5-hop chain", p + 1))
+        await asyncio.sleep(0.05)
+        c.signal("carol", signal.SIGKILL)
+        err = await op
+        assert isinstance(err, fedptr.LostWorkerError) and err.worker == "carol"
+        assert err.path == ["erin", "dave", "carol"]
+
+        # a large transfer to a node that dies mid-way
+        big = torch.randn(8 << 20)  # 32 MiB, streamed in chunks
+        c.signal("dave", signal.SIGSTOP)
+        send = asyncio.ensure_future(checker.call("32 MiB send", w["dave"].send(big)))
+        await asyncio.sleep(0.05)
+        c.signal("dave", signal.SIGKILL)
+        assert isinstance(await send, fedptr.LostWorkerError)
+
+        # a move whose destination dies: the object stays where it was
+        x = await w["bob"].send(torch.arange(6.0))
+        c.signal("alice", signal.SIGSTOP)
+        move = asyncio.ensure_future(checker.call("move to a dying node", x.move(w["alice"])))
+        await asyncio.sleep(0.05)
+        c.signal("alice", signal.SIGKILL)
+        moved = await move
+        assert isinstance(moved, fedptr.LostWorkerError) and moved.path == ["bob", "alice"]
+        assert torch.equal(await (x + 0).get(), torch.arange(6.0))  # type: ignore[arg-type]
+
+        checker.check()
+        # the survivors serve; the dead are out of the broker's tables
+        assert torch.equal(await (await w["erin"].send(torch.ones(1))).get(), torch.ones(1))
+        stats = await client.link.broker_stats(5)
+        assert stats["workers"] == baseline["workers"] - 3
+        assert stats["peers"] == baseline["peers"] - 3 and stats["heard"] == stats["peers"]
+        for name in ("carol", "dave", "alice"):
+            await c.start_node(name)
+        assert (await client.link.broker_stats(5))["peers"] == baseline["peers"]

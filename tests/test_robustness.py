@@ -17,6 +17,14 @@ import fedptr
 from fedptr import wire
 
 
+def rss(pid: int) -> int:
+    """Resident memory of process `pid`, in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def raw_socket(address: str) -> zmq.asyncio.Socket:
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -44,7 +52,8 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
         [wire.PROTOCOL, b"Z", b"bob", b"\0" * 8],
         [b"FPTR9", wire.REQUEST, b"bob", b"\0" * 8, b"x"],
     ]
-    garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(2000)]
+    garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(5000)]
+    rss_before = rss(cluster.pids["broker"])
     for frames in garbage:
         await sock.send_multipart(frames)
     # unregistered senders get a clear refusal, not silence
@@ -54,6 +63,7 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(2))).get(), torch.ones(2))
     assert "dropped garbage message" in cluster.log("broker")
+    assert rss(cluster.pids["broker"]) - rss_before < 8 << 20  # bounded: garbage is not kept
 
 
 async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
@@ -67,7 +77,8 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
         [msgpack.packb([wire.Ok.KIND, 0])],  # a reply kind sent as a request
         [msgpack.packb([wire.Get.KIND, 0, 424242])],  # no such object
     ]
-    bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(500)]
+    bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(3000)]
+    rss_before = rss(cluster.pids["bob"])
     for i, body in enumerate(bodies):
         await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", wire.request_id_bytes(i + 1), *body])
     answers: dict[bytes, list[bytes]] = {}
@@ -82,6 +93,7 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
         assert isinstance(wire.decode(message[3:]).message, wire.Failure)
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(3))).get(), torch.ones(3))
+    assert rss(cluster.pids["bob"]) - rss_before < 16 << 20
 
 
 async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
