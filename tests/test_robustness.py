@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -19,7 +20,7 @@ from fedptr import wire
 
 def rss(pid: int) -> int:
     """Resident memory of process `pid`, in bytes."""
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
