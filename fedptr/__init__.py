@@ -16,6 +16,7 @@ from fedptr.errors import (
     LocationMismatchError,
     LostWorkerError,
     OverloadedError,
+    PermissionDenied,
     ProtocolError,
     RegistrationRefused,
     RemoteError,
@@ -25,7 +26,7 @@ from fedptr.errors import (
 if TYPE_CHECKING:
     from fedptr.client import Client, ObjectInfo, Worker, connect
     from fedptr.cluster import Cluster, local_cluster
-    from fedptr.pointer import Pointer
+    from fedptr.pointer import ModulePointer, Pointer
 
 _LAZY = {
     "Client": "fedptr.client",
@@ -35,6 +36,7 @@ _LAZY = {
     "Cluster": "fedptr.cluster",
     "local_cluster": "fedptr.cluster",
     "Pointer": "fedptr.pointer",
+    "ModulePointer": "fedptr.pointer",
 }
 
 __all__ = [
@@ -45,8 +47,10 @@ __all__ = [
     "FedptrError",
     "LocationMismatchError",
     "LostWorkerError",
+    "ModulePointer",
     "ObjectInfo",
     "OverloadedError",
+    "PermissionDenied",
     "Pointer",
     "ProtocolError",
     "RegistrationRefused",

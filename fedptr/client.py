@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedptr import limits, wire
 from fedptr.errors import ConsumedPointerError, ProtocolError
 from fedptr.link import Link
-from fedptr.pointer import Pointer
+from fedptr.modules import build, load_parameters, spec_of
+from fedptr.pointer import ModulePointer, Pointer
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
@@ -65,10 +67,12 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name}>"
 
-    async def send(self, x: torch.Tensor | Pointer) -> Pointer:
+    async def send(self, x: torch.Tensor | nn.Module | Pointer) -> Pointer:
         """Store `x` on this worker and return a pointer to it.
 
-        A tensor is copied there. A pointer is itself sent (a pointer to a pointer): the data
+        A tensor is copied there (``requires_grad`` included). A model built from the allow-list
+        of `fedptr.modules` travels as its spec and parameters and comes back as a
+        `ModulePointer`; any other model raises TypeError. A pointer is itself sent (a pointer to a pointer): the data
         does not move, and the pointer passed in is consumed, as its object now belongs to this
         worker's entry."""
         client = self._client
@@ -87,10 +91,24 @@ class Worker:
                 x._owned = True
                 raise
         elif isinstance(x, torch.Tensor):
-            await client._call(self.name, wire.Put(new_id, to_raw(x)))
+            await client._call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
+        elif isinstance(x, nn.Module):
+            spec = spec_of(x)
+            params: list[wire.Value] = [to_raw(p) for p in x.parameters()]
+            await client._call(self.name, wire.PutModule(new_id, spec, params))
+            return ModulePointer(client, self.name, new_id, len(params))
         else:
-            raise TypeError(f"can send a tensor or a Pointer, not {type(x).__name__}")
+            raise TypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
         return Pointer(client, self.name, new_id)
+
+    async def search(self, tag: str) -> list[Pointer]:
+        """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
+        one per array in the order of their names. The data stays the worker's: dropping these
+        pointers deletes nothing, and its privacy policy decides what may be fetched."""
+        reply = await self._client._call(self.name, wire.Search(tag))
+        if not isinstance(reply, wire.SearchReply):
+            raise ProtocolError(f"expected SearchReply, got {type(reply).__name__}")
+        return [Pointer(self._client, self.name, i, deletes=False) for i in reply.ids]
 
     async def objects(self) -> dict[int, ObjectInfo]:
         """This worker's store: object id -> ObjectInfo, once this client's earlier operations settled."""
@@ -174,11 +192,20 @@ class Client:
         if self._outstanding:
             await asyncio.wait(list(self._outstanding))
 
-    def _handed_over(self, reply: wire.Message) -> torch.Tensor | Pointer:
+    def _handed_over(self, reply: wire.Message) -> torch.Tensor | nn.Module | Pointer:
         if isinstance(reply, wire.TensorReply):
             return from_raw(reply.tensor)
         if isinstance(reply, wire.PointerReply):
             return Pointer(self, reply.location, reply.id_at_location)
+        if isinstance(reply, wire.ModuleReply):
+            model = build(reply.spec)
+            params = []
+            for p in reply.params:
+                if not isinstance(p, wire.RawTensor):
+                    raise ProtocolError("model parameters must be tensors")
+                params.append(from_raw(p))
+            load_parameters(model, params)
+            return model
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
     def _release(self, location: str, obj_id: int) -> None:

@@ -166,11 +166,13 @@ async def local_cluster(
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: bool = False,
+    data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
-    directory. `node_args` adds command-line flags per worker name. Every process is stopped on
+    directory. `node_args` adds command-line flags per worker name (``--trust``, ``--aggregator``,
+    ``--store``...); `data` maps a worker to the datasets it loads as private data, tag -> .npz. Every process is stopped on
     exit, on errors too. `heartbeat_s` and `liveness` apply to every process and the client (a
     dead worker is noticed within their product). `curve` makes fresh CURVE keys for the broker,
     every node and the client (in `Cluster.keys_dir`) and turns authentication on. Raises
@@ -204,7 +206,12 @@ async def local_cluster(
                 ]
             client_keys = CurveKeys.load(keys / "client.key_secret", keys / "broker.key")
         all_broker_args = [*beat, *secure["broker"], *broker_args]
-        all_node_args = {name: [*beat, *secure[name], *(node_args or {}).get(name, ())] for name in names}
+        datasets = {
+            name: [f"--data={tag}={path}" for tag, path in (data or {}).get(name, {}).items()] for name in names
+        }
+        all_node_args = {
+            name: [*beat, *secure[name], *datasets[name], *(node_args or {}).get(name, ())] for name in names
+        }
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
         for name in names:
             processes[name] = start_process(

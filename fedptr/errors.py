@@ -81,3 +81,18 @@ class ConsumedPointerError(FedptrError):
 
 class LocationMismatchError(FedptrError, ValueError):
     """Raised when an operation mixes pointers on different workers; both names are in the message."""
+
+
+class PermissionDenied(FedptrError):
+    """Raised when a worker's privacy policy refuses a request: a get of anything derived from
+    a data owner's private data (that is not a released aggregate), a move to a worker the owner
+    does not trust, or an aggregate that does not meet the policy. `owner` names the data owner
+    whose policy applied; `worker` is where it was refused."""
+
+    def __init__(self, owner: str, reason: str, worker: str = "", path: list[str] | None = None) -> None:
+        self.owner = owner
+        self.reason = reason
+        self.worker = worker
+        self.path = list(path or ([worker] if worker else []))
+        where = f" at worker {worker!r}" if worker else ""
+        super().__init__(f"denied by the privacy policy of {owner!r}{where}: {reason}")

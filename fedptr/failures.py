@@ -12,6 +12,7 @@ from fedptr.errors import (
     FedptrError,
     LostWorkerError,
     OverloadedError,
+    PermissionDenied,
     ProtocolError,
     RemoteError,
     UnknownWorkerError,
@@ -25,6 +26,8 @@ def _cut(text: str) -> str:
 
 def failure_from_error(e: BaseException, here: str) -> Failure:
     """The Failure that reports `e`, raised at worker `here`, to the caller."""
+    if isinstance(e, PermissionDenied):
+        return Failure("denied", "", _cut(e.reason), e.worker or here, e.path or [here], e.owner)
     if isinstance(e, RemoteError):
         return Failure("remote", e.remote_type, _cut(e.remote_message), e.worker, e.path)
     if isinstance(e, UnknownWorkerError):
@@ -43,6 +46,8 @@ def failure_from_error(e: BaseException, here: str) -> Failure:
 def error_from_failure(f: Failure) -> FedptrError:
     """The typed error a Failure stands for."""
     path = f.path or [f.worker]
+    if f.code == "denied":
+        return PermissionDenied(f.owner, f.message, f.worker, path)
     if f.code == "remote":
         return RemoteError(f.remote_type, f.message, f.worker, path)
     if f.code == "unknown-worker":
@@ -63,4 +68,4 @@ def error_from_failure(f: Failure) -> FedptrError:
 def with_hop(e: BaseException, here: str) -> FedptrError:
     """`e` as seen one hop up the chain: the same error with `here` prepended to its path."""
     f = failure_from_error(e, here)
-    return error_from_failure(Failure(f.code, f.remote_type, f.message, f.worker, [here, *f.path]))
+    return error_from_failure(Failure(f.code, f.remote_type, f.message, f.worker, [here, *f.path], f.owner))

@@ -89,6 +89,8 @@ class Link:
         """Requests and replies handed to the socket (a batch counts each message)."""
         self.multiparts_sent = 0
         """zmq multipart messages sent (a batch counts once)."""
+        self.on_reply: Callable[[wire.Message], None] | None = None
+        """Called with every reply this link decodes (for audits: what reached this client)."""
         self._sock: zmq.Socket[bytes] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
@@ -401,6 +403,8 @@ class Link:
                 if p is None:
                     return  # late reply to a request that already timed out
                 reply = wire.decode(body).message
+                if self.on_reply is not None:
+                    self.on_reply(reply)
             except ProtocolError as e:
                 self._settle(rid, error=e)
                 return

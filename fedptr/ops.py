@@ -28,9 +28,19 @@ ELEMENTWISE = (
 )  # fmt: skip
 CONVERSIONS = ("float", "double", "half", "bfloat16", "int", "long", "bool")
 TORCH_FUNCTIONS = ("cat", "stack", "where")
+IN_PLACE = ("add_", "sub_", "mul_", "div_", "zero_")
+"""In-place updates; they run under torch.no_grad(), as an optimizer's step does."""
+AUTOGRAD = ("backward", "grad", "zero_grad", "requires_grad_")
+"""``backward`` fills gradients (its result is an empty tensor), ``grad`` is a tensor's gradient,
+``zero_grad`` drops it, ``requires_grad_`` turns gradient tracking on."""
+NN = ("forward", "parameter", "cross_entropy", "mse_loss")
+"""``forward(model, x)`` runs a stored model, ``parameter(model, i)`` is its i-th parameter;
+the losses are torch.nn.functional's."""
+AGGREGATES = ("aggregate_mean", "aggregate_weighted_mean")
+"""Released by an aggregator worker only, under its privacy policy."""
 
 TENSOR_METHODS: frozenset[str] = frozenset(
     ARITHMETIC + COMPARISONS + REDUCTIONS + RESHAPING + ELEMENTWISE + CONVERSIONS
 )
-ALLOWED: frozenset[str] = TENSOR_METHODS | frozenset(TORCH_FUNCTIONS)
+ALLOWED: frozenset[str] = TENSOR_METHODS | frozenset(TORCH_FUNCTIONS + IN_PLACE + AUTOGRAD + NN + AGGREGATES)
 """Every operation name a node accepts."""

@@ -14,9 +14,11 @@ from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.nn import functional
 
 from fedptr import wire
-from fedptr.errors import ConsumedPointerError, LocationMismatchError
+from fedptr.errors import ConsumedPointerError, LocationMismatchError, PermissionDenied
 from fedptr.ops import ALLOWED, TENSOR_METHODS
 from fedptr.tensors import to_raw
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 _TORCH_NAMES: dict[Any, str] = {getattr(torch.Tensor, n): n for n in TENSOR_METHODS}
 _TORCH_NAMES.update({getattr(torch, n): n for n in ALLOWED if hasattr(torch, n)})
+_TORCH_NAMES.update({functional.cross_entropy: "cross_entropy", functional.mse_loss: "mse_loss"})
 
 
 def _encode(value: Any, found: list[Pointer]) -> wire.Value:
@@ -74,16 +77,24 @@ def _method(op: str) -> Callable[..., Pointer]:
 class Pointer:
     """A pointer to object `id_at_location` on worker `location`."""
 
-    __slots__ = ("__weakref__", "_client", "_done", "_id", "_location", "_owned")
+    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_owned")
 
     def __init__(
-        self, client: Client, location: str, id_at_location: int, done: asyncio.Future[wire.Message] | None = None
+        self,
+        client: Client,
+        location: str,
+        id_at_location: int,
+        done: asyncio.Future[wire.Message] | None = None,
+        *,
+        deletes: bool = True,
     ) -> None:
         self._client = client
         self._location = location
         self._id = id_at_location
         self._done = done
         self._owned = True
+        self._deletes = deletes
+        """Whether dropping this pointer deletes its object (not for a worker's own data)."""
 
     @property
     def location(self) -> str:
@@ -120,12 +131,16 @@ class Pointer:
             raise ConsumedPointerError(f"{self!r} was consumed by get, move or send; it points to nothing now")
 
     # --- awaited calls -----------------------------------------------------------------
-    async def get(self) -> torch.Tensor | Pointer:
+    async def get(self) -> torch.Tensor | nn.Module | Pointer:
         """Bring the object back and remove it from its worker: a tensor, or (for a pointer to a
         pointer) the next pointer down the chain. Raises ConsumedPointerError if already consumed."""
         self._check_alive()
         self._owned = False
-        reply = await self._client._call(self._location, wire.Get(self._id))
+        try:
+            reply = await self._client._call(self._location, wire.Get(self._id))
+        except PermissionDenied:
+            self._owned = True  # a refused get leaves the object where it was
+            raise
         return self._client._handed_over(reply)
 
     async def send(self, worker: Worker) -> Pointer:
@@ -148,10 +163,13 @@ class Pointer:
         except BaseException:
             self._owned = True
             raise
-        return Pointer(self._client, worker.name, new_id)
+        return self._moved(worker.name, new_id)
+
+    def _moved(self, location: str, obj_id: int) -> Pointer:
+        return Pointer(self._client, location, obj_id)
 
     def __del__(self) -> None:
-        if self._owned:
+        if self._owned and self._deletes:
             self._client._release(self._location, self._id)
 
     # --- operations --------------------------------------------------------------------
@@ -189,6 +207,23 @@ class Pointer:
     __le__ = _method("le")
     __gt__ = _method("gt")
     __ge__ = _method("ge")
+
+    add_ = _method("add_")
+    sub_ = _method("sub_")
+    mul_ = _method("mul_")
+    div_ = _method("div_")
+    zero_ = _method("zero_")
+    requires_grad_ = _method("requires_grad_")
+    zero_grad = _method("zero_grad")
+
+    def backward(self) -> Pointer:
+        """Remote ``loss.backward()``: await the returned pointer to wait until gradients are filled."""
+        return remote_call("backward", (self,))
+
+    @property
+    def grad(self) -> Pointer:
+        """A pointer to this tensor's gradient (fails, when awaited, if it has none)."""
+        return remote_call("grad", (self,))
 
     add = _method("add")
     sub = _method("sub")
@@ -239,3 +274,28 @@ class Pointer:
     float = _method("float")
     double = _method("double")
     long = _method("long")
+
+
+class ModulePointer(Pointer):
+    """A pointer to a model stored on a worker (see `Worker.send` of an ``nn.Module``)."""
+
+    __slots__ = ("n_parameters",)
+
+    def __init__(self, client: Client, location: str, id_at_location: int, n_parameters: int, done: Any = None) -> None:
+        super().__init__(client, location, id_at_location, done)
+        self.n_parameters = n_parameters
+        """How many parameters the model has."""
+
+    def __repr__(self) -> str:
+        return f"[ModulePointer | me -> {self.location}:{self.id_at_location}]"
+
+    def __call__(self, *inputs: Any) -> Pointer:
+        """The model's forward pass on `inputs`, run where the model is; returns the output's pointer."""
+        return remote_call("forward", (self, *inputs))
+
+    def parameters(self) -> list[Pointer]:
+        """Pointers to the model's parameters (the same tensors the model trains), in order."""
+        return [remote_call("parameter", (self, i)) for i in range(self.n_parameters)]
+
+    def _moved(self, location: str, obj_id: int) -> Pointer:
+        return ModulePointer(self._client, location, obj_id, self.n_parameters)

@@ -240,6 +240,9 @@ class Put(Message):
     KIND: ClassVar[int] = 1
     obj_id: int
     tensor: RawTensor
+    requires_grad: bool = False
+    origins: dict[str, Value] = dataclasses.field(default_factory=dict)
+    """Data owners the tensor derives from, each with the workers it trusts (sent between nodes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +315,26 @@ class Clear(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PutModule(Message):
+    """Build an allow-listed model from `spec`, load `params` into it (in parameters() order)
+    and store it under `obj_id`. Reply: Ok."""
+
+    KIND: ClassVar[int] = 9
+    obj_id: int
+    spec: dict[str, Value]
+    params: list[Value]
+    origins: dict[str, Value] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Search(Message):
+    """Find the data objects a worker was started with under `tag`. Reply: SearchReply."""
+
+    KIND: ClassVar[int] = 10
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
 class Ok(Message):
     """Success. For a computed tensor, its shape and dtype."""
 
@@ -326,6 +349,9 @@ class TensorReply(Message):
 
     KIND: ClassVar[int] = 21
     tensor: RawTensor
+    release: str = ""
+    """Why the worker let it go: ``"public"`` (derived from no one's private data) or
+    ``"aggregate"`` (a mean over enough data owners, released by the aggregator)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +363,7 @@ class PointerReply(Message):
     id_at_location: int
 
 
-FAILURE_CODES = frozenset({"remote", "unknown-worker", "lost-worker", "timeout", "overloaded", "protocol"})
+FAILURE_CODES = frozenset({"remote", "unknown-worker", "lost-worker", "timeout", "overloaded", "protocol", "denied"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,11 +377,13 @@ class Failure(Message):
     message: str
     worker: str
     path: list[str]
+    owner: str = ""
+    """For ``"denied"``: the data owner whose privacy policy refused the request."""
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectRow:
-    """One object of a store listing. `kind` is ``"tensor"``, ``"pointer"`` or ``"failed"``."""
+    """One object of a store listing. `kind` is ``"tensor"``, ``"module"``, ``"pointer"`` or ``"failed"``."""
 
     obj_id: int
     kind: str
@@ -374,6 +402,23 @@ class ObjectsReply(Message):
     rows: list[ObjectRow]
 
 
+@dataclass(frozen=True, slots=True)
+class ModuleReply(Message):
+    """The model a Get asked for: its spec and parameters."""
+
+    KIND: ClassVar[int] = 25
+    spec: dict[str, Value]
+    params: list[Value]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchReply(Message):
+    """Ids of the data objects under a tag, in the order they were loaded."""
+
+    KIND: ClassVar[int] = 26
+    ids: list[int]
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Put,
     PutPointer,
@@ -388,6 +433,10 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     PointerReply,
     Failure,
     ObjectsReply,
+    PutModule,
+    Search,
+    ModuleReply,
+    SearchReply,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"
@@ -415,7 +464,7 @@ def _check_row(v: Any) -> bool:
         type(v) is list
         and len(v) >= 7
         and _is_int(v[0])
-        and v[1] in ("tensor", "pointer", "failed")
+        and v[1] in ("tensor", "module", "pointer", "failed")
         and type(v[2]) is list
         and all(_is_int(d) for d in v[2])
         and type(v[3]) is str
@@ -427,6 +476,7 @@ def _check_row(v: Any) -> bool:
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": _is_int,
+    "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,
     "list[int]": lambda v: type(v) is list and all(_is_int(x) for x in v),

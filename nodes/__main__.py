@@ -41,8 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--curve-secret", default=None, help="this node's .key_secret file (CURVE)")
     p.add_argument("--broker-key", default=None, help="the broker's public .key file (CURVE)")
+    p.add_argument("--data", action="append", default=[], metavar="TAG=PATH", help="load an .npz as private data")
+    p.add_argument("--trust", action="append", default=[], metavar="WORKER", help="a worker our data may move to")
+    p.add_argument("--aggregator", action="store_true", help="release aggregates over enough data owners")
+    p.add_argument("--min-owners", type=int, default=2, help="k: data owners an aggregate needs")
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="Gaussian noise on released means")
+    p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of each aggregated input")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def _tag_path(text: str) -> tuple[str, str]:
+    tag, sep, path = text.partition("=")
+    if not sep or not tag or not path:
+        raise SystemExit(f"--data takes TAG=PATH, not {text!r}")
+    return tag, path
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -52,7 +65,19 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     node = Node(
         args.name,
-        NodeConfig(args.pool_size, args.max_forwards, args.offload_numel, args.max_store_bytes, args.store),
+        NodeConfig(
+            args.pool_size,
+            args.max_forwards,
+            args.offload_numel,
+            args.max_store_bytes,
+            args.store,
+            data=dict(_tag_path(d) for d in args.data),
+            trust=args.trust,
+            aggregator=args.aggregator,
+            min_owners=args.min_owners,
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_clip=args.dp_clip,
+        ),
     )
     try:
         async with Link(

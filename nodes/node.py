@@ -16,19 +16,21 @@ import secrets
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from asyncio_pool import AioPool
 
 from fedptr import limits, wire
-from fedptr.errors import FedptrError, LocationMismatchError, OverloadedError, RemoteError
+from fedptr.errors import FedptrError, LocationMismatchError, OverloadedError, PermissionDenied, RemoteError
 from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
-from fedptr.ops import ALLOWED
+from fedptr.modules import build, load_parameters, spec_of
+from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw, to_raw
-from nodes import ops
+from nodes import ops, policy
 from nodes.durable import DurableStore
 from nodes.store import Entry, Store
 
@@ -46,6 +48,14 @@ class NodeConfig:
     """Cap on the bytes of tensors stored here (0: no cap)."""
     store_dir: str | None = None
     """Where objects are persisted (None: memory only)."""
+    data: dict[str, str] = field(default_factory=dict)
+    """Datasets to load as private data: tag -> .npz path (loaded with allow_pickle=False)."""
+    trust: list[str] = field(default_factory=list)
+    """Workers this node lets its private data, and what derives from it, move to."""
+    aggregator: bool = False
+    min_owners: int = 2
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 0.0
 
 
 def _hop_budget(budget: float) -> float:
@@ -103,7 +113,17 @@ class Node:
         self.name = name
         self.config = config or NodeConfig()
         durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
-        self.store = Store(self.config.max_store_bytes, durable)
+        self.store = Store(name, self.config.max_store_bytes, durable)
+        self.policy = policy.PolicyConfig(
+            name,
+            frozenset(self.config.trust),
+            self.config.aggregator,
+            self.config.min_owners,
+            dp_noise_multiplier=self.config.dp_noise_multiplier,
+            dp_clip=self.config.dp_clip,
+        )
+        for tag, path in self.config.data.items():
+            self._load_data(tag, path)
         restored = self.store.restore()
         if restored:
             log.info("restored %d objects from %s", restored, self.config.store_dir)
@@ -124,7 +144,19 @@ class Node:
             wire.Delete: self._delete,
             wire.ListObjects: self._list,
             wire.Clear: self._clear,
+            wire.PutModule: self._put_module,
+            wire.Search: self._search,
         }
+
+    def _load_data(self, tag: str, path: str) -> None:
+        """Every array of an .npz file becomes a private object of this node, tagged `tag`."""
+        with np.load(path, allow_pickle=False) as arrays:
+            for key in sorted(arrays.files):
+                value = torch.from_numpy(np.ascontiguousarray(arrays[key]))
+                dtype_name(value.dtype)  # refuses dtypes that could not travel
+                policy.taint(value, {self.name: self.policy.trust})
+                self.store.add_data(tag, value)
+                log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
     async def aclose(self) -> None:
         """Cancel waiting work and stop the thread pool."""
@@ -200,6 +232,9 @@ class Node:
     # --- store requests ----------------------------------------------------------------
     def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
         tensor = from_raw(msg.tensor)
+        if msg.requires_grad:
+            tensor.requires_grad_(True)
+        policy.taint(tensor, policy.from_wire(msg.origins))
         entry = Entry.tensor(tensor)
         self.store.add(msg.obj_id, entry)
         try:
@@ -208,6 +243,27 @@ class Node:
             self.store.discard(msg.obj_id)
             raise
         self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
+
+    def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
+        model = build(msg.spec)
+        params = []
+        for p in msg.params:
+            if not isinstance(p, wire.RawTensor):
+                raise TypeError("model parameters must be tensors")
+            params.append(from_raw(p))
+        load_parameters(model, params)
+        policy.taint(model, policy.from_wire(msg.origins))
+        entry = Entry.tensor(model)
+        self.store.add(msg.obj_id, entry)
+        try:
+            self.store.commit(msg.obj_id, entry, model)
+        except Exception:
+            self.store.discard(msg.obj_id)
+            raise
+        self._reply(source, rid, wire.Ok())
+
+    def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
+        self._reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not wire.valid_name(msg.location.encode()):
@@ -300,8 +356,36 @@ class Node:
         if len(self._pool) < self.config.pool_size and self.link is not None:
             self.link.resume_reading()
 
-    def _run(self, msg: wire.Op, tensors: dict[int, torch.Tensor]) -> torch.Tensor:
-        return ops.run(msg.op, _materialize(msg.args, tensors), _materialize(msg.kwargs, tensors))
+    def _run(self, msg: wire.Op, values: dict[int, Any]) -> torch.Tensor:
+        """Run an operation and give its result the union of its inputs' origins (an in-place
+        update gives them to its target; `backward` to every gradient it filled)."""
+        args = _materialize(msg.args, values)
+        kwargs = _materialize(msg.kwargs, values)
+        if msg.op in AGGREGATES:
+            if msg.op == "aggregate_mean" and len(args) == 1 and not kwargs:
+                return policy.aggregate(self.policy, list(args[0]), None)
+            if msg.op == "aggregate_weighted_mean" and len(args) == 2 and not kwargs:
+                return policy.aggregate(self.policy, list(args[0]), list(args[1]))
+            raise TypeError(
+                f"{msg.op} takes a list of inputs{' and a list of weights' if 'weighted' in msg.op else ''}"
+            )
+        result = ops.run(msg.op, args, kwargs)
+        origins = policy.merge(policy.origins_of(v) for v in values.values())
+        if msg.op == "backward":
+            self._taint_gradients(origins)
+        policy.taint(result, origins)
+        return result
+
+    def _taint_gradients(self, origins: policy.Origins) -> None:
+        if not origins:
+            return
+        for entry in self.store.entries.values():
+            if entry.location is None and entry.done.done() and entry.done.exception() is None:
+                value = entry.done.result()
+                tensors = value.parameters() if isinstance(value, torch.nn.Module) else [value]
+                for t in tensors:
+                    if isinstance(t, torch.Tensor) and t.grad is not None:
+                        policy.taint(t.grad, origins)
 
     def _finish(
         self, source: str, rid: bytes, result_id: int, result: Entry, compute: Callable[[], torch.Tensor]
@@ -367,8 +451,17 @@ class Node:
                 self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
             else:
                 value = done.result()
-                assert value is not None
-                self._reply(source, rid, wire.TensorReply(to_raw(value)))
+                try:
+                    release = policy.release_kind(value)
+                except PermissionDenied as e:
+                    self.store.put_back(msg.obj_id, entry)  # a refused get takes nothing away
+                    self._reply_error(source, rid, e)
+                    return
+                if isinstance(value, torch.nn.Module):
+                    params: list[wire.Value] = [to_raw(p) for p in value.parameters()]
+                    self._reply(source, rid, wire.ModuleReply(spec_of(value), params))
+                else:
+                    self._reply(source, rid, wire.TensorReply(to_raw(value), release))
 
         # An entry always settles: computations end, and forwards carry the link's deadline.
         if entry.done.done():
@@ -393,8 +486,8 @@ class Node:
                     )
                 else:
                     value = await entry.done
-                    assert value is not None
-                    hop = self._forward(msg.dest, wire.Put(msg.new_id, to_raw(value)), budget)
+                    policy.check_move(value, msg.dest)
+                    hop = self._forward(msg.dest, _transfer(msg.new_id, value), budget)
             except FedptrError as e:
                 self.store.put_back(msg.obj_id, entry)
                 self._reply_error(source, rid, e)
@@ -409,6 +502,15 @@ class Node:
             self._reply(source, rid, wire.Ok())
 
         self._spawn(answer())
+
+
+def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module) -> wire.Message:
+    """The message that stores `value` (with its origins) on another node as `new_id`."""
+    origins = policy.to_wire(policy.origins_of(value))
+    if isinstance(value, torch.nn.Module):
+        params: list[wire.Value] = [to_raw(p) for p in value.parameters()]
+        return wire.PutModule(new_id, spec_of(value), params, origins)
+    return wire.Put(new_id, to_raw(value), value.requires_grad, origins)
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

@@ -1,4 +1,4 @@
-"""The node's object store: entries that are local tensors or pointers to other workers.
+"""The node's object store: entries that are local tensors, models, or pointers to other workers.
 
 An entry is created the moment its request arrives, before its value exists, so later
 requests (pipelined by the client) find it in order. `done` settles when the value is
@@ -9,22 +9,27 @@ stopped it; a dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from fedptr import limits
 from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow
+from fedptr.errors import PermissionDenied
 from nodes.durable import DurableStore
+from nodes.policy import origins_of
 
 
 @dataclass(eq=False)
 class Entry:
-    """One stored object. `location` is None for a tensor held here, else the worker a pointer
-    points to, with `remote_id` its id there."""
+    """One stored object. `location` is None for a tensor (or model) held here, else the worker
+    a pointer points to, with `remote_id` its id there."""
 
-    done: asyncio.Future[torch.Tensor | None]
+    done: asyncio.Future[Any]
     location: str | None = None
     remote_id: int = 0
 
@@ -33,9 +38,9 @@ class Entry:
         return self.location is not None
 
     @classmethod
-    def tensor(cls, value: torch.Tensor | None = None) -> Entry:
-        """A local tensor entry, settled with `value` or pending when it is None."""
-        fut: asyncio.Future[torch.Tensor | None] = asyncio.get_running_loop().create_future()
+    def tensor(cls, value: torch.Tensor | nn.Module | None = None) -> Entry:
+        """A local tensor (or model) entry, settled with `value` or pending when it is None."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if value is not None:
             fut.set_result(value)
         return cls(fut)
@@ -43,7 +48,7 @@ class Entry:
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool) -> Entry:
         """A pointer entry; pending until the hop it points to confirms the object, unless `settled`."""
-        fut: asyncio.Future[torch.Tensor | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if settled:
             fut.set_result(None)
         fut.add_done_callback(_retrieve)
@@ -56,14 +61,15 @@ class Entry:
         if self.location is not None:
             return ObjectRow(obj_id, "pointer", [], "", None, self.location, self.remote_id)
         t = self.done.result()
-        assert t is not None
-        preview = t.detach().reshape(-1).tolist() if t.numel() <= limits.PREVIEW_NUMEL else None
-        if preview is not None and t.dtype in (torch.complex64, torch.complex128):
-            preview = None
+        if isinstance(t, nn.Module):
+            return ObjectRow(obj_id, "module", [], "", None, "", 0)
+        # values are shown only for small tensors that derive from no one's private data
+        small = t.numel() <= limits.PREVIEW_NUMEL and t.dtype not in (torch.complex64, torch.complex128)
+        preview = t.detach().reshape(-1).tolist() if small and not origins_of(t) else None
         return ObjectRow(obj_id, "tensor", list(t.shape), NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
 
 
-def _retrieve(fut: asyncio.Future[torch.Tensor | None]) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     # Errors are reported to whoever asked; an entry nobody awaits must not warn at exit.
     if not fut.cancelled():
         fut.exception()
@@ -76,8 +82,12 @@ class Store:
     the tensor's bytes against `max_bytes` (raising StoreFull) and writes it to the durable
     store, so every acknowledged object survives a crash of the node."""
 
-    def __init__(self, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
+    def __init__(self, owner: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
+        self.owner = owner
         self.entries: dict[int, Entry] = {}
+        self.pinned: set[int] = set()
+        """Data the node was started with: never deleted, moved or handed over."""
+        self.tags: dict[str, list[int]] = {}
         self.max_bytes = max_bytes
         self.bytes = 0
         self.durable = durable
@@ -105,7 +115,16 @@ class Store:
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
 
-    def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | None = None) -> None:
+    def add_data(self, tag: str, value: torch.Tensor) -> int:
+        """Store a dataset array under a new id, pinned and findable by `tag`."""
+        obj_id = secrets.randbits(63)
+        self.add(obj_id, Entry.tensor(value))
+        self._charge(obj_id, value)
+        self.pinned.add(obj_id)
+        self.tags.setdefault(tag, []).append(obj_id)
+        return obj_id
+
+    def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
         """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
         exists, before it is acknowledged. Raises StoreFull past the byte budget."""
         if entry.location is not None:
@@ -113,6 +132,10 @@ class Store:
                 self.durable.save_pointer(obj_id, entry.location, entry.remote_id)
             return
         assert value is not None
+        if isinstance(value, nn.Module):
+            for p in value.parameters():
+                self._charge(obj_id, p)
+            return  # models live in memory only (see the README's limitations)
         self._charge(obj_id, value)
         if self.durable is not None:
             self.durable.save_tensor(obj_id, value)
@@ -133,13 +156,18 @@ class Store:
 
     def pop(self, obj_id: int) -> Entry:
         """Remove and return the entry under `obj_id`; raises ObjectNotFound."""
+        if obj_id in self.pinned:
+            raise PermissionDenied(self.owner, "data a worker was started with stays there", self.owner)
         entry = self.discard(obj_id)
         if entry is None:
             raise ObjectNotFound(f"no object {obj_id}")
         return entry
 
     def discard(self, obj_id: int) -> Entry | None:
-        """Remove the entry under `obj_id` if there is one (and its bytes, and its copy on disk)."""
+        """Remove the entry under `obj_id` if there is one (and its bytes, and its copy on disk);
+        pinned data is never removed."""
+        if obj_id in self.pinned:
+            return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
             self.bytes -= self._charged.pop(obj_id, 0)
@@ -155,8 +183,8 @@ class Store:
                 self.commit(obj_id, entry, entry.done.result())
 
     def clear(self) -> list[Entry]:
-        """Remove everything; returns what was removed."""
-        removed = list(self.entries.values())
+        """Remove everything but pinned data; returns what was removed."""
+        removed = [e for i, e in self.entries.items() if i not in self.pinned]
         for obj_id in list(self.entries):
             self.discard(obj_id)
         return removed

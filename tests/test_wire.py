@@ -39,6 +39,13 @@ SAMPLES: list[wire.Message] = [
     wire.TensorReply(raw(torch.tensor([True, False]))),
     wire.PointerReply("bob", 8),
     wire.Failure("remote", "RuntimeError", "shapes", "bob", ["alice", "bob"]),
+    wire.PutModule(5, {"type": "Linear", "in_features": 2, "out_features": 1, "bias": True}, [raw(torch.ones(1, 2))]),
+    wire.Search("digits"),
+    wire.ModuleReply({"type": "ReLU"}, []),
+    wire.SearchReply([1, 2]),
+    wire.Put(6, raw(torch.ones(2)), True, {"bob": ["secure_worker"]}),
+    wire.TensorReply(raw(torch.ones(1)), "aggregate"),
+    wire.Failure("denied", "", "private", "bob", ["bob"], "bob"),
     wire.ObjectsReply(
         [wire.ObjectRow(1, "tensor", [2], "int64", [1, 2], "", 0), wire.ObjectRow(2, "pointer", [], "", None, "bob", 1)]
     ),
