@@ -171,14 +171,14 @@ async def local_cluster(
     """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
-    directory. `node_args` adds command-line flags per worker name (``--trust``, ``--aggregator``,
-    ``--store``...); `data` maps a worker to the datasets it loads as private data, tag -> .npz. Every process is stopped on
-    exit, on errors too. `heartbeat_s` and `liveness` apply to every process and the client (a
+    directory. `node_args` adds command-line flags per worker name (``--trust``,
+    ``--aggregator``, ``--store``...); `data` maps a worker to the datasets it loads as private
+    data, tag -> .npz. `heartbeat_s` and `liveness` apply to every process and the client (a
     dead worker is noticed within their product). `curve` makes fresh CURVE keys for the broker,
-    every node and the client (in `Cluster.keys_dir`) and turns authentication on. Raises
-    DeadlineExceeded if the cluster is not
-    up within `start_timeout` seconds, or FedptrError (with the process's log) if a process dies
-    while starting."""
+    every node and the client (in `Cluster.keys_dir`) and turns authentication on. Every process
+    is stopped on exit, on errors too. Raises DeadlineExceeded if the cluster is not up within
+    `start_timeout` seconds, or FedptrError (with the process's log) if a process dies while
+    starting."""
     if len(set(names)) != len(names):
         raise ValueError(f"worker names must be unique: {list(names)}")
     async with AsyncExitStack() as stack:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from fedptr import limits
+from fedptr.errors import PermissionDenied
 from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow
-from fedptr.errors import PermissionDenied
 from nodes.durable import DurableStore
 from nodes.policy import origins_of
 
