@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -166,7 +165,11 @@ async def run(
             async with fedptr.local_cluster(
                 [*OWNERS, AGGREGATOR],
                 data={o: {"digits": split.files[o]} for o in OWNERS},
-                node_args={"bob": ["--trust", AGGREGATOR], "alice": ["--trust", AGGREGATOR], AGGREGATOR: ["--aggregator"]},
+                node_args={
+                    "bob": ["--trust", AGGREGATOR],
+                    "alice": ["--trust", AGGREGATOR],
+                    AGGREGATOR: ["--aggregator"],
+                },
             ) as own:
                 model, losses = await train_federated(own, split, rounds, local_steps, lr, mode, seed, quiet)
         else:

@@ -1,0 +1,256 @@
+"""Remote autograd, models as data, private node data and the privacy policy, on real processes.
+
+One cluster for the module: bob and alice hold private digits and trust secure_worker (an
+aggregator); eve is a worker nobody trusts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import pytest_asyncio
+import torch
+from torch import nn
+from torch.nn import functional
+
+import fedptr
+from fedptr import aggregate, optim, wire
+from nodes import policy
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("federated_average", ROOT / "examples" / "federated_average.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["federated_average"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load_example()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fed() -> AsyncIterator[fedptr.Cluster]:
+    with tempfile.TemporaryDirectory() as tmp:
+        split = example.split_digits(Path(tmp), seed=0)
+        async with fedptr.local_cluster(
+            ["bob", "alice", "secure_worker", "eve"],
+            data={o: {"digits": split.files[o]} for o in ("bob", "alice")},
+            node_args={
+                "bob": ["--trust", "secure_worker"],
+                "alice": ["--trust", "secure_worker"],
+                "secure_worker": ["--aggregator"],
+            },
+        ) as c:
+            yield c
+
+
+@pytest_asyncio.fixture(loop_scope="module", autouse=True)
+async def _clean(fed: fedptr.Cluster) -> AsyncIterator[None]:
+    yield
+    for name in ("bob", "alice", "secure_worker", "eve"):
+        await fed.client.worker(name).clear()
+
+
+async def digits(c: fedptr.Cluster, owner: str) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+    x, y = await c.client.worker(owner).search("digits")
+    return x, y
+
+
+@MODULE_LOOP
+async def test_remote_linear_regression_matches_local(fed: fedptr.Cluster) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, generator=g)
+    y = x @ torch.tensor([[1.5], [-2.0], [0.5]]) + 0.25
+    w0 = torch.zeros(3, 1, requires_grad=True)
+    b0 = torch.zeros(1, requires_grad=True)
+    bob = fed.client.worker("bob")
+    w, b = await bob.send(w0), await bob.send(b0)
+    xp, yp = await bob.send(x), await bob.send(y)
+    remote_opt = optim.SGD([w, b], lr=0.1)
+    local_w, local_b = w0.detach().clone().requires_grad_(), b0.detach().clone().requires_grad_()
+    local_opt = torch.optim.SGD([local_w, local_b], lr=0.1)
+    for _ in range(30):
+        await ((xp @ w + b - yp) ** 2).mean().backward()
+        await remote_opt.step()
+        await remote_opt.zero_grad()
+        local_opt.zero_grad()
+        ((x @ local_w + local_b - y) ** 2).mean().backward()
+        local_opt.step()
+    assert torch.allclose(await w.get(), local_w.detach(), atol=1e-6)  # type: ignore[arg-type]
+    assert torch.allclose(await b.get(), local_b.detach(), atol=1e-6)  # type: ignore[arg-type]
+
+
+@MODULE_LOOP
+async def test_requires_grad_survives_send_and_grad_is_a_pointer(fed: fedptr.Cluster) -> None:
+    bob = fed.client.worker("bob")
+    w = await bob.send(torch.ones(3, requires_grad=True))
+    await (w * w).sum().backward()
+    g = w.grad
+    assert isinstance(g, fedptr.Pointer) and g.location == "bob"
+    assert torch.equal(await g.get(), torch.full((3,), 2.0))  # type: ignore[arg-type]
+    plain = await bob.send(torch.ones(3))
+    with pytest.raises(fedptr.RemoteError, match="does not require grad"):
+        await (plain * plain).sum().backward()
+
+
+@MODULE_LOOP
+async def test_a_parameter_behind_a_chain_trains(fed: fedptr.Cluster) -> None:
+    bob, alice = fed.client.worker("bob"), fed.client.worker("alice")
+    w = await (await bob.send(torch.tensor([3.0], requires_grad=True))).send(alice)  # alice -> bob
+    x = await (await bob.send(torch.tensor([2.0]))).send(alice)
+    opt = optim.SGD([w], lr=0.1)
+    for _ in range(3):
+        await ((w * x - 2.0) ** 2).sum().backward()
+        await opt.step()
+        await opt.zero_grad()
+    inner = await w.get()
+    assert isinstance(inner, fedptr.Pointer) and inner.location == "bob"
+    expected = torch.tensor([3.0])
+    for _ in range(3):
+        expected = expected - 0.1 * 2 * (expected * 2 - 2.0) * 2
+    assert torch.allclose(await inner.get(), expected)  # type: ignore[arg-type]
+
+
+@MODULE_LOOP
+async def test_module_send_forward_train_move_get(fed: fedptr.Cluster) -> None:
+    bob, eve = fed.client.worker("bob"), fed.client.worker("eve")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.0), nn.Linear(32, 3))
+    x = torch.randn(5, 1, 4, 4)
+    target = torch.tensor([0, 1, 2, 0, 1])
+    remote = await bob.send(model)
+    assert isinstance(remote, fedptr.ModulePointer) and remote.n_parameters == 4
+    assert torch.allclose(await remote(await bob.send(x)).get(), model(x), atol=1e-6)  # type: ignore[arg-type]
+    xp, tp = await bob.send(x), await bob.send(target)
+    opt = optim.SGD(remote.parameters(), lr=0.5)
+    local_opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        await functional.cross_entropy(remote(xp), tp).backward()
+        await opt.step()
+        await opt.zero_grad()
+        local_opt.zero_grad()
+        functional.cross_entropy(model(x), target).backward()
+        local_opt.step()
+    moved = await remote.move(eve)  # public data: it may go anywhere
+    assert isinstance(moved, fedptr.ModulePointer) and moved.location == "eve"
+    back = await moved.get()
+    assert isinstance(back, nn.Sequential)
+    for mine, theirs in zip(model.parameters(), back.parameters(), strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+@MODULE_LOOP
+async def test_disallowed_module_is_refused(fed: fedptr.Cluster) -> None:
+    bob = fed.client.worker("bob")
+    with pytest.raises(TypeError, match="LSTM is not an allowed module"):
+        await bob.send(nn.LSTM(2, 2))
+
+    class Sneaky(nn.Linear):
+        pass
+
+    with pytest.raises(TypeError, match="Sneaky is not an allowed module"):
+        await bob.send(Sneaky(2, 2))
+    with pytest.raises(fedptr.RemoteError, match="not an allowed layer spec"):
+        await fed.client._call("bob", wire.PutModule(12345, {"type": "os.system"}, []))
+
+
+@MODULE_LOOP
+async def test_search_finds_private_data_that_stays_put(fed: fedptr.Cluster) -> None:
+    bob = fed.client.worker("bob")
+    x, y = await digits(fed, "bob")
+    objects = await bob.objects()
+    assert objects[x.id_at_location].shape[1] == 64 and objects[x.id_at_location].preview is None
+    del x, y
+    await bob.clear()
+    assert len(await bob.search("digits")) == 2
+    assert await bob.search("nothing") == []
+
+
+@MODULE_LOOP
+async def test_every_refusal_of_the_policy(fed: fedptr.Cluster) -> None:
+    client = fed.client
+    bob, alice, secure, eve = (client.worker(n) for n in ("bob", "alice", "secure_worker", "eve"))
+    x, y = await digits(fed, "bob")
+    xa, ya = await digits(fed, "alice")
+
+    async def denied(aw: object, owner: str) -> fedptr.PermissionDenied:
+        with pytest.raises(fedptr.PermissionDenied) as info:
+            await aw  # type: ignore[misc]
+        assert info.value.owner == owner, info.value
+        return info.value
+
+    await denied(x.get(), "bob")  # private data
+    await denied((x * 2).sum().get(), "bob")  # a derived tensor
+    model = await bob.send(nn.Linear(64, 10))
+    assert isinstance(model, fedptr.ModulePointer)
+    loss = functional.cross_entropy(model(x), y)
+    await loss.backward()
+    weight = model.parameters()[0]
+    await denied(weight.grad.get(), "bob")  # a gradient
+    await denied(loss.get(), "bob")  # a loss
+    await optim.SGD(model.parameters(), lr=0.1).step()
+    await denied(model.get(), "bob")  # a model trained on private data
+    await denied(loss.move(eve), "bob")  # a move to an untrusted node
+    assert (await (loss + 0).move(secure)).location == "secure_worker"  # trusted: allowed
+    await denied(x.move(secure), "bob")  # the data itself stays where it was loaded
+
+    loss_b = await (loss * 1).move(secure)
+    model_a = await alice.send(nn.Linear(64, 10))
+    assert isinstance(model_a, fedptr.ModulePointer)
+    loss_a = await functional.cross_entropy(model_a(xa), ya).move(secure)
+    released = await aggregate.mean([loss_b, loss_a]).get()
+    assert isinstance(released, torch.Tensor)
+    await denied(aggregate.mean([loss_b]), "bob")  # fewer than k owners
+    second_b = await (loss * 2).move(secure)
+    await denied(aggregate.mean([loss_b, second_b, loss_a]), "bob")  # not one per owner
+    public = await secure.send(torch.tensor(1.0))
+    with pytest.raises(fedptr.PermissionDenied, match="exactly one data owner"):
+        await aggregate.mean([loss_b, public])
+    await denied(aggregate.weighted_mean([loss_b, loss_a], [1, 1000]), "bob")  # a weight singling one out
+    await denied(aggregate.mean([(loss * 1), (loss * 3)]), "bob")  # bob is not an aggregator
+
+
+@MODULE_LOOP
+async def test_client_sees_nothing_but_averages(fed: fedptr.Cluster) -> None:
+    received: list[wire.Message] = []
+    fed.client.link.on_reply = received.append
+    try:
+        result = await example.run(rounds=2, local_steps=3, quiet=True, cluster=fed)
+    finally:
+        fed.client.link.on_reply = None
+    data = [m for m in received if isinstance(m, (wire.TensorReply, wire.ModuleReply))]
+    assert len(data) == 2 * (4 + 1)  # per round: 4 averaged parameters and the averaged loss
+    assert all(isinstance(m, wire.TensorReply) and m.release == "aggregate" for m in data)
+    assert len(result.released_losses) == 2
+
+
+@MODULE_LOOP
+async def test_federated_example_reaches_centralized_accuracy(fed: fedptr.Cluster) -> None:
+    result = await example.run(rounds=8, local_steps=10, quiet=True, cluster=fed)
+    assert result.centralized_accuracy > 0.85
+    assert result.federated_accuracy >= result.centralized_accuracy - 0.02, result
+
+
+def test_aggregate_policy_clips_and_adds_noise() -> None:
+    cfg = policy.PolicyConfig("secure_worker", aggregator=True, dp_clip=1.0, dp_noise_multiplier=0.0)
+    a, b = torch.full((4,), 10.0), torch.zeros(4)
+    policy.taint(a, {"bob": frozenset()})
+    policy.taint(b, {"alice": frozenset()})
+    clipped = policy.aggregate(cfg, [a, b], None)
+    assert torch.allclose(clipped, torch.full((4,), 0.25))  # a clipped to norm 1 (0.5 each), halved
+    noisy_cfg = policy.PolicyConfig("secure_worker", aggregator=True, dp_clip=1.0, dp_noise_multiplier=5.0)
+    torch.manual_seed(0)
+    noisy = policy.aggregate(noisy_cfg, [a, b], None)
+    assert not torch.allclose(noisy, clipped) and policy.origins_of(noisy) == {}
+    assert policy.release_kind(noisy) == "aggregate"
