@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedptr import limits, wire
+from fedptr import limits, modules, wire
 from fedptr.errors import ConsumedPointerError, ProtocolError
 from fedptr.link import Link
-from fedptr.modules import build, load_parameters, spec_of
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
@@ -93,8 +92,7 @@ class Worker:
         elif isinstance(x, torch.Tensor):
             await client._call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
         elif isinstance(x, nn.Module):
-            spec = spec_of(x)
-            params: list[wire.Value] = [to_raw(p) for p in x.parameters()]
+            spec, params = modules.to_wire(x)
             await client._call(self.name, wire.PutModule(new_id, spec, params))
             return ModulePointer(client, self.name, new_id, len(params))
         else:
@@ -198,14 +196,7 @@ class Client:
         if isinstance(reply, wire.PointerReply):
             return Pointer(self, reply.location, reply.id_at_location)
         if isinstance(reply, wire.ModuleReply):
-            model = build(reply.spec)
-            params = []
-            for p in reply.params:
-                if not isinstance(p, wire.RawTensor):
-                    raise ProtocolError("model parameters must be tensors")
-                params.append(from_raw(p))
-            load_parameters(model, params)
-            return model
+            return modules.from_wire(reply.spec, reply.params)
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
     def _release(self, location: str, obj_id: int) -> None:

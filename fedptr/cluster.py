@@ -84,12 +84,13 @@ class Cluster:
 
 
 def start_process(
-    args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None
+    args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None, prefix: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
-    """Start `python args...` with stderr (and stdout unless given) appended to `log_path`."""
+    """Start `python args...` (after `prefix`, e.g. ``ip netns exec NS``) with stderr (and stdout
+    unless given) appended to `log_path`."""
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             stdout=stdout if stdout is not None else log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -113,10 +114,10 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = 
 
 
 async def start_broker(
-    bind: str, log_path: Path, timeout: float, extra: Sequence[str] = ()
+    bind: str, log_path: Path, timeout: float, extra: Sequence[str] = (), prefix: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a broker bound to `bind` and return it with the endpoint it bound (a ``*`` port resolved)."""
-    proc = start_process(["-m", "broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE)
+    proc = start_process(["-m", "broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE, prefix=prefix)
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)

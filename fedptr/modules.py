@@ -13,6 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedptr import wire
+from fedptr.errors import ProtocolError
+from fedptr.tensors import from_raw, to_raw
+
 MAX_LAYERS = 256
 """Most layers one spec may describe."""
 MAX_DEPTH = 8
@@ -133,3 +137,20 @@ def load_parameters(module: nn.Module, params: list[torch.Tensor]) -> None:
                     f"parameter of {tuple(mine.shape)} {mine.dtype} got {tuple(theirs.shape)} {theirs.dtype}"
                 )
             mine.copy_(theirs)
+
+
+def to_wire(module: nn.Module) -> tuple[dict[str, Any], list[wire.Value]]:
+    """`module` as its spec and raw parameters (TypeError outside the allow-list)."""
+    return spec_of(module), [to_raw(p) for p in module.parameters()]
+
+
+def from_wire(spec: dict[str, Any], params: list[wire.Value]) -> nn.Module:
+    """The model a spec and raw parameters describe; ValueError or ProtocolError when they do not fit."""
+    model = build(spec)
+    tensors = []
+    for p in params:
+        if not isinstance(p, wire.RawTensor):
+            raise ProtocolError("model parameters must be tensors")
+        tensors.append(from_raw(p))
+    load_parameters(model, tensors)
+    return model

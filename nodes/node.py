@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from asyncio_pool import AioPool
 
-from fedptr import limits, wire
+from fedptr import limits, modules, wire
 from fedptr.errors import FedptrError, LocationMismatchError, OverloadedError, PermissionDenied, RemoteError
 from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
-from fedptr.modules import build, load_parameters, spec_of
 from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw, to_raw
 from nodes import ops, policy
@@ -235,32 +234,24 @@ class Node:
         if msg.requires_grad:
             tensor.requires_grad_(True)
         policy.taint(tensor, policy.from_wire(msg.origins))
-        entry = Entry.tensor(tensor)
-        self.store.add(msg.obj_id, entry)
-        try:
-            self.store.commit(msg.obj_id, entry, tensor)
-        except Exception:
-            self.store.discard(msg.obj_id)
-            raise
+        self._store_new(msg.obj_id, tensor)
         self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
-        model = build(msg.spec)
-        params = []
-        for p in msg.params:
-            if not isinstance(p, wire.RawTensor):
-                raise TypeError("model parameters must be tensors")
-            params.append(from_raw(p))
-        load_parameters(model, params)
+        model = modules.from_wire(msg.spec, msg.params)
         policy.taint(model, policy.from_wire(msg.origins))
-        entry = Entry.tensor(model)
-        self.store.add(msg.obj_id, entry)
-        try:
-            self.store.commit(msg.obj_id, entry, model)
-        except Exception:
-            self.store.discard(msg.obj_id)
-            raise
+        self._store_new(msg.obj_id, model)
         self._reply(source, rid, wire.Ok())
+
+    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module) -> None:
+        """Store and commit a received value; nothing is kept when the commit fails."""
+        entry = Entry.tensor(value)
+        self.store.add(obj_id, entry)
+        try:
+            self.store.commit(obj_id, entry, value)
+        except Exception:
+            self.store.discard(obj_id)
+            raise
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         self._reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
@@ -458,8 +449,7 @@ class Node:
                     self._reply_error(source, rid, e)
                     return
                 if isinstance(value, torch.nn.Module):
-                    params: list[wire.Value] = [to_raw(p) for p in value.parameters()]
-                    self._reply(source, rid, wire.ModuleReply(spec_of(value), params))
+                    self._reply(source, rid, wire.ModuleReply(*modules.to_wire(value)))
                 else:
                     self._reply(source, rid, wire.TensorReply(to_raw(value), release))
 
@@ -508,8 +498,7 @@ def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module) -> wire.Messag
     """The message that stores `value` (with its origins) on another node as `new_id`."""
     origins = policy.to_wire(policy.origins_of(value))
     if isinstance(value, torch.nn.Module):
-        params: list[wire.Value] = [to_raw(p) for p in value.parameters()]
-        return wire.PutModule(new_id, spec_of(value), params, origins)
+        return wire.PutModule(new_id, *modules.to_wire(value), origins)
     return wire.Put(new_id, to_raw(value), value.requires_grad, origins)
 
 
