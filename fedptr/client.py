@@ -85,7 +85,11 @@ class Worker:
             await x  # the object must exist before another worker refers to it
             x._owned = False
             try:
-                await client._call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location))
+                # the object becomes this worker's to use, and this worker gets a pointer to it
+                await asyncio.gather(
+                    client._call(x.location, wire.Grant(x.id_at_location, self.name)),
+                    client._call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location)),
+                )
             except BaseException:
                 x._owned = True
                 raise

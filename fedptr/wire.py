@@ -243,6 +243,8 @@ class Put(Message):
     requires_grad: bool = False
     origins: dict[str, Value] = dataclasses.field(default_factory=dict)
     """Data owners the tensor derives from, each with the workers it trusts (sent between nodes)."""
+    owner: str = ""
+    """Who may use the object (a node moving data puts it in the requester's name); "" = the sender."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +292,8 @@ class Move(Message):
     obj_id: int
     dest: str
     new_id: int
+    owner: str = ""
+    """Who owns the object at `dest` ("" = the sender); kept as the move travels down a chain."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +328,7 @@ class PutModule(Message):
     spec: dict[str, Value]
     params: list[Value]
     origins: dict[str, Value] = dataclasses.field(default_factory=dict)
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +337,16 @@ class Search(Message):
 
     KIND: ClassVar[int] = 10
     tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(Message):
+    """Hand object `obj_id` to peer `to`: from now on only `to` may use it. Only its owner may
+    grant it. Reply: Ok."""
+
+    KIND: ClassVar[int] = 11
+    obj_id: int
+    to: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +452,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Search,
     ModuleReply,
     SearchReply,
+    Grant,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"

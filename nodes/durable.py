@@ -1,7 +1,7 @@
 """A node's objects on disk (``--store DIR``): raw tensor files plus a msgpack record each.
 
 For object 42: ``42.bin`` holds the tensor's raw bytes and ``42.rec`` the msgpack record
-``[kind, dtype, shape, location, remote_id]``. Each file is written to a temporary name,
+``[kind, dtype, shape, location, remote_id, owner]``. Each file is written to a temporary name,
 fsynced, renamed into place and the directory fsynced, record last, so a record on disk always
 has its data. Nothing is ever unpickled: loading validates dtype and size as the wire does.
 """
@@ -44,16 +44,17 @@ class DurableStore:
     def close(self) -> None:
         os.close(self._dir_fd)
 
-    def save_tensor(self, obj_id: int, value: torch.Tensor) -> None:
+    def save_tensor(self, obj_id: int, value: torch.Tensor, owner: str) -> None:
         """Persist a tensor; returns once it is on disk."""
         raw = to_raw(value)
         _write_atomic(self.dir / f"{obj_id}.bin", raw.data)
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["tensor", raw.dtype, list(raw.shape), "", 0]))
+        record = ["tensor", raw.dtype, list(raw.shape), "", 0, owner]
+        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
         os.fsync(self._dir_fd)
 
-    def save_pointer(self, obj_id: int, location: str, remote_id: int) -> None:
+    def save_pointer(self, obj_id: int, location: str, remote_id: int, owner: str) -> None:
         """Persist a pointer; returns once it is on disk."""
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["pointer", "", [], location, remote_id]))
+        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["pointer", "", [], location, remote_id, owner]))
         os.fsync(self._dir_fd)
 
     def remove(self, obj_id: int) -> None:
@@ -62,19 +63,20 @@ class DurableStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / f"{obj_id}{suffix}")
 
-    def load(self) -> dict[int, torch.Tensor | tuple[str, int]]:
-        """Every persisted object: a tensor, or (location, remote_id) for a pointer. Files that
-        do not validate are skipped with a log line."""
-        found: dict[int, torch.Tensor | tuple[str, int]] = {}
+    def load(self) -> dict[int, tuple[torch.Tensor | tuple[str, int], str]]:
+        """Every persisted object with its owner: a tensor, or (location, remote_id) for a
+        pointer. Files that do not validate are skipped with a log line."""
+        found: dict[int, tuple[torch.Tensor | tuple[str, int], str]] = {}
         for rec in self.dir.glob("*.rec"):
             try:
                 obj_id = int(rec.stem)
-                kind, dtype, shape, location, remote_id = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
+                kind, dtype, shape, location, remote_id, owner = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
                 if kind == "pointer":
-                    found[obj_id] = (str(location), int(remote_id))
+                    found[obj_id] = ((str(location), int(remote_id)), str(owner))
                 else:
                     data = (self.dir / f"{obj_id}.bin").read_bytes()
-                    found[obj_id] = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
+                    value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
+                    found[obj_id] = (value, str(owner))
             except (ValueError, TypeError, OSError, ProtocolError, msgpack.UnpackException) as e:
                 log.warning("skipped unreadable stored object %s: %s", rec.name, e)
         return found

@@ -145,6 +145,7 @@ class Node:
             wire.Clear: self._clear,
             wire.PutModule: self._put_module,
             wire.Search: self._search,
+            wire.Grant: self._grant,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -234,18 +235,18 @@ class Node:
         if msg.requires_grad:
             tensor.requires_grad_(True)
         policy.taint(tensor, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, tensor)
+        self._store_new(msg.obj_id, tensor, msg.owner or source)
         self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
         model = modules.from_wire(msg.spec, msg.params)
         policy.taint(model, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, model)
+        self._store_new(msg.obj_id, model, msg.owner or source)
         self._reply(source, rid, wire.Ok())
 
-    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module) -> None:
+    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> None:
         """Store and commit a received value; nothing is kept when the commit fails."""
-        entry = Entry.tensor(value)
+        entry = Entry.tensor(value, owner)
         self.store.add(obj_id, entry)
         try:
             self.store.commit(obj_id, entry, value)
@@ -253,23 +254,43 @@ class Node:
             self.store.discard(obj_id)
             raise
 
+    def _grant(self, source: str, rid: bytes, msg: wire.Grant, budget: float) -> None:
+        if not wire.valid_name(msg.to.encode()):
+            raise ValueError(f"bad peer name {msg.to!r}")
+        entry = self.store.get(msg.obj_id, source)
+        if msg.obj_id in self.store.pinned:
+            raise PermissionDenied(self.name, "a worker's own data cannot be given away", self.name)
+        entry.owner = msg.to
+        if entry.done.done() and entry.done.exception() is None:
+            self.store.persist(msg.obj_id, entry, entry.done.result())
+        self._reply(source, rid, wire.Ok())
+
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         self._reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not wire.valid_name(msg.location.encode()):
             raise ValueError(f"bad worker name {msg.location!r}")
-        entry = Entry.pointer(msg.location, msg.id_at_location, settled=True)
+        entry = Entry.pointer(msg.location, msg.id_at_location, settled=True, owner=source)
         self.store.add(msg.obj_id, entry)
         self.store.commit(msg.obj_id, entry)
         self._reply(source, rid, wire.Ok())
 
     def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
-        popped = [e for e in (self.store.discard(i) for i in msg.obj_ids) if e is not None]
+        popped = []
+        for obj_id in msg.obj_ids:
+            entry = self.store.entries.get(obj_id)
+            if entry is None:
+                continue
+            if entry.owner != source:
+                log.warning("refused %r the deletion of object %d, which it does not own", source, obj_id)
+                continue
+            self.store.discard(obj_id)
+            popped.append(entry)
         self._delete_downstream(popped)
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
-        self._delete_downstream(self.store.clear())
+        self._delete_downstream(self.store.clear(source))
         self._reply(source, rid, wire.Ok())
 
     def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
@@ -287,16 +308,16 @@ class Node:
     # --- operations --------------------------------------------------------------------
     def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
         try:
-            entries = self._operands(msg)
+            entries = self._operands(msg, source)
         except Exception as e:
-            failed = Entry.tensor()
+            failed = Entry.tensor(owner=source)
             failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
             with contextlib.suppress(KeyError):
                 self.store.add(msg.result_id, failed)
             raise
         location = next((e.location for e in entries.values()), None)
         if location is None:
-            result = Entry.tensor()
+            result = Entry.tensor(owner=source)
             self.store.add(msg.result_id, result)
             settled = all(e.done.done() for e in entries.values())
             if settled and not any(e.done.exception() for e in entries.values()):
@@ -307,7 +328,7 @@ class Node:
                     return
             self._compute_later(self._compute(source, rid, msg, entries, result))
             return
-        ptr = Entry.pointer(location, _new_id(), settled=False)
+        ptr = Entry.pointer(location, _new_id(), settled=False, owner=source)
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
@@ -318,13 +339,13 @@ class Node:
             raise
         forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
 
-    def _operands(self, msg: wire.Op) -> dict[int, Entry]:
+    def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
             raise PermissionError(f"operation {msg.op!r} is not allowed")
         ids: set[int] = set()
         _refs(msg.args, ids)
         _refs(msg.kwargs, ids)
-        entries = {i: self.store.get(i) for i in ids}
+        entries = {i: self.store.get(i, source) for i in ids}
         locations = {e.location or self.name for e in entries.values()}
         if len(locations) > 1:
             a, b = sorted(locations)[:2]
@@ -431,7 +452,16 @@ class Node:
 
     # --- handing objects over ----------------------------------------------------------
     def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
-        entry = self.store.pop(msg.obj_id)
+        entry = self.store.pop(msg.obj_id, source)
+
+        def handed(granted: asyncio.Future[wire.Message]) -> None:
+            error = granted.exception()
+            if error is not None:
+                self.store.put_back(msg.obj_id, entry)
+                self._reply_error(source, rid, with_hop(error, self.name))
+            else:
+                assert entry.location is not None
+                self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
 
         def answer(done: asyncio.Future[torch.Tensor | None]) -> None:
             error = done.exception()
@@ -439,7 +469,14 @@ class Node:
                 self._delete_downstream([entry])
                 self._reply_error(source, rid, error)
             elif entry.location is not None:
-                self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
+                # the caller takes this pointer's place: the object one hop down becomes theirs
+                try:
+                    grant = self._forward(entry.location, wire.Grant(entry.remote_id, source), budget)
+                except FedptrError as e:
+                    self.store.put_back(msg.obj_id, entry)
+                    self._reply_error(source, rid, e)
+                    return
+                grant.add_done_callback(handed)
             else:
                 value = done.result()
                 try:
@@ -460,8 +497,10 @@ class Node:
             entry.done.add_done_callback(answer)
 
     def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
-        entry = self.store.pop(msg.obj_id)
+        entry = self.store.pop(msg.obj_id, source)
+        owner = msg.owner or source
         if msg.dest == self.name and entry.location is None:
+            entry.owner = owner
             self.store.add(msg.new_id, entry)
             if entry.done.done() and entry.done.exception() is None:
                 self.store.commit(msg.new_id, entry, entry.done.result())
@@ -472,12 +511,12 @@ class Node:
             try:
                 if entry.location is not None:
                     hop: asyncio.Future[wire.Message] = self._forward(
-                        entry.location, wire.Move(entry.remote_id, msg.dest, msg.new_id), budget
+                        entry.location, wire.Move(entry.remote_id, msg.dest, msg.new_id, owner), budget
                     )
                 else:
                     value = await entry.done
                     policy.check_move(value, msg.dest)
-                    hop = self._forward(msg.dest, _transfer(msg.new_id, value), budget)
+                    hop = self._forward(msg.dest, _transfer(msg.new_id, value, owner), budget)
             except FedptrError as e:
                 self.store.put_back(msg.obj_id, entry)
                 self._reply_error(source, rid, e)
@@ -494,12 +533,12 @@ class Node:
         self._spawn(answer())
 
 
-def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module) -> wire.Message:
-    """The message that stores `value` (with its origins) on another node as `new_id`."""
+def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> wire.Message:
+    """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`."""
     origins = policy.to_wire(policy.origins_of(value))
     if isinstance(value, torch.nn.Module):
-        return wire.PutModule(new_id, *modules.to_wire(value), origins)
-    return wire.Put(new_id, to_raw(value), value.requires_grad, origins)
+        return wire.PutModule(new_id, *modules.to_wire(value), origins, owner)
+    return wire.Put(new_id, to_raw(value), value.requires_grad, origins, owner)
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

@@ -9,6 +9,7 @@ stopped it; a dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -32,27 +33,29 @@ class Entry:
     done: asyncio.Future[Any]
     location: str | None = None
     remote_id: int = 0
+    owner: str = ""
+    """The one peer that may use, get, move, grant or delete it (ANYONE for a worker's own data)."""
 
     @property
     def is_pointer(self) -> bool:
         return self.location is not None
 
     @classmethod
-    def tensor(cls, value: torch.Tensor | nn.Module | None = None) -> Entry:
+    def tensor(cls, value: torch.Tensor | nn.Module | None = None, owner: str = "") -> Entry:
         """A local tensor (or model) entry, settled with `value` or pending when it is None."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if value is not None:
             fut.set_result(value)
-        return cls(fut)
+        return cls(fut, owner=owner)
 
     @classmethod
-    def pointer(cls, location: str, remote_id: int, settled: bool) -> Entry:
+    def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
         """A pointer entry; pending until the hop it points to confirms the object, unless `settled`."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if settled:
             fut.set_result(None)
         fut.add_done_callback(_retrieve)
-        return cls(fut, location, remote_id)
+        return cls(fut, location, remote_id, owner)
 
     def row(self, obj_id: int) -> ObjectRow:
         """This entry's line in a store listing (it must have settled)."""
@@ -82,8 +85,8 @@ class Store:
     the tensor's bytes against `max_bytes` (raising StoreFull) and writes it to the durable
     store, so every acknowledged object survives a crash of the node."""
 
-    def __init__(self, owner: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
-        self.owner = owner
+    def __init__(self, node: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
+        self.node = node
         self.entries: dict[int, Entry] = {}
         self.pinned: set[int] = set()
         """Data the node was started with: never deleted, moved or handed over."""
@@ -100,11 +103,11 @@ class Store:
         """Load what the durable store holds; returns how many objects came back."""
         if self.durable is None:
             return 0
-        for obj_id, value in self.durable.load().items():
+        for obj_id, (value, owner) in self.durable.load().items():
             if isinstance(value, tuple):
-                self.entries[obj_id] = Entry.pointer(value[0], value[1], settled=True)
+                self.entries[obj_id] = Entry.pointer(value[0], value[1], settled=True, owner=owner)
             else:
-                self.entries[obj_id] = Entry.tensor(value)
+                self.entries[obj_id] = Entry.tensor(value, owner)
                 self._charge(obj_id, value)
         return len(self.entries)
 
@@ -118,7 +121,7 @@ class Store:
     def add_data(self, tag: str, value: torch.Tensor) -> int:
         """Store a dataset array under a new id, pinned and findable by `tag`."""
         obj_id = secrets.randbits(63)
-        self.add(obj_id, Entry.tensor(value))
+        self.add(obj_id, Entry.tensor(value, ANYONE))
         self._charge(obj_id, value)
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)
@@ -127,18 +130,22 @@ class Store:
     def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
         """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
         exists, before it is acknowledged. Raises StoreFull past the byte budget."""
-        if entry.location is not None:
-            if self.durable is not None:
-                self.durable.save_pointer(obj_id, entry.location, entry.remote_id)
-            return
-        assert value is not None
-        if isinstance(value, nn.Module):
-            for p in value.parameters():
+        if entry.location is None:
+            assert value is not None
+            params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
+            for p in params:
                 self._charge(obj_id, p)
-            return  # models live in memory only (see the README's limitations)
-        self._charge(obj_id, value)
-        if self.durable is not None:
-            self.durable.save_tensor(obj_id, value)
+        self.persist(obj_id, entry, value)
+
+    def persist(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
+        """Write a settled entry (and its owner) to the durable store, if there is one."""
+        if self.durable is None:
+            return
+        if entry.location is not None:
+            self.durable.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner)
+        elif isinstance(value, torch.Tensor):
+            self.durable.save_tensor(obj_id, value, entry.owner)
+        # models live in memory only (see the README's limitations)
 
     def _charge(self, obj_id: int, value: torch.Tensor) -> None:
         nbytes = value.numel() * value.element_size()
@@ -147,17 +154,24 @@ class Store:
         self.bytes += nbytes
         self._charged[obj_id] = self._charged.get(obj_id, 0) + nbytes
 
-    def get(self, obj_id: int) -> Entry:
-        """The entry under `obj_id`; raises ObjectNotFound."""
+    def get(self, obj_id: int, principal: str | None = None) -> Entry:
+        """The entry under `obj_id`; raises ObjectNotFound, or PermissionDenied when `principal`
+        is given and is not the entry's owner."""
         try:
-            return self.entries[obj_id]
+            entry = self.entries[obj_id]
         except KeyError:
             raise ObjectNotFound(f"no object {obj_id}") from None
+        if principal is not None and entry.owner not in (principal, ANYONE):
+            log.warning("refused %r the object %d of %r", principal, obj_id, entry.owner)
+            raise PermissionDenied(self.node, f"object {obj_id} belongs to another peer", self.node)
+        return entry
 
-    def pop(self, obj_id: int) -> Entry:
-        """Remove and return the entry under `obj_id`; raises ObjectNotFound."""
+    def pop(self, obj_id: int, principal: str | None = None) -> Entry:
+        """Remove and return the entry under `obj_id`; raises ObjectNotFound, or PermissionDenied
+        for pinned data or another owner's object."""
+        self.get(obj_id, principal)
         if obj_id in self.pinned:
-            raise PermissionDenied(self.owner, "data a worker was started with stays there", self.owner)
+            raise PermissionDenied(self.node, "data a worker was started with stays there", self.node)
         entry = self.discard(obj_id)
         if entry is None:
             raise ObjectNotFound(f"no object {obj_id}")
@@ -182,12 +196,19 @@ class Store:
             if entry.done.done() and entry.done.exception() is None:
                 self.commit(obj_id, entry, entry.done.result())
 
-    def clear(self) -> list[Entry]:
-        """Remove everything but pinned data; returns what was removed."""
-        removed = [e for i, e in self.entries.items() if i not in self.pinned]
-        for obj_id in list(self.entries):
+    def clear(self, principal: str) -> list[Entry]:
+        """Remove everything `principal` owns (pinned data never); returns what was removed."""
+        ids = [i for i, e in self.entries.items() if e.owner == principal and i not in self.pinned]
+        removed = [self.entries[i] for i in ids]
+        for obj_id in ids:
             self.discard(obj_id)
         return removed
+
+
+ANYONE = "*"
+"""Owner of a worker's own data: any peer may compute on it (its privacy policy still applies)."""
+
+log = logging.getLogger("fedptr.node.store")
 
 
 class StoreFull(MemoryError):

@@ -46,6 +46,11 @@ async def _clean_stores(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         for name in WORKERS:
             await c.client.worker(name).clear()
 
+        async def empty() -> bool:  # objects other workers own go as their pointers' deletes cascade
+            return all([await c.client.worker(n).objects() == {} for n in WORKERS])
+
+        assert await eventually(empty), "stores did not empty after the test"
+
 
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> bool:
     """Poll `condition` until it holds or `timeout` seconds pass; returns its last value.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedptr
+from fedptr import wire
 from tests.conftest import eventually
 
 CHAIN = ["bob", "alice", "carol", "dave", "erin"]
@@ -152,7 +153,9 @@ async def test_unknown_worker_fails_fast(client: fedptr.Client) -> None:
 
 
 async def test_unknown_worker_down_a_chain_names_the_hop(client: fedptr.Client, bob: fedptr.Worker) -> None:
-    p = await bob.send(fedptr.Pointer(client, "ghost", 12345))
+    # a pointer on bob to a worker that does not exist (a client cannot make one through send)
+    await client._call("bob", wire.PutPointer(424242, "ghost", 12345))
+    p = fedptr.Pointer(client, "bob", 424242)
     start = time.monotonic()
     with pytest.raises(fedptr.UnknownWorkerError) as info:
         await (p + 1)

@@ -104,3 +104,21 @@ def test_keys_command_writes_a_pair(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "fedptr.cli", "keys", str(tmp_path), "carol"], check=True)
     assert (tmp_path / "carol.key").exists() and (tmp_path / "carol.key_secret").exists()
     assert (tmp_path / "carol.key_secret").stat().st_mode & 0o077 == 0
+
+
+@MODULE_LOOP
+async def test_a_client_cannot_touch_another_clients_objects(secure: fedptr.Cluster) -> None:
+    assert secure.keys_dir is not None
+    bob = secure.client.worker("bob")
+    mine = await bob.send(torch.tensor([1.0, 2.0]))
+    keys = CurveKeys.load(secure.keys_dir / "client.key_secret", secure.keys_dir / "broker.key")
+    async with fedptr.connect(secure.address, curve=keys, timeout=5) as intruder:
+        stolen = fedptr.Pointer(intruder, "bob", mine.id_at_location, deletes=False)
+        for attempt in (stolen.get(), stolen + 1, stolen.move(intruder.worker("alice"))):
+            with pytest.raises(fedptr.PermissionDenied, match="belongs to another peer"):
+                await attempt
+        intruder.link.notify("bob", wire.Delete([mine.id_at_location]))  # ignored, and logged
+        await intruder.worker("bob").clear()  # clears only the intruder's own objects
+    assert torch.equal(await (mine + 0).get(), torch.tensor([1.0, 2.0]))  # type: ignore[arg-type]
+    assert "does not own" in secure.log("bob")  # the deletion
+    assert secure.log("bob").count("refused") >= 4  # the get, the op, the move and the deletion

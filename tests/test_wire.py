@@ -41,6 +41,8 @@ SAMPLES: list[wire.Message] = [
     wire.Failure("remote", "RuntimeError", "shapes", "bob", ["alice", "bob"]),
     wire.PutModule(5, {"type": "Linear", "in_features": 2, "out_features": 1, "bias": True}, [raw(torch.ones(1, 2))]),
     wire.Search("digits"),
+    wire.Grant(7, "alice"),
+    wire.Move(6, "alice", 7, "client-1"),
     wire.ModuleReply({"type": "ReLU"}, []),
     wire.SearchReply([1, 2]),
     wire.Put(6, raw(torch.ones(2)), True, {"bob": ["secure_worker"]}),
