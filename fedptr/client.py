@@ -103,6 +103,18 @@ class Worker:
             raise TypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
         return Pointer(client, self.name, new_id)
 
+    def send_nowait(self, x: torch.Tensor) -> Pointer:
+        """Pipelined `send` of a tensor: returns its pointer at once, without a round trip.
+
+        Operations on the pointer queue behind the send in order, so ``send_nowait(x) + 1``
+        then `get` costs one round trip in all. A failed send (an unknown worker, say) surfaces
+        when the pointer, or anything computed from it, is awaited."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
+        client = self._client
+        new_id = client._new_id()
+        return client._issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad))
+
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
         one per array in the order of their names. The data stays the worker's: dropping these
@@ -178,10 +190,14 @@ class Client:
 
     def _issue_op(self, location: str, op: str, args: list[wire.Value], kwargs: dict[str, wire.Value]) -> Pointer:
         result_id = self._new_id()
-        fut = self._link.request_nowait(location, wire.Op(result_id, op, args, kwargs), self.timeout)
+        return self._issue(location, result_id, wire.Op(result_id, op, args, kwargs))
+
+    def _issue(self, location: str, obj_id: int, msg: wire.Message) -> Pointer:
+        """Send a request that creates object `obj_id` and return its pointer without waiting."""
+        fut = self._link.request_nowait(location, msg, self.timeout)
         self._outstanding.add(fut)
         fut.add_done_callback(self._op_settled)
-        return Pointer(self, location, result_id, fut)
+        return Pointer(self, location, obj_id, fut)
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         self._outstanding.discard(fut)
@@ -241,13 +257,16 @@ async def connect(
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: CurveKeys | None = None,
+    max_in_flight: int = limits.MAX_IN_FLIGHT,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at `address` and yield a `Client`.
 
     `timeout` is every call's deadline (s). The client beats every `heartbeat_s` seconds when
     idle and takes the broker for dead after `liveness` silent intervals: waiting calls then fail
     with LostWorkerError and the client registers again once a broker answers. `curve` (see
-    `fedptr.security.CurveKeys.load`) encrypts and authenticates the connection. Raises
+    `fedptr.security.CurveKeys.load`) encrypts and authenticates the connection. With
+    `max_in_flight` calls unanswered, awaited calls wait for room and new pipelined operations
+    raise OverloadedError. Raises
     DeadlineExceeded when the broker does not answer within the connect timeout (a broker that
     refuses our key never answers), RegistrationRefused when it refuses the name."""
     link = Link(
@@ -257,6 +276,7 @@ async def connect(
         heartbeat_s=heartbeat_s,
         liveness=liveness,
         curve=curve,
+        max_in_flight=max_in_flight,
     )
     await link.__aenter__()
     client = Client(link, timeout)

@@ -69,6 +69,10 @@ STREAM_TIMEOUT_S = 60.0
 PREVIEW_NUMEL = 16
 """Tensors up to this many elements show their values in `objects()`; larger ones show shape only."""
 
+MAX_IN_FLIGHT = 100_000
+"""Most requests one peer keeps unanswered. Past it, awaited calls wait for room (backpressure)
+and pipelined operations raise OverloadedError rather than queue without bound."""
+
 # --- node execution ----------------------------------------------------------------------
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""

@@ -31,7 +31,7 @@ from fedptr.errors import (
 from fedptr.failures import error_from_failure
 from fedptr.security import CurveKeys
 from fedptr.streams import Reassembly, split
-from fedptr.zio import recv_frames, send_frames
+from fedptr.zio import events, recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
 
@@ -72,6 +72,7 @@ class Link:
         heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
         liveness: int = limits.HEARTBEAT_LIVENESS,
         curve: CurveKeys | None = None,
+        max_in_flight: int = limits.MAX_IN_FLIGHT,
     ) -> None:
         self.address = address
         self.name = name
@@ -81,6 +82,7 @@ class Link:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.curve = curve
+        self.max_in_flight = max_in_flight
         self.reregistrations = 0
         """Times this link registered again (after a broker restart, or after being forgotten)."""
         self.bytes_received = 0
@@ -102,6 +104,7 @@ class Link:
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._writable = asyncio.Event()
+        self._room = asyncio.Event()
         self._paused = False
         self._drain_scheduled = False
         self._group: asyncio.TaskGroup | None = None
@@ -179,7 +182,11 @@ class Link:
 
     # --- requests ----------------------------------------------------------------------
     def request_nowait(self, dest: str, msg: wire.Message, timeout: float) -> asyncio.Future[wire.Message]:
-        """Queue a request to `dest` and return the future of its reply, which settles by `timeout` s."""
+        """Queue a request to `dest` and return the future of its reply, which settles by `timeout` s.
+
+        Raises OverloadedError when `max_in_flight` requests are already unanswered."""
+        if len(self._pending) >= self.max_in_flight:
+            raise OverloadedError(self.name, f"{len(self._pending)} requests in flight; await some first")
         body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
         rid = self._next_rid()
         fut = self._track(rid, dest, timeout)
@@ -189,7 +196,18 @@ class Link:
         return fut
 
     async def request(self, dest: str, msg: wire.Message, timeout: float) -> wire.Message:
-        """Send a request to `dest` and return its reply; raises the typed error of a failure."""
+        """Send a request to `dest` and return its reply; raises the typed error of a failure.
+        With `max_in_flight` requests unanswered it first waits for room, within `timeout`."""
+        if len(self._pending) >= self.max_in_flight:
+            started = self._loop.time()
+            try:
+                async with asyncio.timeout(timeout):
+                    while len(self._pending) >= self.max_in_flight:
+                        self._room.clear()
+                        await self._room.wait()
+            except TimeoutError:
+                raise DeadlineExceeded(dest, timeout, [dest]) from None
+            timeout -= self._loop.time() - started
         return await self.request_nowait(dest, msg, timeout)
 
     def notify(self, dest: str, msg: wire.Message) -> None:
@@ -246,6 +264,8 @@ class Link:
         p = self._pending.pop(rid, None)
         if p is None:
             return
+        if len(self._pending) < self.max_in_flight:
+            self._room.set()
         p.timer.cancel()
         if p.future.done():
             return
@@ -310,7 +330,7 @@ class Link:
             self._outbox.append(frames)
             self._writable.set()
         # the send may have consumed a read edge of the FD
-        if int(self._sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+        if events(self._sock) & _POLLIN:
             self._schedule_drain()
 
     def _drain(self) -> None:
@@ -338,10 +358,10 @@ class Link:
                     self._dispatch(frames[1], frames[2], frames[3], frames[4:])
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)
-        events = int(sock.getsockopt(zmq.EVENTS))
-        if events & _POLLIN:
+        ready = events(sock)
+        if ready & _POLLIN:
             self._schedule_drain()
-        if events & _POLLOUT and self._outbox:
+        if ready & _POLLOUT and self._outbox:
             self._writable.set()
 
     async def _writer(self) -> None:

@@ -539,7 +539,7 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
         raise ProtocolError(f"cannot encode a value of type {type(obj).__name__}")
 
     values = [msg.KIND, budget_ms]
-    values.extend(_to_plain(getattr(msg, f.name)) for f in dataclasses.fields(msg))
+    values.extend(_to_plain(getattr(msg, name)) for name, _, _ in _FIELDS[type(msg)])
     try:
         header = msgpack.packb(values, default=default, strict_types=True)
     except (TypeError, ValueError, OverflowError) as e:

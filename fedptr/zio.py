@@ -38,3 +38,11 @@ def recv_frames(sock: zmq.Socket[Any], copied: int) -> list[Any]:
     while _get(sock, _RCVMORE):
         frames.append(_recv(sock, _NOBLOCK, len(frames) < copied))
     return frames
+
+
+_EVENTS = int(zmq.EVENTS)
+
+
+def events(sock: zmq.Socket[Any]) -> int:
+    """The socket's zmq.EVENTS as a plain int (reading it also re-arms its edge-triggered FD)."""
+    return int(_get(sock, _EVENTS))

@@ -55,3 +55,17 @@ async def test_failure_mid_pipeline_fails_every_later_step(bob: fedptr.Worker) -
         with pytest.raises(fedptr.RemoteError) as info:
             await step
         assert info.value.remote_type == "RuntimeError" and "invalid for input of size 4" in info.value.remote_message
+
+
+async def test_in_flight_bound_gives_backpressure(cluster: fedptr.Cluster) -> None:
+    async with fedptr.connect(cluster.address, max_in_flight=8) as small:
+        bob = small.worker("bob")
+        x = await bob.send(torch.ones(2))
+        ys = [x + i for i in range(8)]
+        with pytest.raises(fedptr.OverloadedError, match="8 requests in flight"):
+            x + 99
+        # awaited calls wait for room instead of failing
+        sent = await asyncio.gather(*[bob.send(torch.full((1,), float(i))) for i in range(20)])
+        assert len(sent) == 20
+        assert [float((await y.get())[0]) for y in ys] == [1.0 + i for i in range(8)]  # type: ignore[index]
+        await bob.clear()

@@ -245,3 +245,12 @@ async def test_clear_deletes_down_the_chain(bob: fedptr.Worker, alice: fedptr.Wo
 
 async def test_workers_lists_registered_names(client: fedptr.Client) -> None:
     assert await client.workers() == sorted(CHAIN)
+
+
+async def test_send_nowait_pipelines_and_reports_errors_late(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    p = bob.send_nowait(torch.arange(3.0))
+    assert torch.equal(await (p * 2).get(), torch.tensor([0.0, 2.0, 4.0]))  # type: ignore[arg-type]
+    ghost = client.worker("ghost").send_nowait(torch.ones(1))
+    with pytest.raises(fedptr.UnknownWorkerError):
+        await ghost
+    ghost._owned = False  # nothing was stored: there is nothing to delete
