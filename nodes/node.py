@@ -2,9 +2,11 @@
 
 Every request is handled in two phases. At receipt, synchronously and in arrival order, the
 store is updated (result entries created, entries popped, forwards queued), so pipelined
-requests from a client always see the effects of the ones before them. The slow part (a
-computation, waiting for the next hop) then finishes in a task; computations run in a bounded
-asyncio-pool, big ones on a thread so the event loop keeps serving.
+requests from a client always see the effects of the ones before them. Small computations on
+inputs that exist run right there; the rest finishes later: a callback when the next hop
+answers, a bounded asyncio-pool task for a computation that waits for its inputs, a thread for
+big ones, so the event loop keeps serving. Every request is checked against the object's owner
+and the privacy policy (nodes/policy.py) before anything runs.
 """
 
 from __future__ import annotations
