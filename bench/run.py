@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -26,14 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.rpc as rpc
 import zmq
 
 import fedptr
 from fedptr.cluster import start_process, stop_processes
-
-sys.path.insert(0, str(Path(__file__).parent))
-import baselines
 
 HERE = Path(__file__).parent
 MIB = 1 << 20
@@ -48,6 +45,9 @@ class Samples:
 
     def add(self, name: str, seconds: float) -> None:
         self.data[name].append(seconds)
+
+    def extend(self, name: str, seconds: list[float]) -> None:
+        self.data[name].extend(seconds)
 
     def median(self, name: str) -> float:
         return statistics.median(self.data[name])
@@ -124,46 +124,63 @@ class Floor:
 
 
 class TorchRpc:
-    """rank 0 (this process) with workers w1, w2 in their own processes, on TensorPipe."""
+    """torch.distributed.rpc on TensorPipe: a driver (rank 0) and a worker w1, each in its own
+    process; `measure` asks the driver to time one case and returns its samples (seconds).
+
+    TensorPipe's shared-memory transport busy-polls: idle, its processes take both of this
+    machine's cores. So they are stopped (SIGSTOP) except while torch.rpc is being measured, and
+    each system is measured with its own processes running and the other's paused."""
 
     def __init__(self, logs: Path) -> None:
         port = free_port()
         self.procs = [
-            start_process([str(HERE / "baselines.py"), "rpc-worker", str(r), "3", str(port)], logs / f"rpc-w{r}.log")
-            for r in (1, 2)
+            start_process([str(HERE / "baselines.py"), "rpc-worker", str(r), "2", str(port)], logs / f"rpc-w{r}.log")
+            for r in (1,)
         ]
-        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=16)
-        rpc.init_rpc("w0", rank=0, world_size=3, rpc_backend_options=opts)
-        self.x = torch.ones(4)
-        self.rref = rpc.remote("w1", baselines.identity, args=(self.x,))
-        self.rref.to_here()
+        self.driver = subprocess.Popen(
+            [sys.executable, str(HERE / "baselines.py"), "rpc-driver", "2", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(logs / "rpc-w0.log", "ab"),  # noqa: SIM115  (the child owns it)
+            text=True,
+        )
+        self._read()
+        self._signal(signal.SIGSTOP)
 
-    def op(self) -> None:
-        rpc.rpc_sync("w1", baselines.add_rref, args=(self.rref, 1.0))
+    def _signal(self, sig: int) -> None:
+        for p in (self.driver, *self.procs):
+            p.send_signal(sig)
 
-    def send_op_get(self) -> None:
-        r = rpc.remote("w1", baselines.identity, args=(self.x,))
-        rpc.remote("w1", baselines.add_rref, args=(r, 1.0)).to_here()
+    def _read(self) -> str:
+        assert self.driver.stdout is not None
+        while True:
+            line = self.driver.stdout.readline()
+            if not line:
+                raise RuntimeError("the torch.rpc driver exited")
+            if line.startswith("@@"):
+                return line[2:]
 
-    def dependent(self, n: int) -> None:
-        r = self.rref
-        for _ in range(n):
-            r = rpc.remote("w1", baselines.add_rref, args=(r, 1.0))
-            r.to_here()  # one awaited call at a time
+    async def measure(self, case: str, arg: int, n: int, budget: float) -> list[float]:
+        """Time `case` on torch.rpc (in a thread, so this process's event loop keeps beating)."""
+        return await asyncio.to_thread(self._measure, case, arg, n, budget)
 
-    def in_flight(self, n: int) -> None:
-        futs = [rpc.rpc_async("w1", baselines.add_rref, args=(self.rref, 1.0)) for _ in range(n)]
-        torch.futures.wait_all(futs)
-
-    def send(self, t: torch.Tensor) -> None:
-        rpc.rpc_sync("w1", baselines.store, args=("k", t))
-
-    def get(self) -> torch.Tensor:
-        return rpc.rpc_sync("w1", baselines.fetch, args=("k",))  # type: ignore[no-any-return]
+    def _measure(self, case: str, arg: int, n: int, budget: float) -> list[float]:
+        assert self.driver.stdin is not None
+        self._signal(signal.SIGCONT)
+        try:
+            self.driver.stdin.write(json.dumps({"case": case, "arg": arg, "n": n, "budget": budget}) + "\n")
+            self.driver.stdin.flush()
+            samples: list[float] = json.loads(self._read())["samples"]
+        finally:
+            self._signal(signal.SIGSTOP)
+        return samples
 
     def close(self) -> None:
-        rpc.shutdown()
-        stop_processes(self.procs)
+        self._signal(signal.SIGCONT)
+        if self.driver.stdin is not None:
+            self.driver.stdin.write(json.dumps({"case": "quit"}) + "\n")
+            self.driver.stdin.close()
+        stop_processes([self.driver, *self.procs])
 
 
 async def broker_rate(address: str, messages: int, batch: int) -> float:
@@ -222,8 +239,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
                 # one small op
                 await timed_async(s, "op/fedptr", lambda: x + 1, n * 5, 5)
-                timed_sync(s, "op/torch.rpc", trpc.op, n * 5, 5)
-                timed_sync(s, "op/floor", lambda: floor.round_trips(1), n * 5, 5)
+                s.extend("op/torch.rpc", await trpc.measure("op", 0, n * 5, 5))
+                await asyncio.to_thread(timed_sync, s, "op/floor", lambda: floor.round_trips(1), n * 5, 5)
 
                 # send -> op -> get
                 async def sog() -> None:
@@ -235,7 +252,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 await timed_async(s, "send-op-get/fedptr", sog, n * 2, 5)
                 await timed_async(s, "send-op-get-pipelined/fedptr", sog_pipelined, n * 2, 5)
-                timed_sync(s, "send-op-get/torch.rpc", trpc.send_op_get, n * 2, 5)
+                s.extend("send-op-get/torch.rpc", await trpc.measure("send-op-get", 0, n * 2, 5))
 
                 # 100 dependent ops then get
                 async def dep() -> None:
@@ -245,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await y.get()
 
                 await timed_async(s, "100-dependent/fedptr", dep, 10, 10)
-                timed_sync(s, "100-dependent/torch.rpc", lambda: trpc.dependent(100), 5, 10)
+                s.extend("100-dependent/torch.rpc", await trpc.measure("dependent", 100, 5, 10))
 
                 # throughput in flight (rounds of k concurrent ops; time per round)
                 for k in (1, 16, 256):
@@ -256,8 +273,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             await y
 
                     await timed_async(s, f"inflight-{k}/fedptr", burst, max(5, 2000 // k), 5)
-                    timed_sync(s, f"inflight-{k}/torch.rpc", lambda k=k: trpc.in_flight(k), max(5, 2000 // k), 5)
-                    timed_sync(s, f"inflight-{k}/floor", lambda k=k: floor.round_trips(k), max(5, 2000 // k), 5)
+                    s.extend(f"inflight-{k}/torch.rpc", await trpc.measure("inflight", k, max(5, 2000 // k), 5))
+                    await asyncio.to_thread(
+                        timed_sync, s, f"inflight-{k}/floor", lambda k=k: floor.round_trips(k), max(5, 2000 // k), 5
+                    )
 
                 # bandwidth
                 for mib in (1, 16, 64):
@@ -270,12 +289,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         t0 = time.perf_counter()
                         await p.get()
                         s.add(f"get-{mib}MiB/fedptr", time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        trpc.send(t)
-                        s.add(f"send-{mib}MiB/torch.rpc", time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        trpc.get()
-                        s.add(f"get-{mib}MiB/torch.rpc", time.perf_counter() - t0)
+                        s.extend(f"send-{mib}MiB/torch.rpc", await trpc.measure("send", mib, 1, 60))
+                        s.extend(f"get-{mib}MiB/torch.rpc", await trpc.measure("get", mib, 1, 60))
                     del t
 
                 # move 64 MiB between two workers
