@@ -219,3 +219,18 @@ async def test_kills_mid_chain_transfer_and_move_settle_and_lose_nothing() -> No
         for name in ("carol", "dave", "alice"):
             await c.start_node(name)
         assert (await client.link.broker_stats(5))["peers"] == baseline["peers"]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_stopped_broker_gives_typed_errors_then_everyone_recovers(cluster: fedptr.Cluster) -> None:
+    client = cluster.client
+    bob = client.worker("bob")
+    x = await bob.send(torch.arange(4.0))
+    checker = Checker()
+    cluster.signal("broker", signal.SIGSTOP)
+    result = await checker.call("op while the broker is stopped", x + 1)
+    checker.check()
+    assert isinstance(result, (fedptr.LostWorkerError, fedptr.DeadlineExceeded))
+    cluster.signal("broker", signal.SIGCONT)
+    assert await eventually(lambda: _all_registered(client), timeout=10)
+    assert torch.equal(await (x + 1).get(), torch.arange(4.0) + 1)  # type: ignore[arg-type]

@@ -34,8 +34,12 @@ def raw_socket(address: str) -> zmq.asyncio.Socket:
 
 
 async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> list[bytes]:
-    assert await sock.poll(int(timeout * 1000)), "no answer"
-    return await sock.recv_multipart()
+    """The next message that is not a broker heartbeat."""
+    while True:
+        assert await sock.poll(int(timeout * 1000)), "no answer"
+        frames = await sock.recv_multipart()
+        if frames[1] != wire.HEARTBEAT:
+            return frames
 
 
 async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = wire.ROLE_CLIENT) -> list[bytes]:

@@ -50,8 +50,17 @@ async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) 
         replies.append(await recv(sock))
     oks = [wire.decode(r[4:]).message for r in replies]
     assert all(isinstance(m, wire.Ok) for m in oks), oks  # no "object id already exists"
+    # an in-place update, delivered twice, is applied once
+    inc = [wire.PROTOCOL, wire.REQUEST, b"capped", wire.request_id_bytes(101)]
+    inc += wire.encode(wire.Op(779, "add_", [wire.Ref(777), 1.0], {}))
+    for _ in range(2):
+        await sock.send_multipart(inc)  # type: ignore[arg-type]
+        assert isinstance(wire.decode((await recv(sock))[4:]).message, wire.Ok)
     w = capped.client.worker("capped")
     objects = await w.objects()
-    assert sorted(objects) == [777, 778]  # the replayed op ran once: one result
-    sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"capped", wire.NO_REPLY, *wire.encode(wire.Delete([777, 778]))])
+    assert sorted(objects) == [777, 778, 779]  # each replayed op ran once: one result each
+    assert objects[777].preview == [2.0, 2.0, 2.0]  # ones, plus 1 once
+    sock.send_multipart(
+        [wire.PROTOCOL, wire.REQUEST, b"capped", wire.NO_REPLY, *wire.encode(wire.Delete([777, 778, 779]))]
+    )
     sock.close()
