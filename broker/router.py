@@ -176,18 +176,19 @@ class Broker:
         self._next_beat = self._now + self.config.heartbeat_s
         deadline = self._now - self.config.heartbeat_s * self.config.liveness
         for identity in [i for i, t in self.table.heard.items() if t < deadline]:
-            self._forget(identity, "its heartbeats stopped")
+            self._forget(identity, wire.GONE_SILENT)
         for identity in list(self.table.heard):
             self._send([identity, wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY])
 
-    def _forget(self, identity: bytes, why: str) -> None:
+    def _forget(self, identity: bytes, why: bytes) -> None:
         """Drop a peer and tell every other peer, so calls waiting on it fail at once."""
+        role = wire.ROLE_WORKER if self.table.by_identity.get(identity) in self.table.workers else wire.ROLE_CLIENT
         name = self.table.remove_identity(identity)
         if name is None:
             return
-        log.warning("peer %r is gone: %s", name, why)
+        log.warning("peer %r is gone (%s)", name, why.decode())
         for other in list(self.table.by_identity):
-            self._send([other, wire.PROTOCOL, wire.LOST, name, wire.NO_REPLY])
+            self._send([other, wire.PROTOCOL, wire.LOST, name, wire.NO_REPLY, role, why])
 
     def stop(self) -> None:
         self._running = False
@@ -225,7 +226,7 @@ class Broker:
             counters = [f"{k}={v}".encode() for k, v in stats.items()]
             self._send([identity, wire.PROTOCOL, wire.STATS, b"", frames[4], *counters])
         elif command == wire.DISCONNECT:
-            self._forget(identity, "it disconnected")
+            self._forget(identity, wire.GONE_DISCONNECTED)
         elif command == wire.HEARTBEAT:
             if identity not in self.table.by_identity:
                 # a peer we forgot (it was stopped, or this broker restarted): ask it to register
@@ -340,7 +341,7 @@ class Broker:
         except zmq.ZMQError as e:
             peer = bytes(frames[0])
             if e.errno == errno.EHOSTUNREACH:
-                self._forget(peer, "its connection closed")
+                self._forget(peer, wire.GONE_CLOSED)
                 return wire.REASON_LOST
             if e.errno == errno.EAGAIN:
                 log.warning("peer %r is not reading (queue full); message refused", self.table.by_identity.get(peer))

@@ -93,6 +93,9 @@ class Link:
         """zmq multipart messages sent (a batch counts once)."""
         self.on_reply: Callable[[wire.Message], None] | None = None
         """Called with every reply this link decodes (for audits: what reached this client)."""
+        self.on_session_ended: Callable[[str], None] | None = None
+        """Called with a client's name when the broker says its session ended (it said goodbye
+        or its connection closed): a worker reclaims what that client owned."""
         self._sock: zmq.Socket[bytes] | None = None
         self._ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
@@ -473,6 +476,9 @@ class Link:
             self._settle(rid, error=_broker_error(name, body))
         elif command == wire.LOST:
             self._lost(name.decode())
+            ended = len(body) >= 2 and bytes(body[0]) == wire.ROLE_CLIENT
+            if ended and bytes(body[1]) in (wire.GONE_DISCONNECTED, wire.GONE_CLOSED) and self.on_session_ended:
+                self.on_session_ended(name.decode())
         elif command == wire.HEARTBEAT:
             return
         else:

@@ -62,8 +62,13 @@ HEARTBEAT = b"H"
 """Either way: "I am alive", sent when nothing else was sent for a heartbeat interval. Any
 message counts as a beat; a peer silent for `liveness` intervals is taken for dead."""
 LOST = b"X"
-"""broker -> every peer: the peer `name` is gone (it disconnected or its heartbeats stopped);
-requests waiting on it fail with LostWorkerError."""
+"""broker -> every peer: the peer `name` is gone; body ``[role, why]``, why one of GONE_*.
+Requests waiting on it fail with LostWorkerError; a client whose session ended (it said goodbye
+or its connection closed) has its objects reclaimed by the workers."""
+GONE_DISCONNECTED = b"disconnected"
+GONE_CLOSED = b"closed"
+GONE_SILENT = b"silent"
+"""Its heartbeats stopped: it may be paused and come back, so its objects are kept."""
 
 BATCH = b"B"
 """Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``

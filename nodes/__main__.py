@@ -91,6 +91,7 @@ async def serve(args: argparse.Namespace) -> int:
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
         ) as link:
             node.link = link
+            link.on_session_ended = node.reclaim
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
                 await stop.wait()

@@ -291,6 +291,13 @@ class Node:
             popped.append(entry)
         self._delete_downstream(popped)
 
+    def reclaim(self, client: str) -> None:
+        """Delete what a client whose session ended owned (the Link's on_session_ended)."""
+        removed = self.store.clear(client)
+        if removed:
+            log.info("reclaimed %d objects of %r, which has left", len(removed), client)
+            self._delete_downstream(removed)
+
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
         self._delete_downstream(self.store.clear(source))
         self._reply(source, rid, wire.Ok())

@@ -254,3 +254,14 @@ async def test_send_nowait_pipelines_and_reports_errors_late(client: fedptr.Clie
     with pytest.raises(fedptr.UnknownWorkerError):
         await ghost
     ghost._owned = False  # nothing was stored: there is nothing to delete
+
+
+async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Cluster, client: fedptr.Client) -> None:
+    bob, alice = client.worker("bob"), client.worker("alice")
+    async with fedptr.connect(cluster.address) as other:
+        kept = await other.worker("bob").send(torch.ones(3))
+        chained = await (await other.worker("bob").send(torch.ones(2))).send(other.worker("alice"))
+        kept._owned = chained._owned = False  # as if the process died: no deletes are sent
+        assert len(await bob.objects()) == 2 and len(await alice.objects()) == 1
+    # it said goodbye: the workers reclaim what it owned, down its chains
+    assert await eventually(lambda: all_empty(client))
