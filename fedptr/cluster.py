@@ -188,7 +188,8 @@ async def local_cluster(
         logs.mkdir(parents=True, exist_ok=True)
         bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/broker.sock"
         processes: dict[str, subprocess.Popen[bytes]] = {}
-        stack.callback(lambda: stop_processes(list(reversed(processes.values()))))
+        # stopping waits for processes to exit: on a thread, so the event loop is not blocked
+        stack.push_async_callback(lambda: asyncio.to_thread(stop_processes, list(reversed(processes.values()))))
         beat = ["--heartbeat-ms", str(max(1, int(heartbeat_s * 1000))), "--liveness", str(liveness)]
         keys = Path(tmp) / "keys"
         client_keys: CurveKeys | None = None
