@@ -361,6 +361,8 @@ class Link:
                     self._dispatch(frames[1], frames[2], frames[3], frames[4:])
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)
+            except Exception:  # a bug in a handler must not stop this link from reading
+                log.exception("%s failed to handle a message", self.name)
         ready = events(sock)
         if ready & _POLLIN:
             self._schedule_drain()

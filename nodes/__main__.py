@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace) -> int:
         ),
     )
     try:
-        async with Link(
+        link = Link(
             args.broker,
             args.name,
             wire.ROLE_WORKER,
@@ -89,9 +89,11 @@ async def serve(args: argparse.Namespace) -> int:
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
-        ) as link:
-            node.link = link
-            link.on_session_ended = node.reclaim
+        )
+        # wired before registering: a request may arrive in the same read as the acceptance
+        node.link = link
+        link.on_session_ended = node.reclaim
+        async with link:
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
                 await stop.wait()
