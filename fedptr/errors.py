@@ -72,6 +72,7 @@ class OverloadedError(FedptrError):
 
     def __init__(self, worker: str, detail: str) -> None:
         self.worker = worker
+        self.detail = detail
         super().__init__(f"worker {worker!r} is overloaded: {detail}")
 
 

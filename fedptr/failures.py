@@ -37,7 +37,7 @@ def failure_from_error(e: BaseException, here: str) -> Failure:
     if isinstance(e, DeadlineExceeded):
         return Failure("timeout", "", f"{e.seconds}", e.worker, e.path)
     if isinstance(e, OverloadedError):
-        return Failure("overloaded", "", _cut(str(e)), e.worker, [e.worker])
+        return Failure("overloaded", "", _cut(e.detail), e.worker, [e.worker])
     if isinstance(e, ProtocolError):
         return Failure("protocol", "", _cut(str(e)), here, [here])
     return Failure("remote", type(e).__name__, _cut(str(e)), here, [here])

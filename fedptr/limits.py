@@ -66,6 +66,9 @@ STREAM_MAX_BYTES = 16 << 30
 STREAM_TIMEOUT_S = 60.0
 """A partly received stream with no new chunk for this long is dropped (its sender died)."""
 
+MAX_LISTED_OBJECTS = 4_000
+"""Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
+
 PREVIEW_NUMEL = 16
 """Tensors up to this many elements show their values in `objects()`; larger ones show shape only."""
 

@@ -206,11 +206,19 @@ class Node:
     def _reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         self._reply(dest, rid, failure_from_error(e, self.name))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
+        """Finish a request in a task; whatever it raises is the request's Failure reply."""
         if len(self._background) >= self.config.max_forwards:
             coro.close()
             raise OverloadedError(self.name, f"{len(self._background)} requests already waiting")
-        task = asyncio.ensure_future(coro)
+
+        async def answering() -> None:
+            try:
+                await coro
+            except Exception as e:
+                self._reply_error(source, rid, e)
+
+        task = asyncio.ensure_future(answering())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -310,9 +318,11 @@ class Node:
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
             rows = [e.row(i) for i, e in snapshot.items() if e.done.done() or e.is_pointer]
+            if len(rows) > limits.MAX_LISTED_OBJECTS:
+                raise OverloadedError(self.name, f"{len(rows)} objects are too many to list at once")
             self._reply(source, rid, wire.ObjectsReply(rows))
 
-        self._spawn(answer())
+        self._spawn(answer(), source, rid)
 
     # --- operations --------------------------------------------------------------------
     def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
@@ -539,7 +549,7 @@ class Node:
                 return
             self._reply(source, rid, wire.Ok())
 
-        self._spawn(answer())
+        self._spawn(answer(), source, rid)
 
 
 def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> wire.Message:

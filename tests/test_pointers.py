@@ -265,3 +265,13 @@ async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Clust
         assert len(await bob.objects()) == 2 and len(await alice.objects()) == 1
     # it said goodbye: the workers reclaim what it owned, down its chains
     assert await eventually(lambda: all_empty(client))
+
+
+async def test_listing_too_many_objects_is_refused_not_hung(bob: fedptr.Worker) -> None:
+    from fedptr import limits
+
+    x = await bob.send(torch.zeros(1))
+    ys = [x + i for i in range(limits.MAX_LISTED_OBJECTS + 1)]
+    await ys[-1]
+    with pytest.raises(fedptr.OverloadedError, match="too many to list"):
+        await bob.objects()
