@@ -16,6 +16,18 @@ import fedptr
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -41,10 +53,7 @@ async def test_local_launcher_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None
             inner = await p.get()
             assert isinstance(inner, fedptr.Pointer)
             assert torch.equal(await inner.get(), torch.ones(2))  # type: ignore[arg-type]
-        children = [
-            int(x)
-            for x in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        ]
+        children = _children(proc.pid)
         assert len(children) == 3  # the broker and two nodes
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
