@@ -63,3 +63,12 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, exited but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

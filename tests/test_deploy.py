@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import fedptr
+from tests.conftest import alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,14 +27,6 @@ def _children(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             found.append(int(stat.parent.name))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_local_launcher_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -58,9 +51,9 @@ async def test_local_launcher_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
-        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        while any(alive(c) for c in children) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert not any(_alive(c) for c in children)
+        assert not any(alive(c) for c in children)
     finally:
         if proc.poll() is None:
             proc.kill()

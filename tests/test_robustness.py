@@ -16,6 +16,7 @@ import zmq.asyncio
 
 import fedptr
 from fedptr import wire
+from tests.conftest import alive
 
 
 def rss(pid: int) -> int:
@@ -167,15 +168,8 @@ def test_cluster_dies_with_a_killed_parent(tmp_path: object) -> None:
     import time
 
     deadline = time.monotonic() + 5
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-    assert not alive, f"processes {alive} outlived their killed parent"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    running = pids
+    while running and time.monotonic() < deadline:
+        running = [p for p in running if alive(p)]
+        time.sleep(0.02)
+    assert not running, f"processes {running} outlived their killed parent"
