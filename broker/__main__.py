@@ -1,4 +1,4 @@
-"""Command line of the broker: ``python -m broker --bind tcp://127.0.0.1:5555``.
+"""Command line of the broker: ``python -m fedptr.broker --bind tcp://127.0.0.1:5555``.
 
 Prints ``fedptr-broker listening on ENDPOINT`` once bound (a ``*`` port is resolved), then
 routes until SIGINT or SIGTERM.
@@ -12,9 +12,10 @@ import signal
 import sys
 from types import FrameType
 
-from broker.router import Broker, BrokerConfig
 from fedptr import limits
 from fedptr.security import needs_keys
+
+from .router import Broker, BrokerConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

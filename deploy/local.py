@@ -31,7 +31,9 @@ async def main() -> None:
     processes = {"broker": broker}
     try:
         for name in args.names:
-            processes[name] = start_process(["-m", "nodes", "--name", name, "--broker", address], logs / f"{name}.log")
+            processes[name] = start_process(
+                ["-m", "fedptr.nodes", "--name", name, "--broker", address], logs / f"{name}.log"
+            )
         async with connect(address) as client:
             await wait_registered(client, args.names, processes, logs, limits.CLUSTER_START_TIMEOUT_S)
         print(f"broker at {address}; workers {', '.join(args.names)} registered; logs in {logs}", flush=True)

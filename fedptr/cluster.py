@@ -64,7 +64,9 @@ class Cluster:
         log_path = self.log_dir / f"{name}.log"
         ready = f"fedptr-node {name} ready"
         before = log_path.read_text(errors="replace").count(ready)
-        proc = start_process(["-m", "nodes", "--name", name, "--broker", self.address, *self.node_args[name]], log_path)
+        proc = start_process(
+            ["-m", "fedptr.nodes", "--name", name, "--broker", self.address, *self.node_args[name]], log_path
+        )
         self.processes[name] = proc
         self.pids[name] = proc.pid
         deadline = time.monotonic() + timeout
@@ -117,7 +119,9 @@ async def start_broker(
     bind: str, log_path: Path, timeout: float, extra: Sequence[str] = (), prefix: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a broker bound to `bind` and return it with the endpoint it bound (a ``*`` port resolved)."""
-    proc = start_process(["-m", "broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE, prefix=prefix)
+    proc = start_process(
+        ["-m", "fedptr.broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE, prefix=prefix
+    )
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
@@ -217,7 +221,7 @@ async def local_cluster(
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
         for name in names:
             processes[name] = start_process(
-                ["-m", "nodes", "--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log"
+                ["-m", "fedptr.nodes", "--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log"
             )
         client = await stack.enter_async_context(
             connect(address, timeout=call_timeout, heartbeat_s=heartbeat_s, liveness=liveness, curve=client_keys)

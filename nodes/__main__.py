@@ -1,4 +1,4 @@
-"""Command line of a worker node: ``python -m nodes --name bob --broker tcp://127.0.0.1:5555``.
+"""Command line of a worker node: ``python -m fedptr.nodes --name bob --broker tcp://127.0.0.1:5555``.
 
 Registers under the name, prints ``fedptr-node NAME ready`` and serves until SIGINT or SIGTERM.
 Exits with status 3 when the broker refuses the name.
@@ -16,7 +16,8 @@ from fedptr import limits, wire
 from fedptr.errors import FedptrError
 from fedptr.link import Link
 from fedptr.security import CurveKeys
-from nodes.node import Node, NodeConfig
+
+from .node import Node, NodeConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,9 +31,10 @@ from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw, to_raw
-from nodes import ops, policy
-from nodes.durable import DurableStore
-from nodes.store import Entry, Store
+
+from . import kernels, policy
+from .durable import DurableStore
+from .store import Entry, ObjectNotFound, Store
 
 log = logging.getLogger("fedptr.node")
 
@@ -343,7 +344,7 @@ class Node:
                 tensors = {i: e.done.result() for i, e in entries.items()}
                 if _numel(tensors.values()) <= self.config.offload_numel:
                     # the common case: small inputs, all present; no task, no thread
-                    self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))  # type: ignore[arg-type]
+                    self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
                     return
             self._compute_later(self._compute(source, rid, msg, entries, result))
             return
@@ -400,7 +401,7 @@ class Node:
             raise TypeError(
                 f"{msg.op} takes a list of inputs{' and a list of weights' if 'weighted' in msg.op else ''}"
             )
-        result = ops.run(msg.op, args, kwargs)
+        result = kernels.run(msg.op, args, kwargs)
         origins = policy.merge(policy.origins_of(v) for v in values.values())
         if msg.op == "backward":
             self._taint_gradients(origins)
@@ -506,6 +507,8 @@ class Node:
                     return
                 if isinstance(value, torch.nn.Module):
                     self._reply(source, rid, wire.ModuleReply(*modules.to_wire(value)))
+                elif value is None:
+                    self._reply_error(source, rid, ObjectNotFound(msg.obj_id))
                 else:
                     self._reply(source, rid, wire.TensorReply(to_raw(value), release))
 

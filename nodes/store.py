@@ -21,8 +21,9 @@ from fedptr import limits
 from fedptr.errors import PermissionDenied
 from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow
-from nodes.durable import DurableStore
-from nodes.policy import origins_of
+
+from .durable import DurableStore
+from .policy import origins_of
 
 
 @dataclass(eq=False)

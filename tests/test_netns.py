@@ -107,7 +107,7 @@ async def test_walkthrough_across_namespaces_with_curve_and_a_cut_link(hosts: No
                 procs.append(
                     start_process(
                         [
-                            *("-m", "nodes", "--name", name, "--broker", address, *BEAT),
+                            *("-m", "fedptr.nodes", "--name", name, "--broker", address, *BEAT),
                             *("--curve-secret", str(keys / f"{name}.key_secret")),
                             *("--broker-key", str(keys / "broker.key")),
                         ],

@@ -118,7 +118,7 @@ async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
 
 async def test_second_node_with_a_taken_name_exits(cluster: fedptr.Cluster) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "nodes", "--name", "bob", "--broker", cluster.address, "--register-timeout", "1"],
+        [sys.executable, "-m", "fedptr.nodes", "--name", "bob", "--broker", cluster.address, "--register-timeout", "1"],
         capture_output=True,
         timeout=60,
     )
@@ -127,7 +127,8 @@ async def test_second_node_with_a_taken_name_exits(cluster: fedptr.Cluster) -> N
 
 
 def test_broker_imports_neither_torch_nor_nodes() -> None:
-    code = "import sys, broker.__main__; bad = {'torch', 'nodes'} & set(sys.modules); assert not bad, bad"
+    banned = "{'torch', 'fedptr.nodes', 'fedptr.client'}"
+    code = f"import sys, fedptr.broker.__main__; bad = {banned} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

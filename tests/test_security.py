@@ -95,7 +95,7 @@ def test_public_bind_needs_keys() -> None:
     assert needs_keys("tcp://0.0.0.0:5555") and needs_keys("tcp://10.1.2.3:5555")
     assert not needs_keys("tcp://127.0.0.1:5555") and not needs_keys("ipc:///tmp/x") and not needs_keys("tcp://[::1]:1")
     proc = subprocess.run(
-        [sys.executable, "-m", "broker", "--bind", "tcp://0.0.0.0:*"], capture_output=True, timeout=30
+        [sys.executable, "-m", "fedptr.broker", "--bind", "tcp://0.0.0.0:*"], capture_output=True, timeout=30
     )
     assert proc.returncode == 2 and b"without keys" in proc.stderr
 

@@ -16,12 +16,12 @@ from types import ModuleType
 import pytest
 import pytest_asyncio
 import torch
+from fedptr.nodes import policy
 from torch import nn
 from torch.nn import functional
 
 import fedptr
 from fedptr import aggregate, optim, wire
-from nodes import policy
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parents[1]
