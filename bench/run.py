@@ -30,6 +30,7 @@ import torch
 import zmq
 
 import fedptr
+from fedptr import envelope
 from fedptr.cluster import start_process, stop_processes
 
 HERE = Path(__file__).parent
@@ -190,25 +191,25 @@ async def broker_rate(address: str, messages: int, batch: int) -> float:
     ctx = zmq.Context.instance()
     sink = ctx.socket(zmq.DEALER)
     src = ctx.socket(zmq.DEALER)
-    for s, name, role in ((sink, b"sink", wire.ROLE_WORKER), (src, b"blaster", wire.ROLE_CLIENT)):
+    for s, name, role in ((sink, b"sink", envelope.ROLE_WORKER), (src, b"blaster", envelope.ROLE_CLIENT)):
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(address)
-        s.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\0" * 8, role])
+        s.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\0" * 8, role])
         s.recv_multipart()
     body = wire.encode(wire.Get(1))
-    one = [wire.REQUEST, b"sink", b"\1" * 8, *body]
-    frames = [wire.PROTOCOL, *one] if batch == 1 else wire.pack_batch([one] * batch)
+    one = [envelope.REQUEST, b"sink", b"\1" * 8, *body]
+    frames = [envelope.PROTOCOL, *one] if batch == 1 else envelope.pack_batch([one] * batch)
     received = 0
     t0 = time.perf_counter()
     for _ in range(messages // batch):
         src.send_multipart(frames)
         while sink.poll(0):
             got = sink.recv_multipart()
-            received += (len(got) - 3) // len(one) if got[1] == wire.BATCH else 1
+            received += (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
     while received < (messages // batch) * batch and sink.poll(5000):
         got = sink.recv_multipart()
-        received += (len(got) - 3) // len(one) if got[1] == wire.BATCH else 1
+        received += (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
     rate = received / (time.perf_counter() - t0)
     sink.close(0)
     src.close(0)

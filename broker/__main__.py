@@ -23,7 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="endpoint to bind; tcp://HOST:* picks a free port")
     p.add_argument("--max-message-bytes", type=int, default=limits.MAX_MESSAGE_BYTES, help="largest frame accepted")
     p.add_argument("--max-peers", type=int, default=limits.BROKER_MAX_PEERS, help="most registered names")
-    p.add_argument("--hwm", type=int, default=100_000, help="messages queued per peer before sends are refused")
+    p.add_argument(
+        "--hwm", type=int, default=limits.SOCKET_HWM, help="messages queued per peer before sends are refused"
+    )
     p.add_argument(
         "--heartbeat-ms", type=int, default=int(limits.HEARTBEAT_INTERVAL_S * 1000), help="heartbeat interval"
     )

@@ -18,7 +18,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from fedptr import limits, wire
+from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
 from fedptr.security import allowed_keys
 from fedptr.zio import recv_frames, send_frames
@@ -41,7 +41,7 @@ class BrokerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     max_message_bytes: int = limits.MAX_MESSAGE_BYTES
     max_peers: int = limits.BROKER_MAX_PEERS
-    hwm: int = 100_000
+    hwm: int = limits.SOCKET_HWM
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S
     liveness: int = limits.HEARTBEAT_LIVENESS
     curve_secret: str | None = None
@@ -64,7 +64,7 @@ class RoutingTable:
         self.by_name[name] = identity
         self.by_identity[identity] = name
         self.heard[identity] = now
-        if role == wire.ROLE_WORKER:
+        if role == envelope.ROLE_WORKER:
             self.workers.add(name)
 
     def remove_identity(self, identity: bytes) -> bytes | None:
@@ -140,9 +140,9 @@ class Broker:
             if poller.poll(beat_ms):
                 self._now = time.monotonic()
                 self._log_refusals()
-                for _ in range(10_000):
+                for _ in range(limits.BROKER_DRAIN_BATCH):
                     try:
-                        frames = recv_frames(sock, 1 + wire.ENVELOPE_FRAMES if self.bound_keys is None else 0)
+                        frames = recv_frames(sock, 1 + envelope.ENVELOPE_FRAMES if self.bound_keys is None else 0)
                     except zmq.Again:
                         break
                     if self.bound_keys is not None:
@@ -166,29 +166,31 @@ class Broker:
         """Secure mode: envelope frames as bytes, and the sender's authenticated key noted for a
         REGISTER (the only message where it matters: names are bound to keys there)."""
         key = frames[1].get("User-Id").encode() if len(frames) > 2 else b""
-        envelope = [bytes(f) for f in frames[: 1 + wire.ENVELOPE_FRAMES]]
-        if len(envelope) > 2 and envelope[2] == wire.REGISTER:
+        head = [bytes(f) for f in frames[: 1 + envelope.ENVELOPE_FRAMES]]
+        if len(head) > 2 and head[2] == envelope.REGISTER:
             self._registering_key = key
-        return envelope + frames[1 + wire.ENVELOPE_FRAMES :]
+        return head + frames[1 + envelope.ENVELOPE_FRAMES :]
 
     def _heartbeat(self) -> None:
         """Beat every peer; forget (and announce) those silent for `liveness` intervals."""
         self._next_beat = self._now + self.config.heartbeat_s
         deadline = self._now - self.config.heartbeat_s * self.config.liveness
         for identity in [i for i, t in self.table.heard.items() if t < deadline]:
-            self._forget(identity, wire.GONE_SILENT)
+            self._forget(identity, envelope.GONE_SILENT)
         for identity in list(self.table.heard):
-            self._send([identity, wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY])
+            self._send([identity, envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY])
 
     def _forget(self, identity: bytes, why: bytes) -> None:
         """Drop a peer and tell every other peer, so calls waiting on it fail at once."""
-        role = wire.ROLE_WORKER if self.table.by_identity.get(identity) in self.table.workers else wire.ROLE_CLIENT
+        role = (
+            envelope.ROLE_WORKER if self.table.by_identity.get(identity) in self.table.workers else envelope.ROLE_CLIENT
+        )
         name = self.table.remove_identity(identity)
         if name is None:
             return
         log.warning("peer %r is gone (%s)", name, why.decode())
         for other in list(self.table.by_identity):
-            self._send([other, wire.PROTOCOL, wire.LOST, name, wire.NO_REPLY, role, why])
+            self._send([other, envelope.PROTOCOL, envelope.LOST, name, envelope.NO_REPLY, role, why])
 
     def stop(self) -> None:
         self._running = False
@@ -205,32 +207,32 @@ class Broker:
     def handle(self, frames: list[Any]) -> None:
         """Route or answer one message: ``[identity, PROTOCOL, command, name, rid]`` as bytes, then
         the body as zmq frames. Garbage is dropped with a (rate-limited) log line."""
-        if len(frames) < 1 + wire.ENVELOPE_FRAMES or frames[1] != wire.PROTOCOL:
+        if len(frames) < 1 + envelope.ENVELOPE_FRAMES or frames[1] != envelope.PROTOCOL:
             self._drop(frames, "not a fedptr envelope")
             return
         identity = frames[0]
         command = frames[2]
-        if command == wire.REQUEST or command == wire.REPLY or command == wire.CHUNK:
+        if command == envelope.REQUEST or command == envelope.REPLY or command == envelope.CHUNK:
             self._route(frames, identity)
-        elif command == wire.BATCH:
+        elif command == envelope.BATCH:
             self._route_batch(frames, identity)
-        elif command == wire.REGISTER:
+        elif command == envelope.REGISTER:
             self._register(frames, identity)
-        elif command == wire.LIST:
+        elif command == envelope.LIST:
             names = sorted(self.table.workers)
-            self._send([identity, wire.PROTOCOL, wire.LIST, b"", frames[4], *names])
-        elif command == wire.STATS:
+            self._send([identity, envelope.PROTOCOL, envelope.LIST, b"", frames[4], *names])
+        elif command == envelope.STATS:
             peers, identities, workers, heard = self.table.sizes()
             stats = {"peers": peers, "identities": identities, "workers": workers, "heard": heard}
             stats |= {"routed": self.routed, "dropped": self.dropped}
             counters = [f"{k}={v}".encode() for k, v in stats.items()]
-            self._send([identity, wire.PROTOCOL, wire.STATS, b"", frames[4], *counters])
-        elif command == wire.DISCONNECT:
-            self._forget(identity, wire.GONE_DISCONNECTED)
-        elif command == wire.HEARTBEAT:
+            self._send([identity, envelope.PROTOCOL, envelope.STATS, b"", frames[4], *counters])
+        elif command == envelope.DISCONNECT:
+            self._forget(identity, envelope.GONE_DISCONNECTED)
+        elif command == envelope.HEARTBEAT:
             if identity not in self.table.by_identity:
                 # a peer we forgot (it was stopped, or this broker restarted): ask it to register
-                self._error(identity, b"", wire.NO_REPLY, wire.REASON_NOT_REGISTERED, "register again")
+                self._error(identity, b"", envelope.NO_REPLY, envelope.REASON_NOT_REGISTERED, "register again")
         else:
             self._drop(frames, f"unknown command {command[:8]!r}")
 
@@ -239,19 +241,19 @@ class Broker:
         bytes and its name set to the source. Returns the destination's identity, or None after
         answering (a request to an unknown name) or dropping it."""
         command, dest, rid = bytes(message[0]), bytes(message[1]), bytes(message[2])
-        if command != wire.REQUEST and command != wire.REPLY and command != wire.CHUNK:
+        if command != envelope.REQUEST and command != envelope.REPLY and command != envelope.CHUNK:
             self._drop(message, f"command {command[:8]!r} in a routed message")
             return None
         if source is None:
-            if command == wire.REQUEST:
-                self._error(identity, dest, rid, wire.REASON_NOT_REGISTERED, "register first")
+            if command == envelope.REQUEST:
+                self._error(identity, dest, rid, envelope.REASON_NOT_REGISTERED, "register first")
             else:
-                self._error(identity, dest, wire.NO_REPLY, wire.REASON_NOT_REGISTERED, "register again")
+                self._error(identity, dest, envelope.NO_REPLY, envelope.REASON_NOT_REGISTERED, "register again")
             return None
         dest_identity = self.table.by_name.get(dest)
         if dest_identity is None:
-            if command == wire.REQUEST:
-                self._error(identity, dest, rid, wire.REASON_UNKNOWN_NAME, "no such worker")
+            if command == envelope.REQUEST:
+                self._error(identity, dest, rid, envelope.REASON_UNKNOWN_NAME, "no such worker")
             else:
                 log.info("reply for %r dropped: no such peer", dest)
             return None
@@ -266,7 +268,7 @@ class Broker:
 
     def _route_batch(self, frames: list[Any], identity: bytes) -> None:
         try:
-            messages = wire.unpack_batch(frames[3], frames[4:])
+            messages = envelope.unpack_batch(frames[3], frames[4:])
         except ProtocolError as e:
             self._drop(frames, str(e))
             return
@@ -283,46 +285,46 @@ class Broker:
         """Send `messages` to one peer, as a batch when there are several; on failure, tell the
         sender of each request why."""
         if len(messages) == 1:
-            frames = [dest_identity, wire.PROTOCOL, *messages[0]]
+            frames = [dest_identity, envelope.PROTOCOL, *messages[0]]
         else:
-            frames = [dest_identity, *wire.pack_batch(messages)]
+            frames = [dest_identity, *envelope.pack_batch(messages)]
         dest = self.table.by_identity.get(dest_identity, b"?")
         reason = self._send(frames)
         if reason is None:
             self.routed += len(messages)
             return
         for m in messages:
-            if m[0] == wire.REQUEST:
+            if m[0] == envelope.REQUEST:
                 self._error(identity, dest, m[2], reason, "worker unreachable")
 
     def _register(self, frames: list[Any], identity: bytes) -> None:
         name = frames[3]
         rid = frames[4]
         role = bytes(frames[5]) if len(frames) > 5 else b""
-        if not wire.valid_name(name) or role not in wire.ROLES:
-            self._error(identity, name, rid, wire.REASON_BAD_NAME, "bad name or role")
+        if not envelope.valid_name(name) or role not in envelope.ROLES:
+            self._error(identity, name, rid, envelope.REASON_BAD_NAME, "bad name or role")
             return
         if self.bound_keys is not None and not self._key_may_claim(name, role):
             log.warning("refused %r: its key is not the one bound to that name", name)
-            self._error(identity, name, rid, wire.REASON_FORBIDDEN, "this key may not use that name")
+            self._error(identity, name, rid, envelope.REASON_FORBIDDEN, "this key may not use that name")
             return
         holder = self.table.by_name.get(name)
         if holder is not None and holder != identity:
             # A restarted peer reclaims its name once the old connection is gone.
-            if self._send([holder, wire.PROTOCOL, wire.HEARTBEAT, b"", wire.NO_REPLY]) is None:
+            if self._send([holder, envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]) is None:
                 log.warning("refused %r: name taken", name)
-                self._error(identity, name, rid, wire.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
+                self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
             self.table.remove_identity(holder)
         if holder is None and len(self.table.by_name) >= self.config.max_peers:
-            self._error(identity, name, rid, wire.REASON_FULL, "broker has too many peers")
+            self._error(identity, name, rid, envelope.REASON_FULL, "broker has too many peers")
             return
         old = self.table.by_identity.get(identity)
         if old is not None and old != name:
             self.table.remove_identity(identity)
         self.table.add(name, identity, role, self._now)
         log.info("registered %s %r", role.decode(), name)
-        self._send([identity, wire.PROTOCOL, wire.ACCEPTED, name, rid])
+        self._send([identity, envelope.PROTOCOL, envelope.ACCEPTED, name, rid])
 
     def _key_may_claim(self, name: bytes, role: bytes) -> bool:
         """A worker name needs the key bound to it; a client name must not be a bound name
@@ -330,7 +332,7 @@ class Broker:
         assert self.bound_keys is not None
         bound = self.bound_keys.get(name)
         if bound is None:
-            return role == wire.ROLE_CLIENT
+            return role == envelope.ROLE_CLIENT
         return bound == self._registering_key
 
     def _send(self, frames: list[Any]) -> bytes | None:
@@ -341,15 +343,15 @@ class Broker:
         except zmq.ZMQError as e:
             peer = bytes(frames[0])
             if e.errno == errno.EHOSTUNREACH:
-                self._forget(peer, wire.GONE_CLOSED)
-                return wire.REASON_LOST
+                self._forget(peer, envelope.GONE_CLOSED)
+                return envelope.REASON_LOST
             if e.errno == errno.EAGAIN:
                 log.warning("peer %r is not reading (queue full); message refused", self.table.by_identity.get(peer))
-                return wire.REASON_OVERLOADED
+                return envelope.REASON_OVERLOADED
             raise
 
     def _error(self, identity: bytes, name: bytes, rid: bytes, reason: bytes, text: str) -> None:
-        self._send([identity, wire.PROTOCOL, wire.BROKER_ERROR, name, rid, reason, text.encode()])
+        self._send([identity, envelope.PROTOCOL, envelope.BROKER_ERROR, name, rid, reason, text.encode()])
 
     def _drop(self, frames: list[Any], why: str) -> None:
         self.dropped += 1

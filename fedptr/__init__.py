@@ -10,17 +10,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from fedptr.errors import (
+    ClientClosedError,
     ConsumedPointerError,
     DeadlineExceeded,
     FedptrError,
+    InvalidArgumentError,
     LocationMismatchError,
     LostWorkerError,
+    ObjectNotFoundError,
+    OpNotAllowedError,
     OverloadedError,
     PermissionDenied,
     ProtocolError,
     RegistrationRefused,
     RemoteError,
+    StoreFullError,
+    TooManyInFlightError,
     UnknownWorkerError,
+    UnsupportedTypeError,
+    UsageError,
+    WorkerRefused,
 )
 
 if TYPE_CHECKING:
@@ -41,22 +50,31 @@ _LAZY = {
 
 __all__ = [
     "Client",
+    "ClientClosedError",
     "Cluster",
     "ConsumedPointerError",
     "DeadlineExceeded",
     "FedptrError",
+    "InvalidArgumentError",
     "LocationMismatchError",
     "LostWorkerError",
     "ModulePointer",
     "ObjectInfo",
+    "ObjectNotFoundError",
+    "OpNotAllowedError",
     "OverloadedError",
     "PermissionDenied",
     "Pointer",
     "ProtocolError",
     "RegistrationRefused",
     "RemoteError",
+    "StoreFullError",
+    "TooManyInFlightError",
     "UnknownWorkerError",
+    "UnsupportedTypeError",
+    "UsageError",
     "Worker",
+    "WorkerRefused",
     "connect",
     "local_cluster",
 ]

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedptr import limits, modules, wire
-from fedptr.errors import ConsumedPointerError, ProtocolError
+from fedptr import envelope, limits, modules, wire
+from fedptr.errors import ConsumedPointerError, InvalidArgumentError, ProtocolError, UnsupportedTypeError
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.security import CurveKeys
@@ -79,9 +79,9 @@ class Worker:
         if isinstance(x, Pointer):
             x._check_alive()
             if x._client is not client:
-                raise ValueError("that pointer belongs to another client")
+                raise InvalidArgumentError("that pointer belongs to another client")
             if x.location == self.name:
-                raise ValueError(f"{x!r} already points to an object on {self.name!r}")
+                raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
             await x  # the object must exist before another worker refers to it
             x._owned = False
             try:
@@ -100,7 +100,7 @@ class Worker:
             await client._call(self.name, wire.PutModule(new_id, spec, params))
             return ModulePointer(client, self.name, new_id, len(params))
         else:
-            raise TypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
+            raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
         return Pointer(client, self.name, new_id)
 
     def send_nowait(self, x: torch.Tensor) -> Pointer:
@@ -110,7 +110,7 @@ class Worker:
         then `get` costs one round trip in all. A failed send (an unknown worker, say) surfaces
         when the pointer, or anything computed from it, is awaited."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
+            raise UnsupportedTypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
         client = self._client
         new_id = client._new_id()
         return client._issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad))
@@ -182,7 +182,7 @@ class Client:
 
     # --- for Pointer and Worker --------------------------------------------------------
     def _new_id(self) -> int:
-        return secrets.randbits(63)
+        return wire.new_object_id()
 
     async def _call(self, dest: str, msg: wire.Message) -> wire.Message:
         self._flush_deletes()
@@ -237,8 +237,8 @@ class Client:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
         for location, ids in batches.items():
-            for i in range(0, len(ids), limits.MAX_CONTAINER_LEN):
-                self._link.notify(location, wire.Delete(ids[i : i + limits.MAX_CONTAINER_LEN]))
+            for delete in wire.deletes(ids):
+                self._link.notify(location, delete)
 
     async def _close(self) -> None:
         self._flush_deletes()
@@ -266,13 +266,13 @@ async def connect(
     with LostWorkerError and the client registers again once a broker answers. `curve` (see
     `fedptr.security.CurveKeys.load`) encrypts and authenticates the connection. With
     `max_in_flight` calls unanswered, awaited calls wait for room and new pipelined operations
-    raise OverloadedError. Raises
+    raise TooManyInFlightError. Raises
     DeadlineExceeded when the broker does not answer within the connect timeout (a broker that
     refuses our key never answers), RegistrationRefused when it refuses the name."""
     link = Link(
         address,
         f"client-{secrets.token_hex(6)}",
-        wire.ROLE_CLIENT,
+        envelope.ROLE_CLIENT,
         heartbeat_s=heartbeat_s,
         liveness=liveness,
         curve=curve,

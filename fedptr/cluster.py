@@ -22,7 +22,7 @@ from typing import IO, Literal
 
 from fedptr import limits
 from fedptr.client import Client, connect
-from fedptr.errors import DeadlineExceeded, FedptrError
+from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError
 from fedptr.security import CurveKeys, generate
 
 _PR_SET_PDEATHSIG = 1
@@ -75,7 +75,7 @@ class Cluster:
                 raise FedptrError(f"{name} exited with status {proc.returncode}: {self.log(name)[-2000:]}")
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(name, timeout, [name])
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
 
     async def restart_broker(self, timeout: float = limits.CLUSTER_START_TIMEOUT_S) -> None:
         """Start a new broker on the same address (after the old one died)."""
@@ -155,7 +155,7 @@ async def wait_registered(
                 raise FedptrError(f"process {name!r} exited with status {proc.returncode}:\n{log}")
         if time.monotonic() > deadline:
             raise DeadlineExceeded(missing[0], timeout, missing)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
 @asynccontextmanager
@@ -185,7 +185,7 @@ async def local_cluster(
     `start_timeout` seconds, or FedptrError (with the process's log) if a process dies while
     starting."""
     if len(set(names)) != len(names):
-        raise ValueError(f"worker names must be unique: {list(names)}")
+        raise InvalidArgumentError(f"worker names must be unique: {list(names)}")
     async with AsyncExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedptr-"))
         logs = Path(log_dir) if log_dir is not None else Path(tmp)

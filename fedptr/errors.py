@@ -1,4 +1,16 @@
-"""The typed errors of fedptr. Every failure a caller can see is a `FedptrError` subclass."""
+"""The typed errors of fedptr. Every failure a caller can see is a `FedptrError` subclass.
+
+Names say who caused the failure (trio's style):
+
+* a worker failed or refused: `RemoteError`, `PermissionDenied`, and the `WorkerRefused` family
+  (`OverloadedError`, `StoreFullError`, `ObjectNotFoundError`, `OpNotAllowedError`); these
+  travel on the wire as a `wire.Failure` with a `wire.FailureCode` and keep their type;
+* the network or a peer went away: `UnknownWorkerError`, `LostWorkerError`, `DeadlineExceeded`,
+  `ProtocolError`, `RegistrationRefused`;
+* this process: `ClientClosedError`, `TooManyInFlightError`, `ConsumedPointerError`;
+* the caller misused the API: `UsageError` subclasses, which are also the builtin they stand
+  for (`InvalidArgumentError` is a ValueError, `UnsupportedTypeError` a TypeError).
+"""
 
 from __future__ import annotations
 
@@ -67,20 +79,83 @@ class RegistrationRefused(FedptrError):
     """Raised when the broker refuses a registration, for example because the name is taken."""
 
 
-class OverloadedError(FedptrError):
-    """Raised when a worker refused a request because its bounded queues are full."""
+class WorkerRefused(FedptrError):
+    """Base of the refusals a worker answers with, each for a reason its subclass names.
 
-    def __init__(self, worker: str, detail: str) -> None:
+    `worker` is the worker that refused (empty while the error is still inside that worker),
+    `detail` says why, and `path` is the chain of workers the request went through."""
+
+    what = "refused the request"
+
+    def __init__(self, worker: str, detail: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.detail = detail
-        super().__init__(f"worker {worker!r} is overloaded: {detail}")
+        self.path = list(path or ([worker] if worker else []))
+        super().__init__(f"worker {worker!r} {self.what}: {detail}")
+
+
+class OverloadedError(WorkerRefused):
+    """Raised when a worker refused a request because its bounded queues are full (its pool
+    of computations, its forwards waiting, or the broker's queue to it), or because a listing
+    would be too large. Retry later, or with fewer requests at once."""
+
+    what = "is overloaded"
+
+
+class StoreFullError(WorkerRefused, MemoryError):
+    """Raised when storing a result would take a worker's store past its byte cap
+    (``fedptr-node --max-store-bytes``). Delete objects on that worker first."""
+
+    what = "has no room in its store"
+
+
+class ObjectNotFoundError(WorkerRefused, LookupError):
+    """Raised when a request names an object id the worker does not hold (it was deleted,
+    handed on, or never existed)."""
+
+    what = "holds no such object"
+
+
+class OpNotAllowedError(WorkerRefused):
+    """Raised when a request names an operation, or a message kind, that is not on the worker's
+    allow-list (`fedptr.ops`). The client refuses most such calls before sending them."""
+
+    what = "does not allow the operation"
+
+
+class ClientClosedError(FedptrError):
+    """Raised when a call is made on a client (or a node's link) that has been closed, and by
+    every call still pending when it closes. `name` is the closed peer, `dest` the call's target."""
+
+    def __init__(self, name: str, dest: str) -> None:
+        self.name = name
+        self.dest = dest
+        super().__init__(f"{name!r} is closed; the call to {dest!r} was not completed")
+
+
+class TooManyInFlightError(FedptrError):
+    """Raised by a pipelined call (an operation, `send_nowait`) when this client already has
+    `max_in_flight` requests unanswered. Await some results first; awaited calls wait for room
+    instead of raising."""
 
 
 class ConsumedPointerError(FedptrError):
     """Raised when a pointer is used after `get`, `move` or `send` handed its object on."""
 
 
-class LocationMismatchError(FedptrError, ValueError):
+class UsageError(FedptrError):
+    """Base of the errors raised when the API is called wrongly (the caller's mistake)."""
+
+
+class InvalidArgumentError(UsageError, ValueError):
+    """Raised when an argument has the right type but a value the call cannot take."""
+
+
+class UnsupportedTypeError(UsageError, TypeError):
+    """Raised when a value of a type fedptr cannot send or run remotely is passed."""
+
+
+class LocationMismatchError(InvalidArgumentError):
     """Raised when an operation mixes pointers on different workers; both names are in the message."""
 
 

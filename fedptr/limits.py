@@ -76,6 +76,43 @@ MAX_IN_FLIGHT = 100_000
 """Most requests one peer keeps unanswered. Past it, awaited calls wait for room (backpressure)
 and pipelined operations raise OverloadedError rather than queue without bound."""
 
+MAX_VALUE_DEPTH = 16
+"""Deepest nesting of lists and maps in an operation's arguments."""
+
+MAX_EXT_BYTES = 4096
+"""Longest msgpack extension value (a tensor's dtype and shape, or a reference)."""
+
+MAX_MODULE_LAYERS = 256
+"""Most layers one model sent as a spec may have."""
+
+MAX_MODULE_DEPTH = 8
+"""Deepest nesting of containers (Sequential) in a model sent as a spec."""
+
+# --- sockets and event loops -------------------------------------------------------------
+SOCKET_HWM = 100_000
+"""Messages a zmq socket queues per peer, each way, before sends are refused (ZMQ_SNDHWM/RCVHWM);
+the broker's `--hwm` flag."""
+
+DRAIN_BATCH = 256
+"""Messages a link handles per read callback before other callbacks (timers) get a turn."""
+
+BROKER_DRAIN_BATCH = 10_000
+"""Messages the broker routes per wake before it looks at its clock and heartbeats."""
+
+WRITE_RETRY_S = 0.001
+"""How often a link retries sending while the broker's queue for it is full (the socket's FD
+signals reads only)."""
+
+POLL_INTERVAL_S = 0.02
+"""How often a local cluster checks whether its processes have started or registered."""
+
+# --- privacy policy ----------------------------------------------------------------------
+MIN_OWNERS = 2
+"""Fewest distinct data owners a released aggregate must combine (`fedptr-node --min-owners`)."""
+
+MAX_WEIGHT_RATIO = 100.0
+"""Largest ratio between two weights of a released weighted mean (`--max-weight-ratio`)."""
+
 # --- node execution ----------------------------------------------------------------------
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""
@@ -87,7 +124,11 @@ REPLY_CACHE_SIZE = 10_000
 """Recent replies a node keeps, so a replayed request is answered from memory, not run twice."""
 
 REPLY_CACHE_MAX_TENSOR_BYTES = 1 << 16
-"""Tensor replies larger than this are not kept; a replay of such a Get is refused instead."""
+"""Replies holding more tensor bytes than this (64 KiB) are not kept; a replay of such a Get is
+refused instead."""
+
+REPLY_CACHE_MAX_BYTES = 64 << 20
+"""Most tensor bytes the kept replies of one node hold together (64 MiB); the oldest go first."""
 
 OFFLOAD_NUMEL = 1 << 16
 """Computations whose inputs hold more elements than this run in a thread, off the event loop."""

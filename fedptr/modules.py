@@ -13,14 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedptr import wire
+from fedptr import limits, wire
 from fedptr.errors import ProtocolError
 from fedptr.tensors import from_raw, to_raw
 
-MAX_LAYERS = 256
-"""Most layers one spec may describe."""
-MAX_DEPTH = 8
-"""Deepest nesting of Sequential containers."""
 MAX_WIDTH = 1 << 16
 """Largest feature or channel count."""
 
@@ -48,8 +44,8 @@ def _bool(spec: dict[str, Any], key: str) -> bool:
 
 def spec_of(module: nn.Module, depth: int = 0) -> dict[str, Any]:
     """The spec of `module`. Raises TypeError for any layer outside the allow-list."""
-    if depth > MAX_DEPTH:
-        raise TypeError(f"modules nest deeper than {MAX_DEPTH}")
+    if depth > limits.MAX_MODULE_DEPTH:
+        raise TypeError(f"modules nest deeper than {limits.MAX_MODULE_DEPTH}")
     t = type(module)
     m: Any = module  # the exact type is checked below; subclasses are refused
     if t is nn.Sequential:
@@ -88,8 +84,10 @@ def build(spec: Any, depth: int = 0, count: list[int] | None = None) -> nn.Modul
     """A fresh module from `spec`. Raises ValueError for anything not in the allow-list or out of bounds."""
     count = count if count is not None else [0]
     count[0] += 1
-    if count[0] > MAX_LAYERS or depth > MAX_DEPTH:
-        raise ValueError(f"a model may have at most {MAX_LAYERS} layers nested {MAX_DEPTH} deep")
+    if count[0] > limits.MAX_MODULE_LAYERS or depth > limits.MAX_MODULE_DEPTH:
+        raise ValueError(
+            f"a model may have at most {limits.MAX_MODULE_LAYERS} layers nested {limits.MAX_MODULE_DEPTH} deep"
+        )
     if type(spec) is not dict or spec.get("type") not in LAYERS:
         raise ValueError(f"not an allowed layer spec: {spec!r:.100}")
     kind = spec["type"]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional
 
 from fedptr import wire
-from fedptr.errors import ConsumedPointerError, LocationMismatchError, PermissionDenied
+from fedptr.errors import ConsumedPointerError, LocationMismatchError, PermissionDenied, UnsupportedTypeError
 from fedptr.ops import ALLOWED, TENSOR_METHODS
 from fedptr.tensors import to_raw
 
@@ -42,7 +42,7 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
         return [_encode(v, found) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _encode(v, found) for k, v in value.items()}
-    raise TypeError(f"cannot send an argument of type {type(value).__name__} to a remote operation")
+    raise UnsupportedTypeError(f"cannot send an argument of type {type(value).__name__} to a remote operation")
 
 
 def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pointer:
@@ -54,7 +54,7 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
     enc_args = [_encode(a, found) for a in args]
     enc_kwargs = {k: _encode(v, found) for k, v in (kwargs or {}).items()}
     if not found:
-        raise TypeError(f"{op} needs at least one Pointer argument")
+        raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
     first = found[0]
     for p in found:
         p._check_alive()
@@ -179,7 +179,7 @@ class Pointer:
     ) -> Pointer:
         op = _TORCH_NAMES.get(func)
         if op is None:
-            raise TypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
+            raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
         return remote_call(op, tuple(args), kwargs)
 
     __hash__ = object.__hash__

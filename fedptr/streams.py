@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedptr import limits, wire
+from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
 
 
@@ -35,8 +35,8 @@ def split(
             continue
         view = view.cast("B")
         for offset in range(0, total, chunk):
-            info = wire.CHUNK_INFO.pack(command, i - 3, offset, total)
-            out.append([wire.CHUNK, name, rid, info, view[offset : offset + chunk]])
+            info = envelope.CHUNK_INFO.pack(command, i - 3, offset, total)
+            out.append([envelope.CHUNK, name, rid, info, view[offset : offset + chunk]])
         rest[i] = b""
     out.append(rest)
     return out
@@ -69,10 +69,10 @@ class Reassembly:
     def add(self, source: bytes, rid: bytes, info: bytes, data: Any) -> None:
         """Copy one chunk into place. Raises ProtocolError for a malformed or oversized chunk."""
         self.purge()
-        if len(info) != wire.CHUNK_INFO.size:
+        if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
-        command, index, offset, total = wire.CHUNK_INFO.unpack(info)
-        if command not in (wire.REQUEST, wire.REPLY) or not 1 <= index < limits.MAX_FRAMES:
+        command, index, offset, total = envelope.CHUNK_INFO.unpack(info)
+        if command not in (envelope.REQUEST, envelope.REPLY) or not 1 <= index < limits.MAX_FRAMES:
             raise ProtocolError("chunk for a bad command or frame")
         view = memoryview(data).cast("B")
         if total > limits.MAX_MESSAGE_BYTES or offset + view.nbytes > total:

@@ -12,30 +12,15 @@ import warnings
 import torch
 
 from fedptr.errors import ProtocolError
-from fedptr.wire import RawTensor
+from fedptr.wire import DTYPE_ITEMSIZE, RawTensor
 
-DTYPE_BY_NAME: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
+DTYPE_BY_NAME: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
+"""The torch dtype of every wire dtype name (`fedptr.wire.DTYPE_ITEMSIZE` is the allow-list)."""
 NAME_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_BY_NAME.items()}
 
 _ZERO_COPY_MIN_BYTES = 1 << 16
 """Buffers smaller than this are copied on receipt: the copy is cheaper than the risk of an
 unaligned view, and it frees the frame at once."""
-
-# Frames from zmq are read-only buffers; the tensors we build on them are owned by us alone.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -73,7 +58,10 @@ def from_raw(raw: RawTensor) -> torch.Tensor:
     data = raw.data
     if raw.nbytes < _ZERO_COPY_MIN_BYTES:
         return torch.frombuffer(bytearray(data), dtype=dtype).reshape(raw.shape)
-    t = torch.frombuffer(data, dtype=dtype)
+    with warnings.catch_warnings():
+        # zmq frames are read-only buffers; the tensor built on one is owned by us alone
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        t = torch.frombuffer(data, dtype=dtype)
     if t.data_ptr() % t.element_size():
         t = t.clone()
     return t.reshape(raw.shape)

@@ -1,18 +1,12 @@
-"""The fedptr wire protocol, sans-IO: frame layout, message types, encode and decode.
+"""The fedptr wire protocol's bodies, sans-IO: message types, encode and decode.
 
-This module imports no sockets, no asyncio and no torch; tests feed it bytes. The broker imports
-it for the envelope constants alone, so it must stay light.
+This module imports no sockets, no asyncio and no torch; tests feed it bytes. The envelope that
+precedes every body (protocol, command, name, request id) is `fedptr.envelope`'s.
 
-A message on a socket is a list of frames::
+A body is::
 
-    [PROTOCOL, command, name, request_id, header, buffer_0, buffer_1, ...]
-     `---------- envelope (broker reads) --' `------- body (broker never reads) -------'
+    [header, buffer_0, buffer_1, ...]
 
-* ``PROTOCOL`` names the protocol and its version (``b"FPTR1"``).
-* ``command`` is one byte: register, request, reply, list, broker error, disconnect.
-* ``name`` is the destination when a peer sends and the source when the broker delivers: the
-  broker swaps it, and nothing else, as it routes.
-* ``request_id`` is 8 opaque bytes chosen by the requester and echoed in the reply.
 * ``header`` is msgpack: ``[kind, budget_ms, field_0, field_1, ...]``. Fields are appended with
   defaults as the schema grows; a decoder ignores fields it does not know.
 * Tensors travel as raw buffers in their own frames, never inside the header. The header holds
@@ -23,11 +17,11 @@ A message on a socket is a list of frames::
 
 from __future__ import annotations
 
-import array
 import dataclasses
+import enum
 import math
+import secrets
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
@@ -39,134 +33,6 @@ from fedptr.errors import ProtocolError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # bytes, memoryview, zmq.Frame, numpy arrays
-
-PROTOCOL = b"FPTR1"
-"""Protocol name and version, the first frame of every message."""
-
-# --- envelope commands (one byte each) ---------------------------------------------------
-REGISTER = b"R"
-"""peer -> broker: claim `name`; body ``[role]``. Answered with ACCEPTED or BROKER_ERROR."""
-ACCEPTED = b"A"
-"""broker -> peer: registration accepted."""
-REQUEST = b"Q"
-"""A request, relayed by the broker to the peer named in the envelope."""
-REPLY = b"P"
-"""A reply, relayed like a request; `request_id` is the request's."""
-LIST = b"L"
-"""peer -> broker: list registered workers; the answer's body is one frame per name."""
-BROKER_ERROR = b"E"
-"""broker -> peer: the broker could not do what the message asked; body ``[reason, text]``."""
-DISCONNECT = b"D"
-"""peer -> broker: the peer is leaving; the broker forgets its name."""
-HEARTBEAT = b"H"
-"""Either way: "I am alive", sent when nothing else was sent for a heartbeat interval. Any
-message counts as a beat; a peer silent for `liveness` intervals is taken for dead."""
-LOST = b"X"
-"""broker -> every peer: the peer `name` is gone; body ``[role, why]``, why one of GONE_*.
-Requests waiting on it fail with LostWorkerError; a client whose session ended (it said goodbye
-or its connection closed) has its objects reclaimed by the workers."""
-GONE_DISCONNECTED = b"disconnected"
-GONE_CLOSED = b"closed"
-GONE_SILENT = b"silent"
-"""Its heartbeats stopped: it may be paused and come back, so its objects are kept."""
-
-BATCH = b"B"
-"""Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``
-where each message is ``[command, name, request_id, *body]`` and `counts` holds each one's
-frame count (little-endian uint16). The broker splits a batch, routes each message, and
-re-batches per destination."""
-
-CHUNK = b"C"
-"""A slice of one large buffer frame of the REQUEST or REPLY that follows it:
-``[PROTOCOL, CHUNK, name, request_id, info, data]``, info = CHUNK_INFO. The broker routes each
-chunk as it arrives, so a large tensor streams through it; the message itself then carries an
-empty frame where that buffer goes, and the receiver puts the reassembled buffer there."""
-
-CHUNK_INFO = struct.Struct("<cIQQ")
-"""command of the message the chunk belongs to (1 byte), its body frame index (uint32),
-the chunk's offset and the buffer's total size in bytes (uint64 each)."""
-
-STATS = b"S"
-"""peer -> broker: the broker's counters; the answer's body is ``name=value`` frames
-(table sizes, messages routed and dropped), for operators and leak tests."""
-
-COMMANDS = frozenset(
-    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, STATS}
-)
-
-ROLE_WORKER = b"worker"
-ROLE_CLIENT = b"client"
-ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT})
-
-# Reasons in a BROKER_ERROR body.
-REASON_UNKNOWN_NAME = b"unknown-name"
-REASON_NAME_TAKEN = b"name-taken"
-REASON_NOT_REGISTERED = b"not-registered"
-REASON_BAD_NAME = b"bad-name"
-REASON_FULL = b"full"
-REASON_OVERLOADED = b"overloaded"
-REASON_FORBIDDEN = b"forbidden"
-REASON_LOST = b"lost"
-
-NO_REPLY = b"\0" * 8
-"""Request id of messages that expect no answer (Delete notices, heartbeats, broker notices)."""
-
-ENVELOPE_FRAMES = 4
-"""Frames before the body: protocol, command, name, request id."""
-
-REQUEST_ID_BYTES = 8
-
-_RID = struct.Struct("<Q")
-
-
-def request_id_bytes(n: int) -> bytes:
-    """The 8-byte envelope form of request number `n`."""
-    return _RID.pack(n)
-
-
-def request_id_int(b: bytes) -> int:
-    """The number of an 8-byte request id; raises ProtocolError when it is not 8 bytes."""
-    if len(b) != REQUEST_ID_BYTES:
-        raise ProtocolError(f"request id must be {REQUEST_ID_BYTES} bytes, got {len(b)}")
-    return int(_RID.unpack(b)[0])
-
-
-def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
-    """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
-    counts = array.array("H", [len(m) for m in messages])
-    if sys.byteorder != "little":
-        counts.byteswap()
-    frames: list[Any] = [PROTOCOL, BATCH, counts.tobytes()]
-    for m in messages:
-        frames.extend(m)
-    return frames
-
-
-def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[list[Any]]:
-    """Split the frames after a BATCH's counts frame into messages; raises ProtocolError when the
-    counts do not describe the frames exactly or a message has fewer than 3 frames."""
-    if len(counts) % 2:
-        raise ProtocolError("batch counts must be uint16s")
-    sizes = array.array("H")
-    sizes.frombytes(counts)
-    if sys.byteorder != "little":
-        sizes.byteswap()
-    if sum(sizes) != len(frames) or any(n < ENVELOPE_FRAMES - 1 for n in sizes):
-        raise ProtocolError("batch counts do not match its frames")
-    out: list[list[Any]] = []
-    i = 0
-    for n in sizes:
-        out.append(list(frames[i : i + n]))
-        i += n
-    return out
-
-
-def valid_name(name: bytes) -> bool:
-    """Whether `name` may be registered: 1..MAX_NAME_BYTES of ASCII letters, digits, ``-_.``."""
-    return 0 < len(name) <= limits.MAX_NAME_BYTES and all(
-        c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name
-    )
-
 
 # --- tensors -----------------------------------------------------------------------------
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -383,7 +249,23 @@ class PointerReply(Message):
     id_at_location: int
 
 
-FAILURE_CODES = frozenset({"remote", "unknown-worker", "lost-worker", "timeout", "overloaded", "protocol", "denied"})
+class FailureCode(enum.StrEnum):
+    """How a request failed; each code stands for one error type of `fedptr.errors`. The list
+    only grows: codes are appended, never renumbered or reused."""
+
+    REMOTE = "remote"
+    UNKNOWN_WORKER = "unknown-worker"
+    LOST_WORKER = "lost-worker"
+    TIMEOUT = "timeout"
+    OVERLOADED = "overloaded"
+    PROTOCOL = "protocol"
+    DENIED = "denied"
+    STORE_FULL = "store-full"
+    NOT_FOUND = "not-found"
+    OP_NOT_ALLOWED = "op-not-allowed"
+
+
+FAILURE_CODES = frozenset(c.value for c in FailureCode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +281,10 @@ class Failure(Message):
     path: list[str]
     owner: str = ""
     """For ``"denied"``: the data owner whose privacy policy refused the request."""
+
+    def __post_init__(self) -> None:
+        if self.code not in FAILURE_CODES:
+            raise ProtocolError(f"unknown failure code {self.code[:32]!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,7 +355,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _check_value(v: Any, depth: int = 0) -> bool:
-    if depth > 16:
+    if depth > limits.MAX_VALUE_DEPTH:
         return False
     if v is None or type(v) in (bool, int, float, str, RawTensor, Ref):
         return True
@@ -514,6 +400,17 @@ _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...]
     )
     for t in MESSAGE_TYPES
 }
+
+
+def new_object_id() -> int:
+    """A fresh object id: random, so that ids chosen by different peers never collide."""
+    return secrets.randbits(63)
+
+
+def deletes(ids: Sequence[int]) -> list[Delete]:
+    """Delete messages for `ids`, each within the wire's container limit."""
+    step = limits.MAX_CONTAINER_LEN
+    return [Delete(list(ids[i : i + step])) for i in range(0, len(ids), step)]
 
 
 # --- encode ------------------------------------------------------------------------------
@@ -604,7 +501,7 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
             max_bin_len=limits.MAX_STR_BYTES,
             max_array_len=limits.MAX_CONTAINER_LEN,
             max_map_len=limits.MAX_CONTAINER_LEN,
-            max_ext_len=4096,
+            max_ext_len=limits.MAX_EXT_BYTES,
         )
     except ProtocolError:
         raise

@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from fedptr import limits, wire
+from fedptr import envelope, limits
 from fedptr.errors import FedptrError
 from fedptr.link import Link
 from fedptr.security import CurveKeys
@@ -45,7 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", action="append", default=[], metavar="TAG=PATH", help="load an .npz as private data")
     p.add_argument("--trust", action="append", default=[], metavar="WORKER", help="a worker our data may move to")
     p.add_argument("--aggregator", action="store_true", help="release aggregates over enough data owners")
-    p.add_argument("--min-owners", type=int, default=2, help="k: data owners an aggregate needs")
+    p.add_argument("--min-owners", type=int, default=limits.MIN_OWNERS, help="k: data owners an aggregate needs")
+    p.add_argument(
+        "--max-weight-ratio",
+        type=float,
+        default=limits.MAX_WEIGHT_RATIO,
+        help="largest ratio between two weights of a released weighted mean",
+    )
     p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="Gaussian noise on released means")
     p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of each aggregated input")
     p.add_argument("--log-level", default="INFO")
@@ -64,35 +70,33 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    node = Node(
-        args.name,
-        NodeConfig(
-            args.pool_size,
-            args.max_forwards,
-            args.offload_numel,
-            args.max_store_bytes,
-            args.store,
-            data=dict(_tag_path(d) for d in args.data),
-            trust=args.trust,
-            aggregator=args.aggregator,
-            min_owners=args.min_owners,
-            dp_noise_multiplier=args.dp_noise_multiplier,
-            dp_clip=args.dp_clip,
-        ),
+    config = NodeConfig(
+        args.pool_size,
+        args.max_forwards,
+        args.offload_numel,
+        args.max_store_bytes,
+        args.store,
+        data=dict(_tag_path(d) for d in args.data),
+        trust=args.trust,
+        aggregator=args.aggregator,
+        min_owners=args.min_owners,
+        max_weight_ratio=args.max_weight_ratio,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_clip=args.dp_clip,
     )
     try:
         link = Link(
             args.broker,
             args.name,
-            wire.ROLE_WORKER,
-            node.handle,
+            envelope.ROLE_WORKER,
             heartbeat_s=args.heartbeat_ms / 1000,
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
         )
+        node = Node(args.name, link, config)
         # wired before registering: a request may arrive in the same read as the acceptance
-        node.link = link
+        link.handler = node.handle
         link.on_session_ended = node.reclaim
         async with link:
             print(f"fedptr-node {args.name} ready", flush=True)

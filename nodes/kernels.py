@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from fedptr.errors import OpNotAllowedError
 from fedptr.ops import IN_PLACE, TENSOR_METHODS, TORCH_FUNCTIONS
 
 
@@ -73,11 +74,11 @@ OPERATIONS.update(
 
 
 def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run allow-listed `op`. Raises PermissionError for a name off the list, TypeError when the
+    """Run allow-listed `op`. Raises OpNotAllowedError for a name off the list, TypeError when the
     result is not a tensor, and whatever torch raises for bad arguments."""
     fn = OPERATIONS.get(op)
     if fn is None:
-        raise PermissionError(f"operation {op!r} is not allowed")
+        raise OpNotAllowedError("", f"operation {op!r} is not allowed")
     if args and isinstance(args[0], nn.Module) and op not in ("forward", "parameter", "zero_grad"):
         raise TypeError(f"{op} takes tensors, not a model")
     result = fn(*args, **kwargs)

@@ -14,27 +14,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from asyncio_pool import AioPool
 
-from fedptr import limits, modules, wire
-from fedptr.errors import FedptrError, LocationMismatchError, OverloadedError, PermissionDenied, RemoteError
+from fedptr import envelope, limits, modules, wire
+from fedptr.errors import (
+    FedptrError,
+    InvalidArgumentError,
+    LocationMismatchError,
+    OpNotAllowedError,
+    OverloadedError,
+    RemoteError,
+)
 from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED
-from fedptr.tensors import dtype_name, from_raw, to_raw
+from fedptr.tensors import dtype_name, from_raw
 
 from . import kernels, policy
 from .durable import DurableStore
-from .store import Entry, ObjectNotFound, Store
+from .handover import Handover
+from .replies import ReplyCache, Seen
+from .scheduler import Scheduler
+from .store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
 
@@ -55,17 +62,14 @@ class NodeConfig:
     trust: list[str] = field(default_factory=list)
     """Workers this node lets its private data, and what derives from it, move to."""
     aggregator: bool = False
-    min_owners: int = 2
+    min_owners: int = limits.MIN_OWNERS
+    max_weight_ratio: float = limits.MAX_WEIGHT_RATIO
     dp_noise_multiplier: float = 0.0
     dp_clip: float = 0.0
 
 
 def _hop_budget(budget: float) -> float:
     return max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
-
-
-def _new_id() -> int:
-    return secrets.randbits(63)
 
 
 def _refs(value: Any, found: set[int]) -> None:
@@ -109,10 +113,12 @@ def _numel(values: Any) -> int:
 
 
 class Node:
-    """The request handlers of one worker. `link` is set once registered."""
+    """The request handlers of one worker, answering through `link` (wire `handle` to it as the
+    link's handler before the link registers)."""
 
-    def __init__(self, name: str, config: NodeConfig | None = None) -> None:
+    def __init__(self, name: str, link: Link, config: NodeConfig | None = None) -> None:
         self.name = name
+        self.link = link
         self.config = config or NodeConfig()
         durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
         self.store = Store(name, self.config.max_store_bytes, durable)
@@ -121,6 +127,7 @@ class Node:
             frozenset(self.config.trust),
             self.config.aggregator,
             self.config.min_owners,
+            self.config.max_weight_ratio,
             dp_noise_multiplier=self.config.dp_noise_multiplier,
             dp_clip=self.config.dp_clip,
         )
@@ -129,26 +136,23 @@ class Node:
         restored = self.store.restore()
         if restored:
             log.info("restored %d objects from %s", restored, self.config.store_dir)
-        self.link: Link | None = None
-        self._pool = AioPool(size=self.config.pool_size)
-        self._executor = ThreadPoolExecutor(limits.OFFLOAD_THREADS, thread_name_prefix="torch")
-        self._background: set[asyncio.Task[None]] = set()
-        # at-most-once: replies by (source, request id), and requests still being answered
-        self._replies: OrderedDict[tuple[str, bytes], wire.Message] = OrderedDict()
-        self._answering: set[tuple[str, bytes]] = set()
-        self.replayed = 0
+        self.replies = ReplyCache(name)
+        self.scheduler = Scheduler(
+            name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
+        )
+        handover = Handover(self)
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
             wire.Op: self._op,
-            wire.Get: self._get,
-            wire.Move: self._move,
+            wire.Get: handover.get,
+            wire.Move: handover.move,
             wire.Delete: self._delete,
             wire.ListObjects: self._list,
             wire.Clear: self._clear,
             wire.PutModule: self._put_module,
             wire.Search: self._search,
-            wire.Grant: self._grant,
+            wire.Grant: handover.grant,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -162,83 +166,60 @@ class Node:
                 log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
     async def aclose(self) -> None:
-        """Cancel waiting work and stop the thread pool."""
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        await self._pool.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Cancel waiting work, stop the thread pool and close the durable store."""
+        await self.scheduler.aclose()
+        self.store.close()
 
     # --- dispatch ----------------------------------------------------------------------
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
         msg = decoded.message
-        if rid != wire.NO_REPLY:
-            key = (source, rid)
-            if key in self._answering:
-                return  # a replay of a request still running: its one reply answers both
-            cached = self._replies.get(key)
-            if cached is not None:
-                self.replayed += 1
-                assert self.link is not None
-                self.link.reply(source, rid, cached)
+        if rid != envelope.NO_REPLY:
+            seen = self.replies.begin((source, rid))
+            if seen is Seen.RUNNING:
                 return
-            self._answering.add(key)
+            if seen is Seen.ANSWERED:
+                self.link.reply(source, rid, self.replies.cached((source, rid)))
+                return
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
         try:
             if handler is None:
-                raise PermissionError(f"{type(msg).__name__} is not a request")
+                raise OpNotAllowedError("", f"{type(msg).__name__} is not a request")
             handler(source, rid, msg, budget)
         except Exception as e:
-            self._reply_error(source, rid, e)
+            self.reply_error(source, rid, e)
 
-    def _reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
-        assert self.link is not None
+    # --- services (nodes/handover.py uses these too) -----------------------------------
+    def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
+        """Answer request `rid` of `dest`, and keep the answer for a replay."""
         self.link.reply(dest, rid, msg)
-        key = (dest, rid)
-        self._answering.discard(key)
-        if isinstance(msg, wire.TensorReply) and msg.tensor.nbytes > limits.REPLY_CACHE_MAX_TENSOR_BYTES:
-            msg = wire.Failure("remote", "ReplayRefused", "the object was handed over already", self.name, [self.name])
-        self._replies[key] = msg
-        if len(self._replies) > limits.REPLY_CACHE_SIZE:
-            self._replies.popitem(last=False)
+        if rid != envelope.NO_REPLY:
+            self.replies.finish((dest, rid), msg)
 
-    def _reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
-        self._reply(dest, rid, failure_from_error(e, self.name))
+    def reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
+        """Answer request `rid` of `dest` with the typed failure `e` stands for."""
+        self.reply(dest, rid, failure_from_error(e, self.name))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Finish a request in a task; whatever it raises is the request's Failure reply."""
-        if len(self._background) >= self.config.max_forwards:
-            coro.close()
-            raise OverloadedError(self.name, f"{len(self._background)} requests already waiting")
+        self.scheduler.spawn(coro, lambda e: self.reply_error(source, rid, e))
 
-        async def answering() -> None:
-            try:
-                await coro
-            except Exception as e:
-                self._reply_error(source, rid, e)
-
-        task = asyncio.ensure_future(answering())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]:
+    def forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]:
         """Send `msg` one hop on; its future settles by the caller's budget less a margin."""
-        assert self.link is not None
         if self.link.in_flight >= self.config.max_forwards:
             raise OverloadedError(self.name, f"{self.link.in_flight} forwarded requests already waiting")
         return self.link.request_nowait(dest, msg, _hop_budget(budget))
 
-    def _delete_downstream(self, entries: list[Entry]) -> None:
+    def delete_downstream(self, entries: list[Entry]) -> None:
+        """Tell the next hop of every pointer in `entries` to delete what it points to."""
         by_location: dict[str, list[int]] = defaultdict(list)
         for entry in entries:
             if entry.location is not None:
                 by_location[entry.location].append(entry.remote_id)
-        assert self.link is not None
         for location, ids in by_location.items():
-            for i in range(0, len(ids), limits.MAX_CONTAINER_LEN):
-                self.link.notify(location, wire.Delete(ids[i : i + limits.MAX_CONTAINER_LEN]))
+            for delete in wire.deletes(ids):
+                self.link.notify(location, delete)
 
     # --- store requests ----------------------------------------------------------------
     def _put(self, source: str, rid: bytes, msg: wire.Put, budget: float) -> None:
@@ -247,13 +228,13 @@ class Node:
             tensor.requires_grad_(True)
         policy.taint(tensor, policy.from_wire(msg.origins))
         self._store_new(msg.obj_id, tensor, msg.owner or source)
-        self._reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
+        self.reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
         model = modules.from_wire(msg.spec, msg.params)
         policy.taint(model, policy.from_wire(msg.origins))
         self._store_new(msg.obj_id, model, msg.owner or source)
-        self._reply(source, rid, wire.Ok())
+        self.reply(source, rid, wire.Ok())
 
     def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> None:
         """Store and commit a received value; nothing is kept when the commit fails."""
@@ -265,27 +246,16 @@ class Node:
             self.store.discard(obj_id)
             raise
 
-    def _grant(self, source: str, rid: bytes, msg: wire.Grant, budget: float) -> None:
-        if not wire.valid_name(msg.to.encode()):
-            raise ValueError(f"bad peer name {msg.to!r}")
-        entry = self.store.get(msg.obj_id, source)
-        if msg.obj_id in self.store.pinned:
-            raise PermissionDenied(self.name, "a worker's own data cannot be given away", self.name)
-        entry.owner = msg.to
-        if entry.done.done() and entry.done.exception() is None:
-            self.store.persist(msg.obj_id, entry, entry.done.result())
-        self._reply(source, rid, wire.Ok())
-
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
-        self._reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
+        self.reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
-        if not wire.valid_name(msg.location.encode()):
-            raise ValueError(f"bad worker name {msg.location!r}")
+        if not envelope.valid_name(msg.location.encode()):
+            raise InvalidArgumentError(f"bad worker name {msg.location!r}")
         entry = Entry.pointer(msg.location, msg.id_at_location, settled=True, owner=source)
         self.store.add(msg.obj_id, entry)
         self.store.commit(msg.obj_id, entry)
-        self._reply(source, rid, wire.Ok())
+        self.reply(source, rid, wire.Ok())
 
     def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
         popped = []
@@ -298,18 +268,19 @@ class Node:
                 continue
             self.store.discard(obj_id)
             popped.append(entry)
-        self._delete_downstream(popped)
+        self.delete_downstream(popped)
 
     def reclaim(self, client: str) -> None:
         """Delete what a client whose session ended owned (the Link's on_session_ended)."""
+        self.replies.forget_peer(client)
         removed = self.store.clear(client)
         if removed:
             log.info("reclaimed %d objects of %r, which has left", len(removed), client)
-            self._delete_downstream(removed)
+            self.delete_downstream(removed)
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
-        self._delete_downstream(self.store.clear(source))
-        self._reply(source, rid, wire.Ok())
+        self.delete_downstream(self.store.clear(source))
+        self.reply(source, rid, wire.Ok())
 
     def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
         snapshot = dict(self.store.entries)
@@ -321,9 +292,9 @@ class Node:
             rows = [e.row(i) for i, e in snapshot.items() if e.done.done() or e.is_pointer]
             if len(rows) > limits.MAX_LISTED_OBJECTS:
                 raise OverloadedError(self.name, f"{len(rows)} objects are too many to list at once")
-            self._reply(source, rid, wire.ObjectsReply(rows))
+            self.reply(source, rid, wire.ObjectsReply(rows))
 
-        self._spawn(answer(), source, rid)
+        self.spawn(answer(), source, rid)
 
     # --- operations --------------------------------------------------------------------
     def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
@@ -332,7 +303,7 @@ class Node:
         except Exception as e:
             failed = Entry.tensor(owner=source)
             failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-            with contextlib.suppress(KeyError):
+            with contextlib.suppress(InvalidArgumentError):
                 self.store.add(msg.result_id, failed)
             raise
         location = next((e.location for e in entries.values()), None)
@@ -346,14 +317,14 @@ class Node:
                     # the common case: small inputs, all present; no task, no thread
                     self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
                     return
-            self._compute_later(self._compute(source, rid, msg, entries, result))
+            self.scheduler.compute_later(self._compute(source, rid, msg, entries, result))
             return
-        ptr = Entry.pointer(location, _new_id(), settled=False, owner=source)
+        ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
         try:
-            forwarded = self._forward(location, nested, budget)
+            forwarded = self.forward(location, nested, budget)
         except FedptrError as e:
             ptr.done.set_exception(e)
             raise
@@ -361,7 +332,7 @@ class Node:
 
     def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
-            raise PermissionError(f"operation {msg.op!r} is not allowed")
+            raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         ids: set[int] = set()
         _refs(msg.args, ids)
         _refs(msg.kwargs, ids)
@@ -374,19 +345,6 @@ class Node:
             if e.is_pointer and e.done.done() and e.done.exception() is not None:
                 raise e.done.exception()  # type: ignore[misc]
         return entries
-
-    def _compute_later(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` in the bounded pool; past its size, stop reading requests until it drains."""
-        done = self._pool.spawn_n(coro)
-        if len(self._pool) >= self.config.pool_size and self.link is not None:
-            self.link.pause_reading()
-        done.add_done_callback(self._computed)
-
-    def _computed(self, done: asyncio.Future[None]) -> None:
-        if not done.cancelled():
-            done.exception()
-        if len(self._pool) < self.config.pool_size and self.link is not None:
-            self.link.resume_reading()
 
     def _run(self, msg: wire.Op, values: dict[int, Any]) -> torch.Tensor:
         """Run an operation and give its result the union of its inputs' origins (an in-place
@@ -429,13 +387,13 @@ class Node:
             self._fail(source, rid, result, e)
             return
         result.done.set_result(value)
-        self._reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+        self.reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
 
     def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
         err = e if isinstance(e, FedptrError) else _remote(e, self.name)
         if not result.done.done():
             result.done.set_exception(err)
-        self._reply_error(source, rid, err)
+        self.reply_error(source, rid, err)
 
     async def _compute(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry) -> None:
         """The slow path: wait for inputs still being computed, and run big work on a thread."""
@@ -446,7 +404,7 @@ class Node:
                 assert value is not None
                 tensors[i] = value
             if _numel(tensors.values()) > self.config.offload_numel:
-                value = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, msg, tensors)
+                value = await self.scheduler.offload(self._run, msg, tensors)
                 self._finish(source, rid, msg.result_id, result, lambda: value)
             else:
                 self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
@@ -465,102 +423,10 @@ class Node:
         if error is not None:
             err = with_hop(error, self.name)
             ptr.done.set_exception(err)
-            self._reply_error(source, rid, err)
+            self.reply_error(source, rid, err)
         else:
             ptr.done.set_result(None)
-            self._reply(source, rid, forwarded.result())
-
-    # --- handing objects over ----------------------------------------------------------
-    def _get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
-        entry = self.store.pop(msg.obj_id, source)
-
-        def handed(granted: asyncio.Future[wire.Message]) -> None:
-            error = granted.exception()
-            if error is not None:
-                self.store.put_back(msg.obj_id, entry)
-                self._reply_error(source, rid, with_hop(error, self.name))
-            else:
-                assert entry.location is not None
-                self._reply(source, rid, wire.PointerReply(entry.location, entry.remote_id))
-
-        def answer(done: asyncio.Future[torch.Tensor | None]) -> None:
-            error = done.exception()
-            if error is not None:
-                self._delete_downstream([entry])
-                self._reply_error(source, rid, error)
-            elif entry.location is not None:
-                # the caller takes this pointer's place: the object one hop down becomes theirs
-                try:
-                    grant = self._forward(entry.location, wire.Grant(entry.remote_id, source), budget)
-                except FedptrError as e:
-                    self.store.put_back(msg.obj_id, entry)
-                    self._reply_error(source, rid, e)
-                    return
-                grant.add_done_callback(handed)
-            else:
-                value = done.result()
-                try:
-                    release = policy.release_kind(value)
-                except PermissionDenied as e:
-                    self.store.put_back(msg.obj_id, entry)  # a refused get takes nothing away
-                    self._reply_error(source, rid, e)
-                    return
-                if isinstance(value, torch.nn.Module):
-                    self._reply(source, rid, wire.ModuleReply(*modules.to_wire(value)))
-                elif value is None:
-                    self._reply_error(source, rid, ObjectNotFound(msg.obj_id))
-                else:
-                    self._reply(source, rid, wire.TensorReply(to_raw(value), release))
-
-        # An entry always settles: computations end, and forwards carry the link's deadline.
-        if entry.done.done():
-            answer(entry.done)
-        else:
-            entry.done.add_done_callback(answer)
-
-    def _move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
-        entry = self.store.pop(msg.obj_id, source)
-        owner = msg.owner or source
-        if msg.dest == self.name and entry.location is None:
-            entry.owner = owner
-            self.store.add(msg.new_id, entry)
-            if entry.done.done() and entry.done.exception() is None:
-                self.store.commit(msg.new_id, entry, entry.done.result())
-            self._reply(source, rid, wire.Ok())
-            return
-
-        async def answer() -> None:
-            try:
-                if entry.location is not None:
-                    hop: asyncio.Future[wire.Message] = self._forward(
-                        entry.location, wire.Move(entry.remote_id, msg.dest, msg.new_id, owner), budget
-                    )
-                else:
-                    value = await entry.done
-                    policy.check_move(value, msg.dest)
-                    hop = self._forward(msg.dest, _transfer(msg.new_id, value, owner), budget)
-            except FedptrError as e:
-                self.store.put_back(msg.obj_id, entry)
-                self._reply_error(source, rid, e)
-                return
-            try:
-                await hop
-            except FedptrError as e:
-                # Nothing was handed over: the object stays here, under its id.
-                self.store.put_back(msg.obj_id, entry)
-                self._reply_error(source, rid, with_hop(e, self.name))
-                return
-            self._reply(source, rid, wire.Ok())
-
-        self._spawn(answer(), source, rid)
-
-
-def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> wire.Message:
-    """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`."""
-    origins = policy.to_wire(policy.origins_of(value))
-    if isinstance(value, torch.nn.Module):
-        return wire.PutModule(new_id, *modules.to_wire(value), origins, owner)
-    return wire.Put(new_id, to_raw(value), value.requires_grad, origins, owner)
+            self.reply(source, rid, forwarded.result())
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

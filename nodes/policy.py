@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedptr import limits
 from fedptr.errors import PermissionDenied
 
 Origins = dict[str, frozenset[str]]
@@ -41,9 +42,9 @@ class PolicyConfig:
     """Workers this node, as a data owner, lets its private data (and what derives from it) go to."""
     aggregator: bool = False
     """Whether this node may release aggregates."""
-    min_owners: int = 2
+    min_owners: int = limits.MIN_OWNERS
     """k: an aggregate needs inputs from at least this many distinct owners."""
-    max_weight_ratio: float = 100.0
+    max_weight_ratio: float = limits.MAX_WEIGHT_RATIO
     """Largest ratio between two weights of a weighted mean (so no weight can single one input out)."""
     dp_noise_multiplier: float = 0.0
     """sigma: Gaussian noise with std sigma * clip / n is added to a released mean (0: none)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +17,9 @@ import torch
 from torch import nn
 
 from fedptr import limits
-from fedptr.errors import PermissionDenied
+from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, PermissionDenied, StoreFullError
 from fedptr.tensors import NAME_BY_DTYPE
-from fedptr.wire import ObjectRow
+from fedptr.wire import ObjectRow, new_object_id
 
 from .durable import DurableStore
 from .policy import origins_of
@@ -83,7 +82,7 @@ class Store:
     """Objects by id, with a byte budget for local tensors and, optionally, a copy on disk.
 
     `commit` is called once an object's value exists and before it is acknowledged: it charges
-    the tensor's bytes against `max_bytes` (raising StoreFull) and writes it to the durable
+    the tensor's bytes against `max_bytes` (raising StoreFullError) and writes it to the durable
     store, so every acknowledged object survives a crash of the node."""
 
     def __init__(self, node: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
@@ -113,15 +112,15 @@ class Store:
         return len(self.entries)
 
     def add(self, obj_id: int, entry: Entry) -> None:
-        """Store `entry`; raises KeyError when the id is taken."""
+        """Store `entry`; raises InvalidArgumentError when the id is taken."""
         if obj_id in self.entries:
-            raise KeyError(f"object id {obj_id} already exists")
+            raise InvalidArgumentError(f"object id {obj_id} already exists")
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
 
     def add_data(self, tag: str, value: torch.Tensor) -> int:
         """Store a dataset array under a new id, pinned and findable by `tag`."""
-        obj_id = secrets.randbits(63)
+        obj_id = new_object_id()
         self.add(obj_id, Entry.tensor(value, ANYONE))
         self._charge(obj_id, value)
         self.pinned.add(obj_id)
@@ -130,7 +129,7 @@ class Store:
 
     def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
         """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
-        exists, before it is acknowledged. Raises StoreFull past the byte budget."""
+        exists, before it is acknowledged. Raises StoreFullError past the byte budget."""
         if entry.location is None:
             assert value is not None
             params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
@@ -151,31 +150,31 @@ class Store:
     def _charge(self, obj_id: int, value: torch.Tensor) -> None:
         nbytes = value.numel() * value.element_size()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
-            raise StoreFull(f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
+            raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
         self.bytes += nbytes
         self._charged[obj_id] = self._charged.get(obj_id, 0) + nbytes
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
-        """The entry under `obj_id`; raises ObjectNotFound, or PermissionDenied when `principal`
+        """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`
         is given and is not the entry's owner."""
         try:
             entry = self.entries[obj_id]
         except KeyError:
-            raise ObjectNotFound(f"no object {obj_id}") from None
+            raise ObjectNotFoundError("", f"no object {obj_id}") from None
         if principal is not None and entry.owner not in (principal, ANYONE):
             log.warning("refused %r the object %d of %r", principal, obj_id, entry.owner)
             raise PermissionDenied(self.node, f"object {obj_id} belongs to another peer", self.node)
         return entry
 
     def pop(self, obj_id: int, principal: str | None = None) -> Entry:
-        """Remove and return the entry under `obj_id`; raises ObjectNotFound, or PermissionDenied
+        """Remove and return the entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied
         for pinned data or another owner's object."""
         self.get(obj_id, principal)
         if obj_id in self.pinned:
             raise PermissionDenied(self.node, "data a worker was started with stays there", self.node)
         entry = self.discard(obj_id)
         if entry is None:
-            raise ObjectNotFound(f"no object {obj_id}")
+            raise ObjectNotFoundError("", f"no object {obj_id}")
         return entry
 
     def discard(self, obj_id: int) -> Entry | None:
@@ -197,6 +196,11 @@ class Store:
             if entry.done.done() and entry.done.exception() is None:
                 self.commit(obj_id, entry, entry.done.result())
 
+    def close(self) -> None:
+        """Release the durable store's directory handle."""
+        if self.durable is not None:
+            self.durable.close()
+
     def clear(self, principal: str) -> list[Entry]:
         """Remove everything `principal` owns (pinned data never); returns what was removed."""
         ids = [i for i, e in self.entries.items() if e.owner == principal and i not in self.pinned]
@@ -210,12 +214,3 @@ ANYONE = "*"
 """Owner of a worker's own data: any peer may compute on it (its privacy policy still applies)."""
 
 log = logging.getLogger("fedptr.node.store")
-
-
-class StoreFull(MemoryError):
-    """Raised when storing an object would exceed the node's --max-store-bytes."""
-
-
-class ObjectNotFound(LookupError):
-    """Raised when a request names an object id the store does not hold (never sent, or
-    already consumed by get, move or delete)."""

@@ -62,7 +62,7 @@ async def test_in_flight_bound_gives_backpressure(cluster: fedptr.Cluster) -> No
         bob = small.worker("bob")
         x = await bob.send(torch.ones(2))
         ys = [x + i for i in range(8)]
-        with pytest.raises(fedptr.OverloadedError, match="8 requests in flight"):
+        with pytest.raises(fedptr.TooManyInFlightError, match="8 requests in flight"):
             x + 99
         # awaited calls wait for room instead of failing
         sent = await asyncio.gather(*[bob.send(torch.full((1,), float(i))) for i in range(20)])

@@ -137,10 +137,10 @@ async def test_remote_error_names_the_hop(bob: fedptr.Worker, alice: fedptr.Work
 
 async def test_disallowed_operation_is_refused(bob: fedptr.Worker) -> None:
     p = await bob.send(torch.ones(2))
-    with pytest.raises(fedptr.RemoteError) as info:
+    with pytest.raises(fedptr.OpNotAllowedError) as info:
         await fedptr.pointer.remote_call("__reduce_ex__", (p, 2))
-    assert info.value.remote_type == "PermissionError"
-    with pytest.raises(TypeError):
+    assert info.value.worker == "bob" and "__reduce_ex__" in info.value.detail
+    with pytest.raises(fedptr.UnsupportedTypeError):
         torch.nn.functional.conv1d(p, p)  # type: ignore[arg-type]
 
 

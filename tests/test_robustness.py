@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 import fedptr
-from fedptr import wire
+from fedptr import envelope, wire
 from tests.conftest import alive
 
 
@@ -39,12 +39,12 @@ async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> list[bytes]:
     while True:
         assert await sock.poll(int(timeout * 1000)), "no answer"
         frames = await sock.recv_multipart()
-        if frames[1] != wire.HEARTBEAT:
+        if frames[1] != envelope.HEARTBEAT:
             return frames
 
 
-async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = wire.ROLE_CLIENT) -> list[bytes]:
-    await sock.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\1" * 8, role])
+async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = envelope.ROLE_CLIENT) -> list[bytes]:
+    await sock.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\1" * 8, role])
     return await recv(sock)
 
 
@@ -54,18 +54,18 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
     garbage: list[list[bytes]] = [
         [b""],
         [b"hello"],
-        [wire.PROTOCOL],
-        [wire.PROTOCOL, b"Z", b"bob", b"\0" * 8],
-        [b"FPTR9", wire.REQUEST, b"bob", b"\0" * 8, b"x"],
+        [envelope.PROTOCOL],
+        [envelope.PROTOCOL, b"Z", b"bob", b"\0" * 8],
+        [b"FPTR9", envelope.REQUEST, b"bob", b"\0" * 8, b"x"],
     ]
     garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(5000)]
     rss_before = rss(cluster.pids["broker"])
     for frames in garbage:
         await sock.send_multipart(frames)
     # unregistered senders get a clear refusal, not silence
-    await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", b"\2" * 8, b"body"])
+    await sock.send_multipart([envelope.PROTOCOL, envelope.REQUEST, b"bob", b"\2" * 8, b"body"])
     reply = await recv(sock)
-    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_NOT_REGISTERED
+    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_NOT_REGISTERED
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(2))).get(), torch.ones(2))
     assert "dropped garbage message" in cluster.log("broker")
@@ -74,7 +74,7 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
 
 async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
     sock = raw_socket(cluster.address)
-    assert (await register(sock, b"fuzzer"))[1] == wire.ACCEPTED
+    assert (await register(sock, b"fuzzer"))[1] == envelope.ACCEPTED
     rng = random.Random(11)
     bodies: list[list[bytes]] = [
         [b"\xc1"],
@@ -86,20 +86,22 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
     bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(3000)]
     rss_before = rss(cluster.pids["bob"])
     for i, body in enumerate(bodies):
-        await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", wire.request_id_bytes(i + 1), *body])
+        await sock.send_multipart(
+            [envelope.PROTOCOL, envelope.REQUEST, b"bob", envelope.request_id_bytes(i + 1), *body]
+        )
     answers: dict[bytes, list[bytes]] = {}
     while len(answers) < len(bodies):
         frames = await recv(sock)
         # replies may come one by one or batched: each message is [command, name, rid, *body]
-        batch = wire.unpack_batch(frames[2], frames[3:]) if frames[1] == wire.BATCH else [frames[1:]]
+        batch = envelope.unpack_batch(frames[2], frames[3:]) if frames[1] == envelope.BATCH else [frames[1:]]
         for message in batch:
-            if message[0] != wire.HEARTBEAT:
+            if message[0] != envelope.HEARTBEAT:
                 answers[message[2]] = message
     for message in answers.values():
-        assert message[0] == wire.REPLY
+        assert message[0] == envelope.REPLY
         assert isinstance(wire.decode(message[3:]).message, wire.Failure)
     # what the fuzzer left behind (a failed result) is its own: it clears it, as a client would
-    await sock.send_multipart([wire.PROTOCOL, wire.REQUEST, b"bob", b"\7" * 8, *wire.encode(wire.Clear())])
+    await sock.send_multipart([envelope.PROTOCOL, envelope.REQUEST, b"bob", b"\7" * 8, *wire.encode(wire.Clear())])
     while (await recv(sock))[3] != b"\7" * 8:
         pass
     sock.close()
@@ -109,10 +111,10 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
 
 async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
     sock = raw_socket(cluster.address)
-    reply = await register(sock, b"bob", wire.ROLE_WORKER)
-    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_NAME_TAKEN
-    reply = await register(sock, b"bad name!", wire.ROLE_WORKER)
-    assert reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_BAD_NAME
+    reply = await register(sock, b"bob", envelope.ROLE_WORKER)
+    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_NAME_TAKEN
+    reply = await register(sock, b"bad name!", envelope.ROLE_WORKER)
+    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_BAD_NAME
     sock.close()
 
 

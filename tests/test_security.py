@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 import fedptr
-from fedptr import wire
+from fedptr import envelope, wire
 from fedptr.security import CurveKeys, generate, needs_keys
 from tests.conftest import eventually
 
@@ -38,7 +38,7 @@ def dealer(address: str, keys: CurveKeys | None) -> zmq.asyncio.Socket:
 
 
 async def try_register(sock: zmq.asyncio.Socket, name: bytes, role: bytes) -> list[bytes] | None:
-    await sock.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\1" * 8, role])
+    await sock.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\1" * 8, role])
     if await sock.poll(1000):
         return list(await sock.recv_multipart())
     return None
@@ -57,7 +57,7 @@ async def test_keyed_cluster_runs_the_walkthrough_ops(secure: fedptr.Cluster) ->
 @MODULE_LOOP
 async def test_no_key_is_refused_and_logged(secure: fedptr.Cluster) -> None:
     sock = dealer(secure.address, None)
-    assert await try_register(sock, b"client-nokey", wire.ROLE_CLIENT) is None
+    assert await try_register(sock, b"client-nokey", envelope.ROLE_CLIENT) is None
     sock.close()
     assert await eventually(lambda: _logged(secure, "handshake failed"))
 
@@ -68,7 +68,7 @@ async def test_wrong_key_is_refused_and_logged(secure: fedptr.Cluster, tmp_path:
     assert secure.keys_dir is not None
     keys = CurveKeys.load(tmp_path / "stranger.key_secret", secure.keys_dir / "broker.key")
     sock = dealer(secure.address, keys)
-    assert await try_register(sock, b"client-stranger", wire.ROLE_CLIENT) is None
+    assert await try_register(sock, b"client-stranger", envelope.ROLE_CLIENT) is None
     sock.close()
     assert await eventually(lambda: _logged(secure, "DENIED"))
 
@@ -78,9 +78,13 @@ async def test_spoofed_name_is_refused_and_logged(secure: fedptr.Cluster) -> Non
     assert secure.keys_dir is not None
     keys = CurveKeys.load(secure.keys_dir / "client.key_secret", secure.keys_dir / "broker.key")
     sock = dealer(secure.address, keys)
-    for name, role in ((b"bob", wire.ROLE_WORKER), (b"carol", wire.ROLE_WORKER), (b"alice", wire.ROLE_CLIENT)):
+    for name, role in (
+        (b"bob", envelope.ROLE_WORKER),
+        (b"carol", envelope.ROLE_WORKER),
+        (b"alice", envelope.ROLE_CLIENT),
+    ):
         reply = await try_register(sock, name, role)
-        assert reply is not None and reply[1] == wire.BROKER_ERROR and reply[4] == wire.REASON_FORBIDDEN, name
+        assert reply is not None and reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_FORBIDDEN, name
     sock.close()
     assert await eventually(lambda: _logged(secure, "its key is not the one bound to that name"))
     assert await secure.client.workers() == ["alice", "bob"]

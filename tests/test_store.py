@@ -9,7 +9,7 @@ import pytest_asyncio
 import torch
 
 import fedptr
-from fedptr import wire
+from fedptr import envelope, wire
 from fedptr.tensors import to_raw
 from tests.test_robustness import raw_socket, recv, register
 
@@ -25,12 +25,11 @@ async def capped() -> AsyncIterator[fedptr.Cluster]:
 async def test_store_cap_refuses_with_a_clear_error(capped: fedptr.Cluster) -> None:
     w = capped.client.worker("capped")
     small = await w.send(torch.zeros(512))  # 2 KiB
-    with pytest.raises(fedptr.RemoteError) as info:
+    with pytest.raises(fedptr.StoreFullError) as info:
         await w.send(torch.zeros(1024))  # 4 KiB more: over the cap
-    assert info.value.remote_type == "StoreFull" and "4096" in info.value.remote_message
-    with pytest.raises(fedptr.RemoteError) as op_info:
+    assert info.value.worker == "capped" and "4096" in info.value.detail
+    with pytest.raises(fedptr.StoreFullError):
         await (small.reshape(2, 256) @ torch.zeros(256, 300))  # a 2400-byte result: over the cap
-    assert op_info.value.remote_type == "StoreFull"
     assert torch.equal(await (small + 1).get(), torch.ones(512))  # type: ignore[arg-type]
     del small
     await w.clear()
@@ -39,10 +38,10 @@ async def test_store_cap_refuses_with_a_clear_error(capped: fedptr.Cluster) -> N
 
 async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) -> None:
     sock = raw_socket(capped.address)
-    assert (await register(sock, b"replayer"))[1] == wire.ACCEPTED
-    rid = wire.request_id_bytes(99)
-    put = [wire.PROTOCOL, wire.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3))))]
-    op = [wire.PROTOCOL, wire.REQUEST, b"capped", wire.request_id_bytes(100)]
+    assert (await register(sock, b"replayer"))[1] == envelope.ACCEPTED
+    rid = envelope.request_id_bytes(99)
+    put = [envelope.PROTOCOL, envelope.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3))))]
+    op = [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.request_id_bytes(100)]
     op += wire.encode(wire.Op(778, "add", [wire.Ref(777), 1.0], {}))
     replies = []
     for frames in (put, put, op, op):  # each sent twice, as a retry after a lost reply would be
@@ -51,7 +50,7 @@ async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) 
     oks = [wire.decode(r[4:]).message for r in replies]
     assert all(isinstance(m, wire.Ok) for m in oks), oks  # no "object id already exists"
     # an in-place update, delivered twice, is applied once
-    inc = [wire.PROTOCOL, wire.REQUEST, b"capped", wire.request_id_bytes(101)]
+    inc = [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.request_id_bytes(101)]
     inc += wire.encode(wire.Op(779, "add_", [wire.Ref(777), 1.0], {}))
     for _ in range(2):
         await sock.send_multipart(inc)  # type: ignore[arg-type]
@@ -61,6 +60,6 @@ async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) 
     assert sorted(objects) == [777, 778, 779]  # each replayed op ran once: one result each
     assert objects[777].preview == [2.0, 2.0, 2.0]  # ones, plus 1 once
     sock.send_multipart(
-        [wire.PROTOCOL, wire.REQUEST, b"capped", wire.NO_REPLY, *wire.encode(wire.Delete([777, 778, 779]))]
+        [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.NO_REPLY, *wire.encode(wire.Delete([777, 778, 779]))]
     )
     sock.close()

@@ -9,7 +9,7 @@ import torch
 import zmq.asyncio
 
 import fedptr
-from fedptr import wire
+from fedptr import envelope, wire
 from fedptr.errors import ProtocolError
 from fedptr.streams import Reassembly, split
 from fedptr.tensors import from_raw, to_raw
@@ -17,7 +17,7 @@ from tests.test_robustness import raw_socket, recv, register
 
 
 def put_message(t: torch.Tensor, rid: bytes = b"r" * 8) -> list[object]:
-    return [wire.REQUEST, b"bob", rid, *wire.encode(wire.Put(1, to_raw(t)))]
+    return [envelope.REQUEST, b"bob", rid, *wire.encode(wire.Put(1, to_raw(t)))]
 
 
 def test_split_and_reassemble_round_trip() -> None:
@@ -25,12 +25,12 @@ def test_split_and_reassemble_round_trip() -> None:
     parts = split(put_message(t), threshold=100_000, chunk=64_000)
     chunks, message = parts[:-1], parts[-1]
     assert len(chunks) == -(-t.numel() * 4 // 64_000)
-    assert all(c[0] == wire.CHUNK for c in chunks) and message[4] == b""
+    assert all(c[0] == envelope.CHUNK for c in chunks) and message[4] == b""
     r = Reassembly()
     for c in chunks:
         r.add(b"alice", c[2], c[3], c[4])  # type: ignore[arg-type]
     assert r.pending_bytes == t.numel() * 4
-    body = r.complete(wire.REQUEST, b"alice", b"r" * 8, message[3:])
+    body = r.complete(envelope.REQUEST, b"alice", b"r" * 8, message[3:])
     decoded = wire.decode(body).message
     assert isinstance(decoded, wire.Put)
     assert torch.equal(from_raw(decoded.tensor), t)
@@ -48,7 +48,7 @@ def test_incomplete_stream_is_refused() -> None:
     r = Reassembly()
     r.add(b"alice", parts[0][2], parts[0][3], parts[0][4])  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="incomplete"):
-        r.complete(wire.REQUEST, b"alice", b"r" * 8, parts[-1][3:])
+        r.complete(envelope.REQUEST, b"alice", b"r" * 8, parts[-1][3:])
     assert r.pending_bytes == 0
 
 
@@ -56,10 +56,10 @@ def test_incomplete_stream_is_refused() -> None:
     "info",
     [
         b"short",
-        wire.CHUNK_INFO.pack(b"Z", 1, 0, 10),
-        wire.CHUNK_INFO.pack(wire.REQUEST, 0, 0, 10),
-        wire.CHUNK_INFO.pack(wire.REQUEST, 1, 8, 10),
-        wire.CHUNK_INFO.pack(wire.REQUEST, 1, 0, 1 << 62),
+        envelope.CHUNK_INFO.pack(b"Z", 1, 0, 10),
+        envelope.CHUNK_INFO.pack(envelope.REQUEST, 0, 0, 10),
+        envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 8, 10),
+        envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 1 << 62),
     ],
 )
 def test_bad_chunks_are_refused(info: bytes) -> None:
@@ -69,9 +69,9 @@ def test_bad_chunks_are_refused(info: bytes) -> None:
 
 def test_stream_bytes_are_bounded_and_stale_streams_dropped() -> None:
     r = Reassembly(max_bytes=1000, timeout=0.05)
-    r.add(b"a", b"1" * 8, wire.CHUNK_INFO.pack(wire.REQUEST, 1, 0, 800), b"x" * 10)
+    r.add(b"a", b"1" * 8, envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 800), b"x" * 10)
     with pytest.raises(ProtocolError, match="exceed"):
-        r.add(b"a", b"2" * 8, wire.CHUNK_INFO.pack(wire.REQUEST, 1, 0, 800), b"x" * 10)
+        r.add(b"a", b"2" * 8, envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 800), b"x" * 10)
     time.sleep(0.06)
     r.purge()
     assert r.pending_bytes == 0 and len(r) == 0
@@ -79,14 +79,14 @@ def test_stream_bytes_are_bounded_and_stale_streams_dropped() -> None:
 
 async def test_interrupted_stream_leaves_node_serving(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
     sock: zmq.asyncio.Socket = raw_socket(cluster.address)
-    assert (await register(sock, b"quitter"))[1] == wire.ACCEPTED
+    assert (await register(sock, b"quitter"))[1] == envelope.ACCEPTED
     t = torch.randn(2 << 20)  # 8 MiB: streamed
-    parts = split(put_message(t, rid=wire.request_id_bytes(7)))
+    parts = split(put_message(t, rid=envelope.request_id_bytes(7)))
     for part in parts[: len(parts) // 2]:  # half the chunks, then the message: the sender "died" mid-way
-        await sock.send_multipart([wire.PROTOCOL, *part], copy=False)  # type: ignore[list-item]
-    await sock.send_multipart([wire.PROTOCOL, *parts[-1]], copy=False)  # type: ignore[list-item]
+        await sock.send_multipart([envelope.PROTOCOL, *part], copy=False)  # type: ignore[list-item]
+    await sock.send_multipart([envelope.PROTOCOL, *parts[-1]], copy=False)  # type: ignore[list-item]
     frames = await recv(sock)
-    assert frames[1] == wire.REPLY and frames[3] == wire.request_id_bytes(7)
+    assert frames[1] == envelope.REPLY and frames[3] == envelope.request_id_bytes(7)
     failure = wire.decode(frames[4:]).message
     assert isinstance(failure, wire.Failure) and failure.code == "protocol"
     assert "incomplete" in failure.message
@@ -97,6 +97,6 @@ async def test_interrupted_stream_leaves_node_serving(cluster: fedptr.Cluster, b
 
 
 def test_chunk_info_layout() -> None:
-    info = wire.CHUNK_INFO.pack(wire.REPLY, 3, 1 << 33, 1 << 34)
+    info = envelope.CHUNK_INFO.pack(envelope.REPLY, 3, 1 << 33, 1 << 34)
     assert len(info) == 21
-    assert wire.CHUNK_INFO.unpack(info) == (wire.REPLY, 3, 1 << 33, 1 << 34)
+    assert envelope.CHUNK_INFO.unpack(info) == (envelope.REPLY, 3, 1 << 33, 1 << 34)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedptr import limits, wire
+from fedptr import envelope, limits, wire
 from fedptr.errors import ProtocolError
 from fedptr.tensors import from_raw, to_raw
 
@@ -164,16 +164,16 @@ def test_oversized_header_is_refused() -> None:
 
 
 def test_request_ids() -> None:
-    assert wire.request_id_int(wire.request_id_bytes(42)) == 42
+    assert envelope.request_id_int(envelope.request_id_bytes(42)) == 42
     with pytest.raises(ProtocolError):
-        wire.request_id_int(b"short")
+        envelope.request_id_int(b"short")
 
 
 def test_names() -> None:
-    assert wire.valid_name(b"bob-1.a_b")
-    assert not wire.valid_name(b"")
-    assert not wire.valid_name(b"bob smith")
-    assert not wire.valid_name(b"x" * (limits.MAX_NAME_BYTES + 1))
+    assert envelope.valid_name(b"bob-1.a_b")
+    assert not envelope.valid_name(b"")
+    assert not envelope.valid_name(b"bob smith")
+    assert not envelope.valid_name(b"x" * (limits.MAX_NAME_BYTES + 1))
 
 
 def test_wire_module_imports_no_sockets_asyncio_or_torch() -> None:

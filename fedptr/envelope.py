@@ -1,0 +1,187 @@
+"""The envelope: the frames before a message's body, and the one place that builds and parses them.
+
+Every multipart on a fedptr socket is::
+
+    [PROTOCOL, command, name, request_id, *body]
+
+``name`` is the destination when a peer sends and the source when the broker delivers; the
+broker swaps it and reads nothing past the request id. `build` makes every envelope and `parse`
+reads every one (a BATCH becomes its messages), so no other module indexes into frames.
+Sans-IO: no sockets, no asyncio, no torch.
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedptr import limits
+from fedptr.errors import ProtocolError
+
+PROTOCOL = b"FPTR1"
+"""Protocol name and version, the first frame of every message."""
+
+# --- envelope commands (one byte each) ---------------------------------------------------
+REGISTER = b"R"
+"""peer -> broker: claim `name`; body ``[role]``. Answered with ACCEPTED or BROKER_ERROR."""
+ACCEPTED = b"A"
+"""broker -> peer: registration accepted."""
+REQUEST = b"Q"
+"""A request, relayed by the broker to the peer named in the envelope."""
+REPLY = b"P"
+"""A reply, relayed like a request; `request_id` is the request's."""
+LIST = b"L"
+"""peer -> broker: list registered workers; the answer's body is one frame per name."""
+BROKER_ERROR = b"E"
+"""broker -> peer: the broker could not do what the message asked; body ``[reason, text]``."""
+DISCONNECT = b"D"
+"""peer -> broker: the peer is leaving; the broker forgets its name."""
+HEARTBEAT = b"H"
+"""Either way: "I am alive", sent when nothing else was sent for a heartbeat interval. Any
+message counts as a beat; a peer silent for `liveness` intervals is taken for dead."""
+LOST = b"X"
+"""broker -> every peer: the peer `name` is gone; body ``[role, why]``, why one of GONE_*.
+Requests waiting on it fail with LostWorkerError; a client whose session ended (it said goodbye
+or its connection closed) has its objects reclaimed by the workers."""
+GONE_DISCONNECTED = b"disconnected"
+GONE_CLOSED = b"closed"
+GONE_SILENT = b"silent"
+"""Its heartbeats stopped: it may be paused and come back, so its objects are kept."""
+
+BATCH = b"B"
+"""Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``
+where each message is ``[command, name, request_id, *body]`` and `counts` holds each one's
+frame count (little-endian uint16). The broker splits a batch, routes each message, and
+re-batches per destination."""
+
+CHUNK = b"C"
+"""A slice of one large buffer frame of the REQUEST or REPLY that follows it:
+``[PROTOCOL, CHUNK, name, request_id, info, data]``, info = CHUNK_INFO. The broker routes each
+chunk as it arrives, so a large tensor streams through it; the message itself then carries an
+empty frame where that buffer goes, and the receiver puts the reassembled buffer there."""
+
+CHUNK_INFO = struct.Struct("<cIQQ")
+"""command of the message the chunk belongs to (1 byte), its body frame index (uint32),
+the chunk's offset and the buffer's total size in bytes (uint64 each)."""
+
+STATS = b"S"
+"""peer -> broker: the broker's counters; the answer's body is ``name=value`` frames
+(table sizes, messages routed and dropped), for operators and leak tests."""
+
+COMMANDS = frozenset(
+    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, STATS}
+)
+
+ROLE_WORKER = b"worker"
+ROLE_CLIENT = b"client"
+ROLES = frozenset({ROLE_WORKER, ROLE_CLIENT})
+
+# Reasons in a BROKER_ERROR body.
+REASON_UNKNOWN_NAME = b"unknown-name"
+REASON_NAME_TAKEN = b"name-taken"
+REASON_NOT_REGISTERED = b"not-registered"
+REASON_BAD_NAME = b"bad-name"
+REASON_FULL = b"full"
+REASON_OVERLOADED = b"overloaded"
+REASON_FORBIDDEN = b"forbidden"
+REASON_LOST = b"lost"
+
+NO_REPLY = b"\0" * 8
+"""Request id of messages that expect no answer (Delete notices, heartbeats, broker notices)."""
+
+ENVELOPE_FRAMES = 4
+"""Frames before the body: protocol, command, name, request id."""
+
+REQUEST_ID_BYTES = 8
+
+_RID = struct.Struct("<Q")
+
+
+def request_id_bytes(n: int) -> bytes:
+    """The 8-byte envelope form of request number `n`."""
+    return _RID.pack(n)
+
+
+def request_id_int(b: bytes) -> int:
+    """The number of an 8-byte request id; raises ProtocolError when it is not 8 bytes."""
+    if len(b) != REQUEST_ID_BYTES:
+        raise ProtocolError(f"request id must be {REQUEST_ID_BYTES} bytes, got {len(b)}")
+    return int(_RID.unpack(b)[0])
+
+
+def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
+    counts = array.array("H", [len(m) for m in messages])
+    if sys.byteorder != "little":
+        counts.byteswap()
+    frames: list[Any] = [PROTOCOL, BATCH, counts.tobytes()]
+    for m in messages:
+        frames.extend(m)
+    return frames
+
+
+def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[list[Any]]:
+    """Split the frames after a BATCH's counts frame into messages; raises ProtocolError when the
+    counts do not describe the frames exactly or a message has fewer than 3 frames."""
+    if len(counts) % 2:
+        raise ProtocolError("batch counts must be uint16s")
+    sizes = array.array("H")
+    sizes.frombytes(counts)
+    if sys.byteorder != "little":
+        sizes.byteswap()
+    if sum(sizes) != len(frames) or any(n < ENVELOPE_FRAMES - 1 for n in sizes):
+        raise ProtocolError("batch counts do not match its frames")
+    out: list[list[Any]] = []
+    i = 0
+    for n in sizes:
+        out.append(list(frames[i : i + n]))
+        i += n
+    return out
+
+
+def valid_name(name: bytes) -> bool:
+    """Whether `name` may be registered: 1..MAX_NAME_BYTES of ASCII letters, digits, ``-_.``."""
+    return 0 < len(name) <= limits.MAX_NAME_BYTES and all(
+        c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_." for c in name
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message off the wire: `command`, `name` (the source, as the broker delivers it, or the
+    name a broker notice concerns), `rid` and the body frames."""
+
+    command: bytes
+    name: bytes
+    rid: bytes
+    body: list[Any]
+
+
+def build(command: bytes, name: bytes, rid: bytes, *body: Any) -> list[Any]:
+    """The frames of one message, ready for a socket."""
+    return [PROTOCOL, command, name, rid, *body]
+
+
+def message(command: bytes, name: bytes, rid: bytes, body: Sequence[Any] = ()) -> list[Any]:
+    """One message without its protocol frame (``[command, name, rid, *body]``): the unit that
+    batches, streams and routing tables hold; `framed` turns it into frames."""
+    return [command, name, rid, *body]
+
+
+def framed(message: Sequence[Any]) -> list[Any]:
+    """The frames that carry `message` (one message without its protocol frame)."""
+    return [PROTOCOL, *message]
+
+
+def parse(frames: Sequence[Any]) -> list[Envelope]:
+    """The messages in one received multipart: one, or a BATCH's. Raises ProtocolError for
+    anything that is not a fedptr envelope."""
+    if len(frames) < ENVELOPE_FRAMES or frames[0] != PROTOCOL:
+        raise ProtocolError("not a fedptr envelope")
+    if frames[1] == BATCH:
+        return [Envelope(bytes(m[0]), bytes(m[1]), bytes(m[2]), m[3:]) for m in unpack_batch(frames[2], frames[3:])]
+    return [Envelope(bytes(frames[1]), bytes(frames[2]), bytes(frames[3]), list(frames[4:]))]

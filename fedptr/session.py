@@ -1,0 +1,393 @@
+"""One peer's session with the broker, sans-IO in h11's way: state in, events out, no sockets.
+
+A `Session` knows registration and re-registration, heartbeat liveness, request ids, deadlines
+and what every incoming message means. It never touches a socket, a clock or an event loop:
+
+* the calls that start something (`register`, `request`, `query`, `notify`, `reply`, `goodbye`)
+  return the message to send, ``[command, name, rid, *body]`` (`fedptr.envelope`);
+* `receive(frames, now)` turns one received multipart into events;
+* `tick(now)` turns the passage of time into events: expired deadlines, a heartbeat to send,
+  the broker taken for dead, a registration to repeat.
+
+`fedptr.link.Link` is the socket pump that owns one session and carries out its events; tests
+drive two sessions and a fake broker with no network at all (tests/test_session.py).
+
+Request ids are ``[counter (uint32), incarnation (uint32)]``: the incarnation is random per
+session, so a restarted peer never reuses an id its peers may still hold replies for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedptr import envelope, limits, wire
+from fedptr.errors import (
+    DeadlineExceeded,
+    FedptrError,
+    LostWorkerError,
+    OverloadedError,
+    ProtocolError,
+    RegistrationRefused,
+    TooManyInFlightError,
+    UnknownWorkerError,
+)
+from fedptr.failures import error_from_failure, failure_from_error
+from fedptr.streams import Reassembly
+
+log = logging.getLogger("fedptr.session")
+
+_RID = struct.Struct("<II")
+
+
+# --- events ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send `message` (``[command, name, rid, *body]``) to the broker."""
+
+    message: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Request `rid` ended: with `result`, or with `error` (exactly one is set)."""
+
+    rid: bytes
+    result: wire.Message | None = None
+    error: FedptrError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """Peer `source` asks something; answer with `Session.reply(source, rid, ...)`."""
+
+    source: str
+    rid: bytes
+    request: wire.Decoded
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """The client `name` ended its session (said goodbye, or its connection closed)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The broker accepted this peer again after it had been forgotten or had restarted."""
+
+
+Event = Send | Settled | Incoming | SessionEnded | Registered
+
+
+class NameTaken(RegistrationRefused):
+    """Raised when the broker refused a registration because a live peer holds the name."""
+
+
+@dataclass(frozen=True, slots=True)
+class NameList(wire.Message):
+    """The broker's answer to LIST or STATS: one string per frame (never a body on the wire)."""
+
+    names: list[str]
+
+
+@dataclass
+class _Pending:
+    dest: str
+    deadline: float
+    seconds: float
+    message: list[Any] | None = None
+    """A request as sent, kept so that one the broker refused undelivered can be sent again."""
+
+
+@dataclass
+class Session:
+    """The session of peer `name` (role `envelope.ROLE_WORKER` or `ROLE_CLIENT`)."""
+
+    name: str
+    role: bytes
+    heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S
+    liveness: int = limits.HEARTBEAT_LIVENESS
+    max_in_flight: int = limits.MAX_IN_FLIGHT
+    incarnation: int = field(default_factory=lambda: secrets.randbits(32) | 1)
+    registered: bool = False
+    reregistrations: int = 0
+    """Times this peer registered again (after a broker restart, or after being forgotten)."""
+    closed: bool = False
+    _counter: int = 0
+    _pending: dict[bytes, _Pending] = field(default_factory=dict)
+    _deadlines: list[tuple[float, bytes]] = field(default_factory=list)
+    _unsent: list[bytes] = field(default_factory=list)
+    _registration: bytes = b""
+    _last_heard: float = 0.0
+    _last_sent: float = 0.0
+    _next_beat: float = 0.0
+    _last_beat_check: float = 0.0
+    _reassembly: Reassembly = field(default_factory=Reassembly)
+
+    # --- starting things ---------------------------------------------------------------
+    def register(self, now: float, timeout: float) -> tuple[bytes, list[Any]]:
+        """The first registration: its request id (settled by ACCEPTED or a refusal) and message."""
+        rid = self._track("broker", timeout, now)
+        self._registration = rid
+        self._last_heard = self._last_beat_check = now
+        self._next_beat = now + self.heartbeat_s
+        return rid, self._sent(envelope.message(envelope.REGISTER, self.name.encode(), rid, [self.role]), now)
+
+    def request(self, dest: str, msg: wire.Message, timeout: float, now: float) -> tuple[bytes, list[Any]]:
+        """A request to `dest` whose reply settles by `timeout` seconds from `now`.
+
+        Raises TooManyInFlightError when `max_in_flight` are already unanswered."""
+        if len(self._pending) >= self.max_in_flight:
+            raise TooManyInFlightError(f"{self.name}: {len(self._pending)} requests in flight; await some first")
+        body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
+        rid = self._track(dest, timeout, now)
+        message = envelope.message(envelope.REQUEST, dest.encode(), rid, body)
+        self._pending[rid].message = message
+        return rid, self._sent(message, now)
+
+    def query(self, command: bytes, timeout: float, now: float) -> tuple[bytes, list[Any]]:
+        """A question to the broker itself (LIST or STATS), answered with a `NameList`."""
+        rid = self._track("broker", timeout, now)
+        return rid, self._sent(envelope.message(command, b"", rid), now)
+
+    def notify(self, dest: str, msg: wire.Message, now: float) -> list[Any]:
+        """A request that expects no reply (a Delete)."""
+        return self._sent(envelope.message(envelope.REQUEST, dest.encode(), envelope.NO_REPLY, wire.encode(msg)), now)
+
+    def reply(self, dest: str, rid: bytes, msg: wire.Message, now: float) -> list[Any] | None:
+        """The reply to request `rid` from `dest`, or None when that request wants none."""
+        if rid == envelope.NO_REPLY:
+            return None
+        try:
+            body = wire.encode(msg)
+        except ProtocolError as e:  # the caller must hear of it, not wait for its deadline
+            body = wire.encode(failure_from_error(e, self.name))
+        return self._sent(envelope.message(envelope.REPLY, dest.encode(), rid, body), now)
+
+    def goodbye(self) -> list[Any]:
+        """The message that tells the broker this peer is leaving; the session is closed after it."""
+        self.closed = True
+        return envelope.message(envelope.DISCONNECT, b"", envelope.NO_REPLY)
+
+    def fail_all(self, error: Callable[[str], FedptrError]) -> list[Event]:
+        """Settle every pending request with `error(destination)` (the link is closing)."""
+        return [Settled(rid, error=error(p.dest)) for rid, p in list(self._pending.items()) if self._forget(rid)]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet settled."""
+        return len(self._pending)
+
+    def destination(self, rid: bytes) -> str | None:
+        """The peer request `rid` went to, while it is pending."""
+        p = self._pending.get(rid)
+        return None if p is None else p.dest
+
+    # --- time ---------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When `tick` next has something to do for a request deadline (None: nothing pending)."""
+        while self._deadlines and self._deadlines[0][1] not in self._pending:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def tick(self, now: float) -> list[Event]:
+        """Expire overdue requests; at heartbeat cadence, judge the broker's liveness, beat when
+        idle, and repeat the registration while not registered."""
+        events: list[Event] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, rid = heapq.heappop(self._deadlines)
+            p = self._pending.get(rid)
+            if p is not None and p.deadline <= now:
+                self._forget(rid)
+                events.append(Settled(rid, error=DeadlineExceeded(p.dest, p.seconds, [p.dest])))
+        if now >= self._next_beat and self._registration:
+            events.extend(self._beat(now))
+        return events
+
+    def _beat(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        # Our own loop was blocked for a while: silence we could not hear is no verdict.
+        stalled = now - self._last_beat_check > 2 * self.heartbeat_s
+        self._last_beat_check = now
+        self._next_beat = now + self.heartbeat_s
+        silent = now - self._last_heard
+        if self.registered and not stalled and silent > self.heartbeat_s * self.liveness:
+            log.warning("%s: no word from the broker for %.1f s; registering again", self.name, silent)
+            self.registered = False
+            for rid, p in list(self._pending.items()):
+                if self._forget(rid):
+                    events.append(Settled(rid, error=LostWorkerError(p.dest, ["broker"])))
+        if not self.registered:
+            events.append(Send(self._reregister(now)))
+        elif now - self._last_sent >= self.heartbeat_s:
+            events.append(Send(self._sent(envelope.message(envelope.HEARTBEAT, b"", envelope.NO_REPLY), now)))
+        return events
+
+    # --- receiving ----------------------------------------------------------------------
+    def receive(self, frames: Sequence[Any], now: float) -> list[Event]:
+        """The events one received multipart (a single message or a BATCH) stands for. Raises
+        ProtocolError when it is no fedptr envelope; a bad message inside settles or is answered."""
+        self._last_heard = now
+        events: list[Event] = []
+        for env in envelope.parse(frames):
+            self._receive_one(env, now, events)
+        return events
+
+    def _receive_one(self, env: envelope.Envelope, now: float, events: list[Event]) -> None:
+        command, name, rid, body = env.command, env.name, env.rid, env.body
+        if command == envelope.CHUNK:
+            if len(body) != 2:
+                raise ProtocolError("a chunk has an info frame and a data frame")
+            self._reassembly.add(name, rid, bytes(body[0]), body[1])
+        elif command == envelope.REPLY:
+            self._on_reply(name, rid, body, events)
+        elif command == envelope.REQUEST:
+            self._on_request(name, rid, body, now, events)
+        elif command == envelope.ACCEPTED:
+            self._on_accepted(rid, now, events)
+        elif command == envelope.LIST or command == envelope.STATS:
+            self._settle(rid, events, result=NameList([bytes(f).decode() for f in body]))
+        elif command == envelope.BROKER_ERROR:
+            self._on_broker_error(name, rid, body, now, events)
+        elif command == envelope.LOST:
+            self._on_lost(name.decode(), body, events)
+        elif command != envelope.HEARTBEAT:
+            raise ProtocolError(f"unknown command {command!r}")
+
+    def _on_reply(self, name: bytes, rid: bytes, body: list[Any], events: list[Event]) -> None:
+        try:
+            body = self._reassembly.complete(envelope.REPLY, name, rid, body)
+            if rid not in self._pending:
+                return  # a late reply to a request that already settled
+            reply = wire.decode(body).message
+        except ProtocolError as e:
+            self._settle(rid, events, error=e)
+            return
+        if isinstance(reply, wire.Failure):
+            self._settle(rid, events, error=error_from_failure(reply))
+        else:
+            self._settle(rid, events, result=reply)
+
+    def _on_request(self, name: bytes, rid: bytes, body: list[Any], now: float, events: list[Event]) -> None:
+        if self.role != envelope.ROLE_WORKER:
+            raise ProtocolError("clients take no requests")
+        source = name.decode()
+        try:
+            decoded = wire.decode(self._reassembly.complete(envelope.REQUEST, name, rid, body))
+        except ProtocolError as e:
+            log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
+            answer = self.reply(source, rid, failure_from_error(e, self.name), now)
+            if answer is not None:
+                events.append(Send(answer))
+            return
+        events.append(Incoming(source, rid, decoded))
+
+    def _on_accepted(self, rid: bytes, now: float, events: list[Event]) -> None:
+        if rid != self._registration:
+            return
+        first = not self._registration_is_repeat
+        self.registered = True
+        if first:
+            self._settle(rid, events, result=wire.Ok())
+            return
+        self.reregistrations += 1
+        log.warning("%s registered again", self.name)
+        events.append(Registered())
+        unsent, self._unsent = self._unsent, []
+        for r in unsent:
+            p = self._pending.get(r)
+            if p is not None and p.message is not None:
+                events.append(Send(self._sent(p.message, now)))
+
+    def _on_broker_error(self, name: bytes, rid: bytes, body: list[Any], now: float, events: list[Event]) -> None:
+        reason = bytes(body[0]) if body else b""
+        if reason == envelope.REASON_NOT_REGISTERED and rid != self._registration:
+            # The broker forgot us (we were silent too long, or it restarted) and delivered
+            # nothing: register again, and resend the request then. Safe: it never arrived.
+            p = self._pending.get(rid)
+            resend = p is not None and p.message is not None
+            if resend:
+                self._unsent.append(rid)
+            if self.registered:
+                self.registered = False
+                events.append(Send(self._reregister(now)))
+            if resend:
+                return
+        error = _broker_error(name, body)
+        if rid == self._registration and self._registration_is_repeat:
+            log.warning("%s: registering again was refused: %s", self.name, error)
+            return
+        self._settle(rid, events, error=error)
+
+    def _on_lost(self, name: str, body: list[Any], events: list[Event]) -> None:
+        for rid, p in list(self._pending.items()):
+            if p.dest == name and self._forget(rid):
+                events.append(Settled(rid, error=LostWorkerError(name)))
+        is_client = len(body) >= 2 and bytes(body[0]) == envelope.ROLE_CLIENT
+        if is_client and bytes(body[1]) in (envelope.GONE_DISCONNECTED, envelope.GONE_CLOSED):
+            events.append(SessionEnded(name))
+
+    # --- internals ----------------------------------------------------------------------
+    @property
+    def _registration_is_repeat(self) -> bool:
+        """Whether the current registration is a repeat (the first one is a tracked request)."""
+        return self._registration not in self._pending
+
+    def _reregister(self, now: float) -> list[Any]:
+        self._registration = self._next_rid()
+        return self._sent(envelope.message(envelope.REGISTER, self.name.encode(), self._registration, [self.role]), now)
+
+    def _next_rid(self) -> bytes:
+        self._counter = (self._counter + 1) & 0xFFFFFFFF
+        return _RID.pack(self._counter, self.incarnation)
+
+    def _track(self, dest: str, timeout: float, now: float) -> bytes:
+        if self.closed:
+            raise LostWorkerError(dest, [dest])
+        rid = self._next_rid()
+        deadline = now + timeout
+        self._pending[rid] = _Pending(dest, deadline, timeout)
+        heapq.heappush(self._deadlines, (deadline, rid))
+        if len(self._deadlines) > 2 * len(self._pending) + 64:  # drop settled entries in bulk
+            self._deadlines = [(p.deadline, r) for r, p in self._pending.items()]
+            heapq.heapify(self._deadlines)
+        return rid
+
+    def _sent(self, message: list[Any], now: float) -> list[Any]:
+        self._last_sent = now
+        return message
+
+    def _forget(self, rid: bytes) -> bool:
+        return self._pending.pop(rid, None) is not None
+
+    def _settle(
+        self, rid: bytes, events: list[Event], result: wire.Message | None = None, error: FedptrError | None = None
+    ) -> None:
+        if self._forget(rid):
+            events.append(Settled(rid, result, error))
+
+
+def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
+    name = name_bytes.decode(errors="replace")
+    reason = bytes(body[0]) if body else b""
+    text = bytes(body[1]).decode(errors="replace") if len(body) > 1 else ""
+    if reason == envelope.REASON_LOST:
+        return LostWorkerError(name)
+    if reason == envelope.REASON_NOT_REGISTERED:
+        return LostWorkerError(name or "broker", ["broker"])
+    if reason == envelope.REASON_OVERLOADED:
+        return OverloadedError(name, "the broker's queue to it is full")
+    if reason == envelope.REASON_UNKNOWN_NAME:
+        return UnknownWorkerError(name)
+    if reason == envelope.REASON_NAME_TAKEN:
+        return NameTaken(f"broker refused {name!r}: {text}")
+    if reason in (envelope.REASON_BAD_NAME, envelope.REASON_FULL, envelope.REASON_FORBIDDEN):
+        return RegistrationRefused(f"broker refused {name!r}: {text}")
+    return ProtocolError(f"broker error for {name!r}: {reason!r} {text}")

@@ -1,0 +1,101 @@
+"""The node's at-most-once reply cache: a replayed request id is answered, never run twice.
+
+Keyed by (source, request id); request ids carry their sender's incarnation, so a restarted
+peer's new requests never meet its old replies. Bounded in entries and in bytes: a reply whose
+tensors are large is not kept (its replay is refused as in doubt), so a fetched model's or
+tensor's buffers are never held alive by the cache.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+
+from fedptr import limits, wire
+
+Key = tuple[str, bytes]
+
+
+class Seen(enum.Enum):
+    """What `ReplyCache.begin` found for a request."""
+
+    NEW = enum.auto()
+    """Never seen: run it."""
+    RUNNING = enum.auto()
+    """A replay of a request still running: its one reply answers both."""
+    ANSWERED = enum.auto()
+    """Answered before: send `ReplyCache.cached(key)` again."""
+
+
+def _size(msg: wire.Message) -> int:
+    """Bytes of tensor data a reply holds (what keeping it would keep alive)."""
+    if isinstance(msg, wire.TensorReply):
+        return msg.tensor.nbytes
+    if isinstance(msg, wire.ModuleReply):
+        return sum(p.nbytes for p in msg.params if isinstance(p, wire.RawTensor))
+    return 0
+
+
+class ReplyCache:
+    """Recent replies by (source, request id), oldest dropped first."""
+
+    def __init__(
+        self,
+        here: str,
+        max_entries: int = limits.REPLY_CACHE_SIZE,
+        max_bytes: int = limits.REPLY_CACHE_MAX_BYTES,
+        max_reply_bytes: int = limits.REPLY_CACHE_MAX_TENSOR_BYTES,
+    ) -> None:
+        self.here = here
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_reply_bytes = max_reply_bytes
+        self.replayed = 0
+        """Replays answered from the cache."""
+        self._replies: OrderedDict[Key, tuple[wire.Message, int]] = OrderedDict()
+        self._running: set[Key] = set()
+        self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the cached replies hold."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def begin(self, key: Key) -> Seen:
+        """Note that request `key` arrived, and say whether it is new."""
+        if key in self._running:
+            return Seen.RUNNING
+        if key in self._replies:
+            self.replayed += 1
+            return Seen.ANSWERED
+        self._running.add(key)
+        return Seen.NEW
+
+    def cached(self, key: Key) -> wire.Message:
+        """The reply given to `key` (after `begin` said ANSWERED)."""
+        return self._replies[key][0]
+
+    def finish(self, key: Key, msg: wire.Message) -> None:
+        """Keep `msg` as the answer to `key`; a large one is kept as a refusal of replays."""
+        self._running.discard(key)
+        size = _size(msg)
+        if size > self.max_reply_bytes:
+            why = "the object was handed over already"
+            msg = wire.Failure(wire.FailureCode.REMOTE.value, "ReplayRefused", why, self.here, [self.here])
+            size = 0
+        old = self._replies.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._replies[key] = (msg, size)
+        self._bytes += size
+        while len(self._replies) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, dropped) = self._replies.popitem(last=False)
+            self._bytes -= dropped
+
+    def forget_peer(self, source: str) -> None:
+        """Drop every reply to `source` (its session ended: no replay can come)."""
+        for key in [k for k in self._replies if k[0] == source]:
+            self._bytes -= self._replies.pop(key)[1]
