@@ -52,13 +52,21 @@ class BrokerConfig:
 
 @dataclass
 class RoutingTable:
-    """Names to identities and back; `workers` holds the names registered as workers."""
+    """Names to identities and back; `workers` holds the names registered as workers.
+
+    `senders` and `contacts` record who sent requests to whom, so that a departure is told only
+    to the peers it concerns: those that asked it something (their calls on it must fail) and
+    those it asked something (a client's objects there are reclaimed)."""
 
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
     workers: set[bytes] = field(default_factory=set)
     heard: dict[bytes, float] = field(default_factory=dict)
     """Registered identity -> when the broker last received anything from it (monotonic s)."""
+    senders: dict[bytes, set[bytes]] = field(default_factory=dict)
+    """Name -> identities that sent it a request."""
+    contacts: dict[bytes, set[bytes]] = field(default_factory=dict)
+    """Identity -> names it sent a request to."""
 
     def add(self, name: bytes, identity: bytes, role: bytes, now: float) -> None:
         self.by_name[name] = identity
@@ -67,17 +75,51 @@ class RoutingTable:
         if role == envelope.ROLE_WORKER:
             self.workers.add(name)
 
+    def note_request(self, source_identity: bytes, dest: bytes) -> None:
+        """`source_identity` sent a request to `dest`."""
+        senders = self.senders.get(dest)
+        if senders is None:
+            senders = self.senders[dest] = set()
+        senders.add(source_identity)
+        contacts = self.contacts.get(source_identity)
+        if contacts is None:
+            contacts = self.contacts[source_identity] = set()
+        contacts.add(dest)
+
+    def concerned(self, identity: bytes, name: bytes) -> set[bytes]:
+        """Live identities that the departure of `name` (at `identity`) concerns."""
+        out = set(self.senders.get(name, ()))
+        out.update(self.by_name[n] for n in self.contacts.get(identity, ()) if n in self.by_name)
+        out.discard(identity)
+        return {i for i in out if i in self.by_identity}
+
     def remove_identity(self, identity: bytes) -> bytes | None:
         name = self.by_identity.pop(identity, None)
         self.heard.pop(identity, None)
+        for dest in self.contacts.pop(identity, ()):
+            senders = self.senders.get(dest)
+            if senders is not None:
+                senders.discard(identity)
+                if not senders:
+                    del self.senders[dest]
         if name is not None:
             self.by_name.pop(name, None)
             self.workers.discard(name)
+            for sender in self.senders.pop(name, ()):
+                contacts = self.contacts.get(sender)
+                if contacts is not None:
+                    contacts.discard(name)
         return name
 
-    def sizes(self) -> tuple[int, int, int, int]:
+    def sizes(self) -> dict[str, int]:
         """Lengths of every table: after peers leave they return to their baseline."""
-        return len(self.by_name), len(self.by_identity), len(self.workers), len(self.heard)
+        return {
+            "peers": len(self.by_name),
+            "identities": len(self.by_identity),
+            "workers": len(self.workers),
+            "heard": len(self.heard),
+            "links": sum(len(s) for s in self.senders.values()),
+        }
 
 
 class Broker:
@@ -105,7 +147,12 @@ class Broker:
         self._running = False
         self._now = time.monotonic()
         self._next_beat = self._now
+        self._last_beat = self._now
         self._registering_key = b""
+        self._vanished: set[bytes] = set()
+        """Peers a send found gone, forgotten after the message at hand (never mid-send)."""
+        self._notices: dict[bytes, list[list[Any]]] = {}
+        """LOST notices waiting to go out, per peer, sent together each loop turn."""
 
     def _secure(self, secret_file: str, allow: str) -> None:
         public, secret = zmq.auth.load_certificate(secret_file)
@@ -127,7 +174,8 @@ class Broker:
 
     # --- loop --------------------------------------------------------------------------
     def serve(self) -> None:
-        """Route until `stop()`. Each wake drains every queued message before polling again."""
+        """Route until `stop()`. Each wake drains the queued messages (up to a bound), then sends
+        the notices they caused, then beats if a heartbeat interval has passed."""
         self._running = True
         sock = self.sock
         poller = zmq.Poller()
@@ -156,11 +204,12 @@ class Broker:
             self._now = time.monotonic()
             if self._now >= self._next_beat:
                 self._heartbeat()
+            self._settle_departures()
 
     def _log_refusals(self) -> None:
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
-            log.warning("refused a connection from %s: handshake failed (%s)", event["endpoint"], event["event"])
+            log.warning("refused a connection from %s: %s", event["endpoint"], _event_name(event["event"]))
 
     def _with_key(self, frames: list[Any]) -> list[Any]:
         """Secure mode: envelope frames as bytes, and the sender's authenticated key noted for a
@@ -172,61 +221,86 @@ class Broker:
         return head + frames[1 + envelope.ENVELOPE_FRAMES :]
 
     def _heartbeat(self) -> None:
-        """Beat every peer; forget (and announce) those silent for `liveness` intervals."""
+        """Beat every peer; forget those silent for `liveness` intervals, unless the broker's
+        own loop was what stalled (then the silence is its own, and no verdict is given)."""
+        gap = self._now - self._last_beat
+        self._last_beat = self._now
         self._next_beat = self._now + self.config.heartbeat_s
-        deadline = self._now - self.config.heartbeat_s * self.config.liveness
-        for identity in [i for i, t in self.table.heard.items() if t < deadline]:
-            self._forget(identity, envelope.GONE_SILENT)
+        if gap > 2 * self.config.heartbeat_s:
+            log.warning("the broker's loop stalled for %.1f s; no liveness verdict this beat", gap)
+        else:
+            deadline = self._now - self.config.heartbeat_s * self.config.liveness
+            for identity in [i for i, t in self.table.heard.items() if t < deadline]:
+                self._forget(identity, envelope.GONE_SILENT)
+        beat = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
         for identity in list(self.table.heard):
-            self._send([identity, envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY])
+            self._send(identity, beat)
 
     def _forget(self, identity: bytes, why: bytes) -> None:
-        """Drop a peer and tell every other peer, so calls waiting on it fail at once."""
-        role = (
-            envelope.ROLE_WORKER if self.table.by_identity.get(identity) in self.table.workers else envelope.ROLE_CLIENT
-        )
-        name = self.table.remove_identity(identity)
+        """Drop a peer, and queue a LOST notice for each peer it concerns (sent by
+        `_settle_departures`, batched per peer, so no send happens while the table changes)."""
+        name = self.table.by_identity.get(identity)
         if name is None:
             return
-        log.warning("peer %r is gone (%s)", name, why.decode())
-        for other in list(self.table.by_identity):
-            self._send([other, envelope.PROTOCOL, envelope.LOST, name, envelope.NO_REPLY, role, why])
+        role = envelope.ROLE_WORKER if name in self.table.workers else envelope.ROLE_CLIENT
+        concerned = self.table.concerned(identity, name)
+        self.table.remove_identity(identity)
+        level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
+        log.log(level, "peer %r is gone (%s)", name, why.decode())
+        notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
+        for other in concerned:
+            self._notices.setdefault(other, []).append(notice)
+
+    def _settle_departures(self) -> None:
+        """Send the queued LOST notices, and forget the peers found gone while sending, until
+        nothing is left: a loop, never recursion, however many peers vanish at once."""
+        while self._vanished or self._notices:
+            vanished, self._vanished = self._vanished, set()
+            for identity in vanished:
+                self._forget(identity, envelope.GONE_CLOSED)
+            notices, self._notices = self._notices, {}
+            for identity, messages in notices.items():
+                if identity in self.table.by_identity:
+                    frames = envelope.framed(messages[0]) if len(messages) == 1 else envelope.pack_batch(messages)
+                    self._send(identity, frames)
 
     def stop(self) -> None:
         self._running = False
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        """Close the monitor before the socket it watches (the other order fails at exit)."""
         if self._monitor is not None:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
+        self.sock.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
 
     # --- one message -------------------------------------------------------------------
     def handle(self, frames: list[Any]) -> None:
-        """Route or answer one message: ``[identity, PROTOCOL, command, name, rid]`` as bytes, then
-        the body as zmq frames. Garbage is dropped with a (rate-limited) log line."""
-        if len(frames) < 1 + envelope.ENVELOPE_FRAMES or frames[1] != envelope.PROTOCOL:
-            self._drop(frames, "not a fedptr envelope")
-            return
+        """Route or answer one multipart: the sender's identity, then a fedptr envelope (a
+        single message or a BATCH). Garbage is dropped with a (rate-limited) log line."""
         identity = frames[0]
-        command = frames[2]
-        if command == envelope.REQUEST or command == envelope.REPLY or command == envelope.CHUNK:
-            self._route(frames, identity)
-        elif command == envelope.BATCH:
-            self._route_batch(frames, identity)
+        try:
+            messages = envelope.parse(frames[1:])
+        except ProtocolError as e:
+            self._drop(str(e))
+            return
+        first = messages[0]
+        command = first.command
+        if command in _ROUTED:
+            self._route(identity, messages)
+        elif len(messages) > 1:
+            self._drop(f"command {command[:8]!r} in a batch")
         elif command == envelope.REGISTER:
-            self._register(frames, identity)
+            self._register(identity, first)
         elif command == envelope.LIST:
             names = sorted(self.table.workers)
-            self._send([identity, envelope.PROTOCOL, envelope.LIST, b"", frames[4], *names])
+            self._send(identity, envelope.build(envelope.LIST, b"", first.rid, *names))
         elif command == envelope.STATS:
-            peers, identities, workers, heard = self.table.sizes()
-            stats = {"peers": peers, "identities": identities, "workers": workers, "heard": heard}
-            stats |= {"routed": self.routed, "dropped": self.dropped}
+            stats = self.table.sizes() | {"routed": self.routed, "dropped": self.dropped}
             counters = [f"{k}={v}".encode() for k, v in stats.items()]
-            self._send([identity, envelope.PROTOCOL, envelope.STATS, b"", frames[4], *counters])
+            self._send(identity, envelope.build(envelope.STATS, b"", first.rid, *counters))
         elif command == envelope.DISCONNECT:
             self._forget(identity, envelope.GONE_DISCONNECTED)
         elif command == envelope.HEARTBEAT:
@@ -234,62 +308,40 @@ class Broker:
                 # a peer we forgot (it was stopped, or this broker restarted): ask it to register
                 self._error(identity, b"", envelope.NO_REPLY, envelope.REASON_NOT_REGISTERED, "register again")
         else:
-            self._drop(frames, f"unknown command {command[:8]!r}")
+            self._drop(f"unknown command {command[:8]!r}")
 
-    def _destination(self, identity: bytes, source: bytes | None, message: list[Any]) -> bytes | None:
-        """Rewrite `message` (``[command, name, rid, *body]``) for delivery: its command and rid as
-        bytes and its name set to the source. Returns the destination's identity, or None after
-        answering (a request to an unknown name) or dropping it."""
-        command, dest, rid = bytes(message[0]), bytes(message[1]), bytes(message[2])
-        if command != envelope.REQUEST and command != envelope.REPLY and command != envelope.CHUNK:
-            self._drop(message, f"command {command[:8]!r} in a routed message")
-            return None
-        if source is None:
-            if command == envelope.REQUEST:
-                self._error(identity, dest, rid, envelope.REASON_NOT_REGISTERED, "register first")
-            else:
-                self._error(identity, dest, envelope.NO_REPLY, envelope.REASON_NOT_REGISTERED, "register again")
-            return None
-        dest_identity = self.table.by_name.get(dest)
-        if dest_identity is None:
-            if command == envelope.REQUEST:
-                self._error(identity, dest, rid, envelope.REASON_UNKNOWN_NAME, "no such worker")
-            else:
-                log.info("reply for %r dropped: no such peer", dest)
-            return None
-        message[0], message[1], message[2] = command, source, rid
-        return dest_identity
-
-    def _route(self, frames: list[Any], identity: bytes) -> None:
-        message = frames[2:]
-        dest_identity = self._destination(identity, self.table.by_identity.get(identity), message)
-        if dest_identity is not None:
-            self._deliver(identity, dest_identity, [message])
-
-    def _route_batch(self, frames: list[Any], identity: bytes) -> None:
-        try:
-            messages = envelope.unpack_batch(frames[3], frames[4:])
-        except ProtocolError as e:
-            self._drop(frames, str(e))
-            return
+    def _route(self, identity: bytes, messages: list[envelope.Envelope]) -> None:
+        """Deliver requests, replies and chunks, each with its name swapped for the source's,
+        batched per destination."""
         source = self.table.by_identity.get(identity)
         by_dest: dict[bytes, list[list[Any]]] = {}
-        for message in messages:
-            dest_identity = self._destination(identity, source, message)
-            if dest_identity is not None:
-                by_dest.setdefault(dest_identity, []).append(message)
+        for m in messages:
+            if m.command not in _ROUTED:
+                self._drop(f"command {m.command[:8]!r} in a routed batch")
+                continue
+            if source is None:
+                rid = m.rid if m.command == envelope.REQUEST else envelope.NO_REPLY
+                self._error(identity, m.name, rid, envelope.REASON_NOT_REGISTERED, "register first")
+                continue
+            dest_identity = self.table.by_name.get(m.name)
+            if dest_identity is None:
+                if m.command == envelope.REQUEST:
+                    self._error(identity, m.name, m.rid, envelope.REASON_UNKNOWN_NAME, "no such worker")
+                else:
+                    log.info("reply for %r dropped: no such peer", m.name)
+                continue
+            if m.command == envelope.REQUEST:
+                self.table.note_request(identity, m.name)
+            by_dest.setdefault(dest_identity, []).append(envelope.message(m.command, source, m.rid, m.body))
         for dest_identity, batch in by_dest.items():
             self._deliver(identity, dest_identity, batch)
 
     def _deliver(self, identity: bytes, dest_identity: bytes, messages: list[list[Any]]) -> None:
         """Send `messages` to one peer, as a batch when there are several; on failure, tell the
         sender of each request why."""
-        if len(messages) == 1:
-            frames = [dest_identity, envelope.PROTOCOL, *messages[0]]
-        else:
-            frames = [dest_identity, *envelope.pack_batch(messages)]
+        frames = envelope.framed(messages[0]) if len(messages) == 1 else envelope.pack_batch(messages)
         dest = self.table.by_identity.get(dest_identity, b"?")
-        reason = self._send(frames)
+        reason = self._send(dest_identity, frames)
         if reason is None:
             self.routed += len(messages)
             return
@@ -297,10 +349,9 @@ class Broker:
             if m[0] == envelope.REQUEST:
                 self._error(identity, dest, m[2], reason, "worker unreachable")
 
-    def _register(self, frames: list[Any], identity: bytes) -> None:
-        name = frames[3]
-        rid = frames[4]
-        role = bytes(frames[5]) if len(frames) > 5 else b""
+    def _register(self, identity: bytes, m: envelope.Envelope) -> None:
+        name, rid = m.name, m.rid
+        role = bytes(m.body[0]) if m.body else b""
         if not envelope.valid_name(name) or role not in envelope.ROLES:
             self._error(identity, name, rid, envelope.REASON_BAD_NAME, "bad name or role")
             return
@@ -311,7 +362,8 @@ class Broker:
         holder = self.table.by_name.get(name)
         if holder is not None and holder != identity:
             # A restarted peer reclaims its name once the old connection is gone.
-            if self._send([holder, envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]) is None:
+            probe = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
+            if self._send(holder, probe, forget=False) is None:
                 log.warning("refused %r: name taken", name)
                 self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
@@ -324,7 +376,7 @@ class Broker:
             self.table.remove_identity(identity)
         self.table.add(name, identity, role, self._now)
         log.info("registered %s %r", role.decode(), name)
-        self._send([identity, envelope.PROTOCOL, envelope.ACCEPTED, name, rid])
+        self._send(identity, envelope.build(envelope.ACCEPTED, name, rid))
 
     def _key_may_claim(self, name: bytes, role: bytes) -> bool:
         """A worker name needs the key bound to it; a client name must not be a bound name
@@ -335,25 +387,39 @@ class Broker:
             return role == envelope.ROLE_CLIENT
         return bound == self._registering_key
 
-    def _send(self, frames: list[Any]) -> bytes | None:
-        """Send without blocking. Returns None, or the reason it failed; a vanished peer is forgotten."""
+    def _send(self, identity: bytes, frames: list[Any], forget: bool = True) -> bytes | None:
+        """Send to peer `identity` without blocking. Returns None, or the reason it failed; a
+        vanished peer is noted, to be forgotten once this message is handled (`forget`)."""
         try:
-            send_frames(self.sock, frames)
+            send_frames(self.sock, [identity, *frames])
             return None
         except zmq.ZMQError as e:
-            peer = bytes(frames[0])
             if e.errno == errno.EHOSTUNREACH:
-                self._forget(peer, envelope.GONE_CLOSED)
+                if forget and identity in self.table.by_identity:
+                    self._vanished.add(identity)
                 return envelope.REASON_LOST
             if e.errno == errno.EAGAIN:
-                log.warning("peer %r is not reading (queue full); message refused", self.table.by_identity.get(peer))
+                log.warning(
+                    "peer %r is not reading (queue full); message refused", self.table.by_identity.get(identity)
+                )
                 return envelope.REASON_OVERLOADED
             raise
 
     def _error(self, identity: bytes, name: bytes, rid: bytes, reason: bytes, text: str) -> None:
-        self._send([identity, envelope.PROTOCOL, envelope.BROKER_ERROR, name, rid, reason, text.encode()])
+        self._send(identity, envelope.build(envelope.BROKER_ERROR, name, rid, reason, text.encode()))
 
-    def _drop(self, frames: list[Any], why: str) -> None:
+    def _drop(self, why: str) -> None:
         self.dropped += 1
         if self.dropped == 1 or self.dropped % limits.BROKER_LOG_EVERY == 0:
             log.warning("dropped garbage message (%s); %d dropped so far", why, self.dropped)
+
+
+_ROUTED = frozenset({envelope.REQUEST, envelope.REPLY, envelope.CHUNK})
+
+
+def _event_name(event: int) -> str:
+    """A socket monitor event as words (`handshake failed: no detail`), not a number."""
+    try:
+        return str(zmq.Event(event).name).lower().replace("_", " ")
+    except ValueError:
+        return f"event {event}"
