@@ -91,7 +91,7 @@ def init_rpc(rank: int, port: int, threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", num_worker_threads=16)
-    rpc.init_rpc(f"w{rank}", rank=rank, world_size=WORLD, rpc_backend_options=opts)
+    rpc.init_rpc(f"w{rank}", rank=rank, world_size=WORLD, rpc_backend_options=opts)  # type: ignore[no-untyped-call]
 
 
 def created(rref: Any) -> Any:

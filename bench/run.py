@@ -26,9 +26,9 @@ import sys
 import time
 import tracemalloc
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -206,9 +206,10 @@ class Fedptr:
 
     async def extras(self, sc: Scale) -> dict[str, float]:
         """The broker alone, and memory per stored object and per live pointer."""
-        return {
-            "broker_msgs_per_s_single": broker_rate(self.cluster.address, sc.broker_messages, 1),
-            "broker_msgs_per_s_batched64": broker_rate(self.cluster.address, 4 * sc.broker_messages, 64),
+        address = self.cluster.address
+        return {  # broker_rate blocks: on a thread, so that the client's heartbeats go on
+            "broker_msgs_per_s_single": await asyncio.to_thread(broker_rate, address, sc.broker_messages, 1),
+            "broker_msgs_per_s_batched64": await asyncio.to_thread(broker_rate, address, 4 * sc.broker_messages, 64),
             **await self.memory(sc.objects),
         }
 
@@ -220,7 +221,7 @@ class Fedptr:
         before = rss_bytes(pid)
         tracemalloc.start()
         base = await self.bob.send(torch.ones(1))
-        ptrs = []
+        ptrs: list[fedptr.Pointer] = []
         deadline = time.perf_counter() + 120
         while len(ptrs) < objects and time.perf_counter() < deadline:
             batch = [base + j for j in range(1000)]
@@ -255,17 +256,19 @@ def rss_bytes(pid: int) -> int:
 
 def broker_rate(address: str, messages: int, batch: int) -> float:
     """Messages per second the fedptr broker routes from one client to one sink, alone."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sink = ctx.socket(zmq.DEALER)
     src = ctx.socket(zmq.DEALER)
-    for s, name, role in ((sink, b"sink", wire.ROLE_WORKER), (src, b"blaster", wire.ROLE_CLIENT)):
+    sink_name = f"bench-sink-{batch}".encode()  # one name per call: a closed socket's name stays taken a while
+    for s, name, role in ((sink, sink_name, wire.ROLE_WORKER), (src, f"bench-src-{batch}".encode(), wire.ROLE_CLIENT)):
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(address)
         s.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\0" * 8, role])
-        s.recv_multipart()
+        if not s.poll(int(START_TIMEOUT_S * 1000)) or s.recv_multipart()[1] != wire.ACCEPTED:
+            raise RuntimeError(f"the broker did not accept {name!r}")
     body = wire.encode(wire.Get(1))
-    one = [wire.REQUEST, b"sink", b"\1" * 8, *body]
+    one = [wire.REQUEST, sink_name, b"\1" * 8, *body]
     frames = [wire.PROTOCOL, *one] if batch == 1 else wire.pack_batch([one] * batch)
 
     def drain(timeout_ms: int) -> int:
@@ -378,7 +381,7 @@ class Floor:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.processes: list[subprocess.Popen[bytes]] = []
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.payload = b"x" * 64
 
     def start(self) -> None:
@@ -622,7 +625,7 @@ METHOD = (
 )
 
 
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -630,7 +633,7 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list
     ]
 
 
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def text_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
 
@@ -647,19 +650,26 @@ def main() -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2 rounds, fewer repetitions")
     mode.add_argument("--smoke", action="store_true", help="1 tiny round (small sizes): checks that it all runs")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads in torch.rpc's processes")
-    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads in torch.rpc's processes (0: its default); fedptr's nodes: see node_args",
+    )
+    p.add_argument("--rounds", type=int, default=0, help="override the mode's number of rounds")
+    p.add_argument("--out", default=None, help="JSON figures (default bench/results.json; --smoke: in --logs)")
     p.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
     p.add_argument("--logs", default="/tmp/fedptr-bench-logs")
     args = p.parse_args()
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    sc = SCALES[scale_name]
+    sc = replace(SCALES[scale_name], rounds=args.rounds or SCALES[scale_name].rounds)
+    out = Path(args.out) if args.out else Path(args.logs) / "results.json" if args.smoke else HERE / "results.json"
     figures = asyncio.run(run(sc, Path(args.logs), args.threads))
     report = Report(figures, sc.sizes)
     rows, targets = report.rows(), report.targets()
     command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
     config = {"scale": scale_name, **asdict(sc), "threads": args.threads, "fedptr_node_args": node_args(args.threads)}
-    Path(args.out).write_text(
+    out.write_text(
         json.dumps({"machine": machine(), "command": command, "config": config, "figures": figures}, indent=1)
     )
     print(text_table(HEADER, rows))
