@@ -37,7 +37,7 @@ import zmq
 from baselines import MIB, READY, REPLY, bounded, time_calls
 
 import fedptr
-from fedptr import wire
+from fedptr import envelope, wire
 from fedptr.cluster import Cluster, start_process, stop_processes
 
 HERE = Path(__file__).parent
@@ -259,23 +259,24 @@ def broker_rate(address: str, messages: int, batch: int) -> float:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sink = ctx.socket(zmq.DEALER)
     src = ctx.socket(zmq.DEALER)
-    sink_name = f"bench-sink-{batch}".encode()  # one name per call: a closed socket's name stays taken a while
-    for s, name, role in ((sink, sink_name, wire.ROLE_WORKER), (src, f"bench-src-{batch}".encode(), wire.ROLE_CLIENT)):
+    # names of their own per call: a closed socket's name stays taken a while
+    sink_name, src_name = f"bench-sink-{batch}".encode(), f"bench-src-{batch}".encode()
+    for s, name, role in ((sink, sink_name, envelope.ROLE_WORKER), (src, src_name, envelope.ROLE_CLIENT)):
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(address)
-        s.send_multipart([wire.PROTOCOL, wire.REGISTER, name, b"\0" * 8, role])
-        if not s.poll(int(START_TIMEOUT_S * 1000)) or s.recv_multipart()[1] != wire.ACCEPTED:
+        s.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\0" * 8, role])
+        if not s.poll(int(START_TIMEOUT_S * 1000)) or s.recv_multipart()[1] != envelope.ACCEPTED:
             raise RuntimeError(f"the broker did not accept {name!r}")
     body = wire.encode(wire.Get(1))
-    one = [wire.REQUEST, sink_name, b"\1" * 8, *body]
-    frames = [wire.PROTOCOL, *one] if batch == 1 else wire.pack_batch([one] * batch)
+    one = [envelope.REQUEST, sink_name, b"\1" * 8, *body]
+    frames = [envelope.PROTOCOL, *one] if batch == 1 else envelope.pack_batch([one] * batch)
 
     def drain(timeout_ms: int) -> int:
         got = sink.recv_multipart() if sink.poll(timeout_ms) else None
         if got is None:
             return 0
-        return (len(got) - 3) // len(one) if got[1] == wire.BATCH else 1
+        return (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
 
     received = 0
     t0 = time.perf_counter()
