@@ -1,11 +1,15 @@
-"""fedptr benchmarks against torch.distributed.rpc and a bare pyzmq broker, interleaved in one run.
+"""fedptr benchmarks against torch.distributed.rpc's pointer operations and a bare pyzmq broker.
 
-    .venv/bin/python bench/run.py            # full run, about 3 minutes
-    .venv/bin/python bench/run.py --quick    # fewer repetitions
+    .venv/bin/python bench/run.py            # 5 rounds
+    .venv/bin/python bench/run.py --quick    # 2 rounds
+    .venv/bin/python bench/run.py --smoke    # 1 tiny round: checks that everything runs
 
-Every case runs for R rounds; in each round fedptr and its baselines take turns, so machine
-noise hits all alike. Each loop is bounded in count and in time. Prints a table of medians, p99
-and ratios, writes the figures as JSON (--out) and the table as Markdown (--markdown).
+Each system runs alone on the machine. A round gives each system a turn, in an order that
+rotates from round to round: its processes are started, every case is measured, and they are
+stopped. Nothing is paused. Every loop is bounded in count and in time. Prints a table of
+medians, p99 and the range of the per-round medians, with ratios fedptr/baseline from the same
+run; writes the figures as JSON (--out) and the tables, targets included, as Markdown
+(--markdown).
 """
 
 from __future__ import annotations
@@ -15,73 +19,232 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import zmq
+from baselines import MIB, READY, REPLY, bounded, time_calls
 
 import fedptr
-from fedptr import envelope
-from fedptr.cluster import start_process, stop_processes
+from fedptr import envelope, wire
+from fedptr.cluster import Cluster, start_process, stop_processes
 
 HERE = Path(__file__).parent
-MIB = 1 << 20
 WORKERS = ["bob", "alice", "carol", "dave", "erin"]
+START_TIMEOUT_S = 120.0
+"""Longest a system may take to come up, or a baseline process to answer one command."""
+STOP_TIMEOUT_S = 15.0
 
 
-class Samples:
-    """Timings (seconds) per case name, over all rounds."""
+# --- what is measured ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    """How much is measured: the same cases at every scale."""
 
-    def __init__(self) -> None:
-        self.data: dict[str, list[float]] = defaultdict(list)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.data[name].append(seconds)
-
-    def extend(self, name: str, seconds: list[float]) -> None:
-        self.data[name].extend(seconds)
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.data[name])
-
-    def p99(self, name: str) -> float:
-        xs = sorted(self.data[name])
-        return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+    rounds: int
+    reps: int  # base repetitions per case per round
+    budget: float  # base seconds per case per round
+    sizes: tuple[int, ...]  # MiB, for send, get and move
+    big_reps: int  # repetitions of each send, get and move
+    objects: int  # small objects stored for the memory figures
+    broker_messages: int  # messages for the broker-alone figures
 
 
-async def timed_async(samples: Samples, name: str, fn: Callable[[], Awaitable[Any]], n: int, budget: float) -> None:
-    end = time.perf_counter() + budget
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        samples.add(name, time.perf_counter() - t0)
-        if time.perf_counter() > end:
-            break
+SCALES = {
+    "full": Scale(5, 100, 5.0, (1, 16, 64), 5, 100_000, 50_000),
+    "quick": Scale(2, 40, 3.0, (1, 16, 64), 3, 100_000, 50_000),
+    "smoke": Scale(1, 5, 0.3, (1, 4), 2, 2_000, 2_000),
+}
 
 
-def timed_sync(samples: Samples, name: str, fn: Callable[[], Any], n: int, budget: float) -> None:
-    end = time.perf_counter() + budget
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.add(name, time.perf_counter() - t0)
-        if time.perf_counter() > end:
-            break
+@dataclass(frozen=True)
+class Case:
+    """One timed case: `call` with `arg` on each system that has it."""
+
+    label: str  # its key in the figures
+    call: str  # the method each system runs it with
+    arg: int
+    n: int  # most repetitions per round
+    budget: float  # about the most seconds per round
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def plan(sc: Scale) -> list[Case]:
+    n, b, big = sc.reps, sc.budget, max(sc.sizes)
+    return [
+        Case("put", "put", 0, 5 * n, b),
+        Case("op", "op", 0, 5 * n, b),
+        Case("send-op-get", "send_op_get", 0, 2 * n, b),
+        Case("send_nowait-op-get", "send_op_get_pipelined", 0, 2 * n, b),
+        Case("100-dependent", "dependent", 100, max(3, n // 10), 2 * b),
+        *[Case(f"inflight-{k}", "inflight", k, max(3, 20 * n // k), b) for k in (1, 16, 256)],
+        *[Case(f"{way}-{mib}MiB", way, mib, sc.big_reps, 4 * b) for mib in sc.sizes for way in ("send", "get")],
+        Case(f"move-{big}MiB", "move", big, sc.big_reps, 4 * b),
+        *[Case(f"chain-{d}", "chain", d, n, b) for d in range(1, 6)],
+    ]
+
+
+class System(Protocol):
+    """One system's turn: the cases it has, measured while only its processes run."""
+
+    def has(self, call: str) -> bool: ...
+
+    async def measure(self, case: Case) -> list[float]: ...
+
+    async def extras(self, sc: Scale) -> dict[str, float]: ...
+
+
+# --- fedptr ----------------------------------------------------------------------------------
+def node_args(threads: int) -> dict[str, list[str]]:
+    """Extra flags for every fedptr node. `threads` is not passed on yet: once nodes take
+    ``--threads N``, return ``{w: ["--threads", str(threads)] for w in WORKERS} if threads else {}``."""
+    del threads
+    return {}
+
+
+class Fedptr:
+    """fedptr's side of each case, on a running local cluster (client in this process)."""
+
+    def __init__(self, cluster: Cluster, sizes: tuple[int, ...]) -> None:
+        self.cluster = cluster
+        self.client = cluster.client
+        self.bob, self.alice = self.client.worker("bob"), self.client.worker("alice")
+        self.small = torch.ones(4)
+        self.big = {mib: torch.randn(mib * MIB // 4) for mib in sizes}
+
+    async def setup(self) -> None:
+        self.x = await self.bob.send(self.small)
+        self.moving = await self.bob.send(self.big[max(self.big)])
+        self.chains = []  # chains[d - 1]: a pointer d hops from bob's tensor (bob <- alice <- ...)
+        for d in range(1, 6):
+            p = await self.bob.send(self.small)
+            for name in WORKERS[1:d]:
+                p = await p.send(self.client.worker(name))
+            self.chains.append(p)
+
+    def calls(self) -> dict[str, Callable[[int], Awaitable[Any]]]:
+        return {
+            "put": self.put,
+            "op": self.op,
+            "send_op_get": self.send_op_get,
+            "send_op_get_pipelined": self.send_op_get_pipelined,
+            "dependent": self.dependent,
+            "inflight": self.inflight,
+            "send": self.send,
+            "get": self.get,
+            "move": self.move,
+            "chain": self.chain,
+        }
+
+    def has(self, call: str) -> bool:
+        return call in self.calls()
+
+    def untimed(self) -> dict[str, Callable[[int], Awaitable[None]]]:
+        """What a case needs done before each timed call, outside the timing."""
+        return {"get": self.store}
+
+    async def measure(self, case: Case) -> list[float]:
+        fn, before = self.calls()[case.call], self.untimed().get(case.call)
+        samples = []
+        for _ in bounded(case.n, case.budget):
+            if before is not None:
+                await before(case.arg)
+            t0 = time.perf_counter()
+            await fn(case.arg)
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+    async def put(self, _: int) -> None:
+        await self.bob.send(self.small)
+
+    async def op(self, _: int) -> None:
+        await (self.x + self.x)
+
+    async def send_op_get(self, _: int) -> None:
+        p = await self.bob.send(self.small)
+        await (p + p).get()
+
+    async def send_op_get_pipelined(self, _: int) -> None:
+        p = self.bob.send_nowait(self.small)
+        await (p + p).get()
+
+    async def dependent(self, n: int) -> None:
+        y = self.x
+        for _ in range(n):
+            y = y + self.x
+        await y.get()
+
+    async def inflight(self, k: int) -> None:
+        ys = [self.x + self.x for _ in range(k)]
+        for y in ys:
+            await y
+
+    async def send(self, mib: int) -> None:
+        await self.bob.send(self.big[mib])
+
+    async def store(self, mib: int) -> None:
+        self.stored = await self.bob.send(self.big[mib])
+
+    async def get(self, _: int) -> None:
+        await self.stored.get()  # the object leaves bob: `store` puts another there before each get
+
+    async def move(self, _: int) -> None:
+        self.moving = await self.moving.move(self.alice if self.moving.location == "bob" else self.bob)
+
+    async def chain(self, d: int) -> None:
+        await (self.chains[d - 1] + 1)
+
+    async def extras(self, sc: Scale) -> dict[str, float]:
+        """The broker alone, and memory per stored object and per live pointer."""
+        address = self.cluster.address
+        return {  # broker_rate blocks: on a thread, so that the client's heartbeats go on
+            "broker_msgs_per_s_single": await asyncio.to_thread(broker_rate, address, sc.broker_messages, 1),
+            "broker_msgs_per_s_batched64": await asyncio.to_thread(broker_rate, address, 4 * sc.broker_messages, 64),
+            **await self.memory(sc.objects),
+        }
+
+    async def memory(self, objects: int) -> dict[str, float]:
+        """Bytes per small object on a node (RSS) and per live pointer in the client (tracemalloc)."""
+        for w in WORKERS:
+            await self.client.worker(w).clear()
+        pid = self.cluster.pids["bob"]
+        before = rss_bytes(pid)
+        tracemalloc.start()
+        base = await self.bob.send(torch.ones(1))
+        ptrs: list[fedptr.Pointer] = []
+        deadline = time.perf_counter() + 120
+        while len(ptrs) < objects and time.perf_counter() < deadline:
+            batch = [base + j for j in range(1000)]
+            for q in batch:
+                await q
+            ptrs.extend(batch)
+        current, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return {
+            "node_bytes_per_small_object": (rss_bytes(pid) - before) / len(ptrs),
+            "client_bytes_per_pointer": current / len(ptrs),
+            "objects_stored": len(ptrs),
+        }
+
+
+@asynccontextmanager
+async def fedptr_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Fedptr]:
+    async with fedptr.local_cluster(
+        WORKERS, log_dir=logs, node_args=node_args(threads), start_timeout=START_TIMEOUT_S
+    ) as cluster:
+        system = Fedptr(cluster, sc.sizes)
+        await system.setup()
+        yield system
 
 
 def rss_bytes(pid: int) -> int:
@@ -91,21 +254,147 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def broker_rate(address: str, messages: int, batch: int) -> float:
+    """Messages per second the fedptr broker routes from one client to one sink, alone."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sink = ctx.socket(zmq.DEALER)
+    src = ctx.socket(zmq.DEALER)
+    # names of their own per call: a closed socket's name stays taken a while
+    sink_name, src_name = f"bench-sink-{batch}".encode(), f"bench-src-{batch}".encode()
+    for s, name, role in ((sink, sink_name, envelope.ROLE_WORKER), (src, src_name, envelope.ROLE_CLIENT)):
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.connect(address)
+        s.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\0" * 8, role])
+        if not s.poll(int(START_TIMEOUT_S * 1000)) or s.recv_multipart()[1] != envelope.ACCEPTED:
+            raise RuntimeError(f"the broker did not accept {name!r}")
+    body = wire.encode(wire.Get(1))
+    one = [envelope.REQUEST, sink_name, b"\1" * 8, *body]
+    frames = [envelope.PROTOCOL, *one] if batch == 1 else envelope.pack_batch([one] * batch)
+
+    def drain(timeout_ms: int) -> int:
+        got = sink.recv_multipart() if sink.poll(timeout_ms) else None
+        if got is None:
+            return 0
+        return (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
+
+    received = 0
+    t0 = time.perf_counter()
+    for _ in range(messages // batch):
+        src.send_multipart(frames)
+        received += drain(0)
+    for _ in range(messages):  # at most one message each
+        if received >= (messages // batch) * batch:
+            break
+        got = drain(5000)
+        if not got:
+            break
+        received += got
+    rate = received / (time.perf_counter() - t0)
+    sink.close(0)
+    src.close(0)
+    return rate
+
+
+# --- torch.distributed.rpc -------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TorchRpc:
+    """torch.distributed.rpc on TensorPipe with its defaults: a driver (rank 0) and a worker w1,
+    each in its own process; the driver times each case (baselines.py)."""
+
+    CALLS = ("put", "op", "send_op_get", "dependent", "inflight", "send", "get")
+
+    def __init__(self, logs: Path, sizes: tuple[int, ...], threads: int) -> None:
+        port, threads_arg = str(free_port()), str(threads)
+        script = str(HERE / "baselines.py")
+        self.worker = start_process([script, "rpc-worker", port, threads_arg], logs / "rpc-w1.log")
+        self.driver = subprocess.Popen(
+            [sys.executable, script, "rpc-driver", port, threads_arg, ",".join(map(str, sizes))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(logs / "rpc-w0.log", "ab"),  # noqa: SIM115  (the child owns it)
+            text=True,
+        )
+
+    def has(self, call: str) -> bool:
+        return call in self.CALLS
+
+    async def read(self) -> str:
+        """The driver's next line starting with @@ (without it); raises if it exits or is silent."""
+        assert self.driver.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (left := deadline - time.monotonic()) > 0:
+            line = await asyncio.wait_for(asyncio.to_thread(self.driver.stdout.readline), left)
+            if not line:
+                raise RuntimeError("the torch.rpc driver exited; see its log rpc-w0.log")
+            if line.startswith(REPLY):
+                return line[len(REPLY) :].strip()
+        raise TimeoutError("the torch.rpc driver did not answer")
+
+    async def started(self) -> None:
+        if await self.read() != READY:
+            raise RuntimeError("the torch.rpc driver did not start")
+
+    async def measure(self, case: Case) -> list[float]:
+        assert self.driver.stdin is not None
+        self.driver.stdin.write(json.dumps({"case": case.call, "arg": case.arg, "n": case.n, "budget": case.budget}))
+        self.driver.stdin.write("\n")
+        self.driver.stdin.flush()
+        samples: list[float] = json.loads(await self.read())["samples"]
+        return samples
+
+    async def extras(self, sc: Scale) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        """Let both processes shut torch.rpc down together, then stop what is left."""
+        if self.driver.stdin is not None and self.driver.poll() is None:
+            try:
+                self.driver.stdin.write(json.dumps({"case": "quit"}) + "\n")
+                self.driver.stdin.close()
+                self.driver.wait(STOP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        stop_processes([self.driver, self.worker])  # type: ignore[list-item]
+
+
+@asynccontextmanager
+async def torch_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[TorchRpc]:
+    system = TorchRpc(logs, sc.sizes, threads)
+    try:
+        await system.started()
+        yield system
+    finally:
+        await asyncio.to_thread(system.close)
+
+
+# --- the transport floor ---------------------------------------------------------------------
 class Floor:
-    """A sync DEALER client of the bare broker + echo processes."""
+    """A sync DEALER client of the bare broker + echo processes: round trips, one or k at a time."""
+
+    CALLS = ("op", "inflight")
 
     def __init__(self, logs: Path) -> None:
-        self.broker = start_process(
-            [str(HERE / "baselines.py"), "bare-broker"], logs / "bare-broker.log", subprocess.PIPE
-        )
-        assert self.broker.stdout is not None
-        endpoint = self.broker.stdout.readline().decode().strip()
-        self.echo = start_process([str(HERE / "baselines.py"), "bare-echo", endpoint], logs / "bare-echo.log")
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.connect(endpoint)
+        self.logs = logs
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self.payload = b"x" * 64
-        deadline = time.monotonic() + 30
-        while not self.sock.poll(100, zmq.POLLOUT) or not self._probe():
+
+    def start(self) -> None:
+        script = str(HERE / "baselines.py")
+        broker = start_process([script, "bare-broker"], self.logs / "bare-broker.log", subprocess.PIPE)
+        self.processes.append(broker)
+        assert broker.stdout is not None
+        endpoint = broker.stdout.readline().decode().strip()
+        self.processes.append(start_process([script, "bare-echo", endpoint], self.logs / "bare-echo.log"))
+        self.sock.connect(endpoint)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._probe():
             if time.monotonic() > deadline:
                 raise RuntimeError("bare echo did not come up")
 
@@ -113,376 +402,315 @@ class Floor:
         self.sock.send_multipart([b"echo", b"probe"])
         return bool(self.sock.poll(200)) and bool(self.sock.recv_multipart())
 
-    def round_trips(self, n: int) -> None:
-        for _ in range(n):
+    def has(self, call: str) -> bool:
+        return call in self.CALLS
+
+    def round_trips(self, k: int) -> None:
+        for _ in range(k):
             self.sock.send_multipart([b"echo", self.payload])
-        for _ in range(n):
+        for _ in range(k):
+            if not self.sock.poll(int(START_TIMEOUT_S * 1000)):
+                raise TimeoutError("the bare echo did not answer")
             self.sock.recv_multipart()
+
+    async def measure(self, case: Case) -> list[float]:
+        return time_calls(self.round_trips, max(1, case.arg), case.n, case.budget)
+
+    async def extras(self, sc: Scale) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         self.sock.close(0)
-        stop_processes([self.echo, self.broker])
+        stop_processes(self.processes)
 
 
-class TorchRpc:
-    """torch.distributed.rpc on TensorPipe: a driver (rank 0) and a worker w1, each in its own
-    process; `measure` asks the driver to time one case and returns its samples (seconds).
-
-    TensorPipe's shared-memory transport busy-polls: idle, its processes take both of this
-    machine's cores. So they are stopped (SIGSTOP) except while torch.rpc is being measured, and
-    each system is measured with its own processes running and the other's paused."""
-
-    def __init__(self, logs: Path) -> None:
-        port = free_port()
-        self.procs = [
-            start_process([str(HERE / "baselines.py"), "rpc-worker", str(r), "2", str(port)], logs / f"rpc-w{r}.log")
-            for r in (1,)
-        ]
-        self.driver = subprocess.Popen(
-            [sys.executable, str(HERE / "baselines.py"), "rpc-driver", "2", str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=open(logs / "rpc-w0.log", "ab"),  # noqa: SIM115  (the child owns it)
-            text=True,
-        )
-        self._read()
-        self._signal(signal.SIGSTOP)
-
-    def _signal(self, sig: int) -> None:
-        for p in (self.driver, *self.procs):
-            p.send_signal(sig)
-
-    def _read(self) -> str:
-        assert self.driver.stdout is not None
-        while True:
-            line = self.driver.stdout.readline()
-            if not line:
-                raise RuntimeError("the torch.rpc driver exited")
-            if line.startswith("@@"):
-                return line[2:]
-
-    async def measure(self, case: str, arg: int, n: int, budget: float) -> list[float]:
-        """Time `case` on torch.rpc (in a thread, so this process's event loop keeps beating)."""
-        return await asyncio.to_thread(self._measure, case, arg, n, budget)
-
-    def _measure(self, case: str, arg: int, n: int, budget: float) -> list[float]:
-        assert self.driver.stdin is not None
-        self._signal(signal.SIGCONT)
-        try:
-            self.driver.stdin.write(json.dumps({"case": case, "arg": arg, "n": n, "budget": budget}) + "\n")
-            self.driver.stdin.flush()
-            samples: list[float] = json.loads(self._read())["samples"]
-        finally:
-            self._signal(signal.SIGSTOP)
-        return samples
-
-    def close(self) -> None:
-        self._signal(signal.SIGCONT)
-        if self.driver.stdin is not None:
-            self.driver.stdin.write(json.dumps({"case": "quit"}) + "\n")
-            self.driver.stdin.close()
-        stop_processes([self.driver, *self.procs])
+@asynccontextmanager
+async def floor_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Floor]:
+    system = Floor(logs)
+    try:
+        await asyncio.to_thread(system.start)
+        yield system
+    finally:
+        system.close()
 
 
-async def broker_rate(address: str, messages: int, batch: int) -> float:
-    """Messages per second the fedptr broker routes from one client to one sink, alone."""
-    from fedptr import wire
-
-    ctx = zmq.Context.instance()
-    sink = ctx.socket(zmq.DEALER)
-    src = ctx.socket(zmq.DEALER)
-    for s, name, role in ((sink, b"sink", envelope.ROLE_WORKER), (src, b"blaster", envelope.ROLE_CLIENT)):
-        s.setsockopt(zmq.RCVHWM, 0)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.connect(address)
-        s.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\0" * 8, role])
-        s.recv_multipart()
-    body = wire.encode(wire.Get(1))
-    one = [envelope.REQUEST, b"sink", b"\1" * 8, *body]
-    frames = [envelope.PROTOCOL, *one] if batch == 1 else envelope.pack_batch([one] * batch)
-    received = 0
-    t0 = time.perf_counter()
-    for _ in range(messages // batch):
-        src.send_multipart(frames)
-        while sink.poll(0):
-            got = sink.recv_multipart()
-            received += (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
-    while received < (messages // batch) * batch and sink.poll(5000):
-        got = sink.recv_multipart()
-        received += (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
-    rate = received / (time.perf_counter() - t0)
-    sink.close(0)
-    src.close(0)
-    return rate
+# --- rounds ----------------------------------------------------------------------------------
+Turn = Callable[[Path, Scale, int], AbstractAsyncContextManager[System]]
+TURNS: dict[str, Turn] = {"fedptr": fedptr_turn, "torch.rpc": torch_turn, "floor": floor_turn}
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    s = Samples()
-    rounds = 2 if args.quick else 5
-    n = 40 if args.quick else 100
-    logs = Path(args.logs)
+class Samples:
+    """Timings (seconds) per figure name, one list per round."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[str, list[list[float]]] = defaultdict(list)
+
+    def add_round(self, name: str, seconds: list[float]) -> None:
+        if seconds:
+            self.rounds[name].append(seconds)
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """Median and p99 over all samples, and the per-round medians."""
+        xs = sorted(x for r in self.rounds[name] for x in r)
+        return {
+            "median_s": statistics.median(xs),
+            "p99_s": xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+            "round_medians_s": [statistics.median(r) for r in self.rounds[name]],
+            "n": len(xs),
+        }
+
+
+async def run(sc: Scale, logs: Path, threads: int) -> dict[str, Any]:
+    """Every round, each system's turn: start it alone, measure its cases, stop it."""
     logs.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, Any] = {}
-    async with fedptr.local_cluster(WORKERS, log_dir=logs) as cluster:
-        client = cluster.client
-        bob, alice = client.worker("bob"), client.worker("alice")
-        floor = Floor(logs)
-        trpc = TorchRpc(logs)
-        try:
-            x = await bob.send(torch.ones(4))
-            chain = []  # chain[d - 1]: a pointer d hops from bob's tensor (bob <- alice <- ... )
-            for d in range(1, 6):
-                p = await bob.send(torch.ones(4))
-                for name in WORKERS[1:d]:
-                    p = await p.send(client.worker(name))
-                chain.append(p)
-            for r in range(rounds):
-                print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-                # one small op
-                await timed_async(s, "op/fedptr", lambda: x + 1, n * 5, 5)
-                s.extend("op/torch.rpc", await trpc.measure("op", 0, n * 5, 5))
-                await asyncio.to_thread(timed_sync, s, "op/floor", lambda: floor.round_trips(1), n * 5, 5)
-
-                # send -> op -> get
-                async def sog() -> None:
-                    p = await bob.send(torch.ones(4))
-                    await (p + 1).get()
-
-                async def sog_pipelined() -> None:
-                    await (bob.send_nowait(torch.ones(4)) + 1).get()
-
-                await timed_async(s, "send-op-get/fedptr", sog, n * 2, 5)
-                await timed_async(s, "send-op-get-pipelined/fedptr", sog_pipelined, n * 2, 5)
-                s.extend("send-op-get/torch.rpc", await trpc.measure("send-op-get", 0, n * 2, 5))
-
-                # 100 dependent ops then get
-                async def dep() -> None:
-                    y = x
-                    for _ in range(100):
-                        y = y + 1
-                    await y.get()
-
-                await timed_async(s, "100-dependent/fedptr", dep, 10, 10)
-                s.extend("100-dependent/torch.rpc", await trpc.measure("dependent", 100, 5, 10))
-
-                # throughput in flight (rounds of k concurrent ops; time per round)
-                for k in (1, 16, 256):
-
-                    async def burst(k: int = k) -> None:
-                        ys = [x + 1 for _ in range(k)]
-                        for y in ys:
-                            await y
-
-                    await timed_async(s, f"inflight-{k}/fedptr", burst, max(5, 2000 // k), 5)
-                    s.extend(f"inflight-{k}/torch.rpc", await trpc.measure("inflight", k, max(5, 2000 // k), 5))
-                    await asyncio.to_thread(
-                        timed_sync, s, f"inflight-{k}/floor", lambda k=k: floor.round_trips(k), max(5, 2000 // k), 5
-                    )
-
-                # bandwidth
-                for mib in (1, 16, 64):
-                    t = torch.randn(mib * MIB // 4)
-                    reps = 3 if mib == 64 else 6
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        p = await bob.send(t)
-                        s.add(f"send-{mib}MiB/fedptr", time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        await p.get()
-                        s.add(f"get-{mib}MiB/fedptr", time.perf_counter() - t0)
-                        s.extend(f"send-{mib}MiB/torch.rpc", await trpc.measure("send", mib, 1, 60))
-                        s.extend(f"get-{mib}MiB/torch.rpc", await trpc.measure("get", mib, 1, 60))
-                    del t
-
-                # move 64 MiB between two workers
-                t = torch.randn(64 * MIB // 4)
-                p = await bob.send(t)
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    p = await p.move(alice if p.location == "bob" else bob)
-                    s.add("move-64MiB/fedptr", time.perf_counter() - t0)
-                del p, t
-
-                # op at the end of a chain of depth d
-                for d in range(1, 6):
-                    p = chain[d - 1]
-                    await timed_async(s, f"chain-{d}/fedptr", lambda p=p: p + 1, n, 3)
-        finally:
-            trpc.close()
-            floor.close()
-        for w in WORKERS:
-            await client.worker(w).clear()
-
-        # broker alone
-        figures["broker_msgs_per_s_single"] = await broker_rate(cluster.address, 50_000, 1)
-        figures["broker_msgs_per_s_batched64"] = await broker_rate(cluster.address, 200_000, 64)
-
-        # memory: 100k small objects on a node; client bytes per live pointer
-        import tracemalloc
-
-        before = rss_bytes(cluster.pids["bob"])
-        tracemalloc.start()
-        base = await bob.send(torch.ones(1))
-        ptrs = []
-        deadline = time.perf_counter() + 120
-        while len(ptrs) < 100_000 and time.perf_counter() < deadline:
-            batch = [base + j for j in range(1000)]
-            for q in batch:
-                await q
-            ptrs.extend(batch)
-        current, _ = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        figures["node_bytes_per_small_object"] = (rss_bytes(cluster.pids["bob"]) - before) / len(ptrs)
-        figures["client_bytes_per_pointer"] = current / len(ptrs)
-        figures["objects_stored"] = len(ptrs)
-        del ptrs
-        await bob.clear()
-
-    for name, xs in s.data.items():
-        figures[name] = {"median_s": statistics.median(xs), "p99_s": s.p99(name), "n": len(xs)}
-    return figures
+    samples, extras = Samples(), {}
+    names = list(TURNS)
+    for r in range(sc.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            print(f"round {r + 1}/{sc.rounds}: {name}", file=sys.stderr, flush=True)
+            async with TURNS[name](logs, sc, threads) as system:
+                for case in plan(sc):
+                    if system.has(case.call):
+                        samples.add_round(f"{case.label}/{name}", await system.measure(case))
+                if r == sc.rounds - 1:
+                    extras.update(await system.extras(sc))
+    return {**{name: samples.stats(name) for name in samples.rounds}, **extras}
 
 
-def report(f: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """Rows of (what, fedptr, baseline, ratio, target)."""
+# --- report ----------------------------------------------------------------------------------
+Row = tuple[str, str, str, str]
 
-    def med(k: str) -> float:
-        return float(f[k]["median_s"])
 
-    def us(k: str) -> str:
-        return f"{med(k) * 1e6:,.0f} µs (p99 {f[k]['p99_s'] * 1e6:,.0f})"
+class Report:
+    """The rows of the results table and of the targets table, from the figures."""
 
-    rows = [
-        (
-            "one small op",
-            us("op/fedptr"),
-            "torch.rpc " + us("op/torch.rpc"),
-            f"{med('op/fedptr') / med('op/torch.rpc'):.2f}×",
-            "≤ 1.0× (stretch 0.7×)",
-        ),
-        (
-            "one small op vs transport floor",
-            us("op/fedptr"),
-            "bare broker echo " + us("op/floor"),
-            f"{med('op/fedptr') / med('op/floor'):.2f}×",
-            "—",
-        ),
-        (
-            "send → op → get",
-            us("send-op-get/fedptr"),
-            "torch.rpc " + us("send-op-get/torch.rpc"),
-            f"{med('send-op-get/fedptr') / med('send-op-get/torch.rpc'):.2f}×",
-            "≤ 0.6×",
-        ),
-        (
-            "send_nowait → op → get",
-            us("send-op-get-pipelined/fedptr"),
-            "torch.rpc " + us("send-op-get/torch.rpc"),
-            f"{med('send-op-get-pipelined/fedptr') / med('send-op-get/torch.rpc'):.2f}×",
-            "≤ 0.6×",
-        ),
-        (
-            "100 dependent ops + get",
-            us("100-dependent/fedptr"),
-            "torch.rpc " + us("100-dependent/torch.rpc"),
-            f"{med('100-dependent/fedptr') / med('100-dependent/torch.rpc'):.3f}×",
-            "≤ 0.1×",
-        ),
-    ]
-    for k in (1, 16, 256):
-        ours = k / med(f"inflight-{k}/fedptr")
-        theirs = k / med(f"inflight-{k}/torch.rpc")
-        fl = k / med(f"inflight-{k}/floor")
-        rows.append(
-            (
-                f"throughput, {k} in flight",
-                f"{ours:,.0f} ops/s",
-                f"torch.rpc {theirs:,.0f}/s; floor {fl:,.0f}/s",
-                f"{ours / theirs:.2f}×",
-                "≥ 3× at 256",
-            )
+    def __init__(self, figures: dict[str, Any], sizes: tuple[int, ...]) -> None:
+        self.f = figures
+        self.sizes = sizes
+        self.big = max(sizes)
+
+    def med(self, key: str) -> float:
+        return float(self.f[key]["median_s"])
+
+    def latency(self, key: str) -> str:
+        fig = self.f[key]
+        lo, hi = min(fig["round_medians_s"]), max(fig["round_medians_s"])
+        return (
+            f"{fig['median_s'] * 1e6:,.0f} µs (p99 {fig['p99_s'] * 1e6:,.0f}; rounds {lo * 1e6:,.0f}–{hi * 1e6:,.0f})"
         )
-    for mib in (1, 16, 64):
-        for way in ("send", "get"):
-            ours = mib / 1024 / med(f"{way}-{mib}MiB/fedptr")
-            theirs = mib / 1024 / med(f"{way}-{mib}MiB/torch.rpc")
+
+    def rate(self, key: str, per_call: float, unit: str, digits: int) -> str:
+        fig = self.f[key]
+        lo, hi = per_call / max(fig["round_medians_s"]), per_call / min(fig["round_medians_s"])
+        return f"{per_call / fig['median_s']:,.{digits}f} {unit} (rounds {lo:,.{digits}f}–{hi:,.{digits}f})"
+
+    def time_ratio(self, ours: str, theirs: str, times: float = 1.0) -> float:
+        """fedptr's time over the baseline's: lower is better."""
+        return self.med(ours) / (times * self.med(theirs))
+
+    def rate_ratio(self, ours: str, theirs: str) -> float:
+        """fedptr's rate over the baseline's: higher is better."""
+        return self.med(theirs) / self.med(ours)
+
+    def latency_row(self, what: str, label: str, base: str, base_label: str | None = None) -> Row:
+        """fedptr's `label` against `base` (a system name, then what it runs) on `base_label`."""
+        ours, theirs = f"{label}/fedptr", f"{base_label or label}/{base.split(' ', 1)[0]}"
+        return (what, self.latency(ours), f"{base} {self.latency(theirs)}", f"{self.time_ratio(ours, theirs):.2f}×")
+
+    def rows(self) -> list[Row]:
+        rows = [
+            self.latency_row("put: `await worker.send(t)`", "put", "torch.rpc `remote(clone)`, created"),
+            self.latency_row("one op, awaited: `x + x`", "op", "torch.rpc `remote(add, rrefs)`, created"),
+            self.latency_row("one op vs the transport floor", "op", "floor bare-broker echo"),
+            self.latency_row("send → op → get", "send-op-get", "torch.rpc remote, remote, to_here"),
+            self.latency_row(
+                "send_nowait → op → get", "send_nowait-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
+            ),
+            self.latency_row("100 dependent ops + get", "100-dependent", "torch.rpc 100 × `rpc_sync`"),
+        ]
+        for k in (1, 16, 256):
+            key = f"inflight-{k}"
             rows.append(
                 (
-                    f"{way} {mib} MiB",
-                    f"{ours:.2f} GB/s",
-                    f"torch.rpc {theirs:.2f} GB/s",
-                    f"{ours / theirs:.2f}×",
-                    "≥ 1.0× at 64 MiB",
+                    f"throughput, {k} in flight",
+                    self.rate(f"{key}/fedptr", k, "ops/s", 0),
+                    f"torch.rpc `rpc_async` {self.rate(f'{key}/torch.rpc', k, 'ops/s', 0)}; "
+                    f"floor {self.rate(f'{key}/floor', k, 'ops/s', 0)}",
+                    f"{self.rate_ratio(f'{key}/fedptr', f'{key}/torch.rpc'):.2f}×",
                 )
             )
-    rows.append(
-        (
-            "move 64 MiB",
-            f"{med('move-64MiB/fedptr') * 1e3:.1f} ms",
-            f"one send {med('send-64MiB/fedptr') * 1e3:.1f} ms",
-            f"{med('move-64MiB/fedptr') / med('send-64MiB/fedptr'):.2f}×",
-            "≤ 1.2×",
-        )
-    )
-    d1 = med("chain-1/fedptr")
-    for d in range(2, 6):
+        for mib in self.sizes:
+            for way in ("send", "get"):
+                key = f"{way}-{mib}MiB"
+                rows.append(
+                    (
+                        f"{way} {mib} MiB",
+                        self.rate(f"{key}/fedptr", mib * MIB / 1e9, "GB/s", 2),
+                        f"torch.rpc `rpc_sync` {self.rate(f'{key}/torch.rpc', mib * MIB / 1e9, 'GB/s', 2)}",
+                        f"{self.rate_ratio(f'{key}/fedptr', f'{key}/torch.rpc'):.2f}×",
+                    )
+                )
+        move, send = f"move-{self.big}MiB/fedptr", f"send-{self.big}MiB/fedptr"
         rows.append(
             (
-                f"op at chain depth {d}",
-                us(f"chain-{d}/fedptr"),
-                f"{d} × depth-1 = {d * d1 * 1e6:,.0f} µs",
-                f"{med(f'chain-{d}/fedptr') / (d * d1):.2f}×",
-                "≤ 1.1×",
+                f"move {self.big} MiB, worker to worker",
+                f"{self.med(move) * 1e3:.1f} ms",
+                f"one send {self.med(send) * 1e3:.1f} ms",
+                f"{self.time_ratio(move, send):.2f}×",
             )
         )
-    rows.append(
-        ("broker alone, single messages", f"{f['broker_msgs_per_s_single']:,.0f} msgs/s", "—", "—", "≥ 100k msgs/s")
+        for d in range(2, 6):
+            key = f"chain-{d}/fedptr"
+            rows.append(
+                (
+                    f"op at chain depth {d}",
+                    self.latency(key),
+                    f"{d} × depth 1 = {d * self.med('chain-1/fedptr') * 1e6:,.0f} µs",
+                    f"{self.time_ratio(key, 'chain-1/fedptr', d):.2f}×",
+                )
+            )
+        return rows + self.extra_rows()
+
+    def extra_rows(self) -> list[Row]:
+        f = self.f
+        return [
+            ("broker alone, single messages", f"{f['broker_msgs_per_s_single']:,.0f} msgs/s", "—", "—"),
+            ("broker alone, batches of 64", f"{f['broker_msgs_per_s_batched64']:,.0f} msgs/s", "—", "—"),
+            (
+                "node memory per small object",
+                f"{f['node_bytes_per_small_object']:,.0f} B",
+                f"{f['objects_stored']:,} objects",
+                "—",
+            ),
+            ("client memory per live pointer", f"{f['client_bytes_per_pointer']:,.0f} B", "tracemalloc", "—"),
+        ]
+
+    def targets(self) -> list[tuple[str, str, str, str]]:
+        """(target, ratio of the medians, range of the per-round ratios, met or missed)."""
+        big = self.big
+        return [
+            self.target("one op ≤ 1.0× torch.rpc (stretch 0.8×)", "op/fedptr", "op/torch.rpc", 1.0, stretch=0.8),
+            *[
+                self.target(
+                    f"{way} {big} MiB ≥ 1.0× torch.rpc throughput",
+                    f"{way}-{big}MiB/fedptr",
+                    f"{way}-{big}MiB/torch.rpc",
+                    1.0,
+                    throughput=True,
+                )
+                for way in ("send", "get")
+            ],
+            self.target(f"move {big} MiB ≤ 1.1× one send", f"move-{big}MiB/fedptr", f"send-{big}MiB/fedptr", 1.1),
+            self.target("100 dependent ops ≤ 0.1× torch.rpc", "100-dependent/fedptr", "100-dependent/torch.rpc", 0.1),
+        ]
+
+    def target(
+        self, what: str, ours: str, theirs: str, bound: float, stretch: float | None = None, throughput: bool = False
+    ) -> tuple[str, str, str, str]:
+        """A target on fedptr's time over the baseline's (at most `bound`), or with `throughput`
+        on its throughput over the baseline's (at least `bound`)."""
+        per_round = [
+            a / b for a, b in zip(self.f[ours]["round_medians_s"], self.f[theirs]["round_medians_s"], strict=False)
+        ]
+        ratio, rounds = self.time_ratio(ours, theirs), [min(per_round), max(per_round)]
+        if throughput:
+            ratio, rounds = 1 / ratio, [1 / rounds[1], 1 / rounds[0]]
+
+        def meets(r: float, b: float) -> bool:
+            return r >= b if throughput else r <= b
+
+        status = "met" if meets(ratio, bound) else "missed"
+        if stretch is not None:
+            status += f", stretch {'met' if meets(ratio, stretch) else 'missed'}"
+        return what, f"{ratio:.3g}×", f"{rounds[0]:.3g}–{rounds[1]:.3g}×", status
+
+
+# --- output ----------------------------------------------------------------------------------
+HEADER = ("what", "fedptr", "baseline (same run)", "ratio fedptr/baseline")
+TARGETS_HEADER = ("target", "ratio", "per-round ratios", "status")
+METHOD = (
+    "Each system runs alone: in every round, fedptr (a broker and 5 nodes, client in the runner), "
+    "torch.rpc (TensorPipe with its defaults: a driver and one worker) and the bare-broker floor each "
+    "take a turn (started, measured, stopped), in an order that rotates by round; nothing is paused. "
+    "Latencies: median over all samples (p99; min–max of the per-round medians). Rates come from "
+    "median times. torch.rpc's cases are its pointer operations: `rpc.remote` awaited until its "
+    "owner confirms creation (`rref._get_future().wait()`), `to_here` only where fedptr gets."
+)
+
+
+def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def text_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.platform()}"
     )
-    rows.append(
-        ("broker alone, batches of 64", f"{f['broker_msgs_per_s_batched64']:,.0f} msgs/s", "—", "—", "≥ 100k msgs/s")
-    )
-    rows.append(
-        (
-            "node memory per small object",
-            f"{f['node_bytes_per_small_object']:,.0f} B",
-            f"{f['objects_stored']:,} objects",
-            "—",
-            "—",
-        )
-    )
-    rows.append(("client memory per live pointer", f"{f['client_bytes_per_pointer']:,.0f} B", "tracemalloc", "—", "—"))
-    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
-    p.add_argument("--out", default=str(HERE / "results.json"))
-    p.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2 rounds, fewer repetitions")
+    mode.add_argument("--smoke", action="store_true", help="1 tiny round (small sizes): checks that it all runs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads in torch.rpc's processes (0: its default); fedptr's nodes: see node_args",
+    )
+    p.add_argument("--rounds", type=int, default=0, help="override the mode's number of rounds")
+    p.add_argument("--out", default=None, help="JSON figures (default bench/results.json; --smoke: in --logs)")
+    p.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
     p.add_argument("--logs", default="/tmp/fedptr-bench-logs")
     args = p.parse_args()
-    figures = asyncio.run(run(args))
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {platform.platform()}"
+    scale_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sc = replace(SCALES[scale_name], rounds=args.rounds or SCALES[scale_name].rounds)
+    out = Path(args.out) if args.out else Path(args.logs) / "results.json" if args.smoke else HERE / "results.json"
+    figures = asyncio.run(run(sc, Path(args.logs), args.threads))
+    report = Report(figures, sc.sizes)
+    rows, targets = report.rows(), report.targets()
+    command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
+    config = {"scale": scale_name, **asdict(sc), "threads": args.threads, "fedptr_node_args": node_args(args.threads)}
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "command": command,
+                "config": config,
+                "figures": figures,
+                "targets": [dict(zip(TARGETS_HEADER, t, strict=True)) for t in targets],
+            },
+            indent=1,
+        )
     )
-    command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
-    Path(args.out).write_text(json.dumps({"machine": machine, "figures": figures}, indent=1))
-    rows = report(figures)
-    header = ("what", "fedptr", "baseline (same run)", "ratio", "target")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print(text_table(HEADER, rows))
+    print()
+    print(text_table(TARGETS_HEADER, targets))
     if args.markdown:
         lines = [
             "# Benchmarks",
             "",
-            f"Machine: {machine}. Loopback tcp. Command: `{command}`.",
-            f"Date: {time.strftime('%Y-%m-%d')}. Medians over all rounds; baselines interleaved in the same run.",
+            f"Machine: {machine()}. Loopback tcp. Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * 5,
-            *["| " + " | ".join(r) + " |" for r in rows],
+            METHOD,
+            "",
+            *markdown_table(HEADER, rows),
+            "",
+            "## Targets",
+            "",
+            *markdown_table(TARGETS_HEADER, targets),
         ]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
 
