@@ -1,0 +1,627 @@
+"""Privacy attacks of issue 9, classes A-H and beyond, as an analyst-client would run them.
+
+Every test performs one attack through the public client API (plus, where the attack needs
+one, a second `fedptr.connect` client, a raw `fedptr.link.Link` peer, or a node process the
+attacker starts) and asserts the *secure outcome*: the attack is refused with a typed
+`fedptr.FedptrError`, or what it brings back does not reveal the secret. They are the tests
+the fixed product must pass. Against the label-check policy they fail because the attack
+succeeds, so each carries a strict xfail (remove it once the fix makes the test pass);
+`docs/REDTEAM.md` records what each attack recovers today.
+
+One cluster for the module: bob, alice and carol own private 8x4 data (``data``: x, y; alice
+also ``spare``) and trust three aggregators: secure_worker (k = 2), agg3 (k = 3) and dp_agg
+(k = 2, clip 4, noise multiplier 1). bob keeps a --store. eve is a worker nobody trusts.
+Tests that kill or restart processes come last, in file order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from torch.nn import functional
+
+import fedptr
+from fedptr import aggregate, optim, wire
+from fedptr.cluster import start_process, stop_processes
+from fedptr.link import Link
+from fedptr.pointer import remote_call
+from fedptr.security import CurveKeys
+from fedptr.tensors import from_raw
+
+# Register the marker from here (the brief allows no edit to pyproject.toml or conftest.py):
+# pytest's MarkGenerator reads the "markers" ini lines of the running config.
+_CONFIG = getattr(pytest.mark, "_config", None)
+if _CONFIG is not None:
+    _CONFIG.addinivalue_line("markers", "privacy_attack: an attack of issue 9 that the product must refuse")
+
+pytestmark = [pytest.mark.privacy_attack, pytest.mark.asyncio(loop_scope="module")]
+
+ATTACK_SUCCEEDS = pytest.mark.xfail(strict=True, reason="issue 9: attack succeeds against the label-check policy")
+
+OWNERS = ("bob", "alice", "carol")
+AGGREGATORS = ("secure_worker", "agg3", "dp_agg")
+WORKERS = (*OWNERS, *AGGREGATORS, "eve")
+DP_CLIP, DP_SIGMA = 4.0, 1.0
+HEARTBEAT_S, LIVENESS = 0.2, 5
+
+
+@dataclass
+class Setup:
+    cluster: fedptr.Cluster
+    secrets: dict[str, dict[str, torch.Tensor]]
+    """owner -> {"x", "y", "spare"}: the private arrays, as the test (not the attacker) knows them."""
+    tmp: Path
+
+    @property
+    def client(self) -> fedptr.Client:
+        return self.cluster.client
+
+    def w(self, name: str) -> fedptr.Worker:
+        return self.cluster.client.worker(name)
+
+    async def data(self, owner: str) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+        x, y = await self.w(owner).search("data")
+        return x, y
+
+
+def _make_data(tmp: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Path]]]:
+    g = torch.Generator().manual_seed(9)
+    secrets: dict[str, dict[str, torch.Tensor]] = {}
+    files: dict[str, dict[str, Path]] = {}
+    for owner in OWNERS:
+        x = torch.randn(8, 4, generator=g)
+        y = torch.randint(0, 3, (8,), generator=g)
+        y[0] = 2  # at least one label past a 1-class output, and a nonzero sum
+        spare = torch.randn(8, 4, generator=g)
+        secrets[owner] = {"x": x, "y": y, "spare": spare}
+        data, extra = tmp / f"{owner}.npz", tmp / f"{owner}-spare.npz"
+        np.savez(data, x=x.numpy(), y=y.numpy())
+        np.savez(extra, spare=spare.numpy())
+        files[owner] = {"data": data, "spare": extra}
+    assert float((0.5 * secrets["alice"]["x"]).norm()) < DP_CLIP  # the DP attack's input is not clipped
+    return secrets, files
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def setup() -> AsyncIterator[Setup]:
+    with tempfile.TemporaryDirectory(prefix="redteam-") as tmp_name:
+        tmp = Path(tmp_name)
+        secrets, files = _make_data(tmp)
+        trust = [a for agg in AGGREGATORS for a in ("--trust", agg)]
+        node_args = {
+            "bob": [*trust, "--store", str(tmp / "bob-store")],
+            "alice": trust,
+            "carol": trust,
+            "secure_worker": ["--aggregator"],
+            "agg3": ["--aggregator", "--min-owners", "3"],
+            "dp_agg": ["--aggregator", "--dp-clip", str(DP_CLIP), "--dp-noise-multiplier", str(DP_SIGMA)],
+        }
+        async with fedptr.local_cluster(
+            list(WORKERS),
+            data={o: {tag: str(p) for tag, p in files[o].items()} for o in OWNERS},
+            node_args=node_args,
+            call_timeout=20.0,
+            heartbeat_s=HEARTBEAT_S,
+            liveness=LIVENESS,
+        ) as c:
+            yield Setup(c, secrets, tmp)
+
+
+@pytest_asyncio.fixture(loop_scope="module", autouse=True)
+async def _clean(setup: Setup) -> AsyncIterator[None]:
+    yield
+    for name in WORKERS:
+        with contextlib.suppress(fedptr.FedptrError):  # a restarted worker may still be coming back
+            await setup.w(name).clear()
+
+
+# --- helpers -------------------------------------------------------------------------------
+def max_err(estimate: torch.Tensor, secret: torch.Tensor) -> float:
+    return float((estimate.double() - secret.double()).abs().max())
+
+
+async def refused_or(attack: Awaitable[Any]) -> Any:
+    """The attack's result, or None when the product refused it with a typed error."""
+    try:
+        return await attack
+    except fedptr.FedptrError:
+        return None
+
+
+def assert_hidden(estimate: torch.Tensor | None, secret: torch.Tensor, what: str, tol: float = 1e-2) -> None:
+    """Secure outcome: refused (None), or the estimate is not within `tol` of the secret everywhere."""
+    if estimate is None:
+        return
+    err = max_err(estimate, secret)
+    assert err > tol, f"LEAK: recovered {what}, max abs error {err:.3g}"
+
+
+def client_keys(cluster: fedptr.Cluster) -> CurveKeys | None:
+    """The cluster's client key pair when it runs with CURVE (the fixed product's default)."""
+    if cluster.keys_dir is not None and (cluster.keys_dir / "client.key_secret").exists():
+        return CurveKeys.load(cluster.keys_dir / "client.key_secret", cluster.keys_dir / "broker.key")
+    return None
+
+
+async def tensor(p: Any) -> torch.Tensor:
+    value = await p.get()
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+# --- A: the aggregator checks owner labels, not what is aggregated -------------------------
+@ATTACK_SUCCEEDS
+async def test_a_zeroed_partner_releases_raw_data(setup: Setup) -> None:
+    """mean([alice_x * 1, bob_x.sum() * 0 + zeros]) is alice_x / 2."""
+    secure = setup.w("secure_worker")
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        bx, _ = await setup.data("bob")
+        a = await (ax * 1).move(secure)
+        b = await (bx.sum() * 0 + torch.zeros(8, 4)).move(secure)
+        return 2 * await tensor(aggregate.mean([a, b]))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's raw x")
+
+
+@ATTACK_SUCCEEDS
+async def test_a_zero_weighted_partner_releases_an_individual_gradient(setup: Setup) -> None:
+    """mean([bob_grad, alice_grad * 0]) is bob's own gradient / 2."""
+    secure = setup.w("secure_worker")
+    w0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+
+    async def grad_on(owner: str) -> fedptr.Pointer:
+        x, y = await setup.data(owner)
+        w = await setup.w(owner).send(w0.clone().requires_grad_(True))
+        await functional.cross_entropy(x @ w, y).backward()
+        return w.grad
+
+    async def attack() -> torch.Tensor:
+        gb = await (await grad_on("bob")).move(secure)
+        ga = await (await grad_on("alice") * 0).move(secure)
+        return 2 * await tensor(aggregate.mean([gb, ga]))
+
+    w = w0.clone().requires_grad_(True)
+    functional.cross_entropy(setup.secrets["bob"]["x"] @ w, setup.secrets["bob"]["y"]).backward()
+    assert w.grad is not None
+    assert_hidden(await refused_or(attack()), w.grad, "bob's individual gradient", tol=1e-4)
+
+
+@ATTACK_SUCCEEDS
+async def test_a_scaled_input_dominates_a_single_release(setup: Setup) -> None:
+    """mean([bob_x * 2**30, alice_x]), once, with an honest partner, is bob_x * 2**29 + noise."""
+    secure = setup.w("secure_worker")
+
+    async def attack() -> torch.Tensor:
+        bx, _ = await setup.data("bob")
+        ax, _ = await setup.data("alice")
+        b = await (bx * 2.0**30).move(secure)
+        a = await (ax * 1).move(secure)
+        return await tensor(aggregate.mean([b, a])) / 2.0**29
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x from one release")
+
+
+@ATTACK_SUCCEEDS
+async def test_a_two_weightings_solve_for_both_inputs(setup: Setup) -> None:
+    """weighted_mean([b, a], [1, 1]) and [1, 2] (ratio within 100) are two equations in b and a."""
+    secure = setup.w("secure_worker")
+
+    async def attack() -> tuple[torch.Tensor, torch.Tensor]:
+        bx, _ = await setup.data("bob")
+        ax, _ = await setup.data("alice")
+        b = await (bx * 1).move(secure)
+        a = await (ax * 1).move(secure)
+        m1 = (await tensor(aggregate.weighted_mean([b, a], [1, 1]))).double()
+        m2 = (await tensor(aggregate.weighted_mean([b, a], [1, 2]))).double()
+        alice = 3 * m2 - 2 * m1
+        return 2 * m1 - alice, alice
+
+    got = await refused_or(attack())
+    assert_hidden(None if got is None else got[0], setup.secrets["bob"]["x"], "bob's x")
+    assert_hidden(None if got is None else got[1], setup.secrets["alice"]["x"], "alice's x")
+
+
+@ATTACK_SUCCEEDS
+async def test_a_k3_with_two_zeroed_owners(setup: Setup) -> None:
+    """With --min-owners 3: one real input and two zeroed ones."""
+    agg3 = setup.w("agg3")
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        bx, _ = await setup.data("bob")
+        cx, _ = await setup.data("carol")
+        inputs = [await (ax * 1).move(agg3), await (bx * 0).move(agg3), await (cx * 0).move(agg3)]
+        return 3 * await tensor(aggregate.mean(inputs))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x through k = 3")
+
+
+@ATTACK_SUCCEEDS
+async def test_a_dp_noise_averages_out_over_many_releases(setup: Setup) -> None:
+    """With clip 4 and sigma 1 per release, 2,000 releases averaged: nothing composes them."""
+    dp = setup.w("dp_agg")
+    n = 2000
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        bx, _ = await setup.data("bob")
+        a = await (ax * 0.5).move(dp)  # inside the clip, so it is not scaled down
+        b = await (bx * 0).move(dp)
+        releases = [aggregate.mean([a, b]) for _ in range(n)]
+        values = await asyncio.gather(*[tensor(r) for r in releases])
+        return 4 * torch.stack(values).double().mean(0)  # (0.5 x) / 2 per release
+
+    secret = setup.secrets["alice"]["x"]
+    start = time.monotonic()
+    estimate = await refused_or(attack())
+    took = time.monotonic() - start
+    if estimate is not None:
+        rmse = float(((estimate - secret.double()) ** 2).mean().sqrt())
+        relative = float((estimate - secret.double()).norm() / secret.double().norm())
+        assert rmse > 0.5, f"LEAK: alice's x from {n} DP releases in {took:.1f} s: rmse {rmse:.3f}, rel {relative:.3f}"
+
+
+# --- B: owners are not verified ------------------------------------------------------------
+@ATTACK_SUCCEEDS
+async def test_b_put_with_forged_origins_is_a_second_owner(setup: Setup) -> None:
+    """A Put from the client naming a made-up owner "mallory" in its origins."""
+    secure = setup.w("secure_worker")
+
+    async def attack() -> torch.Tensor:
+        fake_id = setup.client._new_id()
+        zeros = wire.RawTensor("float32", (8, 4), memoryview(bytes(8 * 4 * 4)))
+        forged = wire.Put(fake_id, zeros, False, {"mallory": []})
+        await setup.client._call("secure_worker", forged)
+        fake = fedptr.Pointer(setup.client, "secure_worker", fake_id)
+        ax, _ = await setup.data("alice")
+        a = await (ax * 1).move(secure)
+        return 2 * await tensor(aggregate.mean([a, fake]))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x with a forged owner")
+
+
+@ATTACK_SUCCEEDS
+async def test_b_a_new_zero_data_owner_joins(setup: Setup) -> None:
+    """Any process joins as data owner "mallory" with zeros, trusting secure_worker."""
+    zeros = setup.tmp / "mallory.npz"
+    np.savez(zeros, z=np.zeros((8, 4), dtype=np.float32))
+    log = setup.tmp / "mallory.log"
+    beat = ["--heartbeat-ms", str(int(HEARTBEAT_S * 1000)), "--liveness", str(LIVENESS)]
+    args = ["--name", "mallory", "--broker", setup.cluster.address, "--data", f"z={zeros}"]
+    proc = start_process(["-m", "fedptr.nodes", *args, "--trust", "secure_worker", *beat], log)
+    try:
+        deadline = time.monotonic() + 30
+        while "mallory" not in await setup.client.workers():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return  # refused: it never joined
+            await asyncio.sleep(0.05)
+
+        async def attack() -> torch.Tensor:
+            (mz,) = await setup.w("mallory").search("z")
+            ax, _ = await setup.data("alice")
+            m = await (mz * 1).move(setup.w("secure_worker"))
+            a = await (ax * 1).move(setup.w("secure_worker"))
+            return 2 * await tensor(aggregate.mean([a, m]))
+
+        assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x with a joined owner")
+    finally:
+        await asyncio.to_thread(stop_processes, [proc])
+
+
+# --- C: taint lives on a tensor object, data in shared storage -----------------------------
+@ATTACK_SUCCEEDS
+async def test_c_view_alias_carries_private_data_into_a_public_tensor(setup: Setup) -> None:
+    """base.view(...).add_(alice_x), then base.get()."""
+    alice = setup.w("alice")
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        base = await alice.send(torch.zeros(8, 4))
+        await base.view(8, 4).add_(ax)
+        return await tensor(base)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x via a view")
+
+
+@ATTACK_SUCCEEDS
+async def test_c_view_alias_shows_private_data_in_the_listing_preview(setup: Setup) -> None:
+    """Beyond the list: no get at all; objects() previews the public alias's values to anyone."""
+    alice = setup.w("alice")
+
+    async def attack() -> torch.Tensor | None:
+        ax, _ = await setup.data("alice")
+        base = await alice.send(torch.zeros(4))
+        await base.view(4).add_(remote_call("narrow", (ax, 0, 0, 1)).flatten())
+        async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=10) as other:
+            row = (await other.worker("alice").objects())[base.id_at_location]
+        return None if row.preview is None else torch.tensor(row.preview)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"][0], "alice's first row from a preview")
+
+
+@ATTACK_SUCCEEDS
+async def test_c_weight_view_taken_before_training_reads_trained_weights(setup: Setup) -> None:
+    """A view of a model weight, taken before training on bob's data, fetched after it."""
+    bob = setup.w("bob")
+    w0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+
+    async def attack() -> torch.Tensor:
+        x, y = await setup.data("bob")
+        model = await bob.send(torch.nn.Linear(4, 3, bias=False))
+        assert isinstance(model, fedptr.ModulePointer)
+        (weight,) = model.parameters()
+        await weight.sub_(weight).add_(w0.clone())  # the client's chosen start
+        alias = await weight.view(3, 4)
+        opt = optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            await functional.cross_entropy(model(x), y).backward()
+            await opt.step()
+            await opt.zero_grad()
+        return await tensor(alias)
+
+    local = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        local.weight.copy_(w0)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.5)
+    for _ in range(3):
+        local_opt.zero_grad()
+        functional.cross_entropy(local(setup.secrets["bob"]["x"]), setup.secrets["bob"]["y"]).backward()
+        local_opt.step()
+    assert_hidden(await refused_or(attack()), local.weight.detach(), "the model trained on bob's data", tol=1e-4)
+
+
+@ATTACK_SUCCEEDS
+async def test_c_held_grad_keeps_filling_after_its_tensor_is_dropped(setup: Setup) -> None:
+    """g = w.grad (public zeros); drop w; backward through w * bob_x accumulates bob_x into g."""
+    bob = setup.w("bob")
+
+    async def attack() -> torch.Tensor:
+        x, _ = await setup.data("bob")
+        w = await bob.send(torch.zeros(8, 4, requires_grad=True))
+        await (w * 0).sum().backward()
+        g = await w.grad
+        z = await (w * 1)
+        del w
+        await bob.objects()  # the delete of w went out first
+        await (z * x).sum().backward()
+        return await tensor(g)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via a held gradient")
+
+
+# --- D: private values become sizes and messages -------------------------------------------
+@ATTACK_SUCCEEDS
+async def test_d_private_value_as_a_size_shows_as_a_shape(setup: Setup) -> None:
+    """narrow(0, 0, alice_y.sum()) and repeat(alice_y[0]): the result's shape is in objects()."""
+    alice = setup.w("alice")
+    y = setup.secrets["alice"]["y"]
+
+    async def attack() -> tuple[int, int] | None:
+        _, ay = await setup.data("alice")
+        public = await alice.send(torch.arange(100.0))
+        cut = await remote_call("narrow", (public, 0, 0, ay.sum()))
+        first = remote_call("narrow", (ay, 0, 0, 1)).squeeze()
+        rep = await remote_call("repeat", (await alice.send(torch.ones(1)), first))
+        rows = await alice.objects()
+        return rows[cut.id_at_location].shape[0], rows[rep.id_at_location].shape[0]
+
+    got = await refused_or(attack())
+    if got is not None:
+        assert got != (int(y.sum()), int(y[0])), f"LEAK: sum(alice_y) = {got[0]} and alice_y[0] = {got[1]} as shapes"
+
+
+@ATTACK_SUCCEEDS
+async def test_d_private_values_in_error_texts(setup: Setup) -> None:
+    """torch's messages carry the private values: "Target 2 is out of bounds", "length (13) exceeds"."""
+    alice = setup.w("alice")
+    y = setup.secrets["alice"]["y"]
+    leaked: list[str] = []
+    _, ay = await setup.data("alice")
+    logits = await alice.send(torch.zeros(8, 1))
+    try:
+        await functional.cross_entropy(logits, ay)
+    except fedptr.FedptrError as e:
+        m = re.search(r"Target (\d+) is out of bounds", str(e))
+        if m and int(m.group(1)) in y.tolist():
+            leaked.append(f"a label of alice: {m.group(0)!r}")
+    empty = await alice.send(torch.zeros(0))
+    try:
+        await remote_call("narrow", (empty, 0, 0, ay.sum()))
+    except fedptr.FedptrError as e:
+        if f"length ({int(y.sum())})" in str(e):
+            leaked.append(f"sum of alice's labels: {str(e)[-60:]!r}")
+    assert not leaked, "LEAK: " + "; ".join(leaked)
+
+
+@ATTACK_SUCCEEDS
+async def test_d_data_dependent_failure_is_a_bit_oracle(setup: Setup) -> None:
+    """Beyond the list, and not closed by generic error texts: ``1 // (alice_x[i,j] > t).long()``
+    fails (integer division by zero) iff alice_x[i,j] <= t. Bisection reads alice's first row."""
+    alice = setup.w("alice")
+    secret = setup.secrets["alice"]["x"][0]
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        one = await alice.send(torch.ones(1, dtype=torch.int64))
+        estimate = []
+        for j in range(4):
+            cell = await remote_call("narrow", (remote_call("narrow", (ax, 0, 0, 1)), 1, j, 1)).flatten()
+            lo, hi = -8.0, 8.0
+            for _ in range(16):
+                mid = (lo + hi) / 2
+                try:
+                    await (one // (cell > mid).long())
+                    lo = mid  # succeeded: cell > mid
+                except fedptr.RemoteError:
+                    hi = mid
+            estimate.append((lo + hi) / 2)
+        return torch.tensor(estimate)
+
+    assert_hidden(await refused_or(attack()), secret, "alice's first row by a failure oracle", tol=1e-2)
+
+
+# --- G: a pointer chain lends authority to its middle node ---------------------------------
+@ATTACK_SUCCEEDS
+async def test_g_second_client_gets_a_tensor_through_a_lent_pointer(setup: Setup) -> None:
+    """Client 1 sends its pointer to alice; client 2 places its own PutPointer to the same object on
+    alice (Worker.send of a Pointer it built from alice's listing) and gets through it."""
+    secret = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    mine = await setup.w("bob").send(secret)
+    held = await mine.send(setup.w("alice"))
+
+    async def attack() -> torch.Tensor | None:
+        async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=10) as c2:
+            alice2 = c2.worker("alice")
+            before = await alice2.objects()
+            target = next(o for o in before.values() if o.kind == "pointer" and o.location == "bob")
+            stolen = fedptr.Pointer(c2, "bob", target.id_at_location, deletes=False)
+            with contextlib.suppress(fedptr.PermissionDenied):
+                await alice2.send(stolen)  # the Grant is refused; the PutPointer is stored anyway
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                for obj_id, o in (await alice2.objects()).items():
+                    if obj_id not in before and o.kind == "pointer" and o.id_at_location == target.id_at_location:
+                        inner = await fedptr.Pointer(c2, "alice", obj_id, deletes=False).get()
+                        assert isinstance(inner, fedptr.Pointer)
+                        return await tensor(inner)
+                await asyncio.sleep(0.05)
+        return None
+
+    assert_hidden(await refused_or(attack()), secret, "client 1's tensor, by client 2")
+    del held
+
+
+# --- F: names are not identities -----------------------------------------------------------
+async def replay_departed_client(cluster: fedptr.Cluster, watcher: fedptr.Client) -> str | None:
+    """The attack of the two replay tests; returns what leaked, or None."""
+    secret = torch.randn(8, 4, generator=torch.Generator().manual_seed(4))
+    seen: list[str] = []
+    keys = client_keys(cluster)
+    watcher.link.on_session_ended = seen.append  # the analyst's own link hears the broadcast
+    try:
+        async with fedptr.connect(cluster.address, curve=keys, timeout=10) as victim:
+            mine = await victim.worker("bob").send(secret)
+            assert torch.equal(await tensor(mine * 1), secret)
+            name = victim.name
+        deadline = time.monotonic() + 3
+        while name not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        watcher.link.on_session_ended = None
+    if name not in seen:
+        return None  # its name was not announced
+    stolen: list[torch.Tensor] = []
+    try:
+        async with Link(cluster.address, name, wire.ROLE_CLIENT, curve=keys, connect_timeout=5) as impostor:
+            for _ in range(20):  # request ids 2.. as the victim's were
+                reply = await impostor.request("bob", wire.ListObjects(), 5)
+                if isinstance(reply, wire.TensorReply):
+                    stolen.append(from_raw(reply.tensor).clone())
+    except fedptr.FedptrError:
+        return None  # the name could not be taken, or the replay was refused
+    if any(t.shape == secret.shape and torch.equal(t, secret) for t in stolen):
+        return f"{name!r} announced, taken and replayed: got the victim's tensor exactly ({len(stolen)} tensors)"
+    return None
+
+
+@ATTACK_SUCCEEDS
+async def test_f_departed_clients_name_is_announced_taken_and_replayed(setup: Setup) -> None:
+    """The broker announces a departed client's name (LOST); the attacker registers under it and
+    replays request ids against bob's reply cache, receiving the first client's tensors."""
+    leak = await replay_departed_client(setup.cluster, setup.client)
+    assert leak is None, f"LEAK: {leak}"
+
+
+@ATTACK_SUCCEEDS
+async def test_f_name_takeover_and_replay_with_curve_on(setup: Setup) -> None:
+    """The same on a cluster with CURVE on: client names are not bound to keys (victim and
+    attacker hold an allowed client key; local_cluster makes one)."""
+    async with fedptr.local_cluster(["bob"], curve=True, heartbeat_s=HEARTBEAT_S, liveness=LIVENESS) as c:
+        leak = await replay_departed_client(c, c.client)
+    assert leak is None, f"LEAK with CURVE on: {leak}"
+
+
+@ATTACK_SUCCEEDS
+async def test_f_impostor_takes_a_crashed_aggregators_name_and_receives_owner_data(setup: Setup) -> None:
+    """agg3 crashes; a peer registers as "agg3" (CURVE off by default); bob sends it its data."""
+    received: list[torch.Tensor] = []
+    setup.cluster.signal("agg3", signal.SIGKILL)
+    try:
+        impostor: Link | None = None
+
+        def handler(source: str, rid: bytes, decoded: wire.Decoded) -> None:
+            msg = decoded.message
+            if isinstance(msg, wire.Put):
+                received.append(from_raw(msg.tensor).clone())
+            assert impostor is not None
+            impostor.reply(source, rid, wire.Ok())
+
+        deadline = time.monotonic() + 5
+        while impostor is None:
+            candidate = Link(setup.cluster.address, "agg3", wire.ROLE_WORKER, handler, connect_timeout=2)
+            try:
+                impostor = await candidate.__aenter__()
+            except fedptr.FedptrError:
+                if time.monotonic() > deadline:
+                    return  # the name could not be taken
+                await asyncio.sleep(0.1)
+        try:
+            bx, _ = await setup.data("bob")
+            await refused_or((bx * 1).move(setup.w("agg3")))
+        finally:
+            await impostor.aclose()
+    finally:
+        await asyncio.sleep(LIVENESS * HEARTBEAT_S)
+        await setup.cluster.start_node("agg3")
+    secret = setup.secrets["bob"]["x"]
+    assert not any(t.shape == secret.shape and torch.equal(t, secret) for t in received), (
+        "LEAK: the impostor agg3 received bob's x exactly"
+    )
+
+
+# --- E: --store drops origins --------------------------------------------------------------
+@ATTACK_SUCCEEDS
+async def test_e_restart_from_store_makes_private_derived_data_public(setup: Setup) -> None:
+    """bob_x * 1 is stored by bob's --store without its origins; after a restart, get it."""
+    bx, _ = await setup.data("bob")
+    derived = await (bx * 1)
+    with pytest.raises(fedptr.PermissionDenied):
+        await derived.get()  # refused before the restart
+    setup.cluster.signal("bob", signal.SIGKILL)
+    await setup.cluster.start_node("bob")
+    estimate = await refused_or(tensor(derived))
+    assert_hidden(estimate, setup.secrets["bob"]["x"], "bob's x after a restart")
+
+
+# --- H: private data is writable -----------------------------------------------------------
+@ATTACK_SUCCEEDS
+async def test_h_any_client_can_overwrite_owner_data(setup: Setup) -> None:
+    """zero_() on alice's private data destroys it for everyone (add_ would poison it)."""
+    (spare,) = await setup.w("alice").search("spare")
+    try:
+        await spare.zero_()
+    except fedptr.FedptrError:
+        return
+    secure = setup.w("secure_worker")
+    cx, _ = await setup.data("carol")
+    a = await (spare * 1).move(secure)
+    c = await (cx * 0).move(secure)
+    now = 2 * await tensor(aggregate.mean([a, c]))
+    before = float(setup.secrets["alice"]["spare"].abs().max())
+    after = float(now.abs().max())
+    pytest.fail(f"LEAK: zero_ on alice's data was accepted; it now reads max |v| {after} (was {before:.3g})")
