@@ -185,6 +185,10 @@ class Session:
         """Requests sent and not yet settled."""
         return len(self._pending)
 
+    def next_request_id(self) -> bytes:
+        """The id the next request will carry (ids are ``[counter, incarnation]``, uint32 each)."""
+        return _RID.pack((self._counter + 1) & 0xFFFFFFFF, self.incarnation)
+
     def destination(self, rid: bytes) -> str | None:
         """The peer request `rid` went to, while it is pending."""
         p = self._pending.get(rid)
