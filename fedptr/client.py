@@ -63,6 +63,11 @@ class Worker:
         self._client = client
         self.name = name
 
+    @property
+    def client(self) -> Client:
+        """The client this worker handle belongs to."""
+        return self._client
+
     def __repr__(self) -> str:
         return f"<Worker {self.name}>"
 
@@ -75,29 +80,29 @@ class Worker:
         does not move, and the pointer passed in is consumed, as its object now belongs to this
         worker's entry."""
         client = self._client
-        new_id = client._new_id()
+        new_id = client.new_id()
         if isinstance(x, Pointer):
-            x._check_alive()
-            if x._client is not client:
+            x.check_alive()
+            if x.client is not client:
                 raise InvalidArgumentError("that pointer belongs to another client")
             if x.location == self.name:
                 raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
             await x  # the object must exist before another worker refers to it
-            x._owned = False
+            x.owned = False
             try:
                 # the object becomes this worker's to use, and this worker gets a pointer to it
                 await asyncio.gather(
-                    client._call(x.location, wire.Grant(x.id_at_location, self.name)),
-                    client._call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location)),
+                    client.call(x.location, wire.Grant(x.id_at_location, self.name)),
+                    client.call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location)),
                 )
             except BaseException:
-                x._owned = True
+                x.owned = True
                 raise
         elif isinstance(x, torch.Tensor):
-            await client._call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
+            await client.call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
         elif isinstance(x, nn.Module):
             spec, params = modules.to_wire(x)
-            await client._call(self.name, wire.PutModule(new_id, spec, params))
+            await client.call(self.name, wire.PutModule(new_id, spec, params))
             return ModulePointer(client, self.name, new_id, len(params))
         else:
             raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
@@ -112,14 +117,14 @@ class Worker:
         if not isinstance(x, torch.Tensor):
             raise UnsupportedTypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
         client = self._client
-        new_id = client._new_id()
-        return client._issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad))
+        new_id = client.new_id()
+        return client.issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad))
 
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
         one per array in the order of their names. The data stays the worker's: dropping these
         pointers deletes nothing, and its privacy policy decides what may be fetched."""
-        reply = await self._client._call(self.name, wire.Search(tag))
+        reply = await self._client.call(self.name, wire.Search(tag))
         if not isinstance(reply, wire.SearchReply):
             raise ProtocolError(f"expected SearchReply, got {type(reply).__name__}")
         return [Pointer(self._client, self.name, i, deletes=False) for i in reply.ids]
@@ -127,7 +132,7 @@ class Worker:
     async def objects(self) -> dict[int, ObjectInfo]:
         """This worker's store: object id -> ObjectInfo, once this client's earlier operations settled."""
         await self._client._settle()
-        reply = await self._client._call(self.name, wire.ListObjects())
+        reply = await self._client.call(self.name, wire.ListObjects())
         if not isinstance(reply, wire.ObjectsReply):
             raise ProtocolError(f"expected ObjectsReply, got {type(reply).__name__}")
         return {
@@ -140,7 +145,7 @@ class Worker:
     async def clear(self) -> None:
         """Delete everything in this worker's store (pointers delete their objects down the chain)."""
         await self._client._settle()
-        await self._client._call(self.name, wire.Clear())
+        await self._client.call(self.name, wire.Clear())
 
 
 class Client:
@@ -180,19 +185,25 @@ class Client:
         """Names of the workers registered with the broker, sorted."""
         return await self._link.list_workers(self.timeout)
 
-    # --- for Pointer and Worker --------------------------------------------------------
-    def _new_id(self) -> int:
+    # --- the requests Pointer and Worker make -------------------------------------------
+    def new_id(self) -> int:
+        """A fresh object id for an object this client is about to create on a worker."""
         return wire.new_object_id()
 
-    async def _call(self, dest: str, msg: wire.Message) -> wire.Message:
+    async def call(self, dest: str, msg: wire.Message) -> wire.Message:
+        """Send `msg` to worker `dest` and return its reply, within this client's deadline.
+
+        Raises the typed error of a failure (`FedptrError` subclasses), DeadlineExceeded, and
+        ClientClosedError once the client is closed."""
         self._flush_deletes()
         return await self._link.request(dest, msg, self.timeout)
 
-    def _issue_op(self, location: str, op: str, args: list[wire.Value], kwargs: dict[str, wire.Value]) -> Pointer:
-        result_id = self._new_id()
-        return self._issue(location, result_id, wire.Op(result_id, op, args, kwargs))
+    def issue_op(self, location: str, op: str, args: list[wire.Value], kwargs: dict[str, wire.Value]) -> Pointer:
+        """Run allow-listed `op` on worker `location` and return its result's pointer at once."""
+        result_id = self.new_id()
+        return self.issue(location, result_id, wire.Op(result_id, op, args, kwargs))
 
-    def _issue(self, location: str, obj_id: int, msg: wire.Message) -> Pointer:
+    def issue(self, location: str, obj_id: int, msg: wire.Message) -> Pointer:
         """Send a request that creates object `obj_id` and return its pointer without waiting."""
         fut = self._link.request_nowait(location, msg, self.timeout)
         self._outstanding.add(fut)
@@ -210,7 +221,8 @@ class Client:
         if self._outstanding:
             await asyncio.wait(list(self._outstanding))
 
-    def _handed_over(self, reply: wire.Message) -> torch.Tensor | nn.Module | Pointer:
+    def unwrap(self, reply: wire.Message) -> torch.Tensor | nn.Module | Pointer:
+        """The value a Get's reply hands over: a tensor, a model, or a pointer one hop down."""
         if isinstance(reply, wire.TensorReply):
             return from_raw(reply.tensor)
         if isinstance(reply, wire.PointerReply):
@@ -219,7 +231,7 @@ class Client:
             return modules.from_wire(reply.spec, reply.params)
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
-    def _release(self, location: str, obj_id: int) -> None:
+    def release(self, location: str, obj_id: int) -> None:
         """Queue the deletion of a dropped pointer's object; deletions go out batched, unawaited."""
         if not self._open:
             return
@@ -240,7 +252,9 @@ class Client:
             for delete in wire.deletes(ids):
                 self._link.notify(location, delete)
 
-    async def _close(self) -> None:
+    async def aclose(self) -> None:
+        """Send the deletes still queued, say goodbye to the broker, and close. Calls still
+        waiting fail with ClientClosedError."""
         self._flush_deletes()
         self._open = False
         await self._link.aclose()
@@ -283,4 +297,4 @@ async def connect(
     try:
         yield client
     finally:
-        await client._close()
+        await client.aclose()

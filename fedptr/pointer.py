@@ -57,12 +57,12 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
     first = found[0]
     for p in found:
-        p._check_alive()
-        if p.location != first.location or p._client is not first._client:
+        p.check_alive()
+        if p.location != first.location or p.client is not first.client:
             raise LocationMismatchError(
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
-    return first._client._issue_op(first.location, op, enc_args, enc_kwargs)
+    return first.client.issue_op(first.location, op, enc_args, enc_kwargs)
 
 
 def _method(op: str) -> Callable[..., Pointer]:
@@ -77,7 +77,7 @@ def _method(op: str) -> Callable[..., Pointer]:
 class Pointer:
     """A pointer to object `id_at_location` on worker `location`."""
 
-    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_owned")
+    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "owned")
 
     def __init__(
         self,
@@ -92,7 +92,8 @@ class Pointer:
         self._location = location
         self._id = id_at_location
         self._done = done
-        self._owned = True
+        self.owned = True
+        """Whether this pointer still owns its object (False once get, move or send handed it on)."""
         self._deletes = deletes
         """Whether dropping this pointer deletes its object (not for a worker's own data)."""
 
@@ -107,12 +108,17 @@ class Pointer:
         return self._id
 
     @property
+    def client(self) -> Client:
+        """The client this pointer belongs to."""
+        return self._client
+
+    @property
     def worker(self) -> Worker:
         """The `Worker` holding the object."""
         return self._client.worker(self._location)
 
     def __repr__(self) -> str:
-        state = "" if self._owned else " (handed on)"
+        state = "" if self.owned else " (handed on)"
         return f"[Pointer | me -> {self._location}:{self._id}]{state}"
 
     # --- completion --------------------------------------------------------------------
@@ -122,26 +128,28 @@ class Pointer:
 
     async def _wait(self) -> Pointer:
         if self._done is not None:
-            await self._done
+            # shielded: cancelling one waiter must not cancel the request other waiters share
+            await asyncio.shield(self._done)
             self._done = None
         return self
 
-    def _check_alive(self) -> None:
-        if not self._owned:
+    def check_alive(self) -> None:
+        """Raise ConsumedPointerError when this pointer's object was handed on."""
+        if not self.owned:
             raise ConsumedPointerError(f"{self!r} was consumed by get, move or send; it points to nothing now")
 
     # --- awaited calls -----------------------------------------------------------------
     async def get(self) -> torch.Tensor | nn.Module | Pointer:
         """Bring the object back and remove it from its worker: a tensor, or (for a pointer to a
         pointer) the next pointer down the chain. Raises ConsumedPointerError if already consumed."""
-        self._check_alive()
-        self._owned = False
+        self.check_alive()
+        self.owned = False
         try:
-            reply = await self._client._call(self._location, wire.Get(self._id))
+            reply = await self._client.call(self._location, wire.Get(self._id))
         except PermissionDenied:
-            self._owned = True  # a refused get leaves the object where it was
+            self.owned = True  # a refused get leaves the object where it was
             raise
-        return self._client._handed_over(reply)
+        return self._client.unwrap(reply)
 
     async def send(self, worker: Worker) -> Pointer:
         """Send this pointer to `worker`, making a pointer to a pointer; the data does not move."""
@@ -154,14 +162,14 @@ class Pointer:
         location returns this pointer unchanged."""
         if worker.name == self._location:
             return self
-        self._check_alive()
+        self.check_alive()
         await self
-        new_id = self._client._new_id()
-        self._owned = False
+        new_id = self._client.new_id()
+        self.owned = False
         try:
-            await self._client._call(self._location, wire.Move(self._id, worker.name, new_id))
+            await self._client.call(self._location, wire.Move(self._id, worker.name, new_id))
         except BaseException:
-            self._owned = True
+            self.owned = True
             raise
         return self._moved(worker.name, new_id)
 
@@ -169,8 +177,8 @@ class Pointer:
         return Pointer(self._client, location, obj_id)
 
     def __del__(self) -> None:
-        if self._owned and self._deletes:
-            self._client._release(self._location, self._id)
+        if self.owned and self._deletes:
+            self._client.release(self._location, self._id)
 
     # --- operations --------------------------------------------------------------------
     @classmethod

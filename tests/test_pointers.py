@@ -154,7 +154,7 @@ async def test_unknown_worker_fails_fast(client: fedptr.Client) -> None:
 
 async def test_unknown_worker_down_a_chain_names_the_hop(client: fedptr.Client, bob: fedptr.Worker) -> None:
     # a pointer on bob to a worker that does not exist (a client cannot make one through send)
-    await client._call("bob", wire.PutPointer(424242, "ghost", 12345))
+    await client.call("bob", wire.PutPointer(424242, "ghost", 12345))
     p = fedptr.Pointer(client, "bob", 424242)
     start = time.monotonic()
     with pytest.raises(fedptr.UnknownWorkerError) as info:
@@ -238,9 +238,9 @@ async def test_64_mib_tensor(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
 
 async def test_clear_deletes_down_the_chain(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     p = await (await bob.send(torch.ones(2))).send(alice)
-    p._owned = False  # clear() below deletes it; the pointer must not delete twice
+    p.owned = False  # clear() below deletes it; the pointer must not delete twice
     await alice.clear()
-    assert await eventually(lambda: all_empty(alice._client))
+    assert await eventually(lambda: all_empty(alice.client))
 
 
 async def test_workers_lists_registered_names(client: fedptr.Client) -> None:
@@ -253,7 +253,7 @@ async def test_send_nowait_pipelines_and_reports_errors_late(client: fedptr.Clie
     ghost = client.worker("ghost").send_nowait(torch.ones(1))
     with pytest.raises(fedptr.UnknownWorkerError):
         await ghost
-    ghost._owned = False  # nothing was stored: there is nothing to delete
+    ghost.owned = False  # nothing was stored: there is nothing to delete
 
 
 async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Cluster, client: fedptr.Client) -> None:
@@ -261,7 +261,7 @@ async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Clust
     async with fedptr.connect(cluster.address) as other:
         kept = await other.worker("bob").send(torch.ones(3))
         chained = await (await other.worker("bob").send(torch.ones(2))).send(other.worker("alice"))
-        kept._owned = chained._owned = False  # as if the process died: no deletes are sent
+        kept.owned = chained.owned = False  # as if the process died: no deletes are sent
         assert len(await bob.objects()) == 2 and len(await alice.objects()) == 1
     # it said goodbye: the workers reclaim what it owned, down its chains
     assert await eventually(lambda: all_empty(client))

@@ -162,7 +162,7 @@ async def test_disallowed_module_is_refused(fed: fedptr.Cluster) -> None:
     with pytest.raises(TypeError, match="Sneaky is not an allowed module"):
         await bob.send(Sneaky(2, 2))
     with pytest.raises(fedptr.RemoteError, match="not an allowed layer spec"):
-        await fed.client._call("bob", wire.PutModule(12345, {"type": "os.system"}, []))
+        await fed.client.call("bob", wire.PutModule(12345, {"type": "os.system"}, []))
 
 
 @MODULE_LOOP

@@ -1,0 +1,104 @@
+"""The import rules of the module map (docs/ARCHITECTURE.md), checked on the source, transitively:
+
+* the wire, envelope and session modules import no zmq, asyncio or torch (sans-IO);
+* the broker imports no torch;
+* nodes never import the client, and the client never imports nodes or the broker.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"fedptr": ROOT / "fedptr", "fedptr.broker": ROOT / "broker", "fedptr.nodes": ROOT / "nodes"}
+CLIENT_SIDE = ("fedptr.client", "fedptr.pointer", "fedptr.cluster", "fedptr.optim", "fedptr.aggregate")
+
+
+def module_file(name: str) -> Path | None:
+    for package, folder in sorted(PACKAGES.items(), key=lambda kv: -len(kv[0])):
+        if name == package:
+            return folder / "__init__.py"
+        if name.startswith(package + "."):
+            rest = name[len(package) + 1 :].split(".")
+            if len(rest) == 1 and (folder / f"{rest[0]}.py").exists():
+                return folder / f"{rest[0]}.py"
+    return None
+
+
+@cache
+def direct_imports(name: str) -> frozenset[str]:
+    """What module `name` imports at run time (not under TYPE_CHECKING)."""
+    path = module_file(name)
+    assert path is not None, name
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}"))
+    return frozenset(found)
+
+
+def closure(name: str) -> set[str]:
+    """Every module `name` imports, following fedptr's own modules transitively."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        for imported in direct_imports(current):
+            if imported not in seen:
+                seen.add(imported)
+                if module_file(imported) is not None:
+                    todo.append(imported)
+    return seen
+
+
+def modules_of(package: str) -> list[str]:
+    return [f"{package}.{p.stem}" for p in sorted(PACKAGES[package].glob("*.py")) if p.stem != "__init__"]
+
+
+def top_levels(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize("module", ["fedptr.wire", "fedptr.envelope", "fedptr.session"])
+def test_protocol_and_session_are_sans_io(module: str) -> None:
+    assert not top_levels(closure(module)) & {"zmq", "asyncio", "torch"}
+
+
+@pytest.mark.parametrize("module", modules_of("fedptr.broker"))
+def test_broker_imports_no_torch(module: str) -> None:
+    imported = closure(module)
+    assert "torch" not in top_levels(imported)
+    assert not {m for m in imported if m.startswith("fedptr.nodes")}
+
+
+@pytest.mark.parametrize("module", modules_of("fedptr.nodes"))
+def test_nodes_never_import_the_client(module: str) -> None:
+    assert not closure(module) & set(CLIENT_SIDE)
+
+
+@pytest.mark.parametrize("module", [m for m in modules_of("fedptr") if m != "fedptr.cli"])
+def test_the_library_never_imports_nodes_or_the_broker(module: str) -> None:
+    assert not {m for m in closure(module) if m.startswith(("fedptr.nodes", "fedptr.broker"))}
+
+
+def test_the_rules_see_imports() -> None:
+    """The checker itself: it finds known imports, relative ones included."""
+    assert "torch" in top_levels(closure("fedptr.nodes.node"))
+    assert "fedptr.nodes.store" in closure("fedptr.nodes.node")
+    assert "fedptr.wire" in closure("fedptr.session")
