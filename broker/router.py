@@ -144,7 +144,8 @@ class Broker:
         self.table = RoutingTable()
         self.dropped = 0
         self.routed = 0
-        self._running = False
+        self._running = True
+        """Until `stop()`: set here, so a stop that comes before `serve()` is not lost."""
         self._now = time.monotonic()
         self._next_beat = self._now
         self._last_beat = self._now
@@ -176,7 +177,6 @@ class Broker:
     def serve(self) -> None:
         """Route until `stop()`. Each wake drains the queued messages (up to a bound), then sends
         the notices they caused, then beats if a heartbeat interval has passed."""
-        self._running = True
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
