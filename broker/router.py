@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,8 @@ class Broker:
         self._next_beat = self._now
         self._last_beat = self._now
         self._registering_key = b""
+        self._client_keys: OrderedDict[bytes, bytes] = OrderedDict()
+        """Client name -> the key that first registered it (oldest forgotten first)."""
         self._vanished: set[bytes] = set()
         """Peers a send found gone, forgotten after the message at hand (never mid-send)."""
         self._notices: dict[bytes, list[list[Any]]] = {}
@@ -379,13 +382,23 @@ class Broker:
         self._send(identity, envelope.build(envelope.ACCEPTED, name, rid))
 
     def _key_may_claim(self, name: bytes, role: bytes) -> bool:
-        """A worker name needs the key bound to it; a client name must not be a bound name
-        unless the key is the bound one."""
+        """A worker name needs the key bound to it in the allow directory. A client name is
+        bound to the first key that registers it, for as long as the broker remembers it, so no
+        other key can take it over (a paused client that comes back keeps its name)."""
         assert self.bound_keys is not None
         bound = self.bound_keys.get(name)
-        if bound is None:
-            return role == envelope.ROLE_CLIENT
-        return bound == self._registering_key
+        if bound is not None:
+            return bound == self._registering_key
+        if role != envelope.ROLE_CLIENT:
+            return False
+        claimed = self._client_keys.get(name)
+        if claimed is None:
+            self._client_keys[name] = self._registering_key
+            if len(self._client_keys) > limits.BROKER_MAX_CLIENT_BINDINGS:
+                self._client_keys.popitem(last=False)
+            return True
+        self._client_keys.move_to_end(name)
+        return claimed == self._registering_key
 
     def _send(self, identity: bytes, frames: list[Any], forget: bool = True) -> bytes | None:
         """Send to peer `identity` without blocking. Returns None, or the reason it failed; a

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from fedptr.errors import (
+    BudgetExhaustedError,
     ClientClosedError,
     ConsumedPointerError,
     DeadlineExceeded,
@@ -49,6 +50,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BudgetExhaustedError",
     "Client",
     "ClientClosedError",
     "Cluster",

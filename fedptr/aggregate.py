@@ -1,9 +1,10 @@
-"""Aggregates an aggregator worker releases under its privacy policy: the only way anything
-derived from private data may reach a client.
+"""Releases by an aggregator worker: the DP mean of contributions (mechanism M1).
 
-The inputs must live on one worker started with ``--aggregator``, one per data owner, from at
-least that worker's ``--min-owners`` owners, all of the same shape; see the README's privacy
-page for what this protects and what it does not."""
+Each input is a contribution made with `fedptr.dp.contribute`: its data owner clipped it and
+charged its privacy budget. The aggregator (started with ``--aggregator`` and a roster of
+``--owners``) releases their mean with Gaussian noise, from at least its ``--min-owners``
+distinct owners, and consumes them. See docs/PRIVACY.md for what this protects.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +13,8 @@ from collections.abc import Sequence
 from fedptr.pointer import Pointer, remote_call
 
 
-def mean(inputs: Sequence[Pointer]) -> Pointer:
-    """The mean of `inputs`, released (gettable) when the policy allows; returns its pointer at once."""
-    return remote_call("aggregate_mean", (list(inputs),))
-
-
-def weighted_mean(inputs: Sequence[Pointer], weights: Sequence[float]) -> Pointer:
-    """The mean of `inputs` weighted by `weights` (e.g. sample counts), released likewise."""
-    return remote_call("aggregate_weighted_mean", (list(inputs), [float(w) for w in weights]))
+def mean(contributions: Sequence[Pointer]) -> Pointer:
+    """The noised mean of `contributions` (all on one aggregator), released (gettable) when the
+    aggregator's policy allows; returns its pointer at once. Raises, when awaited,
+    PermissionDenied for inputs that are not distinct contributions of its roster."""
+    return remote_call("aggregate_mean", (list(contributions),))

@@ -15,10 +15,10 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from fedptr import limits
 from fedptr.client import Client, connect
@@ -31,6 +31,10 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+CLIENT_KEYS = 4
+"""Client key pairs a CURVE local cluster makes: its own client's and spare ones for more clients."""
 
 
 @dataclass
@@ -46,7 +50,20 @@ class Cluster:
     broker_args: list[str] = field(default_factory=list, repr=False)
     node_args: dict[str, list[str]] = field(default_factory=dict, repr=False)
     keys_dir: Path | None = None
-    """With ``curve=True``: the key pairs (NAME.key, NAME.key_secret) of broker, nodes and client."""
+    """With ``curve=True``: the key pairs (NAME.key, NAME.key_secret) of broker, nodes and clients."""
+
+    def client_keys(self, index: int = 0) -> CurveKeys | None:
+        """Client key pair `index` (0 is the cluster's own client's; 1 to CLIENT_KEYS - 1 are
+        spare, each a distinct principal), or None when the cluster runs without CURVE."""
+        if self.keys_dir is None or not (self.keys_dir / "broker.key").exists():
+            return None
+        name = "client" if index == 0 else f"client{index}"
+        return CurveKeys.load(self.keys_dir / f"{name}.key_secret", self.keys_dir / "broker.key")
+
+    def connect(self, key: int = 0, **options: Any) -> AbstractAsyncContextManager[Client]:
+        """Another client of this cluster, authenticated with client key pair `key`; `options`
+        are `fedptr.connect`'s."""
+        return connect(self.address, curve=self.client_keys(key), **options)
 
     def log(self, name: str) -> str:
         """What process `name` (``"broker"`` or a worker) has logged so far."""
@@ -170,7 +187,7 @@ async def local_cluster(
     log_dir: str | os.PathLike[str] | None = None,
     heartbeat_s: float = limits.HEARTBEAT_INTERVAL_S,
     liveness: int = limits.HEARTBEAT_LIVENESS,
-    curve: bool = False,
+    curve: bool = True,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
@@ -179,8 +196,9 @@ async def local_cluster(
     directory. `node_args` adds command-line flags per worker name (``--trust``,
     ``--aggregator``, ``--store``...); `data` maps a worker to the datasets it loads as private
     data, tag -> .npz. `heartbeat_s` and `liveness` apply to every process and the client (a
-    dead worker is noticed within their product). `curve` makes fresh CURVE keys for the broker,
-    every node and the client (in `Cluster.keys_dir`) and turns authentication on. Every process
+    dead worker is noticed within their product). `curve` (on by default) makes throwaway CURVE keys
+    for the broker, every node and the client (in `Cluster.keys_dir`): every peer is
+    authenticated and every worker name bound to its key; ``curve=False`` turns that off. Every process
     is stopped on exit, on errors too. Raises DeadlineExceeded if the cluster is not up within
     `start_timeout` seconds, or FedptrError (with the process's log) if a process dies while
     starting."""
@@ -200,7 +218,7 @@ async def local_cluster(
         secure: dict[str, list[str]] = {name: [] for name in ["broker", *names]}
         if curve:
             generate(keys, "broker")
-            for name in [*names, "client"]:
+            for name in [*names, "client", *(f"client{i}" for i in range(1, CLIENT_KEYS))]:
                 generate(keys, name)
             secure["broker"] = ["--curve-secret", str(keys / "broker.key_secret"), "--allow", str(keys)]
             for name in names:

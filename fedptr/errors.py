@@ -172,3 +172,9 @@ class PermissionDenied(FedptrError):
         self.path = list(path or ([worker] if worker else []))
         where = f" at worker {worker!r}" if worker else ""
         super().__init__(f"denied by the privacy policy of {owner!r}{where}: {reason}")
+
+
+class BudgetExhaustedError(PermissionDenied):
+    """Raised when a release would take data owner `owner` past its privacy budget (its
+    ``--epsilon`` at its ``--delta``), or when that owner has no budget and so releases nothing.
+    The message says how much epsilon is left; nothing was released or charged."""

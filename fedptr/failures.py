@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fedptr import limits
 from fedptr.errors import (
+    BudgetExhaustedError,
     DeadlineExceeded,
     FedptrError,
     LostWorkerError,
@@ -40,7 +41,8 @@ def cut(text: str) -> str:
 def failure_from_error(e: BaseException, here: str) -> Failure:
     """The Failure that reports `e`, raised at worker `here`, to the caller."""
     if isinstance(e, PermissionDenied):
-        return Failure(FailureCode.DENIED.value, "", cut(e.reason), e.worker or here, e.path or [here], e.owner)
+        code = FailureCode.BUDGET_EXHAUSTED if isinstance(e, BudgetExhaustedError) else FailureCode.DENIED
+        return Failure(code.value, "", cut(e.reason), e.worker or here, e.path or [here], e.owner)
     if isinstance(e, WorkerRefused):
         code = _CODE_OF_REFUSAL.get(type(e), FailureCode.OVERLOADED)
         return Failure(code.value, "", cut(e.detail), e.worker or here, e.path or [here])
@@ -65,6 +67,8 @@ def error_from_failure(f: Failure) -> FedptrError:
         return _REFUSALS[code](f.worker, f.message, path)
     if code == FailureCode.DENIED:
         return PermissionDenied(f.owner, f.message, f.worker, path)
+    if code == FailureCode.BUDGET_EXHAUSTED:
+        return BudgetExhaustedError(f.owner, f.message, f.worker, path)
     if code == FailureCode.REMOTE:
         return RemoteError(f.remote_type, f.message, f.worker, path)
     if code == FailureCode.UNKNOWN_WORKER:

@@ -110,8 +110,15 @@ POLL_INTERVAL_S = 0.02
 MIN_OWNERS = 2
 """Fewest distinct data owners a released aggregate must combine (`fedptr-node --min-owners`)."""
 
-MAX_WEIGHT_RATIO = 100.0
-"""Largest ratio between two weights of a released weighted mean (`--max-weight-ratio`)."""
+DP_DELTA = 1e-5
+"""A data owner's delta: the (epsilon, delta) of its budget (`fedptr-node --delta`)."""
+
+DP_CLIP = 1.0
+"""C: the L2 bound a data owner clips its contributions to (`--dp-clip`)."""
+
+DP_NOISE_MULTIPLIER = 1.0
+"""sigma: the noise multiplier a data owner charges each contribution for (`--dp-noise-multiplier`);
+the aggregator's noise has standard deviation at least sigma * C."""
 
 # --- node execution ----------------------------------------------------------------------
 NODE_POOL_SIZE = 64
@@ -139,6 +146,9 @@ OFFLOAD_THREADS = 2
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000
 """Most registered names (workers and clients) a broker keeps."""
+
+BROKER_MAX_CLIENT_BINDINGS = 100_000
+"""Client names a CURVE broker remembers the key of (so none can be taken over by another key)."""
 
 BROKER_LOG_EVERY = 1000
 """The broker logs the 1st and then every Nth dropped garbage message, so a flood cannot flood the log."""

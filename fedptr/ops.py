@@ -36,8 +36,8 @@ AUTOGRAD = ("backward", "grad", "zero_grad", "requires_grad_")
 NN = ("forward", "parameter", "cross_entropy", "mse_loss")
 """``forward(model, x)`` runs a stored model, ``parameter(model, i)`` is its i-th parameter;
 the losses are torch.nn.functional's."""
-AGGREGATES = ("aggregate_mean", "aggregate_weighted_mean")
-"""Released by an aggregator worker only, under its privacy policy."""
+AGGREGATES = ("aggregate_mean",)
+"""The DP mean of contributions, released by an aggregator worker only (nodes/mechanisms.py)."""
 
 TENSOR_METHODS: frozenset[str] = frozenset(
     ARITHMETIC + COMPARISONS + REDUCTIONS + RESHAPING + ELEMENTWISE + CONVERSIONS

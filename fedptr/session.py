@@ -268,8 +268,12 @@ class Session:
     def _on_reply(self, name: bytes, rid: bytes, body: list[Any], events: list[Event]) -> None:
         try:
             body = self._reassembly.complete(envelope.REPLY, name, rid, body)
-            if rid not in self._pending:
+            pending = self._pending.get(rid)
+            if pending is None:
                 return  # a late reply to a request that already settled
+            if pending.dest.encode() != name:
+                log.warning("%s dropped a reply from %r to a request sent to %r", self.name, name, pending.dest)
+                return
             reply = wire.decode(body).message
         except ProtocolError as e:
             self._settle(rid, events, error=e)

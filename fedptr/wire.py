@@ -263,6 +263,7 @@ class FailureCode(enum.StrEnum):
     STORE_FULL = "store-full"
     NOT_FOUND = "not-found"
     OP_NOT_ALLOWED = "op-not-allowed"
+    BUDGET_EXHAUSTED = "budget-exhausted"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -315,6 +316,8 @@ class ModuleReply(Message):
     KIND: ClassVar[int] = 25
     spec: dict[str, Value]
     params: list[Value]
+    release: str = ""
+    """How the model may leave: ``"public"``, ``"exact"`` or ``"dp"`` (trained by DP-SGD only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,70 @@ class SearchReply(Message):
 
     KIND: ClassVar[int] = 26
     ids: list[int]
+
+
+# --- differential privacy (kinds 40+) ------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Contribute(Message):
+    """client -> data owner: turn object `obj_id` (derived from this owner's data alone) into a
+    DP contribution stored on `aggregator` as `new_id`. The owner clips it to its own L2 bound,
+    charges its budget for the aggregator's noise, and sends it. Reply: BudgetReply."""
+
+    KIND: ClassVar[int] = 40
+    obj_id: int
+    aggregator: str
+    new_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutContribution(Message):
+    """data owner -> aggregator: a clipped contribution of the sending owner, single-use, for
+    `owner` (the client who asked). The aggregator adds Gaussian noise of standard deviation at
+    least `noise_multiplier * clip` to the sum it releases. Reply: Ok."""
+
+    KIND: ClassVar[int] = 41
+    obj_id: int
+    tensor: RawTensor
+    clip: float
+    noise_multiplier: float
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class DPTrain(Message):
+    """client -> data owner: train model `model_id` with DP-SGD on this owner's private data
+    `x_id`, `y_id` for `steps` steps: the node samples each batch itself (Poisson, rate
+    `sample_rate`), clips per-sample gradients of the per-sample `loss` to `max_grad_norm`, adds
+    Gaussian noise (`noise_multiplier * max_grad_norm`) and takes an SGD step of `lr`. Every
+    step is charged to the owner's budget first. Reply: BudgetReply."""
+
+    KIND: ClassVar[int] = 42
+    model_id: int
+    x_id: int
+    y_id: int
+    loss: str
+    lr: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReply(Message):
+    """A release was charged: the owner's (epsilon) spent so far and left, at its delta."""
+
+    KIND: ClassVar[int] = 43
+    owner: str
+    epsilon_spent: float
+    epsilon_left: float
+
+
+@dataclass(frozen=True, slots=True)
+class Budget(Message):
+    """Ask a data owner for its privacy budget. Reply: BudgetReply."""
+
+    KIND: ClassVar[int] = 44
 
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -344,6 +411,11 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ModuleReply,
     SearchReply,
     Grant,
+    Contribute,
+    PutContribution,
+    DPTrain,
+    BudgetReply,
+    Budget,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"
@@ -383,6 +455,7 @@ def _check_row(v: Any) -> bool:
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": _is_int,
+    "float": lambda v: type(v) in (int, float) and math.isfinite(v),
     "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,

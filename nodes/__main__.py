@@ -44,16 +44,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--broker-key", default=None, help="the broker's public .key file (CURVE)")
     p.add_argument("--data", action="append", default=[], metavar="TAG=PATH", help="load an .npz as private data")
     p.add_argument("--trust", action="append", default=[], metavar="WORKER", help="a worker our data may move to")
-    p.add_argument("--aggregator", action="store_true", help="release aggregates over enough data owners")
-    p.add_argument("--min-owners", type=int, default=limits.MIN_OWNERS, help="k: data owners an aggregate needs")
     p.add_argument(
-        "--max-weight-ratio",
-        type=float,
-        default=limits.MAX_WEIGHT_RATIO,
-        help="largest ratio between two weights of a released weighted mean",
+        "--release",
+        choices=["dp", "exact"],
+        default="dp",
+        help="dp (default): what derives from our data leaves only through DP mechanisms; exact: the analyst "
+        "may fetch it exactly (no protection from the analyst)",
     )
-    p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="Gaussian noise on released means")
-    p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of each aggregated input")
+    p.add_argument("--epsilon", type=float, default=None, help="this owner's privacy budget (needs --store)")
+    p.add_argument("--delta", type=float, default=limits.DP_DELTA, help="the delta of the budget")
+    p.add_argument("--dp-clip", type=float, default=limits.DP_CLIP, help="L2 bound this owner clips contributions to")
+    p.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=limits.DP_NOISE_MULTIPLIER,
+        help="noise multiplier this owner charges each contribution for",
+    )
+    p.add_argument("--aggregator", action="store_true", help="release DP means of contributions")
+    p.add_argument("--owners", action="append", default=[], metavar="OWNER", help="an aggregator's roster")
+    p.add_argument("--min-owners", type=int, default=limits.MIN_OWNERS, help="k: owners a release needs")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -78,12 +87,18 @@ async def serve(args: argparse.Namespace) -> int:
         args.store,
         data=dict(_tag_path(d) for d in args.data),
         trust=args.trust,
+        release_exact=args.release == "exact",
         aggregator=args.aggregator,
+        owners=args.owners,
         min_owners=args.min_owners,
-        max_weight_ratio=args.max_weight_ratio,
-        dp_noise_multiplier=args.dp_noise_multiplier,
+        epsilon=args.epsilon,
+        delta=args.delta,
         dp_clip=args.dp_clip,
+        dp_noise_multiplier=args.dp_noise_multiplier,
     )
+    if args.epsilon is not None and not args.store:
+        print(f"fedptr-node {args.name}: --epsilon needs --store (a budget must survive restarts)", file=sys.stderr)
+        return 2
     try:
         link = Link(
             args.broker,

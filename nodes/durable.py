@@ -24,7 +24,8 @@ from fedptr.wire import RawTensor
 log = logging.getLogger("fedptr.node.durable")
 
 
-def _write_atomic(path: Path, data: Any) -> None:
+def write_atomic(path: Path, data: Any) -> None:
+    """Write `data` to `path` so that a crash leaves the old file or the new one, never a mix."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -47,14 +48,14 @@ class DurableStore:
     def save_tensor(self, obj_id: int, value: torch.Tensor, owner: str) -> None:
         """Persist a tensor; returns once it is on disk."""
         raw = to_raw(value)
-        _write_atomic(self.dir / f"{obj_id}.bin", raw.data)
+        write_atomic(self.dir / f"{obj_id}.bin", raw.data)
         record = ["tensor", raw.dtype, list(raw.shape), "", 0, owner]
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
+        write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
         os.fsync(self._dir_fd)
 
     def save_pointer(self, obj_id: int, location: str, remote_id: int, owner: str) -> None:
         """Persist a pointer; returns once it is on disk."""
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["pointer", "", [], location, remote_id, owner]))
+        write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["pointer", "", [], location, remote_id, owner]))
         os.fsync(self._dir_fd)
 
     def remove(self, obj_id: int) -> None:

@@ -20,6 +20,7 @@ from fedptr.failures import with_hop
 from fedptr.tensors import to_raw
 
 from . import policy
+from .audit import AuditLog
 from .store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
@@ -30,6 +31,7 @@ class Services(Protocol):
 
     name: str
     store: Store
+    audit: AuditLog
 
     def forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]: ...
 
@@ -104,13 +106,15 @@ class Handover:
             node.reply_error(source, rid, ObjectNotFoundError("", f"object {obj_id} holds no value"))
             return
         try:
-            release = policy.release_kind(value)
+            release = policy.release_kind(entry.taint, entry.released)
         except PermissionDenied as e:
             node.store.put_back(obj_id, entry)  # a refused get takes nothing away
             node.reply_error(source, rid, e)
             return
+        if release != "public":
+            node.audit.record("get", source, object=obj_id, release=release, owners=entry.taint.owners)
         if isinstance(value, torch.nn.Module):
-            node.reply(source, rid, wire.ModuleReply(*modules.to_wire(value)))
+            node.reply(source, rid, wire.ModuleReply(*modules.to_wire(value), release))
         else:
             node.reply(source, rid, wire.TensorReply(to_raw(value), release))
 
@@ -135,8 +139,10 @@ class Handover:
                     )
                 else:
                     value = await entry.done
-                    policy.check_move(value, msg.dest)
-                    hop = node.forward(msg.dest, _transfer(msg.new_id, value, owner), budget)
+                    policy.check_move(entry.taint, msg.dest)
+                    hop = node.forward(msg.dest, _transfer(msg.new_id, value, owner, entry.taint), budget)
+                    if entry.taint:
+                        node.audit.record("move", source, object=msg.obj_id, to=msg.dest, owners=entry.taint.owners)
             except FedptrError as e:
                 node.store.put_back(msg.obj_id, entry)
                 node.reply_error(source, rid, e)
@@ -153,9 +159,9 @@ class Handover:
         node.spawn(answer(), source, rid)
 
 
-def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> wire.Message:
+def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str, taint: policy.Taint) -> wire.Message:
     """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`."""
-    origins = policy.to_wire(policy.origins_of(value))
+    origins = policy.to_wire(taint.origins)
     if isinstance(value, torch.nn.Module):
         return wire.PutModule(new_id, *modules.to_wire(value), origins, owner)
     return wire.Put(new_id, to_raw(value), value.requires_grad, origins, owner)

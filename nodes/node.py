@@ -17,6 +17,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,15 +30,19 @@ from fedptr.errors import (
     LocationMismatchError,
     OpNotAllowedError,
     OverloadedError,
+    PermissionDenied,
     RemoteError,
 )
 from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED
-from fedptr.tensors import dtype_name, from_raw
+from fedptr.tensors import dtype_name, from_raw, to_raw
 
-from . import kernels, policy
+from . import guard, mechanisms, policy
+from .audit import AuditLog
+from .budget import Budget
 from .durable import DurableStore
+from .guard import ALIASING
 from .handover import Handover
 from .replies import ReplyCache, Seen
 from .scheduler import Scheduler
@@ -61,11 +66,19 @@ class NodeConfig:
     """Datasets to load as private data: tag -> .npz path (loaded with allow_pickle=False)."""
     trust: list[str] = field(default_factory=list)
     """Workers this node lets its private data, and what derives from it, move to."""
+    release_exact: bool = False
+    """``--release exact``: derived values may be fetched exactly (no protection from the analyst)."""
     aggregator: bool = False
+    owners: list[str] = field(default_factory=list)
+    """An aggregator's roster: the data owners whose contributions it accepts."""
     min_owners: int = limits.MIN_OWNERS
-    max_weight_ratio: float = limits.MAX_WEIGHT_RATIO
-    dp_noise_multiplier: float = 0.0
-    dp_clip: float = 0.0
+    epsilon: float | None = None
+    """This owner's privacy budget (None: it releases nothing but ``--release exact`` values)."""
+    delta: float = limits.DP_DELTA
+    dp_clip: float = limits.DP_CLIP
+    """C: the L2 bound this owner clips its contributions to."""
+    dp_noise_multiplier: float = limits.DP_NOISE_MULTIPLIER
+    """sigma: the noise multiplier this owner charges a contribution for."""
 
 
 def _hop_budget(budget: float) -> float:
@@ -125,12 +138,15 @@ class Node:
         self.policy = policy.PolicyConfig(
             name,
             frozenset(self.config.trust),
+            self.config.release_exact,
             self.config.aggregator,
+            frozenset(self.config.owners),
             self.config.min_owners,
-            self.config.max_weight_ratio,
-            dp_noise_multiplier=self.config.dp_noise_multiplier,
-            dp_clip=self.config.dp_clip,
         )
+        directory = Path(self.config.store_dir) if self.config.store_dir else None
+        self.budget = Budget(name, self.config.epsilon, self.config.delta, directory)
+        self.audit = AuditLog(name, directory)
+        guard.warm_up()
         for tag, path in self.config.data.items():
             self._load_data(tag, path)
         restored = self.store.restore()
@@ -153,6 +169,10 @@ class Node:
             wire.PutModule: self._put_module,
             wire.Search: self._search,
             wire.Grant: handover.grant,
+            wire.Contribute: self._contribute,
+            wire.PutContribution: self._put_contribution,
+            wire.DPTrain: self._dp_train,
+            wire.Budget: self._budget,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -161,8 +181,7 @@ class Node:
             for key in sorted(arrays.files):
                 value = torch.from_numpy(np.ascontiguousarray(arrays[key]))
                 dtype_name(value.dtype)  # refuses dtypes that could not travel
-                policy.taint(value, {self.name: self.policy.trust})
-                self.store.add_data(tag, value)
+                self.store.add_data(tag, value, policy.Taint(self.policy.own_origins()))
                 log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
     async def aclose(self) -> None:
@@ -226,25 +245,25 @@ class Node:
         tensor = from_raw(msg.tensor)
         if msg.requires_grad:
             tensor.requires_grad_(True)
-        policy.taint(tensor, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, tensor, msg.owner or source)
+        # a peer's stated origins can only add restrictions: they are kept, never trusted to lift one
+        self._store_new(msg.obj_id, tensor, msg.owner or source, policy.Taint(policy.from_wire(msg.origins)))
         self.reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
         model = modules.from_wire(msg.spec, msg.params)
-        policy.taint(model, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, model, msg.owner or source)
+        self._store_new(msg.obj_id, model, msg.owner or source, policy.Taint(policy.from_wire(msg.origins)))
         self.reply(source, rid, wire.Ok())
 
-    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> None:
+    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str, taint: policy.Taint) -> Entry:
         """Store and commit a received value; nothing is kept when the commit fails."""
-        entry = Entry.tensor(value, owner)
+        entry = Entry.tensor(value, owner, taint)
         self.store.add(obj_id, entry)
         try:
             self.store.commit(obj_id, entry, value)
         except Exception:
             self.store.discard(obj_id)
             raise
+        return entry
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         self.reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
@@ -300,24 +319,30 @@ class Node:
     def _op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
         try:
             entries = self._operands(msg, source)
+            location = next((e.location for e in entries.values()), None)
+            if location is None and msg.op in AGGREGATES:
+                self._release_aggregate(source, rid, msg, entries)
+                return
+            taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
             failed = Entry.tensor(owner=source)
             failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
             with contextlib.suppress(InvalidArgumentError):
                 self.store.add(msg.result_id, failed)
             raise
-        location = next((e.location for e in entries.values()), None)
         if location is None:
-            result = Entry.tensor(owner=source)
+            private = any(e.taint for e in entries.values())
+            result = Entry.tensor(owner=source, taint=taint)
             self.store.add(msg.result_id, result)
             settled = all(e.done.done() for e in entries.values())
             if settled and not any(e.done.exception() for e in entries.values()):
                 tensors = {i: e.done.result() for i, e in entries.items()}
                 if _numel(tensors.values()) <= self.config.offload_numel:
                     # the common case: small inputs, all present; no task, no thread
-                    self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
+                    compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
+                    self._finish(source, rid, msg.result_id, result, compute)
                     return
-            self.scheduler.compute_later(self._compute(source, rid, msg, entries, result))
+            self.scheduler.compute_later(self._compute(source, rid, msg, entries, result, private))
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
         self.store.add(msg.result_id, ptr)
@@ -346,36 +371,62 @@ class Node:
                 raise e.done.exception()  # type: ignore[misc]
         return entries
 
-    def _run(self, msg: wire.Op, values: dict[int, Any]) -> torch.Tensor:
-        """Run an operation and give its result the union of its inputs' origins (an in-place
-        update gives them to its target; `backward` to every gradient it filled)."""
+    def _result_taint(self, msg: wire.Op, entries: dict[int, Entry], source: str) -> policy.Taint:
+        """Decide, as the request arrives, what the result derives from (taint only grows, so
+        deciding early is safe). Aliasing results share their target's taint; in-place writes
+        add to it, and private data and contributions refuse them."""
+        origins = policy.merge(e.taint.origins for e in entries.values())
+        first = msg.args[0] if msg.args else None
+        target = entries.get(first.obj_id) if type(first) is wire.Ref else None
+        if msg.op in ALIASING and target is not None:
+            if target.readonly and msg.op != "parameter":
+                raise policy.refuse_write(target.readonly, f"{msg.op} on object {first.obj_id}")  # type: ignore[union-attr]
+            target.taint.add(origins)
+            return target.taint
+        if msg.op == "backward" and origins:
+            # every model and gradient-tracking tensor of the caller may get a gradient from it
+            for e in self.store.entries.values():
+                if e.owner == source and e.location is None and not e.readonly:
+                    value = e.done.result() if e.done.done() and not e.done.exception() else None
+                    if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
+                        e.taint.add(origins)
+        return policy.Taint(dict(origins))
+
+    def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
+        """Run an operation through the guard (nodes/guard.py): on private operands, no value
+        can steer a size, an error or whether it succeeds."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values)
-        if msg.op in AGGREGATES:
-            if msg.op == "aggregate_mean" and len(args) == 1 and not kwargs:
-                return policy.aggregate(self.policy, list(args[0]), None)
-            if msg.op == "aggregate_weighted_mean" and len(args) == 2 and not kwargs:
-                return policy.aggregate(self.policy, list(args[0]), list(args[1]))
-            raise TypeError(
-                f"{msg.op} takes a list of inputs{' and a list of weights' if 'weighted' in msg.op else ''}"
-            )
-        result = kernels.run(msg.op, args, kwargs)
-        origins = policy.merge(policy.origins_of(v) for v in values.values())
-        if msg.op == "backward":
-            self._taint_gradients(origins)
-        policy.taint(result, origins)
-        return result
 
-    def _taint_gradients(self, origins: policy.Origins) -> None:
-        if not origins:
-            return
-        for entry in self.store.entries.values():
-            if entry.location is None and entry.done.done() and entry.done.exception() is None:
-                value = entry.done.result()
-                tensors = value.parameters() if isinstance(value, torch.nn.Module) else [value]
-                for t in tensors:
-                    if isinstance(t, torch.Tensor) and t.grad is not None:
-                        policy.taint(t.grad, origins)
+        def refuse() -> Exception:
+            taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
+            public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
+            return policy.refuse_op(taint, msg.op, public)
+
+        return guard.run(msg.op, args, kwargs, private, refuse)
+
+    def _release_aggregate(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry]) -> None:
+        """M1 at the aggregator: the noised mean of single-use contributions, released."""
+        if not self.policy.aggregator:
+            raise PermissionDenied(self.name, f"{self.name!r} is not an aggregator; nothing is released here")
+        refs = msg.args[0] if len(msg.args) == 1 and type(msg.args[0]) is list else None
+        if msg.op != "aggregate_mean" or refs is None or msg.kwargs or not all(type(r) is wire.Ref for r in refs):
+            raise InvalidArgumentError("aggregate_mean takes one list of contributions")
+        chosen = [entries[r.obj_id] for r in refs]  # type: ignore[union-attr]
+        if len({id(e) for e in chosen}) != len(chosen) or any(e.contribution is None for e in chosen):
+            raise PermissionDenied(self.name, "an aggregate takes distinct DP contributions only (fedptr.dp)")
+        values = [e.done.result() for e in chosen]
+        contributions = [e.contribution for e in chosen if e.contribution is not None]
+        mean = mechanisms.release_mean(values, contributions, self.policy.owners, self.policy.min_owners)
+        for r in refs:
+            self.store.discard(r.obj_id)  # type: ignore[union-attr]  # single use
+        result = Entry.tensor(mean, source)
+        result.released = "dp"
+        self.store.add(msg.result_id, result)
+        self.store.commit(msg.result_id, result, mean)
+        owners = sorted(c.owner for c in contributions)
+        self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
+        self.reply(source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))
 
     def _finish(
         self, source: str, rid: bytes, result_id: int, result: Entry, compute: Callable[[], torch.Tensor]
@@ -395,7 +446,9 @@ class Node:
             result.done.set_exception(err)
         self.reply_error(source, rid, err)
 
-    async def _compute(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry) -> None:
+    async def _compute(
+        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry, private: bool
+    ) -> None:
         """The slow path: wait for inputs still being computed, and run big work on a thread."""
         try:
             tensors: dict[int, torch.Tensor] = {}
@@ -404,12 +457,100 @@ class Node:
                 assert value is not None
                 tensors[i] = value
             if _numel(tensors.values()) > self.config.offload_numel:
-                value = await self.scheduler.offload(self._run, msg, tensors)
+                value = await self.scheduler.offload(self._run, msg, tensors, private, entries)
                 self._finish(source, rid, msg.result_id, result, lambda: value)
             else:
-                self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
+                self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors, private, entries))
         except Exception as e:
             self._fail(source, rid, result, e)
+
+    # --- differential privacy ----------------------------------------------------------
+    def _contribute(self, source: str, rid: bytes, msg: wire.Contribute, budget: float) -> None:
+        """M1 at a data owner: clip, charge, and send a single-use contribution to an aggregator."""
+        entry = self.store.get(msg.obj_id, source)
+        others = [o for o in entry.taint.owners if o != self.name]
+        if others:
+            raise PermissionDenied(others[0], f"a contribution of {self.name!r} may derive from its own data only")
+        if msg.aggregator not in self.policy.trust:
+            raise PermissionDenied(self.name, f"{self.name!r} does not trust {msg.aggregator!r} with contributions")
+
+        async def answer() -> None:
+            value = await entry.done
+            if not isinstance(value, torch.Tensor) or entry.location is not None:
+                raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
+            clipped = mechanisms.clip(value, self.config.dp_clip)
+            spent = await self.scheduler.offload(self.budget.charge, self.config.dp_noise_multiplier, 1.0, 1)
+            self.audit.record("contribution", source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
+            put = wire.PutContribution(
+                msg.new_id, to_raw(clipped), self.config.dp_clip, self.config.dp_noise_multiplier, source
+            )
+            try:
+                await self.forward(msg.aggregator, put, budget)
+            except FedptrError as e:
+                raise with_hop(e, self.name) from None
+            self.reply(source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+
+        self.spawn(answer(), source, rid)
+
+    def _put_contribution(self, source: str, rid: bytes, msg: wire.PutContribution, budget: float) -> None:
+        """M1 at the aggregator: keep a contribution of a roster owner, read-only and single-use."""
+        if not self.policy.aggregator or source not in self.policy.owners:
+            raise PermissionDenied(source, f"{self.name!r} takes contributions only from its roster of data owners")
+        if not (msg.clip > 0 and msg.noise_multiplier > 0):
+            raise InvalidArgumentError("a contribution needs a clip bound and a noise multiplier above 0")
+        value = from_raw(msg.tensor)
+        entry = self._store_new(msg.obj_id, value, msg.owner, policy.Taint({source: frozenset({self.name})}))
+        entry.readonly = source
+        entry.contribution = mechanisms.Contribution(source, msg.clip, msg.noise_multiplier)
+        self.reply(source, rid, wire.Ok(list(value.shape), msg.tensor.dtype))
+
+    def _dp_train(self, source: str, rid: bytes, msg: wire.DPTrain, budget: float) -> None:
+        """M2: DP-SGD on this node's own data; every step is charged before it runs."""
+        model_entry = self.store.get(msg.model_id, source)
+        data = [self.store.get(i) for i in (msg.x_id, msg.y_id)]
+        if any(e.readonly != self.name for e in data):
+            raise PermissionDenied(self.name, "DP-SGD trains on this node's own private data only (found by search)")
+        if model_entry.taint:
+            raise PermissionDenied(
+                model_entry.taint.owners[0], "this model already derives from private data outside DP-SGD"
+            )
+        config = mechanisms.SGDConfig(
+            msg.loss, msg.lr, msg.sample_rate, msg.steps, msg.max_grad_norm, msg.noise_multiplier
+        )
+
+        async def answer() -> None:
+            model = await model_entry.done
+            x, y = data[0].done.result(), data[1].done.result()
+            if not isinstance(model, torch.nn.Module) or len(x) != len(y):
+                raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
+            config.check(len(x))
+            spent = await self.scheduler.offload(self._train_charged, model, x, y, config, data[0].taint)
+            self.audit.record("dp-train", source, object=msg.model_id, steps=config.steps, epsilon_spent=spent)
+            model_entry.released = "dp"
+            self.store.persist(msg.model_id, model_entry, model)
+            self.reply(source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+
+        self.spawn(answer(), source, rid)
+
+    def _train_charged(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        config: mechanisms.SGDConfig,
+        taint: policy.Taint,
+    ) -> float:
+        """On a worker thread: check the run from shapes alone, charge every step, then train."""
+        try:
+            mechanisms.check_model(model, x, y, config)
+        except Exception:
+            raise policy.refuse_op(taint, "dp_train", []) from None
+        spent = self.budget.charge(config.noise_multiplier, config.sample_rate, config.steps)
+        mechanisms.dp_sgd(model, x, y, config)
+        return spent
+
+    def _budget(self, source: str, rid: bytes, msg: wire.Budget, budget: float) -> None:
+        self.reply(source, rid, wire.BudgetReply(self.name, self.budget.spent, self.budget.left))
 
     def _relayed(
         self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry

@@ -1,36 +1,57 @@
-"""The privacy policy a node enforces: where private data may go and what may leave.
+"""The privacy policy a node enforces: what derives from private data, and how it may leave.
 
-Every tensor carries its *origins*: the data owners whose private data it derives from, each
-with the workers that owner trusts. Private data gets its owner as origin when the node loads
-it; an operation's result inherits the union of its inputs' origins, an in-place update adds
-them to its target, and `backward` adds the loss's origins to every gradient it fills.
+Every stored entry carries a `Taint`: the data owners whose private data its value derives
+from, each with the workers that owner trusts. Taint belongs to the *storage*, not to a Python
+tensor: every operation's result is a fresh copy, except where aliasing is the point (an
+in-place op's result is its target, a model's parameter is the model's), and those share one
+`Taint` object, so a write through any alias taints them all. Taint is decided when a request
+arrives, in arrival order, and only ever grows:
 
-* get: refused for anything with origins (PermissionDenied names the owner), except released
-  aggregates;
-* move: an object with origins goes only to its owners or to workers every owner trusts;
-* release: an aggregator node (``--aggregator``) computes the mean or weighted mean of
-  same-shaped inputs, one per data owner, from at least `k` owners; the result has no origins
-  and is marked released. Optional Gaussian noise after clipping each input (DP) is added there.
+* an operation's result derives from the union of its operands;
+* an in-place update adds its operands to its target (private data itself is read-only);
+* `backward` on a tainted loss taints every model and gradient-tracking tensor of its caller.
+
+What may leave (`release_kind`): public values; values every owner of which runs with
+``--release exact`` (no protection against the analyst: PySyft 0.2's model); and the outputs of
+the DP mechanisms in `nodes/mechanisms.py`. Moves go only to workers every owner trusts.
+Origins are set by the node that loads the data; a value received from a peer keeps the origins
+the peer stated (a claim can only add restrictions, never lift one).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-from torch import nn
 
 from fedptr import limits
 from fedptr.errors import PermissionDenied
 
 Origins = dict[str, frozenset[str]]
-"""Data owner -> the workers it trusts."""
+"""Data owner -> the workers it trusts with what derives from its data."""
 
-_ORIGINS = "_fedptr_origins"
-_RELEASED = "_fedptr_released"
+ANALYST = "*"
+"""In an owner's trust set: ``--release exact``, the analyst may fetch exact derived values."""
+
+
+@dataclass(eq=False)
+class Taint:
+    """The origins of one storage, shared by every entry that aliases it."""
+
+    origins: Origins = field(default_factory=dict)
+
+    def add(self, origins: Origins) -> None:
+        """Derive from `origins` too (taint only grows)."""
+        if origins:
+            self.origins = merge([self.origins, origins])
+
+    def __bool__(self) -> bool:
+        return bool(self.origins)
+
+    @property
+    def owners(self) -> list[str]:
+        """The data owners, sorted."""
+        return sorted(self.origins)
 
 
 @dataclass
@@ -40,27 +61,23 @@ class PolicyConfig:
     name: str
     trust: frozenset[str] = frozenset()
     """Workers this node, as a data owner, lets its private data (and what derives from it) go to."""
+    release_exact: bool = False
+    """``--release exact``: this owner trusts the analyst with exact derived values."""
     aggregator: bool = False
-    """Whether this node may release aggregates."""
+    """Whether this node releases DP aggregates of contributions."""
+    owners: frozenset[str] = frozenset()
+    """An aggregator's roster: the data owners whose contributions it accepts."""
     min_owners: int = limits.MIN_OWNERS
-    """k: an aggregate needs inputs from at least this many distinct owners."""
-    max_weight_ratio: float = limits.MAX_WEIGHT_RATIO
-    """Largest ratio between two weights of a weighted mean (so no weight can single one input out)."""
-    dp_noise_multiplier: float = 0.0
-    """sigma: Gaussian noise with std sigma * clip / n is added to a released mean (0: none)."""
-    dp_clip: float = 0.0
-    """C: each input is scaled down to L2 norm C before averaging (0: no clipping)."""
+    """k: a released aggregate combines contributions of at least this many distinct owners."""
 
-
-def origins_of(value: Any) -> Origins:
-    """The origins of a tensor, or the union over a module's parameters."""
-    if isinstance(value, nn.Module):
-        return merge(origins_of(p) for p in value.parameters())
-    out: Origins = getattr(value, _ORIGINS, {})
-    return out
+    def own_origins(self) -> Origins:
+        """The origins of data this node loads."""
+        trusted = self.trust | ({ANALYST} if self.release_exact else frozenset())
+        return {self.name: frozenset(trusted)}
 
 
 def merge(all_origins: Iterable[Origins]) -> Origins:
+    """The union of owners; each owner trusts what every part says it trusts (the intersection)."""
     out: Origins = {}
     for origins in all_origins:
         for owner, trusted in origins.items():
@@ -68,26 +85,12 @@ def merge(all_origins: Iterable[Origins]) -> Origins:
     return out
 
 
-def taint(value: Any, origins: Origins) -> None:
-    """Add `origins` to a tensor (or every parameter of a module)."""
-    if not origins:
-        return
-    if isinstance(value, nn.Module):
-        for p in value.parameters():
-            taint(p, origins)
-        return
-    if isinstance(value, torch.Tensor):
-        setattr(value, _ORIGINS, merge([origins_of(value), origins]))
-        if getattr(value, _RELEASED, False):
-            setattr(value, _RELEASED, False)
-
-
 def to_wire(origins: Origins) -> dict[str, Any]:
     return {owner: sorted(trusted) for owner, trusted in origins.items()}
 
 
 def from_wire(data: Mapping[str, Any]) -> Origins:
-    """Origins sent by another node; malformed entries raise ValueError."""
+    """Origins a peer stated; malformed entries raise ValueError."""
     out: Origins = {}
     for owner, trusted in data.items():
         if type(trusted) is not list or not all(type(t) is str for t in trusted):
@@ -96,69 +99,37 @@ def from_wire(data: Mapping[str, Any]) -> Origins:
     return out
 
 
-def release_kind(value: Any) -> str:
-    """How a value may leave: ``"aggregate"``, ``"public"``, or raise PermissionDenied."""
-    origins = origins_of(value)
-    if origins:
-        owner = sorted(origins)[0]
-        raise PermissionDenied(
-            owner, f"this object derives from {owner!r}'s private data; only aggregates are released"
-        )
-    return "aggregate" if getattr(value, _RELEASED, False) else "public"
+def release_kind(taint: Taint, released: str) -> str:
+    """How a value may leave this node: ``"public"``, ``"exact"``, a mechanism's kind (``"dp"``),
+    or raise PermissionDenied naming an owner."""
+    if not taint:
+        return released or "public"
+    closed = [o for o, trusted in sorted(taint.origins.items()) if ANALYST not in trusted]
+    if not closed:
+        return "exact"
+    raise PermissionDenied(
+        closed[0], f"this object derives from {closed[0]!r}'s private data; only DP releases leave its node"
+    )
 
 
-def check_move(value: Any, dest: str) -> None:
-    """Refuse moving `value` to `dest` unless each owner is `dest` or trusts it."""
-    for owner, trusted in sorted(origins_of(value).items()):
-        if dest != owner and dest not in trusted:
+def check_move(taint: Taint, dest: str) -> None:
+    """Refuse moving a value to `dest` unless each owner is `dest` or trusts it."""
+    for owner, trusted in sorted(taint.origins.items()):
+        if dest != owner and dest not in trusted and ANALYST not in trusted:
             raise PermissionDenied(owner, f"{owner!r} does not trust {dest!r} with its data")
 
 
-def aggregate(config: PolicyConfig, inputs: list[torch.Tensor], weights: list[float] | None) -> torch.Tensor:
-    """The released mean (or weighted mean) of `inputs`, one per data owner, from >= k owners."""
-    if not config.aggregator:
-        raise PermissionDenied(config.name, f"{config.name!r} is not an aggregator; nothing is released here")
-    if not inputs:
-        raise PermissionDenied(config.name, "an aggregate needs inputs")
-    owners: list[str] = []
-    for t in inputs:
-        origins = origins_of(t)
-        if len(origins) != 1:
-            who = ", ".join(sorted(origins)) or "no one"
-            raise PermissionDenied(
-                sorted(origins)[0] if origins else config.name,
-                f"each input must derive from exactly one data owner's data, not from {who}",
-            )
-        owners.extend(origins)
-    if len(set(owners)) != len(owners):
-        dup = next(o for o in owners if owners.count(o) > 1)
-        raise PermissionDenied(dup, f"the inputs must be one per data owner; {dup!r} gave {owners.count(dup)}")
-    if len(owners) < config.min_owners:
-        raise PermissionDenied(
-            owners[0], f"an aggregate needs at least {config.min_owners} data owners, not {len(owners)}"
-        )
-    shape = inputs[0].shape
-    if any(t.shape != shape for t in inputs):
-        raise ValueError("aggregated inputs must all have the same shape")
-    n = len(inputs)
-    if weights is None:
-        weights = [1.0] * n
-    if len(weights) != n or any(not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0) for w in weights):
-        raise ValueError("weights must be one positive number per input")
-    if max(weights) / min(weights) > config.max_weight_ratio:
-        raise PermissionDenied(owners[0], f"weights may differ by at most {config.max_weight_ratio}x")
-    with torch.no_grad():
-        stacked = torch.stack([t.detach().to(torch.float64) for t in inputs])
-        if config.dp_clip > 0:
-            norms = stacked.reshape(n, -1).norm(dim=1).clamp(min=1e-12)
-            scale = (config.dp_clip / norms).clamp(max=1.0)
-            stacked = stacked * scale.reshape(n, *([1] * (stacked.dim() - 1)))
-        w = torch.tensor(weights, dtype=torch.float64)
-        w = w / w.sum()
-        mean = (stacked * w.reshape(n, *([1] * (stacked.dim() - 1)))).sum(0)
-        if config.dp_noise_multiplier > 0:
-            sensitivity = (config.dp_clip if config.dp_clip > 0 else 1.0) * float(w.max())
-            mean = mean + torch.randn_like(mean) * config.dp_noise_multiplier * sensitivity
-        result = mean.to(inputs[0].dtype)
-    setattr(result, _RELEASED, True)
-    return result
+def refuse_write(owner: str, what: str) -> PermissionDenied:
+    """The refusal of a write to private data (it is read-only)."""
+    return PermissionDenied(owner, f"{what}: a data owner's private data is read-only")
+
+
+def refuse_op(taint: Taint, op: str, public_shapes: list[list[int]]) -> PermissionDenied:
+    """The generic refusal of an operation on private data: the op's name and the shapes of its
+    public operands only, never torch's message (which may quote private values)."""
+    shapes = ", ".join(str(s) for s in public_shapes) or "none"
+    return PermissionDenied(
+        taint.owners[0],
+        f"{op} cannot run on private data with these arguments (private data may be a tensor operand "
+        f"only, never a size, index or count; public operand shapes: {shapes})",
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow, new_object_id
 
 from .durable import DurableStore
-from .policy import origins_of
+from .mechanisms import Contribution
+from .policy import Taint
 
 
 @dataclass(eq=False)
@@ -35,18 +36,28 @@ class Entry:
     remote_id: int = 0
     owner: str = ""
     """The one peer that may use, get, move, grant or delete it (ANYONE for a worker's own data)."""
+    taint: Taint = field(default_factory=Taint)
+    """The data owners its value derives from; shared with the entries that alias its storage."""
+    released: str = ""
+    """``"dp"`` once a DP mechanism made the value releasable (a model trained by DP-SGD only)."""
+    readonly: str = ""
+    """The data owner whose private data, or DP contribution, this is: nothing may write to it."""
+    contribution: Contribution | None = None
+    """What makes it a single-use DP contribution, on an aggregator."""
 
     @property
     def is_pointer(self) -> bool:
         return self.location is not None
 
     @classmethod
-    def tensor(cls, value: torch.Tensor | nn.Module | None = None, owner: str = "") -> Entry:
+    def tensor(
+        cls, value: torch.Tensor | nn.Module | None = None, owner: str = "", taint: Taint | None = None
+    ) -> Entry:
         """A local tensor (or model) entry, settled with `value` or pending when it is None."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if value is not None:
             fut.set_result(value)
-        return cls(fut, owner=owner)
+        return cls(fut, owner=owner, taint=taint or Taint())
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
@@ -68,7 +79,7 @@ class Entry:
             return ObjectRow(obj_id, "module", [], "", None, "", 0)
         # values are shown only for small tensors that derive from no one's private data
         small = t.numel() <= limits.PREVIEW_NUMEL and t.dtype not in (torch.complex64, torch.complex128)
-        preview = t.detach().reshape(-1).tolist() if small and not origins_of(t) else None
+        preview = t.detach().reshape(-1).tolist() if small and not self.taint else None
         return ObjectRow(obj_id, "tensor", list(t.shape), NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
 
 
@@ -118,10 +129,13 @@ class Store:
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
 
-    def add_data(self, tag: str, value: torch.Tensor) -> int:
-        """Store a dataset array under a new id, pinned and findable by `tag`."""
+    def add_data(self, tag: str, value: torch.Tensor, taint: Taint) -> int:
+        """Store a dataset array under a new id: private (`taint`), read-only, pinned, and
+        findable by `tag`."""
         obj_id = new_object_id()
-        self.add(obj_id, Entry.tensor(value, ANYONE))
+        entry = Entry.tensor(value, ANYONE, taint)
+        entry.readonly = self.node
+        self.add(obj_id, entry)
         self._charge(obj_id, value)
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)

@@ -58,7 +58,7 @@ async def test_failure_mid_pipeline_fails_every_later_step(bob: fedptr.Worker) -
 
 
 async def test_in_flight_bound_gives_backpressure(cluster: fedptr.Cluster) -> None:
-    async with fedptr.connect(cluster.address, max_in_flight=8) as small:
+    async with cluster.connect(max_in_flight=8) as small:
         bob = small.worker("bob")
         x = await bob.send(torch.ones(2))
         ys = [x + i for i in range(8)]

@@ -258,7 +258,7 @@ async def test_send_nowait_pipelines_and_reports_errors_late(client: fedptr.Clie
 
 async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Cluster, client: fedptr.Client) -> None:
     bob, alice = client.worker("bob"), client.worker("alice")
-    async with fedptr.connect(cluster.address) as other:
+    async with cluster.connect() as other:
         kept = await other.worker("bob").send(torch.ones(3))
         chained = await (await other.worker("bob").send(torch.ones(2))).send(other.worker("alice"))
         kept.owned = chained.owned = False  # as if the process died: no deletes are sent

@@ -16,6 +16,7 @@ import zmq.asyncio
 
 import fedptr
 from fedptr import envelope, wire
+from fedptr.security import CurveKeys
 from tests.conftest import alive
 
 
@@ -27,10 +28,14 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def raw_socket(address: str) -> zmq.asyncio.Socket:
+def raw_socket(cluster: fedptr.Cluster) -> zmq.asyncio.Socket:
+    """A bare DEALER on the cluster's broker, with a spare client key when it runs CURVE."""
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    keys = cluster.client_keys(3)
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(cluster.address)
     return sock
 
 
@@ -49,7 +54,7 @@ async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = envelope
 
 
 async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
-    sock = raw_socket(cluster.address)
+    sock = raw_socket(cluster)
     rng = random.Random(7)
     garbage: list[list[bytes]] = [
         [b""],
@@ -73,7 +78,7 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
 
 
 async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
-    sock = raw_socket(cluster.address)
+    sock = raw_socket(cluster)
     assert (await register(sock, b"fuzzer"))[1] == envelope.ACCEPTED
     rng = random.Random(11)
     bodies: list[list[bytes]] = [
@@ -110,8 +115,17 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
 
 
 async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
-    sock = raw_socket(cluster.address)
+    sock = raw_socket(cluster)  # a client's key may not claim a worker's name at all
     reply = await register(sock, b"bob", envelope.ROLE_WORKER)
+    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_FORBIDDEN
+    assert cluster.keys_dir is not None
+    own = CurveKeys.load(cluster.keys_dir / "bob.key_secret", cluster.keys_dir / "broker.key")
+    twin = zmq.asyncio.Context.instance().socket(zmq.DEALER)  # bob's own key, while bob is alive
+    twin.setsockopt(zmq.LINGER, 0)
+    own.apply(twin)
+    twin.connect(cluster.address)
+    reply = await register(twin, b"bob", envelope.ROLE_WORKER)
+    twin.close()
     assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_NAME_TAKEN
     reply = await register(sock, b"bad name!", envelope.ROLE_WORKER)
     assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_BAD_NAME
@@ -120,7 +134,10 @@ async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
 
 async def test_second_node_with_a_taken_name_exits(cluster: fedptr.Cluster) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fedptr.nodes", "--name", "bob", "--broker", cluster.address, "--register-timeout", "1"],
+        [
+            *(sys.executable, "-m", "fedptr.nodes", "--name", "bob", "--broker", cluster.address),
+            *("--register-timeout", "1", *cluster.node_args["bob"]),
+        ],
         capture_output=True,
         timeout=60,
     )

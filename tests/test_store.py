@@ -37,7 +37,7 @@ async def test_store_cap_refuses_with_a_clear_error(capped: fedptr.Cluster) -> N
 
 
 async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) -> None:
-    sock = raw_socket(capped.address)
+    sock = raw_socket(capped)
     assert (await register(sock, b"replayer"))[1] == envelope.ACCEPTED
     rid = envelope.request_id_bytes(99)
     put = [envelope.PROTOCOL, envelope.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3))))]

@@ -78,7 +78,7 @@ def test_stream_bytes_are_bounded_and_stale_streams_dropped() -> None:
 
 
 async def test_interrupted_stream_leaves_node_serving(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
-    sock: zmq.asyncio.Socket = raw_socket(cluster.address)
+    sock: zmq.asyncio.Socket = raw_socket(cluster)
     assert (await register(sock, b"quitter"))[1] == envelope.ACCEPTED
     t = torch.randn(2 << 20)  # 8 MiB: streamed
     parts = split(put_message(t, rid=envelope.request_id_bytes(7)))

@@ -16,12 +16,11 @@ from types import ModuleType
 import pytest
 import pytest_asyncio
 import torch
-from fedptr.nodes import policy
 from torch import nn
 from torch.nn import functional
 
 import fedptr
-from fedptr import aggregate, optim, wire
+from fedptr import aggregate, dp, optim, wire
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +38,23 @@ def load_example() -> ModuleType:
 example = load_example()
 
 
+SPLIT_DIR = tempfile.TemporaryDirectory(prefix="fedptr-digits-")
+SPLIT = example.split_digits(Path(SPLIT_DIR.name), seed=0)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fed() -> AsyncIterator[fedptr.Cluster]:
+    """bob and alice own digits, with budgets, and trust secure_worker, an aggregator whose
+    roster is bob and alice; eve is a worker nobody trusts."""
     with tempfile.TemporaryDirectory() as tmp:
-        split = example.split_digits(Path(tmp), seed=0)
+        owner = ["--trust", "secure_worker", "--epsilon", "100", "--dp-noise-multiplier", "5"]
         async with fedptr.local_cluster(
             ["bob", "alice", "secure_worker", "eve"],
-            data={o: {"digits": split.files[o]} for o in ("bob", "alice")},
+            data={o: {"digits": SPLIT.files[o]} for o in ("bob", "alice")},
             node_args={
-                "bob": ["--trust", "secure_worker"],
-                "alice": ["--trust", "secure_worker"],
-                "secure_worker": ["--aggregator"],
+                "bob": [*owner, "--store", f"{tmp}/bob"],
+                "alice": [*owner, "--store", f"{tmp}/alice"],
+                "secure_worker": ["--aggregator", "--owners", "bob", "--owners", "alice"],
             },
         ) as c:
             yield c
@@ -180,9 +185,8 @@ async def test_search_finds_private_data_that_stays_put(fed: fedptr.Cluster) -> 
 @MODULE_LOOP
 async def test_every_refusal_of_the_policy(fed: fedptr.Cluster) -> None:
     client = fed.client
-    bob, alice, secure, eve = (client.worker(n) for n in ("bob", "alice", "secure_worker", "eve"))
+    bob, secure, eve = (client.worker(n) for n in ("bob", "secure_worker", "eve"))
     x, y = await digits(fed, "bob")
-    xa, ya = await digits(fed, "alice")
 
     async def denied(aw: object, owner: str) -> fedptr.PermissionDenied:
         with pytest.raises(fedptr.PermissionDenied) as info:
@@ -200,57 +204,55 @@ async def test_every_refusal_of_the_policy(fed: fedptr.Cluster) -> None:
     await denied(weight.grad.get(), "bob")  # a gradient
     await denied(loss.get(), "bob")  # a loss
     await optim.SGD(model.parameters(), lr=0.1).step()
-    await denied(model.get(), "bob")  # a model trained on private data
+    await denied(model.get(), "bob")  # a model trained on private data without DP
+    await denied(x.zero_(), "bob")  # private data is read-only
     await denied(loss.move(eve), "bob")  # a move to an untrusted node
-    assert (await (loss + 0).move(secure)).location == "secure_worker"  # trusted: allowed
+    moved = await (loss + 0).move(secure)  # trusted: allowed, and still private there
+    assert moved.location == "secure_worker"
+    await denied(moved.get(), "bob")
+    await denied(aggregate.mean([moved, moved]), "secure_worker")  # not contributions
     await denied(x.move(secure), "bob")  # the data itself stays where it was loaded
-
-    loss_b = await (loss * 1).move(secure)
-    model_a = await alice.send(nn.Linear(64, 10))
-    assert isinstance(model_a, fedptr.ModulePointer)
-    loss_a = await functional.cross_entropy(model_a(xa), ya).move(secure)
-    released = await aggregate.mean([loss_b, loss_a]).get()
-    assert isinstance(released, torch.Tensor)
-    await denied(aggregate.mean([loss_b]), "bob")  # fewer than k owners
-    second_b = await (loss * 2).move(secure)
-    await denied(aggregate.mean([loss_b, second_b, loss_a]), "bob")  # not one per owner
-    public = await secure.send(torch.tensor(1.0))
-    with pytest.raises(fedptr.PermissionDenied, match="exactly one data owner"):
-        await aggregate.mean([loss_b, public])
-    await denied(aggregate.weighted_mean([loss_b, loss_a], [1, 1000]), "bob")  # a weight singling one out
-    await denied(aggregate.mean([(loss * 1), (loss * 3)]), "bob")  # bob is not an aggregator
+    await denied(dp.contribute(x.mean(0), eve), "bob")  # a contribution goes to a trusted aggregator only
 
 
 @MODULE_LOOP
-async def test_client_sees_nothing_but_averages(fed: fedptr.Cluster) -> None:
+async def test_dp_mean_of_contributions_is_released_once(fed: fedptr.Cluster) -> None:
+    client = fed.client
+    _bob, _alice, secure = (client.worker(n) for n in ("bob", "alice", "secure_worker"))
+    (xb, _), (xa, _) = await digits(fed, "bob"), await digits(fed, "alice")
+    cb, spent_b = await dp.contribute(xb.mean(0), secure)
+    ca, _ = await dp.contribute(xa.mean(0), secure)
+    assert spent_b.owner == "bob" and spent_b.epsilon_spent > 0 and cb.location == "secure_worker"
+    with pytest.raises(fedptr.PermissionDenied, match="at least 2 owners"):
+        await aggregate.mean([cb])  # fewer than k owners
+    cb2, _ = await dp.contribute(xb.mean(0) * 2, secure)
+    with pytest.raises(fedptr.PermissionDenied, match="one contribution per owner"):
+        await aggregate.mean([cb, cb2, ca])
+    with pytest.raises(fedptr.PermissionDenied, match="read-only"):
+        await cb.mul_(1000)  # a contribution's clip bound cannot be undone on the aggregator
+    released = await aggregate.mean([cb, ca]).get()
+    assert isinstance(released, torch.Tensor) and released.shape == (64,)
+    with pytest.raises((fedptr.PermissionDenied, fedptr.ObjectNotFoundError)):
+        await aggregate.mean([cb, ca])  # single use: they were consumed
+    with pytest.raises(fedptr.PermissionDenied, match="not an aggregator"):
+        await aggregate.mean([xb.mean(0), xb.mean(0)])
+
+
+@MODULE_LOOP
+async def test_client_sees_only_dp_releases(fed: fedptr.Cluster) -> None:
     received: list[wire.Message] = []
     fed.client.link.on_reply = received.append
     try:
-        result = await example.run(rounds=2, local_steps=3, quiet=True, cluster=fed)
+        result = await example.train_federated(fed, SPLIT, 8.0, rounds=2, local_steps=3, lr=2.0, seed=0, quiet=True)
     finally:
         fed.client.link.on_reply = None
     data = [m for m in received if isinstance(m, (wire.TensorReply, wire.ModuleReply))]
-    assert len(data) == 2 * (4 + 1)  # per round: 4 averaged parameters and the averaged loss
-    assert all(isinstance(m, wire.TensorReply) and m.release == "aggregate" for m in data)
-    assert len(result.released_losses) == 2
+    assert len(data) == 2 * 2  # per round: the DP-trained model of each owner
+    assert all(m.release == "dp" for m in data), [m.release for m in data]  # type: ignore[union-attr]
+    assert set(result.spent) == {"bob", "alice"} and all(e > 0 for e in result.spent.values())
 
 
 @MODULE_LOOP
-async def test_federated_example_reaches_centralized_accuracy(fed: fedptr.Cluster) -> None:
-    result = await example.run(rounds=8, local_steps=10, quiet=True, cluster=fed)
-    assert result.centralized_accuracy > 0.85
-    assert result.federated_accuracy >= result.centralized_accuracy - 0.02, result
-
-
-def test_aggregate_policy_clips_and_adds_noise() -> None:
-    cfg = policy.PolicyConfig("secure_worker", aggregator=True, dp_clip=1.0, dp_noise_multiplier=0.0)
-    a, b = torch.full((4,), 10.0), torch.zeros(4)
-    policy.taint(a, {"bob": frozenset()})
-    policy.taint(b, {"alice": frozenset()})
-    clipped = policy.aggregate(cfg, [a, b], None)
-    assert torch.allclose(clipped, torch.full((4,), 0.25))  # a clipped to norm 1 (0.5 each), halved
-    noisy_cfg = policy.PolicyConfig("secure_worker", aggregator=True, dp_clip=1.0, dp_noise_multiplier=5.0)
-    torch.manual_seed(0)
-    noisy = policy.aggregate(noisy_cfg, [a, b], None)
-    assert not torch.allclose(noisy, clipped) and policy.origins_of(noisy) == {}
-    assert policy.release_kind(noisy) == "aggregate"
+async def test_dp_federated_training_learns(fed: fedptr.Cluster) -> None:
+    result = await example.train_federated(fed, SPLIT, 8.0, rounds=6, local_steps=10, lr=2.0, seed=0, quiet=True)
+    assert result.federated_accuracy > 0.8, result

@@ -46,7 +46,14 @@ SAMPLES: list[wire.Message] = [
     wire.ModuleReply({"type": "ReLU"}, []),
     wire.SearchReply([1, 2]),
     wire.Put(6, raw(torch.ones(2)), True, {"bob": ["secure_worker"]}),
-    wire.TensorReply(raw(torch.ones(1)), "aggregate"),
+    wire.TensorReply(raw(torch.ones(1)), "dp"),
+    wire.ModuleReply({"type": "ReLU"}, [], "dp"),
+    wire.Contribute(3, "secure_worker", 4),
+    wire.PutContribution(4, raw(torch.ones(3)), 1.0, 1.5, "client-1"),
+    wire.DPTrain(5, 6, 7, "cross_entropy", 0.5, 0.1, 10, 1.0, 1.1),
+    wire.BudgetReply("bob", 1.25, 6.75),
+    wire.Budget(),
+    wire.Failure("budget-exhausted", "", "no budget", "bob", ["bob"], "bob"),
     wire.Failure("denied", "", "private", "bob", ["bob"], "bob"),
     wire.ObjectsReply(
         [wire.ObjectRow(1, "tensor", [2], "int64", [1, 2], "", 0), wire.ObjectRow(2, "pointer", [], "", None, "bob", 1)]

@@ -1,0 +1,112 @@
+"""Running one operation so that private values cannot steer anything the client sees.
+
+On private (tainted) operands an operation first runs on torch's meta device: meta tensors
+have shapes and dtypes but no values, so whatever the meta run produces, or refuses, is a
+function of public facts only. A private value used as a size, an index or a count fails there
+(a meta tensor cannot become a Python number), and the refusal names no value. The real run
+then computes the value; if it fails for a reason the meta run could not see (a private class
+index out of range, an integer division by a private zero), the result is zeros of the meta
+shape instead of an error, so success itself tells nothing. The result stays private either way.
+
+Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
+stored value never shares memory with another entry behind the policy's back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fedptr.ops import IN_PLACE
+
+from . import kernels
+
+ALIASING = frozenset(IN_PLACE) | {"parameter", "requires_grad_"}
+"""Operations whose result is (part of) an operand by design: they share its taint instead."""
+
+STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter"})
+"""Operations that read no value into a size: no meta run; a failure is refused generically."""
+
+
+def warm_up() -> threading.Thread:
+    """Load torch's meta kernels on a thread: the first meta operation in a process takes
+    seconds, which on the event loop would stall heartbeats when private data is first used."""
+    thread = threading.Thread(target=lambda: (torch.empty(1, device="meta") * 2).sum(), name="meta-warm-up")
+    thread.start()
+    return thread
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, list):
+        return [_meta(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _meta(v) for k, v in value.items()}
+    return value
+
+
+def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
+    state = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict(keep_vars=True).items()}
+    out: torch.Tensor = functional_call(model, state, tuple(_meta(x) for x in inputs))
+    return out
+
+
+def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The result of `op` on meta stand-ins for its tensors (None for structural ops). Raises
+    whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
+    if op in STRUCTURAL:
+        return None
+    if op == "forward":
+        if not args or not isinstance(args[0], nn.Module):
+            raise TypeError("forward needs a model as its first argument")
+        return _meta_forward(args[0], args[1:])
+    return kernels.run(op, _meta(args), _meta(kwargs))
+
+
+def _storages(values: list[Any], out: set[int]) -> None:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.add(v.untyped_storage().data_ptr())
+            if v.grad is not None:  # `grad` hands out a copy of the gradient, never the live one
+                out.add(v.grad.untyped_storage().data_ptr())
+        elif isinstance(v, nn.Module):
+            _storages(list(v.parameters()), out)
+        elif isinstance(v, list):
+            _storages(v, out)
+        elif isinstance(v, dict):
+            _storages(list(v.values()), out)
+
+
+def run(
+    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception]
+) -> torch.Tensor:
+    """Run `op`. With `private` operands, through the meta run first; `refuse()` is raised when
+    the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
+    in `ALIASING`."""
+    if private:
+        try:
+            meta = meta_result(op, args, kwargs)
+        except Exception:
+            raise refuse() from None
+        try:
+            result = kernels.run(op, args, kwargs)
+        except Exception:
+            if meta is None:
+                raise refuse() from None
+            result = torch.zeros(meta.shape, dtype=meta.dtype)
+        if meta is not None and (result.shape != meta.shape or result.dtype != meta.dtype):
+            result = torch.zeros(meta.shape, dtype=meta.dtype)  # a shape that depends on values
+    else:
+        result = kernels.run(op, args, kwargs)
+    if op not in ALIASING and result.numel():
+        inputs: set[int] = set()
+        _storages([*args, *kwargs.values()], inputs)
+        if result.untyped_storage().data_ptr() in inputs:
+            result = result.clone()
+    return result
