@@ -20,8 +20,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
+from fedptr.logs import rid_extra
 from fedptr.security import allowed_keys
 from fedptr.zio import recv_frames, send_frames
+
+from .stats import BrokerStats
 
 log = logging.getLogger("fedptr.broker")
 
@@ -48,6 +51,8 @@ class BrokerConfig:
     """The broker's ``.key_secret`` file: with it, only CURVE peers whose keys are in `allow` get in."""
     allow: str | None = None
     """Directory of allowed public keys; ``NAME.key`` binds the worker name NAME to its key."""
+    timed: bool = False
+    """Time every command and count bytes (for ``--metrics-port``)."""
 
 
 @dataclass
@@ -144,6 +149,8 @@ class Broker:
         self.table = RoutingTable()
         self.dropped = 0
         self.routed = 0
+        self.stats = BrokerStats(self, config.timed)
+        """Per-peer queues and liveness for STATS; counters and latencies for metrics (broker/stats.py)."""
         self._running = True
         """Until `stop()`: set here, so a stop that comes before `serve()` is not lost."""
         self._now = time.monotonic()
@@ -184,6 +191,7 @@ class Broker:
             poller.register(self._monitor, zmq.POLLIN)
         beat_ms = max(1, int(self.config.heartbeat_s * 1000))
         heard = self.table.heard
+        timed = self.stats.timed
         while self._running:
             if poller.poll(beat_ms):
                 self._now = time.monotonic()
@@ -197,8 +205,11 @@ class Broker:
                         frames = self._with_key(frames)
                     if frames[0] in heard:
                         heard[frames[0]] = self._now
+                    started = time.perf_counter() if timed else 0.0
                     try:
                         self.handle(frames)
+                        if timed:
+                            self.stats.handled(frames, started)
                     except Exception:  # a bug must not take the broker down: log it, keep routing
                         log.exception("failed to handle a message; dropped it")
             self._now = time.monotonic()
@@ -245,6 +256,7 @@ class Broker:
         role = envelope.ROLE_WORKER if name in self.table.workers else envelope.ROLE_CLIENT
         concerned = self.table.concerned(identity, name)
         self.table.remove_identity(identity)
+        self.stats.on_gone(name, why)
         level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
         log.log(level, "peer %r is gone (%s)", name, why.decode())
         notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
@@ -300,6 +312,7 @@ class Broker:
         elif command == envelope.STATS:
             stats = self.table.sizes() | {"routed": self.routed, "dropped": self.dropped}
             counters = [f"{k}={v}".encode() for k, v in stats.items()]
+            counters += [f.encode() for f in self.stats.peer_frames(self._now)]
             self._send(identity, envelope.build(envelope.STATS, b"", first.rid, *counters))
         elif command == envelope.DISCONNECT:
             self._forget(identity, envelope.GONE_DISCONNECTED)
@@ -344,6 +357,7 @@ class Broker:
         reason = self._send(dest_identity, frames)
         if reason is None:
             self.routed += len(messages)
+            self.stats.on_delivered(dest, messages)
             return
         for m in messages:
             if m[0] == envelope.REQUEST:
@@ -364,7 +378,7 @@ class Broker:
             # A restarted peer reclaims its name once the old connection is gone.
             probe = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
             if self._send(holder, probe, forget=False) is None:
-                log.warning("refused %r: name taken", name)
+                log.warning("refused %r: name taken", name, extra=rid_extra(rid))
                 self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
             self.table.remove_identity(holder)
@@ -399,6 +413,7 @@ class Broker:
                     self._vanished.add(identity)
                 return envelope.REASON_LOST
             if e.errno == errno.EAGAIN:
+                self.stats.on_refused(self.table.by_identity.get(identity))
                 log.warning(
                     "peer %r is not reading (queue full); message refused", self.table.by_identity.get(identity)
                 )
@@ -406,6 +421,7 @@ class Broker:
             raise
 
     def _error(self, identity: bytes, name: bytes, rid: bytes, reason: bytes, text: str) -> None:
+        self.stats.on_error(reason)
         self._send(identity, envelope.build(envelope.BROKER_ERROR, name, rid, reason, text.encode()))
 
     def _drop(self, why: str) -> None:

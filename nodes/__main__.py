@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
-from fedptr import envelope, limits
+from fedptr import envelope, limits, logs, metrics
 from fedptr.errors import FedptrError
 from fedptr.link import Link
 from fedptr.security import CurveKeys
@@ -55,6 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="Gaussian noise on released means")
     p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of each aggregated input")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="json: one JSON object per line")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (0: a free one); off if unset",
+    )
+    p.add_argument("--metrics-host", default=limits.METRICS_HOST, help="address the metrics endpoint listens on")
     return p.parse_args(argv)
 
 
@@ -98,6 +105,8 @@ async def serve(args: argparse.Namespace) -> int:
         # wired before registering: a request may arrive in the same read as the acceptance
         link.handler = node.handle
         link.on_session_ended = node.reclaim
+        if args.metrics_port is not None:
+            metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
         async with link:
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
@@ -112,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s node {args.name} %(levelname)s %(message)s")
+    logs.setup(f"node {args.name}", args.log_level, args.log_format)
     return asyncio.run(serve(args))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
@@ -41,6 +42,7 @@ from .durable import DurableStore
 from .handover import Handover
 from .replies import ReplyCache, Seen
 from .scheduler import Scheduler
+from .stats import NodeFigures
 from .store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
@@ -141,6 +143,8 @@ class Node:
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
         handover = Handover(self)
+        self.figures = NodeFigures(self)
+        """Counts, latencies and the `wire.NodeStats` answer (nodes/stats.py)."""
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
@@ -153,6 +157,7 @@ class Node:
             wire.PutModule: self._put_module,
             wire.Search: self._search,
             wire.Grant: handover.grant,
+            wire.NodeStats: self.figures.handle,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -181,6 +186,7 @@ class Node:
             if seen is Seen.ANSWERED:
                 self.link.reply(source, rid, self.replies.cached((source, rid)))
                 return
+        self.figures.started(source, rid, msg)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
         try:
@@ -196,6 +202,7 @@ class Node:
         self.link.reply(dest, rid, msg)
         if rid != envelope.NO_REPLY:
             self.replies.finish((dest, rid), msg)
+            self.figures.finished(dest, rid, msg)
 
     def reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         """Answer request `rid` of `dest` with the typed failure `e` stands for."""
@@ -289,7 +296,11 @@ class Node:
             pending = [e.done for e in snapshot.values() if not e.done.done()]
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
-            rows = [e.row(i) for i, e in snapshot.items() if e.done.done() or e.is_pointer]
+            rows = [
+                dataclasses.replace(e.row(i), owner=e.owner)
+                for i, e in snapshot.items()
+                if e.done.done() or e.is_pointer
+            ]
             if len(rows) > limits.MAX_LISTED_OBJECTS:
                 raise OverloadedError(self.name, f"{len(rows)} objects are too many to list at once")
             self.reply(source, rid, wire.ObjectsReply(rows))
