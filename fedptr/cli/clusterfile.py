@@ -16,6 +16,8 @@ A complete example, every key shown::
     # allow = "keys/allow"
     # client_secret = "keys/operator.key_secret"
     insecure = false
+    metrics_port = 9100              # Prometheus metrics on 127.0.0.1:9100 (0: a free port; unset: off)
+    log_format = "json"              # "text" (default) or "json", for the broker and every node
     args = []                        # any further fedptr-broker flags
 
     [nodes.bob]
@@ -23,6 +25,7 @@ A complete example, every key shown::
     trust = ["secure_worker"]
     store = "store/bob"
     max_store_bytes = 0
+    metrics_port = 9101              # this node's metrics (unset: off)
     args = []                        # any further fedptr-node flags
 
     [nodes.secure_worker]
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedptr import limits
+from fedptr import limits, logs
 from fedptr.errors import FedptrError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -73,11 +76,21 @@ class BrokerSpec:
     client_secret: Path | None = None
     broker_key: Path | None = None
     insecure: bool = False
+    metrics_port: int | None = None
+    log_format: str = "text"
+    """``text`` or ``json``, for the broker and every node."""
     args: tuple[str, ...] = ()
+
+    def common(self) -> list[str]:
+        """The flags the broker shares with every node: heartbeat and log format."""
+        out = ["--heartbeat-ms", str(self.heartbeat_ms), "--liveness", str(self.liveness)]
+        return out if self.log_format == "text" else [*out, "--log-format", self.log_format]
 
     def argv(self) -> list[str]:
         """The broker's command-line flags (after ``--bind``)."""
-        out = ["--heartbeat-ms", str(self.heartbeat_ms), "--liveness", str(self.liveness)]
+        out = self.common()
+        if self.metrics_port is not None:
+            out += ["--metrics-port", str(self.metrics_port)]
         if self.curve_secret is not None and self.allow is not None:
             out += ["--curve-secret", str(self.curve_secret), "--allow", str(self.allow)]
         if self.insecure:
@@ -102,6 +115,7 @@ class NodeSpec:
     max_forwards: int | None = None
     curve_secret: Path | None = None
     broker_key: Path | None = None
+    metrics_port: int | None = None
     args: tuple[str, ...] = ()
 
     @property
@@ -113,7 +127,7 @@ class NodeSpec:
 
     def argv(self, broker: BrokerSpec) -> list[str]:
         """The node's command-line flags (after ``--name`` and ``--broker``)."""
-        out = ["--heartbeat-ms", str(broker.heartbeat_ms), "--liveness", str(broker.liveness)]
+        out = broker.common()
         if self.curve_secret is not None and self.broker_key is not None:
             out += ["--curve-secret", str(self.curve_secret), "--broker-key", str(self.broker_key)]
         out += [f"--data={tag}={path}" for tag, path in self.data.items()]
@@ -129,6 +143,7 @@ class NodeSpec:
             "--max-store-bytes": self.max_store_bytes,
             "--pool-size": self.pool_size,
             "--max-forwards": self.max_forwards,
+            "--metrics-port": self.metrics_port,
         }
         for flag, value in optional.items():
             if value is not None:
@@ -175,6 +190,8 @@ _BROKER_KEYS = {
     "allow",
     "client_secret",
     "insecure",
+    "metrics_port",
+    "log_format",
     "args",
 }
 _NODE_KEYS = {
@@ -190,6 +207,7 @@ _NODE_KEYS = {
     "max_forwards",
     "curve_secret",
     "broker_key",
+    "metrics_port",
     "args",
 }
 
@@ -303,6 +321,9 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         broker_key = curve_secret.with_name(curve_secret.name.removesuffix("_secret"))
         if client_secret is None:
             raise b.error("client_secret", "with curve_secret, name the key file `fedptr up` connects with")
+    log_format = b.string("log_format") or "text"
+    if log_format not in logs.FORMATS:
+        raise b.error("log_format", f"must be one of {', '.join(logs.FORMATS)}, not {log_format!r}")
     bind = b.string("bind") or BrokerSpec.bind
     if not bind.startswith(("tcp://", "ipc://", "inproc://")):
         raise b.error("bind", f"must be an endpoint like tcp://127.0.0.1:5555, not {bind!r}")
@@ -315,6 +336,8 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         client_secret=client_secret,
         broker_key=broker_key,
         insecure=b.boolean("insecure"),
+        metrics_port=b.integer("metrics_port", 0),
+        log_format=log_format,
         args=b.strings("args"),
     )
 
@@ -358,6 +381,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
             max_forwards=n.integer("max_forwards", 1),
             curve_secret=node_secret,
             broker_key=node_broker_key,
+            metrics_port=n.integer("metrics_port", 0),
             args=n.strings("args"),
         )
     return ClusterSpec(file, name, broker, nodes, start_timeout)
