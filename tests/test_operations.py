@@ -171,7 +171,7 @@ async def test_metrics_of_the_broker_and_a_node_move(ops: fedptr.Cluster) -> Non
     assert moved(broker, broker_before, 'fedptr_broker_messages_total{command="request",process="broker"}') >= 1
     assert moved(broker, broker_before, 'fedptr_broker_command_seconds_count{command="reply",process="broker"}') >= 1
     assert moved(broker, broker_before, f"fedptr_bytes_in_total{b}") > 0
-    assert f'fedptr_broker_queue_depth{{peer="bob",process="broker"}}' in broker
+    assert 'fedptr_broker_queue_depth{peer="bob",process="broker"}' in broker
     assert broker[f"fedptr_broker_workers{b}"] == 4
     assert moved(node, bob_before, f'fedptr_node_requests_total{{kind="Put",{n}}}') == 1
     assert moved(node, bob_before, f'fedptr_node_request_seconds_count{{kind="Op",{n}}}') == 2
