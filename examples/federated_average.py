@@ -8,12 +8,19 @@ The client never sees an individual update, gradient, loss or data sample: those
 refused. At the end it prints the accuracy next to the same model trained centrally.
 
     python examples/federated_average.py [--rounds 20] [--local-steps 10] [--mode models]
+
+On a terminal the rounds show as a progress bar (elsewhere, one line per round). With
+``--address`` it trains on a running cluster instead of starting one, e.g. the Part 4 setup:
+
+    python examples/prepare_digits.py && fedptr up examples/cluster.toml --detach
+    python examples/federated_average.py --address tcp://127.0.0.1:5555
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -91,10 +99,47 @@ def progress(done: int, total: int, loss: float, acc: float, width: int = 30) ->
     return f"[{'#' * filled}{'.' * (width - filled)}] round {done:>3}/{total}  loss {loss:.4f}  test accuracy {acc:.1%}"
 
 
+class Rounds:
+    """Reports each round: a rich progress bar on a terminal, a printed line elsewhere, nothing when quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+        self.bar: Progress | None = None
+        if not quiet and sys.stderr.isatty():
+            self.bar = Progress(
+                TextColumn("rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def done(self, r: int, loss: float, acc: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=r, description=f"loss {loss:.4f}  test accuracy {acc:.1%}")
+        elif not self.quiet:
+            print(progress(r, self.total, loss, acc), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 async def train_federated(
-    cluster: fedptr.Cluster, split: Split, rounds: int, local_steps: int, lr: float, mode: str, seed: int, quiet: bool
+    client: fedptr.Client, split: Split, rounds: int, local_steps: int, lr: float, mode: str, seed: int, quiet: bool
 ) -> tuple[nn.Module, list[float]]:
-    client = cluster.client
+    report = Rounds(rounds, quiet)
+    try:
+        return await _train(client, split, rounds, local_steps, lr, mode, seed, report)
+    finally:
+        report.close()
+
+
+async def _train(
+    client: fedptr.Client, split: Split, rounds: int, local_steps: int, lr: float, mode: str, seed: int, report: Rounds
+) -> tuple[nn.Module, list[float]]:
     secure = client.worker(AGGREGATOR)
     data = {o: await client.worker(o).search("digits") for o in OWNERS}  # [x, y] on each owner
     weights = [split.counts[o] for o in OWNERS]
@@ -132,8 +177,7 @@ async def train_federated(
                 else:
                     p.sub_(lr * avg)  # type: ignore[operator]
         losses.append(float(released_loss))  # type: ignore[arg-type]
-        if not quiet:
-            print(progress(r, rounds, losses[-1], accuracy(model, split.test_x, split.test_y)), flush=True)
+        report.done(r, losses[-1], accuracy(model, split.test_x, split.test_y))
     return model, losses
 
 
@@ -156,12 +200,17 @@ async def run(
     seed: int = 0,
     quiet: bool = False,
     cluster: fedptr.Cluster | None = None,
+    address: str | None = None,
 ) -> Result:
-    """Train both ways and return the two accuracies. Starts its own cluster unless given one
-    (which must have bob and alice holding `digits` data and an aggregator secure_worker)."""
+    """Train both ways and return the two accuracies. Starts its own cluster unless given one,
+    or the `address` of a running one (either must have bob and alice holding `digits` data,
+    split with this `seed`, and an aggregator secure_worker)."""
     with tempfile.TemporaryDirectory(prefix="fedptr-digits-") as tmp:
         split = split_digits(Path(tmp), seed)
-        if cluster is None:
+        if address is not None:
+            async with fedptr.connect(address, progress=not quiet) as client:
+                model, losses = await train_federated(client, split, rounds, local_steps, lr, mode, seed, quiet)
+        elif cluster is None:
             async with fedptr.local_cluster(
                 [*OWNERS, AGGREGATOR],
                 data={o: {"digits": split.files[o]} for o in OWNERS},
@@ -171,9 +220,9 @@ async def run(
                     AGGREGATOR: ["--aggregator"],
                 },
             ) as own:
-                model, losses = await train_federated(own, split, rounds, local_steps, lr, mode, seed, quiet)
+                model, losses = await train_federated(own.client, split, rounds, local_steps, lr, mode, seed, quiet)
         else:
-            model, losses = await train_federated(cluster, split, rounds, local_steps, lr, mode, seed, quiet)
+            model, losses = await train_federated(cluster.client, split, rounds, local_steps, lr, mode, seed, quiet)
         steps = rounds * (local_steps if mode == "models" else 1)
         central = train_centralized(split, steps, lr, seed)
         return Result(
@@ -188,9 +237,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--mode", choices=["models", "gradients"], default="models")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="train on the running cluster whose broker is here")
     args = p.parse_args()
     started = time.monotonic()
-    result = asyncio.run(run(args.rounds, args.local_steps, args.lr, args.mode, args.seed))
+    result = asyncio.run(run(args.rounds, args.local_steps, args.lr, args.mode, args.seed, address=args.address))
     gap = (result.centralized_accuracy - result.federated_accuracy) * 100
     print(f"\nfederated ({args.mode}, {args.rounds} rounds): {result.federated_accuracy:.1%} test accuracy")
     print(f"centralized (pooled data, same steps):  {result.centralized_accuracy:.1%} test accuracy")

@@ -58,7 +58,9 @@ class ClusterStatus:
 
     address: str
     broker: dict[str, int]
+    """The broker's counters (table sizes, routed, dropped): the asking client counts among its peers."""
     peers: list[PeerStatus]
+    """Every registered peer but the asking client."""
     workers: list[WorkerStatus]
 
     def to_json(self) -> dict[str, Any]:

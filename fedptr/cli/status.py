@@ -141,7 +141,7 @@ def tables(status: ClusterStatus) -> list[Table]:
     b = status.broker
     peers = Table(
         title=(
-            f"broker: {b.get('peers', 0)} peers ({b.get('workers', 0)} workers), "
+            f"broker: {len(status.peers)} peers ({sum(p.worker for p in status.peers)} workers), "
             f"{b.get('routed', 0)} messages routed, {b.get('dropped', 0)} dropped"
         ),
         title_justify="left",
