@@ -32,15 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-secret", default=None, help="the broker's .key_secret file: turns CURVE on")
     p.add_argument("--allow", default=None, help="directory of allowed public keys (NAME.key binds NAME)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp bind without keys")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="json: one JSON object per line")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on this port (0: a free one); off if unset",
-    )
-    p.add_argument("--metrics-host", default=limits.METRICS_HOST, help="address the metrics endpoint listens on")
+    logs.add_arguments(p)
+    metrics.add_arguments(p)
     return p.parse_args(argv)
 
 

@@ -14,6 +14,7 @@ The library itself configures nothing: `setup` is for command lines and for clie
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -63,6 +64,12 @@ class TextFormatter(logging.Formatter):
         text = super().format(record)
         rid = getattr(record, "rid", None)
         return f"{text} [rid {rid}]" if isinstance(rid, str) else text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--log-level`` and ``--log-format`` flags of the broker and the node."""
+    parser.add_argument("--log-level", default="INFO", help="DEBUG logs every request with its id")
+    parser.add_argument("--log-format", choices=FORMATS, default="text", help="json: one JSON object per line")
 
 
 def setup(process: str, level: str | int = "INFO", fmt: LogFormat = "text", stream: TextIO | None = None) -> None:

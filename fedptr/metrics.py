@@ -11,10 +11,12 @@ or the node's name). The process collector adds ``process_resident_memory_bytes`
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -27,6 +29,7 @@ from fedptr.errors import FedptrError
 log = logging.getLogger("fedptr.metrics")
 
 Metric = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily)
 
 
 class MetricsError(FedptrError):
@@ -97,20 +100,31 @@ def labelled_counter(
     name: str, documentation: str, process: str, label: str, values: Mapping[str, float]
 ) -> CounterMetricFamily:
     """A counter family with one sample per `label` value."""
-    fam = CounterMetricFamily(name, documentation, labels=["process", label])
-    for key, value in dict(values).items():
-        fam.add_metric([process, key], value)
-    return fam
+    return _labelled(CounterMetricFamily(name, documentation, labels=["process", label]), process, values)
 
 
 def labelled_gauge(
     name: str, documentation: str, process: str, label: str, values: Mapping[str, float]
 ) -> GaugeMetricFamily:
     """A gauge family with one sample per `label` value."""
-    fam = GaugeMetricFamily(name, documentation, labels=["process", label])
+    return _labelled(GaugeMetricFamily(name, documentation, labels=["process", label]), process, values)
+
+
+def _labelled(fam: F, process: str, values: Mapping[str, float]) -> F:
     for key, value in dict(values).items():
         fam.add_metric([process, key], value)
     return fam
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--metrics-port`` and ``--metrics-host`` flags of the broker and the node."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (0: a free one); off if unset",
+    )
+    parser.add_argument("--metrics-host", default=limits.METRICS_HOST, help="address the metrics endpoint listens on")
 
 
 class _Snapshot(Collector):

@@ -53,15 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="Gaussian noise on released means")
     p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of each aggregated input")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="json: one JSON object per line")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics on this port (0: a free one); off if unset",
-    )
-    p.add_argument("--metrics-host", default=limits.METRICS_HOST, help="address the metrics endpoint listens on")
+    logs.add_arguments(p)
+    metrics.add_arguments(p)
     return p.parse_args(argv)
 
 
