@@ -258,7 +258,7 @@ class Broker:
         self.table.remove_identity(identity)
         self.stats.on_gone(name, why)
         level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
-        log.log(level, "peer %r is gone (%s)", name, why.decode())
+        log.log(level, "peer %r is gone (%s)", name.decode(errors="replace"), why.decode())
         notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
         for other in concerned:
             self._notices.setdefault(other, []).append(notice)
@@ -341,7 +341,7 @@ class Broker:
                 if m.command == envelope.REQUEST:
                     self._error(identity, m.name, m.rid, envelope.REASON_UNKNOWN_NAME, "no such worker")
                 else:
-                    log.info("reply for %r dropped: no such peer", m.name)
+                    log.info("reply for %r dropped: no such peer", m.name.decode(errors="replace"))
                 continue
             if m.command == envelope.REQUEST:
                 self.table.note_request(identity, m.name)
@@ -370,7 +370,7 @@ class Broker:
             self._error(identity, name, rid, envelope.REASON_BAD_NAME, "bad name or role")
             return
         if self.bound_keys is not None and not self._key_may_claim(name, role):
-            log.warning("refused %r: its key is not the one bound to that name", name)
+            log.warning("refused %r: its key is not the one bound to that name", name.decode(errors="replace"))
             self._error(identity, name, rid, envelope.REASON_FORBIDDEN, "this key may not use that name")
             return
         holder = self.table.by_name.get(name)
@@ -378,7 +378,7 @@ class Broker:
             # A restarted peer reclaims its name once the old connection is gone.
             probe = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
             if self._send(holder, probe, forget=False) is None:
-                log.warning("refused %r: name taken", name, extra=rid_extra(rid))
+                log.warning("refused %r: name taken", name.decode(errors="replace"), extra=rid_extra(rid))
                 self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
             self.table.remove_identity(holder)
@@ -389,7 +389,7 @@ class Broker:
         if old is not None and old != name:
             self.table.remove_identity(identity)
         self.table.add(name, identity, role, self._now)
-        log.info("registered %s %r", role.decode(), name)
+        log.info("registered %s %r", role.decode(), name.decode(errors="replace"))
         self._send(identity, envelope.build(envelope.ACCEPTED, name, rid))
 
     def _key_may_claim(self, name: bytes, role: bytes) -> bool:

@@ -77,7 +77,7 @@ class BrokerStats:
         if self.debug:
             for m in messages:
                 what = COMMAND_NAMES.get(bytes(m[0]), "other")
-                log.debug("routed %s from %r to %r", what, bytes(m[1]), dest, extra=rid_extra(bytes(m[2])))
+                log.debug("routed %s from %r to %r", what, _text(m[1]), _text(dest), extra=rid_extra(bytes(m[2])))
         for m in messages:
             if m[0] == envelope.REQUEST:
                 if m[2] != envelope.NO_REPLY:
@@ -148,3 +148,7 @@ class BrokerStats:
         yield metrics.counter(
             "fedptr_heartbeat_misses", "Peers forgotten because their heartbeats stopped.", p, self.silent
         )
+
+
+def _text(name: Any) -> str:
+    return bytes(name).decode(errors="replace")
