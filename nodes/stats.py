@@ -62,6 +62,8 @@ class NodeFigures:
         self.releases: Counter[str] = Counter()
         """Tensors handed to a client, by release kind (``public``, ``aggregate``)."""
         self.latencies = metrics.Latencies()
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        """Log every request and reply with its request id (``--log-level DEBUG``)."""
         self._pending: dict[tuple[str, bytes], tuple[str, float]] = {}
 
     @property
@@ -73,7 +75,7 @@ class NodeFigures:
         """Request `rid` of `source` is being handled (after the reply cache let it through)."""
         kind = type(msg).__name__
         self.requests[kind] += 1
-        if log.isEnabledFor(logging.DEBUG):
+        if self.debug:
             log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
         if rid == envelope.NO_REPLY:
             return
@@ -90,7 +92,7 @@ class NodeFigures:
             self.failures[reply.code] += 1
         elif isinstance(reply, wire.TensorReply) and reply.release:
             self.releases[reply.release] += 1
-        if log.isEnabledFor(logging.DEBUG):
+        if self.debug:
             log.debug("answered %r with %s", dest, type(reply).__name__, extra=rid_extra(rid))
 
     def handle(self, source: str, rid: bytes, msg: wire.NodeStats, budget: float) -> None:
