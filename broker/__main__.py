@@ -7,12 +7,11 @@ routes until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from types import FrameType
 
-from fedptr import limits
+from fedptr import limits, logs, metrics
 from fedptr.security import needs_keys
 
 from .router import Broker, BrokerConfig
@@ -33,13 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-secret", default=None, help="the broker's .key_secret file: turns CURVE on")
     p.add_argument("--allow", default=None, help="directory of allowed public keys (NAME.key binds NAME)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback tcp bind without keys")
-    p.add_argument("--log-level", default="INFO")
+    logs.add_arguments(p)
+    metrics.add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s broker %(levelname)s %(message)s")
+    logs.setup("broker", args.log_level, args.log_format)
     if needs_keys(args.bind) and not args.curve_secret and not args.insecure:
         print(f"refusing to bind {args.bind} without keys (--curve-secret, --allow) or --insecure", file=sys.stderr)
         return 2
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             liveness=args.liveness,
             curve_secret=args.curve_secret,
             allow=args.allow,
+            timed=args.metrics_port is not None,
         )
     )
 
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if args.metrics_port is not None:
+        try:
+            metrics.serve(args.metrics_port, args.metrics_host, broker.stats.collect)
+        except metrics.MetricsError as e:
+            print(e, file=sys.stderr)
+            broker.close()
+            return 2
     print(f"fedptr-broker listening on {broker.endpoint}", flush=True)
     try:
         broker.serve()

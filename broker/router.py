@@ -21,8 +21,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
+from fedptr.logs import rid_extra
 from fedptr.security import allowed_keys
 from fedptr.zio import recv_frames, send_frames
+
+from .stats import BrokerStats
 
 log = logging.getLogger("fedptr.broker")
 
@@ -49,6 +52,8 @@ class BrokerConfig:
     """The broker's ``.key_secret`` file: with it, only CURVE peers whose keys are in `allow` get in."""
     allow: str | None = None
     """Directory of allowed public keys; ``NAME.key`` binds the worker name NAME to its key."""
+    timed: bool = False
+    """Time every command and count bytes (for ``--metrics-port``)."""
 
 
 @dataclass
@@ -145,6 +150,8 @@ class Broker:
         self.table = RoutingTable()
         self.dropped = 0
         self.routed = 0
+        self.stats = BrokerStats(self, config.timed)
+        """Per-peer queues and liveness for STATS; counters and latencies for metrics (broker/stats.py)."""
         self._running = True
         """Until `stop()`: set here, so a stop that comes before `serve()` is not lost."""
         self._now = time.monotonic()
@@ -187,6 +194,7 @@ class Broker:
             poller.register(self._monitor, zmq.POLLIN)
         beat_ms = max(1, int(self.config.heartbeat_s * 1000))
         heard = self.table.heard
+        timed = self.stats.timed
         while self._running:
             if poller.poll(beat_ms):
                 self._now = time.monotonic()
@@ -200,8 +208,11 @@ class Broker:
                         frames = self._with_key(frames)
                     if frames[0] in heard:
                         heard[frames[0]] = self._now
+                    started = time.perf_counter() if timed else 0.0
                     try:
                         self.handle(frames)
+                        if timed:
+                            self.stats.handled(frames, started)
                     except Exception:  # a bug must not take the broker down: log it, keep routing
                         log.exception("failed to handle a message; dropped it")
             self._now = time.monotonic()
@@ -248,8 +259,9 @@ class Broker:
         role = envelope.ROLE_WORKER if name in self.table.workers else envelope.ROLE_CLIENT
         concerned = self.table.concerned(identity, name)
         self.table.remove_identity(identity)
+        self.stats.on_gone(name, why)
         level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
-        log.log(level, "peer %r is gone (%s)", name, why.decode())
+        log.log(level, "peer %r is gone (%s)", name.decode(errors="replace"), why.decode())
         notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
         for other in concerned:
             self._notices.setdefault(other, []).append(notice)
@@ -303,6 +315,7 @@ class Broker:
         elif command == envelope.STATS:
             stats = self.table.sizes() | {"routed": self.routed, "dropped": self.dropped}
             counters = [f"{k}={v}".encode() for k, v in stats.items()]
+            counters += [f.encode() for f in self.stats.peer_frames(self._now)]
             self._send(identity, envelope.build(envelope.STATS, b"", first.rid, *counters))
         elif command == envelope.DISCONNECT:
             self._forget(identity, envelope.GONE_DISCONNECTED)
@@ -331,7 +344,7 @@ class Broker:
                 if m.command == envelope.REQUEST:
                     self._error(identity, m.name, m.rid, envelope.REASON_UNKNOWN_NAME, "no such worker")
                 else:
-                    log.info("reply for %r dropped: no such peer", m.name)
+                    log.info("reply for %r dropped: no such peer", m.name.decode(errors="replace"))
                 continue
             if m.command == envelope.REQUEST:
                 self.table.note_request(identity, m.name)
@@ -347,6 +360,7 @@ class Broker:
         reason = self._send(dest_identity, frames)
         if reason is None:
             self.routed += len(messages)
+            self.stats.on_delivered(dest, messages)
             return
         for m in messages:
             if m[0] == envelope.REQUEST:
@@ -359,7 +373,7 @@ class Broker:
             self._error(identity, name, rid, envelope.REASON_BAD_NAME, "bad name or role")
             return
         if self.bound_keys is not None and not self._key_may_claim(name, role):
-            log.warning("refused %r: its key is not the one bound to that name", name)
+            log.warning("refused %r: its key is not the one bound to that name", name.decode(errors="replace"))
             self._error(identity, name, rid, envelope.REASON_FORBIDDEN, "this key may not use that name")
             return
         holder = self.table.by_name.get(name)
@@ -367,7 +381,7 @@ class Broker:
             # A restarted peer reclaims its name once the old connection is gone.
             probe = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
             if self._send(holder, probe, forget=False) is None:
-                log.warning("refused %r: name taken", name)
+                log.warning("refused %r: name taken", name.decode(errors="replace"), extra=rid_extra(rid))
                 self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
             self.table.remove_identity(holder)
@@ -378,7 +392,7 @@ class Broker:
         if old is not None and old != name:
             self.table.remove_identity(identity)
         self.table.add(name, identity, role, self._now)
-        log.info("registered %s %r", role.decode(), name)
+        log.info("registered %s %r", role.decode(), name.decode(errors="replace"))
         self._send(identity, envelope.build(envelope.ACCEPTED, name, rid))
 
     def _key_may_claim(self, name: bytes, role: bytes) -> bool:
@@ -412,6 +426,7 @@ class Broker:
                     self._vanished.add(identity)
                 return envelope.REASON_LOST
             if e.errno == errno.EAGAIN:
+                self.stats.on_refused(self.table.by_identity.get(identity))
                 log.warning(
                     "peer %r is not reading (queue full); message refused", self.table.by_identity.get(identity)
                 )
@@ -419,6 +434,7 @@ class Broker:
             raise
 
     def _error(self, identity: bytes, name: bytes, rid: bytes, reason: bytes, text: str) -> None:
+        self.stats.on_error(reason)
         self._send(identity, envelope.build(envelope.BROKER_ERROR, name, rid, reason, text.encode()))
 
     def _drop(self, why: str) -> None:

@@ -15,6 +15,12 @@ owners the noise a useful epsilon needs would drown the average.
 
     python examples/federated_average.py [--epsilon 8] [--rounds 20] [--local-steps 10]
     python examples/federated_average.py --sweep --plot dp_accuracy.png   # epsilon 1, 4, 8 and exact
+
+On a terminal the rounds show as a progress bar (elsewhere, one line per round). With
+``--address`` it trains on a running cluster instead of starting one, e.g. the Part 4 setup:
+
+    python examples/prepare_digits.py && fedptr up examples/cluster.toml --detach
+    python examples/federated_average.py --address tcp://127.0.0.1:5555
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from opacus.accountants.utils import get_noise_multiplier
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -117,8 +125,32 @@ def node_args(epsilon: float | None, store: Path) -> dict[str, list[str]]:
     return {o: ["--epsilon", str(epsilon), "--delta", str(DELTA), "--store", str(store / o)] for o in OWNERS}
 
 
+class Rounds:
+    """Reports each round: a rich progress bar on a terminal, a printed line elsewhere, nothing when quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+        self.bar: Progress | None = None
+        if not quiet and sys.stderr.isatty():
+            self.bar = Progress(
+                TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}")
+            )
+            self.task = self.bar.add_task("", total=total)
+            self.bar.start()
+
+    def done(self, r: int, line: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=r, description=line)
+        elif not self.quiet:
+            print(f"round {r:>3}/{self.total}  {line}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 async def train_federated(
-    cluster: fedptr.Cluster,
+    client: fedptr.Client,
     split: Split,
     epsilon: float | None,
     rounds: int,
@@ -129,7 +161,6 @@ async def train_federated(
 ) -> Result:
     """`rounds` rounds of federated averaging; with DP-SGD at the owners unless `epsilon` is None
     (then exact local SGD, which the owners allow with ``--release exact``)."""
-    client = cluster.client
     data = {o: await client.worker(o).search("digits") for o in OWNERS}  # [x, y] on each owner
     sigma = 0.0
     if epsilon is not None:  # the noise that makes the whole run fit each owner's budget
@@ -139,6 +170,7 @@ async def train_federated(
     model = make_model(seed)
     spent: dict[str, float] = {}
     started = time.monotonic()
+    report = Rounds(rounds, quiet)
     for r in range(1, rounds + 1):
         trained = []
         for owner in OWNERS:
@@ -152,7 +184,7 @@ async def train_federated(
                     await opt.step()
                     await opt.zero_grad()
             else:
-                report = await dp.train(
+                charged = await dp.train(
                     remote,
                     x,
                     y,
@@ -162,15 +194,14 @@ async def train_federated(
                     max_grad_norm=MAX_GRAD_NORM,
                     noise_multiplier=sigma,
                 )
-                spent[owner] = report.epsilon_spent
+                spent[owner] = charged.epsilon_spent
             released = await remote.get()  # DP-trained (post-processing), or exact by the owner's choice
             assert isinstance(released, nn.Module)
             trained.append(released)
         average_into(model, trained, [float(split.counts[o]) for o in OWNERS])
-        if not quiet:
-            budget = "  ".join(f"epsilon {o} {e:.2f}" for o, e in spent.items()) or "exact (no DP)"
-            acc = accuracy(model, split.test_x, split.test_y)
-            print(f"round {r:>3}/{rounds}  {budget}  test accuracy {acc:.1%}", flush=True)
+        budget = "  ".join(f"epsilon {o} {e:.2f}" for o, e in spent.items()) or "exact (no DP)"
+        report.done(r, f"{budget}  test accuracy {accuracy(model, split.test_x, split.test_y):.1%}")
+    report.close()
     per_round = (time.monotonic() - started) / rounds
     return Result(
         math.inf if epsilon is None else epsilon,
@@ -199,18 +230,24 @@ async def run(
     lr: float | None = None,
     seed: int = 0,
     quiet: bool = False,
+    address: str | None = None,
 ) -> Result:
     """One federated run at per-owner budget `epsilon` (None: exact, no DP) on its own cluster,
+    or on the running cluster at `address` (whose owners hold the digits split with `seed`),
     next to the model trained centrally. `lr` defaults to 2.0 with DP-SGD and 0.5 exact."""
     rate = lr if lr is not None else (0.5 if epsilon is None else 2.0)
     with tempfile.TemporaryDirectory(prefix="fedptr-digits-") as tmp:
         split = split_digits(Path(tmp), seed)
-        async with fedptr.local_cluster(
-            list(OWNERS),
-            data={o: {"digits": split.files[o]} for o in OWNERS},
-            node_args=node_args(epsilon, Path(tmp)),
-        ) as cluster:
-            result = await train_federated(cluster, split, epsilon, rounds, local_steps, rate, seed, quiet)
+        if address is not None:
+            async with fedptr.connect(address, progress=not quiet) as client:
+                result = await train_federated(client, split, epsilon, rounds, local_steps, rate, seed, quiet)
+        else:
+            async with fedptr.local_cluster(
+                list(OWNERS),
+                data={o: {"digits": split.files[o]} for o in OWNERS},
+                node_args=node_args(epsilon, Path(tmp)),
+            ) as cluster:
+                result = await train_federated(cluster.client, split, epsilon, rounds, local_steps, rate, seed, quiet)
         central = train_centralized(split, rounds * local_steps, 0.5, seed)
         result.centralized_accuracy = accuracy(central, split.test_x, split.test_y)
         return result
@@ -247,13 +284,14 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=10, help="local steps per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="epsilon 1, 4, 8 and exact")
+    p.add_argument("--address", default=None, help="train on the running cluster at this address")
     p.add_argument("--plot", type=Path, default=Path("dp_accuracy.png"), help="where --sweep saves its plot")
     args = p.parse_args()
     budgets: list[float | None] = [1.0, 4.0, 8.0, None] if args.sweep else [args.epsilon or None]
     results = []
     for epsilon in budgets:
         print(f"\n== epsilon {epsilon if epsilon is not None else 'exact (no DP)'} per owner ==", flush=True)
-        result = asyncio.run(run(epsilon, args.rounds, args.local_steps, seed=args.seed))
+        result = asyncio.run(run(epsilon, args.rounds, args.local_steps, seed=args.seed, address=args.address))
         results.append(result)
         print(
             f"federated: {result.federated_accuracy:.1%}  central (no DP): {result.centralized_accuracy:.1%}  "

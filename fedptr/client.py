@@ -272,6 +272,7 @@ async def connect(
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: CurveKeys | None = None,
     max_in_flight: int = limits.MAX_IN_FLIGHT,
+    progress: bool | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the broker at `address` and yield a `Client`.
 
@@ -280,7 +281,8 @@ async def connect(
     with LostWorkerError and the client registers again once a broker answers. `curve` (see
     `fedptr.security.CurveKeys.load`) encrypts and authenticates the connection. With
     `max_in_flight` calls unanswered, awaited calls wait for room and new pipelined operations
-    raise TooManyInFlightError. Raises
+    raise TooManyInFlightError. `progress` shows bars for transfers of a few MiB or more when
+    stderr is a terminal (None: only if ``FEDPTR_PROGRESS=1``; see `fedptr.progress`). Raises
     DeadlineExceeded when the broker does not answer within the connect timeout (a broker that
     refuses our key never answers), RegistrationRefused when it refuses the name."""
     link = Link(
@@ -291,6 +293,7 @@ async def connect(
         liveness=liveness,
         curve=curve,
         max_in_flight=max_in_flight,
+        progress=progress,
     )
     await link.__aenter__()
     client = Client(link, timeout)

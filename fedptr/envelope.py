@@ -72,6 +72,11 @@ STATS = b"S"
 """peer -> broker: the broker's counters; the answer's body is ``name=value`` frames
 (table sizes, messages routed and dropped), for operators and leak tests."""
 
+STATS_PEER_PREFIX = "peer."
+"""STATS frames about one registered peer read ``peer.NAME.FIELD=INT``, FIELD one of ``worker``
+(1 or 0), ``heard_ms`` (since the broker last heard from it), ``pending`` (requests delivered to
+it and not yet answered), ``refused`` (messages refused: its queue was full), ``delivered``."""
+
 COMMANDS = frozenset(
     {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, STATS}
 )

@@ -69,6 +69,16 @@ class DeadlineExceeded(FedptrError, TimeoutError):
         super().__init__(f"no answer from worker {worker!r} within {seconds:.3g} s (path {' -> '.join(self.path)})")
 
 
+class BrokerUnreachable(DeadlineExceeded):
+    """Raised when the broker at `address` did not answer a registration within `seconds` (it
+    is down, unreachable, or refuses this peer's CURVE key, which it never answers)."""
+
+    def __init__(self, address: str, seconds: float) -> None:
+        super().__init__("broker", seconds, [f"broker at {address}"])
+        self.address = address
+        self.args = (f"no answer from the broker at {address} within {seconds:.3g} s",)
+
+
 class ProtocolError(FedptrError):
     """Raised when bytes do not form a valid fedptr message: wrong protocol name or version,
     unknown kind, bad field types, a tensor buffer whose size does not match its dtype and shape,

@@ -152,3 +152,25 @@ BROKER_MAX_CLIENT_BINDINGS = 100_000
 
 BROKER_LOG_EVERY = 1000
 """The broker logs the 1st and then every Nth dropped garbage message, so a flood cannot flood the log."""
+
+# --- operations: status, metrics, logs, progress -----------------------------------------
+STATUS_TIMEOUT_S = 3.0
+"""Deadline of `fedptr status` and `fedptr objects` for each question (the broker's registration,
+its table, each worker's figures): a worker that has not answered by then is shown unresponsive."""
+
+STATS_MAX_PENDING = 10_000
+"""Requests a node times at once for its latency figures; past it the oldest are forgotten."""
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of the latency histogram buckets, per request kind (node) and per
+command (broker), as Prometheus exposes them; a last bucket holds everything above."""
+
+METRICS_HOST = "127.0.0.1"
+"""Address the Prometheus endpoint (``--metrics-port``) listens on unless ``--metrics-host`` says otherwise."""
+
+PROGRESS_ENV = "FEDPTR_PROGRESS"
+"""Environment variable that turns transfer progress bars on (``1``) for clients that did not
+say (`fedptr.connect(progress=...)`); bars show only when stderr is a terminal."""
+
+PROGRESS_REFRESH_PER_S = 8.0
+"""How often a progress bar is redrawn, per second."""

@@ -18,7 +18,9 @@ from typing import Any
 import zmq
 
 from fedptr import envelope, limits, wire
-from fedptr.errors import ClientClosedError, DeadlineExceeded, ProtocolError, RegistrationRefused
+from fedptr.errors import BrokerUnreachable, ClientClosedError, DeadlineExceeded, ProtocolError, RegistrationRefused
+from fedptr.logs import rid_extra
+from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
 from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
 from fedptr.streams import split
@@ -52,6 +54,7 @@ class Link:
         liveness: int = limits.HEARTBEAT_LIVENESS,
         curve: CurveKeys | None = None,
         max_in_flight: int = limits.MAX_IN_FLIGHT,
+        progress: bool | Transfers | None = None,
     ) -> None:
         self.address = address
         self.handler = handler
@@ -64,6 +67,13 @@ class Link:
         """Requests and replies handed to the socket (a batch counts each message)."""
         self.multiparts_sent = 0
         """zmq multipart messages sent (a batch counts once)."""
+        self.messages_received = 0
+        """Messages received (a batch counts each message; a chunk counts as one)."""
+        self.bytes_sent = 0
+        """Bytes of every frame handed to the socket."""
+        self.progress: Transfers | None = progress if isinstance(progress, Transfers) else transfers_for(progress)
+        """Progress bars of streamed transfers (None: silent). On only when asked (`progress=True`
+        or ``FEDPTR_PROGRESS=1``) and stderr is a terminal."""
         self.on_reply: Callable[[wire.Message], None] | None = None
         """Called with every reply this link decodes (for audits: what reached this client)."""
         self.on_session_ended: Callable[[str], None] | None = None
@@ -98,6 +108,11 @@ class Link:
     def in_flight(self) -> int:
         """Requests sent and not yet settled."""
         return self.session.in_flight
+
+    @property
+    def outbox_depth(self) -> int:
+        """Multiparts waiting to be sent because the socket's queue was full."""
+        return len(self._outbox)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Link:
@@ -147,11 +162,14 @@ class Link:
         finally:
             self._handle(self.session.fail_all(lambda dest: ClientClosedError(self.name, dest)))
             self._sock.close(linger=0)
+            if self.progress is not None:
+                self.progress.close()
 
     async def _register(self) -> None:
         """Register; a taken name is tried again until the connect timeout, since the broker
         frees the name of a dead peer within a heartbeat liveness (a restarted node)."""
         deadline = self._loop.time() + self.connect_timeout
+        refused = False
         while True:
             now = self._loop.time()
             rid, message = self.session.register(now, max(0.001, deadline - now))
@@ -161,8 +179,16 @@ class Link:
                 await fut
                 return
             except DeadlineExceeded as e:
-                raise DeadlineExceeded("broker", self.connect_timeout, ["broker at " + self.address]) from e
+                raise BrokerUnreachable(self.address, self.connect_timeout) from e
             except NameTaken:
+                if not refused:
+                    log.warning(
+                        "%s: the name is taken by a live peer; trying again for %.1f s (the broker frees "
+                        "the name of a dead peer within its heartbeat liveness)",
+                        self.name,
+                        max(0.0, deadline - self._loop.time()),
+                    )
+                refused = True
                 if self._loop.time() + self.session.heartbeat_s > deadline:
                     raise RegistrationRefused(f"name {self.name!r} is taken") from None
                 await asyncio.sleep(self.session.heartbeat_s)
@@ -175,6 +201,8 @@ class Link:
         ClientClosedError once the link is closed."""
         self._check_open(dest)
         rid, message = self.session.request(dest, msg, timeout, self._loop.time())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: request %s to %r", self.name, type(msg).__name__, dest, extra=rid_extra(rid))
         fut = self._expect(rid)
         self._push(message)
         return fut
@@ -307,6 +335,8 @@ class Link:
             self._flush_batch()
             for part in split(message):
                 self._push_frames(envelope.framed(part))
+                if self.progress is not None and part[0] == envelope.CHUNK:
+                    self.progress.chunk(part, outgoing=True)
             return
         if self._batch is not None:
             self._batch.append(message)
@@ -323,6 +353,7 @@ class Link:
     def _push_frames(self, frames: list[Any]) -> None:
         """Send a whole multipart now, or queue it behind what is already waiting, in order."""
         self.multiparts_sent += 1
+        self.bytes_sent += sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)
         if self._outbox:
             self._outbox.append(frames)
             return
@@ -350,6 +381,12 @@ class Link:
             except zmq.Again:
                 break
             self.bytes_received += sum(len(f) for f in frames)
+            if frames[1] == envelope.BATCH:
+                self.messages_received += len(frames[2]) // 2
+            else:
+                self.messages_received += 1
+                if self.progress is not None and frames[1] == envelope.CHUNK:
+                    self.progress.chunk(frames[1:], outgoing=False)
             try:
                 self._handle(self.session.receive(frames, self._loop.time()))
             except ProtocolError as e:

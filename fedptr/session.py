@@ -290,7 +290,7 @@ class Session:
         try:
             decoded = wire.decode(self._reassembly.complete(envelope.REQUEST, name, rid, body))
         except ProtocolError as e:
-            log.warning("%s refused a malformed request from %r: %s", self.name, source, e)
+            log.warning("%s refused a malformed request from %r: %s", self.name, source, e, extra={"rid": rid.hex()})
             answer = self.reply(source, rid, failure_from_error(e, self.name), now)
             if answer is not None:
                 events.append(Send(answer))

@@ -299,6 +299,8 @@ class ObjectRow:
     preview: list[Any] | None
     location: str
     id_at_location: int
+    owner: str = ""
+    """The peer that may use the object (``"*"``: a worker's own data, anyone); appended field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +394,28 @@ class Budget(Message):
     KIND: ClassVar[int] = 44
 
 
+@dataclass(frozen=True, slots=True)
+class NodeStats(Message):
+    """Ask a node for its operating figures (objects, bytes, memory, traffic, uptime). Reply:
+    NodeStatsReply. Answered to any peer: it holds counts, never values."""
+
+    KIND: ClassVar[int] = 12
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatsReply(Message):
+    """A node's operating figures. `figures` maps a name to a number (``objects``,
+    ``store_bytes``, ``rss_bytes``, ``messages_in``, ``bytes_out``, ``uptime_s``...; the set
+    grows, readers ignore names they do not know); `role` is ``"owner"``, ``"aggregator"``,
+    ``"owner+aggregator"`` or ``"plain"``; `budget` is the privacy budget left, by name (empty:
+    the node reports none)."""
+
+    KIND: ClassVar[int] = 27
+    figures: dict[str, int | float]
+    role: str
+    budget: dict[str, int | float] = dataclasses.field(default_factory=dict)
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Put,
     PutPointer,
@@ -416,6 +440,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     DPTrain,
     BudgetReply,
     Budget,
+    NodeStats,
+    NodeStatsReply,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"
@@ -450,7 +476,12 @@ def _check_row(v: Any) -> bool:
         and (v[4] is None or (type(v[4]) is list and all(type(x) in (bool, int, float) for x in v[4])))
         and type(v[5]) is str
         and _is_int(v[6])
+        and (len(v) < 8 or type(v[7]) is str)
     )
+
+
+def _check_numbers(v: Any) -> bool:
+    return type(v) is dict and all(type(k) is str and type(x) in (int, float) for k, x in v.items())
 
 
 _CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -464,6 +495,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "list[Value]": lambda v: type(v) is list and _check_value(v),
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),
     "list[ObjectRow]": lambda v: type(v) is list and all(_check_row(r) for r in v),
+    "dict[str, int | float]": _check_numbers,
 }
 
 _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...]] = {
@@ -489,7 +521,7 @@ def deletes(ids: Sequence[int]) -> list[Delete]:
 # --- encode ------------------------------------------------------------------------------
 def _to_plain(v: Any) -> Any:
     if type(v) is ObjectRow:
-        return [v.obj_id, v.kind, v.shape, v.dtype, v.preview, v.location, v.id_at_location]
+        return [v.obj_id, v.kind, v.shape, v.dtype, v.preview, v.location, v.id_at_location, v.owner]
     if type(v) is list and v and type(v[0]) is ObjectRow:
         return [_to_plain(r) for r in v]
     return v
@@ -600,5 +632,5 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
             raise ProtocolError(f"{cls.__name__}.{name} has a bad value of type {type(v).__name__}")
         kwargs[name] = v
     if cls is ObjectsReply:
-        kwargs["rows"] = [ObjectRow(*r[:7]) for r in kwargs["rows"]]
+        kwargs["rows"] = [ObjectRow(*r[:8]) for r in kwargs["rows"]]
     return Decoded(cls(**kwargs), values[1])

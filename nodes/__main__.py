@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
-from fedptr import envelope, limits
+from fedptr import envelope, limits, logs, metrics
 from fedptr.errors import FedptrError
 from fedptr.link import Link
 from fedptr.security import CurveKeys
@@ -63,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aggregator", action="store_true", help="release DP means of contributions")
     p.add_argument("--owners", action="append", default=[], metavar="OWNER", help="an aggregator's roster")
     p.add_argument("--min-owners", type=int, default=limits.MIN_OWNERS, help="k: owners a release needs")
-    p.add_argument("--log-level", default="INFO")
+    logs.add_arguments(p)
+    metrics.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -113,6 +113,8 @@ async def serve(args: argparse.Namespace) -> int:
         # wired before registering: a request may arrive in the same read as the acceptance
         link.handler = node.handle
         link.on_session_ended = node.reclaim
+        if args.metrics_port is not None:
+            metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
         async with link:
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
@@ -127,7 +129,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s node {args.name} %(levelname)s %(message)s")
+    logs.setup(f"node {args.name}", args.log_level, args.log_format)
     return asyncio.run(serve(args))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
@@ -46,6 +47,7 @@ from .guard import ALIASING
 from .handover import Handover
 from .replies import ReplyCache, Seen
 from .scheduler import Scheduler
+from .stats import NodeFigures
 from .store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
@@ -157,6 +159,13 @@ class Node:
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
         handover = Handover(self)
+        self.figures = NodeFigures(self)
+        if self.config.epsilon is not None:
+            self.figures.budget_provider = lambda: {
+                "epsilon_left": self.budget.left,
+                "epsilon_spent": self.budget.spent,
+            }
+        """Counts, latencies and the `wire.NodeStats` answer (nodes/stats.py)."""
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
@@ -173,6 +182,7 @@ class Node:
             wire.PutContribution: self._put_contribution,
             wire.DPTrain: self._dp_train,
             wire.Budget: self._budget,
+            wire.NodeStats: self.figures.handle,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -200,6 +210,7 @@ class Node:
             if seen is Seen.ANSWERED:
                 self.link.reply(source, rid, self.replies.cached((source, rid)))
                 return
+        self.figures.started(source, rid, msg)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
         try:
@@ -215,6 +226,7 @@ class Node:
         self.link.reply(dest, rid, msg)
         if rid != envelope.NO_REPLY:
             self.replies.finish((dest, rid), msg)
+            self.figures.finished(dest, rid, msg)
 
     def reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         """Answer request `rid` of `dest` with the typed failure `e` stands for."""
@@ -308,7 +320,11 @@ class Node:
             pending = [e.done for e in snapshot.values() if not e.done.done()]
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
-            rows = [e.row(i) for i, e in snapshot.items() if e.done.done() or e.is_pointer]
+            rows = [
+                dataclasses.replace(e.row(i), owner=e.owner)
+                for i, e in snapshot.items()
+                if e.done.done() or e.is_pointer
+            ]
             if len(rows) > limits.MAX_LISTED_OBJECTS:
                 raise OverloadedError(self.name, f"{len(rows)} objects are too many to list at once")
             self.reply(source, rid, wire.ObjectsReply(rows))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 import fedptr
 from fedptr.cli import app, main
 from fedptr.cli.clusterfile import ClusterFileError, load_cluster
 from fedptr.cli.state import ClusterState
-from tests.conftest import alive
+from fedptr.cli.status import NOT_ALL_UP
+from tests.conftest import alive, eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 START_S = 90.0
@@ -100,6 +102,33 @@ async def _use(address: str) -> None:
             await x.get()
 
 
+async def _cli(*args: str) -> Result:
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "200"})
+
+
+async def _status_and_objects(cluster: Path, run_dir: Path, state: ClusterState) -> None:
+    """`fedptr status` and `fedptr objects` by cluster name and by cluster file; a killed node is
+    reported down (it should run: the cluster file names it)."""
+    by_name = await _cli("status", state.name, "--run-dir", str(run_dir), "--json")
+    assert by_name.exit_code == 0, by_name.output
+    roles = {w["name"]: (w["state"], w["role"]) for w in json.loads(by_name.output)["workers"]}
+    assert roles == {"bob": ("up", "owner"), "alice": ("up", "owner"), "secure_worker": ("up", "aggregator")}
+    by_file = await _cli("status", str(cluster), "--run-dir", str(run_dir))
+    assert by_file.exit_code == 0 and "secure_worker" in by_file.output and "aggregator" in by_file.output
+    objects = await _cli("objects", state.name, "bob", "--run-dir", str(run_dir), "--json")
+    assert objects.exit_code == 0, objects.output
+    assert sorted(tuple(r["shape"]) for r in json.loads(objects.output)) == [(4,), (4, 2)]
+    assert all(r["owner"] == "*" and "preview" not in r for r in json.loads(objects.output))
+    os.kill(state.pids["secure_worker"], signal.SIGKILL)
+
+    async def reported_down() -> bool:
+        result = await _cli("status", state.name, "--run-dir", str(run_dir), "--json")
+        workers = {w["name"]: w["state"] for w in json.loads(result.output)["workers"]}
+        return result.exit_code == NOT_ALL_UP and workers["secure_worker"] == "down"
+
+    assert await eventually(reported_down, 10.0)
+
+
 async def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _fedptr("up", str(_cluster_file(tmp_path, "fg")), "--run-dir", str(run_dir))
@@ -137,6 +166,7 @@ async def test_up_detach_then_down_leaves_no_process(tmp_path: Path) -> None:
     try:
         assert all(alive(p) for p in everything)
         await _use(state.address)
+        await _status_and_objects(cluster, run_dir, state)
         again = _fedptr("up", str(cluster), "--detach", "--run-dir", str(run_dir))
         out, _ = await asyncio.to_thread(again.communicate, timeout=30)
         assert again.returncode == 1 and "already runs" in out, out
@@ -227,11 +257,17 @@ def test_keys_writes_key_pairs(tmp_path: Path) -> None:
     assert (tmp_path / "bob.key_secret").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("command", [[], ["keys"], ["broker"], ["node"], ["up"], ["down"]])
+@pytest.mark.parametrize(
+    "command", [[], ["keys"], ["broker"], ["node"], ["up"], ["down"], ["status"], ["objects"], ["audit"]]
+)
 def test_every_command_has_help_with_an_example(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
-    assert ("Example: fedptr " in out) if command else all(c in out for c in ("keys", "broker", "node", "up", "down"))
+    assert (
+        ("Example: fedptr " in out)
+        if command
+        else all(c in out for c in ("keys", "broker", "node", "up", "down", "status", "objects", "audit"))
+    )
 
 
 @pytest.mark.parametrize(("command", "prog"), [("broker", "fedptr-broker"), ("node", "fedptr-node")])

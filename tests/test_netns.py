@@ -1,16 +1,21 @@
 """Separate hosts: broker, bob and alice in three network namespaces joined by veth pairs.
 
 The seed walkthrough runs across them over tcp with CURVE on; cutting alice's link mid-operation
-gives a typed error within the deadline, and restoring it recovers. Needs root and `ip netns`
+gives a typed error within the deadline, and restoring it recovers. A cluster file started with
+`fedptr up` in the broker's namespace takes nodes from the other hosts, and `fedptr status`
+sees them all. Needs root and `ip netns`
 (CI runs as root); elsewhere the test is skipped, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -153,3 +158,87 @@ async def test_walkthrough_across_namespaces_with_curve_and_a_cut_link(hosts: No
                 assert torch.equal(await (on_alice + 1).get(), torch.full((3,), 2.0))  # type: ignore[arg-type]
         finally:
             stop_processes(procs)
+
+
+CLUSTER = """
+[cluster]
+name = "netns{suffix}"
+
+[broker]
+bind = "tcp://0.0.0.0:{port}"
+heartbeat_ms = 100
+liveness = 3
+keys_dir = "keys"
+
+[nodes.carol]
+"""
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_up_from_a_cluster_file_with_nodes_on_other_hosts(hosts: None, tmp_path: Path) -> None:
+    """`fedptr up` runs the cluster file's broker (and carol) in the broker's namespace; bob and
+    alice join from their own hosts with `fedptr node`; `fedptr status` from a third host sees
+    all three, and a move goes bob -> carol across hosts. Ctrl-C stops the cluster."""
+    keys = tmp_path / "keys"
+    for name in ("broker", "bob", "alice", "carol", "client"):
+        generate(keys, name)
+    port = 5555
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(CLUSTER.format(suffix=SUFFIX, port=port))
+    run_dir = tmp_path / "run"
+    in_ns = {name: ["ip", "netns", "exec", ns] for name, ns in NS.items()}
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen(
+            [*in_ns["broker"], sys.executable, "-m", "fedptr.cli", "up", str(cluster), "--run-dir", str(run_dir)],
+            stdout=log,
+            stderr=log,
+        )
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        state_file = run_dir / f"netns{SUFFIX}.json"
+        deadline = time.monotonic() + 90
+        while not state_file.exists():
+            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            await asyncio.sleep(0.1)
+        for name in ("bob", "alice"):
+            procs.append(
+                start_process(
+                    [
+                        *("-m", "fedptr.cli", "node", "--name", name, "--broker", f"tcp://{LINKS[name][0]}:{port}"),
+                        *(*BEAT, "--curve-secret", str(keys / f"{name}.key_secret")),
+                        *("--broker-key", str(keys / "broker.key")),
+                    ],
+                    tmp_path / f"{name}.log",
+                    prefix=in_ns[name],
+                )
+            )
+        address = f"tcp://{LINKS['client'][0]}:{port}"
+        curve = CurveKeys.load(keys / "client.key_secret", keys / "broker.key")
+        async with fedptr.connect(address, timeout=5.0, heartbeat_s=0.1, liveness=3, curve=curve) as client:
+            deadline = time.monotonic() + 60
+            while await client.workers() != ["alice", "bob", "carol"]:
+                assert time.monotonic() < deadline, (tmp_path / "bob.log").read_text()
+                await asyncio.sleep(0.1)
+            moved = await (await client.worker("bob").send(torch.arange(4))).move(client.worker("carol"))
+            assert torch.equal(await moved.get(), torch.arange(4))  # type: ignore[arg-type]
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *(sys.executable, "-m", "fedptr.cli", "status", address, "--json"),
+                *("--curve-secret", str(keys / "client.key_secret"), "--broker-key", str(keys / "broker.key")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        workers = {w["name"]: w["state"] for w in json.loads(status.stdout)["workers"]}
+        assert workers == {"alice": "up", "bob": "up", "carol": "up"}
+        up.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(up.wait, 30) == 0
+        assert not state_file.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        stop_processes(procs)

@@ -243,7 +243,9 @@ async def test_client_sees_only_dp_releases(fed: fedptr.Cluster) -> None:
     received: list[wire.Message] = []
     fed.client.link.on_reply = received.append
     try:
-        result = await example.train_federated(fed, SPLIT, 8.0, rounds=2, local_steps=3, lr=2.0, seed=0, quiet=True)
+        result = await example.train_federated(
+            fed.client, SPLIT, 8.0, rounds=2, local_steps=3, lr=2.0, seed=0, quiet=True
+        )
     finally:
         fed.client.link.on_reply = None
     data = [m for m in received if isinstance(m, (wire.TensorReply, wire.ModuleReply))]
@@ -254,5 +256,5 @@ async def test_client_sees_only_dp_releases(fed: fedptr.Cluster) -> None:
 
 @MODULE_LOOP
 async def test_dp_federated_training_learns(fed: fedptr.Cluster) -> None:
-    result = await example.train_federated(fed, SPLIT, 8.0, rounds=6, local_steps=10, lr=2.0, seed=0, quiet=True)
+    result = await example.train_federated(fed.client, SPLIT, 8.0, 6, 10, lr=2.0, seed=0, quiet=True)
     assert result.federated_accuracy > 0.8, result

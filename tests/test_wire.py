@@ -58,6 +58,10 @@ SAMPLES: list[wire.Message] = [
     wire.ObjectsReply(
         [wire.ObjectRow(1, "tensor", [2], "int64", [1, 2], "", 0), wire.ObjectRow(2, "pointer", [], "", None, "bob", 1)]
     ),
+    wire.ObjectsReply([wire.ObjectRow(3, "tensor", [4, 2], "float32", None, "", 0, "*")]),
+    wire.NodeStats(),
+    wire.NodeStatsReply({"objects": 3, "rss_bytes": 1 << 28, "uptime_s": 1.5}, "owner+aggregator"),
+    wire.NodeStatsReply({}, "plain", {"epsilon": 2.5}),
 ]
 
 

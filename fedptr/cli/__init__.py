@@ -1,4 +1,4 @@
-"""The ``fedptr`` command: ``keys``, ``broker``, ``node``, ``up`` and ``down``.
+"""The ``fedptr`` command: ``keys``, ``broker``, ``node``, ``up``, ``down``, ``status``, ``objects``, ``audit``.
 
 Each subcommand lives in its own module; this one only assembles them. ``fedptr-broker`` and
 ``fedptr-node`` stay as aliases of ``fedptr broker`` and ``fedptr node``.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import typer
 from typer.main import get_command
 
-from fedptr.cli import keys, run, up
+from fedptr.cli import audit, keys, run, status, up
 
 app = typer.Typer(
     name="fedptr",
-    help="Operate fedptr: make keys, run a broker or a node, start and stop a cluster from a cluster file.",
+    help=(
+        "Operate fedptr: make keys, run a broker or a node, start and stop a cluster from a cluster file, "
+        "see its status and a worker's objects."
+    ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
     add_completion=False,
@@ -24,6 +27,9 @@ app.command(context_settings=run.PASS_THROUGH, add_help_option=False)(run.broker
 app.command(context_settings=run.PASS_THROUGH, add_help_option=False)(run.node)
 app.command()(up.up)
 app.command()(up.down)
+app.command()(status.status)
+app.command()(status.objects)
+app.command()(audit.audit)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,20 +16,23 @@ A complete example, every key shown::
     # allow = "keys/allow"
     # client_secret = "keys/operator.key_secret"
     insecure = false
+    metrics_port = 9100              # Prometheus metrics on 127.0.0.1:9100 (0: a free port; unset: off)
+    log_format = "json"              # "text" (default) or "json", for the broker and every node
     args = []                        # any further fedptr-broker flags
 
     [nodes.bob]
     data = { digits = "data/bob-digits.npz" }   # private data, TAG = PATH.npz
     trust = ["secure_worker"]
+    epsilon = 8.0                    # privacy budget (needs store); release = "exact" opts out of DP
     store = "store/bob"
     max_store_bytes = 0
+    metrics_port = 9101              # this node's metrics (unset: off)
     args = []                        # any further fedptr-node flags
 
     [nodes.secure_worker]
     aggregator = true
+    owners = ["bob", "alice"]        # the roster whose DP contributions it releases
     min_owners = 2
-    dp_noise_multiplier = 0.0
-    dp_clip = 0.0
 
 Relative paths are relative to the file's directory. Every mistake raises `ClusterFileError`
 naming the file and the key.
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedptr import limits
+from fedptr import limits, logs
 from fedptr.errors import FedptrError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -73,11 +76,21 @@ class BrokerSpec:
     client_secret: Path | None = None
     broker_key: Path | None = None
     insecure: bool = False
+    metrics_port: int | None = None
+    log_format: str = "text"
+    """``text`` or ``json``, for the broker and every node."""
     args: tuple[str, ...] = ()
+
+    def common(self) -> list[str]:
+        """The flags the broker shares with every node: heartbeat and log format."""
+        out = ["--heartbeat-ms", str(self.heartbeat_ms), "--liveness", str(self.liveness)]
+        return out if self.log_format == "text" else [*out, "--log-format", self.log_format]
 
     def argv(self) -> list[str]:
         """The broker's command-line flags (after ``--bind``)."""
-        out = ["--heartbeat-ms", str(self.heartbeat_ms), "--liveness", str(self.liveness)]
+        out = self.common()
+        if self.metrics_port is not None:
+            out += ["--metrics-port", str(self.metrics_port)]
         if self.curve_secret is not None and self.allow is not None:
             out += ["--curve-secret", str(self.curve_secret), "--allow", str(self.allow)]
         if self.insecure:
@@ -93,7 +106,14 @@ class NodeSpec:
     data: Mapping[str, Path] = field(default_factory=dict)
     trust: tuple[str, ...] = ()
     aggregator: bool = False
+    owners: tuple[str, ...] = ()
+    """An aggregator's roster: the data owners whose contributions it accepts."""
     min_owners: int | None = None
+    release: str | None = None
+    """``"dp"`` (the default) or ``"exact"``."""
+    epsilon: float | None = None
+    """A data owner's privacy budget (needs `store`)."""
+    delta: float | None = None
     dp_noise_multiplier: float | None = None
     dp_clip: float | None = None
     store: Path | None = None
@@ -102,6 +122,7 @@ class NodeSpec:
     max_forwards: int | None = None
     curve_secret: Path | None = None
     broker_key: Path | None = None
+    metrics_port: int | None = None
     args: tuple[str, ...] = ()
 
     @property
@@ -113,7 +134,7 @@ class NodeSpec:
 
     def argv(self, broker: BrokerSpec) -> list[str]:
         """The node's command-line flags (after ``--name`` and ``--broker``)."""
-        out = ["--heartbeat-ms", str(broker.heartbeat_ms), "--liveness", str(broker.liveness)]
+        out = broker.common()
         if self.curve_secret is not None and self.broker_key is not None:
             out += ["--curve-secret", str(self.curve_secret), "--broker-key", str(self.broker_key)]
         out += [f"--data={tag}={path}" for tag, path in self.data.items()]
@@ -121,14 +142,20 @@ class NodeSpec:
             out += ["--trust", worker]
         if self.aggregator:
             out.append("--aggregator")
+        for owner in self.owners:
+            out += ["--owners", owner]
         optional = {
             "--min-owners": self.min_owners,
+            "--release": self.release,
+            "--epsilon": self.epsilon,
+            "--delta": self.delta,
             "--dp-noise-multiplier": self.dp_noise_multiplier,
             "--dp-clip": self.dp_clip,
             "--store": self.store,
             "--max-store-bytes": self.max_store_bytes,
             "--pool-size": self.pool_size,
             "--max-forwards": self.max_forwards,
+            "--metrics-port": self.metrics_port,
         }
         for flag, value in optional.items():
             if value is not None:
@@ -175,12 +202,18 @@ _BROKER_KEYS = {
     "allow",
     "client_secret",
     "insecure",
+    "metrics_port",
+    "log_format",
     "args",
 }
 _NODE_KEYS = {
     "data",
     "trust",
     "aggregator",
+    "owners",
+    "release",
+    "epsilon",
+    "delta",
     "min_owners",
     "dp_noise_multiplier",
     "dp_clip",
@@ -190,6 +223,7 @@ _NODE_KEYS = {
     "max_forwards",
     "curve_secret",
     "broker_key",
+    "metrics_port",
     "args",
 }
 
@@ -231,6 +265,12 @@ class _Reader:
         if value is not None and value < minimum:
             raise self.error(key, f"must be at least {minimum}, not {value}")
         return None if value is None else float(value)
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str | None:
+        value = self.string(key)
+        if value is not None and value not in allowed:
+            raise self.error(key, f"must be one of {', '.join(allowed)}, not {value!r}")
+        return value
 
     def path_(self, key: str) -> Path | None:
         value = self.string(key)
@@ -303,6 +343,9 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         broker_key = curve_secret.with_name(curve_secret.name.removesuffix("_secret"))
         if client_secret is None:
             raise b.error("client_secret", "with curve_secret, name the key file `fedptr up` connects with")
+    log_format = b.string("log_format") or "text"
+    if log_format not in logs.FORMATS:
+        raise b.error("log_format", f"must be one of {', '.join(logs.FORMATS)}, not {log_format!r}")
     bind = b.string("bind") or BrokerSpec.bind
     if not bind.startswith(("tcp://", "ipc://", "inproc://")):
         raise b.error("bind", f"must be an endpoint like tcp://127.0.0.1:5555, not {bind!r}")
@@ -315,6 +358,8 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         client_secret=client_secret,
         broker_key=broker_key,
         insecure=b.boolean("insecure"),
+        metrics_port=b.integer("metrics_port", 0),
+        log_format=log_format,
         args=b.strings("args"),
     )
 
@@ -349,7 +394,11 @@ def load_cluster(path: str | Path) -> ClusterSpec:
             data=data,
             trust=n.name_list("trust"),
             aggregator=n.boolean("aggregator"),
+            owners=n.name_list("owners"),
             min_owners=n.integer("min_owners", 1),
+            release=n.choice("release", ("dp", "exact")),
+            epsilon=n.number("epsilon", 0.0),
+            delta=n.number("delta", 0.0),
             dp_noise_multiplier=n.number("dp_noise_multiplier", 0.0),
             dp_clip=n.number("dp_clip", 0.0),
             store=n.path_("store"),
@@ -358,6 +407,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
             max_forwards=n.integer("max_forwards", 1),
             curve_secret=node_secret,
             broker_key=node_broker_key,
+            metrics_port=n.integer("metrics_port", 0),
             args=n.strings("args"),
         )
     return ClusterSpec(file, name, broker, nodes, start_timeout)

@@ -12,6 +12,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedptr.cli.clusterfile import load_cluster
+from fedptr.errors import FedptrError
+
+
+class NoSuchCluster(FedptrError):
+    """Raised when the cluster named on the command line does not run (or none is named and
+    not exactly one runs)."""
+
 
 def default_run_dir() -> Path:
     """``$XDG_RUNTIME_DIR/fedptr``, or ``~/.fedptr/run`` without that variable."""
@@ -74,3 +82,29 @@ def is_fedptr_process(pid: int) -> bool:
             return b"fedptr" in f.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def cluster_name(cluster: str | None, run_dir: Path) -> str:
+    """The name of the cluster `cluster` stands for: a cluster file (its name), a cluster's
+    name, or, when None, the only cluster running in `run_dir`. Raises `NoSuchCluster` when it
+    is None and not exactly one runs, `ClusterFileError` for a bad cluster file."""
+    if cluster is None:
+        found = sorted(run_dir.glob("*.json"))
+        if len(found) != 1:
+            names = ", ".join(p.stem for p in found) or "none"
+            raise NoSuchCluster(f"name the cluster; running in {run_dir}: {names}")
+        return found[0].stem
+    return load_cluster(cluster).name if is_cluster_file(cluster) else cluster
+
+
+def is_cluster_file(text: str) -> bool:
+    """Whether a command-line argument names a cluster file (rather than a cluster's name)."""
+    return text.endswith(".toml") or Path(text).is_file()
+
+
+def read_state(run_dir: Path, name: str) -> ClusterState:
+    """The state of running cluster `name`; raises `NoSuchCluster` when it has no state file."""
+    path = state_path(run_dir, name)
+    if not path.exists():
+        raise NoSuchCluster(f"no cluster {name!r} runs (no state file {path})")
+    return ClusterState.read(path)

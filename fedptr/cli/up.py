@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedptr.cli.clusterfile import ClusterSpec, load_cluster
-from fedptr.cli.state import ClusterState, default_run_dir, state_path
+from fedptr.cli.clusterfile import ClusterFileError, ClusterSpec, load_cluster
+from fedptr.cli.state import ClusterState, NoSuchCluster, cluster_name, default_run_dir, read_state, state_path
 from fedptr.cli.supervise import DOWN_GRACE_S, check_not_running, detach, run_foreground, stop_detached
 from fedptr.errors import FedptrError
 
@@ -104,23 +104,14 @@ def down(
     Example: fedptr down examples/cluster.toml
     """
     runs = run_dir or default_run_dir()
-    if cluster is None:
-        found = sorted(runs.glob("*.json"))
-        if len(found) != 1:
-            names = ", ".join(p.stem for p in found) or "none"
-            raise _fail(f"name the cluster to stop; running in {runs}: {names}", 2)
-        name = found[0].stem
-    elif cluster.endswith(".toml") or Path(cluster).is_file():
-        try:
-            name = load_cluster(cluster).name
-        except FedptrError as e:
-            raise _fail(e, 2) from None
-    else:
-        name = cluster
-    path = state_path(runs, name)
-    if not path.exists():
-        raise _fail(f"no cluster {name!r} runs (no state file {path})")
-    killed = stop_detached(ClusterState.read(path), runs, grace)
+    try:
+        state = read_state(runs, cluster_name(cluster, runs))
+    except ClusterFileError as e:
+        raise _fail(e, 2) from None
+    except NoSuchCluster as e:
+        raise _fail(e, 2 if cluster is None else 1) from None
+    name = state.name
+    killed = stop_detached(state, runs, grace)
     if killed:
         console.print(f"stopped {name}; killed after {grace:g} s: {', '.join(killed)}")
     else:
