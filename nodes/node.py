@@ -247,7 +247,10 @@ class Node:
             raise
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
-        self.reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
+        ids = list(self.store.tags.get(msg.tag, []))
+        values = [self.store.entries[i].done.result() for i in ids]
+        shapes: list[wire.Value] = [list(v.shape) for v in values]
+        self.reply(source, rid, wire.SearchReply(ids, shapes, [dtype_name(v.dtype) for v in values]))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not envelope.valid_name(msg.location.encode()):
