@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Literal
 
 from fedptr import limits
@@ -47,6 +48,15 @@ class Cluster:
     node_args: dict[str, list[str]] = field(default_factory=dict, repr=False)
     keys_dir: Path | None = None
     """With ``curve=True``: the key pairs (NAME.key, NAME.key_secret) of broker, nodes and client."""
+    running: AbstractAsyncContextManager[Cluster] | None = field(default=None, repr=False)
+    """What `stop` exits (set by `LocalCluster.start`)."""
+
+    async def stop(self) -> None:
+        """Close the client and stop every process (SIGTERM, then SIGKILL after a grace period).
+        Calling it again does nothing."""
+        running, self.running = self.running, None
+        if running is not None:
+            await running.__aexit__(None, None, None)
 
     def log(self, name: str) -> str:
         """What process `name` (``"broker"`` or a worker) has logged so far."""
@@ -158,8 +168,36 @@ async def wait_registered(
         await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
-@asynccontextmanager
-async def local_cluster(
+class LocalCluster:
+    """A local cluster not started yet, as `local_cluster` returns it. Start it with
+    ``cluster = await local_cluster([...]).start()`` (a REPL, a notebook) and end it with
+    ``await cluster.stop()``, or use it as ``async with local_cluster([...]) as cluster:``."""
+
+    def __init__(self, running: AbstractAsyncContextManager[Cluster]) -> None:
+        self._running = running
+        self._cluster: Cluster | None = None
+
+    async def start(self) -> Cluster:
+        """Start the broker and the nodes; returns the running `Cluster` once all registered.
+        Raises InvalidArgumentError when called twice, and what `local_cluster` says."""
+        if self._cluster is not None:
+            raise InvalidArgumentError("this cluster was started already")
+        cluster = await self._running.__aenter__()
+        cluster.running = self._running
+        self._cluster = cluster
+        return cluster
+
+    async def __aenter__(self) -> Cluster:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._cluster is not None:
+            await self._cluster.stop()
+
+
+def local_cluster(
     names: Sequence[str],
     *,
     transport: Literal["tcp", "ipc"] = "tcp",
@@ -172,8 +210,10 @@ async def local_cluster(
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: bool = False,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
-) -> AsyncIterator[Cluster]:
-    """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
+) -> LocalCluster:
+    """A broker and one node per name: ``await local_cluster(names).start()`` starts them, waits
+    until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
+    ``async with local_cluster(names) as cluster:`` does both.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
     directory. `node_args` adds command-line flags per worker name (``--trust``,
@@ -186,6 +226,38 @@ async def local_cluster(
     starting."""
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"worker names must be unique: {list(names)}")
+    return LocalCluster(
+        _running(
+            names,
+            transport=transport,
+            call_timeout=call_timeout,
+            start_timeout=start_timeout,
+            node_args=node_args,
+            broker_args=broker_args,
+            log_dir=log_dir,
+            heartbeat_s=heartbeat_s,
+            liveness=liveness,
+            curve=curve,
+            data=data,
+        )
+    )
+
+
+@asynccontextmanager
+async def _running(
+    names: Sequence[str],
+    *,
+    transport: Literal["tcp", "ipc"],
+    call_timeout: float,
+    start_timeout: float,
+    node_args: Mapping[str, Sequence[str]] | None,
+    broker_args: Sequence[str],
+    log_dir: str | os.PathLike[str] | None,
+    heartbeat_s: float,
+    liveness: int,
+    curve: bool,
+    data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None,
+) -> AsyncIterator[Cluster]:
     async with AsyncExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedptr-"))
         logs = Path(log_dir) if log_dir is not None else Path(tmp)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fedptr import limits, wire
-from fedptr.errors import ProtocolError
+from fedptr.errors import ProtocolError, UnsupportedTypeError
 from fedptr.tensors import from_raw, to_raw
 
 MAX_WIDTH = 1 << 16
@@ -236,26 +236,26 @@ def _plain(v: Any) -> Any:
 
 
 def spec_of(module: nn.Module, depth: int = 0) -> dict[str, Any]:
-    """The spec of `module`. Raises TypeError for any layer outside the allow-list (subclasses
+    """The spec of `module`. Raises UnsupportedTypeError (a TypeError) for any layer outside the allow-list (subclasses
     included) or a setting that cannot travel."""
     if depth > limits.MAX_MODULE_DEPTH:
-        raise TypeError(f"modules nest deeper than {limits.MAX_MODULE_DEPTH}")
+        raise UnsupportedTypeError(f"modules nest deeper than {limits.MAX_MODULE_DEPTH}")
     name = type(module).__name__
     layer = LAYERS.get(name)
     if layer is None or layer.cls is not type(module):
-        raise TypeError(f"{name} is not an allowed module (allowed: {', '.join(sorted(LAYERS))})")
+        raise UnsupportedTypeError(f"{name} is not an allowed module (allowed: {', '.join(sorted(LAYERS))})")
     if layer.cls is nn.Sequential:
         return {"type": name, "children": [spec_of(c, depth + 1) for c in module.children()]}
     refusal = layer.refuse(module)
     if refusal:
-        raise TypeError(f"{name}: {refusal}")
+        raise UnsupportedTypeError(f"{name}: {refusal}")
     spec: dict[str, Any] = {"type": name}
     for arg in layer.args:
         value = _plain(arg.read(module) if arg.read else getattr(module, arg.key))
         try:
             arg.check(value)
         except ValueError as e:
-            raise TypeError(f"{name}.{arg.key} cannot be sent: it {e}") from None
+            raise UnsupportedTypeError(f"{name}.{arg.key} cannot be sent: it {e}") from None
         spec[arg.key] = value
     return spec
 
