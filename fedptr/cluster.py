@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Literal, ParamSpec
 
 from fedptr import limits
 from fedptr.client import Client, connect
@@ -27,6 +28,7 @@ from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError
 from fedptr.security import CurveKeys, generate
 
 _PR_SET_PDEATHSIG = 1
+P = ParamSpec("P")
 
 
 def _die_with_parent() -> None:
@@ -197,7 +199,22 @@ class LocalCluster:
             await self._cluster.stop()
 
 
-def local_cluster(
+def _startable(
+    factory: Callable[P, AbstractAsyncContextManager[Cluster]],
+) -> Callable[P, LocalCluster]:
+    """`factory` returning a `LocalCluster` (startable with ``await ...start()``) instead of
+    only an async context manager."""
+
+    @functools.wraps(factory)
+    def make(*args: P.args, **kwargs: P.kwargs) -> LocalCluster:
+        return LocalCluster(factory(*args, **kwargs))
+
+    return make
+
+
+@_startable
+@asynccontextmanager
+async def local_cluster(
     names: Sequence[str],
     *,
     transport: Literal["tcp", "ipc"] = "tcp",
@@ -210,7 +227,7 @@ def local_cluster(
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: bool = False,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
-) -> LocalCluster:
+) -> AsyncIterator[Cluster]:
     """A broker and one node per name: ``await local_cluster(names).start()`` starts them, waits
     until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
     ``async with local_cluster(names) as cluster:`` does both.
@@ -226,38 +243,6 @@ def local_cluster(
     starting."""
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"worker names must be unique: {list(names)}")
-    return LocalCluster(
-        _running(
-            names,
-            transport=transport,
-            call_timeout=call_timeout,
-            start_timeout=start_timeout,
-            node_args=node_args,
-            broker_args=broker_args,
-            log_dir=log_dir,
-            heartbeat_s=heartbeat_s,
-            liveness=liveness,
-            curve=curve,
-            data=data,
-        )
-    )
-
-
-@asynccontextmanager
-async def _running(
-    names: Sequence[str],
-    *,
-    transport: Literal["tcp", "ipc"],
-    call_timeout: float,
-    start_timeout: float,
-    node_args: Mapping[str, Sequence[str]] | None,
-    broker_args: Sequence[str],
-    log_dir: str | os.PathLike[str] | None,
-    heartbeat_s: float,
-    liveness: int,
-    curve: bool,
-    data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None,
-) -> AsyncIterator[Cluster]:
     async with AsyncExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedptr-"))
         logs = Path(log_dir) if log_dir is not None else Path(tmp)

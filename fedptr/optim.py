@@ -25,7 +25,7 @@ Params = Iterable[Pointer] | Iterable[Mapping[str, Any]]
 class Optimizer:
     """Base of the remote optimizers: parameter groups, per-parameter state, `zero_grad`."""
 
-    def __init__(self, params: Params, defaults: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, **defaults: Any) -> None:
         items = list(params)
         if not items:
             raise InvalidArgumentError("the optimizer got an empty parameter list")
@@ -84,15 +84,15 @@ class SGD(Optimizer):
             raise InvalidArgumentError("lr, momentum and weight_decay must be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise InvalidArgumentError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
 
     @property
     def lr(self) -> float:
@@ -134,15 +134,9 @@ class Adam(Optimizer):
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise InvalidArgumentError("lr, eps and weight_decay must be >= 0 and betas in [0, 1)")
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+        )
 
     def _update(self, p: Pointer, group: dict[str, Any]) -> Pending:
         beta1, beta2 = group["betas"]

@@ -21,21 +21,32 @@ from fedptr import optim
 DEADLINE_S = 60.0
 
 
+def toy_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """Both parts' "A Toy Dataset"."""
+    data = th.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]], requires_grad=True)
+    target = th.tensor([[0], [0], [1], [1.0]], requires_grad=True)
+    return data, target
+
+
+async def send_toy_dataset(
+    bob: fedptr.Worker, alice: fedptr.Worker
+) -> tuple[fedptr.Pointer, fedptr.Pointer, fedptr.Pointer, fedptr.Pointer]:
+    """Both parts' split: get pointers to training data on each worker by sending some
+    training data to bob and alice."""
+    data, target = toy_dataset()
+    data_bob = await bob.send(data[0:2])
+    target_bob = await bob.send(target[0:2])
+
+    data_alice = await alice.send(data[2:])
+    target_alice = await alice.send(target[2:])
+    return data_bob, target_bob, data_alice, target_alice
+
+
 async def test_part_2_federated_learning_by_sending_the_model(client: fedptr.Client) -> None:
     bob, alice = client.worker("bob"), client.worker("alice")
     losses: list[float] = []
     async with asyncio.timeout(DEADLINE_S):
-        # A Toy Dataset
-        data = th.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]], requires_grad=True)
-        target = th.tensor([[0], [0], [1], [1.0]], requires_grad=True)
-
-        # get pointers to training data on each worker by
-        # sending some training data to bob and alice
-        data_bob = await bob.send(data[0:2])
-        target_bob = await bob.send(target[0:2])
-
-        data_alice = await alice.send(data[2:])
-        target_alice = await alice.send(target[2:])
+        data_bob, target_bob, data_alice, target_alice = await send_toy_dataset(bob, alice)
 
         # Iniitalize A Toy Model
         model = nn.Linear(2, 1)
@@ -79,17 +90,7 @@ async def test_part_2_federated_learning_by_sending_the_model(client: fedptr.Cli
 async def test_part_4_federated_learning_with_a_trusted_aggregator(client: fedptr.Client) -> None:
     bob, alice, secure_worker = client.worker("bob"), client.worker("alice"), client.worker("carol")
     async with asyncio.timeout(DEADLINE_S):
-        # A Toy Dataset
-        data = th.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]], requires_grad=True)
-        target = th.tensor([[0], [0], [1], [1.0]], requires_grad=True)
-
-        # get pointers to training data on each worker by
-        # sending some training data to bob and alice
-        bobs_data = await bob.send(data[0:2])
-        bobs_target = await bob.send(target[0:2])
-
-        alices_data = await alice.send(data[2:])
-        alices_target = await alice.send(target[2:])
+        bobs_data, bobs_target, alices_data, alices_target = await send_toy_dataset(bob, alice)
 
         # Iniitalize A Toy Model
         model = nn.Linear(2, 1)
@@ -133,8 +134,8 @@ async def test_part_4_federated_learning_with_a_trusted_aggregator(client: fedpt
 
             history.append((float(bobs_loss), float(alices_loss)))  # type: ignore[arg-type]
 
-    preds = model(data)
-    loss = ((preds - target) ** 2).sum()
+    data, target = toy_dataset()
+    loss = ((model(data) - target) ** 2).sum()
     assert history[-1][0] < history[0][0] and history[-1][1] < history[0][1]
     assert float(loss) < 0.5
     assert isinstance(model.weight, torch.nn.Parameter)
