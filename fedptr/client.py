@@ -50,6 +50,14 @@ class ObjectInfo:
         return f"tensor(<{list(self.shape)} {self.dtype}>)"
 
 
+def _described(shape: wire.Value, dtype: str) -> torch.Tensor | None:
+    """The meta tensor of a search result described as `shape` and `dtype` (None if malformed)."""
+    if not isinstance(shape, list):
+        return None
+    dims = [d for d in shape if type(d) is int]
+    return meta.described(dims, dtype) if len(dims) == len(shape) else None
+
+
 def _preview_dtype(name: str) -> torch.dtype:
     from fedptr.tensors import DTYPE_BY_NAME
 
@@ -130,10 +138,7 @@ class Worker:
             raise ProtocolError(f"expected SearchReply, got {type(reply).__name__}")
         described: list[torch.Tensor | None] = [None] * len(reply.ids)
         if len(reply.shapes) == len(reply.ids) == len(reply.dtypes):
-            described = [
-                meta.described(s, d) if isinstance(s, list) and all(type(n) is int for n in s) else None  # type: ignore[arg-type]
-                for s, d in zip(reply.shapes, reply.dtypes, strict=True)
-            ]
+            described = [_described(shape, d) for shape, d in zip(reply.shapes, reply.dtypes, strict=True)]
         return [
             Pointer(self._client, self.name, i, deletes=False, meta=m)
             for i, m in zip(reply.ids, described, strict=True)
