@@ -10,7 +10,8 @@ worker's reply instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +23,10 @@ from fedptr.ops import FUNCTIONAL_OPS, TENSOR_METHODS, TORCH_FUNCTIONS
 from fedptr.tensors import DTYPE_BY_NAME
 
 META = torch.device("meta")
+CACHE_SIZE = 4096
+"""How many inferred results `infer` remembers. Running an op on meta tensors costs up to a few
+hundred microseconds; a training loop repeats the same ops on the same shapes, which then cost a
+dictionary lookup."""
 
 
 def of_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -116,9 +121,33 @@ def _function(op: str) -> Callable[..., Any] | None:
     return None
 
 
-def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The meta tensor of `op`'s result on meta `args`/`kwargs`, or None when torch cannot tell
-    without the data (or the op fails; the worker then reports the real error)."""
+class _Uncacheable(Exception):
+    """An argument has no structural key (its result is inferred every time)."""
+
+
+def _key(value: Any, pinned: list[object]) -> Hashable:
+    """What the result of an op depends on in `value`: shapes, dtypes, requires_grad, scalars.
+    A model is keyed by identity and pinned, so its id is not reused while the entry lives."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.requires_grad)
+    if isinstance(value, nn.Module):
+        pinned.append(value)
+        return ("M", id(value))
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return (type(value).__name__, value)
+    if isinstance(value, slice):
+        return ("S", _key(value.start, pinned), _key(value.stop, pinned), _key(value.step, pinned))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v, pinned) for v in value))
+    if isinstance(value, Mapping):
+        return ("D", tuple(sorted((str(k), _key(v, pinned)) for k, v in value.items())))
+    raise _Uncacheable
+
+
+_CACHE: OrderedDict[Hashable, tuple[torch.Tensor | None, list[object]]] = OrderedDict()
+
+
+def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     fn = _function(op)
     if fn is None:
         return None
@@ -129,3 +158,23 @@ def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Te
     if not isinstance(result, torch.Tensor) or result.device != META:
         return None
     return result.detach().requires_grad_(result.requires_grad)
+
+
+def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The meta tensor of `op`'s result on meta `args`/`kwargs`, or None when torch cannot tell
+    without the data (or the op fails; the worker then reports the real error). Results are
+    remembered by the operands' shapes, dtypes and values (`CACHE_SIZE`)."""
+    pinned: list[object] = []
+    try:
+        key: Hashable = (op, _key(args, pinned), _key(kwargs, pinned))
+    except _Uncacheable:
+        return _run(op, args, kwargs)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit[0]
+    result = _run(op, args, kwargs)
+    _CACHE[key] = (result, pinned)
+    if len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return result
