@@ -6,6 +6,9 @@ meta tensors of its operands (and a meta copy of a model), which costs microseco
 the result's shape and dtype exactly as torch computes them. When torch cannot say without the
 data (``x[mask]``, ``nonzero``) `infer` gives None, and the pointer learns its shape from the
 worker's reply instead.
+
+Importing this module (so the client) runs one meta op, which makes torch load its meta
+kernels: about two seconds and 70 MB once per process, paid before any connection exists.
 """
 
 from __future__ import annotations
@@ -178,3 +181,14 @@ def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Te
     if len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return result
+
+
+def _load_meta_kernels() -> None:
+    """Run one op on the meta device. torch loads its Python meta kernels (and sympy) on the
+    first one, which takes a second or two: done when this module is imported, before a client
+    connects, so it never stalls a running event loop past its heartbeats."""
+    probe = torch.empty(1, device=META)
+    torch.add(probe, probe)
+
+
+_load_meta_kernels()
