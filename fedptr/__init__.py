@@ -1,7 +1,8 @@
 """fedptr: remote tensor pointers for federated, privacy-preserving machine learning in asyncio.
 
-``import fedptr`` is cheap: the client, which imports torch, loads on first use of its names, so
-the broker can use `fedptr.wire` without importing torch.
+``import fedptr`` is cheap: the client, which imports torch, loads on first use of its names
+(and submodules such as ``fedptr.optim`` on first use as attributes), so the broker can use
+`fedptr.wire` without importing torch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fedptr.errors import (
     BudgetExhaustedError,
     ClientClosedError,
     ConsumedPointerError,
+    DataDependentError,
     DeadlineExceeded,
     FedptrError,
     InvalidArgumentError,
@@ -34,9 +36,16 @@ from fedptr.errors import (
 )
 
 if TYPE_CHECKING:
+    from fedptr import aggregate as aggregate
+    from fedptr import data as data
+    from fedptr import meta as meta
+    from fedptr import modules as modules
+    from fedptr import ops as ops
+    from fedptr import optim as optim
+    from fedptr import tensors as tensors
     from fedptr.client import Client, ObjectInfo, Worker, connect
-    from fedptr.cluster import Cluster, local_cluster
-    from fedptr.pointer import ModulePointer, Pointer
+    from fedptr.cluster import Cluster, LocalCluster, local_cluster
+    from fedptr.pointer import ModulePointer, Pending, Pointer
 
 _LAZY = {
     "Client": "fedptr.client",
@@ -45,9 +54,15 @@ _LAZY = {
     "connect": "fedptr.client",
     "Cluster": "fedptr.cluster",
     "local_cluster": "fedptr.cluster",
+    "LocalCluster": "fedptr.cluster",
     "Pointer": "fedptr.pointer",
     "ModulePointer": "fedptr.pointer",
+    "Pending": "fedptr.pointer",
 }
+_SUBMODULES = frozenset(
+    {"aggregate", "client", "cluster", "data", "meta", "modules", "ops", "optim", "pointer", "tensors", "security"}
+)
+"""Submodules reachable as attributes after ``import fedptr`` (``fedptr.optim.SGD``), imported on first use."""
 
 __all__ = [
     "BudgetExhaustedError",
@@ -55,9 +70,11 @@ __all__ = [
     "ClientClosedError",
     "Cluster",
     "ConsumedPointerError",
+    "DataDependentError",
     "DeadlineExceeded",
     "FedptrError",
     "InvalidArgumentError",
+    "LocalCluster",
     "LocationMismatchError",
     "LostWorkerError",
     "ModulePointer",
@@ -65,6 +82,7 @@ __all__ = [
     "ObjectNotFoundError",
     "OpNotAllowedError",
     "OverloadedError",
+    "Pending",
     "PermissionDenied",
     "Pointer",
     "ProtocolError",
@@ -83,6 +101,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fedptr.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fedptr' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedptr import envelope, limits, modules, wire
+from fedptr import envelope, limits, meta, modules, wire
 from fedptr.errors import ConsumedPointerError, InvalidArgumentError, ProtocolError, UnsupportedTypeError
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer
@@ -48,6 +48,14 @@ class ObjectInfo:
             values = torch.tensor(self.preview, dtype=_preview_dtype(self.dtype)).reshape(self.shape)
             return repr(values)
         return f"tensor(<{list(self.shape)} {self.dtype}>)"
+
+
+def _described(shape: wire.Value, dtype: str) -> torch.Tensor | None:
+    """The meta tensor of a search result described as `shape` and `dtype` (None if malformed)."""
+    if not isinstance(shape, list):
+        return None
+    dims = [d for d in shape if type(d) is int]
+    return meta.described(dims, dtype) if len(dims) == len(shape) else None
 
 
 def _preview_dtype(name: str) -> torch.dtype:
@@ -98,15 +106,16 @@ class Worker:
             except BaseException:
                 x.owned = True
                 raise
+            return Pointer(client, self.name, new_id, meta=x.meta)
         elif isinstance(x, torch.Tensor):
             await client.call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
+            return Pointer(client, self.name, new_id, meta=meta.of_tensor(x))
         elif isinstance(x, nn.Module):
             spec, params = modules.to_wire(x)
             await client.call(self.name, wire.PutModule(new_id, spec, params))
-            return ModulePointer(client, self.name, new_id, len(params))
-        else:
-            raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
-        return Pointer(client, self.name, new_id)
+            model = ModulePointer(client, self.name, new_id, spec)
+            return model if x.training else model.eval()
+        raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
 
     def send_nowait(self, x: torch.Tensor) -> Pointer:
         """Pipelined `send` of a tensor: returns its pointer at once, without a round trip.
@@ -118,7 +127,7 @@ class Worker:
             raise UnsupportedTypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
         client = self._client
         new_id = client.new_id()
-        return client.issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad))
+        return client.issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad), meta.of_tensor(x))
 
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
@@ -127,7 +136,13 @@ class Worker:
         reply = await self._client.call(self.name, wire.Search(tag))
         if not isinstance(reply, wire.SearchReply):
             raise ProtocolError(f"expected SearchReply, got {type(reply).__name__}")
-        return [Pointer(self._client, self.name, i, deletes=False) for i in reply.ids]
+        described: list[torch.Tensor | None] = [None] * len(reply.ids)
+        if len(reply.shapes) == len(reply.ids) == len(reply.dtypes):
+            described = [_described(shape, d) for shape, d in zip(reply.shapes, reply.dtypes, strict=True)]
+        return [
+            Pointer(self._client, self.name, i, deletes=False, meta=m)
+            for i, m in zip(reply.ids, described, strict=True)
+        ]
 
     async def objects(self) -> dict[int, ObjectInfo]:
         """This worker's store: object id -> ObjectInfo, once this client's earlier operations settled."""
@@ -158,9 +173,14 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._outstanding: set[asyncio.Future[wire.Message]] = set()
+        self._effects: dict[asyncio.Future[wire.Message], str] = {}
         self._deletes: dict[str, list[int]] = defaultdict(list)
         self._flush_scheduled = False
         self._open = True
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<Client {self.name} at {self._link.address}, {len(self._outstanding)} in flight, {state}>"
 
     @property
     def name(self) -> str:
@@ -198,17 +218,56 @@ class Client:
         self._flush_deletes()
         return await self._link.request(dest, msg, self.timeout)
 
-    def issue_op(self, location: str, op: str, args: list[wire.Value], kwargs: dict[str, wire.Value]) -> Pointer:
-        """Run allow-listed `op` on worker `location` and return its result's pointer at once."""
+    def issue_op(
+        self,
+        location: str,
+        op: str,
+        args: list[wire.Value],
+        kwargs: dict[str, wire.Value],
+        result_meta: torch.Tensor | None = None,
+    ) -> Pointer:
+        """Run allow-listed `op` on worker `location` and return its result's pointer at once;
+        `result_meta` is the result's inferred meta tensor (None: learnt from the reply)."""
         result_id = self.new_id()
-        return self.issue(location, result_id, wire.Op(result_id, op, args, kwargs))
+        return self.issue(location, result_id, wire.Op(result_id, op, args, kwargs), result_meta)
 
-    def issue(self, location: str, obj_id: int, msg: wire.Message) -> Pointer:
+    def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
         """Send a request that creates object `obj_id` and return its pointer without waiting."""
         fut = self._link.request_nowait(location, msg, self.timeout)
         self._outstanding.add(fut)
         fut.add_done_callback(self._op_settled)
-        return Pointer(self, location, obj_id, fut)
+        return Pointer(self, location, obj_id, fut, meta=result_meta)
+
+    # --- effects: queued updates whose errors surface on the next await ------------------
+    def track_effect(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
+        """Remember the reply of an in-place update on `location` until someone has seen it:
+        a success is forgotten when it arrives, a failure is raised once, by `observe` or by
+        the next `check_effects` of that worker."""
+        self._effects[fut] = location
+        fut.add_done_callback(self._effect_settled)
+
+    def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            self._effects.pop(fut, None)
+
+    async def observe(self, futures: list[asyncio.Future[wire.Message]]) -> None:
+        """Wait for `futures` (without cancelling them if this wait is cancelled), forget them,
+        and raise the first one's error if any failed."""
+        if futures:
+            await asyncio.wait(futures)
+        error: BaseException | None = None
+        for fut in futures:
+            self._effects.pop(fut, None)
+            if error is None and not fut.cancelled():
+                error = fut.exception()
+        if error is not None:
+            raise error
+
+    async def check_effects(self, location: str) -> None:
+        """Raise the error of an update queued on `location` that nobody awaited (waiting for
+        the ones still running); called by every await and get of a pointer there."""
+        if self._effects:
+            await self.observe([f for f, loc in self._effects.items() if loc == location])
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         self._outstanding.discard(fut)
@@ -221,12 +280,15 @@ class Client:
         if self._outstanding:
             await asyncio.wait(list(self._outstanding))
 
-    def unwrap(self, reply: wire.Message) -> torch.Tensor | nn.Module | Pointer:
-        """The value a Get's reply hands over: a tensor, a model, or a pointer one hop down."""
+    def unwrap(
+        self, reply: wire.Message, result_meta: torch.Tensor | None = None
+    ) -> torch.Tensor | nn.Module | Pointer:
+        """The value a Get's reply hands over: a tensor, a model, or a pointer one hop down
+        (whose data is described by `result_meta`, the meta tensor of the pointer fetched)."""
         if isinstance(reply, wire.TensorReply):
             return from_raw(reply.tensor)
         if isinstance(reply, wire.PointerReply):
-            return Pointer(self, reply.location, reply.id_at_location)
+            return Pointer(self, reply.location, reply.id_at_location, meta=result_meta)
         if isinstance(reply, wire.ModuleReply):
             return modules.from_wire(reply.spec, reply.params)
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")

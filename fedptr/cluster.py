@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from types import TracebackType
+from typing import IO, Any, Literal, ParamSpec
 
 from fedptr import limits
 from fedptr.client import Client, connect
@@ -26,6 +28,7 @@ from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError
 from fedptr.security import CurveKeys, generate
 
 _PR_SET_PDEATHSIG = 1
+P = ParamSpec("P")
 
 
 def _die_with_parent() -> None:
@@ -64,6 +67,16 @@ class Cluster:
         """Another client of this cluster, authenticated with client key pair `key`; `options`
         are `fedptr.connect`'s."""
         return connect(self.address, curve=self.client_keys(key), **options)
+
+    running: AbstractAsyncContextManager[Cluster] | None = field(default=None, repr=False)
+    """What `stop` exits (set by `LocalCluster.start`)."""
+
+    async def stop(self) -> None:
+        """Close the client and stop every process (SIGTERM, then SIGKILL after a grace period).
+        Calling it again does nothing."""
+        running, self.running = self.running, None
+        if running is not None:
+            await running.__aexit__(None, None, None)
 
     def log(self, name: str) -> str:
         """What process `name` (``"broker"`` or a worker) has logged so far."""
@@ -175,6 +188,49 @@ async def wait_registered(
         await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
+class LocalCluster:
+    """A local cluster not started yet, as `local_cluster` returns it. Start it with
+    ``cluster = await local_cluster([...]).start()`` (a REPL, a notebook) and end it with
+    ``await cluster.stop()``, or use it as ``async with local_cluster([...]) as cluster:``."""
+
+    def __init__(self, running: AbstractAsyncContextManager[Cluster]) -> None:
+        self._running = running
+        self._cluster: Cluster | None = None
+
+    async def start(self) -> Cluster:
+        """Start the broker and the nodes; returns the running `Cluster` once all registered.
+        Raises InvalidArgumentError when called twice, and what `local_cluster` says."""
+        if self._cluster is not None:
+            raise InvalidArgumentError("this cluster was started already")
+        cluster = await self._running.__aenter__()
+        cluster.running = self._running
+        self._cluster = cluster
+        return cluster
+
+    async def __aenter__(self) -> Cluster:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._cluster is not None:
+            await self._cluster.stop()
+
+
+def _startable(
+    factory: Callable[P, AbstractAsyncContextManager[Cluster]],
+) -> Callable[P, LocalCluster]:
+    """`factory` returning a `LocalCluster` (startable with ``await ...start()``) instead of
+    only an async context manager."""
+
+    @functools.wraps(factory)
+    def make(*args: P.args, **kwargs: P.kwargs) -> LocalCluster:
+        return LocalCluster(factory(*args, **kwargs))
+
+    return make
+
+
+@_startable
 @asynccontextmanager
 async def local_cluster(
     names: Sequence[str],
@@ -190,7 +246,9 @@ async def local_cluster(
     curve: bool = True,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
 ) -> AsyncIterator[Cluster]:
-    """Start a broker and one node per name, wait until all registered, and yield a `Cluster`.
+    """A broker and one node per name: ``await local_cluster(names).start()`` starts them, waits
+    until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
+    ``async with local_cluster(names) as cluster:`` does both.
 
     `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
     directory. `node_args` adds command-line flags per worker name (``--trust``,

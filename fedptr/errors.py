@@ -165,6 +165,14 @@ class UnsupportedTypeError(UsageError, TypeError):
     """Raised when a value of a type fedptr cannot send or run remotely is passed."""
 
 
+class DataDependentError(UsageError, TypeError):
+    """Raised when Python needs a value a pointer cannot know without a round trip: `bool(p)`
+    (``if p > 0:``), `int(p)`/`operator.index(p)`, `iter(p)`, or `len(p)` and `p.shape` while
+    the shape depends on the data (``x[mask]`` before it was awaited). Await the pointer (its
+    shape is then known) or `get` the value first, or use a remote op (``p.eq(q)``, ``p.any()``).
+    """
+
+
 class LocationMismatchError(InvalidArgumentError):
     """Raised when an operation mixes pointers on different workers; both names are in the message."""
 

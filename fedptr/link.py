@@ -326,6 +326,7 @@ class Link:
         requests and replies that follow within the same event-loop turn go out together as one
         BATCH. A message with a large buffer streams it as chunks first, each its own multipart."""
         if message[0] not in _BATCHABLE:
+            self._flush_batch()  # in order: a delete must not overtake the requests queued before it
             self._push_frames(envelope.framed(message))
             return
         self.messages_sent += 1

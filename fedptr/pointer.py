@@ -1,33 +1,67 @@
-"""`Pointer`: a handle to an object that lives on a worker.
+"""`Pointer`: a handle to an object that lives on a worker, which behaves like a tensor.
 
 Operations on a pointer return a new pointer at once: the client picks the result's id and
-queues the request, so a chain of dependent operations costs no round trip per step. Awaiting a
-pointer waits until its operation has finished and raises its error if it failed. A pointer
-that is dropped deletes its remote object (down the chain); `get`, `move` and sending the
-pointer to another worker hand the object on instead, so nothing is deleted twice.
+queues the request, so a chain of dependent operations costs no round trip per step. The
+result's shape, dtype and ``requires_grad`` are worked out locally when the operation is issued
+(`fedptr.meta`) and checked against the worker's reply. Awaiting a pointer waits until its
+operation has finished and raises its error if it failed.
+
+Work that changes something instead of making a result (in-place updates, ``backward``,
+``zero_grad``, an optimizer's ``step``) is an *effect*: it is queued at once too, returns the
+pointer it changes (or a `Pending` handle), and a failure is raised by the next await or `get` of
+any pointer on that worker (and by awaiting the handle). Nothing needs awaiting to happen.
+
+A pointer that is dropped deletes its remote object (down the chain); `get`, `move` and sending
+the pointer to another worker hand the object on instead, so nothing is deleted twice.
+
+Equality keeps Python's identity semantics, so pointers work in lists, sets and dicts
+(``p in [q]``, ``ps.index(p)``); element-wise comparison is the method `Pointer.eq`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Any
+import builtins
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
 from torch.nn import functional
 
-from fedptr import wire
-from fedptr.errors import ConsumedPointerError, LocationMismatchError, PermissionDenied, UnsupportedTypeError
-from fedptr.ops import ALLOWED, TENSOR_METHODS
-from fedptr.tensors import to_raw
+from fedptr import meta, wire
+from fedptr.errors import (
+    ConsumedPointerError,
+    DataDependentError,
+    InvalidArgumentError,
+    LocationMismatchError,
+    PermissionDenied,
+    ProtocolError,
+    UnsupportedTypeError,
+)
+from fedptr.ops import (
+    ALLOWED,
+    DEVICE_PREFIX,
+    DTYPE_PREFIX,
+    ELLIPSIS_KEY,
+    FUNCTIONAL,
+    MUTATING,
+    SLICE_KEY,
+    TENSOR_METHODS,
+)
+from fedptr.tensors import dtype_name, to_raw
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
 
 _TORCH_NAMES: dict[Any, str] = {getattr(torch.Tensor, n): n for n in TENSOR_METHODS}
-_TORCH_NAMES.update({getattr(torch, n): n for n in ALLOWED if hasattr(torch, n)})
-_TORCH_NAMES.update({functional.cross_entropy: "cross_entropy", functional.mse_loss: "mse_loss"})
+_TORCH_NAMES.update({getattr(torch, n): n for n in ALLOWED if "." not in n and hasattr(torch, n)})
+_TORCH_NAMES.update({getattr(functional, n): "F." + n for n in FUNCTIONAL})
+_TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
+
+
+class _Unknown(Exception):
+    """An operand's shape is not known yet, so the result's cannot be inferred."""
 
 
 def _encode(value: Any, found: list[Pointer]) -> wire.Value:
@@ -38,21 +72,60 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
         return to_raw(value)
     if value is None or type(value) in (bool, int, float, str):
         return value  # type: ignore[no-any-return]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, torch.dtype):
+        return DTYPE_PREFIX + dtype_name(value)
+    if isinstance(value, torch.device):
+        if value.type != "cpu":
+            raise InvalidArgumentError(f"workers compute on the cpu only, not on {value}")
+        return DEVICE_PREFIX + "cpu"
+    if isinstance(value, slice):
+        return {SLICE_KEY: [_encode(v, found) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {ELLIPSIS_KEY: True}
+    if isinstance(value, (list, tuple, torch.Size)):
         return [_encode(v, found) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _encode(v, found) for k, v in value.items()}
     raise UnsupportedTypeError(f"cannot send an argument of type {type(value).__name__} to a remote operation")
 
 
+def _to_meta(value: Any) -> Any:
+    """`value` with pointers and tensors replaced by their meta tensors (models by meta models)."""
+    if isinstance(value, ModulePointer):
+        return value.meta_model
+    if isinstance(value, Pointer):
+        if value.meta is None:
+            raise _Unknown
+        return value.meta
+    if isinstance(value, torch.Tensor):
+        return meta.of_tensor(value)
+    if isinstance(value, slice):
+        return slice(_to_meta(value.start), _to_meta(value.stop), _to_meta(value.step))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    try:
+        meta_args, meta_kwargs = _to_meta(args), _to_meta(kwargs)
+    except _Unknown:
+        return None
+    return meta.infer(op, meta_args, meta_kwargs)
+
+
 def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pointer:
     """Run allow-listed `op` where the pointers among `args`/`kwargs` live; returns its result's pointer.
 
-    Raises LocationMismatchError when the pointers live on different workers, and
-    ConsumedPointerError when one of them was handed on already."""
+    Raises LocationMismatchError when the pointers live on different workers,
+    ConsumedPointerError when one of them was handed on already, and UnsupportedTypeError for
+    an argument that cannot travel."""
+    kwargs = kwargs or {}
     found: list[Pointer] = []
     enc_args = [_encode(a, found) for a in args]
-    enc_kwargs = {k: _encode(v, found) for k, v in (kwargs or {}).items()}
+    enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
     first = found[0]
@@ -62,7 +135,69 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
             raise LocationMismatchError(
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
-    return first.client.issue_op(first.location, op, enc_args, enc_kwargs)
+    inferred = None if op in MUTATING else _infer(op, args, kwargs)
+    return first.client.issue_op(first.location, op, enc_args, enc_kwargs, inferred)
+
+
+class Pending:
+    """Remote work that was queued and changes something in place (an optimizer's step,
+    ``backward``, ``zero_grad``, an in-place update). It runs whether or not it is awaited;
+    ``await pending`` waits until it is done and raises its error. An error nobody awaited is
+    raised by the next await or `get` of a pointer on the same worker."""
+
+    __slots__ = ("_client", "_futures")
+
+    def __init__(self, client: Client | None, futures: list[asyncio.Future[wire.Message]]) -> None:
+        self._client = client
+        self._futures = futures
+
+    @classmethod
+    def gather(cls, pending: list[Pending]) -> Pending:
+        """One handle for all of `pending`."""
+        client = next((p._client for p in pending if p._client is not None), None)
+        return cls(client, [f for p in pending for f in p._futures])
+
+    def done(self) -> bool:
+        """Whether all of the work has settled (succeeded or failed)."""
+        return all(f.done() for f in self._futures)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait until the work is done; raise the first error if any of it failed."""
+        return self._wait().__await__()
+
+    async def _wait(self) -> None:
+        if self._client is not None:
+            await self._client.observe(self._futures)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<Pending: {len(self._futures)} remote updates, {state}>"
+
+
+def effect(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pending:
+    """Queue `op`, which changes its first argument in place (see `fedptr.ops.MUTATING`), and
+    return its handle at once. Raises like `remote_call`."""
+    alias = remote_call(op, args, kwargs)
+    fut = alias.pending_future
+    if fut is None:
+        return Pending(alias.client, [])
+    alias.client.track_effect(alias.location, fut)
+    # the result entry is an alias of the target: keep its pointer until the update settled,
+    # then let it go (its delete removes the alias, not the target)
+    fut.add_done_callback(_Keep(alias))
+    return Pending(alias.client, [fut])
+
+
+class _Keep:
+    """A done callback that holds an object until the future settles."""
+
+    __slots__ = ("_kept",)
+
+    def __init__(self, kept: object) -> None:
+        self._kept: object = kept
+
+    def __call__(self, fut: asyncio.Future[wire.Message]) -> None:
+        self._kept = None
 
 
 def _method(op: str) -> Callable[..., Pointer]:
@@ -74,10 +209,45 @@ def _method(op: str) -> Callable[..., Pointer]:
     return call
 
 
-class Pointer:
-    """A pointer to object `id_at_location` on worker `location`."""
+def _in_place(op: str) -> Callable[..., Pointer]:
+    def call(self: Pointer, *args: Any, **kwargs: Any) -> Pointer:
+        effect(op, (self, *args), kwargs)
+        return self
 
-    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "owned")
+    call.__name__ = op
+    call.__doc__ = (
+        f"Remote in-place ``torch.Tensor.{op}`` (under no_grad): queued at once, returns this pointer; "
+        "a failure is raised by the next await or get on this worker."
+    )
+    return call
+
+
+def _data_dependent(what: str) -> NoReturn:
+    raise DataDependentError(
+        f"{what} of a Pointer depends on remote data: await the pointer or get() its value first "
+        "(or compute remotely, e.g. p.eq(q), p.any())"
+    )
+
+
+def short_id(obj_id: int) -> str:
+    """The first 6 hex digits of an object id, for display (ids are random 63-bit numbers)."""
+    return f"{obj_id:016x}"[:6]
+
+
+def _index(key: Any) -> tuple[Any, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+class Pointer:
+    """A pointer to object `id_at_location` on worker `location`.
+
+    It knows its result's `shape`, `dtype`, `device` and `requires_grad` without a round trip,
+    supports the operators, indexing and the allow-listed methods of ``torch.Tensor`` (each
+    returns a new Pointer at once), and dispatches ``torch.*`` and ``torch.nn.functional.*``
+    calls through ``__torch_function__``. ``==`` is identity (use `eq`); ``bool(p)``, ``int(p)``
+    and ``iter(p)`` raise DataDependentError."""
+
+    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_meta", "owned")
 
     def __init__(
         self,
@@ -87,11 +257,13 @@ class Pointer:
         done: asyncio.Future[wire.Message] | None = None,
         *,
         deletes: bool = True,
+        meta: torch.Tensor | None = None,
     ) -> None:
         self._client = client
         self._location = location
         self._id = id_at_location
         self._done = done
+        self._meta = meta
         self.owned = True
         """Whether this pointer still owns its object (False once get, move or send handed it on)."""
         self._deletes = deletes
@@ -117,21 +289,137 @@ class Pointer:
         """The `Worker` holding the object."""
         return self._client.worker(self._location)
 
+    @property
+    def pending_future(self) -> asyncio.Future[wire.Message] | None:
+        """The reply of the request that makes this object, until it was awaited (else None)."""
+        return self._done
+
     def __repr__(self) -> str:
         state = "" if self.owned else " (handed on)"
-        return f"[Pointer | me -> {self._location}:{self._id}]{state}"
+        described = ""
+        if self._meta is not None:
+            dims = ", ".join(str(d) for d in self._meta.shape)
+            grad = ", requires_grad" if self._meta.requires_grad else ""
+            described = f" | {dtype_name(self._meta.dtype)}[{dims}]{grad}"
+        return f"[Pointer | me -> {self._location}:{short_id(self._id)}{described}]{state}"
+
+    # --- what the result looks like (no round trip) -------------------------------------
+    @property
+    def meta(self) -> torch.Tensor | None:
+        """A tensor on torch's meta device with this object's shape, dtype and requires_grad,
+        or None while they depend on data not yet computed (await the pointer)."""
+        return self._meta
+
+    def _known(self, what: str) -> torch.Tensor:
+        if self._meta is None:
+            raise DataDependentError(
+                f"the {what} of {self!r} depends on its data (or it is not a tensor): await the pointer first"
+            )
+        return self._meta
+
+    @property
+    def shape(self) -> torch.Size:
+        """The tensor's shape. Raises DataDependentError when it depends on data not yet
+        computed (``x[mask]``, ``nonzero``): await the pointer first."""
+        return self._known("shape").shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's dtype (DataDependentError as for `shape`)."""
+        return self._known("dtype").dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the worker keeps the tensor: always the CPU."""
+        return torch.device("cpu")
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the tensor records operations for autograd."""
+        return self._meta is not None and self._meta.requires_grad
+
+    @property
+    def ndim(self) -> builtins.int:
+        """Number of dimensions."""
+        return self.shape.__len__()
+
+    def size(self, dim: builtins.int | None = None) -> torch.Size | builtins.int:
+        """The shape, or its size along `dim`, as ``torch.Tensor.size``."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> builtins.int:
+        """Number of dimensions."""
+        return self.ndim
+
+    def numel(self) -> builtins.int:
+        """Number of elements."""
+        return self.shape.numel()
+
+    def is_floating_point(self) -> builtins.bool:
+        """Whether the dtype is a floating point type."""
+        return self.dtype.is_floating_point
+
+    def __len__(self) -> builtins.int:
+        shape = self.shape
+        if not shape:
+            raise UnsupportedTypeError("len() of a 0-d tensor")
+        return shape[0]
+
+    def __bool__(self) -> builtins.bool:
+        _data_dependent("the truth value")
+
+    def __index__(self) -> builtins.int:
+        _data_dependent("the integer value")
+
+    def __int__(self) -> builtins.int:
+        _data_dependent("the integer value")
+
+    def __float__(self) -> builtins.float:
+        _data_dependent("the float value")
+
+    def __iter__(self) -> Iterator[Pointer]:
+        _data_dependent("iterating")
+
+    def __eq__(self, other: object) -> builtins.bool:
+        """Identity, as for any Python object (so ``p in [q]`` and ``list.index`` work); the
+        element-wise comparison is `eq`."""
+        return self is other
+
+    def __ne__(self, other: object) -> builtins.bool:
+        """Not identical (see `__eq__`); the element-wise comparison is `ne`."""
+        return self is not other
+
+    __hash__ = object.__hash__
 
     # --- completion --------------------------------------------------------------------
     def __await__(self) -> Generator[Any, None, Pointer]:
-        """Wait until the operation that made this pointer finished; raise its error if it failed."""
+        """Wait until the operation that made this pointer finished; raise its error if it failed,
+        or the error of an effect queued on this worker that nobody awaited."""
         return self._wait().__await__()
 
     async def _wait(self) -> Pointer:
         if self._done is not None:
             # shielded: cancelling one waiter must not cancel the request other waiters share
-            await asyncio.shield(self._done)
-            self._done = None
+            reply = await asyncio.shield(self._done)
+            if self._done is not None:
+                self._done = None
+                self._check_reply(reply)
+        await self._client.check_effects(self._location)
         return self
+
+    def _check_reply(self, reply: wire.Message) -> None:
+        """Compare the worker's description of the result with the inferred one."""
+        if not isinstance(reply, wire.Ok) or not reply.dtype:
+            return
+        if self._meta is None:
+            self._meta = meta.described(reply.shape, reply.dtype)
+            return
+        inferred = (list(self._meta.shape), dtype_name(self._meta.dtype))
+        if inferred != (reply.shape, reply.dtype):
+            raise ProtocolError(
+                f"{self!r}: the worker computed {reply.dtype}{reply.shape}, "
+                f"the client inferred {inferred[1]}{inferred[0]}"
+            )
 
     def check_alive(self) -> None:
         """Raise ConsumedPointerError when this pointer's object was handed on."""
@@ -140,16 +428,37 @@ class Pointer:
 
     # --- awaited calls -----------------------------------------------------------------
     async def get(self) -> torch.Tensor | nn.Module | Pointer:
-        """Bring the object back and remove it from its worker: a tensor, or (for a pointer to a
-        pointer) the next pointer down the chain. Raises ConsumedPointerError if already consumed."""
+        """Bring the object back and remove it from its worker: a tensor (with its
+        ``requires_grad``), or (for a pointer to a pointer) the next pointer down the chain.
+        Raises ConsumedPointerError if already consumed, and the error of an unawaited effect
+        on this worker."""
         self.check_alive()
+        await self._client.check_effects(self._location)
         self.owned = False
         try:
             reply = await self._client.call(self._location, wire.Get(self._id))
         except PermissionDenied:
             self.owned = True  # a refused get leaves the object where it was
             raise
-        return self._client.unwrap(reply)
+        return self._restored(self._client.unwrap(reply, self._meta))
+
+    def _restored(self, value: torch.Tensor | nn.Module | Pointer) -> torch.Tensor | nn.Module | Pointer:
+        if isinstance(value, torch.Tensor) and self.requires_grad and value.is_floating_point():
+            value.requires_grad_(True)
+        return value
+
+    async def item(self) -> builtins.int | builtins.float | builtins.bool:
+        """The value of a one-element tensor, fetched (a copy is made and fetched; this pointer
+        keeps its object)."""
+        value = await self.detach().clone().get()
+        assert isinstance(value, torch.Tensor)
+        return value.item()
+
+    async def tolist(self) -> Any:
+        """The tensor as nested Python lists, fetched like `item`."""
+        value = await self.detach().clone().get()
+        assert isinstance(value, torch.Tensor)
+        return value.tolist()
 
     async def send(self, worker: Worker) -> Pointer:
         """Send this pointer to `worker`, making a pointer to a pointer; the data does not move."""
@@ -174,7 +483,7 @@ class Pointer:
         return self._moved(worker.name, new_id)
 
     def _moved(self, location: str, obj_id: int) -> Pointer:
-        return Pointer(self._client, location, obj_id)
+        return Pointer(self._client, location, obj_id, meta=self._meta)
 
     def __del__(self) -> None:
         if self.owned and self._deletes:
@@ -188,9 +497,72 @@ class Pointer:
         op = _TORCH_NAMES.get(func)
         if op is None:
             raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
+        if op == "getitem":
+            return args[0][args[1]]  # type: ignore[no-any-return]
         return remote_call(op, tuple(args), kwargs)
 
-    __hash__ = object.__hash__
+    def __getitem__(self, key: Any) -> Pointer:
+        """``p[key]`` with ints, slices, ``...``, None, lists of ints, and index or boolean mask
+        tensors or pointers, as torch indexes; returns the result's pointer at once."""
+        return remote_call("getitem", (self, *_index(key)))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``p[key] = value`` (a number, tensor or pointer), in place on the worker (under no_grad)."""
+        effect("setitem", (self, value, *_index(key)))
+
+    def backward(self) -> Pending:
+        """Remote ``loss.backward()``: queued at once; await the handle (or anything on this
+        worker) to wait until the gradients are filled."""
+        return effect("backward", (self,))
+
+    def zero_grad(self) -> Pending:
+        """Drop this tensor's gradient (``p.grad = None``), queued at once."""
+        return effect("zero_grad", (self,))
+
+    def requires_grad_(self, requires_grad: builtins.bool = True) -> Pointer:
+        """Turn gradient tracking on (or off) for this tensor; returns this pointer."""
+        effect("requires_grad_", (self, requires_grad))
+        if self._meta is not None and self._meta.is_floating_point():
+            self._meta = self._meta.detach().requires_grad_(requires_grad)
+        return self
+
+    @property
+    def grad(self) -> Pointer:
+        """A pointer to this tensor's gradient (fails, when awaited, if it has none). Assigning
+        a pointer sets the remote gradient; assigning None drops it."""
+        return remote_call("grad", (self,))
+
+    @grad.setter
+    def grad(self, value: Pointer | None) -> None:
+        effect("set_grad", (self, value))
+
+    @property
+    def data(self) -> Pointer:
+        """The tensor without autograd, sharing its storage: in-place updates of it
+        (``p.data -= lr * g``) change this tensor. Assigning a pointer replaces its data."""
+        return remote_call("detach", (self,))
+
+    @data.setter
+    def data(self, value: Pointer) -> None:
+        effect("set_data", (self, value))
+        if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
+            self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
+
+    add_ = _in_place("add_")
+    sub_ = _in_place("sub_")
+    mul_ = _in_place("mul_")
+    div_ = _in_place("div_")
+    zero_ = _in_place("zero_")
+    addcmul_ = _in_place("addcmul_")
+    addcdiv_ = _in_place("addcdiv_")
+    copy_ = _in_place("copy_")
+    fill_ = _in_place("fill_")
+    clamp_ = _in_place("clamp_")
+    __iadd__ = _in_place("add_")
+    __isub__ = _in_place("sub_")
+    __imul__ = _in_place("mul_")
+    __itruediv__ = _in_place("div_")
+
     __add__ = _method("add")
     __radd__ = _method("__radd__")
     __sub__ = _method("sub")
@@ -209,46 +581,42 @@ class Pointer:
     __rpow__ = _method("__rpow__")
     __neg__ = _method("neg")
     __abs__ = _method("abs")
-    __eq__ = _method("eq")  # type: ignore[assignment]
-    __ne__ = _method("ne")  # type: ignore[assignment]
     __lt__ = _method("lt")
     __le__ = _method("le")
     __gt__ = _method("gt")
     __ge__ = _method("ge")
+    __invert__ = _method("logical_not")
 
-    add_ = _method("add_")
-    sub_ = _method("sub_")
-    mul_ = _method("mul_")
-    div_ = _method("div_")
-    zero_ = _method("zero_")
-    requires_grad_ = _method("requires_grad_")
-    zero_grad = _method("zero_grad")
-
-    def backward(self) -> Pointer:
-        """Remote ``loss.backward()``: await the returned pointer to wait until gradients are filled."""
-        return remote_call("backward", (self,))
-
-    @property
-    def grad(self) -> Pointer:
-        """A pointer to this tensor's gradient (fails, when awaited, if it has none)."""
-        return remote_call("grad", (self,))
-
+    # arithmetic
     add = _method("add")
     sub = _method("sub")
     mul = _method("mul")
     div = _method("div")
+    true_divide = _method("true_divide")
+    floor_divide = _method("floor_divide")
+    remainder = _method("remainder")
+    fmod = _method("fmod")
     pow = _method("pow")
     neg = _method("neg")
     abs = _method("abs")
     matmul = _method("matmul")
     mm = _method("mm")
+    bmm = _method("bmm")
     dot = _method("dot")
+    outer = _method("outer")
+    maximum = _method("maximum")
+    minimum = _method("minimum")
+    # comparisons
     eq = _method("eq")
     ne = _method("ne")
     lt = _method("lt")
     le = _method("le")
     gt = _method("gt")
     ge = _method("ge")
+    logical_and = _method("logical_and")
+    logical_or = _method("logical_or")
+    logical_not = _method("logical_not")
+    # reductions
     sum = _method("sum")
     mean = _method("mean")
     prod = _method("prod")
@@ -259,6 +627,13 @@ class Pointer:
     std = _method("std")
     var = _method("var")
     norm = _method("norm")
+    all = _method("all")
+    any = _method("any")
+    cumsum = _method("cumsum")
+    logsumexp = _method("logsumexp")
+    max = _method("max")
+    min = _method("min")
+    # reshaping and selection
     reshape = _method("reshape")
     view = _method("view")
     flatten = _method("flatten")
@@ -269,41 +644,189 @@ class Pointer:
     permute = _method("permute")
     contiguous = _method("contiguous")
     clone = _method("clone")
+    expand = _method("expand")
+    repeat = _method("repeat")
+    flip = _method("flip")
+    narrow = _method("narrow")
+    index_select = _method("index_select")
+    diagonal = _method("diagonal")
+    gather = _method("gather")
+    masked_fill = _method("masked_fill")
+    masked_select = _method("masked_select")
+    nonzero = _method("nonzero")
+    tril = _method("tril")
+    triu = _method("triu")
+    # element-wise
     exp = _method("exp")
     log = _method("log")
+    log1p = _method("log1p")
+    expm1 = _method("expm1")
     sqrt = _method("sqrt")
+    rsqrt = _method("rsqrt")
+    square = _method("square")
     sin = _method("sin")
     cos = _method("cos")
     tanh = _method("tanh")
     sigmoid = _method("sigmoid")
     relu = _method("relu")
     clamp = _method("clamp")
+    floor = _method("floor")
+    ceil = _method("ceil")
+    round = _method("round")
+    sign = _method("sign")
+    reciprocal = _method("reciprocal")
     softmax = _method("softmax")
+    log_softmax = _method("log_softmax")
+    # conversions
+    to = _method("to")
+    detach = _method("detach")
+    type_as = _method("type_as")
     float = _method("float")
     double = _method("double")
+    half = _method("half")
+    bfloat16 = _method("bfloat16")
+    int = _method("int")
     long = _method("long")
+    bool = _method("bool")
+
+
+class ModuleView:
+    """A submodule of a remote model (``model_ptr[0]``), for reaching its parameters by name
+    (``model_ptr[0].weight``). It is not itself callable."""
+
+    def __init__(self, root: ModulePointer, prefix: str) -> None:
+        self._root = root
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Pointer:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._root.parameter(f"{self._prefix}.{name}")
+
+    def __getitem__(self, index: builtins.int) -> ModuleView:
+        return ModuleView(self._root, self._root.child_name(self._prefix, index))
+
+    def named_parameters(self) -> Iterator[tuple[str, Pointer]]:
+        """(name, pointer) of this submodule's parameters, names relative to it."""
+        start = self._prefix + "."
+        for name, p in self._root.named_parameters():
+            if name.startswith(start):
+                yield name[len(start) :], p
+
+    def parameters(self) -> Iterator[Pointer]:
+        """Pointers to this submodule's parameters (the model's own, stable pointers)."""
+        return (p for _, p in self.named_parameters())
+
+    def __repr__(self) -> str:
+        return f"<ModuleView {self._prefix!r} of {self._root!r}>"
 
 
 class ModulePointer(Pointer):
-    """A pointer to a model stored on a worker (see `Worker.send` of an ``nn.Module``)."""
+    """A pointer to a model stored on a worker (see `Worker.send` of an ``nn.Module``).
 
-    __slots__ = ("n_parameters",)
+    Calling it runs the forward pass remotely. Its parameters are stable pointers (the same
+    objects on every call of `parameters`), reachable by name (``mp.weight``, ``mp[0].bias``,
+    `named_parameters`, `state_dict`). `train` and `eval` set the remote training mode."""
 
-    def __init__(self, client: Client, location: str, id_at_location: int, n_parameters: int, done: Any = None) -> None:
+    __slots__ = ("_named", "_spec", "_state", "meta_model", "n_parameters", "training")
+
+    def __init__(
+        self,
+        client: Client,
+        location: str,
+        id_at_location: builtins.int,
+        spec: Mapping[str, Any],
+        done: Any = None,
+        *,
+        training: builtins.bool = True,
+    ) -> None:
         super().__init__(client, location, id_at_location, done)
-        self.n_parameters = n_parameters
+        self._spec = dict(spec)
+        self.meta_model = meta.model(spec, training)
+        """The model on torch's meta device: its structure, shapes and mode, no data."""
+        self.training = training
+        """Whether the remote model is in training mode (see `train`, `eval`)."""
+        self.n_parameters = len(list(self.meta_model.parameters()))
         """How many parameters the model has."""
+        self._named: dict[str, Pointer] | None = None
+        self._state: dict[str, Pointer] = {}
 
     def __repr__(self) -> str:
-        return f"[ModulePointer | me -> {self.location}:{self.id_at_location}]"
+        mode = "" if self.training else " | eval"
+        return f"[ModulePointer | me -> {self.location}:{short_id(self.id_at_location)}{mode}]"
 
     def __call__(self, *inputs: Any) -> Pointer:
         """The model's forward pass on `inputs`, run where the model is; returns the output's pointer."""
         return remote_call("forward", (self, *inputs))
 
-    def parameters(self) -> list[Pointer]:
-        """Pointers to the model's parameters (the same tensors the model trains), in order."""
-        return [remote_call("parameter", (self, i)) for i in range(self.n_parameters)]
+    def named_parameters(self) -> Iterator[tuple[str, Pointer]]:
+        """(name, pointer) for each parameter, as ``nn.Module.named_parameters``; the same
+        pointers on every call."""
+        if self._named is None:
+            self._named = {
+                name: remote_call("parameter", (self, i))
+                for i, (name, _) in enumerate(self.meta_model.named_parameters())
+            }
+        return iter(self._named.items())
 
-    def _moved(self, location: str, obj_id: int) -> Pointer:
-        return ModulePointer(self._client, location, obj_id, self.n_parameters)
+    def parameters(self) -> list[Pointer]:
+        """Pointers to the model's parameters (the tensors the model trains), in order; the
+        same pointers on every call."""
+        return [p for _, p in self.named_parameters()]
+
+    def parameter(self, name: str) -> Pointer:
+        """The parameter called `name` (``"0.weight"``); AttributeError if there is none."""
+        named = dict(self.named_parameters())
+        if name not in named:
+            raise AttributeError(f"the model has no parameter {name!r} (it has {', '.join(named)})")
+        return named[name]
+
+    def state_dict(self) -> dict[str, Pointer]:
+        """Pointers to every parameter and buffer (BatchNorm's running statistics), by name,
+        as ``nn.Module.state_dict``; parameters are the pointers of `named_parameters`."""
+        named = dict(self.named_parameters())
+        out: dict[str, Pointer] = {}
+        for name in self.meta_model.state_dict():
+            if name in named:
+                out[name] = named[name]
+            else:
+                if name not in self._state:
+                    self._state[name] = remote_call("state", (self, name))
+                out[name] = self._state[name]
+        return out
+
+    def child_name(self, prefix: str, index: builtins.int) -> str:
+        """The qualified name of child `index` of submodule `prefix` ("" for the model)."""
+        module = self.meta_model.get_submodule(prefix) if prefix else self.meta_model
+        children = [name for name, _ in module.named_children()]
+        if not -len(children) <= index < len(children):
+            raise IndexError(f"{prefix or 'the model'} has {len(children)} children; no index {index}")
+        return f"{prefix}.{children[index]}" if prefix else children[index]
+
+    def __getitem__(self, index: Any) -> ModuleView:  # type: ignore[override]
+        """Child `index` of a Sequential model, for its parameters: ``mp[0].weight``."""
+        return ModuleView(self, self.child_name("", index))
+
+    def __getattr__(self, name: str) -> Pointer:
+        if name.startswith("_") or name in ModulePointer.__slots__:
+            raise AttributeError(name)
+        return self.parameter(name)
+
+    def train(self, mode: builtins.bool = True) -> ModulePointer:
+        """Set the remote model's training mode (Dropout active, BatchNorm updating its
+        statistics) and return this pointer; queued at once, as ``nn.Module.train``."""
+        effect("train", (self, mode))
+        self.training = mode
+        self.meta_model.train(mode)
+        return self
+
+    def eval(self) -> ModulePointer:
+        """``train(False)``: the remote model in evaluation mode (Dropout off)."""
+        return self.train(False)
+
+    def zero_grad(self) -> Pending:
+        """Drop the gradients of all the model's parameters, queued at once."""
+        return effect("zero_grad", (self,))
+
+    def _moved(self, location: str, obj_id: builtins.int) -> Pointer:
+        return ModulePointer(self._client, location, obj_id, self._spec, training=self.training)

@@ -324,10 +324,14 @@ class ModuleReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class SearchReply(Message):
-    """Ids of the data objects under a tag, in the order they were loaded."""
+    """Ids of the data objects under a tag, in the order they were loaded, with their shapes and dtypes."""
 
     KIND: ClassVar[int] = 26
     ids: list[int]
+    shapes: list[Value] = dataclasses.field(default_factory=list)
+    """The shape of each object, in the order of `ids` (empty from an older node)."""
+    dtypes: list[str] = dataclasses.field(default_factory=list)
+    """The wire dtype of each object, likewise."""
 
 
 # --- differential privacy (kinds 40+) ------------------------------------------------------

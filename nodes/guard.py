@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedptr.ops import IN_PLACE
+from fedptr.ops import MUTATING
 
 from . import kernels
 
-ALIASING = frozenset(IN_PLACE) | {"parameter", "requires_grad_"}
-"""Operations whose result is (part of) an operand by design: they share its taint instead."""
+ALIASING = MUTATING | {"parameter", "state"}
+"""Operations whose result is (part of) their first operand by design: they share its taint."""
 
-STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter"})
+STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
 """Operations that read no value into a size: no meta run; a failure is refused generically."""
 
 

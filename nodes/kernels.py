@@ -10,7 +10,20 @@ from torch import nn
 from torch.nn import functional
 
 from fedptr.errors import OpNotAllowedError
-from fedptr.ops import IN_PLACE, TENSOR_METHODS, TORCH_FUNCTIONS
+from fedptr.ops import (
+    DEVICE_PREFIX,
+    DTYPE_PREFIX,
+    ELLIPSIS_KEY,
+    FUNCTIONAL,
+    IN_PLACE,
+    SLICE_KEY,
+    TENSOR_METHODS,
+    TORCH_FUNCTIONS,
+)
+from fedptr.tensors import DTYPE_BY_NAME
+
+MODULE_OPS = frozenset({"forward", "parameter", "zero_grad", "train", "state"})
+"""The operations that take a model as their first argument."""
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:
@@ -33,10 +46,11 @@ def _zero_grad(t: torch.Tensor | nn.Module) -> torch.Tensor:
 
 
 def _forward(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-    if not isinstance(model, nn.Module):
-        raise TypeError("forward needs a model as its first argument")
-    out: torch.Tensor = model(*inputs)
-    return out
+    out = model(*inputs)
+    if isinstance(out, tuple):  # recurrent layers: (output, hidden state); the output is the result
+        out = out[0]
+    result: torch.Tensor = out
+    return result
 
 
 def _parameter(model: nn.Module, index: int) -> torch.Tensor:
@@ -44,6 +58,84 @@ def _parameter(model: nn.Module, index: int) -> torch.Tensor:
     if type(index) is not int or not 0 <= index < len(params):
         raise IndexError(f"the model has {len(params)} parameters; no index {index!r}")
     return params[index]
+
+
+def _train(model: nn.Module, mode: bool = True) -> torch.Tensor:
+    if type(mode) is not bool:
+        raise TypeError("train takes a bool")
+    model.train(mode)
+    return torch.empty(0)
+
+
+def _state(model: nn.Module, name: str) -> torch.Tensor:
+    state = model.state_dict(keep_vars=True)
+    if type(name) is not str or name not in state:
+        raise KeyError(f"the model has no parameter or buffer {name!r}")
+    value: torch.Tensor = state[name]
+    return value
+
+
+def _set_grad(t: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    t.grad = None if grad is None else grad.detach()
+    return t
+
+
+def _set_data(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    t.data = data.detach()
+    return t
+
+
+def _slice_bound(v: Any) -> int | None:
+    if v is None or type(v) is int:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+        return int(v)
+    raise TypeError(f"slice bounds must be ints or None, not {type(v).__name__}")
+
+
+def _index_part(part: Any) -> Any:
+    if type(part) is dict and set(part) == {SLICE_KEY} and type(part[SLICE_KEY]) is list and len(part[SLICE_KEY]) == 3:
+        return slice(*[_slice_bound(b) for b in part[SLICE_KEY]])
+    if type(part) is dict and part == {ELLIPSIS_KEY: True}:
+        return Ellipsis
+    if part is None or type(part) in (int, bool) or isinstance(part, torch.Tensor):
+        return part
+    if type(part) is list and all(type(i) is int for i in part):
+        return torch.tensor(part, dtype=torch.int64)
+    raise TypeError(f"not an index: {part!r:.60}")
+
+
+def _getitem(t: torch.Tensor, *index: Any) -> torch.Tensor:
+    result: torch.Tensor = t[tuple(_index_part(i) for i in index)]
+    return result
+
+
+def _setitem(t: torch.Tensor, value: Any, *index: Any) -> torch.Tensor:
+    with torch.no_grad():
+        t[tuple(_index_part(i) for i in index)] = value
+    return t
+
+
+def decode(value: Any) -> Any:
+    """`value` with tagged strings (`fedptr.ops.DTYPE_PREFIX`, `DEVICE_PREFIX`) turned into a
+    ``torch.dtype`` or ``torch.device``; ValueError for a dtype off the wire's list or a device
+    other than the CPU."""
+    if type(value) is str:
+        if value.startswith(DTYPE_PREFIX):
+            dtype = DTYPE_BY_NAME.get(value[len(DTYPE_PREFIX) :])
+            if dtype is None:
+                raise ValueError(f"unknown dtype {value!r:.60}")
+            return dtype
+        if value.startswith(DEVICE_PREFIX):
+            if value != DEVICE_PREFIX + "cpu":
+                raise ValueError(f"only the cpu device exists on a worker, not {value!r:.60}")
+            return torch.device("cpu")
+        return value
+    if type(value) is list:
+        return [decode(v) for v in value]
+    if type(value) is dict:
+        return {k: decode(v) for k, v in value.items()}
+    return value
 
 
 def _in_place(name: str) -> Callable[..., Any]:
@@ -58,6 +150,7 @@ def _in_place(name: str) -> Callable[..., Any]:
 
 OPERATIONS: dict[str, Callable[..., Any]] = {name: getattr(torch.Tensor, name) for name in TENSOR_METHODS}
 OPERATIONS.update({name: getattr(torch, name) for name in TORCH_FUNCTIONS})
+OPERATIONS.update({"F." + name: getattr(functional, name) for name in FUNCTIONAL})
 OPERATIONS.update({name: _in_place(name) for name in IN_PLACE})
 OPERATIONS.update(
     {
@@ -65,8 +158,14 @@ OPERATIONS.update(
         "grad": _grad,
         "zero_grad": _zero_grad,
         "requires_grad_": torch.Tensor.requires_grad_,
+        "set_grad": _set_grad,
+        "set_data": _set_data,
+        "getitem": _getitem,
+        "setitem": _setitem,
         "forward": _forward,
         "parameter": _parameter,
+        "train": _train,
+        "state": _state,
         "cross_entropy": functional.cross_entropy,
         "mse_loss": functional.mse_loss,
     }
@@ -79,9 +178,13 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     fn = OPERATIONS.get(op)
     if fn is None:
         raise OpNotAllowedError("", f"operation {op!r} is not allowed")
-    if args and isinstance(args[0], nn.Module) and op not in ("forward", "parameter", "zero_grad"):
+    if args and isinstance(args[0], nn.Module) and op not in MODULE_OPS:
         raise TypeError(f"{op} takes tensors, not a model")
-    result = fn(*args, **kwargs)
+    if op in MODULE_OPS - {"zero_grad"} and not (args and isinstance(args[0], nn.Module)):
+        raise TypeError(f"{op} needs a model as its first argument")
+    result = fn(*decode(args), **decode(kwargs))
+    if isinstance(result, tuple) and op in ("max", "min"):
+        raise TypeError(f"{op} with a dim gives two tensors; use amax/amin and argmax/argmin")
     if not isinstance(result, torch.Tensor):
         raise TypeError(f"operation {op!r} returned {type(result).__name__}, not a tensor")
     return result

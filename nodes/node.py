@@ -36,7 +36,7 @@ from fedptr.errors import (
 )
 from fedptr.failures import failure_from_error, with_hop
 from fedptr.link import Link
-from fedptr.ops import AGGREGATES, ALLOWED
+from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
 from . import guard, mechanisms, policy
@@ -278,7 +278,10 @@ class Node:
         return entry
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
-        self.reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
+        ids = list(self.store.tags.get(msg.tag, []))
+        values = [self.store.entries[i].done.result() for i in ids]
+        shapes: list[wire.Value] = [list(v.shape) for v in values]
+        self.reply(source, rid, wire.SearchReply(ids, shapes, [dtype_name(v.dtype) for v in values]))
 
     def _put_pointer(self, source: str, rid: bytes, msg: wire.PutPointer, budget: float) -> None:
         if not envelope.valid_name(msg.location.encode()):
@@ -395,7 +398,7 @@ class Node:
         first = msg.args[0] if msg.args else None
         target = entries.get(first.obj_id) if type(first) is wire.Ref else None
         if msg.op in ALIASING and target is not None:
-            if target.readonly and msg.op != "parameter":
+            if target.readonly and msg.op in MUTATING:
                 raise policy.refuse_write(target.readonly, f"{msg.op} on object {first.obj_id}")  # type: ignore[union-attr]
             target.taint.add(origins)
             return target.taint

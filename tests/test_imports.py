@@ -15,7 +15,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"fedptr": ROOT / "fedptr", "fedptr.broker": ROOT / "broker", "fedptr.nodes": ROOT / "nodes"}
-CLIENT_SIDE = ("fedptr.client", "fedptr.pointer", "fedptr.cluster", "fedptr.optim", "fedptr.aggregate")
+CLIENT_SIDE = (
+    "fedptr.client",
+    "fedptr.pointer",
+    "fedptr.cluster",
+    "fedptr.optim",
+    "fedptr.aggregate",
+    "fedptr.meta",
+    "fedptr.data",
+)
 
 
 def module_file(name: str) -> Path | None:

@@ -141,7 +141,7 @@ async def test_disallowed_operation_is_refused(bob: fedptr.Worker) -> None:
         await fedptr.pointer.remote_call("__reduce_ex__", (p, 2))
     assert info.value.worker == "bob" and "__reduce_ex__" in info.value.detail
     with pytest.raises(fedptr.UnsupportedTypeError):
-        torch.nn.functional.conv1d(p, p)  # type: ignore[arg-type]
+        torch.nn.functional.unfold(p, 2)  # type: ignore[arg-type]
 
 
 async def test_unknown_worker_fails_fast(client: fedptr.Client) -> None:

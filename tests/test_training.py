@@ -158,8 +158,8 @@ async def test_module_send_forward_train_move_get(fed: fedptr.Cluster) -> None:
 @MODULE_LOOP
 async def test_disallowed_module_is_refused(fed: fedptr.Cluster) -> None:
     bob = fed.client.worker("bob")
-    with pytest.raises(TypeError, match="LSTM is not an allowed module"):
-        await bob.send(nn.LSTM(2, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention is not an allowed module"):
+        await bob.send(nn.MultiheadAttention(4, 2))
 
     class Sneaky(nn.Linear):
         pass
