@@ -88,7 +88,10 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 
 def _load(path: Path) -> list[tuple[float, float, int]]:
     """The charged history; raises ValueError for anything but a list of (sigma, q, steps)."""
-    data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+    try:
+        data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a privacy budget history ({e})") from None
     history: list[tuple[float, float, int]] = []
     if type(data) is not list:
         raise ValueError(f"{path}: not a privacy budget history")

@@ -77,10 +77,13 @@ class Entry:
         t = self.done.result()
         if isinstance(t, nn.Module):
             return ObjectRow(obj_id, "module", [], "", None, "", 0)
-        # values are shown only for small tensors that derive from no one's private data
+        # values are shown only for small tensors that derive from no one's private data, and
+        # shapes for those and for a dataset as loaded (public metadata), never for what derives
+        # from private data
         small = t.numel() <= limits.PREVIEW_NUMEL and t.dtype not in (torch.complex64, torch.complex128)
         preview = t.detach().reshape(-1).tolist() if small and not self.taint else None
-        return ObjectRow(obj_id, "tensor", list(t.shape), NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
+        shape = list(t.shape) if not self.taint or self.readonly else []
+        return ObjectRow(obj_id, "tensor", shape, NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -1,0 +1,216 @@
+"""The DP mechanisms and the budget that bounds them: unit tests of nodes/mechanisms.py,
+nodes/budget.py and nodes/guard.py, and, on real processes, that repeated releases stop at the
+budget, that a restart does not reset it, that DP-SGD charges every step, and that random
+chains of operations on private data let nothing out but DP releases."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from fedptr.nodes import guard, mechanisms
+from fedptr.nodes.budget import Budget
+from fedptr.nodes.policy import PolicyConfig, Taint, refuse_op, release_kind
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+import fedptr
+from fedptr import aggregate, dp
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+EPSILON = 3.0
+SECRET = np.random.default_rng(7).normal(size=(16, 4)).astype(np.float32)
+LABELS = np.random.default_rng(8).integers(0, 3, 16)
+
+
+# --- units -------------------------------------------------------------------------------
+def test_clip_bounds_the_l2_norm_and_keeps_small_values() -> None:
+    big, small = torch.full((4,), 10.0), torch.full((4,), 0.1)
+    assert math.isclose(float(mechanisms.clip(big, 1.0).norm()), 1.0, rel_tol=1e-6)
+    assert torch.equal(mechanisms.clip(small, 1.0), small)
+
+
+def test_release_mean_adds_noise_of_the_largest_sigma_times_clip() -> None:
+    values = [torch.zeros(20_000), torch.zeros(20_000)]
+    contributions = [mechanisms.Contribution("bob", 1.0, 2.0), mechanisms.Contribution("alice", 0.5, 1.0)]
+    torch.manual_seed(0)
+    mean = mechanisms.release_mean(values, contributions, frozenset({"bob", "alice"}), 2)
+    assert math.isclose(float(mean.std()), 2.0 / 2, rel_tol=0.05)  # std 2.0 on the sum, halved
+
+
+def test_release_mean_refuses_what_the_policy_does_not_meet() -> None:
+    one = [torch.zeros(2)]
+    bob = mechanisms.Contribution("bob", 1.0, 1.0)
+    with pytest.raises(fedptr.PermissionDenied, match="roster"):
+        mechanisms.release_mean(one * 2, [bob, mechanisms.Contribution("mallory", 1, 1)], frozenset({"bob"}), 1)
+    with pytest.raises(fedptr.PermissionDenied, match="one contribution per owner"):
+        mechanisms.release_mean(one * 2, [bob, bob], frozenset({"bob"}), 1)
+    with pytest.raises(fedptr.PermissionDenied, match="at least 2"):
+        mechanisms.release_mean(one, [bob], frozenset({"bob"}), 2)
+
+
+def test_dp_sgd_samples_clips_and_noises() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.from_numpy(SECRET), torch.from_numpy(LABELS)
+    config = mechanisms.SGDConfig("cross_entropy", 0.1, 0.5, 3, 1.0, 1.0)
+    mechanisms.check_model(model, x, y, config)
+    mechanisms.dp_sgd(model, x, y, config)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(fedptr.InvalidArgumentError, match="per-sample loss"):
+        mechanisms.SGDConfig("l1_loss", 0.1, 0.5, 3, 1.0, 1.0).check(16)
+
+
+def test_budget_charges_persist_and_refuse_past_epsilon() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        budget = Budget("bob", EPSILON, 1e-5, Path(tmp))
+        spent = budget.charge(2.0, 0.1, 10)
+        accountant = RDPAccountant()
+        accountant.history = [(2.0, 0.1, 10)]
+        assert math.isclose(spent, accountant.get_epsilon(1e-5))
+        again = Budget("bob", EPSILON, 1e-5, Path(tmp))  # a restart reads the history back
+        assert math.isclose(again.spent, spent)
+        with pytest.raises(fedptr.BudgetExhaustedError, match="left"):
+            again.charge(0.5, 1.0, 100)
+        assert math.isclose(again.spent, spent)  # a refused charge costs nothing
+        (Path(tmp) / "privacy-budget.msgpack").write_bytes(b"\x93garbage")
+        with pytest.raises(ValueError, match="not a privacy budget"):
+            Budget("bob", EPSILON, 1e-5, Path(tmp))  # fails closed
+    with pytest.raises(fedptr.BudgetExhaustedError, match="no privacy budget"):
+        Budget("bob", None, 1e-5, None).charge(1.0, 1.0, 1)
+
+
+def test_guard_refuses_a_private_size_and_hides_a_data_dependent_failure() -> None:
+    private = torch.tensor([3])
+    refusal = refuse_op(Taint({"bob": frozenset()}), "narrow", [[5]])
+    with pytest.raises(fedptr.PermissionDenied) as info:
+        guard.run("narrow", [torch.arange(5.0), 0, 0, private], {}, True, lambda: refusal)
+    assert "3" not in str(info.value).replace("[5]", "")
+    targets = torch.tensor([0, 7])  # out of range for 3 classes: the real run fails, the meta run cannot tell
+    out = guard.run("cross_entropy", [torch.zeros(2, 3), targets], {}, True, lambda: refusal)
+    assert out.shape == () and float(out) == 0.0
+    view = guard.run("view", [torch.arange(4.0), 2, 2], {}, False, lambda: refusal)
+    source = torch.arange(4.0)
+    view = guard.run("view", [source, 2, 2], {}, False, lambda: refusal)
+    assert view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()  # a copy, not an alias
+
+
+def test_release_kinds() -> None:
+    assert release_kind(Taint(), "") == "public"
+    assert release_kind(Taint(), "dp") == "dp"
+    assert release_kind(Taint(PolicyConfig("bob", release_exact=True).own_origins()), "") == "exact"
+    with pytest.raises(fedptr.PermissionDenied):
+        release_kind(Taint(PolicyConfig("bob").own_origins()), "")
+
+
+# --- on real processes -------------------------------------------------------------------
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def owners() -> AsyncIterator[fedptr.Cluster]:
+    """bob and alice own SECRET with budgets of EPSILON in their stores; agg aggregates them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/d.npz", x=SECRET, y=LABELS)
+        owner = ["--trust", "agg", "--epsilon", str(EPSILON), "--dp-noise-multiplier", "2"]
+        async with fedptr.local_cluster(
+            ["bob", "alice", "agg"],
+            data={o: {"d": f"{tmp}/d.npz"} for o in ("bob", "alice")},
+            node_args={
+                "bob": [*owner, "--store", f"{tmp}/bob"],
+                "alice": [*owner, "--store", f"{tmp}/alice"],
+                "agg": ["--aggregator", "--owners", "bob", "--owners", "alice"],
+            },
+            call_timeout=30,
+        ) as c:
+            yield c
+
+
+@MODULE_LOOP
+async def test_dp_sgd_charges_every_step_as_the_accountant_does(owners: fedptr.Cluster) -> None:
+    bob = owners.client.worker("bob")
+    x, y = await bob.search("d")
+    before = (await dp.budget(bob)).epsilon_spent
+    model = await bob.send(nn.Linear(4, 3))
+    assert isinstance(model, fedptr.ModulePointer)
+    spent = await dp.train(model, x, y, lr=0.1, sample_rate=0.25, steps=20, max_grad_norm=1.0, noise_multiplier=4.0)
+    accountant = RDPAccountant()
+    accountant.history = [(4.0, 0.25, 20)] if before == 0 else accountant.history
+    if before == 0:
+        assert math.isclose(spent.epsilon_spent, accountant.get_epsilon(1e-5), rel_tol=1e-9)
+    assert spent.epsilon_spent > before and math.isclose(spent.epsilon_left, EPSILON - spent.epsilon_spent)
+    trained = await model.get()  # released by post-processing
+    assert isinstance(trained, nn.Linear)
+
+
+@MODULE_LOOP
+async def test_repeated_releases_stop_at_the_budget_and_a_restart_keeps_it(owners: fedptr.Cluster) -> None:
+    bob, alice, agg = (owners.client.worker(n) for n in ("bob", "alice", "agg"))
+    (xb, _), (xa, _) = await bob.search("d"), await alice.search("d")
+    releases = 0
+    with pytest.raises(fedptr.BudgetExhaustedError) as info:
+        for _ in range(100):
+            cb, _ = await dp.contribute(xb.mean(0), agg)
+            ca, _ = await dp.contribute(xa.mean(0), agg)
+            await aggregate.mean([cb, ca]).get()
+            releases += 1
+    assert 0 < releases < 100 and info.value.owner in ("bob", "alice")
+    spent = (await dp.budget(bob)).epsilon_spent
+    owners.signal("bob", 9)  # SIGKILL
+    await owners.start_node("bob")
+    assert math.isclose((await dp.budget(bob)).epsilon_spent, spent)
+    (xb, _) = await bob.search("d")
+    with pytest.raises(fedptr.BudgetExhaustedError):
+        for _ in range(100):
+            await dp.contribute(xb.mean(0), agg)
+
+
+OPS = [
+    ("add", (1.0,)),
+    ("mul", (2.0,)),
+    ("sum", (0,)),
+    ("mean", ()),
+    ("exp", ()),
+    ("abs", ()),
+    ("t", ()),
+    ("reshape", (-1,)),
+    ("cumsum", (0,)),
+    ("relu", ()),
+    ("narrow", (0, 0, 1)),
+    ("floor_divide", (0,)),
+    ("amax", ()),
+    ("long", ()),
+]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(chain=st.lists(st.sampled_from(OPS), min_size=1, max_size=5))
+@MODULE_LOOP
+async def test_random_chains_on_private_data_let_nothing_out(owners: fedptr.Cluster, chain: list) -> None:  # type: ignore[type-arg]
+    bob = owners.client.worker("bob")
+    x, _ = await bob.search("d")
+    p: fedptr.Pointer = x
+    digits = {f"{v:.3f}" for v in SECRET.reshape(-1)[:8]}
+    async with asyncio.timeout(60):
+        for op, args in chain:
+            p = getattr(p, op)(*args) if hasattr(p, op) else fedptr.pointer.remote_call(op, (p, *args))
+            try:
+                await p
+            except fedptr.FedptrError as e:  # a refusal must name no private value
+                assert isinstance(e, fedptr.PermissionDenied), e
+                assert not any(d in str(e) for d in digits), e
+                return
+            with pytest.raises(fedptr.PermissionDenied):
+                await p.get()
+            listed = (await bob.objects())[p.id_at_location]
+            assert listed.preview is None and list(listed.shape) == []
+        assert not re.search(r"-?\d+\.\d{3}", str(await bob.objects()))
