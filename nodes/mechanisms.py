@@ -25,6 +25,7 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.nn import functional
 
+from fedptr import wire
 from fedptr.errors import InvalidArgumentError, PermissionDenied
 
 from .guard import meta_result
@@ -78,28 +79,17 @@ def release_mean(
         return (noisy / len(values)).to(values[0].dtype)
 
 
-@dataclass(frozen=True)
-class SGDConfig:
-    """One DP-SGD run: the loss, learning rate, Poisson rate, steps, clip C and sigma."""
-
-    loss: str
-    lr: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    noise_multiplier: float
-
-    def check(self, n: int) -> None:
-        """Raise InvalidArgumentError for a run that is not well defined on `n` samples."""
-        if self.loss not in LOSSES:
-            raise InvalidArgumentError(f"DP-SGD takes a per-sample loss: {', '.join(LOSSES)}; not {self.loss!r}")
-        if not (self.lr > 0 and 0 < self.sample_rate <= 1 and self.steps >= 1 and self.max_grad_norm > 0):
-            raise InvalidArgumentError("DP-SGD needs lr > 0, 0 < sample_rate <= 1, steps >= 1, max_grad_norm > 0")
-        if self.noise_multiplier <= 0 or n == 0:
-            raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
+def check_run(config: wire.DPTrain, n: int) -> None:
+    """Raise InvalidArgumentError for a DP-SGD run that is not well defined on `n` samples."""
+    if config.loss not in LOSSES:
+        raise InvalidArgumentError(f"DP-SGD takes a per-sample loss: {', '.join(LOSSES)}; not {config.loss!r}")
+    if not (config.lr > 0 and 0 < config.sample_rate <= 1 and config.steps >= 1 and config.max_grad_norm > 0):
+        raise InvalidArgumentError("DP-SGD needs lr > 0, 0 < sample_rate <= 1, steps >= 1, max_grad_norm > 0")
+    if config.noise_multiplier <= 0 or n == 0:
+        raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
 
 
-def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: SGDConfig) -> None:
+def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Refuse, from shapes alone (meta tensors), a model and loss that cannot run on the data:
     a failure in the real run could otherwise depend on values."""
     out = meta_result("forward", [model, x[:2]], {})
@@ -107,7 +97,7 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: SGDC
     LOSSES[config.loss](out, torch.empty(y[:2].shape, dtype=y.dtype, device="meta"), reduction="sum")
 
 
-def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: SGDConfig) -> None:
+def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Train `model` in place for `config.steps` DP-SGD steps on (`x`, `y`).
 
     A step whose computation fails (a value the meta check could not foresee) contributes no

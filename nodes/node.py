@@ -533,18 +533,15 @@ class Node:
             raise PermissionDenied(
                 model_entry.taint.owners[0], "this model already derives from private data outside DP-SGD"
             )
-        config = mechanisms.SGDConfig(
-            msg.loss, msg.lr, msg.sample_rate, msg.steps, msg.max_grad_norm, msg.noise_multiplier
-        )
 
         async def answer() -> None:
             model = await model_entry.done
             x, y = data[0].done.result(), data[1].done.result()
             if not isinstance(model, torch.nn.Module) or len(x) != len(y):
                 raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
-            config.check(len(x))
-            spent = await self.scheduler.offload(self._train_charged, model, x, y, config, data[0].taint)
-            self.audit.record("dp-train", source, object=msg.model_id, steps=config.steps, epsilon_spent=spent)
+            mechanisms.check_run(msg, len(x))
+            spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
+            self.audit.record("dp-train", source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             self.store.persist(msg.model_id, model_entry, model)
             self.reply(source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
@@ -556,7 +553,7 @@ class Node:
         model: torch.nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
-        config: mechanisms.SGDConfig,
+        config: wire.DPTrain,
         taint: policy.Taint,
     ) -> float:
         """On a worker thread: check the run from shapes alone, charge every step, then train."""

@@ -25,7 +25,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 import fedptr
-from fedptr import aggregate, dp
+from fedptr import aggregate, dp, wire
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 EPSILON = 3.0
@@ -64,13 +64,13 @@ def test_dp_sgd_samples_clips_and_noises() -> None:
     model = nn.Linear(4, 3)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.from_numpy(SECRET), torch.from_numpy(LABELS)
-    config = mechanisms.SGDConfig("cross_entropy", 0.1, 0.5, 3, 1.0, 1.0)
+    config = wire.DPTrain(0, 0, 0, "cross_entropy", 0.1, 0.5, 3, 1.0, 1.0)
     mechanisms.check_model(model, x, y, config)
     mechanisms.dp_sgd(model, x, y, config)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(fedptr.InvalidArgumentError, match="per-sample loss"):
-        mechanisms.SGDConfig("l1_loss", 0.1, 0.5, 3, 1.0, 1.0).check(16)
+        mechanisms.check_run(wire.DPTrain(0, 0, 0, "l1_loss", 0.1, 0.5, 3, 1.0, 1.0), 16)
 
 
 def test_budget_charges_persist_and_refuse_past_epsilon() -> None:
