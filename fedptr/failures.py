@@ -10,6 +10,7 @@ from fedptr import limits
 from fedptr.errors import (
     DeadlineExceeded,
     FedptrError,
+    InDoubtError,
     LostWorkerError,
     ObjectNotFoundError,
     OpNotAllowedError,
@@ -28,6 +29,7 @@ _REFUSALS: dict[FailureCode, type[WorkerRefused]] = {
     FailureCode.STORE_FULL: StoreFullError,
     FailureCode.NOT_FOUND: ObjectNotFoundError,
     FailureCode.OP_NOT_ALLOWED: OpNotAllowedError,
+    FailureCode.IN_DOUBT: InDoubtError,
 }
 _CODE_OF_REFUSAL = {cls: code for code, cls in _REFUSALS.items()}
 

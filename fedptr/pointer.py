@@ -18,7 +18,15 @@ from torch import nn
 from torch.nn import functional
 
 from fedptr import wire
-from fedptr.errors import ConsumedPointerError, LocationMismatchError, PermissionDenied, UnsupportedTypeError
+from fedptr.errors import (
+    ConsumedPointerError,
+    DeadlineExceeded,
+    FedptrError,
+    InDoubtError,
+    LocationMismatchError,
+    LostWorkerError,
+    UnsupportedTypeError,
+)
 from fedptr.ops import ALLOWED, TENSOR_METHODS
 from fedptr.tensors import to_raw
 
@@ -63,6 +71,18 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
     return first.client.issue_op(first.location, op, enc_args, enc_kwargs)
+
+
+def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Pointer]) -> InDoubtError:
+    """`e` as an InDoubtError of a `hand_over` (move or send) whose `candidates` are the
+    pointers the object may be found under."""
+    if isinstance(e, InDoubtError):
+        error = e
+    else:
+        error = InDoubtError(worker, f"the hand-over's outcome is unknown: {e}", getattr(e, "path", [worker]))
+    error.candidates = candidates
+    error.hand_over = hand_over
+    return error
 
 
 def _method(op: str) -> Callable[..., Pointer]:
@@ -141,14 +161,19 @@ class Pointer:
     # --- awaited calls -----------------------------------------------------------------
     async def get(self) -> torch.Tensor | nn.Module | Pointer:
         """Bring the object back and remove it from its worker: a tensor, or (for a pointer to a
-        pointer) the next pointer down the chain. Raises ConsumedPointerError if already consumed."""
+        pointer) the next pointer down the chain. Raises ConsumedPointerError if already consumed.
+
+        Two-phase: the worker keeps a value until this client holds it, then it is deleted, so a
+        get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
         self.owned = False
         try:
             reply = await self._client.call(self._location, wire.Get(self._id))
-        except PermissionDenied:
-            self.owned = True  # a refused get leaves the object where it was
+        except BaseException:
+            self.owned = True
             raise
+        if not isinstance(reply, wire.PointerReply):
+            self._client.release(self._location, self._id)  # we hold the value: the worker may drop it
         return self._client.unwrap(reply)
 
     async def send(self, worker: Worker) -> Pointer:
@@ -159,7 +184,10 @@ class Pointer:
         """Move the data to `worker` directly (the bytes never pass through this client).
 
         Returns the pointer at the new location; this pointer is consumed. Moving to the current
-        location returns this pointer unchanged."""
+        location returns this pointer unchanged. A move that failed for sure leaves this pointer
+        usable. One whose outcome is unknown (its worker was lost, its deadline passed, or the
+        worker said InDoubtError) raises InDoubtError whose `candidates` are this pointer and
+        the one at `worker`: `Client.resolve` says which holds the object."""
         if worker.name == self._location:
             return self
         self.check_alive()
@@ -168,6 +196,9 @@ class Pointer:
         self.owned = False
         try:
             await self._client.call(self._location, wire.Move(self._id, worker.name, new_id))
+        except (InDoubtError, LostWorkerError, DeadlineExceeded) as e:
+            self.owned = True
+            raise in_doubt(e, self._location, "move", [self, self._moved(worker.name, new_id)]) from e
         except BaseException:
             self.owned = True
             raise

@@ -145,8 +145,9 @@ class Op(Message):
 
 @dataclass(frozen=True, slots=True)
 class Get(Message):
-    """Hand object `obj_id` to the caller and remove it from the store. Reply: TensorReply or
-    PointerReply (a stored pointer is handed over, not followed)."""
+    """Hand object `obj_id` to the caller. Reply: TensorReply (the entry stays until the caller,
+    holding the value, deletes it: a get is two-phase) or PointerReply (a stored pointer is
+    handed over, not followed, and removed)."""
 
     KIND: ClassVar[int] = 4
     obj_id: int
@@ -221,6 +222,15 @@ class Grant(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Has(Message):
+    """Whether object `obj_id` is held here, durably: Ok, or a Failure saying not found, or in
+    doubt while a hand-over of it is being resolved. Settles hand-overs in doubt."""
+
+    KIND: ClassVar[int] = 12
+    obj_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ok(Message):
     """Success. For a computed tensor, its shape and dtype."""
 
@@ -263,6 +273,7 @@ class FailureCode(enum.StrEnum):
     STORE_FULL = "store-full"
     NOT_FOUND = "not-found"
     OP_NOT_ALLOWED = "op-not-allowed"
+    IN_DOUBT = "in-doubt"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -344,6 +355,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ModuleReply,
     SearchReply,
     Grant,
+    Has,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"

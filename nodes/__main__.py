@@ -99,6 +99,7 @@ async def serve(args: argparse.Namespace) -> int:
         link.handler = node.handle
         link.on_session_ended = node.reclaim
         async with link:
+            node.start()
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
                 await stop.wait()

@@ -133,14 +133,19 @@ class Node:
         )
         for tag, path in self.config.data.items():
             self._load_data(tag, path)
-        restored = self.store.restore()
-        if restored:
-            log.info("restored %d objects from %s", restored, self.config.store_dir)
+        self._in_doubt = self.store.restore()
+        if self.store.durable is not None:
+            log.info(
+                "restored %d objects from %s (%d moves in doubt)",
+                len(self.store.entries) - len(self.store.pinned),
+                self.config.store_dir,
+                len(self._in_doubt),
+            )
         self.replies = ReplyCache(name)
         self.scheduler = Scheduler(
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
-        handover = Handover(self)
+        self.handover = handover = Handover(self)
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
@@ -153,6 +158,7 @@ class Node:
             wire.PutModule: self._put_module,
             wire.Search: self._search,
             wire.Grant: handover.grant,
+            wire.Has: handover.has,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -165,10 +171,16 @@ class Node:
                 self.store.add_data(tag, value)
                 log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
+    def start(self) -> None:
+        """Resume what a restart interrupted (the hand-overs in doubt); call once registered."""
+        self.handover.resume(self._in_doubt)
+        self._in_doubt = []
+
     async def aclose(self) -> None:
-        """Cancel waiting work, stop the thread pool and close the durable store."""
+        """Cancel waiting work, stop the thread pool, write what is queued and close the durable store."""
+        await self.handover.aclose()
         await self.scheduler.aclose()
-        self.store.close()
+        await self.store.aclose()
 
     # --- dispatch ----------------------------------------------------------------------
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
@@ -201,6 +213,31 @@ class Node:
         """Answer request `rid` of `dest` with the typed failure `e` stands for."""
         self.reply(dest, rid, failure_from_error(e, self.name))
 
+    def reply_durable(
+        self,
+        durable: asyncio.Future[Any] | None,
+        dest: str,
+        rid: bytes,
+        msg: wire.Message,
+        on_failed: Callable[[], None] | None = None,
+    ) -> None:
+        """Answer `msg` once `durable` (the write-ahead of what the request changed) settled: the
+        write-ahead rule. A failed write answers its error instead, after `on_failed`."""
+        if durable is None:
+            self.reply(dest, rid, msg)
+            return
+
+        def written(f: asyncio.Future[Any]) -> None:
+            error = f.exception()
+            if error is None:
+                self.reply(dest, rid, msg)
+                return
+            if on_failed is not None:
+                on_failed()
+            self.reply_error(dest, rid, error)
+
+        durable.add_done_callback(written)
+
     def spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Finish a request in a task; whatever it raises is the request's Failure reply."""
         self.scheduler.spawn(coro, lambda e: self.reply_error(source, rid, e))
@@ -227,24 +264,32 @@ class Node:
         if msg.requires_grad:
             tensor.requires_grad_(True)
         policy.taint(tensor, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, tensor, msg.owner or source)
-        self.reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
+        self._store_new(
+            source, rid, msg.obj_id, tensor, msg.owner or source, wire.Ok(list(tensor.shape), msg.tensor.dtype)
+        )
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
         model = modules.from_wire(msg.spec, msg.params)
         policy.taint(model, policy.from_wire(msg.origins))
-        self._store_new(msg.obj_id, model, msg.owner or source)
-        self.reply(source, rid, wire.Ok())
+        self._store_new(source, rid, msg.obj_id, model, msg.owner or source, wire.Ok())
 
-    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str) -> None:
-        """Store and commit a received value; nothing is kept when the commit fails."""
+    def _store_new(
+        self, source: str, rid: bytes, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str, ok: wire.Message
+    ) -> None:
+        """Store and commit a received value, and answer `ok` once it is durable; nothing is kept
+        when the commit or its write fails."""
         entry = Entry.tensor(value, owner)
         self.store.add(obj_id, entry)
         try:
-            self.store.commit(obj_id, entry, value)
+            durable = self.store.commit(obj_id, entry, value)
         except Exception:
             self.store.discard(obj_id)
             raise
+        self.reply_durable(durable, source, rid, ok, lambda: self._drop_if(obj_id, entry))
+
+    def _drop_if(self, obj_id: int, entry: Entry) -> None:
+        if self.store.entries.get(obj_id) is entry:
+            self.store.discard(obj_id)
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         self.reply(source, rid, wire.SearchReply(list(self.store.tags.get(msg.tag, []))))
@@ -254,8 +299,8 @@ class Node:
             raise InvalidArgumentError(f"bad worker name {msg.location!r}")
         entry = Entry.pointer(msg.location, msg.id_at_location, settled=True, owner=source)
         self.store.add(msg.obj_id, entry)
-        self.store.commit(msg.obj_id, entry)
-        self.reply(source, rid, wire.Ok())
+        durable = self.store.commit(msg.obj_id, entry)
+        self.reply_durable(durable, source, rid, wire.Ok(), lambda: self._drop_if(msg.obj_id, entry))
 
     def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
         popped = []
@@ -315,7 +360,8 @@ class Node:
                 tensors = {i: e.done.result() for i, e in entries.items()}
                 if _numel(tensors.values()) <= self.config.offload_numel:
                     # the common case: small inputs, all present; no task, no thread
-                    self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
+                    versions = _versions(tensors)
+                    self._finish(source, rid, msg, result, lambda: self._run(msg, tensors), entries, versions)
                     return
             self.scheduler.compute_later(self._compute(source, rid, msg, entries, result))
             return
@@ -378,16 +424,31 @@ class Node:
                         policy.taint(t.grad, origins)
 
     def _finish(
-        self, source: str, rid: bytes, result_id: int, result: Entry, compute: Callable[[], torch.Tensor]
+        self,
+        source: str,
+        rid: bytes,
+        msg: wire.Op,
+        result: Entry,
+        compute: Callable[[], torch.Tensor],
+        operands: dict[int, Entry],
+        versions: dict[int, int],
     ) -> None:
+        """Store an operation's result and answer once it, and every operand the operation
+        changed in place (`versions` were their tensors' versions before it ran), is durable."""
         try:
             value = compute()
-            self.store.commit(result_id, result, value)
+            durable = [self.store.commit(msg.result_id, result, value)]
+            for obj_id, before in versions.items():
+                operand = operands[obj_id]
+                tensor = operand.done.result()
+                if tensor._version != before:
+                    durable.append(self.store.persist(obj_id, operand, tensor))
         except Exception as e:
             self._fail(source, rid, result, e)
             return
         result.done.set_result(value)
-        self.reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+        ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
+        self.reply_durable(_all(durable), source, rid, ok)
 
     def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
         err = e if isinstance(e, FedptrError) else _remote(e, self.name)
@@ -403,11 +464,12 @@ class Node:
                 value = await e.done
                 assert value is not None
                 tensors[i] = value
+            versions = _versions(tensors)
             if _numel(tensors.values()) > self.config.offload_numel:
                 value = await self.scheduler.offload(self._run, msg, tensors)
-                self._finish(source, rid, msg.result_id, result, lambda: value)
+                self._finish(source, rid, msg, result, lambda: value, entries, versions)
             else:
-                self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors))
+                self._finish(source, rid, msg, result, lambda: self._run(msg, tensors), entries, versions)
         except Exception as e:
             self._fail(source, rid, result, e)
 
@@ -415,18 +477,28 @@ class Node:
         self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
     ) -> None:
         error = forwarded.exception()
-        if error is None and self.store.entries.get(ptr_id) is ptr:
-            try:
-                self.store.commit(ptr_id, ptr)
-            except OSError as e:
-                error = e
         if error is not None:
             err = with_hop(error, self.name)
             ptr.done.set_exception(err)
             self.reply_error(source, rid, err)
         else:
             ptr.done.set_result(None)
-            self.reply(source, rid, forwarded.result())
+            self.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+
+
+def _versions(values: dict[int, Any]) -> dict[int, int]:
+    """The version counter of each tensor among `values` (an in-place update bumps it)."""
+    return {i: v._version for i, v in values.items() if isinstance(v, torch.Tensor)}
+
+
+def _all(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:
+    """One future for the writes in `durable` that there are (None: nothing to wait for)."""
+    futures = [f for f in durable if f is not None]
+    if not futures:
+        return None
+    if len(futures) == 1:
+        return futures[0]
+    return asyncio.gather(*futures)
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:
