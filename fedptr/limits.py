@@ -136,6 +136,9 @@ WRITE_BATCH_CHANGES = 1024
 WRITE_BATCH_BYTES = 64 << 20
 """Most tensor bytes (64 MiB) the write-ahead thread writes in one batch."""
 
+REMOVE_BATCH_CHANGES = 16
+"""Most objects the write-ahead thread forgets (unlinks) between two batches of writes."""
+
 WRITE_AHEAD_CLOSE_S = 10.0
 """How long a closing node waits (s) for its write-ahead thread to write what is queued."""
 
