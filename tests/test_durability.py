@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-
-import fedptr
-from fedptr import wire
 from fedptr.nodes.durable import DurableStore
 from fedptr.nodes.replies import ReplyCache, Seen
 from fedptr.nodes.store import Entry, Store
 from fedptr.nodes.writeahead import WriteAhead
+
+import fedptr
+from fedptr import wire
 from fedptr.tensors import to_raw
 from tests.conftest import eventually
 
