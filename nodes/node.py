@@ -142,6 +142,7 @@ class Node:
                 len(self._in_doubt),
             )
         self.replies = ReplyCache(name)
+        self._departed: set[str] = set()
         self.scheduler = Scheduler(
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
@@ -316,11 +317,18 @@ class Node:
         self.delete_downstream(popped)
 
     def reclaim(self, client: str) -> None:
-        """Delete what a client whose session ended owned (the Link's on_session_ended)."""
-        self.replies.forget_peer(client)
-        removed = self.store.clear(client)
+        """Delete what a client whose session ended owned (the Link's on_session_ended). Clients
+        that leave in the same loop turn are reclaimed together, in one pass over the store."""
+        if not self._departed:
+            asyncio.get_running_loop().call_soon(self._reclaim_departed)
+        self._departed.add(client)
+
+    def _reclaim_departed(self) -> None:
+        departed, self._departed = self._departed, set()
+        self.replies.forget_peers(departed)
+        removed = self.store.clear_all(departed)
         if removed:
-            log.info("reclaimed %d objects of %r, which has left", len(removed), client)
+            log.info("reclaimed %d objects of %d clients that left", len(removed), len(departed))
             self.delete_downstream(removed)
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:

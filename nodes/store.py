@@ -254,11 +254,15 @@ class Store:
     def clear(self, principal: str) -> list[Entry]:
         """Remove everything `principal` owns (pinned data never); returns what was removed.
         Its entries in a hand-over are dropped if the hand-over fails."""
-        ids = [i for i, e in self.entries.items() if e.owner == principal and i not in self.pinned]
+        return self.clear_all({principal})
+
+    def clear_all(self, principals: set[str]) -> list[Entry]:
+        """`clear` for many principals at once, in one pass over the store."""
+        ids = [i for i, e in self.entries.items() if e.owner in principals and i not in self.pinned]
         removed = [self.entries[i] for i in ids]
         for obj_id in ids:
             self.discard(obj_id)
-        self._orphans.update(i for i, e in self.taken.items() if e.owner == principal)
+        self._orphans.update(i for i, e in self.taken.items() if e.owner in principals)
         return removed
 
 
