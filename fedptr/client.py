@@ -139,7 +139,12 @@ class Worker:
                 x.owned = True
                 client.release(self.name, new_id)
                 raise
-            except (LostWorkerError, DeadlineExceeded) as e:
+            except (LostWorkerError, DeadlineExceeded, FedptrError) as e:
+                # once a grant may be on its way, no later refusal proves it will not arrive
+                if not attempt and not isinstance(e, (LostWorkerError, DeadlineExceeded)):
+                    x.owned = True
+                    client.release(self.name, new_id)
+                    raise
                 if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                     x.owned = True
                     raise in_doubt(e, x.location, "send", [x, Pointer(client, self.name, new_id)]) from e
@@ -269,7 +274,7 @@ class Client:
                 await self.call(source.location, wire.Grant(source.id_at_location, sent.location), timeout)
             except PermissionDenied:
                 return sent
-            except (LostWorkerError, DeadlineExceeded, InDoubtError):
+            except FedptrError:
                 return None
             return sent
         for p in candidates:

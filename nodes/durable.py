@@ -1,7 +1,8 @@
 """A node's objects on disk (``--store DIR``): raw tensor files plus a msgpack record each.
 
 For object 42: ``42.bin`` holds the tensor's raw bytes and ``42.rec`` the msgpack record
-``[kind, dtype, shape, location, remote_id, owner]``. A move that has sent the object on but
+``[kind, dtype, shape, location, remote_id, owner, sponsor]`` (the sponsor is the client that
+granted the object to its owner; records of older releases have no sponsor). A move that has sent the object on but
 not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
 hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
 temporary name, fsynced and renamed into place, record last, so a record on disk always has its
@@ -37,6 +38,7 @@ class Stored:
 
     value: torch.Tensor | tuple[str, int]
     owner: str
+    sponsor: str = ""
     moving: tuple[str, int] | None = None
 
 
@@ -61,14 +63,17 @@ class DurableStore:
         """Release the directory handle."""
         os.close(self._dir_fd)
 
-    def write_tensor(self, obj_id: int, data: bytes, dtype: str, shape: list[int], owner: str) -> None:
+    def write_tensor(
+        self, obj_id: int, data: bytes, dtype: str, shape: list[int], owner: str, sponsor: str = ""
+    ) -> None:
         """Write a tensor's data and record (fsynced files; the directory needs `sync`)."""
         _write_atomic(self.dir / f"{obj_id}.bin", data)
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["tensor", dtype, shape, "", 0, owner]))
+        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["tensor", dtype, shape, "", 0, owner, sponsor]))
 
-    def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str) -> None:
+    def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = "") -> None:
         """Write a pointer's record (fsynced; the directory needs `sync`)."""
-        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(["pointer", "", [], location, remote_id, owner]))
+        record = ["pointer", "", [], location, remote_id, owner, sponsor]
+        _write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / f"{obj_id}.bin")
 
@@ -99,14 +104,16 @@ class DurableStore:
         for rec in self.dir.glob("*.rec"):
             try:
                 obj_id = int(rec.stem)
-                kind, dtype, shape, location, remote_id, owner = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
+                record = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
+                kind, dtype, shape, location, remote_id, owner = record[:6]
+                sponsor = str(record[6]) if len(record) > 6 else ""
                 value: torch.Tensor | tuple[str, int]
                 if kind == "pointer":
                     value = (str(location), int(remote_id))
                 else:
                     data = (self.dir / f"{obj_id}.bin").read_bytes()
                     value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
-                found[obj_id] = Stored(value, str(owner), self._moving(obj_id))
+                found[obj_id] = Stored(value, str(owner), sponsor, self._moving(obj_id))
             except (ValueError, TypeError, OSError, ProtocolError, msgpack.UnpackException) as e:
                 log.warning("skipped unreadable stored object %s: %s", rec.name, e)
         for mov in self.dir.glob("*.mov"):

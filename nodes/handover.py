@@ -95,6 +95,7 @@ class Handover:
         if msg.obj_id in node.store.pinned:
             raise PermissionDenied(node.name, "a worker's own data cannot be given away", node.name)
         entry.owner = msg.to
+        entry.sponsor = source
         durable = None
         if entry.done.done() and entry.done.exception() is None:
             durable = node.store.persist(msg.obj_id, entry, entry.done.result())

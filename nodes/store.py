@@ -36,6 +36,9 @@ class Entry:
     remote_id: int = 0
     owner: str = ""
     """The one peer that may use, get, move, grant or delete it (ANYONE for a worker's own data)."""
+    sponsor: str = ""
+    """The peer that granted it to its owner (a client sending a pointer): when that client's
+    session ends the object is reclaimed too, even if the owner's pointer to it was lost."""
 
     @property
     def is_pointer(self) -> bool:
@@ -122,6 +125,7 @@ class Store:
             else:
                 entry = Entry.tensor(stored.value, stored.owner)
                 self._charge(obj_id, stored.value)
+            entry.sponsor = stored.sponsor
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -168,9 +172,9 @@ class Store:
         if self.wal is None or not self._holds(obj_id, entry):
             return None
         if entry.location is not None:
-            return self.wal.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner)
+            return self.wal.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner, entry.sponsor)
         if isinstance(value, torch.Tensor):
-            return self.wal.save_tensor(obj_id, value, entry.owner)
+            return self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor)
         return None  # models live in memory only (see the README's limitations)
 
     def _holds(self, obj_id: int, entry: Entry) -> bool:
@@ -257,8 +261,13 @@ class Store:
         return self.clear_all({principal})
 
     def clear_all(self, principals: set[str]) -> list[Entry]:
-        """`clear` for many principals at once, in one pass over the store."""
-        ids = [i for i, e in self.entries.items() if e.owner in principals and i not in self.pinned]
+        """`clear` for many principals at once, in one pass over the store; what they sponsored
+        (granted to a worker) goes too."""
+        ids = [
+            i
+            for i, e in self.entries.items()
+            if (e.owner in principals or e.sponsor in principals) and i not in self.pinned
+        ]
         removed = [self.entries[i] for i in ids]
         for obj_id in ids:
             self.discard(obj_id)

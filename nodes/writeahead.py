@@ -66,16 +66,20 @@ class WriteAhead:
         self._thread.start()
 
     # --- changes (called on the event loop) ------------------------------------------------
-    def save_tensor(self, obj_id: int, value: torch.Tensor, owner: str) -> asyncio.Future[None]:
+    def save_tensor(self, obj_id: int, value: torch.Tensor, owner: str, sponsor: str = "") -> asyncio.Future[None]:
         """Persist a tensor object (a copy of its current value)."""
         raw = to_raw(value)
         data = bytes(raw.data)
         dtype, shape = raw.dtype, list(raw.shape)
-        return self._enqueue(("obj", obj_id), lambda d: d.write_tensor(obj_id, data, dtype, shape, owner), len(data))
+        return self._enqueue(
+            ("obj", obj_id), lambda d: d.write_tensor(obj_id, data, dtype, shape, owner, sponsor), len(data)
+        )
 
-    def save_pointer(self, obj_id: int, location: str, remote_id: int, owner: str) -> asyncio.Future[None]:
+    def save_pointer(
+        self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = ""
+    ) -> asyncio.Future[None]:
         """Persist a pointer object."""
-        return self._enqueue(("obj", obj_id), lambda d: d.write_pointer(obj_id, location, remote_id, owner), 0)
+        return self._enqueue(("obj", obj_id), lambda d: d.write_pointer(obj_id, location, remote_id, owner, sponsor), 0)
 
     def save_move(self, obj_id: int, dest: str, new_id: int) -> asyncio.Future[None]:
         """Persist the intent to move `obj_id` to `dest` as `new_id` (before anything is sent)."""
