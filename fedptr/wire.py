@@ -141,6 +141,9 @@ class Op(Message):
     op: str
     args: list[Value]
     kwargs: dict[str, Value]
+    sponsor: str = ""
+    """On a forwarded operation, the client it runs for: its result is reclaimed when that
+    client's session ends, even if the forwarding pointer's delete was lost."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -355,6 +355,7 @@ class Node:
             entries = self._operands(msg, source)
         except Exception as e:
             failed = Entry.tensor(owner=source)
+            failed.sponsor = msg.sponsor
             failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
             with contextlib.suppress(InvalidArgumentError):
                 self.store.add(msg.result_id, failed)
@@ -362,6 +363,7 @@ class Node:
         location = next((e.location for e in entries.values()), None)
         if location is None:
             result = Entry.tensor(owner=source)
+            result.sponsor = msg.sponsor
             self.store.add(msg.result_id, result)
             settled = all(e.done.done() for e in entries.values())
             if settled and not any(e.done.exception() for e in entries.values()):
@@ -374,9 +376,12 @@ class Node:
             self.scheduler.compute_later(self._compute(source, rid, msg, entries, result))
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
+        ptr.sponsor = msg.sponsor
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
-        nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
+        nested = wire.Op(
+            ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids), msg.sponsor or source
+        )
         try:
             forwarded = self.forward(location, nested, budget)
         except FedptrError as e:
