@@ -85,48 +85,17 @@ class History:
         """Run one call with a settle deadline; returns (ok, result or error)."""
         t0 = time.monotonic()
         try:
-            task = asyncio.ensure_future(aw)
-            done, _ = await asyncio.wait({task}, timeout=CALL_TIMEOUT_S + SETTLE_MARGIN_S)
-            if not done:
-                import io
-
-                buf = io.StringIO()
-                task.print_stack(file=buf)
-                print("STACK", kind, buf.getvalue(), flush=True)
-                task.cancel()
-                raise TimeoutError
-            result = task.result()
+            result = await asyncio.wait_for(aw, CALL_TIMEOUT_S + SETTLE_MARGIN_S)
             outcome, ok = "ok", True
+        except fedptr.FedptrError as e:  # DeadlineExceeded too (it is a TimeoutError): it settled
+            result, outcome, ok = e, type(e).__name__, False
         except TimeoutError:
             result, outcome, ok = None, "unsettled", False
-            for c in self.clients:
-                se = c.link.session
-                now = asyncio.get_running_loop().time()
-                print(
-                    "DIAG",
-                    kind,
-                    c.name,
-                    "registered",
-                    se.registered,
-                    "inflight",
-                    se.in_flight,
-                    "next",
-                    (se.next_deadline() or now) - now,
-                    "timer",
-                    c.link._timer_at - now,
-                    "unsent",
-                    len(se._unsent),
-                    "heap",
-                    len(se._deadlines),
-                    [(d - now) for d, r in sorted(se._deadlines)[:3]],
-                    flush=True,
-                )
+            last = self.log[-1] if self.log else "none"
             self.violations.append(
                 f"{kind} started at {t0 - self.started:.2f} s did not settle within "
-                f"{CALL_TIMEOUT_S + SETTLE_MARGIN_S} s (faults: {self.log})"
+                f"{CALL_TIMEOUT_S + SETTLE_MARGIN_S} s (last fault: {last})"
             )
-        except fedptr.FedptrError as e:
-            result, outcome, ok = e, type(e).__name__, False
         except Exception as e:  # anything untyped is a bug
             result, outcome, ok = e, "untyped", False
             self.violations.append(f"{kind} raised untyped {type(e).__name__}: {e}")
@@ -256,7 +225,7 @@ class Nemesis:
     async def run(self, until: float) -> None:
         await asyncio.sleep(1.0)
         while time.monotonic() < until:
-            kind = self.rng.choices(["kill-node", "stop-node", "kill-broker"], weights=[1, 1, 6])[0]
+            kind = self.rng.choices(["kill-node", "stop-node", "kill-broker"], weights=[4, 4, 2])[0]
             name = self.rng.choice(WORKERS)
             self.history.faults[kind] += 1
             self.history.log.append(f"{kind} {name} at {time.monotonic() - self.history.started:.2f}")
@@ -331,7 +300,6 @@ async def test_soak(soak_seconds: float, tmp_path: Any) -> None:
             )
             for _ in range(CLIENTS)
         ]
-        history.clients = clients  # type: ignore[attr-defined]
         loads = [Workload(c, history, random.Random(rng.random())) for c in clients for _ in range(TASKS_PER_CLIENT)]
         until = time.monotonic() + soak_seconds
         nemesis = Nemesis(cluster, history, random.Random(rng.random()))
