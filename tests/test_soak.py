@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import random
@@ -202,7 +203,7 @@ class Workload:
             return
         counter = self.rng.choice(self.counters)
         counter.attempts += 1
-        ok, _ = await self.history.call("add_", _awaited(counter.ptr.add_(1)))  # type: ignore[attr-defined]
+        ok, _ = await self.history.call("add_", _awaited(counter.ptr.add_(1)))
         if ok:
             counter.acked += 1
 
@@ -314,7 +315,7 @@ async def test_soak(soak_seconds: float, tmp_path: Any) -> None:
             cluster.signal(w, signal.SIGCONT)
         assert await eventually(lambda: _all_registered(cluster.client), timeout=30)
         for c in clients:
-            assert await eventually(lambda c=c: _all_registered(c), timeout=30)
+            assert await eventually(functools.partial(_all_registered, c), timeout=30)
         healed = time.monotonic()
 
         # --- check ------------------------------------------------------------------------
