@@ -497,9 +497,10 @@ async def test_g_second_client_gets_a_tensor_through_a_lent_pointer(setup: Setup
             alice2 = c2.worker("alice")
             before = await alice2.objects()
             target = next(o for o in before.values() if o.kind == "pointer" and o.location == "bob")
-            stolen = fedptr.Pointer(c2, "bob", target.id_at_location, deletes=False)
+            # the PutPointer alone, as a raw request (Worker.send deletes it when the Grant is refused)
+            put = wire.PutPointer(c2.new_id(), "bob", target.id_at_location)
             with contextlib.suppress(fedptr.PermissionDenied):
-                await alice2.send(stolen)  # the Grant is refused; the PutPointer is stored anyway
+                await c2.call("alice", put)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline:
                 for obj_id, o in (await alice2.objects()).items():
