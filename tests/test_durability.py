@@ -277,3 +277,16 @@ async def test_a_delete_storm_does_not_delay_heartbeats(tmp_path: Path) -> None:
         assert max(latencies) < beat * liveness, f"bob answered after {max(latencies):.2f} s"
         assert "'bob' is gone" not in c.log("broker")
         assert "registering again" not in c.log("bob")
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_cancelled_waiter_does_not_poison_the_pointer(stored: fedptr.Cluster) -> None:
+    bob = stored.client.worker("bob")
+    x = await bob.send(torch.ones(600, 600))
+    y = x @ x  # offloaded: still computing while a waiter gives up
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(y._wait(), 0.001)
+    others = await asyncio.gather(y._wait(), y._wait())  # every other waiter still gets the value
+    assert all(p is y for p in others)
+    assert torch.equal(await y.sum().get(), torch.tensor(600.0 * 600 * 600))  # type: ignore[arg-type]
