@@ -62,7 +62,8 @@ class RoutingTable:
 
     `senders` and `contacts` record who sent requests to whom, so that a departure is told only
     to the peers it concerns: those that asked it something (their calls on it must fail) and
-    those it asked something (a client's objects there are reclaimed)."""
+    those it asked something; a client's departure is also told to every worker (its objects
+    there are reclaimed), O(workers) per departure."""
 
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
@@ -162,6 +163,9 @@ class Broker:
         """Client name -> the key that first registered it (oldest forgotten first)."""
         self._vanished: set[bytes] = set()
         """Peers a send found gone, forgotten after the message at hand (never mid-send)."""
+        self._silent: dict[bytes, bytes] = {}
+        """Identity -> name of clients forgotten for their silence (the newest `max_peers`):
+        if one says goodbye before it registers again, its session ended after all."""
         self._notices: dict[bytes, list[list[Any]]] = {}
         """LOST notices waiting to go out, per peer, sent together each loop turn."""
 
@@ -258,6 +262,10 @@ class Broker:
             return
         role = envelope.ROLE_WORKER if name in self.table.workers else envelope.ROLE_CLIENT
         concerned = self.table.concerned(identity, name)
+        if role == envelope.ROLE_CLIENT:
+            # every worker may hold objects of a client (sent there before that worker or this
+            # broker restarted, or deletes lost meanwhile): each is told, to reclaim them
+            concerned.update(self.table.by_name[w] for w in self.table.workers if w in self.table.by_name)
         self.table.remove_identity(identity)
         self.stats.on_gone(name, why)
         level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
@@ -265,6 +273,26 @@ class Broker:
         notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
         for other in concerned:
             self._notices.setdefault(other, []).append(notice)
+        if role == envelope.ROLE_CLIENT and why == envelope.GONE_SILENT:
+            self._silent[identity] = name
+            while len(self._silent) > self.config.max_peers:
+                self._silent.pop(next(iter(self._silent)))
+
+    def _goodbye_after_silence(self, identity: bytes) -> None:
+        """A client forgotten for its silence says goodbye before it registered again: its
+        session ended after all, and every worker is told (to reclaim its objects), unless
+        the name was registered again meanwhile."""
+        name = self._silent.pop(identity, None)
+        if name is None or name in self.table.by_name:
+            return
+        log.info("client %r, forgotten as silent, said goodbye", name)
+        notice = envelope.message(
+            envelope.LOST, name, envelope.NO_REPLY, [envelope.ROLE_CLIENT, envelope.GONE_DISCONNECTED]
+        )
+        for worker in self.table.workers:
+            other = self.table.by_name.get(worker)
+            if other is not None:
+                self._notices.setdefault(other, []).append(notice)
 
     def _settle_departures(self) -> None:
         """Send the queued LOST notices, and forget the peers found gone while sending, until
@@ -318,7 +346,10 @@ class Broker:
             counters += [f.encode() for f in self.stats.peer_frames(self._now)]
             self._send(identity, envelope.build(envelope.STATS, b"", first.rid, *counters))
         elif command == envelope.DISCONNECT:
-            self._forget(identity, envelope.GONE_DISCONNECTED)
+            if identity in self.table.by_identity:
+                self._forget(identity, envelope.GONE_DISCONNECTED)
+            else:
+                self._goodbye_after_silence(identity)
         elif command == envelope.HEARTBEAT:
             if identity not in self.table.by_identity:
                 # a peer we forgot (it was stopped, or this broker restarted): ask it to register
@@ -392,6 +423,7 @@ class Broker:
         if old is not None and old != name:
             self.table.remove_identity(identity)
         self.table.add(name, identity, role, self._now)
+        self._silent.pop(identity, None)
         log.info("registered %s %r", role.decode(), name.decode(errors="replace"))
         self._send(identity, envelope.build(envelope.ACCEPTED, name, rid))
 

@@ -15,9 +15,19 @@ import torch
 from torch import nn
 
 from fedptr import envelope, limits, meta, modules, wire
-from fedptr.errors import ConsumedPointerError, InvalidArgumentError, ProtocolError, UnsupportedTypeError
+from fedptr.errors import (
+    ConsumedPointerError,
+    DeadlineExceeded,
+    FedptrError,
+    InDoubtError,
+    InvalidArgumentError,
+    LostWorkerError,
+    PermissionDenied,
+    ProtocolError,
+    UnsupportedTypeError,
+)
 from fedptr.link import Link
-from fedptr.pointer import ModulePointer, Pointer
+from fedptr.pointer import ModulePointer, Pointer, in_doubt
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
@@ -96,16 +106,7 @@ class Worker:
             if x.location == self.name:
                 raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
             await x  # the object must exist before another worker refers to it
-            x.owned = False
-            try:
-                # the object becomes this worker's to use, and this worker gets a pointer to it
-                await asyncio.gather(
-                    client.call(x.location, wire.Grant(x.id_at_location, self.name)),
-                    client.call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location)),
-                )
-            except BaseException:
-                x.owned = True
-                raise
+            await self._send_pointer(x, new_id)
             return Pointer(client, self.name, new_id, meta=x.meta)
         elif isinstance(x, torch.Tensor):
             await client.call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
@@ -116,6 +117,52 @@ class Worker:
             model = ModulePointer(client, self.name, new_id, spec)
             return model if x.training else model.eval()
         raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
+
+    async def _send_pointer(self, x: Pointer, new_id: int) -> None:
+        """Two-phase: this worker stores a pointer to `x`'s object first, and only then is the
+        object granted to it. A definite failure of either step leaves `x` usable (the stored
+        pointer, if any, is deleted); a grant whose outcome is unknown is asked again until the
+        deadline, and past it raises InDoubtError (see `Client.resolve`)."""
+        client = self._client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + client.timeout
+        x.owned = False
+        try:
+            await client.call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location))
+        except BaseException as e:
+            x.owned = True
+            if isinstance(e, (LostWorkerError, DeadlineExceeded)):
+                client.release(self.name, new_id)  # it may have been stored: it owns nothing yet
+            raise
+        attempt = 0
+        while True:
+            try:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise DeadlineExceeded(x.location, client.timeout, [x.location])
+                await client.call(x.location, wire.Grant(x.id_at_location, self.name), left)
+                return
+            except PermissionDenied:
+                if attempt:
+                    return  # an earlier grant went through: the object is no longer ours to grant
+                x.owned = True
+                client.release(self.name, new_id)
+                raise
+            except (LostWorkerError, DeadlineExceeded, FedptrError) as e:
+                # once a grant may be on its way, no later refusal proves it will not arrive
+                if not attempt and not isinstance(e, (LostWorkerError, DeadlineExceeded)):
+                    x.owned = True
+                    client.release(self.name, new_id)
+                    raise
+                if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
+                    x.owned = True
+                    raise in_doubt(e, x.location, "send", [x, Pointer(client, self.name, new_id)]) from e
+            except BaseException:
+                x.owned = True
+                client.release(self.name, new_id)
+                raise
+            attempt += 1
+            await asyncio.sleep(limits.RESOLVE_RETRY_S)
 
     def send_nowait(self, x: torch.Tensor) -> Pointer:
         """Pipelined `send` of a tensor: returns its pointer at once, without a round trip.
@@ -210,13 +257,53 @@ class Client:
         """A fresh object id for an object this client is about to create on a worker."""
         return wire.new_object_id()
 
-    async def call(self, dest: str, msg: wire.Message) -> wire.Message:
-        """Send `msg` to worker `dest` and return its reply, within this client's deadline.
+    async def call(self, dest: str, msg: wire.Message, timeout: float | None = None) -> wire.Message:
+        """Send `msg` to worker `dest` and return its reply, within `timeout` seconds (this
+        client's deadline by default).
 
         Raises the typed error of a failure (`FedptrError` subclasses), DeadlineExceeded, and
         ClientClosedError once the client is closed."""
         self._flush_deletes()
-        return await self._link.request(dest, msg, self.timeout)
+        return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
+
+    async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
+        """The pointer an in-doubt hand-over's object is under, once the workers can tell.
+
+        For a move: the candidate whose worker holds the object (the source puts it back, or
+        forgets it once the destination holds it). For a pointer sent: the grant is asked again
+        (it is idempotent: a refusal then means an earlier grant went through). The other
+        candidates are dropped without deleting anything. Raises InDoubtError again when it
+        cannot tell within `timeout` seconds (this client's deadline by default)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        candidates: list[Pointer] = error.candidates
+        while True:
+            found = await self._resolve_once(error.hand_over, candidates, max(0.01, deadline - loop.time()))
+            if found is not None:
+                for p in candidates:
+                    p.owned = p is found
+                return found
+            if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
+                raise error
+            await asyncio.sleep(limits.RESOLVE_RETRY_S)
+
+    async def _resolve_once(self, hand_over: str, candidates: list[Pointer], timeout: float) -> Pointer | None:
+        if hand_over == "send":
+            source, sent = candidates
+            try:
+                await self.call(source.location, wire.Grant(source.id_at_location, sent.location), timeout)
+            except PermissionDenied:
+                return sent
+            except FedptrError:
+                return None
+            return sent
+        for p in candidates:
+            try:
+                await self.call(p.location, wire.Has(p.id_at_location), timeout)
+                return p
+            except FedptrError:
+                continue
+        return None
 
     def issue_op(
         self,

@@ -14,6 +14,8 @@ Names say who caused the failure (trio's style):
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FedptrError(Exception):
     """Base class of every error fedptr raises."""
@@ -131,6 +133,21 @@ class OpNotAllowedError(WorkerRefused):
     allow-list (`fedptr.ops`). The client refuses most such calls before sending them."""
 
     what = "does not allow the operation"
+
+
+class InDoubtError(WorkerRefused):
+    """Raised when a hand-over (a move, a pointer sent) may or may not have happened: a worker
+    on the way died or stopped answering after the data left. The workers settle it by
+    themselves from their records, once both can talk again; `candidates` are the pointers the
+    object may be found under (exactly one will hold it), and `Client.resolve` waits for it."""
+
+    what = "cannot tell yet whether the hand-over happened"
+
+    def __init__(self, worker: str, detail: str, path: list[str] | None = None) -> None:
+        super().__init__(worker, detail, path)
+        self.candidates: list[Any] = []
+        self.hand_over = ""
+        """``"move"`` or ``"send"`` (a pointer sent) when the client knows what was in doubt."""
 
 
 class ClientClosedError(FedptrError):

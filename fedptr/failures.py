@@ -11,6 +11,7 @@ from fedptr.errors import (
     BudgetExhaustedError,
     DeadlineExceeded,
     FedptrError,
+    InDoubtError,
     LostWorkerError,
     ObjectNotFoundError,
     OpNotAllowedError,
@@ -29,6 +30,7 @@ _REFUSALS: dict[FailureCode, type[WorkerRefused]] = {
     FailureCode.STORE_FULL: StoreFullError,
     FailureCode.NOT_FOUND: ObjectNotFoundError,
     FailureCode.OP_NOT_ALLOWED: OpNotAllowedError,
+    FailureCode.IN_DOUBT: InDoubtError,
 }
 _CODE_OF_REFUSAL = {cls: code for code, cls in _REFUSALS.items()}
 

@@ -137,6 +137,24 @@ refused instead."""
 REPLY_CACHE_MAX_BYTES = 64 << 20
 """Most tensor bytes the kept replies of one node hold together (64 MiB); the oldest go first."""
 
+WRITE_BATCH_CHANGES = 1024
+"""Most changes (writes, removals) the write-ahead thread carries out before one directory fsync."""
+
+WRITE_BATCH_BYTES = 64 << 20
+"""Most tensor bytes (64 MiB) the write-ahead thread writes in one batch."""
+
+REMOVE_BATCH_CHANGES = 16
+"""Most objects the write-ahead thread forgets (unlinks) between two batches of writes."""
+
+WRITE_AHEAD_CLOSE_S = 10.0
+"""How long a closing node waits (s) for its write-ahead thread to write what is queued."""
+
+RESOLVE_TIMEOUT_S = 2.0
+"""Deadline (s) of each question a node asks to settle a hand-over in doubt."""
+
+RESOLVE_RETRY_S = 0.5
+"""Pause (s) between the questions about a hand-over in doubt while the other side does not answer."""
+
 OFFLOAD_NUMEL = 1 << 16
 """Computations whose inputs hold more elements than this run in a thread, off the event loop."""
 

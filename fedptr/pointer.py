@@ -33,9 +33,12 @@ from fedptr import meta, wire
 from fedptr.errors import (
     ConsumedPointerError,
     DataDependentError,
+    DeadlineExceeded,
+    FedptrError,
+    InDoubtError,
     InvalidArgumentError,
     LocationMismatchError,
-    PermissionDenied,
+    LostWorkerError,
     ProtocolError,
     UnsupportedTypeError,
 )
@@ -198,6 +201,18 @@ class _Keep:
 
     def __call__(self, fut: asyncio.Future[wire.Message]) -> None:
         self._kept = None
+
+
+def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Pointer]) -> InDoubtError:
+    """`e` as an InDoubtError of a `hand_over` (move or send) whose `candidates` are the
+    pointers the object may be found under."""
+    if isinstance(e, InDoubtError):
+        error = e
+    else:
+        error = InDoubtError(worker, f"the hand-over's outcome is unknown: {e}", getattr(e, "path", [worker]))
+    error.candidates = candidates
+    error.hand_over = hand_over
+    return error
 
 
 def _method(op: str) -> Callable[..., Pointer]:
@@ -431,15 +446,20 @@ class Pointer:
         """Bring the object back and remove it from its worker: a tensor (with its
         ``requires_grad``), or (for a pointer to a pointer) the next pointer down the chain.
         Raises ConsumedPointerError if already consumed, and the error of an unawaited effect
-        on this worker."""
+        on this worker.
+
+        Two-phase: the worker keeps a value until this client holds it, then it is deleted, so a
+        get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
         await self._client.check_effects(self._location)
         self.owned = False
         try:
             reply = await self._client.call(self._location, wire.Get(self._id))
-        except PermissionDenied:
-            self.owned = True  # a refused get leaves the object where it was
+        except BaseException:
+            self.owned = True
             raise
+        if not isinstance(reply, wire.PointerReply):
+            self._client.release(self._location, self._id)  # we hold the value: the worker may drop it
         return self._restored(self._client.unwrap(reply, self._meta))
 
     def _restored(self, value: torch.Tensor | nn.Module | Pointer) -> torch.Tensor | nn.Module | Pointer:
@@ -468,7 +488,10 @@ class Pointer:
         """Move the data to `worker` directly (the bytes never pass through this client).
 
         Returns the pointer at the new location; this pointer is consumed. Moving to the current
-        location returns this pointer unchanged."""
+        location returns this pointer unchanged. A move that failed for sure leaves this pointer
+        usable. One whose outcome is unknown (its worker was lost, its deadline passed, or the
+        worker said InDoubtError) raises InDoubtError whose `candidates` are this pointer and
+        the one at `worker`: `Client.resolve` says which holds the object."""
         if worker.name == self._location:
             return self
         self.check_alive()
@@ -477,6 +500,9 @@ class Pointer:
         self.owned = False
         try:
             await self._client.call(self._location, wire.Move(self._id, worker.name, new_id))
+        except (InDoubtError, LostWorkerError, DeadlineExceeded) as e:
+            self.owned = True
+            raise in_doubt(e, self._location, "move", [self, self._moved(worker.name, new_id)]) from e
         except BaseException:
             self.owned = True
             raise

@@ -141,12 +141,16 @@ class Op(Message):
     op: str
     args: list[Value]
     kwargs: dict[str, Value]
+    sponsor: str = ""
+    """On a forwarded operation, the client it runs for: its result is reclaimed when that
+    client's session ends, even if the forwarding pointer's delete was lost."""
 
 
 @dataclass(frozen=True, slots=True)
 class Get(Message):
-    """Hand object `obj_id` to the caller and remove it from the store. Reply: TensorReply or
-    PointerReply (a stored pointer is handed over, not followed)."""
+    """Hand object `obj_id` to the caller. Reply: TensorReply (the entry stays until the caller,
+    holding the value, deletes it: a get is two-phase) or PointerReply (a stored pointer is
+    handed over, not followed, and removed)."""
 
     KIND: ClassVar[int] = 4
     obj_id: int
@@ -221,6 +225,15 @@ class Grant(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Has(Message):
+    """Whether object `obj_id` is held here, durably: Ok, or a Failure saying not found, or in
+    doubt while a hand-over of it is being resolved. Settles hand-overs in doubt."""
+
+    KIND: ClassVar[int] = 28
+    obj_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ok(Message):
     """Success. For a computed tensor, its shape and dtype."""
 
@@ -264,6 +277,7 @@ class FailureCode(enum.StrEnum):
     NOT_FOUND = "not-found"
     OP_NOT_ALLOWED = "op-not-allowed"
     BUDGET_EXHAUSTED = "budget-exhausted"
+    IN_DOUBT = "in-doubt"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -446,6 +460,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Budget,
     NodeStats,
     NodeStatsReply,
+    Has,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"

@@ -116,6 +116,7 @@ async def serve(args: argparse.Namespace) -> int:
         if args.metrics_port is not None:
             metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
         async with link:
+            node.start()
             print(f"fedptr-node {args.name} ready", flush=True)
             try:
                 await stop.wait()

@@ -151,21 +151,27 @@ class Node:
         guard.warm_up()
         for tag, path in self.config.data.items():
             self._load_data(tag, path)
-        restored = self.store.restore()
-        if restored:
-            log.info("restored %d objects from %s", restored, self.config.store_dir)
+        self._in_doubt = self.store.restore()
+        if self.store.durable is not None:
+            log.info(
+                "restored %d objects from %s (%d moves in doubt)",
+                len(self.store.entries) - len(self.store.pinned),
+                self.config.store_dir,
+                len(self._in_doubt),
+            )
         self.replies = ReplyCache(name)
+        self._departed: set[str] = set()
         self.scheduler = Scheduler(
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
-        handover = Handover(self)
+        self.handover = handover = Handover(self)
         self.figures = NodeFigures(self)
+        """Counts, latencies and the `wire.NodeStats` answer (nodes/stats.py)."""
         if self.config.epsilon is not None:
             self.figures.budget_provider = lambda: {
                 "epsilon_left": self.budget.left,
                 "epsilon_spent": self.budget.spent,
             }
-        """Counts, latencies and the `wire.NodeStats` answer (nodes/stats.py)."""
         self._handlers: dict[type[wire.Message], Callable[[str, bytes, Any, float], None]] = {
             wire.Put: self._put,
             wire.PutPointer: self._put_pointer,
@@ -183,6 +189,7 @@ class Node:
             wire.DPTrain: self._dp_train,
             wire.Budget: self._budget,
             wire.NodeStats: self.figures.handle,
+            wire.Has: handover.has,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -194,10 +201,16 @@ class Node:
                 self.store.add_data(tag, value, policy.Taint(self.policy.own_origins()))
                 log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
+    def start(self) -> None:
+        """Resume what a restart interrupted (the hand-overs in doubt); call once registered."""
+        self.handover.resume(self._in_doubt)
+        self._in_doubt = []
+
     async def aclose(self) -> None:
-        """Cancel waiting work, stop the thread pool and close the durable store."""
+        """Cancel waiting work, stop the thread pool, write what is queued and close the durable store."""
+        await self.handover.aclose()
         await self.scheduler.aclose()
-        self.store.close()
+        await self.store.aclose()
 
     # --- dispatch ----------------------------------------------------------------------
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
@@ -232,6 +245,31 @@ class Node:
         """Answer request `rid` of `dest` with the typed failure `e` stands for."""
         self.reply(dest, rid, failure_from_error(e, self.name))
 
+    def reply_durable(
+        self,
+        durable: asyncio.Future[Any] | None,
+        dest: str,
+        rid: bytes,
+        msg: wire.Message,
+        on_failed: Callable[[], None] | None = None,
+    ) -> None:
+        """Answer `msg` once `durable` (the write-ahead of what the request changed) settled: the
+        write-ahead rule. A failed write answers its error instead, after `on_failed`."""
+        if durable is None:
+            self.reply(dest, rid, msg)
+            return
+
+        def written(f: asyncio.Future[Any]) -> None:
+            error = f.exception()
+            if error is None:
+                self.reply(dest, rid, msg)
+                return
+            if on_failed is not None:
+                on_failed()
+            self.reply_error(dest, rid, error)
+
+        durable.add_done_callback(written)
+
     def spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Finish a request in a task; whatever it raises is the request's Failure reply."""
         self.scheduler.spawn(coro, lambda e: self.reply_error(source, rid, e))
@@ -258,24 +296,30 @@ class Node:
         if msg.requires_grad:
             tensor.requires_grad_(True)
         # a peer's stated origins can only add restrictions: they are kept, never trusted to lift one
-        self._store_new(msg.obj_id, tensor, msg.owner or source, policy.Taint(policy.from_wire(msg.origins)))
-        self.reply(source, rid, wire.Ok(list(tensor.shape), msg.tensor.dtype))
+        taint = policy.Taint(policy.from_wire(msg.origins))
+        ok = wire.Ok(list(tensor.shape), msg.tensor.dtype)
+        self._store_new(source, rid, msg.obj_id, Entry.tensor(tensor, msg.owner or source, taint), ok)
 
     def _put_module(self, source: str, rid: bytes, msg: wire.PutModule, budget: float) -> None:
         model = modules.from_wire(msg.spec, msg.params)
-        self._store_new(msg.obj_id, model, msg.owner or source, policy.Taint(policy.from_wire(msg.origins)))
-        self.reply(source, rid, wire.Ok())
+        taint = policy.Taint(policy.from_wire(msg.origins))
+        self._store_new(source, rid, msg.obj_id, Entry.tensor(model, msg.owner or source, taint), wire.Ok())
 
-    def _store_new(self, obj_id: int, value: torch.Tensor | torch.nn.Module, owner: str, taint: policy.Taint) -> Entry:
-        """Store and commit a received value; nothing is kept when the commit fails."""
-        entry = Entry.tensor(value, owner, taint)
+    def _store_new(self, source: str, rid: bytes, obj_id: int, entry: Entry, ok: wire.Message) -> None:
+        """Store and commit a received value (`entry`, settled), and answer `ok` once it is
+        durable; nothing is kept when the commit or its write fails."""
+        value = entry.done.result()
         self.store.add(obj_id, entry)
         try:
-            self.store.commit(obj_id, entry, value)
+            durable = self.store.commit(obj_id, entry, value)
         except Exception:
             self.store.discard(obj_id)
             raise
-        return entry
+        self.reply_durable(durable, source, rid, ok, lambda: self._drop_if(obj_id, entry))
+
+    def _drop_if(self, obj_id: int, entry: Entry) -> None:
+        if self.store.entries.get(obj_id) is entry:
+            self.store.discard(obj_id)
 
     def _search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         ids = list(self.store.tags.get(msg.tag, []))
@@ -288,8 +332,8 @@ class Node:
             raise InvalidArgumentError(f"bad worker name {msg.location!r}")
         entry = Entry.pointer(msg.location, msg.id_at_location, settled=True, owner=source)
         self.store.add(msg.obj_id, entry)
-        self.store.commit(msg.obj_id, entry)
-        self.reply(source, rid, wire.Ok())
+        durable = self.store.commit(msg.obj_id, entry)
+        self.reply_durable(durable, source, rid, wire.Ok(), lambda: self._drop_if(msg.obj_id, entry))
 
     def _delete(self, source: str, rid: bytes, msg: wire.Delete, budget: float) -> None:
         popped = []
@@ -305,11 +349,18 @@ class Node:
         self.delete_downstream(popped)
 
     def reclaim(self, client: str) -> None:
-        """Delete what a client whose session ended owned (the Link's on_session_ended)."""
-        self.replies.forget_peer(client)
-        removed = self.store.clear(client)
+        """Delete what a client whose session ended owned (the Link's on_session_ended). Clients
+        that leave in the same loop turn are reclaimed together, in one pass over the store."""
+        if not self._departed:
+            asyncio.get_running_loop().call_soon(self._reclaim_departed)
+        self._departed.add(client)
+
+    def _reclaim_departed(self) -> None:
+        departed, self._departed = self._departed, set()
+        self.replies.forget_peers(departed)
+        removed = self.store.clear_all(departed)
         if removed:
-            log.info("reclaimed %d objects of %r, which has left", len(removed), client)
+            log.info("reclaimed %d objects of %d clients that left", len(removed), len(departed))
             self.delete_downstream(removed)
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
@@ -345,6 +396,7 @@ class Node:
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
             failed = Entry.tensor(owner=source)
+            failed.sponsor = msg.sponsor
             failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
             with contextlib.suppress(InvalidArgumentError):
                 self.store.add(msg.result_id, failed)
@@ -352,21 +404,26 @@ class Node:
         if location is None:
             private = any(e.taint for e in entries.values())
             result = Entry.tensor(owner=source, taint=taint)
+            result.sponsor = msg.sponsor
             self.store.add(msg.result_id, result)
             settled = all(e.done.done() for e in entries.values())
             if settled and not any(e.done.exception() for e in entries.values()):
                 tensors = {i: e.done.result() for i, e in entries.items()}
                 if _numel(tensors.values()) <= self.config.offload_numel:
                     # the common case: small inputs, all present; no task, no thread
+                    versions = _versions(tensors)
                     compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                    self._finish(source, rid, msg.result_id, result, compute)
+                    self._finish(source, rid, msg, result, compute, entries, versions)
                     return
             self.scheduler.compute_later(self._compute(source, rid, msg, entries, result, private))
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
+        ptr.sponsor = msg.sponsor
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
-        nested = wire.Op(ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids))
+        nested = wire.Op(
+            ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids), msg.sponsor or source
+        )
         try:
             forwarded = self.forward(location, nested, budget)
         except FedptrError as e:
@@ -381,6 +438,8 @@ class Node:
         _refs(msg.args, ids)
         _refs(msg.kwargs, ids)
         entries = {i: self.store.get(i, source) for i in ids}
+        for i, e in entries.items():
+            self.store.check_principal(i, e, msg.sponsor or source)
         locations = {e.location or self.name for e in entries.values()}
         if len(locations) > 1:
             a, b = sorted(locations)[:2]
@@ -442,22 +501,37 @@ class Node:
         result = Entry.tensor(mean, source)
         result.released = "dp"
         self.store.add(msg.result_id, result)
-        self.store.commit(msg.result_id, result, mean)
+        durable = self.store.commit(msg.result_id, result, mean)
         owners = sorted(c.owner for c in contributions)
         self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
-        self.reply(source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))
+        self.reply_durable(durable, source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))
 
     def _finish(
-        self, source: str, rid: bytes, result_id: int, result: Entry, compute: Callable[[], torch.Tensor]
+        self,
+        source: str,
+        rid: bytes,
+        msg: wire.Op,
+        result: Entry,
+        compute: Callable[[], torch.Tensor],
+        operands: dict[int, Entry],
+        versions: dict[int, int],
     ) -> None:
+        """Store an operation's result and answer once it, and every operand the operation
+        changed in place (`versions` were their tensors' versions before it ran), is durable."""
         try:
             value = compute()
-            self.store.commit(result_id, result, value)
+            durable = [self.store.commit(msg.result_id, result, value)]
+            for obj_id, before in versions.items():
+                operand = operands[obj_id]
+                tensor = operand.done.result()
+                if tensor._version != before:
+                    durable.append(self.store.persist(obj_id, operand, tensor))
         except Exception as e:
             self._fail(source, rid, result, e)
             return
         result.done.set_result(value)
-        self.reply(source, rid, wire.Ok(list(value.shape), dtype_name(value.dtype)))
+        ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
+        self.reply_durable(_all(durable), source, rid, ok)
 
     def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
         err = e if isinstance(e, FedptrError) else _remote(e, self.name)
@@ -475,11 +549,13 @@ class Node:
                 value = await e.done
                 assert value is not None
                 tensors[i] = value
+            versions = _versions(tensors)
             if _numel(tensors.values()) > self.config.offload_numel:
                 value = await self.scheduler.offload(self._run, msg, tensors, private, entries)
-                self._finish(source, rid, msg.result_id, result, lambda: value)
+                self._finish(source, rid, msg, result, lambda: value, entries, versions)
             else:
-                self._finish(source, rid, msg.result_id, result, lambda: self._run(msg, tensors, private, entries))
+                compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
+                self._finish(source, rid, msg, result, compute, entries, versions)
         except Exception as e:
             self._fail(source, rid, result, e)
 
@@ -518,10 +594,10 @@ class Node:
         if not (msg.clip > 0 and msg.noise_multiplier > 0):
             raise InvalidArgumentError("a contribution needs a clip bound and a noise multiplier above 0")
         value = from_raw(msg.tensor)
-        entry = self._store_new(msg.obj_id, value, msg.owner, policy.Taint({source: frozenset({self.name})}))
+        entry = Entry.tensor(value, msg.owner, policy.Taint({source: frozenset({self.name})}))
         entry.readonly = source
         entry.contribution = mechanisms.Contribution(source, msg.clip, msg.noise_multiplier)
-        self.reply(source, rid, wire.Ok(list(value.shape), msg.tensor.dtype))
+        self._store_new(source, rid, msg.obj_id, entry, wire.Ok(list(value.shape), msg.tensor.dtype))
 
     def _dp_train(self, source: str, rid: bytes, msg: wire.DPTrain, budget: float) -> None:
         """M2: DP-SGD on this node's own data; every step is charged before it runs."""
@@ -543,8 +619,8 @@ class Node:
             spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
             self.audit.record("dp-train", source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
-            self.store.persist(msg.model_id, model_entry, model)
-            self.reply(source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+            durable = self.store.persist(msg.model_id, model_entry, model)
+            self.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
 
         self.spawn(answer(), source, rid)
 
@@ -572,18 +648,28 @@ class Node:
         self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
     ) -> None:
         error = forwarded.exception()
-        if error is None and self.store.entries.get(ptr_id) is ptr:
-            try:
-                self.store.commit(ptr_id, ptr)
-            except OSError as e:
-                error = e
         if error is not None:
             err = with_hop(error, self.name)
             ptr.done.set_exception(err)
             self.reply_error(source, rid, err)
         else:
             ptr.done.set_result(None)
-            self.reply(source, rid, forwarded.result())
+            self.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+
+
+def _versions(values: dict[int, Any]) -> dict[int, int]:
+    """The version counter of each tensor among `values` (an in-place update bumps it)."""
+    return {i: v._version for i, v in values.items() if isinstance(v, torch.Tensor)}
+
+
+def _all(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:
+    """One future for the writes in `durable` that there are (None: nothing to wait for)."""
+    futures = [f for f in durable if f is not None]
+    if not futures:
+        return None
+    if len(futures) == 1:
+        return futures[0]
+    return asyncio.gather(*futures)
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

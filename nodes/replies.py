@@ -97,5 +97,9 @@ class ReplyCache:
 
     def forget_peer(self, source: str) -> None:
         """Drop every reply to `source` (its session ended: no replay can come)."""
-        for key in [k for k in self._replies if k[0] == source]:
+        self.forget_peers({source})
+
+    def forget_peers(self, sources: set[str]) -> None:
+        """Drop every reply to any of `sources`, in one pass however many leave at once."""
+        for key in [k for k in self._replies if k[0] in sources]:
             self._bytes -= self._replies.pop(key)[1]

@@ -23,7 +23,8 @@ from fedptr.wire import ObjectRow, new_object_id
 
 from .durable import DurableStore
 from .mechanisms import Contribution
-from .policy import Taint
+from .policy import Taint, from_wire, to_wire
+from .writeahead import WriteAhead
 
 
 @dataclass(eq=False)
@@ -44,6 +45,9 @@ class Entry:
     """The data owner whose private data, or DP contribution, this is: nothing may write to it."""
     contribution: Contribution | None = None
     """What makes it a single-use DP contribution, on an aggregator."""
+    sponsor: str = ""
+    """The peer that granted it to its owner (a client sending a pointer): when that client's
+    session ends the object is reclaimed too, even if the owner's pointer to it was lost."""
 
     @property
     def is_pointer(self) -> bool:
@@ -86,6 +90,23 @@ class Entry:
         return ObjectRow(obj_id, "tensor", shape, NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
 
 
+UNKNOWN_ORIGIN = "?"
+"""The owner of a stored value whose record has no origins: it is private to no one who can
+release it, so it never leaves (fail closed)."""
+
+
+def _restore_privacy(entry: Entry, privacy: dict[str, Any] | None) -> None:
+    """Give a restored tensor its origins, read-only mark and release kind; a record without them,
+    or with malformed ones, restores as private."""
+    try:
+        assert privacy is not None
+        entry.taint = Taint(from_wire(privacy["origins"]))
+        entry.readonly = str(privacy.get("readonly", ""))
+        entry.released = str(privacy.get("released", ""))
+    except (AssertionError, KeyError, TypeError, ValueError, AttributeError):
+        entry.taint = Taint({UNKNOWN_ORIGIN: frozenset()})
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     # Errors are reported to whoever asked; an entry nobody awaits must not warn at exit.
     if not fut.cancelled():
@@ -96,8 +117,13 @@ class Store:
     """Objects by id, with a byte budget for local tensors and, optionally, a copy on disk.
 
     `commit` is called once an object's value exists and before it is acknowledged: it charges
-    the tensor's bytes against `max_bytes` (raising StoreFullError) and writes it to the durable
-    store, so every acknowledged object survives a crash of the node."""
+    the tensor's bytes against `max_bytes` (raising StoreFullError) and queues its write to the
+    durable store. Every change that touches the disk returns the future of its write-ahead
+    (nodes/writeahead.py), or None without a durable store: the node acknowledges a request only
+    once those futures settled, so every acknowledged change survives a crash of the node.
+
+    A hand-over `take`s an entry out (pipelined requests see it gone) but keeps its bytes and
+    files until it is `release`d (the other side holds it) or `put_back` (nothing was handed over)."""
 
     def __init__(self, node: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
         self.node = node
@@ -108,26 +134,40 @@ class Store:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.durable = durable
+        self.wal = WriteAhead(durable, node) if durable is not None else None
+        self.taken: dict[int, Entry] = {}
+        """Entries in a hand-over: out of `entries`, still on disk and charged."""
+        self._orphans: set[int] = set()
+        """Taken entries deleted meanwhile: a put back drops them instead."""
         self._charged: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def restore(self) -> int:
-        """Load what the durable store holds; returns how many objects came back."""
+    def restore(self) -> list[tuple[int, Entry, str, int]]:
+        """Load what the durable store holds. Returns the moves in doubt, ``(obj_id, entry,
+        dest, new_id)``: those entries are taken, to be released or put back once resolved."""
         if self.durable is None:
-            return 0
-        for obj_id, (value, owner) in self.durable.load().items():
-            if isinstance(value, tuple):
-                self.entries[obj_id] = Entry.pointer(value[0], value[1], settled=True, owner=owner)
+            return []
+        moving = []
+        for obj_id, stored in self.durable.load().items():
+            if isinstance(stored.value, tuple):
+                entry = Entry.pointer(stored.value[0], stored.value[1], settled=True, owner=stored.owner)
             else:
-                self.entries[obj_id] = Entry.tensor(value, owner)
-                self._charge(obj_id, value)
-        return len(self.entries)
+                entry = Entry.tensor(stored.value, stored.owner)
+                _restore_privacy(entry, stored.privacy)
+                self._charge(obj_id, stored.value)
+            entry.sponsor = stored.sponsor
+            if stored.moving is None:
+                self.entries[obj_id] = entry
+            else:
+                self.taken[obj_id] = entry
+                moving.append((obj_id, entry, *stored.moving))
+        return moving
 
     def add(self, obj_id: int, entry: Entry) -> None:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
-        if obj_id in self.entries:
+        if obj_id in self.entries or obj_id in self.taken:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
@@ -144,25 +184,46 @@ class Store:
         self.tags.setdefault(tag, []).append(obj_id)
         return obj_id
 
-    def commit(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
+    def check_principal(self, obj_id: int, entry: Entry, principal: str) -> None:
+        """A worker holding an object on behalf of a client (granted to it by a pointer send, its
+        `sponsor`) acts on it only for that client: a pointer another client placed on that worker
+        lends no authority. Raises PermissionDenied otherwise."""
+        if entry.sponsor and principal not in (entry.sponsor, entry.owner):
+            log.warning("refused %r the object %d, held for %r", principal, obj_id, entry.sponsor)
+            raise PermissionDenied(self.node, f"object {obj_id} is held for another client", self.node)
+
+    def commit(
+        self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None
+    ) -> asyncio.Future[None] | None:
         """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
-        exists, before it is acknowledged. Raises StoreFullError past the byte budget."""
+        exists, before it is acknowledged. Raises StoreFullError past the byte budget. An entry
+        deleted while it was being computed is neither charged nor stored."""
+        if not self._holds(obj_id, entry):
+            return None
         if entry.location is None:
             assert value is not None
             params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
             for p in params:
                 self._charge(obj_id, p)
-        self.persist(obj_id, entry, value)
+        return self.persist(obj_id, entry, value)
 
-    def persist(self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None) -> None:
-        """Write a settled entry (and its owner) to the durable store, if there is one."""
-        if self.durable is None:
-            return
+    def persist(
+        self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None
+    ) -> asyncio.Future[None] | None:
+        """Queue the write of a settled entry (and its owner) held under `obj_id`; returns the
+        future of its write-ahead, or None when there is nothing to wait for."""
+        if self.wal is None or not self._holds(obj_id, entry):
+            return None
         if entry.location is not None:
-            self.durable.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner)
-        elif isinstance(value, torch.Tensor):
-            self.durable.save_tensor(obj_id, value, entry.owner)
-        # models live in memory only (see the README's limitations)
+            return self.wal.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner, entry.sponsor)
+        if isinstance(value, torch.Tensor):
+            privacy = {"origins": to_wire(entry.taint.origins), "readonly": entry.readonly, "released": entry.released}
+            return self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor, privacy)
+        return None  # models live in memory only (see the README's limitations)
+
+    def _holds(self, obj_id: int, entry: Entry) -> bool:
+        """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
+        return self.entries.get(obj_id) is entry or self.taken.get(obj_id) is entry
 
     def _charge(self, obj_id: int, value: torch.Tensor) -> None:
         nbytes = value.numel() * value.element_size()
@@ -183,47 +244,78 @@ class Store:
             raise PermissionDenied(self.node, f"object {obj_id} belongs to another peer", self.node)
         return entry
 
-    def pop(self, obj_id: int, principal: str | None = None) -> Entry:
-        """Remove and return the entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied
-        for pinned data or another owner's object."""
-        self.get(obj_id, principal)
+    def take(self, obj_id: int, principal: str | None = None) -> Entry:
+        """Take the entry under `obj_id` out for a hand-over, keeping its bytes and files until
+        `release` or `put_back`; raises ObjectNotFoundError, or PermissionDenied for pinned data
+        or another owner's object."""
+        entry = self.get(obj_id, principal)
         if obj_id in self.pinned:
             raise PermissionDenied(self.node, "data a worker was started with stays there", self.node)
-        entry = self.discard(obj_id)
-        if entry is None:
-            raise ObjectNotFoundError("", f"no object {obj_id}")
+        del self.entries[obj_id]
+        self.taken[obj_id] = entry
         return entry
+
+    def mark_moving(self, obj_id: int, dest: str, new_id: int) -> asyncio.Future[None] | None:
+        """Persist that taken object `obj_id` is being moved to `dest` as `new_id` (before it is sent)."""
+        return None if self.wal is None else self.wal.save_move(obj_id, dest, new_id)
+
+    def release(self, obj_id: int) -> asyncio.Future[None] | None:
+        """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
+        self.taken.pop(obj_id, None)
+        self._orphans.discard(obj_id)
+        self.bytes -= self._charged.pop(obj_id, 0)
+        return None if self.wal is None else self.wal.remove(obj_id)
+
+    def put_back(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
+        """A hand-over of taken `obj_id` did not happen: the entry is back under its id (its move
+        record forgotten), unless it was deleted meanwhile."""
+        if obj_id in self._orphans or self.taken.get(obj_id) is not entry:
+            return self.release(obj_id)
+        del self.taken[obj_id]
+        self.entries[obj_id] = entry
+        return None if self.wal is None else self.wal.remove_move(obj_id)
 
     def discard(self, obj_id: int) -> Entry | None:
         """Remove the entry under `obj_id` if there is one (and its bytes, and its copy on disk);
-        pinned data is never removed."""
+        pinned data is never removed. A taken entry is dropped when its hand-over fails."""
         if obj_id in self.pinned:
+            return None
+        if obj_id in self.taken:
+            self._orphans.add(obj_id)
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
             self.bytes -= self._charged.pop(obj_id, 0)
-            if self.durable is not None:
-                self.durable.remove(obj_id)
+            if self.wal is not None:
+                self.wal.remove(obj_id)
         return entry
 
-    def put_back(self, obj_id: int, entry: Entry) -> None:
-        """Return a popped entry under its id (a hand-over failed), unless the id was reused."""
-        if obj_id not in self.entries:
-            self.entries[obj_id] = entry
-            if entry.done.done() and entry.done.exception() is None:
-                self.commit(obj_id, entry, entry.done.result())
+    def barrier(self) -> asyncio.Future[None] | None:
+        """A future that settles once every change queued so far is durable (None: no store)."""
+        return None if self.wal is None else self.wal.barrier()
 
-    def close(self) -> None:
-        """Release the durable store's directory handle."""
-        if self.durable is not None:
-            self.durable.close()
+    async def aclose(self) -> None:
+        """Write what is queued and release the durable store."""
+        if self.wal is not None:
+            await self.wal.aclose()
 
     def clear(self, principal: str) -> list[Entry]:
-        """Remove everything `principal` owns (pinned data never); returns what was removed."""
-        ids = [i for i, e in self.entries.items() if e.owner == principal and i not in self.pinned]
+        """Remove everything `principal` owns (pinned data never); returns what was removed.
+        Its entries in a hand-over are dropped if the hand-over fails."""
+        return self.clear_all({principal})
+
+    def clear_all(self, principals: set[str]) -> list[Entry]:
+        """`clear` for many principals at once, in one pass over the store; what they sponsored
+        (granted to a worker) goes too."""
+        ids = [
+            i
+            for i, e in self.entries.items()
+            if (e.owner in principals or e.sponsor in principals) and i not in self.pinned
+        ]
         removed = [self.entries[i] for i in ids]
         for obj_id in ids:
             self.discard(obj_id)
+        self._orphans.update(i for i, e in self.taken.items() if e.owner in principals)
         return removed
 
 

@@ -16,6 +16,32 @@ import fedptr
 
 WORKERS = ["bob", "alice", "carol", "dave", "erin"]
 
+SOAK_SECONDS = 35.0
+"""How long the soak's workload and nemesis run by default (the CI run); ``--soak-seconds`` overrides."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=SOAK_SECONDS,
+        help="seconds of workload and faults in tests/test_soak.py (a longer run than CI's)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The soak's timeout grows with its length (start, healing and checks take about 4 minutes at most)."""
+    seconds = float(config.getoption("--soak-seconds"))
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(seconds + 240))
+
+
+@pytest.fixture
+def soak_seconds(request: pytest.FixtureRequest) -> float:
+    """The ``--soak-seconds`` option."""
+    return float(request.config.getoption("--soak-seconds"))
+
 
 @pytest_asyncio.fixture(scope="session")
 async def cluster() -> AsyncIterator[fedptr.Cluster]:

@@ -19,7 +19,8 @@ async def test_ops_issued_together_share_multiparts(client: fedptr.Client, bob: 
     assert all(torch.equal(r, torch.arange(3) + i) for i, r in enumerate(results))  # type: ignore[arg-type]
     sent = link.messages_sent - messages
     packed = link.multiparts_sent - multiparts
-    assert sent == 400  # 200 ops + 200 gets
+    # 200 ops + 200 gets, then the gets' second phase: their entries' deletes, a few batched Deletes
+    assert 400 < sent <= 410
     assert packed < sent / 4, f"{sent} messages went out in {packed} multiparts"
 
 

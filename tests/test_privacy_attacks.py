@@ -5,7 +5,7 @@ one, a second `fedptr.connect` client, a raw `fedptr.link.Link` peer, or a node 
 attacker starts) and asserts the *secure outcome*: the attack is refused with a typed
 `fedptr.FedptrError`, or what it brings back does not reveal the secret. Each was first run
 against the label-check policy and watched to succeed (`docs/REDTEAM.md` records what it
-recovered); the few still open carry a strict xfail that fails once they are fixed.
+recovered).
 
 One cluster for the module: bob, alice and carol own private 8x4 data (``data``: x, y; alice
 also ``spare``), each with a budget (epsilon 10) in a --store, and trust three aggregators
@@ -51,11 +51,6 @@ if _CONFIG is not None:
 
 pytestmark = [pytest.mark.privacy_attack, pytest.mark.asyncio(loop_scope="module")]
 
-ATTACK_SUCCEEDS = pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, pytest.fail.Exception),
-    reason="issue 9: attack succeeds against the label-check policy",
-)
 RID = struct.Struct("<II")
 """A request id: a session's counter and its incarnation (fedptr.session)."""
 
@@ -465,8 +460,7 @@ async def test_d_data_dependent_failure_is_no_oracle(setup: Setup) -> None:
 
 
 # --- G: a pointer chain lends authority to its middle node ---------------------------------
-@ATTACK_SUCCEEDS
-async def test_g_second_client_gets_a_tensor_through_a_lent_pointer(setup: Setup) -> None:
+async def test_g_second_client_cannot_get_a_tensor_through_a_lent_pointer(setup: Setup) -> None:
     """Client 1 sends its pointer to alice; client 2 places its own PutPointer to the same object on
     alice (Worker.send of a Pointer it built from alice's listing) and gets through it."""
     secret = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
@@ -478,9 +472,10 @@ async def test_g_second_client_gets_a_tensor_through_a_lent_pointer(setup: Setup
             alice2 = c2.worker("alice")
             before = await alice2.objects()
             target = next(o for o in before.values() if o.kind == "pointer" and o.location == "bob")
-            stolen = fedptr.Pointer(c2, "bob", target.id_at_location, deletes=False)
+            # the PutPointer alone, as a raw request (Worker.send deletes it when the Grant is refused)
+            put = wire.PutPointer(c2.new_id(), "bob", target.id_at_location)
             with contextlib.suppress(fedptr.PermissionDenied):
-                await alice2.send(stolen)  # the Grant is refused; the PutPointer is stored anyway
+                await c2.call("alice", put)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline:
                 for obj_id, o in (await alice2.objects()).items():
@@ -617,8 +612,7 @@ async def test_f_impostor_cannot_take_a_crashed_aggregators_name(setup: Setup) -
 
 
 # --- E: --store drops origins --------------------------------------------------------------
-@ATTACK_SUCCEEDS
-async def test_e_restart_from_store_makes_private_derived_data_public(setup: Setup) -> None:
+async def test_e_restart_from_store_keeps_private_derived_data_private(setup: Setup) -> None:
     """bob_x * 1 is stored by bob's --store without its origins; after a restart, get it."""
     bx, _ = await setup.data("bob")
     derived = await (bx * 1)

@@ -42,6 +42,7 @@ SAMPLES: list[wire.Message] = [
     wire.PutModule(5, {"type": "Linear", "in_features": 2, "out_features": 1, "bias": True}, [raw(torch.ones(1, 2))]),
     wire.Search("digits"),
     wire.Grant(7, "alice"),
+    wire.Has(7),
     wire.Move(6, "alice", 7, "client-1"),
     wire.ModuleReply({"type": "ReLU"}, []),
     wire.SearchReply([1, 2]),

@@ -1,0 +1,292 @@
+"""Issue 10, one test per cause: no acknowledged write is lost, a definite failure leaves the
+pointer usable, and disk work never blocks a node's event loop.
+
+The unit tests drive the write-ahead queue, the store and the reply cache directly; the others
+run their own cluster with ``--store`` nodes (marked destructive) and kill -9 or SIGSTOP them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.replies import ReplyCache, Seen
+from fedptr.nodes.store import Entry, Store
+from fedptr.nodes.writeahead import WriteAhead
+
+import fedptr
+from fedptr import wire
+from fedptr.tensors import to_raw
+from tests.conftest import eventually
+
+BEAT_S = 0.1
+LIVENESS = 3
+CALL_TIMEOUT_S = 5.0
+
+
+# --- unit tests ------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_write_ahead_writes_in_order_in_batches_and_skips_what_a_later_change_undoes(tmp_path: Path) -> None:
+    wal = WriteAhead(DurableStore(tmp_path), "bob")
+    futures = [wal.save_tensor(i, torch.full((4,), float(i)), "c", "", {}) for i in range(200)]
+    futures += [wal.remove(i) for i in range(0, 200, 2)]
+    futures.append(wal.save_tensor(7, torch.full((4,), 70.0), "c", "", {}))  # a later value wins
+    await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert wal.batches < len(futures)  # one directory fsync per batch, not per change
+    await wal.aclose()
+    loaded = DurableStore(tmp_path).load()
+    assert sorted(loaded) == list(range(1, 200, 2))
+    assert torch.equal(loaded[7].value, torch.full((4,), 70.0))
+
+
+@pytest.mark.asyncio
+async def test_write_ahead_copies_the_tensor_so_a_later_in_place_update_cannot_tear_it(tmp_path: Path) -> None:
+    wal = WriteAhead(DurableStore(tmp_path), "bob")
+    t = torch.zeros(1 << 16)
+    first = wal.save_tensor(1, t, "c", "", {})
+    t.add_(1)  # after queueing, before (or while) the thread writes
+    await asyncio.wait_for(first, 10)
+    await wal.aclose()
+    assert torch.equal(DurableStore(tmp_path).load()[1].value, torch.zeros(1 << 16))
+
+
+@pytest.mark.asyncio
+async def test_a_result_deleted_while_it_was_computed_is_neither_charged_nor_stored(tmp_path: Path) -> None:
+    store = Store("bob", max_bytes=1 << 20, durable=DurableStore(tmp_path))
+    pending = Entry.tensor(owner="c")
+    store.add(5, pending)
+    assert store.discard(5) is pending  # the Delete arrives while the op still runs
+    assert store.commit(5, pending, torch.ones(1 << 17)) is None  # the op ends: nothing kept
+    assert store.bytes == 0 and 5 not in store.entries
+    await store.aclose()
+    assert DurableStore(tmp_path).load() == {}
+
+
+@pytest.mark.asyncio
+async def test_a_taken_object_is_kept_on_disk_until_released_and_a_move_record_restores_it_taken(
+    tmp_path: Path,
+) -> None:
+    store = Store("bob", durable=DurableStore(tmp_path))
+    entry = Entry.tensor(torch.arange(3.0), "c")
+    store.add(1, entry)
+    await store.commit(1, entry, torch.arange(3.0))
+    store.take(1, "c")
+    await store.mark_moving(1, "alice", 99)
+    await store.aclose()
+    again = Store("bob", durable=DurableStore(tmp_path))  # a crash here: the move is in doubt
+    in_doubt = again.restore()
+    assert [(i, dest, new) for i, _, dest, new in in_doubt] == [(1, "alice", 99)]
+    assert 1 in again.taken and 1 not in again.entries
+    await again.put_back(1, in_doubt[0][1])  # alice never got it
+    await again.aclose()
+    third = Store("bob", durable=DurableStore(tmp_path))
+    assert third.restore() == [] and 1 in third.entries
+    await third.aclose()
+
+
+def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() -> None:
+    cache = ReplyCache("bob", max_entries=10_000, max_bytes=1 << 20, max_reply_bytes=64 << 10)
+    for i in range(1_000):
+        key = ("c", i.to_bytes(8, "little"))
+        assert cache.begin(key) is Seen.NEW
+        cache.finish(key, wire.TensorReply(to_raw(torch.zeros(8 << 10, dtype=torch.uint8))))
+    assert cache.nbytes <= 1 << 20
+    big = ("c", b"big")
+    cache.begin(big)
+    cache.finish(big, wire.TensorReply(to_raw(torch.zeros(1 << 20, dtype=torch.uint8))))
+    assert isinstance(cache.cached(big), wire.Failure)  # a replay is refused, never run twice
+    cache.forget_peer("c")
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+# --- on a cluster ----------------------------------------------------------------------------
+@pytest_asyncio.fixture(loop_scope="function")
+async def stored(tmp_path: Path) -> AsyncIterator[fedptr.Cluster]:
+    args = {n: ["--store", str(tmp_path / n)] for n in ("bob", "alice")}
+    async with fedptr.local_cluster(
+        ["bob", "alice"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS, node_args=args
+    ) as c:
+        yield c
+
+
+async def _restart(c: fedptr.Cluster, name: str) -> None:
+    c.signal(name, signal.SIGKILL)
+    await c.start_node(name)
+
+
+async def _holds(w: fedptr.Worker, obj_id: int) -> bool:
+    try:
+        await w.client.call(w.name, wire.Has(obj_id))
+        return True
+    except fedptr.ObjectNotFoundError:
+        return False
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_acknowledged_in_place_updates_survive_kill_9(stored: fedptr.Cluster) -> None:
+    bob = stored.client.worker("bob")
+    counter = await bob.send(torch.zeros(3))
+    for _ in range(5):
+        await counter.add_(1)
+    big = await bob.send(torch.zeros(1 << 17))  # offloaded to a thread: the slow path too
+    await big.add_(2)
+    await _restart(stored, "bob")
+    assert torch.equal(await (counter + 0).get(), torch.full((3,), 5.0))  # type: ignore[arg-type]
+    assert torch.equal(await (big + 0).get(), torch.full((1 << 17,), 2.0))  # type: ignore[arg-type]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_moves_after_the_source_restarts_are_not_answered_with_stale_replies(stored: fedptr.Cluster) -> None:
+    bob, alice = stored.client.worker("bob"), stored.client.worker("alice")
+    for _ in range(5):
+        await (await bob.send(torch.ones(2))).move(alice)
+    await _restart(stored, "bob")  # its request ids start over: alice must not replay old replies
+    moved = [await (await bob.send(torch.full((2,), float(i)))).move(alice) for i in range(5)]
+    for i, p in enumerate(moved):
+        assert torch.equal(await (p + 0).get(), torch.full((2,), float(i)))  # type: ignore[arg-type]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_crash_mid_move_leaves_the_object_on_exactly_one_node_under_a_known_id(
+    stored: fedptr.Cluster,
+) -> None:
+    bob, alice = stored.client.worker("bob"), stored.client.worker("alice")
+    value = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    for delay in (0.005, 0.03, 0.06):
+        x = await bob.send(value)
+        move = asyncio.ensure_future(x.move(alice))
+        await asyncio.sleep(delay)
+        await _restart(stored, "bob")
+        try:
+            outcome = await move
+        except fedptr.InDoubtError as e:
+            outcome = await stored.client.resolve(e, timeout=30)
+        except fedptr.FedptrError:
+            outcome = x  # a definite failure: it stayed at bob
+        holders = [await _holds(bob, x.id_at_location), await _holds(alice, outcome.id_at_location)]
+        assert holders.count(True) == 1 or outcome is x, holders
+        where = bob if outcome.location == "bob" else alice
+        assert await _holds(where, outcome.id_at_location)
+        other = (alice, None) if outcome is x else (bob, x.id_at_location)
+        if other[1] is not None:
+            assert not await _holds(other[0], other[1])
+        assert torch.allclose(await outcome.sum().get(), value.sum())  # type: ignore[arg-type]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_failed_pointer_send_and_a_failed_move_leave_the_pointer_usable(stored: fedptr.Cluster) -> None:
+    client = stored.client
+    x = await client.worker("bob").send(torch.arange(3.0))
+    with pytest.raises(fedptr.UnknownWorkerError):
+        await x.send(client.worker("nobody"))
+    with pytest.raises(fedptr.UnknownWorkerError):
+        await x.move(client.worker("nobody"))
+    assert x.owned
+    assert torch.equal(await (x + 1).get(), torch.arange(3.0) + 1)  # type: ignore[arg-type]
+    p = await x.send(client.worker("alice"))  # and it can still be sent for real
+    inner = await p.get()
+    assert isinstance(inner, fedptr.Pointer)
+    assert torch.equal(await inner.get(), torch.arange(3.0))  # type: ignore[arg-type]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_get_that_failed_while_the_node_was_paused_can_be_retried(stored: fedptr.Cluster) -> None:
+    client = stored.client
+    x = await client.worker("bob").send(torch.arange(4.0))
+    stored.signal("bob", signal.SIGSTOP)
+    with pytest.raises((fedptr.LostWorkerError, fedptr.DeadlineExceeded)):
+        await x.get()
+    stored.signal("bob", signal.SIGCONT)
+    assert x.owned
+    assert await eventually(lambda: _registered(client, "bob"), timeout=10)
+    assert torch.equal(await x.get(), torch.arange(4.0))  # type: ignore[arg-type]
+    assert not x.owned
+    assert await eventually(lambda: _empty(client.worker("bob")))  # the get's second phase deleted it
+
+
+async def _registered(client: fedptr.Client, name: str) -> bool:
+    return name in await client.workers()
+
+
+async def _empty(w: fedptr.Worker) -> bool:
+    return await w.objects() == {}
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_result_deleted_while_computing_does_not_come_back_after_a_restart(stored: fedptr.Cluster) -> None:
+    bob = stored.client.worker("bob")
+    x = await bob.send(torch.randn(1200, 1200))
+    for _ in range(4):
+        y = x @ x  # offloaded: still computing when its pointer is dropped
+        del y
+    await asyncio.sleep(0)
+    assert await eventually(lambda: _only(bob, x.id_at_location), timeout=10)
+    await _restart(stored, "bob")
+    assert await _only(bob, x.id_at_location)
+
+
+async def _only(w: fedptr.Worker, obj_id: int) -> bool:
+    return list(await w.objects()) == [obj_id]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_delete_storm_does_not_delay_heartbeats(tmp_path: Path) -> None:
+    beat, liveness = 0.2, 3
+    args = {"bob": ["--store", str(tmp_path / "bob")]}
+    async with fedptr.local_cluster(
+        ["bob"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=beat, liveness=liveness, node_args=args
+    ) as c:
+        bob = c.client.worker("bob")
+        probe = await bob.send(torch.ones(1))
+        async with fedptr.connect(c.address, timeout=30, heartbeat_s=beat, liveness=liveness) as hoarder:
+            held = []
+            for i in range(0, 300, 10):  # 1 MiB each, a few at a time so this process keeps beating
+                held += [hoarder.worker("bob").send_nowait(torch.full((1 << 18,), float(i + j))) for j in range(10)]
+                await asyncio.wait_for(held[-1]._wait(), 30)
+            latencies: list[float] = []
+            stop = asyncio.Event()
+
+            async def ping() -> None:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    await (probe + 1)
+                    latencies.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.01)
+
+            pinger = asyncio.ensure_future(ping())
+            await asyncio.sleep(0.2)
+        # the hoarder left: bob unlinks 300 files (600 with records) while the pinger pings
+        assert await eventually(lambda: _only(bob, probe.id_at_location), timeout=20)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await pinger  # a LostWorkerError here would mean bob was taken for dead
+        assert max(latencies) < beat * liveness, f"bob answered after {max(latencies):.2f} s"
+        assert "'bob' is gone" not in c.log("broker")
+        assert "registering again" not in c.log("bob")
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_cancelled_waiter_does_not_poison_the_pointer(stored: fedptr.Cluster) -> None:
+    bob = stored.client.worker("bob")
+    x = await bob.send(torch.ones(600, 600))
+    y = x @ x  # offloaded: still computing while a waiter gives up
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(y._wait(), 0.001)
+    others = await asyncio.gather(y._wait(), y._wait())  # every other waiter still gets the value
+    assert all(p is y for p in others)
+    assert torch.equal(await y.sum().get(), torch.tensor(600.0 * 600 * 600))  # type: ignore[arg-type]
