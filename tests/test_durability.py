@@ -110,8 +110,15 @@ def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() 
 @pytest_asyncio.fixture(loop_scope="function")
 async def stored(tmp_path: Path) -> AsyncIterator[fedptr.Cluster]:
     args = {n: ["--store", str(tmp_path / n)] for n in ("bob", "alice")}
+    # CURVE off: with it on, a send right after bob's restart can meet a LOST notice for the
+    # old incarnation (README limitations); these tests are about the disk, not names
     async with fedptr.local_cluster(
-        ["bob", "alice"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS, node_args=args
+        ["bob", "alice"],
+        call_timeout=CALL_TIMEOUT_S,
+        heartbeat_s=BEAT_S,
+        liveness=LIVENESS,
+        node_args=args,
+        curve=False,
     ) as c:
         yield c
 
@@ -252,7 +259,7 @@ async def test_a_delete_storm_does_not_delay_heartbeats(tmp_path: Path) -> None:
     ) as c:
         bob = c.client.worker("bob")
         probe = await bob.send(torch.ones(1))
-        async with fedptr.connect(c.address, timeout=30, heartbeat_s=beat, liveness=liveness) as hoarder:
+        async with c.connect(timeout=30, heartbeat_s=beat, liveness=liveness) as hoarder:
             held = []
             for i in range(0, 300, 10):  # 1 MiB each, a few at a time so this process keeps beating
                 held += [hoarder.worker("bob").send_nowait(torch.full((1 << 18,), float(i + j))) for j in range(10)]

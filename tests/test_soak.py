@@ -297,7 +297,7 @@ async def test_soak(soak_seconds: float, tmp_path: Any) -> None:
         sessions = contextlib.AsyncExitStack()
         clients = [
             await sessions.enter_async_context(
-                fedptr.connect(cluster.address, timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS)
+                cluster.connect(timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS)
             )
             for _ in range(CLIENTS)
         ]
