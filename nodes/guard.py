@@ -14,7 +14,6 @@ stored value never shares memory with another entry behind the policy's back.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -33,12 +32,11 @@ STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "para
 """Operations that read no value into a size: no meta run; a failure is refused generically."""
 
 
-def warm_up() -> threading.Thread:
-    """Load torch's meta kernels on a thread: the first meta operation in a process takes
-    seconds, which on the event loop would stall heartbeats when private data is first used."""
-    thread = threading.Thread(target=lambda: (torch.empty(1, device="meta") * 2).sum(), name="meta-warm-up")
-    thread.start()
-    return thread
+def warm_up() -> None:
+    """Load torch's meta kernels now, before the node registers: the first meta operation in a
+    process takes a second or more, which later, on the event loop, would stall heartbeats (and
+    on a thread would starve the loop of the GIL just as well)."""
+    (torch.empty(1, device="meta") * 2).sum()
 
 
 def _meta(value: Any) -> Any:

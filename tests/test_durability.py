@@ -124,8 +124,19 @@ async def stored(tmp_path: Path) -> AsyncIterator[fedptr.Cluster]:
 
 
 async def _restart(c: fedptr.Cluster, name: str) -> None:
+    """Kill -9 and restart `name`, then wait until it answers: the broker's notice that the old
+    incarnation is gone may still be on its way, and would fail a request sent meanwhile."""
     c.signal(name, signal.SIGKILL)
     await c.start_node(name)
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            await c.client.worker(name).objects()
+            return
+        except (fedptr.LostWorkerError, fedptr.DeadlineExceeded):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def _holds(w: fedptr.Worker, obj_id: int) -> bool:
