@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import zmq
@@ -250,8 +250,8 @@ class Fedptr:
         }
 
 
-class FedptrCurve(Fedptr):
-    """The single-op cases with CURVE on, as `local_cluster` runs by default."""
+class FedptrSingle(Fedptr):
+    """The single-op cases only, for the variants of a cluster (CURVE on, ipc)."""
 
     CALLS = ("put", "op", "send_op_get")
 
@@ -279,19 +279,33 @@ async def fedptr_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Fedp
 
 
 @asynccontextmanager
-async def fedptr_curve_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Fedptr]:
-    """fedptr as `local_cluster` starts it by default: CURVE on (two workers suffice)."""
+async def fedptr_single_turn(
+    logs: Path, threads: int, curve: bool, transport: Literal["tcp", "ipc"]
+) -> AsyncIterator[Fedptr]:
+    """A two-worker cluster for the single-op cases, with `curve` and `transport`."""
     names = WORKERS[:2]
     async with fedptr.local_cluster(
         names,
-        log_dir=logs / "curve",
+        log_dir=logs / f"{transport}-curve-{curve}",
         node_args={w: a for w, a in node_args(threads).items() if w in names},
         threads=None,
+        curve=curve,
+        transport=transport,
         start_timeout=START_TIMEOUT_S,
     ) as cluster:
-        system = FedptrCurve(cluster, (1,))
+        system = FedptrSingle(cluster, (1,))
         await system.setup()
         yield system
+
+
+def fedptr_curve_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
+    """fedptr as `local_cluster` starts it by default: CURVE on, tcp."""
+    return fedptr_single_turn(logs, threads, True, "tcp")
+
+
+def fedptr_ipc_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
+    """fedptr without CURVE on ipc:// instead of loopback tcp."""
+    return fedptr_single_turn(logs, threads, False, "ipc")
 
 
 def rss_bytes(pid: int) -> int:
@@ -488,6 +502,7 @@ TURNS: dict[str, Turn] = {
     "torch.rpc": torch_turn,
     "floor": floor_turn,
     "fedptr+curve": fedptr_curve_turn,
+    "fedptr+ipc": fedptr_ipc_turn,
 }
 
 
@@ -580,6 +595,8 @@ class Report:
             self.latency_row("one op, awaited: `x + x`", "op", "torch.rpc `remote(add, rrefs)`, created"),
             self.latency_row("one op vs the transport floor", "op", "floor bare-broker echo"),
             self.latency_row("one op: CURVE off vs on (the default)", "op", "fedptr+curve CURVE on"),
+            self.latency_row("one op: tcp vs ipc://", "op", "fedptr+ipc ipc://"),
+            self.latency_row("send → op → get: tcp vs ipc://", "send-op-get", "fedptr+ipc ipc://"),
             self.latency_row("send → op → get", "send-op-get", "torch.rpc remote, remote, to_here"),
             self.latency_row(
                 "send_nowait → op → get", "send_nowait-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
@@ -695,7 +712,8 @@ METHOD = (
     "median times. torch.rpc's cases are its pointer operations: `rpc.remote` awaited until its "
     "owner confirms creation (`rref._get_future().wait()`), `to_here` only where fedptr gets. "
     "fedptr runs without CURVE here, as torch.rpc runs without encryption; the row 'CURVE off vs "
-    "on' measures `local_cluster`'s default (CURVE on) in its own turn. Every process keeps "
+    "on' measures `local_cluster`'s default (CURVE on) in its own turn, and 'tcp vs ipc://' "
+    'fedptr on `local_cluster(transport="ipc")` in another. Every process keeps '
     "torch's default threads unless `--threads` says otherwise."
 )
 FL_METHOD = (
