@@ -30,11 +30,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import zmq
 from baselines import MIB, READY, REPLY, bounded, time_calls
+from fl import FL_SCALES, FlScale, fl_rows, run_fl
 
 import fedptr
 from fedptr import envelope, wire
@@ -106,14 +107,26 @@ class System(Protocol):
 
 # --- fedptr ----------------------------------------------------------------------------------
 def node_args(threads: int) -> dict[str, list[str]]:
-    """Extra flags for every fedptr node. `threads` is not passed on yet: once nodes take
-    ``--threads N``, return ``{w: ["--threads", str(threads)] for w in WORKERS} if threads else {}``."""
-    del threads
-    return {}
+    """Extra flags for every fedptr node: ``--threads N`` when `threads` is set, as torch.rpc's
+    processes get; 0 leaves torch's default in both (the cluster is started with threads=None)."""
+    return {w: ["--threads", str(threads)] for w in WORKERS} if threads else {}
 
 
 class Fedptr:
     """fedptr's side of each case, on a running local cluster (client in this process)."""
+
+    CALLS: tuple[str, ...] = (
+        "put",
+        "op",
+        "send_op_get",
+        "send_op_get_pipelined",
+        "dependent",
+        "inflight",
+        "send",
+        "get",
+        "move",
+        "chain",
+    )
 
     def __init__(self, cluster: Cluster, sizes: tuple[int, ...]) -> None:
         self.cluster = cluster
@@ -147,7 +160,7 @@ class Fedptr:
         }
 
     def has(self, call: str) -> bool:
-        return call in self.calls()
+        return call in self.CALLS
 
     def untimed(self) -> dict[str, Callable[[int], Awaitable[None]]]:
         """What a case needs done before each timed call, outside the timing."""
@@ -237,14 +250,62 @@ class Fedptr:
         }
 
 
+class FedptrSingle(Fedptr):
+    """The single-op cases only, for the variants of a cluster (CURVE on, ipc)."""
+
+    CALLS = ("put", "op", "send_op_get")
+
+    async def setup(self) -> None:
+        self.x = await self.bob.send(self.small)
+
+    async def extras(self, sc: Scale) -> dict[str, float]:
+        return {}
+
+
 @asynccontextmanager
 async def fedptr_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Fedptr]:
+    """fedptr without CURVE, as torch.rpc runs (unencrypted, unauthenticated)."""
     async with fedptr.local_cluster(
-        WORKERS, log_dir=logs, node_args=node_args(threads), start_timeout=START_TIMEOUT_S
+        WORKERS,
+        log_dir=logs,
+        node_args=node_args(threads),
+        threads=None,
+        curve=False,
+        start_timeout=START_TIMEOUT_S,
     ) as cluster:
         system = Fedptr(cluster, sc.sizes)
         await system.setup()
         yield system
+
+
+@asynccontextmanager
+async def fedptr_single_turn(
+    logs: Path, threads: int, curve: bool, transport: Literal["tcp", "ipc"]
+) -> AsyncIterator[Fedptr]:
+    """A two-worker cluster for the single-op cases, with `curve` and `transport`."""
+    names = WORKERS[:2]
+    async with fedptr.local_cluster(
+        names,
+        log_dir=logs / f"{transport}-curve-{curve}",
+        node_args={w: a for w, a in node_args(threads).items() if w in names},
+        threads=None,
+        curve=curve,
+        transport=transport,
+        start_timeout=START_TIMEOUT_S,
+    ) as cluster:
+        system = FedptrSingle(cluster, (1,))
+        await system.setup()
+        yield system
+
+
+def fedptr_curve_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
+    """fedptr as `local_cluster` starts it by default: CURVE on, tcp."""
+    return fedptr_single_turn(logs, threads, True, "tcp")
+
+
+def fedptr_ipc_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
+    """fedptr without CURVE on ipc:// instead of loopback tcp."""
+    return fedptr_single_turn(logs, threads, False, "ipc")
 
 
 def rss_bytes(pid: int) -> int:
@@ -436,7 +497,13 @@ async def floor_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Floor
 
 # --- rounds ----------------------------------------------------------------------------------
 Turn = Callable[[Path, Scale, int], AbstractAsyncContextManager[System]]
-TURNS: dict[str, Turn] = {"fedptr": fedptr_turn, "torch.rpc": torch_turn, "floor": floor_turn}
+TURNS: dict[str, Turn] = {
+    "fedptr": fedptr_turn,
+    "torch.rpc": torch_turn,
+    "floor": floor_turn,
+    "fedptr+curve": fedptr_curve_turn,
+    "fedptr+ipc": fedptr_ipc_turn,
+}
 
 
 class Samples:
@@ -460,10 +527,11 @@ class Samples:
         }
 
 
-async def run(sc: Scale, logs: Path, threads: int) -> dict[str, Any]:
-    """Every round, each system's turn: start it alone, measure its cases, stop it."""
+async def run(sc: Scale, fl_scale: FlScale | None, logs: Path, threads: int) -> dict[str, Any]:
+    """Every round, each system's turn: start it alone, measure its cases, stop it; then the
+    FL rounds (bench/fl.py), fedptr alone, unless `fl_scale` is None."""
     logs.mkdir(parents=True, exist_ok=True)
-    samples, extras = Samples(), {}
+    samples, extras = Samples(), dict[str, Any]()
     names = list(TURNS)
     for r in range(sc.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
@@ -475,6 +543,9 @@ async def run(sc: Scale, logs: Path, threads: int) -> dict[str, Any]:
                         samples.add_round(f"{case.label}/{name}", await system.measure(case))
                 if r == sc.rounds - 1:
                     extras.update(await system.extras(sc))
+    if fl_scale is not None:
+        print("federated rounds", file=sys.stderr, flush=True)
+        extras["fl"] = await run_fl(fl_scale, logs / "fl")
     return {**{name: samples.stats(name) for name in samples.rounds}, **extras}
 
 
@@ -523,6 +594,9 @@ class Report:
             self.latency_row("put: `await worker.send(t)`", "put", "torch.rpc `remote(clone)`, created"),
             self.latency_row("one op, awaited: `x + x`", "op", "torch.rpc `remote(add, rrefs)`, created"),
             self.latency_row("one op vs the transport floor", "op", "floor bare-broker echo"),
+            self.latency_row("one op: CURVE off vs on (the default)", "op", "fedptr+curve CURVE on"),
+            self.latency_row("one op: tcp vs ipc://", "op", "fedptr+ipc ipc://"),
+            self.latency_row("send → op → get: tcp vs ipc://", "send-op-get", "fedptr+ipc ipc://"),
             self.latency_row("send → op → get", "send-op-get", "torch.rpc remote, remote, to_here"),
             self.latency_row(
                 "send_nowait → op → get", "send_nowait-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
@@ -629,13 +703,27 @@ class Report:
 # --- output ----------------------------------------------------------------------------------
 HEADER = ("what", "fedptr", "baseline (same run)", "ratio fedptr/baseline")
 TARGETS_HEADER = ("target", "ratio", "per-round ratios", "status")
+FL_HEADER = ("what", "fedptr", "minimum or comparison", "ratio")
 METHOD = (
     "Each system runs alone: in every round, fedptr (a broker and 5 nodes, client in the runner), "
     "torch.rpc (TensorPipe with its defaults: a driver and one worker) and the bare-broker floor each "
     "take a turn (started, measured, stopped), in an order that rotates by round; nothing is paused. "
     "Latencies: median over all samples (p99; min–max of the per-round medians). Rates come from "
     "median times. torch.rpc's cases are its pointer operations: `rpc.remote` awaited until its "
-    "owner confirms creation (`rref._get_future().wait()`), `to_here` only where fedptr gets."
+    "owner confirms creation (`rref._get_future().wait()`), `to_here` only where fedptr gets. "
+    "fedptr runs without CURVE here, as torch.rpc runs without encryption; the row 'CURVE off vs "
+    "on' measures `local_cluster`'s default (CURVE on) in its own turn, and 'tcp vs ipc://' "
+    'fedptr on `local_cluster(transport="ipc")` in another. Every process keeps '
+    "torch's default threads unless `--threads` says otherwise."
+)
+FL_METHOD = (
+    "After the rounds, fedptr alone (`local_cluster`, CURVE on, one torch thread per node): FedAvg "
+    "of an `nn.Linear(1000, 1000)` (1,001,000 float32 parameters, 4.0 MB). Per round the client "
+    "sends the model to each of N owners (`--release exact`, 256 private samples each), each owner "
+    "takes 2 full-batch SGD steps through pointers (`fedptr.optim.SGD`), the owners concurrently, "
+    "and the client gets and averages the N models. Bytes through the broker are what it received "
+    "plus what it sent (every peer's link counters: the client's and each node's `NodeStats`), "
+    "against the issue's minimum model × (2N + 1). Median over the rounds after a warm-up round."
 )
 
 
@@ -671,6 +759,7 @@ def main() -> None:
         help="torch intra-op threads in torch.rpc's processes (0: its default); fedptr's nodes: see node_args",
     )
     p.add_argument("--rounds", type=int, default=0, help="override the mode's number of rounds")
+    p.add_argument("--no-fl", action="store_true", help="skip the federated-learning rounds (bench/fl.py)")
     p.add_argument("--out", default=None, help="JSON figures (default bench/results.json; --smoke: in --logs)")
     p.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
     p.add_argument("--logs", default="/tmp/fedptr-bench-logs")
@@ -678,7 +767,8 @@ def main() -> None:
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     sc = replace(SCALES[scale_name], rounds=args.rounds or SCALES[scale_name].rounds)
     out = Path(args.out) if args.out else Path(args.logs) / "results.json" if args.smoke else HERE / "results.json"
-    figures = asyncio.run(run(sc, Path(args.logs), args.threads))
+    fl_scale = None if args.no_fl else FL_SCALES[scale_name]
+    figures = asyncio.run(run(sc, fl_scale, Path(args.logs), args.threads))
     report = Report(figures, sc.sizes)
     rows, targets = report.rows(), report.targets()
     command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
@@ -698,6 +788,10 @@ def main() -> None:
     print(text_table(HEADER, rows))
     print()
     print(text_table(TARGETS_HEADER, targets))
+    fl = fl_rows(figures["fl"], fl_scale.owners) if fl_scale is not None else []
+    if fl:
+        print()
+        print(text_table(FL_HEADER, fl))
     if args.markdown:
         lines = [
             "# Benchmarks",
@@ -712,6 +806,8 @@ def main() -> None:
             "",
             *markdown_table(TARGETS_HEADER, targets),
         ]
+        if fl:
+            lines += ["", "## Federated rounds", "", FL_METHOD, "", *markdown_table(FL_HEADER, fl)]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 

@@ -245,21 +245,24 @@ async def local_cluster(
     liveness: int = limits.HEARTBEAT_LIVENESS,
     curve: bool = True,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
+    threads: int | None = limits.LOCAL_CLUSTER_THREADS,
 ) -> AsyncIterator[Cluster]:
     """A broker and one node per name: ``await local_cluster(names).start()`` starts them, waits
-    until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
-    ``async with local_cluster(names) as cluster:`` does both.
+        until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
+        ``async with local_cluster(names) as cluster:`` does both.
 
-    `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
-    directory. `node_args` adds command-line flags per worker name (``--trust``,
-    ``--aggregator``, ``--store``...); `data` maps a worker to the datasets it loads as private
-    data, tag -> .npz. `heartbeat_s` and `liveness` apply to every process and the client (a
-    dead worker is noticed within their product). `curve` (on by default) makes throwaway CURVE keys
-    for the broker, every node and the client (in `Cluster.keys_dir`): every peer is
-    authenticated and every worker name bound to its key; ``curve=False`` turns that off. Every process
-    is stopped on exit, on errors too. Raises DeadlineExceeded if the cluster is not up within
-    `start_timeout` seconds, or FedptrError (with the process's log) if a process dies while
-    starting."""
+        `transport` ``"tcp"`` binds a free loopback port; ``"ipc"`` a socket file in a temporary
+        directory. `node_args` adds command-line flags per worker name (``--trust``,
+        ``--aggregator``, ``--store``...); `data` maps a worker to the datasets it loads as private
+        data, tag -> .npz. `threads` is each node's torch intra-op threads (``--threads``; 1 by default,
+    since all the processes share this machine; None: the node's own default, torch's one per core).
+    `heartbeat_s` and `liveness` apply to every process and the client (a
+        dead worker is noticed within their product). `curve` (on by default) makes throwaway CURVE keys
+        for the broker, every node and the client (in `Cluster.keys_dir`): every peer is
+        authenticated and every worker name bound to its key; ``curve=False`` turns that off. Every process
+        is stopped on exit, on errors too. Raises DeadlineExceeded if the cluster is not up within
+        `start_timeout` seconds, or FedptrError (with the process's log) if a process dies while
+        starting."""
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"worker names must be unique: {list(names)}")
     async with AsyncExitStack() as stack:
@@ -291,8 +294,10 @@ async def local_cluster(
         datasets = {
             name: [f"--data={tag}={path}" for tag, path in (data or {}).get(name, {}).items()] for name in names
         }
+        threads_arg = [] if threads is None else ["--threads", str(threads)]
         all_node_args = {
-            name: [*beat, *secure[name], *datasets[name], *(node_args or {}).get(name, ())] for name in names
+            name: [*beat, *threads_arg, *secure[name], *datasets[name], *(node_args or {}).get(name, ())]
+            for name in names
         }
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
         for name in names:

@@ -161,6 +161,17 @@ OFFLOAD_NUMEL = 1 << 16
 OFFLOAD_THREADS = 2
 """Threads for offloaded torch work (this machine has 2 cores)."""
 
+NODE_THREADS = 0
+"""torch intra-op threads per node process (`fedptr-node --threads`); 0 keeps torch's default of
+one per core, which suits a node alone on its machine. Nodes that share a machine should take
+about cores / processes: torch's idle threads spin between tiny ops, so N co-located nodes with a
+thread per core each busy-wait against one another. `local_cluster` passes 1
+(`LOCAL_CLUSTER_THREADS`)."""
+
+LOCAL_CLUSTER_THREADS = 1
+"""torch intra-op threads per node process under `local_cluster` (all its processes share one
+machine): its default for ``threads``."""
+
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000
 """Most registered names (workers and clients) a broker keeps."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
+
+import torch
 
 from fedptr import envelope, limits, logs, metrics
 from fedptr.errors import FedptrError
@@ -33,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--liveness", type=int, default=limits.HEARTBEAT_LIVENESS, help="missed beats before the broker is dead"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=limits.NODE_THREADS,
+        help="torch intra-op threads in this process (0: torch's default, one per core); 1 for co-located nodes",
     )
     p.add_argument("--store", default=None, help="persist objects in this directory (restored at start)")
     p.add_argument("--max-store-bytes", type=int, default=0, help="cap on stored tensor bytes (0: none)")
@@ -128,8 +137,21 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_threads(threads: int) -> None:
+    """Use `threads` torch intra-op threads (0: leave torch's default), and as many inter-op
+    threads where torch still allows it (only before its first parallel work)."""
+    if threads < 0:
+        raise SystemExit(f"--threads takes 0 or more, not {threads}")
+    if threads == 0:
+        return
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # inter-op work has started: its pool's size is fixed
+        torch.set_num_interop_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     logs.setup(f"node {args.name}", args.log_level, args.log_format)
     return asyncio.run(serve(args))
 
