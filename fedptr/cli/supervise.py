@@ -175,7 +175,7 @@ def detach(cluster_file: Path, run_dir: Path, log_dir: Path, timeout: float) -> 
         if time.monotonic() > deadline:
             stop_processes([proc])
             raise DeadlineExceeded("fedptr up", timeout, ["fedptr up"])
-        time.sleep(0.05)
+        time.sleep(limits.POLL_INTERVAL_S)  # a synchronous CLI poll: no event loop runs here
 
 
 def stop_detached(state: ClusterState, run_dir: Path, grace: float) -> list[str]:
@@ -186,7 +186,7 @@ def stop_detached(state: ClusterState, run_dir: Path, grace: float) -> list[str]
         os.kill(state.supervisor_pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while any(running(pid) for pid in pids.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(limits.POLL_INTERVAL_S)  # a synchronous CLI poll: no event loop runs here
     killed = []
     for name, pid in pids.items():
         if running(pid) and is_fedptr_process(pid):
