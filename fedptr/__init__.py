@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from fedptr import tensors as tensors
     from fedptr.client import Client, ObjectInfo, Worker, connect
     from fedptr.cluster import Cluster, LocalCluster, local_cluster
+    from fedptr.plans import Plan, plan
     from fedptr.pointer import ModulePointer, Pending, Pointer
 
 _LAZY = {
@@ -59,9 +60,24 @@ _LAZY = {
     "Pointer": "fedptr.pointer",
     "ModulePointer": "fedptr.pointer",
     "Pending": "fedptr.pointer",
+    "Plan": "fedptr.plans",
+    "plan": "fedptr.plans",
 }
 _SUBMODULES = frozenset(
-    {"aggregate", "client", "cluster", "data", "meta", "modules", "ops", "optim", "pointer", "tensors", "security"}
+    {
+        "aggregate",
+        "client",
+        "cluster",
+        "data",
+        "meta",
+        "modules",
+        "ops",
+        "optim",
+        "plans",
+        "pointer",
+        "tensors",
+        "security",
+    }
 )
 """Submodules reachable as attributes after ``import fedptr`` (``fedptr.optim.SGD``), imported on first use."""
 
@@ -86,6 +102,7 @@ __all__ = [
     "OverloadedError",
     "Pending",
     "PermissionDenied",
+    "Plan",
     "Pointer",
     "ProtocolError",
     "RegistrationRefused",
@@ -99,6 +116,7 @@ __all__ = [
     "WorkerRefused",
     "connect",
     "local_cluster",
+    "plan",
 ]
 
 

@@ -6,10 +6,10 @@ import asyncio
 import secrets
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,11 +25,15 @@ from fedptr.errors import (
     PermissionDenied,
     ProtocolError,
     UnsupportedTypeError,
+    UsageError,
 )
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer, in_doubt
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
+
+if TYPE_CHECKING:
+    from fedptr.plans import Recorder
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,8 @@ class Client:
         self._deletes: dict[str, list[int]] = defaultdict(list)
         self._flush_scheduled = False
         self._open = True
+        self.recording: Recorder | None = None
+        """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -257,12 +263,28 @@ class Client:
         """A fresh object id for an object this client is about to create on a worker."""
         return wire.new_object_id()
 
+    @contextmanager
+    def recording_into(self, recorder: Recorder) -> Iterator[None]:
+        """Record this client's pointer operations into `recorder` (a plan) while in the block."""
+        if self.recording is not None:
+            raise UsageError("a plan is already being recorded: plans do not nest")
+        self.recording = recorder
+        try:
+            yield
+        finally:
+            self.recording = None
+
+    def _not_recording(self, what: str) -> None:
+        if self.recording is not None:
+            raise UsageError(f"a plan records pointer operations only; it cannot {what}")
+
     async def call(self, dest: str, msg: wire.Message, timeout: float | None = None) -> wire.Message:
         """Send `msg` to worker `dest` and return its reply, within `timeout` seconds (this
         client's deadline by default).
 
         Raises the typed error of a failure (`FedptrError` subclasses), DeadlineExceeded, and
-        ClientClosedError once the client is closed."""
+        ClientClosedError once the client is closed; UsageError while a plan is recorded."""
+        self._not_recording(f"wait for a {type(msg).__name__} reply")
         self._flush_deletes()
         return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
 
@@ -320,10 +342,16 @@ class Client:
 
     def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
         """Send a request that creates object `obj_id` and return its pointer without waiting."""
+        return Pointer(self, location, obj_id, self.request_nowait(location, msg), meta=result_meta)
+
+    def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
+        """Send `msg` to worker `location` and return the future of its reply at once (settled
+        within this client's deadline). Raises UsageError while a plan is recorded."""
+        self._not_recording(f"send a {type(msg).__name__}")
         fut = self._link.request_nowait(location, msg, self.timeout)
         self._outstanding.add(fut)
         fut.add_done_callback(self._op_settled)
-        return Pointer(self, location, obj_id, fut, meta=result_meta)
+        return fut
 
     # --- effects: queued updates whose errors surface on the next await ------------------
     def track_effect(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
@@ -352,8 +380,9 @@ class Client:
 
     async def check_effects(self, location: str) -> None:
         """Raise the error of an update queued on `location` that nobody awaited (waiting for
-        the ones still running); called by every await and get of a pointer there."""
-        if self._effects:
+        the ones still running); called by every await and get of a pointer there. Nothing is
+        waited for while a plan is recorded (an await in it returns at once)."""
+        if self._effects and self.recording is None:
             await self.observe([f for f, loc in self._effects.items() if loc == location])
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:

@@ -124,6 +124,19 @@ the aggregator's noise has standard deviation at least sigma * C."""
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""
 
+MAX_PLAN_OPS = 10_000
+"""Most operations in one plan (`fedptr.plan`)."""
+
+MAX_PLAN_INPUTS = 1024
+"""Most input objects (arguments and captured pointers) of one plan."""
+
+MAX_PLANS_PER_PEER = 64
+"""Most plans a node keeps for one client."""
+
+NODE_MAX_ORDERED = 4096
+"""Most requests a node holds back, over all peers, behind their peers' deferred computations
+(program order); past it the node stops reading requests until they drain."""
+
 NODE_MAX_FORWARDS = 10000
 """Most forwarded requests a node keeps waiting at once; past it requests are refused as Overloaded."""
 

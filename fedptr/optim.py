@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedptr.errors import InvalidArgumentError
+from fedptr.errors import InvalidArgumentError, UsageError
 from fedptr.pointer import Pending, Pointer, effect
 
 Params = Iterable[Pointer] | Iterable[Mapping[str, Any]]
@@ -55,7 +55,8 @@ class Optimizer:
         return Pending.gather([effect("zero_", (p.grad,)) for p in self.params])
 
     def step(self) -> Pending:
-        """Queue one update of every parameter by its gradient and return its handle."""
+        """Queue one update of every parameter by its gradient and return its handle. Raises
+        UsageError while a plan is recorded if the step would make or count client-side state."""
         return Pending.gather([self._update(p, group) for group in self.param_groups for p in group["params"]])
 
     def _update(self, p: Pointer, group: dict[str, Any]) -> Pending:
@@ -108,6 +109,8 @@ class SGD(Optimizer):
         if momentum:
             state = self.state.setdefault(p, {})
             buf = state.get("momentum_buffer")
+            if buf is None and p.client.recording is not None:
+                raise UsageError("take one SGD step outside the plan first: its momentum buffer must exist")
             if buf is None:
                 buf = state["momentum_buffer"] = g.detach().clone()
             else:
@@ -139,6 +142,8 @@ class Adam(Optimizer):
         )
 
     def _update(self, p: Pointer, group: dict[str, Any]) -> Pending:
+        if p.client.recording is not None:
+            raise UsageError("Adam's bias correction counts steps on the client: a plan cannot record it")
         beta1, beta2 = group["betas"]
         g = p.grad
         if group["maximize"]:

@@ -139,6 +139,11 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
     inferred = None if op in MUTATING else _infer(op, args, kwargs)
+    recorder = first.client.recording
+    if recorder is not None:
+        recorded = recorder.record(op, found, enc_args, enc_kwargs, inferred)
+        if recorded is not None:
+            return recorded
     return first.client.issue_op(first.location, op, enc_args, enc_kwargs, inferred)
 
 

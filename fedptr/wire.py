@@ -234,6 +234,32 @@ class Has(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PutPlan(Message):
+    """Keep plan `plan_id` of the sender: a graph of allow-listed operations run by RunPlan.
+
+    Slots ``0 .. n_inputs - 1`` are the run's input objects; operation ``i`` (``[op, args,
+    kwargs]``, where ``Ref(slot)`` names an earlier slot) fills slot ``n_inputs + i``; `outputs`
+    are the slots stored as the run's results. Reply: Ok."""
+
+    KIND: ClassVar[int] = 13
+    plan_id: int
+    n_inputs: int
+    ops: list[Value]
+    outputs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RunPlan(Message):
+    """Run the sender's plan `plan_id` on the objects `inputs` (one per input slot) and store
+    its outputs as `result_ids`. Reply: PlanReply."""
+
+    KIND: ClassVar[int] = 14
+    plan_id: int
+    inputs: list[int]
+    result_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Ok(Message):
     """Success. For a computed tensor, its shape and dtype."""
 
@@ -346,6 +372,15 @@ class SearchReply(Message):
     """The shape of each object, in the order of `ids` (empty from an older node)."""
     dtypes: list[str] = dataclasses.field(default_factory=list)
     """The wire dtype of each object, likewise."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanReply(Message):
+    """A plan ran: the shape and dtype of each of its outputs, in order."""
+
+    KIND: ClassVar[int] = 29
+    shapes: list[Value]
+    dtypes: list[str]
 
 
 # --- differential privacy (kinds 40+) ------------------------------------------------------
@@ -461,6 +496,9 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     NodeStats,
     NodeStatsReply,
     Has,
+    PutPlan,
+    RunPlan,
+    PlanReply,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"

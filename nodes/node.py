@@ -5,8 +5,11 @@ store is updated (result entries created, entries popped, forwards queued), so p
 requests from a client always see the effects of the ones before them. Small computations on
 inputs that exist run right there; the rest finishes later: a callback when the next hop
 answers, a bounded asyncio-pool task for a computation that waits for its inputs, a thread for
-big ones, so the event loop keeps serving. Every request is checked against the object's owner
-and the privacy policy (nodes/policy.py) before anything runs.
+big ones, so the event loop keeps serving. While a peer's deferred computation runs, that
+peer's later requests wait in arrival order behind it (`_ordered`): a small operation whose
+operands are there must not overtake a big one on a thread that reads or writes them. Every
+request is checked against the object's owner and the privacy policy (nodes/policy.py) before
+anything runs.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections import defaultdict, deque
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
-from . import guard, mechanisms, policy
+from . import guard, mechanisms, plans, policy
 from .audit import AuditLog
 from .budget import Budget
 from .durable import DurableStore
@@ -160,7 +164,13 @@ class Node:
                 len(self._in_doubt),
             )
         self.replies = ReplyCache(name)
+        self.plans = plans.Plans(name)
         self._departed: set[str] = set()
+        self._ordered: dict[str, deque[tuple[bytes, wire.Decoded]]] = {}
+        """Per peer with a deferred computation running: its requests that arrived since, in order."""
+        self._deferred: set[str] = set()
+        """The peers whose latest request is a deferred computation still running."""
+        self._queued = 0
         self.scheduler = Scheduler(
             name, link.pause_reading, link.resume_reading, self.config.pool_size, self.config.max_forwards
         )
@@ -190,6 +200,8 @@ class Node:
             wire.Budget: self._budget,
             wire.NodeStats: self.figures.handle,
             wire.Has: handover.has,
+            wire.PutPlan: self._put_plan,
+            wire.RunPlan: self._run_plan,
         }
 
     def _load_data(self, tag: str, path: str) -> None:
@@ -215,7 +227,6 @@ class Node:
     # --- dispatch ----------------------------------------------------------------------
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
-        msg = decoded.message
         if rid != envelope.NO_REPLY:
             seen = self.replies.begin((source, rid))
             if seen is Seen.RUNNING:
@@ -223,6 +234,17 @@ class Node:
             if seen is Seen.ANSWERED:
                 self.link.reply(source, rid, self.replies.cached((source, rid)))
                 return
+        waiting = self._ordered.get(source)
+        if waiting is not None:
+            waiting.append((rid, decoded))
+            self._queued += 1
+            if self._queued >= limits.NODE_MAX_ORDERED:
+                self.link.pause_reading()
+            return
+        self._dispatch(source, rid, decoded)
+
+    def _dispatch(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
+        msg = decoded.message
         self.figures.started(source, rid, msg)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
@@ -269,6 +291,30 @@ class Node:
             self.reply_error(dest, rid, error)
 
         durable.add_done_callback(written)
+
+    def compute_later(self, coro: Coroutine[Any, Any, None], source: str) -> None:
+        """Run a computation of `source`'s in the pool; its later requests wait until it is done."""
+        self._ordered.setdefault(source, deque())
+        self._deferred.add(source)
+        done = self.scheduler.compute_later(coro)
+        done.add_done_callback(lambda _: self._computed(source))
+
+    def _computed(self, source: str) -> None:
+        """Handle `source`'s requests that waited, in order, until one defers again."""
+        self._deferred.discard(source)
+        waiting = self._ordered[source]
+        while waiting:
+            rid, decoded = waiting.popleft()
+            self._queued -= 1
+            if self._queued == limits.NODE_MAX_ORDERED - 1:
+                self.link.resume_reading()
+            try:
+                self._dispatch(source, rid, decoded)
+            except Exception:  # one request's bug must not strand the requests behind it
+                log.exception("failed to handle a request of %r", source)
+            if source in self._deferred:
+                return
+        del self._ordered[source]
 
     def spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Finish a request in a task; whatever it raises is the request's Failure reply."""
@@ -358,6 +404,7 @@ class Node:
     def _reclaim_departed(self) -> None:
         departed, self._departed = self._departed, set()
         self.replies.forget_peers(departed)
+        self.plans.forget(departed)
         removed = self.store.clear_all(departed)
         if removed:
             log.info("reclaimed %d objects of %d clients that left", len(removed), len(departed))
@@ -369,9 +416,12 @@ class Node:
 
     def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
         snapshot = dict(self.store.entries)
+        barrier = self.store.barrier()  # a listing promises only what a restart keeps
 
         async def answer() -> None:
             pending = [e.done for e in snapshot.values() if not e.done.done()]
+            if barrier is not None:
+                pending.append(barrier)
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
             rows = [
@@ -395,11 +445,7 @@ class Node:
                 return
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
-            failed = Entry.tensor(owner=source)
-            failed.sponsor = msg.sponsor
-            failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-            with contextlib.suppress(InvalidArgumentError):
-                self.store.add(msg.result_id, failed)
+            self._store_failed(msg.result_id, source, e, msg.sponsor)
             raise
         if location is None:
             private = any(e.taint for e in entries.values())
@@ -415,7 +461,7 @@ class Node:
                     compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
                     self._finish(source, rid, msg, result, compute, entries, versions)
                     return
-            self.scheduler.compute_later(self._compute(source, rid, msg, entries, result, private))
+            self.compute_later(self._compute(source, rid, msg, entries, result, private), source)
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
         ptr.sponsor = msg.sponsor
@@ -449,10 +495,13 @@ class Node:
                 raise e.done.exception()  # type: ignore[misc]
         return entries
 
-    def _result_taint(self, msg: wire.Op, entries: dict[int, Entry], source: str) -> policy.Taint:
+    def _result_taint(
+        self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
+    ) -> policy.Taint:
         """Decide, as the request arrives, what the result derives from (taint only grows, so
         deciding early is safe). Aliasing results share their target's taint; in-place writes
-        add to it, and private data and contributions refuse them."""
+        add to it, and private data and contributions refuse them. A plan's `temporaries` (its
+        results so far, not yet computed) all count as gradient-tracking for a backward."""
         origins = policy.merge(e.taint.origins for e in entries.values())
         first = msg.args[0] if msg.args else None
         target = entries.get(first.obj_id) if type(first) is wire.Ref else None
@@ -468,6 +517,8 @@ class Node:
                     value = e.done.result() if e.done.done() and not e.done.exception() else None
                     if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                         e.taint.add(origins)
+            for e in temporaries:
+                e.taint.add(origins)
         return policy.Taint(dict(origins))
 
     def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
@@ -559,6 +610,124 @@ class Node:
         except Exception as e:
             self._fail(source, rid, result, e)
 
+    # --- plans ---------------------------------------------------------------------------
+    def _put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
+        self.plans.put(source, msg.plan_id, plans.validate(msg))
+        self.reply(source, rid, wire.Ok())
+
+    def _run_plan(self, source: str, rid: bytes, msg: wire.RunPlan, budget: float) -> None:
+        """Run a plan as its operations would run one by one: taints decided now, in order, by
+        `_result_taint`; values computed by `_run` (the guard), inline or later as `_op` does.
+        Only the outputs are stored."""
+        plan = self.plans.get(source, msg.plan_id)
+        if len(msg.inputs) != plan.n_inputs or len(msg.result_ids) != len(plan.outputs):
+            raise InvalidArgumentError(
+                f"plan {msg.plan_id} takes {plan.n_inputs} inputs and makes {len(plan.outputs)} outputs"
+            )
+        results = []
+        try:
+            slots = [self.store.get(i, source) for i in msg.inputs]
+            for obj_id, e in zip(msg.inputs, slots, strict=True):
+                self.store.check_principal(obj_id, e, source)
+                if e.is_pointer:
+                    raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            for op, reads in zip(plan.ops, plan.reads, strict=True):
+                temporaries = slots[plan.n_inputs :]
+                taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
+                slots.append(Entry.tensor(owner=source, taint=taint))
+        except Exception as e:
+            for result_id in msg.result_ids:
+                self._store_failed(result_id, source, e)
+            raise
+        for result_id, out in zip(msg.result_ids, plan.outputs, strict=True):
+            result = Entry.tensor(owner=source, taint=slots[out].taint)
+            self.store.add(result_id, result)
+            results.append(result)
+        inputs = slots[: plan.n_inputs]
+        finish = functools.partial(self._finish_plan, source, rid, msg, plan, slots, results)
+        if all(e.done.done() and e.done.exception() is None for e in inputs):
+            values = [e.done.result() for e in inputs]
+            if _numel(values) <= self.config.offload_numel:
+                finish(_versions(dict(enumerate(values))), lambda: self._compute_plan(plan, slots, values))
+                return
+
+        async def later() -> None:
+            try:
+                values = [await e.done for e in inputs]
+                versions = _versions(dict(enumerate(values)))
+                if _numel(values) > self.config.offload_numel:
+                    computed = await self.scheduler.offload(self._compute_plan, plan, slots, values)
+                    finish(versions, lambda: computed)
+                    return
+            except Exception as e:
+                finish({}, _raiser(e))
+                return
+            finish(versions, lambda: self._compute_plan(plan, slots, values))
+
+        self.compute_later(later(), source)
+
+    def _compute_plan(self, plan: plans.Plan, slots: list[Entry], values: list[Any]) -> list[Any]:
+        """Every slot's value: the inputs', then each operation's through the guard (`_run`)."""
+        values = list(values)
+        for op, reads in zip(plan.ops, plan.reads, strict=True):
+            entries = {s: slots[s] for s in reads}
+            private = any(e.taint for e in entries.values())
+            values.append(self._run(op, {s: values[s] for s in reads}, private, entries))
+        return values
+
+    def _finish_plan(
+        self,
+        source: str,
+        rid: bytes,
+        msg: wire.RunPlan,
+        plan: plans.Plan,
+        slots: list[Entry],
+        results: list[Entry],
+        versions: dict[int, int],
+        compute: Callable[[], list[Any]],
+    ) -> None:
+        """Store a run's outputs and answer once they, and every input the run changed in place
+        (`versions`: its input tensors' versions, by input position, before it ran), are durable.
+        A failed run fails every output; the inputs it changed are persisted all the same."""
+        try:
+            values = compute()
+            outputs = [values[o] for o in plan.outputs]
+            if not all(isinstance(v, torch.Tensor) for v in outputs):
+                raise InvalidArgumentError("a plan's outputs are tensors")
+            durable = [self.store.commit(i, r, v) for i, r, v in zip(msg.result_ids, results, outputs, strict=True)]
+        except Exception as e:
+            self._persist_changed(msg.inputs, slots, versions)
+            err = e if isinstance(e, FedptrError) else _remote(e, self.name)
+            for result in results:
+                if not result.done.done():
+                    result.done.set_exception(err)
+            self.reply_error(source, rid, err)
+            return
+        durable.extend(self._persist_changed(msg.inputs, slots, versions))
+        for result, value in zip(results, outputs, strict=True):
+            result.done.set_result(value)
+        reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
+        self.reply_durable(_all(durable), source, rid, reply)
+
+    def _persist_changed(
+        self, ids: list[int], slots: list[Entry], versions: dict[int, int]
+    ) -> list[asyncio.Future[None] | None]:
+        """Queue the writes of the inputs (`ids`, their entries first in `slots`) whose tensors
+        changed in place since `versions`."""
+        return [
+            self.store.persist(ids[k], slots[k], slots[k].done.result())
+            for k, before in versions.items()
+            if slots[k].done.result()._version != before
+        ]
+
+    def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
+        """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""
+        failed = Entry.tensor(owner=source)
+        failed.sponsor = sponsor
+        failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
+        with contextlib.suppress(InvalidArgumentError):
+            self.store.add(result_id, failed)
+
     # --- differential privacy ----------------------------------------------------------
     def _contribute(self, source: str, rid: bytes, msg: wire.Contribute, budget: float) -> None:
         """M1 at a data owner: clip, charge, and send a single-use contribution to an aggregator."""
@@ -611,18 +780,22 @@ class Node:
             )
 
         async def answer() -> None:
-            model = await model_entry.done
-            x, y = data[0].done.result(), data[1].done.result()
-            if not isinstance(model, torch.nn.Module) or len(x) != len(y):
-                raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
-            mechanisms.check_run(msg, len(x))
-            spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
+            try:
+                model = await model_entry.done
+                x, y = data[0].done.result(), data[1].done.result()
+                if not isinstance(model, torch.nn.Module) or len(x) != len(y):
+                    raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
+                mechanisms.check_run(msg, len(x))
+                spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
+            except Exception as e:
+                self.reply_error(source, rid, e)
+                return
             self.audit.record("dp-train", source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
 
-        self.spawn(answer(), source, rid)
+        self.compute_later(answer(), source)  # it trains the model in place: later requests wait
 
     def _train_charged(
         self,
@@ -670,6 +843,13 @@ def _all(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | No
     if len(futures) == 1:
         return futures[0]
     return asyncio.gather(*futures)
+
+
+def _raiser(e: BaseException) -> Callable[[], list[Any]]:
+    def compute() -> list[Any]:
+        raise e
+
+    return compute
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

@@ -43,12 +43,14 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="torch")
         self._background: set[asyncio.Task[None]] = set()
 
-    def compute_later(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` in the bounded pool; past its size, stop reading requests until it drains."""
-        done = self._pool.spawn_n(coro)
+    def compute_later(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """Run `coro` in the bounded pool and return its future; past the pool's size, stop
+        reading requests until it drains."""
+        done: asyncio.Future[None] = self._pool.spawn_n(coro)
         if len(self._pool) >= self.pool_size:
             self._pause()
         done.add_done_callback(self._computed)
+        return done
 
     def _computed(self, done: asyncio.Future[None]) -> None:
         if not done.cancelled():

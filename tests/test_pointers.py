@@ -275,3 +275,26 @@ async def test_listing_too_many_objects_is_refused_not_hung(bob: fedptr.Worker) 
     await ys[-1]
     with pytest.raises(fedptr.OverloadedError, match="too many to list"):
         await bob.objects()
+
+
+async def test_offloaded_ops_keep_program_order(bob: fedptr.Worker) -> None:
+    """Ops on tensors big enough to run on a node's thread (over `limits.OFFLOAD_NUMEL`
+    elements) happen in the order they were issued, also relative to later small ops whose
+    operands are already there: un-awaited backward then grad, a read then an in-place write,
+    and a get after an in-place update."""
+    w0 = torch.randn(300, 300)
+    w = (await bob.send(w0.clone())).requires_grad_()
+    (w * 2.0).sum().backward()  # offloaded: 90,000 elements
+    g = w.grad  # its operand w is settled: it would run at once, before backward
+    assert torch.equal(await g.get(), torch.full((300, 300), 2.0))
+
+    x = await bob.send(w0.clone())
+    y = x.matmul(x)  # a read of x on the thread...
+    x.add_(1.0)  # ...then a small write of x issued after it
+    expected = w0 @ w0
+    assert torch.allclose(await y.get(), expected, atol=1e-3)
+    assert torch.equal(await x.get(), w0 + 1.0)
+
+    z = await bob.send(w0.clone())
+    z.mul_(3.0)  # in place, offloaded
+    assert torch.equal(await z.get(), w0 * 3.0)  # the get comes after the update

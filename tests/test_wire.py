@@ -63,6 +63,9 @@ SAMPLES: list[wire.Message] = [
     wire.NodeStats(),
     wire.NodeStatsReply({"objects": 3, "rss_bytes": 1 << 28, "uptime_s": 1.5}, "owner+aggregator"),
     wire.NodeStatsReply({}, "plain", {"epsilon": 2.5}),
+    wire.PutPlan(9, 2, [["add", [wire.Ref(0), wire.Ref(1)], {"alpha": 2.0}], ["sum", [wire.Ref(2)], {}]], [3]),
+    wire.RunPlan(9, [11, 12], [13]),
+    wire.PlanReply([[2, 3], []], ["float32", "int64"]),
 ]
 
 

@@ -1,0 +1,280 @@
+"""Plans: a function of pointer operations recorded once, kept by a worker, run by one message.
+
+``@fedptr.plan`` wraps a function of pointers (PySyft's Plans, tutorial Part 8). The first call
+on a worker with inputs of a given shape records the function: the operations it issues are not
+sent but become a small graph of allow-listed operations, with the shape of each result worked
+out locally (`fedptr.meta`). The graph goes to the worker once (`wire.PutPlan`), where it is
+checked against the allow-list and kept; every call then costs one message (`wire.RunPlan`: the
+plan's id and its input pointers) and returns the output pointers at once, like an operation.
+The worker runs the graph exactly as it runs the same operations sent one by one, its privacy
+policy included; intermediate results are never stored.
+
+Pointers the function uses without taking them as arguments (a model, its parameters, an
+optimizer's buffers) are *captured*: each run passes their current objects as extra inputs. A
+training step (forward, loss, backward, ``opt.step()``, ``opt.zero_grad()``) is one message per
+batch::
+
+    model_ptr = await bob.send(model)
+    opt = fedptr.optim.SGD(model_ptr.parameters(), lr=0.1)
+
+    @fedptr.plan
+    def train_step(x, y):
+        loss = F.cross_entropy(model_ptr(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    for x, y in batches:  # pointers on bob
+        loss = train_step(x, y)
+    print(await loss.get())
+
+What the recorded function may do: pointer operations and effects on pointers of one worker,
+and ``await`` of pointers (which returns at once while recording). It may not fetch (`get`),
+send, move or read values (they raise UsageError), and Python control flow runs once, at
+recording: a branch on a shape is fixed for that shape (a new shape records again), a branch on
+a value is impossible (DataDependentError). Optimizers with client-side state (Adam's step count,
+a momentum buffer not yet made) cannot be recorded: take SGD, or one step outside the plan
+first for momentum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedptr import wire
+from fedptr.errors import InvalidArgumentError, LocationMismatchError, ProtocolError, UsageError
+from fedptr.pointer import Pending, Pointer
+from fedptr.tensors import dtype_name
+
+if TYPE_CHECKING:
+    from fedptr.client import Client
+
+Signature = tuple[str, tuple[tuple[tuple[int, ...], str, bool] | None, ...]]
+"""A plan's key: the worker, and each input's shape, dtype and requires_grad (None: unknown)."""
+
+
+@dataclass
+class _Recorded:
+    """A recorded graph as one worker keeps it."""
+
+    plan_id: int
+    message: wire.PutPlan
+    captured: list[Pointer]
+    """Pointers the function used without taking them as arguments, passed to every run."""
+    output_metas: list[torch.Tensor | None]
+    shape: str
+    """How the function's result is shaped: ``"one"``, ``"tuple"`` or ``"none"``."""
+    sent: asyncio.Future[wire.Message] | None = None
+
+
+@dataclass
+class Recorder:
+    """Collects the operations a function issues while it is being recorded (see `Client.recording`)."""
+
+    client: Client
+    location: str
+    keys: dict[int, int] = field(default_factory=dict)
+    """Object id (a placeholder's, a captured pointer's or a result's) -> its provisional key."""
+    inputs: list[int] = field(default_factory=list)
+    captured: list[Pointer] = field(default_factory=list)
+    ops: list[tuple[str, list[wire.Value], dict[str, wire.Value], int]] = field(default_factory=list)
+    metas: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def placeholder(self, p: Pointer) -> Pointer:
+        """A stand-in for input `p` while recording."""
+        stand_in = Pointer(self.client, self.location, wire.new_object_id(), deletes=False, meta=p.meta)
+        self.keys[stand_in.id_at_location] = len(self.keys)
+        self.inputs.append(stand_in.id_at_location)
+        return stand_in
+
+    def record(
+        self,
+        op: str,
+        operands: list[Pointer],
+        args: list[wire.Value],
+        kwargs: dict[str, wire.Value],
+        result_meta: torch.Tensor | None,
+    ) -> Pointer | None:
+        """Record `op` and return its result's stand-in; None when it is not recorded but sent
+        (a model's parameter and state pointers, which the model keeps for good)."""
+        if any(p.location != self.location for p in operands):
+            raise LocationMismatchError(f"a plan recorded for {self.location!r} uses a pointer on another worker")
+        if op in ("parameter", "state") and operands[0].id_at_location not in self.keys:
+            return None
+        for p in operands:
+            if p.id_at_location not in self.keys:
+                self.keys[p.id_at_location] = len(self.keys)
+                self.captured.append(p)
+        result = Pointer(self.client, self.location, wire.new_object_id(), deletes=False, meta=result_meta)
+        self.keys[result.id_at_location] = len(self.keys)
+        self.ops.append((op, args, kwargs, result.id_at_location))
+        self.metas[result.id_at_location] = result_meta
+        return result
+
+    def graph(self, plan_id: int, outputs: list[Pointer]) -> wire.PutPlan:
+        """The recorded graph with slots numbered as the worker expects: the inputs, then the
+        captured pointers, then one slot per operation."""
+        results = {rid for *_, rid in self.ops}
+        slot: dict[int, int] = {}
+        for obj_id in self.inputs + [p.id_at_location for p in self.captured]:
+            slot[obj_id] = len(slot)
+        for *_, rid in self.ops:
+            slot[rid] = len(slot)
+        for p in outputs:
+            if p.id_at_location not in results:
+                raise UsageError("a plan returns results of operations it records, not its inputs (clone them)")
+        ops: list[wire.Value] = [
+            [op, _renumber(args, slot), _renumber(kwargs, slot)] for op, args, kwargs, _ in self.ops
+        ]
+        return wire.PutPlan(
+            plan_id, len(self.inputs) + len(self.captured), ops, [slot[p.id_at_location] for p in outputs]
+        )
+
+
+def _renumber(value: Any, slot: dict[int, int]) -> Any:
+    if type(value) is wire.Ref:
+        return wire.Ref(slot[value.obj_id])
+    if type(value) is list:
+        return [_renumber(v, slot) for v in value]
+    if type(value) is dict:
+        return {k: _renumber(v, slot) for k, v in value.items()}
+    return value
+
+
+def _signature(location: str, inputs: tuple[Pointer, ...]) -> Signature:
+    described = tuple(
+        None if p.meta is None else (tuple(p.meta.shape), dtype_name(p.meta.dtype), p.meta.requires_grad)
+        for p in inputs
+    )
+    return location, described
+
+
+def _outputs(result: Any) -> tuple[list[Pointer], str]:
+    if result is None:
+        return [], "none"
+    if isinstance(result, Pointer):
+        return [result], "one"
+    if isinstance(result, (tuple, list)) and all(isinstance(r, Pointer) for r in result):
+        return list(result), "tuple"
+    raise UsageError(f"a plan returns a Pointer, a tuple of Pointers or None, not {type(result).__name__}")
+
+
+def _run_to_end(result: Any) -> Any:
+    """The value of the plan function's call; a coroutine is run here, where awaiting a pointer
+    returns at once (anything else that waits cannot be recorded)."""
+    if not inspect.iscoroutine(result):
+        return result
+    try:
+        result.send(None)
+    except StopIteration as stop:
+        return stop.value
+    result.close()
+    raise UsageError("a plan's function may await pointers only, not other work (sleep, I/O, get)")
+
+
+class Plan:
+    """A function of pointers recorded once per worker and input shapes, and run there by one
+    message per call. Make one with `fedptr.plan`."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self._recorded: dict[Signature, _Recorded] = {}
+
+    def __repr__(self) -> str:
+        return f"<Plan {getattr(self.fn, '__qualname__', self.fn)!r}, recorded for {len(self._recorded)} signatures>"
+
+    def __call__(self, *inputs: Pointer) -> Any:
+        """Run the plan where `inputs` (pointers on one worker) are; returns what the function
+        returns (a Pointer, a tuple of Pointers, or a `Pending` when it returns None) at once.
+
+        The first call for a worker and input shapes records the function and sends its graph
+        (pipelined before the run). A failed run (an error in an operation, or the worker forgot
+        the plan in a restart) surfaces when an output is awaited (for a plan without outputs,
+        as an effect's failure does), and the next call sends the plan again. Raises UsageError
+        when the function does what cannot be recorded, LocationMismatchError for pointers on
+        different workers, OpNotAllowedError (when awaited) for an operation the worker refuses."""
+        if not inputs or not all(isinstance(p, Pointer) for p in inputs):
+            raise InvalidArgumentError("a plan runs on Pointers: pass at least one")
+        client = inputs[0].client
+        location = inputs[0].location
+        for p in inputs:
+            p.check_alive()
+            if p.location != location or p.client is not client:
+                raise LocationMismatchError("a plan's inputs live on one worker, of one client")
+        key = _signature(location, inputs)
+        recorded = self._recorded.get(key)
+        if recorded is None:
+            recorded = self._recorded[key] = self._record(client, location, inputs)
+        if recorded.sent is None:
+            recorded.sent = client.request_nowait(location, recorded.message)
+        for p in recorded.captured:
+            p.check_alive()
+        result_ids = [client.new_id() for _ in recorded.output_metas]
+        run = wire.RunPlan(recorded.plan_id, [p.id_at_location for p in (*inputs, *recorded.captured)], result_ids)
+        ran = client.request_nowait(location, run)
+        ran.add_done_callback(lambda f: self._ran(key, recorded, f))
+        outputs = [
+            Pointer(client, location, obj_id, _output_reply(ran, recorded.sent, i), meta=m)
+            for i, (obj_id, m) in enumerate(zip(result_ids, recorded.output_metas, strict=True))
+        ]
+        if recorded.shape == "none":
+            client.track_effect(location, ran)  # nothing else reports its failure: an effect's rule
+            return Pending(client, [ran])
+        return outputs[0] if recorded.shape == "one" else tuple(outputs)
+
+    def _record(self, client: Client, location: str, inputs: tuple[Pointer, ...]) -> _Recorded:
+        recorder = Recorder(client, location)
+        stand_ins = [recorder.placeholder(p) for p in inputs]
+        with client.recording_into(recorder):
+            outputs, shape = _outputs(_run_to_end(self.fn(*stand_ins)))
+        plan_id = wire.new_object_id()
+        message = recorder.graph(plan_id, outputs)
+        metas = [recorder.metas.get(p.id_at_location) for p in outputs]
+        return _Recorded(plan_id, message, recorder.captured, metas, shape)
+
+    def _ran(self, key: Signature, recorded: _Recorded, ran: asyncio.Future[wire.Message]) -> None:
+        # after a failure the plan is sent again with the next run: the worker may have lost it
+        if (ran.cancelled() or ran.exception() is not None) and self._recorded.get(key) is recorded:
+            recorded.sent = None
+
+
+def _output_reply(
+    ran: asyncio.Future[wire.Message], sent: asyncio.Future[wire.Message], index: int
+) -> asyncio.Future[wire.Message]:
+    """Output `index`'s share of a run's reply: an Ok with its shape and dtype, or the run's
+    error (the plan's own, when sending the plan failed)."""
+    out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+
+    def settled(f: asyncio.Future[wire.Message]) -> None:
+        if f.cancelled():
+            out.cancel()
+            return
+        error = f.exception()
+        if error is not None:
+            refused = sent.exception() if sent.done() and not sent.cancelled() else None
+            out.set_exception(refused or error)
+            return
+        reply = f.result()
+        if isinstance(reply, wire.PlanReply) and index < len(reply.shapes) == len(reply.dtypes):
+            shape = reply.shapes[index]
+            dims = [d for d in shape if type(d) is int] if isinstance(shape, list) else []
+            out.set_result(wire.Ok(dims, reply.dtypes[index]))
+        else:
+            out.set_exception(ProtocolError(f"expected a PlanReply, got {type(reply).__name__}"))
+
+    ran.add_done_callback(settled)
+    return out
+
+
+def plan(fn: Callable[..., Any]) -> Plan:
+    """Make `fn`, a function of pointers, a `Plan` (usable as a decorator): recorded once per
+    worker and input shapes, sent once, run by one message per call."""
+    return Plan(fn)

@@ -1,0 +1,104 @@
+"""Plans on a node: graphs of allow-listed operations a client sends once and runs by id.
+
+A plan (PySyft's Part 8) arrives as `wire.PutPlan` and is checked here, in full, before it is
+kept: every operation is on the allow-list (aggregates excepted: they are released one by one),
+every reference names an earlier slot, every output an operation's result. A run
+(`wire.RunPlan`) is one message; the node runs it exactly as it runs the same operations sent
+one at a time (nodes/node.py): each result's taint is decided as the run arrives, by the same
+rule, and each value is computed through the same guard. Only the intermediate results differ:
+they are never stored, listed or fetchable, and leave nothing to delete.
+
+Plans are kept per client, in memory: a node restart or the client's departure forgets them
+(the client sends a plan again after a run fails).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedptr import limits, wire
+from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
+from fedptr.ops import AGGREGATES, ALLOWED
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated plan: `ops[i]` fills slot ``n_inputs + i`` (its `result_id`), reading the slots
+    in `reads[i]`; `outputs` are the slots a run stores."""
+
+    n_inputs: int
+    ops: tuple[wire.Op, ...]
+    reads: tuple[frozenset[int], ...]
+    outputs: tuple[int, ...]
+
+
+def _slots(value: wire.Value, found: set[int]) -> None:
+    if type(value) is wire.Ref:
+        found.add(value.obj_id)
+    elif type(value) is list:
+        for v in value:
+            _slots(v, found)
+    elif type(value) is dict:
+        for v in value.values():
+            _slots(v, found)
+
+
+def validate(msg: wire.PutPlan) -> Plan:
+    """The plan `msg` describes. Raises OpNotAllowedError for an operation off the allow-list and
+    InvalidArgumentError for anything else malformed (limits, references, outputs)."""
+    if not 0 <= msg.n_inputs <= limits.MAX_PLAN_INPUTS:
+        raise InvalidArgumentError(f"a plan takes 0 to {limits.MAX_PLAN_INPUTS} inputs, not {msg.n_inputs}")
+    if not 1 <= len(msg.ops) <= limits.MAX_PLAN_OPS:
+        raise InvalidArgumentError(f"a plan has 1 to {limits.MAX_PLAN_OPS} operations, not {len(msg.ops)}")
+    ops: list[wire.Op] = []
+    reads: list[frozenset[int]] = []
+    for i, item in enumerate(msg.ops):
+        slot = msg.n_inputs + i
+        if not (type(item) is list and len(item) == 3 and type(item[0]) is str):
+            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs]")
+        name, args, kwargs = item
+        if type(args) is not list or type(kwargs) is not dict:
+            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs]")
+        if name not in ALLOWED or name in AGGREGATES:
+            raise OpNotAllowedError("", f"operation {str(name)[:64]!r} is not allowed in a plan")
+        found: set[int] = set()
+        _slots(args, found)
+        _slots(kwargs, found)
+        if not found:
+            raise InvalidArgumentError(f"plan operation {i} ({name}) reads no slot")
+        if not all(0 <= s < slot for s in found):
+            raise InvalidArgumentError(f"plan operation {i} ({name}) reads a slot that is not filled before it")
+        ops.append(wire.Op(slot, name, args, kwargs))
+        reads.append(frozenset(found))
+    end = msg.n_inputs + len(ops)
+    if len(set(msg.outputs)) != len(msg.outputs) or not all(msg.n_inputs <= o < end for o in msg.outputs):
+        raise InvalidArgumentError("a plan's outputs are distinct results of its operations")
+    return Plan(msg.n_inputs, tuple(ops), tuple(reads), tuple(msg.outputs))
+
+
+class Plans:
+    """The plans each client keeps on this node, at most `limits.MAX_PLANS_PER_PEER` each."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._by_peer: dict[str, dict[int, Plan]] = {}
+
+    def put(self, peer: str, plan_id: int, plan: Plan) -> None:
+        """Keep `plan` for `peer` (replacing a plan of that id). Raises OverloadedError when the
+        peer keeps too many."""
+        kept = self._by_peer.setdefault(peer, {})
+        if plan_id not in kept and len(kept) >= limits.MAX_PLANS_PER_PEER:
+            raise OverloadedError(self.node, f"{len(kept)} plans are kept for this client already")
+        kept[plan_id] = plan
+
+    def get(self, peer: str, plan_id: int) -> Plan:
+        """`peer`'s plan `plan_id`; raises ObjectNotFoundError (never sent, or forgotten by a restart)."""
+        plan = self._by_peer.get(peer, {}).get(plan_id)
+        if plan is None:
+            raise ObjectNotFoundError("", f"no plan {plan_id} (never sent, or this worker restarted)")
+        return plan
+
+    def forget(self, peers: set[str]) -> None:
+        """Drop the plans of peers whose sessions ended."""
+        for peer in peers:
+            self._by_peer.pop(peer, None)

@@ -1,0 +1,194 @@
+"""Plans (`fedptr.plan`) on real processes: recorded once, one message per run, same results as
+the operations sent one by one, checked by the node, refused where they cannot be recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional
+
+import fedptr
+from fedptr import optim, wire
+from fedptr.client import Client
+
+
+def requests_sent(client: Client) -> int:
+    return client.link.messages_sent
+
+
+async def test_a_chain_of_dependent_ops_is_one_message_per_run(client: Client, bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    def chain(x: fedptr.Pointer) -> fedptr.Pointer:
+        for i in range(100):
+            x = x * 1.01 + i
+        return x
+
+    x0 = torch.randn(4, 3)
+    x = await bob.send(x0)
+    first = chain(x)  # records, sends the plan, runs
+    await first
+    expected = x0.clone()
+    for i in range(100):
+        expected = expected * 1.01 + i
+    before = requests_sent(client)
+    second = chain(x)
+    assert requests_sent(client) - before == 1  # the RunPlan alone
+    assert second.shape == (4, 3) and second.dtype == torch.float32  # known before the reply
+    assert torch.allclose(await second.get(), expected)
+    assert torch.allclose(await first.get(), expected)
+    objects = await bob.objects()
+    assert list(objects) == [x.id_at_location]  # no intermediate result was stored
+
+
+async def test_a_new_shape_records_again(bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    def rows(x: fedptr.Pointer) -> fedptr.Pointer:
+        return x.sum(0) * x.shape[0]  # the shape is fixed at recording
+
+    a = await bob.send(torch.ones(2, 3))
+    b = await bob.send(torch.ones(5, 3))
+    assert torch.equal(await rows(a).get(), torch.full((3,), 4.0))
+    assert torch.equal(await rows(b).get(), torch.full((3,), 25.0))
+    assert "2 signatures" in repr(rows)
+
+
+async def test_a_training_step_matches_the_same_step_op_by_op(bob: fedptr.Worker) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    xs = [torch.randn(16, 4) for _ in range(3)]
+    ys = [torch.randint(0, 3, (16,)) for _ in range(3)]
+
+    by_ops = await bob.send(model)
+    opt = optim.SGD(by_ops.parameters(), lr=0.1)
+    for x, y in zip(xs, ys, strict=True):
+        loss_ops = functional.cross_entropy(by_ops(await bob.send(x)), await bob.send(y))
+        loss_ops.backward()
+        opt.step()
+        opt.zero_grad()
+
+    planned = await bob.send(model)
+    plan_opt = optim.SGD(planned.parameters(), lr=0.1)
+
+    @fedptr.plan
+    def step(x: fedptr.Pointer, y: fedptr.Pointer) -> fedptr.Pointer:
+        loss = functional.cross_entropy(planned(x), y)
+        loss.backward()
+        plan_opt.step()
+        plan_opt.zero_grad()
+        return loss
+
+    for x, y in zip(xs, ys, strict=True):
+        loss = step(await bob.send(x), await bob.send(y))
+    assert torch.allclose(await loss.get(), await loss_ops.get())
+    trained_ops, trained_plan = await by_ops.get(), await planned.get()
+    assert isinstance(trained_ops, nn.Module) and isinstance(trained_plan, nn.Module)
+    for a, b in zip(trained_ops.parameters(), trained_plan.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+async def test_a_plan_returning_nothing_is_awaited_as_pending(bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    def bump(x: fedptr.Pointer) -> None:
+        x.add_(1.0)
+        x.mul_(2.0)
+
+    x = await bob.send(torch.zeros(3))
+    await bump(x)
+    await bump(x)
+    assert torch.equal(await x.get(), torch.full((3,), 6.0))
+
+
+async def test_an_async_plan_function_may_await_pointers(bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    async def twice(x: fedptr.Pointer) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+        y = await (x * 2)
+        return y, await (y + 1)
+
+    y, z = twice(await bob.send(torch.ones(2)))
+    assert torch.equal(await y.get(), torch.full((2,), 2.0))
+    assert torch.equal(await z.get(), torch.full((2,), 3.0))
+
+
+async def test_what_cannot_be_recorded_is_refused_at_once(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(2))
+    on_alice = await alice.send(torch.ones(2))
+
+    @fedptr.plan
+    async def fetches(p: fedptr.Pointer) -> fedptr.Pointer:
+        await (p + 1).get()
+        return p + 1
+
+    @fedptr.plan
+    def identity(p: fedptr.Pointer) -> fedptr.Pointer:
+        return p
+
+    @fedptr.plan
+    def mixes(p: fedptr.Pointer) -> fedptr.Pointer:
+        return p + on_alice
+
+    model = await bob.send(nn.Linear(2, 1))
+    adam = optim.Adam(model.parameters())
+
+    @fedptr.plan
+    def adam_step(p: fedptr.Pointer) -> fedptr.Pointer:
+        loss = model(p).sum()
+        loss.backward()
+        adam.step()
+        return loss
+
+    with pytest.raises(fedptr.UsageError, match="records pointer operations only"):
+        fetches(x)
+    with pytest.raises(fedptr.UsageError, match="not its inputs"):
+        identity(x)
+    with pytest.raises(fedptr.LocationMismatchError):
+        mixes(x)
+    with pytest.raises(fedptr.UsageError, match="Adam"):
+        adam_step(x)
+    with pytest.raises(fedptr.LocationMismatchError):
+        identity(x, on_alice)
+    assert client_is_usable(x)
+    assert torch.equal(await (x + 1).get(), torch.full((2,), 2.0))
+
+
+def client_is_usable(p: fedptr.Pointer) -> bool:
+    return p.client.recording is None
+
+
+async def test_a_failed_run_fails_its_outputs_and_the_plan_is_sent_again(bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    def grad_of(p: fedptr.Pointer) -> fedptr.Pointer:
+        return p.grad * 1  # no gradient: fails on the worker
+
+    p = await bob.send(torch.ones(2, requires_grad=True))
+    out = grad_of(p)
+    with pytest.raises(fedptr.RemoteError, match="no gradient"):
+        await out
+    (p * 3).sum().backward()
+    assert torch.equal(await grad_of(p).get(), torch.full((2,), 3.0))  # the plan was sent again
+
+
+async def test_the_node_checks_a_plan_before_keeping_it(client: Client) -> None:
+    bad = [
+        (wire.PutPlan(1, 1, [["exec", [wire.Ref(0)], {}]], [1]), fedptr.OpNotAllowedError),
+        (wire.PutPlan(1, 1, [["aggregate_mean", [[wire.Ref(0)]], {}]], [1]), fedptr.OpNotAllowedError),
+        (wire.PutPlan(1, 1, [["add", [wire.Ref(0), wire.Ref(1)], {}]], [1]), fedptr.InvalidArgumentError),
+        (wire.PutPlan(1, 1, [["add", [wire.Ref(0), 1], {}]], [0]), fedptr.InvalidArgumentError),
+        (wire.PutPlan(1, 1, [["add", [2, 1], {}]], [1]), fedptr.InvalidArgumentError),
+        (wire.PutPlan(1, 1, [["add", [wire.Ref(0)]]], [1]), fedptr.InvalidArgumentError),
+        (wire.PutPlan(1, 1, [], []), fedptr.InvalidArgumentError),
+    ]
+    for msg, error in bad:
+        with pytest.raises(error):
+            try:
+                await client.call("bob", msg)
+            except fedptr.RemoteError as e:  # a node's argument checks travel as RemoteError
+                raise fedptr.InvalidArgumentError(str(e)) if e.remote_type == "InvalidArgumentError" else e from None
+    with pytest.raises(fedptr.ObjectNotFoundError, match="no plan"):
+        await client.call("bob", wire.RunPlan(12345, [], []))
+    x = await client.worker("bob").send(torch.ones(1))
+    await client.call("bob", wire.PutPlan(7, 1, [["add", [wire.Ref(0), 1.0], {}]], [1]))
+    with pytest.raises(fedptr.RemoteError, match="takes 1 inputs"):
+        await client.call("bob", wire.RunPlan(7, [x.id_at_location, x.id_at_location], [client.new_id()]))
+    reply = await client.call("bob", wire.RunPlan(7, [x.id_at_location], [client.new_id()]))
+    assert reply == wire.PlanReply([[1]], ["float32"])
