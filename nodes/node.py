@@ -632,7 +632,7 @@ class Node:
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
             for op, reads in zip(plan.ops, plan.reads, strict=True):
-                temporaries = slots[plan.n_inputs :]
+                temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
                 taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
                 slots.append(Entry.tensor(owner=source, taint=taint))
         except Exception as e:

@@ -640,3 +640,80 @@ async def test_h_owner_data_is_read_only(setup: Setup) -> None:
     before = float(setup.secrets["alice"]["spare"].abs().max())
     after = float(now.abs().max())
     pytest.fail(f"LEAK: zero_ on alice's data was accepted; it now reads max |v| {after} (was {before:.3g})")
+
+
+# --- I: plans run many operations in one message -------------------------------------------
+async def test_i_a_plans_output_derived_from_private_data_stays_private(setup: Setup) -> None:
+    """A plan computes x * 1 + 0 on alice's data and returns it: fetched in one run."""
+
+    @fedptr.plan
+    def copy(x: fedptr.Pointer) -> fedptr.Pointer:
+        return x * 1 + 0
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        return await tensor(copy(ax))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x through a plan")
+
+
+async def test_i_a_gradient_of_a_leaf_made_inside_a_plan_stays_private(setup: Setup) -> None:
+    """Inside one plan: a fresh public leaf w, loss = (w * bob_x).sum(), backward, return
+    w.grad (= bob_x). The leaf is an intermediate result the store never sees."""
+
+    @fedptr.plan
+    def gradient(w: fedptr.Pointer, x: fedptr.Pointer) -> fedptr.Pointer:
+        leaf = w.detach().clone().requires_grad_()
+        (leaf * x).sum().backward()
+        return leaf.grad * 1
+
+    async def attack() -> torch.Tensor:
+        x, _ = await setup.data("bob")
+        w = await setup.w("bob").send(torch.zeros(8, 4))
+        return await tensor(gradient(w, x))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x as a gradient inside a plan")
+
+
+async def test_i_a_plan_cannot_write_into_a_public_tensor_through_a_view(setup: Setup) -> None:
+    """base.view(8, 4).add_(alice_x) inside a plan, then base.get()."""
+
+    @fedptr.plan
+    def smuggle(base: fedptr.Pointer, x: fedptr.Pointer) -> None:
+        base.view(8, 4).add_(x)
+
+    async def attack() -> torch.Tensor:
+        ax, _ = await setup.data("alice")
+        base = await setup.w("alice").send(torch.zeros(8, 4))
+        await smuggle(base, ax)
+        return await tensor(base)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["alice"]["x"], "alice's x via a view in a plan")
+
+
+async def test_i_a_plan_cannot_write_private_data(setup: Setup) -> None:
+    """zero_() of alice's spare data inside a plan."""
+
+    @fedptr.plan
+    def wipe(x: fedptr.Pointer) -> None:
+        x.zero_()
+
+    (spare,) = await setup.w("alice").search("spare")
+    with pytest.raises(fedptr.PermissionDenied):
+        await wipe(spare)
+    assert (await (spare.abs().sum() * 0).move(setup.w("secure_worker"))) is not None  # still usable
+
+
+async def test_i_a_plans_failure_is_no_oracle_on_private_values(setup: Setup) -> None:
+    """narrow by a private value inside a plan: refused or zeros, whatever the value."""
+
+    @fedptr.plan
+    def probe(y: fedptr.Pointer, public: fedptr.Pointer) -> fedptr.Pointer:
+        return public.narrow(0, 0, y[0]).sum() * 1
+
+    y_values = []
+    for owner in ("alice", "carol"):
+        _, y = await setup.data(owner)
+        public = await setup.w(owner).send(torch.ones(8))
+        y_values.append(await refused_or(tensor(probe(y, public))))
+    assert all(v is None for v in y_values), f"LEAK: {y_values} derived from private labels came back"
