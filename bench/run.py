@@ -188,7 +188,7 @@ class Fedptr:
         await (p + p).get()
 
     async def send_op_get_pipelined(self, _: int) -> None:
-        p = self.bob.send_nowait(self.small)
+        p = self.bob.send(self.small)
         await (p + p).get()
 
     async def dependent(self, n: int) -> None:

@@ -93,14 +93,18 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name}>"
 
-    async def send(self, x: torch.Tensor | nn.Module | Pointer) -> Pointer:
-        """Store `x` on this worker and return a pointer to it.
+    def send(self, x: torch.Tensor | nn.Module | Pointer) -> Pointer:
+        """Store `x` on this worker and return a pointer to it at once, like an operation:
+        operations on it queue behind the send, and a failed send is raised by awaiting the
+        pointer (or anything computed from it), or by the next await on this worker.
+        ``await worker.send(x)`` waits until the worker holds it, and returns the pointer.
 
         A tensor is copied there (``requires_grad`` included). A model built from the allow-list
         of `fedptr.modules` travels as its spec and parameters and comes back as a
-        `ModulePointer`; any other model raises TypeError. A pointer is itself sent (a pointer to a pointer): the data
-        does not move, and the pointer passed in is consumed, as its object now belongs to this
-        worker's entry."""
+        `ModulePointer`; any other model raises UnsupportedTypeError. A pointer is itself sent (a
+        pointer to a pointer): the data does not move, and the pointer passed in is consumed,
+        as its object now belongs to this worker's entry (two-phase: see `_send_pointer`; its
+        outcome may be in doubt, raised as InDoubtError when awaited)."""
         client = self._client
         new_id = client.new_id()
         if isinstance(x, Pointer):
@@ -109,28 +113,37 @@ class Worker:
                 raise InvalidArgumentError("that pointer belongs to another client")
             if x.location == self.name:
                 raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
-            await x  # the object must exist before another worker refers to it
-            await self._send_pointer(x, new_id)
-            return Pointer(client, self.name, new_id, meta=x.meta)
-        elif isinstance(x, torch.Tensor):
-            await client.call(self.name, wire.Put(new_id, to_raw(x), x.requires_grad))
-            return Pointer(client, self.name, new_id, meta=meta.of_tensor(x))
-        elif isinstance(x, nn.Module):
+            x.owned = False  # at once: nothing else may hand it on meanwhile
+            done = client.track(asyncio.ensure_future(self._send_pointer(x, new_id)))
+            return Pointer(client, self.name, new_id, done, meta=x.meta)
+        if isinstance(x, torch.Tensor):
+            put = wire.Put(new_id, to_raw(x), x.requires_grad)
+            return Pointer(client, self.name, new_id, self._put(put), meta=meta.of_tensor(x))
+        if isinstance(x, nn.Module):
             spec, params = modules.to_wire(x)
-            await client.call(self.name, wire.PutModule(new_id, spec, params))
-            model = ModulePointer(client, self.name, new_id, spec)
+            model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
         raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
 
-    async def _send_pointer(self, x: Pointer, new_id: int) -> None:
+    def _put(self, msg: wire.Message) -> asyncio.Future[wire.Message]:
+        """Send a store request, pipelined; its failure is also raised by the next await here."""
+        fut = self._client.request_nowait(self.name, msg)
+        self._client.track_effect(self.name, fut)
+        return fut
+
+    async def _send_pointer(self, x: Pointer, new_id: int) -> wire.Message:
         """Two-phase: this worker stores a pointer to `x`'s object first, and only then is the
         object granted to it. A definite failure of either step leaves `x` usable (the stored
         pointer, if any, is deleted); a grant whose outcome is unknown is asked again until the
-        deadline, and past it raises InDoubtError (see `Client.resolve`)."""
+        deadline, and past it raises InDoubtError (see `Client.resolve`). Returns Ok when done."""
         client = self._client
         loop = asyncio.get_running_loop()
         deadline = loop.time() + client.timeout
-        x.owned = False
+        try:
+            await x  # the object must exist before another worker refers to it
+        except BaseException:
+            x.owned = True  # it failed on its own: it stays the caller's
+            raise
         try:
             await client.call(self.name, wire.PutPointer(new_id, x.location, x.id_at_location))
         except BaseException as e:
@@ -145,10 +158,10 @@ class Worker:
                 if left <= 0:
                     raise DeadlineExceeded(x.location, client.timeout, [x.location])
                 await client.call(x.location, wire.Grant(x.id_at_location, self.name), left)
-                return
+                return wire.Ok()
             except PermissionDenied:
                 if attempt:
-                    return  # an earlier grant went through: the object is no longer ours to grant
+                    return wire.Ok()  # an earlier grant went through: the object is no longer ours to grant
                 x.owned = True
                 client.release(self.name, new_id)
                 raise
@@ -167,18 +180,6 @@ class Worker:
                 raise
             attempt += 1
             await asyncio.sleep(limits.RESOLVE_RETRY_S)
-
-    def send_nowait(self, x: torch.Tensor) -> Pointer:
-        """Pipelined `send` of a tensor: returns its pointer at once, without a round trip.
-
-        Operations on the pointer queue behind the send in order, so ``send_nowait(x) + 1``
-        then `get` costs one round trip in all. A failed send (an unknown worker, say) surfaces
-        when the pointer, or anything computed from it, is awaited."""
-        if not isinstance(x, torch.Tensor):
-            raise UnsupportedTypeError(f"send_nowait takes a tensor, not {type(x).__name__}")
-        client = self._client
-        new_id = client.new_id()
-        return client.issue(self.name, new_id, wire.Put(new_id, to_raw(x), x.requires_grad), meta.of_tensor(x))
 
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
@@ -348,7 +349,10 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
-        fut = self._link.request_nowait(location, msg, self.timeout)
+        return self.track(self._link.request_nowait(location, msg, self.timeout))
+
+    def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
+        """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
         self._outstanding.add(fut)
         fut.add_done_callback(self._op_settled)
         return fut
@@ -360,6 +364,10 @@ class Client:
         the next `check_effects` of that worker."""
         self._effects[fut] = location
         fut.add_done_callback(self._effect_settled)
+
+    def seen(self, fut: asyncio.Future[wire.Message]) -> None:
+        """`fut`'s failure was raised to someone: the next await on its worker need not raise it."""
+        self._effects.pop(fut, None)
 
     def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         if fut.cancelled() or fut.exception() is None:

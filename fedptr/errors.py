@@ -161,7 +161,7 @@ class ClientClosedError(FedptrError):
 
 
 class TooManyInFlightError(FedptrError):
-    """Raised by a pipelined call (an operation, `send_nowait`) when this client already has
+    """Raised by a pipelined call (an operation, `Worker.send`) when this client already has
     `max_in_flight` requests unanswered. Await some results first; awaited calls wait for room
     instead of raising."""
 

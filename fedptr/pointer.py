@@ -420,7 +420,11 @@ class Pointer:
     async def _wait(self) -> Pointer:
         if self._done is not None:
             # shielded: cancelling one waiter must not cancel the request other waiters share
-            reply = await asyncio.shield(self._done)
+            try:
+                reply = await asyncio.shield(self._done)
+            except FedptrError:
+                self._client.seen(self._done)  # raised here: not again by the next await there
+                raise
             if self._done is not None:
                 self._done = None
                 self._check_reply(reply)
@@ -485,9 +489,10 @@ class Pointer:
         assert isinstance(value, torch.Tensor)
         return value.tolist()
 
-    async def send(self, worker: Worker) -> Pointer:
-        """Send this pointer to `worker`, making a pointer to a pointer; the data does not move."""
-        return await worker.send(self)
+    def send(self, worker: Worker) -> Pointer:
+        """Send this pointer to `worker`, making a pointer to a pointer; the data does not move.
+        Returns the new pointer at once (see `Worker.send`)."""
+        return worker.send(self)
 
     async def move(self, worker: Worker) -> Pointer:
         """Move the data to `worker` directly (the bytes never pass through this client).

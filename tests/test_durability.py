@@ -273,7 +273,7 @@ async def test_a_delete_storm_does_not_delay_heartbeats(tmp_path: Path) -> None:
         async with c.connect(timeout=30, heartbeat_s=beat, liveness=liveness) as hoarder:
             held = []
             for i in range(0, 300, 10):  # 1 MiB each, a few at a time so this process keeps beating
-                held += [hoarder.worker("bob").send_nowait(torch.full((1 << 18,), float(i + j))) for j in range(10)]
+                held += [hoarder.worker("bob").send(torch.full((1 << 18,), float(i + j))) for j in range(10)]
                 await asyncio.wait_for(held[-1]._wait(), 30)
             latencies: list[float] = []
             stop = asyncio.Event()

@@ -247,13 +247,22 @@ async def test_workers_lists_registered_names(client: fedptr.Client) -> None:
     assert await client.workers() == sorted(CHAIN)
 
 
-async def test_send_nowait_pipelines_and_reports_errors_late(client: fedptr.Client, bob: fedptr.Worker) -> None:
-    p = bob.send_nowait(torch.arange(3.0))
-    assert torch.equal(await (p * 2).get(), torch.tensor([0.0, 2.0, 4.0]))  # type: ignore[arg-type]
-    ghost = client.worker("ghost").send_nowait(torch.ones(1))
+async def test_send_pipelines_and_reports_errors_late(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    before = client.link.messages_sent
+    p = bob.send(torch.arange(3.0))
+    result = (p * 2).get()  # put, op and get leave together, before any reply
+    assert client.link.messages_sent - before == 2  # the get is sent once the coroutine runs
+    assert torch.equal(await result, torch.tensor([0.0, 2.0, 4.0]))  # type: ignore[arg-type]
+    ghost = client.worker("ghost").send(torch.ones(1))
     with pytest.raises(fedptr.UnknownWorkerError):
         await ghost
     ghost.owned = False  # nothing was stored: there is nothing to delete
+    elsewhere = fedptr.Pointer(client, "ghost", 1, deletes=False)  # any pointer there: its await checks effects
+    await elsewhere  # the failure was raised once, to the sent pointer's await
+    unawaited = client.worker("ghost").send(torch.ones(1))
+    unawaited.owned = False
+    with pytest.raises(fedptr.UnknownWorkerError):
+        await elsewhere  # a failed send nobody awaited: raised by the next await there
 
 
 async def test_objects_of_a_client_that_left_are_reclaimed(cluster: fedptr.Cluster, client: fedptr.Client) -> None:
