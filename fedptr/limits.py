@@ -124,6 +124,9 @@ the aggregator's noise has standard deviation at least sigma * C."""
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""
 
+DELETE_DELAY_S = 0.01
+"""Longest a dropped pointer's delete waits to ride along with the next request to its worker."""
+
 MAX_PLAN_OPS = 10_000
 """Most operations in one plan (`fedptr.plan`)."""
 

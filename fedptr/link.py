@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -345,6 +345,19 @@ class Link:
         self._push_frames(envelope.framed(message))
         self._batch = []
         self._loop.call_soon(self._flush_batch)
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Send the requests and replies pushed in the block as one BATCH, at its end (they
+        would otherwise leave as the lone first message and a BATCH of the rest)."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = []
+        try:
+            yield
+        finally:
+            self._flush_batch()
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, None

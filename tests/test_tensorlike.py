@@ -390,7 +390,7 @@ async def test_unawaited_updates_happen_and_their_errors_surface_on_the_next_awa
         opt.zero_grad()
         assert torch.equal(await w.clone().get(), torch.zeros(3))  # type: ignore[arg-type]
         w.sub_(torch.ones(4))  # fails on bob
-        other = await bob.send(torch.ones(1))
+        other = bob.send(torch.ones(1))
         with pytest.raises(fedptr.RemoteError, match="size of tensor"):
             await other  # the next await on bob raises it, once
         await other
