@@ -36,6 +36,8 @@ import torch
 import zmq
 from baselines import MIB, READY, REPLY, bounded, time_calls
 from fl import FL_SCALES, FlScale, fl_rows, run_fl
+from torch import nn
+from torch.nn import functional
 
 import fedptr
 from fedptr import envelope, wire
@@ -80,14 +82,17 @@ class Case:
     budget: float  # about the most seconds per round
 
 
-def plan(sc: Scale) -> list[Case]:
+def cases(sc: Scale) -> list[Case]:
     n, b, big = sc.reps, sc.budget, max(sc.sizes)
     return [
         Case("put", "put", 0, 5 * n, b),
         Case("op", "op", 0, 5 * n, b),
         Case("send-op-get", "send_op_get", 0, 2 * n, b),
-        Case("send_nowait-op-get", "send_op_get_pipelined", 0, 2 * n, b),
+        Case("send-awaited-op-get", "send_awaited_op_get", 0, 2 * n, b),
         Case("100-dependent", "dependent", 100, max(3, n // 10), 2 * b),
+        Case("100-dependent-plan", "dependent_plan", 100, n, b),
+        Case("train-step-ops", "train_step_ops", 0, n, b),
+        Case("train-step-plan", "train_step_plan", 0, n, b),
         *[Case(f"inflight-{k}", "inflight", k, max(3, 20 * n // k), b) for k in (1, 16, 256)],
         *[Case(f"{way}-{mib}MiB", way, mib, sc.big_reps, 4 * b) for mib in sc.sizes for way in ("send", "get")],
         Case(f"move-{big}MiB", "move", big, sc.big_reps, 4 * b),
@@ -119,8 +124,11 @@ class Fedptr:
         "put",
         "op",
         "send_op_get",
-        "send_op_get_pipelined",
+        "send_awaited_op_get",
         "dependent",
+        "dependent_plan",
+        "train_step_ops",
+        "train_step_plan",
         "inflight",
         "send",
         "get",
@@ -138,6 +146,19 @@ class Fedptr:
     async def setup(self) -> None:
         self.x = await self.bob.send(self.small)
         self.moving = await self.bob.send(self.big[max(self.big)])
+        self.chain_plan = fedptr.plan(lambda y: _chain(y, self.x, 100))
+        await self.chain_plan(self.x)  # recorded and sent once, outside the timing
+        g = torch.Generator().manual_seed(0)
+        self.batch = await self.bob.send(torch.randn(32, 64, generator=g))
+        self.labels = await self.bob.send(torch.randint(0, 10, (32,), generator=g))
+        self.models, self.steps = [], []
+        for _ in range(2):  # one model stepped op by op, one by a plan
+            model = await self.bob.send(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)))
+            assert isinstance(model, fedptr.ModulePointer)
+            self.models.append(model)
+            self.steps.append(_train_step(model, fedptr.optim.SGD(model.parameters(), lr=0.01)))
+        self.step_plan = fedptr.plan(self.steps[1])
+        await self.step_plan(self.batch, self.labels)
         self.chains = []  # chains[d - 1]: a pointer d hops from bob's tensor (bob <- alice <- ...)
         for d in range(1, 6):
             p = await self.bob.send(self.small)
@@ -150,8 +171,11 @@ class Fedptr:
             "put": self.put,
             "op": self.op,
             "send_op_get": self.send_op_get,
-            "send_op_get_pipelined": self.send_op_get_pipelined,
+            "send_awaited_op_get": self.send_awaited_op_get,
             "dependent": self.dependent,
+            "dependent_plan": self.dependent_plan,
+            "train_step_ops": self.train_step_ops,
+            "train_step_plan": self.train_step_plan,
             "inflight": self.inflight,
             "send": self.send,
             "get": self.get,
@@ -184,18 +208,24 @@ class Fedptr:
         await (self.x + self.x)
 
     async def send_op_get(self, _: int) -> None:
-        p = await self.bob.send(self.small)
-        await (p + p).get()
-
-    async def send_op_get_pipelined(self, _: int) -> None:
         p = self.bob.send(self.small)
         await (p + p).get()
 
+    async def send_awaited_op_get(self, _: int) -> None:
+        p = await self.bob.send(self.small)
+        await (p + p).get()
+
     async def dependent(self, n: int) -> None:
-        y = self.x
-        for _ in range(n):
-            y = y + self.x
-        await y.get()
+        await _chain(self.x, self.x, n).get()
+
+    async def dependent_plan(self, _: int) -> None:
+        await self.chain_plan(self.x).get()
+
+    async def train_step_ops(self, _: int) -> None:
+        await self.steps[0](self.batch, self.labels)
+
+    async def train_step_plan(self, _: int) -> None:
+        await self.step_plan(self.batch, self.labels)
 
     async def inflight(self, k: int) -> None:
         ys = [self.x + self.x for _ in range(k)]
@@ -248,6 +278,28 @@ class Fedptr:
             "client_bytes_per_pointer": current / len(ptrs),
             "objects_stored": len(ptrs),
         }
+
+
+def _chain(y: fedptr.Pointer, x: fedptr.Pointer, n: int) -> fedptr.Pointer:
+    """`n` dependent additions: y + x + x + ..."""
+    for _ in range(n):
+        y = y + x
+    return y
+
+
+def _train_step(
+    model: fedptr.ModulePointer, opt: fedptr.optim.Optimizer
+) -> Callable[[fedptr.Pointer, fedptr.Pointer], fedptr.Pointer]:
+    """One SGD step on a minibatch (forward, loss, backward, step, zero_grad); returns the loss."""
+
+    def step(x: fedptr.Pointer, y: fedptr.Pointer) -> fedptr.Pointer:
+        loss = functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    return step
 
 
 class FedptrSingle(Fedptr):
@@ -538,7 +590,7 @@ async def run(sc: Scale, fl_scale: FlScale | None, logs: Path, threads: int) -> 
         for name in order:
             print(f"round {r + 1}/{sc.rounds}: {name}", file=sys.stderr, flush=True)
             async with TURNS[name](logs, sc, threads) as system:
-                for case in plan(sc):
+                for case in cases(sc):
                     if system.has(case.call):
                         samples.add_round(f"{case.label}/{name}", await system.measure(case))
                 if r == sc.rounds - 1:
@@ -597,11 +649,23 @@ class Report:
             self.latency_row("one op: CURVE off vs on (the default)", "op", "fedptr+curve CURVE on"),
             self.latency_row("one op: tcp vs ipc://", "op", "fedptr+ipc ipc://"),
             self.latency_row("send → op → get: tcp vs ipc://", "send-op-get", "fedptr+ipc ipc://"),
-            self.latency_row("send → op → get", "send-op-get", "torch.rpc remote, remote, to_here"),
+            self.latency_row("send → op → get (send pipelined)", "send-op-get", "torch.rpc remote, remote, to_here"),
             self.latency_row(
-                "send_nowait → op → get", "send_nowait-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
+                "`await send` → op → get", "send-awaited-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
             ),
             self.latency_row("100 dependent ops + get", "100-dependent", "torch.rpc 100 × `rpc_sync`"),
+            self.latency_row(
+                "100 dependent ops + get, as a plan",
+                "100-dependent-plan",
+                "torch.rpc 100 × `rpc_sync`",
+                "100-dependent",
+            ),
+            (
+                "training step (MLP 64-128-10, batch 32), awaited",
+                f"plan {self.latency('train-step-plan/fedptr')}",
+                f"op by op {self.latency('train-step-ops/fedptr')}",
+                f"{self.time_ratio('train-step-plan/fedptr', 'train-step-ops/fedptr'):.2f}×",
+            ),
         ]
         for k in (1, 16, 256):
             key = f"inflight-{k}"
@@ -676,7 +740,18 @@ class Report:
                 for way in ("send", "get")
             ],
             self.target(f"move {big} MiB ≤ 1.1× one send", f"move-{big}MiB/fedptr", f"send-{big}MiB/fedptr", 1.1),
-            self.target("100 dependent ops ≤ 0.1× torch.rpc", "100-dependent/fedptr", "100-dependent/torch.rpc", 0.1),
+            self.target(
+                "100 dependent ops ≤ 0.1× torch.rpc (a plan)",
+                "100-dependent-plan/fedptr",
+                "100-dependent/torch.rpc",
+                0.1,
+            ),
+            self.target(
+                "training step: a plan ≥ 3× faster than op by op",
+                "train-step-plan/fedptr",
+                "train-step-ops/fedptr",
+                1 / 3,
+            ),
         ]
 
     def target(
