@@ -9,7 +9,7 @@ import asyncio
 import math
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +214,53 @@ async def test_random_chains_on_private_data_let_nothing_out(owners: fedptr.Clus
             listed = (await bob.objects())[p.id_at_location]
             assert listed.preview is None and list(listed.shape) == []
         assert not re.search(r"-?\d+\.\d{3}", str(await bob.objects()))
+
+
+STEPS: list[tuple[str, Callable[[fedptr.Pointer, fedptr.Pointer], fedptr.Pointer]]] = [
+    ("double", lambda p, pub: p * 2),
+    ("exp", lambda p, pub: p.exp()),
+    ("plus public", lambda p, pub: p + pub),
+    ("mean", lambda p, pub: p.mean().reshape(1)),
+    ("write into public", lambda p, pub: (pub.add_(p.mean().reshape(1)), p)[1]),
+    ("from public", lambda p, pub: pub * 3),
+    ("detach", lambda p, pub: p.detach()),
+    ("view", lambda p, pub: p.view(-1)),
+]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(steps=st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), private=st.booleans())
+@MODULE_LOOP
+async def test_a_plan_releases_exactly_what_its_ops_one_by_one_release(
+    owners: fedptr.Cluster, steps: list[tuple[str, Callable[..., fedptr.Pointer]]], private: bool
+) -> None:
+    """The same random chain (private data or a public tensor, a public tensor written in place
+    on the way) run op by op and as a plan: each output is refused in both or equal in both."""
+    bob = owners.client.worker("bob")
+    x, _ = await bob.search("d")
+
+    def chain(p: fedptr.Pointer, pub: fedptr.Pointer) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+        for _, step in steps:
+            p = step(p, pub)
+        return p * 1, pub * 1
+
+    outcomes = []
+    async with asyncio.timeout(60):
+        for run in (chain, fedptr.plan(chain)):
+            start = x if private else bob.send(torch.from_numpy(SECRET) + 1)
+            outputs = run(start, bob.send(torch.ones(1)))
+            outcomes.append([await refused_or_value(o) for o in outputs])
+    (ops_p, ops_pub), (plan_p, plan_pub) = outcomes
+    for by_ops, by_plan in ((ops_p, plan_p), (ops_pub, plan_pub)):
+        assert (by_ops is None) == (by_plan is None), ([s for s, _ in steps], private, outcomes)
+        if by_ops is not None and by_plan is not None:
+            assert torch.allclose(by_ops, by_plan, equal_nan=True)
+
+
+async def refused_or_value(p: fedptr.Pointer) -> torch.Tensor | None:
+    try:
+        value = await p.get()
+    except fedptr.PermissionDenied:
+        return None
+    assert isinstance(value, torch.Tensor)
+    return value
