@@ -1,7 +1,8 @@
 """Federated-learning rounds end to end on a local cluster, as fedptr runs them today.
 
 A round is FedAvg with exact local SGD: the client sends the global model (an
-``nn.Linear(1000, 1000)``, 1,001,000 float32 parameters) to each of N owners, each owner takes
+``nn.Linear(1000, 1000)``, 1,001,000 float32 parameters) to the N owners in one upload
+(`fedptr.broadcast`: the broker fans it out), each owner takes
 `LOCAL_STEPS` full-batch SGD steps on its own private data through pointers (`fedptr.optim.SGD`,
 owners started with ``--release exact`` so that the client may fetch what they trained), the
 client fetches the N trained models and averages them. The owners work concurrently.
@@ -133,12 +134,11 @@ class Federation:
     async def setup(self) -> None:
         self.data = {name: await self.client.worker(name).search(TAG) for name in self.names}
 
-    async def train_on(self, name: str, steps: int, batch: int | None) -> nn.Module:
-        """Send the global model to `name`, take `steps` SGD steps there (full batch, or
+    async def train(self, remote: fedptr.Pointer, steps: int, batch: int | None) -> nn.Module:
+        """Take `steps` SGD steps on the global model's copy `remote` where it is (full batch, or
         minibatches of `batch` rows) and fetch the trained model."""
-        remote = await self.client.worker(name).send(self.model)
         assert isinstance(remote, fedptr.ModulePointer)
-        x, y = self.data[name]
+        x, y = self.data[remote.location]
         opt = optim.SGD(remote.parameters(), lr=LR)
         for _ in range(steps):
             if batch is None:
@@ -154,7 +154,9 @@ class Federation:
         return trained
 
     async def round(self, names: Sequence[str], steps: int = LOCAL_STEPS, batch: int | None = None) -> None:
-        trained = await asyncio.gather(*(self.train_on(name, steps, batch) for name in names))
+        """The global model to every owner in one upload (`fedptr.broadcast`), trained there, averaged here."""
+        remotes = await fedptr.broadcast(self.model, [self.client.worker(name) for name in names])
+        trained = await asyncio.gather(*(self.train(remote, steps, batch) for remote in remotes))
         with torch.no_grad():
             for p, *others in zip(self.model.parameters(), *(m.parameters() for m in trained), strict=True):
                 p.copy_(torch.stack(others).mean(0))
