@@ -30,19 +30,18 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     store. Each destination has the client's deadline and succeeds or fails on its own: one
     that fails does not stop the others from storing their copy.
 
-    Raises:
-        BroadcastError: some destinations failed (those workers, or the way to them). Its
-            `errors` maps each failed worker's name to its own typed error (UnknownWorkerError:
-            the broker knows no such worker; LostWorkerError, DeadlineExceeded, or the worker's
-            refusal such as StoreFullError); its `pointers` holds the pointers to the copies
-            stored, in the order of `workers`, None where a destination failed.
-        InvalidArgumentError: the caller passed no workers, a worker twice, a name no worker
-            can have, or workers of different clients.
-        UnsupportedTypeError: the caller passed something other than a tensor or a model
-            (a TypeError); a model outside the allow-list raises TypeError.
-        TooManyInFlightError: this client already has too many requests unanswered
-            (`connect(max_in_flight=...)`); await some results first.
-        ClientClosedError: this client is closed, or closed before the workers answered.
+    Raises BroadcastError when some destinations failed (the others stored their copy): its
+    `errors` maps each failed worker's name to that destination's own typed error, named for
+    who caused it as everywhere in fedptr (UnknownWorkerError: the broker knows no such worker;
+    LostWorkerError or DeadlineExceeded: that worker, or the way to it; that worker's refusal,
+    such as StoreFullError), and its `pointers` holds the pointers to the copies stored, in the
+    order of `workers`, None where a destination failed. The caller's mistakes raise at once:
+    InvalidArgumentError for no workers, a worker twice, a name no worker can have or workers
+    of different clients; UnsupportedTypeError (a TypeError) for anything but a tensor or a
+    model, and TypeError for a model outside the allow-list. This process raises
+    TooManyInFlightError when the requests do not fit under the client's `max_in_flight`
+    (await some results first), and ClientClosedError when the client is closed (closing while
+    it waits fails each destination still unanswered with ClientClosedError, in a BroadcastError).
     """
     if not workers:
         raise InvalidArgumentError("broadcast needs at least one worker")
