@@ -1,7 +1,8 @@
 """Federated-learning rounds end to end on a local cluster, as fedptr runs them today.
 
 A round is FedAvg with exact local SGD: the client sends the global model (an
-``nn.Linear(1000, 1000)``, 1,001,000 float32 parameters) to each of N owners, each owner takes
+``nn.Linear(1000, 1000)``, 1,001,000 float32 parameters) to the N owners in one upload
+(`fedptr.broadcast`: the broker fans it out), each owner takes
 `LOCAL_STEPS` full-batch SGD steps on its own private data through pointers (`fedptr.optim.SGD`,
 owners started with ``--release exact`` so that the client may fetch what they trained), the
 client fetches the N trained models and averages them. The owners work concurrently.
@@ -11,11 +12,16 @@ the client's link counters and each node's `wire.NodeStats`), against the minimu
 model's size times (2N + 1); and the client's upload. Also: ms per local step with minibatches of 32
 (``index_select`` of 32 rows on the owner, then forward, loss, backward, step, each step
 awaited), and a round with 8 owners with torch's default threads per node against one thread.
+
+``bench/run.py`` runs these after its other cases; ``python bench/fl.py`` runs them alone
+(``--rounds-only``: the FedAvg rounds alone, the quickest comparison).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -128,12 +134,11 @@ class Federation:
     async def setup(self) -> None:
         self.data = {name: await self.client.worker(name).search(TAG) for name in self.names}
 
-    async def train_on(self, name: str, steps: int, batch: int | None) -> nn.Module:
-        """Send the global model to `name`, take `steps` SGD steps there (full batch, or
+    async def train(self, remote: fedptr.Pointer, steps: int, batch: int | None) -> nn.Module:
+        """Take `steps` SGD steps on the global model's copy `remote` where it is (full batch, or
         minibatches of `batch` rows) and fetch the trained model."""
-        remote = await self.client.worker(name).send(self.model)
         assert isinstance(remote, fedptr.ModulePointer)
-        x, y = self.data[name]
+        x, y = self.data[remote.location]
         opt = optim.SGD(remote.parameters(), lr=LR)
         for _ in range(steps):
             if batch is None:
@@ -149,7 +154,9 @@ class Federation:
         return trained
 
     async def round(self, names: Sequence[str], steps: int = LOCAL_STEPS, batch: int | None = None) -> None:
-        trained = await asyncio.gather(*(self.train_on(name, steps, batch) for name in names))
+        """The global model to every owner in one upload (`fedptr.broadcast`), trained there, averaged here."""
+        remotes = await fedptr.broadcast(self.model, [self.client.worker(name) for name in names])
+        trained = await asyncio.gather(*(self.train(remote, steps, batch) for remote in remotes))
         with torch.no_grad():
             for p, *others in zip(self.model.parameters(), *(m.parameters() for m in trained), strict=True):
                 p.copy_(torch.stack(others).mean(0))
@@ -191,9 +198,10 @@ def note(text: str) -> None:
     print(f"fl: {text}", file=sys.stderr, flush=True)
 
 
-async def run_fl(sc: FlScale, logs: Path) -> dict[str, Any]:
-    """FL rounds with N owners for each N in `sc.owners` (one cluster of the largest N), minibatch
-    steps, and the threads comparison with 8 owners (or the largest N below)."""
+async def run_fl(sc: FlScale, logs: Path, rounds_only: bool = False) -> dict[str, Any]:
+    """FL rounds with N owners for each N in `sc.owners` (one cluster of the largest N), then,
+    unless `rounds_only`, minibatch steps and the threads comparison with 8 owners (or the
+    largest N below)."""
     logs.mkdir(parents=True, exist_ok=True)
     top = max(sc.owners)
     figures: dict[str, Any] = {"model_bytes": model_bytes(nn.Linear(FEATURES, FEATURES)), "local_steps": LOCAL_STEPS}
@@ -204,6 +212,8 @@ async def run_fl(sc: FlScale, logs: Path) -> dict[str, Any]:
         for n in sc.owners:
             note(f"round with {n} owners")
             figures[f"round-{n}"] = await fed.timed_rounds(fed.names[:n], sc)
+        if rounds_only:
+            return figures
         note("minibatch steps")
         figures["batch_step_ms"] = await fed.step_ms(fed.names[0], sc.batch_steps)
         t0 = time.perf_counter()
@@ -239,6 +249,8 @@ def fl_rows(f: dict[str, Any], owners: Sequence[int]) -> list[tuple[str, str, st
                 f"broker {r['broker_bytes'] / minimum:.2f}×; upload {r['upload_bytes'] / size:.2f}×",
             )
         )
+    if "threads_owners" not in f:
+        return out  # --rounds-only
     n = f["threads_owners"]
     out.append(("local step, minibatch of 32, awaited", f"{f['batch_step_ms']:.1f} ms", "—", "—"))
     if f"batch_round_{n}_s" in f:
@@ -252,3 +264,26 @@ def fl_rows(f: dict[str, Any], owners: Sequence[int]) -> list[tuple[str, str, st
         )
     )
     return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(FL_SCALES), default="quick", help="rounds per case and time budget")
+    p.add_argument("--owners", type=int, nargs="+", help="owner counts to measure (default: the scale's 2 8 16)")
+    p.add_argument("--rounds", type=int, default=0, help="override the scale's timed rounds per case")
+    p.add_argument("--rounds-only", action="store_true", help="only the FedAvg rounds: no minibatch or threads cases")
+    p.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--logs", default="/tmp/fedptr-fl-logs")
+    args = p.parse_args()
+    sc = FL_SCALES[args.scale]
+    owners = tuple(args.owners) if args.owners else sc.owners
+    sc = FlScale(owners, args.rounds or sc.rounds, sc.budget, sc.batch_steps, sc.threads_rounds)
+    figures = asyncio.run(run_fl(sc, Path(args.logs), args.rounds_only))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
+    for row in fl_rows(figures, owners):
+        print(" | ".join(row))
+
+
+if __name__ == "__main__":
+    main()

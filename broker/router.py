@@ -2,7 +2,8 @@
 
 A peer's message ``[identity, PROTOCOL, command, dest, rid, *body]`` goes out as
 ``[dest_identity, PROTOCOL, command, source_name, rid, *body]``; body frames are passed on as
-the same zmq frames, never copied or decoded.
+the same zmq frames, never copied or decoded. A FANOUT is first taken apart into the messages
+it stands for, one per destination, which are then routed exactly as if each had come alone.
 """
 
 from __future__ import annotations
@@ -362,6 +363,8 @@ class Broker:
         batched per destination."""
         source = self.table.by_identity.get(identity)
         by_dest: dict[bytes, list[list[Any]]] = {}
+        if any(m.command == envelope.FANOUT for m in messages):
+            messages = self._unfanned(messages)
         for m in messages:
             if m.command not in _ROUTED:
                 self._drop(f"command {m.command[:8]!r} in a routed batch")
@@ -382,6 +385,20 @@ class Broker:
             by_dest.setdefault(dest_identity, []).append(envelope.message(m.command, source, m.rid, m.body))
         for dest_identity, batch in by_dest.items():
             self._deliver(identity, dest_identity, batch)
+
+    def _unfanned(self, messages: list[envelope.Envelope]) -> list[envelope.Envelope]:
+        """`messages` with each FANOUT replaced by the messages it stands for; a malformed one
+        is dropped whole (none of its destinations sees any of it)."""
+        out: list[envelope.Envelope] = []
+        for m in messages:
+            if m.command != envelope.FANOUT:
+                out.append(m)
+                continue
+            try:
+                out.extend(envelope.unfan(m))
+            except ProtocolError as e:
+                self._drop(f"fan-out: {e}")
+        return out
 
     def _deliver(self, identity: bytes, dest_identity: bytes, messages: list[list[Any]]) -> None:
         """Send `messages` to one peer, as a batch when there are several; on failure, tell the
@@ -475,7 +492,7 @@ class Broker:
             log.warning("dropped garbage message (%s); %d dropped so far", why, self.dropped)
 
 
-_ROUTED = frozenset({envelope.REQUEST, envelope.REPLY, envelope.CHUNK})
+_ROUTED = frozenset({envelope.REQUEST, envelope.REPLY, envelope.CHUNK, envelope.FANOUT})
 
 
 def _event_name(event: int) -> str:

@@ -31,6 +31,7 @@ COMMAND_NAMES = {
     envelope.REQUEST: "request",
     envelope.REPLY: "reply",
     envelope.CHUNK: "chunk",
+    envelope.FANOUT: "fanout",
     envelope.BATCH: "batch",
     envelope.LIST: "list",
     envelope.STATS: "stats",

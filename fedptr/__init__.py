@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from fedptr.errors import (
+    BroadcastError,
     BudgetExhaustedError,
     ClientClosedError,
     ConsumedPointerError,
@@ -44,12 +45,14 @@ if TYPE_CHECKING:
     from fedptr import ops as ops
     from fedptr import optim as optim
     from fedptr import tensors as tensors
+    from fedptr.broadcasting import broadcast
     from fedptr.client import Client, ObjectInfo, Worker, connect
     from fedptr.cluster import Cluster, LocalCluster, local_cluster
     from fedptr.plans import Plan, plan
     from fedptr.pointer import ModulePointer, Pending, Pointer
 
 _LAZY = {
+    "broadcast": "fedptr.broadcasting",
     "Client": "fedptr.client",
     "ObjectInfo": "fedptr.client",
     "Worker": "fedptr.client",
@@ -82,6 +85,7 @@ _SUBMODULES = frozenset(
 """Submodules reachable as attributes after ``import fedptr`` (``fedptr.optim.SGD``), imported on first use."""
 
 __all__ = [
+    "BroadcastError",
     "BudgetExhaustedError",
     "Client",
     "ClientClosedError",
@@ -114,6 +118,7 @@ __all__ = [
     "UsageError",
     "Worker",
     "WorkerRefused",
+    "broadcast",
     "connect",
     "local_cluster",
     "plan",

@@ -5,8 +5,9 @@ Every multipart on a fedptr socket is::
     [PROTOCOL, command, name, request_id, *body]
 
 ``name`` is the destination when a peer sends and the source when the broker delivers; the
-broker swaps it and reads nothing past the request id. `build` makes every envelope and `parse`
-reads every one (a BATCH becomes its messages), so no other module indexes into frames.
+broker swaps it and reads nothing past the request id (a FANOUT's command frame aside). `build`
+makes every envelope and `parse` reads every one (a BATCH becomes its messages, `unfan` a
+FANOUT its per-destination messages), so no other module indexes into frames.
 Sans-IO: no sockets, no asyncio, no torch.
 """
 
@@ -68,6 +69,17 @@ CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
+FANOUT = b"F"
+"""peer -> broker: one REQUEST, or one CHUNK of a streamed one, for several peers:
+``[PROTOCOL, FANOUT, targets, NO_REPLY, command, *body]``, targets packed by `pack_targets` as
+(name, request id) pairs. The broker delivers ``[command, source, rid, *body]`` to each target,
+exactly as if each had been sent its own message with its own request id (same checks, same
+errors, the same body frames never copied), so the sender uploads the body once and each
+destination answers its own request id."""
+
+FANOUT_COMMANDS = frozenset({REQUEST, CHUNK})
+"""What a FANOUT may carry: requests and their chunks (REQUEST, CHUNK), never replies."""
+
 STATS = b"S"
 """peer -> broker: the broker's counters; the answer's body is ``name=value`` frames
 (table sizes, messages routed and dropped), for operators and leak tests."""
@@ -78,7 +90,7 @@ STATS_PEER_PREFIX = "peer."
 it and not yet answered), ``refused`` (messages refused: its queue was full), ``delivered``."""
 
 COMMANDS = frozenset(
-    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, STATS}
+    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, FANOUT, STATS}
 )
 
 ROLE_WORKER = b"worker"
@@ -190,3 +202,46 @@ def parse(frames: Sequence[Any]) -> list[Envelope]:
     if frames[1] == BATCH:
         return [Envelope(bytes(m[0]), bytes(m[1]), bytes(m[2]), m[3:]) for m in unpack_batch(frames[2], frames[3:])]
     return [Envelope(bytes(frames[1]), bytes(frames[2]), bytes(frames[3]), list(frames[4:]))]
+
+
+def pack_targets(targets: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The targets frame of a FANOUT: per (name, request id), the name's length (1 byte), the
+    name and the 8-byte request id."""
+    return b"".join(bytes((len(name),)) + name + rid for name, rid in targets)
+
+
+def fanout(targets: bytes, inner: Sequence[Any]) -> list[Any]:
+    """The FANOUT that delivers `inner` (``[command, name, rid, *body]``, a REQUEST or a CHUNK
+    whose own name and request id are not sent) to each of `targets` (`pack_targets`)."""
+    return message(FANOUT, targets, NO_REPLY, [inner[0], *inner[ENVELOPE_FRAMES - 1 :]])
+
+
+def fanned(fan: Sequence[Any]) -> tuple[bytes, list[Any]]:
+    """A FANOUT message built by `fanout`, taken apart: its targets frame, and the message it
+    carries with an empty name and NO_REPLY as request id (for `fedptr.streams.split`)."""
+    return bytes(fan[1]), message(fan[ENVELOPE_FRAMES - 1], b"", NO_REPLY, fan[ENVELOPE_FRAMES:])
+
+
+def unfan(env: Envelope, max_width: int = limits.FANOUT_MAX_WIDTH) -> list[Envelope]:
+    """The messages a received FANOUT stands for, one per target, named for their destination
+    and sharing the body frames. Raises ProtocolError when it carries no REQUEST or CHUNK, or
+    its targets are not 1..`max_width` distinct valid names, each with an 8-byte request id."""
+    if not env.body or len(env.body[0]) != 1 or bytes(env.body[0]) not in FANOUT_COMMANDS:
+        raise ProtocolError("a fan-out carries a request or a chunk")
+    command, body = bytes(env.body[0]), env.body[1:]
+    targets, names = env.name, set()
+    out: list[Envelope] = []
+    i = 0
+    while i < len(targets):
+        if len(out) == max_width:
+            raise ProtocolError(f"a fan-out names more than {max_width} destinations")
+        end = i + 1 + targets[i]
+        name, rid = targets[i + 1 : end], targets[end : end + REQUEST_ID_BYTES]
+        if len(rid) != REQUEST_ID_BYTES or not valid_name(name) or name in names:
+            raise ProtocolError("a fan-out's targets are malformed or repeat a name")
+        names.add(name)
+        out.append(Envelope(command, name, rid, body))
+        i = end + REQUEST_ID_BYTES
+    if not out:
+        raise ProtocolError("a fan-out names no destination")
+    return out

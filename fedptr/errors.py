@@ -8,6 +8,7 @@ Names say who caused the failure (trio's style):
 * the network or a peer went away: `UnknownWorkerError`, `LostWorkerError`, `DeadlineExceeded`,
   `ProtocolError`, `RegistrationRefused`;
 * this process: `ClientClosedError`, `TooManyInFlightError`, `ConsumedPointerError`;
+* some of several destinations, each for its own reason: `BroadcastError` holds each one's error;
 * the caller misused the API: `UsageError` subclasses, which are also the builtin they stand
   for (`InvalidArgumentError` is a ValueError, `UnsupportedTypeError` a TypeError).
 """
@@ -148,6 +149,21 @@ class InDoubtError(WorkerRefused):
         self.candidates: list[Any] = []
         self.hand_over = ""
         """``"move"`` or ``"send"`` (a pointer sent) when the client knows what was in doubt."""
+
+
+class BroadcastError(FedptrError):
+    """Raised by `fedptr.broadcast` when some destinations failed; the others hold their copy.
+
+    `errors` maps the name of each worker that failed to that destination's own typed error
+    (UnknownWorkerError, LostWorkerError, DeadlineExceeded, a worker's refusal such as
+    StoreFullError, ...); `pointers` holds one entry per worker asked, in order: the pointer to
+    its copy, or None where it failed. Dropping those pointers deletes the copies as usual."""
+
+    def __init__(self, errors: dict[str, FedptrError], pointers: list[Any]) -> None:
+        self.errors = dict(errors)
+        self.pointers = list(pointers)
+        failed = "; ".join(f"{name!r}: {e}" for name, e in self.errors.items())
+        super().__init__(f"broadcast failed on {len(self.errors)} of {len(self.pointers)} workers: {failed}")
 
 
 class ClientClosedError(FedptrError):

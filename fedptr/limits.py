@@ -195,6 +195,11 @@ BROKER_MAX_PEERS = 10000
 BROKER_MAX_CLIENT_BINDINGS = 100_000
 """Client names a CURVE broker remembers the key of (so none can be taken over by another key)."""
 
+FANOUT_MAX_WIDTH = 64
+"""Most destinations (a count) one fan-out names (`fedptr.broadcast` sends to more in several):
+the broker sends a fan-out's body once per destination, so this bounds the sends, and the
+queued bytes, that one message can ask of it."""
+
 BROKER_LOG_EVERY = 1000
 """The broker logs the 1st and then every Nth dropped garbage message, so a flood cannot flood the log."""
 

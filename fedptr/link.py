@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -30,7 +30,7 @@ log = logging.getLogger("fedptr.link")
 
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
-_BATCHABLE = (envelope.REQUEST, envelope.REPLY)
+_BATCHABLE = (envelope.REQUEST, envelope.REPLY, envelope.FANOUT)
 
 RequestHandler = Callable[[str, bytes, wire.Decoded], None]
 """Called with (source name, request id, decoded request) for every request a peer receives.
@@ -207,6 +207,23 @@ class Link:
         self._push(message)
         return fut
 
+    def request_many_nowait(
+        self, dests: Sequence[str], msg: wire.Message, timeout: float
+    ) -> list[asyncio.Future[wire.Message]]:
+        """Queue one request to each of `dests`, uploaded once (the broker fans it out), and
+        return the future of each one's reply, in order; each settles by `timeout` s on its own.
+
+        Raises InvalidArgumentError for an empty list, a repeated or impossible name, or more
+        than `limits.FANOUT_MAX_WIDTH` names; TooManyInFlightError when they do not all fit
+        under `max_in_flight`; ClientClosedError once the link is closed."""
+        self._check_open(", ".join(dests))
+        rids, message = self.session.request_many(dests, msg, timeout, self._loop.time())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: request %s to %s", self.name, type(msg).__name__, dests, extra=rid_extra(rids[0]))
+        futures = [self._expect(rid) for rid in rids]
+        self._push(message)
+        return futures
+
     async def request(self, dest: str, msg: wire.Message, timeout: float) -> wire.Message:
         """Send a request to `dest` and return its reply; raises the typed error of a failure.
         With `max_in_flight` requests unanswered it first waits for room, within `timeout`."""
@@ -334,8 +351,10 @@ class Link:
             memoryview(f).nbytes > limits.STREAM_THRESHOLD_BYTES for f in message[envelope.ENVELOPE_FRAMES :]
         ):
             self._flush_batch()
-            for part in split(message):
-                self._push_frames(envelope.framed(part))
+            # a fan-out streams the message it carries, each chunk fanned out to the same targets
+            targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
+            for part in split(inner):
+                self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
                 if self.progress is not None and part[0] == envelope.CHUNK:
                     self.progress.chunk(part, outgoing=True)
             return

@@ -3,8 +3,8 @@
 A `Session` knows registration and re-registration, heartbeat liveness, request ids, deadlines
 and what every incoming message means. It never touches a socket, a clock or an event loop:
 
-* the calls that start something (`register`, `request`, `query`, `notify`, `reply`, `goodbye`)
-  return the message to send, ``[command, name, rid, *body]`` (`fedptr.envelope`);
+* the calls that start something (`register`, `request`, `request_many`, `query`, `notify`,
+  `reply`, `goodbye`) return the message to send, ``[command, name, rid, *body]`` (`fedptr.envelope`);
 * `receive(frames, now)` turns one received multipart into events;
 * `tick(now)` turns the passage of time into events: expired deadlines, a heartbeat to send,
   the broker taken for dead, a registration to repeat.
@@ -30,6 +30,7 @@ from fedptr import envelope, limits, wire
 from fedptr.errors import (
     DeadlineExceeded,
     FedptrError,
+    InvalidArgumentError,
     LostWorkerError,
     OverloadedError,
     ProtocolError,
@@ -151,6 +152,33 @@ class Session:
         message = envelope.message(envelope.REQUEST, dest.encode(), rid, body)
         self._pending[rid].message = message
         return rid, self._sent(message, now)
+
+    def request_many(
+        self, dests: Sequence[str], msg: wire.Message, timeout: float, now: float
+    ) -> tuple[list[bytes], list[Any]]:
+        """One request to each of `dests` (a request id each, in order) and the one FANOUT that
+        carries them: the body is encoded and sent once, the broker delivers it to each, and each
+        request settles on its own as with `request` (its reply, deadline, LOST, a broker error).
+
+        Raises InvalidArgumentError when `dests` is empty, repeats a name, holds a name no peer
+        can register, or is longer than `limits.FANOUT_MAX_WIDTH`; TooManyInFlightError when
+        they do not all fit under `max_in_flight`."""
+        if not 0 < len(dests) <= limits.FANOUT_MAX_WIDTH or len(set(dests)) != len(dests):
+            raise InvalidArgumentError(f"a fan-out goes to 1..{limits.FANOUT_MAX_WIDTH} distinct peers, not {dests}")
+        bad = [d for d in dests if not envelope.valid_name(d.encode())]
+        if bad:
+            raise InvalidArgumentError(f"no peer can be named {bad[0]!r}")
+        if len(self._pending) + len(dests) > self.max_in_flight:
+            raise TooManyInFlightError(f"{self.name}: {len(self._pending)} requests in flight; await some first")
+        body = wire.encode(msg, budget_ms=max(1, int(timeout * 1000)))
+        targets = []
+        for dest in dests:
+            rid = self._track(dest, timeout, now)
+            # a request the broker refuses undelivered (it forgot us) is sent again on its own
+            self._pending[rid].message = envelope.message(envelope.REQUEST, dest.encode(), rid, body)
+            targets.append((dest.encode(), rid))
+        inner = envelope.message(envelope.REQUEST, b"", envelope.NO_REPLY, body)
+        return [rid for _, rid in targets], self._sent(envelope.fanout(envelope.pack_targets(targets), inner), now)
 
     def query(self, command: bytes, timeout: float, now: float) -> tuple[bytes, list[Any]]:
         """A question to the broker itself (LIST or STATS), answered with a `NameList`."""

@@ -23,6 +23,7 @@ CLIENT_SIDE = (
     "fedptr.aggregate",
     "fedptr.meta",
     "fedptr.data",
+    "fedptr.broadcasting",
 )
 
 

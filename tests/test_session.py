@@ -1,6 +1,7 @@
 """The sans-IO session, driven through a fake broker with no sockets and a fake clock (h11's
 ConnectionPair way): registration, requests, deadlines, liveness, re-registration after a
-broker restart, resending what a forgetful broker refused, and departures."""
+broker restart, resending what a forgetful broker refused, and departures; and fan-outs (one
+request for several destinations, each settling on its own), their envelope included."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from typing import Any
 
 import pytest
 
-from fedptr import envelope, wire
-from fedptr.errors import DeadlineExceeded, LostWorkerError, TooManyInFlightError
+from fedptr import envelope, limits, wire
+from fedptr.errors import (
+    DeadlineExceeded,
+    InvalidArgumentError,
+    LostWorkerError,
+    ProtocolError,
+    TooManyInFlightError,
+    UnknownWorkerError,
+)
 from fedptr.session import Event, Incoming, Registered, Send, Session, SessionEnded, Settled
+from fedptr.streams import split
 
 BEAT = 1.0
 
@@ -22,16 +31,29 @@ class FakeBroker:
 
     peers: dict[str, Session] = field(default_factory=dict)
     inbox: dict[str, list[list[Any]]] = field(default_factory=dict)
+    received: list[list[Any]] = field(default_factory=list)
+    """Every message the broker was sent, as sent."""
 
     def accept(self, sender: Session, message: list[Any]) -> None:
         """Handle one message `sender` sent (``[command, name, rid, *body]``)."""
+        self.received.append(message)
+        self._accept(sender, message)
+
+    def _accept(self, sender: Session, message: list[Any]) -> None:
         command, name, rid, body = message[0], message[1], message[2], message[3:]
         if command == envelope.REGISTER:
             self.peers[name.decode()] = sender
             self._to(sender, envelope.message(envelope.ACCEPTED, name, rid))
+        elif command == envelope.FANOUT:  # as the real broker: each destination as if sent alone
+            [fan] = envelope.parse(envelope.framed(message))
+            for m in envelope.unfan(fan):
+                self._accept(sender, envelope.message(m.command, m.name, m.rid, m.body))
         elif sender.name not in self.peers:
             self._to(sender, envelope.message(envelope.BROKER_ERROR, name, rid, [envelope.REASON_NOT_REGISTERED]))
-        elif command in (envelope.REQUEST, envelope.REPLY):
+        elif name.decode() not in self.peers:
+            if command == envelope.REQUEST:
+                self._to(sender, envelope.message(envelope.BROKER_ERROR, name, rid, [envelope.REASON_UNKNOWN_NAME]))
+        elif command in (envelope.REQUEST, envelope.REPLY, envelope.CHUNK):
             dest = self.peers[name.decode()]
             self._to(dest, envelope.message(command, sender.name.encode(), rid, body))
 
@@ -219,3 +241,136 @@ def test_request_ids_never_repeat_across_incarnations(net: Net) -> None:
     ids_b = {b.request("x", wire.Clear(), 5, net.now)[0] for _ in range(100)}
     assert a.incarnation != b.incarnation and not ids_a & ids_b
     assert envelope.NO_REPLY not in ids_a | ids_b
+
+
+# --- fan-outs ------------------------------------------------------------------------------
+WORKERS = ["bob", "alice", "carol"]
+
+
+def fleet(net: Net) -> tuple[list[Session], Session]:
+    workers = [registered(net, name, envelope.ROLE_WORKER) for name in WORKERS]
+    return workers, registered(net, "client-1", envelope.ROLE_CLIENT)
+
+
+def answer_all(net: Net, workers: list[Session]) -> list[Incoming]:
+    """Each worker's requests so far, each answered with an Ok."""
+    incoming = []
+    for w in workers:
+        for e in net.events.pop(w.name, []):
+            assert isinstance(e, Incoming)
+            incoming.append(e)
+            reply = w.reply(e.source, e.rid, wire.Ok(), net.now)
+            assert reply is not None
+            net.send(w, reply)
+    return incoming
+
+
+def test_a_fan_out_is_sent_once_and_each_destination_answers_its_own_request(net: Net) -> None:
+    workers, client = fleet(net)
+    net.broker.received.clear()
+    rids, message = client.request_many(WORKERS, wire.Search("digits"), 5.0, net.now)
+    assert len(set(rids)) == 3 and client.in_flight == 3
+    net.send(client, message)
+    assert [m[0] for m in net.broker.received] == [envelope.FANOUT]  # one upload
+    net.run(*workers, client)
+    incoming = answer_all(net, workers)
+    assert [(e.source, e.rid, e.request.message) for e in incoming] == [
+        ("client-1", rid, wire.Search("digits")) for rid in rids
+    ]
+    net.run(*workers, client)
+    assert sorted(net.settled(client), key=lambda e: rids.index(e.rid)) == [Settled(r, wire.Ok()) for r in rids]
+    assert client.in_flight == 0
+
+
+def test_each_destination_of_a_fan_out_fails_on_its_own(net: Net) -> None:
+    workers, client = fleet(net)
+    bob = workers[0]
+    rids, message = client.request_many([*WORKERS, "nobody"], wire.Clear(), 0.5, net.now)
+    net.send(client, message)
+    net.run(*workers, client)
+    net.events.pop("carol")  # carol never answers
+    net.events.pop("alice")
+    lost = envelope.message(envelope.LOST, b"alice", envelope.NO_REPLY, [envelope.ROLE_WORKER, envelope.GONE_CLOSED])
+    net.handle(client, client.receive(envelope.framed(lost), net.now))
+    answer_all(net, [bob])
+    net.run(*workers, client)
+    net.tick(0.6, client)
+    outcome = {e.rid: e for e in net.settled(client)}
+    assert outcome[rids[0]] == Settled(rids[0], wire.Ok())
+    assert isinstance(outcome[rids[1]].error, LostWorkerError) and outcome[rids[1]].error.worker == "alice"
+    assert isinstance(outcome[rids[2]].error, DeadlineExceeded) and outcome[rids[2]].error.worker == "carol"
+    assert isinstance(outcome[rids[3]].error, UnknownWorkerError) and outcome[rids[3]].error.worker == "nobody"
+    assert len(outcome) == 4 and client.in_flight == 0
+
+
+def test_a_fan_out_the_broker_refused_undelivered_is_sent_again_to_each(net: Net) -> None:
+    workers, client = fleet(net)
+    del net.broker.peers["client-1"]  # the broker forgot the client
+    rids, message = client.request_many(WORKERS, wire.Clear(), 5.0, net.now)
+    net.send(client, message)
+    net.run(*workers, client)  # NOT_REGISTERED for each, REGISTER, ACCEPTED, each request again
+    assert client.registered and client.reregistrations == 1
+    assert [e.rid for e in answer_all(net, workers)] == rids
+
+
+def test_a_streamed_fan_out_reaches_each_destination_whole(net: Net) -> None:
+    """As `Link` streams a fan-out: the message it carries is split, each part fanned out alike."""
+    workers, client = fleet(net)
+    data = bytes(range(256)) * 4
+    tensor = wire.RawTensor("uint8", [len(data)], memoryview(data))
+    _rids, message = client.request_many(WORKERS, wire.Put(7, tensor, False), 5.0, net.now)
+    targets, inner = envelope.fanned(message)
+    parts = split(inner, threshold=100, chunk=300)
+    assert [p[0] for p in parts] == [envelope.CHUNK] * 4 + [envelope.REQUEST]
+    for part in parts:
+        net.send(client, envelope.fanout(targets, part))
+    net.run(*workers, client)
+    for w in workers:
+        [put] = [e.request.message for e in net.events[w.name] if isinstance(e, Incoming)]
+        assert isinstance(put, wire.Put) and bytes(put.tensor.data) == data
+
+
+def test_a_fan_out_takes_distinct_possible_names_within_its_width(net: Net) -> None:
+    client = Session("c", envelope.ROLE_CLIENT, max_in_flight=4)
+    too_many = [f"w{i}" for i in range(limits.FANOUT_MAX_WIDTH + 1)]
+    for dests in ([], ["bob", "bob"], ["bob", "no such name!"], too_many):
+        with pytest.raises(InvalidArgumentError):
+            client.request_many(dests, wire.Clear(), 5, net.now)
+    assert client.in_flight == 0
+    client.request_many(["a", "b"], wire.Clear(), 5, net.now)
+    with pytest.raises(TooManyInFlightError):
+        client.request_many(["a", "b", "c"], wire.Clear(), 5, net.now)
+    assert client.in_flight == 2
+
+
+def fan(targets: bytes, *body: bytes) -> envelope.Envelope:
+    [env] = envelope.parse(envelope.build(envelope.FANOUT, targets, envelope.NO_REPLY, *body))
+    return env
+
+
+def test_unfan_gives_each_target_the_same_body() -> None:
+    rid_a, rid_b = b"\1" * 8, b"\2" * 8
+    env = fan(envelope.pack_targets([(b"bob", rid_a), (b"alice", rid_b)]), envelope.REQUEST, b"header", b"buf")
+    [a, b] = envelope.unfan(env)
+    assert (a.command, a.name, a.rid, a.body) == (envelope.REQUEST, b"bob", rid_a, [b"header", b"buf"])
+    assert (b.command, b.name, b.rid) == (envelope.REQUEST, b"alice", rid_b)
+    assert a.body[1] is b.body[1]  # the same frame, never copied
+
+
+@pytest.mark.parametrize(
+    ("targets", "body"),
+    [
+        (envelope.pack_targets([(b"bob", b"\1" * 8)]), []),  # nothing carried
+        (envelope.pack_targets([(b"bob", b"\1" * 8)]), [envelope.REPLY, b"h"]),  # replies are not fanned out
+        (envelope.pack_targets([(b"bob", b"\1" * 8)]), [envelope.REQUEST * 2, b"h"]),
+        (b"", [envelope.REQUEST, b"h"]),  # no destination
+        (envelope.pack_targets([(b"bob", b"\1" * 8)])[:-1], [envelope.REQUEST, b"h"]),  # truncated id
+        (b"\xff" + b"bob" + b"\1" * 8, [envelope.REQUEST, b"h"]),  # length past the end
+        (envelope.pack_targets([(b"b b", b"\1" * 8)]), [envelope.REQUEST, b"h"]),  # impossible name
+        (envelope.pack_targets([(b"bob", b"\1" * 8), (b"bob", b"\2" * 8)]), [envelope.REQUEST, b"h"]),
+        (envelope.pack_targets([(f"w{i}".encode(), b"\1" * 8) for i in range(65)]), [envelope.REQUEST, b"h"]),
+    ],
+)
+def test_unfan_refuses_malformed_fan_outs(targets: bytes, body: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        envelope.unfan(fan(targets, *body), max_width=64)
