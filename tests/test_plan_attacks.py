@@ -1,0 +1,497 @@
+"""Red team of plans (`fedptr.plan`, `wire.PutPlan`/`wire.RunPlan`): attacks an analyst-client
+can run through plans, most of them with hand-crafted graphs sent by a raw client.
+
+Every test asserts the *secure outcome*: refused with a typed `fedptr.FedptrError`, or what
+comes back does not reveal the secret (or, for robustness, the node answers in time), so an
+attack that works is a failing test.
+
+One cluster for the module: bob (with a --store) and alice own private 8x4 data; frank owns
+private data too but runs with ``--release exact`` (he trusts the analyst with exact derived
+values, never with writes: private data is read-only for everyone), which lets a test *see*
+whether his read-only data was changed. Tests that may leave a node unusable come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from torch import nn
+
+import fedptr
+from fedptr import limits, wire
+from fedptr.security import CurveKeys
+from fedptr.tensors import from_raw, to_raw
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module")]
+
+OWNERS = ("bob", "alice", "frank")
+WORKERS = OWNERS
+R = wire.Ref
+
+
+@dataclass
+class Setup:
+    cluster: fedptr.Cluster
+    secrets: dict[str, dict[str, torch.Tensor]]
+    tmp: Path
+
+    @property
+    def client(self) -> fedptr.Client:
+        return self.cluster.client
+
+    def w(self, name: str) -> fedptr.Worker:
+        return self.cluster.client.worker(name)
+
+    async def data(self, owner: str) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+        x, y = await self.w(owner).search("data")
+        return x, y
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def setup() -> AsyncIterator[Setup]:
+    with tempfile.TemporaryDirectory(prefix="redplan-") as tmp_name:
+        tmp = Path(tmp_name)
+        g = torch.Generator().manual_seed(11)
+        secrets: dict[str, dict[str, torch.Tensor]] = {}
+        files: dict[str, dict[str, str]] = {}
+        for owner in OWNERS:
+            x = torch.randn(8, 4, generator=g) + 3.0  # nonzero everywhere
+            y = torch.randint(0, 3, (8,), generator=g)
+            secrets[owner] = {"x": x, "y": y}
+            path = tmp / f"{owner}.npz"
+            np.savez(path, x=x.numpy(), y=y.numpy())
+            files[owner] = {"data": str(path)}
+        node_args = {
+            "bob": ["--store", str(tmp / "bob-store")],
+            "frank": ["--release", "exact"],
+        }
+        async with fedptr.local_cluster(list(WORKERS), data=files, node_args=node_args, call_timeout=20.0) as c:
+            yield Setup(c, secrets, tmp)
+
+
+@pytest_asyncio.fixture(loop_scope="module", autouse=True)
+async def _clean(setup: Setup) -> AsyncIterator[None]:
+    yield
+    for name in WORKERS:
+        with contextlib.suppress(fedptr.FedptrError):
+            await setup.w(name).clear()
+
+
+# --- helpers -------------------------------------------------------------------------------
+def max_err(estimate: torch.Tensor, secret: torch.Tensor) -> float:
+    return float((estimate.double() - secret.double()).abs().max())
+
+
+async def refused_or(attack: Awaitable[Any]) -> Any:
+    try:
+        return await attack
+    except fedptr.FedptrError:
+        return None
+
+
+def assert_hidden(estimate: torch.Tensor | None, secret: torch.Tensor, what: str, tol: float = 1e-2) -> None:
+    if estimate is None:
+        return
+    err = max_err(estimate, secret)
+    assert err > tol, f"LEAK: recovered {what}, max abs error {err:.3g}"
+
+
+def client_keys(cluster: fedptr.Cluster) -> CurveKeys | None:
+    if cluster.keys_dir is not None and (cluster.keys_dir / "client.key_secret").exists():
+        return CurveKeys.load(cluster.keys_dir / "client.key_secret", cluster.keys_dir / "broker.key")
+    return None
+
+
+async def put(client: fedptr.Client, worker: str, value: torch.Tensor, requires_grad: bool = False) -> int:
+    obj_id = wire.new_object_id()
+    await client.call(worker, wire.Put(obj_id, to_raw(value), requires_grad))
+    return obj_id
+
+
+async def get(client: fedptr.Client, worker: str, obj_id: int) -> torch.Tensor:
+    reply = await client.call(worker, wire.Get(obj_id))
+    assert isinstance(reply, wire.TensorReply)
+    return from_raw(reply.tensor)
+
+
+async def op(
+    client: fedptr.Client, worker: str, name: str, args: list[Any], kwargs: dict[str, Any] | None = None
+) -> int:
+    result = wire.new_object_id()
+    await client.call(worker, wire.Op(result, name, args, kwargs or {}))
+    return result
+
+
+async def run_plan(
+    client: fedptr.Client, worker: str, n_inputs: int, ops: list[Any], outputs: list[int], inputs: list[int]
+) -> list[int]:
+    """Send a hand-made plan and run it once; returns the output ids."""
+    plan_id = wire.new_object_id()
+    await client.call(worker, wire.PutPlan(plan_id, n_inputs, ops, outputs))
+    result_ids = [wire.new_object_id() for _ in outputs]
+    await client.call(worker, wire.RunPlan(plan_id, inputs, result_ids))
+    return result_ids
+
+
+# --- aliasing between inputs and temporaries -----------------------------------------------
+async def test_set_grad_makes_a_temporarys_gradient_alias_a_public_input(setup: Setup) -> None:
+    """Plan(w, g, x): leaf = w.clone().requires_grad_(); leaf.grad = g (set_grad: an alias of
+    g's storage); (leaf * x).sum().backward() accumulates x into g in place; get(g)."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        w = await put(c, "bob", torch.zeros(8, 4))
+        g = await put(c, "bob", torch.zeros(8, 4))
+        ops = [
+            ["clone", [R(0)], {}],  # 3
+            ["requires_grad_", [R(3)], {}],  # 4
+            ["set_grad", [R(4), R(1)], {}],  # 5
+            ["mul", [R(4), R(2)], {}],  # 6
+            ["sum", [R(6)], {}],  # 7
+            ["backward", [R(7)], {}],  # 8
+        ]
+        await run_plan(c, "bob", 3, ops, [8], [w, g, bx.id_at_location])
+        return await get(c, "bob", g)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via set_grad in a plan")
+
+
+async def test_set_data_makes_a_temporary_alias_a_public_input(setup: Setup) -> None:
+    """Plan(a, x): t = a.clone(); t.data = a (set_data: t now aliases a); t.add_(x); get(a)."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        a = await put(c, "bob", torch.zeros(8, 4))
+        ops = [
+            ["clone", [R(0)], {}],  # 2
+            ["set_data", [R(2), R(0)], {}],  # 3
+            ["add_", [R(2), R(1)], {}],  # 4
+        ]
+        await run_plan(c, "bob", 2, ops, [4], [a, bx.id_at_location])
+        return await get(c, "bob", a)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via set_data in a plan")
+
+
+async def test_set_data_on_a_saved_tensor_after_the_loss_is_formed(setup: Setup) -> None:
+    """Plan(w, a, x): loss = (w * a).sum() (public); a.data = x (a becomes private, the loss's
+    taint was decided already, and no version bump stops autograd); loss.backward(): w.grad = x."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        w = await put(c, "bob", torch.zeros(8, 4), requires_grad=True)
+        a = await put(c, "bob", torch.ones(8, 4))
+        ops = [
+            ["mul", [R(0), R(1)], {}],  # 3
+            ["sum", [R(3)], {}],  # 4
+            ["set_data", [R(1), R(2)], {}],  # 5
+            ["backward", [R(4)], {}],  # 6
+        ]
+        await run_plan(c, "bob", 3, ops, [6], [w, a, bx.id_at_location])
+        return await get(c, "bob", await op(c, "bob", "grad", [R(w)]))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via a swapped saved tensor")
+
+
+async def test_set_data_lets_a_temporary_write_read_only_private_data(setup: Setup) -> None:
+    """Plan(t, fx): s = t.clone(); s.data = fx (an alias of frank's read-only data); s.zero_()."""
+    c = setup.client
+    fx, _ = await setup.data("frank")
+
+    async def attack() -> torch.Tensor:
+        t = await put(c, "frank", torch.ones(8, 4))
+        ops = [["clone", [R(0)], {}], ["set_data", [R(2), R(1)], {}], ["zero_", [R(2)], {}]]
+        await run_plan(c, "frank", 2, ops, [4], [t, fx.id_at_location])
+        return await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+
+    now = await refused_or(attack())
+    if now is not None:
+        assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+async def test_kwargs_target_of_an_in_place_op_escapes_the_aliasing_rule(setup: Setup) -> None:
+    """Plan(base, x): add_(t=base, other=x): the target passed by keyword is no args[0], so the
+    result gets a fresh taint and base's stays public; get(base)."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        base = await put(c, "bob", torch.zeros(8, 4))
+        await run_plan(c, "bob", 2, [["add_", [], {"t": R(0), "other": R(1)}]], [2], [base, bx.id_at_location])
+        return await get(c, "bob", base)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via a keyword target")
+
+
+async def test_kwargs_target_writes_read_only_private_data(setup: Setup) -> None:
+    """Plan(fx): zero_(t=fx): the read-only check looks at args[0] only."""
+    c = setup.client
+    fx, _ = await setup.data("frank")
+
+    async def attack() -> torch.Tensor:
+        await run_plan(c, "frank", 1, [["zero_", [], {"t": R(0)}]], [1], [fx.id_at_location])
+        return await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+
+    now = await refused_or(attack())
+    if now is not None:
+        assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+async def test_functional_inplace_flag_writes_read_only_private_data(setup: Setup) -> None:
+    """Plan(fx): F.dropout(fx, p=1, training=True, inplace=True) zeroes frank's read-only data."""
+    c = setup.client
+    fx, _ = await setup.data("frank")
+
+    async def attack() -> torch.Tensor:
+        ops = [["F.dropout", [R(0)], {"p": 1.0, "training": True, "inplace": True}]]
+        await run_plan(c, "frank", 1, ops, [1], [fx.id_at_location])
+        return await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+
+    now = await refused_or(attack())
+    if now is not None:
+        assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+async def test_batchnorm_running_stats_of_a_model_input(setup: Setup) -> None:
+    """Plan(model, x): model(x).sum() in training mode updates BatchNorm's running mean in place
+    with x's column means; forward taints its result, not the model; state(model, running_mean)."""
+    bob = setup.w("bob")
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        model = await bob.send(nn.Sequential(nn.BatchNorm1d(4)))
+        await run_plan(
+            c,
+            "bob",
+            2,
+            [["forward", [R(0), R(1)], {}], ["sum", [R(2)], {}]],
+            [3],
+            [model.id_at_location, bx.id_at_location],
+        )
+        mean = await op(c, "bob", "state", [R(model.id_at_location), "0.running_mean"])
+        return await get(c, "bob", mean) / 0.1
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"].mean(0), "bob's column means via BatchNorm")
+
+
+# --- the same roots sent one operation at a time (is the leak plan-specific?) ---------------
+async def test_single_ops_set_grad_alias(setup: Setup) -> None:
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        w = await put(c, "bob", torch.zeros(8, 4), requires_grad=True)
+        g = await put(c, "bob", torch.zeros(8, 4))
+        await op(c, "bob", "set_grad", [R(w), R(g)])
+        loss = await op(c, "bob", "sum", [R(await op(c, "bob", "mul", [R(w), R(bx.id_at_location)]))])
+        await op(c, "bob", "backward", [R(loss)])
+        return await get(c, "bob", g)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via set_grad, op by op")
+
+
+async def test_single_ops_set_data_alias(setup: Setup) -> None:
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        a = await put(c, "bob", torch.zeros(8, 4))
+        t = await put(c, "bob", torch.zeros(8, 4))
+        await op(c, "bob", "set_data", [R(t), R(a)])
+        await op(c, "bob", "add_", [R(t), R(bx.id_at_location)])
+        return await get(c, "bob", a)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via set_data, op by op")
+
+
+async def test_single_ops_set_data_after_the_loss(setup: Setup) -> None:
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        w = await put(c, "bob", torch.zeros(8, 4), requires_grad=True)
+        a = await put(c, "bob", torch.ones(8, 4))
+        loss = await op(c, "bob", "sum", [R(await op(c, "bob", "mul", [R(w), R(a)]))])
+        await op(c, "bob", "set_data", [R(a), R(bx.id_at_location)])
+        await op(c, "bob", "backward", [R(loss)])
+        return await get(c, "bob", await op(c, "bob", "grad", [R(w)]))
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via a swapped saved tensor, op by op")
+
+
+async def test_single_ops_kwargs_target(setup: Setup) -> None:
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        base = await put(c, "bob", torch.zeros(8, 4))
+        await op(c, "bob", "add_", [], {"t": R(base), "other": R(bx.id_at_location)})
+        return await get(c, "bob", base)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"], "bob's x via a keyword target, op by op")
+
+
+async def test_single_ops_functional_inplace_on_read_only_data(setup: Setup) -> None:
+    c = setup.client
+    fx, _ = await setup.data("frank")
+
+    async def attack() -> torch.Tensor:
+        await op(c, "frank", "F.dropout", [R(fx.id_at_location)], {"p": 1.0, "training": True, "inplace": True})
+        return await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+
+    now = await refused_or(attack())
+    if now is not None:
+        assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+async def test_single_ops_batchnorm_running_stats(setup: Setup) -> None:
+    bob = setup.w("bob")
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        model = await bob.send(nn.Sequential(nn.BatchNorm1d(4)))
+        await op(c, "bob", "forward", [R(model.id_at_location), R(bx.id_at_location)])
+        mean = await op(c, "bob", "state", [R(model.id_at_location), "0.running_mean"])
+        return await get(c, "bob", mean) / 0.1
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"].mean(0), "bob's column means, op by op")
+
+
+# --- hand-crafted graphs -------------------------------------------------------------------
+async def test_malformed_plans_are_refused_with_typed_errors(setup: Setup) -> None:
+    c = setup.client
+    a = await put(c, "bob", torch.ones(2))
+    bad: list[tuple[int, list[Any], list[int]]] = [
+        (1, [["add", [R(1), 1], {}]], [1]),  # reads its own slot
+        (1, [["add", [R(5), 1], {}]], [1]),  # a later slot
+        (1, [["add", [R(-1), 1], {}]], [1]),
+        (1, [["add", [1, 2], {}]], [1]),  # reads nothing
+        (1, [["add", [R(0), 1], {}]], [0]),  # outputs an input
+        (1, [["add", [R(0), 1], {}]], [1, 1]),  # one output twice
+        (1, [["aggregate_mean", [[R(0)]], {}]], [1]),
+        (1, [["__class__", [R(0)], {}]], [1]),
+        (1, [["add", [R(0)], {"x": {"y": [R(0)]}}]], [1]),  # fine shape-wise (a bad kwarg fails at run)
+        (1, [["add", [R(0), 1], {}]] * (10_001), [1]),
+        (2000, [["add", [R(0), 1], {}]], [2000]),
+    ]
+    for n_inputs, ops, outputs in bad:
+        try:
+            await run_plan(c, "bob", n_inputs, ops, outputs, [a] * n_inputs)
+        except fedptr.FedptrError:
+            continue
+    assert torch.equal(await get(c, "bob", a), torch.ones(2))  # still serving
+
+
+async def test_another_client_cannot_run_my_plan(setup: Setup) -> None:
+    c = setup.client
+    a = await put(c, "bob", torch.ones(2))
+    plan_id = wire.new_object_id()
+    await c.call("bob", wire.PutPlan(plan_id, 1, [["mul", [R(0), 2], {}]], [1]))
+    async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=10) as other:
+        mine = await put(other, "bob", torch.ones(2))
+        with pytest.raises(fedptr.FedptrError):
+            await other.call("bob", wire.RunPlan(plan_id, [mine], [wire.new_object_id()]))
+        with pytest.raises(fedptr.FedptrError):
+            await other.call("bob", wire.RunPlan(plan_id, [a], [wire.new_object_id()]))
+
+
+async def test_a_run_with_a_duplicate_result_id_leaves_nothing_pending(setup: Setup) -> None:
+    """RunPlan(.., result_ids=[r, r]): the second store.add fails after the first output entry
+    was stored, unsettled; another client's objects() then waits for it."""
+    c = setup.client
+    a = await put(c, "bob", torch.ones(2))
+    plan_id = wire.new_object_id()
+    await c.call("bob", wire.PutPlan(plan_id, 1, [["mul", [R(0), 2], {}], ["mul", [R(0), 3], {}]], [1, 2]))
+    r = wire.new_object_id()
+    with pytest.raises(fedptr.FedptrError):
+        await c.call("bob", wire.RunPlan(plan_id, [a], [r, r]))
+    async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=10) as other:
+        start = time.monotonic()
+        await other.worker("bob").objects()
+        took = time.monotonic() - start
+    assert took < 3.0, f"DOS: another client's listing of bob waited {took:.1f} s for a never-settled output"
+
+
+async def test_a_plan_cannot_block_the_node_with_inline_work(setup: Setup) -> None:
+    """A 1-element input expanded to 1500x1500 and multiplied 20 times: a plan decides to offload
+    by its inputs' size only, so the whole run would be inline on the event loop."""
+    c = setup.client
+    one = await put(c, "alice", torch.ones(1, 1))
+    ops: list[Any] = [["expand", [R(0), 1500, 1500], {}]]  # slot 1 (cloned by the guard)
+    for _ in range(20):
+        ops.append(["matmul", [R(len(ops)), R(1)], {}])
+        ops.append(["mul", [R(len(ops)), 0.0], {}])
+    plan_id = wire.new_object_id()
+    await c.call("alice", wire.PutPlan(plan_id, 1, ops, [len(ops)]))
+    async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=60) as other:
+        await other.call("alice", wire.NodeStats())
+        began = time.monotonic()
+        run = asyncio.ensure_future(c.call("alice", wire.RunPlan(plan_id, [one], [wire.new_object_id()]), timeout=120))
+        await asyncio.sleep(0.2)
+        start = time.monotonic()
+        with contextlib.suppress(fedptr.FedptrError):
+            await other.call("alice", wire.NodeStats())
+        took = time.monotonic() - start
+        ran = await refused_or(run)
+        whole = time.monotonic() - began
+    assert took < 1.0, (
+        f"DOS: alice answered another client after {took:.1f} s, the run took {whole:.1f} s ({ran!r:.30})"
+    )
+
+
+async def test_a_giant_temporary_is_a_typed_error_and_the_node_keeps_serving(setup: Setup) -> None:
+    c = setup.client
+    one = await put(c, "alice", torch.ones(1, 1))
+    with pytest.raises(fedptr.FedptrError):
+        await run_plan(c, "alice", 1, [["expand", [R(0), 1 << 20, 1 << 20], {}], ["sum", [R(1)], {}]], [2], [one])
+    ax, _ = await setup.data("alice")
+    with pytest.raises(fedptr.FedptrError):  # private: the guard's clone of a huge view
+        await run_plan(
+            c,
+            "alice",
+            1,
+            [["sum", [R(0)], {}], ["expand", [R(1), 1 << 20, 1 << 20], {}], ["sum", [R(2)], {}]],
+            [3],
+            [ax.id_at_location],
+        )
+    assert torch.equal(await get(c, "alice", one), torch.ones(1, 1))
+
+
+async def test_a_never_settled_output_cannot_stall_the_node_for_everyone(setup: Setup) -> None:
+    """Last (it may leave alice unusable): the duplicate-id run leaves output r unsettled; an op
+    on r waits for it forever, so this client's later requests queue behind it; past
+    NODE_MAX_ORDERED queued requests the node stops reading from everyone."""
+    c = setup.client
+    a = await put(c, "alice", torch.ones(2))
+    plan_id = wire.new_object_id()
+    await c.call("alice", wire.PutPlan(plan_id, 1, [["mul", [R(0), 2], {}], ["mul", [R(0), 3], {}]], [1, 2]))
+    r = wire.new_object_id()
+    with pytest.raises(fedptr.FedptrError):
+        await c.call("alice", wire.RunPlan(plan_id, [a], [r, r]))
+    flood = [c.request_nowait("alice", wire.Op(wire.new_object_id(), "mul", [R(r), 2], {}))]
+    flood += [c.request_nowait("alice", wire.NodeStats()) for _ in range(limits.NODE_MAX_ORDERED + 8)]
+    await asyncio.sleep(1.0)
+    async with fedptr.connect(setup.cluster.address, curve=client_keys(setup.cluster), timeout=5) as other:
+        try:
+            await other.call("alice", wire.NodeStats())
+            stalled = None
+        except fedptr.FedptrError as e:
+            stalled = e
+    await asyncio.gather(*flood, return_exceptions=True)
+    assert stalled is None, f"DOS: alice stopped answering everyone ({type(stalled).__name__})"
