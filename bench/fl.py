@@ -11,7 +11,9 @@ Figures per round: seconds; bytes through the broker (what it received plus what
 the client's link counters and each node's `wire.NodeStats`), against the minimum of the
 model's size times (2N + 1); and the client's upload. Also: ms per local step with minibatches of 32
 (``index_select`` of 32 rows on the owner, then forward, loss, backward, step, each step
-awaited), and a round with 8 owners with torch's default threads per node against one thread.
+awaited), op by op and as a plan (`fedptr.plan`: one message per step, the rows drawn on the
+owner), a round of minibatch steps both ways, and a round with 8 owners with torch's default
+threads per node against one thread.
 
 ``bench/run.py`` runs these after its other cases; ``python bench/fl.py`` runs them alone
 (``--rounds-only``: the FedAvg rounds alone, the quickest comparison).
@@ -49,11 +51,6 @@ TAG = "blobs"
 TIMEOUT_S = 120.0
 cross_entropy = cast("Callable[..., fedptr.Pointer]", functional.cross_entropy)
 """torch's, typed for pointers (it dispatches to them through ``__torch_function__``)."""
-INLINE_NUMEL = 1 << 40
-"""Owners run every op inline, in arrival order: an op the node offloads to a thread (inputs over
-``--offload-numel`` elements) is not ordered before later ops whose operands are settled, so
-``grad`` or ``step`` could run before an offloaded ``backward`` has finished (seen with a 1M
-parameter model: PermissionDenied on grad or backward)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +100,7 @@ async def owners_cluster(n: int, logs: Path, threads: int | None) -> AsyncIterat
             names,
             log_dir=logs,
             data=write_data(Path(tmp), names),
-            node_args={name: ["--release", "exact", "--offload-numel", str(INLINE_NUMEL)] for name in names},
+            node_args={name: ["--release", "exact"] for name in names},
             threads=threads,
             start_timeout=TIMEOUT_S,
             call_timeout=TIMEOUT_S,
@@ -134,29 +131,56 @@ class Federation:
     async def setup(self) -> None:
         self.data = {name: await self.client.worker(name).search(TAG) for name in self.names}
 
-    async def train(self, remote: fedptr.Pointer, steps: int, batch: int | None) -> nn.Module:
+    async def train(self, remote: fedptr.Pointer, steps: int, batch: int | None, planned: bool = False) -> nn.Module:
         """Take `steps` SGD steps on the global model's copy `remote` where it is (full batch, or
-        minibatches of `batch` rows) and fetch the trained model."""
+        minibatches of `batch` rows, op by op or as a plan) and fetch the trained model."""
         assert isinstance(remote, fedptr.ModulePointer)
-        x, y = self.data[remote.location]
-        opt = optim.SGD(remote.parameters(), lr=LR)
+        step = self.local_step(remote, batch, planned)
         for _ in range(steps):
-            if batch is None:
-                xb, yb = x, y
-            else:
-                rows = torch.randint(0, ROWS, (batch,))
-                xb, yb = x.index_select(0, rows), y.index_select(0, rows)
-            cross_entropy(remote(xb), yb).backward()
-            opt.step()
-            await opt.zero_grad()
+            await step()
         trained = await remote.get()
         assert isinstance(trained, nn.Module)
         return trained
 
-    async def round(self, names: Sequence[str], steps: int = LOCAL_STEPS, batch: int | None = None) -> None:
+    def local_step(
+        self, remote: fedptr.ModulePointer, batch: int | None, planned: bool
+    ) -> Callable[[], fedptr.Pointer]:
+        """One SGD step of `remote` on its owner's data (full batch, or `batch` rows drawn on the
+        client, or, as a plan, on the owner); returns the loss's pointer."""
+        x, y = self.data[remote.location]
+        opt = optim.SGD(remote.parameters(), lr=LR)
+
+        def sgd(xb: fedptr.Pointer, yb: fedptr.Pointer) -> fedptr.Pointer:
+            loss = cross_entropy(remote(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        if batch is None:
+            return lambda: sgd(x, y)
+        if not planned:
+
+            def by_ops() -> fedptr.Pointer:
+                rows = torch.randint(0, ROWS, (batch,))
+                return sgd(x.index_select(0, rows), y.index_select(0, rows))
+
+            return by_ops
+        template = self.client.worker(remote.location).send(torch.ones(batch))
+
+        @fedptr.plan
+        def minibatch(x: fedptr.Pointer, y: fedptr.Pointer, template: fedptr.Pointer) -> fedptr.Pointer:
+            rows = (torch.rand_like(template) * ROWS).long()  # drawn on the owner: no upload
+            return sgd(x.index_select(0, rows), y.index_select(0, rows))
+
+        return lambda: minibatch(x, y, template)
+
+    async def round(
+        self, names: Sequence[str], steps: int = LOCAL_STEPS, batch: int | None = None, planned: bool = False
+    ) -> None:
         """The global model to every owner in one upload (`fedptr.broadcast`), trained there, averaged here."""
         remotes = await fedptr.broadcast(self.model, [self.client.worker(name) for name in names])
-        trained = await asyncio.gather(*(self.train(remote, steps, batch) for remote in remotes))
+        trained = await asyncio.gather(*(self.train(remote, steps, batch, planned) for remote in remotes))
         with torch.no_grad():
             for p, *others in zip(self.model.parameters(), *(m.parameters() for m in trained), strict=True):
                 p.copy_(torch.stack(others).mean(0))
@@ -177,21 +201,17 @@ class Federation:
             through = await broker_bytes(self.cluster, self.names) - before
         return {"round_s": statistics.median(seconds), "broker_bytes": through, "upload_bytes": upload}
 
-    async def step_ms(self, name: str, steps: int) -> float:
+    async def step_ms(self, name: str, steps: int, planned: bool) -> float:
         """Milliseconds per local step with minibatches of BATCH, each step awaited."""
         remote = await self.client.worker(name).send(self.model)
         assert isinstance(remote, fedptr.ModulePointer)
-        x, y = self.data[name]
-        opt = optim.SGD(remote.parameters(), lr=LR)
+        step = self.local_step(remote, BATCH, planned)
         samples = []
         for _ in range(steps):
-            rows = torch.randint(0, ROWS, (BATCH,))
             t0 = time.perf_counter()
-            cross_entropy(remote(x.index_select(0, rows)), y.index_select(0, rows)).backward()
-            opt.step()
-            await opt.zero_grad()
+            await step()
             samples.append(time.perf_counter() - t0)
-        return statistics.median(samples[1:] or samples) * 1e3
+        return statistics.median(samples[1:] or samples) * 1e3  # the first records the plan
 
 
 def note(text: str) -> None:
@@ -215,10 +235,11 @@ async def run_fl(sc: FlScale, logs: Path, rounds_only: bool = False) -> dict[str
         if rounds_only:
             return figures
         note("minibatch steps")
-        figures["batch_step_ms"] = await fed.step_ms(fed.names[0], sc.batch_steps)
-        t0 = time.perf_counter()
-        await fed.round(fed.names[:threads_n], steps=sc.batch_steps, batch=BATCH)
-        figures[f"batch_round_{threads_n}_s"] = time.perf_counter() - t0
+        for planned, key in ((False, "ops"), (True, "plan")):
+            figures[f"batch_step_ms_{key}"] = await fed.step_ms(fed.names[0], sc.batch_steps, planned)
+            t0 = time.perf_counter()
+            await fed.round(fed.names[:threads_n], steps=sc.batch_steps, batch=BATCH, planned=planned)
+            figures[f"batch_round_{threads_n}_s_{key}"] = time.perf_counter() - t0
         figures["threads_1_round_s"] = (await fed.timed_rounds(fed.names[:threads_n], replace_rounds(sc)))["round_s"]
     note(f"round with {threads_n} owners at torch's default threads")
     async with owners_cluster(threads_n, logs, None) as cluster:
@@ -252,9 +273,24 @@ def fl_rows(f: dict[str, Any], owners: Sequence[int]) -> list[tuple[str, str, st
     if "threads_owners" not in f:
         return out  # --rounds-only
     n = f["threads_owners"]
-    out.append(("local step, minibatch of 32, awaited", f"{f['batch_step_ms']:.1f} ms", "—", "—"))
-    if f"batch_round_{n}_s" in f:
-        out.append((f"FL round, {n} owners, minibatch steps", f"{f[f'batch_round_{n}_s']:.2f} s", "—", "—"))
+    ops, planned = f["batch_step_ms_ops"], f["batch_step_ms_plan"]
+    out.append(
+        (
+            "local step, minibatch of 32, awaited: a plan (one message) vs op by op",
+            f"{planned:.1f} ms",
+            f"{ops:.1f} ms",
+            f"{planned / ops:.2f}×",
+        )
+    )
+    ops_round, plan_round = f[f"batch_round_{n}_s_ops"], f[f"batch_round_{n}_s_plan"]
+    out.append(
+        (
+            f"FL round, {n} owners, minibatch steps: a plan vs op by op",
+            f"{plan_round:.2f} s",
+            f"{ops_round:.2f} s",
+            f"{plan_round / ops_round:.2f}×",
+        )
+    )
     out.append(
         (
             f"FL round, {n} owners, 1 torch thread per node",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -76,13 +77,31 @@ def _state(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _set_grad(t: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    t.grad = None if grad is None else grad.detach()
+    # a copy: a gradient sharing `grad`'s memory would let a backward write into that tensor,
+    # whose taint the policy does not know to grow
+    t.grad = None if grad is None else grad.detach().clone()
     return t
 
 
 def _set_data(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    t.data = data.detach()
+    # a copy (writes through `t` must not reach `data`), and a new version: a graph that saved
+    # `t` before must fail rather than differentiate through values it was not built from
+    t.data = data.detach().clone()
+    torch.autograd.graph.increment_version(t)
     return t
+
+
+def _out_of_place(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a functional op with an ``inplace`` parameter) refusing ``inplace=True``, by
+    keyword or by position: an in-place write would change an operand behind the policy's back."""
+    signature = inspect.signature(fn)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if signature.bind(*args, **kwargs).arguments.get("inplace"):
+            raise TypeError(f"{fn.__name__} in place is not allowed")
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def _slice_bound(v: Any) -> int | None:
@@ -150,7 +169,22 @@ def _in_place(name: str) -> Callable[..., Any]:
 
 OPERATIONS: dict[str, Callable[..., Any]] = {name: getattr(torch.Tensor, name) for name in TENSOR_METHODS}
 OPERATIONS.update({name: getattr(torch, name) for name in TORCH_FUNCTIONS})
-OPERATIONS.update({"F." + name: getattr(functional, name) for name in FUNCTIONAL})
+
+
+def _has_inplace(fn: Callable[..., Any]) -> bool:
+    try:
+        return "inplace" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: torch's C ops take no inplace
+        return False
+
+
+OPERATIONS.update(
+    {
+        "F." + name: _out_of_place(fn) if _has_inplace(fn) else fn
+        for name in FUNCTIONAL
+        for fn in [getattr(functional, name)]
+    }
+)
 OPERATIONS.update({name: _in_place(name) for name in IN_PLACE})
 OPERATIONS.update(
     {

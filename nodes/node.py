@@ -480,6 +480,7 @@ class Node:
     def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
+        guard.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
         ids: set[int] = set()
         _refs(msg.args, ids)
         _refs(msg.kwargs, ids)
@@ -510,6 +511,11 @@ class Node:
                 raise policy.refuse_write(target.readonly, f"{msg.op} on object {first.obj_id}")  # type: ignore[union-attr]
             target.taint.add(origins)
             return target.taint
+        if msg.op == "forward" and target is not None and _has_state(target):
+            # training mode updates a model's buffers (BatchNorm's running statistics) in place
+            if target.readonly:
+                raise policy.refuse_write(target.readonly, f"forward of model {first.obj_id}")  # type: ignore[union-attr]
+            target.taint.add(origins)
         if msg.op == "backward" and origins:
             # every model and gradient-tracking tensor of the caller may get a gradient from it
             for e in self.store.entries.values():
@@ -624,6 +630,8 @@ class Node:
             raise InvalidArgumentError(
                 f"plan {msg.plan_id} takes {plan.n_inputs} inputs and makes {len(plan.outputs)} outputs"
             )
+        if len(set(msg.result_ids)) != len(msg.result_ids) or any(i in self.store.entries for i in msg.result_ids):
+            raise InvalidArgumentError("a run's result ids are distinct and new")
         results = []
         try:
             slots = [self.store.get(i, source) for i in msg.inputs]
@@ -645,24 +653,17 @@ class Node:
             results.append(result)
         inputs = slots[: plan.n_inputs]
         finish = functools.partial(self._finish_plan, source, rid, msg, plan, slots, results)
-        if all(e.done.done() and e.done.exception() is None for e in inputs):
-            values = [e.done.result() for e in inputs]
-            if _numel(values) <= self.config.offload_numel:
-                finish(_versions(dict(enumerate(values))), lambda: self._compute_plan(plan, slots, values))
-                return
 
         async def later() -> None:
+            # always on the thread: a plan's intermediate results can be big whatever its inputs are
             try:
                 values = [await e.done for e in inputs]
                 versions = _versions(dict(enumerate(values)))
-                if _numel(values) > self.config.offload_numel:
-                    computed = await self.scheduler.offload(self._compute_plan, plan, slots, values)
-                    finish(versions, lambda: computed)
-                    return
+                computed = await self.scheduler.offload(self._compute_plan, plan, slots, values)
             except Exception as e:
                 finish({}, _raiser(e))
                 return
-            finish(versions, lambda: self._compute_plan(plan, slots, values))
+            finish(versions, lambda: computed)
 
         self.compute_later(later(), source)
 
@@ -828,6 +829,18 @@ class Node:
         else:
             ptr.done.set_result(None)
             self.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+
+
+def _has_state(entry: Entry) -> bool:
+    """Whether `entry` may be a model with buffers (a forward may write them); unknown counts."""
+    if not entry.done.done() or entry.done.exception() is not None:
+        return True
+    value = entry.done.result()
+    return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
+
+
+def _is_ref(value: Any) -> bool:
+    return type(value) is wire.Ref
 
 
 def _versions(values: dict[int, Any]) -> dict[int, int]:
