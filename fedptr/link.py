@@ -418,9 +418,9 @@ class Link:
                 self.messages_received += len(frames[2]) // 2
             else:
                 self.messages_received += 1
-                if self.progress is not None and frames[1] == envelope.CHUNK:
-                    self.progress.chunk(frames[1:], outgoing=False)
             try:
+                if self.progress is not None and frames[1] == envelope.CHUNK:
+                    self.progress.chunk(frames[1:], outgoing=False)  # reads the chunk's info: may be malformed
                 self._handle(self.session.receive(frames, self._loop.time()))
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)
