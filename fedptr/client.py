@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -117,17 +117,27 @@ class Worker:
             done = client.track(asyncio.ensure_future(self._send_pointer(x, new_id)))
             return Pointer(client, self.name, new_id, done, meta=x.meta)
         if isinstance(x, torch.Tensor):
-            put = wire.Put(new_id, to_raw(x), x.requires_grad)
-            return Pointer(client, self.name, new_id, self._put(put), meta=meta.of_tensor(x))
+            # the bytes leave after this returns: small tensors are copied now, big ones are sent
+            # from their memory (a copy would cost as much as the send) and checked unchanged
+            small = x.nbytes <= limits.SEND_COPY_MAX_BYTES
+            put = wire.Put(new_id, to_raw(x.detach().clone() if small else x), x.requires_grad)
+            done = self._put(put, None if small else (x, x._version))
+            return Pointer(client, self.name, new_id, done, meta=meta.of_tensor(x))
         if isinstance(x, nn.Module):
             spec, params = modules.to_wire(x)
             model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
         raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
 
-    def _put(self, msg: wire.Message) -> asyncio.Future[wire.Message]:
-        """Send a store request, pipelined; its failure is also raised by the next await here."""
+    def _put(
+        self, msg: wire.Put | wire.PutModule, sent_from: tuple[torch.Tensor, int] | None = None
+    ) -> asyncio.Future[wire.Message]:
+        """Send a store request, pipelined; its failure is also raised by the next await here.
+        `sent_from` is the tensor whose memory the request is sent from, with its version then:
+        if it changed before the worker acknowledged, the bytes may be torn, and the send fails."""
         fut = self._client.request_nowait(self.name, msg)
+        if sent_from is not None:
+            fut = _unchanged(fut, *sent_from, lambda: self._client.release(self.name, msg.obj_id))
         self._client.track_effect(self.name, fut)
         return fut
 
@@ -213,6 +223,28 @@ class Worker:
         """Delete everything in this worker's store (pointers delete their objects down the chain)."""
         await self._client._settle()
         await self._client.call(self.name, wire.Clear())
+
+
+def _unchanged(
+    fut: asyncio.Future[wire.Message], tensor: torch.Tensor, version: int, discard: Callable[[], None]
+) -> asyncio.Future[wire.Message]:
+    """`fut`, failing with UsageError (after `discard` of what was stored) if `tensor` was
+    changed in place before `fut` succeeded."""
+    out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+
+    def settled(f: asyncio.Future[wire.Message]) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
+            out.set_exception(f.exception())  # type: ignore[arg-type]
+        elif tensor._version != version:
+            discard()
+            out.set_exception(UsageError("the tensor was changed in place while it was being sent: send it again"))
+        else:
+            out.set_result(f.result())
+
+    fut.add_done_callback(settled)
+    return out
 
 
 class Client:

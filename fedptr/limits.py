@@ -124,6 +124,11 @@ the aggregator's noise has standard deviation at least sigma * C."""
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""
 
+SEND_COPY_MAX_BYTES = 1 << 20
+"""Tensors up to this many bytes are copied when sent (a pipelined send returns before its bytes
+leave); bigger ones are sent from their memory, and their send fails if they change before the
+worker has them (await the send before changing them in place)."""
+
 DELETE_DELAY_S = 0.01
 """Longest a dropped pointer's delete waits to ride along with the next request to its worker."""
 

@@ -307,3 +307,18 @@ async def test_offloaded_ops_keep_program_order(bob: fedptr.Worker) -> None:
     z = await bob.send(w0.clone())
     z.mul_(3.0)  # in place, offloaded
     assert torch.equal(await z.get(), w0 * 3.0)  # the get comes after the update
+
+
+async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker) -> None:
+    small = torch.zeros(4)
+    p = bob.send(small)
+    small.add_(1)  # the send returned before its bytes left: a small tensor was copied
+    assert torch.equal(await p.get(), torch.zeros(4))  # type: ignore[arg-type]
+    big = torch.zeros(1 << 19)  # 2 MiB: sent from its memory
+    q = bob.send(big)
+    big.add_(1)  # changed before the worker acknowledged: the send fails rather than store torn bytes
+    with pytest.raises(fedptr.UsageError, match="changed in place while it was being sent"):
+        await q
+    r = await bob.send(big)  # awaited, then changed: fine
+    big.add_(1)
+    assert torch.equal(await r.get(), torch.ones(1 << 19))  # type: ignore[arg-type]
