@@ -44,7 +44,7 @@ def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callabl
     """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
     keyword, or an aliasing operation whose target is not its first positional argument (a
     stored object, `is_ref`). Raises InvalidArgumentError; run before the taint is decided."""
-    writing = WRITING_KEYWORDS & kwargs.keys()
+    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
     if writing:
         raise InvalidArgumentError(f"{op} may not write into an argument ({sorted(writing)[0]}=)")
     if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
