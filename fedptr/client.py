@@ -383,9 +383,10 @@ class Client:
         self._not_recording(f"send a {type(msg).__name__}")
         if location not in self._deletes:
             return self.track(self._link.request_nowait(location, msg, self.timeout))
-        with self._link.batched():  # the deletes waiting for this worker ride along, first (bytes free up)
+        with self._link.batched():  # the deletes waiting for this worker ride along, after the request
+            fut = self.track(self._link.request_nowait(location, msg, self.timeout))
             self._send_deletes(location, self._deletes.pop(location))
-            return self.track(self._link.request_nowait(location, msg, self.timeout))
+        return fut
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
