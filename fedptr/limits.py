@@ -138,6 +138,10 @@ MAX_PLAN_OPS = 10_000
 MAX_PLAN_INPUTS = 1024
 """Most input objects (arguments and captured pointers) of one plan."""
 
+PLAN_INLINE_OPS = 256
+"""Most operations of a plan a node runs on its event loop before it continues on its thread
+(each inline one also has operands of at most `OFFLOAD_NUMEL` elements, as single operations)."""
+
 MAX_PLANS_PER_PEER = 64
 """Most plans a node keeps for one client."""
 

@@ -151,10 +151,15 @@ def decode(value: Any) -> Any:
             return torch.device("cpu")
         return value
     if type(value) is list:
+        if not any(type(v) in _NESTED for v in value):
+            return value  # the common case: tensors and numbers, nothing to decode
         return [decode(v) for v in value]
     if type(value) is dict:
-        return {k: decode(v) for k, v in value.items()}
+        return {k: decode(v) for k, v in value.items()} if value else value
     return value
+
+
+_NESTED = (str, list, dict)
 
 
 def _in_place(name: str) -> Callable[..., Any]:

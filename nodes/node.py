@@ -115,6 +115,8 @@ def _rewrite(value: Any, ids: dict[int, int]) -> Any:
 
 def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     """`value` with references replaced by stored tensors and inline buffers by tensors."""
+    if not value and type(value) is dict:
+        return {}  # most operations take no keywords: nothing to walk
     t = type(value)
     if t is wire.Ref:
         return tensors[value.obj_id]
@@ -639,10 +641,13 @@ class Node:
                 self.store.check_principal(obj_id, e, source)
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            # the intermediate results' entries share one pending future: they are never stored,
+            # awaited or listed, only asked for their taint (and counted as state a forward may write)
+            unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             for op, reads in zip(plan.ops, plan.reads, strict=True):
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
                 taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
-                slots.append(Entry.tensor(owner=source, taint=taint))
+                slots.append(Entry(unsettled, owner=source, taint=taint))
         except Exception as e:
             for result_id in msg.result_ids:
                 self._store_failed(result_id, source, e)
@@ -653,28 +658,51 @@ class Node:
             results.append(result)
         inputs = slots[: plan.n_inputs]
         finish = functools.partial(self._finish_plan, source, rid, msg, plan, slots, results)
+        values: list[Any] = []
+        versions: dict[int, int] = {}
+        done = 0
+        if all(e.done.done() and e.done.exception() is None for e in inputs):
+            # as single operations run: inline while the operands are small, for a bounded stretch
+            values = [e.done.result() for e in inputs]
+            versions.update(_versions(dict(enumerate(values))))
+            try:
+                done = self._compute_plan(plan, slots, values, 0, inline=True)
+            except Exception as e:
+                finish(versions, _raiser(e))
+                return
+            if done == len(plan.ops):
+                finish(versions, lambda: values)
+                return
 
         async def later() -> None:
-            # always on the thread: a plan's intermediate results can be big whatever its inputs are
             try:
-                values = [await e.done for e in inputs]
-                versions = _versions(dict(enumerate(values)))
-                computed = await self.scheduler.offload(self._compute_plan, plan, slots, values)
+                if not values:
+                    values.extend([await e.done for e in inputs])
+                    versions.update(_versions(dict(enumerate(values))))
+                await self.scheduler.offload(self._compute_plan, plan, slots, values, done)
             except Exception as e:
-                finish({}, _raiser(e))
+                finish(versions, _raiser(e))
                 return
-            finish(versions, lambda: computed)
+            finish(versions, lambda: values)
 
         self.compute_later(later(), source)
 
-    def _compute_plan(self, plan: plans.Plan, slots: list[Entry], values: list[Any]) -> list[Any]:
-        """Every slot's value: the inputs', then each operation's through the guard (`_run`)."""
-        values = list(values)
-        for op, reads in zip(plan.ops, plan.reads, strict=True):
+    def _compute_plan(
+        self, plan: plans.Plan, slots: list[Entry], values: list[Any], start: int, inline: bool = False
+    ) -> int:
+        """Compute the operations from `start` through the guard (`_run`), appending each value to
+        `values` (the inputs' first); returns how many are done. `inline` (on the event loop)
+        stops before an operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
+        for i in range(start, len(plan.ops)):
+            reads = plan.reads[i]
+            operands = {s: values[s] for s in reads}
+            if inline and (
+                i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
+            ):
+                return i
             entries = {s: slots[s] for s in reads}
-            private = any(e.taint for e in entries.values())
-            values.append(self._run(op, {s: values[s] for s in reads}, private, entries))
-        return values
+            values.append(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
+        return len(plan.ops)
 
     def _finish_plan(
         self,
