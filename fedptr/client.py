@@ -381,12 +381,7 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
-        if location not in self._deletes:
-            return self.track(self._link.request_nowait(location, msg, self.timeout))
-        with self._link.batched():  # the deletes waiting for this worker ride along, after the request
-            fut = self.track(self._link.request_nowait(location, msg, self.timeout))
-            self._send_deletes(location, self._deletes.pop(location))
-        return fut
+        return self.track(self._link.request_nowait(location, msg, self.timeout))
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
@@ -455,17 +450,17 @@ class Client:
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
     def release(self, location: str, obj_id: int) -> None:
-        """Queue the deletion of a dropped pointer's object. Deletions go out batched and
-        unawaited, with the next request to that worker or within `limits.DELETE_DELAY_S`."""
+        """Queue the deletion of a dropped pointer's object; deletions go out batched, unawaited,
+        in the next loop turn (before the requests issued after it: the bytes free up first)."""
         if not self._open:
             return
         self._deletes[location].append(obj_id)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if threading.get_ident() == self._thread:
-                self._loop.call_later(limits.DELETE_DELAY_S, self._flush_deletes)
+                self._loop.call_soon(self._flush_deletes)
             else:
-                self._loop.call_soon_threadsafe(self._loop.call_later, limits.DELETE_DELAY_S, self._flush_deletes)
+                self._loop.call_soon_threadsafe(self._flush_deletes)
 
     def _flush_deletes(self) -> None:
         self._flush_scheduled = False
@@ -474,11 +469,8 @@ class Client:
         batches, self._deletes = self._deletes, defaultdict(list)
         with self._link.batched():
             for location, ids in batches.items():
-                self._send_deletes(location, ids)
-
-    def _send_deletes(self, location: str, ids: list[int]) -> None:
-        for delete in wire.deletes(ids):
-            self._link.notify(location, delete)
+                for delete in wire.deletes(ids):
+                    self._link.notify(location, delete)
 
     async def aclose(self) -> None:
         """Send the deletes still queued, say goodbye to the broker, and close. Calls still

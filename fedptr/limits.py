@@ -129,9 +129,6 @@ SEND_COPY_MAX_BYTES = 1 << 20
 leave); bigger ones are sent from their memory, and their send fails if they change before the
 worker has them (await the send before changing them in place)."""
 
-DELETE_DELAY_S = 0.01
-"""Longest a dropped pointer's delete waits to ride along with the next request to its worker."""
-
 MAX_PLAN_OPS = 10_000
 """Most operations in one plan (`fedptr.plan`)."""
 
