@@ -131,21 +131,11 @@ class Recorder:
             if p.id_at_location not in results:
                 raise UsageError("a plan returns results of operations it records, not its inputs (clone them)")
         ops: list[wire.Value] = [
-            [op, _renumber(args, slot), _renumber(kwargs, slot)] for op, args, kwargs, _ in self.ops
+            [op, wire.rewrite_refs(args, slot), wire.rewrite_refs(kwargs, slot)] for op, args, kwargs, _ in self.ops
         ]
         return wire.PutPlan(
             plan_id, len(self.inputs) + len(self.captured), ops, [slot[p.id_at_location] for p in outputs]
         )
-
-
-def _renumber(value: Any, slot: dict[int, int]) -> Any:
-    if type(value) is wire.Ref:
-        return wire.Ref(slot[value.obj_id])
-    if type(value) is list:
-        return [_renumber(v, slot) for v in value]
-    if type(value) is dict:
-        return {k: _renumber(v, slot) for k, v in value.items()}
-    return value
 
 
 def _signature(location: str, inputs: tuple[Pointer, ...]) -> Signature:

@@ -24,7 +24,7 @@ import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar, cast
 
 import msgpack
 
@@ -94,6 +94,9 @@ _INT64 = struct.Struct("<q")
 Value: TypeAlias = bool | int | float | str | RawTensor | Ref | list["Value"] | dict[str, "Value"] | None
 """What an operation argument may be: plain scalars, strings, lists, str-keyed maps,
 references to stored objects and inline tensors. Tuples encode as lists."""
+
+
+V = TypeVar("V", bound=Value)
 
 
 # --- messages ----------------------------------------------------------------------------
@@ -562,6 +565,34 @@ _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...]
     )
     for t in MESSAGE_TYPES
 }
+
+
+def refs(value: Value, found: set[int]) -> None:
+    """Add to `found` the id of every reference in `value` (nested in lists and maps)."""
+    if type(value) is Ref:
+        found.add(value.obj_id)
+    elif type(value) is list:
+        for v in value:
+            refs(v, found)
+    elif type(value) is dict:
+        for v in value.values():
+            refs(v, found)
+
+
+def rewrite_refs(value: V, ids: dict[int, int]) -> V:
+    """`value` with each reference to id ``i`` replaced by a reference to ``ids[i]`` (a list
+    stays a list, a map a map)."""
+    return cast(V, _rewrite(value, ids))
+
+
+def _rewrite(value: Any, ids: dict[int, int]) -> Any:
+    if type(value) is Ref:
+        return Ref(ids[value.obj_id])
+    if type(value) is list:
+        return [_rewrite(v, ids) for v in value]
+    if type(value) is dict:
+        return {k: _rewrite(v, ids) for k, v in value.items()}
+    return value
 
 
 def new_object_id() -> int:

@@ -91,28 +91,6 @@ def _hop_budget(budget: float) -> float:
     return max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
 
 
-def _refs(value: Any, found: set[int]) -> None:
-    if type(value) is wire.Ref:
-        found.add(value.obj_id)
-    elif type(value) is list:
-        for v in value:
-            _refs(v, found)
-    elif type(value) is dict:
-        for v in value.values():
-            _refs(v, found)
-
-
-def _rewrite(value: Any, ids: dict[int, int]) -> Any:
-    """`value` with each reference replaced by the id of the object one hop down."""
-    if type(value) is wire.Ref:
-        return wire.Ref(ids[value.obj_id])
-    if type(value) is list:
-        return [_rewrite(v, ids) for v in value]
-    if type(value) is dict:
-        return {k: _rewrite(v, ids) for k, v in value.items()}
-    return value
-
-
 def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     """`value` with references replaced by stored tensors and inline buffers by tensors."""
     if not value and type(value) is dict:
@@ -470,7 +448,11 @@ class Node:
         self.store.add(msg.result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(
-            ptr.remote_id, msg.op, _rewrite(msg.args, ids), _rewrite(msg.kwargs, ids), msg.sponsor or source
+            ptr.remote_id,
+            msg.op,
+            wire.rewrite_refs(msg.args, ids),
+            wire.rewrite_refs(msg.kwargs, ids),
+            msg.sponsor or source,
         )
         try:
             forwarded = self.forward(location, nested, budget)
@@ -484,8 +466,8 @@ class Node:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         guard.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
         ids: set[int] = set()
-        _refs(msg.args, ids)
-        _refs(msg.kwargs, ids)
+        wire.refs(msg.args, ids)
+        wire.refs(msg.kwargs, ids)
         entries = {i: self.store.get(i, source) for i in ids}
         for i, e in entries.items():
             self.store.check_principal(i, e, msg.sponsor or source)

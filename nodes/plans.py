@@ -34,17 +34,6 @@ class Plan:
     outputs: tuple[int, ...]
 
 
-def _slots(value: wire.Value, found: set[int]) -> None:
-    if type(value) is wire.Ref:
-        found.add(value.obj_id)
-    elif type(value) is list:
-        for v in value:
-            _slots(v, found)
-    elif type(value) is dict:
-        for v in value.values():
-            _slots(v, found)
-
-
 def validate(msg: wire.PutPlan) -> Plan:
     """The plan `msg` describes. Raises OpNotAllowedError for an operation off the allow-list and
     InvalidArgumentError for anything else malformed (limits, references, outputs)."""
@@ -65,8 +54,8 @@ def validate(msg: wire.PutPlan) -> Plan:
             raise OpNotAllowedError("", f"operation {str(name)[:64]!r} is not allowed in a plan")
         guard.check_call(name, args, kwargs, lambda v: type(v) is wire.Ref)
         found: set[int] = set()
-        _slots(args, found)
-        _slots(kwargs, found)
+        wire.refs(args, found)
+        wire.refs(kwargs, found)
         if not found:
             raise InvalidArgumentError(f"plan operation {i} ({name}) reads no slot")
         if not all(0 <= s < slot for s in found):

@@ -289,6 +289,37 @@ async def test_batchnorm_running_stats_of_a_model_input(setup: Setup) -> None:
     assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"].mean(0), "bob's column means via BatchNorm")
 
 
+async def test_a_parameter_alias_made_inside_a_plan_carries_its_write_to_the_model(setup: Setup) -> None:
+    """Plan(model, x): w = parameter(model, 0) (an intermediate result, never stored), w.zero_(),
+    w.add_(x[:3]); then get the model: its weight would be bob's first three rows."""
+    bob = setup.w("bob")
+    c = setup.client
+    bx, _ = await setup.data("bob")
+
+    async def attack() -> torch.Tensor:
+        model = await bob.send(nn.Linear(4, 3, bias=False))
+        await run_plan(
+            c,
+            "bob",
+            2,
+            [
+                ["parameter", [R(0), 0], {}],
+                ["zero_", [R(2)], {}],
+                ["narrow", [R(1), 0, 0, 3], {}],
+                ["add_", [R(2), R(4)], {}],
+                ["sum", [R(5)], {}],
+            ],
+            [6],
+            [model.id_at_location, bx.id_at_location],
+        )
+        with pytest.raises(fedptr.PermissionDenied):  # the run went through; the model is now bob's
+            await model.get()
+        trained = await op(c, "bob", "parameter", [R(model.id_at_location), 0])
+        return await get(c, "bob", trained)
+
+    assert_hidden(await refused_or(attack()), setup.secrets["bob"]["x"][:3], "bob's rows through a parameter alias")
+
+
 # --- the same roots sent one operation at a time (is the leak plan-specific?) ---------------
 async def test_single_ops_set_grad_alias(setup: Setup) -> None:
     c = setup.client
