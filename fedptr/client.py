@@ -207,7 +207,12 @@ class Worker:
         ]
 
     async def objects(self) -> dict[int, ObjectInfo]:
-        """This worker's store: object id -> ObjectInfo, once this client's earlier operations settled."""
+        """This worker's store: object id -> ObjectInfo, once this client's earlier operations
+        settled. On a worker with ``--store``, the listing is what a restart would keep: it waits
+        until the changes before it (writes and deletions) are on disk.
+
+        Raises OverloadedError when the worker's disk did not catch up in time,
+        LostWorkerError, DeadlineExceeded."""
         await self._client._settle()
         reply = await self._client.call(self.name, wire.ListObjects())
         if not isinstance(reply, wire.ObjectsReply):

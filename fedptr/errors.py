@@ -109,8 +109,9 @@ class WorkerRefused(FedptrError):
 
 class OverloadedError(WorkerRefused):
     """Raised when a worker refused a request because its bounded queues are full (its pool
-    of computations, its forwards waiting, or the broker's queue to it), or because a listing
-    would be too large. Retry later, or with fewer requests at once."""
+    of computations, its forwards waiting, or the broker's queue to it), because a listing
+    would be too large, or because its disk did not catch up in time with the changes a listing
+    must reflect. Retry later, or with fewer requests at once."""
 
     what = "is overloaded"
 

@@ -404,6 +404,8 @@ class Node:
                 pending.append(barrier)
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
+            if barrier is not None and not barrier.done():  # a listing promises only what is durable
+                raise OverloadedError(self.name, "its disk did not catch up with the listing in time")
             rows = [
                 dataclasses.replace(e.row(i), owner=e.owner)
                 for i, e in snapshot.items()

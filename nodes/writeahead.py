@@ -61,6 +61,8 @@ class WriteAhead:
         writes that acknowledgements wait for."""
         self._write_keys: collections.Counter[Key] = collections.Counter()
         self._removal_keys: collections.Counter[Key] = collections.Counter()
+        self._unsettled: set[asyncio.Future[None]] = set()
+        """The futures of the changes queued and not yet settled, for `barrier`."""
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"write-ahead-{here}", daemon=True)
@@ -98,8 +100,26 @@ class WriteAhead:
         return self._enqueue(("obj", obj_id), lambda d: d.remove(obj_id), 0, removal=True)
 
     def barrier(self) -> asyncio.Future[None]:
-        """A future that settles once everything queued before it is durable."""
-        return self._enqueue(("barrier", 0), lambda d: None, 0)
+        """A future that settles once every change queued before it, in both lanes, is durable
+        or has failed. Cancelling it cancels none of those changes."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        if self._closed:
+            done.set_exception(RemoteError("OSError", "the store is closed", self.here, [self.here]))
+            return done
+        waiting = list(self._unsettled)
+        remaining = len(waiting)
+
+        def settled(_: asyncio.Future[None]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if not remaining and not done.done():
+                done.set_result(None)
+
+        if not waiting:
+            done.set_result(None)
+        for change in waiting:
+            change.add_done_callback(settled)
+        return done
 
     def _enqueue(
         self, key: Key, apply: Callable[[DurableStore], None], nbytes: int, removal: bool = False
@@ -109,6 +129,8 @@ class WriteAhead:
             done.set_exception(RemoteError("OSError", "the store is closed", self.here, [self.here]))
             return done
         change = _Change(key, apply, nbytes, done)
+        self._unsettled.add(done)
+        done.add_done_callback(self._unsettled.discard)
         with self._cond:
             if removal:
                 self._removals.append(change)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,6 +56,40 @@ async def test_write_ahead_copies_the_tensor_so_a_later_in_place_update_cannot_t
     await asyncio.wait_for(first, 10)
     await wal.aclose()
     assert torch.equal(DurableStore(tmp_path).load()[1].value, torch.zeros(1 << 16))
+
+
+class _SlowRemovals(DurableStore):
+    """A store whose removals wait for `release`, and say on the loop when one has started."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.loop = asyncio.get_running_loop()
+        self.removing: asyncio.Future[None] = self.loop.create_future()
+        self.release = threading.Event()
+
+    def remove(self, obj_id: int) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.removing.done() or self.removing.set_result(None))
+        self.release.wait(10)
+        super().remove(obj_id)
+
+
+@pytest.mark.asyncio
+async def test_a_barrier_waits_for_the_removals_queued_before_it(tmp_path: Path) -> None:
+    # A listing promises only what a restart keeps: a deletion still in the slow removal lane
+    # when the barrier settled came back after kill -9 (the CI failure of the restart test below)
+    durable = _SlowRemovals(tmp_path)
+    wal = WriteAhead(durable, "bob")
+    written = wal.save_tensor(1, torch.ones(4), "c", "", {})
+    wal.remove(1)
+    barrier = wal.barrier()
+    await asyncio.wait_for(durable.removing, 10)
+    # the thread settles each lane's batch before it starts the next, and the loop runs
+    # callbacks in order: the write has settled by now, the removal has not
+    assert written.done() and not barrier.done()
+    durable.release.set()
+    await asyncio.wait_for(barrier, 10)
+    assert DurableStore(tmp_path).load() == {}
+    await wal.aclose()
 
 
 @pytest.mark.asyncio
