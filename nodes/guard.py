@@ -14,7 +14,7 @@ stored value never shares memory with another entry behind the policy's back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -86,18 +86,24 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tenso
     return kernels.run(op, _meta(args), _meta(kwargs))
 
 
-def _storages(values: list[Any], out: set[int]) -> None:
+def _shares(storage: int, values: Iterable[Any]) -> bool:
+    """Whether any tensor in `values` (or a gradient, or a model's parameter, nested in lists
+    and dicts) has its data at `storage`."""
     for v in values:
         if isinstance(v, torch.Tensor):
-            out.add(v.untyped_storage().data_ptr())
-            if v.grad is not None:  # `grad` hands out a copy of the gradient, never the live one
-                out.add(v.grad.untyped_storage().data_ptr())
+            if v.untyped_storage().data_ptr() == storage:
+                return True
+            if v.grad is not None and v.grad.untyped_storage().data_ptr() == storage:
+                return True  # `grad` hands out a copy of the gradient, never the live one
         elif isinstance(v, nn.Module):
-            _storages(list(v.parameters()), out)
+            if _shares(storage, v.parameters()):
+                return True
         elif isinstance(v, list):
-            _storages(v, out)
-        elif isinstance(v, dict):
-            _storages(list(v.values()), out)
+            if _shares(storage, v):
+                return True
+        elif isinstance(v, dict) and _shares(storage, v.values()):
+            return True
+    return False
 
 
 def run(
@@ -122,8 +128,7 @@ def run(
     else:
         result = kernels.run(op, args, kwargs)
     if op not in ALIASING and result.numel():
-        inputs: set[int] = set()
-        _storages([*args, *kwargs.values()], inputs)
-        if result.untyped_storage().data_ptr() in inputs:
+        storage = result.untyped_storage().data_ptr()
+        if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
             result = result.clone()
     return result

@@ -24,6 +24,8 @@ from fedptr.ops import (
 from fedptr.tensors import DTYPE_BY_NAME
 
 MODULE_OPS = frozenset({"forward", "parameter", "zero_grad", "train", "state"})
+_MODEL_ONLY = MODULE_OPS - {"zero_grad"}
+"""Module operations that need a model (``zero_grad`` also takes a tensor)."""
 """The operations that take a model as their first argument."""
 
 
@@ -151,9 +153,10 @@ def decode(value: Any) -> Any:
             return torch.device("cpu")
         return value
     if type(value) is list:
-        if not any(type(v) in _NESTED for v in value):
-            return value  # the common case: tensors and numbers, nothing to decode
-        return [decode(v) for v in value]
+        for v in value:
+            if type(v) in _NESTED:
+                return [decode(v) for v in value]
+        return value  # the common case: tensors and numbers, nothing to decode
     if type(value) is dict:
         return {k: decode(v) for k, v in value.items()} if value else value
     return value
@@ -217,11 +220,12 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     fn = OPERATIONS.get(op)
     if fn is None:
         raise OpNotAllowedError("", f"operation {op!r} is not allowed")
-    if args and isinstance(args[0], nn.Module) and op not in MODULE_OPS:
-        raise TypeError(f"{op} takes tensors, not a model")
-    if op in MODULE_OPS - {"zero_grad"} and not (args and isinstance(args[0], nn.Module)):
+    if args and isinstance(args[0], nn.Module):
+        if op not in MODULE_OPS:
+            raise TypeError(f"{op} takes tensors, not a model")
+    elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
-    result = fn(*decode(args), **decode(kwargs))
+    result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
     if isinstance(result, tuple) and op in ("max", "min"):
         raise TypeError(f"{op} with a dim gives two tensors; use amax/amin and argmax/argmin")
     if not isinstance(result, torch.Tensor):

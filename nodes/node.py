@@ -100,15 +100,19 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
         return tensors[value.obj_id]
     if t is wire.RawTensor:
         return from_raw(value)
-    if t is list:
-        return [_materialize(v, tensors) for v in value]
+    if t is list:  # references inline: most arguments are flat lists of them
+        return [tensors[v.obj_id] if type(v) is wire.Ref else _materialize(v, tensors) for v in value]
     if t is dict:
         return {k: _materialize(v, tensors) for k, v in value.items()}
     return value
 
 
-def _numel(values: Any) -> int:
-    return sum(v.numel() for v in values if isinstance(v, torch.Tensor))
+def _numel(values: Iterable[Any]) -> int:
+    n = 0
+    for v in values:  # a loop, not sum() over a generator: this runs for every operation
+        if isinstance(v, torch.Tensor):
+            n += v.numel()
+    return n
 
 
 class Node:
@@ -685,7 +689,12 @@ class Node:
             ):
                 return i
             entries = {s: slots[s] for s in reads}
-            values.append(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
+            private = False
+            for e in entries.values():
+                if e.taint:
+                    private = True
+                    break
+            values.append(self._run(plan.ops[i], operands, private, entries))
         return len(plan.ops)
 
     def _finish_plan(
