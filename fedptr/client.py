@@ -225,7 +225,12 @@ class Worker:
         }
 
     async def clear(self) -> None:
-        """Delete everything in this worker's store (pointers delete their objects down the chain)."""
+        """Delete everything this client owns in this worker's store (pointers delete their
+        objects down the chain). On a worker with ``--store`` it returns once the deletions are
+        on disk, so a restart cannot bring the objects back.
+
+        Raises RemoteError when the worker's disk refused a deletion, LostWorkerError,
+        DeadlineExceeded (the deletions go on; only the answer was not awaited)."""
         await self._client._settle()
         await self._client.call(self.name, wire.Clear())
 

@@ -113,8 +113,10 @@ class Handover:
         node.store.get(msg.obj_id)  # ObjectNotFoundError
         barrier = node.store.barrier()
 
-        def answer() -> None:
-            if msg.obj_id in node.store.entries:
+        def answer(written: asyncio.Future[None] | None = None) -> None:
+            if written is not None and written.exception() is not None:
+                node.reply_error(source, rid, written.exception())  # type: ignore[arg-type]
+            elif msg.obj_id in node.store.entries:
                 node.reply(source, rid, wire.Ok())
             else:
                 node.reply_error(source, rid, ObjectNotFoundError("", f"no object {msg.obj_id}"))
@@ -122,7 +124,7 @@ class Handover:
         if barrier is None:
             answer()
         else:
-            barrier.add_done_callback(lambda _: answer())
+            barrier.add_done_callback(answer)
 
     def get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
         """Hand the object to the caller: its value (the entry stays until the caller deletes

@@ -396,7 +396,7 @@ class Node:
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
         self.delete_downstream(self.store.clear(source))
-        self.reply(source, rid, wire.Ok())
+        self.reply_durable(self.store.barrier(), source, rid, wire.Ok())  # the removals are on disk
 
     def _list(self, source: str, rid: bytes, msg: wire.ListObjects, budget: float) -> None:
         snapshot = dict(self.store.entries)
@@ -408,8 +408,11 @@ class Node:
                 pending.append(barrier)
             if pending:
                 await asyncio.wait(pending, timeout=_hop_budget(budget))
-            if barrier is not None and not barrier.done():  # a listing promises only what is durable
-                raise OverloadedError(self.name, "its disk did not catch up with the listing in time")
+            if barrier is not None:  # a listing promises only what is durable
+                if not barrier.done():
+                    raise OverloadedError(self.name, "its disk did not catch up with the listing in time")
+                if barrier.exception() is not None:
+                    raise barrier.exception()  # type: ignore[misc]
             rows = [
                 dataclasses.replace(e.row(i), owner=e.owner)
                 for i, e in snapshot.items()
@@ -548,7 +551,8 @@ class Node:
         result = Entry.tensor(mean, source)
         result.released = "dp"
         self.store.add(msg.result_id, result)
-        durable = self.store.commit(msg.result_id, result, mean)
+        # the reply waits for the contributions' removal too: an acknowledged release has used them up
+        durable = _all([self.store.commit(msg.result_id, result, mean), self.store.barrier()])
         owners = sorted(c.owner for c in contributions)
         self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
         self.reply_durable(durable, source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))

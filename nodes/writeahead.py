@@ -100,20 +100,28 @@ class WriteAhead:
         return self._enqueue(("obj", obj_id), lambda d: d.remove(obj_id), 0, removal=True)
 
     def barrier(self) -> asyncio.Future[None]:
-        """A future that settles once every change queued before it, in both lanes, is durable
-        or has failed. Cancelling it cancels none of those changes."""
+        """A future that settles once every change queued before it, in both lanes, has settled:
+        with None when all are durable, else with the error of the first that failed. Cancelling
+        it cancels none of those changes."""
         done: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
             done.set_exception(RemoteError("OSError", "the store is closed", self.here, [self.here]))
             return done
         waiting = list(self._unsettled)
         remaining = len(waiting)
+        failure: BaseException | None = None
 
-        def settled(_: asyncio.Future[None]) -> None:
-            nonlocal remaining
+        def settled(change: asyncio.Future[None]) -> None:
+            nonlocal remaining, failure
             remaining -= 1
-            if not remaining and not done.done():
+            if failure is None and not change.cancelled():
+                failure = change.exception()
+            if remaining or done.done():
+                return
+            if failure is None:
                 done.set_result(None)
+            else:
+                done.set_exception(failure)
 
         if not waiting:
             done.set_result(None)

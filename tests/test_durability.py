@@ -92,6 +92,25 @@ async def test_a_barrier_waits_for_the_removals_queued_before_it(tmp_path: Path)
     await wal.aclose()
 
 
+class _FailingRemovals(DurableStore):
+    def remove(self, obj_id: int) -> None:
+        raise OSError("read-only file system")
+
+
+@pytest.mark.asyncio
+async def test_a_barrier_fails_when_a_change_before_it_failed(tmp_path: Path) -> None:
+    # a Clear or a listing must not promise a deletion that the disk refused
+    wal = WriteAhead(_FailingRemovals(tmp_path), "bob")
+    await wal.save_tensor(1, torch.ones(4), "c", "", {})
+    removed = wal.remove(1)
+    barrier = wal.barrier()
+    with pytest.raises(fedptr.RemoteError, match="read-only file system"):
+        await asyncio.wait_for(barrier, 10)
+    assert removed.done() and removed.exception() is not None
+    await asyncio.wait_for(wal.barrier(), 10)  # nothing failed after it
+    await wal.aclose()
+
+
 @pytest.mark.asyncio
 async def test_a_result_deleted_while_it_was_computed_is_neither_charged_nor_stored(tmp_path: Path) -> None:
     store = Store("bob", max_bytes=1 << 20, durable=DurableStore(tmp_path))
@@ -289,6 +308,19 @@ async def test_a_result_deleted_while_computing_does_not_come_back_after_a_resta
     assert await eventually(lambda: _only(bob, x.id_at_location), timeout=10)
     await _restart(stored, "bob")
     assert await _only(bob, x.id_at_location)
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_an_acknowledged_clear_survives_kill_9(stored: fedptr.Cluster) -> None:
+    # unlinks take the write-ahead's slow lane, a few per batch: with hundreds of objects the
+    # Clear's Ok came back while most of them were still on disk, and came back after a restart
+    bob = stored.client.worker("bob")
+    kept = [bob.send(torch.full((256,), float(i))) for i in range(300)]
+    await asyncio.gather(*kept)
+    await bob.clear()
+    await _restart(stored, "bob")  # kill -9 at once: what the Ok promised must be on disk already
+    assert await bob.objects() == {}
 
 
 async def _only(w: fedptr.Worker, obj_id: int) -> bool:
