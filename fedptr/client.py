@@ -407,9 +407,17 @@ class Client:
         self._effects[fut] = location
         fut.add_done_callback(self._effect_settled)
 
-    def seen(self, fut: asyncio.Future[wire.Message]) -> None:
-        """`fut`'s failure was raised to someone: the next await on its worker need not raise it."""
-        self._effects.pop(fut, None)
+    def claim(self, fut: asyncio.Future[wire.Message]) -> str | None:
+        """Someone awaits `fut` itself: its failure is raised to them, and not to the next await
+        on its worker. Returns the worker it was remembered for (None: it was not an effect, or
+        is claimed already), for `unclaim`."""
+        return self._effects.pop(fut, None)
+
+    def unclaim(self, fut: asyncio.Future[wire.Message], location: str) -> None:
+        """The await that claimed `fut` was cancelled: unless it succeeded, the next await on
+        `location` reports it again."""
+        if not fut.done() or (not fut.cancelled() and fut.exception() is not None):
+            self._effects[fut] = location
 
     def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         if fut.cancelled() or fut.exception() is None:

@@ -419,11 +419,14 @@ class Pointer:
 
     async def _wait(self) -> Pointer:
         if self._done is not None:
-            # shielded: cancelling one waiter must not cancel the request other waiters share
+            done = self._done
+            claimed = self._client.claim(done)  # its failure is raised here, to no other await
             try:
-                reply = await asyncio.shield(self._done)
-            except FedptrError:
-                self._client.seen(self._done)  # raised here: not again by the next await there
+                # shielded: cancelling one waiter must not cancel the request other waiters share
+                reply = await asyncio.shield(done)
+            except asyncio.CancelledError:
+                if claimed is not None:
+                    self._client.unclaim(done, claimed)
                 raise
             if self._done is not None:
                 self._done = None

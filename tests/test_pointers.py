@@ -309,6 +309,25 @@ async def test_offloaded_ops_keep_program_order(bob: fedptr.Worker) -> None:
     assert torch.equal(await z.get(), w0 * 3.0)  # the get comes after the update
 
 
+async def test_a_failure_someone_awaits_is_theirs_not_raised_to_a_concurrent_await(bob: fedptr.Worker) -> None:
+    # the soak's failure: a task awaiting its own (successful) pointer got another task's send
+    # error, took its operation for failed, and used a pointer it had in fact handed on
+    x = await bob.send(torch.ones(4))
+    big = torch.zeros(1 << 19)
+    failing = bob.send(big)
+    big.add_(1)  # the send fails when bob acknowledges it (torn)
+
+    async def own() -> None:
+        await failing
+
+    mine = asyncio.ensure_future(own())
+    await asyncio.sleep(0)  # `mine` is now awaiting its send
+    assert torch.equal(await (x + x).get(), torch.full((4,), 2.0))  # type: ignore[arg-type]
+    with pytest.raises(fedptr.UsageError, match="changed in place"):
+        await mine
+    await x  # raised once, to its awaiter: not again here
+
+
 async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker) -> None:
     small = torch.zeros(4)
     p = bob.send(small)
