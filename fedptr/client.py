@@ -424,13 +424,18 @@ class Client:
             self._effects.pop(fut, None)
 
     async def observe(self, futures: list[asyncio.Future[wire.Message]]) -> None:
-        """Wait for `futures` (without cancelling them if this wait is cancelled), forget them,
-        and raise the first one's error if any failed."""
-        if futures:
-            await asyncio.wait(futures)
+        """Wait for `futures` (without cancelling them if this wait is cancelled) and raise the
+        first one's error if any failed. They are claimed while waited for (see `claim`)."""
+        claimed = {fut: location for fut in futures if (location := self.claim(fut)) is not None}
+        try:
+            if futures:
+                await asyncio.wait(futures)
+        except asyncio.CancelledError:
+            for fut, location in claimed.items():
+                self.unclaim(fut, location)
+            raise
         error: BaseException | None = None
         for fut in futures:
-            self._effects.pop(fut, None)
             if error is None and not fut.cancelled():
                 error = fut.exception()
         if error is not None:

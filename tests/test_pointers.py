@@ -327,6 +327,14 @@ async def test_a_failure_someone_awaits_is_theirs_not_raised_to_a_concurrent_awa
         await mine
     await x  # raised once, to its awaiter: not again here
 
+    update = (x + x).sum().backward()  # a Pending that fails: nothing there tracks a gradient
+    waiting = asyncio.ensure_future(update)
+    await asyncio.sleep(0)
+    assert torch.equal(await (x * 3).get(), torch.full((4,), 3.0))  # type: ignore[arg-type]
+    with pytest.raises(fedptr.RemoteError, match="grad"):
+        await waiting
+    await x
+
 
 async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker) -> None:
     small = torch.zeros(4)
