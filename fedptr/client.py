@@ -443,10 +443,20 @@ class Client:
 
     async def check_effects(self, location: str) -> None:
         """Raise the error of an update queued on `location` that nobody awaited (waiting for
-        the ones still running); called by every await and get of a pointer there. Nothing is
+        the ones still running, and raising only those that nobody claimed by the time they
+        settled); called by every await and get of a pointer there. Nothing is
         waited for while a plan is recorded (an await in it returns at once)."""
-        if self._effects and self.recording is None:
-            await self.observe([f for f, loc in self._effects.items() if loc == location])
+        if not self._effects or self.recording is not None:
+            return
+        running = [f for f, loc in self._effects.items() if loc == location]
+        if running:
+            await asyncio.wait(running)  # not claimed: their own awaiters may still claim them
+        error: BaseException | None = None
+        for fut in running:
+            if self._effects.pop(fut, None) is not None and error is None and not fut.cancelled():
+                error = fut.exception()  # settled with nobody awaiting it: raised here, once
+        if error is not None:
+            raise error
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         self._outstanding.discard(fut)

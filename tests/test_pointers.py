@@ -336,6 +336,24 @@ async def test_a_failure_someone_awaits_is_theirs_not_raised_to_a_concurrent_awa
     await x
 
 
+async def test_an_await_already_waiting_leaves_a_failure_to_the_task_that_claims_it(bob: fedptr.Worker) -> None:
+    # the other order: the unrelated await starts waiting for the send before its owner does
+    y = await bob.send(torch.ones(4))
+    big = torch.zeros(1 << 19)
+    failing = bob.send(big)
+    big.add_(1)
+    theirs = asyncio.ensure_future(_awaited(y))
+    await asyncio.sleep(0)  # `theirs` waits for bob's running updates, the send among them
+    mine = asyncio.ensure_future(_awaited(failing))
+    with pytest.raises(fedptr.UsageError, match="changed in place"):
+        await mine
+    assert await theirs is y
+
+
+async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
+    return await p
+
+
 async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker) -> None:
     small = torch.zeros(4)
     p = bob.send(small)
