@@ -413,6 +413,10 @@ class Client:
         is claimed already), for `unclaim`."""
         return self._effects.pop(fut, None)
 
+    def unclaimed(self, fut: asyncio.Future[wire.Message]) -> bool:
+        """Whether `fut` is an update whose outcome nobody has claimed or been told yet."""
+        return fut in self._effects
+
     def unclaim(self, fut: asyncio.Future[wire.Message], location: str) -> None:
         """The await that claimed `fut` was cancelled: unless it succeeded, the next await on
         `location` reports it again."""

@@ -190,6 +190,8 @@ def effect(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = No
     if fut is None:
         return Pending(alias.client, [])
     alias.client.track_effect(alias.location, fut)
+    if args and isinstance(args[0], Pointer):
+        args[0]._updated_by(fut)  # `await target` reports it
     # the result entry is an alias of the target: keep its pointer until the update settled,
     # then let it go (its delete removes the alias, not the target)
     fut.add_done_callback(_Keep(alias))
@@ -267,7 +269,7 @@ class Pointer:
     calls through ``__torch_function__``. ``==`` is identity (use `eq`); ``bool(p)``, ``int(p)``
     and ``iter(p)`` raise DataDependentError."""
 
-    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_meta", "owned")
+    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_meta", "_updates", "owned")
 
     def __init__(
         self,
@@ -284,6 +286,9 @@ class Pointer:
         self._id = id_at_location
         self._done = done
         self._meta = meta
+        self._updates: list[asyncio.Future[wire.Message]] | None = None
+        """In-place updates queued on this object that an await of this pointer claims (made
+        lazily: most pointers never get one)."""
         self.owned = True
         """Whether this pointer still owns its object (False once get, move or send handed it on)."""
         self._deletes = deletes
@@ -431,8 +436,22 @@ class Pointer:
             if self._done is not None:
                 self._done = None
                 self._check_reply(reply)
+        await self._own_updates()
         await self._client.check_effects(self._location)
         return self
+
+    def _updated_by(self, fut: asyncio.Future[wire.Message]) -> None:
+        """Remember an in-place update queued on this object (forgetting those that succeeded)."""
+        kept = [f for f in self._updates or () if not f.done() or (not f.cancelled() and f.exception())]
+        self._updates = [*kept, fut]
+
+    async def _own_updates(self) -> None:
+        """Wait for the updates queued on this object that nobody claimed yet, and raise the
+        first one's error: they are this await's to report, not another task's."""
+        if self._updates:
+            mine = [f for f in self._updates if self._client.unclaimed(f)]
+            self._updates = None
+            await self._client.observe(mine)
 
     def _check_reply(self, reply: wire.Message) -> None:
         """Compare the worker's description of the result with the inferred one."""
@@ -463,6 +482,7 @@ class Pointer:
         Two-phase: the worker keeps a value until this client holds it, then it is deleted, so a
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
+        await self._own_updates()
         await self._client.check_effects(self._location)
         self.owned = False
         try:

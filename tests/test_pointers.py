@@ -350,6 +350,20 @@ async def test_an_await_already_waiting_leaves_a_failure_to_the_task_that_claims
     assert await theirs is y
 
 
+async def test_awaiting_the_target_of_a_failed_update_reports_it_there_alone(bob: fedptr.Worker) -> None:
+    # the soak's counters: `await c.add_(...)` must report its own update, even while another
+    # task already waits for bob's running updates (or it counts an update that failed)
+    c = await bob.send(torch.zeros(4))
+    other = await bob.send(torch.ones(4))
+    c.add_(torch.ones(5))  # fails on bob: the shapes do not broadcast
+    theirs = asyncio.ensure_future(_awaited(other))
+    await asyncio.sleep(0)  # `theirs` waits for bob's running updates, this one among them
+    with pytest.raises(fedptr.RemoteError, match="size"):
+        await _awaited(c)
+    assert await theirs is other
+    assert torch.equal(await c.get(), torch.zeros(4))  # type: ignore[arg-type]
+
+
 async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
     return await p
 
