@@ -24,9 +24,9 @@ from fedptr.ops import (
 from fedptr.tensors import DTYPE_BY_NAME
 
 MODULE_OPS = frozenset({"forward", "parameter", "zero_grad", "train", "state"})
+"""The operations that take a model as their first argument."""
 _MODEL_ONLY = MODULE_OPS - {"zero_grad"}
 """Module operations that need a model (``zero_grad`` also takes a tensor)."""
-"""The operations that take a model as their first argument."""
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:

@@ -693,12 +693,7 @@ class Node:
             ):
                 return i
             entries = {s: slots[s] for s in reads}
-            private = False
-            for e in entries.values():
-                if e.taint:
-                    private = True
-                    break
-            values.append(self._run(plan.ops[i], operands, private, entries))
+            values.append(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
         return len(plan.ops)
 
     def _finish_plan(
