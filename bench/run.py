@@ -41,7 +41,8 @@ from torch.nn import functional
 
 import fedptr
 from fedptr import envelope, wire
-from fedptr.cluster import Cluster, start_process, stop_processes
+from fedptr.cluster import Cluster
+from fedptr.processes import start_process, stop_processes
 
 HERE = Path(__file__).parent
 WORKERS = ["bob", "alice", "carol", "dave", "erin"]

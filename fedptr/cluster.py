@@ -1,18 +1,17 @@
 """`local_cluster`: a broker and one node process per name on this machine, for tests and demos.
 
-Processes die with their parent (Linux PR_SET_PDEATHSIG), so even a crashed or killed client
-leaves nothing running; on a normal exit each gets SIGTERM, then SIGKILL after a grace period.
+Nodes are forked by one warm launcher where fork is safe (`fedptr.processes`), else started as
+plain processes. Processes die with their parent (Linux PR_SET_PDEATHSIG), so even a crashed or
+killed client leaves nothing running; on a normal exit each gets SIGTERM, then SIGKILL after a
+grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -20,21 +19,15 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, ParamSpec
+from typing import Any, Literal, ParamSpec
 
 from fedptr import limits
 from fedptr.client import Client, connect
 from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError
+from fedptr.processes import NodeStarter, Process, start_broker, stop_processes, wait_registered
 from fedptr.security import CurveKeys, generate
 
-_PR_SET_PDEATHSIG = 1
 P = ParamSpec("P")
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 CLIENT_KEYS = 4
 """Client key pairs a CURVE local cluster makes: its own client's and spare ones for more clients."""
@@ -49,7 +42,9 @@ class Cluster:
     address: str
     pids: dict[str, int]
     log_dir: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(repr=False)
+    processes: dict[str, Process] = field(repr=False)
+    starter: NodeStarter = field(repr=False)
+    """What starts the nodes (and `start_node` again): the forking launcher or plain processes."""
     broker_args: list[str] = field(default_factory=list, repr=False)
     node_args: dict[str, list[str]] = field(default_factory=dict, repr=False)
     keys_dir: Path | None = None
@@ -94,12 +89,11 @@ class Cluster:
         log_path = self.log_dir / f"{name}.log"
         ready = f"fedptr-node {name} ready"
         before = log_path.read_text(errors="replace").count(ready)
-        proc = start_process(
-            ["-m", "fedptr.nodes", "--name", name, "--broker", self.address, *self.node_args[name]], log_path
-        )
+        deadline = time.monotonic() + timeout
+        argv = ["--name", name, "--broker", self.address, *self.node_args[name]]
+        proc = await self.starter.start(argv, log_path, timeout)
         self.processes[name] = proc
         self.pids[name] = proc.pid
-        deadline = time.monotonic() + timeout
         while log_path.read_text(errors="replace").count(ready) <= before:
             if proc.poll() is not None:
                 raise FedptrError(f"{name} exited with status {proc.returncode}: {self.log(name)[-2000:]}")
@@ -113,79 +107,6 @@ class Cluster:
         assert address == self.address, (address, self.address)
         self.processes["broker"] = proc
         self.pids["broker"] = proc.pid
-
-
-def start_process(
-    args: Sequence[str], log_path: Path, stdout: int | IO[bytes] | None = None, prefix: Sequence[str] = ()
-) -> subprocess.Popen[bytes]:
-    """Start `python args...` (after `prefix`, e.g. ``ip netns exec NS``) with stderr (and stdout
-    unless given) appended to `log_path`."""
-    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [*prefix, sys.executable, *args],
-            stdout=stdout if stdout is not None else log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            start_new_session=True,
-        )
-
-
-def stop_processes(processes: Sequence[subprocess.Popen[bytes]], grace: float = limits.CLUSTER_STOP_GRACE_S) -> None:
-    """SIGTERM each running process, wait up to `grace` seconds in all, then SIGKILL the rest."""
-    for p in processes:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in processes:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-async def start_broker(
-    bind: str, log_path: Path, timeout: float, extra: Sequence[str] = (), prefix: Sequence[str] = ()
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a broker bound to `bind` and return it with the endpoint it bound (a ``*`` port resolved)."""
-    proc = start_process(
-        ["-m", "fedptr.broker", "--bind", bind, *extra], log_path, stdout=subprocess.PIPE, prefix=prefix
-    )
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)
-    except TimeoutError:
-        stop_processes([proc])
-        raise DeadlineExceeded("broker", timeout, ["broker"]) from None
-    text = line.decode().strip()
-    if not text.startswith("fedptr-broker listening on "):
-        stop_processes([proc])
-        raise FedptrError(f"broker did not start: {text!r}; see {log_path}")
-    return proc, text.rsplit(" ", 1)[1]
-
-
-async def wait_registered(
-    client: Client,
-    names: Sequence[str],
-    processes: Mapping[str, subprocess.Popen[bytes]],
-    log_dir: Path,
-    timeout: float,
-) -> None:
-    """Return once every name is registered; raise if a process exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        registered = set(await client.workers())
-        missing = [n for n in names if n not in registered]
-        if not missing:
-            return
-        for name, proc in processes.items():
-            if proc.poll() is not None:
-                log = (log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise FedptrError(f"process {name!r} exited with status {proc.returncode}:\n{log}")
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(missing[0], timeout, missing)
-        await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
 class LocalCluster:
@@ -246,6 +167,7 @@ async def local_cluster(
     curve: bool = True,
     data: Mapping[str, Mapping[str, str | os.PathLike[str]]] | None = None,
     threads: int | None = limits.LOCAL_CLUSTER_THREADS,
+    fork: bool = True,
 ) -> AsyncIterator[Cluster]:
     """A broker and one node per name: ``await local_cluster(names).start()`` starts them, waits
         until all registered, and gives the running `Cluster` (``await cluster.stop()`` ends it);
@@ -256,7 +178,9 @@ async def local_cluster(
         ``--aggregator``, ``--store``...); `data` maps a worker to the datasets it loads as private
         data, tag -> .npz. `threads` is each node's torch intra-op threads (``--threads``; 1 by default,
     since all the processes share this machine; None: the node's own default, torch's one per core).
-    `heartbeat_s` and `liveness` apply to every process and the client (a
+    `fork` (on by default, Linux only) forks the nodes from one launcher process that imported
+    torch and the node code once (`fedptr.processes`); ``fork=False`` starts each node as its own
+    ``python -m fedptr.nodes``. `heartbeat_s` and `liveness` apply to every process and the client (a
         dead worker is noticed within their product). `curve` (on by default) makes throwaway CURVE keys
         for the broker, every node and the client (in `Cluster.keys_dir`): every peer is
         authenticated and every worker name bound to its key; ``curve=False`` turns that off. Every process
@@ -270,7 +194,10 @@ async def local_cluster(
         logs = Path(log_dir) if log_dir is not None else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         bind = "tcp://127.0.0.1:*" if transport == "tcp" else f"ipc://{tmp}/broker.sock"
-        processes: dict[str, subprocess.Popen[bytes]] = {}
+        # first: the launcher imports torch while the broker starts; it is closed last
+        starter = NodeStarter(logs, fork)
+        stack.push_async_callback(asyncio.to_thread, starter.close)
+        processes: dict[str, Process] = {}
         # stopping waits for processes to exit: on a thread, so the event loop is not blocked
         stack.push_async_callback(lambda: asyncio.to_thread(stop_processes, list(reversed(processes.values()))))
         beat = ["--heartbeat-ms", str(max(1, int(heartbeat_s * 1000))), "--liveness", str(liveness)]
@@ -300,13 +227,24 @@ async def local_cluster(
             for name in names
         }
         processes["broker"], address = await start_broker(bind, logs / "broker.log", start_timeout, all_broker_args)
-        for name in names:
-            processes[name] = start_process(
-                ["-m", "fedptr.nodes", "--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log"
-            )
+        started = await asyncio.gather(
+            *(
+                starter.start(
+                    ["--name", name, "--broker", address, *all_node_args[name]], logs / f"{name}.log", start_timeout
+                )
+                for name in names
+            ),
+            return_exceptions=True,
+        )
+        for name, proc in zip(names, started, strict=True):
+            if not isinstance(proc, BaseException):
+                processes[name] = proc
+        for proc in started:
+            if isinstance(proc, BaseException):
+                raise proc
         client = await stack.enter_async_context(
             connect(address, timeout=call_timeout, heartbeat_s=heartbeat_s, liveness=liveness, curve=client_keys)
         )
         await wait_registered(client, names, processes, logs, start_timeout)
         pids = {n: p.pid for n, p in processes.items()}
-        yield Cluster(client, address, pids, logs, processes, all_broker_args, all_node_args, keys)
+        yield Cluster(client, address, pids, logs, processes, starter, all_broker_args, all_node_args, keys)

@@ -1,9 +1,10 @@
 """A data owner's privacy budget: its (epsilon, delta), what its releases have spent, on disk.
 
-Accounting is Opacus's RDP accountant: each release is a step of the (subsampled) Gaussian
-mechanism with its noise multiplier and sampling rate. A release is charged *before* it leaves
-(the new history is written atomically and fsynced first), and refused with
-BudgetExhaustedError when it would take the owner past epsilon. A node without a budget
+Accounting is Opacus's RDP accountant (imported when a non-empty history is first evaluated:
+at start when the store holds one, else at the first charge): each release is a step of the
+(subsampled) Gaussian mechanism with its noise multiplier and sampling rate. A release is
+charged *before* it leaves (the new history is written atomically and fsynced first), and
+refused with BudgetExhaustedError when it would take the owner past epsilon. A node without a budget
 releases nothing. The history lives in the node's store directory, so a restart resets nothing;
 an unreadable history fails closed (the node refuses to start).
 """
@@ -15,7 +16,6 @@ import threading
 from pathlib import Path
 
 import msgpack
-from opacus.accountants import RDPAccountant
 
 from fedptr.errors import BudgetExhaustedError
 
@@ -81,6 +81,10 @@ class Budget:
 def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     if not history:
         return 0.0
+    # Imported here: `opacus` loads all of Opacus (about 1.5 s and 120 MB), which a node that
+    # never releases anything should not pay at start.
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = history
     return float(accountant.get_epsilon(delta))

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import fedptr
-from fedptr.cluster import start_broker, start_process, stop_processes
+from fedptr.processes import start_broker, start_process, stop_processes
 from fedptr.security import CurveKeys, generate
 
 pytestmark = pytest.mark.destructive

@@ -37,9 +37,9 @@ from torch.nn import functional
 
 import fedptr
 from fedptr import aggregate, dp, envelope, optim, wire
-from fedptr.cluster import start_process, stop_processes
 from fedptr.link import Link
 from fedptr.pointer import remote_call
+from fedptr.processes import start_process, stop_processes
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw
 

@@ -1,7 +1,8 @@
 """Running a cluster file: start the broker and the nodes, supervise them, stop them all.
 
-The foreground ``fedptr up`` process is the supervisor: its children die with it (the
-``PR_SET_PDEATHSIG`` of `fedptr.cluster.start_process`), so nothing outlives it, even a SIGKILL.
+The foreground ``fedptr up`` process is the supervisor: it starts the broker, and the nodes
+through `fedptr.processes.NodeStarter` (forked by one warm launcher on Linux), and everything dies
+with it (``PR_SET_PDEATHSIG``), so nothing outlives it, even a SIGKILL.
 ``--detach`` starts that same supervisor in a new session and returns once it wrote the state
 file; ``fedptr down`` signals the supervisor.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 from fedptr import limits
 from fedptr.cli.clusterfile import ClusterSpec
 from fedptr.cli.state import ClusterState, is_fedptr_process, running, state_path
-from fedptr.cluster import start_broker, start_process, stop_processes, wait_registered
 from fedptr.errors import DeadlineExceeded, FedptrError
+from fedptr.processes import NodeStarter, Process, start_broker, stop_processes, wait_registered
 from fedptr.security import CurveKeys
 
 WATCH_INTERVAL_S = 0.5
@@ -32,7 +33,7 @@ class AlreadyRunning(FedptrError):
     """Raised when a cluster of the same name already runs (its state file names a live supervisor)."""
 
 
-async def _start(spec: ClusterSpec, log_dir: Path, processes: dict[str, subprocess.Popen[bytes]]) -> str:
+async def _start(spec: ClusterSpec, log_dir: Path, starter: NodeStarter, processes: dict[str, Process]) -> str:
     """Start the broker then the nodes into `processes`; return the broker's address once all registered."""
     from fedptr.client import connect  # imports torch: only when a cluster really starts
 
@@ -43,9 +44,10 @@ async def _start(spec: ClusterSpec, log_dir: Path, processes: dict[str, subproce
     for node in spec.nodes.values():
         if node.store is not None:
             node.store.mkdir(parents=True, exist_ok=True)
-        processes[node.name] = start_process(
-            ["-m", "fedptr.nodes", "--name", node.name, "--broker", address, *node.argv(broker)],
+        processes[node.name] = await starter.start(
+            ["--name", node.name, "--broker", address, *node.argv(broker)],
             log_dir / f"{node.name}.log",
+            spec.start_timeout,
         )
     keys = None
     if broker.client_secret is not None and broker.broker_key is not None:
@@ -61,7 +63,7 @@ async def _start(spec: ClusterSpec, log_dir: Path, processes: dict[str, subproce
     return address
 
 
-async def _watch(processes: dict[str, subprocess.Popen[bytes]], report: Callable[[str, int], None]) -> None:
+async def _watch(processes: dict[str, Process], report: Callable[[str, int], None]) -> None:
     """Report each process that exits while the cluster runs, once."""
     reported: set[str] = set()
     while True:
@@ -100,11 +102,12 @@ async def run_foreground(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    starter = NodeStarter(log_dir, fork=True)  # the launcher imports torch while the broker starts
+    processes: dict[str, Process] = {}
     path = state_path(run_dir, spec.name)
     written = False
     try:
-        starting = asyncio.create_task(_start(spec, log_dir, processes))
+        starting = asyncio.create_task(_start(spec, log_dir, starter, processes))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -134,6 +137,7 @@ async def run_foreground(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await asyncio.to_thread(stop_processes, list(reversed(processes.values())))
+        await asyncio.to_thread(starter.close)
         if written:
             path.unlink(missing_ok=True)
 
