@@ -2,12 +2,15 @@
 
 * the wire, envelope and session modules import no zmq, asyncio or torch (sans-IO);
 * the broker imports no torch;
-* nodes never import the client, and the client never imports nodes or the broker.
+* nodes never import the client, and the client never imports nodes or the broker;
+* at run time, a node loads no Opacus until it runs a DP mechanism, and `fedptr --help` no torch.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -111,3 +114,30 @@ def test_the_rules_see_imports() -> None:
     assert "torch" in top_levels(closure("fedptr.nodes.node"))
     assert "fedptr.nodes.store" in closure("fedptr.nodes.node")
     assert "fedptr.wire" in closure("fedptr.session")
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running `code`."""
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    return set(out.stdout.split())
+
+
+def test_a_node_loads_opacus_only_for_dp() -> None:
+    """Importing the node (and its DP modules) loads no Opacus: the first DP use does."""
+    loaded = _modules_after("import fedptr.nodes.node, fedptr.nodes.__main__, fedptr.nodes.launcher")
+    assert "torch" in loaded
+    assert "opacus" not in loaded
+
+
+def test_the_cli_help_and_the_broker_load_no_torch() -> None:
+    loaded = _modules_after(
+        "import contextlib, io\n"
+        "from fedptr.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert main(['--help']) == 0\n"
+        "assert 'up' in out.getvalue()\n"
+        "import fedptr.broker.__main__"
+    )
+    assert "typer" in loaded
+    assert "torch" not in loaded
