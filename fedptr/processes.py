@@ -230,6 +230,8 @@ class Launcher:
             try:
                 reply = json.loads(raw)
             except ValueError:
+                reply = None
+            if not isinstance(reply, dict):
                 log.warning("launcher: not a reply: %r", raw[:200])
                 continue
             with self.changed:
@@ -241,8 +243,8 @@ class Launcher:
                     node = ForkedNode(int(reply["pid"]), self)
                     self._nodes[node.pid] = node
                     self._replies[int(reply["id"])] = node
-                elif "id" in reply:
-                    self._replies[int(reply["id"])] = str(reply.get("error"))
+                elif isinstance(reply.get("id"), int):
+                    self._replies[reply["id"]] = str(reply.get("error"))
                 self.changed.notify_all()
         with self.changed:  # the launcher is gone: its nodes died with it (PR_SET_PDEATHSIG)
             self._gone = True

@@ -101,25 +101,33 @@ class Launcher:
     def reply(self, message: dict[str, Any]) -> None:
         os.write(1, (json.dumps(message) + "\n").encode())
 
+    def refuse(self, rid: object, why: str) -> None:
+        print(f"fedptr-launcher: {why}", file=sys.stderr, flush=True)  # the launcher's log says why too
+        self.reply({"id": rid, "error": why})
+
     def fork(self, line: bytes) -> None:
         try:
             request = json.loads(line)
         except ValueError:
             request = None
         if not isinstance(request, dict):
-            self.reply({"error": f"not a request: {line[:200]!r}"})
+            self.refuse(None, f"not a request: {line[:200]!r}")
             return
         rid = request.get("id")
         argv, log_path = request.get("argv"), request.get("log")
         if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(log_path, str)):
-            self.reply({"id": rid, "error": "a request needs argv (a list of strings) and log (a path)"})
+            self.refuse(rid, "a request needs argv (a list of strings) and log (a path)")
             return
         threads = _threads()
         if threads != 1:  # fork would copy a thread's locks but not the thread
-            self.reply({"id": rid, "error": f"the launcher runs {threads} threads: forking is unsafe"})
+            self.refuse(rid, f"the launcher runs {threads} threads: forking is unsafe")
             return
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes or memory: this node does not start, others may
+            self.refuse(rid, f"fork failed: {e}")
+            return
         if pid == 0:
             _run_node(argv, log_path, parent, [self.wake_r, self.wake_w])
         self.children.add(pid)
