@@ -138,9 +138,11 @@ async def test_up_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert proc.poll() is None, proc.communicate()[0]
         state = ClusterState.read(state_file)
         assert state.supervisor_pid == proc.pid
-        children = _children(proc.pid)
-        assert sorted(children) == sorted(state.pids.values())
-        assert len(children) == 4  # the broker and three nodes
+        children = _children(proc.pid)  # the broker and the launcher, which forked the three nodes
+        assert sorted(children) == sorted([state.pids["broker"], state.pids["launcher"]])
+        nodes = _children(state.pids["launcher"])
+        assert sorted(nodes) == sorted(state.pids[n] for n in ("bob", "alice", "secure_worker"))
+        children += nodes
         assert (tmp_path / "store" / "bob").is_dir()
         await _use(state.address)
         proc.send_signal(signal.SIGINT)

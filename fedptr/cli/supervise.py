@@ -121,7 +121,9 @@ async def run_foreground(
             cluster_file=str(spec.path),
             address=address,
             supervisor_pid=os.getpid(),
-            pids={n: p.pid for n, p in processes.items()},
+            # the launcher too, when the nodes were forked: `fedptr down` ends whatever is left
+            pids={n: p.pid for n, p in processes.items()}
+            | ({"launcher": starter.launcher.process.pid} if starter.launcher else {}),
             log_dir=str(log_dir),
         )
         state.write(run_dir)
