@@ -81,7 +81,7 @@ class Cluster:
         """Send `sig` to process `name` (for fault tests: SIGKILL, SIGSTOP, SIGCONT)."""
         self.processes[name].send_signal(sig)
         if sig == signal.SIGKILL:
-            self.processes[name].wait()
+            self.processes[name].wait(limits.CLUSTER_STOP_GRACE_S)
 
     async def start_node(self, name: str, timeout: float = limits.CLUSTER_START_TIMEOUT_S) -> None:
         """Start worker `name` again (after it died), with the flags it had; returns once the

@@ -1,0 +1,165 @@
+"""How fast a local cluster is up, and what an idle node costs in memory, with and without the
+forking launcher (`fedptr.processes`): ``python bench/startup.py``.
+
+* **Imports**: wall and CPU seconds of a fresh ``python -c "import M"`` for torch, the node, the
+  node with Opacus (what every node loaded before Opacus became lazy) and ``fedptr --help``;
+  the best of `--repeats` runs (the least disturbed by other load).
+* **Clusters** of 1, 2, 8 and 16 nodes (CURVE on, one torch thread per node: `local_cluster`'s
+  defaults), forked (``fork=True``) and plain (``fork=False``) in turn: seconds from
+  ``local_cluster(...).start()`` until every node registered (the client's own ``import torch``
+  is not counted: a script that uses pointers has paid it), then each node's idle memory from
+  ``/proc/PID/smaps_rollup``: RSS (what ``ps`` shows, shared pages included), PSS (shared pages
+  split among their sharers) and USS (pages only this node has). The total is the sum of the
+  nodes' PSS, plus the launcher's when forked: what the cluster's nodes really take.
+
+Prints Markdown tables with the ratios plain / forked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fedptr
+
+IMPORTS = {
+    "torch": "import torch",
+    "the node (fedptr.nodes.node)": "import fedptr.nodes.node",
+    "the node + Opacus (as before)": "import fedptr.nodes.node, opacus",
+    "`fedptr --help`": "import contextlib, io, fedptr.cli as c\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+    "    c.main(['--help'])",
+    "the node, meta kernels loaded (each node's start)": "from fedptr.nodes import guard\nguard.warm_up()",
+}
+PEAK = "\nimport resource, sys\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
+"""Appended to each import's code: the interpreter's peak RSS (KiB), on stderr."""
+MIB = 1 << 20
+
+
+def import_cost(code: str, repeats: int) -> tuple[float, float, int]:
+    """Best wall seconds, best CPU seconds and the peak RSS (bytes) of a fresh interpreter running `code`."""
+    walls, cpus, peaks = [], [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code + PEAK], check=True, timeout=300, capture_output=True)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        peaks.append(int(done.stderr.split()[-1]) * 1024)
+    return min(walls), min(cpus), max(peaks)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """RSS, PSS and USS of process `pid`, in bytes."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return {
+        "rss": fields["Rss"],
+        "pss": fields["Pss"],
+        "uss": fields["Private_Clean"] + fields["Private_Dirty"],
+    }
+
+
+@dataclass
+class Run:
+    nodes: int
+    forked: bool
+    ready_s: float
+    rss: float
+    """Mean per node, bytes; so are `pss` and `uss`."""
+    pss: float
+    uss: float
+    launcher_pss: int
+    total_pss: int
+
+
+async def measure(n: int, fork: bool) -> Run:
+    names = [f"owner{i}" for i in range(n)]
+    start = time.perf_counter()
+    cluster = await fedptr.local_cluster(names, fork=fork, start_timeout=900.0).start()
+    ready = time.perf_counter() - start
+    try:
+        for name in names:  # each node has served a request: idle, not still starting
+            await cluster.client.worker(name).objects()
+        nodes = [memory(cluster.pids[name]) for name in names]
+        launcher = cluster.starter.launcher
+        assert fork == (launcher is not None), "the launcher fell back to plain processes: see launcher.log"
+        launcher_pss = memory(launcher.process.pid)["pss"] if launcher is not None else 0
+    finally:
+        await cluster.stop()
+    return Run(
+        n,
+        fork,
+        ready,
+        statistics.mean(m["rss"] for m in nodes),
+        statistics.mean(m["pss"] for m in nodes),
+        statistics.mean(m["uss"] for m in nodes),
+        launcher_pss,
+        sum(m["pss"] for m in nodes) + launcher_pss,
+    )
+
+
+def mib(value: float) -> str:
+    return f"{value / MIB:,.0f}"
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 8, 16], help="cluster sizes")
+    p.add_argument("--repeats", type=int, default=3, help="runs per import (the best is kept)")
+    p.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    args = p.parse_args()
+    load = os.getloadavg()[0]
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}; load average {load:.1f} at the start.\n"
+    )
+    print("| import | wall s | CPU s | peak RSS MiB |\n|---|---|---|---|")
+    imports = {}
+    for what, code in IMPORTS.items():
+        wall, cpu, peak = import_cost(code, args.repeats)
+        imports[what] = {"wall_s": wall, "cpu_s": cpu, "peak_rss": peak}
+        print(f"| {what} | {wall:.2f} | {cpu:.2f} | {mib(peak)} |", flush=True)
+
+    runs: list[Run] = []
+    for i, n in enumerate(args.nodes):
+        # the order alternates with the size, so that neither mode always runs first
+        for fork in (True, False) if i % 2 == 0 else (False, True):
+            runs.append(await measure(n, fork))
+            print(f"<!-- {asdict(runs[-1])} -->", flush=True)
+    print(
+        "\n| nodes | ready s: plain / forked (ratio) | per node RSS MiB: plain / forked | PSS | USS "
+        "| total PSS MiB, launcher included: plain / forked (ratio) |\n|---|---|---|---|---|---|"
+    )
+    for n in args.nodes:
+        plain = next(r for r in runs if r.nodes == n and not r.forked)
+        forked = next(r for r in runs if r.nodes == n and r.forked)
+        print(
+            f"| {n} | {plain.ready_s:.1f} / {forked.ready_s:.1f} ({plain.ready_s / forked.ready_s:.1f}×) "
+            f"| {mib(plain.rss)} / {mib(forked.rss)} | {mib(plain.pss)} / {mib(forked.pss)} "
+            f"| {mib(plain.uss)} / {mib(forked.uss)} "
+            f"| {mib(plain.total_pss)} / {mib(forked.total_pss)} ({plain.total_pss / forked.total_pss:.1f}×) |"
+        )
+    print(f"\nLoad average {os.getloadavg()[0]:.1f} at the end.")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"imports": imports, "clusters": [asdict(r) for r in runs]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
