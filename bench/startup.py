@@ -12,7 +12,13 @@ forking launcher (`fedptr.processes`): ``python bench/startup.py``.
   split among their sharers) and USS (pages only this node has). The total is the sum of the
   nodes' PSS, plus the launcher's when forked: what the cluster's nodes really take.
 
-Prints Markdown tables with the ratios plain / forked.
+With ``--flower BIN_DIR`` (a venv's bin with ``pip install flwr``): Flower's Deployment Engine
+on the same sizes, insecure: seconds from starting a SuperLink and N SuperNodes until every
+SuperNode logged its registration (``SuperNode ID``), and each SuperNode's PSS with its
+children's. A SuperNode imports no torch until a run starts its ClientApp: this is Flower
+ready to accept a run, fedptr ready to compute.
+
+Prints Markdown tables with the ratios plain / forked (and forked / Flower).
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import json
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,8 +50,9 @@ IMPORTS = {
     "    c.main(['--help'])",
     "the node, meta kernels loaded (each node's start)": "from fedptr.nodes import guard\nguard.warm_up()",
 }
-PEAK = "\nimport resource, sys\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)"
-"""Appended to each import's code: the interpreter's peak RSS (KiB), on stderr."""
+PEAK = "\nimport sys\nprint([x.split()[1] for x in open('/proc/self/status') if x[:5] == 'VmHWM'][0], file=sys.stderr)"
+"""Appended to each import's code: the interpreter's peak RSS (KiB), on stderr. Not ru_maxrss:
+a child inherits its parent's through fork and exec, and this parent holds torch."""
 MIB = 1 << 20
 
 
@@ -75,11 +85,20 @@ def memory(pid: int) -> dict[str, int]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Run:
     nodes: int
     forked: bool
     ready_s: float
+    cpu_s: float
+    """CPU seconds the nodes (and the launcher) used until ready: the work a start costs, whatever
+    else runs on the machine."""
     rss: float
     """Mean per node, bytes; so are `pss` and `uss`."""
     pss: float
@@ -93,11 +112,13 @@ async def measure(n: int, fork: bool) -> Run:
     start = time.perf_counter()
     cluster = await fedptr.local_cluster(names, fork=fork, start_timeout=900.0).start()
     ready = time.perf_counter() - start
+    launcher = cluster.starter.launcher
+    helpers = [launcher.process.pid] if launcher is not None else []
+    cpu = sum(cpu_seconds(pid) for pid in [*(cluster.pids[name] for name in names), *helpers])
     try:
         for name in names:  # each node has served a request: idle, not still starting
             await cluster.client.worker(name).objects()
         nodes = [memory(cluster.pids[name]) for name in names]
-        launcher = cluster.starter.launcher
         assert fork == (launcher is not None), "the launcher fell back to plain processes: see launcher.log"
         launcher_pss = memory(launcher.process.pid)["pss"] if launcher is not None else 0
     finally:
@@ -106,6 +127,7 @@ async def measure(n: int, fork: bool) -> Run:
         n,
         fork,
         ready,
+        cpu,
         statistics.mean(m["rss"] for m in nodes),
         statistics.mean(m["pss"] for m in nodes),
         statistics.mean(m["uss"] for m in nodes),
@@ -114,15 +136,86 @@ async def measure(n: int, fork: bool) -> Run:
     )
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tree_pss(pid: int) -> int:
+    """PSS of `pid` and its descendants, in bytes."""
+    total = memory(pid)["pss"]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += tree_pss(int(child))
+    return total
+
+
+def flower_start(bin_dir: Path, n: int, timeout: float = 900.0) -> tuple[float, float]:
+    """Seconds until a SuperLink and `n` SuperNodes are up and registered; mean PSS per SuperNode."""
+    logs = Path(tempfile.mkdtemp(prefix="flower-start-"))
+    port = free_port()  # Flower 1.42's SuperLink serves all its APIs over HTTP on one port
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # they start flower-superexec
+
+    def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env))
+        return procs[-1]
+
+    start = time.perf_counter()
+    try:
+        spawn(
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                f"--port={port}",
+                f"--database={logs / 'state.db'}",
+            ],
+            logs / "superlink.log",
+        )
+        nodes = [
+            spawn(
+                [
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    f"--superlink=127.0.0.1:{port}",
+                    f"--port={free_port()}",
+                    f"--node-config=partition-id={i}",
+                ],
+                logs / f"supernode{i}.log",
+            )
+            for i in range(n)
+        ]
+        deadline = time.monotonic() + timeout
+        while not all("SuperNode ID" in (logs / f"supernode{i}.log").read_text(errors="replace") for i in range(n)):
+            dead = [p.args for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"Flower did not start ({dead or 'deadline'}); logs in {logs}")
+            time.sleep(0.02)  # a synchronous poll of the logs: no event loop runs here
+        ready = time.perf_counter() - start
+        return ready, statistics.mean(tree_pss(p.pid) for p in nodes)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def mib(value: float) -> str:
     return f"{value / MIB:,.0f}"
 
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 8, 16], help="cluster sizes")
+    p.add_argument("--nodes", type=int, nargs="*", default=[1, 2, 8, 16], help="cluster sizes (none: imports only)")
     p.add_argument("--repeats", type=int, default=3, help="runs per import (the best is kept)")
     p.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--flower", type=Path, default=None, help="bin directory of a venv with flwr: compare its start")
     args = p.parse_args()
     load = os.getloadavg()[0]
     print(
@@ -143,22 +236,36 @@ async def main() -> None:
             runs.append(await measure(n, fork))
             print(f"<!-- {asdict(runs[-1])} -->", flush=True)
     print(
-        "\n| nodes | ready s: plain / forked (ratio) | per node RSS MiB: plain / forked | PSS | USS "
-        "| total PSS MiB, launcher included: plain / forked (ratio) |\n|---|---|---|---|---|---|"
+        "\n| nodes | ready s: plain / forked (ratio) | CPU s to ready: plain / forked (ratio) "
+        "| per node RSS MiB: plain / forked | PSS | USS "
+        "| total PSS MiB, launcher included: plain / forked (ratio) |\n|---|---|---|---|---|---|---|"
     )
     for n in args.nodes:
         plain = next(r for r in runs if r.nodes == n and not r.forked)
         forked = next(r for r in runs if r.nodes == n and r.forked)
         print(
             f"| {n} | {plain.ready_s:.1f} / {forked.ready_s:.1f} ({plain.ready_s / forked.ready_s:.1f}×) "
+            f"| {plain.cpu_s:.1f} / {forked.cpu_s:.1f} ({plain.cpu_s / forked.cpu_s:.1f}×) "
             f"| {mib(plain.rss)} / {mib(forked.rss)} | {mib(plain.pss)} / {mib(forked.pss)} "
             f"| {mib(plain.uss)} / {mib(forked.uss)} "
             f"| {mib(plain.total_pss)} / {mib(forked.total_pss)} ({plain.total_pss / forked.total_pss:.1f}×) |"
         )
+    flower: dict[int, tuple[float, float]] = {}
+    if args.flower is not None:
+        print("\n| nodes | ready s: Flower / fedptr forked (ratio fedptr/Flower) | per node PSS MiB: Flower / fedptr |")
+        print("|---|---|---|")
+        for n in args.nodes:
+            flower[n] = flower_start(args.flower, n)
+            forked = next(r for r in runs if r.nodes == n and r.forked)
+            print(
+                f"| {n} | {flower[n][0]:.1f} / {forked.ready_s:.1f} ({forked.ready_s / flower[n][0]:.2f}×) "
+                f"| {mib(flower[n][1])} / {mib(forked.pss)} |",
+                flush=True,
+            )
     print(f"\nLoad average {os.getloadavg()[0]:.1f} at the end.")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"imports": imports, "clusters": [asdict(r) for r in runs]}, f, indent=1)
+            json.dump({"imports": imports, "clusters": [asdict(r) for r in runs], "flower": flower}, f, indent=1)
 
 
 if __name__ == "__main__":
