@@ -13,10 +13,10 @@ forking launcher (`fedptr.processes`): ``python bench/startup.py``.
   nodes' PSS, plus the launcher's when forked: what the cluster's nodes really take.
 
 With ``--flower BIN_DIR`` (a venv's bin with ``pip install flwr``): Flower's Deployment Engine
-on the same sizes, insecure: seconds from starting a SuperLink and N SuperNodes until every
-SuperNode logged its registration (``SuperNode ID``), and each SuperNode's PSS with its
-children's. A SuperNode imports no torch until a run starts its ClientApp: this is Flower
-ready to accept a run, fedptr ready to compute.
+on the same sizes, insecure: seconds from starting a SuperLink (then, once it listens, N
+SuperNodes) until every SuperNode logged its registration (``SuperNode ID``), and each
+SuperNode's PSS with its children's (its SuperExec). A SuperNode imports no torch until a run
+starts its ClientApp: this is Flower ready to accept a run, fedptr ready to compute.
 
 Prints Markdown tables with the ratios plain / forked (and forked / Flower).
 """
@@ -174,6 +174,12 @@ def flower_start(bin_dir: Path, n: int, timeout: float = 900.0) -> tuple[float, 
             ],
             logs / "superlink.log",
         )
+        deadline = time.monotonic() + timeout
+        # as fedptr's nodes start once the broker listens: SuperNodes that find no SuperLink back off
+        while "Uvicorn running on" not in (logs / "superlink.log").read_text(errors="replace"):
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not start; logs in {logs}")
+            time.sleep(0.02)  # a synchronous poll of the log: no event loop runs here
         nodes = [
             spawn(
                 [
@@ -187,7 +193,6 @@ def flower_start(bin_dir: Path, n: int, timeout: float = 900.0) -> tuple[float, 
             )
             for i in range(n)
         ]
-        deadline = time.monotonic() + timeout
         while not all("SuperNode ID" in (logs / f"supernode{i}.log").read_text(errors="replace") for i in range(n)):
             dead = [p.args for p in procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
