@@ -88,6 +88,12 @@ MAX_MODULE_LAYERS = 256
 MAX_MODULE_DEPTH = 8
 """Deepest nesting of containers (Sequential) in a model sent as a spec."""
 
+MAX_GRAPH_STEPS = 4096
+"""Most steps (inputs, operations, output) in a model that travels as a graph (fedptr/graphs.py)."""
+
+MAX_GRAPH_TENSOR_NUMEL = 1 << 26
+"""Most elements in one parameter or buffer a model graph declares outside its layers (256 MiB of float32)."""
+
 # --- sockets and event loops -------------------------------------------------------------
 SOCKET_HWM = 100_000
 """Messages a zmq socket queues per peer, each way, before sends are refused (ZMQ_SNDHWM/RCVHWM);
