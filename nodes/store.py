@@ -57,11 +57,14 @@ class Entry:
     def tensor(
         cls, value: torch.Tensor | nn.Module | None = None, owner: str = "", taint: Taint | None = None
     ) -> Entry:
-        """A local tensor (or model) entry, settled with `value` or pending when it is None."""
+        """A local tensor (or model) entry, settled with `value` or pending when it is None. An
+        alias passes its target's `taint` and shares that very object, even while it is empty."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if value is not None:
             fut.set_result(value)
-        return cls(fut, owner=owner, taint=taint or Taint())
+        # `taint or Taint()` would give the alias of a still-public target (an empty, so falsy,
+        # Taint) a cell of its own: a write through the alias then left the target public
+        return cls(fut, owner=owner, taint=Taint() if taint is None else taint)
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
