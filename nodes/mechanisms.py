@@ -100,8 +100,8 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire
 def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Train `model` in place for `config.steps` DP-SGD steps on (`x`, `y`).
 
-    A step whose computation fails (a value the meta check could not foresee) contributes no
-    gradient, only noise, so the reply never depends on the data."""
+    A sample whose computation fails (a value the meta check could not foresee) contributes no
+    gradient, the others do (`_clipped_sum`), so the reply never depends on the data."""
     n = len(x)
     loss_fn = LOSSES[config.loss]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,17 +128,73 @@ def _clipped_sum(
     loss_fn: Callable[..., torch.Tensor],
     bound: float,
 ) -> list[torch.Tensor]:
-    zeros = [torch.zeros_like(p) for p in params]
-    if len(xb) == 0:
-        return zeros
+    """The sum of the batch's per-sample gradients, each clipped to `bound` (in float64).
+
+    One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
+    not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
+    embedding index in some sample) each sample is computed alone and only those that fail
+    contribute zero. Dropping the whole batch instead let one sample move the step by the
+    batch's sum."""
+    width = sum(p.numel() for p in params)
+    try:
+        rows = _sample_gradients(gsm, params, xb, yb, loss_fn)
+    except Exception:
+        rows = (
+            torch.stack(
+                [
+                    _sample_gradient_or_zero(gsm, params, xb[i : i + 1], yb[i : i + 1], loss_fn, width)
+                    for i in range(len(xb))
+                ]
+            )
+            if len(xb)
+            else torch.zeros(0, width)
+        )
+    rows = rows.detach().to(torch.float64)
+    finite = torch.isfinite(rows).all(dim=1)
+    rows = torch.where(finite[:, None], rows, 0.0)
+    factor = torch.where(finite, (bound / (rows.norm(dim=1) + 1e-6)).clamp(max=1.0), 0.0)
+    summed = factor @ rows
+    return [
+        g.reshape(p.shape).to(p.dtype) for g, p in zip(summed.split([p.numel() for p in params]), params, strict=True)
+    ]
+
+
+def _sample_gradients(
+    gsm: GradSampleModule,
+    params: list[nn.Parameter],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """Per-sample gradients of the summed loss: one row per sample, every parameter flattened."""
+    # a failed computation leaves Opacus's bookkeeping half done (activations captured, forward
+    # counts not taken back, partial sums): the next backward would pair with it and never
+    # promote its per-sample gradients
     for p in params:
         p.grad = None
         p.grad_sample = None  # type: ignore[attr-defined]
+        p._forward_counter = 0  # type: ignore[attr-defined]
+        if hasattr(p, "_current_grad_sample"):
+            del p._current_grad_sample
+    for module in gsm.modules():
+        if hasattr(module, "activations"):
+            module.activations = []
+        if hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+    loss_fn(gsm(xb), yb, reduction="sum").backward()  # type: ignore[no-untyped-call]
+    return torch.cat([p.grad_sample.reshape(len(xb), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+
+
+def _sample_gradient_or_zero(
+    gsm: GradSampleModule,
+    params: list[nn.Parameter],
+    x1: torch.Tensor,
+    y1: torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+    width: int,
+) -> torch.Tensor:
+    """One sample's gradient row, or zeros when that sample's computation fails."""
     try:
-        loss_fn(gsm(xb), yb, reduction="sum").backward()  # type: ignore[no-untyped-call]
-        samples = [p.grad_sample.reshape(len(xb), -1) for p in params]  # type: ignore[attr-defined]
+        return _sample_gradients(gsm, params, x1, y1, loss_fn)[0]
     except Exception:
-        return zeros
-    norms = torch.stack([s.norm(dim=1) for s in samples]).norm(dim=0)
-    factor = (bound / (norms + 1e-6)).clamp(max=1.0)
-    return [(factor @ s).reshape(p.shape) for s, p in zip(samples, params, strict=True)]
+        return torch.zeros(width)
