@@ -17,6 +17,7 @@ clipping done here, on the node, whatever function of the data the client chose.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -135,27 +136,22 @@ def _clipped_sum(
     embedding index in some sample) each sample is computed alone and only those that fail
     contribute zero. Dropping the whole batch instead let one sample move the step by the
     batch's sum."""
+    if len(xb) == 0:
+        return [torch.zeros_like(p) for p in params]
     width = sum(p.numel() for p in params)
     try:
         rows = _sample_gradients(gsm, params, xb, yb, loss_fn)
     except Exception:
-        rows = (
-            torch.stack(
-                [
-                    _sample_gradient_or_zero(gsm, params, xb[i : i + 1], yb[i : i + 1], loss_fn, width)
-                    for i in range(len(xb))
-                ]
-            )
-            if len(xb)
-            else torch.zeros(0, width)
-        )
+        one = functools.partial(_sample_gradient_or_zero, gsm, params, loss_fn=loss_fn, width=width)
+        rows = torch.stack([one(xb[i : i + 1], yb[i : i + 1]) for i in range(len(xb))])
     rows = rows.detach().to(torch.float64)
     finite = torch.isfinite(rows).all(dim=1)
     rows = torch.where(finite[:, None], rows, 0.0)
     factor = torch.where(finite, (bound / (rows.norm(dim=1) + 1e-6)).clamp(max=1.0), 0.0)
     summed = factor @ rows
     return [
-        g.reshape(p.shape).to(p.dtype) for g, p in zip(summed.split([p.numel() for p in params]), params, strict=True)
+        g.reshape(p.shape).to(p.dtype)
+        for g, p in zip(summed.split_with_sizes([p.numel() for p in params]), params, strict=True)
     ]
 
 
