@@ -18,6 +18,7 @@ clipping done here, on the node, whatever function of the data the client chose.
 from __future__ import annotations
 
 import functools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,10 +50,36 @@ class Contribution:
 
 
 def clip(value: torch.Tensor, bound: float) -> torch.Tensor:
-    """`value` scaled down to L2 norm at most `bound` (a copy, detached)."""
+    """`value` scaled down to L2 norm at most `bound`: a detached copy, in `value`'s dtype.
+
+    Raises InvalidArgumentError for a value that is not floating point (a dtype is public: the
+    refusal tells nothing of the data). The norm is taken in float64; a value with a non-finite
+    entry counts as zeros (a NaN made the scale a no-op, an infinity a NaN), and the result's
+    norm is checked, in its own dtype, before anyone charges for it. A refusal for a non-finite
+    value would tell the client, uncharged, a bit of the data: zeros are a value of bounded
+    norm like any other, so the release stays a Gaussian mechanism."""
+    if not value.is_floating_point():
+        raise InvalidArgumentError(f"a contribution is a floating-point tensor, not {value.dtype}")
     v = value.detach().to(torch.float64)
-    scale = min(1.0, bound / max(float(v.norm()), 1e-12))
-    return (v * scale).to(value.dtype)
+    if not bool(torch.isfinite(v).all()):
+        v = torch.zeros_like(v)
+    norm = float(v.norm())
+    if norm > bound:
+        # rounding to the value's dtype moves each entry by at most eps/2 relative: aim that far below
+        v = v * (bound / (norm * (1 + torch.finfo(value.dtype).eps)))
+    clipped = v.to(value.dtype)
+    if not float(clipped.to(torch.float64).norm()) <= bound:  # NaN fails too
+        raise InvalidArgumentError("a contribution could not be clipped to its bound")
+    return clipped
+
+
+def private_generator() -> torch.Generator:
+    """A generator for one release's noise and sampling, seeded from the OS (`secrets`).
+
+    Clients draw from torch's default generator (``rand_like``, ``randn_like``, dropout), so
+    whoever observes or steers it must learn nothing of a mechanism's noise: the mechanisms
+    never touch it, and no two releases share a seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def release_mean(
@@ -76,7 +103,7 @@ def release_mean(
     std = max(c.noise_multiplier * c.clip for c in contributions)
     with torch.no_grad():
         total = torch.stack([v.detach().to(torch.float64) for v in values]).sum(0)
-        noisy = total + torch.randn_like(total) * std
+        noisy = total + torch.randn(total.shape, dtype=total.dtype, generator=private_generator()) * std
         return (noisy / len(values)).to(values[0].dtype)
 
 
@@ -107,13 +134,15 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
     loss_fn = LOSSES[config.loss]
     params = [p for p in model.parameters() if p.requires_grad]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    generator = private_generator()
     try:
         for _ in range(config.steps):
-            batch = torch.nonzero(torch.rand(n) < config.sample_rate).flatten()
+            batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
             summed = _clipped_sum(gsm, params, x[batch], y[batch], loss_fn, config.max_grad_norm)
             with torch.no_grad():
                 for p, g in zip(params, summed, strict=True):
-                    noise = torch.randn_like(g) * (config.noise_multiplier * config.max_grad_norm)
+                    noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
+                    noise *= config.noise_multiplier * config.max_grad_norm
                     p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
     finally:
         gsm._close()

@@ -157,8 +157,9 @@ async def test_2_a_non_float_contribution_is_refused_before_it_is_charged(owner:
     x, _ = await alice.search("d")
     before = (await dp.budget(alice)).epsilon_spent
     for dtype in ("long", "bool"):
-        with pytest.raises(fedptr.InvalidArgumentError, match="floating"):
+        with pytest.raises(fedptr.RemoteError, match="floating") as refused:
             await dp.contribute(getattr(x > 1, dtype)(), agg)
+        assert refused.value.remote_type == "InvalidArgumentError"  # a node's typed error, by name
     assert (await dp.budget(alice)).epsilon_spent == before
 
 
@@ -171,8 +172,9 @@ async def test_3_dp_sgd_refuses_a_model_with_buffers(owner: fedptr.Cluster) -> N
     model = await alice.send(nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3)))
     assert isinstance(model, fedptr.ModulePointer)
     before = (await dp.budget(alice)).epsilon_spent
-    with pytest.raises(fedptr.InvalidArgumentError, match="buffers"):
+    with pytest.raises(fedptr.RemoteError, match="buffers") as refused:
         await dp.train(model, x, y, lr=0.1, sample_rate=1.0, steps=1, max_grad_norm=1.0, noise_multiplier=1.0)
+    assert refused.value.remote_type == "InvalidArgumentError"
     assert (await dp.budget(alice)).epsilon_spent == before  # refused before it was charged
     mean = await fetched(model.get())
     if mean is not None:
@@ -242,11 +244,12 @@ def test_7_dp_releases_never_touch_the_default_generator() -> None:
     """rand_like, randn_like and dropout draw from torch's default generator, which clients
     reach; the mechanisms' noise and sampling must come from elsewhere."""
     torch.manual_seed(1234)
+    model = nn.Linear(4, 3)  # its initialisation draws from the default generator: before the snapshot
     state = torch.random.get_rng_state()
     contributions = [mechanisms.Contribution("bob", 1.0, 1.0)]
     mechanisms.release_mean([torch.zeros(8)], contributions, frozenset({"bob"}), 1)
     config = wire.DPTrain(0, 0, 0, "cross_entropy", 0.1, 0.5, 3, 1.0, 1.0)
-    mechanisms.dp_sgd(nn.Linear(4, 3), torch.from_numpy(SECRET), torch.from_numpy(LABELS), config)
+    mechanisms.dp_sgd(model, torch.from_numpy(SECRET), torch.from_numpy(LABELS), config)
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
