@@ -117,6 +117,21 @@ def check_run(config: wire.DPTrain, n: int) -> None:
         raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
 
 
+def check_per_sample(model: nn.Module) -> None:
+    """Raise InvalidArgumentError for a model whose DP-SGD training would release more than
+    its noised, clipped per-sample gradients: buffers (BatchNorm's running statistics) are
+    written by every forward from the raw batch and never noised, and batch normalisation mixes
+    the samples of a batch, so no per-sample gradient is one sample's alone (Opacus refuses it
+    too). LayerNorm normalises each sample by itself."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise InvalidArgumentError(
+            f"DP-SGD trains models without buffers: a forward writes {buffers[0]!r} from the raw data, unprotected"
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise InvalidArgumentError("DP-SGD cannot train batch normalisation (it mixes samples); use LayerNorm")
+
+
 def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Refuse, from shapes alone (meta tensors), a model and loss that cannot run on the data:
     a failure in the real run could otherwise depend on values."""

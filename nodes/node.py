@@ -807,6 +807,7 @@ class Node:
                 if not isinstance(model, torch.nn.Module) or len(x) != len(y):
                     raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
                 mechanisms.check_run(msg, len(x))
+                mechanisms.check_per_sample(model)
                 spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
             except Exception as e:
                 self.reply_error(source, rid, e)

@@ -163,16 +163,19 @@ async def test_2_a_non_float_contribution_is_refused_before_it_is_charged(owner:
     assert (await dp.budget(alice)).epsilon_spent == before
 
 
+@pytest.mark.parametrize("running_stats", [True, False])
 @MODULE_LOOP
-async def test_3_dp_sgd_refuses_a_model_with_buffers(owner: fedptr.Cluster) -> None:
+async def test_3_dp_sgd_refuses_a_model_with_buffers(owner: fedptr.Cluster, running_stats: bool) -> None:
     """BatchNorm's running mean is written from the raw batch by a forward and DP-SGD never
-    noises it: one step at sample rate 1 released 0.1 * mean(x) exactly."""
+    noises it: one step at sample rate 1 released 0.1 * mean(x) exactly. Without running
+    statistics it normalises by the batch's: every sample's gradient depends on all the others."""
     alice = owner.client.worker("alice")
     x, y = await alice.search("d")
-    model = await alice.send(nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3)))
+    norm = nn.BatchNorm1d(4, affine=False, track_running_stats=running_stats)
+    model = await alice.send(nn.Sequential(norm, nn.Linear(4, 3)))
     assert isinstance(model, fedptr.ModulePointer)
     before = (await dp.budget(alice)).epsilon_spent
-    with pytest.raises(fedptr.RemoteError, match="buffers") as refused:
+    with pytest.raises(fedptr.RemoteError, match="buffers|batch normalisation") as refused:
         await dp.train(model, x, y, lr=0.1, sample_rate=1.0, steps=1, max_grad_norm=1.0, noise_multiplier=1.0)
     assert refused.value.remote_type == "InvalidArgumentError"
     assert (await dp.budget(alice)).epsilon_spent == before  # refused before it was charged
