@@ -15,6 +15,10 @@ from typing import Any
 
 FILE_NAME = "audit.jsonl"
 
+CONTRIBUTION, DP_TRAIN = "contribution", "dp-train"
+"""The events that follow a charge to the owner's budget (one charge each): `nodes.budget`
+counts them to tell a lost budget history from a fresh one."""
+
 
 class AuditLog:
     """Appends records to `directory`/audit.jsonl (fsynced), or keeps them in memory."""
@@ -35,6 +39,23 @@ class AuditLog:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def charged(directory: Path) -> int:
+    """How many charged releases (`CONTRIBUTION`, `DP_TRAIN`) the log in `directory` records.
+    A line that does not parse (torn by a crash as it was written) is not counted: its charge
+    was written before it, so counting fewer never excuses a lost history."""
+    path = directory / FILE_NAME
+    if not path.exists():
+        return 0
+    count = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        count += isinstance(record, dict) and record.get("event") in (CONTRIBUTION, DP_TRAIN)
+    return count
 
 
 def read(directory: Path) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
-from . import guard, mechanisms, plans, policy
+from . import audit, guard, mechanisms, plans, policy
 from .audit import AuditLog
 from .budget import Budget
 from .durable import DurableStore
@@ -765,7 +765,7 @@ class Node:
                 raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
             clipped = mechanisms.clip(value, self.config.dp_clip)
             spent = await self.scheduler.offload(self.budget.charge, self.config.dp_noise_multiplier, 1.0, 1)
-            self.audit.record("contribution", source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
+            self.audit.record(audit.CONTRIBUTION, source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
             put = wire.PutContribution(
                 msg.new_id, to_raw(clipped), self.config.dp_clip, self.config.dp_noise_multiplier, source
             )
@@ -812,7 +812,7 @@ class Node:
             except Exception as e:
                 self.reply_error(source, rid, e)
                 return
-            self.audit.record("dp-train", source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
+            self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
