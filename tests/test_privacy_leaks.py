@@ -302,3 +302,11 @@ def test_5_a_buffer_with_a_gap_is_incomplete() -> None:
     _chunk(r, 8, b"C" * 4, 12)
     with pytest.raises(ProtocolError, match="incomplete"):
         r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
+
+
+def test_5_chunks_in_any_order_complete_their_buffer() -> None:
+    r = Reassembly()
+    for offset, byte in ((8, b"C"), (0, b"A"), (12, b"D"), (4, b"B")):
+        _chunk(r, offset, byte * 4, 16)
+    body = r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
+    assert bytes(body[1]) == b"AAAABBBBCCCCDDDD"
