@@ -175,7 +175,7 @@ async def test_3_dp_sgd_refuses_a_model_with_buffers(owner: fedptr.Cluster, runn
     model = await alice.send(nn.Sequential(norm, nn.Linear(4, 3)))
     assert isinstance(model, fedptr.ModulePointer)
     before = (await dp.budget(alice)).epsilon_spent
-    with pytest.raises(fedptr.RemoteError, match="buffers|batch normalisation") as refused:
+    with pytest.raises(fedptr.RemoteError, match=r"buffers|batch normalisation") as refused:
         await dp.train(model, x, y, lr=0.1, sample_rate=1.0, steps=1, max_grad_norm=1.0, noise_multiplier=1.0)
     assert refused.value.remote_type == "InvalidArgumentError"
     assert (await dp.budget(alice)).epsilon_spent == before  # refused before it was charged
@@ -268,13 +268,12 @@ def test_7_two_releases_with_the_default_generator_seeded_alike_differ() -> None
 def test_6_budget_refuses_to_start_without_the_history_its_audit_log_records() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        Budget = budget.Budget
-        spent = Budget("bob", 5.0, 1e-5, directory).charge(2.0, 1.0, 1)
+        spent = budget.Budget("bob", 5.0, 1e-5, directory).charge(2.0, 1.0, 1)
         audit.AuditLog("bob", directory).record("contribution", "client", object=1, epsilon_spent=spent)
-        assert math.isclose(Budget("bob", 5.0, 1e-5, directory).spent, spent)  # both there: fine
+        assert math.isclose(budget.Budget("bob", 5.0, 1e-5, directory).spent, spent)  # both there: fine
         (directory / budget.FILE_NAME).unlink()
         with pytest.raises(ValueError, match=budget.FILE_NAME):
-            Budget("bob", 5.0, 1e-5, directory)
+            budget.Budget("bob", 5.0, 1e-5, directory)
 
 
 # --- stream reassembly -------------------------------------------------------------------
