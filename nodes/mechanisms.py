@@ -18,6 +18,7 @@ clipping done here, on the node, whatever function of the data the client chose.
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,9 +62,9 @@ def clip(value: torch.Tensor, bound: float) -> torch.Tensor:
     if not value.is_floating_point():
         raise InvalidArgumentError(f"a contribution is a floating-point tensor, not {value.dtype}")
     v = value.detach().to(torch.float64)
-    if not bool(torch.isfinite(v).all()):
-        v = torch.zeros_like(v)
     norm = float(v.norm())
+    if not math.isfinite(norm):  # a NaN or infinity in it (or a float64 norm that overflows)
+        v, norm = torch.zeros_like(v), 0.0
     if norm > bound:
         # rounding to the value's dtype moves each entry by at most eps/2 relative: aim that far below
         v = v * (bound / (norm * (1 + torch.finfo(value.dtype).eps)))
@@ -173,7 +174,7 @@ def _clipped_sum(
     loss_fn: Callable[..., torch.Tensor],
     bound: float,
 ) -> list[torch.Tensor]:
-    """The sum of the batch's per-sample gradients, each clipped to `bound` (in float64).
+    """The sum of the batch's per-sample gradients, each clipped to `bound` (norms in float64).
 
     One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
     not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
@@ -182,21 +183,18 @@ def _clipped_sum(
     batch's sum."""
     if len(xb) == 0:
         return [torch.zeros_like(p) for p in params]
-    width = sum(p.numel() for p in params)
     try:
-        rows = _sample_gradients(gsm, params, xb, yb, loss_fn)
+        samples = _sample_gradients(gsm, params, xb, yb, loss_fn)
     except Exception:
-        one = functools.partial(_sample_gradient_or_zero, gsm, params, loss_fn=loss_fn, width=width)
-        rows = torch.stack([one(xb[i : i + 1], yb[i : i + 1]) for i in range(len(xb))])
-    rows = rows.detach().to(torch.float64)
-    finite = torch.isfinite(rows).all(dim=1)
-    rows = torch.where(finite[:, None], rows, 0.0)
-    factor = torch.where(finite, (bound / (rows.norm(dim=1) + 1e-6)).clamp(max=1.0), 0.0)
-    summed = factor @ rows
-    return [
-        g.reshape(p.shape).to(p.dtype)
-        for g, p in zip(summed.split_with_sizes([p.numel() for p in params]), params, strict=True)
-    ]
+        one = functools.partial(_sample_gradient_or_zero, gsm, params, loss_fn=loss_fn)
+        rows = [one(xb[i : i + 1], yb[i : i + 1]) for i in range(len(xb))]
+        samples = [torch.cat([r[k] for r in rows]) for k in range(len(params))]
+    norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in samples]).norm(dim=0)
+    finite = torch.isfinite(norms)  # a NaN or infinity anywhere in a sample's gradient
+    factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    if not bool(finite.all()):
+        samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
+    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params, strict=True)]
 
 
 def _sample_gradients(
@@ -205,8 +203,8 @@ def _sample_gradients(
     xb: torch.Tensor,
     yb: torch.Tensor,
     loss_fn: Callable[..., torch.Tensor],
-) -> torch.Tensor:
-    """Per-sample gradients of the summed loss: one row per sample, every parameter flattened."""
+) -> list[torch.Tensor]:
+    """Per-sample gradients of the summed loss: for each parameter, one flattened row per sample."""
     # a failed computation leaves Opacus's bookkeeping half done (activations captured, forward
     # counts not taken back, partial sums): the next backward would pair with it and never
     # promote its per-sample gradients
@@ -222,7 +220,7 @@ def _sample_gradients(
         if hasattr(module, "max_batch_len"):
             del module.max_batch_len
     loss_fn(gsm(xb), yb, reduction="sum").backward()  # type: ignore[no-untyped-call]
-    return torch.cat([p.grad_sample.reshape(len(xb), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+    return [p.grad_sample.reshape(len(xb), -1) for p in params]  # type: ignore[attr-defined]
 
 
 def _sample_gradient_or_zero(
@@ -231,10 +229,9 @@ def _sample_gradient_or_zero(
     x1: torch.Tensor,
     y1: torch.Tensor,
     loss_fn: Callable[..., torch.Tensor],
-    width: int,
-) -> torch.Tensor:
-    """One sample's gradient row, or zeros when that sample's computation fails."""
+) -> list[torch.Tensor]:
+    """One sample's gradient rows, or zeros when that sample's computation fails."""
     try:
-        return _sample_gradients(gsm, params, x1, y1, loss_fn)[0]
+        return _sample_gradients(gsm, params, x1, y1, loss_fn)
     except Exception:
-        return torch.zeros(width)
+        return [torch.zeros(1, p.numel(), dtype=p.dtype) for p in params]
