@@ -9,23 +9,23 @@ clipping done here, on the node, whatever function of the data the client chose.
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the
-  node samples the batch itself (Poisson, rate q), computes per-sample gradients of a per-sample
-  loss with Opacus's GradSampleModule, clips each to C, adds N(0, (sigma C)^2) to their sum and
-  steps. Each step is a subsampled Gaussian mechanism with (sigma, q), charged before it runs.
-  Parameters changed only by such steps are released by post-processing.
+  node samples the batch itself (Poisson, rate q), computes each sample's gradient of a
+  per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
+  one), clips each to C, adds N(0, (sigma C)^2) to their sum and steps. Each step is a
+  subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
+  by such steps are released by post-processing.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional
 
 from fedptr import wire
@@ -147,34 +147,43 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
     A sample whose computation fails (a value the meta check could not foresee) contributes no
     gradient, the others do (`_clipped_sum`), so the reply never depends on the data."""
     n = len(x)
-    loss_fn = LOSSES[config.loss]
-    params = [p for p in model.parameters() if p.requires_grad]
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    loss = _sample_loss(model, LOSSES[config.loss])
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     generator = private_generator()
-    try:
-        for _ in range(config.steps):
-            batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
-            summed = _clipped_sum(gsm, params, x[batch], y[batch], loss_fn, config.max_grad_norm)
-            with torch.no_grad():
-                for p, g in zip(params, summed, strict=True):
-                    noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
-                    noise *= config.noise_multiplier * config.max_grad_norm
-                    p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
-    finally:
-        gsm._close()
-        for p in params:
-            p.grad = None
+    for _ in range(config.steps):
+        batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
+        detached = {name: p.detach() for name, p in named.items()}
+        summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
+        with torch.no_grad():
+            for p, g in zip(named.values(), summed, strict=True):
+                noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
+                noise *= config.noise_multiplier * config.max_grad_norm
+                p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+
+
+SampleLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+"""The loss of one sample (no batch dimension) as a function of the parameters."""
+
+
+def _sample_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor]) -> SampleLoss:
+    """The loss of `model` on one sample, run as a batch of one: whatever the model does across
+    its batch (a sum over dimension 0, ``Softmax(dim=0)``, ``Flatten(0)``, a graph's
+    ``x - x.mean(0)``) sees that sample alone, so no sample's gradient depends on another's.
+    (Per-layer per-sample gradients, Opacus's GradSampleModule, assume the layers never mix
+    samples: a model that did moved every sample's clipped gradient with one sample.)"""
+
+    def loss(params: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params, (x1.unsqueeze(0),))
+        return loss_fn(out, y1.unsqueeze(0), reduction="sum")
+
+    return loss
 
 
 def _clipped_sum(
-    gsm: GradSampleModule,
-    params: list[nn.Parameter],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    loss_fn: Callable[..., torch.Tensor],
-    bound: float,
+    loss: SampleLoss, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, bound: float
 ) -> list[torch.Tensor]:
-    """The sum of the batch's per-sample gradients, each clipped to `bound` (norms in float64).
+    """The sum of the batch's per-sample gradients of `loss` at `params`, each clipped to
+    `bound` (norms in float64), in the order of `params`.
 
     One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
     not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
@@ -182,56 +191,26 @@ def _clipped_sum(
     contribute zero. Dropping the whole batch instead let one sample move the step by the
     batch's sum."""
     if len(xb) == 0:
-        return [torch.zeros_like(p) for p in params]
+        return [torch.zeros_like(p) for p in params.values()]
     try:
-        samples = _sample_gradients(gsm, params, xb, yb, loss_fn)
+        grads = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, xb, yb)
+        samples = [g.reshape(len(xb), -1) for g in grads.values()]
     except Exception:
-        one = functools.partial(_sample_gradient_or_zero, gsm, params, loss_fn=loss_fn)
-        rows = [one(xb[i : i + 1], yb[i : i + 1]) for i in range(len(xb))]
-        samples = [torch.cat([r[k] for r in rows]) for k in range(len(params))]
+        rows = [_sample_gradient_or_zero(loss, params, xb[i], yb[i]) for i in range(len(xb))]
+        samples = [torch.stack([r[k] for r in rows]) for k in range(len(params))]
     norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in samples]).norm(dim=0)
     finite = torch.isfinite(norms)  # a NaN or infinity anywhere in a sample's gradient
     factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
     if not bool(finite.all()):
         samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
-    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params, strict=True)]
-
-
-def _sample_gradients(
-    gsm: GradSampleModule,
-    params: list[nn.Parameter],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    loss_fn: Callable[..., torch.Tensor],
-) -> list[torch.Tensor]:
-    """Per-sample gradients of the summed loss: for each parameter, one flattened row per sample."""
-    # a failed computation leaves Opacus's bookkeeping half done (activations captured, forward
-    # counts not taken back, partial sums): the next backward would pair with it and never
-    # promote its per-sample gradients
-    for p in params:
-        p.grad = None
-        p.grad_sample = None  # type: ignore[attr-defined]
-        p._forward_counter = 0  # type: ignore[attr-defined]
-        if hasattr(p, "_current_grad_sample"):
-            del p._current_grad_sample
-    for module in gsm.modules():
-        if hasattr(module, "activations"):
-            module.activations = []
-        if hasattr(module, "max_batch_len"):
-            del module.max_batch_len
-    loss_fn(gsm(xb), yb, reduction="sum").backward()  # type: ignore[no-untyped-call]
-    return [p.grad_sample.reshape(len(xb), -1) for p in params]  # type: ignore[attr-defined]
+    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
 
 
 def _sample_gradient_or_zero(
-    gsm: GradSampleModule,
-    params: list[nn.Parameter],
-    x1: torch.Tensor,
-    y1: torch.Tensor,
-    loss_fn: Callable[..., torch.Tensor],
+    loss: SampleLoss, params: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor
 ) -> list[torch.Tensor]:
-    """One sample's gradient rows, or zeros when that sample's computation fails."""
+    """One sample's gradient, flattened per parameter, or zeros when its computation fails."""
     try:
-        return _sample_gradients(gsm, params, x1, y1, loss_fn)
+        return [g.reshape(-1) for g in grad(loss)(params, x1, y1).values()]
     except Exception:
-        return [torch.zeros(1, p.numel(), dtype=p.dtype) for p in params]
+        return [torch.zeros(p.numel(), dtype=p.dtype) for p in params.values()]

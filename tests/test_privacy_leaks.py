@@ -27,7 +27,6 @@ import pytest
 import pytest_asyncio
 import torch
 from fedptr.nodes import audit, budget, mechanisms
-from opacus import GradSampleModule
 from torch import nn
 from torch.nn import functional
 
@@ -213,14 +212,8 @@ def test_2_clip_refuses_non_float_values_and_bounds_the_norm_in_float64() -> Non
 
 
 def _batch_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound: float) -> list[torch.Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    try:
-        return mechanisms._clipped_sum(gsm, params, x, y, functional.cross_entropy, bound)
-    finally:
-        gsm._close()
-        for p in params:
-            p.grad = None
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    return mechanisms._clipped_sum(mechanisms._sample_loss(model, functional.cross_entropy), params, x, y, bound)
 
 
 @pytest.mark.parametrize("poison", ["label out of range", "non-finite input"])
@@ -241,6 +234,32 @@ def test_4_a_sample_that_would_fail_a_step_costs_its_own_gradient_only(poison: s
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=1e-5), (poison, g, w)
         assert float(w.norm()) > 0
+
+
+class _MixesSamples(nn.Module):
+    """A model whose every output row depends on every sample of its batch (a graph model may
+    sum over dimension 0; so do ``Softmax(dim=0)`` and ``Flatten(0)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x.sum(0, keepdim=True).expand(x.shape[0], -1))
+        return out
+
+
+def test_4_one_sample_moves_the_clipped_sum_by_at_most_2c_even_when_the_model_mixes_samples() -> None:
+    """Per-layer per-sample gradients (Opacus's GradSampleModule) gave every sample's gradient
+    the whole batch's sum: changing one sample moved the clipped sum by 5.5 with C = 1."""
+    torch.manual_seed(0)
+    model = _MixesSamples()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    changed = x.clone()
+    changed[3] *= 1000
+    before, after = _batch_grads(model, x, y, 1.0), _batch_grads(model, changed, y, 1.0)
+    moved = torch.cat([(a - b).reshape(-1) for a, b in zip(before, after, strict=True)]).norm()
+    assert float(moved) <= 2.0 + 1e-5, f"one sample moved the clipped sum by {float(moved):.3g} > 2C"
 
 
 def test_7_dp_releases_never_touch_the_default_generator() -> None:
