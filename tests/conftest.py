@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
@@ -21,6 +22,8 @@ import fedptr
 from . import harness
 
 WORKERS = ["bob", "alice", "carol", "dave", "erin"]
+
+E = TypeVar("E", bound=BaseException)
 
 SOAK_SECONDS = 35.0
 """How long the soak's workload and nemesis run by default (the CI run); ``--soak-seconds`` overrides."""
@@ -122,6 +125,18 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.02)
+
+
+async def refused(attack: Awaitable[Any], error: type[E], *, owner: str | None = None, match: str | None = None) -> E:
+    """Await `attack`, which must end in the refusal the test names: `error` (a privacy refusal
+    is `fedptr.PermissionDenied`, naming the data `owner`) whose message matches `match`.
+    A value, a crash, a timeout or any other error fails the test; the refusal is returned."""
+    with pytest.raises(error, match=match) as info:
+        await attack
+    if owner is not None:
+        assert isinstance(info.value, fedptr.PermissionDenied), info.value
+        assert info.value.owner == owner, f"refused on behalf of {info.value.owner!r}, not {owner!r}: {info.value}"
+    return info.value
 
 
 def alive(pid: int) -> bool:
