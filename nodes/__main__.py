@@ -14,12 +14,12 @@ import sys
 
 import torch
 
-from fedptr import envelope, limits, logs, metrics
+from fedptr import limits, logs, metrics
 from fedptr.errors import FedptrError
-from fedptr.link import Link
 from fedptr.security import CurveKeys
 
 from .node import Node, NodeConfig
+from .serving import running
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,29 +108,24 @@ async def serve(args: argparse.Namespace) -> int:
     if args.epsilon is not None and not args.store:
         print(f"fedptr-node {args.name}: --epsilon needs --store (a budget must survive restarts)", file=sys.stderr)
         return 2
+
+    def serve_metrics(node: Node) -> None:
+        if args.metrics_port is not None:
+            metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
+
     try:
-        link = Link(
-            args.broker,
+        async with running(
             args.name,
-            envelope.ROLE_WORKER,
+            args.broker,
+            config,
             heartbeat_s=args.heartbeat_ms / 1000,
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
-        )
-        node = Node(args.name, link, config)
-        # wired before registering: a request may arrive in the same read as the acceptance
-        link.handler = node.handle
-        link.on_session_ended = node.reclaim
-        if args.metrics_port is not None:
-            metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
-        async with link:
-            node.start()
+            before_register=serve_metrics,
+        ):
             print(f"fedptr-node {args.name} ready", flush=True)
-            try:
-                await stop.wait()
-            finally:
-                await node.aclose()
+            await stop.wait()
     except FedptrError as e:
         print(f"fedptr-node {args.name}: {e}", file=sys.stderr, flush=True)
         return 3

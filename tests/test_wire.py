@@ -109,6 +109,14 @@ def test_missing_fields_take_defaults_or_fail() -> None:
         wire.decode([msgpack.packb([wire.Move.KIND, 0, 1])])
 
 
+def test_an_empty_view_with_a_wide_stride_travels() -> None:
+    """x[:0, 0] of a 2x2 tensor is empty with stride 2: its bytes could not be viewed as uint8
+    (found by test_indexing_matches_torch on the in-process harness)."""
+    t = torch.arange(4).reshape(2, 2)[:0, 0]
+    back = from_raw(to_raw(t))
+    assert back.shape == t.shape and back.dtype == t.dtype
+
+
 def test_64_mib_tensor_is_not_copied() -> None:
     t = torch.randn(16 << 20)
     frames = wire.encode(wire.Put(1, to_raw(t)))
