@@ -583,7 +583,7 @@ class Node:
         except Exception as e:
             self._fail(source, rid, result, e)
             return
-        result.done.set_result(value)
+        result.settle(value)
         ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
         self.reply_durable(_all(durable), source, rid, ok)
 
