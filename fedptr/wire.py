@@ -526,7 +526,7 @@ def _check_value(v: Any, depth: int = 0) -> bool:
     if t is list:
         if v and depth == limits.MAX_VALUE_DEPTH:
             return False
-        for x in v:
+        for x in v:  # noqa: SIM110 (all() over a generator is what this avoids)
             if type(x) not in _SCALARS and not _check_value(x, depth + 1):
                 return False
         return True

@@ -444,13 +444,12 @@ class Node:
             result.sponsor = msg.sponsor
             self.store.add(msg.result_id, result)
             tensors = _values(entries)
-            if tensors is not None:
-                if _numel(tensors.values()) <= self.config.offload_numel:
-                    # the common case: small inputs, all present; no task, no thread
-                    versions = _versions(tensors)
-                    compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                    self._finish(source, rid, msg, result, compute, entries, versions)
-                    return
+            if tensors is not None and _numel(tensors.values()) <= self.config.offload_numel:
+                # the common case: small inputs, all present; no task, no thread
+                versions = _versions(tensors)
+                compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
+                self._finish(source, rid, msg, result, compute, entries, versions)
+                return
             self.compute_later(self._compute(source, rid, msg, entries, result, private), source)
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)

@@ -86,7 +86,9 @@ def load_baseline() -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5, help="measurements (each a fresh cluster); the baseline is their median")
+    ap.add_argument(
+        "--runs", type=int, default=5, help="measurements, each on a fresh cluster (the baseline: their median)"
+    )
     ap.add_argument("--write", action="store_true", help=f"store the median in {BASELINE.name}")
     args = ap.parse_args()
     figures = []
