@@ -75,6 +75,12 @@ class Entry:
         fut.add_done_callback(_retrieve)
         return cls(fut, location, remote_id, owner)
 
+    def settle(self, value: torch.Tensor | nn.Module) -> None:
+        """Give a pending local entry its value. A value is no error to mark as retrieved, so the
+        store's `_retrieve` callback goes first: one event-loop callback less per operation."""
+        self.done.remove_done_callback(_retrieve)
+        self.done.set_result(value)
+
     def row(self, obj_id: int) -> ObjectRow:
         """This entry's line in a store listing (it must have settled)."""
         if self.done.exception() is not None:
