@@ -214,6 +214,11 @@ STATUS_TIMEOUT_S = 3.0
 """Deadline of `fedptr status` and `fedptr objects` for each question (the broker's registration,
 its table, each worker's figures): a worker that has not answered by then is shown unresponsive."""
 
+STATUS_WIDE_COLUMNS = 140
+"""Terminal width (columns) from which `fedptr status` adds bytes held, memory, traffic and uptime
+to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
+stays on one line."""
+
 STATS_MAX_PENDING = 10_000
 """Requests a node times at once for its latency figures; past it the oldest are forgotten."""
 
