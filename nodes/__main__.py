@@ -1,7 +1,7 @@
 """Command line of a worker node: ``python -m fedptr.nodes --name bob --broker tcp://127.0.0.1:5555``.
 
-Registers under the name, prints ``fedptr-node NAME ready`` and serves until SIGINT or SIGTERM.
-Exits with status 3 when the broker refuses the name.
+Registers under the name, says ``fedptr-node NAME ready`` on stdout (in the log format) and
+serves until SIGINT or SIGTERM. Exits with status 3 when the broker refuses the name.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 
@@ -20,6 +21,8 @@ from fedptr.link import Link
 from fedptr.security import CurveKeys
 
 from .node import Node, NodeConfig
+
+log = logging.getLogger("fedptr.node")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +109,7 @@ async def serve(args: argparse.Namespace) -> int:
         dp_noise_multiplier=args.dp_noise_multiplier,
     )
     if args.epsilon is not None and not args.store:
-        print(f"fedptr-node {args.name}: --epsilon needs --store (a budget must survive restarts)", file=sys.stderr)
+        log.error("fedptr-node %s: --epsilon needs --store (a budget must survive restarts)", args.name)
         return 2
     try:
         link = Link(
@@ -126,13 +129,13 @@ async def serve(args: argparse.Namespace) -> int:
             metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
         async with link:
             node.start()
-            print(f"fedptr-node {args.name} ready", flush=True)
+            logging.getLogger(logs.ANNOUNCE).info("fedptr-node %s ready", args.name)  # local_cluster waits for it
             try:
                 await stop.wait()
             finally:
                 await node.aclose()
     except FedptrError as e:
-        print(f"fedptr-node {args.name}: {e}", file=sys.stderr, flush=True)
+        log.error("fedptr-node %s: %s", args.name, e)
         return 3
     return 0
 

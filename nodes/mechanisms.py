@@ -17,6 +17,7 @@ clipping done here, on the node, whatever function of the data the client chose.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,16 @@ from fedptr import wire
 from fedptr.errors import InvalidArgumentError, PermissionDenied
 
 from .guard import meta_result
+
+# torch warns on every DP-SGD step that Opacus's full backward hooks fire on module outputs
+# "since no inputs require gradients": true and intended (nobody wants the gradient of the private
+# data, and asking for it would cost a backward through the input); per-sample gradients of the
+# parameters are unaffected. Only this message is silenced, and only in the node's process.
+warnings.filterwarnings(
+    "ignore",
+    message="Full backward hook is firing when gradients are computed with respect to module outputs",
+    category=UserWarning,
+)
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": functional.cross_entropy,

@@ -2,22 +2,28 @@
 
 A worker's name is accepted wherever a worker is (or a typed error says what is expected), a
 connect to a wrong address fails within its deadline, ``fedptr status`` fits 80
-columns, and ``fedptr keys`` never overwrites a key pair unasked.
+columns, ``fedptr keys`` never overwrites a key pair unasked, a node asked for JSON logs writes
+nothing else, and times are ISO 8601 in UTC.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from torch import nn
 from typer.testing import CliRunner
 
 import fedptr
-from fedptr import dp
+from fedptr import dp, logs
 from fedptr.cli import app
 from fedptr.cli import status as status_cli
 from fedptr.status import ClusterStatus, PeerStatus, WorkerStatus
@@ -107,3 +113,56 @@ def test_keys_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> None:
     assert not (tmp_path / "alice.key").exists()  # refused as a whole: nothing half written
     forced = runner.invoke(app, ["keys", str(tmp_path), "bob", "--force"])
     assert forced.exit_code == 0 and (tmp_path / "bob.key").read_bytes() != public
+
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def test_a_json_node_logs_only_json_audits_in_iso_time_and_dp_sgd_warns_nothing(tmp_path: Path) -> None:
+    """A data owner's node asked for JSON logs, through start-up and a DP-SGD run: every line of
+    its log is a JSON object (its ready line included) with an ISO 8601 UTC time, no warning is
+    printed, and its audit log's records are timed in ISO 8601 UTC too."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bob.npz", x=rng.random((60, 4), dtype=np.float32), y=rng.integers(0, 2, 60))
+    store = tmp_path / "store"
+    json_logs = ["--log-format", "json"]
+    async with fedptr.local_cluster(
+        ["bob"],
+        broker_args=json_logs,
+        node_args={"bob": [*json_logs, "--epsilon", "8", "--store", str(store)]},
+        data={"bob": {"d": tmp_path / "bob.npz"}},
+        log_dir=tmp_path / "logs",
+    ) as cluster:
+        bob = cluster.client.worker("bob")
+        x, y = await bob.search("d")
+        model = await bob.send(nn.Sequential(nn.Linear(4, 2)))
+        await dp.train(model, x, y, lr=0.1, sample_rate=0.2, steps=3, max_grad_norm=1.0, noise_multiplier=1.0)
+        await model.get()
+        log = cluster.log("bob")
+    lines = log.splitlines()
+    assert any("fedptr-node bob ready" in line for line in lines), log
+    for line in lines:
+        record = json.loads(line)  # raises on a plain-text line
+        assert ISO_UTC.fullmatch(record["time"]), line
+    assert "Warning" not in log, log
+    audit = CliRunner().invoke(app, ["audit", str(store), "--json"])
+    records = [json.loads(line) for line in audit.output.splitlines()]
+    assert {r["event"] for r in records} >= {"dp-train"}, audit.output
+    assert all(ISO_UTC.fullmatch(r["time"]) for r in records), audit.output
+
+
+def test_text_log_lines_are_timed_in_iso_utc() -> None:
+    out = io.StringIO()
+    root, announce = logging.getLogger(), logging.getLogger(logs.ANNOUNCE)
+    kept = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in (root, announce)]
+    logs.setup("client", "INFO", "text", out)
+    try:
+        logging.getLogger("fedptr.test").info("hello")
+    finally:  # pytest's own handlers and warnings back
+        logging.captureWarnings(False)
+        for logger, handlers, level, propagate in kept:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+    stamp, rest = out.getvalue().split(" ", 1)
+    assert ISO_UTC.fullmatch(stamp) and rest.strip() == "client INFO hello", out.getvalue()
