@@ -3,18 +3,22 @@
 A worker's name is accepted wherever a worker is (or a typed error says what is expected), a
 connect to a wrong address fails within its deadline, ``fedptr status`` fits 80
 columns, ``fedptr keys`` never overwrites a key pair unasked, a node asked for JSON logs writes
-nothing else, and times are ISO 8601 in UTC.
+nothing else, times are ISO 8601 in UTC, and the DP example can be run twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -166,3 +170,84 @@ def test_text_log_lines_are_timed_in_iso_utc() -> None:
             logger.propagate = propagate
     stamp, rest = out.getvalue().split(" ", 1)
     assert ISO_UTC.fullmatch(stamp) and rest.strip() == "client INFO hello", out.getvalue()
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "federated_average.py"
+
+
+def _example(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "--address", address, "--rounds", "1", "--local-steps", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+async def test_the_dp_example_runs_twice_and_stops_cleanly_when_the_budget_is_spent(tmp_path: Path) -> None:
+    """The DP example on a running cluster whose owners keep their budget across runs: the first
+    run says what it spends and what is left, trains, and prints no warning; the second, which the
+    budget left cannot cover, says so and what to do, and stops without a traceback."""
+    subprocess.run([sys.executable, str(EXAMPLE.with_name("prepare_digits.py")), "--out", str(tmp_path)], check=True)
+    owners = ("bob", "alice")
+    async with fedptr.local_cluster(
+        list(owners),
+        data={o: {"digits": tmp_path / f"{o}-digits.npz"} for o in owners},
+        node_args={o: ["--epsilon", "8", "--store", str(tmp_path / o)] for o in owners},
+        curve=False,  # the example connects by address alone, as to examples/cluster.toml
+    ) as cluster:
+        first = await asyncio.to_thread(_example, cluster.address, "--epsilon", "6")
+        second = await asyncio.to_thread(_example, cluster.address, "--epsilon", "6")
+        left = await dp.budget(cluster.client.worker("bob"))
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out
+    assert "spends up to epsilon 5.94 per owner" in out and "bob: epsilon 8.00 left of 8" in out, out
+    assert "Warning" not in out and "registered again" not in out, out
+    out = second.stdout + second.stderr
+    assert second.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert f"bob has epsilon {left.epsilon_left:.2f} left" in out and "fedptr down part4 --purge" in out, out
+    assert 5 < left.epsilon_spent < 6  # the second run spent nothing
+
+
+def _demo_file(tmp_path: Path, demo: bool) -> Path:
+    path = tmp_path / "demo.toml"
+    path.write_text(
+        f'[cluster]\nname = "demo{tmp_path.name[-6:]}"\ndemo = {str(demo).lower()}\n'
+        '[broker]\nbind = "tcp://127.0.0.1:*"\nheartbeat_ms = 200\n'
+        '[nodes.bob]\nepsilon = 8.0\nstore = "store/bob"\n'
+    )
+    (tmp_path / "store" / "bob").mkdir(parents=True)
+    # a budget partly spent (sigma 1, rate 0.1, 10 steps), as a node keeps it
+    (tmp_path / "store" / "bob" / "privacy-budget.msgpack").write_bytes(msgpack.packb([[1.0, 0.1, 10]]))
+    return path
+
+
+def test_down_purge_refuses_a_cluster_file_that_is_not_a_demo(tmp_path: Path) -> None:
+    cluster = _demo_file(tmp_path, demo=False)
+    result = CliRunner().invoke(app, ["down", str(cluster), "--purge", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "demo = true" in result.output, result.output
+    assert "never resets" in result.output
+    assert (tmp_path / "store" / "bob" / "privacy-budget.msgpack").exists()
+
+
+@pytest.mark.slow
+async def test_down_purge_stops_a_demo_cluster_and_clears_its_stores(tmp_path: Path) -> None:
+    cluster, run_dir = _demo_file(tmp_path, demo=True), tmp_path / "run"
+    up = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "fedptr.cli", "up", str(cluster), "--detach", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    down = await asyncio.to_thread(
+        CliRunner().invoke, app, ["down", str(cluster), "--purge", "--run-dir", str(run_dir)]
+    )
+    assert down.exit_code == 0, down.output
+    assert "stopped" in down.output and "purged the demo stores" in down.output, down.output
+    assert str(tmp_path / "store" / "bob") in down.output.replace("\n", "")
+    assert not (tmp_path / "store" / "bob").exists()
+    assert not list(run_dir.glob("*.json"))  # the cluster is down too
