@@ -11,7 +11,8 @@ CALL_TIMEOUT_S = 30.0
 """Default deadline of one awaited client call (send, get, move, an operation, objects)."""
 
 CONNECT_TIMEOUT_S = 10.0
-"""Deadline for registering with the broker."""
+"""Deadline for registering with the broker (s); `fedptr.connect` uses its `timeout` when that is
+shorter, so a wrong address fails within the deadline the caller gave."""
 
 HOP_MARGIN_S = 0.25
 """Time a forwarding node keeps for itself: the next hop gets the caller's budget minus this,

@@ -62,7 +62,7 @@ async def test_what_is_not_a_worker_is_refused_with_a_typed_error_saying_what_is
 
 async def test_connect_to_a_wrong_address_fails_within_its_deadline() -> None:
     started = time.monotonic()
-    with pytest.raises(fedptr.FedptrError):
+    with pytest.raises(fedptr.DeadlineExceeded):
         async with fedptr.connect("tcp://127.0.0.1:9", timeout=2):
             pass
     assert time.monotonic() - started < 2 + 0.5
