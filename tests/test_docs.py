@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional
 
 import fedptr
+from fedptr.cli.clusterfile import load_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
@@ -149,9 +150,14 @@ def test_the_docs_have_python_blocks_of_both_kinds() -> None:
     assert {b.language for b in every} <= {"python", "toml", "", "sh"}, {b.language for b in every}
 
 
-def test_toml_blocks_parse() -> None:
-    for block in (b for page in PAGES for b in blocks(page) if b.language == "toml"):
+def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
+    found = [b for page in PAGES for b in blocks(page) if b.language == "toml"]
+    assert found
+    for block in found:
         tomllib.loads(block.code)
+        if "[nodes." in block.code:  # a cluster file: every key known, every value in range
+            (tmp_path / "c.toml").write_text(block.code)
+            load_cluster(tmp_path / "c.toml")
 
 
 @pytest.mark.slow
