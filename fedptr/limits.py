@@ -11,7 +11,8 @@ CALL_TIMEOUT_S = 30.0
 """Default deadline of one awaited client call (send, get, move, an operation, objects)."""
 
 CONNECT_TIMEOUT_S = 10.0
-"""Deadline for registering with the broker."""
+"""Deadline for registering with the broker (s); `fedptr.connect` uses its `timeout` when that is
+shorter, so a wrong address fails within the deadline the caller gave."""
 
 HOP_MARGIN_S = 0.25
 """Time a forwarding node keeps for itself: the next hop gets the caller's budget minus this,
@@ -226,6 +227,11 @@ BROKER_LOG_EVERY = 1000
 STATUS_TIMEOUT_S = 3.0
 """Deadline of `fedptr status` and `fedptr objects` for each question (the broker's registration,
 its table, each worker's figures): a worker that has not answered by then is shown unresponsive."""
+
+STATUS_WIDE_COLUMNS = 140
+"""Terminal width (columns) from which `fedptr status` adds bytes held, memory, traffic and uptime
+to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
+stays on one line."""
 
 STATS_MAX_PENDING = 10_000
 """Requests a node times at once for its latency figures; past it the oldest are forgotten."""

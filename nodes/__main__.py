@@ -1,7 +1,7 @@
 """Command line of a worker node: ``python -m fedptr.nodes --name bob --broker tcp://127.0.0.1:5555``.
 
-Registers under the name, prints ``fedptr-node NAME ready`` and serves until SIGINT or SIGTERM.
-Exits with status 3 when the broker refuses the name.
+Registers under the name, says ``fedptr-node NAME ready`` on stdout (in the log format) and
+serves until SIGINT or SIGTERM. Exits with status 3 when the broker refuses the name.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import logging
 import signal
 import sys
 
@@ -21,6 +22,8 @@ from fedptr.security import CurveKeys
 
 from .node import Node, NodeConfig
 from .serving import running
+
+log = logging.getLogger("fedptr.node")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,10 +110,10 @@ async def serve(args: argparse.Namespace) -> int:
         dp_noise_multiplier=args.dp_noise_multiplier,
     )
     if args.epsilon is not None and not args.store:
-        print(f"fedptr-node {args.name}: --epsilon needs --store (a budget must survive restarts)", file=sys.stderr)
+        log.error("fedptr-node %s: --epsilon needs --store (a budget must survive restarts)", args.name)
         return 2
 
-    def serve_metrics(node: Node) -> None:
+    def ready_to_register(node: Node) -> None:
         if args.metrics_port is not None:
             metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
         settle_heap()
@@ -124,12 +127,12 @@ async def serve(args: argparse.Namespace) -> int:
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
-            before_register=serve_metrics,
+            before_register=ready_to_register,
         ):
-            print(f"fedptr-node {args.name} ready", flush=True)
+            logging.getLogger(logs.ANNOUNCE).info("fedptr-node %s ready", args.name)  # local_cluster waits for it
             await stop.wait()
     except FedptrError as e:
-        print(f"fedptr-node {args.name}: {e}", file=sys.stderr, flush=True)
+        log.error("fedptr-node %s: %s", args.name, e)
         return 3
     return 0
 

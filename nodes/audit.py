@@ -1,8 +1,9 @@
 """A data owner's audit log: an append-only record of everything that left the node.
 
 One JSON object per line in ``audit.jsonl`` in the node's store directory (in memory only for a
-node without one): when, what (get, move, contribution, dp-train, release), which object, who
-asked, where it went, and the epsilon spent and left. `fedptr audit STORE_DIR` prints it.
+node without one): when (ISO 8601, UTC, milliseconds), what (get, move, contribution,
+dp-train, release), which object, who asked, where it went, and the epsilon spent and left.
+`fedptr audit STORE_DIR` prints it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from fedptr.logs import iso_time
 
 FILE_NAME = "audit.jsonl"
 
@@ -31,7 +34,7 @@ class AuditLog:
 
     def record(self, event: str, requester: str, **fields: Any) -> None:
         """Append one record; the file is fsynced before this returns."""
-        entry = {"time": round(time.time(), 3), "node": self.node, "event": event, "requester": requester, **fields}
+        entry = {"time": iso_time(time.time()), "node": self.node, "event": event, "requester": requester, **fields}
         self.recent.append(entry)
         if self.path is None:
             return
