@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedptr import limits, wire
+from fedptr import graphs, limits, wire
 from fedptr.errors import ProtocolError, UnsupportedTypeError
 from fedptr.tensors import from_raw, to_raw
 
@@ -262,6 +262,8 @@ def spec_of(module: nn.Module, depth: int = 0) -> dict[str, Any]:
 
 def build(spec: Any, depth: int = 0, count: list[int] | None = None) -> nn.Module:
     """A fresh module from `spec`. Raises ValueError for anything not in the allow-list or out of bounds."""
+    if depth == 0 and type(spec) is dict and spec.get("type") == graphs.GRAPH:
+        return graphs.build(spec, [0])
     count = count if count is not None else [0]
     count[0] += 1
     if count[0] > limits.MAX_MODULE_LAYERS or depth > limits.MAX_MODULE_DEPTH:
@@ -302,8 +304,14 @@ def load_parameters(module: nn.Module, params: list[torch.Tensor]) -> None:
 
 
 def to_wire(module: nn.Module) -> tuple[dict[str, Any], list[wire.Value]]:
-    """`module` as its spec and raw parameters and buffers (TypeError outside the allow-list)."""
-    return spec_of(module), [to_raw(p) for p in module.state_dict().values()]
+    """`module` as its spec and raw parameters and buffers: a layer spec when it is built from
+    LAYERS alone, else its graph (fedptr/graphs.py). Raises UnsupportedTypeError (a TypeError)
+    naming what cannot travel."""
+    try:
+        spec = spec_of(module)
+    except UnsupportedTypeError:
+        spec = graphs.capture(module)
+    return spec, [to_raw(p) for p in module.state_dict().values()]
 
 
 def from_wire(spec: dict[str, Any], params: list[wire.Value]) -> nn.Module:
