@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -114,8 +115,11 @@ class Worker:
             if x.location == self.name:
                 raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
             x.owned = False  # at once: nothing else may hand it on meanwhile
-            done = client.track(asyncio.ensure_future(self._send_pointer(x, new_id)))
-            return Pointer(client, self.name, new_id, done, meta=x.meta)
+            sent = Pointer(client, self.name, new_id, meta=x.meta)
+            # the pointer returned is the send's candidate if it ends in doubt (held weakly: the
+            # caller may drop it, which deletes it as usual while the send is not in doubt)
+            sent.made_by(client.track(asyncio.ensure_future(self._send_pointer(x, new_id, weakref.ref(sent)))))
+            return sent
         if isinstance(x, torch.Tensor):
             # the bytes leave after this returns: small tensors are copied now, big ones are sent
             # from their memory (a copy would cost as much as the send) and checked unchanged
@@ -141,11 +145,12 @@ class Worker:
         self._client.track_effect(self.name, fut)
         return fut
 
-    async def _send_pointer(self, x: Pointer, new_id: int) -> wire.Message:
+    async def _send_pointer(self, x: Pointer, new_id: int, sent: weakref.ref[Pointer]) -> wire.Message:
         """Two-phase: this worker stores a pointer to `x`'s object first, and only then is the
         object granted to it. A definite failure of either step leaves `x` usable (the stored
         pointer, if any, is deleted); a grant whose outcome is unknown is asked again until the
-        deadline, and past it raises InDoubtError (see `Client.resolve`). Returns Ok when done."""
+        deadline, and past it raises InDoubtError (see `Client.resolve`) whose candidates are `x` and
+        the pointer `sent` returned to the caller (if it still holds it). Returns Ok when done."""
         client = self._client
         loop = asyncio.get_running_loop()
         deadline = loop.time() + client.timeout
@@ -183,7 +188,8 @@ class Worker:
                     raise
                 if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                     x.owned = True
-                    raise in_doubt(e, x.location, "send", [x, Pointer(client, self.name, new_id)]) from e
+                    candidate = sent() or Pointer(client, self.name, new_id)
+                    raise in_doubt(e, x.location, "send", [x, candidate]) from e
             except BaseException:
                 x.owned = True
                 client.release(self.name, new_id)
@@ -347,6 +353,7 @@ class Client:
             if found is not None:
                 for p in candidates:
                     p.owned = p is found
+                    p.in_doubt = False  # settled: the one found owns (and deletes) the object again
                 return found
             if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                 raise error
@@ -412,10 +419,6 @@ class Client:
         on its worker. Returns the worker it was remembered for (None: it was not an effect, or
         is claimed already), for `unclaim`."""
         return self._effects.pop(fut, None)
-
-    def unclaimed(self, fut: asyncio.Future[wire.Message]) -> bool:
-        """Whether `fut` is an update whose outcome nobody has claimed or been told yet."""
-        return fut in self._effects
 
     def unclaim(self, fut: asyncio.Future[wire.Message], location: str) -> None:
         """The await that claimed `fut` was cancelled: unless it succeeded, the next await on

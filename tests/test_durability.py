@@ -8,6 +8,7 @@ run their own cluster with ``--store`` nodes (marked destructive) and kill -9 or
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -375,3 +376,47 @@ async def test_a_cancelled_waiter_does_not_poison_the_pointer(stored: fedptr.Clu
     others = await asyncio.gather(y._wait(), y._wait())  # every other waiter still gets the value
     assert all(p is y for p in others)
     assert torch.equal(await y.sum().get(), torch.tensor(600.0 * 600 * 600))  # type: ignore[arg-type]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_dropped_in_doubt_move_deletes_nothing_and_the_session_reclaims_it(tmp_path: Path) -> None:
+    # issue 19: the move's candidates were owning pointers, so dropping the InDoubtError deleted
+    # the object wherever the move had left it (the soak lost 5 objects so). Slower beats than
+    # `stored`: a stall of this process (gc.collect on a loaded machine) must not make the broker
+    # forget the mover, and drop its deletes, which would hide the bug
+    beat, liveness = 0.5, 4
+    args = {n: ["--store", str(tmp_path / n)] for n in ("bob", "alice")}
+    async with fedptr.local_cluster(
+        ["bob", "alice"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=beat, liveness=liveness, node_args=args
+    ) as c:
+        async with c.connect(timeout=CALL_TIMEOUT_S, heartbeat_s=beat, liveness=liveness) as mover:
+            bob, alice = mover.worker("bob"), mover.worker("alice")
+            x = await bob.send(torch.arange(8.0))
+            old_id = x.id_at_location
+            c.signal("alice", signal.SIGSTOP)  # the destination stops: the move's answer is lost
+            try:
+                with pytest.raises(fedptr.InDoubtError) as raised:
+                    await x.move(alice)
+            finally:
+                c.signal("alice", signal.SIGCONT)
+            new_id = raised.value.candidates[1].id_at_location
+
+            async def settled() -> bool:  # bob knows where it went, and alice answers again
+                try:
+                    await _holds(bob, old_id)
+                    await _holds(alice, new_id)
+                    return True
+                except (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.InDoubtError):
+                    return False
+
+            assert await eventually(settled, timeout=20)
+            del x, raised  # the caller drops the error and both candidates, unresolved
+            gc.collect()
+            await asyncio.sleep(0)  # a delete queued by a collected pointer leaves in this turn
+            # listings by the mover: each waits behind the deletes it sent before, if any
+            listed = [old_id in await bob.objects(), new_id in await alice.objects()]
+            assert listed.count(True) == 1, "the moved object was deleted"
+        # the mover's session ended: what its unresolved candidates left is reclaimed
+        assert await eventually(lambda: _empty(c.client.worker("bob")), timeout=10)
+        assert await eventually(lambda: _empty(c.client.worker("alice")), timeout=10)
