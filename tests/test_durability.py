@@ -8,12 +8,16 @@ run their own cluster with ``--store`` nodes (marked destructive) and kill -9 or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import signal
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import pytest_asyncio
@@ -28,6 +32,7 @@ from fedptr import wire
 from fedptr.tensors import to_raw
 from tests.conftest import eventually
 
+T = TypeVar("T")
 BEAT_S = 0.1
 LIVENESS = 3
 CALL_TIMEOUT_S = 5.0
@@ -420,3 +425,73 @@ async def test_a_dropped_in_doubt_move_deletes_nothing_and_the_session_reclaims_
         # the mover's session ended: what its unresolved candidates left is reclaimed
         assert await eventually(lambda: _empty(c.client.worker("bob")), timeout=10)
         assert await eventually(lambda: _empty(c.client.worker("alice")), timeout=10)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs, a disk that really fills up (mounting it needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace')}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of `directory` to the last byte; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                os.write(fd, b"\0" * 4096)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_write_the_disk_refused_stops_the_node_before_anything_reads_it(small_disk: Path) -> None:
+    # issue 19: the in-place update failed to reach a full disk but stayed in memory: the client
+    # got a definite error (a retry would apply it twice) while reads saw it, and a restart undid it
+    args = {"bob": ["--store", str(small_disk / "bob")]}
+    async with fedptr.local_cluster(
+        ["bob"], call_timeout=CALL_TIMEOUT_S, heartbeat_s=BEAT_S, liveness=LIVENESS, node_args=args, curve=False
+    ) as c:
+        bob = c.client.worker("bob")
+        x = await bob.send(torch.zeros(1024))
+        filler = _fill(small_disk)
+        with pytest.raises(fedptr.FedptrError) as failed:
+            await x.add_(1)
+        if not isinstance(failed.value, (fedptr.LostWorkerError, fedptr.DeadlineExceeded)):
+            # a definite failure must mean nothing was applied (a get writes nothing to the disk)
+            assert torch.equal(await x.get(), torch.zeros(1024)), f"{failed.value!r}, yet the update was applied"  # type: ignore[arg-type]
+        status = await asyncio.wait_for(asyncio.to_thread(c.processes["bob"].wait), 10)
+        assert status == 74, c.log("bob")[-2000:]
+        assert "a write to the store failed" in c.log("bob")
+        filler.unlink()
+        await c.start_node("bob")
+        assert await eventually(lambda: _registered(c.client, "bob"), timeout=10)
+        # the update was never acknowledged, nor applied: the restart serves what the disk holds
+        value = await _retried(x.get)
+        assert torch.equal(value, torch.zeros(1024))  # type: ignore[arg-type]
+
+
+async def _retried(call: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
+    """`call()` once the worker it goes to answers (a restarted one may not be known yet)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await call()
+        except (fedptr.LostWorkerError, fedptr.DeadlineExceeded):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
