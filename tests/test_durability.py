@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,13 +23,14 @@ from typing import TypeVar
 import pytest
 import pytest_asyncio
 import torch
-from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.durable import DurableStore, recover
 from fedptr.nodes.replies import ReplyCache, Seen
 from fedptr.nodes.store import Entry, Store
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
 from fedptr import wire
+from fedptr.errors import DamagedStoreError
 from fedptr.tensors import to_raw
 from tests.conftest import eventually
 
@@ -149,6 +151,52 @@ async def test_a_taken_object_is_kept_on_disk_until_released_and_a_move_record_r
     third = Store("bob", durable=DurableStore(tmp_path))
     assert third.restore() == [] and 1 in third.entries
     await third.aclose()
+
+
+async def _stored_store(directory: Path) -> None:
+    """Objects 1 and 2 (tensors) and 3 (a pointer), written as a node writes them."""
+    wal = WriteAhead(DurableStore(directory), "bob")
+    await wal.save_tensor(1, torch.arange(4.0), "c", "", {})
+    await wal.save_tensor(2, torch.ones(1024), "c", "", {})
+    await wal.save_pointer(3, "alice", 99, "c")
+    await wal.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda d: (d / "2.bin").write_bytes((d / "2.bin").read_bytes()[:100]), "2.rec"),  # torn tensor file
+        (lambda d: (d / "2.bin").unlink(), "2.rec"),  # a record without its data
+        (lambda d: (d / "3.rec").write_bytes(b"\xc1garbage"), "3.rec"),  # a record that does not parse
+        (lambda d: (d / "2.mov").write_bytes(b"\x92"), "2.rec"),  # a move record that does not parse
+    ],
+)
+async def test_a_damaged_store_refuses_to_load_and_names_the_file(
+    tmp_path: Path, damage: Callable[[Path], object], named: str
+) -> None:
+    # issue 19: a torn tensor file or a garbage record was skipped with a warning, and an
+    # acknowledged object silently disappeared
+    await _stored_store(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DamagedStoreError, match=named) as refused:
+        DurableStore(tmp_path).load()
+    assert str(tmp_path / named) in refused.value.files
+    lost = recover(tmp_path)  # the operator's explicit decision
+    assert [d.files[0] for d in lost] == [named]
+    assert (tmp_path / "damaged" / named).exists()
+    assert sorted(DurableStore(tmp_path).load()) == sorted({1, 2, 3} - {int(named.split(".")[0])})
+    assert recover(tmp_path) == []
+
+
+@pytest.mark.asyncio
+async def test_what_an_interrupted_write_or_removal_leaves_is_not_damage(tmp_path: Path) -> None:
+    await _stored_store(tmp_path)
+    (tmp_path / "1.rec").unlink()  # a removal interrupted after the record (it goes first)
+    (tmp_path / "7.bin.tmp").write_bytes(b"torn")  # a write interrupted before its rename
+    (tmp_path / "8.mov").write_bytes(b"\x92")  # the move record of an object removed since
+    assert sorted(DurableStore(tmp_path).load()) == [2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.bin", "2.rec", "3.rec"]
 
 
 def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() -> None:
@@ -495,3 +543,25 @@ async def _retried(call: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_node_refuses_a_damaged_store_until_the_operator_recovers_it(tmp_path: Path) -> None:
+    store = tmp_path / "bob"
+    await _stored_store(store)
+    (store / "2.bin").write_bytes(b"torn" * 25)
+    args = {"bob": ["--store", str(store)]}
+    with pytest.raises(fedptr.FedptrError, match=r"damaged.*2\.rec"):
+        async with fedptr.local_cluster(["bob"], node_args=args, curve=False):
+            pass
+    recovered = subprocess.run(
+        [sys.executable, "-m", "fedptr.cli", "store", "recover", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert recovered.returncode == 1, recovered.stderr
+    assert "lost object 2: 2.rec, 2.bin" in recovered.stdout
+    async with fedptr.local_cluster(["bob"], node_args=args, curve=False) as c:
+        assert sorted(await c.client.worker("bob").objects()) == [1, 3]
