@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import threading
 import weakref
@@ -25,8 +26,11 @@ from fedptr.errors import (
     LostWorkerError,
     PermissionDenied,
     ProtocolError,
+    RemoteError,
+    UnknownWorkerError,
     UnsupportedTypeError,
     UsageError,
+    WorkerRefused,
 )
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer, in_doubt
@@ -275,6 +279,10 @@ class Client:
         self._outstanding: set[asyncio.Future[wire.Message]] = set()
         self._effects: dict[asyncio.Future[wire.Message], str] = {}
         self._deletes: dict[str, list[int]] = defaultdict(list)
+        self._unsure: set[str] = set()
+        """Workers a request found lost (or past its deadline) that have not answered since."""
+        self._owed: dict[str, set[int]] = defaultdict(set)
+        """Deletes sent to an unsure worker, sent again once it answers (see `_heard`)."""
         self._flush_scheduled = False
         self._open = True
         self.recording: Recorder | None = None
@@ -335,7 +343,13 @@ class Client:
         ClientClosedError once the client is closed; UsageError while a plan is recorded."""
         self._not_recording(f"wait for a {type(msg).__name__} reply")
         self._flush_deletes()
-        return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
+        try:
+            reply = await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
+        except FedptrError as e:
+            self._heard(dest, e)
+            raise
+        self._heard(dest, None)
+        return reply
 
     async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
@@ -398,7 +412,9 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
-        return self.track(self._link.request_nowait(location, msg, self.timeout))
+        fut = self.track(self._link.request_nowait(location, msg, self.timeout))
+        fut.add_done_callback(functools.partial(self._replied, location))
+        return fut
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
@@ -489,6 +505,26 @@ class Client:
             return modules.from_wire(reply.spec, reply.params)
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
+    # --- deletes a lost worker may have missed --------------------------------------------
+    def _replied(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
+        if not fut.cancelled():
+            e = fut.exception()
+            self._heard(location, e if isinstance(e, FedptrError) else None)
+
+    def _heard(self, location: str, error: FedptrError | None) -> None:
+        """A request to `location` settled with `error` (None: ok). A loss (or a deadline, or the
+        broker not knowing it) makes it unsure: deletes sent to it from then on may be dropped
+        (the broker forgets a lost peer, and a stopped one may still hold the requests that make
+        those objects), so they are kept. An answer from it means it is back, past them: they are
+        sent again (a delete of an id that is gone does nothing)."""
+        if error is None or isinstance(error, (RemoteError, WorkerRefused, PermissionDenied)):
+            if location in self._unsure:
+                self._unsure.discard(location)
+                for obj_id in self._owed.pop(location, ()):
+                    self.release(location, obj_id)
+        elif isinstance(error, (LostWorkerError, DeadlineExceeded, UnknownWorkerError)):
+            self._unsure.add(location)
+
     def release(self, location: str, obj_id: int) -> None:
         """Queue the deletion of a dropped pointer's object; deletions go out batched, unawaited,
         in the next loop turn (before the requests issued after it: the bytes free up first)."""
@@ -507,6 +543,8 @@ class Client:
         if not self._deletes or not self._open:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
+        for location in self._unsure.intersection(batches):
+            self._owed[location].update(batches[location])  # sent again once it answers
         with self._link.batched():
             for location, ids in batches.items():
                 for delete in wire.deletes(ids):

@@ -31,6 +31,7 @@ from fedptr.nodes.writeahead import WriteAhead
 import fedptr
 from fedptr import wire
 from fedptr.errors import DamagedStoreError
+from fedptr.pointer import effect
 from fedptr.tensors import to_raw
 from tests.conftest import eventually
 
@@ -539,7 +540,7 @@ async def _retried(call: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
     while True:
         try:
             return await call()
-        except (fedptr.LostWorkerError, fedptr.DeadlineExceeded):
+        except (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.UnknownWorkerError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
@@ -565,3 +566,27 @@ async def test_a_node_refuses_a_damaged_store_until_the_operator_recovers_it(tmp
     assert "lost object 2: 2.rec, 2.bin" in recovered.stdout
     async with fedptr.local_cluster(["bob"], node_args=args, curve=False) as c:
         assert sorted(await c.client.worker("bob").objects()) == [1, 3]
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_entries_of_requests_lost_with_their_node_are_deleted_once_it_is_back(stored: fedptr.Cluster) -> None:
+    # issue 19: the result entry of an in-place update, and a send, both failed because bob was
+    # declared lost: their deletes went out while the broker had forgotten bob, and once bob
+    # came back (processing the requests still in its socket) the entries stayed for good
+    bob = stored.client.worker("bob")
+    x = await bob.send(torch.zeros(4))
+    stored.signal("bob", signal.SIGSTOP)
+    try:
+        update = effect("add_", (x, 1))  # its result entry is an alias of x
+        sent = bob.send(torch.ones(4))
+        for lost in (update, sent):
+            with pytest.raises((fedptr.LostWorkerError, fedptr.DeadlineExceeded)):
+                await lost
+        del sent, lost  # the caller drops the pointer of the send that failed
+        gc.collect()
+        await asyncio.sleep(0)  # the deletes leave now, while the broker has forgotten bob
+    finally:
+        stored.signal("bob", signal.SIGCONT)
+    await _retried(bob.objects)  # bob answers: the deletes it may have missed are sent again
+    assert await eventually(lambda: _only(bob, x.id_at_location), timeout=10), await bob.objects()
