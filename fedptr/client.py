@@ -192,7 +192,9 @@ class Worker:
                     raise
                 if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                     x.owned = True
-                    candidate = sent() or Pointer(client, self.name, new_id)
+                    candidate = sent()  # not `or`: a pointer's truth value is data-dependent
+                    if candidate is None:
+                        candidate = Pointer(client, self.name, new_id)
                     raise in_doubt(e, x.location, "send", [x, candidate]) from e
             except BaseException:
                 x.owned = True

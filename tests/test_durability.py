@@ -590,3 +590,33 @@ async def test_entries_of_requests_lost_with_their_node_are_deleted_once_it_is_b
         stored.signal("bob", signal.SIGCONT)
     await _retried(bob.objects)  # bob answers: the deletes it may have missed are sent again
     assert await eventually(lambda: _only(bob, x.id_at_location), timeout=10), await bob.objects()
+
+
+@pytest.mark.destructive
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_pointer_send_in_doubt_names_the_returned_pointer_and_resolves(stored: fedptr.Cluster) -> None:
+    # the pointer `send` returned is the send's candidate: it deletes nothing while in doubt
+    # (the soak caught a first version raising DataDependentError here instead)
+    async with stored.connect(timeout=2.0, heartbeat_s=BEAT_S, liveness=LIVENESS) as sender:
+        x = await sender.worker("bob").send(torch.arange(3.0))
+        stored.signal("bob", signal.SIGSTOP)  # alice stores the pointer; bob's grant goes unanswered
+        try:
+            q = x.send(sender.worker("alice"))
+            with pytest.raises(fedptr.InDoubtError) as raised:
+                await q
+        finally:
+            stored.signal("bob", signal.SIGCONT)
+        assert raised.value.candidates == [x, q] and q.in_doubt and x.in_doubt
+        found = await sender.resolve(raised.value, timeout=20)
+        assert found in (x, q) and found.owned and not found.in_doubt
+        assert [p.owned for p in (x, q)].count(True) == 1
+        held = await _retried(lambda: _fetch_chain(found))
+        assert torch.equal(held, torch.arange(3.0))
+
+
+async def _fetch_chain(p: fedptr.Pointer) -> torch.Tensor:
+    value = await p.get()
+    while isinstance(value, fedptr.Pointer):
+        value = await value.get()
+    assert isinstance(value, torch.Tensor)
+    return value
