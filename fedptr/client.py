@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -24,8 +26,11 @@ from fedptr.errors import (
     LostWorkerError,
     PermissionDenied,
     ProtocolError,
+    RemoteError,
+    UnknownWorkerError,
     UnsupportedTypeError,
     UsageError,
+    WorkerRefused,
 )
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer, in_doubt
@@ -114,8 +119,11 @@ class Worker:
             if x.location == self.name:
                 raise InvalidArgumentError(f"{x!r} already points to an object on {self.name!r}")
             x.owned = False  # at once: nothing else may hand it on meanwhile
-            done = client.track(asyncio.ensure_future(self._send_pointer(x, new_id)))
-            return Pointer(client, self.name, new_id, done, meta=x.meta)
+            sent = Pointer(client, self.name, new_id, meta=x.meta)
+            # the pointer returned is the send's candidate if it ends in doubt (held weakly: the
+            # caller may drop it, which deletes it as usual while the send is not in doubt)
+            sent.made_by(client.track(asyncio.ensure_future(self._send_pointer(x, new_id, weakref.ref(sent)))))
+            return sent
         if isinstance(x, torch.Tensor):
             # the bytes leave after this returns: small tensors are copied now, big ones are sent
             # from their memory (a copy would cost as much as the send) and checked unchanged
@@ -141,11 +149,12 @@ class Worker:
         self._client.track_effect(self.name, fut)
         return fut
 
-    async def _send_pointer(self, x: Pointer, new_id: int) -> wire.Message:
+    async def _send_pointer(self, x: Pointer, new_id: int, sent: weakref.ref[Pointer]) -> wire.Message:
         """Two-phase: this worker stores a pointer to `x`'s object first, and only then is the
         object granted to it. A definite failure of either step leaves `x` usable (the stored
         pointer, if any, is deleted); a grant whose outcome is unknown is asked again until the
-        deadline, and past it raises InDoubtError (see `Client.resolve`). Returns Ok when done."""
+        deadline, and past it raises InDoubtError (see `Client.resolve`) whose candidates are `x` and
+        the pointer `sent` returned to the caller (if it still holds it). Returns Ok when done."""
         client = self._client
         loop = asyncio.get_running_loop()
         deadline = loop.time() + client.timeout
@@ -183,7 +192,10 @@ class Worker:
                     raise
                 if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                     x.owned = True
-                    raise in_doubt(e, x.location, "send", [x, Pointer(client, self.name, new_id)]) from e
+                    candidate = sent()  # not `or`: a pointer's truth value is data-dependent
+                    if candidate is None:
+                        candidate = Pointer(client, self.name, new_id)
+                    raise in_doubt(e, x.location, "send", [x, candidate]) from e
             except BaseException:
                 x.owned = True
                 client.release(self.name, new_id)
@@ -269,6 +281,10 @@ class Client:
         self._outstanding: set[asyncio.Future[wire.Message]] = set()
         self._effects: dict[asyncio.Future[wire.Message], str] = {}
         self._deletes: dict[str, list[int]] = defaultdict(list)
+        self._unsure: set[str] = set()
+        """Workers a request found lost (or past its deadline) that have not answered since."""
+        self._owed: dict[str, set[int]] = defaultdict(set)
+        """Deletes sent to an unsure worker, sent again once it answers (see `_heard`)."""
         self._flush_scheduled = False
         self._open = True
         self.recording: Recorder | None = None
@@ -345,7 +361,13 @@ class Client:
         ClientClosedError once the client is closed; UsageError while a plan is recorded."""
         self._not_recording(f"wait for a {type(msg).__name__} reply")
         self._flush_deletes()
-        return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
+        try:
+            reply = await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
+        except FedptrError as e:
+            self._heard(dest, e)
+            raise
+        self._heard(dest, None)
+        return reply
 
     async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
@@ -363,6 +385,7 @@ class Client:
             if found is not None:
                 for p in candidates:
                     p.owned = p is found
+                    p.in_doubt = False  # settled: the one found owns (and deletes) the object again
                 return found
             if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
                 raise error
@@ -407,7 +430,9 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
-        return self.track(self._link.request_nowait(location, msg, self.timeout))
+        fut = self.track(self._link.request_nowait(location, msg, self.timeout))
+        fut.add_done_callback(functools.partial(self._replied, location))
+        return fut
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
@@ -428,10 +453,6 @@ class Client:
         on its worker. Returns the worker it was remembered for (None: it was not an effect, or
         is claimed already), for `unclaim`."""
         return self._effects.pop(fut, None)
-
-    def unclaimed(self, fut: asyncio.Future[wire.Message]) -> bool:
-        """Whether `fut` is an update whose outcome nobody has claimed or been told yet."""
-        return fut in self._effects
 
     def unclaim(self, fut: asyncio.Future[wire.Message], location: str) -> None:
         """The await that claimed `fut` was cancelled: unless it succeeded, the next await on
@@ -502,6 +523,26 @@ class Client:
             return modules.from_wire(reply.spec, reply.params)
         raise ProtocolError(f"expected a tensor or a pointer, got {type(reply).__name__}")
 
+    # --- deletes a lost worker may have missed --------------------------------------------
+    def _replied(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
+        if not fut.cancelled():
+            e = fut.exception()
+            self._heard(location, e if isinstance(e, FedptrError) else None)
+
+    def _heard(self, location: str, error: FedptrError | None) -> None:
+        """A request to `location` settled with `error` (None: ok). A loss (or a deadline, or the
+        broker not knowing it) makes it unsure: deletes sent to it from then on may be dropped
+        (the broker forgets a lost peer, and a stopped one may still hold the requests that make
+        those objects), so they are kept. An answer from it means it is back, past them: they are
+        sent again (a delete of an id that is gone does nothing)."""
+        if error is None or isinstance(error, (RemoteError, WorkerRefused, PermissionDenied)):
+            if location in self._unsure:
+                self._unsure.discard(location)
+                for obj_id in self._owed.pop(location, ()):
+                    self.release(location, obj_id)
+        elif isinstance(error, (LostWorkerError, DeadlineExceeded, UnknownWorkerError)):
+            self._unsure.add(location)
+
     def release(self, location: str, obj_id: int) -> None:
         """Queue the deletion of a dropped pointer's object; deletions go out batched, unawaited,
         in the next loop turn (before the requests issued after it: the bytes free up first)."""
@@ -520,6 +561,8 @@ class Client:
         if not self._deletes or not self._open:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
+        for location in self._unsure.intersection(batches):
+            self._owed[location].update(batches[location])  # sent again once it answers
         with self._link.batched():
             for location, ids in batches.items():
                 for delete in wire.deletes(ids):

@@ -152,6 +152,16 @@ class InDoubtError(WorkerRefused):
         """``"move"`` or ``"send"`` (a pointer sent) when the client knows what was in doubt."""
 
 
+class DamagedStoreError(FedptrError):
+    """A node's ``--store`` directory holds files that do not validate (a torn tensor file, a
+    record that does not parse): the node refuses to start rather than lose those objects
+    silently. `files` are their paths; ``fedptr store recover DIR`` moves them aside."""
+
+    def __init__(self, message: str, files: list[str]) -> None:
+        self.files = files
+        super().__init__(message)
+
+
 class BroadcastError(FedptrError):
     """Raised by `fedptr.broadcast` when some destinations failed; the others hold their copy.
 

@@ -62,7 +62,11 @@ STREAM_CHUNK_BYTES = 1 << 20
 """Size of one chunk of a streamed buffer (1 MiB)."""
 
 STREAM_MAX_BYTES = 16 << 30
-"""Most bytes of partly received streams one peer keeps at once (16 GiB); more is refused."""
+"""Most bytes of partly received streams a receiver keeps at once, from all peers (16 GiB); more is refused."""
+
+STREAM_MAX_BYTES_PER_PEER = 4 << 30
+"""Most bytes of partly received streams a receiver keeps at once for one peer (4 GiB, one largest
+frame): a peer announcing huge buffers uses up its own budget, not everyone's."""
 
 STREAM_TIMEOUT_S = 60.0
 """A partly received stream with no new chunk for this long is dropped (its sender died)."""

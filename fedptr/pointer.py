@@ -12,7 +12,9 @@ pointer it changes (or a `Pending` handle), and a failure is raised by the next 
 any pointer on that worker (and by awaiting the handle). Nothing needs awaiting to happen.
 
 A pointer that is dropped deletes its remote object (down the chain); `get`, `move` and sending
-the pointer to another worker hand the object on instead, so nothing is deleted twice.
+the pointer to another worker hand the object on instead, so nothing is deleted twice. The
+candidates of a hand-over in doubt (`InDoubtError`) delete nothing when dropped: the object may be
+the only copy, and only `Client.resolve` decides which of them owns it.
 
 Equality keeps Python's identity semantics, so pointers work in lists, sets and dicts
 (``p in [q]``, ``ps.index(p)``); element-wise comparison is the method `Pointer.eq`.
@@ -217,6 +219,8 @@ def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Point
         error = e
     else:
         error = InDoubtError(worker, f"the hand-over's outcome is unknown: {e}", getattr(e, "path", [worker]))
+    for p in candidates:
+        p.in_doubt = True  # dropping the error (or a candidate) must not delete what may be the only copy
     error.candidates = candidates
     error.hand_over = hand_over
     return error
@@ -269,7 +273,18 @@ class Pointer:
     calls through ``__torch_function__``. ``==`` is identity (use `eq`); ``bool(p)``, ``int(p)``
     and ``iter(p)`` raise DataDependentError."""
 
-    __slots__ = ("__weakref__", "_client", "_deletes", "_done", "_id", "_location", "_meta", "_updates", "owned")
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_deletes",
+        "_done",
+        "_id",
+        "_location",
+        "_meta",
+        "_updates",
+        "in_doubt",
+        "owned",
+    )
 
     def __init__(
         self,
@@ -287,12 +302,16 @@ class Pointer:
         self._done = done
         self._meta = meta
         self._updates: list[asyncio.Future[wire.Message]] | None = None
-        """In-place updates queued on this object that an await of this pointer claims (made
-        lazily: most pointers never get one)."""
+        """In-place updates queued on this object and not yet reported, which every await of this
+        pointer waits for (made lazily: most pointers never get one)."""
         self.owned = True
         """Whether this pointer still owns its object (False once get, move or send handed it on)."""
         self._deletes = deletes
         """Whether dropping this pointer deletes its object (not for a worker's own data)."""
+        self.in_doubt = False
+        """Whether this pointer is a candidate of a hand-over in doubt (`InDoubtError`): until
+        `Client.resolve` says it holds the object, dropping it deletes nothing (what is left is
+        reclaimed with this client's session)."""
 
     @property
     def location(self) -> str:
@@ -313,6 +332,10 @@ class Pointer:
     def worker(self) -> Worker:
         """The `Worker` holding the object."""
         return self._client.worker(self._location)
+
+    def made_by(self, done: asyncio.Future[wire.Message]) -> None:
+        """Set the reply of the request that makes this object, for a pointer made before it."""
+        self._done = done
 
     @property
     def pending_future(self) -> asyncio.Future[wire.Message] | None:
@@ -446,12 +469,21 @@ class Pointer:
         self._updates = [*kept, fut]
 
     async def _own_updates(self) -> None:
-        """Wait for the updates queued on this object that nobody claimed yet, and raise the
-        first one's error: they are this await's to report, not another task's."""
-        if self._updates:
-            mine = [f for f in self._updates if self._client.unclaimed(f)]
-            self._updates = None
-            await self._client.observe(mine)
+        """Wait for the updates queued on this object, and raise the first one's error: they are
+        this pointer's awaits' to report, not another task's. The claim is shared: every await
+        of this pointer that starts before they settle waits for all of them (and raises the
+        same error), so none returns before the updates are acknowledged, hence durable."""
+        if not self._updates:
+            return
+        updates = list(self._updates)
+        try:
+            await self._client.observe(updates)
+        finally:
+            # once settled they are reported (to every await sharing them): later awaits neither
+            # wait for them nor raise their errors; a cancelled await leaves them to the others
+            if self._updates is not None and all(f.done() for f in updates):
+                reported = set(updates)
+                self._updates = [f for f in self._updates if f not in reported] or None
 
     def _check_reply(self, reply: wire.Message) -> None:
         """Compare the worker's description of the result with the inferred one."""
@@ -547,7 +579,7 @@ class Pointer:
         return Pointer(self._client, location, obj_id, meta=self._meta)
 
     def __del__(self) -> None:
-        if self.owned and self._deletes:
+        if self.owned and self._deletes and not self.in_doubt:
             self._client.release(self._location, self._id)
 
     # --- operations --------------------------------------------------------------------

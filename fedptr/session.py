@@ -277,7 +277,10 @@ class Session:
         if command == envelope.CHUNK:
             if len(body) != 2:
                 raise ProtocolError("a chunk has an info frame and a data frame")
-            self._reassembly.add(name, rid, bytes(body[0]), body[1])
+            try:
+                self._reassembly.add(name, rid, bytes(body[0]), body[1])
+            except ProtocolError as e:  # its own message is refused when it ends; the batch's others stand
+                log.warning("%s refused a chunk from %r: %s", self.name, name.decode(errors="replace"), e)
         elif command == envelope.REPLY:
             self._on_reply(name, rid, body, events)
         elif command == envelope.REQUEST:

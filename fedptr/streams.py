@@ -5,11 +5,15 @@ chunk messages (zero-copy slices of the buffer) followed by the message with an 
 the buffer's place. The receiver copies each chunk into one preallocated buffer as it arrives,
 so neither the broker nor the receiver ever holds the whole buffer twice, and the broker
 forwards chunks while later ones are still arriving.
+
+The bytes of streams in progress are bounded for all peers together and for each peer: a peer
+that announces huge buffers exhausts its own budget only, and hears why when its message ends.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,11 +84,21 @@ class _Partial:
 class Reassembly:
     """Partly received streams, keyed by (command, source, request id)."""
 
-    def __init__(self, max_bytes: int = limits.STREAM_MAX_BYTES, timeout: float = limits.STREAM_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        max_bytes: int = limits.STREAM_MAX_BYTES,
+        timeout: float = limits.STREAM_TIMEOUT_S,
+        max_peer_bytes: int = limits.STREAM_MAX_BYTES_PER_PEER,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.max_peer_bytes = max_peer_bytes
         self.timeout = timeout
         self._partials: dict[tuple[bytes, bytes, bytes], _Partial] = {}
         self._bytes = 0
+        self._peer_bytes: collections.Counter[bytes] = collections.Counter()
+        self._refused: dict[tuple[bytes, bytes, bytes], tuple[str, float]] = {}
+        """Streams refused for their budget: why, and when (purged as stale streams are), so that
+        the message that ends one is answered with the reason rather than as incomplete."""
 
     @property
     def pending_bytes(self) -> int:
@@ -113,13 +127,21 @@ class Reassembly:
             partial = self._partials[key] = _Partial()
         buf = partial.buffers.get(index)
         if buf is None:
-            if self._bytes + total > self.max_bytes:
+            why = ""
+            if self._peer_bytes[source] + total > self.max_peer_bytes:
+                peer = source.decode(errors="replace")
+                why = f"streams in progress from {peer!r} would exceed its {self.max_peer_bytes} bytes"
+            elif self._bytes + total > self.max_bytes:
+                why = f"streams in progress would exceed {self.max_bytes} bytes"
+            if why:
                 self.drop(key)
-                raise ProtocolError(f"streams in progress would exceed {self.max_bytes} bytes")
+                self._refused[key] = (why, time.monotonic())
+                raise ProtocolError(why)
             # no zero-fill: the buffer is handed on only once every byte of it arrived, once
             buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)
             partial.spans[index] = _Spans()
             self._bytes += total
+            self._peer_bytes[source] += total
         elif len(buf) != total:
             raise ProtocolError("chunk disagrees on its buffer's size")
         partial.spans[index].add(offset, offset + view.nbytes)
@@ -129,12 +151,17 @@ class Reassembly:
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
         """`body` with reassembled buffers in place of their empty frames (unchanged when no
         stream preceded it). Raises ProtocolError when a stream is incomplete."""
+        if self._refused:
+            refused = self._refused.pop((command, source, rid), None)
+            if refused is not None:
+                self.drop((command, source, rid))  # chunks after the refused one started again
+                raise ProtocolError(f"a streamed buffer was refused: {refused[0]}")
         if not self._partials:
             return body
         partial = self._partials.pop((command, source, rid), None)
         if partial is None:
             return body
-        self._bytes -= sum(len(b) for b in partial.buffers.values())
+        self._release(source, partial)
         body = list(body)
         for index, buf in partial.buffers.items():
             if index >= len(body) or partial.spans[index].received != len(buf) or len(body[index]):
@@ -145,12 +172,21 @@ class Reassembly:
     def drop(self, key: tuple[bytes, bytes, bytes]) -> None:
         partial = self._partials.pop(key, None)
         if partial is not None:
-            self._bytes -= sum(len(b) for b in partial.buffers.values())
+            self._release(key[1], partial)
+
+    def _release(self, source: bytes, partial: _Partial) -> None:
+        nbytes = sum(len(b) for b in partial.buffers.values())
+        self._bytes -= nbytes
+        self._peer_bytes[source] -= nbytes
+        if self._peer_bytes[source] <= 0:
+            del self._peer_bytes[source]
 
     def purge(self) -> None:
         """Drop streams that saw no chunk for `timeout` seconds (their sender died mid-way)."""
-        if not self._partials:
+        if not self._partials and not self._refused:
             return
         cutoff = time.monotonic() - self.timeout
         for key in [k for k, p in self._partials.items() if p.touched < cutoff]:
             self.drop(key)
+        for key in [k for k, (_, when) in self._refused.items() if when < cutoff]:
+            del self._refused[key]

@@ -10,6 +10,14 @@ data; `sync` fsyncs the directory once for a whole batch of writes and unlinks.
 
 These calls block: the node makes them only on its write-ahead thread (nodes/writeahead.py).
 Nothing is ever unpickled: loading validates dtype and size as the wire does.
+
+A damaged store fails closed: a record that does not parse, a tensor file torn or missing, a
+move record that does not parse make `load` raise `DamagedStoreError` naming every such file,
+and the node refuses to start (each was an acknowledged object: skipping it would lose it
+silently). `recover` (``fedptr store recover DIR``) moves the damaged objects' files aside into
+``DIR/damaged/`` and says what was lost. What an interrupted write or removal leaves behind in
+the normal course (a ``.tmp`` file, data without its record, a move record without its object)
+is not damage: `load` removes it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 import msgpack
 import torch
 
-from fedptr.errors import ProtocolError
+from fedptr.errors import DamagedStoreError, ProtocolError
 from fedptr.tensors import from_raw
 from fedptr.wire import RawTensor
 
@@ -110,29 +118,55 @@ class DurableStore:
         os.fsync(self._dir_fd)
 
     def load(self) -> dict[int, Stored]:
-        """Every persisted object. Files that do not validate are skipped with a log line; a move
-        record without its object is removed."""
-        found: dict[int, Stored] = {}
-        for rec in self.dir.glob("*.rec"):
-            try:
-                obj_id = int(rec.stem)
-                record = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
-                kind, dtype, shape, location, remote_id, owner = record[:6]
-                sponsor = str(record[6]) if len(record) > 6 else ""
-                privacy = record[7] if len(record) > 7 and type(record[7]) is dict else None
-                value: torch.Tensor | tuple[str, int]
-                if kind == "pointer":
-                    value = (str(location), int(remote_id))
-                else:
-                    data = (self.dir / f"{obj_id}.bin").read_bytes()
-                    value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
-                found[obj_id] = Stored(value, str(owner), sponsor, self._moving(obj_id), privacy)
-            except (ValueError, TypeError, OSError, ProtocolError, msgpack.UnpackException) as e:
-                log.warning("skipped unreadable stored object %s: %s", rec.name, e)
-        for mov in self.dir.glob("*.mov"):
-            if mov.stem.isdigit() and int(mov.stem) not in found:
-                mov.unlink(missing_ok=True)
+        """Every persisted object. Raises DamagedStoreError naming each object whose files do not
+        validate; removes the leftovers of interrupted writes and removals."""
+        found, damaged = self._scan()
+        if damaged:
+            listed = "; ".join(f"{d.files[0]}: {d.reason}" for d in damaged)
+            raise DamagedStoreError(
+                f"the store {self.dir} is damaged ({len(damaged)} objects): {listed}. "
+                f"`fedptr store recover {self.dir}` moves them aside into {self.dir / DAMAGED_DIR} (they are lost)",
+                [str(self.dir / f) for d in damaged for f in d.files],
+            )
+        for leftover in self.dir.glob("*.tmp"):  # a write that never reached its rename
+            leftover.unlink(missing_ok=True)
+        for suffix in (".mov", ".bin"):  # what a removal interrupted after the record left
+            for path in self.dir.glob(f"*{suffix}"):
+                if path.stem.isdigit() and int(path.stem) not in found:
+                    path.unlink(missing_ok=True)
         return found
+
+    def _scan(self) -> tuple[dict[int, Stored], list[Damage]]:
+        found: dict[int, Stored] = {}
+        damaged: list[Damage] = []
+        for rec in sorted(self.dir.glob("*.rec")):
+            if not rec.stem.isdigit():
+                damaged.append(Damage(0, [rec.name], "not an object's record"))
+                continue
+            obj_id = int(rec.stem)
+            try:
+                found[obj_id] = self._read(obj_id, rec)
+            except (ValueError, TypeError, KeyError, IndexError, OSError, ProtocolError, msgpack.UnpackException) as e:
+                files = [p.name for p in (rec, rec.with_suffix(".bin"), rec.with_suffix(".mov")) if p.exists()]
+                damaged.append(Damage(obj_id, files, str(e) or type(e).__name__))
+        return found, damaged
+
+    def _read(self, obj_id: int, rec: Path) -> Stored:
+        record = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
+        if type(record) is not list or len(record) < 6:
+            raise ValueError("not a record")
+        kind, dtype, shape, location, remote_id, owner = record[:6]
+        sponsor = str(record[6]) if len(record) > 6 else ""
+        privacy = record[7] if len(record) > 7 and type(record[7]) is dict else None
+        value: torch.Tensor | tuple[str, int]
+        if kind == "pointer":
+            value = (str(location), int(remote_id))
+        elif kind == "tensor":
+            data = (self.dir / f"{obj_id}.bin").read_bytes()
+            value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        return Stored(value, str(owner), sponsor, self._moving(obj_id), privacy)
 
     def _moving(self, obj_id: int) -> tuple[str, int] | None:
         path = self.dir / f"{obj_id}.mov"
@@ -140,3 +174,34 @@ class DurableStore:
             return None
         dest, new_id = msgpack.unpackb(path.read_bytes(), max_array_len=4)
         return str(dest), int(new_id)
+
+
+DAMAGED_DIR = "damaged"
+"""Where `recover` moves the files of damaged objects, inside the store's directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """A stored object whose files do not validate: its id, its files (record first) and why."""
+
+    obj_id: int
+    files: list[str]
+    reason: str
+
+
+def recover(directory: str | os.PathLike[str]) -> list[Damage]:
+    """Move the files of every damaged object in the store at `directory` aside into its
+    ``damaged/`` subdirectory, so that the node starts with the rest; returns what was lost."""
+    store = DurableStore(directory)
+    try:
+        _, damaged = store._scan()
+        aside = store.dir / DAMAGED_DIR
+        for d in damaged:
+            aside.mkdir(exist_ok=True)
+            for name in d.files:
+                os.replace(store.dir / name, aside / name)
+        if damaged:
+            store.sync()
+        return damaged
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class NodeConfig:
     """sigma: the noise multiplier this owner charges a contribution for."""
 
 
+EXIT_DISK_FAILED = 74
+"""The status a node exits with when its store's disk failed a write (EX_IOERR)."""
+
+
+def fail_stop(node: str, why: str) -> None:
+    """A write to the store failed (disk full, I/O error): its change is already in memory, where
+    the next request could read it, and no rollback could undo what was read. End the process
+    at once, from the write-ahead thread, before anything of the failed batch is acknowledged;
+    a restart then serves exactly what the disk holds."""
+    log.critical("%s: a write to the store failed, stopping so that nothing unwritten is served: %s", node, why)
+    logging.shutdown()
+    os._exit(EXIT_DISK_FAILED)
+
+
 def _hop_budget(budget: float) -> float:
     return max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
 
@@ -124,7 +139,7 @@ class Node:
         self.link = link
         self.config = config or NodeConfig()
         durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
-        self.store = Store(name, self.config.max_store_bytes, durable)
+        self.store = Store(name, self.config.max_store_bytes, durable, functools.partial(fail_stop, name))
         self.policy = policy.PolicyConfig(
             name,
             frozenset(self.config.trust),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,7 +135,13 @@ class Store:
     A hand-over `take`s an entry out (pipelined requests see it gone) but keeps its bytes and
     files until it is `release`d (the other side holds it) or `put_back` (nothing was handed over)."""
 
-    def __init__(self, node: str, max_bytes: int = 0, durable: DurableStore | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        max_bytes: int = 0,
+        durable: DurableStore | None = None,
+        on_disk_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.node = node
         self.entries: dict[int, Entry] = {}
         self.pinned: set[int] = set()
@@ -143,7 +150,7 @@ class Store:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.durable = durable
-        self.wal = WriteAhead(durable, node) if durable is not None else None
+        self.wal = WriteAhead(durable, node, on_disk_failure) if durable is not None else None
         self.taken: dict[int, Entry] = {}
         """Entries in a hand-over: out of `entries`, still on disk and charged."""
         self._orphans: set[int] = set()

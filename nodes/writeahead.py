@@ -11,6 +11,12 @@ cost about 5 ms/MiB) take a slower lane, a few per batch, so a client that leave
 hundreds of objects never holds up the writes other clients' acknowledgements wait for. Each
 object's own changes keep their order. A tensor is copied when it is queued, so
 an in-place update that runs meanwhile can never tear what reaches the disk.
+
+A change that fails (disk full, an I/O error) has already taken effect in memory, where later
+requests may read it, and a definite error would invite a retry that applies it twice. A node
+therefore passes `on_failure`, which ends the process from this thread before any future of the
+batch settles (fail-stop): nothing of the batch is acknowledged, and a restart finds exactly what
+the disk holds. Without it (the unit tests) the changes' futures fail with the error.
 """
 
 from __future__ import annotations
@@ -47,11 +53,14 @@ class _Change:
 
 
 class WriteAhead:
-    """Queues changes to `durable` for its thread; `here` names the node in the errors of failed writes."""
+    """Queues changes to `durable` for its thread; `here` names the node in the errors of failed
+    writes. `on_failure(why)`, if given, is called on the thread when a change or a sync fails,
+    before anything of its batch settles (a node's ends the process)."""
 
-    def __init__(self, durable: DurableStore, here: str) -> None:
+    def __init__(self, durable: DurableStore, here: str, on_failure: Callable[[str], None] | None = None) -> None:
         self.durable = durable
         self.here = here
+        self._on_failure = on_failure
         self.batches = 0
         """Batches written so far (each one directory fsync)."""
         self._loop = asyncio.get_running_loop()
@@ -227,6 +236,8 @@ class WriteAhead:
         except OSError as e:
             errors = {c.key: str(e) for c in batch}
         self.batches += 1
+        if errors and self._on_failure is not None:
+            self._on_failure("; ".join(sorted(set(errors.values()))))
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self._loop.call_soon_threadsafe(self._settle, batch, errors)
 

@@ -11,6 +11,7 @@ import torch
 
 import fedptr
 from fedptr import wire
+from fedptr.pointer import effect
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
@@ -364,6 +365,24 @@ async def test_awaiting_the_target_of_a_failed_update_reports_it_there_alone(bob
         await _awaited(c)
     assert await theirs is other
     assert torch.equal(await c.get(), torch.zeros(4))  # type: ignore[arg-type]
+
+
+async def test_every_concurrent_await_of_a_pointer_waits_for_its_queued_updates(bob: fedptr.Worker) -> None:
+    # issue 19: the first await claimed the queued update and the other seven returned at once,
+    # before the update was acknowledged (so before it was durable: kill -9 lost it)
+    c = await bob.send(torch.zeros(4))
+    update = effect("add_", (c, 1))
+
+    async def settled_when_awaited() -> bool:
+        await c
+        return update.done()
+
+    assert await asyncio.gather(*(settled_when_awaited() for _ in range(8))) == [True] * 8
+    c.add_(torch.ones(5))  # fails on bob: every await sharing the claim reports it
+    outcomes = await asyncio.gather(*(_awaited(c) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(o, fedptr.RemoteError) for o in outcomes), outcomes
+    assert await c is c  # reported: a later await does not raise it again
+    assert torch.equal(await c.get(), torch.ones(4))  # type: ignore[arg-type]
 
 
 async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:

@@ -1,4 +1,5 @@
-"""The ``fedptr`` command: ``keys``, ``broker``, ``node``, ``up``, ``down``, ``status``, ``objects``, ``audit``.
+"""The ``fedptr`` command: ``keys``, ``broker``, ``node``, ``up``, ``down``, ``status``, ``objects``, ``audit``,
+``store recover``.
 
 Each subcommand lives in its own module; this one only assembles them. ``fedptr-broker`` and
 ``fedptr-node`` stay as aliases of ``fedptr broker`` and ``fedptr node``.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import typer
 from typer.main import get_command
 
-from fedptr.cli import audit, keys, run, status, up
+from fedptr.cli import audit, keys, run, status, store, up
 
 app = typer.Typer(
     name="fedptr",
@@ -30,6 +31,7 @@ app.command()(up.down)
 app.command()(status.status)
 app.command()(status.objects)
 app.command()(audit.audit)
+app.add_typer(store.app, name="store")
 
 
 def main(argv: list[str] | None = None) -> int:
