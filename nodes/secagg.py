@@ -100,8 +100,9 @@ class Config:
     def digest(self) -> bytes:
         """SHA-256 of every field: parties with different configs cannot read each other's shares."""
         fields = [self.round_id, *(o.encode() for o in self.owners)]
-        numbers = struct.pack("<4Q2d", self.dim, self.threshold, self.min_survivors, self.degree, self.clip,
-                              self.noise_multiplier) + struct.pack("<Q", self.ring_bits)
+        numbers = struct.pack(
+            "<4Q2d", self.dim, self.threshold, self.min_survivors, self.degree, self.clip, self.noise_multiplier
+        ) + struct.pack("<Q", self.ring_bits)
         return hashlib.sha256(b"\0".join(f.replace(b"\0", b"\0\0") for f in fields) + b"\1" + numbers).digest()
 
     @property
@@ -115,11 +116,15 @@ class Config:
         their noise to `SECAGG_NOISE_TAIL` deviations and n rounding steps fit in bits - 1."""
         n = len(self.owners)
         reach = n * self.clip + limits.SECAGG_NOISE_TAIL * self.noise_std * math.sqrt(n)
-        return (2 ** (self.ring_bits - 1) - 1 - n) / reach
+        return ((1 << (self.ring_bits - 1)) - 1 - n) / reach
 
     def index(self, owner: str) -> int:
         """`owner`'s Shamir x-coordinate (1-based)."""
         return self.owners.index(owner) + 1
+
+    def ring(self) -> list[str]:
+        """The owners in the order of a hash of the round id: neighbours are near on it."""
+        return sorted(self.owners, key=lambda o: hashlib.sha256(self.round_id + o.encode()).digest())
 
     def neighbours(self, owner: str) -> tuple[str, ...]:
         """`owner`'s k neighbours: k/2 on each side of it on a ring ordered by a hash of the round
@@ -127,7 +132,7 @@ class Config:
         n = len(self.owners)
         if self.degree == n - 1:
             return tuple(o for o in self.owners if o != owner)
-        ring = sorted(self.owners, key=lambda o: hashlib.sha256(self.round_id + o.encode()).digest())
+        ring = self.ring()
         at = ring.index(owner)
         half = self.degree // 2
         return tuple(sorted(ring[(at + d) % n] for d in range(-half, half + 1) if d != 0))
@@ -273,7 +278,9 @@ class Owner:
         self._check_own_keys(keys)
         holders = [v for v in self.config.neighbours(self.name) if v in keys]
         if len(holders) < self.config.threshold:
-            raise DropoutError(holders, "share keys", f"{self.name!r} has fewer than {self.config.threshold} neighbours left")
+            raise DropoutError(
+                holders, "share keys", f"{self.name!r} has fewer than {self.config.threshold} neighbours left"
+            )
         self._peers = {v: keys[v] for v in holders}
         xs = [self.config.index(v) for v in holders]
         seed_shares = share(self._seed, xs, self.config.threshold)
@@ -311,7 +318,8 @@ class Owner:
         y = encode(value, self.config, rng) + prg(self._seed, self.config)
         for v in self._held:
             y = y + _pair_mask(self._mask_key, self._peers[v].mask, self.name, v, self.config)
-        return y & _mask(self.config)
+        out: np.ndarray = y & _mask(self.config)
+        return out
 
     def unmask(self, request: UnmaskRequest) -> dict[str, tuple[str, int]]:
         """Phase 4: for each peer whose shares this owner holds, the self-mask share of a survivor
