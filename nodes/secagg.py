@@ -249,11 +249,10 @@ def decode(total: np.ndarray, config: Config) -> np.ndarray:
 class Owner:
     """One owner's side of one round. Each phase runs once, in order; anything else is refused."""
 
-    def __init__(self, config: Config, name: str) -> None:
-        if name not in config.owners:
-            raise InvalidArgumentError(f"{name!r} is not an owner of this round")
-        self.config = config
+    def __init__(self, name: str) -> None:
         self.name = name
+        self.config: Config | None = None
+        """The round's config: the aggregator fixes it after the keys, from who advertised."""
         self._cipher_key = X25519PrivateKey.generate()
         self._mask_key = X25519PrivateKey.generate()
         self._seed = secrets.token_bytes(32)
@@ -272,30 +271,40 @@ class Owner:
         self._enter(0, "advertising keys")
         return PublicKeys(_raw_public(self._cipher_key), _raw_public(self._mask_key))
 
-    def share_keys(self, keys: Mapping[str, PublicKeys]) -> dict[str, bytes]:
-        """Phase 2: given the advertised keys (U1), the encrypted shares for each neighbour in U1."""
+    def share_keys(self, config: Config, keys: Mapping[str, PublicKeys]) -> dict[str, bytes]:
+        """Phase 2: given the round's config and the advertised keys (U1), the encrypted shares
+        for each neighbour in U1."""
         self._enter(1, "sharing keys")
+        self.config = config
         self._check_own_keys(keys)
-        holders = [v for v in self.config.neighbours(self.name) if v in keys]
-        if len(holders) < self.config.threshold:
+        holders = [v for v in config.neighbours(self.name) if v in keys]
+        if len(holders) < config.threshold:
             raise DropoutError(
-                holders, "share keys", f"{self.name!r} has fewer than {self.config.threshold} neighbours left"
+                holders, "share keys", f"{self.name!r} has fewer than {config.threshold} neighbours left"
             )
         self._peers = {v: keys[v] for v in holders}
-        xs = [self.config.index(v) for v in holders]
-        seed_shares = share(self._seed, xs, self.config.threshold)
-        key_shares = share(_raw_private(self._mask_key), xs, self.config.threshold)
+        xs = [config.index(v) for v in holders]
+        seed_shares = share(self._seed, xs, config.threshold)
+        key_shares = share(_raw_private(self._mask_key), xs, config.threshold)
         out = {}
         for v, x in zip(holders, xs, strict=True):
             plain = seed_shares[x].to_bytes(_SHARE_BYTES, "big") + key_shares[x].to_bytes(_SHARE_BYTES, "big")
-            channel = _channel(_agree(self._cipher_key, keys[v].cipher), self.name, v, self.config)
-            out[v] = channel.encrypt(bytes(12), plain, self.config.digest)
+            channel = _channel(_agree(self._cipher_key, keys[v].cipher), self.name, v, config)
+            out[v] = channel.encrypt(bytes(12), plain, config.digest)
         return out
 
+    def _round(self) -> Config:
+        assert self.config is not None, "phases run in order (_enter)"
+        return self.config
+
     def _check_own_keys(self, keys: Mapping[str, PublicKeys]) -> None:
-        """Refuse a relayed key set with strangers, or without this owner's own keys as sent."""
+        """Refuse a round without this owner, with strangers in its key set, or without this
+        owner's own keys as sent."""
+        config = self._round()
+        if self.name not in config.owners:
+            raise PermissionDenied(self.name, f"{self.name!r} is not an owner of this round")
         for name in keys:
-            if name not in self.config.owners:
+            if name not in config.owners:
                 raise ProtocolError(f"{name!r} is not an owner of this round")
         if keys.get(self.name) != PublicKeys(_raw_public(self._cipher_key), _raw_public(self._mask_key)):
             raise PermissionDenied(self.name, "the relayed keys do not include this owner's own")
@@ -304,21 +313,22 @@ class Owner:
         """Phase 3: `value` (clipped) noised, quantized and masked, given the shares relayed from
         the neighbours that sent them (U2); it masks pairwise with exactly those."""
         self._enter(2, "sending the masked input")
+        config = self._round()
         for v, blob in ciphertexts.items():
             if v not in self._peers:
                 raise ProtocolError(f"{self.name!r} got shares from {v!r}, not a neighbour of this round")
-            channel = _channel(_agree(self._cipher_key, self._peers[v].cipher), v, self.name, self.config)
+            channel = _channel(_agree(self._cipher_key, self._peers[v].cipher), v, self.name, config)
             try:
-                plain = channel.decrypt(bytes(12), blob, self.config.digest)
+                plain = channel.decrypt(bytes(12), blob, config.digest)
             except InvalidTag:
                 raise PermissionDenied(self.name, f"the shares relayed from {v!r} do not open") from None
             if len(plain) != 2 * _SHARE_BYTES:
                 raise ProtocolError(f"shares from {v!r} have {len(plain)} bytes")
             self._held[v] = (int.from_bytes(plain[:_SHARE_BYTES], "big"), int.from_bytes(plain[_SHARE_BYTES:], "big"))
-        y = encode(value, self.config, rng) + prg(self._seed, self.config)
+        y = encode(value, config, rng) + prg(self._seed, config)
         for v in self._held:
-            y = y + _pair_mask(self._mask_key, self._peers[v].mask, self.name, v, self.config)
-        out: np.ndarray = y & _mask(self.config)
+            y = y + _pair_mask(self._mask_key, self._peers[v].mask, self.name, v, config)
+        out: np.ndarray = y & _mask(config)
         return out
 
     def unmask(self, request: UnmaskRequest) -> dict[str, tuple[str, int]]:
@@ -327,18 +337,19 @@ class Owner:
         when the request names a peer in both sets, leaves this owner out, or has fewer
         survivors than the round's minimum; a second request is refused too."""
         self._enter(3, "unmasking")
+        config = self._round()
         both = request.survivors & request.dropped
         if both:
             peer = min(both)
             raise PermissionDenied(self.name, f"the aggregator names {peer!r} both a survivor and dropped")
         if self.name not in request.survivors:
             raise PermissionDenied(self.name, "the aggregator asks this owner to unmask a round it counts it out of")
-        if len(request.survivors) < self.config.min_survivors:
+        if len(request.survivors) < config.min_survivors:
             raise PermissionDenied(
                 self.name,
-                f"only {len(request.survivors)} survivors; the noise is sized for at least {self.config.min_survivors}",
+                f"only {len(request.survivors)} survivors; the noise is sized for at least {config.min_survivors}",
             )
-        unknown = (request.survivors | request.dropped) - set(self.config.owners)
+        unknown = (request.survivors | request.dropped) - set(config.owners)
         if unknown:
             raise ProtocolError(f"{min(unknown)!r} is not an owner of this round")
         out: dict[str, tuple[str, int]] = {}

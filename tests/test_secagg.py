@@ -46,10 +46,10 @@ def run(
     """One honest round with the owners named dropping out before the phase named; returns the
     aggregate, the count and the survivors."""
     rng = np.random.default_rng(1)
-    owners = {o: sa.Owner(cfg, o) for o in cfg.owners}
+    owners = {o: sa.Owner(o) for o in cfg.owners}
     agg = sa.Aggregator(cfg)
     keys = agg.relay_keys({o: w.advertise() for o, w in owners.items() if o not in before_keys})
-    inbox = agg.route_shares({o: owners[o].share_keys(keys) for o in keys if o not in before_shares})
+    inbox = agg.route_shares({o: owners[o].share_keys(cfg, keys) for o in keys if o not in before_shares})
     request = agg.collect({o: owners[o].masked_input(values[o], inbox[o], rng) for o in inbox if o not in before_input})
     total, count = agg.finish({o: owners[o].unmask(request) for o in request.survivors if o not in during_unmask})
     return total, count, request.survivors
@@ -169,10 +169,10 @@ def test_shamir_any_t_shares_recover_and_fewer_do_not(threshold: int, extra: int
 def masked_round(cfg: sa.Config, values: dict[str, np.ndarray]):
     """Three honest phases; returns the owners, the aggregator and the masked inputs."""
     rng = np.random.default_rng(5)
-    owners = {o: sa.Owner(cfg, o) for o in cfg.owners}
+    owners = {o: sa.Owner(o) for o in cfg.owners}
     agg = sa.Aggregator(cfg)
     keys = agg.relay_keys({o: w.advertise() for o, w in owners.items()})
-    inbox = agg.route_shares({o: owners[o].share_keys(keys) for o in keys})
+    inbox = agg.route_shares({o: owners[o].share_keys(cfg, keys) for o in keys})
     masked = {o: owners[o].masked_input(values[o], inbox[o], rng) for o in inbox}
     agg.collect(masked)
     return owners, agg, masked
@@ -205,12 +205,12 @@ def test_an_owner_refuses_to_unmask_fewer_survivors_than_the_noise_is_sized_for(
 
 def test_swapped_keys_and_tampered_shares_are_refused() -> None:
     cfg = config(3, threshold=2)
-    owners = {o: sa.Owner(cfg, o) for o in cfg.owners}
+    owners = {o: sa.Owner(o) for o in cfg.owners}
     keys = {o: w.advertise() for o, w in owners.items()}
-    impostor = sa.Owner(cfg, "owner00").advertise()
+    impostor = sa.Owner("owner00").advertise()
     with pytest.raises(PermissionDenied, match="own"):
-        owners["owner00"].share_keys({**keys, "owner00": impostor})
-    sent = {o: owners[o].share_keys(keys) for o in ("owner01", "owner02")}
+        owners["owner00"].share_keys(cfg, {**keys, "owner00": impostor})
+    sent = {o: owners[o].share_keys(cfg, keys) for o in ("owner01", "owner02")}
     blob = bytearray(sent["owner01"]["owner02"])
     blob[0] ^= 1
     with pytest.raises(PermissionDenied, match="do not open"):
@@ -222,11 +222,10 @@ def test_an_owner_given_another_rounds_config_cannot_open_the_shares() -> None:
     levels or thresholds without the round failing."""
     cfg = config(3, threshold=2, sigma=1.0)
     weaker = sa.Config(cfg.round_id, cfg.owners, cfg.dim, cfg.threshold, cfg.min_survivors, cfg.clip, 0.0, cfg.degree)
-    owners = {o: sa.Owner(cfg, o) for o in cfg.owners}
-    owners["owner02"] = sa.Owner(weaker, "owner02")
+    owners = {o: sa.Owner(o) for o in cfg.owners}
     keys = {o: w.advertise() for o, w in owners.items()}
-    sent = owners["owner00"].share_keys(keys)
-    owners["owner02"].share_keys(keys)
+    sent = owners["owner00"].share_keys(cfg, keys)
+    owners["owner02"].share_keys(weaker, keys)
     with pytest.raises(PermissionDenied, match="do not open"):
         owners["owner02"].masked_input(np.zeros(cfg.dim), {"owner00": sent["owner02"]}, np.random.default_rng(0))
 
@@ -262,3 +261,11 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
         except OverflowError:
             recovered.append(False)
     assert not all(recovered)
+
+
+def test_an_owner_refuses_a_round_it_is_not_in() -> None:
+    cfg = config(3, threshold=2)
+    stranger = sa.Owner("mallory")
+    keys = {"mallory": stranger.advertise()}
+    with pytest.raises(PermissionDenied, match="not an owner"):
+        stranger.share_keys(cfg, keys)
