@@ -138,6 +138,17 @@ SECAGG_DEGREE = 8
 """Neighbours each owner of a secure aggregation round masks with and shares its secrets with
 (SecAgg+'s sparse graph; rounds of fewer owners use the complete graph)."""
 
+SECAGG_PHASE_TIMEOUT_S = 10.0
+"""Longest an aggregator waits for the owners' answers in one phase of a secure aggregation round;
+an owner that has not answered by then has dropped out (the client's deadline may cut it shorter)."""
+
+SECAGG_ROUND_TIMEOUT_S = 120.0
+"""How long an owner keeps a secure aggregation round it joined (its keys and the shares it holds)
+before it forgets it: a round not finished by then cannot be unmasked."""
+
+SECAGG_MAX_ROUNDS = 64
+"""Most secure aggregation rounds an owner has joined and not finished at once."""
+
 # --- node execution ----------------------------------------------------------------------
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""

@@ -58,7 +58,8 @@ from fedptr.errors import DropoutError, InvalidArgumentError, PermissionDenied, 
 
 PRIME = 2**521 - 1
 """The Shamir field: a Mersenne prime above every 32-byte secret."""
-_SHARE_BYTES = 66  # an element of the field
+SHARE_BYTES = 66
+"""An element of the field, big-endian, as shares travel."""
 SELF, KEY = "self", "key"
 """The two kinds of share an owner may reveal for a peer: its self-mask seed's, or its mask key's."""
 
@@ -71,7 +72,7 @@ class Config:
     owners: tuple[str, ...]
     dim: int
     threshold: int
-    """t: shares that reconstruct a secret; more than half of `degree`."""
+    """t: shares that reconstruct a secret; more than half of `degree` (0: just over half)."""
     min_survivors: int
     """m: fewest owners whose inputs may be unmasked together; the noise is sized for m."""
     clip: float
@@ -89,6 +90,8 @@ class Config:
             object.__setattr__(self, "degree", k if k == n - 1 else k - k % 2)
         if not (self.degree == n - 1 or (2 <= self.degree < n - 1 and self.degree % 2 == 0)):
             raise InvalidArgumentError(f"the neighbour degree must be even and below {n - 1}, or {n - 1}")
+        if self.threshold == 0:
+            object.__setattr__(self, "threshold", self.degree // 2 + 1)
         if not (self.degree // 2 < self.threshold <= self.degree):
             raise InvalidArgumentError(f"the threshold must be above half the degree {self.degree}, and at most it")
         if not (2 <= self.min_survivors <= n and self.dim >= 1 and 8 <= self.ring_bits <= 64):
@@ -288,7 +291,7 @@ class Owner:
         key_shares = share(_raw_private(self._mask_key), xs, config.threshold)
         out = {}
         for v, x in zip(holders, xs, strict=True):
-            plain = seed_shares[x].to_bytes(_SHARE_BYTES, "big") + key_shares[x].to_bytes(_SHARE_BYTES, "big")
+            plain = seed_shares[x].to_bytes(SHARE_BYTES, "big") + key_shares[x].to_bytes(SHARE_BYTES, "big")
             channel = _channel(_agree(self._cipher_key, keys[v].cipher), self.name, v, config)
             out[v] = channel.encrypt(bytes(12), plain, config.digest)
         return out
@@ -322,9 +325,9 @@ class Owner:
                 plain = channel.decrypt(bytes(12), blob, config.digest)
             except InvalidTag:
                 raise PermissionDenied(self.name, f"the shares relayed from {v!r} do not open") from None
-            if len(plain) != 2 * _SHARE_BYTES:
+            if len(plain) != 2 * SHARE_BYTES:
                 raise ProtocolError(f"shares from {v!r} have {len(plain)} bytes")
-            self._held[v] = (int.from_bytes(plain[:_SHARE_BYTES], "big"), int.from_bytes(plain[_SHARE_BYTES:], "big"))
+            self._held[v] = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
         y = encode(value, config, rng) + prg(self._seed, config)
         for v in self._held:
             y = y + _pair_mask(self._mask_key, self._peers[v].mask, self.name, v, config)
