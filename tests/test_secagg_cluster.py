@@ -1,0 +1,130 @@
+"""Secure aggregation on real processes (a broker, four owner nodes and an aggregator node):
+`fedptr.dp.secure_mean` releases the mean, each owner charges its budget and audits the round,
+owners killed after joining drop out (the mean is of the survivors) or, too many, fail the
+round with DropoutError naming them, and the aggregator refuses what M1 refuses."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+import fedptr
+from fedptr import dp, wire
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+OWNERS = ["o1", "o2", "o3", "o4"]
+SIGMA, CLIP, EPSILON = 0.05, 1.0, 1e5
+DATA = {o: np.random.default_rng(i).normal(scale=0.1, size=(8, 5)).astype(np.float32) for i, o in enumerate(OWNERS)}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def owners() -> AsyncIterator[tuple[fedptr.Cluster, Path]]:
+    """Four owners with budgets in their stores and an aggregator with --min-owners 3 (tests
+    that kill owners start them again)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for o in OWNERS:
+            np.savez(f"{tmp}/{o}.npz", x=DATA[o])
+        owner = ["--epsilon", str(EPSILON), "--dp-noise-multiplier", str(SIGMA), "--dp-clip", str(CLIP)]
+        roster = [a for o in OWNERS for a in ("--owners", o)]
+        async with fedptr.local_cluster(
+            [*OWNERS, "agg"],
+            data={o: {"d": f"{tmp}/{o}.npz"} for o in OWNERS},
+            node_args={
+                **{o: [*owner, "--store", f"{tmp}/{o}"] for o in OWNERS},
+                "agg": ["--aggregator", *roster, "--min-owners", "3", "--store", f"{tmp}/agg"],
+            },
+            heartbeat_s=0.2,
+            call_timeout=30,
+        ) as c:
+            yield c, Path(tmp)
+
+
+async def values(c: fedptr.Cluster, owners: list[str]) -> list[fedptr.Pointer]:
+    out = []
+    for o in owners:
+        (x,) = await c.client.worker(o).search("d")
+        out.append(x.mean(0))
+    return out
+
+
+def audit(tmp: Path, node: str) -> list[dict[str, object]]:
+    path = tmp / node / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@MODULE_LOOP
+async def test_secure_mean_of_four_owners(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, tmp = owners
+    mean, cost = await dp.secure_mean(await values(c, OWNERS), "agg")
+    got = await mean.get()
+    truth = np.mean([DATA[o].mean(0) for o in OWNERS], axis=0)
+    # the sum's noise has standard deviation sigma C (the owners' shares, sized for 3 survivors,
+    # add up to sqrt(4/3) of it); the mean's is a quarter of that
+    assert isinstance(got, torch.Tensor) and got.shape == (5,)
+    assert float(np.abs(got.numpy() - truth).max()) < 6 * SIGMA * CLIP * math.sqrt(4 / 3) / 4
+    assert set(cost.spent) == set(OWNERS) and cost.dropped == {}
+    for o in OWNERS:
+        assert 0 < cost.spent[o].epsilon_spent < EPSILON
+        records = [r for r in audit(tmp, o) if r["event"] == "secure-contribution"]
+        assert len(records) == 1 and records[0]["to"] == "agg" and records[0]["epsilon_spent"] > 0
+    (release,) = [r for r in audit(tmp, "agg") if r["event"] == "release"]
+    assert release["mechanism"] == "secagg-mean" and release["owners"] == OWNERS
+
+
+@MODULE_LOOP
+async def test_the_aggregator_refuses_owners_off_its_roster_and_too_few(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    with pytest.raises(fedptr.PermissionDenied, match="at least 3"):
+        await dp.secure_mean(vs[:2], "agg")
+    with pytest.raises(fedptr.PermissionDenied, match="not an aggregator"):
+        await dp.secure_mean(vs, "o1")
+
+
+async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer]) -> bytes:
+    """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
+    round_id = secrets.token_bytes(16)
+    for v in vs:
+        await c.client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, "agg"))
+    return round_id
+
+
+@MODULE_LOOP
+async def test_an_owner_killed_mid_round_drops_out(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """o3 joins the round, then is killed before the aggregator's first phase reaches it: the
+    mean is the other three's, and the reply says why o3 dropped."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs)
+    c.signal("o3", 9)  # SIGKILL
+    result_id = c.client.new_id()
+    reply = await c.client.call("agg", wire.SecureMean(result_id, round_id, OWNERS, [5]))
+    assert isinstance(reply, wire.SecureMeanReply)
+    assert sorted(reply.epsilon_spent) == ["o1", "o2", "o4"] and list(reply.dropped) == ["o3"]
+    got = await fedptr.Pointer(c.client, "agg", result_id).get()
+    truth = np.mean([DATA[o].mean(0) for o in ("o1", "o2", "o4")], axis=0)
+    assert float(np.abs(got.numpy() - truth).max()) < 6 * SIGMA * CLIP / 3
+    await c.start_node("o3")
+
+
+@MODULE_LOOP
+async def test_too_many_dropouts_fail_with_the_owners_named(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs)
+    c.signal("o2", 9)
+    c.signal("o4", 9)
+    with pytest.raises(fedptr.DropoutError) as info:
+        await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, OWNERS, [5]))
+    assert info.value.workers == ["o2", "o4"] and info.value.phase == "advertise"
+    await c.start_node("o2")
+    await c.start_node("o4")
