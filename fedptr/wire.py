@@ -513,6 +513,15 @@ class SecAggKeys(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SecAggPeerKeys(Message):
+    """owner -> owner: your public keys of round `round_id`, to check the ones the aggregator
+    relayed (the broker authenticates who answers). Reply: SecAggKeys."""
+
+    KIND: ClassVar[int] = 56
+    round_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SecAggShare(Message):
     """aggregator -> owner, phase 2: the round's config and every advertised owner's keys
     (name -> [cipher, mask]). Reply: SecAggShares."""
@@ -635,6 +644,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SecAggJoin,
     SecAggAdvertise,
     SecAggKeys,
+    SecAggPeerKeys,
     SecAggShare,
     SecAggShares,
     SecAggMask,

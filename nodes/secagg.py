@@ -269,10 +269,15 @@ class Owner:
             raise PermissionDenied(self.name, f"{what} is not the next step of this round (step {self._phase})")
         self._phase = phase + 1
 
+    @property
+    def public_keys(self) -> PublicKeys:
+        """This round's public keys (a neighbour may check the relayed ones with them)."""
+        return PublicKeys(_raw_public(self._cipher_key), _raw_public(self._mask_key))
+
     def advertise(self) -> PublicKeys:
         """Phase 1: this round's public keys."""
         self._enter(0, "advertising keys")
-        return PublicKeys(_raw_public(self._cipher_key), _raw_public(self._mask_key))
+        return self.public_keys
 
     def share_keys(self, config: Config, keys: Mapping[str, PublicKeys]) -> dict[str, bytes]:
         """Phase 2: given the round's config and the advertised keys (U1), the encrypted shares
@@ -309,7 +314,7 @@ class Owner:
         for name in keys:
             if name not in config.owners:
                 raise ProtocolError(f"{name!r} is not an owner of this round")
-        if keys.get(self.name) != PublicKeys(_raw_public(self._cipher_key), _raw_public(self._mask_key)):
+        if keys.get(self.name) != self.public_keys:
             raise PermissionDenied(self.name, "the relayed keys do not include this owner's own")
 
     def masked_input(self, value: np.ndarray, ciphertexts: Mapping[str, bytes], rng: np.random.Generator) -> np.ndarray:

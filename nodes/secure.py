@@ -96,6 +96,7 @@ class SecureRounds:
             wire.SecureMean: self._mean,
             wire.SecAggJoin: self._join,
             wire.SecAggAdvertise: self._advertise,
+            wire.SecAggPeerKeys: self._peer_keys,
             wire.SecAggShare: self._share,
             wire.SecAggMask: self._mask,
             wire.SecAggUnmask: self._unmask,
@@ -129,11 +130,38 @@ class SecureRounds:
         return joined
 
     def _advertise(self, source: str, rid: bytes, msg: wire.SecAggAdvertise, budget: float) -> None:
-        keys = self._round(msg.round_id, source).protocol.advertise()
-        config = self.node.config
-        self.node.reply(
-            source, rid, wire.SecAggKeys(keys.cipher, keys.mask, config.dp_clip, config.dp_noise_multiplier)
-        )
+        joined = self._round(msg.round_id, source)
+        joined.protocol.advertise()
+        self.node.reply(source, rid, self._keys_reply(joined))
+
+    def _keys_reply(self, joined: _Joined) -> wire.SecAggKeys:
+        keys, config = joined.protocol.public_keys, self.node.config
+        return wire.SecAggKeys(keys.cipher, keys.mask, config.dp_clip, config.dp_noise_multiplier)
+
+    def _peer_keys(self, source: str, rid: bytes, msg: wire.SecAggPeerKeys, budget: float) -> None:
+        """Another owner checks the keys the aggregator relayed as ours (public: anyone may ask)."""
+        joined = self._joined.get(msg.round_id)
+        if joined is None:
+            raise PermissionDenied(self.node.name, f"{self.node.name!r} joined no such round")
+        self.node.reply(source, rid, self._keys_reply(joined))
+
+    async def _verified(self, relayed: dict[str, secagg.PublicKeys], round_id: bytes, budget: float) -> list[str]:
+        """Ask each neighbour for its keys directly (the broker vouches for who answers); raise
+        PermissionDenied for relayed keys that are not the neighbour's, and return the
+        neighbours that did not answer in time (this owner will not share with them)."""
+        # half the aggregator's deadline: a silent neighbour must not make this owner late too
+        wait = max(limits.MIN_HOP_BUDGET_S, budget / 2 - limits.HOP_MARGIN_S)
+        asks = {v: self.node.link.request_nowait(v, wire.SecAggPeerKeys(round_id), wait) for v in relayed}
+        await asyncio.wait(asks.values(), timeout=wait + limits.HOP_MARGIN_S)  # each settles by `wait`
+        silent = []
+        for v, f in asks.items():
+            answer = f.result() if f.done() and f.exception() is None else None
+            if not isinstance(answer, wire.SecAggKeys):
+                f.cancel()
+                silent.append(v)
+            elif secagg.PublicKeys(answer.cipher, answer.mask) != relayed[v]:
+                raise PermissionDenied(self.node.name, f"the keys relayed as {v!r}'s are not {v!r}'s own")
+        return silent
 
     def _share(self, source: str, rid: bytes, msg: wire.SecAggShare, budget: float) -> None:
         joined = self._round(msg.round_id, source)
@@ -157,7 +185,17 @@ class SecureRounds:
             if len(pair) != 2:
                 raise ProtocolError(f"{name!r}'s keys are not a [cipher, mask] pair")
             keys[name] = secagg.PublicKeys(pair[0], pair[1])
-        self.node.reply(source, rid, wire.SecAggShares(joined.protocol.share_keys(config, keys)))
+        me = self.node.name
+        neighbours = {v: keys[v] for v in config.neighbours(me) if v in keys} if me in config.owners else {}
+
+        async def answer() -> None:
+            # the aggregator relays the keys: one that put its own in place of a neighbour's would
+            # receive the shares meant for that neighbour, so each is checked with its owner
+            for v in await self._verified(neighbours, msg.round_id, budget):
+                del keys[v]
+            self.node.reply(source, rid, wire.SecAggShares(joined.protocol.share_keys(config, keys)))
+
+        self.node.spawn(answer(), source, rid)
 
     def _mask(self, source: str, rid: bytes, msg: wire.SecAggMask, budget: float) -> None:
         node = self.node

@@ -99,6 +99,26 @@ async def test_the_aggregator_refuses_owners_off_its_roster_and_too_few(owners: 
         await dp.secure_mean(vs, "o1")
 
 
+@MODULE_LOOP
+async def test_an_aggregator_substituting_a_neighbours_keys_is_refused(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """The client, as aggregator, relays its own keys as o2's to o1: were o1 to share with
+    them, the aggregator could open o1's shares meant for o2. o1 checks each neighbour's keys
+    with the neighbour itself (through the broker, which authenticates names) and refuses."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    config = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA)
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    fake = sa.Owner("o2").advertise()
+    relayed["o2"] = [fake.cipher, fake.mask]
+    share = wire.SecAggShare(
+        round_id, list(OWNERS), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    with pytest.raises(fedptr.PermissionDenied, match="o2"):
+        await c.client.call("o1", share)
+
+
 async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg") -> bytes:
     """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
     round_id = secrets.token_bytes(16)

@@ -71,6 +71,7 @@ SAMPLES: list[wire.Message] = [
     wire.SecureMeanReply([3, 2], "float32", {"bob": 0.5}, {"bob": 2.5}, {"alice": "advertise: lost"}),
     wire.SecAggJoin(bytes(16), 15, "agg"),
     wire.SecAggAdvertise(bytes(16)),
+    wire.SecAggPeerKeys(bytes(16)),
     wire.SecAggKeys(bytes(32), b"\1" * 32, 1.0, 1.1),
     wire.SecAggShare(bytes(16), ["alice", "bob"], 6, 1, 2, 1, 32, 1.0, 1.1, {"bob": [b"c", b"m"]}),
     wire.SecAggShares({"alice": b"ciphertext"}),
