@@ -119,11 +119,13 @@ def protocol_seconds(n: int, dim: int, dropped: int) -> tuple[float, float]:
 
 def analytic_bytes(n: int, dim: int) -> int:
     """Bytes one owner sends in a round, payloads only: two public keys, an encrypted pair of
-    shares per neighbour, its masked input, and one share per neighbour when unmasking."""
+    shares per neighbour, its masked input, one share per neighbour when unmasking, and its
+    check of each neighbour's keys (a round id out, two keys and two floats back)."""
     k = secagg.Config(bytes(16), tuple(f"o{i:02d}" for i in range(n)), dim, 0, 2, 1.0, SIGMA).degree
     ciphertext = 2 * secagg.SHARE_BYTES + 16
     ring = 4 if limits.SECAGG_RING_BITS <= 32 else 8
-    return 64 + k * ciphertext + dim * ring + k * secagg.SHARE_BYTES
+    key_check = 16 + 64 + 16
+    return 64 + k * ciphertext + dim * ring + k * secagg.SHARE_BYTES + k * key_check
 
 
 def main() -> None:

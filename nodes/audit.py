@@ -1,7 +1,7 @@
 """A data owner's audit log: an append-only record of everything that left the node.
 
 One JSON object per line in ``audit.jsonl`` in the node's store directory (in memory only for a
-node without one): when, what (get, move, contribution, dp-train, release), which object, who
+node without one): when, what (get, move, contribution, secure-contribution, dp-train, release), which object, who
 asked, where it went, and the epsilon spent and left. `fedptr audit STORE_DIR` prints it.
 """
 

@@ -119,6 +119,22 @@ async def test_an_aggregator_substituting_a_neighbours_keys_is_refused(owners: t
         await c.client.call("o1", share)
 
 
+@MODULE_LOOP
+async def test_an_owner_refuses_a_round_with_less_noise_than_it_asks(
+    owners: tuple[fedptr.Cluster, Path],
+) -> None:
+    """An aggregator that sets the round's sigma below an owner's --dp-noise-multiplier would
+    make the owner's charge too small for the noise the sum gets: the owner refuses to share."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    weak = wire.SecAggShare(round_id, list(OWNERS), 5, 0, 3, 0, 32, CLIP, SIGMA / 2, relayed)
+    with pytest.raises(fedptr.PermissionDenied, match="noise is below"):
+        await c.client.call("o1", weak)
+
+
 async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg") -> bytes:
     """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
     round_id = secrets.token_bytes(16)
