@@ -14,7 +14,7 @@ One round, between the owners of `Config.owners` and an aggregator that only rel
    degree k on a permutation drawn from the round id), each share encrypted (ChaCha20-Poly1305)
    for its holder under their c agreement. The aggregator routes them; the senders are U2.
 3. **masked input**: each owner clips (the node did), adds its share of the noise, quantizes to
-   Z_{2^bits}, and adds PRG(b) and, for every neighbour v it received shares from, +PRG(s_uv)
+   Z_{2^bits}, and adds PRG(b) and, for every neighbour v it exchanged shares with, +PRG(s_uv)
    if u < v and -PRG(s_uv) otherwise. The senders are U3.
 4. **unmask**: the aggregator names survivors (U3) and dropped (U2 minus U3). For each peer it
    holds shares of, an owner returns the share of the self-mask seed of a survivor, or of the
@@ -319,12 +319,15 @@ class Owner:
 
     def masked_input(self, value: np.ndarray, ciphertexts: Mapping[str, bytes], rng: np.random.Generator) -> np.ndarray:
         """Phase 3: `value` (clipped) noised, quantized and masked, given the shares relayed from
-        the neighbours that sent them (U2); it masks pairwise with exactly those."""
+        the neighbours that sent them (U2); it masks pairwise with those it shared with too."""
         self._enter(2, "sending the masked input")
         config = self._round()
+        neighbours = config.neighbours(self.name)
         for v, blob in ciphertexts.items():
-            if v not in self._peers:
+            if v not in neighbours:
                 raise ProtocolError(f"{self.name!r} got shares from {v!r}, not a neighbour of this round")
+            if v not in self._peers:  # left out when sharing: a pair masks only if both shared
+                continue
             channel = _channel(_agree(self._cipher_key, self._peers[v].cipher), v, self.name, config)
             try:
                 plain = channel.decrypt(bytes(12), blob, config.digest)
@@ -440,7 +443,7 @@ class Aggregator:
                 continue
             key = X25519PrivateKey.from_private_bytes(self._secret(points, d))
             for u in survivors:
-                if d in self._routed[u]:  # u received d's shares, so it masked with d
+                if d in self._routed[u] and u in self._routed[d]:  # both shared, so u masked with d
                     # u added -(d's mask for u); d's mask for u is what d would have added
                     total = (total + _pair_mask(key, self._keys[u].mask, d, u, self.config)) & mask
         if short:

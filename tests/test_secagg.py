@@ -269,3 +269,23 @@ def test_an_owner_refuses_a_round_it_is_not_in() -> None:
     keys = {"mallory": stranger.advertise()}
     with pytest.raises(PermissionDenied, match="not an owner"):
         stranger.share_keys(cfg, keys)
+
+
+@pytest.mark.parametrize("drop_left_out", [False, True])
+def test_an_owner_that_leaves_a_neighbour_out_keeps_the_masks_consistent(drop_left_out: bool) -> None:
+    """owner00 could not check owner01's keys and shares without it, while owner01 shares with
+    owner00: the pair masks with each other only if both shared, so the sum is right, also when
+    owner01 then drops and its mask key is rebuilt."""
+    cfg = config(5, threshold=3)
+    values = inputs(cfg, seed=11)
+    rng = np.random.default_rng(1)
+    owners = {o: sa.Owner(o) for o in cfg.owners}
+    agg = sa.Aggregator(cfg)
+    keys = agg.relay_keys({o: w.advertise() for o, w in owners.items()})
+    sent = {o: owners[o].share_keys(cfg, keys) for o in cfg.owners if o != "owner00"}
+    sent["owner00"] = owners["owner00"].share_keys(cfg, {o: k for o, k in keys.items() if o != "owner01"})
+    inbox = agg.route_shares(sent)
+    alive = [o for o in cfg.owners if not (drop_left_out and o == "owner01")]
+    request = agg.collect({o: owners[o].masked_input(values[o], inbox[o], rng) for o in alive})
+    total, _ = agg.finish({o: owners[o].unmask(request) for o in request.survivors})
+    np.testing.assert_allclose(total, expected(values, alive), atol=1e-7)
