@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from fedptr import wire
 from fedptr.client import Worker
-from fedptr.errors import InvalidArgumentError, ProtocolError
+from fedptr.errors import DeadlineExceeded, InvalidArgumentError, LostWorkerError, ProtocolError, UnknownWorkerError
 from fedptr.pointer import ModulePointer, Pointer
 
 
@@ -76,6 +76,9 @@ async def secure_mean(
     `threshold` is how many of an owner's neighbours must answer to unmask it (0: just over
     half). Returns the mean's pointer (gettable) and what it cost.
 
+    An owner that is gone before the round begins (lost, unknown, or silent past the deadline
+    when asked to join) drops out like one that leaves mid-round.
+
     Raises DropoutError (naming the owners) when too many dropped, PermissionDenied for owners
     off the aggregator's roster or values derived from other owners' data, BudgetExhaustedError
     (from the owner) when it has no budget, and the errors of any call."""
@@ -93,13 +96,20 @@ async def secure_mean(
     client = values[0].client
     round_id = secrets.token_bytes(16)
     joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name)) for v in values]
-    await asyncio.gather(*joins)
+    joined = await asyncio.gather(*joins, return_exceptions=True)
+    dropped: dict[str, str] = {}
+    for owner, outcome in zip(owners, joined, strict=True):
+        if isinstance(outcome, (LostWorkerError, UnknownWorkerError, DeadlineExceeded)):
+            dropped[owner] = f"join: {outcome}"  # gone before the round began: it drops out
+        elif isinstance(outcome, BaseException):
+            raise outcome
     result_id = client.new_id()
-    reply = await client.call(name, wire.SecureMean(result_id, round_id, owners, list(shape), int(threshold)))
+    ask = wire.SecureMean(result_id, round_id, [o for o in owners if o not in dropped], list(shape), int(threshold))
+    reply = await client.call(name, ask)
     if not isinstance(reply, wire.SecureMeanReply):
         raise ProtocolError(f"expected a secure mean reply, got {type(reply).__name__}")
     spent = {o: Spent(o, float(e), float(reply.epsilon_left.get(o, 0.0))) for o, e in reply.epsilon_spent.items()}
-    dropped = {o: str(r) for o, r in reply.dropped.items()}
+    dropped.update((o, str(r)) for o, r in reply.dropped.items())
     return Pointer(client, name, result_id), SecureRelease(spent, dropped)
 
 
