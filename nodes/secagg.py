@@ -287,9 +287,8 @@ class Owner:
         self._check_own_keys(keys)
         holders = [v for v in config.neighbours(self.name) if v in keys]
         if len(holders) < config.threshold:
-            raise DropoutError(
-                holders, "share keys", f"{self.name!r} has fewer than {config.threshold} neighbours left"
-            )
+            gone = [v for v in config.neighbours(self.name) if v not in keys]
+            raise DropoutError(gone, "share keys", f"{self.name!r} has fewer than {config.threshold} neighbours left")
         self._peers = {v: keys[v] for v in holders}
         xs = [config.index(v) for v in holders]
         seed_shares = share(self._seed, xs, config.threshold)
@@ -417,8 +416,7 @@ class Aggregator:
     def finish(self, answers: Mapping[str, Mapping[str, tuple[str, int]]]) -> tuple[np.ndarray, int]:
         """Phase 4: from the survivors' answers, the float sum of the survivors' noised inputs and
         how many they were. Raises DropoutError naming the owners whose masks lack shares."""
-        survivors = set(self._masked)
-        self._need([a for a in answers if a in survivors], "unmask")
+        survivors = set(self._masked)  # how many answer matters only through the shares below
         by_kind: dict[tuple[str, str], dict[int, int]] = {}
         for holder, given in answers.items():
             if holder not in survivors:

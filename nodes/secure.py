@@ -267,8 +267,11 @@ class _Round:
         self.budget = budget
         self.dropped: dict[str, str] = {}
 
-    async def _phase(self, phase: str, requests: dict[str, wire.Message], reply: type[M]) -> dict[str, M]:
-        """Ask every owner of `requests` at once; the answers of those that gave `reply` in time."""
+    async def _phase(
+        self, phase: str, requests: dict[str, wire.Message], reply: type[M], minimum: int | None = None
+    ) -> dict[str, M]:
+        """Ask every owner of `requests` at once; the answers of those that gave `reply` in time,
+        at least `minimum` of them (the round's minimum of owners by default)."""
         left = self.end - asyncio.get_running_loop().time()
         if left <= limits.MIN_HOP_BUDGET_S:
             raise DeadlineExceeded(self.node.name, self.budget)
@@ -286,7 +289,8 @@ class _Round:
                 self.dropped[owner] = f"{phase}: answered {type(f.result()).__name__}"
             else:
                 answers[owner] = f.result()  # type: ignore[assignment]
-        if len(answers) < self.minimum:
+        minimum = self.minimum if minimum is None else minimum
+        if len(answers) < minimum:
             raise self._dropout(phase, f"{len(answers)} owners left, fewer than {self.minimum}")
         return answers
 
@@ -335,7 +339,8 @@ class _Round:
                     self.dropped[o] = f"masked input: {e}"
             request = protocol.collect(inputs)
             ask = wire.SecAggUnmask(msg.round_id, sorted(request.survivors), sorted(request.dropped))
-            answers = await self._phase("unmask", dict.fromkeys(request.survivors, ask), wire.SecAggUnmasked)
+            # the inputs are in: silent owners now count only through the shares they hold
+            answers = await self._phase("unmask", dict.fromkeys(request.survivors, ask), wire.SecAggUnmasked, 1)
             given: dict[str, dict[str, tuple[str, int]]] = {}
             for o, a in answers.items():
                 given[o] = {v: (secagg.SELF, _share_int(b)) for v, b in a.seed_shares.items()}

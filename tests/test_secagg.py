@@ -289,3 +289,13 @@ def test_an_owner_that_leaves_a_neighbour_out_keeps_the_masks_consistent(drop_le
     request = agg.collect({o: owners[o].masked_input(values[o], inbox[o], rng) for o in alive})
     total, _ = agg.finish({o: owners[o].unmask(request) for o in request.survivors})
     np.testing.assert_allclose(total, expected(values, alive), atol=1e-7)
+
+
+def test_owners_silent_while_unmasking_count_only_through_the_shares_they_hold() -> None:
+    """The minimum of survivors is about inputs (the noise): with 6 survivors of m = 5, two
+    owners that do not answer the unmask request still leave 3 shares of everyone's secrets."""
+    cfg = config(6, threshold=3, min_survivors=5)
+    values = inputs(cfg, seed=13)
+    total, count, survivors = run(cfg, values, during_unmask=["owner01", "owner04"])
+    assert count == 6 and survivors == set(cfg.owners)
+    np.testing.assert_allclose(total, expected(values, cfg.owners), atol=1e-7)
