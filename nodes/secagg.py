@@ -9,7 +9,9 @@ One round, between the owners of `Config.owners` and an aggregator that only rel
 1. **advertise**: each owner makes two fresh X25519 key pairs (c: to encrypt its shares, s: to
    agree pairwise masks) and sends the public halves. The aggregator relays the survivors' (U1)
    keys to all of them.
-2. **share keys**: each owner draws a self-mask seed b and Shamir-shares both b and its s secret
+2. **share keys**: given the round's `Config` (the aggregator fixes it once it knows U1; the node
+   first checks each neighbour's relayed keys with that neighbour, nodes/secure.py), each owner
+   draws a self-mask seed b and Shamir-shares both b and its s secret
    key, t-of-k, among its neighbours in the round's sparse graph (SecAgg+: a Harary graph of even
    degree k on a permutation drawn from the round id), each share encrypted (ChaCha20-Poly1305)
    for its holder under their c agreement. The aggregator routes them; the senders are U2.
@@ -27,8 +29,8 @@ removes those masks, and the pairwise masks between survivors cancel.
 
 **Why a lying aggregator gets nothing.** To unmask one owner v it would need t self-mask shares
 and t key shares of v. Its holders are v's k neighbours and each answers one request, so two
-disjoint sets of t holders would need 2t > k holders: `Config` requires t > k/2. Colluding with
-fewer than t - (k - t) of v's neighbours (they would give both shares) keeps that true.
+disjoint sets of t holders would need 2t holders, and `Config` requires t > k/2. Colluding with
+fewer than 2t - k of v's neighbours (they would give both shares) keeps that true.
 
 **Noise.** Each owner adds N(0, (sigma C)^2 / m) per coordinate, m = `min_survivors`; the sum of
 at least m survivors carries at least N(0, (sigma C)^2), the noise the accountant charges each
