@@ -6,10 +6,11 @@
   noise multiplier, and records the round in its audit log; it refuses a round whose noise is
   below what it charges for. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
 * **The aggregator** drives the phases for a client's `SecureMean`: each phase asks every owner
-  still in the round at once and waits at most `SECAGG_PHASE_TIMEOUT_S` (less when the client's
-  deadline is nearer); an owner that fails, refuses or is late has dropped out, with its reason.
-  The round's clip bound and noise are the largest the owners ask for. The mean of the survivors
-  is stored as a DP release; too many dropouts fail the request with DropoutError.
+  still in the round at once and waits at most `SECAGG_PHASE_TIMEOUT_S`, and at most its share
+  of the client's deadline (a quarter of it for the first of four phases); an owner that fails,
+  refuses or is late has dropped out, with its reason. The round's clip bound and noise are the
+  largest the owners ask for. The mean of the survivors is stored as a DP release; too many
+  dropouts fail the request with DropoutError.
 """
 
 from __future__ import annotations
@@ -266,6 +267,7 @@ class _Round:
         self.end = loop.time() + max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
         self.budget = budget
         self.dropped: dict[str, str] = {}
+        self.phases_left = 4
 
     async def _phase(
         self, phase: str, requests: dict[str, wire.Message], reply: type[M], minimum: int | None = None
@@ -275,7 +277,10 @@ class _Round:
         left = self.end - asyncio.get_running_loop().time()
         if left <= limits.MIN_HOP_BUDGET_S:
             raise DeadlineExceeded(self.node.name, self.budget)
-        wait = min(limits.SECAGG_PHASE_TIMEOUT_S, left)
+        # a phase waits at most its share of what is left: silent owners in one phase must not
+        # leave the next ones no time
+        wait = min(limits.SECAGG_PHASE_TIMEOUT_S, left / self.phases_left)
+        self.phases_left -= 1
         futures = {o: self.node.link.request_nowait(o, m, wait) for o, m in requests.items()}
         await asyncio.wait(futures.values(), timeout=wait + limits.HOP_MARGIN_S)  # each settles by `wait`
         answers: dict[str, M] = {}

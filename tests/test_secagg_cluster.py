@@ -5,6 +5,7 @@ round with DropoutError naming them, and the aggregator refuses what M1 refuses.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
@@ -233,3 +234,34 @@ async def test_too_many_dropouts_fail_with_the_owners_named(owners: tuple[fedptr
     with pytest.raises(fedptr.DropoutError) as info:
         await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]))
     assert info.value.workers == ["o2", "o4"] and info.value.phase == "advertise"
+
+
+@MODULE_LOOP
+async def test_a_silent_owner_costs_a_phase_its_share_of_the_deadline() -> None:
+    """o3 is stopped (SIGSTOP) after joining, on a broker slow to call it dead: the aggregator
+    waits for it only its share of the client's deadline in the first phase, and the round
+    still ends in time without it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        three = ["o1", "o2", "o3"]
+        for o in three:
+            np.savez(f"{tmp}/{o}.npz", x=DATA[o])
+        owner = ["--dp-noise-multiplier", str(SIGMA), "--epsilon", str(EPSILON)]
+        roster = [a for o in three for a in ("--owners", o)]
+        async with fedptr.local_cluster(
+            [*three, "agg"],
+            data={o: {"d": f"{tmp}/{o}.npz"} for o in three},
+            node_args={**{o: [*owner, "--store", f"{tmp}/{o}"] for o in three}, "agg": ["--aggregator", *roster]},
+            liveness=1000,  # the broker will not call o3 dead: only the phase deadline drops it
+        ) as c:
+            vs = await values(c, three)
+            round_id = await join(c, vs)
+            c.signal("o3", 19)  # SIGSTOP
+            try:
+                start = asyncio.get_running_loop().time()
+                reply = await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]), timeout=8)
+                elapsed = asyncio.get_running_loop().time() - start
+            finally:
+                c.signal("o3", 18)  # SIGCONT, so that the cluster stops
+            assert isinstance(reply, wire.SecureMeanReply)
+            assert sorted(reply.epsilon_spent) == ["o1", "o2"] and "no answer" in str(reply.dropped["o3"])
+            assert elapsed < 8 / 4 + 2  # one phase's share of the deadline, and the rest of the round
