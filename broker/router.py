@@ -8,6 +8,8 @@ it stands for, one per destination, which are then routed exactly as if each had
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -24,11 +26,13 @@ from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
 from fedptr.logs import rid_extra
 from fedptr.security import allowed_keys
-from fedptr.zio import recv_frames, send_frames
+from fedptr.zio import events, recv_frames, send_frames
 
 from .stats import BrokerStats
 
 log = logging.getLogger("fedptr.broker")
+
+_POLLIN = int(zmq.POLLIN)
 
 
 class _DenialLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -169,6 +173,8 @@ class Broker:
         if one says goodbye before it registers again, its session ended after all."""
         self._notices: dict[bytes, list[list[Any]]] = {}
         """LOST notices waiting to go out, per peer, sent together each loop turn."""
+        self._wake: asyncio.Event | None = None
+        """Set by `stop()` to end `serve_async` at once (None unless it runs)."""
 
     def _secure(self, secret_file: str, allow: str) -> None:
         public, secret = zmq.auth.load_certificate(secret_file)
@@ -190,40 +196,70 @@ class Broker:
 
     # --- loop --------------------------------------------------------------------------
     def serve(self) -> None:
-        """Route until `stop()`. Each wake drains the queued messages (up to a bound), then sends
-        the notices they caused, then beats if a heartbeat interval has passed."""
-        sock = self.sock
+        """Route until `stop()`, blocking this thread (the broker process). Each wake is one `turn`."""
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(self.sock, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
         beat_ms = max(1, int(self.config.heartbeat_s * 1000))
+        while self._running:
+            self.turn(bool(poller.poll(beat_ms)))
+
+    async def serve_async(self) -> None:
+        """Route until `stop()` on the running asyncio loop instead of a thread of its own: the
+        same `turn`s, woken by the socket's FD or the next heartbeat. For a broker that shares
+        its process and loop with nodes and clients over ``inproc://`` (the tests' harness)."""
+        loop = asyncio.get_running_loop()
+        self._wake = wake = asyncio.Event()
+        loop.add_reader(self.sock.FD, wake.set)
+        try:
+            while self._running:
+                # reading zmq.EVENTS re-arms the edge-triggered FD, so it is read after clearing
+                wake.clear()
+                if events(self.sock) & _POLLIN:
+                    self.turn(True)
+                    await asyncio.sleep(0)  # a bounded batch per loop turn: the peers' tasks run too
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, self._next_beat - time.monotonic())):
+                        await wake.wait()
+                self.turn(False)
+        finally:
+            loop.remove_reader(self.sock.FD)
+            self._wake = None
+
+    def turn(self, readable: bool) -> None:
+        """One wake of the loop: when `readable`, drain the queued messages (up to a bound); then
+        send the notices they caused, then beat if a heartbeat interval has passed."""
+        if readable:
+            self._now = time.monotonic()
+            self._log_refusals()
+            self._receive()
+        self._now = time.monotonic()
+        if self._now >= self._next_beat:
+            self._heartbeat()
+        self._settle_departures()
+
+    def _receive(self) -> None:
+        sock = self.sock
         heard = self.table.heard
         timed = self.stats.timed
-        while self._running:
-            if poller.poll(beat_ms):
-                self._now = time.monotonic()
-                self._log_refusals()
-                for _ in range(limits.BROKER_DRAIN_BATCH):
-                    try:
-                        frames = recv_frames(sock, 1 + envelope.ENVELOPE_FRAMES if self.bound_keys is None else 0)
-                    except zmq.Again:
-                        break
-                    if self.bound_keys is not None:
-                        frames = self._with_key(frames)
-                    if frames[0] in heard:
-                        heard[frames[0]] = self._now
-                    started = time.perf_counter() if timed else 0.0
-                    try:
-                        self.handle(frames)
-                        if timed:
-                            self.stats.handled(frames, started)
-                    except Exception:  # a bug must not take the broker down: log it, keep routing
-                        log.exception("failed to handle a message; dropped it")
-            self._now = time.monotonic()
-            if self._now >= self._next_beat:
-                self._heartbeat()
-            self._settle_departures()
+        for _ in range(limits.BROKER_DRAIN_BATCH):
+            try:
+                frames = recv_frames(sock, 1 + envelope.ENVELOPE_FRAMES if self.bound_keys is None else 0)
+            except zmq.Again:
+                break
+            if self.bound_keys is not None:
+                frames = self._with_key(frames)
+            if frames[0] in heard:
+                heard[frames[0]] = self._now
+            started = time.perf_counter() if timed else 0.0
+            try:
+                self.handle(frames)
+                if timed:
+                    self.stats.handled(frames, started)
+            except Exception:  # a bug must not take the broker down: log it, keep routing
+                log.exception("failed to handle a message; dropped it")
 
     def _log_refusals(self) -> None:
         while self._monitor is not None and self._monitor.poll(0):
@@ -310,6 +346,8 @@ class Broker:
 
     def stop(self) -> None:
         self._running = False
+        if self._wake is not None:
+            self._wake.set()
 
     def close(self) -> None:
         """Close the monitor before the socket it watches (the other order fails at exit)."""

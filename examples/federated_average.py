@@ -20,7 +20,13 @@ On a terminal the rounds show as a progress bar (elsewhere, one line per round).
 ``--address`` it trains on a running cluster instead of starting one, e.g. the Part 4 setup:
 
     python examples/prepare_digits.py && fedptr up examples/cluster.toml --detach
-    python examples/federated_average.py --address tcp://127.0.0.1:5555
+    python examples/federated_average.py --address tcp://127.0.0.1:5555 --epsilon 4
+
+Before it starts, it says what the run will spend of each owner's budget and what is left. On
+its own cluster every run starts with a fresh budget (the stores live in a temporary directory).
+A running cluster's owners keep what was spent across runs and restarts: when what is left
+cannot cover the run, it says so and stops (exit status 1); spend less (``--epsilon``), or clear
+the demo cluster's stores (``fedptr down part4 --purge``, then ``fedptr up`` again).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +125,44 @@ def average_into(model: nn.Module, trained: list[nn.Module], weights: list[float
             p.copy_(sum(w * o for w, o in zip(weights, others, strict=True)) / total)
 
 
+class CannotSpend(Exception):
+    """The owners' budgets left cannot cover the run: the message says what to do instead."""
+
+
+def noise_for(epsilon: float, rounds: int, local_steps: int) -> float:
+    """The DP-SGD noise multiplier that makes `rounds` x `local_steps` steps spend `epsilon`
+    (99% of it, for the accountant's rounding) at `DELTA`: computed before any connection,
+    since Opacus's search takes seconds and would stall the client's heartbeats."""
+    with warnings.catch_warnings():
+        # the search tries noise levels whose optimal RDP order is the largest Opacus tries and
+        # says so; the level it settles on is checked against the owners' own accountant anyway
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon * 0.99, target_delta=DELTA, sample_rate=SAMPLE_RATE, steps=rounds * local_steps
+            )
+        )
+
+
+async def check_budgets(client: fedptr.Client, epsilon: float) -> None:
+    """Say what each owner has left and what the run will spend; raise CannotSpend when an
+    owner's budget left is smaller (the owner would refuse the run part way)."""
+    short = []
+    for owner in OWNERS:
+        b = await dp.budget(client.worker(owner))
+        print(f"{owner}: epsilon {b.epsilon_left:.2f} left of {b.epsilon_spent + b.epsilon_left:g}", flush=True)
+        if b.epsilon_left < epsilon:
+            short.append(f"{owner} has epsilon {b.epsilon_left:.2f} left")
+    if short:
+        raise CannotSpend(
+            f"this run would spend up to epsilon {epsilon:g} per owner, but {' and '.join(short)}.\n"
+            "Spend less (--epsilon, below what is left), or, on the demo cluster of examples/cluster.toml, "
+            "start again with fresh budgets:\n"
+            "    fedptr down part4 --purge && fedptr up examples/cluster.toml --detach\n"
+            "A real deployment never resets a budget."
+        )
+
+
 def node_args(epsilon: float | None, store: Path) -> dict[str, list[str]]:
     """Owners with a budget (and a store to keep it in), or, for epsilon None, ``--release exact``."""
     if epsilon is None:
@@ -153,20 +198,17 @@ async def train_federated(
     client: fedptr.Client,
     split: Split,
     epsilon: float | None,
+    sigma: float,
     rounds: int,
     local_steps: int,
     lr: float,
     seed: int,
     quiet: bool,
 ) -> Result:
-    """`rounds` rounds of federated averaging; with DP-SGD at the owners unless `epsilon` is None
-    (then exact local SGD, which the owners allow with ``--release exact``)."""
+    """`rounds` rounds of federated averaging; with DP-SGD at the owners, at noise multiplier
+    `sigma`, unless `epsilon` is None (then exact local SGD, which the owners allow with
+    ``--release exact``)."""
     data = {o: await client.worker(o).search("digits") for o in OWNERS}  # [x, y] on each owner
-    sigma = 0.0
-    if epsilon is not None:  # the noise that makes the whole run fit each owner's budget
-        sigma = get_noise_multiplier(
-            target_epsilon=epsilon * 0.99, target_delta=DELTA, sample_rate=SAMPLE_RATE, steps=rounds * local_steps
-        )
     model = make_model(seed)
     spent: dict[str, float] = {}
     started = time.monotonic()
@@ -236,18 +278,31 @@ async def run(
     or on the running cluster at `address` (whose owners hold the digits split with `seed`),
     next to the model trained centrally. `lr` defaults to 2.0 with DP-SGD and 0.5 exact."""
     rate = lr if lr is not None else (0.5 if epsilon is None else 2.0)
+    sigma = 0.0 if epsilon is None else noise_for(epsilon, rounds, local_steps)
+    if epsilon is not None and not quiet:
+        print(
+            f"this run spends up to epsilon {epsilon * 0.99:.2f} per owner (delta {DELTA:g}): "
+            f"{rounds} rounds x {local_steps} DP-SGD steps at noise multiplier {sigma:.2f}",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="fedptr-digits-") as tmp:
         split = split_digits(Path(tmp), seed)
         if address is not None:
             async with fedptr.connect(address, progress=not quiet) as client:
-                result = await train_federated(client, split, epsilon, rounds, local_steps, rate, seed, quiet)
+                if epsilon is not None:
+                    await check_budgets(client, epsilon * 0.99)
+                result = await train_federated(client, split, epsilon, sigma, rounds, local_steps, rate, seed, quiet)
         else:
+            if epsilon is not None and not quiet:
+                print(f"a fresh cluster: each owner starts with epsilon {epsilon:g}, in a temporary store", flush=True)
             async with fedptr.local_cluster(
                 list(OWNERS),
                 data={o: {"digits": split.files[o]} for o in OWNERS},
                 node_args=node_args(epsilon, Path(tmp)),
             ) as cluster:
-                result = await train_federated(cluster.client, split, epsilon, rounds, local_steps, rate, seed, quiet)
+                result = await train_federated(
+                    cluster.client, split, epsilon, sigma, rounds, local_steps, rate, seed, quiet
+                )
         central = train_centralized(split, rounds * local_steps, 0.5, seed)
         result.centralized_accuracy = accuracy(central, split.test_x, split.test_y)
         return result
@@ -291,7 +346,12 @@ def main() -> None:
     results = []
     for epsilon in budgets:
         print(f"\n== epsilon {epsilon if epsilon is not None else 'exact (no DP)'} per owner ==", flush=True)
-        result = asyncio.run(run(epsilon, args.rounds, args.local_steps, seed=args.seed, address=args.address))
+        try:
+            result = asyncio.run(run(epsilon, args.rounds, args.local_steps, seed=args.seed, address=args.address))
+        except CannotSpend as e:
+            sys.exit(f"stopped before training: {e}")
+        except fedptr.BudgetExhaustedError as e:  # the owner's own accountant has the last word
+            sys.exit(f"stopped: an owner refused to spend more of its budget ({e}); spend less (--epsilon)")
         results.append(result)
         print(
             f"federated: {result.federated_accuracy:.1%}  central (no DP): {result.centralized_accuracy:.1%}  "

@@ -41,6 +41,8 @@ from fedptr.errors import (
 if TYPE_CHECKING:
     from fedptr import aggregate as aggregate
     from fedptr import data as data
+    from fedptr import dp as dp
+    from fedptr import logs as logs
     from fedptr import meta as meta
     from fedptr import modules as modules
     from fedptr import ops as ops
@@ -70,20 +72,36 @@ _LAZY = {
 _SUBMODULES = frozenset(
     {
         "aggregate",
+        "broadcasting",
         "client",
         "cluster",
         "data",
+        "dp",
+        "envelope",
+        "errors",
+        "failures",
+        "limits",
+        "link",
+        "logs",
         "meta",
+        "metrics",
         "modules",
         "ops",
         "optim",
         "plans",
         "pointer",
-        "tensors",
+        "progress",
         "security",
+        "session",
+        "status",
+        "streams",
+        "tensors",
+        "wire",
+        "zio",
     }
 )
-"""Submodules reachable as attributes after ``import fedptr`` (``fedptr.optim.SGD``), imported on first use."""
+"""Every submodule, reachable as an attribute after ``import fedptr`` (``fedptr.optim.SGD``,
+``fedptr.dp.train``), imported on first use; tests/test_docs.py checks that none is missing."""
 
 __all__ = [
     "BroadcastError",

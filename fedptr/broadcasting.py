@@ -45,6 +45,9 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     """
     if not workers:
         raise InvalidArgumentError("broadcast needs at least one worker")
+    for w in workers:
+        if not isinstance(w, Worker):  # a bare name has no client to send through
+            raise UnsupportedTypeError(f"broadcast takes Workers (client.worker('bob')), not {type(w).__name__} {w!r}")
     client = workers[0].client
     if any(w.client is not client for w in workers):
         raise InvalidArgumentError("the workers belong to different clients")

@@ -295,7 +295,23 @@ class Client:
 
     def worker(self, name: str) -> Worker:
         """The worker registered as `name` (not checked until it is used)."""
+        if not isinstance(name, str) or not name:
+            raise UnsupportedTypeError(f"a worker is named by a non-empty string, not {type(name).__name__} {name!r}")
         return Worker(self, name)
+
+    def as_worker(self, worker: Worker | str) -> Worker:
+        """`worker` itself, or the worker named `worker`: every call that takes a worker takes
+        its name too (``p.send("alice")``). Raises UnsupportedTypeError for anything else, and
+        InvalidArgumentError for a `Worker` of another client."""
+        if isinstance(worker, str):
+            return self.worker(worker)
+        if not isinstance(worker, Worker):
+            raise UnsupportedTypeError(
+                f"expected a Worker (client.worker('alice')) or a worker's name, not {type(worker).__name__} {worker!r}"
+            )
+        if worker.client is not self:
+            raise InvalidArgumentError(f"{worker!r} belongs to another client; pass its name instead")
+        return worker
 
     async def workers(self) -> list[str]:
         """Names of the workers registered with the broker, sorted."""
@@ -540,8 +556,9 @@ async def connect(
     `max_in_flight` calls unanswered, awaited calls wait for room and new pipelined operations
     raise TooManyInFlightError. `progress` shows bars for transfers of a few MiB or more when
     stderr is a terminal (None: only if ``FEDPTR_PROGRESS=1``; see `fedptr.progress`). Raises
-    DeadlineExceeded when the broker does not answer within the connect timeout (a broker that
-    refuses our key never answers), RegistrationRefused when it refuses the name."""
+    DeadlineExceeded when the broker does not answer within the connect deadline, `timeout` or
+    `limits.CONNECT_TIMEOUT_S` whichever is shorter (a wrong address, or a broker that refuses
+    our key, never answers), RegistrationRefused when it refuses the name."""
     link = Link(
         address,
         f"client-{secrets.token_hex(6)}",
@@ -551,6 +568,7 @@ async def connect(
         curve=curve,
         max_in_flight=max_in_flight,
         progress=progress,
+        connect_timeout=min(timeout, limits.CONNECT_TIMEOUT_S),
     )
     await link.__aenter__()
     client = Client(link, timeout)

@@ -19,11 +19,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedptr.errors import InvalidArgumentError
+from fedptr.errors import InvalidArgumentError, UnsupportedTypeError
 from fedptr.pointer import Pointer
 
 if TYPE_CHECKING:
     from fedptr.client import Worker
+
+
+def _workers(workers: Iterable[Worker]) -> list[Worker]:
+    """`workers` as a list; a worker's bare name (which names no client to ask through) is
+    refused with UnsupportedTypeError saying what to pass instead."""
+    found = list(workers)
+    for w in found:
+        if isinstance(w, str):
+            raise UnsupportedTypeError(f"expected Workers (client.worker({w!r})), not the name {w!r}")
+    return found
 
 
 class FederatedDataset:
@@ -51,7 +61,7 @@ class FederatedDataset:
         arrays in the order of their names, e.g. ``x`` then ``y``). Raises InvalidArgumentError
         for a worker without such data."""
         parts: dict[str, list[Pointer]] = {}
-        for worker in workers:
+        for worker in _workers(workers):
             found = await worker.search(tag)
             if not found:
                 raise InvalidArgumentError(f"worker {worker.name!r} has no data tagged {tag!r}")
@@ -62,6 +72,7 @@ class FederatedDataset:
     async def federate(cls, tensors: Sequence[torch.Tensor], workers: Sequence[Worker]) -> FederatedDataset:
         """Split local `tensors` row-wise into one contiguous part per worker and send each part
         there (PySyft's ``dataset.federate``; the parts are the client's data, not private)."""
+        workers = _workers(workers)
         if not workers:
             raise InvalidArgumentError("federate needs at least one worker")
         parts: dict[str, list[Pointer]] = {}

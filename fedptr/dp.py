@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from fedptr import wire
 from fedptr.client import Worker
-from fedptr.errors import DeadlineExceeded, InvalidArgumentError, LostWorkerError, ProtocolError, UnknownWorkerError
+from fedptr.errors import (
+    DeadlineExceeded,
+    InvalidArgumentError,
+    LostWorkerError,
+    ProtocolError,
+    UnknownWorkerError,
+    UnsupportedTypeError,
+)
 from fedptr.pointer import ModulePointer, Pointer
 
 
@@ -49,8 +56,8 @@ async def contribute(value: Pointer, aggregator: Worker | str) -> tuple[Pointer,
     trust `aggregator`), BudgetExhaustedError (it would exceed the owner's budget), and the
     errors of any call."""
     value.check_alive()
-    name = aggregator if isinstance(aggregator, str) else aggregator.name
     client = value.client
+    name = client.as_worker(aggregator).name
     new_id = client.new_id()
     reply = await client.call(value.location, wire.Contribute(value.id_at_location, name, new_id))
     return Pointer(client, name, new_id), _spent(reply)
@@ -151,4 +158,6 @@ async def train(
 
 async def budget(worker: Worker) -> Spent:
     """What data owner `worker` has spent of its privacy budget, and has left."""
+    if not isinstance(worker, Worker):  # a bare name has no client to ask through
+        raise UnsupportedTypeError(f"expected a Worker (client.worker('bob')), not {type(worker).__name__} {worker!r}")
     return _spent(await worker.client.call(worker.name, wire.Budget()))

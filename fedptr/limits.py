@@ -11,7 +11,8 @@ CALL_TIMEOUT_S = 30.0
 """Default deadline of one awaited client call (send, get, move, an operation, objects)."""
 
 CONNECT_TIMEOUT_S = 10.0
-"""Deadline for registering with the broker."""
+"""Deadline for registering with the broker (s); `fedptr.connect` uses its `timeout` when that is
+shorter, so a wrong address fails within the deadline the caller gave."""
 
 HOP_MARGIN_S = 0.25
 """Time a forwarding node keeps for itself: the next hop gets the caller's budget minus this,
@@ -223,6 +224,13 @@ LOCAL_CLUSTER_THREADS = 1
 """torch intra-op threads per node process under `local_cluster` (all its processes share one
 machine): its default for ``threads``."""
 
+NODE_GC_THRESHOLD = 10_000
+"""Container allocations (net of frees) between two young-generation garbage collections in a
+node (Python's default: 700). Every small pipelined op allocates a few dozen containers that
+live until it is answered; at 700 the collector ran every ~25 ops, traversing the ops in flight
+(~15% of the node's CPU per op once the start-up heap is frozen). Cyclic garbage waits longer:
+memory, not correctness."""
+
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000
 """Most registered names (workers and clients) a broker keeps."""
@@ -242,6 +250,11 @@ BROKER_LOG_EVERY = 1000
 STATUS_TIMEOUT_S = 3.0
 """Deadline of `fedptr status` and `fedptr objects` for each question (the broker's registration,
 its table, each worker's figures): a worker that has not answered by then is shown unresponsive."""
+
+STATUS_WIDE_COLUMNS = 140
+"""Terminal width (columns) from which `fedptr status` adds bytes held, memory, traffic and uptime
+to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
+stays on one line."""
 
 STATS_MAX_PENDING = 10_000
 """Requests a node times at once for its latency figures; past it the oldest are forgotten."""

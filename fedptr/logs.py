@@ -25,6 +25,13 @@ LogFormat = Literal["text", "json"]
 FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
 
+def iso_time(seconds: float) -> str:
+    """`seconds` since the epoch as ISO 8601 in UTC with milliseconds: ``2025-01-01T12:00:00.123Z``
+    (the time of every log line, text or JSON, and of every audit record)."""
+    whole = int(seconds)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{int((seconds - whole) * 1000):03d}Z"
+
+
 def rid_extra(rid: bytes) -> dict[str, str]:
     """The ``extra`` of a log call about request `rid`: its id in hex."""
     return {"rid": rid.hex()}
@@ -38,9 +45,8 @@ class JsonFormatter(logging.Formatter):
         self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
-        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line: dict[str, str] = {
-            "time": f"{seconds}.{int(record.msecs):03d}Z",
+            "time": iso_time(record.created),
             "level": record.levelname,
             "process": self.process,
             "logger": record.name,
@@ -55,10 +61,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``TIME PROCESS LEVEL MESSAGE``, with ``[rid HEX]`` appended when the line concerns a request."""
+    """``TIME PROCESS LEVEL MESSAGE`` (TIME as `iso_time`), with ``[rid HEX]`` appended when the
+    line concerns a request."""
 
     def __init__(self, process: str) -> None:
         super().__init__(f"%(asctime)s {process} %(levelname)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_time(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -72,13 +82,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=FORMATS, default="text", help="json: one JSON object per line")
 
 
+ANNOUNCE = "fedptr.announce"
+"""The logger of lines a parent process waits for (``fedptr-node bob ready``): after `setup` they
+go to stdout in the chosen format (so a JSON log has no plain line), at any `level`."""
+
+
 def setup(process: str, level: str | int = "INFO", fmt: LogFormat = "text", stream: TextIO | None = None) -> None:
     """Send the root logger's records to `stream` (default stderr) as `fmt`, at `level`, naming
-    `process` on every line. Replaces handlers set before (a command line calls it once)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(process) if fmt == "json" else TextFormatter(process))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    `process` on every line, and `ANNOUNCE`'s to stdout whatever the level; Python warnings are
+    logged too. Replaces handlers set before (a command line calls it once)."""
+    formatter = JsonFormatter(process) if fmt == "json" else TextFormatter(process)
+    for name, out, at in (("", stream or sys.stderr, level), (ANNOUNCE, sys.stdout, logging.INFO)):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        logger.setLevel(at)
+    logging.getLogger(ANNOUNCE).propagate = False
+    # a Python warning (a library's UserWarning) becomes a record of logger ``py.warnings`` in the
+    # same format, rather than a plain line on stderr in the middle of a JSON log
+    logging.captureWarnings(True)

@@ -512,19 +512,21 @@ class Pointer:
         assert isinstance(value, torch.Tensor)
         return value.tolist()
 
-    def send(self, worker: Worker) -> Pointer:
-        """Send this pointer to `worker`, making a pointer to a pointer; the data does not move.
-        Returns the new pointer at once (see `Worker.send`)."""
-        return worker.send(self)
+    def send(self, worker: Worker | str) -> Pointer:
+        """Send this pointer to `worker` (a `Worker` or its name), making a pointer to a pointer;
+        the data does not move. Returns the new pointer at once (see `Worker.send`)."""
+        return self._client.as_worker(worker).send(self)
 
-    async def move(self, worker: Worker) -> Pointer:
+    async def move(self, worker: Worker | str) -> Pointer:
         """Move the data to `worker` directly (the bytes never pass through this client).
 
         Returns the pointer at the new location; this pointer is consumed. Moving to the current
         location returns this pointer unchanged. A move that failed for sure leaves this pointer
         usable. One whose outcome is unknown (its worker was lost, its deadline passed, or the
         worker said InDoubtError) raises InDoubtError whose `candidates` are this pointer and
-        the one at `worker`: `Client.resolve` says which holds the object."""
+        the one at `worker`: `Client.resolve` says which holds the object. `worker` is a
+        `Worker` or its name."""
+        worker = self._client.as_worker(worker)
         if worker.name == self._location:
             return self
         self.check_alive()

@@ -9,6 +9,7 @@ forwards chunks while later ones are still arriving.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +44,36 @@ def split(
 
 
 @dataclass
+class _Spans:
+    """The byte ranges of one buffer received so far: sorted, disjoint, adjacent ones merged
+    (chunks in order keep a single range)."""
+
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    received: int = 0
+
+    def add(self, start: int, end: int) -> None:
+        """Record [start, end); raises ProtocolError if any of it was received already."""
+        i = bisect.bisect_right(self.starts, start)
+        if (i > 0 and self.ends[i - 1] > start) or (i < len(self.starts) and self.starts[i] < end):
+            raise ProtocolError("a chunk overlaps bytes of its buffer received already")
+        self.received += end - start
+        if i > 0 and self.ends[i - 1] == start:
+            self.ends[i - 1] = end
+            if i < len(self.starts) and self.starts[i] == end:
+                self.ends[i - 1] = self.ends.pop(i)
+                self.starts.pop(i)
+        elif i < len(self.starts) and self.starts[i] == end:
+            self.starts[i] = start
+        else:
+            self.starts.insert(i, start)
+            self.ends.insert(i, end)
+
+
+@dataclass
 class _Partial:
     buffers: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
-    received: dict[int, int] = field(default_factory=dict)
+    spans: dict[int, _Spans] = field(default_factory=dict)
     touched: float = 0.0
 
 
@@ -67,7 +95,9 @@ class Reassembly:
         return len(self._partials)
 
     def add(self, source: bytes, rid: bytes, info: bytes, data: Any) -> None:
-        """Copy one chunk into place. Raises ProtocolError for a malformed or oversized chunk."""
+        """Copy one chunk into place. Raises ProtocolError for a malformed or oversized chunk,
+        or one over bytes of its buffer that arrived already (counted twice, they let a buffer
+        with a gap pass as complete, its gap uninitialised memory)."""
         self.purge()
         if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
@@ -75,8 +105,8 @@ class Reassembly:
         if command not in (envelope.REQUEST, envelope.REPLY) or not 1 <= index < limits.MAX_FRAMES:
             raise ProtocolError("chunk for a bad command or frame")
         view = memoryview(data).cast("B")
-        if total > limits.MAX_MESSAGE_BYTES or offset + view.nbytes > total:
-            raise ProtocolError("chunk outside its buffer")
+        if total > limits.MAX_MESSAGE_BYTES or offset + view.nbytes > total or not view.nbytes:
+            raise ProtocolError("chunk empty or outside its buffer")
         key = (command, source, rid)
         partial = self._partials.get(key)
         if partial is None:
@@ -86,13 +116,14 @@ class Reassembly:
             if self._bytes + total > self.max_bytes:
                 self.drop(key)
                 raise ProtocolError(f"streams in progress would exceed {self.max_bytes} bytes")
-            buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)  # no zero-fill
-            partial.received[index] = 0
+            # no zero-fill: the buffer is handed on only once every byte of it arrived, once
+            buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)
+            partial.spans[index] = _Spans()
             self._bytes += total
         elif len(buf) != total:
             raise ProtocolError("chunk disagrees on its buffer's size")
+        partial.spans[index].add(offset, offset + view.nbytes)
         buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
-        partial.received[index] += view.nbytes
         partial.touched = time.monotonic()
 
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
@@ -106,7 +137,7 @@ class Reassembly:
         self._bytes -= sum(len(b) for b in partial.buffers.values())
         body = list(body)
         for index, buf in partial.buffers.items():
-            if index >= len(body) or partial.received[index] != len(buf) or len(body[index]):
+            if index >= len(body) or partial.spans[index].received != len(buf) or len(body[index]):
                 raise ProtocolError("a streamed buffer is incomplete or misplaced")
             body[index] = memoryview(buf)  # type: ignore[arg-type]
         return body

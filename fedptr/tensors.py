@@ -46,7 +46,7 @@ def to_raw(t: torch.Tensor) -> RawTensor:
     if not t.is_contiguous():
         t = t.contiguous()
     flat = t.reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:  # "contiguous" with size-1 dimensions of any stride
+    if flat.stride(0) != 1:  # "contiguous" with size-1 (or empty) dimensions of any stride
         flat = flat.clone(memory_format=torch.contiguous_format)
     flat = flat.view(torch.uint8)
     # numpy keeps `flat` (and so the tensor's storage) alive for as long as the view lives.

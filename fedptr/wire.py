@@ -661,15 +661,31 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+_SCALARS = (bool, int, float, str, RawTensor, Ref, type(None))
+
+
 def _check_value(v: Any, depth: int = 0) -> bool:
+    # loops, not all() over generators: this runs on every argument of every operation; a
+    # scalar element is checked in place (it is valid unless it lies deeper than the limit)
     if depth > limits.MAX_VALUE_DEPTH:
         return False
-    if v is None or type(v) in (bool, int, float, str, RawTensor, Ref):
+    t = type(v)
+    if t in _SCALARS:
         return True
-    if type(v) is list:
-        return all(_check_value(x, depth + 1) for x in v)
-    if type(v) is dict:
-        return all(type(k) is str and _check_value(x, depth + 1) for k, x in v.items())
+    if t is list:
+        if v and depth == limits.MAX_VALUE_DEPTH:
+            return False
+        for x in v:  # noqa: SIM110 (all() over a generator is what this avoids)
+            if type(x) not in _SCALARS and not _check_value(x, depth + 1):
+                return False
+        return True
+    if t is dict:
+        if v and depth == limits.MAX_VALUE_DEPTH:
+            return False
+        for k, x in v.items():
+            if type(k) is not str or (type(x) not in _SCALARS and not _check_value(x, depth + 1)):
+                return False
+        return True
     return False
 
 

@@ -5,7 +5,8 @@ mechanism with its noise multiplier and sampling rate. A release is charged *bef
 (the new history is written atomically and fsynced first), and refused with
 BudgetExhaustedError when it would take the owner past epsilon. A node without a budget
 releases nothing. The history lives in the node's store directory, so a restart resets nothing;
-an unreadable history fails closed (the node refuses to start).
+an unreadable history fails closed (the node refuses to start), and so does one that holds fewer
+charges than the audit log (nodes/audit.py) records releases: it was deleted or rolled back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from opacus.accountants import RDPAccountant
 
 from fedptr.errors import BudgetExhaustedError
 
+from . import audit
 from .durable import write_atomic
 
 FILE_NAME = "privacy-budget.msgpack"
@@ -37,6 +39,8 @@ class Budget:
         self._history: list[tuple[float, float, int]] = []
         if self._path is not None and self._path.exists():
             self._history = _load(self._path)
+        if directory is not None:
+            _check_against_audit(self._path, self._history, audit.charged(directory))
         self._spent = _epsilon(self._history, delta)
         self._lock = threading.Lock()  # charges may come from worker threads
 
@@ -84,6 +88,18 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = history
     return float(accountant.get_epsilon(delta))
+
+
+def _check_against_audit(path: Path | None, history: list[tuple[float, float, int]], charged: int) -> None:
+    """Fail closed when the audit log records more charged releases than the history holds: the
+    history was deleted or rolled back, and starting from it would spend the budget again. Each
+    charge adds one entry and is written before the release's audit record, so a crash between
+    the two leaves the history longer, never shorter."""
+    if charged > len(history):
+        raise ValueError(
+            f"{path}: the audit log records {charged} charged releases but the privacy budget history "
+            f"holds {len(history)} (deleted or rolled back?); refusing to start with a budget that forgot them"
+        )
 
 
 def _load(path: Path) -> list[tuple[float, float, int]]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedptr.errors import InvalidArgumentError
+from fedptr.errors import OpNotAllowedError
 from fedptr.ops import MUTATING
 
 from . import kernels
@@ -43,12 +43,13 @@ TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
 def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
     """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
     keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises InvalidArgumentError; run before the taint is decided."""
+    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
+    such, whatever the data); run before the taint is decided."""
     writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
     if writing:
-        raise InvalidArgumentError(f"{op} may not write into an argument ({sorted(writing)[0]}=)")
+        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
     if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
-        raise InvalidArgumentError(f"{op} takes the object it changes as its first positional argument")
+        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
 
 
 def warm_up() -> None:

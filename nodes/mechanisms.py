@@ -9,20 +9,23 @@ clipping done here, on the node, whatever function of the data the client chose.
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the
-  node samples the batch itself (Poisson, rate q), computes per-sample gradients of a per-sample
-  loss with Opacus's GradSampleModule, clips each to C, adds N(0, (sigma C)^2) to their sum and
-  steps. Each step is a subsampled Gaussian mechanism with (sigma, q), charged before it runs.
-  Parameters changed only by such steps are released by post-processing.
+  node samples the batch itself (Poisson, rate q), computes each sample's gradient of a
+  per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
+  one), clips each to C, adds N(0, (sigma C)^2) to their sum and steps. Each step is a
+  subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
+  by such steps are released by post-processing.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional
 
 from fedptr import wire
@@ -48,10 +51,36 @@ class Contribution:
 
 
 def clip(value: torch.Tensor, bound: float) -> torch.Tensor:
-    """`value` scaled down to L2 norm at most `bound` (a copy, detached)."""
+    """`value` scaled down to L2 norm at most `bound`: a detached copy, in `value`'s dtype.
+
+    Raises InvalidArgumentError for a value that is not floating point (a dtype is public: the
+    refusal tells nothing of the data). The norm is taken in float64; a value with a non-finite
+    entry counts as zeros (a NaN made the scale a no-op, an infinity a NaN), and the result's
+    norm is checked, in its own dtype, before anyone charges for it. A refusal for a non-finite
+    value would tell the client, uncharged, a bit of the data: zeros are a value of bounded
+    norm like any other, so the release stays a Gaussian mechanism."""
+    if not value.is_floating_point():
+        raise InvalidArgumentError(f"a contribution is a floating-point tensor, not {value.dtype}")
     v = value.detach().to(torch.float64)
-    scale = min(1.0, bound / max(float(v.norm()), 1e-12))
-    return (v * scale).to(value.dtype)
+    norm = float(v.norm())
+    if not math.isfinite(norm):  # a NaN or infinity in it (or a float64 norm that overflows)
+        v, norm = torch.zeros_like(v), 0.0
+    if norm > bound:
+        # rounding to the value's dtype moves each entry by at most eps/2 relative: aim that far below
+        v = v * (bound / (norm * (1 + torch.finfo(value.dtype).eps)))
+    clipped = v.to(value.dtype)
+    if not float(clipped.to(torch.float64).norm()) <= bound:  # NaN fails too
+        raise InvalidArgumentError("a contribution could not be clipped to its bound")
+    return clipped
+
+
+def private_generator() -> torch.Generator:
+    """A generator for one release's noise and sampling, seeded from the OS (`secrets`).
+
+    Clients draw from torch's default generator (``rand_like``, ``randn_like``, dropout), so
+    whoever observes or steers it must learn nothing of a mechanism's noise: the mechanisms
+    never touch it, and no two releases share a seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def release_mean(
@@ -75,7 +104,7 @@ def release_mean(
     std = max(c.noise_multiplier * c.clip for c in contributions)
     with torch.no_grad():
         total = torch.stack([v.detach().to(torch.float64) for v in values]).sum(0)
-        noisy = total + torch.randn_like(total) * std
+        noisy = total + torch.randn(total.shape, dtype=total.dtype, generator=private_generator()) * std
         return (noisy / len(values)).to(values[0].dtype)
 
 
@@ -89,6 +118,21 @@ def check_run(config: wire.DPTrain, n: int) -> None:
         raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
 
 
+def check_per_sample(model: nn.Module) -> None:
+    """Raise InvalidArgumentError for a model whose DP-SGD training would release more than
+    its noised, clipped per-sample gradients: buffers (BatchNorm's running statistics) are
+    written by every forward from the raw batch and never noised, and batch normalisation mixes
+    the samples of a batch, so no per-sample gradient is one sample's alone (Opacus refuses it
+    too). LayerNorm normalises each sample by itself."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise InvalidArgumentError(
+            f"DP-SGD trains models without buffers: a forward writes {buffers[0]!r} from the raw data, unprotected"
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise InvalidArgumentError("DP-SGD cannot train batch normalisation (it mixes samples); use LayerNorm")
+
+
 def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Refuse, from shapes alone (meta tensors), a model and loss that cannot run on the data:
     a failure in the real run could otherwise depend on values."""
@@ -100,45 +144,73 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire
 def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTrain) -> None:
     """Train `model` in place for `config.steps` DP-SGD steps on (`x`, `y`).
 
-    A step whose computation fails (a value the meta check could not foresee) contributes no
-    gradient, only noise, so the reply never depends on the data."""
+    A sample whose computation fails (a value the meta check could not foresee) contributes no
+    gradient, the others do (`_clipped_sum`), so the reply never depends on the data."""
     n = len(x)
-    loss_fn = LOSSES[config.loss]
-    params = [p for p in model.parameters() if p.requires_grad]
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    try:
-        for _ in range(config.steps):
-            batch = torch.nonzero(torch.rand(n) < config.sample_rate).flatten()
-            summed = _clipped_sum(gsm, params, x[batch], y[batch], loss_fn, config.max_grad_norm)
-            with torch.no_grad():
-                for p, g in zip(params, summed, strict=True):
-                    noise = torch.randn_like(g) * (config.noise_multiplier * config.max_grad_norm)
-                    p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
-    finally:
-        gsm._close()
-        for p in params:
-            p.grad = None
+    loss = _sample_loss(model, LOSSES[config.loss])
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    generator = private_generator()
+    for _ in range(config.steps):
+        batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
+        detached = {name: p.detach() for name, p in named.items()}
+        summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
+        with torch.no_grad():
+            for p, g in zip(named.values(), summed, strict=True):
+                noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
+                noise *= config.noise_multiplier * config.max_grad_norm
+                p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+
+
+SampleLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+"""The loss of one sample (no batch dimension) as a function of the parameters."""
+
+
+def _sample_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor]) -> SampleLoss:
+    """The loss of `model` on one sample, run as a batch of one: whatever the model does across
+    its batch (a sum over dimension 0, ``Softmax(dim=0)``, ``Flatten(0)``, a graph's
+    ``x - x.mean(0)``) sees that sample alone, so no sample's gradient depends on another's.
+    (Per-layer per-sample gradients, Opacus's GradSampleModule, assume the layers never mix
+    samples: a model that did moved every sample's clipped gradient with one sample.)"""
+
+    def loss(params: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params, (x1.unsqueeze(0),))
+        return loss_fn(out, y1.unsqueeze(0), reduction="sum")
+
+    return loss
 
 
 def _clipped_sum(
-    gsm: GradSampleModule,
-    params: list[nn.Parameter],
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    loss_fn: Callable[..., torch.Tensor],
-    bound: float,
+    loss: SampleLoss, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, bound: float
 ) -> list[torch.Tensor]:
-    zeros = [torch.zeros_like(p) for p in params]
+    """The sum of the batch's per-sample gradients of `loss` at `params`, each clipped to
+    `bound` (norms in float64), in the order of `params`.
+
+    One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
+    not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
+    embedding index in some sample) each sample is computed alone and only those that fail
+    contribute zero. Dropping the whole batch instead let one sample move the step by the
+    batch's sum."""
     if len(xb) == 0:
-        return zeros
-    for p in params:
-        p.grad = None
-        p.grad_sample = None  # type: ignore[attr-defined]
+        return [torch.zeros_like(p) for p in params.values()]
     try:
-        loss_fn(gsm(xb), yb, reduction="sum").backward()  # type: ignore[no-untyped-call]
-        samples = [p.grad_sample.reshape(len(xb), -1) for p in params]  # type: ignore[attr-defined]
+        grads = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, xb, yb)
+        samples = [g.reshape(len(xb), -1) for g in grads.values()]
     except Exception:
-        return zeros
-    norms = torch.stack([s.norm(dim=1) for s in samples]).norm(dim=0)
-    factor = (bound / (norms + 1e-6)).clamp(max=1.0)
-    return [(factor @ s).reshape(p.shape) for s, p in zip(samples, params, strict=True)]
+        rows = [_sample_gradient_or_zero(loss, params, xb[i], yb[i]) for i in range(len(xb))]
+        samples = [torch.stack([r[k] for r in rows]) for k in range(len(params))]
+    norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in samples]).norm(dim=0)
+    finite = torch.isfinite(norms)  # a NaN or infinity anywhere in a sample's gradient
+    factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    if not bool(finite.all()):
+        samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
+    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
+
+
+def _sample_gradient_or_zero(
+    loss: SampleLoss, params: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor
+) -> list[torch.Tensor]:
+    """One sample's gradient, flattened per parameter, or zeros when its computation fails."""
+    try:
+        return [g.reshape(-1) for g in grad(loss)(params, x1, y1).values()]
+    except Exception:
+        return [torch.zeros(p.numel(), dtype=p.dtype) for p in params.values()]

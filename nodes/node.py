@@ -43,7 +43,7 @@ from fedptr.link import Link
 from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
-from . import guard, mechanisms, plans, policy
+from . import audit, guard, mechanisms, plans, policy
 from .audit import AuditLog
 from .budget import Budget
 from .durable import DurableStore
@@ -439,19 +439,19 @@ class Node:
             self._store_failed(msg.result_id, source, e, msg.sponsor)
             raise
         if location is None:
-            private = any(e.taint for e in entries.values())
+            # the result's taint is the union of its operands' (an aliasing target's included):
+            # it is private exactly when an operand is, decided once for the request
+            private = bool(taint)
             result = Entry.tensor(owner=source, taint=taint)
             result.sponsor = msg.sponsor
             self.store.add(msg.result_id, result)
-            settled = all(e.done.done() for e in entries.values())
-            if settled and not any(e.done.exception() for e in entries.values()):
-                tensors = {i: e.done.result() for i, e in entries.items()}
-                if _numel(tensors.values()) <= self.config.offload_numel:
-                    # the common case: small inputs, all present; no task, no thread
-                    versions = _versions(tensors)
-                    compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                    self._finish(source, rid, msg, result, compute, entries, versions)
-                    return
+            tensors = _values(entries)
+            if tensors is not None and _numel(tensors.values()) <= self.config.offload_numel:
+                # the common case: small inputs, all present; no task, no thread
+                versions = _versions(tensors)
+                compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
+                self._finish(source, rid, msg, result, compute, entries, versions)
+                return
             self.compute_later(self._compute(source, rid, msg, entries, result, private), source)
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
@@ -498,6 +498,8 @@ class Node:
         deciding early is safe). Aliasing results share their target's taint; in-place writes
         add to it, and private data and contributions refuse them. A plan's `temporaries` (its
         results so far, not yet computed) all count as gradient-tracking for a backward."""
+        if msg.op not in _TAINT_RULES and not any(e.taint for e in entries.values()):
+            return policy.Taint()  # the common case: a plain operation on public operands
         origins = policy.merge(e.taint.origins for e in entries.values())
         first = msg.args[0] if msg.args else None
         target = entries.get(first.obj_id) if type(first) is wire.Ref else None
@@ -582,7 +584,7 @@ class Node:
         except Exception as e:
             self._fail(source, rid, result, e)
             return
-        result.done.set_result(value)
+        result.settle(value)
         ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
         self.reply_durable(_all(durable), source, rid, ok)
 
@@ -767,7 +769,7 @@ class Node:
                 raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
             clipped = mechanisms.clip(value, self.config.dp_clip)
             spent = await self.scheduler.offload(self.budget.charge, self.config.dp_noise_multiplier, 1.0, 1)
-            self.audit.record("contribution", source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
+            self.audit.record(audit.CONTRIBUTION, source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
             put = wire.PutContribution(
                 msg.new_id, to_raw(clipped), self.config.dp_clip, self.config.dp_noise_multiplier, source
             )
@@ -809,11 +811,12 @@ class Node:
                 if not isinstance(model, torch.nn.Module) or len(x) != len(y):
                     raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
                 mechanisms.check_run(msg, len(x))
+                mechanisms.check_per_sample(model)
                 spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
             except Exception as e:
                 self.reply_error(source, rid, e)
                 return
-            self.audit.record("dp-train", source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
+            self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
@@ -859,6 +862,22 @@ def _has_state(entry: Entry) -> bool:
         return True
     value = entry.done.result()
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
+
+
+_TAINT_RULES = ALIASING | {"forward", "backward"}
+"""Operations whose result taint `Node._result_taint` decides by a rule of their own (a shared
+taint, a write to a model, gradients everywhere), even on public operands."""
+
+
+def _values(entries: dict[int, Entry]) -> dict[int, Any] | None:
+    """The operands' values by id when every one is settled without an error, else None."""
+    values = {}
+    for i, e in entries.items():
+        done = e.done
+        if not done.done() or done.exception() is not None:
+            return None
+        values[i] = done.result()
+    return values
 
 
 def _is_ref(value: Any) -> bool:

@@ -36,7 +36,9 @@ ANALYST = "*"
 
 @dataclass(eq=False)
 class Taint:
-    """The origins of one storage, shared by every entry that aliases it."""
+    """The origins of one storage, shared by every entry that aliases it, from the first alias
+    on: an entry made for an alias takes its target's Taint object itself. It is falsy while
+    empty, so code that may receive a shared one tests ``is None``, never ``or``."""
 
     origins: Origins = field(default_factory=dict)
 

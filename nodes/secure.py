@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,7 +37,7 @@ from fedptr.errors import (
 )
 from fedptr.tensors import dtype_name
 
-from . import mechanisms, secagg
+from . import audit, mechanisms, secagg
 from .store import Entry
 
 if TYPE_CHECKING:
@@ -90,7 +91,6 @@ class SecureRounds:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._joined: dict[bytes, _Joined] = {}
-        self._rng = np.random.default_rng()  # seeded from the OS: the noise and rounding are secret
 
     def handlers(self) -> dict[type[wire.Message], Callable[[str, bytes, Any, float], None]]:
         return {
@@ -211,17 +211,18 @@ class SecureRounds:
             if not isinstance(value, torch.Tensor) or entry.location is not None or value.numel() != config.dim:
                 raise InvalidArgumentError(f"a secure input is a tensor of {config.dim} numbers held on its owner")
             bound = min(node.config.dp_clip, config.clip)
-            clipped = mechanisms.clip(value.detach().reshape(-1).to(torch.float64), bound).numpy()
+            clipped = mechanisms.clip(value.detach().reshape(-1), bound).to(torch.float64).numpy()
             spent = await node.scheduler.offload(node.budget.charge, node.config.dp_noise_multiplier, 1.0, 1)
             node.audit.record(
-                "secure-contribution",
+                audit.SECURE_CONTRIBUTION,
                 joined.client,
                 object=joined.obj_id,
                 to=source,
                 round=msg.round_id.hex(),
                 epsilon_spent=spent,
             )
-            masked = joined.protocol.masked_input(clipped, msg.shares, self._rng)
+            # the noise and rounding from a generator seeded from the OS for this input alone
+            masked = joined.protocol.masked_input(clipped, msg.shares, np.random.default_rng(secrets.randbits(128)))
             node.reply(source, rid, wire.SecAggMasked(ring_to_wire(masked, config), spent, node.budget.left))
 
         node.spawn(answer(), source, rid)

@@ -57,11 +57,14 @@ class Entry:
     def tensor(
         cls, value: torch.Tensor | nn.Module | None = None, owner: str = "", taint: Taint | None = None
     ) -> Entry:
-        """A local tensor (or model) entry, settled with `value` or pending when it is None."""
+        """A local tensor (or model) entry, settled with `value` or pending when it is None. An
+        alias passes its target's `taint` and shares that very object, even while it is empty."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if value is not None:
             fut.set_result(value)
-        return cls(fut, owner=owner, taint=taint or Taint())
+        # `taint or Taint()` would give the alias of a still-public target (an empty, so falsy,
+        # Taint) a cell of its own: a write through the alias then left the target public
+        return cls(fut, owner=owner, taint=Taint() if taint is None else taint)
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
@@ -71,6 +74,12 @@ class Entry:
             fut.set_result(None)
         fut.add_done_callback(_retrieve)
         return cls(fut, location, remote_id, owner)
+
+    def settle(self, value: torch.Tensor | nn.Module) -> None:
+        """Give a pending local entry its value. A value is no error to mark as retrieved, so the
+        store's `_retrieve` callback goes first: one event-loop callback less per operation."""
+        self.done.remove_done_callback(_retrieve)
+        self.done.set_result(value)
 
     def row(self, obj_id: int) -> ObjectRow:
         """This entry's line in a store listing (it must have settled)."""

@@ -1,20 +1,29 @@
-"""Shared fixtures: one real cluster (broker + worker processes) for the whole session.
+"""Shared fixtures: the `cluster` a test runs on, and its client and workers.
 
-Starting a node imports torch (about 1.5 s and 220 MB), so tests share the cluster and every
-test starts from empty stores: the autouse fixture clears all workers after each test.
+By default one real cluster (broker + worker processes) serves the whole session: starting a
+node process imports torch (about 1.5 s and 220 MB), so tests share it and every test starts
+from empty stores (the autouse fixture clears all workers after each test). A module or test
+marked ``inproc`` gets a fresh in-process cluster instead (tests/harness.py: the same broker,
+node and client code on this loop over inproc://, up in milliseconds); the same emptiness
+check runs after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
 
 import fedptr
 
+from . import harness
+
 WORKERS = ["bob", "alice", "carol", "dave", "erin"]
+
+E = TypeVar("E", bound=BaseException)
 
 SOAK_SECONDS = 35.0
 """How long the soak's workload and nemesis run by default (the CI run); ``--soak-seconds`` overrides."""
@@ -44,13 +53,33 @@ def soak_seconds(request: pytest.FixtureRequest) -> float:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def cluster() -> AsyncIterator[fedptr.Cluster]:
+async def process_cluster() -> AsyncIterator[fedptr.Cluster]:
     async with fedptr.local_cluster(WORKERS, call_timeout=20.0) as c:
         yield c
 
 
+@pytest_asyncio.fixture
+async def inproc_cluster() -> AsyncIterator[harness.InprocCluster]:
+    """A fresh in-process cluster of `WORKERS` for one test."""
+    async with harness.cluster(WORKERS, call_timeout=20.0) as c:
+        yield c
+
+
 @pytest.fixture
-def client(cluster: fedptr.Cluster) -> fedptr.Client:
+def cluster(request: pytest.FixtureRequest) -> fedptr.Cluster | harness.InprocCluster:
+    """The in-process cluster for tests marked ``inproc``, else the session's process cluster
+    (started only when a test needs it). ``inproc(False)`` on a test in an ``inproc`` module
+    sends it back to processes."""
+    marker = request.node.get_closest_marker("inproc")
+    inproc = marker is not None and (not marker.args or bool(marker.args[0]))
+    c: fedptr.Cluster | harness.InprocCluster = request.getfixturevalue(
+        "inproc_cluster" if inproc else "process_cluster"
+    )
+    return c
+
+
+@pytest.fixture
+def client(cluster: fedptr.Cluster | harness.InprocCluster) -> fedptr.Client:
     return cluster.client
 
 
@@ -64,18 +93,25 @@ def alice(client: fedptr.Client) -> fedptr.Worker:
     return client.worker("alice")
 
 
-@pytest_asyncio.fixture(autouse=True)
-async def _clean_stores(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    yield
+@pytest.fixture(autouse=True)
+def _clean_stores(request: pytest.FixtureRequest) -> None:
+    """Every test on `cluster` (unless destructive) leaves the stores empty: see `_emptied_after`."""
     if "cluster" in request.fixturenames and request.node.get_closest_marker("destructive") is None:
-        c: fedptr.Cluster = request.getfixturevalue("cluster")
-        for name in WORKERS:
-            await c.client.worker(name).clear()
+        request.getfixturevalue("_emptied_after")
 
-        async def empty() -> bool:  # objects other workers own go as their pointers' deletes cascade
-            return all([await c.client.worker(n).objects() == {} for n in WORKERS])
 
-        assert await eventually(empty), "stores did not empty after the test"
+@pytest_asyncio.fixture
+async def _emptied_after(cluster: fedptr.Cluster | harness.InprocCluster) -> AsyncIterator[None]:
+    """After the test, clears every worker and checks that every store empties. It depends on
+    `cluster`, so it runs before a per-test cluster is stopped."""
+    yield
+    for name in WORKERS:
+        await cluster.client.worker(name).clear()
+
+    async def empty() -> bool:  # objects other workers own go as their pointers' deletes cascade
+        return all([await cluster.client.worker(n).objects() == {} for n in WORKERS])
+
+    assert await eventually(empty), "stores did not empty after the test"
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> bool:
@@ -89,6 +125,18 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.02)
+
+
+async def refused(attack: Awaitable[Any], error: type[E], *, owner: str | None = None, match: str | None = None) -> E:
+    """Await `attack`, which must end in the refusal the test names: `error` (a privacy refusal
+    is `fedptr.PermissionDenied`, naming the data `owner`) whose message matches `match`.
+    A value, a crash, a timeout or any other error fails the test; the refusal is returned."""
+    with pytest.raises(error, match=match) as info:
+        await attack
+    if owner is not None:
+        assert isinstance(info.value, fedptr.PermissionDenied), info.value
+        assert info.value.owner == owner, f"refused on behalf of {info.value.owner!r}, not {owner!r}: {info.value}"
+    return info.value
 
 
 def alive(pid: int) -> bool:

@@ -1,23 +1,230 @@
 """The docs cannot rot: the site builds with warnings as errors (its API reference from the
-docstrings), and the notebooks execute headless with every cell succeeding."""
+docstrings), the notebooks execute headless with every cell succeeding, every ``fedptr.NAME``
+the docs mention exists, and every python code block of README.md and docs/ runs.
+
+A code block runs one of two ways. One that calls ``asyncio.run`` is a whole script: it runs
+alone, in its own process. Any other is a notebook-style fragment (top-level ``await``): the
+fragments of one page run in order, sharing their names, on one cluster for all pages that
+provides what the fragments take as given: ``bob`` and ``alice``, data owners with private
+``digits`` (64 features, labels 0-9) and a budget, who trust ``secure_worker``, an aggregator
+of their DP contributions; ``batches``, (x, y) pointers to public data on bob, and ``loader``,
+a `FederatedDataLoader` over it; and ``asyncio``, ``torch``, ``nn``, ``F``, ``fedptr``. A block
+that is not meant to run says so in its fence: ```` ```python title="illustration" ````.
+"""
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import importlib
+import inspect
 import os
+import re
 import subprocess
 import sys
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbformat
+import numpy as np
 import pytest
+import pytest_asyncio
+import torch
 from nbclient import NotebookClient
+from torch import nn
+from torch.nn import functional
+
+import fedptr
+from fedptr.cli.clusterfile import load_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
-pytestmark = pytest.mark.slow
+DOTTED = re.compile(r"(?<![\w./\"'-])fedptr(?:\.[A-Za-z_]\w*)+")
+"""A dotted name the docs use, ``fedptr.dp.train``; not a path (``api/fedptr.md``) nor a quoted
+logger name (``"fedptr.node"`` in a sample log line)."""
 
 
+def _resolve(dotted: str) -> object:
+    """The object `dotted` names, walked by attribute from ``import fedptr`` (so a submodule the
+    lazy attribute map misses fails), or an importable module (``fedptr.nodes``, a package the
+    library itself never imports). Raises AttributeError or ImportError."""
+    parts = dotted.split(".")
+    try:
+        obj: object = fedptr
+        for part in parts[1:]:
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError:
+        for cut in range(len(parts), 1, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            if cut == 2 and parts[1] in fedptr._SUBMODULES:
+                raise  # a fedptr submodule must be an attribute after `import fedptr`, not only importable
+            for part in parts[cut:]:
+                obj = getattr(obj, part)
+            return obj
+        raise
+
+
+def _doc_names() -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in PAGES}
+    for nb in NOTEBOOKS:
+        texts[nb.relative_to(ROOT).as_posix()] = "".join(c.source for c in nbformat.read(nb, as_version=4).cells)
+    for page, text in texts.items():
+        for name in DOTTED.findall(text):
+            names.setdefault(name, set()).add(page)
+    return names
+
+
+def test_every_fedptr_name_in_the_docs_exists() -> None:
+    names = _doc_names()
+    assert "fedptr.dp.train" in names and "fedptr.connect" in names  # the grep finds names at all
+    missing = {}
+    for name, pages in sorted(names.items()):
+        try:
+            _resolve(name)
+        except (AttributeError, ImportError) as e:
+            missing[name] = f"{sorted(pages)}: {e}"
+    assert missing == {}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced code block of a page: its language, fence info, first line number and text."""
+
+    page: str
+    line: int
+    language: str
+    info: str
+    code: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+FENCE = re.compile(r"^(\s*)```(\w*)(.*)$")
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced code blocks of `page`, dedented by their fence's indentation (a block in a list)."""
+    found: list[Block] = []
+    lines = page.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        indent, language, info = len(m.group(1)), m.group(2), m.group(3).strip()
+        start, body = i + 1, []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            body.append(lines[i][indent:])
+            i += 1
+        found.append(Block(page.relative_to(ROOT).as_posix(), start, language, info, "\n".join(body) + "\n"))
+        i += 1
+    return found
+
+
+PYTHON = [b for page in PAGES for b in blocks(page) if b.language == "python" and "illustration" not in b.info]
+SCRIPTS = [b for b in PYTHON if "asyncio.run(" in b.code]
+FRAGMENTS = [b for b in PYTHON if b not in SCRIPTS]
+FRAGMENT_PAGES = sorted({b.page for b in FRAGMENTS})
+
+
+def test_the_docs_have_python_blocks_of_both_kinds() -> None:
+    """The harness sees the blocks: the API tours are scripts, the rest fragments; nothing else
+    is left out silently."""
+    assert {b.page for b in SCRIPTS} == {"README.md", "docs/index.md"}
+    assert {"README.md", "docs/concepts.md"} <= set(FRAGMENT_PAGES)
+    every = [b for page in PAGES for b in blocks(page)]
+    assert {b.language for b in every} <= {"python", "toml", "", "sh"}, {b.language for b in every}
+
+
+def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
+    found = [b for page in PAGES for b in blocks(page) if b.language == "toml"]
+    assert found
+    for block in found:
+        tomllib.loads(block.code)
+        if "[nodes." in block.code:  # a cluster file: every key known, every value in range
+            (tmp_path / "c.toml").write_text(block.code)
+            load_cluster(tmp_path / "c.toml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", SCRIPTS, ids=[b.where for b in SCRIPTS])
+def test_script_blocks_run(block: Block) -> None:
+    result = subprocess.run([sys.executable, "-c", block.code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{block.where}\n{block.code}\n{result.stdout}{result.stderr}"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def docs_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[fedptr.Cluster]:
+    """The workers the fragments take as given (see the module's docstring)."""
+    tmp = tmp_path_factory.mktemp("docs")
+    rng = np.random.default_rng(0)
+    owners = ("bob", "alice")
+    for o in owners:
+        np.savez(tmp / f"{o}.npz", x=rng.random((200, 64), dtype=np.float32), y=rng.integers(0, 10, 200))
+    owner_args = {o: ["--trust", "secure_worker", "--epsilon", "50", "--store", str(tmp / o)] for o in owners}
+    async with fedptr.local_cluster(
+        [*owners, "secure_worker"],
+        data={o: {"digits": tmp / f"{o}.npz"} for o in owners},
+        node_args={**owner_args, "secure_worker": ["--aggregator", "--owners", "bob", "--owners", "alice"]},
+    ) as cluster:
+        yield cluster
+
+
+async def _given(client: fedptr.Client) -> dict[str, Any]:
+    bob = client.worker("bob")
+    batches = [(await bob.send(torch.rand(16, 64)), await bob.send(torch.randint(0, 10, (16,)))) for _ in range(3)]
+    rows = [await bob.send(torch.rand(40, 64)), await bob.send(torch.randint(0, 10, (40,)))]
+    public = fedptr.data.FederatedDataset({"bob": rows})
+    return {
+        "asyncio": asyncio,
+        "torch": torch,
+        "nn": nn,
+        "F": functional,
+        "fedptr": fedptr,
+        "bob": bob,
+        "alice": client.worker("alice"),
+        "secure_worker": client.worker("secure_worker"),
+        "batches": batches,
+        "loader": fedptr.data.FederatedDataLoader(public, batch_size=16, shuffle=True),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", FRAGMENT_PAGES)
+async def test_fragment_blocks_run(page: str, docs_cluster: fedptr.Cluster) -> None:
+    namespace = await _given(docs_cluster.client)
+    for block in (b for b in FRAGMENTS if b.page == page):
+        code = compile(block.code, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        try:
+            result = eval(code, namespace)  # the docs' own code: running it is the point
+            if inspect.iscoroutine(result):
+                await asyncio.wait_for(result, 120)
+        except Exception as e:
+            raise AssertionError(f"{block.where} failed:\n{block.code}") from e
+
+
+def test_every_submodule_is_an_attribute_of_the_package() -> None:
+    modules = {p.stem for p in (ROOT / "fedptr").glob("*.py") if p.stem != "__init__"}
+    assert modules <= fedptr._SUBMODULES
+    for name in sorted(modules):
+        assert getattr(fedptr, name).__name__ == f"fedptr.{name}"
+
+
+@pytest.mark.slow
 def test_site_builds_strict(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
@@ -46,6 +253,7 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, "strip outputs before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_without_errors(path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)

@@ -206,7 +206,7 @@ async def test_random_chains_on_private_data_let_nothing_out(owners: fedptr.Clus
             try:
                 await p
             except fedptr.FedptrError as e:  # a refusal must name no private value
-                assert isinstance(e, fedptr.PermissionDenied), e
+                assert isinstance(e, fedptr.PermissionDenied) and e.owner == "bob", e
                 assert not any(d in str(e) for d in digits), e
                 return
             with pytest.raises(fedptr.PermissionDenied):
@@ -260,7 +260,8 @@ async def test_a_plan_releases_exactly_what_its_ops_one_by_one_release(
 async def refused_or_value(p: fedptr.Pointer) -> torch.Tensor | None:
     try:
         value = await p.get()
-    except fedptr.PermissionDenied:
+    except fedptr.PermissionDenied as e:
+        assert e.owner == "bob", e  # the only owner the chains read
         return None
     assert isinstance(value, torch.Tensor)
     return value

@@ -12,6 +12,8 @@ import fedptr
 from fedptr import optim, wire
 from fedptr.client import Client
 
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
+
 
 def requests_sent(client: Client) -> int:
     return client.link.messages_sent

@@ -13,6 +13,8 @@ import fedptr
 from fedptr import wire
 from tests.conftest import eventually
 
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
+
 CHAIN = ["bob", "alice", "carol", "dave", "erin"]
 
 
@@ -368,6 +370,7 @@ async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
     return await p
 
 
+@pytest.mark.inproc(False)  # in one process inproc hands the node the client's own buffer, never a copy
 async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker) -> None:
     small = torch.zeros(4)
     p = bob.send(small)

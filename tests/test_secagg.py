@@ -6,10 +6,13 @@ recover any one owner's input."""
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import Collection
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fedptr.nodes import audit, budget
 from fedptr.nodes import secagg as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -299,3 +302,15 @@ def test_owners_silent_while_unmasking_count_only_through_the_shares_they_hold()
     total, count, survivors = run(cfg, values, during_unmask=["owner01", "owner04"])
     assert count == 6 and survivors == set(cfg.owners)
     np.testing.assert_allclose(total, expected(values, cfg.owners), atol=1e-7)
+
+
+def test_a_lost_budget_history_with_secure_contributions_in_the_audit_log_fails_closed() -> None:
+    """A secure contribution is charged like any release: an owner whose history is gone while
+    its audit log records one must not start with its budget reset."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        spent = budget.Budget("bob", 5.0, 1e-5, directory).charge(2.0, 1.0, 1)
+        audit.AuditLog("bob", directory).record(audit.SECURE_CONTRIBUTION, "client", object=1, epsilon_spent=spent)
+        (directory / budget.FILE_NAME).unlink()
+        with pytest.raises(ValueError, match=budget.FILE_NAME):
+            budget.Budget("bob", 5.0, 1e-5, directory)

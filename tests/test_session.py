@@ -1,14 +1,19 @@
-"""The sans-IO session, driven through a fake broker with no sockets and a fake clock (h11's
-ConnectionPair way): registration, requests, deadlines, liveness, re-registration after a
-broker restart, resending what a forgetful broker refused, and departures; and fan-outs (one
-request for several destinations, each settling on its own), their envelope included."""
+"""The sans-IO session, driven on a fake clock through the real broker (broker/router.py over
+inproc sockets, one routing turn per message: h11's ConnectionPair way, with the real peer):
+registration, requests, deadlines, liveness, re-registration after a broker restart, resending
+what a forgetful broker refused, and departures; and fan-outs (one request for several
+destinations, each settling on its own), their envelope included."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import zmq
+from fedptr.broker.router import Broker, BrokerConfig
 
 from fedptr import envelope, limits, wire
 from fedptr.errors import (
@@ -21,59 +26,72 @@ from fedptr.errors import (
 )
 from fedptr.session import Event, Incoming, Registered, Send, Session, SessionEnded, Settled
 from fedptr.streams import split
+from fedptr.zio import events, recv_frames, send_frames
 
 BEAT = 1.0
 
 
-@dataclass
-class FakeBroker:
-    """Routes between sessions by name, as broker/router.py does, minus sockets."""
+_endpoints = itertools.count()
+_POLLIN = int(zmq.POLLIN)
 
-    peers: dict[str, Session] = field(default_factory=dict)
-    inbox: dict[str, list[list[Any]]] = field(default_factory=dict)
-    received: list[list[Any]] = field(default_factory=list)
-    """Every message the broker was sent, as sent."""
 
-    def accept(self, sender: Session, message: list[Any]) -> None:
-        """Handle one message `sender` sent (``[command, name, rid, *body]``)."""
-        self.received.append(message)
-        self._accept(sender, message)
-
-    def _accept(self, sender: Session, message: list[Any]) -> None:
-        command, name, rid, body = message[0], message[1], message[2], message[3:]
-        if command == envelope.REGISTER:
-            self.peers[name.decode()] = sender
-            self._to(sender, envelope.message(envelope.ACCEPTED, name, rid))
-        elif command == envelope.FANOUT:  # as the real broker: each destination as if sent alone
-            [fan] = envelope.parse(envelope.framed(message))
-            for m in envelope.unfan(fan):
-                self._accept(sender, envelope.message(m.command, m.name, m.rid, m.body))
-        elif sender.name not in self.peers:
-            self._to(sender, envelope.message(envelope.BROKER_ERROR, name, rid, [envelope.REASON_NOT_REGISTERED]))
-        elif name.decode() not in self.peers:
-            if command == envelope.REQUEST:
-                self._to(sender, envelope.message(envelope.BROKER_ERROR, name, rid, [envelope.REASON_UNKNOWN_NAME]))
-        elif command in (envelope.REQUEST, envelope.REPLY, envelope.CHUNK):
-            dest = self.peers[name.decode()]
-            self._to(dest, envelope.message(command, sender.name.encode(), rid, body))
-
-    def _to(self, session: Session, message: list[Any]) -> None:
-        self.inbox.setdefault(session.name, []).append(message)
-
-    def take(self, session: Session) -> list[list[Any]]:
-        return self.inbox.pop(session.name, [])
+def new_broker() -> Broker:
+    """The real router on a fresh inproc endpoint; its heartbeat never falls due during a test
+    (the sessions' clock is fake, the broker's is real)."""
+    return Broker(BrokerConfig(bind=f"inproc://session-test-{next(_endpoints)}", heartbeat_s=3600.0))
 
 
 @dataclass
 class Net:
-    """Two sessions, a worker and a client, and the broker between them."""
+    """Sessions on a fake clock and the real broker (broker/router.py) between them. Each session's
+    frames travel over an inproc DEALER socket; the broker runs one `turn` per message, in this
+    thread, so the test decides when everything happens."""
 
-    broker: FakeBroker = field(default_factory=FakeBroker)
+    broker: Broker = field(default_factory=new_broker)
     now: float = 100.0
     events: dict[str, list[Event]] = field(default_factory=dict)
+    sent: list[list[Any]] = field(default_factory=list)
+    """Every message a session sent the broker, as sent."""
+    sockets: dict[str, zmq.Socket[bytes]] = field(default_factory=dict)
+
+    def socket(self, session: Session) -> zmq.Socket[bytes]:
+        sock = self.sockets.get(session.name)
+        if sock is None:
+            sock = self.sockets[session.name] = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.broker.endpoint)
+        return sock
 
     def send(self, session: Session, message: list[Any]) -> None:
-        self.broker.accept(session, message)
+        self.sent.append(message)
+        send_frames(self.socket(session), envelope.framed(message))
+        while events(self.broker.sock) & _POLLIN:
+            self.broker.turn(True)
+
+    def take(self, session: Session) -> list[list[Any]]:
+        """What the broker sent `session` so far (each a multipart: a message or a BATCH)."""
+        out = []
+        while True:
+            try:
+                out.append(recv_frames(self.socket(session), envelope.ENVELOPE_FRAMES))
+            except zmq.Again:
+                return out
+
+    def forget(self, name: str) -> None:
+        """The broker forgets `name` as silent (it was paused, say), as its heartbeat would."""
+        self.broker._forget(self.broker.table.by_name[name.encode()], envelope.GONE_SILENT)
+        self.broker.turn(False)
+
+    def restart_broker(self) -> None:
+        """A new broker that knows no one; every session reaches it on a new connection."""
+        self.close()
+        self.broker = new_broker()
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.sockets.clear()
+        self.broker.close()
 
     def run(self, *sessions: Session) -> None:
         """Deliver until nothing moves; the events each session produced land in `events`."""
@@ -81,9 +99,9 @@ class Net:
         while moved:
             moved = False
             for s in sessions:
-                for message in self.broker.take(s):
+                for frames in self.take(s):
                     moved = True
-                    self.handle(s, s.receive(envelope.framed(message), self.now))
+                    self.handle(s, s.receive(frames, self.now))
 
     def handle(self, s: Session, events: list[Event]) -> None:
         for e in events:
@@ -113,8 +131,10 @@ def registered(net: Net, name: str, role: bytes) -> Session:
 
 
 @pytest.fixture
-def net() -> Net:
-    return Net()
+def net() -> Iterator[Net]:
+    net = Net()
+    yield net
+    net.close()
 
 
 def pair(net: Net) -> tuple[Session, Session]:
@@ -192,7 +212,7 @@ def test_registers_again_after_a_broker_restart(net: Net) -> None:
         net.now += BEAT
         client.tick(net.now)
     assert not client.registered
-    net.broker = FakeBroker()  # the restarted broker knows no one
+    net.restart_broker()  # the restarted broker knows no one
     net.tick(BEAT, client)
     assert client.registered and client.reregistrations == 1
     assert any(isinstance(e, Registered) for e in net.events["client-1"])
@@ -200,7 +220,7 @@ def test_registers_again_after_a_broker_restart(net: Net) -> None:
 
 def test_a_request_the_broker_refused_undelivered_is_sent_again_after_registering(net: Net) -> None:
     bob, client = pair(net)
-    del net.broker.peers["client-1"]  # the broker forgot the client (it was paused, say)
+    net.forget("client-1")  # the broker forgot the client (it was paused, say)
     rid, message = client.request("bob", wire.Search("x"), 5.0, net.now)
     net.send(client, message)
     net.run(bob, client)  # NOT_REGISTERED, then REGISTER, ACCEPTED, and the request again
@@ -267,11 +287,11 @@ def answer_all(net: Net, workers: list[Session]) -> list[Incoming]:
 
 def test_a_fan_out_is_sent_once_and_each_destination_answers_its_own_request(net: Net) -> None:
     workers, client = fleet(net)
-    net.broker.received.clear()
+    net.sent.clear()
     rids, message = client.request_many(WORKERS, wire.Search("digits"), 5.0, net.now)
     assert len(set(rids)) == 3 and client.in_flight == 3
     net.send(client, message)
-    assert [m[0] for m in net.broker.received] == [envelope.FANOUT]  # one upload
+    assert [m[0] for m in net.sent] == [envelope.FANOUT]  # one upload
     net.run(*workers, client)
     incoming = answer_all(net, workers)
     assert [(e.source, e.rid, e.request.message) for e in incoming] == [
@@ -305,7 +325,7 @@ def test_each_destination_of_a_fan_out_fails_on_its_own(net: Net) -> None:
 
 def test_a_fan_out_the_broker_refused_undelivered_is_sent_again_to_each(net: Net) -> None:
     workers, client = fleet(net)
-    del net.broker.peers["client-1"]  # the broker forgot the client
+    net.forget("client-1")
     rids, message = client.request_many(WORKERS, wire.Clear(), 5.0, net.now)
     net.send(client, message)
     net.run(*workers, client)  # NOT_REGISTERED for each, REGISTER, ACCEPTED, each request again

@@ -21,6 +21,8 @@ from fedptr import optim
 from fedptr.ops import ALLOWED, TENSOR_METHODS
 from fedptr.pointer import Pointer
 
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
+
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 DEADLINE_S = 60.0
 

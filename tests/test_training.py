@@ -1,4 +1,5 @@
-"""Remote autograd, models as data, private node data and the privacy policy, on real processes.
+"""Remote autograd, models as data, private node data and the privacy policy, on the real broker
+and nodes in this process (tests/harness.py).
 
 One cluster for the module: bob and alice hold private digits and trust secure_worker (an
 aggregator); eve is a worker nobody trusts.
@@ -17,11 +18,14 @@ from types import ModuleType
 import pytest
 import pytest_asyncio
 import torch
+from fedptr.nodes.node import NodeConfig
 from torch import nn
 from torch.nn import functional
 
 import fedptr
 from fedptr import aggregate, dp, modules, optim, wire
+
+from . import harness
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,37 +48,35 @@ SPLIT = example.split_digits(Path(SPLIT_DIR.name), seed=0)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fed() -> AsyncIterator[fedptr.Cluster]:
+async def fed() -> AsyncIterator[harness.InprocCluster]:
     """bob and alice own digits, with budgets, and trust secure_worker, an aggregator whose
-    roster is bob and alice; eve is a worker nobody trusts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        owner = ["--trust", "secure_worker", "--epsilon", "100", "--dp-noise-multiplier", "5"]
-        async with fedptr.local_cluster(
-            ["bob", "alice", "secure_worker", "eve"],
-            data={o: {"digits": SPLIT.files[o]} for o in ("bob", "alice")},
-            node_args={
-                "bob": [*owner, "--store", f"{tmp}/bob"],
-                "alice": [*owner, "--store", f"{tmp}/alice"],
-                "secure_worker": ["--aggregator", "--owners", "bob", "--owners", "alice"],
-            },
-        ) as c:
-            yield c
+    roster is bob and alice; eve is a worker nobody trusts. In this process (tests/harness.py):
+    nothing here needs a process of its own."""
+    owner = NodeConfig(trust=["secure_worker"], epsilon=100, dp_noise_multiplier=5)
+    async with harness.cluster(
+        ["bob", "alice", "secure_worker", "eve"],
+        configs={"bob": owner, "alice": owner, "secure_worker": NodeConfig(aggregator=True, owners=["bob", "alice"])},
+        data={o: {"digits": SPLIT.files[o]} for o in ("bob", "alice")},
+        stores=["bob", "alice"],
+        call_timeout=30.0,
+    ) as c:
+        yield c
 
 
 @pytest_asyncio.fixture(loop_scope="module", autouse=True)
-async def _clean(fed: fedptr.Cluster) -> AsyncIterator[None]:
+async def _clean(fed: harness.InprocCluster) -> AsyncIterator[None]:
     yield
     for name in ("bob", "alice", "secure_worker", "eve"):
         await fed.client.worker(name).clear()
 
 
-async def digits(c: fedptr.Cluster, owner: str) -> tuple[fedptr.Pointer, fedptr.Pointer]:
+async def digits(c: harness.InprocCluster, owner: str) -> tuple[fedptr.Pointer, fedptr.Pointer]:
     x, y = await c.client.worker(owner).search("digits")
     return x, y
 
 
 @MODULE_LOOP
-async def test_remote_linear_regression_matches_local(fed: fedptr.Cluster) -> None:
+async def test_remote_linear_regression_matches_local(fed: harness.InprocCluster) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 3, generator=g)
     y = x @ torch.tensor([[1.5], [-2.0], [0.5]]) + 0.25
@@ -98,7 +100,7 @@ async def test_remote_linear_regression_matches_local(fed: fedptr.Cluster) -> No
 
 
 @MODULE_LOOP
-async def test_requires_grad_survives_send_and_grad_is_a_pointer(fed: fedptr.Cluster) -> None:
+async def test_requires_grad_survives_send_and_grad_is_a_pointer(fed: harness.InprocCluster) -> None:
     bob = fed.client.worker("bob")
     w = await bob.send(torch.ones(3, requires_grad=True))
     await (w * w).sum().backward()
@@ -111,7 +113,7 @@ async def test_requires_grad_survives_send_and_grad_is_a_pointer(fed: fedptr.Clu
 
 
 @MODULE_LOOP
-async def test_a_parameter_behind_a_chain_trains(fed: fedptr.Cluster) -> None:
+async def test_a_parameter_behind_a_chain_trains(fed: harness.InprocCluster) -> None:
     bob, alice = fed.client.worker("bob"), fed.client.worker("alice")
     w = await (await bob.send(torch.tensor([3.0], requires_grad=True))).send(alice)  # alice -> bob
     x = await (await bob.send(torch.tensor([2.0]))).send(alice)
@@ -129,7 +131,7 @@ async def test_a_parameter_behind_a_chain_trains(fed: fedptr.Cluster) -> None:
 
 
 @MODULE_LOOP
-async def test_module_send_forward_train_move_get(fed: fedptr.Cluster) -> None:
+async def test_module_send_forward_train_move_get(fed: harness.InprocCluster) -> None:
     bob, eve = fed.client.worker("bob"), fed.client.worker("eve")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.0), nn.Linear(32, 3))
@@ -157,7 +159,7 @@ async def test_module_send_forward_train_move_get(fed: fedptr.Cluster) -> None:
 
 
 @MODULE_LOOP
-async def test_disallowed_module_is_refused(fed: fedptr.Cluster) -> None:
+async def test_disallowed_module_is_refused(fed: harness.InprocCluster) -> None:
     bob = fed.client.worker("bob")
     with pytest.raises(fedptr.UnsupportedTypeError, match="MultiheadAttention cannot travel as a graph"):
         await bob.send(nn.MultiheadAttention(4, 2))
@@ -245,7 +247,7 @@ async def test_a_model_class_trains_with_dp_sgd_on_private_digits(fed: fedptr.Cl
 
 
 @MODULE_LOOP
-async def test_search_finds_private_data_that_stays_put(fed: fedptr.Cluster) -> None:
+async def test_search_finds_private_data_that_stays_put(fed: harness.InprocCluster) -> None:
     bob = fed.client.worker("bob")
     x, y = await digits(fed, "bob")
     objects = await bob.objects()
@@ -257,7 +259,7 @@ async def test_search_finds_private_data_that_stays_put(fed: fedptr.Cluster) -> 
 
 
 @MODULE_LOOP
-async def test_every_refusal_of_the_policy(fed: fedptr.Cluster) -> None:
+async def test_every_refusal_of_the_policy(fed: harness.InprocCluster) -> None:
     client = fed.client
     bob, secure, eve = (client.worker(n) for n in ("bob", "secure_worker", "eve"))
     x, y = await digits(fed, "bob")
@@ -290,7 +292,7 @@ async def test_every_refusal_of_the_policy(fed: fedptr.Cluster) -> None:
 
 
 @MODULE_LOOP
-async def test_dp_mean_of_contributions_is_released_once(fed: fedptr.Cluster) -> None:
+async def test_dp_mean_of_contributions_is_released_once(fed: harness.InprocCluster) -> None:
     client = fed.client
     _bob, _alice, secure = (client.worker(n) for n in ("bob", "alice", "secure_worker"))
     (xb, _), (xa, _) = await digits(fed, "bob"), await digits(fed, "alice")
@@ -313,7 +315,7 @@ async def test_dp_mean_of_contributions_is_released_once(fed: fedptr.Cluster) ->
 
 
 @MODULE_LOOP
-async def test_client_sees_only_dp_releases(fed: fedptr.Cluster) -> None:
+async def test_client_sees_only_dp_releases(fed: harness.InprocCluster) -> None:
     received: list[wire.Message] = []
     fed.client.link.on_reply = received.append
     try:
@@ -329,6 +331,6 @@ async def test_client_sees_only_dp_releases(fed: fedptr.Cluster) -> None:
 
 
 @MODULE_LOOP
-async def test_dp_federated_training_learns(fed: fedptr.Cluster) -> None:
+async def test_dp_federated_training_learns(fed: harness.InprocCluster) -> None:
     result = await example.train_federated(fed.client, SPLIT, 8.0, 6, 10, lr=2.0, seed=0, quiet=True)
     assert result.federated_accuracy > 0.8, result

@@ -123,6 +123,32 @@ def test_missing_fields_take_defaults_or_fail() -> None:
         wire.decode([msgpack.packb([wire.Move.KIND, 0, 1])])
 
 
+def test_an_empty_view_with_a_wide_stride_travels() -> None:
+    """x[:0, 0] of a 2x2 tensor is empty with stride 2: its bytes could not be viewed as uint8
+    (found by test_indexing_matches_torch on the in-process harness)."""
+    t = torch.arange(4).reshape(2, 2)[:0, 0]
+    back = from_raw(to_raw(t))
+    assert back.shape == t.shape and back.dtype == t.dtype
+
+
+def _nested(levels: int, leaf: wire.Value, in_dicts: bool) -> wire.Value:
+    for _ in range(levels):
+        leaf = {"k": leaf} if in_dicts else [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize("in_dicts", [False, True])
+def test_values_nest_down_to_the_depth_limit_and_no_deeper(in_dicts: bool) -> None:
+    levels = limits.MAX_VALUE_DEPTH - 1  # inside an operation's argument list (depth 0)
+    for leaf in (1, None, wire.Ref(3), [], {}):
+        op = wire.Op(1, "add", [_nested(levels, leaf, in_dicts)], {})
+        assert wire.decode(wire.encode(op)).message == op
+    for leaf in (1, wire.Ref(3), [], [1], {"k": 1}):
+        too_deep = wire.Op(1, "add", [_nested(levels + 1, leaf, in_dicts)], {})
+        with pytest.raises(ProtocolError, match=r"Op\.args"):
+            wire.decode(wire.encode(too_deep))
+
+
 def test_64_mib_tensor_is_not_copied() -> None:
     t = torch.randn(16 << 20)
     frames = wire.encode(wire.Put(1, to_raw(t)))

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedptr.logs import iso_time
 from fedptr.nodes.audit import read
 
 
@@ -34,7 +35,12 @@ def audit(
         table.add_column(column)
     for r in records:
         detail = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("time", "node", "event", "requester"))
+        when = r.get("time", "")
         table.add_row(
-            f"{r.get('time', '')}", str(r.get("node", "")), str(r.get("event", "")), str(r.get("requester", "")), detail
+            iso_time(when) if isinstance(when, int | float) else str(when),  # older logs hold epoch seconds
+            str(r.get("node", "")),
+            str(r.get("event", "")),
+            str(r.get("requester", "")),
+            detail,
         )
     Console().print(table)

@@ -5,6 +5,7 @@ A complete example, every key shown::
     [cluster]
     name = "part4"                   # default: the file's stem
     start_timeout = 60               # seconds for every process to start and register
+    demo = true                      # `fedptr down --purge` may clear the nodes' stores (budgets)
 
     [broker]
     bind = "tcp://127.0.0.1:5555"    # tcp://HOST:* picks a free port
@@ -172,6 +173,9 @@ class ClusterSpec:
     broker: BrokerSpec
     nodes: Mapping[str, NodeSpec]
     start_timeout: float = limits.CLUSTER_START_TIMEOUT_S
+    demo: bool = False
+    """A demonstration cluster: ``fedptr down --purge`` may delete its nodes' stores, privacy
+    budgets and audit logs included. A real deployment leaves it false and never resets a budget."""
 
     def check_files(self) -> None:
         """Raise `ClusterFileError` for the first key file or data file that does not exist."""
@@ -192,7 +196,7 @@ class ClusterSpec:
                 raise ClusterFileError(self.path, key, f"no such file or directory: {path}")
 
 
-_CLUSTER_KEYS = {"name", "start_timeout"}
+_CLUSTER_KEYS = {"name", "start_timeout", "demo"}
 _BROKER_KEYS = {
     "bind",
     "heartbeat_ms",
@@ -326,6 +330,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     if not _NAME.fullmatch(name):
         raise top.error("name", f"{name!r} must be letters, digits, - _ . (it names the state file)")
     start_timeout = top.number("start_timeout", 1.0) or limits.CLUSTER_START_TIMEOUT_S
+    demo = top.boolean("demo")
 
     b = _Reader(file, "broker", _table(file, doc, "broker"), _BROKER_KEYS)
     keys_dir = b.path_("keys_dir")
@@ -410,4 +415,4 @@ def load_cluster(path: str | Path) -> ClusterSpec:
             metrics_port=n.integer("metrics_port", 0),
             args=n.strings("args"),
         )
-    return ClusterSpec(file, name, broker, nodes, start_timeout)
+    return ClusterSpec(file, name, broker, nodes, start_timeout, demo)

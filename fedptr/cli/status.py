@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -106,48 +107,74 @@ def _uptime(seconds: float | None) -> str:
 
 
 def _budget(w: WorkerStatus) -> str:
+    """``ε LEFT / TOTAL`` (a data owner's privacy budget), or the figures a node reports, or —."""
     if not w.budget:
         return NONE
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(w.budget.items()))
+    b = w.budget
+    if set(b) == {"epsilon_left", "epsilon_spent"}:
+        return f"ε {_short(b['epsilon_left'])} / {_short(b['epsilon_left'] + b['epsilon_spent'])}"
+    return ", ".join(f"{k} {_short(v)}" for k, v in sorted(b.items()))
+
+
+def _short(x: float) -> str:
+    """Two decimals at most: 0.09, 7.91, 8."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
 _STATE_STYLE = {"up": "green", "unresponsive": "yellow", "down": "red", "error": "red"}
 
 
-def tables(status: ClusterStatus) -> list[Table]:
-    """The workers table and the broker's peers table of `status`."""
-    workers = Table(title=f"workers at {status.address}", title_justify="left")
-    for column in ("worker", "state", "role", "heartbeat", "objects", "held", "RSS", "msgs in/out"):
-        workers.add_column(column, justify="left" if column in ("worker", "state", "role") else "right")
-    for column in ("bytes in/out", "budget left", "uptime"):
-        workers.add_column(column, justify="right")
+def _table(title: str) -> Table:
+    # no vertical rules, one space between columns: six columns and their titles fit 80
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+
+
+def tables(status: ClusterStatus, width: int = limits.STATUS_WIDE_COLUMNS) -> list[Table]:
+    """The workers table and the broker's peers table of `status`, for a terminal `width`
+    columns wide (below `limits.STATUS_WIDE_COLUMNS`, without memory and traffic)."""
+    wide = width >= limits.STATUS_WIDE_COLUMNS
+    workers = _table(f"workers at {status.address}")
+    # names may fold onto a second line on a narrow terminal; figures never do
+    workers.add_column("worker", overflow="fold")
+    workers.add_column("state", no_wrap=True)
+    workers.add_column("role", overflow="fold")
+    for column in ("heartbeat", "objects"):
+        workers.add_column(column, justify="right", no_wrap=True)
+    if wide:
+        for column in ("held", "RSS", "msgs in/out", "bytes in/out"):
+            workers.add_column(column, justify="right", no_wrap=True)
+    workers.add_column("budget left", justify="right", no_wrap=True)
+    if wide:
+        workers.add_column("uptime", justify="right", no_wrap=True)
     for w in status.workers:
         f = w.figures
         up = w.state == "up"
         state = f"[{_STATE_STYLE.get(w.state, 'red')}]{w.state}[/]"
-        workers.add_row(
+        row = [
             w.name,
             state if up or not w.detail else f"{state} ({w.detail})",
             w.role or NONE,
             _age(w.heard_ms),
             str(int(f["objects"])) if "objects" in f else NONE,
-            _bytes(f.get("store_bytes")),
-            _bytes(f.get("rss_bytes")),
-            f"{int(f['messages_in'])}/{int(f['messages_out'])}" if up else NONE,
-            f"{_bytes(f['bytes_in'])}/{_bytes(f['bytes_out'])}" if up else NONE,
-            _budget(w) if up else NONE,
-            _uptime(f.get("uptime_s")),
-        )
+        ]
+        if wide:
+            row += [
+                _bytes(f.get("store_bytes")),
+                _bytes(f.get("rss_bytes")),
+                f"{int(f['messages_in'])}/{int(f['messages_out'])}" if up else NONE,
+                f"{_bytes(f['bytes_in'])}/{_bytes(f['bytes_out'])}" if up else NONE,
+            ]
+        row.append(_budget(w) if up else NONE)
+        if wide:
+            row.append(_uptime(f.get("uptime_s")))
+        workers.add_row(*row)
     b = status.broker
-    peers = Table(
-        title=(
-            f"broker: {len(status.peers)} peers ({sum(p.worker for p in status.peers)} workers), "
-            f"{b.get('routed', 0)} messages routed, {b.get('dropped', 0)} dropped"
-        ),
-        title_justify="left",
+    peers = _table(
+        f"broker: {len(status.peers)} peers ({sum(p.worker for p in status.peers)} workers), "
+        f"{b.get('routed', 0)} messages routed, {b.get('dropped', 0)} dropped"
     )
     for column in ("peer", "role", "heartbeat", "queue", "refused", "delivered"):
-        peers.add_column(column, justify="left" if column in ("peer", "role") else "right")
+        peers.add_column(column, justify="left" if column in ("peer", "role") else "right", no_wrap=True)
     for p in status.peers:
         peers.add_row(
             p.name,
@@ -195,7 +222,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
-        for table in tables(result):
+        for table in tables(result, console.width):
             console.print(table)
     if any(w.state != "up" for w in result.workers):
         raise typer.Exit(NOT_ALL_UP)

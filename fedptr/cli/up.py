@@ -1,8 +1,9 @@
-"""``fedptr up CLUSTER.toml [--detach]`` and ``fedptr down [CLUSTER.toml|NAME]``."""
+"""``fedptr up CLUSTER.toml [--detach]`` and ``fedptr down [CLUSTER.toml|NAME] [--purge]``."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,15 @@ from rich.console import Console
 from rich.table import Table
 
 from fedptr.cli.clusterfile import ClusterFileError, ClusterSpec, load_cluster
-from fedptr.cli.state import ClusterState, NoSuchCluster, cluster_name, default_run_dir, read_state, state_path
+from fedptr.cli.state import (
+    ClusterState,
+    NoSuchCluster,
+    cluster_name,
+    default_run_dir,
+    is_cluster_file,
+    read_state,
+    state_path,
+)
 from fedptr.cli.supervise import DOWN_GRACE_S, check_not_running, detach, run_foreground, stop_detached
 from fedptr.errors import FedptrError
 
@@ -92,27 +101,76 @@ def up(
         raise _fail(e) from None
 
 
+def _demo_spec(cluster: str | None, runs: Path) -> ClusterSpec:
+    """The cluster file `cluster` names (a file, or the file a running cluster was started
+    from), which must say ``demo = true``; raises `ClusterFileError` or `NoSuchCluster`."""
+    if cluster is not None and is_cluster_file(cluster):
+        spec = load_cluster(cluster)
+    else:
+        spec = load_cluster(read_state(runs, cluster_name(cluster, runs)).cluster_file)
+    if not spec.demo:
+        raise ClusterFileError(
+            spec.path,
+            "cluster.demo",
+            "--purge clears the stores of a demo cluster only (demo = true): a real deployment never resets "
+            "a privacy budget",
+        )
+    return spec
+
+
+def _purge(spec: ClusterSpec) -> None:
+    """Delete the stores of demo cluster `spec`'s nodes, saying which."""
+    stores = [n.store for n in spec.nodes.values() if n.store is not None and n.store.exists()]
+    for store in stores:
+        shutil.rmtree(store)
+    if stores:
+        console.print(
+            f"purged the demo stores (objects, privacy budgets spent, audit logs): {', '.join(map(str, stores))}"
+        )
+    else:
+        console.print("no demo stores to purge")
+
+
 def down(
     cluster: Annotated[
         str | None, typer.Argument(help="a cluster file or a cluster's name; may be left out if one runs")
     ] = None,
     run_dir: RunDir = None,
     grace: Annotated[float, typer.Option(help="seconds after SIGTERM before SIGKILL")] = DOWN_GRACE_S,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge", help="then delete the nodes' stores (budgets included) of a cluster file with demo = true"
+        ),
+    ] = False,
 ) -> None:
     """Stop a cluster started with fedptr up (SIGTERM, then SIGKILL after --grace seconds).
 
-    Example: fedptr down examples/cluster.toml
+    With --purge, and a cluster file that says demo = true, also delete its nodes' stores: their
+    objects, the privacy budgets they spent and their audit logs, so that the next fedptr up
+    starts afresh. A cluster file without demo = true is refused (nothing is stopped): a real
+    deployment never resets a budget. --purge of a demo cluster file that is not running only
+    deletes the stores.
+
+    Example: fedptr down examples/cluster.toml --purge
     """
     runs = run_dir or default_run_dir()
     try:
+        spec = _demo_spec(cluster, runs) if purge else None
         state = read_state(runs, cluster_name(cluster, runs))
     except ClusterFileError as e:
         raise _fail(e, 2) from None
     except NoSuchCluster as e:
-        raise _fail(e, 2 if cluster is None else 1) from None
+        if spec is None:
+            raise _fail(e, 2 if cluster is None else 1) from None
+        console.print(f"{spec.name} is not running")
+        _purge(spec)
+        return
     name = state.name
     killed = stop_detached(state, runs, grace)
     if killed:
         console.print(f"stopped {name}; killed after {grace:g} s: {', '.join(killed)}")
     else:
         console.print(f"stopped {name}")
+    if spec is not None:
+        _purge(spec)

@@ -1,0 +1,253 @@
+"""A new user's first hour: the small traps of issue 21, each on the real broker and nodes.
+
+A worker's name is accepted wherever a worker is (or a typed error says what is expected), a
+connect to a wrong address fails within its deadline, ``fedptr status`` fits 80
+columns, ``fedptr keys`` never overwrites a key pair unasked, a node asked for JSON logs writes
+nothing else, times are ISO 8601 in UTC, and the DP example can be run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+from typer.testing import CliRunner
+
+import fedptr
+from fedptr import dp, logs
+from fedptr.cli import app
+from fedptr.cli import status as status_cli
+from fedptr.status import ClusterStatus, PeerStatus, WorkerStatus
+
+
+async def test_a_worker_name_is_taken_wherever_a_worker_is(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    p = await bob.send(torch.tensor([1, 2, 3]))
+    chained = await p.send("alice")
+    assert chained.location == "alice"
+    assert torch.equal(await (await chained.get()).get(), torch.tensor([1, 2, 3]))
+    q = await (await bob.send(torch.ones(2))).move("alice")
+    assert q.location == "alice" and torch.equal(await q.get(), torch.ones(2))
+    assert await (await bob.send(torch.ones(1))).move("bob") is not None
+
+
+async def test_what_is_not_a_worker_is_refused_with_a_typed_error_saying_what_is_expected(
+    client: fedptr.Client, bob: fedptr.Worker
+) -> None:
+    p = await bob.send(torch.ones(2))
+    with pytest.raises(fedptr.UnsupportedTypeError, match="expected a Worker"):
+        p.send(3)  # type: ignore[arg-type]
+    with pytest.raises(fedptr.UnsupportedTypeError, match="expected a Worker"):
+        await p.move(None)  # type: ignore[arg-type]
+    with pytest.raises(fedptr.UnsupportedTypeError, match="Workers"):
+        await fedptr.data.FederatedDataset.search(["bob"], "digits")  # type: ignore[list-item]
+    with pytest.raises(fedptr.UnsupportedTypeError, match="Workers"):
+        await fedptr.broadcast(torch.ones(2), ["bob"])  # type: ignore[list-item]
+    with pytest.raises(fedptr.UnsupportedTypeError, match="expected a Worker"):
+        await dp.budget("bob")  # type: ignore[arg-type]
+    assert torch.equal(await p.get(), torch.ones(2))  # nothing was consumed by the refusals
+
+
+async def test_connect_to_a_wrong_address_fails_within_its_deadline() -> None:
+    started = time.monotonic()
+    with pytest.raises(fedptr.DeadlineExceeded):
+        async with fedptr.connect("tcp://127.0.0.1:9", timeout=2):
+            pass
+    assert time.monotonic() - started < 2 + 0.5
+
+
+def _render(width: int) -> str:
+    """`fedptr status`'s tables of a three-node cluster, as a terminal `width` columns wide shows them."""
+    figures = {
+        "objects": 2,
+        "store_bytes": 177_900,
+        "rss_bytes": 248_000_000,
+        "messages_in": 979,
+        "messages_out": 796,
+        "bytes_in": 124_000,
+        "bytes_out": 86_000,
+        "uptime_s": 20,
+    }
+    spent = {"epsilon_left": 0.0860158, "epsilon_spent": 7.9139842}
+    status = ClusterStatus(
+        "tcp://127.0.0.1:5555",
+        {"routed": 3698, "dropped": 0},
+        [PeerStatus("client-3f2a9c01d2e4", False, 12, 0, 0, 40)],
+        [
+            WorkerStatus("alice", "up", "owner", figures, spent, 592),
+            WorkerStatus("bob", "unresponsive", "owner", {}, None, 4100),
+            WorkerStatus("secure_worker", "up", "owner+aggregator", figures, None, 110),
+        ],
+    )
+    console = Console(width=width, record=True, file=io.StringIO())
+    for table in status_cli.tables(status, width):
+        console.print(table)
+    return console.export_text()
+
+
+def test_status_fits_80_columns_and_shows_budgets_as_left_of_total() -> None:
+    text = _render(80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "ε 0.09 / 8" in text, text
+    for name in ("alice", "bob", "secure_worker", "unresponsive", "owner+aggregator", "client-3f2a9c01d2e4"):
+        assert name in text, text  # nothing wrapped or cut off
+    wide = _render(200)
+    assert "RSS" in wide and "bytes in/out" in wide and "ε 0.09 / 8" in wide
+
+
+def test_keys_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["keys", str(tmp_path), "bob"]).exit_code == 0
+    public, secret = (tmp_path / "bob.key").read_bytes(), (tmp_path / "bob.key_secret").read_bytes()
+    refused = runner.invoke(app, ["keys", str(tmp_path), "alice", "bob"])
+    assert refused.exit_code == 1 and "--force" in refused.output and "bob.key" in refused.output
+    assert (tmp_path / "bob.key").read_bytes() == public and (tmp_path / "bob.key_secret").read_bytes() == secret
+    assert not (tmp_path / "alice.key").exists()  # refused as a whole: nothing half written
+    forced = runner.invoke(app, ["keys", str(tmp_path), "bob", "--force"])
+    assert forced.exit_code == 0 and (tmp_path / "bob.key").read_bytes() != public
+
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+async def test_a_json_node_logs_only_json_audits_in_iso_time_and_dp_sgd_warns_nothing(tmp_path: Path) -> None:
+    """A data owner's node asked for JSON logs, through start-up and a DP-SGD run: every line of
+    its log is a JSON object (its ready line included) with an ISO 8601 UTC time, no warning is
+    printed, and its audit log's records are timed in ISO 8601 UTC too."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bob.npz", x=rng.random((60, 4), dtype=np.float32), y=rng.integers(0, 2, 60))
+    store = tmp_path / "store"
+    json_logs = ["--log-format", "json"]
+    async with fedptr.local_cluster(
+        ["bob"],
+        broker_args=json_logs,
+        node_args={"bob": [*json_logs, "--epsilon", "8", "--store", str(store)]},
+        data={"bob": {"d": tmp_path / "bob.npz"}},
+        log_dir=tmp_path / "logs",
+    ) as cluster:
+        bob = cluster.client.worker("bob")
+        x, y = await bob.search("d")
+        model = await bob.send(nn.Sequential(nn.Linear(4, 2)))
+        await dp.train(model, x, y, lr=0.1, sample_rate=0.2, steps=3, max_grad_norm=1.0, noise_multiplier=1.0)
+        await model.get()
+        log = cluster.log("bob")
+    lines = log.splitlines()
+    assert any("fedptr-node bob ready" in line for line in lines), log
+    for line in lines:
+        record = json.loads(line)  # raises on a plain-text line
+        assert ISO_UTC.fullmatch(record["time"]), line
+    assert "Warning" not in log, log
+    audit = CliRunner().invoke(app, ["audit", str(store), "--json"])
+    records = [json.loads(line) for line in audit.output.splitlines()]
+    assert {r["event"] for r in records} >= {"dp-train"}, audit.output
+    assert all(ISO_UTC.fullmatch(r["time"]) for r in records), audit.output
+
+
+def test_text_log_lines_are_timed_in_iso_utc() -> None:
+    out = io.StringIO()
+    root, announce = logging.getLogger(), logging.getLogger(logs.ANNOUNCE)
+    kept = [(logger, logger.handlers[:], logger.level, logger.propagate) for logger in (root, announce)]
+    logs.setup("client", "INFO", "text", out)
+    try:
+        logging.getLogger("fedptr.test").info("hello")
+    finally:  # pytest's own handlers and warnings back
+        logging.captureWarnings(False)
+        for logger, handlers, level, propagate in kept:
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+    stamp, rest = out.getvalue().split(" ", 1)
+    assert ISO_UTC.fullmatch(stamp) and rest.strip() == "client INFO hello", out.getvalue()
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "federated_average.py"
+
+
+def _example(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), "--address", address, "--rounds", "1", "--local-steps", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+async def test_the_dp_example_runs_twice_and_stops_cleanly_when_the_budget_is_spent(tmp_path: Path) -> None:
+    """The DP example on a running cluster whose owners keep their budget across runs: the first
+    run says what it spends and what is left, trains, and prints no warning; the second, which the
+    budget left cannot cover, says so and what to do, and stops without a traceback."""
+    subprocess.run([sys.executable, str(EXAMPLE.with_name("prepare_digits.py")), "--out", str(tmp_path)], check=True)
+    owners = ("bob", "alice")
+    async with fedptr.local_cluster(
+        list(owners),
+        data={o: {"digits": tmp_path / f"{o}-digits.npz"} for o in owners},
+        node_args={o: ["--epsilon", "8", "--store", str(tmp_path / o)] for o in owners},
+        curve=False,  # the example connects by address alone, as to examples/cluster.toml
+    ) as cluster:
+        first = await asyncio.to_thread(_example, cluster.address, "--epsilon", "6")
+        second = await asyncio.to_thread(_example, cluster.address, "--epsilon", "6")
+        left = await dp.budget(cluster.client.worker("bob"))
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out
+    assert "spends up to epsilon 5.94 per owner" in out and "bob: epsilon 8.00 left of 8" in out, out
+    assert "Warning" not in out and "registered again" not in out, out
+    out = second.stdout + second.stderr
+    assert second.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert f"bob has epsilon {left.epsilon_left:.2f} left" in out and "fedptr down part4 --purge" in out, out
+    assert 5 < left.epsilon_spent < 6  # the second run spent nothing
+
+
+def _demo_file(tmp_path: Path, demo: bool) -> Path:
+    path = tmp_path / "demo.toml"
+    path.write_text(
+        f'[cluster]\nname = "demo{tmp_path.name[-6:]}"\ndemo = {str(demo).lower()}\n'
+        '[broker]\nbind = "tcp://127.0.0.1:*"\nheartbeat_ms = 200\n'
+        '[nodes.bob]\nepsilon = 8.0\nstore = "store/bob"\n'
+    )
+    (tmp_path / "store" / "bob").mkdir(parents=True)
+    # a budget partly spent (sigma 1, rate 0.1, 10 steps), as a node keeps it
+    (tmp_path / "store" / "bob" / "privacy-budget.msgpack").write_bytes(msgpack.packb([[1.0, 0.1, 10]]))
+    return path
+
+
+def test_down_purge_refuses_a_cluster_file_that_is_not_a_demo(tmp_path: Path) -> None:
+    cluster = _demo_file(tmp_path, demo=False)
+    result = CliRunner().invoke(app, ["down", str(cluster), "--purge", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "demo = true" in result.output, result.output
+    assert "never resets" in result.output
+    assert (tmp_path / "store" / "bob" / "privacy-budget.msgpack").exists()
+
+
+@pytest.mark.slow
+async def test_down_purge_stops_a_demo_cluster_and_clears_its_stores(tmp_path: Path) -> None:
+    cluster, run_dir = _demo_file(tmp_path, demo=True), tmp_path / "run"
+    up = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "fedptr.cli", "up", str(cluster), "--detach", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    down = await asyncio.to_thread(
+        CliRunner().invoke, app, ["down", str(cluster), "--purge", "--run-dir", str(run_dir)]
+    )
+    assert down.exit_code == 0, down.output
+    assert "stopped" in down.output and "purged the demo stores" in down.output, down.output
+    assert str(tmp_path / "store" / "bob") in down.output.replace("\n", "")
+    assert not (tmp_path / "store" / "bob").exists()
+    assert not list(run_dir.glob("*.json"))  # the cluster is down too
