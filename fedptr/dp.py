@@ -5,6 +5,8 @@ release cost the owner's budget.
 
 * `contribute` (M1): an owner clips a value derived from its own data and sends it to an
   aggregator as a single-use contribution; `fedptr.aggregate.mean` releases their noised mean.
+* `secure_mean` (M1 by secure aggregation): the owners' values are clipped, noised, quantized
+  and masked on their own nodes; the aggregator learns only the noised sum (nodes/secagg.py).
 * `train` (M2): DP-SGD on an owner's own data, batches sampled by the node; the trained model
   can then be fetched (post-processing).
 * `budget`: what an owner has spent and has left.
@@ -12,11 +14,21 @@ release cost the owner's budget.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedptr import wire
 from fedptr.client import Worker
-from fedptr.errors import ProtocolError, UnsupportedTypeError
+from fedptr.errors import (
+    DeadlineExceeded,
+    InvalidArgumentError,
+    LostWorkerError,
+    ProtocolError,
+    UnknownWorkerError,
+    UnsupportedTypeError,
+)
 from fedptr.pointer import ModulePointer, Pointer
 
 
@@ -49,6 +61,63 @@ async def contribute(value: Pointer, aggregator: Worker | str) -> tuple[Pointer,
     new_id = client.new_id()
     reply = await client.call(value.location, wire.Contribute(value.id_at_location, name, new_id))
     return Pointer(client, name, new_id), _spent(reply)
+
+
+@dataclass(frozen=True)
+class SecureRelease:
+    """What a secure mean cost: each surviving owner's budget after its charge, and why each
+    other owner dropped out of the round."""
+
+    spent: dict[str, Spent]
+    dropped: dict[str, str]
+
+
+async def secure_mean(
+    values: Sequence[Pointer], aggregator: Worker | str, *, threshold: int = 0
+) -> tuple[Pointer, SecureRelease]:
+    """The DP mean of `values` (one per data owner, each on its owner's node and derived from
+    that owner's data alone, all of one shape), released on `aggregator` by secure aggregation
+    (SecAgg+): each owner clips its value to its own bound, adds its share of the noise, charges
+    its budget and masks it; the aggregator sees only the noised sum. Owners that drop out are
+    left out of the mean, as long as at least the aggregator's ``--min-owners`` remain.
+    `threshold` is how many of an owner's neighbours must answer to unmask it (0: just over
+    half). Returns the mean's pointer (gettable) and what it cost.
+
+    An owner that is gone before the round begins (lost, unknown, or silent past the deadline
+    when asked to join) drops out like one that leaves mid-round.
+
+    Raises DropoutError (naming the owners) when too many dropped, PermissionDenied for owners
+    off the aggregator's roster or values derived from other owners' data, BudgetExhaustedError
+    (from the owner) when it has no budget, and the errors of any call."""
+    if not values:
+        raise InvalidArgumentError("a secure mean takes at least one value")
+    owners = [v.location for v in values]
+    if len(set(owners)) != len(owners):
+        raise InvalidArgumentError("a secure mean takes one value per data owner")
+    shape = values[0].shape
+    if any(v.shape != shape for v in values):
+        raise InvalidArgumentError("the values of a secure mean must all have the same shape")
+    for v in values:
+        v.check_alive()
+    name = aggregator if isinstance(aggregator, str) else aggregator.name
+    client = values[0].client
+    round_id = secrets.token_bytes(16)
+    joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name)) for v in values]
+    joined = await asyncio.gather(*joins, return_exceptions=True)
+    dropped: dict[str, str] = {}
+    for owner, outcome in zip(owners, joined, strict=True):
+        if isinstance(outcome, (LostWorkerError, UnknownWorkerError, DeadlineExceeded)):
+            dropped[owner] = f"join: {outcome}"  # gone before the round began: it drops out
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    result_id = client.new_id()
+    ask = wire.SecureMean(result_id, round_id, [o for o in owners if o not in dropped], list(shape), int(threshold))
+    reply = await client.call(name, ask)
+    if not isinstance(reply, wire.SecureMeanReply):
+        raise ProtocolError(f"expected a secure mean reply, got {type(reply).__name__}")
+    spent = {o: Spent(o, float(e), float(reply.epsilon_left.get(o, 0.0))) for o, e in reply.epsilon_spent.items()}
+    dropped.update((o, str(r)) for o, r in reply.dropped.items())
+    return Pointer(client, name, result_id), SecureRelease(spent, dropped)
 
 
 async def train(

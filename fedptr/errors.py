@@ -240,3 +240,15 @@ class BudgetExhaustedError(PermissionDenied):
     """Raised when a release would take data owner `owner` past its privacy budget (its
     ``--epsilon`` at its ``--delta``), or when that owner has no budget and so releases nothing.
     The message says how much epsilon is left; nothing was released or charged."""
+
+
+class DropoutError(FedptrError):
+    """Raised when a secure aggregation round cannot finish because owners dropped out: fewer
+    than its threshold survived a phase, or too few of an owner's neighbours answered to remove
+    its masks. `workers` names the owners concerned, `phase` the step that failed."""
+
+    def __init__(self, workers: list[str], phase: str, detail: str) -> None:
+        self.workers = list(workers)
+        self.phase = phase
+        self.detail = detail
+        super().__init__(f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}")

@@ -10,6 +10,7 @@ from fedptr import limits
 from fedptr.errors import (
     BudgetExhaustedError,
     DeadlineExceeded,
+    DropoutError,
     FedptrError,
     InDoubtError,
     LostWorkerError,
@@ -45,6 +46,8 @@ def failure_from_error(e: BaseException, here: str) -> Failure:
     if isinstance(e, PermissionDenied):
         code = FailureCode.BUDGET_EXHAUSTED if isinstance(e, BudgetExhaustedError) else FailureCode.DENIED
         return Failure(code.value, "", cut(e.reason), e.worker or here, e.path or [here], e.owner)
+    if isinstance(e, DropoutError):
+        return Failure(FailureCode.DROPOUT.value, e.phase, cut(e.detail), here, [here], ",".join(e.workers))
     if isinstance(e, WorkerRefused):
         code = _CODE_OF_REFUSAL.get(type(e), FailureCode.OVERLOADED)
         return Failure(code.value, "", cut(e.detail), e.worker or here, e.path or [here])
@@ -71,6 +74,8 @@ def error_from_failure(f: Failure) -> FedptrError:
         return PermissionDenied(f.owner, f.message, f.worker, path)
     if code == FailureCode.BUDGET_EXHAUSTED:
         return BudgetExhaustedError(f.owner, f.message, f.worker, path)
+    if code == FailureCode.DROPOUT:
+        return DropoutError(f.owner.split(",") if f.owner else [], f.remote_type, f.message)
     if code == FailureCode.REMOTE:
         return RemoteError(f.remote_type, f.message, f.worker, path)
     if code == FailureCode.UNKNOWN_WORKER:

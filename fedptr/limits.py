@@ -131,6 +131,29 @@ DP_NOISE_MULTIPLIER = 1.0
 """sigma: the noise multiplier a data owner charges each contribution for (`--dp-noise-multiplier`);
 the aggregator's noise has standard deviation at least sigma * C."""
 
+SECAGG_RING_BITS = 32
+"""Bits k of the ring Z_{2^k} secure aggregation masks in (bits per coordinate on the wire): the
+quantization scale is chosen so that the noised sum of all owners of a round fits in k - 1 bits."""
+
+SECAGG_NOISE_TAIL = 12.0
+"""Standard deviations of the summed noise that the quantization range leaves room for: the sum
+wraps around the ring with probability below 1e-30 per coordinate."""
+
+SECAGG_DEGREE = 8
+"""Neighbours each owner of a secure aggregation round masks with and shares its secrets with
+(SecAgg+'s sparse graph; rounds of fewer owners use the complete graph)."""
+
+SECAGG_PHASE_TIMEOUT_S = 10.0
+"""Longest an aggregator waits for the owners' answers in one phase of a secure aggregation round;
+an owner that has not answered by then has dropped out (the client's deadline may cut it shorter)."""
+
+SECAGG_ROUND_TIMEOUT_S = 120.0
+"""How long an owner keeps a secure aggregation round it joined (its keys and the shares it holds)
+before it forgets it: a round not finished by then cannot be unmasked."""
+
+SECAGG_MAX_ROUNDS = 64
+"""Most secure aggregation rounds an owner has joined and not finished at once."""
+
 # --- node execution ----------------------------------------------------------------------
 NODE_POOL_SIZE = 64
 """Most torch computations one node runs or waits on at once (asyncio-pool size)."""

@@ -307,6 +307,7 @@ class FailureCode(enum.StrEnum):
     OP_NOT_ALLOWED = "op-not-allowed"
     BUDGET_EXHAUSTED = "budget-exhausted"
     IN_DOUBT = "in-doubt"
+    DROPOUT = "dropout"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -324,7 +325,8 @@ class Failure(Message):
     worker: str
     path: list[str]
     owner: str = ""
-    """For ``"denied"``: the data owner whose privacy policy refused the request."""
+    """For ``"denied"``: the data owner whose privacy policy refused the request. For
+    ``"dropout"``: the owners that dropped out, comma-separated (``remote_type`` is the phase)."""
 
     def __post_init__(self) -> None:
         if self.code not in FAILURE_CODES:
@@ -450,6 +452,141 @@ class Budget(Message):
     KIND: ClassVar[int] = 44
 
 
+# --- secure aggregation (kinds 45+; nodes/secure.py, the protocol in nodes/secagg.py) --------
+@dataclass(frozen=True, slots=True)
+class SecureMean(Message):
+    """client -> aggregator: release the mean of the values `owners` joined round `round_id`
+    with (SecAggJoin), by secure aggregation, as `result_id`; each value has `shape`.
+    `threshold` is the shares that unmask (0: just over half of each owner's neighbours).
+    Reply: SecureMeanReply."""
+
+    KIND: ClassVar[int] = 45
+    result_id: int
+    round_id: bytes
+    owners: list[str]
+    shape: list[int]
+    threshold: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SecureMeanReply(Message):
+    """The secure mean was released: the owners in it, each one's epsilon spent and left, and
+    why each other owner dropped out."""
+
+    KIND: ClassVar[int] = 46
+    shape: list[int]
+    dtype: str
+    epsilon_spent: dict[str, int | float]
+    epsilon_left: dict[str, int | float]
+    dropped: dict[str, Value]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggJoin(Message):
+    """client -> data owner: let aggregator `aggregator` run secure aggregation round
+    `round_id` over object `obj_id` (derived from this owner's data alone). Reply: Ok."""
+
+    KIND: ClassVar[int] = 47
+    round_id: bytes
+    obj_id: int
+    aggregator: str
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggAdvertise(Message):
+    """aggregator -> owner, phase 1: this round's public keys. Reply: SecAggKeys."""
+
+    KIND: ClassVar[int] = 48
+    round_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggKeys(Message):
+    """An owner's public keys of a round (raw X25519), and the clip bound and noise multiplier
+    its policy asks of the round."""
+
+    KIND: ClassVar[int] = 49
+    cipher: bytes
+    mask: bytes
+    clip: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggPeerKeys(Message):
+    """owner -> owner: your public keys of round `round_id`, to check the ones the aggregator
+    relayed (the broker authenticates who answers). Reply: SecAggKeys."""
+
+    KIND: ClassVar[int] = 56
+    round_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggShare(Message):
+    """aggregator -> owner, phase 2: the round's config and every advertised owner's keys
+    (name -> [cipher, mask]). Reply: SecAggShares."""
+
+    KIND: ClassVar[int] = 50
+    round_id: bytes
+    owners: list[str]
+    dim: int
+    threshold: int
+    min_survivors: int
+    degree: int
+    ring_bits: int
+    clip: float
+    noise_multiplier: float
+    keys: dict[str, list[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggShares(Message):
+    """An owner's encrypted shares, by the neighbour each is for."""
+
+    KIND: ClassVar[int] = 51
+    shares: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMask(Message):
+    """aggregator -> owner, phase 3: the shares its neighbours sent it, by sender. The owner
+    charges its budget, then answers its masked input. Reply: SecAggMasked."""
+
+    KIND: ClassVar[int] = 52
+    round_id: bytes
+    shares: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggMasked(Message):
+    """An owner's masked input (ring elements), and its budget after the charge."""
+
+    KIND: ClassVar[int] = 53
+    tensor: RawTensor
+    epsilon_spent: float
+    epsilon_left: float
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmask(Message):
+    """aggregator -> owner, phase 4: who survived and who dropped. Reply: SecAggUnmasked."""
+
+    KIND: ClassVar[int] = 54
+    round_id: bytes
+    survivors: list[str]
+    dropped: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmasked(Message):
+    """An owner's shares for the unmasking: of the survivors' self-mask seeds and of the
+    dropped owners' mask keys, by owner (never both for one owner)."""
+
+    KIND: ClassVar[int] = 55
+    seed_shares: dict[str, bytes]
+    key_shares: dict[str, bytes]
+
+
 @dataclass(frozen=True, slots=True)
 class NodeStats(Message):
     """Ask a node for its operating figures (objects, bytes, memory, traffic, uptime). Reply:
@@ -502,6 +639,18 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     PutPlan,
     RunPlan,
     PlanReply,
+    SecureMean,
+    SecureMeanReply,
+    SecAggJoin,
+    SecAggAdvertise,
+    SecAggKeys,
+    SecAggPeerKeys,
+    SecAggShare,
+    SecAggShares,
+    SecAggMask,
+    SecAggMasked,
+    SecAggUnmask,
+    SecAggUnmasked,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"
@@ -572,6 +721,12 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),
     "list[ObjectRow]": lambda v: type(v) is list and all(_check_row(r) for r in v),
     "dict[str, int | float]": _check_numbers,
+    "bytes": lambda v: type(v) is bytes,
+    "dict[str, bytes]": lambda v: type(v) is dict and all(type(k) is str and type(x) is bytes for k, x in v.items()),
+    "dict[str, list[bytes]]": lambda v: (
+        type(v) is dict
+        and all(type(k) is str and type(x) is list and all(type(b) is bytes for b in x) for k, x in v.items())
+    ),
 }
 
 _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...]] = {

@@ -2,8 +2,8 @@
 
 One JSON object per line in ``audit.jsonl`` in the node's store directory (in memory only for a
 node without one): when (ISO 8601, UTC, milliseconds), what (get, move, contribution,
-dp-train, release), which object, who asked, where it went, and the epsilon spent and left.
-`fedptr audit STORE_DIR` prints it.
+secure-contribution, dp-train, release), which object, who asked, where it went, and the
+epsilon spent and left. `fedptr audit STORE_DIR` prints it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fedptr.logs import iso_time
 
 FILE_NAME = "audit.jsonl"
 
-CONTRIBUTION, DP_TRAIN = "contribution", "dp-train"
+CONTRIBUTION, DP_TRAIN, SECURE_CONTRIBUTION = "contribution", "dp-train", "secure-contribution"
 """The events that follow a charge to the owner's budget (one charge each): `nodes.budget`
 counts them to tell a lost budget history from a fresh one."""
 
@@ -45,7 +45,8 @@ class AuditLog:
 
 
 def charged(directory: Path) -> int:
-    """How many charged releases (`CONTRIBUTION`, `DP_TRAIN`) the log in `directory` records.
+    """How many charged releases (`CONTRIBUTION`, `DP_TRAIN`, `SECURE_CONTRIBUTION`) the log in
+    `directory` records.
     A line that does not parse (torn by a crash as it was written) is not counted: its charge
     was written before it, so counting fewer never excuses a lost history."""
     path = directory / FILE_NAME
@@ -57,7 +58,7 @@ def charged(directory: Path) -> int:
             record = json.loads(line)
         except ValueError:
             continue
-        count += isinstance(record, dict) and record.get("event") in (CONTRIBUTION, DP_TRAIN)
+        count += isinstance(record, dict) and record.get("event") in (CONTRIBUTION, DP_TRAIN, SECURE_CONTRIBUTION)
     return count
 
 

@@ -52,6 +52,7 @@ from .guard import ALIASING
 from .handover import Handover
 from .replies import ReplyCache, Seen
 from .scheduler import Scheduler
+from .secure import SecureRounds
 from .stats import NodeFigures
 from .store import Entry, Store
 
@@ -202,6 +203,7 @@ class Node:
             wire.PutPlan: self._put_plan,
             wire.RunPlan: self._run_plan,
         }
+        self._handlers.update(SecureRounds(self).handlers())
 
     def _load_data(self, tag: str, path: str) -> None:
         """Every array of an .npz file becomes a private object of this node, tagged `tag`."""

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedptr import envelope, limits, wire
-from fedptr.errors import ProtocolError
+from fedptr.errors import DropoutError, ProtocolError
+from fedptr.failures import error_from_failure, failure_from_error
 from fedptr.tensors import from_raw, to_raw
 
 
@@ -66,6 +67,19 @@ SAMPLES: list[wire.Message] = [
     wire.PutPlan(9, 2, [["add", [wire.Ref(0), wire.Ref(1)], {"alpha": 2.0}], ["sum", [wire.Ref(2)], {}]], [3]),
     wire.RunPlan(9, [11, 12], [13]),
     wire.PlanReply([[2, 3], []], ["float32", "int64"]),
+    wire.SecureMean(14, bytes(16), ["bob", "alice"], [3, 2], 2),
+    wire.SecureMeanReply([3, 2], "float32", {"bob": 0.5}, {"bob": 2.5}, {"alice": "advertise: lost"}),
+    wire.SecAggJoin(bytes(16), 15, "agg"),
+    wire.SecAggAdvertise(bytes(16)),
+    wire.SecAggPeerKeys(bytes(16)),
+    wire.SecAggKeys(bytes(32), b"\1" * 32, 1.0, 1.1),
+    wire.SecAggShare(bytes(16), ["alice", "bob"], 6, 1, 2, 1, 32, 1.0, 1.1, {"bob": [b"c", b"m"]}),
+    wire.SecAggShares({"alice": b"ciphertext"}),
+    wire.SecAggMask(bytes(16), {"bob": b"ciphertext"}),
+    wire.SecAggMasked(raw(torch.arange(6, dtype=torch.int32)), 0.5, 2.5),
+    wire.SecAggUnmask(bytes(16), ["alice", "bob"], ["carol"]),
+    wire.SecAggUnmasked({"alice": bytes(66)}, {"carol": bytes(66)}),
+    wire.Failure("dropout", "unmask", "too few answered", "agg", ["agg"], "bob,carol"),
 ]
 
 
@@ -254,3 +268,12 @@ def test_mutated_messages_raise_only_protocol_error(noise: bytes, which: int) ->
     frames[0] = frames[0][: len(noise)] + noise
     with contextlib.suppress(ProtocolError):
         wire.decode(frames)
+
+
+def test_a_dropout_error_crosses_the_wire_with_its_owners_and_phase() -> None:
+    failure = failure_from_error(DropoutError(["bob", "carol"], "unmask", "too few answered"), "agg")
+    decoded = wire.decode([bytes(f) for f in wire.encode(failure)]).message
+    assert isinstance(decoded, wire.Failure)
+    error = error_from_failure(decoded)
+    assert isinstance(error, DropoutError)
+    assert (error.workers, error.phase, error.detail) == (["bob", "carol"], "unmask", "too few answered")

@@ -19,7 +19,7 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line, as stored")] = False,
 ) -> None:
     """Print what left a data owner's node: gets of released values, moves of private data, DP
-    contributions, DP-SGD runs and releases, with who asked and the epsilon spent.
+    contributions (secure aggregation rounds too), DP-SGD runs and releases, with who asked and the epsilon spent.
 
     Example: fedptr audit examples/run/bob-store
     """

@@ -1,0 +1,267 @@
+"""Secure aggregation on real processes (a broker, four owner nodes and an aggregator node):
+`fedptr.dp.secure_mean` releases the mean, each owner charges its budget and audits the round,
+owners killed after joining drop out (the mean is of the survivors) or, too many, fail the
+round with DropoutError naming them, and the aggregator refuses what M1 refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from fedptr.nodes import secagg as sa
+
+import fedptr
+from fedptr import dp, wire
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+OWNERS = ["o1", "o2", "o3", "o4"]
+POOR = "o5"
+"""An owner whose budget (epsilon 1) is too small for one release at SIGMA: it refuses at the
+masked input, after it shared its keys."""
+SIGMA, CLIP, EPSILON = 0.05, 1.0, 1e5
+DATA = {
+    o: np.random.default_rng(i).normal(scale=0.1, size=(8, 5)).astype(np.float32) for i, o in enumerate([*OWNERS, POOR])
+}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def owners() -> AsyncIterator[tuple[fedptr.Cluster, Path]]:
+    """Four owners with budgets in their stores and an aggregator with --min-owners 3. The
+    tests that kill owners come last and kill different ones (o3; then o2 and o4), so that no
+    test needs an owner another killed, and no owner is restarted (a torch import each)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        everyone = [*OWNERS, POOR]
+        for o in everyone:
+            np.savez(f"{tmp}/{o}.npz", x=DATA[o])
+        owner = ["--dp-noise-multiplier", str(SIGMA), "--dp-clip", str(CLIP)]
+        roster = [a for o in everyone for a in ("--owners", o)]
+        async with fedptr.local_cluster(
+            [*everyone, "agg"],
+            data={o: {"d": f"{tmp}/{o}.npz"} for o in everyone},
+            node_args={
+                **{o: [*owner, "--epsilon", str(EPSILON), "--store", f"{tmp}/{o}"] for o in OWNERS},
+                POOR: [*owner, "--epsilon", "1", "--store", f"{tmp}/{POOR}"],
+                "agg": ["--aggregator", *roster, "--min-owners", "3", "--store", f"{tmp}/agg"],
+            },
+            heartbeat_s=0.2,
+            call_timeout=30,
+        ) as c:
+            yield c, Path(tmp)
+
+
+async def values(c: fedptr.Cluster, owners: list[str]) -> list[fedptr.Pointer]:
+    out = []
+    for o in owners:
+        (x,) = await c.client.worker(o).search("d")
+        out.append(x.mean(0))
+    return out
+
+
+def audit(tmp: Path, node: str) -> list[dict[str, object]]:
+    path = tmp / node / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@MODULE_LOOP
+async def test_secure_mean_of_four_owners(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, tmp = owners
+    mean, cost = await dp.secure_mean(await values(c, OWNERS), "agg")
+    got = await mean.get()
+    truth = np.mean([DATA[o].mean(0) for o in OWNERS], axis=0)
+    # the sum's noise has standard deviation sigma C (the owners' shares, sized for 3 survivors,
+    # add up to sqrt(4/3) of it); the mean's is a quarter of that
+    assert isinstance(got, torch.Tensor) and got.shape == (5,)
+    assert float(np.abs(got.numpy() - truth).max()) < 6 * SIGMA * CLIP * math.sqrt(4 / 3) / 4
+    assert set(cost.spent) == set(OWNERS) and cost.dropped == {}
+    for o in OWNERS:
+        assert 0 < cost.spent[o].epsilon_spent < EPSILON
+        records = [r for r in audit(tmp, o) if r["event"] == "secure-contribution"]
+        assert len(records) == 1 and records[0]["to"] == "agg" and records[0]["epsilon_spent"] > 0
+    (release,) = [r for r in audit(tmp, "agg") if r["event"] == "release"]
+    assert release["mechanism"] == "secagg-mean" and release["owners"] == OWNERS
+
+
+@MODULE_LOOP
+async def test_the_aggregator_refuses_owners_off_its_roster_and_too_few(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    with pytest.raises(fedptr.PermissionDenied, match="at least 3"):
+        await dp.secure_mean(vs[:2], "agg")
+    with pytest.raises(fedptr.PermissionDenied, match="not an aggregator"):
+        await dp.secure_mean(vs, "o1")
+
+
+@MODULE_LOOP
+async def test_an_aggregator_substituting_a_neighbours_keys_is_refused(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """The client, as aggregator, relays its own keys as o2's to o1: were o1 to share with
+    them, the aggregator could open o1's shares meant for o2. o1 checks each neighbour's keys
+    with the neighbour itself (through the broker, which authenticates names) and refuses."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    config = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA)
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    fake = sa.Owner("o2").advertise()
+    relayed["o2"] = [fake.cipher, fake.mask]
+    share = wire.SecAggShare(
+        round_id, list(OWNERS), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    with pytest.raises(fedptr.PermissionDenied, match="o2"):
+        await c.client.call("o1", share)
+
+
+@MODULE_LOOP
+async def test_an_owner_refuses_a_round_with_less_noise_than_it_asks(
+    owners: tuple[fedptr.Cluster, Path],
+) -> None:
+    """An aggregator that sets the round's sigma below an owner's --dp-noise-multiplier would
+    make the owner's charge too small for the noise the sum gets: the owner refuses to share."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    weak = wire.SecAggShare(round_id, list(OWNERS), 5, 0, 3, 0, 32, CLIP, SIGMA / 2, relayed)
+    with pytest.raises(fedptr.PermissionDenied, match="noise is below"):
+        await c.client.call("o1", weak)
+
+
+async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg") -> bytes:
+    """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
+    round_id = secrets.token_bytes(16)
+    for v in vs:
+        await c.client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, aggregator))
+    return round_id
+
+
+@MODULE_LOOP
+async def test_an_owner_refusing_after_it_shared_its_keys_is_unmasked_out(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """o5 shares its keys, then its budget refuses the masked input: the others' masks with it
+    are removed with its mask key, rebuilt from the shares its neighbours hold (over the wire),
+    and its budget is not charged."""
+    c, tmp = owners
+    mean, cost = await dp.secure_mean(await values(c, [*OWNERS, POOR]), "agg")
+    got = await mean.get()
+    truth = np.mean([DATA[o].mean(0) for o in OWNERS], axis=0)
+    assert set(cost.spent) == set(OWNERS) and list(cost.dropped) == [POOR]
+    assert "masked input" in cost.dropped[POOR] and "epsilon 295 of its 1" in cost.dropped[POOR]
+    assert float(np.abs(got.numpy() - truth).max()) < 6 * SIGMA * CLIP * math.sqrt(5 / 3) / 4
+    assert (await dp.budget(c.client.worker(POOR))).epsilon_spent == 0
+    assert not [r for r in audit(tmp, POOR) if r["event"] == "secure-contribution"]
+
+
+@MODULE_LOOP
+async def test_a_lying_aggregator_on_the_wire_is_refused(
+    owners: tuple[fedptr.Cluster, Path],
+) -> None:
+    """The client plays a malicious aggregator with its own code over the real wire: an honest
+    round up to the masked inputs, then it tells o2 that o1 survived (for o1's self-mask share),
+    o3 that o1 dropped (for o1's mask-key share), o4 both, and asks o2 again with the other
+    story. o4 and the second ask are refused; one share of each kind is below the threshold."""
+    c, _ = owners
+    me = c.client.name
+    four = OWNERS
+    vs = await values(c, four)  # kept: a dropped pointer deletes its object
+    round_id = await join(c, vs, aggregator=me)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in four}
+    assert all(isinstance(k, wire.SecAggKeys) for k in keys.values())
+    config = sa.Config(round_id, tuple(four), 5, 0, 3, CLIP, SIGMA)
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    share = wire.SecAggShare(
+        round_id, list(four), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    sent = {o: await c.client.call(o, share) for o in four}
+    inbox = sa.Aggregator(config).route_shares({o: r.shares for o, r in sent.items()})  # type: ignore[attr-defined]
+    masked = {o: await c.client.call(o, wire.SecAggMask(round_id, inbox[o])) for o in four}
+    assert all(isinstance(m, wire.SecAggMasked) for m in masked.values())
+    alive, victim = sorted(four), "o1"
+    told_alive = wire.SecAggUnmask(round_id, alive, [])
+    told_dropped = wire.SecAggUnmask(round_id, [o for o in alive if o != victim], [victim])
+    seed = await c.client.call("o2", told_alive)
+    key = await c.client.call("o3", told_dropped)
+    with pytest.raises(fedptr.PermissionDenied, match="both"):
+        await c.client.call("o4", wire.SecAggUnmask(round_id, alive, [victim]))
+    with pytest.raises(fedptr.PermissionDenied, match="no such round"):
+        await c.client.call("o2", told_dropped)
+    assert isinstance(seed, wire.SecAggUnmasked) and isinstance(key, wire.SecAggUnmasked)
+    assert victim in seed.seed_shares and victim not in seed.key_shares
+    assert victim in key.key_shares and victim not in key.seed_shares
+    assert config.threshold == 2  # one share of each kind: below it, Shamir gives nothing
+    with pytest.raises(OverflowError):
+        sa.reconstruct({config.index("o2"): int.from_bytes(seed.seed_shares[victim], "big")})
+
+
+@MODULE_LOOP
+async def test_an_owner_killed_mid_round_drops_out(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """o3 joins the round, then is killed before the aggregator's first phase reaches it: the
+    mean is the other three's, and the reply says why o3 dropped."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs)
+    c.signal("o3", 9)  # SIGKILL
+    result_id = c.client.new_id()
+    reply = await c.client.call("agg", wire.SecureMean(result_id, round_id, OWNERS, [5]))
+    assert isinstance(reply, wire.SecureMeanReply)
+    assert sorted(reply.epsilon_spent) == ["o1", "o2", "o4"] and list(reply.dropped) == ["o3"]
+    got = await fedptr.Pointer(c.client, "agg", result_id).get()
+    truth = np.mean([DATA[o].mean(0) for o in ("o1", "o2", "o4")], axis=0)
+    assert float(np.abs(got.numpy() - truth).max()) < 6 * SIGMA * CLIP / 3
+    # the next round, in one call, still holding a pointer on o3: o3 drops out at the join
+    mean, cost = await dp.secure_mean(vs, "agg")
+    assert sorted(cost.spent) == ["o1", "o2", "o4"] and list(cost.dropped) == ["o3"]
+    assert cost.dropped["o3"].startswith("join:")
+    assert float(np.abs((await mean.get()).numpy() - truth).max()) < 6 * SIGMA * CLIP / 3
+
+
+@MODULE_LOOP
+async def test_too_many_dropouts_fail_with_the_owners_named(owners: tuple[fedptr.Cluster, Path]) -> None:
+    c, _ = owners
+    three = ["o1", "o2", "o4"]
+    vs = await values(c, three)
+    round_id = await join(c, vs)
+    c.signal("o2", 9)
+    c.signal("o4", 9)
+    with pytest.raises(fedptr.DropoutError) as info:
+        await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]))
+    assert info.value.workers == ["o2", "o4"] and info.value.phase == "advertise"
+
+
+@MODULE_LOOP
+async def test_a_silent_owner_costs_a_phase_its_share_of_the_deadline() -> None:
+    """o3 is stopped (SIGSTOP) after joining, on a broker slow to call it dead: the aggregator
+    waits for it only its share of the client's deadline in the first phase, and the round
+    still ends in time without it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        three = ["o1", "o2", "o3"]
+        for o in three:
+            np.savez(f"{tmp}/{o}.npz", x=DATA[o])
+        owner = ["--dp-noise-multiplier", str(SIGMA), "--epsilon", str(EPSILON)]
+        roster = [a for o in three for a in ("--owners", o)]
+        async with fedptr.local_cluster(
+            [*three, "agg"],
+            data={o: {"d": f"{tmp}/{o}.npz"} for o in three},
+            node_args={**{o: [*owner, "--store", f"{tmp}/{o}"] for o in three}, "agg": ["--aggregator", *roster]},
+            liveness=1000,  # the broker will not call o3 dead: only the phase deadline drops it
+        ) as c:
+            vs = await values(c, three)
+            round_id = await join(c, vs)
+            c.signal("o3", 19)  # SIGSTOP
+            try:
+                start = asyncio.get_running_loop().time()
+                reply = await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]), timeout=8)
+                elapsed = asyncio.get_running_loop().time() - start
+            finally:
+                c.signal("o3", 18)  # SIGCONT, so that the cluster stops
+            assert isinstance(reply, wire.SecureMeanReply)
+            assert sorted(reply.epsilon_spent) == ["o1", "o2"] and "no answer" in str(reply.dropped["o3"])
+            assert elapsed < 8 / 4 + 2  # one phase's share of the deadline, and the rest of the round
