@@ -460,6 +460,10 @@ class Client:
         if not fut.done() or (not fut.cancelled() and fut.exception() is not None):
             self._effects[fut] = location
 
+    def reported(self, fut: asyncio.Future[wire.Message]) -> bool:
+        """Whether `fut` settled and an await claimed it: its outcome was reported there."""
+        return fut.done() and fut not in self._effects
+
     def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         if fut.cancelled() or fut.exception() is None:
             self._effects.pop(fut, None)

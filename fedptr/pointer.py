@@ -475,7 +475,8 @@ class Pointer:
         same error), so none returns before the updates are acknowledged, hence durable."""
         if not self._updates:
             return
-        updates = list(self._updates)
+        # one that settled and was claimed meanwhile (a `Pending` of it was awaited) was reported there
+        updates = [f for f in self._updates if not self._client.reported(f)]
         try:
             await self._client.observe(updates)
         finally:
@@ -483,7 +484,8 @@ class Pointer:
             # wait for them nor raise their errors; a cancelled await leaves them to the others
             if self._updates is not None and all(f.done() for f in updates):
                 reported = set(updates)
-                self._updates = [f for f in self._updates if f not in reported] or None
+                kept = [f for f in self._updates if f not in reported and not self._client.reported(f)]
+                self._updates = kept or None
 
     def _check_reply(self, reply: wire.Message) -> None:
         """Compare the worker's description of the result with the inferred one."""

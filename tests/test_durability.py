@@ -237,6 +237,11 @@ async def _restart(c: fedptr.Cluster, name: str) -> None:
     incarnation is gone may still be on its way, and would fail a request sent meanwhile."""
     c.signal(name, signal.SIGKILL)
     await c.start_node(name)
+    await _answers(c, name)
+
+
+async def _answers(c: fedptr.Cluster, name: str) -> None:
+    """Wait until worker `name` answers a listing (20 s at most)."""
     deadline = asyncio.get_running_loop().time() + 20
     while True:
         try:
@@ -246,6 +251,17 @@ async def _restart(c: fedptr.Cluster, name: str) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def _sent(c: fedptr.Cluster, name: str, value: torch.Tensor) -> fedptr.Pointer:
+    """`value` sent to `name`, again if the first try was cut by a liveness verdict: 64 MiB
+    received and fsynced on a loaded 2-core machine can outlast these tests' 0.3 s liveness (an
+    object the failed try may have made is reclaimed with the session)."""
+    try:
+        return await c.client.worker(name).send(value)
+    except fedptr.LostWorkerError:
+        await _answers(c, name)
+        return await c.client.worker(name).send(value)
 
 
 async def _holds(w: fedptr.Worker, obj_id: int) -> bool:
@@ -290,7 +306,7 @@ async def test_a_crash_mid_move_leaves_the_object_on_exactly_one_node_under_a_kn
     bob, alice = stored.client.worker("bob"), stored.client.worker("alice")
     value = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
     for delay in (0.005, 0.03, 0.06):
-        x = await bob.send(value)
+        x = await _sent(stored, "bob", value)
         move = asyncio.ensure_future(x.move(alice))
         await asyncio.sleep(delay)
         await _restart(stored, "bob")

@@ -319,8 +319,9 @@ async def test_client_sees_only_dp_releases(fed: harness.InprocCluster) -> None:
     received: list[wire.Message] = []
     fed.client.link.on_reply = received.append
     try:
+        sigma = example.noise_for(8.0, 2, 3)
         result = await example.train_federated(
-            fed.client, SPLIT, 8.0, rounds=2, local_steps=3, lr=2.0, seed=0, quiet=True
+            fed.client, SPLIT, 8.0, sigma, rounds=2, local_steps=3, lr=2.0, seed=0, quiet=True
         )
     finally:
         fed.client.link.on_reply = None
@@ -332,5 +333,6 @@ async def test_client_sees_only_dp_releases(fed: harness.InprocCluster) -> None:
 
 @MODULE_LOOP
 async def test_dp_federated_training_learns(fed: harness.InprocCluster) -> None:
-    result = await example.train_federated(fed.client, SPLIT, 8.0, 6, 10, lr=2.0, seed=0, quiet=True)
+    sigma = example.noise_for(8.0, 6, 10)
+    result = await example.train_federated(fed.client, SPLIT, 8.0, sigma, 6, 10, lr=2.0, seed=0, quiet=True)
     assert result.federated_accuracy > 0.8, result
