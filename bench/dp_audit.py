@@ -170,24 +170,38 @@ CHUNK = 1 << 18
 
 
 def m1_statistics(
-    value: torch.Tensor, trials: int, *, clip: float, noise_multiplier: float, clip_fn: Clip = mechanisms.clip
+    value: torch.Tensor,
+    direction: torch.Tensor,
+    trials: int,
+    *,
+    clip: float,
+    noise_multiplier: float,
+    clip_fn: Clip = mechanisms.clip,
 ) -> torch.Tensor:
     """`trials` releases of M1 where the target owner's value is `value` and its partner's is
-    zeros: each release's sum along e_0, in units of `clip`. A refused contribution (the same
-    refusal every time) gives `REFUSED` for every trial."""
+    zeros (float32, given first: a release has the first contribution's dtype): each release's
+    sum projected on the unit vector `direction`, in units of `clip`. A refused contribution (the
+    same refusal every time) gives `REFUSED` for every trial."""
     try:
         contribution = clip_fn(value, clip)
     except FedptrError:
         return torch.full((trials,), REFUSED, dtype=torch.float64)
-    owners = [mechanisms.Contribution(o, clip, noise_multiplier) for o in ("target", "partner")]
+    owners = [mechanisms.Contribution(o, clip, noise_multiplier) for o in ("partner", "target")]
     roster = frozenset(c.owner for c in owners)
+    on = direction != 0  # a NaN released off the canary's direction must not spoil the projection
     out = []
     for start in range(0, trials, CHUNK):
         rows = min(CHUNK, trials - start)
         target = contribution.expand(rows, *contribution.shape)
-        released = mechanisms.release_mean([target, torch.zeros_like(target)], owners, roster, MIN_OWNERS)
-        out.append(released[:, 0].double() * len(owners) / clip)
+        released = mechanisms.release_mean([torch.zeros(target.shape), target], owners, roster, MIN_OWNERS)
+        out.append(released[:, on].double() @ direction[on] * len(owners) / clip)
     return torch.cat(out)
+
+
+def canary_direction(absent: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The unit vector from `absent` to `present` (float64; non-finite coordinates count as 0)."""
+    d = torch.nan_to_num(present.double() - absent.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    return d / d.norm()
 
 
 def m1_canaries(dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -200,6 +214,7 @@ def m1_canaries(dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         "max norm along e_0": (torch.zeros(dim), far),
         "non-finite (NaN beside it)": (torch.zeros(dim), non_finite),
         "int64 (refused)": (torch.zeros(dim, dtype=torch.int64), far.to(torch.int64)),
+        "bool, all true (refused)": (torch.zeros(dim, dtype=torch.bool), torch.ones(dim, dtype=torch.bool)),
     }
 
 
@@ -209,9 +224,11 @@ def clip_off(value: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 def clip_before_fix(value: torch.Tensor, bound: float) -> torch.Tensor:
-    """Broken M1, as before issue 18's fix: ``min(1, C / nan)`` is 1, so a NaN anywhere left the
-    value unclipped."""
-    return value.detach() * min(1.0, bound / (float(value.norm()) + 1e-6))
+    """Broken M1: the clip of before issue 18's fix (its code). ``min(1, C / nan)`` is 1, so a
+    NaN anywhere left the value unclipped; a bool clipped back to its dtype is all true again."""
+    v = value.detach().to(torch.float64)
+    scale = min(1.0, bound / max(float(v.norm()), 1e-12))
+    return (v * scale).to(value.dtype)
 
 
 # --- M2 -------------------------------------------------------------------------------------
@@ -371,9 +388,9 @@ class Size:
 
 
 CI = Size(m1_trials=2_000_000, m2_runs=500, m2_canaries=400, m2_batch_runs=400)
-FULL = Size(m1_trials=20_000_000, m2_runs=5_000, m2_canaries=400, m2_batch_runs=3_000)
+FULL = Size(m1_trials=10_000_000, m2_runs=5_000, m2_canaries=400, m2_batch_runs=3_000)
 
-M1_CLIP, M1_SIGMA, M1_DIM = 1.0, 2.0, 2
+M1_CLIP, M1_SIGMA, M1_DIM = 1.0, 2.0, 4
 M2_CLIP, M2_SIGMA, M2_RATE, M2_STEPS = 1.0, 2.0, 0.5, 2
 
 
@@ -381,32 +398,30 @@ def cases(size: Size) -> list[Case]:
     """Every audit, honest and broken, at `size`."""
     out: list[Case] = []
     m1 = f"C={M1_CLIP:g} sigma={M1_SIGMA:g} d={M1_DIM}"
+    canaries = m1_canaries(M1_DIM)
+    far = canaries["max norm along e_0"][1]
+    canaries["replace +C e_0 by -C e_0"] = (-far, far)
 
-    def m1_case(canary: str, pair: tuple[torch.Tensor, torch.Tensor], variant: str = HONEST, **kw: object) -> Case:
-        sigma = kw.pop("noise_multiplier", M1_SIGMA)
-        clip_fn = kw.pop("clip_fn", mechanisms.clip)
-        assert not kw
+    def m1_case(canary: str, variant: str = HONEST, sigma: float = M1_SIGMA, clip_fn: Clip = mechanisms.clip) -> Case:
+        pair = canaries[canary]
 
         def measure() -> torch.Tensor:
+            u = canary_direction(*pair)
             return torch.stack(
-                [m1_statistics(v, size.m1_trials, clip=M1_CLIP, noise_multiplier=sigma, clip_fn=clip_fn) for v in pair]
+                [
+                    m1_statistics(v, u, size.m1_trials, clip=M1_CLIP, noise_multiplier=sigma, clip_fn=clip_fn)
+                    for v in pair
+                ]
             )
 
         return Case("M1", canary, variant, (M1_SIGMA, 1.0, 1), m1, measure, bench_only=canary.startswith("replace"))
 
-    canaries = m1_canaries(M1_DIM)
-    far = canaries["max norm along e_0"]
-    out += [m1_case(name, pair) for name, pair in canaries.items()]
+    out += [m1_case(name) for name in canaries]
     out += [
-        m1_case("max norm along e_0", far, "clip off", clip_fn=clip_off),
-        m1_case("max norm along e_0", far, "noise halved", noise_multiplier=M1_SIGMA / 2),
-        m1_case(
-            "non-finite (NaN beside it)",
-            canaries["non-finite (NaN beside it)"],
-            "clip before the fix",
-            clip_fn=clip_before_fix,
-        ),
-        m1_case("replace +C e_0 by -C e_0", (-far[1], far[1])),
+        m1_case("max norm along e_0", "clip off", clip_fn=clip_off),
+        m1_case("max norm along e_0", "noise halved", sigma=M1_SIGMA / 2),
+        m1_case("non-finite (NaN beside it)", "clip before the fix", clip_fn=clip_before_fix),
+        m1_case("bool, all true (refused)", "clip before the fix", clip_fn=clip_before_fix),
     ]
 
     m2 = f"C={M2_CLIP:g} sigma={M2_SIGMA:g} q={M2_RATE:g} steps={M2_STEPS}"
