@@ -245,10 +245,6 @@ def clip_before_fix(value: torch.Tensor, bound: float) -> torch.Tensor:
 # --- M2 -------------------------------------------------------------------------------------
 
 
-def dp_config(loss: str, *, lr: float, sample_rate: float, steps: int, clip: float, noise: float) -> wire.DPTrain:
-    return wire.DPTrain(0, 0, 0, loss, lr, sample_rate, steps, clip, noise)
-
-
 def m2_gradient_canaries(
     runs: int, canaries: int, config: wire.DPTrain, *, inert: int = 16, mirrored: bool = False
 ) -> torch.Tensor:
@@ -369,6 +365,8 @@ class Case:
 
 @dataclass(frozen=True)
 class Result:
+    """A case audited: what the budget charged, the lower bound, how long the trials took."""
+
     case: Case
     charged: float
     bound: Bound
@@ -391,6 +389,8 @@ def run(case: Case, seed: int | None, delta: float = DP_DELTA) -> Result:
 
 @dataclass(frozen=True)
 class Size:
+    """How many trials an audit runs."""
+
     m1_trials: int
     """M1 releases per world."""
     m2_runs: int
@@ -440,7 +440,8 @@ def cases(size: Size) -> list[Case]:
     m2 = f"C={M2_CLIP:g} sigma={M2_SIGMA:g} q={M2_RATE:g} steps={M2_STEPS}"
 
     def config(loss: str, lr: float, sigma: float = M2_SIGMA) -> wire.DPTrain:
-        return dp_config(loss, lr=lr, sample_rate=M2_RATE, steps=M2_STEPS, clip=M2_CLIP, noise=sigma)
+        """What `dp_sgd` runs with (the ids are the node's business: unused here)."""
+        return wire.DPTrain(0, 0, 0, loss, lr, M2_RATE, M2_STEPS, M2_CLIP, sigma)
 
     def grad_case(
         variant: str = HONEST,
