@@ -1,0 +1,100 @@
+"""The empirical DP audit (bench/dp_audit.py) at CI size: for M1 and M2 the Clopper-Pearson
+lower bound on epsilon stays at or below what the accountant charges, and each deliberately
+broken variant (clip off, noise halved, the clip and the dropped failing batch of before issue
+18's fixes) is flagged: its lower bound exceeds the charge.
+
+Every case runs the real mechanisms (`fedptr.nodes.mechanisms`); only the breaks are patched
+in, by bench/dp_audit.py, for the duration of their case. Seeded, so deterministic: the seed
+replaces only the OS seed of the mechanisms' generators. `python bench/dp_audit.py` is the full
+audit (ten times the trials, OS-seeded); docs/PRIVACY.md has its figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from bench import dp_audit
+
+SEED = 18
+CASES = [case for case in dp_audit.cases(dp_audit.CI) if not case.replace_one]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The figures are deterministic whatever the machine's cores; one thread is also the fair
+    share of a loaded CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.variant == dp_audit.HONEST], ids=lambda c: c.name)
+def test_the_lower_bound_stays_below_the_charged_epsilon(case: dp_audit.Case) -> None:
+    result = dp_audit.run(case, SEED)
+    assert result.bound.epsilon <= result.charged, (
+        f"{case.name}: an empirical lower bound of {result.bound.epsilon:.2f} on epsilon, "
+        f"but {result.charged:.2f} charged"
+    )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.variant != dp_audit.HONEST], ids=lambda c: c.name)
+def test_a_broken_mechanism_is_flagged(case: dp_audit.Case) -> None:
+    result = dp_audit.run(case, SEED)
+    assert result.flagged, f"{case.name}: lower bound {result.bound.epsilon:.2f}, {result.charged:.2f} charged"
+
+
+def test_every_break_of_the_brief_is_audited() -> None:
+    breaks = {(c.mechanism, c.variant) for c in CASES}
+    for mechanism in ("M1", "M2"):
+        assert {(mechanism, "clip off"), (mechanism, "noise halved")} <= breaks
+    assert ("M2", "failing batch dropped (before the fix)") in breaks
+
+
+def test_the_charge_is_the_budgets() -> None:
+    """One Gaussian release with sigma 1 at delta 1e-5 costs what Opacus's RDP accountant says
+    (4.73; that Gaussian mechanism's exact epsilon, Balle and Wang 2018, is 4.38): nothing
+    rescales the comparison."""
+    assert dp_audit.accountant_epsilon(1.0, 1.0, 1, 1e-5) == pytest.approx(4.73, abs=0.01)
+
+
+def test_clopper_pearson_with_no_errors_is_exact() -> None:
+    """With no errors in n trials the one-sided bound is 1 - alpha^(1/n)."""
+    n, alpha = 1000, 0.025
+    upper = dp_audit.clopper_pearson_upper(np.array([0]), n, alpha)[0]
+    assert upper == pytest.approx(1 - alpha ** (1 / n), rel=1e-9)
+    assert dp_audit.clopper_pearson_upper(np.array([n]), n, alpha)[0] == 1.0
+
+
+def test_perfectly_separated_worlds_give_the_bound_their_count_allows() -> None:
+    """Worlds that never overlap give log((1 - delta - u) / u), u the bound with no errors in the
+    held-out half: the most that many trials can show, whatever the mechanism."""
+    n = 2000
+    bound = dp_audit.distinguish(torch.zeros(n), torch.ones(n), delta=1e-5)
+    u = 1 - 0.025 ** (1 / (n // 2))
+    assert bound.epsilon == pytest.approx(math.log((1 - 1e-5 - u) / u), rel=1e-9)
+
+
+def test_identical_worlds_give_no_bound() -> None:
+    """The same distribution in both worlds: the threshold chosen on one half tells nothing on the
+    other (a bound above 0.1 here would be the selection overfitting)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 200_000, generator=g, dtype=torch.float64)
+    assert dp_audit.distinguish(s[0], s[1], delta=1e-5).epsilon < 0.1
+
+
+def test_a_lower_world_is_found_too() -> None:
+    """World 1 below world 0 (a failing sample that removed the others' gradients) is told apart
+    as well as above it."""
+    g = torch.Generator().manual_seed(0)
+    s0 = torch.randn(20_000, generator=g, dtype=torch.float64)
+    s1 = torch.randn(20_000, generator=g, dtype=torch.float64)
+    assert dp_audit.distinguish(s0, s1 - 3, 1e-5).epsilon == pytest.approx(
+        dp_audit.distinguish(s0, s1 + 3, 1e-5).epsilon, abs=0.3
+    )
+    assert dp_audit.distinguish(s0, s1 - 3, 1e-5).epsilon > 2.0
