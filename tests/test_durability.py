@@ -304,7 +304,7 @@ async def test_a_crash_mid_move_leaves_the_object_on_exactly_one_node_under_a_kn
     stored: fedptr.Cluster,
 ) -> None:
     bob, alice = stored.client.worker("bob"), stored.client.worker("alice")
-    value = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    value = torch.arange(4 << 20, dtype=torch.float32)  # 16 MiB: streamed, and in flight for the crash
     for delay in (0.005, 0.03, 0.06):
         x = await _sent(stored, "bob", value)
         move = asyncio.ensure_future(x.move(alice))
