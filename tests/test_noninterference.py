@@ -320,8 +320,10 @@ async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> 
         for name in WORKERS:
             await world.observe("objects", lambda name=name: _listing(c.worker(name)))
         # Dropped pointers' deletes leave in the client's next loop turn: one more round trip to
-        # every worker, behind them in order, before the counts are read.
-        gc.collect()
+        # every worker, behind them in order, before the counts are read. The young generations
+        # hold this program's cycles; a full collection would walk the whole suite's heap (seconds
+        # per world once the rest of the suite ran in this process).
+        gc.collect(1)
         await asyncio.sleep(0)
         for name in WORKERS:
             await c.worker(name).objects()
