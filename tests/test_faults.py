@@ -198,7 +198,7 @@ async def test_kills_mid_chain_transfer_and_move_settle_and_lose_nothing() -> No
         send = asyncio.ensure_future(checker.call("32 MiB send", w["dave"].send(big)))
         await asyncio.sleep(0.05)
         c.signal("dave", signal.SIGKILL)
-        assert isinstance(await send, fedptr.LostWorkerError)
+        assert isinstance(await send, (fedptr.LostWorkerError, fedptr.UnknownWorkerError))  # gone, or already forgotten
 
         # a move whose destination dies after the data left: in doubt until the destination
         # answers again; it came back empty, so the object is back where it was, under its id

@@ -264,4 +264,4 @@ async def test_a_silent_owner_costs_a_phase_its_share_of_the_deadline() -> None:
                 c.signal("o3", 18)  # SIGCONT, so that the cluster stops
             assert isinstance(reply, wire.SecureMeanReply)
             assert sorted(reply.epsilon_spent) == ["o1", "o2"] and "no answer" in str(reply.dropped["o3"])
-            assert elapsed < 8 / 4 + 2  # one phase's share of the deadline, and the rest of the round
+            assert elapsed < 8 / 4 + 4  # one phase's share of the deadline and the rest of the round, well under 8 s
