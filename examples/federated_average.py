@@ -147,7 +147,7 @@ def noise_for(epsilon: float, rounds: int, local_steps: int, sample_rate: float 
     with warnings.catch_warnings():
         # the search tries noise levels whose optimal RDP order is the largest Opacus tries and
         # says so; the level it settles on is checked against the owners' own accountant anyway
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha", category=UserWarning)
         return float(
             get_noise_multiplier(
                 target_epsilon=epsilon * 0.99, target_delta=DELTA, sample_rate=sample_rate, steps=rounds * local_steps
