@@ -27,8 +27,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fedptr.nodes import secagg
@@ -139,7 +139,8 @@ def flower_protocol(n: int, dim: int, dropped: int) -> tuple[float, float, int] 
     the server's unmasking seconds and the payload bytes one owner sends (keys, ciphertexts,
     masked vector, unmask shares); None where flwr is not installed."""
     try:
-        fm = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # the package's name for it is the mod
+        # the package's own name `secaggplus_mod` is the mod function, not its module
+        fm = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
         from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
         from flwr.common.secure_aggregation import ndarrays_arithmetic as fa
         from flwr.common.secure_aggregation import quantization as fq
@@ -170,7 +171,9 @@ def flower_protocol(n: int, dim: int, dropped: int) -> tuple[float, float, int] 
         start = time.perf_counter()
         out = stage()
         owner_s[nid] += time.perf_counter() - start
-        sent[nid] += sum(len(b) for v in out.values() for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes))
+        sent[nid] += sum(
+            len(b) for v in out.values() for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes)
+        )
         return out
 
     keys = {nid: timed(nid, lambda nid=nid: fm._setup(states[nid], setup)) for nid in nids}  # type: ignore[arg-type]
@@ -191,7 +194,10 @@ def flower_protocol(n: int, dim: int, dropped: int) -> tuple[float, float, int] 
         total = masked if total is None else fa.parameters_addition(total, masked)
     collected: dict[int, list[bytes]] = {nid: [] for nid in nids}
     for nid in sorted(active):
-        ask = {Key.ACTIVE_NODE_ID_LIST: list(neighbours[nid] & active), Key.DEAD_NODE_ID_LIST: list(neighbours[nid] & dead)}
+        ask = {
+            Key.ACTIVE_NODE_ID_LIST: list(neighbours[nid] & active),
+            Key.DEAD_NODE_ID_LIST: list(neighbours[nid] & dead),
+        }
         out = timed(nid, lambda nid=nid, ask=ask: fm._unmask(states[nid], ask))  # type: ignore[arg-type]
         for owner, share in zip(out[Key.NODE_ID_LIST], out[Key.SHARE_LIST], strict=True):  # type: ignore[arg-type]
             collected[owner].append(share)
@@ -205,14 +211,16 @@ def flower_protocol(n: int, dim: int, dropped: int) -> tuple[float, float, int] 
             continue
         for peer in neighbours[nid] - {nid}:
             shared = fm.generate_shared_key(
-                fm.bytes_to_private_key(secret), fm.bytes_to_public_key(keys[peer][Key.PUBLIC_KEY_1])  # type: ignore[arg-type]
+                fm.bytes_to_private_key(secret),
+                fm.bytes_to_public_key(keys[peer][Key.PUBLIC_KEY_1]),  # type: ignore[arg-type]
             )
             mask = pseudo_rand_gen(shared, 1 << 32, shape)
             total = fa.parameters_addition(total, mask) if nid > peer else fa.parameters_subtraction(total, mask)
     weight, unmasked = fa.factor_extract(fa.parameters_mod(total, 1 << 32))
     (got,) = fq.dequantize(unmasked, 8.0, 1 << 22)
     server_s = time.perf_counter() - start
-    got = (got - (len(active) - 1) * 8.0) * ((1 << 22) / weight)  # the workflow's offset, and its division by the weights: the mean
+    # the workflow's offset, and its division by the weights: the mean
+    got = (got - (len(active) - 1) * 8.0) * ((1 << 22) / weight)
     assert np.allclose(got, 0.5 / np.sqrt(dim), atol=1e-4), "Flower's mean did not unmask"
     return max(owner_s[nid] for nid in active), server_s, sent[nids[-1]]
 

@@ -31,7 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--drop", choices=["both", "yes", "no"], default="both", help="runs with the dropout, without, or both")
+    parser.add_argument(
+        "--drop", choices=["both", "yes", "no"], default="both", help="runs with the dropout, without, or both"
+    )
     args = parser.parse_args()
     example = load_example()
     table: dict[tuple[str, bool], list[float]] = {}

@@ -16,6 +16,16 @@ owners the noise a useful epsilon needs would drown the average.
     python examples/federated_average.py [--epsilon 8] [--rounds 20] [--local-steps 10]
     python examples/federated_average.py --sweep --plot dp_accuracy.png   # epsilon 1, 4, 8 and exact
 
+DP-FedAvg (owner-level DP, M1) with more owners is the other mode: 8 owners o1..o8 (the digits
+split among them at random) each train the global linear model locally through pointers, and
+each round the mean of their updates (clipped to 1 by each owner, charged once per round) is
+released by M1's trusted aggregator, or with ``--secure`` by secure aggregation (SecAgg+: the
+aggregator sees only the noised sum). ``--drop-one`` kills one owner's node half way through
+the middle round's release; the round completes with the others. Same epsilon, same charges:
+
+    python examples/federated_average.py --fedavg [--owners 8] [--epsilon 8] [--rounds 10]
+    python examples/federated_average.py --secure --drop-one
+
 On a terminal the rounds show as a progress bar (elsewhere, one line per round). With
 ``--address`` it trains on a running cluster instead of starting one, e.g. the Part 4 setup:
 
