@@ -125,6 +125,7 @@ def _modules_after(code: str, top_level: bool = True) -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_a_node_loads_opacus_only_for_dp() -> None:
     """Importing the node (and its DP modules) loads no Opacus: the first DP use does."""
     loaded = _modules_after("import fedptr.nodes.node, fedptr.nodes.__main__, fedptr.nodes.launcher")
@@ -132,6 +133,7 @@ def test_a_node_loads_opacus_only_for_dp() -> None:
     assert "opacus" not in loaded
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_a_warmed_up_node_loads_no_dynamo() -> None:
     """A node's start (its meta kernels loaded, and a meta run of the ops a client uses most)
     leaves torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
@@ -149,6 +151,7 @@ def test_a_warmed_up_node_loads_no_dynamo() -> None:
     assert "torch._dynamo" not in loaded
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_the_cli_help_and_the_broker_load_no_torch() -> None:
     loaded = _modules_after(
         "import contextlib, io\n"

@@ -497,6 +497,7 @@ async def test_adam_and_momentum_match_torch(bob: fedptr.Worker) -> None:
                 assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+@pytest.mark.slow  # a process cluster
 async def test_cluster_start_and_stop_without_a_with_block() -> None:
     async with asyncio.timeout(DEADLINE_S):
         cluster = await fedptr.local_cluster(["solo"]).start()
