@@ -510,6 +510,7 @@ async def test_cluster_start_and_stop_without_a_with_block() -> None:
         await cluster.stop()  # idempotent
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_submodules_are_attributes_and_the_package_import_stays_light() -> None:
     code = (
         "import sys, fedptr; assert 'torch' not in sys.modules; "
