@@ -40,8 +40,6 @@ from torch.nn import functional
 import fedptr
 from fedptr.cli.clusterfile import load_cluster
 
-pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
-
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
