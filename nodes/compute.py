@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +21,10 @@ import torch
 from fedptr import limits, wire
 from fedptr.errors import FedptrError, InvalidArgumentError, LocationMismatchError, OpNotAllowedError, RemoteError
 from fedptr.failures import with_hop
-from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
+from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, plans, policy
-from .guard import ALIASING
 from .store import Entry, all_written
 
 if TYPE_CHECKING:
@@ -34,17 +34,15 @@ if TYPE_CHECKING:
 @dataclass(slots=True, eq=False)
 class _Run:
     """One request's computation: a single op, or a plan run. Its `ops` run in order; op i reads
-    the values at the keys `reads[i]` and adds its own at key `ops[i].result_id` (a single op's
-    keys are object ids, a plan's its slots). `inputs` are the stored entries it reads, as (key,
-    object id, entry); `entries` the entry of every key (the inputs, then each op's result as
-    decided on arrival, for its taint); `outputs` what is stored, as (key, object id, entry)."""
+    the values of its `operands[i]` (key -> entry, for its taint) and adds its own at key
+    `ops[i].result_id` (a single op's keys are object ids, a plan's its slots). `inputs` are the
+    stored entries it reads, `outputs` those it stores, each as (key, object id, entry)."""
 
     source: str
     rid: bytes
     ops: Sequence[wire.Op]
-    reads: Sequence[Iterable[int]]
+    operands: Sequence[dict[int, Entry]]
     inputs: list[tuple[int, int, Entry]]
-    entries: dict[int, Entry]
     outputs: list[tuple[int, int, Entry]]
     plan: bool
     """Whether it answers as a plan run (`PlanReply`) or as one op (`Ok`)."""
@@ -81,7 +79,7 @@ class Compute:
             # a one-op run whose keys are the object ids themselves
             inputs = [(i, i, e) for i, e in entries.items()]
             outputs = [(msg.result_id, msg.result_id, result)]
-            self._start(_Run(source, rid, (msg,), (entries.keys(),), inputs, entries, outputs, plan=False))
+            self._start(_Run(source, rid, (msg,), (entries,), inputs, outputs, plan=False))
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
         ptr.sponsor = msg.sponsor
@@ -104,7 +102,7 @@ class Compute:
     def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
-        guard.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
         ids: set[int] = set()
         wire.refs(msg.args, ids)
         wire.refs(msg.kwargs, ids)
@@ -123,35 +121,31 @@ class Compute:
     def _result_taint(
         self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
     ) -> policy.Taint:
-        """Decide, as the request arrives, what the result derives from (taint only grows, so
-        deciding early is safe). Aliasing results share their target's taint; in-place writes
-        add to it, and private data and contributions refuse them. A plan's `temporaries` (its
-        results so far, not yet computed) all count as gradient-tracking for a backward."""
-        if msg.op not in _TAINT_RULES and not any(e.taint for e in entries.values()):
-            return policy.Taint()  # the common case: a plain operation on public operands
-        origins = policy.merge(e.taint.origins for e in entries.values())
+        """The rule (`policy.result_taint`) applied to an op as it arrives: its operands, the one
+        it may write (its first positional argument), whether a forward's model may have state
+        to write, and, for a backward, what may get a gradient: every model and gradient-tracking
+        tensor of the caller, and a plan's `temporaries` (its results so far, not computed yet)."""
+        if msg.op not in policy.TAINT_RULES:  # no operand is written: the operands decide alone
+            return policy.result_taint(msg.op, entries.values())
         first = msg.args[0] if msg.args else None
-        target = entries.get(first.obj_id) if type(first) is wire.Ref else None
-        if msg.op in ALIASING and target is not None:
-            if target.readonly and msg.op in MUTATING:
-                raise policy.refuse_write(target.readonly, f"{msg.op} on object {first.obj_id}")  # type: ignore[union-attr]
-            target.taint.add(origins)
-            return target.taint
-        if msg.op == "forward" and target is not None and _has_state(target):
-            # training mode updates a model's buffers (BatchNorm's running statistics) in place
-            if target.readonly:
-                raise policy.refuse_write(target.readonly, f"forward of model {first.obj_id}")  # type: ignore[union-attr]
-            target.taint.add(origins)
-        if msg.op == "backward" and origins:
-            # every model and gradient-tracking tensor of the caller may get a gradient from it
-            for e in self.store.entries.values():
-                if e.owner == source and e.location is None and not e.readonly:
-                    value = e.done.result() if e.done.done() and not e.done.exception() else None
-                    if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
-                        e.taint.add(origins)
-            for e in temporaries:
-                e.taint.add(origins)
-        return policy.Taint(dict(origins))
+        target_id = first.obj_id if type(first) is wire.Ref else 0
+        target = entries.get(target_id) if type(first) is wire.Ref else None
+        if msg.op == "forward":
+            return policy.result_taint(
+                "forward", entries.values(), target, target_id, writes_state=target is not None and _has_state(target)
+            )
+        if msg.op == "backward":
+            gradients = itertools.chain(self._gradient_holders(source), temporaries)
+            return policy.result_taint("backward", entries.values(), target, target_id, gradients=gradients)
+        return policy.result_taint(msg.op, entries.values(), target, target_id)
+
+    def _gradient_holders(self, source: str) -> Iterator[Entry]:
+        """`source`'s models and gradient-tracking tensors held here (a backward may reach them)."""
+        for e in self.store.entries.values():
+            if e.owner == source and e.location is None:
+                value = e.done.result() if e.done.done() and not e.done.exception() else None
+                if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
+                    yield e
 
     def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
@@ -191,9 +185,11 @@ class Compute:
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            operands: list[dict[int, Entry]] = []
             for op, reads in zip(plan.ops, plan.reads, strict=True):
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
-                taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
+                operands.append({s: slots[s] for s in reads})
+                taint = self._result_taint(op, operands[-1], source, temporaries)
                 slots.append(Entry(unsettled, owner=source, taint=taint))
         except Exception as e:
             for result_id in msg.result_ids:
@@ -205,7 +201,7 @@ class Compute:
             self.store.add(result_id, result)
             outputs.append((out, result_id, result))
         inputs = [(k, obj_id, slots[k]) for k, obj_id in enumerate(msg.inputs)]
-        self._start(_Run(source, rid, plan.ops, plan.reads, inputs, dict(enumerate(slots)), outputs, plan=True))
+        self._start(_Run(source, rid, plan.ops, operands, inputs, outputs, plan=True))
 
     # --- the one execution path of ops and plan runs -------------------------------------
     def _start(self, run: _Run) -> None:
@@ -248,12 +244,12 @@ class Compute:
         operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
         for i in range(start, len(run.ops)):
             op = run.ops[i]
-            operands = {k: values[k] for k in run.reads[i]}
+            entries = run.operands[i]
+            operands = {k: values[k] for k in entries}
             if inline and (
                 i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
             ):
                 return i
-            entries = {k: run.entries[k] for k in operands}
             # private when an operand is, now (taint only grows: never less than on arrival)
             private = any(e.taint for e in entries.values())
             values[op.result_id] = self._run(op, operands, private, entries)
@@ -342,11 +338,6 @@ def _has_state(entry: Entry) -> bool:
         return True
     value = entry.done.result()
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
-
-
-_TAINT_RULES = ALIASING | {"forward", "backward"}
-"""Operations whose result taint `Compute._result_taint` decides by a rule of their own (a shared
-taint, a write to a model, gradients everywhere), even on public operands."""
 
 
 def _values(inputs: list[tuple[int, int, Entry]]) -> dict[int, Any] | None:
