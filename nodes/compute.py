@@ -34,15 +34,18 @@ if TYPE_CHECKING:
 @dataclass(slots=True, eq=False)
 class _Run:
     """One request's computation: a single op, or a plan run. Its `ops` run in order; op i reads
-    the values of its `operands[i]` (key -> entry, for its taint) and adds its own at key
-    `ops[i].result_id` (a single op's keys are object ids, a plan's its slots). `inputs` are the
-    stored entries it reads, `outputs` those it stores, each as (key, object id, entry)."""
+    the values of its `operands[i]` (key -> entry) and adds its own at key `ops[i].result_id`,
+    for the entry `results[i]` (whose taint says whether it runs as private). A single op's keys
+    are object ids; a plan's are its slots, `ids` the object ids of its inputs. `inputs` are
+    the stored entries it reads by key; `outputs` those it stores, as (key, object id, entry)."""
 
     source: str
     rid: bytes
     ops: Sequence[wire.Op]
     operands: Sequence[dict[int, Entry]]
-    inputs: list[tuple[int, int, Entry]]
+    results: Sequence[Entry]
+    inputs: dict[int, Entry]
+    ids: Sequence[int] | None
     outputs: list[tuple[int, int, Entry]]
     plan: bool
     """Whether it answers as a plan run (`PlanReply`) or as one op (`Ok`)."""
@@ -77,9 +80,8 @@ class Compute:
             result.sponsor = msg.sponsor
             self.store.add(msg.result_id, result)
             # a one-op run whose keys are the object ids themselves
-            inputs = [(i, i, e) for i, e in entries.items()]
             outputs = [(msg.result_id, msg.result_id, result)]
-            self._start(_Run(source, rid, (msg,), (entries,), inputs, outputs, plan=False))
+            self._start(_Run(source, rid, (msg,), (entries,), (result,), entries, None, outputs, plan=False))
             return
         ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
         ptr.sponsor = msg.sponsor
@@ -200,8 +202,9 @@ class Compute:
             result = Entry.tensor(owner=source, taint=slots[out].taint)
             self.store.add(result_id, result)
             outputs.append((out, result_id, result))
-        inputs = [(k, obj_id, slots[k]) for k, obj_id in enumerate(msg.inputs)]
-        self._start(_Run(source, rid, plan.ops, operands, inputs, outputs, plan=True))
+        inputs = dict(enumerate(slots[: plan.n_inputs]))
+        run = _Run(source, rid, plan.ops, operands, slots[plan.n_inputs :], inputs, msg.inputs, outputs, plan=True)
+        self._start(run)
 
     # --- the one execution path of ops and plan runs -------------------------------------
     def _start(self, run: _Run) -> None:
@@ -228,7 +231,7 @@ class Compute:
         try:
             if values is None:
                 values = {}
-                for key, _, entry in run.inputs:
+                for key, entry in run.inputs.items():
                     values[key] = await entry.done
                 versions.update(_versions(values))
                 done = self._compute(run, values, 0, inline=True)
@@ -250,9 +253,8 @@ class Compute:
                 i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
             ):
                 return i
-            # private when an operand is, now (taint only grows: never less than on arrival)
-            private = any(e.taint for e in entries.values())
-            values[op.result_id] = self._run(op, operands, private, entries)
+            # private when its result is (taint only grows: never less than on arrival)
+            values[op.result_id] = self._run(op, operands, bool(run.results[i].taint), entries)
         return len(run.ops)
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
@@ -263,14 +265,15 @@ class Compute:
         outputs: list[torch.Tensor] = []
         if error is None:
             try:
-                outputs = [values[key] for key, _, _ in run.outputs]
-                durable = [self.store.commit(i, e, v) for (_, i, e), v in zip(run.outputs, outputs, strict=True)]
+                for key, obj_id, result in run.outputs:
+                    outputs.append(values[key])
+                    durable.append(self.store.commit(obj_id, result, outputs[-1]))
             except Exception as e:
                 error = e
-        for key, obj_id, entry in run.inputs:
-            before = versions.get(key)
-            if before is not None and entry.done.result()._version != before:
-                durable.append(self.store.persist(obj_id, entry, entry.done.result()))
+        for key, before in versions.items():
+            entry = run.inputs[key]
+            if entry.done.result()._version != before:
+                durable.append(self.store.persist(key if run.ids is None else run.ids[key], entry, entry.done.result()))
         if error is not None:
             err = error if isinstance(error, FedptrError) else _remote(error, self.name)
             for _, _, result in run.outputs:
@@ -340,14 +343,14 @@ def _has_state(entry: Entry) -> bool:
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
 
 
-def _values(inputs: list[tuple[int, int, Entry]]) -> dict[int, Any] | None:
-    """The inputs' values by key when every one is settled without an error, else None."""
+def _values(entries: dict[int, Entry]) -> dict[int, Any] | None:
+    """The entries' values by key when every one is settled without an error, else None."""
     values = {}
-    for key, _, e in inputs:
+    for i, e in entries.items():
         done = e.done
         if not done.done() or done.exception() is not None:
             return None
-        values[key] = done.result()
+        values[i] = done.result()
     return values
 
 
