@@ -21,35 +21,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedptr.errors import OpNotAllowedError
-from fedptr.ops import MUTATING
-
 from . import kernels
-
-ALIASING = MUTATING | {"parameter", "state"}
-"""Operations whose result is (part of) their first operand by design: they share its taint."""
+from .policy import ALIASING
 
 STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
 """Operations that read no value into a size: no meta run; a failure is refused generically."""
-
-WRITING_KEYWORDS = frozenset({"out", "inplace"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, and
-``inplace=`` of the functional ops): the policy knows only the first argument as written."""
-
-TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
-"""Names the first parameter of an aliasing operation goes by: its target is given by position."""
-
-
-def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
-    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
-    keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
-    such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
-    if writing:
-        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
-    if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
-        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
 
 
 def warm_up() -> None:
