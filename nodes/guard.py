@@ -115,7 +115,8 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
         if isinstance(v, torch.Tensor):
             if v.untyped_storage().data_ptr() == storage:
                 return True
-            if v.grad is not None and v.grad.untyped_storage().data_ptr() == storage:
+            grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
+            if grad is not None and grad.untyped_storage().data_ptr() == storage:
                 return True  # `grad` hands out a copy of the gradient, never the live one
         elif isinstance(v, nn.Module):
             if _shares(storage, v.parameters()):
