@@ -102,6 +102,9 @@ class DirectPaths:
     """Peer -> the routing id of its (greeted) connection to our data socket."""
     _lanes: dict[bytes, _Lane] = field(default_factory=dict)
     _retry_at: dict[bytes, float] = field(default_factory=dict)
+    sources: set[bytes] = field(default_factory=set)
+    """Peers whose chunks may come over a path: those admitted, and the workers we connect to
+    (the session holds their messages until the chunks are in: `Session.direct_sources`)."""
     _scheduled: set[zmq.Socket[bytes]] = field(default_factory=set)
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
@@ -143,8 +146,9 @@ class DirectPaths:
             return wire.DirectTicket("", b"")
         self.forget(peer)
         self._admitted[key] = peer
+        self.sources.add(peer)
         while len(self._admitted) > limits.DIRECT_MAX_KEYS:
-            self._admitted.popitem(last=False)
+            self.sources.discard(self._admitted.popitem(last=False)[1])
         return wire.DirectTicket(self.endpoint, self._public)
 
     def forget(self, peer: bytes) -> None:
@@ -152,6 +156,7 @@ class DirectPaths:
         for key in [k for k, p in self._admitted.items() if p == peer]:
             del self._admitted[key]
         self._routes.pop(peer, None)
+        self.sources.discard(peer)
 
     def _drain_server(self) -> None:
         sock = self._server
@@ -188,6 +193,7 @@ class DirectPaths:
         The coroutine never raises: a failure is logged and leaves chunks on the broker's path."""
         public, secret = zmq.curve_keypair()
         self._lanes[worker] = lane = self._connect(worker, public, secret)
+        self.sources.add(worker)
         return self._open(worker, lane, ask(public))
 
     async def _open(self, worker: bytes, lane: _Lane, answer: Awaitable[wire.Message]) -> None:

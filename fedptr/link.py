@@ -140,6 +140,7 @@ class Link:
         self._loop.add_reader(sock.FD, self._drain)
         if self.curve is not None:
             self.direct = DirectPaths(self._direct_chunk)
+            self.session.direct_sources = self.direct.sources
             if self.session.role == envelope.ROLE_WORKER:
                 self.direct.serve(self.address)
         self._group = asyncio.TaskGroup()

@@ -132,6 +132,10 @@ class Session:
     _next_beat: float = 0.0
     _last_beat_check: float = 0.0
     _reassembly: Reassembly = field(default_factory=Reassembly)
+    direct_sources: set[bytes] = field(default_factory=set)
+    """Peers whose chunks may come over a direct data path (the link's `DirectPaths.sources`):
+    only their messages are held for chunks still to come; anyone else's stream is whole when
+    its message arrives, or never will be (refused at once)."""
     _held: dict[bytes, collections.deque[envelope.Envelope]] = field(default_factory=dict)
     """Source -> its messages held, in order, behind one whose streamed chunks are still on
     their way over the direct path (they may trail the message, which came by the broker)."""
@@ -318,7 +322,9 @@ class Session:
             self._chunk(name, env.rid, env.body, now, events)
         elif command == envelope.REQUEST or command == envelope.REPLY:
             held = self._held.get(name) if self._held else None
-            if held is None and not self._reassembly.waiting(command, name, env.rid):
+            if held is None and (
+                name not in self.direct_sources or not self._reassembly.waiting(command, name, env.rid)
+            ):
                 self._dispatch(env, now, events)
                 return
             if held is None:

@@ -42,7 +42,7 @@ def delivered(message: list[Any], source: bytes = b"alice") -> list[Any]:
 
 
 def test_a_message_waits_for_its_direct_chunks_and_keeps_its_senders_order() -> None:
-    bob = Session("bob", envelope.ROLE_WORKER)
+    bob = Session("bob", envelope.ROLE_WORKER, direct_sources={b"alice"})
     t = torch.randn(100_000)
     first, *rest, put = streamed_put(1, t, b"1" * 8)
     later = [envelope.REQUEST, b"bob", b"2" * 8, *wire.encode(wire.Get(1))]
@@ -61,7 +61,7 @@ def test_a_message_waits_for_its_direct_chunks_and_keeps_its_senders_order() -> 
 
 
 def test_chunks_that_never_come_fail_their_message_typed_and_free_the_ones_behind_it() -> None:
-    bob = Session("bob", envelope.ROLE_WORKER, _reassembly=Reassembly(timeout=0.01))
+    bob = Session("bob", envelope.ROLE_WORKER, direct_sources={b"alice"}, _reassembly=Reassembly(timeout=0.01))
     first, *_lost, put = streamed_put(1, torch.randn(100_000), b"1" * 8)
     later = [envelope.REQUEST, b"bob", b"2" * 8, *wire.encode(wire.Get(1))]
     for message in (first, put, later):
