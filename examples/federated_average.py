@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,11 +317,13 @@ async def local_update(
     start = await worker.send(flat(model))
     x, y = data
     opt = optim.SGD(remote.parameters(), lr=lr)
-    for _ in range(local_steps):
-        await functional.cross_entropy(remote(x), y).backward()
-        await opt.step()
-        await opt.zero_grad()
-    return torch.cat([p.detach().flatten() for p in remote.parameters()]) - start
+    for _ in range(local_steps):  # queued at once: the owner's node runs the steps in order
+        functional.cross_entropy(remote(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    update = torch.cat([p.detach().flatten() for p in remote.parameters()]) - start
+    await update  # raises here when the owner's node died during its training
+    return update
 
 
 async def release_mean(
@@ -347,7 +349,7 @@ async def release_mean(
 
 
 async def train_fedavg(
-    cluster: fedptr.Cluster,
+    client: fedptr.Client,
     split: Split,
     owners: Sequence[str],
     secure: bool,
@@ -355,14 +357,15 @@ async def train_fedavg(
     local_steps: int,
     lr: float,
     seed: int,
-    drop_one: bool,
+    drop: Callable[[str], Awaitable[None]] | None,
     quiet: bool,
 ) -> Result:
     """`rounds` rounds of DP-FedAvg: each owner still in the run trains the global model locally
     and the mean of their updates is released by M1, or by secure aggregation with `secure`.
-    With `drop_one`, the last owner's node is killed (SIGKILL) half way through the middle
-    round's release (the previous round's release time tells how long that is)."""
-    client = cluster.client
+    With `drop`, the last owner's node is stopped by `drop(owner)` (SIGKILL on a process
+    cluster) half way through the middle round's release (the previous round's release time
+    tells how long that is). The split, the initial model and the local training (full-batch
+    SGD) are functions of `seed` alone: runs of one seed differ only in the releases' noise."""
     data = {o: await client.worker(o).search("digits") for o in owners}
     alive = list(owners)
     model = make_linear(seed)
@@ -386,10 +389,10 @@ async def train_fedavg(
                 updates[owner] = outcome
         release_started = time.monotonic()
         release = asyncio.ensure_future(release_mean(updates, secure))
-        if drop_one and r == rounds // 2 + 1:
+        if drop is not None and r == rounds // 2 + 1:
             # a deadline, not a sleep: the kill lands mid-release unless the release is done by then
             await asyncio.wait([release], timeout=release_s / 2)
-            cluster.signal(owners[-1], signal.SIGKILL)
+            await drop(owners[-1])
         mean, charged, gone = await release
         release_s = time.monotonic() - release_started
         spent.update(charged)
@@ -411,6 +414,27 @@ async def train_fedavg(
     )
 
 
+@dataclass(frozen=True)
+class FedAvgPlan:
+    """What a DP-FedAvg run's nodes are started with, the same in both modes: the owners, the
+    noise multiplier each charges per round, and how many owners the aggregator needs."""
+
+    owners: tuple[str, ...]
+    sigma: float
+    need: int
+
+
+def plan_fedavg(epsilon: float, n_owners: int, rounds: int, drop_one: bool) -> FedAvgPlan:
+    """Owners o1, o2... charging one Gaussian mechanism per round at the noise multiplier that
+    makes `rounds` of them spend `epsilon`; the aggregator needs every owner (``--min-owners``),
+    or all but one with `drop_one`: secure aggregation sizes each owner's noise share so that
+    that many survivors carry the full noise (with all of them, sqrt(n / (n - 1)) times it)."""
+    if n_owners < 3 or (n_owners < 4 and drop_one):
+        raise ValueError("DP-FedAvg here takes at least 3 owners (4 to drop one)")
+    owners = tuple(f"o{i}" for i in range(1, n_owners + 1))
+    return FedAvgPlan(owners, noise_for(epsilon, rounds, 1, sample_rate=1.0), n_owners - 1 if drop_one else n_owners)
+
+
 async def run_fedavg(
     epsilon: float = 8.0,
     secure: bool = False,
@@ -422,40 +446,40 @@ async def run_fedavg(
     drop_one: bool = False,
     quiet: bool = False,
 ) -> Result:
-    """One DP-FedAvg run on its own cluster: `n_owners` owners o1, o2... (the digits split among
-    them at random) with budget `epsilon`, each clipping its update to `FEDAVG_CLIP` and charging
-    one Gaussian mechanism per round at the noise multiplier that makes `rounds` of them spend
-    `epsilon`; the same in both modes, so M1 and secure aggregation spend the same. The aggregator
-    needs every owner (``--min-owners``), or all but one with `drop_one`: secure aggregation sizes
-    each owner's noise share so that that many survivors carry the full noise."""
-    if n_owners < 3 or (n_owners < 4 and drop_one):
-        raise ValueError("DP-FedAvg here takes at least 3 owners (4 to drop one)")
-    owners = tuple(f"o{i}" for i in range(1, n_owners + 1))
-    sigma = noise_for(epsilon, rounds, 1, sample_rate=1.0)
+    """One DP-FedAvg run on its own cluster of processes (`plan_fedavg`): `n_owners` owners (the
+    digits split among them at random) with budget `epsilon`, each clipping its update to
+    `FEDAVG_CLIP`; with `drop_one`, the last owner's node is killed (SIGKILL) mid-round."""
+    plan = plan_fedavg(epsilon, n_owners, rounds, drop_one)
+    owners = plan.owners
     if not quiet:
         how = "secure aggregation (SecAgg+)" if secure else "M1 (a trusted aggregator)"
         print(
             f"DP-FedAvg, {n_owners} owners, updates released by {how}: up to epsilon {epsilon * 0.99:.2f} per "
-            f"owner (delta {DELTA:g}), {rounds} releases at noise multiplier {sigma:.2f}, clip {FEDAVG_CLIP:g}",
+            f"owner (delta {DELTA:g}), {rounds} releases at noise multiplier {plan.sigma:.2f}, clip {FEDAVG_CLIP:g}",
             flush=True,
         )
     with tempfile.TemporaryDirectory(prefix="fedptr-digits-") as tmp:
         split = split_digits(Path(tmp), seed, owners)
         owner_args = [
             *("--epsilon", str(epsilon), "--delta", str(DELTA), "--trust", AGGREGATOR),
-            *("--dp-clip", str(FEDAVG_CLIP), "--dp-noise-multiplier", str(sigma)),
+            *("--dp-clip", str(FEDAVG_CLIP), "--dp-noise-multiplier", str(plan.sigma)),
         ]
         roster = [a for o in owners for a in ("--owners", o)]
-        need = n_owners - 1 if drop_one else n_owners
         async with fedptr.local_cluster(
             [*owners, AGGREGATOR],
             data={o: {"digits": split.files[o]} for o in owners},
             node_args={
                 **{o: [*owner_args, "--store", f"{tmp}/{o}"] for o in owners},
-                AGGREGATOR: ["--aggregator", *roster, "--min-owners", str(need)],
+                AGGREGATOR: ["--aggregator", *roster, "--min-owners", str(plan.need)],
             },
         ) as cluster:
-            result = await train_fedavg(cluster, split, owners, secure, rounds, local_steps, lr, seed, drop_one, quiet)
+
+            async def kill(owner: str) -> None:
+                cluster.signal(owner, signal.SIGKILL)
+
+            result = await train_fedavg(
+                cluster.client, split, owners, secure, rounds, local_steps, lr, seed, kill if drop_one else None, quiet
+            )
         result.epsilon = epsilon
         central = train_centralized(split, rounds * local_steps, lr, seed, make_linear)
         result.centralized_accuracy = accuracy(central, split.test_x, split.test_y)
