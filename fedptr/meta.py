@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from fedptr import modules
-from fedptr.ops import FUNCTIONAL_OPS, TENSOR_METHODS, TORCH_FUNCTIONS
 from fedptr.tensors import DTYPE_BY_NAME
+from fedptr.torchops import TORCH
 
 META = torch.device("meta")
 CACHE_SIZE = 4096
@@ -101,27 +100,14 @@ _SPECIAL: dict[str, Callable[..., torch.Tensor]] = {
     "state": _state,
     "getitem": _getitem,
     "to": _to,
-    "cross_entropy": functional.cross_entropy,
-    "mse_loss": functional.mse_loss,
     "aggregate_mean": _aggregate,
-    "aggregate_weighted_mean": _aggregate,
 }
+"""The shape rules of the registry's `Shape.RULE` ops (what torch's meta device cannot run as
+is); tests/test_opinfo.py checks they match."""
 
 
 def _function(op: str) -> Callable[..., Any] | None:
-    special = _SPECIAL.get(op)
-    if special is not None:
-        return special
-    if op in TENSOR_METHODS:
-        method: Callable[..., Any] = getattr(torch.Tensor, op)
-        return method
-    if op in TORCH_FUNCTIONS:
-        function: Callable[..., Any] = getattr(torch, op)
-        return function
-    if op in FUNCTIONAL_OPS:
-        functional_op: Callable[..., Any] = getattr(functional, op[2:])
-        return functional_op
-    return None
+    return _SPECIAL.get(op) or TORCH.get(op)
 
 
 class _Uncacheable(Exception):

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from fedptr import meta, wire
 from fedptr.errors import (
@@ -44,24 +43,15 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.ops import (
-    ALLOWED,
-    DEVICE_PREFIX,
-    DTYPE_PREFIX,
-    ELLIPSIS_KEY,
-    FUNCTIONAL,
-    MUTATING,
-    SLICE_KEY,
-    TENSOR_METHODS,
-)
+from fedptr.opinfo import REGISTRY, Call
+from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
+from fedptr.torchops import dispatched
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
 
-_TORCH_NAMES: dict[Any, str] = {getattr(torch.Tensor, n): n for n in TENSOR_METHODS}
-_TORCH_NAMES.update({getattr(torch, n): n for n in ALLOWED if "." not in n and hasattr(torch, n)})
-_TORCH_NAMES.update({getattr(functional, n): "F." + n for n in FUNCTIONAL})
+_TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
 
 
@@ -594,6 +584,9 @@ class Pointer:
             raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
         if op == "getitem":
             return args[0][args[1]]  # type: ignore[no-any-return]
+        if op in MUTATING:  # torch.zero_(p): an update, as p.zero_()
+            effect(op, tuple(args), kwargs)
+            return args[0]  # type: ignore[no-any-return]
         return remote_call(op, tuple(args), kwargs)
 
     def __getitem__(self, key: Any) -> Pointer:
@@ -643,146 +636,22 @@ class Pointer:
         if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
             self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
 
-    add_ = _in_place("add_")
-    sub_ = _in_place("sub_")
-    mul_ = _in_place("mul_")
-    div_ = _in_place("div_")
-    zero_ = _in_place("zero_")
-    addcmul_ = _in_place("addcmul_")
-    addcdiv_ = _in_place("addcdiv_")
-    copy_ = _in_place("copy_")
-    fill_ = _in_place("fill_")
-    clamp_ = _in_place("clamp_")
-    __iadd__ = _in_place("add_")
-    __isub__ = _in_place("sub_")
-    __imul__ = _in_place("mul_")
-    __itruediv__ = _in_place("div_")
+    if TYPE_CHECKING:
+        # the registry's methods and operators are installed below (`_install_methods`)
+        def __getattr__(self, name: str) -> Any: ...
 
-    __add__ = _method("add")
-    __radd__ = _method("__radd__")
-    __sub__ = _method("sub")
-    __rsub__ = _method("__rsub__")
-    __mul__ = _method("mul")
-    __rmul__ = _method("__rmul__")
-    __truediv__ = _method("div")
-    __rtruediv__ = _method("__rtruediv__")
-    __floordiv__ = _method("floor_divide")
-    __rfloordiv__ = _method("__rfloordiv__")
-    __mod__ = _method("remainder")
-    __rmod__ = _method("__rmod__")
-    __matmul__ = _method("matmul")
-    __rmatmul__ = _method("__rmatmul__")
-    __pow__ = _method("pow")
-    __rpow__ = _method("__rpow__")
-    __neg__ = _method("neg")
-    __abs__ = _method("abs")
-    __lt__ = _method("lt")
-    __le__ = _method("le")
-    __gt__ = _method("gt")
-    __ge__ = _method("ge")
-    __invert__ = _method("logical_not")
 
-    # arithmetic
-    add = _method("add")
-    sub = _method("sub")
-    mul = _method("mul")
-    div = _method("div")
-    true_divide = _method("true_divide")
-    floor_divide = _method("floor_divide")
-    remainder = _method("remainder")
-    fmod = _method("fmod")
-    pow = _method("pow")
-    neg = _method("neg")
-    abs = _method("abs")
-    matmul = _method("matmul")
-    mm = _method("mm")
-    bmm = _method("bmm")
-    dot = _method("dot")
-    outer = _method("outer")
-    maximum = _method("maximum")
-    minimum = _method("minimum")
-    # comparisons
-    eq = _method("eq")
-    ne = _method("ne")
-    lt = _method("lt")
-    le = _method("le")
-    gt = _method("gt")
-    ge = _method("ge")
-    logical_and = _method("logical_and")
-    logical_or = _method("logical_or")
-    logical_not = _method("logical_not")
-    # reductions
-    sum = _method("sum")
-    mean = _method("mean")
-    prod = _method("prod")
-    amax = _method("amax")
-    amin = _method("amin")
-    argmax = _method("argmax")
-    argmin = _method("argmin")
-    std = _method("std")
-    var = _method("var")
-    norm = _method("norm")
-    all = _method("all")
-    any = _method("any")
-    cumsum = _method("cumsum")
-    logsumexp = _method("logsumexp")
-    max = _method("max")
-    min = _method("min")
-    # reshaping and selection
-    reshape = _method("reshape")
-    view = _method("view")
-    flatten = _method("flatten")
-    squeeze = _method("squeeze")
-    unsqueeze = _method("unsqueeze")
-    t = _method("t")
-    transpose = _method("transpose")
-    permute = _method("permute")
-    contiguous = _method("contiguous")
-    clone = _method("clone")
-    expand = _method("expand")
-    repeat = _method("repeat")
-    flip = _method("flip")
-    narrow = _method("narrow")
-    index_select = _method("index_select")
-    diagonal = _method("diagonal")
-    gather = _method("gather")
-    masked_fill = _method("masked_fill")
-    masked_select = _method("masked_select")
-    nonzero = _method("nonzero")
-    tril = _method("tril")
-    triu = _method("triu")
-    # element-wise
-    exp = _method("exp")
-    log = _method("log")
-    log1p = _method("log1p")
-    expm1 = _method("expm1")
-    sqrt = _method("sqrt")
-    rsqrt = _method("rsqrt")
-    square = _method("square")
-    sin = _method("sin")
-    cos = _method("cos")
-    tanh = _method("tanh")
-    sigmoid = _method("sigmoid")
-    relu = _method("relu")
-    clamp = _method("clamp")
-    floor = _method("floor")
-    ceil = _method("ceil")
-    round = _method("round")
-    sign = _method("sign")
-    reciprocal = _method("reciprocal")
-    softmax = _method("softmax")
-    log_softmax = _method("log_softmax")
-    # conversions
-    to = _method("to")
-    detach = _method("detach")
-    type_as = _method("type_as")
-    float = _method("float")
-    double = _method("double")
-    half = _method("half")
-    bfloat16 = _method("bfloat16")
-    int = _method("int")
-    long = _method("long")
-    bool = _method("bool")
+def _install_methods() -> None:
+    """Give `Pointer` a method for every `Call.METHOD` op of the registry, and its operators."""
+    for name, info in REGISTRY.items():
+        if info.call is not Call.METHOD:
+            continue
+        make = _in_place if info.mutating else _method
+        for attr in (name, *info.aliases):
+            setattr(Pointer, attr, make(name))
+
+
+_install_methods()
 
 
 class ModuleView:

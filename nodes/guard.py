@@ -22,15 +22,10 @@ from torch import nn
 from torch.func import functional_call
 
 from fedptr.errors import OpNotAllowedError
-from fedptr.ops import MUTATING
+from fedptr.ops import ALIASING as ALIASING  # re-exported: the node decides taints by it
+from fedptr.ops import STRUCTURAL
 
 from . import kernels
-
-ALIASING = MUTATING | {"parameter", "state"}
-"""Operations whose result is (part of) their first operand by design: they share its taint."""
-
-STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
-"""Operations that read no value into a size: no meta run; a failure is refused generically."""
 
 WRITING_KEYWORDS = frozenset({"out", "inplace"})
 """Keywords that would make an operation write into an argument (torch's ``out=``, and
