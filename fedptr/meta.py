@@ -133,10 +133,21 @@ def _key(value: Any, pinned: list[object]) -> Hashable:
     raise _Uncacheable
 
 
-_CACHE: OrderedDict[Hashable, tuple[torch.Tensor | None, list[object]]] = OrderedDict()
+_CACHE: OrderedDict[Hashable, tuple[Inferred, list[object]]] = OrderedDict()
 
 
-def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+Inferred = torch.Tensor | tuple[torch.Tensor, ...] | None
+"""What `infer` gives: a result's meta tensor, a tuple of them for an op with several results
+(``max(dim=)``, ``split``), or None."""
+
+
+def _detached(result: Any) -> torch.Tensor | None:
+    if not isinstance(result, torch.Tensor) or result.device != META:
+        return None
+    return result.detach().requires_grad_(result.requires_grad)
+
+
+def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Inferred:
     fn = _function(op)
     if fn is None:
         return None
@@ -144,15 +155,17 @@ def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Ten
         result = fn(*args, **kwargs)
     except Exception:
         return None
-    if not isinstance(result, torch.Tensor) or result.device != META:
-        return None
-    return result.detach().requires_grad_(result.requires_grad)
+    if isinstance(result, tuple):  # torch's named tuples (values, indices) too
+        metas = [_detached(r) for r in result]
+        return None if None in metas else tuple(m for m in metas if m is not None)
+    return _detached(result)
 
 
-def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The meta tensor of `op`'s result on meta `args`/`kwargs`, or None when torch cannot tell
-    without the data (or the op fails; the worker then reports the real error). Results are
-    remembered by the operands' shapes, dtypes and values (`CACHE_SIZE`)."""
+def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Inferred:
+    """The meta tensor of `op`'s result on meta `args`/`kwargs` (a tuple of them for an op with
+    several results), or None when torch cannot tell without the data (or the op fails; the
+    worker then reports the real error). Results are remembered by the operands' shapes, dtypes
+    and values (`CACHE_SIZE`)."""
     pinned: list[object] = []
     try:
         key: Hashable = (op, _key(args, pinned), _key(kwargs, pinned))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from torch import nn
 
-from fedptr import meta, wire
+from fedptr import limits, meta, wire
 from fedptr.errors import (
     ConsumedPointerError,
     DataDependentError,
@@ -43,7 +43,7 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.opinfo import REGISTRY, Call
+from fedptr.opinfo import REGISTRY, VARIES, Call
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
 from fedptr.torchops import dispatched
@@ -103,7 +103,7 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> meta.Inferred:
     try:
         meta_args, meta_kwargs = _to_meta(args), _to_meta(kwargs)
     except _Unknown:
@@ -111,12 +111,45 @@ def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.T
     return meta.infer(op, meta_args, meta_kwargs)
 
 
+def _result_metas(op: str, inferred: meta.Inferred) -> tuple[list[torch.Tensor | None], bool]:
+    """The meta tensor of each of `op`'s results (None: learnt from the reply), and whether they
+    form a tuple. The number of results comes from the registry, or, where it depends on
+    arguments and shapes (`opinfo.VARIES`), from the meta run: never from values."""
+    if isinstance(inferred, tuple):
+        metas: list[torch.Tensor | None] = list(inferred)
+    elif inferred is not None or REGISTRY[op].outputs == 1:
+        return [inferred], False
+    elif REGISTRY[op].outputs == VARIES:
+        raise DataDependentError(
+            f"how many results {op} gives depends on shapes not known yet: await its operands first"
+        )
+    else:
+        metas = [None] * REGISTRY[op].outputs
+    if len(metas) > limits.MAX_OP_RESULTS:
+        raise InvalidArgumentError(f"{op} would give {len(metas)} results; at most {limits.MAX_OP_RESULTS}")
+    return metas, True
+
+
 def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pointer:
-    """Run allow-listed `op` where the pointers among `args`/`kwargs` live; returns its result's pointer.
+    """Run allow-listed `op`, which gives one result, where the pointers among `args`/`kwargs`
+    live; returns its result's pointer (`remote_results` for any op).
 
     Raises LocationMismatchError when the pointers live on different workers,
     ConsumedPointerError when one of them was handed on already, and UnsupportedTypeError for
     an argument that cannot travel."""
+    result = remote_results(op, args, kwargs)
+    if not isinstance(result, Pointer):
+        raise UnsupportedTypeError(f"{op} with these arguments gives {len(result)} results: use remote_results")
+    return result
+
+
+def remote_results(
+    op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None
+) -> Pointer | tuple[Pointer, ...]:
+    """Run allow-listed `op` where the pointers among `args`/`kwargs` live; returns its result's
+    pointer, or a tuple of pointers for an op that gives several (``p.max(dim=0)``, ``split``),
+    as torch returns them. Raises like `remote_call`, and DataDependentError when the number of
+    results depends on a shape not known yet."""
     kwargs = kwargs or {}
     found: list[Pointer] = []
     enc_args = [_encode(a, found) for a in args]
@@ -130,13 +163,11 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
             raise LocationMismatchError(
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
-    inferred = None if op in MUTATING else _infer(op, args, kwargs)
+    metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs))
     recorder = first.client.recording
-    if recorder is not None:
-        recorded = recorder.record(op, found, enc_args, enc_kwargs, inferred)
-        if recorded is not None:
-            return recorded
-    return first.client.issue_op(first.location, op, enc_args, enc_kwargs, inferred)
+    recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
+    results = recorded or first.client.issue_op(first.location, op, enc_args, enc_kwargs, metas)
+    return tuple(results) if several else results[0]
 
 
 class Pending:
@@ -216,9 +247,9 @@ def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Point
     return error
 
 
-def _method(op: str) -> Callable[..., Pointer]:
-    def call(self: Pointer, *args: Any, **kwargs: Any) -> Pointer:
-        return remote_call(op, (self, *args), kwargs)
+def _method(op: str) -> Callable[..., Pointer | tuple[Pointer, ...]]:
+    def call(self: Pointer, *args: Any, **kwargs: Any) -> Pointer | tuple[Pointer, ...]:
+        return remote_results(op, (self, *args), kwargs)
 
     call.__name__ = op
     call.__doc__ = f"Remote ``torch.Tensor.{op}``: returns the result's Pointer at once."
@@ -578,7 +609,7 @@ class Pointer:
     @classmethod
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
-    ) -> Pointer:
+    ) -> Pointer | tuple[Pointer, ...]:
         op = _TORCH_NAMES.get(func)
         if op is None:
             raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
@@ -587,7 +618,7 @@ class Pointer:
         if op in MUTATING:  # torch.zero_(p): an update, as p.zero_()
             effect(op, tuple(args), kwargs)
             return args[0]  # type: ignore[no-any-return]
-        return remote_call(op, tuple(args), kwargs)
+        return remote_results(op, tuple(args), kwargs)
 
     def __getitem__(self, key: Any) -> Pointer:
         """``p[key]`` with ints, slices, ``...``, None, lists of ints, and index or boolean mask

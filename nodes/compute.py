@@ -43,6 +43,7 @@ class Compute:
         self.scheduler = node.scheduler
 
     def op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
+        result_ids = [msg.result_id, *msg.more_ids]
         try:
             entries = self._operands(msg, source)
             location = next((e.location for e in entries.values()), None)
@@ -51,46 +52,60 @@ class Compute:
                 return
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
-            self._store_failed(msg.result_id, source, e, msg.sponsor)
+            for result_id in result_ids:
+                self._store_failed(result_id, source, e, msg.sponsor)
             raise
         if location is None:
             # the result's taint is the union of its operands' (an aliasing target's included):
-            # it is private exactly when an operand is, decided once for the request
+            # it is private exactly when an operand is, decided once for the request; each
+            # further result of a multi-output op gets a taint of its own, by the same rule
             private = bool(taint)
-            result = Entry.tensor(owner=source, taint=taint)
-            result.sponsor = msg.sponsor
-            self.store.add(msg.result_id, result)
+            results = [
+                Entry.tensor(owner=source, taint=taint if k == 0 else _copy(taint)) for k in range(len(result_ids))
+            ]
+            for result_id, result in zip(result_ids, results, strict=True):
+                result.sponsor = msg.sponsor
+                self.store.add(result_id, result)
             tensors = _values(entries)
             if tensors is not None and _numel(tensors.values()) <= self.config.offload_numel:
                 # the common case: small inputs, all present; no task, no thread
                 versions = _versions(tensors)
                 compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                self._finish(source, rid, msg, result, compute, entries, versions)
+                self._finish(source, rid, msg, results, compute, entries, versions)
                 return
-            self.node.compute_later(self._compute(source, rid, msg, entries, result, private), source)
+            self.node.compute_later(self._compute(source, rid, msg, entries, results, private), source)
             return
-        ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
-        ptr.sponsor = msg.sponsor
-        self.store.add(msg.result_id, ptr)
+        ptrs = [Entry.pointer(location, wire.new_object_id(), settled=False, owner=source) for _ in result_ids]
+        for result_id, ptr in zip(result_ids, ptrs, strict=True):
+            ptr.sponsor = msg.sponsor
+            self.store.add(result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(
-            ptr.remote_id,
+            ptrs[0].remote_id,
             msg.op,
             wire.rewrite_refs(msg.args, ids),
             wire.rewrite_refs(msg.kwargs, ids),
             msg.sponsor or source,
+            [p.remote_id for p in ptrs[1:]],
         )
         try:
             forwarded = self.node.forward(location, nested, budget)
         except FedptrError as e:
-            ptr.done.set_exception(e)
+            for ptr in ptrs:
+                ptr.done.set_exception(e)
             raise
-        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
+        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
     def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         guard.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        if msg.more_ids:
+            guard.check_results(msg.op, 1 + len(msg.more_ids))
+            if len({msg.result_id, *msg.more_ids}) != 1 + len(msg.more_ids) or any(
+                i in self.store.entries for i in msg.more_ids
+            ):
+                raise InvalidArgumentError("an operation's result ids are distinct and new")
         ids: set[int] = set()
         wire.refs(msg.args, ids)
         wire.refs(msg.kwargs, ids)
@@ -139,9 +154,11 @@ class Compute:
                 e.taint.add(origins)
         return policy.Taint(dict(origins))
 
-    def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
+    def _run(
+        self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]
+    ) -> tuple[torch.Tensor, ...]:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
-        can steer a size, an error or whether it succeeds."""
+        can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values)
 
@@ -150,43 +167,48 @@ class Compute:
             public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
             return policy.refuse_op(taint, msg.op, public)
 
-        return guard.run(msg.op, args, kwargs, private, refuse)
+        return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     def _finish(
         self,
         source: str,
         rid: bytes,
         msg: wire.Op,
-        result: Entry,
-        compute: Callable[[], torch.Tensor],
+        results: list[Entry],
+        compute: Callable[[], tuple[torch.Tensor, ...]],
         operands: dict[int, Entry],
         versions: dict[int, int],
     ) -> None:
-        """Store an operation's result and answer once it, and every operand the operation
-        changed in place (`versions` were their tensors' versions before it ran), is durable."""
+        """Store an operation's results and answer once they, and every operand the operation
+        changed in place (`versions` were their tensors' versions before it ran), are durable."""
         try:
-            value = compute()
-            durable = [self.store.commit(msg.result_id, result, value)]
+            values = compute()
+            ids = [msg.result_id, *msg.more_ids]
+            durable = [self.store.commit(i, r, v) for i, r, v in zip(ids, results, values, strict=True)]
             for obj_id, before in versions.items():
                 operand = operands[obj_id]
                 tensor = operand.done.result()
                 if tensor._version != before:
                     durable.append(self.store.persist(obj_id, operand, tensor))
         except Exception as e:
-            self._fail(source, rid, result, e)
+            self._fail(source, rid, results, e)
             return
-        result.settle(value)
-        ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
+        for result, value in zip(results, values, strict=True):
+            result.settle(value)
+        first, *rest = values
+        more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in rest]
+        ok = wire.Ok(list(first.shape), dtype_name(first.dtype), more)
         self.node.reply_durable(all_written(durable), source, rid, ok)
 
-    def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
+    def _fail(self, source: str, rid: bytes, results: list[Entry], e: BaseException) -> None:
         err = e if isinstance(e, FedptrError) else _remote(e, self.name)
-        if not result.done.done():
-            result.done.set_exception(err)
+        for result in results:
+            if not result.done.done():
+                result.done.set_exception(err)
         self.node.reply_error(source, rid, err)
 
     async def _compute(
-        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry, private: bool
+        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], results: list[Entry], private: bool
     ) -> None:
         """The slow path: wait for inputs still being computed, and run big work on a thread."""
         try:
@@ -197,13 +219,13 @@ class Compute:
                 tensors[i] = value
             versions = _versions(tensors)
             if _numel(tensors.values()) > self.config.offload_numel:
-                value = await self.scheduler.offload(self._run, msg, tensors, private, entries)
-                self._finish(source, rid, msg, result, lambda: value, entries, versions)
+                values = await self.scheduler.offload(self._run, msg, tensors, private, entries)
+                self._finish(source, rid, msg, results, lambda: values, entries, versions)
             else:
                 compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                self._finish(source, rid, msg, result, compute, entries, versions)
+                self._finish(source, rid, msg, results, compute, entries, versions)
         except Exception as e:
-            self._fail(source, rid, result, e)
+            self._fail(source, rid, results, e)
 
     # --- plans ---------------------------------------------------------------------------
     def put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
@@ -235,6 +257,7 @@ class Compute:
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
                 taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
                 slots.append(Entry(unsettled, owner=source, taint=taint))
+                slots.extend(Entry(unsettled, owner=source, taint=_copy(taint)) for _ in op.more_ids)
         except Exception as e:
             for result_id in msg.result_ids:
                 self._store_failed(result_id, source, e)
@@ -288,7 +311,7 @@ class Compute:
             ):
                 return i
             entries = {s: slots[s] for s in reads}
-            values.append(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
+            values.extend(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
         return len(plan.ops)
 
     def _finish_plan(
@@ -345,16 +368,19 @@ class Compute:
             self.store.add(result_id, failed)
 
     def _relayed(
-        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
+        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ids: list[int], ptrs: list[Entry]
     ) -> None:
         error = forwarded.exception()
         if error is not None:
             err = with_hop(error, self.name)
-            ptr.done.set_exception(err)
+            for ptr in ptrs:
+                ptr.done.set_exception(err)
             self.node.reply_error(source, rid, err)
         else:
-            ptr.done.set_result(None)
-            self.node.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+            for ptr in ptrs:
+                ptr.done.set_result(None)
+            durable = all_written([self.store.commit(i, p) for i, p in zip(ids, ptrs, strict=True)])
+            self.node.reply_durable(durable, source, rid, forwarded.result())
 
 
 def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
@@ -379,6 +405,12 @@ def _numel(values: Iterable[Any]) -> int:
         if isinstance(v, torch.Tensor):
             n += v.numel()
     return n
+
+
+def _copy(taint: policy.Taint) -> policy.Taint:
+    """A taint of its own with `taint`'s origins: another result of the same op, which derives
+    from what the first does but is a separate storage (its taint grows on its own)."""
+    return policy.Taint(dict(taint.origins))
 
 
 def _has_state(entry: Entry) -> bool:

@@ -204,9 +204,14 @@ OPERATIONS: dict[str, Callable[..., Any]] = {name: _kernel(name, fn) for name, f
 """Every op a node runs, by name."""
 
 
-def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+"""What an op gives: one tensor, or a tuple of them for an op with several results."""
+
+
+def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
     """Run allow-listed `op`. Raises OpNotAllowedError for a name off the list, TypeError when the
-    result is not a tensor, and whatever torch raises for bad arguments."""
+    result is not a tensor (or, for an op with several results, a tuple of them), and whatever
+    torch raises for bad arguments."""
     fn = OPERATIONS.get(op)
     if fn is None:
         raise OpNotAllowedError("", f"operation {op!r} is not allowed")
@@ -216,8 +221,16 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
     result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
-    if isinstance(result, tuple) and op in ("max", "min"):
-        raise TypeError(f"{op} with a dim gives two tensors; use amax/amin and argmax/argmin")
-    if not isinstance(result, torch.Tensor):
-        raise TypeError(f"operation {op!r} returned {type(result).__name__}, not a tensor")
-    return result
+    if isinstance(result, torch.Tensor):
+        return result
+    if REGISTRY[op].outputs != 1 and isinstance(result, tuple) and all(isinstance(r, torch.Tensor) for r in result):
+        return tuple(result)  # torch's named tuples (values, indices) as plain ones
+    raise TypeError(f"operation {op!r} returned {type(result).__name__}, not a tensor")
+
+
+def results(value: Result, count: int) -> tuple[torch.Tensor, ...]:
+    """`value` as the `count` results a request asked for; TypeError when torch gave another number."""
+    outputs = value if isinstance(value, tuple) else (value,)
+    if len(outputs) != count:
+        raise TypeError(f"the operation gives {len(outputs)} results, not the {count} asked for")
+    return outputs

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional
 
 import fedptr
-from fedptr import meta, opinfo
+from fedptr import meta, opinfo, wire
 from fedptr.opinfo import REGISTRY, Call, Shape
 from nodes import kernels
 
@@ -134,7 +134,10 @@ SAMPLES: dict[str, list[Sample]] = {
     "prod": [_m("prod")], "amax": [_m("amax", 0)], "amin": [_m("amin", 1)], "argmax": [_m("argmax")],
     "argmin": [_m("argmin", 0)], "std": [_m("std")], "var": [_m("var", 0)], "norm": [_m("norm")], "all": [_m("all")],
     "any": [_m("any")], "cumsum": [_m("cumsum", 0)], "logsumexp": [_m("logsumexp", 1)],
-    "max": [_m("max"), _m2("max")], "min": [_m("min"), _m2("min")],
+    "max": [_m("max"), _m2("max"), _m("max", 0), _m("max", dim=1, keepdim=True)],
+    "min": [_m("min"), _m2("min"), _m("min", 1), lambda e: torch.min(e.a, dim=0)],
+    "topk": [_m("topk", 2), _m("topk", 2, dim=0, largest=False), lambda e: torch.topk(e.a, 1)],
+    "sort": [_m("sort"), _m("sort", dim=0, descending=True)],
     # reshaping and selection
     "reshape": [_m("reshape", -1)], "view": [_m("view", 3, 4)], "flatten": [_m("flatten")],
     "squeeze": [lambda e: e.a[None].squeeze()], "unsqueeze": [_m("unsqueeze", 0)], "t": [_m("t")],
@@ -144,6 +147,8 @@ SAMPLES: dict[str, list[Sample]] = {
     "diagonal": [_m("diagonal")], "gather": [lambda e: e.a.gather(0, e.ints[None, :3])],
     "masked_fill": [lambda e: e.a.masked_fill(e.b > 0, 0.0)], "masked_select": [lambda e: e.a.masked_select(e.b > 0)],
     "nonzero": [lambda e: (e.a > 0).nonzero()], "tril": [_m("tril")], "triu": [_m("triu")],
+    "split": [_m("split", 3), _m("split", [1, 2], dim=1), lambda e: torch.split(e.a, 2)],
+    "chunk": [_m("chunk", 2), _m("chunk", 3, dim=1)], "unbind": [_m("unbind"), _m("unbind", 1)],
     # element-wise
     "exp": [_m("exp")], "log": [lambda e: e.a.abs().log()], "log1p": [lambda e: e.a.abs().log1p()],
     "expm1": [_m("expm1")], "sqrt": [lambda e: e.a.abs().sqrt()], "rsqrt": [lambda e: (e.a.abs() + 1).rsqrt()],
@@ -285,3 +290,87 @@ async def test_no_op_on_private_inputs_gives_a_gettable_result() -> None:
                 for i, r in enumerate(results):
                     print(f"{name}[{k}] result {i}")  # shown by pytest when the refusal fails
                     await refused(r.get(), fedptr.PermissionDenied, owner="bob")
+
+
+# --- multi-output ops: one Op, several result ids -------------------------------------------------
+
+
+async def test_several_results_are_one_message_and_a_pointer_each(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    x = bob.send(X.clone())
+    await x
+    sent = client.link.messages_sent
+    values, indices = x.max(dim=0)
+    assert client.link.messages_sent - sent == 1  # one Op carries both result ids
+    assert (values.shape, indices.dtype) == (torch.Size([3]), torch.int64)  # known before the reply
+    assert values.id_at_location != indices.id_at_location
+    assert torch.equal(await indices.get(), X.max(dim=0).indices)
+    assert torch.equal(await (values * 2).get(), X.max(dim=0).values * 2)  # each result is an operand
+    parts = x.split([1, 3])
+    assert [tuple(p.shape) for p in parts] == [(1, 3), (3, 3)]
+    assert torch.equal(await parts[1].get(), X[1:])
+
+
+async def test_several_results_down_a_pointer_chain(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    x = await bob.send(X.clone())
+    remote = await x.send(alice)  # alice holds a pointer to bob's tensor: the op is forwarded to bob
+    values, indices = remote.topk(2, dim=1)
+    assert remote.location == values.location == indices.location == "alice"
+    got_values, got_indices = await (await values.get()).get(), await (await indices.get()).get()
+    assert torch.equal(got_values, X.topk(2, dim=1).values)
+    assert torch.equal(got_indices, X.topk(2, dim=1).indices)
+
+
+async def test_a_plan_records_and_runs_several_results(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    @fedptr.plan
+    def sorted_halves(x: fedptr.Pointer) -> tuple[fedptr.Pointer, ...]:
+        values, indices = x.sort(dim=0)
+        first, second = values.chunk(2)
+        return first + 1, second, indices
+
+    x = bob.send(X.clone())
+    for _ in range(2):  # recorded on the first call, then one RunPlan message
+        first, second, indices = sorted_halves(x)
+        want = X.sort(dim=0)
+        assert torch.equal(await first.get(), want.values[:2] + 1)
+        assert torch.equal(await second.get(), want.values[2:])
+        assert torch.equal(await indices.get(), want.indices)
+
+
+async def test_each_result_of_private_data_is_private_and_derived_ones_too() -> None:
+    async with harness.cluster(["bob"], data={"bob": {"secret": {"x": X.numpy()}}}) as c:
+        (secret,) = await c.worker("bob").search("secret")
+        values, indices = secret.max(dim=1)
+        public = c.worker("bob").send(torch.ones(4))
+        for p in (values, indices, indices.float() + public, *secret.unbind()):
+            await refused(p.get(), fedptr.PermissionDenied, owner="bob")
+
+
+async def test_the_number_of_results_comes_from_shapes_never_from_values(bob: fedptr.Worker) -> None:
+    x = bob.send(X.clone())
+    unknown = x[x > 0]  # data-dependent: its shape is learnt from the reply
+    with pytest.raises(fedptr.DataDependentError):
+        unknown.split(2)
+    await unknown
+    assert len(unknown.split(3)) == 3  # 8 positive values: known once awaited
+
+
+async def _raw(client: fedptr.Client, op: str, args: list[Any], result_id: int, more_ids: list[int]) -> Any:
+    return await client.call("bob", wire.Op(result_id, op, args, {}, more_ids=more_ids))
+
+
+async def test_result_ids_the_op_cannot_fill_are_refused(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    x = bob.send(X.clone())
+    await x
+    ref = wire.Ref(x.id_at_location)
+    ids = iter(range(1 << 40, 1 << 41))
+    with pytest.raises(fedptr.RemoteError, match="add gives one result"):
+        await _raw(client, "add", [ref, 1], next(ids), [next(ids)])
+    with pytest.raises(fedptr.RemoteError, match="1 to 256 results"):
+        await _raw(client, "unbind", [ref], next(ids), [next(ids) for _ in range(fedptr.limits.MAX_OP_RESULTS)])
+    with pytest.raises(fedptr.RemoteError, match="gives 4 results, not the 2"):
+        await _raw(client, "unbind", [ref], next(ids), [next(ids)])
+    first = next(ids)
+    with pytest.raises(fedptr.RemoteError, match="distinct and new"):
+        await _raw(client, "max", [ref, 0], first, [first])
+    ok = await _raw(client, "unbind", [ref], next(ids), [next(ids) for _ in range(3)])
+    assert ok.more == [[[3], "float32"]] * 3
