@@ -156,6 +156,7 @@ _ENTRIES: list[OpInfo] = [
             signature="(dim=None, keepdim=False) or (other): with a dim, (values, indices)"),
     _op("topk", "reduction", outputs=2, signature="(k, dim=-1, largest=True, sorted=True): (values, indices)"),
     _op("sort", "reduction", outputs=2, signature="(dim=-1, descending=False, stable=False): (values, indices)"),
+    _op("aminmax", "reduction", outputs=2, signature="(*, dim=None, keepdim=False): (min, max)"),
     *_group("reshaping", _VIEWS, effect=Effect.VIEW),
     *_group("reshaping", "clone repeat flip index_select gather masked_fill tril triu"),
     *_group("reshaping", "masked_select nonzero", data_dependent=True),

@@ -138,6 +138,7 @@ SAMPLES: dict[str, list[Sample]] = {
     "min": [_m("min"), _m2("min"), _m("min", 1), lambda e: torch.min(e.a, dim=0)],
     "topk": [_m("topk", 2), _m("topk", 2, dim=0, largest=False), lambda e: torch.topk(e.a, 1)],
     "sort": [_m("sort"), _m("sort", dim=0, descending=True)],
+    "aminmax": [_m("aminmax"), _m("aminmax", dim=1, keepdim=True)],
     # reshaping and selection
     "reshape": [_m("reshape", -1)], "view": [_m("view", 3, 4)], "flatten": [_m("flatten")],
     "squeeze": [lambda e: e.a[None].squeeze()], "unsqueeze": [_m("unsqueeze", 0)], "t": [_m("t")],
