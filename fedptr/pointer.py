@@ -115,16 +115,18 @@ def _result_metas(op: str, inferred: meta.Inferred) -> tuple[list[torch.Tensor |
     """The meta tensor of each of `op`'s results (None: learnt from the reply), and whether they
     form a tuple. The number of results comes from the registry, or, where it depends on
     arguments and shapes (`opinfo.VARIES`), from the meta run: never from values."""
+    info = REGISTRY.get(op)  # an unknown name travels anyway: the worker refuses it
+    outputs = 1 if info is None else info.outputs
     if isinstance(inferred, tuple):
         metas: list[torch.Tensor | None] = list(inferred)
-    elif inferred is not None or REGISTRY[op].outputs == 1:
+    elif inferred is not None or outputs == 1:
         return [inferred], False
-    elif REGISTRY[op].outputs == VARIES:
+    elif outputs == VARIES:
         raise DataDependentError(
             f"how many results {op} gives depends on shapes not known yet: await its operands first"
         )
     else:
-        metas = [None] * REGISTRY[op].outputs
+        metas = [None] * outputs
     if len(metas) > limits.MAX_OP_RESULTS:
         raise InvalidArgumentError(f"{op} would give {len(metas)} results; at most {limits.MAX_OP_RESULTS}")
     return metas, True

@@ -60,9 +60,8 @@ class Compute:
             # it is private exactly when an operand is, decided once for the request; each
             # further result of a multi-output op gets a taint of its own, by the same rule
             private = bool(taint)
-            results = [
-                Entry.tensor(owner=source, taint=taint if k == 0 else _copy(taint)) for k in range(len(result_ids))
-            ]
+            results = [Entry.tensor(owner=source, taint=taint)]
+            results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
             for result_id, result in zip(result_ids, results, strict=True):
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
@@ -183,8 +182,11 @@ class Compute:
         changed in place (`versions` were their tensors' versions before it ran), are durable."""
         try:
             values = compute()
-            ids = [msg.result_id, *msg.more_ids]
-            durable = [self.store.commit(i, r, v) for i, r, v in zip(ids, results, values, strict=True)]
+            durable = [self.store.commit(msg.result_id, results[0], values[0])]
+            if msg.more_ids:
+                durable.extend(
+                    self.store.commit(i, r, v) for i, r, v in zip(msg.more_ids, results[1:], values[1:], strict=True)
+                )
             for obj_id, before in versions.items():
                 operand = operands[obj_id]
                 tensor = operand.done.result()
@@ -195,9 +197,12 @@ class Compute:
             return
         for result, value in zip(results, values, strict=True):
             result.settle(value)
-        first, *rest = values
-        more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in rest]
-        ok = wire.Ok(list(first.shape), dtype_name(first.dtype), more)
+        first = values[0]
+        if msg.more_ids:
+            more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in values[1:]]
+            ok = wire.Ok(list(first.shape), dtype_name(first.dtype), more)
+        else:
+            ok = wire.Ok(list(first.shape), dtype_name(first.dtype))
         self.node.reply_durable(all_written(durable), source, rid, ok)
 
     def _fail(self, source: str, rid: bytes, results: list[Entry], e: BaseException) -> None:

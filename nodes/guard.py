@@ -139,7 +139,10 @@ def run(
                 for r, m in zip(outputs, metas, strict=True)
             )
     else:
-        outputs = kernels.results(kernels.run(op, args, kwargs), count)
+        value = kernels.run(op, args, kwargs)
+        if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
+            return (value if op in ALIASING else _unshared(value, args, kwargs),)
+        outputs = kernels.results(value, count)
     if op in ALIASING:
         return outputs
     return tuple(_unshared(r, args, kwargs) for r in outputs)

@@ -368,6 +368,7 @@ async def test_the_new_methods_work(bob: fedptr.Worker) -> None:
         assert await p.tolist() == x.tolist()
         values, indices = p.max(0)  # with a dim, torch's (values, indices): a pointer each
         assert torch.equal(await indices.get(), x.max(0).indices)  # type: ignore[arg-type]
+        assert torch.equal(await values.get(), x.max(0).values)  # type: ignore[arg-type]
 
 
 async def test_get_keeps_requires_grad(bob: fedptr.Worker) -> None:
