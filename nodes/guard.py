@@ -61,8 +61,53 @@ def check_results(op: str, count: int) -> None:
 def warm_up() -> None:
     """Load torch's meta kernels now, before the node registers: the first meta operation in a
     process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well)."""
+    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
+    `_compile_guards_off`."""
+    _compile_guards_off()
     (torch.empty(1, device="meta") * 2).sum()
+
+
+def _compile_guards_off() -> None:
+    """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
+    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+
+    torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
+    ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
+    "do not trace this under torch.compile" version of the kernel, and caches it on the kernel as
+    ``__dynamo_disable``. A node never compiles (nothing under fedptr calls torch.compile), so
+    the kernel itself is that version: cached here before the first call, the import never
+    happens. Kernels reached another way (some loss functions) still import it when first used.
+    If a torch release reshapes these wrappers, nothing is found and the node only pays the
+    import again (tests/test_imports.py notices)."""
+    # torch's own, which the first meta op loads anyway; the last fills the tables read below
+    import torch._compile
+    import torch._decomp
+    import torch._meta_registrations
+
+    wrapper_code = torch._compile._disable_dynamo(lambda: None).__code__
+    seen: set[int] = set()
+    todo: list[Any] = [
+        kernel
+        for table in ("meta", "post_autograd", "pre_autograd")  # those torch registers as meta kernels
+        for kernel in torch._decomp.global_decomposition_table[table].values()
+    ]
+    while todo:  # each kernel's layers of wrappers, through their closures
+        fn = todo.pop()
+        if id(fn) in seen or not hasattr(fn, "__code__"):
+            continue
+        seen.add(id(fn))
+        cells = dict(zip(fn.__code__.co_freevars, map(_contents, fn.__closure__ or ()), strict=True))
+        if fn.__code__ is wrapper_code and getattr(cells["fn"], "__dynamo_disable", None) is None:
+            cells["fn"].__dynamo_disable = cells["fn"]
+        todo.extend(v for v in cells.values() if callable(v))
+
+
+def _contents(cell: Any) -> Any:
+    """What a closure cell holds (None while it is still empty)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
 
 
 def _meta(value: Any) -> Any:
