@@ -77,6 +77,7 @@ _SUBMODULES = frozenset(
         "client",
         "cluster",
         "data",
+        "direct",
         "dp",
         "envelope",
         "errors",

@@ -22,31 +22,11 @@ from torch import nn
 from torch.func import functional_call
 
 from fedptr import limits
-from fedptr.errors import InvalidArgumentError, OpNotAllowedError
+from fedptr.errors import InvalidArgumentError
 from fedptr.opinfo import REGISTRY
-from fedptr.ops import ALIASING as ALIASING  # re-exported: the node decides taints by it
-from fedptr.ops import STRUCTURAL
+from fedptr.ops import ALIASING, STRUCTURAL
 
 from . import kernels
-
-WRITING_KEYWORDS = frozenset({"out", "inplace"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, and
-``inplace=`` of the functional ops): the policy knows only the first argument as written."""
-
-TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
-"""Names the first parameter of an aliasing operation goes by: its target is given by position."""
-
-
-def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
-    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
-    keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
-    such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
-    if writing:
-        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
-    if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
-        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
 
 
 def check_results(op: str, count: int) -> None:
@@ -145,7 +125,8 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
         if isinstance(v, torch.Tensor):
             if v.untyped_storage().data_ptr() == storage:
                 return True
-            if v.grad is not None and v.grad.untyped_storage().data_ptr() == storage:
+            grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
+            if grad is not None and grad.untyped_storage().data_ptr() == storage:
                 return True  # `grad` hands out a copy of the gradient, never the live one
         elif isinstance(v, nn.Module):
             if _shares(storage, v.parameters()):
