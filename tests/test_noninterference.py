@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +32,14 @@ import torch
 from fedptr.nodes.node import NodeConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.exposition import generate_latest
 from torch import nn
 from torch.nn import functional
+from typer.testing import CliRunner
 
 import fedptr
-from fedptr import ops, optim
+from fedptr import metrics, ops, optim
+from fedptr.cli import app
 from fedptr.pointer import remote_call
 
 from . import harness
@@ -303,7 +308,14 @@ class World:
 async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
     torch.manual_seed(0)  # the client's models and any op on torch's default generator: the same in both worlds
     data = {"bob": {"secret": {"x": secret.reshape(SHAPE), "y": np.array([0, 1, 2, 1], dtype=np.int64)}}}
-    configs = {"bob": NodeConfig(trust=["alice"]), "alice": NodeConfig(trust=["bob"])}
+    # bob keeps a store directory for its audit log (`fedptr audit` reads it there); on tmpfs,
+    # where its fsyncs cost nothing
+    with tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as store:
+        configs = {"bob": NodeConfig(trust=["alice"], store_dir=store), "alice": NodeConfig(trust=["bob"])}
+        return await _run_in(program, configs, data, store)
+
+
+async def _run_in(program: list[tuple[Any, ...]], configs: dict[str, NodeConfig], data: Any, store: str) -> list[Any]:
     async with harness.cluster(WORKERS, configs=configs, data=data) as c:
         world = World(c)
         world.tensors += await c.worker("bob").search("secret")
@@ -328,6 +340,11 @@ async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> 
         for name in WORKERS:
             await c.worker(name).objects()
         world.seen += [("figures", name, _figures(c.node(name))) for name in WORKERS]
+        world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in WORKERS]
+        assert c.broker is not None
+        world.seen.append(("metrics", "broker", _scrape(c.broker.stats.collect)))
+        world.seen.append(("status --json", await _status(c)))
+        world.seen.append(("audit --json", _audit(store)))
         return world.seen
 
 
@@ -345,6 +362,40 @@ pointer chains in the background (its last digit depends on when the figures are
 def _figures(node: Any) -> Any:
     figures = node.figures.figures()
     return {k: figures[k] for k in FIGURES}
+
+
+SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+_TIMING = re.compile(r'^(?:process_\w+|\w+_seconds_(?:bucket|sum)\{[^}]*\}) .*$\n?|("(?:heard_ms|uptime_s|rss_bytes)": )[\d.]+', re.M)
+"""What legitimately differs between two runs of one program, whatever the data: how long things
+took (latency histograms' buckets and sums, heartbeat ages, uptime) and the memory and CPU time
+of this process (the process collector's ``process_*`` and a node's ``rss_bytes``). Latency
+histograms keep their ``_count`` (how many requests of each kind were answered)."""
+
+
+def _untimed(text: str) -> str:
+    return _TIMING.sub(lambda m: f"{m[1]}<timing>" if m[1] else "", text)
+
+
+def _scrape(collect: Callable[[], Any]) -> str:
+    """The exposition text a Prometheus scrape of ``--metrics-port`` gets (`metrics.registry`)."""
+    return _untimed(generate_latest(metrics.registry(collect)).decode())
+
+
+async def _status(c: harness.InprocCluster) -> str:
+    """``fedptr status ADDRESS --json`` as the command line prints it (run in a thread: it runs
+    its own event loop; inproc endpoints are the process's, so it reaches the harness's broker)."""
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["status", c.address, "--json"])
+    text = result.output.replace(c.address, "<address>")  # each world's cluster has its own endpoint
+    return _masked(_untimed(f"exit {result.exit_code}\n{text}"))
+
+
+def _audit(store: str) -> str:
+    """``fedptr audit STORE --json``: bob's record of what left its node."""
+    result = CliRunner().invoke(app, ["audit", store, "--json"])
+    untimed = re.sub(r'"time": "[^"]*"', '"time": "<timing>"', result.output)  # when: the wall clock
+    return _masked(f"exit {result.exit_code}\n{untimed}")
 
 
 async def _step_in(w: World, step: tuple[Any, ...]) -> None:
