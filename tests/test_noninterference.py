@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import re
 import tempfile
@@ -374,8 +373,9 @@ SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 _TIMING = re.compile(
     r"^(?:process_\w+|\w+_seconds_(?:bucket|sum)\{[^}]*\}) .*$\n?"
-    r"|^(fedptr_(?:(?:messages|bytes)_(?:in|out)|broker_messages)_total\{[^}]*\} ).*$"
-    r'|("(?:heard_ms|uptime_s|rss_bytes|(?:messages|bytes)_(?:in|out))": )[\d.]+',
+    r"|^(fedptr_(?:(?:messages|bytes)_(?:in|out)|broker_messages|broker_routed)_total\{[^}]*\} "
+    r'|fedptr_node_requests_total\{kind="Delete",[^}]*\} ).*$'
+    r'|("(?:heard_ms|uptime_s|rss_bytes|(?:messages|bytes)_(?:in|out)|requests|routed|delivered)": )[\d.]+',
     re.M,
 )
 """What legitimately differs between two runs of one program, whatever the data: how long things
@@ -383,8 +383,11 @@ took (latency histograms' buckets and sums, heartbeat ages, uptime), the memory 
 this process (the process collector's ``process_*``, a node's ``rss_bytes``), and the traffic
 counts of every frame (messages and bytes in and out, the broker's multiparts by command): they
 count heartbeats, sent on a 1 s timer, and batches, one per loop turn, so they depend on how long
-a program ran. Latency histograms keep their ``_count`` (requests of each kind answered); what
-a message carries is compared as the value or error it is."""
+a program ran. And the deletes of dropped pointers (the nodes' Delete requests, and the totals
+that count them: requests, messages routed and delivered): a pointer in a reference cycle is
+deleted when a collection frees it, which depends on allocation, not data (`FIGURES`' objects
+count what they delete). Latency histograms keep their ``_count`` (requests of each kind
+answered); what a message carries is compared as the value or error it is."""
 
 
 def _untimed(text: str) -> str:
