@@ -386,8 +386,9 @@ count heartbeats, sent on a 1 s timer, and batches, one per loop turn, so they d
 a program ran. And the deletes of dropped pointers (the nodes' Delete requests, and the totals
 that count them: requests, messages routed and delivered): a pointer in a reference cycle is
 deleted when a collection frees it, which depends on allocation, not data (`FIGURES`' objects
-count what they delete; the Delete line goes, since where it first appears orders the kinds). Latency histograms keep their ``_count`` (requests of each kind
-answered); what a message carries is compared as the value or error it is."""
+count what they delete; the Delete line goes, since where it first appears orders the kinds).
+Latency histograms keep their ``_count`` (requests of each kind answered); what a message
+carries is compared as the value or error it is."""
 
 
 def _untimed(text: str) -> str:
