@@ -85,6 +85,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "layernorm": lambda: nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, CLASSES)),
     "batchnorm": lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, CLASSES)),
     "buffer": lambda: _WithBuffer(),
+    "batchnorm-1d": lambda: _Channels(),
 }
 
 
@@ -99,6 +100,20 @@ class _WithBuffer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.copy_(x.detach().float().mean(0))
         return self.lin(x)
+
+
+class _Channels(nn.Module):
+    """BatchNorm over two values per channel: a sample computed alone still trains it, and its
+    forward writes the running statistics from that sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 6)
+        self.norm = nn.BatchNorm1d(3)
+        self.out = nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.lin(x).reshape(-1, 3, 2)).flatten(1))
 
 
 # --- the nodes' randomness, the same in both worlds ------------------------------------------
