@@ -45,7 +45,7 @@ from fedptr.pointer import remote_call
 
 from . import harness
 
-EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "800"))
 WORKERS = ("bob", "alice", "eve")
 """bob owns the private data and trusts alice with it; eve is trusted by no one."""
 SHAPE = (4, 3)
