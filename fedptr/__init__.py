@@ -76,6 +76,7 @@ _SUBMODULES = frozenset(
         "client",
         "cluster",
         "data",
+        "direct",
         "dp",
         "envelope",
         "errors",

@@ -609,6 +609,25 @@ class NodeStatsReply(Message):
     budget: dict[str, int | float] = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DirectOffer(Message):
+    """peer -> worker, through the broker: open a direct data path to me; I connect with the
+    CURVE public key `key` (z85). The worker's link answers it (never its node): DirectTicket."""
+
+    KIND: ClassVar[int] = 58
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DirectTicket(Message):
+    """Where the worker's direct data socket listens and its CURVE public key (z85); both empty
+    when it has none (the peer's chunks then go through the broker)."""
+
+    KIND: ClassVar[int] = 59
+    endpoint: str
+    key: bytes
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     Put,
     PutPointer,
@@ -651,6 +670,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SecAggMasked,
     SecAggUnmask,
     SecAggUnmasked,
+    DirectOffer,
+    DirectTicket,
 )
 _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"

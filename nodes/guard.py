@@ -21,42 +21,63 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedptr.errors import OpNotAllowedError
-from fedptr.ops import MUTATING
-
 from . import kernels
-
-ALIASING = MUTATING | {"parameter", "state"}
-"""Operations whose result is (part of) their first operand by design: they share its taint."""
+from .policy import ALIASING
 
 STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
 """Operations that read no value into a size: no meta run; a failure is refused generically."""
-
-WRITING_KEYWORDS = frozenset({"out", "inplace"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, and
-``inplace=`` of the functional ops): the policy knows only the first argument as written."""
-
-TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
-"""Names the first parameter of an aliasing operation goes by: its target is given by position."""
-
-
-def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
-    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
-    keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
-    such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
-    if writing:
-        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
-    if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
-        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
 
 
 def warm_up() -> None:
     """Load torch's meta kernels now, before the node registers: the first meta operation in a
     process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well)."""
+    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
+    `_compile_guards_off`."""
+    _compile_guards_off()
     (torch.empty(1, device="meta") * 2).sum()
+
+
+def _compile_guards_off() -> None:
+    """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
+    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+
+    torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
+    ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
+    "do not trace this under torch.compile" version of the kernel, and caches it on the kernel as
+    ``__dynamo_disable``. A node never compiles (nothing under fedptr calls torch.compile), so
+    the kernel itself is that version: cached here before the first call, the import never
+    happens. Kernels reached another way (some loss functions) still import it when first used.
+    If a torch release reshapes these wrappers, nothing is found and the node only pays the
+    import again (tests/test_imports.py notices)."""
+    # torch's own, which the first meta op loads anyway; the last fills the tables read below
+    import torch._compile
+    import torch._decomp
+    import torch._meta_registrations
+
+    wrapper_code = torch._compile._disable_dynamo(lambda: None).__code__
+    seen: set[int] = set()
+    todo: list[Any] = [
+        kernel
+        for table in ("meta", "post_autograd", "pre_autograd")  # those torch registers as meta kernels
+        for kernel in torch._decomp.global_decomposition_table[table].values()
+    ]
+    while todo:  # each kernel's layers of wrappers, through their closures
+        fn = todo.pop()
+        if id(fn) in seen or not hasattr(fn, "__code__"):
+            continue
+        seen.add(id(fn))
+        cells = dict(zip(fn.__code__.co_freevars, map(_contents, fn.__closure__ or ()), strict=True))
+        if fn.__code__ is wrapper_code and getattr(cells["fn"], "__dynamo_disable", None) is None:
+            cells["fn"].__dynamo_disable = cells["fn"]
+        todo.extend(v for v in cells.values() if callable(v))
+
+
+def _contents(cell: Any) -> Any:
+    """What a closure cell holds (None while it is still empty)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
 
 
 def _meta(value: Any) -> Any:
@@ -94,7 +115,8 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
         if isinstance(v, torch.Tensor):
             if v.untyped_storage().data_ptr() == storage:
                 return True
-            if v.grad is not None and v.grad.untyped_storage().data_ptr() == storage:
+            grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
+            if grad is not None and grad.untyped_storage().data_ptr() == storage:
                 return True  # `grad` hands out a copy of the gradient, never the live one
         elif isinstance(v, nn.Module):
             if _shares(storage, v.parameters()):

@@ -20,7 +20,7 @@ from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
 from fedptr.ops import AGGREGATES, ALLOWED
 
-from . import guard
+from . import policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ def validate(msg: wire.PutPlan) -> Plan:
             raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs]")
         if name not in ALLOWED or name in AGGREGATES:
             raise OpNotAllowedError("", f"operation {str(name)[:64]!r} is not allowed in a plan")
-        guard.check_call(name, args, kwargs, lambda v: type(v) is wire.Ref)
+        policy.check_call(name, args, kwargs, lambda v: type(v) is wire.Ref)
         found: set[int] = set()
         wire.refs(args, found)
         wire.refs(kwargs, found)

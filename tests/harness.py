@@ -95,6 +95,11 @@ class InprocCluster:
         options = {"timeout": self.call_timeout, "heartbeat_s": self.heartbeat_s, "liveness": self.liveness} | options
         return fedptr.connect(self.address, **options)
 
+    def client_keys(self, index: int = 0) -> None:
+        """No CURVE in-process (as `fedptr.Cluster.client_keys` with ``curve=False``): a raw
+        socket on this cluster connects without keys."""
+        return None
+
     # --- the broker ----------------------------------------------------------------------
     def start_broker(self) -> None:
         """A new broker on the cluster's endpoint: it knows no one, and every peer registers

@@ -27,6 +27,8 @@ from torch import nn
 import fedptr
 from fedptr import aggregate, dp, wire
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 EPSILON = 3.0
 SECRET = np.random.default_rng(7).normal(size=(16, 4)).astype(np.float32)

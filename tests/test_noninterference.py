@@ -525,6 +525,7 @@ def _frozen_heap() -> Iterator[None]:
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow  # EXAMPLES programs, each on fresh twin clusters: minutes
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(program=programs, world_a=secrets, shift=shifts)
 def test_what_a_client_observes_does_not_depend_on_private_data(

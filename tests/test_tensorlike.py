@@ -497,6 +497,7 @@ async def test_adam_and_momentum_match_torch(bob: fedptr.Worker) -> None:
                 assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+@pytest.mark.slow  # a process cluster
 async def test_cluster_start_and_stop_without_a_with_block() -> None:
     async with asyncio.timeout(DEADLINE_S):
         cluster = await fedptr.local_cluster(["solo"]).start()
@@ -509,6 +510,7 @@ async def test_cluster_start_and_stop_without_a_with_block() -> None:
         await cluster.stop()  # idempotent
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_submodules_are_attributes_and_the_package_import_stays_light() -> None:
     code = (
         "import sys, fedptr; assert 'torch' not in sys.modules; "
