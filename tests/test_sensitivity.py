@@ -399,6 +399,7 @@ def _twins(draw: st.DrawFn) -> tuple[Program, Canary, Canary]:
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.slow  # EXAMPLES pairs of clusters with budgets and stores: about 30 to 45 s
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(twins=_twins())
 def test_dp_outputs_move_by_at_most_the_sensitivity(twins: tuple[Program, Canary, Canary]) -> None:
