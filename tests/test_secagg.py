@@ -358,12 +358,16 @@ def release_errors(n: int, min_survivors: int, dropped: Collection[str], trials:
 
 
 def assert_unbiased(errors: np.ndarray) -> None:
-    """No coordinate's mean error is beyond 4.5 standard errors (about 1 in 150,000 by chance
-    for one coordinate, under 1 in 200 for all 650), nor the mean over all of them."""
+    """No coordinate's mean error is beyond `UNBIASED_Z` standard errors, nor the mean over all."""
     trials = errors.shape[0]
     z = errors.mean(0) / (errors.std(0, ddof=1) / math.sqrt(trials))
-    assert float(np.abs(z).max()) < 4.5, (int(np.abs(z).argmax()), float(np.abs(z).max()))
-    assert abs(float(errors.mean())) < 4.5 * float(errors.std()) / math.sqrt(errors.size)
+    assert float(np.abs(z).max()) < UNBIASED_Z, (int(np.abs(z).argmax()), float(np.abs(z).max()))
+    assert abs(float(errors.mean())) < UNBIASED_Z * float(errors.std()) / math.sqrt(errors.size)
+
+
+UNBIASED_Z = 5.5
+"""By chance (t with 199 degrees of freedom) one coordinate is beyond it with probability 1.2e-7:
+1 in 2,000 for the test's 6 x 650 coordinates; a ring that wraps biases the first by z 7.6."""
 
 
 @pytest.mark.parametrize(
