@@ -275,6 +275,10 @@ STATUS_WIDE_COLUMNS = 140
 to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
 stays on one line."""
 
+OK_HEADER_TABLE_SIZE = 1024
+"""Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
+encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""
+
 STATS_MAX_PENDING = 10_000
 """Requests a node times at once for its latency figures; past it the oldest are forgotten."""
 
