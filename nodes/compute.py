@@ -66,8 +66,7 @@ class Compute:
         """Run one operation here (its result's entry and taint made now), release an aggregate,
         or forward the operation to the worker its operands point to."""
         try:
-            entries = self._operands(msg, source)
-            location = next((e.location for e in entries.values()), None)
+            entries, location = self._operands(msg, source)
             if location is None and msg.op in AGGREGATES:
                 self.node.release.aggregate(source, rid, msg, entries)
                 return
@@ -101,24 +100,34 @@ class Compute:
             raise
         forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
 
-    def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
+    def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None]:
+        """The op's stored operands by id, each checked against its owner and sponsor, and the
+        worker they point to (None: they are here). One pass: this runs for every op."""
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
         ids: set[int] = set()
         wire.refs(msg.args, ids)
-        wire.refs(msg.kwargs, ids)
-        entries = {i: self.store.get(i, source) for i in ids}
-        for i, e in entries.items():
-            self.store.check_principal(i, e, msg.sponsor or source)
-        locations = {e.location or self.name for e in entries.values()}
+        if msg.kwargs:
+            wire.refs(msg.kwargs, ids)
+        principal = msg.sponsor or source
+        entries: dict[int, Entry] = {}
+        locations: set[str] = set()
+        location: str | None = None
+        failed: BaseException | None = None
+        for i in ids:
+            e = entries[i] = self.store.get(i, source)
+            self.store.check_principal(i, e, principal)
+            location = e.location
+            locations.add(location or self.name)
+            if location is not None and e.done.done() and e.done.exception() is not None:
+                failed = e.done.exception()  # a pointer whose hop failed
         if len(locations) > 1:
             a, b = sorted(locations)[:2]
             raise LocationMismatchError(f"operands live on different workers: {a!r} and {b!r}")
-        for e in entries.values():
-            if e.is_pointer and e.done.done() and e.done.exception() is not None:
-                raise e.done.exception()  # type: ignore[misc]
-        return entries
+        if failed is not None:
+            raise failed
+        return entries, location
 
     def _result_taint(
         self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
