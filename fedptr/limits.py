@@ -275,6 +275,11 @@ STATUS_WIDE_COLUMNS = 140
 to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
 stays on one line."""
 
+GUARD_META_TABLE_SIZE = 4096
+"""Signatures (an op, its operands' shapes and dtypes, its other arguments) whose meta-run result
+a node keeps (nodes/guard.py): a private op met again skips its meta run (tens of µs); past it,
+new signatures run on the meta device each time."""
+
 OK_HEADER_TABLE_SIZE = 1024
 """Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
 encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""

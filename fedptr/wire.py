@@ -682,7 +682,8 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
-_SCALARS = (bool, int, float, str, RawTensor, Ref, type(None))
+_SCALARS = frozenset({bool, int, float, str, RawTensor, Ref, type(None)})
+"""Exact types of the leaves of a value (a set: a tuple is searched by equality, one type at a time)."""
 
 
 def _check_value(v: Any, depth: int = 0) -> bool:

@@ -8,6 +8,11 @@ then computes the value; if it fails for a reason the meta run could not see (a 
 index out of range, an integer division by a private zero), the result is zeros of the meta
 shape instead of an error, so success itself tells nothing. The result stays private either way.
 
+The meta run is a function of public facts only, so its outcome is kept by those facts
+(`_META`: the op, its tensors' shapes and dtypes, every other argument exactly): a private op
+met before with the same signature takes its result's shape and dtype from the table instead
+of a new meta run (tens of µs each). Only successes are kept; a refusal is decided anew.
+
 Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
 stored value never shares memory with another entry behind the policy's back.
 """
@@ -20,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from fedptr import limits
 
 from . import kernels
 from .policy import ALIASING
@@ -108,6 +115,42 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tenso
     return kernels.run(op, _meta(args), _meta(kwargs))
 
 
+Signature = tuple[Any, ...]
+
+_META: dict[Signature, tuple[torch.Size, torch.dtype]] = {}
+"""The meta run's result (shape, dtype) by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
+
+
+class _Unkeyed(Exception):
+    """An argument the table cannot key exactly (a model: its meta run reads its state)."""
+
+
+def _signature(op: str, args: list[Any], kwargs: dict[str, Any]) -> Signature | None:
+    """Everything `meta_result` reads of a call, as a key; None when it reads more (a model)."""
+    try:
+        return (op, _key(args), _key(kwargs))
+    except _Unkeyed:
+        return None
+
+
+def _key(value: Any) -> Any:
+    """`value` as the meta run sees it: a tensor by its shape and dtype, any other leaf by its
+    type and value (``1``, ``1.0`` and ``True`` steer torch differently; a float by its bits,
+    so that ``-0.0`` is not ``0.0``)."""
+    t = type(value)
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, tuple(value.shape), value.dtype)
+    if t is list:
+        return (list, *[_key(v) for v in value])
+    if t is dict:
+        return (dict, *[(k, _key(v)) for k, v in value.items()])
+    if t is float:
+        return (float, value.hex())
+    if t in (int, bool, str, type(None), torch.dtype, torch.device):
+        return (t, value)
+    raise _Unkeyed
+
+
 def _shares(storage: int, values: Iterable[Any]) -> bool:
     """Whether any tensor in `values` (or a gradient, or a model's parameter, nested in lists
     and dicts) has its data at `storage`."""
@@ -129,6 +172,28 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
     return False
 
 
+def _meta_of(
+    op: str, args: list[Any], kwargs: dict[str, Any], refuse: Callable[[], Exception]
+) -> tuple[torch.Size, torch.dtype] | None:
+    """The shape and dtype the meta run gives `op` (None for a structural op), from `_META` when
+    this signature ran before; raises `refuse()` when the meta run fails."""
+    if op in STRUCTURAL:
+        return None
+    signature = _signature(op, args, kwargs)
+    known = _META.get(signature) if signature is not None else None
+    if known is not None:
+        return known
+    try:
+        meta = meta_result(op, args, kwargs)
+    except Exception:
+        raise refuse() from None
+    assert meta is not None
+    known = (meta.shape, meta.dtype)
+    if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
+        _META[signature] = known
+    return known
+
+
 def run(
     op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception]
 ) -> torch.Tensor:
@@ -136,18 +201,15 @@ def run(
     the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
     in `ALIASING`."""
     if private:
-        try:
-            meta = meta_result(op, args, kwargs)
-        except Exception:
-            raise refuse() from None
+        meta = _meta_of(op, args, kwargs, refuse)
         try:
             result = kernels.run(op, args, kwargs)
         except Exception:
             if meta is None:
                 raise refuse() from None
-            result = torch.zeros(meta.shape, dtype=meta.dtype)
-        if meta is not None and (result.shape != meta.shape or result.dtype != meta.dtype):
-            result = torch.zeros(meta.shape, dtype=meta.dtype)  # a shape that depends on values
+            result = torch.zeros(meta[0], dtype=meta[1])
+        if meta is not None and (result.shape != meta[0] or result.dtype != meta[1]):
+            result = torch.zeros(meta[0], dtype=meta[1])  # a shape that depends on values
     else:
         result = kernels.run(op, args, kwargs)
     if op not in ALIASING and result.numel():
