@@ -24,7 +24,7 @@ import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
 
 import msgpack
 
@@ -827,11 +827,11 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
 def _ok_header(msg: Ok) -> bytes:
     """`msg` encoded, from `_OK_HEADERS` when it was met before (up to `limits.OK_HEADER_TABLE_SIZE`)."""
     key = (tuple(msg.shape), msg.dtype)
-    header = _OK_HEADERS.get(key)
-    if header is not None:
-        return header
-    [header] = _encode(msg, 0)
-    assert type(header) is bytes
+    known = _OK_HEADERS.get(key)
+    if known is not None:
+        return known
+    [frame] = _encode(msg, 0)  # an Ok holds no tensor: its header is all of it
+    header = bytes(frame)
     # only int shapes are kept: a shape of bools or floats (which no node sends, and no peer
     # accepts) equal to an int one (True == 1 == 1.0) then at worst finds that one's encoding
     if len(_OK_HEADERS) < limits.OK_HEADER_TABLE_SIZE and all(type(d) is int for d in key[0]):
@@ -865,9 +865,9 @@ def _encode(msg: Message, budget_ms: int) -> list[bytes | memoryview]:
 
 
 # --- decode ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """A decoded body: the message and the deadline budget its sender gave (ms, 0 = none)."""
+class Decoded(NamedTuple):
+    """A decoded body: the message and the deadline budget its sender gave (ms, 0 = none). A
+    named tuple, like `envelope.Envelope`: one is built for every message received."""
 
     message: Message
     budget_ms: int
@@ -931,7 +931,8 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         raise ProtocolError(f"{len(frames) - 1 - len(used)} buffer frames are not referenced by the header")
     fields = _FIELDS[cls]
     given = values[2 : 2 + len(fields)]  # values past the known fields are ignored
-    for (name, check, _), v in zip(fields, given):  # positional, no keyword dict: runs for every message
+    # positional, no keyword dict: this runs for every message; a short `given` leaves the rest
+    for (name, check, _), v in zip(fields, given, strict=False):
         if not check(v):
             raise ProtocolError(f"{cls.__name__}.{name} has a bad value of type {type(v).__name__}")
     if len(given) < len(fields) and fields[len(given)][2]:  # no required field follows an optional one

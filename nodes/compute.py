@@ -280,9 +280,9 @@ class Compute:
             except Exception as e:
                 error = e
         for key, before in versions.items():
-            entry = run.inputs[key]
-            if entry.done.result()._version != before:
-                durable.append(self.store.persist(key if run.ids is None else run.ids[key], entry, entry.done.result()))
+            value = values[key]  # the input tensor the run read (its entry's value)
+            if value._version != before:
+                durable.append(self.store.persist(key if run.ids is None else run.ids[key], run.inputs[key], value))
         if error is not None:
             err = error if isinstance(error, FedptrError) else _remote(error, self.name)
             for _, _, result in run.outputs:
