@@ -235,6 +235,10 @@ live until it is answered; at 700 the collector ran every ~25 ops, traversing th
 (~15% of the node's CPU per op once the start-up heap is frozen). Cyclic garbage waits longer:
 memory, not correctness."""
 
+HEAP_TRIM_DELAY_S = 1.0
+"""After a client leaves, how long (s) a node or the broker waits before it gives the free pages
+of its malloc heaps back to the OS (`fedptr/heap.py`); departures meanwhile share the trim."""
+
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000
 """Most registered names (workers and clients) a broker keeps."""

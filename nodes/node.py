@@ -410,6 +410,7 @@ class Node:
         if removed:
             log.info("reclaimed %d objects of %d clients that left", len(removed), len(departed))
             self.delete_downstream(removed)
+        self.scheduler.trim_heap_soon()  # what they held is freed to malloc, not yet to the OS
 
     def _clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
         self.delete_downstream(self.store.clear(source))
