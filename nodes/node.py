@@ -37,6 +37,7 @@ from fedptr.errors import (
     OpNotAllowedError,
     OverloadedError,
     PermissionDenied,
+    QuotaExceededError,
     RemoteError,
 )
 from fedptr.failures import failure_from_error, with_hop
@@ -87,6 +88,9 @@ class NodeConfig:
     """C: the L2 bound this owner clips its contributions to."""
     dp_noise_multiplier: float = limits.DP_NOISE_MULTIPLIER
     """sigma: the noise multiplier this owner charges a contribution for."""
+    max_client_objects: int = limits.CLIENT_MAX_OBJECTS
+    max_client_bytes: int = limits.CLIENT_MAX_BYTES
+    """Each client's quota here: objects, and their tensor bytes (0: no cap)."""
 
 
 EXIT_DISK_FAILED = 74
@@ -140,7 +144,14 @@ class Node:
         self.link = link
         self.config = config or NodeConfig()
         durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
-        self.store = Store(name, self.config.max_store_bytes, durable, functools.partial(fail_stop, name))
+        self.store = Store(
+            name,
+            self.config.max_store_bytes,
+            durable,
+            functools.partial(fail_stop, name),
+            self.config.max_client_objects,
+            self.config.max_client_bytes,
+        )
         self.policy = policy.PolicyConfig(
             name,
             frozenset(self.config.trust),
@@ -237,6 +248,11 @@ class Node:
                 return
         waiting = self._ordered.get(source)
         if waiting is not None:
+            if len(waiting) >= limits.CLIENT_MAX_QUEUED_REQUESTS and rid != envelope.NO_REPLY:
+                # its share is used up: refuse it rather than let one client pause everyone's reads
+                quota = limits.CLIENT_MAX_QUEUED_REQUESTS
+                self.reply_error(source, rid, QuotaExceededError("", f"{quota} requests of {source!r} already queued"))
+                return
             waiting.append((rid, decoded))
             self._queued += 1
             if self._queued >= limits.NODE_MAX_ORDERED:
@@ -653,6 +669,7 @@ class Node:
                 self.store.check_principal(obj_id, e, source)
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            self.store.admit(source, len(msg.result_ids))  # all its outputs are stored, or none
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -766,7 +783,7 @@ class Node:
         failed = Entry.tensor(owner=source)
         failed.sponsor = sponsor
         failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-        with contextlib.suppress(InvalidArgumentError):
+        with contextlib.suppress(InvalidArgumentError, QuotaExceededError):  # then not found, as failed
             self.store.add(result_id, failed)
 
     # --- differential privacy ----------------------------------------------------------
