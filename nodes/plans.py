@@ -4,7 +4,7 @@ A plan (PySyft's Part 8) arrives as `wire.PutPlan` and is checked here, in full,
 kept: every operation is on the allow-list (aggregates excepted: they are released one by one),
 every reference names an earlier slot, every output an operation's result. A run
 (`wire.RunPlan`) is one message; the node runs it exactly as it runs the same operations sent
-one at a time (nodes/node.py): each result's taint is decided as the run arrives, by the same
+one at a time (nodes/compute.py): each result's taint is decided as the run arrives, by the same
 rule, and each value is computed through the same guard. Only the intermediate results differ:
 they are never stored, listed or fetchable, and leave nothing to delete.
 

@@ -368,4 +368,4 @@ class _Round:
             {o: masked[o].epsilon_left for o in survivors},
             {o: r for o, r in self.dropped.items() if o not in request.survivors},
         )
-        node._store_new(source, rid, msg.result_id, result, reply)
+        node.objects.store_new(source, rid, msg.result_id, result, reply)

@@ -41,7 +41,7 @@ async def running(
     node = Node(name, link, config)
     # wired before registering: a request may arrive in the same read as the acceptance
     link.handler = node.handle
-    link.on_session_ended = node.reclaim
+    link.on_session_ended = node.objects.reclaim
     if before_register is not None:
         before_register(node)
     async with link:

@@ -406,3 +406,13 @@ ANYONE = "*"
 """Owner of a worker's own data: any peer may compute on it (its privacy policy still applies)."""
 
 log = logging.getLogger("fedptr.node.store")
+
+
+def all_written(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:
+    """One future for the writes in `durable` that there are (None: nothing to wait for)."""
+    futures = [f for f in durable if f is not None]
+    if not futures:
+        return None
+    if len(futures) == 1:
+        return futures[0]
+    return asyncio.gather(*futures)

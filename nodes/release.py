@@ -1,0 +1,146 @@
+"""Differential-privacy releases: a data owner's contributions (M1) and DP-SGD (M2), its
+budget, and an aggregator's release of the noised mean of contributions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedptr import wire
+from fedptr.errors import FedptrError, InvalidArgumentError, PermissionDenied
+from fedptr.failures import with_hop
+from fedptr.tensors import dtype_name, from_raw, to_raw
+
+from . import audit, mechanisms, policy
+from .store import Entry, all_written
+
+if TYPE_CHECKING:
+    from .node import Node
+
+
+class Release:
+    """The DP handlers of one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.name = node.name
+        self.config = node.config
+        self.store = node.store
+        self.policy = node.policy
+        self.budget = node.budget
+        self.audit = node.audit
+        self.scheduler = node.scheduler
+
+    def contribute(self, source: str, rid: bytes, msg: wire.Contribute, budget: float) -> None:
+        """M1 at a data owner: clip, charge, and send a single-use contribution to an aggregator."""
+        entry = self.store.get(msg.obj_id, source)
+        others = [o for o in entry.taint.owners if o != self.name]
+        if others:
+            raise PermissionDenied(others[0], f"a contribution of {self.name!r} may derive from its own data only")
+        if msg.aggregator not in self.policy.trust:
+            raise PermissionDenied(self.name, f"{self.name!r} does not trust {msg.aggregator!r} with contributions")
+
+        async def answer() -> None:
+            value = await entry.done
+            if not isinstance(value, torch.Tensor) or entry.location is not None:
+                raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
+            clipped = mechanisms.clip(value, self.config.dp_clip)
+            spent = await self.scheduler.offload(self.budget.charge, self.config.dp_noise_multiplier, 1.0, 1)
+            self.audit.record(audit.CONTRIBUTION, source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
+            put = wire.PutContribution(
+                msg.new_id, to_raw(clipped), self.config.dp_clip, self.config.dp_noise_multiplier, source
+            )
+            try:
+                await self.node.forward(msg.aggregator, put, budget)
+            except FedptrError as e:
+                raise with_hop(e, self.name) from None
+            self.node.reply(source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+
+        self.node.spawn(answer(), source, rid)
+
+    def put_contribution(self, source: str, rid: bytes, msg: wire.PutContribution, budget: float) -> None:
+        """M1 at the aggregator: keep a contribution of a roster owner, read-only and single-use."""
+        if not self.policy.aggregator or source not in self.policy.owners:
+            raise PermissionDenied(source, f"{self.name!r} takes contributions only from its roster of data owners")
+        if not (msg.clip > 0 and msg.noise_multiplier > 0):
+            raise InvalidArgumentError("a contribution needs a clip bound and a noise multiplier above 0")
+        value = from_raw(msg.tensor)
+        entry = Entry.tensor(value, msg.owner, policy.Taint({source: frozenset({self.name})}))
+        entry.readonly = source
+        entry.contribution = mechanisms.Contribution(source, msg.clip, msg.noise_multiplier)
+        self.node.objects.store_new(source, rid, msg.obj_id, entry, wire.Ok(list(value.shape), msg.tensor.dtype))
+
+    def dp_train(self, source: str, rid: bytes, msg: wire.DPTrain, budget: float) -> None:
+        """M2: DP-SGD on this node's own data; every step is charged before it runs."""
+        model_entry = self.store.get(msg.model_id, source)
+        data = [self.store.get(i) for i in (msg.x_id, msg.y_id)]
+        if any(e.readonly != self.name for e in data):
+            raise PermissionDenied(self.name, "DP-SGD trains on this node's own private data only (found by search)")
+        if model_entry.taint:
+            raise PermissionDenied(
+                model_entry.taint.owners[0], "this model already derives from private data outside DP-SGD"
+            )
+
+        async def answer() -> None:
+            try:
+                model = await model_entry.done
+                x, y = data[0].done.result(), data[1].done.result()
+                if not isinstance(model, torch.nn.Module) or len(x) != len(y):
+                    raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
+                mechanisms.check_run(msg, len(x))
+                mechanisms.check_per_sample(model)
+                spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
+            except Exception as e:
+                self.node.reply_error(source, rid, e)
+                return
+            self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
+            model_entry.released = "dp"
+            durable = self.store.persist(msg.model_id, model_entry, model)
+            self.node.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+
+        self.node.compute_later(answer(), source)  # it trains the model in place: later requests wait
+
+    def _train_charged(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        config: wire.DPTrain,
+        taint: policy.Taint,
+    ) -> float:
+        """On a worker thread: check the run from shapes alone, charge every step, then train."""
+        try:
+            mechanisms.check_model(model, x, y, config)
+        except Exception:
+            raise policy.refuse_op(taint, "dp_train", []) from None
+        spent = self.budget.charge(config.noise_multiplier, config.sample_rate, config.steps)
+        mechanisms.dp_sgd(model, x, y, config)
+        return spent
+
+    def report_budget(self, source: str, rid: bytes, msg: wire.Budget, budget: float) -> None:
+        self.node.reply(source, rid, wire.BudgetReply(self.name, self.budget.spent, self.budget.left))
+
+    def aggregate(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry]) -> None:
+        """M1 at the aggregator: the noised mean of single-use contributions, released."""
+        if not self.policy.aggregator:
+            raise PermissionDenied(self.name, f"{self.name!r} is not an aggregator; nothing is released here")
+        refs = msg.args[0] if len(msg.args) == 1 and type(msg.args[0]) is list else None
+        if msg.op != "aggregate_mean" or refs is None or msg.kwargs or not all(type(r) is wire.Ref for r in refs):
+            raise InvalidArgumentError("aggregate_mean takes one list of contributions")
+        chosen = [entries[r.obj_id] for r in refs]  # type: ignore[union-attr]
+        if len({id(e) for e in chosen}) != len(chosen) or any(e.contribution is None for e in chosen):
+            raise PermissionDenied(self.name, "an aggregate takes distinct DP contributions only (fedptr.dp)")
+        values = [e.done.result() for e in chosen]
+        contributions = [e.contribution for e in chosen if e.contribution is not None]
+        mean = mechanisms.release_mean(values, contributions, self.policy.owners, self.policy.min_owners)
+        for r in refs:
+            self.store.discard(r.obj_id)  # type: ignore[union-attr]  # single use
+        result = Entry.tensor(mean, source)
+        result.released = "dp"
+        self.store.add(msg.result_id, result)
+        # the reply waits for the contributions' removal too: an acknowledged release has used them up
+        durable = all_written([self.store.commit(msg.result_id, result, mean), self.store.barrier()])
+        owners = sorted(c.owner for c in contributions)
+        self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
+        self.node.reply_durable(durable, source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))
