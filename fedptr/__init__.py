@@ -82,6 +82,7 @@ _SUBMODULES = frozenset(
         "errors",
         "failures",
         "graphs",
+        "heap",
         "limits",
         "link",
         "logs",
