@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -303,8 +304,16 @@ def _train_step(
     return step
 
 
+class FedptrCurve(Fedptr):
+    """Every case, CURVE on (the default); the broker-alone and memory figures are the CURVE-off
+    turn's."""
+
+    async def extras(self, sc: Scale) -> dict[str, float]:
+        return {}
+
+
 class FedptrSingle(Fedptr):
-    """The single-op cases only, for the variants of a cluster (CURVE on, ipc)."""
+    """The single-op cases only, for a variant of a cluster (ipc)."""
 
     CALLS = ("put", "op", "send_op_get")
 
@@ -316,19 +325,24 @@ class FedptrSingle(Fedptr):
 
 
 @asynccontextmanager
-async def fedptr_turn(logs: Path, sc: Scale, threads: int) -> AsyncIterator[Fedptr]:
-    """fedptr without CURVE, as torch.rpc runs (unencrypted, unauthenticated)."""
+async def fedptr_cluster_turn(logs: Path, sc: Scale, threads: int, curve: bool) -> AsyncIterator[Fedptr]:
+    """fedptr's whole cluster, every case, with or without CURVE."""
     async with fedptr.local_cluster(
         WORKERS,
-        log_dir=logs,
+        log_dir=logs / f"curve-{curve}",
         node_args=node_args(threads),
         threads=None,
-        curve=False,
+        curve=curve,
         start_timeout=START_TIMEOUT_S,
     ) as cluster:
-        system = Fedptr(cluster, sc.sizes)
+        system = (FedptrCurve if curve else Fedptr)(cluster, sc.sizes)
         await system.setup()
         yield system
+
+
+def fedptr_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
+    """fedptr without CURVE, as torch.rpc runs (unencrypted, unauthenticated)."""
+    return fedptr_cluster_turn(logs, sc, threads, False)
 
 
 @asynccontextmanager
@@ -353,7 +367,7 @@ async def fedptr_single_turn(
 
 def fedptr_curve_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
     """fedptr as `local_cluster` starts it by default: CURVE on, tcp."""
-    return fedptr_single_turn(logs, threads, True, "tcp")
+    return fedptr_cluster_turn(logs, sc, threads, True)
 
 
 def fedptr_ipc_turn(logs: Path, sc: Scale, threads: int) -> AbstractAsyncContextManager[Fedptr]:
@@ -580,7 +594,9 @@ class Samples:
         }
 
 
-async def run(sc: Scale, fl_scale: FlScale | None, logs: Path, threads: int) -> dict[str, Any]:
+async def run(
+    sc: Scale, fl_scale: FlScale | None, logs: Path, threads: int, only: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Every round, each system's turn: start it alone, measure its cases, stop it; then the
     FL rounds (bench/fl.py), fedptr alone, unless `fl_scale` is None."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -592,7 +608,7 @@ async def run(sc: Scale, fl_scale: FlScale | None, logs: Path, threads: int) -> 
             print(f"round {r + 1}/{sc.rounds}: {name}", file=sys.stderr, flush=True)
             async with TURNS[name](logs, sc, threads) as system:
                 for case in cases(sc):
-                    if system.has(case.call):
+                    if system.has(case.call) and (not only or case.label.startswith(only)):
                         samples.add_round(f"{case.label}/{name}", await system.measure(case))
                 if r == sc.rounds - 1:
                     extras.update(await system.extras(sc))
@@ -609,10 +625,12 @@ Row = tuple[str, str, str, str]
 class Report:
     """The rows of the results table and of the targets table, from the figures."""
 
-    def __init__(self, figures: dict[str, Any], sizes: tuple[int, ...]) -> None:
+    def __init__(self, figures: dict[str, Any], sizes: tuple[int, ...], system: str = "fedptr") -> None:
         self.f = figures
         self.sizes = sizes
         self.big = max(sizes)
+        self.system = system
+        """Whose figures: "fedptr" (CURVE off) or "fedptr+curve"."""
 
     def med(self, key: str) -> float:
         return float(self.f[key]["median_s"])
@@ -639,60 +657,77 @@ class Report:
 
     def latency_row(self, what: str, label: str, base: str, base_label: str | None = None) -> Row:
         """fedptr's `label` against `base` (a system name, then what it runs) on `base_label`."""
-        ours, theirs = f"{label}/fedptr", f"{base_label or label}/{base.split(' ', 1)[0]}"
+        ours, theirs = f"{label}/{self.system}", f"{base_label or label}/{base.split(' ', 1)[0]}"
         return (what, self.latency(ours), f"{base} {self.latency(theirs)}", f"{self.time_ratio(ours, theirs):.2f}×")
 
     def rows(self) -> list[Row]:
-        rows = [
-            self.latency_row("put: `await worker.send(t)`", "put", "torch.rpc `remote(clone)`, created"),
-            self.latency_row("one op, awaited: `x + x`", "op", "torch.rpc `remote(add, rrefs)`, created"),
-            self.latency_row("one op vs the transport floor", "op", "floor bare-broker echo"),
-            self.latency_row("one op: CURVE off vs on (the default)", "op", "fedptr+curve CURVE on"),
-            self.latency_row("one op: tcp vs ipc://", "op", "fedptr+ipc ipc://"),
-            self.latency_row("send → op → get: tcp vs ipc://", "send-op-get", "fedptr+ipc ipc://"),
-            self.latency_row("send → op → get (send pipelined)", "send-op-get", "torch.rpc remote, remote, to_here"),
-            self.latency_row(
+        """Every row whose figures were measured (`--only` leaves some out)."""
+        rows = []
+        for row in [*self._rows(), *([self.extra_rows] if self.system == "fedptr" else [])]:
+            try:
+                made = row()
+            except KeyError:
+                continue
+            rows.extend(made if isinstance(made, list) else [made])
+        return rows
+
+    def _rows(self) -> list[Callable[[], Row]]:
+        s = self.system
+        single = [
+            lambda: self.latency_row("one op: CURVE off vs on (the default)", "op", "fedptr+curve CURVE on"),
+            lambda: self.latency_row("one op: tcp vs ipc://", "op", "fedptr+ipc ipc://"),
+            lambda: self.latency_row("send → op → get: tcp vs ipc://", "send-op-get", "fedptr+ipc ipc://"),
+        ]
+        rows: list[Callable[[], Row]] = [
+            lambda: self.latency_row("put: `await worker.send(t)`", "put", "torch.rpc `remote(clone)`, created"),
+            lambda: self.latency_row("one op, awaited: `x + x`", "op", "torch.rpc `remote(add, rrefs)`, created"),
+            lambda: self.latency_row("one op vs the transport floor", "op", "floor bare-broker echo"),
+            *(single if s == "fedptr" else []),
+            lambda: self.latency_row(
+                "send → op → get (send pipelined)", "send-op-get", "torch.rpc remote, remote, to_here"
+            ),
+            lambda: self.latency_row(
                 "`await send` → op → get", "send-awaited-op-get", "torch.rpc remote, remote, to_here", "send-op-get"
             ),
-            self.latency_row("100 dependent ops + get", "100-dependent", "torch.rpc 100 × `rpc_sync`"),
-            self.latency_row(
+            lambda: self.latency_row("100 dependent ops + get", "100-dependent", "torch.rpc 100 × `rpc_sync`"),
+            lambda: self.latency_row(
                 "100 dependent ops + get, as a plan",
                 "100-dependent-plan",
                 "torch.rpc 100 × `rpc_sync`",
                 "100-dependent",
             ),
-            (
+            lambda: (
                 "training step (MLP 64-128-10, batch 32), awaited",
-                f"plan {self.latency('train-step-plan/fedptr')}",
-                f"op by op {self.latency('train-step-ops/fedptr')}",
-                f"{self.time_ratio('train-step-plan/fedptr', 'train-step-ops/fedptr'):.2f}×",
+                f"plan {self.latency(f'train-step-plan/{s}')}",
+                f"op by op {self.latency(f'train-step-ops/{s}')}",
+                f"{self.time_ratio(f'train-step-plan/{s}', f'train-step-ops/{s}'):.2f}×",
             ),
         ]
         for k in (1, 16, 256):
             key = f"inflight-{k}"
             rows.append(
-                (
+                lambda key=key, k=k: (  # type: ignore[misc]
                     f"throughput, {k} in flight",
-                    self.rate(f"{key}/fedptr", k, "ops/s", 0),
+                    self.rate(f"{key}/{s}", k, "ops/s", 0),
                     f"torch.rpc `rpc_async` {self.rate(f'{key}/torch.rpc', k, 'ops/s', 0)}; "
                     f"floor {self.rate(f'{key}/floor', k, 'ops/s', 0)}",
-                    f"{self.rate_ratio(f'{key}/fedptr', f'{key}/torch.rpc'):.2f}×",
+                    f"{self.rate_ratio(f'{key}/{s}', f'{key}/torch.rpc'):.2f}×",
                 )
             )
         for mib in self.sizes:
             for way in ("send", "get"):
                 key = f"{way}-{mib}MiB"
                 rows.append(
-                    (
+                    lambda key=key, way=way, mib=mib: (  # type: ignore[misc]
                         f"{way} {mib} MiB",
-                        self.rate(f"{key}/fedptr", mib * MIB / 1e9, "GB/s", 2),
+                        self.rate(f"{key}/{s}", mib * MIB / 1e9, "GB/s", 2),
                         f"torch.rpc `rpc_sync` {self.rate(f'{key}/torch.rpc', mib * MIB / 1e9, 'GB/s', 2)}",
-                        f"{self.rate_ratio(f'{key}/fedptr', f'{key}/torch.rpc'):.2f}×",
+                        f"{self.rate_ratio(f'{key}/{s}', f'{key}/torch.rpc'):.2f}×",
                     )
                 )
-        move, send = f"move-{self.big}MiB/fedptr", f"send-{self.big}MiB/fedptr"
+        move, send = f"move-{self.big}MiB/{s}", f"send-{self.big}MiB/{s}"
         rows.append(
-            (
+            lambda: (
                 f"move {self.big} MiB, worker to worker",
                 f"{self.med(move) * 1e3:.1f} ms",
                 f"one send {self.med(send) * 1e3:.1f} ms",
@@ -700,16 +735,16 @@ class Report:
             )
         )
         for d in range(2, 6):
-            key = f"chain-{d}/fedptr"
+            key = f"chain-{d}/{s}"
             rows.append(
-                (
+                lambda key=key, d=d: (  # type: ignore[misc]
                     f"op at chain depth {d}",
                     self.latency(key),
-                    f"{d} × depth 1 = {d * self.med('chain-1/fedptr') * 1e6:,.0f} µs",
-                    f"{self.time_ratio(key, 'chain-1/fedptr', d):.2f}×",
+                    f"{d} × depth 1 = {d * self.med(f'chain-1/{s}') * 1e6:,.0f} µs",
+                    f"{self.time_ratio(key, f'chain-1/{s}', d):.2f}×",
                 )
             )
-        return rows + self.extra_rows()
+        return rows
 
     def extra_rows(self) -> list[Row]:
         f = self.f
@@ -726,34 +761,40 @@ class Report:
         ]
 
     def targets(self) -> list[tuple[str, str, str, str]]:
-        """(target, ratio of the medians, range of the per-round ratios, met or missed)."""
-        big = self.big
-        return [
-            self.target("one op ≤ 1.0× torch.rpc (stretch 0.8×)", "op/fedptr", "op/torch.rpc", 1.0, stretch=0.8),
+        """(target, ratio of the medians, range of the per-round ratios, met or missed), for
+        the targets whose figures were measured."""
+        big, s = self.big, self.system
+        wanted: list[Callable[[], tuple[str, str, str, str]]] = [
+            lambda: self.target("one op ≤ 1.0× torch.rpc (stretch 0.8×)", f"op/{s}", "op/torch.rpc", 1.0, stretch=0.8),
             *[
-                self.target(
+                lambda way=way: self.target(  # type: ignore[misc]
                     f"{way} {big} MiB ≥ 1.0× torch.rpc throughput",
-                    f"{way}-{big}MiB/fedptr",
+                    f"{way}-{big}MiB/{s}",
                     f"{way}-{big}MiB/torch.rpc",
                     1.0,
                     throughput=True,
                 )
                 for way in ("send", "get")
             ],
-            self.target(f"move {big} MiB ≤ 1.1× one send", f"move-{big}MiB/fedptr", f"send-{big}MiB/fedptr", 1.1),
-            self.target(
+            lambda: self.target(f"move {big} MiB ≤ 1.1× one send", f"move-{big}MiB/{s}", f"send-{big}MiB/{s}", 1.1),
+            lambda: self.target(
                 "100 dependent ops ≤ 0.1× torch.rpc (a plan)",
-                "100-dependent-plan/fedptr",
+                f"100-dependent-plan/{s}",
                 "100-dependent/torch.rpc",
                 0.1,
             ),
-            self.target(
+            lambda: self.target(
                 "training step: a plan ≥ 3× faster than op by op",
-                "train-step-plan/fedptr",
-                "train-step-ops/fedptr",
+                f"train-step-plan/{s}",
+                f"train-step-ops/{s}",
                 1 / 3,
             ),
         ]
+        out = []
+        for target in wanted:
+            with contextlib.suppress(KeyError):
+                out.append(target())
+        return out
 
     def target(
         self, what: str, ours: str, theirs: str, bound: float, stretch: float | None = None, throughput: bool = False
@@ -787,10 +828,15 @@ METHOD = (
     "Latencies: median over all samples (p99; min–max of the per-round medians). Rates come from "
     "median times. torch.rpc's cases are its pointer operations: `rpc.remote` awaited until its "
     "owner confirms creation (`rref._get_future().wait()`), `to_here` only where fedptr gets. "
-    "fedptr runs without CURVE here, as torch.rpc runs without encryption; the row 'CURVE off vs "
-    "on' measures `local_cluster`'s default (CURVE on) in its own turn, and 'tcp vs ipc://' "
+    "fedptr runs without CURVE here, as torch.rpc runs without encryption; every case is measured "
+    "again with `local_cluster`'s default (CURVE on) in a turn of its own (its table below), and 'tcp vs ipc://' "
     'fedptr on `local_cluster(transport="ipc")` in another. Every process keeps '
     "torch's default threads unless `--threads` says otherwise."
+)
+CURVE_METHOD = (
+    "The same cases on the same cluster with CURVE on, as `local_cluster` starts it by default, in "
+    "a turn of its own; torch.rpc's figures are the same run's (unencrypted). Large buffers' "
+    "chunks take the direct data path between the two peers (fedptr/direct.py), encrypted once."
 )
 FL_METHOD = (
     "After the rounds, fedptr alone (`local_cluster`, CURVE on, one torch thread per node): FedAvg "
@@ -839,14 +885,19 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON figures (default bench/results.json; --smoke: in --logs)")
     p.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
     p.add_argument("--logs", default="/tmp/fedptr-bench-logs")
+    p.add_argument(
+        "--only", default="", help="measure only the cases whose label starts with one of these (comma-separated)"
+    )
     args = p.parse_args()
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     sc = replace(SCALES[scale_name], rounds=args.rounds or SCALES[scale_name].rounds)
     out = Path(args.out) if args.out else Path(args.logs) / "results.json" if args.smoke else HERE / "results.json"
     fl_scale = None if args.no_fl else FL_SCALES[scale_name]
-    figures = asyncio.run(run(sc, fl_scale, Path(args.logs), args.threads))
-    report = Report(figures, sc.sizes)
+    only = tuple(x for x in args.only.split(",") if x)
+    figures = asyncio.run(run(sc, fl_scale, Path(args.logs), args.threads, only))
+    report, curve = Report(figures, sc.sizes), Report(figures, sc.sizes, "fedptr+curve")
     rows, targets = report.rows(), report.targets()
+    curve_rows, curve_targets = curve.rows(), curve.targets()
     command = " ".join([".venv/bin/python bench/run.py", *sys.argv[1:]])
     config = {"scale": scale_name, **asdict(sc), "threads": args.threads, "fedptr_node_args": node_args(args.threads)}
     out.write_text(
@@ -857,6 +908,7 @@ def main() -> None:
                 "config": config,
                 "figures": figures,
                 "targets": [dict(zip(TARGETS_HEADER, t, strict=True)) for t in targets],
+                "targets_curve": [dict(zip(TARGETS_HEADER, t, strict=True)) for t in curve_targets],
             },
             indent=1,
         )
@@ -864,6 +916,10 @@ def main() -> None:
     print(text_table(HEADER, rows))
     print()
     print(text_table(TARGETS_HEADER, targets))
+    print("\nCURVE on (the default)\n")
+    print(text_table(HEADER, curve_rows))
+    print()
+    print(text_table(TARGETS_HEADER, curve_targets))
     fl = fl_rows(figures["fl"], fl_scale.owners) if fl_scale is not None else []
     if fl:
         print()
@@ -881,6 +937,14 @@ def main() -> None:
             "## Targets",
             "",
             *markdown_table(TARGETS_HEADER, targets),
+            "",
+            "## CURVE on (the default)",
+            "",
+            CURVE_METHOD,
+            "",
+            *markdown_table(HEADER, curve_rows),
+            "",
+            *markdown_table(TARGETS_HEADER, curve_targets),
         ]
         if fl:
             lines += ["", "## Federated rounds", "", FL_METHOD, "", *markdown_table(FL_HEADER, fl)]

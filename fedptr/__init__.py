@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from fedptr import logs as logs
     from fedptr import meta as meta
     from fedptr import modules as modules
+    from fedptr import opinfo as opinfo
     from fedptr import ops as ops
     from fedptr import optim as optim
     from fedptr import tensors as tensors
@@ -77,6 +78,7 @@ _SUBMODULES = frozenset(
         "client",
         "cluster",
         "data",
+        "direct",
         "dp",
         "envelope",
         "errors",
@@ -89,6 +91,7 @@ _SUBMODULES = frozenset(
         "meta",
         "metrics",
         "modules",
+        "opinfo",
         "ops",
         "optim",
         "plans",
@@ -100,6 +103,7 @@ _SUBMODULES = frozenset(
         "status",
         "streams",
         "tensors",
+        "torchops",
         "wire",
         "zio",
     }

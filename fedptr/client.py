@@ -269,6 +269,29 @@ def _unchanged(
     return out
 
 
+def _nth_result(done: asyncio.Future[wire.Message], k: int) -> asyncio.Future[wire.Message]:
+    """Result `k` (from 1)'s share of the reply to an op with several results: an Ok with its
+    shape and dtype (the reply's `more`), or the op's error."""
+    out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
+
+    def settled(f: asyncio.Future[wire.Message]) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
+            out.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            reply = f.result()
+            described = reply.more[k - 1] if isinstance(reply, wire.Ok) and k <= len(reply.more) else None
+            shape, dtype = described if type(described) is list and len(described) == 2 else (None, None)
+            if type(shape) is not list or not isinstance(dtype, str):
+                out.set_exception(ProtocolError(f"the reply describes no result {k}: {reply!r:.80}"))
+                return
+            out.set_result(wire.Ok([d for d in shape if type(d) is int], dtype))
+
+    done.add_done_callback(settled)
+    return out
+
+
 class Client:
     """A connection to a fedptr broker. Get one from `fedptr.connect` or `local_cluster(...).client`."""
 
@@ -415,12 +438,18 @@ class Client:
         op: str,
         args: list[wire.Value],
         kwargs: dict[str, wire.Value],
-        result_meta: torch.Tensor | None = None,
-    ) -> Pointer:
-        """Run allow-listed `op` on worker `location` and return its result's pointer at once;
-        `result_meta` is the result's inferred meta tensor (None: learnt from the reply)."""
-        result_id = self.new_id()
-        return self.issue(location, result_id, wire.Op(result_id, op, args, kwargs), result_meta)
+        metas: list[torch.Tensor | None],
+    ) -> list[Pointer]:
+        """Run allow-listed `op` on worker `location` and return its results' pointers at once,
+        one per entry of `metas` (each result's inferred meta tensor; None: learnt from the reply)."""
+        ids = [self.new_id() for _ in metas]
+        if len(ids) == 1:
+            return [self.issue(location, ids[0], wire.Op(ids[0], op, args, kwargs), metas[0])]
+        done = self.request_nowait(location, wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:]))
+        return [
+            Pointer(self, location, obj_id, done if k == 0 else _nth_result(done, k), meta=m)
+            for k, (obj_id, m) in enumerate(zip(ids, metas, strict=True))
+        ]
 
     def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
         """Send a request that creates object `obj_id` and return its pointer without waiting."""

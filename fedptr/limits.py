@@ -71,6 +71,21 @@ frame): a peer announcing huge buffers uses up its own budget, not everyone's.""
 STREAM_TIMEOUT_S = 60.0
 """A partly received stream with no new chunk for this long is dropped (its sender died)."""
 
+HELD_MAX_MESSAGES = 10_000
+"""Most messages a receiver holds from one sender behind a message whose streamed chunks are
+still arriving over the direct path; past it, that stream is refused and its message fails."""
+
+DIRECT_CONNECT_TIMEOUT_S = 2.0
+"""Longest the opening of a direct data path to a worker may take (a request through the broker,
+a TCP connection, a CURVE handshake and a greeting); chunks go through the broker meanwhile."""
+
+DIRECT_RETRY_S = 30.0
+"""After a direct data path to a peer failed to open or broke, chunks go through the broker for
+this long before it is tried again."""
+
+DIRECT_MAX_KEYS = 1_024
+"""Most peers' keys a worker's direct data socket admits at once (the oldest is forgotten)."""
+
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
 
@@ -165,6 +180,10 @@ worker has them (await the send before changing them in place)."""
 
 MAX_PLAN_OPS = 10_000
 """Most operations in one plan (`fedptr.plan`)."""
+
+MAX_OP_RESULTS = 256
+"""Most results (each a stored object and a pointer) of one multi-output operation (``split``,
+``unbind``): a count decided by shapes must not flood a store with entries."""
 
 MAX_PLAN_INPUTS = 1024
 """Most input objects (arguments and captured pointers) of one plan."""

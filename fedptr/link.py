@@ -3,7 +3,8 @@
 Both the client and the node use it. The `Session` decides what every message means and what
 to send; the link moves frames between it and a DEALER socket, turns its `Settled` events into
 request futures, and calls `tick` on a timer (request deadlines and heartbeats). Messages pushed
-within one event-loop turn leave as one BATCH multipart; large buffers stream as chunks.
+within one event-loop turn leave as one BATCH multipart; large buffers stream as chunks, which
+take the direct data path to their peer when CURVE is on (`fedptr.direct`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import zmq
 
 from fedptr import envelope, limits, wire
-from fedptr.errors import BrokerUnreachable, ClientClosedError, DeadlineExceeded, ProtocolError, RegistrationRefused
+from fedptr.direct import DirectPaths
+from fedptr.errors import (
+    BrokerUnreachable,
+    ClientClosedError,
+    DeadlineExceeded,
+    FedptrError,
+    ProtocolError,
+    RegistrationRefused,
+)
 from fedptr.logs import rid_extra
 from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
@@ -80,6 +89,9 @@ class Link:
         """Called with a client's name when the broker says its session ended (it said goodbye
         or its connection closed): a worker reclaims what that client owned."""
         self._sock: zmq.Socket[bytes] | None = None
+        self.direct: DirectPaths | None = None
+        """Direct data paths for streamed chunks (with CURVE keys only: without them there is no
+        encryption to spare the broker, and a peer could not be authenticated)."""
         self._futures: dict[bytes, asyncio.Future[wire.Message]] = {}
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
@@ -126,6 +138,11 @@ class Link:
         sock.connect(self.address)
         self._sock = sock
         self._loop.add_reader(sock.FD, self._drain)
+        if self.curve is not None:
+            self.direct = DirectPaths(self._direct_chunk)
+            self.session.direct_sources = self.direct.sources
+            if self.session.role == envelope.ROLE_WORKER:
+                self.direct.serve(self.address)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._tasks = [self._group.create_task(self._writer())]
@@ -162,6 +179,8 @@ class Link:
         finally:
             self._handle(self.session.fail_all(lambda dest: ClientClosedError(self.name, dest)))
             self._sock.close(linger=0)
+            if self.direct is not None:
+                self.direct.close()
             if self.progress is not None:
                 self.progress.close()
 
@@ -311,9 +330,17 @@ class Link:
             elif isinstance(event, Send):
                 self._push(event.message)
             elif isinstance(event, Incoming):
-                if self.handler is not None:
+                message = event.request.message
+                if type(message) is wire.DirectOffer:  # the link's business, never the node's
+                    ticket = wire.DirectTicket("", b"")
+                    if self.direct is not None:
+                        ticket = self.direct.admit(event.source.encode(), message.key)
+                    self.reply(event.source, event.rid, ticket)
+                elif self.handler is not None:
                     self.handler(event.source, event.rid, event.request)
             elif isinstance(event, SessionEnded):
+                if self.direct is not None:
+                    self.direct.forget(event.name.encode())
                 if self.on_session_ended is not None:
                     self.on_session_ended(event.name)
             elif isinstance(event, Registered):
@@ -353,10 +380,21 @@ class Link:
             self._flush_batch()
             # a fan-out streams the message it carries, each chunk fanned out to the same targets
             targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
+            direct = self.direct if targets is None else None
+            if direct is not None and inner[0] == envelope.REQUEST:
+                self._want_direct(inner[1])
             for part in split(inner):
-                self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
                 if self.progress is not None and part[0] == envelope.CHUNK:
                     self.progress.chunk(part, outgoing=True)
+                # a buffer's first chunk goes through the broker, in order before its message:
+                # the receiver then knows to hold the message until the rest is in
+                if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
+                    frames = envelope.framed(part)
+                    if direct.send(inner[1], inner[0], frames):
+                        self.multiparts_sent += 1
+                        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+                        continue
+                self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
             return
         if self._batch is not None:
             self._batch.append(message)
@@ -364,6 +402,36 @@ class Link:
         self._push_frames(envelope.framed(message))
         self._batch = []
         self._loop.call_soon(self._flush_batch)
+
+    def _want_direct(self, worker: bytes) -> None:
+        """Open a direct data path to `worker` in the background, if one is worth opening."""
+        direct = self.direct
+        if direct is None or self._closed or self._group is None or not direct.wants(worker):
+            return
+        dest = worker.decode()
+
+        def ask(key: bytes) -> Awaitable[wire.Message]:
+            try:
+                return self.request_nowait(dest, wire.DirectOffer(key), limits.DIRECT_CONNECT_TIMEOUT_S)
+            except FedptrError as e:  # too many in flight, say: no path this time
+                failed: asyncio.Future[wire.Message] = self._loop.create_future()
+                failed.set_exception(e)
+                return failed
+
+        task = self._group.create_task(direct.open(worker, ask))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def _direct_chunk(self, peer: bytes, frames: list[Any]) -> None:
+        """A chunk that came over a direct path, from the peer that path authenticated."""
+        self.bytes_received += sum(len(f) for f in frames)
+        self.messages_received += 1
+        try:
+            if self.progress is not None:
+                self.progress.chunk(frames[1:], outgoing=False)
+            self._handle(self.session.receive_direct(peer, frames, self._loop.time()))
+        except ProtocolError as e:
+            log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
 
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
@@ -419,8 +487,11 @@ class Link:
             else:
                 self.messages_received += 1
             try:
-                if self.progress is not None and frames[1] == envelope.CHUNK:
-                    self.progress.chunk(frames[1:], outgoing=False)  # reads the chunk's info: may be malformed
+                if frames[1] == envelope.CHUNK:
+                    if self.progress is not None:
+                        self.progress.chunk(frames[1:], outgoing=False)  # reads the chunk's info: may be malformed
+                    if self.direct is not None and len(frames) > 4 and bytes(frames[4])[:1] == envelope.REPLY:
+                        self._want_direct(frames[2])  # a large reply from that worker: later ones go direct
                 self._handle(self.session.receive(frames, self._loop.time()))
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)
@@ -458,3 +529,8 @@ class Link:
             await asyncio.sleep(self.session.heartbeat_s)
             self._drain()
             self._handle(self.session.tick(self._loop.time()))
+
+
+def _offset(chunk: list[Any]) -> int:
+    """Where a CHUNK message (``[CHUNK, name, rid, info, data]``) starts in its buffer."""
+    return int(envelope.CHUNK_INFO.unpack(chunk[3])[2])

@@ -139,14 +139,20 @@ class _Snapshot(Collector):
             return []
 
 
+def registry(collect: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
+    """What a scrape reads: the process's families from `collect` (called at each scrape),
+    and the process collector's."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Snapshot(collect))
+    ProcessCollector(registry=reg)
+    return reg
+
+
 def serve(port: int, host: str, collect: Callable[[], Iterable[Metric]]) -> int:
     """Serve ``/metrics`` on `host`:`port` (0: a free port) from a daemon thread; `collect`
     gives the process's families at each scrape. Returns the port bound."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(collect))
-    ProcessCollector(registry=registry)
     try:
-        server, _thread = start_http_server(port, host, registry=registry)
+        server, _thread = start_http_server(port, host, registry=registry(collect))
     except OSError as e:
         raise MetricsError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
     bound = int(server.server_port)

@@ -18,6 +18,7 @@ session, so a restarted peer never reuses an id its peers may still hold replies
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import secrets
@@ -131,6 +132,13 @@ class Session:
     _next_beat: float = 0.0
     _last_beat_check: float = 0.0
     _reassembly: Reassembly = field(default_factory=Reassembly)
+    direct_sources: set[bytes] = field(default_factory=set)
+    """Peers whose chunks may come over a direct data path (the link's `DirectPaths.sources`):
+    only their messages are held for chunks still to come; anyone else's stream is whole when
+    its message arrives, or never will be (refused at once)."""
+    _held: dict[bytes, collections.deque[envelope.Envelope]] = field(default_factory=dict)
+    """Source -> its messages held, in order, behind one whose streamed chunks are still on
+    their way over the direct path (they may trail the message, which came by the broker)."""
 
     # --- starting things ---------------------------------------------------------------
     def register(self, now: float, timeout: float) -> tuple[bytes, list[Any]]:
@@ -233,6 +241,10 @@ class Session:
         """Expire overdue requests; at heartbeat cadence, judge the broker's liveness, beat when
         idle, and repeat the registration while not registered."""
         events: list[Event] = []
+        if self._held:
+            self._reassembly.purge()  # a stalled stream fails the message held for it
+            for source in list(self._held):
+                self._release(source, now, events)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, rid = heapq.heappop(self._deadlines)
             p = self._pending.get(rid)
@@ -272,20 +284,70 @@ class Session:
             self._receive_one(env, now, events)
         return events
 
+    def receive_direct(self, source: bytes, frames: Sequence[Any], now: float) -> list[Event]:
+        """The events of one chunk that peer `source` sent over the direct data path (the
+        connection authenticated it as `source`; the name in the envelope is not read). Raises
+        ProtocolError for anything but a single CHUNK. The broker's liveness is not touched."""
+        [env] = envelope.parse(frames)
+        if env.command != envelope.CHUNK:
+            raise ProtocolError("only chunks travel the direct path")
+        events: list[Event] = []
+        self._chunk(source, env.rid, env.body, now, events)
+        return events
+
+    def _chunk(self, name: bytes, rid: bytes, body: list[Any], now: float, events: list[Event]) -> None:
+        if len(body) != 2:
+            raise ProtocolError("a chunk has an info frame and a data frame")
+        try:
+            self._reassembly.add(name, rid, bytes(body[0]), body[1])
+        except ProtocolError as e:  # its own message is refused when it ends; the batch's others stand
+            log.warning("%s refused a chunk from %r: %s", self.name, name.decode(errors="replace"), e)
+        if self._held and name in self._held:
+            self._release(name, now, events)
+
+    def _release(self, source: bytes, now: float, events: list[Event]) -> None:
+        """Handle `source`'s held messages, in order, up to one whose chunks are still coming."""
+        held = self._held[source]
+        while held:
+            head = held[0]
+            if self._reassembly.waiting(head.command, source, head.rid):
+                return
+            held.popleft()
+            self._dispatch(head, now, events)
+        del self._held[source]
+
     def _receive_one(self, env: envelope.Envelope, now: float, events: list[Event]) -> None:
-        command, name, rid, body = env.command, env.name, env.rid, env.body
+        command, name = env.command, env.name
         if command == envelope.CHUNK:
-            if len(body) != 2:
-                raise ProtocolError("a chunk has an info frame and a data frame")
-            try:
-                self._reassembly.add(name, rid, bytes(body[0]), body[1])
-            except ProtocolError as e:  # its own message is refused when it ends; the batch's others stand
-                log.warning("%s refused a chunk from %r: %s", self.name, name.decode(errors="replace"), e)
-        elif command == envelope.REPLY:
-            self._on_reply(name, rid, body, events)
-        elif command == envelope.REQUEST:
-            self._on_request(name, rid, body, now, events)
-        elif command == envelope.ACCEPTED:
+            self._chunk(name, env.rid, env.body, now, events)
+        elif command == envelope.REQUEST or command == envelope.REPLY:
+            held = self._held.get(name) if self._held else None
+            if held is None and (
+                name not in self.direct_sources or not self._reassembly.waiting(command, name, env.rid)
+            ):
+                self._dispatch(env, now, events)
+                return
+            if held is None:
+                held = self._held[name] = collections.deque()
+            held.append(env)
+            if len(held) > limits.HELD_MAX_MESSAGES:  # a sender that never completes its stream
+                head = held[0]
+                self._reassembly.refuse(
+                    (head.command, name, head.rid), f"{len(held)} messages waited behind its chunks"
+                )
+                self._release(name, now, events)
+        else:
+            self._control(env, now, events)
+
+    def _dispatch(self, env: envelope.Envelope, now: float, events: list[Event]) -> None:
+        if env.command == envelope.REPLY:
+            self._on_reply(env.name, env.rid, env.body, events)
+        else:
+            self._on_request(env.name, env.rid, env.body, now, events)
+
+    def _control(self, env: envelope.Envelope, now: float, events: list[Event]) -> None:
+        command, name, rid, body = env.command, env.name, env.rid, env.body
+        if command == envelope.ACCEPTED:
             self._on_accepted(rid, now, events)
         elif command == envelope.LIST or command == envelope.STATS:
             self._settle(rid, events, result=NameList([bytes(f).decode() for f in body]))

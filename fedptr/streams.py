@@ -8,6 +8,11 @@ forwards chunks while later ones are still arriving.
 
 The bytes of streams in progress are bounded for all peers together and for each peer: a peer
 that announces huge buffers exhausts its own budget only, and hears why when its message ends.
+
+A stream's chunks need not travel the path of its message: all but the first may come over the
+direct data path (`fedptr.direct`) while the message follows its first chunk through the broker.
+`waiting` tells the session that a message's chunks are still under way (it then holds that
+message, and the sender's later ones, until they are in: `Session` keeps the broker's order).
 """
 
 from __future__ import annotations
@@ -134,8 +139,7 @@ class Reassembly:
             elif self._bytes + total > self.max_bytes:
                 why = f"streams in progress would exceed {self.max_bytes} bytes"
             if why:
-                self.drop(key)
-                self._refused[key] = (why, time.monotonic())
+                self.refuse(key, why)
                 raise ProtocolError(why)
             # no zero-fill: the buffer is handed on only once every byte of it arrived, once
             buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)
@@ -147,6 +151,20 @@ class Reassembly:
         partial.spans[index].add(offset, offset + view.nbytes)
         buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
         partial.touched = time.monotonic()
+
+    def waiting(self, command: bytes, source: bytes, rid: bytes) -> bool:
+        """Whether a stream of this message started and some of its bytes have not arrived yet."""
+        if not self._partials:
+            return False
+        partial = self._partials.get((command, source, rid))
+        if partial is None:
+            return False
+        return any(partial.spans[i].received != len(b) for i, b in partial.buffers.items())
+
+    def refuse(self, key: tuple[bytes, bytes, bytes], why: str) -> None:
+        """Give up on a stream: its message is answered with `why` when it is completed."""
+        self.drop(key)
+        self._refused[key] = (why, time.monotonic())
 
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
         """`body` with reassembled buffers in place of their empty frames (unchanged when no
@@ -185,8 +203,11 @@ class Reassembly:
         """Drop streams that saw no chunk for `timeout` seconds (their sender died mid-way)."""
         if not self._partials and not self._refused:
             return
-        cutoff = time.monotonic() - self.timeout
-        for key in [k for k, p in self._partials.items() if p.touched < cutoff]:
-            self.drop(key)
+        now = time.monotonic()
+        cutoff = now - self.timeout
         for key in [k for k, (_, when) in self._refused.items() if when < cutoff]:
             del self._refused[key]
+        for key in [k for k, p in self._partials.items() if p.touched < cutoff]:
+            # remembered as refused: a message held for it (or still to come) must fail, never
+            # be taken with an empty frame where its buffer was
+            self.refuse(key, f"its chunks stopped arriving for {self.timeout:g} s")

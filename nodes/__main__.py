@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -124,10 +126,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("fedptr-node %s: --epsilon needs --store (a budget must survive restarts)", args.name)
         return 2
 
-    def ready_to_register(node: Node) -> None:
-        if args.metrics_port is not None:
-            metrics.serve(args.metrics_port, args.metrics_host, node.figures.collect)
-        settle_heap()
+    before_register: list[Callable[[Node], None]] = []
+    if args.metrics_port is not None:
+        before_register.append(functools.partial(serve_metrics, args.metrics_port, args.metrics_host))
+    before_register.append(lambda _: settle_heap())  # last: what the others started lives on too
 
     try:
         async with running(
@@ -138,7 +140,7 @@ async def serve(args: argparse.Namespace) -> int:
             liveness=args.liveness,
             connect_timeout=args.register_timeout,
             curve=CurveKeys.load(args.curve_secret, args.broker_key) if args.curve_secret else None,
-            before_register=ready_to_register,
+            before_register=before_register,
         ):
             logging.getLogger(logs.ANNOUNCE).info("fedptr-node %s ready", args.name)  # local_cluster waits for it
             await stop.wait()
@@ -146,6 +148,11 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("fedptr-node %s: %s", args.name, e)
         return 3
     return 0
+
+
+def serve_metrics(port: int, host: str, node: Node) -> None:
+    """Serve `node`'s figures on the Prometheus endpoint `host`:`port` (``--metrics-port``)."""
+    metrics.serve(port, host, node.figures.collect)
 
 
 def settle_heap() -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,15 +28,34 @@ from fedptr.errors import (
     RemoteError,
 )
 from fedptr.failures import with_hop
-from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
+from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, plans, policy
-from .guard import ALIASING
 from .store import Entry, all_written
 
 if TYPE_CHECKING:
     from .node import Node
+
+
+@dataclass(slots=True, eq=False)
+class _Run:
+    """One request's computation: a single op, or a plan run. Its `ops` run in order; op i reads
+    the values of its `operands[i]` (key -> entry) and adds its own at key `ops[i].result_id`,
+    for the entry `results[i]` (whose taint says whether it runs as private). A single op's keys
+    are object ids; a plan's are its slots, `ids` the object ids of its inputs. `inputs` are
+    the stored entries it reads by key; `outputs` those it stores, as (key, object id, entry)."""
+
+    source: str
+    rid: bytes
+    ops: Sequence[wire.Op]
+    operands: Sequence[dict[int, Entry]]
+    results: Sequence[Entry]
+    inputs: dict[int, Entry]
+    ids: Sequence[int] | None
+    outputs: list[tuple[int, int, Entry]]
+    plan: bool
+    """Whether it answers as a plan run (`PlanReply`) or as one op (`Ok`)."""
 
 
 class Compute:
@@ -50,6 +70,9 @@ class Compute:
         self.scheduler = node.scheduler
 
     def op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
+        """Run one operation here (its results' entries and taints made now), release an aggregate,
+        or forward the operation to the worker its operands point to."""
+        result_ids = [msg.result_id, *msg.more_ids]
         try:
             entries = self._operands(msg, source)
             location = next((e.location for e in entries.values()), None)
@@ -58,46 +81,51 @@ class Compute:
                 return
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
-            self._store_failed(msg.result_id, source, e, msg.sponsor)
+            for result_id in result_ids:
+                self._store_failed(result_id, source, e, msg.sponsor)
             raise
         if location is None:
-            # the result's taint is the union of its operands' (an aliasing target's included):
-            # it is private exactly when an operand is, decided once for the request
-            private = bool(taint)
-            result = Entry.tensor(owner=source, taint=taint)
-            result.sponsor = msg.sponsor
-            self.store.add(msg.result_id, result)
-            tensors = _values(entries)
-            if tensors is not None and _numel(tensors.values()) <= self.config.offload_numel:
-                # the common case: small inputs, all present; no task, no thread
-                versions = _versions(tensors)
-                compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                self._finish(source, rid, msg, result, compute, entries, versions)
-                return
-            self.node.compute_later(self._compute(source, rid, msg, entries, result, private), source)
+            # each further result of a multi-output op gets a taint of its own, by the same rule
+            results = [Entry.tensor(owner=source, taint=taint)]
+            results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
+            for result_id, result in zip(result_ids, results, strict=True):
+                result.sponsor = msg.sponsor
+                self.store.add(result_id, result)
+            # a one-op run whose keys are the object ids themselves
+            outputs = [(i, i, r) for i, r in zip(result_ids, results, strict=True)]
+            self._start(_Run(source, rid, (msg,), (entries,), (results[0],), entries, None, outputs, plan=False))
             return
-        ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
-        ptr.sponsor = msg.sponsor
-        self.store.add(msg.result_id, ptr)
+        ptrs = [Entry.pointer(location, wire.new_object_id(), settled=False, owner=source) for _ in result_ids]
+        for result_id, ptr in zip(result_ids, ptrs, strict=True):
+            ptr.sponsor = msg.sponsor
+            self.store.add(result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(
-            ptr.remote_id,
+            ptrs[0].remote_id,
             msg.op,
             wire.rewrite_refs(msg.args, ids),
             wire.rewrite_refs(msg.kwargs, ids),
             msg.sponsor or source,
+            [p.remote_id for p in ptrs[1:]],
         )
         try:
             forwarded = self.node.forward(location, nested, budget)
         except FedptrError as e:
-            ptr.done.set_exception(e)
+            for ptr in ptrs:
+                ptr.done.set_exception(e)
             raise
-        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
+        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
     def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
-        guard.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        if msg.more_ids:
+            guard.check_results(msg.op, 1 + len(msg.more_ids))
+            if len({msg.result_id, *msg.more_ids}) != 1 + len(msg.more_ids) or any(
+                i in self.store.entries for i in msg.more_ids
+            ):
+                raise InvalidArgumentError("an operation's result ids are distinct and new")
         ids: set[int] = set()
         wire.refs(msg.args, ids)
         wire.refs(msg.kwargs, ids)
@@ -116,39 +144,37 @@ class Compute:
     def _result_taint(
         self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
     ) -> policy.Taint:
-        """Decide, as the request arrives, what the result derives from (taint only grows, so
-        deciding early is safe). Aliasing results share their target's taint; in-place writes
-        add to it, and private data and contributions refuse them. A plan's `temporaries` (its
-        results so far, not yet computed) all count as gradient-tracking for a backward."""
-        if msg.op not in _TAINT_RULES and not any(e.taint for e in entries.values()):
-            return policy.Taint()  # the common case: a plain operation on public operands
-        origins = policy.merge(e.taint.origins for e in entries.values())
+        """The rule (`policy.result_taint`) applied to an op as it arrives: its operands, the one
+        it may write (its first positional argument), whether a forward's model may have state
+        to write, and, for a backward, what may get a gradient: every model and gradient-tracking
+        tensor of the caller, and a plan's `temporaries` (its results so far, not computed yet)."""
+        if msg.op not in policy.TAINT_RULES:  # no operand is written: the operands decide alone
+            return policy.result_taint(msg.op, entries.values())
         first = msg.args[0] if msg.args else None
-        target = entries.get(first.obj_id) if type(first) is wire.Ref else None
-        if msg.op in ALIASING and target is not None:
-            if target.readonly and msg.op in MUTATING:
-                raise policy.refuse_write(target.readonly, f"{msg.op} on object {first.obj_id}")  # type: ignore[union-attr]
-            target.taint.add(origins)
-            return target.taint
-        if msg.op == "forward" and target is not None and _has_state(target):
-            # training mode updates a model's buffers (BatchNorm's running statistics) in place
-            if target.readonly:
-                raise policy.refuse_write(target.readonly, f"forward of model {first.obj_id}")  # type: ignore[union-attr]
-            target.taint.add(origins)
-        if msg.op == "backward" and origins:
-            # every model and gradient-tracking tensor of the caller may get a gradient from it
-            for e in self.store.entries.values():
-                if e.owner == source and e.location is None and not e.readonly:
-                    value = e.done.result() if e.done.done() and not e.done.exception() else None
-                    if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
-                        e.taint.add(origins)
-            for e in temporaries:
-                e.taint.add(origins)
-        return policy.Taint(dict(origins))
+        target_id = first.obj_id if type(first) is wire.Ref else 0
+        target = entries.get(target_id) if type(first) is wire.Ref else None
+        if msg.op == "forward":
+            return policy.result_taint(
+                "forward", entries.values(), target, target_id, writes_state=target is not None and _has_state(target)
+            )
+        if msg.op == "backward":
+            gradients = itertools.chain(self._gradient_holders(source), temporaries)
+            return policy.result_taint("backward", entries.values(), target, target_id, gradients=gradients)
+        return policy.result_taint(msg.op, entries.values(), target, target_id)
 
-    def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
+    def _gradient_holders(self, source: str) -> Iterator[Entry]:
+        """`source`'s models and gradient-tracking tensors held here (a backward may reach them)."""
+        for e in self.store.entries.values():
+            if e.owner == source and e.location is None:
+                value = e.done.result() if e.done.done() and not e.done.exception() else None
+                if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
+                    yield e
+
+    def _run(
+        self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]
+    ) -> tuple[torch.Tensor, ...]:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
-        can steer a size, an error or whether it succeeds."""
+        can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values)
 
@@ -157,60 +183,7 @@ class Compute:
             public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
             return policy.refuse_op(taint, msg.op, public)
 
-        return guard.run(msg.op, args, kwargs, private, refuse)
-
-    def _finish(
-        self,
-        source: str,
-        rid: bytes,
-        msg: wire.Op,
-        result: Entry,
-        compute: Callable[[], torch.Tensor],
-        operands: dict[int, Entry],
-        versions: dict[int, int],
-    ) -> None:
-        """Store an operation's result and answer once it, and every operand the operation
-        changed in place (`versions` were their tensors' versions before it ran), is durable."""
-        try:
-            value = compute()
-            durable = [self.store.commit(msg.result_id, result, value)]
-            for obj_id, before in versions.items():
-                operand = operands[obj_id]
-                tensor = operand.done.result()
-                if tensor._version != before:
-                    durable.append(self.store.persist(obj_id, operand, tensor))
-        except Exception as e:
-            self._fail(source, rid, result, e)
-            return
-        result.settle(value)
-        ok = wire.Ok(list(value.shape), dtype_name(value.dtype))
-        self.node.reply_durable(all_written(durable), source, rid, ok)
-
-    def _fail(self, source: str, rid: bytes, result: Entry, e: BaseException) -> None:
-        err = e if isinstance(e, FedptrError) else _remote(e, self.name)
-        if not result.done.done():
-            result.done.set_exception(err)
-        self.node.reply_error(source, rid, err)
-
-    async def _compute(
-        self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry], result: Entry, private: bool
-    ) -> None:
-        """The slow path: wait for inputs still being computed, and run big work on a thread."""
-        try:
-            tensors: dict[int, torch.Tensor] = {}
-            for i, e in entries.items():
-                value = await e.done
-                assert value is not None
-                tensors[i] = value
-            versions = _versions(tensors)
-            if _numel(tensors.values()) > self.config.offload_numel:
-                value = await self.scheduler.offload(self._run, msg, tensors, private, entries)
-                self._finish(source, rid, msg, result, lambda: value, entries, versions)
-            else:
-                compute = lambda: self._run(msg, tensors, private, entries)  # noqa: E731
-                self._finish(source, rid, msg, result, compute, entries, versions)
-        except Exception as e:
-            self._fail(source, rid, result, e)
+        return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     # --- plans ---------------------------------------------------------------------------
     def put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
@@ -219,8 +192,8 @@ class Compute:
 
     def run_plan(self, source: str, rid: bytes, msg: wire.RunPlan, budget: float) -> None:
         """Run a plan as its operations would run one by one: taints decided now, in order, by
-        `_result_taint`; values computed by `_run` (the guard), inline or later as `_op` does.
-        Only the outputs are stored."""
+        `_result_taint`; values computed on the single ops' path (`_start`). Only the outputs are
+        stored."""
         plan = self.plans.get(source, msg.plan_id)
         if len(msg.inputs) != plan.n_inputs or len(msg.result_ids) != len(plan.outputs):
             raise InvalidArgumentError(
@@ -228,7 +201,6 @@ class Compute:
             )
         if len(set(msg.result_ids)) != len(msg.result_ids) or any(i in self.store.entries for i in msg.result_ids):
             raise InvalidArgumentError("a run's result ids are distinct and new")
-        results = []
         try:
             slots = [self.store.get(i, source) for i in msg.inputs]
             for obj_id, e in zip(msg.inputs, slots, strict=True):
@@ -239,110 +211,115 @@ class Compute:
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            operands: list[dict[int, Entry]] = []
+            firsts: list[Entry] = []
             for op, reads in zip(plan.ops, plan.reads, strict=True):
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
-                taint = self._result_taint(op, {s: slots[s] for s in reads}, source, temporaries)
+                operands.append({s: slots[s] for s in reads})
+                taint = self._result_taint(op, operands[-1], source, temporaries)
                 slots.append(Entry(unsettled, owner=source, taint=taint))
+                firsts.append(slots[-1])  # whose taint says whether the op runs as private
+                slots.extend(Entry(unsettled, owner=source, taint=_copy(taint)) for _ in op.more_ids)
         except Exception as e:
             for result_id in msg.result_ids:
                 self._store_failed(result_id, source, e)
             raise
+        outputs: list[tuple[int, int, Entry]] = []
         for result_id, out in zip(msg.result_ids, plan.outputs, strict=True):
             result = Entry.tensor(owner=source, taint=slots[out].taint)
             self.store.add(result_id, result)
-            results.append(result)
-        inputs = slots[: plan.n_inputs]
-        finish = functools.partial(self._finish_plan, source, rid, msg, plan, slots, results)
-        values: list[Any] = []
+            outputs.append((out, result_id, result))
+        inputs = dict(enumerate(slots[: plan.n_inputs]))
+        run = _Run(source, rid, plan.ops, operands, firsts, inputs, msg.inputs, outputs, plan=True)
+        self._start(run)
+
+    # --- the one execution path of ops and plan runs -------------------------------------
+    def _start(self, run: _Run) -> None:
+        """Compute `run` now when its inputs are there, as far as `_compute` runs inline, and
+        the rest later (`_later`): this peer's later requests wait until it is done."""
+        values = _values(run.inputs)
         versions: dict[int, int] = {}
         done = 0
-        if all(e.done.done() and e.done.exception() is None for e in inputs):
-            # as single operations run: inline while the operands are small, for a bounded stretch
-            values = [e.done.result() for e in inputs]
-            versions.update(_versions(dict(enumerate(values))))
+        if values is not None:
+            versions = _versions(values)
             try:
-                done = self._compute_plan(plan, slots, values, 0, inline=True)
+                done = self._compute(run, values, 0, inline=True)
             except Exception as e:
-                finish(versions, _raiser(e))
+                self._finish(run, values, versions, e)
                 return
-            if done == len(plan.ops):
-                finish(versions, lambda: values)
+            if done == len(run.ops):
+                self._finish(run, values, versions, None)
                 return
+        self.node.compute_later(self._later(run, values, versions, done), run.source)
 
-        async def later() -> None:
-            try:
-                if not values:
-                    values.extend([await e.done for e in inputs])
-                    versions.update(_versions(dict(enumerate(values))))
-                await self.scheduler.offload(self._compute_plan, plan, slots, values, done)
-            except Exception as e:
-                finish(versions, _raiser(e))
-                return
-            finish(versions, lambda: values)
+    async def _later(self, run: _Run, values: dict[int, Any] | None, versions: dict[int, int], done: int) -> None:
+        """The slow path: wait for inputs still being computed, then go on, big work on a thread."""
+        error: Exception | None = None
+        try:
+            if values is None:
+                values = {}
+                for key, entry in run.inputs.items():
+                    values[key] = await entry.done
+                versions.update(_versions(values))
+                done = self._compute(run, values, 0, inline=True)
+            if done < len(run.ops):
+                await self.scheduler.offload(self._compute, run, values, done)
+        except Exception as e:
+            error = e
+        self._finish(run, values or {}, versions, error)
 
-        self.node.compute_later(later(), source)
-
-    def _compute_plan(
-        self, plan: plans.Plan, slots: list[Entry], values: list[Any], start: int, inline: bool = False
-    ) -> int:
-        """Compute the operations from `start` through the guard (`_run`), appending each value to
-        `values` (the inputs' first); returns how many are done. `inline` (on the event loop)
-        stops before an operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
-        for i in range(start, len(plan.ops)):
-            reads = plan.reads[i]
-            operands = {s: values[s] for s in reads}
+    def _compute(self, run: _Run, values: dict[int, Any], start: int, inline: bool = False) -> int:
+        """Compute the operations from `start` through the guard (`_run`), adding each value to
+        `values`; returns how many are done. `inline` (on the event loop) stops before an
+        operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
+        for i in range(start, len(run.ops)):
+            op = run.ops[i]
+            entries = run.operands[i]
+            operands = {k: values[k] for k in entries}
             if inline and (
                 i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
             ):
                 return i
-            entries = {s: slots[s] for s in reads}
-            values.append(self._run(plan.ops[i], operands, any(e.taint for e in entries.values()), entries))
-        return len(plan.ops)
+            # private when its result is (taint only grows: never less than on arrival)
+            first, *more = self._run(op, operands, bool(run.results[i].taint), entries)
+            values[op.result_id] = first
+            for key, value in zip(op.more_ids, more, strict=True):
+                values[key] = value
+        return len(run.ops)
 
-    def _finish_plan(
-        self,
-        source: str,
-        rid: bytes,
-        msg: wire.RunPlan,
-        plan: plans.Plan,
-        slots: list[Entry],
-        results: list[Entry],
-        versions: dict[int, int],
-        compute: Callable[[], list[Any]],
-    ) -> None:
-        """Store a run's outputs and answer once they, and every input the run changed in place
-        (`versions`: its input tensors' versions, by input position, before it ran), are durable.
-        A failed run fails every output; the inputs it changed are persisted all the same."""
-        try:
-            values = compute()
-            outputs = [values[o] for o in plan.outputs]
-            if not all(isinstance(v, torch.Tensor) for v in outputs):
-                raise InvalidArgumentError("a plan's outputs are tensors")
-            durable = [self.store.commit(i, r, v) for i, r, v in zip(msg.result_ids, results, outputs, strict=True)]
-        except Exception as e:
-            self._persist_changed(msg.inputs, slots, versions)
-            err = e if isinstance(e, FedptrError) else _remote(e, self.name)
-            for result in results:
+    def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
+        """Store the outputs and answer once they, and every input the run changed in place
+        (`versions`: the input tensors' versions before it ran), are durable. A failed run fails
+        every output; the inputs it changed are persisted all the same (disk follows memory)."""
+        durable: list[asyncio.Future[None] | None] = []
+        outputs: list[torch.Tensor] = []
+        if error is None:
+            try:
+                for key, obj_id, result in run.outputs:
+                    outputs.append(values[key])
+                    durable.append(self.store.commit(obj_id, result, outputs[-1]))
+            except Exception as e:
+                error = e
+        for key, before in versions.items():
+            entry = run.inputs[key]
+            if entry.done.result()._version != before:
+                durable.append(self.store.persist(key if run.ids is None else run.ids[key], entry, entry.done.result()))
+        if error is not None:
+            err = error if isinstance(error, FedptrError) else _remote(error, self.name)
+            for _, _, result in run.outputs:
                 if not result.done.done():
                     result.done.set_exception(err)
-            self.node.reply_error(source, rid, err)
+            self.node.reply_error(run.source, run.rid, err)
             return
-        durable.extend(self._persist_changed(msg.inputs, slots, versions))
-        for result, value in zip(results, outputs, strict=True):
-            result.done.set_result(value)
-        reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
-        self.node.reply_durable(all_written(durable), source, rid, reply)
-
-    def _persist_changed(
-        self, ids: list[int], slots: list[Entry], versions: dict[int, int]
-    ) -> list[asyncio.Future[None] | None]:
-        """Queue the writes of the inputs (`ids`, their entries first in `slots`) whose tensors
-        changed in place since `versions`."""
-        return [
-            self.store.persist(ids[k], slots[k], slots[k].done.result())
-            for k, before in versions.items()
-            if slots[k].done.result()._version != before
-        ]
+        for (_, _, result), value in zip(run.outputs, outputs, strict=True):
+            result.settle(value)
+        reply: wire.Message
+        if run.plan:
+            reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
+        else:
+            more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
+            reply = wire.Ok(list(outputs[0].shape), dtype_name(outputs[0].dtype), more)
+        self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""
@@ -353,16 +330,19 @@ class Compute:
             self.store.add(result_id, failed)
 
     def _relayed(
-        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
+        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ids: list[int], ptrs: list[Entry]
     ) -> None:
         error = forwarded.exception()
         if error is not None:
             err = with_hop(error, self.name)
-            ptr.done.set_exception(err)
+            for ptr in ptrs:
+                ptr.done.set_exception(err)
             self.node.reply_error(source, rid, err)
         else:
-            ptr.done.set_result(None)
-            self.node.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+            for ptr in ptrs:
+                ptr.done.set_result(None)
+            durable = all_written([self.store.commit(i, p) for i, p in zip(ids, ptrs, strict=True)])
+            self.node.reply_durable(durable, source, rid, forwarded.result())
 
 
 def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
@@ -389,6 +369,12 @@ def _numel(values: Iterable[Any]) -> int:
     return n
 
 
+def _copy(taint: policy.Taint) -> policy.Taint:
+    """A taint of its own with `taint`'s origins: another result of the same op, which derives
+    from what the first does but is a separate storage (its taint grows on its own)."""
+    return policy.Taint(dict(taint.origins))
+
+
 def _has_state(entry: Entry) -> bool:
     """Whether `entry` may be a model with buffers (a forward may write them); unknown counts."""
     if not entry.done.done() or entry.done.exception() is not None:
@@ -397,13 +383,8 @@ def _has_state(entry: Entry) -> bool:
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
 
 
-_TAINT_RULES = ALIASING | {"forward", "backward"}
-"""Operations whose result taint `Compute._result_taint` decides by a rule of their own (a shared
-taint, a write to a model, gradients everywhere), even on public operands."""
-
-
 def _values(entries: dict[int, Entry]) -> dict[int, Any] | None:
-    """The operands' values by id when every one is settled without an error, else None."""
+    """The entries' values by key when every one is settled without an error, else None."""
     values = {}
     for i, e in entries.items():
         done = e.done
@@ -420,13 +401,6 @@ def _is_ref(value: Any) -> bool:
 def _versions(values: dict[int, Any]) -> dict[int, int]:
     """The version counter of each tensor among `values` (an in-place update bumps it)."""
     return {i: v._version for i, v in values.items() if isinstance(v, torch.Tensor)}
-
-
-def _raiser(e: BaseException) -> Callable[[], list[Any]]:
-    def compute() -> list[Any]:
-        raise e
-
-    return compute
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

@@ -21,42 +21,73 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedptr.errors import OpNotAllowedError
-from fedptr.ops import MUTATING
+from fedptr import limits
+from fedptr.errors import InvalidArgumentError
+from fedptr.opinfo import REGISTRY
+from fedptr.ops import ALIASING, STRUCTURAL
 
 from . import kernels
 
-ALIASING = MUTATING | {"parameter", "state"}
-"""Operations whose result is (part of) their first operand by design: they share its taint."""
 
-STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
-"""Operations that read no value into a size: no meta run; a failure is refused generically."""
-
-WRITING_KEYWORDS = frozenset({"out", "inplace"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, and
-``inplace=`` of the functional ops): the policy knows only the first argument as written."""
-
-TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
-"""Names the first parameter of an aliasing operation goes by: its target is given by position."""
-
-
-def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
-    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
-    keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
-    such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
-    if writing:
-        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
-    if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
-        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
+def check_results(op: str, count: int) -> None:
+    """Refuse (InvalidArgumentError) `count` results of `op` when it gives one, or more than
+    `limits.MAX_OP_RESULTS`."""
+    if REGISTRY[op].outputs == 1:
+        raise InvalidArgumentError(f"{op} gives one result, not {count}")
+    if not 1 <= count <= limits.MAX_OP_RESULTS:
+        raise InvalidArgumentError(f"an operation gives 1 to {limits.MAX_OP_RESULTS} results, not {count}")
 
 
 def warm_up() -> None:
     """Load torch's meta kernels now, before the node registers: the first meta operation in a
     process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well)."""
+    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
+    `_compile_guards_off`."""
+    _compile_guards_off()
     (torch.empty(1, device="meta") * 2).sum()
+
+
+def _compile_guards_off() -> None:
+    """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
+    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+
+    torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
+    ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
+    "do not trace this under torch.compile" version of the kernel, and caches it on the kernel as
+    ``__dynamo_disable``. A node never compiles (nothing under fedptr calls torch.compile), so
+    the kernel itself is that version: cached here before the first call, the import never
+    happens. Kernels reached another way (some loss functions) still import it when first used.
+    If a torch release reshapes these wrappers, nothing is found and the node only pays the
+    import again (tests/test_imports.py notices)."""
+    # torch's own, which the first meta op loads anyway; the last fills the tables read below
+    import torch._compile
+    import torch._decomp
+    import torch._meta_registrations
+
+    wrapper_code = torch._compile._disable_dynamo(lambda: None).__code__
+    seen: set[int] = set()
+    todo: list[Any] = [
+        kernel
+        for table in ("meta", "post_autograd", "pre_autograd")  # those torch registers as meta kernels
+        for kernel in torch._decomp.global_decomposition_table[table].values()
+    ]
+    while todo:  # each kernel's layers of wrappers, through their closures
+        fn = todo.pop()
+        if id(fn) in seen or not hasattr(fn, "__code__"):
+            continue
+        seen.add(id(fn))
+        cells = dict(zip(fn.__code__.co_freevars, map(_contents, fn.__closure__ or ()), strict=True))
+        if fn.__code__ is wrapper_code and getattr(cells["fn"], "__dynamo_disable", None) is None:
+            cells["fn"].__dynamo_disable = cells["fn"]
+        todo.extend(v for v in cells.values() if callable(v))
+
+
+def _contents(cell: Any) -> Any:
+    """What a closure cell holds (None while it is still empty)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
 
 
 def _meta(value: Any) -> Any:
@@ -75,7 +106,7 @@ def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
     return out
 
 
-def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result | None:
     """The result of `op` on meta stand-ins for its tensors (None for structural ops). Raises
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
@@ -94,7 +125,8 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
         if isinstance(v, torch.Tensor):
             if v.untyped_storage().data_ptr() == storage:
                 return True
-            if v.grad is not None and v.grad.untyped_storage().data_ptr() == storage:
+            grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
+            if grad is not None and grad.untyped_storage().data_ptr() == storage:
                 return True  # `grad` hands out a copy of the gradient, never the live one
         elif isinstance(v, nn.Module):
             if _shares(storage, v.parameters()):
@@ -108,28 +140,44 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
 
 
 def run(
-    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception]
-) -> torch.Tensor:
-    """Run `op`. With `private` operands, through the meta run first; `refuse()` is raised when
-    the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
-    in `ALIASING`."""
+    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception], count: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """Run `op`, which gives `count` results. With `private` operands, through the meta run
+    first; `refuse()` is raised when the meta run (or a structural op) fails, or gives another
+    number of results (a count decided by shapes and arguments, so public). No result aliases an
+    operand unless `op` is in `ALIASING`."""
     if private:
         try:
             meta = meta_result(op, args, kwargs)
+            metas = None if meta is None else kernels.results(meta, count)
         except Exception:
             raise refuse() from None
         try:
-            result = kernels.run(op, args, kwargs)
+            outputs = kernels.results(kernels.run(op, args, kwargs), count)
         except Exception:
-            if meta is None:
+            if metas is None:
                 raise refuse() from None
-            result = torch.zeros(meta.shape, dtype=meta.dtype)
-        if meta is not None and (result.shape != meta.shape or result.dtype != meta.dtype):
-            result = torch.zeros(meta.shape, dtype=meta.dtype)  # a shape that depends on values
+            outputs = tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+        if metas is not None:
+            # a shape that depends on values: zeros of the public shape instead
+            outputs = tuple(
+                torch.zeros(m.shape, dtype=m.dtype) if (r.shape != m.shape or r.dtype != m.dtype) else r
+                for r, m in zip(outputs, metas, strict=True)
+            )
     else:
-        result = kernels.run(op, args, kwargs)
-    if op not in ALIASING and result.numel():
+        value = kernels.run(op, args, kwargs)
+        if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
+            return (value if op in ALIASING else _unshared(value, args, kwargs),)
+        outputs = kernels.results(value, count)
+    if op in ALIASING:
+        return outputs
+    return tuple(_unshared(r, args, kwargs) for r in outputs)
+
+
+def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """`result`, copied when it shares storage with an operand (or with another stored value)."""
+    if result.numel():
         storage = result.untyped_storage().data_ptr()
         if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
-            result = result.clone()
+            return result.clone()
     return result

@@ -1,15 +1,17 @@
-"""A worker node: answers requests on its object store, computing here or forwarding down a chain.
+"""A worker node: the dispatch of each request to its handler, per-peer ordering, and replies.
 
-Every request is handled in two phases. At receipt, synchronously and in arrival order, the
-store is updated (result entries created, entries popped, forwards queued), so pipelined
-requests from a client always see the effects of the ones before them. Small computations on
-inputs that exist run right there; the rest finishes later: a callback when the next hop
-answers, a bounded asyncio-pool task for a computation that waits for its inputs, a thread for
-big ones, so the event loop keeps serving. While a peer's deferred computation runs, that
-peer's later requests wait in arrival order behind it (`_ordered`): a small operation whose
-operands are there must not overtake a big one on a thread that reads or writes them. Every
-request is checked against the object's owner and the privacy policy (nodes/policy.py) before
-anything runs.
+The handlers live by job: the store requests in nodes/objects.py, ops and plan runs in
+nodes/compute.py, hand-overs in nodes/handover.py, DP releases in nodes/release.py, secure
+aggregation in nodes/secure.py; each takes this node for its services (`reply`,
+`reply_durable`, `compute_later`, `spawn`, `forward`). Every request is handled in two phases.
+At receipt, synchronously and in arrival order, the store is updated (result entries created,
+entries popped, forwards queued), so pipelined requests from a client always see the effects
+of the ones before them. What cannot finish then finishes later: a callback when the next hop
+answers, a task in the bounded pool, a thread for big work. While a peer's deferred
+computation runs, that peer's later requests wait in arrival order behind it (`_ordered`): a
+small operation whose operands are there must not overtake a big one on a thread that reads
+or writes them. Every request is checked against the object's owner and the privacy policy
+(nodes/policy.py) before anything runs.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ class Node:
         except Exception as e:
             self.reply_error(source, rid, e)
 
-    # --- services (nodes/handover.py uses these too) -----------------------------------
+    # --- services (the handler modules use these) --------------------------------------
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Answer request `rid` of `dest`, and keep the answer for a replay."""
         self.link.reply(dest, rid, msg)

@@ -1,5 +1,9 @@
 """The privacy policy a node enforces: what derives from private data, and how it may leave.
 
+This file is the whole rule, as pure functions of what the node knows when a request arrives
+(operand taints, which operand is written, the op's name); nodes/compute.py, nodes/release.py
+and nodes/secure.py call them and do nothing policy-relevant of their own.
+
 Every stored entry carries a `Taint`: the data owners whose private data its value derives
 from, each with the workers that owner trusts. Taint belongs to the *storage*, not to a Python
 tensor: every operation's result is a fresh copy, except where aliasing is the point (an
@@ -9,7 +13,9 @@ arrives, in arrival order, and only ever grows:
 
 * an operation's result derives from the union of its operands;
 * an in-place update adds its operands to its target (private data itself is read-only);
-* `backward` on a tainted loss taints every model and gradient-tracking tensor of its caller.
+* `backward` on a tainted loss taints every model and gradient-tracking tensor of its caller;
+* a call that could write anything but its first positional argument (``out=``, ``inplace=``)
+  is refused, so that the written object is always the one the rule sees (`check_call`).
 
 What may leave (`release_kind`): public values; values every owner of which runs with
 ``--release exact`` (no protection against the analyst: PySyft 0.2's model); and the outputs of
@@ -20,18 +26,30 @@ the peer stated (a claim can only add restrictions, never lift one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fedptr import limits
-from fedptr.errors import PermissionDenied
+from fedptr.errors import OpNotAllowedError, PermissionDenied
+from fedptr.ops import ALIASING, MUTATING
 
 Origins = dict[str, frozenset[str]]
 """Data owner -> the workers it trusts with what derives from its data."""
 
 ANALYST = "*"
 """In an owner's trust set: ``--release exact``, the analyst may fetch exact derived values."""
+
+TAINT_RULES = ALIASING | {"forward", "backward"}
+"""Operations whose result taint `result_taint` decides by a rule of their own (a shared taint,
+a write to a model, gradients everywhere), even on public operands."""
+
+WRITING_KEYWORDS = frozenset({"out", "inplace"})
+"""Keywords that would make an operation write into an argument (torch's ``out=``, and
+``inplace=`` of the functional ops): the policy knows only the first argument as written."""
+
+TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
+"""Names the first parameter of an aliasing operation goes by: its target is given by position."""
 
 
 @dataclass(eq=False)
@@ -76,6 +94,21 @@ class PolicyConfig:
         """The origins of data this node loads."""
         trusted = self.trust | ({ANALYST} if self.release_exact else frozenset())
         return {self.name: frozenset(trusted)}
+
+
+class Stored(Protocol):
+    """What the rule reads of a stored object (nodes/store.py's `Entry`)."""
+
+    taint: Taint
+    readonly: str
+    """The data owner whose private data (or DP contribution) it is; "" for anything writable."""
+
+
+class Contributed(Protocol):
+    """What an aggregate's rule reads of a stored contribution."""
+
+    @property
+    def contribution(self) -> object | None: ...
 
 
 def merge(all_origins: Iterable[Origins]) -> Origins:
@@ -135,3 +168,98 @@ def refuse_op(taint: Taint, op: str, public_shapes: list[list[int]]) -> Permissi
         f"{op} cannot run on private data with these arguments (private data may be a tensor operand "
         f"only, never a size, index or count; public operand shapes: {shapes})",
     )
+
+
+def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
+    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
+    keyword, or an aliasing operation whose target is not its first positional argument (a
+    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
+    such, whatever the data); run before the taint is decided."""
+    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
+    if writing:
+        raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
+    if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):
+        raise OpNotAllowedError("", f"{op} takes the object it changes as its first positional argument")
+
+
+def result_taint(
+    op: str,
+    operands: Collection[Stored],
+    target: Stored | None = None,
+    target_id: int = 0,
+    *,
+    writes_state: bool = False,
+    gradients: Iterable[Stored] = (),
+) -> Taint:
+    """What the result of `op` derives from, decided as the request arrives (taint only grows,
+    so deciding early is safe). `operands` are its stored operands, `target` its first
+    positional one (object `target_id`) if stored; `writes_state`: a forward's model may have
+    buffers that training mode updates (unknown counts as yes); `gradients`: what a backward
+    may give a gradient to (the caller's models and gradient-tracking tensors, a plan's results
+    so far), read only for a backward on private operands.
+
+    An aliasing op's result is its target's own `Taint` object (a write through any alias then
+    taints them all), grown by the operands; any other result gets a fresh one, the union of
+    its operands'. A write to read-only data raises PermissionDenied naming its owner."""
+    if op not in TAINT_RULES and not any(e.taint for e in operands):
+        return Taint()  # the common case: a plain operation on public operands
+    origins = merge(e.taint.origins for e in operands)
+    if op in ALIASING and target is not None:
+        if target.readonly and op in MUTATING:
+            raise refuse_write(target.readonly, f"{op} on object {target_id}")
+        target.taint.add(origins)
+        return target.taint
+    if op == "forward" and target is not None and writes_state:
+        # training mode updates a model's buffers (BatchNorm's running statistics) in place
+        if target.readonly:
+            raise refuse_write(target.readonly, f"forward of model {target_id}")
+        target.taint.add(origins)
+    if op == "backward" and origins:
+        # every model and gradient-tracking tensor of the caller may get a gradient from it
+        for e in gradients:
+            if not e.readonly:
+                e.taint.add(origins)
+    return Taint(dict(origins))
+
+
+def check_own_data(config: PolicyConfig, taint: Taint, what: str) -> None:
+    """Refuse `what` (a contribution, a secure input) of a value that derives from any data but
+    this node's own."""
+    others = [o for o in taint.owners if o != config.name]
+    if others:
+        raise PermissionDenied(others[0], f"{what} of {config.name!r} may derive from its own data only")
+
+
+def check_contribution(config: PolicyConfig, taint: Taint, aggregator: str) -> None:
+    """Refuse a DP contribution (M1) of anything but this owner's own data, or to an aggregator
+    it does not trust."""
+    check_own_data(config, taint, "a contribution")
+    if aggregator not in config.trust:
+        raise PermissionDenied(config.name, f"{config.name!r} does not trust {aggregator!r} with contributions")
+
+
+def check_contributor(config: PolicyConfig, source: str) -> None:
+    """Refuse a contribution unless this node is an aggregator and `source` on its roster."""
+    if not config.aggregator or source not in config.owners:
+        raise PermissionDenied(source, f"{config.name!r} takes contributions only from its roster of data owners")
+
+
+def check_aggregator(config: PolicyConfig) -> None:
+    """Refuse a released aggregate anywhere but on an aggregator."""
+    if not config.aggregator:
+        raise PermissionDenied(config.name, f"{config.name!r} is not an aggregator; nothing is released here")
+
+
+def check_aggregate(config: PolicyConfig, chosen: Sequence[Contributed]) -> None:
+    """Refuse an aggregate of anything but distinct DP contributions (each is single-use)."""
+    if len({id(e) for e in chosen}) != len(chosen) or any(e.contribution is None for e in chosen):
+        raise PermissionDenied(config.name, "an aggregate takes distinct DP contributions only (fedptr.dp)")
+
+
+def check_dp_train(config: PolicyConfig, model: Stored, data: Iterable[Stored]) -> None:
+    """Refuse DP-SGD (M2) on anything but this node's own private data, or of a model that
+    already derives from private data outside DP-SGD."""
+    if any(e.readonly != config.name for e in data):
+        raise PermissionDenied(config.name, "DP-SGD trains on this node's own private data only (found by search)")
+    if model.taint:
+        raise PermissionDenied(model.taint.owners[0], "this model already derives from private data outside DP-SGD")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedptr import wire
-from fedptr.errors import FedptrError, InvalidArgumentError, PermissionDenied
+from fedptr.errors import FedptrError, InvalidArgumentError
 from fedptr.failures import with_hop
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
@@ -35,11 +35,7 @@ class Release:
     def contribute(self, source: str, rid: bytes, msg: wire.Contribute, budget: float) -> None:
         """M1 at a data owner: clip, charge, and send a single-use contribution to an aggregator."""
         entry = self.store.get(msg.obj_id, source)
-        others = [o for o in entry.taint.owners if o != self.name]
-        if others:
-            raise PermissionDenied(others[0], f"a contribution of {self.name!r} may derive from its own data only")
-        if msg.aggregator not in self.policy.trust:
-            raise PermissionDenied(self.name, f"{self.name!r} does not trust {msg.aggregator!r} with contributions")
+        policy.check_contribution(self.policy, entry.taint, msg.aggregator)
 
         async def answer() -> None:
             value = await entry.done
@@ -61,8 +57,7 @@ class Release:
 
     def put_contribution(self, source: str, rid: bytes, msg: wire.PutContribution, budget: float) -> None:
         """M1 at the aggregator: keep a contribution of a roster owner, read-only and single-use."""
-        if not self.policy.aggregator or source not in self.policy.owners:
-            raise PermissionDenied(source, f"{self.name!r} takes contributions only from its roster of data owners")
+        policy.check_contributor(self.policy, source)
         if not (msg.clip > 0 and msg.noise_multiplier > 0):
             raise InvalidArgumentError("a contribution needs a clip bound and a noise multiplier above 0")
         value = from_raw(msg.tensor)
@@ -75,12 +70,7 @@ class Release:
         """M2: DP-SGD on this node's own data; every step is charged before it runs."""
         model_entry = self.store.get(msg.model_id, source)
         data = [self.store.get(i) for i in (msg.x_id, msg.y_id)]
-        if any(e.readonly != self.name for e in data):
-            raise PermissionDenied(self.name, "DP-SGD trains on this node's own private data only (found by search)")
-        if model_entry.taint:
-            raise PermissionDenied(
-                model_entry.taint.owners[0], "this model already derives from private data outside DP-SGD"
-            )
+        policy.check_dp_train(self.policy, model_entry, data)
 
         async def answer() -> None:
             try:
@@ -123,14 +113,12 @@ class Release:
 
     def aggregate(self, source: str, rid: bytes, msg: wire.Op, entries: dict[int, Entry]) -> None:
         """M1 at the aggregator: the noised mean of single-use contributions, released."""
-        if not self.policy.aggregator:
-            raise PermissionDenied(self.name, f"{self.name!r} is not an aggregator; nothing is released here")
+        policy.check_aggregator(self.policy)
         refs = msg.args[0] if len(msg.args) == 1 and type(msg.args[0]) is list else None
         if msg.op != "aggregate_mean" or refs is None or msg.kwargs or not all(type(r) is wire.Ref for r in refs):
             raise InvalidArgumentError("aggregate_mean takes one list of contributions")
         chosen = [entries[r.obj_id] for r in refs]  # type: ignore[union-attr]
-        if len({id(e) for e in chosen}) != len(chosen) or any(e.contribution is None for e in chosen):
-            raise PermissionDenied(self.name, "an aggregate takes distinct DP contributions only (fedptr.dp)")
+        policy.check_aggregate(self.policy, chosen)
         values = [e.done.result() for e in chosen]
         contributions = [e.contribution for e in chosen if e.contribution is not None]
         mean = mechanisms.release_mean(values, contributions, self.policy.owners, self.policy.min_owners)

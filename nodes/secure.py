@@ -37,7 +37,7 @@ from fedptr.errors import (
 )
 from fedptr.tensors import dtype_name
 
-from . import audit, mechanisms, secagg
+from . import audit, mechanisms, policy, secagg
 from .store import Entry
 
 if TYPE_CHECKING:
@@ -109,9 +109,7 @@ class SecureRounds:
         if len(msg.round_id) != ROUND_ID_BYTES:
             raise InvalidArgumentError(f"a round id is {ROUND_ID_BYTES} bytes")
         entry = node.store.get(msg.obj_id, source)
-        others = [o for o in entry.taint.owners if o != node.name]
-        if others:
-            raise PermissionDenied(others[0], f"a secure input of {node.name!r} may derive from its own data only")
+        policy.check_own_data(node.policy, entry.taint, "a secure input")
         if node.budget.epsilon is None:
             raise BudgetExhaustedError(node.name, f"{node.name!r} has no privacy budget: it releases nothing")
         if msg.round_id in self._joined:

@@ -3,7 +3,7 @@ in-process harness (tests/harness.py) share, so both run the same wiring."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 from fedptr import envelope, limits
@@ -23,12 +23,12 @@ async def running(
     liveness: int = limits.HEARTBEAT_LIVENESS,
     connect_timeout: float = limits.CONNECT_TIMEOUT_S,
     curve: CurveKeys | None = None,
-    before_register: Callable[[Node], None] | None = None,
+    before_register: Iterable[Callable[[Node], None]] = (),
 ) -> AsyncIterator[Node]:
     """Node `name` registered at `broker` and serving until the block ends, then closed (its
-    pool stopped, its write-ahead on disk). `before_register` sees the node before it has a
-    name at the broker (the command line starts its metrics endpoint there). Raises
-    FedptrError when the broker is unreachable or refuses the name."""
+    pool stopped, its write-ahead on disk). Each of `before_register` in turn sees the node
+    before it has a name at the broker (the command line starts its metrics endpoint, then
+    settles its heap). Raises FedptrError when the broker is unreachable or refuses the name."""
     link = Link(
         broker,
         name,
@@ -42,8 +42,8 @@ async def running(
     # wired before registering: a request may arrive in the same read as the acceptance
     link.handler = node.handle
     link.on_session_ended = node.objects.reclaim
-    if before_register is not None:
-        before_register(node)
+    for prepare in before_register:
+        prepare(node)
     async with link:
         node.start()
         try:

@@ -39,11 +39,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The soak's timeout grows with its length (start, healing and checks take about 4 minutes at most)."""
+    """The soak's timeout grows with its length (start, healing and checks take about 4 minutes at
+    most). A test on the shared process cluster (`cluster` without ``inproc``), a destructive
+    test (its own processes) and the soak are ``slow``: the fast loop, ``-m "not slow"``, starts
+    no process cluster."""
     seconds = float(config.getoption("--soak-seconds"))
     for item in items:
         if item.get_closest_marker("soak") is not None:
             item.add_marker(pytest.mark.timeout(seconds + 240))
+        if (
+            ("cluster" in getattr(item, "fixturenames", ()) and not _inproc(item))
+            or item.get_closest_marker("destructive") is not None
+            or item.get_closest_marker("soak") is not None
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
+def _inproc(item: pytest.Item) -> bool:
+    """Whether `item` runs on an in-process cluster: marked ``inproc``, not ``inproc(False)``."""
+    marker = item.get_closest_marker("inproc")
+    return marker is not None and (not marker.args or bool(marker.args[0]))
 
 
 @pytest.fixture
@@ -70,10 +85,8 @@ def cluster(request: pytest.FixtureRequest) -> fedptr.Cluster | harness.InprocCl
     """The in-process cluster for tests marked ``inproc``, else the session's process cluster
     (started only when a test needs it). ``inproc(False)`` on a test in an ``inproc`` module
     sends it back to processes."""
-    marker = request.node.get_closest_marker("inproc")
-    inproc = marker is not None and (not marker.args or bool(marker.args[0]))
     c: fedptr.Cluster | harness.InprocCluster = request.getfixturevalue(
-        "inproc_cluster" if inproc else "process_cluster"
+        "inproc_cluster" if _inproc(request.node) else "process_cluster"
     )
     return c
 

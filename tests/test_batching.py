@@ -10,6 +10,8 @@ import torch
 import fedptr
 from fedptr import wire
 
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
+
 
 async def test_ops_issued_together_share_multiparts(client: fedptr.Client, bob: fedptr.Worker) -> None:
     x = await bob.send(torch.arange(3))

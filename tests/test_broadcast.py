@@ -1,4 +1,4 @@
-"""`fedptr.broadcast` on the shared cluster: one upload, a copy on each worker; a destination
+"""`fedptr.broadcast` on an in-process cluster: one upload, a copy on each worker; a destination
 that fails alone; and fan-outs sent raw to the broker, malformed or from a stranger."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from torch import nn
 import fedptr
 from fedptr import envelope, limits, wire
 from tests.test_robustness import raw_socket, recv, register
+
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
 
 async def test_a_tensor_reaches_three_workers_for_one_upload(client: fedptr.Client) -> None:
@@ -92,6 +94,7 @@ async def replies(sock: zmq.asyncio.Socket, rids: set[bytes]) -> dict[bytes, lis
     return got
 
 
+@pytest.mark.inproc(False)  # a raw client's registration goes unanswered in-process: not yet understood
 async def test_the_broker_drops_malformed_fan_outs_and_keeps_routing(
     cluster: fedptr.Cluster, client: fedptr.Client
 ) -> None:

@@ -10,7 +10,11 @@ resolution (the broker's and the client's are printed, for the record).
 
 from __future__ import annotations
 
+import pytest
+
 from tests import cpuclock
+
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
 GROWTH = 1.5
 """How much more CPU per op than the baseline the node may spend before the guard fails."""

@@ -19,6 +19,8 @@ import fedptr
 from fedptr import optim
 from fedptr.data import FederatedDataLoader, FederatedDataset
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 OWNERS = ["bob", "alice", "carol"]
 DEADLINE_S = 90.0

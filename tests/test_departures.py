@@ -19,7 +19,7 @@ import torch
 import fedptr
 from tests.conftest import alive, eventually
 
-pytestmark = pytest.mark.destructive
+pytestmark = [pytest.mark.slow, pytest.mark.destructive]
 
 BEAT_S = 1.0
 LIVENESS = 3

@@ -25,6 +25,8 @@ from fedptr.cli.state import ClusterState
 from fedptr.cli.status import NOT_ALL_UP
 from tests.conftest import alive, eventually
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 START_S = 90.0
 

@@ -24,6 +24,16 @@ SEED = 18
 CASES = [case for case in dp_audit.cases(dp_audit.CI) if not case.replace_one]
 
 
+def cases(honest: bool) -> list[object]:
+    """The honest cases, or the broken ones. M2's (DP-SGD: hundreds of small trainings each,
+    30-45 s apiece on a loaded 2-core machine) are ``slow``; M1's stay in the fast loop."""
+    return [
+        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.mechanism == "M2" else [])
+        for c in CASES
+        if (c.variant == dp_audit.HONEST) == honest
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """The figures are deterministic whatever the machine's cores; one thread is also the fair
@@ -34,7 +44,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.variant == dp_audit.HONEST], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", cases(honest=True))
 def test_the_lower_bound_stays_below_the_charged_epsilon(case: dp_audit.Case) -> None:
     result = dp_audit.run(case, SEED)
     assert result.bound.epsilon <= result.charged, (
@@ -43,7 +53,7 @@ def test_the_lower_bound_stays_below_the_charged_epsilon(case: dp_audit.Case) ->
     )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.variant != dp_audit.HONEST], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", cases(honest=False))
 def test_a_broken_mechanism_is_flagged(case: dp_audit.Case) -> None:
     result = dp_audit.run(case, SEED)
     assert result.flagged, f"{case.name}: lower bound {result.bound.epsilon:.2f}, {result.charged:.2f} charged"

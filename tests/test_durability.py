@@ -35,6 +35,8 @@ from fedptr.pointer import effect
 from fedptr.tensors import to_raw
 from tests.conftest import eventually
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 T = TypeVar("T")
 BEAT_S = 0.1
 LIVENESS = 3

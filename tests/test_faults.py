@@ -20,7 +20,7 @@ import torch
 import fedptr
 from tests.conftest import eventually
 
-pytestmark = pytest.mark.destructive
+pytestmark = [pytest.mark.slow, pytest.mark.destructive]
 
 BEAT_S = 0.1
 LIVENESS = 3

@@ -32,6 +32,8 @@ from fedptr.cli import app
 from fedptr.cli import status as status_cli
 from fedptr.status import ClusterStatus, PeerStatus, WorkerStatus
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 
 async def test_a_worker_name_is_taken_wherever_a_worker_is(client: fedptr.Client, bob: fedptr.Worker) -> None:
     p = await bob.send(torch.tensor([1, 2, 3]))

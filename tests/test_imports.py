@@ -3,7 +3,8 @@
 * the wire, envelope and session modules import no zmq, asyncio or torch (sans-IO);
 * the broker imports no torch;
 * nodes never import the client, and the client never imports nodes or the broker;
-* at run time, a node loads no Opacus until it runs a DP mechanism, and `fedptr --help` no torch.
+* at run time, a node loads no Opacus until it runs a DP mechanism, a warmed-up node no
+  torch._dynamo (torch.compile's ~40 MiB), and `fedptr --help` no torch.
 """
 
 from __future__ import annotations
@@ -116,13 +117,15 @@ def test_the_rules_see_imports() -> None:
     assert "fedptr.wire" in closure("fedptr.session")
 
 
-def _modules_after(code: str) -> set[str]:
-    """The top-level modules a fresh interpreter has loaded after running `code`."""
-    probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+def _modules_after(code: str, top_level: bool = True) -> set[str]:
+    """The modules (top-level names only, unless told) a fresh interpreter has loaded after running `code`."""
+    names = "{m.split('.')[0] for m in sys.modules}" if top_level else "sys.modules"
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted({names})))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     return set(out.stdout.split())
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_a_node_loads_opacus_only_for_dp() -> None:
     """Importing the node (and its DP modules) loads no Opacus: the first DP use does."""
     loaded = _modules_after("import fedptr.nodes.node, fedptr.nodes.__main__, fedptr.nodes.launcher")
@@ -130,6 +133,25 @@ def test_a_node_loads_opacus_only_for_dp() -> None:
     assert "opacus" not in loaded
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
+def test_a_warmed_up_node_loads_no_dynamo() -> None:
+    """A node's start (its meta kernels loaded, and a meta run of the ops a client uses most)
+    leaves torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
+    loaded = _modules_after(
+        "import torch\n"
+        "from fedptr.nodes import guard\n"
+        "guard.warm_up()\n"
+        "m = torch.ones(3, 3)\n"
+        "for op in ('mul', 'add', 'sub', 'matmul', 'relu', 'sum', 'mean', 'exp'):\n"
+        "    args = [m] if op in ('relu', 'sum', 'mean', 'exp') else [m, m]\n"
+        "    assert guard.meta_result(op, args, {}).device.type == 'meta'",
+        top_level=False,
+    )
+    assert "torch._meta_registrations" in loaded  # the probe did run meta kernels
+    assert "torch._dynamo" not in loaded
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_the_cli_help_and_the_broker_load_no_torch() -> None:
     loaded = _modules_after(
         "import contextlib, io\n"

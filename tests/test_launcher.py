@@ -46,7 +46,7 @@ async def _until(condition: object, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the launcher forks on Linux only")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="the launcher forks on Linux only")]
 
 
 async def test_nodes_are_forked_by_one_launcher_and_their_pids_are_theirs() -> None:

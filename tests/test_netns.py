@@ -28,7 +28,7 @@ import fedptr
 from fedptr.processes import start_broker, start_process, stop_processes
 from fedptr.security import CurveKeys, generate
 
-pytestmark = pytest.mark.destructive
+pytestmark = [pytest.mark.slow, pytest.mark.destructive]
 
 BEAT = ["--heartbeat-ms", "100", "--liveness", "3"]
 SUFFIX = str(os.getpid() % 10000)

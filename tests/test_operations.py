@@ -31,6 +31,8 @@ from fedptr.cli import app
 from fedptr.cli.status import NOT_ALL_UP
 from tests.conftest import eventually
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 WORKERS = ["bob", "alice", "carol", "dave"]
 WATCHED = ["--metrics-port", "0", "--log-format", "json", "--log-level", "DEBUG"]
 

@@ -35,7 +35,7 @@ from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 from tests.conftest import refused
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 OWNERS = ("bob", "alice", "frank")
 WORKERS = OWNERS

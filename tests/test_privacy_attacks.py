@@ -53,7 +53,7 @@ _CONFIG = getattr(pytest.mark, "_config", None)
 if _CONFIG is not None:
     _CONFIG.addinivalue_line("markers", "privacy_attack: an attack of issue 9 that the product must refuse")
 
-pytestmark = [pytest.mark.privacy_attack, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.slow, pytest.mark.privacy_attack, pytest.mark.asyncio(loop_scope="module")]
 
 RID = struct.Struct("<II")
 """A request id: a session's counter and its incarnation (fedptr.session)."""

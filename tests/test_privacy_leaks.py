@@ -36,6 +36,8 @@ from fedptr.errors import ProtocolError
 from fedptr.pointer import remote_call
 from fedptr.streams import Reassembly
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 SECRET = (np.arange(32, dtype=np.float32).reshape(8, 4) / 7 + 0.25).astype(np.float32)
 LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1])

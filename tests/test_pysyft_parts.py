@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import pytest
 import torch
 import torch as th
 from torch import nn
 
 import fedptr
 from fedptr import optim
+
+pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
 DEADLINE_S = 60.0
 

@@ -19,6 +19,8 @@ from fedptr import envelope, wire
 from fedptr.security import CurveKeys
 from tests.conftest import alive
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 
 def rss(pid: int) -> int:
     """Resident memory of process `pid`, in bytes."""

@@ -22,6 +22,8 @@ from fedptr.nodes import secagg as sa
 import fedptr
 from fedptr import dp, wire
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 OWNERS = ["o1", "o2", "o3", "o4"]
 POOR = "o5"

@@ -19,6 +19,8 @@ from fedptr import envelope, wire
 from fedptr.security import CurveKeys, generate, needs_keys
 from tests.conftest import eventually
 
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
 

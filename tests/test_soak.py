@@ -34,7 +34,7 @@ import torch
 import fedptr
 from tests.conftest import alive, eventually
 
-pytestmark = [pytest.mark.soak, pytest.mark.destructive]
+pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.destructive]
 
 SOAK_SEED = 10
 WORKERS = ["bob", "alice", "carol"]

@@ -13,7 +13,7 @@ from fedptr import envelope, wire
 from fedptr.tensors import to_raw
 from tests.test_robustness import raw_socket, recv, register
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
