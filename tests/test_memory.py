@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.destructive, pytest.mark.timeout(300)]
 
 MARGIN = 48 << 20
 """How far above its start a process may stay once its clients left (bytes): the CI workloads
-peak ~240 MiB above it on the node."""
+reach 120-240 MiB above it on the node (their results held at once, sampled as each client ends)."""
 
 SETTLE_S = 15.0
 """Longest wait (s) for RSS to come back after the last client left (a loaded machine is slow)."""
@@ -31,7 +31,7 @@ async def one_node() -> AsyncIterator[fedptr.Cluster]:
 async def test_node_memory_comes_back_after_pipelined_clients_leave(one_node: fedptr.Cluster) -> None:
     f = await memory.pipelined(one_node, clients=8, ops=60, numel=1 << 17, margin=MARGIN, settle_s=SETTLE_S)
     print(f.line("8 clients x 60 pipelined ops of 512 KiB"))
-    assert f.node_peak - f.node_start > 4 * MARGIN  # the workload did hold its results at once
+    assert f.node_peak - f.node_start > 2 * MARGIN  # the workload did hold many results at once
     assert f.node_end - f.node_start <= MARGIN, f.line("node memory stayed")
     assert f.broker_end - f.broker_start <= MARGIN, f.line("broker memory stayed")
 
