@@ -9,6 +9,12 @@ and checked against a model: every object is in the state of its last acknowledg
 of a change queued after it that was not acknowledged (it may or may not have landed); none
 is lost, none invented, and no crash leaves what loading takes for damage. In-process, no node.
 The model is a process crash (what reached the kernel stays); it does not drop unsynced data.
+
+The same disk, per node, stands under the two-phase hand-overs (the move and the send of a
+pointer) on two real nodes of the in-process harness: each node dies at each of its storage
+calls and before each of its requests and replies, is restarted, and the outcome (resolved with
+`Client.resolve` when in doubt) must leave one owning copy of the value, where the model says
+(see the second half of this file).
 """
 
 from __future__ import annotations
