@@ -14,7 +14,8 @@ The same disk, per node, stands under the two-phase hand-overs (the move and the
 pointer) on two real nodes of the in-process harness: each node dies at each of its storage
 calls and before each of its requests and replies, is restarted, and the outcome (resolved with
 `Client.resolve` when in doubt) must leave one owning copy of the value, where the model says
-(see the second half of this file).
+(see the second half of this file); a move's recovery is crashed again at each of its storage
+calls. A dead node is cut off (it sends nothing more) rather than ended: `fail_stop` is replaced.
 """
 
 from __future__ import annotations
@@ -237,11 +238,13 @@ async def test_every_crash_point_of_the_write_ahead_recovers_what_was_acknowledg
 # --- the move and the send-pointer protocols, on two real nodes -----------------------------
 # A fixed hand-over (bob's object moved to alice, or a pointer to it sent to alice) runs on the
 # in-process harness: real broker, real nodes, real client. The storage calls each node's
-# write-ahead thread makes are counted on their own (the thread's name tells the node); for
-# every call i of each node the hand-over runs again and that node dies at its call i: the call
-# fails (a write lands torn), every later one too, and from that instant the node sends nothing
-# (a dead process). It is then restarted on its store directory (as after kill -9), the outcome
-# settled (`Client.resolve` for one in doubt) and checked against the model.
+# write-ahead thread makes are counted on their own, and so are the requests and replies it
+# sends; for every call i (or message i) of each node the hand-over runs again and that node dies
+# there: the call fails (a write lands torn), every later one too, and from that instant the node
+# sends nothing (a dead process). It is then restarted on its store directory (as after kill -9;
+# the harness's stop says goodbye, so peers learn of the death at once), the outcome settled
+# (`Client.resolve` for one in doubt) and checked against the model. Each case runs on a fresh
+# object of a value of its own, on one cluster.
 
 HANDOVER_CALL_TIMEOUT_S = 10.0
 """The client's deadline per call (a crashed node is restarted long before it)."""
@@ -389,7 +392,8 @@ def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[st
 async def _phase(
     c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death], work: asyncio.Future[Any], crash: Crash | None
 ) -> Counted:
-    """Wait until `work` is done or a node died; restart the dead one (on a sound disk)."""
+    """Wait until `work` is done and the nodes are quiet, or a node died; restart the dead one
+    (its new write-ahead thread has no crashing disk until the next `_arm`)."""
     dead: list[str] = []
     # the phase lasts until the nodes are quiet too: the writes made after the client heard
     # (a move record forgotten once the object is back) are crash points as well
