@@ -249,12 +249,15 @@ class Compute:
             op = run.ops[i]
             entries = run.operands[i]
             operands = {k: values[k] for k in entries}
+            # private when its result is (taint only grows: never less than on arrival)
+            private = bool(run.results[i].taint)
             if inline and (
-                i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
+                i - start >= limits.PLAN_INLINE_OPS
+                or _numel(operands.values()) > self.config.offload_numel
+                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            # private when its result is (taint only grows: never less than on arrival)
-            values[op.result_id] = self._run(op, operands, bool(run.results[i].taint), entries)
+            values[op.result_id] = self._run(op, operands, private, entries)
         return len(run.ops)
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:

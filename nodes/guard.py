@@ -14,6 +14,7 @@ stored value never shares memory with another entry behind the policy's back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,13 +29,30 @@ STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "para
 """Operations that read no value into a size: no meta run; a failure is refused generically."""
 
 
+_warming = threading.Lock()
+_warm = False
+"""Whether this process's meta kernels are loaded (`warm_up`)."""
+
+
+def is_warm() -> bool:
+    """Whether a meta run is cheap now: until `warm_up`, the first one loads sympy (~36 MiB of
+    RSS, ~0.3 CPU seconds) and must not run on the event loop."""
+    return _warm
+
+
 def warm_up() -> None:
-    """Load torch's meta kernels now, before the node registers: the first meta operation in a
-    process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
-    `_compile_guards_off`."""
-    _compile_guards_off()
-    (torch.empty(1, device="meta") * 2).sum()
+    """Load what torch's Python meta kernels need on their first call (sympy, imported by its
+    dtype promotion rule) without torch._dynamo (see `_compile_guards_off`); safe from any
+    thread, once. A node does it on its offload thread before its first op on private data
+    (nodes/compute.py): an idle node never pays its memory, and heartbeats keep flowing while
+    it loads. The launcher does it before it forks, so forked nodes share it."""
+    global _warm
+    with _warming:
+        if _warm:
+            return
+        _compile_guards_off()
+        (torch.empty(1, device="meta") * 2).sum()
+        _warm = True
 
 
 def _compile_guards_off() -> None:
@@ -136,6 +154,8 @@ def run(
     the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
     in `ALIASING`."""
     if private:
+        if not _warm:
+            warm_up()  # nodes/compute.py runs a cold node's first private op on its offload thread
         try:
             meta = meta_result(op, args, kwargs)
         except Exception:
