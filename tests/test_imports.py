@@ -163,3 +163,51 @@ def test_the_cli_help_and_the_broker_load_no_torch() -> None:
     )
     assert "typer" in loaded
     assert "torch" not in loaded
+
+
+LAZY = ("sympy", "cryptography", "prometheus_client", "fedptr.nodes.secure", "fedptr.nodes.secagg")
+"""What an idle node must not have loaded: the meta kernels' sympy (~36 MiB), SecAgg with
+`cryptography` (~8 MiB), the metrics endpoint's client (~1.4 MiB)."""
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch
+def test_an_idle_node_loads_what_it_does_not_use_only_on_first_use(tmp_path: Path) -> None:
+    """A started node, its private data loaded, has none of `LAZY` (no
+    client in the process yet: the library's own meta inference loads sympy); its first op on
+    private data loads the meta kernels on the offload thread, not the event loop, and is right."""
+    probe = f"""
+import asyncio, sys, threading
+import numpy as np
+import torch
+from fedptr.nodes import guard
+from fedptr.nodes.node import NodeConfig
+from tests.harness import InprocCluster
+
+warmed_on = []
+real_warm_up = guard.warm_up
+def recording_warm_up():
+    warmed_on.append(threading.current_thread().name)
+    real_warm_up()
+guard.warm_up = recording_warm_up
+
+async def main():
+    np.savez("{tmp_path}/d.npz", x=np.arange(4.0))
+    config = NodeConfig(data={{"d": "{tmp_path}/d.npz"}}, release_exact=True)
+    shell = InprocCluster("inproc://lazy", {{"bob": config}}, 1.0, 3, 30.0)
+    shell.start_broker()
+    try:
+        await shell.start_node("bob")
+        loaded = sorted(m for m in {LAZY!r} if m in sys.modules)
+        assert not loaded and not guard.is_warm() and not warmed_on, (loaded, warmed_on)
+        async with shell.connect() as client:
+            (x,) = await client.worker("bob").search("d")
+            assert torch.equal(await (x + 1).get(), torch.arange(4.0, dtype=torch.float64) + 1)
+        assert guard.is_warm() and warmed_on and threading.main_thread().name not in warmed_on, warmed_on
+    finally:
+        await shell._stop_all()
+    print("ok")
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
