@@ -2,7 +2,8 @@
 
 An op whose operands live here gets its result entry (and its taint) at once, so that later
 pipelined requests find it; its value is computed inline when its inputs are small and present,
-else later (waiting for inputs, big work on a thread), and the answer waits until the result,
+else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
+which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
 the data is. A plan run is the same ops, in order, with only the outputs stored.
 """
