@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from fedptr import logs as logs
     from fedptr import meta as meta
     from fedptr import modules as modules
+    from fedptr import opinfo as opinfo
     from fedptr import ops as ops
     from fedptr import optim as optim
     from fedptr import tensors as tensors
@@ -88,6 +89,7 @@ _SUBMODULES = frozenset(
         "meta",
         "metrics",
         "modules",
+        "opinfo",
         "ops",
         "optim",
         "plans",
@@ -99,6 +101,7 @@ _SUBMODULES = frozenset(
         "status",
         "streams",
         "tensors",
+        "torchops",
         "wire",
         "zio",
     }

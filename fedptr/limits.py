@@ -181,6 +181,10 @@ worker has them (await the send before changing them in place)."""
 MAX_PLAN_OPS = 10_000
 """Most operations in one plan (`fedptr.plan`)."""
 
+MAX_OP_RESULTS = 256
+"""Most results (each a stored object and a pointer) of one multi-output operation (``split``,
+``unbind``): a count decided by shapes must not flood a store with entries."""
+
 MAX_PLAN_INPUTS = 1024
 """Most input objects (arguments and captured pointers) of one plan."""
 

@@ -22,6 +22,7 @@ from fedptr import limits
 from fedptr.errors import FedptrError
 
 if TYPE_CHECKING:  # prometheus-client loads with the first scrape or `serve`: ~1.4 MiB a process without
+    from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.samples import Sample
 
@@ -150,16 +151,24 @@ class _Snapshot:
             return []
 
 
+def registry(collect: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
+    """What a scrape reads: the process's families from `collect` (called at each scrape),
+    and the process collector's."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Snapshot(collect))
+    ProcessCollector(registry=reg)
+    return reg
+
+
 def serve(port: int, host: str, collect: Callable[[], Iterable[Metric]]) -> int:
     """Serve ``/metrics`` on `host`:`port` (0: a free port) from a daemon thread; `collect`
     gives the process's families at each scrape. Returns the port bound."""
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from prometheus_client import start_http_server
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(collect))
-    ProcessCollector(registry=registry)
     try:
-        server, _thread = start_http_server(port, host, registry=registry)
+        server, _thread = start_http_server(port, host, registry=registry(collect))
     except OSError as e:
         raise MetricsError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
     bound = int(server.server_port)

@@ -22,11 +22,21 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import kernels
-from .policy import ALIASING
+from fedptr import limits
+from fedptr.errors import InvalidArgumentError
+from fedptr.opinfo import REGISTRY
+from fedptr.ops import ALIASING, STRUCTURAL
 
-STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
-"""Operations that read no value into a size: no meta run; a failure is refused generically."""
+from . import kernels
+
+
+def check_results(op: str, count: int) -> None:
+    """Refuse (InvalidArgumentError) `count` results of `op` when it gives one, or more than
+    `limits.MAX_OP_RESULTS`."""
+    if REGISTRY[op].outputs == 1:
+        raise InvalidArgumentError(f"{op} gives one result, not {count}")
+    if not 1 <= count <= limits.MAX_OP_RESULTS:
+        raise InvalidArgumentError(f"an operation gives 1 to {limits.MAX_OP_RESULTS} results, not {count}")
 
 
 _warming = threading.Lock()
@@ -115,11 +125,13 @@ def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
     return out
 
 
-def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result | None:
     """The result of `op` on meta stand-ins for its tensors (None for structural ops). Raises
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
+        warm_up()
     if op == "forward":
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")
@@ -149,30 +161,44 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
 
 
 def run(
-    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception]
-) -> torch.Tensor:
-    """Run `op`. With `private` operands, through the meta run first; `refuse()` is raised when
-    the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
-    in `ALIASING`."""
+    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception], count: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """Run `op`, which gives `count` results. With `private` operands, through the meta run
+    first; `refuse()` is raised when the meta run (or a structural op) fails, or gives another
+    number of results (a count decided by shapes and arguments, so public). No result aliases an
+    operand unless `op` is in `ALIASING`."""
     if private:
-        if not _warm:
-            warm_up()  # nodes/compute.py runs a cold node's first private op on its offload thread
         try:
             meta = meta_result(op, args, kwargs)
+            metas = None if meta is None else kernels.results(meta, count)
         except Exception:
             raise refuse() from None
         try:
-            result = kernels.run(op, args, kwargs)
+            outputs = kernels.results(kernels.run(op, args, kwargs), count)
         except Exception:
-            if meta is None:
+            if metas is None:
                 raise refuse() from None
-            result = torch.zeros(meta.shape, dtype=meta.dtype)
-        if meta is not None and (result.shape != meta.shape or result.dtype != meta.dtype):
-            result = torch.zeros(meta.shape, dtype=meta.dtype)  # a shape that depends on values
+            outputs = tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+        if metas is not None:
+            # a shape that depends on values: zeros of the public shape instead
+            outputs = tuple(
+                torch.zeros(m.shape, dtype=m.dtype) if (r.shape != m.shape or r.dtype != m.dtype) else r
+                for r, m in zip(outputs, metas, strict=True)
+            )
     else:
-        result = kernels.run(op, args, kwargs)
-    if op not in ALIASING and result.numel():
+        value = kernels.run(op, args, kwargs)
+        if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
+            return (value if op in ALIASING else _unshared(value, args, kwargs),)
+        outputs = kernels.results(value, count)
+    if op in ALIASING:
+        return outputs
+    return tuple(_unshared(r, args, kwargs) for r in outputs)
+
+
+def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """`result`, copied when it shares storage with an operand (or with another stored value)."""
+    if result.numel():
         storage = result.untyped_storage().data_ptr()
         if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
-            result = result.clone()
+            return result.clone()
     return result
