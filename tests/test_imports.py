@@ -3,8 +3,9 @@
 * the wire, envelope and session modules import no zmq, asyncio or torch (sans-IO);
 * the broker imports no torch;
 * nodes never import the client, and the client never imports nodes or the broker;
-* at run time, a node loads no Opacus until it runs a DP mechanism, a warmed-up node no
-  torch._dynamo (torch.compile's ~40 MiB), and `fedptr --help` no torch.
+* at run time, a node loads no Opacus until it runs a DP mechanism, its meta runs no
+  torch._dynamo (torch.compile's ~40 MiB), an idle node none of `LAZY`, and `fedptr --help`
+  no torch.
 """
 
 from __future__ import annotations
@@ -134,13 +135,15 @@ def test_a_node_loads_opacus_only_for_dp() -> None:
 
 
 @pytest.mark.slow  # a fresh interpreter that imports torch
-def test_a_warmed_up_node_loads_no_dynamo() -> None:
-    """A node's start (its meta kernels loaded, and a meta run of the ops a client uses most)
-    leaves torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
+def test_a_nodes_meta_runs_load_no_dynamo() -> None:
+    """A cold node's meta runs (the ops a client uses most, and a model's forward as DP-SGD's
+    check runs it: each calls `guard.meta_result` first, which loads the meta kernels) leave
+    torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
     loaded = _modules_after(
         "import torch\n"
         "from fedptr.nodes import guard\n"
-        "guard.warm_up()\n"
+        "forward = guard.meta_result('forward', [torch.nn.Linear(3, 2), torch.ones(4, 3)], {})\n"
+        "assert forward.device.type == 'meta' and forward.shape == (4, 2)\n"
         "m = torch.ones(3, 3)\n"
         "for op in ('mul', 'add', 'sub', 'matmul', 'relu', 'sum', 'mean', 'exp'):\n"
         "    args = [m] if op in ('relu', 'sum', 'mean', 'exp') else [m, m]\n"
