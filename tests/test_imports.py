@@ -214,3 +214,13 @@ asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
+
+
+def test_the_node_routes_to_its_lazy_secure_handlers_exactly_what_they_handle() -> None:
+    """nodes/node.py names the requests nodes/secure.py handles without importing it
+    (`SECURE_REQUESTS`): the two lists must not drift apart."""
+    from fedptr.nodes.node import SECURE_REQUESTS
+    from fedptr.nodes.secure import SecureRounds
+
+    unbuilt = SecureRounds.__new__(SecureRounds)  # handlers() reads no state: no node needed
+    assert unbuilt.handlers().keys() == set(SECURE_REQUESTS)
