@@ -50,6 +50,9 @@ from fedptr.torchops import dispatched
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
+    from fedptr.pointer_methods import PointerMethods
+else:  # the methods are installed from the registry below (`_install_methods`): no base at run time
+    PointerMethods = object
 
 _TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
@@ -288,7 +291,7 @@ def _index(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-class Pointer:
+class Pointer(PointerMethods):
     """A pointer to object `id_at_location` on worker `location`.
 
     It knows its result's `shape`, `dtype`, `device` and `requires_grad` without a round trip,
@@ -688,10 +691,6 @@ class Pointer:
         effect("set_data", (self, value))
         if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
             self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
-
-    if TYPE_CHECKING:
-        # the registry's methods and operators are installed below (`_install_methods`)
-        def __getattr__(self, name: str) -> Any: ...
 
 
 def _install_methods() -> None:
