@@ -16,6 +16,7 @@ Pure data: no torch, so the sans-IO and broker layers may read it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 
@@ -238,6 +239,15 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def pointer_attributes() -> Iterator[tuple[str, OpInfo]]:
+    """Each `Pointer` attribute the registry gives, and the op it issues: every `Call.METHOD` op
+    under its name and its `OpInfo.aliases` (``fedptr.pointer`` installs them, `pointer_stubs` types them)."""
+    for name, info in REGISTRY.items():
+        if info.call is Call.METHOD:
+            for attr in (name, *info.aliases):
+                yield attr, info
+
+
 STUBS_MODULE = "fedptr/pointer_methods.py"
 """Where `pointer_stubs`' text is kept (tests/test_pointer_types.py fails when it is stale)."""
 
@@ -280,13 +290,13 @@ def _stub(attr: str, info: OpInfo) -> list[str]:
     what = "in place, returns this pointer" if info.mutating else info.group
     doc = f'        """Remote ``torch.Tensor.{info.name}`` ({what})."""'
     if info.pair_with_dim:
-        return [
+        return [  # torch's three forms: (), (dim, keepdim=False), (other)
+            "    @overload",
+            f"    def {attr}(self) -> Pointer: ...",
             "    @overload",
             f"    def {attr}(self, dim: builtins.int, keepdim: builtins.bool = ...) -> tuple[Pointer, Pointer]: ...",
             "    @overload",
-            f"    def {attr}(self, *, dim: builtins.int, keepdim: builtins.bool = ...) -> tuple[Pointer, Pointer]: ...",
-            "    @overload",
-            f"    def {attr}(self, other: Any = ..., /) -> Pointer: ...",
+            f"    def {attr}(self, other: Any) -> Pointer: ...",
             f"    def {attr}({_ANY}) -> Pointer | tuple[Pointer, Pointer]:",
             doc,
         ]
@@ -303,10 +313,8 @@ def pointer_stubs() -> str:
     """The text of fedptr/pointer_methods.py: a typed stub of every `Pointer` method and operator
     that the registry installs (each `Call.METHOD` op under its name and its `OpInfo.aliases`)."""
     lines = [_STUBS_HEADER.rstrip("\n")]
-    for name, info in REGISTRY.items():
-        if info.call is Call.METHOD:
-            for attr in (name, *info.aliases):
-                lines += ["", *_stub(attr, info)]
+    for attr, info in pointer_attributes():
+        lines += ["", *_stub(attr, info)]
     return "\n".join(lines) + "\n"
 
 

@@ -43,7 +43,7 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.opinfo import REGISTRY, VARIES, Call
+from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
 from fedptr.torchops import dispatched
@@ -695,12 +695,8 @@ class Pointer(PointerMethods):
 
 def _install_methods() -> None:
     """Give `Pointer` a method for every `Call.METHOD` op of the registry, and its operators."""
-    for name, info in REGISTRY.items():
-        if info.call is not Call.METHOD:
-            continue
-        make = _in_place if info.mutating else _method
-        for attr in (name, *info.aliases):
-            setattr(Pointer, attr, make(name))
+    for attr, info in pointer_attributes():
+        setattr(Pointer, attr, (_in_place if info.mutating else _method)(info.name))
 
 
 _install_methods()
