@@ -3,7 +3,7 @@
 
 Regenerate with ``python -m fedptr.opinfo --stubs > fedptr/pointer_methods.py`` (tests/test_pointer_types.py
 fails when this file is stale). `Pointer` inherits `PointerMethods` for type checkers only
-(``if TYPE_CHECKING``): at run time this module is never imported, and the methods are the ones
+(``if TYPE_CHECKING``): fedptr never imports this module at run time; the methods are the ones
 ``fedptr.pointer._install_methods`` installs from the same registry (`fedptr.opinfo`).
 
 Arguments are `Any`: they are torch's own (docs/ops.md), checked where the op is issued (meta
