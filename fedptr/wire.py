@@ -315,6 +315,7 @@ class FailureCode(enum.StrEnum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     IN_DOUBT = "in-doubt"
     DROPOUT = "dropout"
+    QUOTA_EXCEEDED = "quota-exceeded"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedptr import limits, wire
-from fedptr.errors import FedptrError, InvalidArgumentError, LocationMismatchError, OpNotAllowedError, RemoteError
+from fedptr.errors import (
+    FedptrError,
+    InvalidArgumentError,
+    LocationMismatchError,
+    OpNotAllowedError,
+    QuotaExceededError,
+    RemoteError,
+)
 from fedptr.failures import with_hop
 from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw
@@ -200,6 +207,7 @@ class Compute:
                 self.store.check_principal(obj_id, e, source)
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            self.store.admit(source, len(msg.result_ids))  # all its outputs are stored, or none
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -318,7 +326,7 @@ class Compute:
         failed = Entry.tensor(owner=source)
         failed.sponsor = sponsor
         failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-        with contextlib.suppress(InvalidArgumentError):
+        with contextlib.suppress(InvalidArgumentError, QuotaExceededError):  # then not found, as failed
             self.store.add(result_id, failed)
 
     def _relayed(

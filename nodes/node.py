@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fedptr import envelope, limits, wire
-from fedptr.errors import OpNotAllowedError, OverloadedError
+from fedptr.errors import OpNotAllowedError, OverloadedError, QuotaExceededError
 from fedptr.failures import failure_from_error
 from fedptr.link import Link
 from fedptr.tensors import dtype_name
@@ -80,6 +80,9 @@ class NodeConfig:
     """C: the L2 bound this owner clips its contributions to."""
     dp_noise_multiplier: float = limits.DP_NOISE_MULTIPLIER
     """sigma: the noise multiplier this owner charges a contribution for."""
+    max_client_objects: int = limits.CLIENT_MAX_OBJECTS
+    max_client_bytes: int = limits.CLIENT_MAX_BYTES
+    """Each client's quota here: objects, and their tensor bytes (0: no cap)."""
 
 
 EXIT_DISK_FAILED = 74
@@ -105,7 +108,14 @@ class Node:
         self.link = link
         self.config = config or NodeConfig()
         durable = DurableStore(self.config.store_dir) if self.config.store_dir else None
-        self.store = Store(name, self.config.max_store_bytes, durable, functools.partial(fail_stop, name))
+        self.store = Store(
+            name,
+            self.config.max_store_bytes,
+            durable,
+            functools.partial(fail_stop, name),
+            self.config.max_client_objects,
+            self.config.max_client_bytes,
+        )
         self.policy = policy.PolicyConfig(
             name,
             frozenset(self.config.trust),
@@ -204,6 +214,11 @@ class Node:
                 return
         waiting = self._ordered.get(source)
         if waiting is not None:
+            if len(waiting) >= limits.CLIENT_MAX_QUEUED_REQUESTS and rid != envelope.NO_REPLY:
+                # its share is used up: refuse it rather than let one client pause everyone's reads
+                quota = limits.CLIENT_MAX_QUEUED_REQUESTS
+                self.reply_error(source, rid, QuotaExceededError("", f"{quota} requests of {source!r} already queued"))
+                return
             waiting.append((rid, decoded))
             self._queued += 1
             if self._queued >= limits.NODE_MAX_ORDERED:
