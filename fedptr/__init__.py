@@ -96,6 +96,7 @@ _SUBMODULES = frozenset(
         "optim",
         "plans",
         "pointer",
+        "pointer_methods",
         "processes",
         "progress",
         "security",

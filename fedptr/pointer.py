@@ -43,13 +43,16 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.opinfo import REGISTRY, VARIES, Call
+from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
 from fedptr.torchops import dispatched
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
+    from fedptr.pointer_methods import PointerMethods
+else:  # the methods are installed from the registry below (`_install_methods`): no base at run time
+    PointerMethods = object
 
 _TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
@@ -288,7 +291,7 @@ def _index(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-class Pointer:
+class Pointer(PointerMethods):
     """A pointer to object `id_at_location` on worker `location`.
 
     It knows its result's `shape`, `dtype`, `device` and `requires_grad` without a round trip,
@@ -689,19 +692,11 @@ class Pointer:
         if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
             self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
 
-    if TYPE_CHECKING:
-        # the registry's methods and operators are installed below (`_install_methods`)
-        def __getattr__(self, name: str) -> Any: ...
-
 
 def _install_methods() -> None:
     """Give `Pointer` a method for every `Call.METHOD` op of the registry, and its operators."""
-    for name, info in REGISTRY.items():
-        if info.call is not Call.METHOD:
-            continue
-        make = _in_place if info.mutating else _method
-        for attr in (name, *info.aliases):
-            setattr(Pointer, attr, make(name))
+    for attr, info in pointer_attributes():
+        setattr(Pointer, attr, (_in_place if info.mutating else _method)(info.name))
 
 
 _install_methods()

@@ -2,7 +2,8 @@
 
 An op whose operands live here gets its result entry (and its taint) at once, so that later
 pipelined requests find it; its value is computed inline when its inputs are small and present,
-else later (waiting for inputs, big work on a thread), and the answer waits until the result,
+else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
+which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
 the data is. A plan run is the same ops, in order, with only the outputs stored.
 """
@@ -276,12 +277,15 @@ class Compute:
             op = run.ops[i]
             entries = run.operands[i]
             operands = {k: values[k] for k in entries}
+            # private when its result is (taint only grows: never less than on arrival)
+            private = bool(run.results[i].taint)
             if inline and (
-                i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
+                i - start >= limits.PLAN_INLINE_OPS
+                or _numel(operands.values()) > self.config.offload_numel
+                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            # private when its result is (taint only grows: never less than on arrival)
-            first, *more = self._run(op, operands, bool(run.results[i].taint), entries)
+            first, *more = self._run(op, operands, private, entries)
             values[op.result_id] = first
             for key, value in zip(op.more_ids, more, strict=True):
                 values[key] = value

@@ -14,6 +14,7 @@ stored value never shares memory with another entry behind the policy's back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,18 +39,36 @@ def check_results(op: str, count: int) -> None:
         raise InvalidArgumentError(f"an operation gives 1 to {limits.MAX_OP_RESULTS} results, not {count}")
 
 
+_warming = threading.Lock()
+_warm = False
+"""Whether this process's meta kernels are loaded (`warm_up`)."""
+
+
+def is_warm() -> bool:
+    """Whether a meta run is cheap now: until `warm_up`, the first one loads sympy (~36 MiB of
+    RSS, ~0.3 CPU seconds) and must not run on the event loop."""
+    return _warm
+
+
 def warm_up() -> None:
-    """Load torch's meta kernels now, before the node registers: the first meta operation in a
-    process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
-    `_compile_guards_off`."""
-    _compile_guards_off()
-    (torch.empty(1, device="meta") * 2).sum()
+    """Load what torch's Python meta kernels need on their first call (sympy, imported by its
+    dtype promotion rule) without torch._dynamo (see `_compile_guards_off`); safe from any
+    thread, once. A node does it on its offload thread before its first op on private data
+    (nodes/compute.py): an idle node never pays its memory, and heartbeats keep flowing while
+    it loads (the loop's longest stall measured during it: 24-27 ms, the GIL changing hands
+    every 5 ms). The launcher does it before it forks, so forked nodes share it."""
+    global _warm
+    with _warming:
+        if _warm:
+            return
+        _compile_guards_off()
+        (torch.empty(1, device="meta") * 2).sum()
+        _warm = True
 
 
 def _compile_guards_off() -> None:
     """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
-    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+    seconds in every node that runs an op on private data).
 
     torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
     ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
@@ -111,6 +130,8 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
+        warm_up()
     if op == "forward":
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")

@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from fedptr.failures import failure_from_error
 from fedptr.link import Link
 from fedptr.tensors import dtype_name
 
-from . import guard, plans, policy
+from . import plans, policy
 from .audit import AuditLog
 from .budget import Budget
 from .compute import Compute
@@ -45,11 +45,25 @@ from .objects import Objects
 from .release import Release
 from .replies import ReplyCache, Seen
 from .scheduler import Scheduler
-from .secure import SecureRounds
 from .stats import NodeFigures
 from .store import Entry, Store
 
+if TYPE_CHECKING:
+    from .secure import SecureRounds
+
 log = logging.getLogger("fedptr.node")
+
+SECURE_REQUESTS: tuple[type[wire.Message], ...] = (
+    wire.SecureMean,
+    wire.SecAggJoin,
+    wire.SecAggAdvertise,
+    wire.SecAggPeerKeys,
+    wire.SecAggShare,
+    wire.SecAggMask,
+    wire.SecAggUnmask,
+)
+"""The requests nodes/secure.py handles: it loads (with `cryptography`, ~8 MiB of RSS) on the
+first of them, so a node that never takes part in secure aggregation never pays for it."""
 
 
 @dataclass
@@ -127,7 +141,6 @@ class Node:
         directory = Path(self.config.store_dir) if self.config.store_dir else None
         self.budget = Budget(name, self.config.epsilon, self.config.delta, directory)
         self.audit = AuditLog(name, directory)
-        guard.warm_up()
         for tag, path in self.config.data.items():
             self._load_data(tag, path)
         self._in_doubt = self.store.restore()
@@ -180,7 +193,18 @@ class Node:
             wire.PutPlan: compute.put_plan,
             wire.RunPlan: compute.run_plan,
         }
-        self._handlers.update(SecureRounds(self).handlers())
+        self._handlers.update(dict.fromkeys(SECURE_REQUESTS, self._secure))
+        self._secure_rounds: SecureRounds | None = None
+
+    def _secure(self, source: str, rid: bytes, msg: Any, budget: float) -> None:
+        """The first secure aggregation request: load nodes/secure.py (~25 ms, on the loop: less
+        than a heartbeat's slack), put its handlers in the dispatch table, and handle `msg`."""
+        if self._secure_rounds is None:
+            from .secure import SecureRounds
+
+            self._secure_rounds = SecureRounds(self)
+            self._handlers.update(self._secure_rounds.handlers())
+        self._secure_rounds.handlers()[type(msg)](source, rid, msg, budget)
 
     def _load_data(self, tag: str, path: str) -> None:
         """Every array of an .npz file becomes a private object of this node, tagged `tag`."""
