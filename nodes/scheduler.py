@@ -43,6 +43,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="torch")
         self._background: set[asyncio.Task[None]] = set()
         self._trimming: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def compute_later(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run `coro` in the bounded pool and return its future; past the pool's size, stop
@@ -83,7 +84,7 @@ class Scheduler:
     def trim_heap_soon(self) -> None:
         """Clients left: give the heap's free pages back to the OS a little later
         (`limits.HEAP_TRIM_DELAY_S`), on the torch thread, off the event loop."""
-        if self._trimming is None:  # departures within the delay share one trim
+        if self._trimming is None and not self._closed:  # departures within the delay share one trim
             self._trimming = asyncio.get_running_loop().call_later(limits.HEAP_TRIM_DELAY_S, self._trim_now)
 
     def _trim_now(self) -> None:
@@ -92,6 +93,7 @@ class Scheduler:
 
     async def aclose(self) -> None:
         """Cancel waiting work and stop the thread pool."""
+        self._closed = True  # a departure noticed while closing must not schedule onto a stopped pool
         if self._trimming is not None:
             self._trimming.cancel()
         for task in list(self._background):
