@@ -28,6 +28,7 @@ from fedptr.errors import (
     OverloadedError,
     PermissionDenied,
     ProtocolError,
+    QuotaExceededError,
     RegistrationRefused,
     RemoteError,
     StoreFullError,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from fedptr import logs as logs
     from fedptr import meta as meta
     from fedptr import modules as modules
+    from fedptr import opinfo as opinfo
     from fedptr import ops as ops
     from fedptr import optim as optim
     from fedptr import tensors as tensors
@@ -82,16 +84,19 @@ _SUBMODULES = frozenset(
         "errors",
         "failures",
         "graphs",
+        "heap",
         "limits",
         "link",
         "logs",
         "meta",
         "metrics",
         "modules",
+        "opinfo",
         "ops",
         "optim",
         "plans",
         "pointer",
+        "pointer_methods",
         "processes",
         "progress",
         "security",
@@ -99,6 +104,7 @@ _SUBMODULES = frozenset(
         "status",
         "streams",
         "tensors",
+        "torchops",
         "wire",
         "zio",
     }
@@ -132,6 +138,7 @@ __all__ = [
     "Plan",
     "Pointer",
     "ProtocolError",
+    "QuotaExceededError",
     "RegistrationRefused",
     "RemoteError",
     "StoreFullError",

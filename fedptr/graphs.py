@@ -31,11 +31,12 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.nn import functional
 
 from fedptr import limits, ops
 from fedptr.errors import UnsupportedTypeError
+from fedptr.opinfo import REGISTRY, Call
 from fedptr.tensors import DTYPE_BY_NAME, dtype_name
+from fedptr.torchops import TORCH
 
 GRAPH = "Graph"
 """The spec ``type`` of a model that travels as a graph."""
@@ -56,19 +57,21 @@ def _read(value: Any, name: str) -> Any:
 
 def _functions() -> dict[str, Callable[..., Any]]:
     table: dict[str, Callable[..., Any]] = {f"operator.{n}": getattr(operator, n) for n in OPERATORS}
-    table |= {f"F.{n}": getattr(functional, n) for n in ops.FUNCTIONAL}
     table["getattr"] = _read
-    for name in (*ops.TORCH_FUNCTIONS, *ops.TENSOR_METHODS):
-        fn = getattr(torch, name, None)
-        if callable(fn) and not name.startswith("_"):
-            table[f"torch.{name}"] = fn
+    for name, info in REGISTRY.items():
+        if info.call is Call.FUNCTIONAL and name.startswith("F."):
+            table[name] = TORCH[name]
+        elif info.call in (Call.TORCH, Call.METHOD) and not info.mutating:
+            fn = getattr(torch, info.target, None)
+            if callable(fn) and not name.startswith("_"):
+                table[f"torch.{name}"] = fn
     return table
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = _functions()
 """Every function a graph step may call, by the name it travels under."""
 _NAME_OF: dict[int, str] = {id(fn): name for name, fn in FUNCTIONS.items()}
-METHODS: frozenset[str] = (ops.TENSOR_METHODS - ops.MUTATING) | frozenset(GRAPH_METHODS)
+METHODS: frozenset[str] = ops.TENSOR_METHODS | frozenset(GRAPH_METHODS)
 """Tensor methods a graph step may call: none of them writes to its tensor."""
 _OPS = ("input", "function", "method", "module", "attr", "output")
 

@@ -181,6 +181,10 @@ worker has them (await the send before changing them in place)."""
 MAX_PLAN_OPS = 10_000
 """Most operations in one plan (`fedptr.plan`)."""
 
+MAX_OP_RESULTS = 256
+"""Most results (each a stored object and a pointer) of one multi-output operation (``split``,
+``unbind``): a count decided by shapes must not flood a store with entries."""
+
 MAX_PLAN_INPUTS = 1024
 """Most input objects (arguments and captured pointers) of one plan."""
 
@@ -194,6 +198,20 @@ MAX_PLANS_PER_PEER = 64
 NODE_MAX_ORDERED = 4096
 """Most requests a node holds back, over all peers, behind their peers' deferred computations
 (program order); past it the node stops reading requests until they drain."""
+
+CLIENT_MAX_QUEUED_REQUESTS = 2048
+"""Most requests (a count) of one client a node holds back behind that client's deferred
+computations; past it the client's further requests are refused with QuotaExceededError (its
+unanswered deletes excepted), so one client cannot fill `NODE_MAX_ORDERED` and pause the node's
+reads for everyone."""
+
+CLIENT_MAX_OBJECTS = 1_000_000
+"""Most objects (a count) one client may hold on one node (`fedptr-node --max-client-objects`);
+past it what would create one more is refused with QuotaExceededError."""
+
+CLIENT_MAX_BYTES = 0
+"""Most tensor bytes one client's objects may hold on one node (`fedptr-node --max-client-bytes`;
+0: no cap but the node's `--max-store-bytes`)."""
 
 NODE_MAX_FORWARDS = 10000
 """Most forwarded requests a node keeps waiting at once; past it requests are refused as Overloaded."""
@@ -249,6 +267,10 @@ node (Python's default: 700). Every small pipelined op allocates a few dozen con
 live until it is answered; at 700 the collector ran every ~25 ops, traversing the ops in flight
 (~15% of the node's CPU per op once the start-up heap is frozen). Cyclic garbage waits longer:
 memory, not correctness."""
+
+HEAP_TRIM_DELAY_S = 1.0
+"""After a client leaves, how long (s) a node or the broker waits before it gives the free pages
+of its malloc heaps back to the OS (`fedptr/heap.py`); departures meanwhile share the trim."""
 
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000

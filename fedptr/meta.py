@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from fedptr import modules
-from fedptr.ops import FUNCTIONAL_OPS, TENSOR_METHODS, TORCH_FUNCTIONS
 from fedptr.tensors import DTYPE_BY_NAME
+from fedptr.torchops import TORCH
 
 META = torch.device("meta")
 CACHE_SIZE = 4096
@@ -101,27 +100,14 @@ _SPECIAL: dict[str, Callable[..., torch.Tensor]] = {
     "state": _state,
     "getitem": _getitem,
     "to": _to,
-    "cross_entropy": functional.cross_entropy,
-    "mse_loss": functional.mse_loss,
     "aggregate_mean": _aggregate,
-    "aggregate_weighted_mean": _aggregate,
 }
+"""The shape rules of the registry's `Shape.RULE` ops (what torch's meta device cannot run as
+is); tests/test_opinfo.py checks they match."""
 
 
 def _function(op: str) -> Callable[..., Any] | None:
-    special = _SPECIAL.get(op)
-    if special is not None:
-        return special
-    if op in TENSOR_METHODS:
-        method: Callable[..., Any] = getattr(torch.Tensor, op)
-        return method
-    if op in TORCH_FUNCTIONS:
-        function: Callable[..., Any] = getattr(torch, op)
-        return function
-    if op in FUNCTIONAL_OPS:
-        functional_op: Callable[..., Any] = getattr(functional, op[2:])
-        return functional_op
-    return None
+    return _SPECIAL.get(op) or TORCH.get(op)
 
 
 class _Uncacheable(Exception):
@@ -147,10 +133,21 @@ def _key(value: Any, pinned: list[object]) -> Hashable:
     raise _Uncacheable
 
 
-_CACHE: OrderedDict[Hashable, tuple[torch.Tensor | None, list[object]]] = OrderedDict()
+_CACHE: OrderedDict[Hashable, tuple[Inferred, list[object]]] = OrderedDict()
 
 
-def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+Inferred = torch.Tensor | tuple[torch.Tensor, ...] | None
+"""What `infer` gives: a result's meta tensor, a tuple of them for an op with several results
+(``max(dim=)``, ``split``), or None."""
+
+
+def _detached(result: Any) -> torch.Tensor | None:
+    if not isinstance(result, torch.Tensor) or result.device != META:
+        return None
+    return result.detach().requires_grad_(result.requires_grad)
+
+
+def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Inferred:
     fn = _function(op)
     if fn is None:
         return None
@@ -158,15 +155,17 @@ def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Ten
         result = fn(*args, **kwargs)
     except Exception:
         return None
-    if not isinstance(result, torch.Tensor) or result.device != META:
-        return None
-    return result.detach().requires_grad_(result.requires_grad)
+    if isinstance(result, tuple):  # torch's named tuples (values, indices) too
+        metas = [_detached(r) for r in result]
+        return None if None in metas else tuple(m for m in metas if m is not None)
+    return _detached(result)
 
 
-def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The meta tensor of `op`'s result on meta `args`/`kwargs`, or None when torch cannot tell
-    without the data (or the op fails; the worker then reports the real error). Results are
-    remembered by the operands' shapes, dtypes and values (`CACHE_SIZE`)."""
+def infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Inferred:
+    """The meta tensor of `op`'s result on meta `args`/`kwargs` (a tuple of them for an op with
+    several results), or None when torch cannot tell without the data (or the op fails; the
+    worker then reports the real error). Results are remembered by the operands' shapes, dtypes
+    and values (`CACHE_SIZE`)."""
     pinned: list[object] = []
     try:
         key: Hashable = (op, _key(args, pinned), _key(kwargs, pinned))

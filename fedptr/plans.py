@@ -84,7 +84,7 @@ class Recorder:
     """Object id (a placeholder's, a captured pointer's or a result's) -> its provisional key."""
     inputs: list[int] = field(default_factory=list)
     captured: list[Pointer] = field(default_factory=list)
-    ops: list[tuple[str, list[wire.Value], dict[str, wire.Value], int]] = field(default_factory=list)
+    ops: list[tuple[str, list[wire.Value], dict[str, wire.Value], list[int]]] = field(default_factory=list)
     metas: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def placeholder(self, p: Pointer) -> Pointer:
@@ -100,10 +100,11 @@ class Recorder:
         operands: list[Pointer],
         args: list[wire.Value],
         kwargs: dict[str, wire.Value],
-        result_meta: torch.Tensor | None,
-    ) -> Pointer | None:
-        """Record `op` and return its result's stand-in; None when it is not recorded but sent
-        (a model's parameter and state pointers, which the model keeps for good)."""
+        metas: list[torch.Tensor | None],
+    ) -> list[Pointer] | None:
+        """Record `op` and return its results' stand-ins (one per entry of `metas`); None when it
+        is not recorded but sent (a model's parameter and state pointers, which the model keeps
+        for good)."""
         if any(p.location != self.location for p in operands):
             raise LocationMismatchError(f"a plan recorded for {self.location!r} uses a pointer on another worker")
         if op in ("parameter", "state") and operands[0].id_at_location not in self.keys:
@@ -112,26 +113,35 @@ class Recorder:
             if p.id_at_location not in self.keys:
                 self.keys[p.id_at_location] = len(self.keys)
                 self.captured.append(p)
-        result = Pointer(self.client, self.location, wire.new_object_id(), deletes=False, meta=result_meta)
-        self.keys[result.id_at_location] = len(self.keys)
-        self.ops.append((op, args, kwargs, result.id_at_location))
-        self.metas[result.id_at_location] = result_meta
-        return result
+        results = [Pointer(self.client, self.location, wire.new_object_id(), deletes=False, meta=m) for m in metas]
+        for result, m in zip(results, metas, strict=True):
+            self.keys[result.id_at_location] = len(self.keys)
+            self.metas[result.id_at_location] = m
+        self.ops.append((op, args, kwargs, [r.id_at_location for r in results]))
+        return results
 
     def graph(self, plan_id: int, outputs: list[Pointer]) -> wire.PutPlan:
         """The recorded graph with slots numbered as the worker expects: the inputs, then the
         captured pointers, then one slot per operation."""
-        results = {rid for *_, rid in self.ops}
+        results = {rid for *_, rids in self.ops for rid in rids}
         slot: dict[int, int] = {}
         for obj_id in self.inputs + [p.id_at_location for p in self.captured]:
             slot[obj_id] = len(slot)
-        for *_, rid in self.ops:
-            slot[rid] = len(slot)
+        for *_, rids in self.ops:
+            for rid in rids:
+                slot[rid] = len(slot)
         for p in outputs:
             if p.id_at_location not in results:
                 raise UsageError("a plan returns results of operations it records, not its inputs (clone them)")
+        # an op with several results fills as many slots, which its item counts
         ops: list[wire.Value] = [
-            [op, wire.rewrite_refs(args, slot), wire.rewrite_refs(kwargs, slot)] for op, args, kwargs, _ in self.ops
+            [
+                op,
+                wire.rewrite_refs(args, slot),
+                wire.rewrite_refs(kwargs, slot),
+                *([len(rids)] if len(rids) > 1 else []),
+            ]
+            for op, args, kwargs, rids in self.ops
         ]
         return wire.PutPlan(
             plan_id, len(self.inputs) + len(self.captured), ops, [slot[p.id_at_location] for p in outputs]

@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
-from torch.nn import functional
 
-from fedptr import meta, wire
+from fedptr import limits, meta, wire
 from fedptr.errors import (
     ConsumedPointerError,
     DataDependentError,
@@ -44,24 +43,18 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.ops import (
-    ALLOWED,
-    DEVICE_PREFIX,
-    DTYPE_PREFIX,
-    ELLIPSIS_KEY,
-    FUNCTIONAL,
-    MUTATING,
-    SLICE_KEY,
-    TENSOR_METHODS,
-)
+from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
+from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
+from fedptr.torchops import dispatched
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
+    from fedptr.pointer_methods import PointerMethods
+else:  # the methods are installed from the registry below (`_install_methods`): no base at run time
+    PointerMethods = object
 
-_TORCH_NAMES: dict[Any, str] = {getattr(torch.Tensor, n): n for n in TENSOR_METHODS}
-_TORCH_NAMES.update({getattr(torch, n): n for n in ALLOWED if "." not in n and hasattr(torch, n)})
-_TORCH_NAMES.update({getattr(functional, n): "F." + n for n in FUNCTIONAL})
+_TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
 
 
@@ -113,7 +106,7 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> meta.Inferred:
     try:
         meta_args, meta_kwargs = _to_meta(args), _to_meta(kwargs)
     except _Unknown:
@@ -121,12 +114,47 @@ def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.T
     return meta.infer(op, meta_args, meta_kwargs)
 
 
+def _result_metas(op: str, inferred: meta.Inferred) -> tuple[list[torch.Tensor | None], bool]:
+    """The meta tensor of each of `op`'s results (None: learnt from the reply), and whether they
+    form a tuple. The number of results comes from the registry, or, where it depends on
+    arguments and shapes (`opinfo.VARIES`), from the meta run: never from values."""
+    info = REGISTRY.get(op)  # an unknown name travels anyway: the worker refuses it
+    outputs = 1 if info is None else info.outputs
+    if isinstance(inferred, tuple):
+        metas: list[torch.Tensor | None] = list(inferred)
+    elif inferred is not None or outputs == 1:
+        return [inferred], False
+    elif outputs == VARIES:
+        raise DataDependentError(
+            f"how many results {op} gives depends on shapes not known yet: await its operands first"
+        )
+    else:
+        metas = [None] * outputs
+    if len(metas) > limits.MAX_OP_RESULTS:
+        raise InvalidArgumentError(f"{op} would give {len(metas)} results; at most {limits.MAX_OP_RESULTS}")
+    return metas, True
+
+
 def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pointer:
-    """Run allow-listed `op` where the pointers among `args`/`kwargs` live; returns its result's pointer.
+    """Run allow-listed `op`, which gives one result, where the pointers among `args`/`kwargs`
+    live; returns its result's pointer (`remote_results` for any op).
 
     Raises LocationMismatchError when the pointers live on different workers,
     ConsumedPointerError when one of them was handed on already, and UnsupportedTypeError for
     an argument that cannot travel."""
+    result = remote_results(op, args, kwargs)
+    if not isinstance(result, Pointer):
+        raise UnsupportedTypeError(f"{op} with these arguments gives {len(result)} results: use remote_results")
+    return result
+
+
+def remote_results(
+    op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None
+) -> Pointer | tuple[Pointer, ...]:
+    """Run allow-listed `op` where the pointers among `args`/`kwargs` live; returns its result's
+    pointer, or a tuple of pointers for an op that gives several (``p.max(dim=0)``, ``split``),
+    as torch returns them. Raises like `remote_call`, and DataDependentError when the number of
+    results depends on a shape not known yet."""
     kwargs = kwargs or {}
     found: list[Pointer] = []
     enc_args = [_encode(a, found) for a in args]
@@ -140,13 +168,12 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None
             raise LocationMismatchError(
                 f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
             )
-    inferred = None if op in MUTATING else _infer(op, args, kwargs)
+    metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs))
     recorder = first.client.recording
-    if recorder is not None:
-        recorded = recorder.record(op, found, enc_args, enc_kwargs, inferred)
-        if recorded is not None:
-            return recorded
-    return first.client.issue_op(first.location, op, enc_args, enc_kwargs, inferred)
+    recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
+    after = [step for p in found if (step := p.after) is not None]
+    results = recorded or first.client.issue_op(first.location, op, enc_args, enc_kwargs, metas, after)
+    return tuple(results) if several else results[0]
 
 
 class Pending:
@@ -226,9 +253,9 @@ def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Point
     return error
 
 
-def _method(op: str) -> Callable[..., Pointer]:
-    def call(self: Pointer, *args: Any, **kwargs: Any) -> Pointer:
-        return remote_call(op, (self, *args), kwargs)
+def _method(op: str) -> Callable[..., Pointer | tuple[Pointer, ...]]:
+    def call(self: Pointer, *args: Any, **kwargs: Any) -> Pointer | tuple[Pointer, ...]:
+        return remote_results(op, (self, *args), kwargs)
 
     call.__name__ = op
     call.__doc__ = f"Remote ``torch.Tensor.{op}``: returns the result's Pointer at once."
@@ -264,7 +291,7 @@ def _index(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-class Pointer:
+class Pointer(PointerMethods):
     """A pointer to object `id_at_location` on worker `location`.
 
     It knows its result's `shape`, `dtype`, `device` and `requires_grad` without a round trip,
@@ -281,6 +308,7 @@ class Pointer:
         "_id",
         "_location",
         "_meta",
+        "_unordered",
         "_updates",
         "in_doubt",
         "owned",
@@ -301,6 +329,9 @@ class Pointer:
         self._id = id_at_location
         self._done = done
         self._meta = meta
+        self._unordered: asyncio.Future[wire.Message] | None = None
+        """A client-side step this object waits for that is not a request in its worker's order
+        (a two-phase send of a pointer): requests naming this object are sent after it."""
         self._updates: list[asyncio.Future[wire.Message]] | None = None
         """In-place updates queued on this object and not yet reported, which every await of this
         pointer waits for (made lazily: most pointers never get one)."""
@@ -333,9 +364,22 @@ class Pointer:
         """The `Worker` holding the object."""
         return self._client.worker(self._location)
 
-    def made_by(self, done: asyncio.Future[wire.Message]) -> None:
-        """Set the reply of the request that makes this object, for a pointer made before it."""
+    def made_by(self, done: asyncio.Future[wire.Message], *, ordered: bool = True) -> None:
+        """Set the reply of the request that makes this object, for a pointer made before it.
+        `ordered` is False when `done` is not one request queued on this worker in order (a
+        client-side task): later requests naming this object then wait for it (`after`)."""
         self._done = done
+        if not ordered:
+            self._unordered = done
+
+    @property
+    def after(self) -> asyncio.Future[wire.Message] | None:
+        """The unordered step (see `made_by`) requests naming this object must wait for, while
+        it runs; None once it is done or when there is none."""
+        step = self._unordered
+        if step is not None and step.done():
+            self._unordered = step = None
+        return step
 
     @property
     def pending_future(self) -> asyncio.Future[wire.Message] | None:
@@ -516,6 +560,8 @@ class Pointer:
         Two-phase: the worker keeps a value until this client holds it, then it is deleted, so a
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
+        if (step := self.after) is not None:
+            await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
         await self._own_updates()
         await self._client.check_effects(self._location)
         self.owned = False
@@ -588,13 +634,16 @@ class Pointer:
     @classmethod
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
-    ) -> Pointer:
+    ) -> Pointer | tuple[Pointer, ...]:
         op = _TORCH_NAMES.get(func)
         if op is None:
             raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
         if op == "getitem":
             return args[0][args[1]]  # type: ignore[no-any-return]
-        return remote_call(op, tuple(args), kwargs)
+        if op in MUTATING:  # torch.zero_(p): an update, as p.zero_()
+            effect(op, tuple(args), kwargs)
+            return args[0]  # type: ignore[no-any-return]
+        return remote_results(op, tuple(args), kwargs)
 
     def __getitem__(self, key: Any) -> Pointer:
         """``p[key]`` with ints, slices, ``...``, None, lists of ints, and index or boolean mask
@@ -643,146 +692,14 @@ class Pointer:
         if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
             self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
 
-    add_ = _in_place("add_")
-    sub_ = _in_place("sub_")
-    mul_ = _in_place("mul_")
-    div_ = _in_place("div_")
-    zero_ = _in_place("zero_")
-    addcmul_ = _in_place("addcmul_")
-    addcdiv_ = _in_place("addcdiv_")
-    copy_ = _in_place("copy_")
-    fill_ = _in_place("fill_")
-    clamp_ = _in_place("clamp_")
-    __iadd__ = _in_place("add_")
-    __isub__ = _in_place("sub_")
-    __imul__ = _in_place("mul_")
-    __itruediv__ = _in_place("div_")
 
-    __add__ = _method("add")
-    __radd__ = _method("__radd__")
-    __sub__ = _method("sub")
-    __rsub__ = _method("__rsub__")
-    __mul__ = _method("mul")
-    __rmul__ = _method("__rmul__")
-    __truediv__ = _method("div")
-    __rtruediv__ = _method("__rtruediv__")
-    __floordiv__ = _method("floor_divide")
-    __rfloordiv__ = _method("__rfloordiv__")
-    __mod__ = _method("remainder")
-    __rmod__ = _method("__rmod__")
-    __matmul__ = _method("matmul")
-    __rmatmul__ = _method("__rmatmul__")
-    __pow__ = _method("pow")
-    __rpow__ = _method("__rpow__")
-    __neg__ = _method("neg")
-    __abs__ = _method("abs")
-    __lt__ = _method("lt")
-    __le__ = _method("le")
-    __gt__ = _method("gt")
-    __ge__ = _method("ge")
-    __invert__ = _method("logical_not")
+def _install_methods() -> None:
+    """Give `Pointer` a method for every `Call.METHOD` op of the registry, and its operators."""
+    for attr, info in pointer_attributes():
+        setattr(Pointer, attr, (_in_place if info.mutating else _method)(info.name))
 
-    # arithmetic
-    add = _method("add")
-    sub = _method("sub")
-    mul = _method("mul")
-    div = _method("div")
-    true_divide = _method("true_divide")
-    floor_divide = _method("floor_divide")
-    remainder = _method("remainder")
-    fmod = _method("fmod")
-    pow = _method("pow")
-    neg = _method("neg")
-    abs = _method("abs")
-    matmul = _method("matmul")
-    mm = _method("mm")
-    bmm = _method("bmm")
-    dot = _method("dot")
-    outer = _method("outer")
-    maximum = _method("maximum")
-    minimum = _method("minimum")
-    # comparisons
-    eq = _method("eq")
-    ne = _method("ne")
-    lt = _method("lt")
-    le = _method("le")
-    gt = _method("gt")
-    ge = _method("ge")
-    logical_and = _method("logical_and")
-    logical_or = _method("logical_or")
-    logical_not = _method("logical_not")
-    # reductions
-    sum = _method("sum")
-    mean = _method("mean")
-    prod = _method("prod")
-    amax = _method("amax")
-    amin = _method("amin")
-    argmax = _method("argmax")
-    argmin = _method("argmin")
-    std = _method("std")
-    var = _method("var")
-    norm = _method("norm")
-    all = _method("all")
-    any = _method("any")
-    cumsum = _method("cumsum")
-    logsumexp = _method("logsumexp")
-    max = _method("max")
-    min = _method("min")
-    # reshaping and selection
-    reshape = _method("reshape")
-    view = _method("view")
-    flatten = _method("flatten")
-    squeeze = _method("squeeze")
-    unsqueeze = _method("unsqueeze")
-    t = _method("t")
-    transpose = _method("transpose")
-    permute = _method("permute")
-    contiguous = _method("contiguous")
-    clone = _method("clone")
-    expand = _method("expand")
-    repeat = _method("repeat")
-    flip = _method("flip")
-    narrow = _method("narrow")
-    index_select = _method("index_select")
-    diagonal = _method("diagonal")
-    gather = _method("gather")
-    masked_fill = _method("masked_fill")
-    masked_select = _method("masked_select")
-    nonzero = _method("nonzero")
-    tril = _method("tril")
-    triu = _method("triu")
-    # element-wise
-    exp = _method("exp")
-    log = _method("log")
-    log1p = _method("log1p")
-    expm1 = _method("expm1")
-    sqrt = _method("sqrt")
-    rsqrt = _method("rsqrt")
-    square = _method("square")
-    sin = _method("sin")
-    cos = _method("cos")
-    tanh = _method("tanh")
-    sigmoid = _method("sigmoid")
-    relu = _method("relu")
-    clamp = _method("clamp")
-    floor = _method("floor")
-    ceil = _method("ceil")
-    round = _method("round")
-    sign = _method("sign")
-    reciprocal = _method("reciprocal")
-    softmax = _method("softmax")
-    log_softmax = _method("log_softmax")
-    # conversions
-    to = _method("to")
-    detach = _method("detach")
-    type_as = _method("type_as")
-    float = _method("float")
-    double = _method("double")
-    half = _method("half")
-    bfloat16 = _method("bfloat16")
-    int = _method("int")
-    long = _method("long")
-    bool = _method("bool")
+
+_install_methods()
 
 
 class ModuleView:

@@ -133,7 +133,8 @@ class PutPointer(Message):
 
 @dataclass(frozen=True, slots=True)
 class Op(Message):
-    """Run allow-listed operation `op` on `args`/`kwargs` and store the result as `result_id`.
+    """Run allow-listed operation `op` on `args`/`kwargs` and store the result as `result_id`
+    (and, for an op with several results, the others as `more_ids`).
 
     When the referenced objects are pointers to another worker, the receiver forwards the
     operation there and stores a pointer to the result. Reply: Ok (with the result's shape and
@@ -147,6 +148,9 @@ class Op(Message):
     sponsor: str = ""
     """On a forwarded operation, the client it runs for: its result is reclaimed when that
     client's session ends, even if the forwarding pointer's delete was lost."""
+    more_ids: list[int] = dataclasses.field(default_factory=list)
+    """The ids of its results after the first, for an op that gives several (``max(dim=)``,
+    ``topk``, ``split``): each is stored as its own object. At most `limits.MAX_OP_RESULTS` in all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +244,10 @@ class Has(Message):
 class PutPlan(Message):
     """Keep plan `plan_id` of the sender: a graph of allow-listed operations run by RunPlan.
 
-    Slots ``0 .. n_inputs - 1`` are the run's input objects; operation ``i`` (``[op, args,
-    kwargs]``, where ``Ref(slot)`` names an earlier slot) fills slot ``n_inputs + i``; `outputs`
-    are the slots stored as the run's results. Reply: Ok."""
+    Slots ``0 .. n_inputs - 1`` are the run's input objects; each operation (``[op, args,
+    kwargs]``, where ``Ref(slot)`` names an earlier slot, or ``[op, args, kwargs, n]`` for an op
+    giving ``n`` results) fills the next slot (the next ``n``), in order; `outputs` are the slots
+    stored as the run's results. Reply: Ok."""
 
     KIND: ClassVar[int] = 13
     plan_id: int
@@ -269,6 +274,8 @@ class Ok(Message):
     KIND: ClassVar[int] = 20
     shape: list[int] = dataclasses.field(default_factory=list)
     dtype: str = ""
+    more: list[Value] = dataclasses.field(default_factory=list)
+    """For an op with several results, ``[shape, dtype]`` of each after the first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +315,7 @@ class FailureCode(enum.StrEnum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     IN_DOUBT = "in-doubt"
     DROPOUT = "dropout"
+    QUOTA_EXCEEDED = "quota-exceeded"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -811,7 +819,7 @@ def _to_plain(v: Any) -> Any:
 
 
 _OK_HEADERS: dict[tuple[tuple[int, ...], str], bytes] = {}
-"""Encoded `Ok` replies by (shape, dtype): nearly every op is answered with one of a few."""
+"""Encoded `Ok` replies of one result by (shape, dtype): nearly every op is answered with one of a few."""
 
 
 def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
@@ -819,7 +827,7 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
 
     `budget_ms` is the time the receiver has to answer (0 for replies and no deadline). Tensor
     buffers are returned as they are (no copy)."""
-    if type(msg) is Ok and not budget_ms:
+    if type(msg) is Ok and not msg.more and not budget_ms:
         return [_ok_header(msg)]
     return _encode(msg, budget_ms)
 

@@ -2,7 +2,8 @@
 
 An op whose operands live here gets its result entry (and its taint) at once, so that later
 pipelined requests find it; its value is computed inline when its inputs are small and present,
-else later (waiting for inputs, big work on a thread), and the answer waits until the result,
+else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
+which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
 the data is. A plan run is the same ops, in order, with only the outputs stored.
 """
@@ -19,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedptr import limits, wire
-from fedptr.errors import FedptrError, InvalidArgumentError, LocationMismatchError, OpNotAllowedError, RemoteError
+from fedptr.errors import (
+    FedptrError,
+    InvalidArgumentError,
+    LocationMismatchError,
+    OpNotAllowedError,
+    QuotaExceededError,
+    RemoteError,
+)
 from fedptr.failures import with_hop
 from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw
@@ -63,8 +71,9 @@ class Compute:
         self.scheduler = node.scheduler
 
     def op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
-        """Run one operation here (its result's entry and taint made now), release an aggregate,
+        """Run one operation here (its results' entries and taints made now), release an aggregate,
         or forward the operation to the worker its operands point to."""
+        result_ids = [msg.result_id, *msg.more_ids]
         try:
             entries, location = self._operands(msg, source)
             if location is None and msg.op in AGGREGATES:
@@ -72,33 +81,40 @@ class Compute:
                 return
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
-            self._store_failed(msg.result_id, source, e, msg.sponsor)
+            for result_id in result_ids:
+                self._store_failed(result_id, source, e, msg.sponsor)
             raise
         if location is None:
-            result = Entry.tensor(owner=source, taint=taint)
-            result.sponsor = msg.sponsor
-            self.store.add(msg.result_id, result)
+            # each further result of a multi-output op gets a taint of its own, by the same rule
+            results = [Entry.tensor(owner=source, taint=taint)]
+            results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
+            for result_id, result in zip(result_ids, results, strict=True):
+                result.sponsor = msg.sponsor
+                self.store.add(result_id, result)
             # a one-op run whose keys are the object ids themselves
-            outputs = [(msg.result_id, msg.result_id, result)]
-            self._start(_Run(source, rid, (msg,), (entries,), (result,), entries, None, outputs, plan=False))
+            outputs = [(i, i, r) for i, r in zip(result_ids, results, strict=True)]
+            self._start(_Run(source, rid, (msg,), (entries,), (results[0],), entries, None, outputs, plan=False))
             return
-        ptr = Entry.pointer(location, wire.new_object_id(), settled=False, owner=source)
-        ptr.sponsor = msg.sponsor
-        self.store.add(msg.result_id, ptr)
+        ptrs = [Entry.pointer(location, wire.new_object_id(), settled=False, owner=source) for _ in result_ids]
+        for result_id, ptr in zip(result_ids, ptrs, strict=True):
+            ptr.sponsor = msg.sponsor
+            self.store.add(result_id, ptr)
         ids = {i: e.remote_id for i, e in entries.items()}
         nested = wire.Op(
-            ptr.remote_id,
+            ptrs[0].remote_id,
             msg.op,
             wire.rewrite_refs(msg.args, ids),
             wire.rewrite_refs(msg.kwargs, ids),
             msg.sponsor or source,
+            [p.remote_id for p in ptrs[1:]],
         )
         try:
             forwarded = self.node.forward(location, nested, budget)
         except FedptrError as e:
-            ptr.done.set_exception(e)
+            for ptr in ptrs:
+                ptr.done.set_exception(e)
             raise
-        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, msg.result_id, ptr))
+        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
     def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None]:
         """The op's stored operands by id, each checked against its owner and sponsor, and the
@@ -106,6 +122,12 @@ class Compute:
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        if msg.more_ids:
+            guard.check_results(msg.op, 1 + len(msg.more_ids))
+            if len({msg.result_id, *msg.more_ids}) != 1 + len(msg.more_ids) or any(
+                i in self.store.entries for i in msg.more_ids
+            ):
+                raise InvalidArgumentError("an operation's result ids are distinct and new")
         ids: set[int] = set()
         wire.refs(msg.args, ids)
         if msg.kwargs:
@@ -158,9 +180,11 @@ class Compute:
                 if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                     yield e
 
-    def _run(self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]) -> torch.Tensor:
+    def _run(
+        self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]
+    ) -> tuple[torch.Tensor, ...]:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
-        can steer a size, an error or whether it succeeds."""
+        can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values)
 
@@ -169,7 +193,7 @@ class Compute:
             public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
             return policy.refuse_op(taint, msg.op, public)
 
-        return guard.run(msg.op, args, kwargs, private, refuse)
+        return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     # --- plans ---------------------------------------------------------------------------
     def put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
@@ -193,15 +217,19 @@ class Compute:
                 self.store.check_principal(obj_id, e, source)
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            self.store.admit(source, len(msg.result_ids))  # all its outputs are stored, or none
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             operands: list[dict[int, Entry]] = []
+            firsts: list[Entry] = []
             for op, reads in zip(plan.ops, plan.reads, strict=True):
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
                 operands.append({s: slots[s] for s in reads})
                 taint = self._result_taint(op, operands[-1], source, temporaries)
                 slots.append(Entry(unsettled, owner=source, taint=taint))
+                firsts.append(slots[-1])  # whose taint says whether the op runs as private
+                slots.extend(Entry(unsettled, owner=source, taint=_copy(taint)) for _ in op.more_ids)
         except Exception as e:
             for result_id in msg.result_ids:
                 self._store_failed(result_id, source, e)
@@ -212,7 +240,7 @@ class Compute:
             self.store.add(result_id, result)
             outputs.append((out, result_id, result))
         inputs = dict(enumerate(slots[: plan.n_inputs]))
-        run = _Run(source, rid, plan.ops, operands, slots[plan.n_inputs :], inputs, msg.inputs, outputs, plan=True)
+        run = _Run(source, rid, plan.ops, operands, firsts, inputs, msg.inputs, outputs, plan=True)
         self._start(run)
 
     # --- the one execution path of ops and plan runs -------------------------------------
@@ -258,12 +286,18 @@ class Compute:
             op = run.ops[i]
             entries = run.operands[i]
             operands = {k: values[k] for k in entries}
+            # private when its result is (taint only grows: never less than on arrival)
+            private = bool(run.results[i].taint)
             if inline and (
-                i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
+                i - start >= limits.PLAN_INLINE_OPS
+                or _numel(operands.values()) > self.config.offload_numel
+                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            # private when its result is (taint only grows: never less than on arrival)
-            values[op.result_id] = self._run(op, operands, bool(run.results[i].taint), entries)
+            first, *more = self._run(op, operands, private, entries)
+            values[op.result_id] = first
+            for key, value in zip(op.more_ids, more, strict=True):
+                values[key] = value
         return len(run.ops)
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
@@ -296,7 +330,8 @@ class Compute:
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
         else:
-            reply = wire.Ok(list(outputs[0].shape), dtype_name(outputs[0].dtype))
+            more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
+            reply = wire.Ok(list(outputs[0].shape), dtype_name(outputs[0].dtype), more)
         self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
@@ -304,20 +339,23 @@ class Compute:
         failed = Entry.tensor(owner=source)
         failed.sponsor = sponsor
         failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-        with contextlib.suppress(InvalidArgumentError):
+        with contextlib.suppress(InvalidArgumentError, QuotaExceededError):  # then not found, as failed
             self.store.add(result_id, failed)
 
     def _relayed(
-        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ptr_id: int, ptr: Entry
+        self, source: str, rid: bytes, forwarded: asyncio.Future[wire.Message], ids: list[int], ptrs: list[Entry]
     ) -> None:
         error = forwarded.exception()
         if error is not None:
             err = with_hop(error, self.name)
-            ptr.done.set_exception(err)
+            for ptr in ptrs:
+                ptr.done.set_exception(err)
             self.node.reply_error(source, rid, err)
         else:
-            ptr.done.set_result(None)
-            self.node.reply_durable(self.store.commit(ptr_id, ptr), source, rid, forwarded.result())
+            for ptr in ptrs:
+                ptr.done.set_result(None)
+            durable = all_written([self.store.commit(i, p) for i, p in zip(ids, ptrs, strict=True)])
+            self.node.reply_durable(durable, source, rid, forwarded.result())
 
 
 def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
@@ -342,6 +380,12 @@ def _numel(values: Iterable[Any]) -> int:
         if isinstance(v, torch.Tensor):
             n += v.numel()
     return n
+
+
+def _copy(taint: policy.Taint) -> policy.Taint:
+    """A taint of its own with `taint`'s origins: another result of the same op, which derives
+    from what the first does but is a separate storage (its taint grows on its own)."""
+    return policy.Taint(dict(taint.origins))
 
 
 def _has_state(entry: Entry) -> bool:

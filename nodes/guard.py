@@ -19,6 +19,7 @@ stored value never shares memory with another entry behind the policy's back.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,26 +28,52 @@ from torch import nn
 from torch.func import functional_call
 
 from fedptr import limits
+from fedptr.errors import InvalidArgumentError
+from fedptr.opinfo import REGISTRY
+from fedptr.ops import ALIASING, STRUCTURAL
 
 from . import kernels
-from .policy import ALIASING
 
-STRUCTURAL = frozenset({"backward", "grad", "zero_grad", "requires_grad_", "parameter", "state", "train"})
-"""Operations that read no value into a size: no meta run; a failure is refused generically."""
+
+def check_results(op: str, count: int) -> None:
+    """Refuse (InvalidArgumentError) `count` results of `op` when it gives one, or more than
+    `limits.MAX_OP_RESULTS`."""
+    if REGISTRY[op].outputs == 1:
+        raise InvalidArgumentError(f"{op} gives one result, not {count}")
+    if not 1 <= count <= limits.MAX_OP_RESULTS:
+        raise InvalidArgumentError(f"an operation gives 1 to {limits.MAX_OP_RESULTS} results, not {count}")
+
+
+_warming = threading.Lock()
+_warm = False
+"""Whether this process's meta kernels are loaded (`warm_up`)."""
+
+
+def is_warm() -> bool:
+    """Whether a meta run is cheap now: until `warm_up`, the first one loads sympy (~36 MiB of
+    RSS, ~0.3 CPU seconds) and must not run on the event loop."""
+    return _warm
 
 
 def warm_up() -> None:
-    """Load torch's meta kernels now, before the node registers: the first meta operation in a
-    process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
-    `_compile_guards_off`."""
-    _compile_guards_off()
-    (torch.empty(1, device="meta") * 2).sum()
+    """Load what torch's Python meta kernels need on their first call (sympy, imported by its
+    dtype promotion rule) without torch._dynamo (see `_compile_guards_off`); safe from any
+    thread, once. A node does it on its offload thread before its first op on private data
+    (nodes/compute.py): an idle node never pays its memory, and heartbeats keep flowing while
+    it loads (the loop's longest stall measured during it: 24-27 ms, the GIL changing hands
+    every 5 ms). The launcher does it before it forks, so forked nodes share it."""
+    global _warm
+    with _warming:
+        if _warm:
+            return
+        _compile_guards_off()
+        (torch.empty(1, device="meta") * 2).sum()
+        _warm = True
 
 
 def _compile_guards_off() -> None:
     """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
-    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+    seconds in every node that runs an op on private data).
 
     torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
     ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
@@ -103,11 +130,13 @@ def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
     return out
 
 
-def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result | None:
     """The result of `op` on meta stand-ins for its tensors (None for structural ops). Raises
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
+        warm_up()
     if op == "forward":
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")
@@ -116,19 +145,22 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tenso
 
 
 Signature = tuple[Any, ...]
+Metas = tuple[tuple[torch.Size, torch.dtype], ...]
+"""The shape and dtype of each result of a meta run."""
 
-_META: dict[Signature, tuple[torch.Size, torch.dtype]] = {}
-"""The meta run's result (shape, dtype) by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
+_META: dict[Signature, Metas] = {}
+"""The meta run's results by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
 
 
 class _Unkeyed(Exception):
     """An argument the table cannot key exactly (a model: its meta run reads its state)."""
 
 
-def _signature(op: str, args: list[Any], kwargs: dict[str, Any]) -> Signature | None:
-    """Everything `meta_result` reads of a call, as a key; None when it reads more (a model)."""
+def _signature(op: str, args: list[Any], kwargs: dict[str, Any], count: int) -> Signature | None:
+    """Everything the meta run of a call reads (and the results it must give), as a key; None
+    when it reads more (a model)."""
     try:
-        return (op, _key(args), _key(kwargs))
+        return (op, count, _key(args), _key(kwargs))
     except _Unkeyed:
         return None
 
@@ -173,47 +205,63 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
 
 
 def _meta_of(
-    op: str, args: list[Any], kwargs: dict[str, Any], refuse: Callable[[], Exception]
-) -> tuple[torch.Size, torch.dtype] | None:
-    """The shape and dtype the meta run gives `op` (None for a structural op), from `_META` when
-    this signature ran before; raises `refuse()` when the meta run fails."""
+    op: str, args: list[Any], kwargs: dict[str, Any], count: int, refuse: Callable[[], Exception]
+) -> Metas | None:
+    """The shapes and dtypes of the `count` results the meta run gives `op` (None for a
+    structural op), from `_META` when this signature ran before; raises `refuse()` when the
+    meta run fails or gives another number of results."""
     if op in STRUCTURAL:
         return None
-    signature = _signature(op, args, kwargs)
+    signature = _signature(op, args, kwargs, count)
     known = _META.get(signature) if signature is not None else None
     if known is not None:
         return known
     try:
         meta = meta_result(op, args, kwargs)
+        assert meta is not None  # only a structural op has none
+        known = tuple((m.shape, m.dtype) for m in kernels.results(meta, count))
     except Exception:
         raise refuse() from None
-    assert meta is not None
-    known = (meta.shape, meta.dtype)
     if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
         _META[signature] = known
     return known
 
 
 def run(
-    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception]
-) -> torch.Tensor:
-    """Run `op`. With `private` operands, through the meta run first; `refuse()` is raised when
-    the meta run (or a structural op) fails. The result never aliases an operand unless `op` is
-    in `ALIASING`."""
+    op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception], count: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """Run `op`, which gives `count` results. With `private` operands, through the meta run
+    first; `refuse()` is raised when the meta run (or a structural op) fails, or gives another
+    number of results (a count decided by shapes and arguments, so public). No result aliases an
+    operand unless `op` is in `ALIASING`."""
     if private:
-        meta = _meta_of(op, args, kwargs, refuse)
+        metas = _meta_of(op, args, kwargs, count, refuse)
         try:
-            result = kernels.run(op, args, kwargs)
+            outputs = kernels.results(kernels.run(op, args, kwargs), count)
         except Exception:
-            if meta is None:
+            if metas is None:
                 raise refuse() from None
-            result = torch.zeros(meta[0], dtype=meta[1])
-        if meta is not None and (result.shape != meta[0] or result.dtype != meta[1]):
-            result = torch.zeros(meta[0], dtype=meta[1])  # a shape that depends on values
+            outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in metas)
+        if metas is not None:
+            # a shape that depends on values: zeros of the public shape instead
+            outputs = tuple(
+                torch.zeros(shape, dtype=dtype) if (r.shape != shape or r.dtype != dtype) else r
+                for r, (shape, dtype) in zip(outputs, metas, strict=True)
+            )
     else:
-        result = kernels.run(op, args, kwargs)
-    if op not in ALIASING and result.numel():
+        value = kernels.run(op, args, kwargs)
+        if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
+            return (value if op in ALIASING else _unshared(value, args, kwargs),)
+        outputs = kernels.results(value, count)
+    if op in ALIASING:
+        return outputs
+    return tuple(_unshared(r, args, kwargs) for r in outputs)
+
+
+def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """`result`, copied when it shares storage with an operand (or with another stored value)."""
+    if result.numel():
         storage = result.untyped_storage().data_ptr()
         if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
-            result = result.clone()
+            return result.clone()
     return result

@@ -1,4 +1,5 @@
-"""The node's table of runnable operations, built once from the allow-list in `fedptr.ops`."""
+"""The node's table of runnable operations, built once from the op registry (`fedptr.opinfo`):
+torch's own function for each op (`fedptr.torchops`), and the kernels of the special ones."""
 
 from __future__ import annotations
 
@@ -8,24 +9,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from fedptr.errors import OpNotAllowedError
-from fedptr.ops import (
-    DEVICE_PREFIX,
-    DTYPE_PREFIX,
-    ELLIPSIS_KEY,
-    FUNCTIONAL,
-    IN_PLACE,
-    SLICE_KEY,
-    TENSOR_METHODS,
-    TORCH_FUNCTIONS,
-)
+from fedptr.opinfo import REGISTRY, Call, Model
+from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, SLICE_KEY
 from fedptr.tensors import DTYPE_BY_NAME
+from fedptr.torchops import TORCH
 
-MODULE_OPS = frozenset({"forward", "parameter", "zero_grad", "train", "state"})
+MODULE_OPS = frozenset(n for n, i in REGISTRY.items() if i.model is not Model.NO)
 """The operations that take a model as their first argument."""
-_MODEL_ONLY = MODULE_OPS - {"zero_grad"}
+_MODEL_ONLY = frozenset(n for n, i in REGISTRY.items() if i.model is Model.YES)
 """Module operations that need a model (``zero_grad`` also takes a tensor)."""
 
 
@@ -165,18 +158,12 @@ def decode(value: Any) -> Any:
 _NESTED = (str, list, dict)
 
 
-def _in_place(name: str) -> Callable[..., Any]:
-    method = getattr(torch.Tensor, name)
-
+def _in_place(method: Callable[..., Any]) -> Callable[..., Any]:
     def update(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return method(t, *args, **kwargs)
 
     return update
-
-
-OPERATIONS: dict[str, Callable[..., Any]] = {name: getattr(torch.Tensor, name) for name in TENSOR_METHODS}
-OPERATIONS.update({name: getattr(torch, name) for name in TORCH_FUNCTIONS})
 
 
 def _has_inplace(fn: Callable[..., Any]) -> bool:
@@ -186,37 +173,45 @@ def _has_inplace(fn: Callable[..., Any]) -> bool:
         return False
 
 
-OPERATIONS.update(
-    {
-        "F." + name: _out_of_place(fn) if _has_inplace(fn) else fn
-        for name in FUNCTIONAL
-        for fn in [getattr(functional, name)]
-    }
-)
-OPERATIONS.update({name: _in_place(name) for name in IN_PLACE})
-OPERATIONS.update(
-    {
-        "backward": _backward,
-        "grad": _grad,
-        "zero_grad": _zero_grad,
-        "requires_grad_": torch.Tensor.requires_grad_,
-        "set_grad": _set_grad,
-        "set_data": _set_data,
-        "getitem": _getitem,
-        "setitem": _setitem,
-        "forward": _forward,
-        "parameter": _parameter,
-        "train": _train,
-        "state": _state,
-        "cross_entropy": functional.cross_entropy,
-        "mse_loss": functional.mse_loss,
-    }
-)
+SPECIAL: dict[str, Callable[..., Any]] = {
+    "backward": _backward,
+    "grad": _grad,
+    "zero_grad": _zero_grad,
+    "requires_grad_": torch.Tensor.requires_grad_,
+    "set_grad": _set_grad,
+    "set_data": _set_data,
+    "getitem": _getitem,
+    "setitem": _setitem,
+    "forward": _forward,
+    "parameter": _parameter,
+    "train": _train,
+    "state": _state,
+}
+"""The kernels of the registry's `Call.SPECIAL` ops (``aggregate_mean`` is the aggregator's
+release, nodes/mechanisms.py); tests/test_opinfo.py checks they match."""
 
 
-def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+def _kernel(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    info = REGISTRY[name]
+    if info.mutating:
+        return _in_place(fn)  # updates run under no_grad, as an optimizer's step does
+    if info.call is Call.FUNCTIONAL and _has_inplace(fn):
+        return _out_of_place(fn)
+    return fn
+
+
+OPERATIONS: dict[str, Callable[..., Any]] = {name: _kernel(name, fn) for name, fn in TORCH.items()} | SPECIAL
+"""Every op a node runs, by name."""
+
+
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+"""What an op gives: one tensor, or a tuple of them for an op with several results."""
+
+
+def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
     """Run allow-listed `op`. Raises OpNotAllowedError for a name off the list, TypeError when the
-    result is not a tensor, and whatever torch raises for bad arguments."""
+    result is not a tensor (or, for an op with several results, a tuple of them), and whatever
+    torch raises for bad arguments."""
     fn = OPERATIONS.get(op)
     if fn is None:
         raise OpNotAllowedError("", f"operation {op!r} is not allowed")
@@ -226,8 +221,16 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
     result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
-    if isinstance(result, tuple) and op in ("max", "min"):
-        raise TypeError(f"{op} with a dim gives two tensors; use amax/amin and argmax/argmin")
-    if not isinstance(result, torch.Tensor):
-        raise TypeError(f"operation {op!r} returned {type(result).__name__}, not a tensor")
-    return result
+    if isinstance(result, torch.Tensor):
+        return result
+    if REGISTRY[op].outputs != 1 and isinstance(result, tuple) and all(isinstance(r, torch.Tensor) for r in result):
+        return tuple(result)  # torch's named tuples (values, indices) as plain ones
+    raise TypeError(f"operation {op!r} returned {type(result).__name__}, not a tensor")
+
+
+def results(value: Result, count: int) -> tuple[torch.Tensor, ...]:
+    """`value` as the `count` results a request asked for; TypeError when torch gave another number."""
+    outputs = value if isinstance(value, tuple) else (value,)
+    if len(outputs) != count:
+        raise TypeError(f"the operation gives {len(outputs)} results, not the {count} asked for")
+    return outputs

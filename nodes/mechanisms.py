@@ -137,7 +137,7 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire
     """Refuse, from shapes alone (meta tensors), a model and loss that cannot run on the data:
     a failure in the real run could otherwise depend on values."""
     out = meta_result("forward", [model, x[:2]], {})
-    assert out is not None
+    assert isinstance(out, torch.Tensor)  # a forward gives one tensor
     LOSSES[config.loss](out, torch.empty(y[:2].shape, dtype=y.dtype, device="meta"), reduction="sum")
 
 

@@ -20,13 +20,14 @@ from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
 from fedptr.ops import AGGREGATES, ALLOWED
 
-from . import policy
+from . import guard, policy
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """A validated plan: `ops[i]` fills slot ``n_inputs + i`` (its `result_id`), reading the slots
-    in `reads[i]`; `outputs` are the slots a run stores."""
+    """A validated plan: `ops[i]` fills the next slot (its `result_id`), and one more for each of
+    its `more_ids` (an op with several results), reading the slots in `reads[i]`; `outputs` are
+    the slots a run stores."""
 
     n_inputs: int
     ops: tuple[wire.Op, ...]
@@ -43,16 +44,19 @@ def validate(msg: wire.PutPlan) -> Plan:
         raise InvalidArgumentError(f"a plan has 1 to {limits.MAX_PLAN_OPS} operations, not {len(msg.ops)}")
     ops: list[wire.Op] = []
     reads: list[frozenset[int]] = []
+    slot = msg.n_inputs
     for i, item in enumerate(msg.ops):
-        slot = msg.n_inputs + i
-        if not (type(item) is list and len(item) == 3 and type(item[0]) is str):
-            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs]")
-        name, args, kwargs = item
-        if type(args) is not list or type(kwargs) is not dict:
-            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs]")
+        if not (type(item) is list and len(item) in (3, 4) and type(item[0]) is str):
+            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs] or [op, args, kwargs, results]")
+        name, args, kwargs, *counted = item
+        count = counted[0] if counted else 1
+        if type(args) is not list or type(kwargs) is not dict or type(count) is not int:
+            raise InvalidArgumentError(f"plan operation {i} is not [op, args, kwargs] or [op, args, kwargs, results]")
         if name not in ALLOWED or name in AGGREGATES:
             raise OpNotAllowedError("", f"operation {str(name)[:64]!r} is not allowed in a plan")
         policy.check_call(name, args, kwargs, lambda v: type(v) is wire.Ref)
+        if count != 1:
+            guard.check_results(name, count)
         found: set[int] = set()
         wire.refs(args, found)
         wire.refs(kwargs, found)
@@ -60,9 +64,10 @@ def validate(msg: wire.PutPlan) -> Plan:
             raise InvalidArgumentError(f"plan operation {i} ({name}) reads no slot")
         if not all(0 <= s < slot for s in found):
             raise InvalidArgumentError(f"plan operation {i} ({name}) reads a slot that is not filled before it")
-        ops.append(wire.Op(slot, name, args, kwargs))
+        ops.append(wire.Op(slot, name, args, kwargs, more_ids=list(range(slot + 1, slot + count))))
         reads.append(frozenset(found))
-    end = msg.n_inputs + len(ops)
+        slot += count
+    end = slot
     if len(set(msg.outputs)) != len(msg.outputs) or not all(msg.n_inputs <= o < end for o in msg.outputs):
         raise InvalidArgumentError("a plan's outputs are distinct results of its operations")
     return Plan(msg.n_inputs, tuple(ops), tuple(reads), tuple(msg.outputs))

@@ -32,16 +32,13 @@ from typing import Any, Protocol
 
 from fedptr import limits
 from fedptr.errors import OpNotAllowedError, PermissionDenied
-from fedptr.ops import MUTATING
+from fedptr.ops import ALIASING, MUTATING
 
 Origins = dict[str, frozenset[str]]
 """Data owner -> the workers it trusts with what derives from its data."""
 
 ANALYST = "*"
 """In an owner's trust set: ``--release exact``, the analyst may fetch exact derived values."""
-
-ALIASING = MUTATING | {"parameter", "state"}
-"""Operations whose result is (part of) their first operand by design: they share its taint."""
 
 TAINT_RULES = ALIASING | {"forward", "backward"}
 """Operations whose result taint `result_taint` decides by a rule of their own (a shared taint,

@@ -21,6 +21,7 @@ import itertools
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,11 @@ import fedptr
 
 STOP_TIMEOUT_S = 10.0
 """Seconds a node or the broker may take to stop (a node writes its queued changes to disk)."""
+
+NODE: ContextVar[str | None] = ContextVar("harness_node", default=None)
+"""The name of the node whose code runs (None: the client's or the test's). Set in each node's
+serving task, so its callbacks and the tasks it spawns carry it: a test hook can tell the nodes
+apart (tests/test_sensitivity.py seeds each node's random draws by its name)."""
 
 _endpoints = itertools.count()
 """inproc names are per context, and the context is the process's: each cluster takes its own."""
@@ -140,6 +146,7 @@ class InprocCluster:
         stop = asyncio.Event()
 
         async def serve() -> None:
+            NODE.set(name)
             try:
                 async with running(
                     name,

@@ -102,11 +102,11 @@ def test_guard_refuses_a_private_size_and_hides_a_data_dependent_failure() -> No
         guard.run("narrow", [torch.arange(5.0), 0, 0, private], {}, True, lambda: refusal)
     assert "3" not in str(info.value).replace("[5]", "")
     targets = torch.tensor([0, 7])  # out of range for 3 classes: the real run fails, the meta run cannot tell
-    out = guard.run("cross_entropy", [torch.zeros(2, 3), targets], {}, True, lambda: refusal)
+    (out,) = guard.run("cross_entropy", [torch.zeros(2, 3), targets], {}, True, lambda: refusal)
     assert out.shape == () and float(out) == 0.0
-    view = guard.run("view", [torch.arange(4.0), 2, 2], {}, False, lambda: refusal)
+    (view,) = guard.run("view", [torch.arange(4.0), 2, 2], {}, False, lambda: refusal)
     source = torch.arange(4.0)
-    view = guard.run("view", [source, 2, 2], {}, False, lambda: refusal)
+    (view,) = guard.run("view", [source, 2, 2], {}, False, lambda: refusal)
     assert view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()  # a copy, not an alias
 
 
@@ -126,7 +126,8 @@ def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch
     refusal = refuse_op(Taint({"bob": frozenset()}), "narrow", [[5]])
 
     def private(op: str, *args: Any) -> torch.Tensor:
-        return guard.run(op, list(args), {}, True, lambda: refusal)
+        [result] = guard.run(op, list(args), {}, True, lambda: refusal)
+        return result
 
     assert torch.equal(private("add", torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
     assert torch.equal(private("add", torch.zeros(3), torch.ones(3)), torch.ones(3))  # other values

@@ -130,9 +130,11 @@ def test_an_ok_reply_encodes_the_same_from_the_table(reply: wire.Ok) -> None:
     """Replies are encoded once per shape and dtype (`wire._OK_HEADERS`): the stored encoding is
     the message's own, every time, and decodes to it."""
     first, again = wire.encode(reply), wire.encode(wire.Ok(list(reply.shape), reply.dtype))
-    assert first == again == [msgpack.packb([wire.Ok.KIND, 0, reply.shape, reply.dtype])]
+    assert first == again == [msgpack.packb([wire.Ok.KIND, 0, reply.shape, reply.dtype, []])]
     assert wire.decode(again).message == reply
     assert wire.encode(wire.Ok([4], "float64")) != wire.encode(wire.Ok([4], "float32"))
+    several = wire.Ok(list(reply.shape), reply.dtype, [[[3], "int64"]])  # never from the table
+    assert wire.decode(wire.encode(several)).message == several
 
 
 def test_the_ok_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
