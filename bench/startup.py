@@ -48,7 +48,8 @@ IMPORTS = {
     "the node + Opacus (as before)": "import fedptr.nodes.node, opacus",
     "`fedptr --help`": "import contextlib, io, fedptr.cli as c\nwith contextlib.redirect_stdout(io.StringIO()):\n"
     "    c.main(['--help'])",
-    "the node, meta kernels loaded (each node's start)": "from fedptr.nodes import guard\nguard.warm_up()",
+    "the node, meta kernels loaded (a plain node's first private op; the launcher's start)": "from fedptr.nodes "
+    "import guard\nguard.warm_up()",
 }
 PEAK = "\nimport sys\nprint([x.split()[1] for x in open('/proc/self/status') if x[:5] == 'VmHWM'][0], file=sys.stderr)"
 """Appended to each import's code: the interpreter's peak RSS (KiB), on stderr. Not ru_maxrss:

@@ -22,7 +22,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from fedptr import envelope, limits
+from fedptr import envelope, heap, limits
 from fedptr.errors import ProtocolError
 from fedptr.logs import rid_extra
 from fedptr.security import allowed_keys
@@ -173,6 +173,9 @@ class Broker:
         if one says goodbye before it registers again, its session ended after all."""
         self._notices: dict[bytes, list[list[Any]]] = {}
         """LOST notices waiting to go out, per peer, sent together each loop turn."""
+        self._trim_at: float | None = None
+        """When to give the heap's free pages back to the OS (`fedptr/heap.py`): a little after
+        a client left, once for the departures meanwhile (None: no departure since the last)."""
         self._wake: asyncio.Event | None = None
         """Set by `stop()` to end `serve_async` at once (None unless it runs)."""
 
@@ -239,6 +242,9 @@ class Broker:
         if self._now >= self._next_beat:
             self._heartbeat()
         self._settle_departures()
+        if self._trim_at is not None and self._now >= self._trim_at:
+            self._trim_at = None
+            heap.trim()
 
     def _receive(self) -> None:
         sock = self.sock
@@ -310,6 +316,8 @@ class Broker:
         notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
         for other in concerned:
             self._notices.setdefault(other, []).append(notice)
+        if role == envelope.ROLE_CLIENT and self._trim_at is None:
+            self._trim_at = self._now + limits.HEAP_TRIM_DELAY_S
         if role == envelope.ROLE_CLIENT and why == envelope.GONE_SILENT:
             self._silent[identity] = name
             while len(self._silent) > self.config.max_peers:

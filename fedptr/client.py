@@ -8,7 +8,7 @@ import secrets
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,7 +122,8 @@ class Worker:
             sent = Pointer(client, self.name, new_id, meta=x.meta)
             # the pointer returned is the send's candidate if it ends in doubt (held weakly: the
             # caller may drop it, which deletes it as usual while the send is not in doubt)
-            sent.made_by(client.track(asyncio.ensure_future(self._send_pointer(x, new_id, weakref.ref(sent)))))
+            sending = client.track(asyncio.ensure_future(self._send_pointer(x, new_id, weakref.ref(sent))))
+            sent.made_by(sending, ordered=False)
             return sent
         if isinstance(x, torch.Tensor):
             # the bytes leave after this returns: small tensors are copied now, big ones are sent
@@ -439,17 +440,32 @@ class Client:
         args: list[wire.Value],
         kwargs: dict[str, wire.Value],
         metas: list[torch.Tensor | None],
+        after: Sequence[asyncio.Future[wire.Message]] = (),
     ) -> list[Pointer]:
         """Run allow-listed `op` on worker `location` and return its results' pointers at once,
-        one per entry of `metas` (each result's inferred meta tensor; None: learnt from the reply)."""
+        one per entry of `metas` (each result's inferred meta tensor; None: learnt from the reply).
+        `after`: unordered steps its operands wait for (see `Pointer.made_by`); the op is sent
+        once they are done (failing with the first one's error), and its results wait likewise."""
+        if len(metas) == 1 and not after:  # the common case, kept lean: it is every op's path
+            obj_id = self.new_id()
+            return [self.issue(location, obj_id, wire.Op(obj_id, op, args, kwargs), metas[0])]
         ids = [self.new_id() for _ in metas]
-        if len(ids) == 1:
-            return [self.issue(location, ids[0], wire.Op(ids[0], op, args, kwargs), metas[0])]
-        done = self.request_nowait(location, wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:]))
-        return [
-            Pointer(self, location, obj_id, done if k == 0 else _nth_result(done, k), meta=m)
-            for k, (obj_id, m) in enumerate(zip(ids, metas, strict=True))
-        ]
+        msg = wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:])
+        if after:
+            done = self.track(asyncio.ensure_future(self._request_after(location, msg, after)))
+        else:
+            done = self.request_nowait(location, msg)
+        results = [Pointer(self, location, obj_id, meta=m) for obj_id, m in zip(ids, metas, strict=True)]
+        for k, result in enumerate(results):
+            result.made_by(done if k == 0 else _nth_result(done, k), ordered=not after)
+        return results
+
+    async def _request_after(
+        self, location: str, msg: wire.Message, after: Sequence[asyncio.Future[wire.Message]]
+    ) -> wire.Message:
+        for step in after:
+            await asyncio.shield(step)  # shielded: this request must not cancel a step others share
+        return await self.request_nowait(location, msg)
 
     def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
         """Send a request that creates object `obj_id` and return its pointer without waiting."""

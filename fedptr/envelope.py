@@ -17,8 +17,7 @@ import array
 import struct
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedptr import limits
 from fedptr.errors import ProtocolError
@@ -167,10 +166,10 @@ def valid_name(name: bytes) -> bool:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """One message off the wire: `command`, `name` (the source, as the broker delivers it, or the
-    name a broker notice concerns), `rid` and the body frames."""
+    name a broker notice concerns), `rid` and the body frames. A named tuple: one is built for
+    every message received, and a frozen dataclass takes twice as long to build."""
 
     command: bytes
     name: bytes

@@ -3,7 +3,8 @@
 Names say who caused the failure (trio's style):
 
 * a worker failed or refused: `RemoteError`, `PermissionDenied`, and the `WorkerRefused` family
-  (`OverloadedError`, `StoreFullError`, `ObjectNotFoundError`, `OpNotAllowedError`); these
+  (`OverloadedError`, `StoreFullError`, `QuotaExceededError`, `ObjectNotFoundError`,
+  `OpNotAllowedError`); these
   travel on the wire as a `wire.Failure` with a `wire.FailureCode` and keep their type;
 * the network or a peer went away: `UnknownWorkerError`, `LostWorkerError`, `DeadlineExceeded`,
   `ProtocolError`, `RegistrationRefused`;
@@ -121,6 +122,16 @@ class StoreFullError(WorkerRefused, MemoryError):
     (``fedptr-node --max-store-bytes``). Delete objects on that worker first."""
 
     what = "has no room in its store"
+
+
+class QuotaExceededError(WorkerRefused):
+    """Raised when a request would take one client past its share of a worker: the objects it
+    holds there (``fedptr-node --max-client-objects``), their tensor bytes
+    (``--max-client-bytes``), or its requests queued behind its computations
+    (`limits.CLIENT_MAX_QUEUED_REQUESTS`). Other clients are not affected. Delete objects on
+    that worker, or await before sending more."""
+
+    what = "refused it: over the client's quota"
 
 
 class ObjectNotFoundError(WorkerRefused, LookupError):

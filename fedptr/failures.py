@@ -19,6 +19,7 @@ from fedptr.errors import (
     OverloadedError,
     PermissionDenied,
     ProtocolError,
+    QuotaExceededError,
     RemoteError,
     StoreFullError,
     UnknownWorkerError,
@@ -32,6 +33,7 @@ _REFUSALS: dict[FailureCode, type[WorkerRefused]] = {
     FailureCode.NOT_FOUND: ObjectNotFoundError,
     FailureCode.OP_NOT_ALLOWED: OpNotAllowedError,
     FailureCode.IN_DOUBT: InDoubtError,
+    FailureCode.QUOTA_EXCEEDED: QuotaExceededError,
 }
 _CODE_OF_REFUSAL = {cls: code for code, cls in _REFUSALS.items()}
 

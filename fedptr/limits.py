@@ -199,6 +199,20 @@ NODE_MAX_ORDERED = 4096
 """Most requests a node holds back, over all peers, behind their peers' deferred computations
 (program order); past it the node stops reading requests until they drain."""
 
+CLIENT_MAX_QUEUED_REQUESTS = 2048
+"""Most requests (a count) of one client a node holds back behind that client's deferred
+computations; past it the client's further requests are refused with QuotaExceededError (its
+unanswered deletes excepted), so one client cannot fill `NODE_MAX_ORDERED` and pause the node's
+reads for everyone."""
+
+CLIENT_MAX_OBJECTS = 1_000_000
+"""Most objects (a count) one client may hold on one node (`fedptr-node --max-client-objects`);
+past it what would create one more is refused with QuotaExceededError."""
+
+CLIENT_MAX_BYTES = 0
+"""Most tensor bytes one client's objects may hold on one node (`fedptr-node --max-client-bytes`;
+0: no cap but the node's `--max-store-bytes`)."""
+
 NODE_MAX_FORWARDS = 10000
 """Most forwarded requests a node keeps waiting at once; past it requests are refused as Overloaded."""
 
@@ -254,6 +268,10 @@ live until it is answered; at 700 the collector ran every ~25 ops, traversing th
 (~15% of the node's CPU per op once the start-up heap is frozen). Cyclic garbage waits longer:
 memory, not correctness."""
 
+HEAP_TRIM_DELAY_S = 1.0
+"""After a client leaves, how long (s) a node or the broker waits before it gives the free pages
+of its malloc heaps back to the OS (`fedptr/heap.py`); departures meanwhile share the trim."""
+
 # --- broker ------------------------------------------------------------------------------
 BROKER_MAX_PEERS = 10000
 """Most registered names (workers and clients) a broker keeps."""
@@ -278,6 +296,15 @@ STATUS_WIDE_COLUMNS = 140
 """Terminal width (columns) from which `fedptr status` adds bytes held, memory, traffic and uptime
 to its workers table; narrower (80 columns, say) it leaves them to ``--json``, so that every row
 stays on one line."""
+
+GUARD_META_TABLE_SIZE = 4096
+"""Signatures (an op, its operands' shapes and dtypes, its other arguments) whose meta-run result
+a node keeps (nodes/guard.py): a private op met again skips its meta run (tens of µs); past it,
+new signatures run on the meta device each time."""
+
+OK_HEADER_TABLE_SIZE = 1024
+"""Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
+encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""
 
 STATS_MAX_PENDING = 10_000
 """Requests a node times at once for its latency figures; past it the oldest are forgotten."""

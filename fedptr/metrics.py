@@ -16,20 +16,20 @@ import bisect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 from fedptr import limits
 from fedptr.errors import FedptrError
 
+if TYPE_CHECKING:  # prometheus-client loads with the first scrape or `serve`: ~1.4 MiB a process without
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.samples import Sample
+
 log = logging.getLogger("fedptr.metrics")
 
-Metric = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
-F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily)
+Metric: TypeAlias = "CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily"
+F = TypeVar("F", "CounterMetricFamily", "GaugeMetricFamily")
 
 
 class MetricsError(FedptrError):
@@ -76,6 +76,8 @@ class Latencies:
 
     def family(self, name: str, documentation: str, label: str, process: str) -> HistogramMetricFamily:
         """These histograms as one Prometheus family, labelled `label` = key and ``process``."""
+        from prometheus_client.core import HistogramMetricFamily
+
         fam = HistogramMetricFamily(name, documentation, labels=["process", label])
         for key, hist in self.by_key.copy().items():
             fam.add_metric([process, key], hist.cumulative(), hist.total)
@@ -84,6 +86,8 @@ class Latencies:
 
 def counter(name: str, documentation: str, process: str, value: float) -> CounterMetricFamily:
     """A counter family with one sample for `process`."""
+    from prometheus_client.core import CounterMetricFamily
+
     fam = CounterMetricFamily(name, documentation, labels=["process"])
     fam.add_metric([process], value)
     return fam
@@ -91,6 +95,8 @@ def counter(name: str, documentation: str, process: str, value: float) -> Counte
 
 def gauge(name: str, documentation: str, process: str, value: float) -> GaugeMetricFamily:
     """A gauge family with one sample for `process`."""
+    from prometheus_client.core import GaugeMetricFamily
+
     fam = GaugeMetricFamily(name, documentation, labels=["process"])
     fam.add_metric([process], value)
     return fam
@@ -100,6 +106,8 @@ def labelled_counter(
     name: str, documentation: str, process: str, label: str, values: Mapping[str, float]
 ) -> CounterMetricFamily:
     """A counter family with one sample per `label` value."""
+    from prometheus_client.core import CounterMetricFamily
+
     return _labelled(CounterMetricFamily(name, documentation, labels=["process", label]), process, values)
 
 
@@ -107,6 +115,8 @@ def labelled_gauge(
     name: str, documentation: str, process: str, label: str, values: Mapping[str, float]
 ) -> GaugeMetricFamily:
     """A gauge family with one sample per `label` value."""
+    from prometheus_client.core import GaugeMetricFamily
+
     return _labelled(GaugeMetricFamily(name, documentation, labels=["process", label]), process, values)
 
 
@@ -127,7 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default=limits.METRICS_HOST, help="address the metrics endpoint listens on")
 
 
-class _Snapshot(Collector):
+class _Snapshot:
+    """A collector as the registry calls it (it only needs `collect`)."""
+
     def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self._collect = collect
 
@@ -142,6 +154,8 @@ class _Snapshot(Collector):
 def registry(collect: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
     """What a scrape reads: the process's families from `collect` (called at each scrape),
     and the process collector's."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
     reg = CollectorRegistry(auto_describe=False)
     reg.register(_Snapshot(collect))
     ProcessCollector(registry=reg)
@@ -151,6 +165,8 @@ def registry(collect: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
 def serve(port: int, host: str, collect: Callable[[], Iterable[Metric]]) -> int:
     """Serve ``/metrics`` on `host`:`port` (0: a free port) from a daemon thread; `collect`
     gives the process's families at each scrape. Returns the port bound."""
+    from prometheus_client import start_http_server
+
     try:
         server, _thread = start_http_server(port, host, registry=registry(collect))
     except OSError as e:

@@ -16,6 +16,7 @@ Pure data: no torch, so the sans-IO and broker layers may read it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 
@@ -104,6 +105,9 @@ class OpInfo:
     learns it from the worker's reply; on private operands the node refuses it (its meta run fails)."""
     privacy: Privacy = Privacy.DERIVED
     model: Model = Model.NO
+    pair_with_dim: bool = False
+    """Whether it gives one result, or ``(values, indices)`` when given a ``dim`` (``max``, ``min``):
+    how `Pointer`'s typed stubs (`pointer_stubs`) tell its two forms apart."""
     dispatch: bool = True
     """Whether ``torch.*`` / ``F.*`` calls on pointers reach it through ``__torch_function__``."""
     aliases: tuple[str, ...] = ()
@@ -152,7 +156,7 @@ _ENTRIES: list[OpInfo] = [
     *_group("arithmetic", _REFLECTED),
     *_group("comparison", "eq ne lt le gt ge logical_and logical_or logical_not"),
     *_group("reduction", "sum mean prod amax amin argmax argmin std var norm all any cumsum logsumexp"),
-    *_group("reduction", "max min", outputs=VARIES,
+    *_group("reduction", "max min", outputs=VARIES, pair_with_dim=True,
             signature="(dim=None, keepdim=False) or (other): with a dim, (values, indices)"),
     _op("topk", "reduction", outputs=2, signature="(k, dim=-1, largest=True, sorted=True): (values, indices)"),
     _op("sort", "reduction", outputs=2, signature="(dim=-1, descending=False, stable=False): (values, indices)"),
@@ -235,5 +239,86 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m fedptr.opinfo: the table docs/ops.md holds
-    print(markdown_table(), end="")
+def pointer_attributes() -> Iterator[tuple[str, OpInfo]]:
+    """Each `Pointer` attribute the registry gives, and the op it issues: every `Call.METHOD` op
+    under its name and its `OpInfo.aliases` (``fedptr.pointer`` installs them, `pointer_stubs` types them)."""
+    for name, info in REGISTRY.items():
+        if info.call is Call.METHOD:
+            for attr in (name, *info.aliases):
+                yield attr, info
+
+
+STUBS_MODULE = "fedptr/pointer_methods.py"
+"""Where `pointer_stubs`' text is kept (tests/test_pointer_types.py fails when it is stale)."""
+
+_STUBS_HEADER = f'''# mypy: disable-error-code="empty-body"
+"""Typed stubs of `Pointer`'s registry methods and operators: generated, do not edit.
+
+Regenerate with ``python -m fedptr.opinfo --stubs > {STUBS_MODULE}`` (tests/test_pointer_types.py
+fails when this file is stale). `Pointer` inherits `PointerMethods` for type checkers only
+(``if TYPE_CHECKING``): fedptr never imports this module at run time; the methods are the ones
+``fedptr.pointer._install_methods`` installs from the same registry (`fedptr.opinfo`).
+
+Arguments are `Any`: they are torch's own (docs/ops.md), checked where the op is issued (meta
+inference) and by the worker. Results are precise: a `Pointer`, a pair of them for a two-result op
+(``v, i = p.topk(3)``), a tuple for a number of results that depends on arguments and shapes
+(``split``, ``chunk``, ``unbind``); ``max``/``min`` give a pair given a ``dim``, else one pointer;
+an in-place op (and its ``+=`` operator) returns the pointer it changes.
+``==`` and ``!=`` keep `Pointer`'s identity semantics (element-wise: `eq`, `ne`), so they are not here.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    from fedptr.pointer import Pointer
+
+
+class PointerMethods:
+    """The methods and operators `Pointer` gets from the op registry, typed (type checkers only)."""
+
+    __slots__ = ()
+'''
+
+_ANY = "self, *args: Any, **kwargs: Any"
+
+
+def _stub(attr: str, info: OpInfo) -> list[str]:
+    """The typed stub of `Pointer` attribute `attr`, which issues `info`."""
+    what = "in place, returns this pointer" if info.mutating else info.group
+    doc = f'        """Remote ``torch.Tensor.{info.name}`` ({what})."""'
+    if info.pair_with_dim:
+        return [  # torch's three forms: (), (dim, keepdim=False), (other)
+            "    @overload",
+            f"    def {attr}(self) -> Pointer: ...",
+            "    @overload",
+            f"    def {attr}(self, dim: builtins.int, keepdim: builtins.bool = ...) -> tuple[Pointer, Pointer]: ...",
+            "    @overload",
+            f"    def {attr}(self, other: Any) -> Pointer: ...",
+            f"    def {attr}({_ANY}) -> Pointer | tuple[Pointer, Pointer]:",
+            doc,
+        ]
+    if info.mutating or info.outputs == 1:
+        result = "Pointer"
+    elif info.outputs == VARIES:
+        result = "tuple[Pointer, ...]"
+    else:
+        result = f"tuple[{', '.join(['Pointer'] * info.outputs)}]"
+    return [f"    def {attr}({_ANY}) -> {result}:", doc]
+
+
+def pointer_stubs() -> str:
+    """The text of fedptr/pointer_methods.py: a typed stub of every `Pointer` method and operator
+    that the registry installs (each `Call.METHOD` op under its name and its `OpInfo.aliases`)."""
+    lines = [_STUBS_HEADER.rstrip("\n")]
+    for attr, info in pointer_attributes():
+        lines += ["", *_stub(attr, info)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m fedptr.opinfo [--stubs]: the table docs/ops.md holds, or the stubs
+    import sys
+
+    print(pointer_stubs() if sys.argv[1:] == ["--stubs"] else markdown_table(), end="")

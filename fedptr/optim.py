@@ -147,7 +147,7 @@ class Adam(Optimizer):
         beta1, beta2 = group["betas"]
         g = p.grad
         if group["maximize"]:
-            g = g.neg()
+            g = -g
         if group["weight_decay"]:
             g = g.add(p, alpha=group["weight_decay"])
         state = self.state.setdefault(p, {})

@@ -43,13 +43,16 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
 )
-from fedptr.opinfo import REGISTRY, VARIES, Call
+from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
 from fedptr.tensors import dtype_name, to_raw
 from fedptr.torchops import dispatched
 
 if TYPE_CHECKING:
     from fedptr.client import Client, Worker
+    from fedptr.pointer_methods import PointerMethods
+else:  # the methods are installed from the registry below (`_install_methods`): no base at run time
+    PointerMethods = object
 
 _TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
@@ -168,7 +171,8 @@ def remote_results(
     metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs))
     recorder = first.client.recording
     recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
-    results = recorded or first.client.issue_op(first.location, op, enc_args, enc_kwargs, metas)
+    after = [step for p in found if (step := p.after) is not None]
+    results = recorded or first.client.issue_op(first.location, op, enc_args, enc_kwargs, metas, after)
     return tuple(results) if several else results[0]
 
 
@@ -287,7 +291,7 @@ def _index(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-class Pointer:
+class Pointer(PointerMethods):
     """A pointer to object `id_at_location` on worker `location`.
 
     It knows its result's `shape`, `dtype`, `device` and `requires_grad` without a round trip,
@@ -304,6 +308,7 @@ class Pointer:
         "_id",
         "_location",
         "_meta",
+        "_unordered",
         "_updates",
         "in_doubt",
         "owned",
@@ -324,6 +329,9 @@ class Pointer:
         self._id = id_at_location
         self._done = done
         self._meta = meta
+        self._unordered: asyncio.Future[wire.Message] | None = None
+        """A client-side step this object waits for that is not a request in its worker's order
+        (a two-phase send of a pointer): requests naming this object are sent after it."""
         self._updates: list[asyncio.Future[wire.Message]] | None = None
         """In-place updates queued on this object and not yet reported, which every await of this
         pointer waits for (made lazily: most pointers never get one)."""
@@ -356,9 +364,22 @@ class Pointer:
         """The `Worker` holding the object."""
         return self._client.worker(self._location)
 
-    def made_by(self, done: asyncio.Future[wire.Message]) -> None:
-        """Set the reply of the request that makes this object, for a pointer made before it."""
+    def made_by(self, done: asyncio.Future[wire.Message], *, ordered: bool = True) -> None:
+        """Set the reply of the request that makes this object, for a pointer made before it.
+        `ordered` is False when `done` is not one request queued on this worker in order (a
+        client-side task): later requests naming this object then wait for it (`after`)."""
         self._done = done
+        if not ordered:
+            self._unordered = done
+
+    @property
+    def after(self) -> asyncio.Future[wire.Message] | None:
+        """The unordered step (see `made_by`) requests naming this object must wait for, while
+        it runs; None once it is done or when there is none."""
+        step = self._unordered
+        if step is not None and step.done():
+            self._unordered = step = None
+        return step
 
     @property
     def pending_future(self) -> asyncio.Future[wire.Message] | None:
@@ -539,6 +560,8 @@ class Pointer:
         Two-phase: the worker keeps a value until this client holds it, then it is deleted, so a
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
+        if (step := self.after) is not None:
+            await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
         await self._own_updates()
         await self._client.check_effects(self._location)
         self.owned = False
@@ -669,19 +692,11 @@ class Pointer:
         if isinstance(value, Pointer) and value.meta is not None and self._meta is not None:
             self._meta = value.meta.detach().requires_grad_(self._meta.requires_grad)
 
-    if TYPE_CHECKING:
-        # the registry's methods and operators are installed below (`_install_methods`)
-        def __getattr__(self, name: str) -> Any: ...
-
 
 def _install_methods() -> None:
     """Give `Pointer` a method for every `Call.METHOD` op of the registry, and its operators."""
-    for name, info in REGISTRY.items():
-        if info.call is not Call.METHOD:
-            continue
-        make = _in_place if info.mutating else _method
-        for attr in (name, *info.aliases):
-            setattr(Pointer, attr, make(name))
+    for attr, info in pointer_attributes():
+        setattr(Pointer, attr, (_in_place if info.mutating else _method)(info.name))
 
 
 _install_methods()

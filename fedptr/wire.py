@@ -24,7 +24,7 @@ import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
 
 import msgpack
 
@@ -315,6 +315,7 @@ class FailureCode(enum.StrEnum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     IN_DOUBT = "in-doubt"
     DROPOUT = "dropout"
+    QUOTA_EXCEEDED = "quota-exceeded"
 
 
 FAILURE_CODES = frozenset(c.value for c in FailureCode)
@@ -689,7 +690,8 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
-_SCALARS = (bool, int, float, str, RawTensor, Ref, type(None))
+_SCALARS = frozenset({bool, int, float, str, RawTensor, Ref, type(None)})
+"""Exact types of the leaves of a value (a set: a tuple is searched by equality, one type at a time)."""
 
 
 def _check_value(v: Any, depth: int = 0) -> bool:
@@ -764,6 +766,8 @@ _FIELDS: dict[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...]
     )
     for t in MESSAGE_TYPES
 }
+_ROWS = [name for name, _, _ in _FIELDS[ObjectsReply]].index("rows")
+"""Where an `ObjectsReply`'s rows are among its fields (decoded as lists, stored as `ObjectRow`)."""
 
 
 def refs(value: Value, found: set[int]) -> None:
@@ -814,11 +818,36 @@ def _to_plain(v: Any) -> Any:
     return v
 
 
+_OK_HEADERS: dict[tuple[tuple[int, ...], str], bytes] = {}
+"""Encoded `Ok` replies of one result by (shape, dtype): nearly every op is answered with one of a few."""
+
+
 def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
     """Encode `msg` as body frames: the msgpack header, then one frame per tensor.
 
     `budget_ms` is the time the receiver has to answer (0 for replies and no deadline). Tensor
     buffers are returned as they are (no copy)."""
+    if type(msg) is Ok and not msg.more and not budget_ms:
+        return [_ok_header(msg)]
+    return _encode(msg, budget_ms)
+
+
+def _ok_header(msg: Ok) -> bytes:
+    """`msg` encoded, from `_OK_HEADERS` when it was met before (up to `limits.OK_HEADER_TABLE_SIZE`)."""
+    key = (tuple(msg.shape), msg.dtype)
+    known = _OK_HEADERS.get(key)
+    if known is not None:
+        return known
+    [frame] = _encode(msg, 0)  # an Ok holds no tensor: its header is all of it
+    header = bytes(frame)
+    # only int shapes are kept: a shape of bools or floats (which no node sends, and no peer
+    # accepts) equal to an int one (True == 1 == 1.0) then at worst finds that one's encoding
+    if len(_OK_HEADERS) < limits.OK_HEADER_TABLE_SIZE and all(type(d) is int for d in key[0]):
+        _OK_HEADERS[key] = header
+    return header
+
+
+def _encode(msg: Message, budget_ms: int) -> list[bytes | memoryview]:
     buffers: list[memoryview] = []
 
     def default(obj: Any) -> Any:
@@ -844,9 +873,9 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
 
 
 # --- decode ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """A decoded body: the message and the deadline budget its sender gave (ms, 0 = none)."""
+class Decoded(NamedTuple):
+    """A decoded body: the message and the deadline budget its sender gave (ms, 0 = none). A
+    named tuple, like `envelope.Envelope`: one is built for every message received."""
 
     message: Message
     budget_ms: int
@@ -908,16 +937,14 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         raise ProtocolError("negative deadline budget")
     if len(used) != len(frames) - 1:
         raise ProtocolError(f"{len(frames) - 1 - len(used)} buffer frames are not referenced by the header")
-    kwargs: dict[str, Any] = {}
-    for i, (name, check, required) in enumerate(_FIELDS[cls]):
-        if 2 + i >= len(values):
-            if required:
-                raise ProtocolError(f"{cls.__name__} lacks field {name!r}")
-            break
-        v = values[2 + i]
+    fields = _FIELDS[cls]
+    given = values[2 : 2 + len(fields)]  # values past the known fields are ignored
+    # positional, no keyword dict: this runs for every message; a short `given` leaves the rest
+    for (name, check, _), v in zip(fields, given, strict=False):
         if not check(v):
             raise ProtocolError(f"{cls.__name__}.{name} has a bad value of type {type(v).__name__}")
-        kwargs[name] = v
+    if len(given) < len(fields) and fields[len(given)][2]:  # no required field follows an optional one
+        raise ProtocolError(f"{cls.__name__} lacks field {fields[len(given)][0]!r}")
     if cls is ObjectsReply:
-        kwargs["rows"] = [ObjectRow(*r[:8]) for r in kwargs["rows"]]
-    return Decoded(cls(**kwargs), values[1])
+        given[_ROWS] = [ObjectRow(*r[:8]) for r in given[_ROWS]]
+    return Decoded(cls(*given), values[1])

@@ -52,6 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store", default=None, help="persist objects in this directory (restored at start)")
     p.add_argument("--max-store-bytes", type=int, default=0, help="cap on stored tensor bytes (0: none)")
     p.add_argument(
+        "--max-client-objects", type=int, default=limits.CLIENT_MAX_OBJECTS, help="most objects one client holds here"
+    )
+    p.add_argument(
+        "--max-client-bytes",
+        type=int,
+        default=limits.CLIENT_MAX_BYTES,
+        help="most tensor bytes one client's objects hold here (0: no cap)",
+    )
+    p.add_argument(
         "--register-timeout", type=float, default=limits.CONNECT_TIMEOUT_S, help="seconds to get the name (s)"
     )
     p.add_argument("--curve-secret", default=None, help="this node's .key_secret file (CURVE)")
@@ -100,6 +109,8 @@ async def serve(args: argparse.Namespace) -> int:
         args.offload_numel,
         args.max_store_bytes,
         args.store,
+        max_client_objects=args.max_client_objects,
+        max_client_bytes=args.max_client_bytes,
         data=dict(_tag_path(d) for d in args.data),
         trust=args.trust,
         release_exact=args.release == "exact",

@@ -2,7 +2,8 @@
 
 An op whose operands live here gets its result entry (and its taint) at once, so that later
 pipelined requests find it; its value is computed inline when its inputs are small and present,
-else later (waiting for inputs, big work on a thread), and the answer waits until the result,
+else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
+which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
 the data is. A plan run is the same ops, in order, with only the outputs stored.
 """
@@ -19,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedptr import limits, wire
-from fedptr.errors import FedptrError, InvalidArgumentError, LocationMismatchError, OpNotAllowedError, RemoteError
+from fedptr.errors import (
+    FedptrError,
+    InvalidArgumentError,
+    LocationMismatchError,
+    OpNotAllowedError,
+    QuotaExceededError,
+    RemoteError,
+)
 from fedptr.failures import with_hop
 from fedptr.ops import AGGREGATES, ALLOWED
 from fedptr.tensors import dtype_name, from_raw
@@ -67,8 +75,7 @@ class Compute:
         or forward the operation to the worker its operands point to."""
         result_ids = [msg.result_id, *msg.more_ids]
         try:
-            entries = self._operands(msg, source)
-            location = next((e.location for e in entries.values()), None)
+            entries, location = self._operands(msg, source)
             if location is None and msg.op in AGGREGATES:
                 self.node.release.aggregate(source, rid, msg, entries)
                 return
@@ -109,7 +116,9 @@ class Compute:
             raise
         forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
-    def _operands(self, msg: wire.Op, source: str) -> dict[int, Entry]:
+    def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None]:
+        """The op's stored operands by id, each checked against its owner and sponsor, and the
+        worker they point to (None: they are here). One pass: this runs for every op."""
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
@@ -121,18 +130,26 @@ class Compute:
                 raise InvalidArgumentError("an operation's result ids are distinct and new")
         ids: set[int] = set()
         wire.refs(msg.args, ids)
-        wire.refs(msg.kwargs, ids)
-        entries = {i: self.store.get(i, source) for i in ids}
-        for i, e in entries.items():
-            self.store.check_principal(i, e, msg.sponsor or source)
-        locations = {e.location or self.name for e in entries.values()}
+        if msg.kwargs:
+            wire.refs(msg.kwargs, ids)
+        principal = msg.sponsor or source
+        entries: dict[int, Entry] = {}
+        locations: set[str] = set()
+        location: str | None = None
+        failed: BaseException | None = None
+        for i in ids:
+            e = entries[i] = self.store.get(i, source)
+            self.store.check_principal(i, e, principal)
+            location = e.location
+            locations.add(location or self.name)
+            if location is not None and e.done.done() and e.done.exception() is not None:
+                failed = e.done.exception()  # a pointer whose hop failed
         if len(locations) > 1:
             a, b = sorted(locations)[:2]
             raise LocationMismatchError(f"operands live on different workers: {a!r} and {b!r}")
-        for e in entries.values():
-            if e.is_pointer and e.done.done() and e.done.exception() is not None:
-                raise e.done.exception()  # type: ignore[misc]
-        return entries
+        if failed is not None:
+            raise failed
+        return entries, location
 
     def _result_taint(
         self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
@@ -200,6 +217,7 @@ class Compute:
                 self.store.check_principal(obj_id, e, source)
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
+            self.store.admit(source, len(msg.result_ids))  # all its outputs are stored, or none
             # the intermediate results' entries share one pending future: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -268,12 +286,15 @@ class Compute:
             op = run.ops[i]
             entries = run.operands[i]
             operands = {k: values[k] for k in entries}
+            # private when its result is (taint only grows: never less than on arrival)
+            private = bool(run.results[i].taint)
             if inline and (
-                i - start >= limits.PLAN_INLINE_OPS or _numel(operands.values()) > self.config.offload_numel
+                i - start >= limits.PLAN_INLINE_OPS
+                or _numel(operands.values()) > self.config.offload_numel
+                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            # private when its result is (taint only grows: never less than on arrival)
-            first, *more = self._run(op, operands, bool(run.results[i].taint), entries)
+            first, *more = self._run(op, operands, private, entries)
             values[op.result_id] = first
             for key, value in zip(op.more_ids, more, strict=True):
                 values[key] = value
@@ -293,9 +314,9 @@ class Compute:
             except Exception as e:
                 error = e
         for key, before in versions.items():
-            entry = run.inputs[key]
-            if entry.done.result()._version != before:
-                durable.append(self.store.persist(key if run.ids is None else run.ids[key], entry, entry.done.result()))
+            value = values[key]  # the input tensor the run read (its entry's value)
+            if value._version != before:
+                durable.append(self.store.persist(key if run.ids is None else run.ids[key], run.inputs[key], value))
         if error is not None:
             err = error if isinstance(error, FedptrError) else _remote(error, self.name)
             for _, _, result in run.outputs:
@@ -318,7 +339,7 @@ class Compute:
         failed = Entry.tensor(owner=source)
         failed.sponsor = sponsor
         failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
-        with contextlib.suppress(InvalidArgumentError):
+        with contextlib.suppress(InvalidArgumentError, QuotaExceededError):  # then not found, as failed
             self.store.add(result_id, failed)
 
     def _relayed(

@@ -8,12 +8,18 @@ then computes the value; if it fails for a reason the meta run could not see (a 
 index out of range, an integer division by a private zero), the result is zeros of the meta
 shape instead of an error, so success itself tells nothing. The result stays private either way.
 
+The meta run is a function of public facts only, so its outcome is kept by those facts
+(`_META`: the op, its tensors' shapes and dtypes, every other argument exactly): a private op
+met before with the same signature takes its result's shape and dtype from the table instead
+of a new meta run (tens of µs each). Only successes are kept; a refusal is decided anew.
+
 Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
 stored value never shares memory with another entry behind the policy's back.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,18 +44,36 @@ def check_results(op: str, count: int) -> None:
         raise InvalidArgumentError(f"an operation gives 1 to {limits.MAX_OP_RESULTS} results, not {count}")
 
 
+_warming = threading.Lock()
+_warm = False
+"""Whether this process's meta kernels are loaded (`warm_up`)."""
+
+
+def is_warm() -> bool:
+    """Whether a meta run is cheap now: until `warm_up`, the first one loads sympy (~36 MiB of
+    RSS, ~0.3 CPU seconds) and must not run on the event loop."""
+    return _warm
+
+
 def warm_up() -> None:
-    """Load torch's meta kernels now, before the node registers: the first meta operation in a
-    process takes a second or more, which later, on the event loop, would stall heartbeats (and
-    on a thread would starve the loop of the GIL just as well). Without torch._dynamo: see
-    `_compile_guards_off`."""
-    _compile_guards_off()
-    (torch.empty(1, device="meta") * 2).sum()
+    """Load what torch's Python meta kernels need on their first call (sympy, imported by its
+    dtype promotion rule) without torch._dynamo (see `_compile_guards_off`); safe from any
+    thread, once. A node does it on its offload thread before its first op on private data
+    (nodes/compute.py): an idle node never pays its memory, and heartbeats keep flowing while
+    it loads (the loop's longest stall measured during it: 24-27 ms, the GIL changing hands
+    every 5 ms). The launcher does it before it forks, so forked nodes share it."""
+    global _warm
+    with _warming:
+        if _warm:
+            return
+        _compile_guards_off()
+        (torch.empty(1, device="meta") * 2).sum()
+        _warm = True
 
 
 def _compile_guards_off() -> None:
     """Keep torch's Python meta kernels from importing torch._dynamo (~40 MiB of RSS and ~1.5 CPU
-    seconds at every node start: the bulk of a warmed node's memory beyond torch itself).
+    seconds in every node that runs an op on private data).
 
     torch wraps those kernels (its ``_refs``: ``mul``, ``add``, ``relu``...) in
     ``torch._disable_dynamo``, whose wrapper imports torch._dynamo on its first call to build a
@@ -111,11 +135,52 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
+        warm_up()
     if op == "forward":
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")
         return _meta_forward(args[0], args[1:])
     return kernels.run(op, _meta(args), _meta(kwargs))
+
+
+Signature = tuple[Any, ...]
+Metas = tuple[tuple[torch.Size, torch.dtype], ...]
+"""The shape and dtype of each result of a meta run."""
+
+_META: dict[Signature, Metas] = {}
+"""The meta run's results by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
+
+
+class _Unkeyed(Exception):
+    """An argument the table cannot key exactly (a model: its meta run reads its state)."""
+
+
+def _signature(op: str, args: list[Any], kwargs: dict[str, Any], count: int) -> Signature | None:
+    """Everything the meta run of a call reads (and the results it must give), as a key; None
+    when it reads more (a model)."""
+    try:
+        return (op, count, _key(args), _key(kwargs))
+    except _Unkeyed:
+        return None
+
+
+def _key(value: Any) -> Any:
+    """`value` as the meta run sees it: a tensor by its shape and dtype, any other leaf by its
+    type and value (``1``, ``1.0`` and ``True`` steer torch differently; a float by its bits,
+    so that ``-0.0`` is not ``0.0``)."""
+    t = type(value)
+    if isinstance(value, torch.Tensor):
+        return (torch.Tensor, tuple(value.shape), value.dtype)
+    if t is list:
+        return (list, *[_key(v) for v in value])
+    if t is dict:
+        return (dict, *[(k, _key(v)) for k, v in value.items()])
+    if t is float:
+        return (float, value.hex())
+    if t in (int, bool, str, type(None), torch.dtype, torch.device):
+        return (t, value)
+    raise _Unkeyed
 
 
 def _shares(storage: int, values: Iterable[Any]) -> bool:
@@ -139,6 +204,29 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
     return False
 
 
+def _meta_of(
+    op: str, args: list[Any], kwargs: dict[str, Any], count: int, refuse: Callable[[], Exception]
+) -> Metas | None:
+    """The shapes and dtypes of the `count` results the meta run gives `op` (None for a
+    structural op), from `_META` when this signature ran before; raises `refuse()` when the
+    meta run fails or gives another number of results."""
+    if op in STRUCTURAL:
+        return None
+    signature = _signature(op, args, kwargs, count)
+    known = _META.get(signature) if signature is not None else None
+    if known is not None:
+        return known
+    try:
+        meta = meta_result(op, args, kwargs)
+        assert meta is not None  # only a structural op has none
+        known = tuple((m.shape, m.dtype) for m in kernels.results(meta, count))
+    except Exception:
+        raise refuse() from None
+    if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
+        _META[signature] = known
+    return known
+
+
 def run(
     op: str, args: list[Any], kwargs: dict[str, Any], private: bool, refuse: Callable[[], Exception], count: int = 1
 ) -> tuple[torch.Tensor, ...]:
@@ -147,22 +235,18 @@ def run(
     number of results (a count decided by shapes and arguments, so public). No result aliases an
     operand unless `op` is in `ALIASING`."""
     if private:
-        try:
-            meta = meta_result(op, args, kwargs)
-            metas = None if meta is None else kernels.results(meta, count)
-        except Exception:
-            raise refuse() from None
+        metas = _meta_of(op, args, kwargs, count, refuse)
         try:
             outputs = kernels.results(kernels.run(op, args, kwargs), count)
         except Exception:
             if metas is None:
                 raise refuse() from None
-            outputs = tuple(torch.zeros(m.shape, dtype=m.dtype) for m in metas)
+            outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in metas)
         if metas is not None:
             # a shape that depends on values: zeros of the public shape instead
             outputs = tuple(
-                torch.zeros(m.shape, dtype=m.dtype) if (r.shape != m.shape or r.dtype != m.dtype) else r
-                for r, m in zip(outputs, metas, strict=True)
+                torch.zeros(shape, dtype=dtype) if (r.shape != shape or r.dtype != dtype) else r
+                for r, (shape, dtype) in zip(outputs, metas, strict=True)
             )
     else:
         value = kernels.run(op, args, kwargs)

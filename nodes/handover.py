@@ -261,7 +261,7 @@ class Handover:
         durable = None
         if entry.done.done() and entry.done.exception() is None:
             durable = node.store.persist(new_id, entry, entry.done.result())
-        node.store.taken.pop(obj_id, None)
+        node.store.renamed(obj_id, new_id)
         # the removal is queued after the write of `new_id`: the answer waits for both
         node.reply_durable(node.store.release(obj_id) if durable is not None else None, source, rid, wire.Ok())
 

@@ -1,7 +1,8 @@
 """The node launcher of local clusters: ``python -m fedptr.nodes.launcher``.
 
-It imports torch and the node code once and loads torch's meta kernels, then forks one node per
-request, so N nodes start for about the price of one and share those pages copy-on-write. It
+It imports torch and the node code once, SecAgg's included, and loads torch's meta kernels (a
+plain node loads those two only on first use), then forks one node per request, so N nodes
+start for about the price of one and share those pages copy-on-write. It
 runs no thread, no event loop and no zmq context of its own (it checks it has one thread before
 each fork), so each child starts as clean as a fresh interpreter that did the same imports.
 
@@ -36,7 +37,10 @@ import numpy as np
 import torch
 
 from . import __main__ as node_main
-from . import guard
+from . import (
+    guard,
+    secure,  # noqa: F401  loaded on a plain node's first secure round; here once, shared
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -171,7 +175,8 @@ class Launcher:
 
 
 def main() -> int:
-    guard.warm_up()  # every node does it at start: done once here, shared by all
+    # what a plain node loads on its first private op, loaded once here: forked nodes share it
+    guard.warm_up()
     # Objects made so far live until exit: moved out of the collector's generations, a child's
     # collections never write to (and so never copy) the pages they sit on.
     gc.freeze()

@@ -104,6 +104,7 @@ class Objects:
         if removed:
             log.info("reclaimed %d objects of %d clients that left", len(removed), len(departed))
             self.node.delete_downstream(removed)
+        self.node.scheduler.trim_heap_soon()  # what they held is freed to malloc, not yet to the OS
 
     def clear(self, source: str, rid: bytes, msg: wire.Clear, budget: float) -> None:
         self.node.delete_downstream(self.store.clear(source))

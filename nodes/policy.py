@@ -175,7 +175,7 @@ def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callabl
     keyword, or an aliasing operation whose target is not its first positional argument (a
     stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
     such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)]
+    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)] if kwargs else None
     if writing:
         raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
     if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):

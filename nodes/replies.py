@@ -79,8 +79,11 @@ class ReplyCache:
         return self._replies[key][0]
 
     def finish(self, key: Key, msg: wire.Message) -> None:
-        """Keep `msg` as the answer to `key`; a large one is kept as a refusal of replays."""
-        self._running.discard(key)
+        """Keep `msg` as the answer to `key`; a large one is kept as a refusal of replays. An
+        answer to a peer that left meanwhile (`forget_peers`) is not kept: no replay can come."""
+        if key not in self._running:
+            return
+        self._running.remove(key)
         size = _size(msg)
         if size > self.max_reply_bytes:
             why = "the object was handed over already"
@@ -103,3 +106,4 @@ class ReplyCache:
         """Drop every reply to any of `sources`, in one pass however many leave at once."""
         for key in [k for k in self._replies if k[0] in sources]:
             self._bytes -= self._replies.pop(key)[1]
+        self._running -= {k for k in self._running if k[0] in sources}

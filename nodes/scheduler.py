@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from asyncio_pool import AioPool
 
-from fedptr import limits
+from fedptr import heap, limits
 from fedptr.errors import OverloadedError
 
 T = TypeVar("T")
@@ -42,6 +42,8 @@ class Scheduler:
         self._pool = AioPool(size=pool_size)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="torch")
         self._background: set[asyncio.Task[None]] = set()
+        self._trimming: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def compute_later(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run `coro` in the bounded pool and return its future; past the pool's size, stop
@@ -79,8 +81,21 @@ class Scheduler:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def trim_heap_soon(self) -> None:
+        """Clients left: give the heap's free pages back to the OS a little later
+        (`limits.HEAP_TRIM_DELAY_S`), on the torch thread, off the event loop."""
+        if self._trimming is None and not self._closed:  # departures within the delay share one trim
+            self._trimming = asyncio.get_running_loop().call_later(limits.HEAP_TRIM_DELAY_S, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trimming = None
+        asyncio.get_running_loop().run_in_executor(self._executor, heap.trim)
+
     async def aclose(self) -> None:
         """Cancel waiting work and stop the thread pool."""
+        self._closed = True  # a departure noticed while closing must not schedule onto a stopped pool
+        if self._trimming is not None:
+            self._trimming.cancel()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

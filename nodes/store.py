@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,13 @@ import torch
 from torch import nn
 
 from fedptr import limits
-from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, PermissionDenied, StoreFullError
+from fedptr.errors import (
+    InvalidArgumentError,
+    ObjectNotFoundError,
+    PermissionDenied,
+    QuotaExceededError,
+    StoreFullError,
+)
 from fedptr.tensors import NAME_BY_DTYPE
 from fedptr.wire import ObjectRow, new_object_id
 
@@ -133,7 +140,11 @@ class Store:
     once those futures settled, so every acknowledged change survives a crash of the node.
 
     A hand-over `take`s an entry out (pipelined requests see it gone) but keeps its bytes and
-    files until it is `release`d (the other side holds it) or `put_back` (nothing was handed over)."""
+    files until it is `release`d (the other side holds it) or `put_back` (nothing was handed over).
+
+    Each object counts against the quota of the client that made it (its sponsor, else its
+    owner; a worker's own data against no one's): at most `max_client_objects` objects and
+    `max_client_bytes` tensor bytes (0: no cap) per client, past which QuotaExceededError."""
 
     def __init__(
         self,
@@ -141,6 +152,8 @@ class Store:
         max_bytes: int = 0,
         durable: DurableStore | None = None,
         on_disk_failure: Callable[[str], None] | None = None,
+        max_client_objects: int = limits.CLIENT_MAX_OBJECTS,
+        max_client_bytes: int = limits.CLIENT_MAX_BYTES,
     ) -> None:
         self.node = node
         self.entries: dict[int, Entry] = {}
@@ -156,6 +169,12 @@ class Store:
         self._orphans: set[int] = set()
         """Taken entries deleted meanwhile: a put back drops them instead."""
         self._charged: dict[int, int] = {}
+        self.max_client_objects = max_client_objects
+        self.max_client_bytes = max_client_bytes
+        self._client_of: dict[int, str] = {}
+        """Object id -> the client whose quota it counts against (entries and taken)."""
+        self.objects_of: Counter[str] = Counter()
+        self.bytes_of: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -172,8 +191,10 @@ class Store:
             else:
                 entry = Entry.tensor(stored.value, stored.owner)
                 _restore_privacy(entry, stored.privacy)
-                self._charge(obj_id, stored.value)
             entry.sponsor = stored.sponsor
+            self._count(obj_id, entry)
+            if not isinstance(stored.value, tuple):
+                self._charge(obj_id, stored.value, restoring=True)
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -185,8 +206,46 @@ class Store:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
         if obj_id in self.entries or obj_id in self.taken:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
+        self.admit(entry.sponsor or entry.owner)
+        self._count(obj_id, entry)
         entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
+
+    def admit(self, client: str, count: int = 1) -> None:
+        """Raise QuotaExceededError unless `client` may hold `count` more objects here."""
+        if client != ANYONE and self.objects_of[client] + count > self.max_client_objects:
+            raise QuotaExceededError("", f"{client!r} may hold at most {self.max_client_objects} objects here")
+
+    def _count(self, obj_id: int, entry: Entry) -> None:
+        client = entry.sponsor or entry.owner
+        if client != ANYONE:
+            self._client_of[obj_id] = client
+            self.objects_of[client] += 1
+
+    def _uncount(self, obj_id: int) -> None:
+        """`obj_id` is gone: its object and bytes no longer count against its client's quota."""
+        self.bytes -= self._charged.get(obj_id, 0)
+        client = self._client_of.pop(obj_id, None)
+        if client is not None:
+            self.bytes_of[client] -= self._charged.get(obj_id, 0)
+            self.objects_of[client] -= 1
+            if not self.objects_of[client]:
+                del self.objects_of[client]
+                self.bytes_of.pop(client, None)
+        self._charged.pop(obj_id, None)
+
+    def renamed(self, obj_id: int, new_id: int) -> None:
+        """Taken `obj_id` is now stored as `new_id` (a move to this very node): its charge moves
+        with it, and `obj_id` no longer counts."""
+        self.taken.pop(obj_id, None)
+        nbytes = self._charged.get(obj_id, 0)
+        self._uncount(obj_id)
+        if nbytes:
+            self._charged[new_id] = self._charged.get(new_id, 0) + nbytes
+            self.bytes += nbytes
+            client = self._client_of.get(new_id)
+            if client is not None:
+                self.bytes_of[client] += nbytes
 
     def add_data(self, tag: str, value: torch.Tensor, taint: Taint) -> int:
         """Store a dataset array under a new id: private (`taint`), read-only, pinned, and
@@ -241,12 +300,20 @@ class Store:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
         return self.entries.get(obj_id) is entry or self.taken.get(obj_id) is entry
 
-    def _charge(self, obj_id: int, value: torch.Tensor) -> None:
+    def _charge(self, obj_id: int, value: torch.Tensor, restoring: bool = False) -> None:
+        """Count `value`'s bytes against the store's cap and its client's quota; refused past
+        either (the quota not for what a restart restores: it was acknowledged, it stays)."""
         nbytes = value.numel() * value.element_size()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
+        client = self._client_of.get(obj_id)
+        quota = self.max_client_bytes
+        if client is not None and quota and not restoring and self.bytes_of[client] + nbytes > quota:
+            raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
         self.bytes += nbytes
         self._charged[obj_id] = self._charged.get(obj_id, 0) + nbytes
+        if client is not None:
+            self.bytes_of[client] += nbytes
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`
@@ -279,7 +346,7 @@ class Store:
         """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
         self.taken.pop(obj_id, None)
         self._orphans.discard(obj_id)
-        self.bytes -= self._charged.pop(obj_id, 0)
+        self._uncount(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
     def put_back(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
@@ -301,7 +368,7 @@ class Store:
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
-            self.bytes -= self._charged.pop(obj_id, 0)
+            self._uncount(obj_id)
             if self.wal is not None:
                 self.wal.remove(obj_id)
         return entry

@@ -9,22 +9,39 @@ and checked against a model: every object is in the state of its last acknowledg
 of a change queued after it that was not acknowledged (it may or may not have landed); none
 is lost, none invented, and no crash leaves what loading takes for damage. In-process, no node.
 The model is a process crash (what reached the kernel stays); it does not drop unsynced data.
+
+The same disk, per node, stands under the two-phase hand-overs (the move and the send of a
+pointer) on two real nodes of the in-process harness: each node dies at each of its storage
+calls and before each of its requests and replies, is restarted, and the outcome (resolved with
+`Client.resolve` when in doubt) must leave one owning copy of the value, where the model says
+(see the second half of this file); a move's recovery is crashed again at each of its storage
+calls. A dead node is cut off (it sends nothing more) rather than ended: `fail_stop` is replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
+import itertools
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from fedptr.nodes import durable
+from fedptr.nodes import node as node_module
 from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.node import Node
 from fedptr.nodes.writeahead import WriteAhead
+
+import fedptr
+from fedptr import envelope, limits
+
+from . import harness
 
 State = tuple[Any, Any] | None
 """An object as loading finds it: None (absent), or (value, move record)."""
@@ -53,28 +70,35 @@ class CrashingDisk:
         return True
 
 
+DiskFor = Callable[[], CrashingDisk | None]
+"""The disk of the storage call being made (None: the real one, uncounted)."""
+
+
+def _step(disk_for: DiskFor, what: str) -> None:
+    disk = disk_for()
+    if disk is not None and not disk.step(what):
+        raise Crashed(f"at {what}")
+
+
 class _OS:
     """`os` for nodes/durable.py, with fsync, replace and unlink going through the disk."""
 
-    def __init__(self, disk: CrashingDisk) -> None:
-        self._disk = disk
+    def __init__(self, disk_for: DiskFor) -> None:
+        self._disk_for = disk_for
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
     def fsync(self, fd: int) -> None:
-        if not self._disk.step("fsync"):
-            raise Crashed("at fsync")
+        _step(self._disk_for, "fsync")
         os.fsync(fd)
 
     def replace(self, src: Any, dst: Any) -> None:
-        if not self._disk.step("rename"):
-            raise Crashed("at rename")
+        _step(self._disk_for, "rename")
         os.replace(src, dst)
 
     def unlink(self, path: Any) -> None:
-        if not self._disk.step("unlink"):
-            raise Crashed("at unlink")
+        _step(self._disk_for, "unlink")
         os.unlink(path)
 
 
@@ -102,12 +126,13 @@ class _File:
         return getattr(self._f, name)
 
 
-def _crashing(monkeypatch: pytest.MonkeyPatch, disk: CrashingDisk) -> None:
+def _crashing(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
     def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
-        return _File(f, disk) if "w" in mode else f
+        disk = disk_for()
+        return _File(f, disk) if "w" in mode and disk is not None else f
 
-    monkeypatch.setattr(durable, "os", _OS(disk))
+    monkeypatch.setattr(durable, "os", _OS(disk_for))
     monkeypatch.setattr(durable, "open", opened, raising=False)
 
 
@@ -186,7 +211,7 @@ def _found(stored: durable.Stored) -> State:
 async def _run(tmp: Path, monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[int, list[Change]]:
     disk = CrashingDisk(at)
     with monkeypatch.context() as patched:
-        _crashing(patched, disk)
+        _crashing(patched, lambda: disk)
         wal = WriteAhead(DurableStore(tmp), "bob")
         changes = await _workload(wal)
         await wal.aclose()
@@ -208,3 +233,305 @@ async def test_every_crash_point_of_the_write_ahead_recovers_what_was_acknowledg
             found = _found(loaded[obj_id]) if obj_id in loaded else None
             allowed = _allowed(changes, obj_id)
             assert found in allowed, f"crash at storage call {at}: object {obj_id} is {found}, not one of {allowed}"
+
+
+# --- the move and the send-pointer protocols, on two real nodes -----------------------------
+# A fixed hand-over (bob's object moved to alice, or a pointer to it sent to alice) runs on the
+# in-process harness: real broker, real nodes, real client. The storage calls each node's
+# write-ahead thread makes are counted on their own, and so are the requests and replies it
+# sends; for every call i (or message i) of each node the hand-over runs again and that node dies
+# there: the call fails (a write lands torn), every later one too, and from that instant the node
+# sends nothing (a dead process). It is then restarted on its store directory (as after kill -9;
+# the harness's stop says goodbye, so peers learn of the death at once), the outcome settled
+# (`Client.resolve` for one in doubt) and checked against the model. Each case runs on a fresh
+# object of a value of its own, on one cluster.
+
+HANDOVER_CALL_TIMEOUT_S = 10.0
+"""The client's deadline per call (a crashed node is restarted long before it)."""
+
+QUIET_TIMEOUT_S = 20.0
+"""Seconds the nodes may take to settle a hand-over and write what they queued."""
+
+RESOLVE_TIMEOUT_S = 20.0
+"""Seconds `Client.resolve` may take to tell where an object in doubt is."""
+
+
+class Disks:
+    """A crashing disk per write-ahead thread (one per node, a restarted node's a new one): a dead
+    node's thread keeps its crashed disk, so nothing it still had queued lands after its death."""
+
+    def __init__(self) -> None:
+        self.of: dict[threading.Thread, CrashingDisk] = {}
+
+    def __call__(self) -> CrashingDisk | None:
+        return self.of.get(threading.current_thread())
+
+
+_MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
+"""What a node sends that a hand-over counts on (heartbeats come whenever the clock says)."""
+
+
+class Death:
+    """When a node dies: at its storage call `at` (the disk crashes there: see CrashingDisk), or
+    just before it sends its request or reply number `message` (the disk dies with it); 0: never.
+    From that instant the node sends nothing (a dead process)."""
+
+    def __init__(self, at: int = 0, message: int = 0) -> None:
+        self.disk = CrashingDisk(at)
+        self.message = message
+        self.messages = 0
+
+    def watch(self, node: Node) -> None:
+        """Count and cut what `node` sends: its replies, forwards and heartbeats all leave
+        through its link's `_push_frames` (`forget` puts that back)."""
+        push = node.link._push_frames
+
+        def sent(frames: list[Any]) -> None:
+            if frames[1] in _MESSAGES:
+                self.messages += 1
+                if self.messages == self.message:
+                    self.disk.crashed = True  # storage calls from now on fail
+            if not self.disk.crashed:
+                push(frames)
+
+        node.link._push_frames = sent  # type: ignore[method-assign]
+
+    @staticmethod
+    def forget(node: Node) -> None:
+        del node.link._push_frames
+
+
+async def _quiet(c: harness.InprocCluster) -> None:
+    """Wait until no hand-over is in doubt on either node and all they queued is on disk."""
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        for name in NODES:
+            node = c.node(name)
+            while node.handover.resolving or node.store.taken:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+            barrier = node.store.barrier()
+            if barrier is not None:
+                await barrier
+
+
+NODES = ("bob", "alice")
+
+Protocol = Callable[[harness.InprocCluster, fedptr.Pointer], Awaitable[fedptr.Pointer]]
+
+
+async def _move(c: harness.InprocCluster, x: fedptr.Pointer) -> fedptr.Pointer:
+    return await x.move("alice")
+
+
+async def _send(c: harness.InprocCluster, x: fedptr.Pointer) -> fedptr.Pointer:
+    q = x.send(c.worker("alice"))
+    await q
+    return q
+
+
+def _copies(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tuple[int, str]]]:
+    """Where each node holds a tensor equal to `value` in memory: ``(id, owner)``, taken ones too."""
+    held: dict[str, list[tuple[int, str]]] = {}
+    for name in NODES:
+        store = c.node(name).store
+        held[name] = [
+            (i, e.owner)
+            for i, e in (*store.entries.items(), *store.taken.items())
+            if e.location is None and e.done.done() and torch.equal(e.done.result(), value)
+        ]
+    return held
+
+
+def _pointers_to(c: harness.InprocCluster, x: fedptr.Pointer, on_disk: bool = False) -> list[int]:
+    """The ids of alice's pointers to `x`'s object, in her memory or on her disk."""
+    target = (x.location, x.id_at_location)
+    if on_disk:
+        store = c.node("alice").store.durable
+        assert store is not None
+        return [i for i, s in store._scan()[0].items() if isinstance(s.value, tuple) and s.value == target]
+    return [i for i, e in c.node("alice").store.entries.items() if (e.location, e.remote_id) == target]
+
+
+def _on_disk(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tuple[int, str, Any]]]:
+    """The same on each node's disk (read, not loaded: the node runs): ``(id, owner, move record)``."""
+    held: dict[str, list[tuple[int, str, Any]]] = {}
+    for name in NODES:
+        store = c.node(name).store.durable
+        assert store is not None
+        found, damaged = store._scan()
+        assert not damaged, f"{name}'s store is damaged: {damaged}"
+        held[name] = [
+            (i, s.owner, s.moving)
+            for i, s in found.items()
+            if isinstance(s.value, torch.Tensor) and torch.equal(s.value, value)
+        ]
+    return held
+
+
+Crash = tuple[str, str, int]
+"""Which node dies where: ``(node, "storage" or "message", n)``: at its n-th storage call, or
+just before its n-th request or reply, counted from the start of the phase it dies in."""
+
+Counted = dict[str, tuple[int, int]]
+"""Each node's storage calls and messages (requests and replies) in a phase."""
+
+
+def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[str, Death]:
+    """A phase begins: each node counted, and `crash`'s node dying where it says."""
+    deaths = {name: Death() for name in NODES}
+    if crash is not None:
+        victim, where, n = crash
+        deaths[victim] = Death(at=n) if where == "storage" else Death(message=n)
+    for name, death in deaths.items():
+        node = c.node(name)
+        death.watch(node)
+        assert node.store.wal is not None
+        disks.of[node.store.wal._thread] = death.disk
+    return deaths
+
+
+async def _phase(
+    c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death], work: asyncio.Future[Any], crash: Crash | None
+) -> Counted:
+    """Wait until `work` is done and the nodes are quiet, or a node died; restart the dead one
+    (its new write-ahead thread has no crashing disk until the next `_arm`)."""
+    dead: list[str] = []
+    # the phase lasts until the nodes are quiet too: the writes made after the client heard
+    # (a move record forgotten once the object is back) are crash points as well
+    quiet = asyncio.ensure_future(_quiet_after(c, work))
+    try:
+        async with asyncio.timeout(HANDOVER_CALL_TIMEOUT_S + RESOLVE_TIMEOUT_S + QUIET_TIMEOUT_S):
+            while not quiet.done() and not dead:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+                dead = [name for name, death in deaths.items() if death.disk.crashed]
+    finally:
+        quiet.cancel()  # a dead node is never quiet (its writes fail): it is restarted instead
+        await asyncio.gather(quiet, return_exceptions=True)
+    counted = {name: (death.disk.calls, death.messages) for name, death in deaths.items()}
+    assert (crash is None) == (not dead), f"{crash} never came to pass: {counted}"
+    for name in NODES:
+        if name in dead:
+            await c.restart_node(name)
+        else:
+            Death.forget(c.node(name))
+    return counted
+
+
+async def _quiet_after(c: harness.InprocCluster, work: asyncio.Future[Any]) -> None:
+    await asyncio.wait([work])  # not cancelled with this wait
+    await _quiet(c)
+
+
+async def _settled(
+    client: fedptr.Client, running: asyncio.Future[fedptr.Pointer], x: fedptr.Pointer
+) -> tuple[fedptr.Pointer, str]:
+    """The hand-over's outcome: its pointer (acknowledged), the one `Client.resolve` found, or `x`
+    (it failed for sure), and what it was."""
+    try:
+        return await asyncio.wait_for(running, HANDOVER_CALL_TIMEOUT_S * 2), "acknowledged"
+    except fedptr.InDoubtError as e:
+        result = await client.resolve(e, timeout=RESOLVE_TIMEOUT_S)
+        return result, f"in doubt, resolved to {'alice' if result is not x else 'bob'}"
+    except fedptr.FedptrError as e:
+        return x, f"failed ({type(e).__name__})"
+
+
+async def _handover(
+    c: harness.InprocCluster,
+    disks: Disks,
+    protocol: Protocol,
+    crash: Crash | None,
+    value: torch.Tensor,
+    again: Crash | None = None,
+) -> tuple[Counted, Counted, str]:
+    """Run `protocol` on a fresh object of `value` at bob, with `crash` (None: none), then settle
+    its outcome with `again` (a second death, while the first is recovered from), and check it
+    against the model. Returns what each phase counted and what the outcome was."""
+    client = c.client
+    x = await c.worker("bob").send(value)
+    await _quiet(c)
+    running = asyncio.ensure_future(protocol(c, x))
+    counted = await _phase(c, disks, _arm(c, disks, crash), running, crash)
+    deaths = _arm(c, disks, again)  # the restarted node resumes at once: counted from here
+    settling = asyncio.ensure_future(_settled(client, running, x))
+    recovered = await _phase(c, disks, deaths, settling, again)
+    result, outcome = await settling
+    acknowledged = outcome == "acknowledged"
+    await _quiet(c)
+    where = f"{protocol.__name__} with {crash}, then {again}: {outcome}"
+    if acknowledged:  # never undone: the hand-over's pointer holds the object
+        assert result is not x, where
+    if result is x:  # reported failed (or resolved back): the source still holds it, for the caller
+        assert x.owned and not x.in_doubt, where
+        owners = {"bob": [(x.id_at_location, client.name)], "alice": []}
+    elif protocol is _move:  # the one copy is at alice, under the new pointer
+        assert result.location == "alice" and result.owned and not x.owned, where
+        owners = {"bob": [], "alice": [(result.id_at_location, client.name)]}
+    else:  # the copy stays at bob, now alice's, whose pointer the client holds
+        assert result.location == "alice" and result.owned and not x.owned, where
+        owners = {"bob": [(x.id_at_location, "alice")], "alice": []}
+        pointer = c.node("alice").store.entries.get(result.id_at_location)
+        assert pointer is not None and (pointer.location, pointer.remote_id) == ("bob", x.id_at_location), where
+        assert pointer.owner == client.name, where
+    if protocol is _send:
+        # No other pointer to the object at alice. A failed send's pointer there is deleted by
+        # the client; if alice was down, that delete is owed and sent once she answers again.
+        pointers = [] if result is x else [result.id_at_location]
+        await c.worker("alice").objects()
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            while _pointers_to(c, x) != pointers:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+        await _quiet(c)
+        assert _pointers_to(c, x, on_disk=True) == pointers, where
+    assert _copies(c, value) == owners, f"{where}: in memory {_copies(c, value)}, not {owners}"
+    on_disk = {name: [(i, owner, None) for i, owner in held] for name, held in owners.items()}
+    assert _on_disk(c, value) == on_disk, f"{where}: on disk {_on_disk(c, value)}, not {on_disk}"
+    # the case's object goes now, not whenever its pointers are collected (a traceback may hold
+    # them): its deletion must not count among the next case's storage calls
+    for p in (x, result):
+        p.owned = False
+    client.release(result.location, result.id_at_location)  # a pointer's delete cascades to bob
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while any(_copies(c, value).values()) or _pointers_to(c, x):
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+    await _quiet(c)
+    return counted, recovered, outcome
+
+
+def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
+    """Every crash point of a phase: each node's storage calls, then its messages."""
+    points: list[Crash] = []
+    for name in NODES:
+        calls, messages = counted[name]
+        points += [(name, "storage", n) for n in range(1, calls + 1)]
+        points += [] if storage_only else [(name, "message", n) for n in range(1, messages + 1)]
+    return points
+
+
+# `twice`: a second death at each storage call of the recovery from the first. A move recovers
+# on the nodes (a restarted source resumes from its move record; either source asks the
+# destination, then puts back or forgets): new code, so it is enumerated too. A send recovers
+# on the client, by granting again (a death there is a death during the grant, enumerated once)
+# or by deleting the pointer left at alice (a removal: the write-ahead's enumeration above);
+# when that delete goes out depends on when the client hears from alice, so it is not counted.
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("protocol", "twice"), [(_move, True), (_send, False)], ids=["move", "send-pointer"])
+async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning_copy(
+    protocol: Protocol, twice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
+    monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # settles in doubt sooner: the cases are many
+    disks = Disks()
+    _crashing(monkeypatch, disks)
+    values = (torch.full((4,), float(k)) for k in itertools.count())
+    outcomes: collections.Counter[str] = collections.Counter()
+    async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S) as c:
+        counted, _, _ = await _handover(c, disks, protocol, None, next(values))
+        assert all(calls and messages for calls, messages in counted.values()), counted
+        for crash in _points(counted):
+            _, recovered, outcome = await _handover(c, disks, protocol, crash, next(values))
+            outcomes[f"{crash[0]} {crash[1]}: {outcome}"] += 1
+            # and a second death, at each storage call made while recovering from the first
+            for again in _points(recovered, storage_only=True) if twice else []:
+                _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
+                outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
+    print(f"{protocol.__name__}: counted {counted}; {sum(outcomes.values())} crashes, outcomes {dict(outcomes)}")

@@ -11,6 +11,7 @@ import re
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -107,6 +108,45 @@ def test_guard_refuses_a_private_size_and_hides_a_data_dependent_failure() -> No
     source = torch.arange(4.0)
     (view,) = guard.run("view", [source, 2, 2], {}, False, lambda: refusal)
     assert view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()  # a copy, not an alias
+
+
+def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private op whose public facts (op, shapes, dtypes, other arguments) were met before
+    takes its meta result from the table; anything that differs in those facts, even only in
+    an argument's type, runs on the meta device again, and a refusal is never kept."""
+    monkeypatch.setattr(guard, "_META", {})
+    runs: list[str] = []
+    meta_result = guard.meta_result
+
+    def counted(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+        runs.append(op)
+        return meta_result(op, args, kwargs)
+
+    monkeypatch.setattr(guard, "meta_result", counted)
+    refusal = refuse_op(Taint({"bob": frozenset()}), "narrow", [[5]])
+
+    def private(op: str, *args: Any) -> torch.Tensor:
+        [result] = guard.run(op, list(args), {}, True, lambda: refusal)
+        return result
+
+    assert torch.equal(private("add", torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(private("add", torch.zeros(3), torch.ones(3)), torch.ones(3))  # other values
+    assert len(runs) == 1
+    assert private("add", torch.ones(4), torch.ones(4)).shape == (4,)  # another shape
+    assert private("add", torch.ones(4), 1).dtype == torch.float32
+    assert private("add", torch.ones(4, dtype=torch.int64), 1).dtype == torch.int64  # another dtype
+    assert private("add", torch.ones(4, dtype=torch.int64), 1.0).dtype == torch.float32  # 1.0 is not 1
+    assert private("add", torch.ones(4, dtype=torch.int64), True).dtype == torch.int64
+    assert len(runs) == 6
+    assert torch.equal(private("narrow", torch.arange(5.0), 0, 0, 2), torch.arange(2.0))  # a public size
+    for _ in range(2):  # the same op with a private size: refused, each time
+        with pytest.raises(fedptr.PermissionDenied):
+            private("narrow", torch.arange(5.0), 0, 0, torch.tensor([2]))
+    assert len(runs) == 9
+    model = torch.nn.Linear(2, 1)
+    for _ in range(2):  # a model's meta run reads its state: never kept
+        assert private("forward", model, torch.ones(1, 2)).shape == (1, 1)
+    assert len(runs) == 11
 
 
 def test_release_kinds() -> None:

@@ -217,6 +217,19 @@ def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() 
     assert len(cache) == 0 and cache.nbytes == 0
 
 
+def test_reply_cache_keeps_no_answer_to_a_peer_that_left() -> None:
+    """A request still running, or queued behind its client's computations, when that client's
+    session ended is answered after `forget_peer`: no replay can come, so the answer is not kept
+    (it was, until 10,000 entries of departed clients' failures filled the cache, issue 19 cause 6)."""
+    cache = ReplyCache("bob")
+    key = ("gone", b"\1" * 8)
+    assert cache.begin(key) is Seen.NEW
+    cache.forget_peer("gone")
+    cache.finish(key, wire.Failure(wire.FailureCode.NOT_FOUND.value, "", "no object 7", "bob", ["bob"]))
+    assert len(cache) == 0
+    assert cache.begin(key) is Seen.NEW  # the name registered again: a new session, nothing remembered
+
+
 # --- on a cluster ----------------------------------------------------------------------------
 @pytest_asyncio.fixture(loop_scope="function")
 async def stored(tmp_path: Path) -> AsyncIterator[fedptr.Cluster]:

@@ -11,8 +11,10 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_asyncio
 import torch
@@ -237,3 +239,27 @@ async def test_stopped_broker_gives_typed_errors_then_everyone_recovers(cluster:
     cluster.signal("broker", signal.SIGCONT)
     assert await eventually(lambda: _all_registered(client), timeout=10)
     assert torch.equal(await (x + 1).get(), torch.arange(4.0) + 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_cold_nodes_first_private_op_keeps_its_heartbeats(tmp_path: Path) -> None:
+    """A node started as its own process (not forked from the warm launcher) loads torch's meta
+    kernels only for its first op on private data (~0.3-0.6 s of imports): on its offload
+    thread, so its 100 ms heartbeats go on, the broker never declares it lost, and the op
+    succeeds. Loaded on the event loop, they stall the beats past the 300 ms liveness."""
+    np.savez(tmp_path / "d.npz", x=np.arange(4.0))
+    async with fedptr.local_cluster(
+        ["bob"],
+        fork=False,
+        call_timeout=CALL_TIMEOUT_S,
+        heartbeat_s=BEAT_S,
+        liveness=LIVENESS,
+        data={"bob": {"d": tmp_path / "d.npz"}},
+        node_args={"bob": ["--release", "exact"]},
+    ) as c:
+        (x,) = await c.client.worker("bob").search("d")
+        checker = Checker()
+        result = await checker.call("the first private op", (x + 1).get())
+        checker.check()
+        assert isinstance(result, torch.Tensor), result
+        assert torch.equal(result, torch.arange(4.0, dtype=torch.float64) + 1)

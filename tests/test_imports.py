@@ -3,8 +3,9 @@
 * the wire, envelope and session modules import no zmq, asyncio or torch (sans-IO);
 * the broker imports no torch;
 * nodes never import the client, and the client never imports nodes or the broker;
-* at run time, a node loads no Opacus until it runs a DP mechanism, a warmed-up node no
-  torch._dynamo (torch.compile's ~40 MiB), and `fedptr --help` no torch.
+* at run time, a node loads no Opacus until it runs a DP mechanism, its meta runs no
+  torch._dynamo (torch.compile's ~40 MiB), an idle node none of `LAZY`, and `fedptr --help`
+  no torch.
 """
 
 from __future__ import annotations
@@ -134,13 +135,15 @@ def test_a_node_loads_opacus_only_for_dp() -> None:
 
 
 @pytest.mark.slow  # a fresh interpreter that imports torch
-def test_a_warmed_up_node_loads_no_dynamo() -> None:
-    """A node's start (its meta kernels loaded, and a meta run of the ops a client uses most)
-    leaves torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
+def test_a_nodes_meta_runs_load_no_dynamo() -> None:
+    """A cold node's meta runs (the ops a client uses most, and a model's forward as DP-SGD's
+    check runs it: each calls `guard.meta_result` first, which loads the meta kernels) leave
+    torch.compile's machinery unloaded: ~40 MiB and ~1.5 CPU seconds per node."""
     loaded = _modules_after(
         "import torch\n"
         "from fedptr.nodes import guard\n"
-        "guard.warm_up()\n"
+        "forward = guard.meta_result('forward', [torch.nn.Linear(3, 2), torch.ones(4, 3)], {})\n"
+        "assert forward.device.type == 'meta' and forward.shape == (4, 2)\n"
         "m = torch.ones(3, 3)\n"
         "for op in ('mul', 'add', 'sub', 'matmul', 'relu', 'sum', 'mean', 'exp'):\n"
         "    args = [m] if op in ('relu', 'sum', 'mean', 'exp') else [m, m]\n"
@@ -163,3 +166,61 @@ def test_the_cli_help_and_the_broker_load_no_torch() -> None:
     )
     assert "typer" in loaded
     assert "torch" not in loaded
+
+
+LAZY = ("sympy", "cryptography", "prometheus_client", "fedptr.nodes.secure", "fedptr.nodes.secagg")
+"""What an idle node must not have loaded: the meta kernels' sympy (~36 MiB), SecAgg with
+`cryptography` (~8 MiB), the metrics endpoint's client (~1.4 MiB)."""
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch
+def test_an_idle_node_loads_what_it_does_not_use_only_on_first_use(tmp_path: Path) -> None:
+    """A started node, its private data loaded, has none of `LAZY` (no
+    client in the process yet: the library's own meta inference loads sympy); its first op on
+    private data loads the meta kernels on the offload thread, not the event loop, and is right."""
+    probe = f"""
+import asyncio, sys, threading
+import numpy as np
+import torch
+from fedptr.nodes import guard
+from fedptr.nodes.node import NodeConfig
+from tests.harness import InprocCluster
+
+warmed_on = []
+real_warm_up = guard.warm_up
+def recording_warm_up():
+    warmed_on.append(threading.current_thread().name)
+    real_warm_up()
+guard.warm_up = recording_warm_up
+
+async def main():
+    np.savez("{tmp_path}/d.npz", x=np.arange(4.0))
+    config = NodeConfig(data={{"d": "{tmp_path}/d.npz"}}, release_exact=True)
+    shell = InprocCluster("inproc://lazy", {{"bob": config}}, 1.0, 3, 30.0)
+    shell.start_broker()
+    try:
+        await shell.start_node("bob")
+        loaded = sorted(m for m in {LAZY!r} if m in sys.modules)
+        assert not loaded and not guard.is_warm() and not warmed_on, (loaded, warmed_on)
+        async with shell.connect() as client:
+            (x,) = await client.worker("bob").search("d")
+            assert torch.equal(await (x + 1).get(), torch.arange(4.0, dtype=torch.float64) + 1)
+        assert guard.is_warm() and warmed_on and threading.main_thread().name not in warmed_on, warmed_on
+    finally:
+        await shell._stop_all()
+    print("ok")
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr[-3000:]
+
+
+def test_the_node_routes_to_its_lazy_secure_handlers_exactly_what_they_handle() -> None:
+    """nodes/node.py names the requests nodes/secure.py handles without importing it
+    (`SECURE_REQUESTS`): the two lists must not drift apart."""
+    from fedptr.nodes.node import SECURE_REQUESTS
+    from fedptr.nodes.secure import SecureRounds
+
+    unbuilt = SecureRounds.__new__(SecureRounds)  # handlers() reads no state: no node needed
+    assert unbuilt.handlers().keys() == set(SECURE_REQUESTS)

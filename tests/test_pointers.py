@@ -239,6 +239,25 @@ async def test_64_mib_tensor(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     assert torch.equal(back, x)  # type: ignore[arg-type]
 
 
+async def test_a_pointer_sent_without_awaiting_is_usable_at_once(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    # sending a pointer is two-phase and runs client-side: what names the new pointer (an op, its
+    # results, an in-place update, a get) must reach alice only after she stores it
+    p = await bob.send(torch.arange(4.0))
+    q = p.send(alice)  # not awaited
+    total = (q * 2).sum()
+    v, i = q.max(dim=0)
+    q.add_(1)
+    at_bob = await total.get()
+    assert isinstance(at_bob, fedptr.Pointer) and at_bob.location == "bob"
+    assert torch.equal(await at_bob.get(), torch.tensor(12.0))
+    assert [await (await r.get()).get() for r in (v, i)] == [torch.tensor(3.0), torch.tensor(3)]
+    assert torch.equal(await (await q.get()).get(), torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    failed = (await bob.send(torch.ones(1))).send("ghost")  # the send fails: so does what uses it
+    with pytest.raises(fedptr.UnknownWorkerError):
+        await (failed + 1)
+    failed.owned = False  # nothing was stored there: nothing to delete
+
+
 async def test_clear_deletes_down_the_chain(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     p = await (await bob.send(torch.ones(2))).send(alice)
     p.owned = False  # clear() below deletes it; the pointer must not delete twice

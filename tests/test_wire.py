@@ -125,6 +125,26 @@ def test_missing_fields_take_defaults_or_fail() -> None:
         wire.decode([msgpack.packb([wire.Move.KIND, 0, 1])])
 
 
+@pytest.mark.parametrize("reply", [wire.Ok(), wire.Ok([4], "float32"), wire.Ok([2, 0, 3], "int64")], ids=repr)
+def test_an_ok_reply_encodes_the_same_from_the_table(reply: wire.Ok) -> None:
+    """Replies are encoded once per shape and dtype (`wire._OK_HEADERS`): the stored encoding is
+    the message's own, every time, and decodes to it."""
+    first, again = wire.encode(reply), wire.encode(wire.Ok(list(reply.shape), reply.dtype))
+    assert first == again == [msgpack.packb([wire.Ok.KIND, 0, reply.shape, reply.dtype, []])]
+    assert wire.decode(again).message == reply
+    assert wire.encode(wire.Ok([4], "float64")) != wire.encode(wire.Ok([4], "float32"))
+    several = wire.Ok(list(reply.shape), reply.dtype, [[[3], "int64"]])  # never from the table
+    assert wire.decode(wire.encode(several)).message == several
+
+
+def test_the_ok_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "_OK_HEADERS", {})
+    monkeypatch.setattr(limits, "OK_HEADER_TABLE_SIZE", 2)
+    for n in range(5):
+        assert wire.decode(wire.encode(wire.Ok([n], "float32"))).message == wire.Ok([n], "float32")
+    assert len(wire._OK_HEADERS) == 2
+
+
 def test_an_empty_view_with_a_wide_stride_travels() -> None:
     """x[:0, 0] of a 2x2 tensor is empty with stride 2: its bytes could not be viewed as uint8
     (found by test_indexing_matches_torch on the in-process harness)."""

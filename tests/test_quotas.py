@@ -1,0 +1,95 @@
+"""Per-client quotas on a node (issue 19): the objects a client holds, their bytes, and its
+requests queued behind its computations. Past its quota a client's request is refused with
+`QuotaExceededError` naming the worker; other clients are not affected, and what the client
+deletes, or leaves behind when its session ends, no longer counts. On the in-process harness
+(the real broker and node code)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import torch
+from fedptr.nodes.node import Node, NodeConfig
+
+import fedptr
+from fedptr import limits
+from tests.conftest import eventually
+
+from . import harness
+
+QUOTA_OBJECTS = 5
+QUOTA_BYTES = 4096
+"""(Objects: a count; bytes: tensor bytes.)"""
+
+
+async def test_a_client_past_its_objects_is_refused_and_others_are_not() -> None:
+    config = NodeConfig(max_client_objects=QUOTA_OBJECTS)
+    async with harness.cluster(["bob"], configs={"bob": config}) as c:
+        node = c.node("bob")
+        async with c.connect() as greedy:
+            bob = greedy.worker("bob")
+            held = [await bob.send(torch.ones(2)) for _ in range(QUOTA_OBJECTS)]
+            with pytest.raises(fedptr.QuotaExceededError) as refused:
+                await bob.send(torch.ones(2))
+            assert refused.value.worker == "bob" and str(QUOTA_OBJECTS) in refused.value.detail
+            with pytest.raises(fedptr.QuotaExceededError):
+                await (held[0] + 1)  # an operation's result is an object too
+            # another client has its own quota
+            others = [await c.worker("bob").send(torch.ones(2)) for _ in range(QUOTA_OBJECTS)]
+            assert len(others) == QUOTA_OBJECTS
+            # a deletion gives the room back
+            held.pop()
+            assert await eventually(_within(node, greedy.name, QUOTA_OBJECTS - 1, 1 << 30))
+            held.append(await bob.send(torch.ones(2)))
+            assert torch.equal(await held[-1].get(), torch.ones(2))
+            name = greedy.name
+        # the session ended: what it left behind no longer counts
+        assert await eventually(_within(node, name, 0, 0))
+
+
+async def test_a_client_past_its_bytes_is_refused_and_others_are_not() -> None:
+    config = NodeConfig(max_client_bytes=QUOTA_BYTES)
+    async with harness.cluster(["bob"], configs={"bob": config}) as c:
+        node = c.node("bob")
+        async with c.connect() as greedy:
+            bob = greedy.worker("bob")
+            x = await bob.send(torch.zeros(QUOTA_BYTES // 8))  # half the quota
+            y = await (x + 1)  # the other half
+            with pytest.raises(fedptr.QuotaExceededError) as refused:
+                await (x * 2)
+            assert str(QUOTA_BYTES) in refused.value.detail
+            assert node.store.bytes_of[greedy.name] == QUOTA_BYTES
+            big = await c.worker("bob").send(torch.zeros(QUOTA_BYTES // 4))  # another client's bytes
+            assert torch.equal(await big.get(), torch.zeros(QUOTA_BYTES // 4))
+            del y
+            assert await eventually(_within(node, greedy.name, QUOTA_OBJECTS, QUOTA_BYTES // 2))
+            assert torch.equal(await (x * 2).get(), torch.zeros(QUOTA_BYTES // 8))
+
+
+async def test_a_client_past_its_queued_requests_is_refused_and_others_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queued = 8
+    monkeypatch.setattr(limits, "CLIENT_MAX_QUEUED_REQUESTS", queued)
+    config = NodeConfig(offload_numel=0)  # every op is deferred: the requests behind it wait
+    async with harness.cluster(["bob"], configs={"bob": config}) as c, c.connect() as greedy:
+        x = await greedy.worker("bob").send(torch.ones(4))
+        results = [x + float(i) for i in range(10 * queued)]
+        outcomes = await asyncio.gather(*results, return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, fedptr.QuotaExceededError)]
+        assert refused, "no request was refused"
+        assert all(o is r or isinstance(o, fedptr.QuotaExceededError) for o, r in zip(outcomes, results, strict=True))
+        # another client, meanwhile, is served
+        assert torch.equal(await (await c.worker("bob").send(torch.ones(2)) + 1).get(), 2 * torch.ones(2))
+
+
+def _within(node: Node, client: str, objects: int, nbytes: int) -> Callable[[], Awaitable[bool]]:
+    """A condition for `eventually`: `client` holds at most `objects` objects of `nbytes` bytes
+    in `node`'s quota accounting (deletes travel unanswered, so they land a little later)."""
+
+    async def holds() -> bool:
+        return node.store.objects_of[client] <= objects and node.store.bytes_of[client] <= nbytes
+
+    return holds
