@@ -61,7 +61,11 @@ class Scheduler:
             self._resume()
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on a worker thread, off the event loop."""
+        """`fn(*args)` on a worker thread, off the event loop. Raises OverloadedError once the
+        node is stopping (its pool takes no new work: torch's RuntimeError would reach the peer
+        untyped)."""
+        if self._closed:
+            raise OverloadedError(self.here, "the node is stopping")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_error: Callable[[Exception], None]) -> None:
@@ -96,6 +100,7 @@ class Scheduler:
         self._closed = True  # a departure noticed while closing must not schedule onto a stopped pool
         if self._trimming is not None:
             self._trimming.cancel()
+            self._trimming = None
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from fedptr.nodes.node import NodeConfig
+from fedptr.nodes.scheduler import Scheduler
 
 import fedptr
+from fedptr.errors import OverloadedError
 
 from . import harness
 
@@ -38,3 +40,16 @@ async def test_an_in_place_write_whose_result_cannot_be_stored_still_reaches_the
         await c.restart_node("bob")
         restored = c.node("bob").store.entries[x.id_at_location].done.result()
         assert torch.equal(restored, in_memory)  # what a restart serves is what was served
+
+
+async def test_a_stopping_nodes_scheduler_refuses_new_work_typed() -> None:
+    # a request still in flight while its node stops (a SecAgg+ owner stopped mid-round) used
+    # to reach its peer as torch's untyped "cannot schedule new futures after shutdown"
+    scheduler = Scheduler("bob", lambda: None, lambda: None)
+    assert await scheduler.offload(sum, [1, 2]) == 3
+    scheduler.trim_heap_soon()
+    await scheduler.aclose()
+    with pytest.raises(OverloadedError, match="stopping"):
+        await scheduler.offload(sum, [1, 2])
+    scheduler.trim_heap_soon()  # a departure noticed while stopping schedules nothing
+    assert scheduler._trimming is None
