@@ -248,11 +248,11 @@ class Worker:
         await self._client.call(self.name, wire.Clear())
 
 
-def _unchanged(
-    fut: asyncio.Future[wire.Message], tensor: torch.Tensor, version: int, discard: Callable[[], None]
+def _then(
+    fut: asyncio.Future[wire.Message], check: Callable[[wire.Message], wire.Message]
 ) -> asyncio.Future[wire.Message]:
-    """`fut`, failing with UsageError (after `discard` of what was stored) if `tensor` was
-    changed in place before `fut` succeeded."""
+    """A future settled as `fut` is: cancelled or failed alike, else with `check(result)`, or
+    with the FedptrError `check` raised."""
     out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
 
     def settled(f: asyncio.Future[wire.Message]) -> None:
@@ -260,37 +260,43 @@ def _unchanged(
             out.cancel()
         elif f.exception() is not None:
             out.set_exception(f.exception())  # type: ignore[arg-type]
-        elif tensor._version != version:
-            discard()
-            out.set_exception(UsageError("the tensor was changed in place while it was being sent: send it again"))
         else:
-            out.set_result(f.result())
+            try:
+                out.set_result(check(f.result()))
+            except FedptrError as e:
+                out.set_exception(e)
 
     fut.add_done_callback(settled)
     return out
 
 
+def _unchanged(
+    fut: asyncio.Future[wire.Message], tensor: torch.Tensor, version: int, discard: Callable[[], None]
+) -> asyncio.Future[wire.Message]:
+    """`fut`, failing with UsageError (after `discard` of what was stored) if `tensor` was
+    changed in place before `fut` succeeded."""
+
+    def check(reply: wire.Message) -> wire.Message:
+        if tensor._version != version:
+            discard()
+            raise UsageError("the tensor was changed in place while it was being sent: send it again")
+        return reply
+
+    return _then(fut, check)
+
+
 def _nth_result(done: asyncio.Future[wire.Message], k: int) -> asyncio.Future[wire.Message]:
     """Result `k` (from 1)'s share of the reply to an op with several results: an Ok with its
     shape and dtype (the reply's `more`), or the op's error."""
-    out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
 
-    def settled(f: asyncio.Future[wire.Message]) -> None:
-        if f.cancelled():
-            out.cancel()
-        elif f.exception() is not None:
-            out.set_exception(f.exception())  # type: ignore[arg-type]
-        else:
-            reply = f.result()
-            described = reply.more[k - 1] if isinstance(reply, wire.Ok) and k <= len(reply.more) else None
-            shape, dtype = described if type(described) is list and len(described) == 2 else (None, None)
-            if type(shape) is not list or not isinstance(dtype, str):
-                out.set_exception(ProtocolError(f"the reply describes no result {k}: {reply!r:.80}"))
-                return
-            out.set_result(wire.Ok([d for d in shape if type(d) is int], dtype))
+    def check(reply: wire.Message) -> wire.Message:
+        described = reply.more[k - 1] if isinstance(reply, wire.Ok) and k <= len(reply.more) else None
+        shape, dtype = described if type(described) is list and len(described) == 2 else (None, None)
+        if type(shape) is not list or not isinstance(dtype, str):
+            raise ProtocolError(f"the reply describes no result {k}: {reply!r:.80}")
+        return wire.Ok([d for d in shape if type(d) is int], dtype)
 
-    done.add_done_callback(settled)
-    return out
+    return _then(done, check)
 
 
 class Client:
