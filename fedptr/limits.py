@@ -86,6 +86,10 @@ this long before it is tried again."""
 DIRECT_MAX_KEYS = 1_024
 """Most peers' keys a worker's direct data socket admits at once (the oldest is forgotten)."""
 
+DIRECT_SEAL_OVERHEAD_BYTES = 1 << 16
+"""Bytes a sealed direct-path message may add to its chunk (its envelope, 16 bytes of tag), 64 KiB:
+with `STREAM_CHUNK_BYTES`, the largest frame a direct data socket reads (anyone may connect to it)."""
+
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
 
