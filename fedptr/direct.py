@@ -383,6 +383,13 @@ class DirectPaths:
             lane.opened.cancel()
 
     # --- both ----------------------------------------------------------------------------
+    def ready(self, peer: bytes, command: bytes) -> bool:
+        """Whether chunks of a `command` (REQUEST or REPLY) for `peer` have a path now."""
+        if command == envelope.REQUEST:
+            lane = self._lanes.get(peer)
+            return lane is not None and lane.ready
+        return command == envelope.REPLY and peer in self._routes
+
     def send(self, peer: bytes, command: bytes, frames: list[Any]) -> bool:
         """Send a chunk of a `command` (REQUEST or REPLY) for `peer` directly; False when no
         path takes it (the caller sends it through the broker). Requests' chunks take our

@@ -124,6 +124,20 @@ async def test_send_get_and_move_take_the_direct_path(secure: fedptr.Cluster) ->
 
 
 @MODULE_LOOP
+async def test_a_1_mib_buffer_takes_an_open_path_but_for_a_small_first_chunk(secure: fedptr.Cluster) -> None:
+    """Under the broker's streaming threshold, a buffer still streams when a path is open: only
+    its first 4 KiB pay the broker's two CURVE hops."""
+    await path_to(secure, "bob")
+    direct = paths(secure)
+    sent, received = direct.bytes_sent, direct.bytes_received
+    t = torch.randn(MIB // 4)
+    p = await secure.client.worker("bob").send(t)
+    assert direct.bytes_sent - sent >= MIB - 4096
+    assert torch.equal(await p.get(), t)
+    assert direct.bytes_received - received >= MIB - 4096
+
+
+@MODULE_LOOP
 async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_the_broker(
     secure: fedptr.Cluster,
 ) -> None:
