@@ -152,8 +152,11 @@ def _channel(peer_key: bytes, own_secret: bytes, their_public: bytes, connecting
 
     if len(their_public) != 40 or len(own_secret) != 40:
         raise ValueError("not a z85 key")
-    mine = X25519PrivateKey.from_private_bytes(z85.decode(own_secret))
-    shared = mine.exchange(X25519PublicKey.from_public_bytes(z85.decode(their_public)))
+    try:
+        mine = X25519PrivateKey.from_private_bytes(z85.decode(own_secret))
+        shared = mine.exchange(X25519PublicKey.from_public_bytes(z85.decode(their_public)))
+    except KeyError as e:  # z85.decode's answer to a character outside its alphabet
+        raise ValueError("not a z85 key") from e
     worker_key = their_public if connecting else z85.encode(mine.public_key().public_bytes_raw())
     hkdf = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=_KDF_INFO + peer_key + worker_key)
     keys = hkdf.derive(shared)

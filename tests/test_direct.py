@@ -154,7 +154,7 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
     try:
         async with asyncio.timeout(15):
             await sock.send_multipart(_channel(stranger_public, stranger_secret, ticket.key, True).seal(GREETING))
-            # alice's public key is no secret (the broker relayed it): sealing under it needs her secret key
+            # the offered public key is no secret (the broker relayed it): sealing under it needs its secret
             await sock.send_multipart(_channel(public, stranger_secret, ticket.key, True).seal(GREETING))
             ours = _channel(public, secret, ticket.key, True)
             await sock.send_multipart(ours.seal(GREETING))
@@ -165,6 +165,8 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
         assert opened is not None and opened[1] == envelope.HEARTBEAT
     finally:
         sock.close(linger=0)
+    for malformed in (b"~" * 40, b"0" * 40, public[:39]):  # outside z85, a low-order point, short
+        assert await secure.client._link.request("bob", wire.DirectOffer(malformed), 10) == wire.DirectTicket("", b"")
 
 
 # --- the path's sealing, against a real data socket in this process -------------------------
