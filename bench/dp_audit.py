@@ -43,9 +43,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import secrets
 import tempfile
 import time
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,9 +353,8 @@ class Dropouts:
     def before(self, asked: Sequence[str]) -> tuple[set[str], set[str], set[str]]:
         """Who drops before advertising, before sharing keys, and before the masked input."""
         order = [o for o in reversed(asked) if o != SA_TARGET]
-        cuts = np.cumsum([0, self.advertise, self.share_keys, self.masked_input])
-        advertise, share_keys, masked_input = (set(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
-        return advertise, share_keys, masked_input
+        a, s = self.advertise, self.advertise + self.share_keys
+        return set(order[:a]), set(order[a:s]), set(order[s : s + self.masked_input])
 
 
 def secagg_round(
