@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedptr.nodes import audit, budget, mechanisms
 from fedptr.nodes import secagg as sa
 from hypothesis import HealthCheck, given, settings
@@ -268,6 +269,47 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
         except OverflowError:
             recovered.append(False)
     assert not all(recovered)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="no consistency round: owners do not check that they were all told the same survivors "
+    "(docs/PRIVACY.md, Limits); a fix makes this pass, and then the mark goes",
+)
+def test_an_aggregator_that_tells_each_owner_a_different_story_cannot_unmask_one_owner() -> None:
+    """Each owner w is told that only the victim and w survived and all the others dropped. Each
+    answers once, never gives both kinds of share of one peer, and sees at least m survivors;
+    yet together the answers hold the victim's self-mask seed and every neighbour's mask key,
+    which strip the victim's masked input down to its value plus its own noise share alone
+    (here none). No owner colludes. Bonawitz et al.'s consistency round (the owners sign the
+    survivor set and check each other's signatures before unmasking) is what stops this."""
+    cfg = config(8, threshold=0, dim=8)  # the default graph of 8 owners: complete, k = 7, t = 4
+    values = inputs(cfg, seed=3)
+    owners, _, masked = masked_round(cfg, values)
+    victim = "owner00"
+    shares: dict[tuple[str, str], dict[int, int]] = {}
+    for w in cfg.owners[1:]:
+        story = sa.UnmaskRequest(frozenset({victim, w}), frozenset(cfg.owners) - {victim, w})
+        try:
+            given = owners[w].unmask(story)
+        except PermissionDenied:
+            continue
+        for peer, (kind, value) in given.items():
+            shares.setdefault((peer, kind), {})[cfg.index(w)] = value
+
+    def secret(peer: str, kind: str) -> bytes:
+        return sa.reconstruct(dict(sorted(shares[peer, kind].items())[: cfg.threshold]))
+
+    ring = np.uint64((1 << cfg.ring_bits) - 1)
+    try:
+        y = (masked[victim] - sa.prg(secret(victim, sa.SELF), cfg)) & ring
+        for h in cfg.neighbours(victim):
+            key = X25519PrivateKey.from_private_bytes(secret(h, sa.KEY))
+            y = (y + sa._pair_mask(key, owners[victim].public_keys.mask, h, victim, cfg)) & ring
+    except (KeyError, OverflowError):
+        return  # too few shares of some secret: the owners refused enough of the stories
+    assert not np.allclose(sa.decode(y, cfg), values[victim], atol=1e-6)
 
 
 def test_an_owner_refuses_a_round_it_is_not_in() -> None:
