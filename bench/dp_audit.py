@@ -1,4 +1,4 @@
-"""Empirical differential-privacy audit of fedptr's two mechanisms: ``python bench/dp_audit.py``.
+"""Empirical differential-privacy audit of M1, M2 and SecAgg+: ``python bench/dp_audit.py``.
 
 In the manner of Jagielski et al. 2020 ("Auditing differentially private machine learning: how
 private is private SGD?") and Nasr et al. 2021 ("Adversary instantiation"): run the real
@@ -36,6 +36,11 @@ The neighbouring worlds, and why they are the right ones:
   Canaries that cannot be one of K independent trials (a sample that makes the batch fail, a
   non-finite input) are audited one per run, against m ordinary samples whose clipped gradients
   all push the same way: the statistic is the change of the model along that push.
+* **SecAgg+** (owner level, `fedptr.nodes.secagg`, the owners' and the aggregator's real code):
+  like M1, the target owner's value is the canary or zeros and the other owners contribute
+  zeros, but every coordinate of a round is one trial (`secagg_statistics` says why that is
+  sound, and why the clip is per trial), so a round of 2^20 coordinates is 2^20 releases. The
+  statistic is the released sum's coordinate. Audited at `SA_DELTA`, which says why.
 """
 
 from __future__ import annotations
@@ -694,6 +699,7 @@ def table(results: list[Result]) -> str:
             verdict = "above the charge (not charged for)" if r.flagged else "below the charge"
         elif c.variant == HONEST or c.post_processing:
             verdict = "EXCEEDS the charge" if r.flagged else "below the charge"
+            verdict += " (post-processing)" if c.post_processing else ""
         else:
             verdict = "flagged" if r.flagged else "NOT flagged"
         lines.append(
