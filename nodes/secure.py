@@ -4,7 +4,8 @@
   aggregator), then answers that aggregator's four phases. Before its masked input leaves it
   clips the value to its own bound, charges its budget one Gaussian mechanism with its own
   noise multiplier, and records the round in its audit log; it refuses a round whose noise is
-  below what it charges for. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
+  below what it charges for, and, spending nothing, an input it would mask with fewer than t
+  neighbours. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
 * **The aggregator** drives the phases for a client's `SecureMean`: each phase asks every owner
   still in the round at once and waits at most `SECAGG_PHASE_TIMEOUT_S`, and at most its share
   of the client's deadline (a quarter of it for the first of four phases); an owner that fails,
@@ -210,6 +211,10 @@ class SecureRounds:
                 raise InvalidArgumentError(f"a secure input is a tensor of {config.dim} numbers held on its owner")
             bound = min(node.config.dp_clip, config.clip)
             clipped = mechanisms.clip(value.detach().reshape(-1), bound).to(torch.float64).numpy()
+            # masked (its noise and rounding from a generator seeded from the OS for this input
+            # alone) before the charge, which the reply still waits for: an input the protocol
+            # refuses to send (too few neighbours' shares) spends nothing
+            masked = joined.protocol.masked_input(clipped, msg.shares, np.random.default_rng(secrets.randbits(128)))
             spent = await node.scheduler.offload(node.budget.charge, node.config.dp_noise_multiplier, 1.0, 1)
             node.audit.record(
                 audit.SECURE_CONTRIBUTION,
@@ -219,8 +224,6 @@ class SecureRounds:
                 round=msg.round_id.hex(),
                 epsilon_spent=spent,
             )
-            # the noise and rounding from a generator seeded from the OS for this input alone
-            masked = joined.protocol.masked_input(clipped, msg.shares, np.random.default_rng(secrets.randbits(128)))
             node.reply(source, rid, wire.SecAggMasked(ring_to_wire(masked, config), spent, node.budget.left))
 
         node.spawn(answer(), source, rid)

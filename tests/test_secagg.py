@@ -271,6 +271,51 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
     assert not all(recovered)
 
 
+def test_an_aggregator_that_withholds_an_owners_pair_shares_cannot_unmask_it() -> None:
+    """The aggregator routes every owner's shares honestly except to the victim, which it hands
+    none: an owner that holds no neighbour's shares masks with its self mask alone. Then one
+    consistent, honest-looking unmask request (everyone survived) gets the victim's neighbours to
+    return the shares of its self-mask seed, which strips its input. The victim must refuse to
+    mask with fewer than t neighbours (Bonawitz et al. abort below t owners in U2 too): no
+    masked input, nothing to strip."""
+    cfg = config(8, threshold=0, dim=8)  # complete graph, k = 7, t = 4
+    values = inputs(cfg, seed=4)
+    owners = {o: sa.Owner(o) for o in cfg.owners}
+    agg = sa.Aggregator(cfg)
+    keys = agg.relay_keys({o: w.advertise() for o, w in owners.items()})
+    inbox = agg.route_shares({o: owners[o].share_keys(cfg, keys) for o in keys})
+    victim = "owner00"
+    rng = np.random.default_rng(6)
+    try:
+        y = owners[victim].masked_input(values[victim], {}, rng)
+    except DropoutError:
+        return
+    for o in cfg.owners[1:]:
+        owners[o].masked_input(values[o], inbox[o], rng)
+    everyone = sa.UnmaskRequest(frozenset(cfg.owners), frozenset())
+    points = {cfg.index(o): owners[o].unmask(everyone)[victim][1] for o in cfg.owners[1:]}
+    seed = sa.reconstruct(dict(sorted(points.items())[: cfg.threshold]))
+    stripped = (y - sa.prg(seed, cfg)) & np.uint64((1 << cfg.ring_bits) - 1)
+    assert not np.allclose(sa.decode(stripped, cfg), values[victim], atol=1e-6)
+
+
+@pytest.mark.parametrize("given", [0, 3, 4])
+def test_an_owner_masks_with_at_least_t_neighbours_or_sends_nothing(given: int) -> None:
+    cfg = config(8, threshold=0, dim=8)  # t = 4
+    values = inputs(cfg)
+    owners = {o: sa.Owner(o) for o in cfg.owners}
+    keys = {o: w.advertise() for o, w in owners.items()}
+    sent = {o: owners[o].share_keys(cfg, keys) for o in cfg.owners}
+    victim = "owner00"
+    mine = {u: sent[u][victim] for u in cfg.owners[1 : 1 + given]}
+    if given >= cfg.threshold:
+        assert owners[victim].masked_input(values[victim], mine, np.random.default_rng(0)).shape == (cfg.dim,)
+        return
+    with pytest.raises(DropoutError, match=f"{given} of its neighbours.*fewer than {cfg.threshold}") as refused:
+        owners[victim].masked_input(values[victim], mine, np.random.default_rng(0))
+    assert refused.value.workers == sorted(set(cfg.owners[1:]) - set(mine))
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
