@@ -387,7 +387,8 @@ def secagg_round(
         if o not in gone_masked
     }
     request = aggregator.collect(inputs)
-    total, _ = aggregator.finish({o: owners[o].unmask(request) for o in request.survivors})
+    # every owner was told the same request, and says so
+    total, _ = aggregator.finish({o: owners[o].unmask(request, request.survivors) for o in request.survivors})
     return total
 
 
