@@ -87,7 +87,8 @@ class Compute:
         if location is None:
             # each further result of a multi-output op gets a taint of its own, by the same rule
             results = [Entry.tensor(owner=source, taint=taint)]
-            results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
+            if msg.more_ids:
+                results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
             for result_id, result in zip(result_ids, results, strict=True):
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
@@ -186,7 +187,7 @@ class Compute:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
         can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
-        kwargs = _materialize(msg.kwargs, values)
+        kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
 
         def refuse() -> Exception:
             taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
@@ -285,7 +286,8 @@ class Compute:
         for i in range(start, len(run.ops)):
             op = run.ops[i]
             entries = run.operands[i]
-            operands = {k: values[k] for k in entries}
+            # a single op reads exactly its inputs: `values` itself, before its result is added
+            operands = values if run.ids is None else {k: values[k] for k in entries}
             # private when its result is (taint only grows: never less than on arrival)
             private = bool(run.results[i].taint)
             if inline and (
@@ -294,10 +296,11 @@ class Compute:
                 or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            first, *more = self._run(op, operands, private, entries)
-            values[op.result_id] = first
-            for key, value in zip(op.more_ids, more, strict=True):
-                values[key] = value
+            results = self._run(op, operands, private, entries)
+            values[op.result_id] = results[0]
+            if op.more_ids:
+                for key, value in zip(op.more_ids, results[1:], strict=True):
+                    values[key] = value
         return len(run.ops)
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
@@ -330,7 +333,9 @@ class Compute:
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
         else:
-            more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
+            more: list[wire.Value] = []
+            if len(outputs) > 1:  # a multi-output op; most ops have one result
+                more.extend([list(v.shape), dtype_name(v.dtype)] for v in outputs[1:])
             reply = wire.Ok(list(outputs[0].shape), dtype_name(outputs[0].dtype), more)
         self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
 

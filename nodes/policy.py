@@ -52,7 +52,7 @@ TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
 """Names the first parameter of an aliasing operation goes by: its target is given by position."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Taint:
     """The origins of one storage, shared by every entry that aliases it, from the first alias
     on: an entry made for an alias takes its target's Taint object itself. It is falsy while
@@ -202,7 +202,7 @@ def result_taint(
     taints them all), grown by the operands; any other result gets a fresh one, the union of
     its operands'. A write to read-only data raises PermissionDenied naming its owner."""
     if op not in TAINT_RULES and not any(e.taint for e in operands):
-        return Taint()  # the common case: a plain operation on public operands
+        return Taint({})  # the common case: a plain operation on public operands (a dict given: no factory call)
     origins = merge(e.taint.origins for e in operands)
     if op in ALIASING and target is not None:
         if target.readonly and op in MUTATING:
