@@ -79,6 +79,7 @@ SAMPLES: list[wire.Message] = [
     wire.SecAggMasked(raw(torch.arange(6, dtype=torch.int32)), 0.5, 2.5),
     wire.SecAggUnmask(bytes(16), ["alice", "bob"], ["carol"]),
     wire.SecAggUnmasked({"alice": bytes(66)}, {"carol": bytes(66)}),
+    wire.SecAggConfirm(bytes(16)),
     wire.DirectOffer(b"k" * 40),
     wire.DirectTicket("tcp://127.0.0.1:5556", b"k" * 40),
     wire.Failure("dropout", "unmask", "too few answered", "agg", ["agg"], "bob,carol"),
