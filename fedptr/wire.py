@@ -786,8 +786,11 @@ def refs(value: Value, found: set[int]) -> None:
     if type(value) is Ref:
         found.add(value.obj_id)
     elif type(value) is list:
-        for v in value:
-            refs(v, found)
+        for v in value:  # references inline: most arguments are flat lists of them
+            if type(v) is Ref:
+                found.add(v.obj_id)
+            else:
+                refs(v, found)
     elif type(value) is dict:
         for v in value.values():
             refs(v, found)
