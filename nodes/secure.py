@@ -180,6 +180,11 @@ class SecureRounds:
             msg.degree,
             msg.ring_bits,
         )
+        if joined.aggregator in config.owners:
+            # an aggregator that is also an owner confirms any survivor set and holds both shares of
+            # its neighbours: with n odd that splits the honest owners into two confirmed stories
+            # that together unmask one of them (tests/test_secagg.py, the colluding owner)
+            raise PermissionDenied(self.node.name, f"{joined.aggregator!r} is its aggregator, not one of its owners")
         own = self.node.config
         # the sum's noise, sigma C, must cover this owner's sensitivity times its own sigma
         if config.noise_multiplier * config.clip < own.dp_noise_multiplier * min(own.dp_clip, config.clip):

@@ -205,6 +205,30 @@ async def test_an_owner_handed_no_neighbours_shares_sends_no_input_and_spends_no
 
 
 @MODULE_LOOP
+async def test_an_owner_refuses_its_aggregator_as_an_owner(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """The client plays an aggregator that names itself an owner of the round (with keys of its
+    own): an owner that confirms any story and hands over both shares it holds, enough with n
+    odd to split the honest owners into two confirmed stories and unmask one of them
+    (tests/test_secagg.py, the colluding owner). Each owner refuses such a round before it
+    shares a key."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    me = c.client.name
+    round_id = await join(c, vs, aggregator=me)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    mine = sa.Owner(me).public_keys
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    relayed[me] = [mine.cipher, mine.mask]
+    everyone = sorted([*OWNERS, me])
+    config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
+    share = wire.SecAggShare(
+        round_id, everyone, 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    with pytest.raises(fedptr.PermissionDenied, match="its aggregator"):
+        await c.client.call("o1", share)
+
+
+@MODULE_LOOP
 async def test_a_lying_aggregator_on_the_wire_is_refused(
     owners: tuple[fedptr.Cluster, Path],
 ) -> None:
