@@ -222,6 +222,8 @@ class DirectPaths:
         sock = self._context().socket(zmq.ROUTER)
         _tune(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # per connection, and anyone may connect: what the I/O thread reads while the loop is busy
+        sock.setsockopt(zmq.RCVHWM, limits.DIRECT_RCVHWM)
         sock.bind(f"tcp://{host}:*")
         self._server = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -230,7 +232,10 @@ class DirectPaths:
     def admit(self, peer: bytes, key: bytes) -> wire.DirectTicket:
         """`peer` (named by the broker) will connect with `key`: admit it, in place of any key
         that peer was admitted with before, and answer where to connect."""
-        if self._server is None:
+        held = self._admitted.get(key)
+        if self._server is None or (held is not None and held[0] != peer):
+            # every message on the data socket names its key in clear: a peer that offered one it
+            # read there would replace its owner's path keys, and that owner's chunks be dropped
             return wire.DirectTicket("", b"")
         # a key pair per admission: no two admissions share keys, so nothing sealed for one
         # (the same peer key offered again, say) opens under another

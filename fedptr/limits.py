@@ -98,6 +98,12 @@ DIRECT_SEAL_OVERHEAD_BYTES = 1 << 16
 """Bytes a sealed direct-path message may add to its chunk (its envelope, 16 bytes of tag), 64 KiB:
 with `STREAM_CHUNK_BYTES`, the largest frame a direct data socket reads (anyone may connect to it)."""
 
+DIRECT_RCVHWM = 8
+"""Messages (each at most a sealed chunk) one connection to a direct data socket may queue
+before its sender waits: anyone may connect, and the node's zmq I/O thread reads on while its
+loop is busy, so `SOCKET_HWM` let one stranger's connection hold 100,000 MiB of junk. A
+stranger still holds about this many MiB per connection it keeps open."""
+
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
 

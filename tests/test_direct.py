@@ -228,6 +228,61 @@ async def test_only_sealed_fresh_chunks_under_an_admitted_key_arrive(
         sock.close(linger=0)
 
 
+async def test_a_peer_offering_another_peers_key_cannot_take_over_its_path(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """Every message on the data socket names its peer's public key in clear. Mallory (a client
+    the broker authenticated) reads alice's off the wire and offers it as its own: admitted, it
+    would replace alice's path keys with a pair alice does not have, and every later chunk of
+    alice's would be dropped (her transfer stalled to its deadline). The worker refuses a key
+    admitted for another peer, and alice's chunks keep arriving, hers."""
+    server, got = worker_socket
+    public, secret = zmq.curve_keypair()
+    ours = _channel(public, secret, server.admit(b"alice", public).key, True)
+    assert server.admit(b"mallory", public) == wire.DirectTicket("", b"")
+    data = bytes(range(256)) * 16
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        await sock.send_multipart(ours.seal(chunk(b"rid-0002", 0, data)))
+        await sock.send_multipart(ours.seal(GREETING))
+        async with asyncio.timeout(15):
+            await sock.recv_multipart()  # answered: alice's path still opens under her keys
+        assert got == [(b"alice", chunk(b"rid-0002", 0, data))]
+    finally:
+        sock.close(linger=0)
+
+
+def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """Anyone may connect to the data socket. While the worker's loop is busy (here: this test,
+    which never yields to it) its zmq I/O thread keeps reading a stranger's chunk-sized junk into
+    the connection's queue: with the node's socket high-water mark (100,000 messages) that was
+    every one of 192 MiB sent, and a few connections exhaust the node's memory. Each connection
+    to the data socket now queues at most `limits.DIRECT_RCVHWM` messages; the rest waits in
+    the stranger's own buffers."""
+    server, _ = worker_socket
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 2)
+    sock.setsockopt(zmq.SNDTIMEO, 1_000)  # the deadline of each send: blocked means refused
+    sock.connect(server.endpoint)
+    junk = [b"x" * 40, bytes(12), bytes(MIB)]
+    try:
+        taken = 0
+        for _ in range(192):
+            try:
+                sock.send_multipart(junk)
+            except zmq.Again:
+                break
+            taken += 1
+    finally:
+        sock.close(linger=0)
+    assert taken < 64, f"the worker took {taken} MiB from a stranger into one connection's queue"
+
+
 @MODULE_LOOP
 async def test_a_broken_direct_path_falls_back_to_the_broker(secure: fedptr.Cluster) -> None:
     await path_to(secure, "alice")
