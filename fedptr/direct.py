@@ -32,9 +32,12 @@ torch.rpc's whole unencrypted transfer):
   holds a message (and its sender's later ones) until its chunks are in (`Session`,
   `Reassembly.waiting`), under the same stream budgets.
 
-The data socket accepts connections from anyone (there is no ZAP handshake to refuse them): a
-stranger can make the worker receive and drop messages, each bounded to one chunk's size
-(`MAXMSGSIZE`), as it could make the broker do. Whatever fails sends chunks through the broker
+Anyone can connect to the data socket, but its handshake (ZMTP PLAIN, answered by the worker's
+ZAP handler) completes only for an admitted key presenting its path's token, derived from the
+agreement like the keys: a stranger is disconnected before a message of it is read. The token
+travels in clear, so one who reads it off the wire gets a connection whose messages do not
+open: the worker receives and drops them, each at most one chunk's size (`MAXMSGSIZE`), at most
+`limits.DIRECT_RCVHWM` of them queued per connection. Whatever fails sends chunks through the broker
 instead: a ticket refused or late, a greeting unanswered, a send the socket will not take
 (IMMEDIATE: nothing is queued on a connection that is down). A path that failed or broke is
 tried again after `limits.DIRECT_RETRY_S`. Chunks already handed to a connection that then breaks
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import logging
 import socket
@@ -99,6 +103,9 @@ class _Channel:
     """The connecting peer's public key (z85), sent in clear: the worker finds the path by it."""
     sealing: AESGCM
     opening: AESGCM
+    token: bytes = field(default=b"", repr=False)
+    """What the connecting end presents (PLAIN password) for its connection to be accepted at all:
+    derived from the agreement like the keys, so only the two ends have it (a sniffer sees it)."""
     sent: int = 0
     opened: int = 0
     """The highest counter accepted: one TCP connection keeps order, so anything else is a replay."""
@@ -158,12 +165,12 @@ def _channel(peer_key: bytes, own_secret: bytes, their_public: bytes, connecting
     except KeyError as e:  # z85.decode's answer to a character outside its alphabet
         raise ValueError("not a z85 key") from e
     worker_key = their_public if connecting else z85.encode(mine.public_key().public_bytes_raw())
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=_KDF_INFO + peer_key + worker_key)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=96, salt=None, info=_KDF_INFO + peer_key + worker_key)
     keys = hkdf.derive(shared)
-    to_worker, to_peer = AESGCM(keys[:32]), AESGCM(keys[32:])
+    to_worker, to_peer, token = AESGCM(keys[:32]), AESGCM(keys[32:64]), keys[64:]
     if connecting:
-        return _Channel(peer_key, sealing=to_worker, opening=to_peer)
-    return _Channel(peer_key, sealing=to_peer, opening=to_worker)
+        return _Channel(peer_key, sealing=to_worker, opening=to_peer, token=token)
+    return _Channel(peer_key, sealing=to_peer, opening=to_worker, token=token)
 
 
 @dataclass
@@ -196,6 +203,8 @@ class DirectPaths:
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _ctx: zmq.Context[zmq.Socket[bytes]] | None = None
     _server: zmq.Socket[bytes] | None = None
+    _zap: zmq.Socket[bytes] | None = None
+    """Answers the data socket's handshakes (ZAP): only an admitted key with its path's token."""
     _admitted: OrderedDict[bytes, tuple[bytes, _Channel]] = field(default_factory=OrderedDict)
     """z85 public key -> the peer the broker vouched for when it offered that key, and the path's keys."""
     _routes: dict[bytes, tuple[bytes, _Channel]] = field(default_factory=dict)
@@ -219,8 +228,16 @@ class DirectPaths:
         host = local_host(broker_address)
         if host is None:
             return
+        # bound before the data socket: from its first connection, every handshake asks it
+        zap = self._context().socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind("inproc://zeromq.zap.01")
+        self._zap = zap
+        self._loop.add_reader(zap.FD, self._drain_zap)
         sock = self._context().socket(zmq.ROUTER)
         _tune(sock)
+        sock.setsockopt(zmq.PLAIN_SERVER, 1)
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"fedptr-direct")
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # per connection, and anyone may connect: what the I/O thread reads while the loop is busy
         sock.setsockopt(zmq.RCVHWM, limits.DIRECT_RCVHWM)
@@ -257,6 +274,26 @@ class DirectPaths:
             del self._admitted[key]
         self._routes.pop(peer, None)
         self.sources.discard(peer)
+
+    def _drain_zap(self) -> None:
+        """Answer the data socket's handshakes: a connection whose PLAIN credentials are not an
+        admitted key and that path's token is refused before any message of it is read (a
+        stranger holds a descriptor for one handshake, not a queue of chunks)."""
+        zap = self._zap
+        if zap is None:
+            return
+        self._scheduled.discard(zap)
+        for _ in range(limits.DRAIN_BATCH):
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # version, request id, domain, address, routing id, mechanism, username, password
+            admitted = self._admitted.get(request[6]) if len(request) == 8 and request[5] == b"PLAIN" else None
+            ok = admitted is not None and hmac.compare_digest(admitted[1].token, request[7])
+            status = [b"200", b"OK"] if ok else [b"400", b"not admitted"]
+            zap.send_multipart([b"1.0", request[1] if len(request) > 1 else b"", *status, b"", b""])
+        self._recheck(zap, self._drain_zap)
 
     def _drain_server(self) -> None:
         sock = self._server
@@ -309,6 +346,8 @@ class DirectPaths:
                     lane.channel = _channel(lane.public, lane.secret, ticket.key, connecting=True)
                 except ValueError:
                     raise NoDirectPath("its key is malformed") from None
+                lane.sock.setsockopt(zmq.PLAIN_USERNAME, lane.public)
+                lane.sock.setsockopt(zmq.PLAIN_PASSWORD, lane.channel.token)
                 lane.sock.connect(ticket.endpoint)
                 self._watch_lane(worker)  # zmq's FD signals edges: read what came before we waited
                 await lane.opened
@@ -443,6 +482,10 @@ class DirectPaths:
             self._loop.remove_reader(self._server.FD)
             self._server.close(linger=0)
             self._server = None
+        if self._zap is not None:
+            self._loop.remove_reader(self._zap.FD)
+            self._zap.close(linger=0)
+            self._zap = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
 

@@ -19,6 +19,7 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 import fedptr
 from fedptr import envelope, wire
@@ -148,15 +149,13 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
     ticket = await secure.client._link.request("bob", wire.DirectOffer(public), 10)
     assert isinstance(ticket, wire.DirectTicket) and ticket.endpoint.startswith("tcp://")
     stranger_public, stranger_secret = zmq.curve_keypair()
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(ticket.endpoint)
+    ours = _channel(public, secret, ticket.key, True)
+    sock = data_socket(ticket.endpoint, public, ours.token)  # past the handshake: the seal is tested
     try:
         async with asyncio.timeout(15):
             await sock.send_multipart(_channel(stranger_public, stranger_secret, ticket.key, True).seal(GREETING))
             # the offered public key is no secret (the broker relayed it): sealing under it needs its secret
             await sock.send_multipart(_channel(public, stranger_secret, ticket.key, True).seal(GREETING))
-            ours = _channel(public, secret, ticket.key, True)
             await sock.send_multipart(ours.seal(GREETING))
             answer = await sock.recv_multipart()  # one TCP connection keeps order: the forgeries came first
         assert len(answer) == 3 and answer[0] == public
@@ -171,6 +170,15 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
 
 # --- the path's sealing, against a real data socket in this process -------------------------
 GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+
+
+def data_socket(endpoint: str, key: bytes, token: bytes) -> zmq.asyncio.Socket:
+    """A connection to a data socket presenting `key` (z85) and a path's token, as a lane does."""
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.plain_username, sock.plain_password = key, token
+    sock.connect(endpoint)
+    return sock
 
 
 def chunk(rid: bytes, offset: int, data: bytes) -> list[Any]:
@@ -202,9 +210,7 @@ async def test_only_sealed_fresh_chunks_under_an_admitted_key_arrive(
     stranger_public, stranger_secret = zmq.curve_keypair()
     stranger = _channel(stranger_public, stranger_secret, ticket.key, True)
     data = bytes(range(256)) * 256
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(ticket.endpoint)
+    sock = data_socket(ticket.endpoint, public, ours.token)  # past the handshake: the seal is tested
     try:
         first = ours.seal(chunk(b"rid-0001", 0, data))
         assert data[:64] not in first[2] and b"rid-0001" not in first[2] and b"bob" not in first[2]
@@ -241,9 +247,7 @@ async def test_a_peer_offering_another_peers_key_cannot_take_over_its_path(
     ours = _channel(public, secret, server.admit(b"alice", public).key, True)
     assert server.admit(b"mallory", public) == wire.DirectTicket("", b"")
     data = bytes(range(256)) * 16
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.endpoint)
+    sock = data_socket(server.endpoint, public, ours.token)
     try:
         await sock.send_multipart(ours.seal(chunk(b"rid-0002", 0, data)))
         await sock.send_multipart(ours.seal(GREETING))
@@ -254,23 +258,74 @@ async def test_a_peer_offering_another_peers_key_cannot_take_over_its_path(
         sock.close(linger=0)
 
 
-def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
-    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
-) -> None:
-    """Anyone may connect to the data socket. While the worker's loop is busy (here: this test,
-    which never yields to it) its zmq I/O thread keeps reading a stranger's chunk-sized junk into
-    the connection's queue: with the node's socket high-water mark (100,000 messages) that was
-    every one of 192 MiB sent, and a few connections exhaust the node's memory. Each connection
-    to the data socket now queues at most `limits.DIRECT_RCVHWM` messages; the rest waits in
-    the stranger's own buffers."""
-    server, _ = worker_socket
+def handshake(endpoint: str, username: bytes = b"", password: bytes = b"") -> int:
+    """Connect to a data socket (PLAIN credentials when given) and return the first handshake
+    event: succeeded or the way it failed."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if username:
+        sock.plain_username, sock.plain_password = username, password
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    )
+    monitor.setsockopt(zmq.RCVTIMEO, 10_000)  # the deadline: a handshake ends in far less
+    sock.connect(endpoint)
+    try:
+        return int(recv_monitor_message(monitor)["event"])
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+async def test_a_stranger_is_refused_at_the_handshake(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """A connection to the data socket completes its handshake only with an admitted key and the
+    path's token (both ends derive it; the broker never sees it): a stranger with no
+    credentials, or with an admitted key (it travels in clear) and a token of its own, is
+    disconnected before the socket reads a message of it. Before, every handshake succeeded,
+    and each stranger's connection could queue chunks."""
+    server, _ = worker_socket
+    public, secret = zmq.curve_keypair()
+    ours = _channel(public, secret, server.admit(b"alice", public).key, True)
+    loop = asyncio.get_running_loop()  # the worker's loop answers the handshakes: keep it free
+    assert await loop.run_in_executor(None, handshake, server.endpoint) != zmq.EVENT_HANDSHAKE_SUCCEEDED
+    forged = await loop.run_in_executor(None, handshake, server.endpoint, public, bytes(32))
+    assert forged == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    assert await loop.run_in_executor(None, handshake, server.endpoint, public, ours.token) == (
+        zmq.EVENT_HANDSHAKE_SUCCEEDED
+    )
+
+
+async def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """While the worker's loop is busy (here: this test, which does not yield to it while it
+    sends) its zmq I/O thread keeps reading a connection's chunk-sized junk into its queue: with
+    the node's socket high-water mark (100,000 messages) that was every one of 192 MiB sent, and
+    a few connections exhaust the node's memory. The stranger here is past the handshake with a
+    peer's credentials read off the wire (PLAIN: in clear). Each connection to the data socket
+    now queues at most `limits.DIRECT_RCVHWM` messages; the rest waits in the stranger's own
+    buffers."""
+    server, _ = worker_socket
+    public, secret = zmq.curve_keypair()
+    sniffed = _channel(public, secret, server.admit(b"alice", public).key, True).token
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.plain_username, sock.plain_password = public, sniffed
     sock.setsockopt(zmq.SNDHWM, 2)
     sock.setsockopt(zmq.SNDTIMEO, 1_000)  # the deadline of each send: blocked means refused
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor.setsockopt(zmq.RCVTIMEO, 10_000)
     sock.connect(server.endpoint)
     junk = [b"x" * 40, bytes(12), bytes(MIB)]
     try:
+        # the worker's loop answers the handshake; then it is kept busy
+        await asyncio.get_running_loop().run_in_executor(None, recv_monitor_message, monitor)
         taken = 0
         for _ in range(192):
             try:
@@ -279,6 +334,8 @@ def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
                 break
             taken += 1
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
     assert taken < 64, f"the worker took {taken} MiB from a stranger into one connection's queue"
 
