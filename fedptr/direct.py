@@ -78,6 +78,7 @@ _LANE_EVENTS = (
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH  # the worker's ZAP handler no longer admits our key
 )
 _KDF_INFO = b"fedptr direct path v1"
 _NONCE = struct.Struct("!4xQ")  # 96 bits: a message counter, never reused under one key

@@ -301,6 +301,29 @@ async def test_a_stranger_is_refused_at_the_handshake(
     )
 
 
+async def test_a_lane_refused_at_the_handshake_fails_at_once(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer whose admission is gone by the time it connects (forgotten, or replaced) is
+    refused at the handshake: its lane fails with that reason, not after waiting out
+    `limits.DIRECT_CONNECT_TIMEOUT_S`, and its chunks take the broker."""
+    server, _ = worker_socket
+    client = DirectPaths(lambda peer, frames: None)
+
+    async def ticket(key: bytes) -> wire.Message:
+        answer = server.admit(b"carol", key)
+        server.forget(b"carol")  # gone before carol connects
+        return answer
+
+    try:
+        with caplog.at_level("INFO", logger="fedptr.direct"):
+            await client.open(b"bob", ticket)
+        assert not client.ready(b"bob", envelope.REQUEST) and not client.wants(b"bob")
+        assert "handshake failed auth" in caplog.text, caplog.text
+    finally:
+        client.close()
+
+
 async def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
     worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
 ) -> None:
