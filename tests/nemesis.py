@@ -239,4 +239,5 @@ class Death:
 
     @staticmethod
     def forget(node: Node) -> None:
-        del node.link._push_frames
+        """`node` sends as it did before it was watched (if it was)."""
+        node.link.__dict__.pop("_push_frames", None)

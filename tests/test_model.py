@@ -2,14 +2,31 @@
 harness: the real broker and node code on one loop over ipc://, nodes on durable stores.
 
 The rules send, compute, update in place (awaited by several tasks at once), move, get and
-drop objects, and inject faults: a node stopped and restarted from its durable store, and the
-broker restarted. A reference model holds what was acknowledged: each live object's location
-and value. After every step the invariants are checked against what the nodes list
-(`Worker.objects()`, whose previews show small tensors' values):
+drop objects, and inject faults: a node stopped and restarted from its durable store, the
+broker restarted, and, while a send, an op, an update or a move is under way (tests/nemesis.py):
+
+* kill: the node dies at one of its storage calls or just before one of its requests or
+  replies (or, if the action made fewer, once it is done), saying no goodbye, and restarts
+  from what its disk holds;
+* stop: it freezes (SIGSTOP) just before one of its requests or replies, until the client gave
+  up on the action (LostWorkerError once the broker misses its beats, or InDoubtError), then
+  goes on (SIGCONT);
+* disk full, EIO: its disk refuses one storage call; the node's fail-stop (which ends the
+  process) kills it, and it restarts.
+
+A reference model holds what was acknowledged: each live object's location and value. An
+action's outcome is acknowledged (the model applies it), refused (a definite error: the model
+does not), or in doubt (LostWorkerError, DeadlineExceeded, InDoubtError): once the node is
+back, an object a send or op may have made is either absent or holds its value (and is
+dropped), an update is applied once or not at all (what the listing shows is kept), and a
+move's InDoubtError is settled with `Client.resolve`. After every step the invariants are
+checked against what the nodes list (`Worker.objects()`, whose previews show small tensors'
+values):
 
 * every acknowledged write is visible, once: each modelled object is there with its value,
   and no node holds an object the model does not (nothing refused, dropped or handed on
-  stays, nothing is applied twice);
+  stays, nothing is applied twice, an in-doubt hand-over left one copy, where resolved);
+* nothing refused is applied; all awaiters of one update hear the same outcome;
 * once the client's pointers are all dropped and it leaves, every node is empty.
 
 CI-sized by default (``MODEL_STEPS`` steps in all, about 60 s here); ``MODEL_STEPS=10000``
@@ -28,6 +45,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from fedptr.nodes import node as node_module
 from hypothesis import HealthCheck, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -38,8 +56,10 @@ from hypothesis.stateful import (
 )
 
 import fedptr
+from fedptr import limits
 
 from . import harness
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
 
 WORKERS = ["bob", "alice"]
 NUMEL = 4
@@ -48,8 +68,23 @@ STEPS = int(os.environ.get("MODEL_STEPS", "400"))
 STEPS_PER_PROGRAM = 40
 SEED = int(os.environ.get("MODEL_SEED", "19"))
 STEP_TIMEOUT_S = 20.0
-"""Deadline of one step (s), faults and re-registration included."""
+"""Deadline of one step (s), re-registration included."""
+FAULT_STEP_TIMEOUT_S = 60.0
+"""Deadline of a step with a fault (s): the action's deadline, a restart and a resolve."""
+RESOLVE_TIMEOUT_S = 20.0
+"""Seconds `Client.resolve` may take to tell where an object in doubt is, once the node is back."""
+DELETES_TIMEOUT_S = 10.0
+"""Seconds the deletes of what the model no longer has may take to land."""
 BEAT_S = 0.1
+
+FAULTS = ("kill", "stop", "disk full", "EIO")
+INDEFINITE = (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.InDoubtError)
+"""The errors that leave an action in doubt; every other FedptrError is a refusal."""
+
+DISKS = Disks()
+"""Each running node's disk (by its write-ahead thread)."""
+DEATHS: dict[str, Death] = {}
+"""What becomes of each running node (by name): the fail-stop a refused write triggers kills it."""
 
 T = TypeVar("T")
 values = st.integers(-8, 8).map(float)
@@ -76,14 +111,18 @@ class Model(RuleBasedStateMachine):
                 )
             )
         )
+        DEATHS.clear()
+        DISKS.of.clear()
+        for name in WORKERS:
+            self._watch(name, Death())
         self.live: dict[int, Obj] = {}
         self.made = 0
         """Objects the model made so far: the key of the newest."""
         self.history: list[str] = []
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = STEP_TIMEOUT_S) -> T:
         async def bounded() -> T:
-            async with asyncio.timeout(STEP_TIMEOUT_S):
+            async with asyncio.timeout(timeout):
                 return await coro
 
         return self.loop.run_until_complete(bounded())
@@ -106,7 +145,7 @@ class Model(RuleBasedStateMachine):
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
         actions = [self.send] * 4 + [self.op, self.update_in_place] * 3 + [self.move, self.get, self.drop] * 2
-        actions += [self.restart_node, self.restart_broker]
+        actions += [self.restart_node, self.restart_broker] + [self.fault] * 2
         action = data.draw(st.sampled_from(actions if self.live else [self.send]), label="action")
         action(data)
 
@@ -159,6 +198,7 @@ class Model(RuleBasedStateMachine):
 
     async def _restart_node(self, where: str) -> None:
         await self.cluster.restart_node(where)
+        self._watch(where, Death())
         await _answering(self.cluster)
 
     def restart_broker(self, data: st.DataObject) -> None:
@@ -168,6 +208,150 @@ class Model(RuleBasedStateMachine):
     async def _restart_broker(self) -> None:
         await self.cluster.restart_broker()
         await _answering(self.cluster)
+
+    # --- faults during an action -------------------------------------------------------
+    def _watch(self, name: str, death: Death) -> None:
+        """`death` is what becomes of node `name` from now on (its disk included)."""
+        node = self.cluster.node(name)
+        Death.forget(node)
+        death.watch(node)
+        DISKS.give(node, death.disk)
+        DEATHS[name] = death
+
+    def fault(self, data: st.DataObject) -> None:
+        """A fault strikes a node while an action that involves it is under way."""
+        kind = data.draw(st.sampled_from(FAULTS), label="fault")
+        victim = data.draw(st.sampled_from(WORKERS), label="node")
+        at = data.draw(st.integers(1, 8), label="at")
+        if kind == "stop":
+            death = Death(message=1 + at % 3, freeze=True)
+        elif kind != "kill":
+            death = Death(disk=CrashingDisk(at, refuse=FULL if kind == "disk full" else EIO))
+        elif data.draw(st.booleans(), label="at a storage call"):
+            death = Death(at=at)
+        else:
+            death = Death(message=1 + at % 3)
+        what = f"{kind} {victim} at {'message' if death.message else 'storage call'} {death.message or at}"
+        mine = sorted(k for k, o in self.live.items() if o.where == victim)
+        action = data.draw(
+            st.sampled_from(["send", "op", "update", "move"] if mine else ["send", "move"]), label="during"
+        )
+        if action == "move":
+            key = data.draw(st.sampled_from(sorted(self.live)), label="object") if self.live else None
+            if key is None:
+                action = "send"
+        if action == "send":
+            value = data.draw(values, label="value")
+            self.run(self._send_during(victim, value, death, what), FAULT_STEP_TIMEOUT_S)
+        elif action == "move":
+            assert key is not None
+            self.run(self._move_during(key, death, victim, what), FAULT_STEP_TIMEOUT_S)
+        else:
+            key, c = data.draw(st.sampled_from(mine), label="object"), data.draw(values, label="c")
+            if action == "op":
+                self.run(self._op_during(key, c, death, victim, what), FAULT_STEP_TIMEOUT_S)
+            else:
+                awaiters = data.draw(st.integers(1, 4), label="awaiters")
+                self.run(self._update_during(key, c, awaiters, death, victim, what), FAULT_STEP_TIMEOUT_S)
+
+    async def _weather(self, victim: str, death: Death, action: asyncio.Future[Any]) -> str:
+        """Strike `victim` with `death` during `action`, bring it back, and return what struck."""
+        self._watch(victim, death)
+        while not action.done() and not death.dead and not death.frozen:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+        if death.frozen:  # stopped until the client gave up on the action (or it completed)
+            await asyncio.wait([action])
+            death.thaw()
+            struck = "stopped"
+        elif death.dead or not (death.freeze_at_message or death.disk.refuse):  # a kill yet to strike: now
+            struck = "refused, fail-stop" if death.disk.refused else "killed"
+            death.kill()
+            await self.cluster.stop_node(victim)
+            await self.cluster.start_node(victim)
+            struck += " while under way" if not action.done() else ""
+        else:  # a refusal without a fail-stop: the node serves on
+            struck = "refused, still serving" if death.disk.refused else "did not strike"
+        if victim in self.cluster.nodes:
+            self._watch(victim, Death())
+        await asyncio.wait([action])
+        await _answering(self.cluster)
+        return struck
+
+    async def _held(self, where: str, obj_id: int) -> fedptr.ObjectInfo | None:
+        return (await self.cluster.worker(where).objects()).get(obj_id)
+
+    async def _maybe_made(self, ptr: fedptr.Pointer, value: float, error: BaseException, what: str) -> None:
+        """A send or op that failed: a refusal made nothing, one in doubt made the object with
+        its value or nothing. Either way the model drops its pointer."""
+        info = await self._held(ptr.location, ptr.id_at_location)
+        self.note(
+            f"{what}: {type(error).__name__} ({'refused' if _refused(error) else 'in doubt'}), "
+            f"{'absent' if info is None else info.preview}"
+        )
+        if _refused(error):
+            assert info is None, f"{what}: refused ({error!r}) but applied: {info}"
+        else:
+            assert info is None or info.preview == [value] * NUMEL, f"{what}: in doubt, then holds {info.preview}"
+        ptr.owned = False  # its delete goes out now (the error's traceback may hold the pointer)
+        self.cluster.client.release(ptr.location, ptr.id_at_location)
+
+    async def _send_during(self, victim: str, value: float, death: Death, what: str) -> None:
+        ptr = self.cluster.worker(victim).send(torch.full((NUMEL,), value))
+        action = asyncio.ensure_future(_awaited(ptr))
+        what = f"{what} during send {value} to {victim}: {await self._weather(victim, death, action)}"
+        if action.exception() is None:
+            self._add(ptr, victim, value, what)
+        else:
+            await self._maybe_made(ptr, value, action.exception(), what)
+
+    async def _op_during(self, key: int, c: float, death: Death, victim: str, what: str) -> None:
+        obj = self.live[key]
+        ptr = obj.ptr + c
+        action = asyncio.ensure_future(_awaited(ptr))
+        what = f"{what} during #{key} + {c}: {await self._weather(victim, death, action)}"
+        if action.exception() is None:
+            self._add(ptr, obj.where, obj.value + c, what)
+        else:
+            await self._maybe_made(ptr, obj.value + c, action.exception(), what)
+
+    async def _update_during(self, key: int, c: float, awaiters: int, death: Death, victim: str, what: str) -> None:
+        obj = self.live[key]
+        obj.ptr.add_(c)
+        action = asyncio.gather(*(_awaited(obj.ptr) for _ in range(awaiters)), return_exceptions=True)
+        what = f"{what} during #{key}.add_({c}) awaited by {awaiters}: {await self._weather(victim, death, action)}"
+        heard = [o for o in action.result() if isinstance(o, BaseException)]
+        assert not heard or len(heard) == awaiters, (
+            f"{what}: {awaiters - len(heard)} awaiters heard ok, the others {heard}"
+        )
+        if not heard:
+            obj.value += c
+            self.note(f"{what}: acknowledged")
+            return
+        info = await self._held(obj.where, obj.ptr.id_at_location)
+        assert info is not None, f"{what}: #{key} ({obj.value} on {obj.where}) was lost"
+        allowed = [obj.value] if _refused(heard[0]) else [obj.value, obj.value + c]
+        kind = "refused" if _refused(heard[0]) else "in doubt"
+        self.note(f"{what}: {type(heard[0]).__name__} ({kind}), holds {info.preview}")
+        assert info.preview in [[v] * NUMEL for v in allowed], (
+            f"{what}: {kind}, holds {info.preview}, not one of {allowed}"
+        )
+        assert info.preview is not None
+        obj.value = info.preview[0]
+
+    async def _move_during(self, key: int, death: Death, victim: str, what: str) -> None:
+        obj = self.live.pop(key)
+        dest = victim if obj.where != victim else next(w for w in WORKERS if w != victim)
+        action = asyncio.ensure_future(obj.ptr.move(dest))
+        what = f"{what} during move #{key} to {dest}: {await self._weather(victim, death, action)}"
+        error = action.exception()
+        if error is None:
+            self._add(action.result(), dest, obj.value, what)
+        elif isinstance(error, fedptr.InDoubtError):
+            found = await self.cluster.client.resolve(error, timeout=RESOLVE_TIMEOUT_S)
+            self._add(found, found.location, obj.value, f"{what}: in doubt, resolved to {found.location}")
+        else:
+            assert _refused(error), f"{what}: {error!r}"
+            self._add(obj.ptr, obj.where, obj.value, f"{what}: refused ({error!r}), stays")
 
     # --- invariants --------------------------------------------------------------------
     @invariant()
@@ -190,6 +374,11 @@ class Model(RuleBasedStateMachine):
                 self.loop.run_until_complete(self.stack.aclose())
             finally:
                 self.loop.close()
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether `e` says for sure that nothing was applied (any other error leaves it in doubt)."""
+    return isinstance(e, fedptr.FedptrError) and not isinstance(e, INDEFINITE)
 
 
 async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
@@ -223,17 +412,23 @@ async def _listings(cluster: harness.InprocCluster) -> dict[str, dict[int, fedpt
 async def _deletes_landed(cluster: harness.InprocCluster, extra: dict[str, dict[int, Any]] | None) -> None:
     """The objects the model no longer has (dropped, got, moved away) are gone: deletes travel
     unanswered, so they may land a little after the step. `extra` None: the nodes are empty."""
+    deadline = asyncio.get_running_loop().time() + DELETES_TIMEOUT_S
     while True:
         held = await _listings(cluster)
         left = {w: [i for i in (held[w] if extra is None else extra[w]) if i in held[w]] for w in WORKERS}
         if not any(left.values()):
             return
-        await asyncio.sleep(0.02)
+        assert asyncio.get_running_loop().time() < deadline, f"objects the model does not have stay: {left}"
+        await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
 @pytest.mark.timeout(3600)
-def test_model() -> None:
+def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The state machine, `STEPS` steps in all, seeded."""
+    install(monkeypatch, DISKS)
+    # a refused write's fail-stop ends the process: here, it kills the node (cut off, restarted)
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: DEATHS[node].kill())
+    monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # an in-doubt send or move settles sooner
     programs = max(1, STEPS // STEPS_PER_PROGRAM)
     print(f"model-based test: seed {SEED}, {programs} programs of up to {STEPS_PER_PROGRAM} steps")
     run_state_machine_as_test(
