@@ -89,6 +89,8 @@ INDEFINITE = (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.InDoubtErr
 
 DISKS = Disks()
 """Each running node's disk (by its write-ahead thread)."""
+RELEASED: set[tuple[str, int]] = set()
+"""Every (worker, object id) the client deleted (`Client.release`: unawaited deletes)."""
 DEATHS: dict[str, Death] = {}
 """What becomes of each running node (by name): the fail-stop a refused write triggers kills it."""
 
@@ -119,6 +121,7 @@ class Model(RuleBasedStateMachine):
         )
         DEATHS.clear()
         DISKS.of.clear()
+        RELEASED.clear()
         for name in WORKERS:
             self._watch(name, Death())
         self.live: dict[int, Obj] = {}
@@ -308,8 +311,22 @@ class Model(RuleBasedStateMachine):
             self._watch(victim, Death())
         await asyncio.wait([action])
         await _answering(self.cluster)
+        if struck.startswith(("killed", "refused, fail-stop")):  # it crashed
+            await self._undone_deletes(victim)
         Model.tally[struck] += 1
         return struck
+
+    async def _undone_deletes(self, victim: str) -> None:
+        """A deletion nothing acknowledged (a dropped pointer's, or the alias an in-place update
+        leaves, dropped once it settled) may be undone by a crash just after it (README): the
+        object comes back, owned by this client. Those the client deleted come back only: each
+        is deleted again (as the end of the session would reclaim it), and must then go."""
+        modelled = {o.ptr.id_at_location for o in self.live.values() if o.where == victim}
+        for obj_id, info in (await self.cluster.worker(victim).objects()).items():
+            if obj_id not in modelled and (victim, obj_id) in RELEASED:
+                Model.tally["deletes undone by the crash"] += 1
+                self.note(f"  #? {obj_id} on {victim} came back ({info.preview}): its delete was undone")
+                self.cluster.client.release(victim, obj_id)
 
     async def _held(self, where: str, obj_id: int) -> fedptr.ObjectInfo | None:
         return (await self.cluster.worker(where).objects()).get(obj_id)
@@ -452,10 +469,11 @@ async def _deletes_landed(cluster: harness.InprocCluster, extra: dict[str, dict[
     deadline = asyncio.get_running_loop().time() + DELETES_TIMEOUT_S
     while True:
         held = await _listings(cluster)
-        left = {w: [i for i in (held[w] if extra is None else extra[w]) if i in held[w]] for w in WORKERS}
+        left = {w: [held[w][i] for i in (held[w] if extra is None else extra[w]) if i in held[w]] for w in WORKERS}
         if not any(left.values()):
             return
-        assert asyncio.get_running_loop().time() < deadline, f"objects the model does not have stay: {left}"
+        stay = {w: [(info.obj_id, info.kind, info.preview) for info in infos] for w, infos in left.items()}
+        assert asyncio.get_running_loop().time() < deadline, f"objects the model does not have stay: {stay}"
         await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
@@ -466,6 +484,13 @@ def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
     # a refused write's fail-stop ends the process: here, it kills the node (cut off, restarted)
     monkeypatch.setattr(node_module, "fail_stop", lambda node, why: DEATHS[node].kill())
     monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # an in-doubt send or move settles sooner
+    release = fedptr.Client.release
+
+    def recorded(client: fedptr.Client, location: str, obj_id: int) -> None:
+        RELEASED.add((location, obj_id))
+        release(client, location, obj_id)
+
+    monkeypatch.setattr(fedptr.Client, "release", recorded)
     programs = max(1, STEPS // STEPS_PER_PROGRAM)
     print(f"model-based test: seed {SEED}, {programs} programs of up to {STEPS_PER_PROGRAM} steps")
     Model.steps_run = 0
