@@ -25,9 +25,15 @@ values):
 
 * every acknowledged write is visible, once: each modelled object is there with its value,
   and no node holds an object the model does not (nothing refused, dropped or handed on
-  stays, nothing is applied twice, an in-doubt hand-over left one copy, where resolved);
+  stays, nothing is applied twice, an in-doubt hand-over left one copy, where resolved). After
+  a crash, an object the client deleted without an acknowledgement may come back (README): it
+  is deleted again (as the session's end would reclaim it), and must then go;
 * nothing refused is applied; all awaiters of one update hear the same outcome;
-* once the client's pointers are all dropped and it leaves, every node is empty.
+* once the client's pointers are all dropped, every node is empty.
+
+The in-process kill is a process crash, as in tests/test_crash_points.py: what reached the
+kernel stays (no power loss), and the nodes stay in this process (no heartbeat silence of a
+real kill -9: a killed node sends nothing, and its restart reclaims its name at once).
 
 CI-sized by default (``MODEL_STEPS`` steps in all); ``MODEL_STEPS=10000`` for a long run.
 Seeded (``MODEL_SEED``). A failure prints, as it happens, the step count and the history of its
