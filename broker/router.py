@@ -478,7 +478,10 @@ class Broker:
                 log.warning("refused %r: name taken", name.decode(errors="replace"), extra=rid_extra(rid))
                 self._error(identity, name, rid, envelope.REASON_NAME_TAKEN, f"name {name.decode()!r} is taken")
                 return
-            self.table.remove_identity(holder)
+            # the old connection is forgotten as gone silent: the peers with requests at it hear
+            # LOST now (a node killed and restarted at once), not at their deadlines. Silent, not
+            # closed: a client that comes back on a new connection keeps its session's objects
+            self._forget(holder, envelope.GONE_SILENT)
         if holder is None and len(self.table.by_name) >= self.config.max_peers:
             self._error(identity, name, rid, envelope.REASON_FULL, "broker has too many peers")
             return

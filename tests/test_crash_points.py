@@ -16,16 +16,14 @@ calls and before each of its requests and replies, is restarted, and the outcome
 `Client.resolve` when in doubt) must leave one owning copy of the value, where the model says
 (see the second half of this file); a move's recovery is crashed again at each of its storage
 calls. A dead node is cut off (it sends nothing more) rather than ended: `fail_stop` is replaced.
+The storage layer and the deaths are tests/nemesis.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import collections
 import itertools
-import os
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -35,105 +33,16 @@ import torch
 from fedptr.nodes import durable
 from fedptr.nodes import node as node_module
 from fedptr.nodes.durable import DurableStore
-from fedptr.nodes.node import Node
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
-from fedptr import envelope, limits
+from fedptr import limits
 
 from . import harness
+from .nemesis import CrashingDisk, Death, Disks, install
 
 State = tuple[Any, Any] | None
 """An object as loading finds it: None (absent), or (value, move record)."""
-
-
-class Crashed(OSError):
-    """The process died at this storage call."""
-
-
-class CrashingDisk:
-    """Counts storage calls; call `at` and every later one raise Crashed (0: never)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.calls = 0
-        self.crashed = False
-
-    def step(self, what: str) -> bool:
-        """Count a call; False when it is the crash point (the caller tears it), raise after it."""
-        if self.crashed:
-            raise Crashed(f"dead before {what}")
-        self.calls += 1
-        if self.calls == self.at:
-            self.crashed = True
-            return False
-        return True
-
-
-DiskFor = Callable[[], CrashingDisk | None]
-"""The disk of the storage call being made (None: the real one, uncounted)."""
-
-
-def _step(disk_for: DiskFor, what: str) -> None:
-    disk = disk_for()
-    if disk is not None and not disk.step(what):
-        raise Crashed(f"at {what}")
-
-
-class _OS:
-    """`os` for nodes/durable.py, with fsync, replace and unlink going through the disk."""
-
-    def __init__(self, disk_for: DiskFor) -> None:
-        self._disk_for = disk_for
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-    def fsync(self, fd: int) -> None:
-        _step(self._disk_for, "fsync")
-        os.fsync(fd)
-
-    def replace(self, src: Any, dst: Any) -> None:
-        _step(self._disk_for, "rename")
-        os.replace(src, dst)
-
-    def unlink(self, path: Any) -> None:
-        _step(self._disk_for, "unlink")
-        os.unlink(path)
-
-
-class _File:
-    """A file opened for writing whose write lands torn (its first half) at the crash point."""
-
-    def __init__(self, f: Any, disk: CrashingDisk) -> None:
-        self._f = f
-        self._disk = disk
-
-    def __enter__(self) -> _File:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._f.close()
-
-    def write(self, data: Any) -> int:
-        if not self._disk.step("write"):
-            self._f.write(bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
-            self._f.flush()
-            raise Crashed("torn write")
-        return int(self._f.write(data))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
-def _crashing(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
-    def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
-        disk = disk_for()
-        return _File(f, disk) if "w" in mode and disk is not None else f
-
-    monkeypatch.setattr(durable, "os", _OS(disk_for))
-    monkeypatch.setattr(durable, "open", opened, raising=False)
 
 
 Change = tuple[int, Callable[[State], State], "asyncio.Future[None]"]
@@ -211,7 +120,7 @@ def _found(stored: durable.Stored) -> State:
 async def _run(tmp: Path, monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[int, list[Change]]:
     disk = CrashingDisk(at)
     with monkeypatch.context() as patched:
-        _crashing(patched, lambda: disk)
+        install(patched, lambda: disk)
         wal = WriteAhead(DurableStore(tmp), "bob")
         changes = await _workload(wal)
         await wal.aclose()
@@ -254,51 +163,6 @@ QUIET_TIMEOUT_S = 20.0
 
 RESOLVE_TIMEOUT_S = 20.0
 """Seconds `Client.resolve` may take to tell where an object in doubt is."""
-
-
-class Disks:
-    """A crashing disk per write-ahead thread (one per node, a restarted node's a new one): a dead
-    node's thread keeps its crashed disk, so nothing it still had queued lands after its death."""
-
-    def __init__(self) -> None:
-        self.of: dict[threading.Thread, CrashingDisk] = {}
-
-    def __call__(self) -> CrashingDisk | None:
-        return self.of.get(threading.current_thread())
-
-
-_MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
-"""What a node sends that a hand-over counts on (heartbeats come whenever the clock says)."""
-
-
-class Death:
-    """When a node dies: at its storage call `at` (the disk crashes there: see CrashingDisk), or
-    just before it sends its request or reply number `message` (the disk dies with it); 0: never.
-    From that instant the node sends nothing (a dead process)."""
-
-    def __init__(self, at: int = 0, message: int = 0) -> None:
-        self.disk = CrashingDisk(at)
-        self.message = message
-        self.messages = 0
-
-    def watch(self, node: Node) -> None:
-        """Count and cut what `node` sends: its replies, forwards and heartbeats all leave
-        through its link's `_push_frames` (`forget` puts that back)."""
-        push = node.link._push_frames
-
-        def sent(frames: list[Any]) -> None:
-            if frames[1] in _MESSAGES:
-                self.messages += 1
-                if self.messages == self.message:
-                    self.disk.crashed = True  # storage calls from now on fail
-            if not self.disk.crashed:
-                push(frames)
-
-        node.link._push_frames = sent  # type: ignore[method-assign]
-
-    @staticmethod
-    def forget(node: Node) -> None:
-        del node.link._push_frames
 
 
 async def _quiet(c: harness.InprocCluster) -> None:
@@ -384,8 +248,7 @@ def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[st
     for name, death in deaths.items():
         node = c.node(name)
         death.watch(node)
-        assert node.store.wal is not None
-        disks.of[node.store.wal._thread] = death.disk
+        disks.give(node, death.disk)
     return deaths
 
 
@@ -521,7 +384,7 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
     monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
     monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # settles in doubt sooner: the cases are many
     disks = Disks()
-    _crashing(monkeypatch, disks)
+    install(monkeypatch, disks)
     values = (torch.full((4,), float(k)) for k in itertools.count())
     outcomes: collections.Counter[str] = collections.Counter()
     async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S) as c:

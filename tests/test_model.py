@@ -2,33 +2,63 @@
 harness: the real broker and node code on one loop over ipc://, nodes on durable stores.
 
 The rules send, compute, update in place (awaited by several tasks at once), move, get and
-drop objects, and inject faults: a node stopped and restarted from its durable store, and the
-broker restarted. A reference model holds what was acknowledged: each live object's location
-and value. After every step the invariants are checked against what the nodes list
-(`Worker.objects()`, whose previews show small tensors' values):
+drop objects, and inject faults: a node stopped and restarted from its durable store, the
+broker restarted, and, while a send, an op, an update or a move is under way (tests/nemesis.py):
+
+* kill: the node dies at one of its storage calls or just before one of its requests or
+  replies (or, if the action made fewer, once it is done), saying no goodbye, and restarts
+  from what its disk holds;
+* stop: it freezes (SIGSTOP) just before one of its requests or replies, until the client gave
+  up on the action (LostWorkerError once the broker misses its beats, or InDoubtError), then
+  goes on (SIGCONT);
+* disk full, EIO: its disk refuses one storage call; the node's fail-stop (which ends the
+  process) kills it, and it restarts.
+
+A reference model holds what was acknowledged: each live object's location and value. An
+action's outcome is acknowledged (the model applies it), refused (a definite error: the model
+does not), or in doubt (LostWorkerError, DeadlineExceeded, InDoubtError): once the node is
+back, an object a send or op may have made is either absent or holds its value (and is
+dropped), an update is applied once or not at all (what the listing shows is kept), and a
+move's InDoubtError is settled with `Client.resolve`. After every step the invariants are
+checked against what the nodes list (`Worker.objects()`, whose previews show small tensors'
+values):
 
 * every acknowledged write is visible, once: each modelled object is there with its value,
   and no node holds an object the model does not (nothing refused, dropped or handed on
-  stays, nothing is applied twice);
-* once the client's pointers are all dropped and it leaves, every node is empty.
+  stays, nothing is applied twice, an in-doubt hand-over left one copy, where resolved). After
+  a crash, an object the client deleted without an acknowledgement may come back (README): it
+  is deleted again (as the session's end would reclaim it), and must then go;
+* nothing refused is applied; all awaiters of one update hear the same outcome;
+* once the client's pointers are all dropped, every node is empty.
 
-CI-sized by default (``MODEL_STEPS`` steps in all, about 60 s here); ``MODEL_STEPS=10000``
-for a long run. Seeded (``MODEL_SEED``); a failure prints the history of steps (hypothesis
-prints the shrunk program that replays it).
+The in-process kill is a process crash, as in tests/test_crash_points.py: what reached the
+kernel stays (no power loss), and the nodes stay in this process (no heartbeat silence of a
+real kill -9: a killed node sends nothing, and its restart reclaims its name at once).
+
+CI-sized by default (``MODEL_STEPS`` steps in all); ``MODEL_STEPS=10000`` for a long run.
+Seeded (``MODEL_SEED``). A failure prints, as it happens, the step count and the history of its
+program. Nothing is shrunk: a fault's outcome depends on timing (an action done before the fault
+or not), so a replay may take other paths, and hypothesis then reports that
+(FlakyStrategyDefinition, Flaky) after the failure printed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import os
-from collections.abc import Coroutine
-from contextlib import AsyncExitStack
+import time
+import weakref
+from collections.abc import Coroutine, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
 import torch
-from hypothesis import HealthCheck, note, seed, settings
+from fedptr.nodes import node as node_module
+from hypothesis import HealthCheck, Phase, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -38,8 +68,10 @@ from hypothesis.stateful import (
 )
 
 import fedptr
+from fedptr import limits
 
 from . import harness
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
 
 WORKERS = ["bob", "alice"]
 NUMEL = 4
@@ -48,8 +80,25 @@ STEPS = int(os.environ.get("MODEL_STEPS", "400"))
 STEPS_PER_PROGRAM = 40
 SEED = int(os.environ.get("MODEL_SEED", "19"))
 STEP_TIMEOUT_S = 20.0
-"""Deadline of one step (s), faults and re-registration included."""
+"""Deadline of one step (s), re-registration included."""
+FAULT_STEP_TIMEOUT_S = 60.0
+"""Deadline of a step with a fault (s): the action's deadline, a restart and a resolve."""
+RESOLVE_TIMEOUT_S = 20.0
+"""Seconds `Client.resolve` may take to tell where an object in doubt is, once the node is back."""
+DELETES_TIMEOUT_S = 10.0
+"""Seconds the deletes of what the model no longer has may take to land."""
 BEAT_S = 0.1
+
+FAULTS = ("kill", "stop", "disk full", "EIO")
+INDEFINITE = (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.InDoubtError)
+"""The errors that leave an action in doubt; every other FedptrError is a refusal."""
+
+DISKS = Disks()
+"""Each running node's disk (by its write-ahead thread)."""
+RELEASED: set[tuple[str, int]] = set()
+"""Every (worker, object id) the client deleted (`Client.release`: unawaited deletes)."""
+DEATHS: dict[str, Death] = {}
+"""What becomes of each running node (by name): the fail-stop a refused write triggers kills it."""
 
 T = TypeVar("T")
 values = st.integers(-8, 8).map(float)
@@ -76,14 +125,19 @@ class Model(RuleBasedStateMachine):
                 )
             )
         )
+        DEATHS.clear()
+        DISKS.of.clear()
+        RELEASED.clear()
+        for name in WORKERS:
+            self._watch(name, Death())
         self.live: dict[int, Obj] = {}
         self.made = 0
         """Objects the model made so far: the key of the newest."""
         self.history: list[str] = []
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = STEP_TIMEOUT_S) -> T:
         async def bounded() -> T:
-            async with asyncio.timeout(STEP_TIMEOUT_S):
+            async with asyncio.timeout(timeout):
                 return await coro
 
         return self.loop.run_until_complete(bounded())
@@ -105,10 +159,29 @@ class Model(RuleBasedStateMachine):
     # repeated (and never a send). The weights favour the actions that make state.
     @rule(data=st.data())
     def step(self, data: st.DataObject) -> None:
+        Model.steps_run += 1
         actions = [self.send] * 4 + [self.op, self.update_in_place] * 3 + [self.move, self.get, self.drop] * 2
-        actions += [self.restart_node, self.restart_broker]
+        actions += [self.restart_node, self.restart_broker] + [self.fault] * 2
         action = data.draw(st.sampled_from(actions if self.live else [self.send]), label="action")
-        action(data)
+        with self.reported():
+            action(data)
+
+    steps_run = 0
+    """Steps run so far, over every program (for the failure report)."""
+    tally: collections.Counter[str] = collections.Counter()
+    """What the faults did (and drops whose pointer a reference cycle held), over every program."""
+
+    @contextmanager
+    def reported(self) -> Iterator[None]:
+        """Print the failure and this program's history when it happens: a fault's outcome
+        depends on timing, so hypothesis's replay of a failing program may take another path
+        (it then reports FlakyStrategyDefinition or Flaky instead of the failure)."""
+        try:
+            yield
+        except Exception as e:
+            history = "\n  ".join(self.history)
+            print(f"model-based test failed at step {Model.steps_run} in all: {e!r}\nthis program:\n  {history}")
+            raise
 
     def _key(self, data: st.DataObject) -> int:
         return data.draw(st.sampled_from(sorted(self.live)), label="object")
@@ -148,8 +221,16 @@ class Model(RuleBasedStateMachine):
 
     def drop(self, data: st.DataObject) -> None:
         key = self._key(data)
-        del self.live[key]  # its pointer's collection deletes the object, unawaited
-        self.note(f"drop #{key}")
+        held = weakref.ref(self.live.pop(key).ptr)  # its collection deletes the object, unawaited
+        cycle = held() is not None
+        # An await that raised leaves the pointer in a reference cycle (the error's traceback holds
+        # frames whose `self` it is, and a frame that holds the error): only the cyclic garbage
+        # collector frees it, and so sends its delete. Collected now, so the step is checkable.
+        if cycle:
+            Model.tally["drop of a pointer held by a reference cycle"] += 1
+            gc.collect()
+            assert held() is None, f"#{key}'s pointer is still referenced"
+        self.note(f"drop #{key}{' (collected from a reference cycle)' if cycle else ''}")
 
     def restart_node(self, data: st.DataObject) -> None:
         """A node stopped (what it queued reaches disk) and started again from its store."""
@@ -159,6 +240,7 @@ class Model(RuleBasedStateMachine):
 
     async def _restart_node(self, where: str) -> None:
         await self.cluster.restart_node(where)
+        self._watch(where, Death())
         await _answering(self.cluster)
 
     def restart_broker(self, data: st.DataObject) -> None:
@@ -169,27 +251,194 @@ class Model(RuleBasedStateMachine):
         await self.cluster.restart_broker()
         await _answering(self.cluster)
 
+    # --- faults during an action -------------------------------------------------------
+    def _watch(self, name: str, death: Death) -> None:
+        """`death` is what becomes of node `name` from now on (its disk included)."""
+        node = self.cluster.node(name)
+        Death.forget(node)
+        death.watch(node)
+        DISKS.give(node, death.disk)
+        DEATHS[name] = death
+
+    def fault(self, data: st.DataObject) -> None:
+        """A fault strikes a node while an action that involves it is under way."""
+        kind = data.draw(st.sampled_from(FAULTS), label="fault")
+        victim = data.draw(st.sampled_from(WORKERS), label="node")
+        at = data.draw(st.integers(1, 8), label="at")
+        if kind == "stop":
+            death = Death(message=1 + at % 3, freeze=True)
+        elif kind != "kill":
+            death = Death(disk=CrashingDisk(at, refuse=FULL if kind == "disk full" else EIO))
+        elif data.draw(st.booleans(), label="at a storage call"):
+            death = Death(at=at)
+        else:
+            death = Death(message=1 + at % 3)
+        what = f"{kind} {victim} at {'message' if death.message else 'storage call'} {death.message or at}"
+        mine = sorted(k for k, o in self.live.items() if o.where == victim)
+        action = data.draw(
+            st.sampled_from(["send", "op", "update", "move"] if mine else ["send", "move"]), label="during"
+        )
+        if action == "move":
+            key = data.draw(st.sampled_from(sorted(self.live)), label="object") if self.live else None
+            if key is None:
+                action = "send"
+        if action == "send":
+            value = data.draw(values, label="value")
+            self.run(self._send_during(victim, value, death, what), FAULT_STEP_TIMEOUT_S)
+        elif action == "move":
+            assert key is not None
+            self.run(self._move_during(key, death, victim, what), FAULT_STEP_TIMEOUT_S)
+        else:
+            key, c = data.draw(st.sampled_from(mine), label="object"), data.draw(values, label="c")
+            if action == "op":
+                self.run(self._op_during(key, c, death, victim, what), FAULT_STEP_TIMEOUT_S)
+            else:
+                awaiters = data.draw(st.integers(1, 4), label="awaiters")
+                self.run(self._update_during(key, c, awaiters, death, victim, what), FAULT_STEP_TIMEOUT_S)
+
+    async def _weather(self, victim: str, death: Death, action: asyncio.Future[Any]) -> str:
+        """Strike `victim` with `death` during `action`, bring it back, and return what struck."""
+        self._watch(victim, death)
+        while not action.done() and not death.dead and not death.frozen:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+        if death.frozen:  # stopped until the client gave up on the action (or it completed)
+            await asyncio.wait([action])
+            death.thaw()
+            struck = "stopped"
+        elif death.dead or not (death.freeze_at_message or death.disk.refuse):  # a kill yet to strike: now
+            struck = "refused, fail-stop" if death.disk.refused else "killed"
+            death.kill()
+            await self.cluster.stop_node(victim)
+            await self.cluster.start_node(victim)
+            struck += " while under way" if not action.done() else ""
+        else:  # a refusal without a fail-stop: the node serves on
+            struck = "refused, still serving" if death.disk.refused else "did not strike"
+        if victim in self.cluster.nodes:
+            self._watch(victim, Death())
+        await asyncio.wait([action])
+        await _answering(self.cluster)
+        if struck.startswith(("killed", "refused, fail-stop")):  # it crashed
+            await self._undone_deletes(victim)
+        Model.tally[struck] += 1
+        return struck
+
+    async def _undone_deletes(self, victim: str) -> None:
+        """A deletion nothing acknowledged (a dropped pointer's, or the alias an in-place update
+        leaves, dropped once it settled) may be undone by a crash just after it (README): the
+        object comes back, owned by this client. Those the client deleted come back only: each
+        is deleted again (as the end of the session would reclaim it), and must then go."""
+        modelled = {o.ptr.id_at_location for o in self.live.values() if o.where == victim}
+        for obj_id, info in (await self.cluster.worker(victim).objects()).items():
+            if obj_id not in modelled and (victim, obj_id) in RELEASED:
+                Model.tally["deletes undone by the crash"] += 1
+                self.note(f"  #? {obj_id} on {victim} came back ({info.preview}): its delete was undone")
+                self.cluster.client.release(victim, obj_id)
+
+    async def _held(self, where: str, obj_id: int) -> fedptr.ObjectInfo | None:
+        return (await self.cluster.worker(where).objects()).get(obj_id)
+
+    async def _maybe_made(self, ptr: fedptr.Pointer, value: float, error: BaseException, what: str) -> None:
+        """A send or op that failed: a refusal made nothing, one in doubt made the object with
+        its value or nothing. Either way the model drops its pointer."""
+        info = await self._held(ptr.location, ptr.id_at_location)
+        self.note(
+            f"{what}: {type(error).__name__} ({'refused' if _refused(error) else 'in doubt'}), "
+            f"{'absent' if info is None else info.preview}"
+        )
+        if _refused(error):
+            assert info is None, f"{what}: refused ({error!r}) but applied: {info}"
+        else:
+            assert info is None or info.preview == [value] * NUMEL, f"{what}: in doubt, then holds {info.preview}"
+        ptr.owned = False  # its delete goes out now (the error's traceback may hold the pointer)
+        self.cluster.client.release(ptr.location, ptr.id_at_location)
+
+    async def _send_during(self, victim: str, value: float, death: Death, what: str) -> None:
+        ptr = self.cluster.worker(victim).send(torch.full((NUMEL,), value))
+        action = asyncio.ensure_future(_awaited(ptr))
+        what = f"{what} during send {value} to {victim}: {await self._weather(victim, death, action)}"
+        if action.exception() is None:
+            self._add(ptr, victim, value, what)
+        else:
+            await self._maybe_made(ptr, value, action.exception(), what)
+
+    async def _op_during(self, key: int, c: float, death: Death, victim: str, what: str) -> None:
+        obj = self.live[key]
+        ptr = obj.ptr + c
+        action = asyncio.ensure_future(_awaited(ptr))
+        what = f"{what} during #{key} + {c}: {await self._weather(victim, death, action)}"
+        if action.exception() is None:
+            self._add(ptr, obj.where, obj.value + c, what)
+        else:
+            await self._maybe_made(ptr, obj.value + c, action.exception(), what)
+
+    async def _update_during(self, key: int, c: float, awaiters: int, death: Death, victim: str, what: str) -> None:
+        obj = self.live[key]
+        obj.ptr.add_(c)
+        action = asyncio.gather(*(_awaited(obj.ptr) for _ in range(awaiters)), return_exceptions=True)
+        what = f"{what} during #{key}.add_({c}) awaited by {awaiters}: {await self._weather(victim, death, action)}"
+        heard = [o for o in action.result() if isinstance(o, BaseException)]
+        assert not heard or len(heard) == awaiters, (
+            f"{what}: {awaiters - len(heard)} awaiters heard ok, the others {heard}"
+        )
+        if not heard:
+            obj.value += c
+            self.note(f"{what}: acknowledged")
+            return
+        info = await self._held(obj.where, obj.ptr.id_at_location)
+        assert info is not None, f"{what}: #{key} ({obj.value} on {obj.where}) was lost"
+        allowed = [obj.value] if _refused(heard[0]) else [obj.value, obj.value + c]
+        kind = "refused" if _refused(heard[0]) else "in doubt"
+        self.note(f"{what}: {type(heard[0]).__name__} ({kind}), holds {info.preview}")
+        assert info.preview in [[v] * NUMEL for v in allowed], (
+            f"{what}: {kind}, holds {info.preview}, not one of {allowed}"
+        )
+        assert info.preview is not None
+        obj.value = info.preview[0]
+
+    async def _move_during(self, key: int, death: Death, victim: str, what: str) -> None:
+        obj = self.live.pop(key)
+        dest = victim if obj.where != victim else next(w for w in WORKERS if w != victim)
+        action = asyncio.ensure_future(obj.ptr.move(dest))
+        what = f"{what} during move #{key} to {dest}: {await self._weather(victim, death, action)}"
+        error = action.exception()
+        if error is None:
+            self._add(action.result(), dest, obj.value, what)
+        elif isinstance(error, fedptr.InDoubtError):
+            found = await self.cluster.client.resolve(error, timeout=RESOLVE_TIMEOUT_S)
+            self._add(found, found.location, obj.value, f"{what}: in doubt, resolved to {found.location}")
+        else:
+            assert _refused(error), f"{what}: {error!r}"
+            self._add(obj.ptr, obj.where, obj.value, f"{what}: refused ({error!r}), stays")
+
     # --- invariants --------------------------------------------------------------------
     @invariant()
     def every_acknowledged_write_visible_once(self) -> None:
-        held = self.run(_listings(self.cluster))
-        for key, obj in self.live.items():
-            info = held[obj.where].pop(obj.ptr.id_at_location, None)
-            assert info is not None, f"{key} ({obj.value} on {obj.where}) was lost"
-            assert info.preview == [obj.value] * NUMEL, f"{key} holds {info.preview}, {obj.value} expected"
-        self.run(_deletes_landed(self.cluster, held))
+        with self.reported():
+            held = self.run(_listings(self.cluster))
+            for key, obj in self.live.items():
+                info = held[obj.where].pop(obj.ptr.id_at_location, None)
+                assert info is not None, f"{key} ({obj.value} on {obj.where}) was lost"
+                assert info.preview == [obj.value] * NUMEL, f"{key} holds {info.preview}, {obj.value} expected"
+            self.run(_deletes_landed(self.cluster, held))
 
     def teardown(self) -> None:
         try:
             self.live.clear()
+            gc.collect()  # the pointers reference cycles hold (see `drop`) are dropped too
             if not hasattr(self, "cluster"):
                 return
-            self.run(_deletes_landed(self.cluster, None))
+            with self.reported():
+                self.run(_deletes_landed(self.cluster, None))
         finally:
             try:
                 self.loop.run_until_complete(self.stack.aclose())
             finally:
                 self.loop.close()
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether `e` says for sure that nothing was applied (any other error leaves it in doubt)."""
+    return isinstance(e, fedptr.FedptrError) and not isinstance(e, INDEFINITE)
 
 
 async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
@@ -223,19 +472,36 @@ async def _listings(cluster: harness.InprocCluster) -> dict[str, dict[int, fedpt
 async def _deletes_landed(cluster: harness.InprocCluster, extra: dict[str, dict[int, Any]] | None) -> None:
     """The objects the model no longer has (dropped, got, moved away) are gone: deletes travel
     unanswered, so they may land a little after the step. `extra` None: the nodes are empty."""
+    deadline = asyncio.get_running_loop().time() + DELETES_TIMEOUT_S
     while True:
         held = await _listings(cluster)
-        left = {w: [i for i in (held[w] if extra is None else extra[w]) if i in held[w]] for w in WORKERS}
+        left = {w: [held[w][i] for i in (held[w] if extra is None else extra[w]) if i in held[w]] for w in WORKERS}
         if not any(left.values()):
             return
-        await asyncio.sleep(0.02)
+        stay = {w: [(info.obj_id, info.kind, info.preview) for info in infos] for w, infos in left.items()}
+        assert asyncio.get_running_loop().time() < deadline, f"objects the model does not have stay: {stay}"
+        await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
 @pytest.mark.timeout(3600)
-def test_model() -> None:
+def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The state machine, `STEPS` steps in all, seeded."""
+    install(monkeypatch, DISKS)
+    # a refused write's fail-stop ends the process: here, it kills the node (cut off, restarted)
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: DEATHS[node].kill())
+    monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # an in-doubt send or move settles sooner
+    release = fedptr.Client.release
+
+    def recorded(client: fedptr.Client, location: str, obj_id: int) -> None:
+        RELEASED.add((location, obj_id))
+        release(client, location, obj_id)
+
+    monkeypatch.setattr(fedptr.Client, "release", recorded)
     programs = max(1, STEPS // STEPS_PER_PROGRAM)
     print(f"model-based test: seed {SEED}, {programs} programs of up to {STEPS_PER_PROGRAM} steps")
+    Model.steps_run = 0
+    Model.tally.clear()
+    started = time.monotonic()
     run_state_machine_as_test(
         seed(SEED)(Model),
         settings=settings(
@@ -246,6 +512,8 @@ def test_model() -> None:
             database=None,
             suppress_health_check=list(HealthCheck),
             print_blob=True,
+            phases=[Phase.generate],  # no shrinking: a replay under faults takes other paths
         ),
         _min_steps=STEPS_PER_PROGRAM // 2,
     )
+    print(f"model-based test: {Model.steps_run} steps in {time.monotonic() - started:.0f} s; {dict(Model.tally)}")

@@ -1,0 +1,243 @@
+"""Faults for the in-process harness (tests only): a fault-injecting storage layer under
+nodes/durable.py, and a node that dies (kill -9) or stops (SIGSTOP) without leaving the loop.
+
+The storage layer counts the storage calls a write-ahead thread makes (each data write, fsync,
+rename and unlink) on a `CrashingDisk`: at call `at` the process "crashes" (that call fails, a
+data write lands torn, half of it, and so does every later call), or, given an errno, the disk
+refuses that one call (disk full, an I/O error) as a real one would, the write torn as well. The
+model is a process crash: what reached the kernel stays; unsynced data is not dropped.
+
+A `Death` watches one running node: it counts the requests and replies the node sends and can
+cut it off (it sends nothing more, its disk fails every call, and it says no goodbye: a kill -9)
+or freeze it (it reads and sends nothing, and its session's clock stands still, until thawed:
+a SIGSTOP then a SIGCONT). tests/test_crash_points.py enumerates crash points with these;
+tests/test_model.py draws them as rules of its state machine.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fedptr.nodes import durable
+from fedptr.nodes.node import Node
+
+from fedptr import envelope
+
+
+class Crashed(OSError):
+    """The process died at this storage call."""
+
+
+class CrashingDisk:
+    """Counts storage calls. Call `at` (0: never) fails: with `refuse` (an errno) it is refused
+    and later calls go on, as a full or failing disk does; without, the process crashed there,
+    and every later call raises Crashed."""
+
+    def __init__(self, at: int = 0, refuse: int | None = None) -> None:
+        self.at = at
+        self.refuse = refuse
+        self.calls = 0
+        self.crashed = False
+        self.refused = False
+
+    def step(self, what: str) -> bool:
+        """Count a call; False when it is the fault point (the caller tears it and raises
+        `failure`), raise after a crash."""
+        if self.crashed:
+            raise Crashed(f"dead before {what}")
+        self.calls += 1
+        if self.calls != self.at:
+            return True
+        if self.refuse is None:
+            self.crashed = True
+        else:
+            self.refused = True
+        return False
+
+    def failure(self, what: str) -> OSError:
+        """The error of the call at the fault point."""
+        if self.refuse is None:
+            return Crashed(f"at {what}")
+        return OSError(self.refuse, f"{os.strerror(self.refuse)} (injected at {what})")
+
+
+DiskFor = Callable[[], CrashingDisk | None]
+"""The disk of the storage call being made (None: the real one, uncounted)."""
+
+FULL, EIO = errno.ENOSPC, errno.EIO
+"""The refusals a disk makes."""
+
+
+def _step(disk_for: DiskFor, what: str) -> None:
+    disk = disk_for()
+    if disk is not None and not disk.step(what):
+        raise disk.failure(what)
+
+
+class _OS:
+    """`os` for nodes/durable.py, with fsync, replace and unlink going through the disk."""
+
+    def __init__(self, disk_for: DiskFor) -> None:
+        self._disk_for = disk_for
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def fsync(self, fd: int) -> None:
+        _step(self._disk_for, "fsync")
+        os.fsync(fd)
+
+    def replace(self, src: Any, dst: Any) -> None:
+        _step(self._disk_for, "rename")
+        os.replace(src, dst)
+
+    def unlink(self, path: Any) -> None:
+        _step(self._disk_for, "unlink")
+        os.unlink(path)
+
+
+class _File:
+    """A file opened for writing whose write lands torn (its first half) at the fault point."""
+
+    def __init__(self, f: Any, disk: CrashingDisk) -> None:
+        self._f = f
+        self._disk = disk
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def write(self, data: Any) -> int:
+        if not self._disk.step("write"):
+            self._f.write(bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
+            self._f.flush()
+            raise self._disk.failure("a torn write")
+        return int(self._f.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def install(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
+    """Put the fault-injecting layer under nodes/durable.py: each storage call made goes through
+    `disk_for()`'s disk."""
+
+    def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
+        disk = disk_for()
+        return _File(f, disk) if "w" in mode and disk is not None else f
+
+    monkeypatch.setattr(durable, "os", _OS(disk_for))
+    monkeypatch.setattr(durable, "open", opened, raising=False)
+
+
+class Disks:
+    """A disk per write-ahead thread (one per node, a restarted node's a new one): a dead node's
+    thread keeps its crashed disk, so nothing it still had queued lands after its death."""
+
+    def __init__(self) -> None:
+        self.of: dict[threading.Thread, CrashingDisk] = {}
+
+    def __call__(self) -> CrashingDisk | None:
+        return self.of.get(threading.current_thread())
+
+    def give(self, node: Node, disk: CrashingDisk) -> None:
+        """`node`'s storage calls go through `disk` from now on."""
+        assert node.store.wal is not None, f"{node.name} has no store"
+        self.of[node.store.wal._thread] = disk
+
+
+_MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
+"""What a node sends that a protocol counts on (heartbeats come whenever the clock says)."""
+
+
+class Death:
+    """What becomes of a node: it dies at its storage call `at` (the disk crashes there: see
+    CrashingDisk), or just before it sends its request or reply number `message` it dies, or
+    freezes if `freeze` (0: never). `disk` may be given instead of `at` (a refusing one)."""
+
+    def __init__(self, at: int = 0, message: int = 0, freeze: bool = False, disk: CrashingDisk | None = None) -> None:
+        self.disk = disk or CrashingDisk(at)
+        self.message = message
+        self.freeze_at_message = freeze
+        self.messages = 0
+        self.frozen = False
+        self._held: list[list[Any]] = []
+        self._node: Node | None = None
+
+    @property
+    def dead(self) -> bool:
+        """Whether the node died (it sends nothing and its disk fails every call)."""
+        return self.disk.crashed
+
+    def watch(self, node: Node) -> None:
+        """Count and cut what `node` sends: its replies, forwards and heartbeats all leave
+        through its link's `_push_frames` (`forget` puts that back)."""
+        self._node = node
+        push = node.link._push_frames
+
+        def sent(frames: list[Any]) -> None:
+            if not self.frozen and frames[1] in _MESSAGES:
+                self.messages += 1
+                if self.messages == self.message:
+                    if self.freeze_at_message:
+                        self.freeze()
+                    else:
+                        self.disk.crashed = True  # storage calls from now on fail
+            if self.frozen:
+                self._held.append(frames)
+            elif not self.disk.crashed:
+                push(frames)
+
+        node.link._push_frames = sent  # type: ignore[method-assign]
+
+    def kill(self) -> None:
+        """Die now, as kill -9 (or a fail-stop's exit) does: the disk fails every call from here,
+        nothing more is sent, and the harness's stop of the node sends no goodbye either (a death
+        at a storage call or message does send one when the node is stopped, unless killed too:
+        tests/test_crash_points.py lets peers learn of it at once)."""
+        self.disk.crashed = True
+        if self._node is not None:
+            session = self._node.link.session
+
+            def silent() -> list[Any]:  # what the link's close sends instead: a beat, never heard again
+                session.closed = True
+                return envelope.message(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
+
+            session.goodbye = silent  # type: ignore[method-assign]
+
+    def freeze(self) -> None:
+        """Stop as SIGSTOP does: read nothing (zmq queues it), send nothing (held in order), and
+        let no heartbeat or request deadline of the node's own pass (its clock stands still).
+        Its computations and disk writes already under way still finish."""
+        assert self._node is not None
+        link = self._node.link
+        self.frozen = True
+        link.pause_reading()
+        link.session.tick = lambda now: []  # type: ignore[method-assign]
+        link.session.next_deadline = lambda: None  # type: ignore[method-assign]
+
+    def thaw(self) -> None:
+        """Go on as SIGCONT does: what it held is sent, in order, and it reads again."""
+        assert self._node is not None and self.frozen
+        link = self._node.link
+        del link.session.tick, link.session.next_deadline
+        self.frozen = False
+        held, self._held = self._held, []
+        for frames in held:
+            link._push_frames(frames)
+        link.resume_reading()
+        link._arm()
+
+    @staticmethod
+    def forget(node: Node) -> None:
+        """`node` sends as it did before it was watched (if it was)."""
+        node.link.__dict__.pop("_push_frames", None)
