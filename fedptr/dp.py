@@ -102,7 +102,7 @@ async def secure_mean(
     name = aggregator if isinstance(aggregator, str) else aggregator.name
     client = values[0].client
     round_id = secrets.token_bytes(16)
-    joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name)) for v in values]
+    joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name, owners)) for v in values]
     joined = await asyncio.gather(*joins, return_exceptions=True)
     dropped: dict[str, str] = {}
     for owner, outcome in zip(owners, joined, strict=True):

@@ -492,12 +492,14 @@ class SecureMeanReply(Message):
 @dataclass(frozen=True, slots=True)
 class SecAggJoin(Message):
     """client -> data owner: let aggregator `aggregator` run secure aggregation round
-    `round_id` over object `obj_id` (derived from this owner's data alone). Reply: Ok."""
+    `round_id` over object `obj_id` (derived from this owner's data alone), among `owners`
+    (the client's: the aggregator may name no other). Reply: Ok."""
 
     KIND: ClassVar[int] = 47
     round_id: bytes
     obj_id: int
     aggregator: str
+    owners: list[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,8 @@ class _Joined:
     client: str
     obj_id: int
     aggregator: str
+    owners: frozenset[str]
+    """The owners the client named (`SecAggJoin`): the aggregator's round may name no other."""
     protocol: secagg.Owner
     expiry: asyncio.TimerHandle
     told: asyncio.Future[secagg.UnmaskRequest]
@@ -124,7 +126,9 @@ class SecureRounds:
             limits.SECAGG_ROUND_TIMEOUT_S, self._joined.pop, msg.round_id, None
         )
         told: asyncio.Future[secagg.UnmaskRequest] = asyncio.get_running_loop().create_future()
-        self._joined[msg.round_id] = _Joined(source, msg.obj_id, msg.aggregator, secagg.Owner(node.name), expiry, told)
+        self._joined[msg.round_id] = _Joined(
+            source, msg.obj_id, msg.aggregator, frozenset(msg.owners), secagg.Owner(node.name), expiry, told
+        )
         node.reply(source, rid, wire.Ok())
 
     def _round(self, round_id: bytes, source: str) -> _Joined:
@@ -185,6 +189,10 @@ class SecureRounds:
             # its neighbours: with n odd that splits the honest owners into two confirmed stories
             # that together unmask one of them (tests/test_secagg.py, the colluding owner)
             raise PermissionDenied(self.node.name, f"{joined.aggregator!r} is its aggregator, not one of its owners")
+        strangers = set(config.owners) - joined.owners
+        if strangers:
+            # a node of the aggregator's own named an owner would be that colluder too
+            raise PermissionDenied(self.node.name, f"its client did not name {sorted(strangers)} owners of this round")
         own = self.node.config
         # the sum's noise, sigma C, must cover this owner's sensitivity times its own sigma
         if config.noise_multiplier * config.clip < own.dp_noise_multiplier * min(own.dp_clip, config.clip):

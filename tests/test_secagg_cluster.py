@@ -142,7 +142,9 @@ async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "a
     """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
     round_id = secrets.token_bytes(16)
     for v in vs:
-        await c.client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, aggregator))
+        await c.client.call(
+            v.location, wire.SecAggJoin(round_id, v.id_at_location, aggregator, [v.location for v in vs])
+        )
     return round_id
 
 
@@ -225,6 +227,28 @@ async def test_an_owner_refuses_its_aggregator_as_an_owner(owners: tuple[fedptr.
         round_id, everyone, 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
     )
     with pytest.raises(fedptr.PermissionDenied, match="its aggregator"):
+        await c.client.call("o1", share)
+
+
+@MODULE_LOOP
+async def test_an_owner_refuses_owners_its_client_did_not_name(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """The client asked for a round of o1-o4; the aggregator (the client plays it here) names
+    o5 an owner too, standing for a node of the aggregator's own: a colluder that confirms any
+    story and hands over both shares (tests/test_secagg.py, the colluding owner). Each owner
+    refuses a round with an owner its client did not name, before it shares a key."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name)
+    everyone = sorted([*OWNERS, POOR])
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    sybil = sa.Owner(POOR).public_keys
+    relayed[POOR] = [sybil.cipher, sybil.mask]
+    config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
+    share = wire.SecAggShare(
+        round_id, everyone, 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    with pytest.raises(fedptr.PermissionDenied, match="did not name"):
         await c.client.call("o1", share)
 
 

@@ -69,7 +69,7 @@ SAMPLES: list[wire.Message] = [
     wire.PlanReply([[2, 3], []], ["float32", "int64"]),
     wire.SecureMean(14, bytes(16), ["bob", "alice"], [3, 2], 2),
     wire.SecureMeanReply([3, 2], "float32", {"bob": 0.5}, {"bob": 2.5}, {"alice": "advertise: lost"}),
-    wire.SecAggJoin(bytes(16), 15, "agg"),
+    wire.SecAggJoin(bytes(16), 15, "agg", ["alice", "bob"]),
     wire.SecAggAdvertise(bytes(16)),
     wire.SecAggPeerKeys(bytes(16)),
     wire.SecAggKeys(bytes(32), b"\1" * 32, 1.0, 1.1),
