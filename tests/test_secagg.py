@@ -358,7 +358,8 @@ def test_an_aggregator_that_tells_each_owner_a_different_story_cannot_unmask_one
 @pytest.mark.xfail(
     strict=True,
     reason="one colluding owner confirms two stories when n is odd: signed survivor sets are not built "
-    "(docs/PRIVACY.md, What is left); nodes/secure.py keeps the aggregator itself out of the owners",
+    "(docs/PRIVACY.md, What is left); nodes/secure.py keeps the aggregator and owners the client did "
+    "not name out of the round",
 )
 def test_one_colluding_owner_and_two_stories_cannot_unmask_one_owner() -> None:
     """Five owners, the complete graph (k = 4, t = 3): 2t - k = 2, so one colluding owner
@@ -368,7 +369,8 @@ def test_one_colluding_owner_and_two_stories_cannot_unmask_one_owner() -> None:
     dropped, the victim surviving in both. The victim's self mask comes from every neighbour,
     and each neighbour's mask key from the other story's owners plus the colluder: the victim's
     input comes back. A malicious aggregator that names itself (or a node of its own) an owner
-    is that colluder; the node refuses its own aggregator as an owner, not a second node."""
+    is that colluder; an owner node refuses both (its aggregator, and any owner its client did
+    not name: tests/test_secagg_cluster.py), not a node a colluding client names."""
     cfg = config(5, threshold=0, dim=8)
     assert (cfg.degree, cfg.threshold) == (4, 3)
     values = inputs(cfg, seed=4)
