@@ -263,10 +263,16 @@ class DirectPaths:
         except ValueError:
             return wire.DirectTicket("", b"")
         self.forget(peer)
+        if len(self._admitted) >= limits.DIRECT_MAX_KEYS:
+            # one client key may register any number of names, each offering a key: forgetting
+            # the oldest admission whoever held it dropped a path in use (its lane, not told,
+            # kept sending chunks into the void). Only one without a greeted connection goes.
+            idle = next((k for k, (p, _) in self._admitted.items() if p not in self._routes), None)
+            if idle is None:
+                return wire.DirectTicket("", b"")  # every path is in use: this peer's take the broker
+            self.sources.discard(self._admitted.pop(idle)[0])
         self._admitted[key] = (peer, channel)
         self.sources.add(peer)
-        while len(self._admitted) > limits.DIRECT_MAX_KEYS:
-            self.sources.discard(self._admitted.popitem(last=False)[1][0])
         return wire.DirectTicket(self.endpoint, public)
 
     def forget(self, peer: bytes) -> None:

@@ -92,7 +92,8 @@ DIRECT_RETRY_S = 30.0
 this long before it is tried again."""
 
 DIRECT_MAX_KEYS = 1_024
-"""Most peers' keys a worker's direct data socket admits at once (the oldest is forgotten)."""
+"""Most peers' keys a worker's direct data socket admits at once: then the oldest admission whose
+peer has not greeted is forgotten, or, every path being in use, a new peer gets no ticket."""
 
 DIRECT_SEAL_OVERHEAD_BYTES = 1 << 16
 """Bytes a sealed direct-path message may add to its chunk (its envelope, 16 bytes of tag), 64 KiB:

@@ -22,7 +22,7 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 import fedptr
-from fedptr import envelope, wire
+from fedptr import envelope, limits, wire
 from fedptr.direct import DirectPaths, _channel
 from fedptr.session import Incoming, Send, Session
 from fedptr.streams import Reassembly, split
@@ -322,6 +322,42 @@ async def test_a_lane_refused_at_the_handshake_fails_at_once(
         assert "handshake failed auth" in caplog.text, caplog.text
     finally:
         client.close()
+
+
+async def test_peers_admitted_in_bulk_cannot_evict_a_path_in_use(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client key may register any number of client names with the broker, and each name's
+    offer is admitted. At `limits.DIRECT_MAX_KEYS` the oldest admission was forgotten, whoever
+    held it: alice's open path among them, while her lane still took her chunks and the worker
+    dropped every one (each of her transfers stalled to its deadline, for as long as the lane
+    stayed up). Now the oldest admission without a path in use goes, or the newcomer gets no
+    ticket (its chunks take the broker)."""
+    monkeypatch.setattr(limits, "DIRECT_MAX_KEYS", 2)
+    server, got = worker_socket
+    alice = DirectPaths(lambda peer, frames: None)
+
+    async def ticket(key: bytes) -> wire.Message:
+        return server.admit(b"alice", key)
+
+    try:
+        await alice.open(b"bob", ticket)
+        assert alice.ready(b"bob", envelope.REQUEST)
+        for name in (b"mallory-1", b"mallory-2", b"mallory-3"):
+            server.admit(name, zmq.curve_keypair()[0])
+        data = bytes(range(256)) * 16
+        assert alice.send(b"bob", envelope.REQUEST, chunk(b"rid-0003", 0, data))
+
+        async def arrived() -> bool:
+            return bool(got)
+
+        assert await eventually(arrived, timeout=10.0), "alice's chunk was dropped: her admission was evicted"
+        assert got == [(b"alice", chunk(b"rid-0003", 0, data))]
+        server.forget(b"mallory-3")
+        monkeypatch.setattr(limits, "DIRECT_MAX_KEYS", 1)  # alice's path, in use, fills the table
+        assert server.admit(b"mallory-4", zmq.curve_keypair()[0]) == wire.DirectTicket("", b"")
+    finally:
+        alice.close()
 
 
 async def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
