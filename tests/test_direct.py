@@ -360,6 +360,24 @@ async def test_peers_admitted_in_bulk_cannot_evict_a_path_in_use(
         alice.close()
 
 
+async def test_a_key_admitted_again_gets_new_keys_so_no_nonce_repeats_under_one(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """The same peer key offered twice (a resent offer, a peer that came back): each path's
+    counters start at 1, so the second admission must not reuse the first one's AES keys (a
+    nonce repeated under AES-GCM leaks the plaintexts' XOR and the authentication key). Each
+    admission's worker key pair is new: what was sealed for the first does not open under the
+    second, and the first's token no longer passes the handshake."""
+    server, _ = worker_socket
+    public, secret = zmq.curve_keypair()
+    first = _channel(public, secret, server.admit(b"alice", public).key, True)
+    second = _channel(public, secret, server.admit(b"alice", public).key, True)
+    sealed = first.seal(GREETING)
+    assert sealed[1] == second.seal(GREETING)[1]  # the same counter...
+    assert server._admitted[public][1].open(sealed[1], sealed[2]) is None  # ...under another key
+    assert first.token != second.token
+
+
 async def test_a_stranger_queues_at_most_a_few_chunks_on_the_data_socket(
     worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
 ) -> None:
