@@ -488,7 +488,7 @@ class Link:
             if self._paused:
                 return
             try:
-                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES)
+                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
             except zmq.Again:
                 break
             self.bytes_received += sum(len(f) for f in frames)
