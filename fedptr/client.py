@@ -477,6 +477,14 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
+        if self._deletes and not self._link.batching:
+            # The first request of a loop turn would leave alone at once, and the deletes queued
+            # since the last turn in a multipart of their own just after: they go together,
+            # ahead of it, so the broker and the worker wake once for both (each op awaited in
+            # turn drops the previous result: one wake per op instead of two).
+            with self._link.batched():
+                self._flush_deletes()
+                return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:

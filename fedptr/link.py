@@ -443,6 +443,12 @@ class Link:
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
 
+    @property
+    def batching(self) -> bool:
+        """Whether messages pushed now join a BATCH still open (a message went out alone this
+        loop turn already, or a `batched` block is running)."""
+        return self._batch is not None
+
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
         """Send the requests and replies pushed in the block as one BATCH, at its end (they

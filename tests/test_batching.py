@@ -35,6 +35,22 @@ async def test_lone_message_is_sent_at_once(client: fedptr.Client, bob: fedptr.W
     await y
 
 
+async def test_deletes_queued_before_a_lone_request_leave_in_its_multipart(
+    client: fedptr.Client, bob: fedptr.Worker
+) -> None:
+    x = await bob.send(torch.ones(1))
+    y = await (x + 1)
+    dropped = y.id_at_location
+    link = client.link
+    multiparts, messages = link.multiparts_sent, link.messages_sent
+    del y  # its delete is queued for the next loop turn
+    z = x + 2  # the turn's first request leaves at once, and the delete with it, ahead of it
+    assert (link.multiparts_sent, link.messages_sent) == (multiparts + 1, messages + 2)
+    await z
+    assert link.multiparts_sent == multiparts + 1  # no multipart of its own for the delete
+    assert dropped not in await bob.objects()
+
+
 async def test_errors_inside_a_batch_stay_with_their_request(client: fedptr.Client, bob: fedptr.Worker) -> None:
     alice = client.worker("alice")
     results = await asyncio.gather(
