@@ -406,8 +406,12 @@ class Link:
                         continue
                 self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
             return
-        if self._batch is not None:
-            self._batch.append(message)
+        batch = self._batch
+        if batch is not None:
+            batch.append(message)
+            if len(batch) >= limits.BATCH_MAX_MESSAGES:  # full: out now, the turn goes on with a new one
+                self._batch = []
+                self._push_frames(envelope.pack_batch(batch))
             return
         self._push_frames(envelope.framed(message))
         self._batch = []
