@@ -597,6 +597,16 @@ class SecAggUnmasked(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SecAggConfirm(Message):
+    """owner -> owner: which unmask request were you told in round `round_id`? An owner reveals
+    shares only when more than half of the round's owners say they were told the very same one
+    (the broker authenticates who answers). Reply: SecAggUnmask, as told."""
+
+    KIND: ClassVar[int] = 57
+    round_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStats(Message):
     """Ask a node for its operating figures (objects, bytes, memory, traffic, uptime). Reply:
     NodeStatsReply. Answered to any peer: it holds counts, never values."""
@@ -679,6 +689,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SecAggMasked,
     SecAggUnmask,
     SecAggUnmasked,
+    SecAggConfirm,
     DirectOffer,
     DirectTicket,
 )
