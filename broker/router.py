@@ -252,7 +252,10 @@ class Broker:
         timed = self.stats.timed
         for _ in range(limits.BROKER_DRAIN_BATCH):
             try:
-                frames = recv_frames(sock, 1 + envelope.ENVELOPE_FRAMES if self.bound_keys is None else 0)
+                if self.bound_keys is None:  # small frames as bytes: relayed by copy, no Frame object per frame
+                    frames = recv_frames(sock, 1 + envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
+                else:  # secure: each frame's User-Id is read from its Frame
+                    frames = recv_frames(sock, 0)
             except zmq.Again:
                 break
             if self.bound_keys is not None:

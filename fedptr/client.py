@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import threading
 import weakref
@@ -309,6 +308,7 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._outstanding: set[asyncio.Future[wire.Message]] = set()
+        """Client-side steps still running (`track`); requests in flight are the link's."""
         self._effects: dict[asyncio.Future[wire.Message], str] = {}
         self._deletes: dict[str, list[int]] = defaultdict(list)
         self._unsure: set[str] = set()
@@ -319,10 +319,12 @@ class Client:
         self._open = True
         self.recording: Recorder | None = None
         """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
+        link.on_settled = self._replied
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
-        return f"<Client {self.name} at {self._link.address}, {len(self._outstanding)} in flight, {state}>"
+        in_flight = self._link.in_flight + len(self._outstanding)
+        return f"<Client {self.name} at {self._link.address}, {in_flight} in flight, {state}>"
 
     @property
     def name(self) -> str:
@@ -391,13 +393,7 @@ class Client:
         ClientClosedError once the client is closed; UsageError while a plan is recorded."""
         self._not_recording(f"wait for a {type(msg).__name__} reply")
         self._flush_deletes()
-        try:
-            reply = await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
-        except FedptrError as e:
-            self._heard(dest, e)
-            raise
-        self._heard(dest, None)
-        return reply
+        return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
 
     async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
@@ -481,12 +477,19 @@ class Client:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
         self._not_recording(f"send a {type(msg).__name__}")
-        fut = self.track(self._link.request_nowait(location, msg, self.timeout))
-        fut.add_done_callback(functools.partial(self._replied, location))
-        return fut
+        if self._deletes and not self._link.batching:
+            # The first request of a loop turn would leave alone at once, and the deletes queued
+            # since the last turn in a multipart of their own just after: they go together,
+            # ahead of it, so the broker and the worker wake once for both (each op awaited in
+            # turn drops the previous result: one wake per op instead of two).
+            with self._link.batched():
+                self._flush_deletes()
+                return self._link.request_nowait(location, msg, self.timeout)
+        return self._link.request_nowait(location, msg, self.timeout)
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
-        """Count `fut` among this client's outstanding work (see `Worker.objects`) until it settles."""
+        """Count client-side step `fut` (a task) among this client's outstanding work (see
+        `Worker.objects`) until it settles; requests are counted by the link."""
         self._outstanding.add(fut)
         fut.add_done_callback(self._op_settled)
         return fut
@@ -562,8 +565,9 @@ class Client:
     async def _settle(self) -> None:
         """Wait until every operation this client issued has settled (ok or failed)."""
         self._flush_deletes()
-        if self._outstanding:
-            await asyncio.wait(list(self._outstanding))
+        outstanding = [*self._outstanding, *self._link.pending()]
+        if outstanding:
+            await asyncio.wait(outstanding)
 
     def unwrap(
         self, reply: wire.Message, result_meta: torch.Tensor | None = None
@@ -580,6 +584,9 @@ class Client:
 
     # --- deletes a lost worker may have missed --------------------------------------------
     def _replied(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
+        """Every request the link settles (`Link.on_settled`): its error is retrieved here (it
+        is raised to whoever awaits the pointer; never "unretrieved"), and it tells whether
+        `location` answers."""
         if not fut.cancelled():
             e = fut.exception()
             self._heard(location, e if isinstance(e, FedptrError) else None)

@@ -85,6 +85,10 @@ class Link:
         or ``FEDPTR_PROGRESS=1``) and stderr is a terminal."""
         self.on_reply: Callable[[wire.Message], None] | None = None
         """Called with every reply this link decodes (for audits: what reached this client)."""
+        self.on_settled: Callable[[str, asyncio.Future[wire.Message]], None] | None = None
+        """Called with the destination and the future of every request just settled (a reply,
+        an error or a deadline): the client's bookkeeping per worker, without a done callback,
+        its context and its loop turn per request."""
         self.on_session_ended: Callable[[str], None] | None = None
         """Called with a client's name when the broker says its session ended (it said goodbye
         or its connection closed): a worker reclaims what that client owned."""
@@ -288,6 +292,10 @@ class Link:
         return reply.names
 
     # --- session events ----------------------------------------------------------------
+    def pending(self) -> list[asyncio.Future[wire.Message]]:
+        """The futures of the requests not settled yet."""
+        return list(self._futures.values())
+
     def _check_open(self, dest: str) -> None:
         if self._closed:
             raise ClientClosedError(self.name, dest)
@@ -327,6 +335,8 @@ class Link:
                     if self.on_reply is not None:
                         self.on_reply(event.result)
                     fut.set_result(event.result)
+                if self.on_settled is not None:
+                    self.on_settled(event.dest, fut)
             elif isinstance(event, Send):
                 self._push(event.message)
             elif isinstance(event, Incoming):
@@ -382,8 +392,12 @@ class Link:
             and self._stream(message)
         ):
             return
-        if self._batch is not None:
-            self._batch.append(message)
+        batch = self._batch
+        if batch is not None:
+            batch.append(message)
+            if len(batch) >= limits.BATCH_MAX_MESSAGES:  # full: out now, the turn goes on with a new one
+                self._batch = []
+                self._push_frames(envelope.pack_batch(batch))
             return
         self._push_frames(envelope.framed(message))
         self._batch = []
@@ -448,6 +462,12 @@ class Link:
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
 
+    @property
+    def batching(self) -> bool:
+        """Whether messages pushed now join a BATCH still open (a message went out alone this
+        loop turn already, or a `batched` block is running)."""
+        return self._batch is not None
+
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
         """Send the requests and replies pushed in the block as one BATCH, at its end (they
@@ -493,7 +513,7 @@ class Link:
             if self._paused:
                 return
             try:
-                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES)
+                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
             except zmq.Again:
                 break
             self.bytes_received += sum(len(f) for f in frames)

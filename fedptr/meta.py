@@ -110,6 +110,9 @@ def _function(op: str) -> Callable[..., Any] | None:
     return _SPECIAL.get(op) or TORCH.get(op)
 
 
+_ATOMS = frozenset({bool, int, float, str, type(None)})
+
+
 class _Uncacheable(Exception):
     """An argument has no structural key (its result is inferred every time)."""
 
@@ -117,19 +120,22 @@ class _Uncacheable(Exception):
 def _key(value: Any, pinned: list[object]) -> Hashable:
     """What the result of an op depends on in `value`: shapes, dtypes, requires_grad, scalars.
     A model is keyed by identity and pinned, so its id is not reused while the entry lives."""
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype, value.requires_grad)
+    kind = type(value)  # cheap checks first: this runs for every operand of every op
+    if kind is torch.Tensor or isinstance(value, torch.Tensor):
+        return ("T", value.shape, value.dtype, value.requires_grad)  # a torch.Size hashes as its tuple
+    if kind in _ATOMS:
+        return (kind.__name__, value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple([_key(v, pinned) for v in value]))
+    if kind is dict or isinstance(value, Mapping):
+        return ("D", tuple(sorted((str(k), _key(v, pinned)) for k, v in value.items())))
     if isinstance(value, nn.Module):
         pinned.append(value)
         return ("M", id(value))
-    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if value is Ellipsis or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return (type(value).__name__, value)
     if isinstance(value, slice):
         return ("S", _key(value.start, pinned), _key(value.stop, pinned), _key(value.step, pinned))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_key(v, pinned) for v in value))
-    if isinstance(value, Mapping):
-        return ("D", tuple(sorted((str(k), _key(v, pinned)) for k, v in value.items())))
     raise _Uncacheable
 
 

@@ -58,6 +58,10 @@ _TORCH_NAMES: dict[Any, str] = dispatched()
 _TORCH_NAMES[torch.Tensor.__getitem__] = "getitem"
 
 
+_PLAIN = frozenset({bool, int, float, str, type(None)})
+"""Argument types that go to torch as they are."""
+
+
 class _Unknown(Exception):
     """An operand's shape is not known yet, so the result's cannot be inferred."""
 
@@ -89,20 +93,23 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
 
 def _to_meta(value: Any) -> Any:
     """`value` with pointers and tensors replaced by their meta tensors (models by meta models)."""
-    if isinstance(value, ModulePointer):
-        return value.meta_model
+    kind = type(value)  # the cheap and common checks first: this runs for every operand of every op
+    if kind in _PLAIN:
+        return value
     if isinstance(value, Pointer):
+        if isinstance(value, ModulePointer):
+            return value.meta_model
         if value.meta is None:
             raise _Unknown
         return value.meta
+    if isinstance(value, (list, tuple)):
+        return type(value)([_to_meta(v) for v in value])
+    if kind is dict or isinstance(value, Mapping):
+        return {k: _to_meta(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         return meta.of_tensor(value)
     if isinstance(value, slice):
         return slice(_to_meta(value.start), _to_meta(value.stop), _to_meta(value.step))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_meta(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _to_meta(v) for k, v in value.items()}
     return value
 
 

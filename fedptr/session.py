@@ -57,11 +57,12 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """Request `rid` ended: with `result`, or with `error` (exactly one is set)."""
+    """Request `rid`, sent to `dest`, ended: with `result`, or with `error` (exactly one is set)."""
 
     rid: bytes
     result: wire.Message | None = None
     error: FedptrError | None = None
+    dest: str = ""
 
 
 class Incoming(NamedTuple):
@@ -215,7 +216,11 @@ class Session:
 
     def fail_all(self, error: Callable[[str], FedptrError]) -> list[Event]:
         """Settle every pending request with `error(destination)` (the link is closing)."""
-        return [Settled(rid, error=error(p.dest)) for rid, p in list(self._pending.items()) if self._forget(rid)]
+        return [
+            Settled(rid, error=error(p.dest), dest=p.dest)
+            for rid, p in list(self._pending.items())
+            if self._forget(rid)
+        ]
 
     @property
     def in_flight(self) -> int:
@@ -251,7 +256,7 @@ class Session:
             p = self._pending.get(rid)
             if p is not None and p.deadline <= now:
                 self._forget(rid)
-                events.append(Settled(rid, error=DeadlineExceeded(p.dest, p.seconds, [p.dest])))
+                events.append(Settled(rid, error=DeadlineExceeded(p.dest, p.seconds, [p.dest]), dest=p.dest))
         if now >= self._next_beat and self._registration:
             events.extend(self._beat(now))
         return events
@@ -268,7 +273,7 @@ class Session:
             self.registered = False
             for rid, p in list(self._pending.items()):
                 if self._forget(rid):
-                    events.append(Settled(rid, error=LostWorkerError(p.dest, ["broker"])))
+                    events.append(Settled(rid, error=LostWorkerError(p.dest, ["broker"]), dest=p.dest))
         if not self.registered:
             events.append(Send(self._reregister(now)))
         elif now - self._last_sent >= self.heartbeat_s:
@@ -431,7 +436,7 @@ class Session:
     def _on_lost(self, name: str, body: list[Any], events: list[Event]) -> None:
         for rid, p in list(self._pending.items()):
             if p.dest == name and self._forget(rid):
-                events.append(Settled(rid, error=LostWorkerError(name)))
+                events.append(Settled(rid, error=LostWorkerError(name), dest=name))
         is_client = len(body) >= 2 and bytes(body[0]) == envelope.ROLE_CLIENT
         if is_client and bytes(body[1]) in (envelope.GONE_DISCONNECTED, envelope.GONE_CLOSED):
             events.append(SessionEnded(name))
@@ -472,8 +477,9 @@ class Session:
     def _settle(
         self, rid: bytes, events: list[Event], result: wire.Message | None = None, error: FedptrError | None = None
     ) -> None:
-        if self._forget(rid):
-            events.append(Settled(rid, result, error))
+        p = self._pending.pop(rid, None)
+        if p is not None:
+            events.append(Settled(rid, result, error, p.dest))
 
 
 def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import secrets
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,6 +90,7 @@ class Ref:
 _EXT_TENSOR = 1
 _EXT_REF = 2
 _INT64 = struct.Struct("<q")
+_UINT64 = struct.Struct("<Q")
 
 Value: TypeAlias = bool | int | float | str | RawTensor | Ref | list["Value"] | dict[str, "Value"] | None
 """What an operation argument may be: plain scalars, strings, lists, str-keyed maps,
@@ -814,9 +815,18 @@ def _rewrite(value: Any, ids: dict[int, int]) -> Any:
     return value
 
 
+_ID_POOL: list[int] = []
+"""Object ids drawn ahead from the OS's random source, 512 at a time: a draw per id was a
+`getrandom` call and 1.1 µs on every op a client issues (0.2 µs from the pool)."""
+os.register_at_fork(after_in_child=_ID_POOL.clear)  # a forked node must not reuse its parent's ids
+
+
 def new_object_id() -> int:
-    """A fresh object id: random, so that ids chosen by different peers never collide."""
-    return secrets.randbits(63)
+    """A fresh object id: random (63 bits from `os.urandom`), so that ids chosen by different
+    peers never collide."""
+    if not _ID_POOL:
+        _ID_POOL.extend(v >> 1 for (v,) in _UINT64.iter_unpack(os.urandom(8 * 512)))
+    return _ID_POOL.pop()
 
 
 def deletes(ids: Sequence[int]) -> list[Delete]:

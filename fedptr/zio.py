@@ -2,8 +2,8 @@
 
 pyzmq's `send_multipart`/`recv_multipart` wrap every frame in enum arithmetic and option
 lookups that cost several microseconds per message; these call the Cython backend directly with
-plain integer flags. Envelope frames (small) are received as bytes; later frames as zero-copy
-`zmq.Frame`s, so a tensor's buffer is never copied on receipt.
+plain integer flags. Envelope frames (and, if asked, any small frame) are received as bytes,
+the others as zero-copy `zmq.Frame`s, so a tensor's buffer is never copied on receipt.
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     _send(sock, frames[last], _NOBLOCK, False)
 
 
-def recv_frames(sock: zmq.Socket[Any], copied: int) -> list[Any]:
-    """Receive one message without blocking: its first `copied` frames as bytes, the rest as
-    zmq.Frame (zero copy). Raises zmq.Again when nothing is waiting. (Each frame's `more` flag
-    is read from the frame itself: asking the socket for RCVMORE costs an enum per frame.)"""
+def recv_frames(sock: zmq.Socket[Any], copied: int, copy_below: int = 0) -> list[Any]:
+    """Receive one message without blocking: its first `copied` frames as bytes, later frames
+    shorter than `copy_below` bytes as bytes too, and the rest as zmq.Frame (zero copy). Raises
+    zmq.Again when nothing is waiting. (Each frame's `more` flag is read from the frame itself:
+    asking the socket for RCVMORE costs an enum per frame; receiving every frame as a Frame and
+    copying the small ones costs less than that.)"""
     frame = _recv(sock, _NOBLOCK, False)
-    frames: list[Any] = [frame.bytes if copied > 0 else frame]
+    frames: list[Any] = [frame.bytes if copied > 0 or len(frame) < copy_below else frame]
     while frame.more:
         frame = _recv(sock, _NOBLOCK, False)
-        frames.append(frame.bytes if len(frames) < copied else frame)
+        frames.append(frame.bytes if len(frames) < copied or len(frame) < copy_below else frame)
     return frames
 
 

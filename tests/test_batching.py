@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fedptr
-from fedptr import wire
+from fedptr import limits, wire
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
@@ -33,6 +33,33 @@ async def test_lone_message_is_sent_at_once(client: fedptr.Client, bob: fedptr.W
     y = x + 1  # no await: it must already be on the socket, not waiting for the loop
     assert client.link.multiparts_sent == before + 1
     await y
+
+
+async def test_a_long_turn_leaves_in_batches_as_they_fill(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(1))
+    link = client.link
+    before = link.multiparts_sent
+    ys = [x + i for i in range(2 * limits.BATCH_MAX_MESSAGES + 1)]  # one loop turn
+    # the first alone, then each batch as soon as it is full: none waits for the turn's end
+    assert link.multiparts_sent == before + 3
+    results = await asyncio.gather(*[y.get() for y in ys])
+    assert all(torch.equal(r, torch.ones(1) + i) for i, r in enumerate(results))  # type: ignore[arg-type]
+
+
+async def test_deletes_queued_before_a_lone_request_leave_in_its_multipart(
+    client: fedptr.Client, bob: fedptr.Worker
+) -> None:
+    x = await bob.send(torch.ones(1))
+    y = await (x + 1)
+    dropped = y.id_at_location
+    link = client.link
+    multiparts, messages = link.multiparts_sent, link.messages_sent
+    del y  # its delete is queued for the next loop turn
+    z = x + 2  # the turn's first request leaves at once, and the delete with it, ahead of it
+    assert (link.multiparts_sent, link.messages_sent) == (multiparts + 1, messages + 2)
+    await z
+    assert link.multiparts_sent == multiparts + 1  # no multipart of its own for the delete
+    assert dropped not in await bob.objects()
 
 
 async def test_errors_inside_a_batch_stay_with_their_request(client: fedptr.Client, bob: fedptr.Worker) -> None:

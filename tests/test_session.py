@@ -125,7 +125,7 @@ def registered(net: Net, name: str, role: bytes) -> Session:
     rid, message = s.register(net.now, 5.0)
     net.send(s, message)
     net.run(s)
-    assert net.settled(s) == [Settled(rid, wire.Ok())]
+    assert net.settled(s) == [Settled(rid, wire.Ok(), dest="broker")]
     net.events.clear()
     return s
 
@@ -153,7 +153,7 @@ def test_request_reaches_the_worker_and_its_reply_settles_the_request(net: Net) 
     assert reply is not None
     net.send(bob, reply)
     net.run(bob, client)
-    assert net.settled(client) == [Settled(rid, wire.SearchReply([7]))]
+    assert net.settled(client) == [Settled(rid, wire.SearchReply([7]), dest="bob")]
     assert client.in_flight == 0
 
 
@@ -298,7 +298,8 @@ def test_a_fan_out_is_sent_once_and_each_destination_answers_its_own_request(net
         ("client-1", rid, wire.Search("digits")) for rid in rids
     ]
     net.run(*workers, client)
-    assert sorted(net.settled(client), key=lambda e: rids.index(e.rid)) == [Settled(r, wire.Ok()) for r in rids]
+    settled = sorted(net.settled(client), key=lambda e: rids.index(e.rid))
+    assert settled == [Settled(r, wire.Ok(), dest=w) for r, w in zip(rids, WORKERS, strict=True)]
     assert client.in_flight == 0
 
 
@@ -316,7 +317,7 @@ def test_each_destination_of_a_fan_out_fails_on_its_own(net: Net) -> None:
     net.run(*workers, client)
     net.tick(0.6, client)
     outcome = {e.rid: e for e in net.settled(client)}
-    assert outcome[rids[0]] == Settled(rids[0], wire.Ok())
+    assert outcome[rids[0]] == Settled(rids[0], wire.Ok(), dest="bob")
     assert isinstance(outcome[rids[1]].error, LostWorkerError) and outcome[rids[1]].error.worker == "alice"
     assert isinstance(outcome[rids[2]].error, DeadlineExceeded) and outcome[rids[2]].error.worker == "carol"
     assert isinstance(outcome[rids[3]].error, UnknownWorkerError) and outcome[rids[3]].error.worker == "nobody"

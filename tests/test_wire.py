@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import msgpack
 import numpy as np
@@ -311,3 +312,20 @@ def test_a_dropout_error_crosses_the_wire_with_its_owners_and_phase() -> None:
     error = error_from_failure(decoded)
     assert isinstance(error, DropoutError)
     assert (error.workers, error.phase, error.detail) == (["bob", "carol"], "unmask", "too few answered")
+
+
+def test_object_ids_drawn_in_a_forked_child_are_not_its_parents() -> None:
+    # ids come from a pool drawn ahead; a node forked by the launcher must not inherit it
+    wire.new_object_id()  # the pool is filled in this (the parent) process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first ids, then out without pytest's teardown
+        os.write(write, b" ".join(str(wire.new_object_id()).encode() for _ in range(8)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        child = {int(v) for v in f.read().split()}
+    parent = {wire.new_object_id() for _ in range(8)}
+    assert len(child) == 8 and not child & parent
+    assert all(0 <= i < 2**63 for i in child | parent)
