@@ -21,28 +21,31 @@ One round, between the owners of `Config.owners` and an aggregator that only rel
    (Bonawitz et al.'s check on U2: its self mask alone would not protect it). The senders are U3.
 4. **unmask**: the aggregator names survivors (U3) and dropped (U2 minus U3). Each owner asks
    the named survivors directly which request they were told (the consistency check; nodes/
-   secure.py), and answers only if more than half of the round's owners, itself included,
-   were told the very same one. For each peer it holds shares of, it returns the share of the
+   secure.py), and answers only if a quorum q = floor((n + c) / 2) + 1 of the round's n owners,
+   itself included, were told the very same one (c: the colluders the client's round resists,
+   `Config.colluders`; each owner computes q itself). For each peer it holds shares of, it returns the share of the
    self-mask seed of a survivor, or of the mask key of a dropped peer: never both for one peer.
    It answers once per round, refuses a request that names a peer in both sets, leaves itself
-   out, or has fewer survivors than the round's minimum (then the sum would carry less noise
-   than every owner was charged for).
+   out, or has fewer survivors than the round's minimum m (then the sum would carry less noise
+   than every owner was charged for; m is at least q, so up to n - q owners may drop out of
+   the unmask phase).
 
 The aggregator reconstructs each survivor's b and each dropped owner's s key from t shares,
 removes those masks, and the pairwise masks between survivors cancel.
 
-**Why a lying aggregator gets nothing.** To unmask one owner v it would need t self-mask shares
-and t key shares of v. Its holders are v's k neighbours and each answers one request, so two
-disjoint sets of t holders would need 2t holders, and `Config` requires t > k/2. Colluding with
-fewer than 2t - k of v's neighbours (they would give both shares) keeps that true. Nor can it
-strip v's pair masks with its neighbours' keys under one story: v masks with at least t of them,
-so the holders of b_v and those of the keys would again be two disjoint sets of t. A
-different story for each owner (each told that only it and v survived) would get b_v from v's
-neighbours and each neighbour's key from the others. The consistency check stops it: an owner
-answers only a request that more than half of the round's owners confirm they were told, and
-two such requests cannot both exist.
+**Why a lying aggregator gets nothing**, with up to c colluding owners (they confirm any
+request and hand over both shares they hold). Different stories for different owners (each
+told that only it and v survived, or two halves told two stories) would get b_v from some of
+v's neighbours and the neighbours' keys from others. The consistency check stops it: an honest
+owner answers only a request that q owners confirm, and two requests confirmed by q each would
+need 2q - c > n - c honest owners each told one of them (`Config.quorum`). Under the one story
+answered, v is a survivor (honest holders give shares of b_v) or dropped (of its key), never
+both; the other kind comes from the colluders alone, c < t. Nor can it strip v's pair masks
+with its neighbours' keys: v masks with at least t of them, all named dropped for that, so
+the holders of b_v are v's other k - t neighbours plus the colluders, and `Config` requires
+t > (k + c) / 2, that is t > (k - t) + c. With more than c colluders none of this holds.
 
-**Noise.** Each owner adds N(0, (sigma C)^2 / m) per coordinate, m = `min_survivors`; the sum of
+**Noise.** Each owner adds N(0, (sigma C)^2 / m) per coordinate, m = `min_survivors` (>= q); the sum of
 at least m survivors carries at least N(0, (sigma C)^2), the noise the accountant charges each
 owner for. Owners colluding with the aggregator can subtract their own shares (docs/PRIVACY.md).
 """
@@ -84,14 +87,20 @@ class Config:
     owners: tuple[str, ...]
     dim: int
     threshold: int
-    """t: shares that reconstruct a secret; more than half of `degree` (0: just over half)."""
+    """t: shares that reconstruct a secret; more than half of `degree` plus `colluders`, since
+    the aggregator gathers k - t honest shares of the kind it may not have, and the colluders
+    give both kinds (0: the least such t)."""
     min_survivors: int
-    """m: fewest owners whose inputs may be unmasked together; the noise is sized for m."""
+    """m: fewest owners whose inputs may be unmasked together; the noise is sized for m. Raised
+    to the `quorum`: fewer survivors cannot confirm an unmask request."""
     clip: float
     noise_multiplier: float
     degree: int = 0
     """k: neighbours per owner; 0 means `limits.SECAGG_DEGREE`, capped to the complete graph."""
     ring_bits: int = limits.SECAGG_RING_BITS
+    colluders: int | None = None
+    """c: owners that may collude with the aggregator (confirm any unmask request, hand over both
+    shares they hold); None means floor((n - 1) / 3). Sets the `quorum` and the least threshold."""
 
     def __post_init__(self) -> None:
         n = len(self.owners)
@@ -102,12 +111,21 @@ class Config:
             object.__setattr__(self, "degree", k if k == n - 1 else k - k % 2)
         if not (self.degree == n - 1 or (2 <= self.degree < n - 1 and self.degree % 2 == 0)):
             raise InvalidArgumentError(f"the neighbour degree must be even and below {n - 1}, or {n - 1}")
+        if self.colluders is None:
+            object.__setattr__(self, "colluders", (n - 1) // 3)
+        c = self.colluding
+        if not 0 <= c < self.degree:
+            raise InvalidArgumentError(f"the colluders must be at least 0 and fewer than the degree {self.degree}")
         if self.threshold == 0:
-            object.__setattr__(self, "threshold", self.degree // 2 + 1)
-        if not (self.degree // 2 < self.threshold <= self.degree):
-            raise InvalidArgumentError(f"the threshold must be above half the degree {self.degree}, and at most it")
+            object.__setattr__(self, "threshold", (self.degree + c) // 2 + 1)
+        if not ((self.degree + c) // 2 < self.threshold <= self.degree):
+            raise InvalidArgumentError(
+                f"the threshold must be above half the degree {self.degree} plus the {c} colluders, and at most "
+                "the degree"
+            )
         if not (2 <= self.min_survivors <= n and self.dim >= 1 and 8 <= self.ring_bits <= 64):
             raise InvalidArgumentError("need 2 <= min_survivors <= owners, dim >= 1, 8 <= ring_bits <= 64")
+        object.__setattr__(self, "min_survivors", max(self.min_survivors, self.quorum))
         if not (self.clip > 0 and self.noise_multiplier >= 0 and math.isfinite(self.clip * self.noise_multiplier)):
             raise InvalidArgumentError("need clip > 0 and a finite noise_multiplier >= 0")
 
@@ -117,8 +135,21 @@ class Config:
         fields = [self.round_id, *(o.encode() for o in self.owners)]
         numbers = struct.pack(
             "<4Q2d", self.dim, self.threshold, self.min_survivors, self.degree, self.clip, self.noise_multiplier
-        ) + struct.pack("<Q", self.ring_bits)
+        ) + struct.pack("<2Q", self.ring_bits, self.colluding)
         return hashlib.sha256(b"\0".join(f.replace(b"\0", b"\0\0") for f in fields) + b"\1" + numbers).digest()
+
+    @property
+    def colluding(self) -> int:
+        """c, resolved (`__post_init__` replaces None)."""
+        assert self.colluders is not None, "resolved in __post_init__"
+        return self.colluders
+
+    @property
+    def quorum(self) -> int:
+        """q: the owners that must confirm an unmask request, floor((n + c) / 2) + 1. Two requests
+        confirmed by q each would need 2q - c honest confirmers, told one request each, more than
+        the n - c there are: so at most one request is answered, whatever the c colluders say."""
+        return (len(self.owners) + self.colluding) // 2 + 1
 
     @property
     def noise_std(self) -> float:
@@ -369,11 +400,12 @@ class Owner:
     def unmask(self, request: UnmaskRequest, confirmed: Collection[str]) -> dict[str, tuple[str, int]]:
         """Phase 4: for each peer whose shares this owner holds, the self-mask share of a survivor
         or the mask-key share of a dropped peer, as (kind, share). `confirmed` are the owners
-        that said, directly (not through the aggregator), that they were told this very request.
+        that said, directly (not through the aggregator), that they were told this very request:
+        the named survivors among them, with this owner, must be at least the round's quorum.
         Refused (PermissionDenied) when the request names a peer in both sets, leaves this owner
         out, or has fewer survivors than the round's minimum; a second request is refused too.
-        DropoutError when the survivors that confirm it, with this owner, are not more than half
-        of the round's owners."""
+        DropoutError when the survivors that confirm it, with this owner, are fewer than the
+        quorum."""
         self._enter(3, "unmasking")
         config = self._round()
         both = request.survivors & request.dropped
@@ -390,15 +422,15 @@ class Owner:
         unknown = (request.survivors | request.dropped) - set(config.owners)
         if unknown:
             raise ProtocolError(f"{min(unknown)!r} is not an owner of this round")
-        # each owner is told one request; two stories each told to more than half the owners
-        # cannot exist, so no other story than this one is ever answered
+        # each honest owner is told one request; the quorum is computed here from n and c, never
+        # taken from the aggregator, and two requests cannot both reach it (`Config.quorum`)
         agreeing = (set(confirmed) & request.survivors) | {self.name}
-        if 2 * len(agreeing) <= len(config.owners):
+        if len(agreeing) < config.quorum:
             raise DropoutError(
                 sorted(set(config.owners) - agreeing),
                 "unmask",
                 f"{len(agreeing)} of the round's {len(config.owners)} owners confirm being told these "
-                "survivors; more than half must",
+                f"survivors; the quorum for {config.colluding} colluders is {config.quorum}",
             )
         out: dict[str, tuple[str, int]] = {}
         for v, (seed_share, key_share) in self._held.items():

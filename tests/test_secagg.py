@@ -27,8 +27,21 @@ def names(n: int) -> tuple[str, ...]:
     return tuple(f"owner{i:02d}" for i in range(n))
 
 
-def config(n: int, *, threshold: int, degree: int = 0, min_survivors: int = 2, sigma: float = 0.0, dim: int = 16):
-    return sa.Config(secrets.token_bytes(16), names(n), dim, threshold, min_survivors, 1.0, sigma, degree)
+def config(
+    n: int,
+    *,
+    threshold: int,
+    degree: int = 0,
+    min_survivors: int = 2,
+    sigma: float = 0.0,
+    dim: int = 16,
+    colluders: int = 0,
+):
+    """A round's config; no colluders unless a test is about them (the dropout tests pick t for
+    dropouts alone)."""
+    return sa.Config(
+        secrets.token_bytes(16), names(n), dim, threshold, min_survivors, 1.0, sigma, degree, colluders=colluders
+    )
 
 
 def inputs(cfg: sa.Config, seed: int = 0) -> dict[str, np.ndarray]:
