@@ -193,6 +193,17 @@ SECAGG_DEGREE = 8
 """Neighbours each owner of a secure aggregation round masks with and shares its secrets with
 (SecAgg+'s sparse graph; rounds of fewer owners use the complete graph)."""
 
+
+def secagg_default_colluders(owners: int) -> int:
+    """The collusion bound c of a secure aggregation round of `owners` owners when its client
+    names none: floor((k - 1) / 3) owners, k = min(owners - 1, `SECAGG_DEGREE`) the default
+    neighbour degree (Bonawitz et al.'s fraction, below a third, taken per neighbourhood, where
+    the colluders would need to be to get both shares of one owner). It keeps the graph sparse
+    (a larger c grows the degree to at least 3c + 1) and leaves the unmask phase
+    n - floor((n + c) / 2) - 1 dropouts. Owners, not seconds."""
+    return (min(owners - 1, SECAGG_DEGREE) - 1) // 3
+
+
 SECAGG_PHASE_TIMEOUT_S = 10.0
 """Longest an aggregator waits for the owners' answers in one phase of a secure aggregation round;
 an owner that has not answered by then has dropped out (the client's deadline may cut it shorter)."""

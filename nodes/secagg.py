@@ -96,24 +96,28 @@ class Config:
     clip: float
     noise_multiplier: float
     degree: int = 0
-    """k: neighbours per owner; 0 means `limits.SECAGG_DEGREE`, capped to the complete graph."""
+    """k: neighbours per owner; 0 means `limits.SECAGG_DEGREE`, or 3c + 1 (rounded up to even) if
+    more, capped to the complete graph."""
     ring_bits: int = limits.SECAGG_RING_BITS
     colluders: int | None = None
     """c: owners that may collude with the aggregator (confirm any unmask request, hand over both
-    shares they hold); None means floor((n - 1) / 3). Sets the `quorum` and the least threshold."""
+    shares they hold); None means `limits.secagg_default_colluders`. Sets the `quorum` and the
+    least threshold."""
 
     def __post_init__(self) -> None:
         n = len(self.owners)
         if list(self.owners) != sorted(set(self.owners)) or n < 2:
             raise InvalidArgumentError("a secure aggregation round takes at least 2 distinct owners, sorted")
+        if self.colluders is None:
+            object.__setattr__(self, "colluders", limits.secagg_default_colluders(n))
+        c = self.colluding
         if self.degree == 0:
-            k = min(limits.SECAGG_DEGREE, n - 1)
-            object.__setattr__(self, "degree", k if k == n - 1 else k - k % 2)
+            # a neighbourhood must outnumber the colluders enough to leave a threshold between
+            # (k + c) / 2 and k some dropouts: at least 3c + 1, as Bonawitz et al.'s t > 2n/3
+            k = max(limits.SECAGG_DEGREE, 3 * c + 1)
+            object.__setattr__(self, "degree", min(n - 1, k + k % 2))
         if not (self.degree == n - 1 or (2 <= self.degree < n - 1 and self.degree % 2 == 0)):
             raise InvalidArgumentError(f"the neighbour degree must be even and below {n - 1}, or {n - 1}")
-        if self.colluders is None:
-            object.__setattr__(self, "colluders", (n - 1) // 3)
-        c = self.colluding
         if not 0 <= c < self.degree:
             raise InvalidArgumentError(f"the colluders must be at least 0 and fewer than the degree {self.degree}")
         if self.threshold == 0:

@@ -17,7 +17,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedptr.nodes import audit, budget, mechanisms
 from fedptr.nodes import secagg as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from fedptr.errors import DropoutError, InvalidArgumentError, PermissionDenied
@@ -121,10 +121,12 @@ def test_dropouts_in_every_phase_of_one_round_on_a_sparse_graph() -> None:
 )
 def test_any_dropouts_give_the_survivors_sum_or_a_dropout_error(n: int, data: st.DataObject) -> None:
     """Whatever drops when, the round either releases exactly the survivors' sum or fails with
-    DropoutError; with the complete graph and at most n - t - 1 dropouts it always succeeds."""
+    DropoutError; with the complete graph and at most n - t - 1 dropouts, and at most n - q
+    (the quorum's dropout tolerance), it always succeeds."""
     degree = data.draw(st.sampled_from([n - 1, *range(2, n - 1, 2)]), "degree")
-    threshold = data.draw(st.integers(degree // 2 + 1, degree), "threshold")
-    cfg = config(n, threshold=threshold, degree=degree, dim=4)
+    colluders = data.draw(st.integers(0, degree - 1), "colluders")
+    threshold = data.draw(st.integers((degree + colluders) // 2 + 1, degree), "threshold")
+    cfg = config(n, threshold=threshold, degree=degree, dim=4, colluders=colluders)
     phase = st.sampled_from(["keep", "before_keys", "before_shares", "before_input", "during_unmask"])
     fate = {o: data.draw(phase, o) for o in cfg.owners}
     drops = {
@@ -136,7 +138,7 @@ def test_any_dropouts_give_the_survivors_sum_or_a_dropout_error(n: int, data: st
     try:
         total, _, survivors = run(cfg, values, **drops)  # type: ignore[arg-type]
     except DropoutError as e:
-        assert e.workers and (degree < n - 1 or gone > n - threshold - 1)
+        assert e.workers and (degree < n - 1 or gone > min(n - threshold - 1, n - cfg.quorum))
         return
     np.testing.assert_allclose(total, expected(values, survivors), atol=1e-7)
 
@@ -172,6 +174,37 @@ def test_a_threshold_of_half_the_degree_or_less_is_refused() -> None:
         config(5, threshold=2, degree=4)
     with pytest.raises(InvalidArgumentError, match="even"):
         config(8, threshold=3, degree=5)
+
+
+def test_a_threshold_or_collusion_bound_the_colluders_could_defeat_is_refused() -> None:
+    """c colluders give both shares, and the aggregator gathers k - t honest shares of the kind
+    it is not owed: t must exceed (k + c) / 2. Nor may c reach the degree (no t would do)."""
+    assert config(5, threshold=0, colluders=1).threshold == 3  # k = 4: (4 + 1) // 2 + 1
+    with pytest.raises(InvalidArgumentError, match="plus the 2 colluders"):
+        config(5, threshold=3, colluders=2)
+    with pytest.raises(InvalidArgumentError, match="fewer than the degree"):
+        config(5, threshold=0, colluders=4)
+    with pytest.raises(InvalidArgumentError, match="fewer than the degree"):
+        config(5, threshold=0, colluders=-1)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "q", "k"), [(5, 0, 3, 4), (5, 1, 4, 4), (8, 0, 5, 7), (8, 2, 6, 7), (32, 2, 18, 8), (32, 10, 22, 32 - 1)]
+)
+def test_the_quorum_exceeds_half_of_n_plus_c_and_the_noise_is_sized_for_it(n: int, c: int, q: int, k: int) -> None:
+    """q = floor((n + c) / 2) + 1; m below it is raised to it (fewer survivors cannot confirm an
+    unmask request, so the noise shares are sized for at least q); the default degree grows to
+    3c + 1 for many colluders."""
+    cfg = config(n, threshold=0, colluders=c, sigma=1.0)
+    assert (cfg.quorum, cfg.min_survivors, cfg.degree) == (q, q, k)
+    assert cfg.threshold == (k + c) // 2 + 1
+    assert cfg.noise_std == pytest.approx(1.0 / math.sqrt(q))
+
+
+@pytest.mark.parametrize(("n", "c"), [(2, 0), (4, 0), (5, 1), (8, 2), (9, 2), (32, 2)])
+def test_the_default_collusion_bound_is_a_third_of_the_default_neighbourhood(n: int, c: int) -> None:
+    cfg = sa.Config(bytes(16), names(n), 1, 0, 2, 1.0, 1.0)
+    assert cfg.colluders == c == (min(n - 1, 8) - 1) // 3 and cfg.degree == min(n - 1, 8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -368,24 +401,78 @@ def test_an_aggregator_that_tells_each_owner_a_different_story_cannot_unmask_one
     assert not np.allclose(sa.decode(y, cfg), values[victim], atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one colluding owner confirms two stories when n is odd: signed survivor sets are not built "
-    "(docs/PRIVACY.md, What is left); nodes/secure.py keeps the aggregator and owners the client did "
-    "not name out of the round",
-)
+def unmask_with_colluders(
+    cfg: sa.Config, owners: dict[str, sa.Owner], told: dict[str, sa.UnmaskRequest], colluders: Collection[str]
+) -> dict[tuple[str, str], dict[int, int]]:
+    """The unmask phase against an aggregator that told each honest owner `told[w]`, with
+    `colluders` confirming every request and handing over both shares they hold; honest owners
+    confirm only the request they were told (as nodes/secure.py's SecAggConfirm answers).
+    Returns every share the aggregator gets, by (peer, kind) and holder's x."""
+    shares: dict[tuple[str, str], dict[int, int]] = {}
+    for w, story in told.items():
+        confirmed = [p for p in story.survivors if p in colluders or told.get(p) == story]
+        try:
+            given = owners[w].unmask(story, confirmed)
+        except (PermissionDenied, DropoutError):
+            continue
+        for peer, (kind, value) in given.items():
+            shares.setdefault((peer, kind), {})[cfg.index(w)] = value
+    for w in colluders:
+        for peer, (seed_share, key_share) in owners[w]._held.items():
+            shares.setdefault((peer, sa.SELF), {})[cfg.index(w)] = seed_share
+            shares.setdefault((peer, sa.KEY), {})[cfg.index(w)] = key_share
+    return shares
+
+
+def unmasked(
+    cfg: sa.Config,
+    owners: dict[str, sa.Owner],
+    masked: dict[str, np.ndarray],
+    shares: dict[tuple[str, str], dict[int, int]],
+    colluders: Collection[str],
+    victim: str,
+) -> np.ndarray | None:
+    """The aggregator's best try at `victim`'s input alone: strip its self mask (t shares of its
+    seed) and each pair mask (the colluding neighbour's own key, t shares of the neighbour's
+    key, or t of the victim's own); None when some mask lacks them."""
+
+    def secret(peer: str, kind: str) -> bytes | None:
+        points = shares.get((peer, kind), {})
+        if len(points) < cfg.threshold:
+            return None
+        return sa.reconstruct(dict(sorted(points.items())[: cfg.threshold]))
+
+    seed, own_key = secret(victim, sa.SELF), secret(victim, sa.KEY)
+    if seed is None:
+        return None
+    ring = np.uint64((1 << cfg.ring_bits) - 1)
+    y = (masked[victim] - sa.prg(seed, cfg)) & ring
+    for h in owners[victim]._held:  # the neighbours it masked with
+        if own_key is not None:
+            private = X25519PrivateKey.from_private_bytes(own_key)
+            y = (y - sa._pair_mask(private, owners[h].public_keys.mask, victim, h, cfg)) & ring
+            continue
+        key = secret(h, sa.KEY)
+        if h in colluders:
+            private = owners[h]._mask_key
+        elif key is not None:
+            private = X25519PrivateKey.from_private_bytes(key)
+        else:
+            return None
+        # the victim added -(h's mask for it)
+        y = (y + sa._pair_mask(private, owners[victim].public_keys.mask, h, victim, cfg)) & ring
+    return sa.decode(y, cfg)
+
+
 def test_one_colluding_owner_and_two_stories_cannot_unmask_one_owner() -> None:
-    """Five owners, the complete graph (k = 4, t = 3): 2t - k = 2, so one colluding owner
-    (owner04) is inside the tolerance PRIVACY.md claims for the shares. With n odd it is also
-    enough to give two stories a majority each (2 honest + the colluder = 3 of 5): the victim
-    and owner01 are told that owner02 and owner03 dropped, owner02 and owner03 that owner01
-    dropped, the victim surviving in both. The victim's self mask comes from every neighbour,
-    and each neighbour's mask key from the other story's owners plus the colluder: the victim's
-    input comes back. A malicious aggregator that names itself (or a node of its own) an owner
-    is that colluder; an owner node refuses both (its aggregator, and any owner its client did
-    not name: tests/test_secagg_cluster.py), not a node a colluding client names."""
-    cfg = config(5, threshold=0, dim=8)
-    assert (cfg.degree, cfg.threshold) == (4, 3)
+    """The red team's attack (a strict xfail under the majority rule): five owners, the complete
+    graph, one colluding owner (owner04). The victim and owner01 are told that owner02 and
+    owner03 dropped, owner02 and owner03 that owner01 dropped, the victim surviving in both;
+    the colluder confirms both. Under the majority rule (3 of 5) each story had a majority and
+    the victim's input came back exactly. The round resists c = 1 colluder: t = 3 > (4 + 1) / 2
+    and the quorum is 4 of 5, which neither story reaches, so no honest owner answers."""
+    cfg = config(5, threshold=0, dim=8, colluders=1)
+    assert (cfg.degree, cfg.threshold, cfg.quorum) == (4, 3, 4)
     values = inputs(cfg, seed=4)
     owners, _, masked = masked_round(cfg, values)
     victim, colluder = "owner00", "owner04"
@@ -393,25 +480,68 @@ def test_one_colluding_owner_and_two_stories_cannot_unmask_one_owner() -> None:
     story_a = sa.UnmaskRequest(frozenset(a | {colluder}), frozenset(b))
     story_b = sa.UnmaskRequest(frozenset(b | {colluder, victim}), frozenset({"owner01"}))
     told = {**dict.fromkeys(a, story_a), **dict.fromkeys(b, story_b)}
-    shares: dict[tuple[str, str], dict[int, int]] = {}
-    for w, story in told.items():
-        # the colluder confirms whatever it is asked; honest owners only their own story
-        confirmed = [p for p in story.survivors if p == colluder or told.get(p) == story]
-        for peer, (kind, value) in owners[w].unmask(story, confirmed).items():
-            shares.setdefault((peer, kind), {})[cfg.index(w)] = value
-    for peer, (seed_share, key_share) in owners[colluder]._held.items():  # it hands over both
-        shares.setdefault((peer, sa.SELF), {})[cfg.index(colluder)] = seed_share
-        shares.setdefault((peer, sa.KEY), {})[cfg.index(colluder)] = key_share
+    shares = unmask_with_colluders(cfg, owners, told, [colluder])
+    assert all(len(points) == 1 for points in shares.values())  # the colluder's own, nothing more
+    assert unmasked(cfg, owners, masked, shares, [colluder], victim) is None
 
-    def secret(peer: str, kind: str) -> bytes:
-        return sa.reconstruct(dict(sorted(shares[peer, kind].items())[: cfg.threshold]))
 
-    ring = np.uint64((1 << cfg.ring_bits) - 1)
-    y = (masked[victim] - sa.prg(secret(victim, sa.SELF), cfg)) & ring
-    for h in cfg.neighbours(victim):
-        key = owners[h]._mask_key if h == colluder else X25519PrivateKey.from_private_bytes(secret(h, sa.KEY))
-        y = (y + sa._pair_mask(key, owners[victim].public_keys.mask, h, victim, cfg)) & ring
-    assert not np.allclose(sa.decode(y, cfg), values[victim], atol=1e-6)
+@st.composite
+def attacks(draw: st.DrawFn) -> tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]]:
+    """A round of n owners resisting c colluders (any t the config allows), up to c colluders,
+    and a story for each honest owner: its group's owners, the colluders and some others named
+    survivors, the rest dropped (the red team's split is one of them)."""
+    n = draw(st.integers(3, 9), "n")
+    c = draw(st.integers(0, n - 2), "c")
+    cfg = config(n, threshold=0, dim=4, colluders=c)
+    threshold = draw(st.integers((cfg.degree + c) // 2 + 1, cfg.degree), "t")
+    cfg = config(n, threshold=threshold, dim=4, colluders=c)
+    colluders = frozenset(draw(st.sets(st.sampled_from(cfg.owners), max_size=c), "colluders"))
+    honest = [o for o in cfg.owners if o not in colluders]
+    stories = draw(st.integers(1, 3), "stories")
+    group = {o: draw(st.integers(0, stories - 1), o) for o in honest}
+    told = {}
+    for i in range(stories):
+        extra = draw(st.sets(st.sampled_from(cfg.owners)), f"story {i} also names")
+        survivors = frozenset({o for o, g in group.items() if g == i} | colluders | extra)
+        request = sa.UnmaskRequest(survivors, frozenset(cfg.owners) - survivors)
+        told.update((o, request) for o, g in group.items() if g == i)
+    return cfg, colluders, told
+
+
+def an_unmasked_honest_owner(attack: tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]]) -> str | None:
+    """Run the attack; the first honest owner whose input the aggregator recovers, if any."""
+    cfg, colluders, told = attack
+    values = inputs(cfg, seed=len(cfg.owners))
+    owners, _, masked = masked_round(cfg, values)
+    shares = unmask_with_colluders(cfg, owners, told, colluders)
+    for victim in told:
+        got = unmasked(cfg, owners, masked, shares, colluders, victim)
+        if got is not None and np.allclose(got, values[victim], atol=1e-6):
+            return victim
+    return None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attack=attacks())
+def test_no_stories_unmask_an_honest_owner_while_at_most_c_collude(
+    attack: tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]],
+) -> None:
+    """Whatever stories the aggregator tells whom, with at most c colluders, it never holds both
+    an honest owner's self-mask seed and the keys to all of its pair masks."""
+    assert an_unmasked_honest_owner(attack) is None
+
+
+def test_the_majority_rule_the_quorum_replaced_lets_stories_unmask_an_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The property test above, under the old rule (more than half of the n owners confirm,
+    whatever c), finds an attack that recovers an honest owner's exact input."""
+    monkeypatch.setattr(sa.Config, "quorum", property(lambda config: len(config.owners) // 2 + 1))
+    found = find(
+        attacks(),
+        lambda attack: an_unmasked_honest_owner(attack) is not None,
+        settings=settings(max_examples=2_000, database=None, deadline=None),
+    )
+    cfg, colluders, _ = found
+    assert 1 <= len(colluders) <= cfg.colluding
 
 
 def test_an_owner_refuses_a_round_it_is_not_in() -> None:
