@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedptr import wire
+from fedptr import limits, wire
 from fedptr.client import Worker
 from fedptr.errors import (
     DeadlineExceeded,
@@ -73,20 +73,26 @@ class SecureRelease:
 
 
 async def secure_mean(
-    values: Sequence[Pointer], aggregator: Worker | str, *, threshold: int = 0
+    values: Sequence[Pointer], aggregator: Worker | str, *, colluders: int | None = None, threshold: int = 0
 ) -> tuple[Pointer, SecureRelease]:
     """The DP mean of `values` (one per data owner, each on its owner's node and derived from
     that owner's data alone, all of one shape), released on `aggregator` by secure aggregation
     (SecAgg+): each owner clips its value to its own bound, adds its share of the noise, charges
     its budget and masks it; the aggregator sees only the noised sum. Owners that drop out are
-    left out of the mean, as long as at least the aggregator's ``--min-owners`` remain.
-    `threshold` is how many of an owner's neighbours must answer to unmask it (0: just over
-    half). Returns the mean's pointer (gettable) and what it cost.
+    left out of the mean, as long as at least the aggregator's ``--min-owners`` remain, and a
+    quorum floor((n + c) / 2) + 1 of the n owners in the round answer the unmask phase.
+    `colluders` (c) is how many owners may collude with the aggregator without it learning any
+    other owner's value (None: `limits.secagg_default_colluders`, a third of the default
+    neighbourhood; each owner refuses a round that resists fewer). `threshold` is how many of an
+    owner's neighbours must answer to unmask it (0: the least that resists c colluders, just over
+    half of the k neighbours plus c). Returns the mean's pointer (gettable) and what it cost.
 
     An owner that is gone before the round begins (lost, unknown, or silent past the deadline
     when asked to join) drops out like one that leaves mid-round.
 
-    Raises DropoutError (naming the owners) when too many dropped, PermissionDenied for owners
+    Raises InvalidArgumentError for a negative `colluders`, or one the round's owners cannot
+    resist (c reaching the neighbour degree, a threshold at most (k + c) / 2), DropoutError (naming
+    the owners) when too many dropped, PermissionDenied for owners
     off the aggregator's roster or values derived from other owners' data, BudgetExhaustedError
     (from the owner) when it has no budget, and the errors of any call."""
     if not values:
@@ -99,10 +105,13 @@ async def secure_mean(
         raise InvalidArgumentError("the values of a secure mean must all have the same shape")
     for v in values:
         v.check_alive()
+    c = limits.secagg_default_colluders(len(owners)) if colluders is None else int(colluders)
+    if c < 0:
+        raise InvalidArgumentError(f"a secure mean resists a collusion bound of at least 0 owners, not {c}")
     name = aggregator if isinstance(aggregator, str) else aggregator.name
     client = values[0].client
     round_id = secrets.token_bytes(16)
-    joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name, owners)) for v in values]
+    joins = [client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, name, owners, c)) for v in values]
     joined = await asyncio.gather(*joins, return_exceptions=True)
     dropped: dict[str, str] = {}
     for owner, outcome in zip(owners, joined, strict=True):
@@ -111,7 +120,7 @@ async def secure_mean(
         elif isinstance(outcome, BaseException):
             raise outcome
     result_id = client.new_id()
-    ask = wire.SecureMean(result_id, round_id, [o for o in owners if o not in dropped], list(shape), int(threshold))
+    ask = wire.SecureMean(result_id, round_id, [o for o in owners if o not in dropped], list(shape), c, int(threshold))
     reply = await client.call(name, ask)
     if not isinstance(reply, wire.SecureMeanReply):
         raise ProtocolError(f"expected a secure mean reply, got {type(reply).__name__}")

@@ -466,14 +466,15 @@ class Budget(Message):
 class SecureMean(Message):
     """client -> aggregator: release the mean of the values `owners` joined round `round_id`
     with (SecAggJoin), by secure aggregation, as `result_id`; each value has `shape`.
-    `threshold` is the shares that unmask (0: just over half of each owner's neighbours).
-    Reply: SecureMeanReply."""
+    `colluders` is the collusion bound the client told the owners (SecAggJoin); `threshold` the
+    shares that unmask (0: the least that resists the colluders). Reply: SecureMeanReply."""
 
     KIND: ClassVar[int] = 45
     result_id: int
     round_id: bytes
     owners: list[str]
     shape: list[int]
+    colluders: int
     threshold: int = 0
 
 
@@ -494,13 +495,15 @@ class SecureMeanReply(Message):
 class SecAggJoin(Message):
     """client -> data owner: let aggregator `aggregator` run secure aggregation round
     `round_id` over object `obj_id` (derived from this owner's data alone), among `owners`
-    (the client's: the aggregator may name no other). Reply: Ok."""
+    (the client's: the aggregator may name no other), resisting up to `colluders` owners
+    colluding with the aggregator (the owner refuses a round config with fewer). Reply: Ok."""
 
     KIND: ClassVar[int] = 47
     round_id: bytes
     obj_id: int
     aggregator: str
     owners: list[str]
+    colluders: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +538,8 @@ class SecAggPeerKeys(Message):
 @dataclass(frozen=True, slots=True)
 class SecAggShare(Message):
     """aggregator -> owner, phase 2: the round's config and every advertised owner's keys
-    (name -> [cipher, mask]). Reply: SecAggShares."""
+    (name -> [cipher, mask]). The owner computes the unmask quorum from the owners and
+    `colluders` itself. Reply: SecAggShares."""
 
     KIND: ClassVar[int] = 50
     round_id: bytes
@@ -548,6 +552,7 @@ class SecAggShare(Message):
     clip: float
     noise_multiplier: float
     keys: dict[str, list[bytes]]
+    colluders: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,7 +606,8 @@ class SecAggUnmasked(Message):
 @dataclass(frozen=True, slots=True)
 class SecAggConfirm(Message):
     """owner -> owner: which unmask request were you told in round `round_id`? An owner reveals
-    shares only when more than half of the round's owners say they were told the very same one
+    shares only when a quorum of the round's owners (more than half of owners plus colluders)
+    say they were told the very same one
     (the broker authenticates who answers). Reply: SecAggUnmask, as told."""
 
     KIND: ClassVar[int] = 57

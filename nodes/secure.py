@@ -4,8 +4,10 @@
   aggregator), then answers that aggregator's four phases. Before its masked input leaves it
   clips the value to its own bound, charges its budget one Gaussian mechanism with its own
   noise multiplier, and records the round in its audit log; it refuses a round whose noise is
-  below what it charges for, and, spending nothing, an input it would mask with fewer than t
-  neighbours. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
+  below what it charges for or that resists fewer colluders than its client asked (before any
+  charge: the quorum and the least threshold follow from them, nodes/secagg.py), and, spending
+  nothing, an input it would mask with fewer than t neighbours. A round it joined is forgotten
+  after `SECAGG_ROUND_TIMEOUT_S`.
 * **The aggregator** drives the phases for a client's `SecureMean`: each phase asks every owner
   still in the round at once and waits at most `SECAGG_PHASE_TIMEOUT_S`, and at most its share
   of the client's deadline (a quarter of it for the first of four phases); an owner that fails,
@@ -57,6 +59,8 @@ class _Joined:
     aggregator: str
     owners: frozenset[str]
     """The owners the client named (`SecAggJoin`): the aggregator's round may name no other."""
+    colluders: int
+    """The collusion bound the client asked for: the round's config may resist no fewer."""
     protocol: secagg.Owner
     expiry: asyncio.TimerHandle
     told: asyncio.Future[secagg.UnmaskRequest]
@@ -120,6 +124,8 @@ class SecureRounds:
             raise BudgetExhaustedError(node.name, f"{node.name!r} has no privacy budget: it releases nothing")
         if msg.round_id in self._joined:
             raise InvalidArgumentError("this round was joined already")
+        if msg.colluders < 0:
+            raise InvalidArgumentError("a round resists a collusion bound of at least 0 owners")
         if len(self._joined) >= limits.SECAGG_MAX_ROUNDS:
             raise OverloadedError(node.name, f"{len(self._joined)} secure aggregation rounds already open")
         expiry = asyncio.get_running_loop().call_later(
@@ -127,7 +133,14 @@ class SecureRounds:
         )
         told: asyncio.Future[secagg.UnmaskRequest] = asyncio.get_running_loop().create_future()
         self._joined[msg.round_id] = _Joined(
-            source, msg.obj_id, msg.aggregator, frozenset(msg.owners), secagg.Owner(node.name), expiry, told
+            source,
+            msg.obj_id,
+            msg.aggregator,
+            frozenset(msg.owners),
+            msg.colluders,
+            secagg.Owner(node.name),
+            expiry,
+            told,
         )
         node.reply(source, rid, wire.Ok())
 
@@ -183,7 +196,14 @@ class SecureRounds:
             msg.noise_multiplier,
             msg.degree,
             msg.ring_bits,
-        )
+            msg.colluders,
+        )  # refuses a threshold the colluders could reach; the quorum follows from n and c here
+        if config.colluding < joined.colluders:
+            # fewer would lower the quorum and the threshold: two stories could both be confirmed
+            raise PermissionDenied(
+                self.node.name,
+                f"the round resists {config.colluding} colluders; its client asked for {joined.colluders}",
+            )
         if joined.aggregator in config.owners:
             # an aggregator that is also an owner confirms any survivor set and holds both shares of
             # its neighbours: with n odd that splits the honest owners into two confirmed stories
@@ -368,7 +388,7 @@ class _Round:
                 answers[owner] = f.result()  # type: ignore[assignment]
         minimum = self.minimum if minimum is None else minimum
         if len(answers) < minimum:
-            raise self._dropout(phase, f"{len(answers)} owners left, fewer than {self.minimum}")
+            raise self._dropout(phase, f"{len(answers)} owners left, fewer than {minimum}")
         return answers
 
     def _dropout(self, phase: str, detail: str) -> DropoutError:
@@ -384,10 +404,19 @@ class _Round:
         noise = max(k.clip * k.noise_multiplier for k in keys.values())  # the largest sigma C asked for
         try:
             config = secagg.Config(
-                msg.round_id, tuple(sorted(keys)), math.prod(msg.shape), msg.threshold, self.minimum, clip, noise / clip
+                msg.round_id,
+                tuple(sorted(keys)),
+                math.prod(msg.shape),
+                msg.threshold,
+                self.minimum,
+                clip,
+                noise / clip,
+                colluders=msg.colluders,
             )
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"no secure aggregation round of {len(keys)} owners: {e}") from None
+        # the quorum: fewer survivors could not unmask, so the later phases need as many
+        self.minimum = config.min_survivors
         protocol = secagg.Aggregator(config)
         relayed = protocol.relay_keys({o: secagg.PublicKeys(k.cipher, k.mask) for o, k in keys.items()})
         share = wire.SecAggShare(
@@ -401,6 +430,7 @@ class _Round:
             config.clip,
             config.noise_multiplier,
             {o: [k.cipher, k.mask] for o, k in relayed.items()},
+            config.colluding,
         )
         shares = await self._phase("share keys", dict.fromkeys(relayed, share), wire.SecAggShares)
         try:

@@ -116,7 +116,17 @@ async def test_an_aggregator_substituting_a_neighbours_keys_is_refused(owners: t
     fake = sa.Owner("o2").advertise()
     relayed["o2"] = [fake.cipher, fake.mask]
     share = wire.SecAggShare(
-        round_id, list(OWNERS), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+        round_id,
+        list(OWNERS),
+        5,
+        config.threshold,
+        3,
+        config.degree,
+        config.ring_bits,
+        CLIP,
+        SIGMA,
+        relayed,
+        config.colluding,
     )
     with pytest.raises(fedptr.PermissionDenied, match="o2"):
         await c.client.call("o1", share)
@@ -133,18 +143,18 @@ async def test_an_owner_refuses_a_round_with_less_noise_than_it_asks(
     round_id = await join(c, vs, aggregator=c.client.name)
     keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
     relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
-    weak = wire.SecAggShare(round_id, list(OWNERS), 5, 0, 3, 0, 32, CLIP, SIGMA / 2, relayed)
+    weak = wire.SecAggShare(round_id, list(OWNERS), 5, 0, 3, 0, 32, CLIP, SIGMA / 2, relayed, 0)
     with pytest.raises(fedptr.PermissionDenied, match="noise is below"):
         await c.client.call("o1", weak)
 
 
-async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg") -> bytes:
-    """What `dp.secure_mean` does first: every owner joins a new round; returns its id."""
+async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg", colluders: int = 0) -> bytes:
+    """What `dp.secure_mean` does first: every owner joins a new round (resisting `colluders`,
+    the default for four owners); returns its id."""
     round_id = secrets.token_bytes(16)
     for v in vs:
-        await c.client.call(
-            v.location, wire.SecAggJoin(round_id, v.id_at_location, aggregator, [v.location for v in vs])
-        )
+        where = [v.location for v in vs]
+        await c.client.call(v.location, wire.SecAggJoin(round_id, v.id_at_location, aggregator, where, colluders))
     return round_id
 
 
@@ -176,7 +186,17 @@ async def keys_shared(
     config = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA)
     relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
     share = wire.SecAggShare(
-        round_id, list(OWNERS), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+        round_id,
+        list(OWNERS),
+        5,
+        config.threshold,
+        3,
+        config.degree,
+        config.ring_bits,
+        CLIP,
+        SIGMA,
+        relayed,
+        config.colluding,
     )
     sent = {o: await c.client.call(o, share) for o in OWNERS}
     inbox = sa.Aggregator(config).route_shares({o: r.shares for o, r in sent.items()})  # type: ignore[attr-defined]
@@ -224,7 +244,17 @@ async def test_an_owner_refuses_its_aggregator_as_an_owner(owners: tuple[fedptr.
     everyone = sorted([*OWNERS, me])
     config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
     share = wire.SecAggShare(
-        round_id, everyone, 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+        round_id,
+        everyone,
+        5,
+        config.threshold,
+        3,
+        config.degree,
+        config.ring_bits,
+        CLIP,
+        SIGMA,
+        relayed,
+        config.colluding,
     )
     with pytest.raises(fedptr.PermissionDenied, match="its aggregator"):
         await c.client.call("o1", share)
@@ -246,10 +276,63 @@ async def test_an_owner_refuses_owners_its_client_did_not_name(owners: tuple[fed
     relayed[POOR] = [sybil.cipher, sybil.mask]
     config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
     share = wire.SecAggShare(
-        round_id, everyone, 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+        round_id,
+        everyone,
+        5,
+        config.threshold,
+        3,
+        config.degree,
+        config.ring_bits,
+        CLIP,
+        SIGMA,
+        relayed,
+        config.colluding,
     )
     with pytest.raises(fedptr.PermissionDenied, match="did not name"):
         await c.client.call("o1", share)
+
+
+@MODULE_LOOP
+async def test_an_owner_refuses_a_round_resisting_fewer_colluders_than_its_client_asked(
+    owners: tuple[fedptr.Cluster, Path],
+) -> None:
+    """The client asked for rounds resisting one colluder (quorum 3 of 4, t = 3 of k = 3); the
+    aggregator (the client plays it) sends a config for none, whose majority quorum and
+    threshold two stories and one colluder would defeat. Each owner refuses it before it shares
+    a key, its budget untouched."""
+    c, tmp = owners
+    vs = await values(c, OWNERS)
+    round_id = await join(c, vs, aggregator=c.client.name, colluders=1)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    weaker = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA, colluders=0)
+    share = wire.SecAggShare(
+        round_id, list(OWNERS), 5, weaker.threshold, 3, weaker.degree, weaker.ring_bits, CLIP, SIGMA, relayed, 0
+    )
+    history = tmp / "o1" / "privacy-budget.msgpack"
+    before = history.read_bytes() if history.exists() else None
+    with pytest.raises(fedptr.PermissionDenied, match="resists 0 colluders; its client asked for 1"):
+        await c.client.call("o1", share)
+    assert (history.read_bytes() if history.exists() else None) == before
+
+
+@MODULE_LOOP
+async def test_a_secure_mean_resisting_a_colluder_and_one_it_cannot_resist(owners: tuple[fedptr.Cluster, Path]) -> None:
+    """Four owners resist one colluder (k = 3, t = 3, quorum 3): the mean is released. Three
+    colluders reach the degree: no threshold resists them, and the round is refused before
+    any budget is charged."""
+    c, _ = owners
+    vs = await values(c, OWNERS)
+    mean, cost = await dp.secure_mean(vs, "agg", colluders=1)
+    truth = np.mean([DATA[o].mean(0) for o in OWNERS], axis=0)
+    assert sorted(cost.spent) == OWNERS and not cost.dropped
+    assert float(np.abs((await mean.get()).numpy() - truth).max()) < 6 * SIGMA * CLIP / 4
+    left = {o: (await dp.budget(c.client.worker(o))).epsilon_spent for o in OWNERS}
+    with pytest.raises(fedptr.RemoteError, match=r"InvalidArgumentError.*colluders must be .* fewer than the degree 3"):
+        await dp.secure_mean(vs, "agg", colluders=3)
+    assert {o: (await dp.budget(c.client.worker(o))).epsilon_spent for o in OWNERS} == left
+    with pytest.raises(fedptr.InvalidArgumentError, match="at least 0"):
+        await dp.secure_mean(vs, "agg", colluders=-1)
 
 
 @MODULE_LOOP
@@ -259,8 +342,8 @@ async def test_a_lying_aggregator_on_the_wire_is_refused(
     """The client plays a malicious aggregator with its own code over the real wire: an honest
     round up to the masked inputs, then, all at once, it tells o1 and o2 that everyone survived
     (for o1's self-mask shares), o3 that o1 dropped (for o1's mask-key share), and o4 both. The
-    owners ask each other what they were told, and no story is confirmed by more than half of
-    the four (o1 and o2 agree: 2 of 4), so no share leaves; o4's story is refused outright, and
+    owners ask each other what they were told, and no story reaches the quorum of 3 of the four
+    (c = 0: o1 and o2 agree, 2 of 4), so no share leaves; o4's story is refused outright, and
     so is a second request to o2."""
     c, _ = owners
     vs = await values(c, OWNERS)  # kept: a dropped pointer deletes its object
@@ -279,7 +362,7 @@ async def test_a_lying_aggregator_on_the_wire_is_refused(
     answers = await asyncio.gather(*(c.client.call(o, m) for o, m in stories.items()), return_exceptions=True)
     got = dict(zip(stories, answers, strict=True))
     for o in ("o1", "o2", "o3"):
-        assert isinstance(got[o], fedptr.DropoutError) and "more than half must" in str(got[o]), got[o]
+        assert isinstance(got[o], fedptr.DropoutError) and "the quorum for 0 colluders is 3" in str(got[o]), got[o]
     assert isinstance(got["o4"], fedptr.PermissionDenied) and "both" in str(got["o4"]), got["o4"]
     with pytest.raises(fedptr.PermissionDenied, match="answered already"):
         await c.client.call("o2", told_dropped)
@@ -294,7 +377,7 @@ async def test_an_owner_killed_mid_round_drops_out(owners: tuple[fedptr.Cluster,
     round_id = await join(c, vs)
     c.signal("o3", 9)  # SIGKILL
     result_id = c.client.new_id()
-    reply = await c.client.call("agg", wire.SecureMean(result_id, round_id, OWNERS, [5]))
+    reply = await c.client.call("agg", wire.SecureMean(result_id, round_id, OWNERS, [5], 0))
     assert isinstance(reply, wire.SecureMeanReply)
     assert sorted(reply.epsilon_spent) == ["o1", "o2", "o4"] and list(reply.dropped) == ["o3"]
     got = await fedptr.Pointer(c.client, "agg", result_id).get()
@@ -316,7 +399,7 @@ async def test_too_many_dropouts_fail_with_the_owners_named(owners: tuple[fedptr
     c.signal("o2", 9)
     c.signal("o4", 9)
     with pytest.raises(fedptr.DropoutError) as info:
-        await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]))
+        await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5], 0))
     assert info.value.workers == ["o2", "o4"] and info.value.phase == "advertise"
 
 
@@ -342,7 +425,9 @@ async def test_a_silent_owner_costs_a_phase_its_share_of_the_deadline() -> None:
             c.signal("o3", 19)  # SIGSTOP
             try:
                 start = asyncio.get_running_loop().time()
-                reply = await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5]), timeout=8)
+                reply = await c.client.call(
+                    "agg", wire.SecureMean(c.client.new_id(), round_id, three, [5], 0), timeout=8
+                )
                 elapsed = asyncio.get_running_loop().time() - start
             finally:
                 c.signal("o3", 18)  # SIGCONT, so that the cluster stops
