@@ -420,8 +420,11 @@ def secagg_statistics(
     target = np.full(dim, clipped)
 
     def config_for(owners: tuple[str, ...]) -> secagg.Config:
+        # no colluders: the quorum is then a bare majority, so m survivors (5 of 8) may unmask,
+        # the fewest any round allows and the noise's worst case (a collusion bound c raises m to
+        # floor((n + c) / 2) + 1, which only adds noise)
         return secagg.Config(
-            secrets.token_bytes(16), owners, dim, 0, min_survivors, bound, noise_multiplier * clip / bound
+            secrets.token_bytes(16), owners, dim, 0, min_survivors, bound, noise_multiplier * clip / bound, colluders=0
         )
 
     out = []
