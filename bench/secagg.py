@@ -242,13 +242,18 @@ def main() -> None:
         times = f"{m1_s:.3f} | {sa_s:.3f} | {sa_s / m1_s:.2f}x"
         print(f"| {n} | {times} | {m1_b / 1e6:.1f} | {sa_b / 1e6:.1f} | {sa_b / m1_b:.2f}x |")
     print()
-    print("| owners | degree k | owner s | aggregator s | aggregator s, 1 dropped | analytic bytes/owner | d x 4 B |")
+    print(
+        "| owners | colluders c, degree k, threshold t, quorum q | owner s | aggregator s | aggregator s, 1 dropped "
+        "| analytic bytes/owner | d x 4 B |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in map(int, args.protocol_owners.split(",")):
-        k = secagg.Config(bytes(16), tuple(f"o{i:02d}" for i in range(n)), dim, 0, 2, 1.0, SIGMA).degree
+        # the client's default collusion bound, as `dp.secure_mean` asks
+        cfg = secagg.Config(bytes(16), tuple(f"o{i:02d}" for i in range(n)), dim, 0, 2, 1.0, SIGMA)
+        shape = f"{cfg.colluders}, {cfg.degree}, {cfg.threshold}, {cfg.quorum}"
         owner_s, agg_s = protocol_seconds(n, dim, 0)
         drop = f"{protocol_seconds(n, dim, 1)[1]:.3f}" if n > 2 else "-"  # 2 owners cannot lose one
-        print(f"| {n} | {k} | {owner_s:.3f} | {agg_s:.3f} | {drop} | {analytic_bytes(n, dim):,} | {dim * 4:,} |")
+        print(f"| {n} | {shape} | {owner_s:.3f} | {agg_s:.3f} | {drop} | {analytic_bytes(n, dim):,} | {dim * 4:,} |")
     print()
     if flower_protocol(2, 10, 0) is None:
         print("Flower's SecAgg+: skipped, flwr is not installed (pip install flwr==1.42 to compare)")

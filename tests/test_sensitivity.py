@@ -312,7 +312,7 @@ def _recording(seen: Seen) -> Iterator[None]:
         if isinstance(first, wire.SecAggShare):
             seen.config = secagg.Config(
                 first.round_id, tuple(first.owners), first.dim, first.threshold, first.min_survivors,
-                first.clip, first.noise_multiplier, first.degree, first.ring_bits,
+                first.clip, first.noise_multiplier, first.degree, first.ring_bits, first.colluders,
             )  # fmt: skip
         answers = await phase(self, name, requests, *args)
         for owner, answer in sorted(answers.items()):
