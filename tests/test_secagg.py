@@ -487,14 +487,14 @@ def test_one_colluding_owner_and_two_stories_cannot_unmask_one_owner() -> None:
 
 @st.composite
 def attacks(draw: st.DrawFn) -> tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]]:
-    """A round of n owners resisting c colluders (any t the config allows), up to c colluders,
+    """A round of n owners resisting c colluders (any graph and t the config allows), up to c colluders,
     and a story for each honest owner: its group's owners, the colluders and some others named
     survivors, the rest dropped (the red team's split is one of them)."""
-    n = draw(st.integers(3, 9), "n")
-    c = draw(st.integers(0, n - 2), "c")
-    cfg = config(n, threshold=0, dim=4, colluders=c)
-    threshold = draw(st.integers((cfg.degree + c) // 2 + 1, cfg.degree), "t")
-    cfg = config(n, threshold=threshold, dim=4, colluders=c)
+    n = draw(st.integers(3, 11), "n")
+    degree = draw(st.sampled_from([n - 1, *range(2, n - 1, 2)]), "k")  # complete or sparse
+    c = draw(st.integers(0, degree - 1), "c")
+    threshold = draw(st.integers((degree + c) // 2 + 1, degree), "t")
+    cfg = config(n, threshold=threshold, degree=degree, dim=4, colluders=c)
     colluders = frozenset(draw(st.sets(st.sampled_from(cfg.owners), max_size=c), "colluders"))
     honest = [o for o in cfg.owners if o not in colluders]
     stories = draw(st.integers(1, 3), "stories")
