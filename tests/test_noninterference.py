@@ -17,11 +17,13 @@ Error messages are compared with object ids and client names masked, nothing els
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ from hypothesis import strategies as st
 from prometheus_client.exposition import generate_latest
 from torch import nn
 from torch.nn import functional
-from typer.testing import CliRunner
+from click.testing import CliRunner
+from typer.main import get_command
 
 import fedptr
 from fedptr import metrics, ops, optim
@@ -46,7 +49,7 @@ from fedptr.pointer import remote_call
 from . import harness
 from .test_opinfo import SAMPLES, Env
 
-EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "800"))
+EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "2000"))
 WORKERS = ("bob", "alice", "eve")
 """bob owns the private data and trusts alice with it; eve is trusted by no one."""
 SHAPE = (4, 3)
@@ -247,8 +250,11 @@ _looks = st.one_of(
     st.tuples(st.just("get_model"), _index),
     st.tuples(st.just("objects"), st.sampled_from(WORKERS)),
 )
-_step = st.one_of(_compute, _compute, _models, _moves, _looks)
-"""A step: computing twice as likely as the rest (the rows are most of what a client can do)."""
+_alias = st.tuples(st.just("parameter"), _index, st.integers(0, 3))
+_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias)
+"""A step: computing twice as likely as the rest (the rows are most of what a client can do), and
+a parameter pointer (an alias of a model, the object a write through an alias would leave public)
+as likely as a look."""
 programs = st.lists(_step, min_size=8, max_size=24)
 secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
@@ -320,6 +326,15 @@ class World:
         known = isinstance(result, fedptr.Pointer) and result._meta is not None
         self.seen.append((label, "ok", (tuple(result.shape), str(result.dtype)) if known else None))
         return result
+
+
+def _world(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
+    """One world's observations. What outlives it (caches, the command runner) is collected and
+    then frozen, so that no later world's full collection walks it again."""
+    seen = asyncio.run(_run(program, secret))
+    gc.collect()
+    gc.freeze()
+    return seen
 
 
 async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
@@ -416,17 +431,27 @@ def _scrape(collect: Callable[[], Any]) -> str:
     return _untimed(generate_latest(metrics.registry(collect)).decode())
 
 
+CLI = get_command(app)
+"""The command line as `fedptr` runs it, built from its typer app once: typer builds it from the
+functions' signatures on every invoke, which cost a world more than its cluster did."""
+
+_THREAD = ThreadPoolExecutor(1, thread_name_prefix="twin-status")
+"""One thread for every world's status command (a fresh loop's default executor would start a
+thread per world)."""
+
+
 async def _status(c: harness.InprocCluster) -> str:
     """``fedptr status ADDRESS --json`` as the command line prints it (run in a thread: it runs
     its own event loop; inproc endpoints are the process's, so it reaches the harness's broker)."""
-    result = await asyncio.to_thread(CliRunner().invoke, app, ["status", c.address, "--json"])
+    invoke = functools.partial(CliRunner().invoke, CLI, ["status", c.address, "--json"])
+    result = await asyncio.get_running_loop().run_in_executor(_THREAD, invoke)
     text = result.output.replace(c.address, "<address>")  # each world's cluster has its own endpoint
     return _masked(_untimed(f"exit {result.exit_code}\n{text}"))
 
 
 def _audit(store: str) -> str:
     """``fedptr audit STORE --json``: bob's record of what left its node."""
-    result = CliRunner().invoke(app, ["audit", store, "--json"])
+    result = CliRunner().invoke(CLI, ["audit", store, "--json"])
     untimed = re.sub(r'"time": "[^"]*"', '"time": "<timing>"', result.output)  # when: the wall clock
     return _masked(f"exit {result.exit_code}\n{untimed}")
 
@@ -547,8 +572,8 @@ def _frozen_heap() -> Iterator[None]:
 def test_what_a_client_observes_does_not_depend_on_private_data(
     program: list[tuple[Any, ...]], world_a: list[float], shift: float
 ) -> None:
-    seen_a = asyncio.run(_run(program, np.array(world_a, dtype=np.float32)))
-    seen_b = asyncio.run(_run(program, np.array(world_a, dtype=np.float32) + np.float32(shift)))
+    seen_a = _world(program, np.array(world_a, dtype=np.float32))
+    seen_b = _world(program, np.array(world_a, dtype=np.float32) + np.float32(shift))
     for i, (a, b) in enumerate(zip(seen_a, seen_b, strict=True)):
         assert a == b, f"observation {i} differs between the worlds:\n  {_first_difference(a, b)}"
 
