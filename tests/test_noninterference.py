@@ -44,7 +44,8 @@ from typer.main import get_command
 import fedptr
 from fedptr import metrics, ops, optim
 from fedptr.cli import app
-from fedptr.pointer import remote_call
+from fedptr.opinfo import REGISTRY
+from fedptr.pointer import remote_results
 
 from . import harness
 from .test_opinfo import SAMPLES, Env
@@ -113,7 +114,7 @@ ROWS: dict[str, Row] = {
     "sum": _m("sum"), "mean": _m("mean", 0), "prod": _m("prod"), "amax": _m("amax", 0), "amin": _m("amin", 1),
     "argmax": _m("argmax"), "argmin": _m("argmin", 0), "std": _m("std"), "var": _m("var", 0), "norm": _m("norm"),
     "all": _m("all"), "any": _m("any"), "cumsum": _m("cumsum", 0), "logsumexp": _m("logsumexp", 1),
-    "max": _m("max"), "min": _m("min"),
+    "max": _m("max", 0), "min": _m("min", dim=1),  # their (values, indices) forms
     # reshaping and views (aliases)
     "reshape": _m("reshape", -1), "view": _m("view", -1), "flatten": _m("flatten"), "squeeze": _m("squeeze"),
     "unsqueeze": _m("unsqueeze", 0), "t": _m("t"), "transpose": _m("transpose", 0, 1), "permute": _m("permute", 1, 0),
@@ -168,14 +169,9 @@ ROWS: dict[str, Row] = {
 
 def _sampled(name: str) -> Row:
     """The row of an op added since ROWS was written: its first sample in the op registry's table
-    test (tests/test_opinfo.py), of which the last result is observed (a multi-output op's)."""
+    test (tests/test_opinfo.py), every result kept (a multi-output op's tuple)."""
     sample = SAMPLES[name][0]
-
-    def row(a: Any, b: Any) -> Any:
-        out = sample(Env(a, b, _labels(b), a.worker.send, lambda op, *args: remote_call(op, args)))
-        return out[-1] if isinstance(out, tuple) else out
-
-    return row
+    return lambda a, b: sample(Env(a, b, _labels(b), a.worker.send, lambda op, *args: remote_results(op, args)))
 
 
 ROWS.update({name: _sampled(name) for name in SAMPLES if name not in ROWS})
@@ -214,7 +210,25 @@ class Graph(nn.Module):
 
 
 def test_every_allowed_op_has_a_row() -> None:
-    assert set(ROWS) | set(STEPS) == set(ops.ALLOWED), sorted(set(ops.ALLOWED) ^ (set(ROWS) | set(STEPS)))
+    assert set(ROWS) | set(STEPS) == set(REGISTRY), sorted(set(REGISTRY) ^ (set(ROWS) | set(STEPS)))
+
+
+SEVERAL = sorted(name for name, info in REGISTRY.items() if name in ROWS and (info.outputs != 1 or info.pair_with_dim))
+"""The registry's ops that give several results (always, or given a ``dim``)."""
+
+
+@pytest.mark.inproc
+async def test_rows_of_multi_output_ops_keep_every_result() -> None:
+    """A program holds each result of a multi-output op (an index from ``sort``, the second
+    piece of a ``split``), so later steps compute with, move and fetch them all."""
+    assert {"max", "min", "topk", "sort", "split", "aminmax"} <= set(SEVERAL)
+    async with harness.cluster(["bob"]) as c:
+        a = await c.worker("bob").send(torch.arange(12.0).reshape(SHAPE))
+        b = await c.worker("bob").send(torch.ones(SHAPE))
+        for name in SEVERAL:
+            out = await World(c).observe(name, lambda name=name: ROWS[name](a, b))
+            assert isinstance(out, tuple) and len(out) >= 2, (name, out)
+            assert all(isinstance(p, fedptr.Pointer) and p.owned for p in out), name
 
 
 # --- programs ----------------------------------------------------------------------------------
@@ -315,17 +329,33 @@ class World:
             result = make()
             if asyncio.iscoroutine(result):
                 result = await result
-            elif isinstance(result, fedptr.Pointer | fedptr.Pending):
-                await result
+            for part in result if isinstance(result, tuple) else (result,):
+                if isinstance(part, fedptr.Pointer | fedptr.Pending):
+                    await part
         except fedptr.FedptrError as e:
             self.seen.append((label, "error", _error(e)))
             return None
         except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
             self.seen.append((label, "local error", type(e).__name__))
             return None
-        known = isinstance(result, fedptr.Pointer) and result._meta is not None
-        self.seen.append((label, "ok", (tuple(result.shape), str(result.dtype)) if known else None))
+        self.seen.append((label, "ok", _local(result)))
         return result
+
+    def keep(self, result: Any, target: fedptr.Pointer | None = None) -> None:
+        """Hold what a step made: its pointer, or each of a multi-output op's (not `target`
+        again, the pointer an update returns)."""
+        for part in result if isinstance(result, tuple) else (result,):
+            if isinstance(part, fedptr.Pointer) and part is not target:
+                self.tensors.append(part)
+
+
+def _local(result: Any) -> Any:
+    """What the client knows of a result without asking: a pointer's inferred shape and dtype
+    (each of a multi-output op's)."""
+    if isinstance(result, tuple):
+        return tuple(_local(part) for part in result)
+    known = isinstance(result, fedptr.Pointer) and result._meta is not None
+    return (tuple(result.shape), str(result.dtype)) if known else None
 
 
 def _world(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
@@ -511,9 +541,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         if p is None:
             return
         b = w.partner(p, other)
-        r = await w.observe(name, lambda: ROWS[name](p, b))
-        if isinstance(r, fedptr.Pointer) and r is not p:
-            w.tensors.append(r)
+        w.keep(await w.observe(name, lambda: ROWS[name](p, b)), p)
         return
     if kind == "raw":  # the op as any client can send it, unchecked by the pointer API
         name, index, other, arity = args
@@ -521,9 +549,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         if p is None:
             return
         operands = (p, w.partner(p, other))[:arity]
-        r = await w.observe(f"raw {name}", lambda: remote_call(name, operands))
-        if isinstance(r, fedptr.Pointer) and r is not p:
-            w.tensors.append(r)
+        w.keep(await w.observe(f"raw {name}", lambda: remote_results(name, operands)), p)
         return
     if kind == "plan":
         name, index, other = args
@@ -532,9 +558,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
             return
         b = w.partner(p, other)
         recorded = fedptr.plan(lambda x, y: ROWS[name](x, y))
-        r = await w.observe(f"plan {name}", lambda: recorded(p, b))
-        if isinstance(r, fedptr.Pointer) and r is not p:
-            w.tensors.append(r)
+        w.keep(await w.observe(f"plan {name}", lambda: recorded(p, b)), p)
         return
     p = w.pick(args[0])
     if p is None:
