@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from fedptr.nodes.audit import AuditLog
+from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,7 @@ from click.testing import CliRunner
 from typer.main import get_command
 
 import fedptr
-from fedptr import metrics, ops, optim
+from fedptr import dp, metrics, ops, optim
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -51,6 +52,8 @@ from . import harness
 from .test_opinfo import SAMPLES, Env
 
 EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "2000"))
+RELEASE_EXAMPLES = int(os.environ.get("FEDPTR_TWIN_RELEASE_EXAMPLES", "100"))
+"""Programs that end in DP releases (`_release_all`): each world charges budgets (about 0.1 s a program more)."""
 WORKERS = ("bob", "alice", "eve")
 """bob owns the private data and trusts alice with it; eve is trusted by no one."""
 SHAPE = (4, 3)
@@ -306,6 +309,8 @@ class World:
     cluster: harness.InprocCluster
     tensors: list[fedptr.Pointer] = field(default_factory=list)
     models: list[tuple[fedptr.ModulePointer, Any]] = field(default_factory=list)
+    parameters: dict[int, list[fedptr.Pointer]] = field(default_factory=dict)
+    """The parameter pointers taken of each model (by its pointer's id()): DP outputs once it trains."""
     seen: list[Any] = field(default_factory=list)
 
     def pick(self, i: int) -> fedptr.Pointer | None:
@@ -329,9 +334,15 @@ class World:
             result = make()
             if asyncio.iscoroutine(result):
                 result = await result
+            failed: fedptr.FedptrError | None = None
             for part in result if isinstance(result, tuple) else (result,):
                 if isinstance(part, fedptr.Pointer | fedptr.Pending):
-                    await part
+                    try:  # every part awaited: a multi-output op's results fail together
+                        await part
+                    except fedptr.FedptrError as e:
+                        failed = failed or e
+            if failed is not None:
+                raise failed
         except fedptr.FedptrError as e:
             self.seen.append((label, "error", _error(e)))
             return None
@@ -358,65 +369,138 @@ def _local(result: Any) -> Any:
     return (tuple(result.shape), str(result.dtype)) if known else None
 
 
-def _world(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
+def _world(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool = False) -> list[Any]:
     """One world's observations. What outlives it (caches, the command runner) is collected and
     then frozen, so that no later world's full collection walks it again."""
-    seen = asyncio.run(_run(program, secret))
+    seen = asyncio.run(_run(program, secret, releases))
     gc.collect()
     gc.freeze()
     return seen
 
 
-async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any]) -> list[Any]:
+async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool) -> list[Any]:
     torch.manual_seed(0)  # the client's models and any op on torch's default generator: the same in both worlds
-    data = {"bob": {"secret": {"x": secret.reshape(SHAPE), "y": np.array([0, 1, 2, 1], dtype=np.int64)}}}
+    data: dict[str, Any] = {
+        "bob": {"secret": {"x": secret.reshape(SHAPE), "y": np.array([0, 1, 2, 1], dtype=np.int64)}}
+    }
     configs = {"bob": NodeConfig(trust=["alice"]), "alice": NodeConfig(trust=["bob"])}
+    names = WORKERS
+    if releases:  # bob and alice own data with budgets; agg aggregates them
+        owner = {"dp_clip": 1.0, "dp_noise_multiplier": 1.0}
+        configs = {
+            "bob": NodeConfig(trust=["alice", "agg"], **owner),  # type: ignore[arg-type]
+            "alice": NodeConfig(trust=["bob", "agg"], **owner),  # type: ignore[arg-type]
+            "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2),
+        }
+        data["alice"] = {"d": {"x": np.arange(12, dtype=np.float32).reshape(SHAPE) / 12}}
+        names = (*WORKERS, "agg")
     with tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited:
-        return await _run_in(program, configs, data, audited)
+        async with harness.cluster(names, configs=configs, data=data, call_timeout=30.0) as c:
+            _keep_on_disk(c.node("bob"), Path(audited), releases)
+            if releases:
+                _keep_on_disk(c.node("alice"), Path(audited) / "alice", releases)
+            return await _run_in(c, program, audited, releases)
 
 
-async def _run_in(program: list[tuple[Any, ...]], configs: dict[str, NodeConfig], data: Any, audited: str) -> list[Any]:
-    async with harness.cluster(WORKERS, configs=configs, data=data) as c:
-        # bob's audit log in a directory, where `fedptr audit` reads it (a node keeps it there only
-        # with a --store, whose write-ahead would make the object counts race with its disk
-        # writes); on tmpfs, where its fsyncs cost nothing
-        c.node("bob").audit = AuditLog("bob", Path(audited))
-        world = World(c)
-        world.tensors += await c.worker("bob").search("secret")
-        for start in (("send", "bob", 0), ("model", "bob", "linear"), ("send", "alice", 1)):
-            await _step_in(world, start)  # something public beside the secret, to write it into
-        for step in program:
-            await _step_in(world, step)
-        for p in [p for p in world.tensors if p.owned]:  # whatever it holds, it tries to fetch
-            got = await world.observe("final get", p.get)
-            world.seen.append(("final value", _value(got)))
-        for m, _ in [m for m in world.models if m[0].owned]:
-            got = await world.observe("final get_model", m.get)
-            world.seen.append(("final model", _value(got)))
-        for name in WORKERS:
-            await world.observe("objects", lambda name=name: _listing(c.worker(name)))
-        # Dropped pointers' deletes leave in the client's next loop turn: round trips to every
-        # worker, behind them in order, before the counts are read. Every cycle this program
-        # made is collected first (one promoted to the oldest generation during the program
-        # escaped a young collection: an object count off by one, seen under load); the heap
-        # from before the test is frozen (`_frozen_heap`), so this walks the program's objects only.
-        gc.collect()
-        await asyncio.sleep(0)
-        for _ in WORKERS:  # a chain's deletes cascade one hop per round trip, and chains are this deep at most
-            for name in WORKERS:
-                await c.worker(name).objects()
-        world.seen += [("figures", name, _figures(c.node(name))) for name in WORKERS]
-        world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in WORKERS]
-        assert c.broker is not None
-        world.seen.append(("metrics", "broker", _scrape(c.broker.stats.collect)))
-        world.seen.append(("status --json", await _status(c)))
-        world.seen.append(("audit --json", _audit(audited)))
-        return world.seen
+def _keep_on_disk(node: Any, directory: Path, budget: bool) -> None:
+    """Bob's audit log (and with releases, his budget) in a directory, where `fedptr audit` reads
+    it: a node keeps them there only with a --store, whose write-ahead would make the object
+    counts race with its disk writes. On tmpfs, where its fsyncs cost nothing. The release
+    handlers hold their own references (`nodes/release.py`)."""
+    directory.mkdir(exist_ok=True)
+    node.audit = node.release.audit = AuditLog(node.name, directory)
+    if budget:
+        node.budget = node.release.budget = Budget(node.name, 1e4, 1e-5, directory)
+        node.figures.budget_provider = lambda: {"epsilon_left": node.budget.left, "epsilon_spent": node.budget.spent}
 
 
-async def _listing(worker: fedptr.Worker) -> list[Any]:
+async def _run_in(c: harness.InprocCluster, program: list[tuple[Any, ...]], audited: str, releases: bool) -> list[Any]:
+    names = tuple(c.nodes)
+    world = World(c)
+    world.tensors += await c.worker("bob").search("secret")
+    for start in (("send", "bob", 0), ("model", "bob", "linear"), ("send", "alice", 1)):
+        await _step_in(world, start)  # something public beside the secret, to write it into
+    for step in program:
+        await _step_in(world, step)
+    if releases:
+        await _release_all(world)
+    for p in [p for p in world.tensors if p.owned]:  # whatever it holds, it tries to fetch
+        got = await world.observe("final get", p.get)
+        world.seen.append(("final value", _value(got)))
+    for m, _ in [m for m in world.models if m[0].owned]:
+        got = await world.observe("final get_model", m.get)
+        world.seen.append(("final model", _value(got)))
+    for name in names:
+        await world.observe("objects", lambda name=name: _listing(c.worker(name), previews=name != "agg"))
+    # Dropped pointers' deletes leave in the client's next loop turn: round trips to every
+    # worker, behind them in order, before the counts are read. Every cycle this program
+    # made is collected first (one promoted to the oldest generation during the program
+    # escaped a young collection: an object count off by one, seen under load); the heap
+    # from before the test is frozen (`_frozen_heap`), so this walks the program's objects only.
+    gc.collect()
+    await asyncio.sleep(0)
+    for _ in WORKERS:  # a chain's deletes cascade one hop per round trip, and chains are this deep at most
+        for name in names:
+            await c.worker(name).objects()
+    world.seen += [("figures", name, _figures(c.node(name))) for name in names]
+    world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in names]
+    assert c.broker is not None
+    world.seen.append(("metrics", "broker", _scrape(c.broker.stats.collect)))
+    world.seen.append(("status --json", await _status(c)))
+    world.seen.append(("audit --json", _audit(audited)))
+    return world.seen
+
+
+async def _listing(worker: fedptr.Worker, previews: bool = True) -> list[Any]:
+    """A worker's listing; without the previews of the aggregator's, whose public objects are DP outputs."""
     infos = (await worker.objects()).values()
-    return sorted((i.kind, i.shape, i.dtype, repr(i.preview), i.location) for i in infos)
+    return sorted((i.kind, i.shape, i.dtype, repr(i.preview) if previews else "", i.location) for i in infos)
+
+
+async def _release_all(w: World) -> None:
+    """The program's releases: a secure mean of bob's and alice's data (SecAgg+), M1 of the same,
+    and a DP-SGD step of bob's newest model on his data. Their outputs are exempt (shape and
+    dtype compared; the trained model's trainable parameters too): everything else must match,
+    their errors, budgets, the aggregator's listing, the trained model's buffers and frozen
+    parameters (DP-SGD protects only what it trains)."""
+    bob, alice = w.cluster.worker("bob"), w.cluster.worker("alice")
+    bx, by = await bob.search("secret")
+    (ax,) = await alice.search("d")
+    got = await w.observe("secure mean", lambda: dp.secure_mean([bx.mean(0), ax.mean(0)], "agg"))
+    if got is not None:
+        w.seen.append(("secure round", sorted(got[1].spent.items()), got[1].dropped))
+        w.seen.append(("secure mean", _released(await w.observe("get secure", got[0].get))))
+    contributions = []
+    for x in (bx, ax):
+        made = await w.observe("contribute", lambda x=x: dp.contribute(x.sum(0), "agg"))
+        if made is not None:
+            contributions.append(made[0])
+            w.seen.append(("contributed", made[1]))
+    mean = await w.observe("mean", lambda: fedptr.aggregate.mean(contributions))
+    if mean is not None:
+        w.seen.append(("mean", _released(await w.observe("get mean", mean.get))))
+    on_bob = [m for m in w.models if m[0].owned and m[0].location == "bob"]
+    if on_bob:
+        model = on_bob[-1][0]
+        w.models.remove(on_bob[-1])  # its parameters are DP outputs now, through any pointer
+        taken = w.parameters.get(id(model), [])
+        w.tensors = [p for p in w.tensors if all(p is not q for q in taken)]
+        kw = {"lr": 0.1, "sample_rate": 1.0, "steps": 1, "max_grad_norm": 1.0, "noise_multiplier": 1.0}
+        w.seen.append(("train", await w.observe("dp train", lambda: dp.train(model, bx, by, **kw))))
+        w.seen.append(("trained", _released(await w.observe("get trained", model.get))))
+    for who in (bob, alice):
+        w.seen.append(("budget", await w.observe("budget", lambda who=who: dp.budget(who))))
+
+
+def _released(v: Any) -> Any:
+    """A DP output as the worlds must agree on it: a tensor's dtype and shape; a model's buffers
+    and frozen parameters by value, its trainable parameters by dtype and shape."""
+    if isinstance(v, torch.Tensor):
+        return (str(v.dtype), tuple(v.shape))
+    if isinstance(v, nn.Module):
+        trained = {name for name, p in v.named_parameters() if p.requires_grad}
+        return tuple((k, _released(t) if k in trained else _value(t)) for k, t in v.state_dict().items())
+    return _value(v)
 
 
 FIGURES = ("objects", "store_bytes", "refusals", "releases")
@@ -483,6 +567,7 @@ def _audit(store: str) -> str:
     """``fedptr audit STORE --json``: bob's record of what left its node."""
     result = CliRunner().invoke(CLI, ["audit", store, "--json"])
     untimed = re.sub(r'"time": "[^"]*"', '"time": "<timing>"', result.output)  # when: the wall clock
+    untimed = re.sub(r'"round": "[0-9a-f]*"', '"round": "<id>"', untimed)  # a secure round's id: random
     return _masked(f"exit {result.exit_code}\n{untimed}")
 
 
@@ -522,6 +607,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         elif kind == "parameter":
             params = list(m.parameters())
             w.tensors.append(params[args[1] % len(params)])
+            w.parameters.setdefault(id(m), []).append(w.tensors[-1])
         elif kind == "optimize":
             await w.observe("optimize", opt.step)
         elif kind == "zero_grad":
@@ -596,10 +682,27 @@ def _frozen_heap() -> Iterator[None]:
 def test_what_a_client_observes_does_not_depend_on_private_data(
     program: list[tuple[Any, ...]], world_a: list[float], shift: float
 ) -> None:
-    seen_a = _world(program, np.array(world_a, dtype=np.float32))
-    seen_b = _world(program, np.array(world_a, dtype=np.float32) + np.float32(shift))
+    _compare(program, world_a, shift, releases=False)
+
+
+def _compare(program: list[tuple[Any, ...]], world_a: list[float], shift: float, releases: bool) -> None:
+    seen_a = _world(program, np.array(world_a, dtype=np.float32), releases)
+    seen_b = _world(program, np.array(world_a, dtype=np.float32) + np.float32(shift), releases)
     for i, (a, b) in enumerate(zip(seen_a, seen_b, strict=True)):
         assert a == b, f"observation {i} differs between the worlds:\n  {_first_difference(a, b)}"
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.slow  # each world charges budgets (the accountant: about 0.1 s a charge)
+@settings(max_examples=RELEASE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(program=programs, world_a=secrets, shift=shifts, trained=st.sampled_from([None, "linear", "batchnorm", "graph"]))
+def test_with_releases_what_a_client_observes_depends_on_private_data_only_through_them(
+    program: list[tuple[Any, ...]], world_a: list[float], shift: float, trained: str | None
+) -> None:
+    """The same programs, then DP releases (`_release_all`): a secure aggregation round, M1 and
+    a DP-SGD step of bob's newest model (the program's, or a fresh one of kind `trained`), with
+    budgets, an aggregator and a second data owner."""
+    _compare([*program, *([("model", "bob", trained)] if trained else [])], world_a, shift, releases=True)
 
 
 def _first_difference(a: Any, b: Any) -> str:

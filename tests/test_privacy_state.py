@@ -139,7 +139,9 @@ async def _spent_over(actions: list[str]) -> list[tuple[str, Any]]:
                             await dp.contribute(bx.mean(0), "agg")
                         else:
                             model = await c.worker("bob").send(nn.Linear(3, 3))
-                            await dp.train(model, bx, by, lr=0.1, sample_rate=1.0, steps=1, max_grad_norm=1.0, noise_multiplier=1.0)
+                            await dp.train(
+                                model, bx, by, lr=0.1, sample_rate=1.0, steps=1, max_grad_norm=1.0, noise_multiplier=1.0
+                            )
                     except fedptr.FedptrError as e:
                         seen.append((action, _error(e)))
                     if history.exists() and not first.exists():
