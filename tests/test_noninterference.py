@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from fedptr.nodes.audit import AuditLog
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
@@ -39,7 +40,6 @@ from hypothesis import strategies as st
 from prometheus_client.exposition import generate_latest
 from torch import nn
 from torch.nn import functional
-from click.testing import CliRunner
 from typer.main import get_command
 
 import fedptr

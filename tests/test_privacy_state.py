@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import tempfile
@@ -173,5 +174,5 @@ async def _spent_over(actions: list[str]) -> list[tuple[str, Any]]:
 def test_the_spent_epsilon_never_goes_back(actions: list[str]) -> None:
     seen = asyncio.run(_spent_over(actions))
     spent = [value for kind, value in seen if kind == "spent"]
-    for before, after in zip(spent, spent[1:], strict=False):
+    for before, after in itertools.pairwise(spent):
         assert after >= before, f"bob's spent epsilon went from {before} to {after}: {actions} -> {seen}"
