@@ -17,6 +17,7 @@ Error messages are compared with object ids and client names masked, nothing els
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import os
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -43,7 +45,7 @@ from torch.nn import functional
 from typer.main import get_command
 
 import fedptr
-from fedptr import dp, metrics, ops, optim
+from fedptr import dp, envelope, limits, link, metrics, ops, optim, streams
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -61,6 +63,42 @@ SECRET = -1
 """A partner index meaning: the private tensor."""
 
 Row = Callable[[Any, Any], Any]
+
+CHUNK = 16
+"""Bytes per chunk of a hostile stream (`HOSTILE`): a tensor of `SHAPE` takes three."""
+
+
+def _chunk(first: list[Any], offset: int) -> list[Any]:
+    """A chunk like `first` (``[CHUNK, name, rid, info, data]``) of the bytes at `offset`."""
+    command, index, _, total = envelope.CHUNK_INFO.unpack(first[3])
+    data = bytes(_SENDING[0])[offset : offset + CHUNK]
+    return [*first[:3], envelope.CHUNK_INFO.pack(command, index, offset, total), data]
+
+
+HOSTILE: dict[str, Callable[[list[list[Any]]], list[list[Any]]]] = {
+    "duplicate": lambda c: [c[0], *c[:-1]],  # the first chunk twice, the last never
+    "overlap": lambda c: [c[0], _chunk(c[0], CHUNK // 2), *c[2:]],  # bytes 8..24 again, 24..32 never
+    "gap": lambda c: [c[0], *c[2:]],
+    "reversed": lambda c: c[::-1],  # in any order: a stream the node must accept
+}
+"""How a client may break a stream (raw wire frames: what a client of its own code sends)."""
+
+_SENDING: list[bytes] = [b""]
+"""The buffer the hostile stream in progress carries (its chunks are rebuilt from it)."""
+
+
+@contextlib.contextmanager
+def _hostile_stream(how: str, buffer: bytes) -> Iterator[None]:
+    """While the client queues a send, its buffers stream (however small) in chunks of `CHUNK`
+    bytes, rearranged as `how` says: the client library's own streaming, subverted."""
+
+    def split(message: list[Any], threshold: int = 0, chunk: int = 0) -> list[list[Any]]:
+        *chunks, rest = streams.split(message, threshold=0, chunk=CHUNK)
+        return [*HOSTILE[how](chunks), rest] if len(chunks) > 2 else [*chunks, rest]
+
+    _SENDING[0] = buffer
+    with mock.patch.object(link, "split", split), mock.patch.object(limits, "STREAM_THRESHOLD_BYTES", 0):
+        yield
 
 
 def _m(name: str, *args: Any, **kwargs: Any) -> Row:
@@ -262,13 +300,15 @@ _moves = st.one_of(
     st.tuples(st.just("move"), _index, st.sampled_from(WORKERS)),
     st.tuples(st.just("send_pointer"), _index, st.sampled_from(WORKERS)),
 )
+_streams = st.tuples(st.just("stream"), st.sampled_from(sorted(HOSTILE)), st.integers(0, 3))
+"""A send whose tensor the client streams itself, in chunks that break the stream protocol."""
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
     st.tuples(st.just("objects"), st.sampled_from(WORKERS)),
 )
 _alias = st.tuples(st.just("parameter"), _index, st.integers(0, 3))
-_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias)
+_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams)
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
@@ -578,6 +618,15 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         where, seed = args
         value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
         p = await w.observe("send", lambda: client.worker(where).send(value))
+        if p is not None:
+            w.tensors.append(p)
+        return
+    if kind == "stream":
+        how, seed = args
+        value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
+        with _hostile_stream(how, value.numpy().tobytes()):
+            sent = client.worker("bob").send(value)
+        p = await w.observe(f"stream {how}", lambda: sent)
         if p is not None:
             w.tensors.append(p)
         return
