@@ -352,7 +352,8 @@ class World:
     tensors: list[fedptr.Pointer] = field(default_factory=list)
     models: list[tuple[fedptr.ModulePointer, Any]] = field(default_factory=list)
     parameters: dict[int, list[fedptr.Pointer]] = field(default_factory=dict)
-    """The parameter pointers taken of each model (by its pointer's id()): DP outputs once it trains."""
+    """The pointers to each model's parameters (by the model pointer's id()), directly or down a
+    chain: DP outputs once it trains."""
     seen: list[Any] = field(default_factory=list)
 
     def pick(self, i: int) -> fedptr.Pointer | None:
@@ -393,6 +394,13 @@ class World:
             return None
         self.seen.append((label, "ok", _local(result)))
         return result
+
+    def same_object(self, p: fedptr.Pointer, q: fedptr.Pointer) -> None:
+        """`q` may reach what `p` does: a parameter, if `p` is one (`parameters`). Over-approximated
+        for a move, which gives a copy unless the object is already where it goes."""
+        for taken in self.parameters.values():
+            if any(p is t for t in taken):
+                taken.append(q)
 
     def keep(self, result: Any, target: fedptr.Pointer | None = None) -> None:
         """Hold what a step made: its pointer, or each of a multi-output op's (not `target`
@@ -707,10 +715,12 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         moved = await w.observe("move", lambda: p.move(client.worker(args[1])))
         if moved is not None and moved is not p:
             w.tensors.append(moved)
+            w.same_object(p, moved)  # down a chain to where the object is, the move gives it itself
     elif kind == "send_pointer":
         q = await w.observe("send pointer", lambda: p.send(client.worker(args[1])))
         if q is not None:
             w.tensors.append(q)
+            w.same_object(p, q)  # a chain to a parameter reaches the model too
     elif kind == "backward":
         await w.observe("backward", lambda: p.sum().backward())
 
