@@ -148,6 +148,9 @@ class Fedptr:
     async def setup(self) -> None:
         self.x = await self.bob.send(self.small)
         self.moving = await self.bob.send(self.big[max(self.big)])
+        # there and back once: the data paths between bob and alice (CURVE on) open on a first
+        # transfer, as the client's paths do in the sends above; torch.rpc's are open from its start
+        self.moving = await (await self.moving.move(self.alice)).move(self.bob)
         self.chain_plan = fedptr.plan(lambda y: _chain(y, self.x, 100))
         await self.chain_plan(self.x)  # recorded and sent once, outside the timing
         g = torch.Generator().manual_seed(0)

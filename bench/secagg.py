@@ -114,7 +114,7 @@ def protocol_seconds(n: int, dim: int, dropped: int) -> tuple[float, float]:
         masked[o] = owners[o].masked_input(value, inbox[o], rng)
         mask_s = max(mask_s, time.perf_counter() - t)
     request = agg.collect(masked)
-    answers = {o: owners[o].unmask(request) for o in request.survivors}
+    answers = {o: owners[o].unmask(request, request.survivors) for o in request.survivors}
     t = time.perf_counter()
     agg.finish(answers)
     return share_s + mask_s, time.perf_counter() - t

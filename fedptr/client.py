@@ -129,7 +129,7 @@ class Worker:
             # the bytes leave after this returns: small tensors are copied now, big ones are sent
             # from their memory (a copy would cost as much as the send) and checked unchanged
             small = x.nbytes <= limits.SEND_COPY_MAX_BYTES
-            put = wire.Put(new_id, to_raw(x.detach().clone() if small else x), x.requires_grad)
+            put = wire.Put(new_id, to_raw(x, copy=small), x.requires_grad)
             done = self._put(put, None if small else (x, x._version))
             return Pointer(client, self.name, new_id, done, meta=meta.of_tensor(x))
         if isinstance(x, nn.Module):

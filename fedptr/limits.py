@@ -61,6 +61,14 @@ STREAM_THRESHOLD_BYTES = 4 << 20
 STREAM_CHUNK_BYTES = 1 << 20
 """Size of one chunk of a streamed buffer (1 MiB)."""
 
+DIRECT_STREAM_THRESHOLD_BYTES = 1 << 18
+"""Buffer frames larger than this (256 KiB) stream as chunks when a direct data path to their
+peer is open (`fedptr.direct`): all but a small first chunk then skip the broker's CURVE."""
+
+DIRECT_FIRST_CHUNK_BYTES = 4 << 10
+"""Size of a buffer's first chunk when the rest takes a direct path (4 KiB): the first goes
+through the broker, in order before its message, which the receiver then holds until the rest is in."""
+
 STREAM_MAX_BYTES = 16 << 30
 """Most bytes of partly received streams a receiver keeps at once, from all peers (16 GiB); more is refused."""
 
@@ -85,6 +93,10 @@ this long before it is tried again."""
 
 DIRECT_MAX_KEYS = 1_024
 """Most peers' keys a worker's direct data socket admits at once (the oldest is forgotten)."""
+
+DIRECT_SEAL_OVERHEAD_BYTES = 1 << 16
+"""Bytes a sealed direct-path message may add to its chunk (its envelope, 16 bytes of tag), 64 KiB:
+with `STREAM_CHUNK_BYTES`, the largest frame a direct data socket reads (anyone may connect to it)."""
 
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""

@@ -374,27 +374,13 @@ class Link:
             self._push_frames(envelope.framed(message))
             return
         self.messages_sent += 1
-        if len(message) > envelope.ENVELOPE_FRAMES and any(
-            memoryview(f).nbytes > limits.STREAM_THRESHOLD_BYTES for f in message[envelope.ENVELOPE_FRAMES :]
+        if (
+            len(message) > envelope.ENVELOPE_FRAMES
+            and any(
+                memoryview(f).nbytes > limits.DIRECT_STREAM_THRESHOLD_BYTES for f in message[envelope.ENVELOPE_FRAMES :]
+            )
+            and self._stream(message)
         ):
-            self._flush_batch()
-            # a fan-out streams the message it carries, each chunk fanned out to the same targets
-            targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
-            direct = self.direct if targets is None else None
-            if direct is not None and inner[0] == envelope.REQUEST:
-                self._want_direct(inner[1])
-            for part in split(inner):
-                if self.progress is not None and part[0] == envelope.CHUNK:
-                    self.progress.chunk(part, outgoing=True)
-                # a buffer's first chunk goes through the broker, in order before its message:
-                # the receiver then knows to hold the message until the rest is in
-                if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
-                    frames = envelope.framed(part)
-                    if direct.send(inner[1], inner[0], frames):
-                        self.multiparts_sent += 1
-                        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
-                        continue
-                self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
             return
         if self._batch is not None:
             self._batch.append(message)
@@ -402,6 +388,35 @@ class Link:
         self._push_frames(envelope.framed(message))
         self._batch = []
         self._loop.call_soon(self._flush_batch)
+
+    def _stream(self, message: list[Any]) -> bool:
+        """Send `message` as chunks then itself, if it has a frame large enough: over
+        `limits.STREAM_THRESHOLD_BYTES`, or over `limits.DIRECT_STREAM_THRESHOLD_BYTES` when a
+        direct path to its peer is open (only a small first chunk then takes the broker, whose
+        CURVE costs 4 passes per byte). False when it has none (it is sent as any other)."""
+        # a fan-out streams the message it carries, each chunk fanned out to the same targets
+        targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
+        direct = self.direct if targets is None else None
+        if direct is not None and inner[0] == envelope.REQUEST:
+            self._want_direct(inner[1])
+        fast = direct is not None and direct.ready(inner[1], inner[0])
+        threshold = limits.DIRECT_STREAM_THRESHOLD_BYTES if fast else limits.STREAM_THRESHOLD_BYTES
+        if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
+            return False
+        self._flush_batch()
+        for part in split(inner, threshold, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
+            if self.progress is not None and part[0] == envelope.CHUNK:
+                self.progress.chunk(part, outgoing=True)
+            # a buffer's first chunk goes through the broker, in order before its message:
+            # the receiver then knows to hold the message until the rest is in
+            if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
+                frames = envelope.framed(part)
+                if direct.send(inner[1], inner[0], frames):
+                    self.multiparts_sent += 1
+                    self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+                    continue
+            self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
+        return True
 
     def _want_direct(self, worker: bytes) -> None:
         """Open a direct data path to `worker` in the background, if one is worth opening."""

@@ -30,11 +30,15 @@ from fedptr.errors import ProtocolError
 
 
 def split(
-    message: list[Any], threshold: int = limits.STREAM_THRESHOLD_BYTES, chunk: int = limits.STREAM_CHUNK_BYTES
+    message: list[Any],
+    threshold: int = limits.STREAM_THRESHOLD_BYTES,
+    chunk: int = limits.STREAM_CHUNK_BYTES,
+    first: int = 0,
 ) -> list[list[Any]]:
     """`message` (``[command, name, rid, *body]``) as the messages to send in order: a CHUNK per
-    slice of each large body frame, then the message with those frames emptied. A message with
-    no large frame comes back alone and unchanged."""
+    slice of each large body frame (the first slice `first` bytes when given, the others
+    `chunk`), then the message with those frames emptied. A message with no large frame comes
+    back alone and unchanged."""
     command, name, rid = message[0], message[1], message[2]
     out: list[list[Any]] = []
     rest = list(message)
@@ -44,9 +48,10 @@ def split(
         if total <= threshold:
             continue
         view = view.cast("B")
-        for offset in range(0, total, chunk):
+        starts = [0, *range(min(first or chunk, total), total, chunk)]
+        for offset, end in zip(starts, [*starts[1:], total], strict=True):
             info = envelope.CHUNK_INFO.pack(command, i - 3, offset, total)
-            out.append([envelope.CHUNK, name, rid, info, view[offset : offset + chunk]])
+            out.append([envelope.CHUNK, name, rid, info, view[offset:end]])
         rest[i] = b""
     out.append(rest)
     return out

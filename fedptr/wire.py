@@ -596,6 +596,16 @@ class SecAggUnmasked(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SecAggConfirm(Message):
+    """owner -> owner: which unmask request were you told in round `round_id`? An owner reveals
+    shares only when more than half of the round's owners say they were told the very same one
+    (the broker authenticates who answers). Reply: SecAggUnmask, as told."""
+
+    KIND: ClassVar[int] = 57
+    round_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStats(Message):
     """Ask a node for its operating figures (objects, bytes, memory, traffic, uptime). Reply:
     NodeStatsReply. Answered to any peer: it holds counts, never values."""
@@ -678,6 +688,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     SecAggMasked,
     SecAggUnmask,
     SecAggUnmasked,
+    SecAggConfirm,
     DirectOffer,
     DirectTicket,
 )
@@ -775,8 +786,11 @@ def refs(value: Value, found: set[int]) -> None:
     if type(value) is Ref:
         found.add(value.obj_id)
     elif type(value) is list:
-        for v in value:
-            refs(v, found)
+        for v in value:  # references inline: most arguments are flat lists of them
+            if type(v) is Ref:
+                found.add(v.obj_id)
+            else:
+                refs(v, found)
     elif type(value) is dict:
         for v in value.values():
             refs(v, found)

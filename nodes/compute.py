@@ -73,7 +73,6 @@ class Compute:
     def op(self, source: str, rid: bytes, msg: wire.Op, budget: float) -> None:
         """Run one operation here (its results' entries and taints made now), release an aggregate,
         or forward the operation to the worker its operands point to."""
-        result_ids = [msg.result_id, *msg.more_ids]
         try:
             entries, location = self._operands(msg, source)
             if location is None and msg.op in AGGREGATES:
@@ -81,20 +80,21 @@ class Compute:
                 return
             taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
         except Exception as e:
-            for result_id in result_ids:
+            for result_id in (msg.result_id, *msg.more_ids):
                 self._store_failed(result_id, source, e, msg.sponsor)
             raise
         if location is None:
-            # each further result of a multi-output op gets a taint of its own, by the same rule
-            results = [Entry.tensor(owner=source, taint=taint)]
-            results.extend(Entry.tensor(owner=source, taint=_copy(taint)) for _ in msg.more_ids)
-            for result_id, result in zip(result_ids, results, strict=True):
+            # a one-op run whose keys are the object ids themselves; each further result of a
+            # multi-output op gets a taint of its own, by the same rule
+            outputs: list[tuple[int, int, Entry]] = []
+            for result_id in (msg.result_id, *msg.more_ids):
+                result = Entry.tensor(owner=source, taint=_copy(taint) if outputs else taint)
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
-            # a one-op run whose keys are the object ids themselves
-            outputs = [(i, i, r) for i, r in zip(result_ids, results, strict=True)]
-            self._start(_Run(source, rid, (msg,), (entries,), (results[0],), entries, None, outputs, plan=False))
+                outputs.append((result_id, result_id, result))
+            self._start(_Run(source, rid, (msg,), (entries,), (outputs[0][2],), entries, None, outputs, plan=False))
             return
+        result_ids = [msg.result_id, *msg.more_ids]
         ptrs = [Entry.pointer(location, wire.new_object_id(), settled=False, owner=source) for _ in result_ids]
         for result_id, ptr in zip(result_ids, ptrs, strict=True):
             ptr.sponsor = msg.sponsor
@@ -186,7 +186,7 @@ class Compute:
         """Run an operation through the guard (nodes/guard.py): on private operands, no value
         can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
-        kwargs = _materialize(msg.kwargs, values)
+        kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
 
         def refuse() -> Exception:
             taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
@@ -247,11 +247,10 @@ class Compute:
     def _start(self, run: _Run) -> None:
         """Compute `run` now when its inputs are there, as far as `_compute` runs inline, and
         the rest later (`_later`): this peer's later requests wait until it is done."""
-        values = _values(run.inputs)
         versions: dict[int, int] = {}
+        values = _values(run.inputs, versions)
         done = 0
         if values is not None:
-            versions = _versions(values)
             try:
                 done = self._compute(run, values, 0, inline=True)
             except Exception as e:
@@ -267,10 +266,10 @@ class Compute:
         error: Exception | None = None
         try:
             if values is None:
-                values = {}
-                for key, entry in run.inputs.items():
-                    values[key] = await entry.done
-                versions.update(_versions(values))
+                for entry in run.inputs.values():
+                    await entry.done  # raises the error an input failed with
+                values = _values(run.inputs, versions)
+                assert values is not None  # every input settled without an error
                 done = self._compute(run, values, 0, inline=True)
             if done < len(run.ops):
                 await self.scheduler.offload(self._compute, run, values, done)
@@ -285,7 +284,8 @@ class Compute:
         for i in range(start, len(run.ops)):
             op = run.ops[i]
             entries = run.operands[i]
-            operands = {k: values[k] for k in entries}
+            # a single op reads exactly its inputs: `values` itself, before its result is added
+            operands = values if run.ids is None else {k: values[k] for k in entries}
             # private when its result is (taint only grows: never less than on arrival)
             private = bool(run.results[i].taint)
             if inline and (
@@ -294,10 +294,11 @@ class Compute:
                 or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            first, *more = self._run(op, operands, private, entries)
-            values[op.result_id] = first
-            for key, value in zip(op.more_ids, more, strict=True):
-                values[key] = value
+            results = self._run(op, operands, private, entries)
+            values[op.result_id] = results[0]
+            if op.more_ids:
+                for key, value in zip(op.more_ids, results[1:], strict=True):
+                    values[key] = value
         return len(run.ops)
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
@@ -330,8 +331,7 @@ class Compute:
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
         else:
-            more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
-            reply = wire.Ok(list(outputs[0].shape), dtype_name(outputs[0].dtype), more)
+            reply = _ok(outputs)
         self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
@@ -374,6 +374,27 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     return value
 
 
+_OKS: dict[tuple[torch.Size, torch.dtype], wire.Ok] = {}
+"""The `Ok` of one result, by its shape and dtype: nearly every op is answered with one of a few,
+and a message takes about 1 µs to build (up to `limits.OK_HEADER_TABLE_SIZE`, as the wire's
+table of their encodings). Shared safely: a message is never changed once built."""
+
+
+def _ok(outputs: Sequence[torch.Tensor]) -> wire.Ok:
+    """The answer to an op that computed `outputs`: their shapes and dtypes."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        key = (first.shape, first.dtype)
+        ok = _OKS.get(key)
+        if ok is None:
+            ok = wire.Ok(list(first.shape), dtype_name(first.dtype))
+            if len(_OKS) < limits.OK_HEADER_TABLE_SIZE:
+                _OKS[key] = ok
+        return ok
+    more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
+    return wire.Ok(list(first.shape), dtype_name(first.dtype), more)
+
+
 def _numel(values: Iterable[Any]) -> int:
     n = 0
     for v in values:  # a loop, not sum() over a generator: this runs for every operation
@@ -396,24 +417,23 @@ def _has_state(entry: Entry) -> bool:
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
 
 
-def _values(entries: dict[int, Entry]) -> dict[int, Any] | None:
-    """The entries' values by key when every one is settled without an error, else None."""
+def _values(entries: dict[int, Entry], versions: dict[int, int]) -> dict[int, Any] | None:
+    """The entries' values by key when every one is settled without an error, else None; the
+    version counter of each tensor among them goes into `versions` (an in-place update bumps
+    it: the run persists the inputs it changed). One pass: this runs for every operation."""
     values = {}
     for i, e in entries.items():
         done = e.done
         if not done.done() or done.exception() is not None:
             return None
-        values[i] = done.result()
+        value = values[i] = done.result()
+        if isinstance(value, torch.Tensor):
+            versions[i] = value._version
     return values
 
 
 def _is_ref(value: Any) -> bool:
     return type(value) is wire.Ref
-
-
-def _versions(values: dict[int, Any]) -> dict[int, int]:
-    """The version counter of each tensor among `values` (an in-place update bumps it)."""
-    return {i: v._version for i, v in values.items() if isinstance(v, torch.Tensor)}
 
 
 def _remote(e: BaseException, worker: str) -> RemoteError:

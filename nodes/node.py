@@ -61,6 +61,7 @@ SECURE_REQUESTS: tuple[type[wire.Message], ...] = (
     wire.SecAggShare,
     wire.SecAggMask,
     wire.SecAggUnmask,
+    wire.SecAggConfirm,
 )
 """The requests nodes/secure.py handles: it loads (with `cryptography`, ~8 MiB of RSS) on the
 first of them, so a node that never takes part in secure aggregation never pays for it."""

@@ -52,7 +52,7 @@ TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
 """Names the first parameter of an aliasing operation goes by: its target is given by position."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Taint:
     """The origins of one storage, shared by every entry that aliases it, from the first alias
     on: an entry made for an alias takes its target's Taint object itself. It is falsy while
@@ -201,8 +201,12 @@ def result_taint(
     An aliasing op's result is its target's own `Taint` object (a write through any alias then
     taints them all), grown by the operands; any other result gets a fresh one, the union of
     its operands'. A write to read-only data raises PermissionDenied naming its owner."""
-    if op not in TAINT_RULES and not any(e.taint for e in operands):
-        return Taint()  # the common case: a plain operation on public operands
+    if op not in TAINT_RULES:
+        for e in operands:  # a loop over the origins, not any() over a generator of __bool__: per op
+            if e.taint.origins:
+                break
+        else:
+            return Taint({})  # the common case: a plain operation on public operands
     origins = merge(e.taint.origins for e in operands)
     if op in ALIASING and target is not None:
         if target.readonly and op in MUTATING:

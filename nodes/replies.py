@@ -81,19 +81,19 @@ class ReplyCache:
     def finish(self, key: Key, msg: wire.Message) -> None:
         """Keep `msg` as the answer to `key`; a large one is kept as a refusal of replays. An
         answer to a peer that left meanwhile (`forget_peers`) is not kept: no replay can come."""
-        if key not in self._running:
+        try:
+            self._running.remove(key)
+        except KeyError:
             return
-        self._running.remove(key)
         size = _size(msg)
         if size > self.max_reply_bytes:
             why = "the object was handed over already"
             msg = wire.Failure(wire.FailureCode.REMOTE.value, "ReplayRefused", why, self.here, [self.here])
             size = 0
-        old = self._replies.pop(key, None)
-        if old is not None:
-            self._bytes -= old[1]
+        # `key` was running, so it holds no answer yet: `begin` let it through as new
         self._replies[key] = (msg, size)
-        self._bytes += size
+        if size:
+            self._bytes += size
         while len(self._replies) > self.max_entries or self._bytes > self.max_bytes:
             _, (_, dropped) = self._replies.popitem(last=False)
             self._bytes -= dropped

@@ -17,12 +17,16 @@ One round, between the owners of `Config.owners` and an aggregator that only rel
    for its holder under their c agreement. The aggregator routes them; the senders are U2.
 3. **masked input**: each owner clips (the node did), adds its share of the noise, quantizes to
    Z_{2^bits}, and adds PRG(b) and, for every neighbour v it exchanged shares with, +PRG(s_uv)
-   if u < v and -PRG(s_uv) otherwise. The senders are U3.
-4. **unmask**: the aggregator names survivors (U3) and dropped (U2 minus U3). For each peer it
-   holds shares of, an owner returns the share of the self-mask seed of a survivor, or of the
-   mask key of a dropped peer: never both for one peer. It answers once per round, refuses a
-   request that names a peer in both sets, leaves itself out, or has fewer survivors than the
-   round's minimum (then the sum would carry less noise than every owner was charged for).
+   if u < v and -PRG(s_uv) otherwise; it sends nothing when fewer than t neighbours are left
+   (Bonawitz et al.'s check on U2: its self mask alone would not protect it). The senders are U3.
+4. **unmask**: the aggregator names survivors (U3) and dropped (U2 minus U3). Each owner asks
+   the named survivors directly which request they were told (the consistency check; nodes/
+   secure.py), and answers only if more than half of the round's owners, itself included,
+   were told the very same one. For each peer it holds shares of, it returns the share of the
+   self-mask seed of a survivor, or of the mask key of a dropped peer: never both for one peer.
+   It answers once per round, refuses a request that names a peer in both sets, leaves itself
+   out, or has fewer survivors than the round's minimum (then the sum would carry less noise
+   than every owner was charged for).
 
 The aggregator reconstructs each survivor's b and each dropped owner's s key from t shares,
 removes those masks, and the pairwise masks between survivors cancel.
@@ -30,7 +34,13 @@ removes those masks, and the pairwise masks between survivors cancel.
 **Why a lying aggregator gets nothing.** To unmask one owner v it would need t self-mask shares
 and t key shares of v. Its holders are v's k neighbours and each answers one request, so two
 disjoint sets of t holders would need 2t holders, and `Config` requires t > k/2. Colluding with
-fewer than 2t - k of v's neighbours (they would give both shares) keeps that true.
+fewer than 2t - k of v's neighbours (they would give both shares) keeps that true. Nor can it
+strip v's pair masks with its neighbours' keys under one story: v masks with at least t of them,
+so the holders of b_v and those of the keys would again be two disjoint sets of t. A
+different story for each owner (each told that only it and v survived) would get b_v from v's
+neighbours and each neighbour's key from the others. The consistency check stops it: an owner
+answers only a request that more than half of the round's owners confirm they were told, and
+two such requests cannot both exist.
 
 **Noise.** Each owner adds N(0, (sigma C)^2 / m) per coordinate, m = `min_survivors`; the sum of
 at least m survivors carries at least N(0, (sigma C)^2), the noise the accountant charges each
@@ -320,7 +330,8 @@ class Owner:
 
     def masked_input(self, value: np.ndarray, ciphertexts: Mapping[str, bytes], rng: np.random.Generator) -> np.ndarray:
         """Phase 3: `value` (clipped) noised, quantized and masked, given the shares relayed from
-        the neighbours that sent them (U2); it masks pairwise with those it shared with too."""
+        the neighbours that sent them (U2); it masks pairwise with those it shared with too.
+        Raises DropoutError, sending nothing, when that leaves fewer than t of them."""
         self._enter(2, "sending the masked input")
         config = self._round()
         neighbours = config.neighbours(self.name)
@@ -337,17 +348,32 @@ class Owner:
             if len(plain) != 2 * SHARE_BYTES:
                 raise ProtocolError(f"shares from {v!r} have {len(plain)} bytes")
             self._held[v] = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
+        if len(self._held) < config.threshold:
+            # an aggregator that withheld the neighbours' shares would have this input under its self
+            # mask alone, which one honest-looking unmask request (it survived) strips. With t pair
+            # masks, one story cannot strip them too: the holders of b and those of each masking
+            # neighbour's key would be disjoint sets of t in a neighbourhood of k < 2t.
+            missing = sorted(set(neighbours) - set(self._held))
+            raise DropoutError(
+                missing,
+                "masked input",
+                f"{self.name!r} got the shares of {len(self._held)} of its neighbours, fewer than "
+                f"{config.threshold}: it masks with at least that many",
+            )
         y = encode(value, config, rng) + prg(self._seed, config)
         for v in self._held:
             y = y + _pair_mask(self._mask_key, self._peers[v].mask, self.name, v, config)
         out: np.ndarray = y & _mask(config)
         return out
 
-    def unmask(self, request: UnmaskRequest) -> dict[str, tuple[str, int]]:
+    def unmask(self, request: UnmaskRequest, confirmed: Collection[str]) -> dict[str, tuple[str, int]]:
         """Phase 4: for each peer whose shares this owner holds, the self-mask share of a survivor
-        or the mask-key share of a dropped peer, as (kind, share). Refused (PermissionDenied)
-        when the request names a peer in both sets, leaves this owner out, or has fewer
-        survivors than the round's minimum; a second request is refused too."""
+        or the mask-key share of a dropped peer, as (kind, share). `confirmed` are the owners
+        that said, directly (not through the aggregator), that they were told this very request.
+        Refused (PermissionDenied) when the request names a peer in both sets, leaves this owner
+        out, or has fewer survivors than the round's minimum; a second request is refused too.
+        DropoutError when the survivors that confirm it, with this owner, are not more than half
+        of the round's owners."""
         self._enter(3, "unmasking")
         config = self._round()
         both = request.survivors & request.dropped
@@ -364,6 +390,16 @@ class Owner:
         unknown = (request.survivors | request.dropped) - set(config.owners)
         if unknown:
             raise ProtocolError(f"{min(unknown)!r} is not an owner of this round")
+        # each owner is told one request; two stories each told to more than half the owners
+        # cannot exist, so no other story than this one is ever answered
+        agreeing = (set(confirmed) & request.survivors) | {self.name}
+        if 2 * len(agreeing) <= len(config.owners):
+            raise DropoutError(
+                sorted(set(config.owners) - agreeing),
+                "unmask",
+                f"{len(agreeing)} of the round's {len(config.owners)} owners confirm being told these "
+                "survivors; more than half must",
+            )
         out: dict[str, tuple[str, int]] = {}
         for v, (seed_share, key_share) in self._held.items():
             if v in request.survivors:

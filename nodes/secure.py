@@ -4,7 +4,8 @@
   aggregator), then answers that aggregator's four phases. Before its masked input leaves it
   clips the value to its own bound, charges its budget one Gaussian mechanism with its own
   noise multiplier, and records the round in its audit log; it refuses a round whose noise is
-  below what it charges for. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
+  below what it charges for, and, spending nothing, an input it would mask with fewer than t
+  neighbours. A round it joined is forgotten after `SECAGG_ROUND_TIMEOUT_S`.
 * **The aggregator** drives the phases for a client's `SecureMean`: each phase asks every owner
   still in the round at once and waits at most `SECAGG_PHASE_TIMEOUT_S`, and at most its share
   of the client's deadline (a quarter of it for the first of four phases); an owner that fails,
@@ -56,6 +57,8 @@ class _Joined:
     aggregator: str
     protocol: secagg.Owner
     expiry: asyncio.TimerHandle
+    told: asyncio.Future[secagg.UnmaskRequest]
+    """The unmask request the aggregator sent this owner (the other owners ask for it)."""
 
 
 def ring_to_wire(y: np.ndarray, config: secagg.Config) -> wire.RawTensor:
@@ -101,6 +104,7 @@ class SecureRounds:
             wire.SecAggShare: self._share,
             wire.SecAggMask: self._mask,
             wire.SecAggUnmask: self._unmask,
+            wire.SecAggConfirm: self._confirm,
         }
 
     # --- an owner ----------------------------------------------------------------------
@@ -119,7 +123,8 @@ class SecureRounds:
         expiry = asyncio.get_running_loop().call_later(
             limits.SECAGG_ROUND_TIMEOUT_S, self._joined.pop, msg.round_id, None
         )
-        self._joined[msg.round_id] = _Joined(source, msg.obj_id, msg.aggregator, secagg.Owner(node.name), expiry)
+        told: asyncio.Future[secagg.UnmaskRequest] = asyncio.get_running_loop().create_future()
+        self._joined[msg.round_id] = _Joined(source, msg.obj_id, msg.aggregator, secagg.Owner(node.name), expiry, told)
         node.reply(source, rid, wire.Ok())
 
     def _round(self, round_id: bytes, source: str) -> _Joined:
@@ -210,6 +215,10 @@ class SecureRounds:
                 raise InvalidArgumentError(f"a secure input is a tensor of {config.dim} numbers held on its owner")
             bound = min(node.config.dp_clip, config.clip)
             clipped = mechanisms.clip(value.detach().reshape(-1), bound).to(torch.float64).numpy()
+            # masked (its noise and rounding from a generator seeded from the OS for this input
+            # alone) before the charge, which the reply still waits for: an input the protocol
+            # refuses to send (too few neighbours' shares) spends nothing
+            masked = joined.protocol.masked_input(clipped, msg.shares, np.random.default_rng(secrets.randbits(128)))
             spent = await node.scheduler.offload(node.budget.charge, node.config.dp_noise_multiplier, 1.0, 1)
             node.audit.record(
                 audit.SECURE_CONTRIBUTION,
@@ -219,21 +228,72 @@ class SecureRounds:
                 round=msg.round_id.hex(),
                 epsilon_spent=spent,
             )
-            # the noise and rounding from a generator seeded from the OS for this input alone
-            masked = joined.protocol.masked_input(clipped, msg.shares, np.random.default_rng(secrets.randbits(128)))
             node.reply(source, rid, wire.SecAggMasked(ring_to_wire(masked, config), spent, node.budget.left))
 
         node.spawn(answer(), source, rid)
 
     def _unmask(self, source: str, rid: bytes, msg: wire.SecAggUnmask, budget: float) -> None:
         joined = self._round(msg.round_id, source)
-        del self._joined[msg.round_id]  # one answer per round, whatever it is
-        joined.expiry.cancel()
+        if joined.told.done():
+            raise PermissionDenied(self.node.name, "this round's unmask request was answered already")
         request = secagg.UnmaskRequest(frozenset(msg.survivors), frozenset(msg.dropped))
-        given = joined.protocol.unmask(request)
-        seeds = {v: _share_bytes(s) for v, (kind, s) in given.items() if kind == secagg.SELF}
-        keys = {v: _share_bytes(s) for v, (kind, s) in given.items() if kind == secagg.KEY}
-        self.node.reply(source, rid, wire.SecAggUnmasked(seeds, keys))
+        joined.told.set_result(request)  # one request per round, whatever it is
+        # kept a phase longer, for the other owners to ask what this one was told
+        joined.expiry.cancel()
+        joined.expiry = asyncio.get_running_loop().call_later(
+            limits.SECAGG_PHASE_TIMEOUT_S, self._joined.pop, msg.round_id, None
+        )
+
+        async def answer() -> None:
+            confirmed = await self._confirmations(msg, budget)
+            given = joined.protocol.unmask(request, confirmed)
+            seeds = {v: _share_bytes(s) for v, (kind, s) in given.items() if kind == secagg.SELF}
+            keys = {v: _share_bytes(s) for v, (kind, s) in given.items() if kind == secagg.KEY}
+            self.node.reply(source, rid, wire.SecAggUnmasked(seeds, keys))
+
+        self.node.spawn(answer(), source, rid)
+
+    async def _confirmations(self, msg: wire.SecAggUnmask, budget: float) -> list[str]:
+        """The named survivors that say, directly (the broker vouches for who answers), that the
+        aggregator told them `msg` too: an aggregator telling each owner a different story
+        could otherwise unmask one owner (nodes/secagg.py)."""
+        wait = max(limits.MIN_HOP_BUDGET_S, budget / 2 - limits.HOP_MARGIN_S)  # as `_verified`
+        me = self.node.name
+        asks = {
+            o: self.node.link.request_nowait(o, wire.SecAggConfirm(msg.round_id), wait)
+            for o in msg.survivors
+            if o != me
+        }
+        if asks:
+            await asyncio.wait(asks.values(), timeout=wait + limits.HOP_MARGIN_S)  # each settles by `wait`
+        told = (sorted(msg.survivors), sorted(msg.dropped))
+        confirmed = []
+        for o, f in asks.items():
+            answer = f.result() if f.done() and f.exception() is None else None
+            if not f.done():
+                f.cancel()
+            if isinstance(answer, wire.SecAggUnmask) and (sorted(answer.survivors), sorted(answer.dropped)) == told:
+                confirmed.append(o)
+        return confirmed
+
+    def _confirm(self, source: str, rid: bytes, msg: wire.SecAggConfirm, budget: float) -> None:
+        """Another owner of the round asks which unmask request this one was told (it may not
+        have arrived yet: the aggregator sends them all at once)."""
+        joined = self._joined.get(msg.round_id)
+        config = joined.protocol.config if joined is not None else None
+        if joined is None or config is None or source not in config.owners:
+            raise PermissionDenied(self.node.name, f"{source!r} shares no such round with {self.node.name!r}")
+
+        async def answer() -> None:
+            wait = max(limits.MIN_HOP_BUDGET_S, budget - limits.HOP_MARGIN_S)
+            try:
+                request = await asyncio.wait_for(asyncio.shield(joined.told), wait)
+            except TimeoutError:
+                raise DeadlineExceeded(self.node.name, budget) from None
+            reply = wire.SecAggUnmask(msg.round_id, sorted(request.survivors), sorted(request.dropped))
+            self.node.reply(source, rid, reply)
+
+        self.node.spawn(answer(), source, rid)
 
     # --- the aggregator ----------------------------------------------------------------
     def _mean(self, source: str, rid: bytes, msg: wire.SecureMean, budget: float) -> None:

@@ -35,7 +35,7 @@ from .policy import Taint, from_wire, to_wire
 from .writeahead import WriteAhead
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
     """One stored object. `location` is None for a tensor (or model) held here, else the worker
     a pointer points to, with `remote_id` its id there."""
@@ -71,8 +71,9 @@ class Entry:
         if value is not None:
             fut.set_result(value)
         # `taint or Taint()` would give the alias of a still-public target (an empty, so falsy,
-        # Taint) a cell of its own: a write through the alias then left the target public
-        return cls(fut, owner=owner, taint=Taint() if taint is None else taint)
+        # Taint) a cell of its own: a write through the alias then left the target public.
+        # Positional: keywords cost a third more, and an entry is made for every operation.
+        return cls(fut, None, 0, owner, Taint({}) if taint is None else taint)
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
@@ -81,7 +82,7 @@ class Entry:
         if settled:
             fut.set_result(None)
         fut.add_done_callback(_retrieve)
-        return cls(fut, location, remote_id, owner)
+        return cls(fut, location, remote_id, owner, Taint({}))
 
     def settle(self, value: torch.Tensor | nn.Module) -> None:
         """Give a pending local entry its value. A value is no error to mark as retrieved, so the
@@ -410,9 +411,9 @@ log = logging.getLogger("fedptr.node.store")
 
 def all_written(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:
     """One future for the writes in `durable` that there are (None: nothing to wait for)."""
-    futures = [f for f in durable if f is not None]
-    if not futures:
+    if not any(durable):  # the common case without a durable store: nothing was queued
         return None
+    futures = [f for f in durable if f is not None]
     if len(futures) == 1:
         return futures[0]
     return asyncio.gather(*futures)

@@ -1,15 +1,18 @@
 """The node's one execution path for single ops and plan runs (nodes/compute.py), on the
 in-process harness: what a run changed in place reaches the disk even when the run then fails,
-for a single op as for a plan (they once had two paths, and only the plan's persisted it)."""
+for a single op as for a plan (they once had two paths, and only the plan's persisted it); and
+the table its answers come from."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fedptr.nodes import compute
 from fedptr.nodes.node import NodeConfig
 from fedptr.nodes.scheduler import Scheduler
 
 import fedptr
+from fedptr import limits
 from fedptr.errors import OverloadedError
 
 from . import harness
@@ -53,3 +56,34 @@ async def test_a_stopping_nodes_scheduler_refuses_new_work_typed() -> None:
         await scheduler.offload(sum, [1, 2])
     scheduler.trim_heap_soon()  # a departure noticed while stopping schedules nothing
     assert scheduler._trimming is None
+
+
+async def test_answers_from_the_ok_table_carry_each_results_own_shape_and_dtype() -> None:
+    # the node answers an op from a table of Ok replies by (shape, dtype): a result whose shape
+    # depends on data must still report its own shape, not that of an earlier answer
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.tensor([1.0, 2.0, 3.0]))
+        shapes = []
+        for threshold in (0.0, 1.0, 2.0, 0.0):
+            picked = x[x > threshold]  # a data-dependent shape: known once the node answered
+            await picked
+            shapes.append(tuple(picked.shape))
+        as_int = x.to(torch.int64)
+        await as_int
+        assert shapes == [(3,), (2,), (1,), (3,)]
+        assert (tuple(as_int.shape), as_int.dtype) == ((3,), torch.int64)
+
+
+def test_the_ok_table_shares_one_reply_per_shape_and_dtype_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compute, "_OKS", {})
+    first = compute._ok([torch.zeros(2, 3)])
+    assert first is compute._ok([torch.ones(2, 3)])  # built once, then shared
+    assert (first.shape, first.dtype, first.more) == ([2, 3], "float32", [])
+    other = compute._ok([torch.zeros(2, 3, dtype=torch.int64)])
+    assert other is not first and other.dtype == "int64"
+    both = compute._ok([torch.zeros(4), torch.zeros(4, dtype=torch.int64)])  # several results: never tabled
+    assert (both.shape, both.dtype, both.more) == ([4], "float32", [[[4], "int64"]])
+    assert len(compute._OKS) == 2
+    monkeypatch.setattr(limits, "OK_HEADER_TABLE_SIZE", 2)  # full: a new shape is answered, not kept
+    assert compute._ok([torch.zeros(5)]).shape == [5]
+    assert len(compute._OKS) == 2

@@ -2,7 +2,9 @@
 
 The session's holding of a message until its chunks are in is tested sans-IO; the path itself on a
 real CURVE cluster (broker and node processes): transfers take it, a key the worker did not admit
-through the broker is refused at the handshake, and a path that breaks falls back to the broker.
+through the broker gets no answer, and a path that breaks falls back to the broker. The sealing
+of the path's messages (AES-256-GCM keyed by X25519) against forgery, tampering and replay, on a
+real data socket in this process.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
 
 import fedptr
 from fedptr import envelope, wire
-from fedptr.direct import DirectPaths
+from fedptr.direct import DirectPaths, _channel
 from fedptr.session import Incoming, Send, Session
 from fedptr.streams import Reassembly, split
 from fedptr.tensors import from_raw, to_raw
@@ -122,33 +123,109 @@ async def test_send_get_and_move_take_the_direct_path(secure: fedptr.Cluster) ->
     assert direct.bytes_received - received >= 15 * MIB  # bob's reply chunks
 
 
-async def handshake(endpoint: str, server_key: bytes, public: bytes, secret: bytes) -> int:
-    """Connect to a worker's data socket with this key pair; the first handshake outcome."""
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_key
-    failed = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | failed)
-    sock.connect(endpoint)
-    try:
-        async with asyncio.timeout(15):
-            return int((await recv_monitor_message(monitor))["event"])  # type: ignore[misc]
-    finally:
-        sock.disable_monitor()
-        monitor.close(linger=0)
-        sock.close(linger=0)
+@MODULE_LOOP
+async def test_a_1_mib_buffer_takes_an_open_path_but_for_a_small_first_chunk(secure: fedptr.Cluster) -> None:
+    """Under the broker's streaming threshold, a buffer still streams when a path is open: only
+    its first 4 KiB pay the broker's two CURVE hops."""
+    await path_to(secure, "bob")
+    direct = paths(secure)
+    sent, received = direct.bytes_sent, direct.bytes_received
+    t = torch.randn(MIB // 4)
+    p = await secure.client.worker("bob").send(t)
+    assert direct.bytes_sent - sent >= MIB - 4096
+    assert torch.equal(await p.get(), t)
+    assert direct.bytes_received - received >= MIB - 4096
 
 
 @MODULE_LOOP
-async def test_a_key_not_offered_through_the_broker_is_refused(secure: fedptr.Cluster) -> None:
+async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_the_broker(
+    secure: fedptr.Cluster,
+) -> None:
+    """bob's real data socket, reached with a ticket asked through the broker: a greeting sealed
+    under a key pair of our own that was never offered goes unanswered; the offered one's is
+    answered, sealed under the path's keys (so it came from the holder of the ticket's key)."""
     public, secret = zmq.curve_keypair()
     ticket = await secure.client._link.request("bob", wire.DirectOffer(public), 10)
     assert isinstance(ticket, wire.DirectTicket) and ticket.endpoint.startswith("tcp://")
-    other_public, other_secret = zmq.curve_keypair()
-    refused = await handshake(ticket.endpoint, ticket.key, other_public, other_secret)
-    assert refused == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    # the offered key gets in: the refusal above was for the key, not for the connection
-    assert await handshake(ticket.endpoint, ticket.key, public, secret) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ticket.endpoint)
+    try:
+        async with asyncio.timeout(15):
+            await sock.send_multipart(_channel(stranger_public, stranger_secret, ticket.key, True).seal(GREETING))
+            # the offered public key is no secret (the broker relayed it): sealing under it needs its secret
+            await sock.send_multipart(_channel(public, stranger_secret, ticket.key, True).seal(GREETING))
+            ours = _channel(public, secret, ticket.key, True)
+            await sock.send_multipart(ours.seal(GREETING))
+            answer = await sock.recv_multipart()  # one TCP connection keeps order: the forgeries came first
+        assert len(answer) == 3 and answer[0] == public
+        assert answer[1] == bytes(11) + b"\x01", "a forged greeting was answered first"
+        opened = ours.open(answer[1], answer[2])
+        assert opened is not None and opened[1] == envelope.HEARTBEAT
+    finally:
+        sock.close(linger=0)
+    for malformed in (b"~" * 40, b"0" * 40, public[:39]):  # outside z85, a low-order point, short
+        assert await secure.client._link.request("bob", wire.DirectOffer(malformed), 10) == wire.DirectTicket("", b"")
+
+
+# --- the path's sealing, against a real data socket in this process -------------------------
+GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+
+
+def chunk(rid: bytes, offset: int, data: bytes) -> list[Any]:
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, offset, 4 * len(data))
+    return [envelope.PROTOCOL, envelope.CHUNK, b"bob", rid, info, data]
+
+
+@pytest_asyncio.fixture
+async def worker_socket() -> AsyncIterator[tuple[DirectPaths, list[tuple[bytes, list[Any]]]]]:
+    got: list[tuple[bytes, list[Any]]] = []
+    server = DirectPaths(lambda peer, frames: got.append((peer, [bytes(f) for f in frames])))
+    server.serve("tcp://127.0.0.1:9")  # only picks the interface: loopback
+    try:
+        yield server, got
+    finally:
+        server.close()
+
+
+async def test_only_sealed_fresh_chunks_under_an_admitted_key_arrive(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """A chunk arrives once, attributed to the peer its key was admitted for; what a stranger
+    seals, a tampered chunk, a replayed one and one from a forgotten peer are dropped; and
+    neither the data nor the envelope is readable on the wire."""
+    server, got = worker_socket
+    public, secret = zmq.curve_keypair()
+    ticket = server.admit(b"alice", public)
+    ours = _channel(public, secret, ticket.key, True)
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    stranger = _channel(stranger_public, stranger_secret, ticket.key, True)
+    data = bytes(range(256)) * 256
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(ticket.endpoint)
+    try:
+        first = ours.seal(chunk(b"rid-0001", 0, data))
+        assert data[:64] not in first[2] and b"rid-0001" not in first[2] and b"bob" not in first[2]
+        tampered = ours.seal(chunk(b"rid-0001", len(data), data))
+        tampered[2] = tampered[2][:100] + bytes([tampered[2][100] ^ 1]) + tampered[2][101:]
+        for frames in (stranger.seal(chunk(b"rid-0001", 2 * len(data), data)), first, first, tampered):
+            await sock.send_multipart(frames)
+        await sock.send_multipart(ours.seal(GREETING))
+        async with asyncio.timeout(15):
+            await sock.recv_multipart()  # the greeting's answer: everything sent before it was read
+        assert got == [(b"alice", chunk(b"rid-0001", 0, data))]
+        witness_public, witness_secret = zmq.curve_keypair()
+        witness = _channel(witness_public, witness_secret, server.admit(b"carol", witness_public).key, True)
+        server.forget(b"alice")
+        await sock.send_multipart(ours.seal(chunk(b"rid-0001", 3 * len(data), data)))
+        await sock.send_multipart(witness.seal(GREETING))
+        async with asyncio.timeout(15):
+            await sock.recv_multipart()
+        assert len(got) == 1, "a forgotten peer's chunk arrived"
+    finally:
+        sock.close(linger=0)
 
 
 @MODULE_LOOP

@@ -1,10 +1,13 @@
-"""The empirical DP audit (bench/dp_audit.py) at CI size: for M1 and M2 the Clopper-Pearson
-lower bound on epsilon stays at or below what the accountant charges, and each deliberately
-broken variant (clip off, noise halved, the clip and the dropped failing batch of before issue
-18's fixes) is flagged: its lower bound exceeds the charge.
+"""The empirical DP audit (bench/dp_audit.py) at CI size: for M1, M2 and SecAgg+ the
+Clopper-Pearson lower bound on epsilon stays at or below what the accountant charges, and each
+deliberately broken variant (clip off, noise halved, the clip and the dropped failing batch of
+before issue 18's fixes, SecAgg+'s noise sized for all owners while only m survive) is flagged:
+its lower bound exceeds the charge. A ring that wraps around breaks SecAgg+'s sums, not its
+privacy (post-processing): its bound stays below the charge, and its sums are shown wrong.
 
-Every case runs the real mechanisms (`fedptr.nodes.mechanisms`); only the breaks are patched
-in, by bench/dp_audit.py, for the duration of their case. Seeded, so deterministic: the seed
+Every case runs the real mechanisms (`fedptr.nodes.mechanisms`, and the owners' and
+aggregator's protocol code of `fedptr.nodes.secagg`); only the breaks are patched in, by
+bench/dp_audit.py, for the duration of their case. Seeded, so deterministic: the seed
 replaces only the OS seed of the mechanisms' generators. `python bench/dp_audit.py` is the full
 audit (ten times the trials, OS-seeded); docs/PRIVACY.md has its figures.
 """
@@ -30,7 +33,7 @@ def cases(honest: bool) -> list[object]:
     return [
         pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.mechanism == "M2" else [])
         for c in CASES
-        if (c.variant == dp_audit.HONEST) == honest
+        if (c.variant == dp_audit.HONEST or c.post_processing) == honest
     ]
 
 
@@ -64,6 +67,60 @@ def test_every_break_of_the_brief_is_audited() -> None:
     for mechanism in ("M1", "M2"):
         assert {(mechanism, "clip off"), (mechanism, "noise halved")} <= breaks
     assert ("M2", "failing batch dropped (before the fix)") in breaks
+    assert {
+        ("SecAgg+", "noise sized for all n owners"),
+        ("SecAgg+", "noise halved"),
+        ("SecAgg+", "clip off"),
+        ("SecAgg+", "ring wrap-around"),
+    } <= breaks
+    survivors = {c.canary.split(", ")[1] for c in CASES if c.mechanism == "SecAgg+" and c.variant == dp_audit.HONEST}
+    assert survivors == {"8 of 8 survive", f"{dp_audit.SA_MIN_SURVIVORS} of 8 survive"}
+
+
+SA_DIM = 1 << 16
+
+
+def secagg_sums(dropouts: dp_audit.Dropouts, value: float) -> torch.Tensor:
+    """One audited SecAgg+ round of `SA_DIM` trials (nine owners asked, as in the audit)."""
+    owners = [f"owner{i}" for i in range(dp_audit.SA_OWNERS + 1)]
+    with dp_audit.seeded(SEED):
+        return dp_audit.secagg_statistics(
+            value,
+            1,
+            dim=SA_DIM,
+            asked=owners,
+            dropouts=dropouts,
+            min_survivors=dp_audit.SA_MIN_SURVIVORS,
+            clip=dp_audit.SA_CLIP,
+            noise_multiplier=dp_audit.SA_SIGMA,
+        )
+
+
+@pytest.mark.parametrize(
+    ("dropouts", "survivors"),
+    [(dp_audit.Dropouts(advertise=1), 8), (dp_audit.Dropouts(advertise=1, share_keys=1, masked_input=2), 5)],
+)
+def test_an_audited_secagg_round_sums_the_clipped_canary_with_its_survivors_noise(
+    dropouts: dp_audit.Dropouts, survivors: int
+) -> None:
+    """The audit's rounds are what it says: the target's canary, clipped to C per trial, in the
+    sum, and the noise of the survivors' shares, sigma C sqrt(survivors / m)."""
+    sums = secagg_sums(dropouts, dp_audit.SA_CANARY)
+    std = dp_audit.SA_SIGMA * math.sqrt(survivors / dp_audit.SA_MIN_SURVIVORS)
+    assert float(sums.mean()) == pytest.approx(1.0, abs=5 * std / math.sqrt(SA_DIM))
+    assert float(sums.std()) == pytest.approx(std, rel=0.02)
+
+
+def test_the_wrap_around_break_breaks_the_sums() -> None:
+    """The ring's break is real (the audit's verdict on it is not a patch that did nothing): the
+    sums wrap into half a ring of 2 deviations (4 C), so the canary's sums, 1 +- 2 in units of C,
+    come out wrong on average: about 0.5 (13 deviations of the mean from 1)."""
+    dropouts = dp_audit.Dropouts(advertise=1, share_keys=1, masked_input=2)
+    with dp_audit.ring_wraps():
+        sums = secagg_sums(dropouts, dp_audit.SA_CANARY)
+    half_ring = dp_audit.SA_WRAP_DEVIATIONS * dp_audit.SA_SIGMA
+    assert float(sums.abs().max()) <= half_ring * 1.001
+    assert float(sums.mean()) < 0.8
 
 
 def test_the_charge_is_the_budgets() -> None:

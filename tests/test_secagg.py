@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedptr.nodes import audit, budget, mechanisms
 from fedptr.nodes import secagg as sa
 from hypothesis import HealthCheck, given, settings
@@ -58,7 +59,8 @@ def run(
     keys = agg.relay_keys({o: w.advertise() for o, w in owners.items() if o not in before_keys})
     inbox = agg.route_shares({o: owners[o].share_keys(cfg, keys) for o in keys if o not in before_shares})
     request = agg.collect({o: owners[o].masked_input(values[o], inbox[o], rng) for o in inbox if o not in before_input})
-    total, count = agg.finish({o: owners[o].unmask(request) for o in request.survivors if o not in during_unmask})
+    answering = request.survivors - set(during_unmask)  # the silent ones confirm nothing either
+    total, count = agg.finish({o: owners[o].unmask(request, answering) for o in answering})
     return total, count, request.survivors
 
 
@@ -190,16 +192,16 @@ def test_an_owner_refuses_a_request_that_names_a_peer_in_both_sets() -> None:
     owners, _, _ = masked_round(cfg, inputs(cfg))
     lie = sa.UnmaskRequest(frozenset(cfg.owners), frozenset({"owner02"}))
     with pytest.raises(PermissionDenied, match=r"owner02.*both"):
-        owners["owner00"].unmask(lie)
+        owners["owner00"].unmask(lie, cfg.owners)
 
 
 def test_an_owner_answers_one_unmask_request_per_round() -> None:
     cfg = config(5, threshold=3)
     owners, _, _ = masked_round(cfg, inputs(cfg))
     all_alive = frozenset(cfg.owners)
-    owners["owner00"].unmask(sa.UnmaskRequest(all_alive - {"owner02"}, frozenset({"owner02"})))
+    owners["owner00"].unmask(sa.UnmaskRequest(all_alive - {"owner02"}, frozenset({"owner02"})), all_alive)
     with pytest.raises(PermissionDenied, match="not the next step"):
-        owners["owner00"].unmask(sa.UnmaskRequest(all_alive, frozenset()))
+        owners["owner00"].unmask(sa.UnmaskRequest(all_alive, frozenset()), all_alive)
 
 
 def test_an_owner_refuses_to_unmask_fewer_survivors_than_the_noise_is_sized_for() -> None:
@@ -207,7 +209,7 @@ def test_an_owner_refuses_to_unmask_fewer_survivors_than_the_noise_is_sized_for(
     owners, _, _ = masked_round(cfg, inputs(cfg))
     request = sa.UnmaskRequest(frozenset({"owner00", "owner01", "owner02"}), frozenset({"owner03", "owner04"}))
     with pytest.raises(PermissionDenied, match="only 3 survivors"):
-        owners["owner00"].unmask(request)
+        owners["owner00"].unmask(request, request.survivors)
 
 
 def test_swapped_keys_and_tampered_shares_are_refused() -> None:
@@ -243,7 +245,8 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
     """The aggregator tells some of victim's neighbours it dropped (to get its mask-key shares)
     and the others it survived (to get its self-mask shares), each holder once. It never gets t
     shares of both kinds, and with what it got it cannot strip the victim's masked input down
-    to the victim's value."""
+    to the victim's value. Every owner is taken to confirm its story (as colluders would): this
+    is the one-answer defence alone, the consistency check is tested on its own."""
     cfg = config(8, threshold=threshold, dim=8)
     values = inputs(cfg, seed=7)
     owners, _, _ = masked_round(cfg, values)
@@ -257,7 +260,7 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
             if dropped
             else sa.UnmaskRequest(everyone, frozenset())
         )
-        kind, value = owners[holder].unmask(request)[victim]
+        kind, value = owners[holder].unmask(request, everyone)[victim]
         (keys if kind == sa.KEY else seeds)[cfg.index(holder)] = value
     assert min(len(seeds), len(keys)) < cfg.threshold
     # its best try: every share it has of each secret; a short set recovers nothing
@@ -268,6 +271,88 @@ def test_an_aggregator_that_splits_its_story_cannot_unmask_one_owner(told_droppe
         except OverflowError:
             recovered.append(False)
     assert not all(recovered)
+
+
+def test_an_aggregator_that_withholds_an_owners_pair_shares_cannot_unmask_it() -> None:
+    """The aggregator routes every owner's shares honestly except to the victim, which it hands
+    none: an owner that holds no neighbour's shares masks with its self mask alone. Then one
+    consistent, honest-looking unmask request (everyone survived) gets the victim's neighbours to
+    return the shares of its self-mask seed, which strips its input. The victim must refuse to
+    mask with fewer than t neighbours (Bonawitz et al. abort below t owners in U2 too): no
+    masked input, nothing to strip."""
+    cfg = config(8, threshold=0, dim=8)  # complete graph, k = 7, t = 4
+    values = inputs(cfg, seed=4)
+    owners = {o: sa.Owner(o) for o in cfg.owners}
+    agg = sa.Aggregator(cfg)
+    keys = agg.relay_keys({o: w.advertise() for o, w in owners.items()})
+    inbox = agg.route_shares({o: owners[o].share_keys(cfg, keys) for o in keys})
+    victim = "owner00"
+    rng = np.random.default_rng(6)
+    try:
+        y = owners[victim].masked_input(values[victim], {}, rng)
+    except DropoutError:
+        return
+    for o in cfg.owners[1:]:
+        owners[o].masked_input(values[o], inbox[o], rng)
+    everyone = sa.UnmaskRequest(frozenset(cfg.owners), frozenset())
+    points = {cfg.index(o): owners[o].unmask(everyone, cfg.owners)[victim][1] for o in cfg.owners[1:]}
+    seed = sa.reconstruct(dict(sorted(points.items())[: cfg.threshold]))
+    stripped = (y - sa.prg(seed, cfg)) & np.uint64((1 << cfg.ring_bits) - 1)
+    assert not np.allclose(sa.decode(stripped, cfg), values[victim], atol=1e-6)
+
+
+@pytest.mark.parametrize("given", [0, 3, 4])
+def test_an_owner_masks_with_at_least_t_neighbours_or_sends_nothing(given: int) -> None:
+    cfg = config(8, threshold=0, dim=8)  # t = 4
+    values = inputs(cfg)
+    owners = {o: sa.Owner(o) for o in cfg.owners}
+    keys = {o: w.advertise() for o, w in owners.items()}
+    sent = {o: owners[o].share_keys(cfg, keys) for o in cfg.owners}
+    victim = "owner00"
+    mine = {u: sent[u][victim] for u in cfg.owners[1 : 1 + given]}
+    if given >= cfg.threshold:
+        assert owners[victim].masked_input(values[victim], mine, np.random.default_rng(0)).shape == (cfg.dim,)
+        return
+    with pytest.raises(DropoutError, match=f"{given} of its neighbours.*fewer than {cfg.threshold}") as refused:
+        owners[victim].masked_input(values[victim], mine, np.random.default_rng(0))
+    assert refused.value.workers == sorted(set(cfg.owners[1:]) - set(mine))
+
+
+def test_an_aggregator_that_tells_each_owner_a_different_story_cannot_unmask_one_owner() -> None:
+    """Each owner w is told that only the victim and w survived and all the others dropped. Each
+    answers once, never gives both kinds of share of one peer, and sees at least m survivors;
+    yet together the answers would hold the victim's self-mask seed and every neighbour's mask
+    key, which strip the victim's masked input down to its value plus its own noise share alone
+    (here none), with no owner colluding: before the consistency check, they did. Now each owner
+    asks the named survivors what they were told (as nodes/secure.py does, modelled here: each
+    confirms only its own story) and answers only a story more than half the owners confirm."""
+    cfg = config(8, threshold=0, dim=8)  # the default graph of 8 owners: complete, k = 7, t = 4
+    values = inputs(cfg, seed=3)
+    owners, _, masked = masked_round(cfg, values)
+    victim = "owner00"
+    shares: dict[tuple[str, str], dict[int, int]] = {}
+    told = {w: sa.UnmaskRequest(frozenset({victim, w}), frozenset(cfg.owners) - {victim, w}) for w in cfg.owners[1:]}
+    for w, story in told.items():
+        confirmed = [p for p in story.survivors if p != w and told.get(p) == story]
+        try:
+            given = owners[w].unmask(story, confirmed)
+        except (PermissionDenied, DropoutError):
+            continue
+        for peer, (kind, value) in given.items():
+            shares.setdefault((peer, kind), {})[cfg.index(w)] = value
+
+    def secret(peer: str, kind: str) -> bytes:
+        return sa.reconstruct(dict(sorted(shares[peer, kind].items())[: cfg.threshold]))
+
+    ring = np.uint64((1 << cfg.ring_bits) - 1)
+    try:
+        y = (masked[victim] - sa.prg(secret(victim, sa.SELF), cfg)) & ring
+        for h in cfg.neighbours(victim):
+            key = X25519PrivateKey.from_private_bytes(secret(h, sa.KEY))
+            y = (y + sa._pair_mask(key, owners[victim].public_keys.mask, h, victim, cfg)) & ring
+    except (KeyError, OverflowError):
+        return  # too few shares of some secret: the owners refused enough of the stories
+    assert not np.allclose(sa.decode(y, cfg), values[victim], atol=1e-6)
 
 
 def test_an_owner_refuses_a_round_it_is_not_in() -> None:
@@ -294,7 +379,7 @@ def test_an_owner_that_leaves_a_neighbour_out_keeps_the_masks_consistent(drop_le
     inbox = agg.route_shares(sent)
     alive = [o for o in cfg.owners if not (drop_left_out and o == "owner01")]
     request = agg.collect({o: owners[o].masked_input(values[o], inbox[o], rng) for o in alive})
-    total, _ = agg.finish({o: owners[o].unmask(request) for o in request.survivors})
+    total, _ = agg.finish({o: owners[o].unmask(request, request.survivors) for o in request.survivors})
     np.testing.assert_allclose(total, expected(values, alive), atol=1e-7)
 
 

@@ -162,45 +162,79 @@ async def test_an_owner_refusing_after_it_shared_its_keys_is_unmasked_out(owners
     assert not [r for r in audit(tmp, POOR) if r["event"] == "secure-contribution"]
 
 
+async def keys_shared(
+    c: fedptr.Cluster, vs: list[fedptr.Pointer]
+) -> tuple[bytes, sa.Config, dict[str, dict[str, bytes]]]:
+    """The client as the aggregator of a round of `OWNERS` (5 numbers each, m = 3), with its own
+    code over the real wire, honest up to the shared keys: the round id, its config, and the
+    shares each owner is to be handed."""
+    round_id = await join(c, vs, aggregator=c.client.name)
+    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in OWNERS}
+    assert all(isinstance(k, wire.SecAggKeys) for k in keys.values())
+    config = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA)
+    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
+    share = wire.SecAggShare(
+        round_id, list(OWNERS), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
+    )
+    sent = {o: await c.client.call(o, share) for o in OWNERS}
+    inbox = sa.Aggregator(config).route_shares({o: r.shares for o, r in sent.items()})  # type: ignore[attr-defined]
+    return round_id, config, inbox
+
+
+@MODULE_LOOP
+async def test_an_owner_handed_no_neighbours_shares_sends_no_input_and_spends_nothing(
+    owners: tuple[fedptr.Cluster, Path],
+) -> None:
+    """The client plays an aggregator that hands o1 none of its neighbours' shares, so that o1's
+    input would carry its self mask alone, which an honest-looking unmask request then strips
+    (tests/test_secagg.py does it). o1 refuses, before its budget is charged or its audit log
+    records a contribution."""
+    c, tmp = owners
+    vs = await values(c, OWNERS)
+    round_id, _, _ = await keys_shared(c, vs)
+    history = tmp / "o1" / "privacy-budget.msgpack"
+
+    def spent() -> bytes | None:
+        return history.read_bytes() if history.exists() else None
+
+    budget, records = spent(), audit(tmp, "o1")
+    with pytest.raises(fedptr.DropoutError, match="fewer than 2"):
+        await c.client.call("o1", wire.SecAggMask(round_id, {}))
+    assert spent() == budget
+    assert audit(tmp, "o1") == records
+
+
 @MODULE_LOOP
 async def test_a_lying_aggregator_on_the_wire_is_refused(
     owners: tuple[fedptr.Cluster, Path],
 ) -> None:
     """The client plays a malicious aggregator with its own code over the real wire: an honest
-    round up to the masked inputs, then it tells o2 that o1 survived (for o1's self-mask share),
-    o3 that o1 dropped (for o1's mask-key share), o4 both, and asks o2 again with the other
-    story. o4 and the second ask are refused; one share of each kind is below the threshold."""
+    round up to the masked inputs, then, all at once, it tells o1 and o2 that everyone survived
+    (for o1's self-mask shares), o3 that o1 dropped (for o1's mask-key share), and o4 both. The
+    owners ask each other what they were told, and no story is confirmed by more than half of
+    the four (o1 and o2 agree: 2 of 4), so no share leaves; o4's story is refused outright, and
+    so is a second request to o2."""
     c, _ = owners
-    me = c.client.name
-    four = OWNERS
-    vs = await values(c, four)  # kept: a dropped pointer deletes its object
-    round_id = await join(c, vs, aggregator=me)
-    keys = {o: await c.client.call(o, wire.SecAggAdvertise(round_id)) for o in four}
-    assert all(isinstance(k, wire.SecAggKeys) for k in keys.values())
-    config = sa.Config(round_id, tuple(four), 5, 0, 3, CLIP, SIGMA)
-    relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
-    share = wire.SecAggShare(
-        round_id, list(four), 5, config.threshold, 3, config.degree, config.ring_bits, CLIP, SIGMA, relayed
-    )
-    sent = {o: await c.client.call(o, share) for o in four}
-    inbox = sa.Aggregator(config).route_shares({o: r.shares for o, r in sent.items()})  # type: ignore[attr-defined]
-    masked = {o: await c.client.call(o, wire.SecAggMask(round_id, inbox[o])) for o in four}
+    vs = await values(c, OWNERS)  # kept: a dropped pointer deletes its object
+    round_id, _, inbox = await keys_shared(c, vs)
+    masked = {o: await c.client.call(o, wire.SecAggMask(round_id, inbox[o])) for o in OWNERS}
     assert all(isinstance(m, wire.SecAggMasked) for m in masked.values())
-    alive, victim = sorted(four), "o1"
+    alive, victim = sorted(OWNERS), "o1"
     told_alive = wire.SecAggUnmask(round_id, alive, [])
     told_dropped = wire.SecAggUnmask(round_id, [o for o in alive if o != victim], [victim])
-    seed = await c.client.call("o2", told_alive)
-    key = await c.client.call("o3", told_dropped)
-    with pytest.raises(fedptr.PermissionDenied, match="both"):
-        await c.client.call("o4", wire.SecAggUnmask(round_id, alive, [victim]))
-    with pytest.raises(fedptr.PermissionDenied, match="no such round"):
+    stories = {
+        "o1": told_alive,
+        "o2": told_alive,
+        "o3": told_dropped,
+        "o4": wire.SecAggUnmask(round_id, alive, [victim]),
+    }
+    answers = await asyncio.gather(*(c.client.call(o, m) for o, m in stories.items()), return_exceptions=True)
+    got = dict(zip(stories, answers, strict=True))
+    for o in ("o1", "o2", "o3"):
+        assert isinstance(got[o], fedptr.DropoutError) and "more than half must" in str(got[o]), got[o]
+    assert isinstance(got["o4"], fedptr.PermissionDenied) and "both" in str(got["o4"]), got["o4"]
+    with pytest.raises(fedptr.PermissionDenied, match="answered already"):
         await c.client.call("o2", told_dropped)
-    assert isinstance(seed, wire.SecAggUnmasked) and isinstance(key, wire.SecAggUnmasked)
-    assert victim in seed.seed_shares and victim not in seed.key_shares
-    assert victim in key.key_shares and victim not in key.seed_shares
-    assert config.threshold == 2  # one share of each kind: below it, Shamir gives nothing
-    with pytest.raises(OverflowError):
-        sa.reconstruct({config.index("o2"): int.from_bytes(seed.seed_shares[victim], "big")})
 
 
 @MODULE_LOOP

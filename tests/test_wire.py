@@ -79,6 +79,7 @@ SAMPLES: list[wire.Message] = [
     wire.SecAggMasked(raw(torch.arange(6, dtype=torch.int32)), 0.5, 2.5),
     wire.SecAggUnmask(bytes(16), ["alice", "bob"], ["carol"]),
     wire.SecAggUnmasked({"alice": bytes(66)}, {"carol": bytes(66)}),
+    wire.SecAggConfirm(bytes(16)),
     wire.DirectOffer(b"k" * 40),
     wire.DirectTicket("tcp://127.0.0.1:5556", b"k" * 40),
     wire.Failure("dropout", "unmask", "too few answered", "agg", ["agg"], "bob,carol"),
@@ -181,6 +182,17 @@ def test_64_mib_tensor_is_not_copied() -> None:
     assert isinstance(decoded, wire.Put)
     back = from_raw(decoded.tensor)
     assert back.data_ptr() == t.data_ptr()  # the received tensor wraps the frame's memory
+
+
+def test_a_copied_raw_tensor_owns_its_bytes() -> None:
+    """What a pipelined small send puts on the wire: the tensor's bytes, copied (a transposed
+    one made contiguous first), so a later in-place change does not reach them."""
+    t = torch.arange(12.0).reshape(3, 4).t()
+    raw = to_raw(t, copy=True)
+    t.add_(100)
+    assert torch.equal(from_raw(raw), torch.arange(12.0).reshape(3, 4).t())
+    flat = torch.arange(4.0)
+    assert np.frombuffer(to_raw(flat, copy=True).data, dtype=np.uint8).ctypes.data != flat.data_ptr()
 
 
 @pytest.mark.parametrize(
