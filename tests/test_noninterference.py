@@ -95,11 +95,14 @@ def _hostile_stream(how: str) -> Iterator[None]:
     """While the client queues a send, its buffers stream (however small) in chunks of `CHUNK`
     bytes, rearranged as `how` says: the client library's own streaming, subverted."""
 
-    def split(message: list[Any], threshold: int = 0, chunk: int = 0) -> list[list[Any]]:
+    def split(message: list[Any], threshold: int = 0, chunk: int = 0, first: int = 0) -> list[list[Any]]:
         *chunks, rest = streams.split(message, threshold=0, chunk=CHUNK)
         return [*HOSTILE[how](chunks), rest] if len(chunks) > 2 else [*chunks, rest]
 
-    with mock.patch.object(link, "split", split), mock.patch.object(limits, "STREAM_THRESHOLD_BYTES", 0):
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(link, "split", split))
+        for threshold in ("STREAM_THRESHOLD_BYTES", "DIRECT_STREAM_THRESHOLD_BYTES"):  # through the broker or direct
+            patches.enter_context(mock.patch.object(limits, threshold, 0))
         yield
 
 
