@@ -259,7 +259,7 @@ class Compute:
             if done == len(run.ops):
                 self._finish(run, values, versions, None)
                 return
-        self.node.compute_later(self._later(run, values, versions, done), run.source)
+        self.node.compute_later(self._later(run, values, versions, done), run.source, run.rid)
 
     async def _later(self, run: _Run, values: dict[int, Any] | None, versions: dict[int, int], done: int) -> None:
         """The slow path: wait for inputs still being computed, then go on, big work on a thread."""
@@ -275,6 +275,8 @@ class Compute:
                 await self.scheduler.offload(self._compute, run, values, done)
         except Exception as e:
             error = e
+        if values is None:
+            versions.clear()  # an input failed before anything ran: no input was changed
         self._finish(run, values or {}, versions, error)
 
     def _compute(self, run: _Run, values: dict[int, Any], start: int, inline: bool = False) -> int:

@@ -300,14 +300,22 @@ class Node:
 
         durable.add_done_callback(written)
 
-    def compute_later(self, coro: Coroutine[Any, Any, None], source: str) -> None:
-        """Run a computation of `source`'s in the pool; its later requests wait until it is done."""
+    def compute_later(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
+        """Run a computation of `source`'s request `rid` in the pool; its later requests wait until
+        it is done. The computation answers `rid` itself; if it raises instead (a bug), the error
+        is logged and answered, so the peer hears of it rather than waiting out its deadline."""
         self._ordered.setdefault(source, deque())
         self._deferred.add(source)
         done = self.scheduler.compute_later(coro)
-        done.add_done_callback(lambda _: self._computed(source))
+        done.add_done_callback(lambda f: self._computed(source, rid, f))
 
-    def _computed(self, source: str) -> None:
+    def _computed(self, source: str, rid: bytes, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and (error := done.exception()) is not None:
+            log.error("a computation of %r raised", source, exc_info=error)
+            self.reply_error(source, rid, error)
+        self._resume_ordered(source)
+
+    def _resume_ordered(self, source: str) -> None:
         """Handle `source`'s requests that waited, in order, until one defers again."""
         self._deferred.discard(source)
         waiting = self._ordered[source]

@@ -89,7 +89,7 @@ class Release:
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.node.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
 
-        self.node.compute_later(answer(), source)  # it trains the model in place: later requests wait
+        self.node.compute_later(answer(), source, rid)  # it trains the model in place: later requests wait
 
     def _train_charged(
         self,

@@ -87,3 +87,18 @@ def test_the_ok_table_shares_one_reply_per_shape_and_dtype_and_is_bounded(monkey
     monkeypatch.setattr(limits, "OK_HEADER_TABLE_SIZE", 2)  # full: a new shape is answered, not kept
     assert compute._ok([torch.zeros(5)]).shape == [5]
     assert len(compute._OKS) == 2
+
+
+async def test_an_op_on_a_failed_result_answers_its_error_whatever_the_order_of_its_operands() -> None:
+    # the run read the healthy operand's version before it met the failed one, then finished with
+    # no values: looking that operand up raised inside the finish, and no answer ever left (the
+    # order of the two operands follows their random ids, so it hung about every other time)
+    async with harness.cluster(["bob"], call_timeout=5.0) as c:
+        bob = c.worker("bob")
+        x = await bob.send(torch.ones(3))
+        for _ in range(20):
+            failed = x.grad  # x has no gradient: this op fails on bob
+            with pytest.raises(fedptr.RemoteError, match="no gradient"):
+                await (x + failed)
+            with pytest.raises(fedptr.RemoteError, match="no gradient"):
+                await (failed + x)

@@ -147,13 +147,16 @@ class _Seeded:
         return X25519PrivateKey.from_private_bytes(self.token_bytes(32))
 
     @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
+    def patched(self, factory: bool = True) -> Iterator[None]:
+        """Patch the nodes' draws; `factory` replaces `mechanisms.private_generator` itself,
+        else only the OS seed it reads (tests/test_privacy_state.py checks the factory)."""
         keys = mock.Mock(generate=self.key, from_private_bytes=X25519PrivateKey.from_private_bytes)
         with contextlib.ExitStack() as stack:
-            for module in (secagg, secure, dp):
+            for module in (secagg, secure, dp) if factory else (secagg, secure, dp, mechanisms):
                 stack.enter_context(mock.patch.object(module, "secrets", self))
             stack.enter_context(mock.patch.object(secagg, "X25519PrivateKey", keys))
-            stack.enter_context(mock.patch.object(mechanisms, "private_generator", self.generator))
+            if factory:
+                stack.enter_context(mock.patch.object(mechanisms, "private_generator", self.generator))
             yield
 
 
