@@ -505,8 +505,8 @@ class Client:
     # --- effects: queued updates whose errors surface on the next await ------------------
     def track_effect(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
         """Remember the reply of an in-place update on `location` until someone has seen it:
-        a success is forgotten when it arrives, a failure is raised once, by `observe` or by
-        the next `check_effects` of that worker."""
+        a success is forgotten when it arrives, a failure is reported once, by `failure` (an
+        await of it) or by the next `effects_failure` of that worker."""
         self._effects[fut] = location
         fut.add_done_callback(self._effect_settled)
 
