@@ -68,15 +68,18 @@ class RoutingTable:
     `senders` and `contacts` record who sent requests to whom, so that a departure is told only
     to the peers it concerns: those that asked it something (their calls on it must fail) and
     those it asked something; a client's departure is also told to every worker (its objects
-    there are reclaimed), O(workers) per departure."""
+    there are reclaimed), O(workers) per departure. `senders` keeps the last request id each
+    sender had relayed to the name (the latest issued): its LOST notice says which of its calls
+    may have gone to the peer that is gone, so a later one (relayed to the peer that took the name
+    again) is not failed."""
 
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
     workers: set[bytes] = field(default_factory=set)
     heard: dict[bytes, float] = field(default_factory=dict)
     """Registered identity -> when the broker last received anything from it (monotonic s)."""
-    senders: dict[bytes, set[bytes]] = field(default_factory=dict)
-    """Name -> identities that sent it a request."""
+    senders: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
+    """Name -> identities that sent it a request -> the last such request's id."""
     contacts: dict[bytes, set[bytes]] = field(default_factory=dict)
     """Identity -> names it sent a request to."""
 
@@ -87,12 +90,16 @@ class RoutingTable:
         if role == envelope.ROLE_WORKER:
             self.workers.add(name)
 
-    def note_request(self, source_identity: bytes, dest: bytes) -> None:
-        """`source_identity` sent a request to `dest`."""
+    def note_request(self, source_identity: bytes, dest: bytes, rid: bytes) -> None:
+        """`source_identity` sent request `rid` to `dest`. The latest id is kept, not the last
+        relayed: a session may relay its requests out of order (a streamed one's message follows
+        its chunks), and a LOST notice must cover every request relayed to the peer gone."""
         senders = self.senders.get(dest)
         if senders is None:
-            senders = self.senders[dest] = set()
-        senders.add(source_identity)
+            senders = self.senders[dest] = {}
+        last = senders.get(source_identity)
+        if last is None or envelope.request_after(rid, last):
+            senders[source_identity] = rid
         contacts = self.contacts.get(source_identity)
         if contacts is None:
             contacts = self.contacts[source_identity] = set()
@@ -111,7 +118,7 @@ class RoutingTable:
         for dest in self.contacts.pop(identity, ()):
             senders = self.senders.get(dest)
             if senders is not None:
-                senders.discard(identity)
+                senders.pop(identity, None)
                 if not senders:
                     del self.senders[dest]
         if name is not None:
@@ -308,6 +315,7 @@ class Broker:
             return
         role = envelope.ROLE_WORKER if name in self.table.workers else envelope.ROLE_CLIENT
         concerned = self.table.concerned(identity, name)
+        relayed = dict(self.table.senders.get(name, ()))  # read before the table forgets the name
         if role == envelope.ROLE_CLIENT:
             # every worker may hold objects of a client (sent there before that worker or this
             # broker restarted, or deletes lost meanwhile): each is told, to reclaim them
@@ -316,8 +324,11 @@ class Broker:
         self.stats.on_gone(name, why)
         level = logging.INFO if why == envelope.GONE_DISCONNECTED else logging.WARNING
         log.log(level, "peer %r is gone (%s)", name.decode(errors="replace"), why.decode())
-        notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why])
         for other in concerned:
+            # the latest of its requests relayed to the peer now gone (b"": none): its later
+            # ones went, or will go, to whoever holds the name next, or get an error
+            last = relayed.get(other, b"")
+            notice = envelope.message(envelope.LOST, name, envelope.NO_REPLY, [role, why, last])
             self._notices.setdefault(other, []).append(notice)
         if role == envelope.ROLE_CLIENT and self._trim_at is None:
             self._trim_at = self._now + limits.HEAP_TRIM_DELAY_S
@@ -430,7 +441,7 @@ class Broker:
                     log.info("reply for %r dropped: no such peer", m.name.decode(errors="replace"))
                 continue
             if m.command == envelope.REQUEST:
-                self.table.note_request(identity, m.name)
+                self.table.note_request(identity, m.name, m.rid)
             by_dest.setdefault(dest_identity, []).append(envelope.message(m.command, source, m.rid, m.body))
         for dest_identity, batch in by_dest.items():
             self._deliver(identity, dest_identity, batch)

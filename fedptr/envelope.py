@@ -122,6 +122,16 @@ def request_id_bytes(n: int) -> bytes:
     return _RID.pack(n)
 
 
+def request_after(a: bytes, b: bytes) -> bool:
+    """Whether request id `a` was issued after `b` by one session: a session's ids are
+    ``[counter, incarnation]`` (uint32 each, little-endian; fedptr/session.py), the counter
+    modulo 2**32. Ids of another incarnation, or not of that form, count as after."""
+    if len(a) != 8 or len(b) != 8 or a[4:] != b[4:]:
+        return True
+    ahead = (int.from_bytes(a[:4], "little") - int.from_bytes(b[:4], "little")) & 0xFFFFFFFF
+    return 0 < ahead < 0x80000000
+
+
 def request_id_int(b: bytes) -> int:
     """The number of an 8-byte request id; raises ProtocolError when it is not 8 bytes."""
     if len(b) != REQUEST_ID_BYTES:

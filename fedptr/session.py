@@ -434,8 +434,9 @@ class Session:
         self._settle(rid, events, error=error)
 
     def _on_lost(self, name: str, body: list[Any], events: list[Event]) -> None:
+        last = bytes(body[2]) if len(body) >= 3 else None
         for rid, p in list(self._pending.items()):
-            if p.dest == name and self._forget(rid):
+            if p.dest == name and _relayed_to_the_lost(rid, last) and self._forget(rid):
                 events.append(Settled(rid, error=LostWorkerError(name), dest=name))
         is_client = len(body) >= 2 and bytes(body[0]) == envelope.ROLE_CLIENT
         if is_client and bytes(body[1]) in (envelope.GONE_DISCONNECTED, envelope.GONE_CLOSED):
@@ -499,3 +500,15 @@ def _broker_error(name_bytes: bytes, body: list[Any]) -> FedptrError:
     if reason in (envelope.REASON_BAD_NAME, envelope.REASON_FULL, envelope.REASON_FORBIDDEN):
         return RegistrationRefused(f"broker refused {name!r}: {text}")
     return ProtocolError(f"broker error for {name!r}: {reason!r} {text}")
+
+
+def _relayed_to_the_lost(rid: bytes, last: bytes | None) -> bool:
+    """Whether request `rid` may have gone to a peer now lost, when the broker's LOST notice says
+    `last` was the latest of this session's requests it relayed there (b"": none). A later one
+    went, or will go, to whoever registers that name next, or gets the broker's error: it must
+    not fail here (a node killed and restarted at once would fail calls its new process
+    answers). Without `last` (an older broker), or with an id not of this session's form, it
+    may have gone."""
+    if last is None or len(last) != _RID.size or last[4:] != rid[4:]:
+        return last != b""
+    return not envelope.request_after(rid, last)

@@ -245,6 +245,32 @@ def test_lost_peer_fails_what_waits_on_it_and_ends_a_clients_session(net: Net) -
     assert bob.receive(envelope.framed(silent), net.now) == []  # it may come back: keep its objects
 
 
+def test_a_lost_notice_fails_only_the_requests_relayed_to_the_peer_that_is_gone(net: Net) -> None:
+    # a node killed and restarted at once: the broker forgets the old connection when the new one
+    # registers, and a request the client sent to the name meanwhile went to the new process, which
+    # answers it; the LOST notice, read by the client only after that, must not fail it too
+    old_bob, client = pair(net)
+    first, message = client.request("bob", wire.Clear(), 5.0, net.now)
+    net.send(client, message)
+    net.run(old_bob)  # the old process got it, and dies without an answer
+    net.forget("bob")  # its LOST notice waits in the client's socket, unread
+    net.sockets.pop("bob").close(linger=0)
+    new_bob = registered(net, "bob", envelope.ROLE_WORKER)
+    second, message = client.request("bob", wire.Clear(), 5.0, net.now)
+    net.send(client, message)
+    net.run(new_bob)
+    [incoming] = net.events.pop("bob")
+    assert isinstance(incoming, Incoming) and incoming.rid == second
+    reply = new_bob.reply(incoming.source, incoming.rid, wire.Ok(), net.now)
+    assert reply is not None
+    net.send(new_bob, reply)
+    net.run(client)
+    outcome = {e.rid: e for e in net.settled(client)}
+    assert isinstance(outcome[first].error, LostWorkerError)
+    assert outcome[second] == Settled(second, wire.Ok(), dest="bob")
+    assert client.in_flight == 0
+
+
 def test_a_malformed_request_is_answered_with_a_protocol_failure(net: Net) -> None:
     bob, client = pair(net)
     rid, _ = client.request("bob", wire.Clear(), 5.0, net.now)
