@@ -298,6 +298,14 @@ def _nth_result(done: asyncio.Future[wire.Message], k: int) -> asyncio.Future[wi
     return _then(done, check)
 
 
+def _first_error(futures: list[asyncio.Future[wire.Message]]) -> BaseException | None:
+    """The error of the first of the settled `futures` that failed (a cancelled one counts as none)."""
+    for fut in futures:
+        if not fut.cancelled() and (error := fut.exception()) is not None:
+            return error
+    return None
+
+
 class Client:
     """A connection to a fedptr broker. Get one from `fedptr.connect` or `local_cluster(...).client`."""
 
@@ -497,8 +505,8 @@ class Client:
     # --- effects: queued updates whose errors surface on the next await ------------------
     def track_effect(self, location: str, fut: asyncio.Future[wire.Message]) -> None:
         """Remember the reply of an in-place update on `location` until someone has seen it:
-        a success is forgotten when it arrives, a failure is raised once, by `observe` or by
-        the next `check_effects` of that worker."""
+        a success is forgotten when it arrives, a failure is reported once, by `failure` (an
+        await of it) or by the next `effects_failure` of that worker."""
         self._effects[fut] = location
         fut.add_done_callback(self._effect_settled)
 
@@ -522,9 +530,14 @@ class Client:
         if fut.cancelled() or fut.exception() is None:
             self._effects.pop(fut, None)
 
-    async def observe(self, futures: list[asyncio.Future[wire.Message]]) -> None:
-        """Wait for `futures` (without cancelling them if this wait is cancelled) and raise the
-        first one's error if any failed. They are claimed while waited for (see `claim`)."""
+    async def failure(self, futures: list[asyncio.Future[wire.Message]]) -> BaseException | None:
+        """Wait for `futures` (without cancelling them if this wait is cancelled) and return the
+        first one's error if any failed (None: none did). They are claimed while waited for (see
+        `claim`). Returned, not raised: the caller raises it from a frame that holds neither the
+        error nor a pointer (`fedptr.pointer.raised`), since the error's traceback keeps every
+        frame it passes through, and a frame that refers back to the error or to a pointer that
+        keeps it makes a reference cycle: a dropped pointer's delete would wait for the cyclic
+        garbage collector."""
         claimed = {fut: location for fut in futures if (location := self.claim(fut)) is not None}
         try:
             if futures:
@@ -533,29 +546,21 @@ class Client:
             for fut, location in claimed.items():
                 self.unclaim(fut, location)
             raise
-        error: BaseException | None = None
-        for fut in futures:
-            if error is None and not fut.cancelled():
-                error = fut.exception()
-        if error is not None:
-            raise error
+        return _first_error(futures)
 
-    async def check_effects(self, location: str) -> None:
-        """Raise the error of an update queued on `location` that nobody awaited (waiting for
-        the ones still running, and raising only those that nobody claimed by the time they
-        settled); called by every await and get of a pointer there. Nothing is
-        waited for while a plan is recorded (an await in it returns at once)."""
+    async def effects_failure(self, location: str) -> BaseException | None:
+        """The error of an update queued on `location` that nobody awaited (waiting for the ones
+        still running, and returning only those that nobody claimed by the time they settled),
+        returned as `failure` returns its own; checked by every await and get of a pointer
+        there, which raise it. Nothing is waited for while a plan is recorded (an await in it
+        returns at once)."""
         if not self._effects or self.recording is not None:
-            return
+            return None
         running = [f for f, loc in self._effects.items() if loc == location]
         if running:
             await asyncio.wait(running)  # not claimed: their own awaiters may still claim them
-        error: BaseException | None = None
-        for fut in running:
-            if self._effects.pop(fut, None) is not None and error is None and not fut.cancelled():
-                error = fut.exception()  # settled with nobody awaiting it: raised here, once
-        if error is not None:
-            raise error
+        # settled with nobody awaiting it: reported here, once
+        return _first_error([fut for fut in running if self._effects.pop(fut, None) is not None])
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         self._outstanding.discard(fut)

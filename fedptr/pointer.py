@@ -211,7 +211,7 @@ class Pending:
 
     async def _wait(self) -> None:
         if self._client is not None:
-            await self._client.observe(self._futures)
+            raised(await self._client.failure(self._futures))
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -244,6 +244,16 @@ class _Keep:
 
     def __call__(self, fut: asyncio.Future[wire.Message]) -> None:
         self._kept = None
+
+
+def raised(error: BaseException | None) -> None:
+    """Raise `error` if there is one, from a frame that lets go of it: the error's traceback keeps
+    this frame, which must not refer back to it (a reference cycle; see `Pointer._wait`)."""
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error
 
 
 def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Pointer]) -> InDoubtError:
@@ -497,39 +507,63 @@ class Pointer(PointerMethods):
         return self._wait().__await__()
 
     async def _wait(self) -> Pointer:
+        error = await self._failure()
+        if error is None:
+            return self
+        # Raised from a frame that holds neither this pointer nor the error: the error's traceback
+        # keeps this frame, and the pointer may keep the error (its op's future), so either would
+        # make a reference cycle, and the pointer, once dropped, would be deleted only when the
+        # cyclic garbage collector runs (as asyncio's own frames drop `self` and their errors).
+        del self
+        try:
+            raise error
+        finally:
+            del error
+
+    async def _failure(self) -> BaseException | None:
+        """Wait as an await does; the error it raises (None: none). Nothing is raised through this
+        frame, which holds the pointer (see `_wait`)."""
         if self._done is not None:
             done = self._done
             claimed = self._client.claim(done)  # its failure is raised here, to no other await
             try:
-                # shielded: cancelling one waiter must not cancel the request other waiters share
-                reply = await asyncio.shield(done)
+                # not cancelled with this wait: other waiters share the request
+                await asyncio.wait([done])
             except asyncio.CancelledError:
                 if claimed is not None:
                     self._client.unclaim(done, claimed)
                 raise
+            if done.cancelled():
+                raise asyncio.CancelledError  # the request was (the client closed)
+            if (error := done.exception()) is not None:
+                return error
             if self._done is not None:
                 self._done = None
-                self._check_reply(reply)
-        await self._own_updates()
-        await self._client.check_effects(self._location)
-        return self
+                self._check_reply(done.result())
+        return await self._pending_failure()
+
+    async def _pending_failure(self) -> BaseException | None:
+        """The error of the in-place updates queued on this object (`_updates_failure`), else of
+        an effect queued on its worker that nobody awaited; None: none."""
+        error = await self._updates_failure()
+        return error if error is not None else await self._client.effects_failure(self._location)
 
     def _updated_by(self, fut: asyncio.Future[wire.Message]) -> None:
         """Remember an in-place update queued on this object (forgetting those that succeeded)."""
         kept = [f for f in self._updates or () if not f.done() or (not f.cancelled() and f.exception())]
         self._updates = [*kept, fut]
 
-    async def _own_updates(self) -> None:
-        """Wait for the updates queued on this object, and raise the first one's error: they are
+    async def _updates_failure(self) -> BaseException | None:
+        """Wait for the updates queued on this object, and return the first one's error: they are
         this pointer's awaits' to report, not another task's. The claim is shared: every await
         of this pointer that starts before they settle waits for all of them (and raises the
         same error), so none returns before the updates are acknowledged, hence durable."""
         if not self._updates:
-            return
+            return None
         # one that settled and was claimed meanwhile (a `Pending` of it was awaited) was reported there
         updates = [f for f in self._updates if not self._client.reported(f)]
         try:
-            await self._client.observe(updates)
+            return await self._client.failure(updates)
         finally:
             # once settled they are reported (to every await sharing them): later awaits neither
             # wait for them nor raise their errors; a cancelled await leaves them to the others
@@ -569,8 +603,7 @@ class Pointer(PointerMethods):
         self.check_alive()
         if (step := self.after) is not None:
             await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
-        await self._own_updates()
-        await self._client.check_effects(self._location)
+        raised(await self._pending_failure())
         self.owned = False
         try:
             reply = await self._client.call(self._location, wire.Get(self._id))

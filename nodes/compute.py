@@ -29,7 +29,7 @@ from fedptr.errors import (
     RemoteError,
 )
 from fedptr.failures import with_hop
-from fedptr.ops import AGGREGATES, ALLOWED
+from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, plans, policy
@@ -309,11 +309,16 @@ class Compute:
         every output; the inputs it changed are persisted all the same (disk follows memory)."""
         durable: list[asyncio.Future[None] | None] = []
         outputs: list[torch.Tensor] = []
+        # A single in-place op's result is an alias of its target, which the client deletes once
+        # the update settled (a delete nothing acknowledges): stored, a crash before that delete
+        # landed would bring it back as a copy. It lives in memory only; the target, changed,
+        # is persisted below.
+        alias = not run.plan and run.ops[0].op in MUTATING
         if error is None:
             try:
                 for key, obj_id, result in run.outputs:
                     outputs.append(values[key])
-                    durable.append(self.store.commit(obj_id, result, outputs[-1]))
+                    durable.append(self.store.commit(obj_id, result, outputs[-1], durable=not alias))
             except Exception as e:
                 error = e
         for key, before in versions.items():

@@ -269,11 +269,12 @@ class Store:
             raise PermissionDenied(self.node, f"object {obj_id} is held for another client", self.node)
 
     def commit(
-        self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None
+        self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None, durable: bool = True
     ) -> asyncio.Future[None] | None:
         """Account for and persist an entry whose value (a tensor `value`, or the pointer itself)
         exists, before it is acknowledged. Raises StoreFullError past the byte budget. An entry
-        deleted while it was being computed is neither charged nor stored."""
+        deleted while it was being computed is neither charged nor stored. Not `durable`: it
+        lives in memory only (a restart does not bring it back)."""
         if not self._holds(obj_id, entry):
             return None
         if entry.location is None:
@@ -281,7 +282,7 @@ class Store:
             params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
             for p in params:
                 self._charge(obj_id, p)
-        return self.persist(obj_id, entry, value)
+        return self.persist(obj_id, entry, value) if durable else None
 
     def persist(
         self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None

@@ -398,3 +398,37 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
                 _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
                 outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
     print(f"{protocol.__name__}: counted {counted}; {sum(outcomes.values())} crashes, outcomes {dict(outcomes)}")
+
+
+@pytest.mark.asyncio
+async def test_a_kill_right_after_an_acknowledged_in_place_update_brings_back_only_its_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The alias an in-place update leaves (its result entry, which the client deletes once the
+    update settled, a delete nothing acknowledges) is no durable object: killed right after an
+    acknowledged ``add_``, before that delete lands, the node comes back with the target,
+    updated, and nothing else (the alias came back as a copy in 20 of 20 such kills)."""
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
+    disks = Disks()
+    install(monkeypatch, disks)
+    deletes: list[tuple[str, int]] = []
+    # the client's deletes are held back: the kill strikes before any of them lands
+    monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: deletes.append((location, obj_id)))
+    async with harness.cluster(["bob"], stores=["bob"]) as c:
+        x = await c.worker("bob").send(torch.zeros(4))
+        x.add_(1.0)
+        await x
+        assert deletes, "the client did not let go of the update's alias"
+        death = Death()
+        death.watch(c.node("bob"))
+        disks.give(c.node("bob"), death.disk)
+        death.kill()
+        await c.restart_node("bob")
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            while True:
+                try:
+                    held = await c.worker("bob").objects()
+                    break
+                except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
+                    await asyncio.sleep(limits.POLL_INTERVAL_S)
+        assert {i: info.preview for i, info in held.items()} == {x.id_at_location: [1.0] * 4}

@@ -422,3 +422,38 @@ async def test_a_pipelined_send_is_not_torn_by_a_later_change(bob: fedptr.Worker
     r = await bob.send(big)  # awaited, then changed: fine
     big.add_(1)
     assert torch.equal(await r.get(), torch.ones(1 << 19))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["failed op", "failed in-place update"])
+async def test_a_pointer_whose_await_raised_is_deleted_without_the_cyclic_collector(
+    bob: fedptr.Worker, kind: str
+) -> None:
+    """An await that raised must not leave the pointer in a reference cycle (the error's
+    traceback keeping frames whose locals are the pointer, or the error): dropped, with the
+    cyclic garbage collector off, its delete reaches the node. Both kinds: an op's result that
+    failed, and the target of an in-place update that failed."""
+    a = await bob.send(torch.ones(2, 3))
+    b = await bob.send(torch.ones(4, 5))
+    if kind == "failed op":
+        p = a @ b
+    else:
+        p = await bob.send(torch.ones(2, 3))
+        p.add_(b)
+    obj_id = p.id_at_location
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            await p
+        except fedptr.RemoteError:
+            pass
+        else:
+            raise AssertionError(f"{p!r} was awaited without its error")
+        del p
+
+        async def deleted() -> bool:
+            return obj_id not in await bob.objects()
+
+        assert await eventually(deleted), f"a dropped pointer ({kind}) whose await raised was not deleted"
+    finally:
+        gc.enable()
