@@ -148,6 +148,7 @@ class Fedptr:
     async def setup(self) -> None:
         self.x = await self.bob.send(self.small)
         self.moving = await self.bob.send(self.big[max(self.big)])
+        await direct_open(self.client, "bob")  # opened in the background by that send
         # there and back once: the data paths between bob and alice (CURVE on) open on a first
         # transfer, as the client's paths do in the sends above; torch.rpc's are open from its start
         self.moving = await (await self.moving.move(self.alice)).move(self.bob)
@@ -283,6 +284,20 @@ class Fedptr:
             "client_bytes_per_pointer": current / len(ptrs),
             "objects_stored": len(ptrs),
         }
+
+
+async def direct_open(client: fedptr.Client, worker: str) -> None:
+    """Wait until `client`'s direct data path to `worker` is open (CURVE on: a first big send
+    starts opening it in the background), so that no timed send or get goes the broker's way
+    or pays for the offer and the handshake. Without CURVE there is no such path."""
+    direct = client.link.direct
+    if direct is None:
+        return
+    deadline = time.monotonic() + fedptr.limits.DIRECT_CONNECT_TIMEOUT_S
+    while not direct.ready(worker.encode(), envelope.REQUEST):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no direct path to {worker} within {fedptr.limits.DIRECT_CONNECT_TIMEOUT_S} s")
+        await asyncio.sleep(0.01)
 
 
 def _chain(y: fedptr.Pointer, x: fedptr.Pointer, n: int) -> fedptr.Pointer:

@@ -36,12 +36,19 @@ def recv_frames(sock: zmq.Socket[Any], copied: int, copy_below: int = 0) -> list
     zmq.Again when nothing is waiting. (Each frame's `more` flag is read from the frame itself:
     asking the socket for RCVMORE costs an enum per frame; receiving every frame as a Frame and
     copying the small ones costs less than that.)"""
+    return recv_with_last(sock, copied, copy_below)[0]
+
+
+def recv_with_last(sock: zmq.Socket[Any], copied: int, copy_below: int = 0) -> tuple[list[Any], zmq.Frame]:
+    """`recv_frames`, and the message's last frame as a zmq.Frame even if it was copied: its
+    connection metadata (a CURVE peer's ``User-Id``) can be read when needed, and only then
+    (every frame of a message carries the same)."""
     frame = _recv(sock, _NOBLOCK, False)
     frames: list[Any] = [frame.bytes if copied > 0 or len(frame) < copy_below else frame]
     while frame.more:
         frame = _recv(sock, _NOBLOCK, False)
         frames.append(frame.bytes if len(frames) < copied or len(frame) < copy_below else frame)
-    return frames
+    return frames, frame
 
 
 _EVENTS = int(zmq.EVENTS)

@@ -13,6 +13,7 @@ import pytest_asyncio
 import torch
 import zmq
 import zmq.asyncio
+from fedptr.broker.router import Broker, BrokerConfig
 
 import fedptr
 from fedptr import envelope, wire
@@ -128,3 +129,31 @@ async def test_a_client_cannot_touch_another_clients_objects(secure: fedptr.Clus
     assert torch.equal(await (mine + 0).get(), torch.tensor([1.0, 2.0]))  # type: ignore[arg-type]
     assert "does not own" in secure.log("bob")  # the deletion
     assert secure.log("bob").count("refused") >= 4  # the get, the op, the move and the deletion
+
+
+@pytest.mark.asyncio
+async def test_in_process_broker_logs_a_refusal_while_no_message_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve_async` reads the monitor when its FD says so, not only in a turn that a message
+    (or a heartbeat, an hour away here) started: a refused handshake is logged at once."""
+    generate(tmp_path / "allow", "bob")
+    _, secret = generate(tmp_path, "broker")
+    config = BrokerConfig(
+        bind="tcp://127.0.0.1:*", heartbeat_s=3600.0, curve_secret=str(secret), allow=str(tmp_path / "allow")
+    )
+    broker = Broker(config)
+    task = asyncio.create_task(broker.serve_async())
+    sock = dealer(broker.endpoint, None)
+    try:
+        await sock.send_multipart([envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY])
+
+        async def refused() -> bool:
+            return "refused a connection" in caplog.text
+
+        assert await eventually(refused)
+    finally:
+        sock.close()
+        broker.stop()
+        await asyncio.wait_for(task, 5.0)
+        broker.close()
