@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fedptr import envelope, limits, wire
-from fedptr.errors import OpNotAllowedError, OverloadedError, QuotaExceededError
+from fedptr.errors import OpNotAllowedError, OverloadedError, QuotaExceededError, RemoteError
 from fedptr.failures import failure_from_error
 from fedptr.link import Link
 from fedptr.tensors import dtype_name
@@ -303,7 +303,8 @@ class Node:
     def compute_later(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Run a computation of `source`'s request `rid` in the pool; its later requests wait until
         it is done. The computation answers `rid` itself; if it raises instead (a bug), the error
-        is logged and answered, so the peer hears of it rather than waiting out its deadline."""
+        is logged and the peer told that the node failed, rather than left to wait out its
+        deadline. The error's text stays in the log: a bug's message may hold any value."""
         self._ordered.setdefault(source, deque())
         self._deferred.add(source)
         done = self.scheduler.compute_later(coro)
@@ -312,7 +313,10 @@ class Node:
     def _computed(self, source: str, rid: bytes, done: asyncio.Future[None]) -> None:
         if not done.cancelled() and (error := done.exception()) is not None:
             log.error("a computation of %r raised", source, exc_info=error)
-            self.reply_error(source, rid, error)
+            failed = RemoteError(
+                "InternalError", "the node failed computing this request (see its log)", self.name, [self.name]
+            )
+            self.reply_error(source, rid, failed)
         self._resume_ordered(source)
 
     def _resume_ordered(self, source: str) -> None:

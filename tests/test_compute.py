@@ -102,3 +102,18 @@ async def test_an_op_on_a_failed_result_answers_its_error_whatever_the_order_of_
                 await (x + failed)
             with pytest.raises(fedptr.RemoteError, match="no gradient"):
                 await (failed + x)
+
+
+async def test_a_deferred_computation_that_raises_is_answered_without_its_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a bug in the slow path must not leave the caller waiting out its deadline, and the bug's
+    # message (which may hold any value) stays in the node's log
+    async def broken(*_: object) -> None:
+        raise KeyError("secret 42")
+
+    monkeypatch.setattr(compute.Compute, "_later", broken)
+    configs = {"bob": NodeConfig(offload_numel=1)}  # every op of more than 1 element: the slow path
+    async with harness.cluster(["bob"], configs=configs, call_timeout=5.0) as c:
+        x = await c.worker("bob").send(torch.ones(3))
+        with pytest.raises(fedptr.RemoteError) as info:
+            await (x + 1.0)
+        assert info.value.remote_type == "InternalError" and "42" not in str(info.value)
