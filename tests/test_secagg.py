@@ -17,7 +17,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedptr.nodes import audit, budget, mechanisms
 from fedptr.nodes import secagg as sa
-from hypothesis import HealthCheck, find, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from fedptr.errors import DropoutError, InvalidArgumentError, PermissionDenied
@@ -515,12 +515,19 @@ def test_the_majority_rule_the_quorum_replaced_lets_stories_unmask_an_owner(monk
     """The property test above, under the old rule (more than half of the n owners confirm,
     whatever c), finds an attack that recovers an honest owner's exact input."""
     monkeypatch.setattr(sa.Config, "quorum", property(lambda config: len(config.owners) // 2 + 1))
-    found = find(
-        attacks(),
-        lambda attack: an_unmasked_honest_owner(attack) is not None,
-        settings=settings(max_examples=2_000, database=None, deadline=None),
-    )
-    cfg, colluders, _ = found
+    found: list[tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]]] = []
+
+    # a search, not `find`: a round's keys and shares are fresh random draws, so an example run
+    # again (as shrinking does) may come out otherwise, which `find` reports as flaky
+    @settings(max_examples=2_000, database=None, deadline=None, phases=[Phase.generate])
+    @given(attack=attacks())
+    def search(attack: tuple[sa.Config, frozenset[str], dict[str, sa.UnmaskRequest]]) -> None:
+        if not found and an_unmasked_honest_owner(attack) is not None:
+            found.append(attack)
+
+    search()
+    assert found, "no attack found under the majority rule"
+    cfg, colluders, _ = found[0]
     assert 1 <= len(colluders) <= cfg.colluding
 
 
