@@ -237,7 +237,8 @@ class Incoming:
         name, self.name = self.name, b""  # whatever comes next, closing has nothing to unlink
         try:
             fd = os.open(name, _OPEN_FLAGS, dir_fd=self.directory._fd)
-        except OSError as e:
+        except OSError as e:  # a symlink (O_NOFOLLOW), say: the name is this path's, so it goes too
+            self.directory.unlink(name)
             raise ProtocolError(f"the shared-memory buffer cannot be opened ({e.strerror})") from None
         try:
             self.directory.unlink(name)
