@@ -532,7 +532,8 @@ class DirectPaths:
         if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES:
             channel.files_sent += 1
             name_tag = shm.tag(channel.token, channel.outgoing, channel.files_sent)
-            written = self._shm.write(name_tag, channel.files_sent, data)
+            at = envelope.CHUNK_INFO.unpack(frames[-2])[2]  # the file is laid out as the whole buffer
+            written = self._shm.write(name_tag, channel.files_sent, data, at)
             if written is not None:
                 name, descriptor = written
                 # unlinked then whatever happens: a receiver that died or never got the descriptor

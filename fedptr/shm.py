@@ -5,8 +5,9 @@ copies and an open per byte, where torch.rpc's TensorPipe copies through shared 
 path's two ends share a ``/dev/shm`` (`limits.DIRECT_SHM_DIR`), a large chunk goes as a file
 there instead: the sender writes the buffer once into a fresh file, and sends only its name,
 size and inode over the path (sealed: authenticated and encrypted like any chunk); the receiver
-opens it, checks it, unlinks it and reads it once into the reassembly buffer. Two copies, no
-crypto, no socket.
+opens it, checks it, unlinks it, and maps it privately as the reassembly buffer (or reads it
+into that buffer, for a file that is only a small part of it). One copy (the sender's), no crypto,
+no socket; the receiver's pages are the sender's until it writes to them.
 
 * **Proven, never assumed.** The connecting end writes a probe file holding a random secret
   and names it, with its boot id, in its sealed greeting; the worker answers "shared" only if
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import mmap
 import os
 import re
 import secrets
@@ -43,6 +45,9 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from fedptr import limits
 from fedptr.errors import ProtocolError
@@ -93,10 +98,12 @@ class Directory:
             self._prefix = f"fedptr-{_pid_namespace()}-{os.getpid()}-".encode()
         return self._fd >= 0
 
-    def write(self, name_tag: bytes, counter: int, data: memoryview) -> tuple[bytes, bytes] | None:
-        """Write `data` into a fresh 0600 file named for `name_tag`: its name, and its
-        descriptor for the receiver; None when the directory is unusable or refuses it (full,
-        say: the caller sends the bytes another way)."""
+    def write(self, name_tag: bytes, counter: int, data: memoryview, at: int = 0) -> tuple[bytes, bytes] | None:
+        """Write `data` at offset `at` of a fresh 0600 file named for `name_tag` (its first `at`
+        bytes a hole, which holds no memory: the file is laid out as the whole buffer, so that the
+        receiver can map it as that buffer): its name, and its descriptor for the receiver; None
+        when the directory is unusable or refuses it (full, say: the caller sends the bytes
+        another way)."""
         if not self.usable():
             return None
         name = self._prefix + name_tag
@@ -108,7 +115,7 @@ class Directory:
             view = data.cast("B")
             done = 0
             while done < view.nbytes:
-                done += os.write(fd, view[done:])
+                done += os.pwrite(fd, view[done:], at + done)
             inode = os.fstat(fd).st_ino
         except OSError:
             self.unlink(name)
@@ -215,7 +222,7 @@ def _alive(pid: int) -> bool:
 @dataclass
 class Incoming:
     """A chunk's bytes in a peer's file, not read yet: the reassembly puts them in place
-    (`readinto`) once its budgets allow, and `close` unlinks the file whatever happened. (A
+    (`place`) once its budgets allow, and `close` unlinks the file whatever happened. (A
     `fedptr.streams.Filler`.)"""
 
     directory: Directory
@@ -229,9 +236,13 @@ class Incoming:
     def __len__(self) -> int:
         return self.nbytes
 
-    def readinto(self, dest: memoryview) -> None:
-        """Open the file once, check it on that descriptor, unlink it and read all of it into
-        `dest`. Raises ProtocolError when it is not what was announced, or gone."""
+    def place(self, buf: np.ndarray[Any, Any], offset: int) -> np.ndarray[Any, Any]:
+        """Open the file once, check it on that descriptor, unlink it, and put its bytes at
+        `offset` of `buf`: the buffer that holds them then, `buf`, or, when the file is laid
+        out as the whole buffer and is most of it, a private mapping of the file (no copy: the
+        sender's pages become the buffer, copied only where written to) into which what `buf`
+        holds before `offset` was copied. Raises ProtocolError when it is not what was
+        announced, or gone."""
         if self.refused:
             raise ProtocolError(self.refused)
         name, self.name = self.name, b""  # whatever comes next, closing has nothing to unlink
@@ -245,14 +256,23 @@ class Incoming:
             st = os.fstat(fd)  # on the descriptor read from: what is checked is what is read
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or st.st_uid != os.geteuid():
                 raise ProtocolError("the shared-memory buffer is not a plain file of ours")
-            if st.st_size != self.nbytes or st.st_ino != self.inode or dest.nbytes != self.nbytes:
+            if st.st_size != offset + self.nbytes or st.st_ino != self.inode or offset + self.nbytes > len(buf):
                 raise ProtocolError("the shared-memory buffer is not the size or the file announced")
+            if st.st_size == len(buf) and 2 * self.nbytes >= len(buf):
+                mapped = np.frombuffer(
+                    mmap.mmap(fd, len(buf), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE),
+                    dtype=np.uint8,
+                )
+                mapped[:offset] = buf[:offset]
+                return mapped
+            dest = buf[offset : offset + self.nbytes].data
             done = 0
             while done < self.nbytes:
-                n = os.readv(fd, [dest[done:]])
+                n = os.preadv(fd, [dest[done:]], offset + done)
                 if n == 0:
                     raise ProtocolError("the shared-memory buffer is shorter than announced")
                 done += n
+            return buf
         except OSError as e:
             raise ProtocolError(f"the shared-memory buffer cannot be read ({e.strerror})") from None
         finally:

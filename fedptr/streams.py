@@ -73,12 +73,13 @@ def rechunk(part: list[Any], chunk: int = limits.STREAM_CHUNK_BYTES) -> list[lis
 @runtime_checkable
 class Filler(Protocol):
     """A chunk's bytes not in memory yet (`fedptr.shm.Incoming`: a file in shared memory), of
-    `nbytes`: put in place by `readinto` (which raises ProtocolError when they cannot be), and
-    released by `close`, whether they were or not."""
+    `nbytes`: put in place by `place` (which returns the buffer that holds them then, the one
+    given or one that replaces it, and raises ProtocolError when they cannot be), and released by
+    `close`, whether they were or not."""
 
     nbytes: int
 
-    def readinto(self, dest: memoryview) -> None: ...
+    def place(self, buf: np.ndarray[Any, Any], offset: int) -> np.ndarray[Any, Any]: ...
 
     def close(self) -> None: ...
 
@@ -145,18 +146,19 @@ class Reassembly:
         return len(self._partials)
 
     def add(self, source: bytes, rid: bytes, info: bytes, data: Any) -> None:
-        """Copy one chunk into place (`data` a buffer, or a `Filler` that reads itself in once
+        """Copy one chunk into place (`data` a buffer, or a `Filler` that places itself once
         the budgets allow, and is closed either way). Raises ProtocolError for a malformed or
         oversized chunk, or one over bytes of its buffer that arrived already (counted twice,
         they let a buffer with a gap pass as complete, its gap uninitialised memory); a Filler
         that fails refuses its stream (its message fails at once, with the reason)."""
         if not isinstance(data, Filler):
             view = memoryview(data).cast("B")
-            dest = self._place(source, rid, info, view.nbytes)
-            dest[:] = view
+            buffers, index, offset = self._place(source, rid, info, view.nbytes)
+            buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
             return
         try:
-            data.readinto(self._place(source, rid, info, data.nbytes))
+            buffers, index, offset = self._place(source, rid, info, data.nbytes)
+            buffers[index] = data.place(buffers[index], offset)
         except ProtocolError as e:
             if len(info) == envelope.CHUNK_INFO.size:  # its message fails now, not when the stream times out
                 self.refuse((envelope.CHUNK_INFO.unpack(info)[0], source, rid), str(e))
@@ -164,9 +166,12 @@ class Reassembly:
         finally:
             data.close()
 
-    def _place(self, source: bytes, rid: bytes, info: bytes, nbytes: int) -> memoryview:
-        """Where a chunk of `nbytes` goes in its buffer (made on the stream's first chunk, within
-        the budgets), its bytes counted as received: each byte of a buffer is placed once."""
+    def _place(
+        self, source: bytes, rid: bytes, info: bytes, nbytes: int
+    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int]:
+        """Where a chunk of `nbytes` goes: its stream's buffers, the index of its buffer (made on
+        the stream's first chunk, within the budgets) and its offset there, its bytes counted as
+        received: each byte of a buffer is placed once."""
         self.purge()
         if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
@@ -199,7 +204,7 @@ class Reassembly:
             raise ProtocolError("chunk disagrees on its buffer's size")
         partial.spans[index].add(offset, offset + nbytes)
         partial.touched = time.monotonic()
-        return buf[offset : offset + nbytes].data
+        return partial.buffers, index, offset
 
     def waiting(self, command: bytes, source: bytes, rid: bytes) -> bool:
         """Whether a stream of this message started and some of its bytes have not arrived yet."""

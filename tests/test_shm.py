@@ -320,3 +320,20 @@ def test_a_crashed_senders_files_are_swept(tmp_path: Path) -> None:
     old = time.time() - limits.DIRECT_SHM_STALE_S - 1
     os.utime(tmp_path / live.decode(), (old, old))
     assert directory.sweep() == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head", [MIB // 4, 3 * MIB // 4], ids=["mapped", "read"])
+def test_a_file_after_a_chunk_completes_its_buffer_whole(tmp_path: Path, head: int) -> None:
+    """A file laid out as the whole buffer (a hole before its offset) that is most of it becomes
+    the buffer, the bytes received before it kept; one that is a small part is read into it."""
+    directory = shm.Directory(str(tmp_path))
+    data = os.urandom(MIB)
+    reassembly = Reassembly()
+    reassembly.add(b"alice", b"rid-0001", envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, MIB), data[:head])
+    out = directory.write(shm.tag(TOKEN, b"to worker", 1), 1, memoryview(data[head:]), at=head)
+    assert out is not None
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, head, MIB)
+    reassembly.add(b"alice", b"rid-0001", info, directory.take(out[1], TOKEN, b"to worker", 0))
+    body = reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+    assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+    body[1][:4] = b"abcd"  # writable, as a received tensor must be
