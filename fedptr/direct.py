@@ -506,7 +506,7 @@ class DirectPaths:
         channel = self._channel_for(peer, command)
         if channel is None or (command == envelope.REPLY and self._server is None):
             return False
-        sealed = self._seal(channel, frames)
+        sealed, file = self._seal(channel, frames)
         if sealed is None:
             return False
         try:
@@ -520,6 +520,8 @@ class DirectPaths:
                 self._recheck(self._server, self._drain_server)
         except zmq.ZMQError as e:
             log.info("direct path to %r refused a chunk (%s); through the broker", peer.decode(errors="replace"), e)
+            if file:  # nobody will take it: the caller sends the bytes another way
+                self._expire(file)
             if command == envelope.REQUEST:
                 self._fail(peer)
             else:
@@ -528,10 +530,10 @@ class DirectPaths:
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
 
-    def _seal(self, channel: _Channel, frames: list[Any]) -> list[Any] | None:
-        """The sealed message carrying chunk `frames`: a large chunk's bytes written into a
-        shared-memory file when the path has shared memory, its descriptor sealed in their
-        place. None for a chunk too large to seal whole that no file took."""
+    def _seal(self, channel: _Channel, frames: list[Any]) -> tuple[list[Any] | None, bytes]:
+        """The sealed message carrying chunk `frames`, and the name of the shared-memory file
+        its bytes were written into when the path has shared memory (its descriptor sealed in
+        their place; b"" for none). None for a chunk too large to seal whole that no file took."""
         data = memoryview(frames[-1])
         if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES:
             channel.files_sent += 1
@@ -542,13 +544,15 @@ class DirectPaths:
                 name, descriptor = written
                 # unlinked then whatever happens: a receiver that died or never got the descriptor
                 self._files[name] = self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name)
-                return channel.seal([frames[0], _SHM_CHUNK, *frames[2:-1], descriptor])
+                return channel.seal([frames[0], _SHM_CHUNK, *frames[2:-1], descriptor]), name
         if data.nbytes > limits.STREAM_CHUNK_BYTES:
-            return None
-        return channel.seal(frames)
+            return None, b""
+        return channel.seal(frames), b""
 
     def _expire(self, name: bytes) -> None:
-        self._files.pop(name, None)
+        timer = self._files.pop(name, None)
+        if timer is not None:
+            timer.cancel()
         self._shm.unlink(name)
 
     def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any]:

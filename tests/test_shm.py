@@ -98,6 +98,19 @@ async def test_a_directory_the_node_does_not_share_falls_back_to_sealed_chunks(
         assert lane.channel.files_sent == 0 and list(tmp_path.iterdir()) == []
 
 
+@MODULE_LOOP
+async def test_a_file_the_broken_path_did_not_take_is_unlinked_at_once(secure: fedptr.Cluster) -> None:
+    """The file is written before the path's socket refuses its descriptor (the path broke):
+    the bytes go through the broker, and the file does not wait for its deadline."""
+    direct = await opened(secure.client, "bob")
+    lane = direct._lanes[b"bob"]
+    lane.sock.disconnect(lane.sock.getsockopt_string(zmq.LAST_ENDPOINT))  # the path breaks
+    t = torch.randn(4 * MIB)
+    p = await secure.client.worker("bob").send(t)  # IMMEDIATE: the socket takes nothing
+    assert b"bob" not in direct._lanes and ours(os.getpid()) == []
+    assert torch.equal(await p.get(), t)
+
+
 # --- one path cannot name another's file, on a real data socket ---------------------------------
 @pytest_asyncio.fixture
 async def worker_socket(tmp_path: Path) -> AsyncIterator[tuple[DirectPaths, list[tuple[bytes, list[Any]]]]]:
@@ -270,7 +283,8 @@ async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch
         channel = _channel(*_keys(), connecting=True)
         channel.shared = True
         info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 4096, 4096 + 2 * MIB)
-        sealed = sender._seal(channel, [envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB)])
+        frames = [envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB)]
+        sealed, _ = sender._seal(channel, frames)
         assert sealed is not None and len(sealed[2]) < 4096, "the bytes were sealed, not written to a file"
         assert len(list(tmp_path.iterdir())) == 1
 
