@@ -34,7 +34,7 @@ torch.rpc's whole unencrypted transfer):
 
 On one host, a path whose greeting proved a shared ``/dev/shm`` (the greeting names a probe
 file the worker reads: `fedptr.shm`) carries the rest of each buffer as one file there: only
-its descriptor is sealed (`_SHM_CHUNK`), and the receiver maps the file as its buffer.
+its descriptor is sealed (`_SHM_CHUNK`), and the receiver reads the file into its buffer.
 
 Anyone can connect to the data socket, but its handshake (ZMTP PLAIN, answered by the worker's
 ZAP handler) completes only for an admitted key presenting its path's token, derived from the

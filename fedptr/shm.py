@@ -5,9 +5,9 @@ copies and an open per byte, where torch.rpc's TensorPipe copies through shared 
 path's two ends share a ``/dev/shm`` (`limits.DIRECT_SHM_DIR`), a large chunk goes as a file
 there instead: the sender writes the buffer once into a fresh file, and sends only its name,
 size and inode over the path (sealed: authenticated and encrypted like any chunk); the receiver
-opens it, checks it, unlinks it, and maps it privately as the reassembly buffer (or reads it
-into that buffer, for a file that is only a small part of it). One copy (the sender's), no crypto,
-no socket; the receiver's pages are the sender's until it writes to them.
+opens it, checks it, unlinks it, and reads it into the reassembly buffer: two copies (the
+sender's write, the receiver's read), no crypto, no socket. It is read, never mapped: the sender
+may still hold a descriptor of the file and write to it (see `Incoming.place`).
 
 * **Proven, never assumed.** The connecting end writes a probe file holding a random secret
   and names it, with its boot id, in its sealed greeting; the worker answers "shared" only if
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import mmap
 import os
 import re
 import secrets
@@ -100,10 +99,9 @@ class Directory:
 
     def write(self, name_tag: bytes, counter: int, data: memoryview, at: int = 0) -> tuple[bytes, bytes] | None:
         """Write `data` at offset `at` of a fresh 0600 file named for `name_tag` (its first `at`
-        bytes a hole, which holds no memory: the file is laid out as the whole buffer, so that the
-        receiver can map it as that buffer): its name, and its descriptor for the receiver; None
-        when the directory is unusable or refuses it (full, say: the caller sends the bytes
-        another way)."""
+        bytes a hole, which holds no memory: the file's offsets are the buffer's): its name, and
+        its descriptor for the receiver; None when the directory is unusable or refuses it
+        (full, say: the caller sends the bytes another way)."""
         if not self.usable():
             return None
         name = self._prefix + name_tag
@@ -237,12 +235,12 @@ class Incoming:
         return self.nbytes
 
     def place(self, buf: np.ndarray[Any, Any], offset: int) -> np.ndarray[Any, Any]:
-        """Open the file once, check it on that descriptor, unlink it, and put its bytes at
-        `offset` of `buf`: the buffer that holds them then, `buf`, or, when the file is laid
-        out as the whole buffer and is most of it, a private mapping of the file (no copy: the
-        sender's pages become the buffer, copied only where written to) into which what `buf`
-        holds before `offset` was copied. Raises ProtocolError when it is not what was
-        announced, or gone."""
+        """Open the file once, check it on that descriptor, unlink it, and read its bytes into
+        `offset` of `buf`; returns `buf`. Never mapped: the sender may still hold a descriptor
+        of the file (or have opened it by name before the unlink), and a mapping, even a
+        private one, would show its later writes (until this process wrote each page): an
+        object stored from it could change after it was checked, stored or handed to another
+        owner. Raises ProtocolError when it is not what was announced, or gone."""
         if self.refused:
             raise ProtocolError(self.refused)
         name, self.name = self.name, b""  # whatever comes next, closing has nothing to unlink
@@ -258,13 +256,6 @@ class Incoming:
                 raise ProtocolError("the shared-memory buffer is not a plain file of ours")
             if st.st_size != offset + self.nbytes or st.st_ino != self.inode or offset + self.nbytes > len(buf):
                 raise ProtocolError("the shared-memory buffer is not the size or the file announced")
-            if st.st_size == len(buf) and 2 * self.nbytes >= len(buf):
-                mapped = np.frombuffer(
-                    mmap.mmap(fd, len(buf), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE),
-                    dtype=np.uint8,
-                )
-                mapped[:offset] = buf[:offset]
-                return mapped
             dest = buf[offset : offset + self.nbytes].data
             done = 0
             while done < self.nbytes:

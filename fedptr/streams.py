@@ -12,7 +12,7 @@ that announces huge buffers exhausts its own budget only, and hears why when its
 A stream's chunks need not travel the path of its message: all but the first may come over the
 direct data path (`fedptr.direct`) while the message follows its first chunk through the broker.
 Such a chunk may be a `Filler` (a shared-memory file on the same host), placed once the budgets
-allow: then the buffer may become the file's private mapping. `waiting` tells the session that
+allow (read into the buffer, never mapped). `waiting` tells the session that
 a message's chunks are still under way (it then holds that message, and the sender's later ones,
 until they are in: `Session` keeps the broker's order).
 """
