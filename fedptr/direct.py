@@ -239,8 +239,10 @@ class DirectPaths:
     (the session holds their messages until the chunks are in: `Session.direct_sources`)."""
     _scheduled: set[zmq.Socket[bytes]] = field(default_factory=set)
     _shm: shm.Directory = field(default_factory=shm.Directory)
-    _files: dict[bytes, asyncio.TimerHandle] = field(default_factory=dict)
-    """Our shared-memory files a receiver may not have taken yet, and when we unlink them anyway."""
+    _files: dict[bytes, tuple[asyncio.TimerHandle, int]] = field(default_factory=dict)
+    """Our shared-memory files a receiver may not have taken yet: when we unlink them anyway, and their bytes."""
+    _file_bytes: int = 0
+    """The bytes of `_files` (within `limits.DIRECT_SHM_MAX_PENDING_BYTES`)."""
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
         if self._ctx is None:
@@ -353,7 +355,7 @@ class DirectPaths:
                 channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and self._shm.check_probe(bytes(inner[-1]))
                 send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
                 continue
-            self._received(peer, self._shared_chunk(channel, inner))
+            self._received(peer, channel, inner)
         self._recheck(sock, self._drain_server)
 
     # --- the connecting side -------------------------------------------------------------
@@ -445,7 +447,7 @@ class DirectPaths:
             if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
                 continue
             if inner[1] != envelope.HEARTBEAT:
-                self._received(worker, self._shared_chunk(channel, inner))
+                self._received(worker, channel, inner)
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True
                 channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and bytes(inner[-1]) == _SHARED
@@ -535,7 +537,7 @@ class DirectPaths:
         its bytes were written into when the path has shared memory (its descriptor sealed in
         their place; b"" for none). None for a chunk too large to seal whole that no file took."""
         data = memoryview(frames[-1])
-        if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES:
+        if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES and self._file_room(data.nbytes):
             channel.files_sent += 1
             name_tag = shm.tag(channel.token, channel.outgoing, channel.files_sent)
             at = envelope.CHUNK_INFO.unpack(frames[-2])[2]  # the file is laid out as the whole buffer
@@ -543,24 +545,38 @@ class DirectPaths:
             if written is not None:
                 name, descriptor = written
                 # unlinked then whatever happens: a receiver that died or never got the descriptor
-                self._files[name] = self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name)
+                self._files[name] = (self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name), data.nbytes)
+                self._file_bytes += data.nbytes
                 return channel.seal([frames[0], _SHM_CHUNK, *frames[2:-1], descriptor]), name
         if data.nbytes > limits.STREAM_CHUNK_BYTES:
             return None, b""
         return channel.seal(frames), b""
 
+    def _file_room(self, nbytes: int) -> bool:
+        """Whether a file of `nbytes` keeps our files not taken yet within their budget: files
+        their receivers unlinked (took) since are forgotten first (only then: a stat each)."""
+        if self._file_bytes + nbytes > limits.DIRECT_SHM_MAX_PENDING_BYTES:
+            for name in [n for n in self._files if self._shm.gone(n)]:
+                self._expire(name)
+        return self._file_bytes + nbytes <= limits.DIRECT_SHM_MAX_PENDING_BYTES
+
     def _expire(self, name: bytes) -> None:
-        timer = self._files.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        held = self._files.pop(name, None)
+        if held is not None:
+            held[0].cancel()
+            self._file_bytes -= held[1]
         self._shm.unlink(name)
 
-    def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any]:
+    def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any] | None:
         """`inner` as a CHUNK: one whose data is a shared-memory descriptor gets a
         `shm.Incoming` in its place (read where it belongs by the reassembly, which refuses its
-        stream if it is not a file of this path's, as announced)."""
+        stream if it is not a file of this path's, as announced). None for such a message not of
+        a chunk's shape: an Incoming anywhere but a chunk's data frame is no buffer (the session
+        reading it as a name or request id raised a TypeError out of the socket's reader)."""
         if inner[1] != _SHM_CHUNK:
             return inner
+        if len(inner) != envelope.ENVELOPE_FRAMES + 2:  # PROTOCOL, CHUNK, name, rid, info, descriptor
+            return None
         if channel.shared:
             taken = self._shm.take(bytes(inner[-1]), channel.token, channel.incoming, channel.files_taken)
             if not taken.refused:
@@ -569,7 +585,10 @@ class DirectPaths:
             taken = shm.Incoming(self._shm, b"", 0, 0, 0, "shared memory on a path without it")
         return [inner[0], envelope.CHUNK, *inner[2:-1], taken]
 
-    def _received(self, peer: bytes, frames: list[Any]) -> None:
+    def _received(self, peer: bytes, channel: _Channel, inner: list[Any]) -> None:
+        frames = self._shared_chunk(channel, inner)
+        if frames is None:
+            return
         self.bytes_received += sum(len(f) for f in frames)
         self.on_chunk(peer, frames)
 
@@ -592,10 +611,8 @@ class DirectPaths:
             self._zap = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
-        for name, timer in self._files.items():
-            timer.cancel()
-            self._shm.unlink(name)
-        self._files.clear()
+        for name in list(self._files):
+            self._expire(name)
         self._shm.close()
 
 

@@ -25,7 +25,8 @@ may still hold a descriptor of the file and write to it (see `Incoming.place`).
 * **Nothing leaks.** The receiver unlinks a file as soon as it opened it, and one it refused
   (over a stream budget, say) without reading; the sender unlinks its own after
   `limits.STREAM_TIMEOUT_S` whatever happened (a receiver that died, a message lost), and when
-  its path closes. A crashed sender's files are swept when a path next opens on the host: those
+  its path closes; it keeps at most `limits.DIRECT_SHM_MAX_PENDING_BYTES` in files not taken
+  (more goes sealed, `fedptr.direct`). A crashed sender's files are swept when a path next opens on the host: those
   whose creator (same pid namespace) is gone, and any older than `limits.DIRECT_SHM_STALE_S`.
 
 Limitation: files are created 0600 and named unguessably, but a process of the same uid can read
@@ -127,6 +128,16 @@ class Directory:
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self._fd)
+
+    def gone(self, name: bytes) -> bool:
+        """Whether a file of ours is no longer there (its receiver took it)."""
+        try:
+            os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def take(self, descriptor: bytes, token: bytes, direction: bytes, after: int) -> Incoming:
         """The file a peer's `descriptor` names, to be read where it belongs (`Incoming`). One

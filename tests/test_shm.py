@@ -12,6 +12,7 @@ and a crashed sender's files (a real process, killed) are swept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import fedptr
 from fedptr import envelope, limits, shm
 from fedptr.direct import _SHM_CHUNK, DirectPaths, _channel
 from fedptr.errors import ProtocolError
+from fedptr.session import Session
 from fedptr.streams import Reassembly
 from tests.conftest import eventually
 from tests.test_direct import GREETING, data_socket
@@ -124,6 +126,21 @@ async def worker_socket(tmp_path: Path) -> AsyncIterator[tuple[DirectPaths, list
         server.close()
 
 
+async def shared_path(server: DirectPaths, directory: shm.Directory, name: bytes) -> tuple[Any, Any]:
+    """`name`'s path to the data socket of `server`, greeted with a probe in `directory`: its
+    keys (the connecting end's) and its socket; the worker said the path has shared memory."""
+    public, secret = zmq.curve_keypair()
+    channel = _channel(public, secret, server.admit(name, public).key, True)
+    sock = data_socket(server.endpoint, public, channel.token)
+    probe = directory.probe()
+    assert probe is not None
+    await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
+    async with asyncio.timeout(15):
+        answer = channel.open(*(await sock.recv_multipart())[1:])
+    assert answer is not None and answer[-1] == b"shared"
+    return channel, sock
+
+
 def shm_chunk(rid: bytes, descriptor: bytes, size: int) -> list[Any]:
     info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, size)
     return [envelope.PROTOCOL, _SHM_CHUNK, b"bob", rid, info, descriptor]
@@ -139,16 +156,7 @@ async def test_a_peer_cannot_name_another_paths_file(
     directory = shm.Directory(str(tmp_path))
     peers = {}
     for name in (b"alice", b"mallory"):
-        public, secret = zmq.curve_keypair()
-        channel = _channel(public, secret, server.admit(name, public).key, True)
-        sock = data_socket(server.endpoint, public, channel.token)
-        probe = directory.probe()
-        assert probe is not None
-        await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
-        async with asyncio.timeout(15):
-            answer = channel.open(*(await sock.recv_multipart())[1:])
-        assert answer is not None and answer[-1] == b"shared"
-        peers[name] = (channel, sock)
+        peers[name] = await shared_path(server, directory, name)
     try:
         alice, mallory = peers[b"alice"][0], peers[b"mallory"][0]
         data = os.urandom(3 * MIB)
@@ -172,6 +180,48 @@ async def test_a_peer_cannot_name_another_paths_file(
     finally:
         for _, sock in peers.values():
             sock.close(linger=0)
+
+
+async def test_a_descriptor_out_of_a_chunks_place_is_dropped_and_the_socket_reads_on(tmp_path: Path) -> None:
+    """Mallory seals a shared-memory chunk of four frames, its descriptor where a request id
+    belongs: the worker hands on chunk-shaped messages only, and her next chunk arrives. (It
+    handed this one on: the session read the file's stand-in as a request id, a TypeError
+    rather than a ProtocolError, out of the data socket's reader; the messages drained with it
+    were left unread until another came.)"""
+    directory = shm.Directory(str(tmp_path))
+    session = Session("bob", envelope.ROLE_WORKER)
+    got: list[list[Any]] = []
+
+    def on_chunk(peer: bytes, frames: list[Any]) -> None:  # as the link's: a ProtocolError drops the message
+        got.append(frames)
+        with contextlib.suppress(ProtocolError):
+            session.receive_direct(peer, frames, 0.0)
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    server = DirectPaths(on_chunk)
+    server._shm = directory
+    server.serve("tcp://127.0.0.1:9")
+    channel, sock = await shared_path(server, directory, b"mallory")
+    try:
+        written = directory.write(shm.tag(channel.token, channel.outgoing, 1), 1, memoryview(bytes(MIB)))
+        assert written is not None
+        data = os.urandom(4096)
+        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data))
+        await sock.send_multipart(channel.seal([envelope.PROTOCOL, _SHM_CHUNK, b"bob", written[1]]))
+        await sock.send_multipart(channel.seal([envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, data]))
+
+        async def arrived() -> bool:
+            return any(bytes(f[-1]) == data for f in got if len(f) == 6 and not isinstance(f[-1], shm.Incoming))
+
+        assert await eventually(arrived, timeout=10.0), "the chunk after the malformed one never arrived"
+        assert errors == [], "an exception escaped the data socket's reader"
+        assert [len(f) for f in got] == [6]
+    finally:
+        loop.set_exception_handler(None)
+        sock.close(linger=0)
+        server.close()
 
 
 # --- the files: every refusal typed, nothing left ----------------------------------------------
@@ -294,6 +344,32 @@ async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch
         assert await eventually(gone, timeout=10.0), "the sender left its file behind"
     finally:
         sender.close()
+
+
+async def test_files_nobody_takes_stop_at_a_budget_and_the_rest_goes_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client asks for large replies and never takes their files: what the node keeps in shared
+    memory is bounded (`limits.DIRECT_SHM_MAX_PENDING_BYTES`); past it a chunk is refused whole
+    (the link sends it as sealed 1 MiB chunks), and a file taken frees its part. (Unbounded, each
+    reply left a file for `limits.STREAM_TIMEOUT_S`: /dev/shm, the host's memory, filled up.)"""
+    monkeypatch.setattr(limits, "DIRECT_SHM_MAX_PENDING_BYTES", 5 * MIB)
+    sender = DirectPaths(lambda peer, frames: None)
+    sender._shm = shm.Directory(str(tmp_path))
+    try:
+        channel = _channel(*_keys(), connecting=True)
+        channel.shared = True
+        info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 4096, 4096 + 2 * MIB)
+        frames = [envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB)]
+        files = [sender._seal(channel, frames)[1] for _ in range(4)]
+        assert [bool(f) for f in files] == [True, True, False, False]
+        assert len(list(tmp_path.iterdir())) == 2
+        os.unlink(tmp_path / files[0].decode())  # the receiver took one
+        assert sender._seal(channel, frames)[1], "a file taken did not free its part of the budget"
+        assert len(list(tmp_path.iterdir())) == 2
+    finally:
+        sender.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _keys() -> tuple[bytes, bytes, bytes]:
