@@ -33,8 +33,11 @@ torch.rpc's whole unencrypted transfer):
   `Reassembly.waiting`), under the same stream budgets.
 
 On one host, a path whose greeting proved a shared ``/dev/shm`` (the greeting names a probe
-file the worker reads: `fedptr.shm`) carries the rest of each buffer as one file there: only
-its descriptor is sealed (`_SHM_CHUNK`), and the receiver reads the file into its buffer.
+file the worker reads: `fedptr.shm`) carries the rest of each buffer as files there (of
+`limits.DIRECT_SHM_FILE_BYTES` at most): only their descriptors are sealed (`_SHM_CHUNK`), and
+the receiver reads each file into its buffer, one per turn of its loop. A message of that kind
+not of a chunk's shape is dropped, and the files not taken yet are bounded
+(`limits.DIRECT_SHM_MAX_PENDING_BYTES`: more goes sealed).
 
 Anyone can connect to the data socket, but its handshake (ZMTP PLAIN, answered by the worker's
 ZAP handler) completes only for an admitted key presenting its path's token, derived from the
@@ -355,7 +358,8 @@ class DirectPaths:
                 channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and self._shm.check_probe(bytes(inner[-1]))
                 send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
                 continue
-            self._received(peer, channel, inner)
+            if self._received(peer, channel, inner):
+                break  # a file read is this turn's work: what is due runs before the next
         self._recheck(sock, self._drain_server)
 
     # --- the connecting side -------------------------------------------------------------
@@ -447,7 +451,8 @@ class DirectPaths:
             if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
                 continue
             if inner[1] != envelope.HEARTBEAT:
-                self._received(worker, channel, inner)
+                if self._received(worker, channel, inner):
+                    break  # a file read is this turn's work: what is due runs before the next
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True
                 channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and bytes(inner[-1]) == _SHARED
@@ -585,12 +590,15 @@ class DirectPaths:
             taken = shm.Incoming(self._shm, b"", 0, 0, 0, "shared memory on a path without it")
         return [inner[0], envelope.CHUNK, *inner[2:-1], taken]
 
-    def _received(self, peer: bytes, channel: _Channel, inner: list[Any]) -> None:
+    def _received(self, peer: bytes, channel: _Channel, inner: list[Any]) -> bool:
+        """Hand on the chunk `inner`; whether it was a shared-memory file (read by then: up to
+        `limits.DIRECT_SHM_FILE_BYTES`, as much as a whole drain of sealed chunks may hold)."""
         frames = self._shared_chunk(channel, inner)
         if frames is None:
-            return
+            return False
         self.bytes_received += sum(len(f) for f in frames)
         self.on_chunk(peer, frames)
+        return isinstance(frames[-1], shm.Incoming)
 
     def _recheck(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
         """zmq's FD is edge-triggered and any call may consume an edge: read what waits."""

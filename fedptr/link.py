@@ -418,9 +418,9 @@ class Link:
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()
-        # same host: the rest of each buffer in one chunk, written once into shared memory
+        # same host: the rest of each buffer in large chunks, each written once into a shared-memory file
         whole = direct is not None and direct.shares_memory(inner[1], inner[0])
-        chunk = limits.MAX_MESSAGE_BYTES if whole else limits.STREAM_CHUNK_BYTES
+        chunk = limits.DIRECT_SHM_FILE_BYTES if whole else limits.STREAM_CHUNK_BYTES
         for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
                 self.progress.chunk(part, outgoing=True)

@@ -83,6 +83,22 @@ async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: f
 
 
 @MODULE_LOOP
+async def test_a_buffer_goes_as_files_of_bounded_size(secure: fedptr.Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rest of a buffer goes as files of at most `limits.DIRECT_SHM_FILE_BYTES`, each read by
+    the node in a loop turn of its own: one file of the whole rest (up to 4 GiB) was read in one
+    turn, holding the node's loop (its heartbeats, every other peer) for seconds."""
+    monkeypatch.setattr(limits, "DIRECT_SHM_FILE_BYTES", 4 * MIB)
+    direct = await opened(secure.client, "bob")
+    lane = direct._lanes[b"bob"]
+    assert lane.channel is not None and lane.channel.shared
+    files_before = lane.channel.files_sent
+    t = torch.randn(4 * MIB)  # 16 MiB: its first 4 KiB through the broker, the rest as 4 files
+    assert torch.equal(await (await secure.client.worker("bob").send(t)).get(), t)
+    assert lane.channel.files_sent - files_before == 4
+    assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+
+
+@MODULE_LOOP
 async def test_a_directory_the_node_does_not_share_falls_back_to_sealed_chunks(
     secure: fedptr.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -137,12 +153,13 @@ async def shared_path(server: DirectPaths, directory: shm.Directory, name: bytes
     await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
     async with asyncio.timeout(15):
         answer = channel.open(*(await sock.recv_multipart())[1:])
+    directory.unlink(probe[0])  # as a lane does once answered
     assert answer is not None and answer[-1] == b"shared"
     return channel, sock
 
 
-def shm_chunk(rid: bytes, descriptor: bytes, size: int) -> list[Any]:
-    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, size)
+def shm_chunk(rid: bytes, descriptor: bytes, size: int, offset: int = 0) -> list[Any]:
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, offset, size)
     return [envelope.PROTOCOL, _SHM_CHUNK, b"bob", rid, info, descriptor]
 
 
@@ -220,6 +237,44 @@ async def test_a_descriptor_out_of_a_chunks_place_is_dropped_and_the_socket_read
         assert [len(f) for f in got] == [6]
     finally:
         loop.set_exception_handler(None)
+        sock.close(linger=0)
+        server.close()
+
+
+async def test_the_worker_reads_one_file_per_loop_turn(tmp_path: Path) -> None:
+    """Files queued on the data socket are read one per turn of the worker's loop: what is due
+    (a heartbeat, another peer's message) runs between two reads, as between two drains of
+    sealed chunks. (A drain read every file queued, its loop held for all of them.)"""
+    directory = shm.Directory(str(tmp_path))
+    session = Session("bob", envelope.ROLE_WORKER)
+    loop = asyncio.get_running_loop()
+    marks: list[str] = []
+
+    def on_chunk(peer: bytes, frames: list[Any]) -> None:
+        marks.append("file")
+        loop.call_soon(marks.append, "turn")  # due as soon as the loop gets a turn
+        session.receive_direct(peer, frames, 0.0)
+
+    server = DirectPaths(on_chunk)
+    server._shm = directory
+    server.serve("tcp://127.0.0.1:9")
+    channel, sock = await shared_path(server, directory, b"alice")
+    try:
+        data = os.urandom(3 * MIB)
+        for n in range(3):
+            name_tag = shm.tag(channel.token, channel.outgoing, n + 1)
+            written = directory.write(name_tag, n + 1, memoryview(data)[n * MIB : (n + 1) * MIB], at=n * MIB)
+            assert written is not None
+            await sock.send_multipart(channel.seal(shm_chunk(b"rid-0001", written[1], len(data), n * MIB)))
+
+        async def all_read() -> bool:
+            return marks.count("file") == 3 and marks.count("turn") == 3
+
+        assert await eventually(all_read, timeout=10.0), "the files were not all read"
+        assert marks == ["file", "turn"] * 3, f"files read in one loop turn: {marks}"
+        body = session._reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+        assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+    finally:
         sock.close(linger=0)
         server.close()
 
