@@ -705,6 +705,46 @@ _BY_KIND: dict[int, type[Message]] = {t.KIND: t for t in MESSAGE_TYPES}
 assert len(_BY_KIND) == len(MESSAGE_TYPES), "message kinds must be unique"
 
 
+_DEFAULTED = object()
+"""What a field with a default factory is given when the caller gives it nothing."""
+
+
+def _fast_init(cls: type) -> Callable[..., None]:
+    """An ``__init__`` for the frozen slotted dataclass `cls` that sets each field through its
+    slot's descriptor: the one `dataclass(frozen=True)` writes calls ``object.__setattr__`` by
+    name per field, a third of a microsecond each (an `Op` took 1.0 µs to build, 0.37 µs so;
+    every message received and most sent are built). Same signature (names, order, defaults,
+    default factories), same `__post_init__` check, and the instances stay frozen: assigning
+    to a field still raises."""
+    env: dict[str, Any] = {"_DEFAULTED": _DEFAULTED}
+    params: list[str] = []
+    body: list[str] = []
+    for f in dataclasses.fields(cls):
+        n = f.name
+        env[f"_set_{n}"] = cls.__dict__[n].__set__
+        if f.default is not dataclasses.MISSING:
+            env[f"_d_{n}"] = f.default
+            params.append(f"{n}=_d_{n}")
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"_f_{n}"] = f.default_factory
+            params.append(f"{n}=_DEFAULTED")
+            body.append(f"if {n} is _DEFAULTED: {n} = _f_{n}()")
+        else:
+            params.append(n)
+        body.append(f"_set_{n}(self, {n})")
+    if hasattr(cls, "__post_init__"):
+        body.append("self.__post_init__()")
+    # generated as `dataclasses` generates its own: a loop over the fields would cost what it saves
+    exec(f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body or ["pass"]), env)
+    init: Callable[..., None] = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init
+
+
+for _cls in (*MESSAGE_TYPES, Ref, RawTensor, ObjectRow):
+    setattr(_cls, "__init__", _fast_init(_cls))  # noqa: B010 (mypy refuses assigning a method)
+
+
 # --- field checks ------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return type(v) is int
