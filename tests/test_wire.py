@@ -329,3 +329,27 @@ def test_object_ids_drawn_in_a_forked_child_are_not_its_parents() -> None:
     parent = {wire.new_object_id() for _ in range(8)}
     assert len(child) == 8 and not child & parent
     assert all(0 <= i < 2**63 for i in child | parent)
+
+
+_CANDIDATES: list[object] = [
+    *(0, -1, 2**63 - 1, True, False, 1.5, float("nan"), float("inf"), "s", "", b"b", None),
+    *([], [1], [True], [1.5], ["a"], [b"x"], [wire.Ref(1)], [[1]], [None]),
+    *({}, {"a": 1}, {"a": 1.5}, {"a": b"x"}, {"a": [b"x"]}, {"a": "s"}, {"a": wire.Ref(2)}, {1: 1}),
+    *([[1, "tensor", [2], "float32", None, "", 0]], [[1, "nope", [], "", None, "", 0]]),
+    wire.Ref(3),
+    raw(torch.ones(2)),
+]
+
+
+@pytest.mark.parametrize("cls", wire.MESSAGE_TYPES, ids=lambda t: t.__name__)
+def test_the_all_at_once_field_check_agrees_with_the_checks_one_by_one(cls: type[wire.Message]) -> None:
+    """`decode` checks every field of a message in one generated call (`wire._VALID`), and one by
+    one only to name a bad field: the two must never differ, or a bad field would pass."""
+    fields = wire._FIELDS[cls]
+    good = [next((c for c in _CANDIDATES if check(c)), None) for _, check, _ in fields]
+    assert wire._VALID[cls](*good) == all(check(v) for (_, check, _), v in zip(fields, good, strict=True))
+    for i in range(len(fields)):
+        for candidate in _CANDIDATES:
+            values = [*good[:i], candidate, *good[i + 1 :]]
+            expected = all(c(v) for (_, c, _), v in zip(fields, values, strict=True))
+            assert bool(wire._VALID[cls](*values)) == expected, (cls.__name__, i, candidate)
