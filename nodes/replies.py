@@ -58,7 +58,9 @@ class ReplyCache:
         self.max_reply_bytes = max_reply_bytes
         self.replayed = 0
         """Replays answered from the cache."""
-        self._replies: OrderedDict[Key, tuple[wire.Message, int]] = OrderedDict()
+        self._replies: OrderedDict[Key, wire.Message] = OrderedDict()
+        self._sizes: dict[Key, int] = {}
+        """The bytes of the cached replies that hold tensor data (most hold none: no entry)."""
         self._running: dict[Key, Started] = {}
         self._bytes = 0
 
@@ -87,7 +89,7 @@ class ReplyCache:
 
     def cached(self, key: Key) -> wire.Message:
         """The reply given to `key` (after `begin` said ANSWERED)."""
-        return self._replies[key][0]
+        return self._replies[key]
 
     def finish(self, key: Key, msg: wire.Message) -> Started | None:
         """Keep `msg` as the answer to `key`; a large one is kept as a refusal of replays. An
@@ -102,12 +104,14 @@ class ReplyCache:
             msg = wire.Failure(wire.FailureCode.REMOTE.value, "ReplayRefused", why, self.here, [self.here])
             size = 0
         # `key` was running, so it holds no answer yet: `begin` let it through as new
-        self._replies[key] = (msg, size)
+        self._replies[key] = msg
         if size:
+            self._sizes[key] = size
             self._bytes += size
         while len(self._replies) > self.max_entries or self._bytes > self.max_bytes:
-            _, (_, dropped) = self._replies.popitem(last=False)
-            self._bytes -= dropped
+            dropped, _ = self._replies.popitem(last=False)
+            if self._sizes:
+                self._bytes -= self._sizes.pop(dropped, 0)
         return started
 
     def forget_peer(self, source: str) -> None:
@@ -117,6 +121,7 @@ class ReplyCache:
     def forget_peers(self, sources: set[str]) -> None:
         """Drop every reply to any of `sources`, in one pass however many leave at once."""
         for key in [k for k in self._replies if k[0] in sources]:
-            self._bytes -= self._replies.pop(key)[1]
+            del self._replies[key]
+            self._bytes -= self._sizes.pop(key, 0)
         for key in [k for k in self._running if k[0] in sources]:
             del self._running[key]
