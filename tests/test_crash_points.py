@@ -33,6 +33,7 @@ import torch
 from fedptr.nodes import durable
 from fedptr.nodes import node as node_module
 from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.handover import Handover
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
@@ -432,3 +433,49 @@ async def test_a_kill_right_after_an_acknowledged_in_place_update_brings_back_on
                 except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
                     await asyncio.sleep(limits.POLL_INTERVAL_S)
         assert {i: info.preview for i, info in held.items()} == {x.id_at_location: [1.0] * 4}
+
+
+@pytest.mark.asyncio
+async def test_a_move_in_doubt_resolves_to_its_destination_only_once_its_source_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the source can tell where a move in doubt went. The destination may hold the object
+    while the source is still settling (it asks the destination again after a pause): a client
+    that took the destination's copy meanwhile (a get, a move on) would have the source find it
+    absent and put the object back, a second copy of something already handed on (the
+    model-based test's "objects the model does not have stay": the value came back at the
+    source after the client had fetched it from the destination)."""
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)
+    settle = asyncio.Event()
+    resolve = Handover._resolve
+
+    async def held(self: Handover, *args: Any) -> None:  # the source settles only when told
+        await settle.wait()
+        await resolve(self, *args)
+
+    monkeypatch.setattr(Handover, "_resolve", held)
+    value = torch.full((4,), 7.0)
+    async with harness.cluster(NODES, stores=NODES, call_timeout=1.0) as c:
+        x = await c.worker("bob").send(value)
+        alice = Death(message=1, freeze=True)  # she stores the value; her answer to bob waits
+        alice.watch(c.node("alice"))
+        with pytest.raises(fedptr.InDoubtError) as raised:
+            await x.move("alice")
+        alice.thaw()
+        Death.forget(c.node("alice"))
+        assert _copies(c, value) == {
+            "bob": [(x.id_at_location, c.client.name)],
+            "alice": [(raised.value.candidates[1].id_at_location, c.client.name)],
+        }
+        with pytest.raises(fedptr.InDoubtError):  # bob has not settled: nobody can tell yet
+            await c.client.resolve(raised.value, timeout=1.0)
+        settle.set()
+        found = await c.client.resolve(raised.value, timeout=RESOLVE_TIMEOUT_S)
+        assert found.location == "alice"
+        assert torch.equal(await found.get(), value)  # type: ignore[arg-type]
+        await _quiet(c)
+        async with asyncio.timeout(QUIET_TIMEOUT_S):  # the get's delete travels unanswered
+            while _copies(c, value)["alice"]:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+        await _quiet(c)
+        assert _copies(c, value) == {"bob": [], "alice": []}
