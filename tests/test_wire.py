@@ -353,3 +353,25 @@ def test_the_all_at_once_field_check_agrees_with_the_checks_one_by_one(cls: type
             values = [*good[:i], candidate, *good[i + 1 :]]
             expected = all(c(v) for (_, c, _), v in zip(fields, values, strict=True))
             assert bool(wire._VALID[cls](*values)) == expected, (cls.__name__, i, candidate)
+
+
+def test_messages_stay_frozen_and_keep_their_constructors() -> None:
+    """The generated `__init__`s (`wire._fast_init`) keep the dataclass's keyword API, give each
+    instance its own default containers, run `__post_init__` checks, and leave instances frozen:
+    a shared reply (the node's table of `Ok`s) can never be changed through one holder."""
+    import dataclasses
+
+    ok = wire.Ok([4], "float32")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.dtype = "int64"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        wire.Ref(1).obj_id = 2  # type: ignore[misc]
+    assert wire.Op(result_id=1, op="add", args=[], kwargs={}) == wire.Op(1, "add", [], {}, "", [])
+    assert wire.Ok().shape is not wire.Ok().shape  # a default factory per instance
+    assert hash(wire.Ref(3)) == hash(wire.Ref(3)) and wire.Ref(3) != (3,)
+    with pytest.raises(ProtocolError):
+        wire.Failure("no-such-code", "", "", "bob", [])
+    with pytest.raises(ProtocolError):
+        wire.RawTensor("float32", (2,), memoryview(b"abc"))
+    with pytest.raises(TypeError):
+        wire.Op(1)  # type: ignore[call-arg]
