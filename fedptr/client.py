@@ -196,7 +196,7 @@ class Worker:
                     candidate = sent()  # not `or`: a pointer's truth value is data-dependent
                     if candidate is None:
                         candidate = Pointer(client, self.name, new_id)
-                    raise in_doubt(e, x.location, "send", [x, candidate]) from e
+                    raise in_doubt(e, x.location, "send", [x, candidate])  # noqa: B904
             except BaseException:
                 x.owned = True
                 client.release(self.name, new_id)
@@ -424,8 +424,12 @@ class Client:
                     p.in_doubt = False  # settled: the one found owns (and deletes) the object again
                 return found
             if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
-                raise error
+                break
             await asyncio.sleep(limits.RESOLVE_RETRY_S)
+        try:
+            raise error
+        finally:  # the error's traceback keeps this frame, which must not refer back to it
+            del error
 
     async def _resolve_once(self, hand_over: str, candidates: list[Pointer], timeout: float) -> Pointer | None:
         if hand_over == "send":
