@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedptr.direct")
 
 _POLLIN = int(zmq.POLLIN)
-_GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+_GREETING = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
 _LANE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_DISCONNECTED
@@ -86,7 +86,7 @@ _COUNT = struct.Struct("!B")
 _LENGTH = struct.Struct("!I")
 
 ChunkSink = Callable[[bytes, list[Any]], None]
-"""Called with (peer name, frames ``[PROTOCOL, CHUNK, name, rid, info, data]``) for every chunk
+"""Called with (peer name, the frames of a CHUNK as `envelope.framed` makes them) for every chunk
 that arrives over a direct path; the peer is the authenticated one."""
 
 
@@ -319,9 +319,9 @@ class DirectPaths:
                 continue
             peer, channel = admitted
             inner = channel.open(frames[2], frames[3])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
+            if envelope.command_of(inner) == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
                 self._routes[peer] = (frames[0], channel)
                 send_frames(sock, [frames[0], *channel.seal(_GREETING)])
                 continue
@@ -409,9 +409,9 @@ class DirectPaths:
             if len(frames) != 3 or channel is None or frames[0] != channel.key_id:
                 continue
             inner = channel.open(frames[1], frames[2])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] != envelope.HEARTBEAT:
+            if envelope.command_of(inner) != envelope.HEARTBEAT:
                 self._received(worker, inner)
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True

@@ -73,7 +73,7 @@ class Net:
         out = []
         while True:
             try:
-                out.append(recv_frames(self.socket(session), envelope.ENVELOPE_FRAMES))
+                out.append(recv_frames(self.socket(session), 1))
             except zmq.Again:
                 return out
 
