@@ -67,10 +67,11 @@ each one's frame count (little-endian uint16). The broker splits a batch, routes
 re-batches per destination."""
 
 CHUNK = b"C"
-"""A slice of one large buffer frame of the REQUEST or REPLY that follows it:
-``[head, info, data]`` (as framed, the message ``[CHUNK, name, request_id, info, data]``), info = CHUNK_INFO. The broker routes each
-chunk as it arrives, so a large tensor streams through it; the message itself then carries an
-empty frame where that buffer goes, and the receiver puts the reassembled buffer there."""
+"""A slice of one large buffer frame of the REQUEST or REPLY that follows it: the message
+``[CHUNK, name, request_id, info, data]``, framed as ``[head, info, data]``, info = CHUNK_INFO.
+The broker routes each chunk as it arrives, so a large tensor streams through it; the message
+itself then carries an empty frame where that buffer goes, and the receiver puts the
+reassembled buffer there."""
 
 CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
@@ -78,11 +79,11 @@ the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
 FANOUT = b"F"
 """peer -> broker: one REQUEST, or one CHUNK of a streamed one, for several peers:
-``[FANOUT, targets, NO_REPLY, command, *body]`` (a message; the targets take the name's place), targets packed by `pack_targets` as
-(name, request id) pairs. The broker delivers ``[command, source, rid, *body]`` to each target,
-exactly as if each had been sent its own message with its own request id (same checks, same
-errors, the same body frames never copied), so the sender uploads the body once and each
-destination answers its own request id."""
+the message ``[FANOUT, targets, NO_REPLY, command, *body]`` (the targets where the name goes),
+targets packed by `pack_targets` as (name, request id) pairs. The broker delivers
+``[command, source, rid, *body]`` to each target, exactly as if each had been sent its own
+message with its own request id (same checks, same errors, the same body frames never copied),
+so the sender uploads the body once and each destination answers its own request id."""
 
 FANOUT_COMMANDS = frozenset({REQUEST, CHUNK})
 """What a FANOUT may carry: requests and their chunks (REQUEST, CHUNK), never replies."""

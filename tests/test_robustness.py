@@ -99,9 +99,7 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
     bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(3000)]
     rss_before = rss(cluster.pids["bob"])
     for i, body in enumerate(bodies):
-        await sock.send_multipart(
-            envelope.build(envelope.REQUEST, b"bob", envelope.request_id_bytes(i + 1), *body)
-        )
+        await sock.send_multipart(envelope.build(envelope.REQUEST, b"bob", envelope.request_id_bytes(i + 1), *body))
     answers: dict[bytes, envelope.Envelope] = {}
     while len(answers) < len(bodies):
         # replies may come one by one or batched

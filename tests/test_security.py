@@ -88,7 +88,8 @@ async def test_spoofed_name_is_refused_and_logged(secure: fedptr.Cluster) -> Non
         (b"alice", envelope.ROLE_CLIENT),
     ):
         reply = await try_register(sock, name, role)
-        assert reply is not None and reply.command == envelope.BROKER_ERROR and reply.body[0] == envelope.REASON_FORBIDDEN, name
+        assert reply is not None and reply.command == envelope.BROKER_ERROR, name
+        assert reply.body[0] == envelope.REASON_FORBIDDEN, name
     sock.close()
     assert await eventually(lambda: _logged(secure, "its key is not the one bound to that name"))
     assert await secure.client.workers() == ["alice", "bob"]

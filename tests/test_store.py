@@ -41,9 +41,8 @@ async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) 
     assert (await register(sock, b"replayer")).command == envelope.ACCEPTED
     rid = envelope.request_id_bytes(99)
     put = envelope.build(envelope.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3)))))
-    op = envelope.build(
-        envelope.REQUEST, b"capped", envelope.request_id_bytes(100), *wire.encode(wire.Op(778, "add", [wire.Ref(777), 1.0], {}))
-    )
+    add = wire.Op(778, "add", [wire.Ref(777), 1.0], {})
+    op = envelope.build(envelope.REQUEST, b"capped", envelope.request_id_bytes(100), *wire.encode(add))
     replies = []
     for frames in (put, put, op, op):  # each sent twice, as a retry after a lost reply would be
         await sock.send_multipart(frames)  # type: ignore[arg-type]
@@ -51,9 +50,8 @@ async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) 
     oks = [wire.decode(envelope.parse(r)[0].body).message for r in replies]
     assert all(isinstance(m, wire.Ok) for m in oks), oks  # no "object id already exists"
     # an in-place update, delivered twice, is applied once
-    inc = envelope.build(
-        envelope.REQUEST, b"capped", envelope.request_id_bytes(101), *wire.encode(wire.Op(779, "add_", [wire.Ref(777), 1.0], {}))
-    )
+    add_ = wire.Op(779, "add_", [wire.Ref(777), 1.0], {})
+    inc = envelope.build(envelope.REQUEST, b"capped", envelope.request_id_bytes(101), *wire.encode(add_))
     for _ in range(2):
         await sock.send_multipart(inc)  # type: ignore[arg-type]
         assert isinstance(wire.decode(envelope.parse(await recv(sock))[0].body).message, wire.Ok)
