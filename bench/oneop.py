@@ -45,11 +45,11 @@ def children(pid: int) -> list[int]:
 def role(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         cmd = f.read().replace(b"\0", b" ").decode()
-    return "broker" if "broker" in cmd else "node"
+    return "broker" if "broker" in cmd else "node"  # the launcher and its forked node alike: the launcher reads ~0
 
 
-def per_process(kids: list[int], before: dict[int, float], n: int, scale: float) -> str:
-    return " ".join(f"{role(p)} {(cpu_s(p) - before[p]) / n * scale:.2f}" for p in kids)
+def per_process(kids: list[int], before: dict[int, float], n: int, scale: float, digits: int) -> str:
+    return " ".join(f"{role(p)} {(cpu_s(p) - before[p]) / n * scale:.{digits}f}" for p in kids)
 
 
 async def main(ops: int, dep: int, curve: bool, pause: float) -> None:
@@ -68,7 +68,7 @@ async def main(ops: int, dep: int, curve: bool, pause: float) -> None:
             times.append(time.perf_counter() - t)
         print(
             f"one op, curve={curve}: median {statistics.median(times) * 1e6:.0f} us; CPU us/op "
-            f"client {(cpu_s(os.getpid()) - me) / ops * 1e6:.0f} {per_process(kids, before, ops, 1e6)}"
+            f"client {(cpu_s(os.getpid()) - me) / ops * 1e6:.0f} {per_process(kids, before, ops, 1e6, 0)}"
         )
         if not dep:
             return
@@ -82,7 +82,7 @@ async def main(ops: int, dep: int, curve: bool, pause: float) -> None:
             times.append(time.perf_counter() - t)
         print(
             f"100 dependent + get, curve={curve}: median {statistics.median(times) * 1e3:.2f} ms; CPU ms/chain "
-            f"client {(cpu_s(os.getpid()) - me) / dep * 1e3:.2f} {per_process(kids, before, dep, 1e3)}"
+            f"client {(cpu_s(os.getpid()) - me) / dep * 1e3:.2f} {per_process(kids, before, dep, 1e3, 2)}"
         )
 
 
