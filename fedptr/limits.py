@@ -352,9 +352,6 @@ OK_HEADER_TABLE_SIZE = 1024
 """Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
 encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""
 
-STATS_MAX_PENDING = 10_000
-"""Requests a node times at once for its latency figures; past it the oldest are forgotten."""
-
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds (seconds) of the latency histogram buckets, per request kind (node) and per
 command (broker), as Prometheus exposes them; a last bucket holds everything above."""
