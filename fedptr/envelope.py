@@ -236,6 +236,13 @@ def command_of(frames: Sequence[Any]) -> bytes:
     return bytes(h[_COMMAND_AT:_RID_AT]) if len(h) > _COMMAND_AT and h[:_COMMAND_AT] == PROTOCOL else b""
 
 
+def with_command(frames: Sequence[Any], command: bytes) -> list[Any]:
+    """A single message's frames with its command replaced: the head re-made, the body frames
+    the same objects (the direct path marks a chunk whose data is a shared-memory descriptor)."""
+    h = bytes(frames[0])
+    return [h[:_COMMAND_AT] + command + h[_RID_AT:], *frames[1:]]
+
+
 def count(frames: Sequence[Any]) -> int:
     """How many messages a received multipart holds by its head (a BATCH's counts), unchecked."""
     return (len(frames[0]) - _RID_AT) // 2 if command_of(frames) == BATCH else 1
