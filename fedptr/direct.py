@@ -79,7 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedptr.direct")
 
 _POLLIN = int(zmq.POLLIN)
-_GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+_GREETING = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
 _LANE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_DISCONNECTED
@@ -90,6 +90,8 @@ _LANE_EVENTS = (
 _SHM_CHUNK = b"M"
 """Inside a sealed message only (never on the broker's path): a CHUNK whose data frame is a
 shared-memory descriptor (`fedptr.shm`), not the bytes."""
+_CHUNK_FRAMES = 3
+"""A chunk's frames: its head, its info, its data (or a shared-memory descriptor)."""
 _SHARED = b"shared"
 """The worker's answer to a greeting whose probe file it read: this path has shared memory."""
 _KDF_INFO = b"fedptr direct path v1"
@@ -98,7 +100,7 @@ _COUNT = struct.Struct("!B")
 _LENGTH = struct.Struct("!I")
 
 ChunkSink = Callable[[bytes, list[Any]], None]
-"""Called with (peer name, frames ``[PROTOCOL, CHUNK, name, rid, info, data]``) for every chunk
+"""Called with (peer name, the frames of a CHUNK as `envelope.framed` makes them) for every chunk
 that arrives over a direct path; the peer is the authenticated one."""
 
 
@@ -350,12 +352,12 @@ class DirectPaths:
                 continue
             peer, channel = admitted
             inner = channel.open(frames[2], frames[3])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
+            if envelope.command_of(inner) == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
                 self._routes[peer] = (frames[0], channel)
                 # a probe file named in it that we can read: the peer shares our shared memory
-                channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and self._shm.check_probe(bytes(inner[-1]))
+                channel.shared = len(inner) > len(_GREETING) and self._shm.check_probe(bytes(inner[-1]))
                 send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
                 continue
             if self._received(peer, channel, inner):
@@ -448,14 +450,14 @@ class DirectPaths:
             if len(frames) != 3 or channel is None or frames[0] != channel.key_id:
                 continue
             inner = channel.open(frames[1], frames[2])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] != envelope.HEARTBEAT:
+            if envelope.command_of(inner) != envelope.HEARTBEAT:
                 if self._received(worker, channel, inner):
                     break  # a file read is this turn's work: what is due runs before the next
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True
-                channel.shared = len(inner) > envelope.ENVELOPE_FRAMES and bytes(inner[-1]) == _SHARED
+                channel.shared = len(inner) > len(_GREETING) and bytes(inner[-1]) == _SHARED
                 self._drop_probe(lane)
                 if not lane.opened.done():
                     lane.opened.set_result(None)
@@ -505,7 +507,7 @@ class DirectPaths:
         return command == envelope.REPLY and peer in self._routes
 
     def send(self, peer: bytes, command: bytes, frames: list[Any]) -> bool:
-        """Send a chunk ``[PROTOCOL, CHUNK, name, rid, info, data]`` of a `command` (REQUEST or
+        """Send a chunk (``[head, info, data]``, `envelope.framed`) of a `command` (REQUEST or
         REPLY) for `peer` directly; False when no path takes it (the caller sends it through
         the broker, or, when it is larger than `limits.STREAM_CHUNK_BYTES`, which only shared
         memory takes, in chunks of that size). Requests' chunks take our connection to the
@@ -552,7 +554,7 @@ class DirectPaths:
                 # unlinked then whatever happens: a receiver that died or never got the descriptor
                 self._files[name] = (self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name), data.nbytes)
                 self._file_bytes += data.nbytes
-                return channel.seal([frames[0], _SHM_CHUNK, *frames[2:-1], descriptor]), name
+                return channel.seal([*envelope.with_command(frames[:-1], _SHM_CHUNK), descriptor]), name
         if data.nbytes > limits.STREAM_CHUNK_BYTES:
             return None, b""
         return channel.seal(frames), b""
@@ -576,11 +578,11 @@ class DirectPaths:
         """`inner` as a CHUNK: one whose data is a shared-memory descriptor gets a
         `shm.Incoming` in its place (read where it belongs by the reassembly, which refuses its
         stream if it is not a file of this path's, as announced). None for such a message not of
-        a chunk's shape: an Incoming anywhere but a chunk's data frame is no buffer (the session
-        reading it as a name or request id raised a TypeError out of the socket's reader)."""
-        if inner[1] != _SHM_CHUNK:
+        a chunk's shape: with no frame before its descriptor, re-making its head raised an
+        IndexError out of the socket's reader; with no info frame, its file went unclosed."""
+        if envelope.command_of(inner) != _SHM_CHUNK:
             return inner
-        if len(inner) != envelope.ENVELOPE_FRAMES + 2:  # PROTOCOL, CHUNK, name, rid, info, descriptor
+        if len(inner) != _CHUNK_FRAMES:
             return None
         if channel.shared:
             taken = self._shm.take(bytes(inner[-1]), channel.token, channel.incoming, channel.files_taken)
@@ -588,7 +590,7 @@ class DirectPaths:
                 channel.files_taken = taken.counter
         else:
             taken = shm.Incoming(self._shm, b"", 0, 0, 0, "shared memory on a path without it")
-        return [inner[0], envelope.CHUNK, *inner[2:-1], taken]
+        return [*envelope.with_command(inner[:-1], envelope.CHUNK), taken]
 
     def _received(self, peer: bytes, channel: _Channel, inner: list[Any]) -> bool:
         """Hand on the chunk `inner`; whether it was a shared-memory file (read by then: up to

@@ -471,7 +471,7 @@ class Link:
         self.messages_received += 1
         try:
             if self.progress is not None:
-                self.progress.chunk(frames[1:], outgoing=False)
+                self.progress.chunk(envelope.unframed(frames), outgoing=False)
             self._handle(self.session.receive_direct(peer, frames, self._loop.time()))
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
@@ -528,21 +528,19 @@ class Link:
             if self._paused:
                 return
             try:
-                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
+                frames = recv_frames(sock, 1, limits.RECV_COPY_BYTES)
             except zmq.Again:
                 ready = events(sock)
                 break
             self.bytes_received += sum(len(f) for f in frames)
-            if frames[1] == envelope.BATCH:
-                self.messages_received += len(frames[2]) // 2
-            else:
-                self.messages_received += 1
+            self.messages_received += envelope.count(frames)
             try:
-                if frames[1] == envelope.CHUNK:
+                if envelope.command_of(frames) == envelope.CHUNK:
+                    chunk = envelope.unframed(frames)  # [CHUNK, name, rid, info, data]
                     if self.progress is not None:
-                        self.progress.chunk(frames[1:], outgoing=False)  # reads the chunk's info: may be malformed
-                    if self.direct is not None and len(frames) > 4 and bytes(frames[4])[:1] == envelope.REPLY:
-                        self._want_direct(frames[2])  # a large reply from that worker: later ones go direct
+                        self.progress.chunk(chunk, outgoing=False)  # reads the chunk's info: may be malformed
+                    if self.direct is not None and len(chunk) > 3 and bytes(chunk[3])[:1] == envelope.REPLY:
+                        self._want_direct(chunk[1])  # a large reply from that worker: later ones go direct
                 self._handle(self.session.receive(frames, self._loop.time()))
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)

@@ -160,7 +160,7 @@ async def shared_path(server: DirectPaths, directory: shm.Directory, name: bytes
 
 def shm_chunk(rid: bytes, descriptor: bytes, size: int, offset: int = 0) -> list[Any]:
     info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, offset, size)
-    return [envelope.PROTOCOL, _SHM_CHUNK, b"bob", rid, info, descriptor]
+    return envelope.build(_SHM_CHUNK, b"bob", rid, info, descriptor)
 
 
 async def test_a_peer_cannot_name_another_paths_file(
@@ -189,9 +189,9 @@ async def test_a_peer_cannot_name_another_paths_file(
         (mallory_peer, mallory_frames), (alice_peer, alice_frames) = got
         assert (mallory_peer, alice_peer) == (b"mallory", b"alice")
         with pytest.raises(ProtocolError, match="not of this path"):
-            reassembly.add(b"mallory", b"rid-0001", mallory_frames[4], mallory_frames[5])
+            reassembly.add(b"mallory", b"rid-0001", mallory_frames[-2], mallory_frames[-1])
         assert (tmp_path / name.decode()).exists(), "mallory's descriptor unlinked alice's file"
-        reassembly.add(b"alice", b"rid-0001", alice_frames[4], alice_frames[5])
+        reassembly.add(b"alice", b"rid-0001", alice_frames[-2], alice_frames[-1])
         body = reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
         assert bytes(body[1]) == data and not (tmp_path / name.decode()).exists()
     finally:
@@ -200,11 +200,12 @@ async def test_a_peer_cannot_name_another_paths_file(
 
 
 async def test_a_descriptor_out_of_a_chunks_place_is_dropped_and_the_socket_reads_on(tmp_path: Path) -> None:
-    """Mallory seals a shared-memory chunk of four frames, its descriptor where a request id
-    belongs: the worker hands on chunk-shaped messages only, and her next chunk arrives. (It
-    handed this one on: the session read the file's stand-in as a request id, a TypeError
-    rather than a ProtocolError, out of the data socket's reader; the messages drained with it
-    were left unread until another came.)"""
+    """Mallory seals shared-memory chunks not of a chunk's shape (a head alone, a head and a
+    descriptor with no info): the worker hands on chunk-shaped messages only, and her next chunk
+    arrives. (Re-making the head of a message with no frame before its descriptor raised an
+    IndexError out of the data socket's reader, and the messages drained with it were left
+    unread until another came; the one with no info reached the session, its file unclosed.
+    On the six-frame envelope, a descriptor in a request id's place raised a TypeError there.)"""
     directory = shm.Directory(str(tmp_path))
     session = Session("bob", envelope.ROLE_WORKER)
     got: list[list[Any]] = []
@@ -226,15 +227,17 @@ async def test_a_descriptor_out_of_a_chunks_place_is_dropped_and_the_socket_read
         assert written is not None
         data = os.urandom(4096)
         info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data))
-        await sock.send_multipart(channel.seal([envelope.PROTOCOL, _SHM_CHUNK, b"bob", written[1]]))
-        await sock.send_multipart(channel.seal([envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, data]))
+        head = envelope.build(_SHM_CHUNK, b"bob", b"rid-0001")
+        for malformed in ([*head, written[1]], head):
+            await sock.send_multipart(channel.seal(malformed))
+        await sock.send_multipart(channel.seal(envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, data)))
 
         async def arrived() -> bool:
-            return any(bytes(f[-1]) == data for f in got if len(f) == 6 and not isinstance(f[-1], shm.Incoming))
+            return any(bytes(f[-1]) == data for f in got if not isinstance(f[-1], shm.Incoming))
 
         assert await eventually(arrived, timeout=10.0), "the chunk after the malformed one never arrived"
         assert errors == [], "an exception escaped the data socket's reader"
-        assert [len(f) for f in got] == [6]
+        assert [len(f) for f in got] == [3]
     finally:
         loop.set_exception_handler(None)
         sock.close(linger=0)
@@ -388,7 +391,7 @@ async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch
         channel = _channel(*_keys(), connecting=True)
         channel.shared = True
         info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 4096, 4096 + 2 * MIB)
-        frames = [envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB)]
+        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
         sealed, _ = sender._seal(channel, frames)
         assert sealed is not None and len(sealed[2]) < 4096, "the bytes were sealed, not written to a file"
         assert len(list(tmp_path.iterdir())) == 1
@@ -415,7 +418,7 @@ async def test_files_nobody_takes_stop_at_a_budget_and_the_rest_goes_sealed(
         channel = _channel(*_keys(), connecting=True)
         channel.shared = True
         info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 4096, 4096 + 2 * MIB)
-        frames = [envelope.PROTOCOL, envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB)]
+        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
         files = [sender._seal(channel, frames)[1] for _ in range(4)]
         assert [bool(f) for f in files] == [True, True, False, False]
         assert len(list(tmp_path.iterdir())) == 2
