@@ -384,15 +384,21 @@ class Compute:
             args = _materialize(step.args, values)
             kwargs = _materialize(step.kwargs, values) if step.kwargs else {}
             if direct and not private:
-                value = kernels.checked(step.op, step.fn(*args, **kwargs) if kwargs else step.fn(*args))
-                results = kernels.results(value, step.count)
-                for k, r in enumerate(results):
+                value = step.fn(*args, **kwargs) if kwargs else step.fn(*args)
+                if step.count != 1 or type(value) is not torch.Tensor:  # the common case needs no check
+                    value = kernels.results(kernels.checked(step.op, value), step.count)
+                key = step.result
+                for r in (value,) if type(value) is torch.Tensor else value:
                     storages = _storages(r)
-                    if r.numel() and any(storages[0] in held[s] for s in step.reads):
-                        r = r.clone()
-                        storages = _storages(r)
-                    values[step.result + k] = r
-                    held[step.result + k] = storages
+                    if r.numel():
+                        for s in step.reads:
+                            if storages[0] in held[s]:
+                                r = r.clone()
+                                storages = _storages(r)
+                                break
+                    values[key] = r
+                    held[key] = storages
+                    key += 1
                 continue
             results = guard.run(step.op, args, kwargs, private, self._refusal(lean, step, values), step.count)
             for k, r in enumerate(results):
