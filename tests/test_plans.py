@@ -46,6 +46,16 @@ async def test_a_chain_of_dependent_ops_is_one_message_per_run(client: Client, b
     assert list(objects) == [x.id_at_location]  # no intermediate result was stored
 
 
+async def test_a_run_and_the_get_of_its_output_leave_together(client: Client, bob: fedptr.Worker) -> None:
+    # one multipart for both: the run waits for the rest of its loop turn instead of leaving alone
+    x = await bob.send(torch.ones(3))
+    double = fedptr.plan(lambda t: t * 2.0)
+    await double(x)
+    before = client.link.multiparts_sent
+    assert torch.equal(await double(x).get(), torch.full((3,), 2.0))
+    assert client.link.multiparts_sent - before == 1
+
+
 async def test_a_new_shape_records_again(bob: fedptr.Worker) -> None:
     @fedptr.plan
     def rows(x: fedptr.Pointer) -> fedptr.Pointer:
