@@ -5,7 +5,8 @@ pipelined requests find it; its value is computed inline when its inputs are sma
 else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
 which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
-the data is. A plan run is the same ops, in order, with only the outputs stored.
+the data is. A plan run is the same ops, in order, with only the outputs stored; a plan of
+plain operations (nodes/plans.py) runs them on a lean loop, its taints decided at once.
 """
 
 from __future__ import annotations
