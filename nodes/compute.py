@@ -382,7 +382,12 @@ class Compute:
                         n += v.numel()
                 if i - start >= limits.PLAN_INLINE_OPS or n > offload or (private and not guard.is_warm()):
                     return i
-            args = _materialize(step.args, values)
+            if step.refs is None:
+                args = _materialize(step.args, values)
+            else:
+                args = list(step.args)
+                for pos, slot in step.refs:
+                    args[pos] = values[slot]
             kwargs = _materialize(step.kwargs, values) if step.kwargs else {}
             if direct and not private:
                 value = step.fn(*args, **kwargs) if kwargs else step.fn(*args)

@@ -47,6 +47,9 @@ class Step:
     reads: tuple[int, ...]
     result: int
     count: int
+    refs: tuple[tuple[int, int], ...] | None
+    """For flat positional arguments (no list or map among them): (position, slot) of each
+    reference, filled in place of walking them (`_materialize`); None otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +130,10 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
             args, kwargs = kernels.decode(op.args), kernels.decode(op.kwargs)
         except ValueError:
             return None  # the run fails as the operation alone would
-        steps.append(
-            Step(op.op, kernels.OPERATIONS[op.op], args, kwargs, tuple(reads), op.result_id, 1 + len(op.more_ids))
-        )
+        flat = not any(type(a) is list or type(a) is dict for a in args)
+        refs = tuple((i, a.obj_id) for i, a in enumerate(args) if type(a) is wire.Ref) if flat else None
+        count = 1 + len(op.more_ids)
+        steps.append(Step(op.op, kernels.OPERATIONS[op.op], args, kwargs, tuple(reads), op.result_id, count, refs))
     return tuple(steps)
 
 

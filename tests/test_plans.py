@@ -231,13 +231,15 @@ async def test_a_plain_plans_outputs_derive_from_exactly_the_inputs_they_read() 
         @fedptr.plan
         def mixed(x: fedptr.Pointer, p: fedptr.Pointer) -> tuple[fedptr.Pointer, ...]:
             q = p * 2.0
-            return q + 1.0, (x + q).sum(0), q.max(0)[1]
+            return q + 1.0, (x + q).sum(0), q.max(0)[1], torch.cat([q, q])[1:3], torch.cat([x, q])
 
-        public, private, indices = mixed(x, p)
+        public, private, indices, stacked, stacked_private = mixed(x, p)
         assert torch.equal(await public.get(), torch.full((8, 4), 3.0))
         assert lean_plans(c, "bob") == [True]
         assert torch.equal(await indices.get(), torch.zeros(4, dtype=torch.int64))
+        assert torch.equal(await stacked.get(), torch.full((2, 4), 2.0))  # arguments nested in a list
         await refused(private.get(), fedptr.PermissionDenied, owner="bob")
+        await refused(stacked_private.get(), fedptr.PermissionDenied, owner="bob")
         await refused((x + p * 2.0).sum(0).get(), fedptr.PermissionDenied, owner="bob")  # op by op alike
 
 
