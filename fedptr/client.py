@@ -23,6 +23,7 @@ from fedptr.errors import (
     InDoubtError,
     InvalidArgumentError,
     LostWorkerError,
+    ObjectNotFoundError,
     PermissionDenied,
     ProtocolError,
     RemoteError,
@@ -195,7 +196,7 @@ class Worker:
                     candidate = sent()  # not `or`: a pointer's truth value is data-dependent
                     if candidate is None:
                         candidate = Pointer(client, self.name, new_id)
-                    raise in_doubt(e, x.location, "send", [x, candidate]) from e
+                    raise in_doubt(e, x.location, "send", [x, candidate])  # noqa: B904
             except BaseException:
                 x.owned = True
                 client.release(self.name, new_id)
@@ -407,7 +408,8 @@ class Client:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
 
         For a move: the candidate whose worker holds the object (the source puts it back, or
-        forgets it once the destination holds it). For a pointer sent: the grant is asked again
+        forgets it once the destination holds it); the source is asked first, and while its own
+        settling is under way nobody can tell. For a pointer sent: the grant is asked again
         (it is idempotent: a refusal then means an earlier grant went through). The other
         candidates are dropped without deleting anything. Raises InDoubtError again when it
         cannot tell within `timeout` seconds (this client's deadline by default)."""
@@ -422,8 +424,12 @@ class Client:
                     p.in_doubt = False  # settled: the one found owns (and deletes) the object again
                 return found
             if loop.time() + limits.RESOLVE_RETRY_S >= deadline:
-                raise error
+                break
             await asyncio.sleep(limits.RESOLVE_RETRY_S)
+        try:
+            raise error
+        finally:  # the error's traceback keeps this frame, which must not refer back to it
+            del error
 
     async def _resolve_once(self, hand_over: str, candidates: list[Pointer], timeout: float) -> Pointer | None:
         if hand_over == "send":
@@ -435,13 +441,23 @@ class Client:
             except FedptrError:
                 return None
             return sent
-        for p in candidates:
-            try:
-                await self.call(p.location, wire.Has(p.id_at_location), timeout)
-                return p
-            except FedptrError:
-                continue
-        return None
+        # Only the source can tell: while its move is in doubt (it answers InDoubtError) or it
+        # cannot be reached, the destination may hold the object, yet the source may still put
+        # it back (its own resolution asks the destination later, and would find nothing if
+        # this client had already taken the object from there).
+        source, moved = candidates
+        try:
+            await self.call(source.location, wire.Has(source.id_at_location), timeout)
+            return source
+        except ObjectNotFoundError:
+            pass  # the source let go of it: only once the destination held it durably
+        except FedptrError:
+            return None
+        try:
+            await self.call(moved.location, wire.Has(moved.id_at_location), timeout)
+        except FedptrError:
+            return None
+        return moved
 
     def issue_op(
         self,

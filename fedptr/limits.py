@@ -105,6 +105,18 @@ before its sender waits: anyone may connect, and the node's zmq I/O thread reads
 loop is busy, so `SOCKET_HWM` let one stranger's connection hold 100,000 MiB of junk. A
 stranger still holds about this many MiB per connection it keeps open."""
 
+DIRECT_SHM_DIR = "/dev/shm"
+"""Where a direct path's two ends on one host pass large chunks as files (`fedptr.shm`), once a
+probe file proved they share it; "" turns shared memory off (every chunk is sealed and sent)."""
+
+DIRECT_SHM_MIN_BYTES = 1 << 20
+"""Chunks of at least this many bytes (1 MiB) take shared memory when the path has it: a smaller
+one costs more in file calls than it saves in copies."""
+
+DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
+"""A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
+path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""
+
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
 
@@ -351,9 +363,6 @@ new signatures run on the meta device each time."""
 OK_HEADER_TABLE_SIZE = 1024
 """Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
 encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""
-
-STATS_MAX_PENDING = 10_000
-"""Requests a node times at once for its latency figures; past it the oldest are forgotten."""
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds (seconds) of the latency histogram buckets, per request kind (node) and per

@@ -32,7 +32,7 @@ from fedptr.logs import rid_extra
 from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
 from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
-from fedptr.streams import split
+from fedptr.streams import rechunk, split
 from fedptr.zio import events, recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
@@ -418,18 +418,32 @@ class Link:
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()
-        for part in split(inner, threshold, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
+        # same host: the rest of each buffer in one chunk, written once into shared memory
+        whole = direct is not None and direct.shares_memory(inner[1], inner[0])
+        chunk = limits.MAX_MESSAGE_BYTES if whole else limits.STREAM_CHUNK_BYTES
+        for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
                 self.progress.chunk(part, outgoing=True)
             # a buffer's first chunk goes through the broker, in order before its message:
             # the receiver then knows to hold the message until the rest is in
             if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
-                frames = envelope.framed(part)
-                if direct.send(inner[1], inner[0], frames):
-                    self.multiparts_sent += 1
-                    self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+                big = memoryview(part[4]).nbytes > limits.STREAM_CHUNK_BYTES
+                if big and self._sent_direct(direct, inner[1], inner[0], part):
                     continue
+                for piece in rechunk(part) if big else [part]:  # the shared memory refused it whole
+                    if not self._sent_direct(direct, inner[1], inner[0], piece):
+                        self._push_frames(envelope.framed(piece))
+                continue
             self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
+        return True
+
+    def _sent_direct(self, direct: DirectPaths, peer: bytes, command: bytes, part: list[Any]) -> bool:
+        """Whether chunk `part` went over the direct path to `peer` (False: it did not)."""
+        frames = envelope.framed(part)
+        if not direct.send(peer, command, frames):
+            return False
+        self.multiparts_sent += 1
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
 
     def _want_direct(self, worker: bytes) -> None:

@@ -260,9 +260,11 @@ def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Point
     """`e` as an InDoubtError of a `hand_over` (move or send) whose `candidates` are the
     pointers the object may be found under."""
     if isinstance(e, InDoubtError):
-        error = e
+        error = e  # raised as it is: `raise e from e` would make it its own cause, a reference
+        # cycle that keeps the candidates (and a dropped pointer's object) until a collection
     else:
         error = InDoubtError(worker, f"the hand-over's outcome is unknown: {e}", getattr(e, "path", [worker]))
+        error.__cause__ = e
     for p in candidates:
         p.in_doubt = True  # dropping the error (or a candidate) must not delete what may be the only copy
     error.candidates = candidates
@@ -657,7 +659,7 @@ class Pointer(PointerMethods):
             await self._client.call(self._location, wire.Move(self._id, worker.name, new_id))
         except (InDoubtError, LostWorkerError, DeadlineExceeded) as e:
             self.owned = True
-            raise in_doubt(e, self._location, "move", [self, self._moved(worker.name, new_id)]) from e
+            raise in_doubt(e, self._location, "move", [self, self._moved(worker.name, new_id)])  # noqa: B904
         except BaseException:
             self.owned = True
             raise

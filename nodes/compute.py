@@ -116,11 +116,12 @@ class Compute:
             # multi-output op gets a taint of its own, by the same rule
             outputs: list[tuple[int, int, Entry]] = []
             for result_id in (msg.result_id, *msg.more_ids):
-                result = Entry.tensor(owner=source, taint=_copy(taint) if outputs else taint)
+                # positional: keywords cost a third more, on every op
+                result = Entry.tensor(None, source, _copy(taint) if outputs else taint)
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
                 outputs.append((result_id, result_id, result))
-            self._start(_Run(source, rid, (msg,), (entries,), (outputs[0][2],), entries, None, outputs, plan=False))
+            self._start(_Run(source, rid, (msg,), (entries,), (outputs[0][2],), entries, None, outputs, False))
             return
         result_ids = [msg.result_id, *msg.more_ids]
         ptrs = [Entry.pointer(location, wire.new_object_id(), settled=False, owner=source) for _ in result_ids]

@@ -231,7 +231,7 @@ class Node:
     def handle(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
         if rid != envelope.NO_REPLY:
-            seen = self.replies.begin((source, rid))
+            seen = self.replies.begin((source, rid), type(decoded.message).__name__)
             if seen is Seen.RUNNING:
                 return
             if seen is Seen.ANSWERED:
@@ -268,8 +268,7 @@ class Node:
         """Answer request `rid` of `dest`, and keep the answer for a replay."""
         self.link.reply(dest, rid, msg)
         if rid != envelope.NO_REPLY:
-            self.replies.finish((dest, rid), msg)
-            self.figures.finished(dest, rid, msg)
+            self.figures.finished(dest, rid, msg, self.replies.finish((dest, rid), msg))
 
     def reply_error(self, dest: str, rid: bytes, e: BaseException) -> None:
         """Answer request `rid` of `dest` with the typed failure `e` stands for."""

@@ -18,8 +18,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from fedptr import envelope, limits, metrics, wire
+from fedptr import metrics, wire
 from fedptr.logs import rid_extra
+
+from .replies import Started
 
 if TYPE_CHECKING:
     from .node import Node
@@ -64,7 +66,6 @@ class NodeFigures:
         self.latencies = metrics.Latencies()
         self.debug = log.isEnabledFor(logging.DEBUG)
         """Log every request and reply with its request id (``--log-level DEBUG``)."""
-        self._pending: dict[tuple[str, bytes], tuple[str, float]] = {}
 
     @property
     def role(self) -> str:
@@ -72,20 +73,16 @@ class NodeFigures:
 
     # --- the node's hooks --------------------------------------------------------------
     def started(self, source: str, rid: bytes, msg: wire.Message) -> None:
-        """Request `rid` of `source` is being handled (after the reply cache let it through)."""
+        """Request `rid` of `source` is being handled (after the reply cache let it through; the
+        cache's record of it, `ReplyCache.begin`, holds when it arrived)."""
         kind = type(msg).__name__
         self.requests[kind] += 1
         if self.debug:
             log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
-        if rid == envelope.NO_REPLY:
-            return
-        if len(self._pending) >= limits.STATS_MAX_PENDING:
-            del self._pending[next(iter(self._pending))]  # the oldest: it will never be timed
-        self._pending[(source, rid)] = (kind, time.monotonic())
 
-    def finished(self, dest: str, rid: bytes, reply: wire.Message) -> None:
-        """The reply to request `rid` of `dest` leaves."""
-        started = self._pending.pop((dest, rid), None)
+    def finished(self, dest: str, rid: bytes, reply: wire.Message, started: Started | None) -> None:
+        """The reply to request `rid` of `dest` leaves; `started` is the request's record from
+        the reply cache (None: it was not timed, its peer left meanwhile)."""
         if started is not None:
             self.latencies.observe(started[0], time.monotonic() - started[1])
         if isinstance(reply, wire.Failure):
@@ -113,7 +110,7 @@ class NodeFigures:
             "bytes_in": link.bytes_received,
             "bytes_out": link.bytes_sent,
             "requests": sum(self.requests.values()),
-            "pending": len(self._pending),
+            "pending": node.replies.running,
             "forwards_waiting": link.in_flight,
             "outbox": link.outbox_depth,
             "refusals": self.failures[wire.FailureCode.DENIED],

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import itertools
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 from fedptr.nodes import durable
 from fedptr.nodes import node as node_module
 from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.handover import Handover
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
@@ -432,3 +435,66 @@ async def test_a_kill_right_after_an_acknowledged_in_place_update_brings_back_on
                 except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
                     await asyncio.sleep(limits.POLL_INTERVAL_S)
         assert {i: info.preview for i, info in held.items()} == {x.id_at_location: [1.0] * 4}
+
+
+@pytest.mark.asyncio
+async def test_a_move_in_doubt_resolves_to_its_destination_only_once_its_source_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the source can tell where a move in doubt went. The destination may hold the object
+    while the source is still settling (it asks the destination again after a pause): a client
+    that took the destination's copy meanwhile (a get, a move on) would have the source find it
+    absent and put the object back, a second copy of something already handed on (the
+    model-based test's "objects the model does not have stay": the value came back at the
+    source after the client had fetched it from the destination)."""
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)
+    settle = asyncio.Event()
+    resolve = Handover._resolve
+
+    async def held(self: Handover, *args: Any) -> None:  # the source settles only when told
+        await settle.wait()
+        await resolve(self, *args)
+
+    monkeypatch.setattr(Handover, "_resolve", held)
+    value = torch.full((4,), 7.0)
+    gc.disable()  # what reference counting frees is checked below: no collection may hide a cycle
+    try:
+        async with harness.cluster(NODES, stores=NODES, call_timeout=1.0) as c:
+            x = await c.worker("bob").send(value)
+            alice = Death(message=1, freeze=True)  # she stores the value; her answer to bob waits
+            alice.watch(c.node("alice"))
+            error = await _raised(x.move("alice"))  # bob answers InDoubtError
+            assert isinstance(error, fedptr.InDoubtError)
+            alice.thaw()
+            Death.forget(c.node("alice"))
+            assert _copies(c, value) == {
+                "bob": [(x.id_at_location, c.client.name)],
+                "alice": [(error.candidates[1].id_at_location, c.client.name)],
+            }
+            # bob has not settled: nobody can tell yet (it was resolved to alice)
+            assert await _raised(c.client.resolve(error, timeout=1.0)) is error
+            settle.set()
+            found = await c.client.resolve(error, timeout=RESOLVE_TIMEOUT_S)
+            assert found.location == "alice"
+            assert torch.equal(await found.get(), value)  # type: ignore[arg-type]
+            await _quiet(c)
+            async with asyncio.timeout(QUIET_TIMEOUT_S):  # the get's delete travels unanswered
+                while _copies(c, value)["alice"]:
+                    await asyncio.sleep(limits.POLL_INTERVAL_S)
+            await _quiet(c)
+            assert _copies(c, value) == {"bob": [], "alice": []}
+            # the error and the pointers go with their last reference: it was its own cause,
+            # and `resolve`'s frame (in its traceback once raised again) referred to it
+            gone = [weakref.ref(o) for o in (error, x, found)]
+            del error, x, found
+            assert [ref() for ref in gone] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+async def _raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
+    """What `action` raised, run as a task of its own: the error's traceback then holds the
+    task's frames, not the caller's (which would refer back to the error)."""
+    task = asyncio.ensure_future(action)
+    await asyncio.wait([task])
+    return task.exception()

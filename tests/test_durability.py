@@ -230,6 +230,20 @@ def test_reply_cache_keeps_no_answer_to_a_peer_that_left() -> None:
     assert cache.begin(key) is Seen.NEW  # the name registered again: a new session, nothing remembered
 
 
+def test_reply_cache_record_is_what_the_figures_time_a_request_by() -> None:
+    """One record per request: `begin` notes its kind and arrival, `finish` hands that record to
+    the node's figures (its latency), and the running count is the figures' ``pending``."""
+    cache = ReplyCache("bob")
+    key = ("c", b"\2" * 8)
+    before = time.monotonic()
+    assert cache.begin(key, "Op") is Seen.NEW
+    assert cache.running == 1
+    started = cache.finish(key, wire.Ok())
+    assert started is not None and started[0] == "Op" and before <= started[1] <= time.monotonic()
+    assert cache.running == 0
+    assert cache.finish(key, wire.Ok()) is None  # answered once: nothing left to time
+
+
 # --- on a cluster ----------------------------------------------------------------------------
 @pytest_asyncio.fixture(loop_scope="function")
 async def stored(tmp_path: Path) -> AsyncIterator[fedptr.Cluster]:

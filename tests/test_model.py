@@ -154,7 +154,7 @@ class Model(RuleBasedStateMachine):
     def _add(self, ptr: fedptr.Pointer, where: str, value: float, what: str) -> None:
         self.made += 1
         self.live[self.made] = Obj(ptr, where, value)
-        self.note(f"#{self.made} = {what}")
+        self.note(f"#{self.made} = {what} [{where} {ptr.id_at_location}]")
 
     # --- rules -------------------------------------------------------------------------
     # One rule draws each step's action: hypothesis's swarm testing enables a random subset of

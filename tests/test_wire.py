@@ -329,3 +329,49 @@ def test_object_ids_drawn_in_a_forked_child_are_not_its_parents() -> None:
     parent = {wire.new_object_id() for _ in range(8)}
     assert len(child) == 8 and not child & parent
     assert all(0 <= i < 2**63 for i in child | parent)
+
+
+_CANDIDATES: list[object] = [
+    *(0, -1, 2**63 - 1, True, False, 1.5, float("nan"), float("inf"), "s", "", b"b", None),
+    *([], [1], [True], [1.5], ["a"], [b"x"], [wire.Ref(1)], [[1]], [None]),
+    *({}, {"a": 1}, {"a": 1.5}, {"a": b"x"}, {"a": [b"x"]}, {"a": "s"}, {"a": wire.Ref(2)}, {1: 1}),
+    *([[1, "tensor", [2], "float32", None, "", 0]], [[1, "nope", [], "", None, "", 0]]),
+    wire.Ref(3),
+    raw(torch.ones(2)),
+]
+
+
+@pytest.mark.parametrize("cls", wire.MESSAGE_TYPES, ids=lambda t: t.__name__)
+def test_the_all_at_once_field_check_agrees_with_the_checks_one_by_one(cls: type[wire.Message]) -> None:
+    """`decode` checks every field of a message in one generated call (`wire._VALID`), and one by
+    one only to name a bad field: the two must never differ, or a bad field would pass."""
+    fields = wire._FIELDS[cls]
+    good = [next((c for c in _CANDIDATES if check(c)), None) for _, check, _ in fields]
+    assert wire._VALID[cls](*good) == all(check(v) for (_, check, _), v in zip(fields, good, strict=True))
+    for i in range(len(fields)):
+        for candidate in _CANDIDATES:
+            values = [*good[:i], candidate, *good[i + 1 :]]
+            expected = all(c(v) for (_, c, _), v in zip(fields, values, strict=True))
+            assert bool(wire._VALID[cls](*values)) == expected, (cls.__name__, i, candidate)
+
+
+def test_messages_stay_frozen_and_keep_their_constructors() -> None:
+    """The generated `__init__`s (`wire._fast_init`) keep the dataclass's keyword API, give each
+    instance its own default containers, run `__post_init__` checks, and leave instances frozen:
+    a shared reply (the node's table of `Ok`s) can never be changed through one holder."""
+    import dataclasses
+
+    ok = wire.Ok([4], "float32")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.dtype = "int64"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        wire.Ref(1).obj_id = 2  # type: ignore[misc]
+    assert wire.Op(result_id=1, op="add", args=[], kwargs={}) == wire.Op(1, "add", [], {}, "", [])
+    assert wire.Ok().shape is not wire.Ok().shape  # a default factory per instance
+    assert hash(wire.Ref(3)) == hash(wire.Ref(3)) and wire.Ref(3) != (3,)
+    with pytest.raises(ProtocolError):
+        wire.Failure("no-such-code", "", "", "bob", [])
+    with pytest.raises(ProtocolError):
+        wire.RawTensor("float32", (2,), memoryview(b"abc"))
+    with pytest.raises(TypeError):
+        wire.Op(1)  # type: ignore[call-arg]
