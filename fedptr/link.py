@@ -482,6 +482,14 @@ class Link:
         loop turn already, or a `batched` block is running)."""
         return self._batch is not None
 
+    def hold_turn(self) -> None:
+        """Keep what is pushed from now on to the end of this loop turn, to leave together as one
+        BATCH: for a request whose follow-ups are usually pushed in the same turn (a plan run,
+        then the get of its output), which would otherwise leave alone at once."""
+        if self._batch is None:
+            self._batch = []
+            self._loop.call_soon(self._flush_batch)
+
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:
         """Send the requests and replies pushed in the block as one BATCH, at its end (they
