@@ -16,6 +16,8 @@ from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, SLICE_KEY
 from fedptr.tensors import DTYPE_BY_NAME
 from fedptr.torchops import TORCH
 
+from . import policy
+
 MODULE_OPS = frozenset(n for n, i in REGISTRY.items() if i.model is not Model.NO)
 """The operations that take a model as their first argument."""
 _MODEL_ONLY = frozenset(n for n, i in REGISTRY.items() if i.model is Model.YES)
@@ -86,14 +88,19 @@ def _set_data(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _out_of_place(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` (a functional op with an ``inplace`` parameter) refusing ``inplace=True``, by
-    keyword or by position: an in-place write would change an operand behind the policy's back."""
+def _not_writing(fn: Callable[..., Any], writing: tuple[str, ...]) -> Callable[..., Any]:
+    """`fn` (a functional op with `writing` parameters: `policy.WRITING_KEYWORDS`) refusing any
+    of them given, by keyword or by position: a write would change an operand behind the
+    policy's back (F.normalize's fifth positional parameter is ``out``, and F.embedding's
+    ``max_norm`` renormalizes the rows of its weight that the indices pick, in place)."""
     signature = inspect.signature(fn)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if signature.bind(*args, **kwargs).arguments.get("inplace"):
-            raise TypeError(f"{fn.__name__} in place is not allowed")
+        bound = signature.bind(*args, **kwargs).arguments
+        for name in writing:
+            value = bound.get(name)
+            if value is not None and value is not False:
+                raise TypeError(f"{fn.__name__} may not write into an argument ({name}=)")
         return fn(*args, **kwargs)
 
     return call
@@ -166,11 +173,13 @@ def _in_place(method: Callable[..., Any]) -> Callable[..., Any]:
     return update
 
 
-def _has_inplace(fn: Callable[..., Any]) -> bool:
+def _writing(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """`fn`'s parameters that make it write an argument (`policy.WRITING_KEYWORDS`)."""
     try:
-        return "inplace" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: torch's C ops take no inplace
-        return False
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: torch's C ops take `out` by keyword only
+        return ()
+    return tuple(sorted(policy.WRITING_KEYWORDS & parameters.keys()))
 
 
 SPECIAL: dict[str, Callable[..., Any]] = {
@@ -195,9 +204,8 @@ def _kernel(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     info = REGISTRY[name]
     if info.mutating:
         return _in_place(fn)  # updates run under no_grad, as an optimizer's step does
-    if info.call is Call.FUNCTIONAL and _has_inplace(fn):
-        return _out_of_place(fn)
-    return fn
+    writing = _writing(fn) if info.call is Call.FUNCTIONAL else ()
+    return _not_writing(fn, writing) if writing else fn
 
 
 OPERATIONS: dict[str, Callable[..., Any]] = {name: _kernel(name, fn) for name, fn in TORCH.items()} | SPECIAL

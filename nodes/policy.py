@@ -44,9 +44,11 @@ TAINT_RULES = ALIASING | {"forward", "backward"}
 """Operations whose result taint `result_taint` decides by a rule of their own (a shared taint,
 a write to a model, gradients everywhere), even on public operands."""
 
-WRITING_KEYWORDS = frozenset({"out", "inplace"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, and
-``inplace=`` of the functional ops): the policy knows only the first argument as written."""
+WRITING_KEYWORDS = frozenset({"out", "inplace", "max_norm"})
+"""Keywords that would make an operation write into an argument (torch's ``out=``, ``inplace=``
+of the functional ops, and F.embedding's ``max_norm``, which renormalizes its weight's rows in
+place): the policy knows only the first argument as written. Refused by keyword here, by
+position in the kernels (nodes/kernels.py)."""
 
 TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
 """Names the first parameter of an aliasing operation goes by: its target is given by position."""
@@ -171,11 +173,16 @@ def refuse_op(taint: Taint, op: str, public_shapes: list[list[int]]) -> Permissi
 
 
 def check_call(op: str, args: list[Any], kwargs: dict[str, Any], is_ref: Callable[[Any], bool]) -> None:
-    """Refuse a call whose writes the policy could not see: an ``out=`` or ``inplace=``
-    keyword, or an aliasing operation whose target is not its first positional argument (a
-    stored object, `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
+    """Refuse a call whose writes the policy could not see: a `WRITING_KEYWORDS` keyword, or an
+    aliasing operation whose target is not its first positional argument (a stored object,
+    `is_ref`). Raises OpNotAllowedError (a typed refusal the client receives as
     such, whatever the data); run before the taint is decided."""
-    writing = [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] not in (None, False)] if kwargs else None
+    # anything but None or False counts as given: F.embedding's max_norm=0.0 writes too
+    writing = (
+        [k for k in WRITING_KEYWORDS & kwargs.keys() if kwargs[k] is not None and kwargs[k] is not False]
+        if kwargs
+        else None
+    )
     if writing:
         raise OpNotAllowedError("", f"{op} may not write into an argument ({sorted(writing)[0]}=)")
     if op in ALIASING and (not args or not is_ref(args[0]) or TARGET_KEYWORDS & kwargs.keys()):

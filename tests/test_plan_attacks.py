@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
+from fedptr.nodes import plans
 from torch import nn
 
 import fedptr
@@ -389,6 +390,66 @@ async def test_single_ops_batchnorm_running_stats(setup: Setup) -> None:
         return await get(c, "bob", mean) / 0.1
 
     await refused(attack(), fedptr.PermissionDenied, owner="bob", match="only DP releases leave")
+
+
+# --- plain operations that write an operand (lean loop, and op by op) ----------------------
+def lean(n_inputs: int, ops: list[Any], outputs: list[int]) -> bool:
+    """Whether the node runs this plan on its lean loop (plain operations only)."""
+    return plans.validate(wire.PutPlan(0, n_inputs, ops, outputs)).steps is not None
+
+
+async def test_a_positional_out_writes_private_values_into_a_public_input(setup: Setup) -> None:
+    """Plan(x, p): F.normalize(x, 2.0, 1, 1e-12, p): F.normalize's fifth parameter is `out`,
+    which the keyword check never sees; a private op's real run writes normalize(x) into the
+    public p, whose taint nothing grows; get(p). The same op sent alone, too."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+    ops = [["F.normalize", [R(0), 2.0, 1, 1e-12, R(1)], {}]]
+    assert lean(2, ops, [2])
+    p = await put(c, "bob", torch.zeros(8, 4))
+    await refused(run_plan(c, "bob", 2, ops, [2], [bx.id_at_location, p]), fedptr.PermissionDenied, owner="bob")
+    assert torch.equal(await get(c, "bob", p), torch.zeros(8, 4)), "LEAK: a plain op wrote bob's x into p"
+    alone = op(c, "bob", "F.normalize", [R(bx.id_at_location), 2.0, 1, 1e-12, R(p)])
+    await refused(alone, fedptr.PermissionDenied, owner="bob")
+    assert torch.equal(await get(c, "bob", p), torch.zeros(8, 4)), "LEAK: a single op wrote bob's x into p"
+
+
+async def test_a_positional_out_writes_read_only_private_data(setup: Setup) -> None:
+    """Plan(t, fx): F.normalize(t, 2.0, 1, 1e-12, fx) overwrites frank's read-only data."""
+    c = setup.client
+    fx, _ = await setup.data("frank")
+    t = await put(c, "frank", torch.ones(8, 4))
+    ops = [["F.normalize", [R(0), 2.0, 1, 1e-12, R(1)], {}]]
+    await refused(run_plan(c, "frank", 2, ops, [2], [t, fx.id_at_location]), fedptr.PermissionDenied, owner="frank")
+    now = await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+    assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+async def test_embedding_max_norm_writes_which_private_indices_were_read_into_a_public_weight(setup: Setup) -> None:
+    """Plan(y, w): F.embedding(y, w, None, 1.0): max_norm renormalizes, in place, the rows of w
+    that bob's private labels y index; get(w) tells which labels bob has. By position (the
+    kernel's check) and by keyword (refused as the plan arrives)."""
+    c = setup.client
+    _, by = await setup.data("bob")
+    weight = torch.full((5, 3), 10.0)
+    for ops, error in [
+        ([["F.embedding", [R(0), R(1), None, 1.0], {}]], fedptr.PermissionDenied),
+        ([["F.embedding", [R(0), R(1)], {"max_norm": 1.0}]], fedptr.OpNotAllowedError),
+    ]:
+        w = await put(c, "bob", weight)
+        await refused(run_plan(c, "bob", 2, ops, [2], [by.id_at_location, w]), error)
+        assert torch.equal(await get(c, "bob", w), weight), "LEAK: the rows bob's labels index were renormalized"
+
+
+async def test_embedding_max_norm_writes_read_only_private_data(setup: Setup) -> None:
+    """Plan(i, fx): F.embedding(i, fx, None, 0.1) renormalizes frank's read-only rows."""
+    c = setup.client
+    fx, _ = await setup.data("frank")
+    i = await put(c, "frank", torch.arange(8))
+    ops = [["F.embedding", [R(0), R(1), None, 0.1], {}]]
+    await refused(run_plan(c, "frank", 2, ops, [2], [i, fx.id_at_location]), fedptr.PermissionDenied, owner="frank")
+    now = await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
+    assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
 
 
 # --- hand-crafted graphs -------------------------------------------------------------------
