@@ -18,12 +18,15 @@ step), ``{"tuple": [...]}``, and the tagged values of `fedptr.ops` (dtypes, slic
 
 The node never executes code from a graph: `GraphModel` *interprets* its steps, each looked up by
 name in a fixed table, and refuses any step that writes (in-place methods, ``inplace=True``,
-``out=``): a forward may not change a parameter. Data-dependent control flow cannot be traced
+``out=``, F.embedding's ``max_norm``, by keyword or by position): a forward may not change a
+parameter. Data-dependent control flow cannot be traced
 and is refused on the client, naming the line that needs a value (`UnsupportedTypeError`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -313,13 +316,24 @@ def _checked_steps(model: GraphModel, steps: Any) -> list[tuple[str, str, list[A
             raise ValueError("a model graph's inputs come first")
         if not _known(op, target, args, kwargs, layers, state) or (op == "output" and i != len(steps) - 1):
             raise ValueError(f"step {i} of a model graph ({op} {target!r:.60}) is not allowed")
-        if kwargs.get("inplace") is True or "out" in kwargs:
+        if _writes(op, target, args, kwargs):
             raise ValueError(f"step {i} of a model graph ({target}) writes in place: a forward may not")
         _check_value([args, kwargs], i, 0)
         checked.append((op, target, args, kwargs))
     if checked[-1][0] != "output":
         raise ValueError("a model graph ends with its output")
     return checked
+
+
+def _writes(op: str, target: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether a step gives a parameter that writes into an argument (`ops.WRITING_KEYWORDS`),
+    by keyword or, to a function, by position (F.relu's second, F.normalize's fifth)."""
+    given = kwargs
+    if op == "function" and target in FUNCTIONS:
+        # a builtin has no signature (its `out` is keyword-only); a call that does not bind fails anyway
+        with contextlib.suppress(TypeError, ValueError):
+            given = inspect.signature(FUNCTIONS[target]).bind_partial(*args, **kwargs).arguments
+    return any(given[k] is not None and given[k] is not False for k in ops.WRITING_KEYWORDS & given.keys())
 
 
 def _known(op: str, target: str, args: list[Any], kwargs: dict[str, Any], layers: set[str], state: set[str]) -> bool:

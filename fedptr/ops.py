@@ -25,6 +25,11 @@ AGGREGATES: frozenset[str] = frozenset(n for n, i in REGISTRY.items() if i.priva
 """DP releases: an aggregator's only, never in a plan."""
 TENSOR_METHODS: frozenset[str] = frozenset(n for n, i in REGISTRY.items() if i.call is Call.METHOD and not i.mutating)
 """Out-of-place operations that are methods of ``torch.Tensor`` of the same name."""
+WRITING_KEYWORDS: frozenset[str] = frozenset({"out", "inplace", "max_norm"})
+"""Parameters that make a call write into an argument when given (anything but None or False):
+torch's ``out=`` (F.normalize's is its fifth positional one), ``inplace=`` of the functional ops,
+and F.embedding's ``max_norm``, which renormalizes, in place, the rows of its weight the indices
+pick. Refused by keyword and by position (nodes/policy.py, nodes/kernels.py, fedptr/graphs.py)."""
 
 DTYPE_PREFIX = "torch.dtype:"
 """A ``torch.dtype`` argument travels as this prefix and its wire name, e.g. ``"torch.dtype:float64"``."""

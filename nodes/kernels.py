@@ -12,11 +12,9 @@ from torch import nn
 
 from fedptr.errors import OpNotAllowedError
 from fedptr.opinfo import REGISTRY, Call, Model
-from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, SLICE_KEY
+from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, SLICE_KEY, WRITING_KEYWORDS
 from fedptr.tensors import DTYPE_BY_NAME
 from fedptr.torchops import TORCH
-
-from . import policy
 
 MODULE_OPS = frozenset(n for n, i in REGISTRY.items() if i.model is not Model.NO)
 """The operations that take a model as their first argument."""
@@ -89,10 +87,9 @@ def _set_data(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
 
 def _not_writing(fn: Callable[..., Any], writing: tuple[str, ...]) -> Callable[..., Any]:
-    """`fn` (a functional op with `writing` parameters: `policy.WRITING_KEYWORDS`) refusing any
-    of them given, by keyword or by position: a write would change an operand behind the
-    policy's back (F.normalize's fifth positional parameter is ``out``, and F.embedding's
-    ``max_norm`` renormalizes the rows of its weight that the indices pick, in place)."""
+    """`fn` (a functional op with `writing` parameters: `fedptr.ops.WRITING_KEYWORDS`) refusing
+    any of them given, by keyword or by position: a write would change an operand behind the
+    policy's back."""
     signature = inspect.signature(fn)
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -174,12 +171,12 @@ def _in_place(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _writing(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """`fn`'s parameters that make it write an argument (`policy.WRITING_KEYWORDS`)."""
+    """`fn`'s parameters that make it write an argument (`WRITING_KEYWORDS`)."""
     try:
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: torch's C ops take `out` by keyword only
         return ()
-    return tuple(sorted(policy.WRITING_KEYWORDS & parameters.keys()))
+    return tuple(sorted(WRITING_KEYWORDS & parameters.keys()))
 
 
 SPECIAL: dict[str, Callable[..., Any]] = {

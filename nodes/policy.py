@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from fedptr import limits
 from fedptr.errors import OpNotAllowedError, PermissionDenied
-from fedptr.ops import ALIASING, MUTATING
+from fedptr.ops import ALIASING, MUTATING, WRITING_KEYWORDS
 
 Origins = dict[str, frozenset[str]]
 """Data owner -> the workers it trusts with what derives from its data."""
@@ -43,12 +43,6 @@ ANALYST = "*"
 TAINT_RULES = ALIASING | {"forward", "backward"}
 """Operations whose result taint `result_taint` decides by a rule of their own (a shared taint,
 a write to a model, gradients everywhere), even on public operands."""
-
-WRITING_KEYWORDS = frozenset({"out", "inplace", "max_norm"})
-"""Keywords that would make an operation write into an argument (torch's ``out=``, ``inplace=``
-of the functional ops, and F.embedding's ``max_norm``, which renormalizes its weight's rows in
-place): the policy knows only the first argument as written. Refused by keyword here, by
-position in the kernels (nodes/kernels.py)."""
 
 TARGET_KEYWORDS = frozenset({"self", "t", "input", "tensor", "model"})
 """Names the first parameter of an aliasing operation goes by: its target is given by position."""

@@ -140,6 +140,11 @@ def _forge(change: Any) -> dict[str, Any]:
     return spec
 
 
+_X = {"step": 0}
+_EMBED = [{"step": 0}, {"step": 1}]
+"""F.embedding's indices and weight, as steps."""
+
+
 def _step(spec: dict[str, Any], op: str) -> list[Any]:
     return next(s for s in spec["steps"] if s[0] == op)
 
@@ -154,6 +159,12 @@ def _step(spec: dict[str, Any], op: str) -> list[Any]:
         (lambda s: _step(s, "module").__setitem__(1, "conv1.weight"), "not allowed"),
         (lambda s: _step(s, "function")[3].__setitem__("inplace", True), "writes in place"),
         (lambda s: _step(s, "function")[3].__setitem__("out", {"step": 0}), "writes in place"),
+        # by position, and F.embedding's max_norm (renormalizes the rows its indices pick: a
+        # forward on private labels would write which ones into a public parameter)
+        (lambda s: (_step(s, "function")[3].clear(), _step(s, "function")[2].append(True)), "writes in place"),
+        (lambda s: s["steps"].insert(-1, ["function", "F.embedding", _EMBED, {"max_norm": 1.0}]), "writes in place"),
+        (lambda s: s["steps"].insert(-1, ["function", "F.embedding", [*_EMBED, None, 1.0], {}]), "writes in place"),
+        (lambda s: s["steps"].insert(-1, ["function", "F.normalize", [_X, 2.0, 1, 1e-12, _X], {}]), "writes in place"),
         (lambda s: _step(s, "function")[2].__setitem__(0, {"step": 10_000}), "not before it"),
         (lambda s: s["steps"].pop(), "ends with its output"),
         (lambda s: s["steps"].insert(3, ["input", "y", [], {}]), "inputs come first"),
