@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ import pytest
 import pytest_asyncio
 import torch
 from fedptr.nodes import plans
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fedptr
@@ -450,6 +453,124 @@ async def test_embedding_max_norm_writes_read_only_private_data(setup: Setup) ->
     await refused(run_plan(c, "frank", 2, ops, [2], [i, fx.id_at_location]), fedptr.PermissionDenied, owner="frank")
     now = await get(c, "frank", await op(c, "frank", "mul", [R(fx.id_at_location), 1]))
     assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
+
+
+# --- the lean loop against the same plan op by op -----------------------------------------
+_UNARY = ("neg", "relu", "abs", "exp", "float", "t", "clone", "detach", "flatten", "sign", "logical_not", "long")
+_BINARY = ("add", "mul", "sub", "maximum", "eq", "matmul", "where_mask", "getitem")
+_MULTI = (("max", [1], 2), ("sort", [0], 2), ("split", [4], 2), ("chunk", [2], 2))
+_plain_op = st.one_of(
+    st.tuples(st.just("unary"), st.sampled_from(_UNARY), st.integers(0, 99)),
+    st.tuples(st.just("binary"), st.sampled_from(_BINARY), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("multi"), st.sampled_from(range(len(_MULTI))), st.integers(0, 99)),
+    st.tuples(st.just("cat"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("sum"), st.integers(0, 99), st.sampled_from([0, 1, None])),
+)
+_INPUTS = ("bob x", "bob y", "public float", "public int", "public bool")
+
+
+def _plain_plan(n_inputs: int, drawn: list[tuple[Any, ...]], pick: list[int]) -> tuple[list[Any], list[int]]:
+    """A plan of plain operations over `n_inputs` inputs from `drawn` (slots chosen modulo those
+    filled), and its outputs (`pick`, modulo the results)."""
+    ops: list[Any] = []
+    slots = n_inputs
+    for kind, *rest in drawn:
+        if kind == "unary":
+            name, a = rest
+            ops.append([name, [R(a % slots)], {}])
+        elif kind == "binary":
+            name, a, b = rest
+            if name == "where_mask":  # a private condition picks between two tensors
+                ops.append(["where", [R(a % slots), R(b % slots), R(a % slots)], {}])
+            else:
+                ops.append([name, [R(a % slots), R(b % slots)], {}])
+        elif kind == "multi":
+            i, a = rest
+            name, more, count = _MULTI[i]
+            ops.append([name, [R(a % slots), *more], {}, count])
+        elif kind == "cat":
+            a, b = rest
+            ops.append(["cat", [[R(a % slots), R(b % slots)]], {}])
+        else:
+            a, dim = rest
+            ops.append(["sum", [R(a % slots)], {} if dim is None else {"dim": dim}])
+        slots += ops[-1][3] if len(ops[-1]) == 4 else 1
+    made = slots - n_inputs
+    outputs = sorted({n_inputs + p % made for p in pick})
+    return ops, outputs
+
+
+async def _observe(
+    c: fedptr.Client, worker: str, n_inputs: int, ops: list[Any], outputs: list[int], inputs: list[int]
+) -> list[Any]:
+    """What the client sees of one run: its reply (or error), then each output's get (or refusal)."""
+
+    def seen(e: BaseException) -> tuple[str, str]:
+        return type(e).__name__, re.sub(r"\d{6,}", "<id>", str(e))
+
+    plan_id = wire.new_object_id()
+    await c.call(worker, wire.PutPlan(plan_id, n_inputs, ops, outputs))
+    result_ids = [wire.new_object_id() for _ in outputs]
+    observed: list[Any] = []
+    try:
+        reply = await c.call(worker, wire.RunPlan(plan_id, inputs, result_ids))
+        assert isinstance(reply, wire.PlanReply)
+        observed.append((reply.shapes, reply.dtypes))
+    except fedptr.FedptrError as e:
+        observed.append(seen(e))
+    for obj_id in result_ids:
+        try:
+            observed.append((await get(c, worker, obj_id)).tolist())
+        except fedptr.FedptrError as e:
+            observed.append(seen(e))
+    return observed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    chosen=st.lists(st.sampled_from(_INPUTS), min_size=1, max_size=4),
+    drawn=st.lists(_plain_op, min_size=1, max_size=8),
+    pick=st.lists(st.integers(0, 99), min_size=1, max_size=3),
+)
+async def test_a_plain_plan_runs_lean_as_it_runs_op_by_op(
+    setup: Setup, chosen: list[str], drawn: list[tuple[Any, ...]], pick: list[int]
+) -> None:
+    """A random plan of plain operations over private and public inputs (the lean loop), and the
+    same plan with one more operation, an inline tensor, that keeps it op by op: the client sees
+    the same replies, outputs, refusals and error texts, whatever taints the inputs have."""
+    c = setup.client
+    bx, by = await setup.data("bob")
+    pool = {
+        "bob x": bx.id_at_location,
+        "bob y": by.id_at_location,
+        "public float": await put(c, "bob", torch.arange(32.0).reshape(8, 4) - 7),
+        "public int": await put(c, "bob", torch.arange(8) % 3),
+        "public bool": await put(c, "bob", torch.arange(8) % 2 == 0),
+    }
+    inputs = [pool[name] for name in chosen]
+    ops, outputs = _plain_plan(len(inputs), drawn, pick)
+    assert lean(len(inputs), ops, outputs)
+    op_by_op = [*ops, ["mul", [R(0), wire.RawTensor("float32", (), memoryview(bytes(4)))], {}]]
+    assert not lean(len(inputs), op_by_op, outputs)
+    on_the_lean_loop = await _observe(c, "bob", len(inputs), ops, outputs, inputs)
+    assert on_the_lean_loop == await _observe(c, "bob", len(inputs), op_by_op, outputs, inputs)
+
+
+@pytest.mark.parametrize("n_inputs", [64, 65, 200])
+async def test_a_private_input_past_the_64th_taints_what_reads_it(setup: Setup, n_inputs: int) -> None:
+    """The lean loop's bitmasks over many inputs: the last input is bob's x, every other one
+    public; what reads it is private, what reads only the one before it public."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+    p = await put(c, "bob", torch.ones(8, 4))
+    last = n_inputs - 1
+    ops = [["add", [R(last), R(0)], {}], ["add", [R(last - 1), R(0)], {}]]
+    assert lean(n_inputs, ops, [n_inputs, n_inputs + 1])
+    private, public = await run_plan(
+        c, "bob", n_inputs, ops, [n_inputs, n_inputs + 1], [p] * last + [bx.id_at_location]
+    )
+    await refused(get(c, "bob", private), fedptr.PermissionDenied, owner="bob")
+    assert torch.equal(await get(c, "bob", public), torch.full((8, 4), 2.0))
 
 
 # --- hand-crafted graphs -------------------------------------------------------------------
