@@ -14,7 +14,9 @@ met before with the same signature takes its result's shape and dtype from the t
 of a new meta run (tens of µs each). Only successes are kept; a refusal is decided anew.
 
 Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
-stored value never shares memory with another entry behind the policy's back.
+stored value never shares memory with another entry behind the policy's back. Nor does a private
+operation write anything but a mutating operation's target: a meta run that writes another
+operand (its version counter moves) is refused before the real run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch.func import functional_call
 from fedptr import limits
 from fedptr.errors import InvalidArgumentError
 from fedptr.opinfo import REGISTRY
-from fedptr.ops import ALIASING, STRUCTURAL
+from fedptr.ops import ALIASING, MUTATING, STRUCTURAL
 
 from . import kernels
 
@@ -141,7 +143,31 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")
         return _meta_forward(args[0], args[1:])
-    return kernels.run(op, _meta(args), _meta(kwargs))
+    meta_args, meta_kwargs = _meta(args), _meta(kwargs)
+    # what the op may write: a mutating op its target (args[0]), any other op nothing
+    watched = _tensors(meta_args[1:] if op in MUTATING else meta_args, meta_kwargs.values())
+    versions = [t._version for t in watched]
+    result = kernels.run(op, meta_args, meta_kwargs)
+    if any(t._version != v for t, v in zip(watched, versions, strict=True)):
+        # a write the policy cannot see (as F.embedding's max_norm was): the real run would
+        # change an operand whose taint nothing grows, or read-only private data
+        raise TypeError(f"{op} writes into an operand it does not own")
+    return result
+
+
+def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
+    """The tensors in `values`, nested in lists and dicts."""
+    found: list[torch.Tensor] = []
+    todo = [v for vs in values for v in vs]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, list):
+            todo.extend(v)
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+    return found
 
 
 Signature = tuple[Any, ...]

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from fedptr.nodes import guard, mechanisms
+from fedptr.nodes import guard, kernels, mechanisms
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.policy import PolicyConfig, Taint, refuse_op, release_kind
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from torch import nn
+from torch.nn import functional
 
 import fedptr
 from fedptr import aggregate, dp, wire
@@ -108,6 +109,23 @@ def test_guard_refuses_a_private_size_and_hides_a_data_dependent_failure() -> No
     source = torch.arange(4.0)
     (view,) = guard.run("view", [source, 2, 2], {}, False, lambda: refusal)
     assert view.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()  # a copy, not an alias
+
+
+def test_guard_refuses_a_private_op_whose_meta_run_writes_an_operand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels refuse the parameters known to write (`fedptr.ops.WRITING_KEYWORDS`); the
+    meta run catches the rest: a private op whose kernel writes an operand other than a mutating
+    op's target (here F.embedding's max_norm, the kernels' check taken away) is refused before
+    its real run touches anything."""
+    monkeypatch.setitem(kernels.OPERATIONS, "F.embedding", functional.embedding)
+    monkeypatch.setattr(guard, "_META", {})
+    refusal = refuse_op(Taint({"bob": frozenset()}), "F.embedding", [[5, 3]])
+    weight = torch.full((5, 3), 10.0)
+    with pytest.raises(fedptr.PermissionDenied):
+        guard.run("F.embedding", [torch.tensor([0, 2]), weight, None, 1.0], {}, True, lambda: refusal)
+    assert torch.equal(weight, torch.full((5, 3), 10.0))
+    target = torch.zeros(3)
+    guard.run("add_", [target, torch.ones(3)], {}, True, lambda: refusal)  # a mutating op writes its target
+    assert torch.equal(target, torch.ones(3))
 
 
 def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
