@@ -501,26 +501,26 @@ def _plain_plan(n_inputs: int, drawn: list[tuple[Any, ...]], pick: list[int]) ->
 
 
 async def _observe(
-    c: fedptr.Client, worker: str, n_inputs: int, ops: list[Any], outputs: list[int], inputs: list[int]
+    c: fedptr.Client, plan_id: int, n_inputs: int, ops: list[Any], outputs: list[int], inputs: list[int]
 ) -> list[Any]:
-    """What the client sees of one run: its reply (or error), then each output's get (or refusal)."""
+    """What the client sees of one run of plan `plan_id` (replaced: a node keeps a client's 64
+    at most) on bob: its reply (or error), then each output's get (or refusal)."""
 
     def seen(e: BaseException) -> tuple[str, str]:
         return type(e).__name__, re.sub(r"\d{6,}", "<id>", str(e))
 
-    plan_id = wire.new_object_id()
-    await c.call(worker, wire.PutPlan(plan_id, n_inputs, ops, outputs))
+    await c.call("bob", wire.PutPlan(plan_id, n_inputs, ops, outputs))
     result_ids = [wire.new_object_id() for _ in outputs]
     observed: list[Any] = []
     try:
-        reply = await c.call(worker, wire.RunPlan(plan_id, inputs, result_ids))
+        reply = await c.call("bob", wire.RunPlan(plan_id, inputs, result_ids))
         assert isinstance(reply, wire.PlanReply)
         observed.append((reply.shapes, reply.dtypes))
     except fedptr.FedptrError as e:
         observed.append(seen(e))
     for obj_id in result_ids:
         try:
-            observed.append((await get(c, worker, obj_id)).tolist())
+            observed.append((await get(c, "bob", obj_id)).tolist())
         except fedptr.FedptrError as e:
             observed.append(seen(e))
     return observed
@@ -552,8 +552,8 @@ async def test_a_plain_plan_runs_lean_as_it_runs_op_by_op(
     assert lean(len(inputs), ops, outputs)
     op_by_op = [*ops, ["mul", [R(0), wire.RawTensor("float32", (), memoryview(bytes(4)))], {}]]
     assert not lean(len(inputs), op_by_op, outputs)
-    on_the_lean_loop = await _observe(c, "bob", len(inputs), ops, outputs, inputs)
-    assert on_the_lean_loop == await _observe(c, "bob", len(inputs), op_by_op, outputs, inputs)
+    on_the_lean_loop = await _observe(c, 1, len(inputs), ops, outputs, inputs)
+    assert on_the_lean_loop == await _observe(c, 2, len(inputs), op_by_op, outputs, inputs)
 
 
 @pytest.mark.parametrize("n_inputs", [64, 65, 200])
