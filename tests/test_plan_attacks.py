@@ -556,6 +556,28 @@ async def test_a_plain_plan_runs_lean_as_it_runs_op_by_op(
     assert on_the_lean_loop == await _observe(c, 2, len(inputs), op_by_op, outputs, inputs)
 
 
+async def test_a_plan_run_on_public_inputs_then_on_private_ones_keeps_the_second_private(setup: Setup) -> None:
+    """One lean plan, run first on public inputs (its taints, storages and meta runs are then
+    known), then with bob's x in the place of a public input, then public again."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+    p, q = await put(c, "bob", torch.ones(8, 4)), await put(c, "bob", torch.ones(8, 4))
+    ops = [["mul", [R(0), R(1)], {}], ["t", [R(2)], {}], ["sum", [R(3)], {"dim": 0}]]
+    assert lean(2, ops, [3, 4])
+    plan_id = wire.new_object_id()
+    await c.call("bob", wire.PutPlan(plan_id, 2, ops, [3, 4]))
+
+    async def run(inputs: list[int]) -> list[int]:
+        result_ids = [wire.new_object_id(), wire.new_object_id()]
+        await c.call("bob", wire.RunPlan(plan_id, inputs, result_ids))
+        return result_ids
+
+    assert torch.equal(await get(c, "bob", (await run([p, q]))[1]), torch.full((8,), 4.0))
+    for obj_id in await run([p, bx.id_at_location]):
+        await refused(get(c, "bob", obj_id), fedptr.PermissionDenied, owner="bob")
+    assert torch.equal(await get(c, "bob", (await run([q, p]))[1]), torch.full((8,), 4.0))
+
+
 @pytest.mark.parametrize("n_inputs", [64, 65, 200])
 async def test_a_private_input_past_the_64th_taints_what_reads_it(setup: Setup, n_inputs: int) -> None:
     """The lean loop's bitmasks over many inputs: the last input is bob's x, every other one
