@@ -1,9 +1,9 @@
 """The node's object store: entries that are local tensors, models, or pointers to other workers.
 
 An entry is created the moment its request arrives, before its value exists, so later
-requests (pipelined by the client) find it in order. `done` settles when the value is
-computed (a tensor), when the next hop confirmed it (a pointer), or with the error that
-stopped it; a dependent operation then fails with that same error.
+requests (pipelined by the client) find it in order. It settles when the value is computed
+(a tensor), when the next hop confirmed it (a pointer), or with the error that stopped it; a
+dependent operation then fails with that same error.
 """
 
 from __future__ import annotations
@@ -38,9 +38,15 @@ from .writeahead import WriteAhead
 @dataclass(eq=False, slots=True)
 class Entry:
     """One stored object. `location` is None for a tensor (or model) held here, else the worker
-    a pointer points to, with `remote_id` its id there."""
+    a pointer points to, with `remote_id` its id there.
 
-    done: asyncio.Future[Any]
+    It is `settled` once its value is computed (a tensor), the next hop confirmed it (a
+    pointer), or an error stopped it (`error`); a dependent operation then fails with that same
+    error. Most entries settle in the loop turn that made them and are read at once, so the
+    value and error are plain slots: an asyncio future is made only for whoever waits on a
+    pending entry (`wait`, `on_settled`), one per waiter, so that cancelling one waiter leaves
+    the entry and the other waiters alone."""
+
     location: str | None = None
     remote_id: int = 0
     owner: str = ""
@@ -56,10 +62,20 @@ class Entry:
     sponsor: str = ""
     """The peer that granted it to its owner (a client sending a pointer): when that client's
     session ends the object is reclaimed too, even if the owner's pointer to it was lost."""
+    settled: bool = False
+    value: Any = None
+    """The value once settled without an error (None for a pointer)."""
+    error: BaseException | None = None
+    _waiters: list[asyncio.Future[Any] | Callable[[Entry], None]] | None = field(default=None, repr=False)
 
     @property
     def is_pointer(self) -> bool:
         return self.location is not None
+
+    @property
+    def ok(self) -> bool:
+        """Settled without an error."""
+        return self.settled and self.error is None
 
     @classmethod
     def tensor(
@@ -67,36 +83,84 @@ class Entry:
     ) -> Entry:
         """A local tensor (or model) entry, settled with `value` or pending when it is None. An
         alias passes its target's `taint` and shares that very object, even while it is empty."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if value is not None:
-            fut.set_result(value)
         # `taint or Taint()` would give the alias of a still-public target (an empty, so falsy,
         # Taint) a cell of its own: a write through the alias then left the target public.
         # Positional: keywords cost a third more, and an entry is made for every operation.
-        return cls(fut, None, 0, owner, Taint({}) if taint is None else taint)
+        entry = cls(None, 0, owner, Taint({}) if taint is None else taint)
+        if value is not None:
+            entry.settled = True
+            entry.value = value
+        return entry
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
         """A pointer entry; pending until the hop it points to confirms the object, unless `settled`."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if settled:
-            fut.set_result(None)
-        fut.add_done_callback(_retrieve)
-        return cls(fut, location, remote_id, owner, Taint({}))
+        return cls(location, remote_id, owner, Taint({}), settled=settled)
 
-    def settle(self, value: torch.Tensor | nn.Module) -> None:
-        """Give a pending local entry its value. A value is no error to mark as retrieved, so the
-        store's `_retrieve` callback goes first: one event-loop callback less per operation."""
-        self.done.remove_done_callback(_retrieve)
-        self.done.set_result(value)
+    def result(self) -> Any:
+        """The value of a settled entry, or the error it failed with, raised."""
+        if self.error is not None:
+            raise self.error
+        if not self.settled:
+            raise asyncio.InvalidStateError("the object is not settled yet")
+        return self.value
+
+    def settle(self, value: torch.Tensor | nn.Module | None) -> None:
+        """Give a pending entry its value (None: a pointer whose hop confirmed it)."""
+        if self.settled:
+            raise asyncio.InvalidStateError("the object is settled already")
+        self.settled = True
+        self.value = value
+        if self._waiters is not None:
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """Settle a pending entry with the error that stopped it."""
+        if self.settled:
+            raise asyncio.InvalidStateError("the object is settled already")
+        self.settled = True
+        self.error = error
+        if self._waiters is not None:
+            self._wake()
+
+    def wait(self) -> asyncio.Future[Any]:
+        """A future of this waiter's own that settles as the entry does (at once if it has)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.settled:
+            _settle(fut, self)
+        else:
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(fut)
+        return fut
+
+    def on_settled(self, callback: Callable[[Entry], None]) -> None:
+        """Call `callback(self)` once the entry settles, in a later loop turn (as a future's
+        done callback would be), or now if it has."""
+        if self.settled:
+            callback(self)
+            return
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(callback)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        loop = asyncio.get_running_loop()
+        for w in waiters:
+            if isinstance(w, asyncio.Future):
+                if not w.done():  # not a waiter that was cancelled
+                    _settle(w, self)
+            else:
+                loop.call_soon(w, self)
 
     def row(self, obj_id: int) -> ObjectRow:
         """This entry's line in a store listing (it must have settled)."""
-        if self.done.exception() is not None:
-            return ObjectRow(obj_id, "failed", [], type(self.done.exception()).__name__, None, "", 0)
+        if self.error is not None:
+            return ObjectRow(obj_id, "failed", [], type(self.error).__name__, None, "", 0)
         if self.location is not None:
             return ObjectRow(obj_id, "pointer", [], "", None, self.location, self.remote_id)
-        t = self.done.result()
+        t = self.value
         if isinstance(t, nn.Module):
             return ObjectRow(obj_id, "module", [], "", None, "", 0)
         # values are shown only for small tensors that derive from no one's private data, and
@@ -125,10 +189,12 @@ def _restore_privacy(entry: Entry, privacy: dict[str, Any] | None) -> None:
         entry.taint = Taint({UNKNOWN_ORIGIN: frozenset()})
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    # Errors are reported to whoever asked; an entry nobody awaits must not warn at exit.
-    if not fut.cancelled():
-        fut.exception()
+def _settle(fut: asyncio.Future[Any], entry: Entry) -> None:
+    if entry.error is None:
+        fut.set_result(entry.value)
+    else:
+        fut.set_exception(entry.error)
+        fut.exception()  # whoever waits is told; a waiter that gave up must not warn at exit
 
 
 class Store:
@@ -209,7 +275,6 @@ class Store:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
         self.admit(entry.sponsor or entry.owner)
         self._count(obj_id, entry)
-        entry.done.add_done_callback(_retrieve)
         self.entries[obj_id] = entry
 
     def admit(self, client: str, count: int = 1) -> None:
