@@ -245,7 +245,7 @@ class Handover:
         """A move to this very node: the object is stored as `new_id`, then forgotten as `obj_id`."""
         node = self.node
         try:
-            node.store.add(new_id, entry)
+            node.store.rename(obj_id, new_id)
         except FedptrError:
             node.store.put_back(obj_id, entry)
             raise
@@ -253,7 +253,6 @@ class Handover:
         durable = None
         if entry.ok:
             durable = node.store.persist(new_id, entry, entry.value)
-        node.store.renamed(obj_id, new_id)
         # the removal is queued after the write of `new_id`: the answer waits for both
         node.reply_durable(node.store.release(obj_id) if durable is not None else None, source, rid, wire.Ok())
 
