@@ -411,18 +411,18 @@ def broker_rate(address: str, messages: int, batch: int) -> float:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(address)
-        s.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\0" * 8, role])
-        if not s.poll(int(START_TIMEOUT_S * 1000)) or s.recv_multipart()[1] != envelope.ACCEPTED:
+        s.send_multipart(envelope.build(envelope.REGISTER, name, b"\0" * 8, role))
+        if not s.poll(int(START_TIMEOUT_S * 1000)) or envelope.command_of(s.recv_multipart()) != envelope.ACCEPTED:
             raise RuntimeError(f"the broker did not accept {name!r}")
     body = wire.encode(wire.Get(1))
     one = [envelope.REQUEST, sink_name, b"\1" * 8, *body]
-    frames = [envelope.PROTOCOL, *one] if batch == 1 else envelope.pack_batch([one] * batch)
+    frames = envelope.framed(one) if batch == 1 else envelope.pack_batch([one] * batch)
 
     def drain(timeout_ms: int) -> int:
         got = sink.recv_multipart() if sink.poll(timeout_ms) else None
         if got is None:
             return 0
-        return (len(got) - 3) // len(one) if got[1] == envelope.BATCH else 1
+        return envelope.count(got)
 
     received = 0
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The broker's routing loop: a tight synchronous ROUTER loop that swaps envelope names.
 
-A peer's message ``[identity, PROTOCOL, command, dest, rid, *body]`` goes out as
-``[dest_identity, PROTOCOL, command, source_name, rid, *body]``; body frames are passed on as
+A peer's message ``[identity, head(command, dest, rid), *body]`` goes out as
+``[dest_identity, head(command, source_name, rid), *body]`` (`fedptr.envelope`); body frames are passed on as
 the same zmq frames, never copied or decoded. A FANOUT is first taken apart into the messages
 it stands for, one per destination, which are then routed exactly as if each had come alone.
 """
@@ -271,10 +271,10 @@ class Broker:
         secure = self.bound_keys is not None
         for _ in range(limits.BROKER_DRAIN_BATCH):
             try:  # small frames as bytes: relayed by copy, no Frame object kept per frame
-                frames, last = recv_with_last(sock, 1 + envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
+                frames, last = recv_with_last(sock, 2, limits.RECV_COPY_BYTES)  # identity, head
             except zmq.Again:
                 break
-            if secure and len(frames) > 2 and frames[2] == envelope.REGISTER:
+            if secure and envelope.command_of(frames[1:2]) == envelope.REGISTER:
                 # the sender's authenticated key matters only where names are bound to keys;
                 # reading it from every message cost the CURVE broker a Frame per frame
                 self._registering_key = str(last.get("User-Id")).encode()

@@ -67,7 +67,7 @@ class BrokerStats:
     # --- the router's hooks ------------------------------------------------------------
     def handled(self, frames: Sequence[Any], started: float) -> None:
         """One multipart (identity, then envelope) was handled; it took since `started` (perf_counter)."""
-        command = COMMAND_NAMES.get(bytes(frames[2]) if len(frames) > 2 else b"", "other")
+        command = COMMAND_NAMES.get(envelope.command_of(frames[1:2]), "other")
         self.commands[command] += 1
         self.bytes_in += sum(len(f) for f in frames)
         self.latencies.observe(command, time.perf_counter() - started)

@@ -319,6 +319,8 @@ class Client:
         self._outstanding: set[asyncio.Future[wire.Message]] = set()
         """Client-side steps still running (`track`); requests in flight are the link's."""
         self._effects: dict[asyncio.Future[wire.Message], str] = {}
+        self._waiters: dict[asyncio.Future[wire.Message], list[asyncio.Future[None]]] = {}
+        """Per future awaited through `settled`: the waiters it wakes."""
         self._deletes: dict[str, list[int]] = defaultdict(list)
         self._unsure: set[str] = set()
         """Workers a request found lost (or past its deadline) that have not answered since."""
@@ -556,8 +558,9 @@ class Client:
         garbage collector."""
         claimed = {fut: location for fut in futures if (location := self.claim(fut)) is not None}
         try:
-            if futures:
-                await asyncio.wait(futures)
+            for fut in futures:
+                if not fut.done():
+                    await self.settled(fut)
         except asyncio.CancelledError:
             for fut, location in claimed.items():
                 self.unclaim(fut, location)
@@ -577,6 +580,30 @@ class Client:
             await asyncio.wait(running)  # not claimed: their own awaiters may still claim them
         # settled with nobody awaiting it: reported here, once
         return _first_error([fut for fut in running if self._effects.pop(fut, None) is not None])
+
+    def settled(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[None]:
+        """A future done (with None) once `fut` is, to await instead of `fut` itself: cancelling
+        it leaves `fut` alone (others may share the request). A request the link settles wakes it
+        in that same loop turn (`_replied`), so the awaiting task resumes on the next turn;
+        through a done callback (as `asyncio.wait` or `asyncio.shield` do) it would take two,
+        one callback waking the next. The callback is kept for futures the link does not settle
+        (client-side steps, or a request cancelled by its caller)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        if fut.done():
+            waiter.set_result(None)
+            return waiter
+        waiters = self._waiters.get(fut)
+        if waiters is None:
+            self._waiters[fut] = [waiter]
+            fut.add_done_callback(self._wake)
+        else:
+            waiters.append(waiter)
+        return waiter
+
+    def _wake(self, fut: asyncio.Future[wire.Message]) -> None:
+        for waiter in self._waiters.pop(fut, ()):
+            if not waiter.done():  # its await was cancelled
+                waiter.set_result(None)
 
     def _op_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         self._outstanding.discard(fut)
@@ -608,6 +635,8 @@ class Client:
         """Every request the link settles (`Link.on_settled`): its error is retrieved here (it
         is raised to whoever awaits the pointer; never "unretrieved"), and it tells whether
         `location` answers."""
+        if self._waiters:
+            self._wake(fut)
         if not fut.cancelled():
             e = fut.exception()
             self._heard(location, e if isinstance(e, FedptrError) else None)

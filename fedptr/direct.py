@@ -32,6 +32,10 @@ torch.rpc's whole unencrypted transfer):
   holds a message (and its sender's later ones) until its chunks are in (`Session`,
   `Reassembly.waiting`), under the same stream budgets.
 
+On one host, a path whose greeting proved a shared ``/dev/shm`` (the greeting names a probe
+file the worker reads: `fedptr.shm`) carries the rest of each buffer as one file there: only
+its descriptor is sealed (`_SHM_CHUNK`), and the receiver reads the file into its buffer.
+
 Anyone can connect to the data socket, but its handshake (ZMTP PLAIN, answered by the worker's
 ZAP handler) completes only for an admitted key presenting its path's token, derived from the
 agreement like the keys: a stranger is disconnected before a message of it is read. The token
@@ -63,7 +67,7 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from fedptr import envelope, limits, wire
+from fedptr import envelope, limits, shm, wire
 from fedptr.zio import events, recv_frames, send_frames
 
 if TYPE_CHECKING:
@@ -72,7 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedptr.direct")
 
 _POLLIN = int(zmq.POLLIN)
-_GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+_GREETING = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
 _LANE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_DISCONNECTED
@@ -80,13 +84,18 @@ _LANE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH  # the worker's ZAP handler no longer admits our key
 )
+_SHM_CHUNK = b"M"
+"""Inside a sealed message only (never on the broker's path): a CHUNK whose data frame is a
+shared-memory descriptor (`fedptr.shm`), not the bytes."""
+_SHARED = b"shared"
+"""The worker's answer to a greeting whose probe file it read: this path has shared memory."""
 _KDF_INFO = b"fedptr direct path v1"
 _NONCE = struct.Struct("!4xQ")  # 96 bits: a message counter, never reused under one key
 _COUNT = struct.Struct("!B")
 _LENGTH = struct.Struct("!I")
 
 ChunkSink = Callable[[bytes, list[Any]], None]
-"""Called with (peer name, frames ``[PROTOCOL, CHUNK, name, rid, info, data]``) for every chunk
+"""Called with (peer name, the frames of a CHUNK as `envelope.framed` makes them) for every chunk
 that arrives over a direct path; the peer is the authenticated one."""
 
 
@@ -107,9 +116,18 @@ class _Channel:
     token: bytes = field(default=b"", repr=False)
     """What the connecting end presents (PLAIN password) for its connection to be accepted at all:
     derived from the agreement like the keys, so only the two ends have it (a sniffer sees it)."""
+    outgoing: bytes = b""
+    incoming: bytes = b""
+    """The directions this end writes and reads shared-memory files in (their names' tags differ)."""
     sent: int = 0
     opened: int = 0
     """The highest counter accepted: one TCP connection keeps order, so anything else is a replay."""
+    shared: bool = False
+    """Both ends proved they share `limits.DIRECT_SHM_DIR` (the greeting's probe): large chunks
+    go as files there."""
+    files_sent: int = 0
+    files_taken: int = 0
+    """The counters of the shared-memory files written, and of the last one taken (a replay's is not above it)."""
 
     def seal(self, frames: list[Any]) -> list[Any]:
         """``[key id, nonce, sealed]``: the frames (small ones, then one buffer last) encrypted
@@ -170,8 +188,8 @@ def _channel(peer_key: bytes, own_secret: bytes, their_public: bytes, connecting
     keys = hkdf.derive(shared)
     to_worker, to_peer, token = AESGCM(keys[:32]), AESGCM(keys[32:64]), keys[64:]
     if connecting:
-        return _Channel(peer_key, sealing=to_worker, opening=to_peer, token=token)
-    return _Channel(peer_key, sealing=to_peer, opening=to_worker, token=token)
+        return _Channel(peer_key, to_worker, to_peer, token, outgoing=b"to worker", incoming=b"to peer")
+    return _Channel(peer_key, to_peer, to_worker, token, outgoing=b"to peer", incoming=b"to worker")
 
 
 @dataclass
@@ -188,6 +206,10 @@ class _Lane:
     greeted: bool = False
     ready: bool = False
     """The worker answered our greeting under the path's keys: chunks may take the lane."""
+    probe: bytes = b""
+    """Our probe file's name, while the worker may still read it (`shm.Directory.probe`)."""
+    offer: bytes = field(default=b"", repr=False)
+    """What the greeting says of the probe (its name and secret): b"" when there is none."""
 
 
 @dataclass
@@ -216,6 +238,9 @@ class DirectPaths:
     """Peers whose chunks may come over a path: those admitted, and the workers we connect to
     (the session holds their messages until the chunks are in: `Session.direct_sources`)."""
     _scheduled: set[zmq.Socket[bytes]] = field(default_factory=set)
+    _shm: shm.Directory = field(default_factory=shm.Directory)
+    _files: dict[bytes, asyncio.TimerHandle] = field(default_factory=dict)
+    """Our shared-memory files a receiver may not have taken yet, and when we unlink them anyway."""
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
         if self._ctx is None:
@@ -229,6 +254,7 @@ class DirectPaths:
         host = local_host(broker_address)
         if host is None:
             return
+        self._shm.sweep()
         # bound before the data socket: from its first connection, every handshake asks it
         zap = self._context().socket(zmq.REP)
         zap.setsockopt(zmq.LINGER, 0)
@@ -319,13 +345,15 @@ class DirectPaths:
                 continue
             peer, channel = admitted
             inner = channel.open(frames[2], frames[3])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
+            if envelope.command_of(inner) == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
                 self._routes[peer] = (frames[0], channel)
-                send_frames(sock, [frames[0], *channel.seal(_GREETING)])
+                # a probe file named in it that we can read: the peer shares our shared memory
+                channel.shared = len(inner) > len(_GREETING) and self._shm.check_probe(bytes(inner[-1]))
+                send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
                 continue
-            self._received(peer, inner)
+            self._received(peer, self._shared_chunk(channel, inner))
         self._recheck(sock, self._drain_server)
 
     # --- the connecting side -------------------------------------------------------------
@@ -372,6 +400,11 @@ class DirectPaths:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         public, secret = zmq.curve_keypair()
         lane = _Lane(sock, sock.get_monitor_socket(_LANE_EVENTS), self._loop.create_future(), public, secret)
+        if self._shm.usable():
+            self._shm.sweep()
+            probe = self._shm.probe()
+            if probe is not None:
+                lane.probe, lane.offer = probe
         self._loop.add_reader(sock.FD, self._drain_lane, worker)
         self._loop.add_reader(lane.monitor.FD, self._watch_lane, worker)
         return lane
@@ -385,7 +418,7 @@ class DirectPaths:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and lane.channel is not None:
                 if not lane.greeted:  # the lane is ready once the worker answers it (`_drain_lane`)
-                    send_frames(lane.sock, lane.channel.seal(_GREETING))
+                    send_frames(lane.sock, lane.channel.seal([*_GREETING, lane.offer] if lane.offer else _GREETING))
                     lane.greeted = True
             elif event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("direct path to %r: %s", worker.decode(errors="replace"), _event_name(event))
@@ -409,12 +442,14 @@ class DirectPaths:
             if len(frames) != 3 or channel is None or frames[0] != channel.key_id:
                 continue
             inner = channel.open(frames[1], frames[2])
-            if inner is None or len(inner) < envelope.ENVELOPE_FRAMES:
+            if inner is None or not envelope.command_of(inner):
                 continue
-            if inner[1] != envelope.HEARTBEAT:
-                self._received(worker, inner)
+            if envelope.command_of(inner) != envelope.HEARTBEAT:
+                self._received(worker, self._shared_chunk(channel, inner))
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True
+                channel.shared = len(inner) > len(_GREETING) and bytes(inner[-1]) == _SHARED
+                self._drop_probe(lane)
                 if not lane.opened.done():
                     lane.opened.set_result(None)
         if worker in self._lanes:
@@ -428,6 +463,7 @@ class DirectPaths:
         lane = self._lanes.pop(worker, None)
         if lane is None:
             return
+        self._drop_probe(lane)
         self._loop.remove_reader(lane.sock.FD)
         self._loop.remove_reader(lane.monitor.FD)
         lane.sock.disable_monitor()
@@ -436,7 +472,24 @@ class DirectPaths:
         if not lane.opened.done():
             lane.opened.cancel()
 
+    def _drop_probe(self, lane: _Lane) -> None:
+        if lane.probe:
+            self._shm.unlink(lane.probe)
+            lane.probe = b""
+
     # --- both ----------------------------------------------------------------------------
+    def _channel_for(self, peer: bytes, command: bytes) -> _Channel | None:
+        if command == envelope.REQUEST:
+            lane = self._lanes.get(peer)
+            return lane.channel if lane is not None and lane.ready else None
+        routed = self._routes.get(peer) if command == envelope.REPLY else None
+        return routed[1] if routed is not None else None
+
+    def shares_memory(self, peer: bytes, command: bytes) -> bool:
+        """Whether chunks of a `command` for `peer` go as shared-memory files (any size then)."""
+        channel = self._channel_for(peer, command)
+        return channel is not None and channel.shared
+
     def ready(self, peer: bytes, command: bytes) -> bool:
         """Whether chunks of a `command` (REQUEST or REPLY) for `peer` have a path now."""
         if command == envelope.REQUEST:
@@ -445,25 +498,30 @@ class DirectPaths:
         return command == envelope.REPLY and peer in self._routes
 
     def send(self, peer: bytes, command: bytes, frames: list[Any]) -> bool:
-        """Send a chunk of a `command` (REQUEST or REPLY) for `peer` directly; False when no
-        path takes it (the caller sends it through the broker). Requests' chunks take our
-        connection to the worker `peer`; replies' chunks its (greeted) connection to us."""
+        """Send a chunk (``[head, info, data]``, `envelope.framed`) of a `command` (REQUEST or
+        REPLY) for `peer` directly; False when no path takes it (the caller sends it through
+        the broker, or, when it is larger than `limits.STREAM_CHUNK_BYTES`, which only shared
+        memory takes, in chunks of that size). Requests' chunks take our connection to the
+        worker `peer`; replies' chunks its (greeted) connection to us."""
+        channel = self._channel_for(peer, command)
+        if channel is None or (command == envelope.REPLY and self._server is None):
+            return False
+        sealed, file = self._seal(channel, frames)
+        if sealed is None:
+            return False
         try:
             if command == envelope.REQUEST:
-                lane = self._lanes.get(peer)
-                if lane is None or not lane.ready or lane.channel is None:
-                    return False
-                send_frames(lane.sock, lane.channel.seal(frames))
+                lane = self._lanes[peer]
+                send_frames(lane.sock, sealed)
                 self._recheck(lane.sock, lambda: self._drain_lane(peer))
             else:
-                routed = self._routes.get(peer)
-                if routed is None or self._server is None:
-                    return False
-                route, channel = routed
-                send_frames(self._server, [route, *channel.seal(frames)])
+                assert self._server is not None
+                send_frames(self._server, [self._routes[peer][0], *sealed])
                 self._recheck(self._server, self._drain_server)
         except zmq.ZMQError as e:
             log.info("direct path to %r refused a chunk (%s); through the broker", peer.decode(errors="replace"), e)
+            if file:  # nobody will take it: the caller sends the bytes another way
+                self._expire(file)
             if command == envelope.REQUEST:
                 self._fail(peer)
             else:
@@ -471,6 +529,45 @@ class DirectPaths:
             return False
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
+
+    def _seal(self, channel: _Channel, frames: list[Any]) -> tuple[list[Any] | None, bytes]:
+        """The sealed message carrying chunk `frames`, and the name of the shared-memory file
+        its bytes were written into when the path has shared memory (its descriptor sealed in
+        their place; b"" for none). None for a chunk too large to seal whole that no file took."""
+        data = memoryview(frames[-1])
+        if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES:
+            channel.files_sent += 1
+            name_tag = shm.tag(channel.token, channel.outgoing, channel.files_sent)
+            at = envelope.CHUNK_INFO.unpack(frames[-2])[2]  # the file is laid out as the whole buffer
+            written = self._shm.write(name_tag, channel.files_sent, data, at)
+            if written is not None:
+                name, descriptor = written
+                # unlinked then whatever happens: a receiver that died or never got the descriptor
+                self._files[name] = self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name)
+                return channel.seal([*envelope.with_command(frames[:-1], _SHM_CHUNK), descriptor]), name
+        if data.nbytes > limits.STREAM_CHUNK_BYTES:
+            return None, b""
+        return channel.seal(frames), b""
+
+    def _expire(self, name: bytes) -> None:
+        timer = self._files.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._shm.unlink(name)
+
+    def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any]:
+        """`inner` as a CHUNK: one whose data is a shared-memory descriptor gets a
+        `shm.Incoming` in its place (read where it belongs by the reassembly, which refuses its
+        stream if it is not a file of this path's, as announced)."""
+        if envelope.command_of(inner) != _SHM_CHUNK:
+            return inner
+        if channel.shared:
+            taken = self._shm.take(bytes(inner[-1]), channel.token, channel.incoming, channel.files_taken)
+            if not taken.refused:
+                channel.files_taken = taken.counter
+        else:
+            taken = shm.Incoming(self._shm, b"", 0, 0, 0, "shared memory on a path without it")
+        return [*envelope.with_command(inner[:-1], envelope.CHUNK), taken]
 
     def _received(self, peer: bytes, frames: list[Any]) -> None:
         self.bytes_received += sum(len(f) for f in frames)
@@ -495,6 +592,11 @@ class DirectPaths:
             self._zap = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
+        for name, timer in self._files.items():
+            timer.cancel()
+            self._shm.unlink(name)
+        self._files.clear()
+        self._shm.close()
 
 
 def _tune(sock: zmq.Socket[bytes]) -> None:

@@ -2,12 +2,19 @@
 
 Every multipart on a fedptr socket is::
 
-    [PROTOCOL, command, name, request_id, *body]
+    [PROTOCOL + command + request_id + name, *body]
 
-``name`` is the destination when a peer sends and the source when the broker delivers; the
-broker swaps it and reads nothing past the request id (a FANOUT's command frame aside). `build`
-makes every envelope and `parse` reads every one (a BATCH becomes its messages, `unfan` a
-FANOUT its per-destination messages), so no other module indexes into frames.
+one head frame (the 5-byte protocol, the 1-byte command, the 8-byte request id, then the name),
+then the body frames. ``name`` is the destination when a peer sends and the source when the
+broker delivers; the broker swaps it and reads nothing past the head (a FANOUT's command frame
+aside). The head is one frame, not four, because libzmq handles, and with CURVE encrypts, every
+frame as a message of its own: four frames per envelope cost each process a few microseconds per
+message, and CURVE more (measured in BENCHMARKS.md, "One awaited op, second pass").
+
+In memory a message is ``[command, name, request_id, *body]`` (`message`): what batches,
+streams, sessions and routing tables hold. `framed` and `build` make every multipart and
+`parse` reads every one (a BATCH becomes its messages, `unfan` a FANOUT its per-destination
+messages), so no other module indexes into frames.
 Sans-IO: no sockets, no asyncio, no torch.
 """
 
@@ -22,8 +29,9 @@ from typing import Any, NamedTuple
 from fedptr import limits
 from fedptr.errors import ProtocolError
 
-PROTOCOL = b"FPTR1"
-"""Protocol name and version, the first frame of every message."""
+PROTOCOL = b"FPTR2"
+"""Protocol name and version, the first bytes of every multipart's head frame (version 2: the
+envelope in one head frame; version 1 sent protocol, command, name and request id as 4 frames)."""
 
 # --- envelope commands (one byte each) ---------------------------------------------------
 REGISTER = b"R"
@@ -53,16 +61,17 @@ GONE_SILENT = b"silent"
 """Its heartbeats stopped: it may be paused and come back, so its objects are kept."""
 
 BATCH = b"B"
-"""Several requests and replies in one multipart: ``[PROTOCOL, BATCH, counts, *messages]``
-where each message is ``[command, name, request_id, *body]`` and `counts` holds each one's
-frame count (little-endian uint16). The broker splits a batch, routes each message, and
+"""Several requests and replies in one multipart: ``[PROTOCOL + BATCH + counts, *messages]``
+where each message is framed as alone (its head frame, then its body frames) and `counts` holds
+each one's frame count (little-endian uint16). The broker splits a batch, routes each message, and
 re-batches per destination."""
 
 CHUNK = b"C"
-"""A slice of one large buffer frame of the REQUEST or REPLY that follows it:
-``[PROTOCOL, CHUNK, name, request_id, info, data]``, info = CHUNK_INFO. The broker routes each
-chunk as it arrives, so a large tensor streams through it; the message itself then carries an
-empty frame where that buffer goes, and the receiver puts the reassembled buffer there."""
+"""A slice of one large buffer frame of the REQUEST or REPLY that follows it: the message
+``[CHUNK, name, request_id, info, data]``, framed as ``[head, info, data]``, info = CHUNK_INFO.
+The broker routes each chunk as it arrives, so a large tensor streams through it; the message
+itself then carries an empty frame where that buffer goes, and the receiver puts the
+reassembled buffer there."""
 
 CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
@@ -70,11 +79,11 @@ the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
 FANOUT = b"F"
 """peer -> broker: one REQUEST, or one CHUNK of a streamed one, for several peers:
-``[PROTOCOL, FANOUT, targets, NO_REPLY, command, *body]``, targets packed by `pack_targets` as
-(name, request id) pairs. The broker delivers ``[command, source, rid, *body]`` to each target,
-exactly as if each had been sent its own message with its own request id (same checks, same
-errors, the same body frames never copied), so the sender uploads the body once and each
-destination answers its own request id."""
+the message ``[FANOUT, targets, NO_REPLY, command, *body]`` (the targets where the name goes),
+targets packed by `pack_targets` as (name, request id) pairs. The broker delivers
+``[command, source, rid, *body]`` to each target, exactly as if each had been sent its own
+message with its own request id (same checks, same errors, the same body frames never copied),
+so the sender uploads the body once and each destination answers its own request id."""
 
 FANOUT_COMMANDS = frozenset({REQUEST, CHUNK})
 """What a FANOUT may carry: requests and their chunks (REQUEST, CHUNK), never replies."""
@@ -110,9 +119,17 @@ NO_REPLY = b"\0" * 8
 """Request id of messages that expect no answer (Delete notices, heartbeats, broker notices)."""
 
 ENVELOPE_FRAMES = 4
-"""Frames before the body: protocol, command, name, request id."""
+"""Index of a message's second body frame (``[command, name, request_id, *body]``): where the
+buffers a message may carry after its msgpack frame begin (one more than the fields before it)."""
 
 REQUEST_ID_BYTES = 8
+
+_COMMAND_AT = len(PROTOCOL)
+_RID_AT = _COMMAND_AT + 1
+_NAME_AT = _RID_AT + REQUEST_ID_BYTES
+HEAD_MIN_BYTES = _NAME_AT
+"""A head frame's bytes before the name (protocol, command, request id); a BATCH's head is
+protocol, command and counts."""
 
 _RID = struct.Struct("<Q")
 
@@ -141,30 +158,37 @@ def request_id_int(b: bytes) -> int:
 
 def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
-    counts = array.array("H", [len(m) for m in messages])
+    counts = array.array("H", [len(m) - 2 for m in messages])
     if sys.byteorder != "little":
         counts.byteswap()
-    frames: list[Any] = [PROTOCOL, BATCH, counts.tobytes()]
+    frames: list[Any] = [PROTOCOL + BATCH + counts.tobytes()]
     for m in messages:
-        frames.extend(m)
+        frames.append(PROTOCOL + m[0] + m[2] + m[1])
+        frames.extend(m[3:])
     return frames
 
 
-def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[list[Any]]:
-    """Split the frames after a BATCH's counts frame into messages; raises ProtocolError when the
-    counts do not describe the frames exactly or a message has fewer than 3 frames."""
+def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[Envelope]:
+    """The messages of a BATCH: `counts` (its head after protocol and command) splits the frames
+    after its head; raises ProtocolError when the counts do not describe the frames exactly, or
+    a message has no head frame or a malformed one."""
     if len(counts) % 2:
         raise ProtocolError("batch counts must be uint16s")
     sizes = array.array("H")
     sizes.frombytes(counts)
     if sys.byteorder != "little":
         sizes.byteswap()
-    if sum(sizes) != len(frames) or any(n < ENVELOPE_FRAMES - 1 for n in sizes):
+    if sum(sizes) != len(frames) or not all(sizes):
         raise ProtocolError("batch counts do not match its frames")
-    out: list[list[Any]] = []
+    out: list[Envelope] = []
     i = 0
     for n in sizes:
-        out.append(list(frames[i : i + n]))
+        h = frames[i]
+        if type(h) is not bytes:
+            h = bytes(h)
+        if len(h) < _NAME_AT or h[:_COMMAND_AT] != PROTOCOL or h[_COMMAND_AT:_RID_AT] == BATCH:
+            raise ProtocolError("a batched message has no fedptr head")
+        out.append(Envelope(h[_COMMAND_AT:_RID_AT], h[_NAME_AT:], h[_RID_AT:_NAME_AT], list(frames[i + 1 : i + n])))
         i += n
     return out
 
@@ -189,28 +213,66 @@ class Envelope(NamedTuple):
 
 def build(command: bytes, name: bytes, rid: bytes, *body: Any) -> list[Any]:
     """The frames of one message, ready for a socket."""
-    return [PROTOCOL, command, name, rid, *body]
+    return [PROTOCOL + command + rid + name, *body]
 
 
 def message(command: bytes, name: bytes, rid: bytes, body: Sequence[Any] = ()) -> list[Any]:
-    """One message without its protocol frame (``[command, name, rid, *body]``): the unit that
-    batches, streams and routing tables hold; `framed` turns it into frames."""
+    """One message in memory (``[command, name, rid, *body]``): the unit that batches, streams
+    and routing tables hold; `framed` turns it into frames."""
     return [command, name, rid, *body]
 
 
 def framed(message: Sequence[Any]) -> list[Any]:
-    """The frames that carry `message` (one message without its protocol frame)."""
-    return [PROTOCOL, *message]
+    """The frames that carry `message` (``[command, name, rid, *body]``)."""
+    return [PROTOCOL + message[0] + message[2] + message[1], *message[3:]]
+
+
+def command_of(frames: Sequence[Any]) -> bytes:
+    """The command of a received multipart (BATCH for a batch), read from its head frame; b""
+    when it has no fedptr head."""
+    h = frames[0] if frames else b""
+    if type(h) is not bytes:
+        h = memoryview(h)
+    return bytes(h[_COMMAND_AT:_RID_AT]) if len(h) > _COMMAND_AT and h[:_COMMAND_AT] == PROTOCOL else b""
+
+
+def with_command(frames: Sequence[Any], command: bytes) -> list[Any]:
+    """A single message's frames with its command replaced: the head re-made, the body frames
+    the same objects (the direct path marks a chunk whose data is a shared-memory descriptor)."""
+    h = bytes(frames[0])
+    return [h[:_COMMAND_AT] + command + h[_RID_AT:], *frames[1:]]
+
+
+def count(frames: Sequence[Any]) -> int:
+    """How many messages a received multipart holds by its head (a BATCH's counts), unchecked."""
+    return (len(frames[0]) - _RID_AT) // 2 if command_of(frames) == BATCH else 1
 
 
 def parse(frames: Sequence[Any]) -> list[Envelope]:
     """The messages in one received multipart: one, or a BATCH's. Raises ProtocolError for
     anything that is not a fedptr envelope."""
-    if len(frames) < ENVELOPE_FRAMES or frames[0] != PROTOCOL:
+    h = frames[0] if frames else b""
+    if type(h) is not bytes:
+        h = bytes(h)
+    if len(h) <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
         raise ProtocolError("not a fedptr envelope")
-    if frames[1] == BATCH:
-        return [Envelope(bytes(m[0]), bytes(m[1]), bytes(m[2]), m[3:]) for m in unpack_batch(frames[2], frames[3:])]
-    return [Envelope(bytes(frames[1]), bytes(frames[2]), bytes(frames[3]), list(frames[4:]))]
+    command = h[_COMMAND_AT:_RID_AT]
+    if command == BATCH:
+        return unpack_batch(h[_RID_AT:], frames[1:])
+    if len(h) < _NAME_AT:
+        raise ProtocolError("a fedptr head holds a request id")
+    return [Envelope(command, h[_NAME_AT:], h[_RID_AT:_NAME_AT], list(frames[1:]))]
+
+
+def unframed(frames: Sequence[Any]) -> list[Any]:
+    """A single message's frames back in memory form (``[command, name, rid, *body]``), for the
+    few places that read a chunk before its session does. Raises like `parse`; a BATCH is
+    refused."""
+    envs = parse(frames)
+    if command_of(frames) == BATCH or len(envs) != 1:
+        raise ProtocolError("a batch where one message was expected")
+    env = envs[0]
+    return message(env.command, env.name, env.rid, env.body)
 
 
 def pack_targets(targets: Sequence[tuple[bytes, bytes]]) -> bytes:

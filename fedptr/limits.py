@@ -105,6 +105,18 @@ before its sender waits: anyone may connect, and the node's zmq I/O thread reads
 loop is busy, so `SOCKET_HWM` let one stranger's connection hold 100,000 MiB of junk. A
 stranger still holds about this many MiB per connection it keeps open."""
 
+DIRECT_SHM_DIR = "/dev/shm"
+"""Where a direct path's two ends on one host pass large chunks as files (`fedptr.shm`), once a
+probe file proved they share it; "" turns shared memory off (every chunk is sealed and sent)."""
+
+DIRECT_SHM_MIN_BYTES = 1 << 20
+"""Chunks of at least this many bytes (1 MiB) take shared memory when the path has it: a smaller
+one costs more in file calls than it saves in copies."""
+
+DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
+"""A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
+path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""
+
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
 

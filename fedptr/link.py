@@ -32,7 +32,7 @@ from fedptr.logs import rid_extra
 from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
 from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
-from fedptr.streams import split
+from fedptr.streams import rechunk, split
 from fedptr.zio import events, recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
@@ -418,18 +418,32 @@ class Link:
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()
-        for part in split(inner, threshold, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
+        # same host: the rest of each buffer in one chunk, written once into shared memory
+        whole = direct is not None and direct.shares_memory(inner[1], inner[0])
+        chunk = limits.MAX_MESSAGE_BYTES if whole else limits.STREAM_CHUNK_BYTES
+        for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
                 self.progress.chunk(part, outgoing=True)
             # a buffer's first chunk goes through the broker, in order before its message:
             # the receiver then knows to hold the message until the rest is in
             if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
-                frames = envelope.framed(part)
-                if direct.send(inner[1], inner[0], frames):
-                    self.multiparts_sent += 1
-                    self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+                big = memoryview(part[4]).nbytes > limits.STREAM_CHUNK_BYTES
+                if big and self._sent_direct(direct, inner[1], inner[0], part):
                     continue
+                for piece in rechunk(part) if big else [part]:  # the shared memory refused it whole
+                    if not self._sent_direct(direct, inner[1], inner[0], piece):
+                        self._push_frames(envelope.framed(piece))
+                continue
             self._push_frames(envelope.framed(part if targets is None else envelope.fanout(targets, part)))
+        return True
+
+    def _sent_direct(self, direct: DirectPaths, peer: bytes, command: bytes, part: list[Any]) -> bool:
+        """Whether chunk `part` went over the direct path to `peer` (False: it did not)."""
+        frames = envelope.framed(part)
+        if not direct.send(peer, command, frames):
+            return False
+        self.multiparts_sent += 1
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
 
     def _want_direct(self, worker: bytes) -> None:
@@ -457,7 +471,7 @@ class Link:
         self.messages_received += 1
         try:
             if self.progress is not None:
-                self.progress.chunk(frames[1:], outgoing=False)
+                self.progress.chunk(envelope.unframed(frames), outgoing=False)
             self._handle(self.session.receive_direct(peer, frames, self._loop.time()))
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
@@ -514,21 +528,19 @@ class Link:
             if self._paused:
                 return
             try:
-                frames = recv_frames(sock, envelope.ENVELOPE_FRAMES, limits.RECV_COPY_BYTES)
+                frames = recv_frames(sock, 1, limits.RECV_COPY_BYTES)
             except zmq.Again:
                 ready = events(sock)
                 break
             self.bytes_received += sum(len(f) for f in frames)
-            if frames[1] == envelope.BATCH:
-                self.messages_received += len(frames[2]) // 2
-            else:
-                self.messages_received += 1
+            self.messages_received += envelope.count(frames)
             try:
-                if frames[1] == envelope.CHUNK:
+                if envelope.command_of(frames) == envelope.CHUNK:
+                    chunk = envelope.unframed(frames)  # [CHUNK, name, rid, info, data]
                     if self.progress is not None:
-                        self.progress.chunk(frames[1:], outgoing=False)  # reads the chunk's info: may be malformed
-                    if self.direct is not None and len(frames) > 4 and bytes(frames[4])[:1] == envelope.REPLY:
-                        self._want_direct(frames[2])  # a large reply from that worker: later ones go direct
+                        self.progress.chunk(chunk, outgoing=False)  # reads the chunk's info: may be malformed
+                    if self.direct is not None and len(chunk) > 3 and bytes(chunk[3])[:1] == envelope.REPLY:
+                        self._want_direct(chunk[1])  # a large reply from that worker: later ones go direct
                 self._handle(self.session.receive(frames, self._loop.time()))
             except ProtocolError as e:
                 log.warning("%s dropped a malformed message: %s", self.name, e)

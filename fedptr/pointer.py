@@ -530,7 +530,7 @@ class Pointer(PointerMethods):
             claimed = self._client.claim(done)  # its failure is raised here, to no other await
             try:
                 # not cancelled with this wait: other waiters share the request
-                await asyncio.wait([done])
+                await self._client.settled(done)
             except asyncio.CancelledError:
                 if claimed is not None:
                     self._client.unclaim(done, claimed)

@@ -63,7 +63,8 @@ class Transfers:
     def chunk(self, message: Sequence[Any], outgoing: bool) -> None:
         """Account for one chunk message ``[CHUNK, name, rid, info, data]`` sent (`outgoing`) or received."""
         _command, index, offset, total = envelope.CHUNK_INFO.unpack(bytes(message[3]))
-        done = offset + memoryview(message[4]).nbytes
+        data = message[4]  # a buffer, or a shared-memory file not read yet (`fedptr.shm.Incoming`)
+        done = offset + (data.nbytes if hasattr(data, "nbytes") else memoryview(data).nbytes)
         peer = bytes(message[1]).decode(errors="replace")
         key = (bytes(message[2]), index)
         bar = self._bars.get(key)

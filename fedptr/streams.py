@@ -11,8 +11,10 @@ that announces huge buffers exhausts its own budget only, and hears why when its
 
 A stream's chunks need not travel the path of its message: all but the first may come over the
 direct data path (`fedptr.direct`) while the message follows its first chunk through the broker.
-`waiting` tells the session that a message's chunks are still under way (it then holds that
-message, and the sender's later ones, until they are in: `Session` keeps the broker's order).
+Such a chunk may be a `Filler` (a shared-memory file on the same host), placed once the budgets
+allow (read into the buffer, never mapped). `waiting` tells the session that
+a message's chunks are still under way (it then holds that message, and the sender's later ones,
+until they are in: `Session` keeps the broker's order).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import bisect
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -48,13 +50,40 @@ def split(
         if total <= threshold:
             continue
         view = view.cast("B")
-        starts = [0, *range(min(first or chunk, total), total, chunk)]
-        for offset, end in zip(starts, [*starts[1:], total], strict=True):
-            info = envelope.CHUNK_INFO.pack(command, i - 3, offset, total)
-            out.append([envelope.CHUNK, name, rid, info, view[offset:end]])
+        head = min(first or chunk, total)
+        out.append([envelope.CHUNK, name, rid, envelope.CHUNK_INFO.pack(command, i - 3, 0, total), view[:head]])
+        if head < total:
+            info = envelope.CHUNK_INFO.pack(command, i - 3, head, total)
+            out += rechunk([envelope.CHUNK, name, rid, info, view[head:]], chunk)
         rest[i] = b""
     out.append(rest)
     return out
+
+
+def rechunk(part: list[Any], chunk: int = limits.STREAM_CHUNK_BYTES) -> list[list[Any]]:
+    """A CHUNK message ``[CHUNK, name, rid, info, data]`` as CHUNKs of at most `chunk` bytes
+    covering the same bytes (itself when it is no larger): a large chunk meant for shared
+    memory goes this way when the shared memory refuses it."""
+    command, index, offset, total = envelope.CHUNK_INFO.unpack(part[3])
+    view = memoryview(part[4]).cast("B")
+    return [
+        [part[0], part[1], part[2], envelope.CHUNK_INFO.pack(command, index, offset + at, total), view[at : at + chunk]]
+        for at in range(0, view.nbytes, chunk)
+    ]
+
+
+@runtime_checkable
+class Filler(Protocol):
+    """A chunk's bytes not in memory yet (`fedptr.shm.Incoming`: a file in shared memory), of
+    `nbytes`: put in place by `place` (which returns the buffer that holds them then, the one
+    given or one that replaces it, and raises ProtocolError when they cannot be), and released by
+    `close`, whether they were or not."""
+
+    nbytes: int
+
+    def place(self, buf: np.ndarray[Any, Any], offset: int) -> np.ndarray[Any, Any]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -119,17 +148,39 @@ class Reassembly:
         return len(self._partials)
 
     def add(self, source: bytes, rid: bytes, info: bytes, data: Any) -> None:
-        """Copy one chunk into place. Raises ProtocolError for a malformed or oversized chunk,
-        or one over bytes of its buffer that arrived already (counted twice, they let a buffer
-        with a gap pass as complete, its gap uninitialised memory)."""
+        """Copy one chunk into place (`data` a buffer, or a `Filler` that places itself once
+        the budgets allow, and is closed either way). Raises ProtocolError for a malformed or
+        oversized chunk, or one over bytes of its buffer that arrived already (counted twice,
+        they let a buffer with a gap pass as complete, its gap uninitialised memory); a Filler
+        that fails refuses its stream (its message fails at once, with the reason)."""
+        if not isinstance(data, Filler):
+            view = memoryview(data).cast("B")
+            buffers, index, offset = self._place(source, rid, info, view.nbytes)
+            buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+            return
+        try:
+            buffers, index, offset = self._place(source, rid, info, data.nbytes)
+            buffers[index] = data.place(buffers[index], offset)
+        except ProtocolError as e:
+            if len(info) == envelope.CHUNK_INFO.size:  # its message fails now, not when the stream times out
+                self.refuse((envelope.CHUNK_INFO.unpack(info)[0], source, rid), str(e))
+            raise
+        finally:
+            data.close()
+
+    def _place(
+        self, source: bytes, rid: bytes, info: bytes, nbytes: int
+    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int]:
+        """Where a chunk of `nbytes` goes: its stream's buffers, the index of its buffer (made on
+        the stream's first chunk, within the budgets) and its offset there, its bytes counted as
+        received: each byte of a buffer is placed once."""
         self.purge()
         if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
         command, index, offset, total = envelope.CHUNK_INFO.unpack(info)
         if command not in (envelope.REQUEST, envelope.REPLY) or not 1 <= index < limits.MAX_FRAMES:
             raise ProtocolError("chunk for a bad command or frame")
-        view = memoryview(data).cast("B")
-        if total > limits.MAX_MESSAGE_BYTES or offset + view.nbytes > total or not view.nbytes:
+        if total > limits.MAX_MESSAGE_BYTES or offset + nbytes > total or not nbytes:
             raise ProtocolError("chunk empty or outside its buffer")
         key = (command, source, rid)
         partial = self._partials.get(key)
@@ -153,9 +204,9 @@ class Reassembly:
             self._peer_bytes[source] += total
         elif len(buf) != total:
             raise ProtocolError("chunk disagrees on its buffer's size")
-        partial.spans[index].add(offset, offset + view.nbytes)
-        buf[offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+        partial.spans[index].add(offset, offset + nbytes)
         partial.touched = time.monotonic()
+        return partial.buffers, index, offset
 
     def waiting(self, command: bytes, source: bytes, rid: bytes) -> bool:
         """Whether a stream of this message started and some of its bytes have not arrived yet."""

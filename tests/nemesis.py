@@ -185,7 +185,7 @@ class Death:
         push = node.link._push_frames
 
         def sent(frames: list[Any]) -> None:
-            if not self.frozen and frames[1] in _MESSAGES:
+            if not self.frozen and envelope.command_of(frames) in _MESSAGES:
                 self.messages += 1
                 if self.messages == self.message:
                     if self.freeze_at_message:

@@ -87,10 +87,9 @@ async def replies(sock: zmq.asyncio.Socket, rids: set[bytes]) -> dict[bytes, lis
     """The messages that answer `rids` (each ``[command, name, rid, *body]``), waited for in turn."""
     got: dict[bytes, list[bytes]] = {}
     while not rids <= got.keys():
-        frames = await recv(sock)
-        for m in envelope.unpack_batch(frames[2], frames[3:]) if frames[1] == envelope.BATCH else [frames[1:]]:
-            if m[2] in rids:
-                got[m[2]] = m
+        for e in envelope.parse(await recv(sock)):
+            if e.rid in rids:
+                got[e.rid] = envelope.message(e.command, e.name, e.rid, e.body)
     return got
 
 
@@ -108,7 +107,7 @@ async def test_the_broker_drops_malformed_fan_outs_and_keeps_routing(
     stranger.close()
 
     sock = raw_socket(cluster)
-    assert (await register(sock, b"fan-fuzzer"))[1] == envelope.ACCEPTED
+    assert (await register(sock, b"fan-fuzzer")).command == envelope.ACCEPTED
     dropped = (await client.link.broker_stats(5.0))["dropped"]
     one = [(b"bob", rid(3))]
     malformed = [
@@ -117,9 +116,9 @@ async def test_the_broker_drops_malformed_fan_outs_and_keeps_routing(
         fan([(b"bob", rid(3)), (b"bob", rid(4))], search),
         fan([(b"no such name!", rid(3))], search),
         fan([(f"w{i}".encode(), rid(i)) for i in range(limits.FANOUT_MAX_WIDTH + 1)], search),
-        [envelope.PROTOCOL, envelope.FANOUT, envelope.pack_targets(one)[:-3], envelope.NO_REPLY, *search[:1]],
-        [envelope.PROTOCOL, envelope.FANOUT, envelope.pack_targets(one), envelope.NO_REPLY],
-        [envelope.PROTOCOL, envelope.FANOUT, envelope.pack_targets(one), envelope.NO_REPLY, b"Q" * 1000, b"h"],
+        envelope.build(envelope.FANOUT, envelope.pack_targets(one)[:-3], envelope.NO_REPLY, *search[:1]),
+        envelope.build(envelope.FANOUT, envelope.pack_targets(one), envelope.NO_REPLY),
+        envelope.build(envelope.FANOUT, envelope.pack_targets(one), envelope.NO_REPLY, b"Q" * 1000, b"h"),
     ]
     for frames in malformed:
         await sock.send_multipart(frames)

@@ -161,7 +161,7 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
         assert len(answer) == 3 and answer[0] == public
         assert answer[1] == bytes(11) + b"\x01", "a forged greeting was answered first"
         opened = ours.open(answer[1], answer[2])
-        assert opened is not None and opened[1] == envelope.HEARTBEAT
+        assert opened is not None and envelope.command_of(opened) == envelope.HEARTBEAT
     finally:
         sock.close(linger=0)
     for malformed in (b"~" * 40, b"0" * 40, public[:39]):  # outside z85, a low-order point, short
@@ -169,7 +169,7 @@ async def test_a_worker_answers_a_greeting_only_under_the_key_offered_through_th
 
 
 # --- the path's sealing, against a real data socket in this process -------------------------
-GREETING = [envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY]
+GREETING = envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY)
 
 
 def data_socket(endpoint: str, key: bytes, token: bytes) -> zmq.asyncio.Socket:
@@ -183,7 +183,7 @@ def data_socket(endpoint: str, key: bytes, token: bytes) -> zmq.asyncio.Socket:
 
 def chunk(rid: bytes, offset: int, data: bytes) -> list[Any]:
     info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, offset, 4 * len(data))
-    return [envelope.PROTOCOL, envelope.CHUNK, b"bob", rid, info, data]
+    return envelope.build(envelope.CHUNK, b"bob", rid, info, data)
 
 
 @pytest_asyncio.fixture

@@ -137,6 +137,8 @@ class Model(RuleBasedStateMachine):
         self.made = 0
         """Objects the model made so far: the key of the newest."""
         self.history: list[str] = []
+        self.doing = "the start"
+        """The step under way (for the failure report: its note comes only once it is done)."""
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = STEP_TIMEOUT_S) -> T:
         async def bounded() -> T:
@@ -166,6 +168,7 @@ class Model(RuleBasedStateMachine):
         actions = [self.send] * 4 + [self.op, self.update_in_place] * 3 + [self.move, self.get, self.drop] * 2
         actions += [self.restart_node, self.restart_broker] + [self.fault] * 2
         action = data.draw(st.sampled_from(actions if self.live else [self.send]), label="action")
+        self.doing = action.__name__
         with self.reported():
             action(data)
 
@@ -183,7 +186,10 @@ class Model(RuleBasedStateMachine):
             yield
         except Exception as e:
             history = "\n  ".join(self.history)
-            print(f"model-based test failed at step {Model.steps_run} in all: {e!r}\nthis program:\n  {history}")
+            print(
+                f"model-based test failed at step {Model.steps_run} in all, in {self.doing}: {e!r}\n"
+                f"this program:\n  {history}"
+            )
             raise
 
     def _key(self, data: st.DataObject) -> int:
@@ -272,6 +278,7 @@ class Model(RuleBasedStateMachine):
         else:
             death = Death(message=1 + at % 3)
         what = f"{kind} {victim} at {'message' if death.message else 'storage call'} {death.message or at}"
+        self.doing = f"the fault {what}"
         mine = sorted(k for k, o in self.live.items() if o.where == victim)
         action = data.draw(
             st.sampled_from(["send", "op", "update", "move"] if mine else ["send", "move"]), label="during"
@@ -311,6 +318,7 @@ class Model(RuleBasedStateMachine):
             struck += " while under way" if not action.done() else ""
         else:  # a refusal without a fail-stop: the node serves on
             struck = "refused, still serving" if death.disk.refused else "did not strike"
+        self.doing += f" during {action!r}: {struck}"
         if victim in self.cluster.nodes:
             self._watch(victim, Death())
         await asyncio.wait([action])

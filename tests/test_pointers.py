@@ -88,6 +88,38 @@ async def test_thousand_concurrent_operations(bob: fedptr.Worker) -> None:
         assert torch.equal(r, torch.arange(4) + i)  # type: ignore[arg-type]
 
 
+async def test_an_awaited_op_resumes_on_the_loop_turn_after_its_reply(bob: fedptr.Worker) -> None:
+    """Between the reply settling the request and the awaiting task running again: one loop
+    turn, not two (`asyncio.wait` or `shield` wake the task from a callback of a callback)."""
+    x = await bob.send(torch.ones(2))
+    link = bob.client.link
+    settled_turns: list[int] = []
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        if turns < 10:
+            asyncio.get_running_loop().call_soon(tick)
+
+    relay = link.on_settled
+    assert relay is not None
+
+    def spy(dest: str, fut: asyncio.Future[wire.Message]) -> None:
+        relay(dest, fut)
+        if not settled_turns:
+            settled_turns.append(turns)
+            asyncio.get_running_loop().call_soon(tick)  # counts the turns from here on
+
+    link.on_settled = spy
+    try:
+        await (x + x)
+        resumed_after = turns - settled_turns[0]
+    finally:
+        link.on_settled = relay
+    assert resumed_after == 0, f"the awaiting task resumed {resumed_after} turn(s) late"
+
+
 async def test_pipelined_chain_of_dependent_ops(bob: fedptr.Worker) -> None:
     y = await bob.send(torch.zeros(3))
     for _ in range(100):

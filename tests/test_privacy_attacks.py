@@ -481,7 +481,7 @@ def raw_replay(
     try:
         sock.send_multipart(envelope.build(envelope.REGISTER, name.encode(), b"\1" * 8, envelope.ROLE_CLIENT))
         answer = sock.recv_multipart()
-        if answer[1] != envelope.ACCEPTED:
+        if envelope.command_of(answer) != envelope.ACCEPTED:
             return replies  # the name could not be taken
         for rid, msg in requests:
             sock.send_multipart(envelope.build(envelope.REQUEST, b"bob", rid, *wire.encode(msg, budget_ms=1000)))

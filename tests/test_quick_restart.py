@@ -47,7 +47,7 @@ async def _answer(sock: zmq.asyncio.Socket, *commands: bytes) -> list[bytes]:
     async with asyncio.timeout(CALL_TIMEOUT_S):
         while True:
             frames = await sock.recv_multipart()
-            if frames[1] in commands:
+            if envelope.command_of(frames) in commands:
                 return frames
 
 
@@ -61,7 +61,8 @@ async def _registered(ctx: zmq.asyncio.Context, address: str, name: bytes) -> zm
     async with asyncio.timeout(CALL_TIMEOUT_S):
         while True:
             await sock.send_multipart(register)
-            if (await _answer(sock, envelope.ACCEPTED, envelope.BROKER_ERROR))[1] == envelope.ACCEPTED:
+            answer = await _answer(sock, envelope.ACCEPTED, envelope.BROKER_ERROR)
+            if envelope.command_of(answer) == envelope.ACCEPTED:
                 return sock
             await asyncio.sleep(fedptr.limits.POLL_INTERVAL_S)
 

@@ -46,13 +46,14 @@ async def recv(sock: zmq.asyncio.Socket, timeout: float = 5.0) -> list[bytes]:
     while True:
         assert await sock.poll(int(timeout * 1000)), "no answer"
         frames = await sock.recv_multipart()
-        if frames[1] != envelope.HEARTBEAT:
+        if envelope.command_of(frames) != envelope.HEARTBEAT:
             return frames
 
 
-async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = envelope.ROLE_CLIENT) -> list[bytes]:
-    await sock.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\1" * 8, role])
-    return await recv(sock)
+async def register(sock: zmq.asyncio.Socket, name: bytes, role: bytes = envelope.ROLE_CLIENT) -> envelope.Envelope:
+    await sock.send_multipart(envelope.build(envelope.REGISTER, name, b"\1" * 8, role))
+    [answer] = envelope.parse(await recv(sock))
+    return answer
 
 
 async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
@@ -62,17 +63,22 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
         [b""],
         [b"hello"],
         [envelope.PROTOCOL],
-        [envelope.PROTOCOL, b"Z", b"bob", b"\0" * 8],
-        [b"FPTR9", envelope.REQUEST, b"bob", b"\0" * 8, b"x"],
+        envelope.build(b"Z", b"bob", b"\0" * 8),
+        [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"x"],
+        [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"x"],  # version 1's envelope of 4 frames
+        [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 3],  # a head too short for its request id
+        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
+        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"no head here"],
+        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],
     ]
     garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(5000)]
     rss_before = rss(cluster.pids["broker"])
     for frames in garbage:
         await sock.send_multipart(frames)
     # unregistered senders get a clear refusal, not silence
-    await sock.send_multipart([envelope.PROTOCOL, envelope.REQUEST, b"bob", b"\2" * 8, b"body"])
-    reply = await recv(sock)
-    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_NOT_REGISTERED
+    await sock.send_multipart(envelope.build(envelope.REQUEST, b"bob", b"\2" * 8, b"body"))
+    [reply] = envelope.parse(await recv(sock))
+    assert reply.command == envelope.BROKER_ERROR and reply.body[0] == envelope.REASON_NOT_REGISTERED
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(2))).get(), torch.ones(2))
     assert "dropped garbage message" in cluster.log("broker")
@@ -81,7 +87,7 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
 
 async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
     sock = raw_socket(cluster)
-    assert (await register(sock, b"fuzzer"))[1] == envelope.ACCEPTED
+    assert (await register(sock, b"fuzzer")).command == envelope.ACCEPTED
     rng = random.Random(11)
     bodies: list[list[bytes]] = [
         [b"\xc1"],
@@ -93,23 +99,19 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
     bodies += [[rng.randbytes(rng.randrange(0, 48))] for _ in range(3000)]
     rss_before = rss(cluster.pids["bob"])
     for i, body in enumerate(bodies):
-        await sock.send_multipart(
-            [envelope.PROTOCOL, envelope.REQUEST, b"bob", envelope.request_id_bytes(i + 1), *body]
-        )
-    answers: dict[bytes, list[bytes]] = {}
+        await sock.send_multipart(envelope.build(envelope.REQUEST, b"bob", envelope.request_id_bytes(i + 1), *body))
+    answers: dict[bytes, envelope.Envelope] = {}
     while len(answers) < len(bodies):
-        frames = await recv(sock)
-        # replies may come one by one or batched: each message is [command, name, rid, *body]
-        batch = envelope.unpack_batch(frames[2], frames[3:]) if frames[1] == envelope.BATCH else [frames[1:]]
-        for message in batch:
-            if message[0] != envelope.HEARTBEAT:
-                answers[message[2]] = message
+        # replies may come one by one or batched
+        for message in envelope.parse(await recv(sock)):
+            if message.command != envelope.HEARTBEAT:
+                answers[message.rid] = message
     for message in answers.values():
-        assert message[0] == envelope.REPLY
-        assert isinstance(wire.decode(message[3:]).message, wire.Failure)
+        assert message.command == envelope.REPLY
+        assert isinstance(wire.decode(message.body).message, wire.Failure)
     # what the fuzzer left behind (a failed result) is its own: it clears it, as a client would
-    await sock.send_multipart([envelope.PROTOCOL, envelope.REQUEST, b"bob", b"\7" * 8, *wire.encode(wire.Clear())])
-    while (await recv(sock))[3] != b"\7" * 8:
+    await sock.send_multipart(envelope.build(envelope.REQUEST, b"bob", b"\7" * 8, *wire.encode(wire.Clear())))
+    while envelope.parse(await recv(sock))[0].rid != b"\7" * 8:
         pass
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(3))).get(), torch.ones(3))
@@ -119,7 +121,7 @@ async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fe
 async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
     sock = raw_socket(cluster)  # a client's key may not claim a worker's name at all
     reply = await register(sock, b"bob", envelope.ROLE_WORKER)
-    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_FORBIDDEN
+    assert reply.command == envelope.BROKER_ERROR and reply.body[0] == envelope.REASON_FORBIDDEN
     assert cluster.keys_dir is not None
     own = CurveKeys.load(cluster.keys_dir / "bob.key_secret", cluster.keys_dir / "broker.key")
     twin = zmq.asyncio.Context.instance().socket(zmq.DEALER)  # bob's own key, while bob is alive
@@ -128,9 +130,9 @@ async def test_taken_name_is_refused(cluster: fedptr.Cluster) -> None:
     twin.connect(cluster.address)
     reply = await register(twin, b"bob", envelope.ROLE_WORKER)
     twin.close()
-    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_NAME_TAKEN
+    assert reply.command == envelope.BROKER_ERROR and reply.body[0] == envelope.REASON_NAME_TAKEN
     reply = await register(sock, b"bad name!", envelope.ROLE_WORKER)
-    assert reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_BAD_NAME
+    assert reply.command == envelope.BROKER_ERROR and reply.body[0] == envelope.REASON_BAD_NAME
     sock.close()
 
 

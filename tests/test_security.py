@@ -40,10 +40,11 @@ def dealer(address: str, keys: CurveKeys | None) -> zmq.asyncio.Socket:
     return sock
 
 
-async def try_register(sock: zmq.asyncio.Socket, name: bytes, role: bytes) -> list[bytes] | None:
-    await sock.send_multipart([envelope.PROTOCOL, envelope.REGISTER, name, b"\1" * 8, role])
+async def try_register(sock: zmq.asyncio.Socket, name: bytes, role: bytes) -> envelope.Envelope | None:
+    await sock.send_multipart(envelope.build(envelope.REGISTER, name, b"\1" * 8, role))
     if await sock.poll(1000):
-        return list(await sock.recv_multipart())
+        [answer] = envelope.parse(await sock.recv_multipart())
+        return answer
     return None
 
 
@@ -87,7 +88,8 @@ async def test_spoofed_name_is_refused_and_logged(secure: fedptr.Cluster) -> Non
         (b"alice", envelope.ROLE_CLIENT),
     ):
         reply = await try_register(sock, name, role)
-        assert reply is not None and reply[1] == envelope.BROKER_ERROR and reply[4] == envelope.REASON_FORBIDDEN, name
+        assert reply is not None and reply.command == envelope.BROKER_ERROR, name
+        assert reply.body[0] == envelope.REASON_FORBIDDEN, name
     sock.close()
     assert await eventually(lambda: _logged(secure, "its key is not the one bound to that name"))
     assert await secure.client.workers() == ["alice", "bob"]
@@ -146,7 +148,7 @@ async def test_in_process_broker_logs_a_refusal_while_no_message_comes(
     task = asyncio.create_task(broker.serve_async())
     sock = dealer(broker.endpoint, None)
     try:
-        await sock.send_multipart([envelope.PROTOCOL, envelope.HEARTBEAT, b"", envelope.NO_REPLY])
+        await sock.send_multipart(envelope.build(envelope.HEARTBEAT, b"", envelope.NO_REPLY))
 
         async def refused() -> bool:
             return "refused a connection" in caplog.text

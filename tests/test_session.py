@@ -73,7 +73,7 @@ class Net:
         out = []
         while True:
             try:
-                out.append(recv_frames(self.socket(session), envelope.ENVELOPE_FRAMES))
+                out.append(recv_frames(self.socket(session), 1))
             except zmq.Again:
                 return out
 
@@ -421,3 +421,41 @@ def test_unfan_gives_each_target_the_same_body() -> None:
 def test_unfan_refuses_malformed_fan_outs(targets: bytes, body: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
         envelope.unfan(fan(targets, *body), max_width=64)
+
+
+def test_an_envelope_is_one_head_frame() -> None:
+    """Each frame is a message of its own to libzmq (and to CURVE): an op and the delete batched
+    with it cross as 5 frames, its reply as 2 (version 1 sent 11 and 5)."""
+    rid = envelope.request_id_bytes(7)
+    op = envelope.message(envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
+    delete = envelope.message(envelope.REQUEST, b"bob", envelope.NO_REPLY, [b"header"])
+    reply = envelope.message(envelope.REPLY, b"client-1", rid, [b"header"])
+    assert len(envelope.framed(reply)) == 2
+    batch = envelope.pack_batch([delete, op])
+    assert len(batch) == 6
+    got = [envelope.message(e.command, e.name, e.rid, e.body) for e in envelope.parse(batch)]
+    assert got == [delete, op]
+    [one] = envelope.parse(envelope.framed(op))
+    assert (one.command, one.name, one.rid, one.body) == (envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
+    assert envelope.command_of(batch) == envelope.BATCH and envelope.count(batch) == 2
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b""],
+        [envelope.PROTOCOL],  # no command
+        [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 7],  # a request id short of 8 bytes
+        [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"h"],  # version 1's four frames
+        [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"h"],
+        [envelope.PROTOCOL + envelope.BATCH + b"\1"],  # counts not uint16s
+        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
+        [envelope.PROTOCOL + envelope.BATCH + b"\0\0"],  # a message of no frames
+        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"not a head"],
+        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],  # nested
+    ],
+)
+def test_malformed_envelopes_are_refused(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        envelope.parse(frames)

@@ -38,28 +38,28 @@ async def test_store_cap_refuses_with_a_clear_error(capped: fedptr.Cluster) -> N
 
 async def test_replayed_request_is_answered_from_memory(capped: fedptr.Cluster) -> None:
     sock = raw_socket(capped)
-    assert (await register(sock, b"replayer"))[1] == envelope.ACCEPTED
+    assert (await register(sock, b"replayer")).command == envelope.ACCEPTED
     rid = envelope.request_id_bytes(99)
-    put = [envelope.PROTOCOL, envelope.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3))))]
-    op = [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.request_id_bytes(100)]
-    op += wire.encode(wire.Op(778, "add", [wire.Ref(777), 1.0], {}))
+    put = envelope.build(envelope.REQUEST, b"capped", rid, *wire.encode(wire.Put(777, to_raw(torch.ones(3)))))
+    add = wire.Op(778, "add", [wire.Ref(777), 1.0], {})
+    op = envelope.build(envelope.REQUEST, b"capped", envelope.request_id_bytes(100), *wire.encode(add))
     replies = []
     for frames in (put, put, op, op):  # each sent twice, as a retry after a lost reply would be
         await sock.send_multipart(frames)  # type: ignore[arg-type]
         replies.append(await recv(sock))
-    oks = [wire.decode(r[4:]).message for r in replies]
+    oks = [wire.decode(envelope.parse(r)[0].body).message for r in replies]
     assert all(isinstance(m, wire.Ok) for m in oks), oks  # no "object id already exists"
     # an in-place update, delivered twice, is applied once
-    inc = [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.request_id_bytes(101)]
-    inc += wire.encode(wire.Op(779, "add_", [wire.Ref(777), 1.0], {}))
+    add_ = wire.Op(779, "add_", [wire.Ref(777), 1.0], {})
+    inc = envelope.build(envelope.REQUEST, b"capped", envelope.request_id_bytes(101), *wire.encode(add_))
     for _ in range(2):
         await sock.send_multipart(inc)  # type: ignore[arg-type]
-        assert isinstance(wire.decode((await recv(sock))[4:]).message, wire.Ok)
+        assert isinstance(wire.decode(envelope.parse(await recv(sock))[0].body).message, wire.Ok)
     w = capped.client.worker("capped")
     objects = await w.objects()
     assert sorted(objects) == [777, 778, 779]  # each replayed op ran once: one result each
     assert objects[777].preview == [2.0, 2.0, 2.0]  # ones, plus 1 once
     sock.send_multipart(
-        [envelope.PROTOCOL, envelope.REQUEST, b"capped", envelope.NO_REPLY, *wire.encode(wire.Delete([777, 778, 779]))]
+        envelope.build(envelope.REQUEST, b"capped", envelope.NO_REPLY, *wire.encode(wire.Delete([777, 778, 779])))
     )
     sock.close()

@@ -79,15 +79,15 @@ def test_stream_bytes_are_bounded_and_stale_streams_dropped() -> None:
 
 async def test_interrupted_stream_leaves_node_serving(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
     sock: zmq.asyncio.Socket = raw_socket(cluster)
-    assert (await register(sock, b"quitter"))[1] == envelope.ACCEPTED
+    assert (await register(sock, b"quitter")).command == envelope.ACCEPTED
     t = torch.randn(2 << 20)  # 8 MiB: streamed
     parts = split(put_message(t, rid=envelope.request_id_bytes(7)))
     for part in parts[: len(parts) // 2]:  # half the chunks, then the message: the sender "died" mid-way
-        await sock.send_multipart([envelope.PROTOCOL, *part], copy=False)  # type: ignore[list-item]
-    await sock.send_multipart([envelope.PROTOCOL, *parts[-1]], copy=False)  # type: ignore[list-item]
-    frames = await recv(sock)
-    assert frames[1] == envelope.REPLY and frames[3] == envelope.request_id_bytes(7)
-    failure = wire.decode(frames[4:]).message
+        await sock.send_multipart(envelope.framed(part), copy=False)
+    await sock.send_multipart(envelope.framed(parts[-1]), copy=False)
+    [reply] = envelope.parse(await recv(sock))
+    assert reply.command == envelope.REPLY and reply.rid == envelope.request_id_bytes(7)
+    failure = wire.decode(reply.body).message
     assert isinstance(failure, wire.Failure) and failure.code == "protocol"
     assert "incomplete" in failure.message
     sock.close()

@@ -1,0 +1,289 @@
+"""Same-host shared memory for the direct path's bulk buffers (`fedptr.direct`).
+
+Between two processes on one host, the AES-GCM direct path still costs a seal, two kernel socket
+copies and an open per byte, where torch.rpc's TensorPipe copies through shared memory. When a
+path's two ends share a ``/dev/shm`` (`limits.DIRECT_SHM_DIR`), a large chunk goes as a file
+there instead: the sender writes the buffer once into a fresh file, and sends only its name,
+size and inode over the path (sealed: authenticated and encrypted like any chunk); the receiver
+opens it, checks it, unlinks it, and reads it into the reassembly buffer: two copies (the
+sender's write, the receiver's read), no crypto, no socket. It is read, never mapped: the sender
+may still hold a descriptor of the file and write to it (see `Incoming.place`).
+
+* **Proven, never assumed.** The connecting end writes a probe file holding a random secret
+  and names it, with its boot id, in its sealed greeting; the worker answers "shared" only if
+  its boot id is the same and it reads that secret from that file, owned by its own uid. Across
+  hosts, or with no such directory, every chunk takes the AES-GCM path as before.
+* **Bound to the path.** A file's name is ``fedptr-<pid namespace>-<pid>-<tag>``, the tag the
+  first 128 bits of HMAC-SHA256 under the path's secret token of the direction and a counter
+  (`tag`): the receiver accepts only the name its own path's secret gives for a counter above
+  the last it took, so a peer cannot name another path's file (nor guess one: the names are
+  unguessable without that path's secret), nor replay one of its own.
+* **Checked once, on the open descriptor** (no TOCTOU): opened ``O_NOFOLLOW`` relative to the
+  directory (the name's shape admits no ``/``), then ``fstat``: a regular file, one link, owned
+  by our uid, of the announced size and inode. Anything else, or a file gone, is a
+  `ProtocolError` and its stream is refused (its message fails at once, typed).
+* **Nothing leaks.** The receiver unlinks a file as soon as it opened it, and one it refused
+  (over a stream budget, say) without reading; the sender unlinks its own after
+  `limits.STREAM_TIMEOUT_S` whatever happened (a receiver that died, a message lost), and when
+  its path closes. A crashed sender's files are swept when a path next opens on the host: those
+  whose creator (same pid namespace) is gone, and any older than `limits.DIRECT_SHM_STALE_S`.
+
+Limitation: files are created 0600 and named unguessably, but a process of the same uid can read
+or write any file of that uid (as it can, mostly, read and write the peers' memory); the path is
+offered only between processes of one uid on one host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import mmap
+import os
+import re
+import secrets
+import stat
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedptr import limits
+from fedptr.errors import ProtocolError
+
+_NAME = re.compile(rb"fedptr-([0-9a-f]{1,16})-([0-9]{1,10})-([0-9a-f]{32})\Z")
+_DESCRIPTOR = struct.Struct("!QQQ")  # counter, size, inode; then the name
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROBE_BYTES = 16
+
+
+def _boot_id() -> bytes:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
+
+
+def _pid_namespace() -> str:
+    try:
+        return format(os.stat("/proc/self/ns/pid").st_ino, "x")
+    except OSError:
+        return "0"
+
+
+def tag(token: bytes, direction: bytes, counter: int) -> bytes:
+    """The name part that binds a file to one path (its secret `token`), one direction of it
+    and one counter value: unguessable without the token."""
+    return hmac.digest(token, b"fedptr shm " + direction + counter.to_bytes(8, "big"), "sha256")[:16].hex().encode()
+
+
+@dataclass
+class Directory:
+    """This process's side of the shared directory: writing files, reading the peer's, the probe."""
+
+    path: str = field(default_factory=lambda: limits.DIRECT_SHM_DIR)
+    _fd: int = -1
+    _prefix: bytes = b""
+
+    def usable(self) -> bool:
+        """Whether the directory can be opened (once; False for good when it cannot)."""
+        if self._fd == -1:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                self._fd = -2
+            self._prefix = f"fedptr-{_pid_namespace()}-{os.getpid()}-".encode()
+        return self._fd >= 0
+
+    def write(self, name_tag: bytes, counter: int, data: memoryview, at: int = 0) -> tuple[bytes, bytes] | None:
+        """Write `data` at offset `at` of a fresh 0600 file named for `name_tag` (its first `at`
+        bytes a hole, which holds no memory: the file's offsets are the buffer's): its name, and
+        its descriptor for the receiver; None when the directory is unusable or refuses it
+        (full, say: the caller sends the bytes another way)."""
+        if not self.usable():
+            return None
+        name = self._prefix + name_tag
+        try:
+            fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=self._fd)
+        except OSError:
+            return None
+        try:
+            view = data.cast("B")
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(fd, view[done:], at + done)
+            inode = os.fstat(fd).st_ino
+        except OSError:
+            self.unlink(name)
+            return None
+        finally:
+            os.close(fd)
+        return name, _DESCRIPTOR.pack(counter, view.nbytes, inode) + name
+
+    def unlink(self, name: bytes) -> None:
+        """Remove a file of ours, if it is still there."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._fd)
+
+    def take(self, descriptor: bytes, token: bytes, direction: bytes, after: int) -> Incoming:
+        """The file a peer's `descriptor` names, to be read where it belongs (`Incoming`). One
+        whose name is not what the path's `token` gives for its `direction` and counter, or
+        whose counter is not above `after` (a replay), yields an Incoming that fails typed."""
+        if len(descriptor) <= _DESCRIPTOR.size:
+            return Incoming(self, b"", 0, 0, 0, "a malformed shared-memory descriptor")
+        counter, size, inode = _DESCRIPTOR.unpack_from(descriptor)
+        name = bytes(descriptor[_DESCRIPTOR.size :])
+        shape = _NAME.match(name)
+        if (
+            counter <= after
+            or shape is None
+            or not hmac.compare_digest(shape.group(3), tag(token, direction, counter))
+            or not self.usable()
+        ):
+            return Incoming(self, b"", size, 0, 0, "a shared-memory name not of this path")
+        return Incoming(self, name, size, inode, counter, "")
+
+    # --- the probe ----------------------------------------------------------------------
+    def probe(self) -> tuple[bytes, bytes] | None:
+        """Write a probe file: (its name, the offer to put in the greeting), or None."""
+        secret = secrets.token_bytes(_PROBE_BYTES)
+        name_tag = secrets.token_hex(16).encode()
+        written = self.write(name_tag, 0, memoryview(secret))
+        if written is None:
+            return None
+        return written[0], b" ".join([_boot_id(), written[0], secret.hex().encode()])
+
+    def check_probe(self, offer: bytes) -> bool:
+        """Whether the peer that made `offer` shares this directory with us: same boot, and the
+        probe file it names, ours by uid, holds the secret it says."""
+        parts = offer.split(b" ")
+        if len(parts) != 3 or not parts[0] or parts[0] != _boot_id() or _NAME.match(parts[1]) is None:
+            return False
+        if not self.usable():
+            return False
+        try:
+            fd = os.open(parts[1], _OPEN_FLAGS, dir_fd=self._fd)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != _PROBE_BYTES:
+                return False
+            return hmac.compare_digest(os.read(fd, _PROBE_BYTES + 1).hex().encode(), parts[2])
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def sweep(self) -> int:
+        """Unlink files left by senders that died (ours by uid, their creator gone from our pid
+        namespace) or that are older than `limits.DIRECT_SHM_STALE_S`; how many."""
+        if not self.usable():
+            return 0
+        namespace = _pid_namespace().encode()
+        swept = 0
+        oldest = time.time() - limits.DIRECT_SHM_STALE_S
+        for entry in os.scandir(self._fd):
+            shape = _NAME.match(os.fsencode(entry.name))
+            if shape is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid != os.geteuid():
+                continue
+            if st.st_mtime < oldest or (shape.group(1) == namespace and not _alive(int(shape.group(2)))):
+                self.unlink(os.fsencode(entry.name))
+                swept += 1
+        return swept
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another uid's process: alive
+        return True
+    return True
+
+
+_POPULATED = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+"""A fresh buffer's mapping flags: private memory, its pages faulted in by the mmap call (Linux)."""
+
+
+@dataclass
+class Incoming:
+    """A chunk's bytes in a peer's file, not read yet: the reassembly puts them in place
+    (`place`) once its budgets allow, and `close` unlinks the file whatever happened. (A
+    `fedptr.streams.Filler`.)"""
+
+    directory: Directory
+    name: bytes
+    nbytes: int
+    inode: int
+    counter: int
+    refused: str
+    """Why this descriptor was refused before anything was opened ("" when it was not)."""
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def place(self, buf: np.ndarray[Any, Any], offset: int) -> np.ndarray[Any, Any]:
+        """Open the file once, check it on that descriptor, unlink it, and read its bytes into
+        `offset` of `buf`; returns the buffer that holds them: `buf`, or, when the file is most of
+        it, a fresh anonymous buffer whose pages were populated at once, holding what `buf`
+        held before `offset`. The file is never mapped: the sender may still hold a descriptor
+        of the file (or have opened it by name before the unlink), and a mapping, even a
+        private one, would show its later writes (until this process wrote each page): an
+        object stored from it could change after it was checked, stored or handed to another
+        owner. Raises ProtocolError when it is not what was announced, or gone."""
+        if self.refused:
+            raise ProtocolError(self.refused)
+        name, self.name = self.name, b""  # whatever comes next, closing has nothing to unlink
+        try:
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self.directory._fd)
+        except OSError as e:  # a symlink (O_NOFOLLOW), say: the name is this path's, so it goes too
+            self.directory.unlink(name)
+            raise ProtocolError(f"the shared-memory buffer cannot be opened ({e.strerror})") from None
+        try:
+            self.directory.unlink(name)
+            st = os.fstat(fd)  # on the descriptor read from: what is checked is what is read
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0 or st.st_uid != os.geteuid():
+                raise ProtocolError("the shared-memory buffer is not a plain file of ours")
+            if st.st_size != offset + self.nbytes or st.st_ino != self.inode or offset + self.nbytes > len(buf):
+                raise ProtocolError("the shared-memory buffer is not the size or the file announced")
+            if st.st_size == len(buf) and 2 * self.nbytes >= len(buf):
+                # most of the buffer at once: the kernel faults its pages in one call (a fresh
+                # 64 MiB buffer faulted page by page while read into cost ~4x the read itself)
+                fresh = np.frombuffer(mmap.mmap(-1, len(buf), flags=_POPULATED), dtype=np.uint8)
+                fresh[:offset] = buf[:offset]
+                buf = fresh
+            dest = buf[offset : offset + self.nbytes].data
+            done = 0
+            while done < self.nbytes:
+                n = os.preadv(fd, [dest[done:]], offset + done)
+                if n == 0:
+                    raise ProtocolError("the shared-memory buffer is shorter than announced")
+                done += n
+            return buf
+        except OSError as e:
+            raise ProtocolError(f"the shared-memory buffer cannot be read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Unlink the file unless it was opened (a refused stream's, say)."""
+        if self.name:
+            self.directory.unlink(self.name)
+            self.name = b""

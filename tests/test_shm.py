@@ -1,0 +1,360 @@
+"""Same-host shared memory on the direct path (fedptr/shm.py, fedptr/direct.py).
+
+On a real CURVE cluster (broker and node processes): a large send and get go through shared
+memory and leave no file behind; a client whose directory the node does not share (the probe
+fails) falls back to the sealed chunks. On a real data socket in this process: a peer cannot
+name another path's file. On files: every refusal (a name not of the path, a replay, a symlink,
+the wrong size or file, a file gone) is a typed error that fails its stream at once, nothing is
+read past a stream budget and the file is unlinked anyway, the sender unlinks what nobody took,
+and a crashed sender's files (a real process, killed) are swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import torch
+import zmq
+
+import fedptr
+from fedptr import envelope, limits, shm
+from fedptr.direct import _SHM_CHUNK, DirectPaths, _channel
+from fedptr.errors import ProtocolError
+from fedptr.streams import Reassembly
+from tests.conftest import eventually
+from tests.test_direct import GREETING, data_socket
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+MIB = 1 << 20
+TOKEN = b"t" * 32
+
+
+def ours(pid: int) -> list[str]:
+    """The shared-memory files process `pid` made that are still there."""
+    return [f for f in os.listdir(limits.DIRECT_SHM_DIR) if f.startswith("fedptr-") and f"-{pid}-" in f]
+
+
+# --- on a CURVE cluster ------------------------------------------------------------------------
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secure() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(["bob"], curve=True) as c:
+        yield c
+
+
+async def opened(client: fedptr.Client, worker: str) -> DirectPaths:
+    """`client`'s direct paths, once its path to `worker` is up (a transfer opens it)."""
+    await (await client.worker(worker).send(torch.zeros(2 * MIB))).get()
+    direct = client._link.direct
+    assert direct is not None
+
+    async def up() -> bool:
+        lane = direct._lanes.get(worker.encode())
+        return lane is not None and lane.ready
+
+    assert await eventually(up, timeout=15.0), "no direct path opened"
+    return direct
+
+
+@MODULE_LOOP
+async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: fedptr.Cluster) -> None:
+    direct = await opened(secure.client, "bob")
+    lane = direct._lanes[b"bob"]
+    assert lane.channel is not None and lane.channel.shared, "the probe did not prove the shared directory"
+    assert not lane.probe, "the probe file outlived the greeting"
+    sealed_before = lane.channel.sent
+    t = torch.randn(4 * MIB)  # 16 MiB
+    p = await secure.client.worker("bob").send(t)
+    assert torch.equal(await p.get(), t)
+    assert lane.channel.files_sent >= 1 and lane.channel.files_taken >= 1  # each way, a file
+    assert lane.channel.sent - sealed_before <= 2, "the bytes went as sealed chunks"
+    assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+
+
+@MODULE_LOOP
+async def test_a_directory_the_node_does_not_share_falls_back_to_sealed_chunks(
+    secure: fedptr.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe proves the sharing, nothing assumes it: a client whose shared-memory directory
+    is not the node's gets a path without shared memory, and its transfers still arrive whole."""
+    monkeypatch.setattr(limits, "DIRECT_SHM_DIR", str(tmp_path))
+    async with secure.connect(1) as client:
+        direct = await opened(client, "bob")
+        lane = direct._lanes[b"bob"]
+        assert lane.channel is not None and not lane.channel.shared
+        t = torch.randn(4 * MIB)
+        sealed_before = lane.channel.sent
+        assert torch.equal(await (await client.worker("bob").send(t)).get(), t)
+        assert lane.channel.sent - sealed_before >= 15, "not sent as sealed 1 MiB chunks"
+        assert lane.channel.files_sent == 0 and list(tmp_path.iterdir()) == []
+
+
+@MODULE_LOOP
+async def test_a_file_the_broken_path_did_not_take_is_unlinked_at_once(secure: fedptr.Cluster) -> None:
+    """The file is written before the path's socket refuses its descriptor (the path broke):
+    the bytes go through the broker, and the file does not wait for its deadline."""
+    direct = await opened(secure.client, "bob")
+    lane = direct._lanes[b"bob"]
+    lane.sock.disconnect(lane.sock.getsockopt_string(zmq.LAST_ENDPOINT))  # the path breaks
+    t = torch.randn(4 * MIB)
+    p = await secure.client.worker("bob").send(t)  # IMMEDIATE: the socket takes nothing
+    assert b"bob" not in direct._lanes and ours(os.getpid()) == []
+    assert torch.equal(await p.get(), t)
+
+
+# --- one path cannot name another's file, on a real data socket ---------------------------------
+@pytest_asyncio.fixture
+async def worker_socket(tmp_path: Path) -> AsyncIterator[tuple[DirectPaths, list[tuple[bytes, list[Any]]]]]:
+    got: list[tuple[bytes, list[Any]]] = []
+    server = DirectPaths(lambda peer, frames: got.append((peer, frames)))
+    server._shm = shm.Directory(str(tmp_path))
+    server.serve("tcp://127.0.0.1:9")
+    try:
+        yield server, got
+    finally:
+        server.close()
+
+
+def shm_chunk(rid: bytes, descriptor: bytes, size: int) -> list[Any]:
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, size)
+    return envelope.build(_SHM_CHUNK, b"bob", rid, info, descriptor)
+
+
+async def test_a_peer_cannot_name_another_paths_file(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]], tmp_path: Path
+) -> None:
+    """Mallory learns the name of a file alice wrote for her path (a listing of the directory
+    shows it) and sends its descriptor over her own path: the worker refuses it, typed, and
+    neither reads nor unlinks alice's file; alice's own descriptor then delivers her bytes."""
+    server, got = worker_socket
+    directory = shm.Directory(str(tmp_path))
+    peers = {}
+    for name in (b"alice", b"mallory"):
+        public, secret = zmq.curve_keypair()
+        channel = _channel(public, secret, server.admit(name, public).key, True)
+        sock = data_socket(server.endpoint, public, channel.token)
+        probe = directory.probe()
+        assert probe is not None
+        await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
+        async with asyncio.timeout(15):
+            answer = channel.open(*(await sock.recv_multipart())[1:])
+        assert answer is not None and answer[-1] == b"shared"
+        peers[name] = (channel, sock)
+    try:
+        alice, mallory = peers[b"alice"][0], peers[b"mallory"][0]
+        data = os.urandom(3 * MIB)
+        written = directory.write(shm.tag(alice.token, alice.outgoing, 1), 1, memoryview(data))
+        assert written is not None
+        name, descriptor = written
+        reassembly = Reassembly()
+        for who, channel in ((b"mallory", mallory), (b"alice", alice)):
+            await peers[who][1].send_multipart(channel.seal(shm_chunk(b"rid-0001", descriptor, len(data))))
+            async with asyncio.timeout(15):
+                while len(got) < (1 if who == b"mallory" else 2):
+                    await asyncio.sleep(0.01)
+        (mallory_peer, mallory_frames), (alice_peer, alice_frames) = got
+        assert (mallory_peer, alice_peer) == (b"mallory", b"alice")
+        with pytest.raises(ProtocolError, match="not of this path"):
+            reassembly.add(b"mallory", b"rid-0001", mallory_frames[-2], mallory_frames[-1])
+        assert (tmp_path / name.decode()).exists(), "mallory's descriptor unlinked alice's file"
+        reassembly.add(b"alice", b"rid-0001", alice_frames[-2], alice_frames[-1])
+        body = reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+        assert bytes(body[1]) == data and not (tmp_path / name.decode()).exists()
+    finally:
+        for _, sock in peers.values():
+            sock.close(linger=0)
+
+
+# --- the files: every refusal typed, nothing left ----------------------------------------------
+def written(directory: shm.Directory, counter: int, data: bytes) -> tuple[bytes, bytes]:
+    out = directory.write(shm.tag(TOKEN, b"to worker", counter), counter, memoryview(data))
+    assert out is not None
+    return out
+
+
+def deliver(directory: shm.Directory, descriptor: bytes, size: int, after: int = 0) -> Reassembly:
+    """Take `descriptor` and add it as the one chunk of a stream of `size` bytes; raises what the reassembly raises."""
+    reassembly = Reassembly()
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, size)
+    reassembly.add(b"alice", b"rid-0001", info, directory.take(descriptor, TOKEN, b"to worker", after))
+    return reassembly
+
+
+def refused_at_once(reassembly: Reassembly, match: str) -> None:
+    """The stream's message fails now with the reason (it is not left to time out)."""
+    assert not reassembly.waiting(envelope.REQUEST, b"alice", b"rid-0001")
+    with pytest.raises(ProtocolError, match=match):
+        reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+
+
+def test_each_bad_descriptor_is_a_typed_error_that_fails_its_stream(tmp_path: Path) -> None:
+    directory = shm.Directory(str(tmp_path))
+    data = os.urandom(64 * 1024)
+
+    # a name not of the expected shape, or outside the directory
+    name, descriptor = written(directory, 1, data)
+    for bad in (descriptor[:24] + b"../" + name, descriptor[:24] + b"passwd", descriptor[:24] + name + b"x"):
+        reassembly = Reassembly()
+        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data))
+        with pytest.raises(ProtocolError, match="not of this path"):
+            reassembly.add(b"alice", b"rid-0001", info, directory.take(bad, TOKEN, b"to worker", 0))
+        refused_at_once(reassembly, "not of this path")
+    # the same file replayed (its counter is not above the last taken), or another direction's
+    with pytest.raises(ProtocolError, match="not of this path"):
+        deliver(directory, descriptor, len(data), after=1)
+    with pytest.raises(ProtocolError, match="not of this path"):
+        Reassembly().add(
+            b"alice",
+            b"r",
+            envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data)),
+            directory.take(descriptor, TOKEN, b"to peer", 0),
+        )
+    assert (tmp_path / name.decode()).exists(), "a refused name was unlinked"
+    os.unlink(tmp_path / name.decode())
+
+    # a symlink where the file should be (to a file of the same size and inode's owner)
+    name, descriptor = written(directory, 2, data)
+    target = tmp_path / "elsewhere"
+    os.rename(tmp_path / name.decode(), target)
+    os.symlink(target, tmp_path / name.decode())
+    with pytest.raises(ProtocolError, match="cannot be opened"):
+        deliver(directory, descriptor, len(data))
+
+    # the wrong size, announced or on disk
+    name, descriptor = written(directory, 3, data)
+    with pytest.raises(ProtocolError, match="size or the file"):
+        deliver(directory, descriptor[:8] + (len(data) + 1).to_bytes(8, "big") + descriptor[16:], len(data) + 1)
+    assert not (tmp_path / name.decode()).exists(), "a refused file was left behind"
+    name, descriptor = written(directory, 4, data)
+    os.truncate(tmp_path / name.decode(), len(data) - 1)
+    with pytest.raises(ProtocolError, match="size or the file"):
+        deliver(directory, descriptor, len(data))
+
+    # another file put in its place (another inode), or none left
+    name, descriptor = written(directory, 5, data)
+    os.rename(tmp_path / name.decode(), tmp_path / "aside")  # kept: its inode is not reused
+    (tmp_path / name.decode()).write_bytes(data)
+    with pytest.raises(ProtocolError, match="size or the file"):
+        deliver(directory, descriptor, len(data))
+    os.unlink(tmp_path / "aside")
+    name, descriptor = written(directory, 6, data)
+    os.unlink(tmp_path / name.decode())
+    reassembly = Reassembly()
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data))
+    with pytest.raises(ProtocolError, match="cannot be opened"):
+        reassembly.add(b"alice", b"rid-0001", info, directory.take(descriptor, TOKEN, b"to worker", 0))
+    refused_at_once(reassembly, "cannot be opened")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_a_file_over_a_stream_budget_or_over_bytes_received_is_not_read_and_is_unlinked(tmp_path: Path) -> None:
+    """Per-peer budgets apply to shared memory as to chunks, and so does each byte's once."""
+    directory = shm.Directory(str(tmp_path))
+    data = os.urandom(MIB)
+    _, descriptor = written(directory, 1, data)
+    small = Reassembly(max_peer_bytes=MIB - 1)
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, MIB)
+    with pytest.raises(ProtocolError, match="would exceed"):
+        small.add(b"alice", b"rid-0001", info, directory.take(descriptor, TOKEN, b"to worker", 0))
+    assert list(tmp_path.iterdir()) == [], "a refused file was left behind"
+
+    reassembly = Reassembly()
+    reassembly.add(b"alice", b"rid-0002", info, data[: MIB // 2])  # the first half came as a chunk
+    _, descriptor = written(directory, 2, data)  # a file covering the whole buffer again
+    with pytest.raises(ProtocolError, match="overlaps"):
+        reassembly.add(b"alice", b"rid-0002", info, directory.take(descriptor, TOKEN, b"to worker", 1))
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "STREAM_TIMEOUT_S", 0.3)
+    sender = DirectPaths(lambda peer, frames: None)
+    sender._shm = shm.Directory(str(tmp_path))
+    try:
+        channel = _channel(*_keys(), connecting=True)
+        channel.shared = True
+        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 4096, 4096 + 2 * MIB)
+        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
+        sealed, _ = sender._seal(channel, frames)
+        assert sealed is not None and len(sealed[2]) < 4096, "the bytes were sealed, not written to a file"
+        assert len(list(tmp_path.iterdir())) == 1
+
+        async def gone() -> bool:
+            return not list(tmp_path.iterdir())
+
+        assert await eventually(gone, timeout=10.0), "the sender left its file behind"
+    finally:
+        sender.close()
+
+
+def _keys() -> tuple[bytes, bytes, bytes]:
+    public, secret = zmq.curve_keypair()
+    worker_public, _ = zmq.curve_keypair()
+    return public, secret, worker_public
+
+
+SENDER = """
+import sys
+from fedptr import shm
+directory = shm.Directory(sys.argv[1])
+assert directory.write(shm.tag(b"t" * 32, b"to worker", 1), 1, memoryview(bytes(1 << 20))) is not None
+print("written", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_crashed_senders_files_are_swept(tmp_path: Path) -> None:
+    """A real sender process writes a file and is killed before anyone takes it: the next
+    sweep removes it. A live sender's file stays; one older than the stale age goes whoever made it."""
+    directory = shm.Directory(str(tmp_path))
+    live = written(directory, 1, b"x")[0]  # ours: we are alive
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SENDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+        assert len(list(tmp_path.iterdir())) == 2
+        assert directory.sweep() == 0, "a live sender's file was swept"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert directory.sweep() == 1
+    assert [p.name.encode() for p in tmp_path.iterdir()] == [live]
+    old = time.time() - limits.DIRECT_SHM_STALE_S - 1
+    os.utime(tmp_path / live.decode(), (old, old))
+    assert directory.sweep() == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head", [MIB // 4, 3 * MIB // 4], ids=["most", "a small part"])
+def test_a_file_after_a_chunk_completes_its_buffer_whole(tmp_path: Path, head: int) -> None:
+    """A file laid out as the whole buffer (a hole before its offset) is read into it, the bytes
+    received before it kept; the sender's later writes to the file (through a descriptor it
+    opened before the unlink) do not reach the buffer: a mapping of the file, even a private
+    one, would have shown them (it did, in the first version, for the pages not yet written)."""
+    directory = shm.Directory(str(tmp_path))
+    data = os.urandom(MIB)
+    reassembly = Reassembly()
+    reassembly.add(b"alice", b"rid-0001", envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, MIB), data[:head])
+    out = directory.write(shm.tag(TOKEN, b"to worker", 1), 1, memoryview(data[head:]), at=head)
+    assert out is not None
+    kept = os.open(tmp_path / out[0].decode(), os.O_RDWR)  # the sender keeps a way to write
+    try:
+        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, head, MIB)
+        reassembly.add(b"alice", b"rid-0001", info, directory.take(out[1], TOKEN, b"to worker", 0))
+        body = reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+        os.pwrite(kept, bytes(MIB - head), head)  # after the receiver took it
+    finally:
+        os.close(kept)
+    assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+    body[1][:4] = b"abcd"  # writable, as a received tensor must be
