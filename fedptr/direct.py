@@ -33,8 +33,11 @@ torch.rpc's whole unencrypted transfer):
   `Reassembly.waiting`), under the same stream budgets.
 
 On one host, a path whose greeting proved a shared ``/dev/shm`` (the greeting names a probe
-file the worker reads: `fedptr.shm`) carries the rest of each buffer as one file there: only
-its descriptor is sealed (`_SHM_CHUNK`), and the receiver reads the file into its buffer.
+file the worker reads: `fedptr.shm`) carries the rest of each buffer as files there (of
+`limits.DIRECT_SHM_FILE_BYTES` at most): only their descriptors are sealed (`_SHM_CHUNK`), and
+the receiver reads each file into its buffer, one per turn of its loop. A message of that kind
+not of a chunk's shape is dropped, and the files not taken yet are bounded
+(`limits.DIRECT_SHM_MAX_PENDING_BYTES`: more goes sealed).
 
 Anyone can connect to the data socket, but its handshake (ZMTP PLAIN, answered by the worker's
 ZAP handler) completes only for an admitted key presenting its path's token, derived from the
@@ -87,6 +90,8 @@ _LANE_EVENTS = (
 _SHM_CHUNK = b"M"
 """Inside a sealed message only (never on the broker's path): a CHUNK whose data frame is a
 shared-memory descriptor (`fedptr.shm`), not the bytes."""
+_CHUNK_FRAMES = 3
+"""A chunk's frames: its head, its info, its data (or a shared-memory descriptor)."""
 _SHARED = b"shared"
 """The worker's answer to a greeting whose probe file it read: this path has shared memory."""
 _KDF_INFO = b"fedptr direct path v1"
@@ -239,8 +244,10 @@ class DirectPaths:
     (the session holds their messages until the chunks are in: `Session.direct_sources`)."""
     _scheduled: set[zmq.Socket[bytes]] = field(default_factory=set)
     _shm: shm.Directory = field(default_factory=shm.Directory)
-    _files: dict[bytes, asyncio.TimerHandle] = field(default_factory=dict)
-    """Our shared-memory files a receiver may not have taken yet, and when we unlink them anyway."""
+    _files: dict[bytes, tuple[asyncio.TimerHandle, int]] = field(default_factory=dict)
+    """Our shared-memory files a receiver may not have taken yet: when we unlink them anyway, and their bytes."""
+    _file_bytes: int = 0
+    """The bytes of `_files` (within `limits.DIRECT_SHM_MAX_PENDING_BYTES`)."""
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
         if self._ctx is None:
@@ -353,7 +360,8 @@ class DirectPaths:
                 channel.shared = len(inner) > len(_GREETING) and self._shm.check_probe(bytes(inner[-1]))
                 send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
                 continue
-            self._received(peer, self._shared_chunk(channel, inner))
+            if self._received(peer, channel, inner):
+                break  # a file read is this turn's work: what is due runs before the next
         self._recheck(sock, self._drain_server)
 
     # --- the connecting side -------------------------------------------------------------
@@ -445,7 +453,8 @@ class DirectPaths:
             if inner is None or not envelope.command_of(inner):
                 continue
             if envelope.command_of(inner) != envelope.HEARTBEAT:
-                self._received(worker, self._shared_chunk(channel, inner))
+                if self._received(worker, channel, inner):
+                    break  # a file read is this turn's work: what is due runs before the next
             elif not lane.ready:  # the worker's answer to our greeting: it holds the ticket's key
                 lane.ready = True
                 channel.shared = len(inner) > len(_GREETING) and bytes(inner[-1]) == _SHARED
@@ -535,7 +544,7 @@ class DirectPaths:
         its bytes were written into when the path has shared memory (its descriptor sealed in
         their place; b"" for none). None for a chunk too large to seal whole that no file took."""
         data = memoryview(frames[-1])
-        if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES:
+        if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES and self._file_room(data.nbytes):
             channel.files_sent += 1
             name_tag = shm.tag(channel.token, channel.outgoing, channel.files_sent)
             at = envelope.CHUNK_INFO.unpack(frames[-2])[2]  # the file is laid out as the whole buffer
@@ -543,24 +552,38 @@ class DirectPaths:
             if written is not None:
                 name, descriptor = written
                 # unlinked then whatever happens: a receiver that died or never got the descriptor
-                self._files[name] = self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name)
+                self._files[name] = (self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name), data.nbytes)
+                self._file_bytes += data.nbytes
                 return channel.seal([*envelope.with_command(frames[:-1], _SHM_CHUNK), descriptor]), name
         if data.nbytes > limits.STREAM_CHUNK_BYTES:
             return None, b""
         return channel.seal(frames), b""
 
+    def _file_room(self, nbytes: int) -> bool:
+        """Whether a file of `nbytes` keeps our files not taken yet within their budget: files
+        their receivers unlinked (took) since are forgotten first (only then: a stat each)."""
+        if self._file_bytes + nbytes > limits.DIRECT_SHM_MAX_PENDING_BYTES:
+            for name in [n for n in self._files if self._shm.gone(n)]:
+                self._expire(name)
+        return self._file_bytes + nbytes <= limits.DIRECT_SHM_MAX_PENDING_BYTES
+
     def _expire(self, name: bytes) -> None:
-        timer = self._files.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        held = self._files.pop(name, None)
+        if held is not None:
+            held[0].cancel()
+            self._file_bytes -= held[1]
         self._shm.unlink(name)
 
-    def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any]:
+    def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any] | None:
         """`inner` as a CHUNK: one whose data is a shared-memory descriptor gets a
         `shm.Incoming` in its place (read where it belongs by the reassembly, which refuses its
-        stream if it is not a file of this path's, as announced)."""
+        stream if it is not a file of this path's, as announced). None for such a message not of
+        a chunk's shape: with no frame before its descriptor, re-making its head raised an
+        IndexError out of the socket's reader; with no info frame, its file went unclosed."""
         if envelope.command_of(inner) != _SHM_CHUNK:
             return inner
+        if len(inner) != _CHUNK_FRAMES:
+            return None
         if channel.shared:
             taken = self._shm.take(bytes(inner[-1]), channel.token, channel.incoming, channel.files_taken)
             if not taken.refused:
@@ -569,9 +592,15 @@ class DirectPaths:
             taken = shm.Incoming(self._shm, b"", 0, 0, 0, "shared memory on a path without it")
         return [*envelope.with_command(inner[:-1], envelope.CHUNK), taken]
 
-    def _received(self, peer: bytes, frames: list[Any]) -> None:
+    def _received(self, peer: bytes, channel: _Channel, inner: list[Any]) -> bool:
+        """Hand on the chunk `inner`; whether it was a shared-memory file (read by then: up to
+        `limits.DIRECT_SHM_FILE_BYTES`, as much as a whole drain of sealed chunks may hold)."""
+        frames = self._shared_chunk(channel, inner)
+        if frames is None:
+            return False
         self.bytes_received += sum(len(f) for f in frames)
         self.on_chunk(peer, frames)
+        return isinstance(frames[-1], shm.Incoming)
 
     def _recheck(self, sock: zmq.Socket[bytes], drain: Callable[[], None]) -> None:
         """zmq's FD is edge-triggered and any call may consume an edge: read what waits."""
@@ -592,10 +621,8 @@ class DirectPaths:
             self._zap = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
-        for name, timer in self._files.items():
-            timer.cancel()
-            self._shm.unlink(name)
-        self._files.clear()
+        for name in list(self._files):
+            self._expire(name)
         self._shm.close()
 
 

@@ -113,6 +113,16 @@ DIRECT_SHM_MIN_BYTES = 1 << 20
 """Chunks of at least this many bytes (1 MiB) take shared memory when the path has it: a smaller
 one costs more in file calls than it saves in copies."""
 
+DIRECT_SHM_FILE_BYTES = 64 << 20
+"""Largest shared-memory file (64 MiB): the rest of a buffer goes as files of this size, and the
+receiver reads one per turn of its loop (tens of ms; the whole rest of a 4 GiB buffer in one
+file held its loop, heartbeats and every other peer, for seconds)."""
+
+DIRECT_SHM_MAX_PENDING_BYTES = STREAM_MAX_BYTES_PER_PEER
+"""Most bytes (4 GiB, one largest frame) a process keeps in shared-memory files its receivers have
+not taken yet: each is kept up to `STREAM_TIMEOUT_S` (a receiver that died, or never reads), and
+/dev/shm is the host's memory. Past it a chunk goes sealed over the path instead."""
+
 DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
 """A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
 path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""

@@ -418,9 +418,9 @@ class Link:
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()
-        # same host: the rest of each buffer in one chunk, written once into shared memory
+        # same host: the rest of each buffer in large chunks, each written once into a shared-memory file
         whole = direct is not None and direct.shares_memory(inner[1], inner[0])
-        chunk = limits.MAX_MESSAGE_BYTES if whole else limits.STREAM_CHUNK_BYTES
+        chunk = limits.DIRECT_SHM_FILE_BYTES if whole else limits.STREAM_CHUNK_BYTES
         for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
                 self.progress.chunk(part, outgoing=True)
@@ -481,6 +481,14 @@ class Link:
         """Whether messages pushed now join a BATCH still open (a message went out alone this
         loop turn already, or a `batched` block is running)."""
         return self._batch is not None
+
+    def hold_turn(self) -> None:
+        """Keep what is pushed from now on to the end of this loop turn, to leave together as one
+        BATCH: for a request whose follow-ups are usually pushed in the same turn (a plan run,
+        then the get of its output), which would otherwise leave alone at once."""
+        if self._batch is None:
+            self._batch = []
+            self._loop.call_soon(self._flush_batch)
 
     @contextlib.contextmanager
     def batched(self) -> Iterator[None]:

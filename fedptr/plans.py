@@ -219,6 +219,7 @@ class Plan:
             p.check_alive()
         result_ids = [client.new_id() for _ in recorded.output_metas]
         run = wire.RunPlan(recorded.plan_id, [p.id_at_location for p in (*inputs, *recorded.captured)], result_ids)
+        client.link.hold_turn()  # the get of an output, if it follows at once, goes with the run
         ran = client.request_nowait(location, run)
         ran.add_done_callback(lambda f: self._ran(key, recorded, f))
         outputs = [

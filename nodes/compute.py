@@ -5,7 +5,8 @@ pipelined requests find it; its value is computed inline when its inputs are sma
 else later (waiting for inputs, big work on a thread; so is a node's first op on private data,
 which loads torch's meta kernels: nodes/guard.py), and the answer waits until the result,
 and every operand the op changed in place, is durable. An op on pointers is forwarded to where
-the data is. A plan run is the same ops, in order, with only the outputs stored.
+the data is. A plan run is the same ops, in order, with only the outputs stored; a plan of
+plain operations (nodes/plans.py) runs them on a lean loop, its taints decided at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from fedptr.failures import with_hop
 from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
-from . import guard, plans, policy
+from . import guard, kernels, plans, policy
 from .store import Entry, all_written
 
 if TYPE_CHECKING:
@@ -57,6 +58,33 @@ class _Run:
     outputs: list[tuple[int, int, Entry]]
     plan: bool
     """Whether it answers as a plan run (`PlanReply`) or as one op (`Ok`)."""
+    lean: _Lean | None = None
+    """A plan run on the lean loop (then `operands` and `results` are empty)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Lean:
+    """What a plan run on the lean loop (`nodes.plans.Step`) reads besides the values: its steps,
+    the inputs each slot derives from (`deps`), each input's origins as the run arrived and which
+    of them have any (`tainted`, a bitmask), and the storages of the results computed so far
+    (`held`, by slot: what a later result must not share)."""
+
+    steps: Sequence[plans.Step]
+    deps: Sequence[int]
+    origins: Sequence[policy.Origins]
+    tainted: int
+    held: dict[int, tuple[int, ...]]
+
+    def taint(self, slot: int) -> policy.Taint:
+        """Slot `slot`'s taint: the origins of the inputs it derives from, merged (a fresh one,
+        as `policy.result_taint` gives a plain operation's result)."""
+        hit = self.deps[slot] & self.tainted
+        if not hit:
+            return policy.Taint({})
+        return policy.Taint(policy.merge(o for i, o in enumerate(self.origins) if hit >> i & 1))
+
+    def private(self, slot: int) -> bool:
+        return bool(self.deps[slot] & self.tainted)
 
 
 class Compute:
@@ -219,6 +247,9 @@ class Compute:
                 if e.is_pointer:
                     raise InvalidArgumentError(f"a plan runs where its inputs are: object {obj_id} is a pointer")
             self.store.admit(source, len(msg.result_ids))  # all its outputs are stored, or none
+            if plan.steps is not None:
+                self._run_lean(source, rid, msg, plan, slots)
+                return
             # the intermediate results' entries stay pending: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
             operands: list[dict[int, Entry]] = []
@@ -241,6 +272,25 @@ class Compute:
             outputs.append((out, result_id, result))
         inputs = dict(enumerate(slots[: plan.n_inputs]))
         run = _Run(source, rid, plan.ops, operands, firsts, inputs, msg.inputs, outputs, plan=True)
+        self._start(run)
+
+    def _run_lean(self, source: str, rid: bytes, msg: wire.RunPlan, plan: plans.Plan, inputs: list[Entry]) -> None:
+        """Run a plan of plain operations (`plan.steps`): every taint is decided now, at once,
+        from the inputs' (nodes/plans.py says why that is the per-operation rule's verdict), and
+        the values are computed by `_compute_lean`."""
+        assert plan.steps is not None
+        origins = [e.taint.origins for e in inputs]
+        tainted = 0
+        for i, o in enumerate(origins):
+            if o:
+                tainted |= 1 << i
+        lean = _Lean(plan.steps, plan.deps, origins, tainted, {})
+        outputs: list[tuple[int, int, Entry]] = []
+        for result_id, out in zip(msg.result_ids, plan.outputs, strict=True):
+            result = Entry.tensor(owner=source, taint=lean.taint(out))
+            self.store.add(result_id, result)
+            outputs.append((out, result_id, result))
+        run = _Run(source, rid, plan.ops, (), (), dict(enumerate(inputs)), msg.inputs, outputs, plan=True, lean=lean)
         self._start(run)
 
     # --- the one execution path of ops and plan runs -------------------------------------
@@ -283,6 +333,8 @@ class Compute:
         """Compute the operations from `start` through the guard (`_run`), adding each value to
         `values`; returns how many are done. `inline` (on the event loop) stops before an
         operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
+        if run.lean is not None:
+            return self._compute_lean(run.lean, values, start, inline)
         for i in range(start, len(run.ops)):
             op = run.ops[i]
             entries = run.operands[i]
@@ -302,6 +354,74 @@ class Compute:
                 for key, value in zip(op.more_ids, results[1:], strict=True):
                     values[key] = value
         return len(run.ops)
+
+    def _compute_lean(self, lean: _Lean, values: dict[int, Any], start: int, inline: bool) -> int:
+        """`_compute` for a plan of plain operations. A public operation whose inputs are all
+        tensors calls its kernel directly, and its results are copied when they share storage
+        with an operand (or its gradient), as `guard.run` does: the operands' storages are
+        read once per slot (`held`), not once per read. Anything else (a private operation, a
+        model among the inputs) goes through `guard.run` as a single op does."""
+        steps = lean.steps
+        held = lean.held
+        direct = True
+        for i in range(len(lean.origins)):  # the inputs, read anew: their gradients may have changed
+            v = values[i]
+            if isinstance(v, torch.Tensor):
+                held[i] = _storages(v)
+            else:
+                direct = False
+        offload = self.config.offload_numel
+        for i in range(start, len(steps)):
+            step = steps[i]
+            private = lean.tainted != 0 and lean.private(step.result)
+            if inline:
+                n = 0
+                for s in step.reads:
+                    v = values[s]
+                    if isinstance(v, torch.Tensor):
+                        n += v.numel()
+                if i - start >= limits.PLAN_INLINE_OPS or n > offload or (private and not guard.is_warm()):
+                    return i
+            if step.refs is None:
+                args = _materialize(step.args, values)
+            else:
+                args = list(step.args)
+                for pos, slot in step.refs:
+                    args[pos] = values[slot]
+            kwargs = _materialize(step.kwargs, values) if step.kwargs else {}
+            if direct and not private:
+                value = step.fn(*args, **kwargs) if kwargs else step.fn(*args)
+                if step.count != 1 or type(value) is not torch.Tensor:  # the common case needs no check
+                    value = kernels.results(kernels.checked(step.op, value), step.count)
+                key = step.result
+                for r in (value,) if type(value) is torch.Tensor else value:
+                    storages = _storages(r)
+                    if r.numel():
+                        for s in step.reads:
+                            if storages[0] in held[s]:
+                                r = r.clone()
+                                storages = _storages(r)
+                                break
+                    values[key] = r
+                    held[key] = storages
+                    key += 1
+                continue
+            results = guard.run(step.op, args, kwargs, private, self._refusal(lean, step, values), step.count)
+            for k, r in enumerate(results):
+                values[step.result + k] = r
+                held[step.result + k] = _storages(r)
+        return len(steps)
+
+    @staticmethod
+    def _refusal(lean: _Lean, step: plans.Step, values: dict[int, Any]) -> Callable[[], Exception]:
+        """The refusal of `step` on private data, as `_run` words it for the same operation."""
+
+        def refuse() -> Exception:
+            operands = [values[s] for s in step.reads if not lean.private(s)]
+            public = [list(v.shape) for v in operands if isinstance(v, torch.Tensor)]
+            return policy.refuse_op(lean.taint(step.result), step.op, public)
+
+        return refuse
 
     def _finish(self, run: _Run, values: dict[int, Any], versions: dict[int, int], error: Exception | None) -> None:
         """Store the outputs and answer once they, and every input the run changed in place
@@ -400,6 +520,14 @@ def _ok(outputs: Sequence[torch.Tensor]) -> wire.Ok:
         return ok
     more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
     return wire.Ok(list(first.shape), dtype_name(first.dtype), more)
+
+
+def _storages(t: torch.Tensor) -> tuple[int, ...]:
+    """Where `t`'s data is, and its gradient's when it has one `guard` would read: what a
+    result must not share (guard._shares)."""
+    storage = t.untyped_storage().data_ptr()
+    grad = t.grad if t.is_leaf or t.retains_grad else None
+    return (storage,) if grad is None else (storage, grad.untyped_storage().data_ptr())
 
 
 def _numel(values: Iterable[Any]) -> int:

@@ -220,7 +220,12 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
             raise TypeError(f"{op} takes tensors, not a model")
     elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
-    result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
+    return checked(op, fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args)))
+
+
+def checked(op: str, result: Any) -> Result:
+    """What `op`'s kernel returned, as a `Result`; TypeError when it is not a tensor (or, for an
+    op with several results, a tuple of them)."""
     if isinstance(result, torch.Tensor):
         return result
     if REGISTRY[op].outputs != 1 and isinstance(result, tuple) and all(isinstance(r, torch.Tensor) for r in result):

@@ -8,19 +8,48 @@ one at a time (nodes/compute.py): each result's taint is decided as the run arri
 rule, and each value is computed through the same guard. Only the intermediate results differ:
 they are never stored, listed or fetchable, and leave nothing to delete.
 
+Most plans are chains of plain operations (arithmetic, matmul, activations): none writes an
+operand, reads a model or gives a gradient, so every result derives from exactly the inputs it
+reads, transitively. For those `validate` also prepares `steps`: each operation's kernel and its
+arguments decoded once, and which inputs each slot derives from (`deps`, a bitmask). A run then
+decides every taint at once from its inputs' (the per-operation rule gives the same: a plain
+operation's result derives from the union of its operands') and computes the values in a lean
+loop (nodes/compute.py) instead of one stored-entry record per operation. Plans with any other
+operation run op by op, as before.
+
 Plans are kept per client, in memory: a node restart or the client's departure forgets them
 (the client sends a plan again after a run fails).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
 from fedptr.ops import AGGREGATES, ALLOWED
 
-from . import guard, policy
+from . import guard, kernels, policy
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One operation of a plan that runs lean, prepared once: torch's kernel, the arguments with
+    their tagged values (dtypes, devices) decoded and their references to slots left in place,
+    the slots it reads, and the first of its `count` result slots."""
+
+    op: str
+    fn: Callable[..., Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    reads: tuple[int, ...]
+    result: int
+    count: int
+    refs: tuple[tuple[int, int], ...] | None
+    """For flat positional arguments (no list or map among them): (position, slot) of each
+    reference, filled in place of walking them (`_materialize`); None otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +62,11 @@ class Plan:
     ops: tuple[wire.Op, ...]
     reads: tuple[frozenset[int], ...]
     outputs: tuple[int, ...]
+    steps: tuple[Step, ...] | None = None
+    """The operations prepared for the lean loop; None when one of them has a taint rule of its
+    own, takes a model or an inline tensor (the plan then runs op by op)."""
+    deps: tuple[int, ...] = ()
+    """With `steps`: for each slot, the inputs it derives from, as a bitmask (bit i: input i)."""
 
 
 def validate(msg: wire.PutPlan) -> Plan:
@@ -70,7 +104,47 @@ def validate(msg: wire.PutPlan) -> Plan:
     end = slot
     if len(set(msg.outputs)) != len(msg.outputs) or not all(msg.n_inputs <= o < end for o in msg.outputs):
         raise InvalidArgumentError("a plan's outputs are distinct results of its operations")
-    return Plan(msg.n_inputs, tuple(ops), tuple(reads), tuple(msg.outputs))
+    plan = Plan(msg.n_inputs, tuple(ops), tuple(reads), tuple(msg.outputs))
+    steps = _steps(plan)
+    if steps is None:
+        return plan
+    deps = [1 << i for i in range(plan.n_inputs)]
+    for step in steps:
+        derived = 0
+        for s in step.reads:
+            derived |= deps[s]
+        deps.extend([derived] * step.count)
+    return Plan(plan.n_inputs, plan.ops, plan.reads, plan.outputs, steps, tuple(deps))
+
+
+def _steps(plan: Plan) -> tuple[Step, ...] | None:
+    """`plan`'s operations prepared for the lean loop, or None when one of them may write an
+    operand or a model, give gradients (`policy.TAINT_RULES`), takes a model
+    (`kernels.MODULE_OPS`: its checks read the model), or carries an inline tensor (made afresh
+    by each run, and an operand the alias check must see), or a tag that does not decode."""
+    steps = []
+    for op, reads in zip(plan.ops, plan.reads, strict=True):
+        if op.op in policy.TAINT_RULES or op.op in kernels.MODULE_OPS or _has_raw(op.args) or _has_raw(op.kwargs):
+            return None
+        try:
+            args, kwargs = kernels.decode(op.args), kernels.decode(op.kwargs)
+        except ValueError:
+            return None  # the run fails as the operation alone would
+        flat = not any(type(a) is list or type(a) is dict for a in args)
+        refs = tuple((i, a.obj_id) for i, a in enumerate(args) if type(a) is wire.Ref) if flat else None
+        count = 1 + len(op.more_ids)
+        steps.append(Step(op.op, kernels.OPERATIONS[op.op], args, kwargs, tuple(reads), op.result_id, count, refs))
+    return tuple(steps)
+
+
+def _has_raw(value: Any) -> bool:
+    if type(value) is wire.RawTensor:
+        return True
+    if type(value) is list:
+        return any(_has_raw(v) for v in value)
+    if type(value) is dict:
+        return any(_has_raw(v) for v in value.values())
+    return False
 
 
 class Plans:

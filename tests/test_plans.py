@@ -12,6 +12,9 @@ import fedptr
 from fedptr import optim, wire
 from fedptr.client import Client
 
+from . import harness
+from .conftest import refused
+
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
 
@@ -41,6 +44,16 @@ async def test_a_chain_of_dependent_ops_is_one_message_per_run(client: Client, b
     assert torch.allclose(await first.get(), expected)
     objects = await bob.objects()
     assert list(objects) == [x.id_at_location]  # no intermediate result was stored
+
+
+async def test_a_run_and_the_get_of_its_output_leave_together(client: Client, bob: fedptr.Worker) -> None:
+    # one multipart for both: the run waits for the rest of its loop turn instead of leaving alone
+    x = await bob.send(torch.ones(3))
+    double = fedptr.plan(lambda t: t * 2.0)
+    await double(x)
+    before = client.link.multiparts_sent
+    assert torch.equal(await double(x).get(), torch.full((3,), 2.0))
+    assert client.link.multiparts_sent - before == 1
 
 
 async def test_a_new_shape_records_again(bob: fedptr.Worker) -> None:
@@ -194,3 +207,98 @@ async def test_the_node_checks_a_plan_before_keeping_it(client: Client) -> None:
         await client.call("bob", wire.RunPlan(7, [x.id_at_location, x.id_at_location], [client.new_id()]))
     reply = await client.call("bob", wire.RunPlan(7, [x.id_at_location], [client.new_id()]))
     assert reply == wire.PlanReply([[1]], ["float32"])
+
+
+# --- the lean loop (a plan of plain operations: nodes/plans.py `Step`) -----------------------
+SECRET = torch.arange(32, dtype=torch.float32).reshape(8, 4)
+"""bob's private data in the lean-loop tests."""
+
+
+def lean_plans(c: harness.InprocCluster, worker: str) -> list[bool]:
+    """For each plan `worker` keeps, whether it runs on the lean loop."""
+    kept = c.node(worker).plans._by_peer.values()
+    return [plan.steps is not None for by_id in kept for plan in by_id.values()]
+
+
+async def test_a_plain_plans_outputs_derive_from_exactly_the_inputs_they_read() -> None:
+    # the lean loop decides every taint at once from the inputs': an output that reads only a
+    # public input stays public, one that reads private data is private, as op by op
+    async with harness.cluster(["bob"], data={"bob": {"data": {"x": SECRET}}}) as c:
+        bob = c.worker("bob")
+        (x,) = await bob.search("data")
+        p = await bob.send(torch.ones(8, 4))
+
+        @fedptr.plan
+        def mixed(x: fedptr.Pointer, p: fedptr.Pointer) -> tuple[fedptr.Pointer, ...]:
+            q = p * 2.0
+            return q + 1.0, (x + q).sum(0), q.max(0)[1], torch.cat([q, q])[1:3], torch.cat([x, q])
+
+        public, private, indices, stacked, stacked_private = mixed(x, p)
+        assert torch.equal(await public.get(), torch.full((8, 4), 3.0))
+        assert lean_plans(c, "bob") == [True]
+        assert torch.equal(await indices.get(), torch.zeros(4, dtype=torch.int64))
+        assert torch.equal(await stacked.get(), torch.full((2, 4), 2.0))  # arguments nested in a list
+        await refused(private.get(), fedptr.PermissionDenied, owner="bob")
+        await refused(stacked_private.get(), fedptr.PermissionDenied, owner="bob")
+        await refused((x + p * 2.0).sum(0).get(), fedptr.PermissionDenied, owner="bob")  # op by op alike
+
+
+async def test_a_plain_plans_results_never_share_memory_with_its_inputs_or_each_other() -> None:
+    # a view of an input or of an earlier result is copied (guard.run's alias check): a later
+    # write to one object must not change another, whose taint would not follow
+    async with harness.cluster(["bob"]) as c:
+        t = await c.worker("bob").send(torch.zeros(2, 3))
+
+        @fedptr.plan
+        def views(t: fedptr.Pointer) -> tuple[fedptr.Pointer, ...]:
+            y = t * 2.0
+            return y, y.view(6), t.view(6), t.detach()
+
+        y, y_flat, t_flat, t_detached = views(t)
+        await y
+        assert lean_plans(c, "bob") == [True]
+        await t.add_(1.0)
+        await y.add_(1.0)
+        assert torch.equal(await y.get(), torch.ones(2, 3))
+        assert torch.equal(await y_flat.get(), torch.zeros(6))
+        assert torch.equal(await t_flat.get(), torch.zeros(6))
+        assert torch.equal(await t_detached.get(), torch.zeros(2, 3))
+
+
+async def test_a_plain_plans_refusal_on_private_data_is_worded_as_the_op_alone() -> None:
+    # a private operation refused by the meta run names the op and the public operands' shapes,
+    # whether it runs in a plan (on an earlier private result) or alone
+    async with harness.cluster(["bob"], data={"bob": {"data": {"x": SECRET}}}) as c:
+        (x,) = await c.worker("bob").search("data")
+        p = await c.worker("bob").send(torch.ones(3, 3))
+        ids = [x.id_at_location, p.id_at_location]
+        plan = [["mul", [wire.Ref(0), 2.0], {}], ["matmul", [wire.Ref(2), wire.Ref(1)], {}]]
+        await c.client.call("bob", wire.PutPlan(5, 2, plan, [3]))
+        assert lean_plans(c, "bob") == [True]
+        in_plan = await refused(
+            c.client.call("bob", wire.RunPlan(5, ids, [c.client.new_id()])), fedptr.PermissionDenied, owner="bob"
+        )
+        alone = await refused(
+            c.client.call("bob", wire.Op(c.client.new_id(), "matmul", [wire.Ref(ids[0]), wire.Ref(ids[1])], {})),
+            fedptr.PermissionDenied,
+            owner="bob",
+        )
+        assert str(in_plan) == str(alone) and "[3, 3]" in str(in_plan)
+
+
+async def test_plans_that_write_read_models_or_take_inline_tensors_run_op_by_op() -> None:
+    # only plain operations run lean: a write (its taint rule), a model or an inline tensor
+    # (made afresh by each run) keeps the per-operation path
+    async with harness.cluster(["bob"]) as c:
+        bob = c.worker("bob")
+        t = await bob.send(torch.zeros(3))
+        model = await bob.send(nn.Linear(3, 2))
+        ran = [
+            fedptr.plan(lambda t: t.add_(1.0) * 1.0)(t),
+            fedptr.plan(lambda t: model(t) * 1.0)(t),
+            fedptr.plan(lambda t: t + torch.ones(3))(t),
+        ]
+        for out in ran:
+            await out
+        assert lean_plans(c, "bob") == [False, False, False]
+        assert torch.equal(await ran[2].get(), torch.full((3,), 2.0))

@@ -12,6 +12,7 @@ and a crashed sender's files (a real process, killed) are swept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import fedptr
 from fedptr import envelope, limits, shm
 from fedptr.direct import _SHM_CHUNK, DirectPaths, _channel
 from fedptr.errors import ProtocolError
+from fedptr.session import Session
 from fedptr.streams import Reassembly
 from tests.conftest import eventually
 from tests.test_direct import GREETING, data_socket
@@ -81,6 +83,22 @@ async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: f
 
 
 @MODULE_LOOP
+async def test_a_buffer_goes_as_files_of_bounded_size(secure: fedptr.Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rest of a buffer goes as files of at most `limits.DIRECT_SHM_FILE_BYTES`, each read by
+    the node in a loop turn of its own: one file of the whole rest (up to 4 GiB) was read in one
+    turn, holding the node's loop (its heartbeats, every other peer) for seconds."""
+    monkeypatch.setattr(limits, "DIRECT_SHM_FILE_BYTES", 4 * MIB)
+    direct = await opened(secure.client, "bob")
+    lane = direct._lanes[b"bob"]
+    assert lane.channel is not None and lane.channel.shared
+    files_before = lane.channel.files_sent
+    t = torch.randn(4 * MIB)  # 16 MiB: its first 4 KiB through the broker, the rest as 4 files
+    assert torch.equal(await (await secure.client.worker("bob").send(t)).get(), t)
+    assert lane.channel.files_sent - files_before == 4
+    assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+
+
+@MODULE_LOOP
 async def test_a_directory_the_node_does_not_share_falls_back_to_sealed_chunks(
     secure: fedptr.Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,8 +142,24 @@ async def worker_socket(tmp_path: Path) -> AsyncIterator[tuple[DirectPaths, list
         server.close()
 
 
-def shm_chunk(rid: bytes, descriptor: bytes, size: int) -> list[Any]:
-    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, size)
+async def shared_path(server: DirectPaths, directory: shm.Directory, name: bytes) -> tuple[Any, Any]:
+    """`name`'s path to the data socket of `server`, greeted with a probe in `directory`: its
+    keys (the connecting end's) and its socket; the worker said the path has shared memory."""
+    public, secret = zmq.curve_keypair()
+    channel = _channel(public, secret, server.admit(name, public).key, True)
+    sock = data_socket(server.endpoint, public, channel.token)
+    probe = directory.probe()
+    assert probe is not None
+    await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
+    async with asyncio.timeout(15):
+        answer = channel.open(*(await sock.recv_multipart())[1:])
+    directory.unlink(probe[0])  # as a lane does once answered
+    assert answer is not None and answer[-1] == b"shared"
+    return channel, sock
+
+
+def shm_chunk(rid: bytes, descriptor: bytes, size: int, offset: int = 0) -> list[Any]:
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, offset, size)
     return envelope.build(_SHM_CHUNK, b"bob", rid, info, descriptor)
 
 
@@ -139,16 +173,7 @@ async def test_a_peer_cannot_name_another_paths_file(
     directory = shm.Directory(str(tmp_path))
     peers = {}
     for name in (b"alice", b"mallory"):
-        public, secret = zmq.curve_keypair()
-        channel = _channel(public, secret, server.admit(name, public).key, True)
-        sock = data_socket(server.endpoint, public, channel.token)
-        probe = directory.probe()
-        assert probe is not None
-        await sock.send_multipart(channel.seal([*GREETING, probe[1]]))
-        async with asyncio.timeout(15):
-            answer = channel.open(*(await sock.recv_multipart())[1:])
-        assert answer is not None and answer[-1] == b"shared"
-        peers[name] = (channel, sock)
+        peers[name] = await shared_path(server, directory, name)
     try:
         alice, mallory = peers[b"alice"][0], peers[b"mallory"][0]
         data = os.urandom(3 * MIB)
@@ -172,6 +197,89 @@ async def test_a_peer_cannot_name_another_paths_file(
     finally:
         for _, sock in peers.values():
             sock.close(linger=0)
+
+
+async def test_a_descriptor_out_of_a_chunks_place_is_dropped_and_the_socket_reads_on(tmp_path: Path) -> None:
+    """Mallory seals shared-memory chunks not of a chunk's shape (a head alone, a head and a
+    descriptor with no info): the worker hands on chunk-shaped messages only, and her next chunk
+    arrives. (Re-making the head of a message with no frame before its descriptor raised an
+    IndexError out of the data socket's reader, and the messages drained with it were left
+    unread until another came; the one with no info reached the session, its file unclosed.
+    On the six-frame envelope, a descriptor in a request id's place raised a TypeError there.)"""
+    directory = shm.Directory(str(tmp_path))
+    session = Session("bob", envelope.ROLE_WORKER)
+    got: list[list[Any]] = []
+
+    def on_chunk(peer: bytes, frames: list[Any]) -> None:  # as the link's: a ProtocolError drops the message
+        got.append(frames)
+        with contextlib.suppress(ProtocolError):
+            session.receive_direct(peer, frames, 0.0)
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    server = DirectPaths(on_chunk)
+    server._shm = directory
+    server.serve("tcp://127.0.0.1:9")
+    channel, sock = await shared_path(server, directory, b"mallory")
+    try:
+        written = directory.write(shm.tag(channel.token, channel.outgoing, 1), 1, memoryview(bytes(MIB)))
+        assert written is not None
+        data = os.urandom(4096)
+        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, len(data))
+        head = envelope.build(_SHM_CHUNK, b"bob", b"rid-0001")
+        for malformed in ([*head, written[1]], head):
+            await sock.send_multipart(channel.seal(malformed))
+        await sock.send_multipart(channel.seal(envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, data)))
+
+        async def arrived() -> bool:
+            return any(bytes(f[-1]) == data for f in got if not isinstance(f[-1], shm.Incoming))
+
+        assert await eventually(arrived, timeout=10.0), "the chunk after the malformed one never arrived"
+        assert errors == [], "an exception escaped the data socket's reader"
+        assert [len(f) for f in got] == [3]
+    finally:
+        loop.set_exception_handler(None)
+        sock.close(linger=0)
+        server.close()
+
+
+async def test_the_worker_reads_one_file_per_loop_turn(tmp_path: Path) -> None:
+    """Files queued on the data socket are read one per turn of the worker's loop: what is due
+    (a heartbeat, another peer's message) runs between two reads, as between two drains of
+    sealed chunks. (A drain read every file queued, its loop held for all of them.)"""
+    directory = shm.Directory(str(tmp_path))
+    session = Session("bob", envelope.ROLE_WORKER)
+    loop = asyncio.get_running_loop()
+    marks: list[str] = []
+
+    def on_chunk(peer: bytes, frames: list[Any]) -> None:
+        marks.append("file")
+        loop.call_soon(marks.append, "turn")  # due as soon as the loop gets a turn
+        session.receive_direct(peer, frames, 0.0)
+
+    server = DirectPaths(on_chunk)
+    server._shm = directory
+    server.serve("tcp://127.0.0.1:9")
+    channel, sock = await shared_path(server, directory, b"alice")
+    try:
+        data = os.urandom(3 * MIB)
+        for n in range(3):
+            name_tag = shm.tag(channel.token, channel.outgoing, n + 1)
+            written = directory.write(name_tag, n + 1, memoryview(data)[n * MIB : (n + 1) * MIB], at=n * MIB)
+            assert written is not None
+            await sock.send_multipart(channel.seal(shm_chunk(b"rid-0001", written[1], len(data), n * MIB)))
+
+        async def all_read() -> bool:
+            return marks.count("file") == 3 and marks.count("turn") == 3
+
+        assert await eventually(all_read, timeout=10.0), "the files were not all read"
+        assert marks == ["file", "turn"] * 3, f"files read in one loop turn: {marks}"
+        body = session._reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
+        assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+    finally:
+        sock.close(linger=0)
+        server.close()
 
 
 # --- the files: every refusal typed, nothing left ----------------------------------------------
@@ -294,6 +402,32 @@ async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch
         assert await eventually(gone, timeout=10.0), "the sender left its file behind"
     finally:
         sender.close()
+
+
+async def test_files_nobody_takes_stop_at_a_budget_and_the_rest_goes_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client asks for large replies and never takes their files: what the node keeps in shared
+    memory is bounded (`limits.DIRECT_SHM_MAX_PENDING_BYTES`); past it a chunk is refused whole
+    (the link sends it as sealed 1 MiB chunks), and a file taken frees its part. (Unbounded, each
+    reply left a file for `limits.STREAM_TIMEOUT_S`: /dev/shm, the host's memory, filled up.)"""
+    monkeypatch.setattr(limits, "DIRECT_SHM_MAX_PENDING_BYTES", 5 * MIB)
+    sender = DirectPaths(lambda peer, frames: None)
+    sender._shm = shm.Directory(str(tmp_path))
+    try:
+        channel = _channel(*_keys(), connecting=True)
+        channel.shared = True
+        info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 4096, 4096 + 2 * MIB)
+        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
+        files = [sender._seal(channel, frames)[1] for _ in range(4)]
+        assert [bool(f) for f in files] == [True, True, False, False]
+        assert len(list(tmp_path.iterdir())) == 2
+        os.unlink(tmp_path / files[0].decode())  # the receiver took one
+        assert sender._seal(channel, frames)[1], "a file taken did not free its part of the budget"
+        assert len(list(tmp_path.iterdir())) == 2
+    finally:
+        sender.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _keys() -> tuple[bytes, bytes, bytes]:
