@@ -101,6 +101,7 @@ _SUBMODULES = frozenset(
         "progress",
         "security",
         "session",
+        "shm",
         "status",
         "streams",
         "tensors",

@@ -141,7 +141,7 @@ class Compute:
             forwarded = self.node.forward(location, nested, budget)
         except FedptrError as e:
             for ptr in ptrs:
-                ptr.done.set_exception(e)
+                ptr.fail(e)
             raise
         forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
@@ -171,8 +171,8 @@ class Compute:
             self.store.check_principal(i, e, principal)
             location = e.location
             locations.add(location or self.name)
-            if location is not None and e.done.done() and e.done.exception() is not None:
-                failed = e.done.exception()  # a pointer whose hop failed
+            if location is not None and e.error is not None:
+                failed = e.error  # a pointer whose hop failed
         if len(locations) > 1:
             a, b = sorted(locations)[:2]
             raise LocationMismatchError(f"operands live on different workers: {a!r} and {b!r}")
@@ -205,7 +205,7 @@ class Compute:
         """`source`'s models and gradient-tracking tensors held here (a backward may reach them)."""
         for e in self.store.entries.values():
             if e.owner == source and e.location is None:
-                value = e.done.result() if e.done.done() and not e.done.exception() else None
+                value = e.value
                 if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                     yield e
 
@@ -250,18 +250,17 @@ class Compute:
             if plan.steps is not None:
                 self._run_lean(source, rid, msg, plan, slots)
                 return
-            # the intermediate results' entries share one pending future: they are never stored,
+            # the intermediate results' entries stay pending: they are never stored,
             # awaited or listed, only asked for their taint (and counted as state a forward may write)
-            unsettled: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             operands: list[dict[int, Entry]] = []
             firsts: list[Entry] = []
             for op, reads in zip(plan.ops, plan.reads, strict=True):
                 temporaries = slots[plan.n_inputs :] if op.op == "backward" else ()
                 operands.append({s: slots[s] for s in reads})
                 taint = self._result_taint(op, operands[-1], source, temporaries)
-                slots.append(Entry(unsettled, owner=source, taint=taint))
+                slots.append(Entry(owner=source, taint=taint))
                 firsts.append(slots[-1])  # whose taint says whether the op runs as private
-                slots.extend(Entry(unsettled, owner=source, taint=_copy(taint)) for _ in op.more_ids)
+                slots.extend(Entry(owner=source, taint=_copy(taint)) for _ in op.more_ids)
         except Exception as e:
             for result_id in msg.result_ids:
                 self._store_failed(result_id, source, e)
@@ -318,7 +317,7 @@ class Compute:
         try:
             if values is None:
                 for entry in run.inputs.values():
-                    await entry.done  # raises the error an input failed with
+                    await entry.wait()  # raises the error an input failed with
                 values = _values(run.inputs, versions)
                 assert values is not None  # every input settled without an error
                 done = self._compute(run, values, 0, inline=True)
@@ -449,8 +448,8 @@ class Compute:
         if error is not None:
             err = error if isinstance(error, FedptrError) else _remote(error, self.name)
             for _, _, result in run.outputs:
-                if not result.done.done():
-                    result.done.set_exception(err)
+                if not result.settled:
+                    result.fail(err)
             self.node.reply_error(run.source, run.rid, err)
             return
         for (_, _, result), value in zip(run.outputs, outputs, strict=True):
@@ -466,7 +465,7 @@ class Compute:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""
         failed = Entry.tensor(owner=source)
         failed.sponsor = sponsor
-        failed.done.set_exception(e if isinstance(e, FedptrError) else _remote(e, self.name))
+        failed.fail(e if isinstance(e, FedptrError) else _remote(e, self.name))
         with contextlib.suppress(InvalidArgumentError, QuotaExceededError):  # then not found, as failed
             self.store.add(result_id, failed)
 
@@ -477,11 +476,11 @@ class Compute:
         if error is not None:
             err = with_hop(error, self.name)
             for ptr in ptrs:
-                ptr.done.set_exception(err)
+                ptr.fail(err)
             self.node.reply_error(source, rid, err)
         else:
             for ptr in ptrs:
-                ptr.done.set_result(None)
+                ptr.settle(None)
             durable = all_written([self.store.commit(i, p) for i, p in zip(ids, ptrs, strict=True)])
             self.node.reply_durable(durable, source, rid, forwarded.result())
 
@@ -547,9 +546,9 @@ def _copy(taint: policy.Taint) -> policy.Taint:
 
 def _has_state(entry: Entry) -> bool:
     """Whether `entry` may be a model with buffers (a forward may write them); unknown counts."""
-    if not entry.done.done() or entry.done.exception() is not None:
+    if not entry.ok:
         return True
-    value = entry.done.result()
+    value = entry.value
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
 
 
@@ -559,10 +558,9 @@ def _values(entries: dict[int, Entry], versions: dict[int, int]) -> dict[int, An
     it: the run persists the inputs it changed). One pass: this runs for every operation."""
     values = {}
     for i, e in entries.items():
-        done = e.done
-        if not done.done() or done.exception() is not None:
+        if not e.settled or e.error is not None:
             return None
-        value = values[i] = done.result()
+        value = values[i] = e.value
         if isinstance(value, torch.Tensor):
             versions[i] = value._version
     return values

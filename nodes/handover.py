@@ -100,8 +100,8 @@ class Handover:
         entry.owner = msg.to
         entry.sponsor = source
         durable = None
-        if entry.done.done() and entry.done.exception() is None:
-            durable = node.store.persist(msg.obj_id, entry, entry.done.result())
+        if entry.ok:
+            durable = node.store.persist(msg.obj_id, entry, entry.value)
         node.reply_durable(durable, source, rid, wire.Ok())
 
     def has(self, source: str, rid: bytes, msg: wire.Has, budget: float) -> None:
@@ -137,18 +137,14 @@ class Handover:
             self._get_pointer(source, rid, msg.obj_id, node.store.take(msg.obj_id, source), budget)
             return
 
-        def answer(done: asyncio.Future[torch.Tensor | None]) -> None:
-            error = done.exception()
-            if error is not None:
-                node.reply_error(source, rid, error)
+        def answer(done: Entry) -> None:
+            if done.error is not None:
+                node.reply_error(source, rid, done.error)
             else:
-                self._release(source, rid, msg.obj_id, entry, done.result())
+                self._release(source, rid, msg.obj_id, entry, done.value)
 
         # An entry always settles: computations end, and forwards carry the link's deadline.
-        if entry.done.done():
-            answer(entry.done)
-        else:
-            entry.done.add_done_callback(answer)
+        entry.on_settled(answer)
 
     def _get_pointer(self, source: str, rid: bytes, obj_id: int, entry: Entry, budget: float) -> None:
         """The caller takes this pointer's place: the object one hop down becomes theirs."""
@@ -164,11 +160,10 @@ class Handover:
                 reply = wire.PointerReply(entry.location, entry.remote_id)
                 node.reply_durable(node.store.release(obj_id), source, rid, reply)
 
-        def answer(done: asyncio.Future[None]) -> None:
-            error = done.exception()
-            if error is not None:
+        def answer(done: Entry) -> None:
+            if done.error is not None:
                 node.store.put_back(obj_id, entry)
-                node.reply_error(source, rid, error)
+                node.reply_error(source, rid, done.error)
                 return
             assert entry.location is not None
             try:
@@ -179,10 +174,7 @@ class Handover:
                 return
             grant.add_done_callback(handed)
 
-        if entry.done.done():
-            answer(entry.done)
-        else:
-            entry.done.add_done_callback(answer)
+        entry.on_settled(answer)
 
     def _release(self, source: str, rid: bytes, obj_id: int, entry: Entry, value: Any) -> None:
         node = self.node
@@ -220,7 +212,7 @@ class Handover:
                     hop_msg: wire.Message = wire.Move(entry.remote_id, msg.dest, msg.new_id, owner)
                     ask: tuple[str, int, bool] = (entry.location, entry.remote_id, False)
                 else:
-                    value = await entry.done
+                    value = await entry.wait()
                     policy.check_move(entry.taint, msg.dest)
                     hop_msg = _transfer(msg.new_id, value, owner, entry.taint)
                     ask = (msg.dest, msg.new_id, True)
@@ -253,15 +245,14 @@ class Handover:
         """A move to this very node: the object is stored as `new_id`, then forgotten as `obj_id`."""
         node = self.node
         try:
-            node.store.add(new_id, entry)
+            node.store.rename(obj_id, new_id)
         except FedptrError:
             node.store.put_back(obj_id, entry)
             raise
         entry.owner = owner
         durable = None
-        if entry.done.done() and entry.done.exception() is None:
-            durable = node.store.persist(new_id, entry, entry.done.result())
-        node.store.renamed(obj_id, new_id)
+        if entry.ok:
+            durable = node.store.persist(new_id, entry, entry.value)
         # the removal is queued after the write of `new_id`: the answer waits for both
         node.reply_durable(node.store.release(obj_id) if durable is not None else None, source, rid, wire.Ok())
 

@@ -49,7 +49,7 @@ class Objects:
     def store_new(self, source: str, rid: bytes, obj_id: int, entry: Entry, ok: wire.Message) -> None:
         """Store and commit a received value (`entry`, settled), and answer `ok` once it is
         durable; nothing is kept when the commit or its write fails."""
-        value = entry.done.result()
+        value = entry.value
         self.store.add(obj_id, entry)
         try:
             durable = self.store.commit(obj_id, entry, value)
@@ -64,7 +64,7 @@ class Objects:
 
     def search(self, source: str, rid: bytes, msg: wire.Search, budget: float) -> None:
         ids = list(self.store.tags.get(msg.tag, []))
-        values = [self.store.entries[i].done.result() for i in ids]
+        values = [self.store.entries[i].value for i in ids]
         shapes: list[wire.Value] = [list(v.shape) for v in values]
         self.node.reply(source, rid, wire.SearchReply(ids, shapes, [dtype_name(v.dtype) for v in values]))
 
@@ -115,7 +115,7 @@ class Objects:
         barrier = self.store.barrier()  # a listing promises only what a restart keeps
 
         async def answer() -> None:
-            pending = [e.done for e in snapshot.values() if not e.done.done()]
+            pending = [e.wait() for e in snapshot.values() if not e.settled]
             if barrier is not None:
                 pending.append(barrier)
             if pending:
@@ -126,9 +126,7 @@ class Objects:
                 if barrier.exception() is not None:
                     raise barrier.exception()  # type: ignore[misc]
             rows = [
-                dataclasses.replace(e.row(i), owner=e.owner)
-                for i, e in snapshot.items()
-                if e.done.done() or e.is_pointer
+                dataclasses.replace(e.row(i), owner=e.owner) for i, e in snapshot.items() if e.settled or e.is_pointer
             ]
             if len(rows) > limits.MAX_LISTED_OBJECTS:
                 raise OverloadedError(self.name, f"{len(rows)} objects are too many to list at once")

@@ -38,7 +38,7 @@ class Release:
         policy.check_contribution(self.policy, entry.taint, msg.aggregator)
 
         async def answer() -> None:
-            value = await entry.done
+            value = await entry.wait()
             if not isinstance(value, torch.Tensor) or entry.location is not None:
                 raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
             clipped = mechanisms.clip(value, self.config.dp_clip)
@@ -74,8 +74,8 @@ class Release:
 
         async def answer() -> None:
             try:
-                model = await model_entry.done
-                x, y = data[0].done.result(), data[1].done.result()
+                model = await model_entry.wait()
+                x, y = data[0].result(), data[1].result()
                 if not isinstance(model, torch.nn.Module) or len(x) != len(y):
                     raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
                 mechanisms.check_run(msg, len(x))
@@ -119,7 +119,7 @@ class Release:
             raise InvalidArgumentError("aggregate_mean takes one list of contributions")
         chosen = [entries[r.obj_id] for r in refs]  # type: ignore[union-attr]
         policy.check_aggregate(self.policy, chosen)
-        values = [e.done.result() for e in chosen]
+        values = [e.result() for e in chosen]
         contributions = [e.contribution for e in chosen if e.contribution is not None]
         mean = mechanisms.release_mean(values, contributions, self.policy.owners, self.policy.min_owners)
         for r in refs:

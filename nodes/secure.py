@@ -243,7 +243,7 @@ class SecureRounds:
             config = joined.protocol.config
             if config is None:
                 raise PermissionDenied(node.name, "the masked input comes after the keys are shared")
-            value = await entry.done
+            value = await entry.wait()
             if not isinstance(value, torch.Tensor) or entry.location is not None or value.numel() != config.dim:
                 raise InvalidArgumentError(f"a secure input is a tensor of {config.dim} numbers held on its owner")
             bound = min(node.config.dp_clip, config.clip)

@@ -1,16 +1,15 @@
 """The node's object store: entries that are local tensors, models, or pointers to other workers.
 
 An entry is created the moment its request arrives, before its value exists, so later
-requests (pipelined by the client) find it in order. `done` settles when the value is
-computed (a tensor), when the next hop confirmed it (a pointer), or with the error that
-stopped it; a dependent operation then fails with that same error.
+requests (pipelined by the client) find it in order. It settles when the value is computed
+(a tensor), when the next hop confirmed it (a pointer), or with the error that stopped it; a
+dependent operation then fails with that same error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +37,15 @@ from .writeahead import WriteAhead
 @dataclass(eq=False, slots=True)
 class Entry:
     """One stored object. `location` is None for a tensor (or model) held here, else the worker
-    a pointer points to, with `remote_id` its id there."""
+    a pointer points to, with `remote_id` its id there.
 
-    done: asyncio.Future[Any]
+    It is `settled` once its value is computed (a tensor), the next hop confirmed it (a
+    pointer), or an error stopped it (`error`); a dependent operation then fails with that same
+    error. Most entries settle in the loop turn that made them and are read at once, so the
+    value and error are plain slots: an asyncio future is made only for whoever waits on a
+    pending entry (`wait`, `on_settled`), one per waiter, so that cancelling one waiter leaves
+    the entry and the other waiters alone."""
+
     location: str | None = None
     remote_id: int = 0
     owner: str = ""
@@ -56,10 +61,24 @@ class Entry:
     sponsor: str = ""
     """The peer that granted it to its owner (a client sending a pointer): when that client's
     session ends the object is reclaimed too, even if the owner's pointer to it was lost."""
+    settled: bool = False
+    value: Any = None
+    """The value once settled without an error (None for a pointer)."""
+    error: BaseException | None = None
+    _waiters: list[asyncio.Future[Any] | Callable[[Entry], None]] | None = field(default=None, repr=False)
+    account: Account | None = field(default=None, repr=False)
+    """The quota it counts against (the store's; None: a worker's own data, or not stored)."""
+    charged: int = 0
+    """The tensor bytes the store charged for it."""
 
     @property
     def is_pointer(self) -> bool:
         return self.location is not None
+
+    @property
+    def ok(self) -> bool:
+        """Settled without an error."""
+        return self.settled and self.error is None
 
     @classmethod
     def tensor(
@@ -67,36 +86,84 @@ class Entry:
     ) -> Entry:
         """A local tensor (or model) entry, settled with `value` or pending when it is None. An
         alias passes its target's `taint` and shares that very object, even while it is empty."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if value is not None:
-            fut.set_result(value)
         # `taint or Taint()` would give the alias of a still-public target (an empty, so falsy,
         # Taint) a cell of its own: a write through the alias then left the target public.
         # Positional: keywords cost a third more, and an entry is made for every operation.
-        return cls(fut, None, 0, owner, Taint({}) if taint is None else taint)
+        entry = cls(None, 0, owner, Taint({}) if taint is None else taint)
+        if value is not None:
+            entry.settled = True
+            entry.value = value
+        return entry
 
     @classmethod
     def pointer(cls, location: str, remote_id: int, settled: bool, owner: str = "") -> Entry:
         """A pointer entry; pending until the hop it points to confirms the object, unless `settled`."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if settled:
-            fut.set_result(None)
-        fut.add_done_callback(_retrieve)
-        return cls(fut, location, remote_id, owner, Taint({}))
+        return cls(location, remote_id, owner, Taint({}), settled=settled)
 
-    def settle(self, value: torch.Tensor | nn.Module) -> None:
-        """Give a pending local entry its value. A value is no error to mark as retrieved, so the
-        store's `_retrieve` callback goes first: one event-loop callback less per operation."""
-        self.done.remove_done_callback(_retrieve)
-        self.done.set_result(value)
+    def result(self) -> Any:
+        """The value of a settled entry, or the error it failed with, raised."""
+        if self.error is not None:
+            raise self.error
+        if not self.settled:
+            raise asyncio.InvalidStateError("the object is not settled yet")
+        return self.value
+
+    def settle(self, value: torch.Tensor | nn.Module | None) -> None:
+        """Give a pending entry its value (None: a pointer whose hop confirmed it)."""
+        if self.settled:
+            raise asyncio.InvalidStateError("the object is settled already")
+        self.settled = True
+        self.value = value
+        if self._waiters is not None:
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """Settle a pending entry with the error that stopped it."""
+        if self.settled:
+            raise asyncio.InvalidStateError("the object is settled already")
+        self.settled = True
+        self.error = error
+        if self._waiters is not None:
+            self._wake()
+
+    def wait(self) -> asyncio.Future[Any]:
+        """A future of this waiter's own that settles as the entry does (at once if it has)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.settled:
+            _settle(fut, self)
+        else:
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(fut)
+        return fut
+
+    def on_settled(self, callback: Callable[[Entry], None]) -> None:
+        """Call `callback(self)` once the entry settles, in a later loop turn (as a future's
+        done callback would be), or now if it has."""
+        if self.settled:
+            callback(self)
+            return
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(callback)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        loop = asyncio.get_running_loop()
+        for w in waiters:
+            if isinstance(w, asyncio.Future):
+                if not w.done():  # not a waiter that was cancelled
+                    _settle(w, self)
+            else:
+                loop.call_soon(w, self)
 
     def row(self, obj_id: int) -> ObjectRow:
         """This entry's line in a store listing (it must have settled)."""
-        if self.done.exception() is not None:
-            return ObjectRow(obj_id, "failed", [], type(self.done.exception()).__name__, None, "", 0)
+        if self.error is not None:
+            return ObjectRow(obj_id, "failed", [], type(self.error).__name__, None, "", 0)
         if self.location is not None:
             return ObjectRow(obj_id, "pointer", [], "", None, self.location, self.remote_id)
-        t = self.done.result()
+        t = self.value
         if isinstance(t, nn.Module):
             return ObjectRow(obj_id, "module", [], "", None, "", 0)
         # values are shown only for small tensors that derive from no one's private data, and
@@ -106,6 +173,16 @@ class Entry:
         preview = t.detach().reshape(-1).tolist() if small and not self.taint else None
         shape = list(t.shape) if not self.taint or self.readonly else []
         return ObjectRow(obj_id, "tensor", shape, NAME_BY_DTYPE.get(t.dtype, str(t.dtype)), preview, "", 0)
+
+
+@dataclass(eq=False, slots=True)
+class Account:
+    """What one client's objects on this node count against its quota, shared by those entries
+    (so that storing or deleting one touches no table keyed by object id)."""
+
+    client: str
+    objects: int = 0
+    bytes: int = 0
 
 
 UNKNOWN_ORIGIN = "?"
@@ -125,10 +202,12 @@ def _restore_privacy(entry: Entry, privacy: dict[str, Any] | None) -> None:
         entry.taint = Taint({UNKNOWN_ORIGIN: frozenset()})
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    # Errors are reported to whoever asked; an entry nobody awaits must not warn at exit.
-    if not fut.cancelled():
-        fut.exception()
+def _settle(fut: asyncio.Future[Any], entry: Entry) -> None:
+    if entry.error is None:
+        fut.set_result(entry.value)
+    else:
+        fut.set_exception(entry.error)
+        fut.exception()  # whoever waits is told; a waiter that gave up must not warn at exit
 
 
 class Store:
@@ -169,13 +248,10 @@ class Store:
         """Entries in a hand-over: out of `entries`, still on disk and charged."""
         self._orphans: set[int] = set()
         """Taken entries deleted meanwhile: a put back drops them instead."""
-        self._charged: dict[int, int] = {}
         self.max_client_objects = max_client_objects
         self.max_client_bytes = max_client_bytes
-        self._client_of: dict[int, str] = {}
-        """Object id -> the client whose quota it counts against (entries and taken)."""
-        self.objects_of: Counter[str] = Counter()
-        self.bytes_of: Counter[str] = Counter()
+        self.accounts: dict[str, Account] = {}
+        """By client, for those holding objects here (entries and taken)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -193,9 +269,9 @@ class Store:
                 entry = Entry.tensor(stored.value, stored.owner)
                 _restore_privacy(entry, stored.privacy)
             entry.sponsor = stored.sponsor
-            self._count(obj_id, entry)
+            self._count(entry)
             if not isinstance(stored.value, tuple):
-                self._charge(obj_id, stored.value, restoring=True)
+                self._charge(entry, stored.value, restoring=True)
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -207,46 +283,64 @@ class Store:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
         if obj_id in self.entries or obj_id in self.taken:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
-        self.admit(entry.sponsor or entry.owner)
-        self._count(obj_id, entry)
-        entry.done.add_done_callback(_retrieve)
+        self._count(entry, admit=True)
         self.entries[obj_id] = entry
+
+    def usage(self, client: str) -> tuple[int, int]:
+        """The objects and tensor bytes that count against `client`'s quota here."""
+        account = self.accounts.get(client)
+        return (0, 0) if account is None else (account.objects, account.bytes)
 
     def admit(self, client: str, count: int = 1) -> None:
         """Raise QuotaExceededError unless `client` may hold `count` more objects here."""
-        if client != ANYONE and self.objects_of[client] + count > self.max_client_objects:
+        if client != ANYONE and self.usage(client)[0] + count > self.max_client_objects:
             raise QuotaExceededError("", f"{client!r} may hold at most {self.max_client_objects} objects here")
 
-    def _count(self, obj_id: int, entry: Entry) -> None:
+    def _count(self, entry: Entry, admit: bool = False) -> None:
+        """Count `entry` against the quota of its client (its sponsor, else its owner), refused
+        past it when `admit`."""
         client = entry.sponsor or entry.owner
-        if client != ANYONE:
-            self._client_of[obj_id] = client
-            self.objects_of[client] += 1
+        if client == ANYONE:
+            return
+        account = self.accounts.get(client)
+        if account is None:
+            account = self.accounts[client] = Account(client)
+        if admit and account.objects >= self.max_client_objects:
+            if not account.objects:
+                del self.accounts[client]
+            raise QuotaExceededError("", f"{client!r} may hold at most {self.max_client_objects} objects here")
+        account.objects += 1
+        entry.account = account
 
-    def _uncount(self, obj_id: int) -> None:
-        """`obj_id` is gone: its object and bytes no longer count against its client's quota."""
-        self.bytes -= self._charged.get(obj_id, 0)
-        client = self._client_of.pop(obj_id, None)
-        if client is not None:
-            self.bytes_of[client] -= self._charged.get(obj_id, 0)
-            self.objects_of[client] -= 1
-            if not self.objects_of[client]:
-                del self.objects_of[client]
-                self.bytes_of.pop(client, None)
-        self._charged.pop(obj_id, None)
+    def _uncount(self, entry: Entry) -> None:
+        """`entry` is gone: it and its bytes no longer count against its client's quota."""
+        self.bytes -= entry.charged
+        account = entry.account
+        if account is not None:
+            account.bytes -= entry.charged
+            account.objects -= 1
+            if not account.objects:
+                del self.accounts[account.client]
+            entry.account = None
+        entry.charged = 0
 
-    def renamed(self, obj_id: int, new_id: int) -> None:
-        """Taken `obj_id` is now stored as `new_id` (a move to this very node): its charge moves
-        with it, and `obj_id` no longer counts."""
-        self.taken.pop(obj_id, None)
-        nbytes = self._charged.get(obj_id, 0)
-        self._uncount(obj_id)
-        if nbytes:
-            self._charged[new_id] = self._charged.get(new_id, 0) + nbytes
-            self.bytes += nbytes
-            client = self._client_of.get(new_id)
-            if client is not None:
-                self.bytes_of[client] += nbytes
+    def rename(self, obj_id: int, new_id: int) -> None:
+        """Store taken `obj_id` as `new_id` (a move to this very node): it counts once, against
+        the quota of the client it belongs to now, with its bytes. Raises InvalidArgumentError
+        when `new_id` is taken, QuotaExceededError past the quota; then nothing changed."""
+        entry = self.taken[obj_id]
+        if new_id in self.entries or new_id in self.taken:
+            raise InvalidArgumentError(f"object id {new_id} already exists")
+        self.admit(entry.sponsor or entry.owner)  # as a new object would be, the old still counted
+        charged = entry.charged
+        self._uncount(entry)
+        self._count(entry)
+        entry.charged = charged
+        self.bytes += charged
+        if entry.account is not None:
+            entry.account.bytes += charged
+        del self.taken[obj_id]
+        self.entries[new_id] = entry
 
     def add_data(self, tag: str, value: torch.Tensor, taint: Taint) -> int:
         """Store a dataset array under a new id: private (`taint`), read-only, pinned, and
@@ -255,7 +349,7 @@ class Store:
         entry = Entry.tensor(value, ANYONE, taint)
         entry.readonly = self.node
         self.add(obj_id, entry)
-        self._charge(obj_id, value)
+        self._charge(entry, value)
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)
         return obj_id
@@ -281,7 +375,7 @@ class Store:
             assert value is not None
             params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
             for p in params:
-                self._charge(obj_id, p)
+                self._charge(entry, p)
         return self.persist(obj_id, entry, value) if durable else None
 
     def persist(
@@ -302,20 +396,21 @@ class Store:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
         return self.entries.get(obj_id) is entry or self.taken.get(obj_id) is entry
 
-    def _charge(self, obj_id: int, value: torch.Tensor, restoring: bool = False) -> None:
+    def _charge(self, entry: Entry, value: torch.Tensor, restoring: bool = False) -> None:
         """Count `value`'s bytes against the store's cap and its client's quota; refused past
         either (the quota not for what a restart restores: it was acknowledged, it stays)."""
         nbytes = value.numel() * value.element_size()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
-        client = self._client_of.get(obj_id)
+        account = entry.account
         quota = self.max_client_bytes
-        if client is not None and quota and not restoring and self.bytes_of[client] + nbytes > quota:
+        if account is not None and quota and not restoring and account.bytes + nbytes > quota:
+            client = account.client
             raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
         self.bytes += nbytes
-        self._charged[obj_id] = self._charged.get(obj_id, 0) + nbytes
-        if client is not None:
-            self.bytes_of[client] += nbytes
+        entry.charged += nbytes
+        if account is not None:
+            account.bytes += nbytes
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`
@@ -346,9 +441,10 @@ class Store:
 
     def release(self, obj_id: int) -> asyncio.Future[None] | None:
         """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
-        self.taken.pop(obj_id, None)
+        entry = self.taken.pop(obj_id, None)
+        if entry is not None:
+            self._uncount(entry)
         self._orphans.discard(obj_id)
-        self._uncount(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
     def put_back(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
@@ -370,7 +466,7 @@ class Store:
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
-            self._uncount(obj_id)
+            self._uncount(entry)
             if self.wal is not None:
                 self.wal.remove(obj_id)
         return entry

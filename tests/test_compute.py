@@ -5,11 +5,16 @@ the table its answers come from."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+from collections.abc import Callable
+
 import pytest
 import torch
 from fedptr.nodes import compute
 from fedptr.nodes.node import NodeConfig
 from fedptr.nodes.scheduler import Scheduler
+from fedptr.nodes.store import Entry
 
 import fedptr
 from fedptr import limits
@@ -38,10 +43,10 @@ async def test_an_in_place_write_whose_result_cannot_be_stored_still_reaches_the
         with pytest.raises(fedptr.StoreFullError):
             await result
         node = c.node("bob")
-        in_memory = node.store.entries[x.id_at_location].done.result()
+        in_memory = node.store.entries[x.id_at_location].result()
         assert torch.equal(in_memory, torch.ones(N))  # the write happened before the failure
         await c.restart_node("bob")
-        restored = c.node("bob").store.entries[x.id_at_location].done.result()
+        restored = c.node("bob").store.entries[x.id_at_location].result()
         assert torch.equal(restored, in_memory)  # what a restart serves is what was served
 
 
@@ -117,3 +122,45 @@ async def test_a_deferred_computation_that_raises_is_answered_without_its_text(m
         with pytest.raises(fedptr.RemoteError) as info:
             await (x + 1.0)
         assert info.value.remote_type == "InternalError" and "42" not in str(info.value)
+
+
+async def test_results_computed_at_once_hold_no_asyncio_future() -> None:
+    # A future per entry was ~12% of the node's CPU per pipelined op (bench/node_loop.py) and an
+    # object more for the cyclic GC to track; an entry settled in the turn that made it needs none.
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(4))
+        y = x
+        chain = []
+        for _ in range(20):
+            y = y + x
+            chain.append(y)
+        assert torch.equal(await y.get(), torch.full((4,), 21.0))  # type: ignore[arg-type]
+        store = c.node("bob").store
+        results = [store.entries[p.id_at_location] for p in chain]
+        assert all(e.ok for e in results)
+        held = [r for e in results for r in gc.get_referents(e) if isinstance(r, asyncio.Future)]
+        assert held == []
+
+
+async def test_a_waiter_that_gives_up_leaves_the_entry_and_the_other_waiters() -> None:
+    entry = Entry.tensor(owner="c")
+    gave_up, waiting = entry.wait(), entry.wait()
+    gave_up.cancel()  # a task awaiting it was cancelled
+    handed: list[Entry] = []
+    entry.on_settled(handed.append)
+    entry.fail(fedptr.StoreFullError("bob", "full"))
+    with pytest.raises(fedptr.StoreFullError):
+        await asyncio.wait_for(waiting, 5)
+    assert entry.settled and isinstance(entry.error, fedptr.StoreFullError) and gave_up.cancelled()
+    await asyncio.wait_for(_until(lambda: handed == [entry]), 5)  # a callback runs in a later turn
+    with pytest.raises(fedptr.StoreFullError):
+        entry.result()
+    with pytest.raises(fedptr.StoreFullError):
+        await asyncio.wait_for(entry.wait(), 5)  # a late waiter is told at once
+    with pytest.raises(asyncio.InvalidStateError):
+        entry.settle(torch.ones(1))  # settled once, for good
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0)

@@ -203,7 +203,7 @@ def _copies(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tup
         held[name] = [
             (i, e.owner)
             for i, e in (*store.entries.items(), *store.taken.items())
-            if e.location is None and e.done.done() and torch.equal(e.done.result(), value)
+            if e.location is None and e.ok and torch.equal(e.value, value)
         ]
     return held
 

@@ -14,7 +14,7 @@ import torch
 from fedptr.nodes.node import Node, NodeConfig
 
 import fedptr
-from fedptr import limits
+from fedptr import limits, wire
 from tests.conftest import eventually
 
 from . import harness
@@ -60,7 +60,7 @@ async def test_a_client_past_its_bytes_is_refused_and_others_are_not() -> None:
             with pytest.raises(fedptr.QuotaExceededError) as refused:
                 await (x * 2)
             assert str(QUOTA_BYTES) in refused.value.detail
-            assert node.store.bytes_of[greedy.name] == QUOTA_BYTES
+            assert node.store.usage(greedy.name)[1] == QUOTA_BYTES
             big = await c.worker("bob").send(torch.zeros(QUOTA_BYTES // 4))  # another client's bytes
             assert torch.equal(await big.get(), torch.zeros(QUOTA_BYTES // 4))
             del y
@@ -90,6 +90,26 @@ def _within(node: Node, client: str, objects: int, nbytes: int) -> Callable[[], 
     in `node`'s quota accounting (deletes travel unanswered, so they land a little later)."""
 
     async def holds() -> bool:
-        return node.store.objects_of[client] <= objects and node.store.bytes_of[client] <= nbytes
+        held, held_bytes = node.store.usage(client)
+        return held <= objects and held_bytes <= nbytes
 
     return holds
+
+
+async def test_a_move_to_the_same_node_counts_once_and_a_refused_one_changes_nothing() -> None:
+    # the quota's record is on the entry: a rename must move it with the entry, not count twice
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_client_objects=2)}) as c:
+        bob, client = c.worker("bob"), c.client
+        x = await bob.send(torch.ones(4))
+        store = c.node("bob").store
+        assert store.usage(client.name) == (1, 16)
+        moved = client.new_id()
+        await client.call("bob", wire.Move(x.id_at_location, "bob", moved))  # stored under a new id
+        assert store.usage(client.name) == (1, 16) and store.bytes == 16 and moved in store.entries
+        y = await bob.send(torch.ones(2))
+        assert store.usage(client.name) == (2, 24)
+        with pytest.raises(fedptr.QuotaExceededError):  # its new id would be a third object
+            await client.call("bob", wire.Move(y.id_at_location, "bob", client.new_id()))
+        assert store.usage(client.name) == (2, 24) and y.id_at_location in store.entries  # y stays
+        await bob.clear()
+        assert store.usage(client.name) == (0, 0) and store.accounts == {} and store.bytes == 0
