@@ -115,19 +115,7 @@ async def test_an_aggregator_substituting_a_neighbours_keys_is_refused(owners: t
     relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
     fake = sa.Owner("o2").advertise()
     relayed["o2"] = [fake.cipher, fake.mask]
-    share = wire.SecAggShare(
-        round_id,
-        list(OWNERS),
-        5,
-        config.threshold,
-        3,
-        config.degree,
-        config.ring_bits,
-        CLIP,
-        SIGMA,
-        relayed,
-        config.colluding,
-    )
+    share = share_request(config, relayed)
     with pytest.raises(fedptr.PermissionDenied, match="o2"):
         await c.client.call("o1", share)
 
@@ -146,6 +134,24 @@ async def test_an_owner_refuses_a_round_with_less_noise_than_it_asks(
     weak = wire.SecAggShare(round_id, list(OWNERS), 5, 0, 3, 0, 32, CLIP, SIGMA / 2, relayed, 0)
     with pytest.raises(fedptr.PermissionDenied, match="noise is below"):
         await c.client.call("o1", weak)
+
+
+def share_request(config: sa.Config, relayed: dict[str, list[bytes]]) -> wire.SecAggShare:
+    """The share request an honest aggregator sends each owner of the round `config` (5 numbers
+    each, m = 3), given the keys it relays (`relayed`, by owner)."""
+    return wire.SecAggShare(
+        config.round_id,
+        list(config.owners),
+        5,
+        config.threshold,
+        3,
+        config.degree,
+        config.ring_bits,
+        CLIP,
+        SIGMA,
+        relayed,
+        config.colluding,
+    )
 
 
 async def join(c: fedptr.Cluster, vs: list[fedptr.Pointer], aggregator: str = "agg", colluders: int = 0) -> bytes:
@@ -185,19 +191,7 @@ async def keys_shared(
     assert all(isinstance(k, wire.SecAggKeys) for k in keys.values())
     config = sa.Config(round_id, tuple(OWNERS), 5, 0, 3, CLIP, SIGMA)
     relayed = {o: [k.cipher, k.mask] for o, k in keys.items()}  # type: ignore[attr-defined]
-    share = wire.SecAggShare(
-        round_id,
-        list(OWNERS),
-        5,
-        config.threshold,
-        3,
-        config.degree,
-        config.ring_bits,
-        CLIP,
-        SIGMA,
-        relayed,
-        config.colluding,
-    )
+    share = share_request(config, relayed)
     sent = {o: await c.client.call(o, share) for o in OWNERS}
     inbox = sa.Aggregator(config).route_shares({o: r.shares for o, r in sent.items()})  # type: ignore[attr-defined]
     return round_id, config, inbox
@@ -243,19 +237,7 @@ async def test_an_owner_refuses_its_aggregator_as_an_owner(owners: tuple[fedptr.
     relayed[me] = [mine.cipher, mine.mask]
     everyone = sorted([*OWNERS, me])
     config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
-    share = wire.SecAggShare(
-        round_id,
-        everyone,
-        5,
-        config.threshold,
-        3,
-        config.degree,
-        config.ring_bits,
-        CLIP,
-        SIGMA,
-        relayed,
-        config.colluding,
-    )
+    share = share_request(config, relayed)
     with pytest.raises(fedptr.PermissionDenied, match="its aggregator"):
         await c.client.call("o1", share)
 
@@ -275,19 +257,7 @@ async def test_an_owner_refuses_owners_its_client_did_not_name(owners: tuple[fed
     sybil = sa.Owner(POOR).public_keys
     relayed[POOR] = [sybil.cipher, sybil.mask]
     config = sa.Config(round_id, tuple(everyone), 5, 0, 3, CLIP, SIGMA)
-    share = wire.SecAggShare(
-        round_id,
-        everyone,
-        5,
-        config.threshold,
-        3,
-        config.degree,
-        config.ring_bits,
-        CLIP,
-        SIGMA,
-        relayed,
-        config.colluding,
-    )
+    share = share_request(config, relayed)
     with pytest.raises(fedptr.PermissionDenied, match="did not name"):
         await c.client.call("o1", share)
 

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,13 +387,8 @@ def test_a_file_over_a_stream_budget_or_over_bytes_received_is_not_read_and_is_u
 
 async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits, "STREAM_TIMEOUT_S", 0.3)
-    sender = DirectPaths(lambda peer, frames: None)
-    sender._shm = shm.Directory(str(tmp_path))
-    try:
-        channel = _channel(*_keys(), connecting=True)
-        channel.shared = True
-        info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 4096, 4096 + 2 * MIB)
-        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
+    with _sharing(tmp_path) as (sender, channel):
+        frames = _chunk(envelope.REQUEST)
         sealed, _ = sender._seal(channel, frames)
         assert sealed is not None and len(sealed[2]) < 4096, "the bytes were sealed, not written to a file"
         assert len(list(tmp_path.iterdir())) == 1
@@ -402,8 +397,6 @@ async def test_the_sender_unlinks_a_file_nobody_took(tmp_path: Path, monkeypatch
             return not list(tmp_path.iterdir())
 
         assert await eventually(gone, timeout=10.0), "the sender left its file behind"
-    finally:
-        sender.close()
 
 
 async def test_files_nobody_takes_stop_at_a_budget_and_the_rest_goes_sealed(
@@ -414,22 +407,34 @@ async def test_files_nobody_takes_stop_at_a_budget_and_the_rest_goes_sealed(
     (the link sends it as sealed 1 MiB chunks), and a file taken frees its part. (Unbounded, each
     reply left a file for `limits.STREAM_TIMEOUT_S`: /dev/shm, the host's memory, filled up.)"""
     monkeypatch.setattr(limits, "DIRECT_SHM_MAX_PENDING_BYTES", 5 * MIB)
-    sender = DirectPaths(lambda peer, frames: None)
-    sender._shm = shm.Directory(str(tmp_path))
-    try:
-        channel = _channel(*_keys(), connecting=True)
-        channel.shared = True
-        info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 4096, 4096 + 2 * MIB)
-        frames = envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
+    with _sharing(tmp_path) as (sender, channel):
+        frames = _chunk(envelope.REPLY)
         files = [sender._seal(channel, frames)[1] for _ in range(4)]
         assert [bool(f) for f in files] == [True, True, False, False]
         assert len(list(tmp_path.iterdir())) == 2
         os.unlink(tmp_path / files[0].decode())  # the receiver took one
         assert sender._seal(channel, frames)[1], "a file taken did not free its part of the budget"
         assert len(list(tmp_path.iterdir())) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def _sharing(tmp_path: Path) -> Iterator[tuple[DirectPaths, Any]]:
+    """A sender's direct paths writing into `tmp_path`, and a channel whose peer shares it."""
+    sender = DirectPaths(lambda peer, frames: None)
+    sender._shm = shm.Directory(str(tmp_path))
+    try:
+        channel = _channel(*_keys(), connecting=True)
+        channel.shared = True
+        yield sender, channel
     finally:
         sender.close()
-    assert list(tmp_path.iterdir()) == []
+
+
+def _chunk(command: bytes) -> list[Any]:
+    """A 2 MiB chunk of a request or reply, after its first 4 KiB."""
+    info = envelope.CHUNK_INFO.pack(command, 1, 4096, 4096 + 2 * MIB)
+    return envelope.build(envelope.CHUNK, b"bob", b"rid-0001", info, bytes(2 * MIB))
 
 
 def _keys() -> tuple[bytes, bytes, bytes]:
