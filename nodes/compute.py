@@ -455,11 +455,16 @@ class Compute:
         for (_, _, result), value in zip(run.outputs, outputs, strict=True):
             result.settle(value)
         reply: wire.Message
+        written = all_written(durable)
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
+            if written is None:
+                # the get of an output usually came in the same multipart as the run, and is
+                # answered in this loop turn: both replies then leave as one multipart
+                self.node.link.hold_turn()
         else:
             reply = _ok(outputs)
-        self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
+        self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""
