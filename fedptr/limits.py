@@ -79,6 +79,11 @@ frame): a peer announcing huge buffers uses up its own budget, not everyone's.""
 STREAM_TIMEOUT_S = 60.0
 """A partly received stream with no new chunk for this long is dropped (its sender died)."""
 
+STREAM_MAX_REFUSED_PER_PEER = 1_024
+"""Most refused streams a receiver remembers for one peer (count; ~300 bytes each, kept up to
+`STREAM_TIMEOUT_S`), to answer each one's message with the reason. Past it, that peer's oldest is
+forgotten: its message still fails (its buffer's frame is empty, no tensor), without the reason."""
+
 HELD_MAX_MESSAGES = 10_000
 """Most messages a receiver holds from one sender behind a message whose streamed chunks are
 still arriving over the direct path; past it, that stream is refused and its message fails."""
