@@ -502,14 +502,15 @@ class Client:
     def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
-        self._not_recording(f"send a {type(msg).__name__}")
+        if self.recording is not None:
+            self._not_recording(f"send a {type(msg).__name__}")
         if self._deletes and not self._link.batching:
             # The first request of a loop turn would leave alone at once, and the deletes queued
             # since the last turn in a multipart of their own just after: they go together,
             # ahead of it, so the broker and the worker wake once for both (each op awaited in
             # turn drops the previous result: one wake per op instead of two).
             with self._link.batched():
-                self._flush_deletes()
+                self._send_deletes()
                 return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
 
@@ -543,6 +544,11 @@ class Client:
     def reported(self, fut: asyncio.Future[wire.Message]) -> bool:
         """Whether `fut` settled and an await claimed it: its outcome was reported there."""
         return fut.done() and fut not in self._effects
+
+    @property
+    def effects_queued(self) -> bool:
+        """Whether any update is remembered for `effects_failure` (False: it has nothing to say)."""
+        return bool(self._effects)
 
     def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         if fut.cancelled() or fut.exception() is None:
@@ -637,8 +643,13 @@ class Client:
         `location` answers."""
         if self._waiters:
             self._wake(fut)
-        if not fut.cancelled():
-            e = fut.exception()
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is None:
+            if location in self._unsure:  # the common case needs no more than this test
+                self._heard(location, None)
+        else:
             self._heard(location, e if isinstance(e, FedptrError) else None)
 
     def _heard(self, location: str, error: FedptrError | None) -> None:
@@ -670,15 +681,21 @@ class Client:
 
     def _flush_deletes(self) -> None:
         self._flush_scheduled = False
+        if self._deletes and self._open:
+            with self._link.batched():
+                self._send_deletes()
+
+    def _send_deletes(self) -> None:
+        """Push the deletes queued (into the link's batch: the caller opened one)."""
+        self._flush_scheduled = False
         if not self._deletes or not self._open:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
         for location in self._unsure.intersection(batches):
             self._owed[location].update(batches[location])  # sent again once it answers
-        with self._link.batched():
-            for location, ids in batches.items():
-                for delete in wire.deletes(ids):
-                    self._link.notify(location, delete)
+        for location, ids in batches.items():
+            for delete in wire.deletes(ids):
+                self._link.notify(location, delete)
 
     async def aclose(self) -> None:
         """Send the deletes still queued, say goodbye to the broker, and close. Calls still

@@ -578,6 +578,8 @@ class Pointer(PointerMethods):
             if self._done is not None:
                 self._done = None
                 self._check_reply(done.result())
+        if self._updates is None and not self._client.effects_queued:
+            return None  # nothing else to wait for: no coroutine of `_pending_failure` made
         return await self._pending_failure()
 
     async def _pending_failure(self) -> BaseException | None:
