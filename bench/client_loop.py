@@ -74,7 +74,7 @@ async def awaited(client: Client, a: Any, ops: int) -> None:
         await (a + a)
 
 
-async def main(reps: int, ops: int, profile: str | None) -> None:
+async def main(reps: int, ops: int, profile: str | None, sort: str) -> None:
     linkmod.events = lambda sock: 0  # type: ignore[assignment]
     link = linkmod.Link("inproc://none", "client-bench", envelope.ROLE_CLIENT)
     peer = Peer(link)
@@ -102,7 +102,7 @@ async def main(reps: int, ops: int, profile: str | None) -> None:
             p.enable()
             await run(client, a, ops)
             p.disable()
-            pstats.Stats(p).sort_stats("tottime").print_stats(40)
+            pstats.Stats(p).sort_stats(sort).print_stats(40)
 
 
 if __name__ == "__main__":
@@ -110,5 +110,6 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--ops", type=int, default=10_000)
     parser.add_argument("--profile", choices=["pipelined", "awaited"])
+    parser.add_argument("--sort", default="tottime", help="the profile's order (cProfile's sort keys)")
     args = parser.parse_args()
-    asyncio.run(main(args.reps, args.ops, args.profile))
+    asyncio.run(main(args.reps, args.ops, args.profile, args.sort))

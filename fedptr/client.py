@@ -475,8 +475,9 @@ class Client:
         `after`: unordered steps its operands wait for (see `Pointer.made_by`); the op is sent
         once they are done (failing with the first one's error), and its results wait likewise."""
         if len(metas) == 1 and not after:  # the common case, kept lean: it is every op's path
-            obj_id = self.new_id()
-            return [self.issue(location, obj_id, wire.Op(obj_id, op, args, kwargs), metas[0])]
+            obj_id = wire.new_object_id()
+            done = self.request_nowait(location, wire.Op(obj_id, op, args, kwargs))
+            return [Pointer(self, location, obj_id, done, meta=metas[0])]
         ids = [self.new_id() for _ in metas]
         msg = wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:])
         if after:
@@ -494,10 +495,6 @@ class Client:
         for step in after:
             await asyncio.shield(step)  # shielded: this request must not cancel a step others share
         return await self.request_nowait(location, msg)
-
-    def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
-        """Send a request that creates object `obj_id` and return its pointer without waiting."""
-        return Pointer(self, location, obj_id, self.request_nowait(location, msg), meta=result_meta)
 
     def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
         """Send `msg` to worker `location` and return the future of its reply at once (settled

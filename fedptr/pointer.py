@@ -198,7 +198,13 @@ def remote_results(
     as torch returns them. Raises like `remote_call`, and DataDependentError when the number of
     results depends on a shape not known yet."""
     found: list[Pointer] = []
-    enc_args = [_encode(a, found) for a in args]
+    enc_args: list[wire.Value] = []
+    for a in args:  # a loop, with pointers (most operands) encoded in place: every op's path
+        if type(a) is Pointer:
+            found.append(a)
+            enc_args.append(wire.Ref(a._id))
+        else:
+            enc_args.append(_encode(a, found))
     enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
