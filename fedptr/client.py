@@ -327,6 +327,8 @@ class Client:
         self._owed: dict[str, set[int]] = defaultdict(set)
         """Deletes sent to an unsure worker, sent again once it answers (see `_heard`)."""
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        """The flush `release` scheduled from the loop's thread, while it is due."""
         self._open = True
         self.recording: Recorder | None = None
         """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
@@ -672,19 +674,25 @@ class Client:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if threading.get_ident() == self._thread:
-                self._loop.call_soon(self._flush_deletes)
+                # A timer due now rather than `call_soon`: most often a request issued in this
+                # same turn takes the deletes with it (`request_nowait`) and cancels the timer,
+                # and a cancelled timer costs the loop nothing, where a callback made it turn
+                # once more (an epoll wait and a pass) for every awaited op that drops a result.
+                self._flush_timer = self._loop.call_at(self._loop.time(), self._flush_deletes)
             else:
                 self._loop.call_soon_threadsafe(self._flush_deletes)
 
     def _flush_deletes(self) -> None:
-        self._flush_scheduled = False
-        if self._deletes and self._open:
-            with self._link.batched():
-                self._send_deletes()
+        """Send the deletes queued, now, in one batch."""
+        if not self._deletes or not self._open:
+            self._unschedule_flush()
+            return
+        with self._link.batched():
+            self._send_deletes()
 
     def _send_deletes(self) -> None:
-        """Push the deletes queued (into the link's batch: the caller opened one)."""
-        self._flush_scheduled = False
+        """Push the deletes queued into the link's batch (the caller opened one)."""
+        self._unschedule_flush()
         if not self._deletes or not self._open:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
@@ -693,6 +701,13 @@ class Client:
         for location, ids in batches.items():
             for delete in wire.deletes(ids):
                 self._link.notify(location, delete)
+
+    def _unschedule_flush(self) -> None:
+        """The deletes queued are being sent: the flush `release` scheduled is not needed."""
+        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
 
     async def aclose(self) -> None:
         """Send the deletes still queued, say goodbye to the broker, and close. Calls still
