@@ -1036,7 +1036,14 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
             return known
         decoded = _decode(frames)
         ok = decoded.message
-        if type(ok) is Ok and not ok.more and len(_OKS_DECODED) < limits.OK_HEADER_TABLE_SIZE:
+        if (
+            type(ok) is Ok
+            and not ok.more
+            # a tensor's description, so a few hundred bytes at most: a peer's 1 MiB shape is not kept
+            and len(ok.shape) <= limits.MAX_NDIM
+            and (not ok.dtype or ok.dtype in DTYPE_ITEMSIZE)
+            and len(_OKS_DECODED) < limits.OK_HEADER_TABLE_SIZE
+        ):
             _OKS_DECODED[frames[0]] = decoded
         return decoded
     return _decode(frames)

@@ -150,7 +150,8 @@ def test_the_ok_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_decoded_ok_replies_are_remembered_by_their_bytes_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-result Ok met again is not decoded again (`wire._OKS_DECODED`): the same header
     gives the same message, a different one (even equal as numbers: 1 and True) its own, a
-    malformed or other header never enters the table, and it stops growing at its bound."""
+    malformed or other header never enters the table, nor one that describes no tensor (a
+    peer's huge shape or dtype), and it stops growing at its bound."""
     monkeypatch.setattr(wire, "_OKS_DECODED", {})
     monkeypatch.setattr(limits, "OK_HEADER_TABLE_SIZE", 3)
     header = msgpack.packb([wire.Ok.KIND, 0, [4], "float32", []])
@@ -164,7 +165,11 @@ def test_decoded_ok_replies_are_remembered_by_their_bytes_and_bounded(monkeypatc
     several = msgpack.packb([wire.Ok.KIND, 0, [1], "int64", [[[3], "int64"]]])
     assert wire.decode([several]).message == wire.Ok([1], "int64", [[[3], "int64"]])
     wire.decode([wire.encode(wire.Get(5))[0]])
-    assert list(wire._OKS_DECODED) == [header]
+    long_shape = msgpack.packb([wire.Ok.KIND, 0, [1] * (limits.MAX_NDIM + 1), "float32", []])
+    odd_dtype = msgpack.packb([wire.Ok.KIND, 0, [1], "x" * 1000, []])
+    assert wire.decode([long_shape]).message.shape == [1] * (limits.MAX_NDIM + 1)  # type: ignore[attr-defined]
+    assert wire.decode([odd_dtype]).message.dtype == "x" * 1000  # type: ignore[attr-defined]
+    assert list(wire._OKS_DECODED) == [header]  # no entry of a few hundred bytes or more
     for n in range(5):
         assert wire.decode([msgpack.packb([wire.Ok.KIND, 0, [n], "int8", []])]).message == wire.Ok([n], "int8")
     assert len(wire._OKS_DECODED) == 3
