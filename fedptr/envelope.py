@@ -88,6 +88,10 @@ CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
+SHM_CHUNK = b"M"
+"""Inside a sealed message of a direct path only (fedptr/direct.py; never on the broker's path): a
+CHUNK whose data frame is a shared-memory descriptor (`fedptr.shm`), not the bytes."""
+
 FANOUT = b"F"
 """peer -> broker: one REQUEST, or one CHUNK of a streamed one, for several peers:
 the message ``[FANOUT, targets, NO_REPLY, command, *body]`` (the targets where the name goes),
@@ -141,8 +145,8 @@ _RECORD = struct.Struct("<c8sHH")
 """A record's fixed fields: command, request id, the name's length, the count of extra frames."""
 _LEN = struct.Struct("<I")
 _RID = struct.Struct("<Q")
-_NOT_INLINED = frozenset({b"C"})
-"""Commands whose body frames all stay frames of their own (CHUNK: see the module's docstring)."""
+_NOT_INLINED = frozenset({CHUNK, SHM_CHUNK})
+"""Commands whose body frames all stay frames of their own (see the module's docstring)."""
 
 
 def request_id_bytes(n: int) -> bytes:
