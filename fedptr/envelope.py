@@ -171,47 +171,41 @@ def request_id_int(b: bytes) -> int:
     return int(_RID.unpack(b)[0])
 
 
-def _nbytes(f: Any) -> int:
-    return f.nbytes if type(f) is memoryview else len(f)
-
-
-def _record(m: Sequence[Any], out: list[Any], extra: list[Any]) -> None:
-    """Append message `m`'s record to `out` (pieces to join) and its extra frames to `extra`."""
-    body = m[3:]
-    k = 0
-    if m[0] not in _NOT_INLINED:
-        for f in body:
-            if _nbytes(f) > limits.INLINE_FRAME_BYTES:
-                break
+def _record(m: Sequence[Any], extra: list[Any]) -> bytes:
+    """Message `m`'s record; its extra frames (not inlined) are appended to `extra`."""
+    command, name, n = m[0], m[1], len(m)
+    k = 3  # m[3:k] are inlined
+    if command not in _NOT_INLINED:
+        while k < n and (m[k].nbytes if type(m[k]) is memoryview else len(m[k])) <= limits.INLINE_FRAME_BYTES:
             k += 1
-    name = m[1]
-    if len(name) > 0xFFFF or len(body) - k > 0xFFFF:
+    if len(name) > 0xFFFF or n - k > 0xFFFF:
         raise ProtocolError("a message's name or extra frames exceed the envelope's bounds")
-    out.append(_RECORD.pack(m[0], m[2], len(name), len(body) - k))
-    out.append(name)
-    for f in body[:k]:
-        out.append(_LEN.pack(_nbytes(f)))
-        out.append(f)
-    extra.extend(body[k:])
+    pieces = [_RECORD.pack(command, m[2], len(name), n - k), name]
+    for i in range(3, k):
+        f = m[i]
+        pieces.append(_LEN.pack(f.nbytes if type(f) is memoryview else len(f)))
+        pieces.append(f)
+    if k < n:
+        extra.extend(m[k:])
+    return b"".join(pieces)
 
 
 def framed(message: Sequence[Any]) -> list[Any]:
     """The frames that carry `message` (``[command, name, rid, *body]``)."""
-    pieces: list[Any] = [PROTOCOL]
     extra: list[Any] = []
-    _record(message, pieces, extra)
-    return [b"".join(pieces), *extra]
+    head = PROTOCOL + _record(message, extra)
+    return [head, *extra] if extra else [head]
 
 
 def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
-    pieces: list[Any] = [PROTOCOL, BATCH]
+    pieces: list[bytes] = [PROTOCOL, BATCH]
     extra: list[Any] = []
+    pack = _LEN.pack
     for m in messages:
-        at = len(pieces)
-        pieces.append(b"")  # the record's length, once its pieces are known
-        _record(m, pieces, extra)
-        pieces[at] = _LEN.pack(sum(_nbytes(p) for p in pieces[at + 1 :]))
+        record = _record(m, extra)
+        pieces.append(pack(len(record)))
+        pieces.append(record)
     return [b"".join(pieces), *extra]
 
 
