@@ -484,18 +484,21 @@ def test_any_messages_framed_and_parsed_come_back(messages: list[tuple[bytes, by
 _BATCH_HEAD = envelope.PROTOCOL + envelope.BATCH
 
 
+_garbage = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        st.binary(max_size=64).map(lambda b: envelope.PROTOCOL + b),
+        st.binary(max_size=64).map(lambda b: _BATCH_HEAD + b),
+        _messages.map(lambda ms: envelope.pack_batch([envelope.message(c, n, r, b) for c, n, r, b in ms])[0]),
+    ),
+    min_size=0,
+    max_size=4,
+)
+
+
 @settings(max_examples=1500, deadline=None)
 @given(
-    st.lists(
-        st.one_of(
-            st.binary(max_size=64),
-            st.binary(max_size=64).map(lambda b: envelope.PROTOCOL + b),
-            st.binary(max_size=64).map(lambda b: _BATCH_HEAD + b),
-            _messages.map(lambda ms: envelope.pack_batch([envelope.message(c, n, r, b) for c, n, r, b in ms])[0]),
-        ),
-        min_size=0,
-        max_size=4,
-    ),
+    _garbage,
     st.integers(0, 200),
     st.binary(max_size=4),
 )
@@ -511,6 +514,21 @@ def test_any_bytes_parse_to_valid_envelopes_or_a_protocol_error(frames: list[byt
     assert envs
     for e in envs:
         assert len(e.command) == 1 and e.command != envelope.BATCH and len(e.rid) == envelope.REQUEST_ID_BYTES
+
+
+@pytest.fixture(scope="module")
+def lone_broker() -> Iterator[Broker]:
+    broker = new_broker()
+    yield broker
+    broker.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(frames=_garbage)
+def test_the_broker_handles_any_bytes_without_an_exception(lone_broker: Broker, frames: list[bytes]) -> None:
+    """Fuzz the real router's `handle` (an unregistered sender's multipart): whatever the bytes, it
+    drops them or answers, and never raises (its loop would log a bug and drop the message)."""
+    lone_broker.handle([b"\0fuzzer", *frames])
 
 
 def record(command: bytes, name: bytes = b"bob", extra: int = 0, tail: bytes = b"") -> bytes:
