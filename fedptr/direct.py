@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
@@ -354,10 +355,19 @@ class DirectPaths:
             if inner is None or not envelope.command_of(inner):
                 continue
             if envelope.command_of(inner) == envelope.HEARTBEAT:  # the greeting: this connection is the peer's
-                self._routes[peer] = (frames[0], channel)
                 # a probe file named in it that we can read: the peer shares our shared memory
                 channel.shared = len(inner) > len(_GREETING) and self._shm.check_probe(bytes(inner[-1]))
-                send_frames(sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)])
+                try:
+                    send_frames(
+                        sock, [frames[0], *channel.seal([*_GREETING, _SHARED] if channel.shared else _GREETING)]
+                    )
+                except zmq.ZMQError as e:
+                    # the connection closed after its greeting (its client left): no route to
+                    # answer, and the rest of the socket must still be read
+                    if e.errno != errno.EHOSTUNREACH:
+                        raise
+                    continue
+                self._routes[peer] = (frames[0], channel)
                 continue
             if self._received(peer, channel, inner):
                 break  # a file read is this turn's work: what is due runs before the next

@@ -440,6 +440,8 @@ class Session:
                 events.append(Settled(rid, error=LostWorkerError(name), dest=name))
         is_client = len(body) >= 2 and bytes(body[0]) == envelope.ROLE_CLIENT
         if is_client and bytes(body[1]) in (envelope.GONE_DISCONNECTED, envelope.GONE_CLOSED):
+            self._reassembly.forget(name.encode())  # its streams can never end now: their bytes go
+            self._held.pop(name.encode(), None)
             events.append(SessionEnded(name))
 
     # --- internals ----------------------------------------------------------------------

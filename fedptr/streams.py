@@ -128,21 +128,31 @@ class Reassembly:
         max_bytes: int = limits.STREAM_MAX_BYTES,
         timeout: float = limits.STREAM_TIMEOUT_S,
         max_peer_bytes: int = limits.STREAM_MAX_BYTES_PER_PEER,
+        max_peer_refused: int = limits.STREAM_MAX_REFUSED_PER_PEER,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_peer_bytes = max_peer_bytes
         self.timeout = timeout
+        self.max_peer_refused = max_peer_refused
         self._partials: dict[tuple[bytes, bytes, bytes], _Partial] = {}
         self._bytes = 0
         self._peer_bytes: collections.Counter[bytes] = collections.Counter()
-        self._refused: dict[tuple[bytes, bytes, bytes], tuple[str, float]] = {}
-        """Streams refused for their budget: why, and when (purged as stale streams are), so that
-        the message that ends one is answered with the reason rather than as incomplete."""
+        self._refused: dict[bytes, collections.OrderedDict[tuple[bytes, bytes], tuple[str, float]]] = {}
+        """Source -> its refused streams by (command, request id), oldest first: why, and when
+        (purged as stale streams are), so that the message that ends one is answered with the
+        reason rather than as incomplete. At most `max_peer_refused` per source: a peer that
+        starts refused streams without end forgets its own oldest, never another peer's."""
+        self._refused_count = 0
 
     @property
     def pending_bytes(self) -> int:
         """Bytes held for streams not yet complete."""
         return self._bytes
+
+    @property
+    def refused(self) -> int:
+        """Refused streams remembered (their messages not ended yet)."""
+        return self._refused_count
 
     def __len__(self) -> int:
         return len(self._partials)
@@ -220,13 +230,23 @@ class Reassembly:
     def refuse(self, key: tuple[bytes, bytes, bytes], why: str) -> None:
         """Give up on a stream: its message is answered with `why` when it is completed."""
         self.drop(key)
-        self._refused[key] = (why, time.monotonic())
+        command, source, rid = key
+        mine = self._refused.get(source)
+        if mine is None:
+            mine = self._refused[source] = collections.OrderedDict()
+        if mine.pop((command, rid), None) is None:
+            self._refused_count += 1
+        mine[(command, rid)] = (why, time.monotonic())  # newest last, for the purge and the bound
+        if len(mine) > self.max_peer_refused:
+            # its message, if it ever ends, fails still: the frame its buffer left is empty
+            mine.popitem(last=False)
+            self._refused_count -= 1
 
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
         """`body` with reassembled buffers in place of their empty frames (unchanged when no
         stream preceded it). Raises ProtocolError when a stream is incomplete."""
         if self._refused:
-            refused = self._refused.pop((command, source, rid), None)
+            refused = self._unrefuse(source, (command, rid))
             if refused is not None:
                 self.drop((command, source, rid))  # chunks after the refused one started again
                 raise ProtocolError(f"a streamed buffer was refused: {refused[0]}")
@@ -242,6 +262,23 @@ class Reassembly:
                 raise ProtocolError("a streamed buffer is incomplete or misplaced")
             body[index] = memoryview(buf)  # type: ignore[arg-type]
         return body
+
+    def _unrefuse(self, source: bytes, key: tuple[bytes, bytes]) -> tuple[str, float] | None:
+        """Take back `source`'s refusal of stream `key` (None when not remembered)."""
+        mine = self._refused.get(source)
+        refused = None if mine is None else mine.pop(key, None)
+        if refused is not None:
+            self._refused_count -= 1
+            if not mine:
+                del self._refused[source]
+        return refused
+
+    def forget(self, source: bytes) -> None:
+        """`source`'s session ended: drop its partial streams (and their bytes) and refusals,
+        since no message of it can follow."""
+        for key in [k for k in self._partials if k[1] == source]:
+            self.drop(key)
+        self._refused_count -= len(self._refused.pop(source, ()))
 
     def drop(self, key: tuple[bytes, bytes, bytes]) -> None:
         partial = self._partials.pop(key, None)
@@ -261,8 +298,13 @@ class Reassembly:
             return
         now = time.monotonic()
         cutoff = now - self.timeout
-        for key in [k for k, (_, when) in self._refused.items() if when < cutoff]:
-            del self._refused[key]
+        for source in list(self._refused):
+            mine = self._refused[source]
+            while mine and next(iter(mine.values()))[1] < cutoff:  # oldest first: stop at the first fresh one
+                mine.popitem(last=False)
+                self._refused_count -= 1
+            if not mine:
+                del self._refused[source]
         for key in [k for k, p in self._partials.items() if p.touched < cutoff]:
             # remembered as refused: a message held for it (or still to come) must fail, never
             # be taken with an empty frame where its buffer was

@@ -66,14 +66,14 @@ class _Run:
 class _Lean:
     """What a plan run on the lean loop (`nodes.plans.Step`) reads besides the values: its steps,
     the inputs each slot derives from (`deps`), each input's origins as the run arrived and which
-    of them have any (`tainted`, a bitmask), and the storages of the results computed so far
-    (`held`, by slot: what a later result must not share)."""
+    of them have any (`tainted`, a bitmask), and the storages of the inputs and the results
+    computed so far, with their gradients' (`held`: what a later result must not share)."""
 
     steps: Sequence[plans.Step]
     deps: Sequence[int]
     origins: Sequence[policy.Origins]
     tainted: int
-    held: dict[int, tuple[int, ...]]
+    held: set[int]
 
     def taint(self, slot: int) -> policy.Taint:
         """Slot `slot`'s taint: the origins of the inputs it derives from, merged (a fresh one,
@@ -284,7 +284,7 @@ class Compute:
         for i, o in enumerate(origins):
             if o:
                 tainted |= 1 << i
-        lean = _Lean(plan.steps, plan.deps, origins, tainted, {})
+        lean = _Lean(plan.steps, plan.deps, origins, tainted, set())
         outputs: list[tuple[int, int, Entry]] = []
         for result_id, out in zip(msg.result_ids, plan.outputs, strict=True):
             result = Entry.tensor(owner=source, taint=lean.taint(out))
@@ -358,59 +358,65 @@ class Compute:
     def _compute_lean(self, lean: _Lean, values: dict[int, Any], start: int, inline: bool) -> int:
         """`_compute` for a plan of plain operations. A public operation whose inputs are all
         tensors calls its kernel directly, and its results are copied when they share storage
-        with an operand (or its gradient), as `guard.run` does: the operands' storages are
-        read once per slot (`held`), not once per read. Anything else (a private operation, a
-        model among the inputs) goes through `guard.run` as a single op does."""
+        with an operand (or its gradient), as `guard.run` does, checked against every storage
+        the run holds (`lean.held`: a live tensor's storage is never another's, so a result
+        shares one only as a view or an alias). Anything else (a private operation, a model
+        among the inputs) goes through `guard.run` as a single op does."""
         steps = lean.steps
         held = lean.held
         direct = True
         for i in range(len(lean.origins)):  # the inputs, read anew: their gradients may have changed
             v = values[i]
             if isinstance(v, torch.Tensor):
-                held[i] = _storages(v)
+                held.update(_storages(v))
             else:
                 direct = False
+        # inline, the most elements of any value so far: a step reads at most that many per
+        # operand, so most steps need not add up their operands' sizes
+        peak = max((v.numel() for v in values.values() if isinstance(v, torch.Tensor)), default=0) if inline else 0
+        stop = min(len(steps), start + limits.PLAN_INLINE_OPS) if inline else len(steps)
         offload = self.config.offload_numel
-        for i in range(start, len(steps)):
-            step = steps[i]
-            private = lean.tainted != 0 and lean.private(step.result)
-            if inline:
-                n = 0
-                for s in step.reads:
-                    v = values[s]
-                    if isinstance(v, torch.Tensor):
-                        n += v.numel()
-                if i - start >= limits.PLAN_INLINE_OPS or n > offload or (private and not guard.is_warm()):
-                    return i
-            if step.refs is None:
-                args = _materialize(step.args, values)
+        deps, tainted = lean.deps, lean.tainted
+        for i in range(start, stop):
+            op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread = step = steps[i]
+            private = tainted and deps[result] & tainted
+            if inline and (
+                (peak * len(reads) > offload and _numel(values[s] for s in reads) > offload)
+                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
+            ):
+                return i
+            if pick is not None:
+                args: Any = pick(values) if spread else (pick(values),)
+                kwargs: dict[str, Any] = {}
             else:
-                args = list(step.args)
-                for pos, slot in step.refs:
-                    args[pos] = values[slot]
-            kwargs = _materialize(step.kwargs, values) if step.kwargs else {}
+                if refs is None:
+                    args = _materialize(step_args, values)
+                else:
+                    args = step_args.copy()
+                    for pos, slot in refs:
+                        args[pos] = values[slot]
+                kwargs = _materialize(step_kwargs, values) if step_kwargs else {}
             if direct and not private:
-                value = step.fn(*args, **kwargs) if kwargs else step.fn(*args)
-                if step.count != 1 or type(value) is not torch.Tensor:  # the common case needs no check
-                    value = kernels.results(kernels.checked(step.op, value), step.count)
-                key = step.result
-                for r in (value,) if type(value) is torch.Tensor else value:
-                    storages = _storages(r)
-                    if r.numel():
-                        for s in step.reads:
-                            if storages[0] in held[s]:
-                                r = r.clone()
-                                storages = _storages(r)
-                                break
-                    values[key] = r
-                    held[key] = storages
-                    key += 1
-                continue
-            results = guard.run(step.op, args, kwargs, private, self._refusal(lean, step, values), step.count)
-            for k, r in enumerate(results):
-                values[step.result + k] = r
-                held[step.result + k] = _storages(r)
-        return len(steps)
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
+                if count != 1 or type(value) is not torch.Tensor:  # the common case needs no check
+                    value = kernels.results(kernels.checked(op, value), count)
+                results = (value,) if type(value) is torch.Tensor else value
+            else:
+                results = guard.run(op, args, kwargs, bool(private), self._refusal(lean, step, values), count)
+            key = result
+            for r in results:
+                # only its storage: a result has no gradient of its own (no plain op makes one),
+                # and an alias of a tensor that has one shares that tensor's storage, so is copied
+                storage = r.untyped_storage().data_ptr()
+                if storage in held and r.numel():  # (never so for guard.run's: it checked)
+                    r = r.clone()
+                    storage = r.untyped_storage().data_ptr()
+                values[key] = r
+                held.add(storage)
+                if inline and (n := r.numel()) > peak:
+                    peak = n
+                key += 1
+        return stop
 
     @staticmethod
     def _refusal(lean: _Lean, step: plans.Step, values: dict[int, Any]) -> Callable[[], Exception]:
@@ -455,11 +461,16 @@ class Compute:
         for (_, _, result), value in zip(run.outputs, outputs, strict=True):
             result.settle(value)
         reply: wire.Message
+        written = all_written(durable)
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
+            if written is None:
+                # the get of an output usually came in the same multipart as the run, and is
+                # answered in this loop turn: both replies then leave as one multipart
+                self.node.link.hold_turn()
         else:
             reply = _ok(outputs)
-        self.node.reply_durable(all_written(durable), run.source, run.rid, reply)
+        self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""

@@ -10,8 +10,9 @@ they are never stored, listed or fetchable, and leave nothing to delete.
 
 Most plans are chains of plain operations (arithmetic, matmul, activations): none writes an
 operand, reads a model or gives a gradient, so every result derives from exactly the inputs it
-reads, transitively. For those `validate` also prepares `steps`: each operation's kernel and its
-arguments decoded once, and which inputs each slot derives from (`deps`, a bitmask). A run then
+reads, transitively. For those `validate` also prepares `steps`: each operation's kernel, its
+arguments decoded once (and, when they are all references, one call that takes them from the
+values), and which inputs each slot derives from (`deps`, a bitmask). A run then
 decides every taint at once from its inputs' (the per-operation rule gives the same: a plain
 operation's result derives from the union of its operands') and computes the values in a lean
 loop (nodes/compute.py) instead of one stored-entry record per operation. Plans with any other
@@ -23,9 +24,10 @@ Plans are kept per client, in memory: a node restart or the client's departure f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
@@ -34,11 +36,11 @@ from fedptr.ops import AGGREGATES, ALLOWED
 from . import guard, kernels, policy
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):
     """One operation of a plan that runs lean, prepared once: torch's kernel, the arguments with
     their tagged values (dtypes, devices) decoded and their references to slots left in place,
-    the slots it reads, and the first of its `count` result slots."""
+    the slots it reads, and the first of its `n_results` result slots. A tuple: the lean loop
+    unpacks it in one go, faster than reading its fields one by one."""
 
     op: str
     fn: Callable[..., Any]
@@ -46,10 +48,15 @@ class Step:
     kwargs: dict[str, Any]
     reads: tuple[int, ...]
     result: int
-    count: int
+    n_results: int
     refs: tuple[tuple[int, int], ...] | None
     """For flat positional arguments (no list or map among them): (position, slot) of each
     reference, filled in place of walking them (`_materialize`); None otherwise."""
+    pick: Callable[[Mapping[int, Any]], Any] | None
+    """When every argument is a positional reference (``y + x``, ``relu(y)``): what takes them
+    from the values by slot at once, a tuple of them when `spread` (more than one), else the one
+    value; None otherwise (`args` is filled by `refs`, or walked)."""
+    spread: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +120,7 @@ def validate(msg: wire.PutPlan) -> Plan:
         derived = 0
         for s in step.reads:
             derived |= deps[s]
-        deps.extend([derived] * step.count)
+        deps.extend([derived] * step.n_results)
     return Plan(plan.n_inputs, plan.ops, plan.reads, plan.outputs, steps, tuple(deps))
 
 
@@ -132,8 +139,11 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
             return None  # the run fails as the operation alone would
         flat = not any(type(a) is list or type(a) is dict for a in args)
         refs = tuple((i, a.obj_id) for i, a in enumerate(args) if type(a) is wire.Ref) if flat else None
+        only_refs = refs is not None and not kwargs and len(refs) == len(args)
+        pick = operator.itemgetter(*(slot for _, slot in refs)) if refs and only_refs else None
         count = 1 + len(op.more_ids)
-        steps.append(Step(op.op, kernels.OPERATIONS[op.op], args, kwargs, tuple(reads), op.result_id, count, refs))
+        fn = kernels.OPERATIONS[op.op]
+        steps.append(Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1))
     return tuple(steps)
 
 

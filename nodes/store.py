@@ -122,7 +122,9 @@ class Entry:
         if self.settled:
             raise asyncio.InvalidStateError("the object is settled already")
         self.settled = True
-        self.error = error
+        # kept without its traceback: its frames' locals lead back here (the run, its operands'
+        # tensors), a cycle only the cyclic GC frees, and rarely on a node (NODE_GC_THRESHOLD)
+        self.error = error.with_traceback(None)
         if self._waiters is not None:
             self._wake()
 

@@ -60,6 +60,13 @@ class CrashingDisk:
             self.refused = True
         return False
 
+    def disarm(self) -> bool:
+        """No later call is the fault point (a crash stays one); returns whether a call was
+        refused. Final once returned: no call is being counted meanwhile."""
+        with _COUNTING:
+            self.at = 0
+            return self.refused
+
     def failure(self, what: str) -> OSError:
         """The error of the call at the fault point."""
         if self.refuse is None:
@@ -74,9 +81,16 @@ FULL, EIO = errno.ENOSPC, errno.EIO
 """The refusals a disk makes."""
 
 
+_COUNTING = threading.Lock()
+"""Held while a storage call is counted and while a disk is disarmed (`CrashingDisk.disarm`)."""
+
+
 def _step(disk_for: DiskFor, what: str) -> None:
-    disk = disk_for()
-    if disk is not None and not disk.step(what):
+    with _COUNTING:
+        disk = disk_for()
+        ok = disk is None or disk.step(what)
+    if not ok:
+        assert disk is not None
         raise disk.failure(what)
 
 

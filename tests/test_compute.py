@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import types
 from collections.abc import Callable
 
 import pytest
@@ -159,6 +160,42 @@ async def test_a_waiter_that_gives_up_leaves_the_entry_and_the_other_waiters() -
         await asyncio.wait_for(entry.wait(), 5)  # a late waiter is told at once
     with pytest.raises(asyncio.InvalidStateError):
         entry.settle(torch.ones(1))  # settled once, for good
+
+
+async def test_failed_ops_leave_no_reference_cycles_on_the_node() -> None:
+    # A failed result kept its error with the traceback of the frames that raised it, whose
+    # locals led back to the entry (the run, its operands): a cycle per failed op, holding its
+    # operands' tensors until the cyclic GC ran (rarely, on a node: limits.NODE_GC_THRESHOLD),
+    # and each op pipelined on a failed result raised the same error again, adding its frames.
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(4))
+        failed = x.grad  # x has no gradient: this op fails on bob
+        await (x + x)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(30):
+                with pytest.raises(fedptr.RemoteError, match="no gradient"):
+                    await (x + failed)  # an op on a failed result, which raises its stored error
+                with pytest.raises(fedptr.RemoteError, match="no gradient"):
+                    await (x + x.grad)  # an op that fails in its kernel, then one on its result
+                with pytest.raises(fedptr.RemoteError, match="no gradient"):
+                    await failed.get()  # a request answered with a stored error, not storing it
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            garbage = [
+                o
+                for o in gc.garbage
+                if type(o).__module__.startswith("fedptr.nodes")
+                or (isinstance(o, types.FrameType) and "/nodes/" in o.f_code.co_filename)
+            ]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert garbage == []
+        error = c.node("bob").store.entries[failed.id_at_location].error
+        assert error is not None and error.__traceback__ is None  # nothing of a frame kept
 
 
 async def _until(condition: Callable[[], bool]) -> None:

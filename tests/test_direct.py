@@ -234,6 +234,53 @@ async def test_only_sealed_fresh_chunks_under_an_admitted_key_arrive(
         sock.close(linger=0)
 
 
+async def test_a_greeting_from_a_connection_already_gone_costs_the_data_socket_nothing(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
+) -> None:
+    """A client that greets and leaves at once (it departs as its path opens) is gone when the
+    worker answers its greeting: the answer finds no route. The worker reads on (an error out of
+    the drain left the rest of the socket unread: zmq signals edges), and the next peer's
+    chunk arrives."""
+    server, got = worker_socket
+    sock = server._server
+    assert sock is not None
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(sock.FD)  # the worker busy: it reads nothing until alice is gone
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        public, secret = zmq.curve_keypair()
+        ticket = server.admit(b"alice", public)
+        alice = data_socket(ticket.endpoint, public, _channel(public, secret, ticket.key, True).token)
+        await alice.send_multipart(_channel(public, secret, ticket.key, True).seal(GREETING))
+        alice.close(linger=5_000)  # its greeting goes out first
+        async with asyncio.timeout(15):
+            while True:
+                try:
+                    recv_monitor_message(monitor, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    await asyncio.sleep(limits.POLL_INTERVAL_S)
+        assert sock.getsockopt(zmq.EVENTS) & zmq.POLLIN, "alice's greeting is waiting to be read"
+        server._drain_server()  # answers alice's greeting: no route to her now
+        loop.add_reader(sock.FD, server._drain_server)
+        carol_public, carol_secret = zmq.curve_keypair()
+        carol_ticket = server.admit(b"carol", carol_public)
+        carol = _channel(carol_public, carol_secret, carol_ticket.key, True)
+        carol_sock = data_socket(carol_ticket.endpoint, carol_public, carol.token)
+        try:
+            await carol_sock.send_multipart(carol.seal(chunk(b"rid-0001", 0, b"carol")))
+
+            async def arrived() -> bool:
+                return got == [(b"carol", chunk(b"rid-0001", 0, b"carol"))]
+
+            assert await eventually(arrived, timeout=15)
+        finally:
+            carol_sock.close(linger=0)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
 async def test_a_peer_offering_another_peers_key_cannot_take_over_its_path(
     worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
 ) -> None:

@@ -83,6 +83,9 @@ STEP_TIMEOUT_S = 20.0
 """Deadline of one step (s), re-registration included."""
 FAULT_STEP_TIMEOUT_S = 60.0
 """Deadline of a step with a fault (s): the action's deadline, a restart and a resolve."""
+FAIL_STOP_TIMEOUT_S = 10.0
+"""Seconds a node whose disk refused a write may take to fail-stop (its batch's other writes and
+its sync come first)."""
 RESOLVE_TIMEOUT_S = 20.0
 """Seconds `Client.resolve` may take to tell where an object in doubt is, once the node is back."""
 DELETES_TIMEOUT_S = 10.0
@@ -188,6 +191,7 @@ class Model(RuleBasedStateMachine):
             history = "\n  ".join(self.history)
             print(
                 f"model-based test failed at step {Model.steps_run} in all, in {self.doing}: {e!r}\n"
+                f"registrations: {_registrations(self.cluster)}\n"
                 f"this program:\n  {history}"
             )
             raise
@@ -310,14 +314,20 @@ class Model(RuleBasedStateMachine):
             await asyncio.wait([action])
             death.thaw()
             struck = "stopped"
-        elif death.dead or not (death.freeze_at_message or death.disk.refuse):  # a kill yet to strike: now
+        elif (
+            death.dead
+            or not (death.freeze_at_message or death.disk.refuse)  # a kill yet to strike: now
+            or (death.disk.refuse and death.disk.disarm())  # a refusal: its fail-stop is certain
+        ):
+            if death.disk.refused:
+                await self._fail_stopped(death)
             struck = "refused, fail-stop" if death.disk.refused else "killed"
             death.kill()
             await self.cluster.stop_node(victim)
             await self.cluster.start_node(victim)
             struck += " while under way" if not action.done() else ""
-        else:  # a refusal without a fail-stop: the node serves on
-            struck = "refused, still serving" if death.disk.refused else "did not strike"
+        else:  # a freeze or a refusal that never came (disarmed: none comes later)
+            struck = "did not strike"
         self.doing += f" during {action!r}: {struck}"
         if victim in self.cluster.nodes:
             self._watch(victim, Death())
@@ -327,6 +337,18 @@ class Model(RuleBasedStateMachine):
             await self._undone_deletes(victim)
         Model.tally[struck] += 1
         return struck
+
+    @staticmethod
+    async def _fail_stopped(death: Death) -> None:
+        """Wait for the fail-stop that a refused write always ends in, from the node's
+        write-ahead thread once that write's batch is done. Judged before it came (the disk's
+        refusal counted, its fail-stop not yet run), the node was "still serving", given a new
+        Death, and the fail-stop then killed that one: the node dead for good, never restarted,
+        and every call on it an UnknownWorkerError until the step's deadline (seed 19 at
+        10,000 steps, once)."""
+        async with asyncio.timeout(FAIL_STOP_TIMEOUT_S):
+            while not death.dead:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
 
     async def _undone_deletes(self, victim: str) -> None:
         """A deletion nothing acknowledged (a dropped pointer's) may be undone by a crash just
@@ -445,6 +467,35 @@ class Model(RuleBasedStateMachine):
 def _refused(e: BaseException) -> bool:
     """Whether `e` says for sure that nothing was applied (any other error leaves it in doubt)."""
     return isinstance(e, fedptr.FedptrError) and not isinstance(e, INDEFINITE)
+
+
+def _registrations(cluster: harness.InprocCluster) -> str:
+    """Who the broker knows and what each node believes of itself: a node the broker forgot
+    that never registers again shows here (its Death, its link's tasks, its session's clock)."""
+    now = time.monotonic()  # the loops' clock
+    broker = cluster.broker
+    known = {} if broker is None else {n.decode(): i.hex() for n, i in broker.table.by_name.items()}
+    heard = {} if broker is None else {i.hex(): round(now - t, 2) for i, t in broker.table.heard.items()}
+    lines = [f"broker knows {known}, heard (s ago) {heard}"]
+    for name in WORKERS:
+        node = cluster.nodes.get(name)
+        death = DEATHS.get(name)
+        fate = "none" if death is None else f"dead={death.dead} frozen={death.frozen} refused={death.disk.refused}"
+        if node is None:
+            lines.append(f"{name}: not running; death {fate}")
+            continue
+        session, link = node.link.session, node.link
+        tasks = [
+            t.get_name() if not t.done() else f"ended {t.exception()!r}" if not t.cancelled() else "cancelled"
+            for t in link._tasks
+        ]
+        lines.append(
+            f"{name}: registered={session.registered} reregistrations={session.reregistrations} "
+            f"closed={session.closed} registration pending={not session._registration_is_repeat} "
+            f"heard/sent {now - session._last_heard:.2f}/{now - session._last_sent:.2f} s ago; "
+            f"link tasks {tasks}; death {fate}"
+        )
+    return "\n  ".join(lines)
 
 
 async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:

@@ -458,7 +458,7 @@ async def test_embedding_max_norm_writes_read_only_private_data(setup: Setup) ->
 # --- the lean loop against the same plan op by op -----------------------------------------
 _UNARY = ("neg", "relu", "abs", "exp", "float", "t", "clone", "detach", "flatten", "sign", "logical_not", "long")
 _BINARY = ("add", "mul", "sub", "maximum", "eq", "matmul", "where_mask", "getitem")
-_MULTI = (("max", [1], 2), ("sort", [0], 2), ("split", [4], 2), ("chunk", [2], 2))
+_MULTI = (("max", [1], 2), ("sort", [0], 2), ("split", [4], 2), ("chunk", [2], 2), ("sort", [], 2))  # last: refs only
 _plain_op = st.one_of(
     st.tuples(st.just("unary"), st.sampled_from(_UNARY), st.integers(0, 99)),
     st.tuples(st.just("binary"), st.sampled_from(_BINARY), st.integers(0, 99), st.integers(0, 99)),

@@ -56,6 +56,20 @@ async def test_a_run_and_the_get_of_its_output_leave_together(client: Client, bo
     assert client.link.multiparts_sent - before == 1
 
 
+async def test_the_replies_to_a_run_and_its_get_leave_the_node_together() -> None:
+    # the node holds the plan's reply to the end of its loop turn: the get that came in the same
+    # multipart is answered in that turn, and both replies leave as one multipart (one broker
+    # hop, one wake of the client), as the two requests came
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(3))
+        double = fedptr.plan(lambda t: t * 2.0)
+        await double(x).get()
+        node = c.node("bob").link
+        before = node.multiparts_sent, node.messages_sent
+        assert torch.equal(await double(x).get(), torch.full((3,), 2.0))
+        assert (node.multiparts_sent - before[0], node.messages_sent - before[1]) == (1, 2)
+
+
 async def test_a_new_shape_records_again(bob: fedptr.Worker) -> None:
     @fedptr.plan
     def rows(x: fedptr.Pointer) -> fedptr.Pointer:

@@ -1,0 +1,131 @@
+"""A plan run, piece by piece: 100 dependent ``y + x`` on 4-element tensors as one plan, then get.
+
+    .venv/bin/python -m bench.plan_run [--runs 400] [--reps 3] [--curve]
+
+Prints, from the cheapest to the whole:
+
+* torch's floor: the same 100 ``torch.add`` calls in a plain Python loop;
+* the node's lean loop (`Compute._compute_lean`) and its whole RunPlan handler, in process
+  (tests/harness.py: the real broker, node and client on one loop over inproc), median µs;
+* plan + get in that process, median wall µs, and the multiparts each side sends per run;
+* plan + get on a one-node process cluster (`fedptr.local_cluster`): median wall µs, and the CPU
+  µs per run of the node, the broker and the client (every thread, from /proc; the least over
+  `--reps` repetitions of `--runs` runs: the clock ticks at 10 ms, so a figure is good to
+  ~10 ms / runs).
+
+Wall times on a shared machine follow its load; the CPU figures much less (tests/cpuclock.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fedptr
+from fedptr import wire
+from tests import harness
+from tests.cpuclock import cpu_seconds
+
+CHAIN = 100
+
+
+def _chain(y: fedptr.Pointer, x: fedptr.Pointer) -> fedptr.Pointer:
+    for _ in range(CHAIN):
+        y = y + x
+    return y
+
+
+def _median_us(ns: list[int]) -> float:
+    return statistics.median(ns) / 1000
+
+
+def torch_floor(reps: int = 500) -> float:
+    """Least µs for `CHAIN` dependent torch.add calls on 4-element tensors."""
+    x = torch.ones(4)
+    best = float("inf")
+    for _ in range(reps):
+        y = x
+        t = time.perf_counter_ns()
+        for _ in range(CHAIN):
+            y = torch.add(y, x)
+        best = min(best, (time.perf_counter_ns() - t) / 1000)
+    return best
+
+
+def _timed(fn: Callable[..., Any], into: list[int]) -> Callable[..., Any]:
+    def timed(*args: Any) -> Any:
+        t = time.perf_counter_ns()
+        try:
+            return fn(*args)
+        finally:
+            into.append(time.perf_counter_ns() - t)
+
+    return timed
+
+
+async def in_process(runs: int) -> None:
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(4))
+        plan = fedptr.plan(lambda y: _chain(y, x))
+        await plan(x).get()
+        node = c.node("bob")
+        loop_ns: list[int] = []
+        handler_ns: list[int] = []
+        node.compute._compute_lean = _timed(node.compute._compute_lean, loop_ns)  # type: ignore[method-assign]
+        node._handlers[wire.RunPlan] = _timed(node._handlers[wire.RunPlan], handler_ns)
+        sent = node.link.multiparts_sent, c.client.link.multiparts_sent
+        walls = []
+        for _ in range(runs):
+            t = time.perf_counter_ns()
+            await plan(x).get()
+            walls.append(time.perf_counter_ns() - t)
+        node_sent = (node.link.multiparts_sent - sent[0]) / runs
+        client_sent = (c.client.link.multiparts_sent - sent[1]) / runs
+    loop_us, handler_us = _median_us(loop_ns), _median_us(handler_ns)
+    print(f"in process: the node's lean loop {loop_us:.0f} µs, its RunPlan handler {handler_us:.0f}")
+    sends = f"multiparts per run: client {client_sent:.2f}, node {node_sent:.2f}"
+    print(f"in process: plan + get {_median_us(walls):.0f} µs; {sends}")
+
+
+async def processes(runs: int, reps: int, curve: bool) -> None:
+    async with fedptr.local_cluster(["bob"], curve=curve) as cluster:
+        x = await cluster.client.worker("bob").send(torch.ones(4))
+        plan = fedptr.plan(lambda y: _chain(y, x))
+        for _ in range(runs // 2):  # warm: kernels loaded, caches grown
+            await plan(x).get()
+        pids = {"node": cluster.pids["bob"], "broker": cluster.pids["broker"], "client": os.getpid()}
+        cpu: dict[str, list[float]] = {p: [] for p in pids}
+        walls = []
+        for _ in range(reps):
+            before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+            for _ in range(runs):
+                t = time.perf_counter_ns()
+                await plan(x).get()
+                walls.append(time.perf_counter_ns() - t)
+            for p, pid in pids.items():
+                cpu[p].append((cpu_seconds(pid) - before[p]) / runs * 1e6)
+    per_run = ", ".join(f"{p} {min(v):.0f}" for p, v in cpu.items())
+    curved = "on" if curve else "off"
+    print(f"processes (CURVE {curved}): plan + get {_median_us(walls):.0f} µs; CPU µs per run: {per_run}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=400)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--curve", action="store_true", help="the process cluster with CURVE on")
+    args = ap.parse_args()
+    print(f"load average {os.getloadavg()[0]:.1f}; torch's floor: {torch_floor():.0f} µs for {CHAIN} adds")
+    asyncio.run(in_process(args.runs))
+    asyncio.run(processes(args.runs, args.reps, args.curve))
+
+
+if __name__ == "__main__":
+    main()
