@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import zmq
 from fedptr.broker.router import Broker, BrokerConfig
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedptr import envelope, limits, wire
 from fedptr.errors import (
@@ -423,21 +425,136 @@ def test_unfan_refuses_malformed_fan_outs(targets: bytes, body: list[bytes]) -> 
         envelope.unfan(fan(targets, *body), max_width=64)
 
 
-def test_an_envelope_is_one_head_frame() -> None:
-    """Each frame is a message of its own to libzmq (and to CURVE): an op and the delete batched
-    with it cross as 5 frames, its reply as 2 (version 1 sent 11 and 5)."""
+def test_a_small_message_is_one_frame_and_a_batch_one_frame_plus_its_big_buffers() -> None:
+    """Each frame is a message of its own to libzmq (and to CURVE): a small reply crosses as 1
+    frame (version 2: 2), an op and the delete batched with it as 1 (version 2: 5); a buffer over
+    `limits.INLINE_FRAME_BYTES` stays a frame of its own, the same object, never copied."""
     rid = envelope.request_id_bytes(7)
-    op = envelope.message(envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
+    op = envelope.message(envelope.REQUEST, b"bob", rid, [b"header", b"\0" * 16])
     delete = envelope.message(envelope.REQUEST, b"bob", envelope.NO_REPLY, [b"header"])
     reply = envelope.message(envelope.REPLY, b"client-1", rid, [b"header"])
-    assert len(envelope.framed(reply)) == 2
+    assert len(envelope.framed(reply)) == 1
     batch = envelope.pack_batch([delete, op])
-    assert len(batch) == 6
+    assert len(batch) == 1
     got = [envelope.message(e.command, e.name, e.rid, e.body) for e in envelope.parse(batch)]
     assert got == [delete, op]
-    [one] = envelope.parse(envelope.framed(op))
-    assert (one.command, one.name, one.rid, one.body) == (envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
     assert envelope.command_of(batch) == envelope.BATCH and envelope.count(batch) == 2
+    big = memoryview(bytearray(limits.INLINE_FRAME_BYTES + 1))
+    chain = [envelope.message(envelope.REQUEST, b"bob", envelope.request_id_bytes(i), [b"op"]) for i in range(100)]
+    frames = envelope.pack_batch([*chain, envelope.message(envelope.REQUEST, b"bob", rid, [b"put", big, b"tail"])])
+    assert len(frames) == 3 and frames[1] is big and frames[2] == b"tail"  # after a big one, frames of their own
+    [one] = envelope.parse(envelope.framed(op))
+    assert (one.command, one.name, one.rid, one.body) == (envelope.REQUEST, b"bob", rid, [b"header", b"\0" * 16])
+
+
+def test_a_chunk_keeps_its_info_and_data_as_frames() -> None:
+    """The direct path seals and reads a chunk's info and data frames in place (fedptr/direct.py)."""
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 3)
+    frames = envelope.framed(envelope.message(envelope.CHUNK, b"bob", b"\1" * 8, [info, b"abc"]))
+    assert frames[1:] == [info, b"abc"]
+
+
+_messages = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(envelope.COMMANDS - {envelope.BATCH})),
+        st.binary(max_size=80),
+        st.binary(min_size=8, max_size=8),
+        st.lists(
+            st.one_of(st.binary(max_size=40), st.integers(0, 3 * limits.INLINE_FRAME_BYTES).map(bytes)), max_size=5
+        ),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages)
+def test_any_messages_framed_and_parsed_come_back(messages: list[tuple[bytes, bytes, bytes, list[bytes]]]) -> None:
+    """Frames, then parse, give back every message: alone, and all in one BATCH."""
+    ms = [envelope.message(c, n, r, b) for c, n, r, b in messages]
+    for m in ms:
+        [e] = envelope.parse(envelope.framed(m))
+        assert envelope.message(e.command, e.name, e.rid, [bytes(f) for f in e.body]) == m
+    batch = envelope.pack_batch(ms)
+    assert envelope.count(batch) == len(ms)
+    assert [envelope.message(e.command, e.name, e.rid, [bytes(f) for f in e.body]) for e in envelope.parse(batch)] == ms
+
+
+_BATCH_HEAD = envelope.PROTOCOL + envelope.BATCH
+
+
+_garbage = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        st.binary(max_size=64).map(lambda b: envelope.PROTOCOL + b),
+        st.binary(max_size=64).map(lambda b: _BATCH_HEAD + b),
+        _messages.map(lambda ms: envelope.pack_batch([envelope.message(c, n, r, b) for c, n, r, b in ms])[0]),
+    ),
+    min_size=0,
+    max_size=4,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    _garbage,
+    st.integers(0, 200),
+    st.binary(max_size=4),
+)
+def test_any_bytes_parse_to_valid_envelopes_or_a_protocol_error(frames: list[bytes], cut: int, noise: bytes) -> None:
+    """Fuzz: whatever the bytes (a well-formed batch cut short or with bytes added included),
+    `parse` raises ProtocolError or gives envelopes of a known form, never another exception."""
+    if frames:
+        frames[0] = frames[0][: len(frames[0]) - cut] + noise if cut % 2 else frames[0] + noise
+    try:
+        envs = envelope.parse(frames)
+    except ProtocolError:
+        return
+    assert envs
+    for e in envs:
+        assert len(e.command) == 1 and e.command != envelope.BATCH and len(e.rid) == envelope.REQUEST_ID_BYTES
+
+
+@pytest.fixture(scope="module")
+def lone_broker() -> Iterator[Broker]:
+    broker = new_broker()
+    yield broker
+    broker.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(frames=_garbage)
+def test_the_broker_handles_any_bytes_without_an_exception(lone_broker: Broker, frames: list[bytes]) -> None:
+    """Fuzz the real router's `handle` (an unregistered sender's multipart): whatever the bytes, it
+    drops them or answers, and never raises (its loop would log a bug and drop the message)."""
+    lone_broker.handle([b"\0fuzzer", *frames])
+
+
+def record(command: bytes, name: bytes = b"bob", extra: int = 0, tail: bytes = b"") -> bytes:
+    """One FPTR3 record, by hand (`fedptr/envelope.py`'s layout), for malformed batches."""
+    return command + b"\0" * 8 + len(name).to_bytes(2, "little") + extra.to_bytes(2, "little") + name + tail
+
+
+def prefixed(rec: bytes, length: int | None = None) -> bytes:
+    return (len(rec) if length is None else length).to_bytes(4, "little") + rec
+
+
+MALFORMED_BATCHES = [
+    [_BATCH_HEAD],  # no message
+    [_BATCH_HEAD + b"\5\0"],  # a truncated length prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)) + b"\1\0\0"],  # a truncated second prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST), 200)],  # a length past the end
+    [_BATCH_HEAD + prefixed(b"")],  # a zero-length record
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)[:10])],  # a record too short for its fields
+    [_BATCH_HEAD + prefixed(record(envelope.BATCH, b"", 0, prefixed(record(envelope.REQUEST))))],  # nested
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, extra=0xFFFF)), b"x"],  # a huge count of frames
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, name=b"b" * 40)[:20])],  # a name past its record's end
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, tail=b"\x09\0\0\0ab"))],  # an inlined part past the end
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, tail=b"\1\0"))],  # an inlined part's truncated prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)), b"an extra frame no record counts"],
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)) * (limits.BATCH_MAX_RECEIVED + 1)],  # too many messages
+]
 
 
 @pytest.mark.parametrize(
@@ -448,14 +565,31 @@ def test_an_envelope_is_one_head_frame() -> None:
         [envelope.PROTOCOL],  # no command
         [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 7],  # a request id short of 8 bytes
         [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"h"],  # version 1's four frames
+        [b"FPTR2" + envelope.REQUEST + b"\0" * 8 + b"bob", b"h"],  # version 2's head and body
         [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"h"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1"],  # counts not uint16s
-        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
-        [envelope.PROTOCOL + envelope.BATCH + b"\0\0"],  # a message of no frames
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"not a head"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],  # nested
+        [envelope.PROTOCOL + record(envelope.REQUEST, extra=1)],  # an extra frame counted, none sent
+        [envelope.PROTOCOL + record(envelope.REQUEST), b"an extra frame not counted"],
+        *MALFORMED_BATCHES,
     ],
 )
 def test_malformed_envelopes_are_refused(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
         envelope.parse(frames)
+
+
+def test_a_malformed_batch_loses_no_other_peers_message(net: Net) -> None:
+    """The broker drops each malformed one-frame batch whole and goes on routing: another
+    peer's request sent after them all still reaches its worker."""
+    bob, client = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    for frames in MALFORMED_BATCHES:
+        send_frames(net.socket(rogue), frames)
+        while events(net.broker.sock) & _POLLIN:
+            net.broker.turn(True)
+    assert net.broker.dropped == len(MALFORMED_BATCHES)
+    rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
+    net.send(client, message)
+    net.run(bob, client, rogue)
+    [incoming] = net.events["bob"]
+    assert isinstance(incoming, Incoming) and incoming.source == "client-1" and incoming.rid == rid
+    assert net.events.get("rogue", []) == []
