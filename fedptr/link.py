@@ -376,9 +376,10 @@ class Link:
             self._loop.call_soon(self._drain)
 
     def _push(self, message: list[Any]) -> None:
-        """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once; the
-        requests and replies that follow within the same event-loop turn go out together as one
-        BATCH. A message with a large buffer streams it as chunks first, each its own multipart."""
+        """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once (or,
+        pushed while the link drains its socket, at the drain's end); the requests and replies that
+        follow within the same event-loop turn go out together as one BATCH. A message with a
+        large buffer streams it as chunks first, each its own multipart."""
         if message[0] not in _BATCHABLE:
             self._flush_batch()  # in order: a delete must not overtake the requests queued before it
             self._push_frames(envelope.framed(message))
@@ -526,11 +527,23 @@ class Link:
             self._schedule_drain()
 
     def _drain(self) -> None:
-        """Handle what the socket holds, a bounded number at a time so timers still run in a flood."""
+        """Handle what the socket holds, a bounded number at a time so timers still run in a flood.
+        What the handlers push (a node's replies, say) leaves as one multipart at the drain's end,
+        in this turn: a lone reply then costs the loop no turn of its own to close its batch."""
         self._drain_scheduled = False
         sock = self._sock
         if self._closed or sock is None:
             return
+        if self._batch is not None:  # a batch already open (a `batched` block): it closes itself
+            self._drain_from(sock)
+            return
+        self._batch = []
+        try:
+            self._drain_from(sock)
+        finally:
+            self._flush_batch()
+
+    def _drain_from(self, sock: zmq.Socket[Any]) -> None:
         ready = 0
         for _ in range(limits.DRAIN_BATCH):
             if self._paused:

@@ -12,6 +12,7 @@ import torch
 import fedptr
 from fedptr import wire
 from fedptr.pointer import effect
+from tests import harness
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
@@ -118,6 +119,41 @@ async def test_an_awaited_op_resumes_on_the_loop_turn_after_its_reply(bob: fedpt
     finally:
         link.on_settled = relay
     assert resumed_after == 0, f"the awaiting task resumed {resumed_after} turn(s) late"
+
+
+async def test_a_reply_leaves_in_its_requests_drain_and_leaves_the_loop_nothing_to_run(
+    cluster: harness.InprocCluster, bob: fedptr.Worker
+) -> None:
+    """The node answers an awaited op inside the drain that read it, and closes the reply's batch
+    there: no flush of its own waits on the loop's queue after that drain (a lone reply sent at
+    once, then a `call_soon` to close the batch, cost the node one loop turn per awaited op).
+    Read from the loop's ready queue (asyncio's own field), as nothing else shows it."""
+    x = await bob.send(torch.ones(2))
+    link = cluster.node("bob").link
+    loop = asyncio.get_running_loop()
+    drain = link._drain
+    after: list[tuple[int, list[asyncio.Handle]]] = []
+
+    def spy() -> None:
+        sent = link.multiparts_sent
+        drain()
+        flushes = [h for h in loop._ready if not h.cancelled() and h._callback == link._flush_batch]  # type: ignore[attr-defined]
+        after.append((link.multiparts_sent - sent, flushes))
+
+    assert link._sock is not None
+    fd = link._sock.FD
+    link._drain = spy  # type: ignore[method-assign]  # for a drain the link schedules itself
+    loop.remove_reader(fd)
+    loop.add_reader(fd, spy)  # for a drain the socket's FD wakes
+    try:
+        await (x + x)
+    finally:
+        del link._drain
+        loop.remove_reader(fd)
+        loop.add_reader(fd, link._drain)
+    answered = [flushes for sent, flushes in after if sent]
+    assert answered, "the node sent nothing from a drain: this test no longer sees its reply"
+    assert answered == [[]] * len(answered), "a drain left a flush of its reply's batch to a turn of its own"
 
 
 async def test_a_delete_that_leaves_with_the_next_request_leaves_the_loop_nothing_to_run(bob: fedptr.Worker) -> None:
