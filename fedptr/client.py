@@ -597,6 +597,7 @@ class Client:
         if fut.done():
             waiter.set_result(None)
             return waiter
+        self._link.end_turn()  # the caller waits: no loop pass just to close the batch of its request
         waiters = self._waiters.get(fut)
         if waiters is None:
             self._waiters[fut] = [waiter]

@@ -99,6 +99,9 @@ class Link:
         self._futures: dict[bytes, asyncio.Future[wire.Message]] = {}
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
+        # the timer that closes the batch a lone message opened, at the end of its turn (a timer,
+        # not `call_soon`: `end_turn` cancels it, and a cancelled timer costs the loop no pass)
+        self._closing: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._room = asyncio.Event()
         self._paused = False
@@ -402,7 +405,19 @@ class Link:
             return
         self._push_frames(envelope.framed(message))
         self._batch = []
-        self._loop.call_soon(self._flush_batch)
+        self._closing = self._loop.call_at(self._loop.time(), self._close_turn)
+
+    def end_turn(self) -> None:
+        """The caller is about to wait (an awaited request): close the batch a lone message
+        opened in this turn, if nothing joined it, so the loop need not turn once more to close
+        it. What is pushed later in the turn leaves as it would at the start of one."""
+        if self._closing is not None and not self._batch:
+            self._closing.cancel()
+            self._closing = self._batch = None
+
+    def _close_turn(self) -> None:
+        self._closing = None
+        self._flush_batch()
 
     def _stream(self, message: list[Any]) -> bool:
         """Send `message` as chunks then itself, if it has a frame large enough: over
@@ -505,6 +520,9 @@ class Link:
             self._flush_batch()
 
     def _flush_batch(self) -> None:
+        if self._closing is not None:  # closed before its turn ended: its timer has nothing to do
+            self._closing.cancel()
+            self._closing = None
         batch, self._batch = self._batch, None
         if batch:
             self._push_frames(envelope.framed(batch[0]) if len(batch) == 1 else envelope.pack_batch(batch))
@@ -534,10 +552,11 @@ class Link:
         sock = self._sock
         if self._closed or sock is None:
             return
-        if self._batch is not None:  # a batch already open (a `batched` block): it closes itself
+        if self._batch is None:
+            self._batch = []
+        elif self._closing is None:  # a batch a `batched` block or `hold_turn` opened closes itself
             self._drain_from(sock)
             return
-        self._batch = []
         try:
             self._drain_from(sock)
         finally:

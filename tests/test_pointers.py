@@ -156,6 +156,28 @@ async def test_a_reply_leaves_in_its_requests_drain_and_leaves_the_loop_nothing_
     assert answered == [[]] * len(answered), "a drain left a flush of its reply's batch to a turn of its own"
 
 
+async def test_an_awaited_request_leaves_the_loop_no_pass_to_close_its_batch(bob: fedptr.Worker) -> None:
+    """A lone request goes out at once and opens a batch for the rest of its turn; when its task
+    then waits on it, nothing can join, and the batch is closed there: the loop must find no
+    flush of it due on the next pass (a `call_soon` to close it cost the client one more pass,
+    an `epoll_wait`, per awaited op). Read from the loop's queues (asyncio's own fields)."""
+    x = await bob.send(torch.ones(2))
+    link = bob.client.link
+    loop = asyncio.get_running_loop()
+    due: list[list[asyncio.Handle]] = []
+    closers = {link._flush_batch, getattr(link, "_close_turn", None)}
+
+    def check() -> None:  # queued before the request: runs first on the next pass
+        queued = [*loop._ready, *loop._scheduled]  # type: ignore[attr-defined]
+        due.append([h for h in queued if not h.cancelled() and h._callback in closers])  # type: ignore[attr-defined]
+
+    loop.call_soon(check)
+    y = x + x
+    assert link.batching, "a lone request opened no batch: this test no longer sees it"
+    await y
+    assert due == [[]], "a pass of the loop was left to close the batch of an awaited request"
+
+
 async def test_a_delete_that_leaves_with_the_next_request_leaves_the_loop_nothing_to_run(bob: fedptr.Worker) -> None:
     """A result dropped and an op issued in the same turn (each `await (x + x)` of a loop): the
     delete leaves with the op, and the flush the drop scheduled must not cost the event loop a
