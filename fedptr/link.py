@@ -520,34 +520,46 @@ class Link:
             self._flush_batch()
 
     def _flush_batch(self) -> None:
+        if self._sent_batch() & _POLLIN:
+            self._schedule_drain()
+
+    def _sent_batch(self) -> int:
+        """Send what the open batch holds and close it; the socket's zmq.EVENTS after the send
+        (0 when there was nothing to send: then they were not read)."""
         if self._closing is not None:  # closed before its turn ended: its timer has nothing to do
             self._closing.cancel()
             self._closing = None
         batch, self._batch = self._batch, None
-        if batch:
-            self._push_frames(envelope.framed(batch[0]) if len(batch) == 1 else envelope.pack_batch(batch))
+        if not batch:
+            return 0
+        return self._sent(envelope.framed(batch[0]) if len(batch) == 1 else envelope.pack_batch(batch))
 
     def _push_frames(self, frames: list[Any]) -> None:
         """Send a whole multipart now, or queue it behind what is already waiting, in order."""
+        if self._sent(frames) & _POLLIN:
+            self._schedule_drain()
+
+    def _sent(self, frames: list[Any]) -> int:
+        """`_push_frames` without scheduling a drain: the socket's zmq.EVENTS after the send, read
+        because the send may have consumed a read edge of the FD (it re-arms it)."""
         self.multiparts_sent += 1
         self.bytes_sent += sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)
+        assert self._sock is not None
         if self._outbox:
             self._outbox.append(frames)
-            return
-        assert self._sock is not None
-        try:
-            send_frames(self._sock, frames)
-        except zmq.Again:
-            self._outbox.append(frames)
-            self._writable.set()
-        # the send may have consumed a read edge of the FD
-        if events(self._sock) & _POLLIN:
-            self._schedule_drain()
+        else:
+            try:
+                send_frames(self._sock, frames)
+            except zmq.Again:
+                self._outbox.append(frames)
+                self._writable.set()
+        return events(self._sock)
 
     def _drain(self) -> None:
         """Handle what the socket holds, a bounded number at a time so timers still run in a flood.
-        What the handlers push (a node's replies, say) leaves as one multipart at the drain's end,
-        in this turn: a lone reply then costs the loop no turn of its own to close its batch."""
+        What the handlers push (a node's replies, say) leaves in this turn: the first message's
+        answers at once (an awaited op's reply waits for nothing), the rest as one multipart at
+        the drain's end; no loop turn of its own is left to close the batch."""
         self._drain_scheduled = False
         sock = self._sock
         if self._closed or sock is None:
@@ -555,16 +567,16 @@ class Link:
         if self._batch is None:
             self._batch = []
         elif self._closing is None:  # a batch a `batched` block or `hold_turn` opened closes itself
-            self._drain_from(sock)
+            self._drain_from(sock, False)
             return
         try:
-            self._drain_from(sock)
+            self._drain_from(sock, True)
         finally:
             self._flush_batch()
 
-    def _drain_from(self, sock: zmq.Socket[Any]) -> None:
+    def _drain_from(self, sock: zmq.Socket[Any], own_batch: bool) -> None:
         ready = 0
-        for _ in range(limits.DRAIN_BATCH):
+        for i in range(limits.DRAIN_BATCH):
             if self._paused:
                 return
             try:
@@ -587,8 +599,14 @@ class Link:
             except Exception:  # a bug in a handler must not stop this link from reading
                 log.exception("%s failed to handle a message", self.name)
             # asked after each message, as it must be after the last (it re-arms the FD): a
-            # recv on an empty socket would raise zmq.Again, which costs 2 us more
-            ready = events(sock)
+            # recv on an empty socket would raise zmq.Again, which costs 2 us more. The first
+            # message's answer (an awaited op's reply) leaves now, the rest at the drain's end:
+            # its send reads them anyway, and a reply that waits for nothing should not
+            if i == 0 and own_batch and self._batch:
+                ready = self._sent_batch()
+                self._batch = []
+            else:
+                ready = events(sock)
             if not ready & _POLLIN:
                 break
         if ready & _POLLIN:

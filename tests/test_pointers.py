@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from typing import Any
 
 import pytest
 import torch
 
 import fedptr
+from fedptr import link as linkmod
 from fedptr import wire
 from fedptr.pointer import effect
 from tests import harness
@@ -154,6 +156,30 @@ async def test_a_reply_leaves_in_its_requests_drain_and_leaves_the_loop_nothing_
     answered = [flushes for sent, flushes in after if sent]
     assert answered, "the node sent nothing from a drain: this test no longer sees its reply"
     assert answered == [[]] * len(answered), "a drain left a flush of its reply's batch to a turn of its own"
+
+
+async def test_the_node_reads_its_sockets_events_once_per_awaited_op(
+    cluster: harness.InprocCluster, bob: fedptr.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each zmq.EVENTS read is a pass of libzmq's command processing (a `poll` and a `getpid`).
+    The node must read them after its reply's send (the send may consume the FD's read edge);
+    that read also tells its drain that nothing more waits, so it reads them once per awaited
+    op, not a second time before the send."""
+    x = await bob.send(torch.ones(2))
+    sock = cluster.node("bob").link._sock
+    reads = 0
+    real = linkmod.events
+
+    def counted(s: Any) -> int:
+        nonlocal reads
+        reads += s is sock
+        return real(s)
+
+    await (x + x)  # the first op's result meta is cached: later ones take the same path
+    monkeypatch.setattr(linkmod, "events", counted)
+    for _ in range(5):
+        await (x + x)
+    assert reads == 5, f"the node read its socket's zmq.EVENTS {reads} times for 5 awaited ops"
 
 
 async def test_an_awaited_request_leaves_the_loop_no_pass_to_close_its_batch(bob: fedptr.Worker) -> None:
