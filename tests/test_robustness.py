@@ -282,11 +282,18 @@ async def test_failed_offloaded_work_leaves_no_cycle_holding_its_values() -> Non
                 with pytest.raises(fedptr.RemoteError, match="size"):
                     await c.client.call("bob", wire.RunPlan(plan_id, [p], [wire.new_object_id()]))
                 with pytest.raises(fedptr.RemoteError, match="out of range"):  # the same for a single op
-                    await c.client.call("bob", wire.Op(wire.new_object_id(), "cat", [[wire.Ref(p), wire.Ref(p)], 1], {}))
+                    both = [[wire.Ref(p), wire.Ref(p)], 1]
+                    await c.client.call("bob", wire.Op(wire.new_object_id(), "cat", both, {}))
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             held = sum(o.numel() * o.element_size() for o in gc.garbage if isinstance(o, torch.Tensor))
-            frames = sorted({o.f_code.co_name for o in gc.garbage if isinstance(o, types.FrameType) and "/nodes/" in o.f_code.co_filename})
+            frames = sorted(
+                {
+                    o.f_code.co_name
+                    for o in gc.garbage
+                    if isinstance(o, types.FrameType) and "/nodes/" in o.f_code.co_filename
+                }
+            )
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
