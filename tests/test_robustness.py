@@ -299,3 +299,21 @@ async def test_failed_offloaded_work_leaves_no_cycle_holding_its_values() -> Non
             gc.garbage.clear()
             gc.enable()
         assert (held, frames) == (0, [])
+
+
+async def test_a_call_that_writes_an_operand_leaves_the_clients_shapes_alone() -> None:
+    # The client infers a result's shape on meta tensors, and keeps each result's meta tensor
+    # (fedptr.meta's cache): every pointer made by the same op on the same shapes shares it, and
+    # fedptr.pointer's table keys results by its identity. F.normalize's fifth parameter is
+    # `out`: inferred on the shared meta of q, torch resized it to x's shape, so q and every
+    # later `a + a` said [8, 4], and each reply then failed as a protocol error.
+    async with harness.cluster(["bob"]) as c:
+        bob = c.client.worker("bob")
+        a, x = await bob.send(torch.ones(2, 2)), await bob.send(torch.ones(8, 4))
+        q = a + a
+        with pytest.raises(fedptr.FedptrError):  # the node refuses a written operand
+            await fedptr.pointer.remote_call("F.normalize", (x, 2.0, 1, 1e-12, q))
+        assert q.shape == (2, 2)
+        again = a + a
+        assert again.shape == (2, 2)
+        assert torch.equal(await again.get(), torch.full((2, 2), 2.0))
