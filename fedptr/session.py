@@ -283,11 +283,17 @@ class Session:
     # --- receiving ----------------------------------------------------------------------
     def receive(self, frames: Sequence[Any], now: float) -> list[Event]:
         """The events one received multipart (a single message or a BATCH) stands for. Raises
-        ProtocolError when it is no fedptr envelope; a bad message inside settles or is answered."""
+        ProtocolError when it is no fedptr envelope; a bad message inside settles, is answered
+        or is dropped on its own, and the batch's other messages stand."""
         self._last_heard = now
         events: list[Event] = []
         for env in envelope.parse(frames):
-            self._receive_one(env, now, events)
+            try:
+                self._receive_one(env, now, events)
+            except ProtocolError as e:
+                # not raised past the batch: an earlier message's events (a reply whose request
+                # already left the pending table) would be dropped with it, its future never settled
+                log.warning("%s dropped a malformed message from %r: %s", self.name, env.name, e)
         return events
 
     def receive_direct(self, source: bytes, frames: Sequence[Any], now: float) -> list[Event]:

@@ -642,3 +642,25 @@ def test_a_record_the_broker_cannot_frame_again_is_dropped_not_raised(net: Net) 
     net.broker.handle([net.broker.table.by_name[b"rogue"], head])
     assert net.broker.dropped == 1
     assert net.take(bob) == [] and net.take(rogue) == []
+
+
+def test_a_bad_message_in_a_batch_loses_none_of_the_batchs_other_replies(net: Net) -> None:
+    """A worker answers the client's request and, in the same BATCH, sends it something it
+    refuses (a request: clients take none). The reply still settles its request: when the
+    refusal raised out of `receive`, the reply's request was already taken off the pending table
+    but its Settled event was dropped with the rest of the batch, so the caller's future waited
+    forever (no deadline left to fail it)."""
+    bob, client = pair(net)
+    rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
+    net.send(client, message)
+    [request] = [f for f in net.take(bob)]
+    [incoming] = bob.receive(request, net.now)
+    assert isinstance(incoming, Incoming) and incoming.rid == rid
+    reply = envelope.message(envelope.REPLY, b"client-1", rid, wire.encode(wire.Ok()))
+    stray = envelope.message(envelope.REQUEST, b"client-1", b"\7" * 8, wire.encode(wire.Search("x")))
+    send_frames(net.socket(bob), envelope.pack_batch([reply, stray]))
+    while events(net.broker.sock) & _POLLIN:
+        net.broker.turn(True)
+    [batch] = net.take(client)
+    assert client.receive(batch, net.now) == [Settled(rid, wire.Ok(), dest="bob")]
+    assert client.in_flight == 0
