@@ -300,9 +300,10 @@ class Session:
         """The events of one chunk that peer `source` sent over the direct data path (the
         connection authenticated it as `source`; the name in the envelope is not read). Raises
         ProtocolError for anything but a single CHUNK. The broker's liveness is not touched."""
-        [env] = envelope.parse(frames)
-        if env.command != envelope.CHUNK:
-            raise ProtocolError("only chunks travel the direct path")
+        envs = envelope.parse(frames)
+        if len(envs) != 1 or envs[0].command != envelope.CHUNK:  # a peer's batch too: refused, not a ValueError
+            raise ProtocolError("only single chunks travel the direct path")
+        env = envs[0]
         events: list[Event] = []
         self._chunk(source, env.rid, env.body, now, events)
         return events

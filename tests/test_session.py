@@ -664,3 +664,15 @@ def test_a_bad_message_in_a_batch_loses_none_of_the_batchs_other_replies(net: Ne
     [batch] = net.take(client)
     assert client.receive(batch, net.now) == [Settled(rid, wire.Ok(), dest="bob")]
     assert client.in_flight == 0
+
+
+def test_a_batch_over_the_direct_path_is_a_protocol_error() -> None:
+    """A direct path's peer (admitted, but not trusted to be well-formed) seals a BATCH of two
+    chunks. `receive_direct` raised ValueError (an unpacking of one message), which the link's
+    direct handler, catching ProtocolError only, let out of the direct socket's drain: the rest
+    of that socket, every other peer's chunks, was left unread, with a traceback per message."""
+    node = Session("bob", envelope.ROLE_WORKER, heartbeat_s=BEAT, liveness=3)
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 4)
+    chunk = envelope.message(envelope.CHUNK, b"bob", b"\1" * 8, [info, b"data"])
+    with pytest.raises(ProtocolError):
+        node.receive_direct(b"client-1", envelope.pack_batch([chunk, chunk]), 100.0)
