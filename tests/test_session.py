@@ -622,7 +622,7 @@ def test_the_broker_sends_no_more_frames_than_a_peer_sent(net: Net, attack: str)
     broker's and the worker's work and queued memory per byte the peer sent. Such a record breaks
     the envelope's own rules (inlined parts are small; a chunk inlines nothing and is two
     frames): the broker drops it as malformed."""
-    bob, client = pair(net)
+    bob, _ = pair(net)
     rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
     send_frames(net.socket(rogue), [envelope.PROTOCOL + EXPLODING[attack]])
     while events(net.broker.sock) & _POLLIN:
@@ -653,7 +653,7 @@ def test_a_bad_message_in_a_batch_loses_none_of_the_batchs_other_replies(net: Ne
     bob, client = pair(net)
     rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
     net.send(client, message)
-    [request] = [f for f in net.take(bob)]
+    [request] = net.take(bob)
     [incoming] = bob.receive(request, net.now)
     assert isinstance(incoming, Incoming) and incoming.rid == rid
     reply = envelope.message(envelope.REPLY, b"client-1", rid, wire.encode(wire.Ok()))
