@@ -302,7 +302,7 @@ class Session:
         ProtocolError for anything but a single CHUNK. The broker's liveness is not touched."""
         envs = envelope.parse(frames)
         if len(envs) != 1 or envs[0].command != envelope.CHUNK:  # a peer's batch too: refused, not a ValueError
-            raise ProtocolError("only single chunks travel the direct path")
+            raise ProtocolError("only chunks travel the direct path, one per message")
         env = envs[0]
         events: list[Event] = []
         self._chunk(source, env.rid, env.body, now, events)
