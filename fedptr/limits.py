@@ -186,6 +186,17 @@ cyclic GC promote them to its oldest generation (whose full passes cost a client
 loaded ~0.2 s each), and the broker relayed each by allocating another Frame (2-3 µs of
 broker CPU per pipelined op)."""
 
+INLINE_FRAME_BYTES = 1024
+"""Body frames up to this size (1 KiB: a msgpack header, a small tensor's bytes) travel inside
+their message's head frame (`fedptr.envelope`), from the first body frame up to the first larger
+one; larger ones stay frames of their own, never copied. libzmq (and CURVE) costs about as much
+per frame as a memcpy of some kilobytes, and the broker copies each inlined part once when it
+re-makes a head, so the bound is kept where the copy costs less than the frame."""
+
+BATCH_MAX_RECEIVED = 65_535
+"""Most messages one received BATCH may hold; a batch that holds more is refused whole as
+malformed (the bound the uint16 counts of protocol FPTR2 gave)."""
+
 BROKER_DRAIN_BATCH = 10_000
 """Messages the broker routes per wake before it looks at its clock and heartbeats."""
 

@@ -23,6 +23,7 @@ from fedptr.security import CurveKeys
 from fedptr.tensors import to_raw
 from tests import harness
 from tests.conftest import alive
+from tests.test_session import MALFORMED_BATCHES
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -71,10 +72,9 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
         envelope.build(b"Z", b"bob", b"\0" * 8),
         [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"x"],
         [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"x"],  # version 1's envelope of 4 frames
+        [b"FPTR2" + envelope.REQUEST + b"\0" * 8 + b"bob", b"x"],  # version 2's head and body frames
         [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 3],  # a head too short for its request id
-        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"no head here"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],
+        *MALFORMED_BATCHES,  # one-frame batches: truncated prefixes, lengths past the end, nested, ...
     ]
     garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(5000)]
     rss_before = rss(cluster.pids["broker"])
