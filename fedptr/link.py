@@ -380,7 +380,7 @@ class Link:
 
     def _push(self, message: list[Any]) -> None:
         """Send `message` (``[command, name, rid, *body]``). A lone message goes out at once (or,
-        pushed while the link drains its socket, at the drain's end); the requests and replies that
+        pushed while the link drains its socket, as `_drain` says); the requests and replies that
         follow within the same event-loop turn go out together as one BATCH. A message with a
         large buffer streams it as chunks first, each its own multipart."""
         if message[0] not in _BATCHABLE:
