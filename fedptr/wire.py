@@ -1049,31 +1049,55 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
     return _decode(frames)
 
 
+def _ref(data: bytes) -> Ref:
+    if len(data) != 8:
+        raise ProtocolError("bad object reference")
+    return Ref(_INT64.unpack(data)[0])
+
+
+def _tensor_meta(data: bytes) -> tuple[str, list[int], Any]:
+    """A tensor extension's [dtype, shape, frame index], checked but for the index."""
+    meta = msgpack.unpackb(data, raw=False, max_array_len=limits.MAX_NDIM + 3)
+    if not (type(meta) is list and len(meta) == 3 and type(meta[0]) is str and type(meta[1]) is list):
+        raise ProtocolError("bad tensor descriptor")
+    return meta[0], meta[1], meta[2]
+
+
+def _ext_alone(code: int, data: bytes) -> Any:
+    """The extension hook of a body of one frame (nearly every request): a reference, or a tensor
+    that can only refer to a frame that is not there. A module function, not a closure over the
+    body's frames and their used set, which every message would otherwise make."""
+    if code == _EXT_REF:
+        return _ref(data)
+    if code == _EXT_TENSOR:
+        _, _, index = _tensor_meta(data)
+        raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
+    raise ProtocolError(f"unknown extension type {code}")
+
+
 def _decode(frames: Sequence[Buffer]) -> Decoded:
     if not frames:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.MAX_FRAMES}")
-    header = memoryview(frames[0])
-    if header.nbytes > limits.MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {header.nbytes} bytes exceeds {limits.MAX_HEADER_BYTES}")
+    header = frames[0] if type(frames[0]) is bytes else memoryview(frames[0])  # small frames arrive as bytes
+    size = len(header) if type(header) is bytes else header.nbytes
+    if size > limits.MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {size} bytes exceeds {limits.MAX_HEADER_BYTES}")
     used: set[int] = set()
+    ext_hook: Callable[[int, bytes], Any] = _ext_alone
+    if len(frames) > 1:
 
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == _EXT_REF:
-            if len(data) != 8:
-                raise ProtocolError("bad object reference")
-            return Ref(_INT64.unpack(data)[0])
-        if code == _EXT_TENSOR:
-            meta = msgpack.unpackb(data, raw=False, max_array_len=limits.MAX_NDIM + 3)
-            if not (type(meta) is list and len(meta) == 3 and type(meta[0]) is str and type(meta[1]) is list):
-                raise ProtocolError("bad tensor descriptor")
-            index = meta[2]
-            if type(index) is not int or not 1 <= index < len(frames) or index in used:
-                raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
-            used.add(index)
-            return RawTensor(meta[0], tuple(meta[1]), memoryview(frames[index]))
-        raise ProtocolError(f"unknown extension type {code}")
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == _EXT_REF:
+                return _ref(data)
+            if code == _EXT_TENSOR:
+                dtype, shape, index = _tensor_meta(data)
+                if type(index) is not int or not 1 <= index < len(frames) or index in used:
+                    raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
+                used.add(index)
+                return RawTensor(dtype, tuple(shape), memoryview(frames[index]))
+            raise ProtocolError(f"unknown extension type {code}")
 
     try:
         values = msgpack.unpackb(
@@ -1091,7 +1115,7 @@ def _decode(frames: Sequence[Buffer]) -> Decoded:
         raise
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
         raise ProtocolError(f"undecodable header: {type(e).__name__}: {e}") from e
-    if type(values) is not list or len(values) < 2 or not _is_int(values[0]) or not _is_int(values[1]):
+    if type(values) is not list or len(values) < 2 or type(values[0]) is not int or type(values[1]) is not int:
         raise ProtocolError("header must be [kind, budget_ms, fields...]")
     cls = _BY_KIND.get(values[0])
     if cls is None:
