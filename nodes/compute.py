@@ -216,12 +216,8 @@ class Compute:
         can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
-
-        def refuse() -> Exception:
-            taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
-            public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
-            return policy.refuse_op(taint, msg.op, public)
-
+        # the refusal is wanted on private operands only: no closure made for every public op
+        refuse = _refusal(msg.op, values, entries) if private else _public
         return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     # --- plans ---------------------------------------------------------------------------
@@ -341,7 +337,7 @@ class Compute:
             # a single op reads exactly its inputs: `values` itself, before its result is added
             operands = values if run.ids is None else {k: values[k] for k in entries}
             # private when its result is (taint only grows: never less than on arrival)
-            private = bool(run.results[i].taint)
+            private = bool(run.results[i].taint.origins)
             if inline and (
                 i - start >= limits.PLAN_INLINE_OPS
                 or _numel(operands.values()) > self.config.offload_numel
@@ -575,6 +571,22 @@ def _values(entries: dict[int, Entry], versions: dict[int, int]) -> dict[int, An
         if isinstance(value, torch.Tensor):
             versions[i] = value._version
     return values
+
+
+def _refusal(op: str, values: dict[int, Any], entries: dict[int, Entry]) -> Callable[[], Exception]:
+    """The refusal of `op` on private operands `entries` (their `values`): the owners, and the
+    shapes of the public tensor operands only."""
+
+    def refuse() -> Exception:
+        taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
+        public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
+        return policy.refuse_op(taint, op, public)
+
+    return refuse
+
+
+def _public() -> Exception:
+    raise AssertionError("guard.run refuses only operations on private operands")
 
 
 def _is_ref(value: Any) -> bool:
