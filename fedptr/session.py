@@ -207,7 +207,8 @@ class Session:
             body = wire.encode(msg)
         except ProtocolError as e:  # the caller must hear of it, not wait for its deadline
             body = wire.encode(failure_from_error(e, self.name))
-        return self._sent(envelope.message(envelope.REPLY, dest.encode(), rid, body), now)
+        self._last_sent = now  # `_sent`, inline: a node replies to every request
+        return envelope.message(envelope.REPLY, dest.encode(), rid, body)
 
     def goodbye(self) -> list[Any]:
         """The message that tells the broker this peer is leaving; the session is closed after it."""

@@ -932,7 +932,8 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
     `budget_ms` is the time the receiver has to answer (0 for replies and no deadline). Tensor
     buffers are returned as they are (no copy)."""
     if type(msg) is Ok and not msg.more and not budget_ms:
-        return [_ok_header(msg)]
+        known = _OK_HEADERS.get((tuple(msg.shape), msg.dtype))  # the table read here: once per op
+        return [known if known is not None else _ok_header(msg)]
     return _encode(msg, budget_ms)
 
 
@@ -1067,8 +1068,10 @@ def _ext_alone(code: int, data: bytes) -> Any:
     """The extension hook of a body of one frame (nearly every request): a reference, or a tensor
     that can only refer to a frame that is not there. A module function, not a closure over the
     body's frames and their used set, which every message would otherwise make."""
+    if code == _EXT_REF and len(data) == 8:  # inline, not `_ref`: two references per op, most often
+        return Ref(_INT64.unpack(data)[0])
     if code == _EXT_REF:
-        return _ref(data)
+        raise ProtocolError("bad object reference")
     if code == _EXT_TENSOR:
         _, _, index = _tensor_meta(data)
         raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
