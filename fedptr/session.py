@@ -393,7 +393,7 @@ class Session:
             raise ProtocolError("clients take no requests")
         source = name.decode()
         try:
-            decoded = wire.decode(self._reassembly.complete(envelope.REQUEST, name, rid, body))
+            decoded = wire.decode_request(self._reassembly.complete(envelope.REQUEST, name, rid, body))
         except ProtocolError as e:
             log.warning("%s refused a malformed request from %r: %s", self.name, source, e, extra={"rid": rid.hex()})
             answer = self.reply(source, rid, failure_from_error(e, self.name), now)

@@ -806,7 +806,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,
-    "list[int]": lambda v: type(v) is list and all(_is_int(x) for x in v),
+    "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),  # `_is_int`, inline
     "list[str]": lambda v: type(v) is list and all(type(x) is str for x in v),
     "list[Value]": lambda v: type(v) is list and _check_value(v),
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),
@@ -1035,7 +1035,7 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         known = _OKS_DECODED.get(frames[0])
         if known is not None:
             return known
-        decoded = _decode(frames)
+        decoded = decode_request(frames)
         ok = decoded.message
         if (
             type(ok) is Ok
@@ -1047,7 +1047,7 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         ):
             _OKS_DECODED[frames[0]] = decoded
         return decoded
-    return _decode(frames)
+    return decode_request(frames)
 
 
 def _ref(data: bytes) -> Ref:
@@ -1078,7 +1078,9 @@ def _ext_alone(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unknown extension type {code}")
 
 
-def _decode(frames: Sequence[Buffer]) -> Decoded:
+def decode_request(frames: Sequence[Buffer]) -> Decoded:
+    """`decode` for a request's body: the same checks and errors, without looking it up in (or
+    adding it to) the table of decoded `Ok` replies, which no request is found in."""
     if not frames:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:
