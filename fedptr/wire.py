@@ -1085,8 +1085,8 @@ def decode_request(frames: Sequence[Buffer]) -> Decoded:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.MAX_FRAMES}")
-    header = frames[0] if type(frames[0]) is bytes else memoryview(frames[0])  # small frames arrive as bytes
-    size = len(header) if type(header) is bytes else header.nbytes
+    header: bytes | memoryview = frames[0] if type(frames[0]) is bytes else memoryview(frames[0])
+    size = header.nbytes if isinstance(header, memoryview) else len(header)  # small frames arrive as bytes
     if size > limits.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {size} bytes exceeds {limits.MAX_HEADER_BYTES}")
     used: set[int] = set()
