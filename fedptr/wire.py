@@ -838,7 +838,7 @@ _INLINE: dict[str, str] = {
     "RawTensor": "type({v}) is RawTensor",
     "list[int]": "type({v}) is list and (not {v} or {check}({v}))",
     "list[Value]": "type({v}) is list and _check_value({v})",
-    "dict[str, Value]": "type({v}) is dict and _check_value({v})",
+    "dict[str, Value]": "type({v}) is dict and (not {v} or _check_value({v}))",  # most ops: no keywords
 }
 """`_CHECKS` written out as expressions (the same verdicts), for `_all_valid`; a type not here
 is checked by calling its `_CHECKS` function."""
