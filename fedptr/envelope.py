@@ -26,8 +26,9 @@ In memory a message is ``[command, name, request_id, *body]`` (`message`): what 
 streams, sessions and routing tables hold. `framed` and `pack_batch` make every multipart and
 `parse` reads every one (a BATCH becomes its messages, `unfan` a FANOUT its per-destination
 messages), so no other module indexes into frames. Every malformed multipart (a truncated or
-overlong length, a record too short, a nested batch, extra frames that do not add up) raises
-ProtocolError, nothing else.
+overlong length, a record too short, a nested batch, extra frames that do not add up, an
+inlined part `_record` would not inline, a fanned chunk not of two frames) raises ProtocolError,
+nothing else: so the broker, framing a message again, never sends more frames than it received.
 Sans-IO: no sockets, no asyncio, no torch.
 """
 
@@ -223,12 +224,18 @@ def _parse_record(h: bytes, at: int, end: int, frames: Sequence[Any], fi: int) -
         raise ProtocolError("a name past its record's end")
     if fi + n_extra > len(frames):
         raise ProtocolError("a record counts more extra frames than the multipart holds")
+    # inlined parts are what `_record` inlines, and nothing else: a part over the bound, or any
+    # in a chunk, would be framed again by the broker as a frame of its own per destination (a
+    # peer's one frame of 5,000 empty parts became 5,000 frames to send, per fan-out target)
+    most = 0 if command in _NOT_INLINED else limits.INLINE_FRAME_BYTES
     body: list[Any] = []
     while p < end:
         q = p + 4
         if q > end:
             raise ProtocolError("a truncated length prefix")
         (n,) = _LEN.unpack_from(h, p)
+        if n > most:
+            raise ProtocolError(f"an inlined part of {n} bytes where at most {most} may be inlined")
         p = q + n
         if p > end:
             raise ProtocolError("a length past its record's end")
@@ -358,11 +365,14 @@ def fanned(fan: Sequence[Any]) -> tuple[bytes, list[Any]]:
 
 def unfan(env: Envelope, max_width: int = limits.FANOUT_MAX_WIDTH) -> list[Envelope]:
     """The messages a received FANOUT stands for, one per target, named for their destination
-    and sharing the body frames. Raises ProtocolError when it carries no REQUEST or CHUNK, or
-    its targets are not 1..`max_width` distinct valid names, each with an 8-byte request id."""
+    and sharing the body frames. Raises ProtocolError when it carries no REQUEST or CHUNK (or a
+    CHUNK not of two frames), or its targets are not 1..`max_width` distinct valid names, each
+    with an 8-byte request id."""
     if not env.body or len(env.body[0]) != 1 or bytes(env.body[0]) not in FANOUT_COMMANDS:
         raise ProtocolError("a fan-out carries a request or a chunk")
     command, body = bytes(env.body[0]), env.body[1:]
+    if command == CHUNK and len(body) != 2:  # the fan-out's inlined parts would each be a frame of the chunk's
+        raise ProtocolError("a chunk has an info frame and a data frame")
     targets, names = env.name, set()
     out: list[Envelope] = []
     i = 0

@@ -354,10 +354,11 @@ node (Python's default: 700). Every small pipelined op allocates a few dozen con
 fewer it meets, the less it costs: at 700 it ran every ~25 ops (~15% of the node's CPU per op
 once the start-up heap is frozen), at 10,000 every ~1,700 ops while 15,000 results were held
 (~0.5-0.8 µs per op, a third of it in the middle generation's collections), at 100,000 not once
-in that run. The node's op path makes no reference cycles (a failed entry's error keeps no
-traceback), so what waits is the cyclic garbage of other code: at most this many containers
-(~10-20 MB of them) and what they hold; a young collection that meets them all takes ~12 ms
-(~1.2 ms per 10,000 objects traversed, measured)."""
+in that run. The node's op path makes no reference cycles (a failed entry's error, its chained
+ones and a failed offloaded run's keep no traceback: `nodes.store.without_frames`), so what
+waits is the cyclic garbage of other code: at most this many containers (~10-20 MB of them) and
+what they hold; a young collection that meets them all takes ~12 ms (~1.2 ms per 10,000 objects
+traversed, measured)."""
 
 HEAP_TRIM_DELAY_S = 1.0
 """After a client leaves, how long (s) a node or the broker waits before it gives the free pages

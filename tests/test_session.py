@@ -593,3 +593,86 @@ def test_a_malformed_batch_loses_no_other_peers_message(net: Net) -> None:
     [incoming] = net.events["bob"]
     assert isinstance(incoming, Incoming) and incoming.source == "client-1" and incoming.rid == rid
     assert net.events.get("rogue", []) == []
+
+
+def inlined(*parts: bytes) -> bytes:
+    """The inlined body parts of a hand-made record, each after its u32 length."""
+    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+
+
+_INFO = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 100)
+_TINY = [b""] * 5000
+EXPLODING = {
+    # an oversized inlined part first: the broker's re-made head keeps none of what follows it
+    "request": record(envelope.REQUEST, tail=inlined(b"h" * (limits.INLINE_FRAME_BYTES + 1), *_TINY)),
+    # a chunk inlines nothing: the broker re-makes every inlined part a frame of its own
+    "chunk": record(envelope.CHUNK, tail=inlined(_INFO, *_TINY)),
+    # a fan-out inlines its parts; the chunk it carries is re-made with each as a frame
+    "fanned chunk": record(
+        envelope.FANOUT, envelope.pack_targets([(b"bob", b"\3" * 8)]), tail=inlined(envelope.CHUNK, _INFO, *_TINY)
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(EXPLODING))
+def test_the_broker_sends_no_more_frames_than_a_peer_sent(net: Net, attack: str) -> None:
+    """A peer's one frame (a head of 5,000 tiny inlined parts after an oversized one, or inlined
+    into a chunk, or into a chunk a fan-out carries) must not become 5,000 frames the broker
+    sends, per destination: libzmq (and CURVE) costs per frame, so that was ~1,000 times the
+    broker's and the worker's work and queued memory per byte the peer sent. Such a record breaks
+    the envelope's own rules (inlined parts are small; a chunk inlines nothing and is two
+    frames): the broker drops it as malformed."""
+    bob, _ = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    send_frames(net.socket(rogue), [envelope.PROTOCOL + EXPLODING[attack]])
+    while events(net.broker.sock) & _POLLIN:
+        net.broker.turn(True)
+    assert [len(frames) for frames in net.take(bob)] == []
+    assert net.broker.dropped == 1
+
+
+def test_a_record_the_broker_cannot_frame_again_is_dropped_not_raised(net: Net) -> None:
+    """An oversized inlined part then 65,536 empty ones (264 KB): framed again, they are 65,537
+    extra frames, past the record's u16 count. `handle` raised ProtocolError from inside
+    routing (the loop logged a traceback per message, unthrottled); it must drop the record as
+    malformed, like any other."""
+    bob, _ = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    head = envelope.PROTOCOL + record(envelope.REQUEST, tail=inlined(b"h" * 2000, *[b""] * 0x10000))
+    net.broker.handle([net.broker.table.by_name[b"rogue"], head])
+    assert net.broker.dropped == 1
+    assert net.take(bob) == [] and net.take(rogue) == []
+
+
+def test_a_bad_message_in_a_batch_loses_none_of_the_batchs_other_replies(net: Net) -> None:
+    """A worker answers the client's request and, in the same BATCH, sends it something it
+    refuses (a request: clients take none). The reply still settles its request: when the
+    refusal raised out of `receive`, the reply's request was already taken off the pending table
+    but its Settled event was dropped with the rest of the batch, so the caller's future waited
+    forever (no deadline left to fail it)."""
+    bob, client = pair(net)
+    rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
+    net.send(client, message)
+    [request] = net.take(bob)
+    [incoming] = bob.receive(request, net.now)
+    assert isinstance(incoming, Incoming) and incoming.rid == rid
+    reply = envelope.message(envelope.REPLY, b"client-1", rid, wire.encode(wire.Ok()))
+    stray = envelope.message(envelope.REQUEST, b"client-1", b"\7" * 8, wire.encode(wire.Search("x")))
+    send_frames(net.socket(bob), envelope.pack_batch([reply, stray]))
+    while events(net.broker.sock) & _POLLIN:
+        net.broker.turn(True)
+    [batch] = net.take(client)
+    assert client.receive(batch, net.now) == [Settled(rid, wire.Ok(), dest="bob")]
+    assert client.in_flight == 0
+
+
+def test_a_batch_over_the_direct_path_is_a_protocol_error() -> None:
+    """A direct path's peer (admitted, but not trusted to be well-formed) seals a BATCH of two
+    chunks. `receive_direct` raised ValueError (an unpacking of one message), which the link's
+    direct handler, catching ProtocolError only, let out of the direct socket's drain: the rest
+    of that socket, every other peer's chunks, was left unread, with a traceback per message."""
+    node = Session("bob", envelope.ROLE_WORKER, heartbeat_s=BEAT, liveness=3)
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 4)
+    chunk = envelope.message(envelope.CHUNK, b"bob", b"\1" * 8, [info, b"data"])
+    with pytest.raises(ProtocolError):
+        node.receive_direct(b"client-1", envelope.pack_batch([chunk, chunk]), 100.0)
