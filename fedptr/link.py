@@ -405,8 +405,8 @@ class Link:
 
     def _stream(self, message: list[Any]) -> bool:
         """Send `message` as chunks then itself, if it has a frame large enough: over
-        `limits.STREAM_THRESHOLD_BYTES`, or over `limits.DIRECT_STREAM_THRESHOLD_BYTES` when a
-        direct path to its peer is open (only a small first chunk then takes the broker, whose
+        `limits.STREAM_THRESHOLD_BYTES`, or, with CURVE, over `limits.DIRECT_STREAM_THRESHOLD_BYTES`
+        when a direct path to its peer is open (only a small first chunk then takes the broker, whose
         CURVE costs 4 passes per byte). False when it has none (it is sent as any other)."""
         # a fan-out streams the message it carries, each chunk fanned out to the same targets
         targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
@@ -414,7 +414,9 @@ class Link:
         if direct is not None and inner[0] == envelope.REQUEST:
             self._want_direct(inner[1])
         fast = direct is not None and direct.ready(inner[1], inner[0])
-        threshold = limits.DIRECT_STREAM_THRESHOLD_BYTES if fast else limits.STREAM_THRESHOLD_BYTES
+        # without CURVE the broker relays a buffer it carries whole faster than the path streams it
+        early = fast and self.curve is not None
+        threshold = limits.DIRECT_STREAM_THRESHOLD_BYTES if early else limits.STREAM_THRESHOLD_BYTES
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()
