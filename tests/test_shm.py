@@ -1,8 +1,9 @@
 """Same-host shared memory on the direct path (fedptr/shm.py, fedptr/direct.py).
 
 On a real CURVE cluster (broker and node processes): a large send and get go through shared
-memory and leave no file behind; on a cluster without CURVE, 64 MiB sends, gets and moves do too; a client whose directory the node does not share (the probe
-fails) falls back to the sealed chunks. On a real data socket in this process: a peer cannot
+memory and leave no file behind; on a cluster without CURVE, 64 MiB sends, gets and moves do
+too; a client whose directory the node does not share (the probe fails) falls back to the
+sealed chunks. On a real data socket in this process: a peer cannot
 name another path's file. On files: every refusal (a name not of the path, a replay, a symlink,
 the wrong size or file, a file gone) is a typed error that fails its stream at once, nothing is
 read past a stream budget and the file is unlinked anyway, the sender unlinks what nobody took,
