@@ -1,9 +1,11 @@
 """The broker's routing loop: a tight synchronous ROUTER loop that swaps envelope names.
 
-A peer's message ``[identity, head(command, dest, rid), *body]`` goes out as
-``[dest_identity, head(command, source_name, rid), *body]`` (`fedptr.envelope`); body frames are passed on as
-the same zmq frames, never copied or decoded. A FANOUT is first taken apart into the messages
-it stands for, one per destination, which are then routed exactly as if each had come alone.
+A peer's message ``[identity, head(command, dest, rid, small body), *big]`` goes out as
+``[dest_identity, head(command, source_name, rid, small body), *big]`` (`fedptr.envelope`): the small
+body frames inlined in the head (`limits.INLINE_FRAME_BYTES` each at most) are copied into the
+re-made head, the big ones passed on as the same zmq frames; none is ever decoded. A FANOUT is
+first taken apart into the messages it stands for, one per destination, which are then routed
+exactly as if each had come alone.
 """
 
 from __future__ import annotations

@@ -327,6 +327,8 @@ class Client:
         self._owed: dict[str, set[int]] = defaultdict(set)
         """Deletes sent to an unsure worker, sent again once it answers (see `_heard`)."""
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        """The flush `release` scheduled from the loop's thread, while it is due."""
         self._open = True
         self.recording: Recorder | None = None
         """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
@@ -475,8 +477,9 @@ class Client:
         `after`: unordered steps its operands wait for (see `Pointer.made_by`); the op is sent
         once they are done (failing with the first one's error), and its results wait likewise."""
         if len(metas) == 1 and not after:  # the common case, kept lean: it is every op's path
-            obj_id = self.new_id()
-            return [self.issue(location, obj_id, wire.Op(obj_id, op, args, kwargs), metas[0])]
+            obj_id = wire.new_object_id()
+            done = self.request_nowait(location, wire.Op(obj_id, op, args, kwargs))
+            return [Pointer(self, location, obj_id, done, meta=metas[0])]
         ids = [self.new_id() for _ in metas]
         msg = wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:])
         if after:
@@ -495,21 +498,18 @@ class Client:
             await asyncio.shield(step)  # shielded: this request must not cancel a step others share
         return await self.request_nowait(location, msg)
 
-    def issue(self, location: str, obj_id: int, msg: wire.Message, result_meta: torch.Tensor | None = None) -> Pointer:
-        """Send a request that creates object `obj_id` and return its pointer without waiting."""
-        return Pointer(self, location, obj_id, self.request_nowait(location, msg), meta=result_meta)
-
     def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
         """Send `msg` to worker `location` and return the future of its reply at once (settled
         within this client's deadline). Raises UsageError while a plan is recorded."""
-        self._not_recording(f"send a {type(msg).__name__}")
+        if self.recording is not None:
+            self._not_recording(f"send a {type(msg).__name__}")
         if self._deletes and not self._link.batching:
             # The first request of a loop turn would leave alone at once, and the deletes queued
             # since the last turn in a multipart of their own just after: they go together,
             # ahead of it, so the broker and the worker wake once for both (each op awaited in
             # turn drops the previous result: one wake per op instead of two).
             with self._link.batched():
-                self._flush_deletes()
+                self._send_deletes()
                 return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
 
@@ -543,6 +543,11 @@ class Client:
     def reported(self, fut: asyncio.Future[wire.Message]) -> bool:
         """Whether `fut` settled and an await claimed it: its outcome was reported there."""
         return fut.done() and fut not in self._effects
+
+    @property
+    def effects_queued(self) -> bool:
+        """Whether any update is remembered for `effects_failure` (False: it has nothing to say)."""
+        return bool(self._effects)
 
     def _effect_settled(self, fut: asyncio.Future[wire.Message]) -> None:
         if fut.cancelled() or fut.exception() is None:
@@ -637,8 +642,13 @@ class Client:
         `location` answers."""
         if self._waiters:
             self._wake(fut)
-        if not fut.cancelled():
-            e = fut.exception()
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is None:
+            if location in self._unsure:  # the common case needs no more than this test
+                self._heard(location, None)
+        else:
             self._heard(location, e if isinstance(e, FedptrError) else None)
 
     def _heard(self, location: str, error: FedptrError | None) -> None:
@@ -664,21 +674,40 @@ class Client:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if threading.get_ident() == self._thread:
-                self._loop.call_soon(self._flush_deletes)
+                # A timer due now rather than `call_soon`: most often a request issued in this
+                # same turn takes the deletes with it (`request_nowait`) and cancels the timer,
+                # and a cancelled timer costs the loop nothing, where a callback made it turn
+                # once more (an epoll wait and a pass) for every awaited op that drops a result.
+                self._flush_timer = self._loop.call_at(self._loop.time(), self._flush_deletes)
             else:
                 self._loop.call_soon_threadsafe(self._flush_deletes)
 
     def _flush_deletes(self) -> None:
-        self._flush_scheduled = False
+        """Send the deletes queued, now, in one batch."""
+        if not self._deletes or not self._open:
+            self._unschedule_flush()
+            return
+        with self._link.batched():
+            self._send_deletes()
+
+    def _send_deletes(self) -> None:
+        """Push the deletes queued into the link's batch (the caller opened one)."""
+        self._unschedule_flush()
         if not self._deletes or not self._open:
             return
         batches, self._deletes = self._deletes, defaultdict(list)
         for location in self._unsure.intersection(batches):
             self._owed[location].update(batches[location])  # sent again once it answers
-        with self._link.batched():
-            for location, ids in batches.items():
-                for delete in wire.deletes(ids):
-                    self._link.notify(location, delete)
+        for location, ids in batches.items():
+            for delete in wire.deletes(ids):
+                self._link.notify(location, delete)
+
+    def _unschedule_flush(self) -> None:
+        """The deletes queued are being sent: the flush `release` scheduled is not needed."""
+        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
 
     async def aclose(self) -> None:
         """Send the deletes still queued, say goodbye to the broker, and close. Calls still

@@ -115,9 +115,8 @@ _LANE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH  # the worker's ZAP handler no longer admits our key
 )
-_SHM_CHUNK = b"M"
-"""Inside a sealed message only (never on the broker's path): a CHUNK whose data frame is a
-shared-memory descriptor (`fedptr.shm`), not the bytes."""
+_SHM_CHUNK = envelope.SHM_CHUNK
+"""A CHUNK whose data frame is a shared-memory descriptor (its frames are never inlined)."""
 _CHUNK_FRAMES = 3
 """A chunk's frames: its head, its info, its data (or a shared-memory descriptor)."""
 _SHARED = b"shared"

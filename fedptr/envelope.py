@@ -1,37 +1,50 @@
-"""The envelope: the frames before a message's body, and the one place that builds and parses them.
+"""The envelope: how messages become frames, and the one place that builds and parses them.
 
-Every multipart on a fedptr socket is::
+A message ``[command, name, request_id, *body]`` travels as::
 
-    [PROTOCOL + command + request_id + name, *body]
+    [PROTOCOL + record, *extra]
+    record = command(1) + request_id(8) + len(name)(u16) + len(extra)(u16) + name
+             + (len(part)(u32) + part) for each inlined body frame
 
-one head frame (the 5-byte protocol, the 1-byte command, the 8-byte request id, then the name),
-then the body frames. ``name`` is the destination when a peer sends and the source when the
-broker delivers; the broker swaps it and reads nothing past the head (a FANOUT's command frame
-aside). The head is one frame, not four, because libzmq handles, and with CURVE encrypts, every
-frame as a message of its own: four frames per envelope cost each process a few microseconds per
-message, and CURVE more (measured in BENCHMARKS.md, "One awaited op, second pass").
+Its body frames up to `limits.INLINE_FRAME_BYTES` each, from the first up to the first larger
+one, are *inlined* in the head frame; the rest (a tensor's big buffer) follow as `extra` frames,
+never copied. A small message (a reply, a 4-element op) is then one frame: libzmq handles, and
+with CURVE encrypts, every frame as a message of its own, so frames cost each process more than
+the bytes (measured in BENCHMARKS.md, "One awaited op, third pass"). A CHUNK inlines nothing
+(the direct path seals and reads its info and data frames in place).
+
+A BATCH is one frame of length-prefixed records, followed by the extra frames of its messages in
+order::
+
+    [PROTOCOL + BATCH + (len(record)(u32) + record)..., *extras]
+
+``name`` is the destination when a peer sends and the source when the broker delivers; the
+broker swaps it and reads nothing past the records (a FANOUT's command aside): it never decodes
+a body, and copies only the inlined (small) parts when it re-makes a head.
 
 In memory a message is ``[command, name, request_id, *body]`` (`message`): what batches,
-streams, sessions and routing tables hold. `framed` and `build` make every multipart and
+streams, sessions and routing tables hold. `framed` and `pack_batch` make every multipart and
 `parse` reads every one (a BATCH becomes its messages, `unfan` a FANOUT its per-destination
-messages), so no other module indexes into frames.
+messages), so no other module indexes into frames. Every malformed multipart (a truncated or
+overlong length, a record too short, a nested batch, extra frames that do not add up, an
+inlined part `_record` would not inline, a fanned chunk not of two frames) raises ProtocolError,
+nothing else: so the broker, framing a message again, never sends more frames than it received.
 Sans-IO: no sockets, no asyncio, no torch.
 """
 
 from __future__ import annotations
 
-import array
 import struct
-import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fedptr import limits
 from fedptr.errors import ProtocolError
 
-PROTOCOL = b"FPTR2"
-"""Protocol name and version, the first bytes of every multipart's head frame (version 2: the
-envelope in one head frame; version 1 sent protocol, command, name and request id as 4 frames)."""
+PROTOCOL = b"FPTR3"
+"""Protocol name and version, the first bytes of every multipart's head frame (version 3: small
+body frames inlined in the head, a BATCH as one frame of records; version 2 sent the body as
+frames of their own and a BATCH as a frame per part; version 1 the envelope as 4 frames)."""
 
 # --- envelope commands (one byte each) ---------------------------------------------------
 REGISTER = b"R"
@@ -61,9 +74,8 @@ GONE_SILENT = b"silent"
 """Its heartbeats stopped: it may be paused and come back, so its objects are kept."""
 
 BATCH = b"B"
-"""Several requests and replies in one multipart: ``[PROTOCOL + BATCH + counts, *messages]``
-where each message is framed as alone (its head frame, then its body frames) and `counts` holds
-each one's frame count (little-endian uint16). The broker splits a batch, routes each message, and
+"""Several requests and replies in one multipart: one frame of length-prefixed records, then
+the messages' extra frames (see above). The broker splits a batch, routes each message, and
 re-batches per destination."""
 
 CHUNK = b"C"
@@ -76,6 +88,10 @@ reassembled buffer there."""
 CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
+
+SHM_CHUNK = b"M"
+"""Inside a sealed message of a direct path only (fedptr/direct.py; never on the broker's path): a
+CHUNK whose data frame is a shared-memory descriptor (`fedptr.shm`), not the bytes."""
 
 FANOUT = b"F"
 """peer -> broker: one REQUEST, or one CHUNK of a streamed one, for several peers:
@@ -126,12 +142,12 @@ REQUEST_ID_BYTES = 8
 
 _COMMAND_AT = len(PROTOCOL)
 _RID_AT = _COMMAND_AT + 1
-_NAME_AT = _RID_AT + REQUEST_ID_BYTES
-HEAD_MIN_BYTES = _NAME_AT
-"""A head frame's bytes before the name (protocol, command, request id); a BATCH's head is
-protocol, command and counts."""
-
+_RECORD = struct.Struct("<c8sHH")
+"""A record's fixed fields: command, request id, the name's length, the count of extra frames."""
+_LEN = struct.Struct("<I")
 _RID = struct.Struct("<Q")
+_NOT_INLINED = frozenset({CHUNK, SHM_CHUNK})
+"""Commands whose body frames all stay frames of their own (see the module's docstring)."""
 
 
 def request_id_bytes(n: int) -> bytes:
@@ -156,41 +172,77 @@ def request_id_int(b: bytes) -> int:
     return int(_RID.unpack(b)[0])
 
 
+def _record(m: Sequence[Any], extra: list[Any]) -> bytes:
+    """Message `m`'s record; its extra frames (not inlined) are appended to `extra`."""
+    command, name, n = m[0], m[1], len(m)
+    k = 3  # m[3:k] are inlined
+    if command not in _NOT_INLINED:
+        while k < n and (m[k].nbytes if type(m[k]) is memoryview else len(m[k])) <= limits.INLINE_FRAME_BYTES:
+            k += 1
+    if len(name) > 0xFFFF or n - k > 0xFFFF:
+        raise ProtocolError("a message's name or extra frames exceed the envelope's bounds")
+    pieces = [_RECORD.pack(command, m[2], len(name), n - k), name]
+    for i in range(3, k):
+        f = m[i]
+        pieces.append(_LEN.pack(f.nbytes if type(f) is memoryview else len(f)))
+        pieces.append(f)
+    if k < n:
+        extra.extend(m[k:])
+    return b"".join(pieces)
+
+
+def framed(message: Sequence[Any]) -> list[Any]:
+    """The frames that carry `message` (``[command, name, rid, *body]``)."""
+    extra: list[Any] = []
+    head = PROTOCOL + _record(message, extra)
+    return [head, *extra] if extra else [head]
+
+
 def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     """The frames of a BATCH holding `messages` (each ``[command, name, request_id, *body]``)."""
-    counts = array.array("H", [len(m) - 2 for m in messages])
-    if sys.byteorder != "little":
-        counts.byteswap()
-    frames: list[Any] = [PROTOCOL + BATCH + counts.tobytes()]
+    pieces: list[bytes] = [PROTOCOL, BATCH]
+    extra: list[Any] = []
+    pack = _LEN.pack
     for m in messages:
-        frames.append(PROTOCOL + m[0] + m[2] + m[1])
-        frames.extend(m[3:])
-    return frames
+        record = _record(m, extra)
+        pieces.append(pack(len(record)))
+        pieces.append(record)
+    return [b"".join(pieces), *extra]
 
 
-def unpack_batch(counts: bytes, frames: Sequence[Any]) -> list[Envelope]:
-    """The messages of a BATCH: `counts` (its head after protocol and command) splits the frames
-    after its head; raises ProtocolError when the counts do not describe the frames exactly, or
-    a message has no head frame or a malformed one."""
-    if len(counts) % 2:
-        raise ProtocolError("batch counts must be uint16s")
-    sizes = array.array("H")
-    sizes.frombytes(counts)
-    if sys.byteorder != "little":
-        sizes.byteswap()
-    if sum(sizes) != len(frames) or not all(sizes):
-        raise ProtocolError("batch counts do not match its frames")
-    out: list[Envelope] = []
-    i = 0
-    for n in sizes:
-        h = frames[i]
-        if type(h) is not bytes:
-            h = bytes(h)
-        if len(h) < _NAME_AT or h[:_COMMAND_AT] != PROTOCOL or h[_COMMAND_AT:_RID_AT] == BATCH:
-            raise ProtocolError("a batched message has no fedptr head")
-        out.append(Envelope(h[_COMMAND_AT:_RID_AT], h[_NAME_AT:], h[_RID_AT:_NAME_AT], list(frames[i + 1 : i + n])))
-        i += n
-    return out
+def _parse_record(h: bytes, at: int, end: int, frames: Sequence[Any], fi: int) -> tuple[Envelope, int]:
+    """The message whose record is ``h[at:end]``, its extra frames taken from ``frames[fi:]``;
+    and the index of the frame after them. Raises ProtocolError when the record is malformed."""
+    fixed = at + _RECORD.size
+    if fixed > end:
+        raise ProtocolError("a record too short for its fields")
+    command, rid, name_len, n_extra = _RECORD.unpack_from(h, at)
+    if command == BATCH:
+        raise ProtocolError("a batch inside a batch")
+    p = fixed + name_len
+    if p > end:
+        raise ProtocolError("a name past its record's end")
+    if fi + n_extra > len(frames):
+        raise ProtocolError("a record counts more extra frames than the multipart holds")
+    # inlined parts are what `_record` inlines, and nothing else: a part over the bound, or any
+    # in a chunk, would be framed again by the broker as a frame of its own per destination (a
+    # peer's one frame of 5,000 empty parts became 5,000 frames to send, per fan-out target)
+    most = 0 if command in _NOT_INLINED else limits.INLINE_FRAME_BYTES
+    body: list[Any] = []
+    while p < end:
+        q = p + 4
+        if q > end:
+            raise ProtocolError("a truncated length prefix")
+        (n,) = _LEN.unpack_from(h, p)
+        if n > most:
+            raise ProtocolError(f"an inlined part of {n} bytes where at most {most} may be inlined")
+        p = q + n
+        if p > end:
+            raise ProtocolError("a length past its record's end")
+        body.append(h[q:p])
+    if n_extra:
+        body.extend(frames[fi : fi + n_extra])
+    return Envelope(command, h[fixed : fixed + name_len], rid, body), fi + n_extra
 
 
 def valid_name(name: bytes) -> bool:
@@ -213,18 +265,13 @@ class Envelope(NamedTuple):
 
 def build(command: bytes, name: bytes, rid: bytes, *body: Any) -> list[Any]:
     """The frames of one message, ready for a socket."""
-    return [PROTOCOL + command + rid + name, *body]
+    return framed([command, name, rid, *body])
 
 
 def message(command: bytes, name: bytes, rid: bytes, body: Sequence[Any] = ()) -> list[Any]:
     """One message in memory (``[command, name, rid, *body]``): the unit that batches, streams
     and routing tables hold; `framed` turns it into frames."""
     return [command, name, rid, *body]
-
-
-def framed(message: Sequence[Any]) -> list[Any]:
-    """The frames that carry `message` (``[command, name, rid, *body]``)."""
-    return [PROTOCOL + message[0] + message[2] + message[1], *message[3:]]
 
 
 def command_of(frames: Sequence[Any]) -> bytes:
@@ -244,24 +291,47 @@ def with_command(frames: Sequence[Any], command: bytes) -> list[Any]:
 
 
 def count(frames: Sequence[Any]) -> int:
-    """How many messages a received multipart holds by its head (a BATCH's counts), unchecked."""
-    return (len(frames[0]) - _RID_AT) // 2 if command_of(frames) == BATCH else 1
+    """How many messages a received multipart holds (a BATCH's records), unchecked: for counters."""
+    if command_of(frames) != BATCH:
+        return 1
+    h = frames[0]
+    n, at, end = 0, _RID_AT, len(h)
+    while at + 4 <= end:
+        at += 4 + _LEN.unpack_from(h, at)[0]
+        n += 1
+    return n
 
 
 def parse(frames: Sequence[Any]) -> list[Envelope]:
     """The messages in one received multipart: one, or a BATCH's. Raises ProtocolError for
-    anything that is not a fedptr envelope."""
+    anything that is not a well-formed fedptr envelope, and nothing else."""
     h = frames[0] if frames else b""
     if type(h) is not bytes:
         h = bytes(h)
     if len(h) <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
         raise ProtocolError("not a fedptr envelope")
-    command = h[_COMMAND_AT:_RID_AT]
-    if command == BATCH:
-        return unpack_batch(h[_RID_AT:], frames[1:])
-    if len(h) < _NAME_AT:
-        raise ProtocolError("a fedptr head holds a request id")
-    return [Envelope(command, h[_NAME_AT:], h[_RID_AT:_NAME_AT], list(frames[1:]))]
+    end = len(h)
+    if h[_COMMAND_AT:_RID_AT] != BATCH:
+        env, fi = _parse_record(h, _COMMAND_AT, end, frames, 1)
+        if fi != len(frames):
+            raise ProtocolError("a message's extra frames do not match its record")
+        return [env]
+    out: list[Envelope] = []
+    at, fi = _RID_AT, 1
+    while at < end:
+        if len(out) == limits.BATCH_MAX_RECEIVED:
+            raise ProtocolError(f"a batch of more than {limits.BATCH_MAX_RECEIVED} messages")
+        if at + 4 > end:
+            raise ProtocolError("a truncated length prefix")
+        stop = at + 4 + _LEN.unpack_from(h, at)[0]
+        if stop > end:
+            raise ProtocolError("a record's length past the batch's end")
+        env, fi = _parse_record(h, at + 4, stop, frames, fi)
+        out.append(env)
+        at = stop
+    if not out or fi != len(frames):
+        raise ProtocolError("a batch of no messages, or its extra frames do not match its records")
+    return out
 
 
 def unframed(frames: Sequence[Any]) -> list[Any]:
@@ -295,11 +365,14 @@ def fanned(fan: Sequence[Any]) -> tuple[bytes, list[Any]]:
 
 def unfan(env: Envelope, max_width: int = limits.FANOUT_MAX_WIDTH) -> list[Envelope]:
     """The messages a received FANOUT stands for, one per target, named for their destination
-    and sharing the body frames. Raises ProtocolError when it carries no REQUEST or CHUNK, or
-    its targets are not 1..`max_width` distinct valid names, each with an 8-byte request id."""
+    and sharing the body frames. Raises ProtocolError when it carries no REQUEST or CHUNK (or a
+    CHUNK not of two frames), or its targets are not 1..`max_width` distinct valid names, each
+    with an 8-byte request id."""
     if not env.body or len(env.body[0]) != 1 or bytes(env.body[0]) not in FANOUT_COMMANDS:
         raise ProtocolError("a fan-out carries a request or a chunk")
     command, body = bytes(env.body[0]), env.body[1:]
+    if command == CHUNK and len(body) != 2:  # the fan-out's inlined parts would each be a frame of the chunk's
+        raise ProtocolError("a chunk has an info frame and a data frame")
     targets, names = env.name, set()
     out: list[Envelope] = []
     i = 0

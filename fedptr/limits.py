@@ -190,6 +190,17 @@ cyclic GC promote them to its oldest generation (whose full passes cost a client
 loaded ~0.2 s each), and the broker relayed each by allocating another Frame (2-3 µs of
 broker CPU per pipelined op)."""
 
+INLINE_FRAME_BYTES = 1024
+"""Body frames up to this size (1 KiB: a msgpack header, a small tensor's bytes) travel inside
+their message's head frame (`fedptr.envelope`), from the first body frame up to the first larger
+one; larger ones stay frames of their own, never copied. libzmq (and CURVE) costs about as much
+per frame as a memcpy of some kilobytes, and the broker copies each inlined part once when it
+re-makes a head, so the bound is kept where the copy costs less than the frame."""
+
+BATCH_MAX_RECEIVED = 65_535
+"""Most messages one received BATCH may hold; a batch that holds more is refused whole as
+malformed (the bound the uint16 counts of protocol FPTR2 gave)."""
+
 BROKER_DRAIN_BATCH = 10_000
 """Messages the broker routes per wake before it looks at its clock and heartbeats."""
 
@@ -347,10 +358,11 @@ node (Python's default: 700). Every small pipelined op allocates a few dozen con
 fewer it meets, the less it costs: at 700 it ran every ~25 ops (~15% of the node's CPU per op
 once the start-up heap is frozen), at 10,000 every ~1,700 ops while 15,000 results were held
 (~0.5-0.8 µs per op, a third of it in the middle generation's collections), at 100,000 not once
-in that run. The node's op path makes no reference cycles (a failed entry's error keeps no
-traceback), so what waits is the cyclic garbage of other code: at most this many containers
-(~10-20 MB of them) and what they hold; a young collection that meets them all takes ~12 ms
-(~1.2 ms per 10,000 objects traversed, measured)."""
+in that run. The node's op path makes no reference cycles (a failed entry's error, its chained
+ones and a failed offloaded run's keep no traceback: `nodes.store.without_frames`), so what
+waits is the cyclic garbage of other code: at most this many containers (~10-20 MB of them) and
+what they hold; a young collection that meets them all takes ~12 ms (~1.2 ms per 10,000 objects
+traversed, measured)."""
 
 HEAP_TRIM_DELAY_S = 1.0
 """After a client leaves, how long (s) a node or the broker waits before it gives the free pages
@@ -386,9 +398,15 @@ GUARD_META_TABLE_SIZE = 4096
 a node keeps (nodes/guard.py): a private op met again skips its meta run (tens of µs); past it,
 new signatures run on the meta device each time."""
 
+INFERRED_BY_OPERANDS = 4096
+"""Entries of the client's table of inferred results by op and operand identity
+(fedptr/pointer.py, a tuple and a few meta tensors each): emptied when full, then refilled as
+ops are issued (a miss costs the structural lookup of `fedptr.meta`, ~3 µs)."""
+
 OK_HEADER_TABLE_SIZE = 1024
-"""Entries (one per distinct shape and dtype; a few hundred bytes each at most) of the table of
-encoded `Ok` replies (fedptr/wire.py): past it, new ones are encoded each time."""
+"""Entries (one per distinct shape and dtype; a few hundred bytes each at most) of each of the
+tables of `Ok` replies (fedptr/wire.py): encoded ones by shape and dtype, and decoded ones by
+their header bytes. Past it, new ones are encoded (or decoded) each time."""
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds (seconds) of the latency histogram buckets, per request kind (node) and per

@@ -153,12 +153,28 @@ def _detached(result: Any) -> torch.Tensor | None:
     return result.detach().requires_grad_(result.requires_grad)
 
 
+def _stand_ins(value: Any) -> Any:
+    """`value` with each meta tensor (nested in lists, tuples and dicts) replaced by a fresh one
+    of the same shape, dtype and ``requires_grad``: the operands a pointer holds are shared (a
+    result's meta is every pointer's that the same op made on the same shapes, and the key of
+    fedptr.pointer's table), and a call that writes an argument (F.normalize's fifth, ``out``,
+    resizes it) would change them all."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device=META, requires_grad=value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)([_stand_ins(v) for v in value])
+    if isinstance(value, Mapping):
+        return {k: _stand_ins(v) for k, v in value.items()}
+    return value
+
+
 def _run(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Inferred:
     fn = _function(op)
     if fn is None:
         return None
     try:
-        result = fn(*args, **kwargs)
+        # on stand-ins, made only when nothing was cached for these shapes: a few µs per operand
+        result = fn(*_stand_ins(args), **_stand_ins(kwargs))
     except Exception:
         return None
     if isinstance(result, tuple):  # torch's named tuples (values, indices) too

@@ -69,7 +69,7 @@ class _Unknown(Exception):
 def _encode(value: Any, found: list[Pointer]) -> wire.Value:
     if isinstance(value, Pointer):
         found.append(value)
-        return wire.Ref(value.id_at_location)
+        return wire.Ref(value._id)
     if isinstance(value, torch.Tensor):
         return to_raw(value)
     if value is None or type(value) in (bool, int, float, str):
@@ -113,12 +113,47 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+_INFERRED: dict[tuple[Any, ...], tuple[meta.Inferred, tuple[Any, ...]]] = {}
+"""What `_infer` found, by op and operands (`_operands_key`), each entry holding the meta
+operands it was found for so that no key's identity is reused while it lives; emptied when it
+holds `limits.INFERRED_BY_OPERANDS` entries."""
+
+
+def _operands_key(op: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A key for `op` on `args` that costs a tuple: the identity of each pointer's meta tensor
+    (decided once per pointer: a result's is the one `meta.infer` keeps for its shape, so a
+    chain's operands repeat), the type and value of each plain argument. None when an argument
+    is anything else, or a pointer's shape is not known (`meta.infer` keys those by structure)."""
+    key: list[Any] = [op]
+    for value in args:
+        kind = type(value)
+        if kind is Pointer:
+            described = value._meta
+            if described is None:
+                return None
+            key.append(id(described))
+        elif kind in _PLAIN:
+            key.append(kind)  # 1, 1.0 and True are equal as keys, not as arguments
+            key.append(value)
+        else:
+            return None
+    return tuple(key)
+
+
 def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> meta.Inferred:
+    key = None if kwargs else _operands_key(op, args)
+    if key is not None and (known := _INFERRED.get(key)) is not None:
+        return known[0]
     try:
         meta_args, meta_kwargs = _to_meta(args), _to_meta(kwargs)
     except _Unknown:
         return None
-    return meta.infer(op, meta_args, meta_kwargs)
+    inferred = meta.infer(op, meta_args, meta_kwargs)
+    if key is not None:
+        if len(_INFERRED) >= limits.INFERRED_BY_OPERANDS:
+            _INFERRED.clear()
+        _INFERRED[key] = (inferred, meta_args)
+    return inferred
 
 
 def _result_metas(op: str, inferred: meta.Inferred) -> tuple[list[torch.Tensor | None], bool]:
@@ -162,24 +197,31 @@ def remote_results(
     pointer, or a tuple of pointers for an op that gives several (``p.max(dim=0)``, ``split``),
     as torch returns them. Raises like `remote_call`, and DataDependentError when the number of
     results depends on a shape not known yet."""
-    kwargs = kwargs or {}
     found: list[Pointer] = []
-    enc_args = [_encode(a, found) for a in args]
-    enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()}
+    enc_args: list[wire.Value] = []
+    for a in args:  # a loop, with pointers (most operands) encoded in place: every op's path
+        if type(a) is Pointer:
+            found.append(a)
+            enc_args.append(wire.Ref(a._id))
+        else:
+            enc_args.append(_encode(a, found))
+    enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
     first = found[0]
+    client, location = first._client, first._location
+    after: list[asyncio.Future[wire.Message]] = []
     for p in found:
-        p.check_alive()
-        if p.location != first.location or p.client is not first.client:
-            raise LocationMismatchError(
-                f"{op} mixes objects on different workers: {first.location!r} and {p.location!r}"
-            )
-    metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs))
-    recorder = first.client.recording
+        if not p.owned:
+            p.check_alive()
+        if p._location != location or p._client is not client:
+            raise LocationMismatchError(f"{op} mixes objects on different workers: {location!r} and {p._location!r}")
+        if p._unordered is not None and (step := p.after) is not None:
+            after.append(step)
+    metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs or {}))
+    recorder = client.recording
     recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
-    after = [step for p in found if (step := p.after) is not None]
-    results = recorded or first.client.issue_op(first.location, op, enc_args, enc_kwargs, metas, after)
+    results = recorded or client.issue_op(location, op, enc_args, enc_kwargs, metas, after)
     return tuple(results) if several else results[0]
 
 
@@ -542,6 +584,8 @@ class Pointer(PointerMethods):
             if self._done is not None:
                 self._done = None
                 self._check_reply(done.result())
+        if self._updates is None and not self._client.effects_queued:
+            return None  # nothing else to wait for: no coroutine of `_pending_failure` made
         return await self._pending_failure()
 
     async def _pending_failure(self) -> BaseException | None:

@@ -283,20 +283,27 @@ class Session:
     # --- receiving ----------------------------------------------------------------------
     def receive(self, frames: Sequence[Any], now: float) -> list[Event]:
         """The events one received multipart (a single message or a BATCH) stands for. Raises
-        ProtocolError when it is no fedptr envelope; a bad message inside settles or is answered."""
+        ProtocolError when it is no fedptr envelope; a bad message inside settles, is answered
+        or is dropped on its own, and the batch's other messages stand."""
         self._last_heard = now
         events: list[Event] = []
         for env in envelope.parse(frames):
-            self._receive_one(env, now, events)
+            try:
+                self._receive_one(env, now, events)
+            except ProtocolError as e:
+                # not raised past the batch: an earlier message's events (a reply whose request
+                # already left the pending table) would be dropped with it, its future never settled
+                log.warning("%s dropped a malformed message from %r: %s", self.name, env.name, e)
         return events
 
     def receive_direct(self, source: bytes, frames: Sequence[Any], now: float) -> list[Event]:
         """The events of one chunk that peer `source` sent over the direct data path (the
         connection authenticated it as `source`; the name in the envelope is not read). Raises
         ProtocolError for anything but a single CHUNK. The broker's liveness is not touched."""
-        [env] = envelope.parse(frames)
-        if env.command != envelope.CHUNK:
-            raise ProtocolError("only chunks travel the direct path")
+        envs = envelope.parse(frames)
+        if len(envs) != 1 or envs[0].command != envelope.CHUNK:  # a peer's batch too: refused, not a ValueError
+            raise ProtocolError("only chunks travel the direct path, one per message")
+        env = envs[0]
         events: list[Event] = []
         self._chunk(source, env.rid, env.body, now, events)
         return events

@@ -22,6 +22,7 @@ import enum
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeAlias, TypeVar, cast
@@ -950,26 +951,57 @@ def _ok_header(msg: Ok) -> bytes:
     return header
 
 
-def _encode(msg: Message, budget_ms: int) -> list[bytes | memoryview]:
-    buffers: list[memoryview] = []
+def _field_values(cls: type[Message]) -> Callable[[Message, int], list[Any]]:
+    """One function that lists a `cls` message's header values, ``[kind, budget_ms, field_0,
+    ...]``, decided once per type: a generator of ``getattr`` per field was a third of an `Op`'s
+    encode. `ObjectsReply`'s rows go as plain lists (`_to_plain`)."""
+    env: dict[str, Any] = {"_to_plain": _to_plain}
+    values = [str(cls.KIND), "budget_ms"]
+    for name, check, _ in _FIELDS[cls]:
+        values.append(f"_to_plain(msg.{name})" if check is _CHECKS["list[ObjectRow]"] else f"msg.{name}")
+    exec(f"def values(msg, budget_ms):\n    return [{', '.join(values)}]", env)  # as `_fast_init`
+    function: Callable[[Message, int], list[Any]] = env["values"]
+    return function
 
-    def default(obj: Any) -> Any:
-        if type(obj) is RawTensor:
-            buffers.append(obj.data)
-            meta = msgpack.packb([obj.dtype, list(obj.shape), len(buffers)])
-            return msgpack.ExtType(_EXT_TENSOR, meta)
+
+_VALUES: dict[type[Message], Callable[[Message, int], list[Any]]] = {t: _field_values(t) for t in MESSAGE_TYPES}
+
+
+class _Packer(threading.local):
+    """This thread's msgpack packer, made once: building one per message (what `msgpack.packb`
+    does) was about a microsecond of every encode. Per thread because its `default` collects
+    the message's tensor buffers, and a packer is not safe to share while `default` runs Python."""
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+        self.pack = msgpack.Packer(default=self.default, strict_types=True).pack
+
+    def default(self, obj: Any) -> Any:
         if type(obj) is Ref:
-            return msgpack.ExtType(_EXT_REF, _INT64.pack(obj.obj_id))
+            # `ExtType`'s own constructor checks its arguments in Python; these are valid by construction
+            return tuple.__new__(msgpack.ExtType, (_EXT_REF, _INT64.pack(obj.obj_id)))
+        if type(obj) is RawTensor:
+            self.buffers.append(obj.data)
+            meta = msgpack.packb([obj.dtype, list(obj.shape), len(self.buffers)])
+            return msgpack.ExtType(_EXT_TENSOR, meta)
         if type(obj) is tuple:
             return list(obj)
         raise ProtocolError(f"cannot encode a value of type {type(obj).__name__}")
 
-    values = [msg.KIND, budget_ms]
-    values.extend(_to_plain(getattr(msg, name)) for name, _, _ in _FIELDS[type(msg)])
+
+_PACKER = _Packer()
+
+
+def _encode(msg: Message, budget_ms: int) -> list[bytes | memoryview]:
+    packer = _PACKER
     try:
-        header = msgpack.packb(values, default=default, strict_types=True)
+        header: bytes = packer.pack(_VALUES[type(msg)](msg, budget_ms))
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"cannot encode {type(msg).__name__}: {e}") from e
+    finally:
+        buffers = packer.buffers
+        if buffers:  # most messages carry none: no list made for them
+            packer.buffers = []
     if len(header) > limits.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(header)} bytes exceeds {limits.MAX_HEADER_BYTES}")
     return [header, *buffers]
@@ -984,12 +1016,40 @@ class Decoded(NamedTuple):
     budget_ms: int
 
 
+_OKS_DECODED: dict[bytes, Decoded] = {}
+"""Decoded `Ok` replies of one result by their header bytes: nearly every op is answered with
+one of a few (`_OK_HEADERS` on the sending side). Filled only from headers `decode` checked."""
+
+
 def decode(frames: Sequence[Buffer]) -> Decoded:
     """Decode body frames (header then buffers) into a message.
 
     Raises ProtocolError on anything malformed: bad msgpack, limits exceeded, unknown kind,
     missing or mistyped fields, a dtype off the allow-list, a buffer whose size does not match
-    its dtype and shape, or a buffer frame that is missing, reused or left over."""
+    its dtype and shape, or a buffer frame that is missing, reused or left over.
+
+    A decoded `Ok` of one result may be the same object as an earlier one with the same header:
+    like every message, it is read, never changed."""
+    if len(frames) == 1 and type(frames[0]) is bytes:  # small frames are received as bytes
+        known = _OKS_DECODED.get(frames[0])
+        if known is not None:
+            return known
+        decoded = _decode(frames)
+        ok = decoded.message
+        if (
+            type(ok) is Ok
+            and not ok.more
+            # a tensor's description, so a few hundred bytes at most: a peer's 1 MiB shape is not kept
+            and len(ok.shape) <= limits.MAX_NDIM
+            and (not ok.dtype or ok.dtype in DTYPE_ITEMSIZE)
+            and len(_OKS_DECODED) < limits.OK_HEADER_TABLE_SIZE
+        ):
+            _OKS_DECODED[frames[0]] = decoded
+        return decoded
+    return _decode(frames)
+
+
+def _decode(frames: Sequence[Buffer]) -> Decoded:
     if not frames:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:

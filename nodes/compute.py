@@ -34,7 +34,7 @@ from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, kernels, plans, policy
-from .store import Entry, all_written
+from .store import Entry, all_written, without_frames
 
 if TYPE_CHECKING:
     from .node import Node
@@ -324,7 +324,10 @@ class Compute:
             if done < len(run.ops):
                 await self.scheduler.offload(self._compute, run, values, done)
         except Exception as e:
-            error = e
+            # without frames: this coroutine's is among them, and `error` kept in it was a cycle
+            # holding the run's values (and its context's frames, the thread's) until the cyclic
+            # GC ran, which on a node waits for NODE_GC_THRESHOLD allocations
+            error = without_frames(e)
         if values is None:
             versions.clear()  # an input failed before anything ran: no input was changed
         self._finish(run, values or {}, versions, error)
@@ -446,7 +449,7 @@ class Compute:
                     outputs.append(values[key])
                     durable.append(self.store.commit(obj_id, result, outputs[-1], durable=not alias))
             except Exception as e:
-                error = e
+                error = without_frames(e)  # its frames include this one (see `_later`)
         for key, before in versions.items():
             value = values[key]  # the input tensor the run read (its entry's value)
             if value._version != before:

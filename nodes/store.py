@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +32,22 @@ from .durable import DurableStore
 from .mechanisms import Contribution
 from .policy import Taint, from_wire, to_wire
 from .writeahead import WriteAhead
+
+E = TypeVar("E", bound=BaseException)
+
+
+def without_frames(error: E) -> E:
+    """`error`, and every exception chained to it (its cause and context, transitively), with no
+    traceback: an exception kept past its handler keeps its frames' locals alive with it."""
+    todo: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is not None and id(e) not in seen:
+            seen.add(id(e))
+            e.with_traceback(None)
+            todo += (e.__cause__, e.__context__)
+    return error
 
 
 @dataclass(eq=False, slots=True)
@@ -122,9 +138,11 @@ class Entry:
         if self.settled:
             raise asyncio.InvalidStateError("the object is settled already")
         self.settled = True
-        # kept without its traceback: its frames' locals lead back here (the run, its operands'
-        # tensors), a cycle only the cyclic GC frees, and rarely on a node (NODE_GC_THRESHOLD)
-        self.error = error.with_traceback(None)
+        # kept without frames: their locals lead back here (the run, its operands' tensors), a
+        # cycle only the cyclic GC frees, and rarely on a node (NODE_GC_THRESHOLD); and a refusal
+        # raised while handling another error keeps that one as its context, whose frames held
+        # the refused step's operands (a plan's intermediates) for as long as this entry lives
+        self.error = without_frames(error)
         if self._waiters is not None:
             self._wake()
 

@@ -417,6 +417,35 @@ async def test_a_positional_out_writes_private_values_into_a_public_input(setup:
     assert torch.equal(await get(c, "bob", p), torch.zeros(8, 4)), "LEAK: a single op wrote bob's x into p"
 
 
+async def test_a_non_leaf_tensors_gradient_is_handed_out_as_a_copy(setup: Setup) -> None:
+    """t = p * 1 (public, not a leaf: p tracks gradients); set_grad(t, zeros); g = grad(t), in a
+    lean plan or alone: the alias check skipped a non-leaf's gradient (torch fills none, but
+    set_grad gives one), so g was t's gradient itself; add_(g, x) made g private and t.grad bob's
+    x, while t stayed public; a second grad(t), get."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+    ops = [["grad", [R(0)], {}]]
+    assert lean(1, ops, [1])
+
+    async def attack(in_a_plan: bool) -> torch.Tensor:
+        p = await put(c, "bob", torch.ones(8, 4), requires_grad=True)
+        t = await op(c, "bob", "mul", [R(p), 1.0])
+        await op(c, "bob", "set_grad", [R(t), R(await put(c, "bob", torch.zeros(8, 4)))])
+
+        async def grad() -> int:
+            if in_a_plan:
+                [g] = await run_plan(c, "bob", 1, ops, [1], [t])
+                return g
+            return await op(c, "bob", "grad", [R(t)])
+
+        await op(c, "bob", "add_", [R(await grad()), R(bx.id_at_location)])
+        return await get(c, "bob", await grad())
+
+    for in_a_plan in (True, False):
+        got = await attack(in_a_plan)
+        assert torch.equal(got, torch.zeros(8, 4)), f"LEAK: bob's x through a non-leaf's gradient ({in_a_plan=})"
+
+
 async def test_a_positional_out_writes_read_only_private_data(setup: Setup) -> None:
     """Plan(t, fx): F.normalize(t, 2.0, 1, 1e-12, fx) overwrites frank's read-only data."""
     c = setup.client

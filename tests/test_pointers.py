@@ -120,6 +120,34 @@ async def test_an_awaited_op_resumes_on_the_loop_turn_after_its_reply(bob: fedpt
     assert resumed_after == 0, f"the awaiting task resumed {resumed_after} turn(s) late"
 
 
+async def test_a_delete_that_leaves_with_the_next_request_leaves_the_loop_nothing_to_run(bob: fedptr.Worker) -> None:
+    """A result dropped and an op issued in the same turn (each `await (x + x)` of a loop): the
+    delete leaves with the op, and the flush the drop scheduled must not cost the event loop a
+    turn of its own (a `call_soon` callback did, once per awaited op; a cancelled timer does
+    not). Read from the loop's queues (asyncio's own fields), as nothing else shows it."""
+    x = await bob.send(torch.ones(2))
+    y = x + x
+    await y
+    loop = asyncio.get_running_loop()
+    flush = bob.client._flush_deletes
+
+    def flushes_due() -> list[asyncio.Handle]:
+        queued = [*loop._ready, *loop._scheduled]  # type: ignore[attr-defined]
+        return [h for h in queued if not h.cancelled() and h._callback == flush]  # type: ignore[attr-defined]
+
+    del y
+    assert flushes_due(), "the drop scheduled no flush: this test no longer sees it"
+    z = x + x  # takes the delete with it
+    assert flushes_due() == []
+    await z
+    del z  # no request follows: the delete still leaves, on its own
+    assert await eventually(lambda: _holds_only(bob, x.id_at_location))
+
+
+async def _holds_only(worker: fedptr.Worker, obj_id: int) -> bool:
+    return list(await worker.objects()) == [obj_id]
+
+
 async def test_pipelined_chain_of_dependent_ops(bob: fedptr.Worker) -> None:
     y = await bob.send(torch.zeros(3))
     for _ in range(100):

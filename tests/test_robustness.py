@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import subprocess
 import sys
+import types
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
@@ -17,7 +20,10 @@ import zmq.asyncio
 import fedptr
 from fedptr import envelope, wire
 from fedptr.security import CurveKeys
+from fedptr.tensors import to_raw
+from tests import harness
 from tests.conftest import alive
+from tests.test_session import MALFORMED_BATCHES
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -66,10 +72,9 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
         envelope.build(b"Z", b"bob", b"\0" * 8),
         [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"x"],
         [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"x"],  # version 1's envelope of 4 frames
+        [b"FPTR2" + envelope.REQUEST + b"\0" * 8 + b"bob", b"x"],  # version 2's head and body frames
         [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 3],  # a head too short for its request id
-        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"no head here"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],
+        *MALFORMED_BATCHES,  # one-frame batches: truncated prefixes, lengths past the end, nested, ...
     ]
     garbage += [[rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 7))] for _ in range(5000)]
     rss_before = rss(cluster.pids["broker"])
@@ -197,3 +202,118 @@ def test_cluster_dies_with_a_killed_parent(tmp_path: object) -> None:
         running = [p for p in running if alive(p)]
         time.sleep(0.02)
     assert not running, f"processes {running} outlived their killed parent"
+
+
+# --- memory a failed request keeps (issue 20's red team: the node's GC threshold) ------------
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and every exception chained to it (its cause and context, transitively)."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is not None and all(e is not seen for seen in chain):
+            chain.append(e)
+            todo += [e.__cause__, e.__context__]
+    return chain
+
+
+def _tensor_bytes(frames: Iterable[types.FrameType]) -> int:
+    """Bytes of the tensors the locals of `frames` hold (directly, or in a list, tuple or dict)."""
+    found: dict[int, int] = {}
+    for frame in frames:
+        todo: list[object] = list(frame.f_locals.values())
+        while todo:
+            v = todo.pop()
+            if isinstance(v, torch.Tensor) and v.device.type != "meta":  # a meta tensor holds no data
+                found[id(v)] = v.numel() * v.element_size()
+            elif isinstance(v, list | tuple):
+                todo += v
+            elif isinstance(v, dict):
+                todo += v.values()
+    return sum(found.values())
+
+
+def _frames(error: BaseException) -> list[types.FrameType]:
+    frames = []
+    for e in _chain(error):
+        tb = e.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+    return frames
+
+
+async def test_a_refused_plan_output_keeps_none_of_the_runs_values() -> None:
+    # A refusal is raised `from None` inside the except that caught the meta run's failure: its
+    # context still kept that failure's traceback, whose frames held the refused step's operands.
+    # A failed output lives until the client deletes it, so each one kept a plan's private
+    # intermediate (16 MiB here) alive outside --max-store-bytes: 1,000 of them, 16 GiB.
+    data = {"bob": {"data": {"x": torch.randn(8, 4), "y": torch.zeros(8, dtype=torch.long)}}}
+    async with harness.cluster(["bob"], data=data) as c:
+        x, _ = await c.client.worker("bob").search("data")
+        plan_id, out = wire.new_object_id(), wire.new_object_id()
+        big = ["repeat", [wire.Ref(0), 1024, 128], {}]  # 8192 x 512 float32, private
+        ops = [big, ["sum", [wire.Ref(1)], {}], ["narrow", [wire.Ref(1), 0, 0, wire.Ref(2)], {}]]
+        await c.client.call("bob", wire.PutPlan(plan_id, 1, ops, [3]))
+        with pytest.raises(fedptr.PermissionDenied):  # a private value as a size
+            await c.client.call("bob", wire.RunPlan(plan_id, [x.id_at_location], [out]))
+        error = c.node("bob").store.entries[out].error
+        assert error is not None
+        assert _tensor_bytes(_frames(error)) == 0
+        assert [e for e in _chain(error) if e.__traceback__ is not None] == []
+
+
+async def test_failed_offloaded_work_leaves_no_cycle_holding_its_values() -> None:
+    # A run that failed on the offload thread kept its exception in a local of `_later`, the
+    # coroutine frame its traceback passes through: a cycle holding the run's values (a plan's
+    # intermediates, an op's operands) until the young GC collection, which on a node waits for
+    # 100,000 net container allocations (limits.NODE_GC_THRESHOLD): ~22 containers per failed
+    # run, so ~4,500 runs of 16 MiB each (70 GiB) before the first.
+    async with harness.cluster(["bob"]) as c:
+        p = wire.new_object_id()
+        await c.client.call("bob", wire.Put(p, to_raw(torch.ones(1 << 17)), False))  # past OFFLOAD_NUMEL
+        plan_id = wire.new_object_id()
+        ops = [["repeat", [wire.Ref(0), 32], {}], ["matmul", [wire.Ref(1), wire.Ref(0)], {}]]  # sizes mismatch
+        await c.client.call("bob", wire.PutPlan(plan_id, 1, ops, [2]))
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                with pytest.raises(fedptr.RemoteError, match="size"):
+                    await c.client.call("bob", wire.RunPlan(plan_id, [p], [wire.new_object_id()]))
+                with pytest.raises(fedptr.RemoteError, match="out of range"):  # the same for a single op
+                    both = [[wire.Ref(p), wire.Ref(p)], 1]
+                    await c.client.call("bob", wire.Op(wire.new_object_id(), "cat", both, {}))
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            held = sum(o.numel() * o.element_size() for o in gc.garbage if isinstance(o, torch.Tensor))
+            frames = sorted(
+                {
+                    o.f_code.co_name
+                    for o in gc.garbage
+                    if isinstance(o, types.FrameType) and "/nodes/" in o.f_code.co_filename
+                }
+            )
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert (held, frames) == (0, [])
+
+
+async def test_a_call_that_writes_an_operand_leaves_the_clients_shapes_alone() -> None:
+    # The client infers a result's shape on meta tensors, and keeps each result's meta tensor
+    # (fedptr.meta's cache): every pointer made by the same op on the same shapes shares it, and
+    # fedptr.pointer's table keys results by its identity. F.normalize's fifth parameter is
+    # `out`: inferred on the shared meta of q, torch resized it to x's shape, so q and every
+    # later `a + a` said [8, 4], and each reply then failed as a protocol error.
+    async with harness.cluster(["bob"]) as c:
+        bob = c.client.worker("bob")
+        a, x = await bob.send(torch.ones(2, 2)), await bob.send(torch.ones(8, 4))
+        q = a + a
+        with pytest.raises(fedptr.FedptrError):  # the node refuses a written operand
+            await fedptr.pointer.remote_call("F.normalize", (x, 2.0, 1, 1e-12, q))
+        assert q.shape == (2, 2)
+        again = a + a
+        assert again.shape == (2, 2)
+        assert torch.equal(await again.get(), torch.full((2, 2), 2.0))

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import zmq
 from fedptr.broker.router import Broker, BrokerConfig
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedptr import envelope, limits, wire
 from fedptr.errors import (
@@ -423,21 +425,136 @@ def test_unfan_refuses_malformed_fan_outs(targets: bytes, body: list[bytes]) -> 
         envelope.unfan(fan(targets, *body), max_width=64)
 
 
-def test_an_envelope_is_one_head_frame() -> None:
-    """Each frame is a message of its own to libzmq (and to CURVE): an op and the delete batched
-    with it cross as 5 frames, its reply as 2 (version 1 sent 11 and 5)."""
+def test_a_small_message_is_one_frame_and_a_batch_one_frame_plus_its_big_buffers() -> None:
+    """Each frame is a message of its own to libzmq (and to CURVE): a small reply crosses as 1
+    frame (version 2: 2), an op and the delete batched with it as 1 (version 2: 5); a buffer over
+    `limits.INLINE_FRAME_BYTES` stays a frame of its own, the same object, never copied."""
     rid = envelope.request_id_bytes(7)
-    op = envelope.message(envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
+    op = envelope.message(envelope.REQUEST, b"bob", rid, [b"header", b"\0" * 16])
     delete = envelope.message(envelope.REQUEST, b"bob", envelope.NO_REPLY, [b"header"])
     reply = envelope.message(envelope.REPLY, b"client-1", rid, [b"header"])
-    assert len(envelope.framed(reply)) == 2
+    assert len(envelope.framed(reply)) == 1
     batch = envelope.pack_batch([delete, op])
-    assert len(batch) == 6
+    assert len(batch) == 1
     got = [envelope.message(e.command, e.name, e.rid, e.body) for e in envelope.parse(batch)]
     assert got == [delete, op]
-    [one] = envelope.parse(envelope.framed(op))
-    assert (one.command, one.name, one.rid, one.body) == (envelope.REQUEST, b"bob", rid, [b"header", b"buffer"])
     assert envelope.command_of(batch) == envelope.BATCH and envelope.count(batch) == 2
+    big = memoryview(bytearray(limits.INLINE_FRAME_BYTES + 1))
+    chain = [envelope.message(envelope.REQUEST, b"bob", envelope.request_id_bytes(i), [b"op"]) for i in range(100)]
+    frames = envelope.pack_batch([*chain, envelope.message(envelope.REQUEST, b"bob", rid, [b"put", big, b"tail"])])
+    assert len(frames) == 3 and frames[1] is big and frames[2] == b"tail"  # after a big one, frames of their own
+    [one] = envelope.parse(envelope.framed(op))
+    assert (one.command, one.name, one.rid, one.body) == (envelope.REQUEST, b"bob", rid, [b"header", b"\0" * 16])
+
+
+def test_a_chunk_keeps_its_info_and_data_as_frames() -> None:
+    """The direct path seals and reads a chunk's info and data frames in place (fedptr/direct.py)."""
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 3)
+    frames = envelope.framed(envelope.message(envelope.CHUNK, b"bob", b"\1" * 8, [info, b"abc"]))
+    assert frames[1:] == [info, b"abc"]
+
+
+_messages = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(envelope.COMMANDS - {envelope.BATCH})),
+        st.binary(max_size=80),
+        st.binary(min_size=8, max_size=8),
+        st.lists(
+            st.one_of(st.binary(max_size=40), st.integers(0, 3 * limits.INLINE_FRAME_BYTES).map(bytes)), max_size=5
+        ),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages)
+def test_any_messages_framed_and_parsed_come_back(messages: list[tuple[bytes, bytes, bytes, list[bytes]]]) -> None:
+    """Frames, then parse, give back every message: alone, and all in one BATCH."""
+    ms = [envelope.message(c, n, r, b) for c, n, r, b in messages]
+    for m in ms:
+        [e] = envelope.parse(envelope.framed(m))
+        assert envelope.message(e.command, e.name, e.rid, [bytes(f) for f in e.body]) == m
+    batch = envelope.pack_batch(ms)
+    assert envelope.count(batch) == len(ms)
+    assert [envelope.message(e.command, e.name, e.rid, [bytes(f) for f in e.body]) for e in envelope.parse(batch)] == ms
+
+
+_BATCH_HEAD = envelope.PROTOCOL + envelope.BATCH
+
+
+_garbage = st.lists(
+    st.one_of(
+        st.binary(max_size=64),
+        st.binary(max_size=64).map(lambda b: envelope.PROTOCOL + b),
+        st.binary(max_size=64).map(lambda b: _BATCH_HEAD + b),
+        _messages.map(lambda ms: envelope.pack_batch([envelope.message(c, n, r, b) for c, n, r, b in ms])[0]),
+    ),
+    min_size=0,
+    max_size=4,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    _garbage,
+    st.integers(0, 200),
+    st.binary(max_size=4),
+)
+def test_any_bytes_parse_to_valid_envelopes_or_a_protocol_error(frames: list[bytes], cut: int, noise: bytes) -> None:
+    """Fuzz: whatever the bytes (a well-formed batch cut short or with bytes added included),
+    `parse` raises ProtocolError or gives envelopes of a known form, never another exception."""
+    if frames:
+        frames[0] = frames[0][: len(frames[0]) - cut] + noise if cut % 2 else frames[0] + noise
+    try:
+        envs = envelope.parse(frames)
+    except ProtocolError:
+        return
+    assert envs
+    for e in envs:
+        assert len(e.command) == 1 and e.command != envelope.BATCH and len(e.rid) == envelope.REQUEST_ID_BYTES
+
+
+@pytest.fixture(scope="module")
+def lone_broker() -> Iterator[Broker]:
+    broker = new_broker()
+    yield broker
+    broker.close()
+
+
+@settings(max_examples=500, deadline=None)
+@given(frames=_garbage)
+def test_the_broker_handles_any_bytes_without_an_exception(lone_broker: Broker, frames: list[bytes]) -> None:
+    """Fuzz the real router's `handle` (an unregistered sender's multipart): whatever the bytes, it
+    drops them or answers, and never raises (its loop would log a bug and drop the message)."""
+    lone_broker.handle([b"\0fuzzer", *frames])
+
+
+def record(command: bytes, name: bytes = b"bob", extra: int = 0, tail: bytes = b"") -> bytes:
+    """One FPTR3 record, by hand (`fedptr/envelope.py`'s layout), for malformed batches."""
+    return command + b"\0" * 8 + len(name).to_bytes(2, "little") + extra.to_bytes(2, "little") + name + tail
+
+
+def prefixed(rec: bytes, length: int | None = None) -> bytes:
+    return (len(rec) if length is None else length).to_bytes(4, "little") + rec
+
+
+MALFORMED_BATCHES = [
+    [_BATCH_HEAD],  # no message
+    [_BATCH_HEAD + b"\5\0"],  # a truncated length prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)) + b"\1\0\0"],  # a truncated second prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST), 200)],  # a length past the end
+    [_BATCH_HEAD + prefixed(b"")],  # a zero-length record
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)[:10])],  # a record too short for its fields
+    [_BATCH_HEAD + prefixed(record(envelope.BATCH, b"", 0, prefixed(record(envelope.REQUEST))))],  # nested
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, extra=0xFFFF)), b"x"],  # a huge count of frames
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, name=b"b" * 40)[:20])],  # a name past its record's end
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, tail=b"\x09\0\0\0ab"))],  # an inlined part past the end
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST, tail=b"\1\0"))],  # an inlined part's truncated prefix
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)), b"an extra frame no record counts"],
+    [_BATCH_HEAD + prefixed(record(envelope.REQUEST)) * (limits.BATCH_MAX_RECEIVED + 1)],  # too many messages
+]
 
 
 @pytest.mark.parametrize(
@@ -448,14 +565,114 @@ def test_an_envelope_is_one_head_frame() -> None:
         [envelope.PROTOCOL],  # no command
         [envelope.PROTOCOL + envelope.REQUEST + b"\0" * 7],  # a request id short of 8 bytes
         [b"FPTR1", envelope.REQUEST, b"bob", b"\0" * 8, b"h"],  # version 1's four frames
+        [b"FPTR2" + envelope.REQUEST + b"\0" * 8 + b"bob", b"h"],  # version 2's head and body
         [b"FPTR9" + envelope.REQUEST + b"\0" * 8 + b"bob", b"h"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1"],  # counts not uint16s
-        [envelope.PROTOCOL + envelope.BATCH + b"\2\0", *envelope.build(envelope.REQUEST, b"bob", b"\0" * 8)],
-        [envelope.PROTOCOL + envelope.BATCH + b"\0\0"],  # a message of no frames
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", b"not a head"],
-        [envelope.PROTOCOL + envelope.BATCH + b"\1\0", envelope.PROTOCOL + envelope.BATCH + b"\0" * 8],  # nested
+        [envelope.PROTOCOL + record(envelope.REQUEST, extra=1)],  # an extra frame counted, none sent
+        [envelope.PROTOCOL + record(envelope.REQUEST), b"an extra frame not counted"],
+        *MALFORMED_BATCHES,
     ],
 )
 def test_malformed_envelopes_are_refused(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
         envelope.parse(frames)
+
+
+def test_a_malformed_batch_loses_no_other_peers_message(net: Net) -> None:
+    """The broker drops each malformed one-frame batch whole and goes on routing: another
+    peer's request sent after them all still reaches its worker."""
+    bob, client = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    for frames in MALFORMED_BATCHES:
+        send_frames(net.socket(rogue), frames)
+        while events(net.broker.sock) & _POLLIN:
+            net.broker.turn(True)
+    assert net.broker.dropped == len(MALFORMED_BATCHES)
+    rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
+    net.send(client, message)
+    net.run(bob, client, rogue)
+    [incoming] = net.events["bob"]
+    assert isinstance(incoming, Incoming) and incoming.source == "client-1" and incoming.rid == rid
+    assert net.events.get("rogue", []) == []
+
+
+def inlined(*parts: bytes) -> bytes:
+    """The inlined body parts of a hand-made record, each after its u32 length."""
+    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+
+
+_INFO = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 100)
+_TINY = [b""] * 5000
+EXPLODING = {
+    # an oversized inlined part first: the broker's re-made head keeps none of what follows it
+    "request": record(envelope.REQUEST, tail=inlined(b"h" * (limits.INLINE_FRAME_BYTES + 1), *_TINY)),
+    # a chunk inlines nothing: the broker re-makes every inlined part a frame of its own
+    "chunk": record(envelope.CHUNK, tail=inlined(_INFO, *_TINY)),
+    # a fan-out inlines its parts; the chunk it carries is re-made with each as a frame
+    "fanned chunk": record(
+        envelope.FANOUT, envelope.pack_targets([(b"bob", b"\3" * 8)]), tail=inlined(envelope.CHUNK, _INFO, *_TINY)
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(EXPLODING))
+def test_the_broker_sends_no_more_frames_than_a_peer_sent(net: Net, attack: str) -> None:
+    """A peer's one frame (a head of 5,000 tiny inlined parts after an oversized one, or inlined
+    into a chunk, or into a chunk a fan-out carries) must not become 5,000 frames the broker
+    sends, per destination: libzmq (and CURVE) costs per frame, so that was ~1,000 times the
+    broker's and the worker's work and queued memory per byte the peer sent. Such a record breaks
+    the envelope's own rules (inlined parts are small; a chunk inlines nothing and is two
+    frames): the broker drops it as malformed."""
+    bob, _ = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    send_frames(net.socket(rogue), [envelope.PROTOCOL + EXPLODING[attack]])
+    while events(net.broker.sock) & _POLLIN:
+        net.broker.turn(True)
+    assert [len(frames) for frames in net.take(bob)] == []
+    assert net.broker.dropped == 1
+
+
+def test_a_record_the_broker_cannot_frame_again_is_dropped_not_raised(net: Net) -> None:
+    """An oversized inlined part then 65,536 empty ones (264 KB): framed again, they are 65,537
+    extra frames, past the record's u16 count. `handle` raised ProtocolError from inside
+    routing (the loop logged a traceback per message, unthrottled); it must drop the record as
+    malformed, like any other."""
+    bob, _ = pair(net)
+    rogue = registered(net, "rogue", envelope.ROLE_CLIENT)
+    head = envelope.PROTOCOL + record(envelope.REQUEST, tail=inlined(b"h" * 2000, *[b""] * 0x10000))
+    net.broker.handle([net.broker.table.by_name[b"rogue"], head])
+    assert net.broker.dropped == 1
+    assert net.take(bob) == [] and net.take(rogue) == []
+
+
+def test_a_bad_message_in_a_batch_loses_none_of_the_batchs_other_replies(net: Net) -> None:
+    """A worker answers the client's request and, in the same BATCH, sends it something it
+    refuses (a request: clients take none). The reply still settles its request: when the
+    refusal raised out of `receive`, the reply's request was already taken off the pending table
+    but its Settled event was dropped with the rest of the batch, so the caller's future waited
+    forever (no deadline left to fail it)."""
+    bob, client = pair(net)
+    rid, message = client.request("bob", wire.Search("digits"), 5.0, net.now)
+    net.send(client, message)
+    [request] = net.take(bob)
+    [incoming] = bob.receive(request, net.now)
+    assert isinstance(incoming, Incoming) and incoming.rid == rid
+    reply = envelope.message(envelope.REPLY, b"client-1", rid, wire.encode(wire.Ok()))
+    stray = envelope.message(envelope.REQUEST, b"client-1", b"\7" * 8, wire.encode(wire.Search("x")))
+    send_frames(net.socket(bob), envelope.pack_batch([reply, stray]))
+    while events(net.broker.sock) & _POLLIN:
+        net.broker.turn(True)
+    [batch] = net.take(client)
+    assert client.receive(batch, net.now) == [Settled(rid, wire.Ok(), dest="bob")]
+    assert client.in_flight == 0
+
+
+def test_a_batch_over_the_direct_path_is_a_protocol_error() -> None:
+    """A direct path's peer (admitted, but not trusted to be well-formed) seals a BATCH of two
+    chunks. `receive_direct` raised ValueError (an unpacking of one message), which the link's
+    direct handler, catching ProtocolError only, let out of the direct socket's drain: the rest
+    of that socket, every other peer's chunks, was left unread, with a traceback per message."""
+    node = Session("bob", envelope.ROLE_WORKER, heartbeat_s=BEAT, liveness=3)
+    info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, 4)
+    chunk = envelope.message(envelope.CHUNK, b"bob", b"\1" * 8, [info, b"data"])
+    with pytest.raises(ProtocolError):
+        node.receive_direct(b"client-1", envelope.pack_batch([chunk, chunk]), 100.0)

@@ -515,3 +515,33 @@ def test_submodules_are_attributes_and_the_package_import_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["SGD", "FederatedDataLoader", "mean"]
+
+
+async def test_inference_remembered_by_operand_tells_equal_scalars_and_changed_pointers_apart(
+    bob: fedptr.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client remembers an op's inferred result by the identity of its operands' meta
+    tensors and the type and value of its scalars (`pointer._INFERRED`): 1, 1.0 and True give
+    three dtypes, a pointer whose requires_grad changed is a new operand, and each inferred
+    result agrees with the worker's (an await compares them), met first or again."""
+    from fedptr import limits
+    from fedptr import pointer as pointer_module
+
+    monkeypatch.setattr(pointer_module, "_INFERRED", {})
+    local = torch.arange(3)
+    p = await bob.send(local)
+    for _ in range(2):  # computed, then remembered
+        for scalar in (1, 1.0, True, 2.5, False):
+            q = p + scalar
+            assert q.dtype == (local + scalar).dtype, scalar
+            await q
+    f = p.float()
+    assert not (f * 2).requires_grad
+    f.requires_grad_()
+    doubled = f * 2
+    assert doubled.requires_grad
+    await doubled
+    monkeypatch.setattr(limits, "INFERRED_BY_OPERANDS", 3)
+    for n in range(5):
+        assert (p + n).shape == (3,)
+    assert 0 < len(pointer_module._INFERRED) <= 3

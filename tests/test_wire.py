@@ -147,6 +147,44 @@ def test_the_ok_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(wire._OK_HEADERS) == 2
 
 
+def test_decoded_ok_replies_are_remembered_by_their_bytes_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-result Ok met again is not decoded again (`wire._OKS_DECODED`): the same header
+    gives the same message, a different one (even equal as numbers: 1 and True) its own, a
+    malformed or other header never enters the table, nor one that describes no tensor (a
+    peer's huge shape or dtype), and it stops growing at its bound."""
+    monkeypatch.setattr(wire, "_OKS_DECODED", {})
+    monkeypatch.setattr(limits, "OK_HEADER_TABLE_SIZE", 3)
+    header = msgpack.packb([wire.Ok.KIND, 0, [4], "float32", []])
+    first = wire.decode([header])
+    assert wire.decode([bytes(header)]) is first and first.message == wire.Ok([4], "float32")
+    as_bools = msgpack.packb([wire.Ok.KIND, 0, [True], "float32", []])
+    with pytest.raises(ProtocolError):
+        wire.decode([as_bools])
+    with pytest.raises(ProtocolError):
+        wire.decode([as_bools])  # refused again: a refused header was not kept
+    several = msgpack.packb([wire.Ok.KIND, 0, [1], "int64", [[[3], "int64"]]])
+    assert wire.decode([several]).message == wire.Ok([1], "int64", [[[3], "int64"]])
+    wire.decode([wire.encode(wire.Get(5))[0]])
+    long_shape = msgpack.packb([wire.Ok.KIND, 0, [1] * (limits.MAX_NDIM + 1), "float32", []])
+    odd_dtype = msgpack.packb([wire.Ok.KIND, 0, [1], "x" * 1000, []])
+    assert wire.decode([long_shape]).message.shape == [1] * (limits.MAX_NDIM + 1)  # type: ignore[attr-defined]
+    assert wire.decode([odd_dtype]).message.dtype == "x" * 1000  # type: ignore[attr-defined]
+    assert list(wire._OKS_DECODED) == [header]  # no entry of a few hundred bytes or more
+    for n in range(5):
+        assert wire.decode([msgpack.packb([wire.Ok.KIND, 0, [n], "int8", []])]).message == wire.Ok([n], "int8")
+    assert len(wire._OKS_DECODED) == 3
+
+
+def test_a_failed_encode_leaves_no_tensor_buffer_to_the_next() -> None:
+    """The packer is kept per thread: the buffers of a message it could not encode must not
+    be sent with the next message."""
+    tensor = wire.RawTensor("float32", (2,), memoryview(bytes(8)))
+    with pytest.raises(ProtocolError):
+        wire.encode(wire.Op(1, "add", [tensor, object()], {}))  # type: ignore[list-item]
+    assert wire.encode(wire.Get(5)) == [msgpack.packb([wire.Get.KIND, 0, 5])]
+    assert len(wire.encode(wire.Put(2, tensor))) == 2
+
+
 def test_an_empty_view_with_a_wide_stride_travels() -> None:
     """x[:0, 0] of a 2x2 tensor is empty with stride 2: its bytes could not be viewed as uint8
     (found by test_indexing_matches_torch on the in-process harness)."""
