@@ -149,7 +149,7 @@ class Fedptr:
         self.x = await self.bob.send(self.small)
         self.moving = await self.bob.send(self.big[max(self.big)])
         await direct_open(self.client, "bob")  # opened in the background by that send
-        # there and back once: the data paths between bob and alice (CURVE on) open on a first
+        # there and back once: the data paths between bob and alice open on a first
         # transfer, as the client's paths do in the sends above; torch.rpc's are open from its start
         self.moving = await (await self.moving.move(self.alice)).move(self.bob)
         self.chain_plan = fedptr.plan(lambda y: _chain(y, self.x, 100))
@@ -287,9 +287,9 @@ class Fedptr:
 
 
 async def direct_open(client: fedptr.Client, worker: str) -> None:
-    """Wait until `client`'s direct data path to `worker` is open (CURVE on: a first big send
-    starts opening it in the background), so that no timed send or get goes the broker's way
-    or pays for the offer and the handshake. Without CURVE there is no such path."""
+    """Wait until `client`'s direct data path to `worker` is open (a first big send starts
+    opening it in the background), so that no timed send or get goes the broker's way or pays
+    for the offer and the handshake. A client on an ipc:// broker has no such path."""
     direct = client.link.direct
     if direct is None:
         return
@@ -849,7 +849,8 @@ METHOD = (
     "fedptr runs without CURVE here, as torch.rpc runs without encryption; every case is measured "
     "again with `local_cluster`'s default (CURVE on) in a turn of its own (its table below), and 'tcp vs ipc://' "
     'fedptr on `local_cluster(transport="ipc")` in another. Every process keeps '
-    "torch's default threads unless `--threads` says otherwise."
+    "torch's default threads unless `--threads` says otherwise. Large buffers' chunks take the direct "
+    "data path between the two peers (fedptr/direct.py), CURVE on or off."
 )
 CURVE_METHOD = (
     "The same cases on the same cluster with CURVE on, as `local_cluster` starts it by default, in "

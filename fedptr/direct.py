@@ -5,14 +5,16 @@ thread: a 64 MiB tensor cost four CURVE passes and two copies, and bandwidth fel
 Here the chunks of a streamed buffer go straight from sender to receiver, encrypted once, with
 AES-256-GCM (OpenSSL, AES-NI: 3-5 GB/s per core here) rather than CURVE's XSalsa20-Poly1305
 (libzmq's, about 0.6 GB/s end to end: 64 MiB took 90-160 ms over loopback, more than
-torch.rpc's whole unencrypted transfer):
+torch.rpc's whole unencrypted transfer). Without CURVE the broker still copies every chunk
+through a third process (64 MiB at 0.64-0.69x torch.rpc), and the path skips it the same way:
 
-* A worker whose link has CURVE keys binds a ROUTER data socket (`DirectPaths.serve`) on the
-  address it reaches the broker from, in a zmq context of its own (its own I/O thread).
+* A worker on a ``tcp://`` broker binds a ROUTER data socket (`DirectPaths.serve`) on the
+  address it reaches the broker from, in a zmq context of its own (its own I/O thread), CURVE
+  on or off (see "Without CURVE" below).
 * A peer with a large request for that worker, or a large reply coming from it, asks it through
   the broker for a ticket (`wire.DirectOffer` carrying a fresh public key of the peer's own). The
-  broker authenticated both ends of that exchange and named the sender; the worker admits that
-  key under that name only, and answers its data endpoint and the public key of an X25519 key
+  broker named the sender of that exchange (and, with CURVE, authenticated both ends); the
+  worker admits that key under that name only, and answers its data endpoint and the public key of an X25519 key
   pair (a CURVE key pair: the same curve) made for this admission alone (`wire.DirectTicket`).
 * Both ends derive the path's keys from an X25519 agreement between those two key pairs (HKDF-
   SHA256 over both public keys): one AES-256-GCM key each way. Only the two holders of the
@@ -50,6 +52,31 @@ instead: a ticket refused or late, a greeting unanswered, a send the socket will
 tried again after `limits.DIRECT_RETRY_S`. Chunks already handed to a connection that then breaks
 are lost: their message fails with a typed error (its deadline, or the stream refused after
 `limits.STREAM_TIMEOUT_S`).
+
+Without CURVE (a broker without ``--curve-secret``, ``local_cluster(curve=False)``) the path
+opens too, and carries the same bytes (shared memory on one host) with the same rules; its
+security is its own X25519 agreement's, not the broker's CURVE, and it is no weaker than the
+broker path it replaces, where every message is in clear and names are not authenticated (the
+broker only stamps each message with the name its connection registered):
+
+* Read: the offer and the ticket cross the broker in clear, but they hold public keys only. The
+  path's AES keys, its token and its shared-memory file names derive from the agreement, which
+  takes one of the two secret keys: someone reading the network reads every message of the
+  broker path, and none of the direct path's (the token is in clear on the data connection's
+  handshake, as with CURVE on: it opens a connection, not a message, and names files of the
+  worker's own uid, 0600).
+* Inject: the worker opens only what is sealed under an admitted key's path keys, and attributes
+  it to the name the broker stamped on that key's offer. A third party gets a path only by
+  offering a key of its own under its own registered name, so its chunks are its own, as its
+  messages are on the broker path. A key read off the wire and offered under another name gets
+  no ticket (`admit`): if that offer came first, the owner's gets none and its chunks take the
+  broker, a denial of the shortcut only.
+* Take over: a name whose session ended has its key forgotten (`forget`), so whoever registers
+  that name next must offer its own; an active attacker between a peer and the broker could
+  swap the offer's or the ticket's key and sit in the middle of the path, but such an attacker
+  already reads and rewrites every message of the broker path without CURVE.
+
+Names stay unauthenticated without CURVE: run that way only on a host and network you trust.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both the client and the node use it. The `Session` decides what every message me
 to send; the link moves frames between it and a DEALER socket, turns its `Settled` events into
 request futures, and calls `tick` on a timer (request deadlines and heartbeats). Messages pushed
 within one event-loop turn leave as one BATCH multipart; large buffers stream as chunks, which
-take the direct data path to their peer when CURVE is on (`fedptr.direct`).
+take the direct data path to their peer when it opens (`fedptr.direct`).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ class Link:
         or its connection closed): a worker reclaims what that client owned."""
         self._sock: zmq.Socket[bytes] | None = None
         self.direct: DirectPaths | None = None
-        """Direct data paths for streamed chunks (with CURVE keys only: without them there is no
-        encryption to spare the broker, and a peer could not be authenticated)."""
+        """Direct data paths for streamed chunks, CURVE on or off (their keys are their own:
+        `fedptr.direct` says why a path is no weaker than the broker's without CURVE)."""
         self._futures: dict[bytes, asyncio.Future[wire.Message]] = {}
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
@@ -145,7 +145,7 @@ class Link:
         sock.connect(self.address)
         self._sock = sock
         self._loop.add_reader(sock.FD, self._drain)
-        if self.curve is not None:
+        if self.address.startswith("tcp://"):  # a data socket listens on tcp only (`DirectPaths.serve`)
             self.direct = DirectPaths(self._direct_chunk)
             self.session.direct_sources = self.direct.sources
             if self.session.role == envelope.ROLE_WORKER:
@@ -421,8 +421,8 @@ class Link:
 
     def _stream(self, message: list[Any]) -> bool:
         """Send `message` as chunks then itself, if it has a frame large enough: over
-        `limits.STREAM_THRESHOLD_BYTES`, or over `limits.DIRECT_STREAM_THRESHOLD_BYTES` when a
-        direct path to its peer is open (only a small first chunk then takes the broker, whose
+        `limits.STREAM_THRESHOLD_BYTES`, or, with CURVE, over `limits.DIRECT_STREAM_THRESHOLD_BYTES`
+        when a direct path to its peer is open (only a small first chunk then takes the broker, whose
         CURVE costs 4 passes per byte). False when it has none (it is sent as any other)."""
         # a fan-out streams the message it carries, each chunk fanned out to the same targets
         targets, inner = envelope.fanned(message) if message[0] == envelope.FANOUT else (None, message)
@@ -430,7 +430,9 @@ class Link:
         if direct is not None and inner[0] == envelope.REQUEST:
             self._want_direct(inner[1])
         fast = direct is not None and direct.ready(inner[1], inner[0])
-        threshold = limits.DIRECT_STREAM_THRESHOLD_BYTES if fast else limits.STREAM_THRESHOLD_BYTES
+        # without CURVE the broker relays a buffer it carries whole faster than the path streams it
+        early = fast and self.curve is not None
+        threshold = limits.DIRECT_STREAM_THRESHOLD_BYTES if early else limits.STREAM_THRESHOLD_BYTES
         if not any(memoryview(f).nbytes > threshold for f in inner[envelope.ENVELOPE_FRAMES :]):
             return False
         self._flush_batch()

@@ -806,7 +806,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,
-    "list[int]": lambda v: type(v) is list and all(_is_int(x) for x in v),
+    "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),  # `_is_int`, inline
     "list[str]": lambda v: type(v) is list and all(type(x) is str for x in v),
     "list[Value]": lambda v: type(v) is list and _check_value(v),
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),
@@ -838,7 +838,7 @@ _INLINE: dict[str, str] = {
     "RawTensor": "type({v}) is RawTensor",
     "list[int]": "type({v}) is list and (not {v} or {check}({v}))",
     "list[Value]": "type({v}) is list and _check_value({v})",
-    "dict[str, Value]": "type({v}) is dict and _check_value({v})",
+    "dict[str, Value]": "type({v}) is dict and (not {v} or _check_value({v}))",  # most ops: no keywords
 }
 """`_CHECKS` written out as expressions (the same verdicts), for `_all_valid`; a type not here
 is checked by calling its `_CHECKS` function."""
@@ -932,7 +932,8 @@ def encode(msg: Message, budget_ms: int = 0) -> list[bytes | memoryview]:
     `budget_ms` is the time the receiver has to answer (0 for replies and no deadline). Tensor
     buffers are returned as they are (no copy)."""
     if type(msg) is Ok and not msg.more and not budget_ms:
-        return [_ok_header(msg)]
+        known = _OK_HEADERS.get((tuple(msg.shape), msg.dtype))  # the table read here: once per op
+        return [known if known is not None else _ok_header(msg)]
     return _encode(msg, budget_ms)
 
 
@@ -1034,7 +1035,7 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         known = _OKS_DECODED.get(frames[0])
         if known is not None:
             return known
-        decoded = _decode(frames)
+        decoded = decode_request(frames)
         ok = decoded.message
         if (
             type(ok) is Ok
@@ -1046,34 +1047,62 @@ def decode(frames: Sequence[Buffer]) -> Decoded:
         ):
             _OKS_DECODED[frames[0]] = decoded
         return decoded
-    return _decode(frames)
+    return decode_request(frames)
 
 
-def _decode(frames: Sequence[Buffer]) -> Decoded:
+def _ref(data: bytes) -> Ref:
+    if len(data) != 8:
+        raise ProtocolError("bad object reference")
+    return Ref(_INT64.unpack(data)[0])
+
+
+def _tensor_meta(data: bytes) -> tuple[str, list[int], Any]:
+    """A tensor extension's [dtype, shape, frame index], checked but for the index."""
+    meta = msgpack.unpackb(data, raw=False, max_array_len=limits.MAX_NDIM + 3)
+    if not (type(meta) is list and len(meta) == 3 and type(meta[0]) is str and type(meta[1]) is list):
+        raise ProtocolError("bad tensor descriptor")
+    return meta[0], meta[1], meta[2]
+
+
+def _ext_alone(code: int, data: bytes) -> Any:
+    """The extension hook of a body of one frame (nearly every request): a reference, or a tensor
+    that can only refer to a frame that is not there. A module function, not a closure over the
+    body's frames and their used set, which every message would otherwise make."""
+    if code == _EXT_REF and len(data) == 8:  # inline, not `_ref`: two references per op, most often
+        return Ref(_INT64.unpack(data)[0])
+    if code == _EXT_REF:
+        raise ProtocolError("bad object reference")
+    if code == _EXT_TENSOR:
+        _, _, index = _tensor_meta(data)
+        raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
+    raise ProtocolError(f"unknown extension type {code}")
+
+
+def decode_request(frames: Sequence[Buffer]) -> Decoded:
+    """`decode` for a request's body: the same checks and errors, without looking it up in (or
+    adding it to) the table of decoded `Ok` replies, which no request is found in."""
     if not frames:
         raise ProtocolError("empty body")
     if len(frames) > limits.MAX_FRAMES:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.MAX_FRAMES}")
-    header = memoryview(frames[0])
-    if header.nbytes > limits.MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {header.nbytes} bytes exceeds {limits.MAX_HEADER_BYTES}")
+    header: bytes | memoryview = frames[0] if type(frames[0]) is bytes else memoryview(frames[0])
+    size = header.nbytes if isinstance(header, memoryview) else len(header)  # small frames arrive as bytes
+    if size > limits.MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {size} bytes exceeds {limits.MAX_HEADER_BYTES}")
     used: set[int] = set()
+    ext_hook: Callable[[int, bytes], Any] = _ext_alone
+    if len(frames) > 1:
 
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == _EXT_REF:
-            if len(data) != 8:
-                raise ProtocolError("bad object reference")
-            return Ref(_INT64.unpack(data)[0])
-        if code == _EXT_TENSOR:
-            meta = msgpack.unpackb(data, raw=False, max_array_len=limits.MAX_NDIM + 3)
-            if not (type(meta) is list and len(meta) == 3 and type(meta[0]) is str and type(meta[1]) is list):
-                raise ProtocolError("bad tensor descriptor")
-            index = meta[2]
-            if type(index) is not int or not 1 <= index < len(frames) or index in used:
-                raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
-            used.add(index)
-            return RawTensor(meta[0], tuple(meta[1]), memoryview(frames[index]))
-        raise ProtocolError(f"unknown extension type {code}")
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == _EXT_REF:
+                return _ref(data)
+            if code == _EXT_TENSOR:
+                dtype, shape, index = _tensor_meta(data)
+                if type(index) is not int or not 1 <= index < len(frames) or index in used:
+                    raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
+                used.add(index)
+                return RawTensor(dtype, tuple(shape), memoryview(frames[index]))
+            raise ProtocolError(f"unknown extension type {code}")
 
     try:
         values = msgpack.unpackb(
@@ -1091,7 +1120,7 @@ def _decode(frames: Sequence[Buffer]) -> Decoded:
         raise
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
         raise ProtocolError(f"undecodable header: {type(e).__name__}: {e}") from e
-    if type(values) is not list or len(values) < 2 or not _is_int(values[0]) or not _is_int(values[1]):
+    if type(values) is not list or len(values) < 2 or type(values[0]) is not int or type(values[1]) is not int:
         raise ProtocolError("header must be [kind, budget_ms, fields...]")
     cls = _BY_KIND.get(values[0])
     if cls is None:

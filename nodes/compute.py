@@ -30,7 +30,7 @@ from fedptr.errors import (
     RemoteError,
 )
 from fedptr.failures import with_hop
-from fedptr.ops import AGGREGATES, ALLOWED, MUTATING
+from fedptr.ops import AGGREGATES, ALIASING, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, kernels, plans, policy
@@ -150,7 +150,8 @@ class Compute:
         worker they point to (None: they are here). One pass: this runs for every op."""
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
-        policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
+        if msg.kwargs or msg.op in ALIASING:  # what check_call refuses needs one or the other
+            policy.check_call(msg.op, msg.args, msg.kwargs, _is_ref)
         if msg.more_ids:
             guard.check_results(msg.op, 1 + len(msg.more_ids))
             if len({msg.result_id, *msg.more_ids}) != 1 + len(msg.more_ids) or any(
@@ -168,7 +169,8 @@ class Compute:
         failed: BaseException | None = None
         for i in ids:
             e = entries[i] = self.store.get(i, source)
-            self.store.check_principal(i, e, principal)
+            if e.sponsor:  # only an object held for a client can refuse a principal: a call less per operand
+                self.store.check_principal(i, e, principal)
             location = e.location
             locations.add(location or self.name)
             if location is not None and e.error is not None:
@@ -216,12 +218,8 @@ class Compute:
         can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
         args = _materialize(msg.args, values)
         kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
-
-        def refuse() -> Exception:
-            taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
-            public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
-            return policy.refuse_op(taint, msg.op, public)
-
+        # the refusal is wanted on private operands only: no closure made for every public op
+        refuse = _refusal(msg.op, values, entries) if private else _public
         return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     # --- plans ---------------------------------------------------------------------------
@@ -344,7 +342,7 @@ class Compute:
             # a single op reads exactly its inputs: `values` itself, before its result is added
             operands = values if run.ids is None else {k: values[k] for k in entries}
             # private when its result is (taint only grows: never less than on arrival)
-            private = bool(run.results[i].taint)
+            private = bool(run.results[i].taint.origins)
             if inline and (
                 i - start >= limits.PLAN_INLINE_OPS
                 or _numel(operands.values()) > self.config.offload_numel
@@ -578,6 +576,22 @@ def _values(entries: dict[int, Entry], versions: dict[int, int]) -> dict[int, An
         if isinstance(value, torch.Tensor):
             versions[i] = value._version
     return values
+
+
+def _refusal(op: str, values: dict[int, Any], entries: dict[int, Entry]) -> Callable[[], Exception]:
+    """The refusal of `op` on private operands `entries` (their `values`): the owners, and the
+    shapes of the public tensor operands only."""
+
+    def refuse() -> Exception:
+        taint = policy.Taint(policy.merge(e.taint.origins for e in entries.values()))
+        public = [list(v.shape) for i, v in values.items() if isinstance(v, torch.Tensor) and not entries[i].taint]
+        return policy.refuse_op(taint, op, public)
+
+    return refuse
+
+
+def _public() -> Exception:
+    raise AssertionError("guard.run refuses only operations on private operands")
 
 
 def _is_ref(value: Any) -> bool:

@@ -119,7 +119,7 @@ def _contents(cell: Any) -> Any:
 def _meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):  # the lean loop hands a plan step's operands as a tuple
         return [_meta(v) for v in value]
     if isinstance(value, dict):
         return {k: _meta(v) for k, v in value.items()}
@@ -144,6 +144,10 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
             raise TypeError("forward needs a model as its first argument")
         return _meta_forward(args[0], args[1:])
     meta_args, meta_kwargs = _meta(args), _meta(kwargs)
+    if any(t.device.type != "meta" for t in _tensors(meta_args, meta_kwargs.values())):
+        # a container `_meta` does not know would hand the op real values: its "meta" run
+        # would then give the real, value-dependent result (a plan's nonzero did)
+        raise TypeError(f"{op} has an operand the meta run cannot stand in for")
     # what the op may write: a mutating op its target (args[0]), any other op nothing
     watched = _tensors(meta_args[1:] if op in MUTATING else meta_args, meta_kwargs.values())
     versions = [t._version for t in watched]
@@ -163,7 +167,7 @@ def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
         v = todo.pop()
         if isinstance(v, torch.Tensor):
             found.append(v)
-        elif isinstance(v, list):
+        elif isinstance(v, list | tuple):
             todo.extend(v)
         elif isinstance(v, dict):
             todo.extend(v.values())
@@ -186,7 +190,7 @@ def _signature(op: str, args: list[Any], kwargs: dict[str, Any], count: int) -> 
     """Everything the meta run of a call reads (and the results it must give), as a key; None
     when it reads more (a model)."""
     try:
-        return (op, count, _key(args), _key(kwargs))
+        return (op, count, _key(list(args)), _key(kwargs))  # the lean loop hands a tuple
     except _Unkeyed:
         return None
 
@@ -222,7 +226,7 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
         elif isinstance(v, nn.Module):
             if _shares(storage, v.parameters()):
                 return True
-        elif isinstance(v, list):
+        elif isinstance(v, list | tuple):
             if _shares(storage, v):
                 return True
         elif isinstance(v, dict) and _shares(storage, v.values()):

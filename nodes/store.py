@@ -396,7 +396,8 @@ class Store:
             params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
             for p in params:
                 self._charge(entry, p)
-        return self.persist(obj_id, entry, value) if durable else None
+        # `persist` asks again whether a write-ahead is kept: not called without one (per op)
+        return self.persist(obj_id, entry, value) if durable and self.wal is not None else None
 
     def persist(
         self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None

@@ -1,8 +1,9 @@
-"""The direct data path (fedptr/direct.py): chunks of large buffers peer to peer, CURVE on.
+"""The direct data path (fedptr/direct.py): chunks of large buffers peer to peer, CURVE on or off.
 
 The session's holding of a message until its chunks are in is tested sans-IO; the path itself on a
-real CURVE cluster (broker and node processes): transfers take it, a key the worker did not admit
-through the broker gets no answer, and a path that breaks falls back to the broker. The sealing
+real cluster (broker and node processes), once with CURVE and once without: transfers take it, a
+key the worker did not admit through the broker gets no answer, and a path that breaks, or that
+does not open, leaves the bytes to the broker. The sealing
 of the path's messages (AES-256-GCM keyed by X25519) against forgery, tampering and replay, on a
 real data socket in this process.
 """
@@ -84,16 +85,18 @@ def test_only_chunks_travel_the_direct_path() -> None:
         bob.receive_direct(b"alice", envelope.framed(request), 0.0)
 
 
-# --- the path, on a CURVE cluster ------------------------------------------------------------
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def secure() -> AsyncIterator[fedptr.Cluster]:
-    async with fedptr.local_cluster(["bob", "alice"], curve=True) as c:
+# --- the path, on a cluster with CURVE and on one without ------------------------------------
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[True, False], ids=["curve", "no-curve"])
+async def secure(request: pytest.FixtureRequest) -> AsyncIterator[fedptr.Cluster]:
+    """A cluster with CURVE (every peer authenticated), and one without: the direct path opens
+    on both (its keys come from its own X25519 agreement, not from the broker's CURVE)."""
+    async with fedptr.local_cluster(["bob", "alice"], curve=request.param) as c:
         yield c
 
 
 def paths(cluster: fedptr.Cluster) -> DirectPaths:
     direct = cluster.client._link.direct
-    assert direct is not None, "a CURVE client has direct paths"
+    assert direct is not None, "a client on a tcp broker has direct paths"
     return direct
 
 
@@ -125,17 +128,24 @@ async def test_send_get_and_move_take_the_direct_path(secure: fedptr.Cluster) ->
 
 
 @MODULE_LOOP
-async def test_a_1_mib_buffer_takes_an_open_path_but_for_a_small_first_chunk(secure: fedptr.Cluster) -> None:
-    """Under the broker's streaming threshold, a buffer still streams when a path is open: only
-    its first 4 KiB pay the broker's two CURVE hops."""
+async def test_a_1_mib_buffer_takes_an_open_path_but_for_a_small_first_chunk_with_curve_only(
+    secure: fedptr.Cluster,
+) -> None:
+    """Under the broker's streaming threshold, a buffer still streams when a path is open and
+    CURVE is on: only its first 4 KiB pay the broker's two CURVE hops. Without CURVE the broker
+    relays it whole faster than the path streams it (`limits.DIRECT_STREAM_THRESHOLD_BYTES`):
+    none of it takes the path."""
     await path_to(secure, "bob")
     direct = paths(secure)
     sent, received = direct.bytes_sent, direct.bytes_received
     t = torch.randn(MIB // 4)
     p = await secure.client.worker("bob").send(t)
-    assert direct.bytes_sent - sent >= MIB - 4096
     assert torch.equal(await p.get(), t)
-    assert direct.bytes_received - received >= MIB - 4096
+    if secure.client._link.curve is not None:
+        assert direct.bytes_sent - sent >= MIB - 4096
+        assert direct.bytes_received - received >= MIB - 4096
+    else:
+        assert (direct.bytes_sent, direct.bytes_received) == (sent, received)
 
 
 @MODULE_LOOP
@@ -475,3 +485,26 @@ async def test_a_broken_direct_path_falls_back_to_the_broker(secure: fedptr.Clus
     p = await secure.client.worker("alice").send(t)  # IMMEDIATE: the socket takes no chunk
     assert direct.bytes_sent == sent and b"alice" not in direct._lanes
     assert torch.equal(await p.get(), t)
+
+
+@MODULE_LOOP
+async def test_a_path_that_does_not_open_leaves_the_bytes_to_the_broker(
+    secure: fedptr.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever keeps a path from opening (here its deadline, `limits.DIRECT_CONNECT_TIMEOUT_S`,
+    too short for any ticket to come): the lane fails, is not tried again before
+    `limits.DIRECT_RETRY_S`, and every byte of a send and of its get goes through the broker."""
+    monkeypatch.setattr(limits, "DIRECT_CONNECT_TIMEOUT_S", 0.0)
+    async with secure.connect(1) as client:
+        direct = client._link.direct
+        assert direct is not None
+        t = torch.randn(4 * MIB)  # 16 MiB: streamed, and the send starts opening a path to bob
+
+        async def failed() -> bool:
+            return b"bob" not in direct._lanes and not direct.wants(b"bob")
+
+        p = await client.worker("bob").send(t)
+        assert await eventually(failed, timeout=15.0), "the lane neither opened nor failed"
+        assert torch.equal(await p.get(), t)
+        assert torch.equal(await (await client.worker("bob").send(t)).get(), t)
+        assert direct.bytes_sent == 0 and direct.bytes_received == 0

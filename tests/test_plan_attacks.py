@@ -484,9 +484,32 @@ async def test_embedding_max_norm_writes_read_only_private_data(setup: Setup) ->
     assert max_err(now, setup.secrets["frank"]["x"]) < 1e-6, "WRITE: frank's read-only data was changed"
 
 
+async def test_an_op_whose_shape_depends_on_private_values_is_refused_in_a_plan_as_alone(setup: Setup) -> None:
+    """nonzero(x) and masked_select(x, x > 3) on bob's x: the number of results is a count of
+    private values. Alone each is refused; on the lean loop a step's operands came as a tuple,
+    which the guard's meta stand-ins skipped, so the "meta run" was a real run on bob's x and
+    the run answered with its value-dependent shape (the twin-world test found it)."""
+    c = setup.client
+    bx, _ = await setup.data("bob")
+    x = bx.id_at_location
+    m = await op(c, "bob", "gt", [R(x), 3.0])
+    for ops, inputs in (
+        ([["nonzero", [R(0)], {}]], [x]),
+        ([["masked_select", [R(0), R(1)], {}]], [x, m]),
+    ):
+        n_inputs = len(inputs)
+        assert lean(n_inputs, ops, [n_inputs])
+        await refused(run_plan(c, "bob", n_inputs, ops, [n_inputs], inputs), fedptr.PermissionDenied, owner="bob")
+        alone = op(c, "bob", ops[0][0], [R(i) for i in inputs])
+        await refused(alone, fedptr.PermissionDenied, owner="bob")
+
+
 # --- the lean loop against the same plan op by op -----------------------------------------
-_UNARY = ("neg", "relu", "abs", "exp", "float", "t", "clone", "detach", "flatten", "sign", "logical_not", "long")
-_BINARY = ("add", "mul", "sub", "maximum", "eq", "matmul", "where_mask", "getitem")
+_UNARY = (
+    *("neg", "relu", "abs", "exp", "float", "t", "clone", "detach", "flatten", "sign", "logical_not", "long"),
+    "nonzero",  # its shape counts values: refused on private data, lean or not
+)
+_BINARY = ("add", "mul", "sub", "maximum", "eq", "matmul", "where_mask", "getitem", "masked_select")
 _MULTI = (("max", [1], 2), ("sort", [0], 2), ("split", [4], 2), ("chunk", [2], 2), ("sort", [], 2))  # last: refs only
 _plain_op = st.one_of(
     st.tuples(st.just("unary"), st.sampled_from(_UNARY), st.integers(0, 99)),

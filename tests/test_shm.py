@@ -1,8 +1,9 @@
 """Same-host shared memory on the direct path (fedptr/shm.py, fedptr/direct.py).
 
 On a real CURVE cluster (broker and node processes): a large send and get go through shared
-memory and leave no file behind; a client whose directory the node does not share (the probe
-fails) falls back to the sealed chunks. On a real data socket in this process: a peer cannot
+memory and leave no file behind; on a cluster without CURVE, 64 MiB sends, gets and moves do
+too; a client whose directory the node does not share (the probe fails) falls back to the
+sealed chunks. On a real data socket in this process: a peer cannot
 name another path's file. On files: every refusal (a name not of the path, a replay, a symlink,
 the wrong size or file, a file gone) is a typed error that fails its stream at once, nothing is
 read past a stream budget and the file is unlinked anyway, the sender unlinks what nobody took,
@@ -82,6 +83,53 @@ async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: f
     # sealed: each file's descriptor, and at most one more (not 16 chunks of 1 MiB)
     assert lane.channel.sent - sealed_before <= files + 1, "the bytes went as sealed chunks"
     assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def plain() -> AsyncIterator[fedptr.Cluster]:
+    async with fedptr.local_cluster(["bob", "alice"], curve=False) as c:
+        yield c
+
+
+async def delivered_to(cluster: fedptr.Cluster, worker: str) -> int:
+    """Messages the broker has delivered to `worker` (a chunk through the broker counts one)."""
+    stats = await cluster.client._link.broker_stats(10.0)
+    return stats[f"{envelope.STATS_PEER_PREFIX}{worker}.delivered"]
+
+
+@MODULE_LOOP
+async def test_without_curve_64_mib_sends_gets_and_moves_go_through_shared_memory(plain: fedptr.Cluster) -> None:
+    """Without CURVE there was no direct path at all: a 64 MiB send, get or move crossed the
+    broker as 64 chunks of 1 MiB (each copied through three processes). The path now opens with
+    CURVE off too (its keys are its own X25519 agreement's), and on one host the bytes go as
+    shared-memory files: only the message and a 4 KiB first chunk reach the broker."""
+    direct = await opened(plain.client, "bob")
+    lane = direct._lanes[b"bob"]
+    assert lane.channel is not None and lane.channel.shared, "the probe did not prove the shared directory"
+    t = torch.randn(16 * MIB)  # 64 MiB
+    files, sent, received = lane.channel.files_sent, direct.bytes_sent, direct.bytes_received
+    before = await delivered_to(plain, "bob")
+    p = await plain.client.worker("bob").send(t)
+    assert await delivered_to(plain, "bob") - before <= 4, "the chunks went through the broker"
+    assert direct.bytes_sent - sent >= 64 * MIB - limits.DIRECT_FIRST_CHUNK_BYTES
+    assert lane.channel.files_sent - files >= 64 * MIB // limits.DIRECT_SHM_FILE_BYTES
+    assert torch.equal(await p.get(), t)
+    assert direct.bytes_received - received >= 64 * MIB - limits.DIRECT_FIRST_CHUNK_BYTES
+    p = await plain.client.worker("bob").send(t)  # the get took the last one
+
+    async def a_move_skips_the_broker() -> bool:
+        """bob's path to alice opens on its first transfer to her (in the background): a move
+        there and back until one takes it."""
+        nonlocal p
+        before = await delivered_to(plain, "alice")
+        p = await p.move("alice")
+        through_broker = await delivered_to(plain, "alice") - before
+        p = await p.move("bob")
+        return through_broker <= 4
+
+    assert await eventually(a_move_skips_the_broker, timeout=30.0), "every move's chunks went through the broker"
+    assert torch.equal(await p.get(), t)
+    assert ours(os.getpid()) == [] and ours(plain.pids["bob"]) == [] and ours(plain.pids["alice"]) == []
 
 
 @MODULE_LOOP

@@ -413,3 +413,33 @@ def test_messages_stay_frozen_and_keep_their_constructors() -> None:
         wire.RawTensor("float32", (2,), memoryview(b"abc"))
     with pytest.raises(TypeError):
         wire.Op(1)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("ext", "match"),
+    [
+        (msgpack.ExtType(2, b"\0" * 7), "bad object reference"),
+        (msgpack.ExtType(1, msgpack.packb(["float32", [1]])), "bad tensor descriptor"),
+        (msgpack.ExtType(1, msgpack.packb(["float32", [1], 1])), "missing or reused"),
+        (msgpack.ExtType(9, b""), "unknown extension"),
+    ],
+)
+def test_a_body_of_one_frame_refuses_a_bad_extension_as_one_of_several_does(ext: msgpack.ExtType, match: str) -> None:
+    # a one-frame body decodes with a hook of its own (no closure over the frames): the same refusals
+    header = msgpack.packb([wire.Op.KIND, 0, 1, "add", [ext], {}])
+    for decode in (wire.decode, wire.decode_request):
+        with pytest.raises(ProtocolError, match=match):
+            decode([header])
+    if match != "missing or reused":  # with a frame to spare, the closure's verdict is the same
+        with pytest.raises(ProtocolError, match=match):
+            wire.decode([header, b"\0" * 4])
+
+
+def test_decode_request_reads_a_request_as_decode_does_and_keeps_no_ok() -> None:
+    for msg in SAMPLES:
+        frames = [bytes(f) for f in wire.encode(msg, budget_ms=7)]
+        assert wire.decode_request(frames) == wire.decode(frames)
+    ok = [bytes(wire.encode(wire.Ok([3, 3], "float64"))[0])]
+    wire._OKS_DECODED.pop(ok[0], None)
+    assert wire.decode_request(ok).message == wire.Ok([3, 3], "float64")
+    assert ok[0] not in wire._OKS_DECODED

@@ -1,0 +1,25 @@
+"""The node's request path in Python calls per op: a figure the machine's load does not move.
+
+`bench.node_loop.python_calls_per_op` feeds a real `Link` (its socket calls stubbed), `Session`
+and `Node` the batches a 100-op chain of pipelined ``x + a`` arrives in, then its deletes, and
+counts the Python function calls made per op (C functions not counted). CPU time per op is the
+figure issue 20 sets (tests/test_cpu_budget.py guards it, at a tolerance the shared machine
+forces); the call count moves with every layer added or removed along the path, and only with
+that, so it guards the path closely.
+"""
+
+from __future__ import annotations
+
+from bench import node_loop
+
+PYTHON_CALLS_PER_OP = 72.0
+"""The ceiling: 67.8 calls per op measured on branch pernode5 (main at 5fe903c made 82.8).
+A change that adds a call per op on purpose raises it here, saying why, in the same commit."""
+
+
+async def test_the_node_request_path_makes_few_python_calls_per_op() -> None:
+    calls = await node_loop.python_calls_per_op()
+    assert calls <= PYTHON_CALLS_PER_OP, (
+        f"the node's request path makes {calls:.1f} Python calls per pipelined op, over the "
+        f"ceiling of {PYTHON_CALLS_PER_OP}: find the layer added, or raise the ceiling saying why"
+    )
