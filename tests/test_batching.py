@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fedptr
-from fedptr import limits, wire
+import fedptr.link
+from fedptr import envelope, limits, wire
+
+from . import harness
+from .conftest import eventually
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
@@ -100,3 +108,135 @@ async def test_in_flight_bound_gives_backpressure(cluster: fedptr.Cluster) -> No
         assert all(isinstance(s, wire.NodeStatsReply) for s in stats)
         assert [float((await y.get())[0]) for y in ys] == [1.0 + i for i in range(8)]  # type: ignore[index]
         await bob.clear()
+
+
+# --- the property: whatever the interleaving, every message arrives once, in per-peer order ----
+# Random programs of pipelined ops, gets, dropped pointers (deletes), awaits, loop turns, `batched`
+# blocks and `hold_turn`, run through the real Link, Session, broker and nodes in process. What
+# each link pushes (requests, deletes, replies) is recorded per destination, and what each
+# session receives per source: the two lists must be equal (nothing lost, duplicated or
+# reordered, nothing left unsent), and every get must read the value the program computed.
+WORKERS = ("bob", "alice")
+PROPERTY_TIMEOUT_S = 30.0
+"""Deadline of one program, its quiescence included (s)."""
+
+_steps = st.one_of(
+    st.tuples(st.just("op"), st.integers(0, 7), st.integers(-3, 3)),
+    st.tuples(st.just("get"), st.integers(0, 7)),
+    st.tuples(st.just("await"), st.integers(0, 7)),
+    st.tuples(st.just("await get"), st.integers(0, 7)),
+    st.tuples(st.just("drop"), st.integers(0, 7)),
+    st.tuples(
+        st.just("turn"),
+    ),
+    st.tuples(st.just("batched"), st.integers(0, 7), st.integers(1, 4)),
+    st.tuples(
+        st.just("hold"),
+    ),
+    st.tuples(st.just("send"), st.sampled_from(WORKERS), st.integers(-3, 3)),
+)
+
+
+def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: list[tuple[bytes, ...]]) -> None:
+    """Wrap `link` so that what it pushes and what its session receives (requests and replies:
+    (peer, command, rid, header)) is appended to `sent` and `received`, in order."""
+    push, receive = link._push, link.session.receive
+
+    def pushed(message: list[Any]) -> None:
+        if message[0] in (envelope.REQUEST, envelope.REPLY):
+            sent.append((bytes(message[1]), message[0], bytes(message[2]), bytes(message[3])))
+        push(message)
+
+    def got(frames: Any, now: float) -> list[Any]:
+        for env in envelope.parse(frames):
+            if env.command in (envelope.REQUEST, envelope.REPLY):
+                received.append((env.name, env.command, env.rid, bytes(env.body[0])))
+        return receive(frames, now)
+
+    link._push = pushed  # type: ignore[method-assign]
+    link.session.receive = got  # type: ignore[method-assign]
+
+
+async def _run_program(program: list[tuple[Any, ...]]) -> None:
+    async with harness.cluster(list(WORKERS), call_timeout=PROPERTY_TIMEOUT_S / 2) as c:
+        client = c.client
+        logs = {name: ([], []) for name in (client.link.name, *WORKERS)}  # name -> (sent, received)
+        _record(client.link, *logs[client.link.name])
+        for name in WORKERS:
+            _record(c.node(name).link, *logs[name])
+        live: list[tuple[fedptr.Pointer, torch.Tensor]] = []
+        pending: list[tuple[Awaitable[Any], torch.Tensor | None]] = []
+
+        def pick(i: int) -> tuple[fedptr.Pointer, torch.Tensor] | None:
+            return live[i % len(live)] if live else None
+
+        def op(i: int, k: int) -> None:
+            picked = pick(i)
+            if picked is not None:
+                live.append((picked[0] + k, picked[1] + k))
+
+        async with asyncio.timeout(PROPERTY_TIMEOUT_S):
+            for step in program:
+                kind = step[0]
+                if kind == "send":
+                    value = torch.full((3,), float(step[2]))
+                    live.append((await c.worker(step[1]).send(value), value))
+                elif kind == "op":
+                    op(step[1], step[2])
+                elif kind == "batched":
+                    with client.link.batched():
+                        for k in range(step[2]):
+                            op(step[1] + k, k)
+                elif kind == "hold":
+                    client.link.hold_turn()
+                elif kind == "turn":
+                    await asyncio.sleep(0)
+                elif (picked := pick(step[1])) is None:
+                    continue
+                elif kind == "get":  # a get hands the object on: the pointer is spent
+                    live.remove(picked)
+                    pending.append((asyncio.ensure_future(picked[0].get()), picked[1]))
+                elif kind == "await get":
+                    live.remove(picked)
+                    assert torch.equal(await picked[0].get(), picked[1])
+                elif kind == "await":
+                    await picked[0]
+                else:  # drop: its delete is queued
+                    live.remove(picked)
+                    del picked
+            for fut, want in pending:
+                assert torch.equal(await fut, want)
+            for ptr, want in live:
+                assert torch.equal(await ptr.get(), want)
+            live.clear()  # every delete is queued now
+
+            def flows() -> list[tuple[str, str, list[tuple[bytes, ...]], list[tuple[bytes, ...]]]]:
+                return [
+                    (
+                        src,
+                        dst,
+                        [m[1:] for m in logs[src][0] if m[0] == dst.encode()],
+                        [m[1:] for m in logs[dst][1] if m[0] == src.encode()],
+                    )
+                    for src in logs
+                    for dst in logs
+                    if src != dst
+                ]
+
+            async def quiet() -> bool:  # the deletes travel unanswered: wait until the stores are empty
+                emptied = all([await c.worker(name).objects() == {} for name in WORKERS])
+                return emptied and all(sent == got for _, _, sent, got in flows())
+
+            await eventually(quiet, PROPERTY_TIMEOUT_S / 2)
+        for src, dst, sent, got in flows():
+            assert got == sent, f"{src} -> {dst}: sent {len(sent)}, received {len(got)} (or in another order)"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(_steps, min_size=1, max_size=60).map(lambda p: [("send", "bob", 1), *p]))
+def test_every_message_arrives_once_in_per_peer_order(program: list[tuple[Any, ...]]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_run_program(program))
+    finally:
+        loop.close()
