@@ -75,6 +75,9 @@ broker only stamps each message with the name its connection registered):
   that name next must offer its own; an active attacker between a peer and the broker could
   swap the offer's or the ticket's key and sit in the middle of the path, but such an attacker
   already reads and rewrites every message of the broker path without CURVE.
+* Redirect: the ticket names where the peer connects; only a ``tcp://`` IPv4 address and port
+  (what `serve` binds) is taken, so whoever holds a name cannot point a client's lane at a unix
+  socket or a host the client would resolve.
 
 Names stay unauthenticated without CURVE: run that way only on a host and network you trust.
 """
@@ -421,6 +424,10 @@ class DirectPaths:
                 ticket = await answer
                 if not isinstance(ticket, wire.DirectTicket) or not ticket.endpoint:
                     raise NoDirectPath("it offers none")
+                if not _data_endpoint(ticket.endpoint):
+                    # the worker names where we connect: not a unix socket, an inproc name (a
+                    # node's ZAP socket is bound in our context) or a host we would resolve
+                    raise NoDirectPath("its endpoint is not a tcp:// address")
                 try:
                     lane.channel = _channel(lane.public, lane.secret, ticket.key, connecting=True)
                 except ValueError:
@@ -685,6 +692,18 @@ def local_host(broker_address: str) -> str | None:
             return str(probe.getsockname()[0])
     except OSError:
         return None
+
+
+def _data_endpoint(endpoint: str) -> bool:
+    """Whether a ticket's `endpoint` is what `DirectPaths.serve` binds: ``tcp://`` an IPv4
+    address and a port."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
 
 
 def _event_name(event: int) -> str:

@@ -381,6 +381,37 @@ async def test_a_lane_refused_at_the_handshake_fails_at_once(
         client.close()
 
 
+@pytest.mark.parametrize("endpoint", ["ipc://{tmp}/elsewhere", "tcp://localhost:{port}"])
+async def test_a_ticket_cannot_point_a_lane_at_an_endpoint_other_than_a_tcp_address(
+    endpoint: str, tmp_path: Any
+) -> None:
+    """A worker answering an offer (without CURVE: whoever registered the name a client streams
+    to, or that sent it a large reply chunk) names the endpoint the lane connects to. Only a
+    ``tcp://`` address of an IP literal is taken (what `DirectPaths.serve` binds): a unix socket,
+    or a host name the client would resolve, is refused before anything connects."""
+    listener = zmq.Context.instance().socket(zmq.ROUTER)
+    listener.setsockopt(zmq.LINGER, 0)
+    port = listener.bind_to_random_port("tcp://127.0.0.1") if endpoint.startswith("tcp") else 0
+    target = endpoint.format(tmp=tmp_path, port=port)
+    if not endpoint.startswith("tcp"):
+        listener.bind(target)
+    monitor = listener.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    client = DirectPaths(lambda peer, frames: None)
+
+    async def ticket(key: bytes) -> wire.Message:
+        return wire.DirectTicket(target, zmq.curve_keypair()[0])
+
+    try:
+        await client.open(b"mallory", ticket)
+        assert not client.ready(b"mallory", envelope.REQUEST)
+        assert not monitor.poll(0), f"the lane connected to {target}"
+    finally:
+        client.close()
+        listener.disable_monitor()
+        monitor.close(linger=0)
+        listener.close(linger=0)
+
+
 async def test_peers_admitted_in_bulk_cannot_evict_a_path_in_use(
     worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
