@@ -79,7 +79,9 @@ class Latencies:
         from prometheus_client.core import HistogramMetricFamily
 
         fam = HistogramMetricFamily(name, documentation, labels=["process", label])
-        for key, hist in self.by_key.copy().items():
+        # by key, not by first observation: which kind of request finished first is timing,
+        # and a scrape shows no timing beyond the histograms' own buckets
+        for key, hist in sorted(self.by_key.copy().items()):
             fam.add_metric([process, key], hist.cumulative(), hist.total)
         return fam
 
@@ -121,7 +123,7 @@ def labelled_gauge(
 
 
 def _labelled(fam: F, process: str, values: Mapping[str, float]) -> F:
-    for key, value in dict(values).items():
+    for key, value in sorted(dict(values).items()):  # by key, as `Latencies.family`
         fam.add_metric([process, key], value)
     return fam
 

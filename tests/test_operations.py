@@ -187,6 +187,23 @@ async def test_metrics_of_the_broker_and_a_node_move(ops: fedptr.Cluster) -> Non
     del x
 
 
+def test_a_scrape_lists_kinds_in_one_order_whatever_order_they_came_in() -> None:
+    """Which kind of request finished (or came) first is timing; a scrape must not show it (the
+    twin-world test with releases once saw SecAggUnmask and SecAggConfirm swap places)."""
+
+    def scraped(kinds: list[str]) -> list[str]:
+        latencies = metrics.Latencies()
+        for kind in kinds:
+            latencies.observe(kind, 0.001)
+        families = [
+            latencies.family("t_seconds", "t", "kind", "bob"),
+            metrics.labelled_counter("t", "t", "bob", "kind", dict.fromkeys(kinds, 1.0)),
+        ]
+        return [s.labels["kind"] for fam in families for s in fam.samples]
+
+    assert scraped(["SecAggUnmask", "SecAggConfirm", "Get"]) == scraped(["Get", "SecAggConfirm", "SecAggUnmask"])
+
+
 async def test_json_logs_follow_one_call_by_its_request_id(ops: fedptr.Cluster) -> None:
     captured = io.StringIO()
     handler = logging.StreamHandler(captured)
