@@ -87,7 +87,9 @@ async def test_broker_survives_garbage(cluster: fedptr.Cluster, bob: fedptr.Work
     sock.close()
     assert torch.equal(await (await bob.send(torch.ones(2))).get(), torch.ones(2))
     assert "dropped garbage message" in cluster.log("broker")
-    assert rss(cluster.pids["broker"]) - rss_before < 8 << 20  # bounded: garbage is not kept
+    # bounded: garbage is not kept. One round raised RSS by 7-9.4 MiB in CI runs (zmq's I/O thread
+    # queues what the loop has not read yet, and allocator high-water marks stay); 8 MiB failed once
+    assert rss(cluster.pids["broker"]) - rss_before < 16 << 20
 
 
 async def test_node_survives_malformed_requests(cluster: fedptr.Cluster, bob: fedptr.Worker) -> None:
