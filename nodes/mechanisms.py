@@ -9,7 +9,8 @@ clipping done here, on the node, whatever function of the data the client chose.
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the
-  node samples the batch itself (Poisson, rate q), computes each sample's gradient of a
+  node samples the batch itself (Poisson, rate q, rounded up to what a float64 draw realises
+  exactly), computes each sample's gradient of a
   per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
   one), clips each to C, adds N(0, (sigma C)^2) to their sum and steps. Each step is a
   subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
@@ -150,8 +151,9 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
     loss = _sample_loss(model, LOSSES[config.loss])
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     generator = private_generator()
+    rate = realised_rate(config.sample_rate)
     for _ in range(config.steps):
-        batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
+        batch = torch.nonzero(torch.rand(n, dtype=torch.float64, generator=generator) < rate).flatten()
         detached = {name: p.detach() for name, p in named.items()}
         summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
         with torch.no_grad():
@@ -159,6 +161,22 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
                 noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
                 noise *= config.noise_multiplier * config.max_grad_norm
                 p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+
+
+def realised_rate(sample_rate: float) -> float:
+    """The Poisson rate `dp_sgd` samples at, and so the rate its steps are charged at, for a
+    requested `sample_rate` in (0, 1]: rounded up to a multiple of 2^-53.
+
+    A float64 uniform draw from torch is k / 2^53 for k uniform in [0, 2^53), so ``u < r`` holds
+    with probability exactly r for such an r, and with probability ceil(q 2^53) / 2^53 for any
+    other q. (Drawn in float32, the resolution was 2^-24: a client asking q = 1e-30, charged
+    epsilon 36 for 512 steps at sigma 0.05, had each sample drawn with probability 2^-24,
+    whose epsilon is about 19,000.)"""
+    return math.ceil(sample_rate * _UNIFORM_STEPS) / _UNIFORM_STEPS
+
+
+_UNIFORM_STEPS = 2.0**53
+"""How many values a float64 `torch.rand` draw takes, evenly spaced in [0, 1)."""
 
 
 SampleLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]

@@ -104,7 +104,8 @@ class Release:
             mechanisms.check_model(model, x, y, config)
         except Exception:
             raise policy.refuse_op(taint, "dp_train", []) from None
-        spent = self.budget.charge(config.noise_multiplier, config.sample_rate, config.steps)
+        # charged at the rate the sampler realises, which may exceed the one asked (by < 2^-53)
+        spent = self.budget.charge(config.noise_multiplier, mechanisms.realised_rate(config.sample_rate), config.steps)
         mechanisms.dp_sgd(model, x, y, config)
         return spent
 

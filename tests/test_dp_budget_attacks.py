@@ -1,0 +1,136 @@
+"""The seventh red-team round (docs/REDTEAM.md): a malicious client against the privacy budget
+and DP-SGD's assumptions. Each test is an attack that succeeded on main before its fix.
+
+1. DP-SGD sampled each sample with a float32 uniform draw compared to the client's rate: a rate
+   below float32's resolution (2^-24) was charged as given (1e-30) but realised as 2^-24, so
+   the accountant priced a mechanism that never ran (charged 36, really about 19,000).
+2. A noise multiplier the accountant cannot price (its arithmetic overflows or divides by zero)
+   failed the release with Python's arithmetic errors; one of infinity, given to the budget, was
+   charged and persisted, and the history then refused to load (the owner's node would not
+   start again). The wire keeps infinities from clients; the budget now refuses them itself.
+
+Attacks on processes share one module cluster: alice owns 2^20 one-feature samples and a
+budget of 50 in a --store.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from fedptr.nodes import budget, mechanisms
+from torch import nn
+
+import fedptr
+from fedptr import dp
+
+pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
+
+MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+N = 1 << 20
+EPSILON = 50.0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def owner() -> AsyncIterator[fedptr.Cluster]:
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(f"{tmp}/d.npz", x=np.ones((N, 1), np.float32), y=np.zeros((N, 1), np.float32))
+        async with fedptr.local_cluster(
+            ["alice"],
+            data={"alice": {"d": f"{tmp}/d.npz"}},
+            node_args={"alice": ["--epsilon", str(EPSILON), "--store", f"{tmp}/alice"]},
+            call_timeout=60,
+        ) as c:
+            yield c
+
+
+async def _model(c: fedptr.Cluster, w0: float) -> fedptr.ModulePointer:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(w0)
+    pointer = await c.client.worker("alice").send(model)
+    assert isinstance(pointer, fedptr.ModulePointer)
+    return pointer
+
+
+@MODULE_LOOP
+async def test_1_dp_sgd_samples_at_the_rate_it_charges(owner: fedptr.Cluster) -> None:
+    """q = 1e-30 and sigma = 0.05 for 512 steps are charged epsilon 36 (of 50) at the rate asked.
+    Every sample pushes w down by C (mse of w * 1 against 0, w near 1000, clipped to 1), and lr =
+    q n undoes the step's division, so w moves by the number of samples drawn plus noise of std
+    sigma sqrt(512) = 1.1. At the rate charged, 512 steps of 2^20 samples draw none (expected
+    5e-22); drawn by `rand() < q` in float32, a sample came in whenever rand gave exactly 0
+    (probability 2^-24): 32 expected, and w moved by about 32, each sample's gradient nearly
+    noiseless. Fixed: the node samples in float64 at a rate it can realise exactly, and charges
+    that rate (here 2^-53: epsilon 112, past the budget, so refused and nothing runs)."""
+    alice = owner.client.worker("alice")
+    x, y = await alice.search("d")
+    w0, q = 1000.0, 1e-30
+    model = await _model(owner, w0)
+    before = (await dp.budget(alice)).epsilon_spent
+    try:
+        await dp.train(
+            model, x, y, lr=q * N, sample_rate=q, steps=512, max_grad_norm=1.0, noise_multiplier=0.05, loss="mse_loss"
+        )
+    except fedptr.BudgetExhaustedError:
+        assert (await dp.budget(alice)).epsilon_spent == before  # refused, charged nothing
+        return
+    trained = await model.get()
+    assert isinstance(trained, nn.Linear)
+    moved = w0 - float(trained.weight.detach())
+    assert abs(moved) < 6 * 0.05 * math.sqrt(512), f"LEAK: {moved:.1f} samples drawn at a rate charged as {q}"
+
+
+def test_1_the_realised_rate_is_the_asked_one_rounded_up_to_float64_draws() -> None:
+    for q in (1.0, 0.5, 0.25, 0.1, 1 / 3, 1e-6, 2.0**-53, 1e-30, 5e-324):
+        realised = mechanisms.realised_rate(q)
+        assert q <= realised <= max(q + 2.0**-53, 2.0**-53) and (realised * 2.0**53).is_integer(), q
+    generator = torch.Generator().manual_seed(3)
+    drawn = torch.rand(1 << 22, dtype=torch.float64, generator=generator)
+    assert bool(((drawn * 2.0**53) == (drawn * 2.0**53).floor()).all())  # k / 2^53, as the rate assumes
+
+
+@pytest.mark.parametrize("sigma", [1e300, 1e-300])
+@MODULE_LOOP
+async def test_2_a_noise_multiplier_the_accountant_cannot_price_is_refused_and_alice_restarts(
+    owner: fedptr.Cluster, sigma: float
+) -> None:
+    """1e300 and 1e-300 made the accountant raise OverflowError and ZeroDivisionError on main:
+    refused and charged nothing, but untyped (the client saw a RemoteError naming Python's
+    arithmetic). An infinite sigma never reaches the node's budget from a client: the wire
+    refuses non-finite floats when it decodes a DPTrain."""
+    alice = owner.client.worker("alice")
+    x, y = await alice.search("d")
+    model = await _model(owner, 1.0)
+    before = (await dp.budget(alice)).epsilon_spent
+    with pytest.raises((fedptr.RemoteError, fedptr.BudgetExhaustedError)) as refused:
+        await dp.train(
+            model, x, y, lr=0.1, sample_rate=1e-6, steps=1, max_grad_norm=1.0, noise_multiplier=sigma, loss="mse_loss"
+        )
+    error = refused.value
+    assert isinstance(error, fedptr.BudgetExhaustedError) or error.remote_type == "InvalidArgumentError", error
+    assert (await dp.budget(alice)).epsilon_spent == before
+    owner.signal("alice", 9)  # SIGKILL: the history on disk is all alice has
+    await owner.start_node("alice")  # raised FedptrError ("not a privacy budget history") on main
+    assert (await dp.budget(alice)).epsilon_spent == before
+
+
+@pytest.mark.parametrize("sigma", [math.inf, math.nan, 1e300, 1e-300, -1.0])
+def test_2_budget_charges_only_what_the_accountant_prices_and_keeps_its_history_loadable(sigma: float) -> None:
+    """The budget is the last check before a release: on main, sigma = inf was charged (Opacus
+    prices it at 0.10) and written, and the history then failed to load (a non-finite entry),
+    so the owner's node would not start again; the others raised ValueError or Python's
+    arithmetic errors. Now each is an InvalidArgumentError and nothing is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        owned = budget.Budget("alice", 10.0, 1e-5, Path(tmp))
+        with pytest.raises((fedptr.BudgetExhaustedError, fedptr.InvalidArgumentError)):
+            owned.charge(sigma, 0.01, 1)
+        assert owned.spent == 0.0
+        owned.charge(2.0, 1.0, 1)
+        assert budget.Budget("alice", 10.0, 1e-5, Path(tmp)).spent == owned.spent  # loads
