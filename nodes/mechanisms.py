@@ -12,7 +12,8 @@ clipping done here, on the node, whatever function of the data the client chose.
   node samples the batch itself (Poisson, rate q, rounded up to what a float64 draw realises
   exactly), computes each sample's gradient of a
   per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
-  one), clips each to C, adds N(0, (sigma C)^2) to their sum and steps. Each step is a
+  one), clips each to C, adds N(0, (sigma C)^2) to their sum (in float64, whatever the model's
+  dtype) and steps. Each step is a
   subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
   by such steps are released by post-processing.
 """
@@ -158,8 +159,11 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
         summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
         with torch.no_grad():
             for p, g in zip(named.values(), summed, strict=True):
-                noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
+                noise = torch.randn(g.shape, dtype=torch.float64, generator=generator)
                 noise *= config.noise_multiplier * config.max_grad_norm
+                # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
+                # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
+                # the rounding of a large sum
                 p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
 
 
@@ -201,7 +205,9 @@ def _clipped_sum(
     loss: SampleLoss, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, bound: float
 ) -> list[torch.Tensor]:
     """The sum of the batch's per-sample gradients of `loss` at `params`, each clipped to
-    `bound` (norms in float64), in the order of `params`.
+    `bound`, in float64 (norms, scales and the sum), in the order of `params`. Summed in the
+    parameters' dtype, the sum was rounded to it: in bfloat16 one sample moved a sum near 1024 by
+    8 (its spacing there), whatever the clip.
 
     One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
     not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
@@ -209,7 +215,7 @@ def _clipped_sum(
     contribute zero. Dropping the whole batch instead let one sample move the step by the
     batch's sum."""
     if len(xb) == 0:
-        return [torch.zeros_like(p) for p in params.values()]
+        return [torch.zeros_like(p, dtype=torch.float64) for p in params.values()]
     try:
         grads = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, xb, yb)
         samples = [g.reshape(len(xb), -1) for g in grads.values()]
@@ -221,7 +227,7 @@ def _clipped_sum(
     factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
     if not bool(finite.all()):
         samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
-    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
+    return [(factor @ s.to(torch.float64)).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
 
 
 def _sample_gradient_or_zero(

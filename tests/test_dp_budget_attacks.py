@@ -8,6 +8,11 @@ and DP-SGD's assumptions. Each test is an attack that succeeded on main before i
    failed the release with Python's arithmetic errors; one of infinity, given to the budget, was
    charged and persisted, and the history then refused to load (the owner's node would not
    start again). The wire keeps infinities from clients; the budget now refuses them itself.
+3. DP-SGD summed the clipped gradients and added the noise in the parameters' dtype: a model
+   with bfloat16 parameters (a graph model carries its parameters' dtypes) had the sum of 1029
+   clipped gradients rounded to bfloat16's spacing of 8, and noise of std 1 vanished in the
+   next rounding: the step was a deterministic function of the data, and one sample moved it
+   by 8 C.
 
 Attacks on processes share one module cluster: alice owns 2^20 one-feature samples and a
 budget of 50 in a --store.
@@ -16,6 +21,7 @@ budget of 50 in a --store.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,9 +32,10 @@ import pytest_asyncio
 import torch
 from fedptr.nodes import budget, mechanisms
 from torch import nn
+from torch.nn import functional
 
 import fedptr
-from fedptr import dp
+from fedptr import dp, modules, wire
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -134,3 +141,44 @@ def test_2_budget_charges_only_what_the_accountant_prices_and_keeps_its_history_
         assert owned.spent == 0.0
         owned.charge(2.0, 1.0, 1)
         assert budget.Budget("alice", 10.0, 1e-5, Path(tmp)).spent == owned.spent  # loads
+
+
+class _Bfloat16Net(nn.Module):
+    """A model whose one parameter is bfloat16: it travels as a graph, dtype and all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.full((1, 1), 1024.0, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x.bfloat16(), self.w).float()
+
+
+def _released_weights(pushes: int, n: int, trials: int) -> list[float]:
+    """The weight after one DP-SGD step (q = 1, C = 1, sigma = 1, lr = q n: the step subtracts
+    the noised sum itself) of `trials` runs, each on a model rebuilt from the wire, as the node
+    gets it; `pushes` samples move w by C each (mse of w * 1 against 0), the rest are inert (x = 0)."""
+    spec, params = modules.to_wire(_Bfloat16Net())
+    x, y = torch.zeros(n, 1), torch.zeros(n, 1)
+    x[:pushes] = 1.0
+    config = wire.DPTrain(0, 0, 0, "mse_loss", float(n), 1.0, 1, 1.0, 1.0)
+    weights = []
+    for _ in range(trials):
+        model = modules.from_wire(spec, params)
+        mechanisms.check_per_sample(model)
+        mechanisms.check_model(model, x, y, config)
+        mechanisms.dp_sgd(model, x, y, config)
+        weights.append(float(next(model.parameters()).detach()))
+    return weights
+
+
+def test_3_a_low_precision_model_keeps_its_noise_and_one_sample_moves_it_by_c() -> None:
+    """Two worlds differing in one sample (1028 pushes or 1029). On main every run released
+    w = 0 in the first world and -8 in the second: no noise survived bfloat16's rounding of the
+    sum (spacing 8 above 1024), so 20 runs told the worlds apart every time. Now the sum and the
+    noise are float64 and the parameter is rounded once, after the noise."""
+    worlds = [_released_weights(pushes, 1029, 20) for pushes in (1028, 1029)]
+    for weights in worlds:
+        assert statistics.pstdev(weights) > 0.5, f"LEAK: the noise (std 1) vanished: {sorted(set(weights))}"
+    moved = statistics.mean(worlds[0]) - statistics.mean(worlds[1])
+    assert abs(moved) < 1.0 + 4 * math.sqrt(2 / 20), f"LEAK: one sample moved the release by {moved:.2f} C"
