@@ -125,12 +125,17 @@ def check_per_sample(model: nn.Module) -> None:
     its noised, clipped per-sample gradients: buffers (BatchNorm's running statistics) are
     written by every forward from the raw batch and never noised, and batch normalisation mixes
     the samples of a batch, so no per-sample gradient is one sample's alone (Opacus refuses it
-    too). LayerNorm normalises each sample by itself."""
+    too). LayerNorm normalises each sample by itself. A trainable parameter must be real
+    floating point (a complex one has no clip here: its run failed after the charge)."""
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise InvalidArgumentError(
             f"DP-SGD trains models without buffers: a forward writes {buffers[0]!r} from the raw data, unprotected"
         )
+    for name, p in model.named_parameters():
+        if p.requires_grad and not p.is_floating_point():
+            # complex gradients have no real L2 clip here: the run would fail after its charge
+            raise InvalidArgumentError(f"DP-SGD trains real floating-point parameters, not {name!r} of {p.dtype}")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise InvalidArgumentError("DP-SGD cannot train batch normalisation (it mixes samples); use LayerNorm")
 

@@ -13,6 +13,8 @@ and DP-SGD's assumptions. Each test is an attack that succeeded on main before i
    clipped gradients rounded to bfloat16's spacing of 8, and noise of std 1 vanished in the
    next rounding: the step was a deterministic function of the data, and one sample moved it
    by 8 C.
+4. A model with a complex parameter passed every check, was charged, then failed its first
+   step (the per-sample norms refuse complex gradients): budget spent on nothing. Refused first.
 
 Attacks on processes share one module cluster: alice owns 2^20 one-feature samples and a
 budget of 50 in a --store.
@@ -182,3 +184,18 @@ def test_3_a_low_precision_model_keeps_its_noise_and_one_sample_moves_it_by_c() 
         assert statistics.pstdev(weights) > 0.5, f"LEAK: the noise (std 1) vanished: {sorted(set(weights))}"
     moved = statistics.mean(worlds[0]) - statistics.mean(worlds[1])
     assert abs(moved) < 1.0 + 4 * math.sqrt(2 / 20), f"LEAK: one sample moved the release by {moved:.2f} C"
+
+
+class _ComplexNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, 4, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.complex64) @ self.w).float()
+
+
+def test_4_dp_sgd_refuses_a_parameter_that_is_not_real_before_the_charge() -> None:
+    model = modules.from_wire(*modules.to_wire(_ComplexNet()))
+    with pytest.raises(fedptr.InvalidArgumentError, match="complex64"):
+        mechanisms.check_per_sample(model)  # on main it passed, and the run failed after the charge
