@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional
 
-from fedptr import wire
+from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, PermissionDenied
 
 from .guard import meta_result
@@ -116,6 +116,8 @@ def check_run(config: wire.DPTrain, n: int) -> None:
         raise InvalidArgumentError(f"DP-SGD takes a per-sample loss: {', '.join(LOSSES)}; not {config.loss!r}")
     if not (config.lr > 0 and 0 < config.sample_rate <= 1 and config.steps >= 1 and config.max_grad_norm > 0):
         raise InvalidArgumentError("DP-SGD needs lr > 0, 0 < sample_rate <= 1, steps >= 1, max_grad_norm > 0")
+    if config.max_grad_norm < limits.DP_MIN_GRAD_NORM:
+        raise InvalidArgumentError(f"DP-SGD needs max_grad_norm >= {limits.DP_MIN_GRAD_NORM:g}")
     if config.noise_multiplier <= 0 or n == 0:
         raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
 
@@ -228,10 +230,14 @@ def _clipped_sum(
         rows = [_sample_gradient_or_zero(loss, params, xb[i], yb[i]) for i in range(len(xb))]
         samples = [torch.stack([r[k] for r in rows]) for k in range(len(params))]
     norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in samples]).norm(dim=0)
-    finite = torch.isfinite(norms)  # a NaN or infinity anywhere in a sample's gradient
-    factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
-    if not bool(finite.all()):
-        samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
+    factor = (bound / (norms + 1e-6)).clamp(max=1.0)
+    # Kept: a finite gradient (no NaN or infinity anywhere in it) whose scale is not subnormal.
+    # A subnormal scale rounds by up to half its own size (a weight of 3e307 and C = 1e-16 gave
+    # 1.9 C): a gradient that far past C contributes zero, like a non-finite one.
+    kept = torch.isfinite(norms) & (factor >= torch.finfo(torch.float64).tiny)
+    factor = torch.where(kept, factor, 0.0)
+    if not bool(kept.all()):
+        samples = [torch.where(kept[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
     return [(factor @ s.to(torch.float64)).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
 
 

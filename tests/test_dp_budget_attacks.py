@@ -15,6 +15,9 @@ and DP-SGD's assumptions. Each test is an attack that succeeded on main before i
    by 8 C.
 4. A model with a complex parameter passed every check, was charged, then failed its first
    step (the per-sample norms refuse complex gradients): budget spent on nothing. Refused first.
+5. Clipping trusted float64's arithmetic: with the scale C / norm subnormal (C = 1e-323, or a
+   weight of 3e307 with C = 1e-16) it rounded by up to half itself, and a sample's clipped
+   gradient came out 2 C. Such a sample now contributes zero, and C is at least 1e-100.
 
 Attacks on processes share one module cluster: alice owns 2^20 one-feature samples and a
 budget of 50 in a --store.
@@ -199,3 +202,22 @@ def test_4_dp_sgd_refuses_a_parameter_that_is_not_real_before_the_charge() -> No
     model = modules.from_wire(*modules.to_wire(_ComplexNet()))
     with pytest.raises(fedptr.InvalidArgumentError, match="complex64"):
         mechanisms.check_per_sample(model)  # on main it passed, and the run failed after the charge
+
+
+@pytest.mark.parametrize(("weight", "bound"), [(1.0, 1e-323), (3e307, 1e-16)])
+def test_5_a_subnormal_clip_scale_cannot_let_a_sample_past_c(weight: float, bound: float) -> None:
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(weight)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    loss = mechanisms._sample_loss(model, mechanisms.LOSSES["mse_loss"])
+    for x in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.37, 1.5):
+        summed = mechanisms._clipped_sum(loss, params, torch.tensor([[x]]).double(), torch.zeros(1, 1).double(), bound)
+        moved = float(summed[0].norm())
+        assert moved <= bound, f"LEAK: x = {x} moved the sum by {moved / bound:.2f} C"
+
+
+def test_5_dp_sgd_refuses_a_clip_bound_below_the_floor() -> None:
+    config = wire.DPTrain(0, 0, 0, "mse_loss", 0.1, 0.5, 1, 1e-323, 1.0)
+    with pytest.raises(fedptr.InvalidArgumentError, match="max_grad_norm"):
+        mechanisms.check_run(config, 8)
