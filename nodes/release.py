@@ -70,7 +70,7 @@ class Release:
         """M2: DP-SGD on this node's own data; every step is charged before it runs."""
         model_entry = self.store.get(msg.model_id, source)
         data = [self.store.get(i) for i in (msg.x_id, msg.y_id)]
-        policy.check_dp_train(self.policy, model_entry, data)
+        policy.check_dp_train(self.policy, model_entry, data, (msg.x_id, msg.y_id), self.store.tags.values())
 
         async def answer() -> None:
             try:

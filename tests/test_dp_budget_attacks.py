@@ -18,9 +18,11 @@ and DP-SGD's assumptions. Each test is an attack that succeeded on main before i
 5. Clipping trusted float64's arithmetic: with the scale C / norm subnormal (C = 1e-323, or a
    weight of 3e307 with C = 1e-16) it rounded by up to half itself, and a sample's clipped
    gradient came out 2 C. Such a sample now contributes zero, and C is at least 1e-100.
+6. DP-SGD paired inputs of one dataset with targets of another: the same people in another
+   order put one person in two samples (and removing a person shifted every later pair), while
+   each step was charged for one. Inputs and targets now come from one search tag.
 
-Attacks on processes share one module cluster: alice owns 2^20 one-feature samples and a
-budget of 50 in a --store.
+Attacks on processes share one module cluster (`owner`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ EPSILON = 50.0
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def owner() -> AsyncIterator[fedptr.Cluster]:
+    """alice owns "d" (2^20 one-feature samples), "e" and "f" (8 each), budget 50, in a --store."""
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(f"{tmp}/d.npz", x=np.ones((N, 1), np.float32), y=np.zeros((N, 1), np.float32))
+        for tag in ("e", "f"):  # the same 8 people, say, in two tables
+            np.savez(f"{tmp}/{tag}.npz", x=np.ones((8, 1), np.float32), y=np.zeros((8, 1), np.float32))
         async with fedptr.local_cluster(
             ["alice"],
-            data={"alice": {"d": f"{tmp}/d.npz"}},
+            data={"alice": {tag: f"{tmp}/{tag}.npz" for tag in "def"}},
             node_args={"alice": ["--epsilon", str(EPSILON), "--store", f"{tmp}/alice"]},
             call_timeout=60,
         ) as c:
@@ -106,6 +111,34 @@ def test_1_the_realised_rate_is_the_asked_one_rounded_up_to_float64_draws() -> N
     generator = torch.Generator().manual_seed(3)
     drawn = torch.rand(1 << 22, dtype=torch.float64, generator=generator)
     assert bool(((drawn * 2.0**53) == (drawn * 2.0**53).floor()).all())  # k / 2^53, as the rate assumes
+
+
+async def _train(model: fedptr.ModulePointer, x: fedptr.Pointer, y: fedptr.Pointer) -> dp.Spent:
+    return await dp.train(
+        model, x, y, lr=0.1, sample_rate=0.5, steps=1, max_grad_norm=1.0, noise_multiplier=4.0, loss="mse_loss"
+    )
+
+
+@MODULE_LOOP
+async def test_6_dp_sgd_takes_inputs_and_targets_of_one_dataset(owner: fedptr.Cluster) -> None:
+    """On main any two of alice's arrays of one length trained together: x of "e", y of "f"."""
+    alice = owner.client.worker("alice")
+    (ex, ey), (_, fy) = await alice.search("e"), await alice.search("f")
+    model = await _model(owner, 1.0)
+    before = (await dp.budget(alice)).epsilon_spent
+    args = {
+        "lr": 0.1,
+        "sample_rate": 0.5,
+        "steps": 1,
+        "max_grad_norm": 1.0,
+        "noise_multiplier": 4.0,
+        "loss": "mse_loss",
+    }
+    with pytest.raises(fedptr.PermissionDenied, match="one dataset"):
+        await dp.train(model, ex, fy, **args)  # type: ignore[arg-type]
+    assert (await dp.budget(alice)).epsilon_spent == before
+    await dp.train(model, ex, ey, **args)  # type: ignore[arg-type]  # one dataset's: trained and charged
+    assert (await dp.budget(alice)).epsilon_spent > before
 
 
 @pytest.mark.parametrize("sigma", [1e300, 1e-300])
