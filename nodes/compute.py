@@ -106,7 +106,12 @@ class Compute:
             if location is None and msg.op in AGGREGATES:
                 self.node.release.aggregate(source, rid, msg, entries)
                 return
-            taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
+            if location is not None:
+                taint = policy.Taint()
+            elif msg.op in policy.TAINT_RULES:
+                taint = self._result_taint(msg, entries, source)
+            else:  # no operand is written: the operands decide alone (a call less, per op)
+                taint = policy.result_taint(msg.op, entries.values())
         except Exception as e:
             for result_id in (msg.result_id, *msg.more_ids):
                 self._store_failed(result_id, source, e, msg.sponsor)
@@ -116,8 +121,9 @@ class Compute:
             # multi-output op gets a taint of its own, by the same rule
             outputs: list[tuple[int, int, Entry]] = []
             for result_id in (msg.result_id, *msg.more_ids):
-                # positional: keywords cost a third more, on every op
-                result = Entry.tensor(None, source, _copy(taint) if outputs else taint)
+                # pending, built positionally (not `Entry.tensor`, a call more): keywords cost a
+                # third more, on every op
+                result = Entry(None, 0, source, _copy(taint) if outputs else taint)
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
                 outputs.append((result_id, result_id, result))
@@ -462,7 +468,7 @@ class Compute:
         for (_, _, result), value in zip(run.outputs, outputs, strict=True):
             result.settle(value)
         reply: wire.Message
-        written = all_written(durable)
+        written = all_written(durable) if any(durable) else None  # nothing queued: no call (per op)
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
             if written is None:
@@ -507,7 +513,10 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     if t is wire.RawTensor:
         return from_raw(value)
     if t is list:  # references inline: most arguments are flat lists of them
-        return [tensors[v.obj_id] if type(v) is wire.Ref else _materialize(v, tensors) for v in value]
+        out = []
+        for v in value:  # a loop, not a list comprehension (a call more in 3.11): this runs per op
+            out.append(tensors[v.obj_id] if type(v) is wire.Ref else _materialize(v, tensors))
+        return out
     if t is dict:
         return {k: _materialize(v, tensors) for k, v in value.items()}
     return value
