@@ -780,6 +780,16 @@ def _check_value(v: Any, depth: int = 0) -> bool:
     return False
 
 
+def _int_list(v: Any) -> bool:
+    # a loop, not all() over a generator (resumed once per element): a Delete lists its ids
+    if type(v) is not list:
+        return False
+    for x in v:  # noqa: SIM110
+        if type(x) is not int:
+            return False
+    return True
+
+
 def _check_row(v: Any) -> bool:
     return (
         type(v) is list
@@ -806,7 +816,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,
-    "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),  # `_is_int`, inline
+    "list[int]": _int_list,
     "list[str]": lambda v: type(v) is list and all(type(x) is str for x in v),
     "list[Value]": lambda v: type(v) is list and _check_value(v),
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),

@@ -173,8 +173,12 @@ class Compute:
         locations: set[str] = set()
         location: str | None = None
         failed: BaseException | None = None
+        stored = self.store.entries
         for i in ids:
-            e = entries[i] = self.store.get(i, source)
+            e = stored.get(i)  # an operand of the caller's own: read here, a call less per operand
+            if e is None or e.owner != source:
+                e = self.store.get(i, source)  # raises ObjectNotFoundError or PermissionDenied, as the owner decides
+            entries[i] = e
             if e.sponsor:  # only an object held for a client can refuse a principal: a call less per operand
                 self.store.check_principal(i, e, principal)
             location = e.location
