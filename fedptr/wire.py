@@ -1074,12 +1074,19 @@ def _tensor_meta(data: bytes) -> tuple[str, list[int], Any]:
     return meta[0], meta[1], meta[2]
 
 
+_new_ref = object.__new__
+_set_field = object.__setattr__  # how a frozen dataclass's __init__ sets its fields
+
+
 def _ext_alone(code: int, data: bytes) -> Any:
     """The extension hook of a body of one frame (nearly every request): a reference, or a tensor
     that can only refer to a frame that is not there. A module function, not a closure over the
     body's frames and their used set, which every message would otherwise make."""
     if code == _EXT_REF and len(data) == 8:  # inline, not `_ref`: two references per op, most often
-        return Ref(_INT64.unpack(data)[0])
+        # made without `Ref.__init__`'s frame (what it does: set the one field), two per op
+        ref = _new_ref(Ref)
+        _set_field(ref, "obj_id", _INT64.unpack(data)[0])
+        return ref
     if code == _EXT_REF:
         raise ProtocolError("bad object reference")
     if code == _EXT_TENSOR:

@@ -221,17 +221,6 @@ class Compute:
                 if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                     yield e
 
-    def _run(
-        self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]
-    ) -> tuple[torch.Tensor, ...]:
-        """Run an operation through the guard (nodes/guard.py): on private operands, no value
-        can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
-        args = _materialize(msg.args, values)
-        kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
-        # the refusal is wanted on private operands only: no closure made for every public op
-        refuse = _refusal(msg.op, values, entries) if private else _public
-        return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
-
     # --- plans ---------------------------------------------------------------------------
     def put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
         self.plans.put(source, msg.plan_id, plans.validate(msg))
@@ -341,7 +330,7 @@ class Compute:
         self._finish(run, values or {}, versions, error)
 
     def _compute(self, run: _Run, values: dict[int, Any], start: int, inline: bool = False) -> int:
-        """Compute the operations from `start` through the guard (`_run`), adding each value to
+        """Compute the operations from `start` through the guard, adding each value to
         `values`; returns how many are done. `inline` (on the event loop) stops before an
         operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
         if run.lean is not None:
@@ -359,7 +348,13 @@ class Compute:
                 or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            results = self._run(op, operands, private, entries)
+            # through the guard (nodes/guard.py): on private operands, no value can steer a
+            # size, an error or whether it succeeds; as many results as the op has ids
+            args = _materialize(op.args, operands)
+            kwargs = _materialize(op.kwargs, operands) if op.kwargs else {}
+            # the refusal is wanted on private operands only: no closure made for every public op
+            refuse = _refusal(op.op, operands, entries) if private else _public
+            results = guard.run(op.op, args, kwargs, private, refuse, 1 + len(op.more_ids))
             values[op.result_id] = results[0]
             if op.more_ids:
                 for key, value in zip(op.more_ids, results[1:], strict=True):
@@ -431,7 +426,7 @@ class Compute:
 
     @staticmethod
     def _refusal(lean: _Lean, step: plans.Step, values: dict[int, Any]) -> Callable[[], Exception]:
-        """The refusal of `step` on private data, as `_run` words it for the same operation."""
+        """The refusal of `step` on private data, as `_compute` words it for the same operation."""
 
         def refuse() -> Exception:
             operands = [values[s] for s in step.reads if not lean.private(s)]
@@ -480,7 +475,10 @@ class Compute:
                 # answered in this loop turn: both replies then leave as one multipart
                 self.node.link.hold_turn()
         else:
-            reply = _ok(outputs)
+            # the table read here (a call less per op); `_ok` builds and keeps what it lacks
+            first = outputs[0]
+            known = _OKS.get((first.shape, first.dtype)) if len(outputs) == 1 else None
+            reply = known if known is not None else _ok(outputs)
         self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
