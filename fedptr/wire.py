@@ -1036,6 +1036,8 @@ class Decoded(NamedTuple):
     budget_ms: int
 
 
+_new_tuple = tuple.__new__
+
 _OKS_DECODED: dict[bytes, Decoded] = {}
 """Decoded `Ok` replies of one result by their header bytes: nearly every op is answered with
 one of a few (`_OK_HEADERS` on the sending side). Filled only from headers `decode` checked."""
@@ -1176,4 +1178,5 @@ def decode_request(frames: Sequence[Buffer]) -> Decoded:
             raise ProtocolError(f"{cls.__name__} lacks field {fields[len(given)][0]!r}")
     if cls is ObjectsReply:
         given[_ROWS] = [ObjectRow(*r[:8]) for r in given[_ROWS]]
-    return Decoded(cls(*given), values[1])
+    # tuple.__new__ directly: a named tuple's own __new__ is a Python function (a call per request)
+    return _new_tuple(Decoded, (cls(*given), values[1]))

@@ -449,8 +449,9 @@ class Compute:
         if error is None:
             try:
                 for key, obj_id, result in run.outputs:
-                    outputs.append(values[key])
-                    durable.append(self.store.commit(obj_id, result, outputs[-1], durable=not alias))
+                    value = values[key]
+                    outputs.append(value)
+                    durable.append(self.store.commit(obj_id, result, value, not alias))  # (not alias: durable)
             except Exception as e:
                 error = without_frames(e)  # its frames include this one (see `_later`)
         for key, before in versions.items():
@@ -464,8 +465,8 @@ class Compute:
                     result.fail(err)
             self.node.reply_error(run.source, run.rid, err)
             return
-        for (_, _, result), value in zip(run.outputs, outputs, strict=True):
-            result.settle(value)
+        for i, (_, _, result) in enumerate(run.outputs):  # one value per output, as committed above
+            result.settle(outputs[i])
         reply: wire.Message
         written = all_written(durable) if any(durable) else None  # nothing queued: no call (per op)
         if run.plan:

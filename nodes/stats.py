@@ -90,7 +90,9 @@ class NodeFigures:
             if hist is None:
                 hist = self.latencies.by_key[kind] = metrics.Histogram()
             hist.observe(time.monotonic() - started[1])
-        if isinstance(reply, wire.Failure):
+        if type(reply) is wire.Ok:  # most replies: neither a failure nor a release
+            pass
+        elif isinstance(reply, wire.Failure):
             self.failures[reply.code] += 1
         elif isinstance(reply, wire.TensorReply) and reply.release:
             self.releases[reply.release] += 1
