@@ -870,8 +870,10 @@ def _all_valid(cls: type[Message]) -> Callable[..., bool]:
 
 
 _VALID: dict[type[Message], Callable[..., bool]] = {t: _all_valid(t) for t in MESSAGE_TYPES}
-_DECODING: dict[int, tuple[type[Message], tuple[tuple[str, Callable[[Any], bool], bool], ...], int, Callable[..., bool]]]
-_DECODING = {t.KIND: (t, _FIELDS[t], len(_FIELDS[t]), _VALID[t]) for t in MESSAGE_TYPES}
+_Field = tuple[str, Callable[[Any], bool], bool]
+_DECODING: dict[int, tuple[type[Message], tuple[_Field, ...], int, Callable[..., bool]]] = {
+    t.KIND: (t, _FIELDS[t], len(_FIELDS[t]), _VALID[t]) for t in MESSAGE_TYPES
+}
 """What decoding a message of each kind reads: its class, its fields' checks, their count and
 their check in one call, in one lookup per message."""
 
@@ -1114,11 +1116,13 @@ def decode_request(frames: Sequence[Buffer]) -> Decoded:
         raise ProtocolError("empty body")
     if n > limits.MAX_FRAMES:
         raise ProtocolError(f"{n} frames exceed the limit of {limits.MAX_FRAMES}")
-    header: bytes | memoryview = frames[0]
-    if type(header) is bytes:  # small frames arrive as bytes
-        size = len(header)
+    first = frames[0]
+    header: bytes | memoryview
+    if type(first) is bytes:  # small frames arrive as bytes
+        header = first
+        size = len(first)
     else:
-        header = memoryview(header)
+        header = memoryview(first)
         size = header.nbytes
     if size > limits.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {size} bytes exceeds {limits.MAX_HEADER_BYTES}")
