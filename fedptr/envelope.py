@@ -334,6 +334,110 @@ def parse(frames: Sequence[Any]) -> list[Envelope]:
     return out
 
 
+class Relayed(NamedTuple):
+    """What `relay` gives the broker per destination: the frames to send it, and what its
+    tables need to know about them, no message taken apart."""
+
+    name: bytes
+    """The destination's name (the records' `name`)."""
+    frames: list[Any]
+    """The messages for it, each named for the source: one message framed, several a BATCH."""
+    requests: list[bytes]
+    """The request ids of its REQUESTs, in order."""
+    replies: int
+    """How many of its messages are REPLYs."""
+    count: int
+    """How many messages it holds."""
+
+
+_RELAYED = frozenset({REQUEST, REPLY, CHUNK})
+_PREFIXED = struct.Struct("<Ic8xHH")
+"""A batch record's length prefix, then its command, request id (skipped), name length and count
+of extra frames: where `relay` reads a record."""
+_NAME_AT = _LEN.size + _RECORD.size
+"""Offset of a record's name from its length prefix."""
+_COUNTS = struct.Struct("<HH")
+
+
+def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
+    """The broker's fast path for what it relays most: a message or BATCH of requests, replies
+    and chunks, read and named for `source` in one pass over its head, per destination in the
+    order each first appears. Each record is copied with its name replaced, bytes sliced from
+    the received head (no message, no body list built); extra frames pass on as the same objects.
+
+    Returns None, having built nothing the caller sees, for anything else: a record of another
+    command (a FANOUT, a REGISTER, ...) or any multipart `parse` refuses (the broker then takes
+    the general path, which parses it, so a malformed one raises there). Where it returns, what
+    it delivers parses to the messages `parse` and `framed`/`pack_batch` would have delivered,
+    byte for byte so when the sender framed them with `framed` or `pack_batch`, and never in more
+    frames than were received (tests/test_envelope_relay.py holds it to both)."""
+    h = frames[0] if frames else b""
+    end = len(h)
+    if type(h) is not bytes or end <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
+        return None
+    batch = h[_COMMAND_AT:_RID_AT] == BATCH
+    # a single message's record is read as if it had a length prefix (the bytes before its
+    # command), whose value is not used: it ends where the head ends
+    at = _RID_AT if batch else _COMMAND_AT - _LEN.size
+    nframes, fi, n = len(frames), 1, 0
+    unpack, unpack_len, pack_len = _PREFIXED.unpack_from, _LEN.unpack_from, _LEN.pack
+    own = _NAME_AT - _LEN.size + len(source)  # a relayed record's length less its inlined parts
+    plain = _COUNTS.pack(len(source), 0) + source
+    groups: dict[bytes, list[Any]] = {}
+    name, pieces, group = b"", [], None
+    while at < end:
+        if at + _NAME_AT > end:
+            return None
+        length, command, name_len, n_extra = unpack(h, at)
+        stop = at + _LEN.size + length if batch else end
+        p = at + _NAME_AT + name_len
+        if p > stop or stop > end or command not in _RELAYED:
+            return None
+        n += 1
+        if n > limits.BATCH_MAX_RECEIVED:
+            return None
+        most = 0 if command == CHUNK else limits.INLINE_FRAME_BYTES
+        q = p
+        while q < stop:  # the inlined parts: each within its bound, and ending where the record ends
+            if q + 4 > stop:
+                return None
+            k = unpack_len(h, q)[0]
+            if k > most:
+                return None
+            q += 4 + k
+        if q != stop:
+            return None
+        dest = h[at + _NAME_AT : p]
+        if group is None or dest != name:
+            name = dest
+            group = groups.get(dest)
+            if group is None:
+                group = groups[dest] = [[], [], [], 0]  # pieces, extra frames, request ids, chunks
+            pieces = group[0]
+        if n_extra:
+            if fi + n_extra > nframes:
+                return None
+            group[1].extend(frames[fi : fi + n_extra])
+            fi += n_extra
+            counts = _COUNTS.pack(len(source), n_extra) + source
+        else:
+            counts = plain
+        pieces += (pack_len(own + stop - p), h[at + _LEN.size : at + _NAME_AT - _COUNTS.size], counts, h[p:stop])
+        if command == REQUEST:
+            group[2].append(h[at + _LEN.size + 1 : at + _NAME_AT - _COUNTS.size])
+        elif command == CHUNK:
+            group[3] += 1
+        at = stop
+    if n == 0 or fi != nframes:
+        return None
+    out: list[Relayed] = []
+    for dest, (pieces, extra, requests, chunks) in groups.items():
+        count = len(pieces) // 4
+        head = PROTOCOL + BATCH + b"".join(pieces) if count > 1 else PROTOCOL + b"".join(pieces[1:])
+        out.append(Relayed(dest, [head, *extra], requests, count - len(requests) - chunks, count))
+    return out
+
+
 def unframed(frames: Sequence[Any]) -> list[Any]:
     """A single message's frames back in memory form (``[command, name, rid, *body]``), for the
     few places that read a chunk before its session does. Raises like `parse`; a BATCH is
