@@ -165,6 +165,22 @@ def request_after(a: bytes, b: bytes) -> bool:
     return 0 < ahead < 0x80000000
 
 
+def ascending(rids: Sequence[bytes]) -> bool:
+    """Whether each of `rids` was issued after the one before it (`request_after`), checked in
+    C, not per id: all of one incarnation, their counters strictly increasing and spanning less
+    than half the counter's range (so no step wraps around). False also when unsure."""
+    joined = b"".join(rids)
+    if not rids or len(joined) != REQUEST_ID_BYTES * len(rids):
+        return False
+    words = struct.unpack(f"<{2 * len(rids)}I", joined)
+    counters, incarnations = list(words[0::2]), words[1::2]
+    return (
+        incarnations.count(incarnations[0]) == len(rids)
+        and counters == sorted(set(counters))
+        and counters[-1] - counters[0] < 0x80000000
+    )
+
+
 def request_id_int(b: bytes) -> int:
     """The number of an 8-byte request id; raises ProtocolError when it is not 8 bytes."""
     if len(b) != REQUEST_ID_BYTES:
@@ -346,17 +362,17 @@ class Relayed(NamedTuple):
     """The request ids of its REQUESTs, in order."""
     replies: int
     """How many of its messages are REPLYs."""
-    count: int
+    messages: int
     """How many messages it holds."""
 
 
 _RELAYED = frozenset({REQUEST, REPLY, CHUNK})
-_PREFIXED = struct.Struct("<Ic8xHH")
-"""A batch record's length prefix, then its command, request id (skipped), name length and count
-of extra frames: where `relay` reads a record."""
+_PREFIXED = struct.Struct("<Ic8sHH")
+"""A batch record's length prefix, then its fixed fields (`_RECORD`): how `relay` reads a record
+and writes it again."""
 _NAME_AT = _LEN.size + _RECORD.size
-"""Offset of a record's name from its length prefix."""
-_COUNTS = struct.Struct("<HH")
+"""Offset of a record's name from its length prefix (17: the command is at 4, the request id
+at 5 to 13, the name length and the count of extra frames at 13 to 17)."""
 
 
 def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
@@ -378,25 +394,26 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
     batch = h[_COMMAND_AT:_RID_AT] == BATCH
     # a single message's record is read as if it had a length prefix (the bytes before its
     # command), whose value is not used: it ends where the head ends
-    at = _RID_AT if batch else _COMMAND_AT - _LEN.size
-    nframes, fi, n = len(frames), 1, 0
-    unpack, unpack_len, pack_len = _PREFIXED.unpack_from, _LEN.unpack_from, _LEN.pack
-    own = _NAME_AT - _LEN.size + len(source)  # a relayed record's length less its inlined parts
-    plain = _COUNTS.pack(len(source), 0) + source
+    at = _RID_AT if batch else _COMMAND_AT - 4
+    # constants and methods as locals: this loop runs once per relayed message
+    unpack, pack, unpack_len = _PREFIXED.unpack_from, _PREFIXED.pack, _LEN.unpack_from
+    name_at, relayed, request, chunk, inline = _NAME_AT, _RELAYED, REQUEST, CHUNK, limits.INLINE_FRAME_BYTES
+    own = _NAME_AT - 4 + len(source)  # a relayed record's length less its inlined parts
+    source_len = len(source)
+    nframes, fi = len(frames), 1
     groups: dict[bytes, list[Any]] = {}
-    name, pieces, group = b"", [], None
+    name: bytes | None = None
+    pieces: list[bytes] = []
+    group: list[Any] = []
     while at < end:
-        if at + _NAME_AT > end:
+        if at + name_at > end:
             return None
-        length, command, name_len, n_extra = unpack(h, at)
-        stop = at + _LEN.size + length if batch else end
-        p = at + _NAME_AT + name_len
-        if p > stop or stop > end or command not in _RELAYED:
+        length, command, rid, name_len, n_extra = unpack(h, at)
+        stop = at + 4 + length if batch else end
+        p = at + name_at + name_len
+        if p > stop or stop > end or command not in relayed:
             return None
-        n += 1
-        if n > limits.BATCH_MAX_RECEIVED:
-            return None
-        most = 0 if command == CHUNK else limits.INLINE_FRAME_BYTES
+        most = 0 if command == chunk else inline
         q = p
         while q < stop:  # the inlined parts: each within its bound, and ending where the record ends
             if q + 4 > stop:
@@ -407,34 +424,36 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
             q += 4 + k
         if q != stop:
             return None
-        dest = h[at + _NAME_AT : p]
-        if group is None or dest != name:
+        dest = h[at + name_at : p]
+        if dest != name:
             name = dest
-            group = groups.get(dest)
-            if group is None:
-                group = groups[dest] = [[], [], [], 0]  # pieces, extra frames, request ids, chunks
+            group = groups.get(dest) or groups.setdefault(dest, [[], [], [], 0])  # pieces, extras, ids, chunks
             pieces = group[0]
         if n_extra:
             if fi + n_extra > nframes:
                 return None
             group[1].extend(frames[fi : fi + n_extra])
             fi += n_extra
-            counts = _COUNTS.pack(len(source), n_extra) + source
-        else:
-            counts = plain
-        pieces += (pack_len(own + stop - p), h[at + _LEN.size : at + _NAME_AT - _COUNTS.size], counts, h[p:stop])
-        if command == REQUEST:
-            group[2].append(h[at + _LEN.size + 1 : at + _NAME_AT - _COUNTS.size])
-        elif command == CHUNK:
+        pieces += (pack(own + stop - p, command, rid, source_len, n_extra), source, h[p:stop])
+        if command == request:
+            group[2].append(rid)
+        elif command == chunk:
             group[3] += 1
         at = stop
-    if n == 0 or fi != nframes:
+    if fi != nframes:
         return None
     out: list[Relayed] = []
+    total = 0
     for dest, (pieces, extra, requests, chunks) in groups.items():
-        count = len(pieces) // 4
-        head = PROTOCOL + BATCH + b"".join(pieces) if count > 1 else PROTOCOL + b"".join(pieces[1:])
+        count = len(pieces) // 3
+        total += count
+        # one message is framed alone: its record without the length prefix
+        head = PROTOCOL + BATCH + b"".join(pieces) if count > 1 else PROTOCOL + pieces[0][4:] + source + pieces[2]
         out.append(Relayed(dest, [head, *extra], requests, count - len(requests) - chunks, count))
+    # counted here, not per record: a batch has no more records than its head has 17-byte
+    # fixed parts, and the general path refuses such a batch all the same
+    if total == 0 or total > limits.BATCH_MAX_RECEIVED:
+        return None
     return out
 
 

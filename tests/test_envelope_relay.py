@@ -5,10 +5,11 @@ and the fast path never sends more frames than it received."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedptr import envelope, limits
@@ -55,7 +56,7 @@ def check(frames: list[Any], source: bytes, canonical: bool) -> None:
         assert got is None
         return
     assert got is not None
-    assert [(r.name, r.requests, r.replies, r.count) for r in got] == [(n, q, p, c) for n, _, q, p, c in want]
+    assert [(r.name, r.requests, r.replies, r.messages) for r in got] == [(n, q, p, c) for n, _, q, p, c in want]
     for r, (_, expected, *_rest) in zip(got, want, strict=True):
         assert messages(r.frames) == messages(expected)
         assert len(r.frames) <= len(frames)
@@ -134,7 +135,7 @@ def test_the_fast_path_refuses_a_batch_over_the_bound_of_records() -> None:
     frames = envelope.pack_batch([one] * (limits.BATCH_MAX_RECEIVED + 1))
     assert envelope.relay(frames, b"c") is None
     [ok] = envelope.relay(envelope.pack_batch([one] * limits.BATCH_MAX_RECEIVED), b"c") or []
-    assert ok.count == limits.BATCH_MAX_RECEIVED
+    assert ok.messages == limits.BATCH_MAX_RECEIVED
 
 
 @pytest.mark.parametrize(
@@ -150,3 +151,32 @@ def test_the_fast_path_refuses_a_batch_over_the_bound_of_records() -> None:
 )
 def test_the_fast_path_refuses_each_known_malformed_multipart(frames: list[bytes]) -> None:
     assert envelope.relay(frames, b"c") is None
+
+
+_counter = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1]))
+_rid = st.tuples(_counter, st.sampled_from([7, 8])).map(
+    lambda ci: ci[0].to_bytes(4, "little") + ci[1].to_bytes(4, "little")
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.lists(_rid, max_size=8),
+        st.tuples(st.integers(0, 2**32 - 1), st.lists(st.integers(0, 3), max_size=8)).map(
+            # near one another, wrapping around the counter's end: what one session issues
+            lambda s: [
+                ((s[0] + sum(s[1][: i + 1])) % 2**32).to_bytes(4, "little") + b"\7\0\0\0" for i in range(len(s[1]))
+            ]
+        ),
+    )
+)
+@example([b"\0\0\0\0\7\0\0\0", b"\5\0\0\x80\7\0\0\0"])  # half the counter's range apart
+def test_ascending_holds_only_where_each_id_is_after_the_one_before(rids: list[bytes]) -> None:
+    """The broker keeps a batch's last request id as the latest when `ascending` says so."""
+    if envelope.ascending(rids):
+        assert all(envelope.request_after(b, a) for a, b in itertools.pairwise(rids))
+
+
+def test_ascending_holds_for_a_sessions_consecutive_ids() -> None:
+    assert envelope.ascending([(n).to_bytes(4, "little") + b"\3\0\0\0" for n in range(5, 69)])
