@@ -461,7 +461,7 @@ class Broker:
             if r.requests:
                 self.table.note_requests(identity, r.name, r.requests)
         for r, dest_identity in zip(relayed, dests, strict=True):
-            self._sent(identity, source, dest_identity, r.name, r.frames, r.requests, r.replies, r.messages)
+            self._sent(identity, source, dest_identity, r)
         return True
 
     def _route(self, identity: bytes, messages: list[envelope.Envelope]) -> None:
@@ -513,29 +513,21 @@ class Broker:
         dest = self.table.by_identity.get(dest_identity, b"?")
         requests = [m[2] for m in messages if m[0] == envelope.REQUEST]
         replies = sum(m[0] == envelope.REPLY for m in messages)
-        if self._sent(identity, source, dest_identity, dest, frames, requests, replies, len(messages)):
+        if self._sent(
+            identity, source, dest_identity, envelope.Relayed(dest, frames, requests, replies, len(messages))
+        ):
             self.stats.on_routed(dest, messages)
 
-    def _sent(
-        self,
-        identity: bytes,
-        source: bytes,
-        dest_identity: bytes,
-        dest: bytes,
-        frames: list[Any],
-        requests: list[bytes],
-        replies: int,
-        count: int,
-    ) -> bool:
-        """Send `frames` (`count` messages from `source`, with `requests` and `replies` among
-        them) to peer `dest`, and whether they went; on failure, tell the sender of each request why."""
-        reason = self._send(dest_identity, frames)
+    def _sent(self, identity: bytes, source: bytes, dest_identity: bytes, r: envelope.Relayed) -> bool:
+        """Send `r`'s frames (from `source`) to peer `r.name`, and whether they went; on failure,
+        tell the sender of each request why."""
+        reason = self._send(dest_identity, r.frames)
         if reason is None:
-            self.routed += count
-            self.stats.on_delivered(dest, source, count, requests, replies)
+            self.routed += r.messages
+            self.stats.on_delivered(r.name, source, r.messages, r.requests, r.replies)
             return True
-        for rid in requests:
-            self._error(identity, dest, rid, reason, "worker unreachable")
+        for rid in r.requests:
+            self._error(identity, r.name, rid, reason, "worker unreachable")
         return False
 
     def _register(self, identity: bytes, m: envelope.Envelope) -> None:
