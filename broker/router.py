@@ -107,7 +107,7 @@ class RoutingTable:
             last = rids[-1]  # each after the one before: the fold below would end on the last
         else:
             for rid in rids:
-                if last is None or envelope.request_after(rid, last):
+                if last is None or (rid != last and envelope.request_after(rid, last)):
                     last = rid
         if last is not None:
             senders[source_identity] = last

@@ -370,6 +370,7 @@ _RELAYED = frozenset({REQUEST, REPLY, CHUNK})
 _PREFIXED = struct.Struct("<Ic8sHH")
 """A batch record's length prefix, then its fixed fields (`_RECORD`): how `relay` reads a record
 and writes it again."""
+_unpack_prefixed, _pack_prefixed, _unpack_len = _PREFIXED.unpack_from, _PREFIXED.pack, _LEN.unpack_from
 _NAME_AT = _LEN.size + _RECORD.size
 """Offset of a record's name from its length prefix (17: the command is at 4, the request id
 at 5 to 13, the name length and the count of extra frames at 13 to 17)."""
@@ -395,25 +396,23 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
     # a single message's record is read as if it had a length prefix (the bytes before its
     # command), whose value is not used: it ends where the head ends
     at = _RID_AT if batch else _COMMAND_AT - 4
-    # constants and methods as locals: this loop runs once per relayed message
-    unpack, pack, unpack_len = _PREFIXED.unpack_from, _PREFIXED.pack, _LEN.unpack_from
-    name_at, relayed, request, chunk, inline = _NAME_AT, _RELAYED, REQUEST, CHUNK, limits.INLINE_FRAME_BYTES
-    own = _NAME_AT - 4 + len(source)  # a relayed record's length less its inlined parts
+    unpack, pack, unpack_len, inline = _unpack_prefixed, _pack_prefixed, _unpack_len, limits.INLINE_FRAME_BYTES
     source_len = len(source)
+    own = _NAME_AT - 4 + source_len  # a relayed record's length less its inlined parts
     nframes, fi = len(frames), 1
     groups: dict[bytes, list[Any]] = {}
     name: bytes | None = None
     pieces: list[bytes] = []
     group: list[Any] = []
     while at < end:
-        if at + name_at > end:
+        if at + _NAME_AT > end:
             return None
         length, command, rid, name_len, n_extra = unpack(h, at)
         stop = at + 4 + length if batch else end
-        p = at + name_at + name_len
-        if p > stop or stop > end or command not in relayed:
+        p = at + _NAME_AT + name_len
+        if p > stop or stop > end or command not in _RELAYED:
             return None
-        most = 0 if command == chunk else inline
+        most = 0 if command == CHUNK else inline
         q = p
         while q < stop:  # the inlined parts: each within its bound, and ending where the record ends
             if q + 4 > stop:
@@ -424,7 +423,7 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
             q += 4 + k
         if q != stop:
             return None
-        dest = h[at + name_at : p]
+        dest = h[at + _NAME_AT : p]
         if dest != name:
             name = dest
             group = groups.get(dest) or groups.setdefault(dest, [[], [], [], 0])  # pieces, extras, ids, chunks
@@ -435,9 +434,9 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
             group[1].extend(frames[fi : fi + n_extra])
             fi += n_extra
         pieces += (pack(own + stop - p, command, rid, source_len, n_extra), source, h[p:stop])
-        if command == request:
+        if command == REQUEST:
             group[2].append(rid)
-        elif command == chunk:
+        elif command == CHUNK:
             group[3] += 1
         at = stop
     if fi != nframes:
