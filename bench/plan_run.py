@@ -8,6 +8,9 @@ Prints, from the cheapest to the whole:
 * the node's lean loop (`Compute._compute_lean`) and its whole RunPlan handler, in process
   (tests/harness.py: the real broker, node and client on one loop over inproc), median µs;
 * plan + get in that process, median wall µs, and the multiparts each side sends per run;
+* with ``--stages``: that in-process plan + get taken apart, the µs per run of each stage (its
+  own time, without the stages it calls), from the client's building of the run to its decoding
+  of the tensor; what no stage covers is the event loop and zmq's inproc queues;
 * plan + get on a one-node process cluster (`fedptr.local_cluster`): median wall µs, and the CPU
   µs per run of the node, the broker and the client (every thread, from /proc; the least over
   `--reps` repetitions of `--runs` runs: the clock ticks at 10 ms, so a figure is good to
@@ -59,6 +62,40 @@ def torch_floor(reps: int = 500) -> float:
     return best
 
 
+class Stages:
+    """Exclusive wall time per stage: a wrapped call's time less that of the wrapped calls it
+    makes, so the stages add up to the time spent in them (wrapping costs ~0.3 µs a call)."""
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._inner = [0]
+
+    def wrap(self, owner: Any, attr: Any, label: str) -> None:
+        """Time `owner.attr` (an instance's attribute, or a class's method for every instance)
+        as `label`."""
+        fn = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+        ns, calls, inner = self.ns, self.calls, self._inner
+        ns.setdefault(label, 0)
+        calls.setdefault(label, 0)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            inner.append(0)
+            t = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter_ns() - t
+                ns[label] += spent - inner.pop()
+                calls[label] += 1
+                inner[-1] += spent
+
+        if isinstance(owner, dict):
+            owner[attr] = timed
+        else:
+            setattr(owner, attr, timed)
+
+
 def _timed(fn: Callable[..., Any], into: list[int]) -> Callable[..., Any]:
     def timed(*args: Any) -> Any:
         t = time.perf_counter_ns()
@@ -94,6 +131,60 @@ async def in_process(runs: int) -> None:
     print(f"in process: plan + get {_median_us(walls):.0f} µs; {sends}")
 
 
+async def stages(runs: int) -> None:
+    """The in-process plan + get taken apart by stage (see the module's description)."""
+    from fedptr.broker.router import Broker
+    from fedptr.nodes import compute, handover
+
+    from fedptr import link, plans, pointer
+
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(4))
+        chain = fedptr.plan(lambda y: _chain(y, x))
+        for _ in range(50):
+            await chain(x).get()
+        node, client = c.node("bob"), c.client
+        st = Stages()
+        st.wrap(plans.Plan, "__call__", "client: the plan call (RunPlan built and queued)")
+        st.wrap(pointer.Pointer, "_pending_failure", "client: get, before its request")
+        st.wrap(client.link.session, "request", "client: a request encoded (session)")
+        st.wrap(client.link.session, "notify", "client: a delete encoded (session)")
+        st.wrap(client.link.session, "receive", "client: replies parsed, decoded, settled")
+        st.wrap(client, "unwrap", "client: the tensor from the TensorReply")
+        st.wrap(link, "recv_frames", "zmq receive (all three)")
+        st.wrap(link, "send_frames", "zmq send (all three)")
+        st.wrap(link, "events", "zmq events (all three)")
+        st.wrap(link.envelope, "pack_batch", "batches packed (client and node)")
+        st.wrap(Broker, "_receive", "broker: receive, parse, route")
+        st.wrap(node.link.session, "receive", "node: requests parsed and decoded (session)")
+        st.wrap(node.link, "handler", "node: dispatch (reply cache, figures)")
+        st.wrap(node.compute.plans, "get", "node: plan lookup")
+        st.wrap(node.compute, "_run_lean", "node: run checks, taints, output entries")
+        st.wrap(node.compute, "_compute_lean", "node: the lean loop (100 adds)")
+        st.wrap(node.compute, "_finish", "node: outputs stored, PlanReply built")
+        st.wrap(node.store, "commit", "node: store.commit")
+        st.wrap(node._handlers, wire.Get, "node: get handler")
+        st.wrap(handover, "to_raw", "node: tensor to wire (to_raw)")
+        st.wrap(node._handlers, wire.Delete, "node: delete handler")
+        st.wrap(node.link.session, "reply", "node: replies encoded (session)")
+        st.wrap(node, "reply", "node: reply cache and figures")
+        st.wrap(compute, "dtype_name", "node: dtype names")
+        walls = []
+        for _ in range(runs):
+            t = time.perf_counter_ns()
+            await chain(x).get()
+            walls.append(time.perf_counter_ns() - t)
+    total = sum(walls) / runs / 1000
+    print(f"in process, by stage (µs per plan + get, own time; mean of {runs}):")
+    covered = 0.0
+    for label, ns in st.ns.items():
+        us = ns / runs / 1000
+        covered += us
+        print(f"  {us:7.1f}  {label} ({st.calls[label] / runs:.1f} calls)")
+    print(f"  {total - covered:7.1f}  the rest: the event loop's turns and wakes, futures, callbacks")
+    print(f"  {total:7.1f}  plan + get (wall, mean, timers included)")
+
+
 async def processes(runs: int, reps: int, curve: bool) -> None:
     async with fedptr.local_cluster(["bob"], curve=curve) as cluster:
         x = await cluster.client.worker("bob").send(torch.ones(4))
@@ -120,10 +211,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=400)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stages", action="store_true", help="the in-process run taken apart by stage")
     ap.add_argument("--curve", action="store_true", help="the process cluster with CURVE on")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}; torch's floor: {torch_floor():.0f} µs for {CHAIN} adds")
     asyncio.run(in_process(args.runs))
+    if args.stages:
+        asyncio.run(stages(args.runs))
     asyncio.run(processes(args.runs, args.reps, args.curve))
 
 
