@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
+from fedptr.opinfo import REGISTRY, Effect
 from fedptr.ops import AGGREGATES, ALLOWED
 
 from . import guard, kernels, policy
@@ -57,6 +58,10 @@ class Step(NamedTuple):
     from the values by slot at once, a tuple of them when `spread` (more than one), else the one
     value; None otherwise (`args` is filled by `refs`, or walked)."""
     spread: bool
+    view: bool
+    """Whether torch gives a view of an operand (`opinfo.Effect.VIEW`): the lean loop copies it
+    at once, as a single op's result is, so no later step reads a view bigger than its storage
+    (``expand`` to 2^40 elements of one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +148,10 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
         pick = operator.itemgetter(*(slot for _, slot in refs)) if refs and only_refs else None
         count = 1 + len(op.more_ids)
         fn = kernels.OPERATIONS[op.op]
-        steps.append(Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1))
+        view = REGISTRY[op.op].effect is Effect.VIEW
+        steps.append(
+            Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view)
+        )
     return tuple(steps)
 
 
