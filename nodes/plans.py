@@ -149,9 +149,7 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
         count = 1 + len(op.more_ids)
         fn = kernels.OPERATIONS[op.op]
         view = REGISTRY[op.op].effect is Effect.VIEW
-        steps.append(
-            Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view)
-        )
+        steps.append(Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view))
     return tuple(steps)
 
 
