@@ -373,7 +373,7 @@ class Compute:
         deps, tainted = lean.deps, lean.tainted
         direct = all(isinstance(values[i], torch.Tensor) for i in range(len(lean.origins)))
         for i in range(start, stop):
-            op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread, view = step = steps[i]
+            op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread, view, frees = step = steps[i]
             private = tainted and deps[result] & tainted
             if inline and (
                 (peak * len(reads) > offload and _numel(values[s] for s in reads) > offload)
@@ -397,6 +397,8 @@ class Compute:
                     values[result] = value
                     if inline and (n := value.numel()) > peak:
                         peak = n
+                    for s in frees:
+                        del values[s]
                     continue
                 results = kernels.results(kernels.checked(op, value), count)
                 if view:
@@ -407,6 +409,8 @@ class Compute:
                 values[key] = r
                 if inline and (n := r.numel()) > peak:
                     peak = n
+            for s in frees:
+                del values[s]
         if stop == len(steps):
             _unalias(lean, values)
         return stop

@@ -62,6 +62,8 @@ class Step(NamedTuple):
     """Whether torch gives a view of an operand (`opinfo.Effect.VIEW`): the lean loop copies it
     at once, as a single op's result is, so no later step reads a view bigger than its storage
     (``expand`` to 2^40 elements of one)."""
+    frees: tuple[int, ...]
+    """The slots no later step reads and the run does not store: dropped after this step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +151,23 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
         count = 1 + len(op.more_ids)
         fn = kernels.OPERATIONS[op.op]
         view = REGISTRY[op.op].effect is Effect.VIEW
-        steps.append(Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view))
-    return tuple(steps)
+        steps.append(
+            Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view, ())
+        )
+    # each result the run does not store is dropped after the last step that reads it (at once
+    # when none does): a chain then holds a few values, not one per operation, and torch's
+    # allocator reuses the memory still in cache
+    last: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for s in range(step.result, step.result + step.n_results):
+            last[s] = i
+        for s in step.reads:
+            last[s] = i
+    frees: list[list[int]] = [[] for _ in steps]
+    for s, i in last.items():
+        if s >= plan.n_inputs and s not in plan.outputs:
+            frees[i].append(s)
+    return tuple(step._replace(frees=tuple(f)) for step, f in zip(steps, frees, strict=True))
 
 
 def _has_raw(value: Any) -> bool:
