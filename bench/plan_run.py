@@ -170,19 +170,24 @@ async def stages(runs: int) -> None:
         st.wrap(node, "reply", "node: reply cache and figures")
         st.wrap(compute, "dtype_name", "node: dtype names")
         walls = []
+        per_run: dict[str, list[int]] = {label: [] for label in st.ns}
         for _ in range(runs):
+            before = dict(st.ns)
             t = time.perf_counter_ns()
             await chain(x).get()
             walls.append(time.perf_counter_ns() - t)
-    total = sum(walls) / runs / 1000
-    print(f"in process, by stage (µs per plan + get, own time; mean of {runs}):")
+            for label, ns in st.ns.items():
+                per_run[label].append(ns - before[label])
+    # medians: a run the machine's load stretched (other processes on its 2 cores) moves no figure
+    print(f"in process, by stage (µs per plan + get, own time; median of {runs}):")
     covered = 0.0
-    for label, ns in st.ns.items():
-        us = ns / runs / 1000
+    for label, spent in per_run.items():
+        us = _median_us(spent)
         covered += us
         print(f"  {us:7.1f}  {label} ({st.calls[label] / runs:.1f} calls)")
+    total = _median_us(walls)
     print(f"  {total - covered:7.1f}  the rest: the event loop's turns and wakes, futures, callbacks")
-    print(f"  {total:7.1f}  plan + get (wall, mean, timers included)")
+    print(f"  {total:7.1f}  plan + get (wall, median, timers included)")
 
 
 async def processes(runs: int, reps: int, curve: bool) -> None:
