@@ -16,6 +16,11 @@ Prints, from the cheapest to the whole:
   `--reps` repetitions of `--runs` runs: the clock ticks at 10 ms, so a figure is good to
   ~10 ms / runs).
 
+* with ``--ladder``: on that process cluster, in the same minutes (blocks of each, interleaved),
+  the wall and CPU of a bare request (`Has`), one op, a plan of 1 add with and without the get,
+  and of 100 adds with and without it: their differences put a figure on the round trip, the
+  get that rides with the run, and the 99 further adds, end to end between processes.
+
 Wall times on a shared machine follow its load; the CPU figures much less (tests/cpuclock.py).
 """
 
@@ -212,11 +217,67 @@ async def processes(runs: int, reps: int, curve: bool) -> None:
     print(f"processes (CURVE {curved}): plan + get {_median_us(walls):.0f} µs; CPU µs per run: {per_run}")
 
 
+async def ladder(runs: int, reps: int, curve: bool) -> None:
+    """The process cluster's plan + get against cheaper requests (see the module's description)."""
+    async with fedptr.local_cluster(["bob"], curve=curve) as cluster:
+        client = cluster.client
+        x = await client.worker("bob").send(torch.ones(4))
+        one = fedptr.plan(lambda y: y + x)
+        chain = fedptr.plan(lambda y: _chain(y, x))
+
+        async def has() -> None:
+            await client.call("bob", wire.Has(x.id_at_location))
+
+        async def op() -> None:
+            await (x + x)
+
+        async def one_run() -> None:
+            await one(x)
+
+        async def one_get() -> None:
+            await one(x).get()
+
+        async def chain_run() -> None:
+            await chain(x)
+
+        async def chain_get() -> None:
+            await chain(x).get()
+
+        steps = {
+            "a bare request (Has) and its reply": has,
+            "one op, awaited (x + x)": op,
+            "a plan of 1 add, awaited": one_run,
+            "a plan of 1 add + get": one_get,
+            "a plan of 100 adds, awaited": chain_run,
+            "a plan of 100 adds + get": chain_get,
+        }
+        for step in steps.values():  # warm: kernels loaded, plans sent, caches grown
+            for _ in range(runs // 4):
+                await step()
+        pids = {"node": cluster.pids["bob"], "broker": cluster.pids["broker"], "client": os.getpid()}
+        walls: dict[str, list[int]] = {label: [] for label in steps}
+        cpu: dict[str, dict[str, list[float]]] = {label: {p: [] for p in pids} for label in steps}
+        for _ in range(reps):
+            for label, step in steps.items():
+                before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+                for _ in range(runs):
+                    t = time.perf_counter_ns()
+                    await step()
+                    walls[label].append(time.perf_counter_ns() - t)
+                for p, pid in pids.items():
+                    cpu[label][p].append((cpu_seconds(pid) - before[p]) / runs * 1e6)
+    print(f"processes (CURVE {'on' if curve else 'off'}), median wall µs and least CPU µs per call:")
+    for label in steps:
+        per = ", ".join(f"{p} {min(v):.0f}" for p, v in cpu[label].items())
+        print(f"  {_median_us(walls[label]):7.0f}  {label}  (CPU: {per})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=400)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stages", action="store_true", help="the in-process run taken apart by stage")
+    ap.add_argument("--ladder", action="store_true", help="the process cluster's plan + get against cheaper calls")
     ap.add_argument("--curve", action="store_true", help="the process cluster with CURVE on")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}; torch's floor: {torch_floor():.0f} µs for {CHAIN} adds")
@@ -224,6 +285,8 @@ def main() -> None:
     if args.stages:
         asyncio.run(stages(args.runs))
     asyncio.run(processes(args.runs, args.reps, args.curve))
+    if args.ladder:
+        asyncio.run(ladder(args.runs, args.reps, args.curve))
 
 
 if __name__ == "__main__":

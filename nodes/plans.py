@@ -12,7 +12,8 @@ Most plans are chains of plain operations (arithmetic, matmul, activations): non
 operand, reads a model or gives a gradient, so every result derives from exactly the inputs it
 reads, transitively. For those `validate` also prepares `steps`: each operation's kernel, its
 arguments decoded once (and, when they are all references, one call that takes them from the
-values), and which inputs each slot derives from (`deps`, a bitmask). A run then
+values), which inputs each slot derives from (`deps`, a bitmask), which results are views
+(copied at once) and after which step each intermediate is read no more (then dropped). A run then
 decides every taint at once from its inputs' (the per-operation rule gives the same: a plain
 operation's result derives from the union of its operands') and computes the values in a lean
 loop (nodes/compute.py) instead of one stored-entry record per operation. Plans with any other
