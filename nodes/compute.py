@@ -29,7 +29,7 @@ from fedptr.errors import (
     QuotaExceededError,
     RemoteError,
 )
-from fedptr.failures import with_hop
+from fedptr.failures import failure_from_error, with_hop
 from fedptr.ops import AGGREGATES, ALIASING, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
@@ -454,6 +454,10 @@ class Compute:
                     durable.append(self.store.commit(obj_id, result, value, not alias))  # (not alias: durable)
             except Exception as e:
                 error = without_frames(e)  # its frames include this one (see `_later`)
+                # the results committed before the refused one (and its own parameters charged so
+                # far) are failed below: none may stay charged or written ahead
+                for _, obj_id, result in run.outputs[: len(durable) + 1]:
+                    durable.append(self.store.uncommit(obj_id, result))
         for key, before in versions.items():
             value = values[key]  # the input tensor the run read (its entry's value)
             if value._version != before:
@@ -463,7 +467,8 @@ class Compute:
             for _, _, result in run.outputs:
                 if not result.settled:
                     result.fail(err)
-            self.node.reply_error(run.source, run.rid, err)
+            # answered once disk agrees with memory (what was removed, what the inputs became)
+            self.node.reply_durable(all_written(durable), run.source, run.rid, failure_from_error(err, self.name))
             return
         for i, (_, _, result) in enumerate(run.outputs):  # one value per output, as committed above
             result.settle(outputs[i])
