@@ -499,9 +499,18 @@ _odd_ext = st.sampled_from(
     ]
 )
 _hostile = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8) | st.binary(max_size=8) | _odd_ext,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=3) | st.integers(0, 3) | st.binary(max_size=2) | st.booleans(), inner, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | _odd_ext,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=3) | st.integers(0, 3) | st.binary(max_size=2) | st.booleans(), inner, max_size=3
+        )
+    ),
     max_leaves=16,
 )
 
@@ -514,7 +523,9 @@ def test_a_small_header_is_read_as_the_limited_decoder_reads_it(kind: int, budge
 
 @settings(max_examples=400, deadline=None)
 @given(st.integers(0, len(SAMPLES) - 1), st.integers(0, 200), st.binary(min_size=1, max_size=12), st.booleans())
-def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(which: int, at: int, noise: bytes, insert: bool) -> None:
+def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(
+    which: int, at: int, noise: bytes, insert: bool
+) -> None:
     frames = [bytes(f) for f in wire.encode(SAMPLES[which], budget_ms=3)]
     header = frames[0]
     at %= len(header) + 1
@@ -538,7 +549,20 @@ def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(which: int, a
         msgpack.packb([wire.Op.KIND, 0, 1, "add"])[:-4] + b"\xdb\xff\xff\xff\xff",  # a huge declared str
         msgpack.packb([wire.Op.KIND, 0, 1, "add"])[:-4] + b"\xc9\xff\xff\xff\xff\x02",  # a huge declared ext
     ],
-    ids=["deep", "duplicate-key", "int-key", "bytes-key", "timestamp", "timestamp-key", "bad-nanos", "ts-5-bytes", "bin-op", "containers", "str", "ext"],
+    ids=[
+        "deep",
+        "duplicate-key",
+        "int-key",
+        "bytes-key",
+        "timestamp",
+        "timestamp-key",
+        "bad-nanos",
+        "ts-5-bytes",
+        "bin-op",
+        "containers",
+        "str",
+        "ext",
+    ],
 )
 def test_hostile_small_headers_are_read_as_the_limited_decoder_reads_them(header: bytes) -> None:
     assert len(header) <= wire._SMALL_HEADER
