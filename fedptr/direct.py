@@ -242,6 +242,8 @@ class _File:
     """When it is next looked at (`DirectPaths._check_file`)."""
     written: float
     """The loop's time it was written at."""
+    handed_back: bool = False
+    """Seen handed back (by `DirectPaths._check_file`): unlinked at the next check."""
 
 
 @dataclass
@@ -360,7 +362,7 @@ class DirectPaths:
     def forget(self, peer: bytes) -> None:
         """`peer` left: its key is refused from now on, and nothing more is sent to it directly."""
         for key in [k for k, (p, _) in self._admitted.items() if p == peer]:
-            del self._admitted[key]
+            self._drop_files(self._admitted.pop(key)[1])
         self._routes.pop(peer, None)
         self.sources.discard(peer)
 
@@ -535,6 +537,8 @@ class DirectPaths:
         if lane is None:
             return
         self._drop_probe(lane)
+        if lane.channel is not None:
+            self._drop_files(lane.channel)
         self._loop.remove_reader(lane.sock.FD)
         self._loop.remove_reader(lane.monitor.FD)
         lane.sock.disable_monitor()
@@ -596,7 +600,7 @@ class DirectPaths:
             if command == envelope.REQUEST:
                 self._fail(peer)
             else:
-                self._routes.pop(peer, None)
+                self._drop_files(self._routes.pop(peer)[1])
             return False
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
@@ -646,13 +650,17 @@ class DirectPaths:
         return None
 
     def _check_file(self, name: bytes) -> None:
-        """A file of ours, `limits.DIRECT_SHM_SPARE_S` after it was written or last checked:
-        handed back and not written again since, or gone (refused), it goes; one nobody took
-        goes after `limits.STREAM_TIMEOUT_S` (a receiver that died or never got the descriptor)."""
+        """A file of ours, every `limits.DIRECT_SHM_SPARE_S` after it was written: handed back
+        at the check before and not written again since, or gone (refused), it goes; one nobody
+        took goes after `limits.STREAM_TIMEOUT_S` (a receiver that died or never got the descriptor)."""
         file = self._files.get(name)
         if file is None:
             return
-        if self._shm.exists(name) and self._loop.time() < file.written + limits.STREAM_TIMEOUT_S:
+        taken = not self._shm.exists(name)
+        if file.handed_back or (taken and not self._shm.exists(file.spent)):
+            self._expire(name)
+        elif taken or self._loop.time() < file.written + limits.STREAM_TIMEOUT_S:
+            file.handed_back = taken  # kept one more period, for the path's next chunk
             file.check = self._loop.call_later(limits.DIRECT_SHM_SPARE_S, self._check_file, name)
         else:
             self._expire(name)
@@ -664,6 +672,11 @@ class DirectPaths:
             for name in [n for n in self._files if not self._shm.exists(n)]:
                 self._expire(name)
         return self._file_bytes + nbytes <= limits.DIRECT_SHM_MAX_PENDING_BYTES
+
+    def _drop_files(self, channel: _Channel) -> None:
+        """Unlink the files written for `channel`'s path, which closed: nobody takes them now."""
+        while channel.files:
+            self._expire(channel.files.popleft())
 
     def _forget(self, name: bytes) -> _File | None:
         file = self._files.pop(name, None)

@@ -70,7 +70,10 @@ async def opened(client: fedptr.Client, worker: str) -> DirectPaths:
 
 
 @MODULE_LOOP
-async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: fedptr.Cluster) -> None:
+async def test_send_and_get_go_through_shared_memory_and_leave_nothing(
+    secure: fedptr.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "DIRECT_SHM_SPARE_S", 2.0)  # the client's files outlive a slow turn
     direct = await opened(secure.client, "bob")
     lane = direct._lanes[b"bob"]
     assert lane.channel is not None and lane.channel.shared, "the probe did not prove the shared directory"
@@ -83,10 +86,11 @@ async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: f
     assert files >= 1 and lane.channel.files_taken >= 1  # each way, a file
     # sealed: each file's descriptor, and at most one more (not 16 chunks of 1 MiB)
     assert lane.channel.sent - sealed_before <= files + 1, "the bytes went as sealed chunks"
-    # each file read is handed back to its maker, which writes the next transfer's bytes into it
+    # each file read is handed back to its maker, which writes later chunks into it (the oldest
+    # first: while the node still reads the newest, a fresh file may be needed, and the pool grows)
     rewritten = direct.files_rewritten
     p = await secure.client.worker("bob").send(t)
-    assert direct.files_rewritten - rewritten == files, "the send wrote fresh files, not the ones handed back"
+    assert direct.files_rewritten > rewritten, "the send wrote fresh files only, none handed back"
     assert torch.equal(await p.get(), t)
     await nothing_left(os.getpid(), secure.pids["bob"])
 
@@ -98,7 +102,7 @@ async def nothing_left(*pids: int) -> None:
     async def none() -> bool:
         return not any(ours(pid) for pid in pids)
 
-    assert await eventually(none, timeout=10.0), "files were left behind"
+    assert await eventually(none, timeout=20.0), "files were left behind"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
