@@ -76,6 +76,10 @@ _TAG_BYTES = 16
 _SPENT = b" spent"
 """Appended to a direction in the tag of the name a receiver hands a file back under."""
 _PROBE_BYTES = 16
+_LAYOUT = b"files-v2"
+"""Named in the probe's offer: files start at offset 0 and are handed back once read. A peer of
+the layout before (a file laid out as its whole buffer, unlinked once read; an offer of three
+words) and one of this layout find no shared memory between them, and use sealed chunks."""
 
 
 def _boot_id() -> bytes:
@@ -222,13 +226,15 @@ class Directory:
         written = self.write(name_tag, 0, memoryview(secret))
         if written is None:
             return None
-        return written[0], b" ".join([_boot_id(), written[0], secret.hex().encode()])
+        return written[0], b" ".join([_boot_id(), written[0], secret.hex().encode(), _LAYOUT])
 
     def check_probe(self, offer: bytes) -> bool:
         """Whether the peer that made `offer` shares this directory with us: same boot, and the
         probe file it names, ours by uid, holds the secret it says."""
         parts = offer.split(b" ")
-        if len(parts) != 3 or not parts[0] or parts[0] != _boot_id() or _NAME.match(parts[1]) is None:
+        if len(parts) != 4 or parts[3] != _LAYOUT or not parts[0] or parts[0] != _boot_id():
+            return False
+        if _NAME.match(parts[1]) is None:
             return False
         if not self.usable():
             return False

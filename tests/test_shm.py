@@ -614,3 +614,15 @@ async def test_a_file_handed_back_is_written_again_for_its_own_path_only(
             return len(list(tmp_path.iterdir())) == 2 and len(sender._files) == 2
 
         assert await eventually(untaken_left, timeout=10.0), "a file handed back was kept"
+
+
+def test_a_peer_of_the_earlier_file_layout_gets_no_shared_memory(tmp_path: Path) -> None:
+    """Files laid out as their whole buffer and unlinked once read (the layout before) are not
+    what this one reads (its files start at offset 0, handed back once read): a probe offer of
+    that layout (three words) finds no shared memory, so the two ends use sealed chunks rather
+    than refuse each other's files."""
+    directory = shm.Directory(str(tmp_path))
+    probe = directory.probe()
+    assert probe is not None
+    assert directory.check_probe(probe[1])
+    assert not directory.check_probe(b" ".join(probe[1].split(b" ")[:3])), "an earlier layout's offer was taken"
