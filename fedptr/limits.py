@@ -231,6 +231,11 @@ DP_NOISE_MULTIPLIER = 1.0
 """sigma: the noise multiplier a data owner charges each contribution for (`--dp-noise-multiplier`);
 the aggregator's noise has standard deviation at least sigma * C."""
 
+DP_MIN_GRAD_NORM = 1e-100
+"""Smallest DP-SGD clip bound C (`dp.train(max_grad_norm=)`, an L2 norm of a per-sample gradient):
+far above float64's subnormals (below 2.2e-308), where a clipped gradient's rounding error is no
+longer small next to C (with C = 1e-323 each clipped gradient came out 2 C)."""
+
 SECAGG_RING_BITS = 32
 """Bits k of the ring Z_{2^k} secure aggregation masks in (bits per coordinate on the wire): the
 quantization scale is chosen so that the noised sum of all owners of a round fits in k - 1 bits."""

@@ -389,13 +389,15 @@ class Store:
         exists, before it is acknowledged. Raises StoreFullError past the byte budget. An entry
         deleted while it was being computed is neither charged nor stored. Not `durable`: it
         lives in memory only (a restart does not bring it back)."""
-        if not self._holds(obj_id, entry):
+        if self.entries.get(obj_id) is not entry and not self._holds(obj_id, entry):  # `_holds` only when taken
             return None
         if entry.location is None:
             assert value is not None
-            params = list(value.parameters()) if isinstance(value, nn.Module) else [value]
-            for p in params:
-                self._charge(entry, p)
+            if isinstance(value, nn.Module):
+                for p in value.parameters():
+                    self._charge(entry, p)
+            else:
+                self._charge(entry, value)
         # `persist` asks again whether a write-ahead is kept: not called without one (per op)
         return self.persist(obj_id, entry, value) if durable and self.wal is not None else None
 

@@ -278,6 +278,17 @@ def test_bad_headers_raise_protocol_error(header: bytes) -> None:
         wire.decode([header])
 
 
+@pytest.mark.parametrize("declared", [b"\xdd\xff\xff\xff\xff", b"\xdf\x00\x10\x00\x00"], ids=["array", "map"])
+def test_a_small_header_declaring_a_huge_container_is_refused_before_it_is_built(declared: bytes) -> None:
+    # a header this small is decoded without the explicit limits (wire._SMALL_HEADER): msgpack
+    # must still refuse a declared length past the header's own size, not allocate it first
+    header = msgpack.packb([wire.Op.KIND, 0, 1, "add"])[:-4] + declared + b"\x00" * 8
+    assert len(header) <= wire._SMALL_HEADER
+    with pytest.raises(ProtocolError, match="exceeds max_"):
+        wire.decode_request([header])
+    assert min(limits.MAX_STR_BYTES, limits.MAX_CONTAINER_LEN, limits.MAX_EXT_BYTES) >= wire._SMALL_HEADER
+
+
 def test_deep_nesting_is_refused() -> None:
     nested: list[object] = [1]
     for _ in range(40):
