@@ -780,6 +780,16 @@ def _check_value(v: Any, depth: int = 0) -> bool:
     return False
 
 
+def _int_list(v: Any) -> bool:
+    # a loop, not all() over a generator (resumed once per element): a Delete lists its ids
+    if type(v) is not list:
+        return False
+    for x in v:  # noqa: SIM110
+        if type(x) is not int:
+            return False
+    return True
+
+
 def _check_row(v: Any) -> bool:
     return (
         type(v) is list
@@ -806,7 +816,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "bool": lambda v: type(v) is bool,
     "str": lambda v: type(v) is str,
     "RawTensor": lambda v: type(v) is RawTensor,
-    "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),  # `_is_int`, inline
+    "list[int]": _int_list,
     "list[str]": lambda v: type(v) is list and all(type(x) is str for x in v),
     "list[Value]": lambda v: type(v) is list and _check_value(v),
     "dict[str, Value]": lambda v: type(v) is dict and _check_value(v),
@@ -860,6 +870,17 @@ def _all_valid(cls: type[Message]) -> Callable[..., bool]:
 
 
 _VALID: dict[type[Message], Callable[..., bool]] = {t: _all_valid(t) for t in MESSAGE_TYPES}
+_Field = tuple[str, Callable[[Any], bool], bool]
+_DECODING: dict[int, tuple[type[Message], tuple[_Field, ...], int, Callable[..., bool]]] = {
+    t.KIND: (t, _FIELDS[t], len(_FIELDS[t]), _VALID[t]) for t in MESSAGE_TYPES
+}
+"""What decoding a message of each kind reads: its class, its fields' checks, their count and
+their check in one call, in one lookup per message."""
+
+_SMALL_HEADER = min(limits.MAX_STR_BYTES, limits.MAX_CONTAINER_LEN, limits.MAX_EXT_BYTES)
+"""A header of at most this many bytes cannot hold a string, bytes, container or extension
+past the limits (each element takes a byte at least, msgpack checks every length against
+what is left): it is decoded without them, which unpackb parses on every call."""
 
 
 def refs(value: Value, found: set[int]) -> None:
@@ -1017,6 +1038,8 @@ class Decoded(NamedTuple):
     budget_ms: int
 
 
+_new_tuple = tuple.__new__
+
 _OKS_DECODED: dict[bytes, Decoded] = {}
 """Decoded `Ok` replies of one result by their header bytes: nearly every op is answered with
 one of a few (`_OK_HEADERS` on the sending side). Filled only from headers `decode` checked."""
@@ -1064,12 +1087,19 @@ def _tensor_meta(data: bytes) -> tuple[str, list[int], Any]:
     return meta[0], meta[1], meta[2]
 
 
+_new_ref = object.__new__
+_set_field = object.__setattr__  # how a frozen dataclass's __init__ sets its fields
+
+
 def _ext_alone(code: int, data: bytes) -> Any:
     """The extension hook of a body of one frame (nearly every request): a reference, or a tensor
     that can only refer to a frame that is not there. A module function, not a closure over the
     body's frames and their used set, which every message would otherwise make."""
     if code == _EXT_REF and len(data) == 8:  # inline, not `_ref`: two references per op, most often
-        return Ref(_INT64.unpack(data)[0])
+        # made without `Ref.__init__`'s frame (what it does: set the one field), two per op
+        ref = _new_ref(Ref)
+        _set_field(ref, "obj_id", _INT64.unpack(data)[0])
+        return ref
     if code == _EXT_REF:
         raise ProtocolError("bad object reference")
     if code == _EXT_TENSOR:
@@ -1081,63 +1111,76 @@ def _ext_alone(code: int, data: bytes) -> Any:
 def decode_request(frames: Sequence[Buffer]) -> Decoded:
     """`decode` for a request's body: the same checks and errors, without looking it up in (or
     adding it to) the table of decoded `Ok` replies, which no request is found in."""
-    if not frames:
+    n = len(frames)
+    if not n:
         raise ProtocolError("empty body")
-    if len(frames) > limits.MAX_FRAMES:
-        raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.MAX_FRAMES}")
-    header: bytes | memoryview = frames[0] if type(frames[0]) is bytes else memoryview(frames[0])
-    size = header.nbytes if isinstance(header, memoryview) else len(header)  # small frames arrive as bytes
+    if n > limits.MAX_FRAMES:
+        raise ProtocolError(f"{n} frames exceed the limit of {limits.MAX_FRAMES}")
+    first = frames[0]
+    header: bytes | memoryview
+    if type(first) is bytes:  # small frames arrive as bytes
+        header = first
+        size = len(first)
+    else:
+        header = memoryview(first)
+        size = header.nbytes
     if size > limits.MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {size} bytes exceeds {limits.MAX_HEADER_BYTES}")
     used: set[int] = set()
     ext_hook: Callable[[int, bytes], Any] = _ext_alone
-    if len(frames) > 1:
+    if n > 1:
 
         def ext_hook(code: int, data: bytes) -> Any:
             if code == _EXT_REF:
                 return _ref(data)
             if code == _EXT_TENSOR:
                 dtype, shape, index = _tensor_meta(data)
-                if type(index) is not int or not 1 <= index < len(frames) or index in used:
+                if type(index) is not int or not 1 <= index < n or index in used:
                     raise ProtocolError(f"tensor refers to missing or reused frame {index!r}")
                 used.add(index)
                 return RawTensor(dtype, tuple(shape), memoryview(frames[index]))
             raise ProtocolError(f"unknown extension type {code}")
 
     try:
-        values = msgpack.unpackb(
-            header,
-            raw=False,
-            ext_hook=ext_hook,
-            strict_map_key=True,
-            max_str_len=limits.MAX_STR_BYTES,
-            max_bin_len=limits.MAX_STR_BYTES,
-            max_array_len=limits.MAX_CONTAINER_LEN,
-            max_map_len=limits.MAX_CONTAINER_LEN,
-            max_ext_len=limits.MAX_EXT_BYTES,
-        )
+        if size <= _SMALL_HEADER:
+            # msgpack bounds every length by the header's own size: as strict as the limits
+            # below here, and each keyword unpackb parses costs ~0.1 µs (per request)
+            values = msgpack.unpackb(header, raw=False, ext_hook=ext_hook)
+        else:
+            values = msgpack.unpackb(
+                header,
+                raw=False,
+                ext_hook=ext_hook,
+                strict_map_key=True,
+                max_str_len=limits.MAX_STR_BYTES,
+                max_bin_len=limits.MAX_STR_BYTES,
+                max_array_len=limits.MAX_CONTAINER_LEN,
+                max_map_len=limits.MAX_CONTAINER_LEN,
+                max_ext_len=limits.MAX_EXT_BYTES,
+            )
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises many types (ValueError, ExtraData, FormatError, ...)
         raise ProtocolError(f"undecodable header: {type(e).__name__}: {e}") from e
     if type(values) is not list or len(values) < 2 or type(values[0]) is not int or type(values[1]) is not int:
         raise ProtocolError("header must be [kind, budget_ms, fields...]")
-    cls = _BY_KIND.get(values[0])
-    if cls is None:
+    kind = _DECODING.get(values[0])
+    if kind is None:
         raise ProtocolError(f"unknown message kind {values[0]}")
     if values[1] < 0:
         raise ProtocolError("negative deadline budget")
-    if len(used) != len(frames) - 1:
-        raise ProtocolError(f"{len(frames) - 1 - len(used)} buffer frames are not referenced by the header")
-    fields = _FIELDS[cls]
-    given = values[2 : 2 + len(fields)]  # values past the known fields are ignored
-    if len(given) != len(fields) or not _VALID[cls](*given):
+    if n > 1 and len(used) != n - 1:  # a body of one frame has no buffer to leave unreferenced
+        raise ProtocolError(f"{n - 1 - len(used)} buffer frames are not referenced by the header")
+    cls, fields, count, valid = kind
+    given = values[2 : 2 + count]  # values past the known fields are ignored
+    if len(given) != count or not valid(*given):
         # one by one, to name the bad field; a short `given` leaves the rest to their defaults
         for (name, check, _), v in zip(fields, given, strict=False):
             if not check(v):
                 raise ProtocolError(f"{cls.__name__}.{name} has a bad value of type {type(v).__name__}")
-        if len(given) < len(fields) and fields[len(given)][2]:  # no required field follows an optional one
+        if len(given) < count and fields[len(given)][2]:  # no required field follows an optional one
             raise ProtocolError(f"{cls.__name__} lacks field {fields[len(given)][0]!r}")
     if cls is ObjectsReply:
         given[_ROWS] = [ObjectRow(*r[:8]) for r in given[_ROWS]]
-    return Decoded(cls(*given), values[1])
+    # tuple.__new__ directly: a named tuple's own __new__ is a Python function (a call per request)
+    return _new_tuple(Decoded, (cls(*given), values[1]))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgpack
 
-from fedptr.errors import BudgetExhaustedError
+from fedptr.errors import BudgetExhaustedError, InvalidArgumentError
 
 from . import audit
 from .durable import write_atomic
@@ -57,20 +57,29 @@ class Budget:
     def charge(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Charge `steps` steps of the Gaussian mechanism; returns epsilon spent after them.
 
-        Raises BudgetExhaustedError (charging nothing) when they do not fit, and ValueError for
-        parameters that describe no Gaussian mechanism. Takes about 0.1 s (the RDP bound):
-        call it off the event loop."""
+        Raises BudgetExhaustedError (charging nothing) when they do not fit, and
+        InvalidArgumentError for parameters that describe no Gaussian mechanism or that the
+        accountant cannot price (its arithmetic overflows): only what it prices is written.
+        Takes about 0.1 s (the RDP bound): call it off the event loop."""
         with self._lock:
             return self._charge(noise_multiplier, sample_rate, steps)
 
     def _charge(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         if self.epsilon is None:
             raise BudgetExhaustedError(self.owner, f"{self.owner!r} has no privacy budget: it releases nothing")
-        if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and steps >= 1):
-            raise ValueError("a DP release needs noise_multiplier > 0, 0 < sample_rate <= 1 and steps >= 1")
+        if not (0 < noise_multiplier < math.inf and 0 < sample_rate <= 1 and steps >= 1):
+            # an infinite sigma was priced (0.10 by Opacus) and written, and the history then failed to load
+            raise InvalidArgumentError(
+                "a DP release needs a finite noise_multiplier > 0, 0 < sample_rate <= 1 and steps >= 1"
+            )
         history = [*self._history, (float(noise_multiplier), float(sample_rate), int(steps))]
         after = _epsilon(history, self.delta)
-        if after > self.epsilon:
+        if not math.isfinite(after):
+            raise InvalidArgumentError(
+                f"the accountant cannot price {steps} steps of noise multiplier {noise_multiplier:g} "
+                f"at sample rate {sample_rate:g}: nothing charged"
+            )
+        if not after <= self.epsilon:
             raise BudgetExhaustedError(
                 self.owner,
                 f"this release would bring {self.owner!r} to epsilon {after:.3g} of its {self.epsilon:g} "
@@ -91,7 +100,10 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 
     accountant = RDPAccountant()
     accountant.history = history
-    return float(accountant.get_epsilon(delta))
+    try:
+        return float(accountant.get_epsilon(delta))
+    except ArithmeticError:  # its float arithmetic overflows (sigma 1e300) or divides by 0 (sigma 1e-300)
+        return math.inf
 
 
 def _check_against_audit(path: Path | None, history: list[tuple[float, float, int]], charged: int) -> None:

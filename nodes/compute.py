@@ -29,7 +29,7 @@ from fedptr.errors import (
     QuotaExceededError,
     RemoteError,
 )
-from fedptr.failures import with_hop
+from fedptr.failures import failure_from_error, with_hop
 from fedptr.ops import AGGREGATES, ALIASING, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
@@ -105,7 +105,12 @@ class Compute:
             if location is None and msg.op in AGGREGATES:
                 self.node.release.aggregate(source, rid, msg, entries)
                 return
-            taint = self._result_taint(msg, entries, source) if location is None else policy.Taint()
+            if location is not None:
+                taint = policy.Taint()
+            elif msg.op in policy.TAINT_RULES:
+                taint = self._result_taint(msg, entries, source)
+            else:  # no operand is written: the operands decide alone (a call less, per op)
+                taint = policy.result_taint(msg.op, entries.values())
         except Exception as e:
             for result_id in (msg.result_id, *msg.more_ids):
                 self._store_failed(result_id, source, e, msg.sponsor)
@@ -115,8 +120,9 @@ class Compute:
             # multi-output op gets a taint of its own, by the same rule
             outputs: list[tuple[int, int, Entry]] = []
             for result_id in (msg.result_id, *msg.more_ids):
-                # positional: keywords cost a third more, on every op
-                result = Entry.tensor(None, source, _copy(taint) if outputs else taint)
+                # pending, built positionally (not `Entry.tensor`, a call more): keywords cost a
+                # third more, on every op
+                result = Entry(None, 0, source, _copy(taint) if outputs else taint)
                 result.sponsor = msg.sponsor
                 self.store.add(result_id, result)
                 outputs.append((result_id, result_id, result))
@@ -166,8 +172,12 @@ class Compute:
         locations: set[str] = set()
         location: str | None = None
         failed: BaseException | None = None
+        stored = self.store.entries
         for i in ids:
-            e = entries[i] = self.store.get(i, source)
+            e = stored.get(i)  # an operand of the caller's own: read here, a call less per operand
+            if e is None or e.owner != source:
+                e = self.store.get(i, source)  # raises ObjectNotFoundError or PermissionDenied, as the owner decides
+            entries[i] = e
             if e.sponsor:  # only an object held for a client can refuse a principal: a call less per operand
                 self.store.check_principal(i, e, principal)
             location = e.location
@@ -209,17 +219,6 @@ class Compute:
                 value = e.value
                 if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                     yield e
-
-    def _run(
-        self, msg: wire.Op, values: dict[int, Any], private: bool, entries: dict[int, Entry]
-    ) -> tuple[torch.Tensor, ...]:
-        """Run an operation through the guard (nodes/guard.py): on private operands, no value
-        can steer a size, an error or whether it succeeds. Its results, as many as it has ids."""
-        args = _materialize(msg.args, values)
-        kwargs = _materialize(msg.kwargs, values) if msg.kwargs else {}
-        # the refusal is wanted on private operands only: no closure made for every public op
-        refuse = _refusal(msg.op, values, entries) if private else _public
-        return guard.run(msg.op, args, kwargs, private, refuse, 1 + len(msg.more_ids))
 
     # --- plans ---------------------------------------------------------------------------
     def put_plan(self, source: str, rid: bytes, msg: wire.PutPlan, budget: float) -> None:
@@ -330,7 +329,7 @@ class Compute:
         self._finish(run, values or {}, versions, error)
 
     def _compute(self, run: _Run, values: dict[int, Any], start: int, inline: bool = False) -> int:
-        """Compute the operations from `start` through the guard (`_run`), adding each value to
+        """Compute the operations from `start` through the guard, adding each value to
         `values`; returns how many are done. `inline` (on the event loop) stops before an
         operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
         if run.lean is not None:
@@ -348,7 +347,13 @@ class Compute:
                 or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
-            results = self._run(op, operands, private, entries)
+            # through the guard (nodes/guard.py): on private operands, no value can steer a
+            # size, an error or whether it succeeds; as many results as the op has ids
+            args = _materialize(op.args, operands)
+            kwargs = _materialize(op.kwargs, operands) if op.kwargs else {}
+            # the refusal is wanted on private operands only: no closure made for every public op
+            refuse = _refusal(op.op, operands, entries) if private else _public
+            results = guard.run(op.op, args, kwargs, private, refuse, 1 + len(op.more_ids))
             values[op.result_id] = results[0]
             if op.more_ids:
                 for key, value in zip(op.more_ids, results[1:], strict=True):
@@ -417,7 +422,7 @@ class Compute:
 
     @staticmethod
     def _refusal(lean: _Lean, step: plans.Step, values: dict[int, Any]) -> Callable[[], Exception]:
-        """The refusal of `step` on private data, as `_run` words it for the same operation."""
+        """The refusal of `step` on private data, as `_compute` words it for the same operation."""
 
         def refuse() -> Exception:
             operands = [values[s] for s in step.reads if not lean.private(s)]
@@ -440,10 +445,15 @@ class Compute:
         if error is None:
             try:
                 for key, obj_id, result in run.outputs:
-                    outputs.append(values[key])
-                    durable.append(self.store.commit(obj_id, result, outputs[-1], durable=not alias))
+                    value = values[key]
+                    outputs.append(value)
+                    durable.append(self.store.commit(obj_id, result, value, not alias))  # (not alias: durable)
             except Exception as e:
                 error = without_frames(e)  # its frames include this one (see `_later`)
+                # the results committed before the refused one (and its own parameters charged so
+                # far) are failed below: none may stay charged or written ahead
+                for _, obj_id, result in run.outputs[: len(durable) + 1]:
+                    durable.append(self.store.uncommit(obj_id, result))
         for key, before in versions.items():
             value = values[key]  # the input tensor the run read (its entry's value)
             if value._version != before:
@@ -453,12 +463,13 @@ class Compute:
             for _, _, result in run.outputs:
                 if not result.settled:
                     result.fail(err)
-            self.node.reply_error(run.source, run.rid, err)
+            # answered once disk agrees with memory (what was removed, what the inputs became)
+            self.node.reply_durable(all_written(durable), run.source, run.rid, failure_from_error(err, self.name))
             return
-        for (_, _, result), value in zip(run.outputs, outputs, strict=True):
-            result.settle(value)
+        for i, (_, _, result) in enumerate(run.outputs):  # one value per output, as committed above
+            result.settle(outputs[i])
         reply: wire.Message
-        written = all_written(durable)
+        written = all_written(durable) if any(durable) else None  # nothing queued: no call (per op)
         if run.plan:
             reply = wire.PlanReply([list(v.shape) for v in outputs], [dtype_name(v.dtype) for v in outputs])
             if written is None:
@@ -466,7 +477,10 @@ class Compute:
                 # answered in this loop turn: both replies then leave as one multipart
                 self.node.link.hold_turn()
         else:
-            reply = _ok(outputs)
+            # the table read here (a call less per op); `_ok` builds and keeps what it lacks
+            first = outputs[0]
+            known = _OKS.get((first.shape, first.dtype)) if len(outputs) == 1 else None
+            reply = known if known is not None else _ok(outputs)
         self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
@@ -503,7 +517,10 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     if t is wire.RawTensor:
         return from_raw(value)
     if t is list:  # references inline: most arguments are flat lists of them
-        return [tensors[v.obj_id] if type(v) is wire.Ref else _materialize(v, tensors) for v in value]
+        out = []
+        for v in value:  # a loop, not a list comprehension (a call more in 3.11): this runs per op
+            out.append(tensors[v.obj_id] if type(v) is wire.Ref else _materialize(v, tensors))
+        return out
     if t is dict:
         return {k: _materialize(v, tensors) for k, v in value.items()}
     return value

@@ -229,7 +229,8 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
             raise TypeError(f"{op} takes tensors, not a model")
     elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
-    return checked(op, fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args)))
+    result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
+    return result if type(result) is torch.Tensor else checked(op, result)  # the common case: no call
 
 
 def checked(op: str, result: Any) -> Result:

@@ -9,9 +9,11 @@ clipping done here, on the node, whatever function of the data the client chose.
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the
-  node samples the batch itself (Poisson, rate q), computes each sample's gradient of a
+  node samples the batch itself (Poisson, rate q, rounded up to what a float64 draw realises
+  exactly), computes each sample's gradient of a
   per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
-  one), clips each to C, adds N(0, (sigma C)^2) to their sum and steps. Each step is a
+  one), clips each to C, adds N(0, (sigma C)^2) to their sum (in float64, whatever the model's
+  dtype) and steps. Each step is a
   subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
   by such steps are released by post-processing.
 """
@@ -28,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional
 
-from fedptr import wire
+from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, PermissionDenied
 
 from .guard import meta_result
@@ -114,6 +116,8 @@ def check_run(config: wire.DPTrain, n: int) -> None:
         raise InvalidArgumentError(f"DP-SGD takes a per-sample loss: {', '.join(LOSSES)}; not {config.loss!r}")
     if not (config.lr > 0 and 0 < config.sample_rate <= 1 and config.steps >= 1 and config.max_grad_norm > 0):
         raise InvalidArgumentError("DP-SGD needs lr > 0, 0 < sample_rate <= 1, steps >= 1, max_grad_norm > 0")
+    if config.max_grad_norm < limits.DP_MIN_GRAD_NORM:
+        raise InvalidArgumentError(f"DP-SGD needs max_grad_norm >= {limits.DP_MIN_GRAD_NORM:g}")
     if config.noise_multiplier <= 0 or n == 0:
         raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
 
@@ -123,12 +127,17 @@ def check_per_sample(model: nn.Module) -> None:
     its noised, clipped per-sample gradients: buffers (BatchNorm's running statistics) are
     written by every forward from the raw batch and never noised, and batch normalisation mixes
     the samples of a batch, so no per-sample gradient is one sample's alone (Opacus refuses it
-    too). LayerNorm normalises each sample by itself."""
+    too). LayerNorm normalises each sample by itself. A trainable parameter must be real
+    floating point (a complex one has no clip here: its run failed after the charge)."""
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise InvalidArgumentError(
             f"DP-SGD trains models without buffers: a forward writes {buffers[0]!r} from the raw data, unprotected"
         )
+    for name, p in model.named_parameters():
+        if p.requires_grad and not p.is_floating_point():
+            # complex gradients have no real L2 clip here: the run would fail after its charge
+            raise InvalidArgumentError(f"DP-SGD trains real floating-point parameters, not {name!r} of {p.dtype}")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise InvalidArgumentError("DP-SGD cannot train batch normalisation (it mixes samples); use LayerNorm")
 
@@ -150,15 +159,35 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
     loss = _sample_loss(model, LOSSES[config.loss])
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     generator = private_generator()
+    rate = realised_rate(config.sample_rate)
     for _ in range(config.steps):
-        batch = torch.nonzero(torch.rand(n, generator=generator) < config.sample_rate).flatten()
+        batch = torch.nonzero(torch.rand(n, dtype=torch.float64, generator=generator) < rate).flatten()
         detached = {name: p.detach() for name, p in named.items()}
         summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
         with torch.no_grad():
             for p, g in zip(named.values(), summed, strict=True):
-                noise = torch.randn(g.shape, dtype=g.dtype, generator=generator)
+                noise = torch.randn(g.shape, dtype=torch.float64, generator=generator)
                 noise *= config.noise_multiplier * config.max_grad_norm
+                # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
+                # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
+                # the rounding of a large sum
                 p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+
+
+def realised_rate(sample_rate: float) -> float:
+    """The Poisson rate `dp_sgd` samples at, and so the rate its steps are charged at, for a
+    requested `sample_rate` in (0, 1]: rounded up to a multiple of 2^-53.
+
+    A float64 uniform draw from torch is k / 2^53 for k uniform in [0, 2^53), so ``u < r`` holds
+    with probability exactly r for such an r, and with probability ceil(q 2^53) / 2^53 for any
+    other q. (Drawn in float32, the resolution was 2^-24: a client asking q = 1e-30, charged
+    epsilon 36 for 512 steps at sigma 0.05, had each sample drawn with probability 2^-24,
+    whose epsilon is about 19,000.)"""
+    return math.ceil(sample_rate * _UNIFORM_STEPS) / _UNIFORM_STEPS
+
+
+_UNIFORM_STEPS = 2.0**53
+"""How many values a float64 `torch.rand` draw takes, evenly spaced in [0, 1)."""
 
 
 SampleLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
@@ -183,7 +212,9 @@ def _clipped_sum(
     loss: SampleLoss, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, bound: float
 ) -> list[torch.Tensor]:
     """The sum of the batch's per-sample gradients of `loss` at `params`, each clipped to
-    `bound` (norms in float64), in the order of `params`.
+    `bound`, in float64 (norms, scales and the sum), in the order of `params`. Summed in the
+    parameters' dtype, the sum was rounded to it: in bfloat16 one sample moved a sum near 1024 by
+    8 (its spacing there), whatever the clip.
 
     One sample moves the sum by at most `bound`, whatever its values: a sample whose gradient is
     not finite contributes zero, and when the batch fails as a whole (an out-of-range label or
@@ -191,7 +222,7 @@ def _clipped_sum(
     contribute zero. Dropping the whole batch instead let one sample move the step by the
     batch's sum."""
     if len(xb) == 0:
-        return [torch.zeros_like(p) for p in params.values()]
+        return [torch.zeros_like(p, dtype=torch.float64) for p in params.values()]
     try:
         grads = vmap(grad(loss), in_dims=(None, 0, 0), randomness="different")(params, xb, yb)
         samples = [g.reshape(len(xb), -1) for g in grads.values()]
@@ -199,11 +230,15 @@ def _clipped_sum(
         rows = [_sample_gradient_or_zero(loss, params, xb[i], yb[i]) for i in range(len(xb))]
         samples = [torch.stack([r[k] for r in rows]) for k in range(len(params))]
     norms = torch.stack([torch.linalg.vector_norm(s, dim=1, dtype=torch.float64) for s in samples]).norm(dim=0)
-    finite = torch.isfinite(norms)  # a NaN or infinity anywhere in a sample's gradient
-    factor = torch.where(finite, (bound / (norms + 1e-6)).clamp(max=1.0), 0.0)
-    if not bool(finite.all()):
-        samples = [torch.where(finite[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
-    return [(factor.to(s.dtype) @ s).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
+    factor = (bound / (norms + 1e-6)).clamp(max=1.0)
+    # Kept: a finite gradient (no NaN or infinity anywhere in it) whose scale is not subnormal.
+    # A subnormal scale rounds by up to half its own size (a weight of 3e307 and C = 1e-16 gave
+    # 1.9 C): a gradient that far past C contributes zero, like a non-finite one.
+    kept = torch.isfinite(norms) & (factor >= torch.finfo(torch.float64).tiny)
+    factor = torch.where(kept, factor, 0.0)
+    if not bool(kept.all()):
+        samples = [torch.where(kept[:, None], s, 0.0) for s in samples]  # 0 * NaN would be NaN
+    return [(factor @ s.to(torch.float64)).reshape(p.shape) for s, p in zip(samples, params.values(), strict=True)]
 
 
 def _sample_gradient_or_zero(

@@ -261,10 +261,21 @@ def check_aggregate(config: PolicyConfig, chosen: Sequence[Contributed]) -> None
         raise PermissionDenied(config.name, "an aggregate takes distinct DP contributions only (fedptr.dp)")
 
 
-def check_dp_train(config: PolicyConfig, model: Stored, data: Iterable[Stored]) -> None:
-    """Refuse DP-SGD (M2) on anything but this node's own private data, or of a model that
-    already derives from private data outside DP-SGD."""
+def check_dp_train(
+    config: PolicyConfig,
+    model: Stored,
+    data: Iterable[Stored],
+    ids: Collection[int],
+    datasets: Iterable[Collection[int]],
+) -> None:
+    """Refuse DP-SGD (M2) on anything but this node's own private data, inputs and targets
+    (`ids`) of one dataset (one of `datasets`: the ids each tag holds), or of a model that
+    already derives from private data outside DP-SGD. A sample is a row of one dataset: paired
+    across two (the same people in another order), one person was in two samples, and one
+    person removed from both shifted every later pair."""
     if any(e.readonly != config.name for e in data):
         raise PermissionDenied(config.name, "DP-SGD trains on this node's own private data only (found by search)")
+    if not any(set(ids) <= set(dataset) for dataset in datasets):
+        raise PermissionDenied(config.name, "DP-SGD takes inputs and targets of one dataset (one search tag)")
     if model.taint:
         raise PermissionDenied(model.taint.owners[0], "this model already derives from private data outside DP-SGD")

@@ -70,7 +70,7 @@ class Release:
         """M2: DP-SGD on this node's own data; every step is charged before it runs."""
         model_entry = self.store.get(msg.model_id, source)
         data = [self.store.get(i) for i in (msg.x_id, msg.y_id)]
-        policy.check_dp_train(self.policy, model_entry, data)
+        policy.check_dp_train(self.policy, model_entry, data, (msg.x_id, msg.y_id), self.store.tags.values())
 
         async def answer() -> None:
             try:
@@ -104,7 +104,8 @@ class Release:
             mechanisms.check_model(model, x, y, config)
         except Exception:
             raise policy.refuse_op(taint, "dp_train", []) from None
-        spent = self.budget.charge(config.noise_multiplier, config.sample_rate, config.steps)
+        # charged at the rate the sampler realises, which may exceed the one asked (by < 2^-53)
+        spent = self.budget.charge(config.noise_multiplier, mechanisms.realised_rate(config.sample_rate), config.steps)
         mechanisms.dp_sgd(model, x, y, config)
         return spent
 

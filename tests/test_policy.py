@@ -230,9 +230,13 @@ def test_an_aggregate_takes_distinct_contributions_on_an_aggregator_only() -> No
 def test_dp_sgd_trains_a_clean_model_on_the_nodes_own_data_only() -> None:
     me = policy.PolicyConfig("alice")
     own = Held(Taint({"alice": frozenset()}), readonly="alice")
-    policy.check_dp_train(me, Held(), [own, own])
+    datasets = [[1, 2], [3, 4]]  # the ids of two tags: (x, y) each
+    policy.check_dp_train(me, Held(), [own, own], (1, 2), datasets)
+    policy.check_dp_train(me, Held(), [own, own], (3, 3), datasets)  # targets that are the inputs
     with pytest.raises(PermissionDenied):
-        policy.check_dp_train(me, Held(), [own, Held()])  # a tensor the client sent
+        policy.check_dp_train(me, Held(), [own, Held()], (1, 2), datasets)  # a tensor the client sent
+    with pytest.raises(PermissionDenied, match="one dataset"):
+        policy.check_dp_train(me, Held(), [own, own], (1, 4), datasets)  # x of one dataset, y of another
     with pytest.raises(PermissionDenied) as refused:
-        policy.check_dp_train(me, Held(Taint({"bob": frozenset()})), [own, own])
+        policy.check_dp_train(me, Held(Taint({"bob": frozenset()})), [own, own], (1, 2), datasets)
     assert refused.value.owner == "bob"
