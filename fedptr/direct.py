@@ -85,6 +85,7 @@ Names stay unauthenticated without CURVE: run that way only on a host and networ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import hmac
@@ -160,6 +161,8 @@ class _Channel:
     shared: bool = False
     """Both ends proved they share `limits.DIRECT_SHM_DIR` (the greeting's probe): large chunks
     go as files there."""
+    files: collections.deque[bytes] = field(default_factory=collections.deque)
+    """The names of the shared-memory files written for this path, oldest first (`DirectPaths._spare`)."""
     files_sent: int = 0
     files_taken: int = 0
     """The counters of the shared-memory files written, and of the last one taken (a replay's is not above it)."""
@@ -228,6 +231,22 @@ def _channel(peer_key: bytes, own_secret: bytes, their_public: bytes, connecting
 
 
 @dataclass
+class _File:
+    """One of our shared-memory files (`shm.Directory.write`), by its name in `DirectPaths._files`."""
+
+    spent: bytes
+    """The name its receiver hands it back under once read (`shm.Directory.spent_name`)."""
+    inode: int
+    nbytes: int
+    check: asyncio.TimerHandle
+    """When it is next looked at (`DirectPaths._check_file`)."""
+    written: float
+    """The loop's time it was written at."""
+    handed_back: bool = False
+    """Seen handed back (by `DirectPaths._check_file`): unlinked at the next check."""
+
+
+@dataclass
 class _Lane:
     """Our connection to one worker's data socket."""
 
@@ -256,6 +275,8 @@ class DirectPaths:
     bytes_sent: int = 0
     """Bytes of the chunks sent over direct paths, before encryption (for tests and figures)."""
     bytes_received: int = 0
+    files_rewritten: int = 0
+    """Shared-memory files written again in place after their receiver handed them back."""
     endpoint: str = ""
     """Where this worker's data socket listens ("" when it has none)."""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -274,8 +295,8 @@ class DirectPaths:
     (the session holds their messages until the chunks are in: `Session.direct_sources`)."""
     _scheduled: set[zmq.Socket[bytes]] = field(default_factory=set)
     _shm: shm.Directory = field(default_factory=shm.Directory)
-    _files: dict[bytes, tuple[asyncio.TimerHandle, int]] = field(default_factory=dict)
-    """Our shared-memory files a receiver may not have taken yet: when we unlink them anyway, and their bytes."""
+    _files: dict[bytes, _File] = field(default_factory=dict)
+    """Our shared-memory files by name: not taken yet, or handed back and kept for a while to be written again."""
     _file_bytes: int = 0
     """The bytes of `_files` (within `limits.DIRECT_SHM_MAX_PENDING_BYTES`)."""
 
@@ -341,7 +362,7 @@ class DirectPaths:
     def forget(self, peer: bytes) -> None:
         """`peer` left: its key is refused from now on, and nothing more is sent to it directly."""
         for key in [k for k, (p, _) in self._admitted.items() if p == peer]:
-            del self._admitted[key]
+            self._drop_files(self._admitted.pop(key)[1])
         self._routes.pop(peer, None)
         self.sources.discard(peer)
 
@@ -516,6 +537,8 @@ class DirectPaths:
         if lane is None:
             return
         self._drop_probe(lane)
+        if lane.channel is not None:
+            self._drop_files(lane.channel)
         self._loop.remove_reader(lane.sock.FD)
         self._loop.remove_reader(lane.monitor.FD)
         lane.sock.disable_monitor()
@@ -577,7 +600,7 @@ class DirectPaths:
             if command == envelope.REQUEST:
                 self._fail(peer)
             else:
-                self._routes.pop(peer, None)
+                self._drop_files(self._routes.pop(peer)[1])
             return False
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         return True
@@ -589,33 +612,84 @@ class DirectPaths:
         data = memoryview(frames[-1])
         if channel.shared and data.nbytes >= limits.DIRECT_SHM_MIN_BYTES and self._file_room(data.nbytes):
             channel.files_sent += 1
-            name_tag = shm.tag(channel.token, channel.outgoing, channel.files_sent)
-            at = envelope.CHUNK_INFO.unpack(frames[-2])[2]  # the file is laid out as the whole buffer
-            written = self._shm.write(name_tag, channel.files_sent, data, at)
+            counter = channel.files_sent
+            spare = self._spare(channel)
+            name_tag = shm.tag(channel.token, channel.outgoing, counter)
+            if spare is None:
+                written = self._shm.write(name_tag, counter, data)
+            else:
+                written = self._shm.write(name_tag, counter, data, spare.spent, spare.inode)
+                self._shm.unlink(spare.spent)  # still there only when it was not rewritten
+                self.files_rewritten += written is not None and shm.Directory.inode(written[1]) == spare.inode
             if written is not None:
                 name, descriptor = written
-                # unlinked then whatever happens: a receiver that died or never got the descriptor
-                self._files[name] = (self._loop.call_later(limits.STREAM_TIMEOUT_S, self._expire, name), data.nbytes)
+                spent = self._shm.spent_name(name, channel.token, channel.outgoing, counter)
+                check = self._loop.call_later(limits.DIRECT_SHM_SPARE_S, self._check_file, name)
+                inode = shm.Directory.inode(descriptor)
+                self._files[name] = _File(spent, inode, data.nbytes, check, self._loop.time())
                 self._file_bytes += data.nbytes
+                channel.files.append(name)
                 return channel.seal([*envelope.with_command(frames[:-1], _SHM_CHUNK), descriptor]), name
         if data.nbytes > limits.STREAM_CHUNK_BYTES:
             return None, b""
         return channel.seal(frames), b""
 
+    def _spare(self, channel: _Channel) -> _File | None:
+        """The oldest file written for `channel` if its receiver handed it back (read it: files
+        are taken in order), forgotten here to be written again for the same path only: its
+        receiver, which may have kept a descriptor of it, gets only what it was going to get."""
+        while channel.files:
+            file = self._files.get(channel.files[0])
+            if file is None:  # expired, or given up
+                channel.files.popleft()
+                continue
+            if not self._shm.exists(file.spent):
+                return None
+            self._forget(channel.files.popleft())
+            return file
+        return None
+
+    def _check_file(self, name: bytes) -> None:
+        """A file of ours, every `limits.DIRECT_SHM_SPARE_S` after it was written: handed back
+        at the check before and not written again since, or gone (refused), it goes; one nobody
+        took goes after `limits.STREAM_TIMEOUT_S` (a receiver that died or never got the descriptor)."""
+        file = self._files.get(name)
+        if file is None:
+            return
+        taken = not self._shm.exists(name)
+        if file.handed_back or (taken and not self._shm.exists(file.spent)):
+            self._expire(name)
+        elif taken or self._loop.time() < file.written + limits.STREAM_TIMEOUT_S:
+            file.handed_back = taken  # kept one more period, for the path's next chunk
+            file.check = self._loop.call_later(limits.DIRECT_SHM_SPARE_S, self._check_file, name)
+        else:
+            self._expire(name)
+
     def _file_room(self, nbytes: int) -> bool:
-        """Whether a file of `nbytes` keeps our files not taken yet within their budget: files
-        their receivers unlinked (took) since are forgotten first (only then: a stat each)."""
+        """Whether a file of `nbytes` keeps our files (not taken yet, or handed back) within their
+        budget: files their receivers took since are unlinked first (only then: a stat each)."""
         if self._file_bytes + nbytes > limits.DIRECT_SHM_MAX_PENDING_BYTES:
-            for name in [n for n in self._files if self._shm.gone(n)]:
+            for name in [n for n in self._files if not self._shm.exists(n)]:
                 self._expire(name)
         return self._file_bytes + nbytes <= limits.DIRECT_SHM_MAX_PENDING_BYTES
 
+    def _drop_files(self, channel: _Channel) -> None:
+        """Unlink the files written for `channel`'s path, which closed: nobody takes them now."""
+        while channel.files:
+            self._expire(channel.files.popleft())
+
+    def _forget(self, name: bytes) -> _File | None:
+        file = self._files.pop(name, None)
+        if file is not None:
+            file.check.cancel()
+            self._file_bytes -= file.nbytes
+        return file
+
     def _expire(self, name: bytes) -> None:
-        held = self._files.pop(name, None)
-        if held is not None:
-            held[0].cancel()
-            self._file_bytes -= held[1]
+        file = self._forget(name)
         self._shm.unlink(name)
+        if file is not None:
+            self._shm.unlink(file.spent)
 
     def _shared_chunk(self, channel: _Channel, inner: list[Any]) -> list[Any] | None:
         """`inner` as a CHUNK: one whose data is a shared-memory descriptor gets a

@@ -134,6 +134,12 @@ DIRECT_SHM_MAX_PENDING_BYTES = STREAM_MAX_BYTES_PER_PEER
 not taken yet: each is kept up to `STREAM_TIMEOUT_S` (a receiver that died, or never reads), and
 /dev/shm is the host's memory. Past it a chunk goes sealed over the path instead."""
 
+DIRECT_SHM_SPARE_S = 1.0
+"""A shared-memory file its receiver read is handed back to its sender (renamed), which writes
+the same path's next chunk into it (its pages already there: ~10 ms of CPU less per 64 MiB,
+both ends together); one not written again within this long (seconds) after it was handed back
+(1-2 s: files are looked at once per period) is unlinked."""
+
 DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
 """A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
 path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""

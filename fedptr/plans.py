@@ -41,6 +41,7 @@ first for momentum.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,10 +222,13 @@ class Plan:
         run = wire.RunPlan(recorded.plan_id, [p.id_at_location for p in (*inputs, *recorded.captured)], result_ids)
         client.link.hold_turn()  # the get of an output, if it follows at once, goes with the run
         ran = client.request_nowait(location, run)
-        ran.add_done_callback(lambda f: self._ran(key, recorded, f))
+        loop = asyncio.get_running_loop()
+        replies: list[asyncio.Future[wire.Message]] = [loop.create_future() for _ in result_ids]
+        # one callback shares the reply out (each a loop turn's handle: this runs per call)
+        ran.add_done_callback(functools.partial(self._ran, key, recorded, recorded.sent, replies))
         outputs = [
-            Pointer(client, location, obj_id, _output_reply(ran, recorded.sent, i), meta=m)
-            for i, (obj_id, m) in enumerate(zip(result_ids, recorded.output_metas, strict=True))
+            Pointer(client, location, obj_id, reply, meta=m)
+            for obj_id, reply, m in zip(result_ids, replies, recorded.output_metas, strict=True)
         ]
         if recorded.shape == "none":
             client.track_effect(location, ran)  # nothing else reports its failure: an effect's rule
@@ -241,38 +245,37 @@ class Plan:
         metas = [recorder.metas.get(p.id_at_location) for p in outputs]
         return _Recorded(plan_id, message, recorder.captured, metas, shape)
 
-    def _ran(self, key: Signature, recorded: _Recorded, ran: asyncio.Future[wire.Message]) -> None:
-        # after a failure the plan is sent again with the next run: the worker may have lost it
-        if (ran.cancelled() or ran.exception() is not None) and self._recorded.get(key) is recorded:
-            recorded.sent = None
-
-
-def _output_reply(
-    ran: asyncio.Future[wire.Message], sent: asyncio.Future[wire.Message], index: int
-) -> asyncio.Future[wire.Message]:
-    """Output `index`'s share of a run's reply: an Ok with its shape and dtype, or the run's
-    error (the plan's own, when sending the plan failed)."""
-    out: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
-
-    def settled(f: asyncio.Future[wire.Message]) -> None:
-        if f.cancelled():
-            out.cancel()
-            return
-        error = f.exception()
-        if error is not None:
+    def _ran(
+        self,
+        key: Signature,
+        recorded: _Recorded,
+        sent: asyncio.Future[wire.Message],
+        replies: list[asyncio.Future[wire.Message]],
+        ran: asyncio.Future[wire.Message],
+    ) -> None:
+        """Share a run's reply out to its outputs' `replies`: each an Ok with its shape and dtype,
+        or the run's error (the plan's own, when `sent`, sending the plan, failed). After a
+        failure the plan is sent again with the next run: the worker may have lost it."""
+        if ran.cancelled():
+            for out in replies:
+                out.cancel()
+        elif (error := ran.exception()) is not None:
             refused = sent.exception() if sent.done() and not sent.cancelled() else None
-            out.set_exception(refused or error)
-            return
-        reply = f.result()
-        if isinstance(reply, wire.PlanReply) and index < len(reply.shapes) == len(reply.dtypes):
-            shape = reply.shapes[index]
-            dims = [d for d in shape if type(d) is int] if isinstance(shape, list) else []
-            out.set_result(wire.Ok(dims, reply.dtypes[index]))
+            for out in replies:
+                out.set_exception(refused or error)
         else:
-            out.set_exception(ProtocolError(f"expected a PlanReply, got {type(reply).__name__}"))
-
-    ran.add_done_callback(settled)
-    return out
+            reply = ran.result()
+            if not (isinstance(reply, wire.PlanReply) and len(replies) <= len(reply.shapes) == len(reply.dtypes)):
+                error = ProtocolError(f"expected a PlanReply, got {type(reply).__name__}")
+                for out in replies:
+                    out.set_exception(error)
+                return
+            for out, shape, dtype in zip(replies, reply.shapes, reply.dtypes, strict=False):
+                dims = [d for d in shape if type(d) is int] if isinstance(shape, list) else []
+                out.set_result(wire.Ok(dims, dtype))
+            return
+        if self._recorded.get(key) is recorded:
+            recorded.sent = None
 
 
 def plan(fn: Callable[..., Any]) -> Plan:

@@ -12,7 +12,8 @@ Most plans are chains of plain operations (arithmetic, matmul, activations): non
 operand, reads a model or gives a gradient, so every result derives from exactly the inputs it
 reads, transitively. For those `validate` also prepares `steps`: each operation's kernel, its
 arguments decoded once (and, when they are all references, one call that takes them from the
-values), and which inputs each slot derives from (`deps`, a bitmask). A run then
+values), which inputs each slot derives from (`deps`, a bitmask), which results are views
+(copied at once) and after which step each intermediate is read no more (then dropped). A run then
 decides every taint at once from its inputs' (the per-operation rule gives the same: a plain
 operation's result derives from the union of its operands') and computes the values in a lean
 loop (nodes/compute.py) instead of one stored-entry record per operation. Plans with any other
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 
 from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, ObjectNotFoundError, OpNotAllowedError, OverloadedError
+from fedptr.opinfo import REGISTRY, Effect
 from fedptr.ops import AGGREGATES, ALLOWED
 
 from . import guard, kernels, policy
@@ -57,6 +59,12 @@ class Step(NamedTuple):
     from the values by slot at once, a tuple of them when `spread` (more than one), else the one
     value; None otherwise (`args` is filled by `refs`, or walked)."""
     spread: bool
+    view: bool
+    """Whether torch gives a view of an operand (`opinfo.Effect.VIEW`): the lean loop copies it
+    at once, as a single op's result is, so no later step reads a view bigger than its storage
+    (``expand`` to 2^40 elements of one)."""
+    frees: tuple[int, ...]
+    """The slots no later step reads and the run does not store: dropped after this step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +151,24 @@ def _steps(plan: Plan) -> tuple[Step, ...] | None:
         pick = operator.itemgetter(*(slot for _, slot in refs)) if refs and only_refs else None
         count = 1 + len(op.more_ids)
         fn = kernels.OPERATIONS[op.op]
-        steps.append(Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1))
-    return tuple(steps)
+        view = REGISTRY[op.op].effect is Effect.VIEW
+        steps.append(
+            Step(op.op, fn, args, kwargs, tuple(reads), op.result_id, count, refs, pick, len(args) > 1, view, ())
+        )
+    # each result the run does not store is dropped after the last step that reads it (at once
+    # when none does): a chain then holds a few values, not one per operation, and torch's
+    # allocator reuses the memory still in cache
+    last: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for s in range(step.result, step.result + step.n_results):
+            last[s] = i
+        for s in step.reads:
+            last[s] = i
+    frees: list[list[int]] = [[] for _ in steps]
+    for s, i in last.items():
+        if s >= plan.n_inputs and s not in plan.outputs:
+            frees[i].append(s)
+    return tuple(step._replace(frees=tuple(f)) for step, f in zip(steps, frees, strict=True))
 
 
 def _has_raw(value: Any) -> bool:

@@ -332,16 +332,18 @@ class Store:
         account.objects += 1
         entry.account = account
 
-    def _uncount(self, entry: Entry) -> None:
-        """`entry` is gone: it and its bytes no longer count against its client's quota."""
+    def _uncount(self, entry: Entry, gone: bool = True) -> None:
+        """`entry` is gone: it and its bytes no longer count against its client's quota (only
+        its bytes when it stays, not `gone`)."""
         self.bytes -= entry.charged
         account = entry.account
         if account is not None:
             account.bytes -= entry.charged
-            account.objects -= 1
-            if not account.objects:
-                del self.accounts[account.client]
-            entry.account = None
+            if gone:
+                account.objects -= 1
+                if not account.objects:
+                    del self.accounts[account.client]
+                entry.account = None
         entry.charged = 0
 
     def rename(self, obj_id: int, new_id: int) -> None:
@@ -400,6 +402,16 @@ class Store:
                 self._charge(entry, value)
         # `persist` asks again whether a write-ahead is kept: not called without one (per op)
         return self.persist(obj_id, entry, value) if durable and self.wal is not None else None
+
+    def uncommit(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
+        """Undo `commit` for a result of an op that failed after it (a later result was refused):
+        the entry stays, to be failed, but its bytes no longer count and its write-ahead record
+        is removed (a restart would bring back a value its client was told had failed). Returns
+        the future of that removal, or None when there is nothing to wait for."""
+        if not self._holds(obj_id, entry):
+            return None  # deleted meanwhile: `discard` did both
+        self._uncount(entry, gone=False)
+        return None if self.wal is None else self.wal.remove(obj_id)
 
     def persist(
         self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None

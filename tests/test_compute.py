@@ -10,6 +10,7 @@ import gc
 import types
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from fedptr.nodes import compute
@@ -18,8 +19,9 @@ from fedptr.nodes.scheduler import Scheduler
 from fedptr.nodes.store import Entry
 
 import fedptr
-from fedptr import limits
-from fedptr.errors import OverloadedError
+from fedptr import limits, wire
+from fedptr.errors import InvalidArgumentError, OverloadedError
+from tests.conftest import refused
 
 from . import harness
 
@@ -201,3 +203,53 @@ async def test_failed_ops_leave_no_reference_cycles_on_the_node() -> None:
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0)
+
+
+SECRET = np.arange(32, dtype=np.float32).reshape(8, 4)
+
+
+async def test_an_operand_is_used_only_as_the_store_allows_it_whatever_its_state() -> None:
+    # the node reads a caller's own operand straight from the store's table (`Store.get` only for
+    # a missing or foreign one, branch pernode6): another client's object, one mid hand-over, a
+    # deleted, a pending and a failed one, and a worker's private data must meet the verdicts
+    # `Store.get` gave every operand before
+    async with harness.cluster(["bob"], data={"bob": {"data": {"x": SECRET}}}) as c, c.connect() as other:
+        bob, client, store = c.worker("bob"), c.client, c.node("bob").store
+        held = [await bob.send(torch.ones(8, 4)), await other.worker("bob").send(torch.ones(8, 4))]
+        mine, theirs = (p.id_at_location for p in held)  # the pointers held: no Delete leaves
+
+        def add(*ids: int) -> asyncio.Future[wire.Message]:
+            return asyncio.ensure_future(
+                client.call("bob", wire.Op(client.new_id(), "add", [wire.Ref(i) for i in ids], {}))
+            )
+
+        assert isinstance(await add(mine, mine), wire.Ok)
+        await refused(add(mine, theirs), fedptr.PermissionDenied, owner="bob", match="another peer")
+        await refused(add(theirs, mine), fedptr.PermissionDenied, owner="bob", match="another peer")
+        taken = store.take(mine, client.name)  # a hand-over in flight: the id holds nothing here
+        await refused(add(mine, mine), fedptr.ObjectNotFoundError)
+        store.put_back(mine, taken)
+        assert isinstance(await add(mine, mine), wire.Ok)
+        failed, pending, gone = client.new_id(), client.new_id(), client.new_id()
+        store.add(failed, Entry.tensor(owner=client.name))
+        store.entries[failed].fail(InvalidArgumentError("the op that made it failed"))
+        await refused(add(mine, failed), fedptr.RemoteError, match="the op that made it failed")
+        store.add(pending, Entry.tensor(owner=client.name))
+        waiting = add(mine, pending)
+        await asyncio.sleep(0.05)  # give the op time to (wrongly) run on the pending entry
+        assert not waiting.done()
+        store.entries[pending].settle(torch.ones(8, 4))
+        assert isinstance(await asyncio.wait_for(waiting, 10), wire.Ok)
+        store.add(gone, Entry.tensor(torch.ones(8, 4), client.name))
+        store.discard(gone)
+        await refused(add(mine, gone), fedptr.ObjectNotFoundError)
+        # the worker's private data: any client computes on it, no result comes back, whatever
+        # shape the op gives it (a view, an alias written in place, several results)
+        (x,) = await bob.search("data")
+        y = await bob.send(torch.zeros(8, 4))
+        values, indices = x.sort(0)
+        for derived in (x + 1.0, x.view(32), x[0], values, indices, x.t().contiguous(), y.add_(x)):
+            await refused(derived.get(), fedptr.PermissionDenied, owner="bob")
+        await refused(y.get(), fedptr.PermissionDenied, owner="bob")  # written with x: private too
+        (theirs_x,) = await other.worker("bob").search("data")
+        await refused((theirs_x * 2.0).get(), fedptr.PermissionDenied, owner="bob")

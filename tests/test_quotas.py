@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import torch
+from fedptr.nodes.durable import DurableStore
 from fedptr.nodes.node import Node, NodeConfig
 
 import fedptr
@@ -113,3 +114,28 @@ async def test_a_move_to_the_same_node_counts_once_and_a_refused_one_changes_not
         assert store.usage(client.name) == (2, 24) and y.id_at_location in store.entries  # y stays
         await bob.clear()
         assert store.usage(client.name) == (0, 0) and store.accounts == {} and store.bytes == 0
+
+
+async def test_an_op_whose_second_result_is_refused_keeps_neither_result_charged_nor_on_disk() -> None:
+    # a multi-result op commits its results one by one: the first fitted, the second went past
+    # the quota, and the op failed; the first result's bytes must not stay charged to a failed
+    # entry holding nothing, nor its tensor be written ahead (a restart would bring it back)
+    config = NodeConfig(max_client_bytes=QUOTA_BYTES)
+    async with harness.cluster(["bob"], configs={"bob": config}, stores=["bob"]) as c:
+        node = c.node("bob")
+        x = await c.worker("bob").send(torch.arange(QUOTA_BYTES // 16, dtype=torch.float64))  # half
+        values, indices = x.sort()  # each result takes the other half: the second is refused
+        for result in (values, indices):
+            with pytest.raises(fedptr.QuotaExceededError):
+                await result
+        assert node.store.usage(c.client.name) == (3, QUOTA_BYTES // 2)  # only x's bytes
+        assert node.store.bytes == QUOTA_BYTES // 2
+        barrier = node.store.barrier()
+        assert barrier is not None
+        await asyncio.wait_for(barrier, 10)
+        assert node.store.wal is not None
+        assert set(DurableStore(node.store.wal.durable.dir).load()) == {x.id_at_location}
+        # and the room is there once the failed results are deleted: a copy of x fits
+        del values, indices, result
+        assert await eventually(_within(node, c.client.name, 1, QUOTA_BYTES // 2))
+        assert torch.equal(await (x + 0).get(), torch.arange(QUOTA_BYTES // 16, dtype=torch.float64))

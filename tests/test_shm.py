@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_asyncio
 import torch
@@ -69,7 +70,10 @@ async def opened(client: fedptr.Client, worker: str) -> DirectPaths:
 
 
 @MODULE_LOOP
-async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: fedptr.Cluster) -> None:
+async def test_send_and_get_go_through_shared_memory_and_leave_nothing(
+    secure: fedptr.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "DIRECT_SHM_SPARE_S", 2.0)  # the client's files outlive a slow turn
     direct = await opened(secure.client, "bob")
     lane = direct._lanes[b"bob"]
     assert lane.channel is not None and lane.channel.shared, "the probe did not prove the shared directory"
@@ -82,7 +86,23 @@ async def test_send_and_get_go_through_shared_memory_and_leave_nothing(secure: f
     assert files >= 1 and lane.channel.files_taken >= 1  # each way, a file
     # sealed: each file's descriptor, and at most one more (not 16 chunks of 1 MiB)
     assert lane.channel.sent - sealed_before <= files + 1, "the bytes went as sealed chunks"
-    assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+    # each file read is handed back to its maker, which writes later chunks into it (the oldest
+    # first: while the node still reads the newest, a fresh file may be needed, and the pool grows)
+    rewritten = direct.files_rewritten
+    p = await secure.client.worker("bob").send(t)
+    assert direct.files_rewritten > rewritten, "the send wrote fresh files only, none handed back"
+    assert torch.equal(await p.get(), t)
+    await nothing_left(os.getpid(), secure.pids["bob"])
+
+
+async def nothing_left(*pids: int) -> None:
+    """No file of `pids` is left once `limits.DIRECT_SHM_SPARE_S` passed (files handed back are
+    kept that long, for a next transfer)."""
+
+    async def none() -> bool:
+        return not any(ours(pid) for pid in pids)
+
+    assert await eventually(none, timeout=20.0), "files were left behind"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -129,7 +149,7 @@ async def test_without_curve_64_mib_sends_gets_and_moves_go_through_shared_memor
 
     assert await eventually(a_move_skips_the_broker, timeout=30.0), "every move's chunks went through the broker"
     assert torch.equal(await p.get(), t)
-    assert ours(os.getpid()) == [] and ours(plain.pids["bob"]) == [] and ours(plain.pids["alice"]) == []
+    await nothing_left(os.getpid(), plain.pids["bob"], plain.pids["alice"])
 
 
 @MODULE_LOOP
@@ -145,7 +165,7 @@ async def test_a_buffer_goes_as_files_of_bounded_size(secure: fedptr.Cluster, mo
     t = torch.randn(4 * MIB)  # 16 MiB: its first 4 KiB through the broker, the rest as 4 files
     assert torch.equal(await (await secure.client.worker("bob").send(t)).get(), t)
     assert lane.channel.files_sent - files_before == 4
-    assert ours(os.getpid()) == [] and ours(secure.pids["bob"]) == []
+    await nothing_left(os.getpid(), secure.pids["bob"])
 
 
 @MODULE_LOOP
@@ -316,7 +336,7 @@ async def test_the_worker_reads_one_file_per_loop_turn(tmp_path: Path) -> None:
         data = os.urandom(3 * MIB)
         for n in range(3):
             name_tag = shm.tag(channel.token, channel.outgoing, n + 1)
-            written = directory.write(name_tag, n + 1, memoryview(data)[n * MIB : (n + 1) * MIB], at=n * MIB)
+            written = directory.write(name_tag, n + 1, memoryview(data)[n * MIB : (n + 1) * MIB])
             assert written is not None
             await sock.send_multipart(channel.seal(shm_chunk(b"rid-0001", written[1], len(data), n * MIB)))
 
@@ -326,7 +346,9 @@ async def test_the_worker_reads_one_file_per_loop_turn(tmp_path: Path) -> None:
         assert await eventually(all_read, timeout=10.0), "the files were not all read"
         assert marks == ["file", "turn"] * 3, f"files read in one loop turn: {marks}"
         body = session._reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
-        assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+        assert bytes(body[1]) == data
+        spent = [directory.spent_name(written[0], channel.token, channel.outgoing, n + 1) for n in range(3)]
+        assert sorted(p.name.encode() for p in tmp_path.iterdir()) == sorted(spent), "not all handed back"
     finally:
         sock.close(linger=0)
         server.close()
@@ -527,23 +549,80 @@ def test_a_crashed_senders_files_are_swept(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("head", [MIB // 4, 3 * MIB // 4], ids=["most", "a small part"])
 def test_a_file_after_a_chunk_completes_its_buffer_whole(tmp_path: Path, head: int) -> None:
-    """A file laid out as the whole buffer (a hole before its offset) is read into it, the bytes
-    received before it kept; the sender's later writes to the file (through a descriptor it
-    opened before the unlink) do not reach the buffer: a mapping of the file, even a private
-    one, would have shown them (it did, in the first version, for the pages not yet written)."""
+    """A file holding the rest of a buffer is read into it at its offset, the bytes received
+    before it kept; the sender's later writes to the file (through a descriptor it kept, as it
+    rewrites a file handed back for its next chunk) do not reach the buffer: a mapping of the
+    file, even a private one, would have shown them (it did, in the first version, for the
+    pages not yet written)."""
     directory = shm.Directory(str(tmp_path))
     data = os.urandom(MIB)
     reassembly = Reassembly()
     reassembly.add(b"alice", b"rid-0001", envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, 0, MIB), data[:head])
-    out = directory.write(shm.tag(TOKEN, b"to worker", 1), 1, memoryview(data[head:]), at=head)
+    out = directory.write(shm.tag(TOKEN, b"to worker", 1), 1, memoryview(data[head:]))
     assert out is not None
     kept = os.open(tmp_path / out[0].decode(), os.O_RDWR)  # the sender keeps a way to write
     try:
         info = envelope.CHUNK_INFO.pack(envelope.REQUEST, 1, head, MIB)
         reassembly.add(b"alice", b"rid-0001", info, directory.take(out[1], TOKEN, b"to worker", 0))
         body = reassembly.complete(envelope.REQUEST, b"alice", b"rid-0001", [b"header", b""])
-        os.pwrite(kept, bytes(MIB - head), head)  # after the receiver took it
+        os.pwrite(kept, bytes(MIB - head), 0)  # after the receiver took it
     finally:
         os.close(kept)
-    assert bytes(body[1]) == data and list(tmp_path.iterdir()) == []
+    assert bytes(body[1]) == data
+    # handed back to its maker under the path's other name for it, nothing else left
+    spent = directory.spent_name(out[0], TOKEN, b"to worker", 1)
+    assert [p.name.encode() for p in tmp_path.iterdir()] == [spent]
     body[1][:4] = b"abcd"  # writable, as a received tensor must be
+
+
+async def test_a_file_handed_back_is_written_again_for_its_own_path_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver hands a file it read back to its maker, which writes that path's next chunk
+    into it (its pages already there); another path's chunk never goes into it (its receiver,
+    which may have kept a descriptor, would read it), nor does a file of two links; one not
+    written again within `limits.DIRECT_SHM_SPARE_S` is unlinked."""
+    monkeypatch.setattr(limits, "DIRECT_SHM_SPARE_S", 0.2)
+    with _sharing(tmp_path) as (sender, alice):
+        bob = _channel(*_keys(), connecting=True)
+        bob.shared = True
+        frames = _chunk(envelope.REQUEST)
+
+        def sent(channel: Any) -> tuple[bytes, int]:
+            name = sender._seal(channel, frames)[1]
+            assert name, "not written to a file"
+            return name, os.stat(tmp_path / name.decode()).st_ino
+
+        def hand_back(channel: Any, name: bytes, inode: int) -> None:  # as a receiver does once it read it
+            counter = channel.files_sent
+            descriptor = shm._DESCRIPTOR.pack(counter, 2 * MIB, inode) + name
+            incoming = sender._shm.take(descriptor, channel.token, channel.outgoing, counter - 1)
+            incoming.place(np.empty(4096 + 2 * MIB, dtype=np.uint8), 4096)
+            assert not (tmp_path / name.decode()).exists(), "not handed back"
+
+        name, inode = sent(alice)
+        hand_back(alice, name, inode)
+        assert sent(bob)[1] != inode, "another path's chunk went into a file alice's receiver read"
+        again, rewritten = sent(alice)
+        assert rewritten == inode and sender.files_rewritten == 1
+        hand_back(alice, again, inode)
+        os.link(tmp_path / sender._files[again].spent.decode(), tmp_path / "kept")  # a link kept to it
+        assert sent(alice)[1] != inode and sender.files_rewritten == 1, "a file of two links was written"
+        os.unlink(tmp_path / "kept")
+
+        async def untaken_left() -> bool:  # bob's file and alice's last were never taken
+            return len(list(tmp_path.iterdir())) == 2 and len(sender._files) == 2
+
+        assert await eventually(untaken_left, timeout=10.0), "a file handed back was kept"
+
+
+def test_a_peer_of_the_earlier_file_layout_gets_no_shared_memory(tmp_path: Path) -> None:
+    """Files laid out as their whole buffer and unlinked once read (the layout before) are not
+    what this one reads (its files start at offset 0, handed back once read): a probe offer of
+    that layout (three words) finds no shared memory, so the two ends use sealed chunks rather
+    than refuse each other's files."""
+    directory = shm.Directory(str(tmp_path))
+    probe = directory.probe()
+    assert probe is not None
+    assert directory.check_probe(probe[1])
+    assert not directory.check_probe(b" ".join(probe[1].split(b" ")[:3])), "an earlier layout's offer was taken"

@@ -454,3 +454,129 @@ def test_decode_request_reads_a_request_as_decode_does_and_keeps_no_ok() -> None
     wire._OKS_DECODED.pop(ok[0], None)
     assert wire.decode_request(ok).message == wire.Ok([3, 3], "float64")
     assert ok[0] not in wire._OKS_DECODED
+
+
+# --- red team round 8: a small header decoded without unpackb's limit keywords ---------------
+# `decode_request` reads a header of at most `wire._SMALL_HEADER` bytes with msgpack's defaults
+# (each length bounded by the header's own size); with `_SMALL_HEADER` at 0 it takes the path
+# with the explicit limits, the decoder before that change. On any input both must give the same
+# message, or both a ProtocolError (whose text may name a different limit), never anything else.
+def _outcome(frames: list[bytes]) -> wire.Decoded | ProtocolError:
+    try:
+        return wire.decode_request(frames)
+    except ProtocolError as e:
+        return e
+
+
+def _both_paths(frames: list[bytes]) -> tuple[object, object]:
+    lean = _outcome(frames)
+    saved = wire._SMALL_HEADER
+    wire._SMALL_HEADER = 0  # not monkeypatch: hypothesis runs many examples in one test call
+    try:
+        limited = _outcome(frames)
+    finally:
+        wire._SMALL_HEADER = saved
+    return lean, limited
+
+
+def _agree(frames: list[bytes]) -> None:
+    lean, limited = _both_paths(frames)
+    if isinstance(lean, ProtocolError) or isinstance(limited, ProtocolError):
+        assert isinstance(lean, ProtocolError) and isinstance(limited, ProtocolError), (lean, limited)
+    else:
+        assert isinstance(lean, wire.Decoded) and isinstance(limited, wire.Decoded)
+        assert lean.budget_ms == limited.budget_ms and same(lean.message, limited.message)
+
+
+_odd_ext = st.sampled_from(
+    [
+        msgpack.Timestamp(0),  # extension -1: msgpack decodes it itself, not through the hook
+        msgpack.Timestamp(1 << 40, 5),
+        msgpack.ExtType(2, b"\0" * 8),
+        msgpack.ExtType(2, b"\0" * 9),
+        msgpack.ExtType(1, msgpack.packb(["float32", [1], 1])),
+        msgpack.ExtType(7, b""),
+    ]
+)
+_hostile = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | _odd_ext,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=3) | st.integers(0, 3) | st.binary(max_size=2) | st.booleans(), inner, max_size=3
+        )
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([m.KIND for m in SAMPLES]), st.integers(-1, 3), st.lists(_hostile, max_size=6))
+def test_a_small_header_is_read_as_the_limited_decoder_reads_it(kind: int, budget: int, fields: list[object]) -> None:
+    _agree([msgpack.packb([kind, budget, *fields])])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, len(SAMPLES) - 1), st.integers(0, 200), st.binary(min_size=1, max_size=12), st.booleans())
+def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(
+    which: int, at: int, noise: bytes, insert: bool
+) -> None:
+    frames = [bytes(f) for f in wire.encode(SAMPLES[which], budget_ms=3)]
+    header = frames[0]
+    at %= len(header) + 1
+    frames[0] = header[:at] + noise + header[at + (0 if insert else len(noise)) :]
+    _agree(frames)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x91" * 2000 + b"\xc0",  # nesting far past msgpack's own stack and MAX_VALUE_DEPTH
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {}])[:-1] + b"\x82\xa1a\x01\xa1a\x02",  # a duplicate key
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {1: 2}], strict_types=False),  # an int key
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {b"k": 2}]),  # a bytes key
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {"k": msgpack.Timestamp(1)}]),
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {}])[:-1] + b"\x81\xd6\xff\0\0\0\0\x01",  # a timestamp key
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", []]) + b"\xc7\x0c\xff" + b"\xff" * 12,  # nanoseconds past 1e9
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", []]) + b"\xc7\x05\xff" + b"\0" * 5,  # a timestamp of 5 bytes
+        msgpack.packb([wire.Op.KIND, 0, 1, b"add", [], {}]),  # bin where a str is due
+        msgpack.packb([wire.Op.KIND, 0, 1, "add", [[[]] * 1000], {}]),  # many small containers
+        msgpack.packb([wire.Op.KIND, 0, 1, "add"])[:-4] + b"\xdb\xff\xff\xff\xff",  # a huge declared str
+        msgpack.packb([wire.Op.KIND, 0, 1, "add"])[:-4] + b"\xc9\xff\xff\xff\xff\x02",  # a huge declared ext
+    ],
+    ids=[
+        "deep",
+        "duplicate-key",
+        "int-key",
+        "bytes-key",
+        "timestamp",
+        "timestamp-key",
+        "bad-nanos",
+        "ts-5-bytes",
+        "bin-op",
+        "containers",
+        "str",
+        "ext",
+    ],
+)
+def test_hostile_small_headers_are_read_as_the_limited_decoder_reads_them(header: bytes) -> None:
+    assert len(header) <= wire._SMALL_HEADER
+    _agree([header])
+    _agree([header, b"\0" * 4])  # a body of several frames: the closure's hook
+
+
+@pytest.mark.parametrize("size", [wire._SMALL_HEADER - 1, wire._SMALL_HEADER, wire._SMALL_HEADER + 1])
+def test_a_header_at_the_small_headers_bound_is_read_the_same_either_side(size: int) -> None:
+    bare = len(msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {"k": ""}]))
+    pad = size - bare - 2  # the empty str's head is 1 byte, one of 256 bytes or more 3
+    header = msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {"k": "x" * pad}])
+    assert len(header) == size
+    _agree([header])
+    assert isinstance(_both_paths([header])[0], wire.Decoded)
+    too_long = msgpack.packb([wire.Op.KIND, 0, 1, "add", [], {"k": "x" * (limits.MAX_STR_BYTES + 1)}])
+    assert all(isinstance(o, ProtocolError) for o in _both_paths([too_long]))
