@@ -628,6 +628,21 @@ async def test_a_file_handed_back_is_written_again_for_its_own_path_only(
         assert await eventually(untaken_left, timeout=10.0), "a file handed back was kept"
 
 
+async def test_a_file_put_under_the_spent_name_leaves_no_file_of_ours_behind(tmp_path: Path) -> None:
+    """The receiver, without reading the file sent, puts a file of its own under the name it
+    would hand it back under (it knows the path's secret): the sender, taking that for a hand-back,
+    made a fresh file for its next chunk and forgot the one never read, which then outlived its
+    budget, its timeout and the path's close (red9)."""
+    with _sharing(tmp_path) as (sender, alice):
+        frames = _chunk(envelope.REQUEST)
+        first = sender._seal(alice, frames)[1]
+        (tmp_path / sender._files[first].spent.decode()).write_bytes(b"not the file sent")
+        second = sender._seal(alice, frames)[1]
+        assert second and sender.files_rewritten == 0
+        assert first in sender._files, "a file never taken was forgotten (outside the budget and timeouts)"
+    assert list(tmp_path.iterdir()) == [], "a file of ours outlived the path"
+
+
 def test_a_peer_of_the_earlier_file_layout_gets_no_shared_memory(tmp_path: Path) -> None:
     """Files laid out as their whole buffer and unlinked once read (the layout before) are not
     what this one reads (its files start at offset 0, handed back once read): a probe offer of
