@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedptr.nodes.node import NodeConfig
 from torch import nn
 from torch.nn import functional
 
 import fedptr
 from fedptr import optim, wire
 from fedptr.client import Client
-from fedptr.nodes.node import NodeConfig
 
 from . import harness
 from .conftest import refused
