@@ -72,21 +72,27 @@ class BrokerStats:
         self.bytes_in += sum(len(f) for f in frames)
         self.latencies.observe(command, time.perf_counter() - started)
 
-    def on_delivered(self, dest: bytes, messages: Sequence[Sequence[Any]]) -> None:
-        """`messages` (``[command, source, rid, *body]``) reached the queue of peer `dest`."""
-        self.delivered[dest] += len(messages)
+    def on_routed(self, dest: bytes, messages: Sequence[Sequence[Any]]) -> None:
+        """The general path sent `messages` (``[command, source, rid, *body]``) to peer `dest`:
+        each is logged with its request id when debugging (the fast path,
+        `Broker._relay`, stands aside then)."""
         if self.debug:
             for m in messages:
                 what = COMMAND_NAMES.get(bytes(m[0]), "other")
                 log.debug("routed %s from %r to %r", what, _text(m[1]), _text(dest), extra=rid_extra(bytes(m[2])))
-        for m in messages:
-            if m[0] == envelope.REQUEST:
-                if m[2] != envelope.NO_REPLY:
-                    self.pending[dest] += 1
-            elif m[0] == envelope.REPLY:
-                source = bytes(m[1])
-                if self.pending.get(source, 0) > 0:
-                    self.pending[source] -= 1
+
+    def on_delivered(self, dest: bytes, source: bytes, count: int, requests: Sequence[bytes], replies: int) -> None:
+        """`count` messages from `source` reached the queue of peer `dest`: `requests` (their
+        ids) and `replies` among them. Counted per batch: the replies settle what `source` had
+        pending, then the requests that expect a reply add to what `dest` has."""
+        self.delivered[dest] += count
+        if replies:
+            left = self.pending.get(source, 0)
+            if left > 0:
+                self.pending[source] = max(0, left - replies)
+        expecting = len(requests) - requests.count(envelope.NO_REPLY)
+        if expecting:
+            self.pending[dest] += expecting
 
     def on_error(self, reason: bytes) -> None:
         """The broker answered a BROKER_ERROR for `reason`."""

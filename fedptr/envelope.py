@@ -165,6 +165,22 @@ def request_after(a: bytes, b: bytes) -> bool:
     return 0 < ahead < 0x80000000
 
 
+def ascending(rids: Sequence[bytes]) -> bool:
+    """Whether each of `rids` was issued after the one before it (`request_after`), checked in
+    C, not per id: all of one incarnation, their counters strictly increasing and spanning less
+    than half the counter's range (so no step wraps around). False also when unsure."""
+    joined = b"".join(rids)
+    if not rids or len(joined) != REQUEST_ID_BYTES * len(rids):
+        return False
+    words = struct.unpack(f"<{2 * len(rids)}I", joined)
+    counters, incarnations = list(words[0::2]), words[1::2]
+    return (
+        incarnations.count(incarnations[0]) == len(rids)
+        and counters == sorted(set(counters))
+        and counters[-1] - counters[0] < 0x80000000
+    )
+
+
 def request_id_int(b: bytes) -> int:
     """The number of an 8-byte request id; raises ProtocolError when it is not 8 bytes."""
     if len(b) != REQUEST_ID_BYTES:
@@ -331,6 +347,112 @@ def parse(frames: Sequence[Any]) -> list[Envelope]:
         at = stop
     if not out or fi != len(frames):
         raise ProtocolError("a batch of no messages, or its extra frames do not match its records")
+    return out
+
+
+class Relayed(NamedTuple):
+    """What `relay` gives the broker per destination: the frames to send it, and what its
+    tables need to know about them, no message taken apart."""
+
+    name: bytes
+    """The destination's name (the records' `name`)."""
+    frames: list[Any]
+    """The messages for it, each named for the source: one message framed, several a BATCH."""
+    requests: list[bytes]
+    """The request ids of its REQUESTs, in order."""
+    replies: int
+    """How many of its messages are REPLYs."""
+    messages: int
+    """How many messages it holds."""
+
+
+_RELAYED = frozenset({REQUEST, REPLY, CHUNK})
+_PREFIXED = struct.Struct("<Ic8sHH")
+"""A batch record's length prefix, then its fixed fields (`_RECORD`): how `relay` reads a record
+and writes it again."""
+_unpack_prefixed, _pack_prefixed, _unpack_len = _PREFIXED.unpack_from, _PREFIXED.pack, _LEN.unpack_from
+_NAME_AT = _LEN.size + _RECORD.size
+"""Offset of a record's name from its length prefix (17: the command is at 4, the request id
+at 5 to 13, the name length and the count of extra frames at 13 to 17)."""
+
+
+def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
+    """The broker's fast path for what it relays most: a message or BATCH of requests, replies
+    and chunks, read and named for `source` in one pass over its head, per destination in the
+    order each first appears. Each record is copied with its name replaced, bytes sliced from
+    the received head (no message, no body list built); extra frames pass on as the same objects.
+
+    Returns None, having built nothing the caller sees, for anything else: a record of another
+    command (a FANOUT, a REGISTER, ...) or any multipart `parse` refuses (the broker then takes
+    the general path, which parses it, so a malformed one raises there). Where it returns, what
+    it delivers parses to the messages `parse` and `framed`/`pack_batch` would have delivered,
+    byte for byte so when the sender framed them with `framed` or `pack_batch`, and never in more
+    frames than were received (tests/test_envelope_relay.py holds it to both)."""
+    h = frames[0] if frames else b""
+    end = len(h)
+    if type(h) is not bytes or end <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
+        return None
+    batch = h[_COMMAND_AT:_RID_AT] == BATCH
+    # a single message's record is read as if it had a length prefix (the bytes before its
+    # command), whose value is not used: it ends where the head ends
+    at = _RID_AT if batch else _COMMAND_AT - 4
+    unpack, pack, unpack_len, inline = _unpack_prefixed, _pack_prefixed, _unpack_len, limits.INLINE_FRAME_BYTES
+    source_len = len(source)
+    own = _NAME_AT - 4 + source_len  # a relayed record's length less its inlined parts
+    nframes, fi = len(frames), 1
+    groups: dict[bytes, list[Any]] = {}
+    name: bytes | None = None
+    pieces: list[bytes] = []
+    group: list[Any] = []
+    while at < end:
+        if at + _NAME_AT > end:
+            return None
+        length, command, rid, name_len, n_extra = unpack(h, at)
+        stop = at + 4 + length if batch else end
+        p = at + _NAME_AT + name_len
+        if p > stop or stop > end or command not in _RELAYED:
+            return None
+        most = 0 if command == CHUNK else inline
+        q = p
+        while q < stop:  # the inlined parts: each within its bound, and ending where the record ends
+            if q + 4 > stop:
+                return None
+            k = unpack_len(h, q)[0]
+            if k > most:
+                return None
+            q += 4 + k
+        if q != stop:
+            return None
+        dest = h[at + _NAME_AT : p]
+        if dest != name:
+            name = dest
+            group = groups.get(dest) or groups.setdefault(dest, [[], [], [], 0])  # pieces, extras, ids, chunks
+            pieces = group[0]
+        if n_extra:
+            if fi + n_extra > nframes:
+                return None
+            group[1].extend(frames[fi : fi + n_extra])
+            fi += n_extra
+        pieces += (pack(own + stop - p, command, rid, source_len, n_extra), source, h[p:stop])
+        if command == REQUEST:
+            group[2].append(rid)
+        elif command == CHUNK:
+            group[3] += 1
+        at = stop
+    if fi != nframes:
+        return None
+    out: list[Relayed] = []
+    total = 0
+    for dest, (pieces, extra, requests, chunks) in groups.items():
+        count = len(pieces) // 3
+        total += count
+        # one message is framed alone: its record without the length prefix
+        head = PROTOCOL + BATCH + b"".join(pieces) if count > 1 else PROTOCOL + pieces[0][4:] + source + pieces[2]
+        out.append(Relayed(dest, [head, *extra], requests, count - len(requests) - chunks, count))
+    # counted here, not per record: a batch has no more records than its head has 17-byte
+    # fixed parts, and the general path refuses such a batch all the same
+    if total == 0 or total > limits.BATCH_MAX_RECEIVED:
+        return None
     return out
 
 
