@@ -124,3 +124,56 @@ def test_a_batch_naming_an_unknown_worker_delivers_the_rest_and_refuses_that_one
         rid(2),
         envelope.REASON_UNKNOWN_NAME,
     )
+
+
+def _lost_last(peers: Peers, name: bytes) -> bytes:
+    """The request id the LOST notice `name` got names as its latest relayed to the peer gone."""
+    [lost] = peers.take(name)
+    [notice] = envelope.parse(lost)
+    assert notice.command == envelope.LOST
+    return bytes(notice.body[2])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_delete_after_a_request_is_not_named_as_the_latest_request_in_lost(peers: Peers, batched: bool) -> None:
+    """A no-reply request (a Delete notice, NO_REPLY) expects nothing and can be failed by no
+    LOST notice; were it kept as the latest id (it is of "another incarnation", so after every
+    id), the notice would name it, and the session would fail every call to that name, even one
+    relayed to the process that took the name again (what 60e6974 fixed)."""
+    for name, role in ((b"w1", envelope.ROLE_WORKER), (b"c", envelope.ROLE_CLIENT)):
+        peers.join(name, role)
+    sent = [
+        envelope.message(envelope.REQUEST, b"w1", rid(1), [b"op"]),
+        envelope.message(envelope.REQUEST, b"w1", envelope.NO_REPLY, [b"delete"]),
+    ]
+    if batched:
+        peers.send(b"c", envelope.pack_batch(sent))
+    else:
+        for m in sent:
+            peers.send(b"c", envelope.framed(m))
+    assert len(peers.take(b"w1")) == (1 if batched else 2)
+    peers.send(b"w1", envelope.build(envelope.DISCONNECT, b"", envelope.NO_REPLY))
+    assert _lost_last(peers, b"c") == rid(1)
+
+
+def test_a_peer_that_sent_only_deletes_hears_lost_naming_no_request(peers: Peers) -> None:
+    for name, role in ((b"w1", envelope.ROLE_WORKER), (b"c", envelope.ROLE_CLIENT)):
+        peers.join(name, role)
+    peers.send(b"c", envelope.build(envelope.REQUEST, b"w1", envelope.NO_REPLY, b"delete"))
+    peers.send(b"w1", envelope.build(envelope.DISCONNECT, b"", envelope.NO_REPLY))
+    assert _lost_last(peers, b"c") == b""
+
+
+def test_a_peer_answering_itself_in_one_batch_has_nothing_pending(peers: Peers) -> None:
+    """A peer may send to its own name: a batch of a request and its reply leaves nothing
+    pending (the general path before the fast path counted message by message); counted
+    replies first, each such batch left one more pending, without bound."""
+    peers.join(b"c", envelope.ROLE_WORKER)
+    for n in range(1, 4):
+        batch = [
+            envelope.message(envelope.REQUEST, b"c", rid(n), [b"q"]),
+            envelope.message(envelope.REPLY, b"c", rid(n), [b"p"]),
+        ]
+        peers.send(b"c", envelope.pack_batch(batch))
+        assert len(peers.take(b"c")) == 1
+    assert peers.stats()["peer.c.pending"] == "0"
