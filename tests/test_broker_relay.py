@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import zmq
 from fedptr.broker.router import Broker
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from fedptr import envelope
 from fedptr.zio import events, recv_frames
@@ -177,3 +179,73 @@ def test_a_peer_answering_itself_in_one_batch_has_nothing_pending(peers: Peers) 
         peers.send(b"c", envelope.pack_batch(batch))
         assert len(peers.take(b"c")) == 1
     assert peers.stats()["peer.c.pending"] == "0"
+
+
+_rids = st.sampled_from([rid(1), rid(2), rid(7), envelope.NO_REPLY, b"\xff\xff\xff\xff\1\0\0\0", b"\0\0\0\0\2\0\0\0"])
+_bodies = st.sampled_from([[b"a"], [b"b", b"x" * 3000], [b""]])
+_clean = st.tuples(
+    st.sampled_from([envelope.REQUEST] * 3 + [envelope.REPLY, envelope.CHUNK]),
+    st.sampled_from([b"w1", b"w1", b"w2", b"c"]),
+    _rids,
+    _bodies,
+)
+"""What the fast path relays: requests, replies and chunks to registered names (its own too)."""
+_odd = st.one_of(
+    st.tuples(st.sampled_from([envelope.REQUEST, envelope.REPLY]), st.just(b"nobody"), _rids, _bodies),
+    st.tuples(st.just(envelope.HEARTBEAT), st.just(b"w1"), _rids, st.just([])),
+    st.tuples(st.just(envelope.FANOUT), st.sampled_from([b"w1", b"nobody"]), _rids, st.just([b"f"])),
+)
+"""What sends a batch to the general path: an unknown name, a heartbeat, a fan-out."""
+_batches = st.lists(
+    st.one_of(st.lists(_clean, min_size=1, max_size=8), st.lists(st.one_of(_clean, _odd), min_size=1, max_size=8)),
+    min_size=1,
+    max_size=3,
+)
+
+
+def _message(command: bytes, name: bytes, request_id: bytes, body: list[bytes]) -> list[Any]:
+    if command != envelope.FANOUT:
+        return envelope.message(command, name, request_id, body)
+    inner = envelope.message(envelope.REQUEST, b"", envelope.NO_REPLY, body)
+    return envelope.fanout(envelope.pack_targets([(name, request_id), (b"w2", rid(9))]), inner)
+
+
+def _world(general: bool, batches: list[list[tuple[bytes, bytes, bytes, list[bytes]]]]) -> list[Any]:
+    """Everything the peers of one real broker saw (messages, STATS, LOST) for `batches` sent
+    by c, then w1's departure; through the general path alone when `general`."""
+    p = Peers(new_broker())
+    try:
+        p.broker.stats.debug = general  # debug logging makes the broker take the general path
+        for name, role in ((b"w1", envelope.ROLE_WORKER), (b"w2", envelope.ROLE_WORKER), (b"c", envelope.ROLE_WORKER)):
+            p.join(name, role)
+        seen: list[Any] = []
+        for batch in batches:
+            built = [_message(*m) for m in batch]
+            p.send(b"c", envelope.pack_batch(built) if len(built) > 1 else envelope.framed(built[0]))
+            for name in (b"w1", b"w2", b"c"):
+                seen += [
+                    (name, [(e.command, e.name, e.rid, *map(bytes, e.body)) for e in envelope.parse(f)])
+                    for f in p.take(name)
+                ]
+        stats = {k: v for k, v in p.stats().items() if not k.endswith("heard_ms")}
+        p.send(b"w1", envelope.build(envelope.DISCONNECT, b"", envelope.NO_REPLY))
+        lost = [[(e.command, e.name, *map(bytes, e.body)) for e in envelope.parse(f)] for f in p.take(b"c")]
+        return [seen, stats, lost, p.broker.table.sizes()]
+    finally:
+        for s in p.socks.values():
+            s.close(linger=0)
+        p.broker.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(_batches)
+@example([[(envelope.REQUEST, b"w1", rid(1), [b"a"]), (envelope.REQUEST, b"w1", rid(2), [b"a"])]])
+@example([[(envelope.REQUEST, b"c", rid(1), [b"a"]), (envelope.REPLY, b"c", rid(1), [b"a"])]])
+def test_the_fast_path_keeps_every_table_and_counter_as_the_general_path(
+    batches: list[list[tuple[bytes, bytes, bytes, list[bytes]]]],
+) -> None:
+    """Mixed batches (requests, replies, chunks, fan-outs, heartbeats, unknown names, the
+    sender's own name; ids repeated, wrapped, of another incarnation, NO_REPLY) through one
+    real broker on its fast path and one on its general path: every peer sees the same
+    messages and errors, STATS the same counters, and the LOST notice the same latest id."""
+    assert _world(False, batches) == _world(True, batches)
