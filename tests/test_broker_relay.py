@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import zmq
-from fedptr.broker.router import Broker
+from fedptr.broker.router import Broker, BrokerConfig
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedptr import envelope
 from fedptr.zio import events, recv_frames
 
-from .test_session import new_broker
+from .test_session import _endpoints, new_broker
 
 _POLLIN = int(zmq.POLLIN)
 
@@ -28,9 +28,10 @@ class Peers:
         self.broker = broker
         self.socks: dict[bytes, zmq.Socket[bytes]] = {}
 
-    def join(self, name: bytes, role: bytes) -> None:
+    def join(self, name: bytes, role: bytes, rcvhwm: int = 1000) -> None:
         sock = self.socks[name] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
         sock.connect(self.broker.endpoint)
         self.send(name, envelope.build(envelope.REGISTER, name, envelope.NO_REPLY, role))
         [accepted] = self.take(name)
@@ -249,3 +250,31 @@ def test_the_fast_path_keeps_every_table_and_counter_as_the_general_path(
     real broker on its fast path and one on its general path: every peer sees the same
     messages and errors, STATS the same counters, and the LOST notice the same latest id."""
     assert _world(False, batches) == _world(True, batches)
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_a_worker_that_does_not_read_gets_what_fits_and_each_request_refused_is_told(general: bool) -> None:
+    """A slow consumer: batches of two requests to a worker that reads nothing, past the broker's
+    queue to it. Each request is delivered or refused (OVERLOADED, its own id) exactly once, and
+    STATS counts as pending only those delivered, as refused each multipart refused."""
+    p = Peers(Broker(BrokerConfig(bind=f"inproc://relay-hwm-{next(_endpoints)}", heartbeat_s=3600.0, hwm=2)))
+    try:
+        p.broker.stats.debug = general
+        p.join(b"w1", envelope.ROLE_WORKER, rcvhwm=2)
+        p.join(b"c", envelope.ROLE_CLIENT)
+        sent = [rid(n) for n in range(1, 41)]
+        for a, b in zip(sent[::2], sent[1::2], strict=True):
+            batch = [envelope.message(envelope.REQUEST, b"w1", r, [b"q"]) for r in (a, b)]
+            p.send(b"c", envelope.pack_batch(batch))
+        errors = [e for f in p.take(b"c") for e in envelope.parse(f)]
+        assert {(e.command, bytes(e.body[0])) for e in errors} == {(envelope.BROKER_ERROR, envelope.REASON_OVERLOADED)}
+        stats = p.stats()
+        delivered = [e.rid for f in p.take(b"w1") for e in envelope.parse(f)]
+        refused = [e.rid for e in errors]
+        assert sorted(delivered + refused) == sent and delivered and refused
+        assert stats["peer.w1.pending"] == str(len(delivered))
+        assert stats["peer.w1.refused"] == str(len(refused) // 2)
+    finally:
+        for sock in p.socks.values():
+            sock.close(linger=0)
+        p.broker.close()
