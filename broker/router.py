@@ -73,9 +73,9 @@ class RoutingTable:
     to the peers it concerns: those that asked it something (their calls on it must fail) and
     those it asked something; a client's departure is also told to every worker (its objects
     there are reclaimed), O(workers) per departure. `senders` keeps the last request id each
-    sender had relayed to the name (the latest issued, of those expecting a reply): its LOST notice says which of its calls
-    may have gone to the peer that is gone, so a later one (relayed to the peer that took the name
-    again) is not failed."""
+    sender had relayed to the name (the latest issued, of those expecting a reply): its LOST
+    notice says which of its calls may have gone to the peer that is gone, so a later one
+    (relayed to the peer that took the name again) is not failed."""
 
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
@@ -105,8 +105,11 @@ class RoutingTable:
             senders = self.senders[dest] = {}
         last = senders.get(source_identity, b"")
         no_reply = envelope.NO_REPLY
-        if len(rids) > 1 and rids[0] != no_reply and envelope.ascending(rids) and (
-            not last or envelope.request_after(rids[0], last)
+        if (
+            len(rids) > 1
+            and rids[0] != no_reply
+            and envelope.ascending(rids)
+            and (not last or envelope.request_after(rids[0], last))
         ):
             last = rids[-1]  # each after the one before (none NO_REPLY): the fold below would end on the last
         else:
