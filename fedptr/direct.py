@@ -637,13 +637,17 @@ class DirectPaths:
     def _spare(self, channel: _Channel) -> _File | None:
         """The oldest file written for `channel` if its receiver handed it back (read it: files
         are taken in order), forgotten here to be written again for the same path only: its
-        receiver, which may have kept a descriptor of it, gets only what it was going to get."""
+        receiver, which may have kept a descriptor of it, gets only what it was going to get.
+        Handed back is its spent name there and its own gone (the receiver's rename does both at
+        once): a file the receiver put under the spent name without taking ours would have had
+        ours forgotten here, never unlinked."""
         while channel.files:
-            file = self._files.get(channel.files[0])
+            name = channel.files[0]
+            file = self._files.get(name)
             if file is None:  # expired, or given up
                 channel.files.popleft()
                 continue
-            if not self._shm.exists(file.spent):
+            if not self._shm.exists(file.spent) or self._shm.exists(name):
                 return None
             self._forget(channel.files.popleft())
             return file

@@ -39,7 +39,9 @@ class Effect(enum.Enum):
     NEW = "new"
     """A fresh result (the node copies one that would share an operand's storage)."""
     VIEW = "view"
-    """torch gives a view of the first operand; the node stores a copy, so entries never share memory."""
+    """torch gives a view of the first operand (``getitem``: by basic indexing); the node stores a
+    copy, so entries never share memory, and a plan's lean loop copies it at once, so no stored
+    result keeps a bigger intermediate's storage alive (nodes/plans.py `Step.view`)."""
     WRITES = "in place"
     """Changes its first operand (the target, given by position) under no_grad; the result is the target."""
     ALIAS = "alias"
@@ -176,7 +178,7 @@ _ENTRIES: list[OpInfo] = [
             "F.avg_pool2d F.embedding F.layer_norm", call=Call.FUNCTIONAL),
     *_group("in place", "add_ sub_ mul_ div_ zero_ addcmul_ addcdiv_ copy_ fill_ clamp_",
             effect=Effect.WRITES, shape=Shape.TARGET),
-    _op("getitem", "indexing", call=Call.SPECIAL, shape=Shape.RULE, data_dependent=True,
+    _op("getitem", "indexing", call=Call.SPECIAL, shape=Shape.RULE, data_dependent=True, effect=Effect.VIEW,
         signature="(*index): t[index]; ints, slices, ..., None, int lists, index or mask tensors"),
     _op("setitem", "indexing", call=Call.SPECIAL, effect=Effect.WRITES, shape=Shape.TARGET,
         signature="(value, *index): t[index] = value"),

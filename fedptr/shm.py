@@ -29,7 +29,7 @@ read, never mapped: the sender holds a descriptor of the file and writes to it a
   *spent* name (`Directory.spent_name`: the maker's prefix and a second HMAC tag under the same
   path secret and counter); the maker writes that same path's next chunk into it (`write`), after
   checking on the descriptor it reopened that it is still its file (its inode, one link, its
-  uid), else it makes a fresh one. A receiver that kept a descriptor (or a link) can read only
+  uid, mode 0600), else it makes a fresh one. A receiver that kept a descriptor (or a link) can read only
   what its own path sends it next, which it gets anyway; what it already read is in its own
   memory, where later writes do not reach.
 * **Nothing leaks.** The receiver unlinks a file it refused (over a stream budget, say, without
@@ -72,6 +72,8 @@ _DESCRIPTOR = struct.Struct("!QQQ")  # counter, size, inode; then the name
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _REWRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_MODE = 0o600
+"""Our files' permissions: their owner's alone (a file handed back otherwise is not written again)."""
 _TAG_BYTES = 16
 _SPENT = b" spent"
 """Appended to a direction in the tag of the name a receiver hands a file back under."""
@@ -139,7 +141,7 @@ class Directory:
         fd = self._reopen(spent, inode, name) if spent else -1
         try:
             if fd == -1:
-                fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=self._fd)
+                fd = os.open(name, _CREATE_FLAGS, _MODE, dir_fd=self._fd)
         except OSError:
             return None
         try:
@@ -159,14 +161,22 @@ class Directory:
 
     def _reopen(self, spent: bytes, inode: int, name: bytes) -> int:
         """A descriptor of our file now named `spent`, renamed to `name`, for writing; -1 when it
-        is gone or not the file we made (another inode, more than one link, another owner)."""
+        is gone or not the file we made (another inode, more than one link, another owner, or
+        opened to anyone but its owner: a receiver's chmod would otherwise let another uid read
+        the next chunk)."""
         try:
             fd = os.open(spent, _REWRITE_FLAGS, dir_fd=self._fd)
         except OSError:
             return -1
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_ino != inode or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_ino != inode
+                or st.st_nlink != 1
+                or st.st_uid != os.geteuid()
+                or stat.S_IMODE(st.st_mode) != _MODE
+            ):
                 os.close(fd)
                 return -1
             os.rename(spent, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)

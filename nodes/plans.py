@@ -62,7 +62,8 @@ class Step(NamedTuple):
     view: bool
     """Whether torch gives a view of an operand (`opinfo.Effect.VIEW`): the lean loop copies it
     at once, as a single op's result is, so no later step reads a view bigger than its storage
-    (``expand`` to 2^40 elements of one)."""
+    (``expand`` to 2^40 elements of one) and no output keeps a bigger intermediate's storage
+    alive while charged for its own elements (``getitem(repeat(p, 1024, 1024), 0, 0)``)."""
     frees: tuple[int, ...]
     """The slots no later step reads and the run does not store: dropped after this step."""
 

@@ -253,3 +253,13 @@ async def test_an_operand_is_used_only_as_the_store_allows_it_whatever_its_state
         await refused(y.get(), fedptr.PermissionDenied, owner="bob")  # written with x: private too
         (theirs_x,) = await other.worker("bob").search("data")
         await refused((theirs_x * 2.0).get(), fedptr.PermissionDenied, owner="bob")
+
+
+def test_a_lean_views_operand_given_by_keyword_is_seen_too() -> None:
+    # getitem takes its tensor by keyword too (getitem(t=x)): a view of an operand is copied
+    # whichever way the operand came (red9)
+    x = torch.ones(4, 4)
+    view = x[0]
+    for args, kwargs in (([x, 0], {}), ([], {"t": x})):
+        copied = compute._unviewed(view, args, kwargs)
+        assert copied.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()

@@ -507,6 +507,8 @@ async def test_an_op_whose_shape_depends_on_private_values_is_refused_in_a_plan_
 # --- the lean loop against the same plan op by op -----------------------------------------
 _UNARY = (
     *("neg", "relu", "abs", "exp", "float", "t", "clone", "detach", "flatten", "sign", "logical_not", "long"),
+    *("contiguous", "double", "bool", "type_as"),  # torch may return the operand itself (type_as: of itself)
+    "first",  # getitem by basic indexing: a view (red9)
     "nonzero",  # its shape counts values: refused on private data, lean or not
 )
 _BINARY = ("add", "mul", "sub", "maximum", "eq", "matmul", "where_mask", "getitem", "masked_select")
@@ -529,7 +531,12 @@ def _plain_plan(n_inputs: int, drawn: list[tuple[Any, ...]], pick: list[int]) ->
     for kind, *rest in drawn:
         if kind == "unary":
             name, a = rest
-            ops.append([name, [R(a % slots)], {}])
+            if name == "first":
+                ops.append(["getitem", [R(a % slots), {"__slice__": [0, 2, None]}], {}])
+            elif name == "type_as":
+                ops.append([name, [R(a % slots), R(a % slots)], {}])
+            else:
+                ops.append([name, [R(a % slots)], {}])
         elif kind == "binary":
             name, a, b = rest
             if name == "where_mask":  # a private condition picks between two tensors
@@ -606,6 +613,7 @@ async def _observe(
 @example(chosen=["public float", "bob x"], drawn=[("unary", "t", 0), ("unary", "flatten", 2)], pick=[1])
 @example(chosen=["public float"], drawn=[("unary", "float", 0), ("unary", "float", 1)], pick=[0, 1])
 @example(chosen=["public int", "bob y"], drawn=[("unary", "long", 0), ("unary", "long", 2)], pick=[0, 1])
+@example(chosen=["public float"], drawn=[("unary", "float", 0), ("unary", "first", 1)], pick=[0, 1])
 async def test_a_plain_plan_runs_lean_as_it_runs_op_by_op(
     setup: Setup, chosen: list[str], drawn: list[tuple[Any, ...]], pick: list[int]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedptr.nodes.node import NodeConfig
 from torch import nn
 from torch.nn import functional
 
@@ -277,6 +278,23 @@ async def test_a_plain_plans_results_never_share_memory_with_its_inputs_or_each_
         assert torch.equal(await y_flat.get(), torch.zeros(6))
         assert torch.equal(await t_flat.get(), torch.zeros(6))
         assert torch.equal(await t_detached.get(), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("index", [[0, 0], [{"__slice__": [0, 1, None]}]], ids=["element", "row"])
+async def test_a_plain_plans_output_holds_no_more_memory_than_it_is_charged(index: list[object]) -> None:
+    # getitem with basic indexing gives a view, as the VIEW ops do: of an intermediate (4 MiB
+    # here) it would be stored still holding the intermediate's whole storage while charged
+    # for its own few bytes, past --max-store-bytes and the client's quota (red9)
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=64 * 1024)}) as c:
+        p = await c.worker("bob").send(torch.ones(1, 1))
+        plan = [["repeat", [wire.Ref(0), 1024, 1024], {}], ["getitem", [wire.Ref(1), *index], {}]]
+        await c.client.call("bob", wire.PutPlan(7, 1, plan, [2]))
+        assert lean_plans(c, "bob") == [True]
+        (out,) = [c.client.new_id()]
+        await c.client.call("bob", wire.RunPlan(7, [p.id_at_location], [out]))
+        value = c.node("bob").store.entries[out].result()
+        held, charged = value.untyped_storage().nbytes(), value.numel() * value.element_size()
+        assert held == charged, f"a {charged}-byte output holds {held} bytes"
 
 
 async def test_a_plain_plans_refusal_on_private_data_is_worded_as_the_op_alone() -> None:

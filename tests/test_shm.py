@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -607,13 +608,39 @@ async def test_a_file_handed_back_is_written_again_for_its_own_path_only(
         assert rewritten == inode and sender.files_rewritten == 1
         hand_back(alice, again, inode)
         os.link(tmp_path / sender._files[again].spent.decode(), tmp_path / "kept")  # a link kept to it
-        assert sent(alice)[1] != inode and sender.files_rewritten == 1, "a file of two links was written"
+        third, fresh = sent(alice)
+        assert fresh != inode and sender.files_rewritten == 1, "a file of two links was written"
         os.unlink(tmp_path / "kept")
+        # handed back opened to every uid (the receiver's chmod): the next chunk goes into a new
+        # file of 0600, not into one another uid can read (red9)
+        hand_back(alice, third, fresh)
+        os.chmod(tmp_path / sender._files[third].spent.decode(), 0o644)
+        fourth, inode4 = sent(alice)
+        assert inode4 != fresh and sender.files_rewritten == 1, "a file others can read was written"
+        assert stat.S_IMODE(os.stat(tmp_path / fourth.decode()).st_mode) == 0o600
+        hand_back(alice, fourth, inode4)
+        sent(alice)  # rewritten: the receiver's hand-back keeps the mode (what was checked above)
+        assert sender.files_rewritten == 2
 
         async def untaken_left() -> bool:  # bob's file and alice's last were never taken
             return len(list(tmp_path.iterdir())) == 2 and len(sender._files) == 2
 
         assert await eventually(untaken_left, timeout=10.0), "a file handed back was kept"
+
+
+async def test_a_file_put_under_the_spent_name_leaves_no_file_of_ours_behind(tmp_path: Path) -> None:
+    """The receiver, without reading the file sent, puts a file of its own under the name it
+    would hand it back under (it knows the path's secret): the sender, taking that for a hand-back,
+    made a fresh file for its next chunk and forgot the one never read, which then outlived its
+    budget, its timeout and the path's close (red9)."""
+    with _sharing(tmp_path) as (sender, alice):
+        frames = _chunk(envelope.REQUEST)
+        first = sender._seal(alice, frames)[1]
+        (tmp_path / sender._files[first].spent.decode()).write_bytes(b"not the file sent")
+        second = sender._seal(alice, frames)[1]
+        assert second and sender.files_rewritten == 0
+        assert first in sender._files, "a file never taken was forgotten (outside the budget and timeouts)"
+    assert list(tmp_path.iterdir()) == [], "a file of ours outlived the path"
 
 
 def test_a_peer_of_the_earlier_file_layout_gets_no_shared_memory(tmp_path: Path) -> None:
