@@ -73,9 +73,9 @@ class RoutingTable:
     to the peers it concerns: those that asked it something (their calls on it must fail) and
     those it asked something; a client's departure is also told to every worker (its objects
     there are reclaimed), O(workers) per departure. `senders` keeps the last request id each
-    sender had relayed to the name (the latest issued): its LOST notice says which of its calls
-    may have gone to the peer that is gone, so a later one (relayed to the peer that took the name
-    again) is not failed."""
+    sender had relayed to the name (the latest issued, of those expecting a reply): its LOST
+    notice says which of its calls may have gone to the peer that is gone, so a later one
+    (relayed to the peer that took the name again) is not failed."""
 
     by_name: dict[bytes, bytes] = field(default_factory=dict)
     by_identity: dict[bytes, bytes] = field(default_factory=dict)
@@ -83,7 +83,8 @@ class RoutingTable:
     heard: dict[bytes, float] = field(default_factory=dict)
     """Registered identity -> when the broker last received anything from it (monotonic s)."""
     senders: dict[bytes, dict[bytes, bytes]] = field(default_factory=dict)
-    """Name -> identities that sent it a request -> the last such request's id."""
+    """Name -> identities that sent it a request -> the latest such request's id expecting a
+    reply (b"" when it sent only no-reply requests)."""
     contacts: dict[bytes, set[bytes]] = field(default_factory=dict)
     """Identity -> names it sent a request to."""
 
@@ -102,15 +103,23 @@ class RoutingTable:
         senders = self.senders.get(dest)
         if senders is None:
             senders = self.senders[dest] = {}
-        last = senders.get(source_identity)
-        if len(rids) > 1 and envelope.ascending(rids) and (last is None or envelope.request_after(rids[0], last)):
-            last = rids[-1]  # each after the one before: the fold below would end on the last
+        last = senders.get(source_identity, b"")
+        no_reply = envelope.NO_REPLY
+        if (
+            len(rids) > 1
+            and rids[0] != no_reply
+            and envelope.ascending(rids)
+            and (not last or envelope.request_after(rids[0], last))
+        ):
+            last = rids[-1]  # each after the one before (none NO_REPLY): the fold below would end on the last
         else:
             for rid in rids:
-                if last is None or (rid != last and envelope.request_after(rid, last)):
+                # a no-reply request (a Delete) is never the latest: no LOST notice can fail it,
+                # and, of no session's incarnation, it would count as after every id, so the
+                # notice would fail every call to the name, even those the name's next holder got
+                if rid != no_reply and (not last or (rid != last and envelope.request_after(rid, last))):
                     last = rid
-        if last is not None:
-            senders[source_identity] = last
+        senders[source_identity] = last  # b"": only no-reply requests, so LOST fails none of its calls
         contacts = self.contacts.get(source_identity)
         if contacts is None:
             contacts = self.contacts[source_identity] = set()

@@ -83,16 +83,17 @@ class BrokerStats:
 
     def on_delivered(self, dest: bytes, source: bytes, count: int, requests: Sequence[bytes], replies: int) -> None:
         """`count` messages from `source` reached the queue of peer `dest`: `requests` (their
-        ids) and `replies` among them. Counted per batch: the replies settle what `source` had
-        pending, then the requests that expect a reply add to what `dest` has."""
+        ids) and `replies` among them. Counted per batch: the requests that expect a reply add to
+        what `dest` has pending, then the replies settle what `source` had (in that order: a peer
+        sending to its own name may answer, in one batch, a request of that batch)."""
         self.delivered[dest] += count
+        expecting = len(requests) - requests.count(envelope.NO_REPLY)
+        if expecting:
+            self.pending[dest] += expecting
         if replies:
             left = self.pending.get(source, 0)
             if left > 0:
                 self.pending[source] = max(0, left - replies)
-        expecting = len(requests) - requests.count(envelope.NO_REPLY)
-        if expecting:
-            self.pending[dest] += expecting
 
     def on_error(self, reason: bytes) -> None:
         """The broker answered a BROKER_ERROR for `reason`."""

@@ -9,6 +9,7 @@ import itertools
 from typing import Any
 
 import pytest
+import zmq
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -180,3 +181,48 @@ def test_ascending_holds_only_where_each_id_is_after_the_one_before(rids: list[b
 
 def test_ascending_holds_for_a_sessions_consecutive_ids() -> None:
     assert envelope.ascending([(n).to_bytes(4, "little") + b"\3\0\0\0" for n in range(5, 69)])
+
+
+# What the strategies above cannot make: records no `_record` would write (small body parts as
+# frames of their own, inlined parts after none, a chunk's part inlined), extra frames that
+# differ from one another (above, every big part of a size is the same bytes, so a frame
+# delivered with another record would go unseen), frames that are not bytes, a destination
+# that is the source itself or a prefix of another name, many records, ids repeated, and a
+# multipart whose extra frames are one more or one fewer than its records count.
+_NAMES = [b"bob", b"bo", b"c", b"client-1", b"w" * 40]
+_handmade = st.tuples(
+    st.sampled_from([envelope.REQUEST] * 3 + [envelope.REPLY] * 2 + [envelope.CHUNK]),
+    st.sampled_from(_NAMES),
+    st.one_of(st.sampled_from([envelope.NO_REPLY, b"\1\0\0\0\7\0\0\0"]), st.binary(min_size=8, max_size=8)),
+    st.lists(st.sampled_from([b"", b"i", b"j" * limits.INLINE_FRAME_BYTES]), max_size=3),
+    st.integers(0, 3),
+)
+
+
+def _extra_frame(n: int, kind: int) -> Any:
+    """The n-th extra frame, of distinct bytes (a small one or one over the inlining bound), as
+    bytes, a memoryview or a zmq.Frame (what the broker's socket hands over)."""
+    data = b"%d-" % n + (b"x" * (limits.INLINE_FRAME_BYTES + 1) if n % 3 == 0 else b"")
+    return [data, memoryview(data), zmq.Frame(data)][kind % 3]
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_handmade, min_size=1, max_size=30), st.booleans(), _SOURCE, st.integers(-1, 1), st.integers(0, 2))
+def test_the_fast_path_relays_hand_made_records_as_the_general_path_does(
+    records: list[tuple[bytes, bytes, bytes, list[bytes], int]], batched: bool, source: bytes, off: int, kind: int
+) -> None:
+    heads = [
+        command + rid + len(name).to_bytes(2, "little") + n_extra.to_bytes(2, "little") + name + inlined(*parts)
+        for command, name, rid, parts, n_extra in records
+    ]
+    if batched or len(heads) > 1:
+        head = envelope.PROTOCOL + envelope.BATCH + b"".join(len(h).to_bytes(4, "little") + h for h in heads)
+    else:
+        head = envelope.PROTOCOL + heads[0]
+    n_frames = max(0, sum(r[4] for r in records) + off)
+    frames = [head, *(_extra_frame(n, kind + n) for n in range(n_frames))]
+    check(frames, source, canonical=False)
+    relayed = envelope.relay(frames, source) or []
+    # the extra frames pass on as the same objects, each exactly once, none invented
+    passed = [id(f) for r in relayed for f in r.frames[1:]]
+    assert sorted(passed) == sorted(id(f) for f in frames[1:]) or not relayed

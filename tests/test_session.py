@@ -247,13 +247,17 @@ def test_lost_peer_fails_what_waits_on_it_and_ends_a_clients_session(net: Net) -
     assert bob.receive(envelope.framed(silent), net.now) == []  # it may come back: keep its objects
 
 
-def test_a_lost_notice_fails_only_the_requests_relayed_to_the_peer_that_is_gone(net: Net) -> None:
+@pytest.mark.parametrize("then_delete", [False, True])
+def test_a_lost_notice_fails_only_the_requests_relayed_to_the_peer_that_is_gone(net: Net, then_delete: bool) -> None:
     # a node killed and restarted at once: the broker forgets the old connection when the new one
     # registers, and a request the client sent to the name meanwhile went to the new process, which
-    # answers it; the LOST notice, read by the client only after that, must not fail it too
+    # answers it; the LOST notice, read by the client only after that, must not fail it too. A
+    # no-reply request (a Delete) sent after the first must not change which one the notice names
     old_bob, client = pair(net)
     first, message = client.request("bob", wire.Clear(), 5.0, net.now)
     net.send(client, message)
+    if then_delete:
+        net.send(client, client.notify("bob", wire.Clear(), net.now))
     net.run(old_bob)  # the old process got it, and dies without an answer
     net.forget("bob")  # its LOST notice waits in the client's socket, unread
     net.sockets.pop("bob").close(linger=0)
