@@ -55,9 +55,10 @@ class Send:
     message: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """Request `rid`, sent to `dest`, ended: with `result`, or with `error` (exactly one is set)."""
+class Settled(NamedTuple):
+    """Request `rid`, sent to `dest`, ended: with `result`, or with `error` (exactly one is set).
+    A named tuple, like `Incoming`: a client gets one per reply, a hundred per BATCH of a chain's
+    Oks, and a frozen dataclass took ~0.7 µs to build where this takes ~0.23."""
 
     rid: bytes
     result: wire.Message | None = None
@@ -290,10 +291,17 @@ class Session:
         events: list[Event] = []
         for env in envelope.parse(frames):
             try:
-                # a request with nothing held before it (nearly every message a node receives) goes
-                # straight to its handler: one call per request, not three, for a batch of a hundred
-                if env.command == envelope.REQUEST and not self._held and env.name not in self.direct_sources:
-                    self._on_request(env.name, env.rid, env.body, now, events)
+                # a request or reply with nothing held before it (nearly every message a node or a
+                # client receives) goes straight to its handler: one call per message, not three,
+                # for a batch of a hundred
+                command = env.command
+                if (command == envelope.REQUEST or command == envelope.REPLY) and (
+                    not self._held and env.name not in self.direct_sources
+                ):
+                    if command == envelope.REQUEST:
+                        self._on_request(env.name, env.rid, env.body, now, events)
+                    else:
+                        self._on_reply(env.name, env.rid, env.body, events)
                 else:
                     self._receive_one(env, now, events)
             except ProtocolError as e:
