@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 import fedptr
 from fedptr import envelope, limits, wire
 from fedptr.direct import DirectPaths, _channel
-from fedptr.session import Incoming, Send, Session
+from fedptr.session import Incoming, Send, Session, Settled
 from fedptr.streams import Reassembly, split
 from fedptr.tensors import from_raw, to_raw
 from tests.conftest import eventually
@@ -61,6 +61,25 @@ def test_a_message_waits_for_its_direct_chunks_and_keeps_its_senders_order() -> 
     put_message = events[0].request.message  # type: ignore[union-attr]
     assert isinstance(put_message, wire.Put) and torch.equal(from_raw(put_message.tensor), t)
     assert bob.receive(delivered(later), 0.0) != []  # nothing held any more: straight through
+
+
+def test_a_reply_waits_for_its_direct_chunks_and_a_later_reply_waits_behind_it() -> None:
+    client = Session("client-a", envelope.ROLE_CLIENT, direct_sources={b"bob"})
+    t = torch.randn(100_000)
+    get = client.request("bob", wire.Get(1), 30.0, 0.0)[0]
+    op = client.request("bob", wire.Op(2, "add", [1, 1], {}), 30.0, 0.0)[0]
+    reply = [envelope.REPLY, b"client-a", get, *wire.encode(wire.TensorReply(to_raw(t)))]
+    first, *rest, tensor = split(reply, 100_000, 64_000)
+    ok = [envelope.REPLY, b"client-a", op, *wire.encode(wire.Ok([100_000], "float32"))]
+    assert client.receive(delivered(first, b"bob"), 0.0) == []
+    assert client.receive(delivered(tensor, b"bob"), 0.0) == []  # held: its chunks are still coming
+    assert client.receive(delivered(ok, b"bob"), 0.0) == []  # held behind it: a reply's shortcut is not taken
+    events = []
+    for chunk in rest:
+        events += client.receive_direct(b"bob", envelope.framed([chunk[0], b"mallory", *chunk[2:]]), 0.0)
+    assert [e.rid for e in events if isinstance(e, Settled)] == [get, op]
+    got = events[0].result  # type: ignore[union-attr]
+    assert isinstance(got, wire.TensorReply) and torch.equal(from_raw(got.tensor), t)
 
 
 def test_chunks_that_never_come_fail_their_message_typed_and_free_the_ones_behind_it() -> None:
