@@ -88,6 +88,7 @@ def frames_of(ms: list[tuple[bytes, bytes, bytes, list[bytes]]], batched: bool) 
     return envelope.pack_batch(built) if batched or len(built) > 1 else envelope.framed(built[0])
 
 
+@pytest.mark.slow  # a long property run (3-7 s): the full suite only, not the fast loop
 @settings(max_examples=1500, deadline=None)
 @given(_messages, st.booleans(), _SOURCE)
 def test_the_fast_path_relays_valid_multiparts_as_the_general_path_does(
@@ -96,6 +97,7 @@ def test_the_fast_path_relays_valid_multiparts_as_the_general_path_does(
     check(frames_of(ms, batched), source, canonical=True)
 
 
+@pytest.mark.slow  # a long property run (3-7 s): the full suite only, not the fast loop
 @settings(max_examples=3000, deadline=None)
 @given(
     _messages,
@@ -206,6 +208,7 @@ def _extra_frame(n: int, kind: int) -> Any:
     return [data, memoryview(data), zmq.Frame(data)][kind % 3]
 
 
+@pytest.mark.slow  # a long property run (3-7 s): the full suite only, not the fast loop
 @settings(max_examples=2000, deadline=None)
 @given(st.lists(_handmade, min_size=1, max_size=30), st.booleans(), _SOURCE, st.integers(-1, 1), st.integers(0, 2))
 def test_the_fast_path_relays_hand_made_records_as_the_general_path_does(
