@@ -503,14 +503,19 @@ class Client:
         within this client's deadline). Raises UsageError while a plan is recorded."""
         if self.recording is not None:
             self._not_recording(f"send a {type(msg).__name__}")
-        if self._deletes and not self._link.batching:
+        if self._deletes:
             # The first request of a loop turn would leave alone at once, and the deletes queued
             # since the last turn in a multipart of their own just after: they go together,
             # ahead of it, so the broker and the worker wake once for both (each op awaited in
-            # turn drops the previous result: one wake per op instead of two).
-            with self._link.batched():
+            # turn drops the previous result: one wake per op instead of two). A batch already
+            # open (a plan run holds the turn for its get) takes them too: their timer would
+            # fire after the batch left, a multipart and a wake more on each side per run.
+            if self._link.batching:
                 self._send_deletes()
-                return self._link.request_nowait(location, msg, self.timeout)
+            else:
+                with self._link.batched():
+                    self._send_deletes()
+                    return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
