@@ -503,20 +503,26 @@ class Client:
         within this client's deadline). Raises UsageError while a plan is recorded."""
         if self.recording is not None:
             self._not_recording(f"send a {type(msg).__name__}")
-        if self._deletes:
+        if self._deletes and not self._link.batching:
             # The first request of a loop turn would leave alone at once, and the deletes queued
             # since the last turn in a multipart of their own just after: they go together,
             # ahead of it, so the broker and the worker wake once for both (each op awaited in
-            # turn drops the previous result: one wake per op instead of two). A batch already
-            # open (a plan run holds the turn for its get) takes them too: their timer would
-            # fire after the batch left, a multipart and a wake more on each side per run.
-            if self._link.batching:
+            # turn drops the previous result: one wake per op instead of two).
+            with self._link.batched():
                 self._send_deletes()
-            else:
-                with self._link.batched():
-                    self._send_deletes()
-                    return self._link.request_nowait(location, msg, self.timeout)
+                return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
+
+    def hold_turn(self) -> None:
+        """Keep what is pushed to the end of this loop turn, as one BATCH (`Link.hold_turn`), with
+        the deletes queued before it at its head: their timer would fire after the batch left (a
+        multipart and a wake more on each side, per awaited plan run that dropped the last
+        output). Deletes queued while a batch is open wait for their timer, one multipart per
+        turn: sending them with every request made each pipelined op keep a timer handle, its
+        Context and a Delete's lists alive until the turn ended (tests/test_cpu_budget.py)."""
+        if not self._link.batching:
+            self._link.hold_turn()
+            self._send_deletes()
 
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count client-side step `fut` (a task) among this client's outstanding work (see

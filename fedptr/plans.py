@@ -227,7 +227,7 @@ class Plan:
         result_ids = [client.new_id() for _ in recorded.output_metas]
         ids += recorded.captured_ids
         run = wire.RunPlan(recorded.plan_id, ids, result_ids)
-        client.link.hold_turn()  # the get of an output, if it follows at once, goes with the run
+        client.hold_turn()  # the get of an output, if it follows at once, goes with the run
         ran = client.request_nowait(location, run)
         loop = asyncio.get_running_loop()
         replies: list[asyncio.Future[wire.Message]] = [loop.create_future() for _ in result_ids]
