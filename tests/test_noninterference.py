@@ -77,6 +77,8 @@ WORKERS = ("bob", "alice", "eve")
 SHAPE = (4, 3)
 SECRET = -1
 """A partner index meaning: the private tensor."""
+LABELS = -2
+"""A partner index meaning: bob's private int64 labels (the secret's ``y``)."""
 
 Row = Callable[[Any, Any], Any]
 
@@ -293,7 +295,7 @@ async def test_rows_of_multi_output_ops_keep_every_result() -> None:
 _index = st.sampled_from([0, 0, 0, 1, 2, 3, 4])
 """Which pointer a step takes, counted back from the newest: small, so that steps meet what the
 steps before them made (an alias, then a write through it, then a get of its target)."""
-_partner = st.one_of(st.just(SECRET), _index)
+_partner = st.one_of(st.just(SECRET), _index, st.just(LABELS))
 """A step's second operand: half the time the private tensor itself (when on the same worker), the
 data an attacker wants to mix in; else a pointer counted back from the newest."""
 _compute = st.one_of(
@@ -320,7 +322,9 @@ _streams = st.tuples(st.just("stream"), st.sampled_from(sorted(HOSTILE)), st.int
 """A send whose tensor the client streams itself, in chunks that break the stream protocol."""
 ARGS = (0, 1, -1, 2, 3, 7, 100, -100, 0.5, -2.5, True)
 """A raw op's extra argument (`raw_arg`): dims, sizes, indices (in range, negative, out of
-range), scalars and a bool, where torch's errors name the values they were given."""
+range), scalars and a bool, where torch's errors name the values they were given. It goes after
+one operand, after two, or between them, or after the second alone (the partner: bob's labels,
+say, as ``one_hot(y, 3)``)."""
 TYPED = {
     "int64": lambda v: (v * 3).round().long(),
     "int32": lambda v: (v * 3).round().int(),
@@ -335,7 +339,14 @@ BIG = (64, 64)
 `limits.TENSOR_VIEW_MIN_BYTES`, so it travels as a view of its memory, not the small tensors'
 numpy copy, and past a small ``--max-store-bytes`` (`QUOTAS`)."""
 _added = st.one_of(
-    st.tuples(st.just("raw_arg"), st.sampled_from(sorted(ops.ALLOWED)), _index, _partner, st.sampled_from(ARGS)),
+    st.tuples(
+        st.just("raw_arg"),
+        st.sampled_from(sorted(ops.ALLOWED)),
+        _index,
+        _partner,
+        st.integers(0, 3),
+        st.sampled_from(ARGS),
+    ),
     st.tuples(st.just("typed_send"), st.sampled_from(WORKERS), st.sampled_from(sorted(TYPED)), st.integers(0, 3)),
     st.tuples(st.just("big"), _index),
     st.tuples(st.just("delete"), _index),
@@ -370,8 +381,9 @@ QUOTAS = (0, 4096, 65536)
 @dataclass(frozen=True)
 class Variation:
     """How the worlds differ beyond the shift of bob's x: bob's private int64 labels y (world b's
-    are world a's moved by 2 within -1..3, so one world's may be out of range where the other's
-    are not), one element of x set to `special` (in world b only, or in both), bob's quota."""
+    are world a's moved by 3 within -5..4, cyclically: one world's may be out of range of a
+    class count or of a dimension where the other's are not), one element of x set to
+    `special` (in world b only, or in both), bob's quota."""
 
     labels: tuple[int, ...] = (0, 1, 2, 1)
     special: tuple[int, float, bool] | None = None
@@ -379,7 +391,7 @@ class Variation:
 
     def y(self, world: str) -> np.ndarray[Any, Any]:
         y = np.array(self.labels, dtype=np.int64)
-        return y if world == "a" else (y + 3) % 5 - 1
+        return y if world == "a" else (y + 8) % 10 - 5
 
     def x(self, world: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if self.special is None:
@@ -394,7 +406,7 @@ class Variation:
 PLAIN = Variation()
 variations = st.builds(
     Variation,
-    labels=st.tuples(*[st.integers(-1, 3)] * 4),
+    labels=st.tuples(*[st.integers(-5, 4)] * 4),
     special=st.one_of(st.none(), st.tuples(st.integers(0, 11), st.sampled_from(SPECIAL), st.booleans())),
     quota=st.sampled_from(QUOTAS),
 )
@@ -440,8 +452,8 @@ class World:
         return live[-1 - i % len(live)] if live else None
 
     def partner(self, a: fedptr.Pointer, i: int) -> fedptr.Pointer:
-        secret = self.tensors[0]
-        if i == SECRET and secret.owned and secret.location == a.location:
+        secret = self.tensors[0 if i == SECRET else 1]
+        if i in (SECRET, LABELS) and secret.owned and secret.location == a.location:
             return secret
         same = [p for p in self.tensors if p.owned and p.location == a.location]
         return same[-1 - i % len(same)]
@@ -831,11 +843,12 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
         w.seen.append(("budget", spent))
         return spent is not None
     if kind == "raw_arg":
-        name, index, other, arg = args
+        name, index, other, at, arg = args
         p = w.pick(index)
         if p is None:
             return False
-        operands = (p, arg) if other == SECRET else (p, w.partner(p, other), arg)
+        b = w.partner(p, other)
+        operands = ((p, arg), (p, b, arg), (p, arg, b), (b, arg))[at]
         out = await w.observe(f"raw {name} {arg!r}", lambda: remote_results(name, operands))
         w.keep(out, p)
         return out is not None
@@ -849,8 +862,8 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
             w.seen.append(("big value", _value(await w.observe("get big", out.get))))
         return out is not None
     if kind == "delete":  # the client drops its only pointer: the node deletes the object
-        if p is w.tensors[0]:
-            return False  # the secret's pointer stays: it is every step's `SECRET` partner
+        if p is w.tensors[0] or p is w.tensors[1]:
+            return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
         w.tensors = [q for q in w.tensors if q is not p]
         w.seen.append(("deleted", _local(p)))
         return True
@@ -925,7 +938,7 @@ def test_with_releases_what_a_client_observes_depends_on_private_data_only_throu
 
 ADDED_PROGRAM = [
     ("typed_send", "bob", "int64", 0),
-    ("raw_arg", "mul", 0, SECRET, 2),  # the int64 tensor times 2
+    ("raw_arg", "mul", 0, SECRET, 0, 2),  # the int64 tensor times 2
     ("big", 0),
     ("delete", 0),  # the product (a get consumed the big one)
     ("budget", "bob"),
