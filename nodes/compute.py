@@ -481,7 +481,10 @@ class Compute:
             first = outputs[0]
             known = _OKS.get((first.shape, first.dtype)) if len(outputs) == 1 else None
             reply = known if known is not None else _ok(outputs)
-        self.node.reply_durable(written, run.source, run.rid, reply)
+        if written is None:  # nothing to wait for: answered now, without `reply_durable`'s hop (per op)
+            self.node.reply(run.source, run.rid, reply)
+        else:
+            self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""

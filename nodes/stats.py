@@ -72,13 +72,11 @@ class NodeFigures:
         return role_of(bool(self.node.config.data), self.node.config.aggregator)
 
     # --- the node's hooks --------------------------------------------------------------
-    def started(self, source: str, rid: bytes, msg: wire.Message) -> None:
-        """Request `rid` of `source` is being handled (after the reply cache let it through; the
-        cache's record of it, `ReplyCache.begin`, holds when it arrived)."""
-        kind = type(msg).__name__
-        self.requests[kind] += 1
-        if self.debug:
-            log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
+    def started(self, source: str, rid: bytes, kind: str) -> None:
+        """Request `rid` of `source`, a `kind` request, is being handled (after the reply cache
+        let it through; the cache's record of it, `ReplyCache.begin`, holds when it arrived).
+        Called with `debug` only: the node counts `requests` itself, a call less per request."""
+        log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
 
     def finished(self, dest: str, rid: bytes, reply: wire.Message, started: Started | None) -> None:
         """The reply to request `rid` of `dest` leaves; `started` is the request's record from
