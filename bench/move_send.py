@@ -65,14 +65,12 @@ async def main(curve: bool, pairs: int, mib: int, pause: float) -> None:
                 for name in pids:
                     cpu[kind][name] += after[name] - before[name]
         ratios = [m / s for s, m in zip(walls["send"], walls["move"], strict=True)]
-        print(
-            f"CURVE {'on' if curve else 'off'}, {mib} MiB, {pairs} pairs, pause {pause:g} s, load {os.getloadavg()[0]:.1f}"
-        )
+        mode, load = "on" if curve else "off", os.getloadavg()[0]
+        print(f"CURVE {mode}, {mib} MiB, {pairs} pairs, pause {pause:g} s, load {load:.1f}")
         for kind, w in walls.items():
             per = ", ".join(f"{name} {cpu[kind][name] / pairs * 1e3:.1f}" for name in pids)
-            print(
-                f"  {kind}: wall median {statistics.median(w) * 1e3:.1f} ms; CPU ms per {kind} (+{settle * 1e3:.0f} ms idle): {per}"
-            )
+            wall, idle = statistics.median(w) * 1e3, settle * 1e3
+            print(f"  {kind}: wall median {wall:.1f} ms; CPU ms per {kind} (+{idle:.0f} ms idle): {per}")
         print(f"  move / send: paired median {statistics.median(ratios):.2f}x")
 
 
