@@ -218,7 +218,8 @@ def remote_results(
         if p._unordered is not None and (step := p.after) is not None:
             after.append(step)
     inferred = None if op in MUTATING else _infer(op, args, kwargs or {})
-    if inferred is not None and type(inferred) is not tuple:
+    metas: list[torch.Tensor | None]
+    if isinstance(inferred, torch.Tensor):
         metas, several = [inferred], False  # `_result_metas`'s answer for one result, without the call
     else:
         metas, several = _result_metas(op, inferred)

@@ -545,9 +545,7 @@ def _op_body(msg: wire.Op, budget_ms: int) -> list[bytes | memoryview] | None:
         if type(arg) is not wire.Ref:
             return None
     key = (msg.op, len(args), budget_ms)
-    pieces = _OP_TEMPLATES.get(key, _OP_TEMPLATES)
-    if pieces is _OP_TEMPLATES:
-        pieces = _op_template(key)
+    pieces = _OP_TEMPLATES[key] if key in _OP_TEMPLATES else _op_template(key)
     if pieces is None:
         return None
     parts = [pieces[0], _UINT64_BE.pack(msg.result_id)]
