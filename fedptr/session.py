@@ -494,7 +494,8 @@ class Session:
         request message to `dest` is built and kept with it (`_Pending.message`)."""
         if self.closed:
             raise LostWorkerError(dest, [dest])
-        rid = self._next_rid()
+        self._counter = counter = (self._counter + 1) & 0xFFFFFFFF  # `_next_rid`, inline: every request's path
+        rid = _RID.pack(counter, self.incarnation)
         deadline = now + timeout
         # `envelope.message`'s layout, built here: a call less on every request's path
         message = None if body is None else [envelope.REQUEST, dest.encode(), rid, *body]
