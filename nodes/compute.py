@@ -101,7 +101,7 @@ class Compute:
         """Run one operation here (its results' entries and taints made now), release an aggregate,
         or forward the operation to the worker its operands point to."""
         try:
-            entries, location = self._operands(msg, source)
+            entries, location, tainted = self._operands(msg, source)
             if location is None and msg.op in AGGREGATES:
                 self.node.release.aggregate(source, rid, msg, entries)
                 return
@@ -109,8 +109,10 @@ class Compute:
                 taint = policy.Taint()
             elif msg.op in policy.TAINT_RULES:
                 taint = self._result_taint(msg, entries, source)
-            else:  # no operand is written: the operands decide alone (a call less, per op)
+            elif tainted:  # no operand is written: the operands decide alone
                 taint = policy.result_taint(msg.op, entries.values())
+            else:  # and all are public: `policy.result_taint`'s verdict, read off `_operands`' pass
+                taint = policy.Taint({})
         except Exception as e:
             for result_id in (msg.result_id, *msg.more_ids):
                 self._store_failed(result_id, source, e, msg.sponsor)
@@ -150,9 +152,10 @@ class Compute:
             raise
         forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
 
-    def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None]:
-        """The op's stored operands by id, each checked against its owner and sponsor, and the
-        worker they point to (None: they are here). One pass: this runs for every op."""
+    def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None, bool]:
+        """The op's stored operands by id, each checked against its owner and sponsor, the
+        worker they point to (None: they are here), and whether any is private (has origins).
+        One pass: this runs for every op."""
         if msg.op not in ALLOWED:
             raise OpNotAllowedError("", f"operation {msg.op!r} is not allowed")
         if msg.kwargs or msg.op in ALIASING:  # what check_call refuses needs one or the other
@@ -172,6 +175,7 @@ class Compute:
         locations: set[str] = set()
         location: str | None = None
         failed: BaseException | None = None
+        tainted = False
         stored = self.store.entries
         for i in ids:
             e = stored.get(i)  # an operand of the caller's own: read here, a call less per operand
@@ -180,6 +184,8 @@ class Compute:
             entries[i] = e
             if e.sponsor:  # only an object held for a client can refuse a principal: a call less per operand
                 self.store.check_principal(i, e, principal)
+            if e.taint.origins:
+                tainted = True
             location = e.location
             locations.add(location or self.name)
             if location is not None and e.error is not None:
@@ -189,7 +195,7 @@ class Compute:
             raise LocationMismatchError(f"operands live on different workers: {a!r} and {b!r}")
         if failed is not None:
             raise failed
-        return entries, location
+        return entries, location, tainted
 
     def _result_taint(
         self, msg: wire.Op, entries: dict[int, Entry], source: str, temporaries: Iterable[Entry] = ()
@@ -481,7 +487,10 @@ class Compute:
             first = outputs[0]
             known = _OKS.get((first.shape, first.dtype)) if len(outputs) == 1 else None
             reply = known if known is not None else _ok(outputs)
-        self.node.reply_durable(written, run.source, run.rid, reply)
+        if written is None:  # nothing to wait for: answered now, without `reply_durable`'s hop (per op)
+            self.node.reply(run.source, run.rid, reply)
+        else:
+            self.node.reply_durable(written, run.source, run.rid, reply)
 
     def _store_failed(self, result_id: int, source: str, e: BaseException, sponsor: str = "") -> None:
         """Keep `result_id` as failed with `e`, so requests pipelined behind it fail the same way."""

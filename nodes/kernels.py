@@ -229,7 +229,14 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
             raise TypeError(f"{op} takes tensors, not a model")
     elif op in _MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
-    result = fn(*decode(args), **decode(kwargs)) if kwargs else fn(*decode(args))
+    if kwargs:
+        result = fn(*decode(args), **decode(kwargs))
+    else:
+        for v in args:  # `decode`'s own scan, here: a flat list (most ops) needs no call to it
+            if type(v) in _NESTED:
+                args = decode(args)
+                break
+        result = fn(*args)
     return result if type(result) is torch.Tensor else checked(op, result)  # the common case: no call
 
 

@@ -253,7 +253,10 @@ class Node:
 
     def _dispatch(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         msg = decoded.message
-        self.figures.started(source, rid, msg)
+        figures = self.figures
+        figures.requests[type(msg).__name__] += 1  # counted here, not in `figures.started`: per request
+        if figures.debug:
+            figures.started(source, rid, type(msg).__name__)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(type(msg))
         try:

@@ -62,7 +62,7 @@ class NodeFigures:
         self.failures: Counter[str] = Counter()
         """Failure replies, by `wire.FailureCode`."""
         self.releases: Counter[str] = Counter()
-        """Tensors handed to a client, by release kind (``public``, ``aggregate``)."""
+        """Tensors and models handed to a client, by release kind (``public``, ``aggregate``, ``dp``...)."""
         self.latencies = metrics.Latencies()
         self.debug = log.isEnabledFor(logging.DEBUG)
         """Log every request and reply with its request id (``--log-level DEBUG``)."""
@@ -72,13 +72,11 @@ class NodeFigures:
         return role_of(bool(self.node.config.data), self.node.config.aggregator)
 
     # --- the node's hooks --------------------------------------------------------------
-    def started(self, source: str, rid: bytes, msg: wire.Message) -> None:
-        """Request `rid` of `source` is being handled (after the reply cache let it through; the
-        cache's record of it, `ReplyCache.begin`, holds when it arrived)."""
-        kind = type(msg).__name__
-        self.requests[kind] += 1
-        if self.debug:
-            log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
+    def started(self, source: str, rid: bytes, kind: str) -> None:
+        """Request `rid` of `source`, a `kind` request, is being handled (after the reply cache
+        let it through; the cache's record of it, `ReplyCache.begin`, holds when it arrived).
+        Called with `debug` only: the node counts `requests` itself, a call less per request."""
+        log.debug("request %s from %r", kind, source, extra=rid_extra(rid))
 
     def finished(self, dest: str, rid: bytes, reply: wire.Message, started: Started | None) -> None:
         """The reply to request `rid` of `dest` leaves; `started` is the request's record from
@@ -94,7 +92,7 @@ class NodeFigures:
             pass
         elif isinstance(reply, wire.Failure):
             self.failures[reply.code] += 1
-        elif isinstance(reply, wire.TensorReply) and reply.release:
+        elif isinstance(reply, (wire.TensorReply, wire.ModuleReply)) and reply.release:
             self.releases[reply.release] += 1
         if self.debug:
             log.debug("answered %r with %s", dest, type(reply).__name__, extra=rid_extra(rid))
@@ -158,7 +156,11 @@ class NodeFigures:
         )
         yield metrics.counter("fedptr_node_refusals", "Requests the privacy policy refused.", name, f["refusals"])
         yield metrics.labelled_counter(
-            "fedptr_node_releases", "Tensors handed out, by release kind.", name, "release", self.releases.copy()
+            "fedptr_node_releases",
+            "Tensors and models handed out, by release kind.",
+            name,
+            "release",
+            self.releases.copy(),
         )
         yield metrics.gauge("fedptr_node_objects", "Objects in the store.", name, f["objects"])
         yield metrics.gauge("fedptr_node_store_bytes", "Bytes of tensors in the store.", name, f["store_bytes"])
