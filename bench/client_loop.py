@@ -11,16 +11,22 @@ time. CPU time from `time.process_time`, less the stub peer's own, best of `--re
 than the forked processes' clock-tick figures for an A/B of a change to the client, though it
 leaves out zmq's per-frame calls and the event loop's polling. `--profile` prints a cProfile
 of one more repetition (it inflates calls several times over: read its shares, not its times).
+
+It also prints the Python function calls the client makes per pipelined op
+(`python_calls_per_op`, the stub peer's own not counted), which the load does not move:
+tests/test_call_budget.py keeps it under a ceiling.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import pstats
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import torch
@@ -42,23 +48,50 @@ class Peer:
         self.replies: list[list[Any]] = []
         self.cpu = 0.0
         """CPU seconds spent here, not the client's."""
+        self.busy = False
+        """Whether the peer's own work is running (`python_calls_per_op` does not count it)."""
         self.ok = wire.encode(wire.Ok([4], "float32"))
 
     def send_frames(self, sock: object, frames: list[Any]) -> None:
         t = time.process_time()
+        self.busy = True
         for env in envelope.parse(frames):
             if env.command == envelope.REQUEST and env.rid != envelope.NO_REPLY:
                 if not self.replies:
                     self.loop.call_soon(self.deliver)
                 self.replies.append(envelope.message(envelope.REPLY, WORKER, env.rid, self.ok))
+        self.busy = False
         self.cpu += time.process_time() - t
 
     def deliver(self) -> None:
         t = time.process_time()
+        self.busy = True
         replies, self.replies = self.replies, []
         frames = envelope.framed(replies[0]) if len(replies) == 1 else envelope.pack_batch(replies)
+        self.busy = False
         self.cpu += time.process_time() - t
         self.link._handle(self.link.session.receive(frames, self.loop.time()))
+
+
+@contextlib.asynccontextmanager
+async def stubbed_client() -> AsyncIterator[tuple[Client, Peer, Any]]:
+    """A client whose link's socket calls are stubbed by a `Peer`, and a pointer to a 4-element
+    tensor on its worker; the link module's socket calls are put back after (a test process
+    goes on with real links)."""
+    send, events = linkmod.send_frames, linkmod.events
+    linkmod.events = lambda sock: 0  # type: ignore[assignment]
+    try:
+        link = linkmod.Link("inproc://none", "client-bench", envelope.ROLE_CLIENT)
+        peer = Peer(link)
+        linkmod.send_frames = peer.send_frames  # type: ignore[assignment]
+        link._sock = object()  # type: ignore[assignment]
+        client = Client(link)
+        a = client.worker(WORKER.decode()).send(torch.ones(4))
+        await a
+        yield client, peer, a
+        client._open = False  # nothing left to send: the deletes of the last pointers are dropped
+    finally:
+        linkmod.send_frames, linkmod.events = send, events
 
 
 async def pipelined(client: Client, a: Any, ops: int) -> None:
@@ -74,15 +107,35 @@ async def awaited(client: Client, a: Any, ops: int) -> None:
         await (a + a)
 
 
+async def python_calls_per_op(ops: int = 1000) -> float:
+    """Python function calls (C functions not counted) the client makes per pipelined op of
+    the chains of `pipelined`, issuing, settling the replies and queueing the deletes, warmed
+    as `main` warms it; the stub peer's own calls are not counted. A figure the load does not move."""
+    calls = 0
+    async with stubbed_client() as (client, peer, a):
+
+        def count(frame: object, event: str, arg: object) -> None:
+            nonlocal calls
+            if event == "call" and not peer.busy:
+                calls += 1
+
+        await pipelined(client, a, 2000)
+        sys.setprofile(count)
+        try:
+            await pipelined(client, a, ops)
+            await asyncio.sleep(0)  # the last deletes leave
+        finally:
+            sys.setprofile(None)
+    return calls / ops
+
+
 async def main(reps: int, ops: int, profile: str | None, sort: str) -> None:
-    linkmod.events = lambda sock: 0  # type: ignore[assignment]
-    link = linkmod.Link("inproc://none", "client-bench", envelope.ROLE_CLIENT)
-    peer = Peer(link)
-    linkmod.send_frames = peer.send_frames  # type: ignore[assignment]
-    link._sock = object()  # type: ignore[assignment]
-    client = Client(link)
-    a = client.worker(WORKER.decode()).send(torch.ones(4))
-    await a
+    async with stubbed_client() as (client, peer, a):
+        await _main(client, peer, a, reps, ops, profile, sort)
+    print(f"Python calls per pipelined op: {await python_calls_per_op():.1f}")
+
+
+async def _main(client: Client, peer: Peer, a: Any, reps: int, ops: int, profile: str | None, sort: str) -> None:
     workloads: dict[str, Callable[[Client, Any, int], Awaitable[None]]] = {
         "pipelined": pipelined,
         "awaited": awaited,

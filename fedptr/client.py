@@ -652,7 +652,7 @@ class Client:
         """Every request the link settles (`Link.on_settled`): its error is retrieved here (it
         is raised to whoever awaits the pointer; never "unretrieved"), and it tells whether
         `location` answers."""
-        if self._waiters:
+        if fut in self._waiters:  # not a call per reply: a chain's last await waits while a hundred settle
             self._wake(fut)
         if fut.cancelled():
             return

@@ -258,7 +258,11 @@ def _parse_record(h: bytes, at: int, end: int, frames: Sequence[Any], fi: int) -
         body.append(h[q:p])
     if n_extra:
         body.extend(frames[fi : fi + n_extra])
-    return Envelope(command, h[fixed : fixed + name_len], rid, body), fi + n_extra
+    # built with `tuple.__new__`: the named tuple's own `__new__` is a Python call per message
+    return _new_tuple(Envelope, (command, h[fixed : fixed + name_len], rid, body)), fi + n_extra
+
+
+_new_tuple = tuple.__new__
 
 
 def valid_name(name: bytes) -> bool:

@@ -420,6 +420,11 @@ INFERRED_BY_OPERANDS = 4096
 (fedptr/pointer.py, a tuple and a few meta tensors each): emptied when full, then refilled as
 ops are issued (a miss costs the structural lookup of `fedptr.meta`, ~3 µs)."""
 
+OP_TEMPLATE_TABLE_SIZE = 1024
+"""Entries (one per op name, number of pointer operands and deadline budget in ms; a header of
+a few dozen bytes each, cut in pieces) of the client's table of encoded `Op` requests with
+their ids left out (fedptr/session.py, `_op_body`). Past it, new ones are encoded in full."""
+
 OK_HEADER_TABLE_SIZE = 1024
 """Entries (one per distinct shape and dtype; a few hundred bytes each at most) of each of the
 tables of `Ok` replies (fedptr/wire.py): encoded ones by shape and dtype, and decoded ones by

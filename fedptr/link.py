@@ -198,8 +198,9 @@ class Link:
         refused = False
         while True:
             now = self._loop.time()
-            rid, message = self.session.register(now, max(0.001, deadline - now))
-            fut = self._expect(rid)
+            timeout = max(0.001, deadline - now)
+            rid, message = self.session.register(now, timeout)
+            fut = self._expect(rid, now + timeout)
             self._push_frames(envelope.framed(message))
             try:
                 await fut
@@ -225,11 +226,13 @@ class Link:
 
         Raises TooManyInFlightError when `max_in_flight` requests are already unanswered, and
         ClientClosedError once the link is closed."""
-        self._check_open(dest)
-        rid, message = self.session.request(dest, msg, timeout, self._loop.time())
+        if self._closed:  # `_check_open`, inline: every op's path
+            raise ClientClosedError(self.name, dest)
+        now = self._loop.time()
+        rid, message = self.session.request(dest, msg, timeout, now)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: request %s to %r", self.name, type(msg).__name__, dest, extra=rid_extra(rid))
-        fut = self._expect(rid)
+        fut = self._expect(rid, now + timeout)
         self._push(message)
         return fut
 
@@ -243,10 +246,11 @@ class Link:
         than `limits.FANOUT_MAX_WIDTH` names; TooManyInFlightError when they do not all fit
         under `max_in_flight`; ClientClosedError once the link is closed."""
         self._check_open(", ".join(dests))
-        rids, message = self.session.request_many(dests, msg, timeout, self._loop.time())
+        now = self._loop.time()
+        rids, message = self.session.request_many(dests, msg, timeout, now)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: request %s to %s", self.name, type(msg).__name__, dests, extra=rid_extra(rids[0]))
-        futures = [self._expect(rid) for rid in rids]
+        futures = [self._expect(rid, now + timeout) for rid in rids]
         self._push(message)
         return futures
 
@@ -287,8 +291,9 @@ class Link:
 
     async def _query(self, command: bytes, timeout: float) -> list[str]:
         self._check_open("broker")
-        rid, message = self.session.query(command, timeout, self._loop.time())
-        fut = self._expect(rid)
+        now = self._loop.time()
+        rid, message = self.session.query(command, timeout, now)
+        fut = self._expect(rid, now + timeout)
         self._push_frames(envelope.framed(message))
         reply = await fut
         assert isinstance(reply, NameList)
@@ -303,10 +308,15 @@ class Link:
         if self._closed:
             raise ClientClosedError(self.name, dest)
 
-    def _expect(self, rid: bytes) -> asyncio.Future[wire.Message]:
+    def _expect(self, rid: bytes, deadline: float) -> asyncio.Future[wire.Message]:
+        """The future of request `rid`, which the session settles by `deadline` (loop time)."""
         fut: asyncio.Future[wire.Message] = self._loop.create_future()
         self._futures[rid] = fut
-        self._arm()
+        # The timer is due at or before every other pending request's deadline (`_arm` keeps it
+        # so): only a request due sooner than it can need it moved. With one timeout for all
+        # requests that is never, and `_arm` (two calls, a heap walk) is skipped on every op.
+        if deadline < self._timer_at:
+            self._arm()
         return fut
 
     def _arm(self) -> None:
@@ -324,11 +334,11 @@ class Link:
         self._arm()
 
     def _handle(self, events: list[Event]) -> None:
+        settled = False
         for event in events:
             if isinstance(event, Settled):
+                settled = True
                 fut = self._futures.pop(event.rid, None)
-                if self.session.in_flight < self.session.max_in_flight:
-                    self._room.set()
                 if fut is None or fut.done():
                     continue
                 if event.error is not None:
@@ -358,6 +368,10 @@ class Link:
                     self.on_session_ended(event.name)
             elif isinstance(event, Registered):
                 self._arm()
+        # room for the requests waiting in `request`, once per batch of events, not per reply
+        # (waking them takes a loop turn either way)
+        if settled and self.session.in_flight < self.session.max_in_flight:
+            self._room.set()
 
     # --- socket I/O --------------------------------------------------------------------
     # The socket is a plain zmq socket used only with NOBLOCK and driven by the event loop

@@ -114,34 +114,33 @@ def _to_meta(value: Any) -> Any:
 
 
 _INFERRED: dict[tuple[Any, ...], tuple[meta.Inferred, tuple[Any, ...]]] = {}
-"""What `_infer` found, by op and operands (`_operands_key`), each entry holding the meta
+"""What `_infer` found, by op and operands (its key), each entry holding the meta
 operands it was found for so that no key's identity is reused while it lives; emptied when it
 holds `limits.INFERRED_BY_OPERANDS` entries."""
 
 
-def _operands_key(op: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """A key for `op` on `args` that costs a tuple: the identity of each pointer's meta tensor
-    (decided once per pointer: a result's is the one `meta.infer` keeps for its shape, so a
-    chain's operands repeat), the type and value of each plain argument. None when an argument
-    is anything else, or a pointer's shape is not known (`meta.infer` keys those by structure)."""
-    key: list[Any] = [op]
-    for value in args:
-        kind = type(value)
-        if kind is Pointer:
-            described = value._meta
-            if described is None:
-                return None
-            key.append(id(described))
-        elif kind in _PLAIN:
-            key.append(kind)  # 1, 1.0 and True are equal as keys, not as arguments
-            key.append(value)
-        else:
-            return None
-    return tuple(key)
-
-
 def _infer(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> meta.Inferred:
-    key = None if kwargs else _operands_key(op, args)
+    # The key of `_INFERRED`, built here (a call less on every op): it costs a tuple, the
+    # identity of each pointer's meta tensor (decided once per pointer: a result's is the one
+    # `meta.infer` keeps for its shape, so a chain's operands repeat), the type and value of
+    # each plain argument. None when an argument is anything else, or a pointer's shape is not
+    # known (`meta.infer` keys those by structure).
+    key: tuple[Any, ...] | None = None
+    if not kwargs:
+        parts: list[Any] = [op]
+        for value in args:
+            kind = type(value)
+            if kind is Pointer:
+                if value._meta is None:
+                    break
+                parts.append(id(value._meta))
+            elif kind in _PLAIN:
+                parts.append(kind)  # 1, 1.0 and True are equal as keys, not as arguments
+                parts.append(value)
+            else:
+                break
+        else:
+            key = tuple(parts)
     if key is not None and (known := _INFERRED.get(key)) is not None:
         return known[0]
     try:
@@ -218,7 +217,12 @@ def remote_results(
             raise LocationMismatchError(f"{op} mixes objects on different workers: {location!r} and {p._location!r}")
         if p._unordered is not None and (step := p.after) is not None:
             after.append(step)
-    metas, several = _result_metas(op, None if op in MUTATING else _infer(op, args, kwargs or {}))
+    inferred = None if op in MUTATING else _infer(op, args, kwargs or {})
+    metas: list[torch.Tensor | None]
+    if isinstance(inferred, torch.Tensor):
+        metas, several = [inferred], False  # `_result_metas`'s answer for one result, without the call
+    else:
+        metas, several = _result_metas(op, inferred)
     recorder = client.recording
     recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
     results = recorded or client.issue_op(location, op, enc_args, enc_kwargs, metas, after)

@@ -926,7 +926,8 @@ def new_object_id() -> int:
     """A fresh object id: random (63 bits from `os.urandom`), so that ids chosen by different
     peers never collide."""
     if not _ID_POOL:
-        _ID_POOL.extend(v >> 1 for (v,) in _UINT64.iter_unpack(os.urandom(8 * 512)))
+        # a list, not a generator: no Python frame resumed per id
+        _ID_POOL.extend([v >> 1 for (v,) in _UINT64.iter_unpack(os.urandom(8 * 512))])
     return _ID_POOL.pop()
 
 

@@ -240,3 +240,21 @@ def test_every_message_arrives_once_in_per_peer_order(program: list[tuple[Any, .
         loop.run_until_complete(_run_program(program))
     finally:
         loop.close()
+
+
+async def test_a_request_due_sooner_than_those_in_flight_settles_at_its_own_deadline() -> None:
+    # The link arms its deadline timer only for a request due sooner than the timer: one due
+    # later than a request already in flight must not move it, one due sooner must. Heartbeats
+    # far apart: the link's heartbeat also expires overdue requests, and would hide a timer left late.
+    async with harness.cluster([], heartbeat_s=30.0) as c:
+        silent = fedptr.link.Link(c.address, "silent", envelope.ROLE_WORKER, handler=lambda *args: None)
+        async with silent:
+            link = c.client.link
+            late = link.request_nowait("silent", wire.Get(1), 60.0)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(fedptr.DeadlineExceeded):
+                await asyncio.wait_for(link.request_nowait("silent", wire.Get(2), 0.2), 20.0)
+            assert loop.time() - started < 10.0, "the sooner deadline waited for the later one's timer"
+            assert not late.done()
+            late.cancel()
