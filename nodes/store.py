@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from fedptr.wire import ObjectRow, new_object_id
 from .durable import DurableStore
 from .mechanisms import Contribution
 from .policy import Taint, from_wire, to_wire
+from .saved import Freed, Recorder
 from .writeahead import WriteAhead
 
 E = TypeVar("E", bound=BaseException)
@@ -272,6 +274,9 @@ class Store:
         self.max_client_bytes = max_client_bytes
         self.accounts: dict[str, Account] = {}
         """By client, for those holding objects here (entries and taken)."""
+        self._freed: Freed = deque()
+        """Bytes of autograd graphs' saved tensors that were freed (nodes/saved.py), not yet
+        given back: freed on any thread, given back on the loop's (`release_graphs`)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -308,6 +313,8 @@ class Store:
 
     def usage(self, client: str) -> tuple[int, int]:
         """The objects and tensor bytes that count against `client`'s quota here."""
+        if self._freed:
+            self.release_graphs()
         account = self.accounts.get(client)
         return (0, 0) if account is None else (account.objects, account.bytes)
 
@@ -435,17 +442,40 @@ class Store:
         """Count `value`'s bytes against the store's cap and its client's quota; refused past
         either (the quota not for what a restart restores: it was acknowledged, it stays)."""
         nbytes = value.numel() * value.element_size()
+        self._reserve(entry.account, nbytes, restoring)
+        entry.charged += nbytes
+
+    def _reserve(self, account: Account | None, nbytes: int, restoring: bool = False) -> None:
+        """Count `nbytes` against the store's cap and `account`'s quota, or raise StoreFullError
+        or QuotaExceededError (the quota not when `restoring`)."""
+        if self._freed:
+            self.release_graphs()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
-        account = entry.account
         quota = self.max_client_bytes
         if account is not None and quota and not restoring and account.bytes + nbytes > quota:
             client = account.client
             raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
         self.bytes += nbytes
-        entry.charged += nbytes
         if account is not None:
             account.bytes += nbytes
+
+    def hold_graph(self, account: Account | None, graph: Recorder) -> None:
+        """Charge what `graph` saved for backward to the cap and `account`'s quota until autograd
+        frees it (nodes/saved.py), or raise as `_charge` does (then nothing is charged)."""
+        self._reserve(account, graph.nbytes)
+        for saved in graph.saved:
+            saved.account = account
+            saved.freed = self._freed
+
+    def release_graphs(self) -> None:
+        """Give back the bytes of the saved tensors autograd freed since the last call."""
+        freed = self._freed
+        while freed:
+            account, nbytes = freed.popleft()
+            self.bytes -= nbytes
+            if account is not None:
+                account.bytes -= nbytes
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`

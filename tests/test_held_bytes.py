@@ -145,7 +145,7 @@ async def _run(program: list[tuple[Any, ...]]) -> tuple[int, int]:
             store.release_graphs()
             return held_bytes(store) <= store.bytes + SLACK
 
-        await eventually(bounded, timeout=2.0)  # deletes travel unanswered
+        await eventually(bounded, timeout=0.5)  # deletes travel unanswered
         store.release_graphs()
         return held_bytes(store), store.bytes
 
