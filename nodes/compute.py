@@ -460,9 +460,13 @@ class Compute:
         if error is None:
             try:
                 graph = run.graph
-                if graph is not None and graph.saved and run.outputs:
-                    # the graph lives as long as the outputs holding it: charged to their client
-                    self.store.hold_graph(run.outputs[0][2].account, graph)
+                if graph is not None or alias:  # (an in-place op may be `set_grad`)
+                    if graph is not None and graph.saved and run.outputs:
+                        # the graph lives as long as the outputs holding it: charged to their client
+                        self.store.hold_graph(run.outputs[0][2].account, graph)
+                    if any(op.op in _GRADIENT_WRITERS for op in run.ops):
+                        holders = itertools.chain(self._gradient_holders(run.source), run.inputs.values())
+                        self.store.charge_grads(holders)
                 for key, obj_id, result in run.outputs:
                     value = values[key]
                     outputs.append(value)
@@ -547,6 +551,9 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
         return {k: _materialize(v, tensors) for k, v in value.items()}
     return value
 
+
+_GRADIENT_WRITERS = frozenset({"backward", "set_grad"})
+"""Ops that give stored tensors (or models) gradients, which the store then charges."""
 
 _OKS: dict[tuple[torch.Size, torch.dtype], wire.Ok] = {}
 """The `Ok` of one result, by its shape and dtype: nearly every op is answered with one of a few,

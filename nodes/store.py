@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -88,6 +89,8 @@ class Entry:
     """The quota it counts against (the store's; None: a worker's own data, or not stored)."""
     charged: int = 0
     """The tensor bytes the store charged for it."""
+    grads: int = 0
+    """Of those, the bytes of its gradients (a backward filled them: `Store.charge_grads`)."""
 
     @property
     def is_pointer(self) -> bool:
@@ -339,19 +342,58 @@ class Store:
         account.objects += 1
         entry.account = account
 
-    def _uncount(self, entry: Entry, gone: bool = True) -> None:
+    def _uncount(self, entry: Entry, gone: bool = True, freed: bool = False) -> None:
         """`entry` is gone: it and its bytes no longer count against its client's quota (only
-        its bytes when it stays, not `gone`)."""
-        self.bytes -= entry.charged
+        its bytes when it stays, not `gone`). `freed`: its value is dropped, and its bytes
+        count until the value is freed (`_outlived`)."""
+        charged = 0 if freed and entry.charged and self._outlived(entry) else entry.charged
+        self.bytes -= charged
         account = entry.account
         if account is not None:
-            account.bytes -= entry.charged
+            account.bytes -= charged
             if gone:
                 account.objects -= 1
                 if not account.objects:
                     del self.accounts[account.client]
                 entry.account = None
         entry.charged = 0
+
+    def _outlived(self, entry: Entry) -> bool:
+        """Whether `entry`'s value may outlive it, held by an autograd graph (a gradient-tracking
+        tensor, a model's parameters: a graph's leaves): then its bytes are given back when it
+        is freed (`release_graphs`), not now, and True."""
+        value = entry.value
+        account, freed = entry.account, self._freed
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            weakref.finalize(value, freed.append, (account, entry.charged))
+            return True
+        if isinstance(value, nn.Module):
+            rest = entry.charged  # the first parameter (or none) carries what the others do not
+            params = list(value.parameters())
+            for p in params[1:]:
+                nbytes = p.numel() * p.element_size()
+                rest -= nbytes
+                weakref.finalize(p, freed.append, (account, nbytes))
+            if params:
+                weakref.finalize(params[0], freed.append, (account, rest))
+                return True
+        return False
+
+    def charge_grads(self, entries: Iterable[Entry]) -> None:
+        """Charge the gradients a backward gave `entries`' values, to each entry (and so to its
+        client), past the cap or quota if need be: the backward has run, its gradients exist
+        (at most the bytes of the values they are the gradients of, which were charged)."""
+        if self._freed:
+            self.release_graphs()
+        for entry in entries:
+            nbytes = _grad_bytes(entry.value)
+            if nbytes > entry.grads:
+                more = nbytes - entry.grads
+                entry.grads = nbytes
+                entry.charged += more
+                self.bytes += more
+                if entry.account is not None:
+                    entry.account.bytes += more
 
     def rename(self, obj_id: int, new_id: int) -> None:
         """Store taken `obj_id` as `new_id` (a move to this very node): it counts once, against
@@ -417,7 +459,7 @@ class Store:
         the future of that removal, or None when there is nothing to wait for."""
         if not self._holds(obj_id, entry):
             return None  # deleted meanwhile: `discard` did both
-        self._uncount(entry, gone=False)
+        self._uncount(entry, gone=False, freed=True)
         return None if self.wal is None else self.wal.remove(obj_id)
 
     def persist(
@@ -508,7 +550,7 @@ class Store:
         """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
         entry = self.taken.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry)
+            self._uncount(entry, freed=True)
         self._orphans.discard(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
@@ -531,7 +573,7 @@ class Store:
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry)
+            self._uncount(entry, freed=True)
             if self.wal is not None:
                 self.wal.remove(obj_id)
         return entry
@@ -569,6 +611,16 @@ ANYONE = "*"
 """Owner of a worker's own data: any peer may compute on it (its privacy policy still applies)."""
 
 log = logging.getLogger("fedptr.node.store")
+
+
+def _grad_bytes(value: Any) -> int:
+    """The bytes of the gradients `value` holds (a tensor's, a model's parameters')."""
+    if isinstance(value, torch.Tensor):
+        grad = value.grad if value.is_leaf or value.retains_grad else None  # (no warning for a non-leaf)
+        return 0 if grad is None else grad.numel() * grad.element_size()
+    if isinstance(value, nn.Module):
+        return sum(_grad_bytes(p) for p in value.parameters())
+    return 0
 
 
 def all_written(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:

@@ -37,10 +37,11 @@ SLACK = 1024
 """Bytes held that the store need not charge: a few scalars a graph may save (a shape, a
 0-d tensor); far less than one tensor a program sends."""
 
-EXAMPLES = 40
+EXAMPLES = 100
 
+sends = st.tuples(st.just("send"), st.booleans(), st.sampled_from([N, 4 * N]))
 steps = st.one_of(
-    st.tuples(st.just("send"), st.booleans()),
+    sends,
     st.tuples(st.just("unary"), st.sampled_from(["exp", "sin", "tanh", "sigmoid", "mul2"]), st.integers(0, 99)),
     st.tuples(st.just("binary"), st.sampled_from(["mul", "add", "div"]), st.integers(0, 99), st.integers(0, 99)),
     st.tuples(st.just("view"), st.integers(0, 99)),
@@ -48,9 +49,13 @@ steps = st.one_of(
     st.tuples(st.just("backward"), st.integers(0, 99)),
     st.tuples(st.just("grad"), st.integers(0, 99)),
     st.tuples(st.just("plan"), st.integers(0, 99)),
+    st.tuples(st.just("set_grad"), st.integers(0, 99), st.integers(0, 99)),
+    st.tuples(st.just("set_data"), st.integers(0, 99), st.integers(0, 99)),
     st.tuples(st.just("delete"), st.integers(0, 99)),
 )
-programs = st.lists(steps, min_size=1, max_size=25)
+programs = st.builds(
+    lambda first, rest: first + rest, st.lists(sends, min_size=1, max_size=3), st.lists(steps, max_size=25)
+)
 
 
 def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
@@ -98,7 +103,7 @@ def held_bytes(store: Store) -> int:
 async def _step(bob: fedptr.Worker, held: list[fedptr.Pointer], step: tuple[Any, ...]) -> None:
     kind = step[0]
     if kind == "send":
-        t = torch.randn(N)
+        t = torch.randn(step[2])
         held.append(await bob.send(t.requires_grad_(step[1])))
         return
     if not held:
@@ -110,6 +115,13 @@ async def _step(bob: fedptr.Worker, held: list[fedptr.Pointer], step: tuple[Any,
     elif kind == "binary":
         y = held[step[2] % len(held)]
         held.append(await {"mul": x * y, "add": x + y, "div": x / y}[step[1]])
+    elif kind in ("set_grad", "set_data"):
+        y = held[step[1] % len(held)]
+        if kind == "set_grad":
+            x.grad = y
+        else:
+            x.data = y
+        await x.sum()  # ordered after the write: its refusal, if any, is not ours to see
     elif kind == "view":
         held.append(await x[0:4])
     elif kind == "inplace":
@@ -160,7 +172,7 @@ def test_the_store_charges_every_storage_its_entries_keep_alive(program: list[tu
 def test_a_chain_of_gradient_tracking_ops_is_charged_for_what_its_graph_saved() -> None:
     """The hole named in the ninth round: `exp` of `exp` ... of a gradient-tracking tensor, each
     result stored and the one before deleted: every graph keeps its intermediates alive."""
-    program: list[tuple[Any, ...]] = [("send", True)]
+    program: list[tuple[Any, ...]] = [("send", True, N)]
     for _ in range(8):
         program += [("unary", "exp", 0), ("delete", 0)]
     held, charged = asyncio.run(_run(program))
