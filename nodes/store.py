@@ -299,7 +299,7 @@ class Store:
             entry.sponsor = stored.sponsor
             self._count(entry)
             if not isinstance(stored.value, tuple):
-                self._charge(entry, stored.value, restoring=True)
+                entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -346,7 +346,11 @@ class Store:
         """`entry` is gone: it and its bytes no longer count against its client's quota (only
         its bytes when it stays, not `gone`). `freed`: its value is dropped, and its bytes
         count until the value is freed (`_outlived`)."""
-        charged = 0 if freed and entry.charged and self._outlived(entry) else entry.charged
+        charged = entry.charged
+        value = entry.value
+        # (a plain tensor, tracking no gradient, is dropped with its entry: no call, per delete)
+        if freed and charged and (type(value) is not torch.Tensor or value.requires_grad) and self._outlived(entry):
+            charged = 0
         self.bytes -= charged
         account = entry.account
         if account is not None:
@@ -371,7 +375,7 @@ class Store:
             rest = entry.charged  # the first parameter (or none) carries what the others do not
             params = list(value.parameters())
             for p in params[1:]:
-                nbytes = p.numel() * p.element_size()
+                nbytes = _nbytes(p)
                 rest -= nbytes
                 weakref.finalize(p, freed.append, (account, nbytes))
             if params:
@@ -420,7 +424,7 @@ class Store:
         entry = Entry.tensor(value, ANYONE, taint)
         entry.readonly = self.node
         self.add(obj_id, entry)
-        self._charge(entry, value)
+        entry.charged += self._charge(entry.account, _nbytes(value))
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)
         return obj_id
@@ -446,9 +450,10 @@ class Store:
             assert value is not None
             if isinstance(value, nn.Module):
                 for p in value.parameters():
-                    self._charge(entry, p)
+                    entry.charged += self._charge(entry.account, _nbytes(p))
             else:
-                self._charge(entry, value)
+                # (the bytes computed inline: a call less per op)
+                entry.charged += self._charge(entry.account, value.numel() * value.element_size())
         # `persist` asks again whether a write-ahead is kept: not called without one (per op)
         return self.persist(obj_id, entry, value) if durable and self.wal is not None else None
 
@@ -480,16 +485,10 @@ class Store:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
         return self.entries.get(obj_id) is entry or self.taken.get(obj_id) is entry
 
-    def _charge(self, entry: Entry, value: torch.Tensor, restoring: bool = False) -> None:
-        """Count `value`'s bytes against the store's cap and its client's quota; refused past
-        either (the quota not for what a restart restores: it was acknowledged, it stays)."""
-        nbytes = value.numel() * value.element_size()
-        self._reserve(entry.account, nbytes, restoring)
-        entry.charged += nbytes
-
-    def _reserve(self, account: Account | None, nbytes: int, restoring: bool = False) -> None:
-        """Count `nbytes` against the store's cap and `account`'s quota, or raise StoreFullError
-        or QuotaExceededError (the quota not when `restoring`)."""
+    def _charge(self, account: Account | None, nbytes: int, restoring: bool = False) -> int:
+        """Count `nbytes` against the store's cap and `account`'s quota (a client's), and return
+        them; refused past either (StoreFullError, QuotaExceededError; the quota not for what a
+        restart restores: it was acknowledged, it stays)."""
         if self._freed:
             self.release_graphs()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
@@ -501,11 +500,12 @@ class Store:
         self.bytes += nbytes
         if account is not None:
             account.bytes += nbytes
+        return nbytes
 
     def hold_graph(self, account: Account | None, graph: Recorder) -> None:
         """Charge what `graph` saved for backward to the cap and `account`'s quota until autograd
         frees it (nodes/saved.py), or raise as `_charge` does (then nothing is charged)."""
-        self._reserve(account, graph.nbytes)
+        self._charge(account, graph.nbytes)
         for saved in graph.saved:
             saved.account = account
             saved.freed = self._freed
@@ -613,11 +613,15 @@ ANYONE = "*"
 log = logging.getLogger("fedptr.node.store")
 
 
+def _nbytes(value: torch.Tensor) -> int:
+    return value.numel() * value.element_size()
+
+
 def _grad_bytes(value: Any) -> int:
     """The bytes of the gradients `value` holds (a tensor's, a model's parameters')."""
     if isinstance(value, torch.Tensor):
         grad = value.grad if value.is_leaf or value.retains_grad else None  # (no warning for a non-leaf)
-        return 0 if grad is None else grad.numel() * grad.element_size()
+        return 0 if grad is None else _nbytes(grad)
     if isinstance(value, nn.Module):
         return sum(_grad_bytes(p) for p in value.parameters())
     return 0
