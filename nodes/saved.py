@@ -92,9 +92,7 @@ class Recorder:
         self._hooks.__enter__()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         assert self._hooks is not None
         self._hooks.__exit__(kind, error, tb)
         self._hooks = None

@@ -12,6 +12,7 @@ and buffers. That sum must be at most what the store charged plus `SLACK` bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,10 +93,8 @@ def held_bytes(store: Store) -> int:
                 todo.append(variable)
             for name in dir(v):
                 if name.startswith("_saved_"):
-                    try:
+                    with contextlib.suppress(RuntimeError):  # freed by a backward
                         todo.extend(_tensors_in(getattr(v, name)))
-                    except RuntimeError:  # freed by a backward
-                        pass
             todo.extend(fn for fn, _ in v.next_functions if fn is not None)
     return sum(storages.values())
 
@@ -148,10 +147,9 @@ async def _run(program: list[tuple[Any, ...]]) -> tuple[int, int]:
         bob = c.worker("bob")
         held: list[fedptr.Pointer] = []
         for step in program:
-            try:
+            # refused (no gradient, a write to a leaf, the cap): the property holds all the same
+            with contextlib.suppress(fedptr.FedptrError):
                 await _step(bob, held, step)
-            except fedptr.FedptrError:
-                pass  # refused (no gradient, a write to a leaf, the cap): the property still holds
 
         async def bounded() -> bool:
             store.release_graphs()
@@ -177,3 +175,26 @@ def test_a_chain_of_gradient_tracking_ops_is_charged_for_what_its_graph_saved() 
         program += [("unary", "exp", 0), ("delete", 0)]
     held, charged = asyncio.run(_run(program))
     assert held <= charged + SLACK, f"{held} bytes held, {charged} charged"
+
+
+async def test_a_graphs_charge_is_given_back_once_autograd_frees_it() -> None:
+    """A stored result's graph is charged while it holds what it saved, and no longer once a
+    backward freed it; a deleted gradient-tracking leaf counts until the graph holding it goes."""
+    kib = N * 4
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}) as c:
+        store = c.node("bob").store
+        w = await c.worker("bob").send(torch.randn(N).requires_grad_())
+        y = await w.exp()
+        assert store.usage(c.client.name)[1] == 3 * kib  # w, y, and y as `exp` saved it
+        s = await y.sum()
+        await s.backward()  # frees the graph's saved tensors, and gives w its gradient
+        assert store.usage(c.client.name)[1] == kib + kib + kib + 4  # w, w.grad, y, s
+        del w  # y's graph still holds w (and its gradient)
+
+        async def charged(nbytes: int) -> bool:
+            return store.usage(c.client.name)[1] == nbytes
+
+        await s.get()  # a request after the delete: it has landed
+        assert await charged(3 * kib + 4)
+        del y, s
+        assert await eventually(lambda: charged(0))
