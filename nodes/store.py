@@ -9,6 +9,7 @@ dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import weakref
 from collections import deque
@@ -364,7 +365,7 @@ class Store:
 
     def _outlived(self, entry: Entry) -> bool:
         """Whether `entry`'s value may outlive it, held by an autograd graph (a gradient-tracking
-        tensor, a model's parameters: a graph's leaves): then its bytes are given back when it
+        tensor, a model's parameters and buffers: what a graph holds): then its bytes are given back when it
         is freed (`release_graphs`), not now, and True."""
         value = entry.value
         account, freed = entry.account, self._freed
@@ -373,7 +374,7 @@ class Store:
             return True
         if isinstance(value, nn.Module):
             rest = entry.charged  # the first parameter (or none) carries what the others do not
-            params = list(value.parameters())
+            params = [*value.parameters(), *value.buffers()]
             for p in params[1:]:
                 nbytes = _nbytes(p)
                 rest -= nbytes
@@ -449,7 +450,7 @@ class Store:
         if entry.location is None:
             assert value is not None
             if isinstance(value, nn.Module):
-                for p in value.parameters():
+                for p in itertools.chain(value.parameters(), value.buffers()):  # (a batch norm's statistics)
                     entry.charged += self._charge(entry.account, _nbytes(p))
             else:
                 # (the bytes computed inline: a call less per op)

@@ -198,3 +198,12 @@ async def test_a_graphs_charge_is_given_back_once_autograd_frees_it() -> None:
         assert await charged(3 * kib + 4)
         del y, s
         assert await eventually(lambda: charged(0))
+
+
+async def test_a_models_buffers_are_charged() -> None:
+    """A batch norm's running statistics are as big as its parameters: stored, they count."""
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}) as c:
+        store = c.node("bob").store
+        model = await c.worker("bob").send(nn.BatchNorm1d(N))
+        assert held_bytes(store) <= store.bytes + SLACK
+        del model
