@@ -464,9 +464,11 @@ class Compute:
                     if graph is not None and graph.saved and run.outputs:
                         # the graph lives as long as the outputs holding it: charged to their client
                         self.store.hold_graph(run.outputs[0][2].account, graph)
-                    if any(op.op in _GRADIENT_WRITERS for op in run.ops):
-                        holders = itertools.chain(self._gradient_holders(run.source), run.inputs.values())
-                        self.store.charge_grads(holders)
+                    if graph is not None and any(op.op in _GROWERS for op in run.ops):
+                        # a backward may give any of the caller's stored values a gradient
+                        self.store.recharge(itertools.chain(self._gradient_holders(run.source), run.inputs.values()))
+                    elif alias:
+                        self.store.recharge(run.inputs.values())
                 for key, obj_id, result in run.outputs:
                     value = values[key]
                     outputs.append(value)
@@ -552,8 +554,8 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     return value
 
 
-_GRADIENT_WRITERS = frozenset({"backward", "set_grad"})
-"""Ops that give stored tensors (or models) gradients, which the store then charges."""
+_GROWERS = frozenset({"backward", "set_grad", "set_data"})
+"""Ops that make stored values hold more (gradients, a bigger storage), which the store then charges."""
 
 _OKS: dict[tuple[torch.Size, torch.dtype], wire.Ok] = {}
 """The `Ok` of one result, by its shape and dtype: nearly every op is answered with one of a few,

@@ -90,8 +90,6 @@ class Entry:
     """The quota it counts against (the store's; None: a worker's own data, or not stored)."""
     charged: int = 0
     """The tensor bytes the store charged for it."""
-    grads: int = 0
-    """Of those, the bytes of its gradients (a backward filled them: `Store.charge_grads`)."""
 
     @property
     def is_pointer(self) -> bool:
@@ -384,18 +382,18 @@ class Store:
                 return True
         return False
 
-    def charge_grads(self, entries: Iterable[Entry]) -> None:
-        """Charge the gradients a backward gave `entries`' values, to each entry (and so to its
-        client), past the cap or quota if need be: the backward has run, its gradients exist
-        (at most the bytes of the values they are the gradients of, which were charged)."""
+    def recharge(self, entries: Iterable[Entry]) -> None:
+        """Charge what `entries`' values grew by in place: the gradients a backward or `set_grad`
+        gave them, the bigger storage `set_data` did; to each entry (and so to its client), past
+        the cap or quota if need be: the op has run, the memory exists (a gradient is at most the
+        bytes of its value, which were charged)."""
         if self._freed:
             self.release_graphs()
         for entry in entries:
-            nbytes = _grad_bytes(entry.value)
-            if nbytes > entry.grads:
-                more = nbytes - entry.grads
-                entry.grads = nbytes
-                entry.charged += more
+            nbytes = _held_bytes(entry.value)
+            if nbytes > entry.charged:
+                more = nbytes - entry.charged
+                entry.charged = nbytes
                 self.bytes += more
                 if entry.account is not None:
                     entry.account.bytes += more
@@ -618,13 +616,13 @@ def _nbytes(value: torch.Tensor) -> int:
     return value.numel() * value.element_size()
 
 
-def _grad_bytes(value: Any) -> int:
-    """The bytes of the gradients `value` holds (a tensor's, a model's parameters')."""
+def _held_bytes(value: Any) -> int:
+    """The bytes `value` holds with its gradients (a tensor's; a model's parameters', buffers')."""
     if isinstance(value, torch.Tensor):
         grad = value.grad if value.is_leaf or value.retains_grad else None  # (no warning for a non-leaf)
-        return 0 if grad is None else _nbytes(grad)
+        return _nbytes(value) + (0 if grad is None else _nbytes(grad))
     if isinstance(value, nn.Module):
-        return sum(_grad_bytes(p) for p in value.parameters())
+        return sum(_held_bytes(p) for p in itertools.chain(value.parameters(), value.buffers()))
     return 0
 
 

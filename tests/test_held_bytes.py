@@ -207,3 +207,21 @@ async def test_a_models_buffers_are_charged() -> None:
         model = await c.worker("bob").send(nn.BatchNorm1d(N))
         assert held_bytes(store) <= store.bytes + SLACK
         del model
+
+
+async def test_set_data_to_a_bigger_tensor_then_deleted_is_charged() -> None:
+    """``x.data = y`` with a bigger `y`, then `y` deleted: `x` holds `y`'s storage."""
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}) as c:
+        store = c.node("bob").store
+        bob = c.worker("bob")
+        x, y = await bob.send(torch.randn(N)), await bob.send(torch.randn(4 * N))
+        x.data = y
+        await x.sum()
+        del y
+
+        async def bounded() -> bool:
+            store.release_graphs()
+            return held_bytes(store) <= store.bytes + SLACK
+
+        await x.sum()  # after the delete
+        assert await eventually(bounded), f"{held_bytes(store)} bytes held, {store.bytes} charged"
