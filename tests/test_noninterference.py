@@ -16,12 +16,20 @@ programs run again ending in DP releases (`_release_all`: a secure mean, M1, a D
 outputs alone are exempt.
 
 `FEDPTR_TWIN_EXAMPLES` sets the number of programs (CI's default: `EXAMPLES`), and
-`FEDPTR_TWIN_RELEASE_EXAMPLES` of those with releases (`RELEASE_EXAMPLES`).
+`FEDPTR_TWIN_RELEASE_EXAMPLES` of those with releases (`RELEASE_EXAMPLES`); `FEDPTR_TWIN_RANDOM=1`
+draws them from ``--hypothesis-seed`` instead of the same programs every run.
+
+Since the eleventh red-team round the worlds also differ in bob's private int64 labels, and may
+hold a NaN, an infinity, a huge, subnormal or signed-zero value in one world or both, under a
+``--max-store-bytes`` drawn per program (`Variation`); programs also draw ops with extra
+arguments, sends of other dtypes, tensors past the small-tensor path, deletes, budget queries and
+DP contributions (`ADDED`, each checked to run by `test_each_added_action_is_drawn_and_runs`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import gc
@@ -59,6 +67,9 @@ from . import harness
 from .test_opinfo import SAMPLES, Env
 
 EXAMPLES = int(os.environ.get("FEDPTR_TWIN_EXAMPLES", "2000"))
+RANDOM = os.environ.get("FEDPTR_TWIN_RANDOM") == "1"
+"""Draw programs from ``--hypothesis-seed`` (or a random seed) instead of the same ones every run:
+a long search runs several seeds (docs/REDTEAM.md, eleventh round)."""
 RELEASE_EXAMPLES = int(os.environ.get("FEDPTR_TWIN_RELEASE_EXAMPLES", "100"))
 """Programs that end in DP releases (`_release_all`): each world charges budgets (about 0.1 s a program more)."""
 WORKERS = ("bob", "alice", "eve")
@@ -66,6 +77,8 @@ WORKERS = ("bob", "alice", "eve")
 SHAPE = (4, 3)
 SECRET = -1
 """A partner index meaning: the private tensor."""
+LABELS = -2
+"""A partner index meaning: bob's private int64 labels (the secret's ``y``)."""
 
 Row = Callable[[Any, Any], Any]
 
@@ -282,7 +295,7 @@ async def test_rows_of_multi_output_ops_keep_every_result() -> None:
 _index = st.sampled_from([0, 0, 0, 1, 2, 3, 4])
 """Which pointer a step takes, counted back from the newest: small, so that steps meet what the
 steps before them made (an alias, then a write through it, then a get of its target)."""
-_partner = st.one_of(st.just(SECRET), _index)
+_partner = st.one_of(st.just(SECRET), _index, st.just(LABELS))
 """A step's second operand: half the time the private tensor itself (when on the same worker), the
 data an attacker wants to mix in; else a pointer counted back from the newest."""
 _compute = st.one_of(
@@ -307,13 +320,50 @@ _moves = st.one_of(
 )
 _streams = st.tuples(st.just("stream"), st.sampled_from(sorted(HOSTILE)), st.integers(0, 3))
 """A send whose tensor the client streams itself, in chunks that break the stream protocol."""
+ARGS = (0, 1, -1, 2, 3, 7, 100, -100, 0.5, -2.5, True)
+"""A raw op's extra argument (`raw_arg`): dims, sizes, indices (in range, negative, out of
+range), scalars and a bool, where torch's errors name the values they were given. It goes after
+one operand, after two, or between them, or after the second alone (the partner: bob's labels,
+say, as ``one_hot(y, 3)``)."""
+TYPED = {
+    "int64": lambda v: (v * 3).round().long(),
+    "int32": lambda v: (v * 3).round().int(),
+    "bool": lambda v: v > 0,
+    "float64": lambda v: v.double(),
+    "requires_grad": lambda v: v.requires_grad_(),
+}
+"""Public tensors of other dtypes (and a leaf that requires grad) a client sends (`typed_send`),
+to mix with private float32 data and bob's private int64 labels."""
+BIG = (64, 64)
+"""`big`'s repeat: a 4x3 operand becomes 256x192 float32 (192 KiB), past
+`limits.TENSOR_VIEW_MIN_BYTES`, so it travels as a view of its memory, not the small tensors'
+numpy copy, and past a small ``--max-store-bytes`` (`QUOTAS`)."""
+_added = st.one_of(
+    st.tuples(
+        st.just("raw_arg"),
+        st.sampled_from(sorted(ops.ALLOWED)),
+        _index,
+        _partner,
+        st.integers(0, 3),
+        st.sampled_from(ARGS),
+    ),
+    st.tuples(st.just("typed_send"), st.sampled_from(WORKERS), st.sampled_from(sorted(TYPED)), st.integers(0, 3)),
+    st.tuples(st.just("big"), _index),
+    st.tuples(st.just("delete"), _index),
+    st.tuples(st.just("budget"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("contribute"), _index),
+)
+"""Actions added in the eleventh red-team round (docs/REDTEAM.md): ops with extra arguments,
+sends of other dtypes, tensors past the small-get path, explicit deletes, budget queries and DP
+contributions mid-program (refused, or charged, alike in both worlds)."""
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute")
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
     st.tuples(st.just("objects"), st.sampled_from(WORKERS)),
 )
 _alias = st.tuples(st.just("parameter"), _index, st.integers(0, 3))
-_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams)
+_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams, _added)
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
@@ -322,6 +372,44 @@ secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
 """World b's secret is world a's shifted by this in every element: the worlds always differ (left
 to themselves, two drawn secrets are often both zero)."""
+SPECIAL = (float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e-45, 0.0, -0.0)
+"""Values a private tensor may hold that arithmetic, sorting, clipping and checks treat apart."""
+QUOTAS = (0, 4096, 65536)
+"""Bob's ``--max-store-bytes`` (0: none): a refusal for want of room must not depend on values."""
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How the worlds differ beyond the shift of bob's x: bob's private int64 labels y (world b's
+    are world a's moved by 3 within -5..4, cyclically: one world's may be out of range of a
+    class count or of a dimension where the other's are not), one element of x set to
+    `special` (in world b only, or in both), bob's quota."""
+
+    labels: tuple[int, ...] = (0, 1, 2, 1)
+    special: tuple[int, float, bool] | None = None
+    quota: int = 0
+
+    def y(self, world: str) -> np.ndarray[Any, Any]:
+        y = np.array(self.labels, dtype=np.int64)
+        return y if world == "a" else (y + 8) % 10 - 5
+
+    def x(self, world: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if self.special is None:
+            return x
+        where, value, both = self.special
+        if world == "b" or both:
+            x = x.copy()
+            x.flat[where] = value
+        return x
+
+
+PLAIN = Variation()
+variations = st.builds(
+    Variation,
+    labels=st.tuples(*[st.integers(-5, 4)] * 4),
+    special=st.one_of(st.none(), st.tuples(st.integers(0, 11), st.sampled_from(SPECIAL), st.booleans())),
+    quota=st.sampled_from(QUOTAS),
+)
 
 
 _ID = re.compile(r"\b\d{5,}\b|client-[0-9a-f]+|(?<=:)[0-9a-f]{6}\b")
@@ -364,8 +452,8 @@ class World:
         return live[-1 - i % len(live)] if live else None
 
     def partner(self, a: fedptr.Pointer, i: int) -> fedptr.Pointer:
-        secret = self.tensors[0]
-        if i == SECRET and secret.owned and secret.location == a.location:
+        secret = self.tensors[0 if i == SECRET else 1]
+        if i in (SECRET, LABELS) and secret.owned and secret.location == a.location:
             return secret
         same = [p for p in self.tensors if p.owned and p.location == a.location]
         return same[-1 - i % len(same)]
@@ -422,26 +510,29 @@ def _local(result: Any) -> Any:
     return (tuple(result.shape), str(result.dtype)) if known else None
 
 
-def _world(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool = False) -> list[Any]:
+def _world(
+    program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool, variation: Variation, world: str
+) -> list[Any]:
     """One world's observations. What outlives it (caches, the command runner) is collected and
     then frozen, so that no later world's full collection walks it again."""
-    seen = asyncio.run(_run(program, secret, releases))
+    seen = asyncio.run(_run(program, secret, releases, variation, world))
     gc.collect()
     gc.freeze()
     return seen
 
 
-async def _run(program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool) -> list[Any]:
+async def _run(
+    program: list[tuple[Any, ...]], secret: np.ndarray[Any, Any], releases: bool, variation: Variation, world: str
+) -> list[Any]:
     torch.manual_seed(0)  # the client's models and any op on torch's default generator: the same in both worlds
-    data: dict[str, Any] = {
-        "bob": {"secret": {"x": secret.reshape(SHAPE), "y": np.array([0, 1, 2, 1], dtype=np.int64)}}
-    }
-    configs = {"bob": NodeConfig(trust=["alice"]), "alice": NodeConfig(trust=["bob"])}
+    data: dict[str, Any] = {"bob": {"secret": {"x": secret.reshape(SHAPE), "y": variation.y(world)}}}
+    quota = variation.quota
+    configs = {"bob": NodeConfig(trust=["alice"], max_store_bytes=quota), "alice": NodeConfig(trust=["bob"])}
     names = WORKERS
     if releases:  # bob and alice own data with budgets; agg aggregates them
         owner = {"dp_clip": 1.0, "dp_noise_multiplier": 1.0}
         configs = {
-            "bob": NodeConfig(trust=["alice", "agg"], **owner),  # type: ignore[arg-type]
+            "bob": NodeConfig(trust=["alice", "agg"], max_store_bytes=quota, **owner),  # type: ignore[arg-type]
             "alice": NodeConfig(trust=["bob", "agg"], **owner),  # type: ignore[arg-type]
             "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2),
         }
@@ -634,6 +725,11 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         if p is not None:
             w.tensors.append(p)
         return
+    if kind in ADDED:
+        EXECUTED[kind] += 1
+        if await _added_step(w, kind, *args):
+            EXECUTED[f"{kind} ok"] += 1
+        return
     if kind == "stream":
         how, seed = args
         value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
@@ -681,6 +777,11 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
             w.seen.append(("model value", _value(got)))
         return
     if kind == "objects":
+        # Pointers left in reference cycles (made by ops and sends, ~3 a program) are
+        # released by whichever automatic GC pass comes next, when allocations say so: in one
+        # process with the nodes and broker, a count of no one's choosing. Collected first, as
+        # before the final counts, so that the listing sees every dropped pointer's delete.
+        gc.collect()
         await w.observe("objects", lambda: _listing(client.worker(args[0])))
         return
     if kind == "apply":
@@ -728,6 +829,64 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         await w.observe("backward", lambda: p.sum().backward())
 
 
+EXECUTED: collections.Counter[str] = collections.Counter()
+"""How often each action of `ADDED` ran (``kind``), and succeeded (``kind ok``): a property
+whose programs never reach an action says nothing about it."""
+
+
+async def _added_step(w: World, kind: str, *args: Any) -> bool:
+    """One of the eleventh round's actions (`_added`); whether it succeeded."""
+    client = w.cluster.client
+    if kind == "typed_send":
+        where, dtype, seed = args
+        value = TYPED[dtype](torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)))
+        p = await w.observe(f"send {dtype}", lambda: client.worker(where).send(value))
+        w.keep(p)
+        return p is not None
+    if kind == "budget":
+        spent = await w.observe("budget", lambda: dp.budget(client.worker(args[0])))
+        w.seen.append(("budget", spent))
+        return spent is not None
+    if kind == "raw_arg":
+        name, index, other, at, arg = args
+        p = w.pick(index)
+        if p is None:
+            return False
+        b = w.partner(p, other)
+        operands = ((p, arg), (p, b, arg), (p, arg, b), (b, arg))[at]
+        out = await w.observe(f"raw {name} {arg!r}", lambda: remote_results(name, operands))
+        w.keep(out, p)
+        return out is not None
+    p = w.pick(args[0])
+    if p is None:
+        return False
+    if kind == "big":
+        out = await w.observe("big", lambda: p.repeat(*BIG))
+        w.keep(out)
+        if out is not None:
+            w.seen.append(("big value", _value(await w.observe("get big", out.get))))
+        return out is not None
+    if kind == "delete":  # the client drops its only pointer: the node deletes the object
+        if p is w.tensors[0] or p is w.tensors[1]:
+            return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
+        w.tensors = [q for q in w.tensors if q is not p]
+        w.seen.append(("deleted", _local(p)))
+        return True
+    made = await w.observe("contribute", lambda: dp.contribute(p, "agg"))
+    if made is None:
+        return False
+    w.seen.append(("contributed", made[1]))
+    w.tensors.append(made[0])  # a contribution on the aggregator: its get must be refused alike
+    return True
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_executed() -> Iterator[None]:
+    """How often each added action ran, printed after the module (``-s``): a search's reach."""
+    yield
+    print("\nadded actions run (and succeeded):", dict(sorted(EXECUTED.items())))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _frozen_heap() -> Iterator[None]:
     """The heap as the test starts moves to the permanent generation for its duration: each
@@ -741,36 +900,75 @@ def _frozen_heap() -> Iterator[None]:
 
 @pytest.mark.timeout(1800)
 @pytest.mark.slow  # EXAMPLES programs, each on fresh twin clusters: minutes
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(program=programs, world_a=secrets, shift=shifts)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=not RANDOM)
+@given(program=programs, world_a=secrets, shift=shifts, variation=variations)
 # found by this test (a fresh clone's CI run): a lean plan's data-dependent op ran on the secret
 # itself where the guard meant a meta run, and answered with its value-dependent shape
-@example(program=[("plan", "nonzero", 3, -1)], world_a=[0.0] * 12, shift=1.0)
-@example(program=[("plan", "masked_select", 3, -1)], world_a=[0.0] * 12, shift=1.0)
+@example(program=[("plan", "nonzero", 3, -1)], world_a=[0.0] * 12, shift=1.0, variation=PLAIN)
+@example(program=[("plan", "masked_select", 3, -1)], world_a=[0.0] * 12, shift=1.0, variation=PLAIN)
 def test_what_a_client_observes_does_not_depend_on_private_data(
-    program: list[tuple[Any, ...]], world_a: list[float], shift: float
+    program: list[tuple[Any, ...]], world_a: list[float], shift: float, variation: Variation
 ) -> None:
-    _compare(program, world_a, shift, releases=False)
+    _compare(program, world_a, shift, releases=False, variation=variation)
 
 
-def _compare(program: list[tuple[Any, ...]], world_a: list[float], shift: float, releases: bool) -> None:
-    seen_a = _world(program, np.array(world_a, dtype=np.float32), releases)
-    seen_b = _world(program, np.array(world_a, dtype=np.float32) + np.float32(shift), releases)
+def _compare(
+    program: list[tuple[Any, ...]], world_a: list[float], shift: float, releases: bool, variation: Variation = PLAIN
+) -> None:
+    x = np.array(world_a, dtype=np.float32)
+    seen_a = _world(program, variation.x("a", x), releases, variation, "a")
+    seen_b = _world(program, variation.x("b", x + np.float32(shift)), releases, variation, "b")
     for i, (a, b) in enumerate(zip(seen_a, seen_b, strict=True)):
         assert a == b, f"observation {i} differs between the worlds:\n  {_first_difference(a, b)}"
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.slow  # each world charges budgets (the accountant: about 0.1 s a charge)
-@settings(max_examples=RELEASE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(program=programs, world_a=secrets, shift=shifts, trained=st.sampled_from([None, "linear", "batchnorm", "graph"]))
+@settings(max_examples=RELEASE_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=not RANDOM)
+@given(
+    program=programs,
+    world_a=secrets,
+    shift=shifts,
+    trained=st.sampled_from([None, "linear", "batchnorm", "graph"]),
+    variation=variations,
+)
 def test_with_releases_what_a_client_observes_depends_on_private_data_only_through_them(
-    program: list[tuple[Any, ...]], world_a: list[float], shift: float, trained: str | None
+    program: list[tuple[Any, ...]], world_a: list[float], shift: float, trained: str | None, variation: Variation
 ) -> None:
     """The same programs, then DP releases (`_release_all`): a secure aggregation round, M1 and
     a DP-SGD step of bob's newest model (the program's, or a fresh one of kind `trained`), with
     budgets, an aggregator and a second data owner."""
-    _compare([*program, *([("model", "bob", trained)] if trained else [])], world_a, shift, releases=True)
+    _compare([*program, *([("model", "bob", trained)] if trained else [])], world_a, shift, True, variation)
+
+
+ADDED_PROGRAM = [
+    ("typed_send", "bob", "int64", 0),
+    ("raw_arg", "mul", 0, SECRET, 0, 2),  # the int64 tensor times 2
+    ("big", 0),
+    ("delete", 0),  # the product (a get consumed the big one)
+    ("budget", "bob"),
+    ("contribute", 4),  # bob's x
+]
+"""A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
+
+
+def test_each_added_action_is_drawn_and_runs() -> None:
+    """Each action the eleventh round added is drawn by `programs` (in 100 programs), and runs
+    to success in a release world (`EXECUTED`) with labels out of range and a NaN in one world:
+    an action the property never reaches, or that always fails, guarantees nothing."""
+    drawn: set[str] = set()
+
+    @settings(max_examples=100, database=None, derandomize=True)
+    @given(program=programs)
+    def draw(program: list[tuple[Any, ...]]) -> None:
+        drawn.update(step[0] for step in program)
+
+    draw()
+    assert set(ADDED) <= drawn, set(ADDED) - drawn
+    before = EXECUTED.copy()
+    variation = Variation(labels=(-1, 0, 3, 2), special=(5, float("nan"), False))
+    _compare(ADDED_PROGRAM, [0.5] * 12, 1.0, True, variation)
+    assert all(EXECUTED[f"{kind} ok"] > before[f"{kind} ok"] for kind in ADDED), EXECUTED - before
 
 
 def _first_difference(a: Any, b: Any) -> str:
