@@ -34,6 +34,7 @@ from fedptr.ops import AGGREGATES, ALIASING, ALLOWED, MUTATING
 from fedptr.tensors import dtype_name, from_raw
 
 from . import guard, kernels, plans, policy
+from .saved import Recorder
 from .store import Entry, all_written, without_frames
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ class _Run:
     """Whether it answers as a plan run (`PlanReply`) or as one op (`Ok`)."""
     lean: _Lean | None = None
     """A plan run on the lean loop (then `operands` and `results` are empty)."""
+    graph: Recorder | None = None
+    """What it saves for backward, when it may build an autograd graph (nodes/saved.py): an
+    input tracks gradients or is a model, or it is a plan that may make one track them."""
 
 
 @dataclass(slots=True, eq=False)
@@ -273,7 +277,8 @@ class Compute:
             self.store.add(result_id, result)
             outputs.append((out, result_id, result))
         inputs = dict(enumerate(slots[: plan.n_inputs]))
-        run = _Run(source, rid, plan.ops, operands, firsts, inputs, msg.inputs, outputs, plan=True)
+        # its ops may include `requires_grad_`: its graph is recorded whatever its inputs are
+        run = _Run(source, rid, plan.ops, operands, firsts, inputs, msg.inputs, outputs, plan=True, graph=Recorder())
         self._start(run)
 
     def _run_lean(self, source: str, rid: bytes, msg: wire.RunPlan, plan: plans.Plan, inputs: list[Entry]) -> None:
@@ -300,7 +305,7 @@ class Compute:
         """Compute `run` now when its inputs are there, as far as `_compute` runs inline, and
         the rest later (`_later`): this peer's later requests wait until it is done."""
         versions: dict[int, int] = {}
-        values = _values(run.inputs, versions)
+        values = _values(run, versions)
         done = 0
         if values is not None:
             try:
@@ -320,7 +325,7 @@ class Compute:
             if values is None:
                 for entry in run.inputs.values():
                     await entry.wait()  # raises the error an input failed with
-                values = _values(run.inputs, versions)
+                values = _values(run, versions)
                 assert values is not None  # every input settled without an error
                 done = self._compute(run, values, 0, inline=True)
             if done < len(run.ops):
@@ -338,6 +343,10 @@ class Compute:
         """Compute the operations from `start` through the guard, adding each value to
         `values`; returns how many are done. `inline` (on the event loop) stops before an
         operation whose operands are big, or after `limits.PLAN_INLINE_OPS`."""
+        graph = run.graph
+        if graph is not None and not graph.active:
+            with graph:  # what its ops save for backward is recorded, to be charged by `_finish`
+                return self._compute(run, values, start, inline)
         if run.lean is not None:
             return self._compute_lean(run.lean, values, start, inline)
         for i in range(start, len(run.ops)):
@@ -457,6 +466,16 @@ class Compute:
         alias = not run.plan and run.ops[0].op in MUTATING
         if error is None:
             try:
+                graph = run.graph
+                if graph is not None or alias:  # (an in-place op may be `set_grad`)
+                    if graph is not None and graph.saved and run.outputs:
+                        # the graph lives as long as the outputs holding it: charged to their client
+                        self.store.hold_graph(run.outputs[0][2].account, graph)
+                    if graph is not None and any(op.op in _GROWERS for op in run.ops):
+                        # a backward may give any of the caller's stored values a gradient
+                        self.store.recharge(itertools.chain(self._gradient_holders(run.source), run.inputs.values()))
+                    elif alias:
+                        self.store.recharge(run.inputs.values())
                 for key, obj_id, result in run.outputs:
                     value = values[key]
                     outputs.append(value)
@@ -542,6 +561,9 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
     return value
 
 
+_GROWERS = frozenset({"backward", "set_grad", "set_data"})
+"""Ops that make stored values hold more (gradients, a bigger storage), which the store then charges."""
+
 _OKS: dict[tuple[torch.Size, torch.dtype], wire.Ok] = {}
 """The `Ok` of one result, by its shape and dtype: nearly every op is answered with one of a few,
 and a message takes about 1 µs to build (up to `limits.OK_HEADER_TABLE_SIZE`, as the wire's
@@ -624,17 +646,26 @@ def _has_state(entry: Entry) -> bool:
     return isinstance(value, torch.nn.Module) and any(True for _ in value.buffers())
 
 
-def _values(entries: dict[int, Entry], versions: dict[int, int]) -> dict[int, Any] | None:
-    """The entries' values by key when every one is settled without an error, else None; the
-    version counter of each tensor among them goes into `versions` (an in-place update bumps
-    it: the run persists the inputs it changed). One pass: this runs for every operation."""
+def _values(run: _Run, versions: dict[int, int]) -> dict[int, Any] | None:
+    """The values of `run`'s inputs by key when every one is settled without an error, else
+    None; the version counter of each tensor among them goes into `versions` (an in-place
+    update bumps it: the run persists the inputs it changed), and the run records what it saves
+    for backward (`run.graph`) when one tracks gradients or is a model. One pass: this runs for
+    every operation."""
     values = {}
-    for i, e in entries.items():
+    graph = False
+    for i, e in run.inputs.items():
         if not e.settled or e.error is not None:
             return None
         value = values[i] = e.value
         if isinstance(value, torch.Tensor):
             versions[i] = value._version
+            if value.requires_grad:
+                graph = True
+        else:  # a model
+            graph = True
+    if graph and run.graph is None:
+        run.graph = Recorder()
     return values
 
 

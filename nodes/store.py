@@ -9,8 +9,11 @@ dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Callable
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,6 +34,7 @@ from fedptr.wire import ObjectRow, new_object_id
 from .durable import DurableStore
 from .mechanisms import Contribution
 from .policy import Taint, from_wire, to_wire
+from .saved import Freed, Recorder
 from .writeahead import WriteAhead
 
 E = TypeVar("E", bound=BaseException)
@@ -272,6 +276,9 @@ class Store:
         self.max_client_bytes = max_client_bytes
         self.accounts: dict[str, Account] = {}
         """By client, for those holding objects here (entries and taken)."""
+        self._freed: Freed = deque()
+        """Bytes of autograd graphs' saved tensors that were freed (nodes/saved.py), not yet
+        given back: freed on any thread, given back on the loop's (`release_graphs`)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -291,7 +298,7 @@ class Store:
             entry.sponsor = stored.sponsor
             self._count(entry)
             if not isinstance(stored.value, tuple):
-                self._charge(entry, stored.value, restoring=True)
+                entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -308,6 +315,8 @@ class Store:
 
     def usage(self, client: str) -> tuple[int, int]:
         """The objects and tensor bytes that count against `client`'s quota here."""
+        if self._freed:
+            self.release_graphs()
         account = self.accounts.get(client)
         return (0, 0) if account is None else (account.objects, account.bytes)
 
@@ -332,19 +341,62 @@ class Store:
         account.objects += 1
         entry.account = account
 
-    def _uncount(self, entry: Entry, gone: bool = True) -> None:
+    def _uncount(self, entry: Entry, gone: bool = True, freed: bool = False) -> None:
         """`entry` is gone: it and its bytes no longer count against its client's quota (only
-        its bytes when it stays, not `gone`)."""
-        self.bytes -= entry.charged
+        its bytes when it stays, not `gone`). `freed`: its value is dropped, and its bytes
+        count until the value is freed (`_outlived`)."""
+        charged = entry.charged
+        value = entry.value
+        # (a plain tensor, tracking no gradient, is dropped with its entry: no call, per delete)
+        if freed and charged and (type(value) is not torch.Tensor or value.requires_grad) and self._outlived(entry):
+            charged = 0
+        self.bytes -= charged
         account = entry.account
         if account is not None:
-            account.bytes -= entry.charged
+            account.bytes -= charged
             if gone:
                 account.objects -= 1
                 if not account.objects:
                     del self.accounts[account.client]
                 entry.account = None
         entry.charged = 0
+
+    def _outlived(self, entry: Entry) -> bool:
+        """Whether `entry`'s value may outlive it, held by an autograd graph (a gradient-tracking
+        tensor, a model's parameters and buffers: what a graph holds): then its bytes are given back when it
+        is freed (`release_graphs`), not now, and True."""
+        value = entry.value
+        account, freed = entry.account, self._freed
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            weakref.finalize(value, freed.append, (account, entry.charged))
+            return True
+        if isinstance(value, nn.Module):
+            rest = entry.charged  # the first parameter (or none) carries what the others do not
+            params = [*value.parameters(), *value.buffers()]
+            for p in params[1:]:
+                nbytes = _nbytes(p)
+                rest -= nbytes
+                weakref.finalize(p, freed.append, (account, nbytes))
+            if params:
+                weakref.finalize(params[0], freed.append, (account, rest))
+                return True
+        return False
+
+    def recharge(self, entries: Iterable[Entry]) -> None:
+        """Charge what `entries`' values grew by in place: the gradients a backward or `set_grad`
+        gave them, the bigger storage `set_data` did; to each entry (and so to its client), past
+        the cap or quota if need be: the op has run, the memory exists (a gradient is at most the
+        bytes of its value, which were charged)."""
+        if self._freed:
+            self.release_graphs()
+        for entry in entries:
+            nbytes = _held_bytes(entry.value)
+            if nbytes > entry.charged:
+                more = nbytes - entry.charged
+                entry.charged = nbytes
+                self.bytes += more
+                if entry.account is not None:
+                    entry.account.bytes += more
 
     def rename(self, obj_id: int, new_id: int) -> None:
         """Store taken `obj_id` as `new_id` (a move to this very node): it counts once, against
@@ -371,7 +423,7 @@ class Store:
         entry = Entry.tensor(value, ANYONE, taint)
         entry.readonly = self.node
         self.add(obj_id, entry)
-        self._charge(entry, value)
+        entry.charged += self._charge(entry.account, _nbytes(value))
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)
         return obj_id
@@ -396,10 +448,11 @@ class Store:
         if entry.location is None:
             assert value is not None
             if isinstance(value, nn.Module):
-                for p in value.parameters():
-                    self._charge(entry, p)
+                for p in itertools.chain(value.parameters(), value.buffers()):  # (a batch norm's statistics)
+                    entry.charged += self._charge(entry.account, _nbytes(p))
             else:
-                self._charge(entry, value)
+                # (the bytes computed inline: a call less per op)
+                entry.charged += self._charge(entry.account, value.numel() * value.element_size())
         # `persist` asks again whether a write-ahead is kept: not called without one (per op)
         return self.persist(obj_id, entry, value) if durable and self.wal is not None else None
 
@@ -410,7 +463,7 @@ class Store:
         the future of that removal, or None when there is nothing to wait for."""
         if not self._holds(obj_id, entry):
             return None  # deleted meanwhile: `discard` did both
-        self._uncount(entry, gone=False)
+        self._uncount(entry, gone=False, freed=True)
         return None if self.wal is None else self.wal.remove(obj_id)
 
     def persist(
@@ -431,21 +484,39 @@ class Store:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
         return self.entries.get(obj_id) is entry or self.taken.get(obj_id) is entry
 
-    def _charge(self, entry: Entry, value: torch.Tensor, restoring: bool = False) -> None:
-        """Count `value`'s bytes against the store's cap and its client's quota; refused past
-        either (the quota not for what a restart restores: it was acknowledged, it stays)."""
-        nbytes = value.numel() * value.element_size()
+    def _charge(self, account: Account | None, nbytes: int, restoring: bool = False) -> int:
+        """Count `nbytes` against the store's cap and `account`'s quota (a client's), and return
+        them; refused past either (StoreFullError, QuotaExceededError; the quota not for what a
+        restart restores: it was acknowledged, it stays)."""
+        if self._freed:
+            self.release_graphs()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
-        account = entry.account
         quota = self.max_client_bytes
         if account is not None and quota and not restoring and account.bytes + nbytes > quota:
             client = account.client
             raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
         self.bytes += nbytes
-        entry.charged += nbytes
         if account is not None:
             account.bytes += nbytes
+        return nbytes
+
+    def hold_graph(self, account: Account | None, graph: Recorder) -> None:
+        """Charge what `graph` saved for backward to the cap and `account`'s quota until autograd
+        frees it (nodes/saved.py), or raise as `_charge` does (then nothing is charged)."""
+        self._charge(account, graph.nbytes)
+        for saved in graph.saved:
+            saved.account = account
+            saved.freed = self._freed
+
+    def release_graphs(self) -> None:
+        """Give back the bytes of the saved tensors autograd freed since the last call."""
+        freed = self._freed
+        while freed:
+            account, nbytes = freed.popleft()
+            self.bytes -= nbytes
+            if account is not None:
+                account.bytes -= nbytes
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`
@@ -478,7 +549,7 @@ class Store:
         """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
         entry = self.taken.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry)
+            self._uncount(entry, freed=True)
         self._orphans.discard(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
@@ -501,7 +572,7 @@ class Store:
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry)
+            self._uncount(entry, freed=True)
             if self.wal is not None:
                 self.wal.remove(obj_id)
         return entry
@@ -539,6 +610,20 @@ ANYONE = "*"
 """Owner of a worker's own data: any peer may compute on it (its privacy policy still applies)."""
 
 log = logging.getLogger("fedptr.node.store")
+
+
+def _nbytes(value: torch.Tensor) -> int:
+    return value.numel() * value.element_size()
+
+
+def _held_bytes(value: Any) -> int:
+    """The bytes `value` holds with its gradients (a tensor's; a model's parameters', buffers')."""
+    if isinstance(value, torch.Tensor):
+        grad = value.grad if value.is_leaf or value.retains_grad else None  # (no warning for a non-leaf)
+        return _nbytes(value) + (0 if grad is None else _nbytes(grad))
+    if isinstance(value, nn.Module):
+        return sum(_held_bytes(p) for p in itertools.chain(value.parameters(), value.buffers()))
+    return 0
 
 
 def all_written(durable: list[asyncio.Future[None] | None]) -> asyncio.Future[Any] | None:
