@@ -169,6 +169,7 @@ class Model(RuleBasedStateMachine):
     def step(self, data: st.DataObject) -> None:
         Model.steps_run += 1
         actions = [self.send] * 4 + [self.op, self.update_in_place] * 3 + [self.move, self.get, self.drop] * 2
+        actions += [self.pipeline, self.update_cancelled, self.drop_operand] * 2
         actions += [self.restart_node, self.restart_broker] + [self.fault] * 2
         action = data.draw(st.sampled_from(actions if self.live else [self.send]), label="action")
         self.doing = action.__name__
@@ -218,6 +219,81 @@ class Model(RuleBasedStateMachine):
         self.run(_gather(*(_awaited(obj.ptr) for _ in range(awaiters))))
         obj.value += c
         self.note(f"#{key}.add_({c}), awaited by {awaiters} tasks at once")
+
+    def pipeline(self, data: st.DataObject) -> None:
+        """Un-awaited ops and in-place updates on one worker, then one await of the last: its
+        acknowledgement implies every earlier one's (the node answers in order, once durable).
+        Then, if drawn, the node is killed at once (no goodbye, its queue lost): all of them
+        must be on its disk."""
+        key = self._key(data)
+        where = self.live[key].where
+        chain = [key]
+        for _ in range(data.draw(st.integers(2, 5), label="length")):
+            source, c = data.draw(st.sampled_from(chain), label="on"), data.draw(values, label="c")
+            obj = self.live[source]
+            if data.draw(st.booleans(), label="in place"):
+                obj.ptr.add_(c)
+                obj.value += c
+                last = source
+                self.note(f"#{source}.add_({c}), not awaited")
+            else:
+                self._add(obj.ptr + c, where, obj.value + c, f"#{source} + {c}, not awaited")
+                last = self.made
+                chain.append(last)
+        self.run(_awaited(self.live[last].ptr))
+        self.note(f"await #{last} only")
+        Model.tally["pipelines acknowledged"] += 1
+        if data.draw(st.booleans(), label="then killed"):
+            self.run(self._crash(where), FAULT_STEP_TIMEOUT_S)
+            self.note(f"kill {where} at once, restart from its disk")
+            Model.tally["pipelines killed once acknowledged"] += 1
+
+    async def _crash(self, victim: str) -> None:
+        """`victim` dies now (kill -9: nothing it queued reaches disk, no goodbye) and restarts."""
+        death = Death()
+        self._watch(victim, death)
+        death.kill()
+        await self.cluster.stop_node(victim)
+        await self.cluster.start_node(victim)
+        self._watch(victim, Death())
+        await _answering(self.cluster)
+        await self._undone_deletes(victim)
+
+    def update_cancelled(self, data: st.DataObject) -> None:
+        """An in-place update awaited by several tasks, some of them cancelled (a task's cancel,
+        or `asyncio.wait_for`'s timeout) while the others await it: the update is applied once
+        all the same (the request is shared, not the waiter's), and the others all hear ok."""
+        key, c = self._key(data), data.draw(values, label="c")
+        awaiters = data.draw(st.integers(1, 4), label="awaiters")
+        cancelled = data.draw(st.integers(1, awaiters), label="cancelled")
+        how = data.draw(st.sampled_from(["cancel", "wait_for"]), label="how")
+        turns = data.draw(st.integers(0, 3), label="after loop turns")
+        obj = self.live[key]
+        obj.ptr.add_(c)
+        heard = self.run(_cancelling(obj.ptr, awaiters, cancelled, how, turns))
+        cut = sum(isinstance(h, asyncio.CancelledError | TimeoutError) for h in heard[:cancelled])
+        assert cut == sum(h is not None for h in heard[:cancelled]), f"the cut awaiters heard {heard[:cancelled]}"
+        assert all(h is None for h in heard[cancelled:]), f"the awaiters left heard {heard[cancelled:]}"
+        obj.value += c
+        Model.tally[f"waiters cut by {how}" if cut else "waiters not cut (done first)"] += 1
+        self.note(f"#{key}.add_({c}), awaited by {awaiters} tasks, {cancelled} of them by {how} after {turns} turns")
+
+    def drop_operand(self, data: st.DataObject) -> None:
+        """An op's operand dropped (its delete sent) while the op is in flight, an in-place update
+        on it perhaps queued in between: the op saw the operand as it was, in order."""
+        key, c = self._key(data), data.draw(values, label="c")
+        obj = self.live.pop(key)
+        ptr = obj.ptr + c
+        value = obj.value + c
+        d = data.draw(st.none() | values, label="then add_")
+        if d is not None:
+            obj.ptr.add_(d)
+        held = weakref.ref(obj.ptr)
+        del obj
+        # its delete goes out now unless the result's pointer keeps its operand (until computed)
+        Model.tally["operands dropped in flight" if held() is None else "operands kept by their result"] += 1
+        self.run(_awaited(ptr))
+        self._add(ptr, ptr.location, value, f"#{key} + {c}, #{key} dropped in flight (add_({d}) first)")
 
     def move(self, data: st.DataObject) -> None:
         key, dest = self._key(data), data.draw(st.sampled_from(WORKERS), label="dest")
@@ -505,6 +581,28 @@ async def _awaited(p: fedptr.Pointer) -> fedptr.Pointer:
 
 async def _gather(*aws: Coroutine[Any, Any, Any]) -> None:
     await asyncio.gather(*aws)
+
+
+async def _cancelling(
+    ptr: fedptr.Pointer, awaiters: int, cancelled: int, how: str, turns: int
+) -> list[BaseException | None]:
+    """`awaiters` tasks await `ptr`; the first `cancelled` are cut after `turns` loop turns (a
+    cancel, or a `wait_for` that times out then). What each heard: None (ok) or its error."""
+
+    async def waiter(cut: bool) -> None:
+        if cut and how == "wait_for":
+            await asyncio.wait_for(_awaited(ptr), timeout=turns * limits.POLL_INTERVAL_S)
+        else:
+            await ptr
+
+    tasks = [asyncio.ensure_future(waiter(i < cancelled)) for i in range(awaiters)]
+    if how == "cancel":
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        for t in tasks[:cancelled]:
+            t.cancel()
+    await asyncio.wait(tasks)
+    return [t.exception() if not t.cancelled() else asyncio.CancelledError() for t in tasks]
 
 
 async def _answering(cluster: harness.InprocCluster) -> None:
