@@ -361,7 +361,7 @@ class Model(RuleBasedStateMachine):
         self.doing = f"the fault {what}"
         mine = sorted(k for k, o in self.live.items() if o.where == victim)
         action = data.draw(
-            st.sampled_from(["send", "op", "update", "move"] if mine else ["send", "move"]), label="during"
+            st.sampled_from(["send", "op", "update", "pipeline", "move"] if mine else ["send", "move"]), label="during"
         )
         if action == "move":
             key = data.draw(st.sampled_from(sorted(self.live)), label="object") if self.live else None
@@ -377,9 +377,15 @@ class Model(RuleBasedStateMachine):
             key, c = data.draw(st.sampled_from(mine), label="object"), data.draw(values, label="c")
             if action == "op":
                 self.run(self._op_during(key, c, death, victim, what), FAULT_STEP_TIMEOUT_S)
+            elif action == "pipeline":
+                cs = data.draw(st.lists(values, min_size=2, max_size=5), label="chain")
+                self.run(self._pipeline_during(key, cs, death, victim, what), FAULT_STEP_TIMEOUT_S)
             else:
                 awaiters = data.draw(st.integers(1, 4), label="awaiters")
-                self.run(self._update_during(key, c, awaiters, death, victim, what), FAULT_STEP_TIMEOUT_S)
+                cancelled = data.draw(st.integers(0, awaiters - 1), label="cancelled")
+                self.run(
+                    self._update_during(key, c, awaiters, cancelled, death, victim, what), FAULT_STEP_TIMEOUT_S
+                )
 
     async def _weather(self, victim: str, death: Death, action: asyncio.Future[Any]) -> str:
         """Strike `victim` with `death` during `action`, bring it back, and return what struck."""
@@ -442,15 +448,18 @@ class Model(RuleBasedStateMachine):
     async def _held(self, where: str, obj_id: int) -> fedptr.ObjectInfo | None:
         return (await self.cluster.worker(where).objects()).get(obj_id)
 
-    async def _maybe_made(self, ptr: fedptr.Pointer, value: float, error: BaseException, what: str) -> None:
+    async def _maybe_made(
+        self, ptr: fedptr.Pointer, value: float, error: BaseException, what: str, refused_whole: bool = True
+    ) -> None:
         """A send or op that failed: a refusal made nothing, one in doubt made the object with
-        its value or nothing. Either way the model drops its pointer."""
+        its value or nothing. Either way the model drops its pointer. Not `refused_whole`: the
+        error may be another op's of its pipeline (a refusal of a later one leaves this one)."""
         info = await self._held(ptr.location, ptr.id_at_location)
         self.note(
             f"{what}: {type(error).__name__} ({'refused' if _refused(error) else 'in doubt'}), "
             f"{'absent' if info is None else info.preview}"
         )
-        if _refused(error):
+        if _refused(error) and refused_whole:
             assert info is None, f"{what}: refused ({error!r}) but applied: {info}"
         else:
             assert info is None or info.preview == [value] * NUMEL, f"{what}: in doubt, then holds {info.preview}"
@@ -476,11 +485,39 @@ class Model(RuleBasedStateMachine):
         else:
             await self._maybe_made(ptr, obj.value + c, action.exception(), what)
 
-    async def _update_during(self, key: int, c: float, awaiters: int, death: Death, victim: str, what: str) -> None:
+    async def _pipeline_during(self, key: int, cs: list[float], death: Death, victim: str, what: str) -> None:
+        """`#key + cs[0] + cs[1] + ...`, each un-awaited, then one await of the last, while the
+        fault strikes: acknowledged, all are there; else each is absent or holds its value."""
+        obj = self.live[key]
+        ptrs, sums = [obj.ptr], [obj.value]
+        for c in cs:
+            ptrs.append(ptrs[-1] + c)
+            sums.append(sums[-1] + c)
+        action = asyncio.ensure_future(_awaited(ptrs[-1]))
+        what = f"{what} during #{key} + {' + '.join(map(str, cs))}: {await self._weather(victim, death, action)}"
+        error = action.exception()
+        for i, (ptr, value) in enumerate(zip(ptrs[1:], sums[1:], strict=True)):
+            if error is None:
+                self._add(ptr, obj.where, value, f"{what} [{i}]")
+            else:
+                await self._maybe_made(ptr, value, error, f"{what} [{i}]", refused_whole=False)
+
+    async def _update_during(
+        self, key: int, c: float, awaiters: int, cancelled: int, death: Death, victim: str, what: str
+    ) -> None:
+        """An in-place update awaited by `awaiters` tasks, the first `cancelled` cancelled at
+        once, while the fault strikes: the others hear one outcome."""
         obj = self.live[key]
         obj.ptr.add_(c)
-        action = asyncio.gather(*(_awaited(obj.ptr) for _ in range(awaiters)), return_exceptions=True)
-        what = f"{what} during #{key}.add_({c}) awaited by {awaiters}: {await self._weather(victim, death, action)}"
+        tasks = [asyncio.ensure_future(_awaited(obj.ptr)) for _ in range(awaiters)]
+        for t in tasks[:cancelled]:
+            t.cancel()
+        action = asyncio.gather(*tasks[cancelled:], return_exceptions=True)
+        what = (
+            f"{what} during #{key}.add_({c}) awaited by {awaiters} ({cancelled} cancelled): "
+            f"{await self._weather(victim, death, action)}"
+        )
+        awaiters -= cancelled
         heard = [o for o in action.result() if isinstance(o, BaseException)]
         assert not heard or len(heard) == awaiters, (
             f"{what}: {awaiters - len(heard)} awaiters heard ok, the others {heard}"
