@@ -91,6 +91,9 @@ RESOLVE_TIMEOUT_S = 20.0
 DELETES_TIMEOUT_S = 10.0
 """Seconds the deletes of what the model no longer has may take to land."""
 BEAT_S = 0.1
+WAIT_FOR_TURN_S = 0.002
+"""Seconds per drawn turn of a cancelled waiter's `asyncio.wait_for` timeout: shorter than an
+update's round trip, so the timeout mostly cuts it while the update is under way."""
 
 FAULTS = ("kill", "stop", "disk full", "EIO")
 INDEFINITE = (fedptr.LostWorkerError, fedptr.DeadlineExceeded, fedptr.InDoubtError)
@@ -382,10 +385,8 @@ class Model(RuleBasedStateMachine):
                 self.run(self._pipeline_during(key, cs, death, victim, what), FAULT_STEP_TIMEOUT_S)
             else:
                 awaiters = data.draw(st.integers(1, 4), label="awaiters")
-                cancelled = data.draw(st.integers(0, awaiters - 1), label="cancelled")
-                self.run(
-                    self._update_during(key, c, awaiters, cancelled, death, victim, what), FAULT_STEP_TIMEOUT_S
-                )
+                cancelled = data.draw(st.sampled_from(range(awaiters)), label="cancelled")
+                self.run(self._update_during(key, c, awaiters, cancelled, death, victim, what), FAULT_STEP_TIMEOUT_S)
 
     async def _weather(self, victim: str, death: Death, action: asyncio.Future[Any]) -> str:
         """Strike `victim` with `death` during `action`, bring it back, and return what struck."""
@@ -496,6 +497,7 @@ class Model(RuleBasedStateMachine):
         action = asyncio.ensure_future(_awaited(ptrs[-1]))
         what = f"{what} during #{key} + {' + '.join(map(str, cs))}: {await self._weather(victim, death, action)}"
         error = action.exception()
+        Model.tally["pipelines under a fault: " + ("acknowledged" if error is None else "failed")] += 1
         for i, (ptr, value) in enumerate(zip(ptrs[1:], sums[1:], strict=True)):
             if error is None:
                 self._add(ptr, obj.where, value, f"{what} [{i}]")
@@ -518,6 +520,7 @@ class Model(RuleBasedStateMachine):
             f"{await self._weather(victim, death, action)}"
         )
         awaiters -= cancelled
+        Model.tally["updates under a fault with waiters cancelled"] += cancelled > 0
         heard = [o for o in action.result() if isinstance(o, BaseException)]
         assert not heard or len(heard) == awaiters, (
             f"{what}: {awaiters - len(heard)} awaiters heard ok, the others {heard}"
@@ -628,7 +631,7 @@ async def _cancelling(
 
     async def waiter(cut: bool) -> None:
         if cut and how == "wait_for":
-            await asyncio.wait_for(_awaited(ptr), timeout=turns * limits.POLL_INTERVAL_S)
+            await asyncio.wait_for(_awaited(ptr), timeout=turns * WAIT_FOR_TURN_S)
         else:
             await ptr
 
@@ -716,3 +719,20 @@ def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
         _min_steps=STEPS_PER_PROGRAM // 2,
     )
     print(f"model-based test: {Model.steps_run} steps in {time.monotonic() - started:.0f} s; {dict(Model.tally)}")
+    if STEPS >= DRAWN_FROM_STEPS:  # each action of round two (branch model2) was drawn and went through
+        missing = [what for what in DRAWN if not Model.tally[what]]
+        assert not missing, f"never drawn, or never went through: {missing}"
+
+
+DRAWN_FROM_STEPS = 400
+"""From this many steps on (the CI default), every action in `DRAWN` must have happened."""
+DRAWN = (
+    "pipelines acknowledged",
+    "pipelines killed once acknowledged",
+    "pipelines under a fault: acknowledged",
+    "pipelines under a fault: failed",
+    "waiters cut by cancel",
+    "waiters cut by wait_for",
+    "updates under a fault with waiters cancelled",
+    "operands dropped in flight",
+)
