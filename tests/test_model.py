@@ -384,8 +384,9 @@ class Model(RuleBasedStateMachine):
                 cs = data.draw(st.lists(values, min_size=2, max_size=5), label="chain")
                 self.run(self._pipeline_during(key, cs, death, victim, what), FAULT_STEP_TIMEOUT_S)
             else:
-                awaiters = data.draw(st.integers(1, 4), label="awaiters")
-                cancelled = data.draw(st.sampled_from(range(awaiters)), label="cancelled")
+                # most with a waiter cancelled (hypothesis draws few awaiters, often one)
+                cancelled = data.draw(st.sampled_from([0, 1, 1, 2]), label="cancelled")
+                awaiters = cancelled + data.draw(st.integers(1, 3), label="awaiters left")
                 self.run(self._update_during(key, c, awaiters, cancelled, death, victim, what), FAULT_STEP_TIMEOUT_S)
 
     async def _weather(self, victim: str, death: Death, action: asyncio.Future[Any]) -> str:
@@ -719,20 +720,23 @@ def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
         _min_steps=STEPS_PER_PROGRAM // 2,
     )
     print(f"model-based test: {Model.steps_run} steps in {time.monotonic() - started:.0f} s; {dict(Model.tally)}")
-    if STEPS >= DRAWN_FROM_STEPS:  # each action of round two (branch model2) was drawn and went through
-        missing = [what for what in DRAWN if not Model.tally[what]]
-        assert not missing, f"never drawn, or never went through: {missing}"
+    # each action of round two (branch model2) was drawn and went through
+    missing = [what for least, whats in DRAWN.items() if least <= STEPS for what in whats if not Model.tally[what]]
+    assert not missing, f"never drawn, or never went through: {missing}"
 
 
-DRAWN_FROM_STEPS = 400
-"""From this many steps on (the CI default), every action in `DRAWN` must have happened."""
-DRAWN = (
-    "pipelines acknowledged",
-    "pipelines killed once acknowledged",
-    "pipelines under a fault: acknowledged",
-    "pipelines under a fault: failed",
-    "waiters cut by cancel",
-    "waiters cut by wait_for",
-    "updates under a fault with waiters cancelled",
-    "operands dropped in flight",
-)
+DRAWN = {
+    400: (  # the CI default
+        "pipelines acknowledged",
+        "pipelines killed once acknowledged",
+        "pipelines under a fault: failed",
+        "waiters cut by cancel",
+        "waiters cut by wait_for",
+        "operands dropped in flight",
+    ),
+    2000: (  # rarer: a fault strikes one step in 15, during one of 5 actions
+        "pipelines under a fault: acknowledged",
+        "updates under a fault with waiters cancelled",
+    ),
+}
+"""From how many steps on each outcome must have been counted in `Model.tally`."""
