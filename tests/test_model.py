@@ -91,6 +91,8 @@ RESOLVE_TIMEOUT_S = 20.0
 DELETES_TIMEOUT_S = 10.0
 """Seconds the deletes of what the model no longer has may take to land."""
 BEAT_S = 0.1
+PICK_RANGE = 1 << 10
+"""Values `_pick` draws an index from (taken modulo the choices): far more than the objects live."""
 WAIT_FOR_TURN_S = 0.002
 """Seconds per drawn turn of a cancelled waiter's `asyncio.wait_for` timeout: shorter than an
 update's round trip, so the timeout mostly cuts it while the update is under way."""
@@ -174,7 +176,7 @@ class Model(RuleBasedStateMachine):
         actions = [self.send] * 4 + [self.op, self.update_in_place] * 3 + [self.move, self.get, self.drop] * 2
         actions += [self.pipeline, self.update_cancelled, self.drop_operand] * 2
         actions += [self.restart_node, self.restart_broker] + [self.fault] * 2
-        action = data.draw(st.sampled_from(actions if self.live else [self.send]), label="action")
+        action = data.draw(st.sampled_from(actions), label="action") if self.live else self.send
         self.doing = action.__name__
         with self.reported():
             action(data)
@@ -201,7 +203,7 @@ class Model(RuleBasedStateMachine):
             raise
 
     def _key(self, data: st.DataObject) -> int:
-        return data.draw(st.sampled_from(sorted(self.live)), label="object")
+        return _pick(data, sorted(self.live), "object")
 
     def send(self, data: st.DataObject) -> None:
         where, value = data.draw(st.sampled_from(WORKERS), label="to"), data.draw(values, label="value")
@@ -363,11 +365,11 @@ class Model(RuleBasedStateMachine):
         what = f"{kind} {victim} at {'message' if death.message else 'storage call'} {death.message or at}"
         self.doing = f"the fault {what}"
         mine = sorted(k for k, o in self.live.items() if o.where == victim)
-        action = data.draw(
-            st.sampled_from(["send", "op", "update", "pipeline", "move"] if mine else ["send", "move"]), label="during"
-        )
+        action = data.draw(st.sampled_from(["send", "op", "update", "pipeline", "move"]), label="during")
+        if not mine and action not in ("send", "move"):
+            action = "send"
         if action == "move":
-            key = data.draw(st.sampled_from(sorted(self.live)), label="object") if self.live else None
+            key = _pick(data, sorted(self.live), "object") if self.live else None
             if key is None:
                 action = "send"
         if action == "send":
@@ -377,7 +379,7 @@ class Model(RuleBasedStateMachine):
             assert key is not None
             self.run(self._move_during(key, death, victim, what), FAULT_STEP_TIMEOUT_S)
         else:
-            key, c = data.draw(st.sampled_from(mine), label="object"), data.draw(values, label="c")
+            key, c = _pick(data, mine, "object"), data.draw(values, label="c")
             if action == "op":
                 self.run(self._op_during(key, c, death, victim, what), FAULT_STEP_TIMEOUT_S)
             elif action == "pipeline":
@@ -579,6 +581,14 @@ class Model(RuleBasedStateMachine):
                 self.loop.run_until_complete(self.stack.aclose())
             finally:
                 self.loop.close()
+
+
+def _pick(data: st.DataObject, among: list[T], label: str) -> T:
+    """One of `among`, drawn with the same constraints whatever its length: what is live after a
+    fault depends on timing, and hypothesis takes a draw whose constraints differ from an earlier
+    program's at the same place for a flaky strategy (FlakyStrategyDefinition ended a search:
+    seed 6, 888 steps, no failure)."""
+    return among[data.draw(st.integers(0, PICK_RANGE - 1), label=label) % len(among)]
 
 
 def _refused(e: BaseException) -> bool:
