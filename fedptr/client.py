@@ -513,6 +513,17 @@ class Client:
                 return self._link.request_nowait(location, msg, self.timeout)
         return self._link.request_nowait(location, msg, self.timeout)
 
+    def hold_turn(self) -> None:
+        """Keep what is pushed to the end of this loop turn, as one BATCH (`Link.hold_turn`), with
+        the deletes queued before it at its head: their timer would fire after the batch left (a
+        multipart and a wake more on each side, per awaited plan run that dropped the last
+        output). Deletes queued while a batch is open wait for their timer, one multipart per
+        turn: sending them with every request made each pipelined op keep a timer handle, its
+        Context and a Delete's lists alive until the turn ended (tests/test_cpu_budget.py)."""
+        if not self._link.batching:
+            self._link.hold_turn()
+            self._send_deletes()
+
     def track(self, fut: asyncio.Future[wire.Message]) -> asyncio.Future[wire.Message]:
         """Count client-side step `fut` (a task) among this client's outstanding work (see
         `Worker.objects`) until it settles; requests are counted by the link."""

@@ -69,6 +69,8 @@ class _Recorded:
     message: wire.PutPlan
     captured: list[Pointer]
     """Pointers the function used without taking them as arguments, passed to every run."""
+    captured_ids: list[int]
+    """Their objects' ids, listed once (a pointer's id never changes)."""
     output_metas: list[torch.Tensor | None]
     shape: str
     """How the function's result is shaped: ``"one"``, ``"tuple"`` or ``"none"``."""
@@ -202,14 +204,18 @@ class Plan:
         as an effect's failure does), and the next call sends the plan again. Raises UsageError
         when the function does what cannot be recorded, LocationMismatchError for pointers on
         different workers, OpNotAllowedError (when awaited) for an operation the worker refuses."""
-        if not inputs or not all(isinstance(p, Pointer) for p in inputs):
+        if not inputs or not isinstance(inputs[0], Pointer):
             raise InvalidArgumentError("a plan runs on Pointers: pass at least one")
         client = inputs[0].client
         location = inputs[0].location
-        for p in inputs:
+        ids = []
+        for p in inputs:  # one pass: this runs per call
+            if not isinstance(p, Pointer):
+                raise InvalidArgumentError("a plan runs on Pointers: pass at least one")
             p.check_alive()
             if p.location != location or p.client is not client:
                 raise LocationMismatchError("a plan's inputs live on one worker, of one client")
+            ids.append(p.id_at_location)
         key = _signature(location, inputs)
         recorded = self._recorded.get(key)
         if recorded is None:
@@ -219,8 +225,9 @@ class Plan:
         for p in recorded.captured:
             p.check_alive()
         result_ids = [client.new_id() for _ in recorded.output_metas]
-        run = wire.RunPlan(recorded.plan_id, [p.id_at_location for p in (*inputs, *recorded.captured)], result_ids)
-        client.link.hold_turn()  # the get of an output, if it follows at once, goes with the run
+        ids += recorded.captured_ids
+        run = wire.RunPlan(recorded.plan_id, ids, result_ids)
+        client.hold_turn()  # the get of an output, if it follows at once, goes with the run
         ran = client.request_nowait(location, run)
         loop = asyncio.get_running_loop()
         replies: list[asyncio.Future[wire.Message]] = [loop.create_future() for _ in result_ids]
@@ -243,7 +250,8 @@ class Plan:
         plan_id = wire.new_object_id()
         message = recorder.graph(plan_id, outputs)
         metas = [recorder.metas.get(p.id_at_location) for p in outputs]
-        return _Recorded(plan_id, message, recorder.captured, metas, shape)
+        captured_ids = [p.id_at_location for p in recorder.captured]
+        return _Recorded(plan_id, message, recorder.captured, captured_ids, metas, shape)
 
     def _ran(
         self,

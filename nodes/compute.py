@@ -376,13 +376,20 @@ class Compute:
         gradient or another output is copied (`_unalias`), as `guard.run` copies a single op's
         result. A check per result cost ~0.35 µs of the ~1.3 µs each operation takes."""
         steps = lean.steps
+        # whether every input is a tensor (then a public step calls its kernel directly), and,
         # inline, the most elements of any value so far: a step reads at most that many per
-        # operand, so most steps need not add up their operands' sizes
-        peak = max((v.numel() for v in values.values() if isinstance(v, torch.Tensor)), default=0) if inline else 0
+        # operand, so most steps need not add up their operands' sizes. One pass over the
+        # inputs: inline runs start at step 0, when the values are the inputs alone
+        direct, peak = True, 0
+        for i in range(len(lean.origins)):
+            v = values[i]
+            if not isinstance(v, torch.Tensor):
+                direct = False
+            elif inline and (n := v.numel()) > peak:
+                peak = n
         stop = min(len(steps), start + limits.PLAN_INLINE_OPS) if inline else len(steps)
         offload = self.config.offload_numel
         deps, tainted = lean.deps, lean.tainted
-        direct = all(isinstance(values[i], torch.Tensor) for i in range(len(lean.origins)))
         for i in range(start, stop):
             op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread, view, frees = step = steps[i]
             private = tainted and deps[result] & tainted

@@ -57,6 +57,22 @@ async def test_a_run_and_the_get_of_its_output_leave_together(client: Client, bo
     assert client.link.multiparts_sent - before == 1
 
 
+async def test_runs_awaited_in_turn_take_the_last_outputs_delete_with_them(client: Client, bob: fedptr.Worker) -> None:
+    # each awaited run drops the previous run's output: its Delete leaves in the run's own
+    # multipart (the batch the run holds for a get), not in one of its own just after, which
+    # cost the broker and the node a wake more per run
+    x = await bob.send(torch.ones(3))
+    double = fedptr.plan(lambda t: t * 2.0)
+    await double(x)
+    runs = 5
+    before = client.link.multiparts_sent, client.link.messages_sent
+    for _ in range(runs):
+        await double(x)
+    sent = client.link.multiparts_sent - before[0], client.link.messages_sent - before[1]
+    assert sent == (runs, 2 * runs)  # one multipart per run: the RunPlan and the last output's Delete
+    assert list(await bob.objects()) == [x.id_at_location]  # every output deleted
+
+
 async def test_the_replies_to_a_run_and_its_get_leave_the_node_together() -> None:
     # the node holds the plan's reply to the end of its loop turn: the get that came in the same
     # multipart is answered in that turn, and both replies leave as one multipart (one broker
