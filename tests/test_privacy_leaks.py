@@ -15,6 +15,7 @@ real node code directly. Each test failed on the code before its fix (see docs/P
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import tempfile
@@ -35,6 +36,8 @@ from fedptr import aggregate, dp, envelope, wire
 from fedptr.errors import ProtocolError
 from fedptr.pointer import remote_call
 from fedptr.streams import Reassembly
+
+from . import harness
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -330,3 +333,58 @@ def test_5_chunks_in_any_order_complete_their_buffer() -> None:
         _chunk(r, offset, byte * 4, 16)
     body = r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
     assert bytes(body[1]) == b"AAAABBBBCCCCDDDD"
+
+
+# --- a private op that fails at its real run (docs/REDTEAM.md, thirteenth round) -----------
+TWIN_LABELS = {"a": [0, 0, 0, 0], "b": [3, 3, 3, 3]}
+"""Bob's private labels in each world: in range of 3 classes in world a, out of it in world b."""
+
+
+async def _grad_world(labels: list[int], logits: str) -> list[Any]:
+    """What a client observes of ``cross_entropy(public logits, bob's labels)`` and the graph it
+    builds: the loss's requires_grad, a backward, the logits' gradient (exists? its shape?), a
+    second backward without retain_graph, and the bytes bob's store charges (its metrics show
+    them; a cap refuses by them) after each step. `logits` is a sent leaf that requires grad or a
+    model's weight (4x3: 4 samples, 3 classes)."""
+    x = np.zeros((4, 3), dtype=np.float32)
+    data = {"bob": {"secret": {"x": x, "y": np.array(labels, dtype=np.int64)}}}
+    seen: list[Any] = []
+    async with harness.cluster(["bob"], data=data) as c:
+        bob, store = c.worker("bob"), c.node("bob").store
+
+        async def observe(label: str, make: Awaitable[Any]) -> Any:
+            try:
+                value = await make
+            except fedptr.FedptrError as e:
+                seen.append((label, "error", type(e).__name__, store.bytes))
+                return None
+            seen.append((label, "ok", store.bytes))
+            return value
+
+        _, y = await bob.search("secret")
+        if logits == "leaf":
+            w = await bob.send(torch.zeros(4, 3).requires_grad_())
+        else:
+            model = await bob.send(nn.Linear(3, 4))
+            assert isinstance(model, fedptr.ModulePointer)
+            w = next(iter(model.parameters()))
+        loss = await observe("cross_entropy", remote_call("cross_entropy", (w, y)))
+        assert loss is not None
+        listing = sorted((i.kind, i.shape, i.dtype) for i in (await bob.objects()).values())
+        seen.append(("loss", loss.requires_grad, listing))
+        await observe("backward", loss.backward())
+        grad = await observe("grad", w.grad)
+        seen.append(("grad shape", None if grad is None else tuple(grad.shape)))
+        await observe("second backward", loss.backward())
+        await observe("grad get", w.grad.get())
+    return seen
+
+
+@pytest.mark.parametrize("logits", ["leaf", "parameter"])
+def test_a_private_op_that_fails_at_its_real_run_builds_the_same_graph(logits: str) -> None:
+    """Found by the twin-world property (tests/test_noninterference.py): cross_entropy on private
+    labels out of range gave zeros with no autograd graph, so the backward after it failed in
+    that world only (one bit of bob's labels per program)."""
+    a = asyncio.run(_grad_world(TWIN_LABELS["a"], logits))
+    b = asyncio.run(_grad_world(TWIN_LABELS["b"], logits))
+    assert a == b
