@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from fedptr.errors import InvalidArgumentError
 from fedptr.opinfo import REGISTRY
 from fedptr.ops import ALIASING, MUTATING, STRUCTURAL
 
-from . import kernels
+from . import kernels, saved
 
 
 def check_results(op: str, count: int) -> None:
@@ -116,9 +116,15 @@ def _contents(cell: Any) -> Any:
         return None
 
 
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the meta device: its shape, dtype and whether it requires grad (so the meta run
+    builds the graph the real run would, and saves for backward what it would)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=t.requires_grad)
+
+
 def _meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return _stand_in(value)
     if isinstance(value, list | tuple):  # the lean loop hands a plan step's operands as a tuple
         return [_meta(v) for v in value]
     if isinstance(value, dict):
@@ -127,7 +133,7 @@ def _meta(value: Any) -> Any:
 
 
 def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
-    state = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict(keep_vars=True).items()}
+    state = {n: _stand_in(t) for n, t in model.state_dict(keep_vars=True).items()}
     out: torch.Tensor = functional_call(model, state, tuple(_meta(x) for x in inputs))
     return out
 
@@ -137,6 +143,28 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    return _meta_run(op, args, kwargs)[0]
+
+
+def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, int]:
+    """`meta_result` of a non-structural op, and the bytes its graph saves for backward (each
+    storage once, as `nodes.saved.Recorder` counts a real run's): the stand-ins require grad as
+    the operands do, under the caller's grad mode."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()  # a meta storage has no data pointer, but its own C object
+        storages[storage._cdata] = storage.nbytes()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _never):
+        return _meta_call(op, args, kwargs), sum(storages.values())
+
+
+def _never(_: None) -> torch.Tensor:
+    raise AssertionError("nothing runs a meta graph's backward")
+
+
+def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result:
     if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
         warm_up()
     if op == "forward":
@@ -175,10 +203,17 @@ def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
 
 
 Signature = tuple[Any, ...]
-Metas = tuple[tuple[torch.Size, torch.dtype], ...]
-"""The shape and dtype of each result of a meta run."""
 
-_META: dict[Signature, Metas] = {}
+
+class Meta(NamedTuple):
+    """What a meta run decides, all of it public: each result's shape, dtype and whether it
+    requires grad, and the bytes its graph saves for backward."""
+
+    results: tuple[tuple[torch.Size, torch.dtype, bool], ...]
+    saved: int
+
+
+_META: dict[Signature, Meta] = {}
 """The meta run's results by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
 
 
@@ -189,19 +224,20 @@ class _Unkeyed(Exception):
 def _signature(op: str, args: list[Any], kwargs: dict[str, Any], count: int) -> Signature | None:
     """Everything the meta run of a call reads (and the results it must give), as a key; None
     when it reads more (a model)."""
-    try:
-        return (op, count, _key(list(args)), _key(kwargs))  # the lean loop hands a tuple
+    try:  # (the lean loop hands a tuple)
+        return (op, count, torch.is_grad_enabled(), _key(list(args)), _key(kwargs))
     except _Unkeyed:
         return None
 
 
 def _key(value: Any) -> Any:
-    """`value` as the meta run sees it: a tensor by its shape and dtype, any other leaf by its
+    """`value` as the meta run sees it: a tensor by its shape, dtype and whether it requires
+    grad, any other leaf by its
     type and value (``1``, ``1.0`` and ``True`` steer torch differently; a float by its bits,
     so that ``-0.0`` is not ``0.0``)."""
     t = type(value)
     if isinstance(value, torch.Tensor):
-        return (torch.Tensor, tuple(value.shape), value.dtype)
+        return (torch.Tensor, tuple(value.shape), value.dtype, value.requires_grad)
     if t is list:
         return (list, *[_key(v) for v in value])
     if t is dict:
@@ -236,10 +272,10 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
 
 def _meta_of(
     op: str, args: list[Any], kwargs: dict[str, Any], count: int, refuse: Callable[[], Exception]
-) -> Metas | None:
-    """The shapes and dtypes of the `count` results the meta run gives `op` (None for a
-    structural op), from `_META` when this signature ran before; raises `refuse()` when the
-    meta run fails or gives another number of results."""
+) -> Meta | None:
+    """What the meta run decides of `op` with `count` results (None for a structural op), from
+    `_META` when this signature ran before; raises `refuse()` when the meta run fails or gives
+    another number of results."""
     if op in STRUCTURAL:
         return None
     signature = _signature(op, args, kwargs, count)
@@ -247,9 +283,8 @@ def _meta_of(
     if known is not None:
         return known
     try:
-        meta = meta_result(op, args, kwargs)
-        assert meta is not None  # only a structural op has none
-        known = tuple((m.shape, m.dtype) for m in kernels.results(meta, count))
+        result, saved = _meta_run(op, args, kwargs)
+        known = Meta(tuple((m.shape, m.dtype, m.requires_grad) for m in kernels.results(result, count)), saved)
     except Exception:
         raise refuse() from None
     if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
@@ -265,19 +300,14 @@ def run(
     number of results (a count decided by shapes and arguments, so public). No result aliases an
     operand unless `op` is in `ALIASING`."""
     if private:
-        metas = _meta_of(op, args, kwargs, count, refuse)
-        try:
-            outputs = kernels.results(kernels.run(op, args, kwargs), count)
-        except Exception:
-            if metas is None:
+        meta = _meta_of(op, args, kwargs, count, refuse)
+        if meta is None:
+            try:
+                outputs = kernels.results(kernels.run(op, args, kwargs), count)
+            except Exception:
                 raise refuse() from None
-            outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in metas)
-        if metas is not None:
-            # a shape that depends on values: zeros of the public shape instead
-            outputs = tuple(
-                torch.zeros(shape, dtype=dtype) if (r.shape != shape or r.dtype != dtype) else r
-                for r, (shape, dtype) in zip(outputs, metas, strict=True)
-            )
+        else:
+            outputs = _private(op, args, kwargs, count, meta)
     else:
         value = kernels.run(op, args, kwargs)
         if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
@@ -286,6 +316,66 @@ def run(
     if op in ALIASING:
         return outputs
     return tuple(_unshared(r, args, kwargs) for r in outputs)
+
+
+def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta: Meta) -> tuple[torch.Tensor, ...]:
+    """The real run of a private, non-structural `op`, or `_Zeros` when it fails for a reason the
+    meta run could not see (a private class index out of range, an integer division by a private
+    zero) or gives other results than the meta run's (a shape that depends on values). What its
+    graph saves for backward is charged at the meta run's bytes (`saved.Held`): the real run's
+    (a failed one's partial graph, storages bigger than their views) may depend on values."""
+    with saved.Held() as held:
+        try:
+            outputs: tuple[torch.Tensor, ...] | None = kernels.results(kernels.run(op, args, kwargs), count)
+        except Exception:
+            outputs = None
+        if outputs is None or any(
+            (r.shape, r.dtype, r.requires_grad) != m for r, m in zip(outputs, meta.results, strict=True)
+        ):
+            held.drop()  # the real run's graph is not kept
+            outputs = _zeros(meta, args, kwargs)
+    held.charge(meta.saved)
+    return outputs
+
+
+def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """Zeros of the meta run's results; through `_Zeros` when one requires grad."""
+    if not any(grad for *_, grad in meta.results):
+        return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
+    tracking: dict[int, torch.Tensor] = {}
+    for v in [*_tensors(args, kwargs.values()), *(p for m in _models(args, kwargs) for p in m.parameters())]:
+        if v.requires_grad:
+            tracking[id(v)] = v
+    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, *tracking.values())
+    return outputs
+
+
+def _models(args: list[Any], kwargs: dict[str, Any]) -> list[nn.Module]:
+    return [v for v in [*args, *kwargs.values()] if isinstance(v, nn.Module)]
+
+
+class _Zeros(torch.autograd.Function):
+    """Zeros standing in for a private op's results, with the graph the real results would
+    have, as far as a client can tell: each result requires grad as the meta run's does (so
+    also `is_leaf`), a backward gives every operand that tracks gradients (a model's parameters
+    too) a zero gradient of its shape and dtype, and when the meta run's graph saved tensors
+    this one saves an empty one, which a backward without retain_graph frees: a second backward then
+    fails, as through the real graph. Without it the zeros had no graph, and a backward through
+    them failed in the world whose private labels were out of range only (docs/REDTEAM.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, meta: Meta, *tracking: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
+        ctx.mark_non_differentiable(*(r for r, (*_, grad) in zip(outputs, meta.results, strict=True) if not grad))
+        ctx.operands = [(t.shape, t.dtype) for t in tracking]
+        if meta.saved:  # not a result: one saved through the hooks would hold its own graph (a cycle)
+            ctx.save_for_backward(torch.empty(0))
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.saved_tensors  # noqa: B018 (freed by a backward without retain_graph: a second one fails here)
+        return (None, *(torch.zeros(shape, dtype=dtype) for shape, dtype in ctx.operands))
 
 
 def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
