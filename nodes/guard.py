@@ -346,7 +346,7 @@ def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.T
     for v in [*_tensors(args, kwargs.values()), *(p for m in _models(args, kwargs) for p in m.parameters())]:
         if v.requires_grad:
             tracking[id(v)] = v
-    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, *tracking.values())
+    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, *tracking.values())  # type: ignore[no-untyped-call]
     return outputs
 
 
