@@ -5,12 +5,24 @@ have shapes and dtypes but no values, so whatever the meta run produces, or refu
 function of public facts only. A private value used as a size, an index or a count fails there
 (a meta tensor cannot become a Python number), and the refusal names no value. The real run
 then computes the value; if it fails for a reason the meta run could not see (a private class
-index out of range, an integer division by a private zero), the result is zeros of the meta
-shape instead of an error, so success itself tells nothing. The result stays private either way.
+index out of range, an integer division by a private zero), or gives another shape, dtype or
+requires_grad than the meta run's, the result is zeros of the meta shape instead of an error,
+so success itself tells nothing. The result stays private either way.
+
+The zeros must also be indistinguishable from the real result to autograd, as far as a client
+can look: the meta run's stand-ins require grad as the operands do (under the caller's grad
+mode), so it tells whether each result requires grad, and the zeros come from `_Zeros`, whose
+backward gives each gradient-tracking operand a zero gradient and which, when the meta graph
+saved tensors, saves one, so that a second backward without retain_graph fails as the real
+one would. Plain zeros, without a graph, made a later backward fail in the world whose labels
+were out of range only (docs/REDTEAM.md, thirteenth round). For the same reason what a private
+op's graph saves for backward is charged (nodes/saved.py) at what the meta run's graph saved,
+each storage once: the real run's depends on values (a failed run saved part of a graph).
 
 The meta run is a function of public facts only, so its outcome is kept by those facts
-(`_META`: the op, its tensors' shapes and dtypes, every other argument exactly): a private op
-met before with the same signature takes its result's shape and dtype from the table instead
+(`_META`: the op, the grad mode, its tensors' shapes, dtypes and requires_grad, every other
+argument exactly): a private op met before with the same signature takes its results' shapes,
+dtypes, requires_grad and saved bytes from the table instead
 of a new meta run (tens of µs each). Only successes are kept; a refusal is decided anew.
 
 Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
@@ -146,10 +158,11 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
     return _meta_run(op, args, kwargs)[0]
 
 
-def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, int]:
-    """`meta_result` of a non-structural op, and the bytes its graph saves for backward (each
-    storage once, as `nodes.saved.Recorder` counts a real run's): the stand-ins require grad as
-    the operands do, under the caller's grad mode."""
+def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, int, tuple[int, ...]]:
+    """`meta_result` of a non-structural op, the bytes its graph saves for backward (each
+    storage once, as `nodes.saved.Recorder` counts a real run's) and which of its tensor
+    operands (by position in `_tensors` order) it saves: the stand-ins require grad as the
+    operands do, under the caller's grad mode."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> None:
@@ -157,22 +170,27 @@ def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels
         storages[storage._cdata] = storage.nbytes()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, _never):
-        return _meta_call(op, args, kwargs), sum(storages.values())
+        result, stand_ins = _meta_call(op, args, kwargs)
+    saved = tuple(i for i, t in enumerate(stand_ins) if t.untyped_storage()._cdata in storages)
+    return result, sum(storages.values()), saved
 
 
 def _never(_: None) -> torch.Tensor:
     raise AssertionError("nothing runs a meta graph's backward")
 
 
-def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result:
+def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, list[torch.Tensor]]:
+    """The meta run, and its stand-ins for the tensor operands (`_tensors` order; none for a
+    forward, whose stand-ins are a model's state)."""
     if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
         warm_up()
     if op == "forward":
         if not args or not isinstance(args[0], nn.Module):
             raise TypeError("forward needs a model as its first argument")
-        return _meta_forward(args[0], args[1:])
+        return _meta_forward(args[0], args[1:]), []
     meta_args, meta_kwargs = _meta(args), _meta(kwargs)
-    if any(t.device.type != "meta" for t in _tensors(meta_args, meta_kwargs.values())):
+    stand_ins = _tensors(meta_args, meta_kwargs.values())
+    if any(t.device.type != "meta" for t in stand_ins):
         # a container `_meta` does not know would hand the op real values: its "meta" run
         # would then give the real, value-dependent result (a plan's nonzero did)
         raise TypeError(f"{op} has an operand the meta run cannot stand in for")
@@ -184,7 +202,7 @@ def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Resu
         # a write the policy cannot see (as F.embedding's max_norm was): the real run would
         # change an operand whose taint nothing grows, or read-only private data
         raise TypeError(f"{op} writes into an operand it does not own")
-    return result
+    return result, stand_ins
 
 
 def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
@@ -207,10 +225,12 @@ Signature = tuple[Any, ...]
 
 class Meta(NamedTuple):
     """What a meta run decides, all of it public: each result's shape, dtype and whether it
-    requires grad, and the bytes its graph saves for backward."""
+    requires grad, and what its graph saves for backward (bytes, and which operands)."""
 
     results: tuple[tuple[torch.Size, torch.dtype, bool], ...]
     saved: int
+    operands: tuple[int, ...]
+    """The tensor operands its graph saves, by position in `_tensors` order."""
 
 
 _META: dict[Signature, Meta] = {}
@@ -283,8 +303,9 @@ def _meta_of(
     if known is not None:
         return known
     try:
-        result, saved = _meta_run(op, args, kwargs)
-        known = Meta(tuple((m.shape, m.dtype, m.requires_grad) for m in kernels.results(result, count)), saved)
+        result, saved, operands = _meta_run(op, args, kwargs)
+        results = tuple((m.shape, m.dtype, m.requires_grad) for m in kernels.results(result, count))
+        known = Meta(results, saved, operands)
     except Exception:
         raise refuse() from None
     if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
@@ -342,11 +363,13 @@ def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.T
     """Zeros of the meta run's results; through `_Zeros` when one requires grad."""
     if not any(grad for *_, grad in meta.results):
         return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
+    operands = _tensors(args, kwargs.values())
     tracking: dict[int, torch.Tensor] = {}
-    for v in [*_tensors(args, kwargs.values()), *(p for m in _models(args, kwargs) for p in m.parameters())]:
+    for v in [*operands, *(p for m in _models(args, kwargs) for p in m.parameters())]:
         if v.requires_grad:
             tracking[id(v)] = v
-    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, *tracking.values())  # type: ignore[no-untyped-call]
+    saves = [operands[i] for i in meta.operands]
+    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, saves, *tracking.values())  # type: ignore[no-untyped-call]
     return outputs
 
 
@@ -359,23 +382,27 @@ class _Zeros(torch.autograd.Function):
     have, as far as a client can tell: each result requires grad as the meta run's does (so
     also `is_leaf`), a backward gives every operand that tracks gradients (a model's parameters
     too) a zero gradient of its shape and dtype, and when the meta run's graph saved tensors
-    this one saves an empty one, which a backward without retain_graph frees: a second backward then
-    fails, as through the real graph. Without it the zeros had no graph, and a backward through
-    them failed in the world whose private labels were out of range only (docs/REDTEAM.md)."""
+    this one saves the operands it saved (a write into one before the backward fails it, as
+    the real graph's check does), or else an empty tensor; a backward without retain_graph frees
+    them: a second backward then fails, as through the real graph. Without it the zeros had no
+    graph, and a backward through them failed in the world whose private labels were out of
+    range only (docs/REDTEAM.md)."""
 
     @staticmethod
-    def forward(ctx: Any, meta: Meta, *tracking: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, meta: Meta, saves: list[torch.Tensor], *tracking: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
         ctx.mark_non_differentiable(*(r for r, (*_, grad) in zip(outputs, meta.results, strict=True) if not grad))
         ctx.operands = [(t.shape, t.dtype) for t in tracking]
-        if meta.saved:  # not a result: one saved through the hooks would hold its own graph (a cycle)
+        if saves:  # the operands the real graph saves: written in place before the backward, it fails
+            ctx.save_for_backward(*saves)
+        elif meta.saved:  # not a result: one saved through the hooks would hold its own graph (a cycle)
             ctx.save_for_backward(torch.empty(0))
         return outputs
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ctx.saved_tensors  # noqa: B018 (freed by a backward without retain_graph: a second one fails here)
-        return (None, *(torch.zeros(shape, dtype=dtype) for shape, dtype in ctx.operands))
+        return (None, None, *(torch.zeros(shape, dtype=dtype) for shape, dtype in ctx.operands))
 
 
 def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -137,7 +137,7 @@ def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch
     runs: list[str] = []
     meta_run = guard._meta_run
 
-    def counted(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int]:
+    def counted(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int, tuple[int, ...]]:
         runs.append(op)
         return meta_run(op, args, kwargs)
 

@@ -341,12 +341,14 @@ TWIN_LABELS = {"a": [0, 0, 0, 0], "b": [3, 3, 3, 3]}
 """Bob's private labels in each world: in range of 3 classes in world a, out of it in world b."""
 
 
-async def _grad_world(labels: list[int], logits: str, cap: int = 0) -> list[Any]:
+async def _grad_world(labels: list[int], logits: str, cap: int = 0, write: bool = False) -> list[Any]:
     """What a client observes of ``cross_entropy(public logits, bob's labels)`` and the graph it
     builds: the loss's requires_grad, a backward, the logits' gradient (exists? its shape?), a
     second backward without retain_graph, and the bytes bob's store charges (its metrics show
     them; a cap refuses by them) after each step. `logits` is a sent leaf that requires grad or a
-    model's weight (4x3: 4 samples, 3 classes). `cap`: bob's ``--max-store-bytes`` (0: none)."""
+    model's weight (4x3: 4 samples, 3 classes). `cap`: bob's ``--max-store-bytes`` (0: none);
+    `write`: the labels are a private copy, written in place before the backward (the real graph
+    saved them; the dataset's own are read-only)."""
     x = np.zeros((4, 3), dtype=np.float32)
     data = {"bob": {"secret": {"x": x, "y": np.array(labels, dtype=np.int64)}}}
     seen: list[Any] = []
@@ -370,11 +372,15 @@ async def _grad_world(labels: list[int], logits: str, cap: int = 0) -> list[Any]
             model = await bob.send(nn.Linear(3, 4))
             assert isinstance(model, fedptr.ModulePointer)
             w = next(iter(model.parameters()))
+        if write:
+            y = await remote_call("mul", (y, 1))
         loss = await observe("cross_entropy", remote_call("cross_entropy", (w, y)))
         if loss is None:  # refused for want of room (`cap`)
             return seen
         listing = sorted((i.kind, i.shape, i.dtype) for i in (await bob.objects()).values())
         seen.append(("loss", loss.requires_grad, listing))
+        if write:
+            await observe("write labels", y.add_(0))
         await observe("backward", loss.backward())
         grad = await observe("grad", w.grad)
         seen.append(("grad shape", None if grad is None else tuple(grad.shape)))
@@ -383,13 +389,15 @@ async def _grad_world(labels: list[int], logits: str, cap: int = 0) -> list[Any]
     return seen
 
 
+@pytest.mark.parametrize("write", [False, True])
 @pytest.mark.parametrize("logits", ["leaf", "parameter"])
-def test_a_private_op_that_fails_at_its_real_run_builds_the_same_graph(logits: str) -> None:
+def test_a_private_op_that_fails_at_its_real_run_builds_the_same_graph(logits: str, write: bool) -> None:
     """Found by the twin-world property (tests/test_noninterference.py): cross_entropy on private
     labels out of range gave zeros with no autograd graph, so the backward after it failed in
-    that world only (one bit of bob's labels per program)."""
-    a = asyncio.run(_grad_world(TWIN_LABELS["a"], logits))
-    b = asyncio.run(_grad_world(TWIN_LABELS["b"], logits))
+    that world only (one bit of bob's labels per program). With `write`, the stand-in graph must
+    also fail a backward after the labels it saved were written, as the real one's does."""
+    a = asyncio.run(_grad_world(TWIN_LABELS["a"], logits, write=write))
+    b = asyncio.run(_grad_world(TWIN_LABELS["b"], logits, write=write))
     assert a == b
 
 
