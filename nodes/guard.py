@@ -144,10 +144,12 @@ def _meta(value: Any) -> Any:
     return value
 
 
-def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
+def _meta_forward(model: nn.Module, inputs: list[Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A forward's meta run, and its stand-ins: the inputs', then the model state's."""
     state = {n: _stand_in(t) for n, t in model.state_dict(keep_vars=True).items()}
-    out: torch.Tensor = functional_call(model, state, tuple(_meta(x) for x in inputs))
-    return out
+    meta_inputs = [_meta(x) for x in inputs]
+    out: torch.Tensor = functional_call(model, state, tuple(meta_inputs))
+    return out, [*_tensors(meta_inputs), *state.values()]
 
 
 def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result | None:
@@ -160,8 +162,8 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
 
 def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, int, tuple[int, ...]]:
     """`meta_result` of a non-structural op, the bytes its graph saves for backward (each
-    storage once, as `nodes.saved.Recorder` counts a real run's) and which of its tensor
-    operands (by position in `_tensors` order) it saves: the stand-ins require grad as the
+    storage once, as `nodes.saved.Recorder` counts a real run's) and which of the tensors it
+    reads (by position in `_operands` order) it saves: the stand-ins require grad as the
     operands do, under the caller's grad mode."""
     storages: dict[int, int] = {}
 
@@ -180,14 +182,13 @@ def _never(_: None) -> torch.Tensor:
 
 
 def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, list[torch.Tensor]]:
-    """The meta run, and its stand-ins for the tensor operands (`_tensors` order; none for a
-    forward, whose stand-ins are a model's state)."""
+    """The meta run, and its stand-ins for the tensors it reads (in `_operands` order)."""
     if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
         warm_up()
     if op == "forward":
-        if not args or not isinstance(args[0], nn.Module):
-            raise TypeError("forward needs a model as its first argument")
-        return _meta_forward(args[0], args[1:]), []
+        if not args or not isinstance(args[0], nn.Module) or kwargs:
+            raise TypeError("forward takes a model and its inputs by position")
+        return _meta_forward(args[0], args[1:])
     meta_args, meta_kwargs = _meta(args), _meta(kwargs)
     stand_ins = _tensors(meta_args, meta_kwargs.values())
     if any(t.device.type != "meta" for t in stand_ins):
@@ -203,6 +204,12 @@ def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernel
         # change an operand whose taint nothing grows, or read-only private data
         raise TypeError(f"{op} writes into an operand it does not own")
     return result, stand_ins
+
+
+def _operands(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an op reads: its arguments' (`_tensors`), then a model's state (a forward)."""
+    state = (t for v in args if isinstance(v, nn.Module) for t in v.state_dict(keep_vars=True).values())
+    return [*_tensors(args, kwargs.values()), *state]
 
 
 def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
@@ -230,7 +237,7 @@ class Meta(NamedTuple):
     results: tuple[tuple[torch.Size, torch.dtype, bool], ...]
     saved: int
     operands: tuple[int, ...]
-    """The tensor operands its graph saves, by position in `_tensors` order."""
+    """The tensors read that its graph saves, by position in `_operands` order."""
 
 
 _META: dict[Signature, Meta] = {}
@@ -363,18 +370,11 @@ def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.T
     """Zeros of the meta run's results; through `_Zeros` when one requires grad."""
     if not any(grad for *_, grad in meta.results):
         return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
-    operands = _tensors(args, kwargs.values())
-    tracking: dict[int, torch.Tensor] = {}
-    for v in [*operands, *(p for m in _models(args, kwargs) for p in m.parameters())]:
-        if v.requires_grad:
-            tracking[id(v)] = v
+    operands = _operands(args, kwargs)
+    tracking = {id(v): v for v in operands if v.requires_grad}  # (a model's parameters are in its state)
     saves = [operands[i] for i in meta.operands]
     outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, saves, *tracking.values())  # type: ignore[no-untyped-call]
     return outputs
-
-
-def _models(args: list[Any], kwargs: dict[str, Any]) -> list[nn.Module]:
-    return [v for v in [*args, *kwargs.values()] if isinstance(v, nn.Module)]
 
 
 class _Zeros(torch.autograd.Function):

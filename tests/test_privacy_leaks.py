@@ -346,7 +346,8 @@ async def _grad_world(labels: list[int], logits: str, cap: int = 0, write: bool 
     builds: the loss's requires_grad, a backward, the logits' gradient (exists? its shape?), a
     second backward without retain_graph, and the bytes bob's store charges (its metrics show
     them; a cap refuses by them) after each step. `logits` is a sent leaf that requires grad or a
-    model's weight (4x3: 4 samples, 3 classes). `cap`: bob's ``--max-store-bytes`` (0: none);
+    model's weight (4x3: 4 samples, 3 classes), or ``"embedding"``: the loss is the sum of an
+    `nn.Embedding(3, 2)`'s forward on the labels instead. `cap`: bob's ``--max-store-bytes`` (0: none);
     `write`: the labels are a private copy, written in place before the backward (the real graph
     saved them; the dataset's own are read-only)."""
     x = np.zeros((4, 3), dtype=np.float32)
@@ -369,12 +370,15 @@ async def _grad_world(labels: list[int], logits: str, cap: int = 0, write: bool 
         if logits == "leaf":
             w = await bob.send(torch.zeros(4, 3).requires_grad_())
         else:
-            model = await bob.send(nn.Linear(3, 4))
+            model = await bob.send(nn.Linear(3, 4) if logits == "parameter" else nn.Embedding(3, 2))
             assert isinstance(model, fedptr.ModulePointer)
             w = next(iter(model.parameters()))
         if write:
             y = await remote_call("mul", (y, 1))
-        loss = await observe("cross_entropy", remote_call("cross_entropy", (w, y)))
+        if logits == "embedding":  # a forward that fails at its real run: an index out of range
+            loss = await observe("loss", remote_call("sum", (model(y),)))
+        else:
+            loss = await observe("loss", remote_call("cross_entropy", (w, y)))
         if loss is None:  # refused for want of room (`cap`)
             return seen
         listing = sorted((i.kind, i.shape, i.dtype) for i in (await bob.objects()).values())
@@ -390,7 +394,7 @@ async def _grad_world(labels: list[int], logits: str, cap: int = 0, write: bool 
 
 
 @pytest.mark.parametrize("write", [False, True])
-@pytest.mark.parametrize("logits", ["leaf", "parameter"])
+@pytest.mark.parametrize("logits", ["leaf", "parameter", "embedding"])
 def test_a_private_op_that_fails_at_its_real_run_builds_the_same_graph(logits: str, write: bool) -> None:
     """Found by the twin-world property (tests/test_noninterference.py): cross_entropy on private
     labels out of range gave zeros with no autograd graph, so the backward after it failed in
