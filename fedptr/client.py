@@ -471,11 +471,14 @@ class Client:
         kwargs: dict[str, wire.Value],
         metas: list[torch.Tensor | None],
         after: Sequence[asyncio.Future[wire.Message]] = (),
+        operands: Sequence[Pointer] = (),
     ) -> list[Pointer]:
         """Run allow-listed `op` on worker `location` and return its results' pointers at once,
         one per entry of `metas` (each result's inferred meta tensor; None: learnt from the reply).
         `after`: unordered steps its operands wait for (see `Pointer.made_by`); the op is sent
-        once they are done (failing with the first one's error), and its results wait likewise."""
+        once they are done (failing with the first one's error), and its results wait likewise.
+        `operands` (its pointers) are then held until it is sent: one dropped meanwhile queues
+        its delete after the op, not ahead of it."""
         if len(metas) == 1 and not after:  # the common case, kept lean: it is every op's path
             obj_id = wire.new_object_id()
             done = self.request_nowait(location, wire.Op(obj_id, op, args, kwargs))
@@ -483,7 +486,7 @@ class Client:
         ids = [self.new_id() for _ in metas]
         msg = wire.Op(ids[0], op, args, kwargs, more_ids=ids[1:])
         if after:
-            done = self.track(asyncio.ensure_future(self._request_after(location, msg, after)))
+            done = self.track(asyncio.ensure_future(self._request_after(location, msg, after, operands)))
         else:
             done = self.request_nowait(location, msg)
         results = [Pointer(self, location, obj_id, meta=m) for obj_id, m in zip(ids, metas, strict=True)]
@@ -492,11 +495,22 @@ class Client:
         return results
 
     async def _request_after(
-        self, location: str, msg: wire.Message, after: Sequence[asyncio.Future[wire.Message]]
+        self,
+        location: str,
+        msg: wire.Message,
+        after: Sequence[asyncio.Future[wire.Message]],
+        operands: Sequence[Pointer],
     ) -> wire.Message:
-        for step in after:
-            await asyncio.shield(step)  # shielded: this request must not cancel a step others share
-        return await self.request_nowait(location, msg)
+        try:
+            for step in after:
+                await asyncio.shield(step)  # shielded: this request must not cancel a step others share
+            sent = self.request_nowait(location, msg)
+        finally:
+            # only now may a dropped operand's delete be queued (the deletes' timer or a plan
+            # run's `hold_turn` sends it at once): it follows the request that reads it. Let go
+            # of here, not by the frame: a failure's traceback would keep them all alive.
+            del operands
+        return await sent
 
     def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
         """Send `msg` to worker `location` and return the future of its reply at once (settled

@@ -225,7 +225,7 @@ def remote_results(
         metas, several = _result_metas(op, inferred)
     recorder = client.recording
     recorded = None if recorder is None else recorder.record(op, found, enc_args, enc_kwargs, metas)
-    results = recorded or client.issue_op(location, op, enc_args, enc_kwargs, metas, after)
+    results = recorded or client.issue_op(location, op, enc_args, enc_kwargs, metas, after, found)
     return tuple(results) if several else results[0]
 
 

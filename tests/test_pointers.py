@@ -601,3 +601,19 @@ async def test_a_pointer_whose_await_raised_is_deleted_without_the_cyclic_collec
         assert await eventually(deleted), f"a dropped pointer ({kind}) whose await raised was not deleted"
     finally:
         gc.enable()
+
+
+async def test_dropped_operand_of_an_op_waiting_for_a_send_is_deleted_after_it(
+    bob: fedptr.Worker, alice: fedptr.Worker
+) -> None:
+    # red13: an op on a pointer still being sent (two-phase) waits in a client-side task; its
+    # other operand, dropped meanwhile, was deleted at once (the deletes' timer, or a plan run's
+    # `Client.hold_turn`, flushes them), so the delete reached alice before the op read it
+    done = await (await bob.send(torch.tensor([1.0, 2.0]))).send(alice)  # held by alice, in order
+    sending = (await bob.send(torch.tensor([10.0, 20.0]))).send(alice)  # not awaited: unordered
+    y = done + sending
+    del done  # the op still reads it
+    z = await y.get()  # a pointer to bob's sum
+    assert isinstance(z, fedptr.Pointer)
+    assert torch.equal(await z.get(), torch.tensor([11.0, 22.0]))  # type: ignore[arg-type]
+    del sending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import msgpack
@@ -387,6 +388,12 @@ _CANDIDATES: list[object] = [
     *([[1, "tensor", [2], "float32", None, "", 0]], [[1, "nope", [], "", None, "", 0]]),
     wire.Ref(3),
     raw(torch.ones(2)),
+    # an Op's flat arguments are checked by their set of types (red13): mixed scalars, one bad
+    # leaf among them, a message where a value goes, a list nested one level past the limit
+    [wire.Ref(1), 1, 1.5, "s", None, True, raw(torch.ones(1))],
+    [wire.Ref(1), 2, b"x"],
+    [wire.Ref(1), wire.Ok()],
+    functools.reduce(lambda v, _: [v], range(limits.MAX_VALUE_DEPTH + 1), [1]),
 ]
 
 
