@@ -45,7 +45,9 @@ Release = Callable[[fedptr.Client], Awaitable[float]]
 
 async def _contribution(client: fedptr.Client) -> float:
     x, _ = await client.worker("bob").search("d")
-    _, spent = await dp.contribute(x.mean(0), "agg")
+    value = x.mean(0)
+    await value  # written before the charge begins: the storage calls come in one order each run
+    _, spent = await dp.contribute(value, "agg")
     return spent.epsilon_spent
 
 
@@ -81,6 +83,7 @@ async def _case(
     bob = c.node("bob")
     death.watch(bob)
     disks.give(bob, death.disk)
+    at = death.disk.at
     fault = f"{death.disk.at or death.message}/{death.disk.refuse}{' then a power cut' if power_cut else ''}"
     before = _history(c)
     running = asyncio.ensure_future(asyncio.wait_for(release(c.client), CALL_TIMEOUT_S))
@@ -98,11 +101,12 @@ async def _case(
             await c.restart_node("bob")
         except ValueError as e:
             raise AssertionError(f"{release.__name__} with fault {fault}: bob does not start again: {e}") from e
+        error: fedptr.FedptrError | None = None
         try:
             reported: float | None = await running
             outcome = "released"
         except fedptr.FedptrError as e:
-            reported, outcome = None, f"failed ({type(e).__name__})"
+            error, reported, outcome = e, None, f"failed ({type(e).__name__})"
     after = _history(c)  # (c) loads: never torn
     where = f"{release.__name__} with fault {fault}: {outcome}"
     assert after[: len(before)] == before, f"{where}: the history lost charges: {before} -> {after}"
@@ -113,6 +117,8 @@ async def _case(
     # error (above: anything else, a timeout too, fails the test), and one that left no charge
     # on disk left no release (a)
     assert not refused or reported is None or len(after) > len(before), where
+    if refused and at in death.disk.in_charges:  # the budget's own write refused: the node says so
+        assert isinstance(error, fedptr.RemoteError) and error.remote_type == "OSError", where
     assert math.isclose(c.node("bob").budget.spent, _spent_of(after)), where
     return reported, outcome
 
@@ -180,3 +186,21 @@ async def test_every_release_received_is_charged_on_disk_after_any_crash_or_disk
 ) -> None:
     outcomes = await _enumerate(release, monkeypatch, only_the_budget=False)
     assert outcomes.get("released") and len(outcomes) > 1, outcomes
+
+
+def test_a_charge_refused_after_its_rename_is_never_dropped_by_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory's fsync refused (an I/O error) after the rename: the file holds the refused
+    charge. A later, smaller charge written from a history without it would take spent on disk
+    down (a DP-SGD run of 5 steps refused, then one of 1 step released: from 5 steps' epsilon to
+    1's). The refused charge stays spent."""
+    disk = CrashingDisk(4, refuse=EIO)  # the charge's write, fsync, rename, then its directory's fsync
+    install(monkeypatch, lambda: disk)
+    budget = budget_module.Budget("bob", 1e6, OWNER.delta, tmp_path)
+    with pytest.raises(OSError, match="injected at fsync"):
+        budget.charge(5.0, 0.5, 5)
+    refused = _spent_of(budget_module._load(tmp_path / budget_module.FILE_NAME))
+    assert refused > 0  # the rename landed: the file holds the refused charge
+    assert budget.charge(5.0, 0.5, 1) >= refused
+    assert _spent_of(budget_module._load(tmp_path / budget_module.FILE_NAME)) >= refused
