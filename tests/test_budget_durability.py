@@ -2,7 +2,8 @@
 after any crash point or disk fault (docs/REDTEAM.md, "Budget durability by property").
 
 The owner bob releases, one kind at a time: a contribution to the aggregator agg (M1's charge),
-and a DP-SGD run on his data (M2). A first run of each counts bob's storage calls (his privacy
+a DP-SGD run on his data (M2), and his masked input to a secure mean of bob's and alice's
+(SecAgg+, which agg releases only with both). A first run of each counts bob's storage calls (his privacy
 budget's and his write-ahead's: tests/nemesis.py's per-node disk) and the replies he sends.
 Then for every storage call: bob dies there (kill -9), or the disk refuses that call (full, an
 I/O error) and goes on; and for every reply: bob dies just before sending it. After each case
@@ -62,6 +63,16 @@ async def _dp_sgd(client: fedptr.Client) -> float:
     return spent.epsilon_spent
 
 
+async def _secure_mean(client: fedptr.Client) -> float:
+    values = []
+    for owner in ("bob", "alice"):
+        x, _ = await client.worker(owner).search("d")
+        values.append(x.mean(0))
+        await values[-1]
+    _, release = await dp.secure_mean(values, "agg")
+    return release.spent["bob"].epsilon_spent  # the aggregator needs both owners: bob survived
+
+
 def _history(c: harness.InprocCluster) -> list[tuple[float, float, int]]:
     """bob's charges as his disk holds them (raises ValueError for a torn history)."""
     directory = c.node("bob").config.store_dir
@@ -117,8 +128,10 @@ async def _case(
     # error (above: anything else, a timeout too, fails the test), and one that left no charge
     # on disk left no release (a)
     assert not refused or reported is None or len(after) > len(before), where
-    if refused and at in death.disk.in_charges:  # the budget's own write refused: the node says so
-        assert isinstance(error, fedptr.RemoteError) and error.remote_type == "OSError", where
+    if refused and at in death.disk.in_charges:
+        # the budget's own write refused: bob says so (a RemoteError, or in a secure mean the
+        # DropoutError naming bob and his error)
+        assert isinstance(error, fedptr.RemoteError | fedptr.DropoutError) and "OSError" in str(error), where
     assert math.isclose(c.node("bob").budget.spent, _spent_of(after)), where
     return reported, outcome
 
@@ -148,9 +161,13 @@ async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only_the
     monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: None)
     disks = Disks()
     install(monkeypatch, disks)
-    configs = {"bob": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob"])}
+    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
     async with harness.cluster(
-        ["bob", "agg"], configs=configs, data={"bob": DATA}, stores=["bob"], call_timeout=CALL_TIMEOUT_S
+        ["bob", "alice", "agg"],
+        configs=configs,
+        data={"bob": DATA, "alice": DATA},
+        stores=["bob", "alice"],
+        call_timeout=CALL_TIMEOUT_S,
     ) as c:
         deaths["bob"] = counting = Death()
         reported, outcome = await _case(c, disks, release, counting)
@@ -180,7 +197,9 @@ async def test_a_contribution_received_is_charged_on_disk_after_a_fault_at_any_b
 
 @pytest.mark.slow
 @pytest.mark.asyncio
-@pytest.mark.parametrize("release", [_contribution, _dp_sgd], ids=["contribution", "dp-sgd"])
+@pytest.mark.parametrize(
+    "release", [_contribution, _dp_sgd, _secure_mean], ids=["contribution", "dp-sgd", "secure-mean"]
+)
 async def test_every_release_received_is_charged_on_disk_after_any_crash_or_disk_fault(
     release: Release, monkeypatch: pytest.MonkeyPatch
 ) -> None:
