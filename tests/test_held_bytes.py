@@ -225,3 +225,22 @@ async def test_set_data_to_a_bigger_tensor_then_deleted_is_charged() -> None:
 
         await x.sum()  # after the delete
         assert await eventually(bounded), f"{held_bytes(store)} bytes held, {store.bytes} charged"
+
+
+async def test_the_nodes_figures_give_back_what_autograd_freed_before_they_count() -> None:
+    """A deleted gradient-tracking tensor counts until autograd frees it; once freed, the store
+    bytes in the node's figures (NodeStats, Prometheus, `fedptr status`) must not count it, even
+    with no charge since to give the bytes back. Found by the twin-world property (fresh-clone CI
+    run 32): the figure said when the store last charged something, which differed between the
+    worlds."""
+    async with harness.cluster(["bob"]) as c:
+        node = c.node("bob")
+        w = await c.worker("bob").send(torch.ones(N).requires_grad_())
+        assert node.figures.figures()["store_bytes"] == N * 4
+        del w
+        assert await eventually(lambda: _nothing_stored(node))  # the delete landed; nothing charged since
+        assert node.figures.figures()["store_bytes"] == 0
+
+
+async def _nothing_stored(node: Any) -> bool:
+    return len(node.store) == 0
