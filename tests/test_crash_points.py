@@ -571,3 +571,45 @@ async def test_a_pipelined_chain_acknowledged_by_its_last_op_survives_a_refused_
             if acknowledged and any(v is None for v in found.values()):
                 lost.append((at, found))
     assert not lost, f"the last op acknowledged, an earlier result lost: {lost}"
+
+
+@pytest.mark.asyncio
+async def test_a_killed_node_sends_nothing_it_had_batched_even_forgotten_before_its_stop() -> None:
+    """A kill -9 loses what the node had not yet written to its socket. A fail-stop kills the node
+    before its write-ahead batch settles; the settling then pushes the batch's replies in one loop
+    turn: the first goes to the cut send (dropped) and opens the link's BATCH, the rest wait in it.
+    `Death.forget`, called before the dead node is restarted, put the link's own send back, and
+    the stop flushed that BATCH: the last op of a chain acknowledged, an earlier result lost
+    (`test_a_pipelined_chain_...`, 1 run in 2 on main 975a289). Here the replies are held and
+    released in one turn after the kill (the ordering seam), so the hole shows every run."""
+    async with harness.cluster(["bob"], stores=["bob"], heartbeat_s=BEAT_S) as c:
+        bob = c.node("bob")
+        x = await c.worker("bob").send(torch.zeros(4))
+        death = Death()
+        death.watch(bob)
+        held: list[Callable[[], None]] = []
+        reply = bob.reply
+
+        def holding(dest: str, rid: bytes, msg: Any) -> None:
+            held.append(lambda: reply(dest, rid, msg))
+
+        bob.reply = holding  # type: ignore[method-assign]
+        ys = [x + 1.0, x + 2.0]
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            while len(held) < len(ys):
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+        death.kill()  # the fail-stop, on the write-ahead thread, before the batch settles
+        for release in held:  # the batch's settling: one loop turn
+            release()
+        assert bob.link.batching, "the seam: the second reply waits in the open BATCH"
+        Death.forget(bob)
+        await c.restart_node("bob")
+
+        async def awaited(y: fedptr.Pointer) -> None:
+            await y
+
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            outcomes = [await _raised(awaited(y)) for y in ys]
+        assert all(isinstance(e, fedptr.FedptrError) for e in outcomes), outcomes
+        for p in (x, *ys):
+            p.owned = False  # nothing to delete: the cluster ends here
