@@ -23,6 +23,7 @@ import errno
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -288,6 +289,7 @@ class Death:
             return 0  # no socket events read: nothing was sent
 
         node.link._sent = sent  # type: ignore[method-assign]
+        _WATCHED[node.link] = self
 
     def kill(self) -> None:
         """Die now, as kill -9 (or a fail-stop's exit) does: the disk fails every call from here,
@@ -329,5 +331,16 @@ class Death:
 
     @staticmethod
     def forget(node: Node) -> None:
-        """`node` sends as it did before it was watched (if it was)."""
+        """`node` sends as it did before it was watched (if it was), unless it is dead: then its
+        send stays cut. A kill -9 loses what the node had not written to its socket yet: the
+        replies its fail-stopped write-ahead batch pushed in one turn wait in its link's open
+        BATCH, which stopping the node flushes. Put back, the link's own send delivered them
+        (a chain's last op acknowledged after the fail-stop, an earlier result lost)."""
+        death = _WATCHED.pop(node.link, None)
+        if death is not None and death.dead:
+            return
         node.link.__dict__.pop("_sent", None)
+
+
+_WATCHED: weakref.WeakKeyDictionary[Any, Death] = weakref.WeakKeyDictionary()
+"""The `Death` watching each link (`Death.forget` asks whether its node died)."""
