@@ -3,7 +3,8 @@
 Accounting is Opacus's RDP accountant (imported when a non-empty history is first evaluated:
 at start when the store holds one, else at the first charge): each release is a step of the
 (subsampled) Gaussian mechanism with its noise multiplier and sampling rate. A release is
-charged *before* it leaves (the new history is written atomically and fsynced first), and
+charged *before* it leaves (the new history is written atomically and fsynced first, its
+directory too, so that a power cut does not undo the rename; a failed write refuses it), and
 refused with BudgetExhaustedError when it would take the owner past epsilon. A node without a budget
 releases nothing. The history lives in the node's store directory, so a restart resets nothing;
 an unreadable history fails closed (the node refuses to start), and so does one that holds fewer
@@ -21,7 +22,7 @@ import msgpack
 from fedptr.errors import BudgetExhaustedError, InvalidArgumentError
 
 from . import audit
-from .durable import write_atomic
+from .durable import write_durable
 
 FILE_NAME = "privacy-budget.msgpack"
 
@@ -86,7 +87,14 @@ class Budget:
                 f"(delta {self.delta:g}); {self.left:.3g} left",
             )
         if self._path is not None:
-            write_atomic(self._path, msgpack.packb([list(h) for h in history]))
+            try:
+                write_durable(self._path, msgpack.packb([list(h) for h in history]))
+            except OSError:
+                # Refused, the release with it. The file may hold this charge all the same (renamed,
+                # its directory's fsync failed): it is kept as spent, so that no later history
+                # written drops it (spent on disk never goes down). It costs a refused release.
+                self._history, self._spent = history, after
+                raise
         self._history, self._spent = history, after
         return after
 

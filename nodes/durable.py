@@ -63,6 +63,18 @@ def write_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_durable(path: Path, data: Any) -> None:
+    """`write_atomic`, then an fsync of the directory: once this returns, the new file survives a
+    power cut too (a rename is only durable once its directory is synced). For a lone file
+    (the privacy budget); the store syncs its directory once per batch instead (`sync`)."""
+    write_atomic(path, data)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DurableStore:
     """Objects persisted under `directory`, one record (and data file for tensors) each."""
 

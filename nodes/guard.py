@@ -5,12 +5,24 @@ have shapes and dtypes but no values, so whatever the meta run produces, or refu
 function of public facts only. A private value used as a size, an index or a count fails there
 (a meta tensor cannot become a Python number), and the refusal names no value. The real run
 then computes the value; if it fails for a reason the meta run could not see (a private class
-index out of range, an integer division by a private zero), the result is zeros of the meta
-shape instead of an error, so success itself tells nothing. The result stays private either way.
+index out of range, an integer division by a private zero), or gives another shape, dtype or
+requires_grad than the meta run's, the result is zeros of the meta shape instead of an error,
+so success itself tells nothing. The result stays private either way.
+
+The zeros must also be indistinguishable from the real result to autograd, as far as a client
+can look: the meta run's stand-ins require grad as the operands do (under the caller's grad
+mode), so it tells whether each result requires grad, and the zeros come from `_Zeros`, whose
+backward gives each gradient-tracking operand a zero gradient and which, when the meta graph
+saved tensors, saves one, so that a second backward without retain_graph fails as the real
+one would. Plain zeros, without a graph, made a later backward fail in the world whose labels
+were out of range only (docs/REDTEAM.md, thirteenth round). For the same reason what a private
+op's graph saves for backward is charged (nodes/saved.py) at what the meta run's graph saved,
+each storage once: the real run's depends on values (a failed run saved part of a graph).
 
 The meta run is a function of public facts only, so its outcome is kept by those facts
-(`_META`: the op, its tensors' shapes and dtypes, every other argument exactly): a private op
-met before with the same signature takes its result's shape and dtype from the table instead
+(`_META`: the op, the grad mode, its tensors' shapes, dtypes and requires_grad, every other
+argument exactly): a private op met before with the same signature takes its results' shapes,
+dtypes, requires_grad and saved bytes from the table instead
 of a new meta run (tens of µs each). Only successes are kept; a refusal is decided anew.
 
 Every result is a fresh storage unless aliasing is what the operation is for (`ALIASING`), so a
@@ -23,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,7 +46,7 @@ from fedptr.errors import InvalidArgumentError
 from fedptr.opinfo import REGISTRY
 from fedptr.ops import ALIASING, MUTATING, STRUCTURAL
 
-from . import kernels
+from . import kernels, saved
 
 
 def check_results(op: str, count: int) -> None:
@@ -116,9 +128,15 @@ def _contents(cell: Any) -> Any:
         return None
 
 
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the meta device: its shape, dtype and whether it requires grad (so the meta run
+    builds the graph the real run would, and saves for backward what it would)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=t.requires_grad)
+
+
 def _meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return _stand_in(value)
     if isinstance(value, list | tuple):  # the lean loop hands a plan step's operands as a tuple
         return [_meta(v) for v in value]
     if isinstance(value, dict):
@@ -126,10 +144,12 @@ def _meta(value: Any) -> Any:
     return value
 
 
-def _meta_forward(model: nn.Module, inputs: list[Any]) -> torch.Tensor:
-    state = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict(keep_vars=True).items()}
-    out: torch.Tensor = functional_call(model, state, tuple(_meta(x) for x in inputs))
-    return out
+def _meta_forward(model: nn.Module, inputs: list[Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A forward's meta run, and its stand-ins: the inputs', then the model state's."""
+    state = {n: _stand_in(t) for n, t in model.state_dict(keep_vars=True).items()}
+    meta_inputs = [_meta(x) for x in inputs]
+    out: torch.Tensor = functional_call(model, state, tuple(meta_inputs))
+    return out, [*_tensors(meta_inputs), *state.values()]
 
 
 def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Result | None:
@@ -137,14 +157,41 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
     whatever torch raises: a refusal that depends on shapes, dtypes and public arguments only."""
     if op in STRUCTURAL:
         return None
+    return _meta_run(op, args, kwargs)[0]
+
+
+def _meta_run(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, int, tuple[int, ...]]:
+    """`meta_result` of a non-structural op, the bytes its graph saves for backward (each
+    storage once, as `nodes.saved.Recorder` counts a real run's) and which of the tensors it
+    reads (by position in `_operands` order) it saves: the stand-ins require grad as the
+    operands do, under the caller's grad mode."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()  # a meta storage has no data pointer, but its own C object
+        storages[storage._cdata] = storage.nbytes()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _never):
+        result, stand_ins = _meta_call(op, args, kwargs)
+    saved = tuple(i for i, t in enumerate(stand_ins) if t.untyped_storage()._cdata in storages)
+    return result, sum(storages.values()), saved
+
+
+def _never(_: None) -> torch.Tensor:
+    raise AssertionError("nothing runs a meta graph's backward")
+
+
+def _meta_call(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[kernels.Result, list[torch.Tensor]]:
+    """The meta run, and its stand-ins for the tensors it reads (in `_operands` order)."""
     if not _warm:  # a cold node's first: nodes/compute.py and the DP handlers call this off the loop
         warm_up()
     if op == "forward":
-        if not args or not isinstance(args[0], nn.Module):
-            raise TypeError("forward needs a model as its first argument")
+        if not args or not isinstance(args[0], nn.Module) or kwargs:
+            raise TypeError("forward takes a model and its inputs by position")
         return _meta_forward(args[0], args[1:])
     meta_args, meta_kwargs = _meta(args), _meta(kwargs)
-    if any(t.device.type != "meta" for t in _tensors(meta_args, meta_kwargs.values())):
+    stand_ins = _tensors(meta_args, meta_kwargs.values())
+    if any(t.device.type != "meta" for t in stand_ins):
         # a container `_meta` does not know would hand the op real values: its "meta" run
         # would then give the real, value-dependent result (a plan's nonzero did)
         raise TypeError(f"{op} has an operand the meta run cannot stand in for")
@@ -156,7 +203,13 @@ def meta_result(op: str, args: list[Any], kwargs: dict[str, Any]) -> kernels.Res
         # a write the policy cannot see (as F.embedding's max_norm was): the real run would
         # change an operand whose taint nothing grows, or read-only private data
         raise TypeError(f"{op} writes into an operand it does not own")
-    return result
+    return result, stand_ins
+
+
+def _operands(args: list[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an op reads: its arguments' (`_tensors`), then a model's state (a forward)."""
+    state = (t for v in args if isinstance(v, nn.Module) for t in v.state_dict(keep_vars=True).values())
+    return [*_tensors(args, kwargs.values()), *state]
 
 
 def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
@@ -175,10 +228,19 @@ def _tensors(*values: Iterable[Any]) -> list[torch.Tensor]:
 
 
 Signature = tuple[Any, ...]
-Metas = tuple[tuple[torch.Size, torch.dtype], ...]
-"""The shape and dtype of each result of a meta run."""
 
-_META: dict[Signature, Metas] = {}
+
+class Meta(NamedTuple):
+    """What a meta run decides, all of it public: each result's shape, dtype and whether it
+    requires grad, and what its graph saves for backward (bytes, and which operands)."""
+
+    results: tuple[tuple[torch.Size, torch.dtype, bool], ...]
+    saved: int
+    operands: tuple[int, ...]
+    """The tensors read that its graph saves, by position in `_operands` order."""
+
+
+_META: dict[Signature, Meta] = {}
 """The meta run's results by `_signature`, up to `limits.GUARD_META_TABLE_SIZE`."""
 
 
@@ -189,19 +251,20 @@ class _Unkeyed(Exception):
 def _signature(op: str, args: list[Any], kwargs: dict[str, Any], count: int) -> Signature | None:
     """Everything the meta run of a call reads (and the results it must give), as a key; None
     when it reads more (a model)."""
-    try:
-        return (op, count, _key(list(args)), _key(kwargs))  # the lean loop hands a tuple
+    try:  # (the lean loop hands a tuple)
+        return (op, count, torch.is_grad_enabled(), _key(list(args)), _key(kwargs))
     except _Unkeyed:
         return None
 
 
 def _key(value: Any) -> Any:
-    """`value` as the meta run sees it: a tensor by its shape and dtype, any other leaf by its
+    """`value` as the meta run sees it: a tensor by its shape, dtype and whether it requires
+    grad, any other leaf by its
     type and value (``1``, ``1.0`` and ``True`` steer torch differently; a float by its bits,
     so that ``-0.0`` is not ``0.0``)."""
     t = type(value)
     if isinstance(value, torch.Tensor):
-        return (torch.Tensor, tuple(value.shape), value.dtype)
+        return (torch.Tensor, tuple(value.shape), value.dtype, value.requires_grad)
     if t is list:
         return (list, *[_key(v) for v in value])
     if t is dict:
@@ -236,10 +299,10 @@ def _shares(storage: int, values: Iterable[Any]) -> bool:
 
 def _meta_of(
     op: str, args: list[Any], kwargs: dict[str, Any], count: int, refuse: Callable[[], Exception]
-) -> Metas | None:
-    """The shapes and dtypes of the `count` results the meta run gives `op` (None for a
-    structural op), from `_META` when this signature ran before; raises `refuse()` when the
-    meta run fails or gives another number of results."""
+) -> Meta | None:
+    """What the meta run decides of `op` with `count` results (None for a structural op), from
+    `_META` when this signature ran before; raises `refuse()` when the meta run fails or gives
+    another number of results."""
     if op in STRUCTURAL:
         return None
     signature = _signature(op, args, kwargs, count)
@@ -247,9 +310,9 @@ def _meta_of(
     if known is not None:
         return known
     try:
-        meta = meta_result(op, args, kwargs)
-        assert meta is not None  # only a structural op has none
-        known = tuple((m.shape, m.dtype) for m in kernels.results(meta, count))
+        result, saved, operands = _meta_run(op, args, kwargs)
+        results = tuple((m.shape, m.dtype, m.requires_grad) for m in kernels.results(result, count))
+        known = Meta(results, saved, operands)
     except Exception:
         raise refuse() from None
     if signature is not None and len(_META) < limits.GUARD_META_TABLE_SIZE:
@@ -265,19 +328,14 @@ def run(
     number of results (a count decided by shapes and arguments, so public). No result aliases an
     operand unless `op` is in `ALIASING`."""
     if private:
-        metas = _meta_of(op, args, kwargs, count, refuse)
-        try:
-            outputs = kernels.results(kernels.run(op, args, kwargs), count)
-        except Exception:
-            if metas is None:
+        meta = _meta_of(op, args, kwargs, count, refuse)
+        if meta is None:
+            try:
+                outputs = kernels.results(kernels.run(op, args, kwargs), count)
+            except Exception:
                 raise refuse() from None
-            outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in metas)
-        if metas is not None:
-            # a shape that depends on values: zeros of the public shape instead
-            outputs = tuple(
-                torch.zeros(shape, dtype=dtype) if (r.shape != shape or r.dtype != dtype) else r
-                for r, (shape, dtype) in zip(outputs, metas, strict=True)
-            )
+        else:
+            outputs = _private(op, args, kwargs, count, meta)
     else:
         value = kernels.run(op, args, kwargs)
         if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
@@ -286,6 +344,65 @@ def run(
     if op in ALIASING:
         return outputs
     return tuple(_unshared(r, args, kwargs) for r in outputs)
+
+
+def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta: Meta) -> tuple[torch.Tensor, ...]:
+    """The real run of a private, non-structural `op`, or `_Zeros` when it fails for a reason the
+    meta run could not see (a private class index out of range, an integer division by a private
+    zero) or gives other results than the meta run's (a shape that depends on values). What its
+    graph saves for backward is charged at the meta run's bytes (`saved.Held`): the real run's
+    (a failed one's partial graph, storages bigger than their views) may depend on values."""
+    with saved.Held() as held:
+        try:
+            outputs: tuple[torch.Tensor, ...] | None = kernels.results(kernels.run(op, args, kwargs), count)
+        except Exception:
+            outputs = None
+        if outputs is None or any(
+            (r.shape, r.dtype, r.requires_grad) != m for r, m in zip(outputs, meta.results, strict=True)
+        ):
+            held.drop()  # the real run's graph is not kept
+            outputs = _zeros(meta, args, kwargs)
+    held.charge(meta.saved)
+    return outputs
+
+
+def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """Zeros of the meta run's results; through `_Zeros` when one requires grad."""
+    if not any(grad for *_, grad in meta.results):
+        return tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
+    operands = _operands(args, kwargs)
+    tracking = {id(v): v for v in operands if v.requires_grad}  # (a model's parameters are in its state)
+    saves = [operands[i] for i in meta.operands]
+    outputs: tuple[torch.Tensor, ...] = _Zeros.apply(meta, saves, *tracking.values())  # type: ignore[no-untyped-call]
+    return outputs
+
+
+class _Zeros(torch.autograd.Function):
+    """Zeros standing in for a private op's results, with the graph the real results would
+    have, as far as a client can tell: each result requires grad as the meta run's does (so
+    also `is_leaf`), a backward gives every operand that tracks gradients (a model's parameters
+    too) a zero gradient of its shape and dtype, and when the meta run's graph saved tensors
+    this one saves the operands it saved (a write into one before the backward fails it, as
+    the real graph's check does), or else an empty tensor; a backward without retain_graph frees
+    them: a second backward then fails, as through the real graph. Without it the zeros had no
+    graph, and a backward through them failed in the world whose private labels were out of
+    range only (docs/REDTEAM.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, meta: Meta, saves: list[torch.Tensor], *tracking: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype, _ in meta.results)
+        ctx.mark_non_differentiable(*(r for r, (*_, grad) in zip(outputs, meta.results, strict=True) if not grad))
+        ctx.operands = [(t.shape, t.dtype) for t in tracking]
+        if saves:  # the operands the real graph saves: written in place before the backward, it fails
+            ctx.save_for_backward(*saves)
+        elif meta.saved:  # not a result: one saved through the hooks would hold its own graph (a cycle)
+            ctx.save_for_backward(torch.empty(0))
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.saved_tensors  # noqa: B018 (freed by a backward without retain_graph: a second one fails here)
+        return (None, None, *(torch.zeros(shape, dtype=dtype) for shape, dtype in ctx.operands))
 
 
 def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Faults for the in-process harness (tests only): a fault-injecting storage layer under
 nodes/durable.py, and a node that dies (kill -9) or stops (SIGSTOP) without leaving the loop.
 
-The storage layer counts the storage calls a write-ahead thread makes (each data write, fsync,
-rename and unlink) on a `CrashingDisk`: at call `at` the process "crashes" (that call fails, a
-data write lands torn, half of it, and so does every later call), or, given an errno, the disk
-refuses that one call (disk full, an I/O error) as a real one would, the write torn as well. The
-model is a process crash: what reached the kernel stays; unsynced data is not dropped.
+The storage layer counts the storage calls a node makes (each data write, fsync, rename and
+unlink, on its write-ahead thread or in a charge of its privacy budget) on a `CrashingDisk`: at
+call `at` the process "crashes" (that call fails, a data write lands torn, half of it, and so
+does every later call), or, given an errno, the disk refuses that one call (disk full, an I/O
+error) as a real one would, the write torn as well. The model is a process crash: what reached
+the kernel stays; unsynced data is not dropped. A power cut after the crash
+(`CrashingDisk.power_cut`) also undoes each rename whose directory was not fsynced since.
 
 A `Death` watches one running node: it counts the requests and replies the node sends and can
 cut it off (it sends nothing more, its disk fails every call, and it says no goodbye: a kill -9)
@@ -19,6 +21,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -45,13 +48,47 @@ class CrashingDisk:
         self.calls = 0
         self.crashed = False
         self.refused = False
+        self.in_charges: list[int] = []
+        """The numbers of the calls a charge of the node's privacy budget made (`Disks.give`)."""
+        self._unsynced: dict[str, dict[str, bytes | None]] = {}
+        """Per directory, what each file renamed over since the directory's last fsync held
+        before (None: it did not exist): what a power cut brings back."""
 
-    def step(self, what: str) -> bool:
-        """Count a call; False when it is the fault point (the caller tears it and raises
-        `failure`), raise after a crash."""
+    def renaming(self, dst: Any) -> None:
+        """`dst` is about to be replaced: remember what it held, unless a rename since its
+        directory's last fsync already did."""
+        path = os.path.abspath(dst)
+        held = self._unsynced.setdefault(os.path.dirname(path), {})
+        if path not in held:
+            held[path] = open(path, "rb").read() if os.path.exists(path) else None  # noqa: SIM115
+
+    def synced(self, fd: int) -> None:
+        """`fd` was fsynced: a directory's renames are durable now."""
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            self._unsynced.pop(os.readlink(f"/proc/self/fd/{fd}"), None)
+
+    def power_cut(self) -> None:
+        """The power fails (after the process died): every rename not made durable by an fsync
+        of its directory is undone (the file holds what it held before, or is gone). What was
+        written and fsynced stays; unlinks and the contents of unsynced files are not modelled."""
+        assert self.crashed, "a power cut strikes a dead node's disk"
+        for held in self._unsynced.values():
+            for path, data in held.items():
+                if data is None:
+                    os.unlink(path)
+                else:
+                    with open(path, "wb") as f:
+                        f.write(data)
+        self._unsynced.clear()
+
+    def step(self, what: str, charging: bool = False) -> bool:
+        """Count a call (`charging`: one of a budget charge's); False when it is the fault point
+        (the caller tears it and raises `failure`), raise after a crash."""
         if self.crashed:
             raise Crashed(f"dead before {what}")
         self.calls += 1
+        if charging:
+            self.in_charges.append(self.calls)
         if self.calls != self.at:
             return True
         if self.refuse is None:
@@ -85,10 +122,14 @@ _COUNTING = threading.Lock()
 """Held while a storage call is counted and while a disk is disarmed (`CrashingDisk.disarm`)."""
 
 
+def _charging(disk_for: DiskFor) -> bool:
+    return isinstance(disk_for, Disks) and disk_for.charging()
+
+
 def _step(disk_for: DiskFor, what: str) -> None:
     with _COUNTING:
         disk = disk_for()
-        ok = disk is None or disk.step(what)
+        ok = disk is None or disk.step(what, _charging(disk_for))
     if not ok:
         assert disk is not None
         raise disk.failure(what)
@@ -106,9 +147,15 @@ class _OS:
     def fsync(self, fd: int) -> None:
         _step(self._disk_for, "fsync")
         os.fsync(fd)
+        disk = self._disk_for()
+        if disk is not None:
+            disk.synced(fd)
 
     def replace(self, src: Any, dst: Any) -> None:
         _step(self._disk_for, "rename")
+        disk = self._disk_for()
+        if disk is not None:
+            disk.renaming(dst)
         os.replace(src, dst)
 
     def unlink(self, path: Any) -> None:
@@ -119,9 +166,10 @@ class _OS:
 class _File:
     """A file opened for writing whose write lands torn (its first half) at the fault point."""
 
-    def __init__(self, f: Any, disk: CrashingDisk) -> None:
+    def __init__(self, f: Any, disk: CrashingDisk, charging: bool) -> None:
         self._f = f
         self._disk = disk
+        self._charging = charging
 
     def __enter__(self) -> _File:
         return self
@@ -130,7 +178,9 @@ class _File:
         self._f.close()
 
     def write(self, data: Any) -> int:
-        if not self._disk.step("write"):
+        with _COUNTING:
+            ok = self._disk.step("write", self._charging)
+        if not ok:
             self._f.write(bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
             self._f.flush()
             raise self._disk.failure("a torn write")
@@ -147,26 +197,48 @@ def install(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
     def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
         disk = disk_for()
-        return _File(f, disk) if "w" in mode and disk is not None else f
+        return _File(f, disk, _charging(disk_for)) if "w" in mode and disk is not None else f
 
     monkeypatch.setattr(durable, "os", _OS(disk_for))
     monkeypatch.setattr(durable, "open", opened, raising=False)
 
 
 class Disks:
-    """A disk per write-ahead thread (one per node, a restarted node's a new one): a dead node's
-    thread keeps its crashed disk, so nothing it still had queued lands after its death."""
+    """A disk per node (a restarted node's a new one). The write-ahead thread's calls are found
+    by their thread, and a dead node's thread keeps its crashed disk, so nothing it still had
+    queued lands after its death. The privacy budget writes its history from whichever worker
+    thread charges (nodes/budget.py, off the write-ahead): the node's charge is wrapped so that
+    its calls, on that thread, for as long as it runs, go through the node's disk too (a charge
+    of a dead node still running fails at its next call, as the write-ahead's do)."""
 
     def __init__(self) -> None:
         self.of: dict[threading.Thread, CrashingDisk] = {}
+        self._charging = threading.local()
 
     def __call__(self) -> CrashingDisk | None:
-        return self.of.get(threading.current_thread())
+        disk: CrashingDisk | None = getattr(self._charging, "disk", None)
+        return disk if disk is not None else self.of.get(threading.current_thread())
+
+    def charging(self) -> bool:
+        """Whether the calling thread is in a charge of a node's budget."""
+        return getattr(self._charging, "disk", None) is not None
 
     def give(self, node: Node, disk: CrashingDisk) -> None:
         """`node`'s storage calls go through `disk` from now on."""
         assert node.store.wal is not None, f"{node.name} has no store"
         self.of[node.store.wal._thread] = disk
+        budget = node.budget
+        charge = type(budget).charge
+        local = self._charging
+
+        def charged(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+            local.disk = disk
+            try:
+                return charge(budget, noise_multiplier, sample_rate, steps)
+            finally:
+                local.disk = None
+
+        budget.charge = charged  # type: ignore[method-assign]
 
 
 _MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)

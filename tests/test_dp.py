@@ -131,16 +131,17 @@ def test_guard_refuses_a_private_op_whose_meta_run_writes_an_operand(monkeypatch
 def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     """A private op whose public facts (op, shapes, dtypes, other arguments) were met before
     takes its meta result from the table; anything that differs in those facts, even only in
-    an argument's type, runs on the meta device again, and a refusal is never kept."""
+    an argument's type, whether it requires grad or the grad mode, runs on the meta device
+    again, and a refusal is never kept."""
     monkeypatch.setattr(guard, "_META", {})
     runs: list[str] = []
-    meta_result = guard.meta_result
+    meta_run = guard._meta_run
 
-    def counted(op: str, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    def counted(op: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, int, tuple[int, ...]]:
         runs.append(op)
-        return meta_result(op, args, kwargs)
+        return meta_run(op, args, kwargs)
 
-    monkeypatch.setattr(guard, "meta_result", counted)
+    monkeypatch.setattr(guard, "_meta_run", counted)
     refusal = refuse_op(Taint({"bob": frozenset()}), "narrow", [[5]])
 
     def private(op: str, *args: Any) -> torch.Tensor:
@@ -155,16 +156,19 @@ def test_guard_keeps_meta_runs_by_public_signature_and_still_refuses(monkeypatch
     assert private("add", torch.ones(4, dtype=torch.int64), 1).dtype == torch.int64  # another dtype
     assert private("add", torch.ones(4, dtype=torch.int64), 1.0).dtype == torch.float32  # 1.0 is not 1
     assert private("add", torch.ones(4, dtype=torch.int64), True).dtype == torch.int64
-    assert len(runs) == 6
+    assert private("add", torch.ones(4, requires_grad=True), 1).requires_grad  # its graph differs
+    with torch.no_grad():  # and so it does in no_grad
+        assert not private("add", torch.ones(4, requires_grad=True), 1).requires_grad
+    assert len(runs) == 8
     assert torch.equal(private("narrow", torch.arange(5.0), 0, 0, 2), torch.arange(2.0))  # a public size
     for _ in range(2):  # the same op with a private size: refused, each time
         with pytest.raises(fedptr.PermissionDenied):
             private("narrow", torch.arange(5.0), 0, 0, torch.tensor([2]))
-    assert len(runs) == 9
+    assert len(runs) == 11
     model = torch.nn.Linear(2, 1)
     for _ in range(2):  # a model's meta run reads its state: never kept
         assert private("forward", model, torch.ones(1, 2)).shape == (1, 1)
-    assert len(runs) == 11
+    assert len(runs) == 13
 
 
 def test_release_kinds() -> None:

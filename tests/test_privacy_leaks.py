@@ -15,6 +15,7 @@ real node code directly. Each test failed on the code before its fix (see docs/P
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import tempfile
@@ -27,6 +28,7 @@ import pytest
 import pytest_asyncio
 import torch
 from fedptr.nodes import audit, budget, mechanisms
+from fedptr.nodes.node import NodeConfig
 from torch import nn
 from torch.nn import functional
 
@@ -35,6 +37,8 @@ from fedptr import aggregate, dp, envelope, wire
 from fedptr.errors import ProtocolError
 from fedptr.pointer import remote_call
 from fedptr.streams import Reassembly
+
+from . import harness
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -330,3 +334,84 @@ def test_5_chunks_in_any_order_complete_their_buffer() -> None:
         _chunk(r, offset, byte * 4, 16)
     body = r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
     assert bytes(body[1]) == b"AAAABBBBCCCCDDDD"
+
+
+# --- a private op that fails at its real run (docs/REDTEAM.md, thirteenth round) -----------
+TWIN_LABELS = {"a": [0, 0, 0, 0], "b": [3, 3, 3, 3]}
+"""Bob's private labels in each world: in range of 3 classes in world a, out of it in world b."""
+
+
+async def _grad_world(labels: list[int], logits: str, cap: int = 0, write: bool = False) -> list[Any]:
+    """What a client observes of ``cross_entropy(public logits, bob's labels)`` and the graph it
+    builds: the loss's requires_grad, a backward, the logits' gradient (exists? its shape?), a
+    second backward without retain_graph, and the bytes bob's store charges (its metrics show
+    them; a cap refuses by them) after each step. `logits` is a sent leaf that requires grad or a
+    model's weight (4x3: 4 samples, 3 classes), or ``"embedding"``: the loss is the sum of an
+    `nn.Embedding(3, 2)`'s forward on the labels instead. `cap`: bob's ``--max-store-bytes`` (0: none);
+    `write`: the labels are a private copy, written in place before the backward (the real graph
+    saved them; the dataset's own are read-only)."""
+    x = np.zeros((4, 3), dtype=np.float32)
+    data = {"bob": {"secret": {"x": x, "y": np.array(labels, dtype=np.int64)}}}
+    seen: list[Any] = []
+    configs = {"bob": NodeConfig(max_store_bytes=cap)}
+    async with harness.cluster(["bob"], configs=configs, data=data) as c:
+        bob, store = c.worker("bob"), c.node("bob").store
+
+        async def observe(label: str, make: Awaitable[Any]) -> Any:
+            try:
+                value = await make
+            except fedptr.FedptrError as e:
+                seen.append((label, "error", type(e).__name__, store.bytes))
+                return None
+            seen.append((label, "ok", store.bytes))
+            return value
+
+        _, y = await bob.search("secret")
+        if logits == "leaf":
+            w = await bob.send(torch.zeros(4, 3).requires_grad_())
+        else:
+            model = await bob.send(nn.Linear(3, 4) if logits == "parameter" else nn.Embedding(3, 2))
+            assert isinstance(model, fedptr.ModulePointer)
+            w = next(iter(model.parameters()))
+        if write:
+            y = await remote_call("mul", (y, 1))
+        if logits == "embedding":  # a forward that fails at its real run: an index out of range
+            loss = await observe("loss", remote_call("sum", (model(y),)))
+        else:
+            loss = await observe("loss", remote_call("cross_entropy", (w, y)))
+        if loss is None:  # refused for want of room (`cap`)
+            return seen
+        listing = sorted((i.kind, i.shape, i.dtype) for i in (await bob.objects()).values())
+        seen.append(("loss", loss.requires_grad, listing))
+        if write:
+            await observe("write labels", y.add_(0))
+        await observe("backward", loss.backward())
+        grad = await observe("grad", w.grad)
+        seen.append(("grad shape", None if grad is None else tuple(grad.shape)))
+        await observe("second backward", loss.backward())
+        await observe("grad get", w.grad.get())
+    return seen
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("logits", ["leaf", "parameter", "embedding"])
+def test_a_private_op_that_fails_at_its_real_run_builds_the_same_graph(logits: str, write: bool) -> None:
+    """Found by the twin-world property (tests/test_noninterference.py): cross_entropy on private
+    labels out of range gave zeros with no autograd graph, so the backward after it failed in
+    that world only (one bit of bob's labels per program). With `write`, the stand-in graph must
+    also fail a backward after the labels it saved were written, as the real one's does."""
+    a = asyncio.run(_grad_world(TWIN_LABELS["a"], logits, write=write))
+    b = asyncio.run(_grad_world(TWIN_LABELS["b"], logits, write=write))
+    assert a == b
+
+
+@pytest.mark.parametrize("logits", ["leaf", "parameter"])
+def test_a_private_ops_graph_is_charged_alike_whether_its_real_run_fails(logits: str) -> None:
+    """What the loss's graph saves for backward is charged to bob's cap (nodes/saved.py): a
+    charge that followed the real run (a failed one saved 4 bytes less) let a cap just under
+    world a's need refuse the loss in world a only."""
+    needed = asyncio.run(_grad_world(TWIN_LABELS["a"], logits))[0][-1]
+    for cap in (needed - 2, needed):
+        a = asyncio.run(_grad_world(TWIN_LABELS["a"], logits, cap))
+        b = asyncio.run(_grad_world(TWIN_LABELS["b"], logits, cap))
+        assert a == b, cap

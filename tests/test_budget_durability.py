@@ -1,0 +1,225 @@
+"""Every DP release the client received is covered by its owner's budget as persisted on disk,
+after any crash point or disk fault (docs/REDTEAM.md, "Budget durability by property").
+
+The owner bob releases, one kind at a time: a contribution to the aggregator agg (M1's charge),
+a DP-SGD run on his data (M2), and his masked input to a secure mean of bob's and alice's
+(SecAgg+, which agg releases only with both). A first run of each counts bob's storage calls (his privacy
+budget's and his write-ahead's: tests/nemesis.py's per-node disk) and the replies he sends.
+Then for every storage call: bob dies there (kill -9), or the disk refuses that call (full, an
+I/O error) and goes on; and for every reply: bob dies just before sending it. After each case
+bob is restarted from his disk (a node refuses to start with a torn or rolled-back history), and
+the history on disk must (a) hold a charge for every release the client received, and spend at
+least what the release's reply reported; (b) after a refused budget write, the client got no
+release but a typed error; (c) load (never torn) and never spend less than before the case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import torch
+from fedptr.nodes import budget as budget_module
+from fedptr.nodes import node as node_module
+from fedptr.nodes.node import NodeConfig
+from torch import nn
+
+import fedptr
+from fedptr import dp, limits
+
+from . import harness
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
+
+OWNER = NodeConfig(trust=["agg"], epsilon=1e6, dp_noise_multiplier=5.0)
+DATA = {"d": {"x": torch.ones(8, 1), "y": torch.zeros(8, 1)}}
+CALL_TIMEOUT_S = 5.0
+"""A call to a node killed mid-release fails at once (the restart's notice); this bounds the rest."""
+CASE_TIMEOUT_S = 30.0
+"""A whole case: the release, the restart, the checks (slow under a loaded machine)."""
+
+Release = Callable[[fedptr.Client], Awaitable[float]]
+"""A DP release at bob: returns the epsilon spent its reply reported."""
+
+
+async def _contribution(client: fedptr.Client) -> float:
+    x, _ = await client.worker("bob").search("d")
+    value = x.mean(0)
+    await value  # written before the charge begins: the storage calls come in one order each run
+    _, spent = await dp.contribute(value, "agg")
+    return spent.epsilon_spent
+
+
+async def _dp_sgd(client: fedptr.Client) -> float:
+    bob = client.worker("bob")
+    x, y = await bob.search("d")
+    model = await bob.send(nn.Linear(1, 1))
+    assert isinstance(model, fedptr.ModulePointer)
+    spent = await dp.train(
+        model, x, y, lr=0.1, sample_rate=0.5, steps=2, max_grad_norm=1.0, noise_multiplier=5.0, loss="mse_loss"
+    )
+    return spent.epsilon_spent
+
+
+async def _secure_mean(client: fedptr.Client) -> float:
+    values = []
+    for owner in ("bob", "alice"):
+        x, _ = await client.worker(owner).search("d")
+        values.append(x.mean(0))
+        await values[-1]
+    _, release = await dp.secure_mean(values, "agg")
+    return release.spent["bob"].epsilon_spent  # the aggregator needs both owners: bob survived
+
+
+def _history(c: harness.InprocCluster) -> list[tuple[float, float, int]]:
+    """bob's charges as his disk holds them (raises ValueError for a torn history)."""
+    directory = c.node("bob").config.store_dir
+    assert directory is not None
+    path = Path(directory) / budget_module.FILE_NAME
+    return budget_module._load(path) if path.exists() else []
+
+
+def _spent_of(history: list[tuple[float, float, int]]) -> float:
+    return budget_module._epsilon(history, OWNER.delta)
+
+
+async def _case(
+    c: harness.InprocCluster, disks: Disks, release: Release, death: Death, power_cut: bool = False
+) -> tuple[float | None, str]:
+    """Run `release` with `death` on bob's disk and replies, restart bob from his disk (after a
+    power cut if `power_cut`), and check the property. Returns what the reply reported spent
+    (None: no release) and the outcome."""
+    bob = c.node("bob")
+    death.watch(bob)
+    disks.give(bob, death.disk)
+    at = death.disk.at
+    fault = f"{death.disk.at or death.message}/{death.disk.refuse}{' then a power cut' if power_cut else ''}"
+    before = _history(c)
+    running = asyncio.ensure_future(asyncio.wait_for(release(c.client), CALL_TIMEOUT_S))
+    async with asyncio.timeout(CASE_TIMEOUT_S):
+        # until answered, or bob died (at a storage call, a reply, or his fail-stop): the call
+        # then fails at once when he is restarted
+        while not running.done() and not death.dead:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+        refused = death.disk.disarm()
+        death.kill()  # nothing more lands from this bob: what the disk holds is what a restart finds
+        if power_cut:
+            death.disk.power_cut()
+        Death.forget(bob)
+        try:  # (c) a node refuses to start with a torn history, or one that forgot a release
+            await c.restart_node("bob")
+        except ValueError as e:
+            raise AssertionError(f"{release.__name__} with fault {fault}: bob does not start again: {e}") from e
+        error: fedptr.FedptrError | None = None
+        try:
+            reported: float | None = await running
+            outcome = "released"
+        except fedptr.FedptrError as e:
+            error, reported, outcome = e, None, f"failed ({type(e).__name__})"
+    after = _history(c)  # (c) loads: never torn
+    where = f"{release.__name__} with fault {fault}: {outcome}"
+    assert after[: len(before)] == before, f"{where}: the history lost charges: {before} -> {after}"
+    if reported is not None:  # (a) a release the client received is charged on disk
+        assert len(after) > len(before), f"{where}: released, not charged on disk"
+        assert _spent_of(after) >= reported - 1e-9, f"{where}: disk spends {_spent_of(after)}, reply said {reported}"
+    # (b) a refused write (the budget's or the write-ahead's) fails the release with a typed
+    # error (above: anything else, a timeout too, fails the test), and one that left no charge
+    # on disk left no release (a)
+    assert not refused or reported is None or len(after) > len(before), where
+    if refused and at in death.disk.in_charges:
+        # the budget's own write refused: bob says so (a RemoteError, or in a secure mean the
+        # DropoutError naming bob and his error)
+        assert isinstance(error, fedptr.RemoteError | fedptr.DropoutError) and "OSError" in str(error), where
+    assert math.isclose(c.node("bob").budget.spent, _spent_of(after)), where
+    return reported, outcome
+
+
+Case = tuple[Death, bool]
+"""A death for bob, and whether the power fails once he is dead."""
+
+
+def _cases(calls: int, replies: int, only: list[int] | None = None) -> list[Case]:
+    """Each storage call (those in `only`, if given) killed, refused (disk full, I/O error) and
+    killed followed by a power cut; each reply killed, with and without a power cut; and a power
+    cut once the release was answered."""
+    points = only if only is not None else list(range(1, calls + 1))
+    cases: list[Case] = [(Death(disk=CrashingDisk(at, refuse)), False) for refuse in (FULL, EIO) for at in points]
+    cases += [(Death(at=at), cut) for at in points for cut in (False, True)]
+    cases += [(Death(message=m), cut) for m in range(1, replies + 1) if only is None for cut in (False, True)]
+    return [*cases, (Death(), True)]
+
+
+async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only_the_budget: bool) -> dict[str, int]:
+    """A counting run of `release`, then every case of `_cases` (at the budget's calls only if
+    `only_the_budget`); returns how many cases had each outcome."""
+    deaths: dict[str, Death] = {}
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: deaths[node].kill())
+    # the client's deletes are held back: one would fsync bob's directory after the release,
+    # and a power cut right after it would find the charge's rename durable by chance
+    monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: None)
+    disks = Disks()
+    install(monkeypatch, disks)
+    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
+    async with harness.cluster(
+        ["bob", "alice", "agg"],
+        configs=configs,
+        data={"bob": DATA, "alice": DATA},
+        stores=["bob", "alice"],
+        call_timeout=CALL_TIMEOUT_S,
+    ) as c:
+        deaths["bob"] = counting = Death()
+        reported, outcome = await _case(c, disks, release, counting)
+        assert reported is not None, outcome
+        calls, replies, charging = counting.disk.calls, counting.messages, counting.disk.in_charges
+        # the budget's write, fsync and rename at least were seen by the disk
+        assert len(charging) >= 3 and replies >= 1, (calls, replies, charging)
+        outcomes: dict[str, int] = {}
+        cases = _cases(calls, replies, charging if only_the_budget else None)
+        for death, cut in cases:
+            deaths["bob"] = death
+            _, outcome = await _case(c, disks, release, death, cut)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    print(f"{release.__name__}: {calls} storage calls ({charging} the budget's), {replies} replies; {outcomes}")
+    return outcomes
+
+
+@pytest.mark.asyncio
+async def test_a_contribution_received_is_charged_on_disk_after_a_fault_at_any_budget_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast loop's share: the budget's own storage calls of a contribution, and a power cut
+    once it was answered (which undid the charge's rename on main: no fsync of the directory)."""
+    outcomes = await _enumerate(_contribution, monkeypatch, only_the_budget=True)
+    assert outcomes.get("released") and len(outcomes) > 1, outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "release", [_contribution, _dp_sgd, _secure_mean], ids=["contribution", "dp-sgd", "secure-mean"]
+)
+async def test_every_release_received_is_charged_on_disk_after_any_crash_or_disk_fault(
+    release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = await _enumerate(release, monkeypatch, only_the_budget=False)
+    assert outcomes.get("released") and len(outcomes) > 1, outcomes
+
+
+def test_a_charge_refused_after_its_rename_is_never_dropped_by_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory's fsync refused (an I/O error) after the rename: the file holds the refused
+    charge. A later, smaller charge written from a history without it would take spent on disk
+    down (a DP-SGD run of 5 steps refused, then one of 1 step released: from 5 steps' epsilon to
+    1's). The refused charge stays spent."""
+    disk = CrashingDisk(4, refuse=EIO)  # the charge's write, fsync, rename, then its directory's fsync
+    install(monkeypatch, lambda: disk)
+    budget = budget_module.Budget("bob", 1e6, OWNER.delta, tmp_path)
+    with pytest.raises(OSError, match="injected at fsync"):
+        budget.charge(5.0, 0.5, 5)
+    refused = _spent_of(budget_module._load(tmp_path / budget_module.FILE_NAME))
+    assert refused > 0  # the rename landed: the file holds the refused charge
+    assert budget.charge(5.0, 0.5, 1) >= refused
+    assert _spent_of(budget_module._load(tmp_path / budget_module.FILE_NAME)) >= refused
