@@ -68,6 +68,7 @@ def _run(program: list[tuple[Any, ...]], collect: bool) -> list[Any]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # EXAMPLES programs run twice each: about a minute, outside the fast loop (-m "not slow")
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(program=programs)
 def test_frees_do_not_wait_for_the_cyclic_collector(program: list[tuple[Any, ...]]) -> None:
