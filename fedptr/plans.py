@@ -65,6 +65,8 @@ Signature = tuple[str, tuple[tuple[tuple[int, ...], str, bool] | None, ...]]
 class _Recorded:
     """A recorded graph as one worker keeps it."""
 
+    client: Client
+    """Whose worker holds it: another client's worker of the same name never got it."""
     plan_id: int
     message: wire.PutPlan
     captured: list[Pointer]
@@ -183,8 +185,9 @@ def _run_to_end(result: Any) -> Any:
 
 
 class Plan:
-    """A function of pointers recorded once per worker and input shapes, and run there by one
-    message per call. Make one with `fedptr.plan`."""
+    """A function of pointers recorded once per worker and input shapes (and recorded again for
+    another client: a new cluster's worker of the same name), and run there by one message per
+    call. Make one with `fedptr.plan`."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -218,7 +221,7 @@ class Plan:
             ids.append(p.id_at_location)
         key = _signature(location, inputs)
         recorded = self._recorded.get(key)
-        if recorded is None:
+        if recorded is None or recorded.client is not client:
             recorded = self._recorded[key] = self._record(client, location, inputs)
         if recorded.sent is None:
             recorded.sent = client.request_nowait(location, recorded.message)
@@ -251,7 +254,7 @@ class Plan:
         message = recorder.graph(plan_id, outputs)
         metas = [recorder.metas.get(p.id_at_location) for p in outputs]
         captured_ids = [p.id_at_location for p in recorder.captured]
-        return _Recorded(plan_id, message, recorder.captured, captured_ids, metas, shape)
+        return _Recorded(client, plan_id, message, recorder.captured, captured_ids, metas, shape)
 
     def _ran(
         self,

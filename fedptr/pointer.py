@@ -256,8 +256,14 @@ class Pending:
         return self._wait().__await__()
 
     async def _wait(self) -> None:
-        if self._client is not None:
-            raised(await self._client.failure(self._futures))
+        failure = None if self._client is None else self._client.failure(self._futures)
+        # The error's traceback keeps this frame: holding this handle (whose futures hold the
+        # error) it would make a reference cycle, and the pointers the frames below it hold (an
+        # operand of the failed work, dropped since) would wait for the cyclic collector. The
+        # coroutine `failure` holds them only until it finishes (its frame is then cleared).
+        del self
+        if failure is not None:
+            raised(await failure)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"

@@ -350,3 +350,20 @@ async def test_plans_that_write_read_models_or_take_inline_tensors_run_op_by_op(
             await out
         assert lean_plans(c, "bob") == [False, False, False]
         assert torch.equal(await ran[2].get(), torch.full((3,), 2.0))
+
+
+async def test_a_plan_used_again_with_a_new_cluster_records_and_sends_itself_there() -> None:
+    """A plan is kept per worker name and shapes, but what a worker holds is a client's: a new
+    cluster (a notebook's second `local_cluster`, a reconnected client) whose worker has the same
+    name must be sent the plan again, not run a plan id that worker never heard of (found by
+    branch cycles: the first run failed with ObjectNotFoundError)."""
+    w = torch.ones(3)
+
+    @fedptr.plan
+    def step(x: fedptr.Pointer) -> fedptr.Pointer:
+        return x * 2 + 1
+
+    for _ in range(2):
+        async with harness.cluster(["bob"]) as c:
+            x = await c.worker("bob").send(w)
+            assert torch.equal(await step(x).get(), w * 2 + 1)

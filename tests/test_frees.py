@@ -1,0 +1,95 @@
+"""Frees by reference counting, as a property: when a pointer's remote object, a stored tensor's
+memory and its charge to the node's store are given back must be a function of the program, not
+of when the cyclic garbage collector last ran (which no one controls, and which in a node follows
+its allocations, which can follow private data).
+
+Drawn programs (tests/test_held_bytes.py's generator) run on a real in-process cluster
+(tests/harness.py: client and node in this process) twice with the collector disabled: once as
+they are, once with `gc.collect()` forced before each observation. After each step the node's
+store figures (objects, bytes, the client's usage) and the client's listing of the worker's
+objects must be the same in both runs: anything that differs was held by a reference cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from fedptr.nodes.node import NodeConfig
+from hypothesis import HealthCheck, given, settings
+
+import fedptr
+
+from . import harness
+from .test_held_bytes import CAP, _plan, _step, programs
+
+EXAMPLES = 30
+"""Programs drawn; each runs twice (about 2 s a program)."""
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def _observed(program: list[tuple[Any, ...]], collect: bool) -> list[Any]:
+    seen: list[Any] = []
+    # a Plan keeps what it recorded per worker name, not per client: the first run's would be
+    # taken as sent to the second run's node (which never heard of it)
+    _plan._recorded.clear()
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}) as c:
+        node, bob = c.node("bob"), c.worker("bob")
+        held: list[fedptr.Pointer] = []
+        for step in program:
+            with contextlib.suppress(fedptr.FedptrError):
+                await _step(bob, held, step)
+            if collect:
+                gc.collect()
+            # a round trip after the deletes a collection queued: they have landed
+            listing = sorted((o.shape, o.dtype) for o in (await bob.objects()).values())  # ids are random
+            figures = node.figures.figures()
+            seen.append((step, figures["objects"], figures["store_bytes"], node.store.usage(c.client.name), listing))
+    return seen
+
+
+def _run(program: list[tuple[Any, ...]], collect: bool) -> list[Any]:
+    with _collector_off():
+        return asyncio.run(_observed(program, collect))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.slow  # EXAMPLES programs run twice each: about a minute, outside the fast loop (-m "not slow")
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(program=programs)
+def test_frees_do_not_wait_for_the_cyclic_collector(program: list[tuple[Any, ...]]) -> None:
+    assert _run(program, collect=False) == _run(program, collect=True)
+
+
+def test_an_operand_of_a_failed_effect_is_deleted_when_dropped() -> None:
+    """The cycle the property found: ``backward`` of a sum of a tensor that tracks no gradient
+    fails; its error's traceback kept the caller's frame (holding the operand) in a cycle with
+    the effect's handle, so the dropped operand's object stayed on the node until a GC pass."""
+
+    async def failed_backward(x: fedptr.Pointer) -> None:
+        await x.sum().backward()
+
+    async def program() -> int:
+        async with harness.cluster(["bob"]) as c:
+            x = await c.worker("bob").send(torch.ones(4))
+            with contextlib.suppress(fedptr.FedptrError):
+                await failed_backward(x)
+            del x
+            return len(await c.worker("bob").objects())  # a round trip behind the delete
+
+    with _collector_off():
+        assert asyncio.run(program()) == 0
