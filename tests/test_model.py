@@ -690,6 +690,7 @@ async def _deletes_landed(cluster: harness.InprocCluster, extra: dict[str, dict[
 
 
 @pytest.mark.timeout(3600)
+@pytest.mark.slow  # a model-based search (~6-8 s at CI's size): outside the fast loop, in the full suite
 def test_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The state machine, `STEPS` steps in all, seeded."""
     install(monkeypatch, DISKS)

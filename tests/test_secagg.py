@@ -511,6 +511,7 @@ def test_no_stories_unmask_an_honest_owner_while_at_most_c_collude(
     assert an_unmasked_honest_owner(attack) is None
 
 
+@pytest.mark.slow  # ~9 s: outside the fast loop (-m "not slow"), in the full suite
 def test_the_majority_rule_the_quorum_replaced_lets_stories_unmask_an_owner(monkeypatch: pytest.MonkeyPatch) -> None:
     """The property test above, under the old rule (more than half of the n owners confirm,
     whatever c), finds an attack that recovers an honest owner's exact input."""

@@ -332,6 +332,7 @@ async def test_client_sees_only_dp_releases(fed: harness.InprocCluster) -> None:
 
 
 @MODULE_LOOP
+@pytest.mark.slow  # ~6 s of federated rounds: outside the fast loop (-m "not slow"), in the full suite
 async def test_dp_federated_training_learns(fed: harness.InprocCluster) -> None:
     sigma = example.noise_for(8.0, 6, 10)
     result = await example.train_federated(fed.client, SPLIT, 8.0, sigma, 6, 10, lr=2.0, seed=0, quiet=True)
@@ -349,6 +350,7 @@ survivor's update) costs tens of points. bench/secure_fedavg.py compares 8 owner
 EPSILON = 1000.0
 
 
+@pytest.mark.slow  # ~12 s of secure rounds: outside the fast loop (-m "not slow"), in the full suite
 async def test_secure_dp_fedavg_with_a_dropout_matches_m1() -> None:
     """The issue's "done when", CI-sized: DP-FedAvg with 4 owner processes and an aggregator,
     o4's node killed mid-release in round 3 of 4, once with M1 and once with SecAgg+. Both
