@@ -430,13 +430,7 @@ async def test_a_kill_right_after_an_acknowledged_in_place_update_brings_back_on
         disks.give(c.node("bob"), death.disk)
         death.kill()
         await c.restart_node("bob")
-        async with asyncio.timeout(QUIET_TIMEOUT_S):
-            while True:
-                try:
-                    held = await c.worker("bob").objects()
-                    break
-                except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
-                    await asyncio.sleep(limits.POLL_INTERVAL_S)
+        held = await _listed_after_restart(c, "bob")
         assert {i: info.preview for i, info in held.items()} == {x.id_at_location: [1.0] * 4}
 
 
@@ -503,6 +497,16 @@ async def _raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
     return task.exception()
 
 
+async def _listed_after_restart(c: harness.InprocCluster, name: str) -> dict[int, Any]:
+    """`name`'s objects once it is back, within QUIET_TIMEOUT_S."""
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while True:
+            try:
+                return await c.worker(name).objects()
+            except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+
+
 async def _pipelined(c: harness.InprocCluster, disks: Disks, death: Death) -> tuple[bool, dict[int, Any]]:
     """x + 1 + 1 + 1 on bob, un-awaited, then one await of the last, with `death` on bob's disk:
     whether the await succeeded, and what bob holds once restarted (a refused write's fail-stop
@@ -528,13 +532,7 @@ async def _pipelined(c: harness.InprocCluster, disks: Disks, death: Death) -> tu
     await c.restart_node("bob")
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         acknowledged = await last is None
-    async with asyncio.timeout(QUIET_TIMEOUT_S):
-        while True:
-            try:
-                held = await c.worker("bob").objects()
-                break
-            except fedptr.LostWorkerError:  # the old connection's notice, just after the new one registered
-                await asyncio.sleep(limits.POLL_INTERVAL_S)
+    held = await _listed_after_restart(c, "bob")
     found = {i: held[p.id_at_location].preview if p.id_at_location in held else None for i, p in enumerate(chain)}
     for p in chain:
         p.owned = False  # nothing to delete: the cluster ends here
