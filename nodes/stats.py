@@ -105,12 +105,9 @@ class NodeFigures:
     def figures(self) -> dict[str, int | float]:
         """Every figure by name; the names are the `wire.NodeStatsReply.figures` keys."""
         node, link = self.node, self.node.link
-        # the bytes of graphs autograd freed since the store last looked are given back first:
-        # otherwise the figure would say when the store last charged something, not what it holds
-        node.store.release_graphs()
         return {
             "objects": len(node.store),
-            "store_bytes": node.store.bytes,
+            "store_bytes": node.store.held_bytes(),
             "max_store_bytes": node.store.max_bytes,
             "rss_bytes": rss_bytes(),
             "messages_in": link.messages_received,

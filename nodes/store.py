@@ -313,6 +313,14 @@ class Store:
         self._count(entry, admit=True)
         self.entries[obj_id] = entry
 
+    def held_bytes(self) -> int:
+        """The tensor bytes charged now, the bytes autograd freed given back first: without that a
+        figure would say when the store last charged something, not what it holds (a twin-world
+        difference, docs/REDTEAM.md)."""
+        if self._freed:
+            self.release_graphs()
+        return self.bytes
+
     def usage(self, client: str) -> tuple[int, int]:
         """The objects and tensor bytes that count against `client`'s quota here."""
         if self._freed:
