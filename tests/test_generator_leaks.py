@@ -27,7 +27,6 @@ from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
 from torch import nn
 
-import fedptr
 from fedptr import dp
 from fedptr.pointer import remote_call
 
