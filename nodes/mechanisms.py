@@ -13,7 +13,8 @@ clipping done here, on the node, whatever function of the data the client chose.
   exactly), computes each sample's gradient of a
   per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
   one), clips each to C, adds N(0, (sigma C)^2) to their sum (in float64, whatever the model's
-  dtype) and steps. Each step is a
+  dtype) and steps; a model's dropout draws from a state of torch's default generator of its
+  own (`guard.own_draws`), never from the client's. Each step is a
   subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
   by such steps are released by post-processing.
 """
