@@ -77,6 +77,18 @@ async def test_connect_to_a_wrong_address_fails_within_its_deadline_saying_keys_
     assert time.monotonic() - started < 2 + 0.5
 
 
+async def test_a_local_cluster_used_before_it_started_says_how_to_start_it() -> None:
+    """``cluster = fedptr.local_cluster([...])`` without ``await ... .start()``, or a ``with``
+    without ``async``: the message shows both ways to start one (nothing is started here)."""
+    pending = fedptr.local_cluster(["bob"])
+    with pytest.raises(AttributeError, match=r"not started.*await fedptr\.local_cluster\(\[\.\.\.\]\)\.start\(\)"):
+        pending.client  # noqa: B018
+    with pytest.raises(fedptr.UsageError, match=r"async with fedptr\.local_cluster"), pending:
+        pass
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        pending.nonsense  # noqa: B018
+
+
 def _render(width: int) -> str:
     """`fedptr status`'s tables of a three-node cluster, as a terminal `width` columns wide shows them."""
     figures = {
