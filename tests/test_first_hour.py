@@ -89,6 +89,23 @@ async def test_a_local_cluster_used_before_it_started_says_how_to_start_it() -> 
         pending.nonsense  # noqa: B018
 
 
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ("missing.npz", "--data takes TAG=PATH, not 'missing.npz'"),
+        ("d=missing.npz", "--data d=missing.npz: no such file"),
+    ],
+)
+def test_a_node_given_a_wrong_data_flag_says_why_and_stops(tmp_path: Path, data: str, said: str) -> None:
+    """``fedptr node --data``, as a cluster file's or local_cluster's data becomes: a value
+    without its tag, or a file that is not there, stops the node with one line saying so (it
+    exited 1 silently, or with a FileNotFoundError traceback), before it dials the broker."""
+    node = [sys.executable, "-m", "fedptr.cli", "node", "--name", "bob", "--broker", "tcp://127.0.0.1:9"]
+    result = subprocess.run([*node, "--data", data], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def _render(width: int) -> str:
     """`fedptr status`'s tables of a three-node cluster, as a terminal `width` columns wide shows them."""
     figures = {
