@@ -539,7 +539,8 @@ class Pointer(PointerMethods):
     def __len__(self) -> builtins.int:
         shape = self.shape
         if not shape:
-            raise UnsupportedTypeError("len() of a 0-d tensor")
+            # torch.tensor(p) walks p as a sequence and ends here, at p[0]...[0]: say what it needs
+            raise UnsupportedTypeError("len() of a 0-d tensor (torch.tensor(p) of a Pointer needs get() first)")
         return shape[0]
 
     def __bool__(self) -> builtins.bool:
