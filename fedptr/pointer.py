@@ -558,6 +558,15 @@ class Pointer(PointerMethods):
     def __iter__(self) -> Iterator[Pointer]:
         _data_dependent("iterating")
 
+    def __format__(self, spec: str) -> str:
+        """``f"{p}"`` is ``str(p)``; a spec (``f"{loss:.4f}"``, a training loop's print) needs the
+        value, and is refused saying how to get it (Python's own message named no way out)."""
+        if spec:
+            raise DataDependentError(
+                f"format spec {spec!r} needs a Pointer's value: format await p.item() (a scalar) or await p.get()"
+            )
+        return str(self)
+
     def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
         """numpy (``np.asarray(p)``) needs the values: refused saying so, where numpy would
         otherwise say it "could not convert object to sequence"."""

@@ -332,6 +332,9 @@ async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() ->
         assert not hasattr(x, "numpy") and not hasattr(x, "no_such_thing")
         with pytest.raises(fedptr.DataDependentError, match=r"get\(\)"):
             np.asarray(x)
+        with pytest.raises(fedptr.DataDependentError, match=r"'\.2f'.*await p\.item\(\)"):
+            f"{x.sum():.2f}"  # a training loop's print of its loss
+        assert f"{x}" == str(x)  # without a spec, as any object
         with pytest.raises(fedptr.UnsupportedTypeError, match=r"torch\.tensor\(p\).*get\(\)"):
             torch.tensor(x)  # torch walks it as a sequence, down to a 0-d pointer's len()
         for device in ("cuda", torch.device("cuda"), "cuda:0"):
