@@ -356,7 +356,11 @@ how to use the value here instead, the newcomer's next step."""
 
 def cpu_only(device: str | torch.device) -> None:
     """Refuse a device other than the CPU, the only one a worker computes on, before anything is sent."""
-    if torch.device(device).type != "cpu":
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:  # torch's refusal of a string that names no device
+        raise InvalidArgumentError(f"{device!r} is not a device: {e}") from None
+    if kind != "cpu":
         raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}")
 
 

@@ -340,4 +340,6 @@ async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() ->
         for device in ("cuda", torch.device("cuda"), "cuda:0"):
             with pytest.raises(fedptr.InvalidArgumentError, match="cpu only"):
                 x.to(device)
+        with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
+            x.to("gpu")
         assert torch.equal(await x.get(), torch.ones(2, 2))  # nothing failed on the worker
