@@ -93,3 +93,50 @@ def test_an_operand_of_a_failed_effect_is_deleted_when_dropped() -> None:
 
     with _collector_off():
         assert asyncio.run(program()) == 0
+
+
+async def _failed_update_reported_by_another_pointer(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    x.grad = await bob.send(torch.ones(3))  # the wrong shape: the update fails
+    await x.sum()  # raises the update's error, which `x` keeps among its updates
+
+
+async def _failed_op_awaited_under_its_name(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    y = x.grad  # it has none: the op fails, and `y` keeps its error (every await of it raises it)
+    await y
+
+
+async def _failed_effect_awaited_by_its_handle(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    step = x.sum().backward()  # nothing tracks a gradient: it fails
+    await step
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        _failed_update_reported_by_another_pointer,
+        _failed_op_awaited_under_its_name,
+        _failed_effect_awaited_by_its_handle,
+    ],
+)
+def test_a_pointer_the_failing_frame_held_is_deleted_when_it_ends(failing: Any) -> None:
+    """The caller's frame holds a pointer (or handle) that keeps the error raised to it (its op's
+    or its update's future): the error's traceback keeps that frame, so the error raised must not
+    be the one kept, or the frame's pointers wait for a GC pass (error -> traceback -> frame ->
+    pointer -> future -> error)."""
+
+    async def program() -> int:
+        async with harness.cluster(["bob"]) as c:
+            bob = c.worker("bob")
+            try:
+                await failing(bob)
+            except fedptr.FedptrError:
+                pass
+            else:
+                raise AssertionError("it did not fail")
+            return len(await bob.objects())  # a round trip behind the deletes of the frame's pointers
+
+    with _collector_off():
+        assert asyncio.run(program()) == 0
