@@ -663,7 +663,7 @@ class Pointer(PointerMethods):
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
         if (step := self.after) is not None:
-            await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
+            await self._client.wait_step(step)  # a pointer still being sent: its worker holds nothing yet
         raised(await self._pending_failure())
         self.owned = False
         try:

@@ -113,12 +113,26 @@ async def _failed_effect_awaited_by_its_handle(bob: fedptr.Worker) -> None:
     await step
 
 
+async def _failed_pointer_send_fetched(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    sent = x.send("nobody")  # a client-side step (two-phase) that fails: no such worker
+    await sent.get()  # waits for the step, and raises its error
+
+
+async def _op_after_a_failed_pointer_send(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    y = x.send("nobody").clone()  # queued after the send's step, which fails: so does the op
+    await y
+
+
 @pytest.mark.parametrize(
     "failing",
     [
         _failed_update_reported_by_another_pointer,
         _failed_op_awaited_under_its_name,
         _failed_effect_awaited_by_its_handle,
+        _failed_pointer_send_fetched,
+        _op_after_a_failed_pointer_send,
     ],
 )
 def test_a_pointer_the_failing_frame_held_is_deleted_when_it_ends(failing: Any) -> None:
