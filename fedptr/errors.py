@@ -28,9 +28,15 @@ def copy_to_raise(error: _E) -> _E:
     await as such a copy, never itself: a raised error's traceback keeps every frame it passes
     through, among them the caller's, which may hold the pointer that keeps the future, which
     keeps the error. That reference cycle would keep the pointer, once dropped, and its remote
-    object until the cyclic garbage collector runs. The kept error is never raised, so it keeps
-    no frame."""
-    copy = type(error).__new__(type(error))  # not `__init__`: each subclass takes its own arguments
+    object until the cyclic garbage collector runs. The kept error is never raised to an await,
+    so it keeps no frame of an awaiting caller."""
+    # `__new__` without `__init__` (each subclass takes its own arguments), the one the class
+    # inherits its constructor's from (along `__base__`, as CPython does: its own lookup would
+    # find MemoryError's for StoreFullError, which refuses a class laid out as WorkerRefused)
+    base: Any = type(error)
+    while "__new__" not in vars(base):
+        base = base.__base__
+    copy: _E = base.__new__(type(error))
     copy.args = error.args
     copy.__dict__.update(error.__dict__)  # `worker`, `path`, `candidates`, notes, ...
     copy.__cause__ = error.__cause__

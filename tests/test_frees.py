@@ -157,3 +157,26 @@ def test_a_pointer_the_failing_frame_held_is_deleted_when_it_ends(failing: Any) 
 
     with _collector_off():
         assert asyncio.run(program()) == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        fedptr.RemoteError("RuntimeError", "shapes", "bob", ["bob"]),
+        fedptr.StoreFullError("bob", "over the cap"),  # a MemoryError too: its own __new__ refuses
+        fedptr.DeadlineExceeded("bob", 2.0),  # a TimeoutError, so an OSError: laid out as one
+        fedptr.InvalidArgumentError("a ValueError too"),
+        fedptr.BroadcastError({"bob": fedptr.LostWorkerError("bob")}, [None]),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_the_copy_an_await_raises_is_the_error_without_its_traceback(error: Exception) -> None:
+    error.__cause__ = KeyError("why")
+    try:
+        raise error
+    except Exception:
+        pass  # it has a traceback now, as an error a client-side step raised has
+    copy = fedptr.errors.copy_to_raise(error)
+    assert copy is not error and type(copy) is type(error)
+    assert (copy.args, str(copy), vars(copy), copy.__cause__) == (error.args, str(error), vars(error), error.__cause__)
+    assert copy.__traceback__ is None and error.__traceback__ is not None
