@@ -668,7 +668,7 @@ class Link:
 def _about(event: Event) -> str:
     """`event` in a log line: its kind and whom it concerns (not its message, which may be large)."""
     if isinstance(event, Settled):
-        outcome = "an error" if event.error is not None else type(event.result).__name__
+        outcome = type(event.error if event.error is not None else event.result).__name__
         return f"Settled (request {event.rid.hex()} to {event.dest!r}, {outcome})"
     if isinstance(event, Incoming):
         return f"Incoming ({type(event.request.message).__name__} {event.rid.hex()} from {event.source!r})"
