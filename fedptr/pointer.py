@@ -42,6 +42,7 @@ from fedptr.errors import (
     LostWorkerError,
     ProtocolError,
     UnsupportedTypeError,
+    copy_to_raise,
 )
 from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
@@ -260,10 +261,9 @@ class Pending:
 
     async def _wait(self) -> None:
         failure = None if self._client is None else self._client.failure(self._futures)
-        # The error's traceback keeps this frame: holding this handle (whose futures hold the
-        # error) it would make a reference cycle, and the pointers the frames below it hold (an
-        # operand of the failed work, dropped since) would wait for the cyclic collector. The
-        # coroutine `failure` holds them only until it finishes (its frame is then cleared).
+        # The error raised is a copy (`raised`), whose traceback keeps this frame: it lets go
+        # of this handle, which the caller may drop while keeping the error. The coroutine
+        # `failure` holds the futures only until it finishes (its frame is then cleared).
         del self
         if failure is not None:
             raised(await failure)
@@ -302,13 +302,20 @@ class _Keep:
 
 
 def raised(error: BaseException | None) -> None:
-    """Raise `error` if there is one, from a frame that lets go of it: the error's traceback keeps
-    this frame, which must not refer back to it (a reference cycle; see `Pointer._wait`)."""
+    """Raise a copy of `error` if there is one (see `raise_copy`)."""
     if error is not None:
-        try:
-            raise error
-        finally:
-            del error
+        raise_copy(error)
+
+
+def raise_copy(error: BaseException) -> NoReturn:
+    """Raise a copy of `error` (`errors.copy_to_raise`: the error a future keeps never gets a
+    traceback) from a frame that lets go of it: the copy's traceback keeps this frame, which must
+    not refer back to it (a reference cycle)."""
+    error = copy_to_raise(error)
+    try:
+        raise error
+    finally:
+        del error
 
 
 def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Pointer]) -> InDoubtError:
@@ -609,15 +616,13 @@ class Pointer(PointerMethods):
         error = await self._failure()
         if error is None:
             return self
-        # Raised from a frame that holds neither this pointer nor the error: the error's traceback
-        # keeps this frame, and the pointer may keep the error (its op's future), so either would
-        # make a reference cycle, and the pointer, once dropped, would be deleted only when the
-        # cyclic garbage collector runs (as asyncio's own frames drop `self` and their errors).
+        # Raised as a copy (`raise_copy`): the pointer keeps the error (its op's future), and the
+        # error's traceback keeps the frames it passes through, the caller's too, which may hold
+        # this pointer: a reference cycle, and the pointer, once dropped, would be deleted only
+        # when the cyclic garbage collector runs. Nor does this frame hold the pointer: the
+        # caller may keep the error (as asyncio's own frames drop `self` and their errors).
         del self
-        try:
-            raise error
-        finally:
-            del error
+        raise_copy(error)
 
     async def _failure(self) -> BaseException | None:
         """Wait as an await does; the error it raises (None: none). Nothing is raised through this
@@ -703,7 +708,7 @@ class Pointer(PointerMethods):
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
         if (step := self.after) is not None:
-            await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
+            await self._client.wait_step(step)  # a pointer still being sent: its worker holds nothing yet
         raised(await self._pending_failure())
         self.owned = False
         try:
