@@ -312,7 +312,7 @@ class Store:
             entry.sponsor = stored.sponsor
             self._count(entry)
             if isinstance(stored.value, torch.Tensor) and stored.value.requires_grad:
-                self.share(entry.account, [], [entry], check=False)
+                self._share_value(entry, stored.value, check=False)
             elif not isinstance(stored.value, tuple):
                 entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
             if stored.moving is None:
@@ -446,7 +446,7 @@ class Store:
         if entry.location is None:
             assert value is not None
             if isinstance(value, nn.Module) or value.requires_grad:
-                self.share(entry.account, [], [entry])
+                self._share_value(entry, value)
             else:
                 # (the bytes computed inline: a call less per op)
                 entry.charged += self._charge(entry.account, value.numel() * value.element_size())
@@ -554,13 +554,23 @@ class Store:
         for entry in moving:
             entry.shared = True
             entry.charged = 0
-            value = entry.value
-            tensors = value.parameters() if isinstance(value, nn.Module) else [value]
-            hook = functools.partial(_accumulated, self._grads, entry.account)
-            for leaf in (t for t in tensors if t.is_leaf and t.requires_grad):
-                leaf.register_post_accumulate_grad_hook(hook)
+            self._watch(entry.account, entry.value)
         for key, (storage, owner) in fresh.items():
             self._register(key, storage, owner)
+
+    def _share_value(self, entry: Entry, value: torch.Tensor | nn.Module, check: bool = True) -> None:
+        """Make `entry`, about to hold `value` (a model, or a tensor that tracks gradients), `shared`."""
+        self.share(entry.account, _storages(value), check=check)
+        entry.shared = True
+        self._watch(entry.account, value)
+
+    def _watch(self, account: Account | None, value: torch.Tensor | nn.Module) -> None:
+        """Have the gradients a backward accumulates into `value`'s leaves charged to `account`,
+        also once its entry is gone (`_grads`)."""
+        tensors = value.parameters() if isinstance(value, nn.Module) else [value]
+        hook = functools.partial(_accumulated, self._grads, account)
+        for leaf in (t for t in tensors if t.is_leaf and t.requires_grad):
+            leaf.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
 
     def _register(self, key: int, storage: torch.UntypedStorage, account: Account | None) -> None:
         """Note `storage` (under `key`) as charged to `account`, its bytes given back once it is freed."""
