@@ -538,8 +538,10 @@ class Store:
                 moving.append(entry)
         moved = {id(e) for e in moving}
         for entry in held:  # the plain values whose storage is charged once from now on
+            if entry.shared or id(entry) in moved:
+                continue
             storage = entry.value.untyped_storage()
-            if not entry.shared and id(entry) not in moved and (storage._cdata in fresh or self._charged(storage)):
+            if storage._cdata in fresh or self._charged(storage):
                 moving.append(entry)
         for entry in moving:
             self._fresh(fresh, _storages(entry.value), entry.account)
