@@ -80,7 +80,12 @@ class BrokerUnreachable(DeadlineExceeded):
     def __init__(self, address: str, seconds: float) -> None:
         super().__init__("broker", seconds, [f"broker at {address}"])
         self.address = address
-        self.args = (f"no answer from the broker at {address} within {seconds:.3g} s",)
+        # a CURVE broker never answers a peer without a key it accepts: the newcomer's usual case
+        self.args = (
+            f"no answer from the broker at {address} within {seconds:.3g} s: it is down or elsewhere, or it runs "
+            "CURVE and does not accept this peer's key (give it: connect(address, curve=fedptr.security."
+            "CurveKeys.load(secret_file, broker_key_file)); on the command line --curve-secret and --broker-key)",
+        )
 
 
 class ProtocolError(FedptrError):

@@ -33,7 +33,7 @@ from fedptr.wire import ObjectRow, new_object_id
 
 from .durable import DurableStore
 from .mechanisms import Contribution
-from .policy import Taint, from_wire, to_wire
+from .policy import Taint, from_wire, refuse_pinned, to_wire
 from .saved import Freed, Recorder
 from .writeahead import WriteAhead
 
@@ -636,7 +636,7 @@ class Store:
         or another owner's object."""
         entry = self.get(obj_id, principal)
         if obj_id in self.pinned:
-            raise PermissionDenied(self.node, "data a worker was started with stays there", self.node)
+            raise refuse_pinned(self.node)
         del self.entries[obj_id]
         self.taken[obj_id] = entry
         return entry
