@@ -360,7 +360,7 @@ def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta:
     meta run could not see (a private class index out of range, an integer division by a private
     zero) or gives other results than the meta run's (a shape that depends on values). What its
     graph saves for backward is charged at the meta run's bytes (`saved.Held`): the real run's
-    (a failed one's partial graph, storages bigger than their views) may depend on values."""
+    (a failed one's partial graph) may depend on values; the operands it saves, per storage."""
     with saved.Held() as held, own_draws() if op == "forward" else contextlib.nullcontext():
         try:
             outputs: tuple[torch.Tensor, ...] | None = kernels.results(kernels.run(op, args, kwargs), count)
@@ -371,7 +371,8 @@ def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta:
         ):
             held.drop()  # the real run's graph is not kept
             outputs = _zeros(meta, args, kwargs)
-    held.charge(meta.saved)
+    saves = _operands(args, kwargs) if meta.operands else []
+    held.charge(meta.saved, [saves[i] for i in meta.operands])
     return outputs
 
 
