@@ -9,10 +9,11 @@ error) as a real one would, the write torn as well. The model is a process crash
 the kernel stays; unsynced data is not dropped. A power cut after the crash
 (`CrashingDisk.power_cut`) also undoes each rename whose directory was not fsynced since.
 
-A `Death` watches one running node: it counts the requests and replies the node sends and can
-cut it off (it sends nothing more, its disk fails every call, and it says no goodbye: a kill -9)
-or freeze it (it reads and sends nothing, and its session's clock stands still, until thawed:
-a SIGSTOP then a SIGCONT). tests/test_crash_points.py enumerates crash points with these;
+A `Death` watches one running node: it counts the requests and replies the node sends, and the
+chunks of its large buffers (through the broker or over a direct data path, as shared-memory
+files on one host), and can cut it off (it sends nothing more, its disk fails every call, and it
+says no goodbye: a kill -9) or freeze it (it reads and sends nothing, and its session's clock
+stands still, until thawed: a SIGSTOP then a SIGCONT). tests/test_crash_points.py enumerates crash points with these;
 tests/test_model.py draws them as rules of its state machine.
 """
 
@@ -249,13 +250,30 @@ _MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
 class Death:
     """What becomes of a node: it dies at its storage call `at` (the disk crashes there: see
     CrashingDisk), or just before it sends its request or reply number `message` it dies, or
-    freezes if `freeze` (0: never). `disk` may be given instead of `at` (a refusing one)."""
+    freezes if `freeze` (0: never), or just before it sends chunk number `chunk` of a large
+    buffer, or takes chunk number `take` off a direct data path, it dies. `disk` may be given
+    instead of `at` (a refusing one)."""
 
-    def __init__(self, at: int = 0, message: int = 0, freeze: bool = False, disk: CrashingDisk | None = None) -> None:
+    def __init__(
+        self,
+        at: int = 0,
+        message: int = 0,
+        freeze: bool = False,
+        disk: CrashingDisk | None = None,
+        chunk: int = 0,
+        take: int = 0,
+    ) -> None:
         self.disk = disk or CrashingDisk(at)
         self.message = message
         self.freeze_at_message = freeze
+        self.chunk = chunk
         self.messages = 0
+        self.chunks = 0
+        """Chunks sent, by either path."""
+        self.take = take
+        self.taken = 0
+        """Chunks taken off direct data paths (a buffer's first comes through the broker)."""
+        self._on_chunk: Callable[[bytes, list[Any]], None] | None = None
         self.frozen = False
         self._held: list[list[Any]] = []
         self._node: Node | None = None
@@ -270,18 +288,16 @@ class Death:
         through its link's `_sent`, the one call that writes to its socket (`forget` puts that
         back). Not `_push_frames`: the replies that follow the first in one loop turn leave as
         a BATCH from `_sent_batch`, which a hook there missed, so a node killed by its fail-stop
-        still acknowledged the writes of the batch that failed (model2's search, seeds 3-5)."""
+        still acknowledged the writes of the batch that failed (model2's search, seeds 3-5).
+        The chunks a direct data path takes leave through `DirectPaths.send` instead: a dead or
+        frozen node's are refused there, so the link sends them through `_sent`, which drops or
+        holds them (a real dead process writes no shared-memory file either)."""
         self._node = node
         send = node.link._sent
 
         def sent(frames: list[Any]) -> int:
-            if not self.frozen and envelope.command_of(frames) in _MESSAGES:
-                self.messages += 1
-                if self.messages == self.message:
-                    if self.freeze_at_message:
-                        self.freeze()
-                    else:
-                        self.disk.crashed = True  # storage calls from now on fail
+            if not self.frozen and not self.disk.crashed:
+                self._leaving(envelope.command_of(frames))
             if self.frozen:
                 self._held.append(frames)
             elif not self.disk.crashed:
@@ -289,7 +305,49 @@ class Death:
             return 0  # no socket events read: nothing was sent
 
         node.link._sent = sent  # type: ignore[method-assign]
+        direct = node.link.direct
+        if direct is not None:
+            send_direct = direct.send
+
+            def sent_direct(peer: bytes, command: bytes, frames: list[Any]) -> bool:
+                if self.frozen or self.disk.crashed:
+                    return False
+                if self.chunks + 1 == self.chunk:
+                    self._leaving(envelope.CHUNK)  # dies before it
+                    return False
+                if not send_direct(peer, command, frames):
+                    return False  # through the broker, counted in `_sent`
+                self.chunks += 1
+                return True
+
+            direct.send = sent_direct  # type: ignore[method-assign]
+            on_chunk = self._on_chunk = direct.on_chunk
+
+            def taken(peer: bytes, frames: list[Any]) -> None:
+                if not self.disk.crashed:
+                    self.taken += 1
+                    if self.taken == self.take:
+                        self.disk.crashed = True  # dies before it: a dead process reads nothing
+                if not self.disk.crashed:
+                    on_chunk(peer, frames)
+
+            direct.on_chunk = taken
         _WATCHED[node.link] = self
+
+    def _leaving(self, command: bytes) -> None:
+        """A message or chunk is about to leave: counted, and the node dies (or freezes) before
+        the one it was told to."""
+        if command in _MESSAGES:
+            self.messages += 1
+            if self.messages == self.message:
+                if self.freeze_at_message:
+                    self.freeze()
+                else:
+                    self.disk.crashed = True  # storage calls from now on fail
+        elif command == envelope.CHUNK:
+            self.chunks += 1
+            if self.chunks == self.chunk:
+                self.disk.crashed = True
 
     def kill(self) -> None:
         """Die now, as kill -9 (or a fail-stop's exit) does: the disk fails every call from here,
@@ -340,6 +398,9 @@ class Death:
         if death is not None and death.dead:
             return
         node.link.__dict__.pop("_sent", None)
+        if node.link.direct is not None and death is not None and death._on_chunk is not None:
+            node.link.direct.__dict__.pop("send", None)
+            node.link.direct.on_chunk = death._on_chunk
 
 
 _WATCHED: weakref.WeakKeyDictionary[Any, Death] = weakref.WeakKeyDictionary()

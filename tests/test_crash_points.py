@@ -39,7 +39,7 @@ from fedptr.nodes.handover import Handover
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
-from fedptr import limits
+from fedptr import envelope, limits
 
 from . import harness
 from .nemesis import FULL, CrashingDisk, Death, Disks, install
@@ -170,6 +170,9 @@ BEAT_S = 0.1
 RESOLVE_TIMEOUT_S = 20.0
 """Seconds `Client.resolve` may take to tell where an object in doubt is."""
 
+BIG_BYTES = 5 << 20
+"""A large value's bytes: over `limits.STREAM_THRESHOLD_BYTES`, so it travels in chunks."""
+
 
 async def _quiet(c: harness.InprocCluster) -> None:
     """Wait until no hand-over is in doubt on either node and all they queued is on disk."""
@@ -238,11 +241,14 @@ def _on_disk(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tu
 
 
 Crash = tuple[str, str, int]
-"""Which node dies where: ``(node, "storage" or "message", n)``: at its n-th storage call, or
-just before its n-th request or reply, counted from the start of the phase it dies in."""
+"""Which node dies where: ``(node, "storage", "message", "chunk" or "take", n)``: at its n-th
+storage call, or just before its n-th request or reply, or its n-th chunk of a large buffer sent
+(through the broker or a direct path), or taken off a direct path, counted from the start of the
+phase it dies in."""
 
-Counted = dict[str, tuple[int, int]]
-"""Each node's storage calls and messages (requests and replies) in a phase."""
+Counted = dict[str, tuple[int, int, int, int]]
+"""Each node's storage calls, messages (requests and replies), chunks sent and chunks taken off
+a direct path in a phase."""
 
 
 def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[str, Death]:
@@ -250,7 +256,12 @@ def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[st
     deaths = {name: Death() for name in NODES}
     if crash is not None:
         victim, where, n = crash
-        deaths[victim] = Death(at=n) if where == "storage" else Death(message=n)
+        deaths[victim] = {
+            "storage": Death(at=n),
+            "message": Death(message=n),
+            "chunk": Death(chunk=n),
+            "take": Death(take=n),
+        }[where]
     for name, death in deaths.items():
         node = c.node(name)
         death.watch(node)
@@ -275,7 +286,7 @@ async def _phase(
     finally:
         quiet.cancel()  # a dead node is never quiet (its writes fail): it is restarted instead
         await asyncio.gather(quiet, return_exceptions=True)
-    counted = {name: (death.disk.calls, death.messages) for name, death in deaths.items()}
+    counted = {name: (death.disk.calls, death.messages, death.chunks, death.taken) for name, death in deaths.items()}
     assert (crash is None) == (not dead), f"{crash} never came to pass: {counted}"
     for name in NODES:
         if name in dead:
@@ -318,6 +329,8 @@ async def _handover(
     client = c.client
     x = await c.worker("bob").send(value)
     await _quiet(c)
+    if c.address.startswith("tcp://"):
+        await _direct_path(c, "bob", "alice")
     running = asyncio.ensure_future(protocol(c, x))
     counted = await _phase(c, disks, _arm(c, disks, crash), running, crash)
     deaths = _arm(c, disks, again)  # the restarted node resumes at once: counted from here
@@ -366,13 +379,26 @@ async def _handover(
     return counted, recovered, outcome
 
 
+async def _direct_path(c: harness.InprocCluster, source: str, dest: str) -> None:
+    """Wait until `source`'s direct data path to `dest` is open: it opens in the background on a
+    first large request, and a restart of either end breaks it. Each case then sends the same
+    chunks the same way, so the crash points counted once are the ones every case reaches."""
+    link = c.node(source).link
+    assert link.direct is not None, "no direct path: the cluster is not on tcp://"
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while not link.direct.ready(dest.encode(), envelope.REQUEST):
+            link._want_direct(dest.encode())
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+
+
 def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
     """Every crash point of a phase: each node's storage calls, then its messages."""
     points: list[Crash] = []
     for name in NODES:
-        calls, messages = counted[name]
+        calls, *sent = counted[name]
         points += [(name, "storage", n) for n in range(1, calls + 1)]
-        points += [] if storage_only else [(name, "message", n) for n in range(1, messages + 1)]
+        for kind, count in zip(("message", "chunk", "take"), sent, strict=True):
+            points += [] if storage_only else [(name, kind, n) for n in range(1, count + 1)]
     return points
 
 
@@ -382,20 +408,38 @@ def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
 # on the client, by granting again (a death there is a death during the grant, enumerated once)
 # or by deleting the pointer left at alice (a removal: the write-ahead's enumeration above);
 # when that delete goes out depends on when the client hears from alice, so it is not counted.
+# `big`: the moved value is over `limits.STREAM_THRESHOLD_BYTES`, on a tcp:// cluster: bob sends
+# it to alice in chunks, the first through the broker and the rest over his direct data path to
+# her, as shared-memory files (one host); each chunk is a crash point of bob's as well.
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("protocol", "twice"), [(_move, True), (_send, False)], ids=["move", "send-pointer"])
+@pytest.mark.parametrize(
+    ("protocol", "twice", "big"),
+    [
+        (_move, True, False),
+        (_send, False, False),
+        pytest.param(_move, True, True, marks=pytest.mark.slow),
+    ],
+    ids=["move", "send-pointer", "move-direct-shm"],
+)
 async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning_copy(
-    protocol: Protocol, twice: bool, monkeypatch: pytest.MonkeyPatch
+    protocol: Protocol, twice: bool, big: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
     monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # settles in doubt sooner: the cases are many
+    monkeypatch.setattr(limits, "DIRECT_RETRY_S", 0.05)  # a path a restart broke opens again at once
     disks = Disks()
     install(monkeypatch, disks)
-    values = (torch.full((4,), float(k)) for k in itertools.count())
+    size = BIG_BYTES // 4 if big else 4
+    values = (torch.full((size,), float(k)) for k in itertools.count())
     outcomes: collections.Counter[str] = collections.Counter()
-    async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S) as c:
+    transport = "tcp" if big else "inproc"
+    async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S, transport=transport) as c:
         counted, _, _ = await _handover(c, disks, protocol, None, next(values))
-        assert all(calls and messages for calls, messages in counted.values()), counted
+        assert all(calls and messages for calls, messages, _, _ in counted.values()), counted
+        if big:  # the chunks took bob's direct path to alice, as shared-memory files
+            lane = c.node("bob").link.direct._lanes[b"alice"]  # type: ignore[union-attr]
+            assert lane.channel is not None and lane.channel.files_sent > 0, counted
+            assert counted["bob"][2] > 1 and counted["alice"][3] > 0, counted
         for crash in _points(counted):
             _, recovered, outcome = await _handover(c, disks, protocol, crash, next(values))
             outcomes[f"{crash[0]} {crash[1]}: {outcome}"] += 1
