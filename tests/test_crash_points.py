@@ -40,9 +40,10 @@ from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
 from fedptr import envelope, limits
+from fedptr.link import Link
 
 from . import harness
-from .nemesis import FULL, CrashingDisk, Death, Disks, install
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
 
 State = tuple[Any, Any] | None
 """An object as loading finds it: None (absent), or (value, move record)."""
@@ -330,7 +331,7 @@ async def _handover(
     x = await c.worker("bob").send(value)
     await _quiet(c)
     if c.address.startswith("tcp://"):
-        await _direct_path(c, "bob", "alice")
+        await _direct_path(c.node("bob").link, "alice")
     running = asyncio.ensure_future(protocol(c, x))
     counted = await _phase(c, disks, _arm(c, disks, crash), running, crash)
     deaths = _arm(c, disks, again)  # the restarted node resumes at once: counted from here
@@ -379,11 +380,10 @@ async def _handover(
     return counted, recovered, outcome
 
 
-async def _direct_path(c: harness.InprocCluster, source: str, dest: str) -> None:
-    """Wait until `source`'s direct data path to `dest` is open: it opens in the background on a
-    first large request, and a restart of either end breaks it. Each case then sends the same
-    chunks the same way, so the crash points counted once are the ones every case reaches."""
-    link = c.node(source).link
+async def _direct_path(link: Link, dest: str) -> None:
+    """Wait until `link`'s direct data path to worker `dest` is open: it opens in the background
+    on a first large request, and a restart of either end breaks it. Each case then sends the
+    same chunks the same way, so the crash points counted once are the ones every case reaches."""
     assert link.direct is not None, "no direct path: the cluster is not on tcp://"
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         while not link.direct.ready(dest.encode(), envelope.REQUEST):
@@ -655,3 +655,106 @@ async def test_a_killed_node_sends_nothing_it_had_batched_even_forgotten_before_
         assert all(isinstance(e, fedptr.FedptrError) for e in outcomes), outcomes
         for p in (x, *ys):
             p.owned = False  # nothing to delete: the cluster ends here
+
+
+async def _bulk(c: harness.InprocCluster, disks: Disks, death: Death, value: torch.Tensor) -> str:
+    """Send large `value` to bob, then get it back (its delete held back: bob keeps it), the rest
+    of each buffer over the client's direct path to bob as shared-memory files, with `death` on
+    bob (a refused write's fail-stop kills it); bob restarted if he died. Checks that an
+    acknowledged send is on bob's disk whole after it, an unacknowledged one is there whole or
+    not at all, and a get that answered gave the value. Returns what the two came to."""
+    await _direct_path(c.client.link, "bob")
+    bob = c.node("bob")
+    death.watch(bob)
+    disks.give(bob, death.disk)
+    x = c.worker("bob").send(value)
+    heard: list[str] = []
+
+    async def send_and_get() -> None:
+        await x
+        heard.append("stored")
+        got = await x.get()
+        assert isinstance(got, torch.Tensor) and torch.equal(got, value), "the get answered another value"
+        heard.append("fetched")
+
+    running = asyncio.ensure_future(_raised(send_and_get()))
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while not running.done() and not death.dead:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+    if death.dead:
+        death.kill()
+        Death.forget(bob)
+        await c.restart_node("bob")
+    else:
+        Death.forget(bob)
+        disks.give(bob, CrashingDisk())  # what follows (the case's delete) is not the case's
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        error = await running
+    assert error is None or isinstance(error, fedptr.FedptrError), f"{death}: {error!r}"
+    await _listed_after_restart(c, "bob")  # bob answers again
+    store = c.node("bob").store
+    entry = store.entries.get(x.id_at_location)
+    assert store.durable is not None
+    on_disk, damaged = store.durable._scan()
+    assert not damaged, damaged
+    stored = on_disk.get(x.id_at_location)
+    where = f"{heard or 'nothing heard'} ({error!r})"
+    if heard:  # acknowledged: bob holds it, whole, in memory and on disk
+        assert entry is not None and stored is not None, where
+    for held in (None if entry is None else entry.value, None if stored is None else stored.value):
+        assert held is None or torch.equal(held, value), f"{where}: a torn value"
+    assert (entry is None) == (stored is None), f"{where}: in memory {entry}, on disk {stored}"
+    if entry is not None:  # the case's object goes: not among the next case's calls
+        _RELEASE(c.client, "bob", x.id_at_location)
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            while x.id_at_location in store.entries:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+            barrier = store.barrier()
+            if barrier is not None:
+                await barrier
+    x.owned = False
+    return "+".join(heard) or f"failed ({type(error).__name__})"
+
+
+_RELEASE = fedptr.Client.release
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_every_fault_of_a_large_send_and_get_over_shared_memory_leaves_the_value_whole_or_absent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 5 MiB send to bob and its get, the rest of each buffer after a small first chunk taking
+    the direct path as shared-memory files (the client's to bob, bob's replies back): bob killed
+    at each storage call, refused (ENOSPC, EIO) at each, killed before each message he sends,
+    each chunk he sends and each chunk he takes off the path. An acknowledged send survives
+    whole; one that was not is whole or absent, never half-written."""
+    deaths: dict[str, Death] = {}
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: deaths[node].kill())
+    monkeypatch.setattr(limits, "DIRECT_RETRY_S", 0.05)  # a path a restart broke opens again at once
+    monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: None)
+    disks = Disks()
+    install(monkeypatch, disks)
+    values = (torch.full((BIG_BYTES // 4,), float(k)) for k in itertools.count())
+    outcomes: collections.Counter[str] = collections.Counter()
+    async with harness.cluster(
+        ["bob"], stores=["bob"], transport="tcp", heartbeat_s=BEAT_S, call_timeout=HANDOVER_CALL_TIMEOUT_S
+    ) as c:
+        deaths["bob"] = counting = Death()
+        assert await _bulk(c, disks, counting, next(values)) == "stored+fetched"
+        calls, messages, chunks, taken = counting.disk.calls, counting.messages, counting.chunks, counting.taken
+        assert calls and messages and chunks > 1 and taken > 1, (calls, messages, chunks, taken)
+        lane = c.client.link.direct._lanes[b"bob"]  # type: ignore[union-attr]
+        assert lane.channel is not None and lane.channel.files_sent > 0, "no shared memory"
+        faults = [
+            *(Death(at=n) for n in range(1, calls + 1)),
+            *(Death(disk=CrashingDisk(n, refuse=e)) for e in (FULL, EIO) for n in range(1, calls + 1)),
+            *(Death(message=n) for n in range(1, messages + 1)),
+            *(Death(chunk=n) for n in range(1, chunks + 1)),
+            *(Death(take=n) for n in range(1, taken + 1)),
+        ]
+        for death in faults:
+            deaths["bob"] = death
+            outcomes[await _bulk(c, disks, death, next(values))] += 1
+            assert death.dead, "the fault never came to pass"
+    print(f"counted {(calls, messages, chunks, taken)}; {len(faults)} faults, outcomes {dict(outcomes)}")
