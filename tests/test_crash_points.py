@@ -68,8 +68,9 @@ async def _workload(wal: WriteAhead) -> list[Change]:
     """Rounds of changes, each round awaited (so a round's changes land after the last's)."""
     changes: list[Change] = []
 
-    def tensor(i: int, v: float) -> None:
-        changes.append((i, _set(("t", v)), wal.save_tensor(i, torch.full((4,), v), "c", "", {})))
+    def tensor(i: int, v: float, n: int = 4, owners: tuple[str, ...] = ()) -> None:
+        privacy = {"origins": {owner: [] for owner in owners}}
+        changes.append((i, _set(("t", v, n, owners)), wal.save_tensor(i, torch.full((n,), v), "c", "", privacy)))
 
     rounds: list[Callable[[], None]] = [
         lambda: (
@@ -87,6 +88,8 @@ async def _workload(wal: WriteAhead) -> list[Change]:
             tensor(4, 4.0),
             tensor(1, 5.0),
         ),
+        lambda: tensor(2, 7.0, owners=("alice",)),  # an in-place op on alice's data: never public with it
+        lambda: tensor(4, 6.0, 16),  # its shape changed (`x.data = y`): data and record must agree
         lambda: (
             changes.append((1, _removed, wal.remove(1))),
             changes.append((4, _moving(("bob", 5)), wal.save_move(4, "bob", 5))),
@@ -117,7 +120,11 @@ def _allowed(changes: list[Change], obj_id: int) -> set[State]:
 
 def _found(stored: durable.Stored) -> State:
     value: Any = stored.value
-    seen = ("p", *value) if isinstance(value, tuple) else ("t", float(value[0]))
+    if isinstance(value, tuple):
+        seen: tuple[Any, ...] = ("p", *value)
+    else:
+        assert stored.privacy is not None
+        seen = ("t", float(value[0]), value.numel(), tuple(stored.privacy["origins"]))
     return seen, stored.moving
 
 
