@@ -82,6 +82,12 @@ def write_durable(path: Path, data: Any) -> None:
         os.close(fd)
 
 
+def _unlink(path: Path) -> None:
+    """Remove `path` if it is there (a crash may have removed it already, or never made it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class DurableStore:
     """Objects persisted under `directory`, one record (and data file for tensors) each."""
 
@@ -107,15 +113,13 @@ class DurableStore:
         """Write a tensor's record and data as one file (fsynced; the directory needs `sync`)."""
         record = ["tensor", dtype, shape, "", 0, owner, sponsor, privacy, memoryview(data).nbytes]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), data)
-        with contextlib.suppress(FileNotFoundError):  # an older release's data file
-            os.unlink(self.dir / f"{obj_id}.bin")
+        _unlink(self.dir / f"{obj_id}.bin")  # an older release's data file
 
     def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = "") -> None:
         """Write a pointer's record (fsynced; the directory needs `sync`)."""
         record = ["pointer", "", [], location, remote_id, owner, sponsor]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / f"{obj_id}.bin")
+        _unlink(self.dir / f"{obj_id}.bin")
 
     def write_move(self, obj_id: int, dest: str, new_id: int) -> None:
         """Record that object `obj_id` is being moved to `dest` as `new_id` (the directory needs `sync`)."""
@@ -123,15 +127,13 @@ class DurableStore:
 
     def remove_move(self, obj_id: int) -> None:
         """Forget a move's record (the hand-over was resolved)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / f"{obj_id}.mov")
+        _unlink(self.dir / f"{obj_id}.mov")
 
     def remove(self, obj_id: int) -> None:
         """Forget an object: its record first (a record never lacks its data), then its data and
         any move record."""
         for suffix in (".rec", ".bin", ".mov"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{obj_id}{suffix}")
+            _unlink(self.dir / f"{obj_id}{suffix}")
 
     def sync(self) -> None:
         """Make the renames and unlinks done so far durable (one fsync of the directory)."""
@@ -149,11 +151,11 @@ class DurableStore:
                 [str(self.dir / f) for d in damaged for f in d.files],
             )
         for leftover in self.dir.glob("*.tmp"):  # a write that never reached its rename
-            leftover.unlink(missing_ok=True)
+            _unlink(leftover)
         for suffix in (".mov", ".bin"):  # what a removal interrupted after the record left
             for path in self.dir.glob(f"*{suffix}"):
                 if path.stem.isdigit() and int(path.stem) not in found:
-                    path.unlink(missing_ok=True)
+                    _unlink(path)
         return found
 
     def _scan(self) -> tuple[dict[int, Stored], list[Damage]]:

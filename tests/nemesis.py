@@ -20,12 +20,13 @@ tests/test_model.py draws them as rules of its state machine.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -224,6 +225,19 @@ class Disks:
     def charging(self) -> bool:
         """Whether the calling thread is in a charge of a node's budget."""
         return getattr(self._charging, "disk", None) is not None
+
+    @contextlib.contextmanager
+    def restoring(self, disk: CrashingDisk) -> Iterator[None]:
+        """The storage calls made on this thread while the block runs go through `disk`: a node
+        restores its store (removing what interrupted writes left) in its constructor, on the
+        loop's thread, before it has a write-ahead thread to be found by. No other node's call
+        is made on that thread meanwhile (theirs are on their write-ahead and charging threads)."""
+        thread = threading.current_thread()
+        self.of[thread] = disk
+        try:
+            yield
+        finally:
+            del self.of[thread]
 
     def give(self, node: Node, disk: CrashingDisk) -> None:
         """`node`'s storage calls go through `disk` from now on."""

@@ -259,17 +259,29 @@ Counted = dict[str, tuple[int, int, int, int]]
 a direct path in a phase."""
 
 
-def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[str, Death]:
-    """A phase begins: each node counted, and `crash`'s node dying where it says."""
+def _deaths(crash: Crash | None) -> dict[str, Death]:
+    """What becomes of each node in a phase: `crash`'s node dies (or its disk refuses) where it says."""
     deaths = {name: Death() for name in NODES}
     if crash is not None:
         victim, where, n = crash
         deaths[victim] = {
-            "storage": Death(at=n),
-            "message": Death(message=n),
-            "chunk": Death(chunk=n),
-            "take": Death(take=n),
-        }[where]
+            "storage": lambda: Death(at=n),
+            "disk full": lambda: Death(disk=CrashingDisk(n, refuse=FULL)),
+            "EIO": lambda: Death(disk=CrashingDisk(n, refuse=EIO)),
+            "message": lambda: Death(message=n),
+            "chunk": lambda: Death(chunk=n),
+            "take": lambda: Death(take=n),
+        }[where]()
+    return deaths
+
+
+_DYING: dict[str, Death] = {}
+"""Each node's `Death` in the phase under way: a refused write's fail-stop cuts the node off."""
+
+
+def _arm(c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death]) -> dict[str, Death]:
+    """A phase begins: each node counted, and dying as `deaths` says."""
+    _DYING.update(deaths)
     for name, death in deaths.items():
         node = c.node(name)
         death.watch(node)
@@ -278,10 +290,16 @@ def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[st
 
 
 async def _phase(
-    c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death], work: asyncio.Future[Any], crash: Crash | None
+    c: harness.InprocCluster,
+    disks: Disks,
+    deaths: dict[str, Death],
+    work: asyncio.Future[Any],
+    crash: Crash | None,
+    restoring: dict[str, Death] | None = None,
 ) -> Counted:
     """Wait until `work` is done and the nodes are quiet, or a node died; restart the dead one
-    (its new write-ahead thread has no crashing disk until the next `_arm`)."""
+    (its new write-ahead thread has no crashing disk until the next `_arm`), its restore of its
+    store counted on its disk of the next phase in `restoring`."""
     dead: list[str] = []
     # the phase lasts until the nodes are quiet too: the writes made after the client heard
     # (a move record forgotten once the object is back) are crash points as well
@@ -298,10 +316,26 @@ async def _phase(
     assert (crash is None) == (not dead), f"{crash} never came to pass: {counted}"
     for name in NODES:
         if name in dead:
-            await c.restart_node(name)
+            await c.stop_node(name)
+            await _start(c, disks, name, None if restoring is None else restoring[name])
         else:
             Death.forget(c.node(name))
     return counted
+
+
+async def _start(c: harness.InprocCluster, disks: Disks, name: str, death: Death | None) -> None:
+    """Start `name` again on its store, its restore's storage calls going through `death`'s disk.
+    A fault there stops that start (the constructor raises, the process exits); the node is
+    then started once more, as an operator or supervisor would, and is dead for the phase."""
+    if death is None:
+        await c.start_node(name)
+        return
+    try:
+        with disks.restoring(death.disk):
+            await c.start_node(name)
+    except OSError:
+        death.disk.crashed = True  # it died while restoring: the phase sees it dead at once
+        await c.start_node(name)
 
 
 async def _quiet_after(c: harness.InprocCluster, work: asyncio.Future[Any]) -> None:
@@ -340,8 +374,9 @@ async def _handover(
     if c.address.startswith("tcp://"):
         await _direct_path(c.node("bob").link, "alice")
     running = asyncio.ensure_future(protocol(c, x))
-    counted = await _phase(c, disks, _arm(c, disks, crash), running, crash)
-    deaths = _arm(c, disks, again)  # the restarted node resumes at once: counted from here
+    deaths = _deaths(again)  # the restarted node's restore and resumption: counted from its start
+    counted = await _phase(c, disks, _arm(c, disks, _deaths(crash)), running, crash, deaths)
+    deaths = _arm(c, disks, deaths)
     settling = asyncio.ensure_future(_settled(client, running, x))
     recovered = await _phase(c, disks, deaths, settling, again)
     result, outcome = await settling
@@ -398,12 +433,14 @@ async def _direct_path(link: Link, dest: str) -> None:
             await asyncio.sleep(limits.POLL_INTERVAL_S)
 
 
-def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
-    """Every crash point of a phase: each node's storage calls, then its messages."""
+def _points(counted: Counted, storage_only: bool = False, refused: bool = False) -> list[Crash]:
+    """Every crash point of a phase: each node's storage calls (and, `refused`, each refused
+    as a full disk or an I/O error would), then its messages and chunks."""
     points: list[Crash] = []
     for name in NODES:
         calls, *sent = counted[name]
-        points += [(name, "storage", n) for n in range(1, calls + 1)]
+        for kind in ("storage", "disk full", "EIO") if refused else ("storage",):
+            points += [(name, kind, n) for n in range(1, calls + 1)]
         for kind, count in zip(("message", "chunk", "take"), sent, strict=True):
             points += [] if storage_only else [(name, kind, n) for n in range(1, count + 1)]
     return points
@@ -431,7 +468,8 @@ def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
 async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning_copy(
     protocol: Protocol, twice: bool, big: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
+    # a crashed or refused write's fail-stop: the node is cut off (and restarted) instead of exiting
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: setattr(_DYING[node].disk, "crashed", True))
     monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # settles in doubt sooner: the cases are many
     monkeypatch.setattr(limits, "DIRECT_RETRY_S", 0.05)  # a path a restart broke opens again at once
     disks = Disks()
@@ -450,8 +488,10 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
         for crash in _points(counted):
             _, recovered, outcome = await _handover(c, disks, protocol, crash, next(values))
             outcomes[f"{crash[0]} {crash[1]}: {outcome}"] += 1
-            # and a second death, at each storage call made while recovering from the first
-            for again in _points(recovered, storage_only=True) if twice else []:
+            # and a second death, or a refusal, at each storage call made while recovering from
+            # the first (its restore of its store included; refusals on small values only: the
+            # recovery is the same, and a large value's cases are ten times as slow)
+            for again in _points(recovered, storage_only=True, refused=not big) if twice else []:
                 _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
                 outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
     print(f"{protocol.__name__}: counted {counted}; {sum(outcomes.values())} crashes, outcomes {dict(outcomes)}")
