@@ -22,6 +22,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fedptr.nodes import durable
+from fedptr.nodes import audit, durable
 from fedptr.nodes.node import Node
 
 from fedptr import envelope
@@ -53,6 +54,8 @@ class CrashingDisk:
         self.refused = False
         self.in_charges: list[int] = []
         """The numbers of the calls a charge of the node's privacy budget made (`Disks.give`)."""
+        self.in_audit: list[int] = []
+        """The numbers of the calls a write to the node's audit log made (`Disks.give`)."""
         self._unsynced: dict[str, dict[str, bytes | None]] = {}
         """Per directory, what each file renamed over since the directory's last fsync held
         before (None: it did not exist): what a power cut brings back."""
@@ -84,14 +87,15 @@ class CrashingDisk:
                         f.write(data)
         self._unsynced.clear()
 
-    def step(self, what: str, charging: bool = False) -> bool:
-        """Count a call (`charging`: one of a budget charge's); False when it is the fault point
-        (the caller tears it and raises `failure`), raise after a crash."""
+    def step(self, what: str, making: str = "") -> bool:
+        """Count a call (`making`: "charge" for one of a budget charge's, "audit" for one of an
+        audit record's); False when it is the fault point (the caller tears it and raises
+        `failure`), raise after a crash."""
         if self.crashed:
             raise Crashed(f"dead before {what}")
         self.calls += 1
-        if charging:
-            self.in_charges.append(self.calls)
+        if making:
+            (self.in_charges if making == "charge" else self.in_audit).append(self.calls)
         if self.calls != self.at:
             return True
         if self.refuse is None:
@@ -125,14 +129,14 @@ _COUNTING = threading.Lock()
 """Held while a storage call is counted and while a disk is disarmed (`CrashingDisk.disarm`)."""
 
 
-def _charging(disk_for: DiskFor) -> bool:
-    return isinstance(disk_for, Disks) and disk_for.charging()
+def _making(disk_for: DiskFor) -> str:
+    return disk_for.making() if isinstance(disk_for, Disks) else ""
 
 
 def _step(disk_for: DiskFor, what: str) -> None:
     with _COUNTING:
         disk = disk_for()
-        ok = disk is None or disk.step(what, _charging(disk_for))
+        ok = disk is None or disk.step(what, _making(disk_for))
     if not ok:
         assert disk is not None
         raise disk.failure(what)
@@ -169,10 +173,10 @@ class _OS:
 class _File:
     """A file opened for writing whose write lands torn (its first half) at the fault point."""
 
-    def __init__(self, f: Any, disk: CrashingDisk, charging: bool) -> None:
+    def __init__(self, f: Any, disk: CrashingDisk, making: str) -> None:
         self._f = f
         self._disk = disk
-        self._charging = charging
+        self._making = making
 
     def __enter__(self) -> _File:
         return self
@@ -182,9 +186,10 @@ class _File:
 
     def write(self, data: Any) -> int:
         with _COUNTING:
-            ok = self._disk.step("write", self._charging)
+            ok = self._disk.step("write", self._making)
         if not ok:
-            self._f.write(bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
+            whole = data if isinstance(data, str) else bytes(memoryview(data).cast("B"))  # a text file's too
+            self._f.write(whole[: len(whole) // 2])
             self._f.flush()
             raise self._disk.failure("a torn write")
         return int(self._f.write(data))
@@ -194,16 +199,18 @@ class _File:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
-    """Put the fault-injecting layer under nodes/durable.py: each storage call made goes through
-    `disk_for()`'s disk."""
+    """Put the fault-injecting layer under nodes/durable.py and nodes/audit.py: each storage call
+    made goes through `disk_for()`'s disk."""
 
     def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
         disk = disk_for()
-        return _File(f, disk, _charging(disk_for)) if "w" in mode and disk is not None else f
+        writes = "w" in mode or "a" in mode
+        return _File(f, disk, _making(disk_for)) if writes and disk is not None else f
 
-    monkeypatch.setattr(durable, "os", _OS(disk_for))
-    monkeypatch.setattr(durable, "open", opened, raising=False)
+    for module in (durable, audit):
+        monkeypatch.setattr(module, "os", _OS(disk_for))
+        monkeypatch.setattr(module, "open", opened, raising=False)
 
 
 class Disks:
@@ -212,19 +219,21 @@ class Disks:
     queued lands after its death. The privacy budget writes its history from whichever worker
     thread charges (nodes/budget.py, off the write-ahead): the node's charge is wrapped so that
     its calls, on that thread, for as long as it runs, go through the node's disk too (a charge
-    of a dead node still running fails at its next call, as the write-ahead's do)."""
+    of a dead node still running fails at its next call, as the write-ahead's do). So is the
+    node's audit record (nodes/audit.py, on the loop's thread)."""
 
     def __init__(self) -> None:
         self.of: dict[threading.Thread, CrashingDisk] = {}
-        self._charging = threading.local()
+        self._making = threading.local()
 
     def __call__(self) -> CrashingDisk | None:
-        disk: CrashingDisk | None = getattr(self._charging, "disk", None)
+        disk: CrashingDisk | None = getattr(self._making, "disk", None)
         return disk if disk is not None else self.of.get(threading.current_thread())
 
-    def charging(self) -> bool:
-        """Whether the calling thread is in a charge of a node's budget."""
-        return getattr(self._charging, "disk", None) is not None
+    def making(self) -> str:
+        """What the calling thread is in: "charge" (of a node's budget), "audit" (a record of
+        its audit log) or "" (neither)."""
+        return str(getattr(self._making, "what", "")) if getattr(self._making, "disk", None) is not None else ""
 
     @contextlib.contextmanager
     def restoring(self, disk: CrashingDisk) -> Iterator[None]:
@@ -243,18 +252,22 @@ class Disks:
         """`node`'s storage calls go through `disk` from now on."""
         assert node.store.wal is not None, f"{node.name} has no store"
         self.of[node.store.wal._thread] = disk
-        budget = node.budget
-        charge = type(budget).charge
-        local = self._charging
+        budget, log = node.budget, node.audit
+        budget.charge = self._through(disk, "charge", functools.partial(type(budget).charge, budget))  # type: ignore[method-assign]
+        log.record = self._through(disk, "audit", functools.partial(type(log).record, log))  # type: ignore[method-assign]
 
-        def charged(noise_multiplier: float, sample_rate: float, steps: int) -> float:
-            local.disk = disk
+    def _through(self, disk: CrashingDisk, what: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call`, its storage calls (on whichever thread it runs) going through `disk`."""
+        local = self._making
+
+        def through(*args: Any, **kwargs: Any) -> Any:
+            local.disk, local.what = disk, what
             try:
-                return charge(budget, noise_multiplier, sample_rate, steps)
+                return call(*args, **kwargs)
             finally:
                 local.disk = None
 
-        budget.charge = charged  # type: ignore[method-assign]
+        return through
 
 
 _MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
