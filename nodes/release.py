@@ -81,12 +81,10 @@ class Release:
                 mechanisms.check_run(msg, len(x))
                 mechanisms.check_per_sample(model)
                 spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
-                # audited before it is released: a record the disk refuses fails the run (its
-                # charge stays spent; the model, trained, stays as private as its data)
-                self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             except Exception as e:
                 self.node.reply_error(source, rid, e)
                 return
+            self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.node.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))

@@ -226,7 +226,7 @@ async def test_a_contribution_whose_audit_record_fails_is_not_received_and_the_l
     killed, killed then a power cut, refused (disk full, I/O error): a release the client received
     is in the log, one whose record failed is not received (a typed error), and the log reads
     whole after (on main a refused write left half a line, which `fedptr audit` could not read
-    and to which the next record was glued)."""
+    and to which the next record was glued). The slow enumerations draw every release kind's."""
     outcomes = await _enumerate(_contribution, monkeypatch, only="audit")
     assert outcomes.get("released") and len(outcomes) > 1, outcomes
 
