@@ -33,7 +33,7 @@ from fedptr.errors import (
     WorkerRefused,
 )
 from fedptr.link import Link
-from fedptr.pointer import ModulePointer, Pointer, in_doubt
+from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
@@ -503,7 +503,7 @@ class Client:
     ) -> wire.Message:
         try:
             for step in after:
-                await asyncio.shield(step)  # shielded: this request must not cancel a step others share
+                await self.wait_step(step)
             sent = self.request_nowait(location, msg)
         finally:
             # only now may a dropped operand's delete be queued (the deletes' timer or a plan
@@ -511,6 +511,16 @@ class Client:
             # of here, not by the frame: a failure's traceback would keep them all alive.
             del operands
         return await sent
+
+    async def wait_step(self, step: asyncio.Future[wire.Message]) -> None:
+        """Wait for an unordered step (see `Pointer.made_by`), not cancelling it if this wait is
+        cancelled (others share it), and raise a copy of its error (`fedptr.pointer.raised`), as
+        for any error a pointer keeps: `asyncio.shield(step)` would raise the step's own, whose
+        traceback would keep the awaiting frames, whose pointers keep the step (a cycle)."""
+        await self.settled(step)
+        if step.cancelled():
+            raise asyncio.CancelledError
+        raised(step.exception())
 
     def request_nowait(self, location: str, msg: wire.Message) -> asyncio.Future[wire.Message]:
         """Send `msg` to worker `location` and return the future of its reply at once (settled

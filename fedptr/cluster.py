@@ -19,11 +19,11 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, ParamSpec
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec
 
 from fedptr import limits
 from fedptr.client import Client, connect
-from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError
+from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError, UsageError
 from fedptr.processes import NodeStarter, Process, start_broker, stop_processes, wait_registered
 from fedptr.security import CurveKeys, generate
 
@@ -109,6 +109,15 @@ class Cluster:
         self.pids["broker"] = proc.pid
 
 
+HOW_TO_START = (
+    "start it: cluster = await fedptr.local_cluster([...]).start() in a notebook or python -m asyncio "
+    "(await cluster.stop() at the end), or async with fedptr.local_cluster([...]) as cluster: inside "
+    "an async def main() run by asyncio.run(main())"
+)
+"""Said when a `LocalCluster` is used as the running `Cluster` it starts: forgetting the ``await
+... .start()`` or the ``async`` of ``async with`` is a newcomer's first mistake."""
+
+
 class LocalCluster:
     """A local cluster not started yet, as `local_cluster` returns it. Start it with
     ``cluster = await local_cluster([...]).start()`` (a REPL, a notebook) and end it with
@@ -130,6 +139,19 @@ class LocalCluster:
 
     async def __aenter__(self) -> Cluster:
         return await self.start()
+
+    def __enter__(self) -> NoReturn:
+        raise UsageError(f"a local cluster is an async context manager: {HOW_TO_START}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never reached (`__enter__` raises); Python calls `__enter__` only when both exist."""
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
+
+        def __getattr__(self, name: str) -> NoReturn:
+            if hasattr(Cluster, name) or name in Cluster.__dataclass_fields__:
+                raise AttributeError(f"this local cluster is not started, so it has no {name!r}: {HOW_TO_START}")
+            raise AttributeError(f"'LocalCluster' object has no attribute {name!r}")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

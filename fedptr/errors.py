@@ -16,7 +16,33 @@ Names say who caused the failure (trio's style):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def copy_to_raise(error: _E) -> _E:
+    """A copy of `error` (its type, message, attributes, cause and context) with no traceback.
+
+    An error a future keeps (a pointer's op, an update, a `Pending` handle) is raised to each
+    await as such a copy, never itself: a raised error's traceback keeps every frame it passes
+    through, among them the caller's, which may hold the pointer that keeps the future, which
+    keeps the error. That reference cycle would keep the pointer, once dropped, and its remote
+    object until the cyclic garbage collector runs. The kept error is never raised to an await,
+    so it keeps no frame of an awaiting caller."""
+    # `__new__` without `__init__` (each subclass takes its own arguments), the one the class
+    # inherits its constructor's from (along `__base__`, as CPython does: its own lookup would
+    # find MemoryError's for StoreFullError, which refuses a class laid out as WorkerRefused)
+    base: Any = type(error)
+    while "__new__" not in vars(base):
+        base = base.__base__
+    copy: _E = base.__new__(type(error))
+    copy.args = error.args
+    copy.__dict__.update(error.__dict__)  # `worker`, `path`, `candidates`, notes, ...
+    copy.__cause__ = error.__cause__
+    copy.__context__ = error.__context__
+    copy.__suppress_context__ = error.__suppress_context__
+    return copy
 
 
 class FedptrError(Exception):
@@ -80,7 +106,12 @@ class BrokerUnreachable(DeadlineExceeded):
     def __init__(self, address: str, seconds: float) -> None:
         super().__init__("broker", seconds, [f"broker at {address}"])
         self.address = address
-        self.args = (f"no answer from the broker at {address} within {seconds:.3g} s",)
+        # a CURVE broker never answers a peer without a key it accepts: the newcomer's usual case
+        self.args = (
+            f"no answer from the broker at {address} within {seconds:.3g} s: it is down or elsewhere, or it runs "
+            "CURVE and does not accept this peer's key (give it: connect(address, curve=fedptr.security."
+            "CurveKeys.load(secret_file, broker_key_file)); on the command line --curve-secret and --broker-key)",
+        )
 
 
 class ProtocolError(FedptrError):

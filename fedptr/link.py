@@ -336,38 +336,45 @@ class Link:
     def _handle(self, events: list[Event]) -> None:
         settled = False
         for event in events:
-            if isinstance(event, Settled):
-                settled = True
-                fut = self._futures.pop(event.rid, None)
-                if fut is None or fut.done():
-                    continue
-                if event.error is not None:
-                    fut.set_exception(event.error)
-                else:
-                    assert event.result is not None
-                    if self.on_reply is not None:
+            # Each event on its own: a callback that raises (a bug in a hook or a handler) is
+            # logged, and the events after it (a BATCH's other replies, whose awaits would
+            # otherwise end at their deadlines) still go. The try costs nothing until it catches.
+            try:
+                if isinstance(event, Settled):
+                    settled = True
+                    fut = self._futures.pop(event.rid, None)
+                    if fut is None or fut.done():
+                        continue
+                    # the future first, then the hooks: one that raises leaves it settled
+                    if event.error is not None:
+                        fut.set_exception(event.error)
+                    else:
+                        assert event.result is not None
+                        fut.set_result(event.result)
+                    if self.on_settled is not None:
+                        self.on_settled(event.dest, fut)
+                    if self.on_reply is not None and event.result is not None:
                         self.on_reply(event.result)
-                    fut.set_result(event.result)
-                if self.on_settled is not None:
-                    self.on_settled(event.dest, fut)
-            elif isinstance(event, Send):
-                self._push(event.message)
-            elif isinstance(event, Incoming):
-                message = event.request.message
-                if type(message) is wire.DirectOffer:  # the link's business, never the node's
-                    ticket = wire.DirectTicket("", b"")
+                elif isinstance(event, Send):
+                    self._push(event.message)
+                elif isinstance(event, Incoming):
+                    message = event.request.message
+                    if type(message) is wire.DirectOffer:  # the link's business, never the node's
+                        ticket = wire.DirectTicket("", b"")
+                        if self.direct is not None:
+                            ticket = self.direct.admit(event.source.encode(), message.key)
+                        self.reply(event.source, event.rid, ticket)
+                    elif self.handler is not None:
+                        self.handler(event.source, event.rid, event.request)
+                elif isinstance(event, SessionEnded):
                     if self.direct is not None:
-                        ticket = self.direct.admit(event.source.encode(), message.key)
-                    self.reply(event.source, event.rid, ticket)
-                elif self.handler is not None:
-                    self.handler(event.source, event.rid, event.request)
-            elif isinstance(event, SessionEnded):
-                if self.direct is not None:
-                    self.direct.forget(event.name.encode())
-                if self.on_session_ended is not None:
-                    self.on_session_ended(event.name)
-            elif isinstance(event, Registered):
-                self._arm()
+                        self.direct.forget(event.name.encode())
+                    if self.on_session_ended is not None:
+                        self.on_session_ended(event.name)
+                elif isinstance(event, Registered):
+                    self._arm()
+            except Exception:
+                log.exception("%s failed to handle %s; the events after it go on", self.name, _about(event))
         # room for the requests waiting in `request`, once per batch of events, not per reply
         # (waking them takes a loop turn either way)
         if settled and self.session.in_flight < self.session.max_in_flight:
@@ -656,6 +663,18 @@ class Link:
             await asyncio.sleep(self.session.heartbeat_s)
             self._drain()
             self._handle(self.session.tick(self._loop.time()))
+
+
+def _about(event: Event) -> str:
+    """`event` in a log line: its kind and whom it concerns (not its message, which may be large)."""
+    if isinstance(event, Settled):
+        outcome = type(event.error if event.error is not None else event.result).__name__
+        return f"Settled (request {event.rid.hex()} to {event.dest!r}, {outcome})"
+    if isinstance(event, Incoming):
+        return f"Incoming ({type(event.request.message).__name__} {event.rid.hex()} from {event.source!r})"
+    if isinstance(event, SessionEnded):
+        return f"SessionEnded ({event.name!r})"
+    return type(event).__name__
 
 
 def _offset(chunk: list[Any]) -> int:

@@ -42,6 +42,7 @@ from fedptr.errors import (
     LostWorkerError,
     ProtocolError,
     UnsupportedTypeError,
+    copy_to_raise,
 )
 from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
@@ -77,8 +78,7 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
     if isinstance(value, torch.dtype):
         return DTYPE_PREFIX + dtype_name(value)
     if isinstance(value, torch.device):
-        if value.type != "cpu":
-            raise InvalidArgumentError(f"workers compute on the cpu only, not on {value}")
+        cpu_only(value)
         return DEVICE_PREFIX + "cpu"
     if isinstance(value, slice):
         return {SLICE_KEY: [_encode(v, found) for v in (value.start, value.stop, value.step)]}
@@ -207,6 +207,10 @@ def remote_results(
     enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
+    if op == "to":  # a device named by a string travels as one: refused here, not by the worker's torch
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if type(a) is str:
+                cpu_only(a)
     first = found[0]
     client, location = first._client, first._location
     after: list[asyncio.Future[wire.Message]] = []
@@ -257,10 +261,9 @@ class Pending:
 
     async def _wait(self) -> None:
         failure = None if self._client is None else self._client.failure(self._futures)
-        # The error's traceback keeps this frame: holding this handle (whose futures hold the
-        # error) it would make a reference cycle, and the pointers the frames below it hold (an
-        # operand of the failed work, dropped since) would wait for the cyclic collector. The
-        # coroutine `failure` holds them only until it finishes (its frame is then cleared).
+        # The error raised is a copy (`raised`), whose traceback keeps this frame: it lets go
+        # of this handle, which the caller may drop while keeping the error. The coroutine
+        # `failure` holds the futures only until it finishes (its frame is then cleared).
         del self
         if failure is not None:
             raised(await failure)
@@ -299,13 +302,20 @@ class _Keep:
 
 
 def raised(error: BaseException | None) -> None:
-    """Raise `error` if there is one, from a frame that lets go of it: the error's traceback keeps
-    this frame, which must not refer back to it (a reference cycle; see `Pointer._wait`)."""
+    """Raise a copy of `error` if there is one (see `raise_copy`)."""
     if error is not None:
-        try:
-            raise error
-        finally:
-            del error
+        raise_copy(error)
+
+
+def raise_copy(error: BaseException) -> NoReturn:
+    """Raise a copy of `error` (`errors.copy_to_raise`: the error a future keeps never gets a
+    traceback) from a frame that lets go of it: the copy's traceback keeps this frame, which must
+    not refer back to it (a reference cycle)."""
+    error = copy_to_raise(error)
+    try:
+        raise error
+    finally:
+        del error
 
 
 def in_doubt(e: FedptrError, worker: str, hand_over: str, candidates: list[Pointer]) -> InDoubtError:
@@ -344,6 +354,21 @@ def _in_place(op: str) -> Callable[..., Pointer]:
         "a failure is raised by the next await or get on this worker."
     )
     return call
+
+
+NOT_ALLOWED = "is not an allowed remote operation (the allow-list: docs/ops.md)"
+"""Said of a torch function or tensor method a pointer cannot run; each such refusal then says
+how to use the value here instead, the newcomer's next step."""
+
+
+def cpu_only(device: str | torch.device) -> None:
+    """Refuse a device other than the CPU, the only one a worker computes on, before anything is sent."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:  # torch's refusal of a string that names no device
+        raise InvalidArgumentError(f"{device!r} is not a device: {e}") from None
+    if kind != "cpu":
+        raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}")
 
 
 def _data_dependent(what: str) -> NoReturn:
@@ -525,7 +550,8 @@ class Pointer(PointerMethods):
     def __len__(self) -> builtins.int:
         shape = self.shape
         if not shape:
-            raise UnsupportedTypeError("len() of a 0-d tensor")
+            # torch.tensor(p) walks p as a sequence and ends here, at p[0]...[0]: say what it needs
+            raise UnsupportedTypeError("len() of a 0-d tensor (torch.tensor(p) of a Pointer needs get() first)")
         return shape[0]
 
     def __bool__(self) -> builtins.bool:
@@ -542,6 +568,32 @@ class Pointer(PointerMethods):
 
     def __iter__(self) -> Iterator[Pointer]:
         _data_dependent("iterating")
+
+    def __format__(self, spec: str) -> str:
+        """``f"{p}"`` is ``str(p)``; a spec (``f"{loss:.4f}"``, a training loop's print) needs the
+        value, and is refused saying how to get it (Python's own message named no way out)."""
+        if spec:
+            raise DataDependentError(
+                f"format spec {spec!r} needs a Pointer's value: format await p.item() (a scalar) or await p.get()"
+            )
+        return str(self)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """numpy (``np.asarray(p)``) needs the values: refused saying so, where numpy would
+        otherwise say it "could not convert object to sequence"."""
+        _data_dependent("a numpy array")
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
+
+        def __getattr__(self, name: str) -> NoReturn:
+            """Reached only when an attribute is missing: a ``torch.Tensor`` one (``numpy``,
+            ``cuda``...) is off the allow-list, and the message says how to use it."""
+            if not name.startswith("_") and hasattr(torch.Tensor, name):
+                raise AttributeError(
+                    f"'Pointer' object has no attribute {name!r}: torch.Tensor.{name} {NOT_ALLOWED}; "
+                    f"to use it on the value, get it first: (await p.get()).{name}"
+                )
+            raise AttributeError(f"'Pointer' object has no attribute {name!r}")
 
     def __eq__(self, other: object) -> builtins.bool:
         """Identity, as for any Python object (so ``p in [q]`` and ``list.index`` work); the
@@ -564,15 +616,13 @@ class Pointer(PointerMethods):
         error = await self._failure()
         if error is None:
             return self
-        # Raised from a frame that holds neither this pointer nor the error: the error's traceback
-        # keeps this frame, and the pointer may keep the error (its op's future), so either would
-        # make a reference cycle, and the pointer, once dropped, would be deleted only when the
-        # cyclic garbage collector runs (as asyncio's own frames drop `self` and their errors).
+        # Raised as a copy (`raise_copy`): the pointer keeps the error (its op's future), and the
+        # error's traceback keeps the frames it passes through, the caller's too, which may hold
+        # this pointer: a reference cycle, and the pointer, once dropped, would be deleted only
+        # when the cyclic garbage collector runs. Nor does this frame hold the pointer: the
+        # caller may keep the error (as asyncio's own frames drop `self` and their errors).
         del self
-        try:
-            raise error
-        finally:
-            del error
+        raise_copy(error)
 
     async def _failure(self) -> BaseException | None:
         """Wait as an await does; the error it raises (None: none). Nothing is raised through this
@@ -658,7 +708,7 @@ class Pointer(PointerMethods):
         get that failed (refused, timed out, its worker lost) can be retried."""
         self.check_alive()
         if (step := self.after) is not None:
-            await asyncio.shield(step)  # a pointer still being sent: its worker holds nothing yet
+            await self._client.wait_step(step)  # a pointer still being sent: its worker holds nothing yet
         raised(await self._pending_failure())
         self.owned = False
         try:
@@ -733,7 +783,8 @@ class Pointer(PointerMethods):
     ) -> Pointer | tuple[Pointer, ...]:
         op = _TORCH_NAMES.get(func)
         if op is None:
-            raise UnsupportedTypeError(f"{getattr(func, '__name__', func)} is not an allowed remote operation")
+            name = getattr(func, "__name__", func)
+            raise UnsupportedTypeError(f"{name} {NOT_ALLOWED}; to run it here, get() the value first")
         if op == "getitem":
             return args[0][args[1]]  # type: ignore[no-any-return]
         if op in MUTATING:  # torch.zero_(p): an update, as p.zero_()

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -95,6 +96,8 @@ def _tag_path(text: str) -> tuple[str, str]:
     tag, sep, path = text.partition("=")
     if not sep or not tag or not path:
         raise SystemExit(f"--data takes TAG=PATH, not {text!r}")
+    if not Path(path).is_file():  # refused in one line here, not as numpy's traceback once the node is built
+        raise SystemExit(f"--data {text}: no such file")
     return tag, path
 
 

@@ -27,6 +27,16 @@ from .durable import write_durable
 FILE_NAME = "privacy-budget.msgpack"
 
 
+def no_budget(owner: str) -> BudgetExhaustedError:
+    """The refusal of a release by an owner started without a budget: it says how to give one,
+    since the first DP release a newcomer tries on a local cluster meets it."""
+    return BudgetExhaustedError(
+        owner,
+        f"{owner!r} has no privacy budget: it releases nothing (start its node with --epsilon E --store DIR, "
+        "or epsilon and store in its cluster file)",
+    )
+
+
 class Budget:
     """The budget of data owner `owner`; `epsilon` None means no budget (every release refused)."""
 
@@ -67,7 +77,7 @@ class Budget:
 
     def _charge(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         if self.epsilon is None:
-            raise BudgetExhaustedError(self.owner, f"{self.owner!r} has no privacy budget: it releases nothing")
+            raise no_budget(self.owner)
         if not (0 < noise_multiplier < math.inf and 0 < sample_rate <= 1 and steps >= 1):
             # an infinite sigma was priced (0.10 by Opacus) and written, and the history then failed to load
             raise InvalidArgumentError(

@@ -467,23 +467,25 @@ class Compute:
         if error is None:
             try:
                 graph = run.graph
+                for key, obj_id, result in run.outputs:
+                    value = values[key]
+                    outputs.append(value)
+                    durable.append(self.store.commit(obj_id, result, value, not alias))  # (not alias: durable)
                 if graph is not None or alias:  # (an in-place op may be `set_grad`)
-                    if graph is not None and graph.saved and run.outputs:
-                        # the graph lives as long as the outputs holding it: charged to their client
-                        self.store.hold_graph(run.outputs[0][2].account, graph)
+                    results = [result for *_, result in run.outputs]
+                    if graph is not None and (graph.storages or graph.saved) and results:
+                        # the graph lives as long as the outputs holding it: charged to their client;
+                        # after they are, so that a saved result is charged once
+                        self.store.hold_graph(results[0].account, graph, [*run.inputs.values(), *results])
                     if graph is not None and any(op.op in _GROWERS for op in run.ops):
                         # a backward may give any of the caller's stored values a gradient
                         self.store.recharge(itertools.chain(self._gradient_holders(run.source), run.inputs.values()))
                     elif alias:
                         self.store.recharge(run.inputs.values())
-                for key, obj_id, result in run.outputs:
-                    value = values[key]
-                    outputs.append(value)
-                    durable.append(self.store.commit(obj_id, result, value, not alias))  # (not alias: durable)
             except Exception as e:
                 error = without_frames(e)  # its frames include this one (see `_later`)
-                # the results committed before the refused one (and its own parameters charged so
-                # far) are failed below: none may stay charged or written ahead
+                # the results committed before the refused one (or all, the graph refused) are
+                # failed below: none may stay charged or written ahead
                 for _, obj_id, result in run.outputs[: len(durable) + 1]:
                     durable.append(self.store.uncommit(obj_id, result))
         for key, before in versions.items():

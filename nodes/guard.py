@@ -29,12 +29,21 @@ Every result is a fresh storage unless aliasing is what the operation is for (`A
 stored value never shares memory with another entry behind the policy's back. Nor does a private
 operation write anything but a mutating operation's target: a meta run that writes another
 operand (its version counter moves) is refused before the real run.
+
+Nor may a private run move what a client can see through torch's default generator, from which
+the client draws (``rand_like``, ``randn_like``, dropout) and fetches what it drew on public
+tensors: a forward on private data draws from a generator state of its own (`own_draws`),
+seeded from the OS, and leaves the client's where it was. A model's dropout after a layer that
+failed on private values (an `Embedding` index out of range: zeros stand in) drew nothing, so
+the client's next public draw told the worlds apart (docs/REDTEAM.md, fifteenth round).
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -351,8 +360,8 @@ def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta:
     meta run could not see (a private class index out of range, an integer division by a private
     zero) or gives other results than the meta run's (a shape that depends on values). What its
     graph saves for backward is charged at the meta run's bytes (`saved.Held`): the real run's
-    (a failed one's partial graph, storages bigger than their views) may depend on values."""
-    with saved.Held() as held:
+    (a failed one's partial graph) may depend on values; the operands it saves, per storage."""
+    with saved.Held() as held, own_draws() if op == "forward" else contextlib.nullcontext():
         try:
             outputs: tuple[torch.Tensor, ...] | None = kernels.results(kernels.run(op, args, kwargs), count)
         except Exception:
@@ -362,8 +371,27 @@ def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta:
         ):
             held.drop()  # the real run's graph is not kept
             outputs = _zeros(meta, args, kwargs)
-    held.charge(meta.saved)
+    saves = _operands(args, kwargs) if meta.operands else []
+    held.charge(meta.saved, [saves[i] for i in meta.operands])
     return outputs
+
+
+@contextlib.contextmanager
+def own_draws() -> Iterator[None]:
+    """Within: torch's default generator draws from a state seeded from the OS; after: it is
+    back where it was. For a run on private data whose draws (a model's dropout) depend on the
+    values: a layer that fails on them before a dropout, a DP-SGD batch computed again sample by
+    sample. Only forwards need it: a single random op (``rand_like``, ``F.dropout``) draws by its
+    shapes alone. The generator is the process's: a public draw of another client running on
+    the loop while this runs on the offload thread may come from this state (timing, as with any
+    concurrent use)."""
+    generator = torch.default_generator
+    clients = generator.get_state()
+    generator.manual_seed(secrets.randbits(63))
+    try:
+        yield
+    finally:
+        generator.set_state(clients)
 
 
 def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:

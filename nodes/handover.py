@@ -132,7 +132,7 @@ class Handover:
         node = self.node
         entry = node.store.get(msg.obj_id, source)
         if msg.obj_id in node.store.pinned:
-            raise PermissionDenied(node.name, "data a worker was started with stays there", node.name)
+            raise policy.refuse_pinned(node.name)
         if entry.location is not None:
             self._get_pointer(source, rid, msg.obj_id, node.store.take(msg.obj_id, source), budget)
             return

@@ -13,7 +13,8 @@ clipping done here, on the node, whatever function of the data the client chose.
   exactly), computes each sample's gradient of a
   per-sample loss on that sample alone (``torch.func``: vmap of grad, the model run on a batch of
   one), clips each to C, adds N(0, (sigma C)^2) to their sum (in float64, whatever the model's
-  dtype) and steps. Each step is a
+  dtype) and steps; a model's dropout draws from a state of torch's default generator of its
+  own (`guard.own_draws`), never from the client's. Each step is a
   subsampled Gaussian mechanism with (sigma, q), charged before it runs. Parameters changed only
   by such steps are released by post-processing.
 """
@@ -33,7 +34,7 @@ from torch.nn import functional
 from fedptr import limits, wire
 from fedptr.errors import InvalidArgumentError, PermissionDenied
 
-from .guard import meta_result
+from .guard import meta_result, own_draws
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "cross_entropy": functional.cross_entropy,
@@ -160,18 +161,22 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
     named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     generator = private_generator()
     rate = realised_rate(config.sample_rate)
-    for _ in range(config.steps):
-        batch = torch.nonzero(torch.rand(n, dtype=torch.float64, generator=generator) < rate).flatten()
-        detached = {name: p.detach() for name, p in named.items()}
-        summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
-        with torch.no_grad():
-            for p, g in zip(named.values(), summed, strict=True):
-                noise = torch.randn(g.shape, dtype=torch.float64, generator=generator)
-                noise *= config.noise_multiplier * config.max_grad_norm
-                # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
-                # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
-                # the rounding of a large sum
-                p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+    # A model's dropout draws from torch's default generator, which the client draws from and
+    # sees: how much a step drew depended on the data (a batch failing on a label out of range
+    # is computed again, sample by sample) and on the batch sizes. Its own state, put back after.
+    with own_draws():
+        for _ in range(config.steps):
+            batch = torch.nonzero(torch.rand(n, dtype=torch.float64, generator=generator) < rate).flatten()
+            detached = {name: p.detach() for name, p in named.items()}
+            summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
+            with torch.no_grad():
+                for p, g in zip(named.values(), summed, strict=True):
+                    noise = torch.randn(g.shape, dtype=torch.float64, generator=generator)
+                    noise *= config.noise_multiplier * config.max_grad_norm
+                    # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
+                    # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
+                    # the rounding of a large sum
+                    p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
 
 
 def realised_rate(sample_rate: float) -> float:

@@ -130,6 +130,19 @@ def from_wire(data: Mapping[str, Any]) -> Origins:
     return out
 
 
+RELEASES = (
+    "only DP releases leave: fedptr.dp.train then get the model, fedptr.dp.contribute then "
+    "fedptr.aggregate.mean, or fedptr.dp.secure_mean"
+)
+"""The DP releases, the ways out of a data owner's node, named in each refusal of a get: PySyft's
+`.get()` fetched anything, and a newcomer's next question is what to call instead."""
+
+
+def refuse_pinned(node: str) -> PermissionDenied:
+    """The refusal of a get, move or send of the data `node` was started with (``--data``)."""
+    return PermissionDenied(node, f"data a worker was started with stays there: compute on it there; {RELEASES}", node)
+
+
 def release_kind(taint: Taint, released: str) -> str:
     """How a value may leave this node: ``"public"``, ``"exact"``, a mechanism's kind (``"dp"``),
     or raise PermissionDenied naming an owner."""
@@ -139,7 +152,7 @@ def release_kind(taint: Taint, released: str) -> str:
     if not closed:
         return "exact"
     raise PermissionDenied(
-        closed[0], f"this object derives from {closed[0]!r}'s private data; only DP releases leave its node"
+        closed[0], f"this object derives from {closed[0]!r}'s private data, which stays on its node; {RELEASES}"
     )
 
 
@@ -147,7 +160,13 @@ def check_move(taint: Taint, dest: str) -> None:
     """Refuse moving a value to `dest` unless each owner is `dest` or trusts it."""
     for owner, trusted in sorted(taint.origins.items()):
         if dest != owner and dest not in trusted and ANALYST not in trusted:
-            raise PermissionDenied(owner, f"{owner!r} does not trust {dest!r} with its data")
+            raise PermissionDenied(owner, f"{owner!r} does not trust {dest!r} with its data{_trust_hint(dest)}")
+
+
+def _trust_hint(dest: str) -> str:
+    """How an owner comes to trust `dest`: said in each trust refusal, since only the owner's
+    operator can change it (the client cannot)."""
+    return f" (its node's --trust {dest}, or trust = [{dest!r}] in its cluster file)"
 
 
 def refuse_write(owner: str, what: str) -> PermissionDenied:
@@ -240,13 +259,18 @@ def check_contribution(config: PolicyConfig, taint: Taint, aggregator: str) -> N
     it does not trust."""
     check_own_data(config, taint, "a contribution")
     if aggregator not in config.trust:
-        raise PermissionDenied(config.name, f"{config.name!r} does not trust {aggregator!r} with contributions")
+        refusal = f"{config.name!r} does not trust {aggregator!r} with contributions{_trust_hint(aggregator)}"
+        raise PermissionDenied(config.name, refusal)
 
 
 def check_contributor(config: PolicyConfig, source: str) -> None:
     """Refuse a contribution unless this node is an aggregator and `source` on its roster."""
     if not config.aggregator or source not in config.owners:
-        raise PermissionDenied(source, f"{config.name!r} takes contributions only from its roster of data owners")
+        raise PermissionDenied(
+            source,
+            f"{config.name!r} takes contributions only from its roster of data owners "
+            f"(an aggregator started with --aggregator --owners {source})",
+        )
 
 
 def check_aggregator(config: PolicyConfig) -> None:

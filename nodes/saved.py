@@ -4,21 +4,21 @@ A result that requires grad holds its graph, and the graph holds every tensor an
 backward (``w * x`` saves both operands, ``exp`` its result, a view its base storage), also
 after the client deleted the pointers to them: memory the store's per-value charge never saw.
 So an op (or a plan run) that may build a graph (an operand tracks gradients, or is a model)
-runs under `Recorder`'s `saved_tensors_hooks`: each tensor saved for backward is wrapped in a
-`Saved`, which the store charges once the run is stored (`Store.hold_graph`) and which gives
-its bytes back when autograd drops it (after a backward that did not retain the graph, or once
-the last result holding the graph is gone). Public ops on tensors that track no gradient save
-nothing and pay nothing.
+runs under `Recorder`'s `saved_tensors_hooks`, which notes the storage of each tensor saved for
+backward. Once the run is stored, `Store.hold_graph` charges each of those storages that is not
+charged yet, at its whole size (what it keeps alive, a view's base included), until the storage
+itself is freed: a storage is charged once however many stored values and graphs hold it (a
+saved operand that is also a stored value is not counted twice), and its charge stays while
+either still holds it. Public ops on tensors that track no gradient save nothing and pay nothing.
 
 A private operation (nodes/guard.py) is charged otherwise: what its real run saves may depend
 on the values (a run that fails half-way saved part of a graph the result does not keep; a
 stand-in result's graph saves other tensors than the real one's), so it packs its saved tensors
 uncharged (`Held`) and charges the bytes its meta run's graph saved, a function of shapes,
-dtypes and public arguments only.
-
-A saved tensor is charged at its whole storage's bytes (what it keeps alive), once per run;
-across runs, and when it is also a stored value, it is charged again: an overcharge (the
-client's quota counts a graph's saved operands twice while both live), never an undercharge.
+dtypes and public arguments only, except for the operands the meta run says it saves: those are
+real stored tensors, charged per storage as above (a storage's size, and which values share
+it, follow from shapes and the ops that made them, never from values). Those bytes are given
+back when autograd frees the graph (`Saved`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ Freed = deque[tuple["Account | None", int]]
 
 
 class Saved:
-    """A tensor saved for backward, as the graph holds it; gives its bytes back to `freed` when
-    the graph drops it (possibly on the offload thread, or in a backward: only a deque append)."""
+    """A tensor saved for backward, as the graph holds it; gives the bytes a private operation
+    charged with it (`Held`) back to `freed` when the graph drops it (possibly on the offload
+    thread, or in a backward: only a deque append)."""
 
     __slots__ = ("account", "freed", "nbytes", "tensor", "version")
 
-    def __init__(self, tensor: torch.Tensor, nbytes: int) -> None:
+    def __init__(self, tensor: torch.Tensor, nbytes: int = 0) -> None:
         self.tensor = tensor
         self.version = tensor._version
         self.nbytes = nbytes
@@ -88,19 +89,23 @@ class Held:
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor: torch.Tensor) -> Saved:
-        saved = Saved(tensor, 0)
+        saved = Saved(tensor)
         self.saved.append(saved)
         return saved
 
     def drop(self) -> None:
         self.saved = []
 
-    def charge(self, nbytes: int) -> None:
-        """Charge `nbytes` with the run's recorder, held by the first tensor saved: given back
-        when autograd frees it (the graph's tensors are freed together, by a backward or with
-        the last result holding them)."""
+    def charge(self, nbytes: int, operands: list[torch.Tensor]) -> None:
+        """Charge `nbytes`, what the meta run saved, with the run's recorder: the saved
+        `operands` (real tensors the op read) per storage, the rest held by the first tensor
+        saved, given back when autograd frees it (the graph's tensors are freed together, by a
+        backward or with the last result holding them)."""
         recorder = current()
         if recorder is not None and self.saved:
+            for t in operands:
+                nbytes -= t.numel() * t.element_size()  # its meta stand-in's storage: as big as it
+                recorder.note(t)
             self.saved[0].nbytes = nbytes
             recorder.saved.extend(self.saved)
         # a custom autograd Function's node keeps the hooks (so this object) as long as it
@@ -119,31 +124,33 @@ class Held:
 
 
 class Recorder:
-    """The tensors one run saved for backward, each storage counted once; a context manager
-    that records while entered (on the thread that computes)."""
+    """The storages one run saved for backward (`storages`, by identity), and what its private
+    operations charge otherwise (`saved`); a context manager that records while entered (on the
+    thread that computes)."""
 
-    __slots__ = ("_hooks", "_outer", "_seen", "active", "saved")
+    __slots__ = ("_hooks", "_outer", "active", "saved", "storages")
 
     def __init__(self) -> None:
         self.saved: list[Saved] = []
-        self._seen: set[int] = set()
+        self.storages: dict[int, torch.UntypedStorage] = {}
+        """By the address of their C object (unique while they live: they are held here)."""
         self.active = False
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._outer: Recorder | None = None
 
+    def note(self, tensor: torch.Tensor) -> None:
+        """Record the storage `tensor` keeps alive."""
+        if not tensor.is_meta:
+            storage = tensor.untyped_storage()
+            self.storages[storage._cdata] = storage
+
     def _pack(self, tensor: torch.Tensor) -> Saved:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        nbytes = 0
-        if ptr not in self._seen and not tensor.is_meta:
-            self._seen.add(ptr)
-            nbytes = storage.nbytes()
-        saved = Saved(tensor, nbytes)
-        self.saved.append(saved)
-        return saved
+        self.note(tensor)
+        return Saved(tensor)
 
     @property
     def nbytes(self) -> int:
+        """The bytes its private operations charge at their meta runs' figures."""
         return sum(s.nbytes for s in self.saved)
 
     def __enter__(self) -> Recorder:

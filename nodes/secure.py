@@ -30,7 +30,6 @@ import torch
 
 from fedptr import limits, wire
 from fedptr.errors import (
-    BudgetExhaustedError,
     DeadlineExceeded,
     DropoutError,
     InvalidArgumentError,
@@ -41,6 +40,7 @@ from fedptr.errors import (
 from fedptr.tensors import dtype_name
 
 from . import audit, mechanisms, policy, secagg
+from .budget import no_budget
 from .store import Entry
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class SecureRounds:
         entry = node.store.get(msg.obj_id, source)
         policy.check_own_data(node.policy, entry.taint, "a secure input")
         if node.budget.epsilon is None:
-            raise BudgetExhaustedError(node.name, f"{node.name!r} has no privacy budget: it releases nothing")
+            raise no_budget(node.name)
         if msg.round_id in self._joined:
             raise InvalidArgumentError("this round was joined already")
         if msg.colluders < 0:

@@ -9,7 +9,7 @@ dependent operation then fails with that same error.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
 import logging
 import weakref
 from collections import deque
@@ -33,7 +33,7 @@ from fedptr.wire import ObjectRow, new_object_id
 
 from .durable import DurableStore
 from .mechanisms import Contribution
-from .policy import Taint, from_wire, to_wire
+from .policy import Taint, from_wire, refuse_pinned, to_wire
 from .saved import Freed, Recorder
 from .writeahead import WriteAhead
 
@@ -90,6 +90,10 @@ class Entry:
     """The quota it counts against (the store's; None: a worker's own data, or not stored)."""
     charged: int = 0
     """The tensor bytes the store charged for it."""
+    shared: bool = False
+    """Its value's storages (a gradient's, a model's parameters') are charged each once, until
+    freed (`Store.share`), not in `charged`: a value that tracks gradients (a graph may hold it
+    past its entry), a model, or a value a graph saved."""
 
     @property
     def is_pointer(self) -> bool:
@@ -277,8 +281,18 @@ class Store:
         self.accounts: dict[str, Account] = {}
         """By client, for those holding objects here (entries and taken)."""
         self._freed: Freed = deque()
-        """Bytes of autograd graphs' saved tensors that were freed (nodes/saved.py), not yet
-        given back: freed on any thread, given back on the loop's (`release_graphs`)."""
+        """Bytes of autograd graphs' saved tensors and of storages charged once (`share`) that
+        were freed, not yet given back: freed on any thread, given back on the loop's
+        (`release_graphs`)."""
+        self._storages: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        """The storages charged once each (`share`), by the address of their C object: unique
+        while the storage lives, which the weak reference tells (an address is reused)."""
+        self._gone: deque[int] = deque()
+        """Those of `_storages` freed since `release_graphs` last forgot them."""
+        self._grads: deque[tuple[Account | None, torch.UntypedStorage]] = deque()
+        """Gradients a backward accumulated into a shared leaf (on any thread), each with the
+        leaf's account: charged on the loop's (`release_graphs`), also once its entry is gone
+        (a graph that still reaches the leaf fills its gradient)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -297,7 +311,9 @@ class Store:
                 _restore_privacy(entry, stored.privacy)
             entry.sponsor = stored.sponsor
             self._count(entry)
-            if not isinstance(stored.value, tuple):
+            if isinstance(stored.value, torch.Tensor) and stored.value.requires_grad:
+                self._share_value(entry, stored.value, check=False)
+            elif not isinstance(stored.value, tuple):
                 entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
             if stored.moving is None:
                 self.entries[obj_id] = entry
@@ -317,13 +333,13 @@ class Store:
         """The tensor bytes charged now, the bytes autograd freed given back first: without that a
         figure would say when the store last charged something, not what it holds (a twin-world
         difference, docs/REDTEAM.md)."""
-        if self._freed:
+        if self._freed or self._grads:
             self.release_graphs()
         return self.bytes
 
     def usage(self, client: str) -> tuple[int, int]:
         """The objects and tensor bytes that count against `client`'s quota here."""
-        if self._freed:
+        if self._freed or self._grads:
             self.release_graphs()
         account = self.accounts.get(client)
         return (0, 0) if account is None else (account.objects, account.bytes)
@@ -349,15 +365,11 @@ class Store:
         account.objects += 1
         entry.account = account
 
-    def _uncount(self, entry: Entry, gone: bool = True, freed: bool = False) -> None:
+    def _uncount(self, entry: Entry, gone: bool = True) -> None:
         """`entry` is gone: it and its bytes no longer count against its client's quota (only
-        its bytes when it stays, not `gone`). `freed`: its value is dropped, and its bytes
-        count until the value is freed (`_outlived`)."""
+        its bytes when it stays, not `gone`). What a graph may hold past it is `shared`: its
+        storages count until freed."""
         charged = entry.charged
-        value = entry.value
-        # (a plain tensor, tracking no gradient, is dropped with its entry: no call, per delete)
-        if freed and charged and (type(value) is not torch.Tensor or value.requires_grad) and self._outlived(entry):
-            charged = 0
         self.bytes -= charged
         account = entry.account
         if account is not None:
@@ -369,42 +381,22 @@ class Store:
                 entry.account = None
         entry.charged = 0
 
-    def _outlived(self, entry: Entry) -> bool:
-        """Whether `entry`'s value may outlive it, held by an autograd graph (a gradient-tracking
-        tensor, a model's parameters and buffers: what a graph holds): then its bytes are given back when it
-        is freed (`release_graphs`), not now, and True."""
-        value = entry.value
-        account, freed = entry.account, self._freed
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            weakref.finalize(value, freed.append, (account, entry.charged))
-            return True
-        if isinstance(value, nn.Module):
-            rest = entry.charged  # the first parameter (or none) carries what the others do not
-            params = [*value.parameters(), *value.buffers()]
-            for p in params[1:]:
-                nbytes = _nbytes(p)
-                rest -= nbytes
-                weakref.finalize(p, freed.append, (account, nbytes))
-            if params:
-                weakref.finalize(params[0], freed.append, (account, rest))
-                return True
-        return False
-
     def recharge(self, entries: Iterable[Entry]) -> None:
         """Charge what `entries`' values grew by in place: the gradients a backward or `set_grad`
         gave them, the bigger storage `set_data` did; to each entry (and so to its client), past
         the cap or quota if need be: the op has run, the memory exists (a gradient is at most the
         bytes of its value, which were charged)."""
-        if self._freed:
-            self.release_graphs()
+        entries = list(entries)
+        # (one that now tracks gradients, `requires_grad_`, is shared from now on)
+        self.share(None, [], entries, check=False)
         for entry in entries:
+            if entry.shared:
+                continue
             nbytes = _held_bytes(entry.value)
             if nbytes > entry.charged:
                 more = nbytes - entry.charged
                 entry.charged = nbytes
-                self.bytes += more
-                if entry.account is not None:
-                    entry.account.bytes += more
+                self._add(entry.account, more)
 
     def rename(self, obj_id: int, new_id: int) -> None:
         """Store taken `obj_id` as `new_id` (a move to this very node): it counts once, against
@@ -418,9 +410,7 @@ class Store:
         self._uncount(entry)
         self._count(entry)
         entry.charged = charged
-        self.bytes += charged
-        if entry.account is not None:
-            entry.account.bytes += charged
+        self._add(entry.account, charged)
         del self.taken[obj_id]
         self.entries[new_id] = entry
 
@@ -455,9 +445,8 @@ class Store:
             return None
         if entry.location is None:
             assert value is not None
-            if isinstance(value, nn.Module):
-                for p in itertools.chain(value.parameters(), value.buffers()):  # (a batch norm's statistics)
-                    entry.charged += self._charge(entry.account, _nbytes(p))
+            if isinstance(value, nn.Module) or value.requires_grad:
+                self._share_value(entry, value)
             else:
                 # (the bytes computed inline: a call less per op)
                 entry.charged += self._charge(entry.account, value.numel() * value.element_size())
@@ -471,7 +460,7 @@ class Store:
         the future of that removal, or None when there is nothing to wait for."""
         if not self._holds(obj_id, entry):
             return None  # deleted meanwhile: `discard` did both
-        self._uncount(entry, gone=False, freed=True)
+        self._uncount(entry, gone=False)
         return None if self.wal is None else self.wal.remove(obj_id)
 
     def persist(
@@ -496,7 +485,7 @@ class Store:
         """Count `nbytes` against the store's cap and `account`'s quota (a client's), and return
         them; refused past either (StoreFullError, QuotaExceededError; the quota not for what a
         restart restores: it was acknowledged, it stays)."""
-        if self._freed:
+        if self._freed or self._grads:
             self.release_graphs()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
@@ -504,27 +493,130 @@ class Store:
         if account is not None and quota and not restoring and account.bytes + nbytes > quota:
             client = account.client
             raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
+        self._add(account, nbytes)
+        return nbytes
+
+    def _add(self, account: Account | None, nbytes: int) -> None:
         self.bytes += nbytes
         if account is not None:
             account.bytes += nbytes
-        return nbytes
 
-    def hold_graph(self, account: Account | None, graph: Recorder) -> None:
-        """Charge what `graph` saved for backward to the cap and `account`'s quota until autograd
-        frees it (nodes/saved.py), or raise as `_charge` does (then nothing is charged)."""
-        self._charge(account, graph.nbytes)
+    def hold_graph(self, account: Account | None, graph: Recorder, entries: Iterable[Entry]) -> None:
+        """Charge what `graph` saved for backward to the cap and `account`'s quota until it is
+        freed (nodes/saved.py): each storage once (`share`; `entries`, the run's operands and
+        results, may hold some), or raise as `_charge` does (then nothing is charged)."""
+        self.share(account, graph.storages.values(), entries, graph.nbytes)
+        graph.storages = {}  # (held here, they would live as long as the run)
         for saved in graph.saved:
             saved.account = account
             saved.freed = self._freed
 
+    def share(
+        self,
+        account: Account | None,
+        storages: Iterable[torch.UntypedStorage],
+        entries: Iterable[Entry] = (),
+        extra: int = 0,
+        check: bool = True,
+    ) -> None:
+        """Charge each of `storages` not charged yet, at its whole size, to `account` until the
+        storage is freed, plus `extra` bytes; and make `shared` those of `entries` whose value
+        tracks gradients, is a model, or has its storage among `storages`: their bytes move out
+        of their `charged` into their storages' charges (to their own account). Raises as
+        `_charge` does when `check` (then nothing is charged); else charges past the cap or
+        quota (the memory exists)."""
+        if self._freed or self._grads:
+            self.release_graphs()
+        fresh: dict[int, tuple[torch.UntypedStorage, Account | None]] = {}
+        self._fresh(fresh, storages, account)
+        held = [e for e in {id(e): e for e in entries}.values() if e.location is None and e.value is not None]
+        moving = []
+        for entry in held:  # what the shared hold now (a gradient, a bigger storage): theirs
+            if entry.shared:
+                self._fresh(fresh, _storages(entry.value), entry.account)
+            elif _tracks(entry.value):
+                moving.append(entry)
+        moved = {id(e) for e in moving}
+        for entry in held:  # the plain values whose storage is charged once from now on
+            if entry.shared or id(entry) in moved:
+                continue
+            storage = entry.value.untyped_storage()
+            if storage._cdata in fresh or self._charged(storage):
+                moving.append(entry)
+        for entry in moving:
+            self._fresh(fresh, _storages(entry.value), entry.account)
+        deltas = {account: extra}
+        for entry in moving:
+            deltas[entry.account] = deltas.get(entry.account, 0) - entry.charged
+        for storage, owner in fresh.values():
+            deltas[owner] = deltas.get(owner, 0) + storage.nbytes()
+        if check:
+            self._charge(account, deltas.pop(account))
+        for owner, nbytes in deltas.items():
+            self._add(owner, nbytes)
+        for entry in moving:
+            entry.shared = True
+            entry.charged = 0
+            self._watch(entry.account, entry.value)
+        for key, (storage, owner) in fresh.items():
+            self._register(key, storage, owner)
+
+    def _share_value(self, entry: Entry, value: torch.Tensor | nn.Module, check: bool = True) -> None:
+        """Make `entry`, about to hold `value` (a model, or a tensor that tracks gradients), `shared`."""
+        self.share(entry.account, _storages(value), check=check)
+        entry.shared = True
+        self._watch(entry.account, value)
+
+    def _watch(self, account: Account | None, value: torch.Tensor | nn.Module) -> None:
+        """Have the gradients a backward accumulates into `value`'s leaves charged to `account`,
+        also once its entry is gone (`_grads`)."""
+        tensors = value.parameters() if isinstance(value, nn.Module) else [value]
+        hook = functools.partial(_accumulated, self._grads, account)
+        for leaf in (t for t in tensors if t.is_leaf and t.requires_grad):
+            leaf.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
+
+    def _register(self, key: int, storage: torch.UntypedStorage, account: Account | None) -> None:
+        """Note `storage` (under `key`) as charged to `account`, its bytes given back once it is freed."""
+        self._storages[key] = weakref.ref(storage)
+        weakref.finalize(storage, _storage_freed, self._freed, self._gone, key, account, storage.nbytes())
+
+    def _fresh(
+        self,
+        fresh: dict[int, tuple[torch.UntypedStorage, Account | None]],
+        storages: Iterable[torch.UntypedStorage],
+        account: Account | None,
+    ) -> None:
+        """Add to `fresh` those of `storages` not charged yet (not in `_storages`), for `account`."""
+        for storage in storages:
+            key = storage._cdata
+            if key not in fresh and storage.nbytes() and not self._charged(storage):
+                fresh[key] = (storage, account)
+
+    def _charged(self, storage: torch.UntypedStorage) -> bool:
+        """Whether `storage` is charged once (`share`) already."""
+        ref = self._storages.get(storage._cdata)
+        return ref is not None and ref() is storage
+
     def release_graphs(self) -> None:
-        """Give back the bytes of the saved tensors autograd freed since the last call."""
+        """Give back the bytes of the saved tensors and shared storages freed since the last call."""
         freed = self._freed
         while freed:
             account, nbytes = freed.popleft()
             self.bytes -= nbytes
             if account is not None:
                 account.bytes -= nbytes
+        grads = self._grads
+        while grads:
+            account, storage = grads.popleft()
+            if storage.nbytes() and not self._charged(storage):
+                self._add(account, storage.nbytes())  # past the cap if need be: the backward ran
+                self._register(storage._cdata, storage, account)
+        gone, ledger = self._gone, self._storages
+        while gone:
+            key = gone.popleft()
+            ref = ledger.get(key)
+            if ref is not None and ref() is None:  # (not a storage charged since at the same address)
+                del ledger[key]
 
     def get(self, obj_id: int, principal: str | None = None) -> Entry:
         """The entry under `obj_id`; raises ObjectNotFoundError, or PermissionDenied when `principal`
@@ -544,7 +636,7 @@ class Store:
         or another owner's object."""
         entry = self.get(obj_id, principal)
         if obj_id in self.pinned:
-            raise PermissionDenied(self.node, "data a worker was started with stays there", self.node)
+            raise refuse_pinned(self.node)
         del self.entries[obj_id]
         self.taken[obj_id] = entry
         return entry
@@ -557,7 +649,7 @@ class Store:
         """A hand-over of taken `obj_id` happened: forget it here (bytes, files, move record)."""
         entry = self.taken.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry, freed=True)
+            self._uncount(entry)
         self._orphans.discard(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
@@ -580,7 +672,7 @@ class Store:
             return None
         entry = self.entries.pop(obj_id, None)
         if entry is not None:
-            self._uncount(entry, freed=True)
+            self._uncount(entry)
             if self.wal is not None:
                 self.wal.remove(obj_id)
         return entry
@@ -624,13 +716,43 @@ def _nbytes(value: torch.Tensor) -> int:
     return value.numel() * value.element_size()
 
 
+def _tracks(value: Any) -> bool:
+    """Whether `value` is a model or a tensor that tracks gradients: what a graph may hold past its entry."""
+    return isinstance(value, nn.Module) or (isinstance(value, torch.Tensor) and value.requires_grad)
+
+
+def _storages(value: Any) -> list[torch.UntypedStorage]:
+    """The storages `value` keeps alive: a tensor's and its gradient's; a model's parameters',
+    buffers' and their gradients'."""
+    tensors = [*value.parameters(), *value.buffers()] if isinstance(value, nn.Module) else [value]
+    found = []
+    for t in tensors:
+        found.append(t.untyped_storage())
+        grad = t.grad if t.is_leaf or t.retains_grad else None  # (no warning for a non-leaf)
+        if grad is not None:
+            found.append(grad.untyped_storage())
+    return found
+
+
+def _accumulated(
+    grads: deque[tuple[Account | None, torch.UntypedStorage]], account: Account | None, leaf: torch.Tensor
+) -> None:
+    """A backward accumulated `leaf`'s gradient (on any thread): its storage, to charge on the loop's."""
+    assert leaf.grad is not None
+    grads.append((account, leaf.grad.untyped_storage()))
+
+
+def _storage_freed(freed: Freed, gone: deque[int], key: int, account: Account | None, nbytes: int) -> None:
+    """A storage charged once was freed (on any thread): its bytes and key, to give back on the loop's."""
+    freed.append((account, nbytes))
+    gone.append(key)
+
+
 def _held_bytes(value: Any) -> int:
-    """The bytes `value` holds with its gradients (a tensor's; a model's parameters', buffers')."""
+    """The bytes a tensor holds with its gradient (0: a pointer; a model is `shared`)."""
     if isinstance(value, torch.Tensor):
         grad = value.grad if value.is_leaf or value.retains_grad else None  # (no warning for a non-leaf)
         return _nbytes(value) + (0 if grad is None else _nbytes(grad))
-    if isinstance(value, nn.Module):
-        return sum(_held_bytes(p) for p in itertools.chain(value.parameters(), value.buffers()))
     return 0
 
 

@@ -258,3 +258,32 @@ async def test_a_request_due_sooner_than_those_in_flight_settles_at_its_own_dead
             assert loop.time() - started < 10.0, "the sooner deadline waited for the later one's timer"
             assert not late.done()
             late.cancel()
+
+
+async def test_a_callback_raising_on_one_reply_leaves_the_rest_of_its_batch_settled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The link calls its hooks for each reply of a BATCH in turn: one raising (a bug in an
+    audit hook, say) must not skip the others, whose awaits would end only at their deadline.
+    The error is logged, naming the link and the reply."""
+    seen = 0
+
+    def audit(reply: wire.Message) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 50:  # mid-flood: the replies of a chain arrive batched, and this one is no batch's last
+            raise RuntimeError("the audit hook broke")
+
+    async with harness.cluster(["bob"], call_timeout=60.0) as c:
+        x = await c.worker("bob").send(torch.zeros(1))
+        c.client.link.on_reply = audit
+        ys = [x + i for i in range(200)]  # one loop turn: the node answers in BATCHes
+        async with asyncio.timeout(10.0):  # far under the deadline those left out would end at
+            for y in ys:
+                await y
+        c.client.link.on_reply = None
+        assert seen == 200
+        assert [float(v) for v in await asyncio.gather(*[y.get() for y in ys[:3]])] == [0.0, 1.0, 2.0]
+    [record] = [r for r in caplog.records if r.name == "fedptr.link" and r.exc_info is not None]
+    assert "the audit hook broke" in str(record.exc_info[1])  # type: ignore[index]
+    assert c.client.name in record.getMessage() and "Settled" in record.getMessage()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib
+import importlib.metadata
 import inspect
 import os
 import re
@@ -144,10 +145,52 @@ FRAGMENT_PAGES = sorted({b.page for b in FRAGMENTS})
 def test_the_docs_have_python_blocks_of_both_kinds() -> None:
     """The harness sees the blocks: the API tours are scripts, the rest fragments; nothing else
     is left out silently."""
-    assert {b.page for b in SCRIPTS} == {"README.md", "docs/index.md"}
+    assert {b.page for b in SCRIPTS} == {"README.md", "docs/index.md", "docs/concepts.md"}
     assert {"README.md", "docs/concepts.md"} <= set(FRAGMENT_PAGES)
     every = [b for page in PAGES for b in blocks(page)]
     assert {b.language for b in every} <= {"python", "toml", "", "sh"}, {b.language for b in every}
+
+
+EXAMPLE_RUN = re.compile(r"python3? examples/(\w+)\.py")
+
+
+def _extra_modules(extra: str) -> set[str]:
+    """The top-level modules that only the optional dependencies `extra` of fedptr install."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=\[ ]", d)[0].lower() for d in pyproject["optional-dependencies"][extra]}
+    base = {re.split(r"[<>=\[ ]", d)[0].lower() for d in pyproject["dependencies"]}
+    return {
+        m
+        for m, dists in importlib.metadata.packages_distributions().items()
+        if {d.lower() for d in dists} <= wanted - base
+    }
+
+
+def _imports(script: str) -> set[str]:
+    """The top-level modules examples/`script`.py imports, through the sibling examples it imports too."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse((ROOT / "examples" / f"{script}.py").read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    for sibling in found & {p.stem for p in (ROOT / "examples").glob("*.py")}:
+        found |= _imports(sibling)
+    return found
+
+
+def test_a_page_that_runs_an_example_needing_the_examples_extra_says_to_install_it() -> None:
+    """A fresh install (README's first command) has no scikit-learn: a page that tells to run
+    examples/prepare_digits.py without saying so leaves a newcomer at a ModuleNotFoundError."""
+    extra = _extra_modules("examples")
+    assert "sklearn" in extra  # the metadata maps the extra's distributions to modules at all
+    missing = {}
+    for page in PAGES:
+        text = page.read_text()
+        needing = sorted({s for s in EXAMPLE_RUN.findall(text) if _imports(s) & extra})
+        if needing and "'.[examples]'" not in text:
+            missing[page.relative_to(ROOT).as_posix()] = needing
+    assert missing == {}
 
 
 def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:

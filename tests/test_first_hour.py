@@ -4,6 +4,10 @@ A worker's name is accepted wherever a worker is (or a typed error says what is 
 connect to a wrong address fails within its deadline, ``fedptr status`` fits 80
 columns, ``fedptr keys`` never overwrites a key pair unasked, a node asked for JSON logs writes
 nothing else, times are ISO 8601 in UTC, and the DP example can be run twice.
+
+The mistakes a PySyft 0.2 user makes in the first hour (issue 21's docs review: a get of private
+data, a release without a budget or to an untrusted worker, a torch function or tensor method
+off the allow-list, numpy on a pointer, a GPU) each say what to do instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from fedptr.nodes.node import NodeConfig
 from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
@@ -31,6 +36,8 @@ from fedptr import dp, logs
 from fedptr.cli import app
 from fedptr.cli import status as status_cli
 from fedptr.status import ClusterStatus, PeerStatus, WorkerStatus
+from tests import harness
+from tests.conftest import refused
 
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
@@ -62,12 +69,41 @@ async def test_what_is_not_a_worker_is_refused_with_a_typed_error_saying_what_is
     assert torch.equal(await p.get(), torch.ones(2))  # nothing was consumed by the refusals
 
 
-async def test_connect_to_a_wrong_address_fails_within_its_deadline() -> None:
+async def test_connect_to_a_wrong_address_fails_within_its_deadline_saying_keys_may_be_missing() -> None:
     started = time.monotonic()
-    with pytest.raises(fedptr.DeadlineExceeded):
+    with pytest.raises(fedptr.DeadlineExceeded, match=r"CURVE.*CurveKeys\.load.*--curve-secret"):
         async with fedptr.connect("tcp://127.0.0.1:9", timeout=2):
             pass
     assert time.monotonic() - started < 2 + 0.5
+
+
+async def test_a_local_cluster_used_before_it_started_says_how_to_start_it() -> None:
+    """``cluster = fedptr.local_cluster([...])`` without ``await ... .start()``, or a ``with``
+    without ``async``: the message shows both ways to start one (nothing is started here)."""
+    pending = fedptr.local_cluster(["bob"])
+    with pytest.raises(AttributeError, match=r"not started.*await fedptr\.local_cluster\(\[\.\.\.\]\)\.start\(\)"):
+        pending.client  # noqa: B018
+    with pytest.raises(fedptr.UsageError, match=r"async with fedptr\.local_cluster"), pending:
+        pass
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        pending.nonsense  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ("missing.npz", "--data takes TAG=PATH, not 'missing.npz'"),
+        ("d=missing.npz", "--data d=missing.npz: no such file"),
+    ],
+)
+def test_a_node_given_a_wrong_data_flag_says_why_and_stops(tmp_path: Path, data: str, said: str) -> None:
+    """``fedptr node --data``, as a cluster file's or local_cluster's data becomes: a value
+    without its tag, or a file that is not there, stops the node with one line saying so (it
+    exited 1 silently, or with a FileNotFoundError traceback), before it dials the broker."""
+    node = [sys.executable, "-m", "fedptr.cli", "node", "--name", "bob", "--broker", "tcp://127.0.0.1:9"]
+    result = subprocess.run([*node, "--data", data], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def _render(width: int) -> str:
@@ -253,3 +289,57 @@ async def test_down_purge_stops_a_demo_cluster_and_clears_its_stores(tmp_path: P
     assert str(tmp_path / "store" / "bob") in down.output.replace("\n", "")
     assert not (tmp_path / "store" / "bob").exists()
     assert not list(run_dir.glob("*.json"))  # the cluster is down too
+
+
+PRIVATE = {"bob": {"d": {"x": torch.rand(20, 4), "y": torch.randint(0, 2, (20,))}}}
+
+
+async def test_a_refused_get_or_move_of_private_data_says_what_may_leave_and_how() -> None:
+    """PySyft let `.get()` fetch anything; here the refusal names the ways out: the DP releases
+    for the data (and what is derived from it), and the owner's --trust for a move."""
+    async with harness.cluster(["bob", "alice"], data=PRIVATE) as c:
+        x, _ = await c.worker("bob").search("d")
+        for private in (x, x.mean(0)):
+            ways_out = r"fedptr\.dp\.train.*fedptr\.dp\.contribute"
+            await refused(private.get(), fedptr.PermissionDenied, owner="bob", match=ways_out)
+        await refused(x.mean(0).move(c.worker("alice")), fedptr.PermissionDenied, owner="bob", match="--trust alice")
+
+
+async def test_a_release_without_a_budget_or_to_an_untrusted_aggregator_says_how_to_set_it_up() -> None:
+    async with harness.cluster(["bob", "alice"], data=PRIVATE) as c:
+        bob = c.worker("bob")
+        x, y = await bob.search("d")
+        model = await bob.send(nn.Sequential(nn.Linear(4, 2)))
+        spend = dp.train(model, x, y, lr=0.1, sample_rate=0.2, steps=2, max_grad_norm=1.0, noise_multiplier=1.0)
+        await refused(spend, fedptr.BudgetExhaustedError, owner="bob", match=r"--epsilon .*--store")
+        await refused(dp.contribute(x.mean(0), c.worker("alice")), fedptr.PermissionDenied, match="--trust alice")
+    configs = {"bob": NodeConfig(trust=["alice"], epsilon=8.0)}
+    async with harness.cluster(["bob", "alice"], data=PRIVATE, configs=configs, stores=["bob"]) as c:
+        x, _ = await c.worker("bob").search("d")
+        alice = c.worker("alice")  # no aggregator
+        await refused(dp.contribute(x.mean(0), alice), fedptr.PermissionDenied, match="--aggregator --owners bob")
+
+
+async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() -> None:
+    """A torch function off the allow-list, a tensor method a pointer lacks and numpy all point
+    to the allow-list's table and to get(); a GPU is refused before anything is sent."""
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(2, 2))
+        with pytest.raises(fedptr.UnsupportedTypeError, match=r"docs/ops\.md.*get\(\)"):
+            torch.linalg.det(x)
+        with pytest.raises(AttributeError, match=r"numpy.*docs/ops\.md.*await p\.get\(\)"):
+            x.numpy()
+        assert not hasattr(x, "numpy") and not hasattr(x, "no_such_thing")
+        with pytest.raises(fedptr.DataDependentError, match=r"get\(\)"):
+            np.asarray(x)
+        with pytest.raises(fedptr.DataDependentError, match=r"'\.2f'.*await p\.item\(\)"):
+            f"{x.sum():.2f}"  # a training loop's print of its loss
+        assert f"{x}" == str(x)  # without a spec, as any object
+        with pytest.raises(fedptr.UnsupportedTypeError, match=r"torch\.tensor\(p\).*get\(\)"):
+            torch.tensor(x)  # torch walks it as a sequence, down to a 0-d pointer's len()
+        for device in ("cuda", torch.device("cuda"), "cuda:0"):
+            with pytest.raises(fedptr.InvalidArgumentError, match="cpu only"):
+                x.to(device)
+        with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
+            x.to("gpu")
+        assert torch.equal(await x.get(), torch.ones(2, 2))  # nothing failed on the worker

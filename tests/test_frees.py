@@ -29,7 +29,7 @@ from . import harness
 from .test_held_bytes import CAP, _plan, _step, programs
 
 EXAMPLES = 30
-"""Programs drawn; each runs twice (about 2 s a program)."""
+"""Programs drawn; each runs twice (about 3 s a program)."""
 
 
 @contextlib.contextmanager
@@ -72,7 +72,10 @@ def _run(program: list[tuple[Any, ...]], collect: bool) -> list[Any]:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(program=programs)
 def test_frees_do_not_wait_for_the_cyclic_collector(program: list[tuple[Any, ...]]) -> None:
-    assert _run(program, collect=False) == _run(program, collect=True)
+    # then every pointer left is dropped, one at a time: one that a cycle keeps (a failed
+    # update's error, say, kept by the pointer and keeping the frame that held it) stays listed
+    ended = [*program, *[("delete", 0)] * len(program)]  # no more pointers than steps
+    assert _run(ended, collect=False) == _run(ended, collect=True)
 
 
 def test_an_operand_of_a_failed_effect_is_deleted_when_dropped() -> None:
@@ -93,3 +96,87 @@ def test_an_operand_of_a_failed_effect_is_deleted_when_dropped() -> None:
 
     with _collector_off():
         assert asyncio.run(program()) == 0
+
+
+async def _failed_update_reported_by_another_pointer(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    x.grad = await bob.send(torch.ones(3))  # the wrong shape: the update fails
+    await x.sum()  # raises the update's error, which `x` keeps among its updates
+
+
+async def _failed_op_awaited_under_its_name(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    y = x.grad  # it has none: the op fails, and `y` keeps its error (every await of it raises it)
+    await y
+
+
+async def _failed_effect_awaited_by_its_handle(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    step = x.sum().backward()  # nothing tracks a gradient: it fails
+    await step
+
+
+async def _failed_pointer_send_fetched(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    sent = x.send("nobody")  # a client-side step (two-phase) that fails: no such worker
+    await sent.get()  # waits for the step, and raises its error
+
+
+async def _op_after_a_failed_pointer_send(bob: fedptr.Worker) -> None:
+    x = await bob.send(torch.ones(4))
+    y = x.send("nobody").clone()  # queued after the send's step, which fails: so does the op
+    await y
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        _failed_update_reported_by_another_pointer,
+        _failed_op_awaited_under_its_name,
+        _failed_effect_awaited_by_its_handle,
+        _failed_pointer_send_fetched,
+        _op_after_a_failed_pointer_send,
+    ],
+)
+def test_a_pointer_the_failing_frame_held_is_deleted_when_it_ends(failing: Any) -> None:
+    """The caller's frame holds a pointer (or handle) that keeps the error raised to it (its op's
+    or its update's future): the error's traceback keeps that frame, so the error raised must not
+    be the one kept, or the frame's pointers wait for a GC pass (error -> traceback -> frame ->
+    pointer -> future -> error)."""
+
+    async def program() -> int:
+        async with harness.cluster(["bob"]) as c:
+            bob = c.worker("bob")
+            try:
+                await failing(bob)
+            except fedptr.FedptrError:
+                pass
+            else:
+                raise AssertionError("it did not fail")
+            return len(await bob.objects())  # a round trip behind the deletes of the frame's pointers
+
+    with _collector_off():
+        assert asyncio.run(program()) == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        fedptr.RemoteError("RuntimeError", "shapes", "bob", ["bob"]),
+        fedptr.StoreFullError("bob", "over the cap"),  # a MemoryError too: its own __new__ refuses
+        fedptr.DeadlineExceeded("bob", 2.0),  # a TimeoutError, so an OSError: laid out as one
+        fedptr.InvalidArgumentError("a ValueError too"),
+        fedptr.BroadcastError({"bob": fedptr.LostWorkerError("bob")}, [None]),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_the_copy_an_await_raises_is_the_error_without_its_traceback(error: Exception) -> None:
+    error.__cause__ = KeyError("why")
+    try:
+        raise error
+    except Exception:
+        pass  # it has a traceback now, as an error a client-side step raised has
+    copy = fedptr.errors.copy_to_raise(error)
+    assert copy is not error and type(copy) is type(error)
+    assert (copy.args, str(copy), vars(copy), copy.__cause__) == (error.args, str(error), vars(error), error.__cause__)
+    assert copy.__traceback__ is None and error.__traceback__ is not None

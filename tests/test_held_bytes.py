@@ -6,7 +6,9 @@ backward, gradients read, plans, deletes) on a real node (tests/harness.py), eve
 storage reachable from the store's entries is summed, each storage once (by its data pointer):
 the values, their gradients, the tensors their autograd graphs saved for backward (read
 through `grad_fn._saved_*`, node by node), the leaves those graphs reach, a model's parameters
-and buffers. That sum must be at most what the store charged plus `SLACK` bytes.
+and buffers. That sum must be at most what the store charged plus `SLACK` bytes, and the charge
+at most that sum plus `SLACK`: each storage is charged once, however many entries and graphs
+hold it (a graph's saved operand that is also a stored value is not counted twice).
 """
 
 from __future__ import annotations
@@ -151,20 +153,69 @@ async def _run(program: list[tuple[Any, ...]]) -> tuple[int, int]:
             with contextlib.suppress(fedptr.FedptrError):
                 await _step(bob, held, step)
 
-        async def bounded() -> bool:
+        async def exact() -> bool:
             store.release_graphs()
-            return held_bytes(store) <= store.bytes + SLACK
+            return abs(held_bytes(store) - store.bytes) <= SLACK
 
-        await eventually(bounded, timeout=0.5)  # deletes travel unanswered
+        await eventually(exact, timeout=0.5)  # deletes travel unanswered
         store.release_graphs()
         return held_bytes(store), store.bytes
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(program=programs)
-def test_the_store_charges_every_storage_its_entries_keep_alive(program: list[tuple[Any, ...]]) -> None:
+def test_the_store_charges_every_storage_its_entries_keep_alive_once(program: list[tuple[Any, ...]]) -> None:
     held, charged = asyncio.run(_run(program))
     assert held <= charged + SLACK, f"{held} bytes held, {charged} charged"
+    assert charged <= held + SLACK, f"{held} bytes held, {charged} charged"
+
+
+async def test_op_by_op_training_is_charged_for_what_it_holds() -> None:
+    """A two-layer model trained op by op (its weights stored tensors, every intermediate a
+    stored result whose graph saves its operands): the charge stays within 1.2x of the bytes
+    held. Counting a saved operand once per holder charged about 3x."""
+    async with harness.cluster(["bob"]) as c:
+        store = c.node("bob").store
+        bob = c.worker("bob")
+        x, y = await bob.send(torch.randn(64, 32)), await bob.send(torch.randn(64, 1))
+        w1 = await bob.send((torch.randn(32, 64) / 8).requires_grad_())
+        w2 = await bob.send((torch.randn(64, 1) / 8).requires_grad_())
+        ratios = []
+        for _ in range(3):
+            h = await (x @ w1).tanh()
+            loss = await ((h @ w2) - y).pow(2).mean()
+            store.release_graphs()
+            ratios.append(store.bytes / held_bytes(store))  # the graph alive: the worst moment
+            await loss.backward()
+            w1 -= 0.1 * w1.grad
+            w2 -= 0.1 * w2.grad
+            w1.grad *= 0
+            w2.grad *= 0
+            await w2.sum()
+        assert max(ratios) <= 1.2, ratios
+
+
+async def test_a_saved_view_of_private_data_is_charged_for_its_storage() -> None:
+    """A private op's graph saving a view keeps the whole storage the view looks into alive: it
+    is charged at that storage's bytes (a function of shapes only), not at the view's. Here an
+    empty view of a plan's intermediate (not copied: it has no element to share), saved by
+    ``w * view``, keeps all of ``x * 1.0`` alive once the plan dropped its other values."""
+    secret = {"secret": {"x": torch.randn(4 * N)}}
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}, data={"bob": secret}) as c:
+        store = c.node("bob").store
+        bob = c.worker("bob")
+        (x,) = await bob.search("secret")
+        w = await bob.send(torch.randn(0).requires_grad_())
+        z = await _saves_a_view(x, w)
+        store.release_graphs()
+        held, charged = held_bytes(store), store.bytes
+        assert abs(held - charged) <= SLACK, f"{held} bytes held, {charged} charged"
+        del z
+
+
+@fedptr.plan
+def _saves_a_view(x: fedptr.Pointer, w: fedptr.Pointer) -> fedptr.Pointer:
+    return w * (x * 1.0)[0:0]
 
 
 def test_a_chain_of_gradient_tracking_ops_is_charged_for_what_its_graph_saved() -> None:
@@ -185,7 +236,7 @@ async def test_a_graphs_charge_is_given_back_once_autograd_frees_it() -> None:
         store = c.node("bob").store
         w = await c.worker("bob").send(torch.randn(N).requires_grad_())
         y = await w.exp()
-        assert store.usage(c.client.name)[1] == 3 * kib  # w, y, and y as `exp` saved it
+        assert store.usage(c.client.name)[1] == 2 * kib  # w, and y (which `exp` saved: counted once)
         s = await y.sum()
         await s.backward()  # frees the graph's saved tensors, and gives w its gradient
         assert store.usage(c.client.name)[1] == kib + kib + kib + 4  # w, w.grad, y, s

@@ -7,6 +7,8 @@ Each subcommand lives in its own module; this one only assembles them. ``fedptr-
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from typer.main import get_command
 
@@ -39,5 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         get_command(app).main(args=argv, prog_name="fedptr", standalone_mode=True)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # a refusal's message (SystemExit("...")), as Python prints it uncaught
+        return 1
     return 0
