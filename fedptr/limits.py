@@ -224,6 +224,11 @@ MIN_OWNERS = 2
 DP_DELTA = 1e-5
 """A data owner's delta: the (epsilon, delta) of its budget (`fedptr-node --delta`)."""
 
+BUDGET_RDP_CACHE_SIZE = 1024
+"""Distinct releases (noise multiplier, sampling rate, steps) whose RDP curve a node keeps
+(`nodes/budget.py`; ~60 floats, ~0.5 KB, each): pricing one takes ~0.1-0.15 s, and a charge
+prices the owner's whole history, so without it each release cost that much per earlier one."""
+
 DP_CLIP = 1.0
 """C: the L2 bound a data owner clips its contributions to (`--dp-clip`)."""
 
