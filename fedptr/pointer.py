@@ -207,8 +207,12 @@ def remote_results(
     enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
-    if op == "to":  # a device named by a string travels as one: refused here, not by the worker's torch
-        for a in (*args, *kwargs.values()) if kwargs else args:
+    # a device named by a string travels as one: refused here, not by the worker's torch (any
+    # op's `device=`, ``zeros_like(p, device="cuda")``; `to`'s positional one)
+    if kwargs and type(device := kwargs.get("device")) is str:
+        cpu_only(device)
+    if op == "to":
+        for a in args:
             if type(a) is str:
                 cpu_only(a)
     first = found[0]

@@ -342,4 +342,10 @@ async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() ->
                 x.to(device)
         with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
             x.to("gpu")
+        for make in (torch.zeros_like, torch.rand_like, torch.full_like):  # any op's device=, not only to's
+            args = (x, 1.0) if make is torch.full_like else (x,)
+            with pytest.raises(fedptr.InvalidArgumentError, match="cpu only"):
+                make(*args, device="cuda")  # the worker's torch said AssertionError, a RemoteError
+            with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
+                make(*args, device="gpu")
         assert torch.equal(await x.get(), torch.ones(2, 2))  # nothing failed on the worker
