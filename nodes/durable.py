@@ -1,12 +1,17 @@
 """A node's objects on disk (``--store DIR``): raw tensor files plus a msgpack record each.
 
-For object 42: ``42.bin`` holds the tensor's raw bytes and ``42.rec`` the msgpack record
-``[kind, dtype, shape, location, remote_id, owner, sponsor]`` (the sponsor is the client that
-granted the object to its owner; records of older releases have no sponsor). A move that has sent the object on but
+For object 42: ``42.rec`` holds the msgpack record ``[kind, dtype, shape, location, remote_id,
+owner, sponsor, privacy, nbytes]`` and, right after it, a tensor's ``nbytes`` raw bytes (the
+sponsor is the client that granted the object to its owner). Record and data are one file, so
+one rename replaces both: a rewrite that changes the shape (``x.data = y``) or the privacy (an
+in-place op on private data) can never land half, new data under the old record (a store that
+would not load, or data derived from private data under a public record). Records of older
+releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load, and a
+rewrite replaces them. A move that has sent the object on but
 not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
 hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
-temporary name, fsynced and renamed into place, record last, so a record on disk always has its
-data; `sync` fsyncs the directory once for a whole batch of writes and unlinks.
+temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
+batch of writes and unlinks.
 
 These calls block: the node makes them only on its write-ahead thread (nodes/writeahead.py).
 Nothing is ever unpickled: loading validates dtype and size as the wire does.
@@ -53,11 +58,13 @@ class Stored:
     None for a record written without one, which the store restores as private (fail closed)."""
 
 
-def write_atomic(path: Path, data: Any) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one, never a mix."""
+def write_atomic(path: Path, *parts: Any) -> None:
+    """Write `parts`, one after the other, to `path` so that a crash leaves the old file or the
+    new one, never a mix."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        for data in parts:
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -73,6 +80,12 @@ def write_durable(path: Path, data: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    """Remove `path` if it is there (a crash may have removed it already, or never made it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class DurableStore:
@@ -97,17 +110,16 @@ class DurableStore:
         sponsor: str,
         privacy: dict[str, Any],
     ) -> None:
-        """Write a tensor's data and record (fsynced files; the directory needs `sync`)."""
-        write_atomic(self.dir / f"{obj_id}.bin", data)
-        record = ["tensor", dtype, shape, "", 0, owner, sponsor, privacy]
-        write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
+        """Write a tensor's record and data as one file (fsynced; the directory needs `sync`)."""
+        record = ["tensor", dtype, shape, "", 0, owner, sponsor, privacy, memoryview(data).nbytes]
+        write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), data)
+        _unlink(self.dir / f"{obj_id}.bin")  # an older release's data file
 
     def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = "") -> None:
         """Write a pointer's record (fsynced; the directory needs `sync`)."""
         record = ["pointer", "", [], location, remote_id, owner, sponsor]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / f"{obj_id}.bin")
+        _unlink(self.dir / f"{obj_id}.bin")
 
     def write_move(self, obj_id: int, dest: str, new_id: int) -> None:
         """Record that object `obj_id` is being moved to `dest` as `new_id` (the directory needs `sync`)."""
@@ -115,15 +127,13 @@ class DurableStore:
 
     def remove_move(self, obj_id: int) -> None:
         """Forget a move's record (the hand-over was resolved)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dir / f"{obj_id}.mov")
+        _unlink(self.dir / f"{obj_id}.mov")
 
     def remove(self, obj_id: int) -> None:
         """Forget an object: its record first (a record never lacks its data), then its data and
         any move record."""
         for suffix in (".rec", ".bin", ".mov"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{obj_id}{suffix}")
+            _unlink(self.dir / f"{obj_id}{suffix}")
 
     def sync(self) -> None:
         """Make the renames and unlinks done so far durable (one fsync of the directory)."""
@@ -141,11 +151,11 @@ class DurableStore:
                 [str(self.dir / f) for d in damaged for f in d.files],
             )
         for leftover in self.dir.glob("*.tmp"):  # a write that never reached its rename
-            leftover.unlink(missing_ok=True)
+            _unlink(leftover)
         for suffix in (".mov", ".bin"):  # what a removal interrupted after the record left
             for path in self.dir.glob(f"*{suffix}"):
                 if path.stem.isdigit() and int(path.stem) not in found:
-                    path.unlink(missing_ok=True)
+                    _unlink(path)
         return found
 
     def _scan(self) -> tuple[dict[int, Stored], list[Damage]]:
@@ -164,9 +174,15 @@ class DurableStore:
         return found, damaged
 
     def _read(self, obj_id: int, rec: Path) -> Stored:
-        record = msgpack.unpackb(rec.read_bytes(), max_array_len=64)
+        with open(rec, "rb") as f:
+            header = msgpack.Unpacker(f, max_array_len=64, max_buffer_size=_MAX_RECORD_BYTES)
+            record = header.unpack()
+            f.seek(header.tell())
+            inline = f.read()
         if type(record) is not list or len(record) < 6:
             raise ValueError("not a record")
+        if len(record) < 9 and inline:
+            raise ValueError(f"{len(inline)} bytes after the record")
         kind, dtype, shape, location, remote_id, owner = record[:6]
         sponsor = str(record[6]) if len(record) > 6 else ""
         privacy = record[7] if len(record) > 7 and type(record[7]) is dict else None
@@ -174,8 +190,11 @@ class DurableStore:
         if kind == "pointer":
             value = (str(location), int(remote_id))
         elif kind == "tensor":
-            data = (self.dir / f"{obj_id}.bin").read_bytes()
-            value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(data))).clone()
+            if len(record) < 9:  # an older release's: the data in a file of its own
+                inline = (self.dir / f"{obj_id}.bin").read_bytes()
+            elif len(inline) != record[8]:
+                raise ValueError(f"the record says {record[8]} bytes of data, the file holds {len(inline)}")
+            value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(inline))).clone()
         else:
             raise ValueError(f"unknown kind {kind!r}")
         return Stored(value, str(owner), sponsor, self._moving(obj_id), privacy)
@@ -187,6 +206,9 @@ class DurableStore:
         dest, new_id = msgpack.unpackb(path.read_bytes(), max_array_len=4)
         return str(dest), int(new_id)
 
+
+_MAX_RECORD_BYTES = 1 << 16
+"""A record's own bytes at most (the data after it is not counted): what reading one buffers."""
 
 DAMAGED_DIR = "damaged"
 """Where `recover` moves the files of damaged objects, inside the store's directory."""

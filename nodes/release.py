@@ -123,6 +123,10 @@ class Release:
         values = [e.result() for e in chosen]
         contributions = [e.contribution for e in chosen if e.contribution is not None]
         mean = mechanisms.release_mean(values, contributions, self.policy.owners, self.policy.min_owners)
+        owners = sorted(c.owner for c in contributions)
+        # audited before anything changes: a record the disk refuses fails the release, which
+        # leaves no mean to get and the contributions unspent
+        self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
         for r in refs:
             self.store.discard(r.obj_id)  # type: ignore[union-attr]  # single use
         result = Entry.tensor(mean, source)
@@ -130,6 +134,4 @@ class Release:
         self.store.add(msg.result_id, result)
         # the reply waits for the contributions' removal too: an acknowledged release has used them up
         durable = all_written([self.store.commit(msg.result_id, result, mean), self.store.barrier()])
-        owners = sorted(c.owner for c in contributions)
-        self.audit.record("release", source, object=msg.result_id, owners=owners, mechanism="dp-mean")
         self.node.reply_durable(durable, source, rid, wire.Ok(list(mean.shape), dtype_name(mean.dtype)))

@@ -1,7 +1,8 @@
 """An in-process cluster: the real broker (broker/router.py), real nodes (nodes/serving.py,
 which the node's command line runs too) and a real client, in this process and on this asyncio
 loop, over ``zmq inproc://``. Every socket comes from ``zmq.Context.instance()``, which is what
-inproc needs: the same code as the processes, started in milliseconds.
+inproc needs: the same code as the processes, started in milliseconds. Over ``tcp://`` (loopback)
+the peers open direct data paths to each other (fedptr/direct.py), with shared memory.
 
 It lives under tests/ because the library must never import the broker or the node
 (tests/test_imports.py). What only processes show stays with `fedptr.local_cluster`: kill -9,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -122,9 +124,9 @@ class InprocCluster:
             broker.close()
 
     async def restart_broker(self) -> None:
-        """Stop the broker and start a new one. Needs ``transport="ipc"``: an inproc connection
-        is never made again once its bound end closes (zmq reconnects ipc and tcp, not inproc)."""
-        assert self.address.startswith("ipc://"), 'a broker restart needs harness.cluster(..., transport="ipc")'
+        """Stop the broker and start a new one. Needs ``transport="ipc"`` or ``"tcp"``: an inproc
+        connection is never made again once its bound end closes (zmq reconnects ipc and tcp)."""
+        assert not self.address.startswith("inproc://"), 'a broker restart needs harness.cluster(..., transport="ipc")'
         await self.stop_broker()
         self.start_broker()
         await self.all_registered()
@@ -204,6 +206,13 @@ def _with_data(config: NodeConfig, arrays: Mapping[str, Arrays | str | Path], wh
     return replace(config, data=files)
 
 
+def _free_port() -> int:
+    """A loopback port free now (the broker binds it at once; zmq binds with SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @asynccontextmanager
 async def cluster(
     names: Sequence[str],
@@ -214,7 +223,7 @@ async def cluster(
     call_timeout: float = 10.0,
     heartbeat_s: float = fedptr.limits.HEARTBEAT_INTERVAL_S,
     liveness: int = fedptr.limits.HEARTBEAT_LIVENESS,
-    transport: Literal["inproc", "ipc"] = "inproc",
+    transport: Literal["inproc", "ipc", "tcp"] = "inproc",
 ) -> AsyncIterator[InprocCluster]:
     """A broker, a node per name and a connected client, all stopped on exit.
 
@@ -222,7 +231,8 @@ async def cluster(
     worker to its private datasets, tag -> arrays (by key) or an .npz path; each worker in
     `stores` gets a fresh store directory (unless its config names one): a budget (`epsilon`)
     needs one, as ``--epsilon`` needs ``--store``. `transport` ``"ipc"`` (a socket file, still in
-    this process) is for tests that restart the broker."""
+    this process) is for tests that restart the broker; ``"tcp"`` (a loopback port) for tests of
+    the direct data path and its shared memory, which open on a tcp:// broker only."""
     async with AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedptr-inproc-")))
         node_configs: dict[str, NodeConfig] = {}
@@ -235,7 +245,11 @@ async def cluster(
                 where.mkdir()
                 config = _with_data(config, data[name], where)
             node_configs[name] = config
-        address = f"inproc://fedptr-harness-{next(_endpoints)}" if transport == "inproc" else f"ipc://{tmp}/broker"
+        address = {
+            "inproc": lambda: f"inproc://fedptr-harness-{next(_endpoints)}",
+            "ipc": lambda: f"ipc://{tmp}/broker",
+            "tcp": lambda: f"tcp://127.0.0.1:{_free_port()}",
+        }[transport]()
         shell = InprocCluster(address, node_configs, heartbeat_s, liveness, call_timeout)
         shell.start_broker()
         stack.push_async_callback(shell._stop_all)

@@ -9,26 +9,29 @@ error) as a real one would, the write torn as well. The model is a process crash
 the kernel stays; unsynced data is not dropped. A power cut after the crash
 (`CrashingDisk.power_cut`) also undoes each rename whose directory was not fsynced since.
 
-A `Death` watches one running node: it counts the requests and replies the node sends and can
-cut it off (it sends nothing more, its disk fails every call, and it says no goodbye: a kill -9)
-or freeze it (it reads and sends nothing, and its session's clock stands still, until thawed:
-a SIGSTOP then a SIGCONT). tests/test_crash_points.py enumerates crash points with these;
+A `Death` watches one running node: it counts the requests and replies the node sends, and the
+chunks of its large buffers (through the broker or over a direct data path, as shared-memory
+files on one host), and can cut it off (it sends nothing more, its disk fails every call, and it
+says no goodbye: a kill -9) or freeze it (it reads and sends nothing, and its session's clock
+stands still, until thawed: a SIGSTOP then a SIGCONT). tests/test_crash_points.py enumerates crash points with these;
 tests/test_model.py draws them as rules of its state machine.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fedptr.nodes import durable
+from fedptr.nodes import audit, durable
 from fedptr.nodes.node import Node
 
 from fedptr import envelope
@@ -51,6 +54,8 @@ class CrashingDisk:
         self.refused = False
         self.in_charges: list[int] = []
         """The numbers of the calls a charge of the node's privacy budget made (`Disks.give`)."""
+        self.in_audit: list[int] = []
+        """The numbers of the calls a write to the node's audit log made (`Disks.give`)."""
         self._unsynced: dict[str, dict[str, bytes | None]] = {}
         """Per directory, what each file renamed over since the directory's last fsync held
         before (None: it did not exist): what a power cut brings back."""
@@ -82,14 +87,15 @@ class CrashingDisk:
                         f.write(data)
         self._unsynced.clear()
 
-    def step(self, what: str, charging: bool = False) -> bool:
-        """Count a call (`charging`: one of a budget charge's); False when it is the fault point
-        (the caller tears it and raises `failure`), raise after a crash."""
+    def step(self, what: str, making: str = "") -> bool:
+        """Count a call (`making`: "charge" for one of a budget charge's, "audit" for one of an
+        audit record's); False when it is the fault point (the caller tears it and raises
+        `failure`), raise after a crash."""
         if self.crashed:
             raise Crashed(f"dead before {what}")
         self.calls += 1
-        if charging:
-            self.in_charges.append(self.calls)
+        if making:
+            (self.in_charges if making == "charge" else self.in_audit).append(self.calls)
         if self.calls != self.at:
             return True
         if self.refuse is None:
@@ -123,14 +129,14 @@ _COUNTING = threading.Lock()
 """Held while a storage call is counted and while a disk is disarmed (`CrashingDisk.disarm`)."""
 
 
-def _charging(disk_for: DiskFor) -> bool:
-    return isinstance(disk_for, Disks) and disk_for.charging()
+def _making(disk_for: DiskFor) -> str:
+    return disk_for.making() if isinstance(disk_for, Disks) else ""
 
 
 def _step(disk_for: DiskFor, what: str) -> None:
     with _COUNTING:
         disk = disk_for()
-        ok = disk is None or disk.step(what, _charging(disk_for))
+        ok = disk is None or disk.step(what, _making(disk_for))
     if not ok:
         assert disk is not None
         raise disk.failure(what)
@@ -167,10 +173,10 @@ class _OS:
 class _File:
     """A file opened for writing whose write lands torn (its first half) at the fault point."""
 
-    def __init__(self, f: Any, disk: CrashingDisk, charging: bool) -> None:
+    def __init__(self, f: Any, disk: CrashingDisk, making: str) -> None:
         self._f = f
         self._disk = disk
-        self._charging = charging
+        self._making = making
 
     def __enter__(self) -> _File:
         return self
@@ -180,9 +186,10 @@ class _File:
 
     def write(self, data: Any) -> int:
         with _COUNTING:
-            ok = self._disk.step("write", self._charging)
+            ok = self._disk.step("write", self._making)
         if not ok:
-            self._f.write(bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
+            whole = data if isinstance(data, str) else bytes(memoryview(data).cast("B"))  # a text file's too
+            self._f.write(whole[: len(whole) // 2])
             self._f.flush()
             raise self._disk.failure("a torn write")
         return int(self._f.write(data))
@@ -192,16 +199,18 @@ class _File:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, disk_for: DiskFor) -> None:
-    """Put the fault-injecting layer under nodes/durable.py: each storage call made goes through
-    `disk_for()`'s disk."""
+    """Put the fault-injecting layer under nodes/durable.py and nodes/audit.py: each storage call
+    made goes through `disk_for()`'s disk."""
 
     def opened(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (closed by the caller's with)
         disk = disk_for()
-        return _File(f, disk, _charging(disk_for)) if "w" in mode and disk is not None else f
+        writes = "w" in mode or "a" in mode
+        return _File(f, disk, _making(disk_for)) if writes and disk is not None else f
 
-    monkeypatch.setattr(durable, "os", _OS(disk_for))
-    monkeypatch.setattr(durable, "open", opened, raising=False)
+    for module in (durable, audit):
+        monkeypatch.setattr(module, "os", _OS(disk_for))
+        monkeypatch.setattr(module, "open", opened, raising=False)
 
 
 class Disks:
@@ -210,36 +219,55 @@ class Disks:
     queued lands after its death. The privacy budget writes its history from whichever worker
     thread charges (nodes/budget.py, off the write-ahead): the node's charge is wrapped so that
     its calls, on that thread, for as long as it runs, go through the node's disk too (a charge
-    of a dead node still running fails at its next call, as the write-ahead's do)."""
+    of a dead node still running fails at its next call, as the write-ahead's do). So is the
+    node's audit record (nodes/audit.py, on the loop's thread)."""
 
     def __init__(self) -> None:
         self.of: dict[threading.Thread, CrashingDisk] = {}
-        self._charging = threading.local()
+        self._making = threading.local()
 
     def __call__(self) -> CrashingDisk | None:
-        disk: CrashingDisk | None = getattr(self._charging, "disk", None)
+        disk: CrashingDisk | None = getattr(self._making, "disk", None)
         return disk if disk is not None else self.of.get(threading.current_thread())
 
-    def charging(self) -> bool:
-        """Whether the calling thread is in a charge of a node's budget."""
-        return getattr(self._charging, "disk", None) is not None
+    def making(self) -> str:
+        """What the calling thread is in: "charge" (of a node's budget), "audit" (a record of
+        its audit log) or "" (neither)."""
+        return str(getattr(self._making, "what", "")) if getattr(self._making, "disk", None) is not None else ""
+
+    @contextlib.contextmanager
+    def restoring(self, disk: CrashingDisk) -> Iterator[None]:
+        """The storage calls made on this thread while the block runs go through `disk`: a node
+        restores its store (removing what interrupted writes left) in its constructor, on the
+        loop's thread, before it has a write-ahead thread to be found by. No other node's call
+        is made on that thread meanwhile (theirs are on their write-ahead and charging threads)."""
+        thread = threading.current_thread()
+        self.of[thread] = disk
+        try:
+            yield
+        finally:
+            del self.of[thread]
 
     def give(self, node: Node, disk: CrashingDisk) -> None:
         """`node`'s storage calls go through `disk` from now on."""
         assert node.store.wal is not None, f"{node.name} has no store"
         self.of[node.store.wal._thread] = disk
-        budget = node.budget
-        charge = type(budget).charge
-        local = self._charging
+        budget, log = node.budget, node.audit
+        budget.charge = self._through(disk, "charge", functools.partial(type(budget).charge, budget))  # type: ignore[method-assign]
+        log.record = self._through(disk, "audit", functools.partial(type(log).record, log))  # type: ignore[method-assign]
 
-        def charged(noise_multiplier: float, sample_rate: float, steps: int) -> float:
-            local.disk = disk
+    def _through(self, disk: CrashingDisk, what: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call`, its storage calls (on whichever thread it runs) going through `disk`."""
+        local = self._making
+
+        def through(*args: Any, **kwargs: Any) -> Any:
+            local.disk, local.what = disk, what
             try:
-                return charge(budget, noise_multiplier, sample_rate, steps)
+                return call(*args, **kwargs)
             finally:
                 local.disk = None
 
-        budget.charge = charged  # type: ignore[method-assign]
+        return through
 
 
 _MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
@@ -249,13 +277,30 @@ _MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
 class Death:
     """What becomes of a node: it dies at its storage call `at` (the disk crashes there: see
     CrashingDisk), or just before it sends its request or reply number `message` it dies, or
-    freezes if `freeze` (0: never). `disk` may be given instead of `at` (a refusing one)."""
+    freezes if `freeze` (0: never), or just before it sends chunk number `chunk` of a large
+    buffer, or takes chunk number `take` off a direct data path, it dies. `disk` may be given
+    instead of `at` (a refusing one)."""
 
-    def __init__(self, at: int = 0, message: int = 0, freeze: bool = False, disk: CrashingDisk | None = None) -> None:
+    def __init__(
+        self,
+        at: int = 0,
+        message: int = 0,
+        freeze: bool = False,
+        disk: CrashingDisk | None = None,
+        chunk: int = 0,
+        take: int = 0,
+    ) -> None:
         self.disk = disk or CrashingDisk(at)
         self.message = message
         self.freeze_at_message = freeze
+        self.chunk = chunk
         self.messages = 0
+        self.chunks = 0
+        """Chunks sent, by either path."""
+        self.take = take
+        self.taken = 0
+        """Chunks taken off direct data paths (a buffer's first comes through the broker)."""
+        self._on_chunk: Callable[[bytes, list[Any]], None] | None = None
         self.frozen = False
         self._held: list[list[Any]] = []
         self._node: Node | None = None
@@ -270,18 +315,16 @@ class Death:
         through its link's `_sent`, the one call that writes to its socket (`forget` puts that
         back). Not `_push_frames`: the replies that follow the first in one loop turn leave as
         a BATCH from `_sent_batch`, which a hook there missed, so a node killed by its fail-stop
-        still acknowledged the writes of the batch that failed (model2's search, seeds 3-5)."""
+        still acknowledged the writes of the batch that failed (model2's search, seeds 3-5).
+        The chunks a direct data path takes leave through `DirectPaths.send` instead: a dead or
+        frozen node's are refused there, so the link sends them through `_sent`, which drops or
+        holds them (a real dead process writes no shared-memory file either)."""
         self._node = node
         send = node.link._sent
 
         def sent(frames: list[Any]) -> int:
-            if not self.frozen and envelope.command_of(frames) in _MESSAGES:
-                self.messages += 1
-                if self.messages == self.message:
-                    if self.freeze_at_message:
-                        self.freeze()
-                    else:
-                        self.disk.crashed = True  # storage calls from now on fail
+            if not self.frozen and not self.disk.crashed:
+                self._leaving(envelope.command_of(frames))
             if self.frozen:
                 self._held.append(frames)
             elif not self.disk.crashed:
@@ -289,7 +332,49 @@ class Death:
             return 0  # no socket events read: nothing was sent
 
         node.link._sent = sent  # type: ignore[method-assign]
+        direct = node.link.direct
+        if direct is not None:
+            send_direct = direct.send
+
+            def sent_direct(peer: bytes, command: bytes, frames: list[Any]) -> bool:
+                if self.frozen or self.disk.crashed:
+                    return False
+                if self.chunks + 1 == self.chunk:
+                    self._leaving(envelope.CHUNK)  # dies before it
+                    return False
+                if not send_direct(peer, command, frames):
+                    return False  # through the broker, counted in `_sent`
+                self.chunks += 1
+                return True
+
+            direct.send = sent_direct  # type: ignore[method-assign]
+            on_chunk = self._on_chunk = direct.on_chunk
+
+            def taken(peer: bytes, frames: list[Any]) -> None:
+                if not self.disk.crashed:
+                    self.taken += 1
+                    if self.taken == self.take:
+                        self.disk.crashed = True  # dies before it: a dead process reads nothing
+                if not self.disk.crashed:
+                    on_chunk(peer, frames)
+
+            direct.on_chunk = taken
         _WATCHED[node.link] = self
+
+    def _leaving(self, command: bytes) -> None:
+        """A message or chunk is about to leave: counted, and the node dies (or freezes) before
+        the one it was told to."""
+        if command in _MESSAGES:
+            self.messages += 1
+            if self.messages == self.message:
+                if self.freeze_at_message:
+                    self.freeze()
+                else:
+                    self.disk.crashed = True  # storage calls from now on fail
+        elif command == envelope.CHUNK:
+            self.chunks += 1
+            if self.chunks == self.chunk:
+                self.disk.crashed = True
 
     def kill(self) -> None:
         """Die now, as kill -9 (or a fail-stop's exit) does: the disk fails every call from here,
@@ -340,6 +425,9 @@ class Death:
         if death is not None and death.dead:
             return
         node.link.__dict__.pop("_sent", None)
+        if node.link.direct is not None and death is not None and death._on_chunk is not None:
+            node.link.direct.__dict__.pop("send", None)
+            node.link.direct.on_chunk = death._on_chunk
 
 
 _WATCHED: weakref.WeakKeyDictionary[Any, Death] = weakref.WeakKeyDictionary()

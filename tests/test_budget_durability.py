@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedptr.nodes import audit as audit_module
 from fedptr.nodes import budget as budget_module
 from fedptr.nodes import node as node_module
 from fedptr.nodes.node import NodeConfig
 from torch import nn
 
 import fedptr
-from fedptr import dp, limits
+from fedptr import aggregate, dp, limits
 
 from . import harness
 from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
@@ -81,6 +82,15 @@ def _history(c: harness.InprocCluster) -> list[tuple[float, float, int]]:
     return budget_module._load(path) if path.exists() else []
 
 
+def _audited(c: harness.InprocCluster) -> int:
+    """bob's charged releases as his audit log records them, once every line of it parsed (what
+    `fedptr audit` reads: raises ValueError for a torn or garbled record)."""
+    directory = c.node("bob").config.store_dir
+    assert directory is not None
+    audit_module.read(Path(directory))
+    return audit_module.charged(Path(directory))
+
+
 def _spent_of(history: list[tuple[float, float, int]]) -> float:
     return budget_module._epsilon(history, OWNER.delta)
 
@@ -97,6 +107,7 @@ async def _case(
     at = death.disk.at
     fault = f"{death.disk.at or death.message}/{death.disk.refuse}{' then a power cut' if power_cut else ''}"
     before = _history(c)
+    audited = _audited(c)
     running = asyncio.ensure_future(asyncio.wait_for(release(c.client), CALL_TIMEOUT_S))
     async with asyncio.timeout(CASE_TIMEOUT_S):
         # until answered, or bob died (at a storage call, a reply, or his fail-stop): the call
@@ -120,6 +131,13 @@ async def _case(
             error, reported, outcome = e, None, f"failed ({type(e).__name__})"
     after = _history(c)  # (c) loads: never torn
     where = f"{release.__name__} with fault {fault}: {outcome}"
+    try:  # (d) the audit log reads whole, and records every release the client received
+        audited_after = _audited(c)
+    except ValueError as e:
+        raise AssertionError(f"{where}: bob's audit log does not read: {e}") from e
+    assert reported is None or audited_after > audited, f"{where}: released, not audited"
+    if refused and at in death.disk.in_audit:  # an audit write refused: no release, a typed error
+        assert reported is None and isinstance(error, fedptr.RemoteError | fedptr.DropoutError), where
     assert after[: len(before)] == before, f"{where}: the history lost charges: {before} -> {after}"
     if reported is not None:  # (a) a release the client received is charged on disk
         assert len(after) > len(before), f"{where}: released, not charged on disk"
@@ -151,9 +169,10 @@ def _cases(calls: int, replies: int, only: list[int] | None = None) -> list[Case
     return [*cases, (Death(), True)]
 
 
-async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only_the_budget: bool) -> dict[str, int]:
-    """A counting run of `release`, then every case of `_cases` (at the budget's calls only if
-    `only_the_budget`); returns how many cases had each outcome."""
+async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only: str = "") -> dict[str, int]:
+    """A counting run of `release`, then every case of `_cases` (at the calls of the budget's
+    charge only if `only` is "charge", of the audit's record if "audit"); returns how many
+    cases had each outcome."""
     deaths: dict[str, Death] = {}
     monkeypatch.setattr(node_module, "fail_stop", lambda node, why: deaths[node].kill())
     # the client's deletes are held back: one would fsync bob's directory after the release,
@@ -173,15 +192,19 @@ async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only_the
         reported, outcome = await _case(c, disks, release, counting)
         assert reported is not None, outcome
         calls, replies, charging = counting.disk.calls, counting.messages, counting.disk.in_charges
-        # the budget's write, fsync and rename at least were seen by the disk
-        assert len(charging) >= 3 and replies >= 1, (calls, replies, charging)
+        auditing = counting.disk.in_audit
+        # the budget's write, fsync and rename at least were seen by the disk, and the audit's write and fsync
+        assert len(charging) >= 3 and len(auditing) >= 2 and replies >= 1, (calls, replies, charging, auditing)
         outcomes: dict[str, int] = {}
-        cases = _cases(calls, replies, charging if only_the_budget else None)
+        cases = _cases(calls, replies, {"charge": charging, "audit": auditing}.get(only))
         for death, cut in cases:
             deaths["bob"] = death
             _, outcome = await _case(c, disks, release, death, cut)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    print(f"{release.__name__}: {calls} storage calls ({charging} the budget's), {replies} replies; {outcomes}")
+    print(
+        f"{release.__name__}: {calls} storage calls ({charging} the budget's, {auditing} the audit's), "
+        f"{replies} replies; {outcomes}"
+    )
     return outcomes
 
 
@@ -191,7 +214,20 @@ async def test_a_contribution_received_is_charged_on_disk_after_a_fault_at_any_b
 ) -> None:
     """The fast loop's share: the budget's own storage calls of a contribution, and a power cut
     once it was answered (which undid the charge's rename on main: no fsync of the directory)."""
-    outcomes = await _enumerate(_contribution, monkeypatch, only_the_budget=True)
+    outcomes = await _enumerate(_contribution, monkeypatch, only="charge")
+    assert outcomes.get("released") and len(outcomes) > 1, outcomes
+
+
+@pytest.mark.asyncio
+async def test_a_contribution_whose_audit_record_fails_is_not_received_and_the_log_reads_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The audit record's own storage calls of a contribution (its write, its fsync), each
+    killed, killed then a power cut, refused (disk full, I/O error): a release the client received
+    is in the log, one whose record failed is not received (a typed error), and the log reads
+    whole after (on main a refused write left half a line, which `fedptr audit` could not read
+    and to which the next record was glued). The slow enumerations draw every release kind's."""
+    outcomes = await _enumerate(_contribution, monkeypatch, only="audit")
     assert outcomes.get("released") and len(outcomes) > 1, outcomes
 
 
@@ -203,7 +239,7 @@ async def test_a_contribution_received_is_charged_on_disk_after_a_fault_at_any_b
 async def test_every_release_received_is_charged_on_disk_after_any_crash_or_disk_fault(
     release: Release, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    outcomes = await _enumerate(release, monkeypatch, only_the_budget=False)
+    outcomes = await _enumerate(release, monkeypatch)
     assert outcomes.get("released") and len(outcomes) > 1, outcomes
 
 
@@ -223,3 +259,45 @@ def test_a_charge_refused_after_its_rename_is_never_dropped_by_a_later_one(
     assert refused > 0  # the rename landed: the file holds the refused charge
     assert budget.charge(5.0, 0.5, 1) >= refused
     assert _spent_of(budget_module._load(tmp_path / budget_module.FILE_NAME)) >= refused
+
+
+@pytest.mark.asyncio
+async def test_a_mean_whose_audit_record_is_refused_is_not_released_nor_left_to_get(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The aggregator, with a store (its audit log on disk): the disk refuses (ENOSPC) the write of
+    the release's record, then of a get's. Each fails at once with a typed error naming the
+    OSError, and leaves nothing: no mean to get, the contributions still there to aggregate (on
+    main the mean was stored before its record, so the client could get it unaudited, and a get
+    whose record failed was never answered)."""
+    disks = Disks()
+    install(monkeypatch, disks)
+    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
+    async with harness.cluster(
+        ["bob", "alice", "agg"],
+        configs=configs,
+        data={"bob": DATA, "alice": DATA},
+        stores=["bob", "alice", "agg"],
+        call_timeout=CALL_TIMEOUT_S,
+    ) as c:
+        contributions = []
+        for owner in ("bob", "alice"):
+            x, _ = await c.client.worker(owner).search("d")
+            contributions.append((await dp.contribute(x.mean(0), "agg"))[0])
+        agg = c.node("agg")
+        for what in ("release", "get"):
+            disk = CrashingDisk()
+            disks.give(agg, disk)
+            mean = aggregate.mean(contributions)
+            if what == "get":
+                await mean
+            disk.at, disk.refuse = disk.calls + 1, FULL  # the next storage call: the record's write
+            refused = mean if what == "release" else mean.get()
+            with pytest.raises(fedptr.RemoteError, match="OSError"):
+                await asyncio.wait_for(refused, CALL_TIMEOUT_S / 2)  # type: ignore[arg-type]
+            assert disk.refused and disk.at in disk.in_audit, what
+            if what == "release":  # nothing released (the result holds the op's error), nothing spent
+                held = agg.store.entries.get(mean.id_at_location)
+                assert held is None or not held.ok, held
+                assert all(p.id_at_location in agg.store.entries for p in contributions)
+        assert [r["event"] for r in audit_module.read(Path(agg.config.store_dir or ""))] == ["release"]

@@ -39,10 +39,11 @@ from fedptr.nodes.handover import Handover
 from fedptr.nodes.writeahead import WriteAhead
 
 import fedptr
-from fedptr import limits
+from fedptr import envelope, limits
+from fedptr.link import Link
 
 from . import harness
-from .nemesis import FULL, CrashingDisk, Death, Disks, install
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
 
 State = tuple[Any, Any] | None
 """An object as loading finds it: None (absent), or (value, move record)."""
@@ -67,8 +68,9 @@ async def _workload(wal: WriteAhead) -> list[Change]:
     """Rounds of changes, each round awaited (so a round's changes land after the last's)."""
     changes: list[Change] = []
 
-    def tensor(i: int, v: float) -> None:
-        changes.append((i, _set(("t", v)), wal.save_tensor(i, torch.full((4,), v), "c", "", {})))
+    def tensor(i: int, v: float, n: int = 4, owners: tuple[str, ...] = ()) -> None:
+        privacy = {"origins": {owner: [] for owner in owners}}
+        changes.append((i, _set(("t", v, n, owners)), wal.save_tensor(i, torch.full((n,), v), "c", "", privacy)))
 
     rounds: list[Callable[[], None]] = [
         lambda: (
@@ -86,6 +88,8 @@ async def _workload(wal: WriteAhead) -> list[Change]:
             tensor(4, 4.0),
             tensor(1, 5.0),
         ),
+        lambda: tensor(2, 7.0, owners=("alice",)),  # an in-place op on alice's data: never public with it
+        lambda: tensor(4, 6.0, 16),  # its shape changed (`x.data = y`): data and record must agree
         lambda: (
             changes.append((1, _removed, wal.remove(1))),
             changes.append((4, _moving(("bob", 5)), wal.save_move(4, "bob", 5))),
@@ -116,7 +120,11 @@ def _allowed(changes: list[Change], obj_id: int) -> set[State]:
 
 def _found(stored: durable.Stored) -> State:
     value: Any = stored.value
-    seen = ("p", *value) if isinstance(value, tuple) else ("t", float(value[0]))
+    if isinstance(value, tuple):
+        seen: tuple[Any, ...] = ("p", *value)
+    else:
+        assert stored.privacy is not None
+        seen = ("t", float(value[0]), value.numel(), tuple(stored.privacy["origins"]))
     return seen, stored.moving
 
 
@@ -169,6 +177,9 @@ BEAT_S = 0.1
 
 RESOLVE_TIMEOUT_S = 20.0
 """Seconds `Client.resolve` may take to tell where an object in doubt is."""
+
+BIG_BYTES = 5 << 20
+"""A large value's bytes: over `limits.STREAM_THRESHOLD_BYTES`, so it travels in chunks."""
 
 
 async def _quiet(c: harness.InprocCluster) -> None:
@@ -238,19 +249,39 @@ def _on_disk(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tu
 
 
 Crash = tuple[str, str, int]
-"""Which node dies where: ``(node, "storage" or "message", n)``: at its n-th storage call, or
-just before its n-th request or reply, counted from the start of the phase it dies in."""
+"""Which node dies where: ``(node, "storage", "message", "chunk" or "take", n)``: at its n-th
+storage call, or just before its n-th request or reply, or its n-th chunk of a large buffer sent
+(through the broker or a direct path), or taken off a direct path, counted from the start of the
+phase it dies in."""
 
-Counted = dict[str, tuple[int, int]]
-"""Each node's storage calls and messages (requests and replies) in a phase."""
+Counted = dict[str, tuple[int, int, int, int]]
+"""Each node's storage calls, messages (requests and replies), chunks sent and chunks taken off
+a direct path in a phase."""
 
 
-def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[str, Death]:
-    """A phase begins: each node counted, and `crash`'s node dying where it says."""
+def _deaths(crash: Crash | None) -> dict[str, Death]:
+    """What becomes of each node in a phase: `crash`'s node dies (or its disk refuses) where it says."""
     deaths = {name: Death() for name in NODES}
     if crash is not None:
         victim, where, n = crash
-        deaths[victim] = Death(at=n) if where == "storage" else Death(message=n)
+        deaths[victim] = {
+            "storage": lambda: Death(at=n),
+            "disk full": lambda: Death(disk=CrashingDisk(n, refuse=FULL)),
+            "EIO": lambda: Death(disk=CrashingDisk(n, refuse=EIO)),
+            "message": lambda: Death(message=n),
+            "chunk": lambda: Death(chunk=n),
+            "take": lambda: Death(take=n),
+        }[where]()
+    return deaths
+
+
+_DYING: dict[str, Death] = {}
+"""Each node's `Death` in the phase under way: a refused write's fail-stop cuts the node off."""
+
+
+def _arm(c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death]) -> dict[str, Death]:
+    """A phase begins: each node counted, and dying as `deaths` says."""
+    _DYING.update(deaths)
     for name, death in deaths.items():
         node = c.node(name)
         death.watch(node)
@@ -259,10 +290,16 @@ def _arm(c: harness.InprocCluster, disks: Disks, crash: Crash | None) -> dict[st
 
 
 async def _phase(
-    c: harness.InprocCluster, disks: Disks, deaths: dict[str, Death], work: asyncio.Future[Any], crash: Crash | None
+    c: harness.InprocCluster,
+    disks: Disks,
+    deaths: dict[str, Death],
+    work: asyncio.Future[Any],
+    crash: Crash | None,
+    restoring: dict[str, Death] | None = None,
 ) -> Counted:
     """Wait until `work` is done and the nodes are quiet, or a node died; restart the dead one
-    (its new write-ahead thread has no crashing disk until the next `_arm`)."""
+    (its new write-ahead thread has no crashing disk until the next `_arm`), its restore of its
+    store counted on its disk of the next phase in `restoring`."""
     dead: list[str] = []
     # the phase lasts until the nodes are quiet too: the writes made after the client heard
     # (a move record forgotten once the object is back) are crash points as well
@@ -275,14 +312,30 @@ async def _phase(
     finally:
         quiet.cancel()  # a dead node is never quiet (its writes fail): it is restarted instead
         await asyncio.gather(quiet, return_exceptions=True)
-    counted = {name: (death.disk.calls, death.messages) for name, death in deaths.items()}
+    counted = {name: (death.disk.calls, death.messages, death.chunks, death.taken) for name, death in deaths.items()}
     assert (crash is None) == (not dead), f"{crash} never came to pass: {counted}"
     for name in NODES:
         if name in dead:
-            await c.restart_node(name)
+            await c.stop_node(name)
+            await _start(c, disks, name, None if restoring is None else restoring[name])
         else:
             Death.forget(c.node(name))
     return counted
+
+
+async def _start(c: harness.InprocCluster, disks: Disks, name: str, death: Death | None) -> None:
+    """Start `name` again on its store, its restore's storage calls going through `death`'s disk.
+    A fault there stops that start (the constructor raises, the process exits); the node is
+    then started once more, as an operator or supervisor would, and is dead for the phase."""
+    if death is None:
+        await c.start_node(name)
+        return
+    try:
+        with disks.restoring(death.disk):
+            await c.start_node(name)
+    except OSError:
+        death.disk.crashed = True  # it died while restoring: the phase sees it dead at once
+        await c.start_node(name)
 
 
 async def _quiet_after(c: harness.InprocCluster, work: asyncio.Future[Any]) -> None:
@@ -318,9 +371,12 @@ async def _handover(
     client = c.client
     x = await c.worker("bob").send(value)
     await _quiet(c)
+    if c.address.startswith("tcp://"):
+        await _direct_path(c.node("bob").link, "alice")
     running = asyncio.ensure_future(protocol(c, x))
-    counted = await _phase(c, disks, _arm(c, disks, crash), running, crash)
-    deaths = _arm(c, disks, again)  # the restarted node resumes at once: counted from here
+    deaths = _deaths(again)  # the restarted node's restore and resumption: counted from its start
+    counted = await _phase(c, disks, _arm(c, disks, _deaths(crash)), running, crash, deaths)
+    deaths = _arm(c, disks, deaths)
     settling = asyncio.ensure_future(_settled(client, running, x))
     recovered = await _phase(c, disks, deaths, settling, again)
     result, outcome = await settling
@@ -366,13 +422,27 @@ async def _handover(
     return counted, recovered, outcome
 
 
-def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
-    """Every crash point of a phase: each node's storage calls, then its messages."""
+async def _direct_path(link: Link, dest: str) -> None:
+    """Wait until `link`'s direct data path to worker `dest` is open: it opens in the background
+    on a first large request, and a restart of either end breaks it. Each case then sends the
+    same chunks the same way, so the crash points counted once are the ones every case reaches."""
+    assert link.direct is not None, "no direct path: the cluster is not on tcp://"
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while not link.direct.ready(dest.encode(), envelope.REQUEST):
+            link._want_direct(dest.encode())
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+
+
+def _points(counted: Counted, storage_only: bool = False, refused: bool = False) -> list[Crash]:
+    """Every crash point of a phase: each node's storage calls (and, `refused`, each refused
+    as a full disk or an I/O error would), then its messages and chunks."""
     points: list[Crash] = []
     for name in NODES:
-        calls, messages = counted[name]
-        points += [(name, "storage", n) for n in range(1, calls + 1)]
-        points += [] if storage_only else [(name, "message", n) for n in range(1, messages + 1)]
+        calls, *sent = counted[name]
+        for kind in ("storage", "disk full", "EIO") if refused else ("storage",):
+            points += [(name, kind, n) for n in range(1, calls + 1)]
+        for kind, count in zip(("message", "chunk", "take"), sent, strict=True):
+            points += [] if storage_only else [(name, kind, n) for n in range(1, count + 1)]
     return points
 
 
@@ -382,25 +452,46 @@ def _points(counted: Counted, storage_only: bool = False) -> list[Crash]:
 # on the client, by granting again (a death there is a death during the grant, enumerated once)
 # or by deleting the pointer left at alice (a removal: the write-ahead's enumeration above);
 # when that delete goes out depends on when the client hears from alice, so it is not counted.
+# `big`: the moved value is over `limits.STREAM_THRESHOLD_BYTES`, on a tcp:// cluster: bob sends
+# it to alice in chunks, the first through the broker and the rest over his direct data path to
+# her, as shared-memory files (one host); each chunk is a crash point of bob's as well.
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("protocol", "twice"), [(_move, True), (_send, False)], ids=["move", "send-pointer"])
+@pytest.mark.parametrize(
+    ("protocol", "twice", "big"),
+    [
+        (_move, True, False),
+        (_send, False, False),
+        pytest.param(_move, True, True, marks=pytest.mark.slow),
+    ],
+    ids=["move", "send-pointer", "move-direct-shm"],
+)
 async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning_copy(
-    protocol: Protocol, twice: bool, monkeypatch: pytest.MonkeyPatch
+    protocol: Protocol, twice: bool, big: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: None)  # the node is cut off instead
+    # a crashed or refused write's fail-stop: the node is cut off (and restarted) instead of exiting
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: setattr(_DYING[node].disk, "crashed", True))
     monkeypatch.setattr(limits, "RESOLVE_RETRY_S", 0.05)  # settles in doubt sooner: the cases are many
+    monkeypatch.setattr(limits, "DIRECT_RETRY_S", 0.05)  # a path a restart broke opens again at once
     disks = Disks()
     install(monkeypatch, disks)
-    values = (torch.full((4,), float(k)) for k in itertools.count())
+    size = BIG_BYTES // 4 if big else 4
+    values = (torch.full((size,), float(k)) for k in itertools.count())
     outcomes: collections.Counter[str] = collections.Counter()
-    async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S) as c:
+    transport = "tcp" if big else "inproc"
+    async with harness.cluster(NODES, stores=NODES, call_timeout=HANDOVER_CALL_TIMEOUT_S, transport=transport) as c:
         counted, _, _ = await _handover(c, disks, protocol, None, next(values))
-        assert all(calls and messages for calls, messages in counted.values()), counted
+        assert all(calls and messages for calls, messages, _, _ in counted.values()), counted
+        if big:  # the chunks took bob's direct path to alice, as shared-memory files
+            lane = c.node("bob").link.direct._lanes[b"alice"]  # type: ignore[union-attr]
+            assert lane.channel is not None and lane.channel.files_sent > 0, counted
+            assert counted["bob"][2] > 1 and counted["alice"][3] > 0, counted
         for crash in _points(counted):
             _, recovered, outcome = await _handover(c, disks, protocol, crash, next(values))
             outcomes[f"{crash[0]} {crash[1]}: {outcome}"] += 1
-            # and a second death, at each storage call made while recovering from the first
-            for again in _points(recovered, storage_only=True) if twice else []:
+            # and a second death, or a refusal, at each storage call made while recovering from
+            # the first (its restore of its store included; refusals on small values only: the
+            # recovery is the same, and a large value's cases are ten times as slow)
+            for again in _points(recovered, storage_only=True, refused=not big) if twice else []:
                 _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
                 outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
     print(f"{protocol.__name__}: counted {counted}; {sum(outcomes.values())} crashes, outcomes {dict(outcomes)}")
@@ -611,3 +702,106 @@ async def test_a_killed_node_sends_nothing_it_had_batched_even_forgotten_before_
         assert all(isinstance(e, fedptr.FedptrError) for e in outcomes), outcomes
         for p in (x, *ys):
             p.owned = False  # nothing to delete: the cluster ends here
+
+
+async def _bulk(c: harness.InprocCluster, disks: Disks, death: Death, value: torch.Tensor) -> str:
+    """Send large `value` to bob, then get it back (its delete held back: bob keeps it), the rest
+    of each buffer over the client's direct path to bob as shared-memory files, with `death` on
+    bob (a refused write's fail-stop kills it); bob restarted if he died. Checks that an
+    acknowledged send is on bob's disk whole after it, an unacknowledged one is there whole or
+    not at all, and a get that answered gave the value. Returns what the two came to."""
+    await _direct_path(c.client.link, "bob")
+    bob = c.node("bob")
+    death.watch(bob)
+    disks.give(bob, death.disk)
+    x = c.worker("bob").send(value)
+    heard: list[str] = []
+
+    async def send_and_get() -> None:
+        await x
+        heard.append("stored")
+        got = await x.get()
+        assert isinstance(got, torch.Tensor) and torch.equal(got, value), "the get answered another value"
+        heard.append("fetched")
+
+    running = asyncio.ensure_future(_raised(send_and_get()))
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        while not running.done() and not death.dead:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+    if death.dead:
+        death.kill()
+        Death.forget(bob)
+        await c.restart_node("bob")
+    else:
+        Death.forget(bob)
+        disks.give(bob, CrashingDisk())  # what follows (the case's delete) is not the case's
+    async with asyncio.timeout(QUIET_TIMEOUT_S):
+        error = await running
+    assert error is None or isinstance(error, fedptr.FedptrError), f"{death}: {error!r}"
+    await _listed_after_restart(c, "bob")  # bob answers again
+    store = c.node("bob").store
+    entry = store.entries.get(x.id_at_location)
+    assert store.durable is not None
+    on_disk, damaged = store.durable._scan()
+    assert not damaged, damaged
+    stored = on_disk.get(x.id_at_location)
+    where = f"{heard or 'nothing heard'} ({error!r})"
+    if heard:  # acknowledged: bob holds it, whole, in memory and on disk
+        assert entry is not None and stored is not None, where
+    for held in (None if entry is None else entry.value, None if stored is None else stored.value):
+        assert held is None or torch.equal(held, value), f"{where}: a torn value"
+    assert (entry is None) == (stored is None), f"{where}: in memory {entry}, on disk {stored}"
+    if entry is not None:  # the case's object goes: not among the next case's calls
+        _RELEASE(c.client, "bob", x.id_at_location)
+        async with asyncio.timeout(QUIET_TIMEOUT_S):
+            while x.id_at_location in store.entries:
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+            barrier = store.barrier()
+            if barrier is not None:
+                await barrier
+    x.owned = False
+    return "+".join(heard) or f"failed ({type(error).__name__})"
+
+
+_RELEASE = fedptr.Client.release
+
+
+@pytest.mark.asyncio
+@pytest.mark.slow
+async def test_every_fault_of_a_large_send_and_get_over_shared_memory_leaves_the_value_whole_or_absent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 5 MiB send to bob and its get, the rest of each buffer after a small first chunk taking
+    the direct path as shared-memory files (the client's to bob, bob's replies back): bob killed
+    at each storage call, refused (ENOSPC, EIO) at each, killed before each message he sends,
+    each chunk he sends and each chunk he takes off the path. An acknowledged send survives
+    whole; one that was not is whole or absent, never half-written."""
+    deaths: dict[str, Death] = {}
+    monkeypatch.setattr(node_module, "fail_stop", lambda node, why: deaths[node].kill())
+    monkeypatch.setattr(limits, "DIRECT_RETRY_S", 0.05)  # a path a restart broke opens again at once
+    monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: None)
+    disks = Disks()
+    install(monkeypatch, disks)
+    values = (torch.full((BIG_BYTES // 4,), float(k)) for k in itertools.count())
+    outcomes: collections.Counter[str] = collections.Counter()
+    async with harness.cluster(
+        ["bob"], stores=["bob"], transport="tcp", heartbeat_s=BEAT_S, call_timeout=HANDOVER_CALL_TIMEOUT_S
+    ) as c:
+        deaths["bob"] = counting = Death()
+        assert await _bulk(c, disks, counting, next(values)) == "stored+fetched"
+        calls, messages, chunks, taken = counting.disk.calls, counting.messages, counting.chunks, counting.taken
+        assert calls and messages and chunks > 1 and taken > 1, (calls, messages, chunks, taken)
+        lane = c.client.link.direct._lanes[b"bob"]  # type: ignore[union-attr]
+        assert lane.channel is not None and lane.channel.files_sent > 0, "no shared memory"
+        faults = [
+            *(Death(at=n) for n in range(1, calls + 1)),
+            *(Death(disk=CrashingDisk(n, refuse=e)) for e in (FULL, EIO) for n in range(1, calls + 1)),
+            *(Death(message=n) for n in range(1, messages + 1)),
+            *(Death(chunk=n) for n in range(1, chunks + 1)),
+            *(Death(take=n) for n in range(1, taken + 1)),
+        ]
+        for death in faults:
+            deaths["bob"] = death
+            outcomes[await _bulk(c, disks, death, next(values))] += 1
+            assert death.dead, "the fault never came to pass"
+    print(f"counted {(calls, messages, chunks, taken)}; {len(faults)} faults, outcomes {dict(outcomes)}")

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import msgpack
 import pytest
 import pytest_asyncio
 import torch
@@ -165,12 +166,23 @@ async def _stored_store(directory: Path) -> None:
     await wal.aclose()
 
 
+def _older(directory: Path) -> None:
+    """Object 2 as an older release wrote it: its record without a byte count, its data in 2.bin."""
+    (directory / "2.bin").write_bytes(torch.ones(1024).numpy().tobytes())
+    (directory / "2.rec").write_bytes(msgpack.packb(["tensor", "float32", [1024], "", 0, "c", "", {}]))
+
+
+def _torn(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        (lambda d: (d / "2.bin").write_bytes((d / "2.bin").read_bytes()[:100]), "2.rec"),  # torn tensor file
-        (lambda d: (d / "2.bin").unlink(), "2.rec"),  # a record without its data
+        (lambda d: _torn(d / "2.rec"), "2.rec"),  # torn record (its data follows it in the file)
+        (lambda d: (_older(d), _torn(d / "2.bin")), "2.rec"),  # an older release's torn tensor file
+        (lambda d: (_older(d), (d / "2.bin").unlink()), "2.rec"),  # an older record without its data
         (lambda d: (d / "3.rec").write_bytes(b"\xc1garbage"), "3.rec"),  # a record that does not parse
         (lambda d: (d / "2.mov").write_bytes(b"\x92"), "2.rec"),  # a move record that does not parse
     ],
@@ -199,7 +211,19 @@ async def test_what_an_interrupted_write_or_removal_leaves_is_not_damage(tmp_pat
     (tmp_path / "7.bin.tmp").write_bytes(b"torn")  # a write interrupted before its rename
     (tmp_path / "8.mov").write_bytes(b"\x92")  # the move record of an object removed since
     assert sorted(DurableStore(tmp_path).load()) == [2, 3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.bin", "2.rec", "3.rec"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.rec", "3.rec"]
+
+
+@pytest.mark.asyncio
+async def test_an_older_releases_store_loads_and_a_rewrite_replaces_its_data_file(tmp_path: Path) -> None:
+    await _stored_store(tmp_path)
+    _older(tmp_path)
+    assert torch.equal(DurableStore(tmp_path).load()[2].value, torch.ones(1024))  # type: ignore[arg-type]
+    wal = WriteAhead(DurableStore(tmp_path), "bob")
+    await wal.save_tensor(2, torch.zeros(2, 3), "c", "", {})
+    await wal.aclose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.rec", "2.rec", "3.rec"]
+    assert torch.equal(DurableStore(tmp_path).load()[2].value, torch.zeros(2, 3))  # type: ignore[arg-type]
 
 
 def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() -> None:
@@ -596,7 +620,7 @@ async def _retried(call: Callable[[], Awaitable[T]], timeout: float = 20) -> T:
 async def test_a_node_refuses_a_damaged_store_until_the_operator_recovers_it(tmp_path: Path) -> None:
     store = tmp_path / "bob"
     await _stored_store(store)
-    (store / "2.bin").write_bytes(b"torn" * 25)
+    _torn(store / "2.rec")
     args = {"bob": ["--store", str(store)]}
     with pytest.raises(fedptr.FedptrError, match=r"damaged.*2\.rec"):
         async with fedptr.local_cluster(["bob"], node_args=args, curve=False):
@@ -608,7 +632,7 @@ async def test_a_node_refuses_a_damaged_store_until_the_operator_recovers_it(tmp
         timeout=120,
     )
     assert recovered.returncode == 1, recovered.stderr
-    assert "lost object 2: 2.rec, 2.bin" in recovered.stdout
+    assert "lost object 2: 2.rec" in recovered.stdout
     async with fedptr.local_cluster(["bob"], node_args=args, curve=False) as c:
         assert sorted(await c.client.worker("bob").objects()) == [1, 3]
 

@@ -51,8 +51,11 @@ async def test_part_2_federated_learning_by_sending_the_model(client: fedptr.Cli
     async with asyncio.timeout(DEADLINE_S):
         data_bob, target_bob, data_alice, target_alice = await send_toy_dataset(bob, alice)
 
-        # Iniitalize A Toy Model
-        model = nn.Linear(2, 1)
+        # Iniitalize A Toy Model (seeded: from some starting points bob's loss after averaging with
+        # alice rises, 0.00044 -> 0.0028 in one run, so the test's drop held only for most seeds)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = nn.Linear(2, 1)
 
         datasets = [(data_bob, target_bob), (data_alice, target_alice)]
 
@@ -95,8 +98,11 @@ async def test_part_4_federated_learning_with_a_trusted_aggregator(client: fedpt
     async with asyncio.timeout(DEADLINE_S):
         bobs_data, bobs_target, alices_data, alices_target = await send_toy_dataset(bob, alice)
 
-        # Iniitalize A Toy Model
-        model = nn.Linear(2, 1)
+        # Iniitalize A Toy Model (seeded: from some starting points bob's loss after averaging with
+        # alice rises, 0.00044 -> 0.0028 in one run, so the test's drop held only for most seeds)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = nn.Linear(2, 1)
 
         iterations = 10
         worker_iters = 5
