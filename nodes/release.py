@@ -42,6 +42,10 @@ class Release:
             if not isinstance(value, torch.Tensor) or entry.location is not None:
                 raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
             clipped = mechanisms.clip(value, self.config.dp_clip)
+            # checked again on the copy just read: a write pipelined behind this request (an
+            # `add_` of another owner's data moved here) may have run since the check on arrival,
+            # and its taint, decided as it arrived, is on the entry by now
+            policy.check_own_data(self.policy, entry.taint, "a contribution")
             spent = await self.scheduler.offload(self.budget.charge, self.config.dp_noise_multiplier, 1.0, 1)
             self.audit.record(audit.CONTRIBUTION, source, object=msg.obj_id, to=msg.aggregator, epsilon_spent=spent)
             put = wire.PutContribution(

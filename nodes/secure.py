@@ -248,6 +248,9 @@ class SecureRounds:
                 raise InvalidArgumentError(f"a secure input is a tensor of {config.dim} numbers held on its owner")
             bound = min(node.config.dp_clip, config.clip)
             clipped = mechanisms.clip(value.detach().reshape(-1), bound).to(torch.float64).numpy()
+            # checked at the join, a phase ago: the client may have written another owner's data
+            # into the object since (an in-place op), so the copy just read is checked again
+            policy.check_own_data(node.policy, entry.taint, "a secure input")
             # masked (its noise and rounding from a generator seeded from the OS for this input
             # alone) before the charge, which the reply still waits for: an input the protocol
             # refuses to send (too few neighbours' shares) spends nothing
