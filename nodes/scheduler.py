@@ -9,6 +9,7 @@ the node stops reading requests (zmq queues them, then their senders) until it d
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -66,7 +67,9 @@ class Scheduler:
         untyped)."""
         if self._closed:
             raise OverloadedError(self.here, "the node is stopping")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        work = [fn, args]
+        del fn, args  # an error raised through this frame keeps its locals: only the emptied list
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _run_once, work)
 
     def spawn(self, coro: Coroutine[Any, Any, None], on_error: Callable[[Exception], None]) -> None:
         """Finish a request in a background task; what it raises goes to `on_error`. Raises
@@ -106,3 +109,21 @@ class Scheduler:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._pool.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_once(work: list[Any]) -> Any:
+    """Run ``work`` (``[fn, args]``) and drop it on the thread before the result is handed over.
+    The executor keeps its work item until after the loop has the result, and with it whatever
+    ``fn`` and ``args`` reference: the store charges a storage until its memory is freed
+    (nodes/store.py), so a model a DP-SGD run was given still counted after its delete whenever
+    the thread had not run on yet (a twin-world difference in the node's figures)."""
+    fn, args = work
+    work.clear()
+    try:
+        return fn(*args)
+    except BaseException as e:
+        # its frames' locals (what it ran on) go; the frames and line numbers stay, for the log
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        del fn, args  # the traceback keeps this frame too
