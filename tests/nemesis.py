@@ -46,9 +46,14 @@ class CrashingDisk:
     and later calls go on, as a full or failing disk does; without, the process crashed there,
     and every later call raises Crashed."""
 
-    def __init__(self, at: int = 0, refuse: int | None = None) -> None:
+    def __init__(self, at: int = 0, refuse: int | None = None, only: str = "") -> None:
         self.at = at
         self.refuse = refuse
+        self.only = only
+        """When given ("charge", "audit"), `at` counts only the calls made for that (`step`'s
+        `making`): the fault strikes the at-th of them, whatever the node wrote before."""
+        self.counted = 0
+        """The calls `at` counts: all of them, or those `only` names."""
         self.calls = 0
         self.crashed = False
         self.refused = False
@@ -96,7 +101,11 @@ class CrashingDisk:
         self.calls += 1
         if making:
             (self.in_charges if making == "charge" else self.in_audit).append(self.calls)
-        if self.calls != self.at:
+        if not self.only or making == self.only:
+            self.counted += 1
+        else:
+            return True
+        if self.counted != self.at:
             return True
         if self.refuse is None:
             self.crashed = True
