@@ -78,6 +78,14 @@ class CrashingDisk:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             self._unsynced.pop(os.readlink(f"/proc/self/fd/{fd}"), None)
 
+    def unsynced_from(self, before: CrashingDisk) -> None:
+        """This disk follows `before` on the same directories (a node's next phase, or its
+        restart): the renames `before` left unsynced are this one's to undo in a power cut too."""
+        for directory, held in before._unsynced.items():
+            mine = self._unsynced.setdefault(directory, {})
+            for path, data in held.items():
+                mine.setdefault(path, data)
+
     def power_cut(self) -> None:
         """The power fails (after the process died): every rename not made durable by an fsync
         of its directory is undone (the file holds what it held before, or is gone). What was
@@ -86,7 +94,8 @@ class CrashingDisk:
         for held in self._unsynced.values():
             for path, data in held.items():
                 if data is None:
-                    os.unlink(path)
+                    with contextlib.suppress(FileNotFoundError):  # (unlinked since: unlinks are not modelled)
+                        os.unlink(path)
                 else:
                     with open(path, "wb") as f:
                         f.write(data)
