@@ -130,4 +130,5 @@ async def test_a_request_waiting_on_a_pending_value_answers_a_refused_write_at_o
             for refuse in (FULL, EIO)
         ]
         assert outcomes.count("refused") == 2 * sum(kinds.values()), outcomes
+    print(f"{request_.__name__}: calls after arrival {kinds}; {len(outcomes)} refusals, each answered at once")
     assert not stopped, stopped  # only the audit's and the budget's calls were refused: no fail-stop
