@@ -32,11 +32,12 @@ def copy_to_raise(error: _E) -> _E:
     so it keeps no frame of an awaiting caller."""
     # `__new__` without `__init__` (each subclass takes its own arguments), the one the class
     # inherits its constructor's from (along `__base__`, as CPython does: its own lookup would
-    # find MemoryError's for StoreFullError, which refuses a class laid out as WorkerRefused)
+    # find MemoryError's for StoreFullError, which refuses a class laid out as WorkerRefused),
+    # given `args`: an exception group's needs them (its members), an OSError's sets its errno
     base: Any = type(error)
     while "__new__" not in vars(base):
         base = base.__base__
-    copy: _E = base.__new__(type(error))
+    copy: _E = base.__new__(type(error), *error.args)
     copy.args = error.args
     copy.__dict__.update(error.__dict__)  # `worker`, `path`, `candidates`, notes, ...
     copy.__cause__ = error.__cause__

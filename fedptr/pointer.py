@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 import torch
 from torch import nn
@@ -207,8 +207,12 @@ def remote_results(
     enc_kwargs = {k: _encode(v, found) for k, v in kwargs.items()} if kwargs else {}
     if not found:
         raise UnsupportedTypeError(f"{op} needs at least one Pointer argument")
-    if op == "to":  # a device named by a string travels as one: refused here, not by the worker's torch
-        for a in (*args, *kwargs.values()) if kwargs else args:
+    # a device named by a string travels as one: refused here, not by the worker's torch (any
+    # op's `device=`, ``zeros_like(p, device="cuda")``; `to`'s positional one)
+    if kwargs and type(device := kwargs.get("device")) is str:
+        cpu_only(device)
+    if op == "to":
+        for a in args:
             if type(a) is str:
                 cpu_only(a)
     first = found[0]
@@ -582,6 +586,16 @@ class Pointer(PointerMethods):
         """numpy (``np.asarray(p)``) needs the values: refused saying so, where numpy would
         otherwise say it "could not convert object to sequence"."""
         _data_dependent("a numpy array")
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """Refused, and so are ``copy.copy``, ``copy.deepcopy`` and pickle, which call it: a copy
+        would own the same remote object and delete it, once dropped, under this pointer (whose
+        next use then failed with ObjectNotFoundError), and a pickled one names an object of this
+        client's session in no other."""
+        raise UnsupportedTypeError(
+            "a Pointer is not copied or pickled: it owns its remote object (a copy, once dropped, "
+            "would delete it); share the pointer itself, or p.clone() for a remote copy of the value"
+        )
 
     if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
 

@@ -434,7 +434,7 @@ class Compute:
                     continue
                 results = kernels.results(kernels.checked(op, value), count)
                 if view:
-                    results = tuple(_unviewed(r, args, kwargs) for r in results)
+                    results = tuple(guard.unshared(r, args, kwargs) for r in results)
             else:
                 results = guard.run(op, args, kwargs, bool(private), self._refusal(lean, step, values), count)
             for key, r in enumerate(results, result):
@@ -590,17 +590,6 @@ def _ok(outputs: Sequence[torch.Tensor]) -> wire.Ok:
         return ok
     more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
     return wire.Ok(list(first.shape), dtype_name(first.dtype), more)
-
-
-def _unviewed(result: torch.Tensor, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    """`result` of a view operation, copied when it is a view of one of its operands, given by
-    position or keyword (``getitem(t=x)``), as guard.run copies a single op's."""
-    if result.numel():
-        storage = result.untyped_storage().data_ptr()
-        for a in itertools.chain(args, kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage:
-                return result.clone()
-    return result
 
 
 def _unalias(lean: _Lean, values: dict[int, Any]) -> None:

@@ -348,11 +348,11 @@ def run(
     else:
         value = kernels.run(op, args, kwargs)
         if count == 1 and type(value) is torch.Tensor:  # the common case, kept lean: it runs per op
-            return (value if op in ALIASING else _unshared(value, args, kwargs),)
+            return (value if op in ALIASING else unshared(value, args, kwargs),)
         outputs = kernels.results(value, count)
     if op in ALIASING:
         return outputs
-    return tuple(_unshared(r, args, kwargs) for r in outputs)
+    return tuple(unshared(r, args, kwargs) for r in outputs)
 
 
 def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta: Meta) -> tuple[torch.Tensor, ...]:
@@ -433,10 +433,14 @@ class _Zeros(torch.autograd.Function):
         return (None, None, *(torch.zeros(shape, dtype=dtype) for shape, dtype in ctx.operands))
 
 
-def _unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
-    """`result`, copied when it shares storage with an operand (or with another stored value)."""
+def unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    """`result`, copied when it shares storage with an operand (or with another stored value),
+    or when it is empty yet holds a storage: an empty view (``x[0:0]``) shares no element but
+    keeps its base's whole storage alive, which the store would charge at 0 bytes."""
     if result.numel():
         storage = result.untyped_storage().data_ptr()
         if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
             return result.clone()
+    elif result.untyped_storage().nbytes():
+        return result.clone()
     return result

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from fedptr.nodes import compute
+from fedptr.nodes import compute, guard
 from fedptr.nodes.node import NodeConfig
 from fedptr.nodes.scheduler import Scheduler
 from fedptr.nodes.store import Entry
@@ -257,9 +257,9 @@ async def test_an_operand_is_used_only_as_the_store_allows_it_whatever_its_state
 
 def test_a_lean_views_operand_given_by_keyword_is_seen_too() -> None:
     # getitem takes its tensor by keyword too (getitem(t=x)): a view of an operand is copied
-    # whichever way the operand came (red9)
+    # whichever way the operand came (red9); an empty one too: it holds x's whole storage
     x = torch.ones(4, 4)
-    view = x[0]
-    for args, kwargs in (([x, 0], {}), ([], {"t": x})):
-        copied = compute._unviewed(view, args, kwargs)
-        assert copied.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    for view in (x[0], x[0:0]):
+        for args, kwargs in (([x, 0], {}), ([], {"t": x})):
+            copied = guard.unshared(view, args, kwargs)
+            assert copied.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()

@@ -13,9 +13,11 @@ off the allow-list, numpy on a pointer, a GPU) each say what to do instead.
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import logging
+import pickle
 import re
 import subprocess
 import sys
@@ -342,4 +344,24 @@ async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() ->
                 x.to(device)
         with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
             x.to("gpu")
+        for make in (torch.zeros_like, torch.rand_like, torch.full_like):  # any op's device=, not only to's
+            args = (x, 1.0) if make is torch.full_like else (x,)
+            with pytest.raises(fedptr.InvalidArgumentError, match="cpu only"):
+                make(*args, device="cuda")  # the worker's torch said AssertionError, a RemoteError
+            with pytest.raises(fedptr.InvalidArgumentError, match="not a device"):
+                make(*args, device="gpu")
         assert torch.equal(await x.get(), torch.ones(2, 2))  # nothing failed on the worker
+
+
+async def test_a_pointer_is_not_copied_or_pickled() -> None:
+    """A copy would own the same remote object: dropping it deleted the object under the
+    original, whose next use failed (ObjectNotFoundError); a deep copy and pickle failed on the
+    client's sockets, leaving a half-built pointer whose finaliser raised."""
+    async with harness.cluster(["bob"]) as c:
+        x = await c.worker("bob").send(torch.ones(2))
+        model = await c.worker("bob").send(nn.Linear(2, 1))
+        for pointer in (x, model):
+            for copies in (copy.copy, copy.deepcopy, pickle.dumps):
+                with pytest.raises(fedptr.UnsupportedTypeError, match=r"clone\(\)"):
+                    copies(pointer)
+        assert torch.equal(await x.get(), torch.ones(2))  # its object is still there

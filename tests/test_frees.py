@@ -180,3 +180,24 @@ def test_the_copy_an_await_raises_is_the_error_without_its_traceback(error: Exce
     assert copy is not error and type(copy) is type(error)
     assert (copy.args, str(copy), vars(copy), copy.__cause__) == (error.args, str(error), vars(error), error.__cause__)
     assert copy.__traceback__ is None and error.__traceback__ is not None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ExceptionGroup("two failed", [fedptr.LostWorkerError("bob"), ValueError("x")]),  # needs its arguments
+        ConnectionResetError(104, "reset by peer"),  # its errno and strerror are set from them
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_the_copy_keeps_what_an_errors_constructor_made_of_its_arguments(error: Exception) -> None:
+    """State a built-in error's constructor keeps outside `args` and `__dict__` (an exception
+    group's members, an OSError's errno) is the copy's too; an exception group's copy was a
+    TypeError in place of the error."""
+    copy = fedptr.errors.copy_to_raise(error)
+    assert (type(copy), str(copy), copy.args) == (type(error), str(error), error.args)
+    assert getattr(copy, "exceptions", None) == getattr(error, "exceptions", None)
+    assert (getattr(copy, "errno", None), getattr(copy, "strerror", None)) == (
+        getattr(error, "errno", None),
+        getattr(error, "strerror", None),
+    )

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from fedptr.nodes.node import NodeConfig
 from fedptr.nodes.store import Store
@@ -198,8 +199,9 @@ async def test_op_by_op_training_is_charged_for_what_it_holds() -> None:
 async def test_a_saved_view_of_private_data_is_charged_for_its_storage() -> None:
     """A private op's graph saving a view keeps the whole storage the view looks into alive: it
     is charged at that storage's bytes (a function of shapes only), not at the view's. Here an
-    empty view of a plan's intermediate (not copied: it has no element to share), saved by
-    ``w * view``, keeps all of ``x * 1.0`` alive once the plan dropped its other values."""
+    empty view of a plan's intermediate, saved by ``w * view``: it kept all of ``x * 1.0`` alive
+    once the plan dropped its other values, until empty views were copied too (`guard.unshared`,
+    the next test); the charge must stay exact either way."""
     secret = {"secret": {"x": torch.randn(4 * N)}}
     async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}, data={"bob": secret}) as c:
         store = c.node("bob").store
@@ -216,6 +218,37 @@ async def test_a_saved_view_of_private_data_is_charged_for_its_storage() -> None
 @fedptr.plan
 def _saves_a_view(x: fedptr.Pointer, w: fedptr.Pointer) -> fedptr.Pointer:
     return w * (x * 1.0)[0:0]
+
+
+@pytest.mark.parametrize("how", ["getitem", "narrow", "plan"])
+async def test_an_empty_view_stored_does_not_keep_its_base_alive_uncharged(how: str) -> None:
+    """An empty result (``x[0:0]``) shares no element with its operand, so the guard stored it
+    uncopied: it kept ``x``'s whole storage alive, charged 0 bytes once ``x`` was deleted (16 KiB
+    here; any number of them, past any cap or quota)."""
+    async with harness.cluster(["bob"], configs={"bob": NodeConfig(max_store_bytes=CAP)}) as c:
+        store = c.node("bob").store
+        big = await c.worker("bob").send(torch.randn(4 * N))
+        if how == "getitem":
+            view = big[0:0]
+        elif how == "narrow":
+            view = big.narrow(0, 0, 0)
+        else:
+            view = _empty_view(big)
+        await view
+        del big
+
+        async def base_freed() -> bool:
+            return store.bytes <= SLACK
+
+        assert await eventually(base_freed), f"{store.bytes} bytes still charged"
+        held = held_bytes(store)
+        assert held <= store.bytes + SLACK, f"{held} bytes held, {store.bytes} charged"
+        del view
+
+
+@fedptr.plan
+def _empty_view(x: fedptr.Pointer) -> fedptr.Pointer:
+    return (x * 1.0)[0:0]
 
 
 def test_a_chain_of_gradient_tracking_ops_is_charged_for_what_its_graph_saved() -> None:
