@@ -154,7 +154,12 @@ class Compute:
             for ptr in ptrs:
                 ptr.fail(e)
             raise
-        forwarded.add_done_callback(lambda f: self._relayed(source, rid, f, result_ids, ptrs))
+
+        def relayed(f: asyncio.Future[wire.Message]) -> None:
+            self._relayed(source, rid, f, result_ids, ptrs)
+
+        # answered later, outside this handler: a step that raises still answers the op
+        forwarded.add_done_callback(self.node.answering(source, rid, relayed))
 
     def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None, bool]:
         """The op's stored operands by id, each checked against its owner and sponsor, the

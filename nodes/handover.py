@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -44,6 +44,8 @@ from .audit import AuditLog
 from .store import Entry, Store
 
 log = logging.getLogger("fedptr.node")
+
+T = TypeVar("T")
 
 _IN_DOUBT = (LostWorkerError, DeadlineExceeded, ClientClosedError, InDoubtError)
 """Errors after which a request may or may not have been carried out at the next hop."""
@@ -72,6 +74,8 @@ class Services(Protocol):
     ) -> None: ...
 
     def spawn(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None: ...
+
+    def answering(self, source: str, rid: bytes, step: Callable[[T], None]) -> Callable[[T], None]: ...
 
     def delete_downstream(self, entries: list[Entry]) -> None: ...
 
@@ -124,7 +128,7 @@ class Handover:
         if barrier is None:
             answer()
         else:
-            barrier.add_done_callback(answer)
+            barrier.add_done_callback(node.answering(source, rid, answer))
 
     def get(self, source: str, rid: bytes, msg: wire.Get, budget: float) -> None:
         """Hand the object to the caller: its value (the entry stays until the caller deletes
@@ -144,7 +148,9 @@ class Handover:
                 self._release(source, rid, msg.obj_id, entry, done.value)
 
         # An entry always settles: computations end, and forwards carry the link's deadline.
-        entry.on_settled(answer)
+        # Settled later, the answer runs outside this handler: it answers its own failure (a
+        # refused audit record) rather than leave the client to its deadline.
+        entry.on_settled(node.answering(source, rid, answer))
 
     def _get_pointer(self, source: str, rid: bytes, obj_id: int, entry: Entry, budget: float) -> None:
         """The caller takes this pointer's place: the object one hop down becomes theirs."""
@@ -168,13 +174,13 @@ class Handover:
             assert entry.location is not None
             try:
                 grant = node.forward(entry.location, wire.Grant(entry.remote_id, source), budget)
-            except FedptrError as e:
+            except Exception as e:  # nothing was handed over: the pointer stays
                 node.store.put_back(obj_id, entry)
                 node.reply_error(source, rid, e)
                 return
-            grant.add_done_callback(handed)
+            grant.add_done_callback(node.answering(source, rid, handed))
 
-        entry.on_settled(answer)
+        entry.on_settled(node.answering(source, rid, answer))
 
     def _release(self, source: str, rid: bytes, obj_id: int, entry: Entry, value: Any) -> None:
         node = self.node

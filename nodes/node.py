@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from .secure import SecureRounds
 
 log = logging.getLogger("fedptr.node")
+
+T = TypeVar("T")
 
 SECURE_REQUESTS: tuple[type[wire.Message], ...] = (
     wire.SecureMean,
@@ -301,6 +303,20 @@ class Node:
             self.reply_error(dest, rid, error)
 
         durable.add_done_callback(written)
+
+    def answering(self, source: str, rid: bytes, step: Callable[[T], None]) -> Callable[[T], None]:
+        """`step`, a later step of `source`'s request `rid` (an entry's settle callback, a
+        future's done callback), answering the request with what it raises: it runs outside
+        the handler, whose `except` would have (a get's audit record refused once its value
+        settled raised into the loop, and the client waited out its deadline)."""
+
+        def answered(arg: T) -> None:
+            try:
+                step(arg)
+            except Exception as e:
+                self.reply_error(source, rid, e)
+
+        return answered
 
     def compute_later(self, coro: Coroutine[Any, Any, None], source: str, rid: bytes) -> None:
         """Run a computation of `source`'s request `rid` in the pool; its later requests wait until

@@ -46,9 +46,14 @@ class CrashingDisk:
     and later calls go on, as a full or failing disk does; without, the process crashed there,
     and every later call raises Crashed."""
 
-    def __init__(self, at: int = 0, refuse: int | None = None) -> None:
+    def __init__(self, at: int = 0, refuse: int | None = None, only: str = "") -> None:
         self.at = at
         self.refuse = refuse
+        self.only = only
+        """When given ("charge", "audit"), `at` counts only the calls made for that (`step`'s
+        `making`): the fault strikes the at-th of them, whatever the node wrote before."""
+        self.counted = 0
+        """The calls `at` counts: all of them, or those `only` names."""
         self.calls = 0
         self.crashed = False
         self.refused = False
@@ -73,6 +78,14 @@ class CrashingDisk:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             self._unsynced.pop(os.readlink(f"/proc/self/fd/{fd}"), None)
 
+    def unsynced_from(self, before: CrashingDisk) -> None:
+        """This disk follows `before` on the same directories (a node's next phase, or its
+        restart): the renames `before` left unsynced are this one's to undo in a power cut too."""
+        for directory, held in before._unsynced.items():
+            mine = self._unsynced.setdefault(directory, {})
+            for path, data in held.items():
+                mine.setdefault(path, data)
+
     def power_cut(self) -> None:
         """The power fails (after the process died): every rename not made durable by an fsync
         of its directory is undone (the file holds what it held before, or is gone). What was
@@ -81,7 +94,8 @@ class CrashingDisk:
         for held in self._unsynced.values():
             for path, data in held.items():
                 if data is None:
-                    os.unlink(path)
+                    with contextlib.suppress(FileNotFoundError):  # (unlinked since: unlinks are not modelled)
+                        os.unlink(path)
                 else:
                     with open(path, "wb") as f:
                         f.write(data)
@@ -96,7 +110,11 @@ class CrashingDisk:
         self.calls += 1
         if making:
             (self.in_charges if making == "charge" else self.in_audit).append(self.calls)
-        if self.calls != self.at:
+        if not self.only or making == self.only:
+            self.counted += 1
+        else:
+            return True
+        if self.counted != self.at:
             return True
         if self.refuse is None:
             self.crashed = True

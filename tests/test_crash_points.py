@@ -249,10 +249,11 @@ def _on_disk(c: harness.InprocCluster, value: torch.Tensor) -> dict[str, list[tu
 
 
 Crash = tuple[str, str, int]
-"""Which node dies where: ``(node, "storage", "message", "chunk" or "take", n)``: at its n-th
-storage call, or just before its n-th request or reply, or its n-th chunk of a large buffer sent
-(through the broker or a direct path), or taken off a direct path, counted from the start of the
-phase it dies in."""
+"""Which node dies where: ``(node, "storage", "power cut", "message", "chunk" or "take", n)``: at
+its n-th storage call (then, for a power cut, each rename no fsync of its directory made durable,
+in this phase or the one before, is undone), or just before its n-th request or reply, or its
+n-th chunk of a large buffer sent (through the broker or a direct path), or taken off a direct
+path, counted from the start of the phase it dies in."""
 
 Counted = dict[str, tuple[int, int, int, int]]
 """Each node's storage calls, messages (requests and replies), chunks sent and chunks taken off
@@ -266,6 +267,7 @@ def _deaths(crash: Crash | None) -> dict[str, Death]:
         victim, where, n = crash
         deaths[victim] = {
             "storage": lambda: Death(at=n),
+            "power cut": lambda: Death(at=n),
             "disk full": lambda: Death(disk=CrashingDisk(n, refuse=FULL)),
             "EIO": lambda: Death(disk=CrashingDisk(n, refuse=EIO)),
             "message": lambda: Death(message=n),
@@ -315,8 +317,12 @@ async def _phase(
     counted = {name: (death.disk.calls, death.messages, death.chunks, death.taken) for name, death in deaths.items()}
     assert (crash is None) == (not dead), f"{crash} never came to pass: {counted}"
     for name in NODES:
+        if restoring is not None:  # one disk: the renames this phase left unsynced a cut undoes too
+            restoring[name].disk.unsynced_from(deaths[name].disk)
         if name in dead:
             await c.stop_node(name)
+            if crash is not None and crash[1] == "power cut":
+                deaths[name].disk.power_cut()
             await _start(c, disks, name, None if restoring is None else restoring[name])
         else:
             Death.forget(c.node(name))
@@ -435,11 +441,12 @@ async def _direct_path(link: Link, dest: str) -> None:
 
 def _points(counted: Counted, storage_only: bool = False, refused: bool = False) -> list[Crash]:
     """Every crash point of a phase: each node's storage calls (and, `refused`, each refused
-    as a full disk or an I/O error would), then its messages and chunks."""
+    as a full disk or an I/O error would, or a crash followed by a power cut), then its messages
+    and chunks."""
     points: list[Crash] = []
     for name in NODES:
         calls, *sent = counted[name]
-        for kind in ("storage", "disk full", "EIO") if refused else ("storage",):
+        for kind in ("storage", "power cut", "disk full", "EIO") if refused else ("storage",):
             points += [(name, kind, n) for n in range(1, calls + 1)]
         for kind, count in zip(("message", "chunk", "take"), sent, strict=True):
             points += [] if storage_only else [(name, kind, n) for n in range(1, count + 1)]
