@@ -58,7 +58,7 @@ from torch.nn import functional
 from typer.main import get_command
 
 import fedptr
-from fedptr import dp, envelope, limits, link, metrics, ops, optim, streams
+from fedptr import dp, envelope, limits, link, metrics, ops, optim, streams, wire
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -369,14 +369,32 @@ _added = st.one_of(
 """Actions added in the eleventh red-team round (docs/REDTEAM.md): ops with extra arguments,
 sends of other dtypes, tensors past the small-get path, explicit deletes, budget queries and DP
 contributions mid-program (refused, or charged, alike in both worlds)."""
-ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute")
+FOREIGN = ("get", "op", "move")
+"""What the second client asks of an id the first client holds (`b_foreign`): raw wire requests."""
+_second = st.one_of(
+    st.tuples(st.just("b_objects")),
+    st.tuples(st.just("b_send"), st.sampled_from(WORKERS), st.integers(0, 3)),
+    st.tuples(st.just("b_apply"), st.sampled_from(sorted(ROWS)), _index, _partner),
+    st.tuples(st.just("b_get"), _index),
+    st.tuples(st.just("b_foreign"), st.sampled_from(FOREIGN), _index, st.sampled_from(WORKERS)),
+    st.tuples(st.just("b_budget"), st.sampled_from(WORKERS)),
+    st.tuples(st.just("b_contribute"), _index),
+    st.tuples(st.just("b_big"), _index),
+)
+"""Actions of a second client of the cluster (seventeenth red-team round), with pointers of its
+own (bob's data from its own search, its sends and what it computes from them): its listings of
+every worker, ops, gets, the first client's ids asked for on the wire, budget queries, DP
+contributions charged to bob's budget (with releases: the aggregator), and a `big` tensor under
+bob's quota, which both clients' holdings count against."""
+SECOND = ("b_objects", "b_send", "b_apply", "b_get", "b_foreign", "b_budget", "b_contribute", "b_big")
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
     st.tuples(st.just("objects"), st.sampled_from(WORKERS)),
 )
 _alias = st.tuples(st.just("parameter"), _index, st.integers(0, 3))
-_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams, _added)
+_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams, _added, _second)
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
@@ -459,6 +477,12 @@ class World:
     """The pointers to each model's parameters (by the model pointer's id()), directly or down a
     chain: DP outputs once it trains."""
     seen: list[Any] = field(default_factory=list)
+    stack: contextlib.AsyncExitStack | None = None
+    """Where the second client's connection closes, with the world's cluster."""
+    second: World | None = None
+    """The second client's pointers (`SECOND`), sharing `seen`: opened by its first step."""
+    client: fedptr.Client | None = None
+    """The second client, in its own world (the first world's client is the cluster's)."""
 
     def pick(self, i: int) -> fedptr.Pointer | None:
         live = [p for p in self.tensors if p.owned]
@@ -572,8 +596,14 @@ def _keep_on_disk(node: Any, directory: Path, budget: bool) -> None:
 
 
 async def _run_in(c: harness.InprocCluster, program: list[tuple[Any, ...]], audited: str, releases: bool) -> list[Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        return await _program(c, program, audited, releases, World(c, stack=stack))
+
+
+async def _program(
+    c: harness.InprocCluster, program: list[tuple[Any, ...]], audited: str, releases: bool, world: World
+) -> list[Any]:
     names = tuple(c.nodes)
-    world = World(c)
     world.tensors += await c.worker("bob").search("secret")
     for start in (("send", "bob", 0), ("model", "bob", "linear"), ("send", "alice", 1)):
         await _step_in(world, start)  # something public beside the secret, to write it into
@@ -582,14 +612,17 @@ async def _run_in(c: harness.InprocCluster, program: list[tuple[Any, ...]], audi
     if releases:
         await _release_all(world)
     await _draw(world)
-    for p in [p for p in world.tensors if p.owned]:  # whatever it holds, it tries to fetch
-        got = await world.observe("final get", p.get)
-        world.seen.append(("final value", _value(got)))
+    worlds = [world, *([world.second] if world.second else [])]
+    for each in worlds:
+        for p in [p for p in each.tensors if p.owned]:  # whatever a client holds, it tries to fetch
+            got = await each.observe("final get", p.get)
+            world.seen.append(("final value", _value(got)))
     for m, _ in [m for m in world.models if m[0].owned]:
         got = await world.observe("final get_model", m.get)
         world.seen.append(("final model", _value(got)))
     for name in names:
-        await world.observe("objects", lambda name=name: _listing(c.worker(name), previews=name != "agg"))
+        listed = await world.observe("objects", lambda name=name: _listing(c.worker(name), previews=name != "agg"))
+        world.seen.append(("listing", name, listed))
     # Dropped pointers' deletes leave in the client's next loop turn: round trips to every
     # worker, behind them in order, before the counts are read. Every cycle this program
     # made is collected first (one promoted to the oldest generation during the program
@@ -599,7 +632,8 @@ async def _run_in(c: harness.InprocCluster, program: list[tuple[Any, ...]], audi
     await asyncio.sleep(0)
     for _ in WORKERS:  # a chain's deletes cascade one hop per round trip, and chains are this deep at most
         for name in names:
-            await c.worker(name).objects()
+            for each in worlds:  # each client's own deletes leave behind its own requests
+                await (each.client or c.client).worker(name).objects()
     world.seen += [("figures", name, _figures(c.node(name))) for name in names]
     world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in names]
     assert c.broker is not None
@@ -802,7 +836,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         # process with the nodes and broker, a count of no one's choosing. Collected first, as
         # before the final counts, so that the listing sees every dropped pointer's delete.
         gc.collect()
-        await w.observe("objects", lambda: _listing(client.worker(args[0])))
+        w.seen.append(("listing", await w.observe("objects", lambda: _listing(client.worker(args[0])))))
         return
     if kind == "apply":
         name, index, other = args
@@ -855,7 +889,9 @@ whose programs never reach an action says nothing about it."""
 
 
 async def _added_step(w: World, kind: str, *args: Any) -> bool:
-    """One of the eleventh round's actions (`_added`); whether it succeeded."""
+    """One of the eleventh round's actions (`_added`) or the second client's; whether it succeeded."""
+    if kind in SECOND:
+        return await _second_step(w, await _second(w), kind, *args)
     client = w.cluster.client
     if kind == "typed_send":
         where, dtype, seed = args
@@ -898,6 +934,90 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
     w.seen.append(("contributed", made[1]))
     w.tensors.append(made[0])  # a contribution on the aggregator: its get must be refused alike
     return True
+
+
+async def _second(w: World) -> World:
+    """The second client's world, connected (and bob's data searched) at its first step: a
+    program without one costs no connection."""
+    if w.second is None:
+        assert w.stack is not None
+        client = await w.stack.enter_async_context(w.cluster.connect())
+        w.second = World(w.cluster, seen=w.seen, client=client)
+        w.second.tensors += await client.worker("bob").search("secret")
+    return w.second
+
+
+async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
+    """One of the second client's actions (`SECOND`) in world `w`, its pointers in `b`; whether it
+    succeeded. Its observations go to the one list both clients' do."""
+    client = b.client
+    assert client is not None
+    if kind == "b_objects":
+        names = tuple(w.cluster.nodes)
+        for name in names:
+            listed = await b.observe("b objects", lambda name=name: _listing(client.worker(name), name != "agg"))
+            w.seen.append(("b listing", name, listed))
+        return True
+    if kind == "b_send":
+        where, seed = args
+        value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
+        p = await b.observe("b send", lambda: client.worker(where).send(value))
+        b.keep(p)
+        return p is not None
+    if kind == "b_budget":
+        spent = await b.observe("b budget", lambda: dp.budget(client.worker(args[0])))
+        w.seen.append(("b budget", spent))
+        return spent is not None
+    if kind == "b_foreign":
+        return await _foreign(w, b, *args)
+    p = b.pick(args[1] if kind == "b_apply" else args[0])
+    if p is None:
+        return False
+    if kind == "b_apply":
+        name, _, other = args
+        out = await b.observe(f"b {name}", lambda: ROWS[name](p, b.partner(p, other)))
+        b.keep(out, p)
+        return out is not None
+    if kind == "b_get":
+        got = await b.observe("b get", p.get)
+        w.seen.append(("b value", _value(got)))
+        return got is not None
+    if kind == "b_big":
+        out = await b.observe("b big", lambda: p.repeat(*BIG))
+        b.keep(out)
+        return out is not None
+    made = await b.observe("b contribute", lambda: dp.contribute(p, "agg"))
+    if made is None:
+        return False
+    w.seen.append(("b contributed", made[1]))
+    b.tensors.append(made[0])
+    return True
+
+
+async def _foreign(w: World, b: World, verb: str, index: int, dest: str) -> bool:
+    """The second client asks, on the wire, for an object the first one holds, by the id its
+    listing shows: refused, "belongs to another peer" (docs/PRIVACY.md, "Several clients"),
+    unless it is bob's data, which is anyone's to compute with as bob's policy says. Whether the
+    documented answer came."""
+    client = b.client
+    assert client is not None
+    p = w.pick(index)
+    if p is None:
+        return False
+    oid = p.id_at_location
+    rows = await b.observe("b objects", lambda: client.worker(p.location).objects())
+    w.seen.append(("b lists it", rows is not None and oid in rows))
+    request = {
+        "get": lambda: wire.Get(oid),
+        "op": lambda: wire.Op(client.new_id(), "mul", [wire.Ref(oid), 2.0], {}),
+        "move": lambda: wire.Move(oid, dest, client.new_id()),
+    }[verb]()
+    answer = await b.observe(f"b foreign {verb}", lambda: client.call(p.location, request))
+    if any(p is q for q in w.tensors[:2]):
+        return True  # bob's data: its policy answered, alike in both worlds or `seen` differs
+    refused = answer is None and "belongs to another peer" in str(w.seen[-1])
+    assert refused, f"the second client's {verb} of the first's object: {w.seen[-1]}"
+    return refused
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -996,6 +1116,14 @@ ADDED_PROGRAM = [
     ("delete", 0),  # the product (a get consumed the big one)
     ("budget", "bob"),
     ("contribute", 4),  # bob's x
+    ("b_objects",),
+    ("b_send", "bob", 2),
+    ("b_apply", "add", 0, SECRET),  # the second client's send plus bob's x
+    ("b_get", 1),  # its send (a get consumes the pointer)
+    ("b_big", 2),  # bob's x, searched by the second client, repeated
+    ("b_contribute", 3),  # bob's x
+    ("b_foreign", "get", 0, "alice"),  # the first client's contribution on the aggregator
+    ("b_budget", "bob"),
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
