@@ -394,11 +394,17 @@ _looks = st.one_of(
     st.tuples(st.just("objects"), st.sampled_from(WORKERS)),
 )
 _alias = st.tuples(st.just("parameter"), _index, st.integers(0, 3))
-_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams, _added, _second)
+_step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams, _added)
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
-programs = st.lists(_step, min_size=8, max_size=24)
+programs = st.one_of(
+    st.lists(_step, min_size=8, max_size=24),
+    st.lists(_step, min_size=8, max_size=24),
+    st.lists(st.one_of(_step, _step, _second), min_size=8, max_size=24),
+)
+"""A third of the programs have a second client, a third of whose steps are its own: connecting
+it costs a world about a quarter of its time, which CI's fixed program set pays a third of."""
 secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
 """World b's secret is world a's shifted by this in every element: the worlds always differ (left
@@ -621,19 +627,7 @@ async def _program(
         got = await world.observe("final get_model", m.get)
         world.seen.append(("final model", _value(got)))
     for name in names:
-        listed = await world.observe("objects", lambda name=name: _listing(c.worker(name), previews=name != "agg"))
-        world.seen.append(("listing", name, listed))
-    # Dropped pointers' deletes leave in the client's next loop turn: round trips to every
-    # worker, behind them in order, before the counts are read. Every cycle this program
-    # made is collected first (one promoted to the oldest generation during the program
-    # escaped a young collection: an object count off by one, seen under load); the heap
-    # from before the test is frozen (`_frozen_heap`), so this walks the program's objects only.
-    gc.collect()
-    await asyncio.sleep(0)
-    for _ in WORKERS:  # a chain's deletes cascade one hop per round trip, and chains are this deep at most
-        for name in names:
-            for each in worlds:  # each client's own deletes leave behind its own requests
-                await (each.client or c.client).worker(name).objects()
+        await _look(world, "objects", c.worker(name))
     world.seen += [("figures", name, _figures(c.node(name))) for name in names]
     world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in names]
     assert c.broker is not None
@@ -641,6 +635,31 @@ async def _program(
     world.seen.append(("status --json", await _status(c)))
     world.seen.append(("audit --json", _audit(audited)))
     return world.seen
+
+
+async def _settled(w: World) -> None:
+    """Every pointer the program dropped is deleted on every worker. Dropped pointers' deletes
+    leave in their client's next loop turn: round trips of each client to every worker, behind
+    them in order. Every cycle the program made is collected first (pointers in reference cycles
+    are released by whichever GC pass comes next, when allocations say so, a count of no one's
+    choosing; one promoted to the oldest generation during the program escaped a young
+    collection: an object count off by one, seen under load); the heap from before the test is
+    frozen (`_frozen_heap`), so this walks the program's objects only."""
+    gc.collect()
+    await asyncio.sleep(0)
+    clients = [w.cluster.client, *([w.second.client] if w.second and w.second.client else [])]
+    for _ in WORKERS:  # a chain's deletes cascade one hop per round trip, and chains are this deep at most
+        for name in w.cluster.nodes:
+            for client in clients:
+                await client.worker(name).objects()
+
+
+async def _look(w: World, label: str, worker: fedptr.Worker) -> None:
+    """`worker`'s listing, by its client, once the program's drops settled (`_settled`), recorded
+    by content (no previews of the aggregator's: its public objects are DP outputs)."""
+    await _settled(w)
+    listed = await w.observe(label, lambda: _listing(worker, previews=worker.name != "agg"))
+    w.seen.append((f"{label} listing", worker.name, listed))
 
 
 async def _listing(worker: fedptr.Worker, previews: bool = True) -> list[Any]:
@@ -831,12 +850,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
             w.seen.append(("model value", _value(got)))
         return
     if kind == "objects":
-        # Pointers left in reference cycles (made by ops and sends, ~3 a program) are
-        # released by whichever automatic GC pass comes next, when allocations say so: in one
-        # process with the nodes and broker, a count of no one's choosing. Collected first, as
-        # before the final counts, so that the listing sees every dropped pointer's delete.
-        gc.collect()
-        w.seen.append(("listing", await w.observe("objects", lambda: _listing(client.worker(args[0])))))
+        await _look(w, "objects", client.worker(args[0]))
         return
     if kind == "apply":
         name, index, other = args
@@ -953,10 +967,8 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
     client = b.client
     assert client is not None
     if kind == "b_objects":
-        names = tuple(w.cluster.nodes)
-        for name in names:
-            listed = await b.observe("b objects", lambda name=name: _listing(client.worker(name), name != "agg"))
-            w.seen.append(("b listing", name, listed))
+        for name in w.cluster.nodes:
+            await _look(w, "b objects", client.worker(name))
         return True
     if kind == "b_send":
         where, seed = args
