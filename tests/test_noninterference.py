@@ -24,6 +24,13 @@ hold a NaN, an infinity, a huge, subnormal or signed-zero value in one world or 
 ``--max-store-bytes`` drawn per program (`Variation`); programs also draw ops with extra
 arguments, sends of other dtypes, tensors past the small-tensor path, deletes, budget queries and
 DP contributions (`ADDED`, each checked to run by `test_each_added_action_is_drawn_and_runs`).
+
+Since the seventeenth round a third of the programs act through a second client of the same
+cluster too (`SECOND`), with pointers of its own: its listings of every worker, sends, ops and
+gets, the first client's ids asked for on the wire (refused, "belongs to another peer"), budget
+queries, DP contributions charged to bob's budget and a big tensor under bob's quota, which both
+clients' holdings count against. Both clients' observations go to the one list compared, and
+listings are compared by content (each once the program's drops settled: `_settled`).
 """
 
 from __future__ import annotations
@@ -626,8 +633,7 @@ async def _program(
     for m, _ in [m for m in world.models if m[0].owned]:
         got = await world.observe("final get_model", m.get)
         world.seen.append(("final model", _value(got)))
-    for name in names:
-        await _look(world, "objects", c.worker(name))
+    await _look(world, "objects", [c.worker(name) for name in names])
     world.seen += [("figures", name, _figures(c.node(name))) for name in names]
     world.seen += [("metrics", name, _scrape(c.node(name).figures.collect)) for name in names]
     assert c.broker is not None
@@ -654,12 +660,13 @@ async def _settled(w: World) -> None:
                 await client.worker(name).objects()
 
 
-async def _look(w: World, label: str, worker: fedptr.Worker) -> None:
-    """`worker`'s listing, by its client, once the program's drops settled (`_settled`), recorded
-    by content (no previews of the aggregator's: its public objects are DP outputs)."""
+async def _look(w: World, label: str, workers: list[fedptr.Worker]) -> None:
+    """Each worker's listing, by its client, once the program's drops settled (`_settled`),
+    recorded by content (no previews of the aggregator's: its public objects are DP outputs)."""
     await _settled(w)
-    listed = await w.observe(label, lambda: _listing(worker, previews=worker.name != "agg"))
-    w.seen.append((f"{label} listing", worker.name, listed))
+    for worker in workers:
+        listed = await w.observe(label, lambda worker=worker: _listing(worker, previews=worker.name != "agg"))
+        w.seen.append((f"{label} listing", worker.name, listed))
 
 
 async def _listing(worker: fedptr.Worker, previews: bool = True) -> list[Any]:
@@ -850,7 +857,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
             w.seen.append(("model value", _value(got)))
         return
     if kind == "objects":
-        await _look(w, "objects", client.worker(args[0]))
+        await _look(w, "objects", [client.worker(args[0])])
         return
     if kind == "apply":
         name, index, other = args
@@ -967,8 +974,7 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
     client = b.client
     assert client is not None
     if kind == "b_objects":
-        for name in w.cluster.nodes:
-            await _look(w, "b objects", client.worker(name))
+        await _look(w, "b objects", [client.worker(name) for name in w.cluster.nodes])
         return True
     if kind == "b_send":
         where, seed = args
@@ -1141,7 +1147,7 @@ ADDED_PROGRAM = [
 
 
 def test_each_added_action_is_drawn_and_runs() -> None:
-    """Each action the eleventh round added is drawn by `programs` (in 100 programs), and runs
+    """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 100 programs), and runs
     to success in a release world (`EXECUTED`) with labels out of range and a NaN in one world:
     an action the property never reaches, or that always fails, guarantees nothing."""
     drawn: set[str] = set()
