@@ -7,8 +7,8 @@ one rename replaces both: a rewrite that changes the shape (``x.data = y``) or t
 in-place op on private data) can never land half, new data under the old record (a store that
 would not load, or data derived from private data under a public record). Records of older
 releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load, and a
-rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move that has sent the object on but
-not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
+rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
+that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
 hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
 temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
 batch of writes and unlinks.

@@ -85,4 +85,3 @@ async def _got_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_gets_reply_is_the_value_it_released_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_got_then_written(monkeypatch))
-
