@@ -7,8 +7,8 @@ one rename replaces both: a rewrite that changes the shape (``x.data = y``) or t
 in-place op on private data) can never land half, new data under the old record (a store that
 would not load, or data derived from private data under a public record). Records of older
 releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load, and a
-rewrite replaces them. A move that has sent the object on but
-not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
+rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
+that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
 hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
 temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
 batch of writes and unlinks.
@@ -113,13 +113,22 @@ class DurableStore:
         """Write a tensor's record and data as one file (fsynced; the directory needs `sync`)."""
         record = ["tensor", dtype, shape, "", 0, owner, sponsor, privacy, memoryview(data).nbytes]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), data)
-        _unlink(self.dir / f"{obj_id}.bin")  # an older release's data file
+        self._drop_older_data(obj_id)
 
     def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = "") -> None:
         """Write a pointer's record (fsynced; the directory needs `sync`)."""
         record = ["pointer", "", [], location, remote_id, owner, sponsor]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record))
-        _unlink(self.dir / f"{obj_id}.bin")
+        self._drop_older_data(obj_id)
+
+    def _drop_older_data(self, obj_id: int) -> None:
+        """Remove an older release's data file of `obj_id`, whose record was just replaced: only
+        once the rename is durable (a directory fsync; once per such object), as a power cut
+        could undo the rename yet keep the unlink, leaving the old record without its data."""
+        older = self.dir / f"{obj_id}.bin"
+        if older.exists():
+            self.sync()
+            _unlink(older)
 
     def write_move(self, obj_id: int, dest: str, new_id: int) -> None:
         """Record that object `obj_id` is being moved to `dest` as `new_id` (the directory needs `sync`)."""

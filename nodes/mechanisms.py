@@ -64,7 +64,10 @@ def clip(value: torch.Tensor, bound: float) -> torch.Tensor:
     norm like any other, so the release stays a Gaussian mechanism."""
     if not value.is_floating_point():
         raise InvalidArgumentError(f"a contribution is a floating-point tensor, not {value.dtype}")
-    v = value.detach().to(torch.float64)
+    # a copy even when `value` is float64 already (`to` would return it, and an unscaled value
+    # within the bound would leave as the live tensor: a write run while its charge awaits its
+    # thread, after every check, changed what left)
+    v = value.detach().to(torch.float64, copy=True)
     norm = float(v.norm())
     if not math.isfinite(norm):  # a NaN or infinity in it (or a float64 norm that overflows)
         v, norm = torch.zeros_like(v), 0.0

@@ -1,0 +1,87 @@
+"""What a node sends is the value it checked, not what a later write made of it (review9).
+
+A get's reply and a move's Put carry the stored tensor's bytes as a view: the link hands them to
+zmq without a copy, and when the broker's queue for the node is full (a slow peer) they wait in
+the link's outbox, then in zmq's, while the node goes on handling requests. An in-place write
+handled meanwhile (``add_`` of another owner's data, moved here by an owner who trusts this
+node) changed what left, after the get was judged public or the move checked against the
+destination: alice's data left bob, unaudited and uncharged.
+
+On the in-process harness (the real broker, nodes and client); the full queue is made by
+refusing bob's link its sends (zmq.Again, as a full queue does) for as long as the test holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from fedptr.nodes.node import Node, NodeConfig
+
+from fedptr import link, wire
+
+from . import harness
+from .conftest import eventually
+
+DEADLINE_S = 10.0
+"""How long the test waits for each step it orders."""
+
+
+@contextmanager
+def _full_queue(monkeypatch: pytest.MonkeyPatch, node: Node) -> Iterator[None]:
+    """`node`'s link can send nothing while the block runs (its queue at the broker is full)."""
+    sock = node.link._sock
+    send = link.send_frames
+
+    def refused(s: Any, frames: Any) -> None:
+        if s is sock:
+            raise zmq.Again()
+        send(s, frames)
+
+    monkeypatch.setattr(link, "send_frames", refused)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(link, "send_frames", send)
+        node.link._writable.set()  # what waited goes out now
+
+
+def _first(node: Node, obj_id: int) -> float:
+    """The first number of a stored tensor, or NaN while it is not there yet or pending."""
+    entry = node.store.entries.get(obj_id)
+    return float(entry.result().reshape(-1)[0]) if entry is not None and entry.ok else math.nan
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
+async def _got_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = {"bob": NodeConfig(), "alice": NodeConfig(trust=["bob"])}
+    data = {"alice": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob", "alice"], configs=configs, data=data, call_timeout=30.0) as c:
+        bob, alice = c.worker("bob"), c.worker("alice")
+        (ax,) = await alice.search("data")
+        stolen = await (ax * 1).move("bob")  # alice trusts bob with what derives from her data
+        public = await bob.send(torch.zeros(256, 1024))
+        node = c.node("bob")
+        with _full_queue(monkeypatch, node):
+            got = c.client.request_nowait("bob", wire.Get(public.id_at_location))
+            assert await eventually(lambda: _now(len(node.link._outbox) > 0), DEADLINE_S)  # judged public, queued
+            public.add_(stolen)
+            assert await eventually(lambda: _now(_first(node, public.id_at_location) == 0.5), DEADLINE_S)
+        reply = await asyncio.wait_for(got, DEADLINE_S)
+        assert isinstance(reply, wire.TensorReply)
+        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
+        assert torch.equal(value, torch.zeros(256 * 1024)), f"alice's data left bob in a public get: {value}"
+
+
+def test_a_gets_reply_is_the_value_it_released_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_got_then_written(monkeypatch))
