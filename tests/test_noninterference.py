@@ -25,7 +25,7 @@ hold a NaN, an infinity, a huge, subnormal or signed-zero value in one world or 
 arguments, sends of other dtypes, tensors past the small-tensor path, deletes, budget queries and
 DP contributions (`ADDED`, each checked to run by `test_each_added_action_is_drawn_and_runs`).
 
-Since the seventeenth round a quarter of the programs act through a second client of the same
+Since the seventeenth round some of the programs act through a second client of the same
 cluster too (`SECOND`), with pointers of its own: its listings of every worker, sends, ops and
 gets, the first client's ids asked for on the wire (refused, "belongs to another peer"), budget
 queries, DP contributions charged to bob's budget and a big tensor under bob's quota, which both
@@ -407,9 +407,9 @@ a parameter pointer (an alias of a model, the object a write through an alias wo
 as likely as a look."""
 _alone = st.lists(_step, min_size=8, max_size=24)
 programs = st.one_of(_alone, _alone, _alone, st.lists(st.one_of(_step, _step, _second), min_size=8, max_size=24))
-"""A quarter of the programs have a second client, a third of whose steps are its own: such a
-program costs about half as much again (its connection, listings of every worker), which the
-fixed program set of CI pays a quarter of (docs/REDTEAM.md, seventeenth round)."""
+"""Some programs have a second client, a third of whose steps are its own (meant as a quarter;
+`st.one_of` does not weight repeated branches, so about half): such a program costs about twice
+a world; the fixed set costs 28 % more (docs/REDTEAM.md, seventeenth round)."""
 secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
 """World b's secret is world a's shifted by this in every element: the worlds always differ (left
