@@ -16,6 +16,7 @@ release but a typed error; (c) load (never torn) and never spend less than befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -93,6 +94,18 @@ def _audited(c: harness.InprocCluster) -> int:
 
 def _spent_of(history: list[tuple[float, float, int]]) -> float:
     return budget_module._epsilon(history, OWNER.delta)
+
+
+def _owners_and_aggregator(stores: list[str]) -> contextlib.AbstractAsyncContextManager[harness.InprocCluster]:
+    """bob and alice (`OWNER`, `DATA` each) and the aggregator "agg", with stores for `stores`."""
+    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
+    return harness.cluster(
+        ["bob", "alice", "agg"],
+        configs=configs,
+        data={"bob": DATA, "alice": DATA},
+        stores=stores,
+        call_timeout=CALL_TIMEOUT_S,
+    )
 
 
 async def _case(
@@ -180,14 +193,7 @@ async def _enumerate(release: Release, monkeypatch: pytest.MonkeyPatch, only: st
     monkeypatch.setattr(fedptr.Client, "release", lambda client, location, obj_id: None)
     disks = Disks()
     install(monkeypatch, disks)
-    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
-    async with harness.cluster(
-        ["bob", "alice", "agg"],
-        configs=configs,
-        data={"bob": DATA, "alice": DATA},
-        stores=["bob", "alice"],
-        call_timeout=CALL_TIMEOUT_S,
-    ) as c:
+    async with _owners_and_aggregator(["bob", "alice"]) as c:
         deaths["bob"] = counting = Death()
         reported, outcome = await _case(c, disks, release, counting)
         assert reported is not None, outcome
@@ -272,14 +278,7 @@ async def test_a_mean_whose_audit_record_is_refused_is_not_released_nor_left_to_
     whose record failed was never answered)."""
     disks = Disks()
     install(monkeypatch, disks)
-    configs = {"bob": OWNER, "alice": OWNER, "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2)}
-    async with harness.cluster(
-        ["bob", "alice", "agg"],
-        configs=configs,
-        data={"bob": DATA, "alice": DATA},
-        stores=["bob", "alice", "agg"],
-        call_timeout=CALL_TIMEOUT_S,
-    ) as c:
+    async with _owners_and_aggregator(["bob", "alice", "agg"]) as c:
         contributions = []
         for owner in ("bob", "alice"):
             x, _ = await c.client.worker(owner).search("d")

@@ -802,15 +802,31 @@ def _audit(store: str) -> str:
     return _masked(f"exit {result.exit_code}\n{untimed}")
 
 
+def _normal(seed: int) -> torch.Tensor:
+    """The public tensor a sending step draws: `SHAPE` normal samples from `seed`."""
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
+
+
+async def _sent(w: World, label: str, worker: fedptr.Worker, value: torch.Tensor) -> bool:
+    """Send `value` to `worker`, observed as `label` and kept in `w`; whether it arrived."""
+    p = await w.observe(label, lambda: worker.send(value))
+    w.keep(p)
+    return p is not None
+
+
+async def _budget_seen(w: World, label: str, worker: fedptr.Worker) -> bool:
+    """`worker`'s owner budget, observed and recorded as `label`; whether the query succeeded."""
+    spent = await w.observe(label, lambda: dp.budget(worker))
+    w.seen.append((label, spent))
+    return spent is not None
+
+
 async def _step_in(w: World, step: tuple[Any, ...]) -> None:
     kind, *args = step
     client = w.cluster.client
     if kind == "send":
         where, seed = args
-        value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
-        p = await w.observe("send", lambda: client.worker(where).send(value))
-        if p is not None:
-            w.tensors.append(p)
+        await _sent(w, "send", client.worker(where), _normal(seed))
         return
     if kind in ADDED:
         EXECUTED[kind] += 1
@@ -819,7 +835,7 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         return
     if kind == "stream":
         how, seed = args
-        value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
+        value = _normal(seed)
         with _hostile_stream(how):
             sent = client.worker("bob").send(value)
         p = await w.observe(f"stream {how}", lambda: sent)
@@ -919,14 +935,9 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
     client = w.cluster.client
     if kind == "typed_send":
         where, dtype, seed = args
-        value = TYPED[dtype](torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)))
-        p = await w.observe(f"send {dtype}", lambda: client.worker(where).send(value))
-        w.keep(p)
-        return p is not None
+        return await _sent(w, f"send {dtype}", client.worker(where), TYPED[dtype](_normal(seed)))
     if kind == "budget":
-        spent = await w.observe("budget", lambda: dp.budget(client.worker(args[0])))
-        w.seen.append(("budget", spent))
-        return spent is not None
+        return await _budget_seen(w, "budget", client.worker(args[0]))
     if kind == "raw_arg":
         name, index, other, at, arg = args
         p = w.pick(index)
@@ -981,14 +992,9 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
         return True
     if kind == "b_send":
         where, seed = args
-        value = torch.from_numpy(np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32))
-        p = await b.observe("b send", lambda: client.worker(where).send(value))
-        b.keep(p)
-        return p is not None
+        return await _sent(b, "b send", client.worker(where), _normal(seed))
     if kind == "b_budget":
-        spent = await b.observe("b budget", lambda: dp.budget(client.worker(args[0])))
-        w.seen.append(("b budget", spent))
-        return spent is not None
+        return await _budget_seen(b, "b budget", client.worker(args[0]))
     if kind == "b_foreign":
         return await _foreign(w, b, *args)
     p = b.pick(args[1] if kind == "b_apply" else args[0])
