@@ -355,9 +355,7 @@ class Link:
                         self.on_settled(event.dest, fut)
                     if self.on_reply is not None and event.result is not None:
                         self.on_reply(event.result)
-                elif isinstance(event, Send):
-                    self._push(event.message)
-                elif isinstance(event, Incoming):
+                elif isinstance(event, Incoming):  # before `Send`: a worker gets one per request
                     message = event.request.message
                     if type(message) is wire.DirectOffer:  # the link's business, never the node's
                         ticket = wire.DirectTicket("", b"")
@@ -366,6 +364,8 @@ class Link:
                         self.reply(event.source, event.rid, ticket)
                     elif self.handler is not None:
                         self.handler(event.source, event.rid, event.request)
+                elif isinstance(event, Send):
+                    self._push(event.message)
                 elif isinstance(event, SessionEnded):
                     if self.direct is not None:
                         self.direct.forget(event.name.encode())
