@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -276,7 +277,9 @@ class Link:
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Queue the reply to request `rid` from `dest`."""
-        message = self.session.reply(dest, rid, msg, self._loop.time())
+        # the loop's clock read directly (`BaseEventLoop.time` returns `time.monotonic()`): a
+        # worker replies to every request, and the method is a Python call
+        message = self.session.reply(dest, rid, msg, time.monotonic())
         if message is not None:
             self._push(message)
 
