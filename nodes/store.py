@@ -326,7 +326,7 @@ class Store:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
         if obj_id in self.entries or obj_id in self.taken:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
-        self._count(entry, admit=True)
+        self._count(entry, True)  # (positional: per op)
         self.entries[obj_id] = entry
 
     def held_bytes(self) -> int:
