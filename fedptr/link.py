@@ -113,6 +113,11 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        # the loop's clock, read directly where it is `time.monotonic` (asyncio's own loops): a
+        # worker reads it for every reply, and `loop.time` is a Python call; another loop's own
+        self._now: Callable[[], float] = (
+            time.monotonic if type(self._loop).time is asyncio.BaseEventLoop.time else self._loop.time
+        )
 
     @property
     def name(self) -> str:
@@ -277,9 +282,7 @@ class Link:
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Queue the reply to request `rid` from `dest`."""
-        # the loop's clock read directly (`BaseEventLoop.time` returns `time.monotonic()`): a
-        # worker replies to every request, and the method is a Python call
-        message = self.session.reply(dest, rid, msg, time.monotonic())
+        message = self.session.reply(dest, rid, msg, self._now())
         if message is not None:
             self._push(message)
 
