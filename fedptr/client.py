@@ -31,6 +31,7 @@ from fedptr.errors import (
     UnsupportedTypeError,
     UsageError,
     WorkerRefused,
+    not_awaited,
 )
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised
@@ -136,7 +137,8 @@ class Worker:
             spec, params = modules.to_wire(x)
             model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
-        raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
+        expected = "a tensor, an nn.Module or a Pointer"
+        raise not_awaited(x, expected) or UnsupportedTypeError(f"can send {expected}, not {type(x).__name__}")
 
     def _put(
         self, msg: wire.Put | wire.PutModule, sent_from: tuple[torch.Tensor, int] | None = None
@@ -367,8 +369,9 @@ class Client:
         if isinstance(worker, str):
             return self.worker(worker)
         if not isinstance(worker, Worker):
-            raise UnsupportedTypeError(
-                f"expected a Worker (client.worker('alice')) or a worker's name, not {type(worker).__name__} {worker!r}"
+            expected = "a Worker (client.worker('alice')) or a worker's name"
+            raise not_awaited(worker, expected) or UnsupportedTypeError(
+                f"expected {expected}, not {type(worker).__name__} {worker!r}"
             )
         if worker.client is not self:
             raise InvalidArgumentError(f"{worker!r} belongs to another client; pass its name instead")

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import io
+import itertools
 import json
 import logging
 import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -365,3 +369,95 @@ async def test_a_pointer_is_not_copied_or_pickled() -> None:
                 with pytest.raises(fedptr.UnsupportedTypeError, match=r"clone\(\)"):
                     copies(pointer)
         assert torch.equal(await x.get(), torch.ones(2))  # its object is still there
+
+
+async def test_a_forgotten_await_says_which_call_to_await_wherever_its_coroutine_is_passed() -> None:
+    """PySyft 0.2's calls returned values; here ``p.get()``, ``p.move(w)``, ``w.search(tag)``...
+    are coroutines. Each of them, not awaited, passed to each call that takes a pointer, a value
+    to send or a worker, is refused with NotAwaitedError naming the call and the ``await``
+    (Python said "unsupported type coroutine", or an AttributeError from inside the call), and
+    is closed: no "never awaited" warning follows, and nothing ran (the pointer is intact)."""
+    async with harness.cluster(["bob", "alice"], data=PRIVATE) as c:
+        bob, alice = c.worker("bob"), c.worker("alice")
+        x = await bob.send(torch.ones(2))
+        model = await bob.send(nn.Linear(2, 1))
+        private, labels = await bob.search("d")
+        producers = {
+            "Pointer.get": lambda: x.get(),
+            "Pointer.move": lambda: x.move(alice),
+            "Pointer.item": lambda: x.sum().item(),
+            "Worker.search": lambda: bob.search("d"),
+            "Worker.objects": lambda: bob.objects(),
+            "Client.workers": lambda: c.client.workers(),
+        }
+        sgd: dict[str, Any] = {"lr": 0.1, "sample_rate": 0.2, "steps": 1, "max_grad_norm": 1.0, "noise_multiplier": 1.0}
+
+        consumers = {
+            "x + v": lambda v: x + v,
+            "x.add(v)": lambda v: x.add(v),  # torch.add(x, v) is refused by torch's parser ("not coroutine")
+            "x[v]": lambda v: x[v],
+            "x[0] = v": lambda v: x.__setitem__(0, v),
+            "model(v)": lambda v: model(v),
+            "bob.send(v)": lambda v: bob.send(v),
+            "x.send(v)": lambda v: x.send(v),
+            "x.move(v)": lambda v: x.move(v),
+            "broadcast(v, [bob])": lambda v: fedptr.broadcast(v, [bob]),
+            "dp.contribute(v, alice)": lambda v: dp.contribute(v, alice),
+            "dp.train(v, x, y)": lambda v: dp.train(v, private, labels, **sgd),
+            "dp.train(model, v, y)": lambda v: dp.train(model, v, labels, **sgd),
+            "dp.secure_mean([v], alice)": lambda v: dp.secure_mean([v], alice),
+        }
+        said: dict[tuple[str, str], str] = {}
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            for (made, produce), (name, consume) in itertools.product(producers.items(), consumers.items()):
+                try:
+                    result = consume(produce())
+                    if asyncio.iscoroutine(result):
+                        await result
+                    said[made, name] = "nothing raised"
+                except Exception as e:
+                    if not isinstance(e, fedptr.NotAwaitedError) or not re.search(rf"{made}\(\) not awaited", str(e)):
+                        said[made, name] = repr(e)
+                    elif "`x = await p.get()`" not in str(e):
+                        said[made, name] = f"no example: {e}"
+            gc.collect()  # a coroutine left unclosed warns when it is collected
+        assert said == {}
+        assert [str(w.message) for w in warned] == []
+        assert isinstance(fedptr.NotAwaitedError("?"), fedptr.UnsupportedTypeError)  # caught as before
+        assert torch.equal(await x.get(), torch.ones(2))  # nothing ran
+
+
+class _Net(nn.Module):
+    """A user's own model, as PySyft's tutorials write one: named layers, a forward of F calls."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.block = nn.Sequential(nn.Linear(2, 2))
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.fc2(torch.nn.functional.relu(self.fc1(x), inplace=self.inplace)))
+
+
+async def test_a_class_net_reaches_its_layers_parameters_by_name_and_a_forward_writing_in_place_sends_nothing() -> None:
+    """``model.fc1.weight`` of a sent ``class Net`` (AttributeError "no parameter 'fc1'" before:
+    only ``mp.weight`` and ``mp[0].weight`` worked), nested too. A forward calling
+    ``F.relu(..., inplace=True)`` is refused on the client with UnsupportedTypeError naming the
+    step: before, a plain ValueError, after its PutModule had left, whose refusal the worker then
+    raised to the next unrelated await on it."""
+    async with harness.cluster(["bob"]) as c:
+        bob = c.worker("bob")
+        net = _Net()
+        remote = await bob.send(net)
+        assert torch.equal(await remote.fc1.weight.clone().get(), net.fc1.weight)
+        assert torch.equal(await remote.block[0].bias.clone().get(), net.block[0].bias)
+        assert remote.fc1.weight is remote.parameters()[0]  # the model's own, stable pointers
+        with pytest.raises(AttributeError, match=r"no parameter 'fc3' \(it has fc1\.weight"):
+            remote.fc3  # noqa: B018
+        with pytest.raises(fedptr.UnsupportedTypeError, match=r"_Net\.forward \(relu\) calls F\.relu writing in place"):
+            bob.send(_Net(inplace=True))
+        assert await bob.send(torch.ones(1)) is not None  # no refusal left for the next await
+        kinds = [info.kind for info in (await bob.objects()).values()]
+        assert kinds.count("module") == 1 and "failed" not in kinds, kinds  # the refused model never left
