@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import threading
 import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -758,7 +760,63 @@ class Client:
 
 __all__ = ["Client", "ConsumedPointerError", "ObjectInfo", "Pointer", "Worker", "connect"]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+W = TypeVar("W")
 
+HOW_TO_CONNECT = "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`"
+
+
+class Connecting:
+    """What `connect` returns: an async context manager whose ``async with`` gives the `Client`.
+    Used another way (``client = fedptr.connect(...)`` then ``client.worker``, ``await``, or a
+    ``with`` without ``async``), it says how to use it, where Python named only its own type."""
+
+    def __init__(self, connecting: AbstractAsyncContextManager[Client]) -> None:
+        self._connecting = connecting
+
+    async def __aenter__(self) -> Client:
+        return await self._connecting.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._connecting.__aexit__(exc_type, exc, tb)
+
+    def __await__(self) -> NoReturn:
+        raise UsageError(f"fedptr.connect(...) is not awaited: {HOW_TO_CONNECT}")
+
+    def __enter__(self) -> NoReturn:
+        raise UsageError(f"fedptr.connect(...) is an async context manager: {HOW_TO_CONNECT}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never reached (`__enter__` raises); Python calls `__enter__` only when both exist."""
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
+
+        def __getattr__(self, name: str) -> NoReturn:
+            if hasattr(Client, name):
+                raise AttributeError(f"fedptr.connect(...) is not a Client, so it has no {name!r}: {HOW_TO_CONNECT}")
+            raise AttributeError(f"'Connecting' object has no attribute {name!r}")
+
+
+def wrapped_in(
+    wrapper: Callable[[AbstractAsyncContextManager[T]], W],
+) -> Callable[[Callable[P, AbstractAsyncContextManager[T]]], Callable[P, W]]:
+    """A decorator: the factory's async context manager, returned in `wrapper` (`Connecting`,
+    `fedptr.cluster.LocalCluster`), which says how to use it when it is misused."""
+
+    def decorate(factory: Callable[P, AbstractAsyncContextManager[T]]) -> Callable[P, W]:
+        @functools.wraps(factory)
+        def make(*args: P.args, **kwargs: P.kwargs) -> W:
+            return wrapper(factory(*args, **kwargs))
+
+        return make
+
+    return decorate
+
+
+@wrapped_in(Connecting)
 @asynccontextmanager
 async def connect(
     address: str,

@@ -461,3 +461,19 @@ async def test_a_class_net_reaches_its_layers_parameters_by_name_and_a_forward_w
         assert await bob.send(torch.ones(1)) is not None  # no refusal left for the next await
         kinds = [info.kind for info in (await bob.objects()).values()]
         assert kinds.count("module") == 1 and "failed" not in kinds, kinds  # the refused model never left
+
+
+async def test_connect_used_without_async_with_says_how_to_use_it() -> None:
+    """``client = fedptr.connect(address)`` then ``client.worker("bob")``, ``await
+    fedptr.connect(...)`` or a ``with`` without ``async``: each says to use ``async with`` (Python
+    named only '_AsyncGeneratorContextManager'). Nothing connects here."""
+    pending = fedptr.connect("tcp://127.0.0.1:9")
+    how = r"async with fedptr\.connect\(address\) as client"
+    with pytest.raises(AttributeError, match=rf"not a Client, so it has no 'worker'.*{how}"):
+        pending.worker("bob")
+    with pytest.raises(fedptr.UsageError, match=rf"not awaited.*{how}"):
+        await pending
+    with pytest.raises(fedptr.UsageError, match=rf"async context manager.*{how}"), pending:
+        pass
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        pending.nonsense  # noqa: B018
