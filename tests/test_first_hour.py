@@ -7,7 +7,10 @@ nothing else, times are ISO 8601 in UTC, and the DP example can be run twice.
 
 The mistakes a PySyft 0.2 user makes in the first hour (issue 21's docs review: a get of private
 data, a release without a budget or to an untrusted worker, a torch function or tensor method
-off the allow-list, numpy on a pointer, a GPU) each say what to do instead.
+off the allow-list, numpy on a pointer, a GPU) each say what to do instead; so do a forgotten
+``await`` whose coroutine is passed to a fedptr call, and ``fedptr.connect`` used without
+``async with``. A user's own ``class Net`` reaches its layers' parameters by name, and a forward
+that writes in place is refused before anything is sent.
 """
 
 from __future__ import annotations
