@@ -36,7 +36,7 @@ from fedptr.errors import (
     not_awaited,
 )
 from fedptr.link import Link
-from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised
+from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised, short_id
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
@@ -63,7 +63,9 @@ class ObjectInfo:
 
     def __repr__(self) -> str:
         if self.kind == "pointer":
-            return f"[PointerTensor | {self.owner}:{self.obj_id} -> {self.location}:{self.id_at_location}]"
+            # ids as a Pointer's repr shows them, so that a listing and the client's pointers match
+            here, there = short_id(self.obj_id), short_id(self.id_at_location)
+            return f"[PointerTensor | {self.owner}:{here} -> {self.location}:{there}]"
         if self.kind == "failed":
             return f"<failed: {self.dtype}>"
         if self.preview is not None:

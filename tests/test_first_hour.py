@@ -480,3 +480,20 @@ async def test_connect_used_without_async_with_says_how_to_use_it() -> None:
         pass
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         pending.nonsense  # noqa: B018
+
+
+def test_the_readme_first_command_walks_the_seed_and_its_ids_match_between_pointers_and_stores() -> None:
+    """README's first command, examples/seed_walkthrough.py, runs its twelve steps, and the ids
+    it prints are one notation: step 3's pointer ``me -> bob:4dd5b9`` is found in bob's store
+    listing, which printed the same id in decimal (5608593054174795365) before."""
+    walk = subprocess.run(
+        [sys.executable, str(EXAMPLE.with_name("seed_walkthrough.py"))], capture_output=True, text=True, timeout=120
+    )
+    assert walk.returncode == 0 and "step 12" in walk.stdout, walk.stdout + walk.stderr
+    step3 = walk.stdout.split("step  3:")[1].split("step  4:")[0]
+    pointed = re.search(r"me -> (bob:[0-9a-f]{6})", step3)
+    assert pointed is not None, step3
+    bob_id = pointed.group(1).removeprefix("bob:")
+    assert re.search(rf"bob: \{{'{bob_id}': tensor", step3), step3
+    step4 = walk.stdout.split("step  4:")[1].split("step  5:")[0]
+    assert f"-> bob:{bob_id}]" in step4, step4  # alice's pointer names bob's object the same way
