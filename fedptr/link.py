@@ -426,7 +426,9 @@ class Link:
             return
         batch = self._batch
         if batch is not None:
-            batch.append(owned(message))  # it leaves later: at the turn's (or the drain's) end
+            # it leaves later (at the turn's or the drain's end): its buffers, if any, must be
+            # owned by then; the envelope and the header before them are bytes (the session's)
+            batch.append(message if len(message) <= envelope.ENVELOPE_FRAMES else owned(message))
             if len(batch) >= limits.BATCH_MAX_MESSAGES:  # full: out now, the turn goes on with a new one
                 self._batch = []
                 self._push_frames(envelope.pack_batch(batch))

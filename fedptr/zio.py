@@ -19,6 +19,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _send = _Backend.send
 _recv = _Backend.recv
 _get = _Backend.get
+_Frame = zmq.Frame
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
@@ -43,7 +44,7 @@ def mutable(frame: Any) -> bool:
     """Whether `frame` is memory its caller may change: not bytes, a view of bytes, nor a zmq Frame."""
     return (
         type(frame) is not bytes
-        and type(frame) is not zmq.Frame
+        and type(frame) is not _Frame
         and not (type(frame) is memoryview and type(frame.obj) is bytes)
     )
 
@@ -52,7 +53,7 @@ def owned(frames: list[Any]) -> list[Any]:
     """`frames`, each `mutable` one copied into bytes: what is kept past the call that handed it
     over (a link's batch, its outbox) must not change meanwhile."""
     for f in frames:
-        if mutable(f):
+        if type(f) is not bytes and mutable(f):
             return [bytes(f) if mutable(f) else f for f in frames]
     return frames
 
