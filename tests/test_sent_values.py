@@ -32,8 +32,10 @@ import pytest
 import torch
 import zmq
 from fedptr.nodes.node import Node, NodeConfig
+from fedptr.nodes.replies import ReplyCache
 
 from fedptr import envelope, limits, link, wire
+from fedptr.tensors import to_raw
 
 from . import harness
 from .conftest import eventually
@@ -233,3 +235,18 @@ def test_no_write_after_a_get_changes_what_it_carries(
             )
 
     asyncio.run(run())
+
+
+def test_a_replayed_reply_is_not_a_view_of_the_stored_value() -> None:
+    """The node keeps small replies for replays (a request resent after a broker restart): one
+    kept must be the value as it was judged, so it may not be a view of the stored tensor (every
+    size the cache keeps is below `limits.TENSOR_VIEW_MIN_BYTES`, where `to_raw` copies)."""
+    cache = ReplyCache("bob")
+    for nbytes in (limits.TENSOR_VIEW_MIN_BYTES - 4, limits.TENSOR_VIEW_MIN_BYTES, limits.TENSOR_VIEW_MIN_BYTES + 4):
+        key = ("c", nbytes.to_bytes(8, "little"))
+        stored = torch.full((nbytes // 4,), PUBLIC)
+        cache.begin(key)
+        cache.finish(key, wire.TensorReply(to_raw(stored)))
+        stored.fill_(PRIVATE)
+        kept = cache.cached(key)
+        assert not isinstance(kept, wire.TensorReply) or np.all(_carried(kept)[0] == PUBLIC), nbytes
