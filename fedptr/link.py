@@ -5,6 +5,13 @@ to send; the link moves frames between it and a DEALER socket, turns its `Settle
 request futures, and calls `tick` on a timer (request deadlines and heartbeats). Messages pushed
 within one event-loop turn leave as one BATCH multipart; large buffers stream as chunks, which
 take the direct data path to their peer when it opens (`fedptr.direct`).
+
+The link keeps no caller memory past the call that hands a message over (review9: a node's
+get reply was a view of the stored tensor, and the node's next request wrote into it before
+the bytes left). What leaves within the call needs nothing: a chunk written into a
+shared-memory file or sealed for the direct path is copied by that. What is kept is copied when
+it is not immutable (`zio.owned`): a message joining a BATCH, a multipart queued in the outbox;
+and zmq is handed only immutable memory zero-copy (`zio.send_frames` copies the rest).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
 from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
 from fedptr.streams import rechunk, split
-from fedptr.zio import events, recv_frames, send_frames
+from fedptr.zio import events, owned, recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
 
@@ -425,7 +432,9 @@ class Link:
             return
         batch = self._batch
         if batch is not None:
-            batch.append(message)
+            # it leaves later (at the turn's or the drain's end): its buffers, if any, must be
+            # owned by then; the envelope and the header before them are bytes (the session's)
+            batch.append(message if len(message) <= envelope.ENVELOPE_FRAMES else owned(message))
             if len(batch) >= limits.BATCH_MAX_MESSAGES:  # full: out now, the turn goes on with a new one
                 self._batch = []
                 self._push_frames(envelope.pack_batch(batch))
@@ -575,12 +584,12 @@ class Link:
         self.bytes_sent += sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)
         assert self._sock is not None
         if self._outbox:
-            self._outbox.append(frames)
+            self._outbox.append(owned(frames))
         else:
             try:
                 send_frames(self._sock, frames)
             except zmq.Again:
-                self._outbox.append(frames)
+                self._outbox.append(owned(frames))
                 self._writable.set()
         return events(self._sock)
 
