@@ -44,6 +44,7 @@ async def _cut(get: Awaitable[Any], how: str, delay: float) -> Any:
     return await task
 
 
+@pytest.mark.slow  # 15 s on the loaded machine: the fast loop's two minutes are spent
 @pytest.mark.asyncio
 async def test_a_cut_waiter_of_a_streamed_get_changes_nothing_the_others_see() -> None:
     assert NUMEL * 4 > limits.STREAM_THRESHOLD_BYTES  # streamed
