@@ -1,7 +1,8 @@
 """A client process killed (SIGKILL) while it streams large tensors to a node over the direct path
 as shared-memory files (`fedptr.shm`) on this host, at a kill point drawn (seeded: `KILL_SEED`)
 among its sends' files: just before the n-th is written, or once written and before its
-descriptor leaves (the file no one was told of).
+descriptor leaves (the file no one was told of); and, on an ipc:// cluster (no direct path),
+just before the n-th chunk leaves for the broker.
 
 The node (in this process, on a tcp:// broker so that the path opens) must be left as the
 session-end rule says once it learns the client is gone (heartbeat silence): nothing of the
@@ -20,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 CLIENT = """
 import asyncio, os, signal, sys, torch, fedptr
-from fedptr import shm
+from fedptr import envelope, link, shm
 
 at, phase = int(sys.argv[2]), sys.argv[3]
 written = 0
@@ -51,6 +53,19 @@ def dying(self, name_tag, counter, *args, **kwargs):
     return made
 
 shm.Directory.write = dying
+chunks = 0
+sent = link.Link._sent
+
+def dying_chunk(self, frames):
+    # through the broker (no direct path): dies before the at-th chunk leaves
+    global chunks
+    if phase == "chunk" and envelope.command_of(frames) == envelope.CHUNK:
+        chunks += 1
+        if chunks == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return sent(self, frames)
+
+link.Link._sent = dying_chunk
 
 async def main():
     async with fedptr.connect(sys.argv[1], timeout=30.0) as client:
@@ -66,6 +81,11 @@ KILLS = 4
 """Kill points drawn per run (each a fresh client process)."""
 FILES_PER_SEND = 8
 """The shared-memory files of one 32 MiB send (the first chunk goes through the broker)."""
+CHUNKS_PER_SEND = 32
+"""The chunks of one 32 MiB send through the broker (`limits.STREAM_CHUNK_BYTES`)."""
+PHASES = {"tcp": (["before", "written"], FILES_PER_SEND), "ipc": (["chunk"], CHUNKS_PER_SEND)}
+"""Per transport, the kill points drawn: over tcp:// the direct path opens (shared memory);
+over ipc:// every chunk goes through the broker."""
 GONE_S = 20.0
 """How long the node may take to learn a killed client left (3 silent heartbeats) and reclaim."""
 
@@ -75,17 +95,19 @@ def _files_of(pid: int) -> list[str]:
 
 
 @pytest.mark.asyncio
-async def test_a_client_killed_mid_send_leaves_nothing_on_the_node() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+async def test_a_client_killed_mid_send_leaves_nothing_on_the_node(transport: Literal["tcp", "ipc"]) -> None:
     if not os.path.isdir(limits.DIRECT_SHM_DIR):
         pytest.skip(f"no {limits.DIRECT_SHM_DIR}")
     seed = int(os.environ.get("KILL_SEED", "5"))
     draw = random.Random(seed)
-    async with harness.cluster(["bob"], transport="tcp") as c:
+    phases, per_send = PHASES[transport]
+    async with harness.cluster(["bob"], transport=transport) as c:
         bob = c.node("bob")
         session, direct = bob.link.session, bob.link.direct
-        assert direct is not None
+        assert (direct is not None) == (transport == "tcp")
         for kill in range(KILLS):
-            at, phase = draw.randint(1, 3 * FILES_PER_SEND), draw.choice(["before", "written"])
+            at, phase = draw.randint(1, 3 * per_send), draw.choice(phases)
             proc = await asyncio.create_subprocess_exec(
                 *(sys.executable, "-c", CLIENT, c.address, str(at), phase),
                 stdout=subprocess.PIPE,
@@ -105,7 +127,7 @@ async def test_a_client_killed_mid_send_leaves_nothing_on_the_node() -> None:
 
             async def reclaimed(name: str = name, pid: int = proc.pid) -> bool:
                 return (
-                    name.encode() not in direct.sources
+                    (direct is None or name.encode() not in direct.sources)
                     and bob.store.usage(name) == (0, 0)
                     and not any(e.owner == name for e in bob.store.entries.values())
                     and session._reassembly._peer_bytes[name.encode()] == 0
