@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -276,7 +277,9 @@ class Link:
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Queue the reply to request `rid` from `dest`."""
-        message = self.session.reply(dest, rid, msg, self._loop.time())
+        # the loop's clock read directly (`BaseEventLoop.time` returns `time.monotonic()`): a
+        # worker replies to every request, and the method is a Python call
+        message = self.session.reply(dest, rid, msg, time.monotonic())
         if message is not None:
             self._push(message)
 
@@ -355,9 +358,7 @@ class Link:
                         self.on_settled(event.dest, fut)
                     if self.on_reply is not None and event.result is not None:
                         self.on_reply(event.result)
-                elif isinstance(event, Send):
-                    self._push(event.message)
-                elif isinstance(event, Incoming):
+                elif isinstance(event, Incoming):  # before `Send`: a worker gets one per request
                     message = event.request.message
                     if type(message) is wire.DirectOffer:  # the link's business, never the node's
                         ticket = wire.DirectTicket("", b"")
@@ -366,6 +367,8 @@ class Link:
                         self.reply(event.source, event.rid, ticket)
                     elif self.handler is not None:
                         self.handler(event.source, event.rid, event.request)
+                elif isinstance(event, Send):
+                    self._push(event.message)
                 elif isinstance(event, SessionEnded):
                     if self.direct is not None:
                         self.direct.forget(event.name.encode())
