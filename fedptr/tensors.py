@@ -48,7 +48,8 @@ def to_raw(t: torch.Tensor, copy: bool = False) -> RawTensor:
     an immutable copy of its bytes (the link keeps or hands zmq it as is: `fedptr.zio.owned`),
     made with one memcpy: torch's `clone` splits a copy over its intra-op
     threads, and with more threads than free cores (torch counts 8 on this 2-core machine) a
-    1 MiB clone took 8 ms instead of 0.1. A small tensor is always copied (the short path)."""
+    1 MiB clone took 8 ms instead of 0.1. A small tensor is always copied (below
+    `limits.TENSOR_VIEW_MIN_BYTES`, whatever its dtype: the reply cache keeps such replies)."""
     name = _SHORT_NAME_BY_DTYPE.get(t.dtype)
     if (
         name is not None
@@ -61,7 +62,10 @@ def to_raw(t: torch.Tensor, copy: bool = False) -> RawTensor:
         if t.requires_grad:
             t = t.detach()
         return RawTensor(name, tuple(t.shape), memoryview(t.numpy().tobytes()))
-    return _to_raw(t, copy)
+    # small tensors of the other dtypes (bfloat16, complex) are copied too: the node's reply
+    # cache keeps replies below this size, and one viewing the stored value would replay a
+    # later write (another owner's data) as what a get released
+    return _to_raw(t, copy or t.nbytes < limits.TENSOR_VIEW_MIN_BYTES)
 
 
 def _to_raw(t: torch.Tensor, copy: bool) -> RawTensor:

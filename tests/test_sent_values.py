@@ -250,3 +250,48 @@ def test_a_replayed_reply_is_not_a_view_of_the_stored_value() -> None:
         stored.fill_(PRIVATE)
         kept = cache.cached(key)
         assert not isinstance(kept, wire.TensorReply) or np.all(_carried(kept)[0] == PUBLIC), nbytes
+
+
+_WIRE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+"""The wire's floating and complex dtypes: those numpy holds take `to_raw`'s short path, the
+others (bfloat16, complex) its general one."""
+
+
+async def _replayed_gets() -> list[str]:
+    """For each dtype, a small public get of bob's is answered, a write of alice's data into the
+    stored value follows, and the very request is replayed (a retry after a lost reply): what
+    the replay carries must be what the get released."""
+    configs = {"bob": NodeConfig(), "alice": NodeConfig(trust=["bob"])}
+    data = {"alice": {"data": {"x": np.full((64,), PRIVATE, dtype=np.float32)}}}
+    changed = []
+    async with harness.cluster(["bob", "alice"], configs=configs, data=data, call_timeout=30.0) as c:
+        bob, alice, node = c.worker("bob"), c.worker("alice"), c.node("bob")
+        (ax,) = await alice.search("data")
+        stolen = await (ax * 1).move("bob")  # alice trusts bob with what derives from her data
+        answers: dict[bytes, list[bytes]] = {}
+        reply = node.link.reply
+
+        def kept(dest: str, rid: bytes, msg: wire.Message) -> None:
+            if isinstance(msg, wire.TensorReply):  # the bytes as they leave, before any later write
+                answers.setdefault(rid, []).append(bytes(msg.tensor.data))
+            reply(dest, rid, msg)
+
+        node.link.reply = kept  # type: ignore[method-assign]
+        link = c.client._link
+        for dtype in _WIRE_FLOATS:
+            public = await bob.send(torch.zeros(64, dtype=dtype))
+            rid = link.session.next_request_id()
+            get = wire.Get(public.id_at_location)
+            assert isinstance(await c.client.request_nowait("bob", get), wire.TensorReply)
+            await public.add_(stolen)
+            link._push_frames(envelope.framed([envelope.REQUEST, b"bob", rid, *wire.encode(get, budget_ms=30_000)]))
+            assert await eventually(lambda rid=rid: _now(len(answers.get(rid, [])) == 2), DEADLINE_S)  # type: ignore[misc]
+            first, replayed = answers[rid]
+            if replayed != first:
+                changed.append(str(dtype))
+    return changed
+
+
+def test_a_replayed_get_carries_what_the_get_released() -> None:
+    changed = asyncio.run(_replayed_gets())
+    assert not changed, f"a replayed get carried alice's data, written after the get was judged public: {changed}"
