@@ -180,6 +180,11 @@ class Broker:
             self._secure(config.curve_secret, config.allow or "")
         self.sock.bind(config.bind)
         self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._own_copies = self.endpoint.startswith("inproc://")
+        """Relayed frames are copied for each destination: over inproc:// zmq hands the receiver
+        the sender's very memory (every destination of a fan-out the same), and a node's tensor
+        wraps a received frame without a copy and is written in place (a write on bob showed in
+        carol's copy of a broadcast). Across processes each receiver reads into its own buffer."""
         self.table = RoutingTable()
         self.dropped = 0
         self.routed = 0
@@ -595,6 +600,8 @@ class Broker:
         """Send to peer `identity` without blocking. Returns None, or the reason it failed; a
         vanished peer is noted, to be forgotten once this message is handled (`forget`)."""
         try:
+            if self._own_copies:  # a frame's memoryview is not immutable to `send_frames`: copied
+                frames = [memoryview(f) if type(f) is zmq.Frame else f for f in frames]
             send_frames(self.sock, [identity, *frames])
             return None
         except zmq.ZMQError as e:

@@ -12,6 +12,7 @@ from torch import nn
 
 import fedptr
 from fedptr import envelope, limits, wire
+from tests import harness
 from tests.test_robustness import raw_socket, recv, register
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
@@ -29,6 +30,18 @@ async def test_a_tensor_reaches_three_workers_for_one_upload(client: fedptr.Clie
         assert p.shape == x.shape and p.requires_grad
         got = await p.get()
         assert isinstance(got, torch.Tensor) and torch.equal(got, x) and got.requires_grad
+
+
+async def test_each_workers_copy_is_its_own_in_one_process() -> None:
+    """In one process (the broker's `serve_async` over inproc://) zmq hands every destination of
+    a fan-out the same message memory, which each node's tensor wraps without a copy: a write on
+    bob showed in carol's copy. Sizes either side of the view threshold and a streamed one."""
+    async with harness.cluster(["bob", "carol"]) as c:
+        bob, carol = c.worker("bob"), c.worker("carol")
+        for numel in (1 << 10, limits.TENSOR_VIEW_MIN_BYTES // 4, 1 << 18, limits.STREAM_THRESHOLD_BYTES // 4 + 1):
+            at_bob, at_carol = await fedptr.broadcast(torch.zeros(numel), [bob, carol])
+            await at_bob.add_(1.0)
+            assert float((await at_carol.get()).abs().sum()) == 0.0, f"bob's write reached carol's copy ({numel})"
 
 
 async def test_a_model_reaches_three_workers_and_runs_on_each(client: fedptr.Client) -> None:
