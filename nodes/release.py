@@ -9,7 +9,7 @@ import torch
 
 from fedptr import wire
 from fedptr.errors import FedptrError, InvalidArgumentError
-from fedptr.failures import with_hop
+from fedptr.failures import failure_from_error, with_hop
 from fedptr.tensors import dtype_name, from_raw, to_raw
 
 from . import audit, mechanisms, policy
@@ -90,13 +90,20 @@ class Release:
                 # (the history never holds less than the log records, and a refund would be one
                 # more write the disk may refuse)
                 self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
-                await self.scheduler.offload(mechanisms.dp_sgd, model, x, y, msg)
             except Exception as e:
                 self.node.reply_error(source, rid, e)
                 return
+            # from here the model changes in place: a run that fails part way (an error no check
+            # foresaw) leaves it holding the noised steps it took, charged and recorded, a DP
+            # release as a whole run's is (its gets audited as one)
             model_entry.released = "dp"
+            reply: wire.Message = wire.BudgetReply(self.name, spent, self.budget.left)
+            try:
+                await self.scheduler.offload(mechanisms.dp_sgd, model, x, y, msg)
+            except Exception as e:
+                reply = failure_from_error(e, self.name)
             durable = self.store.persist(msg.model_id, model_entry, model)
-            self.node.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
+            self.node.reply_durable(durable, source, rid, reply)
 
         self.node.compute_later(answer(), source, rid)  # it trains the model in place: later requests wait
 

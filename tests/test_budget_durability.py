@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -349,3 +351,42 @@ async def test_a_dp_sgd_run_whose_audit_record_is_refused_fails_typed_trains_not
         spent = await asyncio.wait_for(run(), CASE_TIMEOUT_S)
         assert spent.epsilon_spent > 0 and _audited(c) == 1
         assert math.isclose(bob.budget.spent, _spent_of(_history(c)))
+
+
+@pytest.mark.asyncio
+async def test_a_dp_sgd_run_that_fails_mid_training_leaves_its_model_released_as_dp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bob's DP-SGD run fails after its first step trained the model in place (an error no check
+    foresaw: memory, say). The run fails typed; the model holds that noised step, charged and
+    recorded, so it is a DP release like a finished run's: its get is audited as one (main
+    served it as a public get, unaudited). (Models live in memory only: nothing on disk.)"""
+    from fedptr.nodes import mechanisms
+
+    train = mechanisms.dp_sgd
+
+    def one_step_then_fails(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Any) -> None:
+        train(model, x, y, dataclasses.replace(config, steps=1))
+        raise MemoryError("no room for the second step")
+
+    monkeypatch.setattr(mechanisms, "dp_sgd", one_step_then_fails)
+    async with harness.cluster(
+        ["bob"], configs={"bob": OWNER}, data={"bob": DATA}, stores=["bob"], call_timeout=CASE_TIMEOUT_S
+    ) as c:
+        x, y = await c.client.worker("bob").search("d")
+        model = await c.client.worker("bob").send(nn.Linear(1, 1))
+        assert isinstance(model, fedptr.ModulePointer)
+        before = [p.detach().clone() for p in c.node("bob").store.entries[model.id_at_location].result().parameters()]
+        with pytest.raises(fedptr.RemoteError) as failed:
+            await asyncio.wait_for(
+                dp.train(model, x, y, lr=0.1, sample_rate=1.0, steps=3, max_grad_norm=1.0, noise_multiplier=5.0),
+                CASE_TIMEOUT_S,
+            )
+        assert failed.value.remote_type == "MemoryError", failed.value
+        got = await asyncio.wait_for(model.get(), CASE_TIMEOUT_S)
+        assert isinstance(got, nn.Module)
+        after = [p.detach() for p in got.parameters()]
+        assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the step did not train it"
+        directory = Path(c.node("bob").config.store_dir or "")
+        gets = [r for r in audit_module.read(directory) if r["event"] == "get"]
+        assert [r.get("release") for r in gets] == ["dp"], gets
