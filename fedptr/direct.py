@@ -299,6 +299,8 @@ class DirectPaths:
     """Our shared-memory files by name: not taken yet, or handed back and kept for a while to be written again."""
     _file_bytes: int = 0
     """The bytes of `_files` (within `limits.DIRECT_SHM_MAX_PENDING_BYTES`)."""
+    _sweep: asyncio.TimerHandle | None = None
+    """The sweep due after peers that shared memory left (`forget`), one for all of them."""
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
         if self._ctx is None:
@@ -363,8 +365,9 @@ class DirectPaths:
         """`peer` left: its key is refused from now on, and nothing more is sent to it directly.
         A peer that shared memory with us may have died (kill -9) leaving files of its own in
         the directory: those it wrote and we handed back, and one written but never announced.
-        Nobody else knows of them: they are swept now, once its process is gone (before, they
-        stayed until some path next opened on this host, for good on a host where none did)."""
+        Nobody else knows of them: they are swept `limits.DIRECT_SHM_SWEEP_S` later, once for
+        every peer that left meanwhile (a sweep reads the whole directory on the loop), once its
+        process is gone (before, they stayed until some path next opened on this host)."""
         shared = False
         for key in [k for k, (p, _) in self._admitted.items() if p == peer]:
             channel = self._admitted.pop(key)[1]
@@ -372,8 +375,12 @@ class DirectPaths:
             self._drop_files(channel)
         self._routes.pop(peer, None)
         self.sources.discard(peer)
-        if shared:
-            self._shm.sweep()
+        if shared and self._sweep is None:
+            self._sweep = self._loop.call_later(limits.DIRECT_SHM_SWEEP_S, self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self._shm.sweep()
 
     def _drain_zap(self) -> None:
         """Answer the data socket's handshakes: a connection whose PLAIN credentials are not an
@@ -739,6 +746,9 @@ class DirectPaths:
             self._loop.call_soon(drain)
 
     def close(self) -> None:
+        if self._sweep is not None:  # the directory closes below: a sweep would open it again
+            self._sweep.cancel()
+            self._sweep = None
         for worker in list(self._lanes):
             self._close_lane(worker)
         if self._server is not None:

@@ -226,6 +226,41 @@ async def worker_socket() -> AsyncIterator[tuple[DirectPaths, list[tuple[bytes, 
         server.close()
 
 
+async def test_a_burst_of_departures_sweeps_the_shared_memory_directory_once(
+    worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker sweeps the shared-memory directory when a peer that shared memory with it leaves
+    (a killed client's files: nemesis5); the sweep reads the whole directory on the worker's loop
+    (~11 us a file of ours: 20,000 took 218 ms here). Many such peers leaving at once (a round's
+    end) swept it once each, the loop blocked for all of them: now once for the burst, soon after."""
+    server, _ = worker_socket
+    sweeps: list[float] = []
+    sweep = server._shm.sweep
+
+    def counted() -> int:
+        sweeps.append(time.monotonic())
+        return sweep()
+
+    monkeypatch.setattr(server._shm, "sweep", counted)
+    peers = [f"client-{i}".encode() for i in range(50)]
+    for peer in peers:
+        public, _ = zmq.curve_keypair()
+        server.admit(peer, public)
+        server._admitted[public][1].shared = True  # its greeting proved a shared directory
+    left = time.monotonic()
+    for peer in peers:
+        server.forget(peer)
+        await asyncio.sleep(0)  # each departure a loop turn of its own, as the broker's notices come
+
+    async def swept() -> bool:
+        return len(sweeps) > 0
+
+    assert await eventually(swept, timeout=15), "no sweep after the departures"
+    await asyncio.sleep(2 * limits.DIRECT_SHM_SWEEP_S)
+    assert len(sweeps) == 1, f"{len(sweeps)} sweeps for one burst of {len(peers)} departures"
+    assert sweeps[0] - left <= limits.DIRECT_SHM_SWEEP_S + 5.0
+
+
 async def test_only_sealed_fresh_chunks_under_an_admitted_key_arrive(
     worker_socket: tuple[DirectPaths, list[tuple[bytes, list[Any]]]],
 ) -> None:
