@@ -431,6 +431,21 @@ async def test_a_forgotten_await_says_which_call_to_await_wherever_its_coroutine
         assert torch.equal(await x.get(), torch.ones(2))  # nothing ran
 
 
+async def test_a_forgotten_await_leaves_a_coroutine_a_task_runs_alone() -> None:
+    """A coroutine the user also handed to a task (``t = create_task(coro)``, then ``bob.send(coro)``
+    by mistake before the task started) is refused as not awaited, but not closed: the task is
+    the user's, and runs it (closing it failed the task with "cannot reuse already awaited
+    coroutine", far from the mistake)."""
+    async with harness.cluster(["bob"]) as c:
+        bob = c.worker("bob")
+        x = await bob.send(torch.ones(2))
+        coro = x.get()
+        task = asyncio.create_task(coro)
+        with pytest.raises(fedptr.NotAwaitedError):
+            bob.send(coro)
+        assert torch.equal(await task, torch.ones(2))
+
+
 class _Net(nn.Module):
     """A user's own model, as PySyft's tutorials write one: named layers, a forward of F calls."""
 
