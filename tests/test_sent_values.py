@@ -26,6 +26,7 @@ import zmq
 from fedptr.nodes.node import Node, NodeConfig
 
 from fedptr import link, wire
+from fedptr.pointer import remote_call
 
 from . import harness
 from .conftest import eventually
@@ -85,3 +86,31 @@ async def _got_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_gets_reply_is_the_value_it_released_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_got_then_written(monkeypatch))
+
+
+async def _moved_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob", "carol"], data=data, call_timeout=30.0) as c:
+        bob = c.worker("bob")
+        (bx,) = await bob.search("data")
+        public = await bob.send(torch.zeros(256, 1024))
+        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+        node, new_id = c.node("bob"), wire.new_object_id()
+        with _full_queue(monkeypatch, node):
+            moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
+            assert await eventually(lambda: _now(len(node.link._outbox) > 0), DEADLINE_S)  # checked public, queued
+            write = wire.Op(
+                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
+            )
+            written = c.client.request_nowait("bob", write)
+            assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
+        await asyncio.wait_for(moved, DEADLINE_S)
+        await asyncio.wait_for(written, DEADLINE_S)
+        reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
+        assert isinstance(reply, wire.TensorReply)
+        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
+        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+
+
+def test_a_moves_put_is_the_value_it_checked_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_moved_then_written(monkeypatch))
