@@ -101,6 +101,8 @@ class Handover:
         if msg.obj_id in node.store.pinned:
             raise PermissionDenied(node.name, "a worker's own data cannot be given away", node.name)
         node.store.check_principal(msg.obj_id, entry, msg.to)
+        if entry.location is None and msg.to != entry.owner:
+            node.store.check_alone(entry)
         entry.owner = msg.to
         entry.sponsor = source
         durable = None
@@ -254,6 +256,8 @@ class Handover:
         """A move to this very node: the object is stored as `new_id`, then forgotten as `obj_id`."""
         node = self.node
         try:
+            if owner != entry.owner:
+                node.store.check_alone(entry)
             node.store.rename(obj_id, new_id)
         except FedptrError:
             node.store.put_back(obj_id, entry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import weakref
 from collections import deque
@@ -433,6 +434,21 @@ class Store:
         if entry.sponsor and principal not in (entry.sponsor, entry.owner):
             log.warning("refused %r the object %d, held for %r", principal, obj_id, entry.sponsor)
             raise PermissionDenied(self.node, f"object {obj_id} is held for another client", self.node)
+
+    def check_alone(self, entry: Entry) -> None:
+        """Refuse handing `entry` to another peer while another entry here shares its memory (an
+        in-place op's result, a model's parameter: aliases share their target's taint object).
+        Each peer's requests are ordered only among themselves: a write through the alias kept by
+        one client landed while a computation of the new owner, public when it arrived, still
+        had to read the value, and bob's data reached a public result (red17). Raises
+        InvalidArgumentError."""
+        taint = entry.taint
+        for other in itertools.chain(self.entries.values(), self.taken.values()):
+            if other.taint is taint and other is not entry:
+                raise InvalidArgumentError(
+                    "an object that shares its memory with another (an in-place op's result, a model's "
+                    "parameter) is not handed to another peer: hand over a copy"
+                )
 
     def commit(
         self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None, durable: bool = True

@@ -26,6 +26,7 @@ import zmq
 from fedptr.nodes.node import Node, NodeConfig
 
 from fedptr import link, wire
+from fedptr.errors import PermissionDenied, RemoteError
 from fedptr.pointer import remote_call
 
 from . import harness
@@ -114,3 +115,38 @@ async def _moved_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_moves_put_is_the_value_it_checked_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_moved_then_written(monkeypatch))
+
+
+async def _aliased_then_handed_over() -> None:
+    data = {"bob": {"data": {"x": np.full((10, 10), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob"], data=data, call_timeout=30.0) as c, c.connect() as writer:
+        bob = c.worker("bob")
+        public = await bob.send(torch.zeros(10, 10))
+        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept
+        handovers = [
+            wire.Grant(alias.id_at_location, writer.name),
+            wire.Move(alias.id_at_location, "bob", wire.new_object_id(), writer.name),
+            wire.Grant(public.id_at_location, writer.name),
+        ]
+        for handover in handovers:
+            with pytest.raises(RemoteError) as refused:
+                await c.client.request_nowait("bob", handover)
+            assert refused.value.remote_type == "InvalidArgumentError", refused.value
+        del alias  # its delete goes out before the next request
+        assert isinstance(await c.client.request_nowait("bob", handovers[-1]), wire.Ok)  # alone now: handed over
+        (bx,) = await writer.worker("bob").search("data")
+        write = wire.Op(
+            wire.new_object_id(), "add_", [wire.Ref(public.id_at_location), wire.Ref(bx.id_at_location)], {}
+        )
+        assert isinstance(await writer.request_nowait("bob", write), wire.Ok)
+        with pytest.raises(PermissionDenied):  # the writer's object now, and private
+            await public.get()
+
+
+def test_an_object_sharing_its_memory_is_not_handed_to_another_client() -> None:
+    """A write through an alias kept by one client is not ordered with a computation of the
+    object's new owner: before the fix, a plan of the new owner, public on arrival, read the
+    value after its first long step (``(e @ e).sum() * 0.0 + p`` on a 1500x1500 ``e``, on the
+    node's thread), the other client's ``add_`` of bob's data through the alias ran inline
+    meanwhile, and the plan's public output held bob's data exactly (docs/REDTEAM.md, red17)."""
+    asyncio.run(_aliased_then_handed_over())
