@@ -150,3 +150,27 @@ def test_an_object_sharing_its_memory_is_not_handed_to_another_client() -> None:
     node's thread), the other client's ``add_`` of bob's data through the alias ran inline
     meanwhile, and the plan's public output held bob's data exactly (docs/REDTEAM.md, red17)."""
     asyncio.run(_aliased_then_handed_over())
+
+
+async def _graph_then_granted() -> None:
+    data = {"bob": {"data": {"x": np.full((4, 3), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob"], data=data, call_timeout=30.0) as c, c.connect() as other:
+        (bx,) = await c.worker("bob").search("data")
+        leaf = await c.worker("bob").send(torch.zeros(4, 3, requires_grad=True))
+        loss = await remote_call("sum", (leaf * bx,))  # its graph reaches the leaf
+        assert isinstance(await c.client.request_nowait("bob", wire.Grant(leaf.id_at_location, other.name)), wire.Ok)
+        backward = wire.Op(wire.new_object_id(), "backward", [wire.Ref(loss.id_at_location)], {})
+        await c.client.request_nowait("bob", backward)  # the leaf's gradient is bob's x now
+        grad = wire.Op(wire.new_object_id(), "grad", [wire.Ref(leaf.id_at_location)], {})
+        await other.request_nowait("bob", grad)
+        with pytest.raises(PermissionDenied):
+            reply = await other.request_nowait("bob", wire.Get(grad.result_id))
+            assert isinstance(reply, wire.TensorReply)
+            pytest.fail(f"bob's x as the gradient of a leaf granted away: {bytes(reply.tensor.data)[:16]!r}")
+
+
+def test_a_backward_taints_what_its_caller_granted_away() -> None:
+    """A graph built before its leaf was granted to another client still writes the leaf's
+    gradient: the backward tainted only its caller's own objects, and the new owner fetched
+    bob's x exactly as the leaf's gradient (red17)."""
+    asyncio.run(_graph_then_granted())
