@@ -228,11 +228,9 @@ class Compute:
         return policy.result_taint(msg.op, entries.values(), target, target_id)
 
     def _gradient_holders(self, source: str) -> Iterator[Entry]:
-        """`source`'s models and gradient-tracking tensors held here (a backward may reach them),
-        and those it granted to another peer (`sponsor`): a graph built before the grant still
-        reaches them, and the new owner fetched bob's x as a granted leaf's gradient (red17)."""
+        """`source`'s models and gradient-tracking tensors held here (a backward may reach them)."""
         for e in self.store.entries.values():
-            if (e.owner == source or e.sponsor == source) and e.location is None:
+            if e.owner == source and e.location is None:
                 value = e.value
                 if isinstance(value, torch.nn.Module) or getattr(value, "requires_grad", False):
                     yield e

@@ -102,7 +102,7 @@ class Handover:
             raise PermissionDenied(node.name, "a worker's own data cannot be given away", node.name)
         node.store.check_principal(msg.obj_id, entry, msg.to)
         if entry.location is None and msg.to != entry.owner:
-            node.store.check_alone(entry)
+            node.store.hand_over(entry)
         entry.owner = msg.to
         entry.sponsor = source
         durable = None
@@ -257,7 +257,7 @@ class Handover:
         node = self.node
         try:
             if owner != entry.owner:
-                node.store.check_alone(entry)
+                node.store.hand_over(entry)
             node.store.rename(obj_id, new_id)
         except FedptrError:
             node.store.put_back(obj_id, entry)

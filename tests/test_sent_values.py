@@ -26,7 +26,7 @@ import zmq
 from fedptr.nodes.node import Node, NodeConfig
 
 from fedptr import link, wire
-from fedptr.errors import PermissionDenied, RemoteError
+from fedptr.errors import FedptrError, PermissionDenied, RemoteError
 from fedptr.pointer import remote_call
 
 from . import harness
@@ -152,7 +152,7 @@ def test_an_object_sharing_its_memory_is_not_handed_to_another_client() -> None:
     asyncio.run(_aliased_then_handed_over())
 
 
-async def _graph_then_granted() -> None:
+async def _graph_then_granted() -> wire.Message | None:
     data = {"bob": {"data": {"x": np.full((4, 3), 0.5, dtype=np.float32)}}}
     async with harness.cluster(["bob"], data=data, call_timeout=30.0) as c, c.connect() as other:
         (bx,) = await c.worker("bob").search("data")
@@ -160,17 +160,20 @@ async def _graph_then_granted() -> None:
         loss = await remote_call("sum", (leaf * bx,))  # its graph reaches the leaf
         assert isinstance(await c.client.request_nowait("bob", wire.Grant(leaf.id_at_location, other.name)), wire.Ok)
         backward = wire.Op(wire.new_object_id(), "backward", [wire.Ref(loss.id_at_location)], {})
-        await c.client.request_nowait("bob", backward)  # the leaf's gradient is bob's x now
+        assert isinstance(await c.client.request_nowait("bob", backward), wire.Ok)
         grad = wire.Op(wire.new_object_id(), "grad", [wire.Ref(leaf.id_at_location)], {})
-        await other.request_nowait("bob", grad)
-        with pytest.raises(PermissionDenied):
-            reply = await other.request_nowait("bob", wire.Get(grad.result_id))
-            assert isinstance(reply, wire.TensorReply)
-            pytest.fail(f"bob's x as the gradient of a leaf granted away: {bytes(reply.tensor.data)[:16]!r}")
+        try:
+            await other.request_nowait("bob", grad)
+            return await other.request_nowait("bob", wire.Get(grad.result_id))
+        except FedptrError:
+            return None  # no gradient, or a private one: nothing of bob's left
 
 
-def test_a_backward_taints_what_its_caller_granted_away() -> None:
-    """A graph built before its leaf was granted to another client still writes the leaf's
-    gradient: the backward tainted only its caller's own objects, and the new owner fetched
-    bob's x exactly as the leaf's gradient (red17)."""
-    asyncio.run(_graph_then_granted())
+def test_a_graph_built_before_a_grant_does_not_reach_the_granted_leaf() -> None:
+    """A graph its first owner built before granting a leaf to another client still wrote the
+    leaf's gradient: the backward's taint rule covers its caller's objects only, and the new
+    owner fetched bob's x exactly as the leaf's gradient (red17)."""
+    got = asyncio.run(_graph_then_granted())
+    if isinstance(got, wire.TensorReply):
+        value = torch.frombuffer(bytearray(got.tensor.data), dtype=torch.float32)
+        assert not torch.equal(value, torch.full((12,), 0.5)), "bob's x as the gradient of a leaf granted away"
