@@ -1006,7 +1006,7 @@ async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: st
     handed = asyncio.ensure_future(p.get() if verb == "get" else p.move(w.cluster.client.worker(dest)))
     await asyncio.sleep(0)  # its request leaves first: the task runs to its first await, the send
     written = ROWS[name](alias, w.partner(alias, other))
-    out = await w.observe(f"pipelined {verb}", lambda: handed)
+    out = await w.observe(f"pipelined {verb}", lambda: _awaited(handed))
     await w.observe(f"pipelined {name}", lambda: written)
     if out is None:
         return False
@@ -1015,6 +1015,10 @@ async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: st
         out = await w.observe("pipelined get", out.get)
     w.seen.append(("pipelined value", _value(out)))
     return True
+
+
+async def _awaited(task: asyncio.Future[Any]) -> Any:
+    return await task
 
 
 async def _second(w: World) -> World:
@@ -1201,7 +1205,7 @@ ADDED_PROGRAM = [
     ("b_foreign", "get", 0, "alice"),  # the first client's contribution on the aggregator
     ("b_budget", "bob"),
     ("send", "bob", 1),
-    ("pipelined", 0, "move", "eve", "add_", SECRET),  # the send moved to eve, bob's x added through its alias
+    ("pipelined", 0, "move", "alice", "add_", SECRET),  # the send to alice, bob's x added via its alias
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
