@@ -779,7 +779,10 @@ def _storage_freed(freed: Freed, gone: deque[int], key: int, account: Account | 
     gone.append(key)
 
 
-def _leaf(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+_Leaf = TypeVar("_Leaf", bound=torch.Tensor)
+
+
+def _leaf(old: torch.Tensor, new: _Leaf) -> _Leaf:
     """`new`, a leaf on `old`'s memory, given a copy of `old`'s gradient (`Store.hand_over`)."""
     if old.is_leaf and old.grad is not None:  # (a result's gradient is not kept unless retained)
         new.grad = old.grad.detach().clone()
