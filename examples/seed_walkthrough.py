@@ -12,12 +12,13 @@ import asyncio
 import torch
 
 import fedptr
+from fedptr.pointer import short_id
 
 
 async def show(step: int, what: str, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     print(f"\nstep {step:>2}: {what}")
-    print("    bob:", await bob.objects())
-    print("  alice:", await alice.objects())
+    for name, worker in (("    bob", bob), ("  alice", alice)):  # ids as the pointers' reprs show them
+        print(f"{name}:", {short_id(obj_id): info for obj_id, info in (await worker.objects()).items()})
 
 
 async def main() -> None:

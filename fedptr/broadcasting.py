@@ -15,7 +15,7 @@ from torch import nn
 
 from fedptr import limits, meta, modules, wire
 from fedptr.client import Client, Worker
-from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError
+from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError, not_awaited
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.tensors import to_raw
 
@@ -100,7 +100,8 @@ def _request(client: Client, x: torch.Tensor | nn.Module, obj_id: int) -> tuple[
             return remote if x.training else remote.eval()
 
         return wire.PutModule(obj_id, spec, params), model
-    raise UnsupportedTypeError(f"can broadcast a tensor or an nn.Module, not {type(x).__name__}")
+    expected = "a tensor or an nn.Module"
+    raise not_awaited(x, expected) or UnsupportedTypeError(f"can broadcast {expected}, not {type(x).__name__}")
 
 
 def _abandoned(client: Client, name: str, obj_id: int, fut: asyncio.Future[wire.Message]) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import threading
 import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -31,9 +33,10 @@ from fedptr.errors import (
     UnsupportedTypeError,
     UsageError,
     WorkerRefused,
+    not_awaited,
 )
 from fedptr.link import Link
-from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised
+from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised, short_id
 from fedptr.security import CurveKeys
 from fedptr.tensors import from_raw, to_raw
 
@@ -60,7 +63,9 @@ class ObjectInfo:
 
     def __repr__(self) -> str:
         if self.kind == "pointer":
-            return f"[PointerTensor | {self.owner}:{self.obj_id} -> {self.location}:{self.id_at_location}]"
+            # ids as a Pointer's repr shows them, so that a listing and the client's pointers match
+            here, there = short_id(self.obj_id), short_id(self.id_at_location)
+            return f"[PointerTensor | {self.owner}:{here} -> {self.location}:{there}]"
         if self.kind == "failed":
             return f"<failed: {self.dtype}>"
         if self.preview is not None:
@@ -136,7 +141,8 @@ class Worker:
             spec, params = modules.to_wire(x)
             model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
-        raise UnsupportedTypeError(f"can send a tensor, an nn.Module or a Pointer, not {type(x).__name__}")
+        expected = "a tensor, an nn.Module or a Pointer"
+        raise not_awaited(x, expected) or UnsupportedTypeError(f"can send {expected}, not {type(x).__name__}")
 
     def _put(
         self, msg: wire.Put | wire.PutModule, sent_from: tuple[torch.Tensor, int] | None = None
@@ -367,8 +373,9 @@ class Client:
         if isinstance(worker, str):
             return self.worker(worker)
         if not isinstance(worker, Worker):
-            raise UnsupportedTypeError(
-                f"expected a Worker (client.worker('alice')) or a worker's name, not {type(worker).__name__} {worker!r}"
+            expected = "a Worker (client.worker('alice')) or a worker's name"
+            raise not_awaited(worker, expected) or UnsupportedTypeError(
+                f"expected {expected}, not {type(worker).__name__} {worker!r}"
             )
         if worker.client is not self:
             raise InvalidArgumentError(f"{worker!r} belongs to another client; pass its name instead")
@@ -755,7 +762,63 @@ class Client:
 
 __all__ = ["Client", "ConsumedPointerError", "ObjectInfo", "Pointer", "Worker", "connect"]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+W = TypeVar("W")
 
+HOW_TO_CONNECT = "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`"
+
+
+class Connecting:
+    """What `connect` returns: an async context manager whose ``async with`` gives the `Client`.
+    Used another way (``client = fedptr.connect(...)`` then ``client.worker``, ``await``, or a
+    ``with`` without ``async``), it says how to use it, where Python named only its own type."""
+
+    def __init__(self, connecting: AbstractAsyncContextManager[Client]) -> None:
+        self._connecting = connecting
+
+    async def __aenter__(self) -> Client:
+        return await self._connecting.__aenter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._connecting.__aexit__(exc_type, exc, tb)
+
+    def __await__(self) -> NoReturn:
+        raise UsageError(f"fedptr.connect(...) is not awaited: {HOW_TO_CONNECT}")
+
+    def __enter__(self) -> NoReturn:
+        raise UsageError(f"fedptr.connect(...) is an async context manager: {HOW_TO_CONNECT}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Never reached (`__enter__` raises); Python calls `__enter__` only when both exist."""
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
+
+        def __getattr__(self, name: str) -> NoReturn:
+            if hasattr(Client, name):
+                raise AttributeError(f"fedptr.connect(...) is not a Client, so it has no {name!r}: {HOW_TO_CONNECT}")
+            raise AttributeError(f"'Connecting' object has no attribute {name!r}")
+
+
+def wrapped_in(
+    wrapper: Callable[[AbstractAsyncContextManager[T]], W],
+) -> Callable[[Callable[P, AbstractAsyncContextManager[T]]], Callable[P, W]]:
+    """A decorator: the factory's async context manager, returned in `wrapper` (`Connecting`,
+    `fedptr.cluster.LocalCluster`), which says how to use it when it is misused."""
+
+    def decorate(factory: Callable[P, AbstractAsyncContextManager[T]]) -> Callable[P, W]:
+        @functools.wraps(factory)
+        def make(*args: P.args, **kwargs: P.kwargs) -> W:
+            return wrapper(factory(*args, **kwargs))
+
+        return make
+
+    return decorate
+
+
+@wrapped_in(Connecting)
 @asynccontextmanager
 async def connect(
     address: str,

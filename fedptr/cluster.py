@@ -9,25 +9,22 @@ grace period.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from fedptr import limits
-from fedptr.client import Client, connect
+from fedptr.client import Client, Connecting, connect, wrapped_in
 from fedptr.errors import DeadlineExceeded, FedptrError, InvalidArgumentError, UsageError
 from fedptr.processes import NodeStarter, Process, start_broker, stop_processes, wait_registered
 from fedptr.security import CurveKeys, generate
-
-P = ParamSpec("P")
 
 CLIENT_KEYS = 4
 """Client key pairs a CURVE local cluster makes: its own client's and spare ones for more clients."""
@@ -58,7 +55,7 @@ class Cluster:
         name = "client" if index == 0 else f"client{index}"
         return CurveKeys.load(self.keys_dir / f"{name}.key_secret", self.keys_dir / "broker.key")
 
-    def connect(self, key: int = 0, **options: Any) -> AbstractAsyncContextManager[Client]:
+    def connect(self, key: int = 0, **options: Any) -> Connecting:
         """Another client of this cluster, authenticated with client key pair `key`; `options`
         are `fedptr.connect`'s."""
         return connect(self.address, curve=self.client_keys(key), **options)
@@ -160,20 +157,7 @@ class LocalCluster:
             await self._cluster.stop()
 
 
-def _startable(
-    factory: Callable[P, AbstractAsyncContextManager[Cluster]],
-) -> Callable[P, LocalCluster]:
-    """`factory` returning a `LocalCluster` (startable with ``await ...start()``) instead of
-    only an async context manager."""
-
-    @functools.wraps(factory)
-    def make(*args: P.args, **kwargs: P.kwargs) -> LocalCluster:
-        return LocalCluster(factory(*args, **kwargs))
-
-    return make
-
-
-@_startable
+@wrapped_in(LocalCluster)  # startable with ``await ...start()``, not only an async context manager
 @asynccontextmanager
 async def local_cluster(
     names: Sequence[str],

@@ -360,11 +360,20 @@ class DirectPaths:
         return wire.DirectTicket(self.endpoint, public)
 
     def forget(self, peer: bytes) -> None:
-        """`peer` left: its key is refused from now on, and nothing more is sent to it directly."""
+        """`peer` left: its key is refused from now on, and nothing more is sent to it directly.
+        A peer that shared memory with us may have died (kill -9) leaving files of its own in
+        the directory: those it wrote and we handed back, and one written but never announced.
+        Nobody else knows of them: they are swept now, once its process is gone (before, they
+        stayed until some path next opened on this host, for good on a host where none did)."""
+        shared = False
         for key in [k for k, (p, _) in self._admitted.items() if p == peer]:
-            self._drop_files(self._admitted.pop(key)[1])
+            channel = self._admitted.pop(key)[1]
+            shared |= channel.shared
+            self._drop_files(channel)
         self._routes.pop(peer, None)
         self.sources.discard(peer)
+        if shared:
+            self._shm.sweep()
 
     def _drain_zap(self) -> None:
         """Answer the data socket's handshakes: a connection whose PLAIN credentials are not an

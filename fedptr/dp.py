@@ -29,7 +29,7 @@ from fedptr.errors import (
     UnknownWorkerError,
     UnsupportedTypeError,
 )
-from fedptr.pointer import ModulePointer, Pointer
+from fedptr.pointer import ModulePointer, Pointer, expect_pointer
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ async def contribute(value: Pointer, aggregator: Worker | str) -> tuple[Pointer,
     Raises PermissionDenied (the value derives from another owner's data, or the owner does not
     trust `aggregator`), BudgetExhaustedError (it would exceed the owner's budget), and the
     errors of any call."""
+    expect_pointer(value, "a Pointer to the value to contribute")
     value.check_alive()
     client = value.client
     name = client.as_worker(aggregator).name
@@ -97,6 +98,8 @@ async def secure_mean(
     (from the owner) when it has no budget, and the errors of any call."""
     if not values:
         raise InvalidArgumentError("a secure mean takes at least one value")
+    for v in values:
+        expect_pointer(v, "a Pointer per data owner")
     owners = [v.location for v in values]
     if len(set(owners)) != len(owners):
         raise InvalidArgumentError("a secure mean takes one value per data owner")
@@ -150,6 +153,9 @@ async def train(
     Raises BudgetExhaustedError (charging nothing) when the steps do not fit the budget,
     PermissionDenied when `x`, `y` are not that node's data or the model derives from private
     data already, InvalidArgumentError for parameters that describe no DP-SGD run."""
+    expect_pointer(model, "a ModulePointer (bob.send(model))")
+    expect_pointer(x, "a Pointer to the owner's data (x, y = await bob.search(tag))")
+    expect_pointer(y, "a Pointer to the owner's data (x, y = await bob.search(tag))")
     model.check_alive()
     msg = wire.DPTrain(
         model.id_at_location,

@@ -16,6 +16,7 @@ Names say who caused the failure (trio's style):
 
 from __future__ import annotations
 
+from types import CoroutineType
 from typing import Any, TypeVar
 
 _E = TypeVar("_E", bound=BaseException)
@@ -250,6 +251,28 @@ class InvalidArgumentError(UsageError, ValueError):
 
 class UnsupportedTypeError(UsageError, TypeError):
     """Raised when a value of a type fedptr cannot send or run remotely is passed."""
+
+
+class NotAwaitedError(UnsupportedTypeError):
+    """Raised when a call's result was expected and its coroutine came instead: an ``await``
+    forgotten (``p.get()`` for ``await p.get()``). The message names the call and where to add
+    the ``await``."""
+
+
+def not_awaited(value: object, expected: str) -> NotAwaitedError | None:
+    """The error for `value` given where `expected` is, when `value` is a coroutine (of
+    ``p.get()``, ``worker.search(tag)``...): a forgotten ``await``. None for anything else. A
+    coroutine that never started is closed, so Python's "coroutine ... was never awaited"
+    warning does not repeat, later and without a way out, what this error says."""
+    if not isinstance(value, CoroutineType):
+        return None
+    if value.cr_frame is not None and value.cr_await is None and not value.cr_running:  # never started
+        value.close()
+    return NotAwaitedError(
+        f"expected {expected}, got {value.__qualname__}() not awaited: a fedptr call that returns a value or "
+        f"hands an object over (get, move, item, search, objects, workers, dp.*) is awaited "
+        f"first, as in `x = await p.get()` or `x, y = await bob.search('digits')`"
+    )
 
 
 class DataDependentError(UsageError, TypeError):

@@ -140,7 +140,7 @@ def _step(root: nn.Module, node: torch.fx.Node, index: dict[torch.fx.Node, int])
         name = str(node.target)
         if name not in METHODS:
             raise UnsupportedTypeError(f"{where} calls the tensor method {name!r}, which is not allowed in a model")
-        return ["method", name, args, kwargs]
+        return _out_of_place(where, ["method", name, args, kwargs])
     if node.target is getattr:
         if len(args) != 2 or args[1] not in READABLE:
             raise UnsupportedTypeError(f"{where} reads .{args[1:2]}, which a model may not (only {sorted(READABLE)})")
@@ -149,7 +149,18 @@ def _step(root: nn.Module, node: torch.fx.Node, index: dict[torch.fx.Node, int])
     if name_of is None:
         name = f"{getattr(node.target, '__module__', None) or ''}.{getattr(node.target, '__name__', node.target)}"
         raise UnsupportedTypeError(f"{where} calls {name.strip('.')}, which is not allowed in a model (see fedptr.ops)")
-    return ["function", name_of, args, kwargs]
+    return _out_of_place(where, ["function", name_of, args, kwargs])
+
+
+def _out_of_place(where: str, step: list[Any]) -> list[Any]:
+    """`step`, refused when it writes in place (``inplace=True``, ``out=``): the node would refuse
+    the graph, after the client had sent it, as a ValueError of the next await on that worker."""
+    if _writes(*step):
+        raise UnsupportedTypeError(
+            f"{where} calls {step[1]} writing in place (inplace=True, out=, F.embedding's max_norm), "
+            "which a forward may not: compute out of place"
+        )
+    return step
 
 
 def _is_state(root: nn.Module, target: str) -> bool:

@@ -331,9 +331,10 @@ NODE_MAX_FORWARDS = 10000
 REPLY_CACHE_SIZE = 10_000
 """Recent replies a node keeps, so a replayed request is answered from memory, not run twice."""
 
-REPLY_CACHE_MAX_TENSOR_BYTES = 1 << 16
-"""Replies holding more tensor bytes than this (64 KiB) are not kept; a replay of such a Get is
-refused instead."""
+REPLY_CACHE_MAX_TENSOR_BYTES = TENSOR_VIEW_MIN_BYTES - 1
+"""Replies holding more tensor bytes than this (64 KiB less one) are not kept; a replay of such a
+Get is refused instead. Below `TENSOR_VIEW_MIN_BYTES`, so a kept reply holds copies, never a view
+of a stored tensor that a later write would change (a get's reply is not copied otherwise)."""
 
 REPLY_CACHE_MAX_BYTES = 64 << 20
 """Most tensor bytes the kept replies of one node hold together (64 MiB); the oldest go first."""

@@ -5,6 +5,13 @@ to send; the link moves frames between it and a DEALER socket, turns its `Settle
 request futures, and calls `tick` on a timer (request deadlines and heartbeats). Messages pushed
 within one event-loop turn leave as one BATCH multipart; large buffers stream as chunks, which
 take the direct data path to their peer when it opens (`fedptr.direct`).
+
+The link keeps no caller memory past the call that hands a message over (review9: a node's
+get reply was a view of the stored tensor, and the node's next request wrote into it before
+the bytes left). What leaves within the call needs nothing: a chunk written into a
+shared-memory file or sealed for the direct path is copied by that. What is kept is copied when
+it is not immutable (`zio.owned`): a message joining a BATCH, a multipart queued in the outbox;
+and zmq is handed only immutable memory zero-copy (`zio.send_frames` copies the rest).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,7 +41,7 @@ from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
 from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
 from fedptr.streams import rechunk, split
-from fedptr.zio import events, recv_frames, send_frames
+from fedptr.zio import events, owned, recv_frames, send_frames
 
 log = logging.getLogger("fedptr.link")
 
@@ -112,6 +120,11 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        # the loop's clock, read directly where it is `time.monotonic` (asyncio's own loops): a
+        # worker reads it for every reply, and `loop.time` is a Python call; another loop's own
+        self._now: Callable[[], float] = (
+            time.monotonic if type(self._loop).time is asyncio.BaseEventLoop.time else self._loop.time
+        )
 
     @property
     def name(self) -> str:
@@ -276,7 +289,7 @@ class Link:
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None:
         """Queue the reply to request `rid` from `dest`."""
-        message = self.session.reply(dest, rid, msg, self._loop.time())
+        message = self.session.reply(dest, rid, msg, self._now())
         if message is not None:
             self._push(message)
 
@@ -355,9 +368,7 @@ class Link:
                         self.on_settled(event.dest, fut)
                     if self.on_reply is not None and event.result is not None:
                         self.on_reply(event.result)
-                elif isinstance(event, Send):
-                    self._push(event.message)
-                elif isinstance(event, Incoming):
+                elif isinstance(event, Incoming):  # before `Send`: a worker gets one per request
                     message = event.request.message
                     if type(message) is wire.DirectOffer:  # the link's business, never the node's
                         ticket = wire.DirectTicket("", b"")
@@ -366,6 +377,8 @@ class Link:
                         self.reply(event.source, event.rid, ticket)
                     elif self.handler is not None:
                         self.handler(event.source, event.rid, event.request)
+                elif isinstance(event, Send):
+                    self._push(event.message)
                 elif isinstance(event, SessionEnded):
                     if self.direct is not None:
                         self.direct.forget(event.name.encode())
@@ -419,7 +432,9 @@ class Link:
             return
         batch = self._batch
         if batch is not None:
-            batch.append(message)
+            # it leaves later (at the turn's or the drain's end): its buffers, if any, must be
+            # owned by then; the envelope and the header before them are bytes (the session's)
+            batch.append(message if len(message) <= envelope.ENVELOPE_FRAMES else owned(message))
             if len(batch) >= limits.BATCH_MAX_MESSAGES:  # full: out now, the turn goes on with a new one
                 self._batch = []
                 self._push_frames(envelope.pack_batch(batch))
@@ -569,12 +584,12 @@ class Link:
         self.bytes_sent += sum(f.nbytes if type(f) is memoryview else len(f) for f in frames)
         assert self._sock is not None
         if self._outbox:
-            self._outbox.append(frames)
+            self._outbox.append(owned(frames))
         else:
             try:
                 send_frames(self._sock, frames)
             except zmq.Again:
-                self._outbox.append(frames)
+                self._outbox.append(owned(frames))
                 self._writable.set()
         return events(self._sock)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
@@ -43,6 +44,7 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
     copy_to_raise,
+    not_awaited,
 )
 from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY
@@ -88,6 +90,8 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
         return [_encode(v, found) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _encode(v, found) for k, v in value.items()}
+    if (error := not_awaited(value, "an operation's argument")) is not None:
+        raise error
     raise UnsupportedTypeError(f"cannot send an argument of type {type(value).__name__} to a remote operation")
 
 
@@ -275,6 +279,15 @@ class Pending:
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<Pending: {len(self._futures)} remote updates, {state}>"
+
+
+def expect_pointer(value: object, expected: str) -> None:
+    """Refuse `value`, given where `expected` is, unless it is a Pointer: a coroutine (a
+    forgotten ``await``) with NotAwaitedError, anything else with UnsupportedTypeError, instead
+    of an AttributeError from inside the call."""
+    if isinstance(value, Pointer):
+        return
+    raise not_awaited(value, expected) or UnsupportedTypeError(f"expected {expected}, not {type(value).__name__}")
 
 
 def effect(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> Pending:
@@ -864,17 +877,18 @@ _install_methods()
 
 
 class ModuleView:
-    """A submodule of a remote model (``model_ptr[0]``), for reaching its parameters by name
-    (``model_ptr[0].weight``). It is not itself callable."""
+    """A submodule of a remote model (``model_ptr[0]``, ``model_ptr.fc1``), for reaching its
+    parameters by name (``model_ptr[0].weight``, ``model_ptr.fc1.weight``). It is not itself
+    callable."""
 
     def __init__(self, root: ModulePointer, prefix: str) -> None:
         self._root = root
         self._prefix = prefix
 
-    def __getattr__(self, name: str) -> Pointer:
+    def __getattr__(self, name: str) -> Any:  # a Pointer or a ModuleView, as the model's structure says
         if name.startswith("_"):
             raise AttributeError(name)
-        return self._root.parameter(f"{self._prefix}.{name}")
+        return self._root.member(f"{self._prefix}.{name}")
 
     def __getitem__(self, index: builtins.int) -> ModuleView:
         return ModuleView(self._root, self._root.child_name(self._prefix, index))
@@ -954,6 +968,15 @@ class ModulePointer(Pointer):
             raise AttributeError(f"the model has no parameter {name!r} (it has {', '.join(named)})")
         return named[name]
 
+    def member(self, name: str) -> Pointer | ModuleView:
+        """The parameter called `name`, or the submodule (``"fc1"`` of a ``class Net``, whose
+        parameters are then ``mp.fc1.weight``); AttributeError naming the parameters if neither."""
+        if name not in dict(self.named_parameters()):
+            with contextlib.suppress(AttributeError):
+                self.meta_model.get_submodule(name)
+                return ModuleView(self, name)
+        return self.parameter(name)
+
     def state_dict(self) -> dict[str, Pointer]:
         """Pointers to every parameter and buffer (BatchNorm's running statistics), by name,
         as ``nn.Module.state_dict``; parameters are the pointers of `named_parameters`."""
@@ -980,10 +1003,10 @@ class ModulePointer(Pointer):
         """Child `index` of a Sequential model, for its parameters: ``mp[0].weight``."""
         return ModuleView(self, self.child_name("", index))
 
-    def __getattr__(self, name: str) -> Pointer:
+    def __getattr__(self, name: str) -> Any:  # a Pointer or a ModuleView, as the model's structure says
         if name.startswith("_") or name in ModulePointer.__slots__:
             raise AttributeError(name)
-        return self.parameter(name)
+        return self.member(name)
 
     def train(self, mode: builtins.bool = True) -> ModulePointer:
         """Set the remote model's training mode (Dropout active, BatchNorm updating its

@@ -425,7 +425,7 @@ class Session:
             if answer is not None:
                 events.append(Send(answer))
             return
-        events.append(Incoming(source, rid, decoded))
+        events.append(_new_tuple(Incoming, (source, rid, decoded)))  # (its `__new__` is a Python call: per request)
 
     def _on_accepted(self, rid: bytes, now: float, events: list[Event]) -> None:
         if rid != self._registration:

@@ -19,15 +19,43 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _send = _Backend.send
 _recv = _Backend.recv
 _get = _Backend.get
+_Frame = zmq.Frame
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     """Send `frames` as one message without blocking; raises zmq.Again when the queue is full
-    (only before the first frame: zmq accepts the rest of a message once it took the first)."""
+    (only before the first frame: zmq accepts the rest of a message once it took the first).
+
+    zmq keeps nothing the caller may change once this returns: bytes and views of bytes
+    (immutable) and zmq Frames (zmq's own) go zero-copy, any other buffer is copied into zmq's
+    message here, once. zmq reads a zero-copy frame later, in its I/O thread (over inproc its
+    receiver does), and the caller may write into its buffer meanwhile (a node's stored tensor,
+    written by the next request it handles: review9); a frame below `zmq.COPY_THRESHOLD` zmq
+    copied anyway, and now does without wrapping it in a Frame first."""
     last = len(frames) - 1
     for i in range(last):
-        _send(sock, frames[i], _NOBLOCK | _SNDMORE, False)
-    _send(sock, frames[last], _NOBLOCK, False)
+        f = frames[i]
+        _send(sock, f, _NOBLOCK | _SNDMORE, type(f) is not bytes and mutable(f))
+    f = frames[last]
+    _send(sock, f, _NOBLOCK, type(f) is not bytes and mutable(f))
+
+
+def mutable(frame: Any) -> bool:
+    """Whether `frame` is memory its caller may change: not bytes, a view of bytes, nor a zmq Frame."""
+    return (
+        type(frame) is not bytes
+        and type(frame) is not _Frame
+        and not (type(frame) is memoryview and type(frame.obj) is bytes)
+    )
+
+
+def owned(frames: list[Any]) -> list[Any]:
+    """`frames`, each `mutable` one copied into bytes: what is kept past the call that handed it
+    over (a link's batch, its outbox) must not change meanwhile."""
+    for f in frames:
+        if type(f) is not bytes and mutable(f):
+            return [bytes(f) if mutable(f) else f for f in frames]
+    return frames
 
 
 def recv_frames(sock: zmq.Socket[Any], copied: int, copy_below: int = 0) -> list[Any]:

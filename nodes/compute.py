@@ -64,6 +64,9 @@ class _Run:
     graph: Recorder | None = None
     """What it saves for backward, when it may build an autograd graph (nodes/saved.py): an
     input tracks gradients or is a model, or it is a plan that may make one track them."""
+    numel: int = 0
+    """The elements of its input tensors, counted by `_values`: a single op's operands are its
+    inputs, so its offload decision needs no second pass over them."""
 
 
 @dataclass(slots=True, eq=False)
@@ -314,7 +317,7 @@ class Compute:
         done = 0
         if values is not None:
             try:
-                done = self._compute(run, values, 0, inline=True)
+                done = self._compute(run, values, 0, True)  # (positional: per op)
             except Exception as e:
                 self._finish(run, values, versions, e)
                 return
@@ -332,7 +335,7 @@ class Compute:
                     await entry.wait()  # raises the error an input failed with
                 values = _values(run, versions)
                 assert values is not None  # every input settled without an error
-                done = self._compute(run, values, 0, inline=True)
+                done = self._compute(run, values, 0, True)  # (positional: per op)
             if done < len(run.ops):
                 await self.scheduler.offload(self._compute, run, values, done)
         except Exception as e:
@@ -358,12 +361,13 @@ class Compute:
             op = run.ops[i]
             entries = run.operands[i]
             # a single op reads exactly its inputs: `values` itself, before its result is added
-            operands = values if run.ids is None else {k: values[k] for k in entries}
+            single = run.ids is None
+            operands = values if single else {k: values[k] for k in entries}
             # private when its result is (taint only grows: never less than on arrival)
             private = bool(run.results[i].taint.origins)
             if inline and (
                 i - start >= limits.PLAN_INLINE_OPS
-                or _numel(operands.values()) > self.config.offload_numel
+                or (run.numel if single else _numel(operands.values())) > self.config.offload_numel
                 or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
             ):
                 return i
@@ -645,21 +649,24 @@ def _has_state(entry: Entry) -> bool:
 def _values(run: _Run, versions: dict[int, int]) -> dict[int, Any] | None:
     """The values of `run`'s inputs by key when every one is settled without an error, else
     None; the version counter of each tensor among them goes into `versions` (an in-place
-    update bumps it: the run persists the inputs it changed), and the run records what it saves
-    for backward (`run.graph`) when one tracks gradients or is a model. One pass: this runs for
-    every operation."""
+    update bumps it: the run persists the inputs it changed), their elements into `run.numel`,
+    and the run records what it saves for backward (`run.graph`) when one tracks gradients or
+    is a model. One pass: this runs for every operation."""
     values = {}
     graph = False
+    numel = 0
     for i, e in run.inputs.items():
         if not e.settled or e.error is not None:
             return None
         value = values[i] = e.value
         if isinstance(value, torch.Tensor):
             versions[i] = value._version
+            numel += value.numel()
             if value.requires_grad:
                 graph = True
         else:  # a model
             graph = True
+    run.numel = numel
     if graph and run.graph is None:
         run.graph = Recorder()
     return values

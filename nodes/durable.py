@@ -11,7 +11,8 @@ rewrite replaces them (``42.bin`` is removed once the new record's rename is dur
 that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
 hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
 temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
-batch of writes and unlinks.
+batch of writes and unlinks (and once more inside the removal of an object with a second file,
+whose record's unlink must be durable before that file goes: `remove`).
 
 These calls block: the node makes them only on its write-ahead thread (nodes/writeahead.py).
 Nothing is ever unpickled: loading validates dtype and size as the wire does.
@@ -139,10 +140,18 @@ class DurableStore:
         _unlink(self.dir / f"{obj_id}.mov")
 
     def remove(self, obj_id: int) -> None:
-        """Forget an object: its record first (a record never lacks its data), then its data and
-        any move record."""
-        for suffix in (".rec", ".bin", ".mov"):
-            _unlink(self.dir / f"{obj_id}{suffix}")
+        """Forget an object: its record first, then an older release's data file and any move
+        record, only once the record's unlink is durable (a directory fsync, for such objects
+        alone): unsynced unlinks persist in no promised order, and a power cut that kept a later
+        one but lost the record's left an older record without its data (a store that would not
+        load) or a moved object's record without its move record (a second owning copy, beside
+        the destination's)."""
+        _unlink(self.dir / f"{obj_id}.rec")
+        others = [p for p in (self.dir / f"{obj_id}.bin", self.dir / f"{obj_id}.mov") if p.exists()]
+        if others:
+            self.sync()
+        for path in others:
+            _unlink(path)
 
     def sync(self) -> None:
         """Make the renames and unlinks done so far durable (one fsync of the directory)."""

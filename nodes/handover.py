@@ -196,13 +196,12 @@ class Handover:
             return
         if release != "public":
             node.audit.record("get", source, object=obj_id, release=release, owners=entry.taint.owners)
-        # copies, not views: the link hands a large buffer to zmq as is, and while a slow peer's
-        # queue is full it waits there (in the outbox, then in zmq's) as the node handles later
-        # requests; an in-place write among them (another owner's data added) changed what left
+        # views: the link copies what it keeps past the reply call (`fedptr.link`), so a later
+        # in-place write (another owner's data added) cannot change what leaves
         if isinstance(value, torch.nn.Module):
-            node.reply(source, rid, wire.ModuleReply(*modules.to_wire(value, copy=True), release))
+            node.reply(source, rid, wire.ModuleReply(*modules.to_wire(value), release))
         else:
-            node.reply(source, rid, wire.TensorReply(to_raw(value, copy=True), release))
+            node.reply(source, rid, wire.TensorReply(to_raw(value), release))
 
     def move(self, source: str, rid: bytes, msg: wire.Move, budget: float) -> None:
         """Send the object's value to worker `msg.dest` as `msg.new_id`; forget it here once the

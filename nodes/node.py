@@ -255,12 +255,13 @@ class Node:
 
     def _dispatch(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         msg = decoded.message
+        kind = type(msg)
         figures = self.figures
-        figures.requests[type(msg).__name__] += 1  # counted here, not in `figures.started`: per request
+        figures.requests[kind.__name__] += 1  # counted here, not in `figures.started`: per request
         if figures.debug:
-            figures.started(source, rid, type(msg).__name__)
+            figures.started(source, rid, kind.__name__)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
-        handler = self._handlers.get(type(msg))
+        handler = self._handlers.get(kind)
         try:
             if handler is None:
                 raise OpNotAllowedError("", f"{type(msg).__name__} is not a request")

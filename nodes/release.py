@@ -84,18 +84,23 @@ class Release:
                     raise InvalidArgumentError("DP-SGD takes a model and inputs and targets of one length")
                 mechanisms.check_run(msg, len(x))
                 mechanisms.check_per_sample(model)
-                spent = await self.scheduler.offload(self._train_charged, model, x, y, msg, data[0].taint)
+                spent = await self.scheduler.offload(self._charge, model, x, y, msg, data[0].taint)
+                # recorded before the model is trained: a record the disk refuses fails the run
+                # typed (the OSError by name) with the model untouched; the charge stays spent
+                # (the history never holds less than the log records, and a refund would be one
+                # more write the disk may refuse)
+                self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
+                await self.scheduler.offload(mechanisms.dp_sgd, model, x, y, msg)
             except Exception as e:
                 self.node.reply_error(source, rid, e)
                 return
-            self.audit.record(audit.DP_TRAIN, source, object=msg.model_id, steps=msg.steps, epsilon_spent=spent)
             model_entry.released = "dp"
             durable = self.store.persist(msg.model_id, model_entry, model)
             self.node.reply_durable(durable, source, rid, wire.BudgetReply(self.name, spent, self.budget.left))
 
         self.node.compute_later(answer(), source, rid)  # it trains the model in place: later requests wait
 
-    def _train_charged(
+    def _charge(
         self,
         model: torch.nn.Module,
         x: torch.Tensor,
@@ -103,15 +108,14 @@ class Release:
         config: wire.DPTrain,
         taint: policy.Taint,
     ) -> float:
-        """On a worker thread: check the run from shapes alone, charge every step, then train."""
+        """On a worker thread: check the run from shapes alone, then charge every step (the
+        training follows once the charge is recorded)."""
         try:
             mechanisms.check_model(model, x, y, config)
         except Exception:
             raise policy.refuse_op(taint, "dp_train", []) from None
         # charged at the rate the sampler realises, which may exceed the one asked (by < 2^-53)
-        spent = self.budget.charge(config.noise_multiplier, mechanisms.realised_rate(config.sample_rate), config.steps)
-        mechanisms.dp_sgd(model, x, y, config)
-        return spent
+        return self.budget.charge(config.noise_multiplier, mechanisms.realised_rate(config.sample_rate), config.steps)
 
     def report_budget(self, source: str, rid: bytes, msg: wire.Budget, budget: float) -> None:
         self.node.reply(source, rid, wire.BudgetReply(self.name, self.budget.spent, self.budget.left))

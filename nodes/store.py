@@ -327,21 +327,19 @@ class Store:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
         if obj_id in self.entries or obj_id in self.taken:
             raise InvalidArgumentError(f"object id {obj_id} already exists")
-        self._count(entry, admit=True)
+        self._count(entry, True)  # (positional: per op)
         self.entries[obj_id] = entry
 
     def held_bytes(self) -> int:
         """The tensor bytes charged now, the bytes autograd freed given back first: without that a
         figure would say when the store last charged something, not what it holds (a twin-world
         difference, docs/REDTEAM.md)."""
-        if self._freed or self._grads:
-            self.release_graphs()
+        self._give_back()
         return self.bytes
 
     def usage(self, client: str) -> tuple[int, int]:
         """The objects and tensor bytes that count against `client`'s quota here."""
-        if self._freed or self._grads:
-            self.release_graphs()
+        self._give_back()
         account = self.accounts.get(client)
         return (0, 0) if account is None else (account.objects, account.bytes)
 
@@ -516,7 +514,7 @@ class Store:
         """Count `nbytes` against the store's cap and `account`'s quota (a client's), and return
         them; refused past either (StoreFullError, QuotaExceededError; the quota not for what a
         restart restores: it was acknowledged, it stays)."""
-        if self._freed or self._grads:
+        if self._freed or self._grads:  # `_give_back`, inline: a charge is made for every op
             self.release_graphs()
         if self.max_bytes and self.bytes + nbytes > self.max_bytes:
             raise StoreFullError("", f"storing {nbytes} bytes would exceed the store's cap of {self.max_bytes} bytes")
@@ -524,7 +522,9 @@ class Store:
         if account is not None and quota and not restoring and account.bytes + nbytes > quota:
             client = account.client
             raise QuotaExceededError("", f"storing {nbytes} bytes would take {client!r} past its {quota} bytes here")
-        self._add(account, nbytes)
+        self.bytes += nbytes  # `_add`, inline: a charge is made for every op
+        if account is not None:
+            account.bytes += nbytes
         return nbytes
 
     def _add(self, account: Account | None, nbytes: int) -> None:
@@ -556,8 +556,7 @@ class Store:
         of their `charged` into their storages' charges (to their own account). Raises as
         `_charge` does when `check` (then nothing is charged); else charges past the cap or
         quota (the memory exists)."""
-        if self._freed or self._grads:
-            self.release_graphs()
+        self._give_back()
         fresh: dict[int, tuple[torch.UntypedStorage, Account | None]] = {}
         self._fresh(fresh, storages, account)
         held = [e for e in {id(e): e for e in entries}.values() if e.location is None and e.value is not None]
@@ -627,6 +626,12 @@ class Store:
         """Whether `storage` is charged once (`share`) already."""
         ref = self._storages.get(storage._cdata)
         return ref is not None and ref() is storage
+
+    def _give_back(self) -> None:
+        """Give back what autograd freed since the last look (`release_graphs`), when anything
+        was: before a charge is judged against the cap or a quota, and before a figure is read."""
+        if self._freed or self._grads:
+            self.release_graphs()
 
     def release_graphs(self) -> None:
         """Give back the bytes of the saved tensors and shared storages freed since the last call."""

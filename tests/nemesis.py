@@ -7,7 +7,9 @@ call `at` the process "crashes" (that call fails, a data write lands torn, half 
 does every later call), or, given an errno, the disk refuses that one call (disk full, an I/O
 error) as a real one would, the write torn as well. The model is a process crash: what reached
 the kernel stays; unsynced data is not dropped. A power cut after the crash
-(`CrashingDisk.power_cut`) also undoes each rename whose directory was not fsynced since.
+(`CrashingDisk.power_cut`) also undoes each rename whose directory was not fsynced since, and
+any chosen subset of the unlinks not made durable so (POSIX orders no unsynced directory
+operations: a later unlink may persist while an earlier one is lost).
 
 A `Death` watches one running node: it counts the requests and replies the node sends, and the
 chunks of its large buffers (through the broker or over a direct data path, as shared-memory
@@ -27,7 +29,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import pytest
@@ -64,6 +66,9 @@ class CrashingDisk:
         self._unsynced: dict[str, dict[str, bytes | None]] = {}
         """Per directory, what each file renamed over since the directory's last fsync held
         before (None: it did not exist): what a power cut brings back."""
+        self._unlinked: dict[str, dict[str, bytes]] = {}
+        """Per directory, what each file unlinked since the directory's last fsync held: what a
+        power cut may bring back (`power_cut`'s `revived`)."""
 
     def renaming(self, dst: Any) -> None:
         """`dst` is about to be replaced: remember what it held, unless a rename since its
@@ -73,10 +78,23 @@ class CrashingDisk:
         if path not in held:
             held[path] = open(path, "rb").read() if os.path.exists(path) else None  # noqa: SIM115
 
+    def unlinking(self, path: Any) -> None:
+        """`path` is about to be unlinked: remember what it held (a power cut may undo that)."""
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            self._unlinked.setdefault(os.path.dirname(path), {})[path] = open(path, "rb").read()  # noqa: SIM115
+
+    @property
+    def unsynced_unlinks(self) -> list[str]:
+        """The files unlinked since their directory's last fsync (what `power_cut` may revive)."""
+        return [path for held in self._unlinked.values() for path in held]
+
     def synced(self, fd: int) -> None:
-        """`fd` was fsynced: a directory's renames are durable now."""
+        """`fd` was fsynced: a directory's renames and unlinks are durable now."""
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            self._unsynced.pop(os.readlink(f"/proc/self/fd/{fd}"), None)
+            directory = os.readlink(f"/proc/self/fd/{fd}")
+            self._unsynced.pop(directory, None)
+            self._unlinked.pop(directory, None)
 
     def unsynced_from(self, before: CrashingDisk) -> None:
         """This disk follows `before` on the same directories (a node's next phase, or its
@@ -85,12 +103,22 @@ class CrashingDisk:
             mine = self._unsynced.setdefault(directory, {})
             for path, data in held.items():
                 mine.setdefault(path, data)
+        for directory, gone in before._unlinked.items():
+            for path, was in gone.items():
+                self._unlinked.setdefault(directory, {}).setdefault(path, was)
 
-    def power_cut(self) -> None:
+    def power_cut(self, revived: Collection[str] = ()) -> None:
         """The power fails (after the process died): every rename not made durable by an fsync
-        of its directory is undone (the file holds what it held before, or is gone). What was
-        written and fsynced stays; unlinks and the contents of unsynced files are not modelled."""
+        of its directory is undone (the file holds what it held before, or is gone), and so is
+        the unlink of each file in `revived` (of `unsynced_unlinks`; the others stay unlinked).
+        What was written and fsynced stays; the contents of unsynced files are not modelled."""
         assert self.crashed, "a power cut strikes a dead node's disk"
+        for gone in self._unlinked.values():
+            for path, was in gone.items():
+                if path in revived and not os.path.exists(path):
+                    with open(path, "wb") as f:
+                        f.write(was)
+        self._unlinked.clear()
         for held in self._unsynced.values():
             for path, data in held.items():
                 if data is None:
@@ -185,6 +213,9 @@ class _OS:
 
     def unlink(self, path: Any) -> None:
         _step(self._disk_for, "unlink")
+        disk = self._disk_for()
+        if disk is not None:
+            disk.unlinking(path)
         os.unlink(path)
 
 

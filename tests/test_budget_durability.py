@@ -300,3 +300,52 @@ async def test_a_mean_whose_audit_record_is_refused_is_not_released_nor_left_to_
                 assert held is None or not held.ok, held
                 assert all(p.id_at_location in agg.store.entries for p in contributions)
         assert [r["event"] for r in audit_module.read(Path(agg.config.store_dir or ""))] == ["release"]
+
+
+@pytest.mark.asyncio
+async def test_a_dp_sgd_run_whose_audit_record_is_refused_fails_typed_trains_nothing_and_bob_serves_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bob's disk refuses (full, then an I/O error) the write of a DP-SGD run's audit record. The
+    run fails at once with a `RemoteError` naming the OSError, the worker and the hop (on main: the
+    generic "InternalError" of a computation that raised, the model already trained in place on
+    bob's data, under no record); the model's weights are untouched; the charge stays spent, on
+    disk as in memory (a refused release costs its charge: the history never holds less than
+    the log records, and a refund would be one more write to refuse); the log records no run.
+    Then bob serves on: the same run, the disk well again, is released and recorded."""
+    disks = Disks()
+    install(monkeypatch, disks)
+    # a training on this loaded 2-core machine took up to 5 s: the calls get a whole case's time
+    async with harness.cluster(
+        ["bob"], configs={"bob": OWNER}, data={"bob": DATA}, stores=["bob"], call_timeout=CASE_TIMEOUT_S
+    ) as c:
+        bob = c.node("bob")
+        x, y = await c.client.worker("bob").search("d")
+        model = await c.client.worker("bob").send(nn.Linear(1, 1))
+        assert isinstance(model, fedptr.ModulePointer)
+
+        def run() -> Awaitable[dp.Spent]:
+            return dp.train(
+                model, x, y, lr=0.1, sample_rate=0.5, steps=2, max_grad_norm=1.0, noise_multiplier=5.0, loss="mse_loss"
+            )
+
+        def weights() -> list[torch.Tensor]:
+            held = bob.store.entries[model.id_at_location].result()
+            return [p.detach().clone() for p in held.parameters()]
+
+        for refusal in (FULL, EIO):
+            before = weights()
+            disk = CrashingDisk(1, refuse=refusal, only="audit")  # the record's write
+            disks.give(bob, disk)
+            with pytest.raises(fedptr.RemoteError) as failed:
+                await asyncio.wait_for(run(), CASE_TIMEOUT_S)
+            assert disk.refused, refusal
+            error = failed.value
+            assert (error.remote_type, error.worker, error.path) == ("OSError", "bob", ["bob"]), error
+            assert all(torch.equal(a, b) for a, b in zip(before, weights(), strict=True)), "trained unrecorded"
+            assert math.isclose(bob.budget.spent, _spent_of(_history(c))) and bob.budget.spent > 0
+            assert _audited(c) == 0
+        disks.give(bob, CrashingDisk())
+        spent = await asyncio.wait_for(run(), CASE_TIMEOUT_S)
+        assert spent.epsilon_spent > 0 and _audited(c) == 1
+        assert math.isclose(bob.budget.spent, _spent_of(_history(c)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
@@ -74,12 +75,32 @@ def _resolve(dotted: str) -> object:
         raise
 
 
-def _doc_names() -> dict[str, set[str]]:
-    names: dict[str, set[str]] = {}
-    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in PAGES}
+def _docstrings(path: Path) -> str:
+    """Every docstring of a module: its own, its classes' and functions', and attributes' (a
+    string after an assignment), which the API reference renders."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.append(ast.get_docstring(node) or "")
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            found.append(node.value.value)
+    return "\n".join(found)
+
+
+def _texts() -> dict[str, str]:
+    """What a user reads, by where: README.md and docs/ (not REDTEAM.md, the log of each round,
+    which names the code of its day), the notebooks, and the docstrings of the library."""
+    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in PAGES if p.name != "REDTEAM.md"}
     for nb in NOTEBOOKS:
         texts[nb.relative_to(ROOT).as_posix()] = "".join(c.source for c in nbformat.read(nb, as_version=4).cells)
-    for page, text in texts.items():
+    for path in sorted((ROOT / "fedptr").rglob("*.py")):
+        texts[path.relative_to(ROOT).as_posix()] = _docstrings(path)
+    return texts
+
+
+def _doc_names() -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {}
+    for page, text in _texts().items():
         for name in DOTTED.findall(text):
             names.setdefault(name, set()).add(page)
     return names
@@ -94,6 +115,44 @@ def test_every_fedptr_name_in_the_docs_exists() -> None:
             _resolve(name)
         except (AttributeError, ImportError) as e:
             missing[name] = f"{sorted(pages)}: {e}"
+    assert missing == {}
+
+
+MEMBER = re.compile(r"`{1,2}([A-Z]\w*|limits|dp|aggregate|optim)\.([A-Za-z_]\w*)")
+"""A class's or a public module's member named in backquotes: ``Client.resolve``, `limits.CALL_TIMEOUT_S`."""
+
+
+def _owners() -> dict[str, object]:
+    """The public classes and modules a member may be named of, by the name the docs use."""
+    owners: dict[str, object] = {name: getattr(fedptr, name) for name in fedptr.__all__}
+    for module in (fedptr.data, fedptr.dp, fedptr.optim, fedptr.graphs, fedptr.security, fedptr.cluster):
+        owners |= {k: v for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__}
+    return {**owners, "limits": fedptr.limits, "dp": fedptr.dp, "aggregate": fedptr.aggregate, "optim": fedptr.optim}
+
+
+def _has(owner: object, member: str) -> bool:
+    """Whether `owner` has `member`: an attribute, or an instance attribute a class declares (a
+    slot, a dataclass field, an annotation) or sets in one of its methods (``self.member =``)."""
+    if hasattr(owner, member) or not inspect.isclass(owner):
+        return hasattr(owner, member)
+    for cls in owner.__mro__:
+        declared = [*getattr(cls, "__slots__", ()), *getattr(cls, "__annotations__", {})]
+        if member in declared or member in getattr(cls, "__dataclass_fields__", {}):
+            return True
+        with contextlib.suppress(OSError, TypeError):
+            if re.search(rf"self\.{member}\b(: [^=]+)? =", inspect.getsource(cls)):
+                return True
+    return False
+
+
+def test_every_member_of_a_class_or_module_the_docs_name_exists() -> None:
+    """``Client.resolve``, ``Worker.search``, ``limits.CONNECT_TIMEOUT_S``: a member the docs or
+    docstrings name of a public class or module (the names a user types) exists."""
+    owners = _owners()
+    named = [(m.groups(), page) for page, text in _texts().items() for m in MEMBER.finditer(text)]
+    checked = [(owner, member, page) for (owner, member), page in named if owner in owners]
+    assert len(checked) > 50  # the scan finds names at all
+    missing = {f"{owner}.{member}": page for owner, member, page in checked if not _has(owners[owner], member)}
     assert missing == {}
 
 

@@ -265,6 +265,60 @@ async def test_a_power_cut_during_an_older_objects_rewrite_leaves_it_old_or_new(
     assert at > 4
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("files", ["older", "moving"])
+async def test_a_power_cut_during_a_removal_never_leaves_a_record_without_its_other_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: str
+) -> None:
+    """Object 2 with a second file, an older release's 2.bin or a move's 2.mov, removed (as after
+    a delete, or once its move's destination holds it): a crash at each storage call of the
+    removal, then a power cut that brings back any subset of its unsynced unlinks. The store
+    loads with 2 whole as it was, or without it: never a record without its data (a store that
+    refuses to load) nor a moved object's record without its move record (a second owning
+    copy, the destination's being the other)."""
+    disk: list[nemesis.CrashingDisk | None] = [None]  # None: the real disk (setting up, loading)
+    nemesis.install(monkeypatch, lambda: disk[0])
+    at, cases = 0, 0
+    while True:
+        at += 1
+        revivals: list[frozenset[str]] = [frozenset()]
+        while revivals:
+            revived = revivals.pop()
+            shutil.rmtree(tmp_path, ignore_errors=True)
+            await _stored_store(tmp_path)
+            if files == "older":
+                _older(tmp_path)
+            else:
+                DurableStore(tmp_path).write_move(2, "alice", 7)
+            store = DurableStore(tmp_path)
+            disk[0] = crashing = nemesis.CrashingDisk(at)
+            with contextlib.suppress(nemesis.Crashed):
+                store.remove(2)
+                store.sync()
+            store.close()
+            disk[0] = None
+            if not crashing.crashed:
+                break  # past the removal's last call
+            if not revived:  # the first run of this crash point: every subset of its unlinks next
+                unlinks = crashing.unsynced_unlinks
+                revivals += [
+                    frozenset(p for i, p in enumerate(unlinks) if m >> i & 1) for m in range(1, 1 << len(unlinks))
+                ]
+            crashing.power_cut(revived)
+            cases += 1
+            where = f"crash at call {at}, unlinks undone {sorted(Path(p).name for p in revived)}"
+            try:
+                loaded = DurableStore(tmp_path).load()
+            except DamagedStoreError as e:
+                raise AssertionError(f"{where}: the store does not load: {e}") from e
+            if 2 in loaded:
+                assert torch.equal(loaded[2].value, torch.ones(1024)), where  # type: ignore[arg-type]
+                assert files == "older" or loaded[2].moving == ("alice", 7), f"{where}: {loaded[2].moving}"
+        if not crashing.crashed:
+            break
+    assert at > 3 and cases > at, (at, cases)
+
+
 def test_reply_cache_is_bounded_in_bytes_and_refuses_replays_of_large_replies() -> None:
     cache = ReplyCache("bob", max_entries=10_000, max_bytes=1 << 20, max_reply_bytes=64 << 10)
     for i in range(1_000):

@@ -7,6 +7,12 @@ handled meanwhile (``add_`` of another owner's data, moved here by an owner who 
 node) changed what left, after the get was judged public or the move checked against the
 destination: alice's data left bob, unaudited and uncharged.
 
+The rule that keeps it so is the link's (`fedptr.link`): it keeps no caller memory past the call
+that hands a message over. The property below writes into the stored value right after its reply
+was handed over, on every path a reply can take (sizes either side of each threshold, CURVE's
+paths or not, inproc, ipc, tcp with a direct path with shared memory or without, the queue full
+or not, a tensor or a model), and checks the reply carries the value as it was.
+
 On the in-process harness (the real broker, nodes and client); the full queue is made by
 refusing bob's link its sends (zmq.Again, as a full queue does) for as long as the test holds it.
 """
@@ -15,19 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import pytest
 import torch
 import zmq
 from fedptr.nodes.node import Node, NodeConfig
+from fedptr.nodes.replies import ReplyCache
 
-from fedptr import link, wire
+from fedptr import envelope, limits, link, wire
 from fedptr.errors import FedptrError, PermissionDenied, RemoteError
 from fedptr.pointer import remote_call
+from fedptr.tensors import to_raw
 
 from . import harness
 from .conftest import eventually
@@ -87,6 +97,161 @@ async def _got_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_gets_reply_is_the_value_it_released_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_got_then_written(monkeypatch))
+
+
+PUBLIC, PRIVATE = 0.0, 0.5
+"""What a stored value holds when its get is judged, and what a write right after makes of it."""
+
+_EDGES = sorted(
+    {
+        limits.INLINE_FRAME_BYTES,
+        limits.TENSOR_VIEW_MIN_BYTES,
+        zmq.COPY_THRESHOLD,
+        limits.DIRECT_STREAM_THRESHOLD_BYTES,
+        limits.DIRECT_SHM_MIN_BYTES,
+        limits.STREAM_THRESHOLD_BYTES,
+    }
+)
+"""The sizes (bytes) at which a reply's buffer changes its path: inlined in its head, a view
+of the value, handed to zmq zero-copy, streamed over a direct path, into shared memory, streamed."""
+
+_SEED = 9
+_RANDOM_SIZES = 4
+"""Sizes drawn (seeded) between the edges, per cluster, besides one element either side of each."""
+
+
+@dataclass(frozen=True)
+class _Case:
+    elements: int
+    model: bool
+    curve: bool
+    full: bool
+
+
+def _cases(rng: random.Random) -> list[_Case]:
+    sizes = [edge // 4 + d for edge in _EDGES for d in (-1, 1)]
+    sizes += [rng.randrange(1, 2 * limits.STREAM_THRESHOLD_BYTES // 4) for _ in range(_RANDOM_SIZES)]
+    cases = [
+        _Case(n, model, curve, full)
+        for n in sizes
+        for model in (False, True)
+        for curve in (False, True)
+        for full in (False, True)
+    ]
+    rng.shuffle(cases)
+    return cases
+
+
+def _features(elements: int) -> tuple[int, int]:
+    """A Linear's (in, out) features whose weight holds `elements`, or a few more when no two
+    factors of it fit a Linear's bound on each (`fedptr.modules`)."""
+    bound = 1 << 16
+    for d in range(min(elements, bound), 0, -1):
+        if elements % d == 0 and elements // d <= bound:
+            return d, elements // d
+        if d * bound < elements:
+            break
+    return bound, -(-elements // bound)
+
+
+def _write_after_reply(monkeypatch: pytest.MonkeyPatch, node: Node, obj_id: int, done: asyncio.Event) -> None:
+    """The node's next get reply is followed at once, before the reply call's caller goes on, by
+    an in-place write of PRIVATE into the stored value (what a later request would do)."""
+    reply = node.reply
+
+    def then_written(dest: str, rid: bytes, msg: wire.Message) -> None:
+        reply(dest, rid, msg)
+        if isinstance(msg, wire.TensorReply | wire.ModuleReply) and not done.is_set():
+            value = node.store.entries[obj_id].result()
+            with torch.no_grad():
+                for t in value.state_dict().values() if isinstance(value, torch.nn.Module) else [value]:
+                    t.fill_(PRIVATE)
+            done.set()
+
+    monkeypatch.setattr(node, "reply", then_written)
+
+
+def _carried(reply: wire.Message) -> list[np.ndarray[Any, Any]]:
+    """The float32 values a get's reply carries."""
+    if isinstance(reply, wire.TensorReply):
+        raws = [reply.tensor]
+    else:
+        assert isinstance(reply, wire.ModuleReply), reply
+        raws = [p for p in reply.params if isinstance(p, wire.RawTensor)]
+    return [np.frombuffer(bytes(r.data), dtype=np.float32) for r in raws]
+
+
+async def _one_get(monkeypatch: pytest.MonkeyPatch, c: harness.InprocCluster, case: _Case) -> bool:
+    """Whether the get's reply carried the value as it was when the reply was handed over."""
+    bob, node = c.worker("bob"), c.node("bob")
+    if case.model:
+        sent = torch.nn.Linear(*_features(case.elements), bias=False)
+        with torch.no_grad():
+            sent.weight.fill_(PUBLIC)
+    else:
+        sent = torch.full((case.elements,), PUBLIC)
+    pointer = bob.send(sent)
+    await pointer
+    done = asyncio.Event()
+    with monkeypatch.context() as m:
+        _write_after_reply(m, node, pointer.id_at_location, done)
+        if (
+            case.curve
+        ):  # the paths CURVE takes (an earlier stream over the direct path); the bytes are not encrypted here
+            m.setattr(node.link, "curve", object())
+        with _full_queue(m, node) if case.full else nullcontext():
+            got = c.client.request_nowait("bob", wire.Get(pointer.id_at_location))
+            await asyncio.wait_for(done.wait(), DEADLINE_S)
+        reply = await asyncio.wait_for(got, DEADLINE_S)
+    return all(np.all(values == PUBLIC) for values in _carried(reply))
+
+
+async def _direct_path_open(c: harness.InprocCluster, shared: bool) -> None:
+    """A large reply from bob opens the client's direct path; wait until bob's replies take it."""
+    bob, node = c.worker("bob"), c.node("bob")
+    await bob.send(torch.zeros(limits.STREAM_THRESHOLD_BYTES)).get()
+    direct, client = node.link.direct, c.client.link.name.encode()
+    assert direct is not None
+    assert await eventually(lambda: _now(direct.ready(client, envelope.REPLY)), DEADLINE_S)
+    assert direct.shares_memory(client, envelope.REPLY) == shared
+
+
+@pytest.mark.parametrize(("transport", "shared"), [("inproc", False), ("ipc", False), ("tcp", True), ("tcp", False)])
+def test_no_write_after_a_get_changes_what_it_carries(
+    monkeypatch: pytest.MonkeyPatch, transport: Literal["inproc", "ipc", "tcp"], shared: bool
+) -> None:
+    """Every path a reply takes (inlined, batched, zero-copy, streamed through the broker or over a
+    direct path, into shared memory or sealed, queued in the outbox), for a tensor and a model:
+    a write into the stored value right after its reply was handed to the link never shows in it."""
+    if transport == "tcp" and not shared:
+        monkeypatch.setattr(limits, "DIRECT_SHM_DIR", "")
+
+    async def run() -> None:
+        async with harness.cluster(["bob"], transport=transport, call_timeout=30.0) as c:
+            if transport == "tcp":
+                await _direct_path_open(c, shared)
+            cases = _cases(random.Random(f"{_SEED}-{transport}-{shared}"))
+            changed = [case for case in cases if not await _one_get(monkeypatch, c, case)]
+            assert not changed, (
+                f"a write after the get changed what it carried in {len(changed)} of {len(cases)}: {changed}"
+            )
+
+    asyncio.run(run())
+
+
+def test_a_replayed_reply_is_not_a_view_of_the_stored_value() -> None:
+    """The node keeps small replies for replays (a request resent after a broker restart): one
+    kept must be the value as it was judged, so it may not be a view of the stored tensor (every
+    size the cache keeps is below `limits.TENSOR_VIEW_MIN_BYTES`, where `to_raw` copies)."""
+    cache = ReplyCache("bob")
+    for nbytes in (limits.TENSOR_VIEW_MIN_BYTES - 4, limits.TENSOR_VIEW_MIN_BYTES, limits.TENSOR_VIEW_MIN_BYTES + 4):
+        key = ("c", nbytes.to_bytes(8, "little"))
+        stored = torch.full((nbytes // 4,), PUBLIC)
+        cache.begin(key)
+        cache.finish(key, wire.TensorReply(to_raw(stored)))
+        stored.fill_(PRIVATE)
+        kept = cache.cached(key)
+        assert not isinstance(kept, wire.TensorReply) or np.all(_carried(kept)[0] == PUBLIC), nbytes
 
 
 async def _moved_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
