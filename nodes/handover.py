@@ -315,9 +315,11 @@ def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str, ta
     """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`.
     It carries copies, not views: the entry is taken, but an alias of it (an in-place op's result,
     a model's parameter) stays here, and a write through one handled while the move awaits its
-    record's fsync, or while the message waits in the link's outbox for a slow peer, changed what
+    record's fsync (before the link, which copies what it keeps, has the message) changed what
     left after the origins were read: bob's private data left a public move, unaudited (red17)."""
     origins = policy.to_wire(taint.origins)
     if isinstance(value, torch.nn.Module):
-        return wire.PutModule(new_id, *modules.to_wire(value, copy=True), origins, owner)
+        spec, params = modules.to_wire(value)
+        copied: list[wire.Value] = [wire.RawTensor(p.dtype, p.shape, memoryview(p.data.tobytes())) for p in params]  # type: ignore[union-attr]
+        return wire.PutModule(new_id, spec, copied, origins, owner)
     return wire.Put(new_id, to_raw(value, copy=True), value.requires_grad, origins, owner)
