@@ -378,20 +378,44 @@ def _private(op: str, args: list[Any], kwargs: dict[str, Any], count: int, meta:
 
 @contextlib.contextmanager
 def own_draws() -> Iterator[None]:
-    """Within: torch's default generator draws from a state seeded from the OS; after: it is
-    back where it was. For a run on private data whose draws (a model's dropout) depend on the
-    values: a layer that fails on them before a dropout, a DP-SGD batch computed again sample by
-    sample. Only forwards need it: a single random op (``rand_like``, ``F.dropout``) draws by its
-    shapes alone. The generator is the process's: a public draw of another client running on
-    the loop while this runs on the offload thread may come from this state (timing, as with any
-    concurrent use)."""
+    """Within: torch's default generator draws from a state seeded from the OS; after the last
+    such window closes: it is back where it was. For a run on private data whose draws (a
+    model's dropout) depend on the values: a layer that fails on them before a dropout, a DP-SGD
+    batch computed again sample by sample. Only forwards need it: a single random op
+    (``rand_like``, ``F.dropout``) draws by its shapes alone.
+
+    The generator is the process's, and such runs overlap (two offload threads, and a forward
+    inline on the loop). The client's state is saved when the first window opens and put back
+    when the last one closes; a window closing while others are open seeds a fresh state
+    instead. Each window restoring what it saved put the client's state back while another run
+    still drew: that run advanced it by as many draws as its data made, and a third window
+    opened then saved that state and restored it last (red17). A public draw on the loop or
+    another thread while a window is open draws from an OS-seeded state, and does not advance
+    the client's (timing, as with any concurrent use)."""
     generator = torch.default_generator
-    clients = generator.get_state()
-    generator.manual_seed(secrets.randbits(63))
+    with _DRAWS:
+        global _open, _clients  # the process has one default generator: its windows are the process's
+        if not _open:
+            _clients = generator.get_state()
+        _open += 1
+        generator.manual_seed(secrets.randbits(63))
     try:
         yield
     finally:
-        generator.set_state(clients)
+        with _DRAWS:
+            _open -= 1
+            if _open:
+                generator.manual_seed(secrets.randbits(63))
+            else:
+                generator.set_state(_clients)
+
+
+_DRAWS = threading.Lock()
+"""Guards `_open` and `_clients`; held only to read, seed or set the generator's state."""
+_open = 0
+"""How many `own_draws` windows are open, on any thread."""
+_clients = torch.empty(0, dtype=torch.uint8)
+"""The client's generator state, saved when the first open window opened."""
 
 
 def _zeros(meta: Meta, args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:

@@ -101,6 +101,8 @@ class Handover:
         if msg.obj_id in node.store.pinned:
             raise PermissionDenied(node.name, "a worker's own data cannot be given away", node.name)
         node.store.check_principal(msg.obj_id, entry, msg.to)
+        if entry.location is None and msg.to != entry.owner:
+            node.store.hand_over(entry)
         entry.owner = msg.to
         entry.sponsor = source
         durable = None
@@ -253,6 +255,8 @@ class Handover:
         """A move to this very node: the object is stored as `new_id`, then forgotten as `obj_id`."""
         node = self.node
         try:
+            if owner != entry.owner:
+                node.store.hand_over(entry)
             node.store.rename(obj_id, new_id)
         except FedptrError:
             node.store.put_back(obj_id, entry)
@@ -308,8 +312,14 @@ class Handover:
 
 
 def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str, taint: policy.Taint) -> wire.Message:
-    """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`."""
+    """The message that stores `value` (with its origins) on another node as `new_id`, for `owner`.
+    It carries copies, not views: the entry is taken, but an alias of it (an in-place op's result,
+    a model's parameter) stays here, and a write through one handled while the move awaits its
+    record's fsync (before the link, which copies what it keeps, has the message) changed what
+    left after the origins were read: bob's private data left a public move, unaudited (red17)."""
     origins = policy.to_wire(taint.origins)
     if isinstance(value, torch.nn.Module):
-        return wire.PutModule(new_id, *modules.to_wire(value), origins, owner)
-    return wire.Put(new_id, to_raw(value), value.requires_grad, origins, owner)
+        spec, params = modules.to_wire(value)
+        copied: list[wire.Value] = [wire.RawTensor(p.dtype, p.shape, memoryview(p.data.tobytes())) for p in params]  # type: ignore[union-attr]
+        return wire.PutModule(new_id, spec, copied, origins, owner)
+    return wire.Put(new_id, to_raw(value, copy=True), value.requires_grad, origins, owner)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import weakref
 from collections import deque
@@ -432,6 +433,36 @@ class Store:
             log.warning("refused %r the object %d, held for %r", principal, obj_id, entry.sponsor)
             raise PermissionDenied(self.node, f"object {obj_id} is held for another client", self.node)
 
+    def hand_over(self, entry: Entry) -> None:
+        """Ready `entry` for another peer (a grant, a move to this node for another owner); raises
+        InvalidArgumentError, changing nothing, while another entry here shares its memory (an
+        in-place op's result, a model's parameter: aliases share their target's taint object).
+        Each peer's requests are ordered only among themselves: a write through the alias the
+        first owner kept ran while a computation of the new owner, public when it arrived, had
+        still to read the value on the offload thread, and bob's data reached a public result.
+        A tensor that tracks gradients (a model's parameters) becomes a new leaf on the same
+        memory, its gradient copied: a graph the first owner built before still wrote the old
+        leaf's gradient (a backward through ``leaf * bob_x``), which the new owner fetched as
+        bob's x; and a graph the new owner builds on it no longer reaches the first owner's
+        leaves (red17)."""
+        taint = entry.taint
+        for other in itertools.chain(self.entries.values(), self.taken.values()):
+            if other.taint is taint and other is not entry:
+                raise InvalidArgumentError(
+                    "an object that shares its memory with another (an in-place op's result, a model's "
+                    "parameter) is not handed to another peer: hand over a copy"
+                )
+        value = entry.value
+        if isinstance(value, nn.Module):
+            for module in value.modules():
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        module._parameters[name] = _leaf(p, nn.Parameter(p.detach(), p.requires_grad))
+            self._watch(entry.account, value)
+        elif isinstance(value, torch.Tensor) and value.requires_grad:
+            entry.value = _leaf(value, value.detach().requires_grad_())
+            self._watch(entry.account, entry.value)
+
     def commit(
         self, obj_id: int, entry: Entry, value: torch.Tensor | nn.Module | None = None, durable: bool = True
     ) -> asyncio.Future[None] | None:
@@ -751,6 +782,16 @@ def _storage_freed(freed: Freed, gone: deque[int], key: int, account: Account | 
     """A storage charged once was freed (on any thread): its bytes and key, to give back on the loop's."""
     freed.append((account, nbytes))
     gone.append(key)
+
+
+_Leaf = TypeVar("_Leaf", bound=torch.Tensor)
+
+
+def _leaf(old: torch.Tensor, new: _Leaf) -> _Leaf:
+    """`new`, a leaf on `old`'s memory, given a copy of `old`'s gradient (`Store.hand_over`)."""
+    if old.is_leaf and old.grad is not None:  # (a result's gradient is not kept unless retained)
+        new.grad = old.grad.detach().clone()
+    return new
 
 
 def _held_bytes(value: Any) -> int:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fedptr.nodes import guard
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
 from torch import nn
@@ -31,6 +33,9 @@ from fedptr import dp
 from fedptr.pointer import remote_call
 
 from . import harness
+
+DEADLINE_S = 10.0
+"""How long a test waits for each step it orders of a run on a thread."""
 
 LABELS = {"a": [0, 1, 2, 0], "b": [0, 1, 3, 0]}
 """Bob's private labels: in range of 3 classes in world a; one out of it in world b."""
@@ -69,3 +74,62 @@ def test_what_a_client_draws_after_a_private_computation_does_not_depend_on_the_
     a = asyncio.run(_world(LABELS["a"], attack))
     b = asyncio.run(_world(LABELS["b"], attack))
     assert a == b, "torch's default generator advanced differently: the draws tell the data apart"
+
+
+class _Run(threading.Thread):
+    """A private run on an offload thread, inside `guard.own_draws`: it enters, draws `draws`
+    numbers (how many depends on the private data) when told, and leaves when told."""
+
+    def __init__(self, draws: int) -> None:
+        super().__init__(daemon=True)
+        self.draws = draws
+        self.entered, self.drawn, self.left = threading.Event(), threading.Event(), threading.Event()
+        self.draw, self.leave = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        with guard.own_draws():
+            self.entered.set()
+            assert self.draw.wait(DEADLINE_S)
+            torch.rand(self.draws)
+            self.drawn.set()
+            assert self.leave.wait(DEADLINE_S)
+        self.left.set()
+
+
+def _step(run: _Run, event: str) -> None:
+    """Let `run` go on to `event` (draw, leave) and wait until it got there."""
+    getattr(run, event).set()
+    assert {"draw": run.drawn, "leave": run.left}[event].wait(DEADLINE_S), f"the run did not {event}"
+
+
+def _overlapping_runs(draws: int) -> list[float]:
+    """Three private runs whose windows overlap (two offload threads and the loop's inline
+    forward): the first opens, the second opens inside it, the first closes, the second draws
+    `draws`, a third opens, the second closes, the third closes. Then the client's next draws."""
+    torch.manual_seed(0)  # the client's generator: alike in both worlds
+    first, second, third = _Run(0), _Run(draws), _Run(0)
+    first.start()
+    assert first.entered.wait(DEADLINE_S)
+    second.start()
+    assert second.entered.wait(DEADLINE_S)
+    _step(first, "draw")
+    _step(first, "leave")
+    _step(second, "draw")
+    third.start()
+    assert third.entered.wait(DEADLINE_S)
+    _step(second, "leave")
+    _step(third, "draw")
+    _step(third, "leave")
+    for run in (first, second, third):
+        run.join(DEADLINE_S)
+    return torch.rand(4).tolist()
+
+
+@pytest.mark.parametrize("draws", [0, 5])
+def test_overlapping_private_runs_leave_the_clients_generator_where_it_was(draws: int) -> None:
+    """Twin worlds differing in how many numbers a private run draws (its data decides): with
+    one saved state per window, the first window's close put the client's state back while the
+    second still drew, and the third saved that advanced state and restored it last."""
+    torch.manual_seed(0)
+    expected = torch.rand(4).tolist()
+    assert _overlapping_runs(draws) == expected, "the client's generator moved by a private run's draws"

@@ -372,10 +372,21 @@ _added = st.one_of(
     st.tuples(st.just("delete"), _index),
     st.tuples(st.just("budget"), st.sampled_from(WORKERS)),
     st.tuples(st.just("contribute"), _index),
+    st.tuples(
+        st.just("pipelined"),
+        _index,
+        st.sampled_from(["get", "move"]),
+        st.sampled_from(WORKERS),
+        st.sampled_from(sorted(set(ROWS) & ops.MUTATING)),
+        _partner,
+    ),
 )
 """Actions added in the eleventh red-team round (docs/REDTEAM.md): ops with extra arguments,
 sends of other dtypes, tensors past the small-get path, explicit deletes, budget queries and DP
-contributions mid-program (refused, or charged, alike in both worlds)."""
+contributions mid-program (refused, or charged, alike in both worlds). And (red17) `pipelined`:
+an alias of an object made, then a get or a move of the object sent, then, before either is
+answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
+carried must be what was checked when it was handled."""
 FOREIGN = ("get", "op", "move")
 """What the second client asks of an id the first client holds (`b_foreign`): raw wire requests."""
 _by_second = st.one_of(
@@ -394,7 +405,7 @@ every worker, ops, gets, the first client's ids asked for on the wire, budget qu
 contributions charged to bob's budget (with releases: the aggregator), and a `big` tensor under
 bob's quota, which both clients' holdings count against."""
 SECOND = ("b_objects", "b_send", "b_apply", "b_get", "b_foreign", "b_budget", "b_contribute", "b_big")
-ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", *SECOND)
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
@@ -419,6 +430,10 @@ SPECIAL = (float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e-45, 0.0, -
 """Values a private tensor may hold that arithmetic, sorting, clipping and checks treat apart."""
 QUOTAS = (0, 4096, 65536)
 """Bob's ``--max-store-bytes`` (0: none): a refusal for want of room must not depend on values."""
+OFFLOADS = (limits.OFFLOAD_NUMEL, 0)
+"""Bob's and alice's ``--offload-numel``: 0 runs every op with an operand, private forwards and
+plans on the nodes' offload threads, as big tensors do, beside the loop (red17: what a node
+decides on the loop and reads on a thread)."""
 
 
 @dataclass(frozen=True)
@@ -426,11 +441,13 @@ class Variation:
     """How the worlds differ beyond the shift of bob's x: bob's private int64 labels y (world b's
     are world a's moved by 3 within -5..4, cyclically: one world's may be out of range of a
     class count or of a dimension where the other's are not), one element of x set to
-    `special` (in world b only, or in both), bob's quota."""
+    `special` (in world b only, or in both), bob's quota, and the elements above which bob's and
+    alice's ops run on their offload threads (`OFFLOADS`)."""
 
     labels: tuple[int, ...] = (0, 1, 2, 1)
     special: tuple[int, float, bool] | None = None
     quota: int = 0
+    offload: int = limits.OFFLOAD_NUMEL
 
     def y(self, world: str) -> np.ndarray[Any, Any]:
         y = np.array(self.labels, dtype=np.int64)
@@ -452,6 +469,7 @@ variations = st.builds(
     labels=st.tuples(*[st.integers(-5, 4)] * 4),
     special=st.one_of(st.none(), st.tuples(st.integers(0, 11), st.sampled_from(SPECIAL), st.booleans())),
     quota=st.sampled_from(QUOTAS),
+    offload=st.sampled_from(OFFLOADS),
 )
 
 
@@ -578,13 +596,17 @@ async def _run(
     torch.manual_seed(0)  # the client's models and any op on torch's default generator: the same in both worlds
     data: dict[str, Any] = {"bob": {"secret": {"x": secret.reshape(SHAPE), "y": variation.y(world)}}}
     quota = variation.quota
-    configs = {"bob": NodeConfig(trust=["alice"], max_store_bytes=quota), "alice": NodeConfig(trust=["bob"])}
+    offload = variation.offload
+    configs = {
+        "bob": NodeConfig(trust=["alice"], max_store_bytes=quota, offload_numel=offload),
+        "alice": NodeConfig(trust=["bob"], offload_numel=offload),
+    }
     names = WORKERS
     if releases:  # bob and alice own data with budgets; agg aggregates them
         owner = {"dp_clip": 1.0, "dp_noise_multiplier": 1.0}
         configs = {
-            "bob": NodeConfig(trust=["alice", "agg"], max_store_bytes=quota, **owner),  # type: ignore[arg-type]
-            "alice": NodeConfig(trust=["bob", "agg"], **owner),  # type: ignore[arg-type]
+            "bob": NodeConfig(trust=["alice", "agg"], max_store_bytes=quota, offload_numel=offload, **owner),  # type: ignore[arg-type]
+            "alice": NodeConfig(trust=["bob", "agg"], offload_numel=offload, **owner),  # type: ignore[arg-type]
             "agg": NodeConfig(aggregator=True, owners=["bob", "alice"], min_owners=2),
         }
         data["alice"] = {"d": {"x": np.arange(12, dtype=np.float32).reshape(SHAPE) / 12}}
@@ -957,6 +979,8 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
         if out is not None:
             w.seen.append(("big value", _value(await w.observe("get big", out.get))))
         return out is not None
+    if kind == "pipelined":
+        return await _pipelined(w, p, *args[1:])
     if kind == "delete":  # the client drops its only pointer: the node deletes the object
         if p is w.tensors[0] or p is w.tensors[1]:
             return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
@@ -969,6 +993,32 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
     w.seen.append(("contributed", made[1]))
     w.tensors.append(made[0])  # a contribution on the aggregator: its get must be refused alike
     return True
+
+
+async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: str, other: int) -> bool:
+    """`pipelined`: an alias of `p`, then a get or a move of `p` sent, then the in-place op `name`
+    through the alias sent before that is answered; both observed, and what the get fetched or
+    the move placed (fetched where it went). Whether the hand-over succeeded."""
+    alias = await w.observe("pipelined alias", lambda: remote_results("add_", (p, 0.0)))
+    if alias is None:
+        return False
+    w.keep(alias)
+    handed = asyncio.ensure_future(p.get() if verb == "get" else p.move(w.cluster.client.worker(dest)))
+    await asyncio.sleep(0)  # its request leaves first: the task runs to its first await, the send
+    written = ROWS[name](alias, w.partner(alias, other))
+    out = await w.observe(f"pipelined {verb}", lambda: _awaited(handed))
+    await w.observe(f"pipelined {name}", lambda: written)
+    if out is None:
+        return False
+    if verb == "move":
+        w.keep(out)
+        out = await w.observe("pipelined get", out.get)
+    w.seen.append(("pipelined value", _value(out)))
+    return True
+
+
+async def _awaited(task: asyncio.Future[Any]) -> Any:
+    return await task
 
 
 async def _second(w: World) -> World:
@@ -1154,6 +1204,8 @@ ADDED_PROGRAM = [
     ("b_contribute", 3),  # bob's x
     ("b_foreign", "get", 0, "alice"),  # the first client's contribution on the aggregator
     ("b_budget", "bob"),
+    ("send", "bob", 1),
+    ("pipelined", 0, "move", "alice", "add_", SECRET),  # the send to alice, bob's x added via its alias
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
