@@ -601,7 +601,7 @@ class Broker:
         vanished peer is noted, to be forgotten once this message is handled (`forget`)."""
         try:
             if self._own_copies:  # a frame's memoryview is not immutable to `send_frames`: copied
-                frames = [memoryview(f) if type(f) is zmq.Frame else f for f in frames]
+                frames = [f.buffer if type(f) is zmq.Frame else f for f in frames]
             send_frames(self.sock, [identity, *frames])
             return None
         except zmq.ZMQError as e:
