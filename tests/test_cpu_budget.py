@@ -1,11 +1,13 @@
 """The per-op CPU guard: a change that makes the node's hot path cost half again as much fails CI.
 
 CPU time per small pipelined op in the node, the broker and the client (tests/cpuclock.py) is
-compared with the figures stored in tests/cpu_baseline.json, measured on this machine
-(``python -m tests.cpuclock --write`` measures and stores them again, after a deliberate
-change of cost or on other hardware). Only the node's figure is guarded: it is the bottleneck of
-every pipelined figure, and at tens of µs per op it is many clock ticks above the clock's
-resolution (the broker's and the client's are printed, for the record).
+compared with the figures stored in tests/cpu_baseline.json, scaled by a fixed reference
+workload measured before each repetition (`cpuclock.reference`): the same commit costs 23 µs
+per op on one VM and 43-77 on another, whose speed moves by half within minutes.
+``python -m tests.cpuclock --write`` measures and stores them again, after a deliberate change
+of cost. Only the node's figure is guarded: it is the bottleneck of every pipelined figure, and
+at tens of µs per op it is many clock ticks above the clock's resolution (the broker's and the
+client's are printed, for the record).
 """
 
 from __future__ import annotations
@@ -22,18 +24,27 @@ pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not s
 
 GROWTH = 1.5
 """How much more CPU per op than the baseline the node may spend before the guard fails."""
+ATTEMPTS = 3
+"""Measures before the guard fails: noise only ever adds CPU (the node's figure over the
+reference's moved between 9.4 and 13.3 on one VM, the baseline's 10.2), a dearer hot path fails
+every one."""
 
 
 async def test_node_cpu_per_pipelined_op_within_budget() -> None:
     baseline = cpuclock.load_baseline()
-    runs = await cpuclock.measure()
-    now = cpuclock.per_op(runs)
-    print(f"CPU µs per op now {now}, baseline {baseline}, repetitions {runs}")
-    limit = baseline["node"] * GROWTH
-    assert now["node"] <= limit, (
-        f"the node spends {now['node']:.1f} µs of CPU per small pipelined op, more than {GROWTH}× the "
-        f"baseline {baseline['node']:.1f} µs (repetitions: {runs['node']}); find what made the hot path "
-        "dearer, or, if the cost is deliberate, store a new baseline with `python -m tests.cpuclock --write`"
+    base = baseline["cpu_us_per_op"]["node"]
+    seen = []
+    for _ in range(ATTEMPTS):
+        runs = await cpuclock.measure()
+        now, speed = cpuclock.per_op(runs), cpuclock.reference(runs) / baseline["reference"]
+        print(f"CPU µs per op now {now} (machine {speed:.2f}× the baseline's); baseline {baseline}; runs {runs}")
+        seen.append(f"{now['node']:.1f} µs against {base * speed * GROWTH:.1f} (machine {speed:.2f}×)")
+        if now["node"] <= base * speed * GROWTH:
+            return
+    raise AssertionError(
+        f"the node spends more than {GROWTH}× the baseline's {base:.1f} µs of CPU per small pipelined op, scaled "
+        f"to this machine, in {ATTEMPTS} measures: {'; '.join(seen)}; find what made the hot path dearer, or, if "
+        "the cost is deliberate, store a new baseline with `python -m tests.cpuclock --write`"
     )
 
 
