@@ -75,6 +75,7 @@ _LAZY = {
 _SUBMODULES = frozenset(
     {
         "aggregate",
+        "awaiting",
         "broadcasting",
         "client",
         "cluster",

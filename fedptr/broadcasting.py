@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from fedptr import limits, meta, modules, wire
+from fedptr.awaiting import not_awaited
 from fedptr.client import Client, Worker
-from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError, not_awaited
+from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.tensors import to_raw
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedptr import envelope, limits, meta, modules, wire
+from fedptr.awaiting import not_awaited
 from fedptr.errors import (
     ConsumedPointerError,
     DeadlineExceeded,
@@ -33,7 +34,6 @@ from fedptr.errors import (
     UnsupportedTypeError,
     UsageError,
     WorkerRefused,
-    not_awaited,
 )
 from fedptr.link import Link
 from fedptr.pointer import ModulePointer, Pointer, in_doubt, raised, short_id

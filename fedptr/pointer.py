@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from fedptr import limits, meta, wire
+from fedptr.awaiting import not_awaited
 from fedptr.errors import (
     ConsumedPointerError,
     DataDependentError,
@@ -44,7 +45,6 @@ from fedptr.errors import (
     ProtocolError,
     UnsupportedTypeError,
     copy_to_raise,
-    not_awaited,
 )
 from fedptr.opinfo import REGISTRY, VARIES, pointer_attributes
 from fedptr.ops import DEVICE_PREFIX, DTYPE_PREFIX, ELLIPSIS_KEY, MUTATING, SLICE_KEY

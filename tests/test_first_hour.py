@@ -411,6 +411,7 @@ async def test_a_forgotten_await_says_which_call_to_await_wherever_its_coroutine
             "dp.secure_mean([v], alice)": lambda v: dp.secure_mean([v], alice),
         }
         said: dict[tuple[str, str], str] = {}
+        gc.collect()  # earlier tests' garbage warns (an unclosed socket) when collected: not in the record
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             for (made, produce), (name, consume) in itertools.product(producers.items(), consumers.items()):
@@ -426,7 +427,9 @@ async def test_a_forgotten_await_says_which_call_to_await_wherever_its_coroutine
                         said[made, name] = f"no example: {e}"
             gc.collect()  # a coroutine left unclosed warns when it is collected
         assert said == {}
-        assert [str(w.message) for w in warned] == []
+        # what this test's coroutines would say; an earlier test's garbage the collection above
+        # missed (a cycle through a finalizer) may say something else meanwhile (fresh-clone run 40)
+        assert [str(w.message) for w in warned if "never awaited" in str(w.message)] == []
         assert isinstance(fedptr.NotAwaitedError("?"), fedptr.UnsupportedTypeError)  # caught as before
         assert torch.equal(await x.get(), torch.ones(2))  # nothing ran
 
