@@ -303,15 +303,15 @@ def load_parameters(module: nn.Module, params: list[torch.Tensor]) -> None:
             mine.copy_(theirs)
 
 
-def to_wire(module: nn.Module) -> tuple[dict[str, Any], list[wire.Value]]:
-    """`module` as its spec and raw parameters and buffers (views, `to_raw`): a layer spec when it
-    is built from LAYERS alone, else its graph (fedptr/graphs.py). Raises UnsupportedTypeError
-    (a TypeError) naming what cannot travel."""
+def to_wire(module: nn.Module, copy: bool = False) -> tuple[dict[str, Any], list[wire.Value]]:
+    """`module` as its spec and raw parameters and buffers (views, `to_raw`; with `copy`, immutable
+    copies of their bytes): a layer spec when it is built from LAYERS alone, else its graph
+    (fedptr/graphs.py). Raises UnsupportedTypeError (a TypeError) naming what cannot travel."""
     try:
         spec = spec_of(module)
     except UnsupportedTypeError:
         spec = graphs.capture(module)
-    return spec, [to_raw(p) for p in module.state_dict().values()]
+    return spec, [to_raw(p, copy) for p in module.state_dict().values()]
 
 
 def from_wire(spec: dict[str, Any], params: list[wire.Value]) -> nn.Module:

@@ -319,7 +319,5 @@ def _transfer(new_id: int, value: torch.Tensor | torch.nn.Module, owner: str, ta
     left after the origins were read: bob's private data left a public move, unaudited (red17)."""
     origins = policy.to_wire(taint.origins)
     if isinstance(value, torch.nn.Module):
-        spec, params = modules.to_wire(value)
-        copied: list[wire.Value] = [wire.RawTensor(p.dtype, p.shape, memoryview(p.data.tobytes())) for p in params]  # type: ignore[union-attr]
-        return wire.PutModule(new_id, spec, copied, origins, owner)
+        return wire.PutModule(new_id, *modules.to_wire(value, copy=True), origins, owner)
     return wire.Put(new_id, to_raw(value, copy=True), value.requires_grad, origins, owner)
