@@ -72,6 +72,16 @@ def rechunk(part: list[Any], chunk: int = limits.STREAM_CHUNK_BYTES) -> list[lis
     ]
 
 
+def _aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
+    """A buffer of `nbytes` starting at a multiple of `limits.STREAM_BUFFER_ALIGN_BYTES` (numpy's
+    start 16 bytes past a page, where the kernel copies a file in ~3x slower on some CPUs). No
+    zero-fill: it is handed on only once every byte of it arrived, once."""
+    align = limits.STREAM_BUFFER_ALIGN_BYTES
+    raw = np.empty(nbytes + align - 1, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes]
+
+
 @runtime_checkable
 class Filler(Protocol):
     """A chunk's bytes not in memory yet (`fedptr.shm.Incoming`: a file in shared memory), of
@@ -207,8 +217,7 @@ class Reassembly:
             if why:
                 self.refuse(key, why)
                 raise ProtocolError(why)
-            # no zero-fill: the buffer is handed on only once every byte of it arrived, once
-            buf = partial.buffers[index] = np.empty(total, dtype=np.uint8)
+            buf = partial.buffers[index] = _aligned_empty(total)
             partial.spans[index] = _Spans()
             self._bytes += total
             self._peer_bytes[source] += total

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 import zmq.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedptr
-from fedptr import envelope, wire
+from fedptr import envelope, limits, wire
 from fedptr.errors import ProtocolError
 from fedptr.streams import Reassembly, split
 from fedptr.tensors import from_raw, to_raw
@@ -35,6 +38,31 @@ def test_split_and_reassemble_round_trip() -> None:
     assert isinstance(decoded, wire.Put)
     assert torch.equal(from_raw(decoded.tensor), t)
     assert r.pending_bytes == 0 and len(r) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nbytes=st.integers(1, 3 << 20),
+    chunk=st.integers(1 << 10, 1 << 20),
+    first=st.integers(0, 1 << 16),
+    reverse=st.booleans(),
+)
+def test_a_reassembled_buffer_starts_aligned(nbytes: int, chunk: int, first: int, reverse: bool) -> None:
+    """Every reassembled buffer starts at a multiple of `limits.STREAM_BUFFER_ALIGN_BYTES`,
+    whatever its size and chunks and their order, and holds the bytes sent: the kernel copies a
+    shared-memory file into it ~3x slower when it does not (numpy's buffers start 16 bytes past a
+    page)."""
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    message = [envelope.REQUEST, b"bob", b"r" * 8, b"header", memoryview(data)]
+    parts = split(message, threshold=0, chunk=chunk, first=first)
+    chunks = parts[:-1][::-1] if reverse else parts[:-1]
+    r = Reassembly()
+    for c in chunks:
+        r.add(b"alice", c[2], c[3], c[4])
+    body = r.complete(envelope.REQUEST, b"alice", b"r" * 8, parts[-1][3:])
+    out = np.frombuffer(body[1], dtype=np.uint8)
+    assert out.ctypes.data % limits.STREAM_BUFFER_ALIGN_BYTES == 0, hex(out.ctypes.data)
+    assert np.array_equal(out, data)
 
 
 def test_small_messages_are_not_split() -> None:
