@@ -14,6 +14,7 @@ On the in-process harness (the real broker, node and two clients).
 from __future__ import annotations
 
 import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -77,7 +78,9 @@ def test_a_granted_leafs_deferred_grad_races_the_first_owners_backward() -> None
     ``backward((leaf * bob_x).sum())``, sent after it, runs inline meanwhile. The new owner
     gets no gradient holding bob's x (the old graph writes a leaf no entry holds)."""
     got = asyncio.run(_deferred_grad())
-    assert got is None or not torch.equal(got, torch.from_numpy(X).reshape(-1)), f"bob's x as a granted leaf's grad: {got}"
+    assert got is None or not torch.equal(got, torch.from_numpy(X).reshape(-1)), (
+        f"bob's x as a granted leaf's grad: {got}"
+    )
 
 
 async def _grantee_graph() -> torch.Tensor | None:
@@ -90,7 +93,9 @@ async def _grantee_graph() -> torch.Tensor | None:
         (bx,) = await other.worker("bob").search("data")
         product = await _op(other, "mul", doubled.id_at_location, bx.id_at_location)
         loss = await _op(other, "sum", product)
-        await asyncio.wait_for(other.request_nowait("bob", wire.Op(other.new_id(), "backward", [wire.Ref(loss)], {})), DEADLINE_S)
+        await asyncio.wait_for(
+            other.request_nowait("bob", wire.Op(other.new_id(), "backward", [wire.Ref(loss)], {})), DEADLINE_S
+        )
         grad = await _op(a, "grad", leaf.id_at_location)
         return await _fetched(a, grad)
 
@@ -120,7 +125,9 @@ async def _aliased_plan_race() -> tuple[list[str], torch.Tensor | None]:
         plan = fedptr.plan(lambda e, p: (e @ e).sum() * 0.0 + p)
         out = plan(e, public)  # public as it arrives; `public` read after the long step
         (bx,) = await other.worker("bob").search("data")
-        write = other.request_nowait("bob", wire.Op(other.new_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}))
+        write = other.request_nowait(
+            "bob", wire.Op(other.new_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {})
+        )
         with pytest.raises(FedptrError):
             await asyncio.wait_for(write, DEADLINE_S)  # the alias is not the second client's
         return refusals, await out.get()

@@ -52,55 +52,55 @@ async def _sybil_round() -> np.ndarray | None:
     to his value plus his noise share, sigma C / sqrt(2): below the sigma C he is charged for.
     Returns what A recovered, or None when bob refused the round before sharing a key."""
     with tempfile.TemporaryDirectory(prefix="fedptr-red18-") as tmp:
-        config = NodeConfig(epsilon=1e4, dp_clip=CLIP, dp_noise_multiplier=SIGMA, store_dir=f"{tmp}/bob")  # type: ignore[call-arg]
+        config = NodeConfig(epsilon=1e4, dp_clip=CLIP, dp_noise_multiplier=SIGMA, store_dir=f"{tmp}/bob")
         data = {"bob": {"data": {"x": X}}}
-        async with harness.cluster(["bob"], configs={"bob": config}, data=data, call_timeout=30.0) as c:
-            async with c.connect() as b:
-                a = c.client
-                (bx,) = await c.worker("bob").search("data")
-                value = bx * 1
-                sybil = sa.Owner(b.name)
-                _answering(b, sybil.public_keys)
-                owners = sorted(["bob", b.name])
-                round_id = secrets.token_bytes(secure.ROUND_ID_BYTES)
-                await a.call("bob", wire.SecAggJoin(round_id, value.id_at_location, a.name, owners, 0))
-                advertised = await a.call("bob", wire.SecAggAdvertise(round_id))
-                assert isinstance(advertised, wire.SecAggKeys)
-                bob_keys = sa.PublicKeys(advertised.cipher, advertised.mask)
-                sybil.advertise()
-                round_ = sa.Config(round_id, tuple(owners), X.size, 0, 2, CLIP, SIGMA, colluders=0)
-                keys = {"bob": bob_keys, b.name: sybil.public_keys}
-                share = wire.SecAggShare(
-                    round_id,
-                    owners,
-                    round_.dim,
-                    round_.threshold,
-                    round_.min_survivors,
-                    round_.degree,
-                    round_.ring_bits,
-                    CLIP,
-                    SIGMA,
-                    {o: [k.cipher, k.mask] for o, k in keys.items()},
-                    0,
-                )
-                try:
-                    shared = await a.call("bob", share)
-                except PermissionDenied as e:
-                    assert "are not worker nodes" in str(e), e
-                    assert (await dp.budget(c.worker("bob"))).epsilon_spent == 0.0
-                    return None
-                assert isinstance(shared, wire.SecAggShares)
-                to_bob = sybil.share_keys(round_, keys)
-                masked = await a.call("bob", wire.SecAggMask(round_id, {b.name: to_bob["bob"]}))
-                assert isinstance(masked, wire.SecAggMasked)
-                sybil.masked_input(np.zeros(X.size), {"bob": shared.shares[b.name]}, np.random.default_rng(0))
-                seed_share, key_share = sybil._held["bob"]
-                x = round_.index(b.name)
-                seed = sa.reconstruct({x: seed_share})
-                bob_key = X25519PrivateKey.from_private_bytes(sa.reconstruct({x: key_share}))
-                y = secure.ring_from_wire(masked.tensor, round_)
-                y = y - sa.prg(seed, round_) - sa._pair_mask(bob_key, sybil.public_keys.mask, "bob", b.name, round_)
-                return sa.decode(y & sa._mask(round_), round_)
+        cluster = harness.cluster(["bob"], configs={"bob": config}, data=data, call_timeout=30.0)
+        async with cluster as c, c.connect() as b:
+            a = c.client
+            (bx,) = await c.worker("bob").search("data")
+            value = bx * 1
+            sybil = sa.Owner(b.name)
+            _answering(b, sybil.public_keys)
+            owners = sorted(["bob", b.name])
+            round_id = secrets.token_bytes(secure.ROUND_ID_BYTES)
+            await a.call("bob", wire.SecAggJoin(round_id, value.id_at_location, a.name, owners, 0))
+            advertised = await a.call("bob", wire.SecAggAdvertise(round_id))
+            assert isinstance(advertised, wire.SecAggKeys)
+            bob_keys = sa.PublicKeys(advertised.cipher, advertised.mask)
+            sybil.advertise()
+            round_ = sa.Config(round_id, tuple(owners), X.size, 0, 2, CLIP, SIGMA, colluders=0)
+            keys = {"bob": bob_keys, b.name: sybil.public_keys}
+            share = wire.SecAggShare(
+                round_id,
+                owners,
+                round_.dim,
+                round_.threshold,
+                round_.min_survivors,
+                round_.degree,
+                round_.ring_bits,
+                CLIP,
+                SIGMA,
+                {o: [k.cipher, k.mask] for o, k in keys.items()},
+                0,
+            )
+            try:
+                shared = await a.call("bob", share)
+            except PermissionDenied as e:
+                assert "are not worker nodes" in str(e), e
+                assert (await dp.budget(c.worker("bob"))).epsilon_spent == 0.0
+                return None
+            assert isinstance(shared, wire.SecAggShares)
+            to_bob = sybil.share_keys(round_, keys)
+            masked = await a.call("bob", wire.SecAggMask(round_id, {b.name: to_bob["bob"]}))
+            assert isinstance(masked, wire.SecAggMasked)
+            sybil.masked_input(np.zeros(X.size), {"bob": shared.shares[b.name]}, np.random.default_rng(0))
+            seed_share, key_share = sybil._held["bob"]
+            x = round_.index(b.name)
+            seed = sa.reconstruct({x: seed_share})
+            bob_key = X25519PrivateKey.from_private_bytes(sa.reconstruct({x: key_share}))
+            y = secure.ring_from_wire(masked.tensor, round_)
+            y = y - sa.prg(seed, round_) - sa._pair_mask(bob_key, sybil.public_keys.mask, "bob", b.name, round_)
+            return sa.decode(y & sa._mask(round_), round_)
 
 
 async def test_a_client_named_co_owner_is_refused_before_any_key_is_shared() -> None:
