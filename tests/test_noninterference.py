@@ -1283,6 +1283,22 @@ def _frozen_heap() -> Iterator[None]:
     shift=1.0,
     variation=Variation(labels=(0, 0, 0, 0)),
 )
+# red17's holes, as this test finds them with `Store.hand_over`'s checks removed (nineteenth round): a
+# leaf granted with a graph through it, the granter's backward after the grant, the grantee's grad
+@example(
+    program=[("typed_send", "bob", "requires_grad", 0), ("apply", "mul", 0, SECRET), ("grant", 1, "granter_backward")],
+    world_a=[0.0] * 12,
+    shift=1.0,
+    variation=PLAIN,
+)
+# and the reverse: a product tracking gradients to the granter's leaf, the grantee's backward through
+# it times bob's x, the granter's get of its leaf's gradient
+@example(
+    program=[("typed_send", "bob", "requires_grad", 0), ("apply", "mul", 0, 0), ("grant", 0, "grantee_backward")],
+    world_a=[0.0] * 12,
+    shift=1.0,
+    variation=PLAIN,
+)
 def test_what_a_client_observes_does_not_depend_on_private_data(
     program: list[tuple[Any, ...]], world_a: list[float], shift: float, variation: Variation
 ) -> None:
