@@ -138,7 +138,9 @@ class Worker:
             done = self._put(put, None if small else (x, x._version))
             return Pointer(client, self.name, new_id, done, meta=meta.of_tensor(x))
         if isinstance(x, nn.Module):
-            spec, params = modules.to_wire(x)
+            # copies, as a small tensor's: the session keeps the request for a resend (the broker
+            # forgot us), which must not carry a training step taken after this returned
+            spec, params = modules.to_wire(x, copy=True)
             model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
         expected = "a tensor, an nn.Module or a Pointer"
