@@ -165,12 +165,13 @@ async def test_a_node_killed_mid_get_or_mid_send_leaves_its_clients_nothing_and_
                     assert isinstance(last, FedptrError) and _names_bob(last), f"{where}: {last!r}"
 
                 async def released(pid: int = proc.pid) -> bool:
-                    return not _files_of(pid) and all(
+                    # the dead node's files, and ours it had not handed back (the "read" kill)
+                    return not _files_of(pid) and not _files_of(os.getpid()) and all(
                         client.link.session._reassembly._peer_bytes[b"bob"] == 0 for client in clients
                     )
 
                 assert await eventually(released, timeout=GONE_S), (
-                    f"{where}: files {_files_of(proc.pid)}, partial bytes "
+                    f"{where}: files {_files_of(proc.pid)}, ours {_files_of(os.getpid())}, partial bytes "
                     f"{[client.link.session._reassembly._peer_bytes[b'bob'] for client in clients]}"
                 )
             proc = await _start(c.address, store, 0, "none")
