@@ -39,7 +39,6 @@ from fedptr.nodes.node import Node
 
 from fedptr import envelope
 
-
 MAX_REVIVABLE = 8
 """The most unsynced unlinks `CrashingDisk.power_cuts` draws every subset of (2**8 cuts)."""
 

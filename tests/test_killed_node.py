@@ -122,7 +122,7 @@ async def _sending(ptrs: list[tuple[Pointer, torch.Tensor]], client: Client, out
 
 
 def _names_bob(e: BaseException) -> bool:
-    return isinstance(e, LostWorkerError) and e.worker == "bob" or "bob" in getattr(e, "path", [])
+    return (isinstance(e, LostWorkerError) and e.worker == "bob") or "bob" in getattr(e, "path", [])
 
 
 @pytest.mark.asyncio
@@ -166,8 +166,10 @@ async def test_a_node_killed_mid_get_or_mid_send_leaves_its_clients_nothing_and_
 
                 async def released(pid: int = proc.pid) -> bool:
                     # the dead node's files, and ours it had not handed back (the "read" kill)
-                    return not _files_of(pid) and not _files_of(os.getpid()) and all(
-                        client.link.session._reassembly._peer_bytes[b"bob"] == 0 for client in clients
+                    return (
+                        not _files_of(pid)
+                        and not _files_of(os.getpid())
+                        and all(client.link.session._reassembly._peer_bytes[b"bob"] == 0 for client in clients)
                     )
 
                 assert await eventually(released, timeout=GONE_S), (

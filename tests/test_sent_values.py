@@ -384,35 +384,34 @@ from its memory), one below it (copied), a model's parameters, and a tensor argu
 async def _written_after_the_call_then_resent(kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The value as the call took it, and the one the worker holds (None: the call failed typed,
     as a send whose tensor changed before it was acknowledged does)."""
-    async with harness.cluster(["bob"], transport="ipc", heartbeat_s=0.1) as c:
-        # this client hears nothing of the broker's restart before its next request is refused
-        async with c.connect(heartbeat_s=30.0) as sender:
-            bob = sender.worker("bob")
-            zeros = await bob.send(torch.zeros(1 << 16))
-            await c.stop_broker()
-            c.start_broker()
-            assert await eventually(lambda: _now(c.broker is not None and b"bob" in c.broker.table.by_name), DEADLINE_S)
-            value: torch.Tensor
-            stored: Any
-            if kind == "model":
-                model = torch.nn.Linear(256, 256, bias=False)
-                value, stored = model.weight.detach().clone(), bob.send(model)
-                with torch.no_grad():
-                    model.weight.add_(1.0)  # right after the call: its first sending has left
-            else:
-                numel = {"tensor": 1 << 19, "small tensor": 1 << 16, "op constant": 1 << 16}[kind]
-                sent = torch.randn(numel)
-                value = sent.clone()
-                stored = zeros + sent if kind == "op constant" else bob.send(sent)
-                sent.add_(1.0)
-            try:
-                ptr = await asyncio.wait_for(stored, DEADLINE_S)
-            except UsageError:
-                assert sender.link.reregistrations >= 1
-                return value, None
-            assert sender.link.reregistrations >= 1  # the broker refused it: it was sent again
-            got = await ptr.get()
-            return value, (got.weight.detach() if kind == "model" else got)
+    # the sender hears nothing of the broker's restart before its next request is refused
+    async with harness.cluster(["bob"], transport="ipc", heartbeat_s=0.1) as c, c.connect(heartbeat_s=30.0) as sender:
+        bob = sender.worker("bob")
+        zeros = await bob.send(torch.zeros(1 << 16))
+        await c.stop_broker()
+        c.start_broker()
+        assert await eventually(lambda: _now(c.broker is not None and b"bob" in c.broker.table.by_name), DEADLINE_S)
+        value: torch.Tensor
+        stored: Any
+        if kind == "model":
+            model = torch.nn.Linear(256, 256, bias=False)
+            value, stored = model.weight.detach().clone(), bob.send(model)
+            with torch.no_grad():
+                model.weight.add_(1.0)  # right after the call: its first sending has left
+        else:
+            numel = {"tensor": 1 << 19, "small tensor": 1 << 16, "op constant": 1 << 16}[kind]
+            sent = torch.randn(numel)
+            value = sent.clone()
+            stored = zeros + sent if kind == "op constant" else bob.send(sent)
+            sent.add_(1.0)
+        try:
+            ptr = await asyncio.wait_for(stored, DEADLINE_S)
+        except UsageError:
+            assert sender.link.reregistrations >= 1
+            return value, None
+        assert sender.link.reregistrations >= 1  # the broker refused it: it was sent again
+        got = await ptr.get()
+        return value, (got.weight.detach() if kind == "model" else got)
 
 
 @pytest.mark.parametrize("kind", RESENT)
