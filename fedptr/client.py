@@ -110,11 +110,12 @@ class Worker:
         ``await worker.send(x)`` waits until the worker holds it, and returns the pointer.
 
         A tensor is copied there (``requires_grad`` included). A model built from the allow-list
-        of `fedptr.modules` travels as its spec and parameters and comes back as a
-        `ModulePointer`; any other model raises UnsupportedTypeError. A pointer is itself sent (a
-        pointer to a pointer): the data does not move, and the pointer passed in is consumed,
-        as its object now belongs to this worker's entry (two-phase: see `_send_pointer`; its
-        outcome may be in doubt, raised as InDoubtError when awaited)."""
+        of `fedptr.modules` travels as its spec and parameters (copied by this call: changing
+        the model afterwards changes nothing sent) and comes back as a `ModulePointer`; any
+        other model raises UnsupportedTypeError. A pointer is itself sent (a pointer to a
+        pointer): the data does not move, and the pointer passed in is consumed, as its object
+        now belongs to this worker's entry (two-phase: see `_send_pointer`; its outcome may be
+        in doubt, raised as InDoubtError when awaited)."""
         client = self._client
         new_id = client.new_id()
         if isinstance(x, Pointer):
