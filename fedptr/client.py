@@ -110,11 +110,12 @@ class Worker:
         ``await worker.send(x)`` waits until the worker holds it, and returns the pointer.
 
         A tensor is copied there (``requires_grad`` included). A model built from the allow-list
-        of `fedptr.modules` travels as its spec and parameters and comes back as a
-        `ModulePointer`; any other model raises UnsupportedTypeError. A pointer is itself sent (a
-        pointer to a pointer): the data does not move, and the pointer passed in is consumed,
-        as its object now belongs to this worker's entry (two-phase: see `_send_pointer`; its
-        outcome may be in doubt, raised as InDoubtError when awaited)."""
+        of `fedptr.modules` travels as its spec and parameters (copied by this call: changing
+        the model afterwards changes nothing sent) and comes back as a `ModulePointer`; any
+        other model raises UnsupportedTypeError. A pointer is itself sent (a pointer to a
+        pointer): the data does not move, and the pointer passed in is consumed, as its object
+        now belongs to this worker's entry (two-phase: see `_send_pointer`; its outcome may be
+        in doubt, raised as InDoubtError when awaited)."""
         client = self._client
         new_id = client.new_id()
         if isinstance(x, Pointer):
@@ -138,7 +139,9 @@ class Worker:
             done = self._put(put, None if small else (x, x._version))
             return Pointer(client, self.name, new_id, done, meta=meta.of_tensor(x))
         if isinstance(x, nn.Module):
-            spec, params = modules.to_wire(x)
+            # copies, as a small tensor's: the session keeps the request for a resend (the broker
+            # forgot us), which must not carry a training step taken after this returned
+            spec, params = modules.to_wire(x, copy=True)
             model = ModulePointer(client, self.name, new_id, spec, self._put(wire.PutModule(new_id, spec, params)))
             return model if x.training else model.eval()
         expected = "a tensor, an nn.Module or a Pointer"

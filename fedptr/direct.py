@@ -375,7 +375,14 @@ class DirectPaths:
             self._drop_files(channel)
         self._routes.pop(peer, None)
         self.sources.discard(peer)
-        if shared and self._sweep is None:
+        if shared:
+            self._sweep_soon()
+
+    def _sweep_soon(self) -> None:
+        """Sweep the shared-memory directory `limits.DIRECT_SHM_SWEEP_S` from now, once for every
+        peer that shared memory with us and left meanwhile (a client, `forget`; a worker whose
+        path closed, `_close_lane`): it may have died leaving files of its own there."""
+        if self._sweep is None:
             self._sweep = self._loop.call_later(limits.DIRECT_SHM_SWEEP_S, self._swept)
 
     def _swept(self) -> None:
@@ -555,6 +562,10 @@ class DirectPaths:
         self._drop_probe(lane)
         if lane.channel is not None:
             self._drop_files(lane.channel)
+            if lane.channel.shared:
+                # the worker may have died (kill -9): its reply files waiting for us, and those we
+                # read and handed back to it, are named for it and no one else unlinks them
+                self._sweep_soon()
         self._loop.remove_reader(lane.sock.FD)
         self._loop.remove_reader(lane.monitor.FD)
         lane.sock.disable_monitor()
@@ -746,11 +757,11 @@ class DirectPaths:
             self._loop.call_soon(drain)
 
     def close(self) -> None:
+        for worker in list(self._lanes):
+            self._close_lane(worker)
         if self._sweep is not None:  # the directory closes below: a sweep would open it again
             self._sweep.cancel()
             self._sweep = None
-        for worker in list(self._lanes):
-            self._close_lane(worker)
         if self._server is not None:
             self._loop.remove_reader(self._server.FD)
             self._server.close(linger=0)

@@ -142,8 +142,9 @@ both ends together); one not written again within this long (seconds) after it w
 
 DIRECT_SHM_SWEEP_S = 0.5
 """A worker sweeps the shared-memory directory this long (seconds) after a peer that shared
-memory with it left, once for every departure meanwhile: a sweep reads the whole directory on
-the loop (~11 us a file of ours: 20,000 took 218 ms), and a round's end may see many leave."""
+memory with it left (a client: after its path to such a worker closed), once for every
+departure meanwhile: a sweep reads the whole directory on the loop (~11 us a file of ours:
+20,000 took 218 ms), and a round's end may see many leave."""
 
 DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
 """A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a

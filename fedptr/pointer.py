@@ -74,7 +74,10 @@ def _encode(value: Any, found: list[Pointer]) -> wire.Value:
         found.append(value)
         return wire.Ref(value._id)
     if isinstance(value, torch.Tensor):
-        return to_raw(value)
+        # a copy, immutable: the session keeps the request to send it again if the broker forgot
+        # us, and a view would carry what the caller wrote after the op was issued (the link
+        # sends immutable bytes without copying them again, so the broker's path costs nothing more)
+        return to_raw(value, copy=True)
     if value is None or type(value) in (bool, int, float, str):
         return value  # type: ignore[no-any-return]
     if isinstance(value, torch.dtype):

@@ -38,9 +38,10 @@ read, never mapped: the sender holds a descriptor of the file and writes to it a
   (a receiver that died, a message lost), and every one when its path closes; it keeps at most
   `limits.DIRECT_SHM_MAX_PENDING_BYTES` in files not taken or handed back (more goes sealed,
   `fedptr.direct`). A crashed sender's files (written and never announced, or handed back to
-  it) are swept when a path next opens on the host, and by the worker when a peer that shared
-  memory with it leaves (`DirectPaths.forget`): those whose creator (same pid namespace) is
-  gone, and any older than `limits.DIRECT_SHM_STALE_S`.
+  it) are swept when a path next opens on the host, by the worker when a peer that shared
+  memory with it leaves (`DirectPaths.forget`), and by the client when its path to a worker
+  that shared memory with it closes (a killed worker's reply files): those whose creator (same
+  pid namespace) is gone, and any older than `limits.DIRECT_SHM_STALE_S`.
 
 Limitation: files are created 0600 and named unguessably, but a process of the same uid can read
 or write any file of that uid (as it can, mostly, read and write the peers' memory); the path is

@@ -170,10 +170,20 @@ class DurableStore:
             )
         for leftover in self.dir.glob("*.tmp"):  # a write that never reached its rename
             _unlink(leftover)
-        for suffix in (".mov", ".bin"):  # what a removal interrupted after the record left
-            for path in self.dir.glob(f"*{suffix}"):
-                if path.stem.isdigit() and int(path.stem) not in found:
-                    _unlink(path)
+        # what a removal interrupted after the record left; the record's unlink may not be
+        # durable yet (the removal crashed before its fsync): made so first, as `remove` does,
+        # or a power cut could keep a move record's unlink and lose the record's, bringing the
+        # moved object back here without its move record, beside the destination's copy
+        leftovers = [
+            path
+            for suffix in (".mov", ".bin")
+            for path in self.dir.glob(f"*{suffix}")
+            if path.stem.isdigit() and int(path.stem) not in found
+        ]
+        if leftovers:
+            self.sync()
+        for path in leftovers:
+            _unlink(path)
         return found
 
     def _scan(self) -> tuple[dict[int, Stored], list[Damage]]:

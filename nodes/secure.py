@@ -184,6 +184,20 @@ class SecureRounds:
                 raise PermissionDenied(self.node.name, f"the keys relayed as {v!r}'s are not {v!r}'s own")
         return silent
 
+    async def _all_workers(self, owners: tuple[str, ...], budget: float) -> None:
+        """Raise PermissionDenied unless every owner of the round is a worker node (the broker
+        binds worker names to keys). The client chooses the collusion bound c and, aggregating
+        itself, the owners: a client named an owner is a colluder of its own making, counted by
+        no c, that adds no noise and, a neighbour, holds this owner's seed and mask-key shares
+        (red18: with c = 0 and one such owner, the client stripped bob's input to his value and
+        a noise of sigma C / sqrt(2); with more, sigma C / sqrt(m) as small as it likes)."""
+        wait = max(limits.MIN_HOP_BUDGET_S, budget / 2 - limits.HOP_MARGIN_S)  # as `_verified`
+        strangers = set(owners) - set(await self.node.link.list_workers(wait))
+        if strangers:
+            raise PermissionDenied(
+                self.node.name, f"{sorted(strangers)} named owners of the round are not worker nodes"
+            )
+
     def _share(self, source: str, rid: bytes, msg: wire.SecAggShare, budget: float) -> None:
         joined = self._round(msg.round_id, source)
         config = secagg.Config(
@@ -226,6 +240,7 @@ class SecureRounds:
         neighbours = {v: keys[v] for v in config.neighbours(me) if v in keys} if me in config.owners else {}
 
         async def answer() -> None:
+            await self._all_workers(config.owners, budget)
             # the aggregator relays the keys: one that put its own in place of a neighbour's would
             # receive the shares meant for that neighbour, so each is checked with its owner
             for v in await self._verified(neighbours, msg.round_id, budget):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import errno
 import functools
 import os
@@ -37,6 +38,19 @@ from fedptr.nodes import audit, durable
 from fedptr.nodes.node import Node
 
 from fedptr import envelope
+
+MAX_REVIVABLE = 8
+"""The most unsynced unlinks `CrashingDisk.power_cuts` draws every subset of (2**8 cuts)."""
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    """The regular files of `directory`, by path, with their contents."""
+    found = {}
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as f:
+                found[entry.path] = f.read()
+    return found
 
 
 class Crashed(OSError):
@@ -128,6 +142,27 @@ class CrashingDisk:
                     with open(path, "wb") as f:
                         f.write(data)
         self._unsynced.clear()
+
+    def power_cuts(self) -> Iterator[list[str]]:
+        """Every power cut this crash allows, one after another on the same directories: each
+        starts from what the crash left (the directories' files put back as they were) and
+        revives one subset of `unsynced_unlinks`, yielded once the cut is made."""
+        assert self.crashed, "a power cut strikes a dead node's disk"
+        left = {d: _files(d) for d in {*self._unsynced, *self._unlinked}}
+        unsynced, unlinked = copy.deepcopy(self._unsynced), copy.deepcopy(self._unlinked)
+        unlinks = self.unsynced_unlinks
+        assert len(unlinks) <= MAX_REVIVABLE, f"{len(unlinks)} unsynced unlinks: too many subsets to draw"
+        for subset in range(1 << len(unlinks)):
+            for directory, files in left.items():
+                for path in set(_files(directory)) - set(files):
+                    os.unlink(path)
+                for path, data in files.items():
+                    with open(path, "wb") as f:
+                        f.write(data)
+            self._unsynced, self._unlinked = copy.deepcopy(unsynced), copy.deepcopy(unlinked)
+            revived = [path for i, path in enumerate(unlinks) if subset >> i & 1]
+            self.power_cut(revived)
+            yield revived
 
     def step(self, what: str, making: str = "") -> bool:
         """Count a call (`making`: "charge" for one of a budget charge's, "audit" for one of an

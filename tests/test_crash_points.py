@@ -128,31 +128,41 @@ def _found(stored: durable.Stored) -> State:
     return seen, stored.moving
 
 
-async def _run(tmp: Path, monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[int, list[Change]]:
+async def _run(tmp: Path, monkeypatch: pytest.MonkeyPatch, at: int) -> tuple[CrashingDisk, list[Change]]:
     disk = CrashingDisk(at)
     with monkeypatch.context() as patched:
         install(patched, lambda: disk)
         wal = WriteAhead(DurableStore(tmp), "bob")
         changes = await _workload(wal)
         await wal.aclose()
-    return disk.calls, changes
+    return disk, changes
+
+
+def _check_loaded(directory: Path, changes: list[Change], where: str) -> None:
+    loaded = DurableStore(directory).load()  # the real file system; DamagedStoreError fails
+    for obj_id in {i for i, _, _ in changes} | set(loaded):
+        found = _found(loaded[obj_id]) if obj_id in loaded else None
+        allowed = _allowed(changes, obj_id)
+        assert found in allowed, f"{where}: object {obj_id} is {found}, not one of {allowed}"
 
 
 @pytest.mark.asyncio
 async def test_every_crash_point_of_the_write_ahead_recovers_what_was_acknowledged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls, changes = await _run(tmp_path / "clean", monkeypatch, 0)
+    clean, changes = await _run(tmp_path / "clean", monkeypatch, 0)
     assert all(f.exception() is None for _, _, f in changes)
-    assert calls > 30  # the workload's writes, fsyncs, renames and unlinks
-    for at in range(1, calls + 1):
+    assert clean.calls > 30  # the workload's writes, fsyncs, renames and unlinks
+    revivals = 0
+    for at in range(1, clean.calls + 1):
         directory = tmp_path / f"crash-{at}"
-        _, changes = await _run(directory, monkeypatch, at)
-        loaded = DurableStore(directory).load()  # the real file system; DamagedStoreError fails
-        for obj_id in {i for i, _, _ in changes} | set(loaded):
-            found = _found(loaded[obj_id]) if obj_id in loaded else None
-            allowed = _allowed(changes, obj_id)
-            assert found in allowed, f"crash at storage call {at}: object {obj_id} is {found}, not one of {allowed}"
+        disk, changes = await _run(directory, monkeypatch, at)
+        _check_loaded(directory, changes, f"crash at storage call {at}")
+        # then a power cut: the unsynced renames undone, and each subset of the unsynced unlinks
+        for revived in disk.power_cuts():
+            revivals += bool(revived)
+            _check_loaded(directory, changes, f"crash at storage call {at}, power cut reviving {revived}")
+    assert revivals > 0  # some crash left unlinks a cut could undo
 
 
 # --- the move and the send-pointer protocols, on two real nodes -----------------------------
@@ -273,9 +283,12 @@ def _deaths(crash: Crash | None) -> dict[str, Death]:
             "message": lambda: Death(message=n),
             "chunk": lambda: Death(chunk=n),
             "take": lambda: Death(take=n),
-        }[where]()
+        }["power cut" if where.startswith("power cut") else where]()
     return deaths
 
+
+_CUT_UNLINKS: list[int] = []
+"""How many unsynced unlinks each power cut found (`_phase`): every subset of them is drawn."""
 
 _DYING: dict[str, Death] = {}
 """Each node's `Death` in the phase under way: a refused write's fail-stop cuts the node off."""
@@ -321,8 +334,12 @@ async def _phase(
             restoring[name].disk.unsynced_from(deaths[name].disk)
         if name in dead:
             await c.stop_node(name)
-            if crash is not None and crash[1] == "power cut":
-                deaths[name].disk.power_cut()
+            if crash is not None and crash[1].startswith("power cut"):
+                # "power cut K": the unsynced unlinks revived are those of K's bits (in unlink order)
+                disk, mask = deaths[name].disk, int(crash[1].removeprefix("power cut") or 0)
+                unlinks = disk.unsynced_unlinks
+                _CUT_UNLINKS.append(len(unlinks))
+                disk.power_cut([path for i, path in enumerate(unlinks) if mask >> i & 1])
             await _start(c, disks, name, None if restoring is None else restoring[name])
         else:
             Death.forget(c.node(name))
@@ -340,8 +357,14 @@ async def _start(c: harness.InprocCluster, disks: Disks, name: str, death: Death
         with disks.restoring(death.disk):
             await c.start_node(name)
     except OSError:
-        death.disk.crashed = True  # it died while restoring: the phase sees it dead at once
-        await c.start_node(name)
+        # it died while restoring; started once more, its storage calls are still recorded on
+        # that disk (no fault now): a power cut afterwards keeps what this start made durable
+        # (an fsync of the directory) and may undo what it left unsynced
+        disk = death.disk
+        disk.crashed, disk.at = False, 0
+        with disks.restoring(disk):
+            await c.start_node(name)
+        disk.crashed = True  # the phase sees it dead at once
 
 
 async def _quiet_after(c: harness.InprocCluster, work: asyncio.Future[Any]) -> None:
@@ -499,8 +522,14 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
             # the first (its restore of its store included; refusals on small values only: the
             # recovery is the same, and a large value's cases are ten times as slow)
             for again in _points(recovered, storage_only=True, refused=not big) if twice else []:
+                _CUT_UNLINKS.clear()
                 _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
                 outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
+                # a power cut found unsynced unlinks: each nonempty subset of them revived, too
+                for mask in range(1, 1 << _CUT_UNLINKS[0]) if again[1] == "power cut" else []:
+                    cut = (again[0], f"power cut {mask}", again[2])
+                    _, _, outcome = await _handover(c, disks, protocol, crash, next(values), cut)
+                    outcomes[f"{crash[0]} {crash[1]}, then {again[0]} reviving {mask:b}: {outcome}"] += 1
     print(f"{protocol.__name__}: counted {counted}; {sum(outcomes.values())} crashes, outcomes {dict(outcomes)}")
 
 

@@ -31,6 +31,12 @@ gets, the first client's ids asked for on the wire (refused, "belongs to another
 queries, DP contributions charged to bob's budget and a big tensor under bob's quota, which both
 clients' holdings count against. Both clients' observations go to the one list compared, and
 listings are compared by content (each once the program's drops settled: `_settled`).
+
+Since the nineteenth round the first client grants objects to the second (`grant`, the wire's
+`Grant`: an alias, a leaf that tracks gradients, a parameter, a product with bob's x; and
+`grant_model`, a model with a graph through it), followed by either client's gets, gradients and
+backwards on each side of the grant (`GRANTED`); and the second client records plans, sends
+models and runs their forwards on bob's data (`b_plan`, `b_model`, `b_forward`, `b_backward`).
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ from torch.nn import functional
 from typer.main import get_command
 
 import fedptr
-from fedptr import dp, envelope, limits, link, metrics, ops, optim, streams, wire
+from fedptr import dp, envelope, limits, link, metrics, modules, ops, optim, streams, wire
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -387,6 +393,13 @@ contributions mid-program (refused, or charged, alike in both worlds). And (red1
 an alias of an object made, then a get or a move of the object sent, then, before either is
 answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
 carried must be what was checked when it was handled."""
+GRANTED = ("get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
+"""What follows a grant (`grant`) at once: the second client's get of the object, its gradient's
+get, a backward through it, an in-place write of bob's x into it; or the first client's backward
+through its newest pointer, then the second client's get of the granted object's gradient (a
+graph built before the grant, red17's third hole); or the second client's backward through the
+object times bob's x, then the first client's get of its newest pointer's gradient (the reverse).
+The granter's and the grantee's later steps follow as drawn."""
 FOREIGN = ("get", "op", "move")
 """What the second client asks of an id the first client holds (`b_foreign`): raw wire requests."""
 _by_second = st.one_of(
@@ -398,13 +411,34 @@ _by_second = st.one_of(
     st.tuples(st.just("b_budget"), st.sampled_from(WORKERS)),
     st.tuples(st.just("b_contribute"), _index),
     st.tuples(st.just("b_big"), _index),
+    st.tuples(st.just("b_plan"), st.sampled_from(sorted(PLANNABLE)), _index, _partner),
+    st.tuples(st.just("b_model"), st.sampled_from(WORKERS), st.sampled_from(sorted(MODELS))),
+    st.tuples(st.just("b_forward"), _index, _partner),
+    st.tuples(st.just("grant"), _index, st.sampled_from(GRANTED)),
+    st.tuples(st.just("grant_model"), st.sampled_from(sorted(MODELS)), _index),
+    st.tuples(st.just("b_backward"), _index),
 )
 """Actions of a second client of the cluster (seventeenth red-team round), with pointers of its
 own (bob's data from its own search, its sends and what it computes from them): its listings of
 every worker, ops, gets, the first client's ids asked for on the wire, budget queries, DP
 contributions charged to bob's budget (with releases: the aggregator), and a `big` tensor under
 bob's quota, which both clients' holdings count against."""
-SECOND = ("b_objects", "b_send", "b_apply", "b_get", "b_foreign", "b_budget", "b_contribute", "b_big")
+SECOND = (
+    "b_objects",
+    "b_send",
+    "b_apply",
+    "b_get",
+    "b_foreign",
+    "b_budget",
+    "b_contribute",
+    "b_big",
+    "b_plan",
+    "b_model",
+    "b_forward",
+    "grant",
+    "grant_model",
+    "b_backward",
+)
 ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
@@ -1047,12 +1081,34 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
         return await _budget_seen(b, "b budget", client.worker(args[0]))
     if kind == "b_foreign":
         return await _foreign(w, b, *args)
-    p = b.pick(args[1] if kind == "b_apply" else args[0])
+    if kind == "b_model":
+        where, which = args
+        m = await b.observe("b model", lambda: client.worker(where).send(MODELS[which]()))
+        if m is not None:
+            b.models.append((m, None))
+        return m is not None
+    if kind == "b_forward":
+        picked = b.model(args[0])
+        if picked is None:
+            return False
+        m = picked[0]
+        if not any(p.owned and p.location == m.location for p in b.tensors):
+            return False
+        x = b.partner(m, args[1])  # on the model's worker: bob's x or labels, if there
+        out = await b.observe("b forward", lambda: m(x))
+        b.keep(out)
+        return out is not None
+    if kind == "grant":
+        return await _grant(w, b, *args)
+    if kind == "grant_model":
+        return await _grant_model(w, b, *args)
+    p = b.pick(args[1] if kind in ("b_apply", "b_plan") else args[0])
     if p is None:
         return False
-    if kind == "b_apply":
+    if kind in ("b_apply", "b_plan"):
         name, _, other = args
-        out = await b.observe(f"b {name}", lambda: ROWS[name](p, b.partner(p, other)))
+        row = ROWS[name] if kind == "b_apply" else fedptr.plan(lambda x, y: ROWS[name](x, y))
+        out = await b.observe(f"{kind} {name}", lambda: row(p, b.partner(p, other)))
         b.keep(out, p)
         return out is not None
     if kind == "b_get":
@@ -1063,12 +1119,91 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
         out = await b.observe("b big", lambda: p.repeat(*BIG))
         b.keep(out)
         return out is not None
+    if kind == "b_backward":
+        return await b.observe("b backward", lambda: p.sum().backward()) is not None
     made = await b.observe("b contribute", lambda: dp.contribute(p, "agg"))
     if made is None:
         return False
     w.seen.append(("b contributed", made[1]))
     b.tensors.append(made[0])
     return True
+
+
+async def _grant(w: World, b: World, index: int, then: str) -> bool:
+    """The first client grants one of its objects to the second (`Grant`, the wire's hand-over:
+    an alias, a leaf that tracks gradients, a parameter, a product with bob's x, as drawn), which
+    then acts on it at once (`GRANTED`); the first client keeps its other pointers (an alias of
+    the object, a graph through it) for its later steps. Whether the grant went through."""
+    client = b.client
+    assert client is not None
+    p = w.pick(index)
+    if p is None or any(p is q for q in w.tensors[:2]):
+        return False  # bob's data is no one's to grant (refused alike): the steps' partners stay
+    granted = await w.observe(
+        "grant", lambda: w.cluster.client.call(p.location, wire.Grant(p.id_at_location, client.name))
+    )
+    if granted is None:
+        return False
+    p.owned = False  # the second client's now: the first one's pointer no longer deletes it
+    q = fedptr.Pointer(client, p.location, p.id_at_location, meta=p._meta)
+    b.tensors.append(q)
+    if then == "get":
+        w.seen.append(("granted value", _value(await b.observe("b get granted", q.get))))
+    elif then == "grad":
+        await _grad_seen(w, b, q, "granted grad")
+    elif then == "backward":
+        await b.observe("b backward granted", lambda: q.sum().backward())
+    elif then == "granter_backward":
+        kept = w.pick(0)
+        if kept is not None:
+            await w.observe("backward after grant", lambda: kept.sum().backward())
+        await _grad_seen(w, b, q, "granted grad after backward")
+    elif then == "grantee_backward":
+        await b.observe("b backward through granted", lambda: (q * b.partner(q, SECRET)).sum().backward())
+        kept = w.pick(0)
+        if kept is not None:
+            await _grad_seen(w, w, kept, "grad after grantee backward")
+    else:
+        b.keep(await b.observe("b add_ granted", lambda: q.add_(b.partner(q, SECRET))), q)
+    return True
+
+
+async def _grad_seen(w: World, by: World, p: fedptr.Pointer, label: str) -> None:
+    """`by`'s get of `p`'s gradient, recorded in `w` as `label`."""
+    grad = await by.observe(f"{label} op", lambda: p.grad)
+    if grad is not None:
+        w.seen.append((label, _value(await by.observe(f"get {label}", grad.get))))
+
+
+async def _grant_model(w: World, b: World, which: str, index: int) -> bool:
+    """The first client sends a model to bob, runs its forward on one of its pointers there (a
+    graph through the model's parameters, kept for its later steps: a backward through it), and
+    grants the model to the second client, which fetches it at once. (A model of `World.models`
+    has parameter pointers, aliases of it: refused since red17.) Whether the grant went through."""
+    client = b.client
+    assert client is not None
+    m = await w.observe("model to grant", lambda: w.cluster.client.worker("bob").send(MODELS[which]()))
+    if m is None:
+        return False
+    x = w.pick(index)
+    if x is not None and x.location == "bob":
+        w.keep(await w.observe("forward before grant", lambda: m(x)))
+    granted = await w.observe(
+        "grant model", lambda: w.cluster.client.call("bob", wire.Grant(m.id_at_location, client.name))
+    )
+    if granted is None:
+        return False
+    m.owned = False
+    got = await b.observe("b get granted model", lambda: client.call("bob", wire.Get(m.id_at_location)))
+    w.seen.append(("granted model", None if got is None else _reply_value(got)))
+    return True
+
+
+def _reply_value(reply: wire.Message) -> Any:
+    """A raw get's reply as compared: a model's state by value, anything else by its kind."""
+    if isinstance(reply, wire.ModuleReply):
+        return _value(modules.from_wire(reply.spec, reply.params))
+    return type(reply).__name__
 
 
 async def _foreign(w: World, b: World, verb: str, index: int, dest: str) -> bool:
@@ -1148,6 +1283,22 @@ def _frozen_heap() -> Iterator[None]:
     shift=1.0,
     variation=Variation(labels=(0, 0, 0, 0)),
 )
+# red17's holes, as this test finds them with `Store.hand_over`'s checks removed (nineteenth round): a
+# leaf granted with a graph through it, the granter's backward after the grant, the grantee's grad
+@example(
+    program=[("typed_send", "bob", "requires_grad", 0), ("apply", "mul", 0, SECRET), ("grant", 1, "granter_backward")],
+    world_a=[0.0] * 12,
+    shift=1.0,
+    variation=PLAIN,
+)
+# and the reverse: a product tracking gradients to the granter's leaf, the grantee's backward through
+# it times bob's x, the granter's get of its leaf's gradient
+@example(
+    program=[("typed_send", "bob", "requires_grad", 0), ("apply", "mul", 0, 0), ("grant", 0, "grantee_backward")],
+    world_a=[0.0] * 12,
+    shift=1.0,
+    variation=PLAIN,
+)
 def test_what_a_client_observes_does_not_depend_on_private_data(
     program: list[tuple[Any, ...]], world_a: list[float], shift: float, variation: Variation
 ) -> None:
@@ -1206,6 +1357,13 @@ ADDED_PROGRAM = [
     ("b_budget", "bob"),
     ("send", "bob", 1),
     ("pipelined", 0, "move", "alice", "add_", SECRET),  # the send to alice, bob's x added via its alias
+    ("b_plan", "mul", 0, SECRET),  # the second client's newest pointer times bob's x, in a plan
+    ("b_model", "bob", "linear"),
+    ("b_forward", 0, SECRET),  # the second client's model on bob's x
+    ("typed_send", "bob", "requires_grad", 0),
+    ("grant", 0, "backward"),  # the leaf, to the second client, which runs a backward through it
+    ("b_backward", 0),  # the granted leaf again
+    ("grant_model", "linear", 0),  # a model sent to bob, its forward on the newest pointer there
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from fedptr.nodes.node import Node, NodeConfig
 from fedptr.nodes.replies import ReplyCache
 
 from fedptr import envelope, limits, link, wire
-from fedptr.errors import FedptrError, PermissionDenied, RemoteError
+from fedptr.errors import FedptrError, PermissionDenied, RemoteError, UsageError
 from fedptr.pointer import remote_call
 from fedptr.tensors import to_raw
 
@@ -325,6 +326,103 @@ async def _moved_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_moves_put_is_the_value_it_checked_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_moved_then_written(monkeypatch))
+
+
+async def _moved_then_written_during_its_records_fsync() -> None:
+    data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob", "carol"], data=data, stores=["bob"], call_timeout=30.0) as c:
+        bob = c.worker("bob")
+        (bx,) = await bob.search("data")
+        public = await bob.send(torch.zeros(256, 1024))
+        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+        node, new_id = c.node("bob"), wire.new_object_id()
+        durable = node.store.durable
+        assert durable is not None
+        loop, release = asyncio.get_running_loop(), threading.Event()
+        recording: asyncio.Future[None] = loop.create_future()
+        write_move = durable.write_move
+
+        def slow_write_move(obj_id: int, dest: str, moved_id: int) -> None:
+            # on the write-ahead's thread: the move's Put is built, its record not yet durable
+            loop.call_soon_threadsafe(lambda: recording.done() or recording.set_result(None))
+            release.wait(DEADLINE_S)
+            write_move(obj_id, dest, moved_id)
+
+        durable.write_move = slow_write_move  # type: ignore[method-assign]
+        try:
+            moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
+            await asyncio.wait_for(recording, DEADLINE_S)  # checked public, its record awaited
+            write = wire.Op(
+                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
+            )
+            written = c.client.request_nowait("bob", write)
+            assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
+            assert not moved.done()  # the write landed inside the window
+        finally:
+            release.set()
+        await asyncio.wait_for(moved, DEADLINE_S)
+        await asyncio.wait_for(written, DEADLINE_S)
+        reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
+        assert isinstance(reply, wire.TensorReply)
+        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
+        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+
+
+def test_a_write_during_a_moves_record_fsync_does_not_change_what_the_destination_gets() -> None:
+    """A `--store` node builds a move's Put, then awaits its move record on the write-ahead's
+    thread: a write through an alias handled in that window must not reach the destination
+    (red17 closed it with the Put's copy; no test drove it). The record's write waits on an
+    event here, so the write lands in the window every time."""
+    asyncio.run(_moved_then_written_during_its_records_fsync())
+
+
+RESENT = ["tensor", "small tensor", "model", "op constant"]
+"""What a client sends from its own memory: a tensor above `limits.SEND_COPY_MAX_BYTES` (sent
+from its memory), one below it (copied), a model's parameters, and a tensor argument of an op."""
+
+
+async def _written_after_the_call_then_resent(kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The value as the call took it, and the one the worker holds (None: the call failed typed,
+    as a send whose tensor changed before it was acknowledged does)."""
+    # the sender hears nothing of the broker's restart before its next request is refused
+    async with harness.cluster(["bob"], transport="ipc", heartbeat_s=0.1) as c, c.connect(heartbeat_s=30.0) as sender:
+        bob = sender.worker("bob")
+        zeros = await bob.send(torch.zeros(1 << 16))
+        await c.stop_broker()
+        c.start_broker()
+        assert await eventually(lambda: _now(c.broker is not None and b"bob" in c.broker.table.by_name), DEADLINE_S)
+        value: torch.Tensor
+        stored: Any
+        if kind == "model":
+            model = torch.nn.Linear(256, 256, bias=False)
+            value, stored = model.weight.detach().clone(), bob.send(model)
+            with torch.no_grad():
+                model.weight.add_(1.0)  # right after the call: its first sending has left
+        else:
+            numel = {"tensor": 1 << 19, "small tensor": 1 << 16, "op constant": 1 << 16}[kind]
+            sent = torch.randn(numel)
+            value = sent.clone()
+            stored = zeros + sent if kind == "op constant" else bob.send(sent)
+            sent.add_(1.0)
+        try:
+            ptr = await asyncio.wait_for(stored, DEADLINE_S)
+        except UsageError:
+            assert sender.link.reregistrations >= 1
+            return value, None
+        assert sender.link.reregistrations >= 1  # the broker refused it: it was sent again
+        got = await ptr.get()
+        return value, (got.weight.detach() if kind == "model" else got)
+
+
+@pytest.mark.parametrize("kind", RESENT)
+def test_a_request_resent_after_the_broker_forgot_the_client_carries_what_the_call_took(kind: str) -> None:
+    """The session keeps a request's message to send it again when the broker answers "not
+    registered" (it forgot the client, or restarted, and delivered nothing). Kept as views of
+    the caller's memory, a resend carried what the caller wrote after the call returned, which
+    its first sending did not (the link copies what it sends): the worker stored bytes nobody
+    sent it, under the call's acknowledgement."""
+    value, held = asyncio.run(_written_after_the_call_then_resent(kind))
+    assert held is None or torch.equal(held, value), f"{kind}: the worker holds bytes written after the call"
 
 
 async def _aliased_then_handed_over() -> None:
