@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,8 @@ class _Lean:
     origins: Sequence[policy.Origins]
     tainted: int
     outputs: Sequence[int]
+    quick: Sequence[plans.Quick | None]
+    widest: int
 
     def taint(self, slot: int) -> policy.Taint:
         """Slot `slot`'s taint: the origins of the inputs it derives from, merged (a fresh one,
@@ -299,7 +302,7 @@ class Compute:
         for i, o in enumerate(origins):
             if o:
                 tainted |= 1 << i
-        lean = _Lean(plan.steps, plan.deps, origins, tainted, plan.outputs)
+        lean = _Lean(plan.steps, plan.deps, origins, tainted, plan.outputs, plan.quick, plan.widest)
         outputs: list[tuple[int, int, Entry]] = []
         for result_id, out in zip(msg.result_ids, plan.outputs, strict=True):
             result = Entry.tensor(owner=source, taint=lean.taint(out))
@@ -392,7 +395,11 @@ class Compute:
         (`float` of a float returns it): no plain operation writes an operand, so that is unseen
         until the run ends, when each output that shares storage with an input, an input's
         gradient or another output is copied (`_unalias`), as `guard.run` copies a single op's
-        result. A check per result cost ~0.35 µs of the ~1.3 µs each operation takes."""
+        result. A check per result cost ~0.35 µs of the ~1.3 µs each operation takes.
+
+        A run with no private input and no model among its inputs takes its `Quick` steps in
+        `_quick`, a loop with nothing else per step (decided once per run: every result of such
+        a run is public, and every operand a tensor)."""
         steps = lean.steps
         # whether every input is a tensor (then a public step calls its kernel directly), and,
         # inline, the most elements of any value so far: a step reads at most that many per
@@ -406,50 +413,66 @@ class Compute:
             elif inline and (n := v.numel()) > peak:
                 peak = n
         stop = min(len(steps), start + limits.PLAN_INLINE_OPS) if inline else len(steps)
-        offload = self.config.offload_numel
-        deps, tainted = lean.deps, lean.tainted
-        for i in range(start, stop):
-            op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread, view, frees = step = steps[i]
-            private = tainted and deps[result] & tainted
-            if inline and (
-                (peak * len(reads) > offload and _numel(values[s] for s in reads) > offload)
-                or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
-            ):
-                return i
-            if pick is not None:
-                args: Any = pick(values) if spread else (pick(values),)
-                kwargs: dict[str, Any] = {}
-            else:
-                if refs is None:
-                    args = _materialize(step_args, values)
-                else:
-                    args = step_args.copy()
-                    for pos, slot in refs:
-                        args[pos] = values[slot]
-                kwargs = _materialize(step_kwargs, values) if step_kwargs else {}
-            if direct and not private:
-                value = fn(*args, **kwargs) if kwargs else fn(*args)
-                if count == 1 and type(value) is torch.Tensor and not view:  # the common case, kept lean
-                    values[result] = value
-                    if inline and (n := value.numel()) > peak:
-                        peak = n
-                    for s in frees:
-                        del values[s]
-                    continue
-                results = kernels.results(kernels.checked(op, value), count)
-                if view:
-                    results = tuple(guard.unshared(r, args, kwargs) for r in results)
-            else:
-                results = guard.run(op, args, kwargs, bool(private), self._refusal(lean, step, values), count)
-            for key, r in enumerate(results, result):
-                values[key] = r
-                if inline and (n := r.numel()) > peak:
-                    peak = n
-            for s in frees:
-                del values[s]
+        quick = lean.quick if direct and not lean.tainted else None
+        # while no value holds more than `bound` elements, no step reads more than `offload`
+        # in all (at most `widest` operands): quick steps need no size check of their own
+        bound = self.config.offload_numel // lean.widest if inline else sys.maxsize
+        i = start
+        while i < stop:
+            if quick is not None and quick[i] is not None and peak <= bound:
+                i, peak = _quick(quick, values, i, stop, peak, bound)
+                continue
+            grown = self._lean_step(lean, steps[i], values, direct, inline, peak)
+            if grown is None:
+                return i  # the rest on the thread
+            peak = grown
+            i += 1
         if stop == len(steps):
             _unalias(lean, values)
         return stop
+
+    def _lean_step(
+        self, lean: _Lean, step: plans.Step, values: dict[int, Any], direct: bool, inline: bool, peak: int
+    ) -> int | None:
+        """Compute one step of a lean run (`_compute_lean`); returns the most elements of any
+        value so far (`peak`, inline), or None when the step must not run inline."""
+        op, fn, step_args, step_kwargs, reads, result, count, refs, pick, spread, view, frees = step
+        tainted = lean.tainted
+        private = tainted and lean.deps[result] & tainted
+        offload = self.config.offload_numel
+        if inline and (
+            (peak * len(reads) > offload and _numel(values[s] for s in reads) > offload)
+            or (private and not guard.is_warm())  # the meta kernels load on the thread, not the loop
+        ):
+            return None
+        if pick is not None:
+            args: Any = pick(values) if spread else (pick(values),)
+            kwargs: dict[str, Any] = {}
+        else:
+            if refs is None:
+                args = _materialize(step_args, values)
+            else:
+                args = step_args.copy()
+                for pos, slot in refs:
+                    args[pos] = values[slot]
+            kwargs = _materialize(step_kwargs, values) if step_kwargs else {}
+        if direct and not private:
+            value = fn(*args, **kwargs) if kwargs else fn(*args)
+            if count == 1 and type(value) is torch.Tensor and not view:  # the common case: no calls
+                results: tuple[torch.Tensor, ...] = (value,)
+            else:
+                results = kernels.results(kernels.checked(op, value), count)
+                if view:
+                    results = tuple(guard.unshared(r, args, kwargs) for r in results)
+        else:
+            results = guard.run(op, args, kwargs, bool(private), self._refusal(lean, step, values), count)
+        for key, r in enumerate(results, result):
+            values[key] = r
+            if inline and (n := r.numel()) > peak:
+                peak = n
+        for s in frees:
+            del values[s]
+        return peak
 
     @staticmethod
     def _refusal(lean: _Lean, step: plans.Step, values: dict[int, Any]) -> Callable[[], Exception]:
@@ -594,6 +617,31 @@ def _ok(outputs: Sequence[torch.Tensor]) -> wire.Ok:
         return ok
     more: list[wire.Value] = [[list(v.shape), dtype_name(v.dtype)] for v in outputs[1:]]
     return wire.Ok(list(first.shape), dtype_name(first.dtype), more)
+
+
+def _quick(
+    quick: Sequence[plans.Quick | None], values: dict[int, Any], i: int, stop: int, peak: int, bound: int
+) -> tuple[int, int]:
+    """Compute the quick steps of a public run from step `i` on, until `stop`, a step that is
+    not quick, or a value of more than `bound` elements; returns where it stopped and the most
+    elements of any value so far (`peak`). Per step: the kernel, a type check, the slot."""
+    while i < stop:
+        q = quick[i]
+        if q is None:
+            break
+        op, fn, pick, spread, result, frees = q
+        value = fn(*pick(values)) if spread else fn(pick(values))
+        if type(value) is not torch.Tensor:  # a subclass, or not a tensor: what `kernels.checked` says
+            (value,) = kernels.results(kernels.checked(op, value), 1)
+        values[result] = value
+        for s in frees:
+            del values[s]
+        i += 1
+        if (n := value.numel()) > peak:
+            peak = n
+            if n > bound:
+                break
+    return i, peak
 
 
 def _unalias(lean: _Lean, values: dict[int, Any]) -> None:

@@ -68,6 +68,19 @@ class Step(NamedTuple):
     """The slots no later step reads and the run does not store: dropped after this step."""
 
 
+class Quick(NamedTuple):
+    """A step of the commonest kind (one result, not a view, every argument a positional
+    reference: ``y + x``, ``relu(y)``) as a run on public tensors takes it: only what its
+    kernel call and the result's slot need (`Step`'s fields of the same names)."""
+
+    op: str
+    fn: Callable[..., Any]
+    pick: Callable[[Mapping[int, Any]], Any]
+    spread: bool
+    result: int
+    frees: tuple[int, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A validated plan: `ops[i]` fills the next slot (its `result_id`), and one more for each of
@@ -83,6 +96,10 @@ class Plan:
     own, takes a model or an inline tensor (the plan then runs op by op)."""
     deps: tuple[int, ...] = ()
     """With `steps`: for each slot, the inputs it derives from, as a bitmask (bit i: input i)."""
+    quick: tuple[Quick | None, ...] = ()
+    """With `steps`: each step as a `Quick` one, or None when it is not of that kind."""
+    widest: int = 1
+    """With `steps`: the most slots one step reads."""
 
 
 def validate(msg: wire.PutPlan) -> Plan:
@@ -130,7 +147,14 @@ def validate(msg: wire.PutPlan) -> Plan:
         for s in step.reads:
             derived |= deps[s]
         deps.extend([derived] * step.n_results)
-    return Plan(plan.n_inputs, plan.ops, plan.reads, plan.outputs, steps, tuple(deps))
+    quick = tuple(
+        Quick(s.op, s.fn, s.pick, s.spread, s.result, s.frees)
+        if s.pick is not None and s.n_results == 1 and not s.view
+        else None
+        for s in steps
+    )
+    widest = max(len(s.reads) for s in steps)
+    return Plan(plan.n_inputs, plan.ops, plan.reads, plan.outputs, steps, tuple(deps), quick, widest)
 
 
 def _steps(plan: Plan) -> tuple[Step, ...] | None:

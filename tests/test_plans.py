@@ -3,9 +3,15 @@ the operations sent one by one, checked by the node, refused where they cannot b
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from typing import Any
+
 import pytest
 import torch
 from fedptr.nodes.node import NodeConfig
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional
 
@@ -367,3 +373,65 @@ async def test_a_plan_used_again_with_a_new_cluster_records_and_sends_itself_the
         async with harness.cluster(["bob"]) as c:
             x = await c.worker("bob").send(w)
             assert torch.equal(await step(x).get(), w * 2 + 1)
+
+
+_GROWING = st.sampled_from(["mul_col", "add_row", "relu", "sum0", "mul_self"])
+"""Steps of a public chain: broadcasting against a column (n, 1) or a row (1, m) can grow its
+value, ``sum(0, keepdim=True)`` shrinks it; all but the sum take references only (quick steps)."""
+
+
+def _step(name: str, y: Any, col: Any, row: Any) -> Any:
+    if name == "mul_col":
+        return y * col
+    if name == "add_row":
+        return y + row
+    if name == "relu":
+        return functional.relu(y)
+    if name == "mul_self":
+        return y * y
+    return y.sum(0, keepdim=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    n=st.integers(1, 12),
+    m=st.integers(1, 12),
+    offload=st.integers(1, 100),
+    names=st.lists(_GROWING, min_size=1, max_size=10),
+)
+def test_a_plain_plan_runs_inline_until_the_first_step_whose_operands_are_big(
+    n: int, m: int, offload: int, names: list[str]
+) -> None:
+    # the event loop runs a step inline only while its operands hold at most `offload_numel`
+    # elements in all; from the first that holds more, the run goes on on the thread. A public
+    # run takes its steps in a quick loop that checks no operand: it must stop where the rule does
+    col, row = torch.rand(n, 1), torch.rand(1, m)
+    expected, operands = col, []
+    for i, name in enumerate(names):  # the elements of the distinct values a step reads
+        more = {"mul_col": n if i else 0, "add_row": m}.get(name, 0)  # (y is col before the first step)
+        operands.append(expected.numel() + more)
+        expected = _step(name, expected, col, row)
+    first_big = next((i for i, k in enumerate(operands) if k > offload), len(names))
+
+    async def run() -> None:
+        async with harness.cluster(["bob"], configs={"bob": NodeConfig(offload_numel=offload)}) as c:
+            bob = c.worker("bob")
+            cp, rp = await bob.send(col), await bob.send(row)
+            compute = c.node("bob").compute
+            inline: list[tuple[int, int]] = []
+            lean = compute._compute_lean
+
+            def spied(lean_run: Any, values: dict[int, Any], start: int, on_loop: bool) -> int:
+                done = lean(lean_run, values, start, on_loop)
+                if on_loop:
+                    inline.append((start, done))
+                return done
+
+            compute._compute_lean = spied  # type: ignore[method-assign]
+            chain = fedptr.plan(lambda y, r: functools.reduce(lambda v, k: _step(k, v, y, r), names, y))
+            got = await chain(cp, rp).get()
+            assert lean_plans(c, "bob") == [True]
+            assert inline == [(0, first_big)]
+            assert torch.allclose(got, expected)
+
+    asyncio.run(run())
