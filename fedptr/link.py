@@ -234,15 +234,18 @@ class Link:
                 await asyncio.sleep(self.session.heartbeat_s)
 
     # --- requests ----------------------------------------------------------------------
-    def request_nowait(self, dest: str, msg: wire.Message, timeout: float) -> asyncio.Future[wire.Message]:
+    def request_nowait(
+        self, dest: str, msg: wire.Message, timeout: float, resend: bool = True
+    ) -> asyncio.Future[wire.Message]:
         """Queue a request to `dest` and return the future of its reply, which settles by `timeout` s.
+        Without `resend`, one the broker refuses undelivered is not sent again (`Session.request`).
 
         Raises TooManyInFlightError when `max_in_flight` requests are already unanswered, and
         ClientClosedError once the link is closed."""
         if self._closed:  # `_check_open`, inline: every op's path
             raise ClientClosedError(self.name, dest)
         now = self._loop.time()
-        rid, message = self.session.request(dest, msg, timeout, now)
+        rid, message = self.session.request(dest, msg, timeout, now, resend)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: request %s to %r", self.name, type(msg).__name__, dest, extra=rid_extra(rid))
         fut = self._expect(rid, now + timeout)

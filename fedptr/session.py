@@ -158,8 +158,13 @@ class Session:
         self._next_beat = now + self.heartbeat_s
         return rid, self._sent(envelope.message(envelope.REGISTER, self.name.encode(), rid, [self.role]), now)
 
-    def request(self, dest: str, msg: wire.Message, timeout: float, now: float) -> tuple[bytes, list[Any]]:
-        """A request to `dest` whose reply settles by `timeout` seconds from `now`.
+    def request(
+        self, dest: str, msg: wire.Message, timeout: float, now: float, resend: bool = True
+    ) -> tuple[bytes, list[Any]]:
+        """A request to `dest` whose reply settles by `timeout` seconds from `now`. Without
+        `resend` its message is not kept: one the broker refuses undelivered settles with
+        LostWorkerError instead of leaving again (for a message of views of memory that may
+        change meanwhile, which a resend would read then).
 
         Raises TooManyInFlightError when `max_in_flight` are already unanswered."""
         if len(self._pending) >= self.max_in_flight:
@@ -170,7 +175,10 @@ class Session:
             body = wire.encode(msg, budget_ms=budget_ms)
         rid = self._track(dest, timeout, now, body)
         self._last_sent = now  # `_sent`, inline: every request's path
-        return rid, self._pending[rid].message  # type: ignore[return-value]
+        pending = self._pending[rid]
+        if not resend:
+            self._pending[rid] = pending._replace(message=None)
+        return rid, pending.message  # type: ignore[return-value]
 
     def request_many(
         self, dests: Sequence[str], msg: wire.Message, timeout: float, now: float

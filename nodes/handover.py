@@ -58,7 +58,9 @@ class Services(Protocol):
     store: Store
     audit: AuditLog
 
-    def forward(self, dest: str, msg: wire.Message, budget: float) -> asyncio.Future[wire.Message]: ...
+    def forward(
+        self, dest: str, msg: wire.Message, budget: float, resend: bool = True
+    ) -> asyncio.Future[wire.Message]: ...
 
     def reply(self, dest: str, rid: bytes, msg: wire.Message) -> None: ...
 
@@ -221,18 +223,21 @@ class Handover:
                 if entry.location is not None:
                     hop_msg: wire.Message = wire.Move(entry.remote_id, msg.dest, msg.new_id, owner)
                     ask: tuple[str, int, bool] = (entry.location, entry.remote_id, False)
+                    resend = True  # it carries no value
                 else:
                     value = await entry.wait()
                     policy.check_move(entry.taint, msg.dest)
                     # copies when the move record's write is awaited before the link has the
                     # message; without a record nothing runs in between (`_durable(None)` does not
-                    # yield), and the link keeps none of a view's memory past the call
-                    hop_msg = _transfer(msg.new_id, value, owner, entry.taint, copy=node.store.wal is not None)
+                    # yield), and the link keeps none of a view's memory past the call. Views are
+                    # sent once: a resend (the broker forgot us) would read them later (review11)
+                    resend = node.store.wal is not None
+                    hop_msg = _transfer(msg.new_id, value, owner, entry.taint, copy=resend)
                     ask = (msg.dest, msg.new_id, True)
                     if entry.taint:
                         node.audit.record("move", source, object=msg.obj_id, to=msg.dest, owners=entry.taint.owners)
                 await _durable(node.store.mark_moving(msg.obj_id, msg.dest, msg.new_id))
-                hop = node.forward(ask[0], hop_msg, budget)
+                hop = node.forward(ask[0], hop_msg, budget, resend)
             except Exception as e:
                 # nothing was sent: the object stays here, under its id
                 await _durable(node.store.put_back(msg.obj_id, entry))

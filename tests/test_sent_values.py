@@ -24,7 +24,7 @@ import math
 import random
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -374,6 +374,56 @@ def test_a_write_during_a_moves_record_fsync_does_not_change_what_the_destinatio
     (red17 closed it with the Put's copy; no test drove it). The record's write waits on an
     event here, so the write lands in the window every time."""
     asyncio.run(_moved_then_written_during_its_records_fsync())
+
+
+async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
+    async with harness.cluster(["bob", "carol"], data=data, heartbeat_s=0.1, call_timeout=30.0) as c:
+        bob = c.worker("bob")
+        (bx,) = await bob.search("data")
+        public = await bob.send(torch.zeros(256, 1024))
+        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+        node, carol, new_id = c.node("bob"), c.node("carol"), wire.new_object_id()
+        assert node.store.wal is None  # no move record: the Put carries views since bulk2
+        broker = c.broker
+        assert broker is not None
+        with _full_queue(monkeypatch, node):
+            moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
+            assert await eventually(lambda: _now(len(node.link._outbox) > 0), DEADLINE_S)  # checked public, queued
+            write = wire.Op(
+                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
+            )
+            c.client.request_nowait("bob", write)
+            assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
+            # bob, silent while its queue is full, is forgotten: its queued Put is refused "not
+            # registered" once it leaves, and the session sends the message it kept again
+            assert await eventually(lambda: _now(b"bob" not in broker.table.by_name), DEADLINE_S)
+        with suppress(FedptrError):  # the client heard bob was lost
+            await asyncio.wait_for(moved, DEADLINE_S)
+        # the move settles: carol holds the object, or (the Put refused, not sent again) bob
+        # asked carol, heard she has none, and took it back under its id
+        entries = carol.store.entries, node.store.entries
+        assert await eventually(
+            lambda: _now(new_id in entries[0] or public.id_at_location in entries[1]), DEADLINE_S
+        ), "the move never settled"
+        assert node.link.reregistrations >= 1
+        if new_id not in carol.store.entries:
+            return
+        reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
+        assert isinstance(reply, wire.TensorReply)
+        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
+        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+
+
+def test_a_moves_put_resent_after_the_broker_forgot_the_node_is_the_value_it_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node's session keeps a request's message to send it again when the broker answers "not
+    registered" (it forgot the node, or restarted). A move's Put kept as views of the stored
+    tensor (bulk2: no copy when the node awaits no move record) was resent with what a write
+    through an alias made of it after the origins were read: bob's data left in a public move
+    (review11). The link copies what it keeps; the session's kept message is not the link's."""
+    asyncio.run(_moved_then_written_then_resent(monkeypatch))
 
 
 RESENT = ["tensor", "small tensor", "model", "op constant"]
