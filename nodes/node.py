@@ -359,9 +359,7 @@ class Node:
         """Finish a request in a task; whatever it raises is the request's Failure reply."""
         self.scheduler.spawn(coro, lambda e: self.reply_error(source, rid, e))
 
-    def forward(
-        self, dest: str, msg: wire.Message, budget: float, resend: bool = True
-    ) -> asyncio.Future[wire.Message]:
+    def forward(self, dest: str, msg: wire.Message, budget: float, resend: bool = True) -> asyncio.Future[wire.Message]:
         """Send `msg` one hop on; its future settles by the caller's budget less a margin.
         Without `resend`, it is sent once (`Session.request`)."""
         if self.link.in_flight >= self.config.max_forwards:
