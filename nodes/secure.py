@@ -65,6 +65,8 @@ class _Joined:
     expiry: asyncio.TimerHandle
     told: asyncio.Future[secagg.UnmaskRequest]
     """The unmask request the aggregator sent this owner (the other owners ask for it)."""
+    workers: frozenset[str] = frozenset()
+    """The owners the broker listed as worker nodes at the join (`SecureRounds._all_workers`)."""
 
 
 def ring_to_wire(y: np.ndarray, config: secagg.Config) -> wire.RawTensor:
@@ -132,7 +134,7 @@ class SecureRounds:
             limits.SECAGG_ROUND_TIMEOUT_S, self._joined.pop, msg.round_id, None
         )
         told: asyncio.Future[secagg.UnmaskRequest] = asyncio.get_running_loop().create_future()
-        self._joined[msg.round_id] = _Joined(
+        joined = self._joined[msg.round_id] = _Joined(
             source,
             msg.obj_id,
             msg.aggregator,
@@ -142,7 +144,12 @@ class SecureRounds:
             expiry,
             told,
         )
-        node.reply(source, rid, wire.Ok())
+
+        async def answer() -> None:
+            joined.workers = joined.owners.intersection(await self._workers(budget))
+            node.reply(source, rid, wire.Ok())
+
+        node.spawn(answer(), source, rid)
 
     def _round(self, round_id: bytes, source: str) -> _Joined:
         joined = self._joined.get(round_id)
@@ -184,15 +191,23 @@ class SecureRounds:
                 raise PermissionDenied(self.node.name, f"the keys relayed as {v!r}'s are not {v!r}'s own")
         return silent
 
-    async def _all_workers(self, owners: tuple[str, ...], budget: float) -> None:
-        """Raise PermissionDenied unless every owner of the round is a worker node (the broker
-        binds worker names to keys). The client chooses the collusion bound c and, aggregating
-        itself, the owners: a client named an owner is a colluder of its own making, counted by
-        no c, that adds no noise and, a neighbour, holds this owner's seed and mask-key shares
-        (red18: with c = 0 and one such owner, the client stripped bob's input to his value and
-        a noise of sigma C / sqrt(2); with more, sigma C / sqrt(m) as small as it likes)."""
+    async def _workers(self, budget: float) -> list[str]:
+        """The worker nodes the broker lists (the broker binds worker names to keys)."""
         wait = max(limits.MIN_HOP_BUDGET_S, budget / 2 - limits.HOP_MARGIN_S)  # as `_verified`
-        strangers = set(owners) - set(await self.node.link.list_workers(wait))
+        return await self.node.link.list_workers(wait)
+
+    async def _all_workers(self, joined: _Joined, owners: tuple[str, ...], budget: float) -> None:
+        """Raise PermissionDenied unless every owner of the round is a worker node, listed at
+        the join or now. The client chooses the collusion bound c and, aggregating itself, the
+        owners: a client named an owner is a colluder of its own making, counted by no c, that
+        adds no noise and, a neighbour, holds this owner's seed and mask-key shares (red18: with
+        c = 0 and one such owner, the client stripped bob's input to his value and a noise of
+        sigma C / sqrt(2); with more, sigma C / sqrt(m) as small as it likes). Listed at the
+        join: a worker that left since is a dropout of the share phase, not a stranger (asked
+        then alone, one lost mid-round failed every owner's round, review11)."""
+        strangers = set(owners) - joined.workers
+        if strangers:  # not workers at the join (or its list failed): perhaps they are now
+            strangers -= set(await self._workers(budget))
         if strangers:
             raise PermissionDenied(
                 self.node.name, f"{sorted(strangers)} named owners of the round are not worker nodes"
@@ -240,7 +255,7 @@ class SecureRounds:
         neighbours = {v: keys[v] for v in config.neighbours(me) if v in keys} if me in config.owners else {}
 
         async def answer() -> None:
-            await self._all_workers(config.owners, budget)
+            await self._all_workers(joined, config.owners, budget)
             # the aggregator relays the keys: one that put its own in place of a neighbour's would
             # receive the shares meant for that neighbour, so each is checked with its owner
             for v in await self._verified(neighbours, msg.round_id, budget):

@@ -115,3 +115,48 @@ async def test_a_client_named_co_owner_is_refused_before_any_key_is_shared() -> 
         f"{np.mean(recovered - X):.2g}): sigma C / sqrt 2 = {SIGMA * CLIP / 2**0.5:.3g}, below the "
         f"sigma C = {SIGMA * CLIP} bob is charged for"
     )
+
+
+async def test_an_owner_gone_after_the_advertise_phase_drops_out_of_the_round() -> None:
+    """dave, a worker and an owner of the round, stops after the advertise phase: the broker no
+    longer lists him when bob answers the share phase. He is a dropout (bob shares with carol
+    and erin only), not a reason to refuse the round: before the fix bob refused it as naming "not worker
+    nodes", and one owner lost mid-round failed every owner's round (review11). (Four owners:
+    bob keeps t = 2 neighbours of his 3.)"""
+    owners = ["bob", "carol", "dave", "erin"]
+    with tempfile.TemporaryDirectory(prefix="fedptr-review11-") as tmp:
+        configs = {
+            o: NodeConfig(epsilon=1e4, dp_clip=CLIP, dp_noise_multiplier=SIGMA, store_dir=f"{tmp}/{o}") for o in owners
+        }
+        data = {o: {"data": {"x": X}} for o in owners}
+        async with harness.cluster(owners, configs=configs, data=data, call_timeout=30.0) as c:
+            a = c.client
+            round_id = secrets.token_bytes(secure.ROUND_ID_BYTES)
+            keys = {}
+            for o in owners:
+                (x,) = await c.worker(o).search("data")
+                value = x * 1
+                await a.call(o, wire.SecAggJoin(round_id, value.id_at_location, a.name, owners, 0))
+            for o in owners:
+                advertised = await a.call(o, wire.SecAggAdvertise(round_id))
+                assert isinstance(advertised, wire.SecAggKeys)
+                keys[o] = [advertised.cipher, advertised.mask]
+            await c.stop_node("dave")
+            assert c.broker is not None and b"dave" not in c.broker.table.by_name
+            round_ = sa.Config(round_id, tuple(owners), X.size, 0, 2, CLIP, SIGMA, colluders=0)
+            share = wire.SecAggShare(
+                round_id,
+                owners,
+                round_.dim,
+                round_.threshold,
+                round_.min_survivors,
+                round_.degree,
+                round_.ring_bits,
+                CLIP,
+                SIGMA,
+                keys,
+                0,
+            )
+            shared = await a.call("bob", share)
+            assert isinstance(shared, wire.SecAggShares)
+            assert sorted(shared.shares) == ["carol", "erin"], sorted(shared.shares)
