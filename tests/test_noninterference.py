@@ -715,6 +715,16 @@ async def _settled(w: World) -> None:
         await asyncio.gather(*(client.worker(name).objects() for name in w.cluster.nodes for client in clients))
 
 
+async def _handed_over(w: World) -> None:
+    """Before a step that hands an object to another peer (a pointer sent, a move, a grant): the
+    program's drops settled (`_settled`). A node refuses to hand over an object while another of
+    its entries shares its memory (`Store.hand_over`, red17), so the outcome depends on whether a
+    dropped alias's delete arrived yet: on when a collection freed its pointer, in one world and
+    not the other (a fresh clone's CI run, 2026-12-07: a send pointer refused in world b only,
+    not reproduced on the rerun), not on data."""
+    await _settled(w)
+
+
 async def _look(w: World, label: str, workers: list[fedptr.Worker]) -> None:
     """Each worker's listing, by its client, once the program's drops settled (`_settled`),
     recorded by content (no previews where public objects may be DP outputs: `World.released`)."""
@@ -966,11 +976,13 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
         got = await w.observe("get", p.get)
         w.seen.append(("value", _value(got)))
     elif kind == "move":
+        await _handed_over(w)
         moved = await w.observe("move", lambda: p.move(client.worker(args[1])))
         if moved is not None and moved is not p:
             w.tensors.append(moved)
             w.same_object(p, moved)  # down a chain to where the object is, the move gives it itself
     elif kind == "send_pointer":
+        await _handed_over(w)
         q = await w.observe("send pointer", lambda: p.send(client.worker(args[1])))
         if q is not None:
             w.tensors.append(q)
@@ -1139,6 +1151,7 @@ async def _grant(w: World, b: World, index: int, then: str) -> bool:
     p = w.pick(index)
     if p is None or any(p is q for q in w.tensors[:2]):
         return False  # bob's data is no one's to grant (refused alike): the steps' partners stay
+    await _handed_over(w)
     granted = await w.observe(
         "grant", lambda: w.cluster.client.call(p.location, wire.Grant(p.id_at_location, client.name))
     )
@@ -1188,6 +1201,7 @@ async def _grant_model(w: World, b: World, which: str, index: int) -> bool:
     x = w.pick(index)
     if x is not None and x.location == "bob":
         w.keep(await w.observe("forward before grant", lambda: m(x)))
+    await _handed_over(w)
     granted = await w.observe(
         "grant model", lambda: w.cluster.client.call("bob", wire.Grant(m.id_at_location, client.name))
     )
