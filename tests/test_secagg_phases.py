@@ -32,6 +32,23 @@ X = np.full(2000, 0.01, dtype=np.float32)
 measure the noise on them."""
 
 
+def _share(round_: sa.Config, owners: list[str], keys: dict[str, list[bytes]]) -> wire.SecAggShare:
+    """The aggregator's share-phase request for `round_` (no dropouts), relaying `keys`."""
+    return wire.SecAggShare(
+        round_.round_id,
+        owners,
+        round_.dim,
+        round_.threshold,
+        round_.min_survivors,
+        round_.degree,
+        round_.ring_bits,
+        CLIP,
+        SIGMA,
+        keys,
+        0,
+    )
+
+
 def _answering(client: Any, keys: sa.PublicKeys) -> None:
     """`client` answers what an owner asks a neighbour of its round: its keys (`SecAggPeerKeys`).
     A client's own code may answer any request the broker routes to it (the broker routes
@@ -70,19 +87,7 @@ async def _sybil_round() -> np.ndarray | None:
             sybil.advertise()
             round_ = sa.Config(round_id, tuple(owners), X.size, 0, 2, CLIP, SIGMA, colluders=0)
             keys = {"bob": bob_keys, b.name: sybil.public_keys}
-            share = wire.SecAggShare(
-                round_id,
-                owners,
-                round_.dim,
-                round_.threshold,
-                round_.min_survivors,
-                round_.degree,
-                round_.ring_bits,
-                CLIP,
-                SIGMA,
-                {o: [k.cipher, k.mask] for o, k in keys.items()},
-                0,
-            )
+            share = _share(round_, owners, {o: [k.cipher, k.mask] for o, k in keys.items()})
             try:
                 shared = await a.call("bob", share)
             except PermissionDenied as e:
@@ -144,19 +149,7 @@ async def test_an_owner_gone_after_the_advertise_phase_drops_out_of_the_round() 
             await c.stop_node("dave")
             assert c.broker is not None and b"dave" not in c.broker.table.by_name
             round_ = sa.Config(round_id, tuple(owners), X.size, 0, 2, CLIP, SIGMA, colluders=0)
-            share = wire.SecAggShare(
-                round_id,
-                owners,
-                round_.dim,
-                round_.threshold,
-                round_.min_survivors,
-                round_.degree,
-                round_.ring_bits,
-                CLIP,
-                SIGMA,
-                keys,
-                0,
-            )
+            share = _share(round_, owners, keys)
             shared = await a.call("bob", share)
             assert isinstance(shared, wire.SecAggShares)
             assert sorted(shared.shares) == ["carol", "erin"], sorted(shared.shares)
