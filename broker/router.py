@@ -526,7 +526,7 @@ class Broker:
         frames = envelope.framed(messages[0]) if len(messages) == 1 else envelope.pack_batch(messages)
         dest = self.table.by_identity.get(dest_identity, b"?")
         requests = [m[2] for m in messages if m[0] == envelope.REQUEST]
-        replies = sum(m[0] == envelope.REPLY for m in messages)
+        replies = sum(envelope.replies_in(m) for m in messages)
         if self._sent(
             identity, source, dest_identity, envelope.Relayed(dest, frames, requests, replies, len(messages))
         ):
@@ -627,7 +627,7 @@ class Broker:
             log.warning("dropped garbage message (%s); %d dropped so far", why, self.dropped)
 
 
-_ROUTED = frozenset({envelope.REQUEST, envelope.REPLY, envelope.CHUNK, envelope.FANOUT})
+_ROUTED = frozenset({envelope.REQUEST, envelope.REPLY, envelope.ACKS, envelope.CHUNK, envelope.FANOUT})
 
 
 def _event_name(event: int) -> str:

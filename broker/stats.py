@@ -30,6 +30,7 @@ COMMAND_NAMES = {
     envelope.REGISTER: "register",
     envelope.REQUEST: "request",
     envelope.REPLY: "reply",
+    envelope.ACKS: "acks",
     envelope.CHUNK: "chunk",
     envelope.FANOUT: "fanout",
     envelope.BATCH: "batch",

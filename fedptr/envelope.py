@@ -113,8 +113,33 @@ STATS_PEER_PREFIX = "peer."
 (1 or 0), ``heard_ms`` (since the broker last heard from it), ``pending`` (requests delivered to
 it and not yet answered), ``refused`` (messages refused: its queue was full), ``delivered``."""
 
+ACKS = b"K"
+"""Several successful replies in one record, a node's to one peer: the message ``[ACKS, name,
+rid, count, body]`` (count: `ACKS_COUNT`) stands for `count` REPLYs, each with `body`, to
+request `rid` and to the `count - 1` its session issued after it (`acked`). A link merges a
+REPLY carrying an op's `Ok` into the REPLY or ACKS just before it in its open batch when it goes
+to the same peer, answers the id after the last one there and has the same body: so an ACKS
+says exactly what those replies said, in their order, in the multipart they would have left in.
+The broker relays it as a reply and counts it as `count`."""
+ACKS_COUNT = struct.Struct("<I")
+
 COMMANDS = frozenset(
-    {REGISTER, ACCEPTED, REQUEST, REPLY, LIST, BROKER_ERROR, DISCONNECT, HEARTBEAT, LOST, BATCH, CHUNK, FANOUT, STATS}
+    {
+        REGISTER,
+        ACCEPTED,
+        REQUEST,
+        REPLY,
+        ACKS,
+        LIST,
+        BROKER_ERROR,
+        DISCONNECT,
+        HEARTBEAT,
+        LOST,
+        BATCH,
+        CHUNK,
+        FANOUT,
+        STATS,
+    }
 )
 
 ROLE_WORKER = b"worker"
@@ -146,6 +171,8 @@ _RECORD = struct.Struct("<c8sHH")
 """A record's fixed fields: command, request id, the name's length, the count of extra frames."""
 _LEN = struct.Struct("<I")
 _RID = struct.Struct("<Q")
+_RID_PARTS = struct.Struct("<II")
+"""A request id as a session makes it: its counter and its incarnation."""
 _NOT_INLINED = frozenset({CHUNK, SHM_CHUNK})
 """Commands whose body frames all stay frames of their own (see the module's docstring)."""
 
@@ -153,6 +180,17 @@ _NOT_INLINED = frozenset({CHUNK, SHM_CHUNK})
 def request_id_bytes(n: int) -> bytes:
     """The 8-byte envelope form of request number `n`."""
     return _RID.pack(n)
+
+
+def acked(rid: bytes, count: bytes) -> list[bytes]:
+    """The request ids an ACKS from `rid` with `count` (its first body part) answers, in order:
+    `rid`, then the ids its session issued after it (``[counter, incarnation]``, the counter
+    modulo 2**32). Raises ProtocolError for a count that is not 1..`limits.ACKS_MAX_REPLIES`."""
+    (n,) = ACKS_COUNT.unpack(count) if len(count) == ACKS_COUNT.size else (0,)
+    if not 0 < n <= limits.ACKS_MAX_REPLIES or len(rid) != REQUEST_ID_BYTES:
+        raise ProtocolError(f"an ACKS of {n} replies from a request id of {len(rid)} bytes")
+    counter, incarnation = _RID_PARTS.unpack(rid)
+    return [_RID_PARTS.pack((counter + i) & 0xFFFFFFFF, incarnation) for i in range(n)]
 
 
 def request_after(a: bytes, b: bytes) -> bool:
@@ -370,7 +408,7 @@ class Relayed(NamedTuple):
     """How many messages it holds."""
 
 
-_RELAYED = frozenset({REQUEST, REPLY, CHUNK})
+_RELAYED = frozenset({REQUEST, REPLY, ACKS, CHUNK})
 _PREFIXED = struct.Struct("<Ic8sHH")
 """A batch record's length prefix, then its fixed fields (`_RECORD`): how `relay` reads a record
 and writes it again."""
@@ -404,7 +442,7 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
     source_len = len(source)
     own = _NAME_AT - 4 + source_len  # a relayed record's length less its inlined parts
     nframes, fi = len(frames), 1
-    groups: dict[bytes, list[Any]] = {}
+    groups: dict[bytes, list[Any]] = {}  # dest -> pieces, extras, request ids, records that are not replies
     name: bytes | None = None
     pieces: list[bytes] = []
     group: list[Any] = []
@@ -430,7 +468,7 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
         dest = h[at + _NAME_AT : p]
         if dest != name:
             name = dest
-            group = groups.get(dest) or groups.setdefault(dest, [[], [], [], 0])  # pieces, extras, ids, chunks
+            group = groups.get(dest) or groups.setdefault(dest, [[], [], [], 0])
             pieces = group[0]
         if n_extra:
             if fi + n_extra > nframes:
@@ -442,6 +480,11 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
             group[2].append(rid)
         elif command == CHUNK:
             group[3] += 1
+        elif command == ACKS:  # `n` replies in one record: the replies counted below are the records less these
+            n = _acks_count(h, p, stop)
+            if n is None:
+                return None
+            group[3] -= n - 1
         at = stop
     if fi != nframes:
         return None
@@ -458,6 +501,28 @@ def relay(frames: Sequence[Any], source: bytes) -> list[Relayed] | None:
     if total == 0 or total > limits.BATCH_MAX_RECEIVED:
         return None
     return out
+
+
+def _acks_count(h: bytes, p: int, stop: int) -> int | None:
+    """The count of the ACKS whose inlined parts are ``h[p:stop]`` (checked: each within the
+    record), or None when its first part is not a count of 1..`limits.ACKS_MAX_REPLIES`."""
+    if p + 4 + ACKS_COUNT.size > stop or _LEN.unpack_from(h, p)[0] != ACKS_COUNT.size:
+        return None
+    (n,) = ACKS_COUNT.unpack_from(h, p + 4)
+    return n if 0 < n <= limits.ACKS_MAX_REPLIES else None
+
+
+def replies_in(message: Sequence[Any]) -> int:
+    """How many replies `message` (``[command, name, rid, *body]``) stands for: 1 for a REPLY,
+    an ACKS's count (1 when it is malformed: its receiver refuses it as one), else 0."""
+    command = message[0]
+    if command == REPLY:
+        return 1
+    if command != ACKS:
+        return 0
+    count = bytes(message[3]) if len(message) > 3 else b""
+    (n,) = ACKS_COUNT.unpack(count) if len(count) == ACKS_COUNT.size else (1,)
+    return n if 0 < n <= limits.ACKS_MAX_REPLIES else 1
 
 
 def unframed(frames: Sequence[Any]) -> list[Any]:

@@ -216,6 +216,11 @@ one; larger ones stay frames of their own, never copied. libzmq (and CURVE) cost
 per frame as a memcpy of some kilobytes, and the broker copies each inlined part once when it
 re-makes a head, so the bound is kept where the copy costs less than the frame."""
 
+ACKS_MAX_REPLIES = BATCH_MAX_MESSAGES
+"""Most replies one ACKS record stands for (fedptr/envelope.py): as many as a batch holds
+messages, so that a merged batch leaves when the unmerged one would; an ACKS claiming more is
+refused as malformed."""
+
 BATCH_MAX_RECEIVED = 65_535
 """Most messages one received BATCH may hold; a batch that holds more is refused whole as
 malformed (the bound the uint16 counts of protocol FPTR2 gave)."""

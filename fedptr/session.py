@@ -310,13 +310,15 @@ class Session:
                 # client receives) goes straight to its handler: one call per message, not three,
                 # for a batch of a hundred
                 command = env.command
-                if (command == envelope.REQUEST or command == envelope.REPLY) and (
+                if (command == envelope.REQUEST or command == envelope.REPLY or command == envelope.ACKS) and (
                     not self._held and env.name not in self.direct_sources
                 ):
                     if command == envelope.REQUEST:
                         self._on_request(env.name, env.rid, env.body, now, events)
-                    else:
+                    elif command == envelope.REPLY:
                         self._on_reply(env.name, env.rid, env.body, events)
+                    else:
+                        self._on_acks(env.name, env.rid, env.body, events)
                 else:
                     self._receive_one(env, now, events)
             except ProtocolError as e:
@@ -362,7 +364,7 @@ class Session:
         command, name = env.command, env.name
         if command == envelope.CHUNK:
             self._chunk(name, env.rid, env.body, now, events)
-        elif command == envelope.REQUEST or command == envelope.REPLY:
+        elif command == envelope.REQUEST or command == envelope.REPLY or command == envelope.ACKS:
             held = self._held.get(name) if self._held else None
             if held is None and (
                 name not in self.direct_sources or not self._reassembly.waiting(command, name, env.rid)
@@ -384,6 +386,8 @@ class Session:
     def _dispatch(self, env: envelope.Envelope, now: float, events: list[Event]) -> None:
         if env.command == envelope.REPLY:
             self._on_reply(env.name, env.rid, env.body, events)
+        elif env.command == envelope.ACKS:
+            self._on_acks(env.name, env.rid, env.body, events)
         else:
             self._on_request(env.name, env.rid, env.body, now, events)
 
@@ -420,6 +424,39 @@ class Session:
             # a client settles a hundred of these per BATCH of a chain's replies
             del self._pending[rid]
             events.append(_new_tuple(Settled, (rid, reply, None, pending.dest)))
+
+    def _on_acks(self, name: bytes, rid: bytes, body: list[Any], events: list[Event]) -> None:
+        """An ACKS: each reply it stands for settled as `_on_reply` settles one, its body decoded
+        once. A malformed one settles its first request with the error, or, when its count was
+        read, every request it answers."""
+        try:
+            if len(body) != 2:
+                raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
+            rids = envelope.acked(rid, bytes(body[0]))
+        except ProtocolError as e:
+            self._settle(rid, events, error=e)
+            return
+        source = name.decode(errors="replace")
+        try:
+            reply = wire.decode(body[1:]).message
+            if type(reply) is not wire.Ok:
+                raise ProtocolError(f"an ACKS of {type(reply).__name__} replies, not of Ok")
+        except ProtocolError as e:
+            for r in rids:
+                p = self._pending.get(r)
+                if p is not None and p.dest == source:
+                    self._settle(r, events, error=e)
+            return
+        pending = self._pending
+        for r in rids:
+            p = pending.get(r)
+            if p is None:
+                continue  # a late reply to a request that already settled
+            if p.dest != source:
+                log.warning("%s dropped a reply from %r to a request sent to %r", self.name, name, p.dest)
+                continue
+            del pending[r]
+            events.append(_new_tuple(Settled, (r, reply, None, p.dest)))
 
     def _on_request(self, name: bytes, rid: bytes, body: list[Any], now: float, events: list[Event]) -> None:
         if self.role != envelope.ROLE_WORKER:

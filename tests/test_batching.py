@@ -151,6 +151,11 @@ def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: lis
         for env in envelope.parse(frames):
             if env.command in (envelope.REQUEST, envelope.REPLY):
                 received.append((env.name, env.command, env.rid, bytes(env.body[0])))
+            elif env.command == envelope.ACKS:  # the replies it stands for, in order
+                body = bytes(env.body[1])
+                received.extend(
+                    (env.name, envelope.REPLY, r, body) for r in envelope.acked(env.rid, bytes(env.body[0]))
+                )
         return receive(frames, now)
 
     link._push = pushed  # type: ignore[method-assign]

@@ -1,0 +1,138 @@
+"""Merged acknowledgements (`envelope.ACKS`): a node's run of `Ok` replies to consecutive requests
+travels as one record, and settles, is relayed and is counted exactly as the replies it stands for."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fedptr
+from fedptr import envelope, limits, wire
+from fedptr import link as linkmod
+from fedptr.errors import FedptrError, ProtocolError
+from fedptr.session import Session, Settled
+
+from .conftest import eventually
+
+CLIENT = "client-1"
+WORKER = "bob"
+OKS = [wire.Ok([4], "float32"), wire.Ok([4], "float32"), wire.Ok([2, 3], "int64"), wire.Ok()]
+"""Replies a node may give: most alike (the merge's case), some not."""
+
+
+def _replies(frames: list[Any]) -> Iterator[envelope.Envelope]:
+    return (e for e in envelope.parse(frames) if e.command in (envelope.REPLY, envelope.ACKS))
+
+
+@pytest.mark.inproc
+async def test_a_chains_oks_reach_the_client_as_one_record(client: fedptr.Client, bob: fedptr.Worker) -> None:
+    """100 dependent ops: op 1 is answered alone, the other 99 (sent as one BATCH with the get)
+    in one ACKS; each pointer settles, the value is right, and the broker counts no reply owed."""
+    x = await bob.send(torch.ones(4))
+    records: list[tuple[bytes, int]] = []
+    receive = client.link.session.receive
+
+    def got(frames: Any, now: float) -> list[Any]:
+        for e in _replies(frames):
+            records.append((e.command, envelope.replies_in([e.command, e.name, e.rid, *e.body])))
+        return receive(frames, now)
+
+    client.link.session.receive = got  # type: ignore[method-assign]
+    y = x
+    ys = []
+    for _ in range(100):
+        y = y + x
+        ys.append(y)
+    assert torch.equal(await y.get(), torch.full((4,), 101.0))
+    for p in ys:
+        await p  # each settled, none failed
+    acks = [n for command, n in records if command == envelope.ACKS]
+    assert sum(n for _, n in records) == 101  # 100 Oks and the get's reply
+    assert acks and max(acks) >= 99, f"the chain's replies came as {records}"
+
+    async def owed_nothing() -> bool:
+        stats = await client.link.broker_stats(5.0)
+        return stats.get(f"{envelope.STATS_PEER_PREFIX}{WORKER}.pending", 0) == 0
+
+    assert await eventually(owed_nothing, 5.0)
+
+
+_reply = st.one_of(
+    st.sampled_from(OKS),
+    st.builds(
+        lambda why: wire.Failure(wire.FailureCode.REMOTE.value, "RuntimeError", why, WORKER, [WORKER]),
+        st.sampled_from(["a", "b"]),
+    ),
+)
+_step = st.tuples(st.booleans(), st.sampled_from([WORKER, "alice"]), _reply)
+"""(answered?, to whom the request went, its reply): a request skipped is one whose reply comes
+later or never (an id missing from the run)."""
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(_step, max_size=3 * limits.ACKS_MAX_REPLIES), split=st.integers(0, 400))
+def test_merged_replies_settle_as_the_replies_they_stand_for(steps: list[Any], split: int) -> None:
+    """A node's link answers any mix of requests (some not answered, some to requests sent
+    elsewhere, Oks alike and not, failures) in one turn: the client settles exactly the requests
+    answered, each with its own reply, in order; the broker's fast and general paths count as
+    many replies as were given, and relay the same records."""
+    asyncio.run(_merged_replies(steps, split))
+
+
+async def _merged_replies(steps: list[Any], split: int) -> None:
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    sent: list[list[Any]] = []
+    node = linkmod.Link("inproc://none", WORKER, envelope.ROLE_WORKER)
+    send, events = linkmod.send_frames, linkmod.events
+    linkmod.send_frames = lambda sock, frames: sent.append(list(frames))  # type: ignore[assignment]
+    linkmod.events = lambda sock: 0  # type: ignore[assignment]
+    try:
+        node._sock = object()  # type: ignore[assignment]
+        expected: list[tuple[bytes, wire.Message]] = []
+        with node.batched():
+            for i, (answered, dest, reply) in enumerate(steps):
+                rid, _ = session.request(dest, wire.Get(1), 10.0, 0.0)
+                if answered and dest == WORKER:
+                    node.reply(CLIENT, rid, reply)
+                    expected.append((rid, reply))
+                if i == split:  # a batch left mid-run: the next reply starts a record of its own
+                    node._flush_batch()
+    finally:
+        linkmod.send_frames, linkmod.events = send, events
+    settled: list[Settled] = []
+    replies = 0
+    for frames in sent:
+        relayed = envelope.relay(frames, WORKER.encode())
+        assert relayed is not None
+        [out] = relayed
+        general = [envelope.message(m.command, WORKER.encode(), m.rid, m.body) for m in envelope.parse(frames)]
+        assert [list(m) for m in envelope.parse(out.frames)] == [
+            list(m) for m in envelope.parse(envelope.pack_batch(general))
+        ]
+        assert out.replies == sum(envelope.replies_in(m) for m in general)
+        replies += out.replies
+        settled += [e for e in session.receive(out.frames, 1.0) if isinstance(e, Settled)]
+    assert replies == len(expected)
+    assert [e.rid for e in settled] == [rid for rid, _ in expected]
+    for event, (_, reply) in zip(settled, expected, strict=True):
+        if isinstance(reply, wire.Failure):
+            assert isinstance(event.error, FedptrError) and event.result is None
+        else:
+            assert event.error is None and event.result == reply
+    assert sum(len(list(_replies(f))) for f in sent) <= len(expected)
+
+
+def test_an_acks_claiming_too_many_replies_is_refused() -> None:
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    rid, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
+    body = [envelope.ACKS_COUNT.pack(limits.ACKS_MAX_REPLIES + 1), *wire.encode(wire.Ok())]
+    frames = envelope.framed(envelope.message(envelope.ACKS, WORKER.encode(), rid, body))
+    [event] = session.receive(frames, 1.0)
+    assert isinstance(event, Settled) and isinstance(event.error, ProtocolError)
+    assert envelope.relay(frames, b"x") is None  # the broker's fast path leaves it to the general one
