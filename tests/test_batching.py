@@ -140,12 +140,24 @@ _steps = st.one_of(
 def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: list[tuple[bytes, ...]]) -> None:
     """Wrap `link` so that what it pushes and what its session receives (requests and replies:
     (peer, command, rid, header)) is appended to `sent` and `received`, in order."""
-    push, receive = link._push, link.session.receive
+    push, reply, receive = link._push, link.reply, link.session.receive
+    replying = False
 
     def pushed(message: list[Any]) -> None:
-        if message[0] in (envelope.REQUEST, envelope.REPLY):
+        if message[0] in (envelope.REQUEST, envelope.REPLY) and not replying:
             sent.append((bytes(message[1]), message[0], bytes(message[2]), bytes(message[3])))
         push(message)
+
+    def replied(dest: str, rid: bytes, msg: wire.Message) -> None:
+        # recorded here, not as pushed: an op's Ok may join the record before it (an ACKS)
+        nonlocal replying
+        if rid != envelope.NO_REPLY:
+            sent.append((dest.encode(), envelope.REPLY, rid, bytes(wire.encode(msg)[0])))
+        replying = True
+        try:
+            reply(dest, rid, msg)
+        finally:
+            replying = False
 
     def got(frames: Any, now: float) -> list[Any]:
         for env in envelope.parse(frames):
@@ -159,6 +171,7 @@ def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: lis
         return receive(frames, now)
 
     link._push = pushed  # type: ignore[method-assign]
+    link.reply = replied  # type: ignore[method-assign]
     link.session.receive = got  # type: ignore[method-assign]
 
 
