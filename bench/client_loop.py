@@ -4,7 +4,8 @@
 
 A real `Client`, `Link` and `Session` whose socket send is stubbed by a peer that answers at
 once: every request it is handed is answered with the `Ok` a node gives a 4-element float32
-result, in one BATCH per loop turn (what the broker delivers for a pipelined chain), fed to the
+result, in one BATCH per loop turn, the Oks to consecutive requests merged into one ACKS record
+as a node's link merges them (what the broker delivers for a pipelined chain), fed to the
 link as its reader would. Two workloads: chains of 100 dependent ``x = x + a`` awaited at their
 end (the op, its reply, and the Delete of each dropped result), and ``await (a + a)`` one at a
 time. CPU time from `time.process_time`, less the stub peer's own, best of `--reps`: steadier
@@ -59,7 +60,13 @@ class Peer:
             if env.command == envelope.REQUEST and env.rid != envelope.NO_REPLY:
                 if not self.replies:
                     self.loop.call_soon(self.deliver)
-                self.replies.append(envelope.message(envelope.REPLY, WORKER, env.rid, self.ok))
+                reply = envelope.message(envelope.REPLY, WORKER, env.rid, self.ok)
+                # as a node's link does: an Ok to the request after the last one answered joins it (an ACKS)
+                merged = envelope.merged(self.replies[-1], reply) if self.replies else None
+                if merged is None:
+                    self.replies.append(reply)
+                else:
+                    self.replies[-1] = merged
         self.busy = False
         self.cpu += time.process_time() - t
 

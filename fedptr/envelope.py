@@ -193,6 +193,27 @@ def acked(rid: bytes, count: bytes) -> list[bytes]:
     return [_RID_PARTS.pack((counter + i) & 0xFFFFFFFF, incarnation) for i in range(n)]
 
 
+def merged(tail: Sequence[Any], message: Sequence[Any]) -> list[Any] | None:
+    """The ACKS that stands for record `tail` (a REPLY with one body part, or an ACKS) and REPLY
+    `message` after it, or None when they do not merge: another peer, another body, or
+    `message` does not answer the request after the last one `tail` answers."""
+    command = tail[0]
+    if command == REPLY and len(tail) == ENVELOPE_FRAMES:
+        n = 1
+    elif command == ACKS:
+        (n,) = ACKS_COUNT.unpack(tail[3])
+    else:
+        return None
+    body = message[3]
+    if tail[-1] != body or tail[1] != message[1] or n >= limits.ACKS_MAX_REPLIES or len(message) != ENVELOPE_FRAMES:
+        return None
+    first = tail[2]
+    counter, incarnation = _RID_PARTS.unpack(first)
+    if message[2] != _RID_PARTS.pack((counter + n) & 0xFFFFFFFF, incarnation):
+        return None
+    return [ACKS, tail[1], first, ACKS_COUNT.pack(n + 1), body]
+
+
 def request_after(a: bytes, b: bytes) -> bool:
     """Whether request id `a` was issued after `b` by one session: a session's ids are
     ``[counter, incarnation]`` (uint32 each, little-endian; fedptr/session.py), the counter

@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -49,9 +48,7 @@ log = logging.getLogger("fedptr.link")
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _BATCHABLE = (envelope.REQUEST, envelope.REPLY, envelope.FANOUT)
-_ACKS_COUNT = envelope.ACKS_COUNT
-_RID_PARTS = struct.Struct("<II")
-"""A request id as a session makes it: ``[counter, incarnation]``."""
+
 
 RequestHandler = Callable[[str, bytes, wire.Decoded], None]
 """Called with (source name, request id, decoded request) for every request a peer receives.
@@ -112,7 +109,7 @@ class Link:
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._batch: list[list[Any]] | None = None
         self._acks = 0
-        """Replies merged into an earlier record of the open batch (`_merged`): messages it holds
+        """Replies merged into an earlier record of the open batch (`reply`): messages it holds
         beyond its records, counted towards `limits.BATCH_MAX_MESSAGES`."""
         # the timer that closes the batch a lone message opened, at the end of its turn (a timer,
         # not `call_soon`: `end_turn` cancels it, and a cancelled timer costs the loop no pass)
@@ -305,42 +302,18 @@ class Link:
         if message is None:
             return
         batch = self._batch
-        if batch and type(msg) is wire.Ok and self._merged(batch, message):
-            return
+        if batch and type(msg) is wire.Ok:
+            merged = envelope.merged(batch[-1], message)
+            if merged is not None:  # it leaves when it would have on its own: counted among the batch's messages
+                batch[-1] = merged
+                self.messages_sent += 1
+                self._acks += 1
+                if len(batch) + self._acks >= limits.BATCH_MAX_MESSAGES:  # full: out now, as in `_push`
+                    self._batch = []
+                    self._acks = 0
+                    self._push_frames(envelope.pack_batch(batch))
+                return
         self._push(message)
-
-    def _merged(self, batch: list[list[Any]], message: list[Any]) -> bool:
-        """Whether REPLY `message` (one body part) joined the last record of `batch` as one more
-        of its acks: a REPLY or ACKS to the same peer with the same body, whose last request id
-        is the one before `message`'s. It leaves when it would have left on its own."""
-        tail = batch[-1]
-        command = tail[0]
-        if command == envelope.REPLY and len(tail) == envelope.ENVELOPE_FRAMES:
-            n = 1
-        elif command == envelope.ACKS:
-            (n,) = _ACKS_COUNT.unpack(tail[3])
-        else:
-            return False
-        body = message[3]
-        if (
-            tail[-1] != body
-            or tail[1] != message[1]
-            or n >= limits.ACKS_MAX_REPLIES
-            or len(message) != envelope.ENVELOPE_FRAMES
-        ):
-            return False
-        first = tail[2]
-        counter, incarnation = _RID_PARTS.unpack(first)
-        if message[2] != _RID_PARTS.pack((counter + n) & 0xFFFFFFFF, incarnation):
-            return False
-        batch[-1] = [envelope.ACKS, message[1], first, _ACKS_COUNT.pack(n + 1), body]
-        self.messages_sent += 1
-        self._acks += 1
-        if len(batch) + self._acks >= limits.BATCH_MAX_MESSAGES:  # full, counting each ack: out now, as in `_push`
-            self._batch = []
-            self._acks = 0
-            self._push_frames(envelope.pack_batch(batch))
-        return True
 
     async def list_workers(self, timeout: float) -> list[str]:
         """Names of the workers registered with the broker."""
