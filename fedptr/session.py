@@ -224,7 +224,7 @@ class Session:
         except ProtocolError as e:  # the caller must hear of it, not wait for its deadline
             body = wire.encode(failure_from_error(e, self.name))
         self._last_sent = now  # `_sent`, inline: a node replies to every request
-        return envelope.message(envelope.REPLY, dest.encode(), rid, body)
+        return [envelope.REPLY, dest.encode(), rid, *body]  # `envelope.message`'s layout, built here: per reply
 
     def goodbye(self) -> list[Any]:
         """The message that tells the broker this peer is leaving; the session is closed after it."""
