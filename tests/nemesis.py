@@ -354,7 +354,7 @@ class Disks:
         return through
 
 
-_MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.BATCH)
+_MESSAGES = (envelope.REQUEST, envelope.REPLY, envelope.ACKS, envelope.BATCH)
 """What a node sends that a protocol counts on (heartbeats come whenever the clock says)."""
 
 
