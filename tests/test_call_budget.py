@@ -17,8 +17,8 @@ from bench import client_loop, node_loop
 PYTHON_CALLS_PER_OP = 43.9
 """The ceiling: 41.8 calls per op measured on branch reply2 (+5%; main at 6d73f4e made 43.8, under
 node10's ceiling of 46: an op's Ok merged into the batch's ACKS skips `_push` and the batch's
-per-message record, and `Session.reply` builds its message inline). A change that adds a call per op on purpose raises it here, saying why, in
-the same commit."""
+per-message record, and `Session.reply` builds its message inline). A change that adds a call
+per op on purpose raises it here, saying why, in the same commit."""
 
 
 async def test_the_node_request_path_makes_few_python_calls_per_op() -> None:
