@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedptr import envelope, limits, meta, modules, wire
-from fedptr.awaiting import not_awaited
+from fedptr.awaiting import awaited, not_awaited
 from fedptr.errors import (
     ConsumedPointerError,
     DeadlineExceeded,
@@ -213,6 +213,7 @@ class Worker:
             attempt += 1
             await asyncio.sleep(limits.RESOLVE_RETRY_S)
 
+    @awaited
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
         one per array in the order of their names. The data stays the worker's: dropping these
@@ -228,6 +229,7 @@ class Worker:
             for i, m in zip(reply.ids, described, strict=True)
         ]
 
+    @awaited
     async def objects(self) -> dict[int, ObjectInfo]:
         """This worker's store: object id -> ObjectInfo, once this client's earlier operations
         settled. On a worker with ``--store``, the listing is what a restart would keep: it waits
@@ -246,6 +248,7 @@ class Worker:
             for r in reply.rows
         }
 
+    @awaited
     async def clear(self) -> None:
         """Delete everything this client owns in this worker's store (pointers delete their
         objects down the chain). On a worker with ``--store`` it returns once the deletions are
@@ -384,6 +387,7 @@ class Client:
             raise InvalidArgumentError(f"{worker!r} belongs to another client; pass its name instead")
         return worker
 
+    @awaited
     async def workers(self) -> list[str]:
         """Names of the workers registered with the broker, sorted."""
         return await self._link.list_workers(self.timeout)
@@ -418,6 +422,7 @@ class Client:
         self._flush_deletes()
         return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
 
+    @awaited
     async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
 
