@@ -102,10 +102,13 @@ class Call(Coroutine[Any, Any, T]):
         )
 
     def __getattr__(self, name: str) -> NoReturn:
+        if name.startswith("_"):  # a library's probe (numpy's __array_interface__, IPython's _repr_html_)
+            raise AttributeError(name)
         self.close_unstarted()
+        method = self.name.rpartition(".")[2]
         raise AttributeError(
             f"'{self.name}()' is a coroutine not awaited and has no attribute {name!r}: await it "
-            f"first, as in `(await p.get()).{name}`"
+            f"first, as in `(await x.{method}(...)).{name}`"
         )
 
     def __format__(self, spec: str) -> str:

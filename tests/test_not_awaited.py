@@ -75,14 +75,17 @@ async def test_an_attribute_of_an_unawaited_call_says_to_await_it(bob: fedptr.Wo
     p = await bob.send(torch.ones(2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(
-            AttributeError, match=r"Pointer.get\(\)' is a coroutine not awaited.*\(await p.get\(\)\).numpy"
-        ):
+        with pytest.raises(AttributeError, match=r"'Pointer.get\(\)' is a coroutine not awaited.*\(await x.get\("):
             p.get().numpy()  # type: ignore[attr-defined]
+        chained = await p.send("alice")
+        with pytest.raises(AttributeError, match=r"await it first, as in `\(await x.get\(...\)\).get`"):
+            await chained.get().get()  # type: ignore[attr-defined]  # PySyft's y.get().get(), awaited once
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
-    assert not hasattr(p.get(), "shape")  # hasattr still answers False: an AttributeError, as before
-    assert torch.equal(await p.get(), torch.ones(2))
+    assert not hasattr(chained.get(), "shape")  # hasattr still answers False: an AttributeError, as before
+    probed = chained.get()
+    assert not hasattr(probed, "_repr_html_")  # a display's probe: no error, and the call still runs
+    assert torch.equal(await (await probed).get(), torch.ones(2))
 
 
 async def test_value_calls_are_still_coroutines(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
@@ -94,7 +97,9 @@ async def test_value_calls_are_still_coroutines(bob: fedptr.Worker, alice: fedpt
     r = await bob.send(torch.ones(1))
     moved = await asyncio.wait_for(r.move(alice), 20)
     assert moved.location == "alice" and await moved.item() == 1.0
-    assert "not awaited" in repr(moved.get())  # what print() shows: no error, and a word of what it is
+    shown = moved.get()
+    assert "not awaited" in repr(shown)  # what print() shows: no error, and a word of what it is
+    shown.close()
 
 
 async def test_a_call_dropped_unawaited_still_warns_once(bob: fedptr.Worker) -> None:
