@@ -217,7 +217,13 @@ async def _direct_path_open(c: harness.InprocCluster, shared: bool) -> None:
     assert direct.shares_memory(client, envelope.REPLY) == shared
 
 
-@pytest.mark.parametrize(("transport", "shared"), [("inproc", False), ("ipc", False), ("tcp", True), ("tcp", False)])
+@pytest.mark.parametrize(
+    ("transport", "shared"),
+    [
+        ("inproc", False),
+        *(pytest.param(*p, marks=pytest.mark.slow) for p in [("ipc", False), ("tcp", True), ("tcp", False)]),
+    ],
+)  # the socket transports (5-15 s each) in the full run only
 def test_no_write_after_a_get_changes_what_it_carries(
     monkeypatch: pytest.MonkeyPatch, transport: Literal["inproc", "ipc", "tcp"], shared: bool
 ) -> None:
