@@ -64,10 +64,14 @@ class Call(Coroutine[Any, Any, T]):
     saying to await it, and closes itself, so Python's "never awaited" warning does not follow
     the error; a call dropped without an await or an error still gets that warning."""
 
-    __slots__ = ("_coro",)
-
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self._coro = coro
+        # A task steps its coroutine by `send`/`throw`: the coroutine's own methods, bound here,
+        # add no Python frame. One of the methods below would be in an error's traceback, and its
+        # frame's caller (the loop's handle, holding the task, holding the error) with it: a
+        # cycle, and the error, its pointers and their remote objects would wait for the collector.
+        for name in ("send", "throw", "close"):
+            setattr(self, name, getattr(coro, name))
 
     @property
     def name(self) -> str:

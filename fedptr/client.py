@@ -74,6 +74,16 @@ class ObjectInfo:
         return f"tensor(<{list(self.shape)} {self.dtype}>)"
 
 
+class Objects(dict[int, ObjectInfo]):
+    """A worker's store as `Worker.objects()` lists it: object id -> ObjectInfo. Printed, its
+    ids are a Pointer's short ids (``{'4dd5b9': tensor([1, 2, 3, 4])}`` for the pointer
+    ``me -> bob:4dd5b9``), so a listing and the client's pointers read alike; its keys are the
+    full ids (`Pointer.id_at_location`)."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{short_id(obj_id)!r}: {info!r}" for obj_id, info in self.items()) + "}"
+
+
 def _described(shape: wire.Value, dtype: str) -> torch.Tensor | None:
     """The meta tensor of a search result described as `shape` and `dtype` (None if malformed)."""
     if not isinstance(shape, list):
@@ -230,10 +240,11 @@ class Worker:
         ]
 
     @awaited
-    async def objects(self) -> dict[int, ObjectInfo]:
-        """This worker's store: object id -> ObjectInfo, once this client's earlier operations
-        settled. On a worker with ``--store``, the listing is what a restart would keep: it waits
-        until the changes before it (writes and deletions) are on disk.
+    async def objects(self) -> Objects:
+        """This worker's store: object id -> ObjectInfo (printed with a Pointer's short ids), once
+        this client's earlier operations settled. On a worker with ``--store``, the listing is what
+        a restart would keep: it waits until the changes before it (writes and deletions) are on
+        disk.
 
         Raises OverloadedError when the worker's disk did not catch up in time,
         LostWorkerError, DeadlineExceeded."""
@@ -241,12 +252,15 @@ class Worker:
         reply = await self._client.call(self.name, wire.ListObjects())
         if not isinstance(reply, wire.ObjectsReply):
             raise ProtocolError(f"expected ObjectsReply, got {type(reply).__name__}")
-        return {
-            r.obj_id: ObjectInfo(
-                self.name, r.obj_id, r.kind, tuple(r.shape), r.dtype, r.preview, r.location, r.id_at_location
+        return Objects(
+            (
+                r.obj_id,
+                ObjectInfo(
+                    self.name, r.obj_id, r.kind, tuple(r.shape), r.dtype, r.preview, r.location, r.id_at_location
+                ),
             )
             for r in reply.rows
-        }
+        )
 
     @awaited
     async def clear(self) -> None:
