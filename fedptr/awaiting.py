@@ -66,10 +66,11 @@ class Call(Coroutine[Any, Any, T]):
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self._coro = coro
-        # A task steps its coroutine by `send`/`throw`: the coroutine's own methods, bound here,
-        # add no Python frame. One of the methods below would be in an error's traceback, and its
-        # frame's caller (the loop's handle, holding the task, holding the error) with it: a
-        # cycle, and the error, its pointers and their remote objects would wait for the collector.
+        # A task steps its coroutine by `send`/`throw`: the coroutine's own methods, bound here
+        # over the class's (which are for the Coroutine ABC and typing), add no Python frame. A
+        # method's frame would be in an error's traceback, and its caller's (the loop's handle,
+        # holding the task, holding the error) with it: a cycle, and the error, its pointers and
+        # their remote objects would wait for the collector.
         for name in ("send", "throw", "close"):
             setattr(self, name, getattr(coro, name))
 
@@ -96,7 +97,7 @@ class Call(Coroutine[Any, Any, T]):
             self._coro.close()
 
     def __repr__(self) -> str:
-        return f"<fedptr call {self.name}() not awaited>"
+        return f"<fedptr call {self.name}(): a coroutine, await it for its value>"
 
     def _misused(self, how: str) -> NoReturn:
         self.close_unstarted()
@@ -120,39 +121,6 @@ class Call(Coroutine[Any, Any, T]):
             self._misused(f"format spec {spec!r}")
         return repr(self)
 
-    def __bool__(self) -> NoReturn:
-        self._misused("bool()")
-
-    def __len__(self) -> NoReturn:
-        self._misused("len()")
-
-    def __iter__(self) -> NoReturn:
-        self._misused("iter()")
-
-    def __contains__(self, item: object) -> NoReturn:
-        self._misused("'in'")
-
-    def __getitem__(self, key: object) -> NoReturn:
-        self._misused("indexing")
-
-    def __setitem__(self, key: object, value: object) -> NoReturn:
-        self._misused("item assignment")
-
-    def __int__(self) -> NoReturn:
-        self._misused("int()")
-
-    def __float__(self) -> NoReturn:
-        self._misused("float()")
-
-    def __complex__(self) -> NoReturn:
-        self._misused("complex()")
-
-    def __index__(self) -> NoReturn:
-        self._misused("using it as an index")
-
-    def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
-        self._misused("numpy")
-
     @classmethod
     def __torch_function__(
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -161,37 +129,48 @@ class Call(Coroutine[Any, Any, T]):
         call._misused(f"{getattr(func, '__name__', func)}()")
 
 
-def _operator(symbol: str) -> Callable[..., NoReturn]:
+def _operator(how: str) -> Callable[..., NoReturn]:
     def misused(self: Call[Any], *other: Any) -> NoReturn:
-        self._misused(f"'{symbol}'")
+        self._misused(how)
 
     return misused
 
 
-for _symbol, _names in {
-    "+": ("add", "radd"),
-    "-": ("sub", "rsub", "neg"),
-    "*": ("mul", "rmul"),
-    "/": ("truediv", "rtruediv"),
-    "//": ("floordiv", "rfloordiv"),
-    "%": ("mod", "rmod"),
-    "**": ("pow", "rpow"),
-    "@": ("matmul", "rmatmul"),
-    "&": ("and", "rand"),
-    "|": ("or", "ror"),
-    "^": ("xor", "rxor"),
-    "<<": ("lshift", "rlshift"),
-    ">>": ("rshift", "rrshift"),
-    "<": ("lt",),
-    "<=": ("le",),
-    ">": ("gt",),
-    ">=": ("ge",),
-    "unary +": ("pos",),
+for _how, _names in {
+    "bool()": ("bool",),
+    "len()": ("len",),
+    "iter()": ("iter",),
+    "'in'": ("contains",),
+    "indexing": ("getitem",),
+    "item assignment": ("setitem",),
+    "int()": ("int",),
+    "float()": ("float",),
+    "complex()": ("complex",),
+    "using it as an index": ("index",),
+    "numpy": ("array",),
+    "'+'": ("add", "radd"),
+    "'-'": ("sub", "rsub", "neg"),
+    "'*'": ("mul", "rmul"),
+    "'/'": ("truediv", "rtruediv"),
+    "'//'": ("floordiv", "rfloordiv"),
+    "'%'": ("mod", "rmod"),
+    "'**'": ("pow", "rpow"),
+    "'@'": ("matmul", "rmatmul"),
+    "'&'": ("and", "rand"),
+    "'|'": ("or", "ror"),
+    "'^'": ("xor", "rxor"),
+    "'<<'": ("lshift", "rlshift"),
+    "'>>'": ("rshift", "rrshift"),
+    "'<'": ("lt",),
+    "'<='": ("le",),
+    "'>'": ("gt",),
+    "'>='": ("ge",),
+    "unary '+'": ("pos",),
     "abs()": ("abs",),
-    "~": ("invert",),
+    "'~'": ("invert",),
 }.items():
     for _name in _names:
-        setattr(Call, f"__{_name}__", _operator(_symbol))
+        setattr(Call, f"__{_name}__", _operator(_how))
 
 
 def awaited(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Call[T]]:

@@ -98,7 +98,7 @@ async def test_value_calls_are_still_coroutines(bob: fedptr.Worker, alice: fedpt
     moved = await asyncio.wait_for(r.move(alice), 20)
     assert moved.location == "alice" and await moved.item() == 1.0
     shown = moved.get()
-    assert "not awaited" in repr(shown)  # what print() shows: no error, and a word of what it is
+    assert "await it for its value" in repr(shown)  # what print() shows: no error, and a word of what it is
     shown.close()
 
 
