@@ -523,13 +523,13 @@ _hostile = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.sampled_from([m.KIND for m in SAMPLES]), st.integers(-1, 3), st.lists(_hostile, max_size=6))
 def test_a_small_header_is_read_as_the_limited_decoder_reads_it(kind: int, budget: int, fields: list[object]) -> None:
     _agree([msgpack.packb([kind, budget, *fields])])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.integers(0, len(SAMPLES) - 1), st.integers(0, 200), st.binary(min_size=1, max_size=12), st.booleans())
 def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(
     which: int, at: int, noise: bytes, insert: bool
