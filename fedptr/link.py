@@ -49,7 +49,6 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _BATCHABLE = (envelope.REQUEST, envelope.REPLY, envelope.FANOUT)
 
-
 RequestHandler = Callable[[str, bytes, wire.Decoded], None]
 """Called with (source name, request id, decoded request) for every request a peer receives.
 It runs inside the socket's read callback, so it must not block; slow work goes to tasks."""

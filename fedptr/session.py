@@ -444,8 +444,8 @@ class Session:
         except ProtocolError as e:
             for r in rids:
                 p = self._pending.get(r)
-                if p is not None and p.dest == source:
-                    self._settle(r, events, error=e)
+                if p is not None and p.dest == source:  # an error each: one raised twice would grow its traceback
+                    self._settle(r, events, error=ProtocolError(str(e)))
             return
         pending = self._pending
         for r in rids:

@@ -136,3 +136,16 @@ def test_an_acks_claiming_too_many_replies_is_refused() -> None:
     [event] = session.receive(frames, 1.0)
     assert isinstance(event, Settled) and isinstance(event.error, ProtocolError)
     assert envelope.relay(frames, b"x") is None  # the broker's fast path leaves it to the general one
+
+
+def test_an_acks_of_anything_but_ok_fails_each_request_it_names() -> None:
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    rids = [session.request(WORKER, wire.Get(1), 10.0, 0.0)[0] for _ in range(2)]
+    failure = wire.Failure(wire.FailureCode.REMOTE.value, "RuntimeError", "no", WORKER, [WORKER])
+    body = [envelope.ACKS_COUNT.pack(2), *wire.encode(failure)]
+    frames = envelope.framed(envelope.message(envelope.ACKS, WORKER.encode(), rids[0], body))
+    events = session.receive(frames, 1.0)
+    assert [e.rid for e in events if isinstance(e, Settled)] == rids
+    errors = [e.error for e in events if isinstance(e, Settled)]
+    assert all(isinstance(e, ProtocolError) for e in errors) and errors[0] is not errors[1]
+    assert session.in_flight == 0
