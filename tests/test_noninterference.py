@@ -393,13 +393,13 @@ contributions mid-program (refused, or charged, alike in both worlds). And (red1
 an alias of an object made, then a get or a move of the object sent, then, before either is
 answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
 carried must be what was checked when it was handled."""
-GRANTED = ("get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
-"""What follows a grant (`grant`) at once: the second client's get of the object, its gradient's
-get, a backward through it, an in-place write of bob's x into it; or the first client's backward
-through its newest pointer, then the second client's get of the granted object's gradient (a
-graph built before the grant, red17's third hole); or the second client's backward through the
-object times bob's x, then the first client's get of its newest pointer's gradient (the reverse).
-The granter's and the grantee's later steps follow as drawn."""
+GRANTED = ("later", "get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
+"""What follows a grant (`grant`) at once: nothing (``later``: the program's later steps, as
+drawn, are its follow-ups); the second client's get of the object, its gradient's get, a backward
+through it, an in-place write of bob's x into it; or the first client's backward through its
+newest pointer, then the second client's get of the granted object's gradient (a graph built
+before the grant, red17's third hole); or the second client's backward through the object times
+bob's x, then the first client's get of its newest pointer's gradient (the reverse)."""
 FOREIGN = ("get", "op", "move")
 """What the second client asks of an id the first client holds (`b_foreign`): raw wire requests."""
 _by_second = st.one_of(
@@ -417,6 +417,7 @@ _by_second = st.one_of(
     st.tuples(st.just("grant"), _index, st.sampled_from(GRANTED)),
     st.tuples(st.just("grant_model"), st.sampled_from(sorted(MODELS)), _index),
     st.tuples(st.just("b_backward"), _index),
+    st.tuples(st.just("b_grad"), _index),
 )
 """Actions of a second client of the cluster (seventeenth red-team round), with pointers of its
 own (bob's data from its own search, its sends and what it computes from them): its listings of
@@ -438,6 +439,7 @@ SECOND = (
     "grant",
     "grant_model",
     "b_backward",
+    "b_grad",
 )
 ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", *SECOND)
 _looks = st.one_of(
@@ -450,12 +452,34 @@ _step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams,
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
+_near = st.sampled_from([0, 0, 1])
+_granting = st.one_of(
+    st.tuples(st.just("typed_send"), st.just("bob"), st.just("requires_grad"), st.integers(0, 3)),
+    st.tuples(st.just("apply"), st.sampled_from(["mul", "view", "add_"]), _near, st.sampled_from([SECRET, 0])),
+    st.tuples(st.just("grant"), _near, st.just("later")),
+    st.tuples(st.just("backward"), _near),
+    st.tuples(st.just("grad"), _near),
+    st.tuples(st.just("get"), _near),
+    st.tuples(st.just("b_apply"), st.sampled_from(["mul", "add_"]), _near, st.just(SECRET)),
+    st.tuples(st.just("b_backward"), _near),
+    st.tuples(st.just("b_grad"), _near),
+    st.tuples(st.just("b_get"), _near),
+)
+"""The steps of a program about grants (twentieth round): a leaf that tracks gradients sent to bob,
+graphs through it and aliases of it (with bob's x, or itself), grants whose follow-ups are these
+same steps drawn later in the program, by either client in any order: backwards, gradients' gets,
+gets, writes through an alias made before the grant. Pointers counted back from the newest, 0 or
+1: each step meets what the last ones made. red17's holes are short paths through these steps
+(red18's generator, whose follow-ups were drawn at the grant, found them in none of 400 random
+programs)."""
 _alone = st.lists(_step, min_size=8, max_size=24)
 _with_second = st.lists(st.one_of(_step, _step, _by_second), min_size=8, max_size=24)
-programs = st.integers(0, 3).flatmap(lambda k: _with_second if k == 0 else _alone)
-"""One program in four has a second client, a third of whose steps are its own (such a program
-costs about twice a world); drawn per program (`st.one_of` of repeated branches does not weight
-them: about half had one, and the fixed set cost 28 % more; now ~10 %)."""
+_about_grants = st.lists(_granting, min_size=4, max_size=12)
+programs = st.integers(0, 7).flatmap(lambda k: _with_second if k == 0 else _about_grants if k == 1 else _alone)
+"""One program in eight has a second client, a third of whose steps are its own (such a program
+costs about twice a world); one in eight is about grants (`_granting`: short, a second client's
+steps among them); drawn per program (`st.one_of` of repeated branches does not weight them:
+about half had one, and the fixed set cost 28 % more; now ~10 %)."""
 secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
 """World b's secret is world a's shifted by this in every element: the worlds always differ (left
@@ -989,6 +1013,8 @@ async def _step_in(w: World, step: tuple[Any, ...]) -> None:
             w.same_object(p, q)  # a chain to a parameter reaches the model too
     elif kind == "backward":
         await w.observe("backward", lambda: p.sum().backward())
+    elif kind == "grad":
+        await _grad_seen(w, w, p, "grad")
 
 
 EXECUTED: collections.Counter[str] = collections.Counter()
@@ -1133,6 +1159,8 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
         return out is not None
     if kind == "b_backward":
         return await b.observe("b backward", lambda: p.sum().backward()) is not None
+    if kind == "b_grad":
+        return await _grad_seen(w, b, p, "b grad")
     made = await b.observe("b contribute", lambda: dp.contribute(p, "agg"))
     if made is None:
         return False
@@ -1181,11 +1209,14 @@ async def _grant(w: World, b: World, index: int, then: str) -> bool:
     return True
 
 
-async def _grad_seen(w: World, by: World, p: fedptr.Pointer, label: str) -> None:
-    """`by`'s get of `p`'s gradient, recorded in `w` as `label`."""
+async def _grad_seen(w: World, by: World, p: fedptr.Pointer, label: str) -> bool:
+    """`by`'s get of `p`'s gradient, recorded in `w` as `label`; whether it was fetched."""
     grad = await by.observe(f"{label} op", lambda: p.grad)
-    if grad is not None:
-        w.seen.append((label, _value(await by.observe(f"get {label}", grad.get))))
+    if grad is None:
+        return False
+    got = await by.observe(f"get {label}", grad.get)
+    w.seen.append((label, _value(got)))
+    return got is not None
 
 
 async def _grant_model(w: World, b: World, which: str, index: int) -> bool:
@@ -1377,6 +1408,7 @@ ADDED_PROGRAM = [
     ("typed_send", "bob", "requires_grad", 0),
     ("grant", 0, "backward"),  # the leaf, to the second client, which runs a backward through it
     ("b_backward", 0),  # the granted leaf again
+    ("b_grad", 0),  # the granted leaf's gradient (ones), the second client's to fetch
     ("grant_model", "linear", 0),  # a model sent to bob, its forward on the newest pointer there
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
