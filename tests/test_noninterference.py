@@ -37,6 +37,10 @@ Since the nineteenth round the first client grants objects to the second (`grant
 `grant_model`, a model with a graph through it), followed by either client's gets, gradients and
 backwards on each side of the grant (`GRANTED`); and the second client records plans, sends
 models and runs their forwards on bob's data (`b_plan`, `b_model`, `b_forward`, `b_backward`).
+
+Since the twentieth round a quarter of the programs are about grants (`_about_grants`): a tensor
+sent to bob, a graph or alias through it, its grant with nothing at once, and follow-ups drawn
+later (`GRANT_AFTER`: either client's backwards, gradients' gets, gets and writes, in any order).
 """
 
 from __future__ import annotations
@@ -452,34 +456,45 @@ _step = st.one_of(_compute, _compute, _models, _moves, _looks, _alias, _streams,
 """A step: computing twice as likely as the rest (the rows are most of what a client can do), and
 a parameter pointer (an alias of a model, the object a write through an alias would leave public)
 as likely as a look."""
-_near = st.sampled_from([0, 0, 1])
-_granting = st.one_of(
-    st.tuples(st.just("typed_send"), st.just("bob"), st.just("requires_grad"), st.integers(0, 3)),
-    st.tuples(st.just("apply"), st.sampled_from(["mul", "view", "add_"]), _near, st.sampled_from([SECRET, 0])),
-    st.tuples(st.just("grant"), _near, st.just("later")),
-    st.tuples(st.just("backward"), _near),
-    st.tuples(st.just("grad"), _near),
-    st.tuples(st.just("get"), _near),
-    st.tuples(st.just("b_apply"), st.sampled_from(["mul", "add_"]), _near, st.just(SECRET)),
-    st.tuples(st.just("b_backward"), _near),
-    st.tuples(st.just("b_grad"), _near),
-    st.tuples(st.just("b_get"), _near),
+GRANT_AFTER = (
+    ("backward", 0),
+    ("grad", 0),
+    ("get", 0),
+    ("apply", "add_", 0, SECRET),
+    ("b_backward", 0, SECRET),
+    ("b_grad", 0),
+    ("b_get", 0),
 )
-"""The steps of a program about grants (twentieth round): a leaf that tracks gradients sent to bob,
-graphs through it and aliases of it (with bob's x, or itself), grants whose follow-ups are these
-same steps drawn later in the program, by either client in any order: backwards, gradients' gets,
-gets, writes through an alias made before the grant. Pointers counted back from the newest, 0 or
-1: each step meets what the last ones made. red17's holes are short paths through these steps
-(red18's generator, whose follow-ups were drawn at the grant, found them in none of 400 random
-programs)."""
+"""What may follow a grant later in a program about grants (`_about_grants`): the first client's
+backward, gradient's get, get, and write of bob's x through its newest pointer (an alias made
+before the grant, or the leaf a granted graph reaches); the second client's backward through its
+newest pointer times bob's x, its gradient's get, its get."""
+_about_grants = st.tuples(
+    st.sampled_from(["requires_grad", "requires_grad", "float64"]),
+    st.sampled_from([("mul", SECRET), ("mul", 0), ("view", 0)]),
+    st.sampled_from([0, 1]),
+    st.permutations(GRANT_AFTER),
+    st.integers(2, 5),
+).map(
+    lambda t: [
+        ("typed_send", "bob", t[0], 0),
+        ("apply", t[1][0], 0, t[1][1]),
+        ("grant", t[2], "later"),
+        *t[3][: t[4]],
+    ]
+)
+"""A program about grants (twentieth round): a tensor sent to bob (a leaf that tracks gradients,
+or not), a graph or an alias through it (times bob's x, times itself, a view), the grant of it or
+of what was built (``later``: nothing at once), then follow-ups drawn after it (`GRANT_AFTER`, a
+few, in any order, either client's). red17's holes are such programs: red18's generator drew a
+grant's follow-ups at the grant and found them in none of 400 random programs."""
 _alone = st.lists(_step, min_size=8, max_size=24)
 _with_second = st.lists(st.one_of(_step, _step, _by_second), min_size=8, max_size=24)
-_about_grants = st.lists(_granting, min_size=4, max_size=12)
-programs = st.integers(0, 7).flatmap(lambda k: _with_second if k == 0 else _about_grants if k == 1 else _alone)
+programs = st.integers(0, 7).flatmap(lambda k: _with_second if k == 0 else _about_grants if k < 3 else _alone)
 """One program in eight has a second client, a third of whose steps are its own (such a program
-costs about twice a world); one in eight is about grants (`_granting`: short, a second client's
-steps among them); drawn per program (`st.one_of` of repeated branches does not weight them:
-about half had one, and the fixed set cost 28 % more; now ~10 %)."""
+costs about twice a world); one in four is about grants (`_about_grants`: short, a second
+client's steps among them); drawn per program (`st.one_of` of repeated branches does not weight
+them: about half had one, and the fixed set cost 28 % more; now ~10 %)."""
 secrets = st.lists(st.floats(-4, 4, width=32), min_size=12, max_size=12)
 shifts = st.floats(0.25, 2.0, width=32)
 """World b's secret is world a's shifted by this in every element: the worlds always differ (left
@@ -1160,8 +1175,9 @@ async def _second_step(w: World, b: World, kind: str, *args: Any) -> bool:
         out = await b.observe("b big", lambda: p.repeat(*BIG))
         b.keep(out)
         return out is not None
-    if kind == "b_backward":
-        return await b.observe("b backward", lambda: p.sum().backward()) is not None
+    if kind == "b_backward":  # through the pointer, or its product with a partner (bob's x)
+        through = (lambda: p * b.partner(p, args[1])) if len(args) > 1 else (lambda: p)
+        return await b.observe("b backward", lambda: through().sum().backward()) is not None
     if kind == "b_grad":
         return await _grad_seen(w, b, p, "b grad")
     made = await b.observe("b contribute", lambda: dp.contribute(p, "agg"))
