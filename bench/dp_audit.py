@@ -35,7 +35,10 @@ The neighbouring worlds, and why they are the right ones:
   scaled to units of C.
   Canaries that cannot be one of K independent trials (a sample that makes the batch fail, a
   non-finite input) are audited one per run, against m ordinary samples whose clipped gradients
-  all push the same way: the statistic is the change of the model along that push.
+  all push the same way: the statistic is the change of the model along that push. So is a far
+  input to a hostile client's model that adds its batch's sum to every row (`BatchSum`, as a
+  graph): DP-SGD computes each gradient on a batch of one, so it moves one clipped gradient; taken
+  through the batch's forward instead (per-layer hooks' assumption), it moves every sample's.
 * **SecAgg+** (owner level, `fedptr.nodes.secagg`, the owners' and the aggregator's real code):
   like M1, the target owner's value is the canary or zeros and the other owners contribute
   zeros, but every coordinate of a round is one trial (`secagg_statistics` says why that is
@@ -682,15 +685,14 @@ def cases(size: Size) -> list[Case]:
         patch: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> Case:
         mixing = canary == MIXING_CANARY
-        runs = size.m2_batch_runs // 2 if mixing else size.m2_batch_runs  # its model is interpreted: slower
 
         def measure() -> torch.Tensor:
             with patch():
                 return m2_batch_canary(
-                    runs,
+                    size.m2_batch_runs,
                     m2_batch_canaries()[canary],
                     config("cross_entropy", 0.01),
-                    ordinary=16 if mixing else 64,
+                    ordinary=8 if mixing else 64,  # a broken run's every sample runs the whole batch
                     model=mixing_model if mixing else lambda: nn.Linear(2, 2, bias=False),
                 )
 
