@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -381,11 +382,12 @@ def m2_through_batch() -> Iterator[None]:
     per-layer per-sample gradients, Opacus's GradSampleModule, assume is the same), then clipped
     as the node does: with a model that mixes rows, one sample moves every sample's gradient."""
     clipped_sum = mechanisms._clipped_sum
+    running: dict[str, Any] = {}  # the batch `through_batch` runs, and the row whose gradient it takes
 
     def sample_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor]) -> mechanisms.SampleLoss:
         def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, params, (loss.batch,))  # type: ignore[attr-defined]
-            return loss_fn(out[loss.row : loss.row + 1], y[None], reduction="sum")  # type: ignore[attr-defined]
+            out = functional_call(model, params, (running["batch"],))
+            return loss_fn(out[running["row"] : running["row"] + 1], y[None], reduction="sum")
 
         return loss
 
@@ -396,7 +398,7 @@ def m2_through_batch() -> Iterator[None]:
             return clipped_sum(loss, params, xb, yb, bound)
         rows = []
         for i in range(len(xb)):
-            loss.batch, loss.row = xb, i  # type: ignore[attr-defined]
+            running.update(batch=xb, row=i)
             rows.append(clipped_sum(loss, params, xb[i : i + 1], yb[i : i + 1], bound))
         return [torch.stack(r).sum(0) for r in zip(*rows, strict=True)]
 

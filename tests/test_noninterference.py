@@ -1436,13 +1436,13 @@ ADDED_PROGRAM = [
 
 
 def test_each_added_action_is_drawn_and_runs() -> None:
-    """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 300
-    programs: one in four has the second client), and runs to success in a release world
+    """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 600
+    programs: one in eight has the second client's own mix of steps), and runs to success in a release world
     (`EXECUTED`) with labels out of range and a NaN in one world: an action the property never
     reaches, or that always fails, guarantees nothing."""
     drawn: set[str] = set()
 
-    @settings(max_examples=300, database=None, derandomize=True)
+    @settings(max_examples=600, database=None, derandomize=True)
     @given(program=programs)
     def draw(program: list[tuple[Any, ...]]) -> None:
         drawn.update(step[0] for step in program)
