@@ -86,15 +86,20 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
 
 
 def _request(client: Client, x: torch.Tensor | nn.Module, obj_id: int) -> tuple[wire.Message, Callable[[str], Pointer]]:
-    """The request that stores `x` as `obj_id`, and how to make the pointer to a stored copy."""
+    """The request that stores `x` as `obj_id`, and how to make the pointer to a stored copy.
+    It carries a copy of `x`'s bytes, taken now: the session keeps each destination's request
+    to send it again on its own when the broker refuses it undelivered (it forgot the client),
+    and views would carry then what a write made of `x` after the fan-out first left. The
+    copy costs no pass more: the link handed zmq a copy of every view it sent (`zio.send_frames`),
+    and sends these bytes as they are."""
     if isinstance(x, torch.Tensor):
 
         def tensor(name: str) -> Pointer:
             return Pointer(client, name, obj_id, meta=meta.of_tensor(x))
 
-        return wire.Put(obj_id, to_raw(x), x.requires_grad), tensor
+        return wire.Put(obj_id, to_raw(x, copy=True), x.requires_grad), tensor
     if isinstance(x, nn.Module):
-        spec, params = modules.to_wire(x)
+        spec, params = modules.to_wire(x, copy=True)
 
         def model(name: str) -> Pointer:
             remote = ModulePointer(client, name, obj_id, spec)

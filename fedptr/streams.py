@@ -175,12 +175,16 @@ class Reassembly:
         that fails refuses its stream (its message fails at once, with the reason)."""
         if not isinstance(data, Filler):
             view = memoryview(data).cast("B")
-            buffers, index, offset = self._place(source, rid, info, view.nbytes)
-            buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+            placed = self._place(source, rid, info, view.nbytes)
+            if placed is not None:
+                buffers, index, offset = placed
+                buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
             return
         try:
-            buffers, index, offset = self._place(source, rid, info, data.nbytes)
-            buffers[index] = data.place(buffers[index], offset)
+            placed = self._place(source, rid, info, data.nbytes)
+            if placed is not None:
+                buffers, index, offset = placed
+                buffers[index] = data.place(buffers[index], offset)
         except ProtocolError as e:
             if len(info) == envelope.CHUNK_INFO.size:  # its message fails now, not when the stream times out
                 self.refuse((envelope.CHUNK_INFO.unpack(info)[0], source, rid), str(e))
@@ -190,10 +194,12 @@ class Reassembly:
 
     def _place(
         self, source: bytes, rid: bytes, info: bytes, nbytes: int
-    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int]:
+    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int] | None:
         """Where a chunk of `nbytes` goes: its stream's buffers, the index of its buffer (made on
         the stream's first chunk, within the budgets) and its offset there, its bytes counted as
-        received: each byte of a buffer is placed once."""
+        received: each byte of a buffer is placed once. None for a chunk of a refused stream: its
+        message fails anyway, and a later chunk (a lost sender still streaming) held no bytes
+        for nothing until the timeout."""
         self.purge()
         if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
@@ -205,6 +211,8 @@ class Reassembly:
         key = (command, source, rid)
         partial = self._partials.get(key)
         if partial is None:
+            if self._refused and (command, rid) in self._refused.get(source, ()):
+                return None
             partial = self._partials[key] = _Partial()
         buf = partial.buffers.get(index)
         if buf is None:
@@ -262,6 +270,8 @@ class Reassembly:
         if not self._partials:
             return body
         partial = self._partials.pop((command, source, rid), None)
+        if command == envelope.REQUEST and self._partials:
+            self._abandon_before(source, rid)
         if partial is None:
             return body
         self._release(source, partial)
@@ -271,6 +281,16 @@ class Reassembly:
                 raise ProtocolError("a streamed buffer is incomplete or misplaced")
             body[index] = memoryview(buf)  # type: ignore[arg-type]
         return body
+
+    def _abandon_before(self, source: bytes, rid: bytes) -> None:
+        """Drop `source`'s partial requests issued before `rid`, whose message has come: the
+        broker relays a sender's messages in order, so their messages never will (refused
+        undelivered when it forgot the sender; or the sender restarted), while some of their
+        chunks took the direct path or came before the broker forgot it. A message waiting
+        for its chunks holds the later ones (`Session`), so none of theirs is pending here."""
+        for key in [k for k in self._partials if k[1] == source and k[0] == envelope.REQUEST]:
+            if envelope.request_after(rid, key[2]):
+                self.drop(key)
 
     def _unrefuse(self, source: bytes, key: tuple[bytes, bytes]) -> tuple[str, float] | None:
         """Take back `source`'s refusal of stream `key` (None when not remembered)."""
