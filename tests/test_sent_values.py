@@ -396,7 +396,7 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
                 return float(weight.detach().reshape(-1)[0]) == 0.5
         else:
             public = await bob.send(torch.zeros(256, 1024))
-            alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+            alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept when public moves
 
             def write() -> None:
                 refs = [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)]
@@ -404,6 +404,7 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
 
             def written() -> bool:
                 return _first(node, alias.id_at_location) == 0.5
+
         assert node.store.wal is None  # no move record: the Put carries views since bulk2
         broker = c.broker
         assert broker is not None
