@@ -554,9 +554,9 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
             _, recovered, outcome = await _handover(c, disks, protocol, crash, next(values))
             outcomes[f"{crash[0]} {crash[1]}: {outcome}"] += 1
             # and a second death, or a refusal, at each storage call made while recovering from
-            # the first (its restore of its store included; refusals on small values only: the
-            # recovery is the same, and a large value's cases are ten times as slow)
-            for again in _points(recovered, storage_only=True, refused=not big) if twice else []:
+            # the first (its restore of its store included), for the large value over shared
+            # memory too (229 cases in 97 s at load 5, nemesis7; 66 without refusals and cuts)
+            for again in _points(recovered, storage_only=True, refused=True) if twice else []:
                 _CUT_UNLINKS.clear()
                 _, _, outcome = await _handover(c, disks, protocol, crash, next(values), again)
                 outcomes[f"{crash[0]} {crash[1]}, then {again[0]}: {outcome}"] += 1
