@@ -379,11 +379,24 @@ def test_a_write_during_a_moves_record_fsync_does_not_change_what_the_destinatio
 
 
 async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
-    async with harness.cluster(["bob", "carol"], data=data, heartbeat_s=0.1, call_timeout=30.0) as c:
+    # "streamed": over limits.STREAM_THRESHOLD_BYTES, on tcp://: the Put's chunks but the first
+    # take bob's direct path to carol (shared memory) while the broker path is blocked
+    streamed = kind == "streamed tensor"
+    rows = 2048 if streamed else 256
+    data = {"bob": {"data": {"x": np.full((rows, 1024), 0.5, dtype=np.float32)}}}
+    transport: Literal["tcp", "inproc"] = "tcp" if streamed else "inproc"
+    async with harness.cluster(
+        ["bob", "carol"], data=data, heartbeat_s=0.1, call_timeout=30.0, transport=transport
+    ) as c:
         bob = c.worker("bob")
         (bx,) = await bob.search("data")
         node, carol, new_id = c.node("bob"), c.node("carol"), wire.new_object_id()
+        if streamed:
+            direct = node.link.direct
+            assert direct is not None
+            while not direct.ready(b"carol", envelope.REQUEST):
+                node.link._want_direct(b"carol")
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
         if kind == "model":
             public = await bob.send(torch.nn.Linear(1024, 256, bias=False).requires_grad_(False).apply(_zeroed))
             weight = node.store.entries[public.id_at_location].result().weight
@@ -395,7 +408,7 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
             def written() -> bool:
                 return float(weight.detach().reshape(-1)[0]) == 0.5
         else:
-            public = await bob.send(torch.zeros(256, 1024))
+            public = await bob.send(torch.zeros(rows, 1024))
             alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept when public moves
 
             def write() -> None:
@@ -425,13 +438,17 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
             lambda: _now(new_id in entries[0] or public.id_at_location in entries[1]), DEADLINE_S
         ), "the move never settled"
         assert node.link.reregistrations >= 1
+        # and carol holds no partial stream of a Put whose message never came (its chunks that
+        # took the direct path): not until `limits.STREAM_TIMEOUT_S`
+        partial = carol.link.session._reassembly
+        assert await eventually(lambda: _now(partial.pending_bytes == 0), DEADLINE_S), partial.pending_bytes
         if new_id not in carol.store.entries:
             return
         reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
         tensor = reply.params[0] if isinstance(reply, wire.ModuleReply) else getattr(reply, "tensor", None)
         assert isinstance(tensor, wire.RawTensor), reply
         value = torch.frombuffer(bytearray(tensor.data), dtype=torch.float32)
-        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+        assert torch.equal(value, torch.zeros(rows * 1024)), f"bob's data left bob in a public move: {value}"
 
 
 def _zeroed(module: torch.nn.Module) -> None:
@@ -439,7 +456,7 @@ def _zeroed(module: torch.nn.Module) -> None:
         p.zero_()
 
 
-@pytest.mark.parametrize("kind", ["tensor", "model"])
+@pytest.mark.parametrize("kind", ["tensor", "model", "streamed tensor"])
 def test_a_moves_put_resent_after_the_broker_forgot_the_node_is_the_value_it_checked(
     monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
@@ -449,7 +466,8 @@ def test_a_moves_put_resent_after_the_broker_forgot_the_node_is_the_value_it_che
     through an alias made of it after the origins were read: bob's data left in a public move
     (review11). The link copies what it keeps; the session's kept message is not the link's.
     A model's Put (`PutModule`, views of its parameters) takes the same flag: a write into the
-    stored model after the check must not reach carol either."""
+    stored model after the check must not reach carol either. A streamed Put refused so, whose
+    other chunks took the direct path, left them held at carol until `limits.STREAM_TIMEOUT_S`."""
     asyncio.run(_moved_then_written_then_resent(monkeypatch, kind))
 
 
