@@ -609,3 +609,33 @@ def test_a_graph_built_before_a_grant_does_not_reach_the_granted_leaf() -> None:
     if isinstance(got, wire.TensorReply):
         value = torch.frombuffer(bytearray(got.tensor.data), dtype=torch.float32)
         assert not torch.equal(value, torch.full((12,), 0.5)), "bob's x as the gradient of a leaf granted away"
+
+
+async def _resent_after_its_chunks_took_the_direct_path() -> tuple[torch.Tensor, Any]:
+    async with harness.cluster(["bob"], transport="tcp", heartbeat_s=0.1) as c, c.connect(heartbeat_s=30.0) as sender:
+        bob = sender.worker("bob")
+        await bob.send(torch.zeros(limits.STREAM_THRESHOLD_BYTES))  # a large request opens the path
+        direct = sender.link.direct
+        assert direct is not None
+        assert await eventually(lambda: _now(direct.ready(b"bob", envelope.REQUEST)), DEADLINE_S)
+        broker = c.broker
+        assert broker is not None
+        # the broker forgets the sender, silent for its liveness (0.3 s): it learns so from a refusal
+        assert await eventually(lambda: _now(sender.name.encode() not in broker.table.by_name), DEADLINE_S)
+        value = torch.randn(2 << 20)  # 8 MiB: its chunks but the first take the path
+        try:
+            got: Any = await (await asyncio.wait_for(bob.send(value), DEADLINE_S)).get()
+        except FedptrError as e:
+            got = e
+        assert sender.link.reregistrations >= 1
+        return value, got
+
+
+def test_a_request_resent_after_its_chunks_took_the_direct_path_arrives_whole() -> None:
+    """A request the broker refused undelivered (it forgot the sender) is sent again, chunks
+    and all; those of its first sending that took the direct path were at the worker already, and
+    the resent ones were refused as overlapping them: an 8 MiB send failed with ProtocolError
+    after the broker forgot its client (nemesis7). A chunk sent again with the same bytes is
+    taken, counted once."""
+    value, got = asyncio.run(_resent_after_its_chunks_took_the_direct_path())
+    assert isinstance(got, torch.Tensor) and torch.equal(got, value), got
