@@ -12,13 +12,12 @@ import asyncio
 import torch
 
 import fedptr
-from fedptr.pointer import short_id
 
 
 async def show(step: int, what: str, bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     print(f"\nstep {step:>2}: {what}")
     for name, worker in (("    bob", bob), ("  alice", alice)):  # ids as the pointers' reprs show them
-        print(f"{name}:", {short_id(obj_id): info for obj_id, info in (await worker.objects()).items()})
+        print(f"{name}:", await worker.objects())
 
 
 async def main() -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedptr import envelope, limits, meta, modules, wire
-from fedptr.awaiting import not_awaited
+from fedptr.awaiting import awaited, not_awaited
 from fedptr.errors import (
     ConsumedPointerError,
     DeadlineExceeded,
@@ -72,6 +72,16 @@ class ObjectInfo:
             values = torch.tensor(self.preview, dtype=_preview_dtype(self.dtype)).reshape(self.shape)
             return repr(values)
         return f"tensor(<{list(self.shape)} {self.dtype}>)"
+
+
+class Objects(dict[int, ObjectInfo]):
+    """A worker's store as `Worker.objects()` lists it: object id -> ObjectInfo. Printed, its
+    ids are a Pointer's short ids (``{'4dd5b9': tensor([1, 2, 3, 4])}`` for the pointer
+    ``me -> bob:4dd5b9``), so a listing and the client's pointers read alike; its keys are the
+    full ids (`Pointer.id_at_location`)."""
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{short_id(obj_id)!r}: {info!r}" for obj_id, info in self.items()) + "}"
 
 
 def _described(shape: wire.Value, dtype: str) -> torch.Tensor | None:
@@ -213,6 +223,7 @@ class Worker:
             attempt += 1
             await asyncio.sleep(limits.RESOLVE_RETRY_S)
 
+    @awaited
     async def search(self, tag: str) -> list[Pointer]:
         """Pointers to the data this worker was started with under `tag` (``--data TAG=PATH``),
         one per array in the order of their names. The data stays the worker's: dropping these
@@ -228,10 +239,12 @@ class Worker:
             for i, m in zip(reply.ids, described, strict=True)
         ]
 
-    async def objects(self) -> dict[int, ObjectInfo]:
-        """This worker's store: object id -> ObjectInfo, once this client's earlier operations
-        settled. On a worker with ``--store``, the listing is what a restart would keep: it waits
-        until the changes before it (writes and deletions) are on disk.
+    @awaited
+    async def objects(self) -> Objects:
+        """This worker's store: object id -> ObjectInfo (printed with a Pointer's short ids), once
+        this client's earlier operations settled. On a worker with ``--store``, the listing is what
+        a restart would keep: it waits until the changes before it (writes and deletions) are on
+        disk.
 
         Raises OverloadedError when the worker's disk did not catch up in time,
         LostWorkerError, DeadlineExceeded."""
@@ -239,13 +252,17 @@ class Worker:
         reply = await self._client.call(self.name, wire.ListObjects())
         if not isinstance(reply, wire.ObjectsReply):
             raise ProtocolError(f"expected ObjectsReply, got {type(reply).__name__}")
-        return {
-            r.obj_id: ObjectInfo(
-                self.name, r.obj_id, r.kind, tuple(r.shape), r.dtype, r.preview, r.location, r.id_at_location
+        return Objects(
+            (
+                r.obj_id,
+                ObjectInfo(
+                    self.name, r.obj_id, r.kind, tuple(r.shape), r.dtype, r.preview, r.location, r.id_at_location
+                ),
             )
             for r in reply.rows
-        }
+        )
 
+    @awaited
     async def clear(self) -> None:
         """Delete everything this client owns in this worker's store (pointers delete their
         objects down the chain). On a worker with ``--store`` it returns once the deletions are
@@ -384,6 +401,7 @@ class Client:
             raise InvalidArgumentError(f"{worker!r} belongs to another client; pass its name instead")
         return worker
 
+    @awaited
     async def workers(self) -> list[str]:
         """Names of the workers registered with the broker, sorted."""
         return await self._link.list_workers(self.timeout)
@@ -418,6 +436,7 @@ class Client:
         self._flush_deletes()
         return await self._link.request(dest, msg, self.timeout if timeout is None else timeout)
 
+    @awaited
     async def resolve(self, error: InDoubtError, timeout: float | None = None) -> Pointer:
         """The pointer an in-doubt hand-over's object is under, once the workers can tell.
 

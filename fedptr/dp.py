@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedptr import limits, wire
+from fedptr.awaiting import awaited
 from fedptr.client import Worker
 from fedptr.errors import (
     DeadlineExceeded,
@@ -47,6 +48,7 @@ def _spent(reply: wire.Message) -> Spent:
     return Spent(reply.owner, reply.epsilon_spent, reply.epsilon_left)
 
 
+@awaited
 async def contribute(value: Pointer, aggregator: Worker | str) -> tuple[Pointer, Spent]:
     """Make `value` (on its data owner's node, derived from that owner's data alone) a DP
     contribution on `aggregator`, which the owner must trust. Returns the contribution's
@@ -73,6 +75,7 @@ class SecureRelease:
     dropped: dict[str, str]
 
 
+@awaited
 async def secure_mean(
     values: Sequence[Pointer], aggregator: Worker | str, *, colluders: int | None = None, threshold: int = 0
 ) -> tuple[Pointer, SecureRelease]:
@@ -132,6 +135,7 @@ async def secure_mean(
     return Pointer(client, name, result_id), SecureRelease(spent, dropped)
 
 
+@awaited
 async def train(
     model: ModulePointer,
     x: Pointer,
@@ -171,6 +175,7 @@ async def train(
     return _spent(await model.client.call(model.location, msg))
 
 
+@awaited
 async def budget(worker: Worker) -> Spent:
     """What data owner `worker` has spent of its privacy budget, and has left."""
     if not isinstance(worker, Worker):  # a bare name has no client to ask through

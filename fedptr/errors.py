@@ -254,8 +254,11 @@ class UnsupportedTypeError(UsageError, TypeError):
 
 class NotAwaitedError(UnsupportedTypeError):
     """Raised when a call's result was expected and its coroutine came instead: an ``await``
-    forgotten (``p.get()`` for ``await p.get()``). The message names the call and where to add
-    the ``await``."""
+    forgotten (``p.get()`` for ``await p.get()``), whether the coroutine is passed to a fedptr
+    call (``x + y.move(bob)``) or used as the value itself (``p.get() + 1``, ``p.item() > 0``,
+    ``len(bob.search(tag))``, ``float(loss.item())``, ``torch.add(p.get(), 1)``; an attribute,
+    ``p.get().numpy()``, is an AttributeError saying the same). The message names the call and
+    where to add the ``await``; no "never awaited" warning follows it."""
 
 
 class DataDependentError(UsageError, TypeError):

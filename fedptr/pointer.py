@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fedptr import limits, meta, wire
-from fedptr.awaiting import not_awaited
+from fedptr.awaiting import awaited, not_awaited
 from fedptr.errors import (
     ConsumedPointerError,
     DataDependentError,
@@ -229,7 +229,11 @@ def remote_results(
         if not p.owned:
             p.check_alive()
         if p._location != location or p._client is not client:
-            raise LocationMismatchError(f"{op} mixes objects on different workers: {location!r} and {p._location!r}")
+            raise LocationMismatchError(
+                f"{op} mixes objects on different workers: {location!r} and {p._location!r}; move one to "
+                f"the other first, e.g. `y = await y.move({location!r})` (the bytes go worker to worker; "
+                f"private data moves only to a worker its owner trusts)"
+            )
         if p._unordered is not None and (step := p.after) is not None:
             after.append(step)
     inferred = None if op in MUTATING else _infer(op, args, kwargs or {})
@@ -728,6 +732,7 @@ class Pointer(PointerMethods):
             raise ConsumedPointerError(f"{self!r} was consumed by get, move or send; it points to nothing now")
 
     # --- awaited calls -----------------------------------------------------------------
+    @awaited
     async def get(self) -> torch.Tensor | nn.Module | Pointer:
         """Bring the object back and remove it from its worker: a tensor (with its
         ``requires_grad``), or (for a pointer to a pointer) the next pointer down the chain.
@@ -755,6 +760,7 @@ class Pointer(PointerMethods):
             value.requires_grad_(True)
         return value
 
+    @awaited
     async def item(self) -> builtins.int | builtins.float | builtins.bool:
         """The value of a one-element tensor, fetched (a copy is made and fetched; this pointer
         keeps its object)."""
@@ -762,6 +768,7 @@ class Pointer(PointerMethods):
         assert isinstance(value, torch.Tensor)
         return value.item()
 
+    @awaited
     async def tolist(self) -> Any:
         """The tensor as nested Python lists, fetched like `item`."""
         value = await self.detach().clone().get()
@@ -773,6 +780,7 @@ class Pointer(PointerMethods):
         the data does not move. Returns the new pointer at once (see `Worker.send`)."""
         return self._client.as_worker(worker).send(self)
 
+    @awaited
     async def move(self, worker: Worker | str) -> Pointer:
         """Move the data to `worker` directly (the bytes never pass through this client).
 

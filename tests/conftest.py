@@ -27,6 +27,22 @@ E = TypeVar("E", bound=BaseException)
 
 SOAK_SECONDS = 35.0
 """How long the soak's workload and nemesis run by default (the CI run); ``--soak-seconds`` overrides."""
+FAST_LOOP_EXAMPLES_SHARE = 5
+"""The fast loop (``-m "not slow"``) draws this many times fewer examples of the long fuzz
+tests than the full run, which keeps every one (`examples`)."""
+_fast_loop = False
+
+
+def examples(n: int) -> int:
+    """A fuzz test's hypothesis example count: `n` in the full run, a `FAST_LOOP_EXAMPLES_SHARE`th
+    of it in the fast loop (its two minutes are for the edit-test loop; CI runs all `n`)."""
+    return max(1, n // FAST_LOOP_EXAMPLES_SHARE) if _fast_loop else n
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Note whether this is the fast loop: slow tests left out by ``-m "not slow"``."""
+    global _fast_loop
+    _fast_loop = "not slow" in (config.getoption("markexpr") or "")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

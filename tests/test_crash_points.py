@@ -496,7 +496,7 @@ def _points(counted: Counted, storage_only: bool = False, refused: bool = False)
 @pytest.mark.parametrize(
     ("protocol", "twice", "big"),
     [
-        (_move, True, False),
+        pytest.param(_move, True, False, marks=pytest.mark.slow),  # 15 + 28 crash points: 10-25 s
         (_send, False, False),
         pytest.param(_move, True, True, marks=pytest.mark.slow),
     ],

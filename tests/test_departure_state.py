@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 from fedptr.nodes.node import Node
 
@@ -68,6 +69,7 @@ async def _depart(cluster: harness.InprocCluster) -> dict[str, int]:
         return per_client_records(cluster.node("bob"))
 
 
+@pytest.mark.slow  # hundreds of sessions: 7-20 s
 async def test_a_nodes_per_client_records_come_back_after_hundreds_of_departures() -> None:
     async with harness.cluster(["bob"], call_timeout=60.0) as c:
         node = c.node("bob")

@@ -252,6 +252,20 @@ def test_a_page_that_runs_an_example_needing_the_examples_extra_says_to_install_
     assert missing == {}
 
 
+def test_a_page_that_starts_the_example_cluster_says_to_write_its_data() -> None:
+    """examples/cluster.toml's owners start on .npz files examples/prepare_digits.py writes (with
+    the examples extra's scikit-learn): a page that says ``fedptr up examples/cluster.toml``
+    without both leaves a newcomer at "no such file or directory", then at a ModuleNotFoundError."""
+    missing = {}
+    for page in [*PAGES, ROOT / "deploy" / "README.md"]:
+        text = page.read_text()
+        if "fedptr up examples/cluster.toml" in text:
+            lacks = [step for step in ("examples/prepare_digits.py", "'.[examples]'") if step not in text]
+            if lacks:
+                missing[page.relative_to(ROOT).as_posix()] = lacks
+    assert missing == {}
+
+
 def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
     found = [b for page in PAGES for b in blocks(page) if b.language == "toml"]
     assert found

@@ -29,9 +29,10 @@ CASES = [case for case in dp_audit.cases(dp_audit.CI) if not case.replace_one]
 
 def cases(honest: bool) -> list[object]:
     """The honest cases, or the broken ones. M2's (DP-SGD: hundreds of small trainings each,
-    30-45 s apiece on a loaded 2-core machine) are ``slow``; M1's stay in the fast loop."""
+    30-45 s apiece on a loaded 2-core machine) and SecAgg+'s (a 65,536-coordinate round each,
+    4-20 s) are ``slow``; M1's stay in the fast loop."""
     return [
-        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.mechanism == "M2" else [])
+        pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.mechanism != "M1" else [])
         for c in CASES
         if (c.variant == dp_audit.HONEST or c.post_processing) == honest
     ]

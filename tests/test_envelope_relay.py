@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedptr import envelope, limits
 from fedptr.errors import ProtocolError
+from tests.conftest import examples
 
 from .test_session import _BATCH_HEAD, EXPLODING, MALFORMED_BATCHES, inlined, prefixed, record
 
@@ -89,7 +90,7 @@ def frames_of(ms: list[tuple[bytes, bytes, bytes, list[bytes]]], batched: bool) 
 
 
 @pytest.mark.slow  # a long property run (3-7 s): the full suite only, not the fast loop
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(_messages, st.booleans(), _SOURCE)
 def test_the_fast_path_relays_valid_multiparts_as_the_general_path_does(
     ms: list[tuple[bytes, bytes, bytes, list[bytes]]], batched: bool, source: bytes
@@ -98,7 +99,7 @@ def test_the_fast_path_relays_valid_multiparts_as_the_general_path_does(
 
 
 @pytest.mark.slow  # a long property run (3-7 s): the full suite only, not the fast loop
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(
     _messages,
     st.booleans(),

@@ -500,6 +500,19 @@ async def test_connect_used_without_async_with_says_how_to_use_it() -> None:
         pending.nonsense  # noqa: B018
 
 
+@pytest.mark.inproc
+async def test_a_store_listing_prints_the_ids_its_pointers_print(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
+    """README's API tour prints ``await bob.objects()``: its ids read as the pointers' do
+    (``me -> bob:4dd5b9``), not as 63-bit decimals no pointer shows; the keys stay the full ids."""
+    x = await bob.send(torch.tensor([1, 2, 3]))
+    p = await x.send(alice)
+    listed, chained = await bob.objects(), await alice.objects()
+    assert list(listed) == [x.id_at_location] and list(chained) == [p.id_at_location]
+    shown = re.search(r"me -> bob:([0-9a-f]{6})", repr(x))
+    assert shown is not None and repr(listed) == f"{{'{shown.group(1)}': tensor([1, 2, 3])}}", (repr(listed), repr(x))
+    assert re.fullmatch(rf"\{{'[0-9a-f]{{6}}': \[PointerTensor \| alice:\w+ -> bob:{shown.group(1)}\]\}}", str(chained))
+
+
 def test_the_readme_first_command_walks_the_seed_and_its_ids_match_between_pointers_and_stores() -> None:
     """README's first command, examples/seed_walkthrough.py, runs its twelve steps, and the ids
     it prints are one notation: step 3's pointer ``me -> bob:4dd5b9`` is found in bob's store

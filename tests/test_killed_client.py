@@ -29,30 +29,23 @@ from fedptr import limits
 
 from . import harness
 from .conftest import eventually
+from .killpoints import DYING_WRITE
 
 pytestmark = pytest.mark.slow
 
-CLIENT = """
+CLIENT = (
+    """
 import asyncio, os, signal, sys, torch, fedptr
 from fedptr import envelope, link, shm
 
 at, phase = int(sys.argv[2]), sys.argv[3]
-written = 0
-write = shm.Directory.write
 
-def dying(self, name_tag, counter, *args, **kwargs):
-    # the kill point: before the at-th chunk's file is written, or once written, before its
-    # descriptor leaves (the probe, counter 0, is not counted)
-    global written
-    written += counter > 0
-    if written == at and phase == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    made = write(self, name_tag, counter, *args, **kwargs)
-    if written == at and phase == "written":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return made
-
-shm.Directory.write = dying
+def counted(counter):
+    return counter > 0  # the chunks' files; the probe, counter 0, is not counted
+"""
+    + DYING_WRITE
+    + """
+shm.Directory.write = dying_write
 chunks = 0
 sent = link.Link._sent
 
@@ -77,6 +70,7 @@ async def main():
 
 asyncio.run(main())
 """
+)
 KILLS = 4
 """Kill points drawn per run (each a fresh client process)."""
 FILES_PER_SEND = 8

@@ -33,27 +33,24 @@ from fedptr.errors import FedptrError, LostWorkerError
 
 from . import harness
 from .conftest import eventually
+from .killpoints import DYING_WRITE
 
 pytestmark = pytest.mark.slow
 
-NODE = """
+NODE = (
+    """
 import os, signal, sys
 from fedptr import shm
 
 at, phase = int(sys.argv[3]), sys.argv[4]
-written = taken = 0
-write, hand_back = shm.Directory.write, shm.Incoming._hand_back
 
-def dying_write(self, name_tag, counter, *args, **kwargs):
-    # before the at-th reply file is written, or once written, before its descriptor leaves
-    global written
-    written += 1
-    if written == at and phase == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    made = write(self, name_tag, counter, *args, **kwargs)
-    if written == at and phase == "written":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return made
+def counted(counter):
+    return True  # every reply file
+"""
+    + DYING_WRITE
+    + """
+taken = 0
+hand_back = shm.Incoming._hand_back
 
 def dying_hand_back(self, name):
     # the client's at-th file read, not yet handed back
@@ -67,6 +64,7 @@ shm.Directory.write, shm.Incoming._hand_back = dying_write, dying_hand_back
 from fedptr.nodes.__main__ import main
 sys.exit(main(["--name", "bob", "--broker", sys.argv[1], "--store", sys.argv[2], "--threads", "1"]))
 """
+)
 KILLS = 3
 """Kill points drawn per run (each a fresh node process on the same store)."""
 FILES_PER_VALUE = 8

@@ -632,6 +632,7 @@ UNBIASED_Z = 5.5
 1 in 2,000 for the test's 6 x 650 coordinates; a ring that wraps biases the first by z 7.6."""
 
 
+@pytest.mark.slow  # 6 x 650 coordinates of whole rounds: 8-30 s per case
 @pytest.mark.parametrize(
     ("min_survivors", "dropped", "variance_ratio"),
     [(8, (), 1.0), (7, ("owner07",), 1.0), (7, (), 8 / 7)],

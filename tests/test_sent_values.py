@@ -37,7 +37,7 @@ from fedptr.nodes.replies import ReplyCache
 
 from fedptr import envelope, limits, link, wire
 from fedptr.errors import FedptrError, PermissionDenied, RemoteError, UsageError
-from fedptr.pointer import remote_call
+from fedptr.pointer import Pointer, remote_call
 from fedptr.tensors import to_raw
 
 from . import harness
@@ -217,7 +217,13 @@ async def _direct_path_open(c: harness.InprocCluster, shared: bool) -> None:
     assert direct.shares_memory(client, envelope.REPLY) == shared
 
 
-@pytest.mark.parametrize(("transport", "shared"), [("inproc", False), ("ipc", False), ("tcp", True), ("tcp", False)])
+@pytest.mark.parametrize(
+    ("transport", "shared"),
+    [
+        ("inproc", False),
+        *(pytest.param(*p, marks=pytest.mark.slow) for p in [("ipc", False), ("tcp", True), ("tcp", False)]),
+    ],
+)  # the socket transports (5-15 s each) in the full run only
 def test_no_write_after_a_get_changes_what_it_carries(
     monkeypatch: pytest.MonkeyPatch, transport: Literal["inproc", "ipc", "tcp"], shared: bool
 ) -> None:
@@ -300,28 +306,41 @@ def test_a_replayed_get_carries_what_the_get_released() -> None:
     assert not changed, f"a replayed get carried alice's data, written after the get was judged public: {changed}"
 
 
+async def _public_aliased_beside_data(c: harness.InprocCluster) -> tuple[Pointer, Pointer, Pointer]:
+    """bob's data (0.5s), a public tensor of zeros sent to bob, and an alias entry of it, kept:
+    the alias stays on bob when the public tensor moves."""
+    bob = c.worker("bob")
+    (bx,) = await bob.search("data")
+    public = await bob.send(torch.zeros(256, 1024))
+    return bx, public, await remote_call("add_", (public, 0.0))
+
+
+def _alias_plus_data(alias: Pointer, bx: Pointer) -> wire.Op:
+    """The write through the alias that would taint the public tensor with bob's data."""
+    return wire.Op(wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {})
+
+
+async def _carol_got_zeros(c: harness.InprocCluster, moved_id: int) -> None:
+    """Carol holds the moved public tensor as it was checked: zeros, none of bob's data."""
+    reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(moved_id)), DEADLINE_S)
+    assert isinstance(reply, wire.TensorReply)
+    value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
+    assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+
+
 async def _moved_then_written(monkeypatch: pytest.MonkeyPatch) -> None:
     data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
     async with harness.cluster(["bob", "carol"], data=data, call_timeout=30.0) as c:
-        bob = c.worker("bob")
-        (bx,) = await bob.search("data")
-        public = await bob.send(torch.zeros(256, 1024))
-        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+        bx, public, alias = await _public_aliased_beside_data(c)
         node, new_id = c.node("bob"), wire.new_object_id()
         with _full_queue(monkeypatch, node):
             moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
             assert await eventually(lambda: _now(len(node.link._outbox) > 0), DEADLINE_S)  # checked public, queued
-            write = wire.Op(
-                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
-            )
-            written = c.client.request_nowait("bob", write)
+            written = c.client.request_nowait("bob", _alias_plus_data(alias, bx))
             assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
         await asyncio.wait_for(moved, DEADLINE_S)
         await asyncio.wait_for(written, DEADLINE_S)
-        reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
-        assert isinstance(reply, wire.TensorReply)
-        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
-        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+        await _carol_got_zeros(c, new_id)
 
 
 def test_a_moves_put_is_the_value_it_checked_not_a_later_writes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,10 +350,7 @@ def test_a_moves_put_is_the_value_it_checked_not_a_later_writes(monkeypatch: pyt
 async def _moved_then_written_during_its_records_fsync() -> None:
     data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
     async with harness.cluster(["bob", "carol"], data=data, stores=["bob"], call_timeout=30.0) as c:
-        bob = c.worker("bob")
-        (bx,) = await bob.search("data")
-        public = await bob.send(torch.zeros(256, 1024))
-        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
+        bx, public, alias = await _public_aliased_beside_data(c)
         node, new_id = c.node("bob"), wire.new_object_id()
         durable = node.store.durable
         assert durable is not None
@@ -352,20 +368,14 @@ async def _moved_then_written_during_its_records_fsync() -> None:
         try:
             moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
             await asyncio.wait_for(recording, DEADLINE_S)  # checked public, its record awaited
-            write = wire.Op(
-                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
-            )
-            written = c.client.request_nowait("bob", write)
+            written = c.client.request_nowait("bob", _alias_plus_data(alias, bx))
             assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
             assert not moved.done()  # the write landed inside the window
         finally:
             release.set()
         await asyncio.wait_for(moved, DEADLINE_S)
         await asyncio.wait_for(written, DEADLINE_S)
-        reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
-        assert isinstance(reply, wire.TensorReply)
-        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
-        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+        await _carol_got_zeros(c, new_id)
 
 
 def test_a_write_during_a_moves_record_fsync_does_not_change_what_the_destination_gets() -> None:

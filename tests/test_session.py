@@ -29,6 +29,7 @@ from fedptr.errors import (
 from fedptr.session import Event, Incoming, Registered, Send, Session, SessionEnded, Settled
 from fedptr.streams import split
 from fedptr.zio import events, recv_frames, send_frames
+from tests.conftest import examples
 
 BEAT = 1.0
 
@@ -472,7 +473,7 @@ _messages = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(_messages)
 def test_any_messages_framed_and_parsed_come_back(messages: list[tuple[bytes, bytes, bytes, list[bytes]]]) -> None:
     """Frames, then parse, give back every message: alone, and all in one BATCH."""
@@ -500,7 +501,7 @@ _garbage = st.lists(
 )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(
     _garbage,
     st.integers(0, 200),
@@ -527,7 +528,7 @@ def lone_broker() -> Iterator[Broker]:
     broker.close()
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(frames=_garbage)
 def test_the_broker_handles_any_bytes_without_an_exception(lone_broker: Broker, frames: list[bytes]) -> None:
     """Fuzz the real router's `handle` (an unregistered sender's multipart): whatever the bytes, it

@@ -20,10 +20,11 @@ import fedptr
 from fedptr import optim
 from fedptr.ops import ALLOWED, TENSOR_METHODS
 from fedptr.pointer import Pointer
+from tests.conftest import examples
 
 pytestmark = pytest.mark.inproc  # logic only: a fresh in-process cluster per test (tests/harness.py)
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=examples(25), deadline=None, suppress_health_check=list(HealthCheck))
 DEADLINE_S = 60.0
 
 T = Any  # a Pointer or a local tensor: every case runs on both

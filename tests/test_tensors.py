@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fedptr import limits
 from fedptr.tensors import DTYPE_BY_NAME, _to_raw, from_raw, to_raw
 from fedptr.wire import RawTensor
+from tests.conftest import examples
 
 
 def _base(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -46,7 +47,7 @@ def tensors(draw: st.DrawFn) -> torch.Tensor:
     return t
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(tensors())
 def test_the_short_path_sends_the_general_paths_bytes(t: torch.Tensor) -> None:
     short, general = to_raw(t), _to_raw(t, copy=False)
@@ -56,7 +57,7 @@ def test_the_short_path_sends_the_general_paths_bytes(t: torch.Tensor) -> None:
     assert bytes(to_raw(t, copy=True).data) == bytes(general.data)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(tensors())
 def test_a_small_buffer_reads_back_as_torch_reads_it(t: torch.Tensor) -> None:
     raw = to_raw(t)

@@ -204,6 +204,7 @@ def _accuracy(model: nn.Module) -> float:
 
 
 @MODULE_LOOP
+@pytest.mark.slow  # a full training run beside the local one: 7-20 s
 async def test_a_model_class_trains_remotely_through_pointers_as_locally(fed: fedptr.Cluster) -> None:
     eve = fed.client.worker("eve")
     torch.manual_seed(0)

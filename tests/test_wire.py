@@ -17,6 +17,7 @@ from fedptr import envelope, limits, wire
 from fedptr.errors import DropoutError, ProtocolError
 from fedptr.failures import error_from_failure, failure_from_error
 from fedptr.tensors import from_raw, to_raw
+from tests.conftest import examples
 
 
 def raw(t: torch.Tensor) -> wire.RawTensor:
@@ -324,7 +325,7 @@ def test_wire_module_imports_no_sockets_asyncio_or_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.lists(st.binary(max_size=256), min_size=1, max_size=5))
 def test_garbage_frames_raise_only_protocol_error(frames: list[bytes]) -> None:
     with contextlib.suppress(ProtocolError):
@@ -338,7 +339,7 @@ json_like = st.recursive(
 )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.integers(0, 30), st.lists(json_like, max_size=6))
 def test_structured_garbage_raises_only_protocol_error(kind: int, fields: list[object]) -> None:
     header = msgpack.packb([kind, 0, *fields])
@@ -522,13 +523,13 @@ _hostile = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.sampled_from([m.KIND for m in SAMPLES]), st.integers(-1, 3), st.lists(_hostile, max_size=6))
 def test_a_small_header_is_read_as_the_limited_decoder_reads_it(kind: int, budget: int, fields: list[object]) -> None:
     _agree([msgpack.packb([kind, budget, *fields])])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.integers(0, len(SAMPLES) - 1), st.integers(0, 200), st.binary(min_size=1, max_size=12), st.booleans())
 def test_a_mutated_request_is_read_as_the_limited_decoder_reads_it(
     which: int, at: int, noise: bytes, insert: bool
