@@ -35,7 +35,10 @@ The neighbouring worlds, and why they are the right ones:
   scaled to units of C.
   Canaries that cannot be one of K independent trials (a sample that makes the batch fail, a
   non-finite input) are audited one per run, against m ordinary samples whose clipped gradients
-  all push the same way: the statistic is the change of the model along that push.
+  all push the same way: the statistic is the change of the model along that push. So is a far
+  input to a hostile client's model that adds its batch's sum to every row (`BatchSum`, as a
+  graph): DP-SGD computes each gradient on a batch of one, so it moves one clipped gradient; taken
+  through the batch's forward instead (per-layer hooks' assumption), it moves every sample's.
 * **SecAgg+** (owner level, `fedptr.nodes.secagg`, the owners' and the aggregator's real code):
   like M1, the target owner's value is the canary or zeros and the other owners contribute
   zeros, but every coordinate of a round is one trial (`secagg_statistics` says why that is
@@ -54,6 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -62,8 +66,10 @@ from fedptr.nodes import mechanisms, secagg
 from fedptr.nodes.budget import Budget
 from scipy import stats
 from torch import nn
+from torch.func import functional_call
+from torch.nn import functional
 
-from fedptr import wire
+from fedptr import modules, wire
 from fedptr.errors import FedptrError
 from fedptr.limits import DP_DELTA, MIN_OWNERS
 
@@ -280,13 +286,36 @@ def m2_gradient_canaries(
     return torch.stack(worlds)
 
 
+class BatchSum(nn.Module):
+    """A hostile client's model: a linear map without bias of each row plus the sum of its
+    batch's rows, so that one sample's input reaches every sample's output. It travels as a
+    graph (`mixing_model`), as the node builds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x + x.sum(0), self.weight)
+
+
+def mixing_model() -> nn.Module:
+    """`BatchSum` as a node builds it from the wire (a `fedptr.graphs.GraphModel`)."""
+    return modules.from_wire(*modules.to_wire(BatchSum()))
+
+
 def m2_batch_canary(
-    runs: int, canary: tuple[torch.Tensor, torch.Tensor], config: wire.DPTrain, ordinary: int = 64
+    runs: int,
+    canary: tuple[torch.Tensor, torch.Tensor],
+    config: wire.DPTrain,
+    ordinary: int = 64,
+    model: Callable[[], nn.Module] = lambda: nn.Linear(2, 2, bias=False),
 ) -> torch.Tensor:
     """`runs` statistics of M2 on `ordinary` samples, without then with `canary` (x, y) added
-    (shape (2, runs)); two classes, two features, `config.loss` is ``cross_entropy``. Each
-    ordinary sample (10 e_0, class 0) has a gradient above the clip bound, and all push the
-    model the same way: the statistic is how far the model moved along that push, in units of C."""
+    (shape (2, runs)); two classes, two features, `config.loss` is ``cross_entropy``, a `model`
+    whose one parameter, ``weight`` (2 x 2), starts at zeros. Each ordinary sample (10 e_0,
+    class 0) has a gradient above the clip bound, and all push the model the same way: the
+    statistic is how far the model moved along that push, in units of C."""
     xs = torch.zeros(ordinary, 2)
     xs[:, 0] = 10.0
     ys = torch.zeros(ordinary, dtype=torch.long)
@@ -295,14 +324,19 @@ def m2_batch_canary(
         n = len(x)
         rows = []
         for _ in range(runs):
-            model = nn.Linear(2, 2, bias=False)
-            nn.init.zeros_(model.weight)
-            mechanisms.dp_sgd(model, x, y, config)
-            w = model.weight.detach().double()
+            trained = model()
+            weight = dict(trained.named_parameters())["weight"]
+            nn.init.zeros_(weight)
+            mechanisms.dp_sgd(trained, x, y, config)
+            w = weight.detach().double()
             push = (w[0, 0] - w[1, 0]) / math.sqrt(2)
             rows.append(push * config.sample_rate * n / (config.lr * config.max_grad_norm))
         worlds.append(torch.stack(rows))
     return torch.stack(worlds)
+
+
+MIXING_CANARY = "far input to a model that sums its batch"
+"""`m2_batch_canaries`' canary for `mixing_model`: its row reaches every row's input there."""
 
 
 def m2_batch_canaries() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -310,6 +344,7 @@ def m2_batch_canaries() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {
         "out-of-range label (fails the batch)": (torch.zeros(2), torch.tensor(2)),
         "non-finite input": (torch.tensor([math.nan, 0.0]), torch.tensor(0)),
+        MIXING_CANARY: (torch.tensor([-1e4, 0.0]), torch.tensor(0)),
     }
 
 
@@ -338,6 +373,39 @@ def m2_drop_batch() -> Iterator[None]:
         return [torch.zeros(p.numel(), dtype=p.dtype) for p in params.values()]
 
     with mock.patch.object(mechanisms, "_sample_gradient_or_zero", zero):
+        yield
+
+
+@contextlib.contextmanager
+def m2_through_batch() -> Iterator[None]:
+    """Broken M2: each sample's gradient taken through the forward of its whole batch (what
+    per-layer per-sample gradients, Opacus's GradSampleModule, assume is the same), then clipped
+    as the node does: with a model that mixes rows, one sample moves every sample's gradient."""
+    clipped_sum = mechanisms._clipped_sum
+    running: dict[str, Any] = {}  # the batch `through_batch` runs, and the row whose gradient it takes
+
+    def sample_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor]) -> mechanisms.SampleLoss:
+        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, params, (running["batch"],))
+            return loss_fn(out[running["row"] : running["row"] + 1], y[None], reduction="sum")
+
+        return loss
+
+    def through_batch(
+        loss: mechanisms.SampleLoss, params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, bound: float
+    ) -> list[torch.Tensor]:
+        if len(xb) == 0:
+            return clipped_sum(loss, params, xb, yb, bound)
+        rows = []
+        for i in range(len(xb)):
+            running.update(batch=xb, row=i)
+            rows.append(clipped_sum(loss, params, xb[i : i + 1], yb[i : i + 1], bound))
+        return [torch.stack(r).sum(0) for r in zip(*rows, strict=True)]
+
+    with (
+        mock.patch.object(mechanisms, "_sample_loss", sample_loss),
+        mock.patch.object(mechanisms, "_clipped_sum", through_batch),
+    ):
         yield
 
 
@@ -618,9 +686,17 @@ def cases(size: Size) -> list[Case]:
         variant: str = HONEST,
         patch: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> Case:
+        mixing = canary == MIXING_CANARY
+
         def measure() -> torch.Tensor:
             with patch():
-                return m2_batch_canary(size.m2_batch_runs, m2_batch_canaries()[canary], config("cross_entropy", 0.01))
+                return m2_batch_canary(
+                    size.m2_batch_runs,
+                    m2_batch_canaries()[canary],
+                    config("cross_entropy", 0.01),
+                    ordinary=8 if mixing else 64,  # a broken run's every sample runs the whole batch
+                    model=mixing_model if mixing else lambda: nn.Linear(2, 2, bias=False),
+                )
 
         return Case("M2", canary, variant, (M2_SIGMA, M2_RATE, M2_STEPS), m2, measure)
 
@@ -628,6 +704,7 @@ def cases(size: Size) -> list[Case]:
     out.append(
         batch_case("out-of-range label (fails the batch)", "failing batch dropped (before the fix)", m2_drop_batch)
     )
+    out.append(batch_case(MIXING_CANARY, "per-sample gradients through the batch's forward", m2_through_batch))
 
     owners = [f"owner{i}" for i in range(SA_OWNERS + 1)]  # one more, to drop before advertising
     all_survive, most_drop = Dropouts(advertise=1), Dropouts(advertise=1, share_keys=1, masked_input=2)

@@ -16,7 +16,7 @@ from torch import nn
 from fedptr import limits, meta, modules, wire
 from fedptr.awaiting import not_awaited
 from fedptr.client import Client, Worker
-from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError
+from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError, UsageError
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.tensors import to_raw
 
@@ -39,7 +39,9 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     order of `workers`, None where a destination failed. The caller's mistakes raise at once:
     InvalidArgumentError for no workers, a worker twice, a name no worker can have or workers
     of different clients; UnsupportedTypeError (a TypeError) for anything but a tensor or a
-    model, and TypeError for a model outside the allow-list. This process raises
+    model, and TypeError for a model outside the allow-list. UsageError when a tensor over
+    `limits.SEND_COPY_MAX_BYTES` was changed in place before every destination answered: it is
+    sent from its memory, as `Worker.send` sends it (the copies stored are deleted). This process raises
     TooManyInFlightError when the requests do not fit under the client's `max_in_flight`
     (await some results first), and ClientClosedError when the client is closed (closing while
     it waits fails each destination still unanswered with ClientClosedError, in a BroadcastError).
@@ -56,7 +58,7 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"a worker is named twice in {names}")
     obj_id = client.new_id()
-    msg, pointer = _request(client, x, obj_id)
+    msg, pointer, unchanged = _request(client, x, obj_id)
     client._flush_deletes()  # as `Client.call` does: room is made on the workers before the copies land
     futures: list[asyncio.Future[wire.Message]] = []
     try:
@@ -69,6 +71,10 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
         for name, fut in zip(names, futures, strict=False):
             fut.add_done_callback(functools.partial(_abandoned, client, name, obj_id))
         raise
+    if not unchanged():
+        for name, fut in zip(names, futures, strict=True):
+            _abandoned(client, name, obj_id, fut)
+        raise UsageError("the tensor was changed in place while it was being broadcast: broadcast it again")
     pointers: list[Pointer | None] = []
     errors: dict[str, FedptrError] = {}
     for name, fut in zip(names, futures, strict=True):
@@ -85,22 +91,32 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     return [p for p in pointers if p is not None]
 
 
-def _request(client: Client, x: torch.Tensor | nn.Module, obj_id: int) -> tuple[wire.Message, Callable[[str], Pointer]]:
-    """The request that stores `x` as `obj_id`, and how to make the pointer to a stored copy."""
+def _request(
+    client: Client, x: torch.Tensor | nn.Module, obj_id: int
+) -> tuple[wire.Message, Callable[[str], Pointer], Callable[[], bool]]:
+    """The request that stores `x` as `obj_id`, how to make the pointer to a stored copy, and
+    whether what it carries is still `x` as the call took it. The session keeps each
+    destination's request to send it again on its own when the broker refuses it undelivered (it
+    forgot the client), and a view would carry then what a write made of `x` since: `Worker.send`'s
+    rule holds here. A model and a tensor up to `limits.SEND_COPY_MAX_BYTES` are copied now; a
+    bigger tensor is sent from its memory, checked unchanged (its version) once every destination
+    answered: a copy of 64 MiB cost a quarter more CPU per broadcast (docs/REDTEAM.md, nemesis7)."""
     if isinstance(x, torch.Tensor):
 
         def tensor(name: str) -> Pointer:
             return Pointer(client, name, obj_id, meta=meta.of_tensor(x))
 
-        return wire.Put(obj_id, to_raw(x), x.requires_grad), tensor
+        small, version = x.nbytes <= limits.SEND_COPY_MAX_BYTES, x._version
+        put = wire.Put(obj_id, to_raw(x, copy=small), x.requires_grad)
+        return put, tensor, lambda: small or x._version == version
     if isinstance(x, nn.Module):
-        spec, params = modules.to_wire(x)
+        spec, params = modules.to_wire(x, copy=True)
 
         def model(name: str) -> Pointer:
             remote = ModulePointer(client, name, obj_id, spec)
             return remote if x.training else remote.eval()
 
-        return wire.PutModule(obj_id, spec, params), model
+        return wire.PutModule(obj_id, spec, params), model, lambda: True
     expected = "a tensor or an nn.Module"
     raise not_awaited(x, expected) or UnsupportedTypeError(f"can broadcast {expected}, not {type(x).__name__}")
 

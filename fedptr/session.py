@@ -477,8 +477,9 @@ class Session:
         for rid, p in list(self._pending.items()):
             if p.dest == name and _relayed_to_the_lost(rid, last) and self._forget(rid):
                 # its reply, if part of it came, can never end now (a late one is dropped
-                # anyway): the stream's bytes go now, not after `limits.STREAM_TIMEOUT_S`
-                self._reassembly.drop((envelope.REPLY, name.encode(), rid))
+                # anyway): the stream's bytes go now, not after `limits.STREAM_TIMEOUT_S`, and
+                # its later chunks (a worker forgotten for its silence may still stream) too
+                self._reassembly.refuse((envelope.REPLY, name.encode(), rid), f"{name} was lost")
                 events.append(Settled(rid, error=LostWorkerError(name), dest=name))
         is_client = len(body) >= 2 and bytes(body[0]) == envelope.ROLE_CLIENT
         if is_client and bytes(body[1]) in (envelope.GONE_DISCONNECTED, envelope.GONE_CLOSED):

@@ -82,6 +82,12 @@ def _aligned_empty(nbytes: int) -> np.ndarray[Any, Any]:
     return raw[start : start + nbytes]
 
 
+def _same(received: np.ndarray[Any, Any], again: np.ndarray[Any, Any]) -> None:
+    """A chunk sent again must carry the bytes it carried: raises ProtocolError if not."""
+    if not np.array_equal(received, again):
+        raise ProtocolError("a chunk overlaps bytes of its buffer received already, and differs")
+
+
 @runtime_checkable
 class Filler(Protocol):
     """A chunk's bytes not in memory yet (`fedptr.shm.Incoming`: a file in shared memory), of
@@ -105,9 +111,12 @@ class _Spans:
     ends: list[int] = field(default_factory=list)
     received: int = 0
 
-    def add(self, start: int, end: int) -> None:
-        """Record [start, end); raises ProtocolError if any of it was received already."""
+    def add(self, start: int, end: int) -> bool:
+        """Record [start, end), and whether it is new: all of it, or none (received already: a
+        chunk sent again, not counted twice). Raises ProtocolError if part of it was received."""
         i = bisect.bisect_right(self.starts, start)
+        if i > 0 and self.ends[i - 1] >= end:
+            return False
         if (i > 0 and self.ends[i - 1] > start) or (i < len(self.starts) and self.starts[i] < end):
             raise ProtocolError("a chunk overlaps bytes of its buffer received already")
         self.received += end - start
@@ -121,6 +130,7 @@ class _Spans:
         else:
             self.starts.insert(i, start)
             self.ends.insert(i, end)
+        return True
 
 
 @dataclass
@@ -175,12 +185,23 @@ class Reassembly:
         that fails refuses its stream (its message fails at once, with the reason)."""
         if not isinstance(data, Filler):
             view = memoryview(data).cast("B")
-            buffers, index, offset = self._place(source, rid, info, view.nbytes)
-            buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+            placed = self._place(source, rid, info, view.nbytes)
+            if placed is not None:
+                buffers, index, offset, fresh = placed
+                if fresh:
+                    buffers[index][offset : offset + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+                else:
+                    _same(buffers[index][offset : offset + view.nbytes], np.frombuffer(view, dtype=np.uint8))
             return
         try:
-            buffers, index, offset = self._place(source, rid, info, data.nbytes)
-            buffers[index] = data.place(buffers[index], offset)
+            placed = self._place(source, rid, info, data.nbytes)
+            if placed is not None:
+                buffers, index, offset, fresh = placed
+                if fresh:
+                    buffers[index] = data.place(buffers[index], offset)
+                else:
+                    again = data.place(np.empty(data.nbytes, dtype=np.uint8), 0)
+                    _same(buffers[index][offset : offset + data.nbytes], again[: data.nbytes])
         except ProtocolError as e:
             if len(info) == envelope.CHUNK_INFO.size:  # its message fails now, not when the stream times out
                 self.refuse((envelope.CHUNK_INFO.unpack(info)[0], source, rid), str(e))
@@ -190,10 +211,14 @@ class Reassembly:
 
     def _place(
         self, source: bytes, rid: bytes, info: bytes, nbytes: int
-    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int]:
+    ) -> tuple[dict[int, np.ndarray[Any, Any]], int, int, bool] | None:
         """Where a chunk of `nbytes` goes: its stream's buffers, the index of its buffer (made on
         the stream's first chunk, within the budgets) and its offset there, its bytes counted as
-        received: each byte of a buffer is placed once."""
+        received: each byte of a buffer is placed once; and whether they are new (False: all of
+        them came already, the chunk sent again: a request resent after "not registered" whose
+        first sending's chunks took the direct path). None for a chunk of a refused stream: its
+        message fails anyway, and a later chunk (a lost sender still streaming) held no bytes
+        for nothing until the timeout."""
         self.purge()
         if len(info) != envelope.CHUNK_INFO.size:
             raise ProtocolError("bad chunk info")
@@ -205,6 +230,8 @@ class Reassembly:
         key = (command, source, rid)
         partial = self._partials.get(key)
         if partial is None:
+            if self._refused and (command, rid) in self._refused.get(source, ()):
+                return None
             partial = self._partials[key] = _Partial()
         buf = partial.buffers.get(index)
         if buf is None:
@@ -223,9 +250,9 @@ class Reassembly:
             self._peer_bytes[source] += total
         elif len(buf) != total:
             raise ProtocolError("chunk disagrees on its buffer's size")
-        partial.spans[index].add(offset, offset + nbytes)
+        fresh = partial.spans[index].add(offset, offset + nbytes)
         partial.touched = time.monotonic()
-        return partial.buffers, index, offset
+        return partial.buffers, index, offset, fresh
 
     def waiting(self, command: bytes, source: bytes, rid: bytes) -> bool:
         """Whether a stream of this message started and some of its bytes have not arrived yet."""
@@ -262,6 +289,8 @@ class Reassembly:
         if not self._partials:
             return body
         partial = self._partials.pop((command, source, rid), None)
+        if command == envelope.REQUEST and self._partials:
+            self._abandon_before(source, rid)
         if partial is None:
             return body
         self._release(source, partial)
@@ -271,6 +300,16 @@ class Reassembly:
                 raise ProtocolError("a streamed buffer is incomplete or misplaced")
             body[index] = memoryview(buf)  # type: ignore[arg-type]
         return body
+
+    def _abandon_before(self, source: bytes, rid: bytes) -> None:
+        """Drop `source`'s partial requests issued before `rid`, whose message has come: the
+        broker relays a sender's messages in order, so their messages never will (refused
+        undelivered when it forgot the sender; or the sender restarted), while some of their
+        chunks took the direct path or came before the broker forgot it. A message waiting
+        for its chunks holds the later ones (`Session`), so none of theirs is pending here."""
+        for key in [k for k in self._partials if k[1] == source and k[0] == envelope.REQUEST]:
+            if envelope.request_after(rid, key[2]):
+                self.drop(key)
 
     def _unrefuse(self, source: bytes, key: tuple[bytes, bytes]) -> tuple[str, float] | None:
         """Take back `source`'s refusal of stream `key` (None when not remembered)."""

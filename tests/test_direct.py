@@ -11,6 +11,7 @@ real data socket in this process.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -95,6 +96,62 @@ def test_chunks_that_never_come_fail_their_message_typed_and_free_the_ones_behin
     failure = wire.decode(answer.message[3:]).message
     assert isinstance(failure, wire.Failure) and "stopped arriving" in failure.message
     assert [e.rid for e in events if isinstance(e, Incoming)] == [b"2" * 8]
+
+
+def test_direct_chunks_whose_message_the_broker_refused_go_when_a_later_request_comes() -> None:
+    """A request whose first chunk and message the broker refused ("not registered": it forgot
+    the sender) while its other chunks took the direct path (a move's Put of views, sent once)
+    left those chunks held until `limits.STREAM_TIMEOUT_S` (review11, reasoned). The broker
+    relays a sender's messages in order: one of its requests issued later, come through the
+    broker, says the earlier one's message will never come, unless it was held already."""
+    rids = [struct.pack("<II", counter, 77) for counter in (5, 6, 9)]
+    for later in (rids[1], rids[2], struct.pack("<II", 1, 78)):  # the next id, a later one, a restarted sender's
+        bob = Session("bob", envelope.ROLE_WORKER, direct_sources={b"alice"})
+        _first, *rest, _put = streamed_put(1, torch.randn(100_000), rids[0])
+        for chunk in rest:
+            assert bob.receive_direct(b"alice", envelope.framed(chunk), 0.0) == []
+        assert bob._reassembly.pending_bytes > 0
+        events = bob.receive(delivered([envelope.REQUEST, b"bob", later, *wire.encode(wire.Get(1))]), 0.0)
+        assert [e.rid for e in events if isinstance(e, Incoming)] == [later]
+        assert bob._reassembly.pending_bytes == 0 and len(bob._reassembly) == 0, later.hex()
+
+
+def test_a_request_issued_before_a_streams_own_keeps_the_stream() -> None:
+    """The rule above drops only streams of requests issued before the one that came: an earlier
+    request's arrival (or a reply, whose id is ours) leaves a stream in progress alone."""
+    bob = Session("bob", envelope.ROLE_WORKER, direct_sources={b"alice"})
+    t = torch.randn(100_000)
+    first, *rest, put = streamed_put(1, t, struct.pack("<II", 6, 77))
+    for chunk in rest[:2]:
+        bob.receive_direct(b"alice", envelope.framed(chunk), 0.0)
+    earlier = [envelope.REQUEST, b"bob", struct.pack("<II", 5, 77), *wire.encode(wire.Get(1))]
+    assert [type(e) for e in bob.receive(delivered(earlier), 0.0)] == [Incoming]
+    events = bob.receive(delivered(first), 0.0) + bob.receive(delivered(put), 0.0)
+    for chunk in rest[2:]:
+        events += bob.receive_direct(b"alice", envelope.framed(chunk), 0.0)
+    [incoming] = [e for e in events if isinstance(e, Incoming)]
+    assert isinstance(incoming.request.message, wire.Put) and torch.equal(from_raw(incoming.request.message.tensor), t)
+
+
+def test_a_lost_workers_later_direct_chunks_start_no_new_stream() -> None:
+    """A worker declared lost (silent to the broker) may still be alive and streaming a reply
+    over the direct path: the LOST settles the request and drops its partial reply (nemesis6),
+    and a later chunk of that reply started a new partial, held until `limits.STREAM_TIMEOUT_S`
+    (review11, reasoned). The reply can never be taken: its chunks are refused on arrival."""
+    client = Session("client-a", envelope.ROLE_CLIENT, direct_sources={b"bob"})
+    get = client.request("bob", wire.Get(1), 30.0, 0.0)[0]
+    reply = [envelope.REPLY, b"client-a", get, *wire.encode(wire.TensorReply(to_raw(torch.randn(100_000))))]
+    first, *rest, tensor = split(reply, 100_000, 64_000)
+    client.receive(delivered(first, b"bob"), 0.0)
+    client.receive_direct(b"bob", envelope.framed(rest[0]), 0.0)
+    lost = envelope.message(envelope.LOST, b"bob", envelope.NO_REPLY, [envelope.ROLE_WORKER, envelope.GONE_SILENT])
+    [settled] = client.receive(envelope.framed(lost), 0.0)
+    assert isinstance(settled, Settled) and isinstance(settled.error, fedptr.LostWorkerError)
+    assert client._reassembly.pending_bytes == 0
+    for chunk in rest[1:]:
+        assert client.receive_direct(b"bob", envelope.framed(chunk), 0.0) == []
+    assert client._reassembly.pending_bytes == 0 and len(client._reassembly) == 0
+    assert client.receive(delivered(tensor, b"bob"), 0.0) == []  # the late reply: dropped
 
 
 def test_only_chunks_travel_the_direct_path() -> None:

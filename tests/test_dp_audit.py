@@ -68,6 +68,7 @@ def test_every_break_of_the_brief_is_audited() -> None:
     for mechanism in ("M1", "M2"):
         assert {(mechanism, "clip off"), (mechanism, "noise halved")} <= breaks
     assert ("M2", "failing batch dropped (before the fix)") in breaks
+    assert ("M2", "per-sample gradients through the batch's forward") in breaks
     assert {
         ("SecAgg+", "noise sized for all n owners"),
         ("SecAgg+", "noise halved"),

@@ -2,7 +2,10 @@
 as shared-memory files (`fedptr.shm`) on this host, at a kill point drawn (seeded: `KILL_SEED`)
 among its sends' files: just before the n-th is written, or once written and before its
 descriptor leaves (the file no one was told of); and, on an ipc:// cluster (no direct path),
-just before the n-th chunk leaves for the broker.
+just before the n-th chunk leaves for the broker. And a client killed mid-get, the node the
+sender of a large reply (nemesis7): before or after it reads the node's n-th shared-memory file,
+before it takes the n-th sealed chunk of the direct path (no shared memory), or the n-th chunk
+through the broker; another client's gets go on meanwhile and must all return their value.
 
 The node (in this process, on a tcp:// broker so that the path opens) must be left as the
 session-end rule says once it learns the client is gone (heartbeat silence): nothing of the
@@ -24,8 +27,10 @@ import sys
 from typing import Literal
 
 import pytest
+import torch
 
-from fedptr import limits
+from fedptr import limits, wire
+from fedptr.tensors import from_raw
 
 from . import harness
 from .conftest import eventually
@@ -133,3 +138,119 @@ async def test_a_client_killed_mid_send_leaves_nothing_on_the_node(transport: Li
                 f"partial bytes {session._reassembly._peer_bytes[name.encode()]}, files {_files_of(proc.pid)}"
             )
         assert len(session._reassembly) == 0 and bob.store.usage(c.client.name) == (0, 0)
+
+
+GETTER = """
+import asyncio, os, signal, sys, torch, fedptr
+from fedptr import limits, link, session, shm, wire
+
+at, phase = int(sys.argv[2]), sys.argv[3]
+if phase == "sealed":
+    limits.DIRECT_SHM_DIR = ""  # no probe file: the path carries sealed chunks, no shared memory
+seen = 0
+
+def dying(original, before):
+    # the kill point: the at-th chunk this client receives, on the path `phase` names
+    def counted(*args, **kwargs):
+        global seen
+        seen += 1
+        if seen == at and before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(*args, **kwargs)
+        if seen == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return counted
+
+if phase in ("file", "read"):  # the node's n-th reply file: before it is read, or once handed back
+    shm.Incoming.place = dying(shm.Incoming.place, phase == "file")
+elif phase == "sealed":
+    link.Link._direct_chunk = dying(link.Link._direct_chunk, True)
+else:  # through the broker
+    session.Session._chunk = dying(session.Session._chunk, True)
+
+async def main():
+    async with fedptr.connect(sys.argv[1], timeout=30.0) as client:
+        kept = await client.worker("bob").send(torch.randn(8 << 20))
+        print(client.name, kept.id_at_location, flush=True)
+        for _ in range(1000):  # 32 MiB each (a Get alone: `Pointer.get` would delete it)
+            await client.request_nowait("bob", wire.Get(kept.id_at_location))
+
+asyncio.run(main())
+"""
+GET_PATHS = {
+    "shm": ("tcp", ["file", "read"], FILES_PER_SEND),
+    "sealed": ("tcp", ["sealed"], CHUNKS_PER_SEND),
+    "broker": ("ipc", ["chunk"], CHUNKS_PER_SEND),
+}
+"""Per path of a reply, the cluster's transport, the kill points drawn, and the chunks of one get
+that reach them (the first chunk of each buffer takes the broker)."""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", list(GET_PATHS))
+async def test_a_client_killed_mid_get_leaves_nothing_on_the_node(path: str) -> None:
+    if not os.path.isdir(limits.DIRECT_SHM_DIR):
+        pytest.skip(f"no {limits.DIRECT_SHM_DIR}")
+    seed = int(os.environ.get("KILL_SEED", "5"))
+    draw = random.Random(f"{seed}-{path}")
+    transport, phases, per_get = GET_PATHS[path]
+    async with harness.cluster(["bob"], transport=transport, call_timeout=30.0) as c:
+        bob = c.node("bob")
+        session, direct = bob.link.session, bob.link.direct
+        mine = torch.randn(8 << 20)
+        kept = await c.worker("bob").send(mine)
+        held = bob.store.held_bytes()
+        stop = asyncio.Event()
+
+        async def other_client() -> int:
+            gets = 0
+            while not stop.is_set():  # each get returns the value, whatever the other client does
+                reply = await c.client.request_nowait("bob", wire.Get(kept.id_at_location))
+                assert isinstance(reply, wire.TensorReply) and torch.equal(from_raw(reply.tensor), mine)
+                gets += 1
+            return gets
+
+        for kill in range(KILLS):
+            at, phase = draw.randint(1, 3 * per_get), draw.choice(phases)
+            stop.clear()
+            getting = asyncio.ensure_future(other_client())
+            proc = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-c", GETTER, c.address, str(at), phase),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                assert proc.stdout is not None
+                name, its = (await asyncio.wait_for(proc.stdout.readline(), 60.0)).decode().split()
+                assert bob.store.entries[int(its)].owner == name  # acknowledged: held
+                await asyncio.wait_for(proc.wait(), 60.0)  # it kills itself at its kill point
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                stop.set()
+            assert proc.returncode == -signal.SIGKILL
+            assert await asyncio.wait_for(getting, 60.0) > 0
+            where = f"seed {seed}, kill {kill} {phase} chunk {at} (client {name}, pid {proc.pid})"
+
+            async def reclaimed(name: str = name, pid: int = proc.pid) -> bool:
+                return (
+                    (direct is None or (name.encode() not in direct.sources and name.encode() not in direct._routes))
+                    and bob.store.usage(name) == (0, 0)
+                    and not any(e.owner == name for e in bob.store.entries.values())
+                    and bob.store.held_bytes() == held  # what the acknowledged objects imply: the other client's
+                    and session._reassembly._peer_bytes[name.encode()] == 0
+                    and not bob.link._outbox  # the reply's stream to the dead client did not stay queued
+                    and (direct is None or direct._file_bytes == 0)  # its reply files (and the others', read) went
+                    and not _files_of(pid)
+                    and not _files_of(os.getpid())
+                )
+
+            assert await eventually(reclaimed, timeout=GONE_S), (
+                f"{where}: usage {bob.store.usage(name)}, held {bob.store.held_bytes()} of {held}, "
+                f"outbox {len(bob.link._outbox)}, node files {direct and direct._file_bytes} bytes, "
+                f"files {_files_of(proc.pid) + _files_of(os.getpid())}"
+            )
+        assert len(session._reassembly) == 0 and bob.store.usage(c.client.name) == (1, mine.nbytes)
+        assert torch.equal(await kept.get(), mine)  # acknowledged before the kills, intact

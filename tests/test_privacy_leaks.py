@@ -320,6 +320,21 @@ def test_5_a_chunk_over_bytes_already_received_is_refused(second: tuple[int, byt
     assert bytes(body[1]) == b"A" * 8 + b"C" * 8
 
 
+def test_5_the_same_chunk_sent_again_counts_once() -> None:
+    """A request resent after "not registered" sends its chunks again, and those of its first
+    sending that took the direct path are there already (nemesis7): taken if they carry the same
+    bytes, never counted twice (the gap stays a gap)."""
+    r = Reassembly()
+    _chunk(r, 0, b"A" * 8, 16)
+    _chunk(r, 0, b"A" * 8, 16)
+    with pytest.raises(ProtocolError, match="incomplete"):
+        r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
+    for offset, data in ((0, b"A" * 8), (8, b"C" * 8), (8, b"C" * 8)):
+        _chunk(r, offset, data, 16)
+    body = r.complete(envelope.REQUEST, b"peer", b"r" * 8, [b"header", b""])
+    assert bytes(body[1]) == b"A" * 8 + b"C" * 8
+
+
 def test_5_a_buffer_with_a_gap_is_incomplete() -> None:
     r = Reassembly()
     _chunk(r, 0, b"A" * 4, 12)

@@ -50,6 +50,7 @@ from fedptr.nodes.node import NodeConfig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional
 
 import fedptr
 from fedptr import dp, wire
@@ -86,6 +87,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "batchnorm": lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, CLASSES)),
     "buffer": lambda: _WithBuffer(),
     "batchnorm-1d": lambda: _Channels(),
+    "mixing": lambda: _Mixing(),
 }
 
 
@@ -114,6 +116,27 @@ class _Channels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(self.lin(x).reshape(-1, 3, 2)).flatten(1))
+
+
+class _Mixing(nn.Module):
+    """A hostile client's model (it travels as a graph) whose forward mixes the rows of its batch
+    every way the allow-list permits: centred on the batch mean, a running sum, a sort, a maximum
+    and a softmax over dimension 0, a layer norm over the batch (through a reshape), attention
+    of each row over all of them. Run on a whole batch, each sample's gradient would depend on
+    the canary's row; DP-SGD computes each on a batch of one (twentieth red-team round)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(3, 3)
+        self.key = nn.Linear(3, 3)
+        self.out = nn.Linear(3, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h - h.mean(0) + torch.cumsum(h, 0) + h.sort(0)[0] + h.amax(0) + h.softmax(0)
+        h = functional.layer_norm(h.reshape(1, -1), [h.shape[0] * h.shape[1]]).reshape(h.shape)
+        h = (self.query(h) @ self.key(h).t()).softmax(-1) @ h
+        return self.out(h)
 
 
 # --- the nodes' randomness, the same in both worlds ------------------------------------------

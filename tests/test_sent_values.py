@@ -23,7 +23,7 @@ import asyncio
 import math
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,8 +35,10 @@ import zmq
 from fedptr.nodes.node import Node, NodeConfig
 from fedptr.nodes.replies import ReplyCache
 
+import fedptr
 from fedptr import envelope, limits, link, wire
 from fedptr.errors import FedptrError, PermissionDenied, RemoteError, UsageError
+from fedptr.link import Link
 from fedptr.pointer import Pointer, remote_call
 from fedptr.tensors import to_raw
 
@@ -386,25 +388,53 @@ def test_a_write_during_a_moves_record_fsync_does_not_change_what_the_destinatio
     asyncio.run(_moved_then_written_during_its_records_fsync())
 
 
-async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = {"bob": {"data": {"x": np.full((256, 1024), 0.5, dtype=np.float32)}}}
-    async with harness.cluster(["bob", "carol"], data=data, heartbeat_s=0.1, call_timeout=30.0) as c:
+async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # "streamed": over limits.STREAM_THRESHOLD_BYTES, on tcp://: the Put's chunks but the first
+    # take bob's direct path to carol (shared memory) while the broker path is blocked
+    streamed = kind == "streamed tensor"
+    rows = 2048 if streamed else 256
+    data = {"bob": {"data": {"x": np.full((rows, 1024), 0.5, dtype=np.float32)}}}
+    transport: Literal["tcp", "inproc"] = "tcp" if streamed else "inproc"
+    async with harness.cluster(
+        ["bob", "carol"], data=data, heartbeat_s=0.1, call_timeout=30.0, transport=transport
+    ) as c:
         bob = c.worker("bob")
         (bx,) = await bob.search("data")
-        public = await bob.send(torch.zeros(256, 1024))
-        alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept: it stays when public moves
         node, carol, new_id = c.node("bob"), c.node("carol"), wire.new_object_id()
+        if streamed:
+            direct = node.link.direct
+            assert direct is not None
+            while not direct.ready(b"carol", envelope.REQUEST):
+                node.link._want_direct(b"carol")
+                await asyncio.sleep(limits.POLL_INTERVAL_S)
+        if kind == "model":
+            public = await bob.send(torch.nn.Linear(1024, 256, bias=False).requires_grad_(False).apply(_zeroed))
+            weight = node.store.entries[public.id_at_location].result().weight
+
+            def write() -> None:  # a training step on bob's data, say: in place, on the loop
+                with torch.no_grad():
+                    weight.add_(0.5)
+
+            def written() -> bool:
+                return float(weight.detach().reshape(-1)[0]) == 0.5
+        else:
+            public = await bob.send(torch.zeros(rows, 1024))
+            alias = await remote_call("add_", (public, 0.0))  # an alias entry of public, kept when public moves
+
+            def write() -> None:
+                c.client.request_nowait("bob", _alias_plus_data(alias, bx))
+
+            def written() -> bool:
+                return _first(node, alias.id_at_location) == 0.5
+
         assert node.store.wal is None  # no move record: the Put carries views since bulk2
         broker = c.broker
         assert broker is not None
         with _full_queue(monkeypatch, node):
             moved = c.client.request_nowait("bob", wire.Move(public.id_at_location, "carol", new_id))
             assert await eventually(lambda: _now(len(node.link._outbox) > 0), DEADLINE_S)  # checked public, queued
-            write = wire.Op(
-                wire.new_object_id(), "add_", [wire.Ref(alias.id_at_location), wire.Ref(bx.id_at_location)], {}
-            )
-            c.client.request_nowait("bob", write)
-            assert await eventually(lambda: _now(_first(node, alias.id_at_location) == 0.5), DEADLINE_S)
+            write()
+            assert await eventually(lambda: _now(written()), DEADLINE_S)
             # bob, silent while its queue is full, is forgotten: its queued Put is refused "not
             # registered" once it leaves, and the session sends the message it kept again
             assert await eventually(lambda: _now(b"bob" not in broker.table.by_name), DEADLINE_S)
@@ -417,28 +447,56 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch) -> No
             lambda: _now(new_id in entries[0] or public.id_at_location in entries[1]), DEADLINE_S
         ), "the move never settled"
         assert node.link.reregistrations >= 1
+        # and carol holds no partial stream of a Put whose message never came (its chunks that
+        # took the direct path): not until `limits.STREAM_TIMEOUT_S`
+        partial = carol.link.session._reassembly
+        assert await eventually(lambda: _now(partial.pending_bytes == 0), DEADLINE_S), partial.pending_bytes
         if new_id not in carol.store.entries:
             return
         reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
-        assert isinstance(reply, wire.TensorReply)
-        value = torch.frombuffer(bytearray(reply.tensor.data), dtype=torch.float32)
-        assert torch.equal(value, torch.zeros(256 * 1024)), f"bob's data left bob in a public move: {value}"
+        tensor = reply.params[0] if isinstance(reply, wire.ModuleReply) else getattr(reply, "tensor", None)
+        assert isinstance(tensor, wire.RawTensor), reply
+        value = torch.frombuffer(bytearray(tensor.data), dtype=torch.float32)
+        assert torch.equal(value, torch.zeros(rows * 1024)), f"bob's data left bob in a public move: {value}"
 
 
+def _zeroed(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.zero_()
+
+
+@pytest.mark.parametrize("kind", ["tensor", "model", "streamed tensor"])
 def test_a_moves_put_resent_after_the_broker_forgot_the_node_is_the_value_it_checked(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """A node's session keeps a request's message to send it again when the broker answers "not
     registered" (it forgot the node, or restarted). A move's Put kept as views of the stored
     tensor (bulk2: no copy when the node awaits no move record) was resent with what a write
     through an alias made of it after the origins were read: bob's data left in a public move
-    (review11). The link copies what it keeps; the session's kept message is not the link's."""
-    asyncio.run(_moved_then_written_then_resent(monkeypatch))
+    (review11). The link copies what it keeps; the session's kept message is not the link's.
+    A model's Put (`PutModule`, views of its parameters) takes the same flag: a write into the
+    stored model after the check must not reach carol either. A streamed Put refused so, whose
+    other chunks took the direct path, left them held at carol until `limits.STREAM_TIMEOUT_S`."""
+    asyncio.run(_moved_then_written_then_resent(monkeypatch, kind))
 
 
-RESENT = ["tensor", "small tensor", "model", "op constant"]
+RESENT = ["tensor", "small tensor", "model", "op constant", "broadcast", "broadcast model"]
 """What a client sends from its own memory: a tensor above `limits.SEND_COPY_MAX_BYTES` (sent
-from its memory), one below it (copied), a model's parameters, and a tensor argument of an op."""
+from its memory), one below it (copied), a model's parameters, a tensor argument of an op, and
+a broadcast's tensor (above `limits.STREAM_THRESHOLD_BYTES`: its fan-out streams) or model."""
+
+
+def _written_once_fanned_out(link: Link, write: Callable[[], None]) -> None:
+    """`write` runs right after `link` queued its next fan-out (a broadcast is awaited as a
+    whole: a write meanwhile is a concurrent task's, after the bytes left the first time)."""
+    fan_out = link.request_many_nowait
+
+    def then_written(*args: Any) -> list[asyncio.Future[wire.Message]]:
+        futures = fan_out(*args)
+        write()
+        return futures
+
+    link.request_many_nowait = then_written  # type: ignore[method-assign]
 
 
 async def _written_after_the_call_then_resent(kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -453,11 +511,21 @@ async def _written_after_the_call_then_resent(kind: str) -> tuple[torch.Tensor, 
         assert await eventually(lambda: _now(c.broker is not None and b"bob" in c.broker.table.by_name), DEADLINE_S)
         value: torch.Tensor
         stored: Any
-        if kind == "model":
+        if kind in ("model", "broadcast model"):
             model = torch.nn.Linear(256, 256, bias=False)
-            value, stored = model.weight.detach().clone(), bob.send(model)
-            with torch.no_grad():
-                model.weight.add_(1.0)  # right after the call: its first sending has left
+            value = model.weight.detach().clone()
+            if kind == "model":
+                stored = bob.send(model)
+                with torch.no_grad():
+                    model.weight.add_(1.0)  # right after the call: its first sending has left
+            else:
+                _written_once_fanned_out(sender.link, lambda: model.weight.detach().add_(1.0))
+                stored = _first_copy(fedptr.broadcast(model, [bob]))
+        elif kind == "broadcast":
+            sent = torch.randn(1 << 21)
+            value = sent.clone()
+            _written_once_fanned_out(sender.link, lambda: sent.add_(1.0))
+            stored = _first_copy(fedptr.broadcast(sent, [bob]))
         else:
             numel = {"tensor": 1 << 19, "small tensor": 1 << 16, "op constant": 1 << 16}[kind]
             sent = torch.randn(numel)
@@ -471,7 +539,12 @@ async def _written_after_the_call_then_resent(kind: str) -> tuple[torch.Tensor, 
             return value, None
         assert sender.link.reregistrations >= 1  # the broker refused it: it was sent again
         got = await ptr.get()
-        return value, (got.weight.detach() if kind == "model" else got)
+        return value, (got.weight.detach() if kind.endswith("model") else got)
+
+
+async def _first_copy(broadcast: Awaitable[list[Pointer]]) -> Pointer:
+    (copy,) = await broadcast
+    return copy
 
 
 @pytest.mark.parametrize("kind", RESENT)
@@ -545,3 +618,33 @@ def test_a_graph_built_before_a_grant_does_not_reach_the_granted_leaf() -> None:
     if isinstance(got, wire.TensorReply):
         value = torch.frombuffer(bytearray(got.tensor.data), dtype=torch.float32)
         assert not torch.equal(value, torch.full((12,), 0.5)), "bob's x as the gradient of a leaf granted away"
+
+
+async def _resent_after_its_chunks_took_the_direct_path() -> tuple[torch.Tensor, Any]:
+    async with harness.cluster(["bob"], transport="tcp", heartbeat_s=0.1) as c, c.connect(heartbeat_s=30.0) as sender:
+        bob = sender.worker("bob")
+        await bob.send(torch.zeros(limits.STREAM_THRESHOLD_BYTES))  # a large request opens the path
+        direct = sender.link.direct
+        assert direct is not None
+        assert await eventually(lambda: _now(direct.ready(b"bob", envelope.REQUEST)), DEADLINE_S)
+        broker = c.broker
+        assert broker is not None
+        # the broker forgets the sender, silent for its liveness (0.3 s): it learns so from a refusal
+        assert await eventually(lambda: _now(sender.name.encode() not in broker.table.by_name), DEADLINE_S)
+        value = torch.randn(2 << 20)  # 8 MiB: its chunks but the first take the path
+        try:
+            got: Any = await (await asyncio.wait_for(bob.send(value), DEADLINE_S)).get()
+        except FedptrError as e:
+            got = e
+        assert sender.link.reregistrations >= 1
+        return value, got
+
+
+def test_a_request_resent_after_its_chunks_took_the_direct_path_arrives_whole() -> None:
+    """A request the broker refused undelivered (it forgot the sender) is sent again, chunks
+    and all; those of its first sending that took the direct path were at the worker already, and
+    the resent ones were refused as overlapping them: an 8 MiB send failed with ProtocolError
+    after the broker forgot its client (nemesis7). A chunk sent again with the same bytes is
+    taken, counted once."""
+    value, got = asyncio.run(_resent_after_its_chunks_took_the_direct_path())
+    assert isinstance(got, torch.Tensor) and torch.equal(got, value), got
