@@ -285,42 +285,6 @@ def pack_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     return [b"".join(pieces), *extra]
 
 
-def _parse_record(h: bytes, at: int, end: int, frames: Sequence[Any], fi: int) -> tuple[Envelope, int]:
-    """The message whose record is ``h[at:end]``, its extra frames taken from ``frames[fi:]``;
-    and the index of the frame after them. Raises ProtocolError when the record is malformed."""
-    fixed = at + _RECORD.size
-    if fixed > end:
-        raise ProtocolError("a record too short for its fields")
-    command, rid, name_len, n_extra = _RECORD.unpack_from(h, at)
-    if command == BATCH:
-        raise ProtocolError("a batch inside a batch")
-    p = fixed + name_len
-    if p > end:
-        raise ProtocolError("a name past its record's end")
-    if fi + n_extra > len(frames):
-        raise ProtocolError("a record counts more extra frames than the multipart holds")
-    # inlined parts are what `_record` inlines, and nothing else: a part over the bound, or any
-    # in a chunk, would be framed again by the broker as a frame of its own per destination (a
-    # peer's one frame of 5,000 empty parts became 5,000 frames to send, per fan-out target)
-    most = 0 if command in _NOT_INLINED else limits.INLINE_FRAME_BYTES
-    body: list[Any] = []
-    while p < end:
-        q = p + 4
-        if q > end:
-            raise ProtocolError("a truncated length prefix")
-        (n,) = _LEN.unpack_from(h, p)
-        if n > most:
-            raise ProtocolError(f"an inlined part of {n} bytes where at most {most} may be inlined")
-        p = q + n
-        if p > end:
-            raise ProtocolError("a length past its record's end")
-        body.append(h[q:p])
-    if n_extra:
-        body.extend(frames[fi : fi + n_extra])
-    # built with `tuple.__new__`: the named tuple's own `__new__` is a Python call per message
-    return _new_tuple(Envelope, (command, h[fixed : fixed + name_len], rid, body)), fi + n_extra
-
-
 _new_tuple = tuple.__new__
 
 
@@ -383,32 +347,74 @@ def count(frames: Sequence[Any]) -> int:
 
 def parse(frames: Sequence[Any]) -> list[Envelope]:
     """The messages in one received multipart: one, or a BATCH's. Raises ProtocolError for
-    anything that is not a well-formed fedptr envelope, and nothing else."""
+    anything that is not a well-formed fedptr envelope, and nothing else.
+
+    One loop over the records, each read in place (no call per message: a BATCH holds up to a
+    hundred requests, and this runs for each). A single message's record is read as if it had a
+    length prefix (the bytes before its command), whose value is not used: it ends where the
+    head ends."""
     h = frames[0] if frames else b""
     if type(h) is not bytes:
         h = bytes(h)
-    if len(h) <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
-        raise ProtocolError("not a fedptr envelope")
     end = len(h)
-    if h[_COMMAND_AT:_RID_AT] != BATCH:
-        env, fi = _parse_record(h, _COMMAND_AT, end, frames, 1)
-        if fi != len(frames):
-            raise ProtocolError("a message's extra frames do not match its record")
-        return [env]
+    if end <= _COMMAND_AT or h[:_COMMAND_AT] != PROTOCOL:
+        raise ProtocolError("not a fedptr envelope")
+    batch = h[_COMMAND_AT:_RID_AT] == BATCH
+    at, fi, n_frames = (_RID_AT if batch else _COMMAND_AT - 4), 1, len(frames)
+    record, unpack_len = _RECORD.unpack_from, _LEN.unpack_from
     out: list[Envelope] = []
-    at, fi = _RID_AT, 1
     while at < end:
-        if len(out) == limits.BATCH_MAX_RECEIVED:
-            raise ProtocolError(f"a batch of more than {limits.BATCH_MAX_RECEIVED} messages")
-        if at + 4 > end:
-            raise ProtocolError("a truncated length prefix")
-        stop = at + 4 + _LEN.unpack_from(h, at)[0]
-        if stop > end:
-            raise ProtocolError("a record's length past the batch's end")
-        env, fi = _parse_record(h, at + 4, stop, frames, fi)
-        out.append(env)
+        if batch:
+            if len(out) == limits.BATCH_MAX_RECEIVED:
+                raise ProtocolError(f"a batch of more than {limits.BATCH_MAX_RECEIVED} messages")
+            if at + 4 > end:
+                raise ProtocolError("a truncated length prefix")
+            stop = at + 4 + unpack_len(h, at)[0]
+            if stop > end:
+                raise ProtocolError("a record's length past the batch's end")
+        else:
+            stop = end
+        # the record h[at + 4 : stop]: its fixed fields, its name, its inlined parts
+        fixed = at + 4 + _RECORD.size
+        if fixed > stop:
+            raise ProtocolError("a record too short for its fields")
+        command, rid, name_len, n_extra = record(h, at + 4)
+        if command == BATCH:
+            raise ProtocolError("a batch inside a batch")
+        p = fixed + name_len
+        if p > stop:
+            raise ProtocolError("a name past its record's end")
+        if fi + n_extra > n_frames:
+            raise ProtocolError("a record counts more extra frames than the multipart holds")
+        # inlined parts are what `_record` inlines, and nothing else: a part over the bound, or any
+        # in a chunk, would be framed again by the broker as a frame of its own per destination (a
+        # peer's one frame of 5,000 empty parts became 5,000 frames to send, per fan-out target)
+        most = 0 if command in _NOT_INLINED else limits.INLINE_FRAME_BYTES
+        body: list[Any] = []
+        while p < stop:
+            q = p + 4
+            if q > stop:
+                raise ProtocolError("a truncated length prefix")
+            (n,) = unpack_len(h, p)
+            if n > most:
+                raise ProtocolError(f"an inlined part of {n} bytes where at most {most} may be inlined")
+            p = q + n
+            if p > stop:
+                raise ProtocolError("a length past its record's end")
+            body.append(h[q:p])
+        if n_extra:
+            body.extend(frames[fi : fi + n_extra])
+            fi += n_extra
+        # built with `tuple.__new__`: the named tuple's own `__new__` is a Python call per message
+        out.append(_new_tuple(Envelope, (command, h[fixed : fixed + name_len], rid, body)))
         at = stop
-    if not out or fi != len(frames):
+    if fi != n_frames:
+        raise ProtocolError(
+            "a batch of no messages, or its extra frames do not match its records"
+            if batch
+            else "a message's extra frames do not match its record"
+        )
+    if not out:
         raise ProtocolError("a batch of no messages, or its extra frames do not match its records")
     return out
 

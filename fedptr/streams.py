@@ -289,8 +289,6 @@ class Reassembly:
         if not self._partials:
             return body
         partial = self._partials.pop((command, source, rid), None)
-        if command == envelope.REQUEST and self._partials:
-            self._abandon_before(source, rid)
         if partial is None:
             return body
         self._release(source, partial)
@@ -300,16 +298,6 @@ class Reassembly:
                 raise ProtocolError("a streamed buffer is incomplete or misplaced")
             body[index] = memoryview(buf)  # type: ignore[arg-type]
         return body
-
-    def _abandon_before(self, source: bytes, rid: bytes) -> None:
-        """Drop `source`'s partial requests issued before `rid`, whose message has come: the
-        broker relays a sender's messages in order, so their messages never will (refused
-        undelivered when it forgot the sender; or the sender restarted), while some of their
-        chunks took the direct path or came before the broker forgot it. A message waiting
-        for its chunks holds the later ones (`Session`), so none of theirs is pending here."""
-        for key in [k for k in self._partials if k[1] == source and k[0] == envelope.REQUEST]:
-            if envelope.request_after(rid, key[2]):
-                self.drop(key)
 
     def _unrefuse(self, source: bytes, key: tuple[bytes, bytes]) -> tuple[str, float] | None:
         """Take back `source`'s refusal of stream `key` (None when not remembered)."""

@@ -666,7 +666,7 @@ def _unalias(lean: _Lean, values: dict[int, Any]) -> None:
 
 def _storages(t: torch.Tensor) -> tuple[int, ...]:
     """Where `t`'s data is, and its gradient's when it has one `guard` would read: what a
-    result must not share (guard._shares)."""
+    result must not share (guard.unshared)."""
     storage = t.untyped_storage().data_ptr()
     grad = t.grad if t.is_leaf or t.retains_grad else None
     return (storage,) if grad is None else (storage, grad.untyped_storage().data_ptr())

@@ -285,27 +285,6 @@ def _key(value: Any) -> Any:
     raise _Unkeyed
 
 
-def _shares(storage: int, values: Iterable[Any]) -> bool:
-    """Whether any tensor in `values` (or a gradient, or a model's parameter, nested in lists
-    and dicts) has its data at `storage`."""
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            if v.untyped_storage().data_ptr() == storage:
-                return True
-            grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
-            if grad is not None and grad.untyped_storage().data_ptr() == storage:
-                return True  # `grad` hands out a copy of the gradient, never the live one
-        elif isinstance(v, nn.Module):
-            if _shares(storage, v.parameters()):
-                return True
-        elif isinstance(v, list | tuple):
-            if _shares(storage, v):
-                return True
-        elif isinstance(v, dict) and _shares(storage, v.values()):
-            return True
-    return False
-
-
 def _meta_of(
     op: str, args: list[Any], kwargs: dict[str, Any], count: int, refuse: Callable[[], Exception]
 ) -> Meta | None:
@@ -460,11 +439,28 @@ class _Zeros(torch.autograd.Function):
 def unshared(result: torch.Tensor, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
     """`result`, copied when it shares storage with an operand (or with another stored value),
     or when it is empty yet holds a storage: an empty view (``x[0:0]``) shares no element but
-    keeps its base's whole storage alive, which the store would charge at 0 bytes."""
-    if result.numel():
-        storage = result.untyped_storage().data_ptr()
-        if _shares(storage, args) or (kwargs and _shares(storage, kwargs.values())):
-            return result.clone()
-    elif result.untyped_storage().nbytes():
-        return result.clone()
+    keeps its base's whole storage alive, which the store would charge at 0 bytes.
+
+    Shared means: any tensor among the operands (nested in lists, tuples and dicts), a leaf's
+    gradient, or a model's parameter has its data at the result's storage. One loop over a
+    worklist, not a recursive helper: it runs for every op, whose operands are nearly always a
+    flat list of tensors (a call less per op)."""
+    if not result.numel():
+        return result.clone() if result.untyped_storage().nbytes() else result
+    storage = result.untyped_storage().data_ptr()
+    todo: list[Iterable[Any]] = [args, kwargs.values()] if kwargs else [args]
+    while todo:
+        for v in todo.pop():
+            if isinstance(v, torch.Tensor):
+                if v.untyped_storage().data_ptr() == storage:
+                    return result.clone()
+                grad = v.grad if v.is_leaf or v.retains_grad else None  # a non-leaf has none (and torch warns)
+                if grad is not None and grad.untyped_storage().data_ptr() == storage:
+                    return result.clone()  # `grad` hands out a copy of the gradient, never the live one
+            elif isinstance(v, nn.Module):
+                todo.append(v.parameters())
+            elif isinstance(v, list | tuple):
+                todo.append(v)
+            elif isinstance(v, dict):
+                todo.append(v.values())
     return result

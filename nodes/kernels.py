@@ -28,7 +28,7 @@ def _backward(loss: torch.Tensor) -> torch.Tensor:
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor:
-    # a copy, made here: the result checks that copy an alias (guard._shares, the lean loop's)
+    # a copy, made here: the result checks that copy an alias (guard.unshared, the lean loop's)
     # read a leaf's gradient only (torch fills no other), but set_grad gives a non-leaf one, and
     # the live gradient handed out let a write through it reach t.grad behind t's taint
     grad = t._grad  # a non-leaf's without torch's warning

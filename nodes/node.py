@@ -43,7 +43,7 @@ from .durable import DurableStore
 from .handover import Handover
 from .objects import Objects
 from .release import Release
-from .replies import ReplyCache, Seen
+from .replies import ANSWERED, NEW, ReplyCache
 from .scheduler import Scheduler
 from .stats import NodeFigures
 from .store import Entry, Store
@@ -234,10 +234,9 @@ class Node:
         """Handle one request (the Link's handler). Errors become Failure replies; none escapes."""
         if rid != envelope.NO_REPLY:
             seen = self.replies.begin((source, rid), type(decoded.message).__name__)
-            if seen is Seen.RUNNING:
-                return
-            if seen is Seen.ANSWERED:
-                self.link.reply(source, rid, self.replies.cached((source, rid)))
+            if seen is not NEW:  # a replay: of a running request, its one reply answers both
+                if seen is ANSWERED:
+                    self.link.reply(source, rid, self.replies.cached((source, rid)))
                 return
         waiting = self._ordered.get(source)
         if waiting is not None:
@@ -257,9 +256,10 @@ class Node:
         msg = decoded.message
         kind = type(msg)
         figures = self.figures
-        figures.requests[kind.__name__] += 1  # counted here, not in `figures.started`: per request
+        name, requests = kind.__name__, figures.requests  # counted here, not in `figures.started`: per request
+        requests[name] = requests.get(name, 0) + 1
         if figures.debug:
-            figures.started(source, rid, kind.__name__)
+            figures.started(source, rid, name)
         budget = decoded.budget_ms / 1000 if decoded.budget_ms else limits.CALL_TIMEOUT_S
         handler = self._handlers.get(kind)
         try:

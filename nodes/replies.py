@@ -33,6 +33,11 @@ class Seen(enum.Enum):
     """Answered before: send `ReplyCache.cached(key)` again."""
 
 
+NEW, RUNNING, ANSWERED = Seen.NEW, Seen.RUNNING, Seen.ANSWERED
+"""`Seen`'s members as module constants, read once per request: on Python 3.11 a member read
+through its class (``Seen.NEW``) is a descriptor call, ~0.1-0.2 µs, ten times a global's."""
+
+
 def _size(msg: wire.Message) -> int:
     """Bytes of tensor data a reply holds (what keeping it would keep alive)."""
     if isinstance(msg, wire.TensorReply):
@@ -80,12 +85,12 @@ class ReplyCache:
     def begin(self, key: Key, kind: str = "") -> Seen:
         """Note that request `key` (a `kind` request) arrived, and say whether it is new."""
         if key in self._running:
-            return Seen.RUNNING
+            return RUNNING
         if key in self._replies:
             self.replayed += 1
-            return Seen.ANSWERED
+            return ANSWERED
         self._running[key] = (kind, time.monotonic())
-        return Seen.NEW
+        return NEW
 
     def cached(self, key: Key) -> wire.Message:
         """The reply given to `key` (after `begin` said ANSWERED)."""

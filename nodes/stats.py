@@ -57,8 +57,9 @@ class NodeFigures:
         self.started_at = time.monotonic()
         self.budget_provider: BudgetProvider | None = None
         """Set by the privacy policy to report the budget left; None: no budget reported."""
-        self.requests: Counter[str] = Counter()
-        """Requests received, by kind (``Op``, ``Get``...)."""
+        self.requests: dict[str, int] = {}
+        """Requests received, by kind (``Op``, ``Get``...). A plain dict, counted once per request:
+        ``+= 1`` on a `Counter` (a dict subclass) costs three times a dict's on Python 3.11."""
         self.failures: Counter[str] = Counter()
         """Failure replies, by `wire.FailureCode`."""
         self.releases: Counter[str] = Counter()

@@ -22,6 +22,8 @@ from fedptr.nodes import compute, guard
 from fedptr.nodes.node import NodeConfig
 from fedptr.nodes.scheduler import Scheduler
 from fedptr.nodes.store import Entry
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fedptr
@@ -310,3 +312,53 @@ def test_a_lean_views_operand_given_by_keyword_is_seen_too() -> None:
         for args, kwargs in (([x, 0], {}), ([], {"t": x})):
             copied = guard.unshared(view, args, kwargs)
             assert copied.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.data())
+def test_a_result_is_copied_exactly_when_something_among_the_operands_holds_its_storage(data: st.DataObject) -> None:
+    # guard.unshared walks the operands (lists, tuples, dicts, models; a leaf's gradient) in one
+    # loop: drawn structures, the result's storage hidden (or not) at a drawn place in them
+    base = torch.zeros(16)
+    result = base[4:8]  # a view: its storage is base's
+
+    def holder(kind: str) -> Any:
+        if kind == "tensor":
+            return base
+        if kind == "view":
+            return base[8:]
+        if kind == "grad":  # a gradient set on an unrelated leaf
+            t = torch.ones(16)
+            t.grad = base
+            return t
+        model = nn.Linear(2, 2)
+        if kind == "param":
+            model.weight = nn.Parameter(base[:4].view(2, 2))
+        return model
+
+    def nest(leaf: Any, depth: int) -> Any:
+        if depth == 0:
+            return leaf
+        wrap = data.draw(st.sampled_from(["list", "tuple", "dict"]))
+        others = [torch.ones(3) for _ in range(data.draw(st.integers(0, 2)))]
+        pos = data.draw(st.integers(0, len(others)))
+        items = [*others[:pos], nest(leaf, depth - 1), *others[pos:]]
+        if wrap == "dict":
+            return {f"k{i}": v for i, v in enumerate(items)}
+        return items if wrap == "list" else tuple(items)
+
+    kind = data.draw(st.sampled_from(["tensor", "view", "grad", "param", "model", "none"]))
+    leaf = torch.ones(5) if kind == "none" else holder(kind)
+    hidden = nest(leaf, data.draw(st.integers(0, 3)))
+    fillers = [torch.ones(2), 1.5, "x", None]
+    args: list[Any] = [*fillers[: data.draw(st.integers(0, 4))]]
+    kwargs: dict[str, Any] = {}
+    if data.draw(st.booleans()):
+        kwargs["k"] = hidden
+    else:
+        args.insert(data.draw(st.integers(0, len(args))), hidden)
+    shared = kind in ("tensor", "view", "grad", "param")
+    out = guard.unshared(result, args, kwargs)
+    assert (out.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()) is shared
+    assert (out is result) is not shared
+    assert torch.equal(out, result)
