@@ -415,7 +415,7 @@ class Session:
                 return
             reply = wire.decode(body).message
         except ProtocolError as e:
-            self._settle(rid, events, error=e)
+            self._fail_reply(name, rid, events, e)
             return
         if isinstance(reply, wire.Failure):
             self._settle(rid, events, error=error_from_failure(reply))
@@ -434,7 +434,7 @@ class Session:
                 raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
             rids = envelope.acked(rid, bytes(body[0]))
         except ProtocolError as e:
-            self._settle(rid, events, error=e)
+            self._fail_reply(name, rid, events, e)
             return
         source = name.decode(errors="replace")
         try:
@@ -457,6 +457,14 @@ class Session:
                 continue
             del pending[r]
             events.append(_new_tuple(Settled, (r, reply, None, p.dest)))
+
+    def _fail_reply(self, name: bytes, rid: bytes, events: list[Event], error: FedptrError) -> None:
+        """Settle request `rid` with `error`, a malformed reply's from peer `name`, when it was sent
+        to `name`: another peer's bad reply, naming it, must not fail it (a node that saw a
+        client's ids can name the ones it sends to other workers), as its good one is dropped."""
+        pending = self._pending.get(rid)
+        if pending is not None and pending.dest.encode() == name:
+            self._settle(rid, events, error=error)
 
     def _on_request(self, name: bytes, rid: bytes, body: list[Any], now: float, events: list[Event]) -> None:
         if self.role != envelope.ROLE_WORKER:

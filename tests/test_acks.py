@@ -149,3 +149,51 @@ def test_an_acks_of_anything_but_ok_fails_each_request_it_names() -> None:
     errors = [e.error for e in events if isinstance(e, Settled)]
     assert all(isinstance(e, ProtocolError) for e in errors) and errors[0] is not errors[1]
     assert session.in_flight == 0
+
+
+_MALFORMED = st.one_of(
+    st.builds(lambda n: [envelope.ACKS_COUNT.pack(n), *wire.encode(wire.Ok())], st.sampled_from([0, 2**32 - 1])),
+    st.builds(lambda n: [envelope.ACKS_COUNT.pack(n)], st.integers(1, 3)),  # no body
+    st.builds(lambda b: [b, *wire.encode(wire.Ok())], st.binary(max_size=7).filter(lambda b: len(b) != 4)),
+    st.just([]),
+)
+"""ACKS bodies a session refuses before it reads the ids they name: no count, a bad count, no body."""
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=_MALFORMED, victim=st.booleans())
+def test_a_malformed_acks_fails_only_requests_sent_to_its_sender(body: list[Any], victim: bool) -> None:
+    """A peer's malformed ACKS naming a request the client sent to another worker leaves that
+    request pending (as a well-formed reply from the wrong peer is dropped); naming one sent to
+    that peer, it fails it. (Failed on main: 'carol' failed bob's request with a bad count.)"""
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    to_bob, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
+    to_carol, _ = session.request("carol", wire.Get(1), 10.0, 0.0)
+    rid = to_bob if victim else to_carol
+    frames = envelope.framed(envelope.message(envelope.ACKS, b"carol", rid, body))
+    settled = [e for e in session.receive(frames, 1.0) if isinstance(e, Settled)]
+    if victim:
+        assert settled == [] and session.in_flight == 2
+    else:
+        [event] = settled
+        assert event.rid == to_carol and isinstance(event.error, ProtocolError)
+
+
+@pytest.mark.parametrize("victim", [True, False])
+def test_a_reply_whose_stream_is_incomplete_fails_only_a_request_sent_to_its_sender(victim: bool) -> None:
+    """The same for a REPLY whose streamed buffer never came whole: 'carol' streams half a buffer
+    under the id of a request sent to bob, then replies to it. (Failed on main: bob's request
+    failed with 'a streamed buffer is incomplete'.)"""
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    to_bob, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
+    to_carol, _ = session.request("carol", wire.Get(1), 10.0, 0.0)
+    rid = to_bob if victim else to_carol
+    info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 0, 2)
+    session.receive(envelope.framed(envelope.message(envelope.CHUNK, b"carol", rid, [info, b"x"])), 1.0)
+    reply = envelope.framed(envelope.message(envelope.REPLY, b"carol", rid, [*wire.encode(wire.Ok()), b""]))
+    settled = [e for e in session.receive(reply, 1.0) if isinstance(e, Settled)]
+    if victim:
+        assert settled == [] and session.in_flight == 2
+    else:
+        [event] = settled
+        assert event.rid == to_carol and isinstance(event.error, ProtocolError)
