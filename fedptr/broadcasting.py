@@ -102,9 +102,10 @@ def _request(
     bigger tensor is sent from its memory, checked unchanged (its version) once every destination
     answered: a copy of 64 MiB cost a quarter more CPU per broadcast (docs/REDTEAM.md, nemesis7)."""
     if isinstance(x, torch.Tensor):
+        took = meta.of_tensor(x)  # at the call, as the copy: a reshape in place meanwhile is not what was sent
 
         def tensor(name: str) -> Pointer:
-            return Pointer(client, name, obj_id, meta=meta.of_tensor(x))
+            return Pointer(client, name, obj_id, meta=meta.of_tensor(took))  # each its own: a pointer's may change
 
         small, version = x.nbytes <= limits.SEND_COPY_MAX_BYTES, x._version
         put = wire.Put(obj_id, to_raw(x, copy=small), x.requires_grad)

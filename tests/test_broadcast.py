@@ -68,6 +68,24 @@ async def test_a_streamed_tensor_reaches_every_worker_whole(client: fedptr.Clien
         assert isinstance(got, torch.Tensor) and torch.equal(got, x)
 
 
+async def test_the_pointers_describe_what_the_call_took(client: fedptr.Client) -> None:
+    """A small tensor is copied at the call; its pointers must describe that copy, as
+    `Worker.send`'s do, not the tensor as it is once every destination answered: reshaped in
+    place meanwhile (``unsqueeze_``, ``requires_grad_``), the pointers said ``[1, 4]`` and
+    requires_grad of copies that are ``[4]`` and plain. (Failed on main.)"""
+    workers = [client.worker(n) for n in ("bob", "alice")]
+    x = torch.arange(4, dtype=torch.float32)
+    sent = client.link.bytes_sent
+    broadcast = asyncio.ensure_future(fedptr.broadcast(x, workers))
+    await asyncio.sleep(0)  # one turn: the task's first step takes its request and sends it
+    assert client.link.bytes_sent > sent and not broadcast.done()
+    x.unsqueeze_(0).requires_grad_()
+    for p in await broadcast:
+        got = await p.get()
+        assert isinstance(got, torch.Tensor) and torch.equal(got, torch.arange(4, dtype=torch.float32))
+        assert (p.shape, p.requires_grad) == (got.shape, got.requires_grad) == (torch.Size([4]), False)
+
+
 async def test_an_unknown_worker_fails_alone(client: fedptr.Client) -> None:
     workers = [client.worker(n) for n in ("bob", "nobody", "alice")]
     with pytest.raises(fedptr.BroadcastError) as caught:
