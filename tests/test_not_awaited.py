@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import operator
+import unittest.mock
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +102,36 @@ async def test_value_calls_are_still_coroutines(bob: fedptr.Worker, alice: fedpt
     shown = moved.get()
     assert "await it for its value" in repr(shown)  # what print() shows: no error, and a word of what it is
     shown.close()
+
+
+AWAITED_FUNCTIONS = [
+    fedptr.Worker.search,
+    fedptr.Worker.objects,
+    fedptr.Worker.clear,
+    fedptr.Client.workers,
+    fedptr.Client.resolve,
+    fedptr.Pointer.get,
+    fedptr.Pointer.item,
+    fedptr.Pointer.tolist,
+    fedptr.Pointer.move,
+    fedptr.dp.contribute,
+    fedptr.dp.secure_mean,
+    fedptr.dp.train,
+    fedptr.dp.budget,
+]
+
+
+def test_value_calls_are_still_coroutine_functions() -> None:
+    """What tells a coroutine function from a plain one still does: asyncio's test (which
+    `unittest.mock` uses, so that an autospec of a Worker awaits ``search``) and, where Python
+    can mark a function as one (3.12), inspect's. (Failed on main: every @awaited function was
+    a plain function to both, and ``create_autospec(Worker).search`` a MagicMock, not awaitable.)"""
+    for fn in AWAITED_FUNCTIONS:
+        assert asyncio.iscoroutinefunction(fn), fn.__qualname__
+        if hasattr(inspect, "markcoroutinefunction"):
+            assert inspect.iscoroutinefunction(fn), fn.__qualname__
+    worker = unittest.mock.create_autospec(fedptr.Worker, instance=True)
+    assert isinstance(worker.search, unittest.mock.AsyncMock)
 
 
 async def test_a_call_dropped_unawaited_still_warns_once(bob: fedptr.Worker) -> None:
