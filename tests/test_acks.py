@@ -166,17 +166,9 @@ def test_a_malformed_acks_fails_only_requests_sent_to_its_sender(body: list[Any]
     """A peer's malformed ACKS naming a request the client sent to another worker leaves that
     request pending (as a well-formed reply from the wrong peer is dropped); naming one sent to
     that peer, it fails it. (Failed on main: 'carol' failed bob's request with a bad count.)"""
-    session = Session(CLIENT, envelope.ROLE_CLIENT)
-    to_bob, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
-    to_carol, _ = session.request("carol", wire.Get(1), 10.0, 0.0)
-    rid = to_bob if victim else to_carol
+    session, rid = _to_bob_and_carol(victim)
     frames = envelope.framed(envelope.message(envelope.ACKS, b"carol", rid, body))
-    settled = [e for e in session.receive(frames, 1.0) if isinstance(e, Settled)]
-    if victim:
-        assert settled == [] and session.in_flight == 2
-    else:
-        [event] = settled
-        assert event.rid == to_carol and isinstance(event.error, ProtocolError)
+    _failed_only_if_sent_to_carol(session, session.receive(frames, 1.0), rid, victim)
 
 
 @pytest.mark.parametrize("victim", [True, False])
@@ -184,16 +176,26 @@ def test_a_reply_whose_stream_is_incomplete_fails_only_a_request_sent_to_its_sen
     """The same for a REPLY whose streamed buffer never came whole: 'carol' streams half a buffer
     under the id of a request sent to bob, then replies to it. (Failed on main: bob's request
     failed with 'a streamed buffer is incomplete'.)"""
-    session = Session(CLIENT, envelope.ROLE_CLIENT)
-    to_bob, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
-    to_carol, _ = session.request("carol", wire.Get(1), 10.0, 0.0)
-    rid = to_bob if victim else to_carol
+    session, rid = _to_bob_and_carol(victim)
     info = envelope.CHUNK_INFO.pack(envelope.REPLY, 1, 0, 2)
     session.receive(envelope.framed(envelope.message(envelope.CHUNK, b"carol", rid, [info, b"x"])), 1.0)
     reply = envelope.framed(envelope.message(envelope.REPLY, b"carol", rid, [*wire.encode(wire.Ok()), b""]))
-    settled = [e for e in session.receive(reply, 1.0) if isinstance(e, Settled)]
+    _failed_only_if_sent_to_carol(session, session.receive(reply, 1.0), rid, victim)
+
+
+def _to_bob_and_carol(victim: bool) -> tuple[Session, bytes]:
+    """A client's session with a request to bob and one to carol; the id of bob's when `victim`
+    (carol names a request that is not hers), else of carol's."""
+    session = Session(CLIENT, envelope.ROLE_CLIENT)
+    to_bob, _ = session.request(WORKER, wire.Get(1), 10.0, 0.0)
+    to_carol, _ = session.request("carol", wire.Get(1), 10.0, 0.0)
+    return session, to_bob if victim else to_carol
+
+
+def _failed_only_if_sent_to_carol(session: Session, events: list[Any], rid: bytes, victim: bool) -> None:
+    settled = [e for e in events if isinstance(e, Settled)]
     if victim:
         assert settled == [] and session.in_flight == 2
     else:
         [event] = settled
-        assert event.rid == to_carol and isinstance(event.error, ProtocolError)
+        assert event.rid == rid and isinstance(event.error, ProtocolError)

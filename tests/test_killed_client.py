@@ -28,6 +28,7 @@ from typing import Literal
 
 import pytest
 import torch
+from fedptr.nodes.node import Node
 
 from fedptr import limits, wire
 from fedptr.tensors import from_raw
@@ -93,6 +94,27 @@ def _files_of(pid: int) -> list[str]:
     return [f for f in os.listdir(limits.DIRECT_SHM_DIR) if f.startswith("fedptr-") and f"-{pid}-" in f]
 
 
+async def _killed_at(script: str, c: harness.InprocCluster, bob: Node, at: int, phase: str) -> tuple[str, int]:
+    """Run a client `script` against `c` until it kills itself at its kill point (`at`, `phase`):
+    its name and pid, once the object it reported acknowledged was seen held by `bob`."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", script, c.address, str(at), phase),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        name, kept = (await asyncio.wait_for(proc.stdout.readline(), 60.0)).decode().split()
+        assert bob.store.entries[int(kept)].owner == name  # acknowledged: held
+        await asyncio.wait_for(proc.wait(), 60.0)  # it kills itself at its kill point
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return name, proc.pid
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 async def test_a_client_killed_mid_send_leaves_nothing_on_the_node(transport: Literal["tcp", "ipc"]) -> None:
@@ -107,24 +129,10 @@ async def test_a_client_killed_mid_send_leaves_nothing_on_the_node(transport: Li
         assert (direct is not None) == (transport == "tcp")
         for kill in range(KILLS):
             at, phase = draw.randint(1, 3 * per_send), draw.choice(phases)
-            proc = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-c", CLIENT, c.address, str(at), phase),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                assert proc.stdout is not None
-                name, kept = (await asyncio.wait_for(proc.stdout.readline(), 60.0)).decode().split()
-                assert bob.store.entries[int(kept)].owner == name  # acknowledged: held
-                await asyncio.wait_for(proc.wait(), 60.0)  # it kills itself at its kill point
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            assert proc.returncode == -signal.SIGKILL
-            where = f"seed {seed}, kill {kill} {phase} file {at} (client {name}, pid {proc.pid})"
+            name, pid = await _killed_at(CLIENT, c, bob, at, phase)
+            where = f"seed {seed}, kill {kill} {phase} file {at} (client {name}, pid {pid})"
 
-            async def reclaimed(name: str = name, pid: int = proc.pid) -> bool:
+            async def reclaimed(name: str = name, pid: int = pid) -> bool:
                 return (
                     (direct is None or name.encode() not in direct.sources)
                     and bob.store.usage(name) == (0, 0)
@@ -135,7 +143,7 @@ async def test_a_client_killed_mid_send_leaves_nothing_on_the_node(transport: Li
 
             assert await eventually(reclaimed, timeout=GONE_S), (
                 f"{where}: usage {bob.store.usage(name)}, "
-                f"partial bytes {session._reassembly._peer_bytes[name.encode()]}, files {_files_of(proc.pid)}"
+                f"partial bytes {session._reassembly._peer_bytes[name.encode()]}, files {_files_of(pid)}"
             )
         assert len(session._reassembly) == 0 and bob.store.usage(c.client.name) == (0, 0)
 
@@ -215,26 +223,14 @@ async def test_a_client_killed_mid_get_leaves_nothing_on_the_node(path: str) -> 
             at, phase = draw.randint(1, 3 * per_get), draw.choice(phases)
             stop.clear()
             getting = asyncio.ensure_future(other_client())
-            proc = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-c", GETTER, c.address, str(at), phase),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
             try:
-                assert proc.stdout is not None
-                name, its = (await asyncio.wait_for(proc.stdout.readline(), 60.0)).decode().split()
-                assert bob.store.entries[int(its)].owner == name  # acknowledged: held
-                await asyncio.wait_for(proc.wait(), 60.0)  # it kills itself at its kill point
+                name, pid = await _killed_at(GETTER, c, bob, at, phase)
             finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
                 stop.set()
-            assert proc.returncode == -signal.SIGKILL
             assert await asyncio.wait_for(getting, 60.0) > 0
-            where = f"seed {seed}, kill {kill} {phase} chunk {at} (client {name}, pid {proc.pid})"
+            where = f"seed {seed}, kill {kill} {phase} chunk {at} (client {name}, pid {pid})"
 
-            async def reclaimed(name: str = name, pid: int = proc.pid) -> bool:
+            async def reclaimed(name: str = name, pid: int = pid) -> bool:
                 return (
                     (direct is None or (name.encode() not in direct.sources and name.encode() not in direct._routes))
                     and bob.store.usage(name) == (0, 0)
@@ -250,7 +246,7 @@ async def test_a_client_killed_mid_get_leaves_nothing_on_the_node(path: str) -> 
             assert await eventually(reclaimed, timeout=GONE_S), (
                 f"{where}: usage {bob.store.usage(name)}, held {bob.store.held_bytes()} of {held}, "
                 f"outbox {len(bob.link._outbox)}, node files {direct and direct._file_bytes} bytes, "
-                f"files {_files_of(proc.pid) + _files_of(os.getpid())}"
+                f"files {_files_of(pid) + _files_of(os.getpid())}"
             )
         assert len(session._reassembly) == 0 and bob.store.usage(c.client.name) == (1, mine.nbytes)
         assert torch.equal(await kept.get(), mine)  # acknowledged before the kills, intact
