@@ -428,16 +428,19 @@ class Session:
     def _on_acks(self, name: bytes, rid: bytes, body: list[Any], events: list[Event]) -> None:
         """An ACKS: each reply it stands for settled as `_on_reply` settles one, its body decoded
         once. A malformed one settles its first request with the error, or, when its count was
-        read, every request it answers."""
+        read, every request it answers (a body missing or in pieces too: those requests wait
+        for nothing else)."""
         try:
-            if len(body) != 2:
-                raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
+            if not body:
+                raise ProtocolError("an ACKS of no parts, not a count and a body")
             rids = envelope.acked(rid, bytes(body[0]))
         except ProtocolError as e:
             self._fail_reply(name, rid, events, e)
             return
         source = name.decode(errors="replace")
         try:
+            if len(body) != 2:
+                raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
             reply = wire.decode(body[1:]).message
             if type(reply) is not wire.Ok:
                 raise ProtocolError(f"an ACKS of {type(reply).__name__} replies, not of Ok")
