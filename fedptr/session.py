@@ -88,7 +88,17 @@ class Registered:
     """The broker accepted this peer again after it had been forgotten or had restarted."""
 
 
-Event = Send | Settled | Incoming | SessionEnded | Registered
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Request `rid` to `dest` will never be delivered: the broker refused it, and it is not sent
+    again. Chunks of it that took a direct path wait at `dest` for a message that never comes:
+    give them up there (`envelope.abort`)."""
+
+    dest: str
+    rid: bytes
+
+
+Event = Send | Settled | Incoming | SessionEnded | Registered | Abandoned
 
 
 class NameTaken(RegistrationRefused):
@@ -518,7 +528,10 @@ class Session:
         if rid == self._registration and self._registration_is_repeat:
             log.warning("%s: registering again was refused: %s", self.name, error)
             return
+        p = self._pending.get(rid)
         self._settle(rid, events, error=error)
+        if p is not None and p.dest != "broker" and rid != self._registration:
+            events.append(Abandoned(p.dest, rid))
 
     def _on_lost(self, name: str, body: list[Any], events: list[Event]) -> None:
         last = bytes(body[2]) if len(body) >= 3 else None

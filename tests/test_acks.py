@@ -201,7 +201,6 @@ def _failed_only_if_sent_to_carol(session: Session, events: list[Any], rid: byte
         assert event.rid == rid and isinstance(event.error, ProtocolError)
 
 
-
 @settings(max_examples=60, deadline=None)
 @given(
     count=st.integers(1, 5),
