@@ -14,7 +14,10 @@ direct data path (`fedptr.direct`) while the message follows its first chunk thr
 Such a chunk may be a `Filler` (a shared-memory file on the same host), placed once the budgets
 allow (read into the buffer, never mapped). `waiting` tells the session that
 a message's chunks are still under way (it then holds that message, and the sender's later ones,
-until they are in: `Session` keeps the broker's order).
+until they are in: `Session` keeps the broker's order). A sender whose request the broker refused
+undelivered, not to be sent again, gives its stream up (`envelope.abort`, over the same direct
+path): its chunks there go at once, not after `limits.STREAM_TIMEOUT_S`, and later ones are not
+placed.
 """
 
 from __future__ import annotations
