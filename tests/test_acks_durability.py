@@ -135,7 +135,7 @@ def _check(where: str, acknowledged: list[bool], found: list[Any]) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.slow  # 52 crash points (25 storage calls twice, 2 records): 11 s at load 3
+@pytest.mark.slow  # 52 crash points (25 storage calls twice, 2 records): 11 s
 async def test_every_crash_point_of_a_run_answered_by_merged_acks_keeps_each_acknowledged_op(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -571,7 +571,7 @@ async def test_every_crash_point_of_a_hand_over_on_either_node_leaves_one_owning
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "protocol", [pytest.param(_move, marks=pytest.mark.slow), _send], ids=["move", "send-pointer"]
-)  # 39 faults of the move, 27 of the send: 14 s together at load 3
+)  # 39 faults of the move, 27 of the send: 14.5 s together
 async def test_a_disk_refusal_or_power_cut_at_each_storage_call_of_a_hand_over_leaves_one_owning_copy(
     protocol: Protocol, monkeypatch: pytest.MonkeyPatch
 ) -> None:
