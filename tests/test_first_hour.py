@@ -47,6 +47,8 @@ from fedptr.status import ClusterStatus, PeerStatus, WorkerStatus
 from tests import harness
 from tests.conftest import refused
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 pytestmark = pytest.mark.slow  # process-level: outside the fast loop (-m "not slow")
 
 
@@ -112,6 +114,38 @@ def test_a_node_given_a_wrong_data_flag_says_why_and_stops(tmp_path: Path, data:
     result = subprocess.run([*node, "--data", data], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and said in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_cluster_file_data_file_or_key_file_says_how_to_make_it(tmp_path: Path) -> None:
+    """``fedptr up`` on a cluster file that is not there, on examples/cluster.toml before its
+    data was written, on data or key files that are not there: each line names the command or
+    call that makes the file. (Failed on main: "no such file or directory: PATH" alone.)"""
+    runner = CliRunner()
+
+    def up(file: Path) -> str:
+        result = runner.invoke(app, ["up", str(file), "--run-dir", str(tmp_path / "run")])
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1, result.output  # one line: its paths and commands copy whole
+        return result.output
+
+    assert "examples/cluster.toml" in up(tmp_path / "cluster.toml")  # a file to start from
+    part4 = tmp_path / "examples"
+    part4.mkdir()
+    for name in ("cluster.toml", "prepare_digits.py"):
+        (part4 / name).write_text((EXAMPLES / name).read_text())
+    said = up(part4 / "cluster.toml")
+    assert "nodes.bob.data.digits" in said and f"`python {part4 / 'prepare_digits.py'}`" in said
+    assert "pip install -c constraints.txt -e '.[examples]'" in said  # brackets are text, not rich markup
+    (part4 / "prepare_digits.py").unlink()  # data of one's own: how an .npz of private arrays is made
+    assert "numpy.savez" in up(part4 / "cluster.toml")
+    (part4 / "data").mkdir()
+    for owner in ("bob", "alice"):
+        np.savez(part4 / "data" / f"{owner}-digits.npz", x=np.zeros(1))
+    keyed = (part4 / "cluster.toml").read_text().replace('liveness = 3\n', 'liveness = 3\nkeys_dir = "keys"\n')
+    (part4 / "cluster.toml").write_text(keyed)
+    said = up(part4 / "cluster.toml")
+    assert "broker.curve_secret" in said and "fedptr keys" in said
+    assert all(name in said.partition("fedptr keys")[2] for name in ("broker", "client", "bob", "alice", "secure_worker"))
 
 
 def _render(width: int) -> str:
