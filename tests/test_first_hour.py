@@ -344,6 +344,9 @@ async def test_a_refused_get_or_move_of_private_data_says_what_may_leave_and_how
         for private in (x, x.mean(0)):
             ways_out = r"fedptr\.dp\.train.*fedptr\.dp\.contribute"
             await refused(private.get(), fedptr.PermissionDenied, owner="bob", match=ways_out)
+        with pytest.raises(fedptr.PermissionDenied, match="derives from the private data of 'bob'") as denied:
+            await x.mean(0).get()
+        assert "''" not in str(denied.value)  # it read "'bob''s private data" on main
         await refused(x.mean(0).move(c.worker("alice")), fedptr.PermissionDenied, owner="bob", match="--trust alice")
 
 
