@@ -49,8 +49,8 @@ class ObjectInfo:
     """One object in a worker's store, as `Worker.objects()` reports it.
 
     `kind` is ``"tensor"`` (with `shape`, `dtype` and, for small tensors, `preview` values),
-    ``"pointer"`` (with `location` and `id_at_location`) or ``"failed"`` (an operation's result
-    that failed; `dtype` holds the error type)."""
+    ``"module"`` (a model), ``"pointer"`` (with `location` and `id_at_location`) or ``"failed"``
+    (an operation's result that failed; `dtype` holds the error type)."""
 
     owner: str
     obj_id: int
@@ -68,6 +68,8 @@ class ObjectInfo:
             return f"[PointerTensor | {self.owner}:{here} -> {self.location}:{there}]"
         if self.kind == "failed":
             return f"<failed: {self.dtype}>"
+        if self.kind == "module":  # a model: no shape or dtype of its own (it printed as tensor(<[] >))
+            return "<module>"
         if self.preview is not None:
             values = torch.tensor(self.preview, dtype=_preview_dtype(self.dtype)).reshape(self.shape)
             return repr(values)

@@ -148,6 +148,66 @@ def test_a_missing_cluster_file_data_file_or_key_file_says_how_to_make_it(tmp_pa
     assert all(name in said.partition("fedptr keys")[2] for name in ("broker", "client", "bob", "alice", "secure_worker"))
 
 
+PART4_AT_THE_REPL = """\
+import copy, torch, fedptr
+from torch import nn
+cluster = await fedptr.local_cluster(["bob", "alice", "secure_worker"]).start()
+bob, alice, secure_worker = (cluster.client.worker(n) for n in ("bob", "alice", "secure_worker"))
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(2, 1)
+    def forward(self, x):
+        return self.fc1(x)
+
+model = Net()
+data = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]], requires_grad=True)
+target = torch.tensor([[0], [0], [1], [1.0]], requires_grad=True)
+bobs_data, bobs_target = await bob.send(data[0:2]), await bob.send(target[0:2])
+alices_data, alices_target = await alice.send(data[2:]), await alice.send(target[2:])
+for round_iter in range(5):
+    bobs_model = await bob.send(copy.deepcopy(model))
+    alices_model = await alice.send(copy.deepcopy(model))
+    bobs_opt = fedptr.optim.SGD(params=bobs_model.parameters(), lr=0.1)
+    alices_opt = fedptr.optim.SGD(params=alices_model.parameters(), lr=0.1)
+    for i in range(5):
+        _ = bobs_opt.zero_grad(), alices_opt.zero_grad()
+        bobs_loss = ((bobs_model(bobs_data) - bobs_target) ** 2).sum()
+        alices_loss = ((alices_model(alices_data) - alices_target) ** 2).sum()
+        _ = bobs_loss.backward(), alices_loss.backward(), bobs_opt.step(), alices_opt.step()
+    alices_model = await alices_model.move(secure_worker)
+    bobs_model = await bobs_model.move(secure_worker)
+    with torch.no_grad():
+        _ = model.fc1.weight.set_(await ((alices_model.fc1.weight.data + bobs_model.fc1.weight.data) / 2).get())
+        _ = model.fc1.bias.set_(await ((alices_model.fc1.bias.data + bobs_model.fc1.bias.data) / 2).get())
+    print(f"round {round_iter}: bob {await bobs_loss.item():.4f}")
+
+bobs_opt.step()
+fedptr.optim.SGD([bobs_model.fc1.bias], lr=0.1).step()
+[o.kind for o in (await secure_worker.objects()).values()]
+await secure_worker.objects()
+print("loss", float(((model(data) - target) ** 2).sum()))
+await cluster.stop()
+"""
+
+
+def test_part4_walks_in_the_asyncio_repl_with_a_class_net_defined_at_the_prompt(tmp_path: Path) -> None:
+    """PySyft's Part 4 typed into ``python -m asyncio`` (docs/concepts.md: it runs top-level
+    ``await``), its ``class Net`` defined at the prompt, so in ``__main__``: every line runs, the
+    echoes read as what they are (an update's handle; a listed model as a module, which printed
+    as ``tensor(<[] >)`` on main, and "1 remote updates") and the averaged model learnt."""
+    result = subprocess.run(
+        [sys.executable, "-m", "asyncio"], input=PART4_AT_THE_REPL, cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in out, out
+    assert re.findall(r"round (\d): bob", out) == ["0", "1", "2", "3", "4"], out
+    assert "<Pending: 1 remote update, " in out, out
+    assert "['module', 'module', " in out and "tensor(<[] >)" not in out, out  # the models, their .data
+    assert re.search(r"\{'[0-9a-f]{6}': <module>, '[0-9a-f]{6}': <module>, ", out), out
+    assert float(re.findall(r"loss (\S+)", out)[-1]) < 1.0, out
+
+
 def _render(width: int) -> str:
     """`fedptr status`'s tables of a three-node cluster, as a terminal `width` columns wide shows them."""
     figures = {
