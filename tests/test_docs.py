@@ -322,6 +322,17 @@ def test_a_page_that_starts_the_example_cluster_says_to_write_its_data() -> None
     assert missing == {}
 
 
+def test_a_readme_shell_block_that_runs_fedptr_puts_the_venvs_fedptr_on_path() -> None:
+    """README's commands start from a fresh clone and its .venv (``.venv/bin/pip``,
+    ``.venv/bin/python``): a bare ``fedptr up ...`` after them is "command not found" unless the
+    block activates the venv first."""
+    shell = [b for b in blocks(ROOT / "README.md") if b.language in ("", "sh")]
+    running = [b for b in shell if re.search(r"^fedptr ", b.code, re.M)]
+    assert running  # the README runs the CLI at all
+    bare = [b.where for b in running if not re.search(r"^(\.|source) \.venv/bin/activate\b.*\n(.*\n)*fedptr ", b.code, re.M)]
+    assert bare == []
+
+
 def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
     found = [b for page in PAGES for b in blocks(page) if b.language == "toml"]
     assert found
