@@ -358,6 +358,8 @@ class Client:
         self._flush_timer: asyncio.TimerHandle | None = None
         """The flush `release` scheduled from the loop's thread, while it is due."""
         self._open = True
+        self.connection: AbstractAsyncContextManager[Client] | None = None
+        """What `connect` made this client in, kept while it lives (see `Connecting.start`)."""
         self.recording: Recorder | None = None
         """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
         link.on_settled = self._replied
@@ -790,7 +792,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 W = TypeVar("W")
 
-HOW_TO_CONNECT = "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`"
+HOW_TO_CONNECT = (
+    "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`; in a notebook "
+    "or REPL: `client = await fedptr.connect(address).start()`, ended by `await client.aclose()`"
+)
 
 
 class Connecting:
@@ -801,8 +806,16 @@ class Connecting:
     def __init__(self, connecting: AbstractAsyncContextManager[Client]) -> None:
         self._connecting = connecting
 
+    async def start(self) -> Client:
+        """Connect and return the `Client`, for a notebook or a REPL, where an ``async with``
+        cannot span the cells or lines that follow; end it with ``await client.aclose()``."""
+        client = await self._connecting.__aenter__()
+        # the connection's generator closes the client once collected: it lives as the client does
+        client.connection = self._connecting
+        return client
+
     async def __aenter__(self) -> Client:
-        return await self._connecting.__aenter__()
+        return await self.start()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -158,9 +158,8 @@ def test_every_member_of_a_class_or_module_the_docs_name_exists() -> None:
     assert missing == {}
 
 
-INVOCATION = re.compile(
-    r"(?<![\w/.-])(fedptr-node|fedptr-broker|fedptr (?:keys|broker|node|up|down|status|objects|audit|store recover))\b([^`\n]*)"
-)
+COMMANDS = ("keys", "broker", "node", "up", "down", "status", "objects", "audit", "store recover")
+INVOCATION = re.compile(rf"(?<![\w/.-])(fedptr-node|fedptr-broker|fedptr (?:{'|'.join(COMMANDS)}))\b([^`\n]*)")
 """A command of fedptr's CLI as the docs write it, and what follows it on its line or span."""
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 SCRIPT_FLAG = re.compile(r"(?:add_argument|addoption)\(\s*\"(--[a-z][a-z0-9-]*)\"")
@@ -171,7 +170,7 @@ def _cli_flags() -> dict[str, set[str]]:
     flags, as ``fedptr node --help`` prints them), by the name the docs call it."""
     runner = CliRunner()
     flags = {}
-    for command in ("keys", "broker", "node", "up", "down", "status", "objects", "audit", "store recover"):
+    for command in COMMANDS:
         result = runner.invoke(app, [*command.split(), "--help"], terminal_width=300)
         assert result.exit_code == 0, result.output
         flags[f"fedptr {command}"] = set(FLAG.findall(result.output))
@@ -329,7 +328,8 @@ def test_a_readme_shell_block_that_runs_fedptr_puts_the_venvs_fedptr_on_path() -
     shell = [b for b in blocks(ROOT / "README.md") if b.language in ("", "sh")]
     running = [b for b in shell if re.search(r"^fedptr ", b.code, re.M)]
     assert running  # the README runs the CLI at all
-    bare = [b.where for b in running if not re.search(r"^(\.|source) \.venv/bin/activate\b.*\n(.*\n)*fedptr ", b.code, re.M)]
+    activated = re.compile(r"^(\.|source) \.venv/bin/activate\b.*\n(.*\n)*fedptr ", re.M)
+    bare = [b.where for b in running if not activated.search(b.code)]
     assert bare == []
 
 
