@@ -39,7 +39,18 @@ from fedptr.errors import (
 from fedptr.logs import rid_extra
 from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
-from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
+from fedptr.session import (
+    Abandoned,
+    Event,
+    Incoming,
+    NameList,
+    NameTaken,
+    Registered,
+    Send,
+    Session,
+    SessionEnded,
+    Settled,
+)
 from fedptr.streams import rechunk, split
 from fedptr.zio import events, owned, recv_frames, send_frames
 
@@ -407,6 +418,11 @@ class Link:
                         self.on_session_ended(event.name)
                 elif isinstance(event, Registered):
                     self._arm()
+                elif isinstance(event, Abandoned):
+                    # only a direct path carries a request's chunks apart from its message
+                    dest = event.dest.encode()
+                    if self.direct is not None and self.direct.ready(dest, envelope.REQUEST):
+                        self._sent_direct(self.direct, dest, envelope.REQUEST, envelope.abort(dest, event.rid))
             except Exception:
                 log.exception("%s failed to handle %s; the events after it go on", self.name, _about(event))
         # room for the requests waiting in `request`, once per batch of events, not per reply
