@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from fedptr.nodes import guard, policy
 from fedptr.nodes.node import Node, NodeConfig
 from fedptr.nodes.store import Entry
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedptr import envelope, limits, wire
@@ -121,18 +122,21 @@ async def _served(node: Node, multiparts: list[list[Any]]) -> None:
         await asyncio.sleep(0)
 
 
-def _replies(sent: list[list[bytes]]) -> list[tuple[str, bytes, tuple[bytes, ...]]]:
-    """Every reply sent, in order, as (peer, request id, body); an ACKS as the replies it stands for."""
-    out = []
+def _replies(sent: list[list[bytes]]) -> dict[str, list[tuple[bytes, tuple[bytes, ...]]]]:
+    """Every reply sent to each peer, in order, as (request id, body); an ACKS as the replies it
+    stands for. Per peer: the node orders one peer's requests, not two peers' against each other
+    (an op on an offload thread answers when it is done, while the other peer's go on)."""
+    out: dict[str, list[tuple[bytes, tuple[bytes, ...]]]] = defaultdict(list)
     for frames in sent:
         for env in envelope.parse(frames):
             body = tuple(bytes(f) for f in env.body)
+            peer = out[env.name.decode()]
             if env.command == envelope.ACKS:
-                out.extend((env.name.decode(), r, body[1:]) for r in envelope.acked(env.rid, body[0]))
+                peer.extend((r, body[1:]) for r in envelope.acked(env.rid, body[0]))
             else:
                 assert env.command == envelope.REPLY
-                out.append((env.name.decode(), env.rid, body))
-    return out
+                peer.append((env.rid, body))
+    return dict(out)
 
 
 def _state(node: Node) -> dict[str, Any]:
@@ -178,6 +182,12 @@ async def test_a_batch_of_requests_is_handled_as_one_request_per_batch(
     requests: list[tuple[str, bytes, wire.Message]], max_objects: int, max_bytes: int, offload: int
 ) -> None:
     """(`offload` 3: an op on 4 elements runs on a thread, and its peer's later requests wait.)"""
+    if offload == 3:
+        # While one peer's op runs on a thread, another peer's requests go on: which of them sees
+        # an object the first peer deletes after that op is a race in either world, so the
+        # threaded draws keep one peer (the node orders one peer's requests, not two peers').
+        requests = [r for r in requests if r[0] == "client"]
+        assume(requests)
     messages = [
         envelope.message(envelope.REQUEST, source.encode(), rid, wire.encode(msg)) for source, rid, msg in requests
     ]
