@@ -76,7 +76,7 @@ from torch.nn import functional
 from typer.main import get_command
 
 import fedptr
-from fedptr import dp, envelope, limits, link, metrics, modules, ops, optim, streams, wire
+from fedptr import dp, envelope, limits, link, metrics, modules, ops, optim, session, streams, wire
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -369,6 +369,11 @@ BIG = (64, 64)
 """`big`'s repeat: a 4x3 operand becomes 256x192 float32 (192 KiB), past
 `limits.TENSOR_VIEW_MIN_BYTES`, so it travels as a view of its memory, not the small tensors'
 numpy copy, and past a small ``--max-store-bytes`` (`QUOTAS`)."""
+CHAINED = ("add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "add_", "mul_", "div_", "clamp_", "maximum")
+"""Ops of a `chain`: each keeps its operand's shape and dtype, so their `Ok`s are equal and a
+node's link merges their replies into one record (`envelope.ACKS`) when they are answered in one
+turn; on bob's x or labels, or not."""
+_link = st.tuples(st.sampled_from(CHAINED), _partner)
 _added = st.one_of(
     st.tuples(
         st.just("raw_arg"),
@@ -383,6 +388,7 @@ _added = st.one_of(
     st.tuples(st.just("delete"), _index),
     st.tuples(st.just("budget"), st.sampled_from(WORKERS)),
     st.tuples(st.just("contribute"), _index),
+    st.tuples(st.just("chain"), _index, st.lists(_link, min_size=2, max_size=6)),
     st.tuples(
         st.just("pipelined"),
         _index,
@@ -397,7 +403,9 @@ sends of other dtypes, tensors past the small-get path, explicit deletes, budget
 contributions mid-program (refused, or charged, alike in both worlds). And (red17) `pipelined`:
 an alias of an object made, then a get or a move of the object sent, then, before either is
 answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
-carried must be what was checked when it was handled."""
+carried must be what was checked when it was handled. And (twenty-first round) `chain`: ops each
+on the one before (`CHAINED`), all sent before any is answered, whose replies a node merges.
+"""
 GRANTED = ("later", "get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
 """What follows a grant (`grant`) at once: nothing (``later``: the program's later steps, as
 drawn, are its follow-ups); the second client's get of the object, its gradient's get, a backward
@@ -446,7 +454,7 @@ SECOND = (
     "b_backward",
     "b_grad",
 )
-ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", *SECOND)
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", "chain", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
@@ -697,12 +705,46 @@ async def _run(
         }
         data["alice"] = {"d": {"x": np.arange(12, dtype=np.float32).reshape(SHAPE) / 12}}
         names = (*WORKERS, "agg")
-    with tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited:
+    with (
+        tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited,
+        _replies_received() as records,
+    ):
         async with harness.cluster(names, configs=configs, data=data, call_timeout=30.0) as c:
             _keep_on_disk(c.node("bob"), Path(audited), releases)
             if releases:
                 _keep_on_disk(c.node("alice"), Path(audited) / "alice", releases)
-            return await _run_in(c, program, audited, releases)
+            seen = await _run_in(c, program, audited, releases)
+    return [*seen, ("reply records", records)]
+
+
+REPLIES = (envelope.REPLY, envelope.ACKS)
+
+
+def _replies(e: envelope.Envelope) -> int:
+    """How many replies record `e` stands for: an ACKS's count, else one."""
+    return envelope.ACKS_COUNT.unpack(bytes(e.body[0]))[0] if e.command == envelope.ACKS else 1
+
+
+@contextlib.contextmanager
+def _replies_received() -> Iterator[list[Any]]:
+    """The shape of every multipart of replies a client receives (twenty-first round): per
+    multipart, its REPLY and ACKS records in order, each as its command, its sender and the
+    replies it stands for (`envelope.ACKS`: a run of a node's `Ok`s merged into one record). How
+    replies merge and split is what a client sees beyond the values and errors compared: it
+    must not depend on private data either. Clients are numbered in the order they receive."""
+    records: list[Any] = []
+    clients: dict[str, int] = {}
+    receive = session.Session.receive
+
+    def recording(self: session.Session, frames: Any, now: float) -> Any:
+        if self.role == envelope.ROLE_CLIENT:
+            shape = tuple((e.command, e.name, _replies(e)) for e in envelope.parse(frames) if e.command in REPLIES)
+            if shape:
+                records.append((clients.setdefault(self.name, len(clients)), shape))
+        return receive(self, frames, now)
+
+    with mock.patch.object(session.Session, "receive", recording):
+        yield records
 
 
 def _keep_on_disk(node: Any, directory: Path, budget: bool) -> None:
@@ -1081,6 +1123,8 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
         return out is not None
     if kind == "pipelined":
         return await _pipelined(w, p, *args[1:])
+    if kind == "chain":
+        return await _chain(w, p, args[1])
     if kind == "delete":  # the client drops its only pointer: the node deletes the object
         if p is w.tensors[0] or p is w.tensors[1]:
             return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
@@ -1115,6 +1159,27 @@ async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: st
         out = await w.observe("pipelined get", out.get)
     w.seen.append(("pipelined value", _value(out)))
     return True
+
+
+async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> bool:
+    """`chain`: each op of `links` applied to the result of the one before, from `p`, all sent
+    before any is answered (their replies may merge: `envelope.ACKS`), then each observed and
+    kept. Whether every one succeeded."""
+    made: list[tuple[str, fedptr.Pointer]] = []
+    for name, other in links:
+        try:
+            p = ROWS[name](p, w.partner(p, other))
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
+            w.seen.append((f"chain {name}", "local error", type(e).__name__))
+            break
+        made.append((name, p))
+    succeeded = len(made) == len(links)
+    for name, q in made:
+        out = await w.observe(f"chain {name}", lambda q=q: q)
+        succeeded = succeeded and out is not None
+        if out is not None and all(out is not t for t in w.tensors):
+            w.tensors.append(out)
+    return succeeded
 
 
 async def _awaited(task: asyncio.Future[Any]) -> Any:
@@ -1441,6 +1506,8 @@ ADDED_PROGRAM = [
     ("b_backward", 0),  # the granted leaf again
     ("b_grad", 0),  # the granted leaf's gradient (ones), the second client's to fetch
     ("grant_model", "linear", 0),  # a model sent to bob, its forward on the newest pointer there
+    ("send", "bob", 3),
+    ("chain", 0, [("mul", SECRET), ("add", 0), ("neg", 0)]),  # bob's x times the send, plus it, negated
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
