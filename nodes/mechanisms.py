@@ -5,7 +5,8 @@ clipping done here, on the node, whatever function of the data the client chose.
 * **M1, DP aggregate (owner level).** An owner clips a value to its own L2 bound C (`clip`)
   and charges its budget for the aggregator's noise; the aggregator releases the mean of
   single-use contributions of at least k distinct owners of its roster, with Gaussian noise of
-  standard deviation ``max(noise_multiplier * C)`` added to the sum (`release_mean`): under
+  standard deviation ``max(noise_multiplier * C)`` added to the sum (`release_mean`; both
+  rounded to one fine grid first, so that the addition is exact: `noised`): under
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the

@@ -41,6 +41,12 @@ models and runs their forwards on bob's data (`b_plan`, `b_model`, `b_forward`, 
 Since the twentieth round a quarter of the programs are about grants (`_about_grants`): a tensor
 sent to bob, a graph or alias through it, its grant with nothing at once, and follow-ups drawn
 later (`GRANT_AFTER`: either client's backwards, gradients' gets, gets and writes, in any order).
+
+Since the twenty-first round a grant's follow-ups are steps of `GRANT_AFTER` or pairs of a
+backward by either client and a gradient's get by either (`_grant_follow_up`); programs draw
+chains of ops sent before any is answered (`chain`), whose `Ok`s a node merges into one record
+(`envelope.ACKS`); and the shape of every multipart of replies a client receives is compared
+(`_replies_received`).
 """
 
 from __future__ import annotations
