@@ -4,6 +4,9 @@ deliberately broken variant (clip off, noise halved, the clip and the dropped fa
 before issue 18's fixes, SecAgg+'s noise sized for all owners while only m survive) is flagged:
 its lower bound exceeds the charge. A ring that wraps around breaks SecAgg+'s sums, not its
 privacy (post-processing): its bound stays below the charge, and its sums are shown wrong.
+Since the twenty-first red-team round the audit also reads a float64 release's last bit
+(Mironov 2012: M1's `m1_bit_statistics`), and a float64 model's DP-SGD weights are read the same
+way here.
 
 Every case runs the real mechanisms (`fedptr.nodes.mechanisms`, and the owners' and
 aggregator's protocol code of `fedptr.nodes.secagg`); only the breaks are patched in, by
