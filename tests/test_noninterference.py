@@ -45,7 +45,7 @@ later (`GRANT_AFTER`: either client's backwards, gradients' gets, gets and write
 Since the twenty-first round a grant's follow-ups are steps of `GRANT_AFTER` or pairs of a
 backward by either client and a gradient's get by either (`_grant_follow_up`); programs draw
 chains of ops sent before any is answered (`chain`), whose `Ok`s a node merges into one record
-(`envelope.ACKS`); and the shape of every multipart of replies a client receives is compared
+(`envelope.ACKS`); and every `Ok` a client receives is compared, an ACKS's replies each apart
 (`_replies_received`).
 """
 
@@ -713,44 +713,53 @@ async def _run(
         names = (*WORKERS, "agg")
     with (
         tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited,
-        _replies_received() as records,
+        _replies_received() as oks,
     ):
         async with harness.cluster(names, configs=configs, data=data, call_timeout=30.0) as c:
             _keep_on_disk(c.node("bob"), Path(audited), releases)
             if releases:
                 _keep_on_disk(c.node("alice"), Path(audited) / "alice", releases)
             seen = await _run_in(c, program, audited, releases)
-    return [*seen, ("reply records", records)]
+    return [*seen, ("oks received", oks)]
 
 
-REPLIES = (envelope.REPLY, envelope.ACKS)
-
-
-def _replies(e: envelope.Envelope) -> int:
-    """How many replies record `e` stands for: an ACKS's count, else one."""
-    return envelope.ACKS_COUNT.unpack(bytes(e.body[0]))[0] if e.command == envelope.ACKS else 1
+def _oks(e: envelope.Envelope) -> list[Any]:
+    """The `Ok`s a REPLY or ACKS record stands for (an ACKS's once per reply it answers), each as
+    its fields; none for another reply, or one whose body came in chunks."""
+    acks = e.command == envelope.ACKS
+    try:
+        reply = wire.decode(e.body[1:] if acks else e.body).message
+    except (fedptr.FedptrError, ValueError, TypeError, IndexError):
+        return []
+    if type(reply) is not wire.Ok:
+        return []
+    count = envelope.ACKS_COUNT.unpack(bytes(e.body[0]))[0] if acks else 1
+    return [(reply.shape, reply.dtype, reply.more)] * count
 
 
 @contextlib.contextmanager
-def _replies_received() -> Iterator[list[Any]]:
-    """The shape of every multipart of replies a client receives (twenty-first round): per
-    multipart, its REPLY and ACKS records in order, each as its command, its sender and the
-    replies it stands for (`envelope.ACKS`: a run of a node's `Ok`s merged into one record). How
-    replies merge and split is what a client sees beyond the values and errors compared: it
-    must not depend on private data either. Clients are numbered in the order they receive."""
-    records: list[Any] = []
+def _replies_received() -> Iterator[dict[tuple[int, bytes], list[Any]]]:
+    """Every `Ok` a client receives, in order, per client and sender (twenty-first round), with
+    each of an ACKS's replies (a run of a node's `Ok`s merged into one record, `envelope.ACKS`)
+    counted apart: what a reply says beyond what the client checks of it (a result's shape and
+    dtype against its inference), whichever record it came in. How replies are grouped into
+    records and multiparts is not compared: it follows the loop turns the requests arrive in,
+    which a loaded machine moves (a merge needs equal `Ok`s, consecutive ids and one open
+    batch; docs/REDTEAM.md, twenty-first round). Clients are numbered in the order they receive."""
+    oks: dict[tuple[int, bytes], list[Any]] = {}
     clients: dict[str, int] = {}
     receive = session.Session.receive
 
     def recording(self: session.Session, frames: Any, now: float) -> Any:
         if self.role == envelope.ROLE_CLIENT:
-            shape = tuple((e.command, e.name, _replies(e)) for e in envelope.parse(frames) if e.command in REPLIES)
-            if shape:
-                records.append((clients.setdefault(self.name, len(clients)), shape))
+            for e in envelope.parse(frames):
+                if e.command == envelope.REPLY or e.command == envelope.ACKS:
+                    key = (clients.setdefault(self.name, len(clients)), e.name)
+                    oks.setdefault(key, []).extend(_oks(e))
         return receive(self, frames, now)
 
     with mock.patch.object(session.Session, "receive", recording):
-        yield records
+        yield oks
 
 
 def _keep_on_disk(node: Any, directory: Path, budget: bool) -> None:
