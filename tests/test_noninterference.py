@@ -71,6 +71,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fedptr.nodes import guard
 from fedptr.nodes.audit import AuditLog
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
@@ -684,6 +685,8 @@ def _world(
 ) -> list[Any]:
     """One world's observations. What outlives it (caches, the command runner) is collected and
     then frozen, so that no later world's full collection walks it again."""
+    guard.warm_up()  # cold, a process's first op on private data runs on the offload thread: the
+    # first world of a process then ordered a `pipelined` write after its hand-over, the rest before
     seen = asyncio.run(_run(program, secret, releases, variation, world))
     gc.collect()
     gc.freeze()
