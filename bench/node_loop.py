@@ -62,6 +62,7 @@ class Harness:
         link._sock = object()  # type: ignore[assignment]
         self.node = node = Node("bob", link, NodeConfig())
         link.handler = node.handle
+        link.run_handler = node.handle_ops
         self.a_id = wire.new_object_id()
         a = Entry.tensor(torch.ones(4), owner="client")
         node.store.add(self.a_id, a)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import operator
 from collections.abc import Callable, Coroutine, Generator
 from types import CoroutineType
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -63,7 +64,12 @@ class Call(Coroutine[Any, Any, T]):
     comparison, indexing, ``len``, ``bool``, ``float``, ``iter``, a torch function, numpy, a
     format spec, an attribute), it raises NotAwaitedError (AttributeError for an attribute)
     saying to await it, and closes itself, so Python's "never awaited" warning does not follow
-    the error; a call dropped without an await or an error still gets that warning."""
+    the error; a call dropped without an await or an error still gets that warning. An
+    attribute's error closes it only once it is dropped unawaited: reading one may be a probe
+    (``hasattr``, a debugger), and the native coroutine's ``cr_*`` attributes are its own, so
+    ``inspect.getcoroutinestate`` works and a later ``await`` runs the call.
+    ``inspect.iscoroutine`` says False (it asks for Python's own coroutine type, which no class
+    can extend); ``asyncio.iscoroutine`` and ``inspect.isawaitable`` say True."""
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self._coro = coro
@@ -110,12 +116,21 @@ class Call(Coroutine[Any, Any, T]):
     def __getattr__(self, name: str) -> NoReturn:
         if name.startswith("_"):  # a library's probe (numpy's __array_interface__, IPython's _repr_html_)
             raise AttributeError(name)
-        self.close_unstarted()
+        # not closed here: a probe (``hasattr``, a debugger, a completer) may precede the await;
+        # `__del__` closes a misused call that no one awaits, so no "never awaited" warning follows
+        self._misused_attribute = True
         method = self.name.rpartition(".")[2]
         raise AttributeError(
             f"'{self.name}()' is a coroutine not awaited and has no attribute {name!r}: await it "
             f"first, as in `(await x.{method}(...)).{name}`"
         )
+
+    _misused_attribute = False
+    """Whether an attribute a value would have was read (``p.get().numpy()``)."""
+
+    def __del__(self) -> None:
+        if self._misused_attribute:
+            self.close_unstarted()
 
     def __format__(self, spec: str) -> str:
         if spec:
@@ -172,6 +187,11 @@ for _how, _names in {
 }.items():
     for _name in _names:
         setattr(Call, f"__{_name}__", _operator(_how))
+
+
+for _attr in ("cr_running", "cr_suspended", "cr_frame", "cr_await", "cr_code", "cr_origin"):
+    # a native coroutine's state, for inspect.getcoroutinestate and getcoroutinelocals, debuggers
+    setattr(Call, _attr, property(operator.attrgetter(f"_coro.{_attr}")))
 
 
 def awaited(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Call[T]]:

@@ -49,8 +49,8 @@ class ObjectInfo:
     """One object in a worker's store, as `Worker.objects()` reports it.
 
     `kind` is ``"tensor"`` (with `shape`, `dtype` and, for small tensors, `preview` values),
-    ``"pointer"`` (with `location` and `id_at_location`) or ``"failed"`` (an operation's result
-    that failed; `dtype` holds the error type)."""
+    ``"module"`` (a model), ``"pointer"`` (with `location` and `id_at_location`) or ``"failed"``
+    (an operation's result that failed; `dtype` holds the error type)."""
 
     owner: str
     obj_id: int
@@ -68,6 +68,8 @@ class ObjectInfo:
             return f"[PointerTensor | {self.owner}:{here} -> {self.location}:{there}]"
         if self.kind == "failed":
             return f"<failed: {self.dtype}>"
+        if self.kind == "module":  # a model: no shape or dtype of its own (it printed as tensor(<[] >))
+            return "<module>"
         if self.preview is not None:
             values = torch.tensor(self.preview, dtype=_preview_dtype(self.dtype)).reshape(self.shape)
             return repr(values)
@@ -356,6 +358,8 @@ class Client:
         self._flush_timer: asyncio.TimerHandle | None = None
         """The flush `release` scheduled from the loop's thread, while it is due."""
         self._open = True
+        self.connection: AbstractAsyncContextManager[Client] | None = None
+        """What `connect` made this client in, kept while it lives (see `Connecting.start`)."""
         self.recording: Recorder | None = None
         """The plan being recorded (`fedptr.plans`): operations go to it instead of the workers."""
         link.on_settled = self._replied
@@ -788,7 +792,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 W = TypeVar("W")
 
-HOW_TO_CONNECT = "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`"
+HOW_TO_CONNECT = (
+    "use `async with fedptr.connect(address) as client:`, then `client.worker('bob')`; in a notebook "
+    "or REPL: `client = await fedptr.connect(address).start()`, ended by `await client.aclose()`"
+)
 
 
 class Connecting:
@@ -799,8 +806,16 @@ class Connecting:
     def __init__(self, connecting: AbstractAsyncContextManager[Client]) -> None:
         self._connecting = connecting
 
+    async def start(self) -> Client:
+        """Connect and return the `Client`, for a notebook or a REPL, where an ``async with``
+        cannot span the cells or lines that follow; end it with ``await client.aclose()``."""
+        client = await self._connecting.__aenter__()
+        # the connection's generator closes the client once collected: it lives as the client does
+        client.connection = self._connecting
+        return client
+
     async def __aenter__(self) -> Client:
-        return await self._connecting.__aenter__()
+        return await self.start()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

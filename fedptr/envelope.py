@@ -89,6 +89,16 @@ CHUNK_INFO = struct.Struct("<cIQQ")
 """command of the message the chunk belongs to (1 byte), its body frame index (uint32),
 the chunk's offset and the buffer's total size in bytes (uint64 each)."""
 
+
+def abort(name: bytes, rid: bytes, command: bytes = REQUEST) -> list[Any]:
+    """The CHUNK by which a sender gives up the stream of its `command` `rid` to peer `name`: frame
+    index 0 (a header, never streamed), no bytes of no buffer. Its receiver drops that stream's
+    partial buffers and places none of its later chunks (`streams.Reassembly`). Sent only for a
+    request the broker refused undelivered and that will not be sent again: its message never
+    comes, so no stream a message still needs is dropped (request ids are never reused)."""
+    return [CHUNK, name, rid, CHUNK_INFO.pack(command, 0, 0, 0), b""]
+
+
 SHM_CHUNK = b"M"
 """Inside a sealed message of a direct path only (fedptr/direct.py; never on the broker's path): a
 CHUNK whose data frame is a shared-memory descriptor (`fedptr.shm`), not the bytes."""

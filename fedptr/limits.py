@@ -95,6 +95,12 @@ STREAM_MAX_REFUSED_PER_PEER = 1_024
 `STREAM_TIMEOUT_S`), to answer each one's message with the reason. Past it, that peer's oldest is
 forgotten: its message still fails (its buffer's frame is empty, no tensor), without the reason."""
 
+STREAM_MAX_REFUSED = 16_384
+"""Most refused streams a receiver remembers for all peers together (count; ~5 MB at ~300 bytes
+each). Past it, the oldest refusal of the peer holding the most is forgotten: many peers each
+within `STREAM_MAX_REFUSED_PER_PEER` (a client's sessions, or aborts) are bounded too, and a peer
+that refuses itself most loses its own first."""
+
 HELD_MAX_MESSAGES = 10_000
 """Most messages a receiver holds from one sender behind a message whose streamed chunks are
 still arriving over the direct path; past it, that stream is refused and its message fails."""

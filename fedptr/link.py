@@ -39,7 +39,18 @@ from fedptr.errors import (
 from fedptr.logs import rid_extra
 from fedptr.progress import Transfers, transfers_for
 from fedptr.security import CurveKeys
-from fedptr.session import Event, Incoming, NameList, NameTaken, Registered, Send, Session, SessionEnded, Settled
+from fedptr.session import (
+    Abandoned,
+    Event,
+    Incoming,
+    NameList,
+    NameTaken,
+    Registered,
+    Send,
+    Session,
+    SessionEnded,
+    Settled,
+)
 from fedptr.streams import rechunk, split
 from fedptr.zio import events, owned, recv_frames, send_frames
 
@@ -52,6 +63,10 @@ _BATCHABLE = (envelope.REQUEST, envelope.REPLY, envelope.FANOUT)
 RequestHandler = Callable[[str, bytes, wire.Decoded], None]
 """Called with (source name, request id, decoded request) for every request a peer receives.
 It runs inside the socket's read callback, so it must not block; slow work goes to tasks."""
+
+RunHandler = Callable[[list[Incoming]], None]
+"""Called with a run of consecutive `Op` requests of one peer, in arrival order, in place of
+`RequestHandler` once per op (a node's `Node.handle_ops`): it must answer each as that would."""
 
 
 class Link:
@@ -75,6 +90,8 @@ class Link:
     ) -> None:
         self.address = address
         self.handler = handler
+        self.run_handler: RunHandler | None = None
+        """Set by a node: its consecutive `Op` requests of one peer arrive as one run."""
         self.connect_timeout = connect_timeout
         self.curve = curve
         self.session = Session(name, role, heartbeat_s=heartbeat_s, liveness=liveness, max_in_flight=max_in_flight)
@@ -369,7 +386,20 @@ class Link:
 
     def _handle(self, events: list[Event]) -> None:
         settled = False
+        runs = self.run_handler
+        run: list[Incoming] = []
         for event in events:
+            # A node's consecutive ops of one peer are gathered and handled as one run, before
+            # any other event: in arrival order, as one by one
+            if runs is not None and type(event) is Incoming and type(event.request.message) is wire.Op:
+                if run and run[0].source != event.source:
+                    self._run(run)
+                    run = []
+                run.append(event)
+                continue
+            if run:
+                self._run(run)
+                run = []
             # Each event on its own: a callback that raises (a bug in a hook or a handler) is
             # logged, and the events after it (a BATCH's other replies, whose awaits would
             # otherwise end at their deadlines) still go. The try costs nothing until it catches.
@@ -407,12 +437,26 @@ class Link:
                         self.on_session_ended(event.name)
                 elif isinstance(event, Registered):
                     self._arm()
+                elif isinstance(event, Abandoned):
+                    # only a direct path carries a request's chunks apart from its message
+                    dest = event.dest.encode()
+                    if self.direct is not None and self.direct.ready(dest, envelope.REQUEST):
+                        self._sent_direct(self.direct, dest, envelope.REQUEST, envelope.abort(dest, event.rid))
             except Exception:
                 log.exception("%s failed to handle %s; the events after it go on", self.name, _about(event))
+        if run:
+            self._run(run)
         # room for the requests waiting in `request`, once per batch of events, not per reply
         # (waking them takes a loop turn either way)
         if settled and self.session.in_flight < self.session.max_in_flight:
             self._room.set()
+
+    def _run(self, run: list[Incoming]) -> None:
+        assert self.run_handler is not None  # (a run is gathered only when there is one)
+        try:
+            self.run_handler(run)
+        except Exception:  # the handler answers each op itself; a bug in it must not stop the link
+            log.exception("%s failed to handle a run of %d requests", self.name, len(run))
 
     # --- socket I/O --------------------------------------------------------------------
     # The socket is a plain zmq socket used only with NOBLOCK and driven by the event loop

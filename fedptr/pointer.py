@@ -285,7 +285,8 @@ class Pending:
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
-        return f"<Pending: {len(self._futures)} remote updates, {state}>"
+        n = len(self._futures)
+        return f"<Pending: {n} remote update{'' if n == 1 else 's'}, {state}>"
 
 
 def expect_pointer(value: object, expected: str) -> None:

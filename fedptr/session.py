@@ -88,7 +88,17 @@ class Registered:
     """The broker accepted this peer again after it had been forgotten or had restarted."""
 
 
-Event = Send | Settled | Incoming | SessionEnded | Registered
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Request `rid` to `dest` will never be delivered: the broker refused it, and it is not sent
+    again. Chunks of it that took a direct path wait at `dest` for a message that never comes:
+    give them up there (`envelope.abort`)."""
+
+    dest: str
+    rid: bytes
+
+
+Event = Send | Settled | Incoming | SessionEnded | Registered | Abandoned
 
 
 class NameTaken(RegistrationRefused):
@@ -428,16 +438,19 @@ class Session:
     def _on_acks(self, name: bytes, rid: bytes, body: list[Any], events: list[Event]) -> None:
         """An ACKS: each reply it stands for settled as `_on_reply` settles one, its body decoded
         once. A malformed one settles its first request with the error, or, when its count was
-        read, every request it answers."""
+        read, every request it answers (a body missing or in pieces too: those requests wait
+        for nothing else)."""
         try:
-            if len(body) != 2:
-                raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
+            if not body:
+                raise ProtocolError("an ACKS of no parts, not a count and a body")
             rids = envelope.acked(rid, bytes(body[0]))
         except ProtocolError as e:
             self._fail_reply(name, rid, events, e)
             return
         source = name.decode(errors="replace")
         try:
+            if len(body) != 2:
+                raise ProtocolError(f"an ACKS of {len(body)} parts, not a count and a body")
             reply = wire.decode(body[1:]).message
             if type(reply) is not wire.Ok:
                 raise ProtocolError(f"an ACKS of {type(reply).__name__} replies, not of Ok")
@@ -515,7 +528,10 @@ class Session:
         if rid == self._registration and self._registration_is_repeat:
             log.warning("%s: registering again was refused: %s", self.name, error)
             return
+        p = self._pending.get(rid)
         self._settle(rid, events, error=error)
+        if p is not None and p.dest != "broker" and rid != self._registration:
+            events.append(Abandoned(p.dest, rid))
 
     def _on_lost(self, name: str, body: list[Any], events: list[Event]) -> None:
         last = bytes(body[2]) if len(body) >= 3 else None

@@ -14,7 +14,10 @@ direct data path (`fedptr.direct`) while the message follows its first chunk thr
 Such a chunk may be a `Filler` (a shared-memory file on the same host), placed once the budgets
 allow (read into the buffer, never mapped). `waiting` tells the session that
 a message's chunks are still under way (it then holds that message, and the sender's later ones,
-until they are in: `Session` keeps the broker's order).
+until they are in: `Session` keeps the broker's order). A sender whose request the broker refused
+undelivered, not to be sent again, gives its stream up (`envelope.abort`, over the same direct
+path): its chunks there go at once, not after `limits.STREAM_TIMEOUT_S`, and later ones are not
+placed.
 """
 
 from __future__ import annotations
@@ -149,11 +152,13 @@ class Reassembly:
         timeout: float = limits.STREAM_TIMEOUT_S,
         max_peer_bytes: int = limits.STREAM_MAX_BYTES_PER_PEER,
         max_peer_refused: int = limits.STREAM_MAX_REFUSED_PER_PEER,
+        max_refused: int = limits.STREAM_MAX_REFUSED,
     ) -> None:
         self.max_bytes = max_bytes
         self.max_peer_bytes = max_peer_bytes
         self.timeout = timeout
         self.max_peer_refused = max_peer_refused
+        self.max_refused = max_refused
         self._partials: dict[tuple[bytes, bytes, bytes], _Partial] = {}
         self._bytes = 0
         self._peer_bytes: collections.Counter[bytes] = collections.Counter()
@@ -161,7 +166,8 @@ class Reassembly:
         """Source -> its refused streams by (command, request id), oldest first: why, and when
         (purged as stale streams are), so that the message that ends one is answered with the
         reason rather than as incomplete. At most `max_peer_refused` per source: a peer that
-        starts refused streams without end forgets its own oldest, never another peer's."""
+        starts refused streams without end forgets its own oldest, never another peer's; at most
+        `max_refused` in all: the source holding the most forgets its oldest."""
         self._refused_count = 0
 
     @property
@@ -224,6 +230,11 @@ class Reassembly:
             raise ProtocolError("bad chunk info")
         command, index, offset, total = envelope.CHUNK_INFO.unpack(info)
         if command not in (envelope.REQUEST, envelope.REPLY) or not 1 <= index < limits.MAX_FRAMES:
+            if not (index or offset or total or nbytes) and command in (envelope.REQUEST, envelope.REPLY):
+                # `envelope.abort`: the sender gave this stream up (its message never comes); it
+                # can name only its own streams, the key being the source the path or broker named
+                self.refuse((command, source, rid), "its sender gave it up")
+                return None
             raise ProtocolError("chunk for a bad command or frame")
         if total > limits.MAX_MESSAGE_BYTES or offset + nbytes > total or not nbytes:
             raise ProtocolError("chunk empty or outside its buffer")
@@ -277,6 +288,12 @@ class Reassembly:
             # its message, if it ever ends, fails still: the frame its buffer left is empty
             mine.popitem(last=False)
             self._refused_count -= 1
+        elif self._refused_count > self.max_refused:  # many peers, each within its own bound
+            most = max(self._refused, key=lambda peer: len(self._refused[peer]))
+            self._refused[most].popitem(last=False)
+            self._refused_count -= 1
+            if not self._refused[most]:
+                del self._refused[most]
 
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
         """`body` with reassembled buffers in place of their empty frames (unchanged when no

@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedptr import limits, wire
+from fedptr import envelope, limits, metrics, wire
 from fedptr.errors import (
     FedptrError,
     InvalidArgumentError,
@@ -38,7 +40,11 @@ from . import guard, kernels, plans, policy
 from .saved import Recorder
 from .store import Entry, all_written, without_frames
 
+log = logging.getLogger("fedptr.node")
+
 if TYPE_CHECKING:
+    from fedptr.session import Incoming
+
     from .node import Node
 
 
@@ -166,6 +172,146 @@ class Compute:
 
         # answered later, outside this handler: a step that raises still answers the op
         forwarded.add_done_callback(self.node.answering(source, rid, relayed))
+
+    def ops(self, source: str, requests: Sequence[Incoming]) -> None:
+        """Handle a run of `source`'s consecutive `Op` requests, in order, each exactly as
+        `Node.handle` would (its answer, its result's entry, taint, charge and reply record). An
+        op of the common kind takes the lane below: its own request only, nothing deferred
+        before it, no write-ahead, a plain public op on settled tensors of the caller's, small,
+        one result. Everything that lane does not cover (a resend, an op that writes, aliases,
+        aggregates or runs on private data, a pointer, a pending or failed operand, a sponsor,
+        keywords) is handed to `Node.handle` at that op, before anything of it is done here.
+
+        Per op the lane does the per-op path's checks in one frame: no dispatch, no `_Run`, no
+        separate operand, compute and finish calls (15 of the node's 40 Python calls per op).
+        Its errors (a kernel's, a refused charge) finish on the per-op path (`_finish`), so a
+        failing op is answered, stored and charged as there, and the ops after it see the same
+        state."""
+        node = self.node
+        store = self.store
+        # with a write-ahead every op answers once its result is written: the per-op path
+        lane = store.wal is None and not node.figures.debug
+        entries, taken = store.entries, store.taken
+        replies = node.replies
+        running, answered = replies._running, replies._replies  # `ReplyCache.begin`'s tables, read inline
+        ordered = node._ordered
+        offload = self.config.offload_numel
+        counted = 0
+        for _, rid, decoded in requests:
+            # each op on its own, as the link handles each request: a bug met in one is logged,
+            # and the ops after it still go
+            try:
+                msg: wire.Op = decoded.message  # type: ignore[assignment]  # (a run holds only ops: `Link._handle`)
+                key = (source, rid)
+                op = msg.op
+                fn = _LANE.get(op)
+                if (
+                    fn is None
+                    or not lane
+                    or key in running
+                    or key in answered
+                    or source in ordered
+                    or msg.kwargs
+                    or msg.more_ids
+                    or msg.sponsor
+                    or rid == envelope.NO_REPLY
+                ):
+                    node.handle(source, rid, decoded)
+                    continue
+                result_id = msg.result_id
+                args: list[Any] = []
+                values: dict[int, Any] = {}
+                numel = 0
+                for a in msg.args:  # `_operands` and `_values` for the lane's ops: one pass, no call
+                    if type(a) is wire.Ref:
+                        i = a.obj_id
+                        e = entries.get(i)
+                        if (
+                            e is None
+                            or e.owner != source
+                            or e.sponsor
+                            or e.taint.origins
+                            or e.location is not None
+                            or not e.settled
+                            or e.error is not None
+                        ):
+                            break
+                        v = e.value
+                        if type(v) is not torch.Tensor or v.requires_grad:
+                            break
+                        numel += v.numel()
+                        args.append(v)
+                        values[i] = v
+                    elif type(a) in _SCALARS:
+                        args.append(a)
+                    else:
+                        break
+                else:
+                    if numel <= offload and result_id not in entries and result_id not in taken:
+                        counted += 1
+                        running[key] = ("Op", time.monotonic())  # `ReplyCache.begin` of a new request
+                        result = Entry(None, 0, source, policy.Taint({}))  # public operands: a public result
+                        try:
+                            store.add(result_id, result)
+                        except Exception as e:  # refused (the object quota): as `Node._dispatch` answers it
+                            node.reply_error(source, rid, e)
+                            continue
+                        self._lane(source, rid, msg, fn, args, values, result)
+                        continue
+                node.handle(source, rid, decoded)
+            except Exception:
+                log.exception("failed to handle a request of %r", source)
+        if counted:
+            figures = node.figures.requests
+            figures["Op"] = figures.get("Op", 0) + counted
+
+    def _lane(
+        self,
+        source: str,
+        rid: bytes,
+        msg: wire.Op,
+        fn: Callable[..., Any],
+        args: list[Any],
+        values: dict[int, Any],
+        result: Entry,
+    ) -> None:
+        """Compute, store and answer an op on `Compute.ops`' lane: `guard.run`, `Store.commit`
+        and `_finish` for a public op of one result on settled tensors, without a write-ahead.
+        Its errors finish on the per-op path, which commits, fails and answers as for any op."""
+        result_id = msg.result_id
+        try:
+            value = fn(*args)  # `kernels.run`: a flat list of tensors and numbers needs no decoding
+            if type(value) is not torch.Tensor:
+                (value,) = kernels.results(kernels.checked(msg.op, value), 1)
+            value = guard.unshared(value, args, {})
+        except Exception as e:
+            self._finish(self._lane_run(source, rid, msg, result), values, {}, e)
+            return
+        values[result_id] = value
+        try:
+            self.store.commit(result_id, result, value)
+        except Exception:  # refused (the store's cap, a quota): charged and answered as `_finish` does
+            self._finish(self._lane_run(source, rid, msg, result), values, {}, None)
+            return
+        result.settle(value)
+        ok = _OKS.get((value.shape, value.dtype)) or _ok((value,))
+        node = self.node
+        node.link.reply(source, rid, ok)
+        started = node.replies.finish((source, rid), ok)
+        if started is not None:  # `NodeFigures.finished` for an Ok, inline
+            latencies = node.figures.latencies.by_key
+            hist = latencies.get("Op")
+            if hist is None:
+                hist = latencies["Op"] = metrics.Histogram()
+            hist.observe(time.monotonic() - started[1])
+
+    def _lane_run(self, source: str, rid: bytes, msg: wire.Op, result: Entry) -> _Run:
+        """The per-op path's `_Run` of a lane's op, for `_finish` (its errors)."""
+        entries = self.store.entries
+        inputs = {a.obj_id: entries[a.obj_id] for a in msg.args if type(a) is wire.Ref}
+        return _Run(
+            source, rid, (msg,), (inputs,), (result,), inputs, None, [(msg.result_id, msg.result_id, result)], False
+        )
 
     def _operands(self, msg: wire.Op, source: str) -> tuple[dict[int, Entry], str | None, bool]:
         """The op's stored operands by id, each checked against its owner and sponsor, the
@@ -594,6 +740,17 @@ def _materialize(value: Any, tensors: dict[int, torch.Tensor]) -> Any:
         return {k: _materialize(v, tensors) for k, v in value.items()}
     return value
 
+
+_SCALARS = (int, float, bool)
+"""The plain arguments an op on the lane (`Compute.ops`) may take besides its operands."""
+
+_LANE: dict[str, Callable[..., Any]] = {
+    name: fn
+    for name, fn in kernels.OPERATIONS.items()
+    if name in ALLOWED and name not in ALIASING | MUTATING | AGGREGATES | policy.TAINT_RULES | kernels.MODEL_ONLY
+}
+"""The ops `Compute.ops` runs on its lane, with their kernels: plain ones, which write no
+operand, alias none, release nothing and need no model."""
 
 _GROWERS = frozenset({"backward", "set_grad", "set_data"})
 """Ops that make stored values hold more (gradients, a bigger storage), which the store then charges."""

@@ -18,7 +18,7 @@ from fedptr.torchops import TORCH
 
 MODULE_OPS = frozenset(n for n, i in REGISTRY.items() if i.model is not Model.NO)
 """The operations that take a model as their first argument."""
-_MODEL_ONLY = frozenset(n for n, i in REGISTRY.items() if i.model is Model.YES)
+MODEL_ONLY = frozenset(n for n, i in REGISTRY.items() if i.model is Model.YES)
 """Module operations that need a model (``zero_grad`` also takes a tensor)."""
 
 
@@ -227,7 +227,7 @@ def run(op: str, args: list[Any], kwargs: dict[str, Any]) -> Result:
     if args and isinstance(args[0], nn.Module):
         if op not in MODULE_OPS:
             raise TypeError(f"{op} takes tensors, not a model")
-    elif op in _MODEL_ONLY:
+    elif op in MODEL_ONLY:
         raise TypeError(f"{op} needs a model as its first argument")
     if kwargs:
         result = fn(*decode(args), **decode(kwargs))

@@ -33,6 +33,7 @@ from fedptr import envelope, limits, wire
 from fedptr.errors import OpNotAllowedError, OverloadedError, QuotaExceededError, RemoteError
 from fedptr.failures import failure_from_error
 from fedptr.link import Link
+from fedptr.session import Incoming
 from fedptr.tensors import dtype_name
 
 from . import plans, policy
@@ -251,6 +252,11 @@ class Node:
                 self.link.pause_reading()
             return
         self._dispatch(source, rid, decoded)
+
+    def handle_ops(self, requests: list[Incoming]) -> None:
+        """Handle a run of one peer's consecutive `Op` requests (the Link's run handler), each as
+        `handle` would (`Compute.ops`)."""
+        self.compute.ops(requests[0].source, requests)
 
     def _dispatch(self, source: str, rid: bytes, decoded: wire.Decoded) -> None:
         msg = decoded.message

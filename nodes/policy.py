@@ -152,7 +152,7 @@ def release_kind(taint: Taint, released: str) -> str:
     if not closed:
         return "exact"
     raise PermissionDenied(
-        closed[0], f"this object derives from {closed[0]!r}'s private data, which stays on its node; {RELEASES}"
+        closed[0], f"this object derives from the private data of {closed[0]!r}, which stays on its node; {RELEASES}"
     )
 
 

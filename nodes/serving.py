@@ -41,6 +41,7 @@ async def running(
     node = Node(name, link, config)
     # wired before registering: a request may arrive in the same read as the acceptance
     link.handler = node.handle
+    link.run_handler = node.handle_ops
     link.on_session_ended = node.objects.reclaim
     for prepare in before_register:
         prepare(node)

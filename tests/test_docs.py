@@ -38,8 +38,10 @@ import torch
 from nbclient import NotebookClient
 from torch import nn
 from torch.nn import functional
+from typer.testing import CliRunner
 
 import fedptr
+from fedptr.cli import app
 from fedptr.cli.clusterfile import load_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +158,59 @@ def test_every_member_of_a_class_or_module_the_docs_name_exists() -> None:
     assert missing == {}
 
 
+COMMANDS = ("keys", "broker", "node", "up", "down", "status", "objects", "audit", "store recover")
+INVOCATION = re.compile(rf"(?<![\w/.-])(fedptr-node|fedptr-broker|fedptr (?:{'|'.join(COMMANDS)}))\b([^`\n]*)")
+"""A command of fedptr's CLI as the docs write it, and what follows it on its line or span."""
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+SCRIPT_FLAG = re.compile(r"(?:add_argument|addoption)\(\s*\"(--[a-z][a-z0-9-]*)\"")
+
+
+def _cli_flags() -> dict[str, set[str]]:
+    """The flags each command's ``--help`` lists (the node's and the broker's: their argparse
+    flags, as ``fedptr node --help`` prints them), by the name the docs call it."""
+    runner = CliRunner()
+    flags = {}
+    for command in COMMANDS:
+        result = runner.invoke(app, [*command.split(), "--help"], terminal_width=300)
+        assert result.exit_code == 0, result.output
+        flags[f"fedptr {command}"] = set(FLAG.findall(result.output))
+    return {**flags, "fedptr-node": flags["fedptr node"], "fedptr-broker": flags["fedptr broker"]}
+
+
+def _spans(text: str) -> list[str]:
+    """The backquoted spans of a page and the lines of its code blocks: where a command is written."""
+    fenced = [line for block in re.findall(r"```[^\n]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    return re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S)) + fenced
+
+
+def test_every_cli_flag_the_docs_name_exists() -> None:
+    """``fedptr up examples/cluster.toml --detach``, ``fedptr-node --release``, a node's
+    ``--epsilon``: a flag written after a command is in that command's ``--help``; a flag
+    written alone (a span that starts with ``--``) is in some command's, an example's or a
+    bench script's, or a pytest option of the suite's."""
+    cli = _cli_flags()
+    scripts = {
+        flag
+        for path in [*(ROOT / "examples").glob("*.py"), *(ROOT / "bench").glob("*.py"), ROOT / "tests" / "conftest.py"]
+        for flag in SCRIPT_FLAG.findall(path.read_text())
+    }
+    anywhere = set().union(*cli.values()) | scripts | {"--hypothesis-seed"}  # hypothesis's pytest plugin
+    checked, missing = 0, {}
+    for page in PAGES:
+        if page.name == "REDTEAM.md":  # the log of each round names the flags of its day
+            continue
+        for span in _spans(page.read_text()):
+            named = [(m.group(1), f) for m in INVOCATION.finditer(span) for f in FLAG.findall(m.group(2))]
+            if span.startswith("--"):
+                named += [("", f) for f in FLAG.findall(span)]
+            for command, flag in named:
+                checked += 1
+                if flag not in (cli[command] if command else anywhere):
+                    missing[f"{command} {flag}".strip()] = page.relative_to(ROOT).as_posix()
+    assert checked > 40  # the scan finds flags at all
+    assert missing == {}
+
+
 @dataclass(frozen=True)
 class Block:
     """One fenced code block of a page: its language, fence info, first line number and text."""
@@ -266,6 +321,18 @@ def test_a_page_that_starts_the_example_cluster_says_to_write_its_data() -> None
     assert missing == {}
 
 
+def test_a_readme_shell_block_that_runs_fedptr_puts_the_venvs_fedptr_on_path() -> None:
+    """README's commands start from a fresh clone and its .venv (``.venv/bin/pip``,
+    ``.venv/bin/python``): a bare ``fedptr up ...`` after them is "command not found" unless the
+    block activates the venv first."""
+    shell = [b for b in blocks(ROOT / "README.md") if b.language in ("", "sh")]
+    running = [b for b in shell if re.search(r"^fedptr ", b.code, re.M)]
+    assert running  # the README runs the CLI at all
+    activated = re.compile(r"^(\.|source) \.venv/bin/activate\b.*\n(.*\n)*fedptr ", re.M)
+    bare = [b.where for b in running if not activated.search(b.code)]
+    assert bare == []
+
+
 def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
     found = [b for page in PAGES for b in blocks(page) if b.language == "toml"]
     assert found
@@ -276,11 +343,22 @@ def test_toml_blocks_are_valid_cluster_files(tmp_path: Path) -> None:
             load_cluster(tmp_path / "c.toml")
 
 
+CLAIMED = re.compile(r"print\(.*\)\s+#\s*(tensor\([^)]*\))")
+"""A value a script's comment says its print shows: ``print(await y.get())  # tensor(24)``."""
+
+
+def test_the_scripts_say_what_they_print() -> None:
+    assert len([c for b in SCRIPTS for c in CLAIMED.findall(b.code)]) >= 3  # the check below checks something
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block", SCRIPTS, ids=[b.where for b in SCRIPTS])
 def test_script_blocks_run(block: Block) -> None:
+    """Each script runs, and prints what its comments say it prints."""
     result = subprocess.run([sys.executable, "-c", block.code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{block.where}\n{block.code}\n{result.stdout}{result.stderr}"
+    printed = result.stdout.splitlines()
+    assert [c for c in CLAIMED.findall(block.code) if c not in printed] == [], f"{block.where}\n{result.stdout}"
 
 
 @pytest_asyncio.fixture(scope="module")

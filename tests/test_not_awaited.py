@@ -14,6 +14,7 @@ import operator
 import unittest.mock
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,60 @@ async def test_value_calls_are_still_coroutines(bob: fedptr.Worker, alice: fedpt
     shown = moved.get()
     assert "await it for its value" in repr(shown)  # what print() shows: no error, and a word of what it is
     shown.close()
+
+
+PROBES: dict[str, Callable[[Any], object]] = {
+    "inspect.getcoroutinestate": inspect.getcoroutinestate,
+    "inspect.getcoroutinelocals": inspect.getcoroutinelocals,
+    "inspect.isawaitable": inspect.isawaitable,
+    "repr": repr,
+    "dir": dir,
+}
+
+
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    probes=st.lists(
+        st.one_of(
+            st.sampled_from(sorted(PROBES)),
+            st.from_regex(r"\A(cr_(running|suspended|frame|await|code|origin)|[a-z][a-z_]{0,11})\Z"),
+        ),
+        max_size=4,
+    )
+)
+async def test_reading_an_unawaited_calls_attributes_leaves_it_to_await(bob: fedptr.Worker, probes: list[str]) -> None:
+    """What looks at a call before it is awaited (inspect, a debugger, a display's ``hasattr``,
+    ``p.get().numpy()`` caught) leaves it runnable: the later ``await`` returns the value. (Failed
+    on main: any public attribute closed the call, so ``inspect.getcoroutinestate(c)`` raised an
+    AttributeError and the ``await c`` after it "cannot reuse already awaited coroutine".)"""
+    p = await bob.send(torch.ones(2))
+    call = p.get()
+    for probe in probes:
+        if probe in PROBES:
+            PROBES[probe](call)
+        elif probe.startswith("cr_"):
+            assert getattr(call, probe) == getattr(call._coro, probe)
+        else:
+            with pytest.raises(AttributeError, match="await it first"):
+                getattr(call, probe)
+    assert inspect.getcoroutinestate(call) == inspect.CORO_CREATED
+    assert torch.equal(await call, torch.ones(2))
+    assert inspect.getcoroutinestate(call) == inspect.CORO_CLOSED
+
+
+def test_a_call_is_a_coroutine_to_asyncio_and_an_awaitable_to_inspect() -> None:
+    """``inspect.iscoroutine(p.get())`` is False (it asks for Python's own coroutine type, which no
+    class can extend, and the forgotten-await errors need a class of their own);
+    ``asyncio.iscoroutine`` and ``inspect.isawaitable`` say True, as docs/concepts.md says."""
+
+    async def value() -> int:
+        return 1
+
+    call = fedptr.awaiting.Call(value())
+    assert asyncio.iscoroutine(call) and inspect.isawaitable(call) and not inspect.iscoroutine(call)
+    assert asyncio.run(call) == 1
+    concepts = (Path(__file__).parents[1] / "docs" / "concepts.md").read_text()
+    assert "`inspect.iscoroutine(p.get())` is False" in concepts and "inspect.isawaitable" in concepts
 
 
 AWAITED_FUNCTIONS = [

@@ -447,6 +447,11 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
             lambda: _now(new_id in entries[0] or public.id_at_location in entries[1]), DEADLINE_S
         ), "the move never settled"
         assert node.link.reregistrations >= 1
+        if streamed:  # a Put refused and not sent again: bob gives up its chunks at carol, or she took it whole
+            reassembly = carol.link.session._reassembly
+            assert await eventually(lambda: _now(reassembly.pending_bytes == 0), ABANDONED_S), (
+                f"carol holds {reassembly.pending_bytes} bytes of a Put that never comes"
+            )
         if new_id not in carol.store.entries:
             return
         reply = await asyncio.wait_for(c.client.request_nowait("carol", wire.Get(new_id)), DEADLINE_S)
@@ -454,6 +459,11 @@ async def _moved_then_written_then_resent(monkeypatch: pytest.MonkeyPatch, kind:
         assert isinstance(tensor, wire.RawTensor), reply
         value = torch.frombuffer(bytearray(tensor.data), dtype=torch.float32)
         assert torch.equal(value, torch.zeros(rows * 1024)), f"bob's data left bob in a public move: {value}"
+
+
+ABANDONED_S = 10.0
+"""Within this a Put's chunks its sender gave up are gone from the destination (well short of
+`limits.STREAM_TIMEOUT_S`, after which they went anyway)."""
 
 
 def _zeroed(module: torch.nn.Module) -> None:

@@ -193,7 +193,24 @@ class ClusterSpec:
             ]
         for key, path in needed:
             if path is not None and not path.exists():
-                raise ClusterFileError(self.path, key, f"no such file or directory: {path}")
+                raise ClusterFileError(self.path, key, f"no such file or directory: {path}; {self._maker(key, path)}")
+
+    def _maker(self, key: str, path: Path) -> str:
+        """What writes the missing file `path` of `key`: a newcomer's next step."""
+        if ".data." in key:
+            script = self.path.parent / "prepare_digits.py"
+            if script.exists():  # examples/cluster.toml: its data is made, not shipped
+                return (
+                    f"`python {script}` writes it (it needs scikit-learn: "
+                    f"pip install -c constraints.txt -e '.[examples]')"
+                )
+            return "write the worker's private arrays with numpy.savez(path, x=..., y=...) (each becomes a tensor)"
+        everyone = " ".join(["broker", "client", *self.nodes])
+        if path == self.broker.allow:
+            return f"`fedptr keys {path} {everyone}` writes every pair it needs"
+        if path.parent == self.broker.allow:  # keys_dir: the broker's allow-list holds everyone's
+            return f"`fedptr keys {path.parent} {everyone}` writes every pair keys_dir needs"
+        return f"`fedptr keys {path.parent} {path.name.split('.')[0]}` writes the pair"
 
 
 _CLUSTER_KEYS = {"name", "start_timeout", "demo"}
@@ -317,6 +334,13 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     file = Path(path).resolve()
     try:
         doc = tomllib.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise ClusterFileError(
+            file,
+            "",
+            "no such file: a cluster file is TOML with a [broker] table and a [nodes.NAME] table per "
+            "worker (docs/operations.md, Cluster files); examples/cluster.toml is one to start from",
+        ) from e
     except OSError as e:
         raise ClusterFileError(file, "", f"cannot read: {e.strerror or e}") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

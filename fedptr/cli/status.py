@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedptr import limits, wire
@@ -188,7 +189,9 @@ def tables(status: ClusterStatus, width: int = limits.STATUS_WIDE_COLUMNS) -> li
 
 
 def _fail(message: object, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}")
+    # escaped: a message's brackets ('.[examples]', [nodes.NAME]) are text, not rich markup; one
+    # line, unwrapped, so that a path or a command in it can be copied
+    errors.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedptr.cli.clusterfile import ClusterFileError, ClusterSpec, load_cluster
@@ -50,7 +51,9 @@ def _table(spec: ClusterSpec, state: ClusterState) -> Table:
 
 
 def _fail(message: object, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}")
+    # escaped: a message's brackets ('.[examples]', [nodes.NAME]) are text, not rich markup; one
+    # line, unwrapped, so that a path or a command in it can be copied
+    errors.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
     return typer.Exit(code)
 
 
