@@ -221,6 +221,31 @@ def m1_statistics(
     return torch.cat(out)
 
 
+def m1_bit_statistics(value: torch.Tensor, trials: int, *, clip: float, noise_multiplier: float) -> torch.Tensor:
+    """`trials` releases of M1 in float64 (the target's and its partner's zeros both float64: a
+    release has the first contribution's dtype), the target's value `value`, read as Mironov
+    (2012) reads a floating-point release: the released coordinate e_0 in units of `clip`, or
+    `REFUSED` (-inf) where that coordinate lies in (1/4, 1/2) and the last bit of its mantissa
+    is odd. With the canary C e_0 present, the sum there is 1 plus noise in (-3/4, -1/2), whose
+    float64 rounding leaves that bit even every time; absent, the noise alone is odd half the
+    time: a threshold test with no false negatives at all."""
+    owners = [mechanisms.Contribution(o, clip, noise_multiplier) for o in ("partner", "target")]
+    roster = frozenset(c.owner for c in owners)
+    contribution = mechanisms.clip(value.to(torch.float64), clip)
+    out = []
+    for start in range(0, trials, CHUNK):
+        rows = min(CHUNK, trials - start)
+        target = contribution.expand(rows, *contribution.shape)
+        released = mechanisms.release_mean(
+            [torch.zeros(target.shape, dtype=torch.float64), target], owners, roster, MIN_OWNERS
+        )
+        y = released[:, 0]
+        units = y * len(owners) / clip
+        odd = (y.view(torch.int64) & 1).bool() & (units > 0.25) & (units < 0.5)
+        out.append(torch.where(odd, REFUSED, units))
+    return torch.cat(out)
+
+
 def canary_direction(absent: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """The unit vector from `absent` to `present` (float64; non-finite coordinates count as 0)."""
     d = torch.nan_to_num(present.double() - absent.double(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -621,6 +646,11 @@ trials sits 0.3-0.6 below the tight epsilon: too far to see that. At 1e-3 it sit
 below. The accountant's (epsilon, delta) holds at every delta, so 1e-3 tests the same claim."""
 
 
+M1_BITS = "max norm along e_0 in float64, its release's last bit"
+"""The floating-point canary (`m1_bit_statistics`): a distinguisher of the release's bits, not
+of its value."""
+
+
 def cases(size: Size) -> list[Case]:
     """Every audit, honest and broken, at `size`."""
     out: list[Case] = []
@@ -644,6 +674,16 @@ def cases(size: Size) -> list[Case]:
         return Case("M1", canary, variant, (M1_SIGMA, 1.0, 1), m1, measure, replace_one=canary.startswith("replace"))
 
     out += [m1_case(name) for name in canaries]
+
+    def bits() -> torch.Tensor:
+        return torch.stack(
+            [
+                m1_bit_statistics(v, size.m1_trials, clip=M1_CLIP, noise_multiplier=M1_SIGMA)
+                for v in canaries["max norm along e_0"]
+            ]
+        )
+
+    out.append(Case("M1", M1_BITS, HONEST, (M1_SIGMA, 1.0, 1), m1, bits))
     out += [
         m1_case("max norm along e_0", "clip off", clip_fn=clip_off),
         m1_case("max norm along e_0", "noise halved", sigma=M1_SIGMA / 2),

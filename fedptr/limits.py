@@ -260,6 +260,13 @@ DP_NOISE_MULTIPLIER = 1.0
 """sigma: the noise multiplier a data owner charges each contribution for (`--dp-noise-multiplier`);
 the aggregator's noise has standard deviation at least sigma * C."""
 
+DP_NOISE_GRID_BITS = 40
+"""Bits below the larger of a release's noise standard deviation and its sum's bound (a power of
+two at or above each) that the sum and the noise are rounded to before they are added
+(`nodes/mechanisms.py`, `noised`): the addition is then exact, and a release's low bits say
+nothing of what was added to the noise. 40 bits leave the sum within 2^-40 of its value, far
+below the noise, and keep the sum of noise and bound under float64's 53 bits."""
+
 DP_MIN_GRAD_NORM = 1e-100
 """Smallest DP-SGD clip bound C (`dp.train(max_grad_norm=)`, an L2 norm of a per-sample gradient):
 far above float64's subnormals (below 2.2e-308), where a clipped gradient's rounding error is no

@@ -5,7 +5,8 @@ clipping done here, on the node, whatever function of the data the client chose.
 * **M1, DP aggregate (owner level).** An owner clips a value to its own L2 bound C (`clip`)
   and charges its budget for the aggregator's noise; the aggregator releases the mean of
   single-use contributions of at least k distinct owners of its roster, with Gaussian noise of
-  standard deviation ``max(noise_multiplier * C)`` added to the sum (`release_mean`): under
+  standard deviation ``max(noise_multiplier * C)`` added to the sum (`release_mean`; both
+  rounded to one fine grid first, so that the addition is exact: `noised`): under
   add/remove-one-owner adjacency each owner's release is a Gaussian mechanism with at least its
   own noise multiplier.
 * **M2, DP-SGD (sample level).** `dp_sgd` trains a model on the node's own data: each step the
@@ -110,8 +111,28 @@ def release_mean(
     std = max(c.noise_multiplier * c.clip for c in contributions)
     with torch.no_grad():
         total = torch.stack([v.detach().to(torch.float64) for v in values]).sum(0)
-        noisy = total + torch.randn(total.shape, dtype=total.dtype, generator=private_generator()) * std
+        noisy = noised(total, std, sum(c.clip for c in contributions), private_generator())
         return (noisy / len(values)).to(values[0].dtype)
+
+
+def noised(total: torch.Tensor, std: float, bound: float, generator: torch.Generator) -> torch.Tensor:
+    """`total` (each entry at most `bound` in magnitude) plus Gaussian noise of standard deviation
+    `std`, in float64, both rounded first to one grid, a power of two
+    `limits.DP_NOISE_GRID_BITS` bits below the larger of `std` and `bound`: their sum is then
+    exact. A rounded float sum tells its addends apart: 1 plus noise in (-3/4, -1/2) has the
+    last bit of its mantissa even every time, the noise alone half the time, so a float64
+    release told an owner's contribution from none with certainty (Mironov 2012, "On
+    significance of the least significant bits for differential privacy"; docs/REDTEAM.md,
+    twenty-first round). On the grid the noise is a Gaussian rounded to the grid's multiples
+    and the sensitivity grows by at most a grid step, 2^-40 of the larger of sigma C and the
+    bound."""
+    grid = max(math.ldexp(1.0, math.frexp(max(std, bound))[1] - limits.DP_NOISE_GRID_BITS), _SMALLEST_NORMAL)
+    noise = torch.randn(total.shape, dtype=torch.float64, generator=generator) * std
+    return torch.round(total.to(torch.float64) / grid) * grid + torch.round(noise / grid) * grid
+
+
+_SMALLEST_NORMAL = torch.finfo(torch.float64).tiny
+"""A grid finer than this would be subnormal, where a division by it is no longer exact."""
 
 
 def check_run(config: wire.DPTrain, n: int) -> None:
@@ -173,13 +194,14 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
             detached = {name: p.detach() for name, p in named.items()}
             summed = _clipped_sum(loss, detached, x[batch], y[batch], config.max_grad_norm)
             with torch.no_grad():
+                std = config.noise_multiplier * config.max_grad_norm
                 for p, g in zip(named.values(), summed, strict=True):
-                    noise = torch.randn(g.shape, dtype=torch.float64, generator=generator)
-                    noise *= config.noise_multiplier * config.max_grad_norm
                     # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
                     # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
-                    # the rounding of a large sum
-                    p.sub_(config.lr * (g + noise) / (config.sample_rate * n))
+                    # the rounding of a large sum. Added on `noised`'s grid: a float64 model's
+                    # weights would show the sum's last bits
+                    noisy = noised(g, std, len(batch) * config.max_grad_norm, generator)
+                    p.sub_(config.lr * noisy / (config.sample_rate * n))
 
 
 def realised_rate(sample_rate: float) -> float:

@@ -4,6 +4,9 @@ deliberately broken variant (clip off, noise halved, the clip and the dropped fa
 before issue 18's fixes, SecAgg+'s noise sized for all owners while only m survive) is flagged:
 its lower bound exceeds the charge. A ring that wraps around breaks SecAgg+'s sums, not its
 privacy (post-processing): its bound stays below the charge, and its sums are shown wrong.
+Since the twenty-first red-team round the audit also reads a float64 release's last bit
+(Mironov 2012: M1's `m1_bit_statistics`), and a float64 model's DP-SGD weights are read the same
+way here.
 
 Every case runs the real mechanisms (`fedptr.nodes.mechanisms`, and the owners' and
 aggregator's protocol code of `fedptr.nodes.secagg`); only the breaks are patched in, by
@@ -20,8 +23,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from fedptr.nodes import mechanisms
 
 from bench import dp_audit
+from fedptr import wire
 
 SEED = 18
 CASES = [case for case in dp_audit.cases(dp_audit.CI) if not case.replace_one]
@@ -167,3 +172,32 @@ def test_a_lower_world_is_found_too() -> None:
         dp_audit.distinguish(s0, s1 + 3, 1e-5).epsilon, abs=0.3
     )
     assert dp_audit.distinguish(s0, s1 - 3, 1e-5).epsilon > 2.0
+
+
+def _odd_in_band(label: float) -> int:
+    """One float64 DP-SGD step of 8,000 gradient canaries (20 runs of 400, `dp_audit.m2_gradient_canaries`'
+    form, q = 1, lr = 1, 512 samples: the update is the noised sum over 512, exactly): how many
+    weights, in units of C, lie in (1/4, 1/2) with the last bit of their mantissa odd. `label`
+    0 gives zero gradients (the canaries absent); -1e6, each canary's clipped gradient C e_k."""
+    k, n = 400, 512
+    x = torch.cat([1e3 * torch.eye(k, dtype=torch.float64), torch.zeros(n - k, k, dtype=torch.float64)])
+    y = torch.cat([torch.full((k, 1), label, dtype=torch.float64), torch.zeros(n - k, 1, dtype=torch.float64)])
+    config = wire.DPTrain(0, 0, 0, "mse_loss", 1.0, 1.0, 1, 1.0, 2.0)
+    odd = 0
+    with dp_audit.seeded(SEED):
+        for _ in range(20):
+            model = torch.nn.Linear(k, 1, bias=False).double()
+            torch.nn.init.zeros_(model.weight)
+            mechanisms.dp_sgd(model, x if label else torch.zeros_like(x), y, config)
+            units = -model.weight.detach()[0] * n
+            odd += int(((units.view(torch.int64) & 1).bool() & (units > 0.25) & (units < 0.5)).sum())
+    return odd
+
+
+def test_a_float64_models_dp_sgd_weights_do_not_show_the_sums_last_bits() -> None:
+    """Mironov's reading of a release's bits (`dp_audit.m1_bit_statistics`) against DP-SGD: a
+    float64 model's weight is the noised gradient sum's rounding, which, with a canary's
+    gradient C in it, left the last bit even for every weight in (C/4, C/2), and odd for about
+    one in two there without it (twenty-first red-team round: 0 against 190 before the fix).
+    Both worlds must show the same count."""
+    assert _odd_in_band(-1e6) == _odd_in_band(0.0)

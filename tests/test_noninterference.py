@@ -41,6 +41,12 @@ models and runs their forwards on bob's data (`b_plan`, `b_model`, `b_forward`, 
 Since the twentieth round a quarter of the programs are about grants (`_about_grants`): a tensor
 sent to bob, a graph or alias through it, its grant with nothing at once, and follow-ups drawn
 later (`GRANT_AFTER`: either client's backwards, gradients' gets, gets and writes, in any order).
+
+Since the twenty-first round a grant's follow-ups are steps of `GRANT_AFTER` or pairs of a
+backward by either client and a gradient's get by either (`_grant_follow_up`); programs draw
+chains of ops sent before any is answered (`chain`), whose `Ok`s a node merges into one record
+(`envelope.ACKS`); and every `Ok` a client receives is compared, an ACKS's replies each apart
+(`_replies_received`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import collections
 import contextlib
 import functools
 import gc
+import itertools
 import os
 import re
 import tempfile
@@ -64,6 +71,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fedptr.nodes import guard
 from fedptr.nodes.audit import AuditLog
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
@@ -75,7 +83,7 @@ from torch.nn import functional
 from typer.main import get_command
 
 import fedptr
-from fedptr import dp, envelope, limits, link, metrics, modules, ops, optim, streams, wire
+from fedptr import dp, envelope, limits, link, metrics, modules, ops, optim, session, streams, wire
 from fedptr.cli import app
 from fedptr.opinfo import REGISTRY
 from fedptr.pointer import remote_results
@@ -368,6 +376,11 @@ BIG = (64, 64)
 """`big`'s repeat: a 4x3 operand becomes 256x192 float32 (192 KiB), past
 `limits.TENSOR_VIEW_MIN_BYTES`, so it travels as a view of its memory, not the small tensors'
 numpy copy, and past a small ``--max-store-bytes`` (`QUOTAS`)."""
+CHAINED = ("add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "add_", "mul_", "div_", "clamp_", "maximum")
+"""Ops of a `chain`: each keeps its operand's shape and dtype, so their `Ok`s are equal and a
+node's link merges their replies into one record (`envelope.ACKS`) when they are answered in one
+turn; on bob's x or labels, or not."""
+_link = st.tuples(st.sampled_from(CHAINED), _partner)
 _added = st.one_of(
     st.tuples(
         st.just("raw_arg"),
@@ -382,6 +395,7 @@ _added = st.one_of(
     st.tuples(st.just("delete"), _index),
     st.tuples(st.just("budget"), st.sampled_from(WORKERS)),
     st.tuples(st.just("contribute"), _index),
+    st.tuples(st.just("chain"), _index, st.lists(_link, min_size=2, max_size=6)),
     st.tuples(
         st.just("pipelined"),
         _index,
@@ -396,7 +410,9 @@ sends of other dtypes, tensors past the small-get path, explicit deletes, budget
 contributions mid-program (refused, or charged, alike in both worlds). And (red17) `pipelined`:
 an alias of an object made, then a get or a move of the object sent, then, before either is
 answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
-carried must be what was checked when it was handled."""
+carried must be what was checked when it was handled. And (twenty-first round) `chain`: ops each
+on the one before (`CHAINED`), all sent before any is answered, whose replies a node merges.
+"""
 GRANTED = ("later", "get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
 """What follows a grant (`grant`) at once: nothing (``later``: the program's later steps, as
 drawn, are its follow-ups); the second client's get of the object, its gradient's get, a backward
@@ -445,7 +461,7 @@ SECOND = (
     "b_backward",
     "b_grad",
 )
-ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", *SECOND)
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", "chain", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
@@ -469,25 +485,34 @@ GRANT_AFTER = (
 backward, gradient's get, get, and write of bob's x through its newest pointer (an alias made
 before the grant, or the leaf a granted graph reaches); the second client's backward through its
 newest pointer times bob's x, its gradient's get, its get."""
+GRANT_BACKWARDS = (("backward", 0), ("b_backward", 0, SECRET))
+GRANT_GRADS = (("grad", 0), ("b_grad", 0))
+_grant_follow_up = st.one_of(
+    st.sampled_from(GRANT_AFTER).map(lambda step: [step]),
+    st.tuples(st.sampled_from(GRANT_BACKWARDS), st.sampled_from(GRANT_GRADS)).map(list),
+)
+"""One follow-up of a grant: a step of `GRANT_AFTER`, or a backward by either client then a
+gradient's get by either (twenty-first round: red17's holes are such pairs, and a permutation's
+order rarely put the second hole's backward before its gradient)."""
 _about_grants = st.tuples(
     st.sampled_from(["requires_grad", "requires_grad", "float64"]),
     st.sampled_from([("mul", SECRET), ("mul", 0), ("view", 0)]),
     st.sampled_from([0, 1]),
-    st.permutations(GRANT_AFTER),
-    st.integers(2, 5),
+    st.lists(_grant_follow_up, min_size=1, max_size=4),
 ).map(
     lambda t: [
         ("typed_send", "bob", t[0], 0),
         ("apply", t[1][0], 0, t[1][1]),
         ("grant", t[2], "later"),
-        *t[3][: t[4]],
+        *itertools.chain.from_iterable(t[3]),
     ]
 )
 """A program about grants (twentieth round): a tensor sent to bob (a leaf that tracks gradients,
 or not), a graph or an alias through it (times bob's x, times itself, a view), the grant of it or
-of what was built (``later``: nothing at once), then follow-ups drawn after it (`GRANT_AFTER`, a
-few, in any order, either client's). red17's holes are such programs: red18's generator drew a
-grant's follow-ups at the grant and found them in none of 400 random programs."""
+of what was built (``later``: nothing at once), then follow-ups drawn after it (`_grant_follow_up`,
+a few, either client's). red17's holes are such programs: red18's generator drew a grant's
+follow-ups at the grant and found them in none of 400 random programs; red19's drew a
+permutation of `GRANT_AFTER` and found the first hole, never the second."""
 _alone = st.lists(_step, min_size=8, max_size=24)
 _with_second = st.lists(st.one_of(_step, _step, _by_second), min_size=8, max_size=24)
 programs = st.integers(0, 7).flatmap(lambda k: _with_second if k == 0 else _about_grants if k < 3 else _alone)
@@ -660,6 +685,8 @@ def _world(
 ) -> list[Any]:
     """One world's observations. What outlives it (caches, the command runner) is collected and
     then frozen, so that no later world's full collection walks it again."""
+    guard.warm_up()  # cold, a process's first op on private data runs on the offload thread: the
+    # first world of a process then ordered a `pipelined` write after its hand-over, the rest before
     seen = asyncio.run(_run(program, secret, releases, variation, world))
     gc.collect()
     gc.freeze()
@@ -687,12 +714,57 @@ async def _run(
         }
         data["alice"] = {"d": {"x": np.arange(12, dtype=np.float32).reshape(SHAPE) / 12}}
         names = (*WORKERS, "agg")
-    with tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited:
+    with (
+        tempfile.TemporaryDirectory(prefix="fedptr-twin-", dir=SCRATCH) as audited,
+        _replies_received() as oks,
+    ):
         async with harness.cluster(names, configs=configs, data=data, call_timeout=30.0) as c:
             _keep_on_disk(c.node("bob"), Path(audited), releases)
             if releases:
                 _keep_on_disk(c.node("alice"), Path(audited) / "alice", releases)
-            return await _run_in(c, program, audited, releases)
+            seen = await _run_in(c, program, audited, releases)
+    # as a multiset per sender: two requests answered on the offload thread and inline can be
+    # answered in either order (a release search's replay differed in order alone)
+    return [*seen, ("oks received", {k: sorted(v, key=repr) for k, v in oks.items()})]
+
+
+def _oks(e: envelope.Envelope) -> list[Any]:
+    """The `Ok`s a REPLY or ACKS record stands for (an ACKS's once per reply it answers), each as
+    its fields; none for another reply, or one whose body came in chunks."""
+    acks = e.command == envelope.ACKS
+    try:
+        reply = wire.decode(e.body[1:] if acks else e.body).message
+    except (fedptr.FedptrError, ValueError, TypeError, IndexError):
+        return []
+    if type(reply) is not wire.Ok:
+        return []
+    count = envelope.ACKS_COUNT.unpack(bytes(e.body[0]))[0] if acks else 1
+    return [(reply.shape, reply.dtype, reply.more)] * count
+
+
+@contextlib.contextmanager
+def _replies_received() -> Iterator[dict[tuple[int, bytes], list[Any]]]:
+    """Every `Ok` a client receives, per client and sender (twenty-first round), with
+    each of an ACKS's replies (a run of a node's `Ok`s merged into one record, `envelope.ACKS`)
+    counted apart: what a reply says beyond what the client checks of it (a result's shape and
+    dtype against its inference), whichever record it came in. How replies are grouped into
+    records and multiparts is not compared: it follows the loop turns the requests arrive in,
+    which a loaded machine moves (a merge needs equal `Ok`s, consecutive ids and one open
+    batch; docs/REDTEAM.md, twenty-first round). Clients are numbered in the order they receive."""
+    oks: dict[tuple[int, bytes], list[Any]] = {}
+    clients: dict[str, int] = {}
+    receive = session.Session.receive
+
+    def recording(self: session.Session, frames: Any, now: float) -> Any:
+        if self.role == envelope.ROLE_CLIENT:
+            for e in envelope.parse(frames):
+                if e.command == envelope.REPLY or e.command == envelope.ACKS:
+                    key = (clients.setdefault(self.name, len(clients)), e.name)
+                    oks.setdefault(key, []).extend(_oks(e))
+        return receive(self, frames, now)
+
+    with mock.patch.object(session.Session, "receive", recording):
+        yield oks
 
 
 def _keep_on_disk(node: Any, directory: Path, budget: bool) -> None:
@@ -1071,6 +1143,8 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
         return out is not None
     if kind == "pipelined":
         return await _pipelined(w, p, *args[1:])
+    if kind == "chain":
+        return await _chain(w, p, args[1])
     if kind == "delete":  # the client drops its only pointer: the node deletes the object
         if p is w.tensors[0] or p is w.tensors[1]:
             return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
@@ -1105,6 +1179,27 @@ async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: st
         out = await w.observe("pipelined get", out.get)
     w.seen.append(("pipelined value", _value(out)))
     return True
+
+
+async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> bool:
+    """`chain`: each op of `links` applied to the result of the one before, from `p`, all sent
+    before any is answered (their replies may merge: `envelope.ACKS`), then each observed and
+    kept. Whether every one succeeded."""
+    made: list[tuple[str, fedptr.Pointer]] = []
+    for name, other in links:
+        try:
+            p = ROWS[name](p, w.partner(p, other))
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
+            w.seen.append((f"chain {name}", "local error", type(e).__name__))
+            break
+        made.append((name, p))
+    succeeded = len(made) == len(links)
+    for name, q in made:
+        out = await w.observe(f"chain {name}", lambda q=q: q)
+        succeeded = succeeded and out is not None
+        if out is not None and all(out is not t for t in w.tensors):
+            w.tensors.append(out)
+    return succeeded
 
 
 async def _awaited(task: asyncio.Future[Any]) -> Any:
@@ -1431,6 +1526,8 @@ ADDED_PROGRAM = [
     ("b_backward", 0),  # the granted leaf again
     ("b_grad", 0),  # the granted leaf's gradient (ones), the second client's to fetch
     ("grant_model", "linear", 0),  # a model sent to bob, its forward on the newest pointer there
+    ("send", "bob", 3),
+    ("chain", 0, [("mul", SECRET), ("add", 0), ("neg", 0)]),  # bob's x times the send, plus it, negated
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
