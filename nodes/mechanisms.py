@@ -124,8 +124,9 @@ def noised(total: torch.Tensor, std: float, bound: float, generator: torch.Gener
     release told an owner's contribution from none with certainty (Mironov 2012, "On
     significance of the least significant bits for differential privacy"; docs/REDTEAM.md,
     twenty-first round). On the grid the noise is a Gaussian rounded to the grid's multiples
-    and the sensitivity grows by at most a grid step, 2^-40 of the larger of sigma C and the
-    bound."""
+    and the sensitivity grows by at most a grid step per entry (sqrt(d) steps in L2 over d
+    entries), 2^-40 of the larger of sigma C and the bound: not charged, far below the noise.
+    The grid is what a release's last bits show: `std` and `bound` must be public."""
     grid = max(math.ldexp(1.0, math.frexp(max(std, bound))[1] - limits.DP_NOISE_GRID_BITS), _SMALLEST_NORMAL)
     noise = torch.randn(total.shape, dtype=torch.float64, generator=generator) * std
     return torch.round(total.to(torch.float64) / grid) * grid + torch.round(noise / grid) * grid
@@ -199,8 +200,10 @@ def dp_sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: wire.DPTr
                     # a float64 update: `p` (of any dtype) is rounded once, after the noise, which is
                     # post-processing; noise drawn and added in a bfloat16 model's dtype vanished in
                     # the rounding of a large sum. Added on `noised`'s grid: a float64 model's
-                    # weights would show the sum's last bits
-                    noisy = noised(g, std, len(batch) * config.max_grad_norm, generator)
+                    # weights would show the sum's last bits. The grid's bound is n C, public (the
+                    # update divides by q n): len(batch) C set a grid that the weights' last bits
+                    # showed, and so the realised batch size, which Poisson sampling hides
+                    noisy = noised(g, std, n * config.max_grad_norm, generator)
                     p.sub_(config.lr * noisy / (config.sample_rate * n))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -201,3 +202,40 @@ def test_a_float64_models_dp_sgd_weights_do_not_show_the_sums_last_bits() -> Non
     one in two there without it (twenty-first red-team round: 0 against 190 before the fix).
     Both worlds must show the same count."""
     assert _odd_in_band(-1e6) == _odd_in_band(0.0)
+
+
+def test_a_float64_models_dp_sgd_weights_do_not_tell_the_realised_batch_size() -> None:
+    """Poisson sampling hides how many samples a step drew (the update divides by the expected
+    batch, q n, for that reason; the accountant's add/remove analysis counts on it): the grid
+    `noised` rounds to must not follow the realised batch. One float64 DP-SGD step, q n = 1
+    and lr = 1 on zero data, so the weight is minus the noise exactly: on a grid fixed by
+    len(batch) C (review13: as merged) a weight was an odd multiple of 2^-39 C about half the time
+    when the step drew at most one sample, and never when it drew two or more. Each run's batch
+    is read again from its generator's state (the batch is its first draw)."""
+    n, q = 8, 1 / 8
+    config = wire.DPTrain(0, 0, 0, "mse_loss", 1.0, q, 1, 1.0, 1.0)
+    x, y = torch.zeros(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    odd: dict[bool, list[bool]] = {True: [], False: []}
+    with dp_audit.seeded(SEED):
+        seeded_generator = mechanisms.private_generator
+        states: list[torch.Tensor] = []
+
+        def generator() -> torch.Generator:
+            g = seeded_generator()
+            states.append(g.get_state())
+            return g
+
+        with mock.patch.object(mechanisms, "private_generator", generator):
+            for _ in range(600):
+                model = torch.nn.Linear(1, 1, bias=False).double()
+                torch.nn.init.zeros_(model.weight)
+                mechanisms.dp_sgd(model, x, y, config)
+                replay = torch.Generator()
+                replay.set_state(states[-1])
+                drawn = int((torch.rand(n, dtype=torch.float64, generator=replay) < mechanisms.realised_rate(q)).sum())
+                units = float(model.weight.detach()[0, 0]) * 2.0**39
+                assert units == int(units)  # on a grid of 2^-39 or coarser, whatever the batch
+                odd[drawn <= 1].append(int(units) % 2 == 1)
+    few, more = (sum(v) / len(v) for v in (odd[True], odd[False]))
+    assert len(odd[True]) > 100 and len(odd[False]) > 100
+    assert abs(few - more) < 0.1, f"odd multiples of 2^-39: {few:.2f} of small batches, {more:.2f} of larger ones"
