@@ -805,10 +805,19 @@ class Connecting:
 
     def __init__(self, connecting: AbstractAsyncContextManager[Client]) -> None:
         self._connecting = connecting
+        self._started = False
 
     async def start(self) -> Client:
         """Connect and return the `Client`, for a notebook or a REPL, where an ``async with``
-        cannot span the cells or lines that follow; end it with ``await client.aclose()``."""
+        cannot span the cells or lines that follow; end it with ``await client.aclose()``.
+        Once per `connect` (its generator runs once): a second says so, not the standard
+        library's "no attribute 'args'" (a notebook cell run again)."""
+        if self._started:
+            raise UsageError(
+                "this fedptr.connect(...) was started already and gives one client; for another: "
+                "`await fedptr.connect(address).start()`"
+            )
+        self._started = True
         client = await self._connecting.__aenter__()
         # the connection's generator closes the client once collected: it lives as the client does
         client.connection = self._connecting

@@ -614,6 +614,29 @@ async def test_a_connection_to_a_running_cluster_is_kept_across_prompts_with_sta
             await client.worker("bob").objects()
 
 
+
+@pytest.mark.inproc
+async def test_a_connection_started_twice_says_one_connect_gives_one_client(
+    cluster: harness.InprocCluster,
+) -> None:
+    """``c = fedptr.connect(address)`` then ``await c.start()`` twice (a notebook cell run
+    again): the second says that one ``connect`` gives one client and how to get another, and
+    the first client still works. (Review13: it raised AttributeError "'_AsyncGeneratorContextManager'
+    object has no attribute 'args'", the standard library's, naming nothing of fedptr.)"""
+    connecting = fedptr.connect(cluster.address)
+    client = await connecting.start()
+    try:
+        with pytest.raises(fedptr.UsageError, match=r"started already.*fedptr\.connect\(address\)\.start\(\)"):
+            await connecting.start()
+        with pytest.raises(fedptr.UsageError, match="started already"):
+            async with connecting:
+                pass
+        p = await client.worker("bob").send(torch.ones(2))
+        assert torch.equal(await p.get(), torch.ones(2))
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.inproc
 async def test_a_store_listing_prints_the_ids_its_pointers_print(bob: fedptr.Worker, alice: fedptr.Worker) -> None:
     """README's API tour prints ``await bob.objects()``: its ids read as the pointers' do
