@@ -614,7 +614,6 @@ async def test_a_connection_to_a_running_cluster_is_kept_across_prompts_with_sta
             await client.worker("bob").objects()
 
 
-
 @pytest.mark.inproc
 async def test_a_connection_started_twice_says_one_connect_gives_one_client(
     cluster: harness.InprocCluster,
