@@ -90,6 +90,12 @@ frame): a peer announcing huge buffers uses up its own budget, not everyone's.""
 STREAM_TIMEOUT_S = 60.0
 """A partly received stream with no new chunk for this long is dropped (its sender died)."""
 
+STREAM_PURGE_INTERVAL_S = 1.0
+"""Most often a receiver looks for stale streams and refusals (s; at most every `STREAM_TIMEOUT_S`
+when that is shorter): the look visits every peer holding one, and ran for every chunk, so a
+client's aborts held over thousands of its sources cost the node milliseconds each (review13).
+A stale one is dropped this much later at most."""
+
 STREAM_MAX_REFUSED_PER_PEER = 1_024
 """Most refused streams a receiver remembers for one peer (count; ~300 bytes each, kept up to
 `STREAM_TIMEOUT_S`), to answer each one's message with the reason. Past it, that peer's oldest is

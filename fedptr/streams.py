@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -169,6 +170,8 @@ class Reassembly:
         starts refused streams without end forgets its own oldest, never another peer's; at most
         `max_refused` in all: the source holding the most forgets its oldest."""
         self._refused_count = 0
+        self._purged = -float("inf")
+        """When `purge` last looked (`time.monotonic`)."""
 
     @property
     def pending_bytes(self) -> int:
@@ -289,11 +292,23 @@ class Reassembly:
             mine.popitem(last=False)
             self._refused_count -= 1
         elif self._refused_count > self.max_refused:  # many peers, each within its own bound
-            most = max(self._refused, key=lambda peer: len(self._refused[peer]))
-            self._refused[most].popitem(last=False)
+            # a batch per look at the peers (one per 64 of them), each from the peer holding the
+            # most then: one look per refusal cost every abort a scan of thousands of sources
+            self._forget_most(self._refused_count - self.max_refused + len(self._refused) // 64)
+
+    def _forget_most(self, n: int) -> None:
+        """Forget `n` refusals, each the oldest of the peer holding the most at that point."""
+        most = [(-len(mine), source) for source, mine in self._refused.items()]
+        heapq.heapify(most)
+        for _ in range(n):
+            held, source = heapq.heappop(most)
+            mine = self._refused[source]
+            mine.popitem(last=False)
             self._refused_count -= 1
-            if not self._refused[most]:
-                del self._refused[most]
+            if mine:
+                heapq.heappush(most, (held + 1, source))
+            else:
+                del self._refused[source]
 
     def complete(self, command: bytes, source: bytes, rid: bytes, body: list[Any]) -> list[Any]:
         """`body` with reassembled buffers in place of their empty frames (unchanged when no
@@ -350,6 +365,9 @@ class Reassembly:
         if not self._partials and not self._refused:
             return
         now = time.monotonic()
+        if now - self._purged < min(limits.STREAM_PURGE_INTERVAL_S, self.timeout):
+            return  # looked lately: the look visits every peer holding a refusal
+        self._purged = now
         cutoff = now - self.timeout
         for source in list(self._refused):
             mine = self._refused[source]
