@@ -243,7 +243,6 @@ def test_refused_streams_are_bounded_for_all_peers_together() -> None:
     assert max(len(r) for r in reassembly._refused.values()) - min(len(r) for r in reassembly._refused.values()) <= 1
 
 
-
 def test_aborts_past_the_bound_from_many_peers_cost_little_each() -> None:
     """A client's abort is a CHUNK of no bytes, through the broker or a direct path. Past
     `max_refused`, finding the peer holding the most scanned every peer with a refusal, for
