@@ -130,12 +130,12 @@ def _replies(sent: list[list[bytes]]) -> dict[str, list[tuple[bytes, tuple[bytes
     for frames in sent:
         for env in envelope.parse(frames):
             body = tuple(bytes(f) for f in env.body)
-            peer = out[env.name.decode()]
             if env.command == envelope.ACKS:
-                peer.extend((r, body[1:]) for r in envelope.acked(env.rid, body[0]))
-            else:
-                assert env.command == envelope.REPLY
-                peer.append((env.rid, body))
+                out[env.name.decode()].extend((r, body[1:]) for r in envelope.acked(env.rid, body[0]))
+            elif env.command == envelope.REPLY:
+                out[env.name.decode()].append((env.rid, body))
+            else:  # the node's heartbeat to the broker, when a loaded example outlasts its interval
+                assert env.command == envelope.HEARTBEAT
     return dict(out)
 
 
