@@ -306,7 +306,7 @@ class Compute:
             log.exception("failed to answer a run of %r", source)
         if result is None or (source, rid) not in self.node.replies._running:
             return  # not the lane's, or answered (its cache entry is kept before it is sent)
-        err = _remote(error, self.name)
+        err = error if isinstance(error, FedptrError) else _remote(error, self.name)
         result_id, entry = result
         if not entry.settled:
             self.store.uncommit(result_id, entry)

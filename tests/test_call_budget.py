@@ -19,8 +19,9 @@ PYTHON_CALLS_PER_OP = 22.0
 80e4e16 39.8): a BATCH's run of ops goes to `Node.handle_ops` as one unit, a plain public op
 takes `Compute.ops`' lane (no dispatch, `_Run`, `_operands`, `_start`, `_values`, `_compute`,
 `guard.run`, `_finish` or `Node.reply` calls), and the lane's `Ok`s leave through one
-`Link.reply_each` per run (no `Link.reply`, `Session.reply`, `wire.encode`, `envelope.merged` per op). A change that adds a call per op on purpose
-raises it here, saying why, in the same commit."""
+`Link.reply_each` per run (no `Link.reply`, `Session.reply`, `wire.encode`, `envelope.merged`
+per op). A change that adds a call per op on purpose raises it here, saying why, in the same
+commit."""
 
 
 async def test_the_node_request_path_makes_few_python_calls_per_op() -> None:
