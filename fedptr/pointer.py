@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
@@ -287,6 +288,23 @@ class Pending:
         state = "done" if self.done() else "pending"
         n = len(self._futures)
         return f"<Pending: {n} remote update{'' if n == 1 else 's'}, {state}>"
+
+
+def _quiet_for_pending(hook: Callable[[object], object]) -> Callable[[object], None]:
+    """`hook`, the prompt's echo of an expression's value, except for a `Pending`, which it leaves
+    unshown as PySyft's ``opt.step()`` (which returned None) was: typed in a loop at the prompt,
+    Part 4's ``opt.zero_grad()``, ``loss.backward()`` and ``opt.step()`` echoed a handle each,
+    every step (``print`` still shows one; ``await`` waits for it)."""
+
+    def displayhook(value: object) -> None:
+        if not isinstance(value, Pending):
+            hook(value)
+
+    return displayhook
+
+
+if hasattr(sys, "ps1"):  # at an interactive prompt (``python``, ``python -m asyncio``), where echoes show
+    sys.displayhook = _quiet_for_pending(sys.displayhook)
 
 
 def expect_pointer(value: object, expected: str) -> None:
