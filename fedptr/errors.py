@@ -77,7 +77,11 @@ class UnknownWorkerError(FedptrError):
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"unknown worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"unknown worker {worker!r} (path {' -> '.join(self.path)}): no worker of that name is registered "
+            "with the broker; `await client.workers()` lists those that are (a node registers when it starts, "
+            "`fedptr status` shows which are up)"
+        )
 
 
 class LostWorkerError(FedptrError):
@@ -86,7 +90,11 @@ class LostWorkerError(FedptrError):
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"lost worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"lost worker {worker!r} (path {' -> '.join(self.path)}): it went away (its node stopped or lost "
+            "the broker) before answering, so whether the call ran there is unknown; `fedptr status` shows "
+            "whether it is back, and a restarted node holds only what its --store kept"
+        )
 
 
 class DeadlineExceeded(FedptrError, TimeoutError):

@@ -411,7 +411,7 @@ def cpu_only(device: str | torch.device) -> None:
     except RuntimeError as e:  # torch's refusal of a string that names no device
         raise InvalidArgumentError(f"{device!r} is not a device: {e}") from None
     if kind != "cpu":
-        raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}")
+        raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}: leave the device out")
 
 
 def _data_dependent(what: str) -> NoReturn:
@@ -748,7 +748,10 @@ class Pointer(PointerMethods):
     def check_alive(self) -> None:
         """Raise ConsumedPointerError when this pointer's object was handed on."""
         if not self.owned:
-            raise ConsumedPointerError(f"{self!r} was consumed by get, move or send; it points to nothing now")
+            raise ConsumedPointerError(
+                f"{self!r} was consumed by get, move or send; it points to nothing now: use what that call "
+                "returned (the value get gave, the pointer move or send gave)"
+            )
 
     # --- awaited calls -----------------------------------------------------------------
     @awaited

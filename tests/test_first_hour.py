@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +431,75 @@ async def test_a_release_without_a_budget_or_to_an_untrusted_aggregator_says_how
         x, _ = await c.worker("bob").search("d")
         alice = c.worker("alice")  # no aggregator
         await refused(dp.contribute(x.mean(0), alice), fedptr.PermissionDenied, match="--aggregator --owners bob")
+
+
+WHAT_TO_DO = {
+    "a get of private data": (fedptr.PermissionDenied, r"only DP releases leave: fedptr\.dp\.train then get"),
+    "a move of private data": (fedptr.PermissionDenied, r"compute on it there"),
+    "a contribution to an untrusted worker": (fedptr.PermissionDenied, r"its node's --trust alice"),
+    "a release by an owner without a budget": (fedptr.BudgetExhaustedError, r"start its node with --epsilon E --store"),
+    "a release past the budget": (fedptr.BudgetExhaustedError, r"left: spend less \(fewer steps.*--purge"),
+    "an op mixing workers": (fedptr.LocationMismatchError, r"move one to the other first"),
+    "an op off the allow-list": (fedptr.UnsupportedTypeError, r"get\(\) the value first"),
+    "a forgotten await": (fedptr.NotAwaitedError, r"await it first"),
+    "an if on a pointer": (fedptr.DataDependentError, r"await the pointer or get\(\) its value first"),
+    "a GPU": (fedptr.InvalidArgumentError, r"leave the device out"),
+    "a pointer used after its get": (fedptr.ConsumedPointerError, r"use what that call returned"),
+    "a misspelt worker": (fedptr.UnknownWorkerError, r"`await client\.workers\(\)` lists those that are"),
+}
+"""What each typed error a user meets in Parts 2-4 tells to do, after saying what happened; the
+first-hour table (docs/FROM_PYSYFT.md) has the same rows. A RemoteError is left out: it carries
+the worker's own exception, torch's text as torch would raise it on the user's machine."""
+
+
+async def test_every_typed_error_of_parts_2_to_4_says_what_happened_and_what_to_do() -> None:
+    """Each error as raised, on the real broker and nodes: its message says what happened and
+    what to do. A release past the budget said only how much was left (main), a GPU only "not on
+    cuda", a consumed pointer and a misspelt worker nothing to do."""
+    configs = {
+        "bob": NodeConfig(trust=["secure_worker"], epsilon=0.3),
+        "carol": NodeConfig(trust=["secure_worker"]),
+        "secure_worker": NodeConfig(aggregator=True, owners=["bob", "carol"]),
+    }
+    data = {"bob": PRIVATE["bob"], "carol": PRIVATE["bob"]}
+    said: dict[str, BaseException] = {}
+    async with harness.cluster(
+        ["bob", "alice", "carol", "secure_worker"], data=data, configs=configs, stores=["bob"]
+    ) as c:
+        bob, alice, carol, aggregator = (c.worker(n) for n in ("bob", "alice", "carol", "secure_worker"))
+        x, _ = await bob.search("d")
+        cx, _ = await carol.search("d")
+        a, b = await bob.send(torch.ones(3)), await alice.send(torch.ones(3))
+        used = await bob.send(torch.ones(2))
+        await used.get()
+        attempts: dict[str, Callable[[], Any]] = {
+            "a get of private data": lambda: x.get(),
+            "a move of private data": lambda: x.move(alice),
+            "a contribution to an untrusted worker": lambda: dp.contribute(x.mean(0), alice),
+            "a release by an owner without a budget": lambda: dp.contribute(cx.mean(0), aggregator),
+            "a release past the budget": lambda: dp.contribute(x.mean(0), aggregator),
+            "an op mixing workers": lambda: a + b,
+            "an op off the allow-list": lambda: torch.linalg.det(a),
+            "a forgotten await": lambda: a.get() + 1,
+            "an if on a pointer": lambda: bool(a),
+            "a GPU": lambda: a.to("cuda"),
+            "a pointer used after its get": lambda: used + 1,
+            "a misspelt worker": lambda: c.client.worker("bobb").send(torch.ones(1)),
+        }
+        for what, attempt in attempts.items():
+            try:
+                result = attempt()
+                if inspect.isawaitable(result):
+                    await result
+            except fedptr.FedptrError as e:
+                said[what] = e
+    assert sorted(said) == sorted(WHAT_TO_DO)  # every attempt was refused
+    wrong = {
+        what: f"{type(e).__name__}: {e}"
+        for what, e in said.items()
+        if not (isinstance(e, WHAT_TO_DO[what][0]) and re.search(WHAT_TO_DO[what][1], str(e)))
+    }
+    assert wrong == {}
 
 
 async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() -> None:
