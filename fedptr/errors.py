@@ -311,4 +311,9 @@ class DropoutError(FedptrError):
         self.workers = list(workers)
         self.phase = phase
         self.detail = detail
-        super().__init__(f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}")
+        super().__init__(
+            f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}; nothing was "
+            "released: start the owners that dropped again (`fedptr status` shows which are down) or ask "
+            "fewer, then run a new round; an owner that sent its masked input was charged all the same "
+            "(`await fedptr.dp.budget(worker)` shows what it has left)"
+        )

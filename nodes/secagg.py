@@ -458,7 +458,8 @@ class Aggregator:
     def _need(self, alive: Collection[str], phase: str) -> None:
         if len(alive) < self.config.min_survivors:
             gone = sorted(set(self.config.owners) - set(alive))
-            raise DropoutError(gone, phase, f"{len(alive)} owners left, fewer than {self.config.min_survivors}")
+            left = f"{len(alive)} owner{'' if len(alive) == 1 else 's'} left"
+            raise DropoutError(gone, phase, f"{left}, fewer than {self.config.min_survivors}")
 
     def relay_keys(self, keys: Mapping[str, PublicKeys]) -> dict[str, PublicKeys]:
         """Phase 1 -> 2: the keys each surviving owner (U1) is sent."""

@@ -255,6 +255,29 @@ def test_status_fits_80_columns_and_shows_budgets_as_left_of_total() -> None:
     assert "RSS" in wide and "bytes in/out" in wide and "ε 0.09 / 8" in wide
 
 
+def test_status_keeps_a_workers_name_whole_beside_a_worker_down() -> None:
+    """A worker killed mid-round shows as "down (not registered)": at 80 columns that state
+    took the room and folded ``secure_worker`` to "secure_work" / "er" (main), a name the
+    operator copies into ``fedptr objects part4 secure_worker``. The state wraps at its words."""
+    status = ClusterStatus(
+        "tcp://127.0.0.1:5555",
+        {"routed": 22, "dropped": 0},
+        [],
+        [
+            WorkerStatus("alice", "down", detail="not registered"),
+            WorkerStatus("bob", "up", "owner", {"objects": 2}, {"epsilon_left": 3.27, "epsilon_spent": 4.73}, 235),
+            WorkerStatus("secure_worker", "up", "aggregator", {"objects": 0}, None, 267),
+        ],
+    )
+    for width in (80, 100, 120):
+        console = Console(width=width, record=True, file=io.StringIO())
+        for table in status_cli.tables(status, width):
+            console.print(table)
+        lines = console.export_text().splitlines()
+        assert any(line.startswith("secure_worker ") for line in lines), "\n".join(lines)
+        assert max(len(line.rstrip()) for line in lines) <= width
+
+
 def test_keys_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["keys", str(tmp_path), "bob"]).exit_code == 0
