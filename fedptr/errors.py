@@ -93,7 +93,7 @@ class LostWorkerError(FedptrError):
         super().__init__(
             f"lost worker {worker!r} (path {' -> '.join(self.path)}): it went away (its node stopped or lost "
             "the broker) before answering, so whether the call ran there is unknown; `fedptr status` shows "
-            "whether it is back, and a restarted node holds only what its --store kept"
+            "whether it is back; a restarted node holds its --data datasets and what its --store kept, nothing else"
         )
 
 
