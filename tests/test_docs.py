@@ -509,6 +509,13 @@ def _runs_here(command: str) -> bool:
 RUNNABLE = [b for b in SHELL if any(_runs_here(c) for c in _commands(b))]
 
 
+FAILING = {
+    "README.md:274": "found by this test (user5), on main f876f7a too: `federated_average.py --secure --drop-one` "
+    "fails its first round at a load of 6, every owner silent past SECAGG_PHASE_TIMEOUT_S in the masked input phase",
+}
+"""Blocks that fail here, each with what is known: a wall found, not yet mended."""
+
+
 def test_the_cluster_commands_are_among_those_run() -> None:
     ran = {c for b in RUNNABLE for c in _commands(b) if _runs_here(c)}
     assert {"fedptr up examples/cluster.toml --detach", "fedptr status part4", "fedptr down part4"} <= ran
@@ -516,7 +523,14 @@ def test_the_cluster_commands_are_among_those_run() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # an example trains a model at a 2-core machine's pace
-@pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b, marks=pytest.mark.xfail(reason=FAILING[b.where], strict=False)) if b.where in FAILING else b
+        for b in RUNNABLE
+    ],
+    ids=[b.where for b in RUNNABLE],
+)
 def test_shell_block_runs_as_printed(block: Block, tmp_path: Path) -> None:
     """The block's commands that run here, in order, from a copy of the repository with this
     test's venv as its .venv: ``fedptr up --detach``, ``status``, ``objects``, ``down``, the
