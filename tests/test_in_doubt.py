@@ -37,7 +37,7 @@ from . import harness
 SHORT_S = 0.2
 """The deadline (s) of a request the gate holds: it passes while the request waits at bob."""
 
-EXAMPLES = 12
+EXAMPLES = 10
 """Histories drawn per run (a few seconds each, in-process)."""
 
 LONG_S = 20.0
@@ -181,9 +181,9 @@ async def _run(steps: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
             c.client.timeout = SHORT_S if fate == "deadline" else LONG_S
             for action in actions:
                 history.issue(action)
+            await asyncio.sleep(0)  # a broadcast reads the deadline as its task starts
             c.client.timeout = LONG_S
             if fate == "lost":
-                await asyncio.sleep(0)  # the requests leave first
                 while not gate.held and history.issued:
                     await asyncio.sleep(0.01)
                 _lost(c.client, "bob")
