@@ -293,7 +293,9 @@ class Directory:
             name = os.fsencode(entry.name)
             before = seen.get(name)
             since = before[2] if before is not None and before[:2] == (st.st_ino, st.st_mtime_ns) else now
-            if now - since >= limits.DIRECT_SHM_STALE_S or (shape.group(1) == namespace and not _alive(int(shape.group(2)))):
+            if now - since >= limits.DIRECT_SHM_STALE_S or (
+                shape.group(1) == namespace and not _alive(int(shape.group(2)))
+            ):
                 self.unlink(name)
                 swept += 1
             else:

@@ -22,6 +22,7 @@ import asyncio
 import gc
 from typing import Any
 
+import pytest
 import torch
 from fedptr.nodes.node import Node
 from hypothesis import HealthCheck, Phase, example, given, settings
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 import fedptr
 from fedptr import envelope
 from fedptr.errors import BroadcastError, FedptrError
+from fedptr.pointer import Pointer
 from fedptr.session import Incoming
 
 from . import harness
@@ -82,7 +84,9 @@ class Gate:
 def _lost(client: fedptr.Client, name: str) -> None:
     """The broker's LOST for `name`, received by `client`'s session as from its socket."""
     link = client.link
-    notice = envelope.message(envelope.LOST, name.encode(), envelope.NO_REPLY, [envelope.ROLE_WORKER, envelope.GONE_SILENT])
+    notice = envelope.message(
+        envelope.LOST, name.encode(), envelope.NO_REPLY, [envelope.ROLE_WORKER, envelope.GONE_SILENT]
+    )
     link._handle(link.session.receive(envelope.framed(notice), asyncio.get_running_loop().time()))
 
 
@@ -219,3 +223,20 @@ histories = st.lists(st.tuples(st.sampled_from(["in time", "deadline", "lost"]),
 def test_what_a_failed_request_did_late_is_undone_and_only_that(steps: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
     """The history's property (see the module's docstring)."""
     asyncio.run(_run(steps))
+
+
+def test_the_history_check_fails_when_a_failed_pointer_deletes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: with a broken rule, "a request that raised made nothing, so its
+    pointer's drop deletes nothing", the object bob made late is held with no pointer to it."""
+    dropped = Pointer.__del__
+
+    def believes_failed_means_not_made(self: Pointer) -> None:
+        done = self.pending_future
+        if done is not None and done.done() and not done.cancelled() and done.exception() is not None:
+            return
+        dropped(self)
+
+    monkeypatch.setattr(Pointer, "__del__", believes_failed_means_not_made)
+    for steps in ([("deadline", [("send",)])], [("in time", [("send",), ("send",)]), ("lost", [("op", 0, 1)])]):
+        with pytest.raises(AssertionError, match="nobody was promised"):
+            asyncio.run(_run(steps))

@@ -577,7 +577,9 @@ def test_a_wall_clock_step_sweeps_no_live_senders_file(tmp_path: Path, monkeypat
     assert directory.sweep() == 0, "a live sender's file was swept after a wall-clock step"
     now[0] += limits.DIRECT_SHM_STALE_S / 2
     assert directory.sweep() == 0
-    rewritten = sender.write(shm.tag(TOKEN, b"to worker", 2), 2, memoryview(b"y" * 64), *_spent(live, descriptor, tmp_path))
+    rewritten = sender.write(
+        shm.tag(TOKEN, b"to worker", 2), 2, memoryview(b"y" * 64), *_spent(live, descriptor, tmp_path)
+    )
     assert rewritten is not None
     now[0] += limits.DIRECT_SHM_STALE_S / 2 + 1
     assert directory.sweep() == 0, "a file written again was judged by its first sighting"
