@@ -117,8 +117,8 @@ class Directory:
     path: str = field(default_factory=lambda: limits.DIRECT_SHM_DIR)
     _fd: int = -1
     _prefix: bytes = b""
-    _seen: dict[bytes, tuple[int, int, float]] = field(default_factory=dict)
-    """Files of ours (by uid) the last sweep saw: name -> (inode, mtime in ns, since when on the
+    _seen: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    """Files of ours (by uid) the last sweep saw: name -> ((inode, mtime in ns), since when on the
     monotonic clock it has been seen so). A sweep ages files by what it saw, never by mtime
     arithmetic against the wall clock, which a step forward made call live files stale."""
 
@@ -279,27 +279,29 @@ class Directory:
         namespace = _pid_namespace().encode()
         swept = 0
         now = time.monotonic()
-        seen, self._seen = self._seen, {}
+        seen, kept = self._seen, {}
+        uid = os.geteuid()
+        stale = limits.DIRECT_SHM_STALE_S
         for entry in os.scandir(self._fd):
-            shape = _NAME.match(os.fsencode(entry.name))
+            name = os.fsencode(entry.name)
+            shape = _NAME.match(name)
             if shape is None:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if st.st_uid != os.geteuid():
+            if st.st_uid != uid:
                 continue
-            name = os.fsencode(entry.name)
+            mark = (st.st_ino, st.st_mtime_ns)
             before = seen.get(name)
-            since = before[2] if before is not None and before[:2] == (st.st_ino, st.st_mtime_ns) else now
-            if now - since >= limits.DIRECT_SHM_STALE_S or (
-                shape.group(1) == namespace and not _alive(int(shape.group(2)))
-            ):
+            since = before[1] if before is not None and before[0] == mark else now
+            if now - since >= stale or (shape.group(1) == namespace and not _alive(int(shape.group(2)))):
                 self.unlink(name)
                 swept += 1
             else:
-                self._seen[name] = (st.st_ino, st.st_mtime_ns, since)
+                kept[name] = (mark, since)
+        self._seen = kept
         return swept
 
     def close(self) -> None:
