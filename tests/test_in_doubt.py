@@ -48,27 +48,30 @@ LONG_S = 20.0
 
 class Gate:
     """Between `node`'s link and the node: while closed, requests wait here in arrival order (as
-    a stalled process or a long computation would keep them); `open` hands them to the node."""
+    a stalled process or a long computation would keep them), a run of ops gathered from one
+    BATCH (`Link.run_handler`: the node's lane, `Compute.ops`) as one; `open` hands them to the
+    node as they came."""
 
     def __init__(self, node: Node) -> None:
         link = node.link
         self._handle, self._runs = link.handler, link.run_handler
         assert self._handle is not None and self._runs is not None
-        self.held: list[Incoming] = []
+        self.held: list[tuple[bool, list[Incoming]]] = []
+        """What waits, in order: (a run of ops?, its requests)."""
         self.closed = False
         link.handler = self._request
         link.run_handler = self._run
 
     def _request(self, source: str, rid: bytes, request: Any) -> None:
         if self.closed:
-            self.held.append(Incoming(source, rid, request))
+            self.held.append((False, [Incoming(source, rid, request)]))
         else:
             assert self._handle is not None
             self._handle(source, rid, request)
 
     def _run(self, run: list[Incoming]) -> None:
         if self.closed:
-            self.held.extend(run)
+            self.held.append((True, run))
         else:
             assert self._runs is not None
             self._runs(run)
@@ -76,9 +79,12 @@ class Gate:
     def open(self) -> None:
         self.closed = False
         held, self.held = self.held, []
-        assert self._handle is not None
-        for r in held:
-            self._handle(r.source, r.rid, r.request)
+        assert self._handle is not None and self._runs is not None
+        for is_run, requests in held:
+            if is_run:
+                self._runs(requests)
+            else:
+                self._handle(*requests[0])
 
 
 def _lost(client: fedptr.Client, name: str) -> None:
