@@ -383,15 +383,17 @@ CHAINED = ("add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "add
 node's link merges their replies into one record (`envelope.ACKS`) when they are answered in one
 turn; on bob's x or labels, or not."""
 _link = st.tuples(st.sampled_from(CHAINED), _partner)
+_burst_partner = st.one_of(_index, _index, _index, st.just(SECRET), st.just(LABELS))
 _burst_step = st.one_of(
-    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _partner),
-    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _partner),
+    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _burst_partner),
+    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _burst_partner),
     st.tuples(st.just("drop"), st.integers(0, 7)),
 )
-"""A step of a `burst`: an op on one of the burst's pointers (the one it started from, or a
-result of an earlier step) and a partner of its worker (the client's sends, bob's x or labels,
-what was computed there), or the drop of a pointer held before the burst (its Delete leaves in
-the same turn, between the ops)."""
+"""A step of a `burst`: an op on one of the burst's pointers (the one it started from, a public
+tensor sent for it, or a result of an earlier step) and a partner of its worker (the client's
+sends, what was computed there, bob's x or labels: public more often than `_partner`, so that
+the node's lane takes runs), or the drop of a pointer held before the burst (its Delete leaves
+in the same turn, between the ops)."""
 _added = st.one_of(
     st.tuples(
         st.just("raw_arg"),
@@ -1221,8 +1223,11 @@ async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> b
 
 async def _burst(w: World, p: fedptr.Pointer, steps: list[tuple[Any, ...]]) -> bool:
     """`burst`: `steps` sent in one turn, none awaited (a drop's Delete among them), then each op
-    observed and its results kept. Whether every op succeeded."""
-    held = [p]
+    observed and its results kept. Whether every op succeeded. A public tensor is sent to `p`'s
+    worker first: the burst's ops on it alone are public."""
+    fresh = await w.observe("burst send", lambda: w.cluster.client.worker(p.location).send(_normal(len(steps))))
+    held = [p] if fresh is None else [p, fresh]
+    w.keep(fresh)
     sent: list[tuple[str, Any]] = []
     for step in steps:
         if step[0] == "drop":
