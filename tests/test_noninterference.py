@@ -47,6 +47,11 @@ backward by either client and a gradient's get by either (`_grant_follow_up`); p
 chains of ops sent before any is answered (`chain`), whose `Ok`s a node merges into one record
 (`envelope.ACKS`); and every `Ok` a client receives is compared, an ACKS's replies each apart
 (`_replies_received`).
+
+Since the twenty-second round programs draw bursts (`burst`): a public tensor sent, then ops
+on any of the burst's pointers and partners (public or private, failing or not, aliases among
+them) with drops between them, all sent in one turn, which a node takes as one run of ops: the
+public ones on its lane (`Compute.ops`), the rest through `Node.handle`.
 """
 
 from __future__ import annotations
@@ -1584,7 +1589,8 @@ ADDED_PROGRAM = [
     ("send", "bob", 3),
     ("chain", 0, [("mul", SECRET), ("add", 0), ("neg", 0)]),  # bob's x times the send, plus it, negated
     ("send", "bob", 2),
-    ("burst", 0, [("add", 0, 0), ("mul", 0, 1), ("drop", 3), ("sub", 1, SECRET), ("neg", 0, 0)]),  # public, then private
+    # the send plus itself, times the send before, a drop, bob's x taken from the sum, negated
+    ("burst", 0, [("add", 0, 0), ("mul", 0, 1), ("drop", 3), ("sub", 1, SECRET), ("neg", 0, 0)]),
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
