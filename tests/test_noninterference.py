@@ -76,7 +76,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fedptr.nodes import guard
+from fedptr.nodes import compute, guard
 from fedptr.nodes.audit import AuditLog
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
@@ -1227,7 +1227,8 @@ async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> b
 
 
 async def _burst(w: World, p: fedptr.Pointer, steps: list[tuple[Any, ...]]) -> bool:
-    """`burst`: `steps` sent in one turn, none awaited (a drop's Delete among them), then each op
+    """`burst`: `steps` sent in one turn, none awaited (a drop's Delete among them; the client
+    sends the first op at once, the rest together), then each op
     observed and its results kept. Whether every op succeeded. A public tensor is sent to `p`'s
     worker first: the burst's ops on it alone are public."""
     fresh = await w.observe("burst send", lambda: w.cluster.client.worker(p.location).send(_normal(len(steps))))
@@ -1589,8 +1590,9 @@ ADDED_PROGRAM = [
     ("send", "bob", 3),
     ("chain", 0, [("mul", SECRET), ("add", 0), ("neg", 0)]),  # bob's x times the send, plus it, negated
     ("send", "bob", 2),
-    # the send plus itself, times the send before, a drop, bob's x taken from the sum, negated
-    ("burst", 0, [("add", 0, 0), ("mul", 0, 1), ("drop", 3), ("sub", 1, SECRET), ("neg", 0, 0)]),
+    # the send plus itself (its own run: a client sends its first request at once), times the send
+    # before, minus that, a drop, bob's x taken from the sum, negated
+    ("burst", 0, [("add", 0, 0), ("mul", 0, 1), ("sub", 0, 1), ("drop", 3), ("sub", 2, SECRET), ("neg", 0, 0)]),
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
@@ -1599,7 +1601,8 @@ def test_each_added_action_is_drawn_and_runs() -> None:
     """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 900
     programs: one in eight has the second client's own mix of steps), and runs to success in a release world
     (`EXECUTED`) with labels out of range and a NaN in one world: an action the property never
-    reaches, or that always fails, guarantees nothing."""
+    reaches, or that always fails, guarantees nothing. A `burst`'s public ops reach a node's
+    lane as one run: a run of several ops has several taken on the lane (`Compute._lane`)."""
     drawn: set[str] = set()
 
     @settings(max_examples=900, database=None, derandomize=True)
@@ -1611,8 +1614,26 @@ def test_each_added_action_is_drawn_and_runs() -> None:
     assert set(ADDED) <= drawn, set(ADDED) - drawn
     before = EXECUTED.copy()
     variation = Variation(labels=(-1, 0, 3, 2), special=(5, float("nan"), False))
-    _compare(ADDED_PROGRAM, [0.5] * 12, 1.0, True, variation)
+    laned: list[int] = []  # per run of several ops, how many its node took on the lane
+    ops, lane = compute.Compute.ops, compute.Compute._lane
+
+    def counted_ops(self: compute.Compute, source: str, requests: Any) -> None:
+        laned.append(0)
+        ops(self, source, requests)
+        if len(requests) < 2:
+            laned.pop()
+
+    def counted_lane(self: compute.Compute, *args: Any) -> None:
+        laned[-1] += 1
+        lane(self, *args)
+
+    with (
+        mock.patch.object(compute.Compute, "ops", counted_ops),
+        mock.patch.object(compute.Compute, "_lane", counted_lane),
+    ):
+        _compare(ADDED_PROGRAM, [0.5] * 12, 1.0, True, variation)
     assert all(EXECUTED[f"{kind} ok"] > before[f"{kind} ok"] for kind in ADDED), EXECUTED - before
+    assert max(laned, default=0) >= 2, laned
 
 
 def _first_difference(a: Any, b: Any) -> str:
