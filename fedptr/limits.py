@@ -166,8 +166,9 @@ departure meanwhile: a sweep reads the whole directory on the loop (~11 us a fil
 20,000 took 218 ms), and a round's end may see many leave."""
 
 DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
-"""A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
-path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""
+"""A shared-memory file that a process's sweeps saw unchanged for this long (seconds, monotonic
+clock) is a leftover, whoever made it: swept by the next sweep (its sender unlinks it after
+`STREAM_TIMEOUT_S` anyway, unless it crashed)."""
 
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
