@@ -85,7 +85,11 @@ class UnknownWorkerError(FedptrError):
 
 
 class LostWorkerError(FedptrError):
-    """Raised when the worker holding a call went away (it unregistered or vanished) before answering."""
+    """Raised when the worker holding a call went away (it unregistered or vanished) before answering.
+
+    The call's outcome is unknown, not failed: a worker declared lost may be alive and run it
+    later (it is not aborted there). A pointer it was to make is deleted when dropped, after the
+    call if that ever runs (docs/REDTEAM.md, "Durability by property, round nine")."""
 
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
@@ -99,7 +103,11 @@ class LostWorkerError(FedptrError):
 
 class DeadlineExceeded(FedptrError, TimeoutError):
     """Raised when a call's deadline passed before an answer came. `worker` is the worker that
-    did not answer in time and `path` the workers the request went through to reach it."""
+    did not answer in time and `path` the workers the request went through to reach it.
+
+    The call's outcome is unknown, not failed: the request is not aborted at the worker, which
+    may still run it (a late answer is dropped). A pointer it was to make is deleted when
+    dropped, after the call if that ever runs; a hand-over in doubt raises InDoubtError."""
 
     def __init__(self, worker: str, seconds: float, path: list[str] | None = None) -> None:
         self.worker = worker
