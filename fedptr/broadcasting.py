@@ -16,7 +16,15 @@ from torch import nn
 from fedptr import limits, meta, modules, wire
 from fedptr.awaiting import not_awaited
 from fedptr.client import Client, Worker
-from fedptr.errors import BroadcastError, FedptrError, InvalidArgumentError, UnsupportedTypeError, UsageError
+from fedptr.errors import (
+    BroadcastError,
+    DeadlineExceeded,
+    FedptrError,
+    InvalidArgumentError,
+    LostWorkerError,
+    UnsupportedTypeError,
+    UsageError,
+)
 from fedptr.pointer import ModulePointer, Pointer
 from fedptr.tensors import to_raw
 
@@ -36,7 +44,9 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
     who caused it as everywhere in fedptr (UnknownWorkerError: the broker knows no such worker;
     LostWorkerError or DeadlineExceeded: that worker, or the way to it; that worker's refusal,
     such as StoreFullError), and its `pointers` holds the pointers to the copies stored, in the
-    order of `workers`, None where a destination failed. The caller's mistakes raise at once:
+    order of `workers`, None where a destination failed. A destination that failed by
+    LostWorkerError or DeadlineExceeded may still store its copy late (the request was not
+    aborted there): this deletes it, once it lands. The caller's mistakes raise at once:
     InvalidArgumentError for no workers, a worker twice, a name no worker can have or workers
     of different clients; UnsupportedTypeError (a TypeError) for anything but a tensor or a
     model, and TypeError for a model outside the allow-list. UsageError when a tensor over
@@ -84,6 +94,11 @@ async def broadcast(x: torch.Tensor | nn.Module, workers: Sequence[Worker]) -> l
             continue
         if not isinstance(error, FedptrError):
             raise error  # a bug, not a destination's failure
+        if isinstance(error, (LostWorkerError, DeadlineExceeded)):
+            # in doubt, not failed: the copy may still be stored there after this answer, and no
+            # pointer will ever hold it; its deletion is queued behind it (and sent again once
+            # that worker answers: `Client._heard`), so it goes whether or not it lands
+            client.release(name, obj_id)
         errors[name] = error
         pointers.append(None)
     if errors:

@@ -77,21 +77,37 @@ class UnknownWorkerError(FedptrError):
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"unknown worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"unknown worker {worker!r} (path {' -> '.join(self.path)}): no worker of that name is registered "
+            "with the broker; `await client.workers()` lists those that are (a node registers when it starts, "
+            "`fedptr status` shows which are up)"
+        )
 
 
 class LostWorkerError(FedptrError):
-    """Raised when the worker holding a call went away (it unregistered or vanished) before answering."""
+    """Raised when the worker holding a call went away (it unregistered or vanished) before answering.
+
+    The call's outcome is unknown, not failed: a worker declared lost may be alive and run it
+    later (it is not aborted there). A pointer it was to make is deleted when dropped, after the
+    call if that ever runs (docs/REDTEAM.md, "Durability by property, round nine")."""
 
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"lost worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"lost worker {worker!r} (path {' -> '.join(self.path)}): it went away (its node stopped or lost "
+            "the broker) before answering, so whether the call ran there is unknown; `fedptr status` shows "
+            "whether it is back; a restarted node holds its --data datasets and what its --store kept, nothing else"
+        )
 
 
 class DeadlineExceeded(FedptrError, TimeoutError):
     """Raised when a call's deadline passed before an answer came. `worker` is the worker that
-    did not answer in time and `path` the workers the request went through to reach it."""
+    did not answer in time and `path` the workers the request went through to reach it.
+
+    The call's outcome is unknown, not failed: the request is not aborted at the worker, which
+    may still run it (a late answer is dropped). A pointer it was to make is deleted when
+    dropped, after the call if that ever runs; a hand-over in doubt raises InDoubtError."""
 
     def __init__(self, worker: str, seconds: float, path: list[str] | None = None) -> None:
         self.worker = worker
@@ -303,4 +319,9 @@ class DropoutError(FedptrError):
         self.workers = list(workers)
         self.phase = phase
         self.detail = detail
-        super().__init__(f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}")
+        super().__init__(
+            f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}; nothing was "
+            "released: start the owners that dropped again (`fedptr status` shows which are down) or ask "
+            "fewer, then run a new round; an owner that sent its masked input was charged all the same "
+            "(`await fedptr.dp.budget(worker)` shows what it has left)"
+        )

@@ -166,8 +166,9 @@ departure meanwhile: a sweep reads the whole directory on the loop (~11 us a fil
 20,000 took 218 ms), and a round's end may see many leave."""
 
 DIRECT_SHM_STALE_S = 2 * STREAM_TIMEOUT_S
-"""A shared-memory file older than this (seconds) is a leftover, whoever made it: swept when a
-path next opens (its sender unlinks it after `STREAM_TIMEOUT_S` anyway, unless it crashed)."""
+"""A shared-memory file that a process's sweeps saw unchanged for this long (seconds, monotonic
+clock) is a leftover, whoever made it: swept by the next sweep (its sender unlinks it after
+`STREAM_TIMEOUT_S` anyway, unless it crashed)."""
 
 MAX_LISTED_OBJECTS = 4_000
 """Most objects one `objects()` listing returns (its header must stay under MAX_HEADER_BYTES)."""
@@ -272,6 +273,14 @@ two at or above each) that the sum and the noise are rounded to before they are 
 (`nodes/mechanisms.py`, `noised`): the addition is then exact, and a release's low bits say
 nothing of what was added to the noise. 40 bits leave the sum within 2^-40 of its value, far
 below the noise, and keep the sum of noise and bound under float64's 53 bits."""
+
+DP_NOISE_SPAN = 16.0
+"""Standard deviations a mechanism's noise draw can reach, for the range check of a release
+(`nodes/mechanisms.py`, `check_range`): torch's float64 normal draws (Box-Muller on 53-bit
+uniforms) stay within 8.6. A release is refused, from public figures and before any noise is
+drawn, unless its sum's bound plus this many deviations fits its dtype twice over: a sum or a
+noise that overflowed to infinity was no longer the Gaussian mechanism charged for (twenty-second
+red-team round)."""
 
 DP_MIN_GRAD_NORM = 1e-100
 """Smallest DP-SGD clip bound C (`dp.train(max_grad_norm=)`, an L2 norm of a per-sample gradient):

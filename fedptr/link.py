@@ -583,7 +583,7 @@ class Link:
         chunk = limits.DIRECT_SHM_FILE_BYTES if whole else limits.STREAM_CHUNK_BYTES
         for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
-                self.progress.chunk(part, outgoing=True)
+                self.progress.chunk(inner[1], part, outgoing=True)
             # a buffer's first chunk goes through the broker, in order before its message:
             # the receiver then knows to hold the message until the rest is in
             if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
@@ -631,7 +631,7 @@ class Link:
         self.messages_received += 1
         try:
             if self.progress is not None:
-                self.progress.chunk(envelope.unframed(frames), outgoing=False)
+                self.progress.chunk(peer, envelope.unframed(frames), outgoing=False)
             self._handle(self.session.receive_direct(peer, frames, self._loop.time()))
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
@@ -734,8 +734,8 @@ class Link:
             try:
                 if envelope.command_of(frames) == envelope.CHUNK:
                     chunk = envelope.unframed(frames)  # [CHUNK, name, rid, info, data]
-                    if self.progress is not None:
-                        self.progress.chunk(chunk, outgoing=False)  # reads the chunk's info: may be malformed
+                    if self.progress is not None:  # the broker names the source; the info may be malformed
+                        self.progress.chunk(bytes(chunk[1]), chunk, outgoing=False)
                     if self.direct is not None and len(chunk) > 3 and bytes(chunk[3])[:1] == envelope.REPLY:
                         self._want_direct(chunk[1])  # a large reply from that worker: later ones go direct
                 self._handle(self.session.receive(frames, self._loop.time()))

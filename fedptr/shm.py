@@ -41,7 +41,8 @@ read, never mapped: the sender holds a descriptor of the file and writes to it a
   it) are swept when a path next opens on the host, by the worker when a peer that shared
   memory with it leaves (`DirectPaths.forget`), and by the client when its path to a worker
   that shared memory with it closes (a killed worker's reply files): those whose creator (same
-  pid namespace) is gone, and any older than `limits.DIRECT_SHM_STALE_S`.
+  pid namespace) is gone, and any that sweeps saw unchanged for `limits.DIRECT_SHM_STALE_S` (by
+  the monotonic clock: a wall-clock step makes no live file look old).
 
 Limitation: files are created 0600 and named unguessably, but a process of the same uid can read
 or write any file of that uid (as it can, mostly, read and write the peers' memory); the path is
@@ -116,6 +117,10 @@ class Directory:
     path: str = field(default_factory=lambda: limits.DIRECT_SHM_DIR)
     _fd: int = -1
     _prefix: bytes = b""
+    _seen: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    """Files of ours (by uid) the last sweep saw: name -> ((inode, mtime in ns), since when on the
+    monotonic clock it has been seen so). A sweep ages files by what it saw, never by mtime
+    arithmetic against the wall clock, which a step forward made call live files stale."""
 
     def usable(self) -> bool:
         """Whether the directory can be opened (once; False for good when it cannot)."""
@@ -267,25 +272,36 @@ class Directory:
 
     def sweep(self) -> int:
         """Unlink files left by senders that died (ours by uid, their creator gone from our pid
-        namespace) or that are older than `limits.DIRECT_SHM_STALE_S`; how many."""
+        namespace) or that sweeps saw unchanged (name, inode, mtime) for
+        `limits.DIRECT_SHM_STALE_S` of the monotonic clock; how many."""
         if not self.usable():
             return 0
         namespace = _pid_namespace().encode()
         swept = 0
-        oldest = time.time() - limits.DIRECT_SHM_STALE_S
+        now = time.monotonic()
+        seen, kept = self._seen, {}
+        uid = os.geteuid()
+        stale = limits.DIRECT_SHM_STALE_S
         for entry in os.scandir(self._fd):
-            shape = _NAME.match(os.fsencode(entry.name))
+            name = os.fsencode(entry.name)
+            shape = _NAME.match(name)
             if shape is None:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if st.st_uid != os.geteuid():
+            if st.st_uid != uid:
                 continue
-            if st.st_mtime < oldest or (shape.group(1) == namespace and not _alive(int(shape.group(2)))):
-                self.unlink(os.fsencode(entry.name))
+            mark = (st.st_ino, st.st_mtime_ns)
+            before = seen.get(name)
+            since = before[1] if before is not None and before[0] == mark else now
+            if now - since >= stale or (shape.group(1) == namespace and not _alive(int(shape.group(2)))):
+                self.unlink(name)
                 swept += 1
+            else:
+                kept[name] = (mark, since)
+        self._seen = kept
         return swept
 
     def close(self) -> None:

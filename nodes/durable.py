@@ -59,6 +59,10 @@ class Stored:
     None for a record written without one, which the store restores as private (fail closed)."""
 
 
+DATA_KEY_FILE = "data-ids.key"
+DATA_KEY_BYTES = 32
+
+
 def write_atomic(path: Path, *parts: Any) -> None:
     """Write `parts`, one after the other, to `path` so that a crash leaves the old file or the
     new one, never a mix."""
@@ -100,6 +104,21 @@ class DurableStore:
     def close(self) -> None:
         """Release the directory handle."""
         os.close(self._dir_fd)
+
+    def data_key(self) -> bytes:
+        """This store's secret key for its datasets' object ids (nodes/node.py `data_id`), made
+        (random, durable) the first time: with it a restarted node gives each dataset the id it
+        had, and no client can tell a dataset's id before `search` shows it."""
+        path = self.dir / DATA_KEY_FILE
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            key = b""
+        if len(key) != DATA_KEY_BYTES:  # missing, or a write a crash cut short: a new key
+            # (pointers to the datasets from before then name nothing: refused, never misread)
+            key = os.urandom(DATA_KEY_BYTES)
+            write_durable(path, key)
+        return key
 
     def write_tensor(
         self,

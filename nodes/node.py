@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import os
 from collections import defaultdict, deque
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgpack
 import numpy as np
 import torch
 
@@ -117,6 +119,15 @@ def fail_stop(node: str, why: str) -> None:
     os._exit(EXIT_DISK_FAILED)
 
 
+def data_id(key: bytes, tag: str, name: str, value: torch.Tensor) -> int:
+    """The object id of dataset `tag`'s array `name` on a node whose store holds `key`
+    (`DurableStore.data_key`): 63 bits of a keyed BLAKE2b of what names the array (its shape
+    and dtype too: an array replaced by one of another form gets a new id, so an old pointer
+    to it is refused rather than misread)."""
+    what = msgpack.packb([tag, name, list(value.shape), str(value.dtype)])
+    return int.from_bytes(hashlib.blake2b(what, key=key, digest_size=8).digest(), "little") >> 1
+
+
 class Node:
     """The request handlers of one worker, answering through `link` (wire `handle` to it as the
     link's handler before the link registers)."""
@@ -145,8 +156,9 @@ class Node:
         directory = Path(self.config.store_dir) if self.config.store_dir else None
         self.budget = Budget(name, self.config.epsilon, self.config.delta, directory)
         self.audit = AuditLog(name, directory)
+        id_key = None if durable is None else durable.data_key()
         for tag, path in self.config.data.items():
-            self._load_data(tag, path)
+            self._load_data(tag, path, id_key)
         self._in_doubt = self.store.restore()
         if self.store.durable is not None:
             log.info(
@@ -210,13 +222,15 @@ class Node:
             self._handlers.update(self._secure_rounds.handlers())
         self._secure_rounds.handlers()[type(msg)](source, rid, msg, budget)
 
-    def _load_data(self, tag: str, path: str) -> None:
-        """Every array of an .npz file becomes a private object of this node, tagged `tag`."""
+    def _load_data(self, tag: str, path: str, id_key: bytes | None) -> None:
+        """Every array of an .npz file becomes a private object of this node, tagged `tag`: under
+        `data_id` with a store's `id_key` (the same id after a restart), else a random id."""
         with np.load(path, allow_pickle=False) as arrays:
             for key in sorted(arrays.files):
                 value = torch.from_numpy(np.ascontiguousarray(arrays[key]))
                 dtype_name(value.dtype)  # refuses dtypes that could not travel
-                self.store.add_data(tag, value, policy.Taint(self.policy.own_origins()))
+                obj_id = wire.new_object_id() if id_key is None else data_id(id_key, tag, key, value)
+                self.store.add_data(obj_id, tag, value, policy.Taint(self.policy.own_origins()))
                 log.info("loaded %s[%s] %s %s from %s as private data", tag, key, tuple(value.shape), value.dtype, path)
 
     def start(self) -> None:

@@ -316,6 +316,8 @@ class Store:
                 self._share_value(entry, stored.value, check=False)
             elif not isinstance(stored.value, tuple):
                 entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
+            if obj_id in self.pinned:
+                self._rekey_data(obj_id)
             if stored.moving is None:
                 self.entries[obj_id] = entry
             else:
@@ -413,17 +415,26 @@ class Store:
         del self.taken[obj_id]
         self.entries[new_id] = entry
 
-    def add_data(self, tag: str, value: torch.Tensor, taint: Taint) -> int:
-        """Store a dataset array under a new id: private (`taint`), read-only, pinned, and
+    def add_data(self, obj_id: int, tag: str, value: torch.Tensor, taint: Taint) -> None:
+        """Store a dataset array under `obj_id`: private (`taint`), read-only, pinned, and
         findable by `tag`."""
-        obj_id = new_object_id()
         entry = Entry.tensor(value, ANYONE, taint)
         entry.readonly = self.node
         self.add(obj_id, entry)
         entry.charged += self._charge(entry.account, _nbytes(value))
         self.pinned.add(obj_id)
         self.tags.setdefault(tag, []).append(obj_id)
-        return obj_id
+
+    def _rekey_data(self, obj_id: int) -> None:
+        """Move the dataset array under `obj_id` to a fresh id: an object restored from the
+        store holds that id (acknowledged, it keeps it; pointers to the array name it anew)."""
+        fresh = new_object_id()
+        self.entries[fresh] = self.entries.pop(obj_id)
+        self.pinned.discard(obj_id)
+        self.pinned.add(fresh)
+        for ids in self.tags.values():
+            ids[:] = [fresh if i == obj_id else i for i in ids]
+        log.warning("%s: a stored object holds dataset id %d; the dataset is now %d", self.node, obj_id, fresh)
 
     def check_principal(self, obj_id: int, entry: Entry, principal: str) -> None:
         """A worker holding an object on behalf of a client (granted to it by a pointer send, its

@@ -540,7 +540,8 @@ sys.stdin.read()
 
 def test_a_crashed_senders_files_are_swept(tmp_path: Path) -> None:
     """A real sender process writes a file and is killed before anyone takes it: the next
-    sweep removes it. A live sender's file stays; one older than the stale age goes whoever made it."""
+    sweep removes it. A live sender's file stays; one that sweeps saw unchanged for the stale age
+    goes whoever made it (`test_a_wall_clock_step_sweeps_no_live_senders_file`)."""
     directory = shm.Directory(str(tmp_path))
     live = written(directory, 1, b"x")[0]  # ours: we are alive
     proc = subprocess.Popen(
@@ -557,9 +558,41 @@ def test_a_crashed_senders_files_are_swept(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     assert directory.sweep() == 1
     assert [p.name.encode() for p in tmp_path.iterdir()] == [live]
-    old = time.time() - limits.DIRECT_SHM_STALE_S - 1
-    os.utime(tmp_path / live.decode(), (old, old))
+
+
+def test_a_wall_clock_step_sweeps_no_live_senders_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep judged a file's age by its mtime against the wall clock: a clock stepped forward
+    by more than `limits.DIRECT_SHM_STALE_S` (nemesis8's "Left", reasoned) made a live sender's
+    file, not read yet, look stale, and it was unlinked (its transfer failed). Setting the file's
+    mtime back stands for the step. The age is now what sweeps saw on the monotonic clock: a
+    file stale once it stood unchanged (name, inode, mtime) through sweeps that long, whoever
+    made it; a write (a warm path rewrites its files) makes it new again."""
+    now = [1000.0]
+    monkeypatch.setattr(shm.time, "monotonic", lambda: now[0])
+    directory = shm.Directory(str(tmp_path))
+    sender = shm.Directory(str(tmp_path))
+    live, descriptor = written(sender, 1, b"x" * 64)
+    stepped = time.time() - 10 * limits.DIRECT_SHM_STALE_S
+    os.utime(tmp_path / live.decode(), (stepped, stepped))
+    assert directory.sweep() == 0, "a live sender's file was swept after a wall-clock step"
+    now[0] += limits.DIRECT_SHM_STALE_S / 2
+    assert directory.sweep() == 0
+    rewritten = sender.write(
+        shm.tag(TOKEN, b"to worker", 2), 2, memoryview(b"y" * 64), *_spent(live, descriptor, tmp_path)
+    )
+    assert rewritten is not None
+    now[0] += limits.DIRECT_SHM_STALE_S / 2 + 1
+    assert directory.sweep() == 0, "a file written again was judged by its first sighting"
+    now[0] += limits.DIRECT_SHM_STALE_S
     assert directory.sweep() == 1 and list(tmp_path.iterdir()) == []
+
+
+def _spent(name: bytes, descriptor: bytes, where: Path) -> tuple[bytes, int]:
+    """File `name` handed back as a receiver does (renamed to its spent name): what `write` takes
+    to write it again."""
+    spent = shm.Directory(str(where)).spent_name(name, TOKEN, b"to worker", 1)
+    os.rename(where / name.decode(), where / spent.decode())
+    return spent, shm.Directory.inode(descriptor)
 
 
 @pytest.mark.parametrize("head", [MIB // 4, 3 * MIB // 4], ids=["most", "a small part"])

@@ -1,0 +1,81 @@
+"""A worker's datasets keep their object ids across its restarts ("ids survive restarts").
+
+A data owner's arrays are loaded from files at every start; a client finds them with
+`search` and then holds pointers to them. With a store directory (``--store``), each array's
+id is derived from a random key kept in that directory and the array's tag, name, shape and
+dtype: a restarted owner serves the same ids, so a client's pointers keep working. The key is
+secret, so no client can learn a dataset's id before `search` shows it; an object a client
+stored under an id that a dataset would take later keeps its id, and the dataset takes another.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedptr.nodes.durable import DurableStore
+from fedptr.nodes.node import Node, NodeConfig, data_id
+
+from fedptr import envelope
+from fedptr import link as linkmod
+
+from . import harness
+
+DATA = {"d": {"x": np.arange(8, dtype=np.float32).reshape(4, 2), "y": np.ones(4, dtype=np.int64)}}
+
+
+@pytest.mark.asyncio
+async def test_a_clients_pointers_to_a_dataset_work_after_its_owner_restarts() -> None:
+    async with harness.cluster(["alice"], data={"alice": DATA}, stores=["alice"]) as c:
+        alice = c.worker("alice")
+        x, y = await alice.search("d")
+        await c.restart_node("alice")
+        again = await alice.search("d")
+        assert [p.id_at_location for p in again] == [x.id_at_location, y.id_at_location]
+        doubled = await (x * 2)  # an op on the pointer the client held before the restart
+        assert tuple(doubled.shape) == (4, 2)
+        assert tuple((await (y + 1)).shape) == (4,)
+
+
+@pytest.mark.asyncio
+async def test_two_stores_give_one_dataset_different_ids() -> None:
+    """The key is per store: an id seen on one node predicts nothing about another's."""
+    ids = []
+    for _ in range(2):
+        async with harness.cluster(["alice"], data={"alice": DATA}, stores=["alice"]) as c:
+            ids.append([p.id_at_location for p in await c.worker("alice").search("d")])
+    assert ids[0] != ids[1]
+
+
+def _node(config: NodeConfig) -> Node:
+    link = linkmod.Link("inproc://none", "alice", envelope.ROLE_WORKER)
+    return Node("alice", link, config)
+
+
+@pytest.mark.asyncio
+async def test_an_object_stored_under_a_datasets_future_id_keeps_it() -> None:
+    """A client's acknowledged object is never replaced by a dataset (nor the reverse): the
+    dataset takes a fresh id, and `search` names it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir, data_file = Path(tmp) / "store", Path(tmp) / "d.npz"
+        np.savez(data_file, **DATA["d"])
+        durable = DurableStore(store_dir)
+        x = torch.from_numpy(DATA["d"]["x"])
+        taken = data_id(durable.data_key(), "d", "x", x)
+        mine = torch.full((3,), 7.0)
+        durable.write_tensor(taken, mine.numpy().tobytes(), "float32", [3], "client", "", {})
+        durable.sync()
+        durable.close()
+        node = _node(NodeConfig(store_dir=str(store_dir), data={"d": str(data_file)}))
+        try:
+            assert node.store.entries[taken].value.tolist() == [7.0, 7.0, 7.0]
+            assert node.store.entries[taken].owner == "client"
+            ids = node.store.tags["d"]
+            assert taken not in ids and len(ids) == 2
+            assert node.store.entries[ids[0]].value.tolist() == x.tolist()
+            assert set(ids) <= node.store.pinned and taken not in node.store.pinned
+        finally:
+            await node.aclose()
