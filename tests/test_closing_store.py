@@ -43,7 +43,7 @@ async def test_a_client_leaving_while_its_node_closes_leaves_no_unretrieved_fail
                 await close()
                 node.objects.reclaim(owner)  # the client's session ended while the node closed
 
-            node.store.aclose = close_then_the_client_leaves  # type: ignore[method-assign]
+            node.store.aclose = close_then_the_client_leaves
             with caplog.at_level(logging.WARNING, logger="fedptr.node"):
                 await c.stop_node("alice")
                 assert await eventually(_reclaimed(node))
