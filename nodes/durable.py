@@ -284,7 +284,7 @@ def recover(directory: str | os.PathLike[str]) -> list[Damage]:
         _, damaged = store._scan()
         aside = store.dir / DAMAGED_DIR
         for d in damaged:
-            aside.mkdir(exist_ok=True)
+            aside.mkdir(mode=0o700, exist_ok=True)
             for name in d.files:
                 os.replace(store.dir / name, aside / name)
         if damaged:
