@@ -120,8 +120,10 @@ class DurableStore:
             key = path.read_bytes()
         except FileNotFoundError:
             key = b""
-        if len(key) != DATA_KEY_BYTES:  # missing, or a write a crash cut short: a new key
-            # (pointers to the datasets from before then name nothing: refused, never misread)
+        if len(key) != DATA_KEY_BYTES:  # a new key: pointers to the datasets from before then
+            # name nothing (refused, never misread)
+            if key:  # written atomically: damaged outside the node, every dataset's id changes
+                log.warning("%s held %d bytes, not %d: a new key, new dataset ids", path, len(key), DATA_KEY_BYTES)
             key = os.urandom(DATA_KEY_BYTES)
             write_durable(path, key)
         return key

@@ -10,6 +10,7 @@ stored under an id that a dataset would take later keeps its id, and the dataset
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tempfile
@@ -114,3 +115,17 @@ async def test_the_store_and_its_key_are_readable_by_the_node_alone() -> None:
     assert {"data-ids.key", "privacy-budget.msgpack", "audit.jsonl"} <= names, names
     assert any(n.endswith(".rec") for n in names), names
     assert all(not mode & 0o077 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}
+
+
+def test_a_damaged_key_is_replaced_and_the_operator_told(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its write is atomic, so a key of another length was damaged outside the node: a new key
+    (the pointers to the datasets from before name nothing, refused, never misread) and a
+    warning that names the file, not a silent change of every dataset's id."""
+    durable = DurableStore(tmp_path)
+    first = durable.data_key()
+    (tmp_path / "data-ids.key").write_bytes(first[:5])
+    with caplog.at_level(logging.WARNING, logger="fedptr.node.durable"):
+        second = durable.data_key()
+    durable.close()
+    assert len(second) == 32 and second != first
+    assert "data-ids.key" in caplog.text and "5 bytes" in caplog.text, caplog.text
