@@ -150,7 +150,7 @@ async def test_a_contribution_that_alone_leaves_its_dtypes_range_is_refused_befo
     async with harness.cluster(["bob", "agg"], configs=configs, stores=["bob"], data=data) as c:
         bob = c.worker("bob")
         (x,) = await bob.search("d")
-        with pytest.raises(fedptr.FedptrError, match="InvalidArgumentError.*range"):
+        with pytest.raises(fedptr.FedptrError, match=r"InvalidArgumentError.*range"):
             await dp.contribute(x * 1, c.worker("agg"))
         assert (await dp.budget(bob)).epsilon_spent == 0
 
