@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 from fedptr.logs import iso_time
 
+from .durable import private
+
 FILE_NAME = "audit.jsonl"
 
 CONTRIBUTION, DP_TRAIN, SECURE_CONTRIBUTION = "contribution", "dp-train", "secure-contribution"
@@ -47,7 +49,7 @@ class AuditLog:
         self.recent.append(entry)
         if self.path is None:
             return
-        with open(self.path, "a+b") as f:
+        with open(self.path, "a+b", opener=private) as f:
             _cut_torn_tail(f)
             f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
             f.flush()

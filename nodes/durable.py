@@ -63,11 +63,17 @@ DATA_KEY_FILE = "data-ids.key"
 DATA_KEY_BYTES = 32
 
 
+def private(path: str, flags: int) -> int:
+    """`open`'s opener for a store's files: readable by this uid alone (they hold values computed
+    from private data, the key of the datasets' ids, the budget), whatever the umask."""
+    return os.open(path, flags, 0o600)
+
+
 def write_atomic(path: Path, *parts: Any) -> None:
     """Write `parts`, one after the other, to `path` so that a crash leaves the old file or the
     new one, never a mix."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "wb", opener=private) as f:
         for data in parts:
             f.write(data)
         f.flush()
@@ -98,7 +104,7 @@ class DurableStore:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # (`private`)
         self._dir_fd = os.open(self.dir, os.O_RDONLY)
 
     def close(self) -> None:
@@ -114,8 +120,10 @@ class DurableStore:
             key = path.read_bytes()
         except FileNotFoundError:
             key = b""
-        if len(key) != DATA_KEY_BYTES:  # missing, or a write a crash cut short: a new key
-            # (pointers to the datasets from before then name nothing: refused, never misread)
+        if len(key) != DATA_KEY_BYTES:  # a new key: pointers to the datasets from before then
+            # name nothing (refused, never misread)
+            if key:  # written atomically: damaged outside the node, every dataset's id changes
+                log.warning("%s held %d bytes, not %d: a new key, new dataset ids", path, len(key), DATA_KEY_BYTES)
             key = os.urandom(DATA_KEY_BYTES)
             write_durable(path, key)
         return key
@@ -278,7 +286,7 @@ def recover(directory: str | os.PathLike[str]) -> list[Damage]:
         _, damaged = store._scan()
         aside = store.dir / DAMAGED_DIR
         for d in damaged:
-            aside.mkdir(exist_ok=True)
+            aside.mkdir(mode=0o700, exist_ok=True)
             for name in d.files:
                 os.replace(store.dir / name, aside / name)
         if damaged:

@@ -42,6 +42,10 @@ class Release:
             if not isinstance(value, torch.Tensor) or entry.location is not None:
                 raise InvalidArgumentError("a contribution is a tensor held on its owner's node")
             clipped = mechanisms.clip(value, self.config.dp_clip)
+            # a release of this contribution alone would leave its dtype's range: refused from
+            # public figures before the charge, not charged and refused at the aggregator
+            clip, sigma = self.config.dp_clip, self.config.dp_noise_multiplier
+            mechanisms.check_range(sigma * clip, clip, clipped.dtype)
             # checked again on the copy just read: a write pipelined behind this request (an
             # `add_` of another owner's data moved here) may have run since the check on arrival,
             # and its taint, decided as it arrived, is on the entry by now

@@ -74,6 +74,8 @@ class WriteAhead:
         """The futures of the changes queued and not yet settled, for `barrier`."""
         self._cond = threading.Condition()
         self._closed = False
+        self._dropped = False
+        """Whether a change came after `aclose` (`_refused` says so once)."""
         self._thread = threading.Thread(target=self._run, name=f"write-ahead-{here}", daemon=True)
         self._thread.start()
 
@@ -141,10 +143,9 @@ class WriteAhead:
     def _enqueue(
         self, key: Key, apply: Callable[[DurableStore], None], nbytes: int, removal: bool = False
     ) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
-            done.set_exception(RemoteError("OSError", "the store is closed", self.here, [self.here]))
-            return done
+            return self._refused()
+        done: asyncio.Future[None] = self._loop.create_future()
         change = _Change(key, apply, nbytes, done)
         self._unsettled.add(done)
         done.add_done_callback(self._unsettled.discard)
@@ -158,6 +159,20 @@ class WriteAhead:
                 self._queue.append(change)
                 self._write_keys[key] += 1
             self._cond.notify()
+        return done
+
+    def _refused(self) -> asyncio.Future[None]:
+        """The failed future of a change queued after `aclose`: not written, so a restart finds
+        the store as it was at the close, as after a crash there (a removal's object is back, a
+        move record stays in doubt). Whoever awaits it (an acknowledgement) fails; a change no one
+        awaits (the reclaim of a client that left while the node closed) is dropped, said once
+        here, not left for the garbage collector's "exception was never retrieved"."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        done.set_exception(RemoteError("OSError", "the store is closed", self.here, [self.here]))
+        done.exception()  # retrieved: an awaiting caller still gets it
+        if not self._dropped:
+            log.warning("%s: a change after the store closed is not written (a restart finds it as then)", self.here)
+            self._dropped = True
         return done
 
     def _promote(self, key: Key) -> None:

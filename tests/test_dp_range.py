@@ -118,8 +118,8 @@ async def _m1_world(x: float) -> list[object]:
             agg = c.worker("agg")
             (bx,), (ax,) = await c.worker("bob").search("d"), await c.worker("alice").search("d")
             for _ in range(RUNS):
-                parts = [(await dp.contribute(p * 1e308, agg))[0] for p in (bx, ax)]
-                try:
+                try:  # refused at the first contribution, uncharged: its clip alone leaves the range
+                    parts = [(await dp.contribute(p * 1e308, agg))[0] for p in (bx, ax)]
                     mean = await aggregate.mean(parts).get()
                 except fedptr.FedptrError as e:
                     seen.append(("refused", type(e).__name__, str(e)))
@@ -130,12 +130,29 @@ async def _m1_world(x: float) -> list[object]:
 
 @pytest.mark.asyncio
 async def test_an_m1_release_whose_clips_sum_past_the_range_tells_nothing_of_the_data() -> None:
-    """On main the mean came out NaN or +inf when bob's x is 1, +inf or -inf when it is -1. The
-    owners were charged at their contributions; the release is refused (the contributions, of
-    no use, stay spent)."""
+    """On main the mean came out NaN or +inf when bob's x is 1, +inf or -inf when it is -1. Now
+    refused: each owner's clip alone leaves the range, so at its contribution, before its charge."""
     present, absent = await _m1_world(1.0), await _m1_world(-1.0)
     assert present == absent
     assert all(s[0] == "refused" for s in present), present
+
+
+@pytest.mark.asyncio
+async def test_a_contribution_that_alone_leaves_its_dtypes_range_is_refused_before_its_charge() -> None:
+    """A float16 contribution from an owner whose ``--dp-clip`` is 2,000: its clip and its noise
+    alone (2 (C + 16 sigma C) = 68,000) pass float16's 65,504, so every release of it is refused.
+    The owner refuses it from public figures (its clip, noise multiplier, the dtype) before
+    charging; review14 found it charged first, the release then refused at the aggregator, every
+    time a client asked (an owner's budget spent for nothing)."""
+    owner = NodeConfig(trust=["agg"], epsilon=1e6, dp_clip=2000.0, dp_noise_multiplier=1.0)
+    configs = {"bob": owner, "agg": NodeConfig(aggregator=True, owners=["bob"], min_owners=1)}
+    data = {"bob": {"d": {"x": torch.ones(4, dtype=torch.float16)}}}
+    async with harness.cluster(["bob", "agg"], configs=configs, stores=["bob"], data=data) as c:
+        bob = c.worker("bob")
+        (x,) = await bob.search("d")
+        with pytest.raises(fedptr.FedptrError, match=r"InvalidArgumentError.*range"):
+            await dp.contribute(x * 1, c.worker("agg"))
+        assert (await dp.budget(bob)).epsilon_spent == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

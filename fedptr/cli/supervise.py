@@ -43,7 +43,7 @@ async def _start(spec: ClusterSpec, log_dir: Path, starter: NodeStarter, process
     )
     for node in spec.nodes.values():
         if node.store is not None:
-            node.store.mkdir(parents=True, exist_ok=True)
+            node.store.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see nodes/durable.py
         processes[node.name] = await starter.start(
             ["--name", node.name, "--broker", address, *node.argv(broker)],
             log_dir / f"{node.name}.log",
