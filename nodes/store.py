@@ -296,6 +296,9 @@ class Store:
         how a write through such an alias finds the model it changed."""
         self._marks: dict[int, tuple[Any, ...]] = {}
         """By model id, what the model's state (`_mark`) was when it was last written."""
+        self._dirty: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
+        """The models to write at the end of this loop turn (`persist_changed`), by id, with the
+        future their write settles."""
         self._grads: deque[tuple[Account | None, torch.UntypedStorage]] = deque()
         """Gradients a backward accumulated into a shared leaf (on any thread), each with the
         leaf's account: charged on the loop's (`release_graphs`), also once its entry is gone
@@ -565,14 +568,38 @@ class Store:
         return self.wal.save_module(obj_id, value, entry.owner, entry.sponsor, privacy)
 
     def persist_changed(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
-        """`persist` model `entry` if its state changed since it was last written (a parameter or
-        buffer updated in place, its training mode, a requires_grad flag); returns the future of
-        that write, or None when there is nothing to wait for."""
+        """Have model `entry` written if its state changed since it was last written (a parameter
+        or buffer updated in place, its training mode, a requires_grad flag): once, at the end of
+        this loop turn, for all the changes the turn made to it (an ``opt.step()`` updates each
+        parameter in an op of its own: one snapshot of the model, not one per parameter). Returns
+        the future of that write, or None when there is nothing to wait for."""
         if self.wal is None or not isinstance(entry.value, nn.Module) or not self._holds(obj_id, entry):
             return None
+        dirty = self._dirty.get(obj_id)
+        if dirty is not None and dirty[0] is entry:
+            return dirty[1]
         if self._marks.get(obj_id) == _mark(entry.value):
             return None
-        return self.persist(obj_id, entry, entry.value)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._write_dirty)
+        self._dirty[obj_id] = (entry, written)
+        return written
+
+    def _write_dirty(self) -> None:
+        """Write the models this loop turn changed (`persist_changed`), each settling its future
+        once durable (or with the error of its write)."""
+        dirty, self._dirty = self._dirty, {}
+        for obj_id, (entry, written) in dirty.items():
+            try:
+                durable = self.persist(obj_id, entry, entry.value)
+            except Exception as e:  # (nothing is acknowledged on it)
+                written.set_exception(e)
+                continue
+            if durable is None:  # deleted meanwhile: nothing left to write
+                written.set_result(None)
+            else:
+                durable.add_done_callback(functools.partial(_relay, written))
 
     def _model_of(self, entry: Entry) -> tuple[int, Entry] | None:
         """The stored model whose parameter or buffer (or a view of one) `entry` holds, if any."""
@@ -883,6 +910,16 @@ def _leaf(old: torch.Tensor, new: _Leaf) -> _Leaf:
     if old.is_leaf and old.grad is not None:  # (a result's gradient is not kept unless retained)
         new.grad = old.grad.detach().clone()
     return new
+
+
+def _relay(to: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+    """Settle `to` as `done` settled (a write's future, for those waiting on a model's write)."""
+    if done.cancelled():
+        to.cancel()
+    elif (error := done.exception()) is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(None)
 
 
 def _mark(model: nn.Module) -> tuple[Any, ...]:
