@@ -2,24 +2,24 @@
 
 For object 42: ``42.rec`` holds the msgpack record ``[kind, dtype, shape, location, remote_id,
 owner, sponsor, privacy, nbytes, extra]`` and, right after it, a tensor's ``nbytes`` raw bytes (the
-sponsor is the client that granted the object to its owner). A model's (kind ``"module"``) data
-is its description, msgpack of ``{"spec", "params": [[dtype, shape, nbytes]...], "training",
-"grad"}`` (`extra` bytes long: the allow-listed spec of fedptr/modules.py, its parameters' and
-buffers' layout in state_dict order, each submodule's training mode and each parameter's
-requires_grad), then those parameters' and buffers' raw bytes; it is rebuilt with
-`modules.from_wire`, as a model sent over the wire is. A tensor that is a model's parameter or
-buffer (the result of ``parameter``/``state``) has `extra` ``[model_id, name]``: a restart makes it
-that very tensor of the restored model again (its own bytes are used only if the model is gone). Record and data are one file, so
-one rename replaces both: a rewrite that changes the shape (``x.data = y``) or the privacy (an
-in-place op on private data) can never land half, new data under the old record (a store that
-would not load, or data derived from private data under a public record). Records of older
-releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load, and a
-rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
-that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
-hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
-temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
-batch of writes and unlinks (and once more inside the removal of an object with a second file,
-whose record's unlink must be durable before that file goes: `remove`).
+sponsor is the client that granted the object to its owner). A model's (kind ``"module"``) data is
+its description, msgpack of ``{"spec", "params": [[dtype, shape, nbytes]...], "training", "grad"}``
+(`extra` bytes long: the allow-listed spec of fedptr/modules.py, its parameters' and buffers'
+layout in state_dict order, each submodule's training mode and each parameter's requires_grad),
+then those parameters' and buffers' raw bytes; it is rebuilt with `modules.from_wire`, as a model
+sent over the wire is. A tensor that is a model's parameter or buffer (the result of
+``parameter``/``state``) has `extra` ``[model_id, name]``: a restart makes it that very tensor of
+the restored model again (its own bytes are used only if the model is gone). Record and data are
+one file, so one rename replaces both: a rewrite that changes the shape (``x.data = y``) or the
+privacy (an in-place op on private data) can never land half, new data under the old record (a
+store that would not load, or data derived from private data under a public record). Records of
+older releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load,
+and a rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
+that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``,
+``[dest, new_id]``: the hand-over is in doubt until that is resolved (nodes/handover.py). Each file
+is written to a temporary name, fsynced and renamed into place; `sync` fsyncs the directory once
+for a whole batch of writes and unlinks (and once more inside the removal of an object with a
+second file, whose record's unlink must be durable before that file goes: `remove`).
 
 These calls block: the node makes them only on its write-ahead thread (nodes/writeahead.py).
 Nothing is ever unpickled: loading validates dtype and size as the wire does.
@@ -44,7 +44,6 @@ from typing import Any
 
 import msgpack
 import torch
-
 from torch import nn
 
 from fedptr import limits, modules
@@ -152,11 +151,11 @@ class DurableStore:
         self._drop_older_data(obj_id)
 
     def write_module(
-        self, obj_id: int, meta: bytes, data: list[bytes], owner: str, sponsor: str, privacy: dict[str, Any]
+        self, obj_id: int, meta: bytes, data: list[memoryview], owner: str, sponsor: str, privacy: dict[str, Any]
     ) -> None:
         """Write a model's record, description (`meta`) and parameters' bytes (`data`) as one file
         (fsynced; the directory needs `sync`)."""
-        nbytes = len(meta) + sum(len(d) for d in data)
+        nbytes = len(meta) + sum(d.nbytes for d in data)
         record = ["module", "", [], "", 0, owner, sponsor, privacy, nbytes, len(meta)]
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), meta, *data)
         self._drop_older_data(obj_id)
@@ -288,18 +287,19 @@ class DurableStore:
         return str(dest), int(new_id)
 
 
-def module_meta(model: nn.Module, spec: dict[str, Any], data: list[bytes], dtypes: list[str]) -> bytes:
+def module_meta(model: nn.Module, spec: dict[str, Any], data: list[memoryview], dtypes: list[str]) -> bytes:
     """The description `write_module` stores before a model's bytes: its `spec`, the layout of its
     parameters and buffers (their `data`, of `dtypes`), training modes and requires_grad flags."""
     state = model.state_dict(keep_vars=True).values()
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         {
             "spec": spec,
-            "params": [[d, list(t.shape), len(b)] for d, t, b in zip(dtypes, state, data, strict=True)],
+            "params": [[d, list(t.shape), b.nbytes] for d, t, b in zip(dtypes, state, data, strict=True)],
             "training": [m.training for m in model.modules()],
             "grad": [t.requires_grad for t in state],
         }
     )
+    return packed
 
 
 def _module(data: memoryview, meta_bytes: int) -> nn.Module:
@@ -319,7 +319,9 @@ def _module(data: memoryview, meta_bytes: int) -> nn.Module:
         params.append(RawTensor(str(dtype), tuple(shape), data[offset : offset + int(nbytes)]))
         offset += int(nbytes)
     if offset != len(data):
-        raise ValueError(f"the model's parameters take {offset - meta_bytes} bytes, the file holds {len(data) - meta_bytes}")
+        raise ValueError(
+            f"the model's parameters take {offset - meta_bytes} bytes, the file holds {len(data) - meta_bytes}"
+        )
     model = modules.from_wire(meta["spec"], list(params))
     state = list(model.state_dict(keep_vars=True).values())
     flags, training = meta["grad"], meta["training"]

@@ -330,7 +330,7 @@ class Store:
                     _restore_privacy(entry, stored.privacy)
             entry.sponsor = stored.sponsor
             self._count(entry)
-            if _tracks(value):
+            if isinstance(value, nn.Module | torch.Tensor) and _tracks(value):
                 self._share_value(entry, value, check=False)
             elif isinstance(value, torch.Tensor):
                 entry.charged += self._charge(entry.account, _nbytes(value), restoring=True)

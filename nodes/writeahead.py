@@ -109,12 +109,12 @@ class WriteAhead:
         (none that a node holds: each arrived as, or was built from, such a description)."""
         spec, values = modules.to_wire(model, copy=True)
         raws = [r for r in values if isinstance(r, RawTensor)]  # (all are: `to_wire` makes them)
-        data = [bytes(r.data) for r in raws]
+        data = [r.data for r in raws]  # (copies already: `to_wire(copy=True)`)
         meta = module_meta(model, spec, data, [r.dtype for r in raws])
         return self._enqueue(
             ("obj", obj_id),
             lambda d: d.write_module(obj_id, meta, data, owner, sponsor, privacy),
-            len(meta) + sum(len(b) for b in data),
+            len(meta) + sum(b.nbytes for b in data),
         )
 
     def save_pointer(

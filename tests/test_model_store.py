@@ -113,7 +113,10 @@ async def test_a_restart_never_launders_a_models_taint() -> None:
     g = np.random.default_rng(0)
     xs, ys = g.normal(size=(64, 2)).astype(np.float32), g.normal(size=(64, 1)).astype(np.float32)
     async with harness.cluster(
-        ["alice"], stores=["alice"], data={"alice": {"d": {"x": xs, "y": ys}}}, configs={"alice": NodeConfig(epsilon=100.0)}
+        ["alice"],
+        stores=["alice"],
+        data={"alice": {"d": {"x": xs, "y": ys}}},
+        configs={"alice": NodeConfig(epsilon=100.0)},
     ) as c:
         alice = c.worker("alice")
         private_x, private_y = await alice.search("d")
