@@ -299,6 +299,8 @@ class Store:
         self._dirty: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
         """The models to write at the end of this loop turn (`persist_changed`), by id, with the
         future their write settles."""
+        self._aliases: dict[int, set[int]] = {}
+        """By model id, the objects whose records name one of its parameters or buffers (`persist`)."""
         self._grads: deque[tuple[Account | None, torch.UntypedStorage]] = deque()
         """Gradients a backward accumulated into a shared leaf (on any thread), each with the
         leaf's account: charged on the loop's (`release_graphs`), also once its entry is gone
@@ -325,6 +327,8 @@ class Store:
                 if model is not None:
                     value, taint = model
                     entry = Entry.tensor(value, stored.owner, taint)
+                    assert stored.alias is not None  # (what `_model_for` found it by)
+                    self._aliases.setdefault(stored.alias[0], set()).add(obj_id)
                 else:
                     entry = Entry.tensor(value, stored.owner)
                     _restore_privacy(entry, stored.privacy)
@@ -558,7 +562,10 @@ class Store:
             model_id, model_entry = model
             state = model_entry.value.state_dict(keep_vars=True)
             name = next((n for n, t in state.items() if t is value), None)
-            alias = None if name is None else (model_id, name)
+            alias = None
+            if name is not None:
+                alias = (model_id, name)
+                self._aliases.setdefault(model_id, set()).add(obj_id)
             written = self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor, privacy, alias)
             return all_written([written, self.persist_changed(model_id, model_entry)])
         if not isinstance(value, nn.Module):
@@ -616,9 +623,10 @@ class Store:
             return
         del self._models[id(entry.taint)]
         self._marks.pop(obj_id, None)
-        for other_id, other in list(self.entries.items()):
-            if other.taint is entry.taint and other is not entry and other.ok:
-                self.persist(other_id, other, other.value)
+        for alias_id in self._aliases.pop(obj_id, ()):
+            alias = self.entries.get(alias_id)
+            if alias is not None and alias.taint is entry.taint and alias.ok:
+                self.persist(alias_id, alias, alias.value)
 
     def _holds(self, obj_id: int, entry: Entry) -> bool:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""

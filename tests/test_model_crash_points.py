@@ -2,10 +2,11 @@
 holds after a restart, in the manner of tests/test_acks_durability.py and with its nemesis
 (tests/nemesis.py).
 
-Two phases: the model's Put, and a training step (an in-place update of each parameter through
-its pointer, as ``opt.step()`` makes). The node dies at each of its storage calls (and, a second
-time, then loses in a power cut every rename its directory's fsync had not made durable), and just
-before each record it sends; restarted on its store, it holds the model as it was before each
+Two phases: the model's Put, and a training step (an in-place update of each parameter through its
+pointer, as ``opt.step()`` makes). The node dies at each of its storage calls (and, a second time,
+then loses in a power cut every rename its directory's fsync had not made durable), and just before
+each record it sends, and its disk refuses each storage call in turn (disk full: the node fails
+closed, as for a tensor's write); restarted on its store, it holds the model as it was before each
 update or after it, never anything else, and every update the client saw acknowledged; the
 parameters' pointers are that model's parameters again. The same check run on a node that
 acknowledges a model's write before it is durable must fail, or it tests nothing."""
@@ -13,6 +14,7 @@ acknowledges a model's write before it is durable must fail, or it tests nothing
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Coroutine
 from typing import Any
 
@@ -143,9 +145,11 @@ async def _every_point(monkeypatch: pytest.MonkeyPatch, phase: str) -> list[str]
         calls, messages = counting.disk.calls, counting.messages
     assert calls >= 3 and messages >= 1, f"{phase} made {calls} storage calls and {messages} records"
     points = [(Death(disk=CrashingDisk(at)), cut) for at in range(1, calls + 1) for cut in (False, True)]
+    points += [(Death(disk=CrashingDisk(at, refuse=errno.ENOSPC)), False) for at in range(1, calls + 1)]
     points += [(Death(message=m), False) for m in range(1, messages + 1)]
     for death, cut in points:
         where = f"{phase}, storage call {death.disk.at}" if death.disk.at else f"{phase}, record {death.message}"
+        where += ", refused (disk full)" if death.disk.refuse else ""
         where += ", then a power cut" if cut else ""
         async with harness.cluster(["bob"], stores=["bob"], heartbeat_s=BEAT_S) as c:
             deaths["bob"] = death
