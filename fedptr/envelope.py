@@ -181,7 +181,7 @@ _RECORD = struct.Struct("<c8sHH")
 """A record's fixed fields: command, request id, the name's length, the count of extra frames."""
 _LEN = struct.Struct("<I")
 _RID = struct.Struct("<Q")
-_RID_PARTS = struct.Struct("<II")
+RID_PARTS = struct.Struct("<II")
 """A request id as a session makes it: its counter and its incarnation."""
 _NOT_INLINED = frozenset({CHUNK, SHM_CHUNK})
 """Commands whose body frames all stay frames of their own (see the module's docstring)."""
@@ -199,8 +199,8 @@ def acked(rid: bytes, count: bytes) -> list[bytes]:
     (n,) = ACKS_COUNT.unpack(count) if len(count) == ACKS_COUNT.size else (0,)
     if not 0 < n <= limits.ACKS_MAX_REPLIES or len(rid) != REQUEST_ID_BYTES:
         raise ProtocolError(f"an ACKS of {n} replies from a request id of {len(rid)} bytes")
-    counter, incarnation = _RID_PARTS.unpack(rid)
-    return [_RID_PARTS.pack((counter + i) & 0xFFFFFFFF, incarnation) for i in range(n)]
+    counter, incarnation = RID_PARTS.unpack(rid)
+    return [RID_PARTS.pack((counter + i) & 0xFFFFFFFF, incarnation) for i in range(n)]
 
 
 def merged(tail: Sequence[Any], message: Sequence[Any]) -> list[Any] | None:
@@ -218,8 +218,8 @@ def merged(tail: Sequence[Any], message: Sequence[Any]) -> list[Any] | None:
     if tail[-1] != body or tail[1] != message[1] or n >= limits.ACKS_MAX_REPLIES or len(message) != ENVELOPE_FRAMES:
         return None
     first = tail[2]
-    counter, incarnation = _RID_PARTS.unpack(first)
-    if message[2] != _RID_PARTS.pack((counter + n) & 0xFFFFFFFF, incarnation):
+    counter, incarnation = RID_PARTS.unpack(first)
+    if message[2] != RID_PARTS.pack((counter + n) & 0xFFFFFFFF, incarnation):
         return None
     return [ACKS, tail[1], first, ACKS_COUNT.pack(n + 1), body]
 

@@ -77,7 +77,11 @@ class UnknownWorkerError(FedptrError):
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"unknown worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"unknown worker {worker!r} (path {' -> '.join(self.path)}): no worker of that name is registered "
+            "with the broker; `await client.workers()` lists those that are (a node registers when it starts, "
+            "`fedptr status` shows which are up)"
+        )
 
 
 class LostWorkerError(FedptrError):
@@ -90,7 +94,11 @@ class LostWorkerError(FedptrError):
     def __init__(self, worker: str, path: list[str] | None = None) -> None:
         self.worker = worker
         self.path = list(path or [worker])
-        super().__init__(f"lost worker {worker!r} (path {' -> '.join(self.path)})")
+        super().__init__(
+            f"lost worker {worker!r} (path {' -> '.join(self.path)}): it went away (its node stopped or lost "
+            "the broker) before answering, so whether the call ran there is unknown; `fedptr status` shows "
+            "whether it is back; a restarted node holds its --data datasets and what its --store kept, nothing else"
+        )
 
 
 class DeadlineExceeded(FedptrError, TimeoutError):
@@ -311,4 +319,9 @@ class DropoutError(FedptrError):
         self.workers = list(workers)
         self.phase = phase
         self.detail = detail
-        super().__init__(f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}")
+        super().__init__(
+            f"secure aggregation failed at {phase} ({', '.join(map(repr, workers))}): {detail}; nothing was "
+            "released: start the owners that dropped again (`fedptr status` shows which are down) or ask "
+            "fewer, then run a new round; an owner that sent its masked input was charged all the same "
+            "(`await fedptr.dp.budget(worker)` shows what it has left)"
+        )

@@ -274,6 +274,14 @@ two at or above each) that the sum and the noise are rounded to before they are 
 nothing of what was added to the noise. 40 bits leave the sum within 2^-40 of its value, far
 below the noise, and keep the sum of noise and bound under float64's 53 bits."""
 
+DP_NOISE_SPAN = 16.0
+"""Standard deviations a mechanism's noise draw can reach, for the range check of a release
+(`nodes/mechanisms.py`, `check_range`): torch's float64 normal draws (Box-Muller on 53-bit
+uniforms) stay within 8.6. A release is refused, from public figures and before any noise is
+drawn, unless its sum's bound plus this many deviations fits its dtype twice over: a sum or a
+noise that overflowed to infinity was no longer the Gaussian mechanism charged for (twenty-second
+red-team round)."""
+
 DP_MIN_GRAD_NORM = 1e-100
 """Smallest DP-SGD clip bound C (`dp.train(max_grad_norm=)`, an L2 norm of a per-sample gradient):
 far above float64's subnormals (below 2.2e-308), where a clipped gradient's rounding error is no

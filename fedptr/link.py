@@ -331,6 +331,46 @@ class Link:
                 return
         self._push(message)
 
+    def reply_each(self, dest: str, rids: Sequence[bytes], msg: wire.Ok) -> None:
+        """`reply(dest, rid, msg)` for each of `rids`, in order: the same records in the same
+        multiparts. Where the ids follow one another the ACKS's count grows at once, without a
+        REPLY built, encoded and merged per id (a node's run of ops answered with one `Ok`)."""
+        count_of, pack = envelope.ACKS_COUNT.unpack, envelope.ACKS_COUNT.pack
+        rid_of = envelope.RID_PARTS.unpack
+        i, n = 0, len(rids)
+        while i < n:
+            self.reply(dest, rids[i], msg)
+            i += 1
+            batch = self._batch
+            if not batch or i == n:
+                continue
+            tail = batch[-1]  # this reply's record (a full batch left: `batch` is empty then)
+            if tail[0] == envelope.ACKS:
+                (held,) = count_of(tail[3])
+            elif len(tail) == envelope.ENVELOPE_FRAMES:
+                held = 1
+            else:  # a reply that no later one merges into (`envelope.merged`)
+                continue
+            counter, incarnation = rid_of(tail[2])
+            room = min(limits.ACKS_MAX_REPLIES - held, limits.BATCH_MAX_MESSAGES - len(batch) - self._acks, n - i)
+            k = 0
+            while (
+                k < room
+                and rid_of(rids[i + k]) == ((counter + held + k) & 0xFFFFFFFF, incarnation)
+                and rids[i + k] != envelope.NO_REPLY  # (the counter wrapped to it): wants no reply
+            ):
+                k += 1
+            if not k:
+                continue
+            batch[-1] = [envelope.ACKS, tail[1], tail[2], pack(held + k), tail[-1]]
+            i += k
+            self.messages_sent += k
+            self._acks += k
+            if len(batch) + self._acks >= limits.BATCH_MAX_MESSAGES:  # full: out now, as in `reply`
+                self._batch = []
+                self._acks = 0
+                self._push_frames(envelope.pack_batch(batch))
+
     async def list_workers(self, timeout: float) -> list[str]:
         """Names of the workers registered with the broker."""
         return await self._query(envelope.LIST, timeout)
@@ -543,7 +583,7 @@ class Link:
         chunk = limits.DIRECT_SHM_FILE_BYTES if whole else limits.STREAM_CHUNK_BYTES
         for part in split(inner, threshold, chunk, first=limits.DIRECT_FIRST_CHUNK_BYTES if fast else 0):
             if self.progress is not None and part[0] == envelope.CHUNK:
-                self.progress.chunk(part, outgoing=True)
+                self.progress.chunk(inner[1], part, outgoing=True)
             # a buffer's first chunk goes through the broker, in order before its message:
             # the receiver then knows to hold the message until the rest is in
             if direct is not None and part[0] == envelope.CHUNK and _offset(part) > 0:
@@ -591,7 +631,7 @@ class Link:
         self.messages_received += 1
         try:
             if self.progress is not None:
-                self.progress.chunk(envelope.unframed(frames), outgoing=False)
+                self.progress.chunk(peer, envelope.unframed(frames), outgoing=False)
             self._handle(self.session.receive_direct(peer, frames, self._loop.time()))
         except ProtocolError as e:
             log.warning("%s dropped a malformed direct message from %r: %s", self.name, peer, e)
@@ -694,8 +734,8 @@ class Link:
             try:
                 if envelope.command_of(frames) == envelope.CHUNK:
                     chunk = envelope.unframed(frames)  # [CHUNK, name, rid, info, data]
-                    if self.progress is not None:
-                        self.progress.chunk(chunk, outgoing=False)  # reads the chunk's info: may be malformed
+                    if self.progress is not None:  # the broker names the source; the info may be malformed
+                        self.progress.chunk(bytes(chunk[1]), chunk, outgoing=False)
                     if self.direct is not None and len(chunk) > 3 and bytes(chunk[3])[:1] == envelope.REPLY:
                         self._want_direct(chunk[1])  # a large reply from that worker: later ones go direct
                 self._handle(self.session.receive(frames, self._loop.time()))

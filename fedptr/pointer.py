@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
@@ -289,6 +290,23 @@ class Pending:
         return f"<Pending: {n} remote update{'' if n == 1 else 's'}, {state}>"
 
 
+def _quiet_for_pending(hook: Callable[[object], object]) -> Callable[[object], None]:
+    """`hook`, the prompt's echo of an expression's value, except for a `Pending`, which it leaves
+    unshown as PySyft's ``opt.step()`` (which returned None) was: typed in a loop at the prompt,
+    Part 4's ``opt.zero_grad()``, ``loss.backward()`` and ``opt.step()`` echoed a handle each,
+    every step (``print`` still shows one; ``await`` waits for it)."""
+
+    def displayhook(value: object) -> None:
+        if not isinstance(value, Pending):
+            hook(value)
+
+    return displayhook
+
+
+if hasattr(sys, "ps1"):  # at an interactive prompt (``python``, ``python -m asyncio``), where echoes show
+    sys.displayhook = _quiet_for_pending(sys.displayhook)
+
+
 def expect_pointer(value: object, expected: str) -> None:
     """Refuse `value`, given where `expected` is, unless it is a Pointer: a coroutine (a
     forgotten ``await``) with NotAwaitedError, anything else with UnsupportedTypeError, instead
@@ -393,7 +411,7 @@ def cpu_only(device: str | torch.device) -> None:
     except RuntimeError as e:  # torch's refusal of a string that names no device
         raise InvalidArgumentError(f"{device!r} is not a device: {e}") from None
     if kind != "cpu":
-        raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}")
+        raise InvalidArgumentError(f"workers compute on the cpu only, not on {device}: leave the device out")
 
 
 def _data_dependent(what: str) -> NoReturn:
@@ -730,7 +748,10 @@ class Pointer(PointerMethods):
     def check_alive(self) -> None:
         """Raise ConsumedPointerError when this pointer's object was handed on."""
         if not self.owned:
-            raise ConsumedPointerError(f"{self!r} was consumed by get, move or send; it points to nothing now")
+            raise ConsumedPointerError(
+                f"{self!r} was consumed by get, move or send; it points to nothing now: use what that call "
+                "returned (the value get gave, the pointer move or send gave)"
+            )
 
     # --- awaited calls -----------------------------------------------------------------
     @awaited

@@ -98,7 +98,9 @@ class Budget:
             raise BudgetExhaustedError(
                 self.owner,
                 f"this release would bring {self.owner!r} to epsilon {after:.3g} of its {self.epsilon:g} "
-                f"(delta {self.delta:g}); {self.left:.3g} left",
+                f"(delta {self.delta:g}); {self.left:.3g} left: spend less (fewer steps, a larger noise_multiplier, "
+                "a smaller sample_rate); a budget is never reset, but a demo cluster file's is deleted by "
+                "`fedptr down NAME --purge`",
             )
         if self._path is not None:
             try:

@@ -43,6 +43,7 @@ from .store import Entry, all_written, without_frames
 log = logging.getLogger("fedptr.node")
 
 if TYPE_CHECKING:
+    from fedptr.link import Link
     from fedptr.session import Incoming
 
     from .node import Node
@@ -74,6 +75,26 @@ class _Run:
     numel: int = 0
     """The elements of its input tensors, counted by `_values`: a single op's operands are its
     inputs, so its offload decision needs no second pass over them."""
+
+
+class _Oks:
+    """The lane's answers not sent yet: the ids of a run's consecutive ops answered with one
+    `Ok`, sent at once (`Link.reply_each`) when another answer is due or the run ends."""
+
+    __slots__ = ("link", "ok", "rids", "source")
+
+    def __init__(self, link: Link, source: str) -> None:
+        self.link = link
+        self.source = source
+        self.ok: wire.Ok | None = None
+        self.rids: list[bytes] = []
+
+    def send(self) -> None:
+        rids = self.rids
+        if rids:
+            self.rids = []
+            assert self.ok is not None  # (set before the first id joins)
+            self.link.reply_each(self.source, rids, self.ok)
 
 
 @dataclass(slots=True, eq=False)
@@ -196,13 +217,15 @@ class Compute:
         running, answered = replies._running, replies._replies  # `ReplyCache.begin`'s tables, read inline
         ordered = node._ordered
         offload = self.config.offload_numel
+        oks = _Oks(node.link, source)
         counted = 0
         for _, rid, decoded in requests:
             # each op on its own, as the link handles each request: a bug met in one is logged,
             # and the ops after it still go
+            result: Entry | None = None
+            key = (source, rid)
             try:
                 msg: wire.Op = decoded.message  # type: ignore[assignment]  # (a run holds only ops: `Link._handle`)
-                key = (source, rid)
                 op = msg.op
                 fn = _LANE.get(op)
                 if (
@@ -216,6 +239,7 @@ class Compute:
                     or msg.sponsor
                     or rid == envelope.NO_REPLY
                 ):
+                    oks.send()  # every answer before this op's leaves before any of its
                     node.handle(source, rid, decoded)
                     continue
                 result_id = msg.result_id
@@ -254,16 +278,40 @@ class Compute:
                         try:
                             store.add(result_id, result)
                         except Exception as e:  # refused (the object quota): as `Node._dispatch` answers it
+                            result = None
+                            oks.send()
                             node.reply_error(source, rid, e)
                             continue
-                        self._lane(source, rid, msg, fn, args, values, result)
+                        self._lane(source, rid, msg, fn, args, values, result, oks)
                         continue
+                oks.send()
                 node.handle(source, rid, decoded)
-            except Exception:
+            except Exception as e:
                 log.exception("failed to handle a request of %r", source)
+                self._unanswered(source, rid, None if result is None else (msg.result_id, result), e, oks)
+        oks.send()
         if counted:
             figures = node.figures.requests
             figures["Op"] = figures.get("Op", 0) + counted
+
+    def _unanswered(
+        self, source: str, rid: bytes, result: tuple[int, Entry] | None, error: Exception, oks: _Oks
+    ) -> None:
+        """After a bug met in `ops`: an op the lane took (registered as running; `result` its id
+        and pending entry) and left unanswered gets a typed failure, and its result fails with
+        it (uncharged), so that neither the caller nor the ops pipelined on it wait for ever."""
+        try:
+            oks.send()
+        except Exception:
+            log.exception("failed to answer a run of %r", source)
+        if result is None or (source, rid) not in self.node.replies._running:
+            return  # not the lane's, or answered (its cache entry is kept before it is sent)
+        err = error if isinstance(error, FedptrError) else _remote(error, self.name)
+        result_id, entry = result
+        if not entry.settled:
+            self.store.uncommit(result_id, entry)
+            entry.fail(err)
+        self.node.reply_error(source, rid, err)
 
     def _lane(
         self,
@@ -274,10 +322,12 @@ class Compute:
         args: list[Any],
         values: dict[int, Any],
         result: Entry,
+        oks: _Oks,
     ) -> None:
         """Compute, store and answer an op on `Compute.ops`' lane: `guard.run`, `Store.commit`
         and `_finish` for a public op of one result on settled tensors, without a write-ahead.
-        Its errors finish on the per-op path, which commits, fails and answers as for any op."""
+        Its `Ok` joins `oks`, sent with the run's others; its errors finish on the per-op path,
+        which commits, fails and answers as for any op (after the `Ok`s before it)."""
         result_id = msg.result_id
         try:
             value = fn(*args)  # `kernels.run`: a flat list of tensors and numbers needs no decoding
@@ -285,19 +335,26 @@ class Compute:
                 (value,) = kernels.results(kernels.checked(msg.op, value), 1)
             value = guard.unshared(value, args, {})
         except Exception as e:
+            oks.send()
             self._finish(self._lane_run(source, rid, msg, result), values, {}, e)
             return
         values[result_id] = value
         try:
             self.store.commit(result_id, result, value)
         except Exception:  # refused (the store's cap, a quota): charged and answered as `_finish` does
+            oks.send()
             self._finish(self._lane_run(source, rid, msg, result), values, {}, None)
             return
         result.settle(value)
         ok = _OKS.get((value.shape, value.dtype)) or _ok((value,))
         node = self.node
-        node.link.reply(source, rid, ok)
+        # kept before it is sent (`Node.reply` sends first): a fault after this line leaves the
+        # op answered, not running (`_unanswered`)
         started = node.replies.finish((source, rid), ok)
+        if ok is not oks.ok:
+            oks.send()
+            oks.ok = ok
+        oks.rids.append(rid)
         if started is not None:  # `NodeFigures.finished` for an Ok, inline
             latencies = node.figures.latencies.by_key
             hist = latencies.get("Op")

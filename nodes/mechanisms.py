@@ -109,9 +109,11 @@ def release_mean(
     if any(v.shape != values[0].shape for v in values):
         raise InvalidArgumentError("contributions must all have the same shape")
     std = max(c.noise_multiplier * c.clip for c in contributions)
+    bound = sum(c.clip for c in contributions)
+    check_range(std, bound, values[0].dtype)
     with torch.no_grad():
         total = torch.stack([v.detach().to(torch.float64) for v in values]).sum(0)
-        noisy = noised(total, std, sum(c.clip for c in contributions), private_generator())
+        noisy = noised(total, std, bound, private_generator())
         return (noisy / len(values)).to(values[0].dtype)
 
 
@@ -132,6 +134,26 @@ def noised(total: torch.Tensor, std: float, bound: float, generator: torch.Gener
     return torch.round(total.to(torch.float64) / grid) * grid + torch.round(noise / grid) * grid
 
 
+def check_range(std: float, bound: float, dtype: torch.dtype) -> None:
+    """Raise InvalidArgumentError unless a release's arithmetic stays finite in `dtype` (and in
+    float64, where `noised` computes): its sum, at most `bound` in magnitude, plus its noise to
+    `limits.DP_NOISE_SPAN` deviations of `std`, twice over (the sum's partial sums and the
+    rounding to `noised`'s grid take a little more). Past that range a sum overflowed to
+    infinity, which is not the sum the noise was sized for: the noise rounded to an infinity
+    too (`math.frexp(inf)` set a grid of 2^-40), and their sum was NaN or kept the sum's sign,
+    a function of the data (twenty-second red-team round). Decided from public figures (the
+    clips, the noise multipliers, the sample count, the dtype) before any noise is drawn, so the
+    refusal tells nothing; a mechanism calls it before its charge (DP-SGD) or its release (M1)."""
+    reach = bound + limits.DP_NOISE_SPAN * std
+    if not 2 * reach <= min(torch.finfo(dtype).max, _LARGEST):  # NaN and infinity fail too
+        raise InvalidArgumentError(
+            f"a release's sum (at most {bound:g}) and noise (std {std:g}) could leave {dtype}'s finite range"
+        )
+
+
+_LARGEST = torch.finfo(torch.float64).max
+"""`noised` computes in float64, whatever the release's dtype."""
+
 _SMALLEST_NORMAL = torch.finfo(torch.float64).tiny
 """A grid finer than this would be subnormal, where a division by it is no longer exact."""
 
@@ -146,6 +168,8 @@ def check_run(config: wire.DPTrain, n: int) -> None:
         raise InvalidArgumentError(f"DP-SGD needs max_grad_norm >= {limits.DP_MIN_GRAD_NORM:g}")
     if config.noise_multiplier <= 0 or n == 0:
         raise InvalidArgumentError("DP-SGD needs noise_multiplier > 0 and some data")
+    # every step's clipped sum is within n C (the grid's bound in `dp_sgd`), its noise sigma C
+    check_range(config.noise_multiplier * config.max_grad_norm, n * config.max_grad_norm, torch.float64)
 
 
 def check_per_sample(model: nn.Module) -> None:

@@ -56,6 +56,7 @@ import hashlib
 import math
 import secrets
 import struct
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -132,6 +133,11 @@ class Config:
         object.__setattr__(self, "min_survivors", max(self.min_survivors, self.quorum))
         if not (self.clip > 0 and self.noise_multiplier >= 0 and math.isfinite(self.clip * self.noise_multiplier)):
             raise InvalidArgumentError("need clip > 0 and a finite noise_multiplier >= 0")
+        # an owner's clipped value plus its noise, and the quantization's reach, stay finite
+        # (mechanisms.check_range's rule: a noise drawn past float64's range was an infinity)
+        reach = len(self.owners) * self.clip + limits.DP_NOISE_SPAN * self.noise_multiplier * self.clip
+        if not 2 * reach <= sys.float_info.max:
+            raise InvalidArgumentError(f"the round's clip {self.clip:g} and noise could leave float64's finite range")
 
     @property
     def digest(self) -> bytes:
@@ -458,7 +464,8 @@ class Aggregator:
     def _need(self, alive: Collection[str], phase: str) -> None:
         if len(alive) < self.config.min_survivors:
             gone = sorted(set(self.config.owners) - set(alive))
-            raise DropoutError(gone, phase, f"{len(alive)} owners left, fewer than {self.config.min_survivors}")
+            left = f"{len(alive)} owner{'' if len(alive) == 1 else 's'} left"
+            raise DropoutError(gone, phase, f"{left}, fewer than {self.config.min_survivors}")
 
     def relay_keys(self, keys: Mapping[str, PublicKeys]) -> dict[str, PublicKeys]:
         """Phase 1 -> 2: the keys each surviving owner (U1) is sent."""

@@ -421,12 +421,15 @@ class _Round:
                 answers[owner] = f.result()  # type: ignore[assignment]
         minimum = self.minimum if minimum is None else minimum
         if len(answers) < minimum:
-            raise self._dropout(phase, f"{len(answers)} owners left, fewer than {minimum}")
+            raise self._dropout(
+                phase, f"{len(answers)} owner{'' if len(answers) == 1 else 's'} left, fewer than {minimum}"
+            )
         return answers
 
     def _dropout(self, phase: str, detail: str) -> DropoutError:
-        reasons = "; ".join(f"{o}: {r}" for o, r in sorted(self.dropped.items()))
-        return DropoutError(sorted(self.dropped), phase, f"{detail} ({reasons})" if reasons else detail)
+        reasons = f" ({'; '.join(f'{o}: {r}' for o, r in sorted(self.dropped.items()))})" if self.dropped else ""
+        # a phase's own error passes here twice (raised by `_phase`, then by `run`): its reasons once
+        return DropoutError(sorted(self.dropped), phase, detail if detail.endswith(reasons) else detail + reasons)
 
     async def run(self, source: str, rid: bytes) -> None:
         msg, node = self.msg, self.node

@@ -226,3 +226,75 @@ def test_an_acks_with_a_count_and_no_body_fails_every_request_it_names_at_once(
     assert all(isinstance(e.error, ProtocolError) and e.result is None for e in settled)
     assert len({id(e.error) for e in settled}) == len(settled)  # an error each
     assert session.in_flight == len(rids) - len(named)
+
+
+def _worker_link() -> linkmod.Link:
+    """A node's link while it drains its socket (the caller swaps `send_frames` and `events`)."""
+    link = linkmod.Link("inproc://none", WORKER, envelope.ROLE_WORKER)
+    link._sock = object()  # type: ignore[assignment]
+    link._batch = []  # as while it drains its socket: replies join the open batch
+    return link
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.lists(
+        st.tuples(st.sampled_from([CLIENT, "client-2"]), st.integers(0, 12), st.sampled_from(OKS)), max_size=6
+    ),
+    counters=st.lists(st.sampled_from([1, 1, 1, 1, 2, 0, -1]), min_size=1, max_size=60),
+    incarnation=st.lists(st.integers(0, 9), min_size=1, max_size=60),
+    ok=st.sampled_from(OKS[1:]),
+    acks_max=st.sampled_from([1, 2, 5, limits.ACKS_MAX_REPLIES]),
+    batch_max=st.sampled_from([2, 7, limits.BATCH_MAX_MESSAGES]),
+    start=st.sampled_from([0, 5, 0xFFFFFFFE]),
+)
+async def test_reply_each_sends_what_a_reply_per_id_sends(
+    before: list[tuple[str, int, wire.Ok]],
+    counters: list[int],
+    incarnation: list[int],
+    ok: wire.Ok,
+    acks_max: int,
+    batch_max: int,
+    start: int,
+) -> None:
+    """Drawn ids (mostly each the one after the last; gaps, repeats, another incarnation, the
+    counter wrapping), after drawn replies already in the batch, with drawn record and batch
+    limits: `reply_each` leaves the same multiparts, the same open batch and the same counts as
+    `reply` called for each id."""
+    rids, counter = [], start
+    for i, step in enumerate(counters):
+        counter = (counter + step) & 0xFFFFFFFF
+        rids.append(envelope.RID_PARTS.pack(counter, 1 if incarnation[i % len(incarnation)] == 0 else 0))
+    worlds = []
+    for each in (True, False):
+        sent: list[list[bytes]] = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(limits, "ACKS_MAX_REPLIES", acks_max)
+            patch.setattr(limits, "BATCH_MAX_MESSAGES", batch_max)
+            keep = sent.append
+            patch.setattr(linkmod, "send_frames", lambda sock, frames, keep=keep: keep([bytes(f) for f in frames]))
+            patch.setattr(linkmod, "events", lambda sock: 0)
+            worlds.append(_replied(sent, before, rids, ok, start, each))
+    assert worlds[0] == worlds[1]
+
+
+def _replied(
+    sent: list[list[bytes]],
+    before: list[tuple[str, int, wire.Ok]],
+    rids: list[bytes],
+    ok: wire.Ok,
+    start: int,
+    each: bool,
+) -> tuple[Any, ...]:
+    """What a node's link sent and holds after the replies `before`, then `rids` answered with
+    `ok` by `reply_each` (`each`) or by `reply` per id."""
+    link = _worker_link()
+    for dest, n, reply in before:
+        link.reply(dest, envelope.RID_PARTS.pack((start + n) & 0xFFFFFFFF, 0), reply)
+    if each:
+        link.reply_each(CLIENT, rids, ok)
+    else:
+        for rid in rids:
+            link.reply(CLIENT, rid, ok)
+    batch = [[bytes(f) for f in record] for record in link._batch or []]
+    return (sent, batch, link._acks, link.messages_sent, link.multiparts_sent)

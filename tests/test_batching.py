@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -140,8 +140,8 @@ _steps = st.one_of(
 def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: list[tuple[bytes, ...]]) -> None:
     """Wrap `link` so that what it pushes and what its session receives (requests and replies:
     (peer, command, rid, header)) is appended to `sent` and `received`, in order."""
-    push, reply, receive = link._push, link.reply, link.session.receive
-    replying = False
+    push, reply, reply_each, receive = link._push, link.reply, link.reply_each, link.session.receive
+    replying = each = False
 
     def pushed(message: list[Any]) -> None:
         if message[0] in (envelope.REQUEST, envelope.REPLY) and not replying:
@@ -151,13 +151,25 @@ def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: lis
     def replied(dest: str, rid: bytes, msg: wire.Message) -> None:
         # recorded here, not as pushed: an op's Ok may join the record before it (an ACKS)
         nonlocal replying
-        if rid != envelope.NO_REPLY:
+        if rid != envelope.NO_REPLY and not each:
             sent.append((dest.encode(), envelope.REPLY, rid, bytes(wire.encode(msg)[0])))
         replying = True
         try:
             reply(dest, rid, msg)
         finally:
             replying = False
+
+    def replied_each(dest: str, rids: Sequence[bytes], msg: wire.Ok) -> None:
+        # a node's run of Oks: recorded per id here (it calls `reply` only for some of them)
+        nonlocal each
+        sent.extend(
+            (dest.encode(), envelope.REPLY, rid, bytes(wire.encode(msg)[0])) for rid in rids if rid != envelope.NO_REPLY
+        )
+        each = True
+        try:
+            reply_each(dest, rids, msg)
+        finally:
+            each = False
 
     def got(frames: Any, now: float) -> list[Any]:
         for env in envelope.parse(frames):
@@ -172,6 +184,7 @@ def _record(link: fedptr.link.Link, sent: list[tuple[bytes, ...]], received: lis
 
     link._push = pushed  # type: ignore[method-assign]
     link.reply = replied  # type: ignore[method-assign]
+    link.reply_each = replied_each  # type: ignore[method-assign]
     link.session.receive = got  # type: ignore[method-assign]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import inspect
 import io
 import itertools
 import json
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +174,14 @@ for round_iter in range(5):
     bobs_opt = fedptr.optim.SGD(params=bobs_model.parameters(), lr=0.1)
     alices_opt = fedptr.optim.SGD(params=alices_model.parameters(), lr=0.1)
     for i in range(5):
-        _ = bobs_opt.zero_grad(), alices_opt.zero_grad()
+        bobs_opt.zero_grad()
+        alices_opt.zero_grad()
         bobs_loss = ((bobs_model(bobs_data) - bobs_target) ** 2).sum()
         alices_loss = ((alices_model(alices_data) - alices_target) ** 2).sum()
-        _ = bobs_loss.backward(), alices_loss.backward(), bobs_opt.step(), alices_opt.step()
+        bobs_loss.backward()
+        alices_loss.backward()
+        bobs_opt.step()
+        alices_opt.step()
     alices_model = await alices_model.move(secure_worker)
     bobs_model = await bobs_model.move(secure_worker)
     with torch.no_grad():
@@ -184,7 +190,7 @@ for round_iter in range(5):
     print(f"round {round_iter}: bob {await bobs_loss.item():.4f}")
 
 bobs_opt.step()
-fedptr.optim.SGD([bobs_model.fc1.bias], lr=0.1).step()
+print(fedptr.optim.SGD([bobs_model.fc1.bias], lr=0.1).step())
 [o.kind for o in (await secure_worker.objects()).values()]
 await secure_worker.objects()
 print("loss", float(((model(data) - target) ** 2).sum()))
@@ -195,14 +201,16 @@ await cluster.stop()
 def test_part4_walks_in_the_asyncio_repl_with_a_class_net_defined_at_the_prompt(tmp_path: Path) -> None:
     """PySyft's Part 4 typed into ``python -m asyncio`` (docs/concepts.md: it runs top-level
     ``await``), its ``class Net`` defined at the prompt, so in ``__main__``: every line runs, the
-    echoes read as what they are (an update's handle; a listed model as a module, which printed
-    as ``tensor(<[] >)`` on main, and "1 remote updates") and the averaged model learnt."""
+    echoes read as what they are (a listed model as a module, which printed as ``tensor(<[] >)``
+    on main), an update's handle echoes nothing (the loop's four calls a step echoed four
+    ``<Pending ...>`` lines on main) but prints as one ("1 remote update", not "updates"), and
+    the averaged model learnt."""
     repl = [sys.executable, "-m", "asyncio"]
     result = subprocess.run(repl, input=PART4_AT_THE_REPL, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "Traceback" not in out, out
     assert re.findall(r"round (\d): bob", out) == ["0", "1", "2", "3", "4"], out
-    assert "<Pending: 1 remote update, " in out, out
+    assert out.count("<Pending") == 1 and "<Pending: 1 remote update, " in out, out  # the print's alone
     assert "['module', 'module', " in out and "tensor(<[] >)" not in out, out  # the models, their .data
     assert re.search(r"\{'[0-9a-f]{6}': <module>, '[0-9a-f]{6}': <module>, ", out), out
     assert float(re.findall(r"loss (\S+)", out)[-1]) < 1.0, out
@@ -245,6 +253,29 @@ def test_status_fits_80_columns_and_shows_budgets_as_left_of_total() -> None:
         assert name in text, text  # nothing wrapped or cut off
     wide = _render(200)
     assert "RSS" in wide and "bytes in/out" in wide and "ε 0.09 / 8" in wide
+
+
+def test_status_keeps_a_workers_name_whole_beside_a_worker_down() -> None:
+    """A worker killed mid-round shows as "down (not registered)": at 80 columns that state
+    took the room and folded ``secure_worker`` to "secure_work" / "er" (main), a name the
+    operator copies into ``fedptr objects part4 secure_worker``. The state wraps at its words."""
+    status = ClusterStatus(
+        "tcp://127.0.0.1:5555",
+        {"routed": 22, "dropped": 0},
+        [],
+        [
+            WorkerStatus("alice", "down", detail="not registered"),
+            WorkerStatus("bob", "up", "owner", {"objects": 2}, {"epsilon_left": 3.27, "epsilon_spent": 4.73}, 235),
+            WorkerStatus("secure_worker", "up", "aggregator", {"objects": 0}, None, 267),
+        ],
+    )
+    for width in (80, 100, 120):
+        console = Console(width=width, record=True, file=io.StringIO())
+        for table in status_cli.tables(status, width):
+            console.print(table)
+        lines = console.export_text().splitlines()
+        assert any(line.startswith("secure_worker ") for line in lines), "\n".join(lines)
+        assert max(len(line.rstrip()) for line in lines) <= width
 
 
 def test_keys_refuses_to_overwrite_a_pair_without_force(tmp_path: Path) -> None:
@@ -423,6 +454,75 @@ async def test_a_release_without_a_budget_or_to_an_untrusted_aggregator_says_how
         x, _ = await c.worker("bob").search("d")
         alice = c.worker("alice")  # no aggregator
         await refused(dp.contribute(x.mean(0), alice), fedptr.PermissionDenied, match="--aggregator --owners bob")
+
+
+WHAT_TO_DO = {
+    "a get of private data": (fedptr.PermissionDenied, r"only DP releases leave: fedptr\.dp\.train then get"),
+    "a move of private data": (fedptr.PermissionDenied, r"compute on it there"),
+    "a contribution to an untrusted worker": (fedptr.PermissionDenied, r"its node's --trust alice"),
+    "a release by an owner without a budget": (fedptr.BudgetExhaustedError, r"start its node with --epsilon E --store"),
+    "a release past the budget": (fedptr.BudgetExhaustedError, r"left: spend less \(fewer steps.*--purge"),
+    "an op mixing workers": (fedptr.LocationMismatchError, r"move one to the other first"),
+    "an op off the allow-list": (fedptr.UnsupportedTypeError, r"get\(\) the value first"),
+    "a forgotten await": (fedptr.NotAwaitedError, r"await it first"),
+    "an if on a pointer": (fedptr.DataDependentError, r"await the pointer or get\(\) its value first"),
+    "a GPU": (fedptr.InvalidArgumentError, r"leave the device out"),
+    "a pointer used after its get": (fedptr.ConsumedPointerError, r"use what that call returned"),
+    "a misspelt worker": (fedptr.UnknownWorkerError, r"`await client\.workers\(\)` lists those that are"),
+}
+"""What each typed error a user meets in Parts 2-4 tells to do, after saying what happened; the
+first-hour table (docs/FROM_PYSYFT.md) has the same rows. A RemoteError is left out: it carries
+the worker's own exception, torch's text as torch would raise it on the user's machine."""
+
+
+async def test_every_typed_error_of_parts_2_to_4_says_what_happened_and_what_to_do() -> None:
+    """Each error as raised, on the real broker and nodes: its message says what happened and
+    what to do. A release past the budget said only how much was left (main), a GPU only "not on
+    cuda", a consumed pointer and a misspelt worker nothing to do."""
+    configs = {
+        "bob": NodeConfig(trust=["secure_worker"], epsilon=0.3),
+        "carol": NodeConfig(trust=["secure_worker"]),
+        "secure_worker": NodeConfig(aggregator=True, owners=["bob", "carol"]),
+    }
+    data = {"bob": PRIVATE["bob"], "carol": PRIVATE["bob"]}
+    said: dict[str, BaseException] = {}
+    async with harness.cluster(
+        ["bob", "alice", "carol", "secure_worker"], data=data, configs=configs, stores=["bob"]
+    ) as c:
+        bob, alice, carol, aggregator = (c.worker(n) for n in ("bob", "alice", "carol", "secure_worker"))
+        x, _ = await bob.search("d")
+        cx, _ = await carol.search("d")
+        a, b = await bob.send(torch.ones(3)), await alice.send(torch.ones(3))
+        used = await bob.send(torch.ones(2))
+        await used.get()
+        attempts: dict[str, Callable[[], Any]] = {
+            "a get of private data": lambda: x.get(),
+            "a move of private data": lambda: x.move(alice),
+            "a contribution to an untrusted worker": lambda: dp.contribute(x.mean(0), alice),
+            "a release by an owner without a budget": lambda: dp.contribute(cx.mean(0), aggregator),
+            "a release past the budget": lambda: dp.contribute(x.mean(0), aggregator),
+            "an op mixing workers": lambda: a + b,
+            "an op off the allow-list": lambda: torch.linalg.det(a),
+            "a forgotten await": lambda: a.get() + 1,
+            "an if on a pointer": lambda: bool(a),
+            "a GPU": lambda: a.to("cuda"),
+            "a pointer used after its get": lambda: used + 1,
+            "a misspelt worker": lambda: c.client.worker("bobb").send(torch.ones(1)),
+        }
+        for what, attempt in attempts.items():
+            try:
+                result = attempt()
+                if inspect.isawaitable(result):
+                    await result
+            except fedptr.FedptrError as e:
+                said[what] = e
+    assert sorted(said) == sorted(WHAT_TO_DO)  # every attempt was refused
+    wrong = {
+        what: f"{type(e).__name__}: {e}"
+        for what, e in said.items()
+        if not (isinstance(e, WHAT_TO_DO[what][0]) and re.search(WHAT_TO_DO[what][1], str(e)))
+    }
+    assert wrong == {}
 
 
 async def test_what_a_pointer_cannot_do_locally_says_to_get_the_value_first() -> None:

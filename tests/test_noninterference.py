@@ -47,6 +47,11 @@ backward by either client and a gradient's get by either (`_grant_follow_up`); p
 chains of ops sent before any is answered (`chain`), whose `Ok`s a node merges into one record
 (`envelope.ACKS`); and every `Ok` a client receives is compared, an ACKS's replies each apart
 (`_replies_received`).
+
+Since the twenty-second round programs draw bursts (`burst`): a public tensor sent, then ops
+on any of the burst's pointers and partners (public or private, failing or not, aliases among
+them) with drops between them, all sent in one turn, which a node takes as one run of ops: the
+public ones on its lane (`Compute.ops`), the rest through `Node.handle`.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from fedptr.nodes import guard
+from fedptr.nodes import compute, guard
 from fedptr.nodes.audit import AuditLog
 from fedptr.nodes.budget import Budget
 from fedptr.nodes.node import NodeConfig
@@ -383,6 +388,17 @@ CHAINED = ("add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "relu", "add
 node's link merges their replies into one record (`envelope.ACKS`) when they are answered in one
 turn; on bob's x or labels, or not."""
 _link = st.tuples(st.sampled_from(CHAINED), _partner)
+_burst_partner = st.one_of(_index, _index, _index, st.just(SECRET), st.just(LABELS))
+_burst_step = st.one_of(
+    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _burst_partner),
+    st.tuples(st.sampled_from(sorted(ROWS)), st.integers(0, 7), _burst_partner),
+    st.tuples(st.just("drop"), st.integers(0, 7)),
+)
+"""A step of a `burst`: an op on one of the burst's pointers (the one it started from, a public
+tensor sent for it, or a result of an earlier step) and a partner of its worker (the client's
+sends, what was computed there, bob's x or labels: public more often than `_partner`, so that
+the node's lane takes runs), or the drop of a pointer held before the burst (its Delete leaves
+in the same turn, between the ops)."""
 _added = st.one_of(
     st.tuples(
         st.just("raw_arg"),
@@ -398,6 +414,7 @@ _added = st.one_of(
     st.tuples(st.just("budget"), st.sampled_from(WORKERS)),
     st.tuples(st.just("contribute"), _index),
     st.tuples(st.just("chain"), _index, st.lists(_link, min_size=2, max_size=6)),
+    st.tuples(st.just("burst"), _index, st.lists(_burst_step, min_size=2, max_size=8)),
     st.tuples(
         st.just("pipelined"),
         _index,
@@ -414,6 +431,9 @@ an alias of an object made, then a get or a move of the object sent, then, befor
 answered, an in-place op through the alias (bob's x a likely partner): what the get or the move
 carried must be what was checked when it was handled. And (twenty-first round) `chain`: ops each
 on the one before (`CHAINED`), all sent before any is answered, whose replies a node merges.
+And (twenty-second round) `burst`: any ops on any of the burst's pointers and partners, private
+or public, failing or not, with drops between them, all sent in one turn: a node takes them as
+one run of ops (`Compute.ops`), the public ones on its lane, the rest through `Node.handle`.
 """
 GRANTED = ("later", "get", "grad", "backward", "add_", "granter_backward", "grantee_backward")
 """What follows a grant (`grant`) at once: nothing (``later``: the program's later steps, as
@@ -463,7 +483,7 @@ SECOND = (
     "b_backward",
     "b_grad",
 )
-ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", "chain", *SECOND)
+ADDED = ("raw_arg", "typed_send", "big", "delete", "budget", "contribute", "pipelined", "chain", "burst", *SECOND)
 _looks = st.one_of(
     st.tuples(st.just("get"), _index),
     st.tuples(st.just("get_model"), _index),
@@ -1147,6 +1167,8 @@ async def _added_step(w: World, kind: str, *args: Any) -> bool:
         return await _pipelined(w, p, *args[1:])
     if kind == "chain":
         return await _chain(w, p, args[1])
+    if kind == "burst":
+        return await _burst(w, p, args[1])
     if kind == "delete":  # the client drops its only pointer: the node deletes the object
         if p is w.tensors[0] or p is w.tensors[1]:
             return False  # the secret's pointers stay: steps' `SECRET` and `LABELS` partners
@@ -1201,6 +1223,43 @@ async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> b
         succeeded = succeeded and out is not None
         if out is not None and all(out is not t for t in w.tensors):
             w.tensors.append(out)
+    return succeeded
+
+
+async def _burst(w: World, p: fedptr.Pointer, steps: list[tuple[Any, ...]]) -> bool:
+    """`burst`: `steps` sent in one turn, none awaited (a drop's Delete among them; the client
+    sends the first op at once, the rest together), then each op
+    observed and its results kept. Whether every op succeeded. A public tensor is sent to `p`'s
+    worker first: the burst's ops on it alone are public."""
+    fresh = await w.observe("burst send", lambda: w.cluster.client.worker(p.location).send(_normal(len(steps))))
+    held = [p] if fresh is None else [p, fresh]
+    w.keep(fresh)
+    sent: list[tuple[str, Any]] = []
+    for step in steps:
+        if step[0] == "drop":
+            q = w.pick(step[1])
+            if q is None or q is w.tensors[0] or q is w.tensors[1] or any(q is h for h in held):
+                continue  # the secret's pointers stay, and so do the burst's own (its ops hold them)
+            w.tensors = [t for t in w.tensors if t is not q]
+            w.seen.append(("burst drop", _local(q)))
+            del q  # its last reference: the Delete is sent now, in this turn
+            continue
+        name, at, other = step
+        a = held[-1 - at % len(held)]
+        try:
+            out = ROWS[name](a, w.partner(a, other))
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
+            w.seen.append((f"burst {name}", "local error", type(e).__name__))
+            continue
+        sent.append((name, out))
+        held.extend(part for part in (out if isinstance(out, tuple) else (out,)) if isinstance(part, fedptr.Pointer))
+    succeeded = len(sent) == sum(step[0] != "drop" for step in steps)
+    for name, out in sent:
+        result = await w.observe(f"burst {name}", lambda out=out: out)
+        succeeded = succeeded and result is not None
+        for part in result if isinstance(result, tuple) else (result,):
+            if isinstance(part, fedptr.Pointer) and all(part is not t for t in w.tensors):
+                w.tensors.append(part)  # (an in-place op's result is its target, held already)
     return succeeded
 
 
@@ -1530,18 +1589,23 @@ ADDED_PROGRAM = [
     ("grant_model", "linear", 0),  # a model sent to bob, its forward on the newest pointer there
     ("send", "bob", 3),
     ("chain", 0, [("mul", SECRET), ("add", 0), ("neg", 0)]),  # bob's x times the send, plus it, negated
+    ("send", "bob", 2),
+    # the send plus itself (its own run: a client sends its first request at once), times the send
+    # before, minus that, a drop, bob's x taken from the sum, negated
+    ("burst", 0, [("add", 0, 0), ("mul", 0, 1), ("sub", 0, 1), ("drop", 3), ("sub", 2, SECRET), ("neg", 0, 0)]),
 ]
 """A program of every `ADDED` action, each meant to succeed once (`test_each_added_action_is_drawn_and_runs`)."""
 
 
 def test_each_added_action_is_drawn_and_runs() -> None:
-    """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 600
+    """Each action the eleventh and seventeenth rounds added is drawn by `programs` (in 900
     programs: one in eight has the second client's own mix of steps), and runs to success in a release world
     (`EXECUTED`) with labels out of range and a NaN in one world: an action the property never
-    reaches, or that always fails, guarantees nothing."""
+    reaches, or that always fails, guarantees nothing. A `burst`'s public ops reach a node's
+    lane as one run: a run of several ops has several taken on the lane (`Compute._lane`)."""
     drawn: set[str] = set()
 
-    @settings(max_examples=600, database=None, derandomize=True)
+    @settings(max_examples=900, database=None, derandomize=True)
     @given(program=programs)
     def draw(program: list[tuple[Any, ...]]) -> None:
         drawn.update(step[0] for step in program)
@@ -1550,8 +1614,26 @@ def test_each_added_action_is_drawn_and_runs() -> None:
     assert set(ADDED) <= drawn, set(ADDED) - drawn
     before = EXECUTED.copy()
     variation = Variation(labels=(-1, 0, 3, 2), special=(5, float("nan"), False))
-    _compare(ADDED_PROGRAM, [0.5] * 12, 1.0, True, variation)
+    laned: list[int] = []  # per run of several ops, how many its node took on the lane
+    ops, lane = compute.Compute.ops, compute.Compute._lane
+
+    def counted_ops(self: compute.Compute, source: str, requests: Any) -> None:
+        laned.append(0)
+        ops(self, source, requests)
+        if len(requests) < 2:
+            laned.pop()
+
+    def counted_lane(self: compute.Compute, *args: Any) -> None:
+        laned[-1] += 1
+        lane(self, *args)
+
+    with (
+        mock.patch.object(compute.Compute, "ops", counted_ops),
+        mock.patch.object(compute.Compute, "_lane", counted_lane),
+    ):
+        _compare(ADDED_PROGRAM, [0.5] * 12, 1.0, True, variation)
     assert all(EXECUTED[f"{kind} ok"] > before[f"{kind} ok"] for kind in ADDED), EXECUTED - before
+    assert max(laned, default=0) >= 2, laned
 
 
 def _first_difference(a: Any, b: Any) -> str:

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from fedptr import envelope, limits, wire
 from fedptr import link as linkmod
+from fedptr.errors import RemoteError
 
 CLIENT, OTHER = "client", "other"
 PUBLIC4, PUBLIC3, PRIVATE, OTHERS, MISSING = 11, 12, 13, 14, 15
@@ -203,3 +204,40 @@ async def test_a_batch_of_requests_is_handled_as_one_request_per_batch(
     (replies, state), (alone_replies, alone_state) = worlds
     assert replies == alone_replies
     assert state == alone_state
+
+
+async def test_a_fault_in_the_lane_fails_its_op_and_the_ops_after_it_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug met on the lane after it registered an op as running (injected: the result's
+    `settle` raises) answers that op with a typed failure, not never; its result fails (uncharged),
+    so the op pipelined on it fails too, and the run's later ops still go."""
+    sent: list[list[bytes]] = []
+    with recorded(sent):
+        node = _node(1000, 0, limits.OFFLOAD_NUMEL)
+        settle, calls = Entry.settle, []
+
+        def faulty(entry: Entry, value: Any) -> None:
+            calls.append(entry)
+            if len(calls) == 2:
+                raise RuntimeError("injected")
+            settle(entry, value)
+
+        monkeypatch.setattr(Entry, "settle", faulty)
+        chain = [(100, PUBLIC4), (101, 100), (102, 101), (103, PUBLIC4)]
+        messages = [
+            envelope.message(
+                envelope.REQUEST,
+                CLIENT.encode(),
+                envelope.request_id_bytes(i + 1),
+                wire.encode(wire.Op(result, "add", [wire.Ref(operand), wire.Ref(PUBLIC4)], {})),
+            )
+            for i, (result, operand) in enumerate(chain)
+        ]
+        await _served(node, [envelope.pack_batch(messages)])
+        kinds = [type(wire.decode(body).message).__name__ for _, body in _replies(sent)[CLIENT]]
+        assert kinds == ["Ok", "Failure", "Failure", "Ok"]
+        entries = node.store.entries
+        assert isinstance(entries[101].error, RemoteError) and "injected" in str(entries[101].error)
+        assert entries[101].charged == 0 and entries[102].error is not None
+        assert torch.equal(entries[103].value, torch.arange(4.0) * 2)
+        assert not node.replies.running
+        await node.aclose()

@@ -371,6 +371,9 @@ async def test_too_many_dropouts_fail_with_the_owners_named(owners: tuple[fedptr
     with pytest.raises(fedptr.DropoutError) as info:
         await c.client.call("agg", wire.SecureMean(c.client.new_id(), round_id, three, [5], 0))
     assert info.value.workers == ["o2", "o4"] and info.value.phase == "advertise"
+    said = str(info.value)  # what happened, once per owner, and what to do (main said only the first)
+    assert "1 owner left" in said and said.count("o2: advertise") == said.count("o4: advertise") == 1, said
+    assert "start the owners that dropped again" in said and "fedptr.dp.budget" in said, said
 
 
 @MODULE_LOOP

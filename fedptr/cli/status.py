@@ -135,9 +135,11 @@ def tables(status: ClusterStatus, width: int = limits.STATUS_WIDE_COLUMNS) -> li
     columns wide (below `limits.STATUS_WIDE_COLUMNS`, without memory and traffic)."""
     wide = width >= limits.STATUS_WIDE_COLUMNS
     workers = _table(f"workers at {status.address}")
-    # names may fold onto a second line on a narrow terminal; figures never do
+    # a name is what an operator copies (`fedptr objects CLUSTER NAME`): a state such as "down
+    # (not registered)" wraps at its words first; a name folds only on a terminal too narrow
+    # for it whole; figures never do
     workers.add_column("worker", overflow="fold")
-    workers.add_column("state", no_wrap=True)
+    workers.add_column("state")
     workers.add_column("role", overflow="fold")
     for column in ("heartbeat", "objects"):
         workers.add_column(column, justify="right", no_wrap=True)
