@@ -727,6 +727,10 @@ class Compute:
             value = values[key]  # the input tensor the run read (its entry's value)
             if value._version != before:
                 durable.append(self.store.persist(key if run.ids is None else run.ids[key], run.inputs[key], value))
+        if self.store.wal is not None:  # a model among the inputs that the run changed (its mode, buffers) too
+            for key, entry in run.inputs.items():
+                if key not in versions:
+                    durable.append(self.store.persist_changed(key if run.ids is None else run.ids[key], entry))
         if error is not None:
             err = error if isinstance(error, FedptrError) else _remote(error, self.name)
             for _, _, result in run.outputs:

@@ -1,18 +1,25 @@
 """A node's objects on disk (``--store DIR``): raw tensor files plus a msgpack record each.
 
 For object 42: ``42.rec`` holds the msgpack record ``[kind, dtype, shape, location, remote_id,
-owner, sponsor, privacy, nbytes]`` and, right after it, a tensor's ``nbytes`` raw bytes (the
-sponsor is the client that granted the object to its owner). Record and data are one file, so
-one rename replaces both: a rewrite that changes the shape (``x.data = y``) or the privacy (an
-in-place op on private data) can never land half, new data under the old record (a store that
-would not load, or data derived from private data under a public record). Records of older
-releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load, and a
-rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
-that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``, ``[dest, new_id]``: the
-hand-over is in doubt until that is resolved (nodes/handover.py). Each file is written to a
-temporary name, fsynced and renamed into place; `sync` fsyncs the directory once for a whole
-batch of writes and unlinks (and once more inside the removal of an object with a second file,
-whose record's unlink must be durable before that file goes: `remove`).
+owner, sponsor, privacy, nbytes, extra]`` and, right after it, a tensor's ``nbytes`` raw bytes (the
+sponsor is the client that granted the object to its owner). A model's (kind ``"module"``) data is
+its description, msgpack of ``{"spec", "params": [[dtype, shape, nbytes]...], "training", "grad"}``
+(`extra` bytes long: the allow-listed spec of fedptr/modules.py, its parameters' and buffers'
+layout in state_dict order, each submodule's training mode and each parameter's requires_grad),
+then those parameters' and buffers' raw bytes; it is rebuilt with `modules.from_wire`, as a model
+sent over the wire is. A tensor that is a model's parameter or buffer (the result of
+``parameter``/``state``) has `extra` ``[model_id, name]``: a restart makes it that very tensor of
+the restored model again (its own bytes are used only if the model is gone). Record and data are
+one file, so one rename replaces both: a rewrite that changes the shape (``x.data = y``) or the
+privacy (an in-place op on private data) can never land half, new data under the old record (a
+store that would not load, or data derived from private data under a public record). Records of
+older releases have no sponsor, privacy or ``nbytes``, their data in ``42.bin``; they still load,
+and a rewrite replaces them (``42.bin`` is removed once the new record's rename is durable). A move
+that has sent the object on but not yet heard that the destination holds it leaves ``42.mov``,
+``[dest, new_id]``: the hand-over is in doubt until that is resolved (nodes/handover.py). Each file
+is written to a temporary name, fsynced and renamed into place; `sync` fsyncs the directory once
+for a whole batch of writes and unlinks (and once more inside the removal of an object with a
+second file, whose record's unlink must be durable before that file goes: `remove`).
 
 These calls block: the node makes them only on its write-ahead thread (nodes/writeahead.py).
 Nothing is ever unpickled: loading validates dtype and size as the wire does.
@@ -37,7 +44,9 @@ from typing import Any
 
 import msgpack
 import torch
+from torch import nn
 
+from fedptr import limits, modules
 from fedptr.errors import DamagedStoreError, ProtocolError
 from fedptr.tensors import from_raw
 from fedptr.wire import RawTensor
@@ -47,16 +56,18 @@ log = logging.getLogger("fedptr.node.durable")
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """One object as the disk holds it: a tensor, or a pointer's ``(location, remote_id)``;
-    `moving` is the ``(dest, new_id)`` of a move in doubt, if any."""
+    """One object as the disk holds it: a tensor, a model, or a pointer's ``(location,
+    remote_id)``; `moving` is the ``(dest, new_id)`` of a move in doubt, if any."""
 
-    value: torch.Tensor | tuple[str, int]
+    value: torch.Tensor | nn.Module | tuple[str, int]
     owner: str
     sponsor: str = ""
     moving: tuple[str, int] | None = None
     privacy: dict[str, Any] | None = None
     """A tensor's ``{"origins": {owner: [trusted...]}, "readonly": owner, "released": kind}``;
     None for a record written without one, which the store restores as private (fail closed)."""
+    alias: tuple[int, str] | None = None
+    """A tensor that is the parameter or buffer `name` of model `model_id`: ``(model_id, name)``."""
 
 
 DATA_KEY_FILE = "data-ids.key"
@@ -137,10 +148,24 @@ class DurableStore:
         owner: str,
         sponsor: str,
         privacy: dict[str, Any],
+        alias: tuple[int, str] | None = None,
     ) -> None:
-        """Write a tensor's record and data as one file (fsynced; the directory needs `sync`)."""
+        """Write a tensor's record and data as one file (fsynced; the directory needs `sync`);
+        `alias`: it is that model's parameter or buffer."""
         record = ["tensor", dtype, shape, "", 0, owner, sponsor, privacy, memoryview(data).nbytes]
+        if alias is not None:
+            record.append(list(alias))
         write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), data)
+        self._drop_older_data(obj_id)
+
+    def write_module(
+        self, obj_id: int, meta: bytes, data: list[memoryview], owner: str, sponsor: str, privacy: dict[str, Any]
+    ) -> None:
+        """Write a model's record, description (`meta`) and parameters' bytes (`data`) as one file
+        (fsynced; the directory needs `sync`)."""
+        nbytes = len(meta) + sum(d.nbytes for d in data)
+        record = ["module", "", [], "", 0, owner, sponsor, privacy, nbytes, len(meta)]
+        write_atomic(self.dir / f"{obj_id}.rec", msgpack.packb(record), meta, *data)
         self._drop_older_data(obj_id)
 
     def write_pointer(self, obj_id: int, location: str, remote_id: int, owner: str, sponsor: str = "") -> None:
@@ -241,7 +266,8 @@ class DurableStore:
         kind, dtype, shape, location, remote_id, owner = record[:6]
         sponsor = str(record[6]) if len(record) > 6 else ""
         privacy = record[7] if len(record) > 7 and type(record[7]) is dict else None
-        value: torch.Tensor | tuple[str, int]
+        value: torch.Tensor | nn.Module | tuple[str, int]
+        alias = None
         if kind == "pointer":
             value = (str(location), int(remote_id))
         elif kind == "tensor":
@@ -250,9 +276,16 @@ class DurableStore:
             elif len(inline) != record[8]:
                 raise ValueError(f"the record says {record[8]} bytes of data, the file holds {len(inline)}")
             value = from_raw(RawTensor(str(dtype), tuple(shape), memoryview(inline))).clone()
+            if len(record) > 9:
+                model_id, name = record[9]
+                alias = (int(model_id), str(name))
+        elif kind == "module":
+            if len(inline) != record[8]:
+                raise ValueError(f"the record says {record[8]} bytes of data, the file holds {len(inline)}")
+            value = _module(memoryview(inline), int(record[9]))
         else:
             raise ValueError(f"unknown kind {kind!r}")
-        return Stored(value, str(owner), sponsor, self._moving(obj_id), privacy)
+        return Stored(value, str(owner), sponsor, self._moving(obj_id), privacy, alias)
 
     def _moving(self, obj_id: int) -> tuple[str, int] | None:
         path = self.dir / f"{obj_id}.mov"
@@ -260,6 +293,55 @@ class DurableStore:
             return None
         dest, new_id = msgpack.unpackb(path.read_bytes(), max_array_len=4)
         return str(dest), int(new_id)
+
+
+def module_meta(model: nn.Module, spec: dict[str, Any], data: list[memoryview], dtypes: list[str]) -> bytes:
+    """The description `write_module` stores before a model's bytes: its `spec`, the layout of its
+    parameters and buffers (their `data`, of `dtypes`), training modes and requires_grad flags."""
+    state = model.state_dict(keep_vars=True).values()
+    packed: bytes = msgpack.packb(
+        {
+            "spec": spec,
+            "params": [[d, list(t.shape), b.nbytes] for d, t, b in zip(dtypes, state, data, strict=True)],
+            "training": [m.training for m in model.modules()],
+            "grad": [t.requires_grad for t in state],
+        }
+    )
+    return packed
+
+
+def _module(data: memoryview, meta_bytes: int) -> nn.Module:
+    """The model a record's data describes (`module_meta`, then its bytes), built from the
+    allow-list and checked as a model received over the wire is (never unpickled)."""
+    meta = msgpack.unpackb(
+        data[:meta_bytes],
+        raw=False,
+        max_str_len=limits.MAX_STR_BYTES,
+        max_bin_len=0,
+        max_array_len=limits.MAX_CONTAINER_LEN,
+        max_map_len=limits.MAX_CONTAINER_LEN,
+    )
+    params = []
+    offset = meta_bytes
+    for dtype, shape, nbytes in meta["params"]:
+        params.append(RawTensor(str(dtype), tuple(shape), data[offset : offset + int(nbytes)]))
+        offset += int(nbytes)
+    if offset != len(data):
+        raise ValueError(
+            f"the model's parameters take {offset - meta_bytes} bytes, the file holds {len(data) - meta_bytes}"
+        )
+    model = modules.from_wire(meta["spec"], list(params))
+    state = list(model.state_dict(keep_vars=True).values())
+    flags, training = meta["grad"], meta["training"]
+    submodules = list(model.modules())
+    if len(flags) != len(state) or len(training) != len(submodules):
+        raise ValueError("the model's flags do not match its layers")
+    for t, grad in zip(state, flags, strict=True):
+        if t.is_floating_point() or t.is_complex():
+            t.requires_grad_(bool(grad))
+    for m, mode in zip(submodules, training, strict=True):
+        m.training = bool(mode)
+    return model
 
 
 _MAX_RECORD_BYTES = 1 << 16

@@ -290,6 +290,17 @@ class Store:
         while the storage lives, which the weak reference tells (an address is reused)."""
         self._gone: deque[int] = deque()
         """Those of `_storages` freed since `release_graphs` last forgot them."""
+        self._models: dict[int, tuple[int, Entry]] = {}
+        """The models written to the durable store, ``(obj_id, entry)`` by the id of their `Taint`
+        object, which the entries of their parameters and buffers (and views of them) share:
+        how a write through such an alias finds the model it changed."""
+        self._marks: dict[int, tuple[Any, ...]] = {}
+        """By model id, what the model's state (`_mark`) was when it was last written."""
+        self._dirty: dict[int, tuple[Entry, asyncio.Future[None]]] = {}
+        """The models to write at the end of this loop turn (`persist_changed`), by id, with the
+        future their write settles."""
+        self._aliases: dict[int, set[int]] = {}
+        """By model id, the objects whose records name one of its parameters or buffers (`persist`)."""
         self._grads: deque[tuple[Account | None, torch.UntypedStorage]] = deque()
         """Gradients a backward accumulated into a shared leaf (on any thread), each with the
         leaf's account: charged on the loop's (`release_graphs`), also once its entry is gone
@@ -304,18 +315,32 @@ class Store:
         if self.durable is None:
             return []
         moving = []
-        for obj_id, stored in self.durable.load().items():
-            if isinstance(stored.value, tuple):
-                entry = Entry.pointer(stored.value[0], stored.value[1], settled=True, owner=stored.owner)
+        loaded = self.durable.load()
+        # models first: a parameter's or buffer's entry becomes that tensor of its restored model
+        # again (sharing its taint, as the `parameter`/`state` op that made it did)
+        for obj_id, stored in sorted(loaded.items(), key=lambda item: not isinstance(item[1].value, nn.Module)):
+            value = stored.value
+            if isinstance(value, tuple):
+                entry = Entry.pointer(value[0], value[1], settled=True, owner=stored.owner)
             else:
-                entry = Entry.tensor(stored.value, stored.owner)
-                _restore_privacy(entry, stored.privacy)
+                model = self._model_for(stored.alias, value)
+                if model is not None:
+                    value, taint = model
+                    entry = Entry.tensor(value, stored.owner, taint)
+                    assert stored.alias is not None  # (what `_model_for` found it by)
+                    self._aliases.setdefault(stored.alias[0], set()).add(obj_id)
+                else:
+                    entry = Entry.tensor(value, stored.owner)
+                    _restore_privacy(entry, stored.privacy)
             entry.sponsor = stored.sponsor
             self._count(entry)
-            if isinstance(stored.value, torch.Tensor) and stored.value.requires_grad:
-                self._share_value(entry, stored.value, check=False)
-            elif not isinstance(stored.value, tuple):
-                entry.charged += self._charge(entry.account, _nbytes(stored.value), restoring=True)
+            if isinstance(value, nn.Module | torch.Tensor) and _tracks(value):
+                self._share_value(entry, value, check=False)
+            elif isinstance(value, torch.Tensor):
+                entry.charged += self._charge(entry.account, _nbytes(value), restoring=True)
+            if isinstance(value, nn.Module):
+                self._models[id(entry.taint)] = (obj_id, entry)
+                self._marks[obj_id] = _mark(value)
             if obj_id in self.pinned:
                 self._rekey_data(obj_id)
             if stored.moving is None:
@@ -324,6 +349,22 @@ class Store:
                 self.taken[obj_id] = entry
                 moving.append((obj_id, entry, *stored.moving))
         return moving
+
+    def _model_for(
+        self, alias: tuple[int, str] | None, value: torch.Tensor | nn.Module
+    ) -> tuple[torch.Tensor, Taint] | None:
+        """The tensor of a restored model that a restored `alias` names, with the model's taint;
+        None when there is no such model (deleted: the alias's own bytes are its value) or it
+        does not fit the record."""
+        if alias is None or not isinstance(value, torch.Tensor):
+            return None
+        found = self.entries.get(alias[0]) or self.taken.get(alias[0])
+        if found is None or not isinstance(found.value, nn.Module):
+            return None
+        tensor = found.value.state_dict(keep_vars=True).get(alias[1])
+        if tensor is None or tensor.shape != value.shape or tensor.dtype != value.dtype:
+            return None
+        return tensor, found.taint
 
     def add(self, obj_id: int, entry: Entry) -> None:
         """Store `entry`; raises InvalidArgumentError when the id is taken."""
@@ -512,10 +553,80 @@ class Store:
             return None
         if entry.location is not None:
             return self.wal.save_pointer(obj_id, entry.location, entry.remote_id, entry.owner, entry.sponsor)
+        privacy = {"origins": to_wire(entry.taint.origins), "readonly": entry.readonly, "released": entry.released}
         if isinstance(value, torch.Tensor):
-            privacy = {"origins": to_wire(entry.taint.origins), "readonly": entry.readonly, "released": entry.released}
-            return self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor, privacy)
-        return None  # models live in memory only (see the README's limitations)
+            model = self._model_of(entry)
+            if model is None:
+                return self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor, privacy)
+            # a model's parameter or buffer, or a view of one: what changed it changed the model
+            model_id, model_entry = model
+            state = model_entry.value.state_dict(keep_vars=True)
+            name = next((n for n, t in state.items() if t is value), None)
+            alias = None
+            if name is not None:
+                alias = (model_id, name)
+                self._aliases.setdefault(model_id, set()).add(obj_id)
+            written = self.wal.save_tensor(obj_id, value, entry.owner, entry.sponsor, privacy, alias)
+            return all_written([written, self.persist_changed(model_id, model_entry)])
+        if not isinstance(value, nn.Module):
+            return None
+        self._models[id(entry.taint)] = (obj_id, entry)
+        self._marks[obj_id] = _mark(value)
+        return self.wal.save_module(obj_id, value, entry.owner, entry.sponsor, privacy)
+
+    def persist_changed(self, obj_id: int, entry: Entry) -> asyncio.Future[None] | None:
+        """Have model `entry` written if its state changed since it was last written (a parameter
+        or buffer updated in place, its training mode, a requires_grad flag): once, at the end of
+        this loop turn, for all the changes the turn made to it (an ``opt.step()`` updates each
+        parameter in an op of its own: one snapshot of the model, not one per parameter). Returns
+        the future of that write, or None when there is nothing to wait for."""
+        if self.wal is None or not isinstance(entry.value, nn.Module) or not self._holds(obj_id, entry):
+            return None
+        dirty = self._dirty.get(obj_id)
+        if dirty is not None and dirty[0] is entry:
+            return dirty[1]
+        if self._marks.get(obj_id) == _mark(entry.value):
+            return None
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._write_dirty)
+        self._dirty[obj_id] = (entry, written)
+        return written
+
+    def _write_dirty(self) -> None:
+        """Write the models this loop turn changed (`persist_changed`), each settling its future
+        once durable (or with the error of its write)."""
+        dirty, self._dirty = self._dirty, {}
+        for obj_id, (entry, written) in dirty.items():
+            try:
+                durable = self.persist(obj_id, entry, entry.value)
+            except Exception as e:  # (nothing is acknowledged on it)
+                written.set_exception(e)
+                continue
+            if durable is None:  # deleted meanwhile: nothing left to write
+                written.set_result(None)
+            else:
+                durable.add_done_callback(functools.partial(_relay, written))
+
+    def _model_of(self, entry: Entry) -> tuple[int, Entry] | None:
+        """The stored model whose parameter or buffer (or a view of one) `entry` holds, if any."""
+        found = self._models.get(id(entry.taint)) if self._models else None
+        if found is None or found[1] is entry or found[1].taint is not entry.taint or not self._holds(*found):
+            return None
+        return found
+
+    def _forget_model(self, obj_id: int, entry: Entry) -> None:
+        """Model `entry` leaves the store (deleted, moved away): the entries of its parameters and
+        buffers still held here are written anew as plain tensors, their records' bytes then
+        current (a restart can no longer take them from the model)."""
+        if self._models.get(id(entry.taint), (0, None))[1] is not entry:
+            return
+        del self._models[id(entry.taint)]
+        self._marks.pop(obj_id, None)
+        for alias_id in self._aliases.pop(obj_id, ()):
+            alias = self.entries.get(alias_id)
+            if alias is not None and alias.taint is entry.taint and alias.ok:
+                self.persist(alias_id, alias, alias.value)
 
     def _holds(self, obj_id: int, entry: Entry) -> bool:
         """Whether `entry` is still the one under `obj_id` (not deleted meanwhile), in a hand-over or not."""
@@ -697,6 +808,8 @@ class Store:
         entry = self.taken.pop(obj_id, None)
         if entry is not None:
             self._uncount(entry)
+            if self._models:
+                self._forget_model(obj_id, entry)
         self._orphans.discard(obj_id)
         return None if self.wal is None else self.wal.remove(obj_id)
 
@@ -721,6 +834,8 @@ class Store:
         if entry is not None:
             self._uncount(entry)
             if self.wal is not None:
+                if self._models:  # (its aliases' writes queued before its removal: they land first)
+                    self._forget_model(obj_id, entry)
                 self.wal.remove(obj_id)
         return entry
 
@@ -803,6 +918,24 @@ def _leaf(old: torch.Tensor, new: _Leaf) -> _Leaf:
     if old.is_leaf and old.grad is not None:  # (a result's gradient is not kept unless retained)
         new.grad = old.grad.detach().clone()
     return new
+
+
+def _relay(to: asyncio.Future[None], done: asyncio.Future[None]) -> None:
+    """Settle `to` as `done` settled (a write's future, for those waiting on a model's write)."""
+    if done.cancelled():
+        to.cancel()
+    elif (error := done.exception()) is not None:
+        to.set_exception(error)
+    else:
+        to.set_result(None)
+
+
+def _mark(model: nn.Module) -> tuple[Any, ...]:
+    """What tells that `model`'s stored state changed: each parameter's and buffer's version
+    counter (an in-place update bumps it, also through a view) and requires_grad flag, and each
+    submodule's training mode."""
+    state = model.state_dict(keep_vars=True).values()
+    return (*((t._version, t.requires_grad) for t in state), *(m.training for m in model.modules()))
 
 
 def _held_bytes(value: Any) -> int:

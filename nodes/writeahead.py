@@ -9,8 +9,8 @@ object's files is carried out (a write then a removal writes nothing), and the d
 fsynced once for the whole batch. Writes go in the order they were queued; removals (unlinks
 cost about 5 ms/MiB) take a slower lane, a few per batch, so a client that leaves holding
 hundreds of objects never holds up the writes other clients' acknowledgements wait for. Each
-object's own changes keep their order. A tensor is copied when it is queued, so
-an in-place update that runs meanwhile can never tear what reaches the disk.
+object's own changes keep their order. A tensor (a model's parameters and buffers) is copied
+when it is queued, so an in-place update that runs meanwhile can never tear what reaches the disk.
 
 A change that fails (disk full, an I/O error) has already taken effect in memory, where later
 requests may read it, and a definite error would invite a retry that applies it twice. A node
@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from fedptr import limits
+from fedptr import limits, modules
 from fedptr.errors import RemoteError
 from fedptr.tensors import to_raw
+from fedptr.wire import RawTensor
 
-from .durable import DurableStore
+from .durable import DurableStore, module_meta
 
 log = logging.getLogger("fedptr.node.writeahead")
 
@@ -81,15 +83,40 @@ class WriteAhead:
 
     # --- changes (called on the event loop) ------------------------------------------------
     def save_tensor(
-        self, obj_id: int, value: torch.Tensor, owner: str, sponsor: str, privacy: dict[str, Any]
+        self,
+        obj_id: int,
+        value: torch.Tensor,
+        owner: str,
+        sponsor: str,
+        privacy: dict[str, Any],
+        alias: tuple[int, str] | None = None,
     ) -> asyncio.Future[None]:
         """Persist a tensor object (a copy of its current value) with its `privacy` record
-        (origins, read-only, release: see nodes/durable.py)."""
+        (origins, read-only, release: see nodes/durable.py); `alias`: it is that model's
+        parameter or buffer."""
         raw = to_raw(value)
         data = bytes(raw.data)
         dtype, shape = raw.dtype, list(raw.shape)
         return self._enqueue(
-            ("obj", obj_id), lambda d: d.write_tensor(obj_id, data, dtype, shape, owner, sponsor, privacy), len(data)
+            ("obj", obj_id),
+            lambda d: d.write_tensor(obj_id, data, dtype, shape, owner, sponsor, privacy, alias),
+            len(data),
+        )
+
+    def save_module(
+        self, obj_id: int, model: nn.Module, owner: str, sponsor: str, privacy: dict[str, Any]
+    ) -> asyncio.Future[None]:
+        """Persist a model (its spec, a copy of its parameters and buffers, its training modes)
+        with its `privacy` record. Raises UnsupportedTypeError for a model that cannot be described
+        (none that a node holds: each arrived as, or was built from, such a description)."""
+        spec, values = modules.to_wire(model, copy=True)
+        raws = [r for r in values if isinstance(r, RawTensor)]  # (all are: `to_wire` makes them)
+        data = [r.data for r in raws]  # (copies already: `to_wire(copy=True)`)
+        meta = module_meta(model, spec, data, [r.dtype for r in raws])
+        return self._enqueue(
+            ("obj", obj_id),
+            lambda d: d.write_module(obj_id, meta, data, owner, sponsor, privacy),
+            len(meta) + sum(b.nbytes for b in data),
         )
 
     def save_pointer(
