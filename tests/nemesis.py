@@ -21,6 +21,7 @@ tests/test_model.py draws them as rules of its state machine.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
 import copy
@@ -30,13 +31,14 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from typing import Any
 
 import pytest
 from fedptr.nodes import audit, durable
 from fedptr.nodes.node import Node
 
+import fedptr
 from fedptr import envelope
 
 MAX_REVIVABLE = 8
@@ -516,3 +518,16 @@ class Death:
 
 _WATCHED: weakref.WeakKeyDictionary[Any, Death] = weakref.WeakKeyDictionary()
 """The `Death` watching each link (`Death.forget` asks whether its node died)."""
+
+
+async def raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
+    """What `action` raised (None if it returned), run as a task of its own: the error's
+    traceback then holds the task's frames, not the caller's (which would refer back to the error)."""
+    task = asyncio.ensure_future(action)
+    await asyncio.wait([task])
+    return task.exception()
+
+
+async def awaited(p: fedptr.Pointer) -> None:
+    """``await p`` as a coroutine (for `raised`)."""
+    await p

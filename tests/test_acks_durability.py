@@ -14,7 +14,6 @@ holds may be other than the op's (nothing half-applied)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from fedptr import envelope, limits, wire
 from fedptr.session import Settled
 
 from . import harness
-from .nemesis import CrashingDisk, Death, Disks, install
+from .nemesis import CrashingDisk, Death, Disks, awaited, install, raised
 
 BEAT_S = 0.1
 """Heartbeat interval (s): peers hear of the killed node soon."""
@@ -36,16 +35,6 @@ QUIET_TIMEOUT_S = 20.0
 
 OPS = 6
 """The chain's length: ops whose `Ok` bodies are alike, so that they merge."""
-
-
-async def _raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
-    task = asyncio.ensure_future(action)
-    await asyncio.wait([task])
-    return task.exception()
-
-
-async def _awaited(p: fedptr.Pointer) -> None:
-    await p
 
 
 class _Answers:
@@ -103,7 +92,7 @@ async def _run(
     chain = [x]
     for _ in range(OPS):
         chain.append(chain[-1] + 1.0)
-    waits = [asyncio.ensure_future(_raised(_awaited(p))) for p in chain[1:]]
+    waits = [asyncio.ensure_future(raised(awaited(p))) for p in chain[1:]]
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         while not all(w.done() for w in waits) and not death.dead:
             await asyncio.sleep(limits.POLL_INTERVAL_S)
@@ -189,7 +178,7 @@ async def _in_place_run(c: harness.InprocCluster, client: fedptr.Client, lose: i
 
     bob.link._sent = sent  # type: ignore[method-assign]
     answers = _Answers(client)
-    waits = [asyncio.ensure_future(_raised(_awaited(x.add_(1.0)))) for _ in range(OPS)]
+    waits = [asyncio.ensure_future(raised(awaited(x.add_(1.0)))) for _ in range(OPS)]
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         # the records before the lost one reach the client before the broker goes down
         while lose and (records < lose or len(answers.answered) < delivered):

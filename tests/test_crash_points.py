@@ -26,7 +26,7 @@ import collections
 import gc
 import itertools
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from fedptr import envelope, limits
 from fedptr.link import Link
 
 from . import harness
-from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install
+from .nemesis import EIO, FULL, CrashingDisk, Death, Disks, install, raised
 
 State = tuple[Any, Any] | None
 """An object as loading finds it: None (absent), or (value, move record)."""
@@ -651,7 +651,7 @@ async def test_a_move_in_doubt_resolves_to_its_destination_only_once_its_source_
             x = await c.worker("bob").send(value)
             alice = Death(message=1, freeze=True)  # she stores the value; her answer to bob waits
             alice.watch(c.node("alice"))
-            error = await _raised(x.move("alice"))  # bob answers InDoubtError
+            error = await raised(x.move("alice"))  # bob answers InDoubtError
             assert isinstance(error, fedptr.InDoubtError)
             alice.thaw()
             Death.forget(c.node("alice"))
@@ -660,7 +660,7 @@ async def test_a_move_in_doubt_resolves_to_its_destination_only_once_its_source_
                 "alice": [(error.candidates[1].id_at_location, c.client.name)],
             }
             # bob has not settled: nobody can tell yet (it was resolved to alice)
-            assert await _raised(c.client.resolve(error, timeout=1.0)) is error
+            assert await raised(c.client.resolve(error, timeout=1.0)) is error
             settle.set()
             found = await c.client.resolve(error, timeout=RESOLVE_TIMEOUT_S)
             assert found.location == "alice"
@@ -678,14 +678,6 @@ async def test_a_move_in_doubt_resolves_to_its_destination_only_once_its_source_
             assert [ref() for ref in gone] == [None, None, None]
     finally:
         gc.enable()
-
-
-async def _raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
-    """What `action` raised, run as a task of its own: the error's traceback then holds the
-    task's frames, not the caller's (which would refer back to the error)."""
-    task = asyncio.ensure_future(action)
-    await asyncio.wait([task])
-    return task.exception()
 
 
 async def _listed_after_restart(c: harness.InprocCluster, name: str) -> dict[int, Any]:
@@ -712,7 +704,7 @@ async def _pipelined(c: harness.InprocCluster, disks: Disks, death: Death) -> tu
     async def awaited() -> None:
         await chain[-1]
 
-    last = asyncio.ensure_future(_raised(awaited()))
+    last = asyncio.ensure_future(raised(awaited()))
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         # until answered, or killed by its fail-stop (from the write-ahead thread, once the
         # batch is done): then restarted at once, which fails the await without its deadline
@@ -798,7 +790,7 @@ async def test_a_killed_node_sends_nothing_it_had_batched_even_forgotten_before_
             await y
 
         async with asyncio.timeout(QUIET_TIMEOUT_S):
-            outcomes = [await _raised(awaited(y)) for y in ys]
+            outcomes = [await raised(awaited(y)) for y in ys]
         assert all(isinstance(e, fedptr.FedptrError) for e in outcomes), outcomes
         for p in (x, *ys):
             p.owned = False  # nothing to delete: the cluster ends here
@@ -824,7 +816,7 @@ async def _bulk(c: harness.InprocCluster, disks: Disks, death: Death, value: tor
         assert isinstance(got, torch.Tensor) and torch.equal(got, value), "the get answered another value"
         heard.append("fetched")
 
-    running = asyncio.ensure_future(_raised(send_and_get()))
+    running = asyncio.ensure_future(raised(send_and_get()))
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         while not running.done() and not death.dead:
             await asyncio.sleep(limits.POLL_INTERVAL_S)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ import fedptr
 from fedptr import limits
 
 from . import harness
-from .nemesis import CrashingDisk, Death, Disks, install
+from .nemesis import CrashingDisk, Death, Disks, awaited, install, raised
 
 BEAT_S = 0.1
 """Heartbeat interval (s): peers hear of the killed node soon."""
@@ -38,16 +37,6 @@ QUIET_TIMEOUT_S = 20.0
 
 LR = 0.5
 """The step's size: each parameter ``p -= LR * g`` for a fixed `g` (distinct values before and after)."""
-
-
-async def _raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
-    task = asyncio.ensure_future(action)
-    await asyncio.wait([task])
-    return task.exception()
-
-
-async def _awaited(p: fedptr.Pointer) -> None:
-    await p
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,20 +64,20 @@ async def _phase(
         model = sent
         params = model.parameters()
         steps = [await worker.send(LR * g) for g in grads]
-        await asyncio.gather(*(_awaited(p) for p in params))
+        await asyncio.gather(*(awaited(p) for p in params))
     death.watch(bob)
     disks.give(bob, death.disk)
     if phase == "put":
         states: list[dict[str, torch.Tensor] | None] = [None, _state(local)]
         send = asyncio.ensure_future(worker.send(local))
-        waits = [asyncio.ensure_future(_raised(send))]
+        waits = [asyncio.ensure_future(raised(send))]
     else:
         states = [_state(local)]
         with torch.no_grad():
             for p, g in zip(local.parameters(), grads, strict=True):
                 p.sub_(LR * g)
                 states.append(_state(local))
-        waits = [asyncio.ensure_future(_raised(_awaited(p.sub_(s)))) for p, s in zip(params, steps, strict=True)]
+        waits = [asyncio.ensure_future(raised(awaited(p.sub_(s)))) for p, s in zip(params, steps, strict=True)]
     async with asyncio.timeout(QUIET_TIMEOUT_S):
         while not all(w.done() for w in waits) and not death.dead:
             await asyncio.sleep(limits.POLL_INTERVAL_S)
