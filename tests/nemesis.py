@@ -32,14 +32,17 @@ import stat
 import threading
 import weakref
 from collections.abc import Callable, Collection, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fedptr.nodes import audit, durable
 from fedptr.nodes.node import Node
 
 import fedptr
-from fedptr import envelope
+from fedptr import envelope, limits
+
+if TYPE_CHECKING:
+    from .harness import InprocCluster
 
 MAX_REVIVABLE = 8
 """The most unsynced unlinks `CrashingDisk.power_cuts` draws every subset of (2**8 cuts)."""
@@ -531,3 +534,23 @@ async def raised(action: Coroutine[Any, Any, Any]) -> BaseException | None:
 async def awaited(p: fedptr.Pointer) -> None:
     """``await p`` as a coroutine (for `raised`)."""
     await p
+
+
+async def crashed_at(
+    cluster: InprocCluster, name: str, death: Death, waits: list[asyncio.Future[Any]], cut: bool, timeout: float
+) -> Node:
+    """Worker `name` killed at `death`'s crash point (once it died, or once every request in
+    `waits` settled first), its disk power cut if `cut` (what no fsync made durable is lost as
+    well), and started again on what its disk holds: the restarted `Node`, every wait settled."""
+    async with asyncio.timeout(timeout):
+        while not all(w.done() for w in waits) and not death.dead:
+            await asyncio.sleep(limits.POLL_INTERVAL_S)
+    death.kill()
+    Death.forget(cluster.node(name))
+    await cluster.stop_node(name)
+    if cut:
+        death.disk.power_cut()
+    restarted = await cluster.start_node(name)
+    async with asyncio.timeout(timeout):
+        await asyncio.wait(waits)
+    return restarted

@@ -25,7 +25,7 @@ from fedptr import envelope, limits, wire
 from fedptr.session import Settled
 
 from . import harness
-from .nemesis import CrashingDisk, Death, Disks, awaited, install, raised
+from .nemesis import CrashingDisk, Death, Disks, awaited, crashed_at, install, raised
 
 BEAT_S = 0.1
 """Heartbeat interval (s): peers hear of the killed node soon."""
@@ -93,17 +93,8 @@ async def _run(
     for _ in range(OPS):
         chain.append(chain[-1] + 1.0)
     waits = [asyncio.ensure_future(raised(awaited(p))) for p in chain[1:]]
+    await crashed_at(c, "bob", death, waits, cut, QUIET_TIMEOUT_S)
     async with asyncio.timeout(QUIET_TIMEOUT_S):
-        while not all(w.done() for w in waits) and not death.dead:
-            await asyncio.sleep(limits.POLL_INTERVAL_S)
-    death.kill()
-    Death.forget(bob)
-    await c.stop_node("bob")
-    if cut:
-        death.disk.power_cut()  # what no fsync made durable is lost as well
-    await c.start_node("bob")
-    async with asyncio.timeout(QUIET_TIMEOUT_S):
-        await asyncio.wait(waits)
         acknowledged = answers.acknowledged()
         while True:
             try:

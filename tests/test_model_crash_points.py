@@ -24,10 +24,9 @@ from fedptr.nodes import writeahead
 from torch import nn
 
 import fedptr
-from fedptr import limits
 
 from . import harness
-from .nemesis import CrashingDisk, Death, Disks, awaited, install, raised
+from .nemesis import CrashingDisk, Death, Disks, awaited, crashed_at, install, raised
 
 BEAT_S = 0.1
 """Heartbeat interval (s): peers hear of the killed node soon."""
@@ -78,17 +77,7 @@ async def _phase(
                 p.sub_(LR * g)
                 states.append(_state(local))
         waits = [asyncio.ensure_future(raised(awaited(p.sub_(s)))) for p, s in zip(params, steps, strict=True)]
-    async with asyncio.timeout(QUIET_TIMEOUT_S):
-        while not all(w.done() for w in waits) and not death.dead:
-            await asyncio.sleep(limits.POLL_INTERVAL_S)
-    death.kill()
-    Death.forget(bob)
-    await c.stop_node("bob")
-    if cut:
-        death.disk.power_cut()  # what no fsync made durable is lost as well
-    restarted = await c.start_node("bob")
-    async with asyncio.timeout(QUIET_TIMEOUT_S):
-        await asyncio.wait(waits)
+    restarted = await crashed_at(c, "bob", death, waits, cut, QUIET_TIMEOUT_S)
     acknowledged = [w.result() is None for w in waits]
     if phase == "put" and acknowledged[0]:
         model = send.result()
