@@ -1205,17 +1205,26 @@ async def _pipelined(w: World, p: fedptr.Pointer, verb: str, dest: str, name: st
     return True
 
 
+def _issued(w: World, label: str, name: str, p: fedptr.Pointer, other: int) -> Any:
+    """Op `name` of `ROWS` issued on `p` (not awaited): its result, or None when the client
+    refused it from metadata (seen as a local error under `label`)."""
+    try:
+        return ROWS[name](p, w.partner(p, other))
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
+        w.seen.append((label, "local error", type(e).__name__))
+        return None
+
+
 async def _chain(w: World, p: fedptr.Pointer, links: list[tuple[str, int]]) -> bool:
     """`chain`: each op of `links` applied to the result of the one before, from `p`, all sent
     before any is answered (their replies may merge: `envelope.ACKS`), then each observed and
     kept. Whether every one succeeded."""
     made: list[tuple[str, fedptr.Pointer]] = []
     for name, other in links:
-        try:
-            p = ROWS[name](p, w.partner(p, other))
-        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
-            w.seen.append((f"chain {name}", "local error", type(e).__name__))
+        out = _issued(w, f"chain {name}", name, p, other)
+        if out is None:
             break
+        p = out
         made.append((name, p))
     succeeded = len(made) == len(links)
     for name, q in made:
@@ -1246,10 +1255,8 @@ async def _burst(w: World, p: fedptr.Pointer, steps: list[tuple[Any, ...]]) -> b
             continue
         name, at, other = step
         a = held[-1 - at % len(held)]
-        try:
-            out = ROWS[name](a, w.partner(a, other))
-        except (TypeError, ValueError, RuntimeError, IndexError) as e:  # refused on the client, from metadata
-            w.seen.append((f"burst {name}", "local error", type(e).__name__))
+        out = _issued(w, f"burst {name}", name, a, other)
+        if out is None:
             continue
         sent.append((name, out))
         held.extend(part for part in (out if isinstance(out, tuple) else (out,)) if isinstance(part, fedptr.Pointer))
