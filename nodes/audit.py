@@ -24,8 +24,6 @@ from typing import Any, BinaryIO
 
 from fedptr.logs import iso_time
 
-from .durable import private
-
 FILE_NAME = "audit.jsonl"
 
 CONTRIBUTION, DP_TRAIN, SECURE_CONTRIBUTION = "contribution", "dp-train", "secure-contribution"
@@ -49,6 +47,9 @@ class AuditLog:
         self.recent.append(entry)
         if self.path is None:
             return
+        # imported here: nodes/durable.py imports torch, which `fedptr audit` (a reader) must not load
+        from .durable import private
+
         with open(self.path, "a+b", opener=private) as f:
             _cut_torn_tail(f)
             f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
